@@ -1,0 +1,177 @@
+//! The in-memory view of the replicated log the core reasons about: entries
+//! after the latest snapshot, addressed by byte position, with (term,
+//! position) comparison, divergent-tail truncation and compaction.
+
+use crate::types::{Entry, Nanos, Position, Term};
+use std::collections::VecDeque;
+
+#[derive(Clone, Debug, Default)]
+pub struct Log {
+    /// Position, term and timestamp of the last entry covered by the snapshot.
+    base_pos: Position,
+    base_term: Term,
+    base_timestamp: Nanos,
+    /// Entries after the snapshot, contiguous: entries[0].position == base_pos.
+    entries: VecDeque<Entry>,
+}
+
+impl Log {
+    pub fn new(base_pos: Position, base_term: Term, base_timestamp: Nanos) -> Self {
+        Log {
+            base_pos,
+            base_term,
+            base_timestamp,
+            entries: VecDeque::new(),
+        }
+    }
+
+    /// First position the log can serve entries from (the snapshot position).
+    pub fn first_pos(&self) -> Position {
+        self.base_pos
+    }
+    pub fn base_term(&self) -> Term {
+        self.base_term
+    }
+    pub fn last_pos(&self) -> Position {
+        self.entries.back().map_or(self.base_pos, Entry::end)
+    }
+    pub fn last_term(&self) -> Term {
+        self.entries.back().map_or(self.base_term, |e| e.term)
+    }
+    pub fn last_timestamp(&self) -> Nanos {
+        self.entries
+            .back()
+            .map_or(self.base_timestamp, |e| e.timestamp)
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Index of the entry that ends exactly at `pos`.
+    fn index_ending_at(&self, pos: Position) -> Option<usize> {
+        self.entries.binary_search_by_key(&pos, Entry::end).ok()
+    }
+    /// Index of the entry that starts exactly at `pos`.
+    fn index_starting_at(&self, pos: Position) -> Option<usize> {
+        self.entries.binary_search_by_key(&pos, |e| e.position).ok()
+    }
+
+    /// Term of the entry ending exactly at `pos` (an entry boundary), or None
+    /// if `pos` is not a boundary this log knows.
+    pub fn term_at(&self, pos: Position) -> Option<Term> {
+        if pos == self.base_pos {
+            return Some(self.base_term);
+        }
+        if pos < self.base_pos {
+            return None;
+        }
+        self.index_ending_at(pos).map(|i| self.entries[i].term)
+    }
+
+    /// Timestamp of the entry ending exactly at `pos`.
+    pub fn timestamp_at(&self, pos: Position) -> Option<Nanos> {
+        if pos == self.base_pos {
+            return Some(self.base_timestamp);
+        }
+        self.index_ending_at(pos).map(|i| self.entries[i].timestamp)
+    }
+
+    /// The entry starting at `pos`, if held.
+    pub fn entry_at(&self, pos: Position) -> Option<&Entry> {
+        self.index_starting_at(pos).map(|i| &self.entries[i])
+    }
+
+    /// Is a log ending in (`last_term`, `last_pos`) at least as up to date as
+    /// this one? Logs compare by last term, then by position.
+    pub fn is_up_to_date(&self, last_term: Term, last_pos: Position) -> bool {
+        (last_term, last_pos) >= (self.last_term(), self.last_pos())
+    }
+
+    /// The largest boundary `p <= pos` whose term is `<= term`: where a leader
+    /// should resume after a rejection hint, and what a follower reports as
+    /// its hint. Falls back to the snapshot position.
+    pub fn last_boundary_at_or_before(&self, pos: Position, term: Term) -> (Position, Term) {
+        let upto = match self.entries.binary_search_by_key(&pos, Entry::end) {
+            Ok(i) => i + 1,
+            Err(i) => i,
+        };
+        for e in self.entries.range(..upto).rev() {
+            if e.term <= term {
+                return (e.end(), e.term);
+            }
+        }
+        (self.base_pos, self.base_term)
+    }
+
+    /// Entries starting at `from` (an entry boundary), at most `max_bytes`
+    /// of them but always at least one if any exists.
+    pub fn entries_from(&self, from: Position, max_bytes: u64) -> Vec<Entry> {
+        let Some(start) = self.index_starting_at(from) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in self.entries.range(start..) {
+            let len = e.encoded_len();
+            if !out.is_empty() && bytes + len > max_bytes {
+                break;
+            }
+            bytes += len;
+            out.push(e.clone());
+        }
+        out
+    }
+
+    /// Entries in (`after`, `upto`], both boundaries.
+    pub fn entries_between(&self, after: Position, upto: Position) -> Vec<Entry> {
+        let start = if after <= self.base_pos {
+            0
+        } else {
+            match self.index_ending_at(after) {
+                Some(i) => i + 1,
+                None => return Vec::new(),
+            }
+        };
+        self.entries
+            .range(start..)
+            .take_while(|e| e.end() <= upto)
+            .cloned()
+            .collect()
+    }
+
+    /// Iterates all entries held.
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter()
+    }
+
+    /// Appends an entry that must start at `last_pos()`.
+    pub fn push(&mut self, e: Entry) {
+        debug_assert_eq!(e.position, self.last_pos());
+        self.entries.push_back(e);
+    }
+
+    /// Removes every entry starting at or after `pos` (a boundary).
+    pub fn truncate_from(&mut self, pos: Position) {
+        while self.entries.back().is_some_and(|e| e.position >= pos) {
+            self.entries.pop_back();
+        }
+    }
+
+    /// Drops every entry ending at or before `pos`, which becomes the new
+    /// base. If the log does not hold `pos` with `term`, it is emptied.
+    pub fn compact_to(&mut self, pos: Position, term: Term, timestamp: Nanos) {
+        if self.term_at(pos) == Some(term) {
+            while self.entries.front().is_some_and(|e| e.end() <= pos) {
+                self.entries.pop_front();
+            }
+        } else {
+            self.entries.clear();
+        }
+        self.base_pos = pos;
+        self.base_term = term;
+        self.base_timestamp = timestamp;
+    }
+}

@@ -1,0 +1,82 @@
+//! Messages between the consensus cores of a cluster. The wire codec lives in
+//! `keel-net`; here they are plain values.
+
+use crate::types::{Entry, NodeId, Position, Snapshot, Term};
+
+/// A message between two nodes of one cluster. Every message carries the
+/// cluster id and the sender's term.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub cluster_id: u64,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub term: Term,
+    pub body: Body,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// "Would you vote for me at `term`?" Sent without raising the sender's
+    /// term; `term` is the sender's term + 1.
+    PreVote {
+        last_pos: Position,
+        last_term: Term,
+    },
+    PreVoteResp {
+        granted: bool,
+    },
+    /// A real vote request. `transfer` marks a leadership transfer, which
+    /// overrides leader stickiness.
+    Vote {
+        last_pos: Position,
+        last_term: Term,
+        transfer: bool,
+    },
+    VoteResp {
+        granted: bool,
+    },
+    /// Entries after (`prev_pos`, `prev_term`), the leader's commit position
+    /// and its heartbeat sequence (for read-index confirmation). An empty
+    /// append is a heartbeat and a commit notification.
+    Append {
+        prev_pos: Position,
+        prev_term: Term,
+        commit: Position,
+        heartbeat: u64,
+        entries: Vec<Entry>,
+    },
+    /// `ok`: `position` is the follower's durable position known to match the
+    /// leader's log (conflated: only the latest matters). Not `ok`:
+    /// `position` is the rejected `prev_pos` and (`hint_pos`, `hint_term`)
+    /// the follower's last boundary at or before it with a term `<=
+    /// prev_term`.
+    AppendResp {
+        ok: bool,
+        position: Position,
+        hint_pos: Position,
+        hint_term: Term,
+        heartbeat: u64,
+    },
+    /// The leader's latest snapshot, for a follower whose next entry was
+    /// compacted away. Answered with an `AppendResp`.
+    InstallSnapshot {
+        snapshot: Snapshot,
+    },
+    /// Leadership transfer: "campaign now".
+    TimeoutNow,
+}
+
+impl Body {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Body::PreVote { .. } => "PreVote",
+            Body::PreVoteResp { .. } => "PreVoteResp",
+            Body::Vote { .. } => "Vote",
+            Body::VoteResp { .. } => "VoteResp",
+            Body::Append { .. } => "Append",
+            Body::AppendResp { .. } => "AppendResp",
+            Body::InstallSnapshot { .. } => "InstallSnapshot",
+            Body::TimeoutNow => "TimeoutNow",
+        }
+    }
+}

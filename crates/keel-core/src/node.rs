@@ -1,0 +1,1538 @@
+//! The consensus state machine of one node: `Node::step(now, event, out)`
+//! consumes one input and appends the actions the runtime must carry out.
+//! No IO, no threads, no clock, no global randomness: time and a seed are
+//! inputs, so the same inputs always give the same outputs.
+//!
+//! Runtime contract for the actions, which must be executed in order:
+//! - `PersistHardState` and `InstallSnapshot` are synchronous: they must be
+//!   durable before any later action (in particular a `Send`) is executed.
+//! - `Append`/`Truncate`/`CompactLog` are queued to storage in order; storage
+//!   reports progress with `Event::Durable { position, term }` naming the
+//!   last entry it has made durable.
+//! - `Apply` hands committed entries, in log order, to the service; the
+//!   runtime reports `Event::Applied` when they have been applied.
+
+use crate::log::Log;
+use crate::message::{Body, Message};
+use crate::rng::Rng;
+use crate::types::*;
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+/// Timing and limits of one node. All nodes of a cluster should use the
+/// same values (apart from `id` and `seed`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: NodeId,
+    pub cluster_id: u64,
+    /// How often an idle leader sends heartbeats.
+    pub heartbeat_interval: Nanos,
+    /// Election timeouts are drawn uniformly from [min, max). `min` is also
+    /// the leader-stickiness window and the check-quorum period.
+    pub election_timeout_min: Nanos,
+    pub election_timeout_max: Nanos,
+    /// Largest batch of entries in one append message.
+    pub max_batch_bytes: u64,
+    /// Bytes a leader may have sent to one follower beyond what it has
+    /// acknowledged (flow control window).
+    pub max_inflight_bytes: u64,
+    /// Seed for randomized election timeouts.
+    pub seed: u64,
+    /// Deliberate protocol bugs, for proving the simulator's checkers fire.
+    /// Always `TestingBugs::default()` (all off) outside those tests.
+    #[doc(hidden)]
+    pub testing_bugs: TestingBugs,
+}
+
+impl Config {
+    pub fn new(id: NodeId, cluster_id: u64) -> Self {
+        Config {
+            id,
+            cluster_id,
+            heartbeat_interval: 50_000_000,
+            election_timeout_min: 500_000_000,
+            election_timeout_max: 1_000_000_000,
+            max_batch_bytes: 256 * 1024,
+            max_inflight_bytes: 4 * 1024 * 1024,
+            seed: id,
+            testing_bugs: TestingBugs::default(),
+        }
+    }
+}
+
+/// Switches that break safety on purpose (test-only).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestingBugs {
+    /// The leader commits what it has made durable itself, without a quorum.
+    pub commit_without_quorum: bool,
+    /// Voters grant votes without comparing logs.
+    pub vote_without_log_check: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+/// A client command to replicate.
+#[derive(Clone, Debug)]
+pub struct Proposal {
+    pub id: RequestId,
+    pub client: ClientId,
+    pub seq: u64,
+    pub data: Bytes,
+}
+
+/// A change the service host made to its timer table while applying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerUpdate {
+    Set {
+        id: u64,
+        deadline: Nanos,
+    },
+    Cancel {
+        id: u64,
+    },
+    /// Forget every timer (before a restore lists them again).
+    Clear,
+}
+
+/// Inputs of the state machine.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Time passed; check timeouts.
+    Tick,
+    Message(Message),
+    Propose(Vec<Proposal>),
+    /// A linearizable read: answered with `ReadReady` once leadership is
+    /// confirmed; the runtime serves it once applied >= the read index.
+    Read {
+        id: RequestId,
+    },
+    /// Storage made the log durable up to the entry ending at `position`
+    /// with term `term`.
+    Durable {
+        position: Position,
+        term: Term,
+    },
+    /// The service applied everything up to `position`; `timers` are the
+    /// timer-table changes that applying made.
+    Applied {
+        position: Position,
+        timers: Vec<TimerUpdate>,
+    },
+    /// The runtime captured the service state at applied position
+    /// `position`; the log before it may be compacted.
+    SnapshotTaken {
+        position: Position,
+        data: Bytes,
+    },
+    ChangeMembership {
+        id: RequestId,
+        change: MembershipChange,
+    },
+    TransferLeadership {
+        id: RequestId,
+        target: NodeId,
+    },
+}
+
+/// Why a request was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Not the leader; `leader` is the best known one.
+    NotLeader {
+        leader: Option<NodeId>,
+    },
+    /// A leadership transfer is in progress; retry shortly.
+    TransferInProgress,
+    /// The leader has not yet committed an entry of its term.
+    NotReady,
+    /// A previous membership change is not committed yet.
+    MembershipChangePending,
+    Invalid(String),
+}
+
+/// Outputs of the state machine, to be executed in order.
+#[derive(Clone, Debug)]
+pub enum Action {
+    PersistHardState(HardState),
+    Append(Vec<Entry>),
+    Truncate {
+        from: Position,
+    },
+    /// Entries ending at or before `upto` are covered by a snapshot and may
+    /// be deleted.
+    CompactLog {
+        upto: Position,
+    },
+    Send(Message),
+    Apply(Vec<Entry>),
+    /// Persist the snapshot and restore the service from it; drop log
+    /// entries it covers (the whole log if it does not hold the snapshot's
+    /// last entry).
+    InstallSnapshot(Snapshot),
+    ReadReady {
+        id: RequestId,
+        index: Position,
+    },
+    Rejected {
+        id: RequestId,
+        reason: RejectReason,
+    },
+    RoleChanged {
+        role: Role,
+        term: Term,
+        leader: Option<NodeId>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProgressState {
+    /// Find the match point: one append at a time.
+    Probe,
+    /// Stream entries within the in-flight window.
+    Replicate,
+    /// A snapshot is on its way.
+    Snapshot,
+}
+
+#[derive(Clone, Debug)]
+struct Progress {
+    /// Highest durable position known to match our log.
+    matched: Position,
+    /// Where the next append starts.
+    next: Position,
+    state: ProgressState,
+    /// Probe: an append is outstanding. Snapshot: when it was sent.
+    paused_since: Option<Nanos>,
+    /// Heard from it since the last check-quorum round.
+    active: bool,
+    /// Highest heartbeat sequence it echoed.
+    heartbeat: u64,
+}
+
+struct PendingRead {
+    id: RequestId,
+    index: Position,
+    heartbeat: u64,
+}
+
+/// Counters for observability and the simulator's summary.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub elections_started: u64,
+    pub pre_votes_started: u64,
+    pub became_leader: u64,
+    pub snapshots_sent: u64,
+    pub rejections_received: u64,
+}
+
+/// What a restarted node recovers from its storage.
+#[derive(Clone, Debug, Default)]
+pub struct Recovered {
+    pub hard_state: HardState,
+    pub snapshot: Option<Snapshot>,
+    /// Durable entries after the snapshot, contiguous.
+    pub entries: Vec<Entry>,
+}
+
+pub struct Node {
+    cfg: Config,
+    rng: Rng,
+    role: Role,
+    term: Term,
+    voted_for: Option<NodeId>,
+    leader: Option<NodeId>,
+    log: Log,
+    snapshot: Option<Snapshot>,
+    /// Membership at the snapshot position, and every membership entry in
+    /// the log after it (start position, membership).
+    base_membership: Membership,
+    membership_log: Vec<(Position, Arc<Membership>)>,
+    commit: Position,
+    apply_sent: Position,
+    applied: Position,
+    durable: Position,
+    /// Follower: highest position known to match the current leader's log.
+    matched: Position,
+    /// Follower: last acknowledged position and heartbeat, and whether an
+    /// acknowledgement is due at the end of this step.
+    acked: (Position, u64),
+    ack_due: bool,
+    leader_heartbeat: u64,
+    election_deadline: Nanos,
+    heartbeat_deadline: Nanos,
+    check_quorum_deadline: Nanos,
+    last_leader_contact: Option<Nanos>,
+    votes: BTreeMap<NodeId, bool>,
+    progress: BTreeMap<NodeId, Progress>,
+    term_start_pos: Position,
+    heartbeat_seq: u64,
+    heartbeat_due: bool,
+    reads: VecDeque<PendingRead>,
+    reads_waiting: Vec<RequestId>,
+    transfer: Option<(NodeId, Nanos)>,
+    timers: BTreeMap<u64, Nanos>,
+    timers_fired: BTreeSet<u64>,
+    commit_advanced: bool,
+    now: Nanos,
+    stats: Stats,
+}
+
+impl Node {
+    /// A node of a new cluster whose initial members are `membership` (empty
+    /// for a node that will be added to an existing cluster).
+    pub fn new(cfg: Config, membership: Membership, now: Nanos) -> Self {
+        let snapshot = Snapshot {
+            meta: SnapshotMeta {
+                position: 0,
+                term: 0,
+                timestamp: 0,
+                membership,
+            },
+            data: Bytes::new(),
+        };
+        Self::restart(
+            cfg,
+            Recovered {
+                hard_state: HardState::default(),
+                snapshot: Some(snapshot),
+                entries: Vec::new(),
+            },
+            now,
+        )
+    }
+
+    /// A node restarting from what its storage recovered. Everything
+    /// recovered counts as durable. The service must be restored from
+    /// `recovered.snapshot` by the runtime.
+    pub fn restart(cfg: Config, recovered: Recovered, now: Nanos) -> Self {
+        let meta = recovered
+            .snapshot
+            .as_ref()
+            .map(|s| s.meta.clone())
+            .unwrap_or(SnapshotMeta {
+                position: 0,
+                term: 0,
+                timestamp: 0,
+                membership: Membership::default(),
+            });
+        let mut log = Log::new(meta.position, meta.term, meta.timestamp);
+        let mut membership_log = Vec::new();
+        for e in recovered.entries {
+            if e.position != log.last_pos() {
+                break; // storage guarantees contiguity; be defensive anyway
+            }
+            if let EntryKind::Membership(m) = &e.kind {
+                membership_log.push((e.position, m.clone()));
+            }
+            log.push(e);
+        }
+        let rng = Rng::new(cfg.seed ^ cfg.id.rotate_left(32));
+        let mut node = Node {
+            rng,
+            role: Role::Follower,
+            term: recovered.hard_state.term,
+            voted_for: recovered.hard_state.voted_for,
+            leader: None,
+            durable: log.last_pos(),
+            commit: meta.position,
+            apply_sent: meta.position,
+            applied: meta.position,
+            log,
+            snapshot: recovered.snapshot.filter(|s| s.meta.position > 0),
+            base_membership: meta.membership,
+            membership_log,
+            matched: 0,
+            acked: (0, 0),
+            ack_due: false,
+            leader_heartbeat: 0,
+            election_deadline: 0,
+            heartbeat_deadline: 0,
+            check_quorum_deadline: 0,
+            last_leader_contact: None,
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            term_start_pos: 0,
+            heartbeat_seq: 0,
+            heartbeat_due: false,
+            reads: VecDeque::new(),
+            reads_waiting: Vec::new(),
+            transfer: None,
+            timers: BTreeMap::new(),
+            timers_fired: BTreeSet::new(),
+            commit_advanced: false,
+            now,
+            stats: Stats::default(),
+            cfg,
+        };
+        node.reset_election_deadline();
+        node
+    }
+
+    // ----- read-only accessors -------------------------------------------
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    pub fn voted_for(&self) -> Option<NodeId> {
+        self.voted_for
+    }
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+    pub fn append_position(&self) -> Position {
+        self.log.last_pos()
+    }
+    pub fn durable_position(&self) -> Position {
+        self.durable
+    }
+    pub fn commit_position(&self) -> Position {
+        self.commit
+    }
+    pub fn applied_position(&self) -> Position {
+        self.applied
+    }
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_ref()
+    }
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+    /// The membership in force: the latest one in the log, committed or not.
+    pub fn membership(&self) -> &Membership {
+        self.membership_log
+            .last()
+            .map_or(&self.base_membership, |(_, m)| m)
+    }
+    /// The next time `step(_, Event::Tick)` has something to do.
+    pub fn next_deadline(&self) -> Nanos {
+        let mut d = self.election_deadline;
+        if self.role == Role::Leader {
+            d = self.heartbeat_deadline.min(self.check_quorum_deadline);
+            if let Some((_, t)) = self.transfer {
+                d = d.min(t);
+            }
+            if let Some(t) = self.next_timer_due() {
+                d = d.min(t);
+            }
+        }
+        d
+    }
+    /// Follower lag as the leader sees it: (node, matched position).
+    pub fn follower_progress(&self) -> Vec<(NodeId, Position)> {
+        self.progress.iter().map(|(&n, p)| (n, p.matched)).collect()
+    }
+
+    // ----- the step function ---------------------------------------------
+
+    /// Consumes one event at time `now`, appending actions to `out`.
+    pub fn step(&mut self, now: Nanos, event: Event, out: &mut Vec<Action>) {
+        // A clock that jumps backwards must not make deadlines unreachable
+        // forever; deadlines are recomputed from `now` as they expire.
+        self.now = now;
+        match event {
+            Event::Tick => self.tick(out),
+            Event::Message(m) => self.on_message(m, out),
+            Event::Propose(ps) => self.propose(ps, out),
+            Event::Read { id } => self.read(id, out),
+            Event::Durable { position, term } => self.on_durable(position, term, out),
+            Event::Applied { position, timers } => self.on_applied(position, timers),
+            Event::SnapshotTaken { position, data } => self.on_snapshot_taken(position, data, out),
+            Event::ChangeMembership { id, change } => self.change_membership(id, change, out),
+            Event::TransferLeadership { id, target } => self.transfer_leadership(id, target, out),
+        }
+        self.flush(out);
+    }
+
+    fn tick(&mut self, out: &mut Vec<Action>) {
+        let now = self.now;
+        if self.role == Role::Leader {
+            if now >= self.check_quorum_deadline {
+                self.check_quorum_deadline = now + self.cfg.election_timeout_min;
+                if !self.check_quorum() {
+                    self.become_follower(self.term, None, out);
+                    return;
+                }
+            }
+            if let Some((_, deadline)) = self.transfer {
+                if now >= deadline {
+                    self.transfer = None;
+                }
+            }
+            if now >= self.heartbeat_deadline {
+                self.heartbeat_due = true;
+            }
+            self.fire_due_timers(out);
+        } else if now >= self.election_deadline {
+            self.reset_election_deadline();
+            if self.membership().is_voter(self.cfg.id) {
+                self.leader = None;
+                self.start_pre_vote(out);
+            }
+        }
+    }
+
+    /// Leader: did a quorum of voters talk to us in the last period?
+    fn check_quorum(&mut self) -> bool {
+        let me = self.cfg.id;
+        let membership = self.membership().clone();
+        let mut active = usize::from(membership.is_voter(me));
+        for (&n, p) in self.progress.iter_mut() {
+            if p.active && membership.is_voter(n) {
+                active += 1;
+            }
+            p.active = false;
+        }
+        active >= membership.quorum()
+    }
+
+    fn reset_election_deadline(&mut self) {
+        let t = self
+            .rng
+            .range(self.cfg.election_timeout_min, self.cfg.election_timeout_max);
+        self.election_deadline = self.now.saturating_add(t);
+    }
+
+    fn in_lease(&self) -> bool {
+        match self.role {
+            Role::Leader => true,
+            _ => {
+                self.leader.is_some()
+                    && self
+                        .last_leader_contact
+                        .is_some_and(|t| self.now < t + self.cfg.election_timeout_min)
+            }
+        }
+    }
+
+    fn persist_hard_state(&self, out: &mut Vec<Action>) {
+        out.push(Action::PersistHardState(HardState {
+            term: self.term,
+            voted_for: self.voted_for,
+        }));
+    }
+
+    fn send(&self, to: NodeId, body: Body, out: &mut Vec<Action>) {
+        self.send_with_term(to, self.term, body, out);
+    }
+
+    fn send_with_term(&self, to: NodeId, term: Term, body: Body, out: &mut Vec<Action>) {
+        out.push(Action::Send(Message {
+            cluster_id: self.cfg.cluster_id,
+            from: self.cfg.id,
+            to,
+            term,
+            body,
+        }));
+    }
+
+    fn set_role(&mut self, role: Role, leader: Option<NodeId>, out: &mut Vec<Action>) {
+        let changed = self.role != role || self.leader != leader;
+        self.role = role;
+        self.leader = leader;
+        if changed {
+            out.push(Action::RoleChanged {
+                role,
+                term: self.term,
+                leader,
+            });
+        }
+    }
+
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>, out: &mut Vec<Action>) {
+        if term > self.term {
+            self.term = term;
+            self.voted_for = None;
+            self.persist_hard_state(out);
+        }
+        if self.role == Role::Leader {
+            self.abandon_leadership(out);
+        }
+        if self.leader != leader {
+            self.matched = 0;
+            self.acked = (0, 0);
+            self.leader_heartbeat = 0;
+        }
+        self.votes.clear();
+        self.set_role(Role::Follower, leader, out);
+        self.reset_election_deadline();
+    }
+
+    fn abandon_leadership(&mut self, out: &mut Vec<Action>) {
+        self.progress.clear();
+        self.transfer = None;
+        self.timers_fired.clear();
+        let leader = None;
+        for r in self.reads.drain(..) {
+            out.push(Action::Rejected {
+                id: r.id,
+                reason: RejectReason::NotLeader { leader },
+            });
+        }
+        for id in self.reads_waiting.drain(..) {
+            out.push(Action::Rejected {
+                id,
+                reason: RejectReason::NotLeader { leader },
+            });
+        }
+    }
+
+    // ----- elections -------------------------------------------------------
+
+    fn start_pre_vote(&mut self, out: &mut Vec<Action>) {
+        self.stats.pre_votes_started += 1;
+        self.votes.clear();
+        self.votes.insert(self.cfg.id, true);
+        self.set_role(Role::PreCandidate, None, out);
+        if self.tally() == Some(true) {
+            self.campaign(false, out);
+            return;
+        }
+        let voters: Vec<NodeId> = self.membership().voters.iter().copied().collect();
+        for n in voters.into_iter().filter(|&n| n != self.cfg.id) {
+            self.send_with_term(
+                n,
+                self.term + 1,
+                Body::PreVote {
+                    last_pos: self.log.last_pos(),
+                    last_term: self.log.last_term(),
+                },
+                out,
+            );
+        }
+    }
+
+    fn campaign(&mut self, transfer: bool, out: &mut Vec<Action>) {
+        self.stats.elections_started += 1;
+        self.term += 1;
+        self.voted_for = Some(self.cfg.id);
+        self.persist_hard_state(out);
+        self.votes.clear();
+        self.votes.insert(self.cfg.id, true);
+        self.set_role(Role::Candidate, None, out);
+        self.reset_election_deadline();
+        if self.tally() == Some(true) {
+            self.become_leader(out);
+            return;
+        }
+        let voters: Vec<NodeId> = self.membership().voters.iter().copied().collect();
+        for n in voters.into_iter().filter(|&n| n != self.cfg.id) {
+            self.send(
+                n,
+                Body::Vote {
+                    last_pos: self.log.last_pos(),
+                    last_term: self.log.last_term(),
+                    transfer,
+                },
+                out,
+            );
+        }
+    }
+
+    /// Some(true): won a quorum; Some(false): lost; None: undecided.
+    fn tally(&self) -> Option<bool> {
+        let m = self.membership();
+        let granted = m
+            .voters
+            .iter()
+            .filter(|n| self.votes.get(n) == Some(&true))
+            .count();
+        let denied = m
+            .voters
+            .iter()
+            .filter(|n| self.votes.get(n) == Some(&false))
+            .count();
+        if granted >= m.quorum() {
+            Some(true)
+        } else if denied > m.voters.len() - m.quorum() {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    fn grants_vote_to(&self, last_term: Term, last_pos: Position) -> bool {
+        self.cfg.testing_bugs.vote_without_log_check || self.log.is_up_to_date(last_term, last_pos)
+    }
+
+    fn become_leader(&mut self, out: &mut Vec<Action>) {
+        self.stats.became_leader += 1;
+        self.set_role(Role::Leader, Some(self.cfg.id), out);
+        self.votes.clear();
+        self.progress.clear();
+        let last = self.log.last_pos();
+        let peers: Vec<NodeId> = self.membership().peers(self.cfg.id).collect();
+        for n in peers {
+            self.progress.insert(n, self.new_progress(last));
+        }
+        self.check_quorum_deadline = self.now + self.cfg.election_timeout_min;
+        self.heartbeat_due = true;
+        self.timers_fired.clear();
+        self.term_start_pos = last;
+        self.append_entries(vec![(EntryKind::TermStart, Bytes::new())], out);
+    }
+
+    fn new_progress(&self, next: Position) -> Progress {
+        Progress {
+            matched: 0,
+            next,
+            state: ProgressState::Probe,
+            paused_since: None,
+            active: true,
+            heartbeat: 0,
+        }
+    }
+
+    // ----- messages -------------------------------------------------------
+
+    fn on_message(&mut self, m: Message, out: &mut Vec<Action>) {
+        if m.cluster_id != self.cfg.cluster_id || m.to != self.cfg.id || m.from == self.cfg.id {
+            return;
+        }
+        if m.term > self.term {
+            match &m.body {
+                Body::PreVote { .. } => {}
+                Body::PreVoteResp { granted: true } => {}
+                Body::Vote { transfer, .. } => {
+                    if !transfer && self.in_lease() {
+                        return; // leader stickiness: a live leader is heard
+                    }
+                    self.become_follower(m.term, None, out);
+                }
+                Body::Append { .. } | Body::InstallSnapshot { .. } | Body::TimeoutNow => {
+                    self.become_follower(m.term, Some(m.from), out);
+                }
+                _ => self.become_follower(m.term, None, out),
+            }
+        } else if m.term < self.term {
+            match m.body {
+                Body::Append { .. } | Body::InstallSnapshot { .. } => {
+                    // Tell a stale leader about the newer term.
+                    self.send(
+                        m.from,
+                        Body::AppendResp {
+                            ok: false,
+                            position: 0,
+                            hint_pos: 0,
+                            hint_term: 0,
+                            heartbeat: 0,
+                        },
+                        out,
+                    );
+                }
+                Body::PreVote { .. } => {
+                    self.send(m.from, Body::PreVoteResp { granted: false }, out)
+                }
+                Body::Vote { .. } => self.send(m.from, Body::VoteResp { granted: false }, out),
+                _ => {}
+            }
+            return;
+        }
+        match m.body {
+            Body::PreVote {
+                last_pos,
+                last_term,
+            } => {
+                let granted = !self.in_lease() && self.grants_vote_to(last_term, last_pos);
+                let term = if granted { m.term } else { self.term };
+                self.send_with_term(m.from, term, Body::PreVoteResp { granted }, out);
+            }
+            Body::PreVoteResp { granted } => {
+                if self.role == Role::PreCandidate && m.term == self.term + 1 {
+                    self.votes.insert(m.from, granted);
+                    match self.tally() {
+                        Some(true) => self.campaign(false, out),
+                        Some(false) => self.become_follower(self.term, None, out),
+                        None => {}
+                    }
+                }
+            }
+            Body::Vote {
+                last_pos,
+                last_term,
+                ..
+            } => {
+                let can_vote = self.voted_for.is_none_or(|v| v == m.from);
+                let granted = can_vote
+                    && self.role != Role::Leader
+                    && self.grants_vote_to(last_term, last_pos);
+                if granted {
+                    self.voted_for = Some(m.from);
+                    self.persist_hard_state(out);
+                    self.reset_election_deadline();
+                }
+                self.send(m.from, Body::VoteResp { granted }, out);
+            }
+            Body::VoteResp { granted } => {
+                if self.role == Role::Candidate {
+                    self.votes.insert(m.from, granted);
+                    match self.tally() {
+                        Some(true) => self.become_leader(out),
+                        Some(false) => self.become_follower(self.term, None, out),
+                        None => {}
+                    }
+                }
+            }
+            Body::Append {
+                prev_pos,
+                prev_term,
+                commit,
+                heartbeat,
+                entries,
+            } => {
+                self.heard_from_leader(m.from, out);
+                self.on_append(prev_pos, prev_term, commit, heartbeat, entries, out);
+            }
+            Body::AppendResp {
+                ok,
+                position,
+                hint_pos,
+                hint_term,
+                heartbeat,
+            } => {
+                if self.role == Role::Leader {
+                    self.on_append_resp(m.from, ok, position, hint_pos, hint_term, heartbeat, out);
+                }
+            }
+            Body::InstallSnapshot { snapshot } => {
+                self.heard_from_leader(m.from, out);
+                self.on_install_snapshot(snapshot, out);
+            }
+            Body::TimeoutNow => {
+                if self.membership().is_voter(self.cfg.id) && self.role != Role::Leader {
+                    self.campaign(true, out);
+                }
+            }
+        }
+    }
+
+    fn heard_from_leader(&mut self, from: NodeId, out: &mut Vec<Action>) {
+        if self.role != Role::Follower || self.leader != Some(from) {
+            self.become_follower(self.term, Some(from), out);
+        }
+        self.last_leader_contact = Some(self.now);
+        self.reset_election_deadline();
+    }
+
+    fn on_append(
+        &mut self,
+        prev_pos: Position,
+        prev_term: Term,
+        leader_commit: Position,
+        heartbeat: u64,
+        entries: Vec<Entry>,
+        out: &mut Vec<Action>,
+    ) {
+        self.leader_heartbeat = self.leader_heartbeat.max(heartbeat);
+        self.ack_due = true;
+        let (mut prev_pos, mut prev_term) = (prev_pos, prev_term);
+        let mut entries = entries;
+        // Entries at or below our commit position are committed and so
+        // identical to ours: skip them (they may be compacted away here).
+        if prev_pos < self.commit {
+            let skip = entries
+                .iter()
+                .take_while(|e| e.end() <= self.commit)
+                .count();
+            entries.drain(..skip);
+            match entries.first() {
+                Some(e) if e.position == self.commit => {
+                    prev_pos = self.commit;
+                    prev_term = self.log.term_at(self.commit).unwrap_or(0);
+                }
+                Some(_) => return, // not on a boundary of ours: malformed
+                None => {
+                    // Nothing new; everything in it is known to match.
+                    self.matched = self.matched.max(self.commit);
+                    self.advance_follower_commit(leader_commit, out);
+                    return;
+                }
+            }
+        }
+        if self.log.term_at(prev_pos) != Some(prev_term) {
+            let upto = prev_pos.min(self.log.last_pos());
+            let (hint_pos, hint_term) = self.log.last_boundary_at_or_before(upto, prev_term);
+            self.ack_due = false;
+            self.send(
+                self.leader.unwrap_or(0),
+                Body::AppendResp {
+                    ok: false,
+                    position: prev_pos,
+                    hint_pos,
+                    hint_term,
+                    heartbeat: self.leader_heartbeat,
+                },
+                out,
+            );
+            return;
+        }
+        let msg_end = entries.last().map_or(prev_pos, Entry::end);
+        // Skip what we already hold; truncate at the first conflict.
+        let mut first_new = entries.len();
+        for (i, e) in entries.iter().enumerate() {
+            match self.log.entry_at(e.position) {
+                Some(ours) if ours.term == e.term => continue,
+                Some(_) => {
+                    if e.position < self.commit {
+                        return; // would rewrite committed history: refuse
+                    }
+                    self.truncate_from(e.position, out);
+                    first_new = i;
+                    break;
+                }
+                None => {
+                    first_new = i;
+                    break;
+                }
+            }
+        }
+        if first_new < entries.len() {
+            let new: Vec<Entry> = entries.drain(first_new..).collect();
+            if new[0].position != self.log.last_pos() {
+                return; // a gap: malformed
+            }
+            for e in &new {
+                if let EntryKind::Membership(m) = &e.kind {
+                    self.membership_log.push((e.position, m.clone()));
+                }
+                self.log.push(e.clone());
+            }
+            out.push(Action::Append(new));
+        }
+        self.matched = self.matched.max(msg_end);
+        self.advance_follower_commit(leader_commit, out);
+    }
+
+    fn truncate_from(&mut self, pos: Position, out: &mut Vec<Action>) {
+        self.log.truncate_from(pos);
+        self.membership_log.retain(|(p, _)| *p < pos);
+        self.durable = self.durable.min(pos);
+        self.matched = self.matched.min(pos);
+        out.push(Action::Truncate { from: pos });
+    }
+
+    fn advance_follower_commit(&mut self, leader_commit: Position, out: &mut Vec<Action>) {
+        let c = leader_commit.min(self.matched).min(self.log.last_pos());
+        if c > self.commit && self.log.term_at(c).is_some() {
+            self.commit = c;
+            self.emit_apply(out);
+        }
+    }
+
+    fn emit_apply(&mut self, out: &mut Vec<Action>) {
+        if self.commit > self.apply_sent {
+            let entries = self.log.entries_between(self.apply_sent, self.commit);
+            self.apply_sent = self.commit;
+            if !entries.is_empty() {
+                out.push(Action::Apply(entries));
+            }
+        }
+    }
+
+    fn on_install_snapshot(&mut self, snapshot: Snapshot, out: &mut Vec<Action>) {
+        let meta = snapshot.meta.clone();
+        self.ack_due = true;
+        if meta.position <= self.commit {
+            self.matched = self.matched.max(meta.position.min(self.commit));
+            return;
+        }
+        self.log
+            .compact_to(meta.position, meta.term, meta.timestamp);
+        self.membership_log.retain(|(p, _)| *p >= meta.position);
+        if self.log.is_empty() {
+            self.membership_log.clear();
+        }
+        self.base_membership = meta.membership.clone();
+        self.commit = meta.position;
+        self.apply_sent = meta.position;
+        self.applied = meta.position;
+        self.durable = self.durable.max(meta.position).min(self.log.last_pos());
+        self.matched = self.matched.max(meta.position);
+        self.snapshot = Some(snapshot.clone());
+        out.push(Action::InstallSnapshot(snapshot));
+    }
+
+    fn on_durable(&mut self, position: Position, term: Term, out: &mut Vec<Action>) {
+        if position > self.durable && self.log.term_at(position) == Some(term) {
+            self.durable = position;
+            if self.role == Role::Leader {
+                self.maybe_commit(out);
+            } else {
+                self.ack_due = true;
+            }
+        }
+    }
+
+    fn on_applied(&mut self, position: Position, timers: Vec<TimerUpdate>) {
+        self.applied = self.applied.max(position);
+        for t in timers {
+            match t {
+                TimerUpdate::Set { id, deadline } => {
+                    self.timers.insert(id, deadline);
+                    self.timers_fired.remove(&id);
+                }
+                TimerUpdate::Cancel { id } => {
+                    self.timers.remove(&id);
+                    self.timers_fired.remove(&id);
+                }
+                TimerUpdate::Clear => {
+                    self.timers.clear();
+                    self.timers_fired.clear();
+                }
+            }
+        }
+    }
+
+    fn on_snapshot_taken(&mut self, position: Position, data: Bytes, out: &mut Vec<Action>) {
+        if position <= self.log.first_pos() || position > self.applied {
+            return;
+        }
+        let (Some(term), Some(timestamp)) =
+            (self.log.term_at(position), self.log.timestamp_at(position))
+        else {
+            return;
+        };
+        let membership = self.membership_at(position);
+        self.log.compact_to(position, term, timestamp);
+        self.membership_log.retain(|(p, _)| *p >= position);
+        self.base_membership = membership.clone();
+        self.snapshot = Some(Snapshot {
+            meta: SnapshotMeta {
+                position,
+                term,
+                timestamp,
+                membership,
+            },
+            data,
+        });
+        out.push(Action::CompactLog { upto: position });
+    }
+
+    /// The membership in force for an entry ending at `pos`.
+    fn membership_at(&self, pos: Position) -> Membership {
+        self.membership_log
+            .iter()
+            .rev()
+            .find(|(p, _)| *p < pos)
+            .map_or_else(|| self.base_membership.clone(), |(_, m)| (**m).clone())
+    }
+
+    // ----- leader ---------------------------------------------------------
+
+    fn reject(&self, id: RequestId, out: &mut Vec<Action>) -> bool {
+        let reason = if self.role != Role::Leader {
+            RejectReason::NotLeader {
+                leader: self.leader,
+            }
+        } else if self.transfer.is_some() {
+            RejectReason::TransferInProgress
+        } else {
+            return false;
+        };
+        out.push(Action::Rejected { id, reason });
+        true
+    }
+
+    fn propose(&mut self, proposals: Vec<Proposal>, out: &mut Vec<Action>) {
+        if self.role != Role::Leader || self.transfer.is_some() {
+            for p in proposals {
+                self.reject(p.id, out);
+            }
+            return;
+        }
+        let entries = proposals
+            .into_iter()
+            .map(|p| {
+                (
+                    EntryKind::Command {
+                        client: p.client,
+                        seq: p.seq,
+                    },
+                    p.data,
+                )
+            })
+            .collect();
+        self.append_entries(entries, out);
+    }
+
+    /// Leader: stamp, append locally and queue for storage; replication
+    /// happens in `flush` at the end of the step.
+    fn append_entries(&mut self, items: Vec<(EntryKind, Bytes)>, out: &mut Vec<Action>) {
+        if items.is_empty() {
+            return;
+        }
+        let timestamp = self.now.max(self.log.last_timestamp());
+        let mut batch = Vec::with_capacity(items.len());
+        for (kind, data) in items {
+            let e = Entry {
+                term: self.term,
+                position: self.log.last_pos(),
+                timestamp,
+                kind,
+                data,
+            };
+            if let EntryKind::Membership(m) = &e.kind {
+                self.membership_log.push((e.position, m.clone()));
+            }
+            self.log.push(e.clone());
+            batch.push(e);
+        }
+        out.push(Action::Append(batch));
+        if self
+            .membership_log
+            .last()
+            .is_some_and(|(p, _)| *p >= self.commit)
+        {
+            self.sync_progress_with_membership();
+        }
+    }
+
+    fn sync_progress_with_membership(&mut self) {
+        let m = self.membership().clone();
+        self.progress.retain(|n, _| m.contains(*n));
+        let last = self.log.last_pos();
+        for n in m.peers(self.cfg.id).collect::<Vec<_>>() {
+            if !self.progress.contains_key(&n) {
+                let p = self.new_progress(last);
+                self.progress.insert(n, p);
+            }
+        }
+    }
+
+    fn read(&mut self, id: RequestId, out: &mut Vec<Action>) {
+        if self.reject(id, out) {
+            return;
+        }
+        if self.commit < self.term_start_end() {
+            self.reads_waiting.push(id);
+            return;
+        }
+        self.register_read(id, out);
+    }
+
+    fn term_start_end(&self) -> Position {
+        self.log
+            .entry_at(self.term_start_pos)
+            .map_or(self.term_start_pos, Entry::end)
+    }
+
+    fn register_read(&mut self, id: RequestId, out: &mut Vec<Action>) {
+        self.heartbeat_seq += 1;
+        self.reads.push_back(PendingRead {
+            id,
+            index: self.commit,
+            heartbeat: self.heartbeat_seq,
+        });
+        self.heartbeat_due = true;
+        self.confirm_reads(out);
+    }
+
+    fn confirm_reads(&mut self, out: &mut Vec<Action>) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let m = self.membership();
+        let mut acks: Vec<u64> = m
+            .voters
+            .iter()
+            .map(|n| {
+                if *n == self.cfg.id {
+                    u64::MAX
+                } else {
+                    self.progress.get(n).map_or(0, |p| p.heartbeat)
+                }
+            })
+            .collect();
+        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let confirmed = acks.get(m.quorum() - 1).copied().unwrap_or(0);
+        while self.reads.front().is_some_and(|r| r.heartbeat <= confirmed) {
+            if let Some(r) = self.reads.pop_front() {
+                out.push(Action::ReadReady {
+                    id: r.id,
+                    index: r.index,
+                });
+            }
+        }
+    }
+
+    fn change_membership(
+        &mut self,
+        id: RequestId,
+        change: MembershipChange,
+        out: &mut Vec<Action>,
+    ) {
+        if self.reject(id, out) {
+            return;
+        }
+        let reason = if self.commit < self.term_start_end() {
+            Some(RejectReason::NotReady)
+        } else if self
+            .membership_log
+            .last()
+            .is_some_and(|(p, _)| *p >= self.commit)
+        {
+            Some(RejectReason::MembershipChangePending)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            out.push(Action::Rejected { id, reason });
+            return;
+        }
+        match change.apply(self.membership()) {
+            Ok(next) => self.append_entries(
+                vec![(EntryKind::Membership(Arc::new(next)), Bytes::new())],
+                out,
+            ),
+            Err(e) => out.push(Action::Rejected {
+                id,
+                reason: RejectReason::Invalid(e),
+            }),
+        }
+    }
+
+    fn transfer_leadership(&mut self, id: RequestId, target: NodeId, out: &mut Vec<Action>) {
+        if self.reject(id, out) {
+            return;
+        }
+        if target == self.cfg.id {
+            return;
+        }
+        if !self.membership().is_voter(target) {
+            out.push(Action::Rejected {
+                id,
+                reason: RejectReason::Invalid(format!("node {target} is not a voter")),
+            });
+            return;
+        }
+        self.transfer = Some((target, self.now + self.cfg.election_timeout_min));
+        self.maybe_send_timeout_now(target, out);
+    }
+
+    fn maybe_send_timeout_now(&mut self, target: NodeId, out: &mut Vec<Action>) {
+        let caught_up = self
+            .progress
+            .get(&target)
+            .is_some_and(|p| p.matched == self.log.last_pos());
+        if caught_up {
+            self.send(target, Body::TimeoutNow, out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_append_resp(
+        &mut self,
+        from: NodeId,
+        ok: bool,
+        position: Position,
+        hint_pos: Position,
+        hint_term: Term,
+        heartbeat: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let last = self.log.last_pos();
+        let first = self.log.first_pos();
+        let Some(p) = self.progress.get_mut(&from) else {
+            return;
+        };
+        p.active = true;
+        p.heartbeat = p.heartbeat.max(heartbeat);
+        if ok {
+            if position > last {
+                return; // acknowledges entries we never had: ignore
+            }
+            if position > p.matched {
+                p.matched = position;
+            }
+            p.next = p.next.max(p.matched);
+            if p.state != ProgressState::Replicate {
+                p.state = ProgressState::Replicate;
+                p.paused_since = None;
+            }
+            self.maybe_commit(out);
+            if self.transfer.is_some_and(|(t, _)| t == from) {
+                self.maybe_send_timeout_now(from, out);
+            }
+        } else {
+            self.stats.rejections_received += 1;
+            if position < p.matched || p.state == ProgressState::Snapshot {
+                return; // stale rejection, or a snapshot is on its way
+            }
+            let hint = hint_pos.min(position).min(last);
+            let resume = if hint < first || position <= first {
+                None
+            } else {
+                let (b, _) = self.log.last_boundary_at_or_before(hint, hint_term);
+                (b < position).then_some(b)
+            };
+            match resume {
+                Some(b) => {
+                    p.next = b;
+                    p.state = ProgressState::Probe;
+                }
+                None => p.state = ProgressState::Snapshot,
+            }
+            p.paused_since = None;
+        }
+        self.confirm_reads(out);
+    }
+
+    fn maybe_commit(&mut self, out: &mut Vec<Action>) {
+        let m = self.membership();
+        let candidate = if self.cfg.testing_bugs.commit_without_quorum {
+            self.durable
+        } else {
+            let mut matched: Vec<Position> = m
+                .voters
+                .iter()
+                .map(|n| {
+                    if *n == self.cfg.id {
+                        self.durable
+                    } else {
+                        self.progress.get(n).map_or(0, |p| p.matched)
+                    }
+                })
+                .collect();
+            matched.sort_unstable_by(|a, b| b.cmp(a));
+            matched.get(m.quorum() - 1).copied().unwrap_or(0)
+        };
+        if candidate > self.commit && self.log.term_at(candidate) == Some(self.term) {
+            self.commit = candidate;
+            self.commit_advanced = true;
+            self.emit_apply(out);
+            if self.commit >= self.term_start_end() && !self.reads_waiting.is_empty() {
+                for id in std::mem::take(&mut self.reads_waiting) {
+                    self.register_read(id, out);
+                }
+            }
+            // A leader removed from the voters steps down once that is
+            // committed, handing over to the most caught-up voter.
+            let removed = !self.membership().is_voter(self.cfg.id)
+                && self
+                    .membership_log
+                    .last()
+                    .is_none_or(|(p, _)| *p < self.commit);
+            if removed {
+                let best = self
+                    .progress
+                    .iter()
+                    .filter(|(n, _)| self.membership().is_voter(**n))
+                    .max_by_key(|(_, p)| p.matched)
+                    .map(|(n, _)| *n);
+                self.flush_leader(out);
+                if let Some(n) = best {
+                    self.send(n, Body::TimeoutNow, out);
+                }
+                self.become_follower(self.term, None, out);
+            }
+        }
+    }
+
+    fn next_timer_due(&self) -> Option<Nanos> {
+        self.timers
+            .iter()
+            .filter(|(id, _)| !self.timers_fired.contains(id))
+            .map(|(_, &d)| d)
+            .min()
+    }
+
+    fn fire_due_timers(&mut self, out: &mut Vec<Action>) {
+        if self.commit < self.term_start_end() {
+            return;
+        }
+        let now = self.now.max(self.log.last_timestamp());
+        let due: Vec<(u64, Nanos)> = self
+            .timers
+            .iter()
+            .filter(|(id, d)| **d <= now && !self.timers_fired.contains(id))
+            .map(|(&id, &d)| (id, d))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let items = due
+            .iter()
+            .map(|&(id, deadline)| (EntryKind::Timer { id, deadline }, Bytes::new()))
+            .collect();
+        for (id, _) in due {
+            self.timers_fired.insert(id);
+        }
+        self.append_entries(items, out);
+    }
+
+    // ----- end of step ----------------------------------------------------
+
+    fn flush(&mut self, out: &mut Vec<Action>) {
+        match self.role {
+            Role::Leader => self.flush_leader(out),
+            _ => {
+                if self.ack_due {
+                    self.ack_due = false;
+                    let pos = self.durable.min(self.matched);
+                    if let Some(leader) = self.leader {
+                        if (pos, self.leader_heartbeat) != self.acked || pos == 0 {
+                            self.acked = (pos, self.leader_heartbeat);
+                            self.send(
+                                leader,
+                                Body::AppendResp {
+                                    ok: true,
+                                    position: pos,
+                                    hint_pos: 0,
+                                    hint_term: 0,
+                                    heartbeat: self.leader_heartbeat,
+                                },
+                                out,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush_leader(&mut self, out: &mut Vec<Action>) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let heartbeat = std::mem::take(&mut self.heartbeat_due);
+        if heartbeat {
+            self.heartbeat_deadline = self.now + self.cfg.heartbeat_interval;
+        }
+        let commit_advanced = std::mem::take(&mut self.commit_advanced);
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for n in peers {
+            let sent = self.replicate_to(n, heartbeat, out);
+            if !sent && (heartbeat || commit_advanced) {
+                self.send_heartbeat(n, out);
+            }
+        }
+    }
+
+    /// An empty append at the follower's matched position: a heartbeat
+    /// and commit notification that can never be rejected by a healthy
+    /// follower. Skipped while the matched position is compacted away (the
+    /// snapshot or in-flight appends reach that follower instead).
+    fn send_heartbeat(&mut self, n: NodeId, out: &mut Vec<Action>) {
+        let Some(p) = self.progress.get(&n) else {
+            return;
+        };
+        let prev_pos = p.matched;
+        let Some(prev_term) = self.log.term_at(prev_pos) else {
+            return;
+        };
+        self.send(
+            n,
+            Body::Append {
+                prev_pos,
+                prev_term,
+                commit: self.commit,
+                heartbeat: self.heartbeat_seq,
+                entries: Vec::new(),
+            },
+            out,
+        );
+    }
+
+    /// Sends what the follower's state and window allow; true if anything
+    /// was sent.
+    fn replicate_to(&mut self, n: NodeId, heartbeat: bool, out: &mut Vec<Action>) -> bool {
+        let now = self.now;
+        let last = self.log.last_pos();
+        let first = self.log.first_pos();
+        let retry_after = self.cfg.election_timeout_min;
+        let window = self.cfg.max_inflight_bytes;
+        let Some(p) = self.progress.get(&n) else {
+            return false;
+        };
+        let (state, mut next, matched) = (p.state, p.next, p.matched);
+        let paused = p.paused_since.is_some_and(|t| now < t + retry_after);
+        match state {
+            ProgressState::Snapshot if paused => return false,
+            ProgressState::Probe if paused && !heartbeat => return false,
+            _ => {}
+        }
+        let need_snapshot =
+            state == ProgressState::Snapshot || next < first || self.log.term_at(next).is_none();
+        if need_snapshot {
+            let snapshot = self.snapshot.clone();
+            let Some(p) = self.progress.get_mut(&n) else {
+                return false;
+            };
+            p.paused_since = Some(now);
+            match snapshot {
+                Some(snapshot) => {
+                    p.state = ProgressState::Snapshot;
+                    p.next = snapshot.meta.position;
+                    self.stats.snapshots_sent += 1;
+                    self.send(n, Body::InstallSnapshot { snapshot }, out);
+                }
+                None => {
+                    // Nothing compacted yet: probe from the start of the log.
+                    p.state = ProgressState::Probe;
+                    p.next = first;
+                    self.send_append_from(n, first, out);
+                }
+            }
+            return true;
+        }
+        if state != ProgressState::Replicate {
+            // Probe: one append (possibly empty), then wait for the answer.
+            if let Some(p) = self.progress.get_mut(&n) {
+                p.paused_since = Some(now);
+            }
+            self.send_append_from(n, next, out);
+            return true;
+        }
+        let mut sent = false;
+        while next < last && next.saturating_sub(matched) < window {
+            next = self.send_append_from(n, next, out);
+            sent = true;
+        }
+        if let Some(p) = self.progress.get_mut(&n) {
+            p.next = next;
+        }
+        sent
+    }
+
+    /// Sends one append starting after `prev_pos` (a boundary we hold);
+    /// returns where it ends.
+    fn send_append_from(&self, n: NodeId, prev_pos: Position, out: &mut Vec<Action>) -> Position {
+        let prev_term = self.log.term_at(prev_pos).unwrap_or(0);
+        let entries = self.log.entries_from(prev_pos, self.cfg.max_batch_bytes);
+        let end = entries.last().map_or(prev_pos, Entry::end);
+        self.send(
+            n,
+            Body::Append {
+                prev_pos,
+                prev_term,
+                commit: self.commit,
+                heartbeat: self.heartbeat_seq,
+                entries,
+            },
+            out,
+        );
+        end
+    }
+}

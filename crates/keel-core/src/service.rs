@@ -1,0 +1,368 @@
+//! The service side of the log: the `Service` trait a user implements and
+//! the `ServiceHost` that drives it with committed entries. The host owns
+//! the replicated bookkeeping every replica must agree on: client sessions
+//! with their last reply (exactly-once), the timer table, and the snapshot
+//! format that carries both with the service's own state. Pure and
+//! deterministic: the service sees only log time.
+
+use crate::node::{Role, TimerUpdate};
+use crate::types::{ClientId, Entry, EntryKind, Nanos, Position, Snapshot};
+use bytes::Bytes;
+use std::collections::BTreeMap;
+
+/// A deterministic service replicated by Keel. Every replica applies the
+/// same entries in the same order and must reach the same state: use only
+/// the context's time, never a clock, thread or RNG of your own.
+pub trait Service {
+    /// Replace the state with a snapshot made by `snapshot`, or empty it.
+    fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String>;
+    /// Serialize the whole state.
+    fn snapshot(&self) -> Vec<u8>;
+    /// Apply one client command and return its reply.
+    fn on_message(&mut self, ctx: &mut Context<'_>, client: ClientId, data: &[u8]) -> Bytes;
+    /// Answer a read-only query against the current state (served after a
+    /// linearizable read-index confirmation, or as a stale read).
+    fn query(&self, data: &[u8]) -> Bytes;
+    /// A timer scheduled through the context came due (in log time).
+    fn on_timer(&mut self, _ctx: &mut Context<'_>, _id: u64) {}
+    fn on_session_open(&mut self, _ctx: &mut Context<'_>, _client: ClientId) {}
+    fn on_session_close(&mut self, _ctx: &mut Context<'_>, _client: ClientId) {}
+    /// This replica's role changed (not replicated: for logging or metrics).
+    fn on_role_change(&mut self, _role: Role) {}
+}
+
+/// What a service may see and do while applying an entry.
+pub struct Context<'a> {
+    time: Nanos,
+    position: Position,
+    timers: &'a mut BTreeMap<u64, Nanos>,
+    updates: &'a mut Vec<TimerUpdate>,
+}
+
+impl Context<'_> {
+    /// Leader-stamped log time of the entry being applied.
+    pub fn time(&self) -> Nanos {
+        self.time
+    }
+    /// Log position where the entry being applied ends.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+    /// Schedule (or move) timer `id` to fire at log time `deadline`.
+    pub fn schedule_timer(&mut self, id: u64, deadline: Nanos) {
+        self.timers.insert(id, deadline);
+        self.updates.push(TimerUpdate::Set { id, deadline });
+    }
+    pub fn cancel_timer(&mut self, id: u64) {
+        if self.timers.remove(&id).is_some() {
+            self.updates.push(TimerUpdate::Cancel { id });
+        }
+    }
+}
+
+/// The answer to a client command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Applied now; this is the service's reply.
+    Applied(Bytes),
+    /// A retry of the last applied command of this session: its original
+    /// reply, not applied again.
+    Duplicate(Bytes),
+    /// Older than the session's last command: applied long ago, reply gone.
+    Stale,
+}
+
+/// What applying a batch of entries produced.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyOutput {
+    pub replies: Vec<(ClientId, u64, Reply)>,
+    pub timers: Vec<TimerUpdate>,
+}
+
+impl ApplyOutput {
+    pub fn clear(&mut self) {
+        self.replies.clear();
+        self.timers.clear();
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Session {
+    last_seq: u64,
+    last_reply: Bytes,
+    last_active: Nanos,
+}
+
+/// Why a snapshot could not be loaded.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SnapshotError {
+    #[error("snapshot data truncated: needed {needed} bytes at offset {offset}, {available} left")]
+    Truncated {
+        offset: usize,
+        needed: usize,
+        available: usize,
+    },
+    #[error("snapshot data has bad magic {found:?}, expected {expected:?}")]
+    BadMagic { found: [u8; 4], expected: [u8; 4] },
+    #[error("snapshot has {0} trailing bytes after the service state")]
+    Trailing(usize),
+    #[error("service rejected its snapshot: {0}")]
+    Service(String),
+}
+
+const SNAPSHOT_MAGIC: [u8; 4] = *b"KSH1";
+
+/// Drives a `Service` with committed entries and keeps sessions and timers.
+pub struct ServiceHost<S> {
+    service: S,
+    sessions: BTreeMap<ClientId, Session>,
+    timers: BTreeMap<u64, Nanos>,
+    applied: Position,
+    session_ttl: Nanos,
+    last_sweep: Nanos,
+}
+
+impl<S: Service> ServiceHost<S> {
+    /// `session_ttl`: a session idle (in log time) for longer is expired and
+    /// its last reply forgotten. Must be the same on every replica.
+    pub fn new(service: S, session_ttl: Nanos) -> Self {
+        ServiceHost {
+            service,
+            sessions: BTreeMap::new(),
+            timers: BTreeMap::new(),
+            applied: 0,
+            session_ttl,
+            last_sweep: 0,
+        }
+    }
+
+    pub fn service(&self) -> &S {
+        &self.service
+    }
+    pub fn service_mut(&mut self) -> &mut S {
+        &mut self.service
+    }
+    pub fn applied(&self) -> Position {
+        self.applied
+    }
+    pub fn timers(&self) -> &BTreeMap<u64, Nanos> {
+        &self.timers
+    }
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+    pub fn query(&self, data: &[u8]) -> Bytes {
+        self.service.query(data)
+    }
+
+    /// Applies committed entries in order. Entries at or before the applied
+    /// position are skipped (idempotent across restarts and snapshots).
+    pub fn apply(&mut self, entries: &[Entry], out: &mut ApplyOutput) {
+        for e in entries {
+            if e.position < self.applied {
+                continue;
+            }
+            self.apply_one(e, out);
+            self.applied = e.end();
+        }
+    }
+
+    fn apply_one(&mut self, e: &Entry, out: &mut ApplyOutput) {
+        let mut ctx = Context {
+            time: e.timestamp,
+            position: e.end(),
+            timers: &mut self.timers,
+            updates: &mut out.timers,
+        };
+        match &e.kind {
+            EntryKind::TermStart | EntryKind::Membership(_) => {}
+            EntryKind::Command { client, seq } => {
+                let reply = match self.sessions.get_mut(client) {
+                    Some(s) if *seq == s.last_seq => {
+                        s.last_active = e.timestamp;
+                        Reply::Duplicate(s.last_reply.clone())
+                    }
+                    Some(s) if *seq < s.last_seq => Reply::Stale,
+                    known => {
+                        if known.is_none() {
+                            self.service.on_session_open(&mut ctx, *client);
+                        }
+                        let r = self.service.on_message(&mut ctx, *client, &e.data);
+                        self.sessions.insert(
+                            *client,
+                            Session {
+                                last_seq: *seq,
+                                last_reply: r.clone(),
+                                last_active: e.timestamp,
+                            },
+                        );
+                        Reply::Applied(r)
+                    }
+                };
+                out.replies.push((*client, *seq, reply));
+            }
+            EntryKind::Timer { id, deadline } => {
+                if ctx.timers.get(id) == Some(deadline) {
+                    ctx.timers.remove(id);
+                    ctx.updates.push(TimerUpdate::Cancel { id: *id });
+                    self.service.on_timer(&mut ctx, *id);
+                }
+            }
+            EntryKind::SessionClose { client } => {
+                if self.sessions.remove(client).is_some() {
+                    self.service.on_session_close(&mut ctx, *client);
+                }
+            }
+        }
+        self.expire_sessions(e, &mut out.timers);
+    }
+
+    fn expire_sessions(&mut self, e: &Entry, updates: &mut Vec<TimerUpdate>) {
+        let now = e.timestamp;
+        if now < self.last_sweep.saturating_add(self.session_ttl / 4) {
+            return;
+        }
+        self.last_sweep = now;
+        let ttl = self.session_ttl;
+        let expired: Vec<ClientId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.last_active.saturating_add(ttl) < now)
+            .map(|(c, _)| *c)
+            .collect();
+        let mut ctx = Context {
+            time: now,
+            position: e.end(),
+            timers: &mut self.timers,
+            updates,
+        };
+        for c in expired {
+            self.sessions.remove(&c);
+            self.service.on_session_close(&mut ctx, c);
+        }
+    }
+
+    /// Serializes sessions, timers and the service state.
+    pub fn snapshot(&self) -> Bytes {
+        let service = self.service.snapshot();
+        let mut b = Vec::with_capacity(64 + service.len());
+        b.extend_from_slice(&SNAPSHOT_MAGIC);
+        b.extend_from_slice(&self.applied.to_le_bytes());
+        b.extend_from_slice(&self.last_sweep.to_le_bytes());
+        b.extend_from_slice(&(self.sessions.len() as u64).to_le_bytes());
+        for (c, s) in &self.sessions {
+            b.extend_from_slice(&c.to_le_bytes());
+            b.extend_from_slice(&s.last_seq.to_le_bytes());
+            b.extend_from_slice(&s.last_active.to_le_bytes());
+            b.extend_from_slice(&(s.last_reply.len() as u64).to_le_bytes());
+            b.extend_from_slice(&s.last_reply);
+        }
+        b.extend_from_slice(&(self.timers.len() as u64).to_le_bytes());
+        for (id, d) in &self.timers {
+            b.extend_from_slice(&id.to_le_bytes());
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&(service.len() as u64).to_le_bytes());
+        b.extend_from_slice(&service);
+        Bytes::from(b)
+    }
+
+    /// Replaces all state with a snapshot (an empty snapshot at position 0
+    /// means the empty state). Returns the timer-table changes for the core.
+    pub fn restore(&mut self, snapshot: &Snapshot) -> Result<Vec<TimerUpdate>, SnapshotError> {
+        if snapshot.data.is_empty() {
+            self.service.restore(None).map_err(SnapshotError::Service)?;
+            self.sessions.clear();
+            self.timers.clear();
+            self.last_sweep = 0;
+            self.applied = snapshot.meta.position;
+            return Ok(vec![TimerUpdate::Clear]);
+        }
+        let mut r = Reader {
+            data: &snapshot.data,
+            offset: 0,
+        };
+        let magic: [u8; 4] = r.array()?;
+        if magic != SNAPSHOT_MAGIC {
+            return Err(SnapshotError::BadMagic {
+                found: magic,
+                expected: SNAPSHOT_MAGIC,
+            });
+        }
+        let _applied = r.u64()?;
+        let last_sweep = r.u64()?;
+        let mut sessions = BTreeMap::new();
+        for _ in 0..r.u64()? {
+            let client = r.u64()?;
+            let last_seq = r.u64()?;
+            let last_active = r.u64()?;
+            let len = r.u64()?;
+            let last_reply = Bytes::copy_from_slice(r.bytes(len)?);
+            sessions.insert(
+                client,
+                Session {
+                    last_seq,
+                    last_reply,
+                    last_active,
+                },
+            );
+        }
+        let mut timers = BTreeMap::new();
+        for _ in 0..r.u64()? {
+            let id = r.u64()?;
+            let deadline = r.u64()?;
+            timers.insert(id, deadline);
+        }
+        let len = r.u64()?;
+        let service = r.bytes(len)?;
+        if r.offset != r.data.len() {
+            return Err(SnapshotError::Trailing(r.data.len() - r.offset));
+        }
+        self.service
+            .restore(Some(service))
+            .map_err(SnapshotError::Service)?;
+        self.sessions = sessions;
+        self.timers = timers;
+        self.last_sweep = last_sweep;
+        self.applied = snapshot.meta.position;
+        let mut updates = vec![TimerUpdate::Clear];
+        updates.extend(
+            self.timers
+                .iter()
+                .map(|(&id, &deadline)| TimerUpdate::Set { id, deadline }),
+        );
+        Ok(updates)
+    }
+}
+
+/// Bounds-checked little-endian reader: decoding never panics.
+struct Reader<'a> {
+    data: &'a [u8],
+    offset: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: u64) -> Result<&'a [u8], SnapshotError> {
+        let available = self.data.len() - self.offset;
+        let err = SnapshotError::Truncated {
+            offset: self.offset,
+            needed: usize::try_from(n).unwrap_or(usize::MAX),
+            available,
+        };
+        let n = usize::try_from(n).map_err(|_| err.clone())?;
+        if n > available {
+            return Err(err);
+        }
+        let s = &self.data[self.offset..self.offset + n];
+        self.offset += n;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.bytes(N as u64)?);
+        Ok(a)
+    }
+    fn u64(&mut self) -> Result<u64, SnapshotError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+}

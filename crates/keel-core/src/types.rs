@@ -1,0 +1,184 @@
+//! Basic vocabulary of the consensus core: ids, terms, byte positions, log
+//! entries, membership, hard state and snapshots.
+
+use bytes::Bytes;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// Identifies a node (server) of the cluster. Never 0.
+pub type NodeId = u64;
+/// A Raft term.
+pub type Term = u64;
+/// A byte offset in the one logical log, continuous across terms.
+pub type Position = u64;
+/// Time in nanoseconds. For the core this is whatever clock the runtime
+/// feeds it; leader-stamped entry timestamps are in the same unit.
+pub type Nanos = u64;
+/// A client (session) id.
+pub type ClientId = u64;
+/// Opaque id the runtime attaches to a request so it can route the answer.
+pub type RequestId = u64;
+
+/// Bytes every entry occupies in the log besides its body: the frame header
+/// of the durable log (length, CRC-32C, term, timestamp, kind, reserved).
+/// Positions advance by `ENTRY_HEADER_LEN + body length`, so the in-memory
+/// log and the on-disk log agree on every position.
+pub const ENTRY_HEADER_LEN: u64 = 32;
+
+/// What an entry means to the state machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Appended by every new leader before it serves (Raft's no-op, Aeron's
+    /// new-term event).
+    TermStart,
+    /// A client command: exactly-once by (client, seq).
+    Command { client: ClientId, seq: u64 },
+    /// A service timer that came due on the leader's clock. `deadline` is the
+    /// deadline it fired for, so a duplicate or stale timer entry is ignored.
+    Timer { id: u64, deadline: Nanos },
+    /// A new cluster membership; effective as soon as it is in a log.
+    Membership(Arc<Membership>),
+    /// An explicit session close.
+    SessionClose { client: ClientId },
+}
+
+impl EntryKind {
+    /// Body bytes the kind itself needs (besides `data`).
+    fn body_len(&self) -> u64 {
+        match self {
+            EntryKind::TermStart => 0,
+            EntryKind::Command { .. } => 16,
+            EntryKind::Timer { .. } => 16,
+            EntryKind::Membership(m) => 8 + 8 * (m.voters.len() + m.learners.len()) as u64,
+            EntryKind::SessionClose { .. } => 8,
+        }
+    }
+}
+
+/// One log entry. `position` is the byte offset where it starts; it ends at
+/// `position + encoded_len()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub term: Term,
+    pub position: Position,
+    /// Leader-stamped cluster time; never decreases along a committed log.
+    pub timestamp: Nanos,
+    pub kind: EntryKind,
+    pub data: Bytes,
+}
+
+impl Entry {
+    /// Bytes this entry occupies in the log.
+    pub fn encoded_len(&self) -> u64 {
+        ENTRY_HEADER_LEN + self.kind.body_len() + self.data.len() as u64
+    }
+    /// The position right after this entry.
+    pub fn end(&self) -> Position {
+        self.position + self.encoded_len()
+    }
+}
+
+/// The voting and non-voting members of the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Membership {
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+}
+
+impl Membership {
+    pub fn new(voters: impl IntoIterator<Item = NodeId>) -> Self {
+        Membership {
+            voters: voters.into_iter().collect(),
+            learners: BTreeSet::new(),
+        }
+    }
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        self.voters.contains(&id)
+    }
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
+    }
+    /// Votes (or acknowledgements) needed for a majority of the voters.
+    pub fn quorum(&self) -> usize {
+        self.voters.len() / 2 + 1
+    }
+    /// Every member but `me`.
+    pub fn peers(&self, me: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+        self.voters
+            .iter()
+            .chain(self.learners.iter())
+            .copied()
+            .filter(move |&n| n != me)
+    }
+}
+
+/// A change of membership, one server at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a non-voting member that catches up and is never counted.
+    AddLearner(NodeId),
+    /// Turn a learner into a voter.
+    PromoteLearner(NodeId),
+    /// Remove a voter or a learner (the leader itself included).
+    Remove(NodeId),
+}
+
+impl MembershipChange {
+    /// The membership after the change, or why it is not allowed.
+    pub fn apply(&self, m: &Membership) -> Result<Membership, String> {
+        let mut next = m.clone();
+        match *self {
+            MembershipChange::AddLearner(n) => {
+                if n == 0 {
+                    return Err("node id 0 is reserved".into());
+                }
+                if m.contains(n) {
+                    return Err(format!("node {n} is already a member"));
+                }
+                next.learners.insert(n);
+            }
+            MembershipChange::PromoteLearner(n) => {
+                if !next.learners.remove(&n) {
+                    return Err(format!("node {n} is not a learner"));
+                }
+                next.voters.insert(n);
+            }
+            MembershipChange::Remove(n) => {
+                if !next.voters.remove(&n) && !next.learners.remove(&n) {
+                    return Err(format!("node {n} is not a member"));
+                }
+                if next.voters.is_empty() {
+                    return Err("cannot remove the last voter".into());
+                }
+            }
+        }
+        Ok(next)
+    }
+}
+
+/// What must be durable before a node acts on it: its term and vote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HardState {
+    pub term: Term,
+    pub voted_for: Option<NodeId>,
+}
+
+/// Where a snapshot sits in the log and what it knew there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// The snapshot covers every entry ending at or before this position.
+    pub position: Position,
+    /// Term of the entry ending at `position` (0 for the empty log).
+    pub term: Term,
+    /// Timestamp of the entry ending at `position`.
+    pub timestamp: Nanos,
+    /// Membership in force at `position`.
+    pub membership: Membership,
+}
+
+/// A snapshot: metadata plus the service host's serialized state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub meta: SnapshotMeta,
+    pub data: Bytes,
+}

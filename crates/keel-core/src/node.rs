@@ -265,6 +265,7 @@ pub struct Node {
     /// acknowledgement is due at the end of this step.
     acked: (Position, u64),
     ack_due: bool,
+    ack_forced: bool,
     leader_heartbeat: u64,
     election_deadline: Nanos,
     heartbeat_deadline: Nanos,
@@ -352,6 +353,7 @@ impl Node {
             matched: 0,
             acked: (0, 0),
             ack_due: false,
+            ack_forced: false,
             leader_heartbeat: 0,
             election_deadline: 0,
             heartbeat_deadline: 0,
@@ -846,7 +848,9 @@ impl Node {
         out: &mut Vec<Action>,
     ) {
         self.leader_heartbeat = self.leader_heartbeat.max(heartbeat);
+        // Every append is answered (the leader's check-quorum counts on it).
         self.ack_due = true;
+        self.ack_forced = true;
         let (mut prev_pos, mut prev_term) = (prev_pos, prev_term);
         let mut entries = entries;
         // Entries at or below our commit position are committed and so
@@ -875,6 +879,7 @@ impl Node {
             let upto = prev_pos.min(self.log.last_pos());
             let (hint_pos, hint_term) = self.log.last_boundary_at_or_before(upto, prev_term);
             self.ack_due = false;
+            self.ack_forced = false;
             self.send(
                 self.leader.unwrap_or(0),
                 Body::AppendResp {
@@ -954,6 +959,7 @@ impl Node {
     fn on_install_snapshot(&mut self, snapshot: Snapshot, out: &mut Vec<Action>) {
         let meta = snapshot.meta.clone();
         self.ack_due = true;
+        self.ack_forced = true;
         if meta.position <= self.commit {
             self.matched = self.matched.max(meta.position.min(self.commit));
             return;
@@ -1392,7 +1398,8 @@ impl Node {
                     self.ack_due = false;
                     let pos = self.durable.min(self.matched);
                     if let Some(leader) = self.leader {
-                        if (pos, self.leader_heartbeat) != self.acked || pos == 0 {
+                        let forced = std::mem::take(&mut self.ack_forced);
+                        if forced || (pos, self.leader_heartbeat) != self.acked {
                             self.acked = (pos, self.leader_heartbeat);
                             self.send(
                                 leader,

@@ -1,0 +1,418 @@
+//! Scenario tests of the consensus core through its public step interface,
+//! with a minimal in-test runtime: instant, reliable messages and disks.
+
+use bytes::Bytes;
+use keel_core::*;
+use std::collections::{HashSet, VecDeque};
+
+const MS: Nanos = 1_000_000;
+
+struct Harness {
+    nodes: Vec<Node>,
+    now: Nanos,
+    inbox: VecDeque<Message>,
+    applied: Vec<Vec<Entry>>,
+    ready_reads: Vec<(NodeId, RequestId, Position)>,
+    rejected: Vec<(NodeId, RequestId, RejectReason)>,
+    /// Directed links that drop messages.
+    cut: HashSet<(NodeId, NodeId)>,
+    persisted: Vec<HardState>,
+}
+
+impl Harness {
+    fn new(n: u64) -> Self {
+        let m = Membership::new(1..=n);
+        Self::with(
+            (1..=n)
+                .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
+                .collect(),
+        )
+    }
+    fn with(nodes: Vec<Node>) -> Self {
+        let k = nodes.len();
+        Harness {
+            nodes,
+            now: 0,
+            inbox: VecDeque::new(),
+            applied: vec![Vec::new(); k],
+            ready_reads: Vec::new(),
+            rejected: Vec::new(),
+            cut: HashSet::new(),
+            persisted: vec![HardState::default(); k],
+        }
+    }
+    fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+    fn step(&mut self, id: NodeId, ev: Event) {
+        let mut queue = VecDeque::from([ev]);
+        while let Some(ev) = queue.pop_front() {
+            let i = (id - 1) as usize;
+            let mut out = Vec::new();
+            self.nodes[i].step(self.now, ev, &mut out);
+            for a in out {
+                match a {
+                    Action::Append(es) => {
+                        let last = es.last().expect("append of no entries");
+                        queue.push_back(Event::Durable {
+                            position: last.end(),
+                            term: last.term,
+                        });
+                    }
+                    Action::Send(m) => {
+                        assert_eq!(m.cluster_id, 7);
+                        if !self.cut.contains(&(m.from, m.to)) {
+                            self.inbox.push_back(m);
+                        }
+                    }
+                    Action::Apply(es) => {
+                        let position = es.last().map_or(0, Entry::end);
+                        self.applied[i].extend(es);
+                        queue.push_back(Event::Applied {
+                            position,
+                            timers: vec![],
+                        });
+                    }
+                    Action::ReadReady { id: r, index } => self.ready_reads.push((id, r, index)),
+                    Action::Rejected { id: r, reason } => self.rejected.push((id, r, reason)),
+                    Action::PersistHardState(hs) => self.persisted[i] = hs,
+                    _ => {}
+                }
+            }
+        }
+    }
+    fn deliver(&mut self) {
+        let mut budget = 100_000;
+        while let Some(m) = self.inbox.pop_front() {
+            budget -= 1;
+            assert!(budget > 0, "message storm");
+            self.step(m.to, Event::Message(m));
+        }
+    }
+    /// Advances time in 10 ms ticks, delivering everything after each.
+    fn run_for(&mut self, dt: Nanos) {
+        let end = self.now + dt;
+        while self.now < end {
+            self.now += 10 * MS;
+            for id in 1..=self.nodes.len() as u64 {
+                self.step(id, Event::Tick);
+            }
+            self.deliver();
+        }
+    }
+    fn leader(&self) -> Option<NodeId> {
+        self.nodes.iter().find(|n| n.is_leader()).map(Node::id)
+    }
+    fn propose(&mut self, id: NodeId, req: RequestId, seq: u64, data: &'static [u8]) {
+        self.step(
+            id,
+            Event::Propose(vec![Proposal {
+                id: req,
+                client: 1,
+                seq,
+                data: Bytes::from_static(data),
+            }]),
+        );
+        self.deliver();
+    }
+}
+
+#[test]
+fn single_node_elects_itself_and_commits_only_once_durable() {
+    let mut node = Node::new(Config::new(1, 7), Membership::new([1]), 0);
+    let mut out = Vec::new();
+    node.step(2_000 * MS, Event::Tick, &mut out);
+    assert!(node.is_leader());
+    assert_eq!(node.term(), 1);
+    // Term and vote are persisted before anything else happens.
+    assert!(matches!(
+        out[1],
+        Action::PersistHardState(HardState {
+            term: 1,
+            voted_for: Some(1)
+        })
+    ));
+    let term_start = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Append(es) => Some(es[0].clone()),
+            _ => None,
+        })
+        .expect("a term-start entry");
+    assert_eq!(term_start.kind, EntryKind::TermStart);
+    assert_eq!(term_start.position, 0);
+    assert_eq!(
+        node.commit_position(),
+        0,
+        "nothing commits before it is durable"
+    );
+    out.clear();
+    node.step(
+        2_001 * MS,
+        Event::Durable {
+            position: term_start.end(),
+            term: 1,
+        },
+        &mut out,
+    );
+    assert_eq!(node.commit_position(), term_start.end());
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::Apply(es) if es[0] == term_start)));
+}
+
+#[test]
+fn three_nodes_elect_one_leader_and_replicate() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    assert_eq!(h.nodes.iter().filter(|n| n.is_leader()).count(), 1);
+    h.propose(leader, 1, 1, b"hello");
+    h.run_for(100 * MS);
+    for i in 0..3 {
+        let cmd: Vec<&Entry> = h.applied[i]
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Command { .. }))
+            .collect();
+        assert_eq!(cmd.len(), 1, "node {} applied {:?}", i + 1, h.applied[i]);
+        assert_eq!(&cmd[0].data[..], b"hello");
+    }
+    // Positions are byte offsets: each entry starts where the previous ended.
+    let log = &h.applied[0];
+    for w in log.windows(2) {
+        assert_eq!(w[0].end(), w[1].position);
+    }
+}
+
+#[test]
+fn follower_proposals_are_rejected_with_the_leader_hint() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let follower = (1..=3).find(|&n| n != leader).expect("a follower");
+    h.propose(follower, 9, 1, b"x");
+    assert_eq!(
+        h.rejected,
+        vec![(
+            follower,
+            9,
+            RejectReason::NotLeader {
+                leader: Some(leader)
+            }
+        )]
+    );
+}
+
+#[test]
+fn an_isolated_node_does_not_raise_its_term_and_does_not_disrupt_on_return() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let term = h.node(leader).term();
+    let lonely = (1..=3).find(|&n| n != leader).expect("a follower");
+    for other in 1..=3 {
+        h.cut.insert((lonely, other));
+        h.cut.insert((other, lonely));
+    }
+    h.run_for(5_000 * MS);
+    // Pre-vote: its elections never got a majority, so its term stayed.
+    assert_eq!(h.node(lonely).term(), term);
+    h.cut.clear();
+    h.run_for(1_000 * MS);
+    assert_eq!(h.leader(), Some(leader));
+    assert_eq!(
+        h.node(leader).term(),
+        term,
+        "the returning node disrupted the leader"
+    );
+}
+
+#[test]
+fn a_leader_cut_from_the_majority_steps_down_by_check_quorum() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let old = h.leader().expect("a leader");
+    for other in 1..=3 {
+        h.cut.insert((old, other));
+        h.cut.insert((other, old));
+    }
+    h.run_for(3_000 * MS);
+    assert!(!h.node(old).is_leader(), "isolated leader kept leading");
+    let new = h.leader().expect("the majority elected a new leader");
+    assert_ne!(new, old);
+}
+
+#[test]
+fn leadership_transfer_hands_over_to_the_target() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = (1..=3).find(|&n| n != leader).expect("a follower");
+    h.step(leader, Event::TransferLeadership { id: 1, target });
+    h.deliver();
+    h.run_for(100 * MS);
+    assert_eq!(h.leader(), Some(target));
+}
+
+#[test]
+fn read_index_waits_for_the_term_start_and_a_heartbeat_round() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    h.step(leader, Event::Read { id: 5 });
+    assert!(
+        h.ready_reads.is_empty(),
+        "read served before leadership was confirmed"
+    );
+    h.deliver();
+    let commit = h.node(leader).commit_position();
+    assert_eq!(h.ready_reads, vec![(leader, 5, commit)]);
+}
+
+#[test]
+fn learners_replicate_but_never_count() {
+    let m = Membership::new([1, 2]);
+    let mut nodes: Vec<Node> = (1..=2)
+        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
+        .collect();
+    nodes.push(Node::new(Config::new(3, 7), Membership::default(), 0));
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    h.step(
+        leader,
+        Event::ChangeMembership {
+            id: 1,
+            change: MembershipChange::AddLearner(3),
+        },
+    );
+    h.run_for(200 * MS);
+    assert!(h.node(3).membership().learners.contains(&3));
+    h.propose(leader, 2, 1, b"to-learner");
+    h.run_for(200 * MS);
+    assert!(h.applied[2].iter().any(|e| &e.data[..] == b"to-learner"));
+    // A learner never campaigns, even when the leader goes silent.
+    assert!(!h.node(3).is_leader());
+    // With the other voter cut off, the learner's ack does not make a quorum.
+    let other = if leader == 1 { 2 } else { 1 };
+    h.cut.insert((leader, other));
+    h.cut.insert((other, leader));
+    let before = h.node(leader).commit_position();
+    h.propose(leader, 3, 2, b"needs-two-voters");
+    h.run_for(50 * MS);
+    assert_eq!(h.node(leader).commit_position(), before);
+    // Promote-then-remove goes through the log one change at a time.
+    h.cut.clear();
+    h.run_for(1_000 * MS);
+    let leader = h.leader().expect("a leader");
+    h.step(
+        leader,
+        Event::ChangeMembership {
+            id: 4,
+            change: MembershipChange::PromoteLearner(3),
+        },
+    );
+    h.run_for(100 * MS);
+    assert!(h.node(leader).membership().is_voter(3));
+}
+
+#[test]
+fn removing_the_leader_hands_leadership_to_a_remaining_voter() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    h.step(
+        leader,
+        Event::ChangeMembership {
+            id: 1,
+            change: MembershipChange::Remove(leader),
+        },
+    );
+    h.run_for(1_000 * MS);
+    let new = h.leader().expect("a new leader");
+    assert_ne!(new, leader);
+    assert!(!h.node(new).membership().contains(leader));
+    h.propose(new, 2, 1, b"after");
+    h.run_for(100 * MS);
+    assert!(h.applied[(new - 1) as usize]
+        .iter()
+        .any(|e| &e.data[..] == b"after"));
+}
+
+#[test]
+fn leader_stamped_time_never_goes_backwards_across_leaders() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    h.propose(leader, 1, 1, b"a");
+    h.run_for(50 * MS);
+    // The next leader's clock is far behind: its entries are still stamped
+    // no earlier than the log's last timestamp.
+    let target = (1..=3).find(|&n| n != leader).expect("a follower");
+    let last_ts = h.applied[0].last().expect("applied").timestamp;
+    h.step(leader, Event::TransferLeadership { id: 2, target });
+    h.deliver();
+    h.now = 1; // a clock jump backwards
+    h.deliver();
+    h.propose(target, 3, 2, b"b");
+    h.deliver();
+    let i = (target - 1) as usize;
+    let e = h.applied[i]
+        .iter()
+        .find(|e| &e.data[..] == b"b")
+        .expect("b applied");
+    assert!(e.timestamp >= last_ts);
+    for w in h.applied[i].windows(2) {
+        assert!(w[0].timestamp <= w[1].timestamp);
+    }
+}
+
+#[test]
+fn messages_from_another_cluster_are_ignored() {
+    let mut node = Node::new(Config::new(1, 7), Membership::new([1, 2]), 0);
+    let mut out = Vec::new();
+    let m = Message {
+        cluster_id: 8,
+        from: 2,
+        to: 1,
+        term: 50,
+        body: Body::Vote {
+            last_pos: 1 << 40,
+            last_term: 50,
+            transfer: false,
+        },
+    };
+    node.step(0, Event::Message(m), &mut out);
+    assert!(out.is_empty());
+    assert_eq!(node.term(), 0);
+}
+
+#[test]
+fn compaction_then_install_snapshot_on_a_wiped_follower() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    for seq in 1..=20 {
+        h.propose(leader, seq, seq, b"0123456789");
+    }
+    h.run_for(50 * MS);
+    let applied = h.node(leader).applied_position();
+    h.step(
+        leader,
+        Event::SnapshotTaken {
+            position: applied,
+            data: Bytes::from_static(b"state"),
+        },
+    );
+    assert_eq!(h.node(leader).log().first_pos(), applied);
+    // Replace a follower with a wiped one that knows only the membership.
+    let victim = (1..=3).find(|&n| n != leader).expect("a follower");
+    let i = (victim - 1) as usize;
+    h.nodes[i] = Node::new(Config::new(victim, 7), Membership::new(1..=3), h.now);
+    h.applied[i].clear();
+    h.run_for(1_000 * MS);
+    let n = h.node(victim);
+    assert_eq!(n.log().first_pos(), applied);
+    assert_eq!(n.snapshot().map(|s| &s.data[..]), Some(&b"state"[..]));
+    assert!(n.commit_position() >= applied);
+}

@@ -1,0 +1,296 @@
+//! The in-memory log against a simple model, and the service host's
+//! exactly-once sessions, log timers and snapshot format.
+
+use bytes::Bytes;
+use keel_core::log::Log;
+use keel_core::*;
+use proptest::prelude::*;
+
+fn entry(term: Term, position: Position, len: usize) -> Entry {
+    Entry {
+        term,
+        position,
+        timestamp: position,
+        kind: EntryKind::Command {
+            client: 1,
+            seq: position,
+        },
+        data: Bytes::from(vec![7u8; len]),
+    }
+}
+
+#[derive(Clone, Debug)]
+enum LogOp {
+    Append { term_bump: bool, len: usize },
+    Truncate(usize),
+    Compact(usize),
+}
+
+fn log_op() -> impl Strategy<Value = LogOp> {
+    prop_oneof![
+        4 => (any::<bool>(), 0..64usize).prop_map(|(term_bump, len)| LogOp::Append { term_bump, len }),
+        1 => any::<usize>().prop_map(LogOp::Truncate),
+        1 => any::<usize>().prop_map(LogOp::Compact),
+    ]
+}
+
+proptest! {
+    /// Append / truncate / compact against a Vec model: positions stay
+    /// contiguous, `term_at` answers exactly at boundaries, and reads agree.
+    #[test]
+    fn log_matches_model(ops in proptest::collection::vec(log_op(), 1..60)) {
+        let mut log = Log::new(0, 0, 0);
+        let mut model: Vec<Entry> = Vec::new();
+        let (mut base, mut base_term) = (0u64, 0u64);
+        let mut term = 1;
+        for op in ops {
+            match op {
+                LogOp::Append { term_bump, len } => {
+                    if term_bump { term += 1; }
+                    let e = entry(term, log.last_pos(), len);
+                    model.push(e.clone());
+                    log.push(e);
+                }
+                LogOp::Truncate(i) if !model.is_empty() => {
+                    let i = i % model.len();
+                    log.truncate_from(model[i].position);
+                    model.truncate(i);
+                }
+                LogOp::Compact(i) if !model.is_empty() => {
+                    let i = i % model.len();
+                    let e = model[i].clone();
+                    log.compact_to(e.end(), e.term, e.timestamp);
+                    model.drain(..=i);
+                    base = e.end();
+                    base_term = e.term;
+                }
+                _ => {}
+            }
+            prop_assert_eq!(log.first_pos(), base);
+            prop_assert_eq!(log.last_pos(), model.last().map_or(base, Entry::end));
+            prop_assert_eq!(log.last_term(), model.last().map_or(base_term, |e| e.term));
+            prop_assert_eq!(log.term_at(base), Some(base_term));
+            for e in &model {
+                prop_assert_eq!(log.term_at(e.end()), Some(e.term));
+                prop_assert_eq!(log.entry_at(e.position), Some(e));
+                if e.encoded_len() > 1 {
+                    prop_assert_eq!(log.term_at(e.position + 1), None);
+                }
+            }
+            let all: Vec<Entry> = log.entries_between(base, u64::MAX);
+            prop_assert_eq!(&all, &model);
+        }
+    }
+
+    /// The host's snapshot decoder rejects garbage with an error, never a panic.
+    #[test]
+    fn host_restore_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let mut host = ServiceHost::new(Counter::default(), 1_000);
+        let snap = Snapshot {
+            meta: SnapshotMeta { position: 10, term: 1, timestamp: 0, membership: Membership::default() },
+            data: Bytes::from(data),
+        };
+        let _ = host.restore(&snap);
+    }
+}
+
+#[test]
+fn is_up_to_date_compares_last_term_then_position() {
+    let mut log = Log::new(0, 0, 0);
+    log.push(entry(2, 0, 10));
+    let (t, p) = (log.last_term(), log.last_pos());
+    assert!(log.is_up_to_date(t, p));
+    assert!(
+        log.is_up_to_date(3, 1),
+        "higher last term wins even when shorter"
+    );
+    assert!(
+        !log.is_up_to_date(1, p + 1000),
+        "lower last term loses even when longer"
+    );
+    assert!(!log.is_up_to_date(t, p - 1));
+}
+
+#[test]
+fn last_boundary_hint() {
+    let mut log = Log::new(0, 0, 0);
+    let a = entry(1, 0, 0);
+    let b = entry(1, a.end(), 0);
+    let c = entry(3, b.end(), 0);
+    for e in [&a, &b, &c] {
+        log.push(e.clone());
+    }
+    assert_eq!(log.last_boundary_at_or_before(c.end(), 2), (b.end(), 1));
+    assert_eq!(log.last_boundary_at_or_before(c.end(), 3), (c.end(), 3));
+    assert_eq!(log.last_boundary_at_or_before(b.end() + 1, 9), (b.end(), 1));
+    assert_eq!(log.last_boundary_at_or_before(c.end(), 0), (0, 0));
+}
+
+/// A counter service: "inc" adds one and replies with the new value;
+/// "timer" schedules timer 1 at +100.
+#[derive(Default, Debug)]
+struct Counter {
+    n: u64,
+    fired: Vec<(u64, Nanos)>,
+}
+
+impl Service for Counter {
+    fn restore(&mut self, s: Option<&[u8]>) -> Result<(), String> {
+        self.n = match s {
+            None => 0,
+            Some(b) => u64::from_le_bytes(
+                b.try_into()
+                    .map_err(|_| format!("want 8 bytes, got {}", b.len()))?,
+            ),
+        };
+        Ok(())
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        self.n.to_le_bytes().to_vec()
+    }
+    fn on_message(&mut self, ctx: &mut Context<'_>, _c: ClientId, data: &[u8]) -> Bytes {
+        if data == b"timer" {
+            ctx.schedule_timer(1, ctx.time() + 100);
+        } else {
+            self.n += 1;
+        }
+        Bytes::from(self.n.to_le_bytes().to_vec())
+    }
+    fn query(&self, _d: &[u8]) -> Bytes {
+        Bytes::from(self.n.to_le_bytes().to_vec())
+    }
+    fn on_timer(&mut self, ctx: &mut Context<'_>, id: u64) {
+        self.fired.push((id, ctx.time()));
+    }
+}
+
+fn cmd(pos: Position, client: ClientId, seq: u64, data: &'static [u8], ts: Nanos) -> Entry {
+    Entry {
+        term: 1,
+        position: pos,
+        timestamp: ts,
+        kind: EntryKind::Command { client, seq },
+        data: Bytes::from_static(data),
+    }
+}
+
+#[test]
+fn retried_commands_are_answered_not_applied_twice() {
+    let mut host = ServiceHost::new(Counter::default(), 1_000_000);
+    let mut out = ApplyOutput::default();
+    let e1 = cmd(0, 5, 1, b"inc", 1);
+    let e2 = cmd(e1.end(), 5, 1, b"inc", 2); // the same request, retried
+    let e3 = cmd(e2.end(), 5, 2, b"inc", 3);
+    let e4 = cmd(e3.end(), 5, 1, b"inc", 4); // a very late duplicate
+    host.apply(&[e1, e2, e3, e4], &mut out);
+    assert_eq!(host.service().n, 2);
+    let one = Bytes::from(1u64.to_le_bytes().to_vec());
+    let two = Bytes::from(2u64.to_le_bytes().to_vec());
+    assert_eq!(
+        out.replies,
+        vec![
+            (5, 1, Reply::Applied(one.clone())),
+            (5, 1, Reply::Duplicate(one)),
+            (5, 2, Reply::Applied(two)),
+            (5, 1, Reply::Stale),
+        ]
+    );
+}
+
+#[test]
+fn timers_fire_only_from_their_logged_entry_and_only_once() {
+    let mut host = ServiceHost::new(Counter::default(), 1_000_000);
+    let mut out = ApplyOutput::default();
+    let e1 = cmd(0, 5, 1, b"timer", 1_000);
+    host.apply(std::slice::from_ref(&e1), &mut out);
+    assert_eq!(
+        out.timers,
+        vec![TimerUpdate::Set {
+            id: 1,
+            deadline: 1_100
+        }]
+    );
+    let fire = |pos, deadline| Entry {
+        term: 1,
+        position: pos,
+        timestamp: 1_150,
+        kind: EntryKind::Timer { id: 1, deadline },
+        data: Bytes::new(),
+    };
+    let stale = fire(e1.end(), 999); // a timer entry for another deadline
+    let real = fire(stale.end(), 1_100);
+    let dup = fire(real.end(), 1_100); // appended twice across a leader change
+    out.clear();
+    host.apply(&[stale, real, dup], &mut out);
+    assert_eq!(host.service().fired, vec![(1, 1_150)]);
+    assert_eq!(out.timers, vec![TimerUpdate::Cancel { id: 1 }]);
+}
+
+#[test]
+fn host_snapshot_round_trips_sessions_timers_and_state() {
+    let mut host = ServiceHost::new(Counter::default(), 1_000_000);
+    let mut out = ApplyOutput::default();
+    let e1 = cmd(0, 5, 1, b"inc", 10);
+    let e2 = cmd(e1.end(), 6, 1, b"timer", 20);
+    host.apply(&[e1, e2.clone()], &mut out);
+    let snap = Snapshot {
+        meta: SnapshotMeta {
+            position: e2.end(),
+            term: 1,
+            timestamp: 20,
+            membership: Membership::default(),
+        },
+        data: host.snapshot(),
+    };
+    let mut copy = ServiceHost::new(Counter::default(), 1_000_000);
+    let timers = copy.restore(&snap).expect("restore");
+    assert_eq!(
+        timers,
+        vec![
+            TimerUpdate::Clear,
+            TimerUpdate::Set {
+                id: 1,
+                deadline: 120
+            }
+        ]
+    );
+    assert_eq!(copy.service().n, 1);
+    assert_eq!(copy.applied(), e2.end());
+    // The session survived: a retry after restore is a duplicate.
+    out.clear();
+    copy.apply(&[cmd(e2.end(), 5, 1, b"inc", 30)], &mut out);
+    assert!(matches!(out.replies[0].2, Reply::Duplicate(_)));
+    assert_eq!(copy.service().n, 1);
+    // Damaged snapshots are refused with a reason.
+    let mut bad = snap.clone();
+    bad.data = bad.data.slice(..bad.data.len() - 1);
+    assert!(copy.restore(&bad).is_err());
+}
+
+#[test]
+fn idle_sessions_expire_in_log_time() {
+    let mut host = ServiceHost::new(Counter::default(), 100);
+    let mut out = ApplyOutput::default();
+    let e1 = cmd(0, 5, 1, b"inc", 0);
+    let e2 = cmd(e1.end(), 6, 1, b"inc", 1_000);
+    host.apply(&[e1, e2], &mut out);
+    assert_eq!(host.session_count(), 1, "session 5 should have expired");
+}
+
+#[test]
+fn membership_changes_are_validated() {
+    let m = Membership::new([1, 2, 3]);
+    assert!(MembershipChange::AddLearner(2).apply(&m).is_err());
+    assert!(MembershipChange::PromoteLearner(4).apply(&m).is_err());
+    assert!(MembershipChange::Remove(9).apply(&m).is_err());
+    let m2 = MembershipChange::AddLearner(4).apply(&m).expect("add");
+    assert!(m2.learners.contains(&4) && !m2.is_voter(4));
+    assert_eq!(m2.quorum(), 2, "learners never count toward quorum");
+    let m3 = MembershipChange::PromoteLearner(4)
+        .apply(&m2)
+        .expect("promote");
+    assert_eq!(m3.quorum(), 3);
+    assert!(MembershipChange::Remove(1)
+        .apply(&Membership::new([1]))
+        .is_err());
+}

@@ -1,0 +1,384 @@
+//! Safety invariants checked after every step of a simulation: at most one
+//! leader per term; log matching (same position and term ⇒ same prefix);
+//! committed entries never change or disappear; commit never moves back;
+//! every node applies the same entries at the same positions, contiguously
+//! and with non-decreasing leader-stamped time; term and vote never regress.
+//!
+//! Each node's log is mirrored as a chain of hashes (hash of the previous
+//! link and the entry), fed by the same actions the runtime executes, so a
+//! prefix comparison is one integer comparison.
+
+use keel_core::{
+    Entry, EntryKind, HardState, Nanos, Node, NodeId, Position, Recovered, Snapshot, Term,
+};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    start: Position,
+    end: Position,
+    term: Term,
+    chain: u64,
+}
+
+#[derive(Default)]
+struct Shadow {
+    base_pos: Position,
+    base_term: Term,
+    base_chain: u64,
+    links: VecDeque<Link>,
+}
+
+impl Shadow {
+    fn last(&self) -> (Position, Term, u64) {
+        self.links
+            .back()
+            .map_or((self.base_pos, self.base_term, self.base_chain), |l| {
+                (l.end, l.term, l.chain)
+            })
+    }
+    fn chain_at(&self, pos: Position) -> Option<u64> {
+        if pos == self.base_pos {
+            return Some(self.base_chain);
+        }
+        let i = self.links.binary_search_by_key(&pos, |l| l.end).ok()?;
+        Some(self.links[i].chain)
+    }
+    fn term_at(&self, pos: Position) -> Option<Term> {
+        if pos == self.base_pos {
+            return Some(self.base_term);
+        }
+        let i = self.links.binary_search_by_key(&pos, |l| l.end).ok()?;
+        Some(self.links[i].term)
+    }
+}
+
+fn link_hash(prev: u64, e: &Entry) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    prev.hash(&mut h);
+    e.term.hash(&mut h);
+    e.position.hash(&mut h);
+    e.timestamp.hash(&mut h);
+    match &e.kind {
+        EntryKind::TermStart => 0u8.hash(&mut h),
+        EntryKind::Command { client, seq } => (1u8, client, seq).hash(&mut h),
+        EntryKind::Timer { id, deadline } => (2u8, id, deadline).hash(&mut h),
+        EntryKind::Membership(m) => (3u8, &**m).hash(&mut h),
+        EntryKind::SessionClose { client } => (4u8, client).hash(&mut h),
+    }
+    e.data.hash(&mut h);
+    h.finish()
+}
+
+#[derive(Default)]
+pub struct Invariants {
+    shadows: HashMap<NodeId, Shadow>,
+    /// (end position, term) → chain: log matching across all nodes, ever.
+    boundaries: HashMap<(Position, Term), u64>,
+    /// Every committed boundary → chain.
+    committed: BTreeMap<Position, u64>,
+    leaders: HashMap<Term, NodeId>,
+    /// End position → chain of every applied entry, across nodes.
+    applied: HashMap<Position, u64>,
+    last_commit: HashMap<NodeId, (u64, Position)>,
+    last_applied_ts: HashMap<NodeId, Nanos>,
+}
+
+impl Invariants {
+    pub fn new() -> Self {
+        let mut inv = Invariants::default();
+        inv.committed.insert(0, 0);
+        inv
+    }
+
+    fn shadow(&mut self, id: NodeId) -> &mut Shadow {
+        self.shadows.entry(id).or_default()
+    }
+
+    fn committed_upto(&self) -> Position {
+        self.committed.keys().next_back().copied().unwrap_or(0)
+    }
+
+    pub fn leader_elected(&mut self, id: NodeId, term: Term, v: &mut Vec<String>) {
+        if let Some(&other) = self.leaders.get(&term) {
+            if other != id {
+                v.push(format!(
+                    "election safety: nodes {other} and {id} both lead term {term}"
+                ));
+            }
+        }
+        self.leaders.insert(term, id);
+    }
+
+    pub fn persist_hard_state(
+        &mut self,
+        id: NodeId,
+        old: &HardState,
+        new: &HardState,
+        v: &mut Vec<String>,
+    ) {
+        if new.term < old.term {
+            v.push(format!(
+                "node {id}: term went back from {} to {}",
+                old.term, new.term
+            ));
+        }
+        if new.term == old.term && old.voted_for.is_some() && new.voted_for != old.voted_for {
+            v.push(format!(
+                "node {id}: changed its vote in term {} from {:?} to {:?}",
+                new.term, old.voted_for, new.voted_for
+            ));
+        }
+    }
+
+    pub fn append(&mut self, id: NodeId, entries: &[Entry], _now: Nanos, v: &mut Vec<String>) {
+        for e in entries {
+            let shadow = self.shadow(id);
+            let (last, _, prev) = shadow.last();
+            if e.position != last {
+                v.push(format!(
+                    "node {id}: appended an entry at {} but its log ends at {last}",
+                    e.position
+                ));
+                return;
+            }
+            let chain = link_hash(prev, e);
+            shadow.links.push_back(Link {
+                start: e.position,
+                end: e.end(),
+                term: e.term,
+                chain,
+            });
+            match self.boundaries.get(&(e.end(), e.term)) {
+                Some(&c) if c != chain => v.push(format!(
+                    "log matching: node {id} holds an entry ending at {} in term {} whose log differs from another node's",
+                    e.end(),
+                    e.term
+                )),
+                Some(_) => {}
+                None => {
+                    self.boundaries.insert((e.end(), e.term), chain);
+                }
+            }
+        }
+    }
+
+    pub fn truncate(&mut self, id: NodeId, from: Position, v: &mut Vec<String>) {
+        if let Some(&(_, c)) = self.last_commit.get(&id) {
+            if from < c {
+                v.push(format!(
+                    "node {id}: truncated its log at {from}, below its commit position {c}"
+                ));
+            }
+        }
+        let shadow = self.shadow(id);
+        while shadow.links.back().is_some_and(|l| l.start >= from) {
+            shadow.links.pop_back();
+        }
+    }
+
+    pub fn compact(&mut self, id: NodeId, upto: Position) {
+        let shadow = self.shadow(id);
+        while let Some(l) = shadow.links.front().copied() {
+            if l.end > upto {
+                break;
+            }
+            shadow.links.pop_front();
+            shadow.base_pos = l.end;
+            shadow.base_term = l.term;
+            shadow.base_chain = l.chain;
+        }
+    }
+
+    pub fn install_snapshot(&mut self, id: NodeId, s: &Snapshot, v: &mut Vec<String>) {
+        let pos = s.meta.position;
+        let Some(&chain) = self.committed.get(&pos) else {
+            v.push(format!(
+                "node {id}: installed a snapshot at {pos}, which was never committed"
+            ));
+            return;
+        };
+        let shadow = self.shadow(id);
+        if shadow.term_at(pos) == Some(s.meta.term) {
+            if shadow.chain_at(pos) != Some(chain) {
+                v.push(format!(
+                    "node {id}: its log differs from the committed log at {pos}"
+                ));
+            }
+            while shadow.links.front().is_some_and(|l| l.end <= pos) {
+                shadow.links.pop_front();
+            }
+        } else {
+            shadow.links.clear();
+        }
+        shadow.base_pos = pos;
+        shadow.base_term = s.meta.term;
+        shadow.base_chain = chain;
+        let inc = self.last_commit.get(&id).map_or(0, |x| x.0);
+        self.last_commit.insert(id, (inc, pos));
+    }
+
+    pub fn restarted(&mut self, id: NodeId, r: &Recovered, v: &mut Vec<String>) {
+        let (pos, term) = r
+            .snapshot
+            .as_ref()
+            .map_or((0, 0), |s| (s.meta.position, s.meta.term));
+        let chain = if pos == 0 {
+            0
+        } else {
+            match self.committed.get(&pos) {
+                Some(&c) => c,
+                None => {
+                    v.push(format!(
+                        "node {id}: restarted from a snapshot at {pos} that was never committed"
+                    ));
+                    0
+                }
+            }
+        };
+        self.shadows.insert(
+            id,
+            Shadow {
+                base_pos: pos,
+                base_term: term,
+                base_chain: chain,
+                links: VecDeque::new(),
+            },
+        );
+        self.last_commit.remove(&id);
+        self.append(id, &r.entries, 0, v);
+    }
+
+    pub fn restored(&mut self, id: NodeId, timestamp: Nanos) {
+        self.last_applied_ts.insert(id, timestamp);
+    }
+
+    pub fn apply(
+        &mut self,
+        id: NodeId,
+        host_applied: Position,
+        entries: &[Entry],
+        v: &mut Vec<String>,
+    ) {
+        let mut expected = host_applied;
+        for e in entries {
+            if e.position < host_applied {
+                continue;
+            }
+            if e.position != expected {
+                v.push(format!(
+                    "node {id}: applied an entry at {} but had applied up to {expected}",
+                    e.position
+                ));
+                return;
+            }
+            expected = e.end();
+            let Some(chain) = self.shadows.get(&id).and_then(|s| s.chain_at(e.end())) else {
+                v.push(format!(
+                    "node {id}: applied an entry at {} its log does not hold",
+                    e.position
+                ));
+                return;
+            };
+            match self.applied.get(&e.end()) {
+                Some(&c) if c != chain => v.push(format!(
+                    "state machine safety: node {id} applied a different entry ending at {} than another node",
+                    e.end()
+                )),
+                Some(_) => {}
+                None => {
+                    self.applied.insert(e.end(), chain);
+                }
+            }
+            let ts = self.last_applied_ts.entry(id).or_insert(0);
+            if e.timestamp < *ts {
+                v.push(format!(
+                    "node {id}: log time went back from {} to {} at position {}",
+                    *ts, e.timestamp, e.position
+                ));
+            }
+            *ts = e.timestamp;
+        }
+    }
+
+    pub fn after_step(&mut self, core: &Node, inc: u64, v: &mut Vec<String>) {
+        let id = core.id();
+        let shadow = self.shadow(id);
+        let (last, last_term, _) = shadow.last();
+        if last != core.append_position() || last_term != core.log().last_term() {
+            v.push(format!(
+                "node {id}: its log ({}, term {}) differs from what its actions described ({last}, term {last_term})",
+                core.append_position(),
+                core.log().last_term()
+            ));
+            return;
+        }
+        let c = core.commit_position();
+        if c > core.append_position() {
+            v.push(format!("node {id}: commit {c} beyond its log end {last}"));
+        }
+        let prev = self.last_commit.get(&id).copied();
+        if let Some((pinc, pc)) = prev {
+            if pinc == inc && c < pc {
+                v.push(format!("node {id}: commit moved back from {pc} to {c}"));
+            }
+            if pinc == inc && c == pc {
+                return;
+            }
+        }
+        self.last_commit.insert(id, (inc, c));
+        let shadow = &self.shadows[&id];
+        let Some(chain_c) = shadow.chain_at(c) else {
+            if c >= shadow.base_pos {
+                v.push(format!(
+                    "node {id}: commit position {c} is not an entry boundary of its log"
+                ));
+            }
+            return;
+        };
+        let g = self.committed_upto();
+        if c <= g {
+            match self.committed.get(&c) {
+                Some(&k) if k == chain_c => {}
+                _ => v.push(format!(
+                    "committed entries changed: node {id} committed up to {c}, which differs from the committed log"
+                )),
+            }
+        } else {
+            if g >= shadow.base_pos {
+                let ok = shadow.chain_at(g).is_some()
+                    && shadow.chain_at(g) == self.committed.get(&g).copied();
+                if !ok {
+                    v.push(format!(
+                        "committed entries lost: node {id} commits up to {c} but its log differs from the committed log at {g}"
+                    ));
+                    return;
+                }
+            }
+            let new: Vec<(Position, u64)> = shadow
+                .links
+                .iter()
+                .filter(|l| l.end > g && l.end <= c)
+                .map(|l| (l.end, l.chain))
+                .collect();
+            self.committed.extend(new);
+        }
+    }
+
+    pub fn final_check(&mut self, leader: &Node, v: &mut Vec<String>) {
+        let id = leader.id();
+        let g = self.committed_upto();
+        let Some(shadow) = self.shadows.get(&id) else {
+            return;
+        };
+        if g < shadow.base_pos {
+            return;
+        }
+        if shadow.chain_at(g) != self.committed.get(&g).copied() {
+            v.push(format!(
+                "committed entries lost: the final leader {id} does not hold the committed log up to {g}"
+            ));
+        }
+    }
+}

@@ -1,0 +1,1389 @@
+//! Deterministic simulation of a whole cluster in one thread: nodes running
+//! `keel-core`, a simulated network (per-link latency, loss, duplication,
+//! reordering, partitions, cut links), simulated disks (unsynced writes lost
+//! on crash, slow disks), skewed and jumping clocks, membership changes, and
+//! KV clients with retries. Everything is driven by one seed: the same seed
+//! replays the same run exactly. Safety invariants are checked after every
+//! step; linearizability and liveness at the end of the run.
+
+use crate::invariants::Invariants;
+use crate::kv::{self, KvService};
+use crate::linearizability::{self, CheckResult, KvInput, Operation};
+use bytes::Bytes;
+use keel_core::rng::Rng;
+use keel_core::{
+    Action, Config, Entry, Event, HardState, Membership, MembershipChange, Message, Nanos, Node,
+    NodeId, Position, Proposal, Recovered, RejectReason, Reply, Role, ServiceHost, Snapshot,
+    SnapshotMeta, TestingBugs,
+};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+
+const MS: Nanos = 1_000_000;
+const SEC: Nanos = 1_000_000_000;
+
+/// Which faults a run injects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultMix {
+    pub name: &'static str,
+    pub loss: f64,
+    pub duplicate: f64,
+    pub reorder: f64,
+    pub partitions: bool,
+    pub asymmetric: bool,
+    pub cut_link: bool,
+    pub crashes: bool,
+    pub slow_disk: bool,
+    pub clock_jumps: bool,
+    pub membership: bool,
+}
+
+impl FaultMix {
+    const NONE: FaultMix = FaultMix {
+        name: "calm",
+        loss: 0.0,
+        duplicate: 0.0,
+        reorder: 0.0,
+        partitions: false,
+        asymmetric: false,
+        cut_link: false,
+        crashes: false,
+        slow_disk: false,
+        clock_jumps: false,
+        membership: false,
+    };
+
+    /// Every named mix, from calm to chaos.
+    pub fn all() -> Vec<FaultMix> {
+        let n = Self::NONE;
+        vec![
+            n.clone(),
+            FaultMix {
+                name: "lossy",
+                loss: 0.05,
+                duplicate: 0.03,
+                reorder: 0.1,
+                ..n.clone()
+            },
+            FaultMix {
+                name: "partitions",
+                partitions: true,
+                asymmetric: true,
+                cut_link: true,
+                ..n.clone()
+            },
+            FaultMix {
+                name: "cut-link",
+                cut_link: true,
+                ..n.clone()
+            },
+            FaultMix {
+                name: "crashes",
+                crashes: true,
+                slow_disk: true,
+                ..n.clone()
+            },
+            FaultMix {
+                name: "clock",
+                clock_jumps: true,
+                reorder: 0.05,
+                ..n.clone()
+            },
+            FaultMix {
+                name: "membership",
+                membership: true,
+                crashes: true,
+                loss: 0.02,
+                ..n.clone()
+            },
+            FaultMix {
+                name: "chaos",
+                loss: 0.03,
+                duplicate: 0.02,
+                reorder: 0.05,
+                partitions: true,
+                asymmetric: true,
+                cut_link: true,
+                crashes: true,
+                slow_disk: true,
+                clock_jumps: true,
+                membership: true,
+            },
+        ]
+    }
+
+    pub fn by_name(name: &str) -> Option<FaultMix> {
+        Self::all().into_iter().find(|m| m.name == name)
+    }
+
+    fn nemesis_kinds(&self) -> Vec<Nemesis> {
+        let mut v = Vec::new();
+        if self.partitions {
+            v.push(Nemesis::Partition);
+        }
+        if self.asymmetric {
+            v.push(Nemesis::Asymmetric);
+        }
+        if self.cut_link {
+            v.push(Nemesis::CutLink);
+        }
+        if self.crashes {
+            v.push(Nemesis::Crash);
+        }
+        if self.slow_disk {
+            v.push(Nemesis::SlowDisk);
+        }
+        if self.clock_jumps {
+            v.push(Nemesis::ClockJump);
+        }
+        v
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Nemesis {
+    Partition,
+    Asymmetric,
+    CutLink,
+    Crash,
+    SlowDisk,
+    ClockJump,
+}
+
+/// One simulation run's parameters.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Number of voters at the start (3 or 5).
+    pub nodes: usize,
+    pub mix: FaultMix,
+    /// How long faults are injected (simulated time).
+    pub fault_time: Nanos,
+    pub clients: usize,
+    pub keys: u64,
+    pub bugs: TestingBugs,
+    /// Take a snapshot after this many applied bytes.
+    pub snapshot_every: u64,
+    /// After faults heal, a leader must exist and a write must commit
+    /// within this much simulated time.
+    pub liveness_bound: Nanos,
+    /// Test-only: serve reads from the contacted replica's local state,
+    /// without read-index (stale reads), to show the linearizability
+    /// checker fires.
+    pub unsafe_local_reads: bool,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, nodes: usize, mix: FaultMix) -> Self {
+        SimConfig {
+            seed,
+            nodes,
+            mix,
+            fault_time: 6 * SEC,
+            clients: 4,
+            keys: 4,
+            bugs: TestingBugs::default(),
+            snapshot_every: 16 * 1024,
+            liveness_bound: 5 * SEC,
+            unsafe_local_reads: false,
+        }
+    }
+
+    /// The one-line command that replays this run.
+    pub fn replay_command(&self) -> String {
+        let mut s = format!(
+            "cargo run -p keel-sim --release -- --seed {} --nodes {} --mix {}",
+            self.seed, self.nodes, self.mix.name
+        );
+        if self.bugs.commit_without_quorum {
+            s.push_str(" --bug commit-without-quorum");
+        }
+        if self.bugs.vote_without_log_check {
+            s.push_str(" --bug vote-without-log-check");
+        }
+        s
+    }
+}
+
+/// What a run did and found.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub ops_ok: u64,
+    pub ops_unknown: u64,
+    pub elections: u64,
+    pub messages: u64,
+    pub crashes: u64,
+    pub snapshots_installed: u64,
+    pub membership_changes: u64,
+    pub timers_fired: u64,
+    pub violations: Vec<String>,
+    pub linearizability: Option<CheckResult>,
+    pub sim_time: Nanos,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+// ----- the simulated world ----------------------------------------------
+
+#[derive(Clone, Debug)]
+enum ReqKind {
+    Write { seq: u64, data: Bytes },
+    Read { data: Bytes },
+}
+
+#[derive(Clone, Debug)]
+enum Resp {
+    Output(Bytes),
+    Reject(RejectReason),
+}
+
+#[derive(Debug)]
+enum Ev {
+    Peer(Message),
+    Request {
+        node: NodeId,
+        client: u64,
+        req: u64,
+        kind: ReqKind,
+    },
+    Response {
+        client: u64,
+        req: u64,
+        resp: Resp,
+    },
+    Tick(NodeId, u64),
+    DiskSync(NodeId, u64),
+    ClientWake(u64, u64),
+    Nemesis,
+    HealLinks(Vec<(NodeId, NodeId)>),
+    DiskNormal(NodeId),
+    Restart(NodeId),
+    HealAll,
+    MembershipChange,
+    LivenessProbe,
+    End,
+}
+
+struct Queued {
+    at: Nanos,
+    seq: u64,
+    ev: Ev,
+}
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+enum StorageOp {
+    Append(Vec<Entry>),
+    Truncate(Position),
+    Compact(Position),
+}
+
+#[derive(Default)]
+struct Disk {
+    hard_state: HardState,
+    snapshot: Option<Snapshot>,
+    log: Vec<Entry>,
+    /// Where `log` starts (its end while it is empty).
+    log_base: Position,
+}
+
+impl Disk {
+    fn log_end(&self) -> Position {
+        self.log.last().map_or(self.log_base, Entry::end)
+    }
+}
+
+struct SimNode {
+    id: NodeId,
+    core: Option<Node>,
+    host: ServiceHost<KvService>,
+    incarnation: u64,
+    disk: Disk,
+    pending: Vec<StorageOp>,
+    sync_scheduled: bool,
+    disk_latency: (Nanos, Nanos),
+    clock_offset: i64,
+    /// Client writes waiting for their entry to apply: (client, seq) → req.
+    writes: HashMap<(u64, u64), (u64, u64)>,
+    /// Read requests: id → (client, data); and reads confirmed at an index.
+    reads: HashMap<u64, (u64, Bytes)>,
+    ready_reads: Vec<(u64, Position)>,
+    last_snapshot: Position,
+}
+
+struct ClientOp {
+    input: KvInput,
+    hist: usize,
+    seq: Option<u64>,
+    req: u64,
+}
+
+struct Client {
+    id: u64,
+    next_seq: u64,
+    target: NodeId,
+    op: Option<ClientOp>,
+    wake_token: u64,
+}
+
+pub struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    now: Nanos,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Queued>>,
+    nodes: Vec<SimNode>,
+    all_ids: Vec<NodeId>,
+    link_latency: HashMap<(NodeId, NodeId), Nanos>,
+    blocked: HashSet<(NodeId, NodeId)>,
+    loss: f64,
+    duplicate: f64,
+    reorder: f64,
+    clients: Vec<Client>,
+    history: Vec<Operation>,
+    next_req: u64,
+    next_value: u64,
+    faults_active: bool,
+    healed_at: Option<Nanos>,
+    probe: Option<(usize, Nanos)>,
+    probe_done: bool,
+    inv: Invariants,
+    report: Report,
+    scratch: Vec<Action>,
+    trace: bool,
+}
+
+const PROBE_CLIENT: u64 = 999;
+const CLIENT_TIMEOUT: Nanos = 300 * MS;
+const TICK: Nanos = 5 * MS;
+
+fn core_config(id: NodeId, seed: u64, bugs: TestingBugs) -> Config {
+    let mut c = Config::new(id, 0x6b65_656c);
+    c.heartbeat_interval = 20 * MS;
+    c.election_timeout_min = 200 * MS;
+    c.election_timeout_max = 400 * MS;
+    c.max_batch_bytes = 4 * 1024;
+    c.max_inflight_bytes = 32 * 1024;
+    c.seed = seed ^ id.wrapping_mul(0x9E37_79B9);
+    c.testing_bugs = bugs;
+    c
+}
+
+impl Sim {
+    pub fn new(cfg: SimConfig) -> Sim {
+        let mut rng = Rng::new(cfg.seed);
+        let total = if cfg.mix.membership {
+            cfg.nodes + 2
+        } else {
+            cfg.nodes
+        };
+        let all_ids: Vec<NodeId> = (1..=total as u64).collect();
+        let initial = Membership::new(1..=cfg.nodes as u64);
+        let mut link_latency = HashMap::new();
+        for &a in &all_ids {
+            for &b in &all_ids {
+                link_latency.insert((a, b), rng.range(200_000, 3 * MS));
+            }
+        }
+        let mut nodes = Vec::new();
+        for &id in &all_ids {
+            let membership = if initial.contains(id) {
+                initial.clone()
+            } else {
+                Membership::default()
+            };
+            let boot = Snapshot {
+                meta: SnapshotMeta {
+                    position: 0,
+                    term: 0,
+                    timestamp: 0,
+                    membership: membership.clone(),
+                },
+                data: Bytes::new(),
+            };
+            nodes.push(SimNode {
+                id,
+                core: Some(Node::new(
+                    core_config(id, cfg.seed, cfg.bugs),
+                    membership,
+                    0,
+                )),
+                host: ServiceHost::new(KvService::default(), 60 * SEC),
+                incarnation: 0,
+                disk: Disk {
+                    snapshot: Some(boot),
+                    ..Disk::default()
+                },
+                pending: Vec::new(),
+                sync_scheduled: false,
+                disk_latency: (100_000, 2 * MS),
+                clock_offset: 0,
+                writes: HashMap::new(),
+                reads: HashMap::new(),
+                ready_reads: Vec::new(),
+                last_snapshot: 0,
+            });
+        }
+        let clients = (0..cfg.clients as u64)
+            .map(|i| Client {
+                id: 100 + i,
+                next_seq: 1,
+                target: 1,
+                op: None,
+                wake_token: 0,
+            })
+            .chain(std::iter::once(Client {
+                id: PROBE_CLIENT,
+                next_seq: 1,
+                target: 1,
+                op: None,
+                wake_token: 0,
+            }))
+            .collect();
+        let mix = cfg.mix.clone();
+        let mut sim = Sim {
+            report: Report {
+                seed: cfg.seed,
+                ..Report::default()
+            },
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            all_ids,
+            link_latency,
+            blocked: HashSet::new(),
+            loss: mix.loss,
+            duplicate: mix.duplicate,
+            reorder: mix.reorder,
+            clients,
+            history: Vec::new(),
+            next_req: 1,
+            next_value: 1,
+            faults_active: true,
+            healed_at: None,
+            probe: None,
+            probe_done: false,
+            inv: Invariants::new(),
+            scratch: Vec::new(),
+            trace: std::env::var_os("KEEL_SIM_TRACE").is_some(),
+            cfg,
+        };
+        for i in 0..sim.nodes.len() {
+            let id = sim.nodes[i].id;
+            let jitter = sim.rng.range(0, TICK);
+            sim.schedule(jitter, Ev::Tick(id, 0));
+        }
+        for c in 0..sim.cfg.clients {
+            let t = sim.rng.range(0, 50 * MS);
+            sim.schedule(t, Ev::ClientWake(100 + c as u64, 0));
+        }
+        if !sim.cfg.mix.nemesis_kinds().is_empty() {
+            let t = sim.rng.range(100 * MS, 600 * MS);
+            sim.schedule(t, Ev::Nemesis);
+        }
+        if sim.cfg.mix.membership {
+            sim.schedule(500 * MS, Ev::MembershipChange);
+        }
+        let heal = sim.cfg.fault_time;
+        sim.schedule(heal, Ev::HealAll);
+        sim
+    }
+
+    fn schedule(&mut self, delay: Nanos, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse(Queued {
+            at: self.now + delay,
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    fn idx(&self, id: NodeId) -> usize {
+        (id - 1) as usize
+    }
+
+    fn local_now(&self, i: usize) -> Nanos {
+        (self.now as i64 + self.nodes[i].clock_offset).max(0) as Nanos
+    }
+
+    /// Runs to the end and returns the report.
+    pub fn run(mut self) -> Report {
+        while let Some(Reverse(q)) = self.queue.pop() {
+            self.now = q.at;
+            if matches!(q.ev, Ev::End) {
+                break;
+            }
+            self.handle(q.ev);
+            if self.report.violations.len() > 20 {
+                break;
+            }
+        }
+        self.finish()
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Peer(m) => {
+                let i = self.idx(m.to);
+                self.step_node(i, Event::Message(m));
+            }
+            Ev::Request {
+                node,
+                client,
+                req,
+                kind,
+            } => self.on_request(node, client, req, kind),
+            Ev::Response { client, req, resp } => self.on_response(client, req, resp),
+            Ev::Tick(id, inc) => {
+                let i = self.idx(id);
+                if self.nodes[i].incarnation == inc && self.nodes[i].core.is_some() {
+                    self.step_node(i, Event::Tick);
+                    let t = TICK + self.rng.range(0, MS);
+                    self.schedule(t, Ev::Tick(id, inc));
+                }
+            }
+            Ev::DiskSync(id, inc) => self.disk_sync(id, inc),
+            Ev::ClientWake(c, token) => self.client_wake(c, token),
+            Ev::Nemesis => self.nemesis(),
+            Ev::HealLinks(links) => {
+                for l in links {
+                    self.blocked.remove(&l);
+                }
+            }
+            Ev::DiskNormal(id) => {
+                let i = self.idx(id);
+                self.nodes[i].disk_latency = (100_000, 2 * MS);
+            }
+            Ev::Restart(id) => self.restart(id),
+            Ev::HealAll => self.heal_all(),
+            Ev::MembershipChange => self.membership_change(),
+            Ev::LivenessProbe => self.liveness_probe(),
+            Ev::End => {}
+        }
+    }
+
+    // ----- network -----------------------------------------------------
+
+    fn net_delay(&mut self, from: u64, to: u64) -> Option<Nanos> {
+        let base = *self.link_latency.get(&(from, to)).unwrap_or(&MS);
+        if self.rng.chance(self.loss) {
+            return None;
+        }
+        let mut d = base + self.rng.range(0, base / 2 + 1);
+        if self.rng.chance(self.reorder) {
+            d += self.rng.range(0, 30 * MS);
+        }
+        Some(d)
+    }
+
+    fn send_peer(&mut self, m: Message) {
+        self.report.messages += 1;
+        if self.blocked.contains(&(m.from, m.to)) {
+            return;
+        }
+        let copies = if self.rng.chance(self.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            if let Some(d) = self.net_delay(m.from, m.to) {
+                self.schedule(d, Ev::Peer(m.clone()));
+            }
+        }
+    }
+
+    fn client_link_delay(&mut self) -> Option<Nanos> {
+        if self.rng.chance(self.loss) {
+            return None;
+        }
+        Some(self.rng.range(100_000, 2 * MS))
+    }
+
+    fn respond(&mut self, client: u64, req: u64, resp: Resp) {
+        if let Some(d) = self.client_link_delay() {
+            self.schedule(d, Ev::Response { client, req, resp });
+        }
+    }
+
+    // ----- nodes -------------------------------------------------------
+
+    fn step_node(&mut self, i: usize, ev: Event) {
+        let mut queue = VecDeque::from([ev]);
+        while let Some(ev) = queue.pop_front() {
+            let now = self.local_now(i);
+            let mut out = std::mem::take(&mut self.scratch);
+            match self.nodes[i].core.as_mut() {
+                Some(core) => core.step(now, ev, &mut out),
+                None => return,
+            }
+            for a in out.drain(..) {
+                self.exec(i, a, &mut queue);
+            }
+            self.scratch = out;
+            if let Some(core) = self.nodes[i].core.as_ref() {
+                let inc = self.nodes[i].incarnation;
+                self.inv.after_step(core, inc, &mut self.report.violations);
+            }
+        }
+    }
+
+    fn exec(&mut self, i: usize, a: Action, queue: &mut VecDeque<Event>) {
+        let id = self.nodes[i].id;
+        match a {
+            Action::PersistHardState(hs) => {
+                self.inv.persist_hard_state(
+                    id,
+                    &self.nodes[i].disk.hard_state,
+                    &hs,
+                    &mut self.report.violations,
+                );
+                self.nodes[i].disk.hard_state = hs;
+            }
+            Action::Append(entries) => {
+                if self.trace {
+                    eprintln!(
+                        "{:>10.3}ms node {id}: append {}..{}",
+                        self.now as f64 / 1e6,
+                        entries.first().map_or(0, |e| e.position),
+                        entries.last().map_or(0, Entry::end)
+                    );
+                }
+                self.inv
+                    .append(id, &entries, self.now, &mut self.report.violations);
+                self.nodes[i].pending.push(StorageOp::Append(entries));
+                self.schedule_sync(i);
+            }
+            Action::Truncate { from } => {
+                if self.trace {
+                    eprintln!(
+                        "{:>10.3}ms node {id}: truncate from {from}",
+                        self.now as f64 / 1e6
+                    );
+                }
+                self.inv.truncate(id, from, &mut self.report.violations);
+                self.nodes[i].pending.push(StorageOp::Truncate(from));
+                self.schedule_sync(i);
+            }
+            Action::CompactLog { upto } => {
+                let snap = self.nodes[i]
+                    .core
+                    .as_ref()
+                    .and_then(|c| c.snapshot().cloned());
+                self.nodes[i].disk.snapshot = snap;
+                self.nodes[i].pending.push(StorageOp::Compact(upto));
+                self.inv.compact(id, upto);
+                self.schedule_sync(i);
+            }
+            Action::Send(m) => self.send_peer(m),
+            Action::Apply(entries) => {
+                self.inv.apply(
+                    id,
+                    self.nodes[i].host.applied(),
+                    &entries,
+                    &mut self.report.violations,
+                );
+                let mut out = keel_core::ApplyOutput::default();
+                self.nodes[i].host.apply(&entries, &mut out);
+                for (client, seq, reply) in out.replies {
+                    if let Some((c, req)) = self.nodes[i].writes.remove(&(client, seq)) {
+                        let resp = match reply {
+                            Reply::Applied(b) | Reply::Duplicate(b) => Resp::Output(b),
+                            Reply::Stale => continue,
+                        };
+                        self.respond(c, req, resp);
+                    }
+                }
+                let applied = self.nodes[i].host.applied();
+                queue.push_back(Event::Applied {
+                    position: applied,
+                    timers: out.timers,
+                });
+                self.serve_reads(i);
+                if applied >= self.nodes[i].last_snapshot + self.cfg.snapshot_every {
+                    self.nodes[i].last_snapshot = applied;
+                    let data = self.nodes[i].host.snapshot();
+                    queue.push_back(Event::SnapshotTaken {
+                        position: applied,
+                        data,
+                    });
+                }
+            }
+            Action::InstallSnapshot(s) => {
+                if self.trace {
+                    eprintln!(
+                        "{:>10.3}ms node {id}: install snapshot at {} term {}",
+                        self.now as f64 / 1e6,
+                        s.meta.position,
+                        s.meta.term
+                    );
+                }
+                self.report.snapshots_installed += 1;
+                self.flush_pending(i);
+                let node = &mut self.nodes[i];
+                let pos = s.meta.position;
+                let keeps = node
+                    .disk
+                    .log
+                    .iter()
+                    .any(|e| e.end() == pos && e.term == s.meta.term);
+                if keeps {
+                    node.disk.log.retain(|e| e.end() > pos);
+                } else {
+                    node.disk.log.clear();
+                }
+                node.disk.log_base = pos;
+                node.disk.snapshot = Some(s.clone());
+                node.last_snapshot = pos;
+                self.inv
+                    .install_snapshot(id, &s, &mut self.report.violations);
+                match self.nodes[i].host.restore(&s) {
+                    Ok(timers) => queue.push_back(Event::Applied {
+                        position: pos,
+                        timers,
+                    }),
+                    Err(e) => self
+                        .report
+                        .violations
+                        .push(format!("node {id}: snapshot restore failed: {e}")),
+                }
+                self.inv.restored(id, s.meta.timestamp);
+                self.serve_reads(i);
+            }
+            Action::ReadReady { id: req, index } => {
+                self.nodes[i].ready_reads.push((req, index));
+                self.serve_reads(i);
+            }
+            Action::Rejected { id: req, reason } => {
+                let node = &mut self.nodes[i];
+                let client = node.reads.remove(&req).map(|(c, _)| c).or_else(|| {
+                    let key = node
+                        .writes
+                        .iter()
+                        .find(|(_, (_, r))| *r == req)
+                        .map(|(k, _)| *k);
+                    key.and_then(|k| node.writes.remove(&k)).map(|(c, _)| c)
+                });
+                if let Some(c) = client {
+                    self.respond(c, req, Resp::Reject(reason));
+                }
+            }
+            Action::RoleChanged { role, term, leader } => {
+                if self.trace {
+                    eprintln!(
+                        "{:>10.3}ms node {id}: {role:?} term {term} leader {leader:?}",
+                        self.now as f64 / 1e6
+                    );
+                }
+                if role == Role::Leader {
+                    self.report.elections += 1;
+                    self.inv
+                        .leader_elected(id, term, &mut self.report.violations);
+                }
+            }
+        }
+    }
+
+    fn serve_reads(&mut self, i: usize) {
+        let applied = self.nodes[i].host.applied();
+        let node = &mut self.nodes[i];
+        let mut served = Vec::new();
+        node.ready_reads.retain(|&(req, index)| {
+            if index <= applied {
+                served.push(req);
+                false
+            } else {
+                true
+            }
+        });
+        for req in served {
+            if let Some((c, data)) = self.nodes[i].reads.remove(&req) {
+                let out = self.nodes[i].host.query(&data);
+                self.respond(c, req, Resp::Output(out));
+            }
+        }
+    }
+
+    fn schedule_sync(&mut self, i: usize) {
+        if !self.nodes[i].sync_scheduled {
+            self.nodes[i].sync_scheduled = true;
+            let (lo, hi) = self.nodes[i].disk_latency;
+            let d = self.rng.range(lo, hi);
+            let ev = Ev::DiskSync(self.nodes[i].id, self.nodes[i].incarnation);
+            self.schedule(d, ev);
+        }
+    }
+
+    fn flush_pending(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        for op in std::mem::take(&mut node.pending) {
+            match op {
+                StorageOp::Append(es) => {
+                    for e in es {
+                        let end = node.disk.log_end();
+                        if e.position != end {
+                            self.report.violations.push(format!(
+                                "node {}: storage append at {} but the log ends at {end}",
+                                node.id, e.position
+                            ));
+                        }
+                        node.disk.log.push(e);
+                    }
+                }
+                StorageOp::Truncate(from) => node.disk.log.retain(|e| e.position < from),
+                StorageOp::Compact(upto) => {
+                    let end = node.disk.log_end();
+                    node.disk.log.retain(|e| e.end() > upto);
+                    if node.disk.log.is_empty() {
+                        node.disk.log_base = end.min(upto);
+                    } else {
+                        node.disk.log_base = node.disk.log[0].position;
+                    }
+                }
+            }
+        }
+    }
+
+    fn disk_sync(&mut self, id: NodeId, inc: u64) {
+        let i = self.idx(id);
+        if self.nodes[i].incarnation != inc || self.nodes[i].core.is_none() {
+            return;
+        }
+        self.nodes[i].sync_scheduled = false;
+        self.flush_pending(i);
+        let node = &self.nodes[i];
+        if let Some(e) = node.disk.log.last() {
+            let (position, term) = (e.end(), e.term);
+            self.step_node(i, Event::Durable { position, term });
+        }
+    }
+
+    fn crash(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if node.core.is_none() {
+            return;
+        }
+        self.report.crashes += 1;
+        if self.trace {
+            eprintln!("{:>10.3}ms node {}: crash", self.now as f64 / 1e6, node.id);
+        }
+        node.core = None;
+        node.incarnation += 1;
+        node.pending.clear();
+        node.sync_scheduled = false;
+        node.writes.clear();
+        node.reads.clear();
+        node.ready_reads.clear();
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        let i = self.idx(id);
+        if self.nodes[i].core.is_some() {
+            return;
+        }
+        let node = &mut self.nodes[i];
+        let snap_pos = node.disk.snapshot.as_ref().map_or(0, |s| s.meta.position);
+        // Recovery keeps the log after the snapshot; a log that does not
+        // reach the snapshot (the snapshot was taken of entries this node
+        // had applied but not yet synced) is superseded by it.
+        node.disk.log.retain(|e| e.position >= snap_pos);
+        if node
+            .disk
+            .log
+            .first()
+            .is_some_and(|e| e.position != snap_pos)
+        {
+            node.disk.log.clear();
+        }
+        node.disk.log_base = snap_pos;
+        let entries = node.disk.log.clone();
+        let recovered = Recovered {
+            hard_state: node.disk.hard_state,
+            snapshot: node.disk.snapshot.clone(),
+            entries,
+        };
+        let mut host = ServiceHost::new(KvService::default(), 60 * SEC);
+        let timers = match node.disk.snapshot.as_ref().map(|s| host.restore(s)) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                self.report.violations.push(format!(
+                    "node {id}: restart could not restore snapshot: {e}"
+                ));
+                return;
+            }
+            None => Vec::new(),
+        };
+        node.host = host;
+        node.last_snapshot = snap_pos;
+        let now = (self.now as i64 + node.clock_offset).max(0) as Nanos;
+        if self.trace {
+            let last = recovered.entries.last().map_or(snap_pos, Entry::end);
+            eprintln!(
+                "{:>10.3}ms node {id}: restart with snapshot {snap_pos}, log to {last}",
+                self.now as f64 / 1e6
+            );
+        }
+        let cfg = core_config(id, self.cfg.seed ^ node.incarnation, self.cfg.bugs);
+        let core = Node::restart(cfg, recovered.clone(), now);
+        let ts = recovered.snapshot.as_ref().map_or(0, |s| s.meta.timestamp);
+        self.inv
+            .restarted(id, &recovered, &mut self.report.violations);
+        self.inv.restored(id, ts);
+        node.core = Some(core);
+        let inc = node.incarnation;
+        self.schedule(TICK, Ev::Tick(id, inc));
+        self.step_node(
+            i,
+            Event::Applied {
+                position: snap_pos,
+                timers,
+            },
+        );
+    }
+
+    fn on_request(&mut self, node: NodeId, client: u64, req: u64, kind: ReqKind) {
+        let i = self.idx(node);
+        if self.nodes[i].core.is_none() {
+            return;
+        }
+        match kind {
+            ReqKind::Write { seq, data } => {
+                self.nodes[i].writes.insert((client, seq), (client, req));
+                self.step_node(
+                    i,
+                    Event::Propose(vec![Proposal {
+                        id: req,
+                        client,
+                        seq,
+                        data,
+                    }]),
+                );
+            }
+            ReqKind::Read { data } if self.cfg.unsafe_local_reads => {
+                let out = self.nodes[i].host.query(&data);
+                self.respond(client, req, Resp::Output(out));
+            }
+            ReqKind::Read { data } => {
+                self.nodes[i].reads.insert(req, (client, data));
+                self.step_node(i, Event::Read { id: req });
+            }
+        }
+    }
+
+    // ----- clients -----------------------------------------------------
+
+    fn client_idx(&self, id: u64) -> usize {
+        if id == PROBE_CLIENT {
+            self.clients.len() - 1
+        } else {
+            (id - 100) as usize
+        }
+    }
+
+    fn client_wake(&mut self, c: u64, token: u64) {
+        let ci = self.client_idx(c);
+        if self.clients[ci].wake_token != token {
+            return;
+        }
+        if let Some(op) = self.clients[ci].op.as_ref() {
+            // A rejected attempt retries at the hinted node; a timed-out one
+            // elsewhere. Either way with the same sequence number.
+            if op.req != 0 {
+                let target = self.all_ids[self.rng.range(0, self.all_ids.len() as u64) as usize];
+                self.clients[ci].target = target;
+            }
+            self.send_attempt(ci);
+            return;
+        }
+        let generating = self
+            .healed_at
+            .is_none_or(|h| self.now < h + self.cfg.liveness_bound / 2);
+        if c == PROBE_CLIENT || !generating {
+            return;
+        }
+        let key = self.rng.range(0, self.cfg.keys);
+        let roll = self.rng.range(0, 100);
+        let input = if roll < 45 {
+            self.next_value += 1;
+            KvInput::Put {
+                key,
+                value: self.next_value,
+            }
+        } else if roll < 75 {
+            KvInput::Get { key }
+        } else {
+            self.next_value += 1;
+            let expected = if self.rng.chance(0.2) {
+                None
+            } else {
+                Some(self.rng.range(1, self.next_value))
+            };
+            KvInput::Cas {
+                key,
+                expected,
+                new: self.next_value,
+            }
+        };
+        self.start_op(ci, input);
+    }
+
+    fn start_op(&mut self, ci: usize, input: KvInput) {
+        let client = &mut self.clients[ci];
+        let seq = if matches!(input, KvInput::Get { .. }) {
+            None
+        } else {
+            client.next_seq += 1;
+            Some(client.next_seq)
+        };
+        self.history.push(Operation {
+            client: client.id,
+            input: input.clone(),
+            output: None,
+            call: self.now,
+            ret: None,
+        });
+        client.op = Some(ClientOp {
+            input,
+            hist: self.history.len() - 1,
+            seq,
+            req: 0,
+        });
+        self.send_attempt(ci);
+    }
+
+    fn send_attempt(&mut self, ci: usize) {
+        let req = self.next_req;
+        self.next_req += 1;
+        let client = &mut self.clients[ci];
+        let Some(op) = client.op.as_mut() else {
+            return;
+        };
+        op.req = req;
+        let data = kv::encode(&op.input);
+        let kind = match op.seq {
+            Some(seq) => ReqKind::Write { seq, data },
+            None => ReqKind::Read { data },
+        };
+        let (id, mut node) = (client.id, client.target);
+        if self.cfg.unsafe_local_reads && matches!(kind, ReqKind::Read { .. }) {
+            // The broken client reads from any replica.
+            node = self.all_ids[self.rng.range(0, self.all_ids.len() as u64) as usize];
+        }
+        client.wake_token += 1;
+        let token = client.wake_token;
+        if let Some(d) = self.client_link_delay() {
+            self.schedule(
+                d,
+                Ev::Request {
+                    node,
+                    client: id,
+                    req,
+                    kind,
+                },
+            );
+        }
+        self.schedule(CLIENT_TIMEOUT, Ev::ClientWake(id, token));
+    }
+
+    fn on_response(&mut self, c: u64, req: u64, resp: Resp) {
+        let ci = self.client_idx(c);
+        let Some(op) = self.clients[ci].op.as_ref() else {
+            return;
+        };
+        if op.req != req {
+            return;
+        }
+        match resp {
+            Resp::Output(b) => {
+                let Some(out) = kv::decode_output(&b) else {
+                    self.report
+                        .violations
+                        .push(format!("client {c}: undecodable reply {b:?}"));
+                    return;
+                };
+                let hist = op.hist;
+                self.history[hist].output = Some(out);
+                self.history[hist].ret = Some(self.now);
+                self.report.ops_ok += 1;
+                let client = &mut self.clients[ci];
+                client.op = None;
+                client.wake_token += 1;
+                let token = client.wake_token;
+                if c == PROBE_CLIENT {
+                    self.probe_done = true;
+                    return;
+                }
+                let think = self.rng.range(0, 20 * MS);
+                self.schedule(think, Ev::ClientWake(c, token));
+            }
+            Resp::Reject(reason) => {
+                let target = match reason {
+                    RejectReason::NotLeader { leader: Some(l) } => l,
+                    _ => self.all_ids[self.rng.range(0, self.all_ids.len() as u64) as usize],
+                };
+                let client = &mut self.clients[ci];
+                client.target = target;
+                client.wake_token += 1;
+                let token = client.wake_token;
+                // Retry soon (the wake sees the op still pending). Keep the
+                // new target: the wake picks a random one only on timeout.
+                let delay = self.rng.range(2 * MS, 20 * MS);
+                self.schedule(delay, Ev::ClientWake(c, token));
+                if let Some(op) = self.clients[ci].op.as_mut() {
+                    op.req = 0;
+                }
+            }
+        }
+    }
+
+    // ----- faults ------------------------------------------------------
+
+    fn nemesis(&mut self) {
+        if !self.faults_active {
+            return;
+        }
+        let kinds = self.cfg.mix.nemesis_kinds();
+        let kind = kinds[self.rng.range(0, kinds.len() as u64) as usize];
+        let n = self.all_ids.len() as u64;
+        let pick = |rng: &mut Rng| rng.range(1, n + 1);
+        let dur = self.rng.range(300 * MS, 2500 * MS);
+        match kind {
+            Nemesis::Partition => {
+                let side: BTreeSet<NodeId> = self
+                    .all_ids
+                    .iter()
+                    .copied()
+                    .filter(|_| self.rng.chance(0.5))
+                    .collect();
+                let mut links = Vec::new();
+                for &a in &self.all_ids {
+                    for &b in &self.all_ids {
+                        if side.contains(&a) != side.contains(&b) {
+                            links.push((a, b));
+                        }
+                    }
+                }
+                self.block(links, dur);
+            }
+            Nemesis::Asymmetric => {
+                let (a, b) = (pick(&mut self.rng), pick(&mut self.rng));
+                if a != b {
+                    self.block(vec![(a, b)], dur);
+                }
+            }
+            Nemesis::CutLink => {
+                let (a, b) = (pick(&mut self.rng), pick(&mut self.rng));
+                if a != b {
+                    self.block(vec![(a, b), (b, a)], dur);
+                }
+            }
+            Nemesis::Crash => {
+                let id = pick(&mut self.rng);
+                let i = self.idx(id);
+                self.crash(i);
+                let back = self.rng.range(50 * MS, 2 * SEC);
+                self.schedule(back, Ev::Restart(id));
+            }
+            Nemesis::SlowDisk => {
+                let id = pick(&mut self.rng);
+                let i = self.idx(id);
+                self.nodes[i].disk_latency = (20 * MS, 300 * MS);
+                self.schedule(dur, Ev::DiskNormal(id));
+            }
+            Nemesis::ClockJump => {
+                let id = pick(&mut self.rng);
+                let i = self.idx(id);
+                let jump = self.rng.range(0, 2000) as i64 - 500;
+                self.nodes[i].clock_offset += jump * MS as i64;
+            }
+        }
+        let next = self.rng.range(100 * MS, 1000 * MS);
+        self.schedule(next, Ev::Nemesis);
+    }
+
+    fn block(&mut self, links: Vec<(NodeId, NodeId)>, dur: Nanos) {
+        for &l in &links {
+            self.blocked.insert(l);
+        }
+        self.schedule(dur, Ev::HealLinks(links));
+    }
+
+    fn heal_all(&mut self) {
+        self.faults_active = false;
+        self.healed_at = Some(self.now);
+        self.blocked.clear();
+        self.loss = 0.0;
+        self.duplicate = 0.0;
+        self.reorder = 0.0;
+        for i in 0..self.nodes.len() {
+            self.nodes[i].disk_latency = (100_000, 2 * MS);
+            if self.nodes[i].core.is_none() {
+                let id = self.nodes[i].id;
+                self.restart(id);
+            }
+        }
+        self.schedule(0, Ev::LivenessProbe);
+        let end = self.cfg.liveness_bound + 2 * SEC;
+        self.schedule(end, Ev::End);
+    }
+
+    fn liveness_probe(&mut self) {
+        let ci = self.clients.len() - 1;
+        self.probe = Some((self.history.len(), self.now + self.cfg.liveness_bound));
+        self.next_value += 1;
+        let input = KvInput::Put {
+            key: 0,
+            value: self.next_value,
+        };
+        self.start_op(ci, input);
+    }
+
+    fn leader_index(&self) -> Option<usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                n.core
+                    .as_ref()
+                    .filter(|c| c.is_leader())
+                    .map(|c| (i, c.term()))
+            })
+            .max_by_key(|&(_, t)| t)
+            .map(|(i, _)| i)
+    }
+
+    fn membership_change(&mut self) {
+        if !self.faults_active {
+            return;
+        }
+        if let Some(i) = self.leader_index() {
+            let m = self.nodes[i].core.as_ref().map(|c| c.membership().clone());
+            if let Some(m) = m {
+                let outsiders: Vec<NodeId> = self
+                    .all_ids
+                    .iter()
+                    .copied()
+                    .filter(|n| !m.contains(*n))
+                    .collect();
+                let learners: Vec<NodeId> = m.learners.iter().copied().collect();
+                let voters: Vec<NodeId> = m.voters.iter().copied().collect();
+                let mut options = Vec::new();
+                for &n in &outsiders {
+                    options.push(MembershipChange::AddLearner(n));
+                }
+                for &n in &learners {
+                    options.push(MembershipChange::PromoteLearner(n));
+                    options.push(MembershipChange::Remove(n));
+                }
+                if voters.len() > 3 {
+                    for &n in &voters {
+                        options.push(MembershipChange::Remove(n));
+                    }
+                }
+                if !options.is_empty() {
+                    let change = options[self.rng.range(0, options.len() as u64) as usize];
+                    self.report.membership_changes += 1;
+                    let req = self.next_req;
+                    self.next_req += 1;
+                    self.step_node(i, Event::ChangeMembership { id: req, change });
+                }
+            }
+        }
+        let next = self.rng.range(300 * MS, 1500 * MS);
+        self.schedule(next, Ev::MembershipChange);
+    }
+
+    // ----- end of run --------------------------------------------------
+
+    fn finish(mut self) -> Report {
+        self.report.sim_time = self.now;
+        if let Some((hist, deadline)) = self.probe {
+            match self.history.get(hist).and_then(|o| o.ret) {
+                Some(t) if t <= deadline => {}
+                Some(t) => self.report.violations.push(format!(
+                    "liveness: the write after healing committed {} ms after the bound",
+                    (t - deadline) / MS
+                )),
+                None => self.report.violations.push(format!(
+                    "liveness: no write committed within {} ms after faults healed",
+                    self.cfg.liveness_bound / MS
+                )),
+            }
+        } else {
+            self.report
+                .violations
+                .push("liveness: the run ended before faults healed".into());
+        }
+        if let Some(i) = self.leader_index() {
+            if let Some(core) = self.nodes[i].core.as_ref() {
+                self.inv.final_check(core, &mut self.report.violations);
+            }
+        }
+        for n in &self.nodes {
+            let s = n.host.service();
+            self.report.timers_fired += s.timers_fired;
+            if s.timers_early > 0 {
+                self.report.violations.push(format!(
+                    "node {}: {} timers fired before their deadline",
+                    n.id, s.timers_early
+                ));
+            }
+        }
+        let history: Vec<Operation> = self
+            .history
+            .iter()
+            .filter(|o| o.output.is_some() || !matches!(o.input, KvInput::Get { .. }))
+            .cloned()
+            .collect();
+        self.report.ops_unknown = history.iter().filter(|o| o.output.is_none()).count() as u64;
+        let result = linearizability::check(&history);
+        match &result {
+            CheckResult::Linearizable => {}
+            CheckResult::NotLinearizable { key, ops } => {
+                let mut msg = format!("history not linearizable on key {key}:");
+                for &o in ops.iter().take(12) {
+                    if let Some(op) = history.get(o) {
+                        msg.push_str(&format!(
+                            "\n    client {} {:?} -> {:?} [{}..{}]",
+                            op.client,
+                            op.input,
+                            op.output,
+                            op.call / 1000,
+                            op.ret.map_or("?".to_string(), |r| (r / 1000).to_string())
+                        ));
+                    }
+                }
+                self.report.violations.push(msg);
+            }
+            CheckResult::Unknown { .. } => {}
+        }
+        self.report.linearizability = Some(result);
+        self.report
+    }
+}
+
+/// Runs one seed.
+pub fn run(cfg: &SimConfig) -> Report {
+    Sim::new(cfg.clone()).run()
+}

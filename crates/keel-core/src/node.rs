@@ -564,7 +564,8 @@ impl Node {
     }
 
     fn become_follower(&mut self, term: Term, leader: Option<NodeId>, out: &mut Vec<Action>) {
-        if term > self.term {
+        let new_term = term > self.term;
+        if new_term {
             self.term = term;
             self.voted_for = None;
             self.persist_hard_state(out);
@@ -572,7 +573,9 @@ impl Node {
         if self.role == Role::Leader {
             self.abandon_leadership(out);
         }
-        if self.leader != leader {
+        // What matched the old leader says nothing about the new one, even
+        // when the same node leads again in a later term.
+        if new_term || self.leader != leader {
             self.matched = 0;
             self.acked = (0, 0);
             self.leader_heartbeat = 0;

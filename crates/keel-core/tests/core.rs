@@ -416,3 +416,57 @@ fn compaction_then_install_snapshot_on_a_wiped_follower() {
     assert_eq!(n.snapshot().map(|s| &s.data[..]), Some(&b"state"[..]));
     assert!(n.commit_position() >= applied);
 }
+
+/// Found by the simulator (seed 111063, chaos): a follower that had
+/// uncommitted entries from node 2's term-1 leadership must not treat them
+/// as matching when node 2 leads again in a later term.
+#[test]
+fn matched_position_does_not_survive_a_new_term_of_the_same_leader() {
+    let mut f = Node::new(Config::new(3, 7), Membership::new([1, 2, 3]), 0);
+    let mut out = Vec::new();
+    let e1 = Entry {
+        term: 1,
+        position: 0,
+        timestamp: 1,
+        kind: EntryKind::TermStart,
+        data: Bytes::new(),
+    };
+    let e2 = Entry {
+        term: 1,
+        position: e1.end(),
+        timestamp: 1,
+        kind: EntryKind::Command { client: 1, seq: 1 },
+        data: Bytes::from_static(b"never committed"),
+    };
+    let end = e2.end();
+    let append = |term, entries: Vec<Entry>, commit| Message {
+        cluster_id: 7,
+        from: 2,
+        to: 3,
+        term,
+        body: Body::Append {
+            prev_pos: 0,
+            prev_term: 0,
+            commit,
+            heartbeat: 0,
+            entries,
+        },
+    };
+    f.step(10, Event::Message(append(1, vec![e1, e2], 0)), &mut out);
+    f.step(
+        11,
+        Event::Durable {
+            position: end,
+            term: 1,
+        },
+        &mut out,
+    );
+    // Node 2 leads again in term 4 with a different log whose commit
+    // position happens to be beyond ours: an empty heartbeat at 0.
+    f.step(20, Event::Message(append(4, vec![], end)), &mut out);
+    assert_eq!(
+        f.commit_position(),
+        0,
+        "committed entries it never matched in term 4"
+    );
+}

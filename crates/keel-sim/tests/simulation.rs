@@ -109,8 +109,11 @@ fn chaos() {
     sweep("chaos", 7000..7000 + SEEDS);
 }
 
-/// Seeds that failed during development (the simulated disk mishandled a
-/// snapshot newer than its synced log). Kept so they stay fixed.
+/// Seeds that failed during development. 52, 100, 636, 764: the simulated
+/// disk mishandled a snapshot newer than its synced log. 111063: a follower
+/// kept its matched position when the same node led again in a new term
+/// and committed stale entries (see also the core test
+/// `matched_position_does_not_survive_a_new_term_of_the_same_leader`).
 #[test]
 fn regression_seeds() {
     for (seed, nodes, m) in [
@@ -118,6 +121,7 @@ fn regression_seeds() {
         (100, 3, "crashes"),
         (636, 5, "crashes"),
         (764, 5, "crashes"),
+        (111063, 3, "chaos"),
     ] {
         let cfg = SimConfig::new(seed, nodes, mix(m));
         let r = run(&cfg);

@@ -1,0 +1,213 @@
+//! Small durable files beside the log: the hard state (term, vote and the
+//! cluster configuration) and snapshots with a manifest naming the latest
+//! complete one. Every file is written atomically (new file, sync, rename,
+//! sync the directory) and checksummed; decoding never panics.
+
+use crate::frame::{decode_membership, encode_membership};
+use crate::LogError;
+use bytes::Bytes;
+use keel_core::{HardState, Membership, Position, Snapshot, SnapshotMeta};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const HARD_STATE_MAGIC: &[u8; 4] = b"KHS1";
+const SNAPSHOT_MAGIC: &[u8; 4] = b"KSN1";
+const MANIFEST_MAGIC: &[u8; 4] = b"KMF1";
+pub const HARD_STATE_FILE: &str = "hardstate";
+pub const MANIFEST_FILE: &str = "MANIFEST";
+
+/// Syncs a directory so a rename or a new file in it is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LogError::io(dir, "syncing directory", e))
+}
+
+/// Writes `bytes` to `dir/name` atomically: tmp file, fsync, rename, fsync dir.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), LogError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dst = dir.join(name);
+    let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, "creating", e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| LogError::io(&tmp, "writing", e))?;
+    drop(f);
+    fs::rename(&tmp, &dst).map_err(|e| LogError::io(&dst, "renaming into place", e))?;
+    sync_dir(dir)
+}
+
+fn with_crc(mut b: Vec<u8>) -> Vec<u8> {
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Checks magic and trailing CRC; returns the payload between them.
+fn checked<'a>(path: &Path, b: &'a [u8], magic: &[u8; 4]) -> Result<&'a [u8], LogError> {
+    if b.len() < 8 || &b[..4] != magic {
+        return Err(LogError::corrupt(
+            path,
+            0,
+            format!("expected magic {:?}", String::from_utf8_lossy(magic)),
+        ));
+    }
+    let (body, crc) = b.split_at(b.len() - 4);
+    let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32c::crc32c(body) != stored {
+        return Err(LogError::corrupt(
+            path,
+            (b.len() - 4) as u64,
+            "checksum mismatch".into(),
+        ));
+    }
+    Ok(&body[4..])
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    let s = b.get(at..at.checked_add(8)?)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    Some(u64::from_le_bytes(a))
+}
+
+/// The hard state file's contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HardStateFile {
+    pub hard_state: HardState,
+    /// The cluster configuration this node was created with.
+    pub membership: Membership,
+}
+
+pub fn save_hard_state(dir: &Path, hs: &HardStateFile) -> Result<(), LogError> {
+    let mut b = HARD_STATE_MAGIC.to_vec();
+    b.extend_from_slice(&hs.hard_state.term.to_le_bytes());
+    b.extend_from_slice(&hs.hard_state.voted_for.unwrap_or(0).to_le_bytes());
+    encode_membership(&hs.membership, &mut b);
+    write_atomic(dir, HARD_STATE_FILE, &with_crc(b))
+}
+
+/// Loads the hard state; `None` if the file does not exist (a new node).
+pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
+    let path = dir.join(HARD_STATE_FILE);
+    let b = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LogError::io(&path, "reading", e)),
+    };
+    let p = checked(&path, &b, HARD_STATE_MAGIC)?;
+    let bad = || LogError::corrupt(&path, 4, "hard state fields truncated".into());
+    let term = u64_at(p, 0).ok_or_else(bad)?;
+    let vote = u64_at(p, 8).ok_or_else(bad)?;
+    let (membership, len) = decode_membership(p.get(16..).ok_or_else(bad)?).ok_or_else(bad)?;
+    if 16 + len != p.len() {
+        return Err(LogError::corrupt(
+            &path,
+            4,
+            "trailing bytes in hard state".into(),
+        ));
+    }
+    Ok(Some(HardStateFile {
+        hard_state: HardState {
+            term,
+            voted_for: (vote != 0).then_some(vote),
+        },
+        membership,
+    }))
+}
+
+/// The bytes of a snapshot file; also what a leader streams in chunks to a
+/// follower, which checks them with `decode_snapshot`.
+pub fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64 + s.data.len());
+    b.extend_from_slice(SNAPSHOT_MAGIC);
+    b.extend_from_slice(&s.meta.position.to_le_bytes());
+    b.extend_from_slice(&s.meta.term.to_le_bytes());
+    b.extend_from_slice(&s.meta.timestamp.to_le_bytes());
+    encode_membership(&s.meta.membership, &mut b);
+    b.extend_from_slice(&(s.data.len() as u64).to_le_bytes());
+    b.extend_from_slice(&s.data);
+    with_crc(b)
+}
+
+pub fn decode_snapshot(path: &Path, b: &[u8]) -> Result<Snapshot, LogError> {
+    let p = checked(path, b, SNAPSHOT_MAGIC)?;
+    let bad = |what: &str| LogError::corrupt(path, 4, format!("snapshot {what}"));
+    let position = u64_at(p, 0).ok_or_else(|| bad("header truncated"))?;
+    let term = u64_at(p, 8).ok_or_else(|| bad("header truncated"))?;
+    let timestamp = u64_at(p, 16).ok_or_else(|| bad("header truncated"))?;
+    let (membership, mlen) = p
+        .get(24..)
+        .and_then(decode_membership)
+        .ok_or_else(|| bad("membership truncated"))?;
+    let at = 24 + mlen;
+    let len = u64_at(p, at).ok_or_else(|| bad("length truncated"))?;
+    let data = p.get(at + 8..).ok_or_else(|| bad("data truncated"))?;
+    if data.len() as u64 != len {
+        return Err(bad(&format!(
+            "data is {} bytes, header says {len}",
+            data.len()
+        )));
+    }
+    Ok(Snapshot {
+        meta: SnapshotMeta {
+            position,
+            term,
+            timestamp,
+            membership,
+        },
+        data: Bytes::copy_from_slice(data),
+    })
+}
+
+pub fn snapshot_file_name(position: Position) -> String {
+    format!("snap-{position:020}.snap")
+}
+
+/// Saves a snapshot file, then points the manifest at it, then deletes older
+/// snapshot files. A crash at any point leaves the manifest naming a
+/// complete snapshot.
+pub fn save_snapshot(dir: &Path, s: &Snapshot) -> Result<PathBuf, LogError> {
+    let name = snapshot_file_name(s.meta.position);
+    write_atomic(dir, &name, &encode_snapshot(s))?;
+    let mut m = MANIFEST_MAGIC.to_vec();
+    m.extend_from_slice(&s.meta.position.to_le_bytes());
+    write_atomic(dir, MANIFEST_FILE, &with_crc(m))?;
+    let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
+    for entry in entries.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if n.starts_with("snap-") && n != name {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(dir.join(name))
+}
+
+/// Loads the snapshot the manifest names; `None` if there is no manifest.
+pub fn load_snapshot(dir: &Path) -> Result<Option<Snapshot>, LogError> {
+    let path = dir.join(MANIFEST_FILE);
+    let b = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LogError::io(&path, "reading", e)),
+    };
+    let p = checked(&path, &b, MANIFEST_MAGIC)?;
+    let position = u64_at(p, 0)
+        .filter(|_| p.len() == 8)
+        .ok_or_else(|| LogError::corrupt(&path, 4, "manifest body is not one position".into()))?;
+    let snap_path = dir.join(snapshot_file_name(position));
+    let b = fs::read(&snap_path)
+        .map_err(|e| LogError::io(&snap_path, "reading the snapshot the manifest names", e))?;
+    let s = decode_snapshot(&snap_path, &b)?;
+    if s.meta.position != position {
+        return Err(LogError::corrupt(
+            &snap_path,
+            4,
+            format!(
+                "snapshot is at {}, the manifest says {position}",
+                s.meta.position
+            ),
+        ));
+    }
+    Ok(Some(s))
+}

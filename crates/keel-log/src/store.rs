@@ -1,0 +1,459 @@
+//! The segmented log on disk: append-only segment files of frames, named by
+//! the byte position they start at, so a file offset plus the segment base
+//! is the core's log position. Recovery, truncation of a divergent tail,
+//! compaction of whole segments below a snapshot, and the reset a snapshot
+//! install needs.
+//!
+//! Recovery rules: a torn tail in the last segment (a frame cut short by
+//! the end of the file, or one containing an all-zero disk sector, as an
+//! interrupted write leaves it) is cut back to the last valid frame. Any
+//! other damage — a bad checksum, a truncated frame in a sealed segment, a
+//! missing segment, a gap — refuses to open with an error naming the file
+//! and offset.
+
+use crate::frame::{self, HEADER_LEN};
+use crate::meta::{self, HardStateFile};
+use crate::LogError;
+use keel_core::{Entry, Position, Snapshot, Term};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const SECTOR: u64 = 512;
+const SEGMENT_SUFFIX: &str = ".seg";
+
+/// Storage options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Roll to a new segment file once the active one reaches this size.
+    pub segment_size: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            segment_size: 64 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Segment {
+    base: Position,
+    len: u64,
+    path: PathBuf,
+}
+
+/// What recovery cut off the end of the last segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub discarded_bytes: u64,
+}
+
+/// Everything a node needs to restart, from its data directory.
+pub struct Opened {
+    pub store: LogStore,
+    pub hard_state: Option<HardStateFile>,
+    pub snapshot: Option<Snapshot>,
+    /// Durable entries after the snapshot, contiguous from its position.
+    pub entries: Vec<Entry>,
+    pub torn: Option<TornTail>,
+}
+
+/// The durable log. Not thread-safe by itself: owned by the storage thread.
+pub struct LogStore {
+    dir: PathBuf,
+    opts: Options,
+    segments: Vec<Segment>,
+    file: File,
+    buf: Vec<u8>,
+    /// Runs of terms: (position where the run's first entry starts, term).
+    runs: Vec<(Position, Term)>,
+    /// Where the log starts and the term of the entry ending there.
+    base: (Position, Term),
+    last_pos: Position,
+    dirty: bool,
+}
+
+fn segment_name(base: Position) -> String {
+    format!("{base:020}{SEGMENT_SUFFIX}")
+}
+
+fn create_segment(dir: &Path, base: Position) -> Result<(Segment, File), LogError> {
+    let path = dir.join(segment_name(base));
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| LogError::io(&path, "creating segment", e))?;
+    meta::sync_dir(dir)?;
+    Ok((Segment { base, len: 0, path }, file))
+}
+
+fn open_for_append(seg: &Segment) -> Result<File, LogError> {
+    OpenOptions::new()
+        .append(true)
+        .open(&seg.path)
+        .map_err(|e| LogError::io(&seg.path, "opening segment for append", e))
+}
+
+/// Does the damaged frame at `off` look like an interrupted write rather
+/// than corruption? `data` is the whole segment file. An interrupted write
+/// leaves whole sectors unwritten (zero) or the file short; a flipped bit
+/// does neither. So: the file ends inside the header, or some disk sector
+/// overlapping the frame is entirely zero (clipped to the end of the file).
+fn looks_torn(data: &[u8], off: usize) -> bool {
+    if data.len() - off < HEADER_LEN {
+        return true;
+    }
+    let end = match frame::decode_header(&data[off..]) {
+        Ok(len) => off.saturating_add(HEADER_LEN + len),
+        Err(_) => off + HEADER_LEN,
+    }
+    .min(data.len());
+    let sector = SECTOR as usize;
+    let mut s = off / sector * sector;
+    while s < end {
+        let stop = (s + sector).min(data.len());
+        if data[s..stop].iter().all(|&b| b == 0) {
+            return true;
+        }
+        s += sector;
+    }
+    false
+}
+
+impl LogStore {
+    /// Opens (or creates) the data directory and recovers its contents.
+    pub fn open(dir: &Path, opts: Options) -> Result<Opened, LogError> {
+        fs::create_dir_all(dir).map_err(|e| LogError::io(dir, "creating data directory", e))?;
+        let hard_state = meta::load_hard_state(dir)?;
+        let snapshot = meta::load_snapshot(dir)?;
+        let (snap_pos, snap_term) = snapshot
+            .as_ref()
+            .map_or((0, 0), |s| (s.meta.position, s.meta.term));
+
+        let mut segments = Vec::new();
+        let listing = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
+        for entry in listing {
+            let entry = entry.map_err(|e| LogError::io(dir, "listing", e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
+                continue;
+            };
+            let base: Position = stem.parse().map_err(|_| {
+                LogError::corrupt(
+                    &entry.path(),
+                    0,
+                    "segment file name is not a position".into(),
+                )
+            })?;
+            segments.push(Segment {
+                base,
+                len: 0,
+                path: entry.path(),
+            });
+        }
+        segments.sort_by_key(|s| s.base);
+
+        let mut entries = Vec::new();
+        let mut runs: Vec<(Position, Term)> = Vec::new();
+        let mut torn = None;
+        let mut end: Option<Position> = None;
+        let count = segments.len();
+        for (i, seg) in segments.iter_mut().enumerate() {
+            if let Some(prev_end) = end {
+                if seg.base != prev_end {
+                    return Err(LogError::corrupt(
+                        &seg.path,
+                        0,
+                        format!("segment starts at position {} but the previous one ends at {prev_end}: a segment is missing", seg.base),
+                    ));
+                }
+            }
+            let data =
+                fs::read(&seg.path).map_err(|e| LogError::io(&seg.path, "reading segment", e))?;
+            let last = i + 1 == count;
+            let mut off = 0usize;
+            while off < data.len() {
+                let pos = seg.base + off as u64;
+                let damage = match frame::decode(&data[off..], pos) {
+                    Ok(Some((e, n))) => {
+                        if runs.last().is_none_or(|&(_, t)| t != e.term) {
+                            runs.push((e.position, e.term));
+                        }
+                        if e.position >= snap_pos {
+                            entries.push(e);
+                        }
+                        off += n;
+                        continue;
+                    }
+                    Ok(None) => "frame cut short by the end of the file".to_string(),
+                    Err(fe) => fe.to_string(),
+                };
+                if last && looks_torn(&data, off) {
+                    torn = Some(TornTail {
+                        path: seg.path.clone(),
+                        offset: off as u64,
+                        discarded_bytes: (data.len() - off) as u64,
+                    });
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&seg.path)
+                        .map_err(|e| LogError::io(&seg.path, "opening to cut a torn tail", e))?;
+                    f.set_len(off as u64)
+                        .and_then(|_| f.sync_all())
+                        .map_err(|e| LogError::io(&seg.path, "cutting a torn tail", e))?;
+                    break;
+                }
+                return Err(LogError::corrupt(&seg.path, off as u64, damage));
+            }
+            seg.len = off as u64;
+            end = Some(seg.base + seg.len);
+        }
+
+        let base_term_of = |runs: &[(Position, Term)], pos: Position| {
+            runs.iter().rev().find(|(s, _)| *s < pos).map_or(0, |r| r.1)
+        };
+        let mut store_base = segments.first().map_or((snap_pos, snap_term), |s| {
+            (s.base, if s.base == snap_pos { snap_term } else { 0 })
+        });
+        // Reconcile the log with the snapshot.
+        let log_end = end.unwrap_or(snap_pos);
+        let first = segments.first().map_or(snap_pos, |s| s.base);
+        let boundary_ok =
+            snap_pos == log_end || entries.first().is_some_and(|e| e.position == snap_pos);
+        let term_at_snap = if snap_pos == first {
+            None
+        } else {
+            Some(base_term_of(&runs, snap_pos))
+        };
+        let reset = if first > snap_pos {
+            return Err(LogError::corrupt(
+                &segments[0].path,
+                0,
+                format!("the log starts at {first} but the snapshot ends at {snap_pos}: entries in between are missing"),
+            ));
+        } else if log_end < snap_pos {
+            true // the snapshot is ahead of the synced log: it supersedes it
+        } else if !boundary_ok {
+            return Err(LogError::corrupt(
+                &segments[segments.len() - 1].path,
+                0,
+                format!("the snapshot position {snap_pos} is not an entry boundary of the log"),
+            ));
+        } else {
+            // A log entry ending at the snapshot position must be the same
+            // entry (same term); otherwise the snapshot replaced the log.
+            term_at_snap.is_some_and(|t| t != snap_term) && snapshot.is_some()
+        };
+
+        let (segments, file, runs, last_pos) = if reset || segments.is_empty() {
+            for s in &segments {
+                fs::remove_file(&s.path)
+                    .map_err(|e| LogError::io(&s.path, "removing superseded segment", e))?;
+            }
+            entries.clear();
+            let (seg, file) = create_segment(dir, snap_pos)?;
+            store_base = (snap_pos, snap_term);
+            (vec![seg], file, Vec::new(), snap_pos)
+        } else {
+            let file = open_for_append(&segments[segments.len() - 1])?;
+            if store_base.0 != snap_pos {
+                store_base.1 = base_term_of(&runs, store_base.0);
+            }
+            (segments, file, runs, log_end)
+        };
+        let store = LogStore {
+            dir: dir.to_path_buf(),
+            opts,
+            segments,
+            file,
+            buf: Vec::new(),
+            runs,
+            base: store_base,
+            last_pos,
+            dirty: false,
+        };
+        Ok(Opened {
+            store,
+            hard_state,
+            snapshot,
+            entries,
+            torn,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn last_pos(&self) -> Position {
+        self.last_pos
+    }
+    /// Term of the last entry (0 if unknown, e.g. an empty log).
+    pub fn last_term(&self) -> Term {
+        self.runs.last().map_or(self.base.1, |r| r.1)
+    }
+    pub fn first_pos(&self) -> Position {
+        self.segments.first().map_or(self.last_pos, |s| s.base)
+    }
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Writes entries to the OS (not yet synced). They must continue the log.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
+        for e in entries {
+            if e.position != self.last_pos {
+                return Err(LogError::Invalid(format!(
+                    "append at position {} but the log ends at {}",
+                    e.position, self.last_pos
+                )));
+            }
+            frame::encode(e, &mut self.buf);
+            self.last_pos = e.end();
+            if self.runs.last().is_none_or(|&(_, t)| t != e.term) {
+                self.runs.push((e.position, e.term));
+            }
+            let active = self.segments.len() - 1;
+            self.segments[active].len += e.encoded_len();
+            if self.segments[active].len >= self.opts.segment_size {
+                self.flush_buf()?;
+                self.sync()?;
+                let (seg, file) = create_segment(&self.dir, self.last_pos)?;
+                self.segments.push(seg);
+                self.file = file;
+            }
+        }
+        self.flush_buf()
+    }
+
+    fn flush_buf(&mut self) -> Result<(), LogError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let seg = &self.segments[self.segments.len() - 1];
+        self.file
+            .write_all(&self.buf)
+            .map_err(|e| LogError::io(&seg.path, "writing", e))?;
+        self.buf.clear();
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Makes everything written durable (fdatasync).
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        if self.dirty {
+            let seg = &self.segments[self.segments.len() - 1];
+            self.file
+                .sync_data()
+                .map_err(|e| LogError::io(&seg.path, "syncing", e))?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry starting at or after `from` (an entry boundary).
+    pub fn truncate(&mut self, from: Position) -> Result<(), LogError> {
+        if from > self.last_pos || from < self.first_pos() {
+            return Err(LogError::Invalid(format!(
+                "truncate at {from} outside the log [{}, {}]",
+                self.first_pos(),
+                self.last_pos
+            )));
+        }
+        self.flush_buf()?;
+        while self.segments.len() > 1 && self.segments[self.segments.len() - 1].base > from {
+            let s = self.segments.pop().unwrap_or_else(|| unreachable!());
+            fs::remove_file(&s.path).map_err(|e| LogError::io(&s.path, "removing segment", e))?;
+        }
+        let active = self.segments.len() - 1;
+        let seg = &mut self.segments[active];
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&seg.path)
+            .map_err(|e| LogError::io(&seg.path, "opening to truncate", e))?;
+        f.set_len(from - seg.base)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| LogError::io(&seg.path, "truncating", e))?;
+        seg.len = from - seg.base;
+        self.file = open_for_append(seg)?;
+        meta::sync_dir(&self.dir)?;
+        self.last_pos = from;
+        self.dirty = false;
+        while self.runs.last().is_some_and(|&(s, _)| s >= from) {
+            self.runs.pop();
+        }
+        Ok(())
+    }
+
+    /// Deletes whole segments that end at or before `upto` (covered by a
+    /// durable snapshot). The active segment is never deleted.
+    pub fn compact(&mut self, upto: Position) -> Result<(), LogError> {
+        while self.segments.len() > 1 && self.segments[1].base <= upto {
+            let s = self.segments.remove(0);
+            fs::remove_file(&s.path)
+                .map_err(|e| LogError::io(&s.path, "removing compacted segment", e))?;
+            let first = self.segments[0].base;
+            let term = self
+                .runs
+                .iter()
+                .rev()
+                .find(|(p, _)| *p < first)
+                .map_or(0, |r| r.1);
+            // Keep the run the new first entry belongs to.
+            if let Some(keep) = self.runs.iter().rposition(|&(p, _)| p <= first) {
+                self.runs.drain(..keep);
+            }
+            self.base = (first, term);
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole log with an empty one starting at `pos` (a
+    /// snapshot install whose position the log does not hold).
+    pub fn reset(&mut self, pos: Position, term: Term) -> Result<(), LogError> {
+        for s in self.segments.drain(..) {
+            fs::remove_file(&s.path).map_err(|e| LogError::io(&s.path, "removing segment", e))?;
+        }
+        let (seg, file) = create_segment(&self.dir, pos)?;
+        self.segments.push(seg);
+        self.file = file;
+        self.buf.clear();
+        self.runs.clear();
+        self.base = (pos, term);
+        self.last_pos = pos;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Persists a snapshot and reconciles the log with it as the core's
+    /// `InstallSnapshot` requires: keep the suffix if the log holds the
+    /// snapshot's last entry, else start over at the snapshot position.
+    pub fn install_snapshot(&mut self, s: &Snapshot) -> Result<(), LogError> {
+        self.flush_buf()?;
+        self.sync()?;
+        meta::save_snapshot(&self.dir, s)?;
+        let pos = s.meta.position;
+        let holds = pos <= self.last_pos
+            && pos >= self.first_pos()
+            && self.term_at(pos) == Some(s.meta.term);
+        if holds {
+            self.compact(pos)
+        } else {
+            self.reset(pos, s.meta.term)
+        }
+    }
+
+    /// Term of the entry ending at `pos`, if `pos` is inside the log. (Only
+    /// term runs are kept, so this does not check that `pos` is a boundary.)
+    fn term_at(&self, pos: Position) -> Option<Term> {
+        if pos == self.base.0 {
+            return Some(self.base.1);
+        }
+        self.runs.iter().rev().find(|(s, _)| *s < pos).map(|r| r.1)
+    }
+}

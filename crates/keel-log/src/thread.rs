@@ -1,0 +1,211 @@
+//! The storage thread: takes appends, truncations and compactions in order
+//! from a queue, writes everything queued as one batch, syncs once per batch
+//! (group commit) and reports the durable position back. Any I/O error stops
+//! the thread and is reported: the node must stop rather than run with
+//! unknown state.
+
+use crate::{LogError, LogStore};
+use keel_core::{Entry, Position, Snapshot, Term};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// When an entry counts as durable on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Once fsynced here (default; etcd's choice).
+    #[default]
+    Sync,
+    /// Once written to the OS; durability comes from replication to a
+    /// majority (Aeron's choice). Synced in the background every
+    /// `REPLICATED_SYNC_INTERVAL`.
+    Replicated,
+}
+
+pub const REPLICATED_SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// Most requests taken into one batch.
+const MAX_BATCH: usize = 4096;
+
+/// What the storage thread reports.
+#[derive(Debug)]
+pub enum StorageEvent {
+    /// The log is durable (per the durability mode) up to the entry ending
+    /// at `position` with `term`.
+    Durable { position: Position, term: Term },
+    /// Storage failed; the thread has stopped.
+    Failed(LogError),
+}
+
+enum Request {
+    Append(Vec<Entry>),
+    Truncate(Position),
+    Compact(Position),
+    InstallSnapshot(Box<Snapshot>, mpsc::Sender<Result<(), LogError>>),
+    Barrier(mpsc::Sender<()>),
+}
+
+pub struct StorageThread {
+    tx: Option<mpsc::Sender<Request>>,
+    handle: Option<JoinHandle<Result<(), LogError>>>,
+}
+
+impl StorageThread {
+    pub fn spawn(
+        store: LogStore,
+        durability: Durability,
+        report: impl FnMut(StorageEvent) + Send + 'static,
+    ) -> Result<Self, LogError> {
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("keel-storage".into())
+            .spawn(move || run(store, durability, rx, report))
+            .map_err(|e| {
+                LogError::io(std::path::Path::new("."), "spawning the storage thread", e)
+            })?;
+        Ok(StorageThread {
+            tx: Some(tx),
+            handle: Some(handle),
+        })
+    }
+
+    fn send(&self, r: Request) -> Result<(), LogError> {
+        self.tx
+            .as_ref()
+            .ok_or(LogError::Stopped)?
+            .send(r)
+            .map_err(|_| LogError::Stopped)
+    }
+
+    pub fn append(&self, entries: Vec<Entry>) -> Result<(), LogError> {
+        self.send(Request::Append(entries))
+    }
+    pub fn truncate(&self, from: Position) -> Result<(), LogError> {
+        self.send(Request::Truncate(from))
+    }
+    pub fn compact(&self, upto: Position) -> Result<(), LogError> {
+        self.send(Request::Compact(upto))
+    }
+    /// Synchronous: returns once the snapshot is durable and the log
+    /// reconciled with it.
+    pub fn install_snapshot(&self, s: Snapshot) -> Result<(), LogError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Request::InstallSnapshot(Box::new(s), tx))?;
+        rx.recv().map_err(|_| LogError::Stopped)?
+    }
+    /// Waits until everything sent before is written and synced.
+    pub fn barrier(&self) -> Result<(), LogError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Request::Barrier(tx))?;
+        rx.recv().map_err(|_| LogError::Stopped)
+    }
+    /// Writes and syncs everything queued, then stops the thread.
+    pub fn shutdown(mut self) -> Result<(), LogError> {
+        self.stop()
+    }
+    fn stop(&mut self) -> Result<(), LogError> {
+        self.tx = None;
+        match self.handle.take() {
+            Some(h) => h.join().map_err(|_| LogError::Stopped)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for StorageThread {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+fn run(
+    mut store: LogStore,
+    durability: Durability,
+    rx: mpsc::Receiver<Request>,
+    mut report: impl FnMut(StorageEvent),
+) -> Result<(), LogError> {
+    match serve(&mut store, durability, &rx, &mut report).and_then(|_| store.sync()) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let msg = e.to_string();
+            report(StorageEvent::Failed(e));
+            Err(LogError::Invalid(format!("storage stopped: {msg}")))
+        }
+    }
+}
+
+fn serve(
+    store: &mut LogStore,
+    durability: Durability,
+    rx: &mpsc::Receiver<Request>,
+    report: &mut impl FnMut(StorageEvent),
+) -> Result<(), LogError> {
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    let mut reported = (store.last_pos(), store.last_term());
+    loop {
+        let first = match durability {
+            Durability::Sync => match rx.recv() {
+                Ok(r) => r,
+                Err(_) => return Ok(()),
+            },
+            Durability::Replicated => match rx.recv_timeout(REPLICATED_SYNC_INTERVAL) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if unsynced {
+                        store.sync()?;
+                        unsynced = false;
+                        last_sync = Instant::now();
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut barriers = Vec::new();
+        for r in batch {
+            match r {
+                Request::Append(es) => {
+                    store.append(&es)?;
+                    unsynced = true;
+                }
+                Request::Truncate(p) => store.truncate(p)?,
+                Request::Compact(p) => store.compact(p)?,
+                Request::InstallSnapshot(s, reply) => {
+                    let r = store.install_snapshot(&s);
+                    let failed = r.as_ref().err().map(|e| LogError::Invalid(e.to_string()));
+                    let _ = reply.send(r);
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                }
+                Request::Barrier(reply) => barriers.push(reply),
+            }
+        }
+        let must_sync = durability == Durability::Sync
+            || !barriers.is_empty()
+            || last_sync.elapsed() >= REPLICATED_SYNC_INTERVAL;
+        if unsynced && must_sync {
+            store.sync()?;
+            unsynced = false;
+            last_sync = Instant::now();
+        }
+        let now = (store.last_pos(), store.last_term());
+        if now != reported {
+            reported = now;
+            report(StorageEvent::Durable {
+                position: now.0,
+                term: now.1,
+            });
+        }
+        for b in barriers {
+            let _ = b.send(());
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The durable log against a simple in-memory model (property test), plus
+//! focused cases: hard state, snapshots and the manifest, install-snapshot
+//! reconciliation, I/O errors surfacing, and the storage thread.
+
+use bytes::Bytes;
+use keel_core::*;
+use keel_log::meta::{self, HardStateFile};
+use keel_log::{Durability, LogError, LogStore, Options, StorageEvent, StorageThread};
+use proptest::prelude::*;
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn entry(term: Term, position: Position, len: usize) -> Entry {
+    Entry {
+        term,
+        position,
+        timestamp: position * 3,
+        kind: EntryKind::Command {
+            client: 9,
+            seq: position,
+        },
+        data: Bytes::from(
+            (0..len)
+                .map(|i| (i as u8) ^ (position as u8) | 1)
+                .collect::<Vec<u8>>(),
+        ),
+    }
+}
+
+fn opts(segment_size: u64) -> Options {
+    Options { segment_size }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Append { sizes: Vec<usize>, bump: bool },
+    Truncate(usize),
+    Snapshot(usize),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (proptest::collection::vec(0..400usize, 1..6), any::<bool>()).prop_map(|(sizes, bump)| Op::Append { sizes, bump }),
+        1 => any::<usize>().prop_map(Op::Truncate),
+        1 => any::<usize>().prop_map(Op::Snapshot),
+        2 => Just(Op::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// append / truncate / snapshot+compact / reopen agree with a model.
+    #[test]
+    fn store_matches_model(ops in proptest::collection::vec(op(), 1..40), seg in 200u64..3000) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = LogStore::open(dir.path(), opts(seg)).expect("open").store;
+        let mut model: Vec<Entry> = Vec::new();
+        let mut snap: Option<(Position, Term)> = None;
+        let mut term = 1;
+        for op in ops {
+            match op {
+                Op::Append { sizes, bump } => {
+                    if bump { term += 1; }
+                    let mut batch = Vec::new();
+                    let mut pos = store.last_pos();
+                    for s in sizes {
+                        let e = entry(term, pos, s);
+                        pos = e.end();
+                        batch.push(e);
+                    }
+                    store.append(&batch).expect("append");
+                    store.sync().expect("sync");
+                    model.extend(batch);
+                }
+                Op::Truncate(i) if !model.is_empty() => {
+                    let i = i % model.len();
+                    store.truncate(model[i].position).expect("truncate");
+                    model.truncate(i);
+                }
+                Op::Snapshot(i) if !model.is_empty() => {
+                    let i = i % model.len();
+                    let e = model[i].clone();
+                    let s = Snapshot {
+                        meta: SnapshotMeta { position: e.end(), term: e.term, timestamp: e.timestamp, membership: Membership::new([1]) },
+                        data: Bytes::from_static(b"state"),
+                    };
+                    store.install_snapshot(&s).expect("install");
+                    model.drain(..=i);
+                    snap = Some((e.end(), e.term));
+                }
+                Op::Reopen => {
+                    drop(store);
+                    let o = LogStore::open(dir.path(), opts(seg)).expect("reopen");
+                    prop_assert_eq!(&o.entries, &model);
+                    prop_assert_eq!(o.snapshot.map(|s| (s.meta.position, s.meta.term)), snap);
+                    prop_assert!(o.torn.is_none());
+                    store = o.store;
+                }
+                _ => {}
+            }
+            let end = model.last().map_or(snap.map_or(0, |s| s.0), Entry::end);
+            prop_assert_eq!(store.last_pos(), end);
+        }
+    }
+}
+
+#[test]
+fn segments_roll_and_compaction_deletes_whole_segments_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), opts(1000)).expect("open").store;
+    let mut pos = 0;
+    let mut all = Vec::new();
+    for _ in 0..50 {
+        let e = entry(1, pos, 100);
+        pos = e.end();
+        all.push(e);
+    }
+    store.append(&all).expect("append");
+    store.sync().expect("sync");
+    assert!(
+        store.segment_count() > 5,
+        "{} segments",
+        store.segment_count()
+    );
+    let mid = all[25].clone();
+    let s = Snapshot {
+        meta: SnapshotMeta {
+            position: mid.end(),
+            term: 1,
+            timestamp: 0,
+            membership: Membership::new([1]),
+        },
+        data: Bytes::new(),
+    };
+    let before = store.segment_count();
+    store.install_snapshot(&s).expect("install");
+    assert!(store.segment_count() < before);
+    assert!(
+        store.first_pos() <= mid.end(),
+        "compaction removed entries the snapshot does not cover"
+    );
+    drop(store);
+    let o = LogStore::open(dir.path(), opts(1000)).expect("reopen");
+    assert_eq!(o.entries, all[26..].to_vec());
+}
+
+#[test]
+fn install_snapshot_the_log_does_not_hold_replaces_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    let e = entry(1, 0, 10);
+    store.append(std::slice::from_ref(&e)).expect("append");
+    let s = Snapshot {
+        meta: SnapshotMeta {
+            position: 5_000,
+            term: 7,
+            timestamp: 0,
+            membership: Membership::new([1, 2]),
+        },
+        data: Bytes::from_static(b"remote state"),
+    };
+    store.install_snapshot(&s).expect("install");
+    assert_eq!(store.last_pos(), 5_000);
+    let next = entry(7, 5_000, 3);
+    store
+        .append(std::slice::from_ref(&next))
+        .expect("append after install");
+    store.sync().expect("sync");
+    drop(store);
+    let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+    assert_eq!(o.snapshot, Some(s));
+    assert_eq!(o.entries, vec![next]);
+}
+
+#[test]
+fn a_snapshot_ahead_of_the_synced_log_supersedes_it() {
+    // A node can apply (and snapshot) entries it has not synced itself.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    store.append(&[entry(1, 0, 10)]).expect("append");
+    store.sync().expect("sync");
+    drop(store);
+    let s = Snapshot {
+        meta: SnapshotMeta {
+            position: 900,
+            term: 1,
+            timestamp: 0,
+            membership: Membership::new([1]),
+        },
+        data: Bytes::new(),
+    };
+    meta::save_snapshot(dir.path(), &s).expect("save");
+    let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+    assert!(o.entries.is_empty());
+    assert_eq!(o.store.last_pos(), 900);
+}
+
+#[test]
+fn hard_state_round_trips_and_rejects_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert_eq!(meta::load_hard_state(dir.path()).expect("load"), None);
+    let hs = HardStateFile {
+        hard_state: HardState {
+            term: 42,
+            voted_for: Some(3),
+        },
+        membership: Membership::new([1, 2, 3]),
+    };
+    meta::save_hard_state(dir.path(), &hs).expect("save");
+    assert_eq!(meta::load_hard_state(dir.path()).expect("load"), Some(hs));
+    let path = dir.path().join(meta::HARD_STATE_FILE);
+    let mut b = std::fs::read(&path).expect("read");
+    b[9] ^= 0x40;
+    std::fs::write(&path, b).expect("write");
+    let err = meta::load_hard_state(dir.path()).expect_err("damaged hard state accepted");
+    assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("hardstate"), "{err}");
+}
+
+#[test]
+fn appending_out_of_place_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    let err = store.append(&[entry(1, 7, 1)]).expect_err("gap accepted");
+    assert!(
+        err.to_string()
+            .contains("append at position 7 but the log ends at 0"),
+        "{err}"
+    );
+    assert!(store.truncate(100).is_err());
+}
+
+#[test]
+fn storage_thread_reports_durable_positions_in_order() {
+    for durability in [Durability::Sync, Durability::Replicated] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::open(dir.path(), Options::default())
+            .expect("open")
+            .store;
+        let (tx, rx) = mpsc::channel();
+        let t = StorageThread::spawn(store, durability, move |ev| {
+            let _ = tx.send(ev);
+        })
+        .expect("spawn");
+        let mut pos = 0;
+        for i in 0..200 {
+            let e = entry(1 + i / 50, pos, 50);
+            pos = e.end();
+            t.append(vec![e]).expect("append");
+        }
+        t.barrier().expect("barrier");
+        let mut last = 0;
+        while let Ok(ev) = rx.recv_timeout(Duration::from_secs(5)) {
+            match ev {
+                StorageEvent::Durable { position, term } => {
+                    assert!(position > last, "durable went from {last} to {position}");
+                    last = position;
+                    if position == pos {
+                        assert_eq!(term, 4);
+                        break;
+                    }
+                }
+                StorageEvent::Failed(e) => panic!("storage failed: {e}"),
+            }
+        }
+        assert_eq!(last, pos, "{durability:?}: never reported the end");
+        t.shutdown().expect("shutdown");
+        let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+        assert_eq!(o.store.last_pos(), pos);
+    }
+}
+
+#[test]
+fn a_write_error_stops_the_storage_thread_and_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path(), opts(500)).expect("open").store;
+    let (tx, rx) = mpsc::channel();
+    let t = StorageThread::spawn(store, Durability::Sync, move |ev| {
+        let _ = tx.send(ev);
+    })
+    .expect("spawn");
+    // Make rolling to a new segment impossible: the directory goes away.
+    std::fs::remove_dir_all(dir.path()).expect("rm");
+    let mut pos = 0;
+    for _ in 0..20 {
+        let e = entry(1, pos, 100);
+        pos = e.end();
+        let _ = t.append(vec![e]);
+    }
+    let failed = loop {
+        match rx.recv_timeout(Duration::from_secs(5)).expect("no report") {
+            StorageEvent::Failed(e) => break e,
+            StorageEvent::Durable { .. } => continue,
+        }
+    };
+    assert!(matches!(failed, LogError::Io { .. }), "{failed}");
+    assert!(t.append(vec![entry(1, pos, 1)]).is_err() || t.barrier().is_err());
+}

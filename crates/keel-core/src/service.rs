@@ -31,6 +31,34 @@ pub trait Service {
     fn on_role_change(&mut self, _role: Role) {}
 }
 
+/// A boxed service is a service, so a runtime can pick one at start-up.
+impl<S: Service + ?Sized> Service for Box<S> {
+    fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
+        (**self).restore(snapshot)
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        (**self).snapshot()
+    }
+    fn on_message(&mut self, ctx: &mut Context<'_>, client: ClientId, data: &[u8]) -> Bytes {
+        (**self).on_message(ctx, client, data)
+    }
+    fn query(&self, data: &[u8]) -> Bytes {
+        (**self).query(data)
+    }
+    fn on_timer(&mut self, ctx: &mut Context<'_>, id: u64) {
+        (**self).on_timer(ctx, id)
+    }
+    fn on_session_open(&mut self, ctx: &mut Context<'_>, client: ClientId) {
+        (**self).on_session_open(ctx, client)
+    }
+    fn on_session_close(&mut self, ctx: &mut Context<'_>, client: ClientId) {
+        (**self).on_session_close(ctx, client)
+    }
+    fn on_role_change(&mut self, role: Role) {
+        (**self).on_role_change(role)
+    }
+}
+
 /// What a service may see and do while applying an entry.
 pub struct Context<'a> {
     time: Nanos,

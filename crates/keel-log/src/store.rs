@@ -5,8 +5,8 @@
 //! install needs.
 //!
 //! Recovery rules: a torn tail in the last segment (a frame cut short by
-//! the end of the file, or one containing an all-zero disk sector, as an
-//! interrupted write leaves it) is cut back to the last valid frame. Any
+//! the end of the file, or one overlapping a whole all-zero disk sector, as
+//! an interrupted write leaves it) is cut back to the last valid frame. Any
 //! other damage — a bad checksum, a truncated frame in a sealed segment, a
 //! missing segment, a gap — refuses to open with an error naming the file
 //! and offset.
@@ -102,23 +102,29 @@ fn open_for_append(seg: &Segment) -> Result<File, LogError> {
 
 /// Does the damaged frame at `off` look like an interrupted write rather
 /// than corruption? `data` is the whole segment file. An interrupted write
-/// leaves whole sectors unwritten (zero) or the file short; a flipped bit
-/// does neither. So: the file ends inside the header, or some disk sector
-/// overlapping the frame is entirely zero (clipped to the end of the file).
+/// leaves the file short (the kernel stops a write at a page boundary when
+/// the process is killed) or whole sectors unwritten (zero); a flipped bit
+/// does neither. So: the file ends inside the frame (its header intact, or
+/// not even complete), or a whole disk sector overlapping the frame is
+/// entirely zero.
 fn looks_torn(data: &[u8], off: usize) -> bool {
     if data.len() - off < HEADER_LEN {
         return true;
     }
     let end = match frame::decode_header(&data[off..]) {
-        Ok(len) => off.saturating_add(HEADER_LEN + len),
+        Ok(len) => {
+            let end = off.saturating_add(HEADER_LEN + len);
+            if end > data.len() {
+                return true; // a valid header whose frame the file cuts short
+            }
+            end
+        }
         Err(_) => off + HEADER_LEN,
-    }
-    .min(data.len());
+    };
     let sector = SECTOR as usize;
     let mut s = off / sector * sector;
-    while s < end {
-        let stop = (s + sector).min(data.len());
-        if data[s..stop].iter().all(|&b| b == 0) {
+    while s < end && s + sector <= data.len() {
+        if data[s..s + sector].iter().all(|&b| b == 0) {
             return true;
         }
         s += sector;

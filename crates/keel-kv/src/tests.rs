@@ -1,0 +1,952 @@
+//! Tests of the KV service driven through `ServiceHost`: MVCC semantics,
+//! limits, malformed input, snapshots, and property tests of determinism
+//! and of decoders that never panic.
+
+use crate::*;
+use bytes::Bytes;
+use keel_core::{
+    ApplyOutput, Entry, EntryKind, Membership, Reply, Service, ServiceHost, Snapshot, SnapshotMeta,
+};
+use proptest::prelude::*;
+
+const TTL: u64 = 3_600_000_000_000;
+
+struct Harness {
+    host: ServiceHost<KvService>,
+    pos: u64,
+    seq: u64,
+    time: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness {
+            host: ServiceHost::new(KvService::new(), TTL),
+            pos: 0,
+            seq: 0,
+            time: 1_000,
+        }
+    }
+
+    fn raw(&mut self, data: Bytes) -> Bytes {
+        self.seq += 1;
+        self.time += 1_000;
+        let e = Entry {
+            term: 1,
+            position: self.pos,
+            timestamp: self.time,
+            kind: EntryKind::Command {
+                client: 7,
+                seq: self.seq,
+            },
+            data,
+        };
+        self.pos = e.end();
+        let mut out = ApplyOutput::default();
+        self.host.apply(&[e], &mut out);
+        assert_eq!(out.replies.len(), 1);
+        match out.replies.pop() {
+            Some((7, _, Reply::Applied(b))) => b,
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    fn cmd(&mut self, c: Command) -> Response {
+        Response::decode(&self.raw(c.encode())).unwrap()
+    }
+
+    fn query(&self, q: &Query) -> Response {
+        Response::decode(&self.host.query(&q.encode())).unwrap()
+    }
+
+    fn svc(&self) -> &KvService {
+        self.host.service()
+    }
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn put(k: &str, v: &str) -> Command {
+    Command::Put {
+        key: b(k),
+        value: b(v),
+    }
+}
+
+fn kv(k: &str, v: &str, create: u64, modr: u64, version: u64) -> KeyValue {
+    KeyValue {
+        key: b(k),
+        value: b(v),
+        create_revision: create,
+        mod_revision: modr,
+        version,
+    }
+}
+
+fn keys(kvs: &[KeyValue]) -> Vec<Bytes> {
+    kvs.iter().map(|k| k.key.clone()).collect()
+}
+
+#[test]
+fn put_creates_and_updates_with_revisions_and_versions() {
+    let mut h = Harness::new();
+    assert_eq!(h.svc().revision(), 0);
+    assert_eq!(
+        h.cmd(put("a", "1")),
+        Response::Put {
+            revision: 1,
+            prev: None
+        }
+    );
+    assert_eq!(
+        h.cmd(put("b", "x")),
+        Response::Put {
+            revision: 2,
+            prev: None
+        }
+    );
+    assert_eq!(
+        h.cmd(put("a", "2")),
+        Response::Put {
+            revision: 3,
+            prev: Some(kv("a", "1", 1, 1, 1))
+        }
+    );
+    // Same value again is still a write.
+    assert_eq!(
+        h.cmd(put("a", "2")),
+        Response::Put {
+            revision: 4,
+            prev: Some(kv("a", "2", 1, 3, 2))
+        }
+    );
+    assert_eq!(h.svc().get(b"a"), Some(kv("a", "2", 1, 4, 3)));
+    assert_eq!(
+        h.query(&Query::Get { key: b("a") }),
+        Response::Get {
+            revision: 4,
+            kv: Some(kv("a", "2", 1, 4, 3))
+        }
+    );
+    assert_eq!(
+        h.query(&Query::Get { key: b("zz") }),
+        Response::Get {
+            revision: 4,
+            kv: None
+        }
+    );
+    assert_eq!(h.svc().applied_commands(), 4);
+    assert_eq!(
+        h.query(&Query::Status),
+        Response::Status {
+            revision: 4,
+            keys: 2,
+            applied: 4
+        }
+    );
+}
+
+#[test]
+fn delete_and_recreate() {
+    let mut h = Harness::new();
+    h.cmd(put("a", "1"));
+    h.cmd(put("a", "2"));
+    assert_eq!(
+        h.cmd(Command::Delete { key: b("a") }),
+        Response::Delete {
+            revision: 3,
+            deleted: 1,
+            prev: Some(kv("a", "2", 1, 2, 2))
+        }
+    );
+    assert_eq!(h.svc().get(b"a"), None);
+    // Deleting a missing key does not bump the revision.
+    assert_eq!(
+        h.cmd(Command::Delete { key: b("a") }),
+        Response::Delete {
+            revision: 3,
+            deleted: 0,
+            prev: None
+        }
+    );
+    assert_eq!(h.svc().revision(), 3);
+    assert_eq!(h.svc().applied_commands(), 4);
+    // Re-creating starts over at version 1 with a new create revision.
+    h.cmd(put("a", "3"));
+    assert_eq!(h.svc().get(b"a"), Some(kv("a", "3", 4, 4, 1)));
+}
+
+#[test]
+fn delete_range_and_prefix() {
+    let mut h = Harness::new();
+    for k in ["a", "ab", "abc", "abd", "b", "c"] {
+        h.cmd(put(k, k));
+    }
+    let r = h.cmd(Command::DeleteRange {
+        start: b("ab"),
+        end: prefix_end(b"ab"),
+    });
+    match r {
+        Response::DeleteRange {
+            revision,
+            deleted,
+            prev,
+        } => {
+            assert_eq!(revision, 7, "one revision for the whole range");
+            assert_eq!(deleted, 3);
+            assert_eq!(keys(&prev), vec![b("ab"), b("abc"), b("abd")]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Empty range: no revision bump.
+    assert_eq!(
+        h.cmd(Command::DeleteRange {
+            start: b("x"),
+            end: b("y")
+        }),
+        Response::DeleteRange {
+            revision: 7,
+            deleted: 0,
+            prev: vec![]
+        }
+    );
+    // Single key (empty end) and everything from a key ([0]).
+    h.cmd(Command::DeleteRange {
+        start: b("a"),
+        end: Bytes::new(),
+    });
+    assert_eq!(h.svc().get(b"a"), None);
+    h.cmd(Command::DeleteRange {
+        start: b("b"),
+        end: Bytes::from_static(&[0]),
+    });
+    assert!(h.svc().is_empty());
+    assert_eq!(h.svc().revision(), 9);
+}
+
+#[test]
+fn cas_variants() {
+    let mut h = Harness::new();
+    let cas = |k: &str, expected: Compare, v: &str| Command::Cas {
+        key: b(k),
+        expected,
+        value: b(v),
+    };
+    // Create-if-absent with version 0 and with mod revision 0.
+    assert_eq!(
+        h.cmd(cas("a", Compare::VersionEquals(0), "1")),
+        Response::Cas {
+            succeeded: true,
+            revision: 1,
+            current: Some(kv("a", "1", 1, 1, 1))
+        }
+    );
+    assert_eq!(
+        h.cmd(cas("a", Compare::VersionEquals(0), "x")),
+        Response::Cas {
+            succeeded: false,
+            revision: 1,
+            current: Some(kv("a", "1", 1, 1, 1))
+        }
+    );
+    assert_eq!(
+        h.cmd(cas("b", Compare::ModRevisionEquals(0), "b")),
+        Response::Cas {
+            succeeded: true,
+            revision: 2,
+            current: Some(kv("b", "b", 2, 2, 1))
+        }
+    );
+    // Value compare.
+    assert!(matches!(
+        h.cmd(cas("a", Compare::ValueEquals(b("nope")), "2")),
+        Response::Cas {
+            succeeded: false,
+            revision: 2,
+            ..
+        }
+    ));
+    assert_eq!(
+        h.cmd(cas("a", Compare::ValueEquals(b("1")), "2")),
+        Response::Cas {
+            succeeded: true,
+            revision: 3,
+            current: Some(kv("a", "2", 1, 3, 2))
+        }
+    );
+    // A value compare on an absent key fails, even against the empty value.
+    assert_eq!(
+        h.cmd(cas("z", Compare::ValueEquals(Bytes::new()), "z")),
+        Response::Cas {
+            succeeded: false,
+            revision: 3,
+            current: None
+        }
+    );
+    // Version and mod revision compares.
+    assert!(matches!(
+        h.cmd(cas("a", Compare::VersionEquals(1), "3")),
+        Response::Cas {
+            succeeded: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        h.cmd(cas("a", Compare::VersionEquals(2), "3")),
+        Response::Cas {
+            succeeded: true,
+            revision: 4,
+            ..
+        }
+    ));
+    assert!(matches!(
+        h.cmd(cas("a", Compare::ModRevisionEquals(3), "4")),
+        Response::Cas {
+            succeeded: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        h.cmd(cas("a", Compare::ModRevisionEquals(4), "4")),
+        Response::Cas {
+            succeeded: true,
+            revision: 5,
+            ..
+        }
+    ));
+    assert_eq!(h.svc().get(b"a"), Some(kv("a", "4", 1, 5, 4)));
+    assert_eq!(h.svc().revision(), 5);
+    assert_eq!(h.svc().applied_commands(), 10);
+}
+
+#[test]
+fn range_limit_more_count() {
+    let mut h = Harness::new();
+    for k in ["a", "b", "c", "d", "e"] {
+        h.cmd(put(k, k));
+    }
+    let range = |start: &str, end: &[u8], limit| Query::Range {
+        start: b(start),
+        end: Bytes::copy_from_slice(end),
+        limit,
+    };
+    match h.query(&range("b", b"e", 2)) {
+        Response::Range {
+            revision,
+            kvs,
+            more,
+            count,
+        } => {
+            assert_eq!(revision, 5);
+            assert_eq!(keys(&kvs), vec![b("b"), b("c")]);
+            assert!(more);
+            assert_eq!(count, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    match h.query(&range("b", b"e", 3)) {
+        Response::Range {
+            kvs, more, count, ..
+        } => {
+            assert_eq!(kvs.len(), 3);
+            assert!(!more);
+            assert_eq!(count, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    // No limit, from a key to the end.
+    match h.query(&range("c", &[0], 0)) {
+        Response::Range {
+            kvs, more, count, ..
+        } => {
+            assert_eq!(keys(&kvs), vec![b("c"), b("d"), b("e")]);
+            assert!(!more);
+            assert_eq!(count, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Every key: empty start, end [0].
+    assert_eq!(h.svc().range(b"", &[0], 0).2, 5);
+    assert_eq!(
+        h.svc().range(b"", &[0], 1),
+        (vec![kv("a", "a", 1, 1, 1)], true, 5)
+    );
+    // Single key, missing key, reversed and empty ranges.
+    assert_eq!(h.svc().range(b"c", b"", 0).2, 1);
+    assert_eq!(h.svc().range(b"cc", b"", 0).2, 0);
+    assert_eq!(h.svc().range(b"d", b"b", 0), (vec![], false, 0));
+    assert_eq!(h.svc().range(b"b", b"b", 0), (vec![], false, 0));
+    // Prefix helper.
+    h.cmd(put("ca", "x"));
+    h.cmd(put("c\u{7f}", "y"));
+    match h.query(&Query::prefix(b("c"), 0)) {
+        Response::Range { kvs, count, .. } => {
+            assert_eq!(keys(&kvs), vec![b("c"), b("ca"), b("c\u{7f}")]);
+            assert_eq!(count, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Empty start needs a non-empty end.
+    assert!(matches!(
+        h.query(&range("", b"", 0)),
+        Response::Error {
+            code: ErrorCode::EmptyKey,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn prefix_end_edge_cases() {
+    assert_eq!(prefix_end(b"abc"), Bytes::from_static(b"abd"));
+    assert_eq!(prefix_end(b"a"), Bytes::from_static(b"b"));
+    assert_eq!(prefix_end(b"ab\xff"), Bytes::from_static(b"ac"));
+    assert_eq!(prefix_end(b"a\xff\xff"), Bytes::from_static(b"b"));
+    assert_eq!(prefix_end(b"a\xfe\xff"), Bytes::from_static(b"a\xff"));
+    assert_eq!(prefix_end(b"\x00"), Bytes::from_static(b"\x01"));
+    assert_eq!(prefix_end(b"\xff"), Bytes::from_static(&[0]));
+    assert_eq!(prefix_end(b"\xff\xff\xff"), Bytes::from_static(&[0]));
+    assert_eq!(prefix_end(b""), Bytes::from_static(&[0]));
+}
+
+#[test]
+fn prefix_of_all_ff_selects_to_the_end() {
+    let mut h = Harness::new();
+    h.cmd(Command::Put {
+        key: Bytes::from_static(b"\xfe"),
+        value: b("0"),
+    });
+    h.cmd(Command::Put {
+        key: Bytes::from_static(b"\xff"),
+        value: b("1"),
+    });
+    h.cmd(Command::Put {
+        key: Bytes::from_static(b"\xff\xff\x01"),
+        value: b("2"),
+    });
+    match h.query(&Query::prefix(Bytes::from_static(b"\xff"), 0)) {
+        Response::Range { kvs, count, .. } => {
+            assert_eq!(count, 2);
+            assert_eq!(kvs[1].key, Bytes::from_static(b"\xff\xff\x01"));
+        }
+        other => panic!("{other:?}"),
+    }
+    match h.query(&Query::prefix(Bytes::new(), 0)) {
+        Response::Range { count, .. } => assert_eq!(count, 3),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn limits_are_enforced_and_change_nothing() {
+    let mut h = Harness::new();
+    h.cmd(put("a", "1"));
+    let before = h.svc().snapshot();
+    let big_key = Bytes::from(vec![b'k'; MAX_KEY_LEN + 1]);
+    let big_value = Bytes::from(vec![0u8; MAX_VALUE_LEN + 1]);
+    let cases = [
+        (
+            Command::Put {
+                key: big_key.clone(),
+                value: b("v"),
+            },
+            ErrorCode::KeyTooLarge,
+        ),
+        (
+            Command::Put {
+                key: b("k"),
+                value: big_value.clone(),
+            },
+            ErrorCode::ValueTooLarge,
+        ),
+        (
+            Command::Put {
+                key: Bytes::new(),
+                value: b("v"),
+            },
+            ErrorCode::EmptyKey,
+        ),
+        (
+            Command::Delete {
+                key: big_key.clone(),
+            },
+            ErrorCode::KeyTooLarge,
+        ),
+        (
+            Command::Cas {
+                key: b("a"),
+                expected: Compare::VersionEquals(1),
+                value: big_value,
+            },
+            ErrorCode::ValueTooLarge,
+        ),
+        (
+            Command::DeleteRange {
+                start: b("a"),
+                end: big_key,
+            },
+            ErrorCode::KeyTooLarge,
+        ),
+    ];
+    for (c, code) in cases {
+        match h.cmd(c) {
+            Response::Error { code: got, message } => {
+                assert_eq!(got, code, "{message}");
+                assert!(message.contains("expected"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(h.svc().snapshot(), before);
+    // Exactly at the limits is fine.
+    let r = h.cmd(Command::Put {
+        key: Bytes::from(vec![b'k'; MAX_KEY_LEN]),
+        value: Bytes::from(vec![1u8; MAX_VALUE_LEN]),
+    });
+    assert!(matches!(r, Response::Put { revision: 2, .. }), "{r:?}");
+}
+
+#[test]
+fn malformed_command_changes_nothing() {
+    let mut h = Harness::new();
+    h.cmd(put("a", "1"));
+    h.cmd(put("b", "2"));
+    let before = h.svc().clone();
+    let good = put("c", "3").encode();
+    let mut bad: Vec<Bytes> = vec![
+        Bytes::new(),
+        Bytes::from_static(&[0]),
+        Bytes::from_static(&[9, 1, 2]),
+        Bytes::from_static(&[1, 0xff, 0xff, 0xff, 0xff]),
+    ];
+    for cut in 1..good.len() {
+        bad.push(good.slice(..cut));
+    }
+    let mut long = good.to_vec();
+    long.push(0);
+    bad.push(Bytes::from(long));
+    let mut bad_compare = Command::Cas {
+        key: b("a"),
+        expected: Compare::VersionEquals(1),
+        value: b("v"),
+    }
+    .encode()
+    .to_vec();
+    bad_compare[1 + 4 + 1] = 7; // compare tag
+    bad.push(Bytes::from(bad_compare));
+    for data in bad {
+        let reply = Response::decode(&h.raw(data.clone())).unwrap();
+        assert!(
+            matches!(
+                reply,
+                Response::Error {
+                    code: ErrorCode::Malformed,
+                    ..
+                }
+            ),
+            "{data:?} -> {reply:?}"
+        );
+        assert_eq!(*h.svc(), before);
+    }
+    // A malformed query is answered with an error too.
+    let reply = Response::decode(&h.host.query(&[2, 1])).unwrap();
+    assert!(matches!(
+        reply,
+        Response::Error {
+            code: ErrorCode::Malformed,
+            ..
+        }
+    ));
+    assert!(matches!(
+        reply.into_result(),
+        Err(KvError::Remote {
+            code: ErrorCode::Malformed,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn host_snapshot_round_trip() {
+    let mut a = Harness::new();
+    a.cmd(put("a", "1"));
+    a.cmd(put("b", "2"));
+    a.cmd(Command::Delete { key: b("a") });
+    a.cmd(put("a", "3"));
+    let snap = Snapshot {
+        meta: SnapshotMeta {
+            position: a.host.applied(),
+            term: 1,
+            timestamp: a.time,
+            membership: Membership::new([1]),
+        },
+        data: a.host.snapshot(),
+    };
+    let mut b2 = ServiceHost::new(KvService::new(), TTL);
+    b2.restore(&snap).unwrap();
+    assert_eq!(b2.service(), a.svc());
+    assert_eq!(b2.snapshot(), a.host.snapshot());
+    // The restored host continues identically.
+    let mut bh = Harness {
+        host: b2,
+        pos: a.pos,
+        seq: a.seq,
+        time: a.time,
+    };
+    assert_eq!(bh.cmd(put("c", "4")), a.cmd(put("c", "4")));
+    assert_eq!(bh.svc(), a.svc());
+}
+
+#[test]
+fn restore_rejects_bad_snapshots_and_none_empties() {
+    let mut s = KvService::new();
+    s.apply(put("a", "1"));
+    let snap = s.snapshot();
+    let mut t = KvService::new();
+    assert!(t.restore(Some(b"nope")).is_err());
+    assert!(t.restore(Some(&snap[..snap.len() - 1])).is_err());
+    let mut extra = snap.clone();
+    extra.push(0);
+    assert!(t.restore(Some(&extra)).is_err());
+    // A key whose mod revision is beyond the store revision.
+    let mut bad = snap.clone();
+    bad[4 + 8] = 0; // store revision 1 -> 0
+    assert!(t.restore(Some(&bad)).unwrap_err().contains("inconsistent"));
+    assert!(t.is_empty(), "a failed restore leaves the state alone");
+    t.restore(Some(&snap)).unwrap();
+    assert_eq!(t, s);
+    t.restore(None).unwrap();
+    assert_eq!(t, KvService::new());
+}
+
+// ---- property tests ----
+
+fn arb_key() -> impl Strategy<Value = Bytes> {
+    prop::collection::vec(prop::sample::select(vec![b'a', b'b', 0xff]), 1..4).prop_map(Bytes::from)
+}
+
+fn arb_bound() -> impl Strategy<Value = Bytes> {
+    prop::collection::vec(prop::sample::select(vec![0u8, b'a', b'b', 0xff]), 0..4)
+        .prop_map(Bytes::from)
+}
+
+fn arb_value() -> impl Strategy<Value = Bytes> {
+    prop::collection::vec(prop::sample::select(vec![b'x', b'y']), 0..3).prop_map(Bytes::from)
+}
+
+fn arb_compare() -> impl Strategy<Value = Compare> {
+    prop_oneof![
+        arb_value().prop_map(Compare::ValueEquals),
+        (0u64..4).prop_map(Compare::VersionEquals),
+        (0u64..12).prop_map(Compare::ModRevisionEquals),
+    ]
+}
+
+fn arb_command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        4 => (arb_key(), arb_value()).prop_map(|(key, value)| Command::Put { key, value }),
+        2 => arb_key().prop_map(|key| Command::Delete { key }),
+        1 => (arb_bound(), arb_bound()).prop_map(|(start, end)| Command::DeleteRange { start, end }),
+        2 => (arb_key(), arb_compare(), arb_value())
+            .prop_map(|(key, expected, value)| Command::Cas { key, expected, value }),
+    ]
+}
+
+fn arb_query() -> impl Strategy<Value = Query> {
+    prop_oneof![
+        arb_bound().prop_map(|key| Query::Get { key }),
+        (arb_bound(), arb_bound(), 0u64..4).prop_map(|(start, end, limit)| Query::Range {
+            start,
+            end,
+            limit
+        }),
+        Just(Query::Status),
+    ]
+}
+
+fn arb_kv() -> impl Strategy<Value = KeyValue> {
+    (
+        arb_bound(),
+        arb_value(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(key, value, create_revision, mod_revision, version)| KeyValue {
+                key,
+                value,
+                create_revision,
+                mod_revision,
+                version,
+            },
+        )
+}
+
+fn arb_response() -> impl Strategy<Value = Response> {
+    let kvs = || prop::collection::vec(arb_kv(), 0..3);
+    prop_oneof![
+        (any::<u64>(), prop::option::of(arb_kv()))
+            .prop_map(|(revision, prev)| Response::Put { revision, prev }),
+        (any::<u64>(), any::<u64>(), prop::option::of(arb_kv())).prop_map(
+            |(revision, deleted, prev)| Response::Delete {
+                revision,
+                deleted,
+                prev
+            }
+        ),
+        (any::<u64>(), any::<u64>(), kvs()).prop_map(|(revision, deleted, prev)| {
+            Response::DeleteRange {
+                revision,
+                deleted,
+                prev,
+            }
+        }),
+        (any::<bool>(), any::<u64>(), prop::option::of(arb_kv())).prop_map(
+            |(succeeded, revision, current)| Response::Cas {
+                succeeded,
+                revision,
+                current
+            }
+        ),
+        (any::<u64>(), prop::option::of(arb_kv()))
+            .prop_map(|(revision, kv)| Response::Get { revision, kv }),
+        (any::<u64>(), kvs(), any::<bool>(), any::<u64>()).prop_map(
+            |(revision, kvs, more, count)| Response::Range {
+                revision,
+                kvs,
+                more,
+                count
+            }
+        ),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(revision, keys, applied)| {
+            Response::Status {
+                revision,
+                keys,
+                applied,
+            }
+        }),
+        (
+            prop::sample::select(vec![
+                ErrorCode::Malformed,
+                ErrorCode::EmptyKey,
+                ErrorCode::KeyTooLarge,
+                ErrorCode::ValueTooLarge,
+                ErrorCode::Internal
+            ]),
+            ".{0,8}"
+        )
+            .prop_map(|(code, message)| Response::Error { code, message }),
+    ]
+}
+
+/// A plain model of the semantics: key -> (value, create, mod, version).
+#[derive(Default)]
+struct Model {
+    revision: u64,
+    keys: std::collections::BTreeMap<Bytes, KeyValue>,
+}
+
+impl Model {
+    fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+        if end.is_empty() {
+            key == start
+        } else if end == [0] {
+            key >= start
+        } else {
+            key >= start && key < end
+        }
+    }
+
+    fn apply(&mut self, c: &Command) {
+        if c.validate().is_err() {
+            return;
+        }
+        let rev = self.revision + 1;
+        let mut changed = false;
+        let mut put =
+            |keys: &mut std::collections::BTreeMap<Bytes, KeyValue>, key: &Bytes, value: &Bytes| {
+                let (create, version) = match keys.get(key) {
+                    Some(p) => (p.create_revision, p.version + 1),
+                    None => (rev, 1),
+                };
+                keys.insert(
+                    key.clone(),
+                    KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: create,
+                        mod_revision: rev,
+                        version,
+                    },
+                );
+                changed = true;
+            };
+        match c {
+            Command::Put { key, value } => put(&mut self.keys, key, value),
+            Command::Cas {
+                key,
+                expected,
+                value,
+            } => {
+                if expected.matches(self.keys.get(key)) {
+                    put(&mut self.keys, key, value)
+                }
+            }
+            Command::Delete { key } => changed = self.keys.remove(key).is_some(),
+            Command::DeleteRange { start, end } => {
+                let n = self.keys.len();
+                self.keys.retain(|k, _| !Model::in_range(k, start, end));
+                changed = self.keys.len() != n;
+            }
+        }
+        if changed {
+            self.revision = rev;
+        }
+    }
+}
+
+fn service_after(cmds: &[Command]) -> (Harness, Vec<Bytes>) {
+    let mut h = Harness::new();
+    let replies = cmds.iter().map(|c| h.raw(c.encode())).collect();
+    (h, replies)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn snapshot_round_trip_and_determinism(
+        cmds in prop::collection::vec(arb_command(), 0..40),
+        queries in prop::collection::vec(arb_query(), 1..20),
+    ) {
+        let (a, replies_a) = service_after(&cmds);
+        let (a2, replies_a2) = service_after(&cmds);
+        prop_assert_eq!(&replies_a, &replies_a2);
+        let snap = a.svc().snapshot();
+        prop_assert_eq!(&snap, &a2.svc().snapshot());
+
+        let mut b = KvService::new();
+        b.restore(Some(&snap)).unwrap();
+        prop_assert_eq!(&b, a.svc());
+        prop_assert_eq!(b.snapshot(), snap);
+        for q in &queries {
+            prop_assert_eq!(b.query(&q.encode()), a.host.query(&q.encode()));
+        }
+        for k in [&b"a"[..], b"b", b"ab", b"\xff", b"ba\xff"] {
+            prop_assert_eq!(b.get(k), a.svc().get(k));
+        }
+    }
+
+    #[test]
+    fn matches_model(cmds in prop::collection::vec(arb_command(), 0..40)) {
+        let (h, _) = service_after(&cmds);
+        let mut m = Model::default();
+        for c in &cmds {
+            m.apply(c);
+        }
+        prop_assert_eq!(h.svc().revision(), m.revision);
+        let (all, more, count) = h.svc().range(b"", &[0], 0);
+        prop_assert!(!more);
+        prop_assert_eq!(count as usize, m.keys.len());
+        prop_assert_eq!(all, m.keys.values().cloned().collect::<Vec<_>>());
+        let valid = cmds.iter().filter(|c| c.validate().is_ok()).count();
+        prop_assert_eq!(h.svc().applied_commands(), valid as u64);
+    }
+
+    #[test]
+    fn range_agrees_with_filter(
+        cmds in prop::collection::vec(arb_command(), 0..30),
+        start in arb_bound(),
+        end in arb_bound(),
+        limit in 0u64..5,
+    ) {
+        let (h, _) = service_after(&cmds);
+        let (all, _, _) = h.svc().range(b"", &[0], 0);
+        let want: Vec<KeyValue> = all
+            .into_iter()
+            .filter(|kv| Model::in_range(&kv.key, &start, &end))
+            .collect();
+        let (kvs, more, count) = h.svc().range(&start, &end, limit);
+        prop_assert_eq!(count as usize, want.len());
+        let take = if limit == 0 { want.len() } else { want.len().min(limit as usize) };
+        prop_assert_eq!(&kvs[..], &want[..take]);
+        prop_assert_eq!(more, take < want.len());
+    }
+
+    #[test]
+    fn prefix_end_bounds_exactly_the_prefix(
+        prefix in prop::collection::vec(prop::sample::select(vec![0u8, 1, 0xfe, 0xff]), 0..4),
+        key in prop::collection::vec(prop::sample::select(vec![0u8, 1, 0xfe, 0xff]), 0..6),
+    ) {
+        let end = prefix_end(&prefix);
+        prop_assert_eq!(
+            Model::in_range(&key, &prefix, &end),
+            key.starts_with(&prefix),
+        );
+    }
+
+    #[test]
+    fn encodings_round_trip(c in arb_command(), q in arb_query(), r in arb_response()) {
+        prop_assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+        prop_assert_eq!(Query::decode(&q.encode()).unwrap(), q);
+        prop_assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn decoders_never_panic(data in prop::collection::vec(any::<u8>(), 0..128)) {
+        let _ = Command::decode(&data);
+        let _ = Query::decode(&data);
+        let _ = Response::decode(&data);
+        let _ = KvService::decode_snapshot(&data);
+        let mut with_magic = b"KKV1".to_vec();
+        with_magic.extend_from_slice(&data);
+        let _ = KvService::decode_snapshot(&with_magic);
+        let s = KvService::new();
+        let _ = Response::decode(&s.query(&data)).unwrap();
+    }
+
+    #[test]
+    fn mutated_encodings_never_panic(
+        c in arb_command(),
+        r in arb_response(),
+        cmds in prop::collection::vec(arb_command(), 0..8),
+        cut in any::<prop::sample::Index>(),
+        flip in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let (h, _) = service_after(&cmds);
+        for enc in [c.encode().to_vec(), r.encode().to_vec(), h.svc().snapshot()] {
+            let mut m = enc.clone();
+            let i = flip.index(m.len());
+            m[i] = byte;
+            let t = &enc[..cut.index(enc.len() + 1)];
+            for d in [&m[..], t] {
+                let _ = Command::decode(d);
+                let _ = Response::decode(d);
+                let _ = Query::decode(d);
+                let _ = KvService::decode_snapshot(d);
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_never_changes_state(
+        cmds in prop::collection::vec(arb_command(), 0..10),
+        data in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let (mut h, _) = service_after(&cmds);
+        let before = h.svc().clone();
+        let reply = Response::decode(&h.raw(Bytes::from(data.clone()))).unwrap();
+        let is_error = matches!(reply, Response::Error { .. });
+        match Command::decode(&data) {
+            Ok(c) if c.validate().is_ok() => prop_assert!(!is_error, "{:?}", reply),
+            _ => {
+                prop_assert!(is_error, "{:?}", reply);
+                prop_assert_eq!(h.svc(), &before);
+            }
+        }
+    }
+}

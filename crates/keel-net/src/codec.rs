@@ -1,0 +1,1446 @@
+//! The wire codec: every frame exchanged between peers and between clients
+//! and nodes, and its binary encoding. A frame is `[len: u32 LE][version:
+//! u8][tag: u8][payload]`, where `len` counts the bytes after the length
+//! field (so at least 2). Inside the payload integers are little-endian and
+//! fixed-width, byte strings and strings are a `u32` length then the bytes,
+//! an `Option` is a 0/1 byte then the value, a `Vec` is a `u32` count then
+//! the items, and every enum starts with a tag byte. Decoding never panics,
+//! never trusts a declared count or length beyond the bytes present, and
+//! requires each frame to be consumed exactly.
+
+use bytes::Bytes;
+use keel_core::{
+    Body, Entry, EntryKind, Membership, MembershipChange, Message, NodeId, Snapshot, SnapshotMeta,
+};
+use std::sync::Arc;
+
+/// The protocol version carried by every frame.
+pub const VERSION: u8 = 1;
+/// The default limit on a frame's declared length.
+pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
+
+/// Bytes of the length prefix.
+const LEN_BYTES: usize = 4;
+/// The smallest declared length: version and tag.
+const MIN_FRAME: usize = 2;
+
+/// One unit of the wire protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// First frame on a peer connection.
+    Hello {
+        cluster_id: u64,
+        node_id: NodeId,
+    },
+    Peer(keel_core::Message),
+    Request(ClientRequest),
+    Response(ClientResponse),
+}
+
+/// A client's request to a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientRequest {
+    pub id: u64,
+    pub client: u64,
+    pub seq: u64,
+    pub op: ClientOp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientOp {
+    /// A command for the replicated service (exactly once by (client, seq)).
+    Write(Bytes),
+    /// A linearizable read-only query (read-index).
+    Read(Bytes),
+    /// A read-only query answered from this node's state, however stale.
+    StaleRead(Bytes),
+    Status,
+    TransferLeader(NodeId),
+    ChangeMembership(keel_core::MembershipChange),
+}
+
+/// A node's answer to the request with the same `id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientResponse {
+    pub id: u64,
+    pub result: ClientResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientResult {
+    Ok(Bytes),
+    /// A stale read's answer with this node's applied position and the commit position it knows.
+    StaleOk {
+        data: Bytes,
+        applied: u64,
+        commit: u64,
+    },
+    NotLeader {
+        leader: Option<NodeId>,
+        address: Option<String>,
+    },
+    /// The node is overloaded; retry later (the request was not taken).
+    Busy,
+    Error(String),
+    Status(NodeStatus),
+}
+
+/// What a node reports about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub append: u64,
+    pub durable: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Leader only: (follower, matched position).
+    pub followers: Vec<(NodeId, u64)>,
+}
+
+/// Why a frame could not be decoded. Any of these means the stream is no
+/// longer trustworthy: close the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error("frame declares {len} bytes, above the limit of {max} bytes")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("frame declares {len} bytes, expected at least {MIN_FRAME} (version and tag)")]
+    FrameTooShort { len: usize },
+    #[error("unsupported protocol version {found}, expected {expected}")]
+    BadVersion { found: u8, expected: u8 },
+    #[error("unknown {what} tag {tag}")]
+    UnknownTag { what: &'static str, tag: u8 },
+    #[error("frame ended in the middle of {what}")]
+    Truncated { what: &'static str },
+    #[error("{extra} unexpected bytes after the end of the {what}")]
+    TrailingBytes { what: &'static str, extra: usize },
+    #[error("{what} is not valid UTF-8")]
+    BadUtf8 { what: &'static str },
+    #[error("{what}: expected a flag byte 0 or 1, found {found}")]
+    BadFlag { what: &'static str, found: u8 },
+    #[error("{what} declares {count} items, but only {remaining} bytes remain in the frame")]
+    CountTooLarge {
+        what: &'static str,
+        count: u32,
+        remaining: usize,
+    },
+    #[error("{what} must be in strictly ascending order, found {found} after {prev}")]
+    Unordered {
+        what: &'static str,
+        prev: u64,
+        found: u64,
+    },
+}
+
+// Frame tags.
+const FRAME_HELLO: u8 = 1;
+const FRAME_PEER: u8 = 2;
+const FRAME_REQUEST: u8 = 3;
+const FRAME_RESPONSE: u8 = 4;
+
+// Message body tags.
+const BODY_PRE_VOTE: u8 = 1;
+const BODY_PRE_VOTE_RESP: u8 = 2;
+const BODY_VOTE: u8 = 3;
+const BODY_VOTE_RESP: u8 = 4;
+const BODY_APPEND: u8 = 5;
+const BODY_APPEND_RESP: u8 = 6;
+const BODY_INSTALL_SNAPSHOT: u8 = 7;
+const BODY_TIMEOUT_NOW: u8 = 8;
+
+// Entry kind tags.
+const KIND_TERM_START: u8 = 1;
+const KIND_COMMAND: u8 = 2;
+const KIND_TIMER: u8 = 3;
+const KIND_MEMBERSHIP: u8 = 4;
+const KIND_SESSION_CLOSE: u8 = 5;
+
+// Client op tags.
+const OP_WRITE: u8 = 1;
+const OP_READ: u8 = 2;
+const OP_STALE_READ: u8 = 3;
+const OP_STATUS: u8 = 4;
+const OP_TRANSFER_LEADER: u8 = 5;
+const OP_CHANGE_MEMBERSHIP: u8 = 6;
+
+// Membership change tags.
+const CHANGE_ADD_LEARNER: u8 = 1;
+const CHANGE_PROMOTE_LEARNER: u8 = 2;
+const CHANGE_REMOVE: u8 = 3;
+
+// Client result tags.
+const RESULT_OK: u8 = 1;
+const RESULT_STALE_OK: u8 = 2;
+const RESULT_NOT_LEADER: u8 = 3;
+const RESULT_BUSY: u8 = 4;
+const RESULT_ERROR: u8 = 5;
+const RESULT_STATUS: u8 = 6;
+
+// Smallest encodings, to bound declared counts by the bytes present.
+/// term, position, timestamp, kind tag, data length.
+const MIN_ENTRY: usize = 8 + 8 + 8 + 1 + 4;
+
+// ---------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------
+
+/// Appends one frame: [len: u32 LE = bytes after this field][version u8][tag u8][payload].
+///
+/// Never panics. A frame whose length does not fit the `u32` prefix (over
+/// 4 GiB) is written with the length `u32::MAX`, which any receiver whose
+/// limit is below that rejects with [`CodecError::FrameTooLarge`].
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_BYTES]);
+    out.push(VERSION);
+    match frame {
+        Frame::Hello {
+            cluster_id,
+            node_id,
+        } => {
+            out.push(FRAME_HELLO);
+            put_u64(out, *cluster_id);
+            put_u64(out, *node_id);
+        }
+        Frame::Peer(m) => {
+            out.push(FRAME_PEER);
+            put_message(out, m);
+        }
+        Frame::Request(r) => {
+            out.push(FRAME_REQUEST);
+            put_request(out, r);
+        }
+        Frame::Response(r) => {
+            out.push(FRAME_RESPONSE);
+            put_response(out, r);
+        }
+    }
+    let body_len = out.len().saturating_sub(start).saturating_sub(LEN_BYTES);
+    let len = u32::try_from(body_len).unwrap_or(u32::MAX);
+    if let Some(prefix) = out.get_mut(start..start.saturating_add(LEN_BYTES)) {
+        prefix.copy_from_slice(&len.to_le_bytes());
+    }
+}
+
+fn put_u8(out: &mut Vec<u8>, v: u8) {
+    out.push(v);
+}
+
+fn put_bool(out: &mut Vec<u8>, v: bool) {
+    out.push(u8::from(v));
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// A length or count as `u32`; one above `u32::MAX` can only occur in a
+/// frame over 4 GiB, which `encode` marks as too large anyway.
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    put_u32(out, u32::try_from(n).unwrap_or(u32::MAX));
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_len(out, b.len());
+    out.extend_from_slice(b);
+}
+
+fn put_opt_u64(out: &mut Vec<u8>, v: Option<u64>) {
+    match v {
+        None => put_u8(out, 0),
+        Some(v) => {
+            put_u8(out, 1);
+            put_u64(out, v);
+        }
+    }
+}
+
+fn put_opt_str(out: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        None => put_u8(out, 0),
+        Some(s) => {
+            put_u8(out, 1);
+            put_bytes(out, s.as_bytes());
+        }
+    }
+}
+
+fn put_ids<'a>(out: &mut Vec<u8>, len: usize, ids: impl Iterator<Item = &'a u64>) {
+    put_len(out, len);
+    for id in ids {
+        put_u64(out, *id);
+    }
+}
+
+fn put_membership(out: &mut Vec<u8>, m: &Membership) {
+    put_ids(out, m.voters.len(), m.voters.iter());
+    put_ids(out, m.learners.len(), m.learners.iter());
+}
+
+fn put_message(out: &mut Vec<u8>, m: &Message) {
+    put_u64(out, m.cluster_id);
+    put_u64(out, m.from);
+    put_u64(out, m.to);
+    put_u64(out, m.term);
+    match &m.body {
+        Body::PreVote {
+            last_pos,
+            last_term,
+        } => {
+            put_u8(out, BODY_PRE_VOTE);
+            put_u64(out, *last_pos);
+            put_u64(out, *last_term);
+        }
+        Body::PreVoteResp { granted } => {
+            put_u8(out, BODY_PRE_VOTE_RESP);
+            put_bool(out, *granted);
+        }
+        Body::Vote {
+            last_pos,
+            last_term,
+            transfer,
+        } => {
+            put_u8(out, BODY_VOTE);
+            put_u64(out, *last_pos);
+            put_u64(out, *last_term);
+            put_bool(out, *transfer);
+        }
+        Body::VoteResp { granted } => {
+            put_u8(out, BODY_VOTE_RESP);
+            put_bool(out, *granted);
+        }
+        Body::Append {
+            prev_pos,
+            prev_term,
+            commit,
+            heartbeat,
+            entries,
+        } => {
+            put_u8(out, BODY_APPEND);
+            put_u64(out, *prev_pos);
+            put_u64(out, *prev_term);
+            put_u64(out, *commit);
+            put_u64(out, *heartbeat);
+            put_len(out, entries.len());
+            for e in entries {
+                put_entry(out, e);
+            }
+        }
+        Body::AppendResp {
+            ok,
+            position,
+            hint_pos,
+            hint_term,
+            heartbeat,
+        } => {
+            put_u8(out, BODY_APPEND_RESP);
+            put_bool(out, *ok);
+            put_u64(out, *position);
+            put_u64(out, *hint_pos);
+            put_u64(out, *hint_term);
+            put_u64(out, *heartbeat);
+        }
+        Body::InstallSnapshot { snapshot } => {
+            put_u8(out, BODY_INSTALL_SNAPSHOT);
+            put_snapshot(out, snapshot);
+        }
+        Body::TimeoutNow => put_u8(out, BODY_TIMEOUT_NOW),
+    }
+}
+
+fn put_entry(out: &mut Vec<u8>, e: &Entry) {
+    put_u64(out, e.term);
+    put_u64(out, e.position);
+    put_u64(out, e.timestamp);
+    match &e.kind {
+        EntryKind::TermStart => put_u8(out, KIND_TERM_START),
+        EntryKind::Command { client, seq } => {
+            put_u8(out, KIND_COMMAND);
+            put_u64(out, *client);
+            put_u64(out, *seq);
+        }
+        EntryKind::Timer { id, deadline } => {
+            put_u8(out, KIND_TIMER);
+            put_u64(out, *id);
+            put_u64(out, *deadline);
+        }
+        EntryKind::Membership(m) => {
+            put_u8(out, KIND_MEMBERSHIP);
+            put_membership(out, m);
+        }
+        EntryKind::SessionClose { client } => {
+            put_u8(out, KIND_SESSION_CLOSE);
+            put_u64(out, *client);
+        }
+    }
+    put_bytes(out, &e.data);
+}
+
+fn put_snapshot(out: &mut Vec<u8>, s: &Snapshot) {
+    put_u64(out, s.meta.position);
+    put_u64(out, s.meta.term);
+    put_u64(out, s.meta.timestamp);
+    put_membership(out, &s.meta.membership);
+    put_bytes(out, &s.data);
+}
+
+fn put_request(out: &mut Vec<u8>, r: &ClientRequest) {
+    put_u64(out, r.id);
+    put_u64(out, r.client);
+    put_u64(out, r.seq);
+    match &r.op {
+        ClientOp::Write(b) => {
+            put_u8(out, OP_WRITE);
+            put_bytes(out, b);
+        }
+        ClientOp::Read(b) => {
+            put_u8(out, OP_READ);
+            put_bytes(out, b);
+        }
+        ClientOp::StaleRead(b) => {
+            put_u8(out, OP_STALE_READ);
+            put_bytes(out, b);
+        }
+        ClientOp::Status => put_u8(out, OP_STATUS),
+        ClientOp::TransferLeader(n) => {
+            put_u8(out, OP_TRANSFER_LEADER);
+            put_u64(out, *n);
+        }
+        ClientOp::ChangeMembership(c) => {
+            put_u8(out, OP_CHANGE_MEMBERSHIP);
+            let (tag, n) = match *c {
+                MembershipChange::AddLearner(n) => (CHANGE_ADD_LEARNER, n),
+                MembershipChange::PromoteLearner(n) => (CHANGE_PROMOTE_LEARNER, n),
+                MembershipChange::Remove(n) => (CHANGE_REMOVE, n),
+            };
+            put_u8(out, tag);
+            put_u64(out, n);
+        }
+    }
+}
+
+fn put_response(out: &mut Vec<u8>, r: &ClientResponse) {
+    put_u64(out, r.id);
+    match &r.result {
+        ClientResult::Ok(b) => {
+            put_u8(out, RESULT_OK);
+            put_bytes(out, b);
+        }
+        ClientResult::StaleOk {
+            data,
+            applied,
+            commit,
+        } => {
+            put_u8(out, RESULT_STALE_OK);
+            put_bytes(out, data);
+            put_u64(out, *applied);
+            put_u64(out, *commit);
+        }
+        ClientResult::NotLeader { leader, address } => {
+            put_u8(out, RESULT_NOT_LEADER);
+            put_opt_u64(out, *leader);
+            put_opt_str(out, address.as_deref());
+        }
+        ClientResult::Busy => put_u8(out, RESULT_BUSY),
+        ClientResult::Error(e) => {
+            put_u8(out, RESULT_ERROR);
+            put_bytes(out, e.as_bytes());
+        }
+        ClientResult::Status(s) => {
+            put_u8(out, RESULT_STATUS);
+            put_status(out, s);
+        }
+    }
+}
+
+fn put_status(out: &mut Vec<u8>, s: &NodeStatus) {
+    put_u64(out, s.id);
+    put_bytes(out, s.role.as_bytes());
+    put_u64(out, s.term);
+    put_opt_u64(out, s.leader);
+    put_u64(out, s.append);
+    put_u64(out, s.durable);
+    put_u64(out, s.commit);
+    put_u64(out, s.applied);
+    put_ids(out, s.voters.len(), s.voters.iter());
+    put_ids(out, s.learners.len(), s.learners.iter());
+    put_len(out, s.followers.len());
+    for (id, matched) in &s.followers {
+        put_u64(out, *id);
+        put_u64(out, *matched);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------
+
+/// Decodes one frame from the start of `buf`. Ok(None): `buf` holds only part
+/// of a frame (need more bytes); Ok(Some((frame, consumed))). A declared
+/// length above `max_frame` is an error right away (before the bytes arrive),
+/// as is a length < 2 or (once its byte is present) a wrong version. Never
+/// panics on any input; never allocates more than the bytes actually present.
+pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, usize)>, CodecError> {
+    let Some((prefix, rest)) = buf.split_first_chunk::<LEN_BYTES>() else {
+        return Ok(None);
+    };
+    let len = usize::try_from(u32::from_le_bytes(*prefix)).unwrap_or(usize::MAX);
+    if len > max_frame {
+        return Err(CodecError::FrameTooLarge {
+            len,
+            max: max_frame,
+        });
+    }
+    if len < MIN_FRAME {
+        return Err(CodecError::FrameTooShort { len });
+    }
+    if let Some(&found) = rest.first() {
+        if found != VERSION {
+            return Err(CodecError::BadVersion {
+                found,
+                expected: VERSION,
+            });
+        }
+    }
+    let Some(body) = rest.get(..len) else {
+        return Ok(None);
+    };
+    let mut r = Reader { buf: body };
+    let _version = r.u8("version")?;
+    let frame = match r.u8("frame tag")? {
+        FRAME_HELLO => Frame::Hello {
+            cluster_id: r.u64("Hello.cluster_id")?,
+            node_id: r.u64("Hello.node_id")?,
+        },
+        FRAME_PEER => Frame::Peer(r.message()?),
+        FRAME_REQUEST => Frame::Request(r.request()?),
+        FRAME_RESPONSE => Frame::Response(r.response()?),
+        tag => return Err(CodecError::UnknownTag { what: "frame", tag }),
+    };
+    let what = match frame {
+        Frame::Hello { .. } => "Hello frame",
+        Frame::Peer(_) => "Peer frame",
+        Frame::Request(_) => "Request frame",
+        Frame::Response(_) => "Response frame",
+    };
+    r.finish(what)?;
+    Ok(Some((frame, LEN_BYTES.saturating_add(len))))
+}
+
+/// Reads fields off the front of one frame's bytes.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], CodecError> {
+        let (Some(head), Some(tail)) = (self.buf.get(..n), self.buf.get(n..)) else {
+            return Err(CodecError::Truncated { what });
+        };
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], CodecError> {
+        let Some((head, tail)) = self.buf.split_first_chunk::<N>() else {
+            return Err(CodecError::Truncated { what });
+        };
+        self.buf = tail;
+        Ok(*head)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, CodecError> {
+        Ok(u8::from_le_bytes(self.array(what)?))
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, CodecError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, CodecError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A 0/1 byte.
+    fn flag(&mut self, what: &'static str) -> Result<bool, CodecError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            found => Err(CodecError::BadFlag { what, found }),
+        }
+    }
+
+    fn bytes(&mut self, what: &'static str) -> Result<Bytes, CodecError> {
+        let n = usize::try_from(self.u32(what)?).unwrap_or(usize::MAX);
+        Ok(Bytes::copy_from_slice(self.take(n, what)?))
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, CodecError> {
+        let n = usize::try_from(self.u32(what)?).unwrap_or(usize::MAX);
+        let raw = self.take(n, what)?;
+        match std::str::from_utf8(raw) {
+            Ok(s) => Ok(s.to_owned()),
+            Err(_) => Err(CodecError::BadUtf8 { what }),
+        }
+    }
+
+    fn opt_u64(&mut self, what: &'static str) -> Result<Option<u64>, CodecError> {
+        Ok(if self.flag(what)? {
+            Some(self.u64(what)?)
+        } else {
+            None
+        })
+    }
+
+    fn opt_string(&mut self, what: &'static str) -> Result<Option<String>, CodecError> {
+        Ok(if self.flag(what)? {
+            Some(self.string(what)?)
+        } else {
+            None
+        })
+    }
+
+    /// A vector's count, checked against the bytes left: each item takes at
+    /// least `min_item` bytes, so a larger count cannot be genuine.
+    fn count(&mut self, what: &'static str, min_item: usize) -> Result<usize, CodecError> {
+        let count = self.u32(what)?;
+        let n = usize::try_from(count).unwrap_or(usize::MAX);
+        let remaining = self.buf.len();
+        if n > remaining / min_item.max(1) {
+            return Err(CodecError::CountTooLarge {
+                what,
+                count,
+                remaining,
+            });
+        }
+        Ok(n)
+    }
+
+    fn ids(&mut self, what: &'static str) -> Result<Vec<u64>, CodecError> {
+        let n = self.count(what, 8)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.u64(what)?);
+        }
+        Ok(v)
+    }
+
+    /// A set of ids, which must be strictly ascending (as encoded), so that
+    /// every set has exactly one encoding.
+    fn id_set(
+        &mut self,
+        what: &'static str,
+    ) -> Result<std::collections::BTreeSet<u64>, CodecError> {
+        let ids = self.ids(what)?;
+        let mut prev: Option<u64> = None;
+        for &found in &ids {
+            if let Some(prev) = prev {
+                if found <= prev {
+                    return Err(CodecError::Unordered { what, prev, found });
+                }
+            }
+            prev = Some(found);
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    fn membership(&mut self) -> Result<Membership, CodecError> {
+        Ok(Membership {
+            voters: self.id_set("membership voters")?,
+            learners: self.id_set("membership learners")?,
+        })
+    }
+
+    fn finish(&self, what: &'static str) -> Result<(), CodecError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(CodecError::TrailingBytes {
+                what,
+                extra: self.buf.len(),
+            })
+        }
+    }
+
+    fn message(&mut self) -> Result<Message, CodecError> {
+        let cluster_id = self.u64("Message.cluster_id")?;
+        let from = self.u64("Message.from")?;
+        let to = self.u64("Message.to")?;
+        let term = self.u64("Message.term")?;
+        let body = match self.u8("message body tag")? {
+            BODY_PRE_VOTE => Body::PreVote {
+                last_pos: self.u64("PreVote.last_pos")?,
+                last_term: self.u64("PreVote.last_term")?,
+            },
+            BODY_PRE_VOTE_RESP => Body::PreVoteResp {
+                granted: self.flag("PreVoteResp.granted")?,
+            },
+            BODY_VOTE => Body::Vote {
+                last_pos: self.u64("Vote.last_pos")?,
+                last_term: self.u64("Vote.last_term")?,
+                transfer: self.flag("Vote.transfer")?,
+            },
+            BODY_VOTE_RESP => Body::VoteResp {
+                granted: self.flag("VoteResp.granted")?,
+            },
+            BODY_APPEND => {
+                let prev_pos = self.u64("Append.prev_pos")?;
+                let prev_term = self.u64("Append.prev_term")?;
+                let commit = self.u64("Append.commit")?;
+                let heartbeat = self.u64("Append.heartbeat")?;
+                let n = self.count("Append.entries", MIN_ENTRY)?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(self.entry()?);
+                }
+                Body::Append {
+                    prev_pos,
+                    prev_term,
+                    commit,
+                    heartbeat,
+                    entries,
+                }
+            }
+            BODY_APPEND_RESP => Body::AppendResp {
+                ok: self.flag("AppendResp.ok")?,
+                position: self.u64("AppendResp.position")?,
+                hint_pos: self.u64("AppendResp.hint_pos")?,
+                hint_term: self.u64("AppendResp.hint_term")?,
+                heartbeat: self.u64("AppendResp.heartbeat")?,
+            },
+            BODY_INSTALL_SNAPSHOT => Body::InstallSnapshot {
+                snapshot: self.snapshot()?,
+            },
+            BODY_TIMEOUT_NOW => Body::TimeoutNow,
+            tag => {
+                return Err(CodecError::UnknownTag {
+                    what: "message body",
+                    tag,
+                })
+            }
+        };
+        Ok(Message {
+            cluster_id,
+            from,
+            to,
+            term,
+            body,
+        })
+    }
+
+    fn entry(&mut self) -> Result<Entry, CodecError> {
+        let term = self.u64("Entry.term")?;
+        let position = self.u64("Entry.position")?;
+        let timestamp = self.u64("Entry.timestamp")?;
+        let kind = match self.u8("entry kind tag")? {
+            KIND_TERM_START => EntryKind::TermStart,
+            KIND_COMMAND => EntryKind::Command {
+                client: self.u64("Command.client")?,
+                seq: self.u64("Command.seq")?,
+            },
+            KIND_TIMER => EntryKind::Timer {
+                id: self.u64("Timer.id")?,
+                deadline: self.u64("Timer.deadline")?,
+            },
+            KIND_MEMBERSHIP => EntryKind::Membership(Arc::new(self.membership()?)),
+            KIND_SESSION_CLOSE => EntryKind::SessionClose {
+                client: self.u64("SessionClose.client")?,
+            },
+            tag => {
+                return Err(CodecError::UnknownTag {
+                    what: "entry kind",
+                    tag,
+                })
+            }
+        };
+        let data = self.bytes("Entry.data")?;
+        Ok(Entry {
+            term,
+            position,
+            timestamp,
+            kind,
+            data,
+        })
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, CodecError> {
+        let meta = SnapshotMeta {
+            position: self.u64("SnapshotMeta.position")?,
+            term: self.u64("SnapshotMeta.term")?,
+            timestamp: self.u64("SnapshotMeta.timestamp")?,
+            membership: self.membership()?,
+        };
+        let data = self.bytes("Snapshot.data")?;
+        Ok(Snapshot { meta, data })
+    }
+
+    fn request(&mut self) -> Result<ClientRequest, CodecError> {
+        let id = self.u64("ClientRequest.id")?;
+        let client = self.u64("ClientRequest.client")?;
+        let seq = self.u64("ClientRequest.seq")?;
+        let op = match self.u8("client op tag")? {
+            OP_WRITE => ClientOp::Write(self.bytes("Write data")?),
+            OP_READ => ClientOp::Read(self.bytes("Read query")?),
+            OP_STALE_READ => ClientOp::StaleRead(self.bytes("StaleRead query")?),
+            OP_STATUS => ClientOp::Status,
+            OP_TRANSFER_LEADER => ClientOp::TransferLeader(self.u64("TransferLeader target")?),
+            OP_CHANGE_MEMBERSHIP => {
+                let tag = self.u8("membership change tag")?;
+                let n = self.u64("membership change node")?;
+                ClientOp::ChangeMembership(match tag {
+                    CHANGE_ADD_LEARNER => MembershipChange::AddLearner(n),
+                    CHANGE_PROMOTE_LEARNER => MembershipChange::PromoteLearner(n),
+                    CHANGE_REMOVE => MembershipChange::Remove(n),
+                    tag => {
+                        return Err(CodecError::UnknownTag {
+                            what: "membership change",
+                            tag,
+                        })
+                    }
+                })
+            }
+            tag => {
+                return Err(CodecError::UnknownTag {
+                    what: "client op",
+                    tag,
+                })
+            }
+        };
+        Ok(ClientRequest {
+            id,
+            client,
+            seq,
+            op,
+        })
+    }
+
+    fn response(&mut self) -> Result<ClientResponse, CodecError> {
+        let id = self.u64("ClientResponse.id")?;
+        let result = match self.u8("client result tag")? {
+            RESULT_OK => ClientResult::Ok(self.bytes("Ok data")?),
+            RESULT_STALE_OK => ClientResult::StaleOk {
+                data: self.bytes("StaleOk.data")?,
+                applied: self.u64("StaleOk.applied")?,
+                commit: self.u64("StaleOk.commit")?,
+            },
+            RESULT_NOT_LEADER => ClientResult::NotLeader {
+                leader: self.opt_u64("NotLeader.leader")?,
+                address: self.opt_string("NotLeader.address")?,
+            },
+            RESULT_BUSY => ClientResult::Busy,
+            RESULT_ERROR => ClientResult::Error(self.string("Error message")?),
+            RESULT_STATUS => ClientResult::Status(self.status()?),
+            tag => {
+                return Err(CodecError::UnknownTag {
+                    what: "client result",
+                    tag,
+                })
+            }
+        };
+        Ok(ClientResponse { id, result })
+    }
+
+    fn status(&mut self) -> Result<NodeStatus, CodecError> {
+        let id = self.u64("NodeStatus.id")?;
+        let role = self.string("NodeStatus.role")?;
+        let term = self.u64("NodeStatus.term")?;
+        let leader = self.opt_u64("NodeStatus.leader")?;
+        let append = self.u64("NodeStatus.append")?;
+        let durable = self.u64("NodeStatus.durable")?;
+        let commit = self.u64("NodeStatus.commit")?;
+        let applied = self.u64("NodeStatus.applied")?;
+        let voters = self.ids("NodeStatus.voters")?;
+        let learners = self.ids("NodeStatus.learners")?;
+        let n = self.count("NodeStatus.followers", 16)?;
+        let mut followers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let follower = self.u64("NodeStatus.followers")?;
+            let matched = self.u64("NodeStatus.followers")?;
+            followers.push((follower, matched));
+        }
+        Ok(NodeStatus {
+            id,
+            role,
+            term,
+            leader,
+            append,
+            durable,
+            commit,
+            applied,
+            voters,
+            learners,
+            followers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::collection::{btree_set, vec};
+    use proptest::prelude::*;
+
+    const MAX: usize = DEFAULT_MAX_FRAME;
+
+    fn enc(f: &Frame) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(f, &mut out);
+        out
+    }
+
+    /// Rewrites the length prefix of an encoded frame.
+    fn set_len(buf: &mut [u8], len: usize) {
+        let len = u32::try_from(len).unwrap();
+        buf[..4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    fn bytes() -> impl Strategy<Value = Bytes> {
+        vec(any::<u8>(), 0..40).prop_map(Bytes::from)
+    }
+
+    fn membership() -> impl Strategy<Value = Membership> {
+        (btree_set(any::<u64>(), 0..6), btree_set(any::<u64>(), 0..4))
+            .prop_map(|(voters, learners)| Membership { voters, learners })
+    }
+
+    fn kind() -> impl Strategy<Value = EntryKind> {
+        prop_oneof![
+            Just(EntryKind::TermStart),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(client, seq)| EntryKind::Command { client, seq }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(id, deadline)| EntryKind::Timer { id, deadline }),
+            membership().prop_map(|m| EntryKind::Membership(Arc::new(m))),
+            any::<u64>().prop_map(|client| EntryKind::SessionClose { client }),
+        ]
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        (any::<u64>(), any::<u64>(), any::<u64>(), kind(), bytes()).prop_map(
+            |(term, position, timestamp, kind, data)| Entry {
+                term,
+                position,
+                timestamp,
+                kind,
+                data,
+            },
+        )
+    }
+
+    fn body() -> impl Strategy<Value = Body> {
+        prop_oneof![
+            1 => (any::<u64>(), any::<u64>()).prop_map(|(last_pos, last_term)| Body::PreVote {
+                last_pos,
+                last_term
+            }),
+            1 => any::<bool>().prop_map(|granted| Body::PreVoteResp { granted }),
+            1 => (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+                |(last_pos, last_term, transfer)| Body::Vote {
+                    last_pos,
+                    last_term,
+                    transfer
+                }
+            ),
+            1 => any::<bool>().prop_map(|granted| Body::VoteResp { granted }),
+            // Weighted up: the variant with the most structure.
+            3 => (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                vec(entry(), 0..8)
+            )
+                .prop_map(|(prev_pos, prev_term, commit, heartbeat, entries)| {
+                    Body::Append {
+                        prev_pos,
+                        prev_term,
+                        commit,
+                        heartbeat,
+                        entries,
+                    }
+                }),
+            1 => (
+                any::<bool>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(ok, position, hint_pos, hint_term, heartbeat)| {
+                    Body::AppendResp {
+                        ok,
+                        position,
+                        hint_pos,
+                        hint_term,
+                        heartbeat,
+                    }
+                }),
+            2 => (any::<u64>(), any::<u64>(), any::<u64>(), membership(), bytes()).prop_map(
+                |(position, term, timestamp, membership, data)| Body::InstallSnapshot {
+                    snapshot: Snapshot {
+                        meta: SnapshotMeta {
+                            position,
+                            term,
+                            timestamp,
+                            membership,
+                        },
+                        data,
+                    },
+                }
+            ),
+            1 => Just(Body::TimeoutNow),
+        ]
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            body(),
+        )
+            .prop_map(|(cluster_id, from, to, term, body)| Message {
+                cluster_id,
+                from,
+                to,
+                term,
+                body,
+            })
+    }
+
+    fn op() -> impl Strategy<Value = ClientOp> {
+        prop_oneof![
+            bytes().prop_map(ClientOp::Write),
+            bytes().prop_map(ClientOp::Read),
+            bytes().prop_map(ClientOp::StaleRead),
+            Just(ClientOp::Status),
+            any::<u64>().prop_map(ClientOp::TransferLeader),
+            prop_oneof![
+                any::<u64>().prop_map(MembershipChange::AddLearner),
+                any::<u64>().prop_map(MembershipChange::PromoteLearner),
+                any::<u64>().prop_map(MembershipChange::Remove),
+            ]
+            .prop_map(ClientOp::ChangeMembership),
+        ]
+    }
+
+    fn status() -> impl Strategy<Value = NodeStatus> {
+        (
+            (any::<u64>(), ".{0,12}", any::<u64>(), any::<Option<u64>>()),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
+            (
+                vec(any::<u64>(), 0..5),
+                vec(any::<u64>(), 0..3),
+                vec((any::<u64>(), any::<u64>()), 0..5),
+            ),
+        )
+            .prop_map(
+                |(
+                    (id, role, term, leader),
+                    (append, durable, commit, applied),
+                    (voters, learners, followers),
+                )| NodeStatus {
+                    id,
+                    role,
+                    term,
+                    leader,
+                    append,
+                    durable,
+                    commit,
+                    applied,
+                    voters,
+                    learners,
+                    followers,
+                },
+            )
+    }
+
+    fn result() -> impl Strategy<Value = ClientResult> {
+        prop_oneof![
+            bytes().prop_map(ClientResult::Ok),
+            (bytes(), any::<u64>(), any::<u64>()).prop_map(|(data, applied, commit)| {
+                ClientResult::StaleOk {
+                    data,
+                    applied,
+                    commit,
+                }
+            }),
+            (any::<Option<u64>>(), proptest::option::of(".{0,20}"))
+                .prop_map(|(leader, address)| ClientResult::NotLeader { leader, address }),
+            Just(ClientResult::Busy),
+            ".{0,30}".prop_map(ClientResult::Error),
+            status().prop_map(ClientResult::Status),
+        ]
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            1 => (any::<u64>(), any::<u64>()).prop_map(|(cluster_id, node_id)| Frame::Hello {
+                cluster_id,
+                node_id
+            }),
+            3 => message().prop_map(Frame::Peer),
+            1 => (any::<u64>(), any::<u64>(), any::<u64>(), op()).prop_map(
+                |(id, client, seq, op)| Frame::Request(ClientRequest {
+                    id,
+                    client,
+                    seq,
+                    op
+                })
+            ),
+            2 => (any::<u64>(), result()).prop_map(|(id, result)| Frame::Response(ClientResponse {
+                id,
+                result
+            })),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_exactly(f in frame()) {
+            let buf = enc(&f);
+            prop_assert_eq!(decode(&buf, MAX), Ok(Some((f.clone(), buf.len()))));
+            // The length prefix counts the bytes after it.
+            prop_assert_eq!(
+                u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize,
+                buf.len() - 4
+            );
+            // Encoding appends: earlier contents are kept.
+            let mut out = vec![0xAB; 3];
+            encode(&f, &mut out);
+            prop_assert_eq!(&out[..3], &[0xAB; 3]);
+            prop_assert_eq!(&out[3..], &buf[..]);
+        }
+
+        #[test]
+        fn every_strict_prefix_is_incomplete(f in frame()) {
+            let buf = enc(&f);
+            for cut in 0..buf.len() {
+                prop_assert_eq!(decode(&buf[..cut], MAX), Ok(None), "prefix of {} bytes", cut);
+            }
+        }
+
+        #[test]
+        fn concatenated_frames_decode_in_order(a in frame(), b in frame()) {
+            let mut buf = enc(&a);
+            let first = buf.len();
+            encode(&b, &mut buf);
+            let (fa, na) = decode(&buf, MAX).unwrap().unwrap();
+            prop_assert_eq!(na, first);
+            prop_assert_eq!(fa, a);
+            let (fb, nb) = decode(&buf[na..], MAX).unwrap().unwrap();
+            prop_assert_eq!(na + nb, buf.len());
+            prop_assert_eq!(fb, b);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(buf in vec(any::<u8>(), 0..300)) {
+            if let Ok(Some((_, n))) = decode(&buf, MAX) {
+                prop_assert!(n <= buf.len());
+            }
+        }
+
+        /// A valid header in front of random bytes reaches deep into the
+        /// payload decoders.
+        #[test]
+        fn random_payloads_never_panic(tag in 0u8..6, payload in vec(any::<u8>(), 0..300)) {
+            let mut buf = vec![0; 4];
+            buf.push(VERSION);
+            buf.push(tag);
+            buf.extend_from_slice(&payload);
+            let len = buf.len() - 4;
+            set_len(&mut buf, len);
+            match decode(&buf, MAX) {
+                Ok(Some((f, n))) => {
+                    prop_assert_eq!(n, buf.len());
+                    // Whatever decodes re-encodes to the same bytes.
+                    prop_assert_eq!(enc(&f), buf);
+                }
+                Ok(None) => prop_assert!(false, "a complete frame was reported incomplete"),
+                Err(_) => {}
+            }
+        }
+
+        /// Corrupting any byte of a valid frame never panics, and whatever
+        /// still decodes is canonical.
+        #[test]
+        fn corrupted_frames_never_panic(f in frame(), at in any::<usize>(), v in any::<u8>()) {
+            let mut buf = enc(&f);
+            let at = at % buf.len();
+            buf[at] = v;
+            if let Ok(Some((g, n))) = decode(&buf, MAX) {
+                prop_assert!(n <= buf.len());
+                prop_assert_eq!(enc(&g), &buf[..n]);
+            }
+        }
+
+        /// Cutting the payload short (with a consistent length prefix) is a
+        /// clean error; so is an extra byte.
+        #[test]
+        fn inconsistent_lengths_are_errors(f in frame(), cut in any::<usize>()) {
+            let full = enc(&f);
+            if full.len() > 6 {
+                let keep = 6 + cut % (full.len() - 6);
+                let mut short = full[..keep].to_vec();
+                set_len(&mut short, keep - 4);
+                prop_assert!(decode(&short, MAX).is_err(), "{} of {} bytes", keep, full.len());
+            }
+            let mut long = full.clone();
+            long.push(0);
+            set_len(&mut long, full.len() - 3);
+            let is_trailing = matches!(
+                decode(&long, MAX),
+                Err(CodecError::TrailingBytes { extra: 1, .. })
+            );
+            prop_assert!(is_trailing);
+        }
+
+        #[test]
+        fn oversized_length_is_rejected_from_the_prefix_alone(
+            max in 2usize..100_000, over in 1usize..1000, more in vec(any::<u8>(), 0..8),
+        ) {
+            let len = max + over;
+            let mut buf = (len as u32).to_le_bytes().to_vec();
+            prop_assert_eq!(
+                decode(&buf, max),
+                Err(CodecError::FrameTooLarge { len, max })
+            );
+            buf.extend_from_slice(&more);
+            prop_assert_eq!(
+                decode(&buf, max),
+                Err(CodecError::FrameTooLarge { len, max })
+            );
+        }
+
+        #[test]
+        fn wrong_version_is_rejected(f in frame(), v in any::<u8>(), cut in any::<usize>()) {
+            prop_assume!(v != VERSION);
+            let mut buf = enc(&f);
+            buf[4] = v;
+            let want = Err(CodecError::BadVersion { found: v, expected: VERSION });
+            prop_assert_eq!(decode(&buf, MAX), want.clone());
+            // Already from the version byte on, before the frame is complete.
+            let cut = 5 + cut % (buf.len() - 4);
+            prop_assert_eq!(decode(&buf[..cut], MAX), want);
+        }
+
+        #[test]
+        fn unknown_tags_are_errors(f in frame(), t in any::<u8>()) {
+            let mut buf = enc(&f);
+            // The frame tag, and the first nested tag of each frame kind.
+            let (at, what, known) = match &f {
+                Frame::Hello { .. } => (5, "frame", 1..=4),
+                Frame::Peer(_) => (6 + 32, "message body", 1..=8),
+                Frame::Request(_) => (6 + 24, "client op", 1..=6),
+                Frame::Response(_) => (6 + 8, "client result", 1..=6),
+            };
+            prop_assume!(!known.contains(&t));
+            buf[at] = t;
+            prop_assert_eq!(decode(&buf, MAX), Err(CodecError::UnknownTag { what, tag: t }));
+            let mut buf = enc(&f);
+            if !(1..=4).contains(&t) {
+                buf[5] = t;
+                prop_assert_eq!(
+                    decode(&buf, MAX),
+                    Err(CodecError::UnknownTag { what: "frame", tag: t })
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hello_layout_is_pinned() {
+        let buf = enc(&Frame::Hello {
+            cluster_id: 0x0102,
+            node_id: 7,
+        });
+        let mut want = vec![18, 0, 0, 0, VERSION, 1];
+        want.extend_from_slice(&0x0102u64.to_le_bytes());
+        want.extend_from_slice(&7u64.to_le_bytes());
+        assert_eq!(buf, want);
+    }
+
+    #[test]
+    fn short_or_empty_input_needs_more() {
+        for n in 0..4 {
+            assert_eq!(decode(&[2, 0, 0, 0][..n], MAX), Ok(None));
+        }
+        assert_eq!(decode(&[2, 0, 0, 0], MAX), Ok(None));
+        assert_eq!(decode(&[2, 0, 0, 0, VERSION], MAX), Ok(None));
+    }
+
+    #[test]
+    fn length_below_two_is_rejected() {
+        for len in 0..2u32 {
+            let buf = len.to_le_bytes();
+            assert_eq!(
+                decode(&buf, MAX),
+                Err(CodecError::FrameTooShort { len: len as usize })
+            );
+        }
+    }
+
+    #[test]
+    fn huge_declared_length_is_rejected_without_waiting() {
+        let buf = u32::MAX.to_le_bytes();
+        assert_eq!(
+            decode(&buf, DEFAULT_MAX_FRAME),
+            Err(CodecError::FrameTooLarge {
+                len: u32::MAX as usize,
+                max: DEFAULT_MAX_FRAME
+            })
+        );
+        // Exactly at the limit is allowed (and incomplete here).
+        let buf = (DEFAULT_MAX_FRAME as u32).to_le_bytes();
+        assert_eq!(decode(&buf, DEFAULT_MAX_FRAME), Ok(None));
+    }
+
+    #[test]
+    fn huge_counts_do_not_allocate() {
+        // An Append claiming u32::MAX entries in a few bytes.
+        let mut buf = enc(&Frame::Peer(Message {
+            cluster_id: 1,
+            from: 1,
+            to: 2,
+            term: 3,
+            body: Body::Append {
+                prev_pos: 0,
+                prev_term: 0,
+                commit: 0,
+                heartbeat: 0,
+                entries: vec![],
+            },
+        }));
+        let at = buf.len() - 4;
+        buf[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            decode(&buf, MAX),
+            Err(CodecError::CountTooLarge {
+                what: "Append.entries",
+                count: u32::MAX,
+                remaining: 0
+            })
+        );
+        // A byte string claiming u32::MAX bytes.
+        let mut buf = enc(&Frame::Response(ClientResponse {
+            id: 1,
+            result: ClientResult::Ok(Bytes::new()),
+        }));
+        let at = buf.len() - 4;
+        buf[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            decode(&buf, MAX),
+            Err(CodecError::Truncated { what: "Ok data" })
+        );
+    }
+
+    #[test]
+    fn bad_flags_utf8_and_unordered_sets_are_errors() {
+        let mut buf = enc(&Frame::Peer(Message {
+            cluster_id: 1,
+            from: 1,
+            to: 2,
+            term: 3,
+            body: Body::VoteResp { granted: true },
+        }));
+        *buf.last_mut().unwrap() = 2;
+        assert_eq!(
+            decode(&buf, MAX),
+            Err(CodecError::BadFlag {
+                what: "VoteResp.granted",
+                found: 2
+            })
+        );
+
+        let mut buf = enc(&Frame::Response(ClientResponse {
+            id: 1,
+            result: ClientResult::Error("ab".into()),
+        }));
+        *buf.last_mut().unwrap() = 0xFF;
+        assert_eq!(
+            decode(&buf, MAX),
+            Err(CodecError::BadUtf8 {
+                what: "Error message"
+            })
+        );
+
+        let snapshot = |voters: [u64; 2]| {
+            Frame::Peer(Message {
+                cluster_id: 1,
+                from: 1,
+                to: 2,
+                term: 3,
+                body: Body::InstallSnapshot {
+                    snapshot: Snapshot {
+                        meta: SnapshotMeta {
+                            position: 10,
+                            term: 2,
+                            timestamp: 5,
+                            membership: Membership::new(voters),
+                        },
+                        data: Bytes::from_static(b"state"),
+                    },
+                },
+            })
+        };
+        // Encode {11, 22}, then swap the two ids on the wire.
+        let good = enc(&snapshot([11, 22]));
+        let one = 11u64.to_le_bytes();
+        let two = 22u64.to_le_bytes();
+        let at = good
+            .windows(16)
+            .position(|w| w[..8] == one && w[8..] == two)
+            .unwrap();
+        let mut bad = good.clone();
+        bad[at..at + 8].copy_from_slice(&two);
+        bad[at + 8..at + 16].copy_from_slice(&one);
+        assert_eq!(
+            decode(&bad, MAX),
+            Err(CodecError::Unordered {
+                what: "membership voters",
+                prev: 22,
+                found: 11
+            })
+        );
+        // A duplicate is rejected the same way.
+        bad[at..at + 8].copy_from_slice(&two);
+        bad[at + 8..at + 16].copy_from_slice(&two);
+        assert!(matches!(
+            decode(&bad, MAX),
+            Err(CodecError::Unordered { .. })
+        ));
+    }
+
+    #[test]
+    fn errors_read_well() {
+        assert_eq!(
+            CodecError::FrameTooLarge { len: 100, max: 10 }.to_string(),
+            "frame declares 100 bytes, above the limit of 10 bytes"
+        );
+        assert_eq!(
+            CodecError::BadVersion {
+                found: 9,
+                expected: 1
+            }
+            .to_string(),
+            "unsupported protocol version 9, expected 1"
+        );
+        assert_eq!(
+            CodecError::UnknownTag {
+                what: "entry kind",
+                tag: 42
+            }
+            .to_string(),
+            "unknown entry kind tag 42"
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! Node configuration: the TOML file `keel server --config` reads (every
+//! field can also come from flags), with validation that says what is wrong.
+
+use keel_core::{Membership, NodeId};
+use keel_log::Durability;
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// Another member of the cluster and where to reach it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: NodeId,
+    /// Address its peer (replication) port listens on.
+    pub peer_addr: String,
+    /// Address its client port listens on (sent to clients in redirects).
+    pub client_addr: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityConfig {
+    #[default]
+    Sync,
+    Replicated,
+}
+
+impl From<DurabilityConfig> for Durability {
+    fn from(d: DurabilityConfig) -> Self {
+        match d {
+            DurabilityConfig::Sync => Durability::Sync,
+            DurabilityConfig::Replicated => Durability::Replicated,
+        }
+    }
+}
+
+fn default_cluster_id() -> u64 {
+    0x6b65_656c // "keel"
+}
+fn default_heartbeat_ms() -> u64 {
+    50
+}
+fn default_election_min_ms() -> u64 {
+    500
+}
+fn default_election_max_ms() -> u64 {
+    1000
+}
+fn default_snapshot_bytes() -> u64 {
+    64 << 20
+}
+fn default_queue_depth() -> usize {
+    16 * 1024
+}
+fn default_max_request_bytes() -> usize {
+    4 << 20
+}
+fn default_service() -> String {
+    "kv".into()
+}
+
+/// Everything one node needs to run.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id (not 0, unique in the cluster).
+    pub id: NodeId,
+    /// Every node of a cluster must use the same cluster id; connections
+    /// and messages from another cluster are refused.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: u64,
+    pub data_dir: PathBuf,
+    /// Where to listen for peers.
+    pub peer_addr: String,
+    /// Where to listen for clients (native protocol).
+    pub client_addr: String,
+    /// Where to serve /metrics and /status over HTTP (optional).
+    #[serde(default)]
+    pub http_addr: Option<String>,
+    #[serde(default)]
+    pub durability: DurabilityConfig,
+    /// The replicated service: kv, echo, lock, matching.
+    #[serde(default = "default_service")]
+    pub service: String,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "default_election_min_ms")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "default_election_max_ms")]
+    pub election_timeout_max_ms: u64,
+    /// Take a snapshot after this many bytes of log were applied.
+    #[serde(default = "default_snapshot_bytes")]
+    pub snapshot_every_bytes: u64,
+    /// Requests and peer messages queued for the consensus thread before new
+    /// client requests are answered "busy".
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    /// Largest client request (and thus command) accepted.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Start with no membership, waiting to be added as a learner.
+    #[serde(default)]
+    pub join: bool,
+    /// The other members (and nodes that may be added later).
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.id == 0 {
+            return bad("id must not be 0".into());
+        }
+        let mut ids = BTreeSet::new();
+        for p in &self.peers {
+            if p.id == 0 || p.id == self.id || !ids.insert(p.id) {
+                return bad(format!(
+                    "peer id {} is 0, this node's own id, or listed twice",
+                    p.id
+                ));
+            }
+        }
+        if self.heartbeat_ms == 0 || self.heartbeat_ms >= self.election_timeout_min_ms {
+            return bad(format!(
+                "heartbeat_ms ({}) must be above 0 and below election_timeout_min_ms ({})",
+                self.heartbeat_ms, self.election_timeout_min_ms
+            ));
+        }
+        if self.election_timeout_min_ms >= self.election_timeout_max_ms {
+            return bad(format!(
+                "election_timeout_min_ms ({}) must be below election_timeout_max_ms ({})",
+                self.election_timeout_min_ms, self.election_timeout_max_ms
+            ));
+        }
+        if self.queue_depth < 16 {
+            return bad(format!(
+                "queue_depth ({}) must be at least 16",
+                self.queue_depth
+            ));
+        }
+        if self.max_request_bytes < 1024 || self.max_request_bytes > 64 << 20 {
+            return bad(format!(
+                "max_request_bytes ({}) must be between 1 KiB and 64 MiB",
+                self.max_request_bytes
+            ));
+        }
+        for (what, addr) in [
+            ("peer_addr", &self.peer_addr),
+            ("client_addr", &self.client_addr),
+        ] {
+            if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
+                return bad(format!("{what} {addr:?} is not host:port"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The membership a new cluster starts with: this node and its peers
+    /// (none for a node that joins an existing cluster).
+    pub fn initial_membership(&self) -> Membership {
+        if self.join {
+            Membership::default()
+        } else {
+            Membership::new(std::iter::once(self.id).chain(self.peers.iter().map(|p| p.id)))
+        }
+    }
+
+    pub fn client_addr_of(&self, id: NodeId) -> Option<String> {
+        if id == self.id {
+            return Some(self.client_addr.clone());
+        }
+        self.peers
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.client_addr.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> &'static str {
+        "id = 1\ndata_dir = \"d\"\npeer_addr = \"127.0.0.1:7001\"\nclient_addr = \"127.0.0.1:7101\"\n"
+    }
+
+    #[test]
+    fn parses_defaults_and_peers() {
+        let text = format!(
+            "{}[[peers]]\nid = 2\npeer_addr = \"127.0.0.1:7002\"\nclient_addr = \"127.0.0.1:7102\"\n",
+            base()
+        );
+        let c: NodeConfig = toml::from_str(&text).expect("parse");
+        c.validate().expect("valid");
+        assert_eq!(c.durability, DurabilityConfig::Sync);
+        assert_eq!(c.initial_membership(), Membership::new([1, 2]));
+        assert_eq!(c.client_addr_of(2).as_deref(), Some("127.0.0.1:7102"));
+    }
+
+    #[test]
+    fn rejects_typos_and_bad_values_with_reasons() {
+        let typo = format!("{}heartbeat_msec = 5\n", base());
+        let e = toml::from_str::<NodeConfig>(&typo).expect_err("typo accepted");
+        assert!(e.to_string().contains("heartbeat_msec"), "{e}");
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        c.election_timeout_min_ms = 2000;
+        let e = c.validate().expect_err("min > max accepted");
+        assert!(
+            e.to_string().contains("election_timeout_min_ms (2000)"),
+            "{e}"
+        );
+        let bad_mode = format!("{}durability = \"fast\"\n", base());
+        assert!(toml::from_str::<NodeConfig>(&bad_mode).is_err());
+    }
+}

@@ -1,0 +1,87 @@
+//! A minimal HTTP/1.1 endpoint for operators: `GET /metrics` (Prometheus
+//! text) and `GET /status` (JSON). Anything else is a 404; one request per
+//! connection.
+
+use crate::metrics::Metrics;
+use keel_net::codec::NodeStatus;
+use keel_net::tcp::NetStats;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub async fn serve(
+    addr: &str,
+    status: Arc<Mutex<NodeStatus>>,
+    metrics: Arc<Metrics>,
+    net: Arc<NetStats>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let (status, metrics, net) = (status.clone(), metrics.clone(), net.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                while n < buf.len() {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split_whitespace().nth(1).unwrap_or("");
+                let (code, ctype, body) = match path {
+                    "/metrics" => {
+                        metrics
+                            .peer_messages_dropped
+                            .set(net.peer_messages_dropped.load(Ordering::Relaxed));
+                        metrics
+                            .bad_frames
+                            .set(net.bad_frames.load(Ordering::Relaxed));
+                        ("200 OK", "text/plain; version=0.0.4", metrics.render())
+                    }
+                    "/status" => {
+                        let st = status.lock().map(|s| s.clone()).unwrap_or_default();
+                        ("200 OK", "application/json", status_json(&st))
+                    }
+                    _ => (
+                        "404 Not Found",
+                        "text/plain",
+                        "try /metrics or /status\n".into(),
+                    ),
+                };
+                let head = format!(
+                    "HTTP/1.1 {code}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+pub fn status_json(s: &NodeStatus) -> String {
+    serde_json::json!({
+        "id": s.id,
+        "role": s.role,
+        "term": s.term,
+        "leader": s.leader,
+        "append_position": s.append,
+        "durable_position": s.durable,
+        "commit_position": s.commit,
+        "applied_position": s.applied,
+        "voters": s.voters,
+        "learners": s.learners,
+        "followers": s.followers.iter().map(|(id, m)| serde_json::json!({"id": id, "matched": m, "lag": s.append.saturating_sub(*m)})).collect::<Vec<_>>(),
+    })
+    .to_string()
+}

@@ -1,0 +1,11 @@
+//! keel-node: the runtime that wires the consensus core, the durable log,
+//! the transport and a service into one running node; its configuration,
+//! metrics and HTTP status endpoint.
+
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod runtime;
+
+pub use config::{NodeConfig, PeerConfig};
+pub use runtime::{start, NodeError, NodeHandle};

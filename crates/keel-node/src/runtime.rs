@@ -1,0 +1,886 @@
+//! The runtime around one `keel-core` node: the consensus thread (the one
+//! big pipe: peer messages, client requests, ticks and storage/service
+//! completions go through it in order), the storage thread (keel-log group
+//! commit), the service thread (applies committed entries, serves reads,
+//! replies — only on the node that accepted the request as leader), a
+//! snapshot writer thread, and the tokio transport. Backpressure: client
+//! requests beyond the queue depth are answered "busy" at once.
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TrySendError};
+use keel_core::{
+    Action, ApplyOutput, Config as CoreConfig, Entry, Event, Message, Nanos, Node, NodeId,
+    Position, Proposal, Recovered, RejectReason, Reply, Role, Service, ServiceHost, Snapshot,
+    SnapshotMeta, TimerUpdate,
+};
+use keel_log::meta::{self, HardStateFile};
+use keel_log::{LogStore, Options, StorageEvent, StorageThread};
+use keel_net::codec::{ClientOp, ClientRequest, ClientResponse, ClientResult, NodeStatus};
+use keel_net::tcp::{self, NetStats, Peers, ResponseSink, TransportConfig};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::{error, info, warn};
+
+/// Why a node could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Storage(#[from] keel_log::LogError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start: {0}")]
+    Start(String),
+    #[error("stopped after a fatal error: {0}")]
+    Fatal(String),
+}
+
+/// Events into the consensus thread from inside the node (never dropped).
+enum Internal {
+    Durable {
+        position: Position,
+        term: u64,
+    },
+    Applied {
+        position: Position,
+        timers: Vec<TimerUpdate>,
+    },
+    SnapshotTaken {
+        position: Position,
+        data: Bytes,
+    },
+    Fatal(String),
+    Shutdown,
+}
+
+/// Events into the consensus thread from the network (bounded).
+enum External {
+    Peer(Message),
+    Client(ClientRequest, ResponseSink),
+}
+
+enum ServiceInput {
+    Apply(Vec<Entry>),
+    AwaitWrite {
+        client: u64,
+        seq: u64,
+        id: u64,
+        sink: ResponseSink,
+        since: Instant,
+    },
+    Read {
+        index: Position,
+        data: Bytes,
+        id: u64,
+        sink: ResponseSink,
+    },
+    StaleRead {
+        data: Bytes,
+        id: u64,
+        sink: ResponseSink,
+        commit: Position,
+    },
+    Restore(Box<Snapshot>),
+    Role(Role, Option<String>, Option<NodeId>),
+    Stop,
+}
+
+/// A running node.
+pub struct NodeHandle {
+    internal: Sender<Internal>,
+    threads: Vec<JoinHandle<()>>,
+    fatal: Arc<Mutex<Option<String>>>,
+    status: Arc<Mutex<NodeStatus>>,
+    stopped: Arc<AtomicBool>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl NodeHandle {
+    pub fn status(&self) -> NodeStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+    /// Has the node stopped (shut down or failed)?
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+    /// Graceful stop: flush and sync storage, close.
+    pub fn shutdown(&self) {
+        let _ = self.internal.send(Internal::Shutdown);
+    }
+    /// Waits until the node stops; an error if it stopped on a fatal error.
+    pub fn wait(mut self) -> Result<(), NodeError> {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        match self.fatal.lock().ok().and_then(|f| f.clone()) {
+            Some(e) => Err(NodeError::Fatal(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn wall_clock_ns() -> Nanos {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as Nanos)
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Follower => "follower",
+        Role::PreCandidate => "pre-candidate",
+        Role::Candidate => "candidate",
+        Role::Leader => "leader",
+    }
+}
+
+/// Starts a node: recovers its data directory, then runs until shut down.
+pub fn start(cfg: NodeConfig, service: Box<dyn Service + Send>) -> Result<NodeHandle, NodeError> {
+    cfg.validate()
+        .map_err(|e| NodeError::Start(e.to_string()))?;
+    let dir = cfg.data_dir.clone();
+    let opened = LogStore::open(&dir, Options::default())?;
+    if let Some(t) = &opened.torn {
+        warn!(
+            "recovery cut a torn tail: {} bytes at offset {} of {}",
+            t.discarded_bytes,
+            t.offset,
+            t.path.display()
+        );
+    }
+    let hard = match opened.hard_state.clone() {
+        Some(h) => h,
+        None => {
+            let h = HardStateFile {
+                hard_state: Default::default(),
+                membership: cfg.initial_membership(),
+            };
+            meta::save_hard_state(&dir, &h)?;
+            h
+        }
+    };
+    let snapshot = opened.snapshot.clone().unwrap_or(Snapshot {
+        meta: SnapshotMeta {
+            position: 0,
+            term: 0,
+            timestamp: 0,
+            membership: hard.membership.clone(),
+        },
+        data: Bytes::new(),
+    });
+    let mut host = ServiceHost::new(service, 3600 * 1_000_000_000);
+    let timers = host
+        .restore(&snapshot)
+        .map_err(|e| NodeError::Start(format!("restoring the service from its snapshot: {e}")))?;
+    let recovered = Recovered {
+        hard_state: hard.hard_state,
+        snapshot: Some(snapshot.clone()),
+        entries: opened.entries,
+    };
+    info!(
+        "node {} recovered: term {}, snapshot at {}, log to {}",
+        cfg.id,
+        hard.hard_state.term,
+        snapshot.meta.position,
+        recovered
+            .entries
+            .last()
+            .map_or(snapshot.meta.position, Entry::end)
+    );
+
+    let (internal_tx, internal_rx) = unbounded::<Internal>();
+    let (external_tx, external_rx) = bounded::<External>(cfg.queue_depth);
+    let (service_tx, service_rx) = unbounded::<ServiceInput>();
+    let fatal = Arc::new(Mutex::new(None));
+    let status = Arc::new(Mutex::new(NodeStatus {
+        id: cfg.id,
+        ..NodeStatus::default()
+    }));
+    let stopped = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::new());
+    let net_stats = Arc::new(NetStats::default());
+
+    let storage = {
+        let tx = internal_tx.clone();
+        StorageThread::spawn(opened.store, cfg.durability.into(), move |ev| {
+            let _ = tx.send(match ev {
+                StorageEvent::Durable { position, term } => Internal::Durable { position, term },
+                StorageEvent::Failed(e) => Internal::Fatal(format!("storage: {e}")),
+            });
+        })?
+    };
+    let storage = Arc::new(storage);
+
+    // Network.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("keel-net")
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::Start(format!("tokio runtime: {e}")))?;
+    let tcfg = TransportConfig {
+        cluster_id: cfg.cluster_id,
+        node_id: cfg.id,
+        max_frame: (cfg.max_request_bytes + (1 << 20)).max(64 << 20),
+        peer_queue: 4096,
+    };
+    let peers_list: Vec<(NodeId, String)> = cfg
+        .peers
+        .iter()
+        .map(|p| (p.id, p.peer_addr.clone()))
+        .collect();
+    let peers = {
+        let tx = external_tx.clone();
+        let stats = net_stats.clone();
+        let inbound: tcp::Inbound = Arc::new(move |m| {
+            if tx.try_send(External::Peer(m)).is_err() {
+                stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        rt.block_on(tcp::start_peers(
+            tcfg.clone(),
+            &cfg.peer_addr,
+            &peers_list,
+            inbound,
+            net_stats.clone(),
+        ))
+        .map_err(|source| NodeError::Listen {
+            addr: cfg.peer_addr.clone(),
+            source,
+        })?
+    };
+    {
+        let tx = external_tx.clone();
+        let max_request = cfg.max_request_bytes;
+        let m = metrics.clone();
+        let handler: tcp::RequestHandler =
+            Arc::new(move |req: ClientRequest, sink: ResponseSink| {
+                let size = match &req.op {
+                    ClientOp::Write(b) | ClientOp::Read(b) | ClientOp::StaleRead(b) => b.len(),
+                    _ => 0,
+                };
+                if size > max_request {
+                    let _ = sink.send(ClientResponse {
+                        id: req.id,
+                        result: ClientResult::Error(format!(
+                            "request of {size} bytes exceeds the {max_request}-byte limit"
+                        )),
+                    });
+                    return;
+                }
+                let id = req.id;
+                match tx.try_send(External::Client(req, sink.clone())) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                        m.busy.inc();
+                        let _ = sink.send(ClientResponse {
+                            id,
+                            result: ClientResult::Busy,
+                        });
+                    }
+                }
+            });
+        rt.block_on(tcp::start_clients(
+            &cfg.client_addr,
+            tcfg.max_frame,
+            handler,
+            net_stats.clone(),
+        ))
+        .map_err(|source| NodeError::Listen {
+            addr: cfg.client_addr.clone(),
+            source,
+        })?;
+    }
+    if let Some(addr) = &cfg.http_addr {
+        rt.block_on(crate::http::serve(
+            addr,
+            status.clone(),
+            metrics.clone(),
+            net_stats.clone(),
+        ))
+        .map_err(|source| NodeError::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
+    }
+
+    // Snapshot writer: persists a snapshot, then lets storage compact.
+    let (snap_tx, snap_rx) = unbounded::<(Snapshot, Position)>();
+    let snapshot_writer = {
+        let (dir, storage, tx) = (dir.clone(), storage.clone(), internal_tx.clone());
+        std::thread::Builder::new()
+            .name("keel-snapshot".into())
+            .spawn(move || {
+                for (s, upto) in snap_rx {
+                    let r = meta::save_snapshot(&dir, &s).and_then(|_| storage.compact(upto));
+                    if let Err(e) = r {
+                        let _ = tx.send(Internal::Fatal(format!("saving snapshot: {e}")));
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| NodeError::Start(e.to_string()))?
+    };
+
+    // Service thread.
+    let service_thread = {
+        let tx = internal_tx.clone();
+        let every = cfg.snapshot_every_bytes;
+        let metrics = metrics.clone();
+        let applied_from = snapshot.meta.position;
+        std::thread::Builder::new()
+            .name("keel-service".into())
+            .spawn(move || service_loop(host, service_rx, tx, every, applied_from, metrics))
+            .map_err(|e| NodeError::Start(e.to_string()))?
+    };
+
+    // Consensus thread.
+    let start_wall = wall_clock_ns();
+    let started = Instant::now();
+    let mut core_cfg = CoreConfig::new(cfg.id, cfg.cluster_id);
+    core_cfg.heartbeat_interval = cfg.heartbeat_ms * 1_000_000;
+    core_cfg.election_timeout_min = cfg.election_timeout_min_ms * 1_000_000;
+    core_cfg.election_timeout_max = cfg.election_timeout_max_ms * 1_000_000;
+    core_cfg.seed = start_wall ^ cfg.id;
+    let node = Node::restart(core_cfg, recovered, start_wall);
+    let mut consensus = Consensus {
+        node,
+        cfg: cfg.clone(),
+        now: Box::new(move || start_wall + started.elapsed().as_nanos() as Nanos),
+        storage: storage.clone(),
+        peers,
+        service: service_tx,
+        snapshots: snap_tx,
+        pending: HashMap::new(),
+        next_id: 1,
+        bootstrap: hard.membership.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        out: Vec::new(),
+    };
+    let _ = internal_tx.send(Internal::Applied {
+        position: snapshot.meta.position,
+        timers,
+    });
+    let consensus_thread = {
+        let (fatal, stopped, storage_for_stop) = (fatal.clone(), stopped.clone(), storage);
+        std::thread::Builder::new()
+            .name("keel-consensus".into())
+            .spawn(move || {
+                let result = consensus.run(internal_rx, external_rx);
+                let _ = consensus.service.send(ServiceInput::Stop);
+                drop(consensus);
+                if let Ok(st) = Arc::try_unwrap(storage_for_stop) {
+                    if let Err(e) = st.shutdown() {
+                        error!("storage shutdown: {e}");
+                    }
+                }
+                if let Err(e) = result {
+                    error!("node stopped: {e}");
+                    if let Ok(mut f) = fatal.lock() {
+                        *f = Some(e);
+                    }
+                }
+                stopped.store(true, Ordering::Release);
+            })
+            .map_err(|e| NodeError::Start(e.to_string()))?
+    };
+    Ok(NodeHandle {
+        internal: internal_tx,
+        threads: vec![consensus_thread, service_thread, snapshot_writer],
+        fatal,
+        status,
+        stopped,
+        _rt: rt,
+    })
+}
+
+struct PendingRequest {
+    client_id: u64,
+    sink: ResponseSink,
+    op: PendingOp,
+}
+
+enum PendingOp {
+    Write {
+        client: u64,
+        seq: u64,
+        since: Instant,
+    },
+    Read(Bytes),
+    Other,
+}
+
+struct Consensus {
+    node: Node,
+    cfg: NodeConfig,
+    now: Box<dyn Fn() -> Nanos + Send>,
+    storage: Arc<StorageThread>,
+    peers: Peers,
+    service: Sender<ServiceInput>,
+    snapshots: Sender<(Snapshot, Position)>,
+    /// Requests the core may still answer (reject, read-ready), by core id.
+    pending: HashMap<u64, PendingRequest>,
+    next_id: u64,
+    bootstrap: keel_core::Membership,
+    status: Arc<Mutex<NodeStatus>>,
+    metrics: Arc<Metrics>,
+    out: Vec<Action>,
+}
+
+impl Consensus {
+    fn run(
+        &mut self,
+        internal: Receiver<Internal>,
+        external: Receiver<External>,
+    ) -> Result<(), String> {
+        let mut proposals = Vec::new();
+        loop {
+            let now = (self.now)();
+            let deadline = self.node.next_deadline();
+            let wait =
+                Duration::from_nanos(deadline.saturating_sub(now).clamp(100_000, 100_000_000));
+            select! {
+                recv(internal) -> ev => match ev {
+                    Ok(ev) => { if self.internal(ev)? { return Ok(()); } }
+                    Err(_) => return Ok(()),
+                },
+                recv(external) -> ev => if let Ok(ev) = ev { self.external(ev, &mut proposals)?; },
+                default(wait) => {}
+            }
+            // Drain what else is queued, batching client writes into one
+            // proposal (one append, one replication round).
+            for _ in 0..4096 {
+                match internal.try_recv() {
+                    Ok(ev) => {
+                        if self.internal(ev)? {
+                            return Ok(());
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..4096 {
+                match external.try_recv() {
+                    Ok(ev) => self.external(ev, &mut proposals)?,
+                    Err(_) => break,
+                }
+            }
+            if !proposals.is_empty() {
+                let batch = std::mem::take(&mut proposals);
+                self.step(Event::Propose(batch))?;
+            }
+            if (self.now)() >= self.node.next_deadline() {
+                self.step(Event::Tick)?;
+            }
+            self.metrics.queue_depth.set(external.len() as i64);
+            self.publish_status();
+        }
+    }
+
+    /// Returns true when the node must stop.
+    fn internal(&mut self, ev: Internal) -> Result<bool, String> {
+        match ev {
+            Internal::Durable { position, term } => self.step(Event::Durable { position, term })?,
+            Internal::Applied { position, timers } => {
+                self.step(Event::Applied { position, timers })?
+            }
+            Internal::SnapshotTaken { position, data } => {
+                self.step(Event::SnapshotTaken { position, data })?
+            }
+            Internal::Fatal(e) => return Err(e),
+            Internal::Shutdown => {
+                info!("node {} shutting down", self.cfg.id);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn external(&mut self, ev: External, proposals: &mut Vec<Proposal>) -> Result<(), String> {
+        match ev {
+            External::Peer(m) => self.step(Event::Message(m)),
+            External::Client(req, sink) => {
+                let id = self.next_id;
+                self.next_id += 1;
+                match req.op {
+                    ClientOp::Write(data) => {
+                        if !self.node.is_leader() {
+                            respond(&sink, req.id, self.not_leader());
+                            return Ok(());
+                        }
+                        self.pending.insert(
+                            id,
+                            PendingRequest {
+                                client_id: req.id,
+                                sink,
+                                op: PendingOp::Write {
+                                    client: req.client,
+                                    seq: req.seq,
+                                    since: Instant::now(),
+                                },
+                            },
+                        );
+                        proposals.push(Proposal {
+                            id,
+                            client: req.client,
+                            seq: req.seq,
+                            data,
+                        });
+                        Ok(())
+                    }
+                    ClientOp::Read(data) => {
+                        self.pending.insert(
+                            id,
+                            PendingRequest {
+                                client_id: req.id,
+                                sink,
+                                op: PendingOp::Read(data),
+                            },
+                        );
+                        self.step(Event::Read { id })
+                    }
+                    ClientOp::StaleRead(data) => {
+                        let _ = self.service.send(ServiceInput::StaleRead {
+                            data,
+                            id: req.id,
+                            sink,
+                            commit: self.node.commit_position(),
+                        });
+                        Ok(())
+                    }
+                    ClientOp::Status => {
+                        self.publish_status();
+                        let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+                        respond(&sink, req.id, ClientResult::Status(s));
+                        Ok(())
+                    }
+                    ClientOp::TransferLeader(target) => {
+                        self.pending.insert(
+                            id,
+                            PendingRequest {
+                                client_id: req.id,
+                                sink: sink.clone(),
+                                op: PendingOp::Other,
+                            },
+                        );
+                        self.step(Event::TransferLeadership { id, target })?;
+                        if let Some(p) = self.pending.remove(&id) {
+                            respond(&p.sink, p.client_id, ClientResult::Ok(Bytes::new()));
+                        }
+                        Ok(())
+                    }
+                    ClientOp::ChangeMembership(change) => {
+                        self.pending.insert(
+                            id,
+                            PendingRequest {
+                                client_id: req.id,
+                                sink: sink.clone(),
+                                op: PendingOp::Other,
+                            },
+                        );
+                        self.step(Event::ChangeMembership { id, change })?;
+                        if let Some(p) = self.pending.remove(&id) {
+                            respond(&p.sink, p.client_id, ClientResult::Ok(Bytes::new()));
+                        }
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    fn not_leader(&self) -> ClientResult {
+        let leader = self.node.leader();
+        ClientResult::NotLeader {
+            leader,
+            address: leader.and_then(|l| self.cfg.client_addr_of(l)),
+        }
+    }
+
+    fn step(&mut self, ev: Event) -> Result<(), String> {
+        let now = (self.now)();
+        let mut out = std::mem::take(&mut self.out);
+        // A proposal batch: hand the accepted writes to the service thread
+        // before the entries can be applied (same channel, so in order).
+        let proposal_ids: Vec<u64> = match &ev {
+            Event::Propose(ps) => ps.iter().map(|p| p.id).collect(),
+            _ => Vec::new(),
+        };
+        self.node.step(now, ev, &mut out);
+        let rejected: Vec<u64> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Rejected { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for id in proposal_ids {
+            if rejected.contains(&id) {
+                continue;
+            }
+            if let Some(p) = self.pending.remove(&id) {
+                if let PendingOp::Write { client, seq, since } = p.op {
+                    let _ = self.service.send(ServiceInput::AwaitWrite {
+                        client,
+                        seq,
+                        id: p.client_id,
+                        sink: p.sink,
+                        since,
+                    });
+                }
+            }
+        }
+        let result = out.drain(..).try_for_each(|a| self.execute(a));
+        self.out = out;
+        result
+    }
+
+    fn execute(&mut self, a: Action) -> Result<(), String> {
+        match a {
+            Action::PersistHardState(hs) => meta::save_hard_state(
+                &self.cfg.data_dir,
+                &HardStateFile {
+                    hard_state: hs,
+                    membership: self.bootstrap.clone(),
+                },
+            )
+            .map_err(|e| format!("persisting hard state: {e}"))?,
+            Action::Append(entries) => self.storage.append(entries).map_err(|e| e.to_string())?,
+            Action::Truncate { from } => self.storage.truncate(from).map_err(|e| e.to_string())?,
+            Action::CompactLog { upto } => {
+                if let Some(s) = self.node.snapshot() {
+                    let _ = self.snapshots.send((s.clone(), upto));
+                }
+            }
+            Action::Send(m) => self.peers.send(m),
+            Action::Apply(entries) => {
+                let _ = self.service.send(ServiceInput::Apply(entries));
+            }
+            Action::InstallSnapshot(s) => {
+                self.storage
+                    .install_snapshot(s.clone())
+                    .map_err(|e| format!("installing snapshot: {e}"))?;
+                let _ = self.service.send(ServiceInput::Restore(Box::new(s)));
+            }
+            Action::ReadReady { id, index } => {
+                if let Some(p) = self.pending.remove(&id) {
+                    if let PendingOp::Read(data) = p.op {
+                        let _ = self.service.send(ServiceInput::Read {
+                            index,
+                            data,
+                            id: p.client_id,
+                            sink: p.sink,
+                        });
+                    }
+                }
+            }
+            Action::Rejected { id, reason } => {
+                if let Some(p) = self.pending.remove(&id) {
+                    let result = match reason {
+                        RejectReason::NotLeader { .. } => self.not_leader(),
+                        RejectReason::TransferInProgress | RejectReason::NotReady => {
+                            ClientResult::Busy
+                        }
+                        RejectReason::MembershipChangePending => {
+                            ClientResult::Error("a membership change is already in progress".into())
+                        }
+                        RejectReason::Invalid(m) => ClientResult::Error(m),
+                    };
+                    respond(&p.sink, p.client_id, result);
+                }
+            }
+            Action::RoleChanged { role, term, leader } => {
+                info!(
+                    "node {}: {} in term {term}, leader {leader:?}",
+                    self.cfg.id,
+                    role_name(role)
+                );
+                if role == Role::Leader {
+                    self.metrics.leader_changes.inc();
+                }
+                let addr = leader.and_then(|l| self.cfg.client_addr_of(l));
+                let _ = self.service.send(ServiceInput::Role(role, addr, leader));
+                if role != Role::Leader {
+                    // Reads waiting for leadership confirmation cannot finish here.
+                    let ids: Vec<u64> = self
+                        .pending
+                        .iter()
+                        .filter(|(_, p)| matches!(p.op, PendingOp::Read(_)))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in ids {
+                        if let Some(p) = self.pending.remove(&id) {
+                            respond(&p.sink, p.client_id, self.not_leader());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_status(&self) {
+        let n = &self.node;
+        let m = n.membership();
+        let s = NodeStatus {
+            id: self.cfg.id,
+            role: role_name(n.role()).to_string(),
+            term: n.term(),
+            leader: n.leader(),
+            append: n.append_position(),
+            durable: n.durable_position(),
+            commit: n.commit_position(),
+            applied: n.applied_position(),
+            voters: m.voters.iter().copied().collect(),
+            learners: m.learners.iter().copied().collect(),
+            followers: n.follower_progress(),
+        };
+        self.metrics.observe(&s);
+        if let Ok(mut st) = self.status.lock() {
+            *st = s;
+        }
+    }
+}
+
+fn respond(sink: &ResponseSink, id: u64, result: ClientResult) {
+    let _ = sink.send(ClientResponse { id, result });
+}
+
+struct AwaitingWrite {
+    id: u64,
+    sink: ResponseSink,
+    since: Instant,
+}
+
+fn service_loop(
+    mut host: ServiceHost<Box<dyn Service + Send>>,
+    rx: Receiver<ServiceInput>,
+    tx: Sender<Internal>,
+    snapshot_every: u64,
+    mut last_snapshot: Position,
+    metrics: Arc<Metrics>,
+) {
+    let mut writes: HashMap<(u64, u64), AwaitingWrite> = HashMap::new();
+    let mut reads: BTreeMap<Position, VecDeque<(Bytes, u64, ResponseSink)>> = BTreeMap::new();
+    let mut out = ApplyOutput::default();
+    for input in rx {
+        match input {
+            ServiceInput::Apply(entries) => {
+                out.clear();
+                host.apply(&entries, &mut out);
+                for (client, seq, reply) in out.replies.drain(..) {
+                    if let Some(w) = writes.remove(&(client, seq)) {
+                        let result = match reply {
+                            Reply::Applied(b) | Reply::Duplicate(b) => ClientResult::Ok(b),
+                            Reply::Stale => ClientResult::Error(format!(
+                                "request {seq} of session {client} is older than the session's last request"
+                            )),
+                        };
+                        metrics
+                            .commit_latency
+                            .observe(w.since.elapsed().as_secs_f64());
+                        respond(&w.sink, w.id, result);
+                    }
+                }
+                let applied = host.applied();
+                let _ = tx.send(Internal::Applied {
+                    position: applied,
+                    timers: std::mem::take(&mut out.timers),
+                });
+                serve_reads(&host, &mut reads);
+                if applied >= last_snapshot.saturating_add(snapshot_every) {
+                    last_snapshot = applied;
+                    let data = host.snapshot();
+                    let _ = tx.send(Internal::SnapshotTaken {
+                        position: applied,
+                        data,
+                    });
+                }
+            }
+            ServiceInput::AwaitWrite {
+                client,
+                seq,
+                id,
+                sink,
+                since,
+            } => {
+                writes.insert((client, seq), AwaitingWrite { id, sink, since });
+            }
+            ServiceInput::Read {
+                index,
+                data,
+                id,
+                sink,
+            } => {
+                reads.entry(index).or_default().push_back((data, id, sink));
+                serve_reads(&host, &mut reads);
+            }
+            ServiceInput::StaleRead {
+                data,
+                id,
+                sink,
+                commit,
+            } => {
+                let applied = host.applied();
+                respond(
+                    &sink,
+                    id,
+                    ClientResult::StaleOk {
+                        data: host.query(&data),
+                        applied,
+                        commit: commit.max(applied),
+                    },
+                );
+            }
+            ServiceInput::Restore(s) => match host.restore(&s) {
+                Ok(timers) => {
+                    last_snapshot = s.meta.position;
+                    let _ = tx.send(Internal::Applied {
+                        position: s.meta.position,
+                        timers,
+                    });
+                    serve_reads(&host, &mut reads);
+                }
+                Err(e) => {
+                    let _ = tx.send(Internal::Fatal(format!("restoring snapshot: {e}")));
+                    return;
+                }
+            },
+            ServiceInput::Role(role, address, leader) => {
+                host.service_mut().on_role_change(role);
+                let not_leader = ClientResult::NotLeader { leader, address };
+                if role != Role::Leader {
+                    // Their entries may never commit here: let clients retry
+                    // at the new leader with the same sequence number.
+                    for (_, w) in writes.drain() {
+                        respond(&w.sink, w.id, not_leader.clone());
+                    }
+                }
+            }
+            ServiceInput::Stop => return,
+        }
+    }
+}
+
+fn serve_reads(
+    host: &ServiceHost<Box<dyn Service + Send>>,
+    reads: &mut BTreeMap<Position, VecDeque<(Bytes, u64, ResponseSink)>>,
+) {
+    let applied = host.applied();
+    while let Some(entry) = reads.first_entry() {
+        if *entry.key() > applied {
+            break;
+        }
+        for (data, id, sink) in entry.remove() {
+            respond(&sink, id, ClientResult::Ok(host.query(&data)));
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! The `keel` command: `server` runs one node, `dev` a local cluster,
+//! `kv` talks to the key-value service and `cluster` inspects and manages
+//! the cluster.
+
+mod dev;
+
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use keel_client::{Client, ClientOptions};
+use keel_core::{MembershipChange, NodeId, Service};
+use keel_kv::{Command, Compare, KvService, Query, Response};
+use keel_node::{NodeConfig, PeerConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keel",
+    version,
+    about = "Keel: a fault-tolerant replicated state machine cluster",
+    long_about = "Keel runs a deterministic service on every node of a cluster and feeds every copy \
+the same totally ordered, timestamped log (Raft). Start a local cluster with `keel dev`, then try \
+`keel kv put greeting hello`, `keel kv get greeting` and `keel cluster status`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run one node of a cluster (flags or a TOML config file).
+    Server(ServerArgs),
+    /// Start a local cluster of `keel server` processes (data under ./keel-data).
+    Dev(dev::DevArgs),
+    /// Read and write the key-value service.
+    Kv {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: KvCmd,
+    },
+    /// Inspect and manage the cluster.
+    Cluster {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ConnArgs {
+    /// Client addresses of cluster nodes, comma-separated (any one suffices).
+    #[arg(long, env = "KEEL_ENDPOINTS", default_value = DEFAULT_ENDPOINTS, value_delimiter = ',', global = true)]
+    endpoints: Vec<String>,
+    /// Give up after this many seconds without an answer from a leader.
+    #[arg(long, default_value_t = 10, global = true)]
+    timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum KvCmd {
+    /// Set KEY to VALUE.
+    Put { key: String, value: String },
+    /// Print KEY's value (linearizable, or --stale from the contacted node).
+    Get {
+        key: String,
+        /// Answer from the contacted node's state, and say how far behind it is.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Delete KEY (or every key with the prefix, with --prefix).
+    Del {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// List keys starting with PREFIX (all keys if omitted).
+    Range {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// At most this many keys (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+    },
+    /// Set KEY to NEW only if the condition holds (exactly one of the --expect flags).
+    Cas {
+        key: String,
+        new: String,
+        /// The current value must be this.
+        #[arg(long, group = "expect")]
+        expect_value: Option<String>,
+        /// The current version must be this (0: the key must not exist).
+        #[arg(long, group = "expect")]
+        expect_version: Option<u64>,
+        /// The key must not exist.
+        #[arg(long, group = "expect")]
+        expect_absent: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Role, term, leader and log positions of every endpoint.
+    Status,
+    /// Hand leadership to node TARGET.
+    TransferLeader { target: NodeId },
+    /// Add node ID as a learner (it must be in the nodes' peer lists).
+    AddLearner { id: NodeId },
+    /// Make learner ID a voter.
+    Promote { id: NodeId },
+    /// Remove node ID from the cluster.
+    Remove { id: NodeId },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum DurabilityArg {
+    Sync,
+    Replicated,
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// TOML config file; flags given too override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's id (not 0).
+    #[arg(long)]
+    id: Option<NodeId>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// host:port to listen on for peers.
+    #[arg(long)]
+    peer_addr: Option<String>,
+    /// host:port to listen on for clients.
+    #[arg(long)]
+    client_addr: Option<String>,
+    /// host:port for /metrics and /status.
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// Another member: ID=PEER_ADDR,CLIENT_ADDR (repeat for each).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<PeerConfig>,
+    #[arg(long, value_enum)]
+    durability: Option<DurabilityArg>,
+    /// The replicated service.
+    #[arg(long, value_parser = ["kv", "echo", "lock", "matching"])]
+    service: Option<String>,
+    /// Start empty and wait to be added to an existing cluster.
+    #[arg(long)]
+    join: bool,
+    #[arg(long)]
+    cluster_id: Option<u64>,
+}
+
+fn parse_peer(s: &str) -> Result<PeerConfig, String> {
+    let usage = || {
+        format!(
+            "--peer {s:?}: expected ID=PEER_ADDR,CLIENT_ADDR, e.g. 2=127.0.0.1:7202,127.0.0.1:7102"
+        )
+    };
+    let (id, addrs) = s.split_once('=').ok_or_else(usage)?;
+    let (peer, client) = addrs.split_once(',').ok_or_else(usage)?;
+    Ok(PeerConfig {
+        id: id.trim().parse().map_err(|_| usage())?,
+        peer_addr: peer.trim().to_string(),
+        client_addr: client.trim().to_string(),
+    })
+}
+
+fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => NodeConfig::load(p)?,
+        None => {
+            let missing: Vec<&str> = [
+                ("--id", a.id.is_none()),
+                ("--data-dir", a.data_dir.is_none()),
+                ("--peer-addr", a.peer_addr.is_none()),
+                ("--client-addr", a.client_addr.is_none()),
+            ]
+            .iter()
+            .filter(|(_, m)| *m)
+            .map(|(n, _)| *n)
+            .collect();
+            if !missing.is_empty() {
+                bail!(
+                    "without --config, these flags are required: {}",
+                    missing.join(", ")
+                );
+            }
+            toml::from_str("id = 1\ndata_dir = \"\"\npeer_addr = \"\"\nclient_addr = \"\"\n")
+                .context("building the default configuration")?
+        }
+    };
+    if let Some(v) = a.id {
+        cfg.id = v;
+    }
+    if let Some(v) = &a.data_dir {
+        cfg.data_dir = v.clone();
+    }
+    if let Some(v) = &a.peer_addr {
+        cfg.peer_addr = v.clone();
+    }
+    if let Some(v) = &a.client_addr {
+        cfg.client_addr = v.clone();
+    }
+    if let Some(v) = &a.http_addr {
+        cfg.http_addr = Some(v.clone());
+    }
+    if !a.peers.is_empty() {
+        cfg.peers = a.peers.clone();
+    }
+    if let Some(d) = a.durability {
+        cfg.durability = match d {
+            DurabilityArg::Sync => keel_node::config::DurabilityConfig::Sync,
+            DurabilityArg::Replicated => keel_node::config::DurabilityConfig::Replicated,
+        };
+    }
+    if let Some(s) = &a.service {
+        cfg.service = s.clone();
+    }
+    if a.join {
+        cfg.join = true;
+    }
+    if let Some(c) = a.cluster_id {
+        cfg.cluster_id = c;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn make_service(name: &str) -> Result<Box<dyn Service + Send>> {
+    Ok(match name {
+        "kv" => Box::new(KvService::default()),
+        "echo" => Box::new(keel_examples::echo::EchoService::default()),
+        "lock" => Box::new(keel_examples::lock::LockService::default()),
+        "matching" => Box::new(keel_examples::matching::MatchingEngine::default()),
+        other => bail!("unknown service {other:?}: expected kv, echo, lock or matching"),
+    })
+}
+
+fn run_server(a: ServerArgs) -> Result<()> {
+    let cfg = server_config(&a)?;
+    let service = make_service(&cfg.service)?;
+    let id = cfg.id;
+    let node = keel_node::start(cfg, service).with_context(|| format!("starting node {id}"))?;
+    // SIGTERM / SIGINT: graceful stop (flush and sync storage).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut stopped = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = stopped.tick() => if node.is_stopped() { break },
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    node.shutdown();
+    node.wait()?;
+    Ok(())
+}
+
+fn client(conn: &ConnArgs) -> Result<Client> {
+    let mut opts = ClientOptions::new(conn.endpoints.clone());
+    opts.call_timeout = Duration::from_secs(conn.timeout);
+    Ok(Client::new(opts)?)
+}
+
+fn show(b: &Bytes) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn kv(conn: ConnArgs, cmd: KvCmd) -> Result<i32> {
+    let mut c = client(&conn)?;
+    let write = |cmd: Command| -> Result<Bytes> {
+        cmd.validate()?;
+        Ok(cmd.encode())
+    };
+    let resp = match &cmd {
+        KvCmd::Put { key, value } => {
+            let data = write(Command::Put {
+                key: Bytes::from(key.clone()),
+                value: Bytes::from(value.clone()),
+            })?;
+            c.write(data).await?
+        }
+        KvCmd::Del { key, prefix } => {
+            let cmd = if *prefix {
+                match Query::prefix(Bytes::from(key.clone()), 0) {
+                    Query::Range { start, end, .. } => Command::DeleteRange { start, end },
+                    _ => unreachable!("prefix() builds a range"),
+                }
+            } else {
+                Command::Delete {
+                    key: Bytes::from(key.clone()),
+                }
+            };
+            c.write(write(cmd)?).await?
+        }
+        KvCmd::Cas {
+            key,
+            new,
+            expect_value,
+            expect_version,
+            expect_absent,
+        } => {
+            let expected = match (expect_value, expect_version, expect_absent) {
+                (Some(v), None, false) => Compare::ValueEquals(Bytes::from(v.clone())),
+                (None, Some(n), false) => Compare::VersionEquals(*n),
+                (None, None, true) => Compare::VersionEquals(0),
+                _ => bail!("give exactly one of --expect-value, --expect-version, --expect-absent"),
+            };
+            let data = write(Command::Cas {
+                key: Bytes::from(key.clone()),
+                expected,
+                value: Bytes::from(new.clone()),
+            })?;
+            c.write(data).await?
+        }
+        KvCmd::Get { key, stale } => {
+            let q = Query::Get {
+                key: Bytes::from(key.clone()),
+            };
+            q.validate()?;
+            if *stale {
+                let (data, applied, commit) = c.stale_read(q.encode()).await?;
+                eprintln!(
+                    "(stale read from {}: applied {applied}, {} bytes behind its known commit)",
+                    c.endpoint(),
+                    commit.saturating_sub(applied)
+                );
+                data
+            } else {
+                c.read(q.encode()).await?
+            }
+        }
+        KvCmd::Range { prefix, limit } => {
+            let q = Query::prefix(Bytes::from(prefix.clone()), *limit);
+            q.validate()?;
+            c.read(q.encode()).await?
+        }
+    };
+    let resp = Response::decode(&resp).context("decoding the service's answer")?;
+    Ok(match resp {
+        Response::Put { revision, .. } => {
+            println!("OK (revision {revision})");
+            0
+        }
+        Response::Delete {
+            deleted, revision, ..
+        }
+        | Response::DeleteRange {
+            deleted, revision, ..
+        } => {
+            println!("deleted {deleted} (revision {revision})");
+            0
+        }
+        Response::Cas {
+            succeeded,
+            revision,
+            current,
+        } => {
+            if succeeded {
+                println!("OK (revision {revision})");
+                0
+            } else {
+                match current {
+                    Some(kv) => println!(
+                        "FAILED: {} is {:?} (version {}, mod revision {})",
+                        show(&kv.key),
+                        show(&kv.value),
+                        kv.version,
+                        kv.mod_revision
+                    ),
+                    None => println!("FAILED: the key does not exist"),
+                }
+                1
+            }
+        }
+        Response::Get { kv, .. } => match kv {
+            Some(kv) => {
+                println!("{}", show(&kv.value));
+                0
+            }
+            None => {
+                eprintln!("key not found");
+                1
+            }
+        },
+        Response::Range {
+            kvs, more, count, ..
+        } => {
+            for kv in &kvs {
+                println!("{}={}", show(&kv.key), show(&kv.value));
+            }
+            if more {
+                eprintln!("({} of {count} keys shown)", kvs.len());
+            }
+            0
+        }
+        Response::Status { revision, keys, .. } => {
+            println!("revision {revision}, {keys} keys");
+            0
+        }
+        Response::Error { code, message } => {
+            eprintln!("error ({code:?}): {message}");
+            2
+        }
+    })
+}
+
+async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
+    match cmd {
+        ClusterCmd::Status => {
+            println!(
+                "{:<22} {:>4} {:<13} {:>6} {:>6} {:>12} {:>12} {:>12} {:>12} {:>10}",
+                "endpoint",
+                "id",
+                "role",
+                "term",
+                "leader",
+                "append",
+                "durable",
+                "commit",
+                "applied",
+                "lag"
+            );
+            let mut statuses = Vec::new();
+            for e in &conn.endpoints {
+                statuses.push((e, Client::status_of(e, Duration::from_secs(2)).await));
+            }
+            let leader_commit = statuses
+                .iter()
+                .filter_map(|(_, s)| s.as_ref().ok())
+                .filter(|s| s.role == "leader")
+                .map(|s| s.commit)
+                .max()
+                .unwrap_or(0);
+            let mut failed = 0;
+            for (e, s) in statuses {
+                match s {
+                    Ok(s) => println!(
+                        "{:<22} {:>4} {:<13} {:>6} {:>6} {:>12} {:>12} {:>12} {:>12} {:>10}",
+                        e,
+                        s.id,
+                        s.role,
+                        s.term,
+                        s.leader.map_or("-".into(), |l| l.to_string()),
+                        s.append,
+                        s.durable,
+                        s.commit,
+                        s.applied,
+                        leader_commit.saturating_sub(s.applied)
+                    ),
+                    Err(err) => {
+                        failed += 1;
+                        println!("{e:<22} unreachable: {err}");
+                    }
+                }
+            }
+            Ok(i32::from(failed > 0))
+        }
+        ClusterCmd::TransferLeader { target } => {
+            client(&conn)?.transfer_leader(target).await?;
+            println!("leadership transfer to node {target} started");
+            Ok(0)
+        }
+        ClusterCmd::AddLearner { id } => membership(&conn, MembershipChange::AddLearner(id)).await,
+        ClusterCmd::Promote { id } => membership(&conn, MembershipChange::PromoteLearner(id)).await,
+        ClusterCmd::Remove { id } => membership(&conn, MembershipChange::Remove(id)).await,
+    }
+}
+
+async fn membership(conn: &ConnArgs, change: MembershipChange) -> Result<i32> {
+    client(conn)?.change_membership(change).await?;
+    println!("membership change {change:?} accepted");
+    Ok(0)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.cmd {
+        Cmd::Server(a) => run_server(a).map(|_| 0),
+        Cmd::Dev(a) => dev::run(a),
+        Cmd::Kv { conn, cmd } => block(kv(conn, cmd)),
+        Cmd::Cluster { conn, cmd } => block(cluster(conn, cmd)),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn block<F: std::future::Future<Output = Result<i32>>>(f: F) -> Result<i32> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}

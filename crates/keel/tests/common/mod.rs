@@ -1,0 +1,286 @@
+//! Test harness: clusters of real `keel server` processes on loopback, with
+//! SIGKILL / SIGSTOP / SIGCONT / wipe / restart, and a KV client.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use keel_client::{Client, ClientOptions};
+use keel_kv::{Command, Query, Response};
+use keel_net::codec::NodeStatus;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command as Proc, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ELECTION_MAX_MS: u64 = 1000;
+
+pub struct TestNode {
+    pub id: u64,
+    pub client: String,
+    pub peer: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub struct TestCluster {
+    pub nodes: Vec<TestNode>,
+    pub _tmp: tempfile::TempDir,
+    pub rt: tokio::runtime::Runtime,
+    /// Every write the cluster acknowledged: key → value.
+    pub acked: BTreeMap<String, String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+pub fn keel_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_keel")
+}
+
+impl TestCluster {
+    /// `extra`: more TOML lines for every node's config.
+    pub fn start(n: u64, extra: &str) -> TestCluster {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let addrs: Vec<(String, String)> = (0..n)
+            .map(|_| {
+                (
+                    format!("127.0.0.1:{}", free_port()),
+                    format!("127.0.0.1:{}", free_port()),
+                )
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for id in 1..=n {
+            let dir = tmp.path().join(format!("node{id}"));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            let (client, peer) = addrs[(id - 1) as usize].clone();
+            let mut toml = format!(
+                "id = {id}\ndata_dir = {:?}\npeer_addr = \"{peer}\"\nclient_addr = \"{client}\"\nheartbeat_ms = 50\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}\n",
+                dir.join("data").display().to_string()
+            );
+            for pid in 1..=n {
+                if pid != id {
+                    let (pc, pp) = &addrs[(pid - 1) as usize];
+                    toml.push_str(&format!(
+                        "\n[[peers]]\nid = {pid}\npeer_addr = \"{pp}\"\nclient_addr = \"{pc}\"\n"
+                    ));
+                }
+            }
+            let config = dir.join("keel.toml");
+            std::fs::write(&config, toml).expect("write config");
+            nodes.push(TestNode {
+                id,
+                client,
+                peer,
+                dir,
+                config,
+                child: None,
+            });
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut c = TestCluster {
+            nodes,
+            _tmp: tmp,
+            rt,
+            acked: BTreeMap::new(),
+        };
+        for id in 1..=n {
+            c.spawn(id);
+        }
+        c
+    }
+
+    pub fn node(&self, id: u64) -> &TestNode {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    pub fn spawn(&mut self, id: u64) {
+        let node = &mut self.nodes[(id - 1) as usize];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("keel.log"))
+            .expect("log file");
+        let err = log.try_clone().expect("log clone");
+        let child = Proc::new(keel_exe())
+            .args(["server", "--config"])
+            .arg(&node.config)
+            .env("KEEL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("spawn keel server");
+        node.child = Some(child);
+    }
+
+    fn signal(&self, id: u64, sig: i32) {
+        let child = self.node(id).child.as_ref().expect("node not running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid");
+        // SAFETY: signalling a child we spawned.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    pub fn kill(&mut self, id: u64) {
+        self.signal(id, libc::SIGKILL);
+        if let Some(mut c) = self.nodes[(id - 1) as usize].child.take() {
+            let _ = c.wait();
+        }
+    }
+    pub fn pause(&self, id: u64) {
+        self.signal(id, libc::SIGSTOP);
+    }
+    pub fn resume(&self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+    }
+    pub fn wipe(&mut self, id: u64) {
+        let d = self.node(id).dir.join("data");
+        std::fs::remove_dir_all(&d).expect("wipe");
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+
+    pub fn client(&self) -> Client {
+        let mut o = ClientOptions::new(self.endpoints());
+        o.call_timeout = Duration::from_secs(20);
+        o.attempt_timeout = Duration::from_secs(2);
+        Client::new(o).expect("client")
+    }
+
+    pub fn status(&self, id: u64) -> Option<NodeStatus> {
+        let addr = self.node(id).client.clone();
+        self.rt
+            .block_on(Client::status_of(&addr, Duration::from_millis(500)))
+            .ok()
+    }
+
+    /// Waits until some running node is leader and a majority agrees.
+    pub fn wait_for_leader(&self, within: Duration) -> (u64, u64) {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            let running: Vec<u64> = self
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .map(|n| n.id)
+                .collect();
+            let statuses: Vec<NodeStatus> =
+                running.iter().filter_map(|&id| self.status(id)).collect();
+            if let Some(l) = statuses
+                .iter()
+                .filter(|s| s.role == "leader")
+                .max_by_key(|s| s.term)
+            {
+                let agree = statuses
+                    .iter()
+                    .filter(|s| s.leader == Some(l.id) && s.term == l.term)
+                    .count();
+                if agree * 2 > self.nodes.len() {
+                    return (l.id, l.term);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no leader within {within:?}; {}", self.logs());
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            let log = std::fs::read_to_string(n.dir.join("keel.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            s.push_str(&format!("\n--- node {} log (last lines) ---\n", n.id));
+            for l in tail.into_iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    pub fn put(&mut self, client: &mut Client, key: &str, value: &str) {
+        let cmd = Command::Put {
+            key: Bytes::from(key.to_string()),
+            value: Bytes::from(value.to_string()),
+        };
+        let r = self
+            .rt
+            .block_on(client.write(cmd.encode()))
+            .unwrap_or_else(|e| panic!("put {key}: {e}{}", self.logs()));
+        match Response::decode(&r) {
+            Ok(Response::Put { .. }) => {
+                self.acked.insert(key.to_string(), value.to_string());
+            }
+            other => panic!("put {key}: unexpected {other:?}"),
+        }
+    }
+
+    pub fn get(&self, client: &mut Client, key: &str) -> Option<String> {
+        let q = Query::Get {
+            key: Bytes::from(key.to_string()),
+        };
+        let r = self
+            .rt
+            .block_on(client.read(q.encode()))
+            .unwrap_or_else(|e| panic!("get {key}: {e}{}", self.logs()));
+        match Response::decode(&r) {
+            Ok(Response::Get { kv, .. }) => {
+                kv.map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            }
+            other => panic!("get {key}: unexpected {other:?}"),
+        }
+    }
+
+    /// Every acknowledged write is readable (linearizably) with its value.
+    pub fn check_acked(&self, client: &mut Client) {
+        for (k, v) in self.acked.clone() {
+            assert_eq!(
+                self.get(client, &k).as_deref(),
+                Some(v.as_str()),
+                "acknowledged write {k} lost"
+            );
+        }
+    }
+
+    /// Waits until node `id` has applied at least `pos`.
+    pub fn wait_applied(&self, id: u64, pos: u64, within: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if self.status(id).is_some_and(|s| s.applied >= pos) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "node {id} did not apply up to {pos} within {within:?}: {:?}{}",
+            self.status(id),
+            self.logs()
+        );
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let pid = libc::pid_t::try_from(c.id()).unwrap_or(0);
+                // SAFETY: signalling our own child; SIGCONT first in case it is stopped.
+                unsafe {
+                    libc::kill(pid, libc::SIGCONT);
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

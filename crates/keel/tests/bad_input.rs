@@ -1,0 +1,178 @@
+//! Bad input gets a clear error and loses nothing: garbage, truncated and
+//! oversized frames on the client and peer ports, a peer from another
+//! cluster, oversized requests and keys, and CLI mistakes. The node keeps
+//! serving throughout, and every acknowledged write is readable at the end.
+
+mod common;
+
+use bytes::Bytes;
+use common::{keel_exe, TestCluster};
+use keel_client::ClientError;
+use keel_net::codec::{self, Frame};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command as Proc;
+use std::time::Duration;
+
+/// Sends `bytes` and returns true if the server then closes the connection.
+fn closed_after(addr: &str, bytes: &[u8]) -> bool {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(bytes).expect("write");
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn garbage_and_hostile_frames_close_only_their_connection() {
+    let mut c = TestCluster::start(3, "max_request_bytes = 65536");
+    let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
+    let mut client = c.client();
+    c.put(&mut client, "before", "1");
+    let node = c.node(leader).client.clone();
+    let peer = c.node(leader).peer.clone();
+
+    // Client port: random garbage, a frame with a wrong version, a declared
+    // length over the limit (closed before the body is even sent).
+    let garbage: Vec<u8> = (0..2000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    assert!(closed_after(&node, &garbage), "garbage on the client port");
+    let mut bad_version = Vec::new();
+    codec::encode(
+        &Frame::Request(codec::ClientRequest {
+            id: 1,
+            client: 1,
+            seq: 1,
+            op: codec::ClientOp::Status,
+        }),
+        &mut bad_version,
+    );
+    bad_version[4] = 99;
+    assert!(closed_after(&node, &bad_version), "wrong version byte");
+    assert!(
+        closed_after(&node, &u32::MAX.to_le_bytes()),
+        "oversized declared length"
+    );
+    // A truncated frame followed by a close: nothing to answer, nothing breaks.
+    {
+        let mut s = TcpStream::connect(&node).expect("connect");
+        s.write_all(&bad_version[..7]).expect("write");
+    }
+
+    // Peer port: garbage, and a hello from another cluster.
+    assert!(closed_after(&peer, &garbage), "garbage on the peer port");
+    let mut hello = Vec::new();
+    codec::encode(
+        &Frame::Hello {
+            cluster_id: 0xdead,
+            node_id: 1,
+        },
+        &mut hello,
+    );
+    assert!(closed_after(&peer, &hello), "hello from another cluster");
+    std::thread::sleep(Duration::from_millis(200));
+    let log = std::fs::read_to_string(c.node(leader).dir.join("keel.log")).expect("log");
+    assert!(log.contains("cluster 0xdead"), "refusal not logged:\n{log}");
+    assert!(log.contains("bad frame"), "bad frame not logged:\n{log}");
+
+    // An oversized request is refused with a reason; an oversized key gets
+    // the service's error; neither changes anything.
+    let big = keel_kv::Command::Put {
+        key: Bytes::from_static(b"big"),
+        value: Bytes::from(vec![b'x'; 100_000]),
+    };
+    match c.rt.block_on(client.write(big.encode())) {
+        Err(ClientError::Refused(m)) => assert!(m.contains("exceeds the 65536-byte limit"), "{m}"),
+        other => panic!("oversized request: {other:?}"),
+    }
+    let long_key = keel_kv::Command::Put {
+        key: Bytes::from(vec![b'k'; 5000]),
+        value: Bytes::from_static(b"v"),
+    };
+    let r =
+        c.rt.block_on(client.write(long_key.encode()))
+            .expect("write");
+    match keel_kv::Response::decode(&r) {
+        Ok(keel_kv::Response::Error { message, .. }) => {
+            assert!(message.contains("key"), "{message}")
+        }
+        other => panic!("oversized key: {other:?}"),
+    }
+    let garbage_cmd =
+        c.rt.block_on(client.write(Bytes::from_static(b"\x07nonsense")))
+            .expect("write");
+    assert!(matches!(
+        keel_kv::Response::decode(&garbage_cmd),
+        Ok(keel_kv::Response::Error { .. })
+    ));
+
+    // The same leader still serves, in the same term, and nothing was lost.
+    c.put(&mut client, "after", "2");
+    let s = c.status(leader).expect("status");
+    assert_eq!((s.role.as_str(), s.term), ("leader", term));
+    assert_eq!(c.get(&mut client, "big"), None);
+    c.check_acked(&mut client);
+}
+
+fn keel(args: &[&str]) -> (i32, String) {
+    let out = Proc::new(keel_exe()).args(args).output().expect("run keel");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn cli_mistakes_get_clear_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["kv", "pt", "a", "b"], "unrecognized subcommand 'pt'"),
+        (&["server", "--durability", "fast"], "invalid value 'fast'"),
+        (&["server"], "without --config, these flags are required: --id, --data-dir, --peer-addr, --client-addr"),
+        (&["server", "--config", "/nonexistent/keel.toml"], "cannot read config file /nonexistent/keel.toml"),
+        (
+            &["server", "--id", "1", "--data-dir", "/tmp/x", "--peer-addr", "127.0.0.1:1", "--client-addr", "127.0.0.1:2", "--peer", "2=oops"],
+            "expected ID=PEER_ADDR,CLIENT_ADDR",
+        ),
+        (&["kv", "cas", "k", "v"], "give exactly one of --expect-value, --expect-version, --expect-absent"),
+        (&["kv", "--endpoints", "127.0.0.1:1", "--timeout", "1", "get", "x"], "no leader reachable"),
+        (&["dev", "--nodes", "0"], "0 is not in 1..=9"),
+    ];
+    for (args, expected) in cases {
+        let (code, text) = keel(args);
+        assert_ne!(code, 0, "keel {args:?} succeeded:\n{text}");
+        assert!(
+            text.contains(expected),
+            "keel {args:?}: expected {expected:?} in:\n{text}"
+        );
+    }
+    let (code, text) = keel(&["--help"]);
+    assert_eq!(code, 0);
+    for sub in ["server", "dev", "kv", "cluster"] {
+        assert!(text.contains(sub), "--help does not mention {sub}:\n{text}");
+    }
+}
+
+#[test]
+fn a_bad_config_file_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keel.toml");
+    std::fs::write(
+        &path,
+        "id = 1\ndata_dir = \"d\"\npeer_addr = \"127.0.0.1:1\"\nclient_addr = \"127.0.0.1:2\"\nheartbeat_msec = 5\n",
+    )
+    .expect("write");
+    let (code, text) = keel(&["server", "--config", path.to_str().expect("utf-8 path")]);
+    assert_ne!(code, 0);
+    assert!(text.contains("heartbeat_msec"), "{text}");
+}

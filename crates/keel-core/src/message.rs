@@ -1,7 +1,8 @@
 //! Messages between the consensus cores of a cluster. The wire codec lives in
 //! `keel-net`; here they are plain values.
 
-use crate::types::{Entry, NodeId, Position, Snapshot, Term};
+use crate::types::{Entry, NodeId, Position, SnapshotMeta, Term};
+use bytes::Bytes;
 
 /// A message between two nodes of one cluster. Every message carries the
 /// cluster id and the sender's term.
@@ -57,10 +58,21 @@ pub enum Body {
         hint_term: Term,
         heartbeat: u64,
     },
-    /// The leader's latest snapshot, for a follower whose next entry was
-    /// compacted away. Answered with an `AppendResp`.
+    /// One chunk of the leader's latest snapshot, for a follower whose next
+    /// entry was compacted away: bytes `offset..offset + chunk.len()` of the
+    /// snapshot data; `done` on the last one. Chunks are acknowledged with
+    /// `SnapshotAck`; the installed snapshot with an `AppendResp`.
     InstallSnapshot {
-        snapshot: Snapshot,
+        meta: SnapshotMeta,
+        offset: u64,
+        chunk: Bytes,
+        done: bool,
+    },
+    /// The follower holds the first `received` bytes of the snapshot at
+    /// `position` (send from there).
+    SnapshotAck {
+        position: Position,
+        received: u64,
     },
     /// Leadership transfer: "campaign now".
     TimeoutNow,
@@ -76,6 +88,7 @@ impl Body {
             Body::Append { .. } => "Append",
             Body::AppendResp { .. } => "AppendResp",
             Body::InstallSnapshot { .. } => "InstallSnapshot",
+            Body::SnapshotAck { .. } => "SnapshotAck",
             Body::TimeoutNow => "TimeoutNow",
         }
     }

@@ -37,6 +37,8 @@ pub struct Config {
     /// Bytes a leader may have sent to one follower beyond what it has
     /// acknowledged (flow control window).
     pub max_inflight_bytes: u64,
+    /// Largest snapshot chunk in one `InstallSnapshot` message.
+    pub snapshot_chunk_bytes: u64,
     /// Seed for randomized election timeouts.
     pub seed: u64,
     /// Deliberate protocol bugs, for proving the simulator's checkers fire.
@@ -55,6 +57,7 @@ impl Config {
             election_timeout_max: 1_000_000_000,
             max_batch_bytes: 256 * 1024,
             max_inflight_bytes: 4 * 1024 * 1024,
+            snapshot_chunk_bytes: 1024 * 1024,
             seed: id,
             testing_bugs: TestingBugs::default(),
         }
@@ -215,6 +218,10 @@ struct Progress {
     active: bool,
     /// Highest heartbeat sequence it echoed.
     heartbeat: u64,
+    /// Snapshot state: which snapshot is being sent, and how many of its
+    /// bytes the follower has acknowledged.
+    snapshot_pos: Position,
+    snapshot_offset: u64,
 }
 
 struct PendingRead {
@@ -282,6 +289,8 @@ pub struct Node {
     timers: BTreeMap<u64, Nanos>,
     timers_fired: BTreeSet<u64>,
     commit_advanced: bool,
+    /// Follower: the snapshot being received in chunks.
+    incoming: Option<(SnapshotMeta, Vec<u8>)>,
     now: Nanos,
     stats: Stats,
 }
@@ -370,6 +379,7 @@ impl Node {
             timers: BTreeMap::new(),
             timers_fired: BTreeSet::new(),
             commit_advanced: false,
+            incoming: None,
             now,
             stats: Stats::default(),
             cfg,
@@ -707,6 +717,8 @@ impl Node {
             paused_since: None,
             active: true,
             heartbeat: 0,
+            snapshot_pos: 0,
+            snapshot_offset: 0,
         }
     }
 
@@ -821,9 +833,19 @@ impl Node {
                     self.on_append_resp(m.from, ok, position, hint_pos, hint_term, heartbeat, out);
                 }
             }
-            Body::InstallSnapshot { snapshot } => {
+            Body::InstallSnapshot {
+                meta,
+                offset,
+                chunk,
+                done,
+            } => {
                 self.heard_from_leader(m.from, out);
-                self.on_install_snapshot(snapshot, out);
+                self.on_snapshot_chunk(meta, offset, chunk, done, out);
+            }
+            Body::SnapshotAck { position, received } => {
+                if self.role == Role::Leader {
+                    self.on_snapshot_ack(m.from, position, received);
+                }
             }
             Body::TimeoutNow => {
                 if self.membership().is_voter(self.cfg.id) && self.role != Role::Leader {
@@ -955,6 +977,69 @@ impl Node {
             self.apply_sent = self.commit;
             if !entries.is_empty() {
                 out.push(Action::Apply(entries));
+            }
+        }
+    }
+
+    fn on_snapshot_chunk(
+        &mut self,
+        meta: SnapshotMeta,
+        offset: u64,
+        chunk: Bytes,
+        done: bool,
+        out: &mut Vec<Action>,
+    ) {
+        if meta.position <= self.commit {
+            // Already have everything it covers: acknowledge as installed.
+            self.incoming = None;
+            self.ack_due = true;
+            self.ack_forced = true;
+            self.matched = self.matched.max(meta.position.min(self.commit));
+            return;
+        }
+        let same = self
+            .incoming
+            .as_ref()
+            .is_some_and(|(m, _)| m.position == meta.position && m.term == meta.term);
+        if !same {
+            self.incoming = (offset == 0).then(|| (meta.clone(), Vec::new()));
+        }
+        let received = match self.incoming.as_mut() {
+            Some((_, buf)) if buf.len() as u64 == offset => {
+                buf.extend_from_slice(&chunk);
+                buf.len() as u64
+            }
+            Some((_, buf)) => buf.len() as u64,
+            None => 0,
+        };
+        if done && received == offset + chunk.len() as u64 {
+            if let Some((meta, buf)) = self.incoming.take() {
+                self.on_install_snapshot(
+                    Snapshot {
+                        meta,
+                        data: Bytes::from(buf),
+                    },
+                    out,
+                );
+                return;
+            }
+        }
+        self.send(
+            self.leader.unwrap_or(0),
+            Body::SnapshotAck {
+                position: meta.position,
+                received,
+            },
+            out,
+        );
+    }
+
+    fn on_snapshot_ack(&mut self, from: NodeId, position: Position, received: u64) {
+        if let Some(p) = self.progress.get_mut(&from) {
+            p.active = true;
+            if p.state == ProgressState::Snapshot && p.snapshot_pos == position {
+                p.snapshot_offset = received;
+                p.paused_since = None;
             }
         }
     }
@@ -1493,10 +1578,32 @@ impl Node {
             p.paused_since = Some(now);
             match snapshot {
                 Some(snapshot) => {
-                    p.state = ProgressState::Snapshot;
+                    if p.state != ProgressState::Snapshot
+                        || p.snapshot_pos != snapshot.meta.position
+                    {
+                        // Start (over) with the latest snapshot.
+                        p.state = ProgressState::Snapshot;
+                        p.snapshot_pos = snapshot.meta.position;
+                        p.snapshot_offset = 0;
+                        self.stats.snapshots_sent += 1;
+                    }
                     p.next = snapshot.meta.position;
-                    self.stats.snapshots_sent += 1;
-                    self.send(n, Body::InstallSnapshot { snapshot }, out);
+                    let len = snapshot.data.len() as u64;
+                    let start = p.snapshot_offset.min(len);
+                    let end = start
+                        .saturating_add(self.cfg.snapshot_chunk_bytes.max(1))
+                        .min(len);
+                    let chunk = snapshot.data.slice(start as usize..end as usize);
+                    self.send(
+                        n,
+                        Body::InstallSnapshot {
+                            meta: snapshot.meta,
+                            offset: start,
+                            chunk,
+                            done: end == len,
+                        },
+                        out,
+                    );
                 }
                 None => {
                     // Nothing compacted yet: probe from the start of the log.

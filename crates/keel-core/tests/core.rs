@@ -470,3 +470,62 @@ fn matched_position_does_not_survive_a_new_term_of_the_same_leader() {
         "committed entries it never matched in term 4"
     );
 }
+
+#[test]
+fn a_large_snapshot_is_installed_in_chunks() {
+    let m = Membership::new([1, 2]);
+    let mut cfg1 = Config::new(1, 7);
+    cfg1.snapshot_chunk_bytes = 1000;
+    let nodes = vec![
+        Node::new(cfg1, m.clone(), 0),
+        Node::new(Config::new(2, 7), m, 0),
+    ];
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    // Make node 1 the leader, then compact its log behind a 10 kB snapshot.
+    if h.leader() != Some(1) {
+        h.step(2, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1));
+    h.cut.insert((1, 2));
+    for seq in 1..=5 {
+        h.propose(1, seq, seq, b"only on the leader");
+    }
+    // The proposals do not commit without node 2; install a snapshot of
+    // what is committed and let node 2 fall behind it.
+    let applied = h.node(1).applied_position();
+    let big: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    h.step(
+        1,
+        Event::SnapshotTaken {
+            position: applied,
+            data: Bytes::from(big.clone()),
+        },
+    );
+    let wiped = Node::new(Config::new(2, 7), Membership::new([1, 2]), h.now);
+    h.nodes[1] = wiped;
+    h.cut.clear();
+    let mut chunks = 0;
+    for _ in 0..200 {
+        h.now += 10 * MS;
+        h.step(1, Event::Tick);
+        while let Some(msg) = h.inbox.pop_front() {
+            if let Body::InstallSnapshot { chunk, .. } = &msg.body {
+                assert!(chunk.len() <= 1000);
+                chunks += 1;
+            }
+            h.step(msg.to, Event::Message(msg));
+        }
+        if h.node(2).snapshot().is_some() {
+            break;
+        }
+    }
+    assert_eq!(chunks, 10, "10 kB in 1 kB chunks");
+    assert_eq!(h.node(2).snapshot().map(|s| s.data.to_vec()), Some(big));
+    h.run_for(200 * MS);
+    assert!(
+        h.node(2).commit_position() > applied,
+        "the log after the snapshot followed"
+    );
+}

@@ -10,7 +10,7 @@
 
 use bytes::Bytes;
 use keel_core::{
-    Body, Entry, EntryKind, Membership, MembershipChange, Message, NodeId, Snapshot, SnapshotMeta,
+    Body, Entry, EntryKind, Membership, MembershipChange, Message, NodeId, SnapshotMeta,
 };
 use std::sync::Arc;
 
@@ -151,6 +151,7 @@ const BODY_APPEND: u8 = 5;
 const BODY_APPEND_RESP: u8 = 6;
 const BODY_INSTALL_SNAPSHOT: u8 = 7;
 const BODY_TIMEOUT_NOW: u8 = 8;
+const BODY_SNAPSHOT_ACK: u8 = 9;
 
 // Entry kind tags.
 const KIND_TERM_START: u8 = 1;
@@ -348,9 +349,22 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u64(out, *hint_term);
             put_u64(out, *heartbeat);
         }
-        Body::InstallSnapshot { snapshot } => {
+        Body::InstallSnapshot {
+            meta,
+            offset,
+            chunk,
+            done,
+        } => {
             put_u8(out, BODY_INSTALL_SNAPSHOT);
-            put_snapshot(out, snapshot);
+            put_meta(out, meta);
+            put_u64(out, *offset);
+            put_bytes(out, chunk);
+            put_bool(out, *done);
+        }
+        Body::SnapshotAck { position, received } => {
+            put_u8(out, BODY_SNAPSHOT_ACK);
+            put_u64(out, *position);
+            put_u64(out, *received);
         }
         Body::TimeoutNow => put_u8(out, BODY_TIMEOUT_NOW),
     }
@@ -384,12 +398,11 @@ fn put_entry(out: &mut Vec<u8>, e: &Entry) {
     put_bytes(out, &e.data);
 }
 
-fn put_snapshot(out: &mut Vec<u8>, s: &Snapshot) {
-    put_u64(out, s.meta.position);
-    put_u64(out, s.meta.term);
-    put_u64(out, s.meta.timestamp);
-    put_membership(out, &s.meta.membership);
-    put_bytes(out, &s.data);
+fn put_meta(out: &mut Vec<u8>, m: &SnapshotMeta) {
+    put_u64(out, m.position);
+    put_u64(out, m.term);
+    put_u64(out, m.timestamp);
+    put_membership(out, &m.membership);
 }
 
 fn put_request(out: &mut Vec<u8>, r: &ClientRequest) {
@@ -717,7 +730,14 @@ impl<'a> Reader<'a> {
                 heartbeat: self.u64("AppendResp.heartbeat")?,
             },
             BODY_INSTALL_SNAPSHOT => Body::InstallSnapshot {
-                snapshot: self.snapshot()?,
+                meta: self.meta()?,
+                offset: self.u64("InstallSnapshot.offset")?,
+                chunk: self.bytes("InstallSnapshot.chunk")?,
+                done: self.flag("InstallSnapshot.done")?,
+            },
+            BODY_SNAPSHOT_ACK => Body::SnapshotAck {
+                position: self.u64("SnapshotAck.position")?,
+                received: self.u64("SnapshotAck.received")?,
             },
             BODY_TIMEOUT_NOW => Body::TimeoutNow,
             tag => {
@@ -771,15 +791,13 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn snapshot(&mut self) -> Result<Snapshot, CodecError> {
-        let meta = SnapshotMeta {
+    fn meta(&mut self) -> Result<SnapshotMeta, CodecError> {
+        Ok(SnapshotMeta {
             position: self.u64("SnapshotMeta.position")?,
             term: self.u64("SnapshotMeta.term")?,
             timestamp: self.u64("SnapshotMeta.timestamp")?,
             membership: self.membership()?,
-        };
-        let data = self.bytes("Snapshot.data")?;
-        Ok(Snapshot { meta, data })
+        })
     }
 
     fn request(&mut self) -> Result<ClientRequest, CodecError> {
@@ -983,19 +1001,25 @@ mod tests {
                         heartbeat,
                     }
                 }),
-            2 => (any::<u64>(), any::<u64>(), any::<u64>(), membership(), bytes()).prop_map(
-                |(position, term, timestamp, membership, data)| Body::InstallSnapshot {
-                    snapshot: Snapshot {
+            2 => (
+                (any::<u64>(), any::<u64>(), any::<u64>(), membership()),
+                (any::<u64>(), bytes(), any::<bool>())
+            )
+                .prop_map(|((position, term, timestamp, membership), (offset, chunk, done))| {
+                    Body::InstallSnapshot {
                         meta: SnapshotMeta {
                             position,
                             term,
                             timestamp,
                             membership,
                         },
-                        data,
-                    },
-                }
-            ),
+                        offset,
+                        chunk,
+                        done,
+                    }
+                }),
+            1 => (any::<u64>(), any::<u64>())
+                .prop_map(|(position, received)| Body::SnapshotAck { position, received }),
             1 => Just(Body::TimeoutNow),
         ]
     }
@@ -1239,7 +1263,7 @@ mod tests {
             // The frame tag, and the first nested tag of each frame kind.
             let (at, what, known) = match &f {
                 Frame::Hello { .. } => (5, "frame", 1..=4),
-                Frame::Peer(_) => (6 + 32, "message body", 1..=8),
+                Frame::Peer(_) => (6 + 32, "message body", 1..=9),
                 Frame::Request(_) => (6 + 24, "client op", 1..=6),
                 Frame::Response(_) => (6 + 8, "client result", 1..=6),
             };
@@ -1380,15 +1404,15 @@ mod tests {
                 to: 2,
                 term: 3,
                 body: Body::InstallSnapshot {
-                    snapshot: Snapshot {
-                        meta: SnapshotMeta {
-                            position: 10,
-                            term: 2,
-                            timestamp: 5,
-                            membership: Membership::new(voters),
-                        },
-                        data: Bytes::from_static(b"state"),
+                    meta: SnapshotMeta {
+                        position: 10,
+                        term: 2,
+                        timestamp: 5,
+                        membership: Membership::new(voters),
                     },
+                    offset: 0,
+                    chunk: Bytes::from_static(b"state"),
+                    done: true,
                 },
             })
         };

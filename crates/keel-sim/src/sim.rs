@@ -215,6 +215,8 @@ pub struct Report {
     pub messages: u64,
     pub crashes: u64,
     pub snapshots_installed: u64,
+    /// Snapshot chunks sent (a snapshot install takes several).
+    pub snapshot_chunks: u64,
     pub membership_changes: u64,
     pub timers_fired: u64,
     pub violations: Vec<String>,
@@ -383,6 +385,8 @@ fn core_config(id: NodeId, seed: u64, bugs: TestingBugs) -> Config {
     c.election_timeout_max = 400 * MS;
     c.max_batch_bytes = 4 * 1024;
     c.max_inflight_bytes = 32 * 1024;
+    // Small chunks so snapshot installs take several messages.
+    c.snapshot_chunk_bytes = 128;
     c.seed = seed ^ id.wrapping_mul(0x9E37_79B9);
     c.testing_bugs = bugs;
     c
@@ -599,6 +603,9 @@ impl Sim {
 
     fn send_peer(&mut self, m: Message) {
         self.report.messages += 1;
+        if matches!(m.body, keel_core::Body::InstallSnapshot { .. }) {
+            self.report.snapshot_chunks += 1;
+        }
         if self.blocked.contains(&(m.from, m.to)) {
             return;
         }

@@ -69,7 +69,13 @@ fn lossy_network() {
 #[test]
 fn partitions_asymmetric_and_cut_links() {
     let reports = sweep("partitions", 2000..2000 + SEEDS);
-    assert!(reports.iter().map(|r| r.snapshots_installed).sum::<u64>() > 0);
+    let installed: u64 = reports.iter().map(|r| r.snapshots_installed).sum();
+    let chunks: u64 = reports.iter().map(|r| r.snapshot_chunks).sum();
+    assert!(installed > 0);
+    assert!(
+        chunks > 2 * installed,
+        "snapshots should take several chunks ({chunks} for {installed})"
+    );
 }
 
 #[test]

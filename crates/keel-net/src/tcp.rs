@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 /// Identity and limits of this end of the transport.
 #[derive(Clone, Debug)]
@@ -77,6 +77,7 @@ pub async fn start_peers(
     stats: Arc<NetStats>,
 ) -> std::io::Result<Peers> {
     let listener = TcpListener::bind(listen).await?;
+    let span = tracing::info_span!("node", id = cfg.node_id);
     let mut links = HashMap::new();
     let mut accept_to = HashMap::new();
     for (id, addr) in peers.iter().cloned() {
@@ -95,9 +96,9 @@ pub async fn start_peers(
             inbound: inbound.clone(),
             stats: stats.clone(),
         };
-        tokio::spawn(link.run(rx, arx));
+        tokio::spawn(link.run(rx, arx).instrument(span.clone()));
     }
-    tokio::spawn(accept_peers(listener, cfg, accept_to, stats.clone()));
+    tokio::spawn(accept_peers(listener, cfg, accept_to, stats.clone()).instrument(span));
     Ok(Peers { links, stats })
 }
 
@@ -152,7 +153,7 @@ async fn accept_peers(
             };
             stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
             warn!("peer connection from {remote} refused: {reason}");
-        });
+        }.instrument(tracing::Span::current()));
     }
 }
 
@@ -281,27 +282,30 @@ impl Link {
             }
             let inbound = self.inbound.clone();
             let (cfg, peer, stats) = (self.cfg.clone(), self.peer, self.stats.clone());
-            let mut reader = tokio::spawn(async move {
-                read_frames(r, leftover, cfg.max_frame, |f| match f {
-                    Frame::Peer(m)
-                        if m.cluster_id == cfg.cluster_id
-                            && m.from == peer
-                            && m.to == cfg.node_id =>
-                    {
-                        inbound(m);
-                        Ok(())
-                    }
-                    Frame::Peer(m) => Err(format!(
-                        "message for cluster {:#x} from {} to {} on the link to node {peer}",
-                        m.cluster_id, m.from, m.to
-                    )),
-                    other => Err(format!("unexpected {} on a peer link", frame_name(&other))),
-                })
-                .await
-                .inspect_err(|_| {
-                    stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                })
-            });
+            let mut reader = tokio::spawn(
+                async move {
+                    read_frames(r, leftover, cfg.max_frame, |f| match f {
+                        Frame::Peer(m)
+                            if m.cluster_id == cfg.cluster_id
+                                && m.from == peer
+                                && m.to == cfg.node_id =>
+                        {
+                            inbound(m);
+                            Ok(())
+                        }
+                        Frame::Peer(m) => Err(format!(
+                            "message for cluster {:#x} from {} to {} on the link to node {peer}",
+                            m.cluster_id, m.from, m.to
+                        )),
+                        other => Err(format!("unexpected {} on a peer link", frame_name(&other))),
+                    })
+                    .await
+                    .inspect_err(|_| {
+                        stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    })
+                }
+                .instrument(tracing::Span::current()),
+            );
             let reason = loop {
                 tokio::select! {
                     r = &mut reader => {
@@ -356,26 +360,35 @@ async fn write_batch(
 /// Serves client connections on `listen`.
 pub async fn start_clients(
     listen: &str,
+    node_id: NodeId,
     max_frame: usize,
     handler: RequestHandler,
     stats: Arc<NetStats>,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, remote) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("client listener: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let (handler, stats) = (handler.clone(), stats.clone());
-            tokio::spawn(serve_client(stream, remote, max_frame, handler, stats));
+    let span = tracing::info_span!("node", id = node_id);
+    let task_span = span.clone();
+    tokio::spawn(
+        async move {
+            loop {
+                let (stream, remote) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("client listener: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (handler, stats) = (handler.clone(), stats.clone());
+                tokio::spawn(
+                    serve_client(stream, remote, max_frame, handler, stats)
+                        .instrument(task_span.clone()),
+                );
+            }
         }
-    });
+        .instrument(span),
+    );
     Ok(())
 }
 

@@ -18,7 +18,9 @@ use keel_core::{
 use keel_log::meta::{self, HardStateFile};
 use keel_log::{LogStore, Options, StorageEvent, StorageThread};
 use keel_net::codec::{ClientOp, ClientRequest, ClientResponse, ClientResult, NodeStatus};
-use keel_net::tcp::{self, NetStats, Peers, ResponseSink, TransportConfig};
+use keel_net::mem::MemNetwork;
+use keel_net::tcp::{self, NetStats, ResponseSink, TransportConfig};
+use keel_net::PeerSender;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -141,8 +143,30 @@ fn role_name(r: Role) -> &'static str {
     }
 }
 
-/// Starts a node: recovers its data directory, then runs until shut down.
+/// How a node reaches its peers.
+#[derive(Clone, Default)]
+pub enum Transport {
+    /// TCP on `peer_addr` (a real cluster).
+    #[default]
+    Tcp,
+    /// An in-memory network shared with other nodes of this process.
+    Memory(MemNetwork),
+}
+
+/// Starts a node with the TCP transport: recovers its data directory, then
+/// runs until shut down.
 pub fn start(cfg: NodeConfig, service: Box<dyn Service + Send>) -> Result<NodeHandle, NodeError> {
+    start_with(cfg, service, Transport::Tcp)
+}
+
+/// Starts a node with the given peer transport.
+pub fn start_with(
+    cfg: NodeConfig,
+    service: Box<dyn Service + Send>,
+    transport: Transport,
+) -> Result<NodeHandle, NodeError> {
+    let span = tracing::info_span!("node", id = cfg.id);
+    let _entered = span.clone().entered();
     cfg.validate()
         .map_err(|e| NodeError::Start(e.to_string()))?;
     let dir = cfg.data_dir.clone();
@@ -244,17 +268,23 @@ pub fn start(cfg: NodeConfig, service: Box<dyn Service + Send>) -> Result<NodeHa
                 stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
             }
         });
-        rt.block_on(tcp::start_peers(
-            tcfg.clone(),
-            &cfg.peer_addr,
-            &peers_list,
-            inbound,
-            net_stats.clone(),
-        ))
-        .map_err(|source| NodeError::Listen {
-            addr: cfg.peer_addr.clone(),
-            source,
-        })?
+        let peers: Box<dyn PeerSender> = match transport {
+            Transport::Tcp => Box::new(
+                rt.block_on(tcp::start_peers(
+                    tcfg.clone(),
+                    &cfg.peer_addr,
+                    &peers_list,
+                    inbound,
+                    net_stats.clone(),
+                ))
+                .map_err(|source| NodeError::Listen {
+                    addr: cfg.peer_addr.clone(),
+                    source,
+                })?,
+            ),
+            Transport::Memory(net) => Box::new(net.join(cfg.id, inbound)),
+        };
+        peers
     };
     {
         let tx = external_tx.clone();
@@ -289,6 +319,7 @@ pub fn start(cfg: NodeConfig, service: Box<dyn Service + Send>) -> Result<NodeHa
             });
         rt.block_on(tcp::start_clients(
             &cfg.client_addr,
+            cfg.id,
             tcfg.max_frame,
             handler,
             net_stats.clone(),
@@ -313,11 +344,13 @@ pub fn start(cfg: NodeConfig, service: Box<dyn Service + Send>) -> Result<NodeHa
 
     // Snapshot writer: persists a snapshot, then lets storage compact.
     let (snap_tx, snap_rx) = unbounded::<(Snapshot, Position)>();
+    let cfg_id = cfg.id;
     let snapshot_writer = {
         let (dir, storage, tx) = (dir.clone(), storage.clone(), internal_tx.clone());
         std::thread::Builder::new()
             .name("keel-snapshot".into())
             .spawn(move || {
+                let _s = tracing::info_span!("node", id = cfg_id).entered();
                 for (s, upto) in snap_rx {
                     let r = meta::save_snapshot(&dir, &s).and_then(|_| storage.compact(upto));
                     if let Err(e) = r {
@@ -337,7 +370,10 @@ pub fn start(cfg: NodeConfig, service: Box<dyn Service + Send>) -> Result<NodeHa
         let applied_from = snapshot.meta.position;
         std::thread::Builder::new()
             .name("keel-service".into())
-            .spawn(move || service_loop(host, service_rx, tx, every, applied_from, metrics))
+            .spawn(move || {
+                let _s = tracing::info_span!("node", id = cfg_id).entered();
+                service_loop(host, service_rx, tx, every, applied_from, metrics)
+            })
             .map_err(|e| NodeError::Start(e.to_string()))?
     };
 
@@ -374,6 +410,7 @@ pub fn start(cfg: NodeConfig, service: Box<dyn Service + Send>) -> Result<NodeHa
         std::thread::Builder::new()
             .name("keel-consensus".into())
             .spawn(move || {
+                let _s = span.entered();
                 let result = consensus.run(internal_rx, external_rx);
                 let _ = consensus.service.send(ServiceInput::Stop);
                 drop(consensus);
@@ -423,7 +460,7 @@ struct Consensus {
     cfg: NodeConfig,
     now: Box<dyn Fn() -> Nanos + Send>,
     storage: Arc<StorageThread>,
-    peers: Peers,
+    peers: Box<dyn PeerSender>,
     service: Sender<ServiceInput>,
     snapshots: Sender<(Snapshot, Position)>,
     /// Requests the core may still answer (reject, read-ready), by core id.

@@ -23,6 +23,10 @@ impl Rng {
         }
         lo + self.next_u64() % (hi - lo)
     }
+    /// Uniform in `[0, n)`; 0 if `n` is 0.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.range(0, n)
+    }
     /// True with probability `p`.
     pub fn chance(&mut self, p: f64) -> bool {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 > 1.0 - p

@@ -7,6 +7,8 @@
 pub mod frame;
 pub mod meta;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod thread;
 
 pub use meta::HardStateFile;

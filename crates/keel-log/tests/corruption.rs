@@ -16,6 +16,7 @@
 //! (which never produces a zero either) cannot pass for an unwritten sector.
 
 use bytes::Bytes;
+use keel_core::rng::Rng;
 use keel_core::{Entry, EntryKind, HardState, Membership, Position, Snapshot, SnapshotMeta, Term};
 use keel_log::meta::{self, HardStateFile};
 use keel_log::{LogError, LogStore, Options, TornTail};
@@ -28,25 +29,6 @@ const SEGMENT_SIZE: u64 = 8 << 10;
 const ENTRIES: usize = 300;
 const CASES: u64 = 300;
 const HEADER_LEN: u64 = keel_core::ENTRY_HEADER_LEN;
-
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo)
-    }
-}
 
 fn opts() -> Options {
     Options {
@@ -126,7 +108,7 @@ impl Base {
 }
 
 fn build(variant: Variant, seed: u64) -> Base {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = LogStore::open(dir.path(), opts()).expect("open").store;
     let mut all: Vec<Entry> = Vec::new();
@@ -540,7 +522,7 @@ fn run_cases(seed: u64, select: impl Fn(&Case) -> bool) -> usize {
         .enumerate()
         .map(|(i, &v)| build(v, seed ^ i as u64))
         .collect();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let (mut run, mut failures) = (0, Vec::new());
     for n in 0..CASES {
         let v = rng.below(VARIANTS.len() as u64) as usize;
@@ -579,7 +561,7 @@ fn the_cases_cover_every_kind_of_damage() {
         .enumerate()
         .map(|(i, &v)| build(v, 0x6B65_656C ^ i as u64))
         .collect();
-    let mut rng = Rng(0x6B65_656C);
+    let mut rng = Rng::new(0x6B65_656C);
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..CASES {
         let v = rng.below(VARIANTS.len() as u64) as usize;

@@ -13,8 +13,9 @@
 //! `keel-log-torture soak` runs the same check for as long as you like.
 #![cfg(unix)]
 
-use bytes::Bytes;
-use keel_core::{Entry, EntryKind, Position, Term};
+use keel_core::rng::Rng;
+use keel_core::{Position, Term};
+use keel_log::testing::make_entry;
 use keel_log::{LogStore, Options};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -24,51 +25,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TORTURE: &str = env!("CARGO_BIN_EXE_keel-log-torture");
-
-// ---- identical copy of the shared part of src/bin/keel-log-torture.rs ----
-
-/// SplitMix64: a small deterministic generator, no dependency needed.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
-/// The data of the entry at `position`: a function of the position alone,
-/// and no byte is ever zero (so damage never looks like an unwritten sector).
-fn content(position: Position, len: usize) -> Vec<u8> {
-    let mut rng = Rng(position ^ 0x6B65_656C_2D6C_6F67);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend(rng.next_u64().to_le_bytes().map(|b| b.max(1)));
-    }
-    out.truncate(len);
-    out
-}
-
-fn make_entry(term: Term, position: Position, len: usize) -> Entry {
-    Entry {
-        term,
-        position,
-        timestamp: position,
-        kind: EntryKind::Command {
-            client: 1,
-            seq: position,
-        },
-        data: Bytes::from(content(position, len)),
-    }
-}
-
-// ---- end of the shared part ----
 
 #[derive(Default, Debug)]
 struct Stats {
@@ -233,7 +189,7 @@ fn check_recovery(
 
 /// `dirs` data directories, each killed and recovered `restarts` times.
 fn crash_loop(seed: u64, segment_size: u64, dirs: usize, restarts: usize) -> Stats {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut stats = Stats::default();
     for d in 0..dirs {
         let tmp = tempfile::tempdir().expect("tempdir");

@@ -600,38 +600,38 @@ impl Consensus {
                         Ok(())
                     }
                     ClientOp::TransferLeader(target) => {
-                        self.pending.insert(
-                            id,
-                            PendingRequest {
-                                client_id: req.id,
-                                sink: sink.clone(),
-                                op: PendingOp::Other,
-                            },
-                        );
-                        self.step(Event::TransferLeadership { id, target })?;
-                        if let Some(p) = self.pending.remove(&id) {
-                            respond(&p.sink, p.client_id, ClientResult::Ok(Bytes::new()));
-                        }
-                        Ok(())
+                        self.admin(id, req.id, sink, Event::TransferLeadership { id, target })
                     }
                     ClientOp::ChangeMembership(change) => {
-                        self.pending.insert(
-                            id,
-                            PendingRequest {
-                                client_id: req.id,
-                                sink: sink.clone(),
-                                op: PendingOp::Other,
-                            },
-                        );
-                        self.step(Event::ChangeMembership { id, change })?;
-                        if let Some(p) = self.pending.remove(&id) {
-                            respond(&p.sink, p.client_id, ClientResult::Ok(Bytes::new()));
-                        }
-                        Ok(())
+                        self.admin(id, req.id, sink, Event::ChangeMembership { id, change })
                     }
                 }
             }
         }
+    }
+
+    /// An administrative request: answered "ok" once the core took it, or
+    /// with the core's rejection.
+    fn admin(
+        &mut self,
+        id: u64,
+        client_id: u64,
+        sink: ResponseSink,
+        ev: Event,
+    ) -> Result<(), String> {
+        self.pending.insert(
+            id,
+            PendingRequest {
+                client_id,
+                sink,
+                op: PendingOp::Other,
+            },
+        );
+        self.step(ev)?;
+        if let Some(p) = self.pending.remove(&id) {
+            respond(&p.sink, p.client_id, ClientResult::Ok(Bytes::new()));
+        }
+        Ok(())
     }
 
     fn not_leader(&self) -> ClientResult {

@@ -91,7 +91,9 @@ fn three_nodes_in_one_process() {
         put(&mut client, &format!("b{i}"));
     }
     net.heal();
-    let keys = (0..20).map(|i| format!("a{i}")).chain((0..20).map(|i| format!("b{i}")));
+    let keys = (0..20)
+        .map(|i| format!("a{i}"))
+        .chain((0..20).map(|i| format!("b{i}")));
     for k in keys {
         let q = Query::Get {
             key: Bytes::from(k.clone()),

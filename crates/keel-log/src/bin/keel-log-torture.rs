@@ -19,8 +19,9 @@
 //! `tests/crash.rs` holds the same check (and an identical copy of `Rng`,
 //! `content` and `make_entry`); keep them in step.
 
-use bytes::Bytes;
-use keel_core::{Entry, EntryKind, Position, Term};
+use keel_core::rng::Rng;
+use keel_core::{Position, Term};
+use keel_log::testing::make_entry;
 use keel_log::{LogStore, Options};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -31,51 +32,6 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage:
   keel-log-torture append <dir> <seed> [--segment-size N]
   keel-log-torture soak <dir> --iterations N [--seed S] [--segment-size N] [--restarts-per-dir K]";
-
-// ---- shared with tests/crash.rs (keep identical) ----
-
-/// SplitMix64: a small deterministic generator, no dependency needed.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
-/// The data of the entry at `position`: a function of the position alone,
-/// and no byte is ever zero (so damage never looks like an unwritten sector).
-fn content(position: Position, len: usize) -> Vec<u8> {
-    let mut rng = Rng(position ^ 0x6B65_656C_2D6C_6F67);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend(rng.next_u64().to_le_bytes().map(|b| b.max(1)));
-    }
-    out.truncate(len);
-    out
-}
-
-fn make_entry(term: Term, position: Position, len: usize) -> Entry {
-    Entry {
-        term,
-        position,
-        timestamp: position,
-        kind: EntryKind::Command {
-            client: 1,
-            seq: position,
-        },
-        data: Bytes::from(content(position, len)),
-    }
-}
-
-// ---- end of the shared part ----
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -194,7 +150,7 @@ fn append(dir: &Path, seed: u64, opts: Options) -> Result<(), String> {
             .map_err(|e| format!("writing to stdout: {e}"))
     };
     say(&mut out, "opened", store.last_pos())?;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     loop {
         let mut batch = Vec::new();
         let mut pos = store.last_pos();
@@ -404,7 +360,7 @@ fn check_recovery(
 fn soak(a: SoakArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding this executable: {e}"))?;
     std::fs::create_dir_all(&a.dir).map_err(|e| format!("creating {}: {e}", a.dir.display()))?;
-    let mut rng = Rng(a.seed);
+    let mut rng = Rng::new(a.seed);
     let started = Instant::now();
     let (mut floor, mut run_dir, mut seg) = (0, PathBuf::new(), 0);
     let (mut synced, mut torn, mut max_segments, mut max_end) = (0, 0, 0, 0);

@@ -153,6 +153,17 @@ struct ServerArgs {
     /// Start empty and wait to be added to an existing cluster.
     #[arg(long)]
     join: bool,
+    /// Leader heartbeat interval.
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Election timeouts are drawn from [min, max).
+    #[arg(long)]
+    election_timeout_min_ms: Option<u64>,
+    #[arg(long)]
+    election_timeout_max_ms: Option<u64>,
+    /// Take a snapshot after this many bytes of log are applied.
+    #[arg(long)]
+    snapshot_every_bytes: Option<u64>,
     #[arg(long)]
     cluster_id: Option<u64>,
 }
@@ -228,6 +239,18 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(c) = a.cluster_id {
         cfg.cluster_id = c;
+    }
+    if let Some(v) = a.heartbeat_ms {
+        cfg.heartbeat_ms = v;
+    }
+    if let Some(v) = a.election_timeout_min_ms {
+        cfg.election_timeout_min_ms = v;
+    }
+    if let Some(v) = a.election_timeout_max_ms {
+        cfg.election_timeout_max_ms = v;
+    }
+    if let Some(v) = a.snapshot_every_bytes {
+        cfg.snapshot_every_bytes = v;
     }
     cfg.validate()?;
     Ok(cfg)

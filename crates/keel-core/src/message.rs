@@ -1,7 +1,7 @@
 //! Messages between the consensus cores of a cluster. The wire codec lives in
 //! `keel-net`; here they are plain values.
 
-use crate::types::{Entry, NodeId, Position, SnapshotMeta, Term};
+use crate::types::{ClientId, Entry, NodeId, Position, SnapshotMeta, Term};
 use bytes::Bytes;
 
 /// A message between two nodes of one cluster. Every message carries the
@@ -76,6 +76,23 @@ pub enum Body {
     },
     /// Leadership transfer: "campaign now".
     TimeoutNow,
+    /// Client commands a follower took, for the leader to append (client,
+    /// sequence number, data). Dropped by a node that is not the leader;
+    /// the follower's clients learn of it when it sees a new leader.
+    Forward {
+        commands: Vec<(ClientId, u64, Bytes)>,
+    },
+    /// A follower asks the leader for a read index for its read `id`.
+    ReadIndex {
+        id: u64,
+    },
+    /// The read index for the follower's read `id`, confirmed by a quorum
+    /// (`ok`), or a refusal (not the leader).
+    ReadIndexResp {
+        id: u64,
+        index: Position,
+        ok: bool,
+    },
 }
 
 impl Body {
@@ -89,6 +106,9 @@ impl Body {
             Body::AppendResp { .. } => "AppendResp",
             Body::InstallSnapshot { .. } => "InstallSnapshot",
             Body::SnapshotAck { .. } => "SnapshotAck",
+            Body::Forward { .. } => "Forward",
+            Body::ReadIndex { .. } => "ReadIndex",
+            Body::ReadIndexResp { .. } => "ReadIndexResp",
             Body::TimeoutNow => "TimeoutNow",
         }
     }

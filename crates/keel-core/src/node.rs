@@ -226,6 +226,8 @@ struct Progress {
 
 struct PendingRead {
     id: RequestId,
+    /// The follower that asked (a forwarded read), or None for a local one.
+    from: Option<NodeId>,
     index: Position,
     heartbeat: u64,
 }
@@ -284,7 +286,9 @@ pub struct Node {
     heartbeat_seq: u64,
     heartbeat_due: bool,
     reads: VecDeque<PendingRead>,
-    reads_waiting: Vec<RequestId>,
+    reads_waiting: Vec<(RequestId, Option<NodeId>)>,
+    /// Follower: reads waiting for the leader's read index.
+    forwarded_reads: BTreeSet<RequestId>,
     transfer: Option<(NodeId, Nanos)>,
     timers: BTreeMap<u64, Nanos>,
     timers_fired: BTreeSet<u64>,
@@ -375,6 +379,7 @@ impl Node {
             heartbeat_due: false,
             reads: VecDeque::new(),
             reads_waiting: Vec::new(),
+            forwarded_reads: BTreeSet::new(),
             transfer: None,
             timers: BTreeMap::new(),
             timers_fired: BTreeSet::new(),
@@ -586,6 +591,12 @@ impl Node {
         // What matched the old leader says nothing about the new one, even
         // when the same node leads again in a later term.
         if new_term || self.leader != leader {
+            for id in std::mem::take(&mut self.forwarded_reads) {
+                out.push(Action::Rejected {
+                    id,
+                    reason: RejectReason::NotLeader { leader },
+                });
+            }
             self.matched = 0;
             self.acked = (0, 0);
             self.leader_heartbeat = 0;
@@ -599,18 +610,14 @@ impl Node {
         self.progress.clear();
         self.transfer = None;
         self.timers_fired.clear();
-        let leader = None;
-        for r in self.reads.drain(..) {
-            out.push(Action::Rejected {
-                id: r.id,
-                reason: RejectReason::NotLeader { leader },
-            });
-        }
-        for id in self.reads_waiting.drain(..) {
-            out.push(Action::Rejected {
-                id,
-                reason: RejectReason::NotLeader { leader },
-            });
+        let reads: Vec<(RequestId, Option<NodeId>)> = self
+            .reads
+            .drain(..)
+            .map(|r| (r.id, r.from))
+            .chain(self.reads_waiting.drain(..))
+            .collect();
+        for (id, from) in reads {
+            self.answer_read(id, from, None, out);
         }
     }
 
@@ -850,6 +857,36 @@ impl Node {
             Body::TimeoutNow => {
                 if self.membership().is_voter(self.cfg.id) && self.role != Role::Leader {
                     self.campaign(true, out);
+                }
+            }
+            Body::Forward { commands } => {
+                if self.role == Role::Leader && self.transfer.is_none() {
+                    let items = commands
+                        .into_iter()
+                        .map(|(client, seq, data)| (EntryKind::Command { client, seq }, data))
+                        .collect();
+                    self.append_entries(items, out);
+                }
+            }
+            Body::ReadIndex { id } => {
+                if self.role == Role::Leader {
+                    self.leader_read(id, Some(m.from), out);
+                } else {
+                    self.answer_read(id, Some(m.from), None, out);
+                }
+            }
+            Body::ReadIndexResp { id, index, ok } => {
+                if self.forwarded_reads.remove(&id) {
+                    if ok && Some(m.from) == self.leader {
+                        out.push(Action::ReadReady { id, index });
+                    } else {
+                        out.push(Action::Rejected {
+                            id,
+                            reason: RejectReason::NotLeader {
+                                leader: self.leader,
+                            },
+                        });
+                    }
                 }
             }
         }
@@ -1150,6 +1187,16 @@ impl Node {
     }
 
     fn propose(&mut self, proposals: Vec<Proposal>, out: &mut Vec<Action>) {
+        if let (Role::Follower, Some(leader)) = (self.role, self.leader) {
+            // Forward to the leader; the runtime replies when the entry is
+            // applied here.
+            let commands = proposals
+                .into_iter()
+                .map(|p| (p.client, p.seq, p.data))
+                .collect();
+            self.send(leader, Body::Forward { commands }, out);
+            return;
+        }
         if self.role != Role::Leader || self.transfer.is_some() {
             for p in proposals {
                 self.reject(p.id, out);
@@ -1216,14 +1263,52 @@ impl Node {
     }
 
     fn read(&mut self, id: RequestId, out: &mut Vec<Action>) {
+        if let (Role::Follower, Some(leader)) = (self.role, self.leader) {
+            // Ask the leader for a read index; serve locally once applied.
+            self.forwarded_reads.insert(id);
+            self.send(leader, Body::ReadIndex { id }, out);
+            return;
+        }
         if self.reject(id, out) {
             return;
         }
+        self.leader_read(id, None, out);
+    }
+
+    /// Leader: a read (local, or forwarded by `from`) waits for the term's
+    /// first entry to commit, then for a heartbeat round.
+    fn leader_read(&mut self, id: RequestId, from: Option<NodeId>, out: &mut Vec<Action>) {
         if self.commit < self.term_start_end() {
-            self.reads_waiting.push(id);
+            self.reads_waiting.push((id, from));
             return;
         }
-        self.register_read(id, out);
+        self.register_read(id, from, out);
+    }
+
+    /// Answers a read: `index` None is a refusal (no longer the leader).
+    fn answer_read(
+        &mut self,
+        id: RequestId,
+        from: Option<NodeId>,
+        index: Option<Position>,
+        out: &mut Vec<Action>,
+    ) {
+        match (from, index) {
+            (None, Some(index)) => out.push(Action::ReadReady { id, index }),
+            (None, None) => out.push(Action::Rejected {
+                id,
+                reason: RejectReason::NotLeader { leader: None },
+            }),
+            (Some(f), index) => self.send(
+                f,
+                Body::ReadIndexResp {
+                    id,
+                    index: index.unwrap_or(0),
+                    ok: index.is_some(),
+                },
+                out,
+            ),
+        }
     }
 
     fn term_start_end(&self) -> Position {
@@ -1232,10 +1317,11 @@ impl Node {
             .map_or(self.term_start_pos, Entry::end)
     }
 
-    fn register_read(&mut self, id: RequestId, out: &mut Vec<Action>) {
+    fn register_read(&mut self, id: RequestId, from: Option<NodeId>, out: &mut Vec<Action>) {
         self.heartbeat_seq += 1;
         self.reads.push_back(PendingRead {
             id,
+            from,
             index: self.commit,
             heartbeat: self.heartbeat_seq,
         });
@@ -1263,10 +1349,7 @@ impl Node {
         let confirmed = acks.get(m.quorum() - 1).copied().unwrap_or(0);
         while self.reads.front().is_some_and(|r| r.heartbeat <= confirmed) {
             if let Some(r) = self.reads.pop_front() {
-                out.push(Action::ReadReady {
-                    id: r.id,
-                    index: r.index,
-                });
+                self.answer_read(r.id, r.from, Some(r.index), out);
             }
         }
     }
@@ -1417,8 +1500,8 @@ impl Node {
             self.commit_advanced = true;
             self.emit_apply(out);
             if self.commit >= self.term_start_end() && !self.reads_waiting.is_empty() {
-                for id in std::mem::take(&mut self.reads_waiting) {
-                    self.register_read(id, out);
+                for (id, from) in std::mem::take(&mut self.reads_waiting) {
+                    self.register_read(id, from, out);
                 }
             }
             // A leader removed from the voters steps down once that is

@@ -29,7 +29,17 @@ pub trait Service {
     fn on_session_close(&mut self, _ctx: &mut Context<'_>, _client: ClientId) {}
     /// This replica's role changed (not replicated: for logging or metrics).
     fn on_role_change(&mut self, _role: Role) {}
+    /// Notifications produced by the entries applied since the last call
+    /// (for example watch events), handed by the runtime to local
+    /// subscribers on every replica. Not replicated state: drained each time.
+    fn take_notifications(&mut self) -> Vec<Bytes> {
+        Vec::new()
+    }
 }
+
+/// Client id of commands without a session: applied every time they appear
+/// in the log, with no duplicate detection (as etcd's own API behaves).
+pub const SESSIONLESS: ClientId = 0;
 
 /// A boxed service is a service, so a runtime can pick one at start-up.
 impl<S: Service + ?Sized> Service for Box<S> {
@@ -56,6 +66,9 @@ impl<S: Service + ?Sized> Service for Box<S> {
     }
     fn on_role_change(&mut self, role: Role) {
         (**self).on_role_change(role)
+    }
+    fn take_notifications(&mut self) -> Vec<Bytes> {
+        (**self).take_notifications()
     }
 }
 
@@ -204,6 +217,10 @@ impl<S: Service> ServiceHost<S> {
         };
         match &e.kind {
             EntryKind::TermStart | EntryKind::Membership(_) => {}
+            EntryKind::Command { client, seq } if *client == SESSIONLESS => {
+                let r = self.service.on_message(&mut ctx, *client, &e.data);
+                out.replies.push((*client, *seq, Reply::Applied(r)));
+            }
             EntryKind::Command { client, seq } => {
                 let reply = match self.sessions.get_mut(client) {
                     Some(s) if *seq == s.last_seq => {

@@ -185,22 +185,34 @@ fn three_nodes_elect_one_leader_and_replicate() {
 }
 
 #[test]
-fn follower_proposals_are_rejected_with_the_leader_hint() {
+fn followers_forward_proposals_and_reads_to_the_leader() {
     let mut h = Harness::new(3);
     h.run_for(1_500 * MS);
     let leader = h.leader().expect("a leader");
     let follower = (1..=3).find(|&n| n != leader).expect("a follower");
-    h.propose(follower, 9, 1, b"x");
-    assert_eq!(
-        h.rejected,
-        vec![(
-            follower,
-            9,
-            RejectReason::NotLeader {
-                leader: Some(leader)
-            }
-        )]
-    );
+    h.propose(follower, 9, 1, b"via a follower");
+    h.run_for(50 * MS);
+    assert!(h.rejected.is_empty(), "{:?}", h.rejected);
+    for i in 0..3 {
+        assert!(h.applied[i]
+            .iter()
+            .any(|e| &e.data[..] == b"via a follower"));
+    }
+    let commit = h.node(leader).commit_position();
+    h.step(follower, Event::Read { id: 10 });
+    h.deliver();
+    assert_eq!(h.ready_reads, vec![(follower, 10, commit)]);
+    // Without a known leader there is nobody to forward to.
+    let mut lonely = Node::new(Config::new(1, 7), Membership::new([1, 2, 3]), 0);
+    let mut out = Vec::new();
+    lonely.step(0, Event::Read { id: 3 }, &mut out);
+    assert!(matches!(
+        out.as_slice(),
+        [Action::Rejected {
+            id: 3,
+            reason: RejectReason::NotLeader { leader: None }
+        }]
+    ));
 }
 
 #[test]

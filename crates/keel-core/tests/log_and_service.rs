@@ -294,3 +294,15 @@ fn membership_changes_are_validated() {
         .apply(&Membership::new([1]))
         .is_err());
 }
+
+#[test]
+fn sessionless_commands_apply_every_time() {
+    let mut host = ServiceHost::new(Counter::default(), 1_000_000);
+    let mut out = ApplyOutput::default();
+    let e1 = cmd(0, SESSIONLESS, 1, b"inc", 1);
+    let e2 = cmd(e1.end(), SESSIONLESS, 1, b"inc", 2);
+    host.apply(&[e1, e2], &mut out);
+    assert_eq!(host.service().n, 2);
+    assert_eq!(host.session_count(), 0);
+    assert!(out.replies.iter().all(|r| matches!(r.2, Reply::Applied(_))));
+}

@@ -152,6 +152,9 @@ const BODY_APPEND_RESP: u8 = 6;
 const BODY_INSTALL_SNAPSHOT: u8 = 7;
 const BODY_TIMEOUT_NOW: u8 = 8;
 const BODY_SNAPSHOT_ACK: u8 = 9;
+const BODY_FORWARD: u8 = 10;
+const BODY_READ_INDEX: u8 = 11;
+const BODY_READ_INDEX_RESP: u8 = 12;
 
 // Entry kind tags.
 const KIND_TERM_START: u8 = 1;
@@ -365,6 +368,25 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u8(out, BODY_SNAPSHOT_ACK);
             put_u64(out, *position);
             put_u64(out, *received);
+        }
+        Body::Forward { commands } => {
+            put_u8(out, BODY_FORWARD);
+            put_u32(out, commands.len() as u32);
+            for (client, seq, data) in commands {
+                put_u64(out, *client);
+                put_u64(out, *seq);
+                put_bytes(out, data);
+            }
+        }
+        Body::ReadIndex { id } => {
+            put_u8(out, BODY_READ_INDEX);
+            put_u64(out, *id);
+        }
+        Body::ReadIndexResp { id, index, ok } => {
+            put_u8(out, BODY_READ_INDEX_RESP);
+            put_u64(out, *id);
+            put_u64(out, *index);
+            put_bool(out, *ok);
         }
         Body::TimeoutNow => put_u8(out, BODY_TIMEOUT_NOW),
     }
@@ -739,6 +761,27 @@ impl<'a> Reader<'a> {
                 position: self.u64("SnapshotAck.position")?,
                 received: self.u64("SnapshotAck.received")?,
             },
+            BODY_FORWARD => {
+                // Each command needs at least 20 bytes: bound the count by
+                // what is actually there before allocating.
+                let n = self.count("Forward.commands", 20)?;
+                let mut commands = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let client = self.u64("Forward.client")?;
+                    let seq = self.u64("Forward.seq")?;
+                    let data = self.bytes("Forward.data")?;
+                    commands.push((client, seq, data));
+                }
+                Body::Forward { commands }
+            }
+            BODY_READ_INDEX => Body::ReadIndex {
+                id: self.u64("ReadIndex.id")?,
+            },
+            BODY_READ_INDEX_RESP => Body::ReadIndexResp {
+                id: self.u64("ReadIndexResp.id")?,
+                index: self.u64("ReadIndexResp.index")?,
+                ok: self.flag("ReadIndexResp.ok")?,
+            },
             BODY_TIMEOUT_NOW => Body::TimeoutNow,
             tag => {
                 return Err(CodecError::UnknownTag {
@@ -1020,6 +1063,11 @@ mod tests {
                 }),
             1 => (any::<u64>(), any::<u64>())
                 .prop_map(|(position, received)| Body::SnapshotAck { position, received }),
+            1 => vec((any::<u64>(), any::<u64>(), bytes()), 0..4)
+                .prop_map(|commands| Body::Forward { commands }),
+            1 => any::<u64>().prop_map(|id| Body::ReadIndex { id }),
+            1 => (any::<u64>(), any::<u64>(), any::<bool>())
+                .prop_map(|(id, index, ok)| Body::ReadIndexResp { id, index, ok }),
             1 => Just(Body::TimeoutNow),
         ]
     }
@@ -1263,7 +1311,7 @@ mod tests {
             // The frame tag, and the first nested tag of each frame kind.
             let (at, what, known) = match &f {
                 Frame::Hello { .. } => (5, "frame", 1..=4),
-                Frame::Peer(_) => (6 + 32, "message body", 1..=9),
+                Frame::Peer(_) => (6 + 32, "message body", 1..=12),
                 Frame::Request(_) => (6 + 24, "client op", 1..=6),
                 Frame::Response(_) => (6 + 8, "client result", 1..=6),
             };

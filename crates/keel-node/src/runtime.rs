@@ -22,7 +22,7 @@ use keel_net::mem::MemNetwork;
 use keel_net::tcp::{self, NetStats, ResponseSink, TransportConfig};
 use keel_net::PeerSender;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -94,9 +94,20 @@ enum ServiceInput {
     Stop,
 }
 
+/// What a service published after applying entries (see
+/// `Service::take_notifications`), with the applied position after them.
+#[derive(Debug)]
+pub struct Notification {
+    pub applied: Position,
+    pub items: Vec<Bytes>,
+}
+
 /// A running node.
 pub struct NodeHandle {
     internal: Sender<Internal>,
+    external: Sender<External>,
+    notifications: tokio::sync::broadcast::Sender<Arc<Notification>>,
+    next_request: AtomicU64,
     threads: Vec<JoinHandle<()>>,
     fatal: Arc<Mutex<Option<String>>>,
     status: Arc<Mutex<NodeStatus>>,
@@ -112,6 +123,38 @@ impl NodeHandle {
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
     }
+    /// Submits a request as a client of this node would, and waits for the
+    /// answer. Writes go without a session (`SESSIONLESS`): each call is
+    /// applied once per time it reaches the log, as etcd's API behaves.
+    pub async fn call(&self, op: ClientOp) -> ClientResult {
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = ClientRequest {
+            id: n,
+            client: keel_core::SESSIONLESS,
+            seq: n,
+            op,
+        };
+        if self.external.try_send(External::Client(req, tx)).is_err() {
+            return ClientResult::Busy;
+        }
+        match rx.recv().await {
+            Some(r) => r.result,
+            None => ClientResult::Error("the node stopped".into()),
+        }
+    }
+
+    /// Notifications the service publishes on this node, in apply order. A
+    /// receiver that falls behind gets `RecvError::Lagged` and must resync.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Notification>> {
+        self.notifications.subscribe()
+    }
+
+    /// The tokio runtime the node's network runs on (for extra servers).
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        self._rt.handle()
+    }
+
     /// Graceful stop: flush and sync storage, close.
     pub fn shutdown(&self) {
         let _ = self.internal.send(Internal::Shutdown);
@@ -222,6 +265,7 @@ pub fn start_with(
     let (internal_tx, internal_rx) = unbounded::<Internal>();
     let (external_tx, external_rx) = bounded::<External>(cfg.queue_depth);
     let (service_tx, service_rx) = unbounded::<ServiceInput>();
+    let (notify_tx, _) = tokio::sync::broadcast::channel::<Arc<Notification>>(4096);
     let fatal = Arc::new(Mutex::new(None));
     let status = Arc::new(Mutex::new(NodeStatus {
         id: cfg.id,
@@ -368,11 +412,12 @@ pub fn start_with(
         let every = cfg.snapshot_every_bytes;
         let metrics = metrics.clone();
         let applied_from = snapshot.meta.position;
+        let notify = notify_tx.clone();
         std::thread::Builder::new()
             .name("keel-service".into())
             .spawn(move || {
                 let _s = tracing::info_span!("node", id = cfg_id).entered();
-                service_loop(host, service_rx, tx, every, applied_from, metrics)
+                service_loop(host, service_rx, tx, every, applied_from, metrics, notify)
             })
             .map_err(|e| NodeError::Start(e.to_string()))?
     };
@@ -431,6 +476,9 @@ pub fn start_with(
     };
     Ok(NodeHandle {
         internal: internal_tx,
+        external: external_tx,
+        notifications: notify_tx,
+        next_request: AtomicU64::new(1),
         threads: vec![consensus_thread, service_thread, snapshot_writer],
         fatal,
         status,
@@ -549,7 +597,9 @@ impl Consensus {
                 self.next_id += 1;
                 match req.op {
                     ClientOp::Write(data) => {
-                        if !self.node.is_leader() {
+                        // A follower forwards to the leader (the core does
+                        // it) and replies once the entry is applied here.
+                        if self.node.leader().is_none() {
                             respond(&sink, req.id, self.not_leader());
                             return Ok(());
                         }
@@ -744,21 +794,8 @@ impl Consensus {
                     self.metrics.leader_changes.inc();
                 }
                 let addr = leader.and_then(|l| self.cfg.client_addr_of(l));
+                // (Reads the core can no longer answer come back as Rejected.)
                 let _ = self.service.send(ServiceInput::Role(role, addr, leader));
-                if role != Role::Leader {
-                    // Reads waiting for leadership confirmation cannot finish here.
-                    let ids: Vec<u64> = self
-                        .pending
-                        .iter()
-                        .filter(|(_, p)| matches!(p.op, PendingOp::Read(_)))
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for id in ids {
-                        if let Some(p) = self.pending.remove(&id) {
-                            respond(&p.sink, p.client_id, self.not_leader());
-                        }
-                    }
-                }
             }
         }
         Ok(())
@@ -804,6 +841,7 @@ fn service_loop(
     snapshot_every: u64,
     mut last_snapshot: Position,
     metrics: Arc<Metrics>,
+    notify: tokio::sync::broadcast::Sender<Arc<Notification>>,
 ) {
     let mut writes: HashMap<(u64, u64), AwaitingWrite> = HashMap::new();
     let mut reads: BTreeMap<Position, VecDeque<(Bytes, u64, ResponseSink)>> = BTreeMap::new();
@@ -828,6 +866,11 @@ fn service_loop(
                     }
                 }
                 let applied = host.applied();
+                let items = host.service_mut().take_notifications();
+                if !items.is_empty() {
+                    // No subscriber is fine: send fails only then.
+                    let _ = notify.send(Arc::new(Notification { applied, items }));
+                }
                 let _ = tx.send(Internal::Applied {
                     position: applied,
                     timers: std::mem::take(&mut out.timers),

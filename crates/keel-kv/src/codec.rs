@@ -36,6 +36,10 @@ impl Writer {
         self.buf.put_u64_le(v);
         self
     }
+    pub(crate) fn i64(&mut self, v: i64) -> &mut Self {
+        self.buf.put_i64_le(v);
+        self
+    }
     /// A length-prefixed byte string. Lengths beyond `u32::MAX` are clamped
     /// (never produced: keys and values are far smaller).
     pub(crate) fn bytes(&mut self, b: &[u8]) -> &mut Self {
@@ -99,6 +103,9 @@ impl<'a> Reader<'a> {
     }
     pub(crate) fn u64(&mut self) -> Result<u64, KvError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+    pub(crate) fn i64(&mut self) -> Result<i64, KvError> {
+        Ok(i64::from_le_bytes(self.array()?))
     }
     pub(crate) fn bytes(&mut self) -> Result<Bytes, KvError> {
         let len = self.u32()? as usize;

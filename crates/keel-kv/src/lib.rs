@@ -1,23 +1,77 @@
-//! keel-kv: Keel's replicated key-value service on the native protocol.
-//! Keys and values are bytes with etcd-style MVCC metadata (store revision;
-//! per key create revision, mod revision, version). Commands (put, delete,
-//! delete range, compare-and-swap) go through the log; queries (get, range,
-//! status) are read-only. Only the latest value per key is kept for now;
-//! `store::Write` records events so history can be added on top.
+//! keel-kv: Keel's replicated key-value service on the native protocol,
+//! with etcd v3.4's semantics so an etcd gRPC front end is a thin
+//! translation layer. Keys and values are bytes with MVCC metadata (store
+//! revision; per key create revision, mod revision, version, lease); every
+//! revision is kept until compacted. Commands (put, delete, txn, compact,
+//! lease grant / revoke / keep-alive) go through the log; queries (ranges
+//! at any retained revision, read-only txns, event history, lease TTLs,
+//! hashes, status) are read-only. Leases expire through log timers; every
+//! applied change is published on a watch feed.
+//!
+//! # etcd compatibility notes
+//!
+//! - Revisions: a fresh store is at revision 1; each write (put, delete
+//!   that deleted something, txn that changed something, lease revocation
+//!   that deleted keys) moves it by one, and all its changes share it
+//!   (ordered by sub-revision). Compaction and lease operations do not.
+//! - Errors carry etcd's gRPC message (`KvError` display) and an
+//!   `ErrorCode` whose `grpc_code` is etcd's status code: Compacted and
+//!   FutureRevision -> OutOfRange, LeaseNotFound -> NotFound, LeaseExists ->
+//!   FailedPrecondition, LeaseTtlTooLarge -> OutOfRange, DuplicateKey /
+//!   KeyNotFound / ValueProvided / LeaseProvided / TooManyOps / EmptyKey /
+//!   KeyTooLarge / ValueTooLarge -> InvalidArgument (use `etcd_message` for
+//!   the last three, whose Keel messages are more detailed).
+//! - Reads: `revision < compaction point` is compacted (a read *at* the
+//!   point works, as in etcd's `rangeKeys`); events from the point on are
+//!   kept, including deletes at the point. `count` ignores limit and the
+//!   min/max filters, as etcd computes it; sorting is stable (ties stay in
+//!   key order, which is what etcd's sort gives small results).
+//! - Txns follow etcd's `applierV3backend.Txn`: every compare of the taken
+//!   path (nested ones included) is evaluated against the state before the
+//!   txn; puts and ranges of the path are checked before anything runs (so
+//!   an error changes nothing); operations then run in order and reads see
+//!   earlier writes. Duplicate keys follow `checkIntervals` literally,
+//!   including its quirks (a "from key" delete with range end `"\0"` does
+//!   not conflict with puts; a nested txn's puts are only checked against
+//!   deletes before it). Nested txn responses have revision 0, as etcd
+//!   leaves their headers empty.
+//! - Leases: expiry is leader-stamped log time, so unlike etcd a leader
+//!   change does not extend leases. TTLs below the minimum (default 2 s,
+//!   etcd's `ceil(1.5 * election timeout)` with a 1 s election timeout) are
+//!   raised; ids granted without one count up from 1. A lease past its
+//!   expiry is "not found" to keep-alive and time-to-live queries even
+//!   before its timer entry revokes it (etcd waits for the revocation and
+//!   then answers not found).
+//! - HashKv is a CRC-32C over the retained history up to a revision, with
+//!   etcd's revision rules; deterministic across replicas, not equal to
+//!   etcd's value. `db_size` is an estimate of the in-memory state.
 
 mod codec;
+mod crc;
 pub mod error;
+pub mod etcd;
+pub mod lease;
 pub mod proto;
 pub mod service;
 pub mod store;
 
 pub use error::{ErrorCode, KvError};
+pub use etcd::{
+    CompareResult, CompareTarget, DeleteRangeRequest, DeleteRangeResponse, EventType, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseOp, SortOrder, SortTarget,
+    TxnCompare, TxnRequest, TxnResponse, WatchEvent, MAX_TXN_DEPTH, MAX_TXN_OPS,
+};
+pub use lease::{Lease, Leases, DEFAULT_MIN_LEASE_TTL, MAX_LEASE_TTL};
 pub use proto::{
     check_key, check_value, prefix_end, Command, Compare, KeyValue, Query, Response, MAX_KEY_LEN,
     MAX_VALUE_LEN,
 };
-pub use service::KvService;
-pub use store::{Event, Store, Write};
+pub use service::{KvService, NoTimers, TimerSink, MAX_PENDING_EVENTS};
+pub use store::{Store, Write};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_etcd;
+#[cfg(test)]
+mod tests_props;

@@ -1,37 +1,66 @@
 //! The KV service's native wire protocol: commands (writes through the log),
 //! queries (reads), responses, and their binary encoding and validation.
+//! The etcd-style request and response bodies live in `etcd`.
 //!
 //! # Encoding
 //!
 //! Every message is one tag byte followed by its fields in order, all
-//! little-endian: `u64` is 8 bytes, `bool` one byte (0 or 1), a byte string
-//! is a `u32` length then the bytes, an `Option<T>` is a bool then `T` if
-//! present, a list is a `u32` count then the elements. No trailing bytes.
+//! little-endian: `u64`/`i64` are 8 bytes, `u32` 4, `bool` one byte (0 or
+//! 1), a byte string is a `u32` length then the bytes, an `Option<T>` is a
+//! bool then `T` if present, a list is a `u32` count then the elements. No
+//! trailing bytes. Bodies named after etcd messages are encoded as in the
+//! `etcd` module docs.
 //!
 //! ```text
 //! Command
-//!   1 Put          key, value
-//!   2 Delete       key
-//!   3 DeleteRange  start, end            (end as in Range)
-//!   4 Cas          key, compare, value
+//!   1 Put              key, value
+//!   2 Delete           key
+//!   3 DeleteRange      start, end            (end as in Range)
+//!   4 Cas              key, compare, value
+//!  16 PutReq           PutRequest
+//!  17 DeleteRangeReq   DeleteRangeRequest
+//!  18 Txn              TxnRequest
+//!  19 Compact          revision:i64
+//!  20 LeaseGrant       id:i64 (0 = choose), ttl:i64 (seconds)
+//!  21 LeaseRevoke      id:i64
+//!  22 LeaseKeepAlive   id:i64
 //! Compare
 //!   1 ValueEquals        value
 //!   2 VersionEquals      u64             (0 = key absent)
 //!   3 ModRevisionEquals  u64             (0 = key absent)
 //! Query
-//!   1 Get          key
-//!   2 Range        start, end, limit:u64 (limit 0 = unlimited)
+//!   1 Get              key
+//!   2 Range            start, end, limit:u64 (limit 0 = unlimited)
 //!   3 Status
+//!  16 RangeReq         RangeRequest
+//!  17 Txn              TxnRequest        (reads only)
+//!  18 Events           start, end, from_revision:u64, limit:u64
+//!  19 LeaseTimeToLive  id:i64, keys:bool, now:u64 (log time, ns)
+//!  20 Leases
+//!  21 HashKv           revision:i64      (<= 0 = current)
 //! Response
-//!   1 Put          revision, prev:Option<KeyValue>
-//!   2 Delete       revision, deleted:u64, prev:Option<KeyValue>
-//!   3 DeleteRange  revision, deleted:u64, prev:List<KeyValue>
-//!   4 Cas          succeeded:bool, revision, current:Option<KeyValue>
-//!   5 Get          revision, kv:Option<KeyValue>
-//!   6 Range        revision, kvs:List<KeyValue>, more:bool, count:u64
-//!   7 Status       revision, keys:u64, applied:u64
-//!   255 Error      code:u8, message (UTF-8)
-//! KeyValue         key, value, create_revision, mod_revision, version
+//!   1 Put              revision, prev:Option<KeyValue>
+//!   2 Delete           revision, deleted:u64, prev:Option<KeyValue>
+//!   3 DeleteRange      revision, deleted:u64, prev:List<KeyValue>
+//!   4 Cas              succeeded:bool, revision, current:Option<KeyValue>
+//!   5 Get              revision, kv:Option<KeyValue>
+//!   6 Range            revision, kvs:List<KeyValue>, more:bool, count:u64
+//!   7 Status           revision, keys:u64, applied:u64, compact_revision:i64,
+//!                      db_size:u64, leases:u64
+//!  16 RangeResp        RangeResponse
+//!  17 PutResp          PutResponse
+//!  18 DeleteRangeResp  DeleteRangeResponse
+//!  19 Txn              TxnResponse
+//!  20 Compact          revision
+//!  21 LeaseGrant       revision, id:i64, ttl:i64
+//!  22 LeaseRevoke      revision
+//!  23 LeaseKeepAlive   revision, id:i64, ttl:i64
+//!  24 LeaseTimeToLive  revision, id:i64, ttl:i64, granted_ttl:i64, keys:List<bytes>
+//!  25 Leases           revision, ids:List<i64>
+//!  26 Events           revision, compact_revision:i64, events:List<WatchEvent>, more:bool
+//!  27 HashKv           revision, compact_revision:i64, hash:u32
+//!   255 Error          code:u8, message (UTF-8)
+//! KeyValue             key, value, create_revision, mod_revision, version, lease:i64
 //! ```
 //!
 //! Range bounds follow etcd: an empty `end` means the single key `start`;
@@ -40,6 +69,11 @@
 
 use crate::codec::{Reader, Writer};
 use crate::error::{ErrorCode, KvError};
+use crate::etcd::{
+    decode_list, decode_opt, encode_list, encode_opt, DeleteRangeRequest, DeleteRangeResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse, WatchEvent,
+    MIN_EVENT_LEN,
+};
 use bytes::Bytes;
 
 /// Largest key (and range bound) accepted, in bytes.
@@ -48,7 +82,7 @@ pub const MAX_KEY_LEN: usize = 4 * 1024;
 pub const MAX_VALUE_LEN: usize = 1536 * 1024;
 
 /// A key with its value and MVCC metadata, as etcd reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct KeyValue {
     pub key: Bytes,
     pub value: Bytes,
@@ -58,6 +92,8 @@ pub struct KeyValue {
     pub mod_revision: u64,
     /// Puts since creation: 1 on create.
     pub version: u64,
+    /// The lease the key is attached to; 0 = none.
+    pub lease: i64,
 }
 
 /// Condition of a compare-and-swap, checked against the key's current state.
@@ -104,6 +140,31 @@ pub enum Command {
         expected: Compare,
         value: Bytes,
     },
+    /// etcd Put (lease, prev_kv, ignore_value, ignore_lease).
+    PutReq(PutRequest),
+    /// etcd DeleteRange (prev_kv).
+    DeleteRangeReq(DeleteRangeRequest),
+    /// etcd Txn: compares, then the success or failure operations, as one
+    /// write at one revision.
+    Txn(TxnRequest),
+    /// Drop history before `revision` (etcd Compact).
+    Compact {
+        revision: i64,
+    },
+    /// Grant a lease of `ttl` seconds (raised to the service's minimum);
+    /// `id` 0 lets the service choose one.
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
+    /// Revoke a lease, deleting every key attached to it.
+    LeaseRevoke {
+        id: i64,
+    },
+    /// Renew a lease: it now expires `ttl` after this entry's log time.
+    LeaseKeepAlive {
+        id: i64,
+    },
 }
 
 /// A read-only request.
@@ -120,8 +181,36 @@ pub enum Query {
         end: Bytes,
         limit: u64,
     },
-    /// The store revision, number of keys and of applied commands.
+    /// Store revision, key count, applied commands, compaction point, size.
     Status,
+    /// etcd Range with every option (past revisions, sort, filters...).
+    RangeReq(RangeRequest),
+    /// An etcd Txn whose branches only read (at any depth).
+    Txn(TxnRequest),
+    /// The history of changes to keys in `[start, end)` from revision
+    /// `from_revision` on (0 counts as 1), in revision order: at least
+    /// `limit` events when there are that many (0 = all), but never part of
+    /// a revision. For watches catching up from a past revision.
+    Events {
+        start: Bytes,
+        end: Bytes,
+        from_revision: u64,
+        limit: u64,
+    },
+    /// A lease's remaining TTL at log time `now` (nanoseconds; a query has
+    /// no log time of its own, so the caller passes the leader-stamped time
+    /// it knows), its granted TTL, and optionally its keys.
+    LeaseTimeToLive {
+        id: i64,
+        keys: bool,
+        now: u64,
+    },
+    /// The ids of all leases.
+    Leases,
+    /// A hash of the KV history up to `revision` (<= 0: the current one).
+    HashKv {
+        revision: i64,
+    },
 }
 
 impl Query {
@@ -169,10 +258,64 @@ pub enum Response {
         more: bool,
         count: u64,
     },
+    /// `compact_revision`: -1 before the first compaction (as etcd);
+    /// `db_size`: an estimate of the state's size in bytes.
     Status {
         revision: u64,
         keys: u64,
         applied: u64,
+        compact_revision: i64,
+        db_size: u64,
+        leases: u64,
+    },
+    RangeResp(RangeResponse),
+    PutResp(PutResponse),
+    DeleteRangeResp(DeleteRangeResponse),
+    Txn(TxnResponse),
+    /// `revision`: the store revision (compaction does not change it).
+    Compact {
+        revision: u64,
+    },
+    /// `ttl`: the granted TTL in seconds, after raising it to the minimum.
+    LeaseGrant {
+        revision: u64,
+        id: i64,
+        ttl: i64,
+    },
+    LeaseRevoke {
+        revision: u64,
+    },
+    LeaseKeepAlive {
+        revision: u64,
+        id: i64,
+        ttl: i64,
+    },
+    /// `ttl`: whole seconds left (truncated, as etcd); `keys` in key order
+    /// (empty unless asked for).
+    LeaseTimeToLive {
+        revision: u64,
+        id: i64,
+        ttl: i64,
+        granted_ttl: i64,
+        keys: Vec<Bytes>,
+    },
+    Leases {
+        revision: u64,
+        ids: Vec<i64>,
+    },
+    /// `more`: events after the last one returned exist (ask again from
+    /// the last event's revision + 1).
+    Events {
+        revision: u64,
+        compact_revision: i64,
+        events: Vec<WatchEvent>,
+        more: bool,
+    },
+    /// `revision`: the current store revision (the header revision).
+    HashKv {
+        revision: u64,
+        compact_revision: i64,
+        hash: u32,
     },
     Error {
         code: ErrorCode,
@@ -203,7 +346,7 @@ pub fn check_key(key: &[u8]) -> Result<(), KvError> {
     check_bound(key)
 }
 
-fn check_bound(key: &[u8]) -> Result<(), KvError> {
+pub(crate) fn check_bound(key: &[u8]) -> Result<(), KvError> {
     if key.len() > MAX_KEY_LEN {
         return Err(KvError::KeyTooLarge {
             len: key.len(),
@@ -225,7 +368,7 @@ pub fn check_value(value: &[u8]) -> Result<(), KvError> {
 }
 
 /// Checks range bounds: `start` may be empty only if `end` is not.
-fn check_range(start: &[u8], end: &[u8]) -> Result<(), KvError> {
+pub(crate) fn check_range(start: &[u8], end: &[u8]) -> Result<(), KvError> {
     if end.is_empty() {
         check_key(start)
     } else {
@@ -287,6 +430,41 @@ impl Command {
                 w.bytes(value);
                 w.finish()
             }
+            Command::PutReq(p) => {
+                let mut w = Writer::new(16);
+                p.encode_into(&mut w);
+                w.finish()
+            }
+            Command::DeleteRangeReq(d) => {
+                let mut w = Writer::new(17);
+                d.encode_into(&mut w);
+                w.finish()
+            }
+            Command::Txn(t) => {
+                let mut w = Writer::new(18);
+                t.encode_into(&mut w);
+                w.finish()
+            }
+            Command::Compact { revision } => {
+                let mut w = Writer::new(19);
+                w.i64(*revision);
+                w.finish()
+            }
+            Command::LeaseGrant { id, ttl } => {
+                let mut w = Writer::new(20);
+                w.i64(*id).i64(*ttl);
+                w.finish()
+            }
+            Command::LeaseRevoke { id } => {
+                let mut w = Writer::new(21);
+                w.i64(*id);
+                w.finish()
+            }
+            Command::LeaseKeepAlive { id } => {
+                let mut w = Writer::new(22);
+                w.i64(*id);
+                w.finish()
+            }
         }
     }
 
@@ -308,11 +486,21 @@ impl Command {
                 expected: Compare::decode_from(&mut r)?,
                 value: r.bytes()?,
             },
+            16 => Command::PutReq(PutRequest::decode_from(&mut r)?),
+            17 => Command::DeleteRangeReq(DeleteRangeRequest::decode_from(&mut r)?),
+            18 => Command::Txn(TxnRequest::decode_from(&mut r)?),
+            19 => Command::Compact { revision: r.i64()? },
+            20 => Command::LeaseGrant {
+                id: r.i64()?,
+                ttl: r.i64()?,
+            },
+            21 => Command::LeaseRevoke { id: r.i64()? },
+            22 => Command::LeaseKeepAlive { id: r.i64()? },
             found => {
                 return Err(KvError::UnknownTag {
                     what: "command",
                     found,
-                    expected: "1..=4",
+                    expected: "1..=4 or 16..=22",
                 })
             }
         };
@@ -320,7 +508,7 @@ impl Command {
         Ok(cmd)
     }
 
-    /// Checks key and value limits.
+    /// Checks key and value limits and etcd's request rules.
     pub fn validate(&self) -> Result<(), KvError> {
         match self {
             Command::Put { key, value } => {
@@ -340,6 +528,13 @@ impl Command {
                 }
                 check_value(value)
             }
+            Command::PutReq(p) => p.validate(),
+            Command::DeleteRangeReq(d) => d.validate(),
+            Command::Txn(t) => t.validate(),
+            Command::Compact { .. }
+            | Command::LeaseGrant { .. }
+            | Command::LeaseRevoke { .. }
+            | Command::LeaseKeepAlive { .. } => Ok(()),
         }
     }
 }
@@ -358,6 +553,37 @@ impl Query {
                 w.finish()
             }
             Query::Status => Writer::new(3).finish(),
+            Query::RangeReq(r) => {
+                let mut w = Writer::new(16);
+                r.encode_into(&mut w);
+                w.finish()
+            }
+            Query::Txn(t) => {
+                let mut w = Writer::new(17);
+                t.encode_into(&mut w);
+                w.finish()
+            }
+            Query::Events {
+                start,
+                end,
+                from_revision,
+                limit,
+            } => {
+                let mut w = Writer::new(18);
+                w.bytes(start).bytes(end).u64(*from_revision).u64(*limit);
+                w.finish()
+            }
+            Query::LeaseTimeToLive { id, keys, now } => {
+                let mut w = Writer::new(19);
+                w.i64(*id).bool(*keys).u64(*now);
+                w.finish()
+            }
+            Query::Leases => Writer::new(20).finish(),
+            Query::HashKv { revision } => {
+                let mut w = Writer::new(21);
+                w.i64(*revision);
+                w.finish()
+            }
         }
     }
 
@@ -372,11 +598,26 @@ impl Query {
                 limit: r.u64()?,
             },
             3 => Query::Status,
+            16 => Query::RangeReq(RangeRequest::decode_from(&mut r)?),
+            17 => Query::Txn(TxnRequest::decode_from(&mut r)?),
+            18 => Query::Events {
+                start: r.bytes()?,
+                end: r.bytes()?,
+                from_revision: r.u64()?,
+                limit: r.u64()?,
+            },
+            19 => Query::LeaseTimeToLive {
+                id: r.i64()?,
+                keys: r.bool()?,
+                now: r.u64()?,
+            },
+            20 => Query::Leases,
+            21 => Query::HashKv { revision: r.i64()? },
             found => {
                 return Err(KvError::UnknownTag {
                     what: "query",
                     found,
-                    expected: "1..=3",
+                    expected: "1..=3 or 16..=21",
                 })
             }
         };
@@ -384,18 +625,27 @@ impl Query {
         Ok(q)
     }
 
-    /// Checks key limits.
+    /// Checks key limits (and that a txn query only reads).
     pub fn validate(&self) -> Result<(), KvError> {
         match self {
             Query::Get { key } => check_key(key),
             Query::Range { start, end, .. } => check_range(start, end),
-            Query::Status => Ok(()),
+            Query::RangeReq(r) => r.validate(),
+            Query::Txn(t) => {
+                t.validate()?;
+                t.check_reads_only()
+            }
+            Query::Events { start, end, .. } => check_range(start, end),
+            Query::Status
+            | Query::LeaseTimeToLive { .. }
+            | Query::Leases
+            | Query::HashKv { .. } => Ok(()),
         }
     }
 }
 
-/// Smallest encoding of a `KeyValue`: two empty strings and three u64s.
-const MIN_KV_LEN: usize = 4 + 4 + 3 * 8;
+/// Smallest encoding of a `KeyValue`: two empty strings, three u64s, an i64.
+pub(crate) const MIN_KV_LEN: usize = 4 + 4 + 4 * 8;
 
 impl KeyValue {
     pub(crate) fn encode_into(&self, w: &mut Writer) {
@@ -403,7 +653,8 @@ impl KeyValue {
             .bytes(&self.value)
             .u64(self.create_revision)
             .u64(self.mod_revision)
-            .u64(self.version);
+            .u64(self.version)
+            .i64(self.lease);
     }
     pub(crate) fn decode_from(r: &mut Reader<'_>) -> Result<KeyValue, KvError> {
         Ok(KeyValue {
@@ -412,44 +663,9 @@ impl KeyValue {
             create_revision: r.u64()?,
             mod_revision: r.u64()?,
             version: r.u64()?,
+            lease: r.i64()?,
         })
     }
-}
-
-fn encode_opt(w: &mut Writer, kv: &Option<KeyValue>) {
-    match kv {
-        Some(kv) => {
-            w.bool(true);
-            kv.encode_into(w);
-        }
-        None => {
-            w.bool(false);
-        }
-    }
-}
-
-fn decode_opt(r: &mut Reader<'_>) -> Result<Option<KeyValue>, KvError> {
-    if r.bool()? {
-        Ok(Some(KeyValue::decode_from(r)?))
-    } else {
-        Ok(None)
-    }
-}
-
-fn encode_list(w: &mut Writer, kvs: &[KeyValue]) {
-    w.count(kvs.len());
-    for kv in kvs {
-        kv.encode_into(w);
-    }
-}
-
-fn decode_list(r: &mut Reader<'_>) -> Result<Vec<KeyValue>, KvError> {
-    let n = r.count(MIN_KV_LEN)?;
-    let mut kvs = Vec::with_capacity(n);
-    for _ in 0..n {
-        kvs.push(KeyValue::decode_from(r)?);
-    }
-    Ok(kvs)
 }
 
 impl Response {
@@ -529,9 +745,103 @@ impl Response {
                 revision,
                 keys,
                 applied,
+                compact_revision,
+                db_size,
+                leases,
             } => {
                 let mut w = Writer::new(7);
-                w.u64(*revision).u64(*keys).u64(*applied);
+                w.u64(*revision)
+                    .u64(*keys)
+                    .u64(*applied)
+                    .i64(*compact_revision)
+                    .u64(*db_size)
+                    .u64(*leases);
+                w.finish()
+            }
+            Response::RangeResp(r) => {
+                let mut w = Writer::new(16);
+                r.encode_into(&mut w);
+                w.finish()
+            }
+            Response::PutResp(p) => {
+                let mut w = Writer::new(17);
+                p.encode_into(&mut w);
+                w.finish()
+            }
+            Response::DeleteRangeResp(d) => {
+                let mut w = Writer::new(18);
+                d.encode_into(&mut w);
+                w.finish()
+            }
+            Response::Txn(t) => {
+                let mut w = Writer::new(19);
+                t.encode_into(&mut w);
+                w.finish()
+            }
+            Response::Compact { revision } => {
+                let mut w = Writer::new(20);
+                w.u64(*revision);
+                w.finish()
+            }
+            Response::LeaseGrant { revision, id, ttl } => {
+                let mut w = Writer::new(21);
+                w.u64(*revision).i64(*id).i64(*ttl);
+                w.finish()
+            }
+            Response::LeaseRevoke { revision } => {
+                let mut w = Writer::new(22);
+                w.u64(*revision);
+                w.finish()
+            }
+            Response::LeaseKeepAlive { revision, id, ttl } => {
+                let mut w = Writer::new(23);
+                w.u64(*revision).i64(*id).i64(*ttl);
+                w.finish()
+            }
+            Response::LeaseTimeToLive {
+                revision,
+                id,
+                ttl,
+                granted_ttl,
+                keys,
+            } => {
+                let mut w = Writer::new(24);
+                w.u64(*revision).i64(*id).i64(*ttl).i64(*granted_ttl);
+                w.count(keys.len());
+                for k in keys {
+                    w.bytes(k);
+                }
+                w.finish()
+            }
+            Response::Leases { revision, ids } => {
+                let mut w = Writer::new(25);
+                w.u64(*revision).count(ids.len());
+                for id in ids {
+                    w.i64(*id);
+                }
+                w.finish()
+            }
+            Response::Events {
+                revision,
+                compact_revision,
+                events,
+                more,
+            } => {
+                let mut w = Writer::new(26);
+                w.u64(*revision).i64(*compact_revision).count(events.len());
+                for e in events {
+                    e.encode_into(&mut w);
+                }
+                w.bool(*more);
+                w.finish()
+            }
+            Response::HashKv {
+                revision,
+                compact_revision,
+                hash,
+            } => {
+                let mut w = Writer::new(27);
+                w.u64(*revision).i64(*compact_revision).u32(*hash);
                 w.finish()
             }
             Response::Error { code, message } => {
@@ -578,6 +888,72 @@ impl Response {
                 revision: r.u64()?,
                 keys: r.u64()?,
                 applied: r.u64()?,
+                compact_revision: r.i64()?,
+                db_size: r.u64()?,
+                leases: r.u64()?,
+            },
+            16 => Response::RangeResp(RangeResponse::decode_from(&mut r)?),
+            17 => Response::PutResp(PutResponse::decode_from(&mut r)?),
+            18 => Response::DeleteRangeResp(DeleteRangeResponse::decode_from(&mut r)?),
+            19 => Response::Txn(TxnResponse::decode_from(&mut r)?),
+            20 => Response::Compact { revision: r.u64()? },
+            21 => Response::LeaseGrant {
+                revision: r.u64()?,
+                id: r.i64()?,
+                ttl: r.i64()?,
+            },
+            22 => Response::LeaseRevoke { revision: r.u64()? },
+            23 => Response::LeaseKeepAlive {
+                revision: r.u64()?,
+                id: r.i64()?,
+                ttl: r.i64()?,
+            },
+            24 => {
+                let revision = r.u64()?;
+                let id = r.i64()?;
+                let ttl = r.i64()?;
+                let granted_ttl = r.i64()?;
+                let n = r.count(4)?;
+                let mut keys = Vec::with_capacity(n);
+                for _ in 0..n {
+                    keys.push(r.bytes()?);
+                }
+                Response::LeaseTimeToLive {
+                    revision,
+                    id,
+                    ttl,
+                    granted_ttl,
+                    keys,
+                }
+            }
+            25 => {
+                let revision = r.u64()?;
+                let n = r.count(8)?;
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(r.i64()?);
+                }
+                Response::Leases { revision, ids }
+            }
+            26 => {
+                let revision = r.u64()?;
+                let compact_revision = r.i64()?;
+                let n = r.count(MIN_EVENT_LEN)?;
+                let mut events = Vec::with_capacity(n);
+                for _ in 0..n {
+                    events.push(WatchEvent::decode_from(&mut r)?);
+                }
+                Response::Events {
+                    revision,
+                    compact_revision,
+                    events,
+                    more: r.bool()?,
+                }
+            }
+            27 => Response::HashKv {
+                revision: r.u64()?,
+                compact_revision: r.i64()?,
+                hash: r.u32()?,
             },
             255 => {
                 let code = ErrorCode::from_u8(r.u8()?)?;
@@ -589,7 +965,7 @@ impl Response {
                 return Err(KvError::UnknownTag {
                     what: "response",
                     found,
-                    expected: "1..=7 or 255",
+                    expected: "1..=7, 16..=27 or 255",
                 })
             }
         };

@@ -1,70 +1,109 @@
-//! The in-memory MVCC store: the latest value and metadata of every key and
-//! the store revision. Writes go through a `Write` batch that bumps the
-//! revision once and records the `Event`s it made, so history, watches and
-//! compaction can later be layered on the event stream without touching
-//! the command semantics.
+//! The in-memory MVCC store: every revision of every key until compacted,
+//! the store revision and the compaction point. Writes go through a `Write`
+//! batch at revision `current + 1`; each change in the batch gets the next
+//! sub-revision, and the store revision moves once when the batch ends if
+//! anything changed (etcd's `storeTxnWrite`). Also answers reads at past
+//! revisions, the event history for watches, and the KV hash.
+//!
+//! Revisions start at 1 before any write, as in etcd; the first write gets
+//! revision 2. The compaction point starts at -1 (etcd's `compactMainRev`).
+//! Compacting at `c` keeps, per key, every entry at revision `>= c` and the
+//! latest entry below `c` if it is a put (so reads at `c` and later, and
+//! events from `c` on with their previous values, stay answerable); a key
+//! whose only remaining history is a tombstone below `c` is dropped.
 
 use crate::codec::{Reader, Writer};
+use crate::crc::Crc32c;
 use crate::error::KvError;
+use crate::etcd::{EventType, WatchEvent};
 use crate::proto::{check_key, check_value, KeyValue};
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
-/// What the store keeps per live key (the key itself is the map key).
+/// Size estimate of one history entry beyond its key and value bytes.
+const ENTRY_OVERHEAD: u64 = 64;
+
+/// The state a put left.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct KeyState {
+struct Version {
     value: Bytes,
     create_revision: u64,
-    mod_revision: u64,
     version: u64,
+    lease: i64,
 }
 
-impl KeyState {
-    fn to_kv(&self, key: &Bytes) -> KeyValue {
-        KeyValue {
+/// One change of one key: a put (`Some`) or a delete (`None`) at
+/// revision `(main, sub)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    main: u64,
+    sub: u32,
+    put: Option<Version>,
+}
+
+impl Entry {
+    fn kv(&self, key: &Bytes) -> Option<KeyValue> {
+        self.put.as_ref().map(|v| KeyValue {
             key: key.clone(),
-            value: self.value.clone(),
-            create_revision: self.create_revision,
-            mod_revision: self.mod_revision,
-            version: self.version,
+            value: v.value.clone(),
+            create_revision: v.create_revision,
+            mod_revision: self.main,
+            version: v.version,
+            lease: v.lease,
+        })
+    }
+    fn size(&self, key: &[u8]) -> u64 {
+        let value = self.put.as_ref().map_or(0, |v| v.value.len());
+        (key.len() + value) as u64 + ENTRY_OVERHEAD
+    }
+}
+
+/// etcd's tombstone as a watcher sees it.
+fn tombstone(key: &Bytes, main: u64) -> KeyValue {
+    KeyValue {
+        key: key.clone(),
+        mod_revision: main,
+        ..KeyValue::default()
+    }
+}
+
+/// The MVCC key space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Store {
+    revision: u64,
+    compacted: i64,
+    /// Every key with retained history, its entries in revision order.
+    keys: BTreeMap<Bytes, Vec<Entry>>,
+    /// Every retained entry by revision: an index for events and hashing.
+    by_rev: BTreeMap<(u64, u32), Bytes>,
+    /// Keys whose latest entry is a put.
+    live: usize,
+    /// Size estimate of the retained history, in bytes.
+    size: u64,
+}
+
+impl Default for Store {
+    fn default() -> Store {
+        Store {
+            revision: 1,
+            compacted: -1,
+            keys: BTreeMap::new(),
+            by_rev: BTreeMap::new(),
+            live: 0,
+            size: 0,
         }
     }
 }
 
-/// One change made by a write, at the write's revision.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    /// The key now holds this (version 1 means it was created).
-    Put(KeyValue),
-    /// The key was deleted; this was its last state.
-    Delete(KeyValue),
-}
-
-/// Keys and their latest values, with etcd-style revisions.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Store {
-    revision: u64,
-    keys: BTreeMap<Bytes, KeyState>,
-}
-
-/// The key range selected by `start`/`end` with etcd's conventions.
-enum Span<'a> {
-    Empty,
-    One(&'a [u8]),
-    From(&'a [u8]),
-    Between(&'a [u8], &'a [u8]),
-}
-
-fn span<'a>(start: &'a [u8], end: &'a [u8]) -> Span<'a> {
+/// Is `key` in the range selected by `start`/`end` with etcd's conventions?
+pub(crate) fn in_span(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     if end.is_empty() {
-        Span::One(start)
+        key == start
     } else if end == [0] {
-        Span::From(start)
-    } else if end <= start {
-        Span::Empty
+        key >= start
     } else {
-        Span::Between(start, end)
+        key >= start && key < end
     }
 }
 
@@ -73,135 +112,461 @@ impl Store {
         Store::default()
     }
 
-    /// Revision of the last write (0 before any).
+    /// Revision of the last write (1 before any).
     pub fn revision(&self) -> u64 {
         self.revision
     }
 
+    /// The compaction point: -1 before the first compaction.
+    pub fn compact_revision(&self) -> i64 {
+        self.compacted
+    }
+
+    /// Number of live keys.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.live == 0
     }
 
+    /// Retained history entries (puts and deletes).
+    pub fn history_len(&self) -> usize {
+        self.by_rev.len()
+    }
+
+    /// Size estimate of the retained history in bytes.
+    pub fn db_size(&self) -> u64 {
+        self.size
+    }
+
+    /// The key's latest state.
     pub fn get(&self, key: &[u8]) -> Option<KeyValue> {
-        self.keys.get_key_value(key).map(|(k, s)| s.to_kv(k))
+        self.get_at(key, u64::MAX)
+    }
+
+    /// The key as of revision `rev` (no compaction check).
+    pub fn get_at(&self, key: &[u8], rev: u64) -> Option<KeyValue> {
+        let (k, hist) = self.keys.get_key_value(key)?;
+        let i = hist.partition_point(|e| e.main <= rev);
+        hist.get(i.checked_sub(1)?)?.kv(k)
     }
 
     fn iter_span<'a>(
         &'a self,
         start: &'a [u8],
         end: &'a [u8],
-    ) -> Box<dyn Iterator<Item = (&'a Bytes, &'a KeyState)> + 'a> {
-        match span(start, end) {
-            Span::Empty => Box::new(std::iter::empty()),
-            Span::One(k) => Box::new(self.keys.get_key_value(k).into_iter()),
-            Span::From(s) => Box::new(
+    ) -> Box<dyn Iterator<Item = (&'a Bytes, &'a Vec<Entry>)> + 'a> {
+        if end.is_empty() {
+            Box::new(self.keys.get_key_value(start).into_iter())
+        } else if end == [0] {
+            Box::new(
                 self.keys
-                    .range::<[u8], _>((Bound::Included(s), Bound::Unbounded)),
-            ),
-            Span::Between(s, e) => Box::new(
+                    .range::<[u8], _>((Bound::Included(start), Bound::Unbounded)),
+            )
+        } else if end <= start {
+            Box::new(std::iter::empty())
+        } else {
+            Box::new(
                 self.keys
-                    .range::<[u8], _>((Bound::Included(s), Bound::Excluded(e))),
-            ),
+                    .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end))),
+            )
         }
     }
 
-    /// Keys in the range in key order: at most `limit` (0 = all), whether
-    /// more were left out, and how many the range holds in total.
+    /// The keys in the range as of revision `rev`, in key order: the first
+    /// `take` of them, and how many there are in all.
+    pub fn range_at(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        rev: u64,
+        take: usize,
+    ) -> (Vec<KeyValue>, u64) {
+        let mut kvs = Vec::new();
+        let mut count = 0u64;
+        for (k, hist) in self.iter_span(start, end) {
+            let i = hist.partition_point(|e| e.main <= rev);
+            let Some(e) = i.checked_sub(1).and_then(|i| hist.get(i)) else {
+                continue;
+            };
+            if e.put.is_none() {
+                continue;
+            }
+            if kvs.len() < take {
+                kvs.extend(e.kv(k));
+            }
+            count += 1;
+        }
+        (kvs, count)
+    }
+
+    /// Latest keys in the range in key order: at most `limit` (0 = all),
+    /// whether more were left out, and how many the range holds in total.
     pub fn range(&self, start: &[u8], end: &[u8], limit: u64) -> (Vec<KeyValue>, bool, u64) {
+        let take = if limit == 0 {
+            usize::MAX
+        } else {
+            usize::try_from(limit).unwrap_or(usize::MAX)
+        };
+        let (kvs, count) = self.range_at(start, end, u64::MAX, take);
+        let more = count > kvs.len() as u64;
+        (kvs, more, count)
+    }
+
+    /// etcd's revision rules for a read at `requested` when the current
+    /// revision is `current`: a future revision fails, `<= 0` means
+    /// `current`, and a revision below the compaction point fails.
+    pub fn read_revision(&self, requested: i64, current: u64) -> Result<u64, KvError> {
+        if requested > 0 && requested as u64 > current {
+            return Err(KvError::FutureRevision);
+        }
+        let rev = if requested <= 0 {
+            current
+        } else {
+            requested as u64
+        };
+        if (rev as i128) < i128::from(self.compacted) {
+            return Err(KvError::Compacted);
+        }
+        Ok(rev)
+    }
+
+    /// Compacts history at `rev` (see the module docs). Fails like etcd:
+    /// at or below the current compaction point, or above the revision.
+    pub fn compact(&mut self, rev: i64) -> Result<(), KvError> {
+        if rev <= self.compacted {
+            return Err(KvError::Compacted);
+        }
+        if rev > 0 && rev as u64 > self.revision {
+            return Err(KvError::FutureRevision);
+        }
+        self.compacted = rev;
+        if rev <= 0 {
+            return Ok(());
+        }
+        let c = rev as u64;
+        let touched: BTreeSet<Bytes> = self
+            .by_rev
+            .range(..(c, 0))
+            .map(|(_, k)| k.clone())
+            .collect();
+        for key in touched {
+            let Some(hist) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            let below = hist.partition_point(|e| e.main < c);
+            let keep_from = match below.checked_sub(1).and_then(|i| hist.get(i)) {
+                Some(e) if e.put.is_some() => below - 1,
+                _ => below,
+            };
+            for e in hist.drain(..keep_from) {
+                self.by_rev.remove(&(e.main, e.sub));
+                self.size = self.size.saturating_sub(e.size(&key));
+            }
+            if hist.is_empty() {
+                self.keys.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes to keys in the range at revisions `>= from` (0 counts as 1)
+    /// in revision order: at least `limit` of them if there are (0 = all),
+    /// never stopping inside a revision; and whether more follow.
+    pub fn events(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        from: u64,
+        limit: u64,
+    ) -> Result<(Vec<WatchEvent>, bool), KvError> {
+        let from = from.max(1);
+        if (from as i128) < i128::from(self.compacted) {
+            return Err(KvError::Compacted);
+        }
         let limit = if limit == 0 {
             usize::MAX
         } else {
             usize::try_from(limit).unwrap_or(usize::MAX)
         };
-        let mut kvs = Vec::new();
-        let mut count = 0u64;
-        for (k, s) in self.iter_span(start, end) {
-            if kvs.len() < limit {
-                kvs.push(s.to_kv(k));
+        let mut events = Vec::new();
+        let mut last_main = None;
+        for (&(main, sub), key) in self.by_rev.range((from, 0)..) {
+            if !in_span(key, start, end) {
+                continue;
             }
-            count += 1;
+            if events.len() >= limit && last_main != Some(main) {
+                return Ok((events, true));
+            }
+            let Some(hist) = self.keys.get(key) else {
+                continue;
+            };
+            let Ok(i) = hist.binary_search_by(|e| (e.main, e.sub).cmp(&(main, sub))) else {
+                continue;
+            };
+            let prev_kv = i.checked_sub(1).and_then(|j| hist[j].kv(key));
+            events.push(match hist[i].kv(key) {
+                Some(kv) => WatchEvent {
+                    kind: EventType::Put,
+                    kv,
+                    prev_kv,
+                },
+                None => WatchEvent {
+                    kind: EventType::Delete,
+                    kv: tombstone(key, main),
+                    prev_kv,
+                },
+            });
+            last_main = Some(main);
         }
-        let more = count > kvs.len() as u64;
-        (kvs, more, count)
+        Ok((events, false))
+    }
+
+    /// A CRC-32C over the retained history up to revision `rev` (`<= 0`:
+    /// the current one), in revision order, with etcd's HashKV revision
+    /// rules: `rev` at or below the compaction point, or above the current
+    /// revision, fails. Every entry contributes its revision (main, sub as
+    /// big-endian u64s, as etcd's bolt keys), a tombstone mark, the key, and
+    /// for puts value, create revision, version and lease. Deterministic
+    /// across replicas; not equal to etcd's own hash.
+    pub fn hash_kv(&self, rev: i64) -> Result<u32, KvError> {
+        if rev > 0 && rev <= self.compacted {
+            return Err(KvError::Compacted);
+        }
+        if rev > 0 && rev as u64 > self.revision {
+            return Err(KvError::FutureRevision);
+        }
+        let upto = if rev <= 0 { self.revision } else { rev as u64 };
+        let mut h = Crc32c::new();
+        h.update(b"key");
+        for (&(main, sub), key) in self.by_rev.range(..=(upto, u32::MAX)) {
+            let Some(e) = self.keys.get(key).and_then(|hist| {
+                hist.binary_search_by(|e| (e.main, e.sub).cmp(&(main, sub)))
+                    .ok()
+                    .map(|i| &hist[i])
+            }) else {
+                continue;
+            };
+            h.update(&main.to_be_bytes());
+            h.update(&u64::from(sub).to_be_bytes());
+            h.update(if e.put.is_some() { b"p" } else { b"t" });
+            h.update(&(key.len() as u64).to_le_bytes());
+            h.update(key);
+            if let Some(v) = &e.put {
+                h.update(&(v.value.len() as u64).to_le_bytes());
+                h.update(&v.value);
+                h.update(&v.create_revision.to_le_bytes());
+                h.update(&v.version.to_le_bytes());
+                h.update(&v.lease.to_le_bytes());
+            }
+        }
+        Ok(h.finish())
+    }
+
+    /// Live keys with a lease, and the lease.
+    pub(crate) fn leased_keys(&self) -> impl Iterator<Item = (&Bytes, i64)> + '_ {
+        self.keys.iter().filter_map(|(k, hist)| {
+            let lease = hist.last()?.put.as_ref()?.lease;
+            (lease != 0).then_some((k, lease))
+        })
     }
 
     /// Starts a write batch at revision `revision() + 1`.
     pub fn write(&mut self) -> Write<'_> {
-        let revision = self.revision.saturating_add(1);
+        let main = self.revision.saturating_add(1);
         Write {
             store: self,
-            revision,
+            main,
+            next_sub: 0,
             events: Vec::new(),
+            changed: false,
         }
+    }
+
+    fn push(&mut self, key: Bytes, entry: Entry) {
+        self.size = self.size.saturating_add(entry.size(&key));
+        self.by_rev.insert((entry.main, entry.sub), key.clone());
+        self.keys.entry(key).or_default().push(entry);
     }
 
     /// Appends the store's state to a snapshot.
     pub(crate) fn encode_into(&self, w: &mut Writer) {
-        w.u64(self.revision).u64(self.keys.len() as u64);
-        for (k, s) in &self.keys {
-            w.bytes(k)
-                .bytes(&s.value)
-                .u64(s.create_revision)
-                .u64(s.mod_revision)
-                .u64(s.version);
+        w.u64(self.revision)
+            .i64(self.compacted)
+            .u64(self.keys.len() as u64);
+        for (k, hist) in &self.keys {
+            w.bytes(k).count(hist.len());
+            for e in hist {
+                w.u64(e.main).u32(e.sub).bool(e.put.is_some());
+                if let Some(v) = &e.put {
+                    w.bytes(&v.value)
+                        .u64(v.create_revision)
+                        .u64(v.version)
+                        .i64(v.lease);
+                }
+            }
         }
     }
 
     /// Reads a state written by `encode_into`, checking its invariants.
     pub(crate) fn decode_from(r: &mut Reader<'_>) -> Result<Store, KvError> {
         let revision = r.u64()?;
+        let compacted = r.i64()?;
+        if revision == 0 || compacted < -1 || (compacted > 0 && compacted as u64 > revision) {
+            return Err(KvError::InvalidSnapshot(format!(
+                "inconsistent store revision {revision} with compaction point {compacted}"
+            )));
+        }
         let n = r.u64()?;
-        let mut keys = BTreeMap::new();
+        let mut store = Store {
+            revision,
+            compacted,
+            ..Store::default()
+        };
         let mut last: Option<Bytes> = None;
         for i in 0..n {
             let key = r.bytes()?;
-            let value = r.bytes()?;
-            let s = KeyState {
-                value,
-                create_revision: r.u64()?,
-                mod_revision: r.u64()?,
-                version: r.u64()?,
-            };
             let bad = |why: String| KvError::InvalidSnapshot(format!("key #{i} {key:?}: {why}"));
             check_key(&key).map_err(|e| bad(e.to_string()))?;
-            check_value(&s.value).map_err(|e| bad(e.to_string()))?;
             if last.as_ref().is_some_and(|l| *l >= key) {
                 return Err(bad("keys not in strictly increasing order".into()));
             }
-            let ok = s.create_revision >= 1
-                && s.create_revision <= s.mod_revision
-                && s.mod_revision <= revision
-                && s.version >= 1
-                && s.version - 1 <= s.mod_revision - s.create_revision;
-            if !ok {
-                return Err(bad(format!(
-                    "inconsistent metadata create {} mod {} version {} at store revision {}",
-                    s.create_revision, s.mod_revision, s.version, revision
-                )));
+            let entries = r.count(8 + 4 + 1)?;
+            if entries == 0 {
+                return Err(bad("no history".into()));
             }
-            last = Some(key.clone());
-            keys.insert(key, s);
+            let mut prev: Option<Entry> = None;
+            for j in 0..entries {
+                let main = r.u64()?;
+                let sub = r.u32()?;
+                let put = if r.bool()? {
+                    Some(Version {
+                        value: r.bytes()?,
+                        create_revision: r.u64()?,
+                        version: r.u64()?,
+                        lease: r.i64()?,
+                    })
+                } else {
+                    None
+                };
+                let e = Entry { main, sub, put };
+                check_entry(&e, prev.as_ref(), j, revision, compacted).map_err(&bad)?;
+                if let Some(v) = &e.put {
+                    check_value(&v.value).map_err(|e| bad(e.to_string()))?;
+                }
+                if store.by_rev.contains_key(&(main, sub)) {
+                    return Err(bad(format!("revision ({main}, {sub}) used twice")));
+                }
+                store.push(key.clone(), e.clone());
+                prev = Some(e);
+            }
+            if prev.is_some_and(|e| e.put.is_some()) {
+                store.live += 1;
+            }
+            last = Some(key);
         }
-        Ok(Store { revision, keys })
+        Ok(store)
+    }
+}
+
+/// One entry's invariants, given the key's previous entry.
+fn check_entry(
+    e: &Entry,
+    prev: Option<&Entry>,
+    index: usize,
+    revision: u64,
+    compacted: i64,
+) -> Result<(), String> {
+    if e.main < 2 || e.main > revision {
+        return Err(format!("entry revision {} outside 2..={revision}", e.main));
+    }
+    if let Some(p) = prev {
+        if (p.main, p.sub) >= (e.main, e.sub) {
+            return Err("entries not in increasing revision order".into());
+        }
+    }
+    if (e.main as i128) < i128::from(compacted) && (index > 0 || e.put.is_none()) {
+        return Err(format!(
+            "history below the compaction point {compacted} beyond one put"
+        ));
+    }
+    match (&e.put, prev.map(|p| &p.put)) {
+        (None, Some(None)) => Err("two deletes in a row".into()),
+        (None, _) => Ok(()),
+        (Some(v), Some(Some(p))) => {
+            if v.create_revision == p.create_revision && v.version == p.version.saturating_add(1) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "create {} version {} does not continue create {} version {}",
+                    v.create_revision, v.version, p.create_revision, p.version
+                ))
+            }
+        }
+        (Some(v), Some(None)) => {
+            if v.create_revision == e.main && v.version == 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "re-creation at {} with create {} version {}",
+                    e.main, v.create_revision, v.version
+                ))
+            }
+        }
+        (Some(v), None) => {
+            if v.create_revision >= 2 && v.create_revision <= e.main && v.version >= 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "inconsistent metadata create {} mod {} version {}",
+                    v.create_revision, e.main, v.version
+                ))
+            }
+        }
     }
 }
 
 /// A batch of changes made at one revision. Changes apply as they are
-/// made; `commit` bumps the store revision if anything changed.
+/// made; the store revision moves to the batch's when it ends (`commit` or
+/// drop) if anything changed.
 pub struct Write<'a> {
     store: &'a mut Store,
-    revision: u64,
-    events: Vec<Event>,
+    main: u64,
+    next_sub: u32,
+    events: Vec<WatchEvent>,
+    changed: bool,
 }
 
 impl Write<'_> {
-    /// The revision the batch writes at (if it changes anything).
+    /// The revision the batch writes at.
     pub fn revision(&self) -> u64 {
-        self.revision
+        self.main
+    }
+
+    /// The store revision before the batch.
+    pub fn begin_revision(&self) -> u64 {
+        self.main - 1
+    }
+
+    /// Has the batch changed anything yet?
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// The revision reads inside the batch see (etcd: the batch's own
+    /// revision once it wrote something).
+    pub fn read_revision(&self) -> u64 {
+        if self.changed {
+            self.main
+        } else {
+            self.main - 1
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        self.store
     }
 
     /// The key's current state within the batch.
@@ -209,53 +574,87 @@ impl Write<'_> {
         self.store.get(key)
     }
 
-    /// Sets `key` to `value`; returns the previous state and the new one.
-    pub fn put(&mut self, key: Bytes, value: Bytes) -> (Option<KeyValue>, KeyValue) {
-        let rev = self.revision;
+    fn next(&mut self) -> u32 {
+        let sub = self.next_sub;
+        self.next_sub = self.next_sub.saturating_add(1);
+        self.changed = true;
+        sub
+    }
+
+    /// Sets `key` to `value` with `lease`; returns the previous state and
+    /// the new one.
+    pub fn put(&mut self, key: Bytes, value: Bytes, lease: i64) -> (Option<KeyValue>, KeyValue) {
         let prev = self.store.get(&key);
-        let state = match &prev {
-            Some(p) => KeyState {
-                value,
-                create_revision: p.create_revision,
-                mod_revision: rev,
-                version: p.version.saturating_add(1),
-            },
-            None => KeyState {
-                value,
-                create_revision: rev,
-                mod_revision: rev,
-                version: 1,
-            },
+        let (create_revision, version) = match &prev {
+            Some(p) => (p.create_revision, p.version.saturating_add(1)),
+            None => (self.main, 1),
         };
-        let kv = state.to_kv(&key);
-        self.store.keys.insert(key, state);
-        self.events.push(Event::Put(kv.clone()));
+        let sub = self.next();
+        let e = Entry {
+            main: self.main,
+            sub,
+            put: Some(Version {
+                value,
+                create_revision,
+                version,
+                lease,
+            }),
+        };
+        let kv = e.kv(&key).unwrap_or_default();
+        if prev.is_none() {
+            self.store.live += 1;
+        }
+        self.store.push(key, e);
+        self.events.push(WatchEvent {
+            kind: EventType::Put,
+            kv: kv.clone(),
+            prev_kv: prev.clone(),
+        });
         (prev, kv)
     }
 
     /// Deletes `key`; returns its last state if it existed.
     pub fn delete(&mut self, key: &[u8]) -> Option<KeyValue> {
-        let (k, s) = self.store.keys.remove_entry(key)?;
-        let kv = s.to_kv(&k);
-        self.events.push(Event::Delete(kv.clone()));
-        Some(kv)
+        let prev = self.store.get(key)?;
+        let sub = self.next();
+        let e = Entry {
+            main: self.main,
+            sub,
+            put: None,
+        };
+        self.store.live = self.store.live.saturating_sub(1);
+        self.store.push(prev.key.clone(), e);
+        self.events.push(WatchEvent {
+            kind: EventType::Delete,
+            kv: tombstone(&prev.key, self.main),
+            prev_kv: Some(prev.clone()),
+        });
+        Some(prev)
     }
 
-    /// Deletes every key in the range; returns their last states in order.
+    /// Deletes every live key in the range; returns their last states in
+    /// key order.
     pub fn delete_range(&mut self, start: &[u8], end: &[u8]) -> Vec<KeyValue> {
-        let keys: Vec<Bytes> = self
-            .store
-            .iter_span(start, end)
-            .map(|(k, _)| k.clone())
-            .collect();
-        keys.iter().filter_map(|k| self.delete(k)).collect()
+        let (live, _) = self.store.range_at(start, end, u64::MAX, usize::MAX);
+        for kv in &live {
+            self.delete(&kv.key);
+        }
+        live
     }
 
     /// Ends the batch: the store revision afterwards and the events made.
-    pub fn commit(self) -> (u64, Vec<Event>) {
-        if !self.events.is_empty() {
-            self.store.revision = self.revision;
+    pub fn commit(mut self) -> (u64, Vec<WatchEvent>) {
+        if self.changed {
+            self.store.revision = self.main;
         }
-        (self.store.revision, self.events)
+        (self.store.revision, std::mem::take(&mut self.events))
+    }
+}
+
+impl Drop for Write<'_> {
+    fn drop(&mut self) {
+        if self.changed {
+            self.store.revision = self.main;
+        }
     }
 }

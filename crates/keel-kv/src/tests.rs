@@ -9,17 +9,17 @@ use keel_core::{
 };
 use proptest::prelude::*;
 
-const TTL: u64 = 3_600_000_000_000;
+pub(crate) const TTL: u64 = 3_600_000_000_000;
 
-struct Harness {
-    host: ServiceHost<KvService>,
-    pos: u64,
-    seq: u64,
-    time: u64,
+pub(crate) struct Harness {
+    pub(crate) host: ServiceHost<KvService>,
+    pub(crate) pos: u64,
+    pub(crate) seq: u64,
+    pub(crate) time: u64,
 }
 
 impl Harness {
-    fn new() -> Harness {
+    pub(crate) fn new() -> Harness {
         Harness {
             host: ServiceHost::new(KvService::new(), TTL),
             pos: 0,
@@ -28,7 +28,7 @@ impl Harness {
         }
     }
 
-    fn raw(&mut self, data: Bytes) -> Bytes {
+    pub(crate) fn raw(&mut self, data: Bytes) -> Bytes {
         self.seq += 1;
         self.time += 1_000;
         let e = Entry {
@@ -51,89 +51,130 @@ impl Harness {
         }
     }
 
-    fn cmd(&mut self, c: Command) -> Response {
+    pub(crate) fn cmd(&mut self, c: Command) -> Response {
         Response::decode(&self.raw(c.encode())).unwrap()
     }
 
-    fn query(&self, q: &Query) -> Response {
+    pub(crate) fn query(&self, q: &Query) -> Response {
         Response::decode(&self.host.query(&q.encode())).unwrap()
     }
 
-    fn svc(&self) -> &KvService {
+    pub(crate) fn svc(&self) -> &KvService {
         self.host.service()
+    }
+
+    pub(crate) fn svc_mut(&mut self) -> &mut KvService {
+        self.host.service_mut()
+    }
+
+    /// Moves log time forward.
+    pub(crate) fn advance(&mut self, ns: u64) {
+        self.time += ns;
+    }
+
+    /// Applies a timer entry for `id` fired for `deadline`, at the current
+    /// log time (plus a tick).
+    pub(crate) fn timer(&mut self, id: u64, deadline: u64) {
+        self.time += 1_000;
+        let e = Entry {
+            term: 1,
+            position: self.pos,
+            timestamp: self.time,
+            kind: EntryKind::Timer { id, deadline },
+            data: Bytes::new(),
+        };
+        self.pos = e.end();
+        let mut out = ApplyOutput::default();
+        self.host.apply(&[e], &mut out);
+        assert!(out.replies.is_empty());
+    }
+
+    /// Fires every timer due at the current log time, as a leader would.
+    pub(crate) fn fire_due(&mut self) {
+        let due: Vec<(u64, u64)> = self
+            .host
+            .timers()
+            .iter()
+            .filter(|(_, &d)| d <= self.time)
+            .map(|(&id, &d)| (id, d))
+            .collect();
+        for (id, d) in due {
+            self.timer(id, d);
+        }
     }
 }
 
-fn b(s: &str) -> Bytes {
+pub(crate) fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
-fn put(k: &str, v: &str) -> Command {
+pub(crate) fn put(k: &str, v: &str) -> Command {
     Command::Put {
         key: b(k),
         value: b(v),
     }
 }
 
-fn kv(k: &str, v: &str, create: u64, modr: u64, version: u64) -> KeyValue {
+pub(crate) fn kv(k: &str, v: &str, create: u64, modr: u64, version: u64) -> KeyValue {
     KeyValue {
         key: b(k),
         value: b(v),
         create_revision: create,
         mod_revision: modr,
         version,
+        lease: 0,
     }
 }
 
-fn keys(kvs: &[KeyValue]) -> Vec<Bytes> {
+pub(crate) fn keys(kvs: &[KeyValue]) -> Vec<Bytes> {
     kvs.iter().map(|k| k.key.clone()).collect()
 }
 
 #[test]
 fn put_creates_and_updates_with_revisions_and_versions() {
     let mut h = Harness::new();
-    assert_eq!(h.svc().revision(), 0);
+    assert_eq!(h.svc().revision(), 1);
     assert_eq!(
         h.cmd(put("a", "1")),
-        Response::Put {
-            revision: 1,
-            prev: None
-        }
-    );
-    assert_eq!(
-        h.cmd(put("b", "x")),
         Response::Put {
             revision: 2,
             prev: None
         }
     );
     assert_eq!(
-        h.cmd(put("a", "2")),
+        h.cmd(put("b", "x")),
         Response::Put {
             revision: 3,
-            prev: Some(kv("a", "1", 1, 1, 1))
+            prev: None
+        }
+    );
+    assert_eq!(
+        h.cmd(put("a", "2")),
+        Response::Put {
+            revision: 4,
+            prev: Some(kv("a", "1", 2, 2, 1))
         }
     );
     // Same value again is still a write.
     assert_eq!(
         h.cmd(put("a", "2")),
         Response::Put {
-            revision: 4,
-            prev: Some(kv("a", "2", 1, 3, 2))
+            revision: 5,
+            prev: Some(kv("a", "2", 2, 4, 2))
         }
     );
-    assert_eq!(h.svc().get(b"a"), Some(kv("a", "2", 1, 4, 3)));
+    assert_eq!(h.svc().get(b"a"), Some(kv("a", "2", 2, 5, 3)));
     assert_eq!(
         h.query(&Query::Get { key: b("a") }),
         Response::Get {
-            revision: 4,
-            kv: Some(kv("a", "2", 1, 4, 3))
+            revision: 5,
+            kv: Some(kv("a", "2", 2, 5, 3))
         }
     );
     assert_eq!(
         h.query(&Query::Get { key: b("zz") }),
         Response::Get {
-            revision: 4,
+            revision: 5,
             kv: None
         }
     );
@@ -141,9 +182,12 @@ fn put_creates_and_updates_with_revisions_and_versions() {
     assert_eq!(
         h.query(&Query::Status),
         Response::Status {
-            revision: 4,
+            revision: 5,
             keys: 2,
-            applied: 4
+            applied: 4,
+            compact_revision: -1,
+            db_size: h.svc().db_size(),
+            leases: 0,
         }
     );
 }
@@ -156,9 +200,9 @@ fn delete_and_recreate() {
     assert_eq!(
         h.cmd(Command::Delete { key: b("a") }),
         Response::Delete {
-            revision: 3,
+            revision: 4,
             deleted: 1,
-            prev: Some(kv("a", "2", 1, 2, 2))
+            prev: Some(kv("a", "2", 2, 3, 2))
         }
     );
     assert_eq!(h.svc().get(b"a"), None);
@@ -166,16 +210,16 @@ fn delete_and_recreate() {
     assert_eq!(
         h.cmd(Command::Delete { key: b("a") }),
         Response::Delete {
-            revision: 3,
+            revision: 4,
             deleted: 0,
             prev: None
         }
     );
-    assert_eq!(h.svc().revision(), 3);
+    assert_eq!(h.svc().revision(), 4);
     assert_eq!(h.svc().applied_commands(), 4);
     // Re-creating starts over at version 1 with a new create revision.
     h.cmd(put("a", "3"));
-    assert_eq!(h.svc().get(b"a"), Some(kv("a", "3", 4, 4, 1)));
+    assert_eq!(h.svc().get(b"a"), Some(kv("a", "3", 5, 5, 1)));
 }
 
 #[test]
@@ -194,7 +238,7 @@ fn delete_range_and_prefix() {
             deleted,
             prev,
         } => {
-            assert_eq!(revision, 7, "one revision for the whole range");
+            assert_eq!(revision, 8, "one revision for the whole range");
             assert_eq!(deleted, 3);
             assert_eq!(keys(&prev), vec![b("ab"), b("abc"), b("abd")]);
         }
@@ -207,7 +251,7 @@ fn delete_range_and_prefix() {
             end: b("y")
         }),
         Response::DeleteRange {
-            revision: 7,
+            revision: 8,
             deleted: 0,
             prev: vec![]
         }
@@ -223,7 +267,7 @@ fn delete_range_and_prefix() {
         end: Bytes::from_static(&[0]),
     });
     assert!(h.svc().is_empty());
-    assert_eq!(h.svc().revision(), 9);
+    assert_eq!(h.svc().revision(), 10);
 }
 
 #[test]
@@ -239,24 +283,24 @@ fn cas_variants() {
         h.cmd(cas("a", Compare::VersionEquals(0), "1")),
         Response::Cas {
             succeeded: true,
-            revision: 1,
-            current: Some(kv("a", "1", 1, 1, 1))
+            revision: 2,
+            current: Some(kv("a", "1", 2, 2, 1))
         }
     );
     assert_eq!(
         h.cmd(cas("a", Compare::VersionEquals(0), "x")),
         Response::Cas {
             succeeded: false,
-            revision: 1,
-            current: Some(kv("a", "1", 1, 1, 1))
+            revision: 2,
+            current: Some(kv("a", "1", 2, 2, 1))
         }
     );
     assert_eq!(
         h.cmd(cas("b", Compare::ModRevisionEquals(0), "b")),
         Response::Cas {
             succeeded: true,
-            revision: 2,
-            current: Some(kv("b", "b", 2, 2, 1))
+            revision: 3,
+            current: Some(kv("b", "b", 3, 3, 1))
         }
     );
     // Value compare.
@@ -264,7 +308,7 @@ fn cas_variants() {
         h.cmd(cas("a", Compare::ValueEquals(b("nope")), "2")),
         Response::Cas {
             succeeded: false,
-            revision: 2,
+            revision: 3,
             ..
         }
     ));
@@ -272,8 +316,8 @@ fn cas_variants() {
         h.cmd(cas("a", Compare::ValueEquals(b("1")), "2")),
         Response::Cas {
             succeeded: true,
-            revision: 3,
-            current: Some(kv("a", "2", 1, 3, 2))
+            revision: 4,
+            current: Some(kv("a", "2", 2, 4, 2))
         }
     );
     // A value compare on an absent key fails, even against the empty value.
@@ -281,7 +325,7 @@ fn cas_variants() {
         h.cmd(cas("z", Compare::ValueEquals(Bytes::new()), "z")),
         Response::Cas {
             succeeded: false,
-            revision: 3,
+            revision: 4,
             current: None
         }
     );
@@ -297,27 +341,27 @@ fn cas_variants() {
         h.cmd(cas("a", Compare::VersionEquals(2), "3")),
         Response::Cas {
             succeeded: true,
-            revision: 4,
-            ..
-        }
-    ));
-    assert!(matches!(
-        h.cmd(cas("a", Compare::ModRevisionEquals(3), "4")),
-        Response::Cas {
-            succeeded: false,
+            revision: 5,
             ..
         }
     ));
     assert!(matches!(
         h.cmd(cas("a", Compare::ModRevisionEquals(4), "4")),
         Response::Cas {
-            succeeded: true,
-            revision: 5,
+            succeeded: false,
             ..
         }
     ));
-    assert_eq!(h.svc().get(b"a"), Some(kv("a", "4", 1, 5, 4)));
-    assert_eq!(h.svc().revision(), 5);
+    assert!(matches!(
+        h.cmd(cas("a", Compare::ModRevisionEquals(5), "4")),
+        Response::Cas {
+            succeeded: true,
+            revision: 6,
+            ..
+        }
+    ));
+    assert_eq!(h.svc().get(b"a"), Some(kv("a", "4", 2, 6, 4)));
+    assert_eq!(h.svc().revision(), 6);
     assert_eq!(h.svc().applied_commands(), 10);
 }
 
@@ -339,7 +383,7 @@ fn range_limit_more_count() {
             more,
             count,
         } => {
-            assert_eq!(revision, 5);
+            assert_eq!(revision, 6);
             assert_eq!(keys(&kvs), vec![b("b"), b("c")]);
             assert!(more);
             assert_eq!(count, 3);
@@ -371,7 +415,7 @@ fn range_limit_more_count() {
     assert_eq!(h.svc().range(b"", &[0], 0).2, 5);
     assert_eq!(
         h.svc().range(b"", &[0], 1),
-        (vec![kv("a", "a", 1, 1, 1)], true, 5)
+        (vec![kv("a", "a", 2, 2, 1)], true, 5)
     );
     // Single key, missing key, reversed and empty ranges.
     assert_eq!(h.svc().range(b"c", b"", 0).2, 1);
@@ -505,7 +549,7 @@ fn limits_are_enforced_and_change_nothing() {
         key: Bytes::from(vec![b'k'; MAX_KEY_LEN]),
         value: Bytes::from(vec![1u8; MAX_VALUE_LEN]),
     });
-    assert!(matches!(r, Response::Put { revision: 2, .. }), "{r:?}");
+    assert!(matches!(r, Response::Put { revision: 3, .. }), "{r:?}");
 }
 
 #[test]
@@ -681,6 +725,7 @@ fn arb_kv() -> impl Strategy<Value = KeyValue> {
                 create_revision,
                 mod_revision,
                 version,
+                lease: (version % 3) as i64 - 1,
             },
         )
 }
@@ -721,32 +766,34 @@ fn arb_response() -> impl Strategy<Value = Response> {
                 count
             }
         ),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(revision, keys, applied)| {
-            Response::Status {
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<i64>()).prop_map(
+            |(revision, keys, applied, compact_revision)| Response::Status {
                 revision,
                 keys,
                 applied,
+                compact_revision,
+                db_size: keys.wrapping_mul(3),
+                leases: applied / 2,
             }
-        }),
-        (
-            prop::sample::select(vec![
-                ErrorCode::Malformed,
-                ErrorCode::EmptyKey,
-                ErrorCode::KeyTooLarge,
-                ErrorCode::ValueTooLarge,
-                ErrorCode::Internal
-            ]),
-            ".{0,8}"
-        )
+        ),
+        (prop::sample::select(ErrorCode::ALL.to_vec()), ".{0,8}")
             .prop_map(|(code, message)| Response::Error { code, message }),
     ]
 }
 
 /// A plain model of the semantics: key -> (value, create, mod, version).
-#[derive(Default)]
 struct Model {
     revision: u64,
     keys: std::collections::BTreeMap<Bytes, KeyValue>,
+}
+
+impl Default for Model {
+    fn default() -> Model {
+        Model {
+            revision: 1,
+            keys: Default::default(),
+        }
+    }
 }
 
 impl Model {
@@ -780,6 +827,7 @@ impl Model {
                         create_revision: create,
                         mod_revision: rev,
                         version,
+                        lease: 0,
                     },
                 );
                 changed = true;
@@ -790,17 +838,14 @@ impl Model {
                 key,
                 expected,
                 value,
-            } => {
-                if expected.matches(self.keys.get(key)) {
-                    put(&mut self.keys, key, value)
-                }
-            }
+            } if expected.matches(self.keys.get(key)) => put(&mut self.keys, key, value),
             Command::Delete { key } => changed = self.keys.remove(key).is_some(),
             Command::DeleteRange { start, end } => {
                 let n = self.keys.len();
                 self.keys.retain(|k, _| !Model::in_range(k, start, end));
                 changed = self.keys.len() != n;
             }
+            _ => {}
         }
         if changed {
             self.revision = rev;
@@ -901,7 +946,7 @@ proptest! {
         let _ = Query::decode(&data);
         let _ = Response::decode(&data);
         let _ = KvService::decode_snapshot(&data);
-        let mut with_magic = b"KKV1".to_vec();
+        let mut with_magic = b"KKV2".to_vec();
         with_magic.extend_from_slice(&data);
         let _ = KvService::decode_snapshot(&with_magic);
         let s = KvService::new();

@@ -16,6 +16,9 @@ pub struct PeerConfig {
     pub peer_addr: String,
     /// Address its client port listens on (sent to clients in redirects).
     pub client_addr: String,
+    /// Address its etcd v3 API listens on, if any (for `member list`).
+    #[serde(default)]
+    pub etcd_addr: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -78,6 +81,9 @@ pub struct NodeConfig {
     /// Where to serve /metrics and /status over HTTP (optional).
     #[serde(default)]
     pub http_addr: Option<String>,
+    /// Where to serve the etcd v3 gRPC API (optional; etcd's port is 2379).
+    #[serde(default)]
+    pub etcd_addr: Option<String>,
     #[serde(default)]
     pub durability: DurabilityConfig,
     /// The replicated service: kv, echo, lock, matching.

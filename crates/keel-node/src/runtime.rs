@@ -106,9 +106,11 @@ pub struct Notification {
 pub struct NodeHandle {
     internal: Sender<Internal>,
     external: Sender<External>,
+    cluster_id: u64,
+    id: NodeId,
     notifications: tokio::sync::broadcast::Sender<Arc<Notification>>,
     next_request: AtomicU64,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     fatal: Arc<Mutex<Option<String>>>,
     status: Arc<Mutex<NodeStatus>>,
     stopped: Arc<AtomicBool>,
@@ -159,9 +161,21 @@ impl NodeHandle {
     pub fn shutdown(&self) {
         let _ = self.internal.send(Internal::Shutdown);
     }
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
     /// Waits until the node stops; an error if it stopped on a fatal error.
-    pub fn wait(mut self) -> Result<(), NodeError> {
-        for t in self.threads.drain(..) {
+    pub fn wait(&self) -> Result<(), NodeError> {
+        let threads: Vec<JoinHandle<()>> = self
+            .threads
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default();
+        for t in threads {
             let _ = t.join();
         }
         match self.fatal.lock().ok().and_then(|f| f.clone()) {
@@ -479,7 +493,9 @@ pub fn start_with(
         external: external_tx,
         notifications: notify_tx,
         next_request: AtomicU64::new(1),
-        threads: vec![consensus_thread, service_thread, snapshot_writer],
+        threads: Mutex::new(vec![consensus_thread, service_thread, snapshot_writer]),
+        cluster_id: cfg.cluster_id,
+        id: cfg.id,
         fatal,
         status,
         stopped,

@@ -46,6 +46,7 @@ fn three_nodes_in_one_process() {
             peer_addr: "memory:0".into(),
             client_addr: clients[(id - 1) as usize].clone(),
             http_addr: None,
+            etcd_addr: None,
             durability: Default::default(),
             service: "kv".into(),
             heartbeat_ms: 20,
@@ -61,6 +62,7 @@ fn three_nodes_in_one_process() {
                     id: p,
                     peer_addr: "memory:0".into(),
                     client_addr: clients[(p - 1) as usize].clone(),
+                    etcd_addr: None,
                 })
                 .collect(),
         };

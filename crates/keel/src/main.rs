@@ -142,7 +142,7 @@ struct ServerArgs {
     /// host:port for /metrics and /status.
     #[arg(long)]
     http_addr: Option<String>,
-    /// Another member: ID=PEER_ADDR,CLIENT_ADDR (repeat for each).
+    /// Another member: ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR] (repeat for each).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<PeerConfig>,
     #[arg(long, value_enum)]
@@ -170,16 +170,18 @@ struct ServerArgs {
 
 fn parse_peer(s: &str) -> Result<PeerConfig, String> {
     let usage = || {
-        format!(
-            "--peer {s:?}: expected ID=PEER_ADDR,CLIENT_ADDR, e.g. 2=127.0.0.1:7202,127.0.0.1:7102"
-        )
+        format!("--peer {s:?}: expected ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR], e.g. 2=127.0.0.1:7202,127.0.0.1:7102")
     };
     let (id, addrs) = s.split_once('=').ok_or_else(usage)?;
-    let (peer, client) = addrs.split_once(',').ok_or_else(usage)?;
+    let parts: Vec<&str> = addrs.split(',').map(str::trim).collect();
+    if parts.len() < 2 || parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
+        return Err(usage());
+    }
     Ok(PeerConfig {
         id: id.trim().parse().map_err(|_| usage())?,
-        peer_addr: peer.trim().to_string(),
-        client_addr: client.trim().to_string(),
+        peer_addr: parts[0].to_string(),
+        client_addr: parts[1].to_string(),
+        etcd_addr: parts.get(2).map(|a| a.to_string()),
     })
 }
 
@@ -437,6 +439,10 @@ async fn kv(conn: ConnArgs, cmd: KvCmd) -> Result<i32> {
         Response::Error { code, message } => {
             eprintln!("error ({code:?}): {message}");
             2
+        }
+        other => {
+            println!("{other:?}");
+            0
         }
     })
 }

@@ -1,0 +1,32 @@
+//! etcd v3 API wire contract for Keel.
+//!
+//! This crate owns Keel's own `.proto` definitions of etcd's v3 client API
+//! (`proto/`) and the Rust code generated from them at build time (prost
+//! messages, tonic server traits and clients). The definitions reproduce
+//! etcd's package, service, method, message and field names, field numbers
+//! and enum values, so etcdctl and etcd client libraries interoperate with a
+//! server built on these types.
+//!
+//! Services: `etcdserverpb.{KV, Watch, Lease, Cluster, Maintenance}`. The
+//! `Auth` service, `v3lock` and `v3election` are not defined (etcdctl's
+//! `lock` and `elect` are built client-side from KV, Lease and Watch).
+//!
+//! Generated server traits have default methods that answer
+//! `Unimplemented`, so a service implements only what it supports. Fields of
+//! protobuf type `bytes` are [`bytes::Bytes`](prost::bytes::Bytes).
+//!
+//! Rust field names are prost's snake_case of etcd's names, e.g. `TTL` ->
+//! `ttl`, `ID` -> `id`, `peerURLs` -> `peer_ur_ls`, `dbSizeInUse` ->
+//! `db_size_in_use`.
+
+/// etcd's `etcdserverpb` package: KV, Watch, Lease, Cluster and Maintenance.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// etcd's `mvccpb` package: `KeyValue` and watch `Event`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}

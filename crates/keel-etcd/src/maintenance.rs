@@ -1,0 +1,71 @@
+//! etcd's Maintenance service: status (the version string of a compatible
+//! etcd release, leader, raft term and index as Keel's log positions),
+//! alarms (Keel raises none), defragment (nothing to do: the log is
+//! compacted by snapshots), and move-leader (a Keel leadership transfer).
+
+use crate::{node_error, Api};
+use keel_etcd_proto::etcdserverpb::maintenance_server::Maintenance;
+use keel_etcd_proto::etcdserverpb::*;
+use keel_net::codec::{ClientOp, ClientResult};
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+/// The etcd release whose API Keel serves (what `etcdctl endpoint status`
+/// prints as the version).
+pub const ETCD_VERSION: &str = "3.4.30";
+
+pub struct MaintenanceApi(pub Arc<Api>);
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceApi {
+    async fn alarm(&self, _r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        Ok(Response::new(AlarmResponse {
+            header: self.0.header(0),
+            alarms: Vec::new(),
+        }))
+    }
+
+    async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let st = self.0.node.status();
+        let revision = crate::kv::current_revision(&self.0).await.unwrap_or(0);
+        let db_size = crate::kv::db_size(&self.0).await.unwrap_or(0);
+        Ok(Response::new(StatusResponse {
+            header: self.0.header(revision),
+            version: ETCD_VERSION.to_string(),
+            db_size,
+            leader: st.leader.unwrap_or(0),
+            raft_index: st.commit,
+            raft_term: st.term,
+            raft_applied_index: st.applied,
+            errors: Vec::new(),
+            db_size_in_use: db_size,
+            is_learner: st.learners.contains(&st.id),
+            ..Default::default()
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _r: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        Ok(Response::new(DefragmentResponse {
+            header: self.0.header(0),
+        }))
+    }
+
+    async fn move_leader(
+        &self,
+        r: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        let target = r.into_inner().target_id;
+        match self.0.node.call(ClientOp::TransferLeader(target)).await {
+            ClientResult::Ok(_) => Ok(Response::new(MoveLeaderResponse {
+                header: self.0.header(0),
+            })),
+            ClientResult::Error(m) => Err(Status::failed_precondition(m)),
+            other => Err(node_error(other)),
+        }
+    }
+}

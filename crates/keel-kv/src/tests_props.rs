@@ -1,0 +1,571 @@
+//! Property tests of the etcd-style service: replicas stay identical,
+//! snapshots restore and continue identically (leases and timers
+//! included), history and events agree with a plain model at every
+//! revision, encodings round-trip and decoders never panic.
+
+use crate::tests::{Harness, TTL};
+use crate::*;
+use bytes::Bytes;
+use keel_core::{Membership, Service, ServiceHost, Snapshot, SnapshotMeta};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+const SEC: u64 = 1_000_000_000;
+
+fn key() -> impl Strategy<Value = Bytes> {
+    prop::sample::select(vec!["a", "b", "c", "ab", "b\u{0}"])
+        .prop_map(|s| Bytes::from(s.as_bytes()))
+}
+
+fn end() -> impl Strategy<Value = Bytes> {
+    prop::sample::select(vec!["", "\u{0}", "b", "c", "d", "a"])
+        .prop_map(|s| Bytes::from(s.as_bytes()))
+}
+
+fn value() -> impl Strategy<Value = Bytes> {
+    prop::sample::select(vec!["", "x", "y", "zz"]).prop_map(|s| Bytes::from(s.as_bytes()))
+}
+
+fn put_req() -> impl Strategy<Value = PutRequest> {
+    (key(), value(), 0i64..4, any::<bool>(), 0u8..6).prop_map(
+        |(key, value, lease, prev_kv, flags)| PutRequest {
+            key,
+            value: if flags == 1 { Bytes::new() } else { value },
+            lease: if flags == 2 { 0 } else { lease },
+            prev_kv,
+            ignore_value: flags == 1,
+            ignore_lease: flags == 2,
+        },
+    )
+}
+
+fn del_req() -> impl Strategy<Value = DeleteRangeRequest> {
+    (key(), end(), any::<bool>()).prop_map(|(key, range_end, prev_kv)| DeleteRangeRequest {
+        key,
+        range_end,
+        prev_kv,
+    })
+}
+
+fn range_req() -> impl Strategy<Value = RangeRequest> {
+    (
+        (key(), end(), -1i64..4, -1i64..14),
+        (0u8..3, 0u8..5, any::<bool>(), any::<bool>()),
+        (0i64..10, 0i64..10, 0i64..10, 0i64..10),
+    )
+        .prop_map(
+            |((key, range_end, limit, revision), (order, target, keys_only, count_only), f)| {
+                RangeRequest {
+                    key,
+                    range_end,
+                    limit,
+                    revision,
+                    sort_order: SortOrder::from_u8(order).unwrap(),
+                    sort_target: SortTarget::from_u8(target).unwrap(),
+                    keys_only,
+                    count_only,
+                    min_mod_revision: f.0 % 4 * 2,
+                    max_mod_revision: f.1 % 3 * 5,
+                    min_create_revision: f.2 % 4,
+                    max_create_revision: f.3 % 3 * 4,
+                }
+            },
+        )
+}
+
+fn compare() -> impl Strategy<Value = TxnCompare> {
+    (
+        key(),
+        prop::sample::select(vec!["", "c"]),
+        0u8..4,
+        0u8..5,
+        0i64..6,
+        value(),
+    )
+        .prop_map(|(key, end, result, target, n, v)| TxnCompare {
+            key,
+            range_end: Bytes::from(end.as_bytes()),
+            result: CompareResult::from_u8(result).unwrap(),
+            target: match target {
+                0 => CompareTarget::Version(n),
+                1 => CompareTarget::Create(n),
+                2 => CompareTarget::Mod(n),
+                3 => CompareTarget::Value(v),
+                _ => CompareTarget::Lease(n % 3),
+            },
+        })
+}
+
+fn leaf_op() -> impl Strategy<Value = RequestOp> {
+    prop_oneof![
+        range_req().prop_map(RequestOp::Range),
+        put_req().prop_map(RequestOp::Put),
+        del_req().prop_map(RequestOp::DeleteRange),
+    ]
+}
+
+fn txn_req() -> impl Strategy<Value = TxnRequest> {
+    let ops = || prop::collection::vec(leaf_op(), 0..3);
+    let leaf =
+        (prop::collection::vec(compare(), 0..2), ops(), ops()).prop_map(|(c, s, f)| TxnRequest {
+            compare: c,
+            success: s,
+            failure: f,
+        });
+    leaf.prop_recursive(2, 8, 3, |inner| {
+        (
+            prop::collection::vec(compare(), 0..2),
+            prop::collection::vec(prop_oneof![leaf_op(), inner.prop_map(RequestOp::Txn)], 0..3),
+            prop::collection::vec(leaf_op(), 0..2),
+        )
+            .prop_map(|(compare, success, failure)| TxnRequest {
+                compare,
+                success,
+                failure,
+            })
+    })
+}
+
+fn command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        3 => (key(), value()).prop_map(|(key, value)| Command::Put { key, value }),
+        1 => key().prop_map(|key| Command::Delete { key }),
+        4 => put_req().prop_map(Command::PutReq),
+        2 => del_req().prop_map(Command::DeleteRangeReq),
+        3 => txn_req().prop_map(Command::Txn),
+        1 => (0i64..14).prop_map(|revision| Command::Compact { revision }),
+        2 => (0i64..4, -1i64..12).prop_map(|(id, ttl)| Command::LeaseGrant { id, ttl }),
+        1 => (0i64..4).prop_map(|id| Command::LeaseRevoke { id }),
+        1 => (0i64..4).prop_map(|id| Command::LeaseKeepAlive { id }),
+    ]
+}
+
+fn query() -> impl Strategy<Value = Query> {
+    prop_oneof![
+        range_req().prop_map(Query::RangeReq),
+        txn_req().prop_map(Query::Txn),
+        (key(), end(), 0u64..12, 0u64..4).prop_map(|(start, end, from_revision, limit)| {
+            Query::Events {
+                start,
+                end,
+                from_revision,
+                limit,
+            }
+        }),
+        (0i64..4, any::<bool>(), 0u64..40).prop_map(|(id, keys, secs)| Query::LeaseTimeToLive {
+            id,
+            keys,
+            now: secs * SEC,
+        }),
+        Just(Query::Leases),
+        Just(Query::Status),
+        (-1i64..14).prop_map(|revision| Query::HashKv { revision }),
+    ]
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Cmd(Command),
+    /// Move log time forward this many seconds, then fire due timers.
+    Advance(u64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => command().prop_map(Step::Cmd),
+        1 => (0u64..8).prop_map(Step::Advance),
+    ]
+}
+
+fn run(h: &mut Harness, steps: &[Step]) -> Vec<Bytes> {
+    let mut replies = Vec::new();
+    for s in steps {
+        match s {
+            Step::Cmd(c) => replies.push(h.raw(c.encode())),
+            Step::Advance(secs) => {
+                h.advance(secs * SEC);
+                h.fire_due();
+            }
+        }
+        // Drain the feed as the runtime would; it is checked elsewhere.
+        let events = h.svc_mut().take_events();
+        for w in events.windows(2) {
+            assert!(w[0].revision() <= w[1].revision());
+        }
+    }
+    replies
+}
+
+fn host_snapshot(h: &Harness) -> Snapshot {
+    Snapshot {
+        meta: SnapshotMeta {
+            position: h.host.applied(),
+            term: 1,
+            timestamp: h.time,
+            membership: Membership::new([1]),
+        },
+        data: h.host.snapshot(),
+    }
+}
+
+/// Latest-value model with history: the key space after every revision.
+struct Model {
+    states: Vec<BTreeMap<Bytes, KeyValue>>,
+}
+
+impl Model {
+    fn new() -> Model {
+        // Index = revision; revisions 0 and 1 are the empty store.
+        Model {
+            states: vec![BTreeMap::new(), BTreeMap::new()],
+        }
+    }
+    fn revision(&self) -> u64 {
+        self.states.len() as u64 - 1
+    }
+    fn current(&self) -> &BTreeMap<Bytes, KeyValue> {
+        &self.states[self.states.len() - 1]
+    }
+    fn in_range(k: &[u8], start: &[u8], end: &[u8]) -> bool {
+        if end.is_empty() {
+            k == start
+        } else if end == [0] {
+            k >= start
+        } else {
+            k >= start && k < end
+        }
+    }
+    fn apply(&mut self, c: &Command) {
+        if c.validate().is_err() {
+            return;
+        }
+        let rev = self.revision() + 1;
+        let mut next = self.current().clone();
+        let put = |next: &mut BTreeMap<Bytes, KeyValue>, key: &Bytes, value: &Bytes| {
+            let (create, version) = match next.get(key) {
+                Some(p) => (p.create_revision, p.version + 1),
+                None => (rev, 1),
+            };
+            next.insert(
+                key.clone(),
+                KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                    create_revision: create,
+                    mod_revision: rev,
+                    version,
+                    lease: 0,
+                },
+            );
+        };
+        match c {
+            Command::Put { key, value } => put(&mut next, key, value),
+            Command::Cas {
+                key,
+                expected,
+                value,
+            } => {
+                if expected.matches(next.get(key)) {
+                    put(&mut next, key, value)
+                }
+            }
+            Command::Delete { key } => {
+                next.remove(key);
+            }
+            Command::DeleteRange { start, end } => {
+                next.retain(|k, _| !Model::in_range(k, start, end));
+            }
+            _ => return,
+        }
+        // A put always changes the mod revision, so any write shows.
+        if next != *self.current() {
+            self.states.push(next);
+        }
+    }
+}
+
+fn model_command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        4 => (key(), value()).prop_map(|(key, value)| Command::Put { key, value }),
+        2 => key().prop_map(|key| Command::Delete { key }),
+        1 => (key(), end()).prop_map(|(start, end)| Command::DeleteRange { start, end }),
+        1 => (key(), 0u64..3, value()).prop_map(|(key, v, value)| Command::Cas {
+            key,
+            expected: Compare::VersionEquals(v),
+            value
+        }),
+        1 => (0i64..20).prop_map(|revision| Command::Compact { revision }),
+    ]
+}
+
+fn arb_response() -> impl Strategy<Value = Response> {
+    let kv = || {
+        (key(), value(), 0u64..9, 0u64..9, 0u64..4, -2i64..3).prop_map(
+            |(key, value, create_revision, mod_revision, version, lease)| KeyValue {
+                key,
+                value,
+                create_revision,
+                mod_revision,
+                version,
+                lease,
+            },
+        )
+    };
+    let range = (
+        any::<u64>(),
+        prop::collection::vec(kv(), 0..3),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(revision, kvs, more, count)| RangeResponse {
+            revision,
+            kvs,
+            more,
+            count,
+        })
+        .boxed();
+    let put = (any::<u64>(), prop::option::of(kv()))
+        .prop_map(|(revision, prev_kv)| PutResponse { revision, prev_kv })
+        .boxed();
+    let op = prop_oneof![
+        range.clone().prop_map(ResponseOp::Range),
+        put.clone().prop_map(ResponseOp::Put),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(kv(), 0..2)
+        )
+            .prop_map(|(revision, deleted, prev_kvs)| ResponseOp::DeleteRange(
+                DeleteRangeResponse {
+                    revision,
+                    deleted,
+                    prev_kvs
+                }
+            )),
+    ];
+    let txn = (any::<u64>(), any::<bool>(), prop::collection::vec(op, 0..3))
+        .prop_map(|(revision, succeeded, responses)| TxnResponse {
+            revision,
+            succeeded,
+            responses,
+        })
+        .boxed();
+    let event =
+        (any::<bool>(), kv(), prop::option::of(kv())).prop_map(|(put, kv, prev_kv)| WatchEvent {
+            kind: if put {
+                EventType::Put
+            } else {
+                EventType::Delete
+            },
+            kv,
+            prev_kv,
+        });
+    prop_oneof![
+        range.prop_map(Response::RangeResp),
+        put.prop_map(Response::PutResp),
+        txn.clone().prop_map(|t| Response::Txn(TxnResponse {
+            responses: vec![ResponseOp::Txn(t.clone())],
+            ..t
+        })),
+        any::<u64>().prop_map(|revision| Response::Compact { revision }),
+        (any::<u64>(), any::<i64>(), any::<i64>())
+            .prop_map(|(revision, id, ttl)| Response::LeaseGrant { revision, id, ttl }),
+        any::<u64>().prop_map(|revision| Response::LeaseRevoke { revision }),
+        (any::<u64>(), any::<i64>(), any::<i64>())
+            .prop_map(|(revision, id, ttl)| Response::LeaseKeepAlive { revision, id, ttl }),
+        (
+            any::<u64>(),
+            any::<i64>(),
+            any::<i64>(),
+            prop::collection::vec(key(), 0..3)
+        )
+            .prop_map(|(revision, id, ttl, keys)| Response::LeaseTimeToLive {
+                revision,
+                id,
+                ttl,
+                granted_ttl: ttl / 2,
+                keys
+            }),
+        (any::<u64>(), prop::collection::vec(any::<i64>(), 0..4))
+            .prop_map(|(revision, ids)| Response::Leases { revision, ids }),
+        (
+            any::<u64>(),
+            any::<i64>(),
+            prop::collection::vec(event, 0..3),
+            any::<bool>()
+        )
+            .prop_map(
+                |(revision, compact_revision, events, more)| Response::Events {
+                    revision,
+                    compact_revision,
+                    events,
+                    more
+                }
+            ),
+        (any::<u64>(), any::<i64>(), any::<u32>()).prop_map(
+            |(revision, compact_revision, hash)| {
+                Response::HashKv {
+                    revision,
+                    compact_revision,
+                    hash,
+                }
+            }
+        ),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn replicas_agree_and_snapshots_continue_identically(
+        first in prop::collection::vec(step(), 0..30),
+        second in prop::collection::vec(step(), 0..20),
+        queries in prop::collection::vec(query(), 1..8),
+    ) {
+        let mut a = Harness::new();
+        let mut b = Harness::new();
+        let ra = run(&mut a, &first);
+        let rb = run(&mut b, &first);
+        prop_assert_eq!(ra, rb);
+        prop_assert_eq!(a.host.snapshot(), b.host.snapshot());
+        prop_assert_eq!(a.svc(), b.svc());
+
+        // Restore a third replica from a's host snapshot, mid-run.
+        let snap = host_snapshot(&a);
+        let mut host = ServiceHost::new(KvService::new(), TTL);
+        host.restore(&snap).unwrap();
+        prop_assert_eq!(host.service(), a.svc());
+        prop_assert_eq!(host.snapshot(), a.host.snapshot());
+        prop_assert_eq!(host.timers(), a.host.timers());
+        let mut c = Harness { host, pos: a.pos, seq: a.seq, time: a.time };
+        for q in &queries {
+            prop_assert_eq!(c.host.query(&q.encode()), a.host.query(&q.encode()));
+        }
+        // The service snapshot alone round-trips too.
+        let mut s = KvService::new();
+        s.restore(Some(&a.svc().snapshot())).unwrap();
+        prop_assert_eq!(&s, a.svc());
+        prop_assert_eq!(s.snapshot(), a.svc().snapshot());
+
+        let ra = run(&mut a, &second);
+        let rc = run(&mut c, &second);
+        prop_assert_eq!(ra, rc);
+        prop_assert_eq!(a.host.snapshot(), c.host.snapshot());
+        for q in &queries {
+            prop_assert_eq!(c.host.query(&q.encode()), a.host.query(&q.encode()));
+        }
+    }
+
+    #[test]
+    fn history_and_events_match_a_model(cmds in prop::collection::vec(model_command(), 0..40)) {
+        let mut h = Harness::new();
+        let mut m = Model::new();
+        for c in &cmds {
+            h.cmd(c.clone());
+            m.apply(c);
+        }
+        let svc = h.svc();
+        prop_assert_eq!(svc.revision(), m.revision());
+        let compact = svc.compact_revision();
+        for rev in 1..=m.revision() {
+            let q = Query::RangeReq(RangeRequest { revision: rev as i64, ..RangeRequest::new(Bytes::new(), Bytes::from_static(&[0])) });
+            let got = Response::decode(&h.host.query(&q.encode())).unwrap();
+            if (rev as i64) < compact {
+                prop_assert!(matches!(got, Response::Error { code: ErrorCode::Compacted, .. }), "{:?}", got);
+                continue;
+            }
+            let want: Vec<KeyValue> = m.states[rev as usize].values().cloned().collect();
+            match got {
+                Response::RangeResp(r) => {
+                    prop_assert_eq!(r.count as usize, want.len());
+                    prop_assert_eq!(r.kvs, want);
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+        // Replaying the event history from the compaction point rebuilds
+        // every later state.
+        let from = compact.max(1) as u64;
+        let q = Query::Events { start: Bytes::new(), end: Bytes::from_static(&[0]), from_revision: from, limit: 0 };
+        let events = match Response::decode(&h.host.query(&q.encode())).unwrap() {
+            Response::Events { events, more, .. } => { prop_assert!(!more); events }
+            other => { prop_assert!(false, "{:?}", other); unreachable!() }
+        };
+        let mut state = m.states[from as usize].clone();
+        let mut i = 0;
+        while i < events.len() && events[i].revision() == from { i += 1; }
+        for rev in from + 1..=m.revision() {
+            let mut n = 0;
+            while i < events.len() && events[i].revision() == rev {
+                let e = &events[i];
+                prop_assert_eq!(e.prev_kv.as_ref(), state.get(&e.kv.key));
+                match e.kind {
+                    EventType::Put => { state.insert(e.kv.key.clone(), e.kv.clone()); }
+                    EventType::Delete => { state.remove(&e.kv.key); }
+                }
+                i += 1;
+                n += 1;
+            }
+            prop_assert!(n > 0, "every revision has events");
+            prop_assert_eq!(&state, &m.states[rev as usize]);
+        }
+        prop_assert_eq!(i, events.len());
+    }
+
+    #[test]
+    fn etcd_encodings_round_trip(c in command(), q in query(), r in arb_response()) {
+        prop_assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+        prop_assert_eq!(Query::decode(&q.encode()).unwrap(), q);
+        prop_assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn etcd_decoders_never_panic(
+        tag in 16u8..28,
+        data in prop::collection::vec(any::<u8>(), 0..96),
+        c in command(),
+        cut in any::<prop::sample::Index>(),
+        flip in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let mut d = vec![tag];
+        d.extend_from_slice(&data);
+        let _ = Command::decode(&d);
+        let _ = Query::decode(&d);
+        let _ = Response::decode(&d);
+        let _ = WatchEvent::decode(&data);
+        let enc = c.encode().to_vec();
+        let mut m = enc.clone();
+        let i = flip.index(m.len());
+        m[i] = byte;
+        for d in [&m[..], &enc[..cut.index(enc.len() + 1)]] {
+            let _ = Command::decode(d);
+            let _ = Query::decode(d);
+        }
+    }
+
+    #[test]
+    fn invalid_etcd_commands_change_nothing(
+        steps in prop::collection::vec(step(), 0..10),
+        c in command(),
+        flip in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let mut h = Harness::new();
+        run(&mut h, &steps);
+        let before = h.svc().clone();
+        let mut m = c.encode().to_vec();
+        let i = flip.index(m.len());
+        m[i] = byte;
+        let reply = Response::decode(&h.raw(Bytes::from(m.clone()))).unwrap();
+        match Command::decode(&m) {
+            Ok(c) if c.validate().is_ok() => {}
+            _ => {
+                prop_assert!(matches!(reply, Response::Error { .. }), "{:?}", reply);
+                prop_assert_eq!(h.svc(), &before);
+                prop_assert!(h.svc_mut().take_events().is_empty());
+            }
+        }
+    }
+}

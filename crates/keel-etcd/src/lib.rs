@@ -3,21 +3,32 @@
 //! against a Keel cluster. Requests become commands and queries of the
 //! replicated keel-kv service, submitted through the node like any client's
 //! (writes go through the log; linearizable reads use read-index; a
-//! follower forwards to the leader). Every reply carries etcd's response
-//! header: cluster id, member id, revision, raft term.
+//! follower forwards to the leader; serializable reads answer from the
+//! node's own state). Watches are served from the node's own apply feed, so
+//! they survive leader changes. Every reply carries etcd's response header:
+//! cluster id, member id, revision, raft term.
 
 pub mod cluster;
+pub mod convert;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
+pub mod watch;
 
+use bytes::Bytes;
 use keel_etcd_proto::etcdserverpb::cluster_server::ClusterServer;
+use keel_etcd_proto::etcdserverpb::kv_server::KvServer;
+use keel_etcd_proto::etcdserverpb::lease_server::LeaseServer;
 use keel_etcd_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use keel_etcd_proto::etcdserverpb::watch_server::WatchServer;
 use keel_etcd_proto::etcdserverpb::ResponseHeader;
-use keel_net::codec::ClientResult;
+use keel_kv::{Command, Query, Response};
+use keel_net::codec::{ClientOp, ClientResult};
 use keel_node::NodeHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tonic::Status;
+use std::time::Duration;
+use tonic::{Code, Status};
 
 /// A member as the etcd API shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,13 +39,38 @@ pub struct MemberInfo {
     pub client_urls: Vec<String>,
 }
 
-/// What the API needs besides the node: the address book of the cluster.
+/// What the API needs besides the node: the address book of the cluster and
+/// its limits.
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
+    /// Every node the configuration knows (members or not yet).
     pub members: Vec<MemberInfo>,
     /// Largest request accepted (etcd's default is 1.5 MiB).
     pub max_request_bytes: usize,
+    /// How often a watch created with `progress_notify` gets an empty
+    /// response carrying the current revision (etcd: 10 minutes).
+    pub watch_progress_interval: Duration,
+    /// A request not answered within this is failed with etcd's "request
+    /// timed out" (Unavailable, so clients retry).
+    pub request_timeout: Duration,
 }
+
+impl ApiConfig {
+    pub fn new(members: Vec<MemberInfo>) -> ApiConfig {
+        ApiConfig {
+            members,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            watch_progress_interval: Duration::from_secs(600),
+            request_timeout: Duration::from_secs(7),
+        }
+    }
+}
+
+/// etcd's default `--max-request-bytes`.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// What gRPC may add to a request on top of its payload (etcd's
+/// `grpcOverheadBytes`).
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 /// Shared by the services.
 pub struct Api {
@@ -52,21 +88,115 @@ impl Api {
             raft_term: self.node.status().term,
         })
     }
+
+    /// Runs a command through the log; the service's answer, or the gRPC
+    /// status etcd would answer with.
+    pub async fn write(&self, cmd: &Command) -> Result<Response, Status> {
+        cmd.validate().map_err(kv_status)?;
+        let data = cmd.encode();
+        if data.len() > self.config.max_request_bytes {
+            return Err(too_large());
+        }
+        self.call(ClientOp::Write(data)).await
+    }
+
+    /// Runs a query: linearizable (read-index, through the leader) or
+    /// serializable (this node's state, however stale).
+    pub async fn read(&self, q: &Query, serializable: bool) -> Result<Response, Status> {
+        q.validate().map_err(kv_status)?;
+        let data = q.encode();
+        if data.len() > self.config.max_request_bytes {
+            return Err(too_large());
+        }
+        let op = if serializable {
+            ClientOp::StaleRead(data)
+        } else {
+            ClientOp::Read(data)
+        };
+        self.call(op).await
+    }
+
+    async fn call(&self, op: ClientOp) -> Result<Response, Status> {
+        match tokio::time::timeout(self.config.request_timeout, self.node.call(op)).await {
+            Ok(r) => self.answer(r),
+            Err(_) => Err(Status::unavailable("etcdserver: request timed out")),
+        }
+    }
+
+    /// The store's current revision on this node (serializable).
+    pub async fn local_revision(&self) -> Result<(u64, i64, u64), Status> {
+        match self.read(&Query::Status, true).await? {
+            Response::Status {
+                revision,
+                compact_revision,
+                db_size,
+                ..
+            } => Ok((revision, compact_revision, db_size)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn answer(&self, r: ClientResult) -> Result<Response, Status> {
+        let data: Bytes = match r {
+            ClientResult::Ok(data) => data,
+            ClientResult::StaleOk { data, .. } => data,
+            other => return Err(node_error(other)),
+        };
+        match Response::decode(&data) {
+            Ok(Response::Error { code, message }) => Err(Status::new(
+                Code::from(code.grpc_code()),
+                code.etcd_message().map_or(message, str::to_string),
+            )),
+            Ok(resp) => Ok(resp),
+            Err(e) => Err(Status::internal(format!(
+                "undecodable answer from the KV service: {e}"
+            ))),
+        }
+    }
 }
 
-/// The gRPC status for a node-level refusal, with etcd's messages where
-/// clients look for them.
+/// The gRPC status etcd answers a request error with.
+pub fn kv_status(e: keel_kv::KvError) -> Status {
+    let code = e.code();
+    Status::new(
+        Code::from(code.grpc_code()),
+        code.etcd_message().map_or_else(|| e.to_string(), str::to_string),
+    )
+}
+
+/// etcd's answer to a request over the size limit.
+pub fn too_large() -> Status {
+    Status::invalid_argument("etcdserver: request is too large")
+}
+
+/// A service answer of the wrong kind (a bug, reported rather than hidden).
+pub fn unexpected(r: &Response) -> Status {
+    Status::internal(format!("unexpected answer from the KV service: {r:?}"))
+}
+
+/// The gRPC status for a node-level refusal, with etcd's messages and codes
+/// where clients look for them (Unavailable makes them retry elsewhere).
 pub fn node_error(r: ClientResult) -> Status {
     match r {
         ClientResult::NotLeader { .. } => Status::unavailable("etcdserver: no leader"),
+        // Busy covers a full queue, a leader not yet ready and a transfer in
+        // progress: all worth a retry, which clients do on Unavailable.
         ClientResult::Busy => Status::unavailable("etcdserver: too many requests"),
-        ClientResult::Error(m) => Status::internal(m),
+        ClientResult::Error(m) if m.contains("stopped") => {
+            Status::unavailable(format!("etcdserver: server stopped ({m})"))
+        }
+        ClientResult::Error(m) if m.contains("timed out") || m.contains("leader changed") => {
+            Status::unavailable(format!("etcdserver: request timed out ({m})"))
+        }
+        ClientResult::Error(m) => Status::unknown(m),
         other => Status::internal(format!("unexpected answer from the node: {other:?}")),
     }
 }
 
 /// Serves the etcd API on `addr` on the node's runtime until the node stops.
+/// Binds before returning, so a taken port is reported at once.
 pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std::io::Result<()> {
+    let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let api = Arc::new(Api {
         node: node.clone(),
         config,
@@ -75,10 +205,16 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            KvServer::new(kv::KvApi(api.clone()))
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(WatchServer::new(watch::WatchApi(api.clone())).max_decoding_message_size(max_msg))
+        .add_service(LeaseServer::new(lease::LeaseApi(api.clone())).max_decoding_message_size(max_msg))
         .add_service(ClusterServer::new(cluster::ClusterApi(api.clone())))
-        .add_service(MaintenanceServer::new(maintenance::MaintenanceApi(
-            api.clone(),
-        )))
+        .add_service(MaintenanceServer::new(maintenance::MaintenanceApi(api.clone())))
         .serve_with_incoming(incoming);
     rt.spawn(async move {
         if let Err(e) = server.await {

@@ -24,23 +24,48 @@ pub struct DevArgs {
     /// The replicated service: kv, echo, lock, matching.
     #[arg(long, default_value = "kv", value_parser = ["kv", "echo", "lock", "matching"])]
     service: String,
+    /// With the kv service, node N serves the etcd v3 API on port
+    /// BASE + 10000*(N-1), like etcd's own local clusters: 2379, 12379, 22379...
+    /// (0 turns the etcd API off).
+    #[arg(long, default_value_t = 2379)]
+    etcd_base_port: u16,
+}
+
+/// Node `id`'s etcd API port, if it serves one.
+fn etcd_port(a: &DevArgs, id: u64) -> Result<Option<u16>> {
+    if a.service != "kv" || a.etcd_base_port == 0 {
+        return Ok(None);
+    }
+    port(a.etcd_base_port, 10_000 * (id - 1))
+        .map(Some)
+        .context("etcd port out of range: lower --etcd-base-port")
 }
 
 fn port(base: u16, offset: u64) -> Result<u16> {
     u16::try_from(u64::from(base) + offset).context("port out of range: lower --base-port")
 }
 
+/// One node of a dev cluster.
+pub struct DevNode {
+    pub id: u64,
+    pub config: PathBuf,
+    pub client: String,
+    pub http: String,
+    pub etcd: Option<String>,
+}
+
 /// Writes node configs for a local cluster; returns their paths.
-pub fn write_configs(a: &DevArgs) -> Result<Vec<(u64, PathBuf, String, String)>> {
+pub fn write_configs(a: &DevArgs) -> Result<Vec<DevNode>> {
     let mut nodes = Vec::new();
     for id in 1..=a.nodes {
         let client = format!("127.0.0.1:{}", port(a.base_port, id)?);
         let peer = format!("127.0.0.1:{}", port(a.base_port, 100 + id)?);
         let http = format!("127.0.0.1:{}", port(a.base_port, 200 + id)?);
-        nodes.push((id, client, peer, http));
+        let etcd = etcd_port(a, id)?.map(|p| format!("127.0.0.1:{p}"));
+        nodes.push((id, client, peer, http, etcd));
     }
     let mut out = Vec::new();
-    for (id, client, peer, http) in &nodes {
+    for (id, client, peer, http, etcd) in &nodes {
         let dir = a.dir.join(format!("node{id}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut toml = format!(
@@ -49,16 +74,28 @@ pub fn write_configs(a: &DevArgs) -> Result<Vec<(u64, PathBuf, String, String)>>
             a.durability,
             a.service
         );
-        for (pid, pclient, ppeer, _) in &nodes {
+        if let Some(e) = etcd {
+            toml.push_str(&format!("etcd_addr = \"{e}\"\n"));
+        }
+        for (pid, pclient, ppeer, _, petcd) in &nodes {
             if pid != id {
                 toml.push_str(&format!(
                     "\n[[peers]]\nid = {pid}\npeer_addr = \"{ppeer}\"\nclient_addr = \"{pclient}\"\n"
                 ));
+                if let Some(e) = petcd {
+                    toml.push_str(&format!("etcd_addr = \"{e}\"\n"));
+                }
             }
         }
         let path = dir.join("keel.toml");
         std::fs::write(&path, toml).with_context(|| format!("writing {}", path.display()))?;
-        out.push((*id, path, client.clone(), http.clone()));
+        out.push(DevNode {
+            id: *id,
+            config: path,
+            client: client.clone(),
+            http: http.clone(),
+            etcd: etcd.clone(),
+        });
     }
     Ok(out)
 }
@@ -85,11 +122,11 @@ pub fn run(a: DevArgs) -> Result<i32> {
     let exe = std::env::current_exe().context("finding the keel executable")?;
     let nodes = write_configs(&a)?;
     let mut children = Vec::new();
-    for (id, config, _, _) in &nodes {
-        let log = config.with_file_name("keel.log");
-        children.push((*id, spawn(&exe, config, &log)?));
+    for n in &nodes {
+        let log = n.config.with_file_name("keel.log");
+        children.push((n.id, spawn(&exe, &n.config, &log)?));
     }
-    let endpoints: Vec<&str> = nodes.iter().map(|n| n.2.as_str()).collect();
+    let endpoints: Vec<&str> = nodes.iter().map(|n| n.client.as_str()).collect();
     println!(
         "Keel dev cluster: {} nodes, {} service, {} durability, data under {}",
         a.nodes,
@@ -97,10 +134,18 @@ pub fn run(a: DevArgs) -> Result<i32> {
         a.durability,
         a.dir.display()
     );
-    for (id, config, client, http) in &nodes {
+    for n in &nodes {
+        let etcd = n
+            .etcd
+            .as_ref()
+            .map(|e| format!("  etcd {e}"))
+            .unwrap_or_default();
         println!(
-            "  node {id}: client {client}  status http://{http}/status  log {}",
-            config.with_file_name("keel.log").display()
+            "  node {}: client {}{etcd}  status http://{}/status  log {}",
+            n.id,
+            n.client,
+            n.http,
+            n.config.with_file_name("keel.log").display()
         );
     }
     let ep = endpoints.join(",");
@@ -116,6 +161,17 @@ pub fn run(a: DevArgs) -> Result<i32> {
     println!("  keel kv{flag} put greeting hello");
     println!("  keel kv{flag} get greeting");
     println!("  keel cluster{flag} status");
+    let etcd: Vec<&str> = nodes.iter().filter_map(|n| n.etcd.as_deref()).collect();
+    if !etcd.is_empty() {
+        println!(
+            "  etcdctl --endpoints {} put greeting hello   # the etcd v3 API",
+            etcd.join(",")
+        );
+        println!(
+            "  etcdctl --endpoints {} member list -w table",
+            etcd.join(",")
+        );
+    }
     println!(
         "  kill -9 <pid of the leader>   # pids: {}",
         children

@@ -50,6 +50,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// Benchmarks on local clusters: `echo` (latency vs offered rate) and
+    /// `kv` (Keel vs etcd over the etcd API); results go to BENCHMARKS.md.
+    #[command(subcommand)]
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +145,11 @@ struct ServerArgs {
     /// host:port for /metrics and /status.
     #[arg(long)]
     http_addr: Option<String>,
+    /// host:port to serve the etcd v3 gRPC API on (etcd's own port is 2379),
+    /// so etcdctl and etcd client libraries can use this node. Needs the
+    /// kv service.
+    #[arg(long)]
+    etcd_addr: Option<String>,
     /// Another member: ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR] (repeat for each).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<PeerConfig>,
@@ -224,6 +232,9 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     if let Some(v) = &a.http_addr {
         cfg.http_addr = Some(v.clone());
     }
+    if let Some(v) = &a.etcd_addr {
+        cfg.etcd_addr = Some(v.clone());
+    }
     if !a.peers.is_empty() {
         cfg.peers = a.peers.clone();
     }
@@ -272,7 +283,18 @@ fn run_server(a: ServerArgs) -> Result<()> {
     let cfg = server_config(&a)?;
     let service = make_service(&cfg.service)?;
     let id = cfg.id;
-    let node = keel_node::start(cfg, service).with_context(|| format!("starting node {id}"))?;
+    let etcd = etcd_api(&cfg)?;
+    let node = std::sync::Arc::new(
+        keel_node::start(cfg, service).with_context(|| format!("starting node {id}"))?,
+    );
+    if let Some((addr, api)) = etcd {
+        if let Err(e) = keel_etcd::serve(node.clone(), addr, api) {
+            node.shutdown();
+            let _ = node.wait();
+            bail!("serving the etcd API on {addr}: {e}");
+        }
+        tracing::info!("node {id}: etcd v3 API on {addr}");
+    }
     // SIGTERM / SIGINT: graceful stop (flush and sync storage).
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -292,6 +314,42 @@ fn run_server(a: ServerArgs) -> Result<()> {
     node.shutdown();
     node.wait()?;
     Ok(())
+}
+
+/// Where and how to serve the etcd API, if the configuration asks for it.
+fn etcd_api(cfg: &NodeConfig) -> Result<Option<(std::net::SocketAddr, keel_etcd::ApiConfig)>> {
+    let Some(addr) = &cfg.etcd_addr else {
+        return Ok(None);
+    };
+    if cfg.service != "kv" {
+        bail!(
+            "etcd_addr is set but the service is {:?}: the etcd API needs service = \"kv\"",
+            cfg.service
+        );
+    }
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+        .with_context(|| format!("etcd_addr {addr:?}: expected host:port"))?
+        .next()
+        .with_context(|| format!("etcd_addr {addr:?} resolves to no address"))?;
+    let url = |a: &str| format!("http://{a}");
+    let mut members = vec![keel_etcd::MemberInfo {
+        id: cfg.id,
+        name: format!("node{}", cfg.id),
+        peer_urls: vec![url(&cfg.peer_addr)],
+        client_urls: cfg.etcd_addr.iter().map(|a| url(a)).collect(),
+    }];
+    members.extend(cfg.peers.iter().map(|p| keel_etcd::MemberInfo {
+        id: p.id,
+        name: format!("node{}", p.id),
+        peer_urls: vec![url(&p.peer_addr)],
+        client_urls: p.etcd_addr.iter().map(|a| url(a)).collect(),
+    }));
+    let mut api = keel_etcd::ApiConfig::new(members);
+    // etcd's request limit, or the node's own if that is lower.
+    api.max_request_bytes = cfg
+        .max_request_bytes
+        .min(keel_etcd::DEFAULT_MAX_REQUEST_BYTES);
+    Ok(Some((addr, api)))
 }
 
 fn client(conn: &ConnArgs) -> Result<Client> {

@@ -17,6 +17,8 @@ pub struct TestNode {
     pub id: u64,
     pub client: String,
     pub peer: String,
+    /// Where the node serves the etcd v3 API.
+    pub etcd: String,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub child: Option<Child>,
@@ -45,9 +47,10 @@ impl TestCluster {
     /// `extra`: more TOML lines for every node's config.
     pub fn start(n: u64, extra: &str) -> TestCluster {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let addrs: Vec<(String, String)> = (0..n)
+        let addrs: Vec<(String, String, String)> = (0..n)
             .map(|_| {
                 (
+                    format!("127.0.0.1:{}", free_port()),
                     format!("127.0.0.1:{}", free_port()),
                     format!("127.0.0.1:{}", free_port()),
                 )
@@ -57,16 +60,16 @@ impl TestCluster {
         for id in 1..=n {
             let dir = tmp.path().join(format!("node{id}"));
             std::fs::create_dir_all(&dir).expect("mkdir");
-            let (client, peer) = addrs[(id - 1) as usize].clone();
+            let (client, peer, etcd) = addrs[(id - 1) as usize].clone();
             let mut toml = format!(
-                "id = {id}\ndata_dir = {:?}\npeer_addr = \"{peer}\"\nclient_addr = \"{client}\"\nheartbeat_ms = 50\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}\n",
+                "id = {id}\ndata_dir = {:?}\npeer_addr = \"{peer}\"\nclient_addr = \"{client}\"\netcd_addr = \"{etcd}\"\nheartbeat_ms = 50\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}\n",
                 dir.join("data").display().to_string()
             );
             for pid in 1..=n {
                 if pid != id {
-                    let (pc, pp) = &addrs[(pid - 1) as usize];
+                    let (pc, pp, pe) = &addrs[(pid - 1) as usize];
                     toml.push_str(&format!(
-                        "\n[[peers]]\nid = {pid}\npeer_addr = \"{pp}\"\nclient_addr = \"{pc}\"\n"
+                        "\n[[peers]]\nid = {pid}\npeer_addr = \"{pp}\"\nclient_addr = \"{pc}\"\netcd_addr = \"{pe}\"\n"
                     ));
                 }
             }
@@ -76,6 +79,7 @@ impl TestCluster {
                 id,
                 client,
                 peer,
+                etcd,
                 dir,
                 config,
                 child: None,

@@ -1,0 +1,402 @@
+//! Debian's `etcdctl` 3.4, unmodified, against a 3-node Keel cluster serving
+//! the etcd v3 API: put/get/del with prefixes and ranges, interactive txn
+//! from stdin, watch with a concurrent writer, leases (grant, keep-alive,
+//! time-to-live with keys, revoke, expiry), `lock` and `elect` (built by
+//! etcdctl from leases, txns and watches), member list and endpoint
+//! status/health. Output is checked line by line.
+//!
+//! Needs `etcdctl` (`apt-get install -y etcd-client`, which `.ci/run`
+//! does): with CI=true a missing etcdctl fails the test; elsewhere it is
+//! skipped with a printed reason.
+
+mod common;
+
+use common::TestCluster;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn etcdctl_available() -> bool {
+    let found = Command::new("etcdctl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("etcdctl is not installed: `apt-get install -y etcd-client` (.ci/run does)");
+        }
+        eprintln!("SKIPPED: etcdctl is not installed (apt-get install -y etcd-client)");
+    }
+    found
+}
+
+struct Ctl {
+    endpoints: String,
+}
+
+impl Ctl {
+    fn new(c: &TestCluster) -> Ctl {
+        Ctl {
+            endpoints: c
+                .nodes
+                .iter()
+                .map(|n| n.etcd.clone())
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
+    fn at(endpoint: &str) -> Ctl {
+        Ctl {
+            endpoints: endpoint.to_string(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints))
+            .arg("--command-timeout=15s")
+            .args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn etcdctl");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("etcdctl output")
+    }
+
+    /// Runs etcdctl, asserts success, returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        self.ok_with(args, None)
+    }
+
+    fn ok_with(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run(args, stdin);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// A long-running etcdctl (watch, elect) whose stdout lines arrive on a
+    /// channel.
+    fn stream(&self, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn etcdctl");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
+    }
+}
+
+/// Lines of output, trailing empty ones dropped.
+fn lines(s: &str) -> Vec<&str> {
+    let mut v: Vec<&str> = s.lines().collect();
+    while v.last() == Some(&"") {
+        v.pop();
+    }
+    v
+}
+
+/// Collects `n` lines from a streaming etcdctl, failing after `within`.
+fn take_lines(rx: &mpsc::Receiver<String>, n: usize, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => got.push(l),
+            Err(_) => panic!("expected {n} lines within {within:?}, got {}: {got:?}", got.len()),
+        }
+    }
+    got
+}
+
+/// The header revision etcdctl reports for a write (`-w fields`).
+fn revision_of(fields: &str) -> i64 {
+    fields
+        .lines()
+        .find_map(|l| l.strip_prefix("\"Revision\" : "))
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {fields}"))
+}
+
+fn start() -> Option<(TestCluster, Ctl)> {
+    if !etcdctl_available() {
+        return None;
+    }
+    let c = TestCluster::start(3, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    let ctl = Ctl::new(&c);
+    Some((c, ctl))
+}
+
+#[test]
+fn etcdctl_kv_txn_and_watch() {
+    let Some((_c, ctl)) = start() else { return };
+
+    // Put / get / ranges / prefixes.
+    for (k, v) in [("a", "1"), ("b", "2"), ("c", "3"), ("foo/1", "x"), ("foo/2", "y")] {
+        assert_eq!(lines(&ctl.ok(&["put", k, v])), ["OK"]);
+    }
+    assert_eq!(lines(&ctl.ok(&["get", "a"])), ["a", "1"]);
+    assert_eq!(lines(&ctl.ok(&["get", "a", "c"])), ["a", "1", "b", "2"]);
+    assert_eq!(lines(&ctl.ok(&["get", "foo", "--prefix"])), ["foo/1", "x", "foo/2", "y"]);
+    // etcdctl prints an empty value line after each key.
+    assert_eq!(
+        lines(&ctl.ok(&["get", "foo", "--prefix", "--keys-only"])),
+        ["foo/1", "", "foo/2"]
+    );
+    assert_eq!(
+        lines(&ctl.ok(&["get", "c", "--from-key"])),
+        ["c", "3", "foo/1", "x", "foo/2", "y"]
+    );
+    assert_eq!(
+        lines(&ctl.ok(&["get", "", "--prefix", "--limit=2", "--order=DESCEND", "--sort-by=KEY"])),
+        ["foo/2", "y", "foo/1", "x"]
+    );
+    let fields = ctl.ok(&["get", "foo", "--prefix", "--limit=1", "-w", "fields"]);
+    assert!(
+        fields.contains("\"Count\" : 2") && fields.contains("\"More\" : true"),
+        "{fields}"
+    );
+    assert_eq!(
+        lines(&ctl.ok(&["put", "a", "10", "--prev-kv"])),
+        ["OK", "a", "1"]
+    );
+    assert_eq!(lines(&ctl.ok(&["get", "a", "--print-value-only"])), ["10"]);
+    assert_eq!(lines(&ctl.ok(&["del", "foo", "--prefix"])), ["2"]);
+    assert!(lines(&ctl.ok(&["get", "foo", "--prefix"])).is_empty());
+    assert_eq!(lines(&ctl.ok(&["del", "b", "--prev-kv"])), ["1", "b", "2"]);
+    assert_eq!(lines(&ctl.ok(&["del", "nothing"])), ["0"]);
+
+    // Interactive txn from stdin: compares, blank line, success ops, blank
+    // line, failure ops.
+    let txn = "value(\"a\") = \"10\"\n\nput t yes\nget a\n\nput t no\n\n";
+    assert_eq!(
+        lines(&ctl.ok_with(&["txn", "-i"], Some(txn))),
+        [
+            "compares:",
+            "success requests (get, put, del):",
+            "failure requests (get, put, del):",
+            "SUCCESS",
+            "",
+            "OK",
+            "",
+            "a",
+            "10"
+        ]
+    );
+    let txn = "version(\"a\") > \"5\"\nmod(\"c\") < \"1000\"\n\nput t yes\n\nput t no\n\n";
+    let out = ctl.ok_with(&["txn", "-i"], Some(txn));
+    assert!(lines(&out).ends_with(&["FAILURE", "", "OK"]), "{out}");
+    assert_eq!(lines(&ctl.ok(&["get", "t", "--print-value-only"])), ["no"]);
+
+    // Watch with a concurrent writer. The watch starts at a known revision,
+    // so it sees every write whenever it gets going.
+    let rev = revision_of(&ctl.ok(&["put", "w/start", "0", "-w", "fields"]));
+    let (mut watcher, rx) = ctl.stream(&["watch", "w/", "--prefix", &format!("--rev={}", rev + 1)]);
+    let writer = {
+        let ctl = Ctl {
+            endpoints: ctl.endpoints.clone(),
+        };
+        std::thread::spawn(move || {
+            for i in 0..20 {
+                ctl.ok(&["put", &format!("w/{i}"), &format!("v{i}")]);
+            }
+            ctl.ok(&["del", "w/", "--prefix"]);
+        })
+    };
+    // 20 puts (3 lines each), then 21 deletes (w/start and w/0..w/19).
+    let got = take_lines(&rx, 20 * 3 + 21 * 3, Duration::from_secs(60));
+    writer.join().expect("writer");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    for i in 0..20 {
+        assert_eq!(
+            got[i * 3..i * 3 + 3],
+            ["PUT".to_string(), format!("w/{i}"), format!("v{i}")],
+            "event {i} of {got:?}"
+        );
+    }
+    let mut deleted: Vec<&str> = got[60..]
+        .chunks(3)
+        .map(|e| {
+            assert_eq!(e[0], "DELETE", "{e:?}");
+            assert_eq!(e[2], "", "a delete carries no value: {e:?}");
+            e[1].as_str()
+        })
+        .collect();
+    deleted.sort_unstable();
+    let mut want: Vec<String> = (0..20).map(|i| format!("w/{i}")).collect();
+    want.push("w/start".into());
+    want.sort_unstable();
+    assert_eq!(deleted, want);
+    // Watching from a revision before the writes replays history too.
+    let (mut replay, rx) = ctl.stream(&["watch", "a", &format!("--rev={}", 1)]);
+    let got = take_lines(&rx, 6, Duration::from_secs(20));
+    let _ = replay.kill();
+    let _ = replay.wait();
+    assert_eq!(got, ["PUT", "a", "1", "PUT", "a", "10"]);
+}
+
+#[test]
+fn etcdctl_leases_lock_and_elect() {
+    let Some((_c, ctl)) = start() else { return };
+
+    // Grant, attach, inspect, keep alive, revoke.
+    let out = ctl.ok(&["lease", "grant", "30"]);
+    let id = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("lease id in {out}"))
+        .to_string();
+    assert!(out.contains("granted with TTL(30s)"), "{out}");
+    ctl.ok(&["put", "--lease", &id, "leased/a", "1"]);
+    ctl.ok(&["put", "--lease", &id, "leased/b", "2"]);
+    let ttl = ctl.ok(&["lease", "timetolive", &id, "--keys"]);
+    assert!(
+        ttl.contains("granted with TTL(30s)") && ttl.contains("attached keys([leased/a leased/b])"),
+        "{ttl}"
+    );
+    let list = ctl.ok(&["lease", "list"]);
+    assert!(list.contains(&id), "{list}");
+    let ka = ctl.ok(&["lease", "keep-alive", "--once", &id]);
+    assert!(ka.contains(&format!("lease {id} keepalived with TTL(30)")), "{ka}");
+    let revoked = ctl.ok(&["lease", "revoke", &id]);
+    assert!(revoked.contains("revoked"), "{revoked}");
+    assert!(lines(&ctl.ok(&["get", "leased/", "--prefix"])).is_empty());
+    let gone = ctl.ok(&["lease", "timetolive", &id]);
+    assert!(gone.contains("already expired"), "{gone}");
+
+    // A key attached to a lease that is not kept alive disappears when the
+    // lease expires (driven by the leader-stamped log time).
+    let out = ctl.ok(&["lease", "grant", "2"]);
+    let short = out.split_whitespace().nth(1).expect("lease id").to_string();
+    ctl.ok(&["put", "--lease", &short, "ephemeral", "x"]);
+    assert_eq!(lines(&ctl.ok(&["get", "ephemeral", "--print-value-only"])), ["x"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !lines(&ctl.ok(&["get", "ephemeral"])).is_empty() {
+        assert!(Instant::now() < deadline, "a 2 s lease's key still exists after 15 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // lock: two holders run their critical sections one after the other.
+    let log = tempfile::NamedTempFile::new().expect("temp file");
+    let path = log.path().display().to_string();
+    let section = format!("echo start $$ >> {path}; sleep 0.5; echo end $$ >> {path}");
+    let holders: Vec<Child> = (0..2)
+        .map(|_| {
+            ctl.command(&["lock", "biglock", "--", "sh", "-c", &section])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn etcdctl lock")
+        })
+        .collect();
+    for mut h in holders {
+        assert!(h.wait().expect("lock holder").success());
+    }
+    let record = std::fs::read_to_string(log.path()).expect("lock log");
+    let record: Vec<&str> = record.lines().collect();
+    assert_eq!(record.len(), 4, "{record:?}");
+    for pair in record.chunks(2) {
+        let (s, e) = (pair[0].strip_prefix("start "), pair[1].strip_prefix("end "));
+        assert!(s.is_some() && s == e, "critical sections overlapped: {record:?}");
+    }
+    // The lock is free again.
+    assert_eq!(lines(&ctl.ok(&["lock", "biglock", "echo", "free"])), ["free"]);
+
+    // elect: a campaigner wins and an observer sees its proposal.
+    let (mut campaigner, won) = ctl.stream(&["elect", "election", "proposal-1"]);
+    let got = take_lines(&won, 2, Duration::from_secs(20));
+    assert!(got[0].starts_with("election/"), "{got:?}");
+    assert_eq!(got[1], "proposal-1");
+    let (mut observer, seen) = ctl.stream(&["elect", "-l", "election"]);
+    let got = take_lines(&seen, 2, Duration::from_secs(20));
+    assert_eq!(got[1], "proposal-1", "{got:?}");
+    let _ = observer.kill();
+    let _ = campaigner.kill();
+    let _ = observer.wait();
+    let _ = campaigner.wait();
+}
+
+#[test]
+fn etcdctl_member_list_and_endpoint_status() {
+    let Some((c, ctl)) = start() else { return };
+    let members = ctl.ok(&["member", "list"]);
+    let members = lines(&members);
+    assert_eq!(members.len(), 3, "{members:?}");
+    for (i, n) in c.nodes.iter().enumerate() {
+        // ID (hex), status, name, peer URLs, client URLs, is learner.
+        assert_eq!(
+            members[i],
+            format!(
+                "{:x}, started, node{}, http://{}, http://{}, false",
+                n.id, n.id, n.peer, n.etcd
+            )
+        );
+    }
+
+    let health = ctl.ok(&["endpoint", "health"]);
+    let health = String::from_utf8_lossy(health.as_bytes()).into_owned();
+    // etcdctl prints health to stderr in 3.4; check both streams.
+    let out = ctl.run(&["endpoint", "health"], None);
+    let text = format!("{health}{}", String::from_utf8_lossy(&out.stderr));
+    for n in &c.nodes {
+        assert!(text.contains(&format!("{} is healthy", n.etcd)), "{text}");
+    }
+
+    let status = ctl.ok(&["endpoint", "status"]);
+    let rows = lines(&status);
+    assert_eq!(rows.len(), 3, "{status}");
+    let mut leaders = 0;
+    for row in &rows {
+        // endpoint, id, version, db size, is leader, is learner, term, index, applied, errors
+        let cols: Vec<&str> = row.split(", ").collect();
+        assert_eq!(cols[2], "3.4.30", "{row}");
+        assert_eq!(cols[5], "false", "{row}");
+        if cols[4] == "true" {
+            leaders += 1;
+        }
+    }
+    assert_eq!(leaders, 1, "exactly one leader: {status}");
+
+    // Each endpoint alone answers, and a leadership move is visible.
+    let one = Ctl::at(&c.nodes[0].etcd);
+    assert_eq!(lines(&one.ok(&["put", "x", "1"])), ["OK"]);
+}

@@ -1,7 +1,9 @@
 //! etcd's Cluster service: member list (voters and learners, with their
-//! URLs), and member remove / promote through Keel's one-at-a-time
-//! membership changes. Member add needs an id and addresses known to every
-//! node's configuration, so it is refused with an explanation.
+//! URLs), and member add / remove / promote through Keel's one-at-a-time
+//! membership changes. Keel's members have static ids and addresses, so
+//! member add takes the node whose peer URL every node's `[[peers]]`
+//! already lists: it joins as a learner and, unless `--learner` was asked
+//! for, is then promoted to voter.
 
 use crate::{node_error, Api};
 use keel_core::MembershipChange;
@@ -55,12 +57,56 @@ impl ClusterApi {
 impl Cluster for ClusterApi {
     async fn member_add(
         &self,
-        _r: Request<MemberAddRequest>,
+        r: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(Status::unimplemented(
-            "Keel adds members by node id: list the new node in every node's [[peers]], start it with \
-             join = true, then run `keel cluster add-learner ID` and `keel cluster promote ID`",
-        ))
+        let r = r.into_inner();
+        let wanted: Vec<&str> = r.peer_ur_ls.iter().map(|u| normalize_url(u)).collect();
+        let info = self
+            .0
+            .config
+            .members
+            .iter()
+            .find(|m| {
+                m.peer_urls
+                    .iter()
+                    .any(|u| wanted.contains(&normalize_url(u)))
+            })
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "etcdserver: no node with peer URL {:?} in this node's configuration: Keel's \
+                     members are listed in every node's [[peers]] (id, peer_addr, client_addr) and \
+                     the new node is started with join = true before it is added",
+                    r.peer_ur_ls
+                ))
+            })?
+            .clone();
+        let st = self.0.node.status();
+        if st.voters.contains(&info.id) || st.learners.contains(&info.id) {
+            return Err(Status::failed_precondition(
+                "etcdserver: Peer URLs already exists",
+            ));
+        }
+        self.change(MembershipChange::AddLearner(info.id)).await?;
+        if !r.is_learner {
+            // One change at a time: the promotion waits for the addition.
+            let deadline = tokio::time::Instant::now() + self.0.config.request_timeout;
+            loop {
+                match self.change(MembershipChange::PromoteLearner(info.id)).await {
+                    Ok(_) => break,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!("promoting {} after member add: {e}", info.id);
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let members = self.members();
+        Ok(Response::new(MemberAddResponse {
+            header: self.header(),
+            member: members.iter().find(|m| m.id == info.id).cloned(),
+            members,
+        }))
     }
 
     async fn member_remove(
@@ -106,5 +152,28 @@ impl Cluster for ClusterApi {
             header: self.header(),
             members,
         }))
+    }
+}
+
+/// A URL without its scheme and trailing slash, for comparing addresses.
+fn normalize_url(u: &str) -> &str {
+    let u = u.trim();
+    let u = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"))
+        .unwrap_or(u);
+    u.trim_end_matches('/')
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_compare_without_scheme_or_trailing_slash() {
+        assert_eq!(
+            super::normalize_url("http://127.0.0.1:7201/"),
+            "127.0.0.1:7201"
+        );
+        assert_eq!(super::normalize_url(" 127.0.0.1:7201"), "127.0.0.1:7201");
+        assert_eq!(super::normalize_url("https://h:1"), "h:1");
     }
 }

@@ -1,15 +1,17 @@
 //! etcd's Maintenance service: status (the version string of a compatible
 //! etcd release, leader, raft term and index as Keel's log positions),
 //! alarms (Keel raises none), defragment (nothing to do: the log is
-//! compacted by snapshots), and move-leader (a Keel leadership transfer).
+//! compacted by snapshots), hash / hash-kv (a CRC-32C over the retained
+//! history, equal on every replica at the same revision; not etcd's value),
+//! and move-leader (a Keel leadership transfer; asked of the leader, as in
+//! etcd).
 
 use crate::{node_error, Api};
 use keel_etcd_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_etcd_proto::etcdserverpb::*;
+use keel_kv::{Query, Response as KvResponse};
 use keel_net::codec::{ClientOp, ClientResult};
-
 use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
 /// The etcd release whose API Keel serves (what `etcdctl endpoint status`
@@ -64,8 +66,43 @@ impl Maintenance for MaintenanceApi {
             ClientResult::Ok(_) => Ok(Response::new(MoveLeaderResponse {
                 header: self.0.header(0),
             })),
+            ClientResult::NotLeader { .. } => {
+                Err(Status::failed_precondition("etcdserver: not leader"))
+            }
             ClientResult::Error(m) => Err(Status::failed_precondition(m)),
             other => Err(node_error(other)),
         }
+    }
+
+    async fn hash(&self, _r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let (revision, hash, _) = hash_kv(&self.0, 0).await?;
+        Ok(Response::new(HashResponse {
+            header: self.0.header(revision),
+            hash,
+        }))
+    }
+
+    async fn hash_kv(&self, r: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let (revision, hash, compact_revision) = hash_kv(&self.0, r.into_inner().revision).await?;
+        Ok(Response::new(HashKvResponse {
+            header: self.0.header(revision),
+            hash,
+            compact_revision,
+            hash_revision: 0,
+        }))
+    }
+}
+
+/// This node's hash of the KV history up to `revision` (<= 0: the current
+/// one), like etcd's HashKV a per-member answer: (header revision, hash,
+/// compaction revision).
+async fn hash_kv(api: &Api, revision: i64) -> Result<(i64, u32, i64), Status> {
+    match api.read(&Query::HashKv { revision }, true).await? {
+        KvResponse::HashKv {
+            revision,
+            compact_revision,
+            hash,
+        } => Ok((revision as i64, hash, compact_revision)),
+        other => Err(crate::unexpected(&other)),
     }
 }

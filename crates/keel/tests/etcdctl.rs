@@ -141,7 +141,10 @@ fn take_lines(rx: &mpsc::Receiver<String>, n: usize, within: Duration) -> Vec<St
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(l) => got.push(l),
-            Err(_) => panic!("expected {n} lines within {within:?}, got {}: {got:?}", got.len()),
+            Err(_) => panic!(
+                "expected {n} lines within {within:?}, got {}: {got:?}",
+                got.len()
+            ),
         }
     }
     got
@@ -171,12 +174,21 @@ fn etcdctl_kv_txn_and_watch() {
     let Some((_c, ctl)) = start() else { return };
 
     // Put / get / ranges / prefixes.
-    for (k, v) in [("a", "1"), ("b", "2"), ("c", "3"), ("foo/1", "x"), ("foo/2", "y")] {
+    for (k, v) in [
+        ("a", "1"),
+        ("b", "2"),
+        ("c", "3"),
+        ("foo/1", "x"),
+        ("foo/2", "y"),
+    ] {
         assert_eq!(lines(&ctl.ok(&["put", k, v])), ["OK"]);
     }
     assert_eq!(lines(&ctl.ok(&["get", "a"])), ["a", "1"]);
     assert_eq!(lines(&ctl.ok(&["get", "a", "c"])), ["a", "1", "b", "2"]);
-    assert_eq!(lines(&ctl.ok(&["get", "foo", "--prefix"])), ["foo/1", "x", "foo/2", "y"]);
+    assert_eq!(
+        lines(&ctl.ok(&["get", "foo", "--prefix"])),
+        ["foo/1", "x", "foo/2", "y"]
+    );
     // etcdctl prints an empty value line after each key.
     assert_eq!(
         lines(&ctl.ok(&["get", "foo", "--prefix", "--keys-only"])),
@@ -187,7 +199,14 @@ fn etcdctl_kv_txn_and_watch() {
         ["c", "3", "foo/1", "x", "foo/2", "y"]
     );
     assert_eq!(
-        lines(&ctl.ok(&["get", "", "--prefix", "--limit=2", "--order=DESCEND", "--sort-by=KEY"])),
+        lines(&ctl.ok(&[
+            "get",
+            "",
+            "--prefix",
+            "--limit=2",
+            "--order=DESCEND",
+            "--sort-by=KEY"
+        ])),
         ["foo/2", "y", "foo/1", "x"]
     );
     let fields = ctl.ok(&["get", "foo", "--prefix", "--limit=1", "-w", "fields"]);
@@ -297,7 +316,10 @@ fn etcdctl_leases_lock_and_elect() {
     let list = ctl.ok(&["lease", "list"]);
     assert!(list.contains(&id), "{list}");
     let ka = ctl.ok(&["lease", "keep-alive", "--once", &id]);
-    assert!(ka.contains(&format!("lease {id} keepalived with TTL(30)")), "{ka}");
+    assert!(
+        ka.contains(&format!("lease {id} keepalived with TTL(30)")),
+        "{ka}"
+    );
     let revoked = ctl.ok(&["lease", "revoke", &id]);
     assert!(revoked.contains("revoked"), "{revoked}");
     assert!(lines(&ctl.ok(&["get", "leased/", "--prefix"])).is_empty());
@@ -309,10 +331,16 @@ fn etcdctl_leases_lock_and_elect() {
     let out = ctl.ok(&["lease", "grant", "2"]);
     let short = out.split_whitespace().nth(1).expect("lease id").to_string();
     ctl.ok(&["put", "--lease", &short, "ephemeral", "x"]);
-    assert_eq!(lines(&ctl.ok(&["get", "ephemeral", "--print-value-only"])), ["x"]);
+    assert_eq!(
+        lines(&ctl.ok(&["get", "ephemeral", "--print-value-only"])),
+        ["x"]
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while !lines(&ctl.ok(&["get", "ephemeral"])).is_empty() {
-        assert!(Instant::now() < deadline, "a 2 s lease's key still exists after 15 s");
+        assert!(
+            Instant::now() < deadline,
+            "a 2 s lease's key still exists after 15 s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -336,10 +364,16 @@ fn etcdctl_leases_lock_and_elect() {
     assert_eq!(record.len(), 4, "{record:?}");
     for pair in record.chunks(2) {
         let (s, e) = (pair[0].strip_prefix("start "), pair[1].strip_prefix("end "));
-        assert!(s.is_some() && s == e, "critical sections overlapped: {record:?}");
+        assert!(
+            s.is_some() && s == e,
+            "critical sections overlapped: {record:?}"
+        );
     }
     // The lock is free again.
-    assert_eq!(lines(&ctl.ok(&["lock", "biglock", "echo", "free"])), ["free"]);
+    assert_eq!(
+        lines(&ctl.ok(&["lock", "biglock", "echo", "free"])),
+        ["free"]
+    );
 
     // elect: a campaigner wins and an observer sees its proposal.
     let (mut campaigner, won) = ctl.stream(&["elect", "election", "proposal-1"]);
@@ -396,7 +430,62 @@ fn etcdctl_member_list_and_endpoint_status() {
     }
     assert_eq!(leaders, 1, "exactly one leader: {status}");
 
-    // Each endpoint alone answers, and a leadership move is visible.
+    // Each endpoint alone answers.
     let one = Ctl::at(&c.nodes[0].etcd);
     assert_eq!(lines(&one.ok(&["put", "x", "1"])), ["OK"]);
+
+    // Membership through etcdctl: remove a follower, add it back as a
+    // learner (by its peer URL, which every node's configuration lists),
+    // promote it.
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let f = c.nodes.iter().find(|n| n.id != leader).expect("a follower");
+    let (fid, fpeer) = (f.id, f.peer.clone());
+    let out = one.ok(&["member", "remove", &format!("{fid:x}")]);
+    assert!(out.contains(&format!("Member {fid:>16x} removed")), "{out}");
+    assert_eq!(lines(&one.ok(&["member", "list"])).len(), 2);
+    let out = one.ok(&[
+        "member",
+        "add",
+        &format!("node{fid}"),
+        &format!("--peer-urls=http://{fpeer}"),
+        "--learner",
+    ]);
+    assert!(out.contains(&format!("Member {fid:>16x} added")), "{out}");
+    let list = one.ok(&["member", "list"]);
+    assert!(
+        list.contains(&format!("{fid:x}, started, node{fid}, http://{fpeer}")),
+        "{list}"
+    );
+    assert!(
+        lines(&list)
+            .iter()
+            .any(|l| l.starts_with(&format!("{fid:x},")) && l.ends_with("true")),
+        "{list}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = one.run(&["member", "promote", &format!("{fid:x}")], None);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "promote kept failing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let list = one.ok(&["member", "list"]);
+    assert!(lines(&list).iter().all(|l| l.ends_with("false")), "{list}");
+    // A peer URL no node knows is refused with an explanation.
+    let out = one.run(
+        &["member", "add", "stranger", "--peer-urls=http://10.9.9.9:1"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("configuration"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

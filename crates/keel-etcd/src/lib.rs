@@ -26,6 +26,7 @@ use keel_kv::{Command, Query, Response};
 use keel_net::codec::{ClientOp, ClientResult};
 use keel_node::NodeHandle;
 use std::net::SocketAddr;
+use tokio_stream::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Code, Status};
@@ -160,7 +161,8 @@ pub fn kv_status(e: keel_kv::KvError) -> Status {
     let code = e.code();
     Status::new(
         Code::from(code.grpc_code()),
-        code.etcd_message().map_or_else(|| e.to_string(), str::to_string),
+        code.etcd_message()
+            .map_or_else(|| e.to_string(), str::to_string),
     )
 }
 
@@ -203,18 +205,32 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
     });
     let rt = node.runtime().clone();
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's tcp_nodelay applies only to listeners tonic opens
+    // itself: set it on each accepted connection, or small responses wait
+    // for the peer's delayed ACK (~40 ms) under Nagle's algorithm.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY on an etcd API connection: {e}");
+            }
+        })
+    });
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(
             KvServer::new(kv::KvApi(api.clone()))
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(usize::MAX),
         )
-        .add_service(WatchServer::new(watch::WatchApi(api.clone())).max_decoding_message_size(max_msg))
-        .add_service(LeaseServer::new(lease::LeaseApi(api.clone())).max_decoding_message_size(max_msg))
+        .add_service(
+            WatchServer::new(watch::WatchApi(api.clone())).max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            LeaseServer::new(lease::LeaseApi(api.clone())).max_decoding_message_size(max_msg),
+        )
         .add_service(ClusterServer::new(cluster::ClusterApi(api.clone())))
-        .add_service(MaintenanceServer::new(maintenance::MaintenanceApi(api.clone())))
+        .add_service(MaintenanceServer::new(maintenance::MaintenanceApi(
+            api.clone(),
+        )))
         .serve_with_incoming(incoming);
     rt.spawn(async move {
         if let Err(e) = server.await {

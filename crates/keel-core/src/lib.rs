@@ -17,5 +17,5 @@ pub use node::{
     Action, Config, Event, Node, Proposal, Recovered, RejectReason, Role, Stats, TestingBugs,
     TimerUpdate,
 };
-pub use service::{ApplyOutput, Context, Reply, Service, ServiceHost, SESSIONLESS};
+pub use service::{ApplyOutput, Context, Reply, Service, ServiceHost, SnapshotTask, SESSIONLESS};
 pub use types::*;

@@ -18,6 +18,17 @@ pub trait Service {
     fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String>;
     /// Serialize the whole state.
     fn snapshot(&self) -> Vec<u8>;
+    /// Capture the state now, serialize it later: returns a closure that
+    /// produces exactly the bytes `snapshot` would return now. The runtime
+    /// calls this between entries and runs the closure on a background
+    /// thread, so applying (and replying, and serving reads) goes on while
+    /// the state is serialized. Override it with a cheap consistent clone
+    /// (copy-on-write or persistent data structures) of the state; the
+    /// default serializes at once, which pauses applying for that long.
+    fn prepare_snapshot(&self) -> SnapshotTask {
+        let data = self.snapshot();
+        Box::new(move || data)
+    }
     /// Apply one client command and return its reply.
     fn on_message(&mut self, ctx: &mut Context<'_>, client: ClientId, data: &[u8]) -> Bytes;
     /// Answer a read-only query against the current state (served after a
@@ -37,6 +48,10 @@ pub trait Service {
     }
 }
 
+/// A captured service state that serializes itself when called, on any
+/// thread (see `Service::prepare_snapshot`).
+pub type SnapshotTask = Box<dyn FnOnce() -> Vec<u8> + Send>;
+
 /// Client id of commands without a session: applied every time they appear
 /// in the log, with no duplicate detection (as etcd's own API behaves).
 pub const SESSIONLESS: ClientId = 0;
@@ -48,6 +63,9 @@ impl<S: Service + ?Sized> Service for Box<S> {
     }
     fn snapshot(&self) -> Vec<u8> {
         (**self).snapshot()
+    }
+    fn prepare_snapshot(&self) -> SnapshotTask {
+        (**self).prepare_snapshot()
     }
     fn on_message(&mut self, ctx: &mut Context<'_>, client: ClientId, data: &[u8]) -> Bytes {
         (**self).on_message(ctx, client, data)
@@ -289,27 +307,42 @@ impl<S: Service> ServiceHost<S> {
 
     /// Serializes sessions, timers and the service state.
     pub fn snapshot(&self) -> Bytes {
-        let service = self.service.snapshot();
-        let mut b = Vec::with_capacity(64 + service.len());
-        b.extend_from_slice(&SNAPSHOT_MAGIC);
-        b.extend_from_slice(&self.applied.to_le_bytes());
-        b.extend_from_slice(&self.last_sweep.to_le_bytes());
-        b.extend_from_slice(&(self.sessions.len() as u64).to_le_bytes());
-        for (c, s) in &self.sessions {
-            b.extend_from_slice(&c.to_le_bytes());
-            b.extend_from_slice(&s.last_seq.to_le_bytes());
-            b.extend_from_slice(&s.last_active.to_le_bytes());
-            b.extend_from_slice(&(s.last_reply.len() as u64).to_le_bytes());
-            b.extend_from_slice(&s.last_reply);
-        }
-        b.extend_from_slice(&(self.timers.len() as u64).to_le_bytes());
-        for (id, d) in &self.timers {
-            b.extend_from_slice(&id.to_le_bytes());
-            b.extend_from_slice(&d.to_le_bytes());
-        }
-        b.extend_from_slice(&(service.len() as u64).to_le_bytes());
-        b.extend_from_slice(&service);
-        Bytes::from(b)
+        self.prepare_snapshot()()
+    }
+
+    /// Captures sessions, timers and the service state now (the service
+    /// through `Service::prepare_snapshot`); the returned closure, which may
+    /// run on another thread, serializes them into exactly what `snapshot`
+    /// returns now.
+    pub fn prepare_snapshot(&self) -> Box<dyn FnOnce() -> Bytes + Send> {
+        let service = self.service.prepare_snapshot();
+        let (applied, last_sweep) = (self.applied, self.last_sweep);
+        // Replies are reference-counted `Bytes`: the copy is shallow.
+        let sessions = self.sessions.clone();
+        let timers = self.timers.clone();
+        Box::new(move || {
+            let service = service();
+            let mut b = Vec::with_capacity(64 + service.len());
+            b.extend_from_slice(&SNAPSHOT_MAGIC);
+            b.extend_from_slice(&applied.to_le_bytes());
+            b.extend_from_slice(&last_sweep.to_le_bytes());
+            b.extend_from_slice(&(sessions.len() as u64).to_le_bytes());
+            for (c, s) in &sessions {
+                b.extend_from_slice(&c.to_le_bytes());
+                b.extend_from_slice(&s.last_seq.to_le_bytes());
+                b.extend_from_slice(&s.last_active.to_le_bytes());
+                b.extend_from_slice(&(s.last_reply.len() as u64).to_le_bytes());
+                b.extend_from_slice(&s.last_reply);
+            }
+            b.extend_from_slice(&(timers.len() as u64).to_le_bytes());
+            for (id, d) in &timers {
+                b.extend_from_slice(&id.to_le_bytes());
+                b.extend_from_slice(&d.to_le_bytes());
+            }
+            b.extend_from_slice(&(service.len() as u64).to_le_bytes());
+            b.extend_from_slice(&service);
+            Bytes::from(b)
+        })
     }
 
     /// Replaces all state with a snapshot (an empty snapshot at position 0

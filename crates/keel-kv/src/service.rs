@@ -855,6 +855,20 @@ impl Service for KvService {
         w.finish().to_vec()
     }
 
+    /// A consistent clone of the replicated state, serialized later on the
+    /// runtime's snapshot thread. Keys and values are reference-counted
+    /// `Bytes`, so the clone copies the maps' structure, not the data.
+    fn prepare_snapshot(&self) -> keel_core::SnapshotTask {
+        let copy = KvService {
+            store: self.store.clone(),
+            leases: self.leases.clone(),
+            applied: self.applied,
+            min_lease_ttl: self.min_lease_ttl,
+            pending: Vec::new(),
+        };
+        Box::new(move || copy.snapshot())
+    }
+
     fn on_message(&mut self, ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
         match Command::decode(data) {
             Ok(cmd) => {

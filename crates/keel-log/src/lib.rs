@@ -13,7 +13,7 @@ pub mod thread;
 
 pub use meta::HardStateFile;
 pub use store::{LogStore, Opened, Options, TornTail};
-pub use thread::{Durability, StorageEvent, StorageThread};
+pub use thread::{Durability, SnapshotHandle, StorageEvent, StorageThread};
 
 use std::path::{Path, PathBuf};
 

@@ -164,27 +164,99 @@ pub fn snapshot_file_name(position: Position) -> String {
     format!("snap-{position:020}.snap")
 }
 
-/// Saves a snapshot file, then points the manifest at it, then deletes older
-/// snapshot files. A crash at any point leaves the manifest naming a
-/// complete snapshot.
-pub fn save_snapshot(dir: &Path, s: &Snapshot) -> Result<PathBuf, LogError> {
-    let name = snapshot_file_name(s.meta.position);
-    write_atomic(dir, &name, &encode_snapshot(s))?;
+const STAGED_SUFFIX: &str = ".staged";
+
+/// The position of a `snap-<position>.snap` file name.
+fn snapshot_file_position(name: &str) -> Option<Position> {
+    name.strip_prefix("snap-")?
+        .strip_suffix(".snap")?
+        .parse()
+        .ok()
+}
+
+/// Writes and syncs a snapshot file under a staging name, without
+/// publishing it: `commit_staged_snapshot` does that. Staging is the slow
+/// part (the whole state), so it can run off the storage thread.
+pub fn stage_snapshot(dir: &Path, s: &Snapshot) -> Result<PathBuf, LogError> {
+    let path = dir.join(format!(
+        "{}{STAGED_SUFFIX}",
+        snapshot_file_name(s.meta.position)
+    ));
+    let mut f = File::create(&path).map_err(|e| LogError::io(&path, "creating", e))?;
+    f.write_all(&encode_snapshot(s))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| LogError::io(&path, "writing", e))?;
+    Ok(path)
+}
+
+/// Publishes a staged snapshot file at `position`: renames it into place,
+/// points the manifest at it, then deletes older snapshot files. If the
+/// manifest already names a snapshot at or beyond `position` (one installed
+/// from the leader meanwhile), nothing changes, the staged file is removed,
+/// and the answer is `false`: the manifest never moves backwards. A crash at
+/// any point leaves the manifest naming a complete snapshot.
+pub fn commit_staged_snapshot(
+    dir: &Path,
+    position: Position,
+    staged: &Path,
+) -> Result<bool, LogError> {
+    if manifest_position(dir)?.is_some_and(|m| m >= position) {
+        let _ = fs::remove_file(staged);
+        return Ok(false);
+    }
+    let dst = dir.join(snapshot_file_name(position));
+    fs::rename(staged, &dst).map_err(|e| LogError::io(&dst, "renaming into place", e))?;
+    sync_dir(dir)?;
+    publish(dir, position)?;
+    Ok(true)
+}
+
+/// Points the manifest at the snapshot file at `position` (already durable)
+/// and deletes snapshot files older than it.
+fn publish(dir: &Path, position: Position) -> Result<(), LogError> {
     let mut m = MANIFEST_MAGIC.to_vec();
-    m.extend_from_slice(&s.meta.position.to_le_bytes());
+    m.extend_from_slice(&position.to_le_bytes());
     write_atomic(dir, MANIFEST_FILE, &with_crc(m))?;
     let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
     for entry in entries.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
-        if n.starts_with("snap-") && n != name {
+        if snapshot_file_position(&n).is_some_and(|p| p < position) {
             let _ = fs::remove_file(entry.path());
         }
     }
-    Ok(dir.join(name))
+    Ok(())
 }
 
-/// Loads the snapshot the manifest names; `None` if there is no manifest.
-pub fn load_snapshot(dir: &Path) -> Result<Option<Snapshot>, LogError> {
+/// Saves a snapshot file, then points the manifest at it, then deletes older
+/// snapshot files. A crash at any point leaves the manifest naming a
+/// complete snapshot. A no-op returning `false` if the manifest already
+/// names a snapshot at or beyond this one's position (the newer one is kept).
+pub fn save_snapshot(dir: &Path, s: &Snapshot) -> Result<bool, LogError> {
+    let position = s.meta.position;
+    if manifest_position(dir)?.is_some_and(|m| m >= position) {
+        return Ok(false);
+    }
+    write_atomic(dir, &snapshot_file_name(position), &encode_snapshot(s))?;
+    publish(dir, position)?;
+    Ok(true)
+}
+
+/// Removes what an interrupted write or snapshot save left behind (staged
+/// snapshots and `.tmp` files, never referenced by the manifest). Only
+/// while nothing else writes to the directory (on open).
+pub fn remove_leftovers(dir: &Path) -> Result<(), LogError> {
+    let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
+    for entry in entries.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if n.ends_with(STAGED_SUFFIX) || n.ends_with(".tmp") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// The position the manifest names; `None` if there is no manifest.
+pub fn manifest_position(dir: &Path) -> Result<Option<Position>, LogError> {
     let path = dir.join(MANIFEST_FILE);
     let b = match fs::read(&path) {
         Ok(b) => b,
@@ -192,9 +264,17 @@ pub fn load_snapshot(dir: &Path) -> Result<Option<Snapshot>, LogError> {
         Err(e) => return Err(LogError::io(&path, "reading", e)),
     };
     let p = checked(&path, &b, MANIFEST_MAGIC)?;
-    let position = u64_at(p, 0)
+    u64_at(p, 0)
         .filter(|_| p.len() == 8)
-        .ok_or_else(|| LogError::corrupt(&path, 4, "manifest body is not one position".into()))?;
+        .map(Some)
+        .ok_or_else(|| LogError::corrupt(&path, 4, "manifest body is not one position".into()))
+}
+
+/// Loads the snapshot the manifest names; `None` if there is no manifest.
+pub fn load_snapshot(dir: &Path) -> Result<Option<Snapshot>, LogError> {
+    let Some(position) = manifest_position(dir)? else {
+        return Ok(None);
+    };
     let snap_path = dir.join(snapshot_file_name(position));
     let b = fs::read(&snap_path)
         .map_err(|e| LogError::io(&snap_path, "reading the snapshot the manifest names", e))?;

@@ -6,10 +6,11 @@
 //!
 //! Recovery rules: a torn tail in the last segment (a frame cut short by
 //! the end of the file, or one overlapping a whole all-zero disk sector, as
-//! an interrupted write leaves it) is cut back to the last valid frame. Any
-//! other damage — a bad checksum, a truncated frame in a sealed segment, a
-//! missing segment, a gap — refuses to open with an error naming the file
-//! and offset.
+//! an interrupted write leaves it, with no valid frame header anywhere after
+//! it) is cut back to the last valid frame. Any other damage — a bad
+//! checksum, a truncated frame in a sealed segment, zeroed sectors followed
+//! by valid frames, a missing segment, a gap — refuses to open with an error
+//! naming the file and offset.
 
 use crate::frame::{self, HEADER_LEN};
 use crate::meta::{self, HardStateFile};
@@ -100,6 +101,20 @@ fn open_for_append(seg: &Segment) -> Result<File, LogError> {
         .map_err(|e| LogError::io(&seg.path, "opening segment for append", e))
 }
 
+/// How the damaged frame at the end of the valid prefix looks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Damage {
+    /// Like corruption: refuse to open.
+    Corrupt,
+    /// The file ends inside the frame (its header intact, or not even
+    /// complete): an interrupted write.
+    CutShort,
+    /// A whole disk sector overlapping the frame is all zero: an
+    /// interrupted write, unless valid frames follow (checked separately).
+    /// `next`: where the next frame would start if the header is intact.
+    ZeroSector { next: Option<usize> },
+}
+
 /// Does the damaged frame at `off` look like an interrupted write rather
 /// than corruption? `data` is the whole segment file. An interrupted write
 /// leaves the file short (the kernel stops a write at a page boundary when
@@ -107,35 +122,52 @@ fn open_for_append(seg: &Segment) -> Result<File, LogError> {
 /// does neither. So: the file ends inside the frame (its header intact, or
 /// not even complete), or a whole disk sector overlapping the frame is
 /// entirely zero.
-fn looks_torn(data: &[u8], off: usize) -> bool {
+fn classify(data: &[u8], off: usize) -> Damage {
     if data.len() - off < HEADER_LEN {
-        return true;
+        return Damage::CutShort;
     }
-    let end = match frame::decode_header(&data[off..]) {
+    let (end, next) = match frame::decode_header(&data[off..]) {
         Ok(len) => {
             let end = off.saturating_add(HEADER_LEN + len);
             if end > data.len() {
-                return true; // a valid header whose frame the file cuts short
+                return Damage::CutShort; // a valid header whose frame the file cuts short
             }
-            end
+            (end, Some(end))
         }
-        Err(_) => off + HEADER_LEN,
+        Err(_) => (off + HEADER_LEN, None),
     };
     let sector = SECTOR as usize;
     let mut s = off / sector * sector;
     while s < end && s + sector <= data.len() {
         if data[s..s + sector].iter().all(|&b| b == 0) {
-            return true;
+            return Damage::ZeroSector { next };
         }
         s += sector;
     }
-    false
+    Damage::Corrupt
+}
+
+/// The first offset at or after `from` holding a valid frame header, if
+/// any. Unwritten sectors never do; a valid header after a damaged frame
+/// means the damage is in the middle of the log, not a torn tail.
+fn valid_header_at_or_after(data: &[u8], from: usize) -> Option<usize> {
+    let last = data.len().checked_sub(HEADER_LEN)?;
+    (from..=last).find(|&at| {
+        let h = &data[at..at + HEADER_LEN];
+        // Cheap filters before the checksum: reserved bytes zero, a known
+        // kind, and not an all-zero header (whose checksum never matches).
+        h[25..28] == [0, 0, 0]
+            && h[24] <= 4
+            && h.iter().any(|&b| b != 0)
+            && frame::decode_header(h).is_ok()
+    })
 }
 
 impl LogStore {
     /// Opens (or creates) the data directory and recovers its contents.
     pub fn open(dir: &Path, opts: Options) -> Result<Opened, LogError> {
         fs::create_dir_all(dir).map_err(|e| LogError::io(dir, "creating data directory", e))?;
+        meta::remove_leftovers(dir)?;
         let hard_state = meta::load_hard_state(dir)?;
         let snapshot = meta::load_snapshot(dir)?;
         let (snap_pos, snap_term) = snapshot
@@ -200,7 +232,26 @@ impl LogStore {
                     Ok(None) => "frame cut short by the end of the file".to_string(),
                     Err(fe) => fe.to_string(),
                 };
-                if last && looks_torn(&data, off) {
+                let is_torn = match (last, classify(&data, off)) {
+                    (false, _) | (_, Damage::Corrupt) => false,
+                    (true, Damage::CutShort) => true,
+                    (true, Damage::ZeroSector { next }) => {
+                        let from = next.unwrap_or(off + 1);
+                        if let Some(at) = valid_header_at_or_after(&data, from) {
+                            return Err(LogError::corrupt(
+                                &seg.path,
+                                off as u64,
+                                format!(
+                                    "{damage}, over an all-zero sector, but a valid frame \
+                                     header follows at offset {at}: not a torn tail (the \
+                                     entries after it would be lost)"
+                                ),
+                            ));
+                        }
+                        true
+                    }
+                };
+                if is_torn {
                     torn = Some(TornTail {
                         path: seg.path.clone(),
                         offset: off as u64,
@@ -396,6 +447,23 @@ impl LogStore {
         Ok(())
     }
 
+    /// Publishes a snapshot staged with `meta::stage_snapshot` (unless the
+    /// manifest already names one at or beyond it) and then deletes whole
+    /// segments it covers up to `compact_upto`. Returns whether it was
+    /// published.
+    pub fn commit_snapshot(
+        &mut self,
+        position: Position,
+        staged: &Path,
+        compact_upto: Position,
+    ) -> Result<bool, LogError> {
+        let published = meta::commit_staged_snapshot(&self.dir, position, staged)?;
+        if published {
+            self.compact(compact_upto.min(position))?;
+        }
+        Ok(published)
+    }
+
     /// Deletes whole segments that end at or before `upto` (covered by a
     /// durable snapshot). The active segment is never deleted.
     pub fn compact(&mut self, upto: Position) -> Result<(), LogError> {
@@ -439,6 +507,7 @@ impl LogStore {
     /// Persists a snapshot and reconciles the log with it as the core's
     /// `InstallSnapshot` requires: keep the suffix if the log holds the
     /// snapshot's last entry, else start over at the snapshot position.
+    /// (The manifest never moves backwards: see `meta::save_snapshot`.)
     pub fn install_snapshot(&mut self, s: &Snapshot) -> Result<(), LogError> {
         self.flush_buf()?;
         self.sync()?;

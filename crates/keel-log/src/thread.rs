@@ -1,12 +1,14 @@
-//! The storage thread: takes appends, truncations and compactions in order
-//! from a queue, writes everything queued as one batch, syncs once per batch
-//! (group commit) and reports the durable position back. Any I/O error stops
-//! the thread and is reported: the node must stop rather than run with
-//! unknown state.
+//! The storage thread: takes appends, truncations, compactions, snapshot
+//! installs and snapshot publications in order from a queue, writes
+//! everything queued as one batch, syncs once per batch (group commit) and
+//! reports the durable position back. Any I/O error stops the thread and is
+//! reported: the node must stop rather than run with unknown state.
 
 use crate::{LogError, LogStore};
 use keel_core::{Entry, Position, Snapshot, Term};
-use std::sync::mpsc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,12 +43,19 @@ enum Request {
     Truncate(Position),
     Compact(Position),
     InstallSnapshot(Box<Snapshot>, mpsc::Sender<Result<(), LogError>>),
+    CommitSnapshot {
+        position: Position,
+        staged: PathBuf,
+        compact_upto: Position,
+    },
     Barrier(mpsc::Sender<()>),
 }
 
 pub struct StorageThread {
     tx: Option<mpsc::Sender<Request>>,
     handle: Option<JoinHandle<Result<(), LogError>>>,
+    /// Requests sent and not yet taken by the thread.
+    queued: Arc<AtomicUsize>,
 }
 
 impl StorageThread {
@@ -56,24 +65,37 @@ impl StorageThread {
         report: impl FnMut(StorageEvent) + Send + 'static,
     ) -> Result<Self, LogError> {
         let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = queued.clone();
         let handle = std::thread::Builder::new()
             .name("keel-storage".into())
-            .spawn(move || run(store, durability, rx, report))
+            .spawn(move || run(store, durability, rx, &q, report))
             .map_err(|e| {
                 LogError::io(std::path::Path::new("."), "spawning the storage thread", e)
             })?;
         Ok(StorageThread {
             tx: Some(tx),
             handle: Some(handle),
+            queued,
         })
     }
 
     fn send(&self, r: Request) -> Result<(), LogError> {
-        self.tx
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self
+            .tx
             .as_ref()
-            .ok_or(LogError::Stopped)?
-            .send(r)
-            .map_err(|_| LogError::Stopped)
+            .ok_or(LogError::Stopped)
+            .and_then(|tx| tx.send(r).map_err(|_| LogError::Stopped));
+        if sent.is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// Requests queued for the thread and not yet taken (a gauge).
+    pub fn queue_len(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     pub fn append(&self, entries: Vec<Entry>) -> Result<(), LogError> {
@@ -91,6 +113,32 @@ impl StorageThread {
         let (tx, rx) = mpsc::channel();
         self.send(Request::InstallSnapshot(Box::new(s), tx))?;
         rx.recv().map_err(|_| LogError::Stopped)?
+    }
+    /// Publishes a snapshot staged with `meta::stage_snapshot`, in order
+    /// with the other requests, then compacts the log up to `compact_upto`.
+    /// Ignored (the staged file removed) if the manifest already names a
+    /// snapshot at or beyond `position`, e.g. one installed meanwhile from
+    /// the leader: snapshots go through this thread so that the manifest
+    /// never moves backwards.
+    pub fn commit_snapshot(
+        &self,
+        position: Position,
+        staged: PathBuf,
+        compact_upto: Position,
+    ) -> Result<(), LogError> {
+        self.send(Request::CommitSnapshot {
+            position,
+            staged,
+            compact_upto,
+        })
+    }
+    /// A handle another thread can publish snapshots through. The thread
+    /// stops (on `shutdown` or drop) only once every handle is dropped too.
+    pub fn snapshot_handle(&self) -> Result<SnapshotHandle, LogError> {
+        Ok(SnapshotHandle {
+            tx: self.tx.clone().ok_or(LogError::Stopped)?,
+            queued: self.queued.clone(),
+        })
     }
     /// Waits until everything sent before is written and synced.
     pub fn barrier(&self) -> Result<(), LogError> {
@@ -111,6 +159,35 @@ impl StorageThread {
     }
 }
 
+/// Publishes snapshots through the storage thread from another thread (see
+/// `StorageThread::commit_snapshot`).
+#[derive(Clone)]
+pub struct SnapshotHandle {
+    tx: mpsc::Sender<Request>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl SnapshotHandle {
+    /// As `StorageThread::commit_snapshot`.
+    pub fn commit_snapshot(
+        &self,
+        position: Position,
+        staged: PathBuf,
+        compact_upto: Position,
+    ) -> Result<(), LogError> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let r = Request::CommitSnapshot {
+            position,
+            staged,
+            compact_upto,
+        };
+        self.tx.send(r).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            LogError::Stopped
+        })
+    }
+}
+
 impl Drop for StorageThread {
     fn drop(&mut self) {
         let _ = self.stop();
@@ -121,9 +198,10 @@ fn run(
     mut store: LogStore,
     durability: Durability,
     rx: mpsc::Receiver<Request>,
+    queued: &AtomicUsize,
     mut report: impl FnMut(StorageEvent),
 ) -> Result<(), LogError> {
-    match serve(&mut store, durability, &rx, &mut report).and_then(|_| store.sync()) {
+    match serve(&mut store, durability, &rx, queued, &mut report).and_then(|_| store.sync()) {
         Ok(()) => Ok(()),
         Err(e) => {
             let msg = e.to_string();
@@ -137,6 +215,7 @@ fn serve(
     store: &mut LogStore,
     durability: Durability,
     rx: &mpsc::Receiver<Request>,
+    queued: &AtomicUsize,
     report: &mut impl FnMut(StorageEvent),
 ) -> Result<(), LogError> {
     let mut last_sync = Instant::now();
@@ -168,6 +247,7 @@ fn serve(
                 Err(_) => break,
             }
         }
+        queued.fetch_sub(batch.len(), Ordering::Relaxed);
         let mut barriers = Vec::new();
         for r in batch {
             match r {
@@ -184,6 +264,13 @@ fn serve(
                     if let Some(e) = failed {
                         return Err(e);
                     }
+                }
+                Request::CommitSnapshot {
+                    position,
+                    staged,
+                    compact_upto,
+                } => {
+                    store.commit_snapshot(position, &staged, compact_upto)?;
                 }
                 Request::Barrier(reply) => barriers.push(reply),
             }

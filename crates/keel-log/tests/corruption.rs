@@ -645,3 +645,106 @@ fn frame_cut_short_after_its_header_is_cut_as_a_torn_tail() {
         })
     );
 }
+
+/// A single-segment log of `n` entries with non-zero data; returns the
+/// entries and the segment's path.
+fn one_segment_log(dir: &Path, n: usize) -> (Vec<Entry>, std::path::PathBuf) {
+    let mut rng = Rng::new(0x5EC7);
+    let mut store = LogStore::open(dir, Options::default()).expect("open").store;
+    let mut all: Vec<Entry> = Vec::new();
+    for i in 0..n {
+        let position = all.last().map_or(0, Entry::end);
+        all.push(Entry {
+            term: 1,
+            position,
+            timestamp: position,
+            kind: EntryKind::Command {
+                client: 3,
+                seq: i as u64,
+            },
+            data: nonzero_bytes(&mut rng, 150 + (i * 37) % 200),
+        });
+    }
+    store.append(&all).expect("append");
+    store.sync().expect("sync");
+    drop(store);
+    (all, dir.join(format!("{:020}.seg", 0)))
+}
+
+fn zero(path: &Path, from: u64, len: u64) {
+    let mut b = fs::read(path).expect("read");
+    b[from as usize..(from + len) as usize].fill(0);
+    fs::write(path, b).expect("write");
+}
+
+/// An all-zero sector in the middle of the last segment, with valid frames
+/// after it, is not a torn tail: cutting there would silently drop those
+/// entries. Recovery refuses, naming the file and the damaged frame.
+#[test]
+fn a_zeroed_sector_in_the_middle_of_the_last_segment_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (all, seg) = one_segment_log(dir.path(), 120);
+    let len = all.last().map_or(0, Entry::end);
+    let sector = 16 * 512;
+    assert!(sector + 4 * 512 < len, "the log is too short: {len}");
+    zero(&seg, sector, 512);
+    let damaged = all
+        .iter()
+        .find(|e| e.end() > sector)
+        .expect("a frame over the sector");
+    let err = match LogStore::open(dir.path(), Options::default()) {
+        Ok(o) => panic!(
+            "opened with {} entries (torn {:?}) despite valid frames after the zeroed sector",
+            o.entries.len(),
+            o.torn
+        ),
+        Err(e) => e,
+    };
+    match &err {
+        LogError::Corrupt { path, offset, .. } => {
+            assert_eq!(path, &seg);
+            assert_eq!(*offset, damaged.position);
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains(&seg.display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&format!("offset {}", damaged.position)),
+        "{msg}"
+    );
+    assert!(msg.contains("valid frame header follows"), "{msg}");
+    // Refused without changing anything: the segment was not cut.
+    assert_eq!(fs::metadata(&seg).expect("metadata").len(), len);
+}
+
+/// The same sector zeroed through the end of the file (what an interrupted
+/// write can leave: the file grew but its last sectors were never written)
+/// is a torn tail: recovery keeps the frames before it.
+#[test]
+fn zeroed_sectors_through_the_end_of_the_last_segment_are_a_torn_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (all, seg) = one_segment_log(dir.path(), 120);
+    let len = all.last().map_or(0, Entry::end);
+    let sector = 16 * 512;
+    zero(&seg, sector, len - sector);
+    let damaged = all
+        .iter()
+        .find(|e| e.end() > sector)
+        .expect("a frame over the sector");
+    let o = LogStore::open(dir.path(), Options::default()).expect("a torn tail is cut");
+    let kept: Vec<Entry> = all
+        .iter()
+        .filter(|e| e.end() <= damaged.position)
+        .cloned()
+        .collect();
+    assert_eq!(o.entries, kept);
+    assert_eq!(
+        o.torn,
+        Some(TornTail {
+            path: seg,
+            offset: damaged.position,
+            discarded_bytes: len - damaged.position,
+        })
+    );
+}

@@ -304,3 +304,124 @@ fn a_write_error_stops_the_storage_thread_and_is_reported() {
     assert!(matches!(failed, LogError::Io { .. }), "{failed}");
     assert!(t.append(vec![entry(1, pos, 1)]).is_err() || t.barrier().is_err());
 }
+
+fn snapshot_at(position: Position, term: Term, data: &'static [u8]) -> Snapshot {
+    Snapshot {
+        meta: SnapshotMeta {
+            position,
+            term,
+            timestamp: position,
+            membership: Membership::new([1, 2, 3]),
+        },
+        data: Bytes::from_static(data),
+    }
+}
+
+fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snap-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Saving an older snapshot after a newer one was installed keeps the newer
+/// one: the manifest never moves backwards, and the newer file stays.
+#[test]
+fn saving_an_older_snapshot_never_moves_the_manifest_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    let mut pos = 0;
+    for _ in 0..20 {
+        let e = entry(1, pos, 100);
+        pos = e.end();
+        store.append(&[e]).expect("append");
+    }
+    store.sync().expect("sync");
+    let p2 = snapshot_at(50_000, 3, b"leader state");
+    store.install_snapshot(&p2).expect("install P2");
+    let p1 = snapshot_at(pos / 2, 1, b"own state");
+    assert!(!meta::save_snapshot(dir.path(), &p1).expect("save P1"));
+    assert_eq!(
+        snapshot_files(dir.path()),
+        vec![meta::snapshot_file_name(50_000)]
+    );
+    drop(store);
+    let o = LogStore::open(dir.path(), Options::default()).expect("restart");
+    assert_eq!(o.snapshot, Some(p2));
+    assert!(o.entries.is_empty());
+    assert_eq!(o.store.last_pos(), 50_000);
+}
+
+/// The race the runtime had: a follower stages its own snapshot P1 (the
+/// background writer), the leader's snapshot P2 is installed by the storage
+/// thread, then P1 is committed. Through the storage thread the commit comes
+/// after the install and is ignored; the node restarts with P2 and its log.
+#[test]
+fn an_own_snapshot_committed_after_an_install_is_ignored_and_restart_works() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    let t = StorageThread::spawn(store, Durability::Sync, |_| {}).expect("spawn");
+    let mut pos = 0;
+    for _ in 0..20 {
+        let e = entry(1, pos, 100);
+        pos = e.end();
+        t.append(vec![e]).expect("append");
+    }
+    t.barrier().expect("barrier");
+    let p1 = snapshot_at(pos / 2, 1, b"own state");
+    let staged = meta::stage_snapshot(dir.path(), &p1).expect("stage P1");
+    let p2 = snapshot_at(50_000, 3, b"leader state");
+    t.install_snapshot(p2.clone()).expect("install P2");
+    t.commit_snapshot(p1.meta.position, staged, p1.meta.position)
+        .expect("commit P1");
+    let next = entry(3, 50_000, 10);
+    t.append(vec![next.clone()]).expect("append after install");
+    t.barrier().expect("barrier");
+    assert_eq!(t.queue_len(), 0);
+    t.shutdown().expect("shutdown");
+    assert_eq!(
+        snapshot_files(dir.path()),
+        vec![meta::snapshot_file_name(50_000)],
+        "the staged older snapshot is removed, the installed one kept"
+    );
+    let o = LogStore::open(dir.path(), Options::default()).expect("restart");
+    assert_eq!(o.snapshot, Some(p2.clone()));
+    assert_eq!(o.entries, vec![next.clone()]);
+    drop(o);
+    // And the other order: a newer own snapshot is published and compacts.
+    let store = LogStore::open(dir.path(), Options::default())
+        .expect("reopen")
+        .store;
+    let t = StorageThread::spawn(store, Durability::Sync, |_| {}).expect("spawn");
+    let p3 = snapshot_at(next.end(), 3, b"newer own state");
+    let staged = meta::stage_snapshot(dir.path(), &p3).expect("stage P3");
+    t.commit_snapshot(p3.meta.position, staged, p3.meta.position)
+        .expect("commit P3");
+    t.shutdown().expect("shutdown");
+    assert_eq!(
+        snapshot_files(dir.path()),
+        vec![meta::snapshot_file_name(next.end())]
+    );
+    let o = LogStore::open(dir.path(), Options::default()).expect("restart");
+    assert_eq!(o.snapshot, Some(p3));
+}
+
+/// A staged snapshot left by a crash is never loaded and is cleaned up.
+#[test]
+fn a_staged_snapshot_left_by_a_crash_is_removed_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(LogStore::open(dir.path(), Options::default()).expect("open"));
+    let staged = meta::stage_snapshot(dir.path(), &snapshot_at(900, 1, b"x")).expect("stage");
+    assert!(staged.exists());
+    let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+    assert!(o.snapshot.is_none());
+    assert!(!staged.exists());
+}

@@ -1,6 +1,8 @@
 //! Prometheus metrics of one node (`prometheus-client`): role, term,
-//! positions, leader changes, busy rejections, queue depth, and a commit
-//! latency histogram (request accepted by the leader → reply).
+//! positions, elections started and won, snapshots taken and installed,
+//! busy rejections, the depths of the consensus, service and storage
+//! queues, and a commit latency histogram (request accepted by the leader →
+//! reply).
 
 use keel_net::codec::NodeStatus;
 use prometheus_client::encoding::text::encode;
@@ -19,7 +21,12 @@ pub struct Metrics {
     pub commit: Gauge,
     pub applied: Gauge,
     pub queue_depth: Gauge,
+    pub service_queue_depth: Gauge,
+    pub storage_queue_depth: Gauge,
     pub leader_changes: Counter,
+    pub elections_started: Counter,
+    pub snapshots_taken: Counter,
+    pub snapshots_installed: Counter,
     pub busy: Counter,
     pub commit_latency: Histogram,
     pub peer_messages_dropped: Gauge<u64, AtomicU64>,
@@ -43,7 +50,12 @@ impl Metrics {
             commit: Gauge::default(),
             applied: Gauge::default(),
             queue_depth: Gauge::default(),
+            service_queue_depth: Gauge::default(),
+            storage_queue_depth: Gauge::default(),
             leader_changes: Counter::default(),
+            elections_started: Counter::default(),
+            snapshots_taken: Counter::default(),
+            snapshots_installed: Counter::default(),
             busy: Counter::default(),
             commit_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             peer_messages_dropped: Gauge::default(),
@@ -80,6 +92,31 @@ impl Metrics {
             "queue_depth",
             "requests and peer messages waiting for the consensus thread",
             m.queue_depth.clone(),
+        );
+        registry.register(
+            "service_queue_depth",
+            "committed entries, reads and replies waiting for the service thread",
+            m.service_queue_depth.clone(),
+        );
+        registry.register(
+            "storage_queue_depth",
+            "appends and other requests waiting for the storage thread",
+            m.storage_queue_depth.clone(),
+        );
+        registry.register(
+            "elections_started",
+            "elections this node started as a candidate (after winning a pre-vote)",
+            m.elections_started.clone(),
+        );
+        registry.register(
+            "snapshots_taken",
+            "snapshots of the service state this node took",
+            m.snapshots_taken.clone(),
+        );
+        registry.register(
+            "snapshots_installed",
+            "snapshots received from the leader and installed",
+            m.snapshots_installed.clone(),
         );
         registry.register(
             "leader_elections_won",

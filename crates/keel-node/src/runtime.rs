@@ -3,8 +3,16 @@
 //! completions go through it in order), the storage thread (keel-log group
 //! commit), the service thread (applies committed entries, serves reads,
 //! replies — only on the node that accepted the request as leader), a
-//! snapshot writer thread, and the tokio transport. Backpressure: client
-//! requests beyond the queue depth are answered "busy" at once.
+//! snapshot thread, and the tokio transport. Backpressure: client requests
+//! beyond the queue depth are answered "busy" at once.
+//!
+//! Snapshots: the service thread captures the state between entries
+//! (`ServiceHost::prepare_snapshot`, a consistent clone for services that
+//! provide one) and goes on applying; the snapshot thread serializes it and
+//! hands it to the core, which compacts its in-memory log; the snapshot
+//! thread then writes the file, and the storage thread publishes it (the
+//! manifest) and compacts the segments, in order with snapshot installs
+//! from the leader, so the manifest never moves backwards.
 
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
@@ -60,6 +68,19 @@ enum Internal {
     },
     Fatal(String),
     Shutdown,
+}
+
+/// Work for the snapshot thread.
+enum SnapshotJob {
+    /// Serialize the service state captured at applied position `position`
+    /// and hand it to the consensus thread.
+    Serialize {
+        position: Position,
+        task: Box<dyn FnOnce() -> Bytes + Send>,
+    },
+    /// Write the core's snapshot file and let storage publish it and
+    /// compact the log up to `upto`.
+    Write(Snapshot, Position),
 }
 
 /// Events into the consensus thread from the network (bounded).
@@ -400,20 +421,37 @@ pub fn start_with(
         })?;
     }
 
-    // Snapshot writer: persists a snapshot, then lets storage compact.
-    let (snap_tx, snap_rx) = unbounded::<(Snapshot, Position)>();
+    // Snapshot thread: serializes captured service states, and writes
+    // snapshot files that the storage thread then publishes in order.
+    let (snap_tx, snap_rx) = unbounded::<SnapshotJob>();
+    let snapshot_busy = Arc::new(AtomicBool::new(false));
     let cfg_id = cfg.id;
     let snapshot_writer = {
-        let (dir, storage, tx) = (dir.clone(), storage.clone(), internal_tx.clone());
+        let (dir, tx) = (dir.clone(), internal_tx.clone());
+        // A handle, not the thread: the consensus thread alone stops storage.
+        let storage = storage.snapshot_handle()?;
+        let (busy, metrics) = (snapshot_busy.clone(), metrics.clone());
         std::thread::Builder::new()
             .name("keel-snapshot".into())
             .spawn(move || {
                 let _s = tracing::info_span!("node", id = cfg_id).entered();
-                for (s, upto) in snap_rx {
-                    let r = meta::save_snapshot(&dir, &s).and_then(|_| storage.compact(upto));
-                    if let Err(e) = r {
-                        let _ = tx.send(Internal::Fatal(format!("saving snapshot: {e}")));
-                        return;
+                for job in snap_rx {
+                    match job {
+                        SnapshotJob::Serialize { position, task } => {
+                            let data = task();
+                            busy.store(false, Ordering::Release);
+                            metrics.snapshots_taken.inc();
+                            let _ = tx.send(Internal::SnapshotTaken { position, data });
+                        }
+                        SnapshotJob::Write(s, upto) => {
+                            let r = meta::stage_snapshot(&dir, &s).and_then(|staged| {
+                                storage.commit_snapshot(s.meta.position, staged, upto)
+                            });
+                            if let Err(e) = r {
+                                let _ = tx.send(Internal::Fatal(format!("saving snapshot: {e}")));
+                                return;
+                            }
+                        }
                     }
                 }
             })
@@ -427,11 +465,17 @@ pub fn start_with(
         let metrics = metrics.clone();
         let applied_from = snapshot.meta.position;
         let notify = notify_tx.clone();
+        let snapshots = SnapshotSink {
+            every,
+            last: applied_from,
+            jobs: snap_tx.clone(),
+            busy: snapshot_busy,
+        };
         std::thread::Builder::new()
             .name("keel-service".into())
             .spawn(move || {
                 let _s = tracing::info_span!("node", id = cfg_id).entered();
-                service_loop(host, service_rx, tx, every, applied_from, metrics, notify)
+                service_loop(host, service_rx, tx, snapshots, metrics, notify)
             })
             .map_err(|e| NodeError::Start(e.to_string()))?
     };
@@ -455,6 +499,7 @@ pub fn start_with(
         snapshots: snap_tx,
         pending: HashMap::new(),
         next_id: 1,
+        elections_seen: 0,
         bootstrap: hard.membership.clone(),
         status: status.clone(),
         metrics: metrics.clone(),
@@ -526,10 +571,12 @@ struct Consensus {
     storage: Arc<StorageThread>,
     peers: Box<dyn PeerSender>,
     service: Sender<ServiceInput>,
-    snapshots: Sender<(Snapshot, Position)>,
+    snapshots: Sender<SnapshotJob>,
     /// Requests the core may still answer (reject, read-ready), by core id.
     pending: HashMap<u64, PendingRequest>,
     next_id: u64,
+    /// Elections started, as last exported to the metrics.
+    elections_seen: u64,
     bootstrap: keel_core::Membership,
     status: Arc<Mutex<NodeStatus>>,
     metrics: Arc<Metrics>,
@@ -582,6 +629,12 @@ impl Consensus {
                 self.step(Event::Tick)?;
             }
             self.metrics.queue_depth.set(external.len() as i64);
+            self.metrics
+                .service_queue_depth
+                .set(self.service.len() as i64);
+            self.metrics
+                .storage_queue_depth
+                .set(self.storage.queue_len() as i64);
             self.publish_status();
         }
     }
@@ -760,7 +813,7 @@ impl Consensus {
             Action::Truncate { from } => self.storage.truncate(from).map_err(|e| e.to_string())?,
             Action::CompactLog { upto } => {
                 if let Some(s) = self.node.snapshot() {
-                    let _ = self.snapshots.send((s.clone(), upto));
+                    let _ = self.snapshots.send(SnapshotJob::Write(s.clone(), upto));
                 }
             }
             Action::Send(m) => self.peers.send(m),
@@ -771,6 +824,11 @@ impl Consensus {
                 self.storage
                     .install_snapshot(s.clone())
                     .map_err(|e| format!("installing snapshot: {e}"))?;
+                self.metrics.snapshots_installed.inc();
+                info!(
+                    "node {} installed a snapshot at {} (term {})",
+                    self.cfg.id, s.meta.position, s.meta.term
+                );
                 let _ = self.service.send(ServiceInput::Restore(Box::new(s)));
             }
             Action::ReadReady { id, index } => {
@@ -817,7 +875,7 @@ impl Consensus {
         Ok(())
     }
 
-    fn publish_status(&self) {
+    fn publish_status(&mut self) {
         let n = &self.node;
         let m = n.membership();
         let s = NodeStatus {
@@ -834,6 +892,13 @@ impl Consensus {
             followers: n.follower_progress(),
         };
         self.metrics.observe(&s);
+        let elections = n.stats().elections_started;
+        if elections > self.elections_seen {
+            self.metrics
+                .elections_started
+                .inc_by(elections - self.elections_seen);
+        }
+        self.elections_seen = elections;
         if let Ok(mut st) = self.status.lock() {
             *st = s;
         }
@@ -850,12 +915,40 @@ struct AwaitingWrite {
     since: Instant,
 }
 
+/// When and where the service thread hands off snapshots.
+struct SnapshotSink {
+    /// Take one after this many bytes of log were applied.
+    every: u64,
+    /// Applied position of the last one taken (or restored).
+    last: Position,
+    jobs: Sender<SnapshotJob>,
+    /// A captured state is still being serialized: take no other meanwhile.
+    busy: Arc<AtomicBool>,
+}
+
+impl SnapshotSink {
+    fn maybe_take(&mut self, host: &ServiceHost<Box<dyn Service + Send>>) {
+        let applied = host.applied();
+        if applied < self.last.saturating_add(self.every) || self.busy.load(Ordering::Acquire) {
+            return;
+        }
+        self.last = applied;
+        self.busy.store(true, Ordering::Release);
+        // Cheap (a consistent clone for services that provide one); the
+        // snapshot thread serializes it while this thread goes on applying.
+        let task = host.prepare_snapshot();
+        let _ = self.jobs.send(SnapshotJob::Serialize {
+            position: applied,
+            task,
+        });
+    }
+}
+
 fn service_loop(
     mut host: ServiceHost<Box<dyn Service + Send>>,
     rx: Receiver<ServiceInput>,
     tx: Sender<Internal>,
-    snapshot_every: u64,
-    mut last_snapshot: Position,
+    mut snapshots: SnapshotSink,
     metrics: Arc<Metrics>,
     notify: tokio::sync::broadcast::Sender<Arc<Notification>>,
 ) {
@@ -892,14 +985,7 @@ fn service_loop(
                     timers: std::mem::take(&mut out.timers),
                 });
                 serve_reads(&host, &mut reads);
-                if applied >= last_snapshot.saturating_add(snapshot_every) {
-                    last_snapshot = applied;
-                    let data = host.snapshot();
-                    let _ = tx.send(Internal::SnapshotTaken {
-                        position: applied,
-                        data,
-                    });
-                }
+                snapshots.maybe_take(&host);
             }
             ServiceInput::AwaitWrite {
                 client,
@@ -938,7 +1024,7 @@ fn service_loop(
             }
             ServiceInput::Restore(s) => match host.restore(&s) {
                 Ok(timers) => {
-                    last_snapshot = s.meta.position;
+                    snapshots.last = s.meta.position;
                     let _ = tx.send(Internal::Applied {
                         position: s.meta.position,
                         timers,

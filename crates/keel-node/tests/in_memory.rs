@@ -4,10 +4,12 @@
 
 use bytes::Bytes;
 use keel_client::{Client, ClientOptions};
+use keel_core::{ClientId, Context, Service, ServiceHost, SnapshotTask};
 use keel_kv::{Command, KvService, Query, Response};
 use keel_net::mem::MemNetwork;
 use keel_node::runtime::{start_with, Transport};
 use keel_node::{NodeConfig, NodeHandle, PeerConfig};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 fn free_addr() -> String {
@@ -32,6 +34,41 @@ fn wait_leader(nodes: &[NodeHandle], isolated: Option<u64>) -> u64 {
     panic!("no leader within 10 s");
 }
 
+fn node_config(
+    id: u64,
+    dir: &std::path::Path,
+    clients: &[String],
+    snapshot_every_bytes: u64,
+) -> NodeConfig {
+    NodeConfig {
+        id,
+        cluster_id: 7,
+        data_dir: dir.join(format!("n{id}")),
+        peer_addr: "memory:0".into(),
+        client_addr: clients[(id - 1) as usize].clone(),
+        http_addr: None,
+        etcd_addr: None,
+        durability: Default::default(),
+        service: "kv".into(),
+        heartbeat_ms: 20,
+        election_timeout_min_ms: 200,
+        election_timeout_max_ms: 400,
+        snapshot_every_bytes,
+        queue_depth: 1024,
+        max_request_bytes: 1 << 20,
+        join: false,
+        peers: (1..=clients.len() as u64)
+            .filter(|&p| p != id)
+            .map(|p| PeerConfig {
+                id: p,
+                peer_addr: "memory:0".into(),
+                client_addr: clients[(p - 1) as usize].clone(),
+                etcd_addr: None,
+            })
+            .collect(),
+    }
+}
+
 #[test]
 fn three_nodes_in_one_process() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -39,33 +76,7 @@ fn three_nodes_in_one_process() {
     let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
     let mut nodes = Vec::new();
     for id in 1..=3u64 {
-        let cfg = NodeConfig {
-            id,
-            cluster_id: 7,
-            data_dir: tmp.path().join(format!("n{id}")),
-            peer_addr: "memory:0".into(),
-            client_addr: clients[(id - 1) as usize].clone(),
-            http_addr: None,
-            etcd_addr: None,
-            durability: Default::default(),
-            service: "kv".into(),
-            heartbeat_ms: 20,
-            election_timeout_min_ms: 200,
-            election_timeout_max_ms: 400,
-            snapshot_every_bytes: 1 << 20,
-            queue_depth: 1024,
-            max_request_bytes: 1 << 20,
-            join: false,
-            peers: (1..=3u64)
-                .filter(|&p| p != id)
-                .map(|p| PeerConfig {
-                    id: p,
-                    peer_addr: "memory:0".into(),
-                    client_addr: clients[(p - 1) as usize].clone(),
-                    etcd_addr: None,
-                })
-                .collect(),
-        };
+        let cfg = node_config(id, tmp.path(), &clients, 1 << 20);
         let service = Box::new(KvService::default());
         nodes.push(start_with(cfg, service, Transport::Memory(net.clone())).expect("start"));
     }
@@ -111,5 +122,138 @@ fn three_nodes_in_one_process() {
     }
     for n in nodes {
         n.wait().expect("clean stop");
+    }
+}
+
+/// Snapshots serialized so far / started, by every `SlowSnapshots` in this
+/// process.
+static SNAPSHOTS_STARTED: AtomicU64 = AtomicU64::new(0);
+static SNAPSHOTS_FINISHED: AtomicU64 = AtomicU64::new(0);
+const SLOW_SNAPSHOT: Duration = Duration::from_millis(2500);
+
+/// The KV service with a deliberately slow snapshot serialization: the
+/// captured state takes `SLOW_SNAPSHOT` to serialize.
+struct SlowSnapshots(KvService);
+
+impl Service for SlowSnapshots {
+    fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
+        self.0.restore(snapshot)
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        self.prepare_snapshot()()
+    }
+    fn prepare_snapshot(&self) -> SnapshotTask {
+        let task = self.0.prepare_snapshot();
+        Box::new(move || {
+            SNAPSHOTS_STARTED.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(SLOW_SNAPSHOT);
+            let data = task();
+            SNAPSHOTS_FINISHED.fetch_add(1, Ordering::SeqCst);
+            data
+        })
+    }
+    fn on_message(&mut self, ctx: &mut Context<'_>, client: ClientId, data: &[u8]) -> Bytes {
+        self.0.on_message(ctx, client, data)
+    }
+    fn query(&self, data: &[u8]) -> Bytes {
+        self.0.query(data)
+    }
+    fn on_timer(&mut self, ctx: &mut Context<'_>, id: u64) {
+        self.0.on_timer(ctx, id)
+    }
+}
+
+/// A snapshot must not stop the leader from serving: while every node
+/// spends seconds serializing its snapshot, writes and linearizable reads
+/// keep being answered promptly. Afterwards the snapshots on disk restore
+/// the state they captured.
+#[test]
+fn writes_keep_being_acknowledged_while_a_slow_snapshot_is_serialized() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let net = MemNetwork::new();
+    let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        let cfg = node_config(id, tmp.path(), &clients, 4096);
+        let service = Box::new(SlowSnapshots(KvService::default()));
+        nodes.push(start_with(cfg, service, Transport::Memory(net.clone())).expect("start"));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut client = Client::new(ClientOptions::new(clients.clone())).expect("client");
+    let mut put = |k: &str| -> Duration {
+        let started = Instant::now();
+        let cmd = Command::Put {
+            key: Bytes::from(k.to_string()),
+            value: Bytes::from(format!("value of {k}")),
+        };
+        let r = rt.block_on(client.write(cmd.encode())).expect("put");
+        assert!(matches!(Response::decode(&r), Ok(Response::Put { .. })));
+        started.elapsed()
+    };
+    wait_leader(&nodes, None);
+    // Write until some node starts serializing a snapshot.
+    let mut i = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while SNAPSHOTS_STARTED.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no snapshot started");
+        put(&format!("k{i}"));
+        i += 1;
+    }
+    // Now, during the slow serialization, writes go on.
+    let during = Instant::now();
+    let (mut acked, mut slowest) = (0, Duration::ZERO);
+    while during.elapsed() < SLOW_SNAPSHOT / 2 {
+        slowest = slowest.max(put(&format!("k{i}")));
+        i += 1;
+        acked += 1;
+    }
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "a write took {slowest:?} while a snapshot was serialized"
+    );
+    assert!(
+        SNAPSHOTS_FINISHED.load(Ordering::SeqCst) < SNAPSHOTS_STARTED.load(Ordering::SeqCst),
+        "the snapshot finished early: the test proves nothing"
+    );
+    assert!(
+        acked >= 20,
+        "only {acked} writes acknowledged in {:?} while a snapshot was serialized",
+        SLOW_SNAPSHOT / 2
+    );
+    // The snapshots complete and are published.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while SNAPSHOTS_FINISHED.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the snapshots never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let q = Query::Get {
+        key: Bytes::from_static(b"k0"),
+    };
+    let r = rt.block_on(client.read(q.encode())).expect("get");
+    assert!(matches!(
+        Response::decode(&r),
+        Ok(Response::Get { kv: Some(_), .. })
+    ));
+    for n in &nodes {
+        n.shutdown();
+    }
+    for n in nodes {
+        n.wait().expect("clean stop");
+    }
+    // Every node's published snapshot restores a state with the early keys.
+    for id in 1..=3u64 {
+        let dir = tmp.path().join(format!("n{id}"));
+        let snap = keel_log::meta::load_snapshot(&dir)
+            .expect("load snapshot")
+            .unwrap_or_else(|| panic!("node {id} published no snapshot"));
+        let mut host = ServiceHost::new(KvService::default(), 1);
+        host.restore(&snap).expect("restore the snapshot");
+        match Response::decode(&host.query(&q.encode())) {
+            Ok(Response::Get { kv: Some(kv), .. }) => assert_eq!(&kv.value[..], b"value of k0"),
+            other => panic!("node {id}: k0 in its snapshot: {other:?}"),
+        }
     }
 }

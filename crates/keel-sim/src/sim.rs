@@ -218,6 +218,9 @@ pub struct Report {
     /// Snapshot chunks sent (a snapshot install takes several).
     pub snapshot_chunks: u64,
     pub membership_changes: u64,
+    /// Membership changes that removed the leader proposing them, accepted
+    /// by it (it steps down once the change commits).
+    pub leader_removals: u64,
     pub timers_fired: u64,
     pub violations: Vec<String>,
     pub linearizability: Option<CheckResult>,
@@ -227,6 +230,20 @@ pub struct Report {
 impl Report {
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
+    }
+    /// Violations of safety (the invariants, early timers) or
+    /// linearizability: every violation except liveness ones.
+    pub fn safety_violations(&self) -> Vec<&str> {
+        self.violations
+            .iter()
+            .map(String::as_str)
+            .filter(|v| !v.starts_with("liveness:"))
+            .collect()
+    }
+    /// The linearizability checker ran out of budget: the history was
+    /// neither confirmed nor refuted.
+    pub fn linearizability_unknown(&self) -> bool {
+        matches!(self.linearizability, Some(CheckResult::Unknown { .. }))
     }
 }
 
@@ -1313,7 +1330,17 @@ impl Sim {
                     self.report.membership_changes += 1;
                     let req = self.next_req;
                     self.next_req += 1;
+                    let leader = self.nodes[i].id;
                     self.step_node(i, Event::ChangeMembership { id: req, change });
+                    // Accepted: the leader's latest configuration lacks it.
+                    if change == MembershipChange::Remove(leader)
+                        && self.nodes[i]
+                            .core
+                            .as_ref()
+                            .is_some_and(|c| !c.membership().contains(leader))
+                    {
+                        self.report.leader_removals += 1;
+                    }
                 }
             }
         }

@@ -67,6 +67,31 @@ fn garbage_and_hostile_frames_close_only_their_connection() {
         let mut s = TcpStream::connect(&node).expect("connect");
         s.write_all(&bad_version[..7]).expect("write");
     }
+    // A truncated frame left open: the connection waits for the rest; the
+    // node goes on answering everyone else, on that port too.
+    let mut good = Vec::new();
+    codec::encode(
+        &Frame::Request(codec::ClientRequest {
+            id: 2,
+            client: 1,
+            seq: 1,
+            op: codec::ClientOp::Status,
+        }),
+        &mut good,
+    );
+    let mut dangling = TcpStream::connect(&node).expect("connect");
+    dangling.write_all(&good[..good.len() - 1]).expect("write");
+    let s = c.rt.block_on(keel_client::Client::status_of(
+        &node,
+        Duration::from_secs(2),
+    ));
+    assert_eq!(
+        s.map(|s| (s.role, s.term))
+            .expect("status after truncated frames"),
+        ("leader".to_string(), term)
+    );
+    c.put(&mut client, "after-truncated-client-frames", "1");
+    drop(dangling);
 
     // Peer port: garbage, and a hello from another cluster.
     assert!(closed_after(&peer, &garbage), "garbage on the peer port");
@@ -79,10 +104,32 @@ fn garbage_and_hostile_frames_close_only_their_connection() {
         &mut hello,
     );
     assert!(closed_after(&peer, &hello), "hello from another cluster");
+    // Truncated frames on the peer port: a hello cut short then closed, and
+    // one cut short and held open (refused after the hello timeout).
+    let mut ours = Vec::new();
+    codec::encode(
+        &Frame::Hello {
+            cluster_id: 0x6b65_656c,
+            node_id: 99,
+        },
+        &mut ours,
+    );
+    {
+        let mut s = TcpStream::connect(&peer).expect("connect");
+        s.write_all(&ours[..ours.len() / 2]).expect("write");
+    }
+    let mut held = TcpStream::connect(&peer).expect("connect");
+    held.write_all(&ours[..ours.len() - 1]).expect("write");
+    c.put(&mut client, "after-truncated-peer-frames", "1");
     std::thread::sleep(Duration::from_millis(200));
     let log = std::fs::read_to_string(c.node(leader).dir.join("keel.log")).expect("log");
     assert!(log.contains("cluster 0xdead"), "refusal not logged:\n{log}");
     assert!(log.contains("bad frame"), "bad frame not logged:\n{log}");
+    assert!(
+        log.contains("refused: connection closed"),
+        "truncated hello not logged:\n{log}"
+    );
+    drop(held);
 
     // An oversized request is refused with a reason; an oversized key gets
     // the service's error; neither changes anything.

@@ -288,3 +288,128 @@ impl Drop for TestCluster {
         }
     }
 }
+
+// ----- HTTP endpoints, graceful stops, the CLI (appended helpers) ---------
+
+impl TestCluster {
+    /// Like `start`, but every node also serves /metrics and /status over
+    /// HTTP; returns the cluster and each node's HTTP address (index id - 1).
+    /// (The nodes `start` spawned are killed at once and restarted with the
+    /// HTTP address in their configuration.)
+    pub fn start_with_http(n: u64, extra: &str) -> (TestCluster, Vec<String>) {
+        let mut c = TestCluster::start(n, extra);
+        for id in 1..=n {
+            c.kill(id);
+        }
+        let http: Vec<String> = (1..=n).map(|id| c.enable_http(id)).collect();
+        for id in 1..=n {
+            c.spawn(id);
+        }
+        (c, http)
+    }
+
+    /// Gives node `id` an HTTP address (from its next start on); returns it.
+    pub fn enable_http(&mut self, id: u64) -> String {
+        let config = self.node(id).config.clone();
+        let text = std::fs::read_to_string(&config).expect("read config");
+        if let Some(addr) = text.lines().find_map(|l| {
+            l.strip_prefix("http_addr = \"")
+                .and_then(|r| r.strip_suffix('"'))
+        }) {
+            return addr.to_string();
+        }
+        let addr = format!("127.0.0.1:{}", free_port());
+        // Top-level keys go before the [[peers]] tables.
+        std::fs::write(&config, format!("http_addr = \"{addr}\"\n{text}")).expect("write config");
+        addr
+    }
+
+    /// SIGTERM: a graceful stop. Waits for the process and returns its exit
+    /// status.
+    pub fn terminate(&mut self, id: u64, within: Duration) -> std::process::ExitStatus {
+        self.signal(id, libc::SIGTERM);
+        let mut child = self.nodes[(id - 1) as usize]
+            .child
+            .take()
+            .expect("node not running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if start.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {id} did not stop within {within:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The whole log file of node `id`.
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(self.node(id).dir.join("keel.log")).unwrap_or_default()
+    }
+
+    /// Runs the `keel` command with `--endpoints` of this cluster; returns
+    /// the exit code and stdout + stderr.
+    pub fn keel_cli(&self, args: &[&str]) -> (i32, String) {
+        let out = Proc::new(keel_exe())
+            .args(args)
+            .arg("--endpoints")
+            .arg(self.endpoints().join(","))
+            .output()
+            .expect("run keel");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+/// `GET path` from an HTTP endpoint; returns the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").expect("write request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {raw:?}"));
+    (code, body.to_string())
+}
+
+/// The value of metric `name` (no labels) in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Waits until metric `name` of the node serving HTTP at `addr` satisfies
+/// `ok`; returns its value.
+pub fn wait_metric(addr: &str, name: &str, within: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+    let start = Instant::now();
+    loop {
+        let (code, body) = http_get(addr, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        let v = metric(&body, name);
+        if let Some(v) = v.filter(|&v| ok(v)) {
+            return v;
+        }
+        if start.elapsed() > within {
+            panic!("{name} at {addr} is {v:?} after {within:?}:\n{body}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -2,6 +2,7 @@
 //! `kv` talks to the key-value service and `cluster` inspects and manages
 //! the cluster.
 
+mod bench;
 mod dev;
 
 use anyhow::{bail, Context as _, Result};
@@ -53,6 +54,7 @@ enum Cmd {
     /// Benchmarks on local clusters: `echo` (latency vs offered rate) and
     /// `kv` (Keel vs etcd over the etcd API); results go to BENCHMARKS.md.
     #[command(subcommand)]
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -587,6 +589,7 @@ fn main() {
         Cmd::Dev(a) => dev::run(a),
         Cmd::Kv { conn, cmd } => block(kv(conn, cmd)),
         Cmd::Cluster { conn, cmd } => block(cluster(conn, cmd)),
+        Cmd::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,417 @@
+//! Local clusters for the benchmarks: 3 `keel server` processes or 3 etcd
+//! members on loopback, in a fresh temporary directory. Dropping a cluster
+//! kills its processes (SIGKILL; the data is thrown away) and removes the
+//! directory; processes also die with the benchmark (PR_SET_PDEATHSIG).
+
+use anyhow::{bail, Context as _, Result};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `n` distinct free loopback ports (held open together while choosing).
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("finding free loopback ports")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// Child processes killed on drop.
+#[derive(Default)]
+pub struct Procs {
+    children: Vec<(String, Child, PathBuf)>,
+}
+
+impl Procs {
+    /// Starts `cmd` with stdout and stderr appended to `log`. The child is
+    /// killed if this process dies (the spawning thread must outlive it:
+    /// call from the main thread).
+    pub fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> Result<()> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({program})"))?;
+        self.children
+            .push((name.to_string(), child, log.to_path_buf()));
+        Ok(())
+    }
+
+    /// Fails, with the tail of its log, if any process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        for (name, child, log) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!(
+                    "{name} exited ({status}); the end of its log {}:\n{}",
+                    log.display(),
+                    tail(log, 15)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn kill_all(&mut self) {
+        for (_, child, _) in &mut self.children {
+            let _ = child.kill();
+        }
+        for (_, child, _) in &mut self.children {
+            let _ = child.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(could not read it: {e})"),
+    }
+}
+
+/// A fresh directory for one cluster, removed on drop unless kept.
+pub struct WorkDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl WorkDir {
+    pub fn new(parent: &Path, prefix: &str, keep: bool) -> Result<WorkDir> {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(parent)
+            .with_context(|| format!("creating a directory under {}", parent.display()))?;
+        let path = dir.path().to_path_buf();
+        if keep {
+            let path = dir.keep();
+            return Ok(WorkDir { dir: None, path });
+        }
+        Ok(WorkDir {
+            dir: Some(dir),
+            path,
+        })
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn kept(&self) -> bool {
+        self.dir.is_none()
+    }
+}
+
+/// True if `path` is on tmpfs/ramfs (where fsync is free, so `sync`
+/// durability would be measured wrongly).
+pub fn on_memory_fs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs with a valid C string and a zeroed out-struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let t = st.f_type as i64;
+    t == TMPFS_MAGIC || t == RAMFS_MAGIC
+}
+
+/// One node's addresses.
+#[derive(Clone, Debug)]
+pub struct KeelNode {
+    pub id: u64,
+    pub peer: String,
+    pub client: String,
+    pub etcd: Option<String>,
+}
+
+/// A 3-node Keel cluster of `keel server` processes. Field order matters:
+/// processes are killed before the directory is removed.
+pub struct KeelCluster {
+    procs: Procs,
+    pub nodes: Vec<KeelNode>,
+    pub dir: WorkDir,
+}
+
+impl KeelCluster {
+    /// Starts `nodes` servers running `service` with `durability`; with
+    /// `etcd`, each also serves the etcd v3 API. Returns once started (see
+    /// [`KeelCluster::wait_for_leader`]).
+    pub fn start(
+        parent: &Path,
+        keep: bool,
+        nodes: u64,
+        service: &str,
+        durability: &str,
+        etcd: bool,
+    ) -> Result<KeelCluster> {
+        let exe = std::env::current_exe().context("finding the keel executable")?;
+        let dir = WorkDir::new(parent, &format!("keel-bench-{service}-{durability}-"), keep)?;
+        let per_node = if etcd { 3 } else { 2 };
+        let ports = free_ports(nodes as usize * per_node)?;
+        let list: Vec<KeelNode> = (0..nodes as usize)
+            .map(|i| KeelNode {
+                id: i as u64 + 1,
+                peer: format!("127.0.0.1:{}", ports[i * per_node]),
+                client: format!("127.0.0.1:{}", ports[i * per_node + 1]),
+                etcd: etcd.then(|| format!("127.0.0.1:{}", ports[i * per_node + 2])),
+            })
+            .collect();
+        let mut procs = Procs::default();
+        for n in &list {
+            let node_dir = dir.path().join(format!("node{}", n.id));
+            std::fs::create_dir_all(&node_dir)
+                .with_context(|| format!("creating {}", node_dir.display()))?;
+            let config = node_dir.join("keel.toml");
+            std::fs::write(
+                &config,
+                node_config(n, &list, &node_dir, service, durability),
+            )
+            .with_context(|| format!("writing {}", config.display()))?;
+            let mut cmd = Command::new(&exe);
+            cmd.arg("server").arg("--config").arg(&config);
+            procs.spawn(
+                &format!("keel node {}", n.id),
+                cmd,
+                &node_dir.join("keel.log"),
+            )?;
+        }
+        Ok(KeelCluster {
+            procs,
+            nodes: list,
+            dir,
+        })
+    }
+
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.procs.check_alive()
+    }
+
+    /// Waits until a node reports itself leader and a write through the
+    /// native client commits; returns the leader's client address.
+    pub async fn wait_for_leader(&mut self, timeout: Duration) -> Result<String> {
+        let started = Instant::now();
+        let mut last = String::from("no node answered yet");
+        loop {
+            self.check_alive()?;
+            super::check_interrupted()?;
+            for n in &self.nodes {
+                match keel_client::Client::status_of(&n.client, Duration::from_millis(500)).await {
+                    Ok(s) if s.role == "leader" => {
+                        let mut c = keel_client::Client::new(keel_client::ClientOptions {
+                            endpoints: vec![n.client.clone()],
+                            attempt_timeout: Duration::from_secs(2),
+                            call_timeout: Duration::from_secs(5),
+                            client_id: None,
+                        })?;
+                        match c.write(bytes::Bytes::from_static(b"bench: ready?")).await {
+                            Ok(_) => return Ok(n.client.clone()),
+                            Err(e) => last = format!("node {}: first write: {e}", n.id),
+                        }
+                    }
+                    Ok(s) => last = format!("node {} is {} in term {}", n.id, s.role, s.term),
+                    Err(e) => last = format!("node {}: {e}", n.id),
+                }
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "the Keel cluster in {} elected no leader within {timeout:?} (last: {last})",
+                    self.dir.path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn node_config(
+    n: &KeelNode,
+    all: &[KeelNode],
+    dir: &Path,
+    service: &str,
+    durability: &str,
+) -> String {
+    let mut toml = format!(
+        "# keel bench: node {}\nid = {}\ndata_dir = {:?}\npeer_addr = \"{}\"\nclient_addr = \"{}\"\ndurability = \"{durability}\"\nservice = \"{service}\"\n",
+        n.id,
+        n.id,
+        dir.join("data").display().to_string(),
+        n.peer,
+        n.client,
+    );
+    if let Some(e) = &n.etcd {
+        toml.push_str(&format!("etcd_addr = \"{e}\"\n"));
+    }
+    for p in all.iter().filter(|p| p.id != n.id) {
+        toml.push_str(&format!(
+            "\n[[peers]]\nid = {}\npeer_addr = \"{}\"\nclient_addr = \"{}\"\n",
+            p.id, p.peer, p.client
+        ));
+        if let Some(e) = &p.etcd {
+            toml.push_str(&format!("etcd_addr = \"{e}\"\n"));
+        }
+    }
+    toml
+}
+
+/// A 3-member etcd cluster on loopback.
+pub struct EtcdCluster {
+    procs: Procs,
+    /// Client addresses (host:port).
+    pub clients: Vec<String>,
+    pub dir: WorkDir,
+}
+
+/// Finds the etcd binary: `--etcd`, else `etcd` on PATH, else /usr/bin/etcd.
+pub fn find_etcd(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        if p.is_file() {
+            return Ok(p.to_path_buf());
+        }
+        bail!("--etcd {}: no such file", p.display());
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("etcd"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin/etcd")])
+        .find(|p| p.is_file())
+        .context(
+            "etcd is not installed (no `etcd` on PATH nor /usr/bin/etcd). \
+             Install etcd 3.4 with `apt-get install -y etcd-server`, point --etcd at a binary, \
+             or measure Keel alone with `--systems keel`",
+        )
+}
+
+/// `etcd --version`'s first line, e.g. "etcd Version: 3.4.23".
+pub fn etcd_version(etcd: &Path) -> String {
+    Command::new(etcd)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "etcd (version unknown)".into())
+}
+
+impl EtcdCluster {
+    pub fn start(etcd: &Path, parent: &Path, keep: bool, members: usize) -> Result<EtcdCluster> {
+        let dir = WorkDir::new(parent, "keel-bench-etcd-", keep)?;
+        let ports = free_ports(members * 2)?;
+        let peer = |i: usize| format!("http://127.0.0.1:{}", ports[i * 2]);
+        let client = |i: usize| format!("127.0.0.1:{}", ports[i * 2 + 1]);
+        let initial: Vec<String> = (0..members)
+            .map(|i| format!("m{}={}", i + 1, peer(i)))
+            .collect();
+        let initial = initial.join(",");
+        let mut procs = Procs::default();
+        for i in 0..members {
+            let name = format!("m{}", i + 1);
+            let data = dir.path().join(&name);
+            let mut cmd = Command::new(etcd);
+            cmd.arg("--name")
+                .arg(&name)
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--listen-client-urls")
+                .arg(format!("http://{}", client(i)))
+                .arg("--advertise-client-urls")
+                .arg(format!("http://{}", client(i)))
+                .arg("--listen-peer-urls")
+                .arg(peer(i))
+                .arg("--initial-advertise-peer-urls")
+                .arg(peer(i))
+                .arg("--initial-cluster")
+                .arg(&initial)
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .arg("--initial-cluster-token")
+                .arg("keel-bench")
+                .arg("--logger")
+                .arg("zap")
+                .arg("--log-level")
+                .arg("warn");
+            procs.spawn(
+                &format!("etcd member {name}"),
+                cmd,
+                &dir.path().join(format!("{name}.log")),
+            )?;
+        }
+        Ok(EtcdCluster {
+            procs,
+            clients: (0..members).map(client).collect(),
+            dir,
+        })
+    }
+
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.procs.check_alive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_config_lists_the_other_nodes() {
+        let nodes: Vec<KeelNode> = (1..=3)
+            .map(|id| KeelNode {
+                id,
+                peer: format!("127.0.0.1:{}", 9000 + id),
+                client: format!("127.0.0.1:{}", 9100 + id),
+                etcd: Some(format!("127.0.0.1:{}", 9200 + id)),
+            })
+            .collect();
+        let t = node_config(&nodes[1], &nodes, Path::new("/d"), "echo", "sync");
+        let v: toml::Value = toml::from_str(&t).expect("valid TOML");
+        assert_eq!(v["id"].as_integer(), Some(2));
+        assert_eq!(v["etcd_addr"].as_str(), Some("127.0.0.1:9202"));
+        assert_eq!(v["service"].as_str(), Some("echo"));
+        let peers = v["peers"].as_array().expect("peers");
+        let ids: Vec<i64> = peers.iter().filter_map(|p| p["id"].as_integer()).collect();
+        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(peers[1]["etcd_addr"].as_str(), Some("127.0.0.1:9203"));
+    }
+}

@@ -1,0 +1,763 @@
+//! `keel bench echo`: latency vs offered rate, Aeron's method, through a
+//! 3-node cluster of `keel server --service echo` processes.
+//!
+//! Each client connection is a pipelined native-protocol connection to the
+//! leader: a sender thread writes bursts of requests at their scheduled
+//! times (one `write` per burst), a reader thread matches replies to
+//! requests by request id. A message's intended send time follows from its
+//! id (burst = id / burst size; the schedule is fixed by the start time and
+//! the rate), so nothing is shared between the two threads but counters.
+
+use super::cluster::{on_memory_fs, KeelCluster};
+use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
+use super::report::{self, histogram, us, Panel, Percentiles, Series, PERCENTILE_COLORS};
+use super::{check_interrupted, parse_rate, say, CommonArgs};
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use clap::Args;
+use hdrhistogram::Histogram;
+use keel_net::codec::{self, ClientOp, ClientRequest, ClientResult, Frame};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const LONG_ABOUT: &str = "\
+Latency vs offered rate through a real 3-node cluster (Aeron's method).
+
+For each durability mode, starts 3 `keel server --service echo` processes on \
+loopback in a fresh temporary directory, finds the leader, and offers \
+fixed rates of SIZE-byte messages in bursts of BURST over pipelined \
+native-protocol connections to the leader. Each rate runs for --warmup then \
+--duration seconds. Latency runs from each message's INTENDED send time \
+(fixed by the start time and the rate, whatever the cluster does) to its \
+reply, so a stall delays and counts every message scheduled behind it (no \
+coordinated omission); recorded with HdrHistogram.
+
+Every listed rate is measured. Then, if none of them saturated the cluster \
+(achieved rate below 90% of offered, or over 1% of the messages lost or \
+refused), the rate grows by --step until one does (or --max-rate).
+
+Writes the table to --out between <!-- echo:start --> and <!-- echo:end --> \
+and the plot to BENCHMARKS-echo.png next to it.";
+
+#[derive(Args, Debug)]
+pub struct EchoArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Offered rates in messages per second, comma-separated (k and m suffixes allowed).
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate, default_value = "1k,10k,50k,100k,200k")]
+    rates: Vec<u64>,
+    /// After the listed rates, add this many msg/s per step until saturation (0: stop after the list).
+    #[arg(long, value_parser = parse_rate_or_zero, default_value = "100k")]
+    step: u64,
+    /// Never offer more than this many msg/s.
+    #[arg(long, value_parser = parse_rate, default_value = "2m")]
+    max_rate: u64,
+    /// Durability modes to measure, each on a fresh cluster.
+    #[arg(long, value_delimiter = ',', default_value = "sync,replicated", value_parser = ["sync", "replicated"])]
+    modes: Vec<String>,
+    /// Pipelined client connections to the leader (the rate is split evenly).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    connections: u64,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    size: u64,
+    /// Messages per burst (one write per burst).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    burst: u64,
+    /// Seconds to wait, after a step's schedule ends, for the replies still outstanding.
+    #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+    /// The PNG to write (default: BENCHMARKS-echo.png next to --out).
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+}
+
+fn parse_rate_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_rate(s)
+    }
+}
+
+/// The result of one offered rate.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub mode: String,
+    pub offered: u64,
+    /// Replies received within the measured window, per second.
+    pub achieved: f64,
+    /// Latency from intended send time to reply, messages due in the window.
+    pub latency: Percentiles,
+    /// How late the sender wrote bursts (client-side lag, included in latency).
+    pub send_lag_p99: u64,
+    /// Messages due in the window.
+    pub scheduled: u64,
+    /// Refused (busy, not leader, error) among them.
+    pub errors: u64,
+    /// Neither answered nor refused by the end of the drain.
+    pub lost: u64,
+    pub first_error: Option<String>,
+    pub saturated: bool,
+}
+
+/// Timing of one step, shared by every connection.
+#[derive(Clone, Copy)]
+struct Plan {
+    start: Instant,
+    rate: u64,
+    burst: u64,
+    connections: u64,
+    /// Measured window [window_from, window_to) in ns after start.
+    window_from: u64,
+    window_to: u64,
+    /// Give up sending and waiting at start + hard_stop.
+    hard_stop: u64,
+}
+
+impl Plan {
+    /// Due time (ns after start) of this connection's message `id`.
+    fn due(&self, conn: u64, id: u64) -> u64 {
+        let global_burst = (id / self.burst) * self.connections + conn;
+        burst_due_ns(global_burst, self.burst, self.rate)
+    }
+    fn in_window(&self, ns: u64) -> bool {
+        (self.window_from..self.window_to).contains(&ns)
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    sent: AtomicU64,
+    sender_done: AtomicBool,
+    send_error: std::sync::Mutex<Option<String>>,
+}
+
+struct ConnResult {
+    latency: Histogram<u64>,
+    ok_in_window: u64,
+    errors_in_window: u64,
+    replies_during_window: u64,
+    first_error: Option<String>,
+}
+
+/// Sessionless writes (client id 0, `keel_core::SESSIONLESS`): the echo
+/// service needs no exactly-once dedup, and sessionless commands skip the
+/// session table. The node matches replies by (client, seq), so every
+/// in-flight write needs a distinct seq: a high base per connection.
+const SEQ_BASE: u64 = 1 << 62;
+
+fn sender(
+    mut stream: TcpStream,
+    plan: Plan,
+    conn: u64,
+    conn_uid: u64,
+    payload: Bytes,
+    shared: Arc<Shared>,
+) -> Histogram<u64> {
+    tighten_timer_slack();
+    // Bounded blocking, so a leader that stops reading cannot hold the
+    // sender past the hard stop.
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(50)));
+    let mut lag = histogram();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut next_burst = 0u64; // this connection's burst index
+    let seq_base = SEQ_BASE | (conn_uid << 36);
+    let result: Result<(), String> = (|| loop {
+        let due = plan.due(conn, next_burst * plan.burst);
+        if due >= plan.window_to {
+            return Ok(());
+        }
+        sleep_until(plan.start + Duration::from_nanos(due));
+        let now = Instant::now();
+        let elapsed = (now - plan.start).as_nanos() as u64;
+        if elapsed >= plan.hard_stop || super::interrupted() {
+            return Ok(());
+        }
+        // Everything due by now goes in one write (catching up if late).
+        buf.clear();
+        let mut bursts = 0;
+        while bursts < 64 {
+            let b = next_burst + bursts;
+            let d = plan.due(conn, b * plan.burst);
+            if d >= plan.window_to || d > elapsed {
+                break;
+            }
+            for k in b * plan.burst..(b + 1) * plan.burst {
+                let req = ClientRequest {
+                    id: k,
+                    client: keel_core::SESSIONLESS,
+                    seq: seq_base + k,
+                    op: ClientOp::Write(payload.clone()),
+                };
+                codec::encode(&Frame::Request(req), &mut buf);
+            }
+            bursts += 1;
+        }
+        lag.saturating_record(elapsed.saturating_sub(due).max(1));
+        if !write_until(&mut stream, &buf, &plan)? {
+            return Ok(()); // the leader stopped reading until the hard stop
+        }
+        next_burst += bursts;
+        shared
+            .sent
+            .fetch_add(bursts * plan.burst, Ordering::Release);
+    })();
+    if let Err(e) = result {
+        if let Ok(mut slot) = shared.send_error.lock() {
+            *slot = Some(e);
+        }
+    }
+    shared.sender_done.store(true, Ordering::Release);
+    lag
+}
+
+/// Writes all of `buf`, waiting out TCP backpressure; false if the hard
+/// stop (or Ctrl-C) came first.
+fn write_until(stream: &mut TcpStream, buf: &[u8], plan: &Plan) -> Result<bool, String> {
+    let mut off = 0;
+    while off < buf.len() {
+        match stream.write(&buf[off..]) {
+            Ok(0) => return Err("the leader closed the connection".into()),
+            Ok(n) => off += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                let elapsed = plan.start.elapsed().as_nanos() as u64;
+                if elapsed >= plan.hard_stop || super::interrupted() {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(format!("sending to the leader: {e}")),
+        }
+    }
+    Ok(true)
+}
+
+fn reader(mut stream: TcpStream, plan: Plan, conn: u64, shared: Arc<Shared>) -> ConnResult {
+    let mut r = ConnResult {
+        latency: histogram(),
+        ok_in_window: 0,
+        errors_in_window: 0,
+        replies_during_window: 0,
+        first_error: None,
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut pos = 0usize;
+    let mut received = 0u64;
+    loop {
+        let now = Instant::now();
+        let elapsed = (now - plan.start).as_nanos() as u64;
+        if shared.sender_done.load(Ordering::Acquire)
+            && received >= shared.sent.load(Ordering::Acquire)
+        {
+            break;
+        }
+        if elapsed >= plan.hard_stop || super::interrupted() {
+            break;
+        }
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => {
+                r.first_error
+                    .get_or_insert_with(|| "the leader closed the connection".into());
+                break;
+            }
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                r.first_error
+                    .get_or_insert_with(|| format!("receiving from the leader: {e}"));
+                break;
+            }
+        };
+        let at = (Instant::now() - plan.start).as_nanos() as u64;
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            match codec::decode(&buf[pos..], codec::DEFAULT_MAX_FRAME) {
+                Ok(Some((frame, used))) => {
+                    pos += used;
+                    let Frame::Response(resp) = frame else {
+                        r.first_error
+                            .get_or_insert_with(|| "the leader sent a non-response frame".into());
+                        continue;
+                    };
+                    received += 1;
+                    let due = plan.due(conn, resp.id);
+                    let in_window = plan.in_window(due);
+                    match resp.result {
+                        ClientResult::Ok(_) => {
+                            if in_window {
+                                r.latency.saturating_record(at.saturating_sub(due).max(1));
+                                r.ok_in_window += 1;
+                            }
+                            if plan.in_window(at) {
+                                r.replies_during_window += 1;
+                            }
+                        }
+                        other => {
+                            if in_window {
+                                r.errors_in_window += 1;
+                            }
+                            r.first_error.get_or_insert_with(|| format!("{other:?}"));
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    r.first_error
+                        .get_or_insert_with(|| format!("bad frame from the leader: {e}"));
+                    return r;
+                }
+            }
+        }
+        if pos > 0 && pos * 2 >= buf.len() {
+            buf.drain(..pos);
+            pos = 0;
+        }
+    }
+    r
+}
+
+/// Runs one offered rate against `leader`.
+fn run_step(a: &EchoArgs, mode: &str, leader: &str, rate: u64, conn_uid: &mut u64) -> Result<Step> {
+    let warm = a.common.warmup().as_nanos() as u64;
+    let dur = a.common.duration().as_nanos() as u64;
+    let drain = Duration::from_secs_f64(a.drain.max(0.0)).as_nanos() as u64;
+    let payload = Bytes::from(
+        (0..a.size)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let mut streams = Vec::new();
+    for _ in 0..a.connections {
+        let s = TcpStream::connect(leader).with_context(|| format!("connecting to {leader}"))?;
+        s.set_nodelay(true)?;
+        streams.push(s);
+    }
+    // Start a little in the future so every thread is up before the first burst.
+    let plan = Plan {
+        start: Instant::now() + Duration::from_millis(20),
+        rate,
+        burst: a.burst,
+        connections: a.connections,
+        window_from: warm,
+        window_to: warm + dur,
+        hard_stop: warm + dur + drain,
+    };
+    let mut handles = Vec::new();
+    for (c, s) in streams.into_iter().enumerate() {
+        let c = c as u64;
+        let shared = Arc::new(Shared::default());
+        let rd = s.try_clone()?;
+        let (sh, p) = (shared.clone(), payload.clone());
+        let uid = *conn_uid;
+        *conn_uid += 1;
+        let send = std::thread::Builder::new()
+            .name(format!("bench-send-{c}"))
+            .spawn(move || sender(s, plan, c, uid, p, sh))?;
+        let sh = shared.clone();
+        let recv = std::thread::Builder::new()
+            .name(format!("bench-recv-{c}"))
+            .spawn(move || reader(rd, plan, c, sh))?;
+        handles.push((send, recv, shared));
+    }
+    let mut latency = histogram();
+    let mut lag = histogram();
+    let (mut ok, mut errors, mut during) = (0u64, 0u64, 0u64);
+    let mut first_error = None;
+    for (send, recv, shared) in handles {
+        let l = send
+            .join()
+            .map_err(|_| anyhow::anyhow!("a sender thread panicked"))?;
+        let r = recv
+            .join()
+            .map_err(|_| anyhow::anyhow!("a reader thread panicked"))?;
+        latency.add(&r.latency).ok();
+        lag.add(&l).ok();
+        ok += r.ok_in_window;
+        errors += r.errors_in_window;
+        during += r.replies_during_window;
+        let send_error = shared.send_error.lock().ok().and_then(|mut e| e.take());
+        first_error = first_error.or(send_error).or(r.first_error);
+    }
+    let scheduled = bursts_due_in(plan.window_from, plan.window_to, a.burst, rate) * a.burst;
+    let lost = scheduled.saturating_sub(ok + errors);
+    let achieved = during as f64 / a.common.duration;
+    let saturated = achieved < 0.9 * rate as f64 || (lost + errors) * 100 > scheduled;
+    Ok(Step {
+        mode: mode.to_string(),
+        offered: rate,
+        achieved,
+        latency: Percentiles::of(&latency),
+        send_lag_p99: if lag.is_empty() {
+            0
+        } else {
+            lag.value_at_quantile(0.99)
+        },
+        scheduled,
+        errors,
+        lost,
+        first_error,
+        saturated,
+    })
+}
+
+/// Median round trip of a 200-byte ping-pong over a loopback TCP
+/// connection (the unit of the p50 target).
+fn loopback_rtt() -> Result<u64> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 200];
+        while s.read_exact(&mut b).is_ok() {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut b = [7u8; 200];
+    let mut h = histogram();
+    for i in 0..3000 {
+        let t = Instant::now();
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+        if i >= 500 {
+            h.saturating_record(t.elapsed().as_nanos() as u64);
+        }
+    }
+    drop(c);
+    let _ = server.join();
+    Ok(h.value_at_quantile(0.5))
+}
+
+fn step_line(s: &Step) -> String {
+    let p = &s.latency;
+    let mut line = format!(
+        "{:<10} {:>8} msg/s offered, {:>9.0} achieved  p50 {:>7} p90 {:>7} p99 {:>7} p99.9 {:>7} p99.99 {:>7} max {:>8} µs  send lag p99 {} µs",
+        s.mode,
+        s.offered,
+        s.achieved,
+        us(p.p50),
+        us(p.p90),
+        us(p.p99),
+        us(p.p999),
+        us(p.p9999),
+        us(p.max),
+        us(s.send_lag_p99)
+    );
+    if s.errors + s.lost > 0 {
+        line.push_str(&format!(
+            "  {} refused, {} lost of {}",
+            s.errors, s.lost, s.scheduled
+        ));
+    }
+    if let Some(e) = &s.first_error {
+        line.push_str(&format!("  (first problem: {e})"));
+    }
+    if s.saturated {
+        line.push_str("  SATURATED");
+    }
+    line
+}
+
+pub fn run(a: EchoArgs) -> Result<i32> {
+    if a.rates.is_empty() {
+        bail!("--rates: give at least one rate");
+    }
+    if !(0.0..=600.0).contains(&a.drain) {
+        bail!("--drain {}: expected 0 to 600 seconds", a.drain);
+    }
+    if on_memory_fs(&a.common.dir) {
+        eprintln!(
+            "warning: {} is on tmpfs, where fsync costs nothing: `sync` will look like `replicated`. Use --dir on a disk.",
+            a.common.dir.display()
+        );
+    }
+    if !a.common.no_write {
+        a.common.check_out()?;
+    }
+    let rtt = loopback_rtt().context("measuring the loopback round trip")?;
+    println!(
+        "loopback TCP round trip (200 B ping-pong, median): {} µs",
+        us(rtt)
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let planned = a.modes.len() as u64 * a.rates.len() as u64;
+    let pb = super::progress(planned);
+    let mut steps: Vec<Step> = Vec::new();
+    let mut conn_uid = 0u64;
+    for mode in &a.modes {
+        pb.set_message(format!("{mode}: starting a 3-node echo cluster"));
+        let mut cluster = KeelCluster::start(&a.common.dir, a.common.keep, 3, "echo", mode, false)?;
+        if cluster.dir.kept() {
+            say(
+                &pb,
+                format!(
+                    "{mode}: cluster data and logs in {}",
+                    cluster.dir.path().display()
+                ),
+            );
+        }
+        let mut rates = a.rates.clone();
+        let mut i = 0;
+        let mut done_in_mode = 0;
+        while i < rates.len() {
+            let rate = rates[i];
+            check_interrupted()?;
+            let leader = rt
+                .block_on(cluster.wait_for_leader(Duration::from_secs(20)))
+                .with_context(|| format!("{mode} cluster"))?;
+            pb.set_message(format!(
+                "{mode}: {rate} msg/s for {}+{} s",
+                a.common.warmup, a.common.duration
+            ));
+            let step = run_step(&a, mode, &leader, rate, &mut conn_uid)?;
+            cluster.check_alive()?;
+            check_interrupted()?;
+            say(&pb, step_line(&step));
+            pb.inc(1);
+            done_in_mode += 1;
+            let saturated = step.saturated;
+            steps.push(step);
+            if saturated && i + 1 >= a.rates.len() {
+                break; // searching past the list: found the saturation point
+            }
+            let any_saturated = steps.iter().any(|x| &x.mode == mode && x.saturated);
+            if i + 1 == rates.len() && a.step > 0 && !any_saturated {
+                let next = rate.saturating_add(a.step);
+                if next <= a.max_rate {
+                    rates.push(next);
+                    pb.inc_length(1);
+                }
+            }
+            i += 1;
+        }
+        if done_in_mode > 0 && !steps.iter().any(|x| &x.mode == mode && x.saturated) {
+            let why = if a.step == 0 {
+                "--step 0"
+            } else {
+                "--max-rate"
+            };
+            say(
+                &pb,
+                format!(
+                    "{mode}: not saturated up to {} msg/s (stopped by {why})",
+                    rates[rates.len() - 1]
+                ),
+            );
+        }
+    }
+    pb.finish_and_clear();
+
+    let md = markdown(&a, &steps, rtt);
+    println!("\n{md}");
+    if !a.common.no_write {
+        let png = a
+            .plot
+            .clone()
+            .unwrap_or_else(|| report::beside(&a.common.out, "BENCHMARKS-echo.png"));
+        let plotted = match plot(&png, &a, &steps) {
+            Ok(()) => {
+                println!("wrote {}", png.display());
+                true
+            }
+            Err(e) => {
+                eprintln!("warning: no plot: {e:#}");
+                false
+            }
+        };
+        let mut body = md;
+        if plotted {
+            let name = png
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            body.push_str(&format!(
+                "\n![echo latency percentiles vs offered rate]({name})\n"
+            ));
+        }
+        report::write_section(&a.common.out, "echo", &body)?;
+        println!("wrote {}", a.common.out.display());
+    }
+    Ok(0)
+}
+
+fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut s = format!(
+        "## Echo: latency vs offered rate (Aeron method)\n\n\
+         `{}` ({} s per rate after {} s warm-up, {} cores). \
+         3 `keel server --service echo` processes on loopback; {} pipelined native-protocol \
+         connection(s) to the leader send {}-byte sessionless writes in bursts of {} (one `write` \
+         per burst) at each fixed offered rate. Latency runs from each message's intended send time \
+         (fixed by the start time and the rate, so a stall counts against every message scheduled \
+         behind it: no coordinated omission) to its reply, and is recorded with HdrHistogram. \
+         Achieved = replies received during the measured window per second; *send lag* is how late \
+         the client itself wrote bursts (included in the latency). Every listed rate is measured; if \
+         none saturated the cluster (achieved < 90% of offered, or > 1% refused or lost), rates grow \
+         past the list until one does. The cluster and the \
+         client share the machine's cores. Loopback TCP round trip (200 B ping-pong, median): \
+         {} µs.\n\n",
+        super::command_line(),
+        a.common.duration,
+        a.common.warmup,
+        cores,
+        a.connections,
+        a.size,
+        a.burst,
+        us(rtt),
+    );
+    s.push_str(
+        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for st in steps {
+        let p = &st.latency;
+        s.push_str(&format!(
+            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            st.mode,
+            st.offered,
+            st.achieved,
+            if st.saturated { " (saturated)" } else { "" },
+            us(p.p50),
+            us(p.p90),
+            us(p.p99),
+            us(p.p999),
+            us(p.p9999),
+            us(p.max),
+            us(st.send_lag_p99),
+            st.errors + st.lost,
+        ));
+    }
+    s.push('\n');
+    for mode in &a.modes {
+        let ms: Vec<&Step> = steps.iter().filter(|x| &x.mode == mode).collect();
+        let Some(low) = ms.iter().find(|x| !x.saturated) else {
+            continue;
+        };
+        let trips = low.latency.p50 as f64 / rtt.max(1) as f64;
+        let mut line = format!(
+            "- **{mode}**: p50 at {} msg/s = {} µs = {:.1} loopback round trips (target ≤ 4) — {}",
+            low.offered,
+            us(low.latency.p50),
+            trips,
+            if trips <= 4.0 { "met" } else { "not met" }
+        );
+        match ms.iter().find(|x| x.offered == 200_000) {
+            Some(high) if high.saturated => line.push_str(
+                "; 200k msg/s saturates the cluster (target: p99 at 200k within 2x of p99 at 1k) — not met",
+            ),
+            Some(high) => {
+                let ratio = high.latency.p99 as f64 / low.latency.p99.max(1) as f64;
+                line.push_str(&format!(
+                    "; p99 at 200k / p99 at {} = {:.1}x (target ≤ 2x) — {}",
+                    low.offered,
+                    ratio,
+                    if ratio <= 2.0 { "met" } else { "not met" }
+                ));
+            }
+            None => {}
+        }
+        match ms.iter().find(|x| x.saturated) {
+            Some(sat) => line.push_str(&format!(
+                "; first saturated at {} msg/s offered ({:.0} achieved)",
+                sat.offered, sat.achieved
+            )),
+            None => line.push_str(&format!(
+                "; not saturated up to {} msg/s",
+                ms.last().map_or(0, |x| x.offered)
+            )),
+        }
+        s.push_str(&line);
+        s.push_str(".\n");
+    }
+    s
+}
+
+fn plot(path: &std::path::Path, a: &EchoArgs, steps: &[Step]) -> Result<()> {
+    let panels: Vec<Panel> = a
+        .modes
+        .iter()
+        .map(|mode| {
+            let ms: Vec<&Step> = steps.iter().filter(|x| &x.mode == mode).collect();
+            let series = (0..6)
+                .map(|i| Series {
+                    label: ms
+                        .first()
+                        .map_or("", |x| x.latency.labelled()[i].0)
+                        .to_string(),
+                    color: PERCENTILE_COLORS[i],
+                    width: if i == 2 { 3 } else { 2 },
+                    points: ms
+                        .iter()
+                        .map(|x| (x.offered as f64, x.latency.labelled()[i].1 as f64 / 1e3))
+                        .collect(),
+                })
+                .collect();
+            Panel {
+                title: format!("{mode} durability"),
+                series,
+            }
+        })
+        .collect();
+    report::plot(
+        path,
+        "Keel echo, 3 nodes: latency percentiles vs offered rate",
+        "offered rate (msg/s)",
+        "latency",
+        &panels,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_interleave_the_global_schedule() {
+        let plan = Plan {
+            start: Instant::now(),
+            rate: 1000,
+            burst: 20,
+            connections: 2,
+            window_from: 0,
+            window_to: 10_000_000_000,
+            hard_stop: 10_000_000_000,
+        };
+        // Global bursts every 20 ms alternate between the two connections.
+        assert_eq!(plan.due(0, 0), 0);
+        assert_eq!(plan.due(1, 0), 20_000_000);
+        assert_eq!(plan.due(0, 19), 0, "the whole burst shares one due time");
+        assert_eq!(plan.due(0, 20), 40_000_000);
+        assert_eq!(plan.due(1, 20), 60_000_000);
+        // Over both connections, every global burst is used exactly once.
+        let mut dues: Vec<u64> = (0..2)
+            .flat_map(|c| (0..50).map(move |b| plan.due(c, b * 20)))
+            .collect();
+        dues.sort_unstable();
+        let want: Vec<u64> = (0..100).map(|g| burst_due_ns(g, 20, 1000)).collect();
+        assert_eq!(dues, want);
+    }
+}

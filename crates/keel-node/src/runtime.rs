@@ -155,7 +155,7 @@ impl NodeHandle {
         let req = ClientRequest {
             id: n,
             client: keel_core::SESSIONLESS,
-            seq: n,
+            seq: sessionless_seq(self.id, n),
             op,
         };
         if self.external.try_send(External::Client(req, tx)).is_err() {
@@ -204,6 +204,19 @@ impl NodeHandle {
             None => Ok(()),
         }
     }
+}
+
+/// Low bits of a sessionless sequence number that count; the node id goes
+/// above them.
+const SESSIONLESS_COUNTER_MASK: u64 = (1 << 48) - 1;
+
+/// The sequence number of an in-process sessionless request. Replies are
+/// matched to waiting callers by (client, seq) on every node that applies
+/// the entry, and a follower forwards its writes to the leader, so the
+/// number must be unique across the cluster: the node id goes in the top
+/// bits. (Two callers sharing one would get each other's reply.)
+fn sessionless_seq(node: NodeId, counter: u64) -> u64 {
+    (node << 48) | (counter & SESSIONLESS_COUNTER_MASK)
 }
 
 fn wall_clock_ns() -> Nanos {
@@ -537,7 +550,9 @@ pub fn start_with(
         internal: internal_tx,
         external: external_tx,
         notifications: notify_tx,
-        next_request: AtomicU64::new(1),
+        // Start the counter at the clock, so sequence numbers of a restarted
+        // node do not repeat those of entries still in the log.
+        next_request: AtomicU64::new((wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK),
         threads: Mutex::new(vec![consensus_thread, service_thread, snapshot_writer]),
         cluster_id: cfg.cluster_id,
         id: cfg.id,
@@ -1064,5 +1079,22 @@ fn serve_reads(
         for (data, id, sink) in entry.remove() {
             respond(&sink, id, ClientResult::Ok(host.query(&data)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessionless_sequence_numbers_differ_across_nodes() {
+        assert_ne!(sessionless_seq(1, 5), sessionless_seq(2, 5));
+        assert_ne!(sessionless_seq(1, 5), sessionless_seq(1, 6));
+        // The counter wraps inside its bits and never reaches the node id's.
+        assert_eq!(
+            sessionless_seq(3, SESSIONLESS_COUNTER_MASK + 7) >> 48,
+            3,
+            "node id bits must survive a counter overflow"
+        );
     }
 }

@@ -275,6 +275,11 @@ fn serve(
                 Request::Barrier(reply) => barriers.push(reply),
             }
         }
+        // In `replicated` mode an entry counts once written to the OS: say
+        // so before the periodic sync, which then never delays a commit.
+        if durability == Durability::Replicated {
+            report_durable(store, &mut reported, report);
+        }
         let must_sync = durability == Durability::Sync
             || !barriers.is_empty()
             || last_sync.elapsed() >= REPLICATED_SYNC_INTERVAL;
@@ -283,16 +288,25 @@ fn serve(
             unsynced = false;
             last_sync = Instant::now();
         }
-        let now = (store.last_pos(), store.last_term());
-        if now != reported {
-            reported = now;
-            report(StorageEvent::Durable {
-                position: now.0,
-                term: now.1,
-            });
-        }
+        report_durable(store, &mut reported, report);
         for b in barriers {
             let _ = b.send(());
         }
+    }
+}
+
+/// Reports the log's end as durable if it moved since the last report.
+fn report_durable(
+    store: &LogStore,
+    reported: &mut (Position, u64),
+    report: &mut impl FnMut(StorageEvent),
+) {
+    let now = (store.last_pos(), store.last_term());
+    if now != *reported {
+        *reported = now;
+        report(StorageEvent::Durable {
+            position: now.0,
+            term: now.1,
+        });
     }
 }

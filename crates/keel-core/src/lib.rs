@@ -14,8 +14,8 @@ pub mod types;
 
 pub use message::{Body, Message};
 pub use node::{
-    Action, Config, Event, Node, Proposal, Recovered, RejectReason, Role, Stats, TestingBugs,
-    TimerUpdate,
+    accept_any_snapshot, Action, Config, Event, Node, Proposal, Recovered, RejectReason, Role,
+    Stats, TestingBugs, TimerUpdate,
 };
 pub use service::{ApplyOutput, Context, Reply, Service, ServiceHost, SnapshotTask, SESSIONLESS};
 pub use types::*;

@@ -6,9 +6,12 @@
 //! Runtime contract for the actions, which must be executed in order:
 //! - `PersistHardState` and `InstallSnapshot` are synchronous: they must be
 //!   durable before any later action (in particular a `Send`) is executed.
-//! - `Append`/`Truncate`/`CompactLog` are queued to storage in order; storage
-//!   reports progress with `Event::Durable { position, term }` naming the
-//!   last entry it has made durable.
+//! - `Append`/`Truncate`/`SaveSnapshot` are queued to storage in order;
+//!   storage reports progress with `Event::Durable { position, term }`
+//!   naming the last entry it has made durable, and a published snapshot
+//!   file with `Event::SnapshotPublished`.
+//! - `SendSnapshotChunk` is a `Send` whose chunk the runtime reads from the
+//!   published snapshot file (the core keeps only snapshot metadata).
 //! - `Apply` hands committed entries, in log order, to the service; the
 //!   runtime reports `Event::Applied` when they have been applied.
 
@@ -39,6 +42,11 @@ pub struct Config {
     pub max_inflight_bytes: u64,
     /// Largest snapshot chunk in one `InstallSnapshot` message.
     pub snapshot_chunk_bytes: u64,
+    /// Checks a snapshot file received in chunks before a follower installs
+    /// it (the storage format's checksum and that its header matches the
+    /// metadata the leader sent). Pure; a file that fails is dropped and
+    /// received again from the start. The default accepts anything.
+    pub snapshot_check: fn(&SnapshotMeta, &[u8]) -> bool,
     /// Seed for randomized election timeouts.
     pub seed: u64,
     /// Deliberate protocol bugs, for proving the simulator's checkers fire.
@@ -58,10 +66,16 @@ impl Config {
             max_batch_bytes: 256 * 1024,
             max_inflight_bytes: 4 * 1024 * 1024,
             snapshot_chunk_bytes: 1024 * 1024,
+            snapshot_check: accept_any_snapshot,
             seed: id,
             testing_bugs: TestingBugs::default(),
         }
     }
+}
+
+/// The default `Config::snapshot_check`: no checking.
+pub fn accept_any_snapshot(_: &SnapshotMeta, _: &[u8]) -> bool {
+    true
 }
 
 /// Switches that break safety on purpose (test-only).
@@ -130,10 +144,19 @@ pub enum Event {
         timers: Vec<TimerUpdate>,
     },
     /// The runtime captured the service state at applied position
-    /// `position`; the log before it may be compacted.
+    /// `position`; the log before it may be compacted. The core does not
+    /// keep `data`: it hands it straight back in `Action::SaveSnapshot`.
     SnapshotTaken {
         position: Position,
         data: Bytes,
+    },
+    /// Storage published (made durable and named in the manifest) the
+    /// snapshot file at `position`, `size` bytes long: a leader may now
+    /// stream it to followers. (Installed snapshots need no such event:
+    /// `InstallSnapshot` is synchronous.)
+    SnapshotPublished {
+        position: Position,
+        size: u64,
     },
     ChangeMembership {
         id: RequestId,
@@ -169,17 +192,33 @@ pub enum Action {
     Truncate {
         from: Position,
     },
-    /// Entries ending at or before `upto` are covered by a snapshot and may
-    /// be deleted.
-    CompactLog {
-        upto: Position,
-    },
+    /// Write this snapshot (the service state of `Event::SnapshotTaken`) to
+    /// a snapshot file, publish it, then delete log entries ending at or
+    /// before its position. Asynchronous, in order with the other storage
+    /// work; report `Event::SnapshotPublished` once the file is published
+    /// (not if a newer snapshot file is already published).
+    SaveSnapshot(Snapshot),
     Send(Message),
+    /// Send `message`, an `InstallSnapshot` whose `chunk` is empty, after
+    /// filling `chunk` with bytes `offset..offset + len` of the published
+    /// snapshot file at `position`. If that file is gone (a newer snapshot
+    /// replaced it) or cannot be read, send nothing: the leader resends
+    /// after its retry timeout, from the newest published snapshot.
+    SendSnapshotChunk {
+        message: Message,
+        position: Position,
+        offset: u64,
+        len: u64,
+    },
     Apply(Vec<Entry>),
-    /// Persist the snapshot and restore the service from it; drop log
-    /// entries it covers (the whole log if it does not hold the snapshot's
-    /// last entry).
-    InstallSnapshot(Snapshot),
+    /// Persist the snapshot file `image` (received in chunks, already
+    /// accepted by `Config::snapshot_check`), restore the service from it,
+    /// and drop log entries it covers (the whole log if it does not hold
+    /// the snapshot's last entry).
+    InstallSnapshot {
+        meta: SnapshotMeta,
+        image: Bytes,
+    },
     ReadReady {
         id: RequestId,
         index: Position,
@@ -239,6 +278,8 @@ pub struct Stats {
     pub pre_votes_started: u64,
     pub became_leader: u64,
     pub snapshots_sent: u64,
+    /// Snapshots received in full that failed `Config::snapshot_check`.
+    pub snapshots_rejected: u64,
     pub rejections_received: u64,
 }
 
@@ -246,7 +287,10 @@ pub struct Stats {
 #[derive(Clone, Debug, Default)]
 pub struct Recovered {
     pub hard_state: HardState,
+    /// The latest snapshot (only its metadata is kept).
     pub snapshot: Option<Snapshot>,
+    /// Size of its published snapshot file (0: none, e.g. a new node).
+    pub snapshot_file_size: u64,
     /// Durable entries after the snapshot, contiguous.
     pub entries: Vec<Entry>,
 }
@@ -259,7 +303,11 @@ pub struct Node {
     voted_for: Option<NodeId>,
     leader: Option<NodeId>,
     log: Log,
-    snapshot: Option<Snapshot>,
+    /// The latest snapshot: taken here, installed, or recovered.
+    snapshot: Option<SnapshotMeta>,
+    /// The newest published snapshot file (position, size): the one a
+    /// leader streams, when it is `snapshot`.
+    snapshot_file: Option<(Position, u64)>,
     /// Membership at the snapshot position, and every membership entry in
     /// the log after it (start position, membership).
     base_membership: Membership,
@@ -317,6 +365,7 @@ impl Node {
             Recovered {
                 hard_state: HardState::default(),
                 snapshot: Some(snapshot),
+                snapshot_file_size: 0,
                 entries: Vec::new(),
             },
             now,
@@ -360,7 +409,9 @@ impl Node {
             apply_sent: meta.position,
             applied: meta.position,
             log,
-            snapshot: recovered.snapshot.filter(|s| s.meta.position > 0),
+            snapshot: (meta.position > 0).then(|| meta.clone()),
+            snapshot_file: (meta.position > 0 && recovered.snapshot_file_size > 0)
+                .then_some((meta.position, recovered.snapshot_file_size)),
             base_membership: meta.membership,
             membership_log,
             matched: 0,
@@ -431,8 +482,14 @@ impl Node {
     pub fn applied_position(&self) -> Position {
         self.applied
     }
-    pub fn snapshot(&self) -> Option<&Snapshot> {
+    /// Metadata of the latest snapshot (its data lives in the service and
+    /// the snapshot file, not here).
+    pub fn snapshot_meta(&self) -> Option<&SnapshotMeta> {
         self.snapshot.as_ref()
+    }
+    /// The newest published snapshot file: (position, size).
+    pub fn snapshot_file(&self) -> Option<(Position, u64)> {
+        self.snapshot_file
     }
     pub fn stats(&self) -> Stats {
         self.stats
@@ -477,6 +534,11 @@ impl Node {
             Event::Durable { position, term } => self.on_durable(position, term, out),
             Event::Applied { position, timers } => self.on_applied(position, timers),
             Event::SnapshotTaken { position, data } => self.on_snapshot_taken(position, data, out),
+            Event::SnapshotPublished { position, size } => {
+                if self.snapshot_file.is_none_or(|(p, _)| position > p) {
+                    self.snapshot_file = Some((position, size));
+                }
+            }
             Event::ChangeMembership { id, change } => self.change_membership(id, change, out),
             Event::TransferLeadership { id, target } => self.transfer_leadership(id, target, out),
         }
@@ -553,6 +615,16 @@ impl Node {
 
     fn send(&self, to: NodeId, body: Body, out: &mut Vec<Action>) {
         self.send_with_term(to, self.term, body, out);
+    }
+
+    fn message(&self, to: NodeId, body: Body) -> Message {
+        Message {
+            cluster_id: self.cfg.cluster_id,
+            from: self.cfg.id,
+            to,
+            term: self.term,
+            body,
+        }
     }
 
     fn send_with_term(&self, to: NodeId, term: Term, body: Body, out: &mut Vec<Action>) {
@@ -1049,16 +1121,16 @@ impl Node {
             Some((_, buf)) => buf.len() as u64,
             None => 0,
         };
+        let mut received = received;
         if done && received == offset + chunk.len() as u64 {
             if let Some((meta, buf)) = self.incoming.take() {
-                self.on_install_snapshot(
-                    Snapshot {
-                        meta,
-                        data: Bytes::from(buf),
-                    },
-                    out,
-                );
-                return;
+                if (self.cfg.snapshot_check)(&meta, &buf) {
+                    self.on_install_snapshot(meta, Bytes::from(buf), out);
+                    return;
+                }
+                // Damaged on the way (or on the leader's disk): start over.
+                self.stats.snapshots_rejected += 1;
+                received = 0;
             }
         }
         self.send(
@@ -1081,8 +1153,7 @@ impl Node {
         }
     }
 
-    fn on_install_snapshot(&mut self, snapshot: Snapshot, out: &mut Vec<Action>) {
-        let meta = snapshot.meta.clone();
+    fn on_install_snapshot(&mut self, meta: SnapshotMeta, image: Bytes, out: &mut Vec<Action>) {
         self.ack_due = true;
         self.ack_forced = true;
         if meta.position <= self.commit {
@@ -1101,8 +1172,9 @@ impl Node {
         self.applied = meta.position;
         self.durable = self.durable.max(meta.position).min(self.log.last_pos());
         self.matched = self.matched.max(meta.position);
-        self.snapshot = Some(snapshot.clone());
-        out.push(Action::InstallSnapshot(snapshot));
+        self.snapshot = Some(meta.clone());
+        self.snapshot_file = Some((meta.position, image.len() as u64));
+        out.push(Action::InstallSnapshot { meta, image });
     }
 
     fn on_durable(&mut self, position: Position, term: Term, out: &mut Vec<Action>) {
@@ -1149,16 +1221,14 @@ impl Node {
         self.log.compact_to(position, term, timestamp);
         self.membership_log.retain(|(p, _)| *p >= position);
         self.base_membership = membership.clone();
-        self.snapshot = Some(Snapshot {
-            meta: SnapshotMeta {
-                position,
-                term,
-                timestamp,
-                membership,
-            },
-            data,
-        });
-        out.push(Action::CompactLog { upto: position });
+        let meta = SnapshotMeta {
+            position,
+            term,
+            timestamp,
+            membership,
+        };
+        self.snapshot = Some(meta.clone());
+        out.push(Action::SaveSnapshot(Snapshot { meta, data }));
     }
 
     /// The membership in force for an entry ending at `pos`.
@@ -1655,41 +1725,55 @@ impl Node {
             state == ProgressState::Snapshot || next < first || self.log.term_at(next).is_none();
         if need_snapshot {
             let snapshot = self.snapshot.clone();
+            // Chunks come from the published file of the latest snapshot.
+            let file_size = match (&snapshot, self.snapshot_file) {
+                (Some(m), Some((pos, size))) if pos == m.position => Some(size),
+                _ => None,
+            };
             let Some(p) = self.progress.get_mut(&n) else {
                 return false;
             };
-            p.paused_since = Some(now);
             match snapshot {
-                Some(snapshot) => {
-                    if p.state != ProgressState::Snapshot
-                        || p.snapshot_pos != snapshot.meta.position
-                    {
+                Some(_) if file_size.is_none() => {
+                    // The latest snapshot's file is not published yet (the
+                    // log before it is already compacted): wait for it.
+                    return false;
+                }
+                Some(meta) => {
+                    p.paused_since = Some(now);
+                    if p.state != ProgressState::Snapshot || p.snapshot_pos != meta.position {
                         // Start (over) with the latest snapshot.
                         p.state = ProgressState::Snapshot;
-                        p.snapshot_pos = snapshot.meta.position;
+                        p.snapshot_pos = meta.position;
                         p.snapshot_offset = 0;
                         self.stats.snapshots_sent += 1;
                     }
-                    p.next = snapshot.meta.position;
-                    let len = snapshot.data.len() as u64;
-                    let start = p.snapshot_offset.min(len);
+                    p.next = meta.position;
+                    let size = file_size.unwrap_or(0);
+                    let start = p.snapshot_offset.min(size);
                     let end = start
                         .saturating_add(self.cfg.snapshot_chunk_bytes.max(1))
-                        .min(len);
-                    let chunk = snapshot.data.slice(start as usize..end as usize);
-                    self.send(
+                        .min(size);
+                    let position = meta.position;
+                    let message = self.message(
                         n,
                         Body::InstallSnapshot {
-                            meta: snapshot.meta,
+                            meta,
                             offset: start,
-                            chunk,
-                            done: end == len,
+                            chunk: Bytes::new(),
+                            done: end == size,
                         },
-                        out,
                     );
+                    out.push(Action::SendSnapshotChunk {
+                        message,
+                        position,
+                        offset: start,
+                        len: end - start,
+                    });
                 }
                 None => {
                     // Nothing compacted yet: probe from the start of the log.
+                    p.paused_since = Some(now);
                     p.state = ProgressState::Probe;
                     p.next = first;
                     self.send_append_from(n, first, out);

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use keel_core::*;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 const MS: Nanos = 1_000_000;
 
@@ -17,6 +17,25 @@ struct Harness {
     /// Directed links that drop messages.
     cut: HashSet<(NodeId, NodeId)>,
     persisted: Vec<HardState>,
+    /// Each node's snapshot files by position (the test's "disk"): a
+    /// snapshot's file is its data behind a 4-byte "SNAP" header.
+    files: Vec<BTreeMap<Position, Bytes>>,
+    /// Snapshots each node installed (the received file bytes).
+    installed: Vec<Vec<Bytes>>,
+    /// Hold back `SnapshotPublished` (the file is still being written).
+    hold_publish: bool,
+    /// Flip a byte of the next chunk read from a snapshot file.
+    corrupt_next_chunk: bool,
+}
+
+/// The harness's snapshot file format.
+fn image_of(data: &[u8]) -> Bytes {
+    [&b"SNAP"[..], data].concat().into()
+}
+
+/// A `Config::snapshot_check` for `image_of` files.
+fn check_image(_: &SnapshotMeta, image: &[u8]) -> bool {
+    image.starts_with(b"SNAP")
 }
 
 impl Harness {
@@ -39,6 +58,10 @@ impl Harness {
             rejected: Vec::new(),
             cut: HashSet::new(),
             persisted: vec![HardState::default(); k],
+            files: vec![BTreeMap::new(); k],
+            installed: vec![Vec::new(); k],
+            hold_publish: false,
+            corrupt_next_chunk: false,
         }
     }
     fn node(&self, id: NodeId) -> &Node {
@@ -76,6 +99,45 @@ impl Harness {
                     Action::ReadReady { id: r, index } => self.ready_reads.push((id, r, index)),
                     Action::Rejected { id: r, reason } => self.rejected.push((id, r, reason)),
                     Action::PersistHardState(hs) => self.persisted[i] = hs,
+                    Action::SaveSnapshot(s) => {
+                        let image = image_of(&s.data);
+                        let size = image.len() as u64;
+                        self.files[i].insert(s.meta.position, image);
+                        if !self.hold_publish {
+                            queue.push_back(Event::SnapshotPublished {
+                                position: s.meta.position,
+                                size,
+                            });
+                        }
+                    }
+                    Action::SendSnapshotChunk {
+                        mut message,
+                        position,
+                        offset,
+                        len,
+                    } => {
+                        // The core sends no bytes: read them from the file.
+                        let Body::InstallSnapshot { chunk, .. } = &mut message.body else {
+                            panic!("a chunk action with a {}", message.body.name());
+                        };
+                        assert!(chunk.is_empty());
+                        let Some(file) = self.files[i].get(&position) else {
+                            continue; // gone: send nothing
+                        };
+                        let (a, b) = (offset as usize, (offset + len) as usize);
+                        let mut bytes = file[a..b].to_vec();
+                        if std::mem::take(&mut self.corrupt_next_chunk) {
+                            bytes[0] ^= 0xff;
+                        }
+                        *chunk = bytes.into();
+                        if !self.cut.contains(&(message.from, message.to)) {
+                            self.inbox.push_back(message);
+                        }
+                    }
+                    Action::InstallSnapshot { meta, image } => {
+                        self.files[i].insert(meta.position, image.clone());
+                        self.installed[i].push(image);
+                    }
                     _ => {}
                 }
             }
@@ -425,7 +487,9 @@ fn compaction_then_install_snapshot_on_a_wiped_follower() {
     h.run_for(1_000 * MS);
     let n = h.node(victim);
     assert_eq!(n.log().first_pos(), applied);
-    assert_eq!(n.snapshot().map(|s| &s.data[..]), Some(&b"state"[..]));
+    assert_eq!(n.snapshot_meta().map(|m| m.position), Some(applied));
+    assert_eq!(h.installed[i], vec![image_of(b"state")]);
+    assert_eq!(n.snapshot_file(), Some((applied, 9)));
     assert!(n.commit_position() >= applied);
 }
 
@@ -529,15 +593,160 @@ fn a_large_snapshot_is_installed_in_chunks() {
             }
             h.step(msg.to, Event::Message(msg));
         }
-        if h.node(2).snapshot().is_some() {
+        if h.node(2).snapshot_meta().is_some() {
             break;
         }
     }
-    assert_eq!(chunks, 10, "10 kB in 1 kB chunks");
-    assert_eq!(h.node(2).snapshot().map(|s| s.data.to_vec()), Some(big));
+    assert_eq!(chunks, 11, "a 10 kB snapshot's file in 1 kB chunks");
+    assert_eq!(h.installed[1], vec![image_of(&big)]);
     h.run_for(200 * MS);
     assert!(
         h.node(2).commit_position() > applied,
         "the log after the snapshot followed"
     );
+}
+
+/// Node 1 leads a 2-node cluster; its log is compacted behind a snapshot of
+/// `data`, and node 2 is replaced by a wiped node built from `cfg2`.
+fn leader_with_snapshot_and_wiped_follower(data: &[u8], cfg2: Config) -> (Harness, Position) {
+    let m = Membership::new([1, 2]);
+    let mut cfg1 = Config::new(1, 7);
+    cfg1.snapshot_chunk_bytes = 1000;
+    let nodes = vec![
+        Node::new(cfg1, m.clone(), 0),
+        Node::new(Config::new(2, 7), m, 0),
+    ];
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    if h.leader() != Some(1) {
+        h.step(2, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1));
+    for seq in 1..=5 {
+        h.propose(1, seq, seq, b"committed");
+    }
+    h.run_for(50 * MS);
+    let applied = h.node(1).applied_position();
+    h.step(
+        1,
+        Event::SnapshotTaken {
+            position: applied,
+            data: Bytes::copy_from_slice(data),
+        },
+    );
+    assert_eq!(h.node(1).log().first_pos(), applied);
+    h.nodes[1] = Node::new(cfg2, Membership::new([1, 2]), h.now);
+    (h, applied)
+}
+
+#[test]
+fn the_leader_keeps_only_snapshot_metadata_and_streams_the_published_file() {
+    let data: Vec<u8> = (0..2_500u32).map(|i| (i * 7) as u8).collect();
+    let mut h = Harness::new(1);
+    h.hold_publish = true;
+    h.run_for(1_500 * MS);
+    assert_eq!(h.leader(), Some(1));
+    h.propose(1, 1, 1, b"x");
+    let applied = h.node(1).applied_position();
+    h.step(
+        1,
+        Event::SnapshotTaken {
+            position: applied,
+            data: Bytes::from(data),
+        },
+    );
+    // Only metadata stays in the core; the file is not published yet.
+    assert_eq!(h.node(1).snapshot_meta().map(|m| m.position), Some(applied));
+    assert_eq!(h.node(1).snapshot_file(), None);
+    h.step(
+        1,
+        Event::SnapshotPublished {
+            position: applied,
+            size: 2_504,
+        },
+    );
+    assert_eq!(h.node(1).snapshot_file(), Some((applied, 2_504)));
+    // An older publication (e.g. reported late) never replaces it.
+    h.step(
+        1,
+        Event::SnapshotPublished {
+            position: 1,
+            size: 10,
+        },
+    );
+    assert_eq!(h.node(1).snapshot_file(), Some((applied, 2_504)));
+}
+
+#[test]
+fn a_leader_waits_for_its_snapshot_file_before_sending_chunks() {
+    let big: Vec<u8> = (0..2_500u32).map(|i| i as u8).collect();
+    let mut cfg2 = Config::new(2, 7);
+    cfg2.snapshot_check = check_image;
+    let mut h = {
+        // Publish nothing: the file is still "being written".
+        let (mut h, _) = leader_with_snapshot_and_wiped_follower(b"old", Config::new(2, 7));
+        h.hold_publish = true;
+        let applied = h.node(1).applied_position();
+        h.propose(1, 100, 100, b"more");
+        h.run_for(50 * MS);
+        assert!(h.node(1).applied_position() > applied);
+        let position = h.node(1).applied_position();
+        h.step(
+            1,
+            Event::SnapshotTaken {
+                position,
+                data: Bytes::from(big.clone()),
+            },
+        );
+        h.nodes[1] = Node::new(cfg2, Membership::new([1, 2]), h.now);
+        h.installed[1].clear();
+        h
+    };
+    let position = h.node(1).snapshot_meta().map(|m| m.position).unwrap();
+    for _ in 0..50 {
+        h.now += 10 * MS;
+        h.step(1, Event::Tick);
+        assert!(
+            h.inbox
+                .iter()
+                .all(|m| !matches!(m.body, Body::InstallSnapshot { .. })),
+            "sent a snapshot whose file is not published (or an older one)"
+        );
+        h.deliver();
+    }
+    assert!(h.installed[1].is_empty());
+    let size = h.files[0][&position].len() as u64;
+    h.step(1, Event::SnapshotPublished { position, size });
+    h.run_for(300 * MS);
+    assert_eq!(h.installed[1], vec![image_of(&big)]);
+    assert_eq!(h.node(2).snapshot_file(), Some((position, size)));
+}
+
+#[test]
+fn a_snapshot_damaged_on_the_way_is_rejected_and_sent_again() {
+    let big: Vec<u8> = (0..3_000u32).map(|i| i as u8).collect();
+    let mut cfg2 = Config::new(2, 7);
+    cfg2.snapshot_check = check_image;
+    let (mut h, applied) = leader_with_snapshot_and_wiped_follower(&big, cfg2);
+    h.corrupt_next_chunk = true; // breaks the "SNAP" header of the first
+    h.run_for(2_000 * MS);
+    assert_eq!(h.node(2).stats().snapshots_rejected, 1);
+    assert_eq!(h.installed[1], vec![image_of(&big)]);
+    assert!(h.node(2).commit_position() >= applied);
+}
+
+#[test]
+fn a_vanished_snapshot_file_sends_nothing_and_the_retry_timer_resends() {
+    let (mut h, applied) = leader_with_snapshot_and_wiped_follower(b"first", Config::new(2, 7));
+    // The file cannot be read (replaced, or a read error): nothing is sent.
+    let file = h.files[0].remove(&applied).expect("the published file");
+    h.run_for(300 * MS);
+    assert!(h.installed[1].is_empty(), "nothing to read, nothing sent");
+    assert_eq!(h.node(2).commit_position(), 0);
+    // Readable again: the leader's retry timeout sends it.
+    h.files[0].insert(applied, file);
+    h.run_for(1_000 * MS);
+    assert_eq!(h.installed[1], vec![image_of(b"first")]);
+    assert!(h.node(2).commit_position() >= applied);
 }

@@ -117,7 +117,9 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
 }
 
 /// The bytes of a snapshot file; also what a leader streams in chunks to a
-/// follower, which checks them with `decode_snapshot`.
+/// follower (read from the published file with `read_snapshot_chunk`),
+/// which checks the whole file with `check_snapshot_image` before
+/// installing it: the checksum covers the transfer end to end.
 pub fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
     let mut b = Vec::with_capacity(64 + s.data.len());
     b.extend_from_slice(SNAPSHOT_MAGIC);
@@ -158,6 +160,57 @@ pub fn decode_snapshot(path: &Path, b: &[u8]) -> Result<Snapshot, LogError> {
         },
         data: Bytes::copy_from_slice(data),
     })
+}
+
+/// `Config::snapshot_check` for snapshot files: the checksum holds, the
+/// file decodes, and its header matches the metadata the leader sent.
+pub fn check_snapshot_image(meta: &SnapshotMeta, image: &[u8]) -> bool {
+    decode_snapshot(Path::new("received snapshot"), image).is_ok_and(|s| s.meta == *meta)
+}
+
+/// Bytes `offset..offset + len` of the published snapshot file at
+/// `position`, for a chunk of an install. `Ok(None)` if there is no such
+/// file (a newer snapshot replaced it); an error if the range is not inside
+/// the file or reading fails. Never panics.
+pub fn read_snapshot_chunk(
+    dir: &Path,
+    position: Position,
+    offset: u64,
+    len: u64,
+) -> Result<Option<Bytes>, LogError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = dir.join(snapshot_file_name(position));
+    let mut f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LogError::io(&path, "opening the snapshot to send", e)),
+    };
+    let size = f
+        .metadata()
+        .map_err(|e| LogError::io(&path, "reading the size of the snapshot to send", e))?
+        .len();
+    let end = offset.checked_add(len).filter(|&end| end <= size);
+    let (Some(_), Ok(n)) = (end, usize::try_from(len)) else {
+        return Err(LogError::Invalid(format!(
+            "snapshot chunk {offset}+{len} is outside {} ({size} bytes)",
+            path.display()
+        )));
+    };
+    let mut buf = vec![0; n];
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.read_exact(&mut buf))
+        .map_err(|e| LogError::io(&path, "reading a chunk of the snapshot to send", e))?;
+    Ok(Some(buf.into()))
+}
+
+/// The size of the snapshot file at `position`; `None` if there is none.
+pub fn snapshot_file_size(dir: &Path, position: Position) -> Result<Option<u64>, LogError> {
+    let path = dir.join(snapshot_file_name(position));
+    match fs::metadata(&path) {
+        Ok(m) => Ok(Some(m.len())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LogError::io(&path, "reading the size of", e)),
+    }
 }
 
 pub fn snapshot_file_name(position: Position) -> String {

@@ -4,7 +4,7 @@
 //! reports the durable position back. Any I/O error stops the thread and is
 //! reported: the node must stop rather than run with unknown state.
 
-use crate::{LogError, LogStore};
+use crate::{meta, LogError, LogStore};
 use keel_core::{Entry, Position, Snapshot, Term};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +34,9 @@ pub enum StorageEvent {
     /// The log is durable (per the durability mode) up to the entry ending
     /// at `position` with `term`.
     Durable { position: Position, term: Term },
+    /// The snapshot file at `position`, `size` bytes, is published (named
+    /// by the manifest): chunked installs to followers can read it.
+    SnapshotPublished { position: Position, size: u64 },
     /// Storage failed; the thread has stopped.
     Failed(LogError),
 }
@@ -270,7 +273,11 @@ fn serve(
                     staged,
                     compact_upto,
                 } => {
-                    store.commit_snapshot(position, &staged, compact_upto)?;
+                    if store.commit_snapshot(position, &staged, compact_upto)? {
+                        if let Some(size) = meta::snapshot_file_size(store.dir(), position)? {
+                            report(StorageEvent::SnapshotPublished { position, size });
+                        }
+                    }
                 }
                 Request::Barrier(reply) => barriers.push(reply),
             }

@@ -269,6 +269,7 @@ fn storage_thread_reports_durable_positions_in_order() {
                     }
                 }
                 StorageEvent::Failed(e) => panic!("storage failed: {e}"),
+                StorageEvent::SnapshotPublished { .. } => {}
             }
         }
         assert_eq!(last, pos, "{durability:?}: never reported the end");
@@ -298,7 +299,7 @@ fn a_write_error_stops_the_storage_thread_and_is_reported() {
     let failed = loop {
         match rx.recv_timeout(Duration::from_secs(5)).expect("no report") {
             StorageEvent::Failed(e) => break e,
-            StorageEvent::Durable { .. } => continue,
+            StorageEvent::Durable { .. } | StorageEvent::SnapshotPublished { .. } => continue,
         }
     };
     assert!(matches!(failed, LogError::Io { .. }), "{failed}");
@@ -424,4 +425,108 @@ fn a_staged_snapshot_left_by_a_crash_is_removed_on_open() {
     let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
     assert!(o.snapshot.is_none());
     assert!(!staged.exists());
+}
+
+/// Chunked installs read the published snapshot file: chunks reassemble to
+/// the exact file, which the follower's check accepts; bad ranges are
+/// errors (never panics), a replaced file is `None`.
+#[test]
+fn snapshot_chunks_are_read_from_the_published_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31) as u8).collect();
+    let s = Snapshot {
+        meta: snapshot_at(700, 2, b"").meta,
+        data: Bytes::from(data),
+    };
+    assert!(meta::save_snapshot(dir.path(), &s).expect("save"));
+    let file = std::fs::read(dir.path().join(meta::snapshot_file_name(700))).expect("read");
+    let size = meta::snapshot_file_size(dir.path(), 700)
+        .expect("size")
+        .expect("a file");
+    assert_eq!(size, file.len() as u64);
+    let mut image = Vec::new();
+    while (image.len() as u64) < size {
+        let len = (size - image.len() as u64).min(999);
+        let chunk = meta::read_snapshot_chunk(dir.path(), 700, image.len() as u64, len)
+            .expect("read chunk")
+            .expect("the file is there");
+        assert_eq!(chunk.len() as u64, len);
+        image.extend_from_slice(&chunk);
+    }
+    assert_eq!(image, file);
+    assert!(meta::check_snapshot_image(&s.meta, &image));
+    // Decoding and re-encoding a received file gives the same bytes (an
+    // installed snapshot's file is as long as the one that was sent).
+    let decoded = meta::decode_snapshot(std::path::Path::new("x"), &image).expect("decode");
+    assert_eq!(meta::encode_snapshot(&decoded), image);
+    // Any damaged byte, or another snapshot's metadata, is refused.
+    for at in [0, 5, image.len() / 2, image.len() - 1] {
+        let mut bad = image.clone();
+        bad[at] ^= 0x10;
+        assert!(!meta::check_snapshot_image(&s.meta, &bad), "flip at {at}");
+    }
+    assert!(!meta::check_snapshot_image(
+        &s.meta,
+        &image[..image.len() - 1]
+    ));
+    let mut other = s.meta.clone();
+    other.term = 3;
+    assert!(!meta::check_snapshot_image(&other, &image));
+    // Out-of-range reads are errors; a missing file is None.
+    for (offset, len) in [(size, 1), (size - 1, 2), (u64::MAX, 2), (0, u64::MAX)] {
+        let e = meta::read_snapshot_chunk(dir.path(), 700, offset, len).expect_err("range");
+        assert!(e.to_string().contains("outside"), "{e}");
+    }
+    assert_eq!(
+        meta::read_snapshot_chunk(dir.path(), 700, size, 0).expect("empty"),
+        Some(Bytes::new())
+    );
+    assert!(meta::read_snapshot_chunk(dir.path(), 701, 0, 1)
+        .expect("no error")
+        .is_none());
+    // A newer snapshot replaces the file: the old position is gone.
+    assert!(meta::save_snapshot(dir.path(), &snapshot_at(900, 2, b"newer")).expect("save"));
+    assert!(meta::read_snapshot_chunk(dir.path(), 700, 0, 1)
+        .expect("no error")
+        .is_none());
+}
+
+/// The storage thread reports a published snapshot file (with its size),
+/// and nothing for one ignored because a newer one is already published.
+#[test]
+fn the_storage_thread_reports_published_snapshot_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    let (tx, rx) = mpsc::channel();
+    let t = StorageThread::spawn(store, Durability::Sync, move |ev| {
+        let _ = tx.send(ev);
+    })
+    .expect("spawn");
+    let mut pos = 0;
+    for _ in 0..20 {
+        let e = entry(1, pos, 100);
+        pos = e.end();
+        t.append(vec![e]).expect("append");
+    }
+    let p1 = snapshot_at(pos / 2, 1, b"own state");
+    let staged = meta::stage_snapshot(dir.path(), &p1).expect("stage");
+    t.commit_snapshot(p1.meta.position, staged, p1.meta.position)
+        .expect("commit");
+    let p0 = snapshot_at(pos / 4, 1, b"older");
+    let staged = meta::stage_snapshot(dir.path(), &p0).expect("stage");
+    t.commit_snapshot(p0.meta.position, staged, p0.meta.position)
+        .expect("commit");
+    t.barrier().expect("barrier");
+    t.shutdown().expect("shutdown");
+    let published: Vec<(Position, u64)> = rx
+        .try_iter()
+        .filter_map(|ev| match ev {
+            StorageEvent::SnapshotPublished { position, size } => Some((position, size)),
+            _ => None,
+        })
+        .collect();
+    let size = meta::encode_snapshot(&p1).len() as u64;
+    assert_eq!(published, vec![(p1.meta.position, size)]);
 }

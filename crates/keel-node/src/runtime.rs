@@ -9,10 +9,14 @@
 //! Snapshots: the service thread captures the state between entries
 //! (`ServiceHost::prepare_snapshot`, a consistent clone for services that
 //! provide one) and goes on applying; the snapshot thread serializes it and
-//! hands it to the core, which compacts its in-memory log; the snapshot
-//! thread then writes the file, and the storage thread publishes it (the
-//! manifest) and compacts the segments, in order with snapshot installs
-//! from the leader, so the manifest never moves backwards.
+//! hands it to the core, which compacts its in-memory log and keeps only the
+//! snapshot's metadata; the snapshot thread then writes the file, and the
+//! storage thread publishes it (the manifest) and compacts the segments, in
+//! order with snapshot installs from the leader, so the manifest never moves
+//! backwards, and reports the publication to the core. Chunked installs to
+//! followers read the published file (`SendSnapshotChunk`), so a leader never
+//! holds a whole snapshot in memory to serve them; a follower checks the
+//! whole received file (its checksum) before installing it.
 
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
@@ -65,6 +69,10 @@ enum Internal {
     SnapshotTaken {
         position: Position,
         data: Bytes,
+    },
+    SnapshotPublished {
+        position: Position,
+        size: u64,
     },
     Fatal(String),
     Shutdown,
@@ -294,9 +302,14 @@ pub fn start_with(
     let timers = host
         .restore(&snapshot)
         .map_err(|e| NodeError::Start(format!("restoring the service from its snapshot: {e}")))?;
+    let snapshot_file_size = match opened.snapshot {
+        Some(ref s) => meta::snapshot_file_size(&dir, s.meta.position)?.unwrap_or(0),
+        None => 0,
+    };
     let recovered = Recovered {
         hard_state: hard.hard_state,
         snapshot: Some(snapshot.clone()),
+        snapshot_file_size,
         entries: opened.entries,
     };
     info!(
@@ -328,6 +341,9 @@ pub fn start_with(
         StorageThread::spawn(opened.store, cfg.durability.into(), move |ev| {
             let _ = tx.send(match ev {
                 StorageEvent::Durable { position, term } => Internal::Durable { position, term },
+                StorageEvent::SnapshotPublished { position, size } => {
+                    Internal::SnapshotPublished { position, size }
+                }
                 StorageEvent::Failed(e) => Internal::Fatal(format!("storage: {e}")),
             });
         })?
@@ -501,6 +517,7 @@ pub fn start_with(
     core_cfg.election_timeout_min = cfg.election_timeout_min_ms * 1_000_000;
     core_cfg.election_timeout_max = cfg.election_timeout_max_ms * 1_000_000;
     core_cfg.seed = start_wall ^ cfg.id;
+    core_cfg.snapshot_check = meta::check_snapshot_image;
     let node = Node::restart(core_cfg, recovered, start_wall);
     let mut consensus = Consensus {
         node,
@@ -664,6 +681,9 @@ impl Consensus {
             Internal::SnapshotTaken { position, data } => {
                 self.step(Event::SnapshotTaken { position, data })?
             }
+            Internal::SnapshotPublished { position, size } => {
+                self.step(Event::SnapshotPublished { position, size })?
+            }
             Internal::Fatal(e) => return Err(e),
             Internal::Shutdown => {
                 info!("node {} shutting down", self.cfg.id);
@@ -826,16 +846,48 @@ impl Consensus {
             .map_err(|e| format!("persisting hard state: {e}"))?,
             Action::Append(entries) => self.storage.append(entries).map_err(|e| e.to_string())?,
             Action::Truncate { from } => self.storage.truncate(from).map_err(|e| e.to_string())?,
-            Action::CompactLog { upto } => {
-                if let Some(s) = self.node.snapshot() {
-                    let _ = self.snapshots.send(SnapshotJob::Write(s.clone(), upto));
-                }
+            Action::SaveSnapshot(s) => {
+                let upto = s.meta.position;
+                let _ = self.snapshots.send(SnapshotJob::Write(s, upto));
             }
             Action::Send(m) => self.peers.send(m),
+            Action::SendSnapshotChunk {
+                mut message,
+                position,
+                offset,
+                len,
+            } => {
+                // A pread of at most one chunk (`snapshot_chunk_bytes`) from
+                // the published file. If it is gone (a newer snapshot
+                // replaced it) or unreadable, send nothing: the core resends
+                // after its retry timeout, from its newest snapshot file.
+                match meta::read_snapshot_chunk(&self.cfg.data_dir, position, offset, len) {
+                    Ok(Some(bytes)) => {
+                        if let keel_core::Body::InstallSnapshot { chunk, .. } = &mut message.body {
+                            *chunk = bytes;
+                        }
+                        self.peers.send(message);
+                    }
+                    Ok(None) => info!(
+                        "node {}: snapshot file at {position} replaced; not sending a chunk of it",
+                        self.cfg.id
+                    ),
+                    Err(e) => warn!("node {}: not sending a snapshot chunk: {e}", self.cfg.id),
+                }
+            }
             Action::Apply(entries) => {
                 let _ = self.service.send(ServiceInput::Apply(entries));
             }
-            Action::InstallSnapshot(s) => {
+            Action::InstallSnapshot { meta: m, image } => {
+                // The core checked the file (`check_snapshot_image`).
+                let s = meta::decode_snapshot(std::path::Path::new("received snapshot"), &image)
+                    .map_err(|e| format!("installing snapshot: {e}"))?;
+                if s.meta != m {
+                    return Err(format!(
+                        "installing snapshot: the file is at {}, the leader said {}",
+                        s.meta.position, m.position
+                    ));
+                }
                 self.storage
                     .install_snapshot(s.clone())
                     .map_err(|e| format!("installing snapshot: {e}"))?;

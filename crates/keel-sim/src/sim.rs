@@ -18,6 +18,7 @@ use keel_core::{
 };
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::path::Path;
 
 const MS: Nanos = 1_000_000;
 const SEC: Nanos = 1_000_000_000;
@@ -217,6 +218,9 @@ pub struct Report {
     pub snapshots_installed: u64,
     /// Snapshot chunks sent (a snapshot install takes several).
     pub snapshot_chunks: u64,
+    /// Chunks the core asked for whose snapshot file was already replaced
+    /// (not sent; the leader resends from the newer snapshot).
+    pub snapshot_chunks_unsent: u64,
     pub membership_changes: u64,
     /// Membership changes that removed the leader proposing them, accepted
     /// by it (it steps down once the change commits).
@@ -314,12 +318,18 @@ enum StorageOp {
     Append(Vec<Entry>),
     Truncate(Position),
     Compact(Position),
+    /// Write and publish a snapshot file (`Action::SaveSnapshot`).
+    Publish(Snapshot),
 }
 
 #[derive(Default)]
 struct Disk {
     hard_state: HardState,
     snapshot: Option<Snapshot>,
+    /// The published snapshot file of `snapshot` (keel-log's format), the
+    /// model of `snap-<position>.snap`: chunked installs read it. None for
+    /// the boot snapshot at 0.
+    snapshot_file: Option<Bytes>,
     log: Vec<Entry>,
     /// Where `log` starts (its end while it is empty).
     log_base: Position,
@@ -404,6 +414,8 @@ fn core_config(id: NodeId, seed: u64, bugs: TestingBugs) -> Config {
     c.max_inflight_bytes = 32 * 1024;
     // Small chunks so snapshot installs take several messages.
     c.snapshot_chunk_bytes = 128;
+    // Installs check the received file as the real runtime does.
+    c.snapshot_check = keel_log::meta::check_snapshot_image;
     c.seed = seed ^ id.wrapping_mul(0x9E37_79B9);
     c.testing_bugs = bugs;
     c
@@ -710,17 +722,51 @@ impl Sim {
                 self.nodes[i].pending.push(StorageOp::Truncate(from));
                 self.schedule_sync(i);
             }
-            Action::CompactLog { upto } => {
-                let snap = self.nodes[i]
-                    .core
-                    .as_ref()
-                    .and_then(|c| c.snapshot().cloned());
-                self.nodes[i].disk.snapshot = snap;
+            Action::SaveSnapshot(s) => {
+                // Written and published with the next disk sync (as the
+                // runtime's snapshot and storage threads do, in order with
+                // the log), then reported to the core.
+                let upto = s.meta.position;
+                self.nodes[i].pending.push(StorageOp::Publish(s));
                 self.nodes[i].pending.push(StorageOp::Compact(upto));
                 self.inv.compact(id, upto);
                 self.schedule_sync(i);
             }
             Action::Send(m) => self.send_peer(m),
+            Action::SendSnapshotChunk {
+                mut message,
+                position,
+                offset,
+                len,
+            } => {
+                // Read the chunk from the published file, as the runtime
+                // does; a replaced file means nothing is sent.
+                let disk = &self.nodes[i].disk;
+                let file = disk
+                    .snapshot_file
+                    .as_ref()
+                    .filter(|_| disk.snapshot.as_ref().map(|s| s.meta.position) == Some(position));
+                let Some(file) = file else {
+                    self.report.snapshot_chunks_unsent += 1;
+                    return;
+                };
+                let range = usize::try_from(offset)
+                    .ok()
+                    .zip(usize::try_from(offset.saturating_add(len)).ok())
+                    .filter(|&(a, b)| a <= b && b <= file.len());
+                let Some((a, b)) = range else {
+                    self.report.violations.push(format!(
+                        "node {id}: snapshot chunk {offset}+{len} outside the {}-byte file at {position}",
+                        file.len()
+                    ));
+                    return;
+                };
+                let bytes = file.slice(a..b);
+                if let keel_core::Body::InstallSnapshot { chunk, .. } = &mut message.body {
+                    *chunk = bytes;
+                }
+                self.send_peer(message);
+            }
             Action::Apply(entries) => {
                 self.inv.apply(
                     id,
@@ -754,7 +800,16 @@ impl Sim {
                     });
                 }
             }
-            Action::InstallSnapshot(s) => {
+            Action::InstallSnapshot { meta, image } => {
+                let s = match keel_log::meta::decode_snapshot(Path::new("received"), &image) {
+                    Ok(s) if s.meta == meta => s,
+                    Ok(_) | Err(_) => {
+                        self.report.violations.push(format!(
+                            "node {id}: installing a snapshot file that does not decode to its metadata"
+                        ));
+                        return;
+                    }
+                };
                 if self.trace {
                     eprintln!(
                         "{:>10.3}ms node {id}: install snapshot at {} term {}",
@@ -764,7 +819,9 @@ impl Sim {
                     );
                 }
                 self.report.snapshots_installed += 1;
-                self.flush_pending(i);
+                for (position, size) in self.flush_pending(i) {
+                    queue.push_back(Event::SnapshotPublished { position, size });
+                }
                 let node = &mut self.nodes[i];
                 let pos = s.meta.position;
                 let keeps = node
@@ -779,6 +836,7 @@ impl Sim {
                 }
                 node.disk.log_base = pos;
                 node.disk.snapshot = Some(s.clone());
+                node.disk.snapshot_file = Some(image);
                 node.last_snapshot = pos;
                 self.inv
                     .install_snapshot(id, &s, &mut self.report.violations);
@@ -859,8 +917,11 @@ impl Sim {
         }
     }
 
-    fn flush_pending(&mut self, i: usize) {
+    /// Carries out the pending storage work; returns the snapshot files it
+    /// published (position, size).
+    fn flush_pending(&mut self, i: usize) -> Vec<(Position, u64)> {
         let node = &mut self.nodes[i];
+        let mut published = Vec::new();
         for op in std::mem::take(&mut node.pending) {
             match op {
                 StorageOp::Append(es) => {
@@ -885,8 +946,19 @@ impl Sim {
                         node.disk.log_base = node.disk.log[0].position;
                     }
                 }
+                StorageOp::Publish(s) => {
+                    // The manifest never moves backwards.
+                    let on_disk = node.disk.snapshot.as_ref().map_or(0, |d| d.meta.position);
+                    if s.meta.position > on_disk {
+                        let file = Bytes::from(keel_log::meta::encode_snapshot(&s));
+                        published.push((s.meta.position, file.len() as u64));
+                        node.disk.snapshot = Some(s);
+                        node.disk.snapshot_file = Some(file);
+                    }
+                }
             }
         }
+        published
     }
 
     fn disk_sync(&mut self, id: NodeId, inc: u64) {
@@ -895,11 +967,14 @@ impl Sim {
             return;
         }
         self.nodes[i].sync_scheduled = false;
-        self.flush_pending(i);
+        let published = self.flush_pending(i);
         let node = &self.nodes[i];
         if let Some(e) = node.disk.log.last() {
             let (position, term) = (e.end(), e.term);
             self.step_node(i, Event::Durable { position, term });
+        }
+        for (position, size) in published {
+            self.step_node(i, Event::SnapshotPublished { position, size });
         }
     }
 
@@ -945,6 +1020,11 @@ impl Sim {
         let recovered = Recovered {
             hard_state: node.disk.hard_state,
             snapshot: node.disk.snapshot.clone(),
+            snapshot_file_size: node
+                .disk
+                .snapshot_file
+                .as_ref()
+                .map_or(0, |f| f.len() as u64),
             entries,
         };
         let mut host = ServiceHost::new(KvService::default(), 60 * SEC);

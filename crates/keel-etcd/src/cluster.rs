@@ -3,15 +3,36 @@
 //! membership changes. Keel's members have static ids and addresses, so
 //! member add takes the node whose peer URL every node's `[[peers]]`
 //! already lists: it joins as a learner and, unless `--learner` was asked
-//! for, is then promoted to voter.
+//! for, is then promoted to voter. As in etcd, any member takes these
+//! requests: a follower forwards them to the leader's etcd API (once; a
+//! forwarded request that finds no leader fails with "no leader").
 
 use crate::{node_error, Api};
 use keel_core::MembershipChange;
+use keel_etcd_proto::etcdserverpb::cluster_client::ClusterClient;
 use keel_etcd_proto::etcdserverpb::cluster_server::Cluster;
 use keel_etcd_proto::etcdserverpb::*;
 use keel_net::codec::{ClientOp, ClientResult};
 use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+
+/// Marks a request a follower forwarded, so it is never forwarded twice.
+const FORWARDED: &str = "keel-forwarded";
+
+/// Forwards a membership request to the leader, unless this node leads (or
+/// the request was forwarded already): `None` means "handle it here".
+macro_rules! forward_unless_leader {
+    ($self:ident, $req:ident, $method:ident) => {
+        if let Some(mut client) = $self.leader_client(&$req).await? {
+            let mut fwd = Request::new($req.into_inner());
+            fwd.metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            return client.$method(fwd).await;
+        }
+    };
+}
 
 pub struct ClusterApi(pub Arc<Api>);
 
@@ -51,6 +72,43 @@ impl ClusterApi {
     fn header(&self) -> Option<ResponseHeader> {
         self.0.header(0)
     }
+
+    /// A client of the leader's etcd API if this node is a follower that
+    /// knows the leader and `req` was not forwarded already.
+    async fn leader_client<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<Option<ClusterClient<Channel>>, Status> {
+        let st = self.0.node.status();
+        if st.role == "leader" || req.metadata().contains_key(FORWARDED) {
+            return Ok(None);
+        }
+        let Some(leader) = st.leader else {
+            return Err(Status::unavailable("etcdserver: no leader"));
+        };
+        let url = self
+            .0
+            .config
+            .members
+            .iter()
+            .find(|m| m.id == leader)
+            .and_then(|m| m.client_urls.first())
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "etcdserver: not leader, and the leader (member {leader:x}) has no etcd \
+                     address in this node's configuration; send the request to the leader"
+                ))
+            })?;
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|e| Status::internal(format!("leader URL {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!("etcdserver: leader unreachable ({url}): {e}"))
+            })?;
+        Ok(Some(ClusterClient::new(channel)))
+    }
 }
 
 #[tonic::async_trait]
@@ -59,6 +117,7 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        forward_unless_leader!(self, r, member_add);
         let r = r.into_inner();
         let wanted: Vec<&str> = r.peer_ur_ls.iter().map(|u| normalize_url(u)).collect();
         let info = self
@@ -113,6 +172,7 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        forward_unless_leader!(self, r, member_remove);
         let members = self
             .change(MembershipChange::Remove(r.into_inner().id))
             .await?;
@@ -145,6 +205,7 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        forward_unless_leader!(self, r, member_promote);
         let members = self
             .change(MembershipChange::PromoteLearner(r.into_inner().id))
             .await?;

@@ -22,7 +22,18 @@ pub fn kv_out(k: kv::KeyValue) -> mvccpb::KeyValue {
     }
 }
 
+/// etcd's `checkRangeRequest` / `checkDeleteRequest`: a range needs a key
+/// (keel-kv would read an empty one with a `range_end` as "from the first
+/// key"; etcd refuses it, and clients send "\0" for that).
+fn check_range_key(key: &[u8]) -> Result<(), Status> {
+    if key.is_empty() {
+        return Err(Status::invalid_argument("etcdserver: key is not provided"));
+    }
+    Ok(())
+}
+
 pub fn range_in(r: pb::RangeRequest) -> Result<kv::RangeRequest, Status> {
+    check_range_key(&r.key)?;
     let sort_order = u8::try_from(r.sort_order)
         .ok()
         .and_then(|b| kv::SortOrder::from_u8(b).ok())
@@ -58,12 +69,13 @@ pub fn put_in(r: pb::PutRequest) -> kv::PutRequest {
     }
 }
 
-pub fn delete_in(r: pb::DeleteRangeRequest) -> kv::DeleteRangeRequest {
-    kv::DeleteRangeRequest {
+pub fn delete_in(r: pb::DeleteRangeRequest) -> Result<kv::DeleteRangeRequest, Status> {
+    check_range_key(&r.key)?;
+    Ok(kv::DeleteRangeRequest {
         key: r.key,
         range_end: r.range_end,
         prev_kv: r.prev_kv,
-    }
+    })
 }
 
 fn compare_in(c: pb::Compare) -> Result<kv::TxnCompare, Status> {
@@ -111,7 +123,7 @@ fn op_in(op: pb::RequestOp) -> Result<kv::RequestOp, Status> {
     Ok(match op.request {
         Some(R::RequestRange(r)) => kv::RequestOp::Range(range_in(r)?),
         Some(R::RequestPut(r)) => kv::RequestOp::Put(put_in(r)),
-        Some(R::RequestDeleteRange(r)) => kv::RequestOp::DeleteRange(delete_in(r)),
+        Some(R::RequestDeleteRange(r)) => kv::RequestOp::DeleteRange(delete_in(r)?),
         Some(R::RequestTxn(t)) => kv::RequestOp::Txn(txn_in(t)?),
         None => return Err(bad("txn operation has no request")),
     })
@@ -245,7 +257,10 @@ mod tests {
             sort_order: 9,
             ..Default::default()
         };
-        assert_eq!(range_in(r.clone()).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            range_in(r.clone()).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
         r.sort_order = 1;
         r.sort_target = -1;
         assert!(range_in(r).is_err());
@@ -259,6 +274,22 @@ mod tests {
             ..Default::default()
         };
         assert!(compare_in(c).is_err());
+    }
+
+    #[test]
+    fn ranges_and_deletes_need_a_key_like_etcd() {
+        let r = pb::RangeRequest {
+            range_end: "z".into(),
+            ..Default::default()
+        };
+        let e = range_in(r).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.message(), "etcdserver: key is not provided");
+        let d = pb::DeleteRangeRequest {
+            range_end: "\0".into(),
+            ..Default::default()
+        };
+        assert!(delete_in(d).is_err());
     }
 
     #[test]

@@ -16,11 +16,14 @@ pub struct KvApi(pub Arc<Api>);
 /// is answered from this node's state, as etcd does.
 fn txn_serializable(t: &TxnRequest) -> bool {
     use request_op::Request as R;
-    t.success.iter().chain(&t.failure).all(|op| match &op.request {
-        Some(R::RequestRange(r)) => r.serializable,
-        Some(R::RequestTxn(t)) => txn_serializable(t),
-        _ => false,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(R::RequestRange(r)) => r.serializable,
+            Some(R::RequestTxn(t)) => txn_serializable(t),
+            _ => false,
+        })
 }
 
 impl KvApi {
@@ -59,7 +62,7 @@ impl Kv for KvApi {
         &self,
         r: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let cmd = Command::DeleteRangeReq(convert::delete_in(r.into_inner()));
+        let cmd = Command::DeleteRangeReq(convert::delete_in(r.into_inner())?);
         match self.0.write(&cmd).await? {
             KvResponse::DeleteRangeResp(resp) => {
                 let h = self.out();

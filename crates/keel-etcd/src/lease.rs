@@ -50,7 +50,14 @@ impl Lease for LeaseApi {
         r: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         let r = r.into_inner();
-        match self.0.write(&Command::LeaseGrant { id: r.id, ttl: r.ttl }).await? {
+        match self
+            .0
+            .write(&Command::LeaseGrant {
+                id: r.id,
+                ttl: r.ttl,
+            })
+            .await?
+        {
             KvResponse::LeaseGrant { revision, id, ttl } => Ok(Response::new(LeaseGrantResponse {
                 header: self.0.header(revision as i64),
                 id,
@@ -73,8 +80,6 @@ impl Lease for LeaseApi {
             other => Err(unexpected(&other)),
         }
     }
-
-
 
     async fn lease_keep_alive(
         &self,

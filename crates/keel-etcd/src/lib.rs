@@ -26,9 +26,9 @@ use keel_kv::{Command, Query, Response};
 use keel_net::codec::{ClientOp, ClientResult};
 use keel_node::NodeHandle;
 use std::net::SocketAddr;
-use tokio_stream::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
 /// A member as the etcd API shows it.

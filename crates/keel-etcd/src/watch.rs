@@ -158,7 +158,9 @@ impl Session {
             key: c.key,
             range_end: c.range_end,
             prev_kv: c.prev_kv,
-            no_put: c.filters.contains(&(watch_create_request::FilterType::Noput as i32)),
+            no_put: c
+                .filters
+                .contains(&(watch_create_request::FilterType::Noput as i32)),
             no_delete: c
                 .filters
                 .contains(&(watch_create_request::FilterType::Nodelete as i32)),
@@ -193,17 +195,18 @@ impl Session {
                 from_revision: w.next_rev,
                 limit: EVENTS_PER_RESPONSE as u64,
             };
-            let (revision, events, more) = match self.api.read(&q, true).await {
+            let (revision, compact, events, more) = match self.api.read(&q, true).await {
                 Ok(KvResponse::Events {
                     revision,
+                    compact_revision,
                     events,
                     more,
-                    ..
-                }) => (revision, events, more),
+                }) => (revision, compact_revision, events, more),
                 Ok(other) => return Err(End::Error(crate::unexpected(&other))),
                 Err(s) if s.code() == Code::OutOfRange => {
                     // Compacted: etcd tells the watch where history now
-                    // starts and cancels it.
+                    // starts and cancels it (with no cancel reason: clients
+                    // see ErrCompacted from the compact revision).
                     let (rev, compact) = self.local_status().await?;
                     self.watchers.remove(&id);
                     return self
@@ -212,8 +215,6 @@ impl Session {
                             watch_id: id,
                             canceled: true,
                             compact_revision: compact.max(1),
-                            cancel_reason: "etcdserver: mvcc: required revision has been compacted"
-                                .into(),
                             ..Default::default()
                         })
                         .await;
@@ -221,10 +222,14 @@ impl Session {
                 Err(s) => return Err(End::Error(s)),
             };
             let last = events.last().map(WatchEvent::revision);
+            // etcd reads an event's prev_kv at the revision before it: at
+            // or below the compaction point that read fails, and the event
+            // goes without ("if the previous KV is already compacted,
+            // nothing will be returned").
             let wanted: Vec<_> = events
                 .iter()
                 .filter(|e| w.wants(e))
-                .map(|e| event_out(e, w.prev_kv))
+                .map(|e| event_out(e, w.prev_kv && e.revision() as i64 > compact))
                 .collect();
             let header_rev = revision.max(last.unwrap_or(0));
             if !wanted.is_empty() {
@@ -373,8 +378,6 @@ async fn run(
 
 #[tonic::async_trait]
 impl Watch for WatchApi {
-
-
     async fn watch(
         &self,
         r: Request<Streaming<WatchRequest>>,

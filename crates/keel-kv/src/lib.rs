@@ -22,8 +22,9 @@
 //!   KeyTooLarge / ValueTooLarge -> InvalidArgument (use `etcd_message` for
 //!   the last three, whose Keel messages are more detailed).
 //! - Reads: `revision < compaction point` is compacted (a read *at* the
-//!   point works, as in etcd's `rangeKeys`); events from the point on are
-//!   kept, including deletes at the point. `count` ignores limit and the
+//!   point works, as in etcd's `rangeKeys`); compaction keeps, per key, the
+//!   latest entry at or below the point only if it is a put (a delete at the
+//!   point is dropped, as etcd does), and everything after it. `count` ignores limit and the
 //!   min/max filters, as etcd computes it; sorting is stable (ties stay in
 //!   key order, which is what etcd's sort gives small results).
 //! - Txns follow etcd's `applierV3backend.Txn`: every compare of the taken

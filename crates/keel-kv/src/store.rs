@@ -247,16 +247,19 @@ impl Store {
             return Ok(());
         }
         let c = rev as u64;
+        // As etcd's compaction: of a key's entries at or below `c`, only the
+        // latest is kept, and only if it is a put (a delete at `c` itself is
+        // dropped with the rest).
         let touched: BTreeSet<Bytes> = self
             .by_rev
-            .range(..(c, 0))
+            .range(..(c + 1, 0))
             .map(|(_, k)| k.clone())
             .collect();
         for key in touched {
             let Some(hist) = self.keys.get_mut(&key) else {
                 continue;
             };
-            let below = hist.partition_point(|e| e.main < c);
+            let below = hist.partition_point(|e| e.main <= c);
             let keep_from = match below.checked_sub(1).and_then(|i| hist.get(i)) {
                 Some(e) if e.put.is_some() => below - 1,
                 _ => below,

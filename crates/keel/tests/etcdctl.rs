@@ -437,9 +437,20 @@ fn etcdctl_member_list_and_endpoint_status() {
     // Membership through etcdctl: remove a follower, add it back as a
     // learner (by its peer URL, which every node's configuration lists),
     // promote it.
+    // Talk through the nodes that stay members (a removed node no longer
+    // has a leader to ask).
     let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
     let f = c.nodes.iter().find(|n| n.id != leader).expect("a follower");
     let (fid, fpeer) = (f.id, f.peer.clone());
+    let one = Ctl {
+        endpoints: c
+            .nodes
+            .iter()
+            .filter(|n| n.id != fid)
+            .map(|n| n.etcd.clone())
+            .collect::<Vec<_>>()
+            .join(","),
+    };
     let out = one.ok(&["member", "remove", &format!("{fid:x}")]);
     assert!(out.contains(&format!("Member {fid:>16x} removed")), "{out}");
     assert_eq!(lines(&one.ok(&["member", "list"])).len(), 2);

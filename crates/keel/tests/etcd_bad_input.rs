@@ -14,18 +14,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 async fn connect(addr: &str) -> KvClient<Channel> {
-    let url = format!("http://{addr}");
-    for _ in 0..100 {
-        if let Ok(ch) = Channel::from_shared(url.clone())
-            .expect("url")
-            .connect()
-            .await
-        {
-            return KvClient::new(ch).max_encoding_message_size(16 << 20);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("could not connect to {url}");
+    KvClient::new(common::etcd_channel(addr).await).max_encoding_message_size(16 << 20)
 }
 
 fn put_req(k: &[u8], v: Vec<u8>) -> PutRequest {

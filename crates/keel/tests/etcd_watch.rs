@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::TestCluster;
+use common::{etcd_channel as connect, TestCluster};
 use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
 use keel_etcd_proto::etcdserverpb::watch_client::WatchClient;
 use keel_etcd_proto::etcdserverpb::watch_create_request::FilterType;
@@ -22,21 +22,6 @@ use tonic::Streaming;
 struct Stream {
     tx: mpsc::Sender<WatchRequest>,
     rx: Streaming<WatchResponse>,
-}
-
-async fn connect(addr: &str) -> Channel {
-    let url = format!("http://{addr}");
-    for _ in 0..100 {
-        if let Ok(ch) = Channel::from_shared(url.clone())
-            .expect("url")
-            .connect()
-            .await
-        {
-            return ch;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("could not connect to {url}");
 }
 
 async fn open(ch: &Channel) -> Stream {

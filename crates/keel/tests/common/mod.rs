@@ -413,3 +413,17 @@ pub fn wait_metric(addr: &str, name: &str, within: Duration, ok: impl Fn(f64) ->
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A gRPC channel to a node's etcd API, retried for up to 10 s while the
+/// node starts.
+pub async fn etcd_channel(addr: &str) -> tonic::transport::Channel {
+    let url = format!("http://{addr}");
+    for _ in 0..100 {
+        let endpoint = tonic::transport::Channel::from_shared(url.clone()).expect("url");
+        if let Ok(ch) = endpoint.connect().await {
+            return ch;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not connect to {url}");
+}

@@ -46,6 +46,12 @@ pub trait Service {
     fn take_notifications(&mut self) -> Vec<Bytes> {
         Vec::new()
     }
+    /// Drop the pending notifications: the runtime calls this instead of
+    /// `take_notifications` when nobody subscribes, so a service can skip
+    /// encoding them.
+    fn discard_notifications(&mut self) {
+        let _ = self.take_notifications();
+    }
 }
 
 /// A captured service state that serializes itself when called, on any
@@ -87,6 +93,9 @@ impl<S: Service + ?Sized> Service for Box<S> {
     }
     fn take_notifications(&mut self) -> Vec<Bytes> {
         (**self).take_notifications()
+    }
+    fn discard_notifications(&mut self) {
+        (**self).discard_notifications()
     }
 }
 

@@ -896,4 +896,8 @@ impl Service for KvService {
     fn take_notifications(&mut self) -> Vec<Bytes> {
         self.take_events().iter().map(WatchEvent::encode).collect()
     }
+
+    fn discard_notifications(&mut self) {
+        self.pending.clear();
+    }
 }

@@ -1042,10 +1042,17 @@ fn service_loop(
                     }
                 }
                 let applied = host.applied();
-                let items = host.service_mut().take_notifications();
-                if !items.is_empty() {
-                    // No subscriber is fine: send fails only then.
-                    let _ = notify.send(Arc::new(Notification { applied, items }));
+                // Without subscribers nothing is encoded. A subscriber that
+                // comes later reads the state first (it includes what was
+                // applied here), so it misses nothing.
+                if notify.receiver_count() == 0 {
+                    host.service_mut().discard_notifications();
+                } else {
+                    let items = host.service_mut().take_notifications();
+                    if !items.is_empty() {
+                        // Subscribers may leave meanwhile: send fails only then.
+                        let _ = notify.send(Arc::new(Notification { applied, items }));
+                    }
                 }
                 let _ = tx.send(Internal::Applied {
                     position: applied,

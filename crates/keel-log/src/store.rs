@@ -401,6 +401,18 @@ impl LogStore {
         Ok(())
     }
 
+    /// A second handle on the segment being appended to, for syncing it
+    /// from another thread (a sync through it covers everything written
+    /// before the call), and that segment's path for error messages.
+    pub fn active_segment_handle(&self) -> Result<(std::fs::File, PathBuf), LogError> {
+        let seg = &self.segments[self.segments.len() - 1];
+        let f = self
+            .file
+            .try_clone()
+            .map_err(|e| LogError::io(&seg.path, "duplicating the segment handle", e))?;
+        Ok((f, seg.path.clone()))
+    }
+
     /// Makes everything written durable (fdatasync).
     pub fn sync(&mut self) -> Result<(), LogError> {
         if self.dirty {

@@ -131,6 +131,35 @@ pub struct Notification {
     pub items: Vec<Bytes>,
 }
 
+/// Serializable (stale) reads go straight to the service thread: they need
+/// nothing from consensus but the commit position it last published, and
+/// skipping the consensus thread saves a thread handoff per read.
+#[derive(Clone)]
+struct StaleReads {
+    service: Sender<ServiceInput>,
+    status: Arc<Mutex<NodeStatus>>,
+    /// Reads queued for the service thread beyond this answer "busy".
+    limit: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl StaleReads {
+    fn submit(&self, id: u64, data: Bytes, sink: ResponseSink) {
+        if self.service.len() >= self.limit {
+            self.metrics.busy.inc();
+            respond(&sink, id, ClientResult::Busy);
+            return;
+        }
+        let commit = self.status.lock().map(|s| s.commit).unwrap_or(0);
+        let _ = self.service.send(ServiceInput::StaleRead {
+            data,
+            id,
+            sink,
+            commit,
+        });
+    }
+}
+
 /// A running node.
 pub struct NodeHandle {
     internal: Sender<Internal>,
@@ -139,6 +168,7 @@ pub struct NodeHandle {
     id: NodeId,
     notifications: tokio::sync::broadcast::Sender<Arc<Notification>>,
     next_request: AtomicU64,
+    stale_reads: StaleReads,
     threads: Mutex<Vec<JoinHandle<()>>>,
     fatal: Arc<Mutex<Option<String>>>,
     status: Arc<Mutex<NodeStatus>>,
@@ -160,6 +190,16 @@ impl NodeHandle {
     pub async fn call(&self, op: ClientOp) -> ClientResult {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let op = match op {
+            ClientOp::StaleRead(data) => {
+                self.stale_reads.submit(n, data, tx);
+                return match rx.recv().await {
+                    Some(r) => r.result,
+                    None => ClientResult::Error("the node stopped".into()),
+                };
+            }
+            op => op,
+        };
         let req = ClientRequest {
             id: n,
             client: keel_core::SESSIONLESS,
@@ -363,6 +403,12 @@ pub fn start_with(
         max_frame: (cfg.max_request_bytes + (1 << 20)).max(64 << 20),
         peer_queue: 4096,
     };
+    let stale_reads = StaleReads {
+        service: service_tx.clone(),
+        status: status.clone(),
+        limit: cfg.queue_depth,
+        metrics: metrics.clone(),
+    };
     let peers_list: Vec<(NodeId, String)> = cfg
         .peers
         .iter()
@@ -398,6 +444,7 @@ pub fn start_with(
         let tx = external_tx.clone();
         let max_request = cfg.max_request_bytes;
         let m = metrics.clone();
+        let stale = stale_reads.clone();
         let handler: tcp::RequestHandler =
             Arc::new(move |req: ClientRequest, sink: ResponseSink| {
                 let size = match &req.op {
@@ -414,6 +461,10 @@ pub fn start_with(
                     return;
                 }
                 let id = req.id;
+                let req = match req.op {
+                    ClientOp::StaleRead(data) => return stale.submit(id, data, sink),
+                    op => ClientRequest { op, ..req },
+                };
                 match tx.try_send(External::Client(req, sink.clone())) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -569,6 +620,7 @@ pub fn start_with(
         notifications: notify_tx,
         // Start the counter at the clock, so sequence numbers of a restarted
         // node do not repeat those of entries still in the log.
+        stale_reads,
         next_request: AtomicU64::new((wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK),
         threads: Mutex::new(vec![consensus_thread, service_thread, snapshot_writer]),
         cluster_id: cfg.cluster_id,

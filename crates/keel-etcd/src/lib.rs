@@ -86,7 +86,7 @@ impl Api {
             cluster_id: self.node.cluster_id(),
             member_id: self.node.id(),
             revision,
-            raft_term: self.node.status().term,
+            raft_term: self.node.term(),
         })
     }
 

@@ -172,11 +172,17 @@ pub struct NodeHandle {
     threads: Mutex<Vec<JoinHandle<()>>>,
     fatal: Arc<Mutex<Option<String>>>,
     status: Arc<Mutex<NodeStatus>>,
+    /// The current term, readable without copying the whole status.
+    term: Arc<AtomicU64>,
     stopped: Arc<AtomicBool>,
     _rt: tokio::runtime::Runtime,
 }
 
 impl NodeHandle {
+    /// This node's current term (what `status().term` says, without the copy).
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Relaxed)
+    }
     pub fn status(&self) -> NodeStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
@@ -253,6 +259,9 @@ impl NodeHandle {
         }
     }
 }
+
+/// How stale the published status may get while nothing important changes.
+const STATUS_EVERY: Duration = Duration::from_millis(1);
 
 /// Low bits of a sessionless sequence number that count; the node id goes
 /// above them.
@@ -368,6 +377,7 @@ pub fn start_with(
     let (service_tx, service_rx) = unbounded::<ServiceInput>();
     let (notify_tx, _) = tokio::sync::broadcast::channel::<Arc<Notification>>(4096);
     let fatal = Arc::new(Mutex::new(None));
+    let term = Arc::new(AtomicU64::new(0));
     let status = Arc::new(Mutex::new(NodeStatus {
         id: cfg.id,
         ..NodeStatus::default()
@@ -581,6 +591,8 @@ pub fn start_with(
         pending: HashMap::new(),
         next_id: 1,
         elections_seen: 0,
+        published_at: None,
+        term: term.clone(),
         bootstrap: hard.membership.clone(),
         status: status.clone(),
         metrics: metrics.clone(),
@@ -618,15 +630,16 @@ pub fn start_with(
         internal: internal_tx,
         external: external_tx,
         notifications: notify_tx,
+        stale_reads,
         // Start the counter at the clock, so sequence numbers of a restarted
         // node do not repeat those of entries still in the log.
-        stale_reads,
         next_request: AtomicU64::new((wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK),
         threads: Mutex::new(vec![consensus_thread, service_thread, snapshot_writer]),
         cluster_id: cfg.cluster_id,
         id: cfg.id,
         fatal,
         status,
+        term,
         stopped,
         _rt: rt,
     })
@@ -661,6 +674,9 @@ struct Consensus {
     next_id: u64,
     /// Elections started, as last exported to the metrics.
     elections_seen: u64,
+    /// When the full status was last published (see `publish_status`).
+    published_at: Option<Instant>,
+    term: Arc<AtomicU64>,
     bootstrap: keel_core::Membership,
     status: Arc<Mutex<NodeStatus>>,
     metrics: Arc<Metrics>,
@@ -719,7 +735,7 @@ impl Consensus {
             self.metrics
                 .storage_queue_depth
                 .set(self.storage.queue_len() as i64);
-            self.publish_status();
+            self.maybe_publish_status();
         }
     }
 
@@ -994,8 +1010,32 @@ impl Consensus {
         Ok(())
     }
 
-    fn publish_status(&mut self) {
+    /// Publishes the status (shared with handles, HTTP and metrics) when
+    /// role, term, leader or membership changed, and otherwise at most
+    /// every `STATUS_EVERY`: under load the loop turns thousands of times a
+    /// second and a full copy each time is wasted work.
+    fn maybe_publish_status(&mut self) {
         let n = &self.node;
+        let due = self
+            .published_at
+            .is_none_or(|t| t.elapsed() >= STATUS_EVERY);
+        let changed = self.status.lock().is_ok_and(|st| {
+            let m = n.membership();
+            st.role != role_name(n.role())
+                || st.term != n.term()
+                || st.leader != n.leader()
+                || !st.voters.iter().eq(m.voters.iter())
+                || !st.learners.iter().eq(m.learners.iter())
+        });
+        if due || changed {
+            self.publish_status();
+        }
+    }
+
+    fn publish_status(&mut self) {
+        self.published_at = Some(Instant::now());
+        let n = &self.node;
+        self.term.store(n.term(), Ordering::Relaxed);
         let m = n.membership();
         let s = NodeStatus {
             id: self.cfg.id,

@@ -71,13 +71,6 @@ use tonic::Code;
 
 // ------------------------------------------------------------- etcd process
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
-}
-
 /// The etcd binary: `ETCD_BIN`, else `etcd` on PATH.
 fn find_etcd() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ETCD_BIN") {
@@ -98,8 +91,8 @@ struct EtcdProc {
 
 impl EtcdProc {
     fn start(bin: &Path, dir: &Path) -> EtcdProc {
-        let client = format!("127.0.0.1:{}", free_port());
-        let peer = format!("http://127.0.0.1:{}", free_port());
+        let client = format!("127.0.0.1:{}", common::free_port());
+        let peer = format!("http://127.0.0.1:{}", common::free_port());
         let log = dir.join("etcd.log");
         let out = std::fs::File::create(&log).expect("etcd log");
         let err = out.try_clone().expect("etcd log clone");

@@ -32,11 +32,27 @@ pub struct TestCluster {
     pub acked: BTreeMap<String, String>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+/// A loopback port for a test server. Asking the OS for port 0 and
+/// releasing it races twice: another test thread may be handed the same
+/// port, and an outgoing connection may take it as its ephemeral port
+/// before the server binds it. So ports come from below Linux's ephemeral
+/// range (32768-60999), from a counter shared by the whole test binary,
+/// starting at an offset drawn from the process id so concurrent binaries
+/// rarely meet; each is checked to be bindable.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let offset = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN);
 }
 
 pub fn keel_exe() -> &'static str {

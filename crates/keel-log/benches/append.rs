@@ -52,7 +52,7 @@ fn keel(size: usize, mode: Durability, secs: f64) -> (f64, f64, f64) {
             r.fetch_add(1, Ordering::Relaxed);
         }
         StorageEvent::Failed(e) => panic!("storage failed: {e}"),
-        StorageEvent::SnapshotPublished { .. } => {}
+        StorageEvent::SnapshotPublished { .. } | StorageEvent::Slow { .. } => {}
     })
     .expect("spawn");
     let payload = Bytes::from(vec![0xA5u8; size]);

@@ -38,8 +38,33 @@ pub enum StorageEvent {
     /// The snapshot file at `position`, `size` bytes, is published (named
     /// by the manifest): chunked installs to followers can read it.
     SnapshotPublished { position: Position, size: u64 },
+    /// A batch took longer than `SLOW_BATCH` (a slow disk holds up every
+    /// commit behind it): how long, and where the time went.
+    Slow { took: Duration, detail: String },
     /// Storage failed; the thread has stopped.
     Failed(LogError),
+}
+
+/// A batch slower than this is reported (`StorageEvent::Slow`).
+pub const SLOW_BATCH: Duration = Duration::from_millis(50);
+
+/// Where a batch's time went, for `StorageEvent::Slow`.
+#[derive(Default)]
+struct BatchTimes {
+    appends: Duration,
+    segments_rolled: usize,
+    truncate_compact: Duration,
+    snapshots: Duration,
+    sync: Duration,
+}
+
+impl BatchTimes {
+    fn detail(&self) -> String {
+        format!(
+            "appends {:?} ({} segment(s) rolled), truncate/compact {:?}, snapshot install/publish {:?}, fdatasync {:?}",
+            self.appends, self.segments_rolled, self.truncate_compact, self.snapshots, self.sync
+        )
+    }
 }
 
 enum Request {
@@ -326,14 +351,26 @@ fn serve(
         }
         queued.fetch_sub(batch.len(), Ordering::Relaxed);
         let mut barriers = Vec::new();
+        let started = Instant::now();
+        let mut times = BatchTimes::default();
         for r in batch {
+            let t = Instant::now();
             match r {
                 Request::Append(es) => {
+                    let segments = store.segment_count();
                     store.append(&es)?;
                     unsynced = true;
+                    times.segments_rolled += store.segment_count().saturating_sub(segments);
+                    times.appends += t.elapsed();
                 }
-                Request::Truncate(p) => store.truncate(p)?,
-                Request::Compact(p) => store.compact(p)?,
+                Request::Truncate(p) => {
+                    store.truncate(p)?;
+                    times.truncate_compact += t.elapsed();
+                }
+                Request::Compact(p) => {
+                    store.compact(p)?;
+                    times.truncate_compact += t.elapsed();
+                }
                 Request::InstallSnapshot(s, reply) => {
                     let r = store.install_snapshot(&s);
                     let failed = r.as_ref().err().map(|e| LogError::Invalid(e.to_string()));
@@ -341,6 +378,7 @@ fn serve(
                     if let Some(e) = failed {
                         return Err(e);
                     }
+                    times.snapshots += t.elapsed();
                 }
                 Request::CommitSnapshot {
                     position,
@@ -352,6 +390,7 @@ fn serve(
                             report(StorageEvent::SnapshotPublished { position, size });
                         }
                     }
+                    times.snapshots += t.elapsed();
                 }
                 Request::Barrier(reply) => barriers.push(reply),
             }
@@ -364,7 +403,9 @@ fn serve(
         // Sync mode and barriers sync here; replicated mode's periodic sync
         // goes to the syncer thread.
         if unsynced && (durability == Durability::Sync || !barriers.is_empty()) {
+            let t = Instant::now();
             store.sync()?;
+            times.sync += t.elapsed();
             unsynced = false;
             last_sync = Instant::now();
         } else if unsynced
@@ -375,6 +416,13 @@ fn serve(
             last_sync = Instant::now();
         }
         report_durable(store, &mut reported, report);
+        let took = started.elapsed();
+        if took >= SLOW_BATCH {
+            report(StorageEvent::Slow {
+                took,
+                detail: times.detail(),
+            });
+        }
         for b in barriers {
             let _ = b.send(());
         }

@@ -269,7 +269,7 @@ fn storage_thread_reports_durable_positions_in_order() {
                     }
                 }
                 StorageEvent::Failed(e) => panic!("storage failed: {e}"),
-                StorageEvent::SnapshotPublished { .. } => {}
+                StorageEvent::SnapshotPublished { .. } | StorageEvent::Slow { .. } => {}
             }
         }
         assert_eq!(last, pos, "{durability:?}: never reported the end");
@@ -299,7 +299,9 @@ fn a_write_error_stops_the_storage_thread_and_is_reported() {
     let failed = loop {
         match rx.recv_timeout(Duration::from_secs(5)).expect("no report") {
             StorageEvent::Failed(e) => break e,
-            StorageEvent::Durable { .. } | StorageEvent::SnapshotPublished { .. } => continue,
+            StorageEvent::Durable { .. }
+            | StorageEvent::SnapshotPublished { .. }
+            | StorageEvent::Slow { .. } => continue,
         }
     };
     assert!(matches!(failed, LogError::Io { .. }), "{failed}");

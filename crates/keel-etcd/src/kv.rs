@@ -109,11 +109,6 @@ pub async fn current_revision(api: &Api) -> Option<i64> {
     api.local_revision().await.ok().map(|(r, _, _)| r as i64)
 }
 
-/// An estimate of the store's size in bytes.
-pub async fn db_size(api: &Api) -> Option<i64> {
-    api.local_revision().await.ok().map(|(_, _, s)| s as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,21 +9,12 @@ use keel_etcd_proto::etcdserverpb::*;
 use keel_kv::{Command, Query, Response as KvResponse};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 pub struct LeaseApi(pub Arc<Api>);
 
 type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
-
-/// The cluster's notion of now: log time is the leader's wall clock
-/// (clamped to never go back), so this node's wall clock approximates it.
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
 
 /// Renews one lease; `Ok(None)` if it does not exist (etcd answers TTL 0).
 async fn renew(api: &Api, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
@@ -116,7 +107,9 @@ impl Lease for LeaseApi {
         let q = Query::LeaseTimeToLive {
             id: r.id,
             keys: r.keys,
-            now: now_ns(),
+            // Log time is the leader's wall clock (clamped to never go
+            // back), so this node's wall clock approximates it.
+            now: keel_node::runtime::wall_clock_ns(),
         };
         match self.0.read(&q, false).await {
             Ok(KvResponse::LeaseTimeToLive {

@@ -31,8 +31,12 @@ impl Maintenance for MaintenanceApi {
 
     async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let st = self.0.node.status();
-        let revision = crate::kv::current_revision(&self.0).await.unwrap_or(0);
-        let db_size = crate::kv::db_size(&self.0).await.unwrap_or(0);
+        // One read of this node's KV status for both numbers.
+        let (revision, db_size) = self
+            .0
+            .local_revision()
+            .await
+            .map_or((0, 0), |(rev, _, size)| (rev as i64, size as i64));
         Ok(Response::new(StatusResponse {
             header: self.0.header(revision),
             version: ETCD_VERSION.to_string(),

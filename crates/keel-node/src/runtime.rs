@@ -276,7 +276,9 @@ fn sessionless_seq(node: NodeId, counter: u64) -> u64 {
     (node << 48) | (counter & SESSIONLESS_COUNTER_MASK)
 }
 
-fn wall_clock_ns() -> Nanos {
+/// The wall clock in nanoseconds since the Unix epoch: what the leader
+/// stamps entries with (log time), so a node's reading approximates it.
+pub fn wall_clock_ns() -> Nanos {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as Nanos)

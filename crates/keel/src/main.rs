@@ -5,6 +5,15 @@
 mod bench;
 mod dev;
 
+/// mimalloc instead of glibc's malloc: a node allocates on one thread and
+/// frees on another all the time (requests decoded by the network threads,
+/// applied by the service thread, replies freed back on the network
+/// threads), which glibc's per-thread arenas handle poorly (arena locks,
+/// consolidation, heap growth by mprotect); see BENCHMARKS.md for the
+/// before/after.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};

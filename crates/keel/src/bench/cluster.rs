@@ -70,6 +70,11 @@ impl Procs {
         Ok(())
     }
 
+    /// The process ids of the running children.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|(_, c, _)| c.id()).collect()
+    }
+
     fn kill_all(&mut self) {
         for (_, child, _) in &mut self.children {
             let _ = child.kill();
@@ -84,6 +89,32 @@ impl Procs {
 impl Drop for Procs {
     fn drop(&mut self) {
         self.kill_all();
+    }
+}
+
+/// CPU time (user + system, all threads) used so far by the processes
+/// `pids`, or by this process with `None`, in seconds: /proc/<pid>/stat
+/// fields 14 and 15, in clock ticks. A process that is gone counts 0.
+pub fn cpu_seconds(pids: Option<&[u32]>) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    let one = |path: String| -> f64 {
+        let Ok(stat) = std::fs::read_to_string(path) else {
+            return 0.0;
+        };
+        // The command name (field 2) may hold spaces: count after its ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return 0.0;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // rest starts at field 3, so utime (14) and stime (15) are 11 and 12.
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        (field(11) + field(12)) as f64 / ticks
+    };
+    match pids {
+        None => one("/proc/self/stat".into()),
+        Some(pids) => pids.iter().map(|p| one(format!("/proc/{p}/stat"))).sum(),
     }
 }
 
@@ -217,6 +248,10 @@ impl KeelCluster {
 
     pub fn check_alive(&mut self) -> Result<()> {
         self.procs.check_alive()
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.pids()
     }
 
     /// Waits until a node reports itself leader and a write through the
@@ -388,11 +423,32 @@ impl EtcdCluster {
     pub fn check_alive(&mut self) -> Result<()> {
         self.procs.check_alive()
     }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.pids()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_seconds_counts_this_process_and_not_missing_ones() {
+        let before = cpu_seconds(None);
+        // Burn ~0.1 s of CPU (clock ticks are 10 ms).
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(150) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_seconds(None);
+        assert!(after - before >= 0.05, "{before} -> {after}");
+        let me = std::process::id();
+        assert!(cpu_seconds(Some(&[me])) >= after - 0.001);
+        // No such process (pid_max is below 2^22 on Linux).
+        assert_eq!(cpu_seconds(Some(&[u32::MAX])), 0.0);
+    }
 
     #[test]
     fn node_config_lists_the_other_nodes() {

@@ -8,7 +8,9 @@
 //! (a pacer thread schedules requests; latency from the intended time, at
 //! most M in flight per connection) for the latency-vs-rate plot.
 
-use super::cluster::{etcd_version, find_etcd, on_memory_fs, EtcdCluster, KeelCluster};
+use super::cluster::{
+    cpu_seconds, etcd_version, find_etcd, on_memory_fs, EtcdCluster, KeelCluster,
+};
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, ms, Panel, Percentiles, Series};
 use super::{check_interrupted, interrupted, parse_rate, say, CommonArgs};
@@ -159,6 +161,9 @@ struct Run {
     cas_failed: u64,
     first_error: Option<String>,
     saturated: bool,
+    /// CPU time per completed request during the measured window, in µs:
+    /// (the cluster's processes, the load generator). Closed loop only.
+    cpu_per_op: Option<(f64, f64)>,
 }
 
 /// What every request needs.
@@ -341,10 +346,16 @@ async fn closed_loop(
     ctx: &Arc<Ctx>,
     w: Workload,
     seed: u64,
-) -> Result<Tally> {
+    servers: &[u32],
+) -> Result<(Tally, CpuUsed)> {
     let warm = a.common.warmup().as_nanos() as u64;
     let end = warm + a.common.duration().as_nanos() as u64;
     let start = Instant::now();
+    let cpu = tokio::spawn(cpu_during(
+        servers.to_vec(),
+        start + Duration::from_nanos(warm),
+        start + Duration::from_nanos(end),
+    ));
     let mut tasks = Vec::new();
     for (c, ch) in channels.iter().enumerate() {
         for m in 0..a.clients {
@@ -375,7 +386,28 @@ async fn closed_loop(
         total.merge(&t.await.context("a client task failed")?);
     }
     check_interrupted()?;
-    Ok(total)
+    let cpu = cpu.await.context("the CPU sampler failed")?;
+    Ok((total, cpu))
+}
+
+/// CPU seconds used during a window: by the cluster's processes, and by
+/// this process (the load generator).
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuUsed {
+    servers: f64,
+    client: f64,
+}
+
+/// Samples CPU time at `from` and `to` (the measured window).
+async fn cpu_during(pids: Vec<u32>, from: Instant, to: Instant) -> CpuUsed {
+    tokio::time::sleep_until(from.into()).await;
+    let (s0, c0) = (cpu_seconds(Some(&pids)), cpu_seconds(None));
+    tokio::time::sleep_until(to.into()).await;
+    let (s1, c1) = (cpu_seconds(Some(&pids)), cpu_seconds(None));
+    CpuUsed {
+        servers: (s1 - s0).max(0.0),
+        client: (c1 - c0).max(0.0),
+    }
 }
 
 /// Open loop at `rate` ops/s: a pacer thread releases requests at their
@@ -503,6 +535,12 @@ impl Cluster {
         match self {
             Cluster::Keel(c) => c.nodes.iter().filter_map(|n| n.etcd.clone()).collect(),
             Cluster::Etcd(c) => c.clients.clone(),
+        }
+    }
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Cluster::Keel(c) => c.pids(),
+            Cluster::Etcd(c) => c.pids(),
         }
     }
     fn dir(&self) -> &super::cluster::WorkDir {
@@ -639,6 +677,7 @@ fn to_run(
         cas_failed: t.cas_failed,
         first_error: t.first_error.clone(),
         saturated,
+        cpu_per_op: None,
     }
 }
 
@@ -660,6 +699,11 @@ fn run_line(r: &Run) -> String {
         ms(p.p999),
         ms(p.max)
     );
+    if let Some((servers, client)) = r.cpu_per_op {
+        s.push_str(&format!(
+            "  CPU/op {servers:.0} µs cluster, {client:.0} µs load generator"
+        ));
+    }
     if r.workload == Workload::TxnCas && p.count > 0 {
         s.push_str(&format!(
             "  CAS failed {:.1}%",
@@ -736,9 +780,13 @@ async fn bench_system(
     for &w in &a.workloads {
         pb.set_message(format!("{}: {} closed loop", system.name(), w.name()));
         seed += 1;
-        let t = closed_loop(a, &channels, &ctx, w, seed).await?;
+        let (t, cpu) = closed_loop(a, &channels, &ctx, w, seed, &cluster.pids()).await?;
         cluster.check_alive()?;
-        let r = to_run(a, system, w, None, &t, None);
+        let mut r = to_run(a, system, w, None, &t, None);
+        if t.done_during_window > 0 {
+            let per_op = |secs: f64| secs * 1e6 / t.done_during_window as f64;
+            r.cpu_per_op = Some((per_op(cpu.servers), per_op(cpu.client)));
+        }
         say(pb, run_line(&r));
         pb.inc(1);
         if t.ok_in_window == 0 {
@@ -929,6 +977,7 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
             ),
         ));
     }
+    s.push_str(&cpu_table(a, runs));
     let problems: Vec<String> = runs
         .iter()
         .filter(|r| r.errors + r.lost > 0)
@@ -1035,6 +1084,41 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
 
 const KEEL_COLORS: [RGBColor; 2] = [RGBColor(0x64, 0xb5, 0xf6), RGBColor(0x0d, 0x47, 0xa1)];
 const ETCD_COLORS: [RGBColor; 2] = [RGBColor(0xff, 0xb7, 0x4d), RGBColor(0xbf, 0x36, 0x0c)];
+
+/// CPU time per request in the closed-loop runs: what each system costs
+/// the machine per request, independent of how the shared cores were split
+/// between the clusters and the load generator.
+fn cpu_table(a: &KvArgs, runs: &[Run]) -> String {
+    let cpu = |sys, w| find(runs, sys, w, None).and_then(|r| r.cpu_per_op);
+    if a.workloads
+        .iter()
+        .all(|&w| cpu(System::Keel, w).is_none() && cpu(System::Etcd, w).is_none())
+    {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\n**CPU per request** (closed loop, measured window): CPU time (user + system, all \
+         threads) of the 3 cluster processes, and of the load generator, divided by the \
+         requests completed. On shared cores this is the steadier comparison: it says how much \
+         machine each system needs per request, however the cores happened to be split.\n\n\
+         | workload | Keel cluster µs/op | etcd cluster µs/op | etcd/Keel | load generator µs/op (vs Keel) | load generator µs/op (vs etcd) |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    let us = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.0}"));
+    for &w in &a.workloads {
+        let (k, e) = (cpu(System::Keel, w), cpu(System::Etcd, w));
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            w.name(),
+            us(k.map(|c| c.0)),
+            us(e.map(|c| c.0)),
+            ratio(e.map(|c| c.0), k.map(|c| c.0)),
+            us(k.map(|c| c.1)),
+            us(e.map(|c| c.1)),
+        ));
+    }
+    s
+}
 
 fn plot(path: &std::path::Path, a: &KvArgs, runs: &[Run]) -> Result<()> {
     let mut panels = Vec::new();

@@ -34,8 +34,10 @@ pub struct TransportConfig {
 pub type Inbound = Arc<dyn Fn(Message) + Send + Sync>;
 /// Where responses to one client connection go.
 pub type ResponseSink = mpsc::UnboundedSender<ClientResponse>;
-/// Called for every client request, with the connection's response sink.
-pub type RequestHandler = Arc<dyn Fn(ClientRequest, ResponseSink) + Send + Sync>;
+/// Called with the client requests decoded from one read of a connection
+/// (one or more, in order; a pipelining client's burst arrives together
+/// and is handed on in one piece), with the connection's response sink.
+pub type RequestHandler = Arc<dyn Fn(Vec<ClientRequest>, &ResponseSink) + Send + Sync>;
 
 /// Counters the runtime exposes as metrics.
 #[derive(Debug, Default)]
@@ -187,25 +189,32 @@ async fn read_one(stream: &mut TcpStream, buf: &mut Vec<u8>, max: usize) -> Resu
     }
 }
 
-/// Reads frames until EOF, an error, or `on_frame` returns false.
+/// Reads frames until EOF or an error (from reading, decoding, or
+/// `on_frame`). `on_frame` gets each frame as `Some`, then `None` once the
+/// frames of a read were handed over, before waiting for more bytes.
 async fn read_frames(
     mut r: OwnedReadHalf,
     mut buf: Vec<u8>,
     max: usize,
-    mut on_frame: impl FnMut(Frame) -> Result<(), String>,
+    mut on_frame: impl FnMut(Option<Frame>) -> Result<(), String>,
 ) -> Result<(), String> {
     loop {
         let mut off = 0;
-        loop {
+        let decoded = loop {
             match codec::decode(&buf[off..], max) {
                 Ok(Some((f, n))) => {
                     off += n;
-                    on_frame(f)?;
+                    if let Err(e) = on_frame(Some(f)) {
+                        break Err(e);
+                    }
                 }
-                Ok(None) => break,
-                Err(e) => return Err(format!("bad frame: {e}")),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("bad frame: {e}")),
             }
-        }
+        };
+        // What decoded before a bad frame still counts.
+        on_frame(None)?;
+        decoded?;
         buf.drain(..off);
         let n = r
             .read_buf(&mut buf)
@@ -285,7 +294,8 @@ impl Link {
             let mut reader = tokio::spawn(
                 async move {
                     read_frames(r, leftover, cfg.max_frame, |f| match f {
-                        Frame::Peer(m)
+                        None => Ok(()),
+                        Some(Frame::Peer(m))
                             if m.cluster_id == cfg.cluster_id
                                 && m.from == peer
                                 && m.to == cfg.node_id =>
@@ -293,11 +303,13 @@ impl Link {
                             inbound(m);
                             Ok(())
                         }
-                        Frame::Peer(m) => Err(format!(
+                        Some(Frame::Peer(m)) => Err(format!(
                             "message for cluster {:#x} from {} to {} on the link to node {peer}",
                             m.cluster_id, m.from, m.to
                         )),
-                        other => Err(format!("unexpected {} on a peer link", frame_name(&other))),
+                        Some(other) => {
+                            Err(format!("unexpected {} on a peer link", frame_name(&other)))
+                        }
                     })
                     .await
                     .inspect_err(|_| {
@@ -417,15 +429,22 @@ async fn serve_client(
             }
         }
     });
+    let mut batch = Vec::new();
     let result = read_frames(r, Vec::new(), max_frame, |f| match f {
-        Frame::Request(req) => {
-            handler(req, tx.clone());
+        Some(Frame::Request(req)) => {
+            batch.push(req);
             Ok(())
         }
-        other => Err(format!(
+        Some(other) => Err(format!(
             "expected a client request, got {}",
             frame_name(&other)
         )),
+        None => {
+            if !batch.is_empty() {
+                handler(std::mem::take(&mut batch), &tx);
+            }
+            Ok(())
+        }
     })
     .await;
     if let Err(reason) = result {

@@ -21,7 +21,7 @@
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use bytes::Bytes;
-use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use keel_core::{
     Action, ApplyOutput, Config as CoreConfig, Entry, Event, Message, Nanos, Node, NodeId,
     Position, Proposal, Recovered, RejectReason, Reply, Role, Service, ServiceHost, Snapshot,
@@ -34,7 +34,7 @@ use keel_net::mem::MemNetwork;
 use keel_net::tcp::{self, NetStats, ResponseSink, TransportConfig};
 use keel_net::PeerSender;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -95,6 +95,8 @@ enum SnapshotJob {
 enum External {
     Peer(Message),
     Client(ClientRequest, ResponseSink),
+    /// Requests that arrived together on one connection, in order.
+    Clients(Vec<ClientRequest>, ResponseSink),
 }
 
 enum ServiceInput {
@@ -376,6 +378,8 @@ pub fn start_with(
 
     let (internal_tx, internal_rx) = unbounded::<Internal>();
     let (external_tx, external_rx) = bounded::<External>(cfg.queue_depth);
+    // Client requests queued in `External::Clients` batches.
+    let queued_requests = Arc::new(AtomicUsize::new(0));
     let (service_tx, service_rx) = unbounded::<ServiceInput>();
     let (notify_tx, _) = tokio::sync::broadcast::channel::<Arc<Notification>>(4096);
     let fatal = Arc::new(Mutex::new(None));
@@ -462,35 +466,57 @@ pub fn start_with(
         let max_request = cfg.max_request_bytes;
         let m = metrics.clone();
         let stale = stale_reads.clone();
+        let (queued, depth) = (queued_requests.clone(), cfg.queue_depth);
         let handler: tcp::RequestHandler =
-            Arc::new(move |req: ClientRequest, sink: ResponseSink| {
-                let size = match &req.op {
-                    ClientOp::Write(b) | ClientOp::Read(b) | ClientOp::StaleRead(b) => b.len(),
-                    _ => 0,
-                };
-                if size > max_request {
-                    let _ = sink.send(ClientResponse {
-                        id: req.id,
-                        result: ClientResult::Error(format!(
-                            "request of {size} bytes exceeds the {max_request}-byte limit"
-                        )),
-                    });
+            Arc::new(move |reqs: Vec<ClientRequest>, sink: &ResponseSink| {
+                // Everything one read brought goes to the consensus thread
+                // as one event: one wake-up, and a pipelining client's
+                // burst becomes one proposal batch.
+                let mut batch = Vec::with_capacity(reqs.len());
+                for req in reqs {
+                    let size = match &req.op {
+                        ClientOp::Write(b) | ClientOp::Read(b) | ClientOp::StaleRead(b) => b.len(),
+                        _ => 0,
+                    };
+                    if size > max_request {
+                        respond(
+                            sink,
+                            req.id,
+                            ClientResult::Error(format!(
+                                "request of {size} bytes exceeds the {max_request}-byte limit"
+                            )),
+                        );
+                        continue;
+                    }
+                    match req.op {
+                        ClientOp::StaleRead(data) => stale.submit(req.id, data, sink.clone()),
+                        _ => batch.push(req),
+                    }
+                }
+                if batch.is_empty() {
                     return;
                 }
-                let id = req.id;
-                let req = match req.op {
-                    ClientOp::StaleRead(data) => return stale.submit(id, data, sink),
-                    op => ClientRequest { op, ..req },
-                };
-                match tx.try_send(External::Client(req, sink.clone())) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                        m.busy.inc();
-                        let _ = sink.send(ClientResponse {
-                            id,
-                            result: ClientResult::Busy,
-                        });
+                // The queue depth counts requests, not batches.
+                let n = batch.len();
+                let refused = if queued.fetch_add(n, Ordering::AcqRel) + n > depth {
+                    queued.fetch_sub(n, Ordering::AcqRel);
+                    Some(batch)
+                } else {
+                    match tx.try_send(External::Clients(batch, sink.clone())) {
+                        Ok(()) => None,
+                        Err(e) => {
+                            queued.fetch_sub(n, Ordering::AcqRel);
+                            match e.into_inner() {
+                                External::Clients(batch, _) => Some(batch),
+                                _ => None,
+                            }
+                        }
                     }
+                };
+                // A full queue (or a stopped node): refuse the lot.
+                for req in refused.unwrap_or_default() {
+                    m.busy.inc();
+                    respond(sink, req.id, ClientResult::Busy);
                 }
             });
         rt.block_on(tcp::start_clients(
@@ -599,6 +625,7 @@ pub fn start_with(
         next_id: 1,
         elections_seen: 0,
         published_at: None,
+        queued_requests,
         term: term.clone(),
         bootstrap: hard.membership.clone(),
         status: status.clone(),
@@ -683,6 +710,8 @@ struct Consensus {
     elections_seen: u64,
     /// When the full status was last published (see `publish_status`).
     published_at: Option<Instant>,
+    /// Client requests in queued `External::Clients` batches.
+    queued_requests: Arc<AtomicUsize>,
     term: Arc<AtomicU64>,
     bootstrap: keel_core::Membership,
     status: Arc<Mutex<NodeStatus>>,
@@ -735,7 +764,9 @@ impl Consensus {
             if (self.now)() >= self.node.next_deadline() {
                 self.step(Event::Tick)?;
             }
-            self.metrics.queue_depth.set(external.len() as i64);
+            self.metrics
+                .queue_depth
+                .set((external.len() + self.queued_requests.load(Ordering::Relaxed)) as i64);
             self.metrics
                 .service_queue_depth
                 .set(self.service.len() as i64);
@@ -771,70 +802,82 @@ impl Consensus {
     fn external(&mut self, ev: External, proposals: &mut Vec<Proposal>) -> Result<(), String> {
         match ev {
             External::Peer(m) => self.step(Event::Message(m)),
-            External::Client(req, sink) => {
-                let id = self.next_id;
-                self.next_id += 1;
-                match req.op {
-                    ClientOp::Write(data) => {
-                        // A follower forwards to the leader (the core does
-                        // it) and replies once the entry is applied here.
-                        if self.node.leader().is_none() {
-                            respond(&sink, req.id, self.not_leader());
-                            return Ok(());
-                        }
-                        self.pending.insert(
-                            id,
-                            PendingRequest {
-                                client_id: req.id,
-                                sink,
-                                op: PendingOp::Write {
-                                    client: req.client,
-                                    seq: req.seq,
-                                    since: Instant::now(),
-                                },
-                            },
-                        );
-                        proposals.push(Proposal {
-                            id,
+            External::Client(req, sink) => self.client(req, sink, proposals),
+            External::Clients(reqs, sink) => {
+                self.queued_requests.fetch_sub(reqs.len(), Ordering::AcqRel);
+                reqs.into_iter()
+                    .try_for_each(|req| self.client(req, sink.clone(), proposals))
+            }
+        }
+    }
+
+    fn client(
+        &mut self,
+        req: ClientRequest,
+        sink: ResponseSink,
+        proposals: &mut Vec<Proposal>,
+    ) -> Result<(), String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        match req.op {
+            ClientOp::Write(data) => {
+                // A follower forwards to the leader (the core does
+                // it) and replies once the entry is applied here.
+                if self.node.leader().is_none() {
+                    respond(&sink, req.id, self.not_leader());
+                    return Ok(());
+                }
+                self.pending.insert(
+                    id,
+                    PendingRequest {
+                        client_id: req.id,
+                        sink,
+                        op: PendingOp::Write {
                             client: req.client,
                             seq: req.seq,
-                            data,
-                        });
-                        Ok(())
-                    }
-                    ClientOp::Read(data) => {
-                        self.pending.insert(
-                            id,
-                            PendingRequest {
-                                client_id: req.id,
-                                sink,
-                                op: PendingOp::Read(data),
-                            },
-                        );
-                        self.step(Event::Read { id })
-                    }
-                    ClientOp::StaleRead(data) => {
-                        let _ = self.service.send(ServiceInput::StaleRead {
-                            data,
-                            id: req.id,
-                            sink,
-                            commit: self.node.commit_position(),
-                        });
-                        Ok(())
-                    }
-                    ClientOp::Status => {
-                        self.publish_status();
-                        let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
-                        respond(&sink, req.id, ClientResult::Status(s));
-                        Ok(())
-                    }
-                    ClientOp::TransferLeader(target) => {
-                        self.admin(id, req.id, sink, Event::TransferLeadership { id, target })
-                    }
-                    ClientOp::ChangeMembership(change) => {
-                        self.admin(id, req.id, sink, Event::ChangeMembership { id, change })
-                    }
-                }
+                            since: Instant::now(),
+                        },
+                    },
+                );
+                proposals.push(Proposal {
+                    id,
+                    client: req.client,
+                    seq: req.seq,
+                    data,
+                });
+                Ok(())
+            }
+            ClientOp::Read(data) => {
+                self.pending.insert(
+                    id,
+                    PendingRequest {
+                        client_id: req.id,
+                        sink,
+                        op: PendingOp::Read(data),
+                    },
+                );
+                self.step(Event::Read { id })
+            }
+            ClientOp::StaleRead(data) => {
+                let _ = self.service.send(ServiceInput::StaleRead {
+                    data,
+                    id: req.id,
+                    sink,
+                    commit: self.node.commit_position(),
+                });
+                Ok(())
+            }
+            ClientOp::Status => {
+                self.publish_status();
+                let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+                respond(&sink, req.id, ClientResult::Status(s));
+                Ok(())
+            }
+            ClientOp::TransferLeader(target) => {
+                self.admin(id, req.id, sink, Event::TransferLeadership { id, target })
+            }
+            ClientOp::ChangeMembership(change) => {
+                self.admin(id, req.id, sink, Event::ChangeMembership { id, change })
             }
         }
     }

@@ -8,7 +8,7 @@
 //! id (burst = id / burst size; the schedule is fixed by the start time and
 //! the rate), so nothing is shared between the two threads but counters.
 
-use super::cluster::{on_memory_fs, KeelCluster};
+use super::cluster::{cpu_seconds, on_memory_fs, KeelCluster};
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, us, Panel, Percentiles, Series, PERCENTILE_COLORS};
 use super::{check_interrupted, parse_rate, say, CommonArgs};
@@ -102,6 +102,9 @@ pub struct Step {
     pub lost: u64,
     pub first_error: Option<String>,
     pub saturated: bool,
+    /// CPU time of the cluster's processes per reply in the measured
+    /// window, in µs.
+    pub cpu_per_msg: Option<f64>,
 }
 
 /// Timing of one step, shared by every connection.
@@ -336,7 +339,14 @@ fn reader(mut stream: TcpStream, plan: Plan, conn: u64, shared: Arc<Shared>) -> 
 }
 
 /// Runs one offered rate against `leader`.
-fn run_step(a: &EchoArgs, mode: &str, leader: &str, rate: u64, conn_uid: &mut u64) -> Result<Step> {
+fn run_step(
+    a: &EchoArgs,
+    mode: &str,
+    leader: &str,
+    rate: u64,
+    conn_uid: &mut u64,
+    servers: Vec<u32>,
+) -> Result<Step> {
     let warm = a.common.warmup().as_nanos() as u64;
     let dur = a.common.duration().as_nanos() as u64;
     let drain = Duration::from_secs_f64(a.drain.max(0.0)).as_nanos() as u64;
@@ -361,6 +371,17 @@ fn run_step(a: &EchoArgs, mode: &str, leader: &str, rate: u64, conn_uid: &mut u6
         window_to: warm + dur,
         hard_stop: warm + dur + drain,
     };
+    let cpu = std::thread::Builder::new()
+        .name("bench-cpu".into())
+        .spawn(move || {
+            let at = |ns: u64| {
+                let t = plan.start + Duration::from_nanos(ns);
+                std::thread::sleep(t.saturating_duration_since(Instant::now()));
+                cpu_seconds(Some(&servers))
+            };
+            let before = at(plan.window_from);
+            (at(plan.window_to) - before).max(0.0)
+        })?;
     let mut handles = Vec::new();
     for (c, s) in streams.into_iter().enumerate() {
         let c = c as u64;
@@ -397,6 +418,9 @@ fn run_step(a: &EchoArgs, mode: &str, leader: &str, rate: u64, conn_uid: &mut u6
         let send_error = shared.send_error.lock().ok().and_then(|mut e| e.take());
         first_error = first_error.or(send_error).or(r.first_error);
     }
+    let cpu = cpu
+        .join()
+        .map_err(|_| anyhow::anyhow!("the CPU sampler panicked"))?;
     let scheduled = bursts_due_in(plan.window_from, plan.window_to, a.burst, rate) * a.burst;
     let lost = scheduled.saturating_sub(ok + errors);
     let achieved = during as f64 / a.common.duration;
@@ -416,6 +440,7 @@ fn run_step(a: &EchoArgs, mode: &str, leader: &str, rate: u64, conn_uid: &mut u6
         lost,
         first_error,
         saturated,
+        cpu_per_msg: (during > 0).then(|| cpu * 1e6 / during as f64),
     })
 }
 
@@ -465,6 +490,9 @@ fn step_line(s: &Step) -> String {
         us(p.max),
         us(s.send_lag_p99)
     );
+    if let Some(c) = s.cpu_per_msg {
+        line.push_str(&format!("  cluster CPU {c:.1} µs/msg"));
+    }
     if s.errors + s.lost > 0 {
         line.push_str(&format!(
             "  {} refused, {} lost of {}",
@@ -533,7 +561,7 @@ pub fn run(a: EchoArgs) -> Result<i32> {
                 "{mode}: {rate} msg/s for {}+{} s",
                 a.common.warmup, a.common.duration
             ));
-            let step = run_step(&a, mode, &leader, rate, &mut conn_uid)?;
+            let step = run_step(&a, mode, &leader, rate, &mut conn_uid, cluster.pids())?;
             cluster.check_alive()?;
             check_interrupted()?;
             say(&pb, step_line(&step));
@@ -630,13 +658,13 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
         us(rtt),
     );
     s.push_str(
-        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost | cluster CPU µs/msg |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for st in steps {
         let p = &st.latency;
         s.push_str(&format!(
-            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             st.mode,
             st.offered,
             st.achieved,
@@ -649,6 +677,7 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
             us(p.max),
             us(st.send_lag_p99),
             st.errors + st.lost,
+            st.cpu_per_msg.map_or("—".into(), |c| format!("{c:.1}")),
         ));
     }
     s.push('\n');

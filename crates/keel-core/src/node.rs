@@ -1679,16 +1679,20 @@ impl Node {
     }
 
     /// An empty append at the follower's matched position: a heartbeat
-    /// and commit notification that can never be rejected by a healthy
-    /// follower. Skipped while the matched position is compacted away (the
-    /// snapshot or in-flight appends reach that follower instead).
+    /// and commit notification that a healthy follower never rejects. If
+    /// that position is compacted away, at the start of the log instead:
+    /// every follower must hear from its leader, and one that does not hold
+    /// that position (wiped, or it lost the appends sent to it) rejects it,
+    /// which tells the leader to send it a snapshot. (Appends sent before
+    /// this heartbeat reach the follower before it, so a follower that is
+    /// merely behind holds the position by then.)
     fn send_heartbeat(&mut self, n: NodeId, out: &mut Vec<Action>) {
         let Some(p) = self.progress.get(&n) else {
             return;
         };
-        let prev_pos = p.matched;
+        let prev_pos = p.matched.max(self.log.first_pos());
         let Some(prev_term) = self.log.term_at(prev_pos) else {
-            return;
+            return; // beyond our log: cannot happen (acks beyond it are ignored)
         };
         self.send(
             n,

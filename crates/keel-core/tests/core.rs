@@ -723,6 +723,102 @@ fn a_leader_waits_for_its_snapshot_file_before_sending_chunks() {
     assert_eq!(h.node(2).snapshot_file(), Some((position, size)));
 }
 
+/// Three nodes; a follower goes down and misses appends, the leader's log
+/// is compacted past what the follower matched (a snapshot of `data`), and
+/// the follower comes back wiped. Nothing new is written afterwards.
+/// Returns (harness, leader, victim, snapshot position).
+fn wiped_follower_behind_the_compacted_log(
+    data: &'static [u8],
+) -> (Harness, NodeId, NodeId, Position) {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let victim = (1..=3).find(|&n| n != leader).expect("a follower");
+    for seq in 1..=5 {
+        h.propose(leader, seq, seq, b"everyone has these");
+    }
+    h.run_for(50 * MS);
+    let matched = h.node(victim).commit_position();
+    // The victim is down: appends to it are lost.
+    h.cut.insert((leader, victim));
+    h.cut.insert((victim, leader));
+    for seq in 6..=10 {
+        h.propose(leader, seq, seq, b"the victim never got these");
+    }
+    h.run_for(50 * MS);
+    let applied = h.node(leader).applied_position();
+    h.step(
+        leader,
+        Event::SnapshotTaken {
+            position: applied,
+            data: Bytes::from_static(data),
+        },
+    );
+    assert!(h.node(leader).log().first_pos() > matched);
+    let i = (victim - 1) as usize;
+    h.nodes[i] = Node::new(Config::new(victim, 7), Membership::new(1..=3), h.now);
+    h.applied[i].clear();
+    h.cut.clear();
+    (h, leader, victim, applied)
+}
+
+/// Found by the process test `a_wiped_node_rejoins_through_a_snapshot`: a
+/// follower killed, wiped and restarted while the leader's log is compacted
+/// past the follower's last matched position, and nothing new is written.
+/// The leader used to send it nothing (a heartbeat goes at the matched
+/// position, which it no longer holds; all appends were already sent), so
+/// the follower kept timing out and was never told about the snapshot.
+#[test]
+fn a_wiped_follower_behind_the_compacted_log_hears_heartbeats_and_gets_the_snapshot() {
+    let (mut h, leader, victim, _) = wiped_follower_behind_the_compacted_log(b"state");
+    let term = h.node(leader).term();
+    h.run_for(2_000 * MS);
+    let n = h.node(victim);
+    assert_eq!(n.stats().pre_votes_started, 0, "it never heard the leader");
+    assert_eq!((n.term(), n.leader()), (term, Some(leader)));
+    assert_eq!(h.installed[(victim - 1) as usize], vec![image_of(b"state")]);
+    assert_eq!(n.commit_position(), h.node(leader).commit_position());
+}
+
+/// A follower whose snapshot chunks cannot be sent (the file is unreadable
+/// for a while) still hears heartbeats: it neither times out nor disturbs
+/// the leader, and gets the snapshot once the file is readable again.
+#[test]
+fn heartbeats_reach_a_follower_while_its_snapshot_cannot_be_sent() {
+    let (mut h, leader, victim, applied) = wiped_follower_behind_the_compacted_log(b"first");
+    let i = (leader - 1) as usize;
+    let file = h.files[i].remove(&applied).expect("the published file");
+    let term = h.node(leader).term();
+    let mut heartbeats = 0;
+    for _ in 0..300 {
+        h.now += 10 * MS;
+        for id in 1..=3 {
+            h.step(id, Event::Tick);
+        }
+        heartbeats += h
+            .inbox
+            .iter()
+            .filter(|m| m.to == victim && matches!(m.body, Body::Append { .. }))
+            .count();
+        h.deliver();
+    }
+    // 3 s with the default 50 ms heartbeat interval.
+    assert!(heartbeats >= 50, "{heartbeats} heartbeats in 3 s");
+    let v = (victim - 1) as usize;
+    assert!(h.installed[v].is_empty());
+    let n = h.node(victim);
+    assert_eq!(n.stats().pre_votes_started, 0);
+    assert_eq!((n.term(), n.leader()), (term, Some(leader)));
+    assert!(h.node(leader).is_leader());
+    h.files[i].insert(applied, file);
+    h.run_for(1_000 * MS);
+    assert_eq!(h.installed[v], vec![image_of(b"first")]);
+    assert_eq!(
+        h.node(victim).commit_position(),
+        h.node(leader).commit_position()
+    );
+}
+
 #[test]
 fn a_snapshot_damaged_on_the_way_is_rejected_and_sent_again() {
     let big: Vec<u8> = (0..3_000u32).map(|i| i as u8).collect();

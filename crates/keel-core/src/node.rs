@@ -279,6 +279,9 @@ struct Progress {
     /// bytes the follower has acknowledged.
     snapshot_pos: Position,
     snapshot_offset: u64,
+    /// Replicate: when it last acknowledged something new or was last sent
+    /// entries (to tell appends lost on the way from appends in flight).
+    last_progress: Nanos,
 }
 
 struct PendingRead {
@@ -824,6 +827,7 @@ impl Node {
             heartbeat: 0,
             snapshot_pos: 0,
             snapshot_offset: 0,
+            last_progress: 0,
         }
     }
 
@@ -1569,6 +1573,7 @@ impl Node {
     ) {
         let last = self.log.last_pos();
         let first = self.log.first_pos();
+        let now = self.now;
         let Some(p) = self.progress.get_mut(&from) else {
             return;
         };
@@ -1580,11 +1585,13 @@ impl Node {
             }
             if position > p.matched {
                 p.matched = position;
+                p.last_progress = now;
             }
             p.next = p.next.max(p.matched);
             if p.state != ProgressState::Replicate {
                 p.state = ProgressState::Replicate;
                 p.paused_since = None;
+                p.last_progress = now;
             }
             self.maybe_commit(out);
             if self.transfer.is_some_and(|(t, _)| t == from) {
@@ -1747,18 +1754,34 @@ impl Node {
     }
 
     /// An empty append at the follower's matched position: a heartbeat
-    /// and commit notification that a healthy follower never rejects. If
-    /// that position is compacted away, at the start of the log instead:
-    /// every follower must hear from its leader, and one that does not hold
-    /// that position (wiped, or it lost the appends sent to it) rejects it,
-    /// which tells the leader to send it a snapshot. (Appends sent before
-    /// this heartbeat reach the follower before it, so a follower that is
-    /// merely behind holds the position by then.)
+    /// and commit notification that a healthy follower never rejects. Two
+    /// exceptions, where a rejection is what the leader needs to hear (a
+    /// rejected heartbeat sends the follower back to probing or to a
+    /// snapshot):
+    /// - The matched position is compacted away: at the start of the log.
+    ///   Every follower must hear from its leader, and one that does not
+    ///   hold that position (wiped, or it lost the appends sent to it)
+    ///   needs a snapshot.
+    /// - Replicating, entries were sent but nothing has been acknowledged
+    ///   or sent for a heartbeat interval: at the end of what was sent. If
+    ///   those appends were lost (a dropped connection), nothing else would
+    ///   tell the leader while no new entry is written.
+    ///
+    /// (Appends sent before a heartbeat reach the follower before it, so a
+    /// follower that is merely behind holds either position by then.)
     fn send_heartbeat(&mut self, n: NodeId, out: &mut Vec<Action>) {
         let Some(p) = self.progress.get(&n) else {
             return;
         };
-        let prev_pos = p.matched.max(self.log.first_pos());
+        let first = self.log.first_pos();
+        let stalled = p.state == ProgressState::Replicate
+            && p.matched < p.next
+            && self.now >= p.last_progress.saturating_add(self.cfg.heartbeat_interval);
+        let prev_pos = if stalled {
+            p.next
+        } else {
+            p.matched.max(first)
+        };
         let Some(prev_term) = self.log.term_at(prev_pos) else {
             return; // beyond our log: cannot happen (acks beyond it are ignored)
         };
@@ -1867,6 +1890,9 @@ impl Node {
         }
         if let Some(p) = self.progress.get_mut(&n) {
             p.next = next;
+            if sent {
+                p.last_progress = now;
+            }
         }
         sent
     }

@@ -834,6 +834,35 @@ fn heartbeats_reach_a_follower_while_its_snapshot_cannot_be_sent() {
     );
 }
 
+/// Found by the simulator (wiped-follower-idle over a lossy network, seed
+/// 37): the last appends to a follower are lost and nothing more is
+/// written. The leader replicates in a pipeline and used to heartbeat at
+/// the follower's matched position, which the follower accepts, so it
+/// never learned the appends were lost and the follower stayed behind for
+/// as long as the cluster was idle.
+#[test]
+fn a_follower_that_lost_the_last_appends_catches_up_while_idle() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let victim = (1..=3).find(|&n| n != leader).expect("a follower");
+    h.propose(leader, 1, 1, b"everyone has this");
+    h.run_for(100 * MS);
+    assert_eq!(
+        h.node(victim).commit_position(),
+        h.node(leader).commit_position()
+    );
+    // The appends of the next write to the victim are lost.
+    h.cut.insert((leader, victim));
+    h.propose(leader, 2, 2, b"lost on the way to the victim");
+    h.cut.clear();
+    let commit = h.node(leader).commit_position();
+    assert!(h.node(victim).log().last_pos() < commit);
+    h.run_for(500 * MS);
+    assert_eq!(h.node(victim).log().last_pos(), commit);
+    assert_eq!(h.node(victim).commit_position(), commit);
+}
+
 /// The core pairs each publication with the metadata of the snapshot it
 /// saved: late, unknown or superseded publications never make the file it
 /// sends and the metadata it sends with it disagree.

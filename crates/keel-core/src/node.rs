@@ -14,6 +14,12 @@
 //!   published snapshot file (the core keeps only snapshot metadata).
 //! - `Apply` hands committed entries, in log order, to the service; the
 //!   runtime reports `Event::Applied` when they have been applied.
+//!
+//! Snapshots and the log: a snapshot taken here compacts the in-memory log
+//! only once its file is published, so the log always starts where the
+//! newest published snapshot file ends. A follower behind the log gets that
+//! file, whose metadata the core keeps with it, and then the log after it;
+//! newer snapshots whose files are still being written change neither.
 
 use crate::log::Log;
 use crate::message::{Body, Message};
@@ -22,6 +28,10 @@ use crate::types::*;
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
+
+/// Most snapshots awaiting publication whose metadata is kept (they are
+/// published in order, so there are rarely more than one or two).
+const MAX_UNPUBLISHED: usize = 16;
 
 /// Timing and limits of one node. All nodes of a cluster should use the
 /// same values (apart from `id` and `seed`).
@@ -144,16 +154,20 @@ pub enum Event {
         timers: Vec<TimerUpdate>,
     },
     /// The runtime captured the service state at applied position
-    /// `position`; the log before it may be compacted. The core does not
-    /// keep `data`: it hands it straight back in `Action::SaveSnapshot`.
+    /// `position`; the log before it is compacted once its file is
+    /// published. The core does not keep `data`: it hands it straight back
+    /// in `Action::SaveSnapshot`.
     SnapshotTaken {
         position: Position,
         data: Bytes,
     },
     /// Storage published (made durable and named in the manifest) the
-    /// snapshot file at `position`, `size` bytes long: a leader may now
-    /// stream it to followers. (Installed snapshots need no such event:
-    /// `InstallSnapshot` is synchronous.)
+    /// snapshot file of `Action::SaveSnapshot` at `position`, `size` bytes
+    /// long: the log before it is compacted and a leader streams this file
+    /// to followers that are behind the log. Ignored unless it is newer than
+    /// the published file the core knows and is a snapshot it asked to
+    /// save. (Installed snapshots need no such event: `InstallSnapshot` is
+    /// synchronous.)
     SnapshotPublished {
         position: Position,
         size: u64,
@@ -194,16 +208,20 @@ pub enum Action {
     },
     /// Write this snapshot (the service state of `Event::SnapshotTaken`) to
     /// a snapshot file, publish it, then delete log entries ending at or
-    /// before its position. Asynchronous, in order with the other storage
-    /// work; report `Event::SnapshotPublished` once the file is published
-    /// (not if a newer snapshot file is already published).
+    /// before its position. Asynchronous; snapshots are published in the
+    /// order they are saved. Report `Event::SnapshotPublished` once the
+    /// file is published (not if a newer snapshot file is already
+    /// published). Until then the core keeps the log before it and streams
+    /// the previous published file to followers that need a snapshot.
     SaveSnapshot(Snapshot),
     Send(Message),
     /// Send `message`, an `InstallSnapshot` whose `chunk` is empty, after
     /// filling `chunk` with bytes `offset..offset + len` of the published
-    /// snapshot file at `position`. If that file is gone (a newer snapshot
-    /// replaced it) or cannot be read, send nothing: the leader resends
-    /// after its retry timeout, from the newest published snapshot.
+    /// snapshot file at `position` (the newest published file the core was
+    /// told of; `message` carries that file's metadata). If that file is
+    /// gone (a newer snapshot replaced it) or cannot be read, send nothing:
+    /// the leader resends after its retry timeout, or as soon as it hears
+    /// of the newer file, from the newest published snapshot.
     SendSnapshotChunk {
         message: Message,
         position: Position,
@@ -261,6 +279,9 @@ struct Progress {
     /// bytes the follower has acknowledged.
     snapshot_pos: Position,
     snapshot_offset: u64,
+    /// Replicate: when it last acknowledged something new or was last sent
+    /// entries (to tell appends lost on the way from appends in flight).
+    last_progress: Nanos,
 }
 
 struct PendingRead {
@@ -303,11 +324,15 @@ pub struct Node {
     voted_for: Option<NodeId>,
     leader: Option<NodeId>,
     log: Log,
-    /// The latest snapshot: taken here, installed, or recovered.
+    /// The latest snapshot: taken here, installed, or recovered. Its file
+    /// may still be unpublished.
     snapshot: Option<SnapshotMeta>,
-    /// The newest published snapshot file (position, size): the one a
-    /// leader streams, when it is `snapshot`.
-    snapshot_file: Option<(Position, u64)>,
+    /// The newest published snapshot file: its metadata and size. The log
+    /// starts at its position; a leader streams it to followers behind.
+    published: Option<(SnapshotMeta, u64)>,
+    /// Snapshots taken here whose files are not published yet, oldest
+    /// first: a publication is matched with its metadata here.
+    unpublished: VecDeque<SnapshotMeta>,
     /// Membership at the snapshot position, and every membership entry in
     /// the log after it (start position, membership).
     base_membership: Membership,
@@ -410,8 +435,9 @@ impl Node {
             applied: meta.position,
             log,
             snapshot: (meta.position > 0).then(|| meta.clone()),
-            snapshot_file: (meta.position > 0 && recovered.snapshot_file_size > 0)
-                .then_some((meta.position, recovered.snapshot_file_size)),
+            published: (meta.position > 0 && recovered.snapshot_file_size > 0)
+                .then(|| (meta.clone(), recovered.snapshot_file_size)),
+            unpublished: VecDeque::new(),
             base_membership: meta.membership,
             membership_log,
             matched: 0,
@@ -483,13 +509,18 @@ impl Node {
         self.applied
     }
     /// Metadata of the latest snapshot (its data lives in the service and
-    /// the snapshot file, not here).
+    /// the snapshot file, not here); its file may not be published yet.
     pub fn snapshot_meta(&self) -> Option<&SnapshotMeta> {
         self.snapshot.as_ref()
     }
-    /// The newest published snapshot file: (position, size).
+    /// The newest published snapshot file: (position, size). The log
+    /// starts at its position, and it is the file sent to followers.
     pub fn snapshot_file(&self) -> Option<(Position, u64)> {
-        self.snapshot_file
+        self.published.as_ref().map(|(m, size)| (m.position, *size))
+    }
+    /// Metadata of the newest published snapshot file.
+    pub fn published_snapshot_meta(&self) -> Option<&SnapshotMeta> {
+        self.published.as_ref().map(|(m, _)| m)
     }
     pub fn stats(&self) -> Stats {
         self.stats
@@ -535,9 +566,7 @@ impl Node {
             Event::Applied { position, timers } => self.on_applied(position, timers),
             Event::SnapshotTaken { position, data } => self.on_snapshot_taken(position, data, out),
             Event::SnapshotPublished { position, size } => {
-                if self.snapshot_file.is_none_or(|(p, _)| position > p) {
-                    self.snapshot_file = Some((position, size));
-                }
+                self.on_snapshot_published(position, size)
             }
             Event::ChangeMembership { id, change } => self.change_membership(id, change, out),
             Event::TransferLeadership { id, target } => self.transfer_leadership(id, target, out),
@@ -798,6 +827,7 @@ impl Node {
             heartbeat: 0,
             snapshot_pos: 0,
             snapshot_offset: 0,
+            last_progress: 0,
         }
     }
 
@@ -1173,7 +1203,10 @@ impl Node {
         self.durable = self.durable.max(meta.position).min(self.log.last_pos());
         self.matched = self.matched.max(meta.position);
         self.snapshot = Some(meta.clone());
-        self.snapshot_file = Some((meta.position, image.len() as u64));
+        // Snapshots of our own still being written are older: their files
+        // will not be published (storage keeps the newer one).
+        self.unpublished.clear();
+        self.published = Some((meta.clone(), image.len() as u64));
         out.push(Action::InstallSnapshot { meta, image });
     }
 
@@ -1209,7 +1242,12 @@ impl Node {
     }
 
     fn on_snapshot_taken(&mut self, position: Position, data: Bytes, out: &mut Vec<Action>) {
-        if position <= self.log.first_pos() || position > self.applied {
+        let newest = self
+            .snapshot
+            .as_ref()
+            .map_or(0, |m| m.position)
+            .max(self.log.first_pos());
+        if position <= newest || position > self.applied {
             return;
         }
         let (Some(term), Some(timestamp)) =
@@ -1217,18 +1255,52 @@ impl Node {
         else {
             return;
         };
-        let membership = self.membership_at(position);
-        self.log.compact_to(position, term, timestamp);
-        self.membership_log.retain(|(p, _)| *p >= position);
-        self.base_membership = membership.clone();
         let meta = SnapshotMeta {
             position,
             term,
             timestamp,
-            membership,
+            membership: self.membership_at(position),
         };
         self.snapshot = Some(meta.clone());
+        // The log is compacted when the file is published: until then a
+        // follower behind gets the previous file and the log after it.
+        if self.unpublished.len() >= MAX_UNPUBLISHED {
+            self.unpublished.pop_front();
+        }
+        self.unpublished.push_back(meta.clone());
         out.push(Action::SaveSnapshot(Snapshot { meta, data }));
+    }
+
+    fn on_snapshot_published(&mut self, position: Position, size: u64) {
+        if self
+            .published
+            .as_ref()
+            .is_some_and(|(m, _)| m.position >= position)
+        {
+            return; // older than the file we know (e.g. reported late)
+        }
+        let Some(i) = self.unpublished.iter().position(|m| m.position == position) else {
+            return; // not a snapshot we asked to save: no metadata to send
+        };
+        // Publications come in order: older files will not be reported.
+        let Some(meta) = self.unpublished.drain(..=i).next_back() else {
+            return;
+        };
+        if meta.position > self.log.first_pos() {
+            self.log
+                .compact_to(meta.position, meta.term, meta.timestamp);
+            self.membership_log.retain(|(p, _)| *p >= meta.position);
+            self.base_membership = meta.membership.clone();
+        }
+        self.published = Some((meta, size));
+        // Followers part-way through an older file: it has been replaced
+        // (storage deletes it); start them on this one now rather than
+        // after the retry timeout.
+        for p in self.progress.values_mut() {
+            if p.state == ProgressState::Snapshot && p.snapshot_pos < position {
+                p.paused_since = None;
+            }
+        }
     }
 
     /// The membership in force for an entry ending at `pos`.
@@ -1501,6 +1573,7 @@ impl Node {
     ) {
         let last = self.log.last_pos();
         let first = self.log.first_pos();
+        let now = self.now;
         let Some(p) = self.progress.get_mut(&from) else {
             return;
         };
@@ -1512,11 +1585,13 @@ impl Node {
             }
             if position > p.matched {
                 p.matched = position;
+                p.last_progress = now;
             }
             p.next = p.next.max(p.matched);
             if p.state != ProgressState::Replicate {
                 p.state = ProgressState::Replicate;
                 p.paused_since = None;
+                p.last_progress = now;
             }
             self.maybe_commit(out);
             if self.transfer.is_some_and(|(t, _)| t == from) {
@@ -1679,16 +1754,36 @@ impl Node {
     }
 
     /// An empty append at the follower's matched position: a heartbeat
-    /// and commit notification that can never be rejected by a healthy
-    /// follower. Skipped while the matched position is compacted away (the
-    /// snapshot or in-flight appends reach that follower instead).
+    /// and commit notification that a healthy follower never rejects. Two
+    /// exceptions, where a rejection is what the leader needs to hear (a
+    /// rejected heartbeat sends the follower back to probing or to a
+    /// snapshot):
+    /// - The matched position is compacted away: at the start of the log.
+    ///   Every follower must hear from its leader, and one that does not
+    ///   hold that position (wiped, or it lost the appends sent to it)
+    ///   needs a snapshot.
+    /// - Replicating, entries were sent but nothing has been acknowledged
+    ///   or sent for a heartbeat interval: at the end of what was sent. If
+    ///   those appends were lost (a dropped connection), nothing else would
+    ///   tell the leader while no new entry is written.
+    ///
+    /// (Appends sent before a heartbeat reach the follower before it, so a
+    /// follower that is merely behind holds either position by then.)
     fn send_heartbeat(&mut self, n: NodeId, out: &mut Vec<Action>) {
         let Some(p) = self.progress.get(&n) else {
             return;
         };
-        let prev_pos = p.matched;
+        let first = self.log.first_pos();
+        let stalled = p.state == ProgressState::Replicate
+            && p.matched < p.next
+            && self.now >= p.last_progress.saturating_add(self.cfg.heartbeat_interval);
+        let prev_pos = if stalled {
+            p.next
+        } else {
+            p.matched.max(first)
+        };
         let Some(prev_term) = self.log.term_at(prev_pos) else {
-            return;
+            return; // beyond our log: cannot happen (acks beyond it are ignored)
         };
         self.send(
             n,
@@ -1724,32 +1819,31 @@ impl Node {
         let need_snapshot =
             state == ProgressState::Snapshot || next < first || self.log.term_at(next).is_none();
         if need_snapshot {
-            let snapshot = self.snapshot.clone();
-            // Chunks come from the published file of the latest snapshot.
-            let file_size = match (&snapshot, self.snapshot_file) {
-                (Some(m), Some((pos, size))) if pos == m.position => Some(size),
-                _ => None,
-            };
+            // Chunks come from the newest published file, whose metadata
+            // is kept with it (the log starts there); newer snapshots still
+            // being written do not hold it up.
+            let published = self.published.clone();
             let Some(p) = self.progress.get_mut(&n) else {
                 return false;
             };
-            match snapshot {
-                Some(_) if file_size.is_none() => {
-                    // The latest snapshot's file is not published yet (the
-                    // log before it is already compacted): wait for it.
+            match published {
+                None if first > 0 => {
+                    // Compacted without a published file (a recovered
+                    // snapshot whose file is missing): nothing to send.
+                    // Heartbeats still reach the follower.
+                    p.state = ProgressState::Snapshot;
                     return false;
                 }
-                Some(meta) => {
+                Some((meta, size)) => {
                     p.paused_since = Some(now);
                     if p.state != ProgressState::Snapshot || p.snapshot_pos != meta.position {
-                        // Start (over) with the latest snapshot.
+                        // Start (over) with the newest published file.
                         p.state = ProgressState::Snapshot;
                         p.snapshot_pos = meta.position;
                         p.snapshot_offset = 0;
                         self.stats.snapshots_sent += 1;
                     }
                     p.next = meta.position;
-                    let size = file_size.unwrap_or(0);
                     let start = p.snapshot_offset.min(size);
                     let end = start
                         .saturating_add(self.cfg.snapshot_chunk_bytes.max(1))
@@ -1796,6 +1890,9 @@ impl Node {
         }
         if let Some(p) = self.progress.get_mut(&n) {
             p.next = next;
+            if sent {
+                p.last_progress = now;
+            }
         }
         sent
     }

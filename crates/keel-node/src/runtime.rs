@@ -262,6 +262,13 @@ impl NodeHandle {
     }
 }
 
+/// Where in each `every`-byte period of the log node `id` takes its
+/// snapshot: spread over the period by a multiplicative hash of the id, so
+/// the nodes of a cluster do not all publish snapshots at once.
+fn snapshot_phase(id: NodeId, every: u64) -> u64 {
+    id.wrapping_mul(0x9e37_79b9_7f4a_7c15) % every.max(1)
+}
+
 /// How stale the published status may get while nothing important changes.
 const STATUS_EVERY: Duration = Duration::from_millis(1);
 
@@ -589,7 +596,8 @@ pub fn start_with(
         let applied_from = snapshot.meta.position;
         let notify = notify_tx.clone();
         let snapshots = SnapshotSink {
-            every,
+            every: every.max(1),
+            phase: snapshot_phase(cfg.id, every.max(1)),
             last: applied_from,
             jobs: snap_tx.clone(),
             busy: snapshot_busy,
@@ -1128,6 +1136,11 @@ struct AwaitingWrite {
 struct SnapshotSink {
     /// Take one after this many bytes of log were applied.
     every: u64,
+    /// This node's offset of the points where it takes snapshots: nodes
+    /// snapshot at different positions, so the storage work of publishing a
+    /// snapshot (tens of milliseconds on a slow disk) stalls one node at a
+    /// time and the others still make a quorum.
+    phase: u64,
     /// Applied position of the last one taken (or restored).
     last: Position,
     jobs: Sender<SnapshotJob>,
@@ -1138,7 +1151,8 @@ struct SnapshotSink {
 impl SnapshotSink {
     fn maybe_take(&mut self, host: &ServiceHost<Box<dyn Service + Send>>) {
         let applied = host.applied();
-        if applied < self.last.saturating_add(self.every) || self.busy.load(Ordering::Acquire) {
+        let period = |p: Position| p.saturating_add(self.phase) / self.every;
+        if period(applied) <= period(self.last) || self.busy.load(Ordering::Acquire) {
             return;
         }
         self.last = applied;
@@ -1286,6 +1300,21 @@ fn serve_reads(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_take_snapshots_at_different_points() {
+        let every = 64 << 20;
+        let phases: Vec<u64> = (1..=5).map(|id| snapshot_phase(id, every)).collect();
+        for (i, a) in phases.iter().enumerate() {
+            assert!(*a < every);
+            for b in &phases[i + 1..] {
+                // At least 5% of a period apart.
+                let d = a.abs_diff(*b).min(every - a.abs_diff(*b));
+                assert!(d > every / 20, "phases {phases:?} too close");
+            }
+        }
+        assert_eq!(snapshot_phase(7, 1), 0);
+    }
 
     #[test]
     fn sessionless_sequence_numbers_differ_across_nodes() {

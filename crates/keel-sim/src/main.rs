@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use keel_core::TestingBugs;
-use keel_sim::{run, FaultMix, SimConfig};
+use keel_sim::{run, FaultMix, Scenario, SimConfig};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
@@ -42,6 +42,15 @@ struct Args {
     /// Stop at the first failing seed.
     #[arg(long)]
     fail_fast: bool,
+    /// Publish each snapshot file this many milliseconds after the core
+    /// saves it, drawn from LO..HI (as a slow disk does), e.g. `20,200`.
+    #[arg(long, value_name = "LO,HI")]
+    publish_delay_ms: Option<String>,
+    /// A scripted scenario on top of the fault mix (use it with --mix calm;
+    /// it sets its own timeline, snapshot period and publication delay).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+        Scenario::all().iter().map(|s| s.name()).collect::<Vec<_>>()))]
+    scenario: Option<String>,
 }
 
 fn config_for(args: &Args, seed: u64) -> SimConfig {
@@ -63,6 +72,17 @@ fn config_for(args: &Args, seed: u64) -> SimConfig {
     };
     let mut cfg = SimConfig::new(seed, nodes, mix);
     cfg.fault_time = args.fault_seconds * 1_000_000_000;
+    if let Some((lo, hi)) = args
+        .publish_delay_ms
+        .as_deref()
+        .and_then(|s| s.split_once(','))
+    {
+        let ms = |v: &str| v.trim().parse::<u64>().unwrap_or(0) * 1_000_000;
+        cfg.publish_delay = (ms(lo), ms(hi));
+    }
+    if let Some(sc) = args.scenario.as_deref().and_then(Scenario::by_name) {
+        sc.apply(&mut cfg);
+    }
     cfg.bugs = TestingBugs {
         commit_without_quorum: args.bug.iter().any(|b| b == "commit-without-quorum"),
         vote_without_log_check: args.bug.iter().any(|b| b == "vote-without-log-check"),
@@ -82,6 +102,9 @@ fn main() {
             r.membership_changes, r.leader_removals, r.timers_fired, r.messages, r.sim_time as f64 / 1e9
         );
         println!("linearizability: {:?}", r.linearizability);
+        if let Some(w) = &r.wiped {
+            println!("wiped follower: {w:?}");
+        }
         for v in &r.violations {
             println!("VIOLATION: {v}");
         }

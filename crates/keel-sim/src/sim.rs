@@ -172,6 +172,91 @@ pub struct SimConfig {
     /// without read-index (stale reads), to show the linearizability
     /// checker fires.
     pub unsafe_local_reads: bool,
+    /// How long after `Action::SaveSnapshot` a snapshot's file reaches
+    /// storage to be published, drawn per snapshot from this range (in
+    /// order per node). The runtime's snapshot thread serializes and writes
+    /// the file first, and publishing it stalls storage for 50-80 ms on a
+    /// slow disk, so the core takes newer snapshots while older ones are
+    /// still unpublished. `(0, 0)`: published with the next disk sync.
+    pub publish_delay: (Nanos, Nanos),
+    /// A scripted wipe of one follower (`None`: no wipe).
+    pub wipe: Option<WipeFollower>,
+    /// The named scenario these settings come from, for the replay command.
+    pub scenario: Option<Scenario>,
+}
+
+/// One follower loses its whole disk and rejoins: only a snapshot install
+/// can bring it back, since the leader's log before its snapshot is gone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WipeFollower {
+    /// When a follower of the leader of the moment is crashed and wiped.
+    pub at: Nanos,
+    /// When it restarts, empty (only the initial membership configured).
+    pub restart_at: Nanos,
+    /// From here until the faults heal (`fault_time`) clients start no new
+    /// operations: an idle cluster appends nothing, so only what the leader
+    /// sends unasked (heartbeats) can reach the rejoining node.
+    pub quiet_from: Nanos,
+    /// Within this time of its restart the wiped node must have applied
+    /// everything committed when it restarted, and until then it must hear
+    /// from the leader at least every election timeout (minimum).
+    pub catch_up_bound: Nanos,
+}
+
+/// Named scripted scenarios (`--scenario`), on top of a fault mix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// A wiped follower rejoins a cluster that has gone idle.
+    WipedFollowerIdle,
+    /// A wiped follower rejoins while writes go on, snapshots are taken
+    /// often and their files are published late (several snapshots behind).
+    WipedFollowerUnderLoad,
+}
+
+impl Scenario {
+    pub fn all() -> [Scenario; 2] {
+        [
+            Scenario::WipedFollowerIdle,
+            Scenario::WipedFollowerUnderLoad,
+        ]
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::WipedFollowerIdle => "wiped-follower-idle",
+            Scenario::WipedFollowerUnderLoad => "wiped-follower-under-load",
+        }
+    }
+    pub fn by_name(name: &str) -> Option<Scenario> {
+        Self::all().into_iter().find(|s| s.name() == name)
+    }
+    /// The scenario's settings over `cfg` (best with the calm mix).
+    pub fn apply(self, cfg: &mut SimConfig) {
+        cfg.scenario = Some(self);
+        match self {
+            Scenario::WipedFollowerIdle => {
+                cfg.snapshot_every = 2 * 1024;
+                cfg.publish_delay = (20 * MS, 80 * MS);
+                cfg.wipe = Some(WipeFollower {
+                    at: SEC,
+                    quiet_from: 2 * SEC,
+                    restart_at: 2 * SEC + 500 * MS,
+                    catch_up_bound: 1_500 * MS,
+                });
+                cfg.fault_time = 4 * SEC + 500 * MS;
+            }
+            Scenario::WipedFollowerUnderLoad => {
+                cfg.snapshot_every = 1024;
+                cfg.publish_delay = (150 * MS, 400 * MS);
+                cfg.wipe = Some(WipeFollower {
+                    at: SEC,
+                    restart_at: SEC + 500 * MS,
+                    catch_up_bound: 1_500 * MS,
+                    quiet_from: 4 * SEC,
+                });
+                cfg.fault_time = 4 * SEC + 500 * MS;
+            }
+        }
+    }
 }
 
 impl SimConfig {
@@ -187,7 +272,17 @@ impl SimConfig {
             snapshot_every: 16 * 1024,
             liveness_bound: 5 * SEC,
             unsafe_local_reads: false,
+            publish_delay: (0, 0),
+            wipe: None,
+            scenario: None,
         }
+    }
+
+    /// A run of a named scenario.
+    pub fn scenario(seed: u64, nodes: usize, mix: FaultMix, scenario: Scenario) -> Self {
+        let mut cfg = SimConfig::new(seed, nodes, mix);
+        scenario.apply(&mut cfg);
+        cfg
     }
 
     /// The one-line command that replays this run.
@@ -201,6 +296,15 @@ impl SimConfig {
         }
         if self.bugs.vote_without_log_check {
             s.push_str(" --bug vote-without-log-check");
+        }
+        match self.scenario {
+            Some(sc) => s.push_str(&format!(" --scenario {}", sc.name())),
+            None if self.publish_delay != (0, 0) => s.push_str(&format!(
+                " --publish-delay-ms {},{}",
+                self.publish_delay.0 / MS,
+                self.publish_delay.1 / MS
+            )),
+            None => {}
         }
         s
     }
@@ -221,6 +325,9 @@ pub struct Report {
     /// Chunks the core asked for whose snapshot file was already replaced
     /// (not sent; the leader resends from the newer snapshot).
     pub snapshot_chunks_unsent: u64,
+    /// Chunks sent from the newest published file while the sender had a
+    /// newer snapshot whose file was still being written.
+    pub snapshot_chunks_behind_newest: u64,
     pub membership_changes: u64,
     /// Membership changes that removed the leader proposing them, accepted
     /// by it (it steps down once the change commits).
@@ -229,6 +336,28 @@ pub struct Report {
     pub violations: Vec<String>,
     pub linearizability: Option<CheckResult>,
     pub sim_time: Nanos,
+    /// What happened to the wiped follower (`SimConfig::wipe`).
+    pub wiped: Option<WipeOutcome>,
+}
+
+/// How a wiped follower rejoined.
+#[derive(Clone, Debug, Default)]
+pub struct WipeOutcome {
+    pub node: NodeId,
+    pub restarted_at: Nanos,
+    /// The highest commit position in the cluster when it restarted.
+    pub target: Position,
+    /// How long after its restart it had applied `target`.
+    pub caught_up_after: Option<Nanos>,
+    /// The longest it went without an append or snapshot chunk from a
+    /// leader, from its restart to the check (`catch_up_bound` later).
+    pub longest_silence: Nanos,
+    /// Pre-votes it started by then (it timed out waiting for a leader).
+    pub pre_votes: u64,
+    /// Snapshots it installed by then.
+    pub snapshots_installed: u64,
+    last_heard: Nanos,
+    checked: bool,
 }
 
 impl Report {
@@ -289,6 +418,11 @@ enum Ev {
     HealAll,
     MembershipChange,
     LivenessProbe,
+    /// A snapshot file is written and handed to storage to publish.
+    SnapshotStaged(NodeId, u64, Box<Snapshot>),
+    Wipe,
+    WipeRestart(NodeId),
+    WipeCheck,
     End,
 }
 
@@ -357,6 +491,9 @@ struct SimNode {
     reads: HashMap<u64, (u64, Bytes)>,
     ready_reads: Vec<(u64, Position)>,
     last_snapshot: Position,
+    /// When the last snapshot file handed to storage got there (files are
+    /// written one at a time, in order).
+    staged_until: Nanos,
 }
 
 struct ClientOp {
@@ -474,6 +611,7 @@ impl Sim {
                 reads: HashMap::new(),
                 ready_reads: Vec::new(),
                 last_snapshot: 0,
+                staged_until: 0,
             });
         }
         let clients = (0..cfg.clients as u64)
@@ -538,6 +676,10 @@ impl Sim {
         if sim.cfg.mix.membership {
             sim.schedule(500 * MS, Ev::MembershipChange);
         }
+        if let Some(w) = sim.cfg.wipe.clone() {
+            sim.schedule(w.at, Ev::Wipe);
+            sim.schedule(w.restart_at.saturating_add(w.catch_up_bound), Ev::WipeCheck);
+        }
         let heal = sim.cfg.fault_time;
         sim.schedule(heal, Ev::HealAll);
         sim
@@ -579,6 +721,7 @@ impl Sim {
         match ev {
             Ev::Peer(m) => {
                 let i = self.idx(m.to);
+                self.heard(&m);
                 self.step_node(i, Event::Message(m));
             }
             Ev::Request {
@@ -612,6 +755,18 @@ impl Sim {
             Ev::HealAll => self.heal_all(),
             Ev::MembershipChange => self.membership_change(),
             Ev::LivenessProbe => self.liveness_probe(),
+            Ev::SnapshotStaged(id, inc, s) => {
+                let i = self.idx(id);
+                if self.nodes[i].incarnation == inc && self.nodes[i].core.is_some() {
+                    let upto = s.meta.position;
+                    self.nodes[i].pending.push(StorageOp::Publish(*s));
+                    self.nodes[i].pending.push(StorageOp::Compact(upto));
+                    self.schedule_sync(i);
+                }
+            }
+            Ev::Wipe => self.wipe(),
+            Ev::WipeRestart(id) => self.wipe_restart(id),
+            Ev::WipeCheck => self.wipe_check(),
             Ev::End => {}
         }
     }
@@ -683,6 +838,7 @@ impl Sim {
                 self.inv.after_step(core, inc, &mut self.report.violations);
             }
         }
+        self.observe_wiped(i);
     }
 
     fn exec(&mut self, i: usize, a: Action, queue: &mut VecDeque<Event>) {
@@ -723,14 +879,22 @@ impl Sim {
                 self.schedule_sync(i);
             }
             Action::SaveSnapshot(s) => {
-                // Written and published with the next disk sync (as the
-                // runtime's snapshot and storage threads do, in order with
-                // the log), then reported to the core.
+                // Written and published with a later disk sync (as the
+                // runtime's snapshot and storage threads do), then reported
+                // to the core.
                 let upto = s.meta.position;
-                self.nodes[i].pending.push(StorageOp::Publish(s));
-                self.nodes[i].pending.push(StorageOp::Compact(upto));
                 self.inv.compact(id, upto);
-                self.schedule_sync(i);
+                let (lo, hi) = self.cfg.publish_delay;
+                if hi == 0 {
+                    self.nodes[i].pending.push(StorageOp::Publish(s));
+                    self.nodes[i].pending.push(StorageOp::Compact(upto));
+                    self.schedule_sync(i);
+                } else {
+                    let at = (self.now + self.rng.range(lo, hi)).max(self.nodes[i].staged_until);
+                    self.nodes[i].staged_until = at;
+                    let inc = self.nodes[i].incarnation;
+                    self.schedule(at - self.now, Ev::SnapshotStaged(id, inc, Box::new(s)));
+                }
             }
             Action::Send(m) => self.send_peer(m),
             Action::SendSnapshotChunk {
@@ -764,6 +928,13 @@ impl Sim {
                 let bytes = file.slice(a..b);
                 if let keel_core::Body::InstallSnapshot { chunk, .. } = &mut message.body {
                     *chunk = bytes;
+                }
+                let newest = self.nodes[i]
+                    .core
+                    .as_ref()
+                    .and_then(|c| c.snapshot_meta().map(|m| m.position));
+                if newest.is_some_and(|p| p > position) {
+                    self.report.snapshot_chunks_behind_newest += 1;
                 }
                 self.send_peer(message);
             }
@@ -819,6 +990,14 @@ impl Sim {
                     );
                 }
                 self.report.snapshots_installed += 1;
+                if let Some(o) = self
+                    .report
+                    .wiped
+                    .as_mut()
+                    .filter(|o| o.node == id && !o.checked)
+                {
+                    o.snapshots_installed += 1;
+                }
                 for (position, size) in self.flush_pending(i) {
                     queue.push_back(Event::SnapshotPublished { position, size });
                 }
@@ -1120,9 +1299,16 @@ impl Sim {
             self.send_attempt(ci);
             return;
         }
-        let generating = self
-            .healed_at
-            .is_none_or(|h| self.now < h + self.cfg.liveness_bound / 2);
+        let quiet = self.healed_at.is_none()
+            && self
+                .cfg
+                .wipe
+                .as_ref()
+                .is_some_and(|w| self.now >= w.quiet_from);
+        let generating = !quiet
+            && self
+                .healed_at
+                .is_none_or(|h| self.now < h + self.cfg.liveness_bound / 2);
         if c == PROBE_CLIENT || !generating {
             return;
         }
@@ -1426,6 +1612,122 @@ impl Sim {
         }
         let next = self.rng.range(300 * MS, 1500 * MS);
         self.schedule(next, Ev::MembershipChange);
+    }
+
+    // ----- a wiped follower (`SimConfig::wipe`) ---------------------------
+
+    /// Crashes a follower of the current leader and wipes its disk.
+    fn wipe(&mut self) {
+        let leader = self.leader_index();
+        let voters = self.cfg.nodes;
+        let Some(i) = (0..voters).find(|&i| Some(i) != leader && self.nodes[i].core.is_some())
+        else {
+            return;
+        };
+        let Some(w) = self.cfg.wipe.clone() else {
+            return;
+        };
+        let id = self.nodes[i].id;
+        if self.trace {
+            eprintln!("{:>10.3}ms node {id}: wiped", self.now as f64 / 1e6);
+        }
+        self.crash(i);
+        let membership = Membership::new(1..=voters as u64);
+        self.nodes[i].disk = Disk {
+            snapshot: Some(Snapshot {
+                meta: SnapshotMeta {
+                    position: 0,
+                    term: 0,
+                    timestamp: 0,
+                    membership,
+                },
+                data: Bytes::new(),
+            }),
+            ..Disk::default()
+        };
+        self.report.wiped = Some(WipeOutcome {
+            node: id,
+            ..WipeOutcome::default()
+        });
+        self.schedule(w.restart_at.saturating_sub(self.now), Ev::WipeRestart(id));
+    }
+
+    fn wipe_restart(&mut self, id: NodeId) {
+        let target = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.core.as_ref().map(Node::commit_position))
+            .max()
+            .unwrap_or(0);
+        let now = self.now;
+        if let Some(o) = self.report.wiped.as_mut() {
+            o.restarted_at = now;
+            o.last_heard = now;
+            o.target = target;
+        }
+        self.restart(id);
+    }
+
+    /// Notes an append or snapshot chunk reaching the rejoined node.
+    fn heard(&mut self, m: &Message) {
+        let now = self.now;
+        let Some(o) = self.report.wiped.as_mut() else {
+            return;
+        };
+        let up = self.nodes[(m.to - 1) as usize].core.is_some();
+        let from_leader = matches!(
+            m.body,
+            keel_core::Body::Append { .. } | keel_core::Body::InstallSnapshot { .. }
+        );
+        if m.to == o.node && o.restarted_at > 0 && !o.checked && up && from_leader {
+            o.longest_silence = o.longest_silence.max(now - o.last_heard);
+            o.last_heard = now;
+        }
+    }
+
+    fn observe_wiped(&mut self, i: usize) {
+        let now = self.now;
+        let applied = self.nodes[i].host.applied();
+        let node = self.nodes[i].id;
+        if let Some(o) = self.report.wiped.as_mut() {
+            if o.node == node
+                && o.restarted_at > 0
+                && o.caught_up_after.is_none()
+                && applied >= o.target
+            {
+                o.caught_up_after = Some(now - o.restarted_at);
+            }
+        }
+    }
+
+    fn wipe_check(&mut self) {
+        let now = self.now;
+        let Some(o) = self.report.wiped.as_mut() else {
+            return;
+        };
+        let i = (o.node - 1) as usize;
+        o.checked = true;
+        o.longest_silence = o.longest_silence.max(now - o.last_heard);
+        let core = self.nodes[i].core.as_ref();
+        o.pre_votes = core.map_or(0, |c| c.stats().pre_votes_started);
+        let silence_bound = core_config(o.node, 0, TestingBugs::default()).election_timeout_min;
+        let bound = self.cfg.wipe.as_ref().map_or(0, |w| w.catch_up_bound);
+        if o.caught_up_after.is_none() {
+            self.report.violations.push(format!(
+                "liveness: wiped node {} had applied {} of {} committed before it rejoined, {} ms after rejoining",
+                o.node,
+                self.nodes[i].host.applied(),
+                o.target,
+                bound / MS
+            ));
+        }
+        if o.longest_silence > silence_bound {
+            self.report.violations.push(format!(
+                "liveness: the leader sent wiped node {} nothing for {} ms after it rejoined",
+                o.node,
+                o.longest_silence / MS
+            ));
+        }
     }
 
     // ----- end of run --------------------------------------------------

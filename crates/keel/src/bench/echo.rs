@@ -8,7 +8,7 @@
 //! id (burst = id / burst size; the schedule is fixed by the start time and
 //! the rate), so nothing is shared between the two threads but counters.
 
-use super::cluster::{cpu_seconds, on_memory_fs, KeelCluster};
+use super::cluster::{cpu_seconds, machine_cpu, on_memory_fs, KeelCluster};
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, us, Panel, Percentiles, Series, PERCENTILE_COLORS};
 use super::{check_interrupted, parse_rate, say, CommonArgs};
@@ -105,6 +105,9 @@ pub struct Step {
     /// CPU time of the cluster's processes per reply in the measured
     /// window, in µs.
     pub cpu_per_msg: Option<f64>,
+    /// Share of the machine's CPU time (all cores) that was busy during the
+    /// measured window: the cluster, the load generator and anything else.
+    pub machine_busy: Option<f64>,
 }
 
 /// Timing of one step, shared by every connection.
@@ -377,10 +380,17 @@ fn run_step(
             let at = |ns: u64| {
                 let t = plan.start + Duration::from_nanos(ns);
                 std::thread::sleep(t.saturating_duration_since(Instant::now()));
-                cpu_seconds(Some(&servers))
+                (cpu_seconds(Some(&servers)), machine_cpu())
             };
-            let before = at(plan.window_from);
-            (at(plan.window_to) - before).max(0.0)
+            let (c0, m0) = at(plan.window_from);
+            let (c1, m1) = at(plan.window_to);
+            let busy = match (m0, m1) {
+                (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                    Some(b1.saturating_sub(b0) as f64 / (t1 - t0) as f64)
+                }
+                _ => None,
+            };
+            ((c1 - c0).max(0.0), busy)
         })?;
     let mut handles = Vec::new();
     for (c, s) in streams.into_iter().enumerate() {
@@ -418,7 +428,7 @@ fn run_step(
         let send_error = shared.send_error.lock().ok().and_then(|mut e| e.take());
         first_error = first_error.or(send_error).or(r.first_error);
     }
-    let cpu = cpu
+    let (cpu, machine_busy) = cpu
         .join()
         .map_err(|_| anyhow::anyhow!("the CPU sampler panicked"))?;
     let scheduled = bursts_due_in(plan.window_from, plan.window_to, a.burst, rate) * a.burst;
@@ -441,6 +451,7 @@ fn run_step(
         first_error,
         saturated,
         cpu_per_msg: (during > 0).then(|| cpu * 1e6 / during as f64),
+        machine_busy,
     })
 }
 
@@ -492,6 +503,9 @@ fn step_line(s: &Step) -> String {
     );
     if let Some(c) = s.cpu_per_msg {
         line.push_str(&format!("  cluster CPU {c:.1} µs/msg"));
+    }
+    if let Some(b) = s.machine_busy {
+        line.push_str(&format!(", machine {:.0}% busy", b * 100.0));
     }
     if s.errors + s.lost > 0 {
         line.push_str(&format!(
@@ -646,8 +660,11 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
          the client itself wrote bursts (included in the latency). Every listed rate is measured; if \
          none saturated the cluster (achieved < 90% of offered, or > 1% refused or lost), rates grow \
          past the list until one does. The cluster and the \
-         client share the machine's cores. Loopback TCP round trip (200 B ping-pong, median): \
-         {} µs.\n\n",
+         client share the machine's cores. *Cluster CPU* is the CPU time (user + system, all \
+         threads) of the three server processes per reply in the window; *machine CPU busy* is \
+         the share of all cores' time that was not idle (cluster, client and anything else): \
+         near 100% the tails are the scheduler's. Loopback TCP round trip (200 B ping-pong, \
+         median): {} µs.\n\n",
         super::command_line(),
         a.common.duration,
         a.common.warmup,
@@ -658,13 +675,13 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
         us(rtt),
     );
     s.push_str(
-        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost | cluster CPU µs/msg |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost | cluster CPU µs/msg | machine CPU busy |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for st in steps {
         let p = &st.latency;
         s.push_str(&format!(
-            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             st.mode,
             st.offered,
             st.achieved,
@@ -678,6 +695,8 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
             us(st.send_lag_p99),
             st.errors + st.lost,
             st.cpu_per_msg.map_or("—".into(), |c| format!("{c:.1}")),
+            st.machine_busy
+                .map_or("—".into(), |b| format!("{:.0}%", b * 100.0)),
         ));
     }
     s.push('\n');

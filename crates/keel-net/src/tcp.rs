@@ -189,6 +189,13 @@ async fn read_one(stream: &mut TcpStream, buf: &mut Vec<u8>, max: usize) -> Resu
     }
 }
 
+/// Free buffer space kept for each read of a connection.
+const READ_SPARE: usize = 64 << 10;
+
+/// How long a client connection that sent a bad frame stays open for the
+/// replies to the requests it sent before it.
+const REPLY_GRACE: Duration = Duration::from_secs(2);
+
 /// Reads frames until EOF or an error (from reading, decoding, or
 /// `on_frame`). `on_frame` gets each frame as `Some`, then `None` once the
 /// frames of a read were handed over, before waiting for more bytes.
@@ -212,10 +219,16 @@ async fn read_frames(
                 Err(e) => break Err(format!("bad frame: {e}")),
             }
         };
-        // What decoded before a bad frame still counts.
+        // Requests decoded before a bad frame still run (and are answered
+        // before the connection closes, see `serve_client`).
         on_frame(None)?;
         decoded?;
         buf.drain(..off);
+        // Room for a whole burst in one read: a Vec only grows when full,
+        // which would leave reads of one small frame at a time.
+        if buf.capacity() - buf.len() < READ_SPARE / 4 {
+            buf.reserve(READ_SPARE);
+        }
         let n = r
             .read_buf(&mut buf)
             .await
@@ -447,12 +460,23 @@ async fn serve_client(
         }
     })
     .await;
-    if let Err(reason) = result {
+    if let Err(reason) = &result {
         stats.bad_frames.fetch_add(1, Ordering::Relaxed);
         warn!("client {remote}: closing connection: {reason}");
-        writer.abort();
-        return;
     }
+    // The writer ends once every request taken from this connection has
+    // been answered (each holds a clone of the sink). After a bad frame,
+    // wait a little for those answers, then close regardless.
     drop(tx);
-    let _ = writer.await;
+    if result.is_err() {
+        let mut writer = writer;
+        if tokio::time::timeout(REPLY_GRACE, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    } else {
+        let _ = writer.await;
+    }
 }

@@ -90,7 +90,7 @@ impl Metrics {
         );
         registry.register(
             "queue_depth",
-            "requests and peer messages waiting for the consensus thread",
+            "client requests waiting for the consensus thread (beyond queue_depth, clients get busy)",
             m.queue_depth.clone(),
         );
         registry.register(

@@ -133,6 +133,43 @@ pub struct Notification {
     pub items: Vec<Bytes>,
 }
 
+/// Admission of client requests to the consensus thread's queue: at most
+/// `depth` queued at once, counted in requests (a read from a pipelining
+/// connection arrives as one batch of many). Beyond it, clients get "busy".
+struct ClientQueue {
+    queued: AtomicUsize,
+    depth: usize,
+}
+
+impl ClientQueue {
+    /// Reserves room for up to `n` requests; returns how many fit.
+    fn admit(&self, n: usize) -> usize {
+        let mut cur = self.queued.load(Ordering::Acquire);
+        loop {
+            let k = n.min(self.depth.saturating_sub(cur));
+            if k == 0 {
+                return 0;
+            }
+            match self.queued.compare_exchange_weak(
+                cur,
+                cur + k,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return k,
+                Err(now) => cur = now,
+            }
+        }
+    }
+    /// `n` admitted requests left the queue (taken, or never sent).
+    fn release(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+    }
+    fn len(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
 /// Serializable (stale) reads go straight to the service thread: they need
 /// nothing from consensus but the commit position it last published, and
 /// skipping the consensus thread saves a thread handoff per read.
@@ -171,6 +208,7 @@ pub struct NodeHandle {
     notifications: tokio::sync::broadcast::Sender<Arc<Notification>>,
     next_request: AtomicU64,
     stale_reads: StaleReads,
+    client_queue: Arc<ClientQueue>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     fatal: Arc<Mutex<Option<String>>>,
     status: Arc<Mutex<NodeStatus>>,
@@ -214,7 +252,11 @@ impl NodeHandle {
             seq: sessionless_seq(self.id, n),
             op,
         };
+        if self.client_queue.admit(1) == 0 {
+            return ClientResult::Busy;
+        }
         if self.external.try_send(External::Client(req, tx)).is_err() {
+            self.client_queue.release(1);
             return ClientResult::Busy;
         }
         match rx.recv().await {
@@ -385,8 +427,10 @@ pub fn start_with(
 
     let (internal_tx, internal_rx) = unbounded::<Internal>();
     let (external_tx, external_rx) = bounded::<External>(cfg.queue_depth);
-    // Client requests queued in `External::Clients` batches.
-    let queued_requests = Arc::new(AtomicUsize::new(0));
+    let client_queue = Arc::new(ClientQueue {
+        queued: AtomicUsize::new(0),
+        depth: cfg.queue_depth,
+    });
     let (service_tx, service_rx) = unbounded::<ServiceInput>();
     let (notify_tx, _) = tokio::sync::broadcast::channel::<Arc<Notification>>(4096);
     let fatal = Arc::new(Mutex::new(None));
@@ -473,7 +517,7 @@ pub fn start_with(
         let max_request = cfg.max_request_bytes;
         let m = metrics.clone();
         let stale = stale_reads.clone();
-        let (queued, depth) = (queued_requests.clone(), cfg.queue_depth);
+        let queue = client_queue.clone();
         let handler: tcp::RequestHandler =
             Arc::new(move |reqs: Vec<ClientRequest>, sink: &ResponseSink| {
                 // Everything one read brought goes to the consensus thread
@@ -503,25 +547,20 @@ pub fn start_with(
                 if batch.is_empty() {
                     return;
                 }
-                // The queue depth counts requests, not batches.
-                let n = batch.len();
-                let refused = if queued.fetch_add(n, Ordering::AcqRel) + n > depth {
-                    queued.fetch_sub(n, Ordering::AcqRel);
-                    Some(batch)
-                } else {
-                    match tx.try_send(External::Clients(batch, sink.clone())) {
-                        Ok(()) => None,
-                        Err(e) => {
-                            queued.fetch_sub(n, Ordering::AcqRel);
-                            match e.into_inner() {
-                                External::Clients(batch, _) => Some(batch),
-                                _ => None,
-                            }
+                // Admit what fits; the rest of the batch is refused.
+                let k = queue.admit(batch.len());
+                let mut refused = batch.split_off(k);
+                if k > 0 {
+                    if let Err(e) = tx.try_send(External::Clients(batch, sink.clone())) {
+                        queue.release(k);
+                        if let External::Clients(mut b, _) = e.into_inner() {
+                            b.append(&mut refused);
+                            refused = b;
                         }
                     }
-                };
-                // A full queue (or a stopped node): refuse the lot.
-                for req in refused.unwrap_or_default() {
+                }
+                // A full queue (or a stopped node): "busy".
+                for req in refused {
                     m.busy.inc();
                     respond(sink, req.id, ClientResult::Busy);
                 }
@@ -588,9 +627,12 @@ pub fn start_with(
             .map_err(|e| NodeError::Start(e.to_string()))?
     };
 
+    // What the service thread has applied, for the consensus thread.
+    let applied_shared = Arc::new(AtomicU64::new(snapshot.meta.position));
     // Service thread.
     let service_thread = {
         let tx = internal_tx.clone();
+        let applied = applied_shared.clone();
         let every = cfg.snapshot_every_bytes;
         let metrics = metrics.clone();
         let applied_from = snapshot.meta.position;
@@ -606,7 +648,7 @@ pub fn start_with(
             .name("keel-service".into())
             .spawn(move || {
                 let _s = tracing::info_span!("node", id = cfg_id).entered();
-                service_loop(host, service_rx, tx, snapshots, metrics, notify)
+                service_loop(host, service_rx, applied, tx, snapshots, metrics, notify)
             })
             .map_err(|e| NodeError::Start(e.to_string()))?
     };
@@ -633,7 +675,8 @@ pub fn start_with(
         next_id: 1,
         elections_seen: 0,
         published_at: None,
-        queued_requests,
+        client_queue: client_queue.clone(),
+        applied_shared,
         term: term.clone(),
         bootstrap: hard.membership.clone(),
         status: status.clone(),
@@ -673,6 +716,7 @@ pub fn start_with(
         external: external_tx,
         notifications: notify_tx,
         stale_reads,
+        client_queue,
         // Start the counter at the clock, so sequence numbers of a restarted
         // node do not repeat those of entries still in the log.
         next_request: AtomicU64::new((wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK),
@@ -718,8 +762,10 @@ struct Consensus {
     elections_seen: u64,
     /// When the full status was last published (see `publish_status`).
     published_at: Option<Instant>,
-    /// Client requests in queued `External::Clients` batches.
-    queued_requests: Arc<AtomicUsize>,
+    /// Client requests admitted to the external queue.
+    client_queue: Arc<ClientQueue>,
+    /// The service thread's applied position (see `sync_applied`).
+    applied_shared: Arc<AtomicU64>,
     term: Arc<AtomicU64>,
     bootstrap: keel_core::Membership,
     status: Arc<Mutex<NodeStatus>>,
@@ -759,12 +805,22 @@ impl Consensus {
                     Err(_) => break,
                 }
             }
-            for _ in 0..4096 {
+            // At most ~4096 requests per turn, so storage and service
+            // completions are not held up behind one huge batch.
+            let mut taken = 0;
+            while taken < 4096 {
                 match external.try_recv() {
-                    Ok(ev) => self.external(ev, &mut proposals)?,
+                    Ok(ev) => {
+                        taken += match &ev {
+                            External::Clients(reqs, _) => reqs.len(),
+                            _ => 1,
+                        };
+                        self.external(ev, &mut proposals)?
+                    }
                     Err(_) => break,
                 }
             }
+            self.sync_applied()?;
             if !proposals.is_empty() {
                 let batch = std::mem::take(&mut proposals);
                 self.step(Event::Propose(batch))?;
@@ -772,9 +828,7 @@ impl Consensus {
             if (self.now)() >= self.node.next_deadline() {
                 self.step(Event::Tick)?;
             }
-            self.metrics
-                .queue_depth
-                .set((external.len() + self.queued_requests.load(Ordering::Relaxed)) as i64);
+            self.metrics.queue_depth.set(self.client_queue.len() as i64);
             self.metrics
                 .service_queue_depth
                 .set(self.service.len() as i64);
@@ -793,6 +847,7 @@ impl Consensus {
                 self.step(Event::Applied { position, timers })?
             }
             Internal::SnapshotTaken { position, data } => {
+                self.sync_applied()?;
                 self.step(Event::SnapshotTaken { position, data })?
             }
             Internal::SnapshotPublished { position, size } => {
@@ -810,9 +865,12 @@ impl Consensus {
     fn external(&mut self, ev: External, proposals: &mut Vec<Proposal>) -> Result<(), String> {
         match ev {
             External::Peer(m) => self.step(Event::Message(m)),
-            External::Client(req, sink) => self.client(req, sink, proposals),
+            External::Client(req, sink) => {
+                self.client_queue.release(1);
+                self.client(req, sink, proposals)
+            }
             External::Clients(reqs, sink) => {
-                self.queued_requests.fetch_sub(reqs.len(), Ordering::AcqRel);
+                self.client_queue.release(reqs.len());
                 reqs.into_iter()
                     .try_for_each(|req| self.client(req, sink.clone(), proposals))
             }
@@ -888,6 +946,19 @@ impl Consensus {
                 self.admin(id, req.id, sink, Event::ChangeMembership { id, change })
             }
         }
+    }
+
+    /// Tells the core what the service thread applied since the last turn
+    /// (published through an atomic rather than an event per batch).
+    fn sync_applied(&mut self) -> Result<(), String> {
+        let applied = self.applied_shared.load(Ordering::Acquire);
+        if applied > self.node.applied_position() {
+            self.step(Event::Applied {
+                position: applied,
+                timers: Vec::new(),
+            })?;
+        }
+        Ok(())
     }
 
     /// An administrative request: answered "ok" once the core took it, or
@@ -1167,9 +1238,11 @@ impl SnapshotSink {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn service_loop(
     mut host: ServiceHost<Box<dyn Service + Send>>,
     rx: Receiver<ServiceInput>,
+    applied_shared: Arc<AtomicU64>,
     tx: Sender<Internal>,
     mut snapshots: SnapshotSink,
     metrics: Arc<Metrics>,
@@ -1210,11 +1283,20 @@ fn service_loop(
                         let _ = notify.send(Arc::new(Notification { applied, items }));
                     }
                 }
-                let _ = tx.send(Internal::Applied {
-                    position: applied,
-                    timers: std::mem::take(&mut out.timers),
-                });
+                // The position goes through an atomic the consensus thread
+                // reads on its next turn (it needs it only for snapshots
+                // and status): no wake-up per applied batch. Timer changes
+                // must reach the core, in order: those go as an event.
+                applied_shared.store(applied, Ordering::Release);
+                if !out.timers.is_empty() {
+                    let _ = tx.send(Internal::Applied {
+                        position: applied,
+                        timers: std::mem::take(&mut out.timers),
+                    });
+                }
                 serve_reads(&host, &mut reads);
+                // After the store above: the core must know the snapshot's
+                // position is applied when the snapshot reaches it.
                 snapshots.maybe_take(&host);
             }
             ServiceInput::AwaitWrite {
@@ -1255,6 +1337,7 @@ fn service_loop(
             ServiceInput::Restore(s) => match host.restore(&s) {
                 Ok(timers) => {
                     snapshots.last = s.meta.position;
+                    applied_shared.fetch_max(s.meta.position, Ordering::AcqRel);
                     let _ = tx.send(Internal::Applied {
                         position: s.meta.position,
                         timers,
@@ -1314,6 +1397,23 @@ mod tests {
             }
         }
         assert_eq!(snapshot_phase(7, 1), 0);
+    }
+
+    #[test]
+    fn the_client_queue_admits_what_fits_and_counts_requests() {
+        let q = ClientQueue {
+            queued: AtomicUsize::new(0),
+            depth: 16,
+        };
+        assert_eq!(q.admit(10), 10);
+        assert_eq!(q.admit(10), 6, "only the prefix that fits");
+        assert_eq!(q.admit(1), 0, "full");
+        q.release(6);
+        assert_eq!(q.len(), 10);
+        assert_eq!(q.admit(100), 6);
+        q.release(16);
+        assert_eq!(q.len(), 0);
+        assert_eq!(q.admit(16), 16);
     }
 
     #[test]

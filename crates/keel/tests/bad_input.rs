@@ -62,6 +62,65 @@ fn garbage_and_hostile_frames_close_only_their_connection() {
         closed_after(&node, &u32::MAX.to_le_bytes()),
         "oversized declared length"
     );
+    // Requests before a bad frame in the same write still run, and their
+    // answers arrive before the connection closes.
+    {
+        let mut bytes = Vec::new();
+        for (id, key) in [(7u64, "before-garbage-1"), (8, "before-garbage-2")] {
+            let put = keel_kv::Command::Put {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value: Bytes::from_static(b"v"),
+            };
+            codec::encode(
+                &Frame::Request(codec::ClientRequest {
+                    id,
+                    client: keel_core::SESSIONLESS,
+                    seq: 0x5eed_0000 + id,
+                    op: codec::ClientOp::Write(put.encode()),
+                }),
+                &mut bytes,
+            );
+        }
+        bytes.extend_from_slice(&garbage);
+        let mut s = TcpStream::connect(&node).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(&bytes).expect("write");
+        let mut got = Vec::new();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let closed = loop {
+            match s.read(&mut chunk) {
+                Ok(0) => break true,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(e) => panic!("no close after the bad frame: {e}"),
+            }
+            while let Ok(Some((f, n))) = codec::decode(&buf, 1 << 20) {
+                buf.drain(..n);
+                match f {
+                    Frame::Response(r) => {
+                        if !matches!(r.result, codec::ClientResult::Ok(_)) {
+                            for i in 1..=3u64 {
+                                let l = std::fs::read_to_string(c.node(i).dir.join("keel.log"))
+                                    .unwrap_or_default();
+                                eprintln!("==== node {i}\n{l}");
+                            }
+                            panic!("{:?}", r.result);
+                        }
+                        got.push(r.id);
+                    }
+                    other => panic!("unexpected frame {other:?}"),
+                }
+            }
+        };
+        assert!(closed);
+        assert_eq!(
+            got,
+            vec![7, 8],
+            "answers to the requests before the garbage"
+        );
+    }
     // A truncated frame followed by a close: nothing to answer, nothing breaks.
     {
         let mut s = TcpStream::connect(&node).expect("connect");
@@ -85,11 +144,16 @@ fn garbage_and_hostile_frames_close_only_their_connection() {
         &node,
         Duration::from_secs(2),
     ));
-    assert_eq!(
-        s.map(|s| (s.role, s.term))
-            .expect("status after truncated frames"),
-        ("leader".to_string(), term)
-    );
+    let got = s
+        .map(|s| (s.role, s.term))
+        .expect("status after truncated frames");
+    if got != ("leader".to_string(), term) {
+        for i in 1..=3u64 {
+            let l = std::fs::read_to_string(c.node(i).dir.join("keel.log")).unwrap_or_default();
+            eprintln!("==== node {i}\n{l}");
+        }
+    }
+    assert_eq!(got, ("leader".to_string(), term));
     c.put(&mut client, "after-truncated-client-frames", "1");
     drop(dangling);
 

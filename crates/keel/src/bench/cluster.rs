@@ -118,23 +118,6 @@ pub fn cpu_seconds(pids: Option<&[u32]>) -> f64 {
     }
 }
 
-/// The whole machine's CPU time so far, from the first line of /proc/stat:
-/// (busy, total) in clock ticks summed over all cores, where busy excludes
-/// idle and iowait. None if it cannot be read.
-pub fn machine_cpu() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is
-    // already counted in user).
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Some((total.saturating_sub(idle), total))
-}
-
 /// The last `n` lines of a file.
 pub fn tail(path: &Path, n: usize) -> String {
     match std::fs::read_to_string(path) {
@@ -469,8 +452,6 @@ mod tests {
         assert!(cpu_seconds(Some(&[me])) >= after - 0.001);
         // No such process (pid_max is below 2^22 on Linux).
         assert_eq!(cpu_seconds(Some(&[u32::MAX])), 0.0);
-        let (busy, total) = machine_cpu().expect("/proc/stat");
-        assert!(busy <= total && total > 0, "{busy} of {total}");
     }
 
     #[test]

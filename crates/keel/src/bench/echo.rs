@@ -8,7 +8,7 @@
 //! id (burst = id / burst size; the schedule is fixed by the start time and
 //! the rate), so nothing is shared between the two threads but counters.
 
-use super::cluster::{cpu_seconds, machine_cpu, on_memory_fs, KeelCluster};
+use super::cluster::{cpu_seconds, on_memory_fs, KeelCluster};
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, us, Panel, Percentiles, Series, PERCENTILE_COLORS};
 use super::{check_interrupted, parse_rate, say, CommonArgs};
@@ -105,8 +105,8 @@ pub struct Step {
     /// CPU time of the cluster's processes per reply in the measured
     /// window, in µs.
     pub cpu_per_msg: Option<f64>,
-    /// Share of the machine's CPU time (all cores) that was busy during the
-    /// measured window: the cluster, the load generator and anything else.
+    /// The cluster's and this client's CPU time during the measured window
+    /// as a share of all cores' time.
     pub machine_busy: Option<f64>,
 }
 
@@ -380,17 +380,19 @@ fn run_step(
             let at = |ns: u64| {
                 let t = plan.start + Duration::from_nanos(ns);
                 std::thread::sleep(t.saturating_duration_since(Instant::now()));
-                (cpu_seconds(Some(&servers)), machine_cpu())
+                (
+                    cpu_seconds(Some(&servers)),
+                    cpu_seconds(None),
+                    Instant::now(),
+                )
             };
-            let (c0, m0) = at(plan.window_from);
-            let (c1, m1) = at(plan.window_to);
-            let busy = match (m0, m1) {
-                (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
-                    Some(b1.saturating_sub(b0) as f64 / (t1 - t0) as f64)
-                }
-                _ => None,
-            };
-            ((c1 - c0).max(0.0), busy)
+            let (c0, m0, t0) = at(plan.window_from);
+            let (c1, m1, t1) = at(plan.window_to);
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            let wall = t1.duration_since(t0).as_secs_f64();
+            let cluster = (c1 - c0).max(0.0);
+            let share = (wall > 0.0).then(|| (cluster + (m1 - m0).max(0.0)) / (wall * cores));
+            (cluster, share)
         })?;
     let mut handles = Vec::new();
     for (c, s) in streams.into_iter().enumerate() {
@@ -505,7 +507,10 @@ fn step_line(s: &Step) -> String {
         line.push_str(&format!("  cluster CPU {c:.1} µs/msg"));
     }
     if let Some(b) = s.machine_busy {
-        line.push_str(&format!(", machine {:.0}% busy", b * 100.0));
+        line.push_str(&format!(
+            ", cluster + client {:.0}% of the cores",
+            b * 100.0
+        ));
     }
     if s.errors + s.lost > 0 {
         line.push_str(&format!(
@@ -661,9 +666,9 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
          none saturated the cluster (achieved < 90% of offered, or > 1% refused or lost), rates grow \
          past the list until one does. The cluster and the \
          client share the machine's cores. *Cluster CPU* is the CPU time (user + system, all \
-         threads) of the three server processes per reply in the window; *machine CPU busy* is \
-         the share of all cores' time that was not idle (cluster, client and anything else): \
-         near 100% the tails are the scheduler's. Loopback TCP round trip (200 B ping-pong, \
+         threads) of the three server processes per reply in the window; *cluster + client CPU* is \
+         the CPU time of those processes and of the client together as a share of all cores' \
+         time: near 100% the tails are the scheduler's. Loopback TCP round trip (200 B ping-pong, \
          median): {} µs.\n\n",
         super::command_line(),
         a.common.duration,
@@ -675,7 +680,7 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
         us(rtt),
     );
     s.push_str(
-        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost | cluster CPU µs/msg | machine CPU busy |\n\
+        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost | cluster CPU µs/msg | cluster + client CPU, share of the cores |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for st in steps {

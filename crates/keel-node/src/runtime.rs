@@ -99,6 +99,20 @@ enum External {
     Clients(Vec<ClientRequest>, ResponseSink),
 }
 
+impl External {
+    /// Peer messages and client requests in it.
+    fn requests(&self) -> usize {
+        match self {
+            External::Clients(reqs, _) => reqs.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// A consensus-loop turn or a service-thread step longer than this is
+/// logged: everything behind it waited.
+const SLOW_TURN: Duration = Duration::from_millis(50);
+
 enum ServiceInput {
     Apply(Vec<Entry>),
     AwaitWrite {
@@ -785,19 +799,35 @@ impl Consensus {
             let deadline = self.node.next_deadline();
             let wait =
                 Duration::from_nanos(deadline.saturating_sub(now).clamp(100_000, 100_000_000));
-            select! {
+            let first = select! {
                 recv(internal) -> ev => match ev {
-                    Ok(ev) => { if self.internal(ev)? { return Ok(()); } }
+                    Ok(ev) => Some(Ok(ev)),
                     Err(_) => return Ok(()),
                 },
-                recv(external) -> ev => if let Ok(ev) = ev { self.external(ev, &mut proposals)?; },
-                default(wait) => {}
+                recv(external) -> ev => ev.ok().map(Err),
+                default(wait) => None,
+            };
+            let turn = Instant::now();
+            let (mut n_internal, mut taken) = (0usize, 0usize);
+            match first {
+                Some(Ok(ev)) => {
+                    n_internal += 1;
+                    if self.internal(ev)? {
+                        return Ok(());
+                    }
+                }
+                Some(Err(ev)) => {
+                    taken += External::requests(&ev);
+                    self.external(ev, &mut proposals)?;
+                }
+                None => {}
             }
             // Drain what else is queued, batching client writes into one
             // proposal (one append, one replication round).
             for _ in 0..4096 {
                 match internal.try_recv() {
                     Ok(ev) => {
+                        n_internal += 1;
                         if self.internal(ev)? {
                             return Ok(());
                         }
@@ -807,19 +837,16 @@ impl Consensus {
             }
             // At most ~4096 requests per turn, so storage and service
             // completions are not held up behind one huge batch.
-            let mut taken = 0;
             while taken < 4096 {
                 match external.try_recv() {
                     Ok(ev) => {
-                        taken += match &ev {
-                            External::Clients(reqs, _) => reqs.len(),
-                            _ => 1,
-                        };
+                        taken += External::requests(&ev);
                         self.external(ev, &mut proposals)?
                     }
                     Err(_) => break,
                 }
             }
+            let proposed = proposals.len();
             self.sync_applied()?;
             if !proposals.is_empty() {
                 let batch = std::mem::take(&mut proposals);
@@ -836,6 +863,14 @@ impl Consensus {
                 .storage_queue_depth
                 .set(self.storage.queue_len() as i64);
             self.maybe_publish_status();
+            let took = turn.elapsed();
+            if took >= SLOW_TURN {
+                warn!(
+                    "node {}: slow consensus turn: {took:?} ({n_internal} internal events, \
+                     {taken} peer messages and requests, {proposed} proposed)",
+                    self.cfg.id
+                );
+            }
         }
     }
 
@@ -1252,6 +1287,11 @@ fn service_loop(
     let mut reads: BTreeMap<Position, VecDeque<(Bytes, u64, ResponseSink)>> = BTreeMap::new();
     let mut out = ApplyOutput::default();
     for input in rx {
+        let started = Instant::now();
+        let what = match &input {
+            ServiceInput::Apply(e) => e.len(),
+            _ => 0,
+        };
         match input {
             ServiceInput::Apply(entries) => {
                 out.clear();
@@ -1361,6 +1401,10 @@ fn service_loop(
                 }
             }
             ServiceInput::Stop => return,
+        }
+        let took = started.elapsed();
+        if took >= SLOW_TURN {
+            warn!("slow service step: {took:?} (applying {what} entries, or a read, restore or role change)");
         }
     }
 }

@@ -52,7 +52,9 @@ fn keel(size: usize, mode: Durability, secs: f64) -> (f64, f64, f64) {
             r.fetch_add(1, Ordering::Relaxed);
         }
         StorageEvent::Failed(e) => panic!("storage failed: {e}"),
-        StorageEvent::SnapshotPublished { .. } | StorageEvent::Slow { .. } => {}
+        StorageEvent::SnapshotPublished { .. }
+        | StorageEvent::Slow { .. }
+        | StorageEvent::Warning(_) => {}
     })
     .expect("spawn");
     let payload = Bytes::from(vec![0xA5u8; size]);

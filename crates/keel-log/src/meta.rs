@@ -294,14 +294,18 @@ pub fn save_snapshot(dir: &Path, s: &Snapshot) -> Result<bool, LogError> {
     Ok(true)
 }
 
-/// Removes what an interrupted write or snapshot save left behind (staged
-/// snapshots and `.tmp` files, never referenced by the manifest). Only
+/// Removes what an interrupted write, snapshot save or compaction left
+/// behind (staged snapshots, `.tmp` files and retired segments, never
+/// referenced by the manifest or the log). Only
 /// while nothing else writes to the directory (on open).
 pub fn remove_leftovers(dir: &Path) -> Result<(), LogError> {
     let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
     for entry in entries.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
-        if n.ends_with(STAGED_SUFFIX) || n.ends_with(".tmp") {
+        if n.ends_with(STAGED_SUFFIX)
+            || n.ends_with(".tmp")
+            || n.ends_with(crate::store::RETIRED_SUFFIX)
+        {
             let _ = fs::remove_file(entry.path());
         }
     }

@@ -19,6 +19,7 @@ use keel_core::{Entry, Position, Snapshot, Term};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 const SECTOR: u64 = 512;
 const SEGMENT_SUFFIX: &str = ".seg";
@@ -76,6 +77,14 @@ pub struct LogStore {
     base: (Position, Term),
     last_pos: Position,
     dirty: bool,
+    /// Held while the manifest is checked and rewritten: snapshots are
+    /// published from the snapshot thread (`SnapshotHandle`) while this
+    /// store installs the leader's on the storage thread.
+    manifest_lock: Arc<Mutex<()>>,
+    /// `compact` renames dropped segments for someone else to delete.
+    defer_deletes: bool,
+    /// Retired segment files not yet handed out (see `take_retired`).
+    retired: Vec<PathBuf>,
 }
 
 fn segment_name(base: Position) -> String {
@@ -334,6 +343,9 @@ impl LogStore {
             base: store_base,
             last_pos,
             dirty: false,
+            manifest_lock: Arc::new(Mutex::new(())),
+            defer_deletes: false,
+            retired: Vec::new(),
         };
         Ok(Opened {
             store,
@@ -459,30 +471,33 @@ impl LogStore {
         Ok(())
     }
 
-    /// Publishes a snapshot staged with `meta::stage_snapshot` (unless the
-    /// manifest already names one at or beyond it) and then deletes whole
-    /// segments it covers up to `compact_upto`. Returns whether it was
-    /// published.
-    pub fn commit_snapshot(
-        &mut self,
-        position: Position,
-        staged: &Path,
-        compact_upto: Position,
-    ) -> Result<bool, LogError> {
-        let published = meta::commit_staged_snapshot(&self.dir, position, staged)?;
-        if published {
-            self.compact(compact_upto.min(position))?;
-        }
-        Ok(published)
+    /// The lock to hold while publishing a snapshot into this store's
+    /// directory from another thread (see `meta::commit_staged_snapshot`).
+    pub fn manifest_lock(&self) -> Arc<Mutex<()>> {
+        self.manifest_lock.clone()
     }
 
-    /// Deletes whole segments that end at or before `upto` (covered by a
-    /// durable snapshot). The active segment is never deleted.
+    /// Drops whole segments that end at or before `upto` (covered by a
+    /// durable snapshot) from the log. The active segment is never dropped.
+    /// A dropped segment is deleted at once, or, after `defer_deletes`,
+    /// renamed out of the log (a cheap metadata change) and handed out by
+    /// `take_retired` for another thread to delete: freeing a 64 MiB file's
+    /// blocks takes 20-100 ms of kernel time that appends must not wait
+    /// behind. (A crash before the rename leaves a segment the snapshot
+    /// covers, which recovery accepts; one after it, a `.retired` file that
+    /// `open` removes.)
     pub fn compact(&mut self, upto: Position) -> Result<(), LogError> {
         while self.segments.len() > 1 && self.segments[1].base <= upto {
             let s = self.segments.remove(0);
-            fs::remove_file(&s.path)
-                .map_err(|e| LogError::io(&s.path, "removing compacted segment", e))?;
+            if self.defer_deletes {
+                let retired = retired_name(&s.path);
+                fs::rename(&s.path, &retired)
+                    .map_err(|e| LogError::io(&s.path, "retiring compacted segment", e))?;
+                self.retired.push(retired);
+            } else {
+                fs::remove_file(&s.path)
+                    .map_err(|e| LogError::io(&s.path, "removing compacted segment", e))?;
+            }
             let first = self.segments[0].base;
             let term = self
                 .runs
@@ -497,6 +512,18 @@ impl LogStore {
             self.base = (first, term);
         }
         Ok(())
+    }
+
+    /// From now on `compact` leaves deleting dropped segments to the
+    /// caller (see `take_retired`).
+    pub fn defer_deletes(&mut self) {
+        self.defer_deletes = true;
+    }
+
+    /// Files of segments `compact` dropped and retired since the last call,
+    /// for the caller to delete (see `delete_retired`).
+    pub fn take_retired(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.retired)
     }
 
     /// Replaces the whole log with an empty one starting at `pos` (a
@@ -523,7 +550,10 @@ impl LogStore {
     pub fn install_snapshot(&mut self, s: &Snapshot) -> Result<(), LogError> {
         self.flush_buf()?;
         self.sync()?;
-        meta::save_snapshot(&self.dir, s)?;
+        {
+            let _manifest = lock_unpoisoned(&self.manifest_lock);
+            meta::save_snapshot(&self.dir, s)?;
+        }
         let pos = s.meta.position;
         let holds = pos <= self.last_pos
             && pos >= self.first_pos()
@@ -543,4 +573,37 @@ impl LogStore {
         }
         self.runs.iter().rev().find(|(s, _)| *s < pos).map(|r| r.1)
     }
+}
+
+/// Takes a lock whose data a panic cannot leave half-updated (the manifest
+/// is written by atomic renames; the others are plain lists), so a
+/// poisoned lock is still good.
+pub(crate) fn lock_unpoisoned<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a compacted segment is renamed to before it is deleted off the
+/// storage thread; `open` removes such leftovers.
+pub(crate) const RETIRED_SUFFIX: &str = ".retired";
+
+fn retired_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(RETIRED_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Deletes a retired segment file in steps (shrinking it 8 MiB at a time,
+/// then unlinking it), so that the kernel frees its blocks in short bursts
+/// instead of one long one that holds up the threads sharing the core.
+pub fn delete_retired(path: &Path) -> std::io::Result<()> {
+    const STEP: u64 = 8 << 20;
+    let f = OpenOptions::new().write(true).open(path)?;
+    let mut len = f.metadata()?.len();
+    while len > STEP {
+        len -= STEP;
+        f.set_len(len)?;
+        std::thread::yield_now();
+    }
+    drop(f);
+    fs::remove_file(path)
 }

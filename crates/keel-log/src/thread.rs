@@ -1,14 +1,17 @@
-//! The storage thread: takes appends, truncations, compactions, snapshot
-//! installs and snapshot publications in order from a queue, writes
-//! everything queued as one batch, syncs once per batch (group commit) and
-//! reports the durable position back. Any I/O error stops the thread and is
+//! The storage thread: takes appends, truncations, compactions and snapshot
+//! installs in order from a queue, writes everything queued as one batch,
+//! syncs once per batch (group commit) and reports the durable position
+//! back. Snapshots the node took itself are published by the thread that
+//! wrote them (`SnapshotHandle`), so their directory syncs never hold up
+//! appends; this thread then compacts the log behind them. Any I/O error stops the thread and is
 //! reported: the node must stop rather than run with unknown state.
 
+use crate::store::lock_unpoisoned;
 use crate::{meta, LogError, LogStore};
 use keel_core::{Entry, Position, Snapshot, Term};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,6 +44,9 @@ pub enum StorageEvent {
     /// A batch took longer than `SLOW_BATCH` (a slow disk holds up every
     /// commit behind it): how long, and where the time went.
     Slow { took: Duration, detail: String },
+    /// Something went wrong that does not stop storage (a compacted
+    /// segment that could not be deleted; `open` retries).
+    Warning(String),
     /// Storage failed; the thread has stopped.
     Failed(LogError),
 }
@@ -61,7 +67,7 @@ struct BatchTimes {
 impl BatchTimes {
     fn detail(&self) -> String {
         format!(
-            "appends {:?} ({} segment(s) rolled), truncate/compact {:?}, snapshot install/publish {:?}, fdatasync {:?}",
+            "appends {:?} ({} segment(s) rolled), truncate/compact {:?}, snapshot install {:?}, fdatasync {:?}",
             self.appends, self.segments_rolled, self.truncate_compact, self.snapshots, self.sync
         )
     }
@@ -72,9 +78,10 @@ enum Request {
     Truncate(Position),
     Compact(Position),
     InstallSnapshot(Box<Snapshot>, mpsc::Sender<Result<(), LogError>>),
-    CommitSnapshot {
+    /// The snapshot at `position` was published (by a `SnapshotHandle`):
+    /// compact up to `compact_upto` and report it.
+    Published {
         position: Position,
-        staged: PathBuf,
         compact_upto: Position,
     },
     Barrier(mpsc::Sender<()>),
@@ -85,6 +92,9 @@ pub struct StorageThread {
     handle: Option<JoinHandle<Result<(), LogError>>>,
     /// Requests sent and not yet taken by the thread.
     queued: Arc<AtomicUsize>,
+    /// The store's directory and manifest lock, for `SnapshotHandle`s.
+    dir: PathBuf,
+    manifest_lock: Arc<Mutex<()>>,
 }
 
 impl StorageThread {
@@ -96,6 +106,7 @@ impl StorageThread {
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let q = queued.clone();
+        let (dir, manifest_lock) = (store.dir().to_path_buf(), store.manifest_lock());
         let handle = std::thread::Builder::new()
             .name("keel-storage".into())
             .spawn(move || run(store, durability, rx, &q, report))
@@ -106,6 +117,8 @@ impl StorageThread {
             tx: Some(tx),
             handle: Some(handle),
             queued,
+            dir,
+            manifest_lock,
         })
     }
 
@@ -143,23 +156,15 @@ impl StorageThread {
         self.send(Request::InstallSnapshot(Box::new(s), tx))?;
         rx.recv().map_err(|_| LogError::Stopped)?
     }
-    /// Publishes a snapshot staged with `meta::stage_snapshot`, in order
-    /// with the other requests, then compacts the log up to `compact_upto`.
-    /// Ignored (the staged file removed) if the manifest already names a
-    /// snapshot at or beyond `position`, e.g. one installed meanwhile from
-    /// the leader: snapshots go through this thread so that the manifest
-    /// never moves backwards.
+    /// As `SnapshotHandle::commit_snapshot`.
     pub fn commit_snapshot(
         &self,
         position: Position,
         staged: PathBuf,
         compact_upto: Position,
     ) -> Result<(), LogError> {
-        self.send(Request::CommitSnapshot {
-            position,
-            staged,
-            compact_upto,
-        })
+        self.snapshot_handle()?
+            .commit_snapshot(position, staged, compact_upto)
     }
     /// A handle another thread can publish snapshots through. The thread
     /// stops (on `shutdown` or drop) only once every handle is dropped too.
@@ -167,6 +172,8 @@ impl StorageThread {
         Ok(SnapshotHandle {
             tx: self.tx.clone().ok_or(LogError::Stopped)?,
             queued: self.queued.clone(),
+            dir: self.dir.clone(),
+            manifest_lock: self.manifest_lock.clone(),
         })
     }
     /// Waits until everything sent before is written and synced.
@@ -188,26 +195,42 @@ impl StorageThread {
     }
 }
 
-/// Publishes snapshots through the storage thread from another thread (see
-/// `StorageThread::commit_snapshot`).
+/// Publishes snapshots into the storage thread's directory from another
+/// thread.
 #[derive(Clone)]
 pub struct SnapshotHandle {
     tx: mpsc::Sender<Request>,
     queued: Arc<AtomicUsize>,
+    dir: PathBuf,
+    manifest_lock: Arc<Mutex<()>>,
 }
 
 impl SnapshotHandle {
-    /// As `StorageThread::commit_snapshot`.
+    /// Publishes a snapshot staged with `meta::stage_snapshot` on the
+    /// calling thread (its renames and directory syncs take tens of
+    /// milliseconds on a busy disk: appends must not wait behind them),
+    /// then has the storage thread compact the log up to `compact_upto`
+    /// and report the publication, in order with its other requests.
+    /// Ignored (the staged file removed) if the manifest already names a
+    /// snapshot at or beyond `position`, e.g. one installed meanwhile from
+    /// the leader: the manifest never moves backwards (the manifest lock
+    /// orders this with installs).
     pub fn commit_snapshot(
         &self,
         position: Position,
         staged: PathBuf,
         compact_upto: Position,
     ) -> Result<(), LogError> {
+        let published = {
+            let _manifest = lock_unpoisoned(&self.manifest_lock);
+            meta::commit_staged_snapshot(&self.dir, position, &staged)?
+        };
+        if !published {
+            return Ok(());
+        }
         self.queued.fetch_add(1, Ordering::Relaxed);
-        let r = Request::CommitSnapshot {
+        let r = Request::Published {
             position,
-            staged,
             compact_upto,
         };
         self.tx.send(r).map_err(|_| {
@@ -230,13 +253,78 @@ fn run(
     queued: &AtomicUsize,
     mut report: impl FnMut(StorageEvent),
 ) -> Result<(), LogError> {
-    match serve(&mut store, durability, &rx, queued, &mut report).and_then(|_| store.sync()) {
+    store.defer_deletes();
+    let deleter = Deleter::start()?;
+    let served = serve(&mut store, durability, &rx, queued, &deleter, &mut report)
+        .and_then(|_| store.sync());
+    deleter.finish(&mut report);
+    match served {
         Ok(()) => Ok(()),
         Err(e) => {
             let msg = e.to_string();
             report(StorageEvent::Failed(e));
             Err(LogError::Invalid(format!("storage stopped: {msg}")))
         }
+    }
+}
+
+/// Deletes retired (compacted) segment files off the storage thread.
+struct Deleter {
+    tx: Option<mpsc::Sender<Vec<PathBuf>>>,
+    problems: Arc<Mutex<Vec<String>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Deleter {
+    fn start() -> Result<Deleter, LogError> {
+        let (tx, rx) = mpsc::channel::<Vec<PathBuf>>();
+        let problems = Arc::new(Mutex::new(Vec::new()));
+        let p = problems.clone();
+        let handle = std::thread::Builder::new()
+            .name("keel-deleter".into())
+            .spawn(move || {
+                for path in rx.into_iter().flatten() {
+                    if let Err(e) = crate::store::delete_retired(&path) {
+                        lock_unpoisoned(&p).push(format!(
+                            "deleting compacted segment {}: {e}",
+                            path.display()
+                        ));
+                    }
+                }
+            })
+            .map_err(|e| LogError::io(std::path::Path::new("."), "spawning the deleter", e))?;
+        Ok(Deleter {
+            tx: Some(tx),
+            problems,
+            handle: Some(handle),
+        })
+    }
+
+    /// Hands over what `store` retired; reports earlier deletion problems.
+    fn take(&self, store: &mut LogStore, report: &mut impl FnMut(StorageEvent)) {
+        let retired = store.take_retired();
+        if !retired.is_empty() {
+            if let Some(tx) = &self.tx {
+                // Only fails if the deleter died: `open` deletes them then.
+                let _ = tx.send(retired);
+            }
+        }
+        self.report(report);
+    }
+
+    fn report(&self, report: &mut impl FnMut(StorageEvent)) {
+        for p in lock_unpoisoned(&self.problems).drain(..) {
+            report(StorageEvent::Warning(p));
+        }
+    }
+
+    /// Deletes what is queued, then stops.
+    fn finish(mut self, report: &mut impl FnMut(StorageEvent)) {
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.report(report);
     }
 }
 
@@ -308,6 +396,7 @@ fn serve(
     durability: Durability,
     rx: &mpsc::Receiver<Request>,
     queued: &AtomicUsize,
+    deleter: &Deleter,
     report: &mut impl FnMut(StorageEvent),
 ) -> Result<(), LogError> {
     let mut last_sync = Instant::now();
@@ -380,17 +469,16 @@ fn serve(
                     }
                     times.snapshots += t.elapsed();
                 }
-                Request::CommitSnapshot {
+                Request::Published {
                     position,
-                    staged,
                     compact_upto,
                 } => {
-                    if store.commit_snapshot(position, &staged, compact_upto)? {
-                        if let Some(size) = meta::snapshot_file_size(store.dir(), position)? {
-                            report(StorageEvent::SnapshotPublished { position, size });
-                        }
+                    store.compact(compact_upto.min(position))?;
+                    times.truncate_compact += t.elapsed();
+                    // Gone if a newer snapshot was installed meanwhile.
+                    if let Some(size) = meta::snapshot_file_size(store.dir(), position)? {
+                        report(StorageEvent::SnapshotPublished { position, size });
                     }
-                    times.snapshots += t.elapsed();
                 }
                 Request::Barrier(reply) => barriers.push(reply),
             }
@@ -416,6 +504,7 @@ fn serve(
             last_sync = Instant::now();
         }
         report_durable(store, &mut reported, report);
+        deleter.take(store, report);
         let took = started.elapsed();
         if took >= SLOW_BATCH {
             report(StorageEvent::Slow {

@@ -269,7 +269,9 @@ fn storage_thread_reports_durable_positions_in_order() {
                     }
                 }
                 StorageEvent::Failed(e) => panic!("storage failed: {e}"),
-                StorageEvent::SnapshotPublished { .. } | StorageEvent::Slow { .. } => {}
+                StorageEvent::SnapshotPublished { .. }
+                | StorageEvent::Slow { .. }
+                | StorageEvent::Warning(_) => {}
             }
         }
         assert_eq!(last, pos, "{durability:?}: never reported the end");
@@ -301,7 +303,8 @@ fn a_write_error_stops_the_storage_thread_and_is_reported() {
             StorageEvent::Failed(e) => break e,
             StorageEvent::Durable { .. }
             | StorageEvent::SnapshotPublished { .. }
-            | StorageEvent::Slow { .. } => continue,
+            | StorageEvent::Slow { .. }
+            | StorageEvent::Warning(_) => continue,
         }
     };
     assert!(matches!(failed, LogError::Io { .. }), "{failed}");
@@ -531,4 +534,82 @@ fn the_storage_thread_reports_published_snapshot_files() {
         .collect();
     let size = meta::encode_snapshot(&p1).len() as u64;
     assert_eq!(published, vec![(p1.meta.position, size)]);
+}
+
+fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// On the storage thread, compaction behind a published snapshot renames
+/// the covered segments out of the log and a background thread deletes
+/// them: none is left once the thread stops, and the log reopens from the
+/// snapshot with every entry after it.
+#[test]
+fn the_storage_thread_deletes_compacted_segments_in_the_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path(), opts(1000)).expect("open").store;
+    let t = StorageThread::spawn(store, Durability::Sync, |_| {}).expect("spawn");
+    let mut all = Vec::new();
+    let mut pos = 0;
+    for _ in 0..60 {
+        let e = entry(1, pos, 100);
+        pos = e.end();
+        all.push(e.clone());
+        t.append(vec![e]).expect("append");
+    }
+    t.barrier().expect("barrier");
+    let segments_before = dir_names(dir.path())
+        .iter()
+        .filter(|n| n.ends_with(".seg"))
+        .count();
+    let snap = snapshot_at(all[39].end(), 1, b"state");
+    let staged = meta::stage_snapshot(dir.path(), &snap).expect("stage");
+    t.commit_snapshot(snap.meta.position, staged, snap.meta.position)
+        .expect("commit");
+    t.barrier().expect("barrier");
+    t.shutdown().expect("shutdown");
+    let names = dir_names(dir.path());
+    assert!(
+        !names.iter().any(|n| n.ends_with(".retired")),
+        "retired segments left behind: {names:?}"
+    );
+    let segments_after = names.iter().filter(|n| n.ends_with(".seg")).count();
+    // 60 entries of ~130 bytes in 1000-byte segments: the snapshot after
+    // the 40th covers at least 4 whole ones.
+    assert!(
+        segments_after + 4 <= segments_before,
+        "compaction kept {segments_after} of {segments_before} segments"
+    );
+    let o = LogStore::open(dir.path(), opts(1000)).expect("reopen");
+    assert_eq!(o.snapshot, Some(snap));
+    let first = o
+        .entries
+        .first()
+        .expect("entries after the snapshot")
+        .position;
+    let from = all.iter().position(|e| e.position == first).expect("known");
+    assert!(first <= all[39].end());
+    assert_eq!(o.entries, all[from..].to_vec());
+}
+
+/// A segment retired but not yet deleted when the process died is removed
+/// on open and is not read as part of the log.
+#[test]
+fn a_retired_segment_left_by_a_crash_is_removed_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), opts(1000)).expect("open").store;
+    let e = entry(1, 0, 100);
+    store.append(std::slice::from_ref(&e)).expect("append");
+    store.sync().expect("sync");
+    drop(store);
+    let leftover = dir.path().join("00000000000000000000.seg.retired");
+    std::fs::write(&leftover, b"garbage that is not a log").expect("write leftover");
+    let o = LogStore::open(dir.path(), opts(1000)).expect("reopen");
+    assert_eq!(o.entries, vec![e]);
+    assert!(!leftover.exists());
 }

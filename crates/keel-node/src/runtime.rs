@@ -10,10 +10,12 @@
 //! (`ServiceHost::prepare_snapshot`, a consistent clone for services that
 //! provide one) and goes on applying; the snapshot thread serializes it and
 //! hands it to the core, which compacts its in-memory log and keeps only the
-//! snapshot's metadata; the snapshot thread then writes the file, and the
-//! storage thread publishes it (the manifest) and compacts the segments, in
-//! order with snapshot installs from the leader, so the manifest never moves
-//! backwards, and reports the publication to the core. Chunked installs to
+//! snapshot's metadata; the snapshot thread then writes the file and
+//! publishes it (the manifest; a lock orders this with snapshot installs
+//! from the leader on the storage thread, so the manifest never moves
+//! backwards), and the storage thread compacts the segments it covers and
+//! reports the publication to the core. Appends never wait behind a
+//! snapshot's file and directory syncs. Chunked installs to
 //! followers read the published file (`SendSnapshotChunk`), so a leader never
 //! holds a whole snapshot in memory to serve them; a follower checks the
 //! whole received file (its checksum) before installing it.
@@ -99,6 +101,19 @@ enum External {
     Clients(Vec<ClientRequest>, ResponseSink),
 }
 
+impl Internal {
+    fn kind(&self) -> &'static str {
+        match self {
+            Internal::Durable { .. } => "durable",
+            Internal::Applied { .. } => "applied",
+            Internal::SnapshotTaken { .. } => "snapshot-taken",
+            Internal::SnapshotPublished { .. } => "snapshot-published",
+            Internal::Fatal(_) => "fatal",
+            Internal::Shutdown => "shutdown",
+        }
+    }
+}
+
 impl External {
     /// Peer messages and client requests in it.
     fn requests(&self) -> usize {
@@ -112,6 +127,36 @@ impl External {
 /// A consensus-loop turn or a service-thread step longer than this is
 /// logged: everything behind it waited.
 const SLOW_TURN: Duration = Duration::from_millis(50);
+
+/// Where a consensus turn's time went, for the slow-turn warning. (What
+/// is not in `external` or the slowest internal event went to other
+/// internal events, proposing, ticking and the actions' IO hand-offs, or
+/// the thread was not running: on a busy machine, the scheduler's.)
+#[derive(Default)]
+struct TurnStats {
+    internal: usize,
+    slowest_internal: (&'static str, Duration),
+    /// Peer messages and client requests taken.
+    taken: usize,
+    external: Duration,
+    proposed: usize,
+}
+
+impl std::fmt::Display for TurnStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} internal events, slowest {} {:?}; {} peer messages and requests in {:?}; \
+             {} proposed",
+            self.internal,
+            self.slowest_internal.0,
+            self.slowest_internal.1,
+            self.taken,
+            self.external,
+            self.proposed
+        )
+    }
+}
 
 enum ServiceInput {
     Apply(Vec<Entry>),
@@ -466,6 +511,10 @@ pub fn start_with(
                     warn!("node {node_id}: slow storage batch: {took:?} ({detail})");
                     return;
                 }
+                StorageEvent::Warning(w) => {
+                    warn!("node {node_id}: storage: {w}");
+                    return;
+                }
                 StorageEvent::Durable { position, term } => Internal::Durable { position, term },
                 StorageEvent::SnapshotPublished { position, size } => {
                     Internal::SnapshotPublished { position, size }
@@ -808,27 +857,27 @@ impl Consensus {
                 default(wait) => None,
             };
             let turn = Instant::now();
-            let (mut n_internal, mut taken) = (0usize, 0usize);
-            match first {
-                Some(Ok(ev)) => {
-                    n_internal += 1;
-                    if self.internal(ev)? {
-                        return Ok(());
-                    }
-                }
+            let mut stats = TurnStats::default();
+            let stop = match first {
+                Some(Ok(ev)) => self.timed_internal(ev, &mut stats)?,
                 Some(Err(ev)) => {
-                    taken += External::requests(&ev);
+                    let t = Instant::now();
+                    stats.taken += External::requests(&ev);
                     self.external(ev, &mut proposals)?;
+                    stats.external += t.elapsed();
+                    false
                 }
-                None => {}
+                None => false,
+            };
+            if stop {
+                return Ok(());
             }
             // Drain what else is queued, batching client writes into one
             // proposal (one append, one replication round).
             for _ in 0..4096 {
                 match internal.try_recv() {
                     Ok(ev) => {
-                        n_internal += 1;
-                        if self.internal(ev)? {
+                        if self.timed_internal(ev, &mut stats)? {
                             return Ok(());
                         }
                     }
@@ -837,16 +886,18 @@ impl Consensus {
             }
             // At most ~4096 requests per turn, so storage and service
             // completions are not held up behind one huge batch.
-            while taken < 4096 {
+            let t = Instant::now();
+            while stats.taken < 4096 {
                 match external.try_recv() {
                     Ok(ev) => {
-                        taken += External::requests(&ev);
+                        stats.taken += External::requests(&ev);
                         self.external(ev, &mut proposals)?
                     }
                     Err(_) => break,
                 }
             }
-            let proposed = proposals.len();
+            stats.external += t.elapsed();
+            stats.proposed = proposals.len();
             self.sync_applied()?;
             if !proposals.is_empty() {
                 let batch = std::mem::take(&mut proposals);
@@ -866,12 +917,24 @@ impl Consensus {
             let took = turn.elapsed();
             if took >= SLOW_TURN {
                 warn!(
-                    "node {}: slow consensus turn: {took:?} ({n_internal} internal events, \
-                     {taken} peer messages and requests, {proposed} proposed)",
+                    "node {}: slow consensus turn: {took:?} ({stats})",
                     self.cfg.id
                 );
             }
         }
+    }
+
+    /// `internal`, timed into `stats`.
+    fn timed_internal(&mut self, ev: Internal, stats: &mut TurnStats) -> Result<bool, String> {
+        let kind = ev.kind();
+        let t = Instant::now();
+        let stop = self.internal(ev)?;
+        let took = t.elapsed();
+        stats.internal += 1;
+        if took >= stats.slowest_internal.1 {
+            stats.slowest_internal = (kind, took);
+        }
+        Ok(stop)
     }
 
     /// Returns true when the node must stop.

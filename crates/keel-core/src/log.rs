@@ -162,16 +162,23 @@ impl Log {
 
     /// Drops every entry ending at or before `pos`, which becomes the new
     /// base. If the log does not hold `pos` with `term`, it is emptied.
-    pub fn compact_to(&mut self, pos: Position, term: Term, timestamp: Nanos) {
-        if self.term_at(pos) == Some(term) {
-            while self.entries.front().is_some_and(|e| e.end() <= pos) {
-                self.entries.pop_front();
-            }
+    ///
+    /// Returns the dropped entries rather than freeing them here: a
+    /// snapshot interval's worth is hundreds of thousands of entries, tens
+    /// of milliseconds to free, which the caller may do on another thread.
+    /// Costs a copy of the entries kept, not of those dropped.
+    #[must_use = "dropping the returned entries frees them on this thread"]
+    pub fn compact_to(&mut self, pos: Position, term: Term, timestamp: Nanos) -> VecDeque<Entry> {
+        let dropped = if self.term_at(pos) == Some(term) {
+            let upto = self.entries.partition_point(|e| e.end() <= pos);
+            let kept = self.entries.split_off(upto);
+            std::mem::replace(&mut self.entries, kept)
         } else {
-            self.entries.clear();
-        }
+            std::mem::take(&mut self.entries)
+        };
         self.base_pos = pos;
         self.base_term = term;
         self.base_timestamp = timestamp;
+        dropped
     }
 }

@@ -333,6 +333,10 @@ pub struct Node {
     /// Snapshots taken here whose files are not published yet, oldest
     /// first: a publication is matched with its metadata here.
     unpublished: VecDeque<SnapshotMeta>,
+    /// Entries the last compaction dropped, for the host to free off its
+    /// hot thread (`take_compacted`); freed here at the next compaction if
+    /// not taken.
+    compacted: VecDeque<Entry>,
     /// Membership at the snapshot position, and every membership entry in
     /// the log after it (start position, membership).
     base_membership: Membership,
@@ -438,6 +442,7 @@ impl Node {
             published: (meta.position > 0 && recovered.snapshot_file_size > 0)
                 .then(|| (meta.clone(), recovered.snapshot_file_size)),
             unpublished: VecDeque::new(),
+            compacted: VecDeque::new(),
             base_membership: meta.membership,
             membership_log,
             matched: 0,
@@ -532,6 +537,14 @@ impl Node {
             .map_or(&self.base_membership, |(_, m)| m)
     }
     /// The next time `step(_, Event::Tick)` has something to do.
+    /// Takes the entries the last log compaction dropped (after a snapshot
+    /// is published or installed), so the host can free them on another
+    /// thread: a snapshot interval's worth takes tens of milliseconds to
+    /// free. Not taking them is fine: they are freed at the next compaction.
+    pub fn take_compacted(&mut self) -> VecDeque<Entry> {
+        std::mem::take(&mut self.compacted)
+    }
+
     pub fn next_deadline(&self) -> Nanos {
         let mut d = self.election_deadline;
         if self.role == Role::Leader {
@@ -1190,7 +1203,8 @@ impl Node {
             self.matched = self.matched.max(meta.position.min(self.commit));
             return;
         }
-        self.log
+        self.compacted = self
+            .log
             .compact_to(meta.position, meta.term, meta.timestamp);
         self.membership_log.retain(|(p, _)| *p >= meta.position);
         if self.log.is_empty() {
@@ -1287,7 +1301,8 @@ impl Node {
             return;
         };
         if meta.position > self.log.first_pos() {
-            self.log
+            self.compacted = self
+                .log
                 .compact_to(meta.position, meta.term, meta.timestamp);
             self.membership_log.retain(|(p, _)| *p >= meta.position);
             self.base_membership = meta.membership.clone();

@@ -59,8 +59,9 @@ proptest! {
                 LogOp::Compact(i) if !model.is_empty() => {
                     let i = i % model.len();
                     let e = model[i].clone();
-                    log.compact_to(e.end(), e.term, e.timestamp);
-                    model.drain(..=i);
+                    let dropped: Vec<Entry> = log.compact_to(e.end(), e.term, e.timestamp).into();
+                    let expected: Vec<Entry> = model.drain(..=i).collect();
+                    prop_assert_eq!(dropped, expected, "compaction returns exactly what it dropped");
                     base = e.end();
                     base_term = e.term;
                 }

@@ -88,9 +88,13 @@ enum SnapshotJob {
         position: Position,
         task: Box<dyn FnOnce() -> Bytes + Send>,
     },
-    /// Write the core's snapshot file and let storage publish it and
-    /// compact the log up to `upto`.
+    /// Write the core's snapshot file, publish it and let storage compact
+    /// the log up to `upto`.
     Write(Snapshot, Position),
+    /// Free the entries the core dropped from its in-memory log (tens of
+    /// milliseconds for a snapshot interval's worth: not on the consensus
+    /// thread).
+    Free(VecDeque<Entry>),
 }
 
 /// Events into the consensus thread from the network (bounded).
@@ -139,6 +143,7 @@ struct TurnStats {
     /// Peer messages and client requests taken.
     taken: usize,
     external: Duration,
+    slowest_external: Duration,
     proposed: usize,
 }
 
@@ -146,13 +151,14 @@ impl std::fmt::Display for TurnStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} internal events, slowest {} {:?}; {} peer messages and requests in {:?}; \
-             {} proposed",
+            "{} internal events, slowest {} {:?}; {} peer messages and requests in {:?} \
+             (slowest {:?}); {} proposed",
             self.internal,
             self.slowest_internal.0,
             self.slowest_internal.1,
             self.taken,
             self.external,
+            self.slowest_external,
             self.proposed
         )
     }
@@ -675,6 +681,7 @@ pub fn start_with(
                             metrics.snapshots_taken.inc();
                             let _ = tx.send(Internal::SnapshotTaken { position, data });
                         }
+                        SnapshotJob::Free(entries) => drop(entries),
                         SnapshotJob::Write(s, upto) => {
                             let r = meta::stage_snapshot(&dir, &s).and_then(|staged| {
                                 storage.commit_snapshot(s.meta.position, staged, upto)
@@ -861,10 +868,7 @@ impl Consensus {
             let stop = match first {
                 Some(Ok(ev)) => self.timed_internal(ev, &mut stats)?,
                 Some(Err(ev)) => {
-                    let t = Instant::now();
-                    stats.taken += External::requests(&ev);
-                    self.external(ev, &mut proposals)?;
-                    stats.external += t.elapsed();
+                    self.timed_external(ev, &mut proposals, &mut stats)?;
                     false
                 }
                 None => false,
@@ -886,17 +890,12 @@ impl Consensus {
             }
             // At most ~4096 requests per turn, so storage and service
             // completions are not held up behind one huge batch.
-            let t = Instant::now();
             while stats.taken < 4096 {
                 match external.try_recv() {
-                    Ok(ev) => {
-                        stats.taken += External::requests(&ev);
-                        self.external(ev, &mut proposals)?
-                    }
+                    Ok(ev) => self.timed_external(ev, &mut proposals, &mut stats)?,
                     Err(_) => break,
                 }
             }
-            stats.external += t.elapsed();
             stats.proposed = proposals.len();
             self.sync_applied()?;
             if !proposals.is_empty() {
@@ -922,6 +921,22 @@ impl Consensus {
                 );
             }
         }
+    }
+
+    /// `external`, timed into `stats`.
+    fn timed_external(
+        &mut self,
+        ev: External,
+        proposals: &mut Vec<Proposal>,
+        stats: &mut TurnStats,
+    ) -> Result<(), String> {
+        let t = Instant::now();
+        stats.taken += ev.requests();
+        self.external(ev, proposals)?;
+        let took = t.elapsed();
+        stats.external += took;
+        stats.slowest_external = stats.slowest_external.max(took);
+        Ok(())
     }
 
     /// `internal`, timed into `stats`.
@@ -1101,6 +1116,10 @@ impl Consensus {
             _ => Vec::new(),
         };
         self.node.step(now, ev, &mut out);
+        let compacted = self.node.take_compacted();
+        if !compacted.is_empty() {
+            let _ = self.snapshots.send(SnapshotJob::Free(compacted));
+        }
         let rejected: Vec<u64> = out
             .iter()
             .filter_map(|a| match a {

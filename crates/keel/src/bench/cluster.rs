@@ -118,6 +118,46 @@ pub fn cpu_seconds(pids: Option<&[u32]>) -> f64 {
     }
 }
 
+/// The machine's CPU time counters (/proc/stat's `cpu` line, in ticks):
+/// how much of it the hypervisor stole (a virtual CPU that was runnable
+/// but not running on a real one), out of the total.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MachineTicks {
+    pub steal: u64,
+    pub total: u64,
+}
+
+impl MachineTicks {
+    /// Now; `None` where /proc/stat cannot be read or parsed.
+    pub fn now() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// From /proc/stat's text: the `cpu` line's user, nice, system, idle,
+    /// iowait, irq, softirq and steal fields (guest time is already counted
+    /// in user).
+    pub fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        (f.len() == 8).then(|| MachineTicks {
+            steal: f[7],
+            total: f.iter().sum(),
+        })
+    }
+
+    /// The share of the machine's time stolen between `earlier` and this.
+    pub fn steal_since(&self, earlier: &MachineTicks) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let steal = self.steal.checked_sub(earlier.steal)?;
+        (total > 0).then(|| steal as f64 / total as f64)
+    }
+}
+
 /// The last `n` lines of a file.
 pub fn tail(path: &Path, n: usize) -> String {
     match std::fs::read_to_string(path) {
@@ -432,6 +472,28 @@ impl EtcdCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_ticks_parse_proc_stat_and_reject_garbage() {
+        let a =
+            MachineTicks::parse("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\n")
+                .expect("parses");
+        assert_eq!(
+            a,
+            MachineTicks {
+                steal: 35,
+                total: 1000
+            }
+        );
+        let b = MachineTicks::parse("cpu  150 0 70 900 10 0 5 65 0 0\n").expect("parses");
+        assert_eq!(b.steal_since(&a), Some(0.15));
+        assert_eq!(a.steal_since(&b), None, "counters never run backwards");
+        assert_eq!(a.steal_since(&a), None, "no time passed");
+        assert_eq!(MachineTicks::parse("cpu  1 2 3\n"), None, "too few fields");
+        assert_eq!(MachineTicks::parse("cpu  1 2 x 4 5 6 7 8\n"), None);
+        assert_eq!(MachineTicks::parse("intr 5\n"), None);
+        assert!(MachineTicks::now().is_some(), "this machine's /proc/stat");
+    }
 
     #[test]
     fn cpu_seconds_counts_this_process_and_not_missing_ones() {

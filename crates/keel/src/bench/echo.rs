@@ -8,7 +8,7 @@
 //! id (burst = id / burst size; the schedule is fixed by the start time and
 //! the rate), so nothing is shared between the two threads but counters.
 
-use super::cluster::{cpu_seconds, on_memory_fs, KeelCluster};
+use super::cluster::{cpu_seconds, on_memory_fs, KeelCluster, MachineTicks};
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, us, Panel, Percentiles, Series, PERCENTILE_COLORS};
 use super::{check_interrupted, parse_rate, say, CommonArgs};
@@ -108,6 +108,9 @@ pub struct Step {
     /// The cluster's and this client's CPU time during the measured window
     /// as a share of all cores' time.
     pub machine_busy: Option<f64>,
+    /// The share of the machine's time the hypervisor stole during the
+    /// window (its virtual CPUs runnable but not running).
+    pub steal: Option<f64>,
 }
 
 /// Timing of one step, shared by every connection.
@@ -384,15 +387,17 @@ fn run_step(
                     cpu_seconds(Some(&servers)),
                     cpu_seconds(None),
                     Instant::now(),
+                    MachineTicks::now(),
                 )
             };
-            let (c0, m0, t0) = at(plan.window_from);
-            let (c1, m1, t1) = at(plan.window_to);
+            let (c0, m0, t0, k0) = at(plan.window_from);
+            let (c1, m1, t1, k1) = at(plan.window_to);
+            let steal = k0.zip(k1).and_then(|(k0, k1)| k1.steal_since(&k0));
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
             let wall = t1.duration_since(t0).as_secs_f64();
             let cluster = (c1 - c0).max(0.0);
             let share = (wall > 0.0).then(|| (cluster + (m1 - m0).max(0.0)) / (wall * cores));
-            (cluster, share)
+            (cluster, share, steal)
         })?;
     let mut handles = Vec::new();
     for (c, s) in streams.into_iter().enumerate() {
@@ -430,7 +435,7 @@ fn run_step(
         let send_error = shared.send_error.lock().ok().and_then(|mut e| e.take());
         first_error = first_error.or(send_error).or(r.first_error);
     }
-    let (cpu, machine_busy) = cpu
+    let (cpu, machine_busy, steal) = cpu
         .join()
         .map_err(|_| anyhow::anyhow!("the CPU sampler panicked"))?;
     let scheduled = bursts_due_in(plan.window_from, plan.window_to, a.burst, rate) * a.burst;
@@ -454,6 +459,7 @@ fn run_step(
         saturated,
         cpu_per_msg: (during > 0).then(|| cpu * 1e6 / during as f64),
         machine_busy,
+        steal,
     })
 }
 
@@ -511,6 +517,9 @@ fn step_line(s: &Step) -> String {
             ", cluster + client {:.0}% of the cores",
             b * 100.0
         ));
+    }
+    if let Some(st) = s.steal {
+        line.push_str(&format!(", {:.0}% stolen by the hypervisor", st * 100.0));
     }
     if s.errors + s.lost > 0 {
         line.push_str(&format!(
@@ -668,7 +677,9 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
          client share the machine's cores. *Cluster CPU* is the CPU time (user + system, all \
          threads) of the three server processes per reply in the window; *cluster + client CPU* is \
          the CPU time of those processes and of the client together as a share of all cores' \
-         time: near 100% the tails are the scheduler's. Loopback TCP round trip (200 B ping-pong, \
+         time: near 100% the tails are the scheduler's. *Stolen* is the share of the machine's \
+         time the hypervisor ran something else while its virtual CPUs had work (/proc/stat \
+         `steal`): on a shared virtual machine it is a hidden third party in every tail. Loopback TCP round trip (200 B ping-pong, \
          median): {} µs.\n\n",
         super::command_line(),
         a.common.duration,
@@ -680,13 +691,13 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
         us(rtt),
     );
     s.push_str(
-        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost | cluster CPU µs/msg | cluster + client CPU, share of the cores |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost | cluster CPU µs/msg | cluster + client CPU, share of the cores | stolen by the hypervisor |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for st in steps {
         let p = &st.latency;
         s.push_str(&format!(
-            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             st.mode,
             st.offered,
             st.achieved,
@@ -701,6 +712,8 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: u64) -> String {
             st.errors + st.lost,
             st.cpu_per_msg.map_or("—".into(), |c| format!("{c:.1}")),
             st.machine_busy
+                .map_or("—".into(), |b| format!("{:.0}%", b * 100.0)),
+            st.steal
                 .map_or("—".into(), |b| format!("{:.0}%", b * 100.0)),
         ));
     }

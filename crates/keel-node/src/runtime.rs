@@ -23,7 +23,7 @@
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use bytes::Bytes;
-use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TrySendError};
 use keel_core::{
     Action, ApplyOutput, Config as CoreConfig, Entry, Event, Message, Nanos, Node, NodeId,
     Position, Proposal, Recovered, RejectReason, Reply, Role, Service, ServiceHost, Snapshot,
@@ -245,22 +245,43 @@ struct StaleReads {
     /// Reads queued for the service thread beyond this answer "busy".
     limit: usize,
     metrics: Arc<Metrics>,
+    stopped: Arc<AtomicBool>,
 }
 
 impl StaleReads {
     fn submit(&self, id: u64, data: Bytes, sink: ResponseSink) {
+        if self.stopped.load(Ordering::Acquire) {
+            respond(&sink, id, stopped_node());
+            return;
+        }
         if self.service.len() >= self.limit {
             self.metrics.busy.inc();
             respond(&sink, id, ClientResult::Busy);
             return;
         }
         let commit = self.status.lock().map(|s| s.commit).unwrap_or(0);
-        let _ = self.service.send(ServiceInput::StaleRead {
+        let read = ServiceInput::StaleRead {
             data,
             id,
             sink,
             commit,
-        });
+        };
+        // The service thread is gone only once the node stopped.
+        if let Err(e) = self.service.send(read) {
+            if let ServiceInput::StaleRead { id, sink, .. } = e.into_inner() {
+                respond(&sink, id, stopped_node());
+            }
+        }
+    }
+}
+
+/// What a stopped (shut down or failed) node answers: that it knows no
+/// leader, so clients go on to another node rather than retrying this one
+/// as they would a "busy" answer.
+fn stopped_node() -> ClientResult {
+    ClientResult::NotLeader {
+        leader: None,
+        address: None,
     }
 }
 
@@ -317,12 +338,18 @@ impl NodeHandle {
             seq: sessionless_seq(self.id, n),
             op,
         };
+        if self.is_stopped() {
+            return stopped_node();
+        }
         if self.client_queue.admit(1) == 0 {
             return ClientResult::Busy;
         }
-        if self.external.try_send(External::Client(req, tx)).is_err() {
+        if let Err(e) = self.external.try_send(External::Client(req, tx)) {
             self.client_queue.release(1);
-            return ClientResult::Busy;
+            return match e {
+                TrySendError::Full(_) => ClientResult::Busy,
+                TrySendError::Disconnected(_) => stopped_node(),
+            };
         }
         match rx.recv().await {
             Some(r) => r.result,
@@ -549,6 +576,7 @@ pub fn start_with(
         status: status.clone(),
         limit: cfg.queue_depth,
         metrics: metrics.clone(),
+        stopped: stopped.clone(),
     };
     let peers_list: Vec<(NodeId, String)> = cfg
         .peers
@@ -587,8 +615,15 @@ pub fn start_with(
         let m = metrics.clone();
         let stale = stale_reads.clone();
         let queue = client_queue.clone();
+        let stopped = stopped.clone();
         let handler: tcp::RequestHandler =
             Arc::new(move |reqs: Vec<ClientRequest>, sink: &ResponseSink| {
+                if stopped.load(Ordering::Acquire) {
+                    for req in reqs {
+                        respond(sink, req.id, stopped_node());
+                    }
+                    return;
+                }
                 // Everything one read brought goes to the consensus thread
                 // as one event: one wake-up, and a pipelining client's
                 // burst becomes one proposal batch.
@@ -619,19 +654,29 @@ pub fn start_with(
                 // Admit what fits; the rest of the batch is refused.
                 let k = queue.admit(batch.len());
                 let mut refused = batch.split_off(k);
+                let mut answer = ClientResult::Busy;
                 if k > 0 {
                     if let Err(e) = tx.try_send(External::Clients(batch, sink.clone())) {
                         queue.release(k);
-                        if let External::Clients(mut b, _) = e.into_inner() {
+                        let e = match e {
+                            TrySendError::Full(e) => e,
+                            TrySendError::Disconnected(e) => {
+                                answer = stopped_node();
+                                e
+                            }
+                        };
+                        if let External::Clients(mut b, _) = e {
                             b.append(&mut refused);
                             refused = b;
                         }
                     }
                 }
-                // A full queue (or a stopped node): "busy".
+                // A full queue: "busy"; a node that just stopped says so.
                 for req in refused {
-                    m.busy.inc();
-                    respond(sink, req.id, ClientResult::Busy);
+                    if answer == ClientResult::Busy {
+                        m.busy.inc();
+                    }
+                    respond(sink, req.id, answer.clone());
                 }
             });
         rt.block_on(tcp::start_clients(

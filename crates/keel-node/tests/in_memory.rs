@@ -257,3 +257,66 @@ fn writes_keep_being_acknowledged_while_a_slow_snapshot_is_serialized() {
         }
     }
 }
+
+/// A node that has stopped while its process (and so its client listener)
+/// lives on answers as a node that knows no leader, never "busy": a client
+/// moves on to another node at once instead of retrying the stopped one
+/// until its call times out.
+#[test]
+fn a_stopped_node_sends_clients_elsewhere() {
+    use keel_net::codec::{ClientOp, ClientResult};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let net = MemNetwork::new();
+    let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        let cfg = node_config(id, tmp.path(), &clients, 1 << 20);
+        let service = Box::new(KvService::default());
+        nodes.push(start_with(cfg, service, Transport::Memory(net.clone())).expect("start"));
+    }
+    let leader = wait_leader(&nodes, None);
+    let stopped = nodes.iter().find(|n| n.id() != leader).expect("a follower");
+    stopped.shutdown();
+    stopped.wait().expect("clean stop");
+    assert!(stopped.is_stopped());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let no_leader = ClientResult::NotLeader {
+        leader: None,
+        address: None,
+    };
+    let put = Command::Put {
+        key: Bytes::from_static(b"k"),
+        value: Bytes::from_static(b"v"),
+    };
+    let get = Query::Get {
+        key: Bytes::from_static(b"k"),
+    };
+    assert_eq!(
+        rt.block_on(stopped.call(ClientOp::Write(put.encode()))),
+        no_leader
+    );
+    assert_eq!(
+        rt.block_on(stopped.call(ClientOp::StaleRead(get.encode()))),
+        no_leader
+    );
+    // Over TCP, with the stopped node first in the client's list.
+    let first = clients[(stopped.id() - 1) as usize].clone();
+    let mut endpoints = vec![first.clone()];
+    endpoints.extend(clients.iter().filter(|c| **c != first).cloned());
+    let mut opts = ClientOptions::new(endpoints);
+    opts.call_timeout = Duration::from_secs(5);
+    let mut client = Client::new(opts).expect("client");
+    let r = rt
+        .block_on(client.write(put.encode()))
+        .expect("the write goes to a live node");
+    assert!(matches!(Response::decode(&r), Ok(Response::Put { .. })));
+    for n in &nodes {
+        n.shutdown();
+    }
+    for n in nodes {
+        n.wait().expect("clean stop");
+    }
+}

@@ -9,7 +9,7 @@
 //! most M in flight per connection) for the latency-vs-rate plot.
 
 use super::cluster::{
-    cpu_seconds, etcd_version, find_etcd, on_memory_fs, EtcdCluster, KeelCluster,
+    cpu_seconds, etcd_version, find_etcd, on_memory_fs, EtcdCluster, KeelCluster, MachineTicks,
 };
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, ms, Panel, Percentiles, Series};
@@ -164,6 +164,9 @@ struct Run {
     /// CPU time per completed request during the measured window, in µs:
     /// (the cluster's processes, the load generator). Closed loop only.
     cpu_per_op: Option<(f64, f64)>,
+    /// The share of the machine's time the hypervisor stole during the
+    /// measured window. Closed loop only.
+    steal: Option<f64>,
 }
 
 /// What every request needs.
@@ -396,17 +399,28 @@ async fn closed_loop(
 struct CpuUsed {
     servers: f64,
     client: f64,
+    /// Share of the machine's time stolen by the hypervisor.
+    steal: Option<f64>,
 }
 
 /// Samples CPU time at `from` and `to` (the measured window).
 async fn cpu_during(pids: Vec<u32>, from: Instant, to: Instant) -> CpuUsed {
     tokio::time::sleep_until(from.into()).await;
-    let (s0, c0) = (cpu_seconds(Some(&pids)), cpu_seconds(None));
+    let (s0, c0, k0) = (
+        cpu_seconds(Some(&pids)),
+        cpu_seconds(None),
+        MachineTicks::now(),
+    );
     tokio::time::sleep_until(to.into()).await;
-    let (s1, c1) = (cpu_seconds(Some(&pids)), cpu_seconds(None));
+    let (s1, c1, k1) = (
+        cpu_seconds(Some(&pids)),
+        cpu_seconds(None),
+        MachineTicks::now(),
+    );
     CpuUsed {
         servers: (s1 - s0).max(0.0),
         client: (c1 - c0).max(0.0),
+        steal: k0.zip(k1).and_then(|(k0, k1)| k1.steal_since(&k0)),
     }
 }
 
@@ -678,6 +692,7 @@ fn to_run(
         first_error: t.first_error.clone(),
         saturated,
         cpu_per_op: None,
+        steal: None,
     }
 }
 
@@ -703,6 +718,9 @@ fn run_line(r: &Run) -> String {
         s.push_str(&format!(
             "  CPU/op {servers:.0} µs cluster, {client:.0} µs load generator"
         ));
+    }
+    if let Some(st) = r.steal {
+        s.push_str(&format!(", {:.0}% stolen by the hypervisor", st * 100.0));
     }
     if r.workload == Workload::TxnCas && p.count > 0 {
         s.push_str(&format!(
@@ -787,6 +805,7 @@ async fn bench_system(
             let per_op = |secs: f64| secs * 1e6 / t.done_during_window as f64;
             r.cpu_per_op = Some((per_op(cpu.servers), per_op(cpu.client)));
         }
+        r.steal = cpu.steal;
         say(pb, run_line(&r));
         pb.inc(1);
         if t.ok_in_window == 0 {
@@ -1090,6 +1109,7 @@ const ETCD_COLORS: [RGBColor; 2] = [RGBColor(0xff, 0xb7, 0x4d), RGBColor(0xbf, 0
 /// between the clusters and the load generator.
 fn cpu_table(a: &KvArgs, runs: &[Run]) -> String {
     let cpu = |sys, w| find(runs, sys, w, None).and_then(|r| r.cpu_per_op);
+    let steal = |sys, w| find(runs, sys, w, None).and_then(|r| r.steal);
     if a.workloads
         .iter()
         .all(|&w| cpu(System::Keel, w).is_none() && cpu(System::Etcd, w).is_none())
@@ -1100,21 +1120,27 @@ fn cpu_table(a: &KvArgs, runs: &[Run]) -> String {
         "\n**CPU per request** (closed loop, measured window): CPU time (user + system, all \
          threads) of the 3 cluster processes, and of the load generator, divided by the \
          requests completed. On shared cores this is the steadier comparison: it says how much \
-         machine each system needs per request, however the cores happened to be split.\n\n\
-         | workload | Keel cluster µs/op | etcd cluster µs/op | etcd/Keel | load generator µs/op (vs Keel) | load generator µs/op (vs etcd) |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+         machine each system needs per request, however the cores happened to be split. \
+         *Stolen* is the share of the machine's time the hypervisor ran something else while \
+         its virtual CPUs had work (/proc/stat `steal`) during each system's run: where it \
+         differs, so do the conditions the two systems were measured in.\n\n\
+         | workload | Keel cluster µs/op | etcd cluster µs/op | etcd/Keel | load generator µs/op (vs Keel) | load generator µs/op (vs etcd) | stolen during Keel / etcd run |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
     );
     let us = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.0}"));
+    let pct = |v: Option<f64>| v.map_or("—".into(), |v| format!("{:.0}%", v * 100.0));
     for &w in &a.workloads {
         let (k, e) = (cpu(System::Keel, w), cpu(System::Etcd, w));
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} / {} |\n",
             w.name(),
             us(k.map(|c| c.0)),
             us(e.map(|c| c.0)),
             ratio(e.map(|c| c.0), k.map(|c| c.0)),
             us(k.map(|c| c.1)),
             us(e.map(|c| c.1)),
+            pct(steal(System::Keel, w)),
+            pct(steal(System::Etcd, w)),
         ));
     }
     s

@@ -584,7 +584,35 @@ async fn membership(conn: &ConnArgs, change: MembershipChange) -> Result<i32> {
     Ok(0)
 }
 
+/// Turns transparent huge pages off for this process (and the processes it
+/// starts). With THP on, the first touch of each fresh 2 MiB region the
+/// allocator hands out is a synchronous fault that zeroes the whole huge
+/// page, on whichever thread allocates; on a virtual machine whose memory
+/// the host backs lazily that is milliseconds per fault, and the consensus
+/// thread (which grows the in-memory log) took tens of such faults in a
+/// row. Measured side by side with the echo benchmark: p99 at 10k msg/s
+/// 41-101 ms with THP, 4-22 ms without; consensus turns over 10 ms went
+/// from ~50 to 9 per run. Returns the OS error if the kernel refused.
+#[cfg(target_os = "linux")]
+fn disable_transparent_huge_pages() -> std::io::Result<()> {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments and only
+    // sets a flag on this process's memory map.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn disable_transparent_huge_pages() -> std::io::Result<()> {
+    Ok(())
+}
+
 fn main() {
+    // First, before the allocator maps its arenas.
+    let thp = disable_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -593,6 +621,9 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = thp {
+        tracing::debug!("could not turn transparent huge pages off: {e}");
+    }
     let result = match cli.cmd {
         Cmd::Server(a) => run_server(a).map(|_| 0),
         Cmd::Dev(a) => dev::run(a),

@@ -180,6 +180,21 @@ fn wait_status(addr: &str, parts: &[String], within: Duration) -> String {
 fn status_and_metrics_over_http() {
     let (mut c, http) = TestCluster::start_with_http(3, "");
     let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
+    // Servers run with transparent huge pages off (synchronous 2 MiB page
+    // zeroing on allocation stalled the consensus thread for milliseconds).
+    for n in &c.nodes {
+        let pid = n.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        match status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            Some(line) => assert_eq!(
+                line.split_whitespace().nth(1),
+                Some("0"),
+                "node {}: {line}",
+                n.id
+            ),
+            None => println!("this kernel does not report THP_enabled; not checked"),
+        }
+    }
     let mut client = c.client();
     for i in 0..10 {
         c.put(&mut client, &format!("h{i}"), "x");

@@ -3,8 +3,9 @@
 //! syncs once per batch (group commit) and reports the durable position
 //! back. Snapshots the node took itself are published by the thread that
 //! wrote them (`SnapshotHandle`), so their directory syncs never hold up
-//! appends; this thread then compacts the log behind them. Any I/O error stops the thread and is
-//! reported: the node must stop rather than run with unknown state.
+//! appends; this thread then compacts the log behind them, and a deleter
+//! thread deletes the compacted segments. Any I/O error stops the thread
+//! and is reported: the node must stop rather than run with unknown state.
 
 use crate::store::lock_unpoisoned;
 use crate::{meta, LogError, LogStore};

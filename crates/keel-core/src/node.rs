@@ -536,7 +536,6 @@ impl Node {
             .last()
             .map_or(&self.base_membership, |(_, m)| m)
     }
-    /// The next time `step(_, Event::Tick)` has something to do.
     /// Takes the entries the last log compaction dropped (after a snapshot
     /// is published or installed), so the host can free them on another
     /// thread: a snapshot interval's worth takes tens of milliseconds to
@@ -545,6 +544,7 @@ impl Node {
         std::mem::take(&mut self.compacted)
     }
 
+    /// The next time `step(_, Event::Tick)` has something to do.
     pub fn next_deadline(&self) -> Nanos {
         let mut d = self.election_deadline;
         if self.role == Role::Leader {

@@ -306,11 +306,14 @@ impl LogStore {
         } else if log_end < snap_pos {
             true // the snapshot is ahead of the synced log: it supersedes it
         } else if !boundary_ok {
-            return Err(LogError::corrupt(
-                &segments[segments.len() - 1].path,
-                0,
-                format!("the snapshot position {snap_pos} is not an entry boundary of the log"),
-            ));
+            // An entry of this log spans the snapshot position, so the log
+            // differs from the committed history (which has an entry
+            // ending there) at or before it: from there on it is a stale
+            // tail that can never be committed, superseded by the snapshot.
+            // A follower gets here when it crashed after publishing a
+            // snapshot of entries that replaced such a tail but before the
+            // storage thread had truncated the tail on disk.
+            true
         } else {
             // A log entry ending at the snapshot position must be the same
             // entry (same term); otherwise the snapshot replaced the log.

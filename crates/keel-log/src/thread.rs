@@ -284,12 +284,25 @@ impl Deleter {
         let handle = std::thread::Builder::new()
             .name("keel-deleter".into())
             .spawn(move || {
-                for path in rx.into_iter().flatten() {
-                    if let Err(e) = crate::store::delete_retired(&path) {
+                for paths in rx {
+                    // The renames must be durable before any file shrinks:
+                    // a crash must not leave a shortened file under its
+                    // segment name.
+                    let dir = paths.first().and_then(|p| p.parent());
+                    if let Some(Err(e)) = dir.map(meta::sync_dir) {
                         lock_unpoisoned(&p).push(format!(
-                            "deleting compacted segment {}: {e}",
-                            path.display()
+                            "syncing the directory before deleting compacted segments \
+                             (left for the next open to remove): {e}"
                         ));
+                        continue;
+                    }
+                    for path in paths {
+                        if let Err(e) = crate::store::delete_retired(&path) {
+                            lock_unpoisoned(&p).push(format!(
+                                "deleting compacted segment {}: {e}",
+                                path.display()
+                            ));
+                        }
                     }
                 }
             })

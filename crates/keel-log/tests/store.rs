@@ -613,3 +613,42 @@ fn a_retired_segment_left_by_a_crash_is_removed_on_open() {
     assert_eq!(o.entries, vec![e]);
     assert!(!leftover.exists());
 }
+
+/// A follower truncates a stale tail, appends the new leader's entries,
+/// applies them and publishes a snapshot of them; the snapshot is published
+/// off the storage thread, so a crash can leave the manifest ahead of a
+/// truncation that never reached the disk. If the snapshot position falls
+/// inside one of the stale entries, the snapshot supersedes the whole log.
+#[test]
+fn a_snapshot_inside_a_stale_tail_supersedes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), opts(1000)).expect("open").store;
+    let mut pos = 0;
+    let mut stale = Vec::new();
+    for _ in 0..6 {
+        let e = entry(1, pos, 100);
+        pos = e.end();
+        stale.push(e);
+    }
+    store.append(&stale).expect("append");
+    store.sync().expect("sync");
+    drop(store);
+    // The snapshot ends in the middle of the fourth stale entry.
+    let inside = stale[3].position + 7;
+    assert!(stale.iter().all(|e| e.end() != inside));
+    let snap = snapshot_at(inside, 2, b"the new leader's state");
+    meta::save_snapshot(dir.path(), &snap).expect("save");
+    let o = LogStore::open(dir.path(), opts(1000)).expect("reopen");
+    assert_eq!(o.snapshot, Some(snap));
+    assert!(o.entries.is_empty(), "the stale tail is dropped");
+    let mut store = o.store;
+    assert_eq!(store.last_pos(), inside);
+    let next = entry(2, inside, 50);
+    store
+        .append(std::slice::from_ref(&next))
+        .expect("append after");
+    store.sync().expect("sync");
+    drop(store);
+    let o = LogStore::open(dir.path(), opts(1000)).expect("reopen again");
+    assert_eq!(o.entries, vec![next]);
+}

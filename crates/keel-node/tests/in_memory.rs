@@ -69,17 +69,40 @@ fn node_config(
     }
 }
 
+/// Starts three nodes over `net`, each with its own service from `service`.
+fn start_three(
+    dir: &std::path::Path,
+    net: &MemNetwork,
+    clients: &[String],
+    snapshot_every_bytes: u64,
+    service: impl Fn() -> Box<dyn Service + Send>,
+) -> Vec<NodeHandle> {
+    (1..=3u64)
+        .map(|id| {
+            let cfg = node_config(id, dir, clients, snapshot_every_bytes);
+            start_with(cfg, service(), Transport::Memory(net.clone())).expect("start")
+        })
+        .collect()
+}
+
+/// Shuts every node down and waits for each to stop cleanly.
+fn stop_all(nodes: Vec<NodeHandle>) {
+    for n in &nodes {
+        n.shutdown();
+    }
+    for n in nodes {
+        n.wait().expect("clean stop");
+    }
+}
+
 #[test]
 fn three_nodes_in_one_process() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let net = MemNetwork::new();
     let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let mut nodes = Vec::new();
-    for id in 1..=3u64 {
-        let cfg = node_config(id, tmp.path(), &clients, 1 << 20);
-        let service = Box::new(KvService::default());
-        nodes.push(start_with(cfg, service, Transport::Memory(net.clone())).expect("start"));
-    }
+    let nodes = start_three(tmp.path(), &net, &clients, 1 << 20, || {
+        Box::new(KvService::default())
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -117,12 +140,7 @@ fn three_nodes_in_one_process() {
             other => panic!("{k}: {other:?}"),
         }
     }
-    for n in &nodes {
-        n.shutdown();
-    }
-    for n in nodes {
-        n.wait().expect("clean stop");
-    }
+    stop_all(nodes);
 }
 
 /// Snapshots serialized so far / started, by every `SlowSnapshots` in this
@@ -172,12 +190,9 @@ fn writes_keep_being_acknowledged_while_a_slow_snapshot_is_serialized() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let net = MemNetwork::new();
     let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let mut nodes = Vec::new();
-    for id in 1..=3u64 {
-        let cfg = node_config(id, tmp.path(), &clients, 4096);
-        let service = Box::new(SlowSnapshots(KvService::default()));
-        nodes.push(start_with(cfg, service, Transport::Memory(net.clone())).expect("start"));
-    }
+    let nodes = start_three(tmp.path(), &net, &clients, 4096, || {
+        Box::new(SlowSnapshots(KvService::default()))
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -237,12 +252,7 @@ fn writes_keep_being_acknowledged_while_a_slow_snapshot_is_serialized() {
         Response::decode(&r),
         Ok(Response::Get { kv: Some(_), .. })
     ));
-    for n in &nodes {
-        n.shutdown();
-    }
-    for n in nodes {
-        n.wait().expect("clean stop");
-    }
+    stop_all(nodes);
     // Every node's published snapshot restores a state with the early keys.
     for id in 1..=3u64 {
         let dir = tmp.path().join(format!("n{id}"));
@@ -268,12 +278,9 @@ fn a_stopped_node_sends_clients_elsewhere() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let net = MemNetwork::new();
     let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let mut nodes = Vec::new();
-    for id in 1..=3u64 {
-        let cfg = node_config(id, tmp.path(), &clients, 1 << 20);
-        let service = Box::new(KvService::default());
-        nodes.push(start_with(cfg, service, Transport::Memory(net.clone())).expect("start"));
-    }
+    let nodes = start_three(tmp.path(), &net, &clients, 1 << 20, || {
+        Box::new(KvService::default())
+    });
     let leader = wait_leader(&nodes, None);
     let stopped = nodes.iter().find(|n| n.id() != leader).expect("a follower");
     stopped.shutdown();
@@ -313,10 +320,5 @@ fn a_stopped_node_sends_clients_elsewhere() {
         .block_on(client.write(put.encode()))
         .expect("the write goes to a live node");
     assert!(matches!(Response::decode(&r), Ok(Response::Put { .. })));
-    for n in &nodes {
-        n.shutdown();
-    }
-    for n in nodes {
-        n.wait().expect("clean stop");
-    }
+    stop_all(nodes);
 }

@@ -285,6 +285,15 @@ fn stopped_node() -> ClientResult {
     }
 }
 
+/// The answer to a request the consensus queue did not take: "busy" if it
+/// is full, `stopped_node()` if the consensus thread is gone.
+fn refusal<T>(e: &TrySendError<T>) -> ClientResult {
+    match e {
+        TrySendError::Full(_) => ClientResult::Busy,
+        TrySendError::Disconnected(_) => stopped_node(),
+    }
+}
+
 /// A running node.
 pub struct NodeHandle {
     internal: Sender<Internal>,
@@ -346,10 +355,7 @@ impl NodeHandle {
         }
         if let Err(e) = self.external.try_send(External::Client(req, tx)) {
             self.client_queue.release(1);
-            return match e {
-                TrySendError::Full(_) => ClientResult::Busy,
-                TrySendError::Disconnected(_) => stopped_node(),
-            };
+            return refusal(&e);
         }
         match rx.recv().await {
             Some(r) => r.result,
@@ -658,22 +664,17 @@ pub fn start_with(
                 if k > 0 {
                     if let Err(e) = tx.try_send(External::Clients(batch, sink.clone())) {
                         queue.release(k);
-                        let e = match e {
-                            TrySendError::Full(e) => e,
-                            TrySendError::Disconnected(e) => {
-                                answer = stopped_node();
-                                e
-                            }
-                        };
-                        if let External::Clients(mut b, _) = e {
+                        answer = refusal(&e);
+                        if let External::Clients(mut b, _) = e.into_inner() {
                             b.append(&mut refused);
                             refused = b;
                         }
                     }
                 }
                 // A full queue: "busy"; a node that just stopped says so.
+                let busy = answer == ClientResult::Busy;
                 for req in refused {
-                    if answer == ClientResult::Busy {
+                    if busy {
                         m.busy.inc();
                     }
                     respond(sink, req.id, answer.clone());

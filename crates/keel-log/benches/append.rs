@@ -83,7 +83,11 @@ fn keel(size: usize, mode: Durability, secs: f64) -> (f64, f64, f64) {
             count += 1;
             batch.push(e);
         }
-        t.append(batch).expect("append");
+        // `replicated` mode writes on this thread and returns the end.
+        if let Some((end, _)) = t.append(batch).expect("append") {
+            durable.store(end, Ordering::Release);
+            reports.fetch_add(1, Ordering::Relaxed);
+        }
     }
     t.barrier().expect("barrier");
     let elapsed = start.elapsed().as_secs_f64();

@@ -1,7 +1,11 @@
 //! The storage thread: takes appends, truncations, compactions and snapshot
 //! installs in order from a queue, writes everything queued as one batch,
 //! syncs once per batch (group commit) and reports the durable position
-//! back. Snapshots the node took itself are published by the thread that
+//! back. In `replicated` mode appends and truncations are instead written
+//! by the caller's thread (`append` returns the durable end): a page-cache
+//! write costs microseconds, while a round trip through this thread costs
+//! two thread wake-ups on the commit path; the thread then only compacts,
+//! installs snapshots and hands the periodic sync to the syncer. Snapshots the node took itself are published by the thread that
 //! wrote them (`SnapshotHandle`), so their directory syncs never hold up
 //! appends; this thread then compacts the log behind them, and a deleter
 //! thread deletes the compacted segments. Any I/O error stops the thread
@@ -11,7 +15,7 @@ use crate::store::lock_unpoisoned;
 use crate::{meta, LogError, LogStore};
 use keel_core::{Entry, Position, Snapshot, Term};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -96,6 +100,12 @@ pub struct StorageThread {
     /// The store's directory and manifest lock, for `SnapshotHandle`s.
     dir: PathBuf,
     manifest_lock: Arc<Mutex<()>>,
+    /// The store, shared with the thread: in `replicated` mode the caller
+    /// writes appends and truncations itself.
+    store: Arc<Mutex<LogStore>>,
+    durability: Durability,
+    /// `replicated` mode: written since the last periodic sync was asked.
+    unsynced: Arc<AtomicBool>,
 }
 
 impl StorageThread {
@@ -106,11 +116,17 @@ impl StorageThread {
     ) -> Result<Self, LogError> {
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let q = queued.clone();
         let (dir, manifest_lock) = (store.dir().to_path_buf(), store.manifest_lock());
+        let store = Arc::new(Mutex::new(store));
+        let unsynced = Arc::new(AtomicBool::new(false));
+        let shared = Shared {
+            store: store.clone(),
+            queued: queued.clone(),
+            unsynced: unsynced.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("keel-storage".into())
-            .spawn(move || run(store, durability, rx, &q, report))
+            .spawn(move || run(&shared, durability, rx, report))
             .map_err(|e| {
                 LogError::io(std::path::Path::new("."), "spawning the storage thread", e)
             })?;
@@ -120,6 +136,9 @@ impl StorageThread {
             queued,
             dir,
             manifest_lock,
+            store,
+            durability,
+            unsynced,
         })
     }
 
@@ -141,11 +160,38 @@ impl StorageThread {
         self.queued.load(Ordering::Relaxed)
     }
 
-    pub fn append(&self, entries: Vec<Entry>) -> Result<(), LogError> {
-        self.send(Request::Append(entries))
+    /// Appends `entries`, which must continue the log. In `sync` mode they
+    /// are queued for the storage thread, which reports them `Durable` once
+    /// synced: returns `None`. In `replicated` mode they are written to the
+    /// OS here, on the calling thread, which makes them durable in that
+    /// mode: returns the log's new end (position, term of its last entry).
+    pub fn append(&self, entries: Vec<Entry>) -> Result<Option<(Position, Term)>, LogError> {
+        match self.durability {
+            Durability::Sync => self.send(Request::Append(entries)).map(|()| None),
+            Durability::Replicated => {
+                let mut store = self.inline_store()?;
+                store.append(&entries)?;
+                self.unsynced.store(true, Ordering::Release);
+                Ok(Some((store.last_pos(), store.last_term())))
+            }
+        }
     }
+    /// Removes every entry at or after `from`: queued in `sync` mode, done
+    /// here in `replicated` mode (in order with `append`, either way).
     pub fn truncate(&self, from: Position) -> Result<(), LogError> {
-        self.send(Request::Truncate(from))
+        match self.durability {
+            Durability::Sync => self.send(Request::Truncate(from)),
+            Durability::Replicated => self.inline_store()?.truncate(from),
+        }
+    }
+    /// The store, for a write on the calling thread; refused once the
+    /// storage thread stopped (after a failure the store's state is
+    /// unknown).
+    fn inline_store(&self) -> Result<std::sync::MutexGuard<'_, LogStore>, LogError> {
+        if self.handle.as_ref().is_none_or(|h| h.is_finished()) {
+            return Err(LogError::Stopped);
+        }
+        Ok(lock_unpoisoned(&self.store))
     }
     pub fn compact(&self, upto: Position) -> Result<(), LogError> {
         self.send(Request::Compact(upto))
@@ -247,17 +293,23 @@ impl Drop for StorageThread {
     }
 }
 
+/// What the storage thread shares with its `StorageThread`.
+struct Shared {
+    store: Arc<Mutex<LogStore>>,
+    queued: Arc<AtomicUsize>,
+    unsynced: Arc<AtomicBool>,
+}
+
 fn run(
-    mut store: LogStore,
+    shared: &Shared,
     durability: Durability,
     rx: mpsc::Receiver<Request>,
-    queued: &AtomicUsize,
     mut report: impl FnMut(StorageEvent),
 ) -> Result<(), LogError> {
-    store.defer_deletes();
+    lock_unpoisoned(&shared.store).defer_deletes();
     let deleter = Deleter::start()?;
-    let served = serve(&mut store, durability, &rx, queued, &deleter, &mut report)
-        .and_then(|_| store.sync());
+    let served = serve(shared, durability, &rx, &deleter, &mut report)
+        .and_then(|_| lock_unpoisoned(&shared.store).sync());
     deleter.finish(&mut report);
     match served {
         Ok(()) => Ok(()),
@@ -406,26 +458,42 @@ impl Drop for Syncer {
 }
 
 fn serve(
-    store: &mut LogStore,
+    shared: &Shared,
     durability: Durability,
     rx: &mpsc::Receiver<Request>,
-    queued: &AtomicUsize,
     deleter: &Deleter,
     report: &mut impl FnMut(StorageEvent),
 ) -> Result<(), LogError> {
+    let lock = || lock_unpoisoned(&shared.store);
     let mut last_sync = Instant::now();
+    // Written here and not yet synced (appends written by the caller's
+    // thread in `replicated` mode set `shared.unsynced` instead).
     let mut unsynced = false;
-    let mut reported = (store.last_pos(), store.last_term());
+    let mut reported = {
+        let store = lock();
+        (store.last_pos(), store.last_term())
+    };
     let syncer = match durability {
         Durability::Replicated => Some(Syncer::start()?),
         Durability::Sync => None,
     };
-    // In replicated mode: hand the periodic sync to the syncer thread.
-    let background_sync = |store: &LogStore| -> Result<bool, LogError> {
-        match &syncer {
-            Some(s) => s.request(store),
-            None => Ok(false),
+    // In replicated mode: hand the periodic sync of what was written since
+    // the last one to the syncer thread. Taking the flag before the sync is
+    // asked for means a write racing with it is synced next time.
+    let background_sync = |store: &LogStore, unsynced: &mut bool| -> Result<(), LogError> {
+        let Some(s) = &syncer else {
+            return Ok(());
+        };
+        let inline = shared.unsynced.swap(false, Ordering::AcqRel);
+        if !(*unsynced || inline) {
+            return Ok(());
         }
+        if s.request(store)? {
+            *unsynced = false;
+        } else if inline {
+            shared.unsynced.store(true, Ordering::Release);
+        }
+        Ok(())
     };
     loop {
         let first = match durability {
@@ -436,10 +504,8 @@ fn serve(
             Durability::Replicated => match rx.recv_timeout(REPLICATED_SYNC_INTERVAL) {
                 Ok(r) => r,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if unsynced && background_sync(store)? {
-                        unsynced = false;
-                        last_sync = Instant::now();
-                    }
+                    background_sync(&lock(), &mut unsynced)?;
+                    last_sync = Instant::now();
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
@@ -452,10 +518,11 @@ fn serve(
                 Err(_) => break,
             }
         }
-        queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        shared.queued.fetch_sub(batch.len(), Ordering::Relaxed);
         let mut barriers = Vec::new();
         let started = Instant::now();
         let mut times = BatchTimes::default();
+        let mut store = lock();
         for r in batch {
             let t = Instant::now();
             match r {
@@ -500,25 +567,24 @@ fn serve(
         // In `replicated` mode an entry counts once written to the OS: say
         // so before the periodic sync, which then never delays a commit.
         if durability == Durability::Replicated {
-            report_durable(store, &mut reported, report);
+            report_durable(&store, &mut reported, report);
         }
         // Sync mode and barriers sync here; replicated mode's periodic sync
         // goes to the syncer thread.
-        if unsynced && (durability == Durability::Sync || !barriers.is_empty()) {
+        if !barriers.is_empty() || (unsynced && durability == Durability::Sync) {
             let t = Instant::now();
             store.sync()?;
             times.sync += t.elapsed();
             unsynced = false;
+            shared.unsynced.store(false, Ordering::Release);
             last_sync = Instant::now();
-        } else if unsynced
-            && last_sync.elapsed() >= REPLICATED_SYNC_INTERVAL
-            && background_sync(store)?
-        {
-            unsynced = false;
+        } else if last_sync.elapsed() >= REPLICATED_SYNC_INTERVAL {
+            background_sync(&store, &mut unsynced)?;
             last_sync = Instant::now();
         }
-        report_durable(store, &mut reported, report);
-        deleter.take(store, report);
+        report_durable(&store, &mut reported, report);
+        deleter.take(&mut store, report);
+        drop(store);
         let took = started.elapsed();
         if took >= SLOW_BATCH {
             report(StorageEvent::Slow {

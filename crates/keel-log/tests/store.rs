@@ -254,11 +254,18 @@ fn storage_thread_reports_durable_positions_in_order() {
         for i in 0..200 {
             let e = entry(1 + i / 50, pos, 50);
             pos = e.end();
-            t.append(vec![e]).expect("append");
+            let written = t.append(vec![e]).expect("append");
+            // `replicated` mode writes on the caller's thread.
+            match durability {
+                Durability::Sync => assert_eq!(written, None),
+                Durability::Replicated => assert_eq!(written, Some((pos, 1 + i / 50))),
+            }
         }
         t.barrier().expect("barrier");
         let mut last = 0;
-        while let Ok(ev) = rx.recv_timeout(Duration::from_secs(5)) {
+        // (`replicated` mode returned each end from `append` instead.)
+        let sync = durability == Durability::Sync;
+        while let Some(Ok(ev)) = sync.then(|| rx.recv_timeout(Duration::from_secs(5))) {
             match ev {
                 StorageEvent::Durable { position, term } => {
                     assert!(position > last, "durable went from {last} to {position}");
@@ -274,11 +281,55 @@ fn storage_thread_reports_durable_positions_in_order() {
                 | StorageEvent::Warning(_) => {}
             }
         }
-        assert_eq!(last, pos, "{durability:?}: never reported the end");
+        if durability == Durability::Sync {
+            assert_eq!(last, pos, "never reported the end");
+        }
         t.shutdown().expect("shutdown");
         let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
         assert_eq!(o.store.last_pos(), pos);
     }
+}
+
+#[test]
+fn replicated_mode_appends_and_truncates_on_the_callers_thread_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Small segments: the appends roll over several of them.
+    let store = LogStore::open(dir.path(), opts(1000)).expect("open").store;
+    let (tx, rx) = mpsc::channel();
+    let t = StorageThread::spawn(store, Durability::Replicated, move |ev| {
+        let _ = tx.send(ev);
+    })
+    .expect("spawn");
+    let mut ends = vec![0];
+    for _ in 0..30 {
+        let e = entry(1, *ends.last().unwrap_or(&0), 100);
+        let end = t.append(vec![e.clone()]).expect("append");
+        assert_eq!(end, Some((e.end(), 1)));
+        ends.push(e.end());
+    }
+    // A new leader's entries replace the last ten.
+    let cut = ends[20];
+    t.truncate(cut).expect("truncate");
+    let mut pos = cut;
+    for _ in 0..5 {
+        let e = entry(2, pos, 40);
+        pos = e.end();
+        assert_eq!(t.append(vec![e]).expect("append"), Some((pos, 2)));
+    }
+    // Appends must continue the log, whichever thread writes them.
+    let err = t.append(vec![entry(2, pos + 1, 1)]).expect_err("gap");
+    assert!(err.to_string().contains("but the log ends at"), "{err}");
+    t.shutdown().expect("shutdown");
+    assert!(
+        !rx.try_iter()
+            .any(|ev| matches!(ev, StorageEvent::Failed(_))),
+        "storage failed"
+    );
+    let o = LogStore::open(dir.path(), opts(1000)).expect("reopen");
+    assert_eq!(o.store.last_pos(), pos);
+    assert_eq!(o.store.last_term(), 2);
+    let terms: Vec<Term> = o.entries.iter().map(|e| e.term).collect();
+    assert_eq!(terms, [vec![1; 20], vec![2; 5]].concat());
 }
 
 #[test]

@@ -798,6 +798,7 @@ pub fn start_with(
         status: status.clone(),
         metrics: metrics.clone(),
         out: Vec::new(),
+        written: None,
     };
     let _ = internal_tx.send(Internal::Applied {
         position: snapshot.meta.position,
@@ -887,6 +888,9 @@ struct Consensus {
     status: Arc<Mutex<NodeStatus>>,
     metrics: Arc<Metrics>,
     out: Vec<Action>,
+    /// The log's end after appends this thread wrote itself (`replicated`
+    /// mode), reported to the core as durable at the end of the step.
+    written: Option<(Position, keel_core::Term)>,
 }
 
 impl Consensus {
@@ -1191,7 +1195,13 @@ impl Consensus {
         }
         let result = out.drain(..).try_for_each(|a| self.execute(a));
         self.out = out;
-        result
+        result?;
+        // Entries written on this thread (`replicated` mode) are durable
+        // now: a follower acknowledges them in this same turn.
+        match self.written.take() {
+            Some((position, term)) => self.step(Event::Durable { position, term }),
+            None => Ok(()),
+        }
     }
 
     fn execute(&mut self, a: Action) -> Result<(), String> {
@@ -1204,7 +1214,12 @@ impl Consensus {
                 },
             )
             .map_err(|e| format!("persisting hard state: {e}"))?,
-            Action::Append(entries) => self.storage.append(entries).map_err(|e| e.to_string())?,
+            Action::Append(entries) => {
+                // `replicated` mode writes here and returns the durable end.
+                if let Some(end) = self.storage.append(entries).map_err(|e| e.to_string())? {
+                    self.written = Some(end);
+                }
+            }
             Action::Truncate { from } => self.storage.truncate(from).map_err(|e| e.to_string())?,
             Action::SaveSnapshot(s) => {
                 let upto = s.meta.position;

@@ -7,6 +7,7 @@ use keel_client::{Client, ClientOptions};
 use keel_core::{ClientId, Context, Service, ServiceHost, SnapshotTask};
 use keel_kv::{Command, KvService, Query, Response};
 use keel_net::mem::MemNetwork;
+use keel_node::config::DurabilityConfig;
 use keel_node::runtime::{start_with, Transport};
 use keel_node::{NodeConfig, NodeHandle, PeerConfig};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +40,7 @@ fn node_config(
     dir: &std::path::Path,
     clients: &[String],
     snapshot_every_bytes: u64,
+    durability: DurabilityConfig,
 ) -> NodeConfig {
     NodeConfig {
         id,
@@ -48,7 +50,7 @@ fn node_config(
         client_addr: clients[(id - 1) as usize].clone(),
         http_addr: None,
         etcd_addr: None,
-        durability: Default::default(),
+        durability,
         service: "kv".into(),
         heartbeat_ms: 20,
         election_timeout_min_ms: 200,
@@ -75,11 +77,12 @@ fn start_three(
     net: &MemNetwork,
     clients: &[String],
     snapshot_every_bytes: u64,
+    durability: DurabilityConfig,
     service: impl Fn() -> Box<dyn Service + Send>,
 ) -> Vec<NodeHandle> {
     (1..=3u64)
         .map(|id| {
-            let cfg = node_config(id, dir, clients, snapshot_every_bytes);
+            let cfg = node_config(id, dir, clients, snapshot_every_bytes, durability);
             start_with(cfg, service(), Transport::Memory(net.clone())).expect("start")
         })
         .collect()
@@ -97,10 +100,21 @@ fn stop_all(nodes: Vec<NodeHandle>) {
 
 #[test]
 fn three_nodes_in_one_process() {
+    leader_replaced_with_every_acknowledged_write_kept(DurabilityConfig::Sync);
+}
+
+/// The same in `replicated` mode, where the consensus thread writes the
+/// log itself (a deposed leader's tail is truncated there too).
+#[test]
+fn three_nodes_in_one_process_replicated() {
+    leader_replaced_with_every_acknowledged_write_kept(DurabilityConfig::Replicated);
+}
+
+fn leader_replaced_with_every_acknowledged_write_kept(durability: DurabilityConfig) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let net = MemNetwork::new();
     let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let nodes = start_three(tmp.path(), &net, &clients, 1 << 20, || {
+    let nodes = start_three(tmp.path(), &net, &clients, 1 << 20, durability, || {
         Box::new(KvService::default())
     });
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -190,9 +204,14 @@ fn writes_keep_being_acknowledged_while_a_slow_snapshot_is_serialized() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let net = MemNetwork::new();
     let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let nodes = start_three(tmp.path(), &net, &clients, 4096, || {
-        Box::new(SlowSnapshots(KvService::default()))
-    });
+    let nodes = start_three(
+        tmp.path(),
+        &net,
+        &clients,
+        4096,
+        DurabilityConfig::Sync,
+        || Box::new(SlowSnapshots(KvService::default())),
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -278,9 +297,14 @@ fn a_stopped_node_sends_clients_elsewhere() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let net = MemNetwork::new();
     let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let nodes = start_three(tmp.path(), &net, &clients, 1 << 20, || {
-        Box::new(KvService::default())
-    });
+    let nodes = start_three(
+        tmp.path(),
+        &net,
+        &clients,
+        1 << 20,
+        DurabilityConfig::Sync,
+        || Box::new(KvService::default()),
+    );
     let leader = wait_leader(&nodes, None);
     let stopped = nodes.iter().find(|n| n.id() != leader).expect("a follower");
     stopped.shutdown();

@@ -13,10 +13,16 @@ pub mod tcp;
 /// cannot be delivered is dropped; Raft retransmits).
 pub trait PeerSender: Send {
     fn send(&self, m: keel_core::Message);
+    /// Puts what `send` buffered on the wire (the consensus thread calls
+    /// it once per turn, so a turn's messages to a peer go in one write).
+    fn flush(&self) {}
 }
 
 impl PeerSender for tcp::Peers {
     fn send(&self, m: keel_core::Message) {
         tcp::Peers::send(self, m);
+    }
+    fn flush(&self) {
+        tcp::Peers::flush(self);
     }
 }

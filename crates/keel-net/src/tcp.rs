@@ -1,10 +1,13 @@
 //! TCP transport on tokio. Peers: one connection per peer pair — the node
 //! with the lower id dials, the other accepts — used in both directions,
 //! opened with a `Hello` that carries the cluster id (a connection from
-//! another cluster, or an unknown node, is refused). Writes are batched:
-//! everything queued for a peer goes out in one write, with TCP_NODELAY.
-//! Links reconnect with backoff; messages queued while a link is down are
-//! dropped (Raft retransmits). Clients: one reader and one writer per
+//! another cluster, or an unknown node, is refused). Writes are batched and
+//! made by the sender: `Peers::send` encodes into the link's buffer and
+//! `Peers::flush` (once per consensus turn) writes each buffer with one
+//! non-blocking `write` on the caller's thread; only what the socket does
+//! not take at once is left to the link's task (waking a task costs more
+//! than the write). TCP_NODELAY. Links reconnect with backoff; messages
+//! sent while a link is down are dropped (Raft retransmits). Clients: one reader and one writer per
 //! connection. A frame that does not decode closes its connection with a
 //! logged reason; the node keeps running.
 
@@ -49,24 +52,169 @@ pub struct NetStats {
 
 /// The outbound side of the peer links.
 pub struct Peers {
-    links: HashMap<NodeId, mpsc::Sender<Message>>,
+    links: HashMap<NodeId, Arc<Outbox>>,
     stats: Arc<NetStats>,
+    /// Messages buffered per link (not yet written) before new ones are
+    /// dropped.
+    limit: usize,
 }
 
 impl Peers {
-    /// Queues `m` for its destination; drops it if the link's queue is full
-    /// or the peer is unknown.
+    /// Encodes `m` into its link's buffer, written by the next `flush`.
+    /// Dropped if the link is down, its buffer is full, or the peer is
+    /// unknown.
     pub fn send(&self, m: Message) {
-        let ok = self
-            .links
-            .get(&m.to)
-            .is_some_and(|tx| tx.try_send(m).is_ok());
-        if !ok {
+        let Some(link) = self.links.get(&m.to) else {
             self.stats
                 .peer_messages_dropped
                 .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut out = lock(&link.state);
+        if out.writer.is_none() {
+            return; // down: dropped, as a lost message
+        }
+        if out.messages >= self.limit {
+            drop(out);
+            self.stats
+                .peer_messages_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        out.messages += 1;
+        codec::encode(&Frame::Peer(m), &mut out.buf);
+    }
+
+    /// Writes every link's buffered messages: at once, with a non-blocking
+    /// write on this thread, unless the link's task is already writing;
+    /// what the socket does not take goes to the task.
+    pub fn flush(&self) {
+        for link in self.links.values() {
+            link.flush();
         }
     }
+}
+
+/// A link's outgoing bytes, shared by the senders and the link's task.
+#[derive(Default)]
+struct Outbox {
+    state: std::sync::Mutex<OutState>,
+    /// Wakes the link's task to write what is buffered (or to stop).
+    wake: tokio::sync::Notify,
+    /// The `Peers` are gone: the link's task stops.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct OutState {
+    /// Encoded frames not yet written.
+    buf: Vec<u8>,
+    /// Messages in `buf` (for the limit).
+    messages: usize,
+    /// The connection while the link is up.
+    writer: Option<Arc<OwnedWriteHalf>>,
+    /// The task owns the writing (it was handed a partial write): senders
+    /// only append to `buf` until it has drained it.
+    task_writes: bool,
+}
+
+fn lock(m: &std::sync::Mutex<OutState>) -> std::sync::MutexGuard<'_, OutState> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        for link in self.links.values() {
+            link.closed.store(true, Ordering::Release);
+            link.wake.notify_one();
+        }
+    }
+}
+
+impl Outbox {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn flush(&self) {
+        let mut out = lock(&self.state);
+        if out.buf.is_empty() || out.task_writes {
+            return;
+        }
+        let Some(w) = out.writer.clone() else {
+            return;
+        };
+        loop {
+            match w.try_write(&out.buf) {
+                Ok(n) if n == out.buf.len() => {
+                    out.buf.clear();
+                    out.messages = 0;
+                    if out.buf.capacity() > SPARE_OUT {
+                        out.buf = Vec::new();
+                    }
+                    return;
+                }
+                Ok(n) if n > 0 => {
+                    out.buf.drain(..n);
+                }
+                // Socket full (or an error, which the task's write meets
+                // again and takes the link down on): the task writes it.
+                _ => {
+                    out.task_writes = true;
+                    drop(out);
+                    self.wake.notify_one();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The link is up on `w` (`Some`) or down (`None`): either way what
+    /// was buffered for the previous connection is dropped.
+    fn connect(&self, w: Option<Arc<OwnedWriteHalf>>) {
+        let mut out = lock(&self.state);
+        *out = OutState {
+            writer: w,
+            ..OutState::default()
+        };
+    }
+
+    /// The task's side: writes the buffer until it is empty, then hands
+    /// writing back to the senders.
+    async fn drain(&self, w: &OwnedWriteHalf, spare: &mut Vec<u8>) -> Result<(), String> {
+        loop {
+            {
+                let mut out = lock(&self.state);
+                if out.buf.is_empty() {
+                    out.task_writes = false;
+                    return Ok(());
+                }
+                spare.clear();
+                std::mem::swap(&mut out.buf, spare);
+                out.messages = 0;
+            }
+            write_shared(w, spare)
+                .await
+                .map_err(|e| format!("write failed: {e}"))?;
+        }
+    }
+}
+
+/// Buffer capacity a link keeps between writes.
+const SPARE_OUT: usize = 4 << 20;
+
+/// `write_all` through a shared write half.
+async fn write_shared(w: &OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        w.writable().await?;
+        match w.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Starts the peer listener and one link manager per peer.
@@ -83,9 +231,9 @@ pub async fn start_peers(
     let mut links = HashMap::new();
     let mut accept_to = HashMap::new();
     for (id, addr) in peers.iter().cloned() {
-        let (tx, rx) = mpsc::channel(cfg.peer_queue);
+        let outbox = Arc::new(Outbox::default());
         let (atx, arx) = mpsc::channel(2);
-        links.insert(id, tx);
+        links.insert(id, outbox.clone());
         let dial = cfg.node_id < id;
         if !dial {
             accept_to.insert(id, atx);
@@ -98,10 +246,15 @@ pub async fn start_peers(
             inbound: inbound.clone(),
             stats: stats.clone(),
         };
-        tokio::spawn(link.run(rx, arx).instrument(span.clone()));
+        tokio::spawn(link.run(outbox, arx).instrument(span.clone()));
     }
+    let limit = cfg.peer_queue;
     tokio::spawn(accept_peers(listener, cfg, accept_to, stats.clone()).instrument(span));
-    Ok(Peers { links, stats })
+    Ok(Peers {
+        links,
+        stats,
+        limit,
+    })
 }
 
 async fn accept_peers(
@@ -249,14 +402,14 @@ struct Link {
 }
 
 impl Link {
-    async fn run(
-        self,
-        mut outbox: mpsc::Receiver<Message>,
-        mut accepted: mpsc::Receiver<(TcpStream, Vec<u8>)>,
-    ) {
+    async fn run(self, outbox: Arc<Outbox>, mut accepted: mpsc::Receiver<(TcpStream, Vec<u8>)>) {
         let mut backoff = Duration::from_millis(20);
         let mut replacement: Option<(TcpStream, Vec<u8>)> = None;
+        let mut spare = Vec::new();
         loop {
+            if outbox.is_closed() {
+                return;
+            }
             let conn = if let Some(c) = replacement.take() {
                 Some(c)
             } else if self.dial {
@@ -268,9 +421,10 @@ impl Link {
                     }
                     Err(e) => {
                         debug!("link to node {} at {}: {e}", self.peer, self.addr);
-                        // Drop what queued up while the link is down.
-                        while outbox.try_recv().is_ok() {}
-                        tokio::time::sleep(backoff).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = outbox.wake.notified() => {} // closed?
+                        }
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
                     }
@@ -278,10 +432,7 @@ impl Link {
             } else {
                 tokio::select! {
                     c = accepted.recv() => c,
-                    m = outbox.recv() => {
-                        if m.is_none() { return; }
-                        continue; // not connected: drop
-                    }
+                    _ = outbox.wake.notified() => continue, // closed?
                 }
             };
             let Some((stream, leftover)) = conn else {
@@ -302,6 +453,8 @@ impl Link {
                     continue;
                 }
             }
+            let w = Arc::new(w);
+            outbox.connect(Some(w.clone()));
             let inbound = self.inbound.clone();
             let (cfg, peer, stats) = (self.cfg.clone(), self.peer, self.stats.clone());
             let mut reader = tokio::spawn(
@@ -340,9 +493,13 @@ impl Link {
                             Err(e) => format!("reader failed: {e}"),
                         };
                     }
-                    m = outbox.recv() => {
-                        let Some(m) = m else { return; };
-                        if let Err(e) = write_batch(&mut w, m, &mut outbox).await {
+                    _ = outbox.wake.notified() => {
+                        if outbox.is_closed() {
+                            reader.abort();
+                            outbox.connect(None);
+                            return;
+                        }
+                        if let Err(e) = outbox.drain(&w, &mut spare).await {
                             reader.abort();
                             break e;
                         }
@@ -355,31 +512,13 @@ impl Link {
                     }
                 }
             };
+            outbox.connect(None);
             warn!("link to node {} down: {reason}", self.peer);
             if self.dial {
                 tokio::time::sleep(backoff).await;
             }
         }
     }
-}
-
-/// Writes `first` and everything else already queued as one batch.
-async fn write_batch(
-    w: &mut OwnedWriteHalf,
-    first: Message,
-    outbox: &mut mpsc::Receiver<Message>,
-) -> Result<(), String> {
-    let mut buf = Vec::with_capacity(4096);
-    codec::encode(&Frame::Peer(first), &mut buf);
-    while buf.len() < (1 << 20) {
-        match outbox.try_recv() {
-            Ok(m) => codec::encode(&Frame::Peer(m), &mut buf),
-            Err(_) => break,
-        }
-    }
-    w.write_all(&buf)
-        .await
-        .map_err(|e| format!("write failed: {e}"))
 }
 
 /// Serves client connections on `listen`.

@@ -955,6 +955,8 @@ impl Consensus {
             if (self.now)() >= self.node.next_deadline() {
                 self.step(Event::Tick)?;
             }
+            // This turn's peer messages, one write per peer.
+            self.peers.flush();
             self.metrics.queue_depth.set(self.client_queue.len() as i64);
             self.metrics
                 .service_queue_depth

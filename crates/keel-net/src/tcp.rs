@@ -35,8 +35,6 @@ pub struct TransportConfig {
 
 /// Called for every message received from a peer.
 pub type Inbound = Arc<dyn Fn(Message) + Send + Sync>;
-/// Where responses to one client connection go.
-pub type ResponseSink = mpsc::UnboundedSender<ClientResponse>;
 /// Called with the client requests decoded from one read of a connection
 /// (one or more, in order; a pipelining client's burst arrives together
 /// and is handed on in one piece), with the connection's response sink.
@@ -62,27 +60,18 @@ pub struct Peers {
 impl Peers {
     /// Encodes `m` into its link's buffer, written by the next `flush`.
     /// Dropped if the link is down, its buffer is full, or the peer is
-    /// unknown.
+    /// unknown (only the last two count as dropped: a down link loses
+    /// messages as a network would).
     pub fn send(&self, m: Message) {
-        let Some(link) = self.links.get(&m.to) else {
-            self.stats
-                .peer_messages_dropped
-                .fetch_add(1, Ordering::Relaxed);
-            return;
+        let pushed = match self.links.get(&m.to) {
+            Some(link) => link.push(&Frame::Peer(m), self.limit),
+            None => Err(Refused::Full),
         };
-        let mut out = lock(&link.state);
-        if out.writer.is_none() {
-            return; // down: dropped, as a lost message
-        }
-        if out.messages >= self.limit {
-            drop(out);
+        if pushed == Err(Refused::Full) {
             self.stats
                 .peer_messages_dropped
                 .fetch_add(1, Ordering::Relaxed);
-            return;
         }
-        out.messages += 1;
-        codec::encode(&Frame::Peer(m), &mut out.buf);
     }
 
     /// Writes every link's buffered messages: at once, with a non-blocking
@@ -95,13 +84,116 @@ impl Peers {
     }
 }
 
-/// A link's outgoing bytes, shared by the senders and the link's task.
+impl Drop for Peers {
+    fn drop(&mut self) {
+        for link in self.links.values() {
+            link.close();
+        }
+    }
+}
+
+/// Where the responses to a client's requests go: its connection, or an
+/// in-process channel (`channel`). Clones go with each request; a
+/// connection's writer stops once every clone is dropped and everything
+/// sent is written.
+#[derive(Clone)]
+pub struct ResponseSink(Arc<Sink>);
+
+enum Sink {
+    Conn(Arc<Outbox>),
+    Channel(mpsc::UnboundedSender<ClientResponse>),
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if let Sink::Conn(out) = self {
+            out.close();
+        }
+    }
+}
+
+impl ResponseSink {
+    /// A sink whose responses arrive on the returned receiver.
+    pub fn channel() -> (ResponseSink, mpsc::UnboundedReceiver<ClientResponse>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (ResponseSink(Arc::new(Sink::Channel(tx))), rx)
+    }
+
+    /// Sends `r`; false if the client is gone. To a connection: encoded
+    /// into its buffer and written at once, or, on a thread that called
+    /// `defer_flushes`, at its next `flush_deferred` (so that the
+    /// responses a thread produces in one step go out in one write).
+    pub fn send(&self, r: ClientResponse) -> bool {
+        match &*self.0 {
+            Sink::Channel(tx) => tx.send(r).is_ok(),
+            Sink::Conn(out) => {
+                if out.push(&Frame::Response(r), usize::MAX).is_err() {
+                    return false;
+                }
+                let deferred = DEFERRED.with(|d| match &mut *d.borrow_mut() {
+                    Some(list) => {
+                        if !list.iter().any(|o| Arc::ptr_eq(o, out)) {
+                            list.push(out.clone());
+                        }
+                        true
+                    }
+                    None => false,
+                });
+                if !deferred {
+                    out.flush();
+                }
+                true
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Connections with responses this thread buffered and has not flushed
+    /// (`None`: this thread writes each response at once).
+    static DEFERRED: std::cell::RefCell<Option<Vec<Arc<Outbox>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// From now on, responses this thread sends to client connections are
+/// buffered until it calls `flush_deferred`, which it must do after each
+/// unit of work (a consensus turn, a service step).
+pub fn defer_flushes() {
+    DEFERRED.with(|d| {
+        d.borrow_mut().get_or_insert_with(Vec::new);
+    });
+}
+
+/// Writes the responses this thread buffered (see `defer_flushes`).
+pub fn flush_deferred() {
+    let list = DEFERRED.with(|d| d.borrow_mut().as_mut().map(std::mem::take));
+    for out in list.iter().flatten() {
+        out.flush();
+    }
+    // Give the (emptied) list back, keeping its capacity.
+    if let Some(mut list) = list {
+        list.clear();
+        DEFERRED.with(|d| {
+            if let Some(slot) = &mut *d.borrow_mut() {
+                if slot.is_empty() {
+                    *slot = list;
+                }
+            }
+        });
+    }
+}
+
+/// A connection's outgoing bytes, shared by the threads that send on it
+/// and the connection's writer task. Whoever writes holds `state`'s lock
+/// while writing (a sender's one non-blocking write) or owns writing
+/// (`task_writes`), so writes never interleave.
 #[derive(Default)]
 struct Outbox {
     state: std::sync::Mutex<OutState>,
-    /// Wakes the link's task to write what is buffered (or to stop).
+    /// Wakes the writer task to write what is buffered (or to stop).
     wake: tokio::sync::Notify,
-    /// The `Peers` are gone: the link's task stops.
+    /// No more frames will come (the peers or every response sink are
+    /// gone): the writer task stops once the buffer is written.
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -109,26 +201,24 @@ struct Outbox {
 struct OutState {
     /// Encoded frames not yet written.
     buf: Vec<u8>,
-    /// Messages in `buf` (for the limit).
-    messages: usize,
-    /// The connection while the link is up.
+    /// Frames in `buf` (for a limit).
+    frames: usize,
+    /// The connection while it is up.
     writer: Option<Arc<OwnedWriteHalf>>,
-    /// The task owns the writing (it was handed a partial write): senders
+    /// The task owns writing (it was handed a partial write): senders
     /// only append to `buf` until it has drained it.
     task_writes: bool,
 }
 
-fn lock(m: &std::sync::Mutex<OutState>) -> std::sync::MutexGuard<'_, OutState> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Why a frame was not buffered.
+#[derive(Debug, PartialEq, Eq)]
+enum Refused {
+    Down,
+    Full,
 }
 
-impl Drop for Peers {
-    fn drop(&mut self) {
-        for link in self.links.values() {
-            link.closed.store(true, Ordering::Release);
-            link.wake.notify_one();
-        }
-    }
+fn lock(m: &std::sync::Mutex<OutState>) -> std::sync::MutexGuard<'_, OutState> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Outbox {
@@ -136,6 +226,29 @@ impl Outbox {
         self.closed.load(Ordering::Acquire)
     }
 
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Encodes `f` into the buffer, unless the connection is down or
+    /// `limit` frames are buffered already.
+    fn push(&self, f: &Frame, limit: usize) -> Result<(), Refused> {
+        let mut out = lock(&self.state);
+        if out.writer.is_none() {
+            return Err(Refused::Down);
+        }
+        if out.frames >= limit {
+            return Err(Refused::Full);
+        }
+        out.frames += 1;
+        codec::encode(f, &mut out.buf);
+        Ok(())
+    }
+
+    /// Writes the buffer with non-blocking writes on this thread, unless
+    /// the task owns writing; what the socket does not take goes to the
+    /// task.
     fn flush(&self) {
         let mut out = lock(&self.state);
         if out.buf.is_empty() || out.task_writes {
@@ -148,7 +261,7 @@ impl Outbox {
             match w.try_write(&out.buf) {
                 Ok(n) if n == out.buf.len() => {
                     out.buf.clear();
-                    out.messages = 0;
+                    out.frames = 0;
                     if out.buf.capacity() > SPARE_OUT {
                         out.buf = Vec::new();
                     }
@@ -158,7 +271,7 @@ impl Outbox {
                     out.buf.drain(..n);
                 }
                 // Socket full (or an error, which the task's write meets
-                // again and takes the link down on): the task writes it.
+                // again and stops on): the task writes it.
                 _ => {
                     out.task_writes = true;
                     drop(out);
@@ -169,8 +282,8 @@ impl Outbox {
         }
     }
 
-    /// The link is up on `w` (`Some`) or down (`None`): either way what
-    /// was buffered for the previous connection is dropped.
+    /// The connection is up on `w` (`Some`) or down (`None`): either way
+    /// what was buffered for the previous one is dropped.
     fn connect(&self, w: Option<Arc<OwnedWriteHalf>>) {
         let mut out = lock(&self.state);
         *out = OutState {
@@ -179,8 +292,8 @@ impl Outbox {
         };
     }
 
-    /// The task's side: writes the buffer until it is empty, then hands
-    /// writing back to the senders.
+    /// The task's side: takes over writing and writes the buffer until it
+    /// is empty, then hands writing back to the senders.
     async fn drain(&self, w: &OwnedWriteHalf, spare: &mut Vec<u8>) -> Result<(), String> {
         loop {
             {
@@ -189,9 +302,12 @@ impl Outbox {
                     out.task_writes = false;
                     return Ok(());
                 }
+                // Under the lock no sender is mid-write; from here on none
+                // starts one until the buffer is drained.
+                out.task_writes = true;
                 spare.clear();
                 std::mem::swap(&mut out.buf, spare);
-                out.messages = 0;
+                out.frames = 0;
             }
             write_shared(w, spare)
                 .await
@@ -563,21 +679,33 @@ async fn serve_client(
     handler: RequestHandler,
     stats: Arc<NetStats>,
 ) {
-    let (r, mut w) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<ClientResponse>();
+    let (r, w) = stream.into_split();
+    let w = Arc::new(w);
+    let out = Arc::new(Outbox::default());
+    out.connect(Some(w.clone()));
+    let tx = ResponseSink(Arc::new(Sink::Conn(out.clone())));
+    // Writes what the responding threads' own writes left over, until
+    // every sink is gone and everything sent is written.
     let writer = tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(4096);
-        while let Some(first) = rx.recv().await {
-            buf.clear();
-            codec::encode(&Frame::Response(first), &mut buf);
-            while buf.len() < (1 << 20) {
-                match rx.try_recv() {
-                    Ok(resp) => codec::encode(&Frame::Response(resp), &mut buf),
-                    Err(_) => break,
+        let mut spare = Vec::new();
+        loop {
+            out.wake.notified().await;
+            loop {
+                if out.drain(&w, &mut spare).await.is_err() {
+                    out.connect(None); // the client is gone: drop what follows
+                    return;
                 }
-            }
-            if w.write_all(&buf).await.is_err() {
-                return;
+                if !out.is_closed() {
+                    break;
+                }
+                // No sink is left, so nothing new can come: stop once what
+                // was sent before is written (by this drain or a sender's
+                // own write; a deferred one may still be pending).
+                let mut st = lock(&out.state);
+                if st.buf.is_empty() {
+                    st.writer = None;
+                    return;
+                }
             }
         }
     });

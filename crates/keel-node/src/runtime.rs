@@ -330,7 +330,7 @@ impl NodeHandle {
     /// applied once per time it reaches the log, as etcd's API behaves.
     pub async fn call(&self, op: ClientOp) -> ClientResult {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut rx) = ResponseSink::channel();
         let op = match op {
             ClientOp::StaleRead(data) => {
                 self.stale_reads.submit(n, data, tx);
@@ -811,6 +811,7 @@ pub fn start_with(
             .spawn(move || {
                 let _s = span.entered();
                 let result = consensus.run(internal_rx, external_rx);
+                tcp::flush_deferred();
                 let _ = consensus.service.send(ServiceInput::Stop);
                 drop(consensus);
                 if let Ok(st) = Arc::try_unwrap(storage_for_stop) {
@@ -900,6 +901,8 @@ impl Consensus {
         external: Receiver<External>,
     ) -> Result<(), String> {
         let mut proposals = Vec::new();
+        // Client responses (refusals) are written at the end of each turn.
+        tcp::defer_flushes();
         loop {
             let now = (self.now)();
             let deadline = self.node.next_deadline();
@@ -955,8 +958,10 @@ impl Consensus {
             if (self.now)() >= self.node.next_deadline() {
                 self.step(Event::Tick)?;
             }
-            // This turn's peer messages, one write per peer.
+            // This turn's peer messages, one write per peer, and its
+            // client responses, one write per connection.
             self.peers.flush();
+            tcp::flush_deferred();
             self.metrics.queue_depth.set(self.client_queue.len() as i64);
             self.metrics
                 .service_queue_depth
@@ -1431,7 +1436,11 @@ fn service_loop(
     let mut writes: HashMap<(u64, u64), AwaitingWrite> = HashMap::new();
     let mut reads: BTreeMap<Position, VecDeque<(Bytes, u64, ResponseSink)>> = BTreeMap::new();
     let mut out = ApplyOutput::default();
-    for input in rx {
+    // Responses go out in one write per connection per step, or per few
+    // steps while more input is queued.
+    tcp::defer_flushes();
+    let mut unflushed = 0;
+    for input in rx.iter() {
         let started = Instant::now();
         // What the step is, for the slow-step warning (no allocation here).
         let what: Result<usize, &str> = match &input {
@@ -1551,7 +1560,15 @@ fn service_loop(
                     }
                 }
             }
-            ServiceInput::Stop => return,
+            ServiceInput::Stop => {
+                tcp::flush_deferred();
+                return;
+            }
+        }
+        unflushed += 1;
+        if unflushed >= 16 || rx.is_empty() {
+            tcp::flush_deferred();
+            unflushed = 0;
         }
         let took = started.elapsed();
         if took >= SLOW_TURN {

@@ -52,11 +52,11 @@ impl Log {
 
     /// Index of the entry that ends exactly at `pos`.
     fn index_ending_at(&self, pos: Position) -> Option<usize> {
-        self.entries.binary_search_by_key(&pos, Entry::end).ok()
+        search_newest_first(&self.entries, pos, Entry::end).ok()
     }
     /// Index of the entry that starts exactly at `pos`.
     fn index_starting_at(&self, pos: Position) -> Option<usize> {
-        self.entries.binary_search_by_key(&pos, |e| e.position).ok()
+        search_newest_first(&self.entries, pos, |e| e.position).ok()
     }
 
     /// Term of the entry ending exactly at `pos` (an entry boundary), or None
@@ -94,7 +94,7 @@ impl Log {
     /// should resume after a rejection hint, and what a follower reports as
     /// its hint. Falls back to the snapshot position.
     pub fn last_boundary_at_or_before(&self, pos: Position, term: Term) -> (Position, Term) {
-        let upto = match self.entries.binary_search_by_key(&pos, Entry::end) {
+        let upto = match search_newest_first(&self.entries, pos, Entry::end) {
             Ok(i) => i + 1,
             Err(i) => i,
         };
@@ -181,4 +181,39 @@ impl Log {
         self.base_timestamp = timestamp;
         dropped
     }
+}
+
+/// `binary_search_by_key` over entries whose `key` strictly increases, but
+/// galloping back from the newest entry first: the positions the core looks
+/// up are nearly always among the last few entries (commit, durable and
+/// match positions, the next entries to send), where this takes a handful
+/// of probes, while a plain binary search over a window of hundreds of
+/// thousands of entries costs ~18 cache misses each time.
+pub fn search_newest_first(
+    entries: &VecDeque<Entry>,
+    pos: Position,
+    key: impl Fn(&Entry) -> Position,
+) -> Result<usize, usize> {
+    // Invariant: every entry at or after `hi` has a key above `pos`.
+    let mut hi = entries.len();
+    let mut step = 1;
+    let mut lo = 0;
+    while step <= hi {
+        let i = hi - step;
+        if key(&entries[i]) <= pos {
+            lo = i;
+            break;
+        }
+        hi = i;
+        step *= 2;
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match key(&entries[mid]).cmp(&pos) {
+            std::cmp::Ordering::Equal => return Ok(mid),
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+        }
+    }
+    Err(lo)
 }

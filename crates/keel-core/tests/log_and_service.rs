@@ -366,3 +366,35 @@ fn sessionless_commands_apply_every_time() {
     assert_eq!(host.session_count(), 0);
     assert!(out.replies.iter().all(|r| matches!(r.2, Reply::Applied(_))));
 }
+
+proptest! {
+    /// The log's newest-first search answers exactly as a binary search,
+    /// for boundaries, positions inside entries, and positions outside the
+    /// log, by start and by end.
+    #[test]
+    fn newest_first_search_agrees_with_binary_search(
+        base in 0u64..1_000,
+        sizes in proptest::collection::vec(0usize..40, 0..300),
+        probes in proptest::collection::vec(0u64..20_000, 1..60),
+    ) {
+        let mut entries = std::collections::VecDeque::new();
+        let mut pos = base;
+        for len in sizes {
+            let e = entry(1, pos, len);
+            pos = e.end();
+            entries.push_back(e);
+        }
+        let ends: Vec<Position> = entries.iter().map(Entry::end).collect();
+        let probes = probes.into_iter().chain(ends.iter().copied()).chain([base, pos]);
+        for p in probes {
+            prop_assert_eq!(
+                keel_core::log::search_newest_first(&entries, p, Entry::end),
+                entries.binary_search_by_key(&p, Entry::end)
+            );
+            prop_assert_eq!(
+                keel_core::log::search_newest_first(&entries, p, |e| e.position),
+                entries.binary_search_by_key(&p, |e| e.position)
+            );
+        }
+    }
+}

@@ -18,8 +18,7 @@ fn free_addr() -> String {
 }
 
 #[test]
-fn deferred_responses_larger_than_the_socket_buffer_arrive_in_order_then_the_connection_closes()
-{
+fn deferred_responses_larger_than_the_socket_buffer_arrive_in_order_then_the_connection_closes() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

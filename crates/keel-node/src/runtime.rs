@@ -812,6 +812,16 @@ pub fn start_with(
                 let _s = span.entered();
                 let result = consensus.run(internal_rx, external_rx);
                 tcp::flush_deferred();
+                if let Err(e) = result {
+                    error!("node stopped: {e}");
+                    if let Ok(mut f) = fatal.lock() {
+                        *f = Some(e);
+                    }
+                }
+                // From here on clients are told to go elsewhere at once,
+                // not "busy" from a client queue nobody drains any more
+                // (storage may take a while to write out what is queued).
+                stopped.store(true, Ordering::Release);
                 let _ = consensus.service.send(ServiceInput::Stop);
                 drop(consensus);
                 if let Ok(st) = Arc::try_unwrap(storage_for_stop) {
@@ -819,13 +829,6 @@ pub fn start_with(
                         error!("storage shutdown: {e}");
                     }
                 }
-                if let Err(e) = result {
-                    error!("node stopped: {e}");
-                    if let Ok(mut f) = fatal.lock() {
-                        *f = Some(e);
-                    }
-                }
-                stopped.store(true, Ordering::Release);
             })
             .map_err(|e| NodeError::Start(e.to_string()))?
     };

@@ -1153,6 +1153,11 @@ impl Consensus {
         );
         self.step(ev)?;
         if let Some(p) = self.pending.remove(&id) {
+            // The caller reads the new membership (or leader) from the
+            // status next: publish it before answering, not at the end of
+            // the turn (etcdctl's `member add` crashed on a reply without
+            // the member it had just added).
+            self.maybe_publish_status();
             respond(&p.sink, p.client_id, ClientResult::Ok(Bytes::new()));
         }
         Ok(())

@@ -1,15 +1,19 @@
 //! TCP transport on tokio. Peers: one connection per peer pair — the node
 //! with the lower id dials, the other accepts — used in both directions,
 //! opened with a `Hello` that carries the cluster id (a connection from
-//! another cluster, or an unknown node, is refused). Writes are batched and
-//! made by the sender: `Peers::send` encodes into the link's buffer and
-//! `Peers::flush` (once per consensus turn) writes each buffer with one
-//! non-blocking `write` on the caller's thread; only what the socket does
-//! not take at once is left to the link's task (waking a task costs more
-//! than the write). TCP_NODELAY. Links reconnect with backoff; messages
-//! sent while a link is down are dropped (Raft retransmits). Clients: one reader and one writer per
-//! connection. A frame that does not decode closes its connection with a
-//! logged reason; the node keeps running.
+//! another cluster, or an unknown node, is refused), TCP_NODELAY. Links
+//! reconnect with backoff; messages sent while a link is down are dropped
+//! (Raft retransmits). Clients: a reader task per connection hands each
+//! read's requests on in one piece.
+//!
+//! Writes are made by the thread with something to send, batched: a peer
+//! message or client response is encoded into the connection's buffer
+//! (`Outbox`), and the buffer is written with one non-blocking `write` on
+//! that thread (`Peers::flush` once per consensus turn; a response sink at
+//! once, or at `flush_deferred` on a thread that defers). Only what the
+//! socket does not take at once is left to the connection's task: waking a
+//! task costs more than the write. A frame that does not decode closes its
+//! connection with a logged reason; the node keeps running.
 
 use crate::codec::{self, ClientRequest, ClientResponse, Frame};
 use keel_core::{Message, NodeId};

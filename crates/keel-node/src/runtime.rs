@@ -23,7 +23,7 @@
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use bytes::Bytes;
-use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{unbounded, Receiver, Sender};
 use keel_core::{
     Action, ApplyOutput, Config as CoreConfig, Entry, Event, Message, Nanos, Node, NodeId,
     Position, Proposal, Recovered, RejectReason, Reply, Role, Service, ServiceHost, Snapshot,
@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::error::TrySendError;
 use tracing::{error, info, warn};
 
 /// Why a node could not start or had to stop.
@@ -290,14 +291,21 @@ fn stopped_node() -> ClientResult {
 fn refusal<T>(e: &TrySendError<T>) -> ClientResult {
     match e {
         TrySendError::Full(_) => ClientResult::Busy,
-        TrySendError::Disconnected(_) => stopped_node(),
+        TrySendError::Closed(_) => stopped_node(),
     }
 }
 
+/// Events for the consensus thread from the node's other threads (storage,
+/// service, snapshots, the handle). Tokio channels: the consensus thread
+/// runs its own single-threaded runtime (see `start_with`).
+type InternalTx = tokio::sync::mpsc::UnboundedSender<Internal>;
+/// Peer messages and client requests for the consensus thread (bounded).
+type ExternalTx = tokio::sync::mpsc::Sender<External>;
+
 /// A running node.
 pub struct NodeHandle {
-    internal: Sender<Internal>,
-    external: Sender<External>,
+    internal: InternalTx,
+    external: ExternalTx,
     cluster_id: u64,
     id: NodeId,
     notifications: tokio::sync::broadcast::Sender<Arc<Notification>>,
@@ -523,8 +531,8 @@ pub fn start_with(
             .map_or(snapshot.meta.position, Entry::end)
     );
 
-    let (internal_tx, internal_rx) = unbounded::<Internal>();
-    let (external_tx, external_rx) = bounded::<External>(cfg.queue_depth);
+    let (internal_tx, internal_rx) = tokio::sync::mpsc::unbounded_channel::<Internal>();
+    let (external_tx, external_rx) = tokio::sync::mpsc::channel::<External>(cfg.queue_depth);
     let client_queue = Arc::new(ClientQueue {
         queued: AtomicUsize::new(0),
         depth: cfg.queue_depth,
@@ -564,7 +572,16 @@ pub fn start_with(
     };
     let storage = Arc::new(storage);
 
-    // Network.
+    // The consensus thread's own single-threaded runtime, which also runs
+    // the peer links: a peer message is read, decoded and handed to the
+    // consensus loop on one thread, with no thread wake-up in between (two
+    // of them sat on every commit's path: the follower's and the
+    // leader's).
+    let consensus_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::Start(format!("tokio runtime: {e}")))?;
+    // Network: client connections, the etcd API, HTTP.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("keel-net")
@@ -599,17 +616,18 @@ pub fn start_with(
         });
         let peers: Box<dyn PeerSender> = match transport {
             Transport::Tcp => Box::new(
-                rt.block_on(tcp::start_peers(
-                    tcfg.clone(),
-                    &cfg.peer_addr,
-                    &peers_list,
-                    inbound,
-                    net_stats.clone(),
-                ))
-                .map_err(|source| NodeError::Listen {
-                    addr: cfg.peer_addr.clone(),
-                    source,
-                })?,
+                consensus_rt
+                    .block_on(tcp::start_peers(
+                        tcfg.clone(),
+                        &cfg.peer_addr,
+                        &peers_list,
+                        inbound,
+                        net_stats.clone(),
+                    ))
+                    .map_err(|source| NodeError::Listen {
+                        addr: cfg.peer_addr.clone(),
+                        source,
+                    })?,
             ),
             Transport::Memory(net) => Box::new(net.join(cfg.id, inbound)),
         };
@@ -810,7 +828,7 @@ pub fn start_with(
             .name("keel-consensus".into())
             .spawn(move || {
                 let _s = span.entered();
-                let result = consensus.run(internal_rx, external_rx);
+                let result = consensus_rt.block_on(consensus.run(internal_rx, external_rx));
                 tcp::flush_deferred();
                 if let Err(e) = result {
                     error!("node stopped: {e}");
@@ -898,10 +916,13 @@ struct Consensus {
 }
 
 impl Consensus {
-    fn run(
+    /// The consensus loop. Runs on the consensus thread's own runtime,
+    /// whose other tasks (the peer links) run only while it waits here for
+    /// the next event.
+    async fn run(
         &mut self,
-        internal: Receiver<Internal>,
-        external: Receiver<External>,
+        mut internal: tokio::sync::mpsc::UnboundedReceiver<Internal>,
+        mut external: tokio::sync::mpsc::Receiver<External>,
     ) -> Result<(), String> {
         let mut proposals = Vec::new();
         // Client responses (refusals) are written at the end of each turn.
@@ -911,13 +932,16 @@ impl Consensus {
             let deadline = self.node.next_deadline();
             let wait =
                 Duration::from_nanos(deadline.saturating_sub(now).clamp(100_000, 100_000_000));
-            let first = select! {
-                recv(internal) -> ev => match ev {
-                    Ok(ev) => Some(Ok(ev)),
-                    Err(_) => return Ok(()),
+            let first = tokio::select! {
+                biased;
+                ev = internal.recv() => match ev {
+                    Some(ev) => Some(Ok(ev)),
+                    None => return Ok(()),
                 },
-                recv(external) -> ev => ev.ok().map(Err),
-                default(wait) => None,
+                // (Never closed while `internal` is open: the handle holds
+                // a sender of each.)
+                Some(ev) = external.recv() => Some(Err(ev)),
+                _ = tokio::time::sleep(wait) => None,
             };
             let turn = Instant::now();
             let mut stats = TurnStats::default();
@@ -1436,7 +1460,7 @@ fn service_loop(
     mut host: ServiceHost<Box<dyn Service + Send>>,
     rx: Receiver<ServiceInput>,
     applied_shared: Arc<AtomicU64>,
-    tx: Sender<Internal>,
+    tx: InternalTx,
     mut snapshots: SnapshotSink,
     metrics: Arc<Metrics>,
     notify: tokio::sync::broadcast::Sender<Arc<Notification>>,

@@ -573,15 +573,16 @@ pub fn start_with(
     let storage = Arc::new(storage);
 
     // The consensus thread's own single-threaded runtime, which also runs
-    // the peer links: a peer message is read, decoded and handed to the
-    // consensus loop on one thread, with no thread wake-up in between (two
-    // of them sat on every commit's path: the follower's and the
-    // leader's).
+    // the peer links and the native-protocol client connections: a peer
+    // message or a client's burst is read, decoded and handed to the
+    // consensus loop on one thread, with no thread wake-up in between
+    // (three of them sat on every write's path: the client's request, the
+    // follower's append and the leader's acknowledgement).
     let consensus_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| NodeError::Start(format!("tokio runtime: {e}")))?;
-    // Network: client connections, the etcd API, HTTP.
+    // Network: the etcd API, HTTP.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("keel-net")
@@ -698,17 +699,18 @@ pub fn start_with(
                     respond(sink, req.id, answer.clone());
                 }
             });
-        rt.block_on(tcp::start_clients(
-            &cfg.client_addr,
-            cfg.id,
-            tcfg.max_frame,
-            handler,
-            net_stats.clone(),
-        ))
-        .map_err(|source| NodeError::Listen {
-            addr: cfg.client_addr.clone(),
-            source,
-        })?;
+        consensus_rt
+            .block_on(tcp::start_clients(
+                &cfg.client_addr,
+                cfg.id,
+                tcfg.max_frame,
+                handler,
+                net_stats.clone(),
+            ))
+            .map_err(|source| NodeError::Listen {
+                addr: cfg.client_addr.clone(),
+                source,
+            })?;
     }
     if let Some(addr) = &cfg.http_addr {
         rt.block_on(crate::http::serve(

@@ -726,6 +726,10 @@ async fn serve_client(
         None => {
             if !batch.is_empty() {
                 handler(std::mem::take(&mut batch), &tx);
+                // Answers the handler gave itself (refusals) on a thread
+                // that defers its writes, as the consensus thread does,
+                // go out now, not at that thread's next turn.
+                flush_deferred();
             }
             Ok(())
         }

@@ -99,3 +99,70 @@ fn deferred_responses_larger_than_the_socket_buffer_arrive_in_order_then_the_con
     drop(rt); // stops the handler, which ends the responder
     responder.join().expect("responder");
 }
+
+/// Connections served on a thread that defers its writes (the consensus
+/// thread runs client connections): answers the request handler gives
+/// itself there (refusals) are written when it returns. Nothing else would
+/// flush them on this thread here, so a lost flush fails by timeout.
+#[test]
+fn answers_a_handler_gives_on_a_deferring_thread_go_out_at_once() {
+    let addr = free_addr();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let listen = addr.clone();
+    std::thread::spawn(move || {
+        tcp::defer_flushes();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let handler: tcp::RequestHandler = Arc::new(|reqs, sink: &ResponseSink| {
+                for r in reqs {
+                    sink.send(ClientResponse {
+                        id: r.id,
+                        result: ClientResult::Busy,
+                    });
+                }
+            });
+            start_clients(&listen, 1, 1 << 20, handler, Arc::new(NetStats::default()))
+                .await
+                .expect("listen");
+            let _ = ready_tx.send(());
+            std::future::pending::<()>().await;
+        });
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("listening");
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut req = Vec::new();
+    codec::encode(
+        &Frame::Request(ClientRequest {
+            id: 42,
+            client: 1,
+            seq: 1,
+            op: ClientOp::Write(Bytes::from_static(b"x")),
+        }),
+        &mut req,
+    );
+    conn.write_all(&req).expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let frame = loop {
+        if let Some((f, _)) = codec::decode(&got, 1 << 20).expect("decode") {
+            break f;
+        }
+        let n = conn.read(&mut buf).expect("the refusal never came");
+        assert!(n > 0, "connection closed without an answer");
+        got.extend_from_slice(&buf[..n]);
+    };
+    assert_eq!(
+        frame,
+        Frame::Response(ClientResponse {
+            id: 42,
+            result: ClientResult::Busy
+        })
+    );
+}

@@ -106,6 +106,8 @@ pub struct StorageThread {
     durability: Durability,
     /// `replicated` mode: written since the last periodic sync was asked.
     unsynced: Arc<AtomicBool>,
+    /// The thread failed (see `Shared::failed`).
+    failed: Arc<AtomicBool>,
 }
 
 impl StorageThread {
@@ -119,10 +121,12 @@ impl StorageThread {
         let (dir, manifest_lock) = (store.dir().to_path_buf(), store.manifest_lock());
         let store = Arc::new(Mutex::new(store));
         let unsynced = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicBool::new(false));
         let shared = Shared {
             store: store.clone(),
             queued: queued.clone(),
             unsynced: unsynced.clone(),
+            failed: failed.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("keel-storage".into())
@@ -139,6 +143,7 @@ impl StorageThread {
             store,
             durability,
             unsynced,
+            failed,
         })
     }
 
@@ -188,7 +193,9 @@ impl StorageThread {
     /// storage thread stopped (after a failure the store's state is
     /// unknown).
     fn inline_store(&self) -> Result<std::sync::MutexGuard<'_, LogStore>, LogError> {
-        if self.handle.as_ref().is_none_or(|h| h.is_finished()) {
+        if self.failed.load(Ordering::Acquire)
+            || self.handle.as_ref().is_none_or(|h| h.is_finished())
+        {
             return Err(LogError::Stopped);
         }
         Ok(lock_unpoisoned(&self.store))
@@ -298,6 +305,9 @@ struct Shared {
     store: Arc<Mutex<LogStore>>,
     queued: Arc<AtomicUsize>,
     unsynced: Arc<AtomicBool>,
+    /// Set the moment the thread fails, before it reports and winds down:
+    /// from then on the store's state is unknown and nobody writes to it.
+    failed: Arc<AtomicBool>,
 }
 
 fn run(
@@ -310,15 +320,19 @@ fn run(
     let deleter = Deleter::start()?;
     let served = serve(shared, durability, &rx, &deleter, &mut report)
         .and_then(|_| lock_unpoisoned(&shared.store).sync());
-    deleter.finish(&mut report);
-    match served {
+    let result = match served {
         Ok(()) => Ok(()),
         Err(e) => {
+            // Before anything else (the deleter may take a while to stop):
+            // no more writes, and the node learns of it.
+            shared.failed.store(true, Ordering::Release);
             let msg = e.to_string();
             report(StorageEvent::Failed(e));
             Err(LogError::Invalid(format!("storage stopped: {msg}")))
         }
-    }
+    };
+    deleter.finish(&mut report);
+    result
 }
 
 /// Deletes retired (compacted) segment files off the storage thread.
@@ -522,9 +536,11 @@ fn serve(
         let mut barriers = Vec::new();
         let started = Instant::now();
         let mut times = BatchTimes::default();
-        let mut store = lock();
         for r in batch {
             let t = Instant::now();
+            // Locked per request, not per batch: in `replicated` mode the
+            // consensus thread appends through the same lock.
+            let mut store = lock();
             match r {
                 Request::Append(es) => {
                     let segments = store.segment_count();
@@ -564,6 +580,7 @@ fn serve(
                 Request::Barrier(reply) => barriers.push(reply),
             }
         }
+        let mut store = lock();
         // In `replicated` mode an entry counts once written to the OS: say
         // so before the periodic sync, which then never delays a commit.
         if durability == Durability::Replicated {

@@ -316,6 +316,9 @@ impl Outbox {
             write_shared(w, spare)
                 .await
                 .map_err(|e| format!("write failed: {e}"))?;
+            if spare.capacity() > SPARE_OUT {
+                *spare = Vec::new();
+            }
         }
     }
 }
@@ -688,6 +691,7 @@ async fn serve_client(
     let out = Arc::new(Outbox::default());
     out.connect(Some(w.clone()));
     let tx = ResponseSink(Arc::new(Sink::Conn(out.clone())));
+    let outbox = out.clone();
     // Writes what the responding threads' own writes left over, until
     // every sink is gone and everything sent is written.
     let writer = tokio::spawn(async move {
@@ -750,6 +754,9 @@ async fn serve_client(
             .is_err()
         {
             writer.abort();
+            // Closed regardless: later answers are dropped, not buffered
+            // or written to a connection being closed.
+            outbox.connect(None);
         }
     } else {
         let _ = writer.await;

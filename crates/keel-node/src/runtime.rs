@@ -831,7 +831,6 @@ pub fn start_with(
             .spawn(move || {
                 let _s = span.entered();
                 let result = consensus_rt.block_on(consensus.run(internal_rx, external_rx));
-                tcp::flush_deferred();
                 if let Err(e) = result {
                     error!("node stopped: {e}");
                     if let Ok(mut f) = fatal.lock() {
@@ -842,13 +841,22 @@ pub fn start_with(
                 // not "busy" from a client queue nobody drains any more
                 // (storage may take a while to write out what is queued).
                 stopped.store(true, Ordering::Release);
-                let _ = consensus.service.send(ServiceInput::Stop);
-                drop(consensus);
-                if let Ok(st) = Arc::try_unwrap(storage_for_stop) {
-                    if let Err(e) = st.shutdown() {
-                        error!("storage shutdown: {e}");
-                    }
-                }
+                // The rest of the shutdown runs while this thread's runtime
+                // keeps going: its client connections are answered (as a
+                // stopped node) and what is left to write gets written.
+                consensus_rt.block_on(async move {
+                    tcp::flush_deferred();
+                    let wind_down = tokio::task::spawn_blocking(move || {
+                        let _ = consensus.service.send(ServiceInput::Stop);
+                        drop(consensus);
+                        if let Ok(st) = Arc::try_unwrap(storage_for_stop) {
+                            if let Err(e) = st.shutdown() {
+                                error!("storage shutdown: {e}");
+                            }
+                        }
+                    });
+                    let _ = wind_down.await;
+                });
             })
             .map_err(|e| NodeError::Start(e.to_string()))?
     };

@@ -135,10 +135,10 @@ impl ResponseSink {
                     return false;
                 }
                 let deferred = DEFERRED.with(|d| match &mut *d.borrow_mut() {
-                    Some(list) => {
-                        if !list.iter().any(|o| Arc::ptr_eq(o, out)) {
-                            list.push(out.clone());
-                        }
+                    Some(pending) => {
+                        pending
+                            .entry(Arc::as_ptr(out) as usize)
+                            .or_insert_with(|| out.clone());
                         true
                     }
                     None => false,
@@ -152,10 +152,13 @@ impl ResponseSink {
     }
 }
 
+/// Connections by address, each once.
+type Pending = HashMap<usize, Arc<Outbox>>;
+
 thread_local! {
     /// Connections with responses this thread buffered and has not flushed
     /// (`None`: this thread writes each response at once).
-    static DEFERRED: std::cell::RefCell<Option<Vec<Arc<Outbox>>>> =
+    static DEFERRED: std::cell::RefCell<Option<Pending>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -164,27 +167,33 @@ thread_local! {
 /// unit of work (a consensus turn, a service step).
 pub fn defer_flushes() {
     DEFERRED.with(|d| {
-        d.borrow_mut().get_or_insert_with(Vec::new);
+        d.borrow_mut().get_or_insert_with(HashMap::new);
     });
 }
 
 /// Writes the responses this thread buffered (see `defer_flushes`).
 pub fn flush_deferred() {
-    let list = DEFERRED.with(|d| d.borrow_mut().as_mut().map(std::mem::take));
-    for out in list.iter().flatten() {
+    let pending = DEFERRED.with(|d| d.borrow_mut().as_mut().map(std::mem::take));
+    let Some(mut pending) = pending else {
+        return;
+    };
+    if pending.is_empty() {
+        // Nothing to do; keep the map's capacity.
+        DEFERRED.with(|d| *d.borrow_mut() = Some(pending));
+        return;
+    }
+    for out in pending.values() {
         out.flush();
     }
-    // Give the (emptied) list back, keeping its capacity.
-    if let Some(mut list) = list {
-        list.clear();
-        DEFERRED.with(|d| {
-            if let Some(slot) = &mut *d.borrow_mut() {
-                if slot.is_empty() {
-                    *slot = list;
-                }
+    // Give the (emptied) map back, keeping its capacity.
+    pending.clear();
+    DEFERRED.with(|d| {
+        if let Some(slot) = &mut *d.borrow_mut() {
+            if slot.is_empty() {
+                *slot = pending;
             }
-        });
-    }
+        }
+    });
 }
 
 /// A connection's outgoing bytes, shared by the threads that send on it

@@ -940,8 +940,10 @@ impl Consensus {
         loop {
             let now = (self.now)();
             let deadline = self.node.next_deadline();
+            // Tokio's timer has a 1 ms resolution: a deadline is met up to
+            // ~1 ms late (heartbeats and election timeouts are tens of ms).
             let wait =
-                Duration::from_nanos(deadline.saturating_sub(now).clamp(100_000, 100_000_000));
+                Duration::from_nanos(deadline.saturating_sub(now).clamp(1_000_000, 100_000_000));
             let first = tokio::select! {
                 biased;
                 ev = internal.recv() => match ev {

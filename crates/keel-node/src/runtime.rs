@@ -1,9 +1,13 @@
 //! The runtime around one `keel-core` node: the consensus thread (the one
 //! big pipe: peer messages, client requests, ticks and storage/service
-//! completions go through it in order), the storage thread (keel-log group
-//! commit), the service thread (applies committed entries, serves reads,
-//! replies — only on the node that accepted the request as leader), a
-//! snapshot thread, and the tokio transport. Backpressure: client requests
+//! completions go through it in order; it drives its own current-thread
+//! tokio runtime, on which the peer links and native client connections
+//! run, and writes its peer messages itself), the storage thread (keel-log
+//! group commit; in `replicated` mode the consensus thread writes the log
+//! itself), the service thread (applies committed entries, serves reads,
+//! replies — only on the node that accepted the request as leader — writing
+//! replies to the connections itself), a snapshot thread, and a two-thread
+//! tokio runtime for the etcd API and HTTP. Backpressure: client requests
 //! beyond the queue depth are answered "busy" at once.
 //!
 //! Snapshots: the service thread captures the state between entries

@@ -375,6 +375,13 @@ impl LogStore {
     pub fn segment_count(&self) -> usize {
         self.segments.len()
     }
+    /// Would appending `entries` fill the active segment and roll to a new
+    /// one (a sync of the old segment and of the directory)?
+    pub fn would_roll(&self, entries: &[Entry]) -> bool {
+        let active = self.segments[self.segments.len() - 1].len;
+        let adding: u64 = entries.iter().map(Entry::encoded_len).sum();
+        active.saturating_add(adding) >= self.opts.segment_size
+    }
 
     /// Writes entries to the OS (not yet synced). They must continue the log.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {

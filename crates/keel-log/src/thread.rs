@@ -108,6 +108,9 @@ pub struct StorageThread {
     unsynced: Arc<AtomicBool>,
     /// The thread failed (see `Shared::failed`).
     failed: Arc<AtomicBool>,
+    /// `replicated` mode: appends go through the thread until it has
+    /// written a segment roll (see `append`).
+    rolling: Arc<AtomicBool>,
 }
 
 impl StorageThread {
@@ -122,11 +125,13 @@ impl StorageThread {
         let store = Arc::new(Mutex::new(store));
         let unsynced = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicBool::new(false));
+        let rolling = Arc::new(AtomicBool::new(false));
         let shared = Shared {
             store: store.clone(),
             queued: queued.clone(),
             unsynced: unsynced.clone(),
             failed: failed.clone(),
+            rolling: rolling.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("keel-storage".into())
@@ -144,6 +149,7 @@ impl StorageThread {
             durability,
             unsynced,
             failed,
+            rolling,
         })
     }
 
@@ -170,23 +176,42 @@ impl StorageThread {
     /// synced: returns `None`. In `replicated` mode they are written to the
     /// OS here, on the calling thread, which makes them durable in that
     /// mode: returns the log's new end (position, term of its last entry).
+    ///
+    /// Except across a segment roll, which syncs the old segment and the
+    /// directory: the append that rolls, and every append and truncation
+    /// after it until the thread has caught up, go through the thread as in
+    /// `sync` mode (returning `None`, reported `Durable` by the thread), so
+    /// the caller never waits on a disk sync.
     pub fn append(&self, entries: Vec<Entry>) -> Result<Option<(Position, Term)>, LogError> {
         match self.durability {
             Durability::Sync => self.send(Request::Append(entries)).map(|()| None),
             Durability::Replicated => {
                 let mut store = self.inline_store()?;
+                // Decided and queued under the store lock, which the
+                // thread holds when it ends a roll (see `serve`).
+                if self.rolling.load(Ordering::Acquire) || store.would_roll(&entries) {
+                    self.rolling.store(true, Ordering::Release);
+                    return self.send(Request::Append(entries)).map(|()| None);
+                }
                 store.append(&entries)?;
                 self.unsynced.store(true, Ordering::Release);
                 Ok(Some((store.last_pos(), store.last_term())))
             }
         }
     }
-    /// Removes every entry at or after `from`: queued in `sync` mode, done
-    /// here in `replicated` mode (in order with `append`, either way).
+    /// Removes every entry at or after `from`: queued in `sync` mode (and
+    /// during a roll), done here in `replicated` mode; in order with
+    /// `append` either way.
     pub fn truncate(&self, from: Position) -> Result<(), LogError> {
         match self.durability {
             Durability::Sync => self.send(Request::Truncate(from)),
-            Durability::Replicated => self.inline_store()?.truncate(from),
+            Durability::Replicated => {
+                let mut store = self.inline_store()?;
+                if self.rolling.load(Ordering::Acquire) {
+                    return self.send(Request::Truncate(from));
+                }
+                store.truncate(from)
+            }
         }
     }
     /// The store, for a write on the calling thread; refused once the
@@ -308,6 +333,8 @@ struct Shared {
     /// Set the moment the thread fails, before it reports and winds down:
     /// from then on the store's state is unknown and nobody writes to it.
     failed: Arc<AtomicBool>,
+    /// See `StorageThread::rolling`; cleared here.
+    rolling: Arc<AtomicBool>,
 }
 
 fn run(
@@ -601,6 +628,11 @@ fn serve(
         }
         report_durable(&store, &mut reported, report);
         deleter.take(&mut store, report);
+        // Caught up (nothing sent since this batch was taken, and the
+        // senders queue under this lock): appends are written inline again.
+        if shared.queued.load(Ordering::Acquire) == 0 {
+            shared.rolling.store(false, Ordering::Release);
+        }
         drop(store);
         let took = started.elapsed();
         if took >= SLOW_BATCH {

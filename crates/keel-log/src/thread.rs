@@ -1,11 +1,13 @@
 //! The storage thread: takes appends, truncations, compactions and snapshot
 //! installs in order from a queue, writes everything queued as one batch,
 //! syncs once per batch (group commit) and reports the durable position
-//! back. In `replicated` mode appends and truncations are instead written
-//! by the caller's thread (`append` returns the durable end): a page-cache
-//! write costs microseconds, while a round trip through this thread costs
-//! two thread wake-ups on the commit path; the thread then only compacts,
-//! installs snapshots and hands the periodic sync to the syncer. Snapshots the node took itself are published by the thread that
+//! back. In `replicated` mode appends are instead written by the caller's
+//! thread (`append` returns the durable end): a page-cache write costs
+//! microseconds, while a round trip through this thread costs two thread
+//! wake-ups on the commit path. Writes that sync (a segment roll, a
+//! truncation) still go through this thread, with the appends after them
+//! until they are done; otherwise the thread compacts, installs snapshots
+//! and hands the periodic sync to the syncer. Snapshots the node took itself are published by the thread that
 //! wrote them (`SnapshotHandle`), so their directory syncs never hold up
 //! appends; this thread then compacts the log behind them, and a deleter
 //! thread deletes the compacted segments. Any I/O error stops the thread
@@ -101,7 +103,7 @@ pub struct StorageThread {
     dir: PathBuf,
     manifest_lock: Arc<Mutex<()>>,
     /// The store, shared with the thread: in `replicated` mode the caller
-    /// writes appends and truncations itself.
+    /// writes appends itself.
     store: Arc<Mutex<LogStore>>,
     durability: Durability,
     /// `replicated` mode: written since the last periodic sync was asked.
@@ -109,7 +111,7 @@ pub struct StorageThread {
     /// The thread failed (see `Shared::failed`).
     failed: Arc<AtomicBool>,
     /// `replicated` mode: appends go through the thread until it has
-    /// written a segment roll (see `append`).
+    /// written a segment roll or a truncation (see `append`).
     rolling: Arc<AtomicBool>,
 }
 
@@ -199,18 +201,17 @@ impl StorageThread {
             }
         }
     }
-    /// Removes every entry at or after `from`: queued in `sync` mode (and
-    /// during a roll), done here in `replicated` mode; in order with
-    /// `append` either way.
+    /// Removes every entry at or after `from`, through the thread in both
+    /// modes (it syncs the file and the directory; rare: a follower's
+    /// divergent tail). In `replicated` mode appends after it go through
+    /// the thread too until it is written, as after a roll.
     pub fn truncate(&self, from: Position) -> Result<(), LogError> {
         match self.durability {
             Durability::Sync => self.send(Request::Truncate(from)),
             Durability::Replicated => {
-                let mut store = self.inline_store()?;
-                if self.rolling.load(Ordering::Acquire) {
-                    return self.send(Request::Truncate(from));
-                }
-                store.truncate(from)
+                let _store = self.inline_store()?;
+                self.rolling.store(true, Ordering::Release);
+                self.send(Request::Truncate(from))
             }
         }
     }

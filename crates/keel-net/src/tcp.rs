@@ -618,20 +618,27 @@ impl Link {
             );
             let reason = loop {
                 tokio::select! {
-                    r = &mut reader => {
-                        break match r {
-                            Ok(Ok(())) => "closed by peer".to_string(),
-                            Ok(Err(e)) => e,
-                            Err(e) => format!("reader failed: {e}"),
-                        };
-                    }
+                    r = &mut reader => break reader_ended(r),
                     _ = outbox.wake.notified() => {
                         if outbox.is_closed() {
                             reader.abort();
                             outbox.connect(None);
                             return;
                         }
-                        if let Err(e) = outbox.drain(&w, &mut spare).await {
+                        // Still watching the reader and for a replacement:
+                        // a peer that stopped reading (a partition) must
+                        // not keep its newer connection waiting until TCP
+                        // gives up on this one.
+                        let drained = tokio::select! {
+                            d = outbox.drain(&w, &mut spare) => d,
+                            r = &mut reader => break reader_ended(r),
+                            c = accepted.recv(), if !self.dial => {
+                                reader.abort();
+                                replacement = c;
+                                break "replaced by a newer connection".to_string();
+                            }
+                        };
+                        if let Err(e) = drained {
                             reader.abort();
                             break e;
                         }
@@ -650,6 +657,15 @@ impl Link {
                 tokio::time::sleep(backoff).await;
             }
         }
+    }
+}
+
+/// Why a link's reader task ended.
+fn reader_ended(r: Result<Result<(), String>, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(Ok(())) => "closed by peer".to_string(),
+        Ok(Err(e)) => e,
+        Err(e) => format!("reader failed: {e}"),
     }
 }
 

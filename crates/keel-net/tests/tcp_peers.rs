@@ -182,3 +182,87 @@ fn messages_flow_again_after_the_sending_side_restarts() {
         .expect("a message after the reconnect");
     assert_eq!(seq_of(&m), next);
 }
+
+/// A peer that stopped reading (a partition: its socket buffers full, no
+/// reset) must not keep its newer connection waiting: the accepting side
+/// switches to the replacement even while a write to the old one is stuck.
+#[test]
+fn a_replacement_connection_wins_over_one_stuck_writing() {
+    use keel_net::codec::{self, Frame};
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Node 2 accepts node 1's connections (the lower id dials).
+    let a2 = free_addr();
+    let two = rt
+        .block_on(start_peers(
+            config(2),
+            &a2,
+            &[(1, free_addr())],
+            Arc::new(|_| {}),
+            Arc::new(NetStats::default()),
+        ))
+        .expect("peers 2");
+    let hello = || {
+        let mut b = Vec::new();
+        codec::encode(
+            &Frame::Hello {
+                cluster_id: CLUSTER,
+                node_id: 1,
+            },
+            &mut b,
+        );
+        b
+    };
+    let to_one = |seq: u64, size: usize| {
+        let mut m = message(seq, size);
+        (m.from, m.to) = (2, 1);
+        m
+    };
+    // The first "node 1" says hello and never reads.
+    let mut stuck = std::net::TcpStream::connect(&a2).expect("connect");
+    stuck.write_all(&hello()).expect("hello");
+    // Fill its socket: 64 MiB, far more than loopback buffers hold.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 0..64u64 {
+        assert!(Instant::now() < deadline, "never got to fill the socket");
+        two.send(to_one(i, 1 << 20));
+        two.flush();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Node 1 comes back on a new connection and reads.
+    let mut fresh = std::net::TcpStream::connect(&a2).expect("connect again");
+    fresh.write_all(&hello()).expect("hello");
+    fresh
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let marker = 1_000_000u64;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    'wait: loop {
+        assert!(
+            Instant::now() < deadline,
+            "the replacement connection never got a message"
+        );
+        two.send(to_one(marker, 10));
+        two.flush();
+        match fresh.read(&mut buf) {
+            Ok(0) => panic!("the replacement connection was closed"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => continue, // timed out: send another marker
+        }
+        while let Some((f, n)) = codec::decode(&got, 64 << 20).expect("decode") {
+            got.drain(..n);
+            if let Frame::Peer(m) = f {
+                if seq_of(&m) == marker {
+                    break 'wait;
+                }
+            }
+        }
+    }
+    drop(stuck);
+}

@@ -931,8 +931,8 @@ struct Consensus {
 
 impl Consensus {
     /// The consensus loop. Runs on the consensus thread's own runtime,
-    /// whose other tasks (the peer links) run only while it waits here for
-    /// the next event.
+    /// whose other tasks (peer links, client connections) run only while it
+    /// waits here for the next event.
     async fn run(
         &mut self,
         mut internal: tokio::sync::mpsc::UnboundedReceiver<Internal>,

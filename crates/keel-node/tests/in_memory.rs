@@ -71,21 +71,44 @@ fn node_config(
     }
 }
 
-/// Starts three nodes over `net`, each with its own service from `service`.
+/// Three nodes in a fresh directory over a fresh in-memory network.
+struct Three {
+    tmp: tempfile::TempDir,
+    net: MemNetwork,
+    /// Each node's client address, by id - 1.
+    clients: Vec<String>,
+    nodes: Vec<NodeHandle>,
+}
+
+/// Starts three nodes, each with its own service from `service`.
 fn start_three(
-    dir: &std::path::Path,
-    net: &MemNetwork,
-    clients: &[String],
     snapshot_every_bytes: u64,
     durability: DurabilityConfig,
     service: impl Fn() -> Box<dyn Service + Send>,
-) -> Vec<NodeHandle> {
-    (1..=3u64)
+) -> Three {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let net = MemNetwork::new();
+    let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let nodes = (1..=3u64)
         .map(|id| {
-            let cfg = node_config(id, dir, clients, snapshot_every_bytes, durability);
+            let cfg = node_config(id, tmp.path(), &clients, snapshot_every_bytes, durability);
             start_with(cfg, service(), Transport::Memory(net.clone())).expect("start")
         })
-        .collect()
+        .collect();
+    Three {
+        tmp,
+        net,
+        clients,
+        nodes,
+    }
+}
+
+/// A runtime for the test's own client calls.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// Shuts every node down and waits for each to stop cleanly.
@@ -104,23 +127,21 @@ fn three_nodes_in_one_process() {
 }
 
 /// The same in `replicated` mode, where the consensus thread writes the
-/// log itself (a deposed leader's tail is truncated there too).
+/// log itself (and a deposed leader's tail is truncated through the storage
+/// thread).
 #[test]
 fn three_nodes_in_one_process_replicated() {
     leader_replaced_with_every_acknowledged_write_kept(DurabilityConfig::Replicated);
 }
 
 fn leader_replaced_with_every_acknowledged_write_kept(durability: DurabilityConfig) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let net = MemNetwork::new();
-    let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let nodes = start_three(tmp.path(), &net, &clients, 1 << 20, durability, || {
-        Box::new(KvService::default())
-    });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let Three {
+        tmp: _tmp, // kept until the end: the nodes' data
+        net,
+        clients,
+        nodes,
+    } = start_three(1 << 20, durability, || Box::new(KvService::default()));
+    let rt = client_runtime();
     let mut client = Client::new(ClientOptions::new(clients.clone())).expect("client");
     let put = |client: &mut Client, k: &str| {
         let cmd = Command::Put {
@@ -201,21 +222,15 @@ impl Service for SlowSnapshots {
 /// the state they captured.
 #[test]
 fn writes_keep_being_acknowledged_while_a_slow_snapshot_is_serialized() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let net = MemNetwork::new();
-    let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let nodes = start_three(
-        tmp.path(),
-        &net,
-        &clients,
-        4096,
-        DurabilityConfig::Sync,
-        || Box::new(SlowSnapshots(KvService::default())),
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let Three {
+        tmp,
+        net: _,
+        clients,
+        nodes,
+    } = start_three(4096, DurabilityConfig::Sync, || {
+        Box::new(SlowSnapshots(KvService::default()))
+    });
+    let rt = client_runtime();
     let mut client = Client::new(ClientOptions::new(clients.clone())).expect("client");
     let mut put = |k: &str| -> Duration {
         let started = Instant::now();
@@ -294,26 +309,20 @@ fn writes_keep_being_acknowledged_while_a_slow_snapshot_is_serialized() {
 #[test]
 fn a_stopped_node_sends_clients_elsewhere() {
     use keel_net::codec::{ClientOp, ClientResult};
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let net = MemNetwork::new();
-    let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let nodes = start_three(
-        tmp.path(),
-        &net,
-        &clients,
-        1 << 20,
-        DurabilityConfig::Sync,
-        || Box::new(KvService::default()),
-    );
+    let Three {
+        tmp: _tmp, // kept until the end: the nodes' data
+        net: _,
+        clients,
+        nodes,
+    } = start_three(1 << 20, DurabilityConfig::Sync, || {
+        Box::new(KvService::default())
+    });
     let leader = wait_leader(&nodes, None);
     let stopped = nodes.iter().find(|n| n.id() != leader).expect("a follower");
     stopped.shutdown();
     stopped.wait().expect("clean stop");
     assert!(stopped.is_stopped());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = client_runtime();
     let no_leader = ClientResult::NotLeader {
         leader: None,
         address: None,

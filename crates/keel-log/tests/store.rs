@@ -27,6 +27,23 @@ fn entry(term: Term, position: Position, len: usize) -> Entry {
     }
 }
 
+/// `n` contiguous entries of `len` bytes and term `term` from `from`.
+fn run_of(term: Term, from: Position, n: usize, len: usize) -> Vec<Entry> {
+    let mut pos = from;
+    (0..n)
+        .map(|_| {
+            let e = entry(term, pos, len);
+            pos = e.end();
+            e
+        })
+        .collect()
+}
+
+/// Where `entries` end (`from` if there are none).
+fn end_of(entries: &[Entry], from: Position) -> Position {
+    entries.last().map_or(from, Entry::end)
+}
+
 fn opts(segment_size: u64) -> Options {
     Options { segment_size }
 }
@@ -110,13 +127,7 @@ proptest! {
 fn segments_roll_and_compaction_deletes_whole_segments_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = LogStore::open(dir.path(), opts(1000)).expect("open").store;
-    let mut pos = 0;
-    let mut all = Vec::new();
-    for _ in 0..50 {
-        let e = entry(1, pos, 100);
-        pos = e.end();
-        all.push(e);
-    }
+    let all = run_of(1, 0, 50, 100);
     store.append(&all).expect("append");
     store.sync().expect("sync");
     assert!(
@@ -372,10 +383,9 @@ fn a_write_error_stops_the_storage_thread_and_is_reported() {
     .expect("spawn");
     // Make rolling to a new segment impossible: the directory goes away.
     std::fs::remove_dir_all(dir.path()).expect("rm");
-    let mut pos = 0;
-    for _ in 0..20 {
-        let e = entry(1, pos, 100);
-        pos = e.end();
+    let run = run_of(1, 0, 20, 100);
+    let pos = end_of(&run, 0);
+    for e in run {
         let _ = t.append(vec![e]);
     }
     let failed = loop {
@@ -422,10 +432,9 @@ fn saving_an_older_snapshot_never_moves_the_manifest_back() {
     let mut store = LogStore::open(dir.path(), Options::default())
         .expect("open")
         .store;
-    let mut pos = 0;
-    for _ in 0..20 {
-        let e = entry(1, pos, 100);
-        pos = e.end();
+    let run = run_of(1, 0, 20, 100);
+    let pos = end_of(&run, 0);
+    for e in run {
         store.append(&[e]).expect("append");
     }
     store.sync().expect("sync");
@@ -455,10 +464,9 @@ fn an_own_snapshot_committed_after_an_install_is_ignored_and_restart_works() {
         .expect("open")
         .store;
     let t = StorageThread::spawn(store, Durability::Sync, |_| {}).expect("spawn");
-    let mut pos = 0;
-    for _ in 0..20 {
-        let e = entry(1, pos, 100);
-        pos = e.end();
+    let run = run_of(1, 0, 20, 100);
+    let pos = end_of(&run, 0);
+    for e in run {
         t.append(vec![e]).expect("append");
     }
     t.barrier().expect("barrier");
@@ -703,13 +711,7 @@ fn a_retired_segment_left_by_a_crash_is_removed_on_open() {
 fn a_snapshot_inside_a_stale_tail_supersedes_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = LogStore::open(dir.path(), opts(1000)).expect("open").store;
-    let mut pos = 0;
-    let mut stale = Vec::new();
-    for _ in 0..6 {
-        let e = entry(1, pos, 100);
-        pos = e.end();
-        stale.push(e);
-    }
+    let stale = run_of(1, 0, 6, 100);
     store.append(&stale).expect("append");
     store.sync().expect("sync");
     drop(store);

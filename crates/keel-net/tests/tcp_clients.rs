@@ -3,7 +3,9 @@
 //! they far exceed the socket buffer, and the connection closes once the
 //! client has stopped sending and every request is answered.
 
+mod common;
 use bytes::Bytes;
+use common::{free_addr, runtime};
 use keel_net::codec::{self, ClientOp, ClientRequest, ClientResponse, ClientResult, Frame};
 use keel_net::tcp::{self, start_clients, NetStats, ResponseSink};
 use std::io::{Read, Write};
@@ -12,18 +14,9 @@ use std::time::Duration;
 
 const RESPONSE_BYTES: usize = 64 << 10;
 
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    format!("127.0.0.1:{}", l.local_addr().expect("addr").port())
-}
-
 #[test]
 fn deferred_responses_larger_than_the_socket_buffer_arrive_in_order_then_the_connection_closes() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let addr = free_addr();
     // The handler hands each read's requests to a responder thread.
     let (tx, rx) = mpsc::channel::<(Vec<ClientRequest>, ResponseSink)>();

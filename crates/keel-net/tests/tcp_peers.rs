@@ -3,7 +3,9 @@
 //! order, including bursts far larger than a socket buffer (which the
 //! link's task finishes writing), and after the link is re-established.
 
+mod common;
 use bytes::Bytes;
+use common::{free_addr, runtime};
 use keel_core::{Body, Entry, EntryKind, Message, NodeId};
 use keel_net::tcp::{start_peers, NetStats, Peers, TransportConfig};
 use std::sync::mpsc;
@@ -11,11 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CLUSTER: u64 = 0x7e57;
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    format!("127.0.0.1:{}", l.local_addr().expect("addr").port())
-}
 
 fn config(id: NodeId) -> TransportConfig {
     TransportConfig {
@@ -66,11 +63,7 @@ struct Pair {
 }
 
 fn pair() -> Pair {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let (a1, a2) = (free_addr(), free_addr());
     let (tx, received) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
@@ -190,11 +183,7 @@ fn messages_flow_again_after_the_sending_side_restarts() {
 fn a_replacement_connection_wins_over_one_stuck_writing() {
     use keel_net::codec::{self, Frame};
     use std::io::{Read, Write};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     // Node 2 accepts node 1's connections (the lower id dials).
     let a2 = free_addr();
     let two = rt

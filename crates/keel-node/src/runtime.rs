@@ -170,14 +170,11 @@ impl std::fmt::Display for TurnStats {
 }
 
 enum ServiceInput {
-    Apply(Vec<Entry>),
-    AwaitWrite {
-        client: u64,
-        seq: u64,
-        id: u64,
-        sink: ResponseSink,
-        since: Instant,
-    },
+    /// Committed entries, with the local clients' writes among them that
+    /// await their replies (by client and sequence number). The consensus
+    /// thread keeps those until their entries apply, so a proposal does not
+    /// wake this thread.
+    Apply(Vec<Entry>, Vec<((u64, u64), AwaitingWrite)>),
     Read {
         index: Position,
         data: Bytes,
@@ -812,6 +809,7 @@ pub fn start_with(
         service: service_tx,
         snapshots: snap_tx,
         pending: HashMap::new(),
+        awaiting: HashMap::new(),
         next_id: 1,
         elections_seen: 0,
         published_at: None,
@@ -823,6 +821,7 @@ pub fn start_with(
         metrics: metrics.clone(),
         out: Vec::new(),
         written: None,
+        log_writes: Vec::new(),
     };
     let _ = internal_tx.send(Internal::Applied {
         position: snapshot.meta.position,
@@ -910,6 +909,9 @@ struct Consensus {
     snapshots: Sender<SnapshotJob>,
     /// Requests the core may still answer (reject, read-ready), by core id.
     pending: HashMap<u64, PendingRequest>,
+    /// Accepted writes waiting for their entries to apply, by client and
+    /// sequence number; handed to the service thread with those entries.
+    awaiting: HashMap<(u64, u64), AwaitingWrite>,
     next_id: u64,
     /// Elections started, as last exported to the metrics.
     elections_seen: u64,
@@ -927,6 +929,9 @@ struct Consensus {
     /// The log's end after appends this thread wrote itself (`replicated`
     /// mode), reported to the core as durable at the end of the step.
     written: Option<(Position, keel_core::Term)>,
+    /// A step's appends and truncations, in order: done after its peer
+    /// messages are written (see `step`).
+    log_writes: Vec<Action>,
 }
 
 impl Consensus {
@@ -1214,8 +1219,7 @@ impl Consensus {
     fn step(&mut self, ev: Event) -> Result<(), String> {
         let now = (self.now)();
         let mut out = std::mem::take(&mut self.out);
-        // A proposal batch: hand the accepted writes to the service thread
-        // before the entries can be applied (same channel, so in order).
+        // A proposal batch: the accepted writes wait for their entries.
         let proposal_ids: Vec<u64> = match &ev {
             Event::Propose(ps) => ps.iter().map(|p| p.id).collect(),
             _ => Vec::new(),
@@ -1238,25 +1242,55 @@ impl Consensus {
             }
             if let Some(p) = self.pending.remove(&id) {
                 if let PendingOp::Write { client, seq, since } = p.op {
-                    let _ = self.service.send(ServiceInput::AwaitWrite {
-                        client,
-                        seq,
+                    let w = AwaitingWrite {
                         id: p.client_id,
                         sink: p.sink,
                         since,
-                    });
+                    };
+                    self.awaiting.insert((client, seq), w);
                 }
             }
         }
         let result = out.drain(..).try_for_each(|a| self.execute(a));
         self.out = out;
         result?;
+        self.write_log()?;
         // Entries written on this thread (`replicated` mode) are durable
         // now: a follower acknowledges them in this same turn.
         match self.written.take() {
             Some((position, term)) => self.step(Event::Durable { position, term }),
             None => Ok(()),
         }
+    }
+
+    /// Writes (or, in `sync` mode, hands to the storage thread) the step's
+    /// appends and truncations. A leader first writes its peer messages, so
+    /// its followers get new entries without waiting for the leader's own
+    /// write: safe because the core counts nothing as durable before
+    /// `Durable`. (A follower's messages then are only its early answer to
+    /// the append, which goes out with the acknowledgement after the write.)
+    fn write_log(&mut self) -> Result<(), String> {
+        if self.log_writes.is_empty() {
+            return Ok(());
+        }
+        if self.node.role() == Role::Leader {
+            self.peers.flush();
+        }
+        for a in std::mem::take(&mut self.log_writes) {
+            match a {
+                Action::Append(entries) => {
+                    // `replicated` mode writes here and returns the durable end.
+                    if let Some(end) = self.storage.append(entries).map_err(|e| e.to_string())? {
+                        self.written = Some(end);
+                    }
+                }
+                Action::Truncate { from } => {
+                    self.storage.truncate(from).map_err(|e| e.to_string())?
+                }
+                _ => unreachable!("only appends and truncations are deferred"),
+            }
+        }
+        Ok(())
     }
 
     fn execute(&mut self, a: Action) -> Result<(), String> {
@@ -1269,13 +1303,7 @@ impl Consensus {
                 },
             )
             .map_err(|e| format!("persisting hard state: {e}"))?,
-            Action::Append(entries) => {
-                // `replicated` mode writes here and returns the durable end.
-                if let Some(end) = self.storage.append(entries).map_err(|e| e.to_string())? {
-                    self.written = Some(end);
-                }
-            }
-            Action::Truncate { from } => self.storage.truncate(from).map_err(|e| e.to_string())?,
+            Action::Append(_) | Action::Truncate { .. } => self.log_writes.push(a),
             Action::SaveSnapshot(s) => {
                 let upto = s.meta.position;
                 let _ = self.snapshots.send(SnapshotJob::Write(s, upto));
@@ -1306,7 +1334,17 @@ impl Consensus {
                 }
             }
             Action::Apply(entries) => {
-                let _ = self.service.send(ServiceInput::Apply(entries));
+                let mut writes = Vec::new();
+                if !self.awaiting.is_empty() {
+                    for e in &entries {
+                        if let keel_core::EntryKind::Command { client, seq } = e.kind {
+                            if let Some(w) = self.awaiting.remove(&(client, seq)) {
+                                writes.push(((client, seq), w));
+                            }
+                        }
+                    }
+                }
+                let _ = self.service.send(ServiceInput::Apply(entries, writes));
             }
             Action::InstallSnapshot { meta: m, image } => {
                 // The core checked the file (`check_snapshot_image`).
@@ -1318,6 +1356,8 @@ impl Consensus {
                         s.meta.position, m.position
                     ));
                 }
+                // After the log writes before it, in order.
+                self.write_log()?;
                 self.storage
                     .install_snapshot(s.clone())
                     .map_err(|e| format!("installing snapshot: {e}"))?;
@@ -1365,6 +1405,17 @@ impl Consensus {
                     self.metrics.leader_changes.inc();
                 }
                 let addr = leader.and_then(|l| self.cfg.client_addr_of(l));
+                if role != Role::Leader {
+                    // Their entries may never commit here: let clients retry
+                    // at the new leader with the same sequence number.
+                    let not_leader = ClientResult::NotLeader {
+                        leader,
+                        address: addr.clone(),
+                    };
+                    for (_, w) in self.awaiting.drain() {
+                        respond(&w.sink, w.id, not_leader.clone());
+                    }
+                }
                 // (Reads the core can no longer answer come back as Rejected.)
                 let _ = self.service.send(ServiceInput::Role(role, addr, leader));
             }
@@ -1492,8 +1543,7 @@ fn service_loop(
         let started = Instant::now();
         // What the step is, for the slow-step warning (no allocation here).
         let what: Result<usize, &str> = match &input {
-            ServiceInput::Apply(e) => Ok(e.len()),
-            ServiceInput::AwaitWrite { .. } => Err("registering a write"),
+            ServiceInput::Apply(e, _) => Ok(e.len()),
             ServiceInput::Read { .. } => Err("a linearizable read"),
             ServiceInput::StaleRead { .. } => Err("a serializable read"),
             ServiceInput::Restore(_) => Err("restoring a snapshot"),
@@ -1501,7 +1551,8 @@ fn service_loop(
             ServiceInput::Stop => Err("stopping"),
         };
         match input {
-            ServiceInput::Apply(entries) => {
+            ServiceInput::Apply(entries, awaited) => {
+                writes.extend(awaited);
                 out.clear();
                 host.apply(&entries, &mut out);
                 for (client, seq, reply) in out.replies.drain(..) {
@@ -1546,15 +1597,6 @@ fn service_loop(
                 // After the store above: the core must know the snapshot's
                 // position is applied when the snapshot reaches it.
                 snapshots.maybe_take(&host);
-            }
-            ServiceInput::AwaitWrite {
-                client,
-                seq,
-                id,
-                sink,
-                since,
-            } => {
-                writes.insert((client, seq), AwaitingWrite { id, sink, since });
             }
             ServiceInput::Read {
                 index,

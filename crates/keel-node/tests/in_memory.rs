@@ -355,3 +355,39 @@ fn a_stopped_node_sends_clients_elsewhere() {
     assert!(matches!(Response::decode(&r), Ok(Response::Put { .. })));
     stop_all(nodes);
 }
+
+/// A write the leader accepted but could not commit before it lost its
+/// quorum is answered "not the leader" when it steps down (the client then
+/// retries elsewhere with the same sequence number), not left waiting.
+#[test]
+fn a_deposed_leader_answers_its_uncommitted_writes() {
+    use keel_net::codec::{ClientOp, ClientResult};
+    let Three {
+        tmp: _tmp, // kept until the end: the nodes' data
+        net,
+        clients: _,
+        nodes,
+    } = start_three(1 << 20, DurabilityConfig::Replicated, || {
+        Box::new(KvService::default())
+    });
+    let first = wait_leader(&nodes, None);
+    let leader = nodes.iter().find(|n| n.id() == first).expect("leader");
+    net.isolate(first);
+    let put = Command::Put {
+        key: Bytes::from_static(b"k"),
+        value: Bytes::from_static(b"v"),
+    };
+    let rt = client_runtime();
+    let r = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                leader.call(ClientOp::Write(put.encode())),
+            )
+            .await
+        })
+        .expect("answered once the leader steps down");
+    assert!(matches!(r, ClientResult::NotLeader { .. }), "{r:?}");
+    net.heal();
+    stop_all(nodes);
+}

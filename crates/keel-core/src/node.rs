@@ -1102,6 +1102,14 @@ impl Node {
                 self.log.push(e.clone());
             }
             out.push(Action::Append(new));
+            // The answer that matters is the acknowledgement once they are
+            // durable (`on_durable`). Answer now only to confirm a newer
+            // heartbeat (a read waits on it): an early answer would cost
+            // the leader a wake-up for nothing new.
+            if self.leader_heartbeat == self.acked.1 {
+                self.ack_due = false;
+                self.ack_forced = false;
+            }
         }
         self.matched = self.matched.max(msg_end);
         self.advance_follower_commit(leader_commit, out);

@@ -1062,3 +1062,89 @@ fn a_vanished_snapshot_file_sends_nothing_and_the_retry_timer_resends() {
     assert_eq!(h.installed[1], vec![image_of(b"first")]);
     assert!(h.node(2).commit_position() >= applied);
 }
+
+/// A follower answers an append of new entries once they are durable, not
+/// also at once with its old position (that answer only woke the leader);
+/// an append that carries a newer heartbeat (a read waits on it) is still
+/// answered at once, and so is one with nothing new.
+#[test]
+fn a_follower_acknowledges_new_entries_once_durable() {
+    let mut f = Node::new(Config::new(2, 7), Membership::new([1, 2, 3]), 0);
+    let entry = |position, data: &'static [u8]| Entry {
+        term: 1,
+        position,
+        timestamp: 1,
+        kind: EntryKind::TermStart,
+        data: Bytes::from_static(data),
+    };
+    let msg = |body| Message {
+        cluster_id: 7,
+        from: 1,
+        to: 2,
+        term: 1,
+        body,
+    };
+    let answers = |out: &[Action]| -> Vec<(Position, u64)> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Send(Message {
+                    body:
+                        Body::AppendResp {
+                            ok: true,
+                            position,
+                            heartbeat,
+                            ..
+                        },
+                    ..
+                }) => Some((*position, *heartbeat)),
+                _ => None,
+            })
+            .collect()
+    };
+    let append = |prev_pos, heartbeat, entries: Vec<Entry>| {
+        Event::Message(msg(Body::Append {
+            prev_pos,
+            prev_term: if prev_pos == 0 { 0 } else { 1 },
+            commit: 0,
+            heartbeat,
+            entries,
+        }))
+    };
+    let e1 = entry(0, b"");
+    let end1 = e1.end();
+    let mut out = Vec::new();
+    f.step(10, append(0, 0, vec![e1.clone()]), &mut out);
+    assert!(out.iter().any(|a| matches!(a, Action::Append(_))));
+    assert_eq!(answers(&out), vec![], "no answer before the write");
+    out.clear();
+    f.step(
+        11,
+        Event::Durable {
+            position: end1,
+            term: 1,
+        },
+        &mut out,
+    );
+    assert_eq!(answers(&out), vec![(end1, 0)]);
+    // Nothing new (a resent append, or a heartbeat): answered at once.
+    out.clear();
+    f.step(12, append(0, 0, vec![e1]), &mut out);
+    assert_eq!(answers(&out), vec![(end1, 0)]);
+    // New entries with a newer heartbeat: answered at once for the read,
+    // and again once durable.
+    let e2 = entry(end1, b"x");
+    let end2 = e2.end();
+    out.clear();
+    f.step(13, append(end1, 1, vec![e2]), &mut out);
+    assert_eq!(answers(&out), vec![(end1, 1)]);
+    out.clear();
+    f.step(
+        14,
+        Event::Durable {
+            position: end2,
+            term: 1,
+        },
+        &mut out,
+    );
+    assert_eq!(answers(&out), vec![(end2, 1)]);
+}

@@ -3,6 +3,7 @@
 //! metrics and HTTP status endpoint.
 
 pub mod config;
+mod handoff;
 pub mod http;
 pub mod metrics;
 pub mod runtime;

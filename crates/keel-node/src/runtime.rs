@@ -25,9 +25,10 @@
 //! whole received file (its checksum) before installing it.
 
 use crate::config::NodeConfig;
+use crate::handoff::{self, HandoffRx, HandoffTx};
 use crate::metrics::Metrics;
 use bytes::Bytes;
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{unbounded, Sender};
 use keel_core::{
     Action, ApplyOutput, Config as CoreConfig, Entry, Event, Message, Nanos, Node, NodeId,
     Position, Proposal, Recovered, RejectReason, Reply, Role, Service, ServiceHost, Snapshot,
@@ -242,7 +243,7 @@ impl ClientQueue {
 /// skipping the consensus thread saves a thread handoff per read.
 #[derive(Clone)]
 struct StaleReads {
-    service: Sender<ServiceInput>,
+    service: HandoffTx<ServiceInput>,
     status: Arc<Mutex<NodeStatus>>,
     /// Reads queued for the service thread beyond this answer "busy".
     limit: usize,
@@ -538,7 +539,7 @@ pub fn start_with(
         queued: AtomicUsize::new(0),
         depth: cfg.queue_depth,
     });
-    let (service_tx, service_rx) = unbounded::<ServiceInput>();
+    let (service_tx, service_rx) = handoff::channel::<ServiceInput>();
     let (notify_tx, _) = tokio::sync::broadcast::channel::<Arc<Notification>>(4096);
     let fatal = Arc::new(Mutex::new(None));
     let term = Arc::new(AtomicU64::new(0));
@@ -905,7 +906,7 @@ struct Consensus {
     now: Box<dyn Fn() -> Nanos + Send>,
     storage: Arc<StorageThread>,
     peers: Box<dyn PeerSender>,
-    service: Sender<ServiceInput>,
+    service: HandoffTx<ServiceInput>,
     snapshots: Sender<SnapshotJob>,
     /// Requests the core may still answer (reject, read-ready), by core id.
     pending: HashMap<u64, PendingRequest>,
@@ -1525,7 +1526,7 @@ impl SnapshotSink {
 #[allow(clippy::too_many_arguments)]
 fn service_loop(
     mut host: ServiceHost<Box<dyn Service + Send>>,
-    rx: Receiver<ServiceInput>,
+    rx: HandoffRx<ServiceInput>,
     applied_shared: Arc<AtomicU64>,
     tx: InternalTx,
     mut snapshots: SnapshotSink,
@@ -1539,7 +1540,7 @@ fn service_loop(
     // steps while more input is queued.
     tcp::defer_flushes();
     let mut unflushed = 0;
-    for input in rx.iter() {
+    while let Some(input) = rx.recv() {
         let started = Instant::now();
         // What the step is, for the slow-step warning (no allocation here).
         let what: Result<usize, &str> = match &input {

@@ -45,6 +45,12 @@ pub struct Config {
     /// the leader-stickiness window and the check-quorum period.
     pub election_timeout_min: Nanos,
     pub election_timeout_max: Nanos,
+    /// How long a leader may hold back telling a follower that the commit
+    /// position advanced when it has nothing else to send it: the next
+    /// append (or heartbeat) carries it anyway, and under load one comes
+    /// sooner. A follower whose own clients' writes were just committed
+    /// (it forwarded them) is told at once. 0: always at once.
+    pub commit_notify_delay: Nanos,
     /// Largest batch of entries in one append message.
     pub max_batch_bytes: u64,
     /// Bytes a leader may have sent to one follower beyond what it has
@@ -71,6 +77,7 @@ impl Config {
             id,
             cluster_id,
             heartbeat_interval: 50_000_000,
+            commit_notify_delay: 5_000_000,
             election_timeout_min: 500_000_000,
             election_timeout_max: 1_000_000_000,
             max_batch_bytes: 256 * 1024,
@@ -282,6 +289,11 @@ struct Progress {
     /// Replicate: when it last acknowledged something new or was last sent
     /// entries (to tell appends lost on the way from appends in flight).
     last_progress: Nanos,
+    /// The commit position last sent to it.
+    commit_sent: Position,
+    /// Where the last batch of writes it forwarded ends: it waits to hear
+    /// they are committed (its clients are answered once it applies them).
+    forwarded_end: Position,
 }
 
 struct PendingRead {
@@ -370,6 +382,9 @@ pub struct Node {
     timers: BTreeMap<u64, Nanos>,
     timers_fired: BTreeSet<u64>,
     commit_advanced: bool,
+    /// Leader: when to tell followers the commit position it held back
+    /// (see `Config::commit_notify_delay`).
+    commit_notify_at: Option<Nanos>,
     /// Follower: the snapshot being received in chunks.
     incoming: Option<(SnapshotMeta, Vec<u8>)>,
     now: Nanos,
@@ -466,6 +481,7 @@ impl Node {
             timers: BTreeMap::new(),
             timers_fired: BTreeSet::new(),
             commit_advanced: false,
+            commit_notify_at: None,
             incoming: None,
             now,
             stats: Stats::default(),
@@ -555,6 +571,9 @@ impl Node {
             if let Some(t) = self.next_timer_due() {
                 d = d.min(t);
             }
+            if let Some(t) = self.commit_notify_at {
+                d = d.min(t);
+            }
         }
         d
     }
@@ -604,6 +623,18 @@ impl Node {
             }
             if now >= self.heartbeat_deadline {
                 self.heartbeat_due = true;
+            }
+            if self.commit_notify_at.is_some_and(|t| now >= t) {
+                self.commit_notify_at = None;
+                let behind: Vec<NodeId> = self
+                    .progress
+                    .iter()
+                    .filter(|(_, p)| p.commit_sent < self.commit)
+                    .map(|(&n, _)| n)
+                    .collect();
+                for n in behind {
+                    self.send_heartbeat(n, out);
+                }
             }
             self.fire_due_timers(out);
         } else if now >= self.election_deadline {
@@ -723,6 +754,7 @@ impl Node {
     fn abandon_leadership(&mut self, out: &mut Vec<Action>) {
         self.progress.clear();
         self.transfer = None;
+        self.commit_notify_at = None;
         self.timers_fired.clear();
         let reads: Vec<(RequestId, Option<NodeId>)> = self
             .reads
@@ -841,6 +873,8 @@ impl Node {
             snapshot_pos: 0,
             snapshot_offset: 0,
             last_progress: 0,
+            commit_sent: 0,
+            forwarded_end: 0,
         }
     }
 
@@ -981,6 +1015,10 @@ impl Node {
                         .map(|(client, seq, data)| (EntryKind::Command { client, seq }, data))
                         .collect();
                     self.append_entries(items, out);
+                    let end = self.log.last_pos();
+                    if let Some(p) = self.progress.get_mut(&m.from) {
+                        p.forwarded_end = end;
+                    }
                 }
             }
             Body::ReadIndex { id } => {
@@ -1770,8 +1808,17 @@ impl Node {
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();
         for n in peers {
             let sent = self.replicate_to(n, heartbeat, out);
-            if !sent && (heartbeat || commit_advanced) {
+            if sent || !(heartbeat || commit_advanced) {
+                continue;
+            }
+            let waiting = self
+                .progress
+                .get(&n)
+                .is_some_and(|p| p.forwarded_end > p.commit_sent);
+            if heartbeat || waiting || self.cfg.commit_notify_delay == 0 {
                 self.send_heartbeat(n, out);
+            } else if self.commit_notify_at.is_none() {
+                self.commit_notify_at = Some(self.now + self.cfg.commit_notify_delay);
             }
         }
     }
@@ -1808,6 +1855,9 @@ impl Node {
         let Some(prev_term) = self.log.term_at(prev_pos) else {
             return; // beyond our log: cannot happen (acks beyond it are ignored)
         };
+        if let Some(p) = self.progress.get_mut(&n) {
+            p.commit_sent = self.commit;
+        }
         self.send(
             n,
             Body::Append {
@@ -1922,8 +1972,16 @@ impl Node {
 
     /// Sends one append starting after `prev_pos` (a boundary we hold);
     /// returns where it ends.
-    fn send_append_from(&self, n: NodeId, prev_pos: Position, out: &mut Vec<Action>) -> Position {
+    fn send_append_from(
+        &mut self,
+        n: NodeId,
+        prev_pos: Position,
+        out: &mut Vec<Action>,
+    ) -> Position {
         let prev_term = self.log.term_at(prev_pos).unwrap_or(0);
+        if let Some(p) = self.progress.get_mut(&n) {
+            p.commit_sent = self.commit;
+        }
         let entries = self.log.entries_from(prev_pos, self.cfg.max_batch_bytes);
         let end = entries.last().map_or(prev_pos, Entry::end);
         self.send(

@@ -1148,3 +1148,38 @@ fn a_follower_acknowledges_new_entries_once_durable() {
     );
     assert_eq!(answers(&out), vec![(end2, 1)]);
 }
+
+/// With nothing else to send, a leader tells followers that the commit
+/// position advanced `commit_notify_delay` later (the next append would
+/// carry it sooner); a follower whose own clients' writes were committed
+/// (it forwarded them) is told at once.
+#[test]
+fn commit_notifications_wait_unless_a_follower_waits_on_its_writes() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let delay = Config::new(1, 7).commit_notify_delay;
+    assert!(delay >= MS);
+    let followers: Vec<NodeId> = (1..=3).filter(|&n| n != leader).collect();
+    let commit_of = |h: &Harness, n: NodeId| h.node(n).commit_position();
+
+    h.propose(leader, 1, 1, b"a");
+    let committed = commit_of(&h, leader);
+    assert!(committed > 0);
+    for &f in &followers {
+        assert!(commit_of(&h, f) < committed, "node {f} told at once");
+    }
+    h.now += delay;
+    h.step(leader, Event::Tick);
+    h.deliver();
+    for &f in &followers {
+        assert_eq!(commit_of(&h, f), committed, "node {f} after the delay");
+    }
+
+    // Proposed at a follower: forwarded, and that follower hears at once.
+    let (asker, other) = (followers[0], followers[1]);
+    h.propose(asker, 2, 2, b"b");
+    let committed = commit_of(&h, leader);
+    assert_eq!(commit_of(&h, asker), committed);
+    assert!(commit_of(&h, other) < committed);
+}

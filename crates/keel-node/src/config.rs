@@ -44,6 +44,9 @@ fn default_cluster_id() -> u64 {
 fn default_heartbeat_ms() -> u64 {
     50
 }
+fn default_commit_notify_delay_ms() -> u64 {
+    5
+}
 fn default_election_min_ms() -> u64 {
     500
 }
@@ -91,6 +94,12 @@ pub struct NodeConfig {
     pub service: String,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// How long the leader may hold back a commit-only message to a
+    /// follower (the next append or heartbeat carries the commit position);
+    /// 0 sends it at once. Heartbeats carry it too, so at most
+    /// `heartbeat_ms` is used.
+    #[serde(default = "default_commit_notify_delay_ms")]
+    pub commit_notify_delay_ms: u64,
     #[serde(default = "default_election_min_ms")]
     pub election_timeout_min_ms: u64,
     #[serde(default = "default_election_max_ms")]

@@ -796,6 +796,7 @@ pub fn start_with(
     let started = Instant::now();
     let mut core_cfg = CoreConfig::new(cfg.id, cfg.cluster_id);
     core_cfg.heartbeat_interval = cfg.heartbeat_ms * 1_000_000;
+    core_cfg.commit_notify_delay = cfg.commit_notify_delay_ms.min(cfg.heartbeat_ms) * 1_000_000;
     core_cfg.election_timeout_min = cfg.election_timeout_min_ms * 1_000_000;
     core_cfg.election_timeout_max = cfg.election_timeout_max_ms * 1_000_000;
     core_cfg.seed = start_wall ^ cfg.id;

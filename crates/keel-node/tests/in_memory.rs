@@ -53,6 +53,7 @@ fn node_config(
         durability,
         service: "kv".into(),
         heartbeat_ms: 20,
+        commit_notify_delay_ms: 5,
         election_timeout_min_ms: 200,
         election_timeout_max_ms: 400,
         snapshot_every_bytes,

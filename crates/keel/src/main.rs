@@ -175,6 +175,11 @@ struct ServerArgs {
     /// Leader heartbeat interval.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
+    /// How long the leader may hold back a commit-only message to a
+    /// follower (0: at once; heartbeats carry it too, so at most the
+    /// heartbeat interval is used).
+    #[arg(long)]
+    commit_notify_delay_ms: Option<u64>,
     /// Election timeouts are drawn from [min, max).
     #[arg(long)]
     election_timeout_min_ms: Option<u64>,
@@ -266,6 +271,9 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = a.heartbeat_ms {
         cfg.heartbeat_ms = v;
+    }
+    if let Some(v) = a.commit_notify_delay_ms {
+        cfg.commit_notify_delay_ms = v;
     }
     if let Some(v) = a.election_timeout_min_ms {
         cfg.election_timeout_min_ms = v;

@@ -291,9 +291,20 @@ struct Progress {
     last_progress: Nanos,
     /// The commit position last sent to it.
     commit_sent: Position,
-    /// Where the last batch of writes it forwarded ends: it waits to hear
-    /// they are committed (its clients are answered once it applies them).
-    forwarded_end: Position,
+    /// Where each batch of writes it forwarded ends, oldest first, until it
+    /// is sent a commit position covering it: its clients are answered
+    /// once it applies them, so it hears at once when one commits.
+    forwarded: VecDeque<Position>,
+}
+
+impl Progress {
+    /// Records that a message carrying `commit` was sent to it.
+    fn commit_sent(&mut self, commit: Position) {
+        self.commit_sent = commit;
+        while self.forwarded.front().is_some_and(|&end| end <= commit) {
+            self.forwarded.pop_front();
+        }
+    }
 }
 
 struct PendingRead {
@@ -874,7 +885,7 @@ impl Node {
             snapshot_offset: 0,
             last_progress: 0,
             commit_sent: 0,
-            forwarded_end: 0,
+            forwarded: VecDeque::new(),
         }
     }
 
@@ -1017,7 +1028,7 @@ impl Node {
                     self.append_entries(items, out);
                     let end = self.log.last_pos();
                     if let Some(p) = self.progress.get_mut(&m.from) {
-                        p.forwarded_end = end;
+                        p.forwarded.push_back(end);
                     }
                 }
             }
@@ -1811,10 +1822,12 @@ impl Node {
             if sent || !(heartbeat || commit_advanced) {
                 continue;
             }
+            let commit = self.commit;
             let waiting = self
                 .progress
                 .get(&n)
-                .is_some_and(|p| p.forwarded_end > p.commit_sent);
+                .and_then(|p| p.forwarded.front())
+                .is_some_and(|&end| end <= commit);
             if heartbeat || waiting || self.cfg.commit_notify_delay == 0 {
                 self.send_heartbeat(n, out);
             } else if self.commit_notify_at.is_none() {
@@ -1856,7 +1869,7 @@ impl Node {
             return; // beyond our log: cannot happen (acks beyond it are ignored)
         };
         if let Some(p) = self.progress.get_mut(&n) {
-            p.commit_sent = self.commit;
+            p.commit_sent(self.commit);
         }
         self.send(
             n,
@@ -1980,7 +1993,7 @@ impl Node {
     ) -> Position {
         let prev_term = self.log.term_at(prev_pos).unwrap_or(0);
         if let Some(p) = self.progress.get_mut(&n) {
-            p.commit_sent = self.commit;
+            p.commit_sent(self.commit);
         }
         let entries = self.log.entries_from(prev_pos, self.cfg.max_batch_bytes);
         let end = entries.last().map_or(prev_pos, Entry::end);

@@ -137,6 +137,9 @@ impl External {
 /// A consensus-loop turn or a service-thread step longer than this is
 /// logged: everything behind it waited.
 const SLOW_TURN: Duration = Duration::from_millis(50);
+/// How long a write may wait for its entry to apply before its client is
+/// told the outcome is unknown (see `Consensus::expire_awaiting`).
+const AWAIT_LIMIT: Duration = Duration::from_secs(30);
 
 /// Where a consensus turn's time went, for the slow-turn warning. (What
 /// is not in `external` or the slowest internal event went to other
@@ -354,7 +357,7 @@ impl NodeHandle {
         let req = ClientRequest {
             id: n,
             client: keel_core::SESSIONLESS,
-            seq: sessionless_seq(self.id, n),
+            seq: 0, // (the consensus thread numbers sessionless writes)
             op,
         };
         if self.is_stopped() {
@@ -426,11 +429,13 @@ const STATUS_EVERY: Duration = Duration::from_millis(1);
 /// above them.
 const SESSIONLESS_COUNTER_MASK: u64 = (1 << 48) - 1;
 
-/// The sequence number of an in-process sessionless request. Replies are
-/// matched to waiting callers by (client, seq) on every node that applies
-/// the entry, and a follower forwards its writes to the leader, so the
-/// number must be unique across the cluster: the node id goes in the top
-/// bits. (Two callers sharing one would get each other's reply.)
+/// The sequence number the consensus thread gives a sessionless write (the
+/// client's own is ignored: without a session nothing deduplicates on it).
+/// Replies are matched to waiting callers by (client, seq) on every node
+/// that applies the entry, and a follower forwards its writes to the
+/// leader, so the number must be unique across the cluster: the node id
+/// goes in the top bits. (Two callers sharing one would get each other's
+/// reply.)
 fn sessionless_seq(node: NodeId, counter: u64) -> u64 {
     (node << 48) | (counter & SESSIONLESS_COUNTER_MASK)
 }
@@ -812,6 +817,9 @@ pub fn start_with(
         snapshots: snap_tx,
         pending: HashMap::new(),
         awaiting: HashMap::new(),
+        deposed: None,
+        next_expiry: Instant::now(),
+        sessionless_next: (wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK,
         next_id: 1,
         elections_seen: 0,
         published_at: None,
@@ -914,6 +922,13 @@ struct Consensus {
     /// Accepted writes waiting for their entries to apply, by client and
     /// sequence number; handed to the service thread with those entries.
     awaiting: HashMap<(u64, u64), AwaitingWrite>,
+    /// Stepped down in this step: answer `awaiting` at its end.
+    deposed: Option<ClientResult>,
+    /// When `expire_awaiting` next looks.
+    next_expiry: Instant,
+    /// Sequence numbers this node gives sessionless writes (see
+    /// `sessionless_seq`).
+    sessionless_next: u64,
     next_id: u64,
     /// Elections started, as last exported to the metrics.
     elections_seen: u64,
@@ -1020,6 +1035,7 @@ impl Consensus {
                 .storage_queue_depth
                 .set(self.storage.queue_len() as i64);
             self.maybe_publish_status();
+            self.expire_awaiting();
             let took = turn.elapsed();
             if took >= SLOW_TURN {
                 warn!(
@@ -1113,6 +1129,14 @@ impl Consensus {
                     respond(&sink, req.id, self.not_leader());
                     return Ok(());
                 }
+                // A sessionless write's number only matches its reply to
+                // it: this node picks one no other write in flight has.
+                let seq = if req.client == keel_core::SESSIONLESS {
+                    self.sessionless_next = self.sessionless_next.wrapping_add(1);
+                    sessionless_seq(self.cfg.id, self.sessionless_next)
+                } else {
+                    req.seq
+                };
                 self.pending.insert(
                     id,
                     PendingRequest {
@@ -1120,7 +1144,7 @@ impl Consensus {
                         sink,
                         op: PendingOp::Write {
                             client: req.client,
-                            seq: req.seq,
+                            seq,
                             since: Instant::now(),
                         },
                     },
@@ -1128,7 +1152,7 @@ impl Consensus {
                 proposals.push(Proposal {
                     id,
                     client: req.client,
-                    seq: req.seq,
+                    seq,
                     data,
                 });
                 Ok(())
@@ -1249,7 +1273,15 @@ impl Consensus {
                         sink: p.sink,
                         since,
                     };
-                    self.awaiting.insert((client, seq), w);
+                    if let Some(old) = self.awaiting.insert((client, seq), w) {
+                        respond(
+                            &old.sink,
+                            old.id,
+                            ClientResult::Error(format!(
+                                "replaced by a newer request with the same session and sequence number ({client}, {seq}), which gets the reply"
+                            )),
+                        );
+                    }
                 }
             }
         }
@@ -1259,9 +1291,57 @@ impl Consensus {
         self.write_log()?;
         // Entries written on this thread (`replicated` mode) are durable
         // now: a follower acknowledges them in this same turn.
-        match self.written.take() {
-            Some((position, term)) => self.step(Event::Durable { position, term }),
-            None => Ok(()),
+        if let Some((position, term)) = self.written.take() {
+            self.step(Event::Durable { position, term })?;
+        }
+        self.answer_deposed();
+        Ok(())
+    }
+
+    /// After stepping down: the writes still waiting for their entries may
+    /// never commit here, so their clients hear "not the leader" and retry
+    /// at the new leader (with the same sequence number, if in a session).
+    /// Runs at the end of a step, so writes whose entries that step applied
+    /// (the new leader had committed them) went to the service first.
+    fn answer_deposed(&mut self) {
+        let Some(not_leader) = self.deposed.take() else {
+            return;
+        };
+        if self.node.role() == Role::Leader {
+            return;
+        }
+        for (_, w) in self.awaiting.drain() {
+            respond(&w.sink, w.id, not_leader.clone());
+        }
+    }
+
+    /// Answers writes that waited `AWAIT_LIMIT` for their entries: a write
+    /// a follower forwarded can be dropped on the way or by a leader in the
+    /// middle of a leadership transfer, and one whose entry a snapshot
+    /// install covered is never applied here. Its outcome is unknown.
+    fn expire_awaiting(&mut self) {
+        let now = Instant::now();
+        if self.awaiting.is_empty() || now < self.next_expiry {
+            return;
+        }
+        self.next_expiry = now + AWAIT_LIMIT / 4;
+        let expired: Vec<(u64, u64)> = self
+            .awaiting
+            .iter()
+            .filter(|(_, w)| now.duration_since(w.since) >= AWAIT_LIMIT)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            if let Some(w) = self.awaiting.remove(&key) {
+                respond(
+                    &w.sink,
+                    w.id,
+                    ClientResult::Error(format!(
+                        "no outcome for this write within {} s: it may or may not have been applied",
+                        AWAIT_LIMIT.as_secs()
+                    )),
+                );
+            }
         }
     }
 
@@ -1408,15 +1488,12 @@ impl Consensus {
                 }
                 let addr = leader.and_then(|l| self.cfg.client_addr_of(l));
                 if role != Role::Leader {
-                    // Their entries may never commit here: let clients retry
-                    // at the new leader with the same sequence number.
-                    let not_leader = ClientResult::NotLeader {
+                    // Answered at the end of the step, after the entries
+                    // this same step applies (see `answer_deposed`).
+                    self.deposed = Some(ClientResult::NotLeader {
                         leader,
                         address: addr.clone(),
-                    };
-                    for (_, w) in self.awaiting.drain() {
-                        respond(&w.sink, w.id, not_leader.clone());
-                    }
+                    });
                 }
                 // (Reads the core can no longer answer come back as Rejected.)
                 let _ = self.service.send(ServiceInput::Role(role, addr, leader));

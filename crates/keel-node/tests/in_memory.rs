@@ -392,3 +392,79 @@ fn a_deposed_leader_answers_its_uncommitted_writes() {
     net.heal();
     stop_all(nodes);
 }
+
+/// Replies with what it is sent.
+#[derive(Default)]
+struct Echo;
+
+impl Service for Echo {
+    fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
+        Ok(())
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(data)
+    }
+    fn query(&self, data: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(data)
+    }
+}
+
+/// Sessionless writes are matched to their replies by a number the node
+/// gives them, not the client's: two connections that both send sequence
+/// number 7 (nothing deduplicates sessionless writes, so clients need not
+/// pick distinct ones) each get their own reply.
+#[test]
+fn sessionless_writes_with_the_same_number_each_get_their_own_reply() {
+    use keel_net::codec::{self, ClientOp, ClientRequest, ClientResult, Frame};
+    use std::io::{Read, Write};
+    let Three {
+        tmp: _tmp, // kept until the end: the nodes' data
+        net: _,
+        clients,
+        nodes,
+    } = start_three(1 << 20, DurabilityConfig::Replicated, || Box::new(Echo));
+    let leader = wait_leader(&nodes, None);
+    let addr = &clients[(leader - 1) as usize];
+    let mut conns: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    // Both requests are written before either reply is read, so both wait
+    // for their entries at the same time.
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut buf = Vec::new();
+        let req = ClientRequest {
+            id: 1,
+            client: keel_core::SESSIONLESS,
+            seq: 7,
+            op: ClientOp::Write(Bytes::from(format!("from connection {i}"))),
+        };
+        codec::encode(&Frame::Request(req), &mut buf);
+        c.write_all(&buf).expect("send");
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = Vec::new();
+        let reply = loop {
+            if let Some((frame, _)) = codec::decode(&buf, 1 << 20).expect("a valid frame") {
+                break frame;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = c.read(&mut chunk).expect("a reply within 10 s");
+            assert!(n > 0, "connection {i} closed without a reply");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let Frame::Response(r) = reply else {
+            panic!("connection {i}: {reply:?}");
+        };
+        assert_eq!(r.id, 1);
+        assert_eq!(
+            r.result,
+            ClientResult::Ok(Bytes::from(format!("from connection {i}")))
+        );
+    }
+    stop_all(nodes);
+}

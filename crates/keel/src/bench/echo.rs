@@ -155,8 +155,9 @@ struct ConnResult {
 
 /// Sessionless writes (client id 0, `keel_core::SESSIONLESS`): the echo
 /// service needs no exactly-once dedup, and sessionless commands skip the
-/// session table. The node matches replies by (client, seq), so every
-/// in-flight write needs a distinct seq: a high base per connection.
+/// session table. The node numbers sessionless writes itself, so the seq
+/// sent here is ignored; it is still distinct per message (a high base per
+/// connection), which helps when reading a trace.
 const SEQ_BASE: u64 = 1 << 62;
 
 fn sender(

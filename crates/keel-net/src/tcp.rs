@@ -19,12 +19,12 @@ use crate::codec::{self, ClientRequest, ClientResponse, Frame};
 use keel_core::{Message, NodeId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
 /// Identity and limits of this end of the transport.
@@ -97,15 +97,18 @@ impl Drop for Peers {
 }
 
 /// Where the responses to a client's requests go: its connection, or an
-/// in-process channel (`channel`). Clones go with each request; a
-/// connection's writer stops once every clone is dropped and everything
-/// sent is written.
+/// in-process caller waiting for one response (`oneshot`). Clones go with
+/// each request; a connection's writer stops once every clone is dropped
+/// and everything sent is written.
 #[derive(Clone)]
 pub struct ResponseSink(Arc<Sink>);
 
 enum Sink {
     Conn(Arc<Outbox>),
-    Channel(mpsc::UnboundedSender<ClientResponse>),
+    /// Taken by the first response. (A oneshot rather than an mpsc
+    /// channel: the etcd API makes one per request, and an mpsc channel
+    /// allocates a block of 32 response slots, a few KiB, each time.)
+    Once(Mutex<Option<oneshot::Sender<ClientResponse>>>),
 }
 
 impl Drop for Sink {
@@ -117,10 +120,11 @@ impl Drop for Sink {
 }
 
 impl ResponseSink {
-    /// A sink whose responses arrive on the returned receiver.
-    pub fn channel() -> (ResponseSink, mpsc::UnboundedReceiver<ClientResponse>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (ResponseSink(Arc::new(Sink::Channel(tx))), rx)
+    /// A sink for one response, which arrives on the returned receiver
+    /// (later ones are refused: `send` returns false).
+    pub fn oneshot() -> (ResponseSink, oneshot::Receiver<ClientResponse>) {
+        let (tx, rx) = oneshot::channel();
+        (ResponseSink(Arc::new(Sink::Once(Mutex::new(Some(tx))))), rx)
     }
 
     /// Sends `r`; false if the client is gone. To a connection: encoded
@@ -129,7 +133,10 @@ impl ResponseSink {
     /// responses a thread produces in one step go out in one write).
     pub fn send(&self, r: ClientResponse) -> bool {
         match &*self.0 {
-            Sink::Channel(tx) => tx.send(r).is_ok(),
+            Sink::Once(slot) => {
+                let tx = slot.lock().ok().and_then(|mut s| s.take());
+                tx.is_some_and(|tx| tx.send(r).is_ok())
+            }
             Sink::Conn(out) => {
                 if out.push(&Frame::Response(r), usize::MAX).is_err() {
                     return false;

@@ -343,14 +343,15 @@ impl NodeHandle {
     /// applied once per time it reaches the log, as etcd's API behaves.
     pub async fn call(&self, op: ClientOp) -> ClientResult {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = ResponseSink::channel();
+        let (tx, rx) = ResponseSink::oneshot();
+        let answer = |r: Result<ClientResponse, _>| match r {
+            Ok(r) => r.result,
+            Err(_) => ClientResult::Error("the node stopped".into()),
+        };
         let op = match op {
             ClientOp::StaleRead(data) => {
                 self.stale_reads.submit(n, data, tx);
-                return match rx.recv().await {
-                    Some(r) => r.result,
-                    None => ClientResult::Error("the node stopped".into()),
-                };
+                return answer(rx.await);
             }
             op => op,
         };
@@ -370,10 +371,7 @@ impl NodeHandle {
             self.client_queue.release(1);
             return refusal(&e);
         }
-        match rx.recv().await {
-            Some(r) => r.result,
-            None => ClientResult::Error("the node stopped".into()),
-        }
+        answer(rx.await)
     }
 
     /// Notifications the service publishes on this node, in apply order. A

@@ -1253,36 +1253,7 @@ impl Consensus {
         if !compacted.is_empty() {
             let _ = self.snapshots.send(SnapshotJob::Free(compacted));
         }
-        let rejected: Vec<u64> = out
-            .iter()
-            .filter_map(|a| match a {
-                Action::Rejected { id, .. } => Some(*id),
-                _ => None,
-            })
-            .collect();
-        for id in proposal_ids {
-            if rejected.contains(&id) {
-                continue;
-            }
-            if let Some(p) = self.pending.remove(&id) {
-                if let PendingOp::Write { client, seq, since } = p.op {
-                    let w = AwaitingWrite {
-                        id: p.client_id,
-                        sink: p.sink,
-                        since,
-                    };
-                    if let Some(old) = self.awaiting.insert((client, seq), w) {
-                        respond(
-                            &old.sink,
-                            old.id,
-                            ClientResult::Error(format!(
-                                "replaced by a newer request with the same session and sequence number ({client}, {seq}), which gets the reply"
-                            )),
-                        );
-                    }
-                }
-            }
-        }
+        self.await_accepted(proposal_ids, &out);
         let result = out.drain(..).try_for_each(|a| self.execute(a));
         self.out = out;
         result?;
@@ -1294,6 +1265,46 @@ impl Consensus {
         }
         self.answer_deposed();
         Ok(())
+    }
+
+    /// The writes of a proposal batch the core accepted (did not reject in
+    /// `out`) now wait for their entries to apply.
+    fn await_accepted(&mut self, proposal_ids: Vec<u64>, out: &[Action]) {
+        if proposal_ids.is_empty() {
+            return;
+        }
+        let rejected: Vec<u64> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Rejected { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for id in proposal_ids {
+            if rejected.contains(&id) {
+                continue;
+            }
+            let Some(p) = self.pending.remove(&id) else {
+                continue;
+            };
+            let PendingOp::Write { client, seq, since } = p.op else {
+                continue;
+            };
+            let w = AwaitingWrite {
+                id: p.client_id,
+                sink: p.sink,
+                since,
+            };
+            if let Some(old) = self.awaiting.insert((client, seq), w) {
+                respond(
+                    &old.sink,
+                    old.id,
+                    ClientResult::Error(format!(
+                        "replaced by a newer request with the same session and sequence number ({client}, {seq}), which gets the reply"
+                    )),
+                );
+            }
+        }
     }
 
     /// After stepping down: the writes still waiting for their entries may

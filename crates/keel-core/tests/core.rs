@@ -38,6 +38,18 @@ fn check_image(_: &SnapshotMeta, image: &[u8]) -> bool {
     image.starts_with(b"SNAP")
 }
 
+/// A message from node 1, leader in term 1, to node 2 (the single
+/// follower driven directly in some tests).
+fn from_leader_1(body: Body) -> Message {
+    Message {
+        cluster_id: 7,
+        from: 1,
+        to: 2,
+        term: 1,
+        body,
+    }
+}
+
 impl Harness {
     fn new(n: u64) -> Self {
         let m = Membership::new(1..=n);
@@ -960,16 +972,9 @@ fn an_installed_snapshot_supersedes_the_followers_own_unpublished_ones() {
         data: Bytes::new(),
     };
     let end = e1.end();
-    let msg = |body| Message {
-        cluster_id: 7,
-        from: 1,
-        to: 2,
-        term: 1,
-        body,
-    };
     f.step(
         10,
-        Event::Message(msg(Body::Append {
+        Event::Message(from_leader_1(Body::Append {
             prev_pos: 0,
             prev_term: 0,
             commit: end,
@@ -1013,7 +1018,7 @@ fn an_installed_snapshot_supersedes_the_followers_own_unpublished_ones() {
     let image = image_of(b"leader's");
     f.step(
         14,
-        Event::Message(msg(Body::InstallSnapshot {
+        Event::Message(from_leader_1(Body::InstallSnapshot {
             meta: meta.clone(),
             offset: 0,
             chunk: image.clone(),
@@ -1077,13 +1082,6 @@ fn a_follower_acknowledges_new_entries_once_durable() {
         kind: EntryKind::TermStart,
         data: Bytes::from_static(data),
     };
-    let msg = |body| Message {
-        cluster_id: 7,
-        from: 1,
-        to: 2,
-        term: 1,
-        body,
-    };
     let answers = |out: &[Action]| -> Vec<(Position, u64)> {
         out.iter()
             .filter_map(|a| match a {
@@ -1102,7 +1100,7 @@ fn a_follower_acknowledges_new_entries_once_durable() {
             .collect()
     };
     let append = |prev_pos, heartbeat, entries: Vec<Entry>| {
-        Event::Message(msg(Body::Append {
+        Event::Message(from_leader_1(Body::Append {
             prev_pos,
             prev_term: if prev_pos == 0 { 0 } else { 1 },
             commit: 0,

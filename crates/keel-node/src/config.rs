@@ -38,6 +38,23 @@ impl From<DurabilityConfig> for Durability {
     }
 }
 
+/// Where the service runs (Aeron's threading modes, for one node).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceThreadConfig {
+    /// On a thread of its own, fed by the consensus thread: applying
+    /// entries, answering reads and capturing snapshots never hold up
+    /// heartbeats, votes or replication.
+    #[default]
+    Dedicated,
+    /// On the consensus thread, called in line: one thread wake-up fewer
+    /// per committed batch (lower latency, less CPU per message), but every
+    /// apply, read and snapshot capture runs between consensus steps. For
+    /// services whose work per entry and whose snapshot capture are cheap
+    /// (echo); a slow service step here delays heartbeats and elections.
+    Shared,
+}
+
 fn default_cluster_id() -> u64 {
     0x6b65_656c // "keel"
 }
@@ -92,6 +109,10 @@ pub struct NodeConfig {
     /// The replicated service: kv, echo, lock, matching.
     #[serde(default = "default_service")]
     pub service: String,
+    /// Whether the service gets a thread of its own (see
+    /// `ServiceThreadConfig`).
+    #[serde(default)]
+    pub service_thread: ServiceThreadConfig,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
     /// How long the leader may hold back a commit-only message to a
@@ -236,6 +257,7 @@ mod tests {
         let c: NodeConfig = toml::from_str(&text).expect("parse");
         c.validate().expect("valid");
         assert_eq!(c.durability, DurabilityConfig::Sync);
+        assert_eq!(c.service_thread, ServiceThreadConfig::Dedicated);
         assert_eq!(c.initial_membership(), Membership::new([1, 2]));
         assert_eq!(c.client_addr_of(2).as_deref(), Some("127.0.0.1:7102"));
     }
@@ -254,5 +276,11 @@ mod tests {
         );
         let bad_mode = format!("{}durability = \"fast\"\n", base());
         assert!(toml::from_str::<NodeConfig>(&bad_mode).is_err());
+        let shared = format!("{}service_thread = \"shared\"\n", base());
+        let c: NodeConfig = toml::from_str(&shared).expect("parse");
+        assert_eq!(c.service_thread, ServiceThreadConfig::Shared);
+        let bad_thread = format!("{}service_thread = \"own\"\n", base());
+        let e = toml::from_str::<NodeConfig>(&bad_thread).expect_err("bad mode accepted");
+        assert!(e.to_string().contains("dedicated"), "{e}");
     }
 }

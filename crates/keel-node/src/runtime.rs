@@ -24,7 +24,7 @@
 //! holds a whole snapshot in memory to serve them; a follower checks the
 //! whole received file (its checksum) before installing it.
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, ServiceThreadConfig};
 use crate::handoff::{self, HandoffRx, HandoffTx};
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -315,7 +315,8 @@ pub struct NodeHandle {
     id: NodeId,
     notifications: tokio::sync::broadcast::Sender<Arc<Notification>>,
     next_request: AtomicU64,
-    stale_reads: StaleReads,
+    /// `None` in the shared threading mode.
+    stale_reads: Option<StaleReads>,
     client_queue: Arc<ClientQueue>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     fatal: Arc<Mutex<Option<String>>>,
@@ -348,12 +349,12 @@ impl NodeHandle {
             Ok(r) => r.result,
             Err(_) => ClientResult::Error("the node stopped".into()),
         };
-        let op = match op {
-            ClientOp::StaleRead(data) => {
-                self.stale_reads.submit(n, data, tx);
+        let op = match (op, &self.stale_reads) {
+            (ClientOp::StaleRead(data), Some(stale)) => {
+                stale.submit(n, data, tx);
                 return answer(rx.await);
             }
-            op => op,
+            (op, _) => op,
         };
         let req = ClientRequest {
             id: n,
@@ -542,7 +543,10 @@ pub fn start_with(
         queued: AtomicUsize::new(0),
         depth: cfg.queue_depth,
     });
+    // The service thread's input (none in the shared threading mode, where
+    // the consensus thread runs the service itself).
     let (service_tx, service_rx) = handoff::channel::<ServiceInput>();
+    let service_rx = (cfg.service_thread == ServiceThreadConfig::Dedicated).then_some(service_rx);
     let (notify_tx, _) = tokio::sync::broadcast::channel::<Arc<Notification>>(4096);
     let fatal = Arc::new(Mutex::new(None));
     let term = Arc::new(AtomicU64::new(0));
@@ -600,13 +604,14 @@ pub fn start_with(
         max_frame: (cfg.max_request_bytes + (1 << 20)).max(64 << 20),
         peer_queue: 4096,
     };
-    let stale_reads = StaleReads {
+    // (In the shared threading mode they go through the consensus thread.)
+    let stale_reads = service_rx.is_some().then(|| StaleReads {
         service: service_tx.clone(),
         status: status.clone(),
         limit: cfg.queue_depth,
         metrics: metrics.clone(),
         stopped: stopped.clone(),
-    };
+    });
     let peers_list: Vec<(NodeId, String)> = cfg
         .peers
         .iter()
@@ -673,9 +678,11 @@ pub fn start_with(
                         );
                         continue;
                     }
-                    match req.op {
-                        ClientOp::StaleRead(data) => stale.submit(req.id, data, sink.clone()),
-                        _ => batch.push(req),
+                    match (req.op, &stale) {
+                        (ClientOp::StaleRead(data), Some(stale)) => {
+                            stale.submit(req.id, data, sink.clone())
+                        }
+                        (op, _) => batch.push(ClientRequest { op, ..req }),
                     }
                 }
                 if batch.is_empty() {
@@ -768,30 +775,37 @@ pub fn start_with(
             .map_err(|e| NodeError::Start(e.to_string()))?
     };
 
-    // What the service thread has applied, for the consensus thread.
+    // What the service has applied, for the consensus thread.
     let applied_shared = Arc::new(AtomicU64::new(snapshot.meta.position));
-    // Service thread.
-    let service_thread = {
-        let tx = internal_tx.clone();
-        let applied = applied_shared.clone();
-        let every = cfg.snapshot_every_bytes;
-        let metrics = metrics.clone();
-        let applied_from = snapshot.meta.position;
-        let notify = notify_tx.clone();
-        let snapshots = SnapshotSink {
-            every: every.max(1),
-            phase: snapshot_phase(cfg.id, every.max(1)),
-            last: applied_from,
+    let worker = ServiceWorker {
+        host,
+        applied_shared: applied_shared.clone(),
+        tx: internal_tx.clone(),
+        snapshots: SnapshotSink {
+            every: cfg.snapshot_every_bytes.max(1),
+            phase: snapshot_phase(cfg.id, cfg.snapshot_every_bytes.max(1)),
+            last: snapshot.meta.position,
             jobs: snap_tx.clone(),
             busy: snapshot_busy,
-        };
-        std::thread::Builder::new()
-            .name("keel-service".into())
-            .spawn(move || {
-                let _s = tracing::info_span!("node", id = cfg_id).entered();
-                service_loop(host, service_rx, applied, tx, snapshots, metrics, notify)
-            })
-            .map_err(|e| NodeError::Start(e.to_string()))?
+        },
+        metrics: metrics.clone(),
+        notify: notify_tx.clone(),
+        writes: HashMap::new(),
+        reads: BTreeMap::new(),
+        out: ApplyOutput::default(),
+    };
+    let (service_link, service_thread) = match service_rx {
+        Some(rx) => {
+            let thread = std::thread::Builder::new()
+                .name("keel-service".into())
+                .spawn(move || {
+                    let _s = tracing::info_span!("node", id = cfg_id).entered();
+                    service_loop(worker, rx)
+                })
+                .map_err(|e| NodeError::Start(e.to_string()))?;
+            (ServiceLink::Thread(service_tx), Some(thread))
+        }
+        None => (ServiceLink::Inline(Box::new(worker)), None),
     };
 
     // Consensus thread.
@@ -811,7 +825,7 @@ pub fn start_with(
         now: Box::new(move || start_wall + started.elapsed().as_nanos() as Nanos),
         storage: storage.clone(),
         peers,
-        service: service_tx,
+        service: service_link,
         snapshots: snap_tx,
         pending: HashMap::new(),
         awaiting: HashMap::new(),
@@ -858,7 +872,7 @@ pub fn start_with(
                 consensus_rt.block_on(async move {
                     tcp::flush_deferred();
                     let wind_down = tokio::task::spawn_blocking(move || {
-                        let _ = consensus.service.send(ServiceInput::Stop);
+                        consensus.service.send(ServiceInput::Stop);
                         drop(consensus);
                         if let Ok(st) = Arc::try_unwrap(storage_for_stop) {
                             if let Err(e) = st.shutdown() {
@@ -880,7 +894,16 @@ pub fn start_with(
         // Start the counter at the clock, so sequence numbers of a restarted
         // node do not repeat those of entries still in the log.
         next_request: AtomicU64::new((wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK),
-        threads: Mutex::new(vec![consensus_thread, service_thread, snapshot_writer]),
+        threads: Mutex::new(
+            [
+                Some(consensus_thread),
+                service_thread,
+                Some(snapshot_writer),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         cluster_id: cfg.cluster_id,
         id: cfg.id,
         fatal,
@@ -913,7 +936,7 @@ struct Consensus {
     now: Box<dyn Fn() -> Nanos + Send>,
     storage: Arc<StorageThread>,
     peers: Box<dyn PeerSender>,
-    service: HandoffTx<ServiceInput>,
+    service: ServiceLink,
     snapshots: Sender<SnapshotJob>,
     /// Requests the core may still answer (reject, read-ready), by core id.
     pending: HashMap<u64, PendingRequest>,
@@ -1028,7 +1051,7 @@ impl Consensus {
             self.metrics.queue_depth.set(self.client_queue.len() as i64);
             self.metrics
                 .service_queue_depth
-                .set(self.service.len() as i64);
+                .set(self.service.queued() as i64);
             self.metrics
                 .storage_queue_depth
                 .set(self.storage.queue_len() as i64);
@@ -1167,7 +1190,7 @@ impl Consensus {
                 self.step(Event::Read { id })
             }
             ClientOp::StaleRead(data) => {
-                let _ = self.service.send(ServiceInput::StaleRead {
+                self.service.send(ServiceInput::StaleRead {
                     data,
                     id: req.id,
                     sink,
@@ -1435,7 +1458,7 @@ impl Consensus {
                         }
                     }
                 }
-                let _ = self.service.send(ServiceInput::Apply(entries, writes));
+                self.service.send(ServiceInput::Apply(entries, writes));
             }
             Action::InstallSnapshot { meta: m, image } => {
                 // The core checked the file (`check_snapshot_image`).
@@ -1457,12 +1480,12 @@ impl Consensus {
                     "node {} installed a snapshot at {} (term {})",
                     self.cfg.id, s.meta.position, s.meta.term
                 );
-                let _ = self.service.send(ServiceInput::Restore(Box::new(s)));
+                self.service.send(ServiceInput::Restore(Box::new(s)));
             }
             Action::ReadReady { id, index } => {
                 if let Some(p) = self.pending.remove(&id) {
                     if let PendingOp::Read(data) = p.op {
-                        let _ = self.service.send(ServiceInput::Read {
+                        self.service.send(ServiceInput::Read {
                             index,
                             data,
                             id: p.client_id,
@@ -1505,7 +1528,7 @@ impl Consensus {
                     });
                 }
                 // (Reads the core can no longer answer come back as Rejected.)
-                let _ = self.service.send(ServiceInput::Role(role, addr, leader));
+                self.service.send(ServiceInput::Role(role, addr, leader));
             }
         }
         Ok(())
@@ -1610,24 +1633,27 @@ impl SnapshotSink {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn service_loop(
-    mut host: ServiceHost<Box<dyn Service + Send>>,
-    rx: HandoffRx<ServiceInput>,
+/// The service's side of the node: applies committed entries, answers the
+/// writes waiting on them and the reads, takes snapshots. Runs on its own
+/// thread (`service_loop`) or, in the shared threading mode, on the
+/// consensus thread (`ServiceLink::Inline`).
+struct ServiceWorker {
+    host: ServiceHost<Box<dyn Service + Send>>,
+    /// What has been applied, for the consensus thread (see `sync_applied`).
     applied_shared: Arc<AtomicU64>,
     tx: InternalTx,
-    mut snapshots: SnapshotSink,
+    snapshots: SnapshotSink,
     metrics: Arc<Metrics>,
     notify: tokio::sync::broadcast::Sender<Arc<Notification>>,
-) {
-    let mut writes: HashMap<(u64, u64), AwaitingWrite> = HashMap::new();
-    let mut reads: BTreeMap<Position, VecDeque<(Bytes, u64, ResponseSink)>> = BTreeMap::new();
-    let mut out = ApplyOutput::default();
-    // Responses go out in one write per connection per step, or per few
-    // steps while more input is queued.
-    tcp::defer_flushes();
-    let mut unflushed = 0;
-    while let Some(input) = rx.recv() {
+    writes: HashMap<(u64, u64), AwaitingWrite>,
+    reads: BTreeMap<Position, VecDeque<(Bytes, u64, ResponseSink)>>,
+    out: ApplyOutput,
+}
+
+impl ServiceWorker {
+    /// Handles one input. False once the service is done: stopped, or
+    /// failed to restore a snapshot (the consensus thread is told).
+    fn handle(&mut self, input: ServiceInput) -> bool {
         let started = Instant::now();
         // What the step is, for the slow-step warning (no allocation here).
         let what: Result<usize, &str> = match &input {
@@ -1638,20 +1664,33 @@ fn service_loop(
             ServiceInput::Role(..) => Err("a role change"),
             ServiceInput::Stop => Err("stopping"),
         };
+        let go_on = self.step(input);
+        let took = started.elapsed();
+        if took >= SLOW_TURN {
+            match what {
+                Ok(n) => warn!("slow service step: {took:?} (applying {n} entries)"),
+                Err(kind) => warn!("slow service step: {took:?} ({kind})"),
+            }
+        }
+        go_on
+    }
+
+    fn step(&mut self, input: ServiceInput) -> bool {
+        let host = &mut self.host;
         match input {
             ServiceInput::Apply(entries, awaited) => {
-                writes.extend(awaited);
-                out.clear();
-                host.apply(&entries, &mut out);
-                for (client, seq, reply) in out.replies.drain(..) {
-                    if let Some(w) = writes.remove(&(client, seq)) {
+                self.writes.extend(awaited);
+                self.out.clear();
+                host.apply(&entries, &mut self.out);
+                for (client, seq, reply) in self.out.replies.drain(..) {
+                    if let Some(w) = self.writes.remove(&(client, seq)) {
                         let result = match reply {
                             Reply::Applied(b) | Reply::Duplicate(b) => ClientResult::Ok(b),
                             Reply::Stale => ClientResult::Error(format!(
                                 "request {seq} of session {client} is older than the session's last request"
                             )),
                         };
-                        metrics
+                        self.metrics
                             .commit_latency
                             .observe(w.since.elapsed().as_secs_f64());
                         respond(&w.sink, w.id, result);
@@ -1661,30 +1700,30 @@ fn service_loop(
                 // Without subscribers nothing is encoded. A subscriber that
                 // comes later reads the state first (it includes what was
                 // applied here), so it misses nothing.
-                if notify.receiver_count() == 0 {
+                if self.notify.receiver_count() == 0 {
                     host.service_mut().discard_notifications();
                 } else {
                     let items = host.service_mut().take_notifications();
                     if !items.is_empty() {
                         // Subscribers may leave meanwhile: send fails only then.
-                        let _ = notify.send(Arc::new(Notification { applied, items }));
+                        let _ = self.notify.send(Arc::new(Notification { applied, items }));
                     }
                 }
                 // The position goes through an atomic the consensus thread
                 // reads on its next turn (it needs it only for snapshots
                 // and status): no wake-up per applied batch. Timer changes
                 // must reach the core, in order: those go as an event.
-                applied_shared.store(applied, Ordering::Release);
-                if !out.timers.is_empty() {
-                    let _ = tx.send(Internal::Applied {
+                self.applied_shared.store(applied, Ordering::Release);
+                if !self.out.timers.is_empty() {
+                    let _ = self.tx.send(Internal::Applied {
                         position: applied,
-                        timers: std::mem::take(&mut out.timers),
+                        timers: std::mem::take(&mut self.out.timers),
                     });
                 }
-                serve_reads(&host, &mut reads);
+                serve_reads(host, &mut self.reads);
                 // After the store above: the core must know the snapshot's
                 // position is applied when the snapshot reaches it.
-                snapshots.maybe_take(&host);
+                self.snapshots.maybe_take(host);
             }
             ServiceInput::Read {
                 index,
@@ -1692,8 +1731,11 @@ fn service_loop(
                 id,
                 sink,
             } => {
-                reads.entry(index).or_default().push_back((data, id, sink));
-                serve_reads(&host, &mut reads);
+                self.reads
+                    .entry(index)
+                    .or_default()
+                    .push_back((data, id, sink));
+                serve_reads(host, &mut self.reads);
             }
             ServiceInput::StaleRead {
                 data,
@@ -1714,17 +1756,20 @@ fn service_loop(
             }
             ServiceInput::Restore(s) => match host.restore(&s) {
                 Ok(timers) => {
-                    snapshots.last = s.meta.position;
-                    applied_shared.fetch_max(s.meta.position, Ordering::AcqRel);
-                    let _ = tx.send(Internal::Applied {
+                    self.snapshots.last = s.meta.position;
+                    self.applied_shared
+                        .fetch_max(s.meta.position, Ordering::AcqRel);
+                    let _ = self.tx.send(Internal::Applied {
                         position: s.meta.position,
                         timers,
                     });
-                    serve_reads(&host, &mut reads);
+                    serve_reads(host, &mut self.reads);
                 }
                 Err(e) => {
-                    let _ = tx.send(Internal::Fatal(format!("restoring snapshot: {e}")));
-                    return;
+                    let _ = self
+                        .tx
+                        .send(Internal::Fatal(format!("restoring snapshot: {e}")));
+                    return false;
                 }
             },
             ServiceInput::Role(role, address, leader) => {
@@ -1733,27 +1778,63 @@ fn service_loop(
                 if role != Role::Leader {
                     // Their entries may never commit here: let clients retry
                     // at the new leader with the same sequence number.
-                    for (_, w) in writes.drain() {
+                    for (_, w) in self.writes.drain() {
                         respond(&w.sink, w.id, not_leader.clone());
                     }
                 }
             }
-            ServiceInput::Stop => {
-                tcp::flush_deferred();
-                return;
-            }
+            ServiceInput::Stop => return false,
+        }
+        true
+    }
+}
+
+/// The service thread (`ServiceThreadConfig::Dedicated`).
+fn service_loop(mut worker: ServiceWorker, rx: HandoffRx<ServiceInput>) {
+    // Responses go out in one write per connection per step, or per few
+    // steps while more input is queued.
+    tcp::defer_flushes();
+    let mut unflushed = 0;
+    while let Some(input) = rx.recv() {
+        if !worker.handle(input) {
+            break;
         }
         unflushed += 1;
         if unflushed >= 16 || rx.is_empty() {
             tcp::flush_deferred();
             unflushed = 0;
         }
-        let took = started.elapsed();
-        if took >= SLOW_TURN {
-            match what {
-                Ok(n) => warn!("slow service step: {took:?} (applying {n} entries)"),
-                Err(kind) => warn!("slow service step: {took:?} ({kind})"),
+    }
+    tcp::flush_deferred();
+}
+
+/// How the consensus thread reaches the service.
+enum ServiceLink {
+    /// The service thread, through a channel.
+    Thread(HandoffTx<ServiceInput>),
+    /// The shared threading mode: the service runs in line, on the
+    /// consensus thread (whose turn flushes the responses it produces).
+    Inline(Box<ServiceWorker>),
+}
+
+impl ServiceLink {
+    fn send(&mut self, input: ServiceInput) {
+        match self {
+            // Fails only once the service thread is gone (node stopping).
+            ServiceLink::Thread(tx) => {
+                let _ = tx.send(input);
             }
+            ServiceLink::Inline(worker) => {
+                worker.handle(input);
+            }
+        }
+    }
+
+    /// Inputs waiting for the service.
+    fn queued(&self) -> usize {
+        match self {
+            ServiceLink::Thread(tx) => tx.len(),
+            ServiceLink::Inline(_) => 0,
         }
     }
 }

@@ -7,7 +7,7 @@ use keel_client::{Client, ClientOptions};
 use keel_core::{ClientId, Context, Service, ServiceHost, SnapshotTask};
 use keel_kv::{Command, KvService, Query, Response};
 use keel_net::mem::MemNetwork;
-use keel_node::config::DurabilityConfig;
+use keel_node::config::{DurabilityConfig, ServiceThreadConfig};
 use keel_node::runtime::{start_with, Transport};
 use keel_node::{NodeConfig, NodeHandle, PeerConfig};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +41,7 @@ fn node_config(
     clients: &[String],
     snapshot_every_bytes: u64,
     durability: DurabilityConfig,
+    service_thread: ServiceThreadConfig,
 ) -> NodeConfig {
     NodeConfig {
         id,
@@ -52,6 +53,7 @@ fn node_config(
         etcd_addr: None,
         durability,
         service: "kv".into(),
+        service_thread,
         heartbeat_ms: 20,
         commit_notify_delay_ms: 5,
         election_timeout_min_ms: 200,
@@ -81,10 +83,22 @@ struct Three {
     nodes: Vec<NodeHandle>,
 }
 
-/// Starts three nodes, each with its own service from `service`.
+/// Starts three nodes, each with its own service from `service` on a
+/// thread of its own.
 fn start_three(
     snapshot_every_bytes: u64,
     durability: DurabilityConfig,
+    service: impl Fn() -> Box<dyn Service + Send>,
+) -> Three {
+    let dedicated = ServiceThreadConfig::Dedicated;
+    start_three_with(snapshot_every_bytes, durability, dedicated, service)
+}
+
+/// `start_three`, with the service where `service_thread` says.
+fn start_three_with(
+    snapshot_every_bytes: u64,
+    durability: DurabilityConfig,
+    service_thread: ServiceThreadConfig,
     service: impl Fn() -> Box<dyn Service + Send>,
 ) -> Three {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -92,7 +106,14 @@ fn start_three(
     let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
     let nodes = (1..=3u64)
         .map(|id| {
-            let cfg = node_config(id, tmp.path(), &clients, snapshot_every_bytes, durability);
+            let cfg = node_config(
+                id,
+                tmp.path(),
+                &clients,
+                snapshot_every_bytes,
+                durability,
+                service_thread,
+            );
             start_with(cfg, service(), Transport::Memory(net.clone())).expect("start")
         })
         .collect();
@@ -124,7 +145,8 @@ fn stop_all(nodes: Vec<NodeHandle>) {
 
 #[test]
 fn three_nodes_in_one_process() {
-    leader_replaced_with_every_acknowledged_write_kept(DurabilityConfig::Sync);
+    let dedicated = ServiceThreadConfig::Dedicated;
+    leader_replaced_with_every_acknowledged_write_kept(DurabilityConfig::Sync, dedicated, 1 << 20);
 }
 
 /// The same in `replicated` mode, where the consensus thread writes the
@@ -132,16 +154,40 @@ fn three_nodes_in_one_process() {
 /// thread).
 #[test]
 fn three_nodes_in_one_process_replicated() {
-    leader_replaced_with_every_acknowledged_write_kept(DurabilityConfig::Replicated);
+    let (durability, dedicated) = (DurabilityConfig::Replicated, ServiceThreadConfig::Dedicated);
+    leader_replaced_with_every_acknowledged_write_kept(durability, dedicated, 1 << 20);
 }
 
-fn leader_replaced_with_every_acknowledged_write_kept(durability: DurabilityConfig) {
+/// The same with the service on the consensus thread (Aeron's shared
+/// threading mode), taking a snapshot every KiB of log, so that applies,
+/// both kinds of read, snapshot captures and role changes all run in line.
+#[test]
+fn three_nodes_in_one_process_with_the_service_on_the_consensus_thread() {
+    let (durability, shared) = (DurabilityConfig::Sync, ServiceThreadConfig::Shared);
+    let dir = leader_replaced_with_every_acknowledged_write_kept(durability, shared, 1024);
+    for id in 1..=3 {
+        let snapshots = std::fs::read_dir(dir.path().join(format!("n{id}")))
+            .expect("data dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+            .count();
+        assert!(snapshots > 0, "node {id} took no snapshot");
+    }
+}
+
+fn leader_replaced_with_every_acknowledged_write_kept(
+    durability: DurabilityConfig,
+    service_thread: ServiceThreadConfig,
+    snapshot_every_bytes: u64,
+) -> tempfile::TempDir {
     let Three {
-        tmp: _tmp, // kept until the end: the nodes' data
+        tmp,
         net,
         clients,
         nodes,
-    } = start_three(1 << 20, durability, || Box::new(KvService::default()));
+    } = start_three_with(snapshot_every_bytes, durability, service_thread, || {
+        Box::new(KvService::default())
+    });
     let rt = client_runtime();
     let mut client = Client::new(ClientOptions::new(clients.clone())).expect("client");
     let put = |client: &mut Client, k: &str| {
@@ -175,8 +221,18 @@ fn leader_replaced_with_every_acknowledged_write_kept(durability: DurabilityConf
             Ok(Response::Get { kv: Some(kv), .. }) => assert_eq!(&kv.value[..], b"v"),
             other => panic!("{k}: {other:?}"),
         }
+        // The node that answered the linearizable read has applied the
+        // write, so its serializable read sees it too.
+        let (r, _, _) = rt
+            .block_on(client.stale_read(q.encode()))
+            .expect("stale get");
+        match Response::decode(&r) {
+            Ok(Response::Get { kv: Some(kv), .. }) => assert_eq!(&kv.value[..], b"v"),
+            other => panic!("{k} (serializable): {other:?}"),
+        }
     }
     stop_all(nodes);
+    tmp
 }
 
 /// Snapshots serialized so far / started, by every `SlowSnapshots` in this

@@ -249,6 +249,7 @@ fn cli_mistakes_get_clear_errors() {
     let cases: &[(&[&str], &str)] = &[
         (&["kv", "pt", "a", "b"], "unrecognized subcommand 'pt'"),
         (&["server", "--durability", "fast"], "invalid value 'fast'"),
+        (&["server", "--service-thread", "own"], "invalid value 'own'"),
         (&["server"], "without --config, these flags are required: --id, --data-dir, --peer-addr, --client-addr"),
         (&["server", "--config", "/nonexistent/keel.toml"], "cannot read config file /nonexistent/keel.toml"),
         (

@@ -237,8 +237,9 @@ pub struct KeelCluster {
 }
 
 impl KeelCluster {
-    /// Starts `nodes` servers running `service` with `durability`; with
-    /// `etcd`, each also serves the etcd v3 API. Returns once started (see
+    /// Starts `nodes` servers running `service` with `durability` and
+    /// `service_thread` (`dedicated` or `shared`); with `etcd`, each also
+    /// serves the etcd v3 API. Returns once started (see
     /// [`KeelCluster::wait_for_leader`]).
     pub fn start(
         parent: &Path,
@@ -246,6 +247,7 @@ impl KeelCluster {
         nodes: u64,
         service: &str,
         durability: &str,
+        service_thread: &str,
         etcd: bool,
     ) -> Result<KeelCluster> {
         let exe = std::env::current_exe().context("finding the keel executable")?;
@@ -268,7 +270,7 @@ impl KeelCluster {
             let config = node_dir.join("keel.toml");
             std::fs::write(
                 &config,
-                node_config(n, &list, &node_dir, service, durability),
+                node_config(n, &list, &node_dir, service, durability, service_thread),
             )
             .with_context(|| format!("writing {}", config.display()))?;
             let mut cmd = Command::new(&exe);
@@ -337,9 +339,10 @@ fn node_config(
     dir: &Path,
     service: &str,
     durability: &str,
+    service_thread: &str,
 ) -> String {
     let mut toml = format!(
-        "# keel bench: node {}\nid = {}\ndata_dir = {:?}\npeer_addr = \"{}\"\nclient_addr = \"{}\"\ndurability = \"{durability}\"\nservice = \"{service}\"\n",
+        "# keel bench: node {}\nid = {}\ndata_dir = {:?}\npeer_addr = \"{}\"\nclient_addr = \"{}\"\ndurability = \"{durability}\"\nservice = \"{service}\"\nservice_thread = \"{service_thread}\"\n",
         n.id,
         n.id,
         dir.join("data").display().to_string(),
@@ -526,11 +529,12 @@ mod tests {
                 etcd: Some(format!("127.0.0.1:{}", 9200 + id)),
             })
             .collect();
-        let t = node_config(&nodes[1], &nodes, Path::new("/d"), "echo", "sync");
+        let t = node_config(&nodes[1], &nodes, Path::new("/d"), "echo", "sync", "shared");
         let v: toml::Value = toml::from_str(&t).expect("valid TOML");
         assert_eq!(v["id"].as_integer(), Some(2));
         assert_eq!(v["etcd_addr"].as_str(), Some("127.0.0.1:9202"));
         assert_eq!(v["service"].as_str(), Some("echo"));
+        assert_eq!(v["service_thread"].as_str(), Some("shared"));
         let peers = v["peers"].as_array().expect("peers");
         let ids: Vec<i64> = peers.iter().filter_map(|p| p["id"].as_integer()).collect();
         assert_eq!(ids, vec![1, 3]);

@@ -58,6 +58,10 @@ pub struct EchoArgs {
     /// Durability modes to measure, each on a fresh cluster.
     #[arg(long, value_delimiter = ',', default_value = "sync,replicated", value_parser = ["sync", "replicated"])]
     modes: Vec<String>,
+    /// Where each node runs the echo service: on a thread of its own, or on
+    /// the consensus thread (`keel server --service-thread`).
+    #[arg(long, default_value = "dedicated", value_parser = ["dedicated", "shared"])]
+    service_thread: String,
     /// Pipelined client connections to the leader (the rate is split evenly).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     connections: u64,
@@ -599,7 +603,15 @@ pub fn run(a: EchoArgs) -> Result<i32> {
     let mut conn_uid = 0u64;
     for mode in &a.modes {
         pb.set_message(format!("{mode}: starting a 3-node echo cluster"));
-        let mut cluster = KeelCluster::start(&a.common.dir, a.common.keep, 3, "echo", mode, false)?;
+        let mut cluster = KeelCluster::start(
+            &a.common.dir,
+            a.common.keep,
+            3,
+            "echo",
+            mode,
+            &a.service_thread,
+            false,
+        )?;
         if cluster.dir.kept() {
             say(
                 &pb,

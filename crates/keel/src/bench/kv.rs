@@ -130,6 +130,10 @@ pub struct KvArgs {
     /// Keel's durability mode (etcd always fsyncs).
     #[arg(long, default_value = "sync", value_parser = ["sync", "replicated"])]
     durability: String,
+    /// Where each Keel node runs the kv service: on a thread of its own, or
+    /// on the consensus thread (`keel server --service-thread`).
+    #[arg(long, default_value = "dedicated", value_parser = ["dedicated", "shared"])]
+    service_thread: String,
     /// Offered rates (ops/s) of the open-loop sweep, comma-separated (k and m suffixes allowed).
     #[arg(long, value_delimiter = ',', value_parser = parse_rate, default_value = "1k,2k,5k,10k,20k,50k")]
     rates: Vec<u64>,
@@ -756,6 +760,7 @@ async fn bench_system(
             3,
             "kv",
             &a.durability,
+            &a.service_thread,
             true,
         )?),
         System::Etcd => Cluster::Etcd(EtcdCluster::start(

@@ -373,6 +373,8 @@ pub struct Node {
     /// Follower: last acknowledged position and heartbeat, and whether an
     /// acknowledgement is due at the end of this step.
     acked: (Position, u64),
+    /// Follower: when the last acknowledgement went to the current leader.
+    acked_at: Option<Nanos>,
     ack_due: bool,
     ack_forced: bool,
     leader_heartbeat: u64,
@@ -473,6 +475,7 @@ impl Node {
             membership_log,
             matched: 0,
             acked: (0, 0),
+            acked_at: None,
             ack_due: false,
             ack_forced: false,
             leader_heartbeat: 0,
@@ -755,6 +758,7 @@ impl Node {
             }
             self.matched = 0;
             self.acked = (0, 0);
+            self.acked_at = None;
             self.leader_heartbeat = 0;
         }
         self.votes.clear();
@@ -1074,9 +1078,16 @@ impl Node {
         out: &mut Vec<Action>,
     ) {
         self.leader_heartbeat = self.leader_heartbeat.max(heartbeat);
-        // Every append is answered (the leader's check-quorum counts on it).
+        // Answered if it tells the leader something new (a position, a
+        // newer heartbeat: see `flush`), and otherwise if the leader has not
+        // heard from us for half a heartbeat interval: its check-quorum
+        // counts on hearing from us, but an answer to a commit-only
+        // notification right after an acknowledgement would wake it (and
+        // cost a message) for nothing.
         self.ack_due = true;
-        self.ack_forced = true;
+        self.ack_forced = self
+            .acked_at
+            .is_none_or(|t| self.now >= t.saturating_add(self.cfg.heartbeat_interval / 2));
         let (mut prev_pos, mut prev_term) = (prev_pos, prev_term);
         let mut entries = entries;
         // Entries at or below our commit position are committed and so
@@ -1789,6 +1800,7 @@ impl Node {
                         let forced = std::mem::take(&mut self.ack_forced);
                         if forced || (pos, self.leader_heartbeat) != self.acked {
                             self.acked = (pos, self.leader_heartbeat);
+                            self.acked_at = Some(self.now);
                             self.send(
                                 leader,
                                 Body::AppendResp {

@@ -1071,7 +1071,8 @@ fn a_vanished_snapshot_file_sends_nothing_and_the_retry_timer_resends() {
 /// A follower answers an append of new entries once they are durable, not
 /// also at once with its old position (that answer only woke the leader);
 /// an append that carries a newer heartbeat (a read waits on it) is still
-/// answered at once, and so is one with nothing new.
+/// answered at once. One with nothing new is answered only if the last
+/// answer is half a heartbeat interval old.
 #[test]
 fn a_follower_acknowledges_new_entries_once_durable() {
     let mut f = Node::new(Config::new(2, 7), Membership::new([1, 2, 3]), 0);
@@ -1124,20 +1125,28 @@ fn a_follower_acknowledges_new_entries_once_durable() {
         &mut out,
     );
     assert_eq!(answers(&out), vec![(end1, 0)]);
-    // Nothing new (a resent append, or a heartbeat): answered at once.
+    // Nothing new (a resent append, a heartbeat, a commit notification)
+    // right after an acknowledgement: not answered, the leader heard from
+    // us just now.
     out.clear();
-    f.step(12, append(0, 0, vec![e1]), &mut out);
+    f.step(12, append(0, 0, vec![e1.clone()]), &mut out);
+    assert_eq!(answers(&out), vec![], "answered nothing new at once");
+    // Half a heartbeat interval after the last answer: answered (the
+    // leader's check-quorum must keep hearing from us).
+    let later = 11 + Config::new(2, 7).heartbeat_interval / 2;
+    out.clear();
+    f.step(later, append(0, 0, vec![e1]), &mut out);
     assert_eq!(answers(&out), vec![(end1, 0)]);
     // New entries with a newer heartbeat: answered at once for the read,
     // and again once durable.
     let e2 = entry(end1, b"x");
     let end2 = e2.end();
     out.clear();
-    f.step(13, append(end1, 1, vec![e2]), &mut out);
+    f.step(later + 1, append(end1, 1, vec![e2]), &mut out);
     assert_eq!(answers(&out), vec![(end1, 1)]);
     out.clear();
     f.step(
-        14,
+        later + 2,
         Event::Durable {
             position: end2,
             term: 1,

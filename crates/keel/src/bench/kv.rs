@@ -937,8 +937,9 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
         .iter()
         .map(|s| match s {
             System::Keel => format!(
-                "Keel = 3 `keel server --service kv` processes serving the etcd API, `{}` durability",
-                a.durability
+                "Keel = 3 `keel server --service kv --service-thread {}` processes serving the \
+                 etcd API, `{}` durability",
+                a.service_thread, a.durability
             ),
             System::Etcd => format!(
                 "etcd = {}, default settings (fsync on commit)",

@@ -1080,14 +1080,15 @@ impl Node {
         self.leader_heartbeat = self.leader_heartbeat.max(heartbeat);
         // Answered if it tells the leader something new (a position, a
         // newer heartbeat: see `flush`), and otherwise if the leader has not
-        // heard from us for half a heartbeat interval: its check-quorum
-        // counts on hearing from us, but an answer to a commit-only
-        // notification right after an acknowledgement would wake it (and
-        // cost a message) for nothing.
+        // heard from us for `quiet_answer_limit`: its check-quorum counts on
+        // hearing from us, but an answer to a commit-only notification right
+        // after an acknowledgement would wake it (and cost a message) for
+        // nothing.
         self.ack_due = true;
-        self.ack_forced = self
-            .acked_at
-            .is_none_or(|t| self.now >= t.saturating_add(self.cfg.heartbeat_interval / 2));
+        self.ack_forced = self.acked_at.is_none_or(|t| {
+            // (A clock that went backwards answers at once.)
+            self.now < t || self.now >= t.saturating_add(self.quiet_answer_limit())
+        });
         let (mut prev_pos, mut prev_term) = (prev_pos, prev_term);
         let mut entries = entries;
         // Entries at or below our commit position are committed and so
@@ -1173,6 +1174,16 @@ impl Node {
         }
         self.matched = self.matched.max(msg_end);
         self.advance_follower_commit(leader_commit, out);
+    }
+
+    /// How long a follower may leave an append with nothing new
+    /// unanswered after its last answer: half a heartbeat interval, and
+    /// less when heartbeats are slow, so that the longest silence (a
+    /// heartbeat interval plus this) stays below the leader's check-quorum
+    /// window (`election_timeout_min`).
+    fn quiet_answer_limit(&self) -> Nanos {
+        let (hb, window) = (self.cfg.heartbeat_interval, self.cfg.election_timeout_min);
+        (hb / 2).min(window.saturating_sub(hb) / 2)
     }
 
     fn truncate_from(&mut self, pos: Position, out: &mut Vec<Action>) {

@@ -40,6 +40,36 @@ fn check_image(_: &SnapshotMeta, image: &[u8]) -> bool {
 
 /// A message from node 1, leader in term 1, to node 2 (the single
 /// follower driven directly in some tests).
+/// The successful append answers in `out`: (position, heartbeat).
+fn answers(out: &[Action]) -> Vec<(Position, u64)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Send(Message {
+                body:
+                    Body::AppendResp {
+                        ok: true,
+                        position,
+                        heartbeat,
+                        ..
+                    },
+                ..
+            }) => Some((*position, *heartbeat)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An append from leader 1 in term 1 after `prev_pos`, committing nothing.
+fn append(prev_pos: Position, heartbeat: u64, entries: Vec<Entry>) -> Event {
+    Event::Message(from_leader_1(Body::Append {
+        prev_pos,
+        prev_term: if prev_pos == 0 { 0 } else { 1 },
+        commit: 0,
+        heartbeat,
+        entries,
+    }))
+}
+
 fn from_leader_1(body: Body) -> Message {
     Message {
         cluster_id: 7,
@@ -1083,32 +1113,6 @@ fn a_follower_acknowledges_new_entries_once_durable() {
         kind: EntryKind::TermStart,
         data: Bytes::from_static(data),
     };
-    let answers = |out: &[Action]| -> Vec<(Position, u64)> {
-        out.iter()
-            .filter_map(|a| match a {
-                Action::Send(Message {
-                    body:
-                        Body::AppendResp {
-                            ok: true,
-                            position,
-                            heartbeat,
-                            ..
-                        },
-                    ..
-                }) => Some((*position, *heartbeat)),
-                _ => None,
-            })
-            .collect()
-    };
-    let append = |prev_pos, heartbeat, entries: Vec<Entry>| {
-        Event::Message(from_leader_1(Body::Append {
-            prev_pos,
-            prev_term: if prev_pos == 0 { 0 } else { 1 },
-            commit: 0,
-            heartbeat,
-            entries,
-        }))
-    };
     let e1 = entry(0, b"");
     let end1 = e1.end();
     let mut out = Vec::new();
@@ -1154,6 +1158,32 @@ fn a_follower_acknowledges_new_entries_once_durable() {
         &mut out,
     );
     assert_eq!(answers(&out), vec![(end2, 1)]);
+}
+
+/// However slow the heartbeats, a follower with nothing new to say is quiet
+/// for less than the leader's check-quorum window (a heartbeat interval
+/// plus the quiet time must stay below `election_timeout_min`), and a clock
+/// that went backwards does not silence it.
+#[test]
+fn a_quiet_follower_still_answers_within_the_check_quorum_window() {
+    let mut cfg = Config::new(2, 7);
+    cfg.heartbeat_interval = 450 * MS;
+    cfg.election_timeout_min = 500 * MS;
+    let mut f = Node::new(cfg, Membership::new([1, 2, 3]), 0);
+    let mut out = Vec::new();
+    f.step(1_000 * MS, append(0, 0, Vec::new()), &mut out);
+    assert_eq!(answers(&out), vec![(0, 0)], "first contact");
+    // 10 ms later: quiet. 30 ms later (beyond the 25 ms this
+    // configuration leaves): answered, not half a heartbeat (225 ms) later.
+    for (at, expect) in [(1_010, vec![]), (1_040, vec![(0, 0)])] {
+        out.clear();
+        f.step(at * MS, append(0, 0, Vec::new()), &mut out);
+        assert_eq!(answers(&out), expect, "at {at} ms");
+    }
+    // The clock jumps back before the last answer: answered at once.
+    out.clear();
+    f.step(600 * MS, append(0, 0, Vec::new()), &mut out);
+    assert_eq!(answers(&out), vec![(0, 0)], "after a backward jump");
 }
 
 /// With nothing else to send, a leader tells followers that the commit

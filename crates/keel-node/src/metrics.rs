@@ -95,7 +95,7 @@ impl Metrics {
         );
         registry.register(
             "service_queue_depth",
-            "committed entries, reads and replies waiting for the service thread",
+            "committed entries, reads and replies waiting for the service thread (always 0 with service_thread = shared)",
             m.service_queue_depth.clone(),
         );
         registry.register(

@@ -6,7 +6,9 @@
 //! group commit; in `replicated` mode the consensus thread writes the log
 //! itself), the service thread (applies committed entries, serves reads,
 //! replies — only on the node that accepted the request as leader — writing
-//! replies to the connections itself), a snapshot thread, and a two-thread
+//! replies to the connections itself; with `service_thread = "shared"` the
+//! consensus thread does this work in line, see `ServiceLink`), a snapshot
+//! thread, and a two-thread
 //! tokio runtime for the etcd API and HTTP. Backpressure: client requests
 //! beyond the queue depth are answered "busy" at once.
 //!
@@ -404,12 +406,17 @@ impl NodeHandle {
             .lock()
             .map(|mut t| t.drain(..).collect())
             .unwrap_or_default();
+        let mut panicked = None;
         for t in threads {
-            let _ = t.join();
+            let name = t.thread().name().unwrap_or("a node thread").to_string();
+            if t.join().is_err() {
+                panicked.get_or_insert(name);
+            }
         }
-        match self.fatal.lock().ok().and_then(|f| f.clone()) {
-            Some(e) => Err(NodeError::Fatal(e)),
-            None => Ok(()),
+        match (self.fatal.lock().ok().and_then(|f| f.clone()), panicked) {
+            (Some(e), _) => Err(NodeError::Fatal(e)),
+            (None, Some(name)) => Err(NodeError::Fatal(format!("{name} panicked"))),
+            (None, None) => Ok(()),
         }
     }
 }
@@ -793,6 +800,7 @@ pub fn start_with(
         writes: HashMap::new(),
         reads: BTreeMap::new(),
         out: ApplyOutput::default(),
+        failed: None,
     };
     let (service_link, service_thread) = match service_rx {
         Some(rx) => {
@@ -872,7 +880,7 @@ pub fn start_with(
                 consensus_rt.block_on(async move {
                     tcp::flush_deferred();
                     let wind_down = tokio::task::spawn_blocking(move || {
-                        consensus.service.send(ServiceInput::Stop);
+                        let _ = consensus.service.send(ServiceInput::Stop);
                         drop(consensus);
                         if let Ok(st) = Arc::try_unwrap(storage_for_stop) {
                             if let Err(e) = st.shutdown() {
@@ -957,7 +965,7 @@ struct Consensus {
     published_at: Option<Instant>,
     /// Client requests admitted to the external queue.
     client_queue: Arc<ClientQueue>,
-    /// The service thread's applied position (see `sync_applied`).
+    /// The service's applied position (see `sync_applied`).
     applied_shared: Arc<AtomicU64>,
     term: Arc<AtomicU64>,
     bootstrap: keel_core::Membership,
@@ -1189,15 +1197,12 @@ impl Consensus {
                 );
                 self.step(Event::Read { id })
             }
-            ClientOp::StaleRead(data) => {
-                self.service.send(ServiceInput::StaleRead {
-                    data,
-                    id: req.id,
-                    sink,
-                    commit: self.node.commit_position(),
-                });
-                Ok(())
-            }
+            ClientOp::StaleRead(data) => self.service.send(ServiceInput::StaleRead {
+                data,
+                id: req.id,
+                sink,
+                commit: self.node.commit_position(),
+            }),
             ClientOp::Status => {
                 self.publish_status();
                 let s = self.status.lock().map(|s| s.clone()).unwrap_or_default();
@@ -1458,7 +1463,7 @@ impl Consensus {
                         }
                     }
                 }
-                self.service.send(ServiceInput::Apply(entries, writes));
+                self.service.send(ServiceInput::Apply(entries, writes))?;
             }
             Action::InstallSnapshot { meta: m, image } => {
                 // The core checked the file (`check_snapshot_image`).
@@ -1480,7 +1485,7 @@ impl Consensus {
                     "node {} installed a snapshot at {} (term {})",
                     self.cfg.id, s.meta.position, s.meta.term
                 );
-                self.service.send(ServiceInput::Restore(Box::new(s)));
+                self.service.send(ServiceInput::Restore(Box::new(s)))?;
             }
             Action::ReadReady { id, index } => {
                 if let Some(p) = self.pending.remove(&id) {
@@ -1490,7 +1495,7 @@ impl Consensus {
                             data,
                             id: p.client_id,
                             sink: p.sink,
-                        });
+                        })?;
                     }
                 }
             }
@@ -1528,7 +1533,7 @@ impl Consensus {
                     });
                 }
                 // (Reads the core can no longer answer come back as Rejected.)
-                self.service.send(ServiceInput::Role(role, addr, leader));
+                self.service.send(ServiceInput::Role(role, addr, leader))?;
             }
         }
         Ok(())
@@ -1648,6 +1653,9 @@ struct ServiceWorker {
     writes: HashMap<(u64, u64), AwaitingWrite>,
     reads: BTreeMap<Position, VecDeque<(Bytes, u64, ResponseSink)>>,
     out: ApplyOutput,
+    /// Why the service can take no more input (a snapshot it could not
+    /// restore: its state is unknown from then on).
+    failed: Option<String>,
 }
 
 impl ServiceWorker {
@@ -1766,9 +1774,9 @@ impl ServiceWorker {
                     serve_reads(host, &mut self.reads);
                 }
                 Err(e) => {
-                    let _ = self
-                        .tx
-                        .send(Internal::Fatal(format!("restoring snapshot: {e}")));
+                    let reason = format!("restoring snapshot: {e}");
+                    let _ = self.tx.send(Internal::Fatal(reason.clone()));
+                    self.failed = Some(reason);
                     return false;
                 }
             },
@@ -1818,15 +1826,30 @@ enum ServiceLink {
 }
 
 impl ServiceLink {
-    fn send(&mut self, input: ServiceInput) {
+    /// Hands `input` to the service. An error means the service failed (in
+    /// line, where the consensus thread must stop at once rather than go
+    /// on applying to a state it could not restore; the service thread
+    /// stops by itself and reports the failure).
+    fn send(&mut self, input: ServiceInput) -> Result<(), String> {
         match self {
             // Fails only once the service thread is gone (node stopping).
             ServiceLink::Thread(tx) => {
                 let _ = tx.send(input);
+                Ok(())
             }
-            ServiceLink::Inline(worker) => {
-                worker.handle(input);
-            }
+            ServiceLink::Inline(worker) => match &worker.failed {
+                Some(reason) => Err(reason.clone()),
+                None => {
+                    let stop = matches!(input, ServiceInput::Stop);
+                    if worker.handle(input) || stop {
+                        return Ok(());
+                    }
+                    Err(worker
+                        .failed
+                        .clone()
+                        .unwrap_or_else(|| "the service stopped".into()))
+                }
+            },
         }
     }
 
@@ -1888,6 +1911,73 @@ mod tests {
         q.release(16);
         assert_eq!(q.len(), 0);
         assert_eq!(q.admit(16), 16);
+    }
+
+    /// A service that refuses every snapshot.
+    struct Unrestorable;
+
+    impl Service for Unrestorable {
+        fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
+            match snapshot {
+                None => Ok(()),
+                Some(_) => Err("this service restores nothing".into()),
+            }
+        }
+        fn snapshot(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn on_message(&mut self, _: &mut keel_core::Context<'_>, _: u64, data: &[u8]) -> Bytes {
+            Bytes::copy_from_slice(data)
+        }
+        fn query(&self, data: &[u8]) -> Bytes {
+            Bytes::copy_from_slice(data)
+        }
+    }
+
+    /// In the shared threading mode a service that failed to restore a
+    /// snapshot takes no more input: the consensus thread gets an error at
+    /// once (and stops) instead of applying entries to an unknown state.
+    #[test]
+    fn an_inline_service_that_failed_to_restore_takes_nothing_more() {
+        let (tx, mut internal) = tokio::sync::mpsc::unbounded_channel();
+        let (jobs, _jobs_rx) = unbounded();
+        let worker = ServiceWorker {
+            host: ServiceHost::new(Box::new(Unrestorable), 1_000_000_000),
+            applied_shared: Arc::new(AtomicU64::new(0)),
+            tx,
+            snapshots: SnapshotSink {
+                every: 1 << 20,
+                phase: 0,
+                last: 0,
+                jobs,
+                busy: Arc::new(AtomicBool::new(false)),
+            },
+            metrics: Arc::new(Metrics::new()),
+            notify: tokio::sync::broadcast::channel(4).0,
+            writes: HashMap::new(),
+            reads: BTreeMap::new(),
+            out: ApplyOutput::default(),
+            failed: None,
+        };
+        let mut link = ServiceLink::Inline(Box::new(worker));
+        let snapshot = Snapshot {
+            meta: SnapshotMeta {
+                position: 100,
+                term: 2,
+                timestamp: 1,
+                membership: keel_core::Membership::new([1, 2, 3]),
+            },
+            data: Bytes::from_static(b"not a snapshot"),
+        };
+        let e = link
+            .send(ServiceInput::Restore(Box::new(snapshot)))
+            .expect_err("a failed restore must reach the consensus thread");
+        assert!(e.contains("restoring snapshot"), "{e}");
+        assert!(matches!(internal.try_recv(), Ok(Internal::Fatal(_))));
+        let e = link
+            .send(ServiceInput::Apply(Vec::new(), Vec::new()))
+            .expect_err("input after the failure");
+        assert!(e.contains("restoring snapshot"), "{e}");
     }
 
     #[test]

@@ -30,11 +30,14 @@ pub enum Durability {
     Sync,
     /// Once written to the OS; durability comes from replication to a
     /// majority (Aeron's choice). Synced every `REPLICATED_SYNC_INTERVAL`
-    /// by a separate syncer thread, so a slow disk sync (this machine's
+    /// (or the interval given to `StorageThread::spawn_with`) by a separate
+    /// syncer thread, so a slow disk sync (this machine's
     /// virtio disk stalls for 100 ms at times) never holds up appends.
     Replicated,
 }
 
+/// How often `replicated` mode syncs what was written, by default (see
+/// `StorageThread::spawn_with`).
 pub const REPLICATED_SYNC_INTERVAL: Duration = Duration::from_millis(10);
 /// Most requests taken into one batch.
 const MAX_BATCH: usize = 4096;
@@ -116,9 +119,22 @@ pub struct StorageThread {
 }
 
 impl StorageThread {
+    /// Starts the storage thread (`replicated` mode syncing every
+    /// `REPLICATED_SYNC_INTERVAL`).
     pub fn spawn(
         store: LogStore,
         durability: Durability,
+        report: impl FnMut(StorageEvent) + Send + 'static,
+    ) -> Result<Self, LogError> {
+        Self::spawn_with(store, durability, REPLICATED_SYNC_INTERVAL, report)
+    }
+
+    /// `spawn`, with `replicated` mode's background sync every
+    /// `sync_interval` (unused in `sync` mode).
+    pub fn spawn_with(
+        store: LogStore,
+        durability: Durability,
+        sync_interval: Duration,
         report: impl FnMut(StorageEvent) + Send + 'static,
     ) -> Result<Self, LogError> {
         let (tx, rx) = mpsc::channel();
@@ -134,6 +150,7 @@ impl StorageThread {
             unsynced: unsynced.clone(),
             failed: failed.clone(),
             rolling: rolling.clone(),
+            sync_interval: sync_interval.max(Duration::from_millis(1)),
         };
         let handle = std::thread::Builder::new()
             .name("keel-storage".into())
@@ -336,6 +353,8 @@ struct Shared {
     failed: Arc<AtomicBool>,
     /// See `StorageThread::rolling`; cleared here.
     rolling: Arc<AtomicBool>,
+    /// `replicated` mode: how often what was written is synced.
+    sync_interval: Duration,
 }
 
 fn run(
@@ -543,7 +562,7 @@ fn serve(
                 Ok(r) => r,
                 Err(_) => return Ok(()),
             },
-            Durability::Replicated => match rx.recv_timeout(REPLICATED_SYNC_INTERVAL) {
+            Durability::Replicated => match rx.recv_timeout(shared.sync_interval) {
                 Ok(r) => r,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     background_sync(&lock(), &mut unsynced)?;
@@ -623,7 +642,7 @@ fn serve(
             unsynced = false;
             shared.unsynced.store(false, Ordering::Release);
             last_sync = Instant::now();
-        } else if last_sync.elapsed() >= REPLICATED_SYNC_INTERVAL {
+        } else if last_sync.elapsed() >= shared.sync_interval {
             background_sync(&store, &mut unsynced)?;
             last_sync = Instant::now();
         }

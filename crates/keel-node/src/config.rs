@@ -64,6 +64,9 @@ fn default_heartbeat_ms() -> u64 {
 fn default_commit_notify_delay_ms() -> u64 {
     5
 }
+fn default_replicated_sync_interval_ms() -> u64 {
+    10
+}
 fn default_election_min_ms() -> u64 {
     500
 }
@@ -106,6 +109,11 @@ pub struct NodeConfig {
     pub etcd_addr: Option<String>,
     #[serde(default)]
     pub durability: DurabilityConfig,
+    /// `replicated` mode: how often each node syncs what it has written (a
+    /// power loss of a majority within this window can lose acknowledged
+    /// writes; each sync costs CPU and disk work).
+    #[serde(default = "default_replicated_sync_interval_ms")]
+    pub replicated_sync_interval_ms: u64,
     /// The replicated service: kv, echo, lock, matching.
     #[serde(default = "default_service")]
     pub service: String,
@@ -196,6 +204,12 @@ impl NodeConfig {
                 self.election_timeout_min_ms, self.election_timeout_max_ms
             ));
         }
+        if !(1..=60_000).contains(&self.replicated_sync_interval_ms) {
+            return bad(format!(
+                "replicated_sync_interval_ms ({}) must be between 1 and 60000",
+                self.replicated_sync_interval_ms
+            ));
+        }
         if self.queue_depth < 16 {
             return bad(format!(
                 "queue_depth ({}) must be at least 16",
@@ -279,6 +293,14 @@ mod tests {
         let shared = format!("{}service_thread = \"shared\"\n", base());
         let c: NodeConfig = toml::from_str(&shared).expect("parse");
         assert_eq!(c.service_thread, ServiceThreadConfig::Shared);
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        assert_eq!(c.replicated_sync_interval_ms, 10);
+        c.replicated_sync_interval_ms = 0;
+        let e = c.validate().expect_err("a 0 ms sync interval accepted");
+        assert!(
+            e.to_string().contains("replicated_sync_interval_ms (0)"),
+            "{e}"
+        );
         let bad_thread = format!("{}service_thread = \"own\"\n", base());
         let e = toml::from_str::<NodeConfig>(&bad_thread).expect_err("bad mode accepted");
         assert!(e.to_string().contains("dedicated"), "{e}");

@@ -568,7 +568,8 @@ pub fn start_with(
     let storage = {
         let tx = internal_tx.clone();
         let node_id = cfg.id;
-        StorageThread::spawn(opened.store, cfg.durability.into(), move |ev| {
+        let interval = Duration::from_millis(cfg.replicated_sync_interval_ms);
+        StorageThread::spawn_with(opened.store, cfg.durability.into(), interval, move |ev| {
             let _ = tx.send(match ev {
                 StorageEvent::Slow { took, detail } => {
                     warn!("node {node_id}: slow storage batch: {took:?} ({detail})");

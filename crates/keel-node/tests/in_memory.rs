@@ -52,6 +52,7 @@ fn node_config(
         http_addr: None,
         etcd_addr: None,
         durability,
+        replicated_sync_interval_ms: 10,
         service: "kv".into(),
         service_thread,
         heartbeat_ms: 20,

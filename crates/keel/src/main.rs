@@ -176,6 +176,10 @@ struct ServerArgs {
     peers: Vec<PeerConfig>,
     #[arg(long, value_enum)]
     durability: Option<DurabilityArg>,
+    /// In replicated mode, how often each node syncs what it has written
+    /// (1..=60000; default 10).
+    #[arg(long)]
+    replicated_sync_interval_ms: Option<u64>,
     /// The replicated service.
     #[arg(long, value_parser = ["kv", "echo", "lock", "matching"])]
     service: Option<String>,
@@ -273,6 +277,9 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
             DurabilityArg::Sync => keel_node::config::DurabilityConfig::Sync,
             DurabilityArg::Replicated => keel_node::config::DurabilityConfig::Replicated,
         };
+    }
+    if let Some(v) = a.replicated_sync_interval_ms {
+        cfg.replicated_sync_interval_ms = v;
     }
     if let Some(s) = &a.service {
         cfg.service = s.clone();

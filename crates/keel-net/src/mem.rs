@@ -45,6 +45,13 @@ impl MemNetwork {
         }
     }
 
+    /// Drops every message from `from` to `to` (one way only).
+    pub fn cut(&self, from: NodeId, to: NodeId) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.cut.insert((from, to));
+        }
+    }
+
     /// Restores every link.
     pub fn heal(&self) {
         if let Ok(mut g) = self.inner.lock() {

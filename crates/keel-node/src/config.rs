@@ -67,6 +67,9 @@ fn default_commit_notify_delay_ms() -> u64 {
 fn default_replicated_sync_interval_ms() -> u64 {
     10
 }
+fn default_write_timeout_ms() -> u64 {
+    30_000
+}
 fn default_election_min_ms() -> u64 {
     500
 }
@@ -140,6 +143,11 @@ pub struct NodeConfig {
     /// client requests are answered "busy".
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
+    /// How long a write this node accepted may wait for its entry to be
+    /// applied here before its client is told the outcome is unknown (a
+    /// write forwarded to a leader that dropped it, for example).
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
     /// Largest client request (and thus command) accepted.
     #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: usize,
@@ -208,6 +216,12 @@ impl NodeConfig {
             return bad(format!(
                 "replicated_sync_interval_ms ({}) must be between 1 and 60000",
                 self.replicated_sync_interval_ms
+            ));
+        }
+        if self.write_timeout_ms < 100 {
+            return bad(format!(
+                "write_timeout_ms ({}) must be at least 100",
+                self.write_timeout_ms
             ));
         }
         if self.queue_depth < 16 {
@@ -301,6 +315,11 @@ mod tests {
             e.to_string().contains("replicated_sync_interval_ms (0)"),
             "{e}"
         );
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        assert_eq!(c.write_timeout_ms, 30_000);
+        c.write_timeout_ms = 5;
+        let e = c.validate().expect_err("a 5 ms write timeout accepted");
+        assert!(e.to_string().contains("write_timeout_ms (5)"), "{e}");
         let bad_thread = format!("{}service_thread = \"own\"\n", base());
         let e = toml::from_str::<NodeConfig>(&bad_thread).expect_err("bad mode accepted");
         assert!(e.to_string().contains("dedicated"), "{e}");

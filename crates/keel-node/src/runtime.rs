@@ -139,9 +139,6 @@ impl External {
 /// A consensus-loop turn or a service-thread step longer than this is
 /// logged: everything behind it waited.
 const SLOW_TURN: Duration = Duration::from_millis(50);
-/// How long a write may wait for its entry to apply before its client is
-/// told the outcome is unknown (see `Consensus::expire_awaiting`).
-const AWAIT_LIMIT: Duration = Duration::from_secs(30);
 
 /// Where a consensus turn's time went, for the slow-turn warning. (What
 /// is not in `external` or the slowest internal event went to other
@@ -1353,7 +1350,7 @@ impl Consensus {
         }
     }
 
-    /// Answers writes that waited `AWAIT_LIMIT` for their entries: a write
+    /// Answers writes that waited `write_timeout_ms` for their entries: a write
     /// a follower forwarded can be dropped on the way or by a leader in the
     /// middle of a leadership transfer, and one whose entry a snapshot
     /// install covered is never applied here. Its outcome is unknown.
@@ -1362,11 +1359,12 @@ impl Consensus {
         if self.awaiting.is_empty() || now < self.next_expiry {
             return;
         }
-        self.next_expiry = now + AWAIT_LIMIT / 4;
+        let limit = Duration::from_millis(self.cfg.write_timeout_ms);
+        self.next_expiry = now + limit / 4;
         let expired: Vec<(u64, u64)> = self
             .awaiting
             .iter()
-            .filter(|(_, w)| now.duration_since(w.since) >= AWAIT_LIMIT)
+            .filter(|(_, w)| now.duration_since(w.since) >= limit)
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
@@ -1375,8 +1373,7 @@ impl Consensus {
                     &w.sink,
                     w.id,
                     ClientResult::Error(format!(
-                        "no outcome for this write within {} s: it may or may not have been applied",
-                        AWAIT_LIMIT.as_secs()
+                        "no outcome for this write within {limit:?}: it may or may not have been applied"
                     )),
                 );
             }

@@ -41,7 +41,6 @@ fn node_config(
     clients: &[String],
     snapshot_every_bytes: u64,
     durability: DurabilityConfig,
-    service_thread: ServiceThreadConfig,
 ) -> NodeConfig {
     NodeConfig {
         id,
@@ -54,7 +53,8 @@ fn node_config(
         durability,
         replicated_sync_interval_ms: 10,
         service: "kv".into(),
-        service_thread,
+        service_thread: ServiceThreadConfig::Dedicated,
+        write_timeout_ms: 30_000,
         heartbeat_ms: 20,
         commit_notify_delay_ms: 5,
         election_timeout_min_ms: 200,
@@ -91,15 +91,14 @@ fn start_three(
     durability: DurabilityConfig,
     service: impl Fn() -> Box<dyn Service + Send>,
 ) -> Three {
-    let dedicated = ServiceThreadConfig::Dedicated;
-    start_three_with(snapshot_every_bytes, durability, dedicated, service)
+    start_three_with(snapshot_every_bytes, durability, |_| {}, service)
 }
 
-/// `start_three`, with the service where `service_thread` says.
+/// `start_three`, with each node's configuration changed by `tweak` first.
 fn start_three_with(
     snapshot_every_bytes: u64,
     durability: DurabilityConfig,
-    service_thread: ServiceThreadConfig,
+    tweak: impl Fn(&mut NodeConfig),
     service: impl Fn() -> Box<dyn Service + Send>,
 ) -> Three {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -107,14 +106,8 @@ fn start_three_with(
     let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
     let nodes = (1..=3u64)
         .map(|id| {
-            let cfg = node_config(
-                id,
-                tmp.path(),
-                &clients,
-                snapshot_every_bytes,
-                durability,
-                service_thread,
-            );
+            let mut cfg = node_config(id, tmp.path(), &clients, snapshot_every_bytes, durability);
+            tweak(&mut cfg);
             start_with(cfg, service(), Transport::Memory(net.clone())).expect("start")
         })
         .collect();
@@ -186,9 +179,12 @@ fn leader_replaced_with_every_acknowledged_write_kept(
         net,
         clients,
         nodes,
-    } = start_three_with(snapshot_every_bytes, durability, service_thread, || {
-        Box::new(KvService::default())
-    });
+    } = start_three_with(
+        snapshot_every_bytes,
+        durability,
+        |c| c.service_thread = service_thread,
+        || Box::new(KvService::default()),
+    );
     let rt = client_runtime();
     let mut client = Client::new(ClientOptions::new(clients.clone())).expect("client");
     let put = |client: &mut Client, k: &str| {
@@ -523,5 +519,63 @@ fn sessionless_writes_with_the_same_number_each_get_their_own_reply() {
             ClientResult::Ok(Bytes::from(format!("from connection {i}")))
         );
     }
+    stop_all(nodes);
+}
+
+/// A write a follower forwarded to a leader that never gets it waits no
+/// longer than `write_timeout_ms`: its client is told the outcome is
+/// unknown. (Here the follower's messages to the leader are lost while the
+/// leader's still arrive, so the follower keeps following it and nothing
+/// else would ever answer the write.)
+#[test]
+fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() {
+    use keel_net::codec::{ClientOp, ClientResult};
+    let Three {
+        tmp: _tmp, // kept until the end: the nodes' data
+        net,
+        clients: _,
+        nodes,
+    } = start_three_with(
+        1 << 20,
+        DurabilityConfig::Replicated,
+        |c| c.write_timeout_ms = 1_000,
+        || Box::new(Echo),
+    );
+    let leader = wait_leader(&nodes, None);
+    let follower = (1..=3u64).find(|&n| n != leader).expect("a follower");
+    let f = &nodes[(follower - 1) as usize];
+    let rt = client_runtime();
+    // The follower knows the leader before its link to it is cut.
+    let start = Instant::now();
+    while f.status().leader != Some(leader) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no leader known");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    net.cut(follower, leader);
+    let asked = Instant::now();
+    let r = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                f.call(ClientOp::Write(Bytes::from_static(b"lost"))),
+            )
+            .await
+        })
+        .expect("answered within 10 s");
+    let waited = asked.elapsed();
+    match &r {
+        ClientResult::Error(m) => assert!(m.contains("may or may not have been applied"), "{m}"),
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_secs(1),
+        "answered after {waited:?}"
+    );
+    assert_eq!(
+        f.status().leader,
+        Some(leader),
+        "the follower kept its leader"
+    );
+    net.heal();
     stop_all(nodes);
 }

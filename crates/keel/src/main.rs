@@ -198,6 +198,10 @@ struct ServerArgs {
     /// heartbeat interval is used).
     #[arg(long)]
     commit_notify_delay_ms: Option<u64>,
+    /// How long a write this node accepted may wait to be applied before
+    /// its client is told the outcome is unknown (at least 100).
+    #[arg(long)]
+    write_timeout_ms: Option<u64>,
     /// Election timeouts are drawn from [min, max).
     #[arg(long)]
     election_timeout_min_ms: Option<u64>,
@@ -301,6 +305,9 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = a.commit_notify_delay_ms {
         cfg.commit_notify_delay_ms = v;
+    }
+    if let Some(v) = a.write_timeout_ms {
+        cfg.write_timeout_ms = v;
     }
     if let Some(v) = a.election_timeout_min_ms {
         cfg.election_timeout_min_ms = v;

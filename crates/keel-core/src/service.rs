@@ -52,6 +52,11 @@ pub trait Service {
     fn discard_notifications(&mut self) {
         let _ = self.take_notifications();
     }
+    /// Whether anyone will take the notifications of the entries applied
+    /// next (the runtime says so before each batch). With `false` a service
+    /// may skip building them; a subscriber that comes later reads the
+    /// state first, so it misses nothing. Not called: assume `true`.
+    fn notifications_wanted(&mut self, _wanted: bool) {}
 }
 
 /// A captured service state that serializes itself when called, on any

@@ -70,6 +70,9 @@ pub struct KvService {
     min_lease_ttl: i64,
     /// The watch feed since the last `take_events`; not replicated state.
     pending: Vec<WatchEvent>,
+    /// Build the watch feed at all (see `Service::notifications_wanted`);
+    /// not replicated state.
+    feed: bool,
 }
 
 impl Default for KvService {
@@ -80,6 +83,7 @@ impl Default for KvService {
             applied: 0,
             min_lease_ttl: DEFAULT_MIN_LEASE_TTL,
             pending: Vec::new(),
+            feed: true,
         }
     }
 }
@@ -423,7 +427,7 @@ impl KvService {
 
     fn tx(&mut self) -> Tx<'_> {
         Tx {
-            w: self.store.write(),
+            w: self.store.write_with_events(self.feed),
             leases: &mut self.leases,
         }
     }
@@ -865,6 +869,7 @@ impl Service for KvService {
             applied: self.applied,
             min_lease_ttl: self.min_lease_ttl,
             pending: Vec::new(),
+            feed: false,
         };
         Box::new(move || copy.snapshot())
     }
@@ -899,5 +904,9 @@ impl Service for KvService {
 
     fn discard_notifications(&mut self) {
         self.pending.clear();
+    }
+
+    fn notifications_wanted(&mut self, wanted: bool) {
+        self.feed = wanted;
     }
 }

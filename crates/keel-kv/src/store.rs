@@ -378,12 +378,19 @@ impl Store {
 
     /// Starts a write batch at revision `revision() + 1`.
     pub fn write(&mut self) -> Write<'_> {
+        self.write_with_events(true)
+    }
+
+    /// `write`, building the batch's watch events only if `events` (each
+    /// costs two `KeyValue` copies that nobody may take).
+    pub fn write_with_events(&mut self, events: bool) -> Write<'_> {
         let main = self.revision.saturating_add(1);
         Write {
             store: self,
             main,
             next_sub: 0,
             events: Vec::new(),
+            record: events,
             changed: false,
         }
     }
@@ -539,6 +546,8 @@ pub struct Write<'a> {
     main: u64,
     next_sub: u32,
     events: Vec<WatchEvent>,
+    /// Build `events` at all.
+    record: bool,
     changed: bool,
 }
 
@@ -618,11 +627,13 @@ impl Write<'_> {
         if prev.is_none() {
             store.live += 1;
         }
-        self.events.push(WatchEvent {
-            kind: EventType::Put,
-            kv: kv.clone(),
-            prev_kv: prev.clone(),
-        });
+        if self.record {
+            self.events.push(WatchEvent {
+                kind: EventType::Put,
+                kv: kv.clone(),
+                prev_kv: prev.clone(),
+            });
+        }
         (prev, kv)
     }
 
@@ -637,11 +648,13 @@ impl Write<'_> {
         };
         self.store.live = self.store.live.saturating_sub(1);
         self.store.push(prev.key.clone(), e);
-        self.events.push(WatchEvent {
-            kind: EventType::Delete,
-            kv: tombstone(&prev.key, self.main),
-            prev_kv: Some(prev.clone()),
-        });
+        if self.record {
+            self.events.push(WatchEvent {
+                kind: EventType::Delete,
+                kv: tombstone(&prev.key, self.main),
+                prev_kv: Some(prev.clone()),
+            });
+        }
         Some(prev)
     }
 

@@ -192,6 +192,28 @@ fn put_creates_and_updates_with_revisions_and_versions() {
     );
 }
 
+/// With nobody taking the watch feed the service builds none; asked again,
+/// it resumes with the next change.
+#[test]
+fn no_watch_feed_is_built_while_nobody_wants_it() {
+    let mut h = Harness::new();
+    let put = |k: &str| Command::Put {
+        key: Bytes::from(k.to_string()),
+        value: Bytes::from_static(b"v"),
+    };
+    h.svc_mut().notifications_wanted(false);
+    h.cmd(put("a"));
+    h.cmd(Command::Delete {
+        key: Bytes::from_static(b"a"),
+    });
+    assert!(h.svc_mut().take_events().is_empty());
+    h.svc_mut().notifications_wanted(true);
+    h.cmd(put("b"));
+    let events = h.svc_mut().take_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(&events[0].kv.key[..], b"b");
+}
+
 #[test]
 fn delete_and_recreate() {
     let mut h = Harness::new();

@@ -1687,6 +1687,8 @@ impl ServiceWorker {
             ServiceInput::Apply(entries, awaited) => {
                 self.writes.extend(awaited);
                 self.out.clear();
+                let wanted = self.notify.receiver_count() > 0;
+                host.service_mut().notifications_wanted(wanted);
                 host.apply(&entries, &mut self.out);
                 for (client, seq, reply) in self.out.replies.drain(..) {
                     if let Some(w) = self.writes.remove(&(client, seq)) {
@@ -1703,10 +1705,10 @@ impl ServiceWorker {
                     }
                 }
                 let applied = host.applied();
-                // Without subscribers nothing is encoded. A subscriber that
-                // comes later reads the state first (it includes what was
-                // applied here), so it misses nothing.
-                if self.notify.receiver_count() == 0 {
+                // Without subscribers nothing is built or encoded. A
+                // subscriber that comes later reads the state first (it
+                // includes what was applied here), so it misses nothing.
+                if !wanted {
                     host.service_mut().discard_notifications();
                 } else {
                     let items = host.service_mut().take_notifications();

@@ -110,9 +110,21 @@ fn five_nodes_keep_serving_with_two_down() {
 
 #[test]
 fn a_wiped_node_rejoins_through_a_snapshot() {
+    wiped_node_rejoins_through_a_snapshot("");
+}
+
+/// The same with the service on the consensus thread, which then restores
+/// the installed snapshot in line.
+#[test]
+fn a_wiped_node_rejoins_through_a_snapshot_with_the_service_on_the_consensus_thread() {
+    wiped_node_rejoins_through_a_snapshot("service_thread = \"shared\"");
+}
+
+fn wiped_node_rejoins_through_a_snapshot(extra: &str) {
     // Snapshot every 4 KiB so the log is compacted and a wiped node cannot
     // catch up from the log alone.
-    let mut c = TestCluster::start(3, "snapshot_every_bytes = 4096");
+    let config = format!("snapshot_every_bytes = 4096\n{extra}");
+    let mut c = TestCluster::start(3, &config);
     let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
     let mut client = c.client();
     for i in 0..200 {

@@ -802,11 +802,19 @@ pub fn start_with(
     };
     let (service_link, service_thread) = match service_rx {
         Some(rx) => {
+            let tx = internal_tx.clone();
             let thread = std::thread::Builder::new()
                 .name("keel-service".into())
                 .spawn(move || {
                     let _s = tracing::info_span!("node", id = cfg_id).entered();
-                    service_loop(worker, rx)
+                    // A panicking service leaves its state unknown: the
+                    // node stops (instead of leaving every later write
+                    // unanswered).
+                    let run = std::panic::AssertUnwindSafe(|| service_loop(worker, rx));
+                    if let Err(p) = std::panic::catch_unwind(run) {
+                        let what = panic_message(p.as_ref());
+                        let _ = tx.send(Internal::Fatal(format!("the service panicked: {what}")));
+                    }
                 })
                 .map_err(|e| NodeError::Start(e.to_string()))?;
             (ServiceLink::Thread(service_tx), Some(thread))
@@ -861,7 +869,18 @@ pub fn start_with(
             .name("keel-consensus".into())
             .spawn(move || {
                 let _s = span.entered();
-                let result = consensus_rt.block_on(consensus.run(internal_rx, external_rx));
+                // A panic here (in the shared threading mode, also the
+                // service's) stops the node as an error would: clients are
+                // sent elsewhere and `wait` reports it.
+                let run = std::panic::AssertUnwindSafe(|| {
+                    consensus_rt.block_on(consensus.run(internal_rx, external_rx))
+                });
+                let result = std::panic::catch_unwind(run).unwrap_or_else(|p| {
+                    Err(format!(
+                        "the consensus thread panicked: {}",
+                        panic_message(p.as_ref())
+                    ))
+                });
                 if let Err(e) = result {
                     error!("node stopped: {e}");
                     if let Ok(mut f) = fatal.lock() {
@@ -1860,6 +1879,14 @@ impl ServiceLink {
             ServiceLink::Inline(_) => 0,
         }
     }
+}
+
+/// What a caught panic said.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 fn serve_reads(

@@ -579,3 +579,75 @@ fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() 
     net.heal();
     stop_all(nodes);
 }
+
+/// Echo, but a command `panic` makes it panic.
+struct Panicky;
+
+impl Service for Panicky {
+    fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
+        Ok(())
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
+        assert!(data != b"panic", "the test service was told to panic");
+        Bytes::copy_from_slice(data)
+    }
+    fn query(&self, data: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(data)
+    }
+}
+
+/// A service that panics leaves its state unknown: the node stops with an
+/// error naming the panic, with the service on its own thread or on the
+/// consensus thread, instead of running on without it.
+#[test]
+fn a_panicking_service_stops_its_node_with_the_reason() {
+    use keel_net::codec::ClientOp;
+    for service_thread in [ServiceThreadConfig::Dedicated, ServiceThreadConfig::Shared] {
+        let Three {
+            tmp: _tmp, // kept until the end: the nodes' data
+            net: _,
+            clients: _,
+            nodes,
+        } = start_three_with(
+            1 << 20,
+            DurabilityConfig::Replicated,
+            |c| c.service_thread = service_thread,
+            || Box::new(Panicky),
+        );
+        let leader = wait_leader(&nodes, None);
+        let l = &nodes[(leader - 1) as usize];
+        let rt = client_runtime();
+        // The leader applies it once committed (a follower only if it
+        // heard of the commit before the leader stopped); the answer, if
+        // any, does not matter.
+        let _ = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                l.call(ClientOp::Write(Bytes::from_static(b"panic"))),
+            )
+            .await
+        });
+        let start = Instant::now();
+        while !l.is_stopped() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{service_thread:?}: the leader is still running"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let e = l.wait().expect_err("a panic is not a clean stop");
+        assert!(
+            e.to_string().contains("panicked"),
+            "{service_thread:?}: {e}"
+        );
+        for n in &nodes {
+            n.shutdown();
+        }
+        for n in nodes {
+            let _ = n.wait(); // (stopped by the panic too, or cleanly)
+        }
+    }
+}

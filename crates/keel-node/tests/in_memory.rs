@@ -8,7 +8,7 @@ use keel_core::{ClientId, Context, Service, ServiceHost, SnapshotTask};
 use keel_kv::{Command, KvService, Query, Response};
 use keel_net::mem::MemNetwork;
 use keel_node::config::{DurabilityConfig, ServiceThreadConfig};
-use keel_node::runtime::{start_with, Transport};
+use keel_node::runtime::{start_with, NodeError, Transport};
 use keel_node::{NodeConfig, NodeHandle, PeerConfig};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -101,22 +101,37 @@ fn start_three_with(
     tweak: impl Fn(&mut NodeConfig),
     service: impl Fn() -> Box<dyn Service + Send>,
 ) -> Three {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let net = MemNetwork::new();
-    let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let nodes = (1..=3u64)
-        .map(|id| {
+    // A port `free_addr` picked can be taken by a test running alongside
+    // before the node binds it: then start over on fresh ports.
+    for _attempt in 0..5 {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
+        let mut nodes = Vec::new();
+        for id in 1..=3u64 {
             let mut cfg = node_config(id, tmp.path(), &clients, snapshot_every_bytes, durability);
             tweak(&mut cfg);
-            start_with(cfg, service(), Transport::Memory(net.clone())).expect("start")
-        })
-        .collect();
-    Three {
-        tmp,
-        net,
-        clients,
-        nodes,
+            match start_with(cfg, service(), Transport::Memory(net.clone())) {
+                Ok(n) => nodes.push(n),
+                Err(NodeError::Listen { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    break;
+                }
+                Err(e) => panic!("start: {e}"),
+            }
+        }
+        if nodes.len() == 3 {
+            return Three {
+                tmp,
+                net,
+                clients,
+                nodes,
+            };
+        }
+        stop_all(nodes);
     }
+    panic!("no free client ports in 5 attempts");
 }
 
 /// A runtime for the test's own client calls.

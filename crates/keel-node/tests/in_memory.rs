@@ -6,6 +6,7 @@ use bytes::Bytes;
 use keel_client::{Client, ClientOptions};
 use keel_core::{ClientId, Context, Service, ServiceHost, SnapshotTask};
 use keel_kv::{Command, KvService, Query, Response};
+use keel_net::codec::{ClientOp, ClientResult};
 use keel_net::mem::MemNetwork;
 use keel_node::config::{DurabilityConfig, ServiceThreadConfig};
 use keel_node::runtime::{start_with, NodeError, Transport};
@@ -140,6 +141,14 @@ fn client_runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
+}
+
+/// A sessionless write through `node`'s handle, as a client of it would
+/// send one; `None` if no answer came within `limit`.
+fn write_within(node: &NodeHandle, data: Bytes, limit: Duration) -> Option<ClientResult> {
+    client_runtime()
+        .block_on(async { tokio::time::timeout(limit, node.call(ClientOp::Write(data))).await })
+        .ok()
 }
 
 /// Shuts every node down and waits for each to stop cleanly.
@@ -377,7 +386,6 @@ fn writes_keep_being_acknowledged_while_a_slow_snapshot_is_serialized() {
 /// until its call times out.
 #[test]
 fn a_stopped_node_sends_clients_elsewhere() {
-    use keel_net::codec::{ClientOp, ClientResult};
     let Three {
         tmp: _tmp, // kept until the end: the nodes' data
         net: _,
@@ -430,7 +438,6 @@ fn a_stopped_node_sends_clients_elsewhere() {
 /// retries elsewhere with the same sequence number), not left waiting.
 #[test]
 fn a_deposed_leader_answers_its_uncommitted_writes() {
-    use keel_net::codec::{ClientOp, ClientResult};
     let Three {
         tmp: _tmp, // kept until the end: the nodes' data
         net,
@@ -446,22 +453,14 @@ fn a_deposed_leader_answers_its_uncommitted_writes() {
         key: Bytes::from_static(b"k"),
         value: Bytes::from_static(b"v"),
     };
-    let rt = client_runtime();
-    let r = rt
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                leader.call(ClientOp::Write(put.encode())),
-            )
-            .await
-        })
+    let r = write_within(leader, put.encode(), Duration::from_secs(10))
         .expect("answered once the leader steps down");
     assert!(matches!(r, ClientResult::NotLeader { .. }), "{r:?}");
     net.heal();
     stop_all(nodes);
 }
 
-/// Replies with what it is sent.
+/// Replies with what it is sent; the command `panic` makes it panic.
 #[derive(Default)]
 struct Echo;
 
@@ -473,6 +472,7 @@ impl Service for Echo {
         Vec::new()
     }
     fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
+        assert!(data != b"panic", "the test service was told to panic");
         Bytes::copy_from_slice(data)
     }
     fn query(&self, data: &[u8]) -> Bytes {
@@ -486,7 +486,7 @@ impl Service for Echo {
 /// pick distinct ones) each get their own reply.
 #[test]
 fn sessionless_writes_with_the_same_number_each_get_their_own_reply() {
-    use keel_net::codec::{self, ClientOp, ClientRequest, ClientResult, Frame};
+    use keel_net::codec::{self, ClientRequest, Frame};
     use std::io::{Read, Write};
     let Three {
         tmp: _tmp, // kept until the end: the nodes' data
@@ -544,7 +544,6 @@ fn sessionless_writes_with_the_same_number_each_get_their_own_reply() {
 /// else would ever answer the write.)
 #[test]
 fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() {
-    use keel_net::codec::{ClientOp, ClientResult};
     let Three {
         tmp: _tmp, // kept until the end: the nodes' data
         net,
@@ -559,7 +558,6 @@ fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() 
     let leader = wait_leader(&nodes, None);
     let follower = (1..=3u64).find(|&n| n != leader).expect("a follower");
     let f = &nodes[(follower - 1) as usize];
-    let rt = client_runtime();
     // The follower knows the leader before its link to it is cut.
     let start = Instant::now();
     while f.status().leader != Some(leader) {
@@ -568,14 +566,7 @@ fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() 
     }
     net.cut(follower, leader);
     let asked = Instant::now();
-    let r = rt
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                f.call(ClientOp::Write(Bytes::from_static(b"lost"))),
-            )
-            .await
-        })
+    let r = write_within(f, Bytes::from_static(b"lost"), Duration::from_secs(10))
         .expect("answered within 10 s");
     let waited = asked.elapsed();
     match &r {
@@ -595,31 +586,11 @@ fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() 
     stop_all(nodes);
 }
 
-/// Echo, but a command `panic` makes it panic.
-struct Panicky;
-
-impl Service for Panicky {
-    fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
-        Ok(())
-    }
-    fn snapshot(&self) -> Vec<u8> {
-        Vec::new()
-    }
-    fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
-        assert!(data != b"panic", "the test service was told to panic");
-        Bytes::copy_from_slice(data)
-    }
-    fn query(&self, data: &[u8]) -> Bytes {
-        Bytes::copy_from_slice(data)
-    }
-}
-
 /// A service that panics leaves its state unknown: the node stops with an
 /// error naming the panic, with the service on its own thread or on the
 /// consensus thread, instead of running on without it.
 #[test]
 fn a_panicking_service_stops_its_node_with_the_reason() {
-    use keel_net::codec::ClientOp;
     for service_thread in [ServiceThreadConfig::Dedicated, ServiceThreadConfig::Shared] {
         let Three {
             tmp: _tmp, // kept until the end: the nodes' data
@@ -630,21 +601,14 @@ fn a_panicking_service_stops_its_node_with_the_reason() {
             1 << 20,
             DurabilityConfig::Replicated,
             |c| c.service_thread = service_thread,
-            || Box::new(Panicky),
+            || Box::new(Echo),
         );
         let leader = wait_leader(&nodes, None);
         let l = &nodes[(leader - 1) as usize];
-        let rt = client_runtime();
         // The leader applies it once committed (a follower only if it
         // heard of the commit before the leader stopped); the answer, if
         // any, does not matter.
-        let _ = rt.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                l.call(ClientOp::Write(Bytes::from_static(b"panic"))),
-            )
-            .await
-        });
+        let _ = write_within(l, Bytes::from_static(b"panic"), Duration::from_secs(5));
         let start = Instant::now();
         while !l.is_stopped() {
             assert!(

@@ -7,6 +7,7 @@ mod handoff;
 pub mod http;
 pub mod metrics;
 pub mod runtime;
+pub mod sched;
 
 pub use config::{NodeConfig, PeerConfig};
 pub use runtime::{start, NodeError, NodeHandle};

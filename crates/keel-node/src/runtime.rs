@@ -476,8 +476,28 @@ pub fn start(cfg: NodeConfig, service: Box<dyn Service + Send>) -> Result<NodeHa
     start_with(cfg, service, Transport::Tcp)
 }
 
-/// Starts a node with the given peer transport.
+/// Starts a node with the given peer transport. The node's threads get the
+/// configured `thread_scheduling` policy; the caller's thread keeps its own.
 pub fn start_with(
+    cfg: NodeConfig,
+    service: Box<dyn Service + Send>,
+    transport: Transport,
+) -> Result<NodeHandle, NodeError> {
+    let policy = cfg.thread_scheduling;
+    match crate::sched::run_with_policy(policy, move || start_node(cfg, service, transport)) {
+        Ok(Ok(started)) => started,
+        Ok(Err(panic)) => Err(NodeError::Start(format!(
+            "starting the node panicked: {}",
+            panic_message(&*panic)
+        ))),
+        Err(e) => Err(NodeError::Start(format!(
+            "cannot start a thread to set the node up: {e}"
+        ))),
+    }
+}
+
+/// `start_with`, on a thread with the node's scheduling policy.
+fn start_node(
     cfg: NodeConfig,
     service: Box<dyn Service + Send>,
     transport: Transport,

@@ -55,6 +55,7 @@ fn node_config(
         replicated_sync_interval_ms: 10,
         service: "kv".into(),
         service_thread: ServiceThreadConfig::Dedicated,
+        thread_scheduling: Default::default(),
         write_timeout_ms: 30_000,
         heartbeat_ms: 20,
         commit_notify_delay_ms: 5,

@@ -1,7 +1,8 @@
 //! Operating a cluster of real `keel server` processes: a full queue answers
 //! "busy" and the node keeps serving; SIGTERM stops a node cleanly (exit 0,
 //! nothing torn, nothing lost); `/status` and `/metrics` over HTTP; and the
-//! `keel kv` and `keel cluster` commands against a running cluster.
+//! `keel kv` and `keel cluster` commands against a running cluster; the
+//! node threads' scheduling policy.
 
 mod common;
 
@@ -323,4 +324,53 @@ fn the_keel_command_against_a_running_cluster() {
     let mut client = c.client();
     c.put(&mut client, "after-transfer", "yes");
     c.check_acked(&mut client);
+}
+
+/// The scheduling policy (`/proc/<pid>/task/<tid>/stat` field 41) of each
+/// thread of process `pid` whose name starts with `keel-`, by name.
+fn node_thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads") {
+        let dir = t.expect("thread entry").path();
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        // "tid (comm) state ...": the fields after the name start at 3.
+        let (head, rest) = stat.rsplit_once(") ").expect("stat has (comm)");
+        let name = head.split_once(" (").expect("stat has (comm)").1;
+        if !name.starts_with("keel-") {
+            continue;
+        }
+        let policy = rest
+            .split(' ')
+            .nth(41 - 3)
+            .and_then(|f| f.parse().ok())
+            .expect("stat has a policy field");
+        out.push((name.to_string(), policy));
+    }
+    out
+}
+
+#[test]
+fn node_threads_run_with_the_configured_scheduling_policy() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    for (extra, want) in [
+        ("", SCHED_BATCH),
+        ("thread_scheduling = \"normal\"", SCHED_OTHER),
+    ] {
+        let mut c = TestCluster::start(1, extra);
+        c.wait_for_leader(Duration::from_secs(10));
+        let mut client = c.client();
+        c.put(&mut client, "k", "v");
+        let pid = c.node(1).child.as_ref().expect("running").id();
+        let threads = node_thread_policies(pid);
+        let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+        for needed in ["keel-consensus", "keel-service", "keel-storage", "keel-net"] {
+            assert!(names.contains(&needed), "{needed} missing from {names:?}");
+        }
+        for (name, policy) in &threads {
+            assert_eq!(*policy, want, "{name} with config {extra:?}: {threads:?}");
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! kills its processes (SIGKILL; the data is thrown away) and removes the
 //! directory; processes also die with the benchmark (PR_SET_PDEATHSIG).
 
+use super::NodeThreadArgs;
 use anyhow::{bail, Context as _, Result};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -238,7 +239,7 @@ pub struct KeelCluster {
 
 impl KeelCluster {
     /// Starts `nodes` servers running `service` with `durability` and
-    /// `service_thread` (`dedicated` or `shared`); with `etcd`, each also
+    /// `threads`; with `etcd`, each also
     /// serves the etcd v3 API. Returns once started (see
     /// [`KeelCluster::wait_for_leader`]).
     pub fn start(
@@ -247,7 +248,7 @@ impl KeelCluster {
         nodes: u64,
         service: &str,
         durability: &str,
-        service_thread: &str,
+        threads: &NodeThreadArgs,
         etcd: bool,
     ) -> Result<KeelCluster> {
         let exe = std::env::current_exe().context("finding the keel executable")?;
@@ -270,7 +271,7 @@ impl KeelCluster {
             let config = node_dir.join("keel.toml");
             std::fs::write(
                 &config,
-                node_config(n, &list, &node_dir, service, durability, service_thread),
+                node_config(n, &list, &node_dir, service, durability, threads),
             )
             .with_context(|| format!("writing {}", config.display()))?;
             let mut cmd = Command::new(&exe);
@@ -339,15 +340,17 @@ fn node_config(
     dir: &Path,
     service: &str,
     durability: &str,
-    service_thread: &str,
+    threads: &NodeThreadArgs,
 ) -> String {
     let mut toml = format!(
-        "# keel bench: node {}\nid = {}\ndata_dir = {:?}\npeer_addr = \"{}\"\nclient_addr = \"{}\"\ndurability = \"{durability}\"\nservice = \"{service}\"\nservice_thread = \"{service_thread}\"\n",
+        "# keel bench: node {}\nid = {}\ndata_dir = {:?}\npeer_addr = \"{}\"\nclient_addr = \"{}\"\ndurability = \"{durability}\"\nservice = \"{service}\"\nservice_thread = \"{}\"\nthread_scheduling = \"{}\"\n",
         n.id,
         n.id,
         dir.join("data").display().to_string(),
         n.peer,
         n.client,
+        threads.service_thread,
+        threads.thread_scheduling,
     );
     if let Some(e) = &n.etcd {
         toml.push_str(&format!("etcd_addr = \"{e}\"\n"));
@@ -414,7 +417,16 @@ pub fn etcd_version(etcd: &Path) -> String {
 }
 
 impl EtcdCluster {
-    pub fn start(etcd: &Path, parent: &Path, keep: bool, members: usize) -> Result<EtcdCluster> {
+    /// Starts `members` etcd processes; with `batch`, under the
+    /// `SCHED_BATCH` scheduling policy (as Keel's node threads run by
+    /// default), so both systems are measured on the same terms.
+    pub fn start(
+        etcd: &Path,
+        parent: &Path,
+        keep: bool,
+        members: usize,
+        batch: bool,
+    ) -> Result<EtcdCluster> {
         let dir = WorkDir::new(parent, "keel-bench-etcd-", keep)?;
         let ports = free_ports(members * 2)?;
         let peer = |i: usize| format!("http://127.0.0.1:{}", ports[i * 2]);
@@ -450,6 +462,16 @@ impl EtcdCluster {
                 .arg("zap")
                 .arg("--log-level")
                 .arg("warn");
+            if batch {
+                // SAFETY: sched_setscheduler is one system call, async-signal-safe.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        keel_node::sched::set_current_thread(
+                            keel_node::config::ThreadSchedulingConfig::Batch,
+                        )
+                    });
+                }
+            }
             procs.spawn(
                 &format!("etcd member {name}"),
                 cmd,
@@ -529,12 +551,17 @@ mod tests {
                 etcd: Some(format!("127.0.0.1:{}", 9200 + id)),
             })
             .collect();
-        let t = node_config(&nodes[1], &nodes, Path::new("/d"), "echo", "sync", "shared");
+        let threads = NodeThreadArgs {
+            service_thread: "shared".into(),
+            thread_scheduling: "normal".into(),
+        };
+        let t = node_config(&nodes[1], &nodes, Path::new("/d"), "echo", "sync", &threads);
         let v: toml::Value = toml::from_str(&t).expect("valid TOML");
         assert_eq!(v["id"].as_integer(), Some(2));
         assert_eq!(v["etcd_addr"].as_str(), Some("127.0.0.1:9202"));
         assert_eq!(v["service"].as_str(), Some("echo"));
         assert_eq!(v["service_thread"].as_str(), Some("shared"));
+        assert_eq!(v["thread_scheduling"].as_str(), Some("normal"));
         let peers = v["peers"].as_array().expect("peers");
         let ids: Vec<i64> = peers.iter().filter_map(|p| p["id"].as_integer()).collect();
         assert_eq!(ids, vec![1, 3]);

@@ -11,7 +11,7 @@
 use super::cluster::{cpu_seconds, on_memory_fs, KeelCluster, MachineTicks};
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, us, Panel, Percentiles, Series, PERCENTILE_COLORS};
-use super::{check_interrupted, parse_rate, say, CommonArgs};
+use super::{check_interrupted, parse_rate, say, CommonArgs, NodeThreadArgs};
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use clap::Args;
@@ -58,10 +58,8 @@ pub struct EchoArgs {
     /// Durability modes to measure, each on a fresh cluster.
     #[arg(long, value_delimiter = ',', default_value = "sync,replicated", value_parser = ["sync", "replicated"])]
     modes: Vec<String>,
-    /// Where each node runs the echo service: on a thread of its own, or on
-    /// the consensus thread (`keel server --service-thread`).
-    #[arg(long, default_value = "dedicated", value_parser = ["dedicated", "shared"])]
-    service_thread: String,
+    #[command(flatten)]
+    threads: NodeThreadArgs,
     /// Pipelined client connections to the leader (the rate is split evenly).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     connections: u64,
@@ -609,7 +607,7 @@ pub fn run(a: EchoArgs) -> Result<i32> {
             3,
             "echo",
             mode,
-            &a.service_thread,
+            &a.threads,
             false,
         )?;
         if cluster.dir.kept() {
@@ -710,7 +708,7 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
     let mut s = format!(
         "## Echo: latency vs offered rate (Aeron method)\n\n\
          `{}` ({} s per rate after {} s warm-up, {} cores). \
-         3 `keel server --service echo --service-thread {}` processes on loopback; {} pipelined native-protocol \
+         3 `keel server --service echo {}` processes on loopback; {} pipelined native-protocol \
          connection(s) to the leader send {}-byte sessionless writes in bursts of {} (one `write` \
          per burst) at each fixed offered rate. Latency runs from each message's intended send time \
          (fixed by the start time and the rate, so a stall counts against every message scheduled \
@@ -731,7 +729,7 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
         a.common.duration,
         a.common.warmup,
         cores,
-        a.service_thread,
+        a.threads.flags(),
         a.connections,
         a.size,
         a.burst,

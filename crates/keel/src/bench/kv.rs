@@ -13,7 +13,7 @@ use super::cluster::{
 };
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, ms, Panel, Percentiles, Series};
-use super::{check_interrupted, interrupted, parse_rate, say, CommonArgs};
+use super::{check_interrupted, interrupted, parse_rate, say, CommonArgs, NodeThreadArgs};
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
@@ -130,10 +130,8 @@ pub struct KvArgs {
     /// Keel's durability mode (etcd always fsyncs).
     #[arg(long, default_value = "sync", value_parser = ["sync", "replicated"])]
     durability: String,
-    /// Where each Keel node runs the kv service: on a thread of its own, or
-    /// on the consensus thread (`keel server --service-thread`).
-    #[arg(long, default_value = "dedicated", value_parser = ["dedicated", "shared"])]
-    service_thread: String,
+    #[command(flatten)]
+    threads: NodeThreadArgs,
     /// Offered rates (ops/s) of the open-loop sweep, comma-separated (k and m suffixes allowed).
     #[arg(long, value_delimiter = ',', value_parser = parse_rate, default_value = "1k,2k,5k,10k,20k,50k")]
     rates: Vec<u64>,
@@ -760,7 +758,7 @@ async fn bench_system(
             3,
             "kv",
             &a.durability,
-            &a.service_thread,
+            &a.threads,
             true,
         )?),
         System::Etcd => Cluster::Etcd(EtcdCluster::start(
@@ -768,6 +766,7 @@ async fn bench_system(
             &a.common.dir,
             a.common.keep,
             3,
+            a.threads.thread_scheduling == "batch",
         )?),
     };
     if cluster.dir().kept() {
@@ -941,13 +940,20 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
         .iter()
         .map(|s| match s {
             System::Keel => format!(
-                "Keel = 3 `keel server --service kv --service-thread {}` processes serving the \
+                "Keel = 3 `keel server --service kv {}` processes serving the \
                  etcd API, `{}` durability",
-                a.service_thread, a.durability
+                a.threads.flags(),
+                a.durability
             ),
             System::Etcd => format!(
-                "etcd = {}, default settings (fsync on commit)",
-                etcd_ver.unwrap_or("etcd")
+                "etcd = {}, default settings (fsync on commit){}",
+                etcd_ver.unwrap_or("etcd"),
+                if a.threads.thread_scheduling == "batch" {
+                    ", its processes under the same `SCHED_BATCH` scheduling policy as Keel's \
+                     node threads"
+                } else {
+                    ""
+                }
             ),
         })
         .collect();

@@ -55,6 +55,30 @@ pub struct CommonArgs {
     pub keep: bool,
 }
 
+/// How each Keel node runs its threads (passed on to `keel server`).
+#[derive(Args, Debug, Clone)]
+pub struct NodeThreadArgs {
+    /// Where each node runs the service: on a thread of its own, or on the
+    /// consensus thread (`keel server --service-thread`).
+    #[arg(long, default_value = "dedicated", value_parser = ["dedicated", "shared"])]
+    pub service_thread: String,
+    /// Linux scheduling policy of each node's threads (`keel server
+    /// --thread-scheduling`); `keel bench kv` runs etcd's processes under
+    /// the same one.
+    #[arg(long, default_value = "batch", value_parser = ["batch", "normal"])]
+    pub thread_scheduling: String,
+}
+
+impl NodeThreadArgs {
+    /// The `keel server` flags these stand for.
+    pub fn flags(&self) -> String {
+        format!(
+            "--service-thread {} --thread-scheduling {}",
+            self.service_thread, self.thread_scheduling
+        )
+    }
+}
+
 impl CommonArgs {
     pub fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.duration)

@@ -42,7 +42,10 @@ use keel_net::codec::{ClientOp, ClientRequest, ClientResponse, ClientResult, Nod
 use keel_net::mem::MemNetwork;
 use keel_net::tcp::{self, NetStats, ResponseSink, TransportConfig};
 use keel_net::PeerSender;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+// Maps keyed by request ids, touched several times per write on the leader:
+// foldhash instead of SipHash (3% of the cluster's CPU at 200k msg/s).
+use foldhash::{HashMap, HashMapExt as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

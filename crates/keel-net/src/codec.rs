@@ -524,6 +524,29 @@ fn put_status(out: &mut Vec<u8>, s: &NodeStatus) {
 /// as is a length < 2 or (once its byte is present) a wrong version. Never
 /// panics on any input; never allocates more than the bytes actually present.
 pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, usize)>, CodecError> {
+    decode_in(buf, None, max_frame)
+}
+
+/// `decode` of the frame starting `at` bytes into `chunk`, whose byte
+/// strings (entry payloads, request commands, snapshot chunks) are slices
+/// of `chunk` rather than copies: one buffer, shared by every frame of a
+/// read, instead of an allocation and a copy per entry on every node. The
+/// slices keep `chunk` alive, so pass a chunk holding just the frames read.
+pub fn decode_shared(
+    chunk: &Bytes,
+    at: usize,
+    max_frame: usize,
+) -> Result<Option<(Frame, usize)>, CodecError> {
+    match chunk.get(at..) {
+        Some(buf) => decode_in(buf, Some(chunk), max_frame),
+        None => Ok(None),
+    }
+}
+
+/// The size (length prefix included) of the frame at the start of `buf`,
+/// from its length prefix alone: Ok(None) until the prefix is there; the
+/// errors `decode` gives for a bad prefix or version.
+pub fn frame_size(buf: &[u8], max_frame: usize) -> Result<Option<usize>, CodecError> {
     let Some((prefix, rest)) = buf.split_first_chunk::<LEN_BYTES>() else {
         return Ok(None);
     };
@@ -545,10 +568,23 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, usize)>, Co
             });
         }
     }
-    let Some(body) = rest.get(..len) else {
+    Ok(Some(LEN_BYTES.saturating_add(len)))
+}
+
+/// `decode`; with `shared`, the buffer `buf` lies in, byte strings are
+/// slices of it.
+fn decode_in(
+    buf: &[u8],
+    shared: Option<&Bytes>,
+    max_frame: usize,
+) -> Result<Option<(Frame, usize)>, CodecError> {
+    let Some(size) = frame_size(buf, max_frame)? else {
         return Ok(None);
     };
-    let mut r = Reader { buf: body };
+    let Some(body) = buf.get(LEN_BYTES..size) else {
+        return Ok(None);
+    };
+    let mut r = Reader { buf: body, shared };
     let _version = r.u8("version")?;
     let frame = match r.u8("frame tag")? {
         FRAME_HELLO => Frame::Hello {
@@ -567,12 +603,14 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Result<Option<(Frame, usize)>, Co
         Frame::Response(_) => "Response frame",
     };
     r.finish(what)?;
-    Ok(Some((frame, LEN_BYTES.saturating_add(len))))
+    Ok(Some((frame, size)))
 }
 
 /// Reads fields off the front of one frame's bytes.
 struct Reader<'a> {
     buf: &'a [u8],
+    /// The buffer `buf` lies in, when byte strings may be slices of it.
+    shared: Option<&'a Bytes>,
 }
 
 impl<'a> Reader<'a> {
@@ -615,7 +653,12 @@ impl<'a> Reader<'a> {
 
     fn bytes(&mut self, what: &'static str) -> Result<Bytes, CodecError> {
         let n = usize::try_from(self.u32(what)?).unwrap_or(usize::MAX);
-        Ok(Bytes::copy_from_slice(self.take(n, what)?))
+        let raw = self.take(n, what)?;
+        Ok(match self.shared {
+            // `raw` is part of `buf`, which `decode_shared` took from `shared`.
+            Some(whole) => whole.slice_ref(raw),
+            None => Bytes::copy_from_slice(raw),
+        })
     }
 
     fn string(&mut self, what: &'static str) -> Result<String, CodecError> {
@@ -1219,6 +1262,61 @@ mod tests {
             if let Ok(Some((_, n))) = decode(&buf, MAX) {
                 prop_assert!(n <= buf.len());
             }
+        }
+
+        /// Decoding in place from a shared chunk gives the same frame as
+        /// decoding a copy, with its byte strings pointing into the chunk.
+        #[test]
+        fn shared_decoding_matches_and_borrows_the_chunk(
+            junk in vec(any::<u8>(), 0..20),
+            f in frame(),
+            tail in vec(any::<u8>(), 0..20),
+        ) {
+            let mut buf = junk.clone();
+            encode(&f, &mut buf);
+            let end = buf.len();
+            buf.extend_from_slice(&tail);
+            let chunk = Bytes::from(buf);
+            let got = decode_shared(&chunk, junk.len(), MAX);
+            prop_assert_eq!(&got, &Ok(Some((f.clone(), end - junk.len()))));
+            prop_assert_eq!(frame_size(&chunk[junk.len()..], MAX), Ok(Some(end - junk.len())));
+            let inside = |b: &Bytes| {
+                b.is_empty() || chunk.as_ptr_range().contains(&b.as_ptr())
+            };
+            match got {
+                Ok(Some((Frame::Request(r), _))) => match &r.op {
+                    ClientOp::Write(d) | ClientOp::Read(d) | ClientOp::StaleRead(d) => {
+                        prop_assert!(inside(d), "command copied")
+                    }
+                    _ => {}
+                },
+                Ok(Some((Frame::Peer(m), _))) => {
+                    if let Body::Append { entries, .. } = &m.body {
+                        for e in entries {
+                            prop_assert!(inside(&e.data), "entry copied");
+                        }
+                    }
+                }
+                _ => {}
+            }
+            // Past the end, or in the junk: never a panic.
+            prop_assert_eq!(decode_shared(&chunk, chunk.len() + 1, MAX), Ok(None));
+            let _ = decode_shared(&chunk, 0, MAX);
+        }
+
+        /// `frame_size` agrees with `decode` on any input: same errors for a
+        /// bad prefix, and the size of every frame `decode` returns.
+        #[test]
+        fn frame_size_agrees_with_decode(buf in vec(any::<u8>(), 0..300)) {
+            match (decode(&buf, MAX), frame_size(&buf, MAX)) {
+                (Ok(Some((_, n))), size) => prop_assert_eq!(size, Ok(Some(n))),
+                (Ok(None), Ok(size)) => prop_assert!(size.is_none_or(|n| n > buf.len())),
+                (Ok(None), Err(e)) => prop_assert!(false, "frame_size: {e}, decode: incomplete"),
+                (Err(_), Ok(Some(n))) => prop_assert!(n <= buf.len(), "a bad body"),
+                (Err(_), _) => {}
+            }
+            let chunk = Bytes::from(buf.clone());
+            prop_assert_eq!(decode_shared(&chunk, 0, MAX), decode(&buf, MAX));
         }
 
         /// A valid header in front of random bytes reaches deep into the

@@ -16,6 +16,7 @@
 //! connection with a logged reason; the node keeps running.
 
 use crate::codec::{self, ClientRequest, ClientResponse, Frame};
+use bytes::BytesMut;
 use keel_core::{Message, NodeId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -491,23 +492,51 @@ const REPLY_GRACE: Duration = Duration::from_secs(2);
 /// Reads frames until EOF or an error (from reading, decoding, or
 /// `on_frame`). `on_frame` gets each frame as `Some`, then `None` once the
 /// frames of a read were handed over, before waiting for more bytes.
+///
+/// The whole frames of each read are split off the buffer and frozen, and
+/// decoded as slices of it (`codec::decode_shared`): the entries and
+/// commands of a read share one allocation instead of one copy each. The
+/// rest of the buffer's allocation takes the next reads until it is used
+/// up; a partial frame stays in the buffer, which grows to fit it.
 async fn read_frames(
     mut r: OwnedReadHalf,
-    mut buf: Vec<u8>,
+    mut buf: BytesMut,
     max: usize,
     mut on_frame: impl FnMut(Option<Frame>) -> Result<(), String>,
 ) -> Result<(), String> {
     loop {
+        // The whole frames at the front, by their length prefixes; a bad
+        // prefix ends the connection after the frames before it.
+        let (mut whole, mut partial, mut bad) = (0, 0, None);
+        loop {
+            match codec::frame_size(&buf[whole..], max) {
+                Ok(Some(n)) if n <= buf.len() - whole => whole += n,
+                Ok(Some(n)) => {
+                    partial = n;
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(format!("bad frame: {e}"));
+                    break;
+                }
+            }
+        }
+        let chunk = buf.split_to(whole).freeze();
         let mut off = 0;
         let decoded = loop {
-            match codec::decode(&buf[off..], max) {
+            if off == chunk.len() {
+                break bad.map_or(Ok(()), Err);
+            }
+            match codec::decode_shared(&chunk, off, max) {
                 Ok(Some((f, n))) => {
                     off += n;
                     if let Err(e) = on_frame(Some(f)) {
                         break Err(e);
                     }
                 }
-                Ok(None) => break Ok(()),
+                // (`frame_size` said the frame is all there.)
+                Ok(None) => break Err("bad frame: shorter than its length".into()),
                 Err(e) => break Err(format!("bad frame: {e}")),
             }
         };
@@ -515,11 +544,12 @@ async fn read_frames(
         // before the connection closes, see `serve_client`).
         on_frame(None)?;
         decoded?;
-        buf.drain(..off);
-        // Room for a whole burst in one read: a Vec only grows when full,
-        // which would leave reads of one small frame at a time.
-        if buf.capacity() - buf.len() < READ_SPARE / 4 {
-            buf.reserve(READ_SPARE);
+        // Room for a whole burst in one read (a buffer only grows when
+        // full, which would leave reads of one small frame at a time), and
+        // for all of a large frame that has begun to arrive.
+        let room = partial.saturating_sub(buf.len()).max(READ_SPARE / 4);
+        if buf.capacity() - buf.len() < room {
+            buf.reserve(room.max(READ_SPARE));
         }
         let n = r
             .read_buf(&mut buf)
@@ -598,24 +628,29 @@ impl Link {
             let (cfg, peer, stats) = (self.cfg.clone(), self.peer, self.stats.clone());
             let mut reader = tokio::spawn(
                 async move {
-                    read_frames(r, leftover, cfg.max_frame, |f| match f {
-                        None => Ok(()),
-                        Some(Frame::Peer(m))
-                            if m.cluster_id == cfg.cluster_id
-                                && m.from == peer
-                                && m.to == cfg.node_id =>
-                        {
-                            inbound(m);
-                            Ok(())
-                        }
-                        Some(Frame::Peer(m)) => Err(format!(
+                    read_frames(
+                        r,
+                        BytesMut::from(&leftover[..]),
+                        cfg.max_frame,
+                        |f| match f {
+                            None => Ok(()),
+                            Some(Frame::Peer(m))
+                                if m.cluster_id == cfg.cluster_id
+                                    && m.from == peer
+                                    && m.to == cfg.node_id =>
+                            {
+                                inbound(m);
+                                Ok(())
+                            }
+                            Some(Frame::Peer(m)) => Err(format!(
                             "message for cluster {:#x} from {} to {} on the link to node {peer}",
                             m.cluster_id, m.from, m.to
                         )),
-                        Some(other) => {
-                            Err(format!("unexpected {} on a peer link", frame_name(&other)))
-                        }
-                    })
+                            Some(other) => {
+                                Err(format!("unexpected {} on a peer link", frame_name(&other)))
+                            }
+                        },
+                    )
                     .await
                     .inspect_err(|_| {
                         stats.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -750,7 +785,7 @@ async fn serve_client(
         }
     });
     let mut batch = Vec::new();
-    let result = read_frames(r, Vec::new(), max_frame, |f| match f {
+    let result = read_frames(r, BytesMut::new(), max_frame, |f| match f {
         Some(Frame::Request(req)) => {
             batch.push(req);
             Ok(())
@@ -792,5 +827,75 @@ async fn serve_client(
         }
     } else {
         let _ = writer.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use codec::ClientOp;
+
+    /// Frames reach `on_frame` whole and in order however the bytes are cut
+    /// into reads (a large frame across many), then a bad frame ends the
+    /// connection with an error after the frames before it.
+    #[test]
+    fn read_frames_hands_over_whole_frames_however_the_bytes_arrive() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let frames: Vec<Frame> = (0..60u64)
+                .map(|i| {
+                    let size = if i == 30 { 300_000 } else { 50 + i as usize };
+                    Frame::Request(ClientRequest {
+                        id: i,
+                        client: 1,
+                        seq: i,
+                        op: ClientOp::Write(Bytes::from(vec![i as u8; size])),
+                    })
+                })
+                .collect();
+            let mut bytes = Vec::new();
+            for f in &frames {
+                codec::encode(f, &mut bytes);
+            }
+            // A length prefix below the smallest frame.
+            bytes.extend_from_slice(&1u32.to_le_bytes());
+            let writer = tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.expect("connect");
+                // Pieces of a prime size cut frames at every kind of place.
+                for piece in bytes.chunks(7919) {
+                    s.write_all(piece).await.expect("write");
+                    tokio::task::yield_now().await;
+                }
+                s
+            });
+            let (sock, _) = listener.accept().await.expect("accept");
+            let (r, _w) = sock.into_split();
+            let mut got = Vec::new();
+            let mut reads = 0;
+            let result = read_frames(r, BytesMut::new(), 1 << 20, |f| {
+                match f {
+                    Some(f) => got.push(f),
+                    None => reads += 1,
+                }
+                Ok(())
+            })
+            .await;
+            let _still_open = writer.await.expect("writer");
+            assert!(
+                got == frames,
+                "{} of {} frames, or changed",
+                got.len(),
+                frames.len()
+            );
+            assert!(reads > 1, "all in one read: the test cut nothing");
+            let e = result.expect_err("the bad frame was accepted");
+            assert!(e.contains("bad frame"), "{e}");
+        });
     }
 }

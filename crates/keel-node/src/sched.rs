@@ -42,10 +42,13 @@ pub fn run_with_policy<T: Send>(
     policy: ThreadSchedulingConfig,
     f: impl FnOnce() -> T + Send,
 ) -> std::io::Result<std::thread::Result<T>> {
+    // The caller's tracing span, so what `f` logs reads as it would there.
+    let span = tracing::Span::current();
     std::thread::scope(|s| {
         let t = std::thread::Builder::new()
             .name("keel-start".into())
             .spawn_scoped(s, move || {
+                let _entered = span.enter();
                 if let Err(e) = set_current_thread(policy) {
                     tracing::warn!("cannot set the {policy:?} scheduling policy: {e}");
                 }

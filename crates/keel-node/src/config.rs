@@ -149,6 +149,11 @@ pub struct NodeConfig {
     /// `ThreadSchedulingConfig`; Linux only, ignored elsewhere).
     #[serde(default)]
     pub thread_scheduling: ThreadSchedulingConfig,
+    /// Worker threads serving the etcd API and HTTP (0: half the machine's
+    /// cores, at least 1; the consensus, service and storage threads have
+    /// threads of their own).
+    #[serde(default)]
+    pub net_threads: usize,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
     /// How long the leader may hold back a commit-only message to a
@@ -249,6 +254,12 @@ impl NodeConfig {
                 self.write_timeout_ms
             ));
         }
+        if self.net_threads > 256 {
+            return bad(format!(
+                "net_threads ({}) must be at most 256 (0: half the cores)",
+                self.net_threads
+            ));
+        }
         if self.queue_depth < 16 {
             return bad(format!(
                 "queue_depth ({}) must be at least 16",
@@ -282,6 +293,14 @@ impl NodeConfig {
         }
     }
 
+    /// `net_threads`, with 0 resolved: half of `cores`, at least 1.
+    pub fn net_threads_for(&self, cores: usize) -> usize {
+        match self.net_threads {
+            0 => (cores / 2).max(1),
+            n => n,
+        }
+    }
+
     pub fn client_addr_of(&self, id: NodeId) -> Option<String> {
         if id == self.id {
             return Some(self.client_addr.clone());
@@ -312,6 +331,11 @@ mod tests {
         assert_eq!(c.durability, DurabilityConfig::Sync);
         assert_eq!(c.service_thread, ServiceThreadConfig::Dedicated);
         assert_eq!(c.thread_scheduling, ThreadSchedulingConfig::Batch);
+        assert_eq!(c.net_threads, 0);
+        assert_eq!(
+            [1, 2, 3, 16].map(|cores| c.net_threads_for(cores)),
+            [1, 1, 1, 8]
+        );
         assert_eq!(c.initial_membership(), Membership::new([1, 2]));
         assert_eq!(c.client_addr_of(2).as_deref(), Some("127.0.0.1:7102"));
     }
@@ -346,6 +370,12 @@ mod tests {
         c.write_timeout_ms = 5;
         let e = c.validate().expect_err("a 5 ms write timeout accepted");
         assert!(e.to_string().contains("write_timeout_ms (5)"), "{e}");
+        let mut c: NodeConfig =
+            toml::from_str(&format!("{}net_threads = 3\n", base())).expect("parse");
+        assert_eq!(c.net_threads_for(2), 3);
+        c.net_threads = 1000;
+        let e = c.validate().expect_err("1000 network threads accepted");
+        assert!(e.to_string().contains("net_threads (1000)"), "{e}");
         let normal = format!("{}thread_scheduling = \"normal\"\n", base());
         let c: NodeConfig = toml::from_str(&normal).expect("parse");
         assert_eq!(c.thread_scheduling, ThreadSchedulingConfig::Normal);

@@ -619,9 +619,11 @@ fn start_node(
         .enable_all()
         .build()
         .map_err(|e| NodeError::Start(format!("tokio runtime: {e}")))?;
-    // Network: the etcd API, HTTP.
+    // Network: the etcd API, HTTP. (On 2 shared cores one worker used 5-10%
+    // less CPU per etcd request than two: no wake-ups of the idle sibling.)
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(cfg.net_threads_for(cores))
         .thread_name("keel-net")
         .enable_all()
         .build()

@@ -56,6 +56,7 @@ fn node_config(
         service: "kv".into(),
         service_thread: ServiceThreadConfig::Dedicated,
         thread_scheduling: Default::default(),
+        net_threads: 0,
         write_timeout_ms: 30_000,
         heartbeat_ms: 20,
         commit_notify_delay_ms: 5,

@@ -199,6 +199,10 @@ struct ServerArgs {
     /// Linux scheduling policy of the node's threads (default batch).
     #[arg(long, value_enum)]
     thread_scheduling: Option<ThreadSchedulingArg>,
+    /// Worker threads for the etcd API and HTTP (0: half the cores, at
+    /// least 1).
+    #[arg(long)]
+    net_threads: Option<usize>,
     /// Start empty and wait to be added to an existing cluster.
     #[arg(long)]
     join: bool,
@@ -311,6 +315,9 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
             ThreadSchedulingArg::Batch => keel_node::config::ThreadSchedulingConfig::Batch,
             ThreadSchedulingArg::Normal => keel_node::config::ThreadSchedulingConfig::Normal,
         };
+    }
+    if let Some(n) = a.net_threads {
+        cfg.net_threads = n;
     }
     if a.join {
         cfg.join = true;

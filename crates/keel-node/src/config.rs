@@ -59,21 +59,23 @@ pub enum ServiceThreadConfig {
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ThreadSchedulingConfig {
-    /// `SCHED_BATCH`: a thread the node wakes (a follower's consensus
-    /// thread woken by the leader's append over loopback, the service
-    /// thread woken by a commit) does not preempt the thread that woke it,
-    /// which finishes its turn first (sends to every peer, writes the log,
-    /// answers its clients) instead of being switched out after its first
-    /// send. Fewer context switches: about a fifth less CPU per put and a
-    /// fifth more puts per second in `keel bench kv` on 2 shared cores
-    /// (BENCHMARKS.md). The cost: when every
-    /// core is busy, a woken node thread waits for the running one to
-    /// block or for the next scheduler tick.
+    /// `SCHED_OTHER`, the default for any Linux process: a woken thread may
+    /// preempt the running one, so a consensus thread woken for a heartbeat
+    /// or a vote runs at once.
     #[default]
-    Batch,
-    /// `SCHED_OTHER`, the default for any Linux process: woken threads may
-    /// preempt the running one.
     Normal,
+    /// `SCHED_BATCH`, for throughput under sustained load: a thread the
+    /// node wakes (a follower's consensus thread woken by the leader's
+    /// append over loopback, the service thread woken by a commit) does not
+    /// preempt the thread that woke it, which finishes its turn first
+    /// (sends to every peer, writes the log, answers its clients) instead
+    /// of being switched out after its first send. In `keel bench kv` on 2
+    /// shared cores: about a fifth less CPU per put and a fifth more puts
+    /// per second in the closed loop, but open-loop put tails at 1k–2k
+    /// ops/s 4–30x worse (p99 14–138 ms against 3–5 ms): a woken node
+    /// thread waits for whatever runs on its core to block or for the
+    /// scheduler tick. See BENCHMARKS.md.
+    Batch,
 }
 
 fn default_cluster_id() -> u64 {
@@ -150,7 +152,7 @@ pub struct NodeConfig {
     #[serde(default)]
     pub thread_scheduling: ThreadSchedulingConfig,
     /// Worker threads serving the etcd API and HTTP (0: half the machine's
-    /// cores, at least 1; the consensus, service and storage threads have
+    /// cores, at least 2; the consensus, service and storage threads have
     /// threads of their own).
     #[serde(default)]
     pub net_threads: usize,
@@ -256,7 +258,7 @@ impl NodeConfig {
         }
         if self.net_threads > 256 {
             return bad(format!(
-                "net_threads ({}) must be at most 256 (0: half the cores)",
+                "net_threads ({}) must be at most 256 (0: half the cores, at least 2)",
                 self.net_threads
             ));
         }
@@ -293,10 +295,10 @@ impl NodeConfig {
         }
     }
 
-    /// `net_threads`, with 0 resolved: half of `cores`, at least 1.
+    /// `net_threads`, with 0 resolved: half of `cores`, at least 2.
     pub fn net_threads_for(&self, cores: usize) -> usize {
         match self.net_threads {
-            0 => (cores / 2).max(1),
+            0 => (cores / 2).max(2),
             n => n,
         }
     }
@@ -330,11 +332,11 @@ mod tests {
         c.validate().expect("valid");
         assert_eq!(c.durability, DurabilityConfig::Sync);
         assert_eq!(c.service_thread, ServiceThreadConfig::Dedicated);
-        assert_eq!(c.thread_scheduling, ThreadSchedulingConfig::Batch);
+        assert_eq!(c.thread_scheduling, ThreadSchedulingConfig::Normal);
         assert_eq!(c.net_threads, 0);
         assert_eq!(
             [1, 2, 3, 16].map(|cores| c.net_threads_for(cores)),
-            [1, 1, 1, 8]
+            [2, 2, 2, 8]
         );
         assert_eq!(c.initial_membership(), Membership::new([1, 2]));
         assert_eq!(c.client_addr_of(2).as_deref(), Some("127.0.0.1:7102"));
@@ -376,9 +378,9 @@ mod tests {
         c.net_threads = 1000;
         let e = c.validate().expect_err("1000 network threads accepted");
         assert!(e.to_string().contains("net_threads (1000)"), "{e}");
-        let normal = format!("{}thread_scheduling = \"normal\"\n", base());
-        let c: NodeConfig = toml::from_str(&normal).expect("parse");
-        assert_eq!(c.thread_scheduling, ThreadSchedulingConfig::Normal);
+        let batch = format!("{}thread_scheduling = \"batch\"\n", base());
+        let c: NodeConfig = toml::from_str(&batch).expect("parse");
+        assert_eq!(c.thread_scheduling, ThreadSchedulingConfig::Batch);
         let bad = format!("{}thread_scheduling = \"fifo\"\n", base());
         let e = toml::from_str::<NodeConfig>(&bad).expect_err("fifo accepted");
         assert!(e.to_string().contains("batch"), "{e}");

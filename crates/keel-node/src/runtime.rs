@@ -619,8 +619,7 @@ fn start_node(
         .enable_all()
         .build()
         .map_err(|e| NodeError::Start(format!("tokio runtime: {e}")))?;
-    // Network: the etcd API, HTTP. (On 2 shared cores one worker used 5-10%
-    // less CPU per etcd request than two: no wake-ups of the idle sibling.)
+    // Network: the etcd API, HTTP.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.net_threads_for(cores))

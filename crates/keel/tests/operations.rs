@@ -356,8 +356,8 @@ fn node_threads_run_with_the_configured_scheduling_policy() {
     const SCHED_OTHER: u32 = 0;
     const SCHED_BATCH: u32 = 3;
     for (extra, want) in [
-        ("", SCHED_BATCH),
-        ("thread_scheduling = \"normal\"", SCHED_OTHER),
+        ("", SCHED_OTHER),
+        ("thread_scheduling = \"batch\"", SCHED_BATCH),
     ] {
         let mut c = TestCluster::start(1, extra);
         c.wait_for_leader(Duration::from_secs(10));

@@ -65,7 +65,7 @@ pub struct NodeThreadArgs {
     /// Linux scheduling policy of each node's threads (`keel server
     /// --thread-scheduling`); `keel bench kv` runs etcd's processes under
     /// the same one.
-    #[arg(long, default_value = "batch", value_parser = ["batch", "normal"])]
+    #[arg(long, default_value = "normal", value_parser = ["normal", "batch"])]
     pub thread_scheduling: String,
 }
 

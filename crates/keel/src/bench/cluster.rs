@@ -11,16 +11,34 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `n` distinct free loopback ports (held open together while choosing).
+/// `n` distinct loopback ports that are free now (held open together while
+/// choosing). They come from below Linux's ephemeral range (32768-60999):
+/// a port the kernel picked for port 0 may also be handed to an outgoing
+/// connection (the nodes dial each other while they start) before its
+/// server binds it. The scan starts at an offset drawn from the process
+/// id, so two benchmarks at once rarely meet.
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("finding free loopback ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let offset = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    let mut held = Vec::with_capacity(n);
+    for i in 0..SPAN {
+        if held.len() == n {
+            break;
+        }
+        let port = (FIRST + (offset + i) % SPAN) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        bail!(
+            "only {} of {n} loopback ports free between {FIRST} and {}",
+            held.len(),
+            FIRST + SPAN
+        );
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// Child processes killed on drop.
@@ -539,6 +557,16 @@ mod tests {
         assert!(cpu_seconds(Some(&[me])) >= after - 0.001);
         // No such process (pid_max is below 2^22 on Linux).
         assert_eq!(cpu_seconds(Some(&[u32::MAX])), 0.0);
+    }
+
+    #[test]
+    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+        let ports = free_ports(6).expect("ports");
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), 6, "{ports:?}");
+        for p in ports {
+            assert!((20_000..32_000).contains(&p), "{p}");
+        }
     }
 
     #[test]

@@ -72,9 +72,9 @@ pub enum ThreadSchedulingConfig {
     /// of being switched out after its first send. In `keel bench kv` on 2
     /// shared cores: about a fifth less CPU per put and a fifth more puts
     /// per second in the closed loop, but open-loop put tails at 1k–2k
-    /// ops/s mostly 4–30x worse (p99 at 1k 14–159 ms against 3–5 ms): a woken node
-    /// thread waits for whatever runs on its core to block or for the
-    /// scheduler tick. See BENCHMARKS.md.
+    /// ops/s mostly 4–30x worse (p99 at 1k 14–159 ms against 3–5 ms): a
+    /// woken node thread waits for whatever runs on its core to block or
+    /// for the scheduler tick. See BENCHMARKS.md.
     Batch,
 }
 

@@ -766,7 +766,7 @@ async fn bench_system(
             &a.common.dir,
             a.common.keep,
             3,
-            a.threads.thread_scheduling == "batch",
+            a.threads.batch(),
         )?),
     };
     if cluster.dir().kept() {
@@ -948,7 +948,7 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
             System::Etcd => format!(
                 "etcd = {}, default settings (fsync on commit){}",
                 etcd_ver.unwrap_or("etcd"),
-                if a.threads.thread_scheduling == "batch" {
+                if a.threads.batch() {
                     ", its processes under the same `SCHED_BATCH` scheduling policy as Keel's \
                      node threads"
                 } else {

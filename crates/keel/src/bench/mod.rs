@@ -70,6 +70,11 @@ pub struct NodeThreadArgs {
 }
 
 impl NodeThreadArgs {
+    /// Whether the nodes (and `kv`'s etcd) run under `SCHED_BATCH`.
+    pub fn batch(&self) -> bool {
+        self.thread_scheduling == "batch"
+    }
+
     /// The `keel server` flags these stand for.
     pub fn flags(&self) -> String {
         format!(

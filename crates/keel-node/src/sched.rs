@@ -24,14 +24,17 @@ pub fn set_current_thread(policy: ThreadSchedulingConfig) -> std::io::Result<()>
     }
 }
 
-/// Sets the calling thread's scheduling policy (not available here: the
-/// policies are Linux's).
+/// Sets the calling thread's scheduling policy: here only `Normal`, the
+/// system's own (`Batch` is Linux's).
 #[cfg(not(target_os = "linux"))]
-pub fn set_current_thread(_: ThreadSchedulingConfig) -> std::io::Result<()> {
-    Err(std::io::Error::new(
-        std::io::ErrorKind::Unsupported,
-        "thread scheduling policies are Linux-only",
-    ))
+pub fn set_current_thread(policy: ThreadSchedulingConfig) -> std::io::Result<()> {
+    match policy {
+        ThreadSchedulingConfig::Normal => Ok(()),
+        ThreadSchedulingConfig::Batch => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "the batch scheduling policy is Linux-only",
+        )),
+    }
 }
 
 /// Runs `f` on a new thread whose scheduling policy is `policy`, so that

@@ -77,12 +77,12 @@ impl Service for EchoService {
         Ok(())
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self, out: &mut Vec<u8>) {
         let mut w = Writer::raw();
         w.raw_bytes(&SNAPSHOT_MAGIC)
             .u64(self.stats.messages)
             .u64(self.stats.bytes);
-        w.finish().to_vec()
+        out.extend_from_slice(&w.finish());
     }
 
     fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
@@ -123,7 +123,7 @@ mod tests {
     fn snapshot_round_trip() {
         let mut h = Harness::new(EchoService::new());
         h.raw(Bytes::from_static(b"abc"));
-        let snap = h.svc().snapshot();
+        let snap = h.svc().snapshot_vec();
         let mut b = EchoService::new();
         b.restore(Some(&snap)).unwrap();
         assert_eq!(&b, h.svc());

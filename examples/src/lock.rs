@@ -518,7 +518,7 @@ impl Service for LockService {
         Ok(())
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self, out: &mut Vec<u8>) {
         let mut w = Writer::raw();
         w.raw_bytes(&SNAPSHOT_MAGIC)
             .u64(self.next_token)
@@ -527,7 +527,7 @@ impl Service for LockService {
             w.bytes(name);
             info.encode_into(&mut w);
         }
-        w.finish().to_vec()
+        out.extend_from_slice(&w.finish());
     }
 
     fn on_message(&mut self, ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
@@ -827,7 +827,7 @@ mod tests {
         ));
         let mut s = LockService::new();
         assert!(s.restore(Some(b"LCK1")).is_err());
-        let snap = h.svc().snapshot();
+        let snap = h.svc().snapshot_vec();
         assert!(s.restore(Some(&snap[..snap.len() - 1])).is_err());
         s.restore(Some(&snap)).unwrap();
         assert_eq!(&s, h.svc());
@@ -883,10 +883,10 @@ mod tests {
         ) {
             let a = run(&cmds);
             let a2 = run(&cmds);
-            prop_assert_eq!(a.svc().snapshot(), a2.svc().snapshot());
+            prop_assert_eq!(a.svc().snapshot_vec(), a2.svc().snapshot_vec());
             prop_assert_eq!(a.host.snapshot(), a2.host.snapshot());
             let mut s = LockService::new();
-            s.restore(Some(&a.svc().snapshot())).unwrap();
+            s.restore(Some(&a.svc().snapshot_vec())).unwrap();
             prop_assert_eq!(&s, a.svc());
             for name in ["a", "b", ""] {
                 let q = LockQuery::Holder { name: b(name) }.encode();

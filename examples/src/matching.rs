@@ -703,7 +703,7 @@ impl Service for MatchingEngine {
         Ok(())
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self, out: &mut Vec<u8>) {
         let mut w = Writer::raw();
         w.raw_bytes(&SNAPSHOT_MAGIC)
             .u64(self.next_order_id)
@@ -722,7 +722,7 @@ impl Service for MatchingEngine {
                 }
             }
         }
-        w.finish().to_vec()
+        out.extend_from_slice(&w.finish());
     }
 
     fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
@@ -979,7 +979,7 @@ mod tests {
             let (a, replies) = run(&cmds);
             let (b, replies_b) = run(&cmds);
             prop_assert_eq!(&replies, &replies_b);
-            prop_assert_eq!(a.svc().snapshot(), b.svc().snapshot());
+            prop_assert_eq!(a.svc().snapshot_vec(), b.svc().snapshot_vec());
 
             // Quantity is conserved: placed = filled twice (taker + maker)
             // + cancelled + resting.
@@ -1012,7 +1012,7 @@ mod tests {
             }
 
             let mut r = MatchingEngine::new();
-            r.restore(Some(&a.svc().snapshot())).unwrap();
+            r.restore(Some(&a.svc().snapshot_vec())).unwrap();
             prop_assert_eq!(&r, a.svc());
             for s in [&b"A"[..], b"B"] {
                 let q = MatchQuery::Depth { symbol: Bytes::copy_from_slice(s), levels: 100 };
@@ -1047,7 +1047,7 @@ mod tests {
             byte in any::<u8>(),
         ) {
             let (a, replies) = run(&cmds);
-            let mut snap = a.svc().snapshot();
+            let mut snap = a.svc().snapshot_vec();
             let i = flip.index(snap.len());
             snap[i] = byte;
             let mut s = MatchingEngine::new();

@@ -16,18 +16,27 @@ use std::collections::BTreeMap;
 pub trait Service {
     /// Replace the state with a snapshot made by `snapshot`, or empty it.
     fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String>;
-    /// Serialize the whole state.
-    fn snapshot(&self) -> Vec<u8>;
+    /// Serialize the whole state, appending it to `out` (which may already
+    /// hold the runtime's own part of the snapshot: append, do not replace).
+    /// Serializing into the caller's buffer spares a copy of the whole state.
+    fn snapshot(&self, out: &mut Vec<u8>);
+    /// `snapshot` into a buffer of its own.
+    fn snapshot_vec(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.snapshot(&mut out);
+        out
+    }
     /// Capture the state now, serialize it later: returns a closure that
-    /// produces exactly the bytes `snapshot` would return now. The runtime
+    /// appends exactly the bytes `snapshot` would append now. The runtime
     /// calls this between entries and runs the closure on a background
     /// thread, so applying (and replying, and serving reads) goes on while
     /// the state is serialized. Override it with a cheap consistent clone
     /// (copy-on-write or persistent data structures) of the state; the
-    /// default serializes at once, which pauses applying for that long.
+    /// default serializes at once, which pauses applying for that long
+    /// (and copies the result once more when the closure runs).
     fn prepare_snapshot(&self) -> SnapshotTask {
-        let data = self.snapshot();
-        Box::new(move || data)
+        let data = self.snapshot_vec();
+        Box::new(move |out| out.extend_from_slice(&data))
     }
     /// Apply one client command and return its reply.
     fn on_message(&mut self, ctx: &mut Context<'_>, client: ClientId, data: &[u8]) -> Bytes;
@@ -60,8 +69,9 @@ pub trait Service {
 }
 
 /// A captured service state that serializes itself when called, on any
-/// thread (see `Service::prepare_snapshot`).
-pub type SnapshotTask = Box<dyn FnOnce() -> Vec<u8> + Send>;
+/// thread, appending it to the buffer it is given (see
+/// `Service::prepare_snapshot`).
+pub type SnapshotTask = Box<dyn FnOnce(&mut Vec<u8>) + Send>;
 
 /// Client id of commands without a session: applied every time they appear
 /// in the log, with no duplicate detection (as etcd's own API behaves).
@@ -72,8 +82,8 @@ impl<S: Service + ?Sized> Service for Box<S> {
     fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
         (**self).restore(snapshot)
     }
-    fn snapshot(&self) -> Vec<u8> {
-        (**self).snapshot()
+    fn snapshot(&self, out: &mut Vec<u8>) {
+        (**self).snapshot(out)
     }
     fn prepare_snapshot(&self) -> SnapshotTask {
         (**self).prepare_snapshot()
@@ -335,8 +345,7 @@ impl<S: Service> ServiceHost<S> {
         let sessions = self.sessions.clone();
         let timers = self.timers.clone();
         Box::new(move || {
-            let service = service();
-            let mut b = Vec::with_capacity(64 + service.len());
+            let mut b = Vec::with_capacity(64);
             b.extend_from_slice(&SNAPSHOT_MAGIC);
             b.extend_from_slice(&applied.to_le_bytes());
             b.extend_from_slice(&last_sweep.to_le_bytes());
@@ -353,8 +362,13 @@ impl<S: Service> ServiceHost<S> {
                 b.extend_from_slice(&id.to_le_bytes());
                 b.extend_from_slice(&d.to_le_bytes());
             }
-            b.extend_from_slice(&(service.len() as u64).to_le_bytes());
-            b.extend_from_slice(&service);
+            // The service's length goes before it: patched in once known,
+            // so the service serializes straight into this buffer.
+            let at = b.len();
+            b.extend_from_slice(&0u64.to_le_bytes());
+            service(&mut b);
+            let len = (b.len() - at - 8) as u64;
+            b[at..at + 8].copy_from_slice(&len.to_le_bytes());
             Bytes::from(b)
         })
     }

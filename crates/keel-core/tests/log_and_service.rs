@@ -146,13 +146,13 @@ impl Service for Counter {
         };
         Ok(())
     }
-    fn snapshot(&self) -> Vec<u8> {
-        self.n.to_le_bytes().to_vec()
+    fn snapshot(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.n.to_le_bytes());
     }
     /// Captures the counter; serializes it when called.
     fn prepare_snapshot(&self) -> keel_core::SnapshotTask {
         let n = self.n;
-        Box::new(move || n.to_le_bytes().to_vec())
+        Box::new(move |out| out.extend_from_slice(&n.to_le_bytes()))
     }
     fn on_message(&mut self, ctx: &mut Context<'_>, _c: ClientId, data: &[u8]) -> Bytes {
         if data == b"timer" {

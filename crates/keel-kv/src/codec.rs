@@ -3,23 +3,27 @@
 //! panics on malformed input.
 
 use crate::error::KvError;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 /// Appends fields to a buffer. Lengths are `u32` little-endian prefixes.
 pub(crate) struct Writer {
-    buf: BytesMut,
+    buf: Vec<u8>,
 }
 
 impl Writer {
     pub(crate) fn new(tag: u8) -> Writer {
-        let mut buf = BytesMut::with_capacity(64);
+        let mut buf = Vec::with_capacity(64);
         buf.put_u8(tag);
         Writer { buf }
     }
     pub(crate) fn raw() -> Writer {
         Writer {
-            buf: BytesMut::with_capacity(64),
+            buf: Vec::with_capacity(64),
         }
+    }
+    /// Appends to `buf`, which keeps what it holds.
+    pub(crate) fn onto(buf: Vec<u8>) -> Writer {
+        Writer { buf }
     }
     pub(crate) fn u8(&mut self, v: u8) -> &mut Self {
         self.buf.put_u8(v);
@@ -57,7 +61,10 @@ impl Writer {
         self.u32(u32::try_from(n).unwrap_or(u32::MAX))
     }
     pub(crate) fn finish(self) -> Bytes {
-        self.buf.freeze()
+        Bytes::from(self.buf)
+    }
+    pub(crate) fn into_vec(self) -> Vec<u8> {
+        self.buf
     }
 }
 

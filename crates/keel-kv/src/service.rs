@@ -851,12 +851,21 @@ impl Service for KvService {
         Ok(())
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        let mut w = Writer::raw();
+    fn snapshot(&self, out: &mut Vec<u8>) {
+        // `db_size` is at least the encoded size (each entry's estimate
+        // covers its key, value and fields), so the buffer grows once and
+        // the state is never copied to a bigger one. Reserved but unwritten
+        // memory is never touched.
+        out.reserve(
+            usize::try_from(self.db_size())
+                .unwrap_or(usize::MAX)
+                .saturating_add(64),
+        );
+        let mut w = Writer::onto(std::mem::take(out));
         w.raw_bytes(&SNAPSHOT_MAGIC).u64(self.applied);
         self.store.encode_into(&mut w);
         self.leases.encode_into(&mut w);
-        w.finish().to_vec()
+        *out = w.into_vec();
     }
 
     /// A consistent clone of the replicated state, serialized later on the
@@ -871,7 +880,7 @@ impl Service for KvService {
             pending: Vec::new(),
             feed: false,
         };
-        Box::new(move || copy.snapshot())
+        Box::new(move |out| copy.snapshot(out))
     }
 
     fn on_message(&mut self, ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {

@@ -509,7 +509,7 @@ fn prefix_of_all_ff_selects_to_the_end() {
 fn limits_are_enforced_and_change_nothing() {
     let mut h = Harness::new();
     h.cmd(put("a", "1"));
-    let before = h.svc().snapshot();
+    let before = h.svc().snapshot_vec();
     let big_key = Bytes::from(vec![b'k'; MAX_KEY_LEN + 1]);
     let big_value = Bytes::from(vec![0u8; MAX_VALUE_LEN + 1]);
     let cases = [
@@ -565,7 +565,7 @@ fn limits_are_enforced_and_change_nothing() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(h.svc().snapshot(), before);
+    assert_eq!(h.svc().snapshot_vec(), before);
     // Exactly at the limits is fine.
     let r = h.cmd(Command::Put {
         key: Bytes::from(vec![b'k'; MAX_KEY_LEN]),
@@ -669,7 +669,7 @@ fn host_snapshot_round_trip() {
 fn restore_rejects_bad_snapshots_and_none_empties() {
     let mut s = KvService::new();
     s.apply(put("a", "1"));
-    let snap = s.snapshot();
+    let snap = s.snapshot_vec();
     let mut t = KvService::new();
     assert!(t.restore(Some(b"nope")).is_err());
     assert!(t.restore(Some(&snap[..snap.len() - 1])).is_err());
@@ -892,13 +892,13 @@ proptest! {
         let (a, replies_a) = service_after(&cmds);
         let (a2, replies_a2) = service_after(&cmds);
         prop_assert_eq!(&replies_a, &replies_a2);
-        let snap = a.svc().snapshot();
-        prop_assert_eq!(&snap, &a2.svc().snapshot());
+        let snap = a.svc().snapshot_vec();
+        prop_assert_eq!(&snap, &a2.svc().snapshot_vec());
 
         let mut b = KvService::new();
         b.restore(Some(&snap)).unwrap();
         prop_assert_eq!(&b, a.svc());
-        prop_assert_eq!(b.snapshot(), snap);
+        prop_assert_eq!(b.snapshot_vec(), snap);
         for q in &queries {
             prop_assert_eq!(b.query(&q.encode()), a.host.query(&q.encode()));
         }
@@ -985,7 +985,7 @@ proptest! {
         byte in any::<u8>(),
     ) {
         let (h, _) = service_after(&cmds);
-        for enc in [c.encode().to_vec(), r.encode().to_vec(), h.svc().snapshot()] {
+        for enc in [c.encode().to_vec(), r.encode().to_vec(), h.svc().snapshot_vec()] {
             let mut m = enc.clone();
             let i = flip.index(m.len());
             m[i] = byte;

@@ -307,7 +307,7 @@ fn compaction_errors_and_results() {
         } => assert_eq!((compact_revision, revision, keys), (6, 7, 2)),
         other => panic!("{other:?}"),
     }
-    let snap = h.svc().snapshot();
+    let snap = h.svc().snapshot_vec();
     let mut t = KvService::new();
     t.restore(Some(&snap)).unwrap();
     assert_eq!(t.compact_revision(), 6);
@@ -849,7 +849,7 @@ fn txn_duplicate_keys_follow_etcds_interval_rules() {
     assert_eq!(h.svc().get(b"pz").map(|k| k.value), Some(b("1")));
     // And such a state snapshots and restores.
     let mut t = KvService::new();
-    t.restore(Some(&h.svc().snapshot())).unwrap();
+    t.restore(Some(&h.svc().snapshot_vec())).unwrap();
     assert_eq!(&t, h.svc());
 }
 
@@ -1153,7 +1153,7 @@ fn lease_revoke_detach_and_restore() {
     assert_eq!(h.ttl(l2, true).unwrap().2, vec![b("a")]);
     // Snapshots carry leases, expiries and attachments.
     let mut t = KvService::new();
-    t.restore(Some(&h.svc().snapshot())).unwrap();
+    t.restore(Some(&h.svc().snapshot_vec())).unwrap();
     assert_eq!(&t, h.svc());
     assert_eq!(t.leases().get(l2).unwrap().keys.len(), 1);
     // Revoking a lease without keys does not move the revision.
@@ -1177,7 +1177,7 @@ fn lease_revoke_detach_and_restore() {
     assert!(h.host.timers().is_empty());
     // The id counter is part of the snapshot.
     let mut t = KvService::new();
-    t.restore(Some(&h.svc().snapshot())).unwrap();
+    t.restore(Some(&h.svc().snapshot_vec())).unwrap();
     match t.apply(Command::LeaseGrant { id: 0, ttl: 5 }) {
         Response::LeaseGrant { id, .. } => assert_eq!(id, 3),
         other => panic!("{other:?}"),
@@ -1388,7 +1388,7 @@ fn malformed_etcd_commands_change_nothing() {
     });
     h.take_all_events();
     let before = h.svc().clone();
-    let snap = h.svc().snapshot();
+    let snap = h.svc().snapshot_vec();
     let good = Command::Txn(txn(
         vec![cmp("a", CompareResult::Equal, CompareTarget::Value(b("1")))],
         vec![op_put("b", "2"), op_del("a", b"")],
@@ -1425,7 +1425,7 @@ fn malformed_etcd_commands_change_nothing() {
             "{data:?} -> {reply:?}"
         );
         assert_eq!(*h.svc(), before);
-        assert_eq!(h.svc().snapshot(), snap);
+        assert_eq!(h.svc().snapshot_vec(), snap);
         assert!(h.take_all_events().is_empty());
     }
     // A bad sort order in a range query.
@@ -1498,7 +1498,7 @@ fn restore_checks_history_and_lease_invariants() {
     assert_eq!(t.get(b"a"), Some(lkv("a", "2", 2, 4, 2, 7)));
     assert_eq!(t.get(b"b"), None);
     assert_eq!(t.leases().get(7).unwrap().keys.len(), 1);
-    assert_eq!(t.snapshot(), good, "the crafted format is the real one");
+    assert_eq!(t.snapshot_vec(), good, "the crafted format is the real one");
     let bad: Vec<(Vec<u8>, &str)> = vec![
         (
             craft(4, -1, &[("a", &[(2, 0, Some(("1", 2, 1, 9)))])], &[]),

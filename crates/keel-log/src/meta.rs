@@ -26,10 +26,19 @@ pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
 
 /// Writes `bytes` to `dir/name` atomically: tmp file, fsync, rename, fsync dir.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), LogError> {
+    write_atomic_with(dir, name, |f| f.write_all(bytes))
+}
+
+/// `write_atomic` with the contents written by `write` to the tmp file.
+fn write_atomic_with(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), LogError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, "creating", e))?;
-    f.write_all(bytes)
+    write(&mut f)
         .and_then(|_| f.sync_all())
         .map_err(|e| LogError::io(&tmp, "writing", e))?;
     drop(f);
@@ -122,17 +131,43 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
 /// installing it: the checksum covers the transfer end to end.
 pub fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
     let mut b = Vec::with_capacity(64 + s.data.len());
-    b.extend_from_slice(SNAPSHOT_MAGIC);
-    b.extend_from_slice(&s.meta.position.to_le_bytes());
-    b.extend_from_slice(&s.meta.term.to_le_bytes());
-    b.extend_from_slice(&s.meta.timestamp.to_le_bytes());
-    encode_membership(&s.meta.membership, &mut b);
-    b.extend_from_slice(&(s.data.len() as u64).to_le_bytes());
-    b.extend_from_slice(&s.data);
-    with_crc(b)
+    write_snapshot(&mut b, s).expect("writing to a Vec cannot fail");
+    b
 }
 
-pub fn decode_snapshot(path: &Path, b: &[u8]) -> Result<Snapshot, LogError> {
+/// Writes the bytes of `encode_snapshot(s)` to `w` without assembling them:
+/// the header, the service state as it is, then the checksum of both. The
+/// state is the whole replicated state (tens of megabytes and more), so a
+/// second copy of it would cost as much again in memory and page faults.
+pub fn write_snapshot(w: &mut impl Write, s: &Snapshot) -> std::io::Result<()> {
+    let mut header = Vec::with_capacity(64);
+    header.extend_from_slice(SNAPSHOT_MAGIC);
+    header.extend_from_slice(&s.meta.position.to_le_bytes());
+    header.extend_from_slice(&s.meta.term.to_le_bytes());
+    header.extend_from_slice(&s.meta.timestamp.to_le_bytes());
+    encode_membership(&s.meta.membership, &mut header);
+    header.extend_from_slice(&(s.data.len() as u64).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&header), &s.data);
+    w.write_all(&header)?;
+    w.write_all(&s.data)?;
+    w.write_all(&crc.to_le_bytes())
+}
+
+/// Decodes a snapshot file's bytes; the state is a slice of `b`, not a copy.
+pub fn decode_snapshot(path: &Path, b: &Bytes) -> Result<Snapshot, LogError> {
+    let (meta, data) = decode_snapshot_parts(path, b)?;
+    Ok(Snapshot {
+        meta,
+        data: b.slice_ref(data),
+    })
+}
+
+/// Checks a snapshot file's bytes and splits them into its metadata and its
+/// state.
+fn decode_snapshot_parts<'a>(
+    path: &Path,
+    b: &'a [u8],
+) -> Result<(SnapshotMeta, &'a [u8]), LogError> {
     let p = checked(path, b, SNAPSHOT_MAGIC)?;
     let bad = |what: &str| LogError::corrupt(path, 4, format!("snapshot {what}"));
     let position = u64_at(p, 0).ok_or_else(|| bad("header truncated"))?;
@@ -151,21 +186,19 @@ pub fn decode_snapshot(path: &Path, b: &[u8]) -> Result<Snapshot, LogError> {
             data.len()
         )));
     }
-    Ok(Snapshot {
-        meta: SnapshotMeta {
-            position,
-            term,
-            timestamp,
-            membership,
-        },
-        data: Bytes::copy_from_slice(data),
-    })
+    let meta = SnapshotMeta {
+        position,
+        term,
+        timestamp,
+        membership,
+    };
+    Ok((meta, data))
 }
 
 /// `Config::snapshot_check` for snapshot files: the checksum holds, the
 /// file decodes, and its header matches the metadata the leader sent.
 pub fn check_snapshot_image(meta: &SnapshotMeta, image: &[u8]) -> bool {
-    decode_snapshot(Path::new("received snapshot"), image).is_ok_and(|s| s.meta == *meta)
+    decode_snapshot_parts(Path::new("received snapshot"), image).is_ok_and(|(m, _)| m == *meta)
 }
 
 /// Bytes `offset..offset + len` of the published snapshot file at
@@ -236,7 +269,7 @@ pub fn stage_snapshot(dir: &Path, s: &Snapshot) -> Result<PathBuf, LogError> {
         snapshot_file_name(s.meta.position)
     ));
     let mut f = File::create(&path).map_err(|e| LogError::io(&path, "creating", e))?;
-    f.write_all(&encode_snapshot(s))
+    write_snapshot(&mut f, s)
         .and_then(|_| f.sync_all())
         .map_err(|e| LogError::io(&path, "writing", e))?;
     Ok(path)
@@ -289,7 +322,7 @@ pub fn save_snapshot(dir: &Path, s: &Snapshot) -> Result<bool, LogError> {
     if manifest_position(dir)?.is_some_and(|m| m >= position) {
         return Ok(false);
     }
-    write_atomic(dir, &snapshot_file_name(position), &encode_snapshot(s))?;
+    write_atomic_with(dir, &snapshot_file_name(position), |f| write_snapshot(f, s))?;
     publish(dir, position)?;
     Ok(true)
 }
@@ -335,7 +368,7 @@ pub fn load_snapshot(dir: &Path) -> Result<Option<Snapshot>, LogError> {
     let snap_path = dir.join(snapshot_file_name(position));
     let b = fs::read(&snap_path)
         .map_err(|e| LogError::io(&snap_path, "reading the snapshot the manifest names", e))?;
-    let s = decode_snapshot(&snap_path, &b)?;
+    let s = decode_snapshot(&snap_path, &Bytes::from(b))?;
     if s.meta.position != position {
         return Err(LogError::corrupt(
             &snap_path,

@@ -550,7 +550,11 @@ fn snapshot_chunks_are_read_from_the_published_file() {
     assert!(meta::check_snapshot_image(&s.meta, &image));
     // Decoding and re-encoding a received file gives the same bytes (an
     // installed snapshot's file is as long as the one that was sent).
-    let decoded = meta::decode_snapshot(std::path::Path::new("x"), &image).expect("decode");
+    let decoded = meta::decode_snapshot(
+        std::path::Path::new("x"),
+        &bytes::Bytes::from(image.clone()),
+    )
+    .expect("decode");
     assert_eq!(meta::encode_snapshot(&decoded), image);
     // Any damaged byte, or another snapshot's metadata, is refused.
     for at in [0, 5, image.len() / 2, image.len() - 1] {

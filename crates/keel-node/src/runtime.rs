@@ -1974,9 +1974,7 @@ mod tests {
                 Some(_) => Err("this service restores nothing".into()),
             }
         }
-        fn snapshot(&self) -> Vec<u8> {
-            Vec::new()
-        }
+        fn snapshot(&self, _: &mut Vec<u8>) {}
         fn on_message(&mut self, _: &mut keel_core::Context<'_>, _: u64, data: &[u8]) -> Bytes {
             Bytes::copy_from_slice(data)
         }

@@ -272,17 +272,16 @@ impl Service for SlowSnapshots {
     fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
         self.0.restore(snapshot)
     }
-    fn snapshot(&self) -> Vec<u8> {
-        self.prepare_snapshot()()
+    fn snapshot(&self, out: &mut Vec<u8>) {
+        self.prepare_snapshot()(out)
     }
     fn prepare_snapshot(&self) -> SnapshotTask {
         let task = self.0.prepare_snapshot();
-        Box::new(move || {
+        Box::new(move |out| {
             SNAPSHOTS_STARTED.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(SLOW_SNAPSHOT);
-            let data = task();
+            task(out);
             SNAPSHOTS_FINISHED.fetch_add(1, Ordering::SeqCst);
-            data
         })
     }
     fn on_message(&mut self, ctx: &mut Context<'_>, client: ClientId, data: &[u8]) -> Bytes {
@@ -470,9 +469,7 @@ impl Service for Echo {
     fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
         Ok(())
     }
-    fn snapshot(&self) -> Vec<u8> {
-        Vec::new()
-    }
+    fn snapshot(&self, _out: &mut Vec<u8>) {}
     fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
         assert!(data != b"panic", "the test service was told to panic");
         Bytes::copy_from_slice(data)

@@ -27,8 +27,8 @@ impl Service for Sink {
         };
         Ok(())
     }
-    fn snapshot(&self) -> Vec<u8> {
-        self.0.to_le_bytes().to_vec()
+    fn snapshot(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0.to_le_bytes());
     }
     fn on_message(&mut self, _ctx: &mut Context<'_>, _c: ClientId, _d: &[u8]) -> Bytes {
         self.0 += 1;

@@ -153,8 +153,8 @@ impl Service for KvService {
         Ok(())
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(32 + 16 * (self.data.len() + self.timer_deadlines.len()));
+    fn snapshot(&self, b: &mut Vec<u8>) {
+        b.reserve(32 + 16 * (self.data.len() + self.timer_deadlines.len()));
         for w in [
             self.data.len() as u64,
             self.timer_deadlines.len() as u64,
@@ -167,7 +167,6 @@ impl Service for KvService {
             b.extend_from_slice(&k.to_le_bytes());
             b.extend_from_slice(&v.to_le_bytes());
         }
-        b
     }
 
     fn on_message(&mut self, ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {

@@ -102,6 +102,9 @@ fn default_election_max_ms() -> u64 {
 fn default_snapshot_bytes() -> u64 {
     64 << 20
 }
+fn default_snapshot_log_percent() -> u32 {
+    100
+}
 fn default_queue_depth() -> usize {
     16 * 1024
 }
@@ -171,6 +174,16 @@ pub struct NodeConfig {
     /// Take a snapshot after this many bytes of log were applied.
     #[serde(default = "default_snapshot_bytes")]
     pub snapshot_every_bytes: u64,
+    /// And only once the log applied since the last snapshot is at least
+    /// this percentage of that snapshot's size. A snapshot writes the whole
+    /// state; with a state larger than `snapshot_every_bytes` (a KV store's
+    /// uncompacted history, say) snapshots would otherwise write more than
+    /// the log itself, and more with every one as the state grows. 100
+    /// keeps the bytes written to snapshots at most those of the log; 0
+    /// snapshots every `snapshot_every_bytes` whatever the state's size.
+    /// Higher values keep more log on disk to replay at start-up.
+    #[serde(default = "default_snapshot_log_percent")]
+    pub snapshot_log_percent: u32,
     /// Requests and peer messages queued for the consensus thread before new
     /// client requests are answered "busy".
     #[serde(default = "default_queue_depth")]
@@ -260,6 +273,12 @@ impl NodeConfig {
             return bad(format!(
                 "net_threads ({}) must be at most 256 (0: half the cores, at least 2)",
                 self.net_threads
+            ));
+        }
+        if self.snapshot_log_percent > 10_000 {
+            return bad(format!(
+                "snapshot_log_percent ({}) must be at most 10000",
+                self.snapshot_log_percent
             ));
         }
         if self.queue_depth < 16 {

@@ -770,12 +770,17 @@ fn start_node(
     // snapshot files that the storage thread then publishes in order.
     let (snap_tx, snap_rx) = unbounded::<SnapshotJob>();
     let snapshot_busy = Arc::new(AtomicBool::new(false));
+    let snapshot_size = Arc::new(AtomicU64::new(snapshot.data.len() as u64));
     let cfg_id = cfg.id;
     let snapshot_writer = {
         let (dir, tx) = (dir.clone(), internal_tx.clone());
         // A handle, not the thread: the consensus thread alone stops storage.
         let storage = storage.snapshot_handle()?;
-        let (busy, metrics) = (snapshot_busy.clone(), metrics.clone());
+        let (busy, size, metrics) = (
+            snapshot_busy.clone(),
+            snapshot_size.clone(),
+            metrics.clone(),
+        );
         std::thread::Builder::new()
             .name("keel-snapshot".into())
             .spawn(move || {
@@ -784,6 +789,7 @@ fn start_node(
                     match job {
                         SnapshotJob::Serialize { position, task } => {
                             let data = task();
+                            size.store(data.len() as u64, Ordering::Release);
                             busy.store(false, Ordering::Release);
                             metrics.snapshots_taken.inc();
                             let _ = tx.send(Internal::SnapshotTaken { position, data });
@@ -813,7 +819,9 @@ fn start_node(
         snapshots: SnapshotSink {
             every: cfg.snapshot_every_bytes.max(1),
             phase: snapshot_phase(cfg.id, cfg.snapshot_every_bytes.max(1)),
+            log_percent: u64::from(cfg.snapshot_log_percent),
             last: snapshot.meta.position,
+            last_size: snapshot_size,
             jobs: snap_tx.clone(),
             busy: snapshot_busy,
         },
@@ -1653,18 +1661,40 @@ struct SnapshotSink {
     /// snapshot (tens of milliseconds on a slow disk) stalls one node at a
     /// time and the others still make a quorum.
     phase: u64,
+    /// And only once the log applied since the last one is at least this
+    /// percentage of the last one's size (`snapshot_log_percent`).
+    log_percent: u64,
     /// Applied position of the last one taken (or restored).
     last: Position,
+    /// Size of the last one serialized (or restored), in bytes: set by the
+    /// snapshot thread once it has serialized one.
+    last_size: Arc<AtomicU64>,
     jobs: Sender<SnapshotJob>,
     /// A captured state is still being serialized: take no other meanwhile.
     busy: Arc<AtomicBool>,
 }
 
 impl SnapshotSink {
+    /// Whether a snapshot is due at `applied`: a new `every`-byte period
+    /// (shifted by this node's phase) has begun since the last one, and the
+    /// log since then is at least `log_percent`% of the last one's size. A
+    /// snapshot writes the whole state; without the second rule a state
+    /// larger than `every` would be written out more often than the log
+    /// grows by as much, and more often the larger it gets.
+    fn due(&self, applied: Position) -> bool {
+        let period = |p: Position| p.saturating_add(self.phase) / self.every;
+        let grown = applied.saturating_sub(self.last);
+        let needed = self
+            .last_size
+            .load(Ordering::Acquire)
+            .saturating_mul(self.log_percent)
+            / 100;
+        period(applied) > period(self.last) && grown >= needed
+    }
+
     fn maybe_take(&mut self, host: &ServiceHost<Box<dyn Service + Send>>) {
         let applied = host.applied();
-        let period = |p: Position| p.saturating_add(self.phase) / self.every;
-        if period(applied) <= period(self.last) || self.busy.load(Ordering::Acquire) {
+        if self.busy.load(Ordering::Acquire) || !self.due(applied) {
             return;
         }
         self.last = applied;
@@ -1676,6 +1706,12 @@ impl SnapshotSink {
             position: applied,
             task,
         });
+    }
+
+    /// A snapshot was restored: the next one counts from it.
+    fn restored(&mut self, s: &Snapshot) {
+        self.last = s.meta.position;
+        self.last_size.store(s.data.len() as u64, Ordering::Release);
     }
 }
 
@@ -1807,7 +1843,7 @@ impl ServiceWorker {
             }
             ServiceInput::Restore(s) => match host.restore(&s) {
                 Ok(timers) => {
-                    self.snapshots.last = s.meta.position;
+                    self.snapshots.restored(&s);
                     self.applied_shared
                         .fetch_max(s.meta.position, Ordering::AcqRel);
                     let _ = self.tx.send(Internal::Applied {
@@ -1964,6 +2000,62 @@ mod tests {
         assert_eq!(q.admit(16), 16);
     }
 
+    fn sink(every: u64, phase: u64, log_percent: u64) -> SnapshotSink {
+        SnapshotSink {
+            every,
+            phase,
+            log_percent,
+            last: 0,
+            last_size: Arc::new(AtomicU64::new(0)),
+            jobs: unbounded().0,
+            busy: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Snapshots come at this node's period boundaries, and once the state
+    /// outgrows the period only after as much log as the last snapshot's
+    /// size: the bytes written to snapshots stay at most the log's instead
+    /// of growing with the state.
+    #[test]
+    fn snapshots_wait_for_as_much_log_as_the_last_one_was_large() {
+        let mut s = sink(1000, 300, 100);
+        // The first boundary is at 700 (700 + 300 = 1000).
+        assert!(!s.due(699));
+        assert!(s.due(700));
+        // A small state: every boundary.
+        s.last = 700;
+        s.last_size.store(200, Ordering::Release);
+        assert!(!s.due(1699));
+        assert!(s.due(1700));
+        // A state of 2500 bytes: not before 2500 more bytes of log, though
+        // two boundaries pass.
+        s.last = 1700;
+        s.last_size.store(2500, Ordering::Release);
+        for applied in [2700, 3700, 4199] {
+            assert!(!s.due(applied), "{applied}");
+        }
+        assert!(s.due(4200));
+        // 0% ignores the size; 200% waits twice as long.
+        s.log_percent = 0;
+        assert!(s.due(2700));
+        s.log_percent = 200;
+        assert!(!s.due(6699));
+        assert!(s.due(6700));
+        // A restored snapshot counts as the last one.
+        s.restored(&Snapshot {
+            meta: SnapshotMeta {
+                position: 10_000,
+                term: 3,
+                timestamp: 1,
+                membership: keel_core::Membership::new([1, 2, 3]),
+            },
+            data: Bytes::from(vec![0; 100]),
+        });
+        assert_eq!(s.last, 10_000);
+        assert!(!s.due(10_699));
+        assert!(s.due(10_700));
+    }
+
     /// A service that refuses every snapshot.
     struct Unrestorable;
 
@@ -1997,7 +2089,9 @@ mod tests {
             snapshots: SnapshotSink {
                 every: 1 << 20,
                 phase: 0,
+                log_percent: 100,
                 last: 0,
+                last_size: Arc::new(AtomicU64::new(0)),
                 jobs,
                 busy: Arc::new(AtomicBool::new(false)),
             },

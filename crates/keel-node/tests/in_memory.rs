@@ -63,6 +63,7 @@ fn node_config(
         election_timeout_min_ms: 200,
         election_timeout_max_ms: 400,
         snapshot_every_bytes,
+        snapshot_log_percent: 100,
         queue_depth: 1024,
         max_request_bytes: 1 << 20,
         join: false,

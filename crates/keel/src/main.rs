@@ -227,6 +227,10 @@ struct ServerArgs {
     /// Take a snapshot after this many bytes of log are applied.
     #[arg(long)]
     snapshot_every_bytes: Option<u64>,
+    /// ...and only once the log since the last snapshot is at least this
+    /// percentage of its size (0-10000; 0: every --snapshot-every-bytes).
+    #[arg(long)]
+    snapshot_log_percent: Option<u32>,
     #[arg(long)]
     cluster_id: Option<u64>,
 }
@@ -343,6 +347,9 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = a.snapshot_every_bytes {
         cfg.snapshot_every_bytes = v;
+    }
+    if let Some(v) = a.snapshot_log_percent {
+        cfg.snapshot_log_percent = v;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -840,6 +840,30 @@ fn exec_txn(
     }
 }
 
+/// Appends a KV snapshot to `out`: the magic, the applied position, the
+/// store (written by `store`) and the leases. `db_size` is at least the
+/// encoded size (each history entry's estimate covers its key, value and
+/// fields), so the buffer grows once and the state is never copied into a
+/// bigger one; reserved but unwritten memory is never touched.
+fn write_snapshot(
+    out: &mut Vec<u8>,
+    applied: u64,
+    db_size: u64,
+    store: impl FnOnce(&mut Writer),
+    leases: &Leases,
+) {
+    out.reserve(
+        usize::try_from(db_size)
+            .unwrap_or(usize::MAX)
+            .saturating_add(64),
+    );
+    let mut w = Writer::onto(std::mem::take(out));
+    w.raw_bytes(&SNAPSHOT_MAGIC).u64(applied);
+    store(&mut w);
+    leases.encode_into(&mut w);
+    *out = w.into_vec();
+}
+
 impl Service for KvService {
     fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
         let min_lease_ttl = self.min_lease_ttl;
@@ -852,35 +876,20 @@ impl Service for KvService {
     }
 
     fn snapshot(&self, out: &mut Vec<u8>) {
-        // `db_size` is at least the encoded size (each entry's estimate
-        // covers its key, value and fields), so the buffer grows once and
-        // the state is never copied to a bigger one. Reserved but unwritten
-        // memory is never touched.
-        out.reserve(
-            usize::try_from(self.db_size())
-                .unwrap_or(usize::MAX)
-                .saturating_add(64),
-        );
-        let mut w = Writer::onto(std::mem::take(out));
-        w.raw_bytes(&SNAPSHOT_MAGIC).u64(self.applied);
-        self.store.encode_into(&mut w);
-        self.leases.encode_into(&mut w);
-        *out = w.into_vec();
+        let store = |w: &mut Writer| self.store.encode_into(w);
+        write_snapshot(out, self.applied, self.db_size(), store, &self.leases);
     }
 
-    /// A consistent clone of the replicated state, serialized later on the
+    /// A consistent copy of the replicated state, serialized later on the
     /// runtime's snapshot thread. Keys and values are reference-counted
-    /// `Bytes`, so the clone copies the maps' structure, not the data.
+    /// `Bytes`, so the copy is of the history's structure, not its data.
     fn prepare_snapshot(&self) -> keel_core::SnapshotTask {
-        let copy = KvService {
-            store: self.store.clone(),
-            leases: self.leases.clone(),
-            applied: self.applied,
-            min_lease_ttl: self.min_lease_ttl,
-            pending: Vec::new(),
-            feed: false,
-        };
-        Box::new(move |out| copy.snapshot(out))
+        let (image, leases) = (self.store.image(), self.leases.clone());
+        let (applied, size) = (self.applied, self.db_size());
+        Box::new(move |out| {
+            let store = |w: &mut Writer| image.encode_into(w);
+            write_snapshot(out, applied, size, store, &leases);
+        })
     }
 
     fn on_message(&mut self, ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {

@@ -403,20 +403,18 @@ impl Store {
 
     /// Appends the store's state to a snapshot.
     pub(crate) fn encode_into(&self, w: &mut Writer) {
-        w.u64(self.revision)
-            .i64(self.compacted)
-            .u64(self.keys.len() as u64);
-        for (k, hist) in &self.keys {
-            w.bytes(k).count(hist.len());
-            for e in hist {
-                w.u64(e.main).u32(e.sub).bool(e.put.is_some());
-                if let Some(v) = &e.put {
-                    w.bytes(&v.value)
-                        .u64(v.create_revision)
-                        .u64(v.version)
-                        .i64(v.lease);
-                }
-            }
+        encode_history(self.revision, self.compacted, &self.keys, w);
+    }
+
+    /// What `encode_into` writes, captured now to be encoded later (on
+    /// another thread): the history only. The revision index and the counts
+    /// are rebuilt when a snapshot is decoded, so they are not copied: a
+    /// full clone copied a second map with an entry per revision.
+    pub(crate) fn image(&self) -> StoreImage {
+        StoreImage {
+            revision: self.revision,
+            compacted: self.compacted,
+            keys: self.keys.clone(),
         }
     }
 
@@ -533,6 +531,41 @@ fn check_entry(
                     "inconsistent metadata create {} mod {} version {}",
                     v.create_revision, e.main, v.version
                 ))
+            }
+        }
+    }
+}
+
+/// A captured copy of the store's history (`Store::image`).
+pub(crate) struct StoreImage {
+    revision: u64,
+    compacted: i64,
+    keys: BTreeMap<Bytes, Vec<Entry>>,
+}
+
+impl StoreImage {
+    /// Writes what `Store::encode_into` wrote when this was captured.
+    pub(crate) fn encode_into(&self, w: &mut Writer) {
+        encode_history(self.revision, self.compacted, &self.keys, w);
+    }
+}
+
+fn encode_history(
+    revision: u64,
+    compacted: i64,
+    keys: &BTreeMap<Bytes, Vec<Entry>>,
+    w: &mut Writer,
+) {
+    w.u64(revision).i64(compacted).u64(keys.len() as u64);
+    for (k, hist) in keys {
+        w.bytes(k).count(hist.len());
+        for e in hist {
+            w.u64(e.main).u32(e.sub).bool(e.put.is_some());
+            if let Some(v) = &e.put {
+                w.bytes(&v.value)
+                    .u64(v.create_revision)
+                    .u64(v.version)
+                    .i64(v.lease);
             }
         }
     }

@@ -449,6 +449,10 @@ proptest! {
         s.restore(Some(&a.svc().snapshot_vec())).unwrap();
         prop_assert_eq!(&s, a.svc());
         prop_assert_eq!(s.snapshot_vec(), a.svc().snapshot_vec());
+        // The captured copy serializes to the same bytes as the state.
+        let mut captured = Vec::new();
+        a.svc().prepare_snapshot()(&mut captured);
+        prop_assert_eq!(&captured, &a.svc().snapshot_vec());
         // `snapshot` reserves `db_size() + 64` up front so the state is
         // never copied into a bigger buffer: the estimate must bound it.
         let encoded = a.svc().snapshot_vec().len() as u64;

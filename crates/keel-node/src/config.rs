@@ -181,7 +181,9 @@ pub struct NodeConfig {
     /// the log itself, and more with every one as the state grows. 100
     /// keeps the bytes written to snapshots at most those of the log; 0
     /// snapshots every `snapshot_every_bytes` whatever the state's size.
-    /// Higher values keep more log on disk to replay at start-up.
+    /// The cost: up to about a snapshot's size of log is kept, on disk (to
+    /// replay at start-up) and in memory (the consensus core holds the log
+    /// since the last snapshot). Higher values keep more.
     #[serde(default = "default_snapshot_log_percent")]
     pub snapshot_log_percent: u32,
     /// Requests and peer messages queued for the consensus thread before new

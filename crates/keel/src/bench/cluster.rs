@@ -137,6 +137,25 @@ pub fn cpu_seconds(pids: Option<&[u32]>) -> f64 {
     }
 }
 
+/// The largest peak resident memory (VmHWM: the most the process has
+/// held in RAM at any one time since it started) among the processes
+/// `pids`, in bytes; `None` if none could be read (a process that is gone
+/// counts as nothing).
+pub fn peak_rss_bytes(pids: &[u32]) -> Option<u64> {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|status| parse_vm_hwm(&status))
+        .max()
+}
+
+/// VmHWM from the text of /proc/<pid>/status, in bytes.
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let mut f = line["VmHWM:".len()..].split_whitespace();
+    let kb: u64 = f.next()?.parse().ok()?;
+    (f.next() == Some("kB")).then_some(kb.checked_mul(1024)?)
+}
+
 /// The machine's CPU time counters (/proc/stat's `cpu` line, in ticks):
 /// how much of it the hypervisor stole (a virtual CPU that was runnable
 /// but not running on a real one), out of the total.
@@ -536,6 +555,22 @@ mod tests {
         assert_eq!(MachineTicks::parse("cpu  1 2 x 4 5 6 7 8\n"), None);
         assert_eq!(MachineTicks::parse("intr 5\n"), None);
         assert!(MachineTicks::now().is_some(), "this machine's /proc/stat");
+    }
+
+    #[test]
+    fn peak_rss_reads_vm_hwm_and_rejects_garbage() {
+        let status = "Name:\tkeel\nVmPeak:\t 2000 kB\nVmHWM:\t  1234 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(1234 * 1024));
+        assert_eq!(parse_vm_hwm("VmRSS:\t1000 kB\n"), None, "no VmHWM line");
+        assert_eq!(parse_vm_hwm("VmHWM:\tlots kB\n"), None);
+        assert_eq!(parse_vm_hwm("VmHWM:\t12 MB\n"), None, "unknown unit");
+        assert_eq!(parse_vm_hwm("VmHWM:\n"), None);
+        assert_eq!(parse_vm_hwm(&format!("VmHWM: {} kB\n", u64::MAX)), None);
+        // This process holds some memory; a missing one counts as nothing.
+        let me = std::process::id();
+        assert!(peak_rss_bytes(&[me]).is_some_and(|b| b > 1 << 20));
+        assert_eq!(peak_rss_bytes(&[u32::MAX]), None);
+        assert_eq!(peak_rss_bytes(&[u32::MAX, me]), peak_rss_bytes(&[me]));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! id (burst = id / burst size; the schedule is fixed by the start time and
 //! the rate), so nothing is shared between the two threads but counters.
 
-use super::cluster::{cpu_seconds, on_memory_fs, KeelCluster, MachineTicks};
+use super::cluster::{cpu_seconds, on_memory_fs, peak_rss_bytes, KeelCluster, MachineTicks};
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, us, Panel, Percentiles, Series, PERCENTILE_COLORS};
 use super::{check_interrupted, parse_rate, say, CommonArgs, NodeThreadArgs};
@@ -113,6 +113,9 @@ pub struct Step {
     /// The share of the machine's time the hypervisor stole during the
     /// window (its virtual CPUs runnable but not running).
     pub steal: Option<f64>,
+    /// The largest node's peak resident memory since it started, at the
+    /// window's end, in bytes.
+    pub peak_rss: Option<u64>,
 }
 
 /// Timing of one step, shared by every connection.
@@ -400,7 +403,7 @@ fn run_step(
             let wall = t1.duration_since(t0).as_secs_f64();
             let cluster = (c1 - c0).max(0.0);
             let share = (wall > 0.0).then(|| (cluster + (m1 - m0).max(0.0)) / (wall * cores));
-            (cluster, share, steal)
+            (cluster, share, steal, peak_rss_bytes(&servers))
         })?;
     let mut handles = Vec::new();
     for (c, s) in streams.into_iter().enumerate() {
@@ -438,7 +441,7 @@ fn run_step(
         let send_error = shared.send_error.lock().ok().and_then(|mut e| e.take());
         first_error = first_error.or(send_error).or(r.first_error);
     }
-    let (cpu, machine_busy, steal) = cpu
+    let (cpu, machine_busy, steal, peak_rss) = cpu
         .join()
         .map_err(|_| anyhow::anyhow!("the CPU sampler panicked"))?;
     let scheduled = bursts_due_in(plan.window_from, plan.window_to, a.burst, rate) * a.burst;
@@ -463,6 +466,7 @@ fn run_step(
         cpu_per_msg: (during > 0).then(|| cpu * 1e6 / during as f64),
         machine_busy,
         steal,
+        peak_rss,
     })
 }
 
@@ -549,6 +553,9 @@ fn step_line(s: &Step) -> String {
     }
     if let Some(st) = s.steal {
         line.push_str(&format!(", {:.0}% stolen by the hypervisor", st * 100.0));
+    }
+    if let Some(b) = s.peak_rss {
+        line.push_str(&format!(", peak RSS {:.0} MB", b as f64 / 1e6));
     }
     if s.errors + s.lost > 0 {
         line.push_str(&format!(
@@ -803,6 +810,12 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
                 "; not saturated up to {} msg/s",
                 ms.last().map_or(0, |x| x.offered)
             )),
+        }
+        if let Some(b) = ms.iter().filter_map(|x| x.peak_rss).max() {
+            line.push_str(&format!(
+                "; peak resident memory of the largest node over the run {:.0} MB",
+                b as f64 / 1e6
+            ));
         }
         s.push_str(&line);
         s.push_str(".\n");

@@ -9,7 +9,8 @@
 //! most M in flight per connection) for the latency-vs-rate plot.
 
 use super::cluster::{
-    cpu_seconds, etcd_version, find_etcd, on_memory_fs, EtcdCluster, KeelCluster, MachineTicks,
+    cpu_seconds, etcd_version, find_etcd, on_memory_fs, peak_rss_bytes, EtcdCluster, KeelCluster,
+    MachineTicks,
 };
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::report::{self, histogram, ms, Panel, Percentiles, Series};
@@ -169,6 +170,9 @@ struct Run {
     /// The share of the machine's time the hypervisor stole during the
     /// measured window. Closed loop only.
     steal: Option<f64>,
+    /// The largest member's peak resident memory since it started, read at
+    /// the end of the measured window, in bytes. Closed loop only.
+    peak_rss: Option<u64>,
 }
 
 /// What every request needs.
@@ -403,6 +407,9 @@ struct CpuUsed {
     client: f64,
     /// Share of the machine's time stolen by the hypervisor.
     steal: Option<f64>,
+    /// The largest cluster member's peak resident memory so far, at the
+    /// window's end.
+    peak_rss: Option<u64>,
 }
 
 /// Samples CPU time at `from` and `to` (the measured window).
@@ -423,6 +430,7 @@ async fn cpu_during(pids: Vec<u32>, from: Instant, to: Instant) -> CpuUsed {
         servers: (s1 - s0).max(0.0),
         client: (c1 - c0).max(0.0),
         steal: k0.zip(k1).and_then(|(k0, k1)| k1.steal_since(&k0)),
+        peak_rss: peak_rss_bytes(&pids),
     }
 }
 
@@ -695,7 +703,13 @@ fn to_run(
         saturated,
         cpu_per_op: None,
         steal: None,
+        peak_rss: None,
     }
+}
+
+/// Bytes as whole megabytes (10^6), for the tables.
+fn mb(bytes: u64) -> String {
+    format!("{:.0}", bytes as f64 / 1e6)
 }
 
 fn run_line(r: &Run) -> String {
@@ -723,6 +737,9 @@ fn run_line(r: &Run) -> String {
     }
     if let Some(st) = r.steal {
         s.push_str(&format!(", {:.0}% stolen by the hypervisor", st * 100.0));
+    }
+    if let Some(b) = r.peak_rss {
+        s.push_str(&format!(", peak RSS {} MB", mb(b)));
     }
     if r.workload == Workload::TxnCas && p.count > 0 {
         s.push_str(&format!(
@@ -810,6 +827,7 @@ async fn bench_system(
             r.cpu_per_op = Some((per_op(cpu.servers), per_op(cpu.client)));
         }
         r.steal = cpu.steal;
+        r.peak_rss = cpu.peak_rss;
         say(pb, run_line(&r));
         pb.inc(1);
         if t.ok_in_window == 0 {
@@ -1126,6 +1144,7 @@ const ETCD_COLORS: [RGBColor; 2] = [RGBColor(0xff, 0xb7, 0x4d), RGBColor(0xbf, 0
 fn cpu_table(a: &KvArgs, runs: &[Run]) -> String {
     let cpu = |sys, w| find(runs, sys, w, None).and_then(|r| r.cpu_per_op);
     let steal = |sys, w| find(runs, sys, w, None).and_then(|r| r.steal);
+    let rss = |sys, w| find(runs, sys, w, None).and_then(|r| r.peak_rss);
     if a.workloads
         .iter()
         .all(|&w| cpu(System::Keel, w).is_none() && cpu(System::Etcd, w).is_none())
@@ -1139,16 +1158,20 @@ fn cpu_table(a: &KvArgs, runs: &[Run]) -> String {
          machine each system needs per request, however the cores happened to be split. \
          *Stolen* is the share of the machine's time the hypervisor ran something else while \
          its virtual CPUs had work (/proc/stat `steal`) during each system's run: where it \
-         differs, so do the conditions the two systems were measured in.\n\n\
-         | workload | Keel cluster µs/op | etcd cluster µs/op | etcd/Keel | load generator µs/op (vs Keel) | load generator µs/op (vs etcd) | stolen during Keel / etcd run |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
+         differs, so do the conditions the two systems were measured in. *Peak RSS* is the \
+         largest member's peak resident memory since it started (VmHWM), read at the end of \
+         each workload's window: the workloads run in this order on one cluster per system, \
+         so each figure covers the preload and the workloads above it too.\n\n\
+         | workload | Keel cluster µs/op | etcd cluster µs/op | etcd/Keel | load generator µs/op (vs Keel) | load generator µs/op (vs etcd) | stolen during Keel / etcd run | peak RSS MB, Keel / etcd |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let us = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.0}"));
     let pct = |v: Option<f64>| v.map_or("—".into(), |v| format!("{:.0}%", v * 100.0));
+    let mem = |v: Option<u64>| v.map_or("—".into(), mb);
     for &w in &a.workloads {
         let (k, e) = (cpu(System::Keel, w), cpu(System::Etcd, w));
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} / {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} |\n",
             w.name(),
             us(k.map(|c| c.0)),
             us(e.map(|c| c.0)),
@@ -1157,6 +1180,8 @@ fn cpu_table(a: &KvArgs, runs: &[Run]) -> String {
             us(e.map(|c| c.1)),
             pct(steal(System::Keel, w)),
             pct(steal(System::Etcd, w)),
+            mem(rss(System::Keel, w)),
+            mem(rss(System::Etcd, w)),
         ));
     }
     s

@@ -811,9 +811,16 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
                 ms.last().map_or(0, |x| x.offered)
             )),
         }
-        if let Some(b) = ms.iter().filter_map(|x| x.peak_rss).max() {
+        // VmHWM only grows: its value after the last rate below the first
+        // saturated one is the peak up to there (a saturated rate's backlog
+        // comes after).
+        let sustained = ms.iter().take_while(|x| !x.saturated);
+        if let Some((rate, b)) = sustained
+            .filter_map(|x| Some((x.offered, x.peak_rss?)))
+            .last()
+        {
             line.push_str(&format!(
-                "; peak resident memory of the largest node over the run {:.0} MB",
+                "; peak resident memory of the largest node up to {rate} msg/s {:.0} MB",
                 b as f64 / 1e6
             ));
         }

@@ -367,6 +367,12 @@ impl<S: Service> ServiceHost<S> {
             let at = b.len();
             b.extend_from_slice(&0u64.to_le_bytes());
             service(&mut b);
+            // A service that replaced the buffer instead of appending would
+            // have destroyed the header: a bug, and no snapshot to save.
+            assert!(
+                b.len() >= at + 8 && b.starts_with(&SNAPSHOT_MAGIC),
+                "Service::snapshot must append to the buffer it is given, not replace it"
+            );
             let len = (b.len() - at - 8) as u64;
             b[at..at + 8].copy_from_slice(&len.to_le_bytes());
             Bytes::from(b)

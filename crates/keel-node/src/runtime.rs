@@ -770,7 +770,10 @@ fn start_node(
     // snapshot files that the storage thread then publishes in order.
     let (snap_tx, snap_rx) = unbounded::<SnapshotJob>();
     let snapshot_busy = Arc::new(AtomicBool::new(false));
-    let snapshot_size = Arc::new(AtomicU64::new(snapshot.data.len() as u64));
+    let snapshot_size = Arc::new(Mutex::new(LastSnapshot {
+        position: snapshot.meta.position,
+        size: snapshot.data.len() as u64,
+    }));
     let cfg_id = cfg.id;
     let snapshot_writer = {
         let (dir, tx) = (dir.clone(), internal_tx.clone());
@@ -788,8 +791,20 @@ fn start_node(
                 for job in snap_rx {
                     match job {
                         SnapshotJob::Serialize { position, task } => {
-                            let data = task();
-                            size.store(data.len() as u64, Ordering::Release);
+                            // A service whose serialization panics would
+                            // never snapshot again: the node stops instead.
+                            let run = std::panic::AssertUnwindSafe(task);
+                            let data = match std::panic::catch_unwind(run) {
+                                Ok(data) => data,
+                                Err(p) => {
+                                    let what = panic_message(p.as_ref());
+                                    let _ = tx.send(Internal::Fatal(format!(
+                                        "serializing a snapshot panicked: {what}"
+                                    )));
+                                    return;
+                                }
+                            };
+                            lock_ignoring_poison(&size).taken(position, data.len() as u64);
                             busy.store(false, Ordering::Release);
                             metrics.snapshots_taken.inc();
                             let _ = tx.send(Internal::SnapshotTaken { position, data });
@@ -1652,6 +1667,29 @@ struct AwaitingWrite {
     since: Instant,
 }
 
+/// The newest snapshot a node took or restored, for `SnapshotSink::due`.
+#[derive(Clone, Copy, Debug, Default)]
+struct LastSnapshot {
+    position: Position,
+    size: u64,
+}
+
+impl LastSnapshot {
+    /// A snapshot at `position` was serialized: it is the newest unless one
+    /// installed from the leader meanwhile is newer.
+    fn taken(&mut self, position: Position, size: u64) {
+        if position >= self.position {
+            *self = LastSnapshot { position, size };
+        }
+    }
+}
+
+/// A mutex's value even if a thread panicked holding it (the value here is
+/// plain data, consistent at every point).
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// When and where the service thread hands off snapshots.
 struct SnapshotSink {
     /// Take one after this many bytes of log were applied.
@@ -1666,9 +1704,9 @@ struct SnapshotSink {
     log_percent: u64,
     /// Applied position of the last one taken (or restored).
     last: Position,
-    /// Size of the last one serialized (or restored), in bytes: set by the
-    /// snapshot thread once it has serialized one.
-    last_size: Arc<AtomicU64>,
+    /// Position and size of the newest one serialized or restored: the
+    /// snapshot thread sets it once it has serialized one.
+    last_size: Arc<Mutex<LastSnapshot>>,
     jobs: Sender<SnapshotJob>,
     /// A captured state is still being serialized: take no other meanwhile.
     busy: Arc<AtomicBool>,
@@ -1684,9 +1722,8 @@ impl SnapshotSink {
     fn due(&self, applied: Position) -> bool {
         let period = |p: Position| p.saturating_add(self.phase) / self.every;
         let grown = applied.saturating_sub(self.last);
-        let needed = self
-            .last_size
-            .load(Ordering::Acquire)
+        let needed = lock_ignoring_poison(&self.last_size)
+            .size
             .saturating_mul(self.log_percent)
             / 100;
         period(applied) > period(self.last) && grown >= needed
@@ -1711,7 +1748,10 @@ impl SnapshotSink {
     /// A snapshot was restored: the next one counts from it.
     fn restored(&mut self, s: &Snapshot) {
         self.last = s.meta.position;
-        self.last_size.store(s.data.len() as u64, Ordering::Release);
+        *lock_ignoring_poison(&self.last_size) = LastSnapshot {
+            position: s.meta.position,
+            size: s.data.len() as u64,
+        };
     }
 }
 
@@ -2006,7 +2046,7 @@ mod tests {
             phase,
             log_percent,
             last: 0,
-            last_size: Arc::new(AtomicU64::new(0)),
+            last_size: Arc::default(),
             jobs: unbounded().0,
             busy: Arc::new(AtomicBool::new(false)),
         }
@@ -2024,13 +2064,13 @@ mod tests {
         assert!(s.due(700));
         // A small state: every boundary.
         s.last = 700;
-        s.last_size.store(200, Ordering::Release);
+        lock_ignoring_poison(&s.last_size).size = 200;
         assert!(!s.due(1699));
         assert!(s.due(1700));
         // A state of 2500 bytes: not before 2500 more bytes of log, though
         // two boundaries pass.
         s.last = 1700;
-        s.last_size.store(2500, Ordering::Release);
+        lock_ignoring_poison(&s.last_size).size = 2500;
         for applied in [2700, 3700, 4199] {
             assert!(!s.due(applied), "{applied}");
         }
@@ -2054,6 +2094,12 @@ mod tests {
         assert_eq!(s.last, 10_000);
         assert!(!s.due(10_699));
         assert!(s.due(10_700));
+        // An older state whose serialization finishes after the install
+        // does not count as the last snapshot.
+        lock_ignoring_poison(&s.last_size).taken(6_700, 50_000);
+        assert!(s.due(10_700));
+        lock_ignoring_poison(&s.last_size).taken(10_700, 5_000);
+        assert!(!s.due(11_700));
     }
 
     /// A service that refuses every snapshot.
@@ -2091,7 +2137,7 @@ mod tests {
                 phase: 0,
                 log_percent: 100,
                 last: 0,
-                last_size: Arc::new(AtomicU64::new(0)),
+                last_size: Arc::default(),
                 jobs,
                 busy: Arc::new(AtomicBool::new(false)),
             },

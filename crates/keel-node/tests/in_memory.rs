@@ -480,6 +480,74 @@ impl Service for Echo {
     }
 }
 
+/// Echo whose snapshot replaces the buffer it is given instead of
+/// appending to it (a service ported from the old `snapshot() -> Vec<u8>`).
+#[derive(Default)]
+struct ReplacingSnapshots;
+
+impl Service for ReplacingSnapshots {
+    fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
+        Ok(())
+    }
+    fn snapshot(&self, out: &mut Vec<u8>) {
+        *out = b"state".to_vec();
+    }
+    fn prepare_snapshot(&self) -> SnapshotTask {
+        Box::new(|out| *out = b"state".to_vec())
+    }
+    fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(data)
+    }
+    fn query(&self, data: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(data)
+    }
+}
+
+/// A snapshot that cannot be serialized stops the node with the reason
+/// (here the runtime's check that the service appended to its buffer),
+/// rather than leaving the snapshot thread dead and the node never taking
+/// another snapshot.
+#[test]
+fn a_snapshot_that_fails_to_serialize_stops_its_node_with_the_reason() {
+    let Three {
+        tmp: _tmp, // kept until the end: the nodes' data
+        net: _,
+        clients: _,
+        nodes,
+    } = start_three(1024, DurabilityConfig::Replicated, || {
+        Box::new(ReplacingSnapshots)
+    });
+    let leader = wait_leader(&nodes, None);
+    let l = &nodes[(leader - 1) as usize];
+    let start = Instant::now();
+    while !nodes.iter().any(|n| n.is_stopped()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no node stopped, though every snapshot fails"
+        );
+        let _ = write_within(l, Bytes::from(vec![7u8; 200]), Duration::from_millis(500));
+    }
+    let stopped = nodes
+        .iter()
+        .position(|n| n.is_stopped())
+        .expect("one stopped");
+    for n in &nodes {
+        n.shutdown();
+    }
+    let mut reasons = Vec::new();
+    for n in nodes {
+        reasons.push(n.wait());
+    }
+    let e = reasons
+        .swap_remove(stopped)
+        .expect_err("a failed snapshot is not a clean stop");
+    assert!(
+        e.to_string().contains("serializing a snapshot panicked")
+            && e.to_string().contains("must append"),
+        "{e}"
+    );
+}
+
 /// Sessionless writes are matched to their replies by a number the node
 /// gives them, not the client's: two connections that both send sequence
 /// number 7 (nothing deduplicates sessionless writes, so clients need not

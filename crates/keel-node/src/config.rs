@@ -108,6 +108,9 @@ fn default_snapshot_log_percent() -> u32 {
 fn default_queue_depth() -> usize {
     16 * 1024
 }
+fn default_max_unapplied_bytes() -> u64 {
+    16 << 20
+}
 fn default_max_request_bytes() -> usize {
     4 << 20
 }
@@ -190,6 +193,15 @@ pub struct NodeConfig {
     /// client requests are answered "busy".
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
+    /// Client writes are answered "busy" while this node's log holds more
+    /// than this many bytes it has not applied yet (appended but not
+    /// committed, or committed but not applied), counting the write. This
+    /// bounds the memory and the queueing delay an overloaded cluster
+    /// builds up: without it a leader took writes faster than the cluster
+    /// committed them and the backlog grew without limit. One write is
+    /// always taken when nothing is waiting. At least `max_request_bytes`.
+    #[serde(default = "default_max_unapplied_bytes")]
+    pub max_unapplied_bytes: u64,
     /// How long a write this node accepted may wait for its entry to be
     /// applied here before its client is told the outcome is unknown (a
     /// write forwarded to a leader that dropped it, for example).
@@ -293,6 +305,12 @@ impl NodeConfig {
             return bad(format!(
                 "max_request_bytes ({}) must be between 1 KiB and 64 MiB",
                 self.max_request_bytes
+            ));
+        }
+        if self.max_unapplied_bytes < self.max_request_bytes as u64 {
+            return bad(format!(
+                "max_unapplied_bytes ({}) must be at least max_request_bytes ({})",
+                self.max_unapplied_bytes, self.max_request_bytes
             ));
         }
         for (what, addr) in [
@@ -408,5 +426,23 @@ mod tests {
         let bad_thread = format!("{}service_thread = \"own\"\n", base());
         let e = toml::from_str::<NodeConfig>(&bad_thread).expect_err("bad mode accepted");
         assert!(e.to_string().contains("dedicated"), "{e}");
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        assert_eq!(c.snapshot_log_percent, 100);
+        c.snapshot_log_percent = 20_000;
+        let e = c.validate().expect_err("20000% accepted");
+        assert!(
+            e.to_string().contains("snapshot_log_percent (20000)"),
+            "{e}"
+        );
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        assert_eq!(c.max_unapplied_bytes, 16 << 20);
+        c.max_unapplied_bytes = 1 << 20;
+        let e = c
+            .validate()
+            .expect_err("a backlog bound below one request accepted");
+        assert!(
+            e.to_string().contains("max_unapplied_bytes (1048576)"),
+            "{e}"
+        );
     }
 }

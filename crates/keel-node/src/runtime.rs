@@ -898,6 +898,7 @@ fn start_node(
         published_at: None,
         client_queue: client_queue.clone(),
         applied_shared,
+        proposed_bytes: 0,
         term: term.clone(),
         bootstrap: hard.membership.clone(),
         status: status.clone(),
@@ -1031,6 +1032,9 @@ struct Consensus {
     client_queue: Arc<ClientQueue>,
     /// The service's applied position (see `sync_applied`).
     applied_shared: Arc<AtomicU64>,
+    /// Bytes of client writes taken this turn, not yet proposed (see
+    /// `backlog_admits`).
+    proposed_bytes: u64,
     term: Arc<AtomicU64>,
     bootstrap: keel_core::Membership,
     status: Arc<Mutex<NodeStatus>>,
@@ -1111,6 +1115,7 @@ impl Consensus {
             self.sync_applied()?;
             if !proposals.is_empty() {
                 let batch = std::mem::take(&mut proposals);
+                self.proposed_bytes = 0;
                 self.step(Event::Propose(batch))?;
             }
             if (self.now)() >= self.node.next_deadline() {
@@ -1222,6 +1227,12 @@ impl Consensus {
                     respond(&sink, req.id, self.not_leader());
                     return Ok(());
                 }
+                if !self.backlog_admits(data.len()) {
+                    self.metrics.busy.inc();
+                    respond(&sink, req.id, ClientResult::Busy);
+                    return Ok(());
+                }
+                self.proposed_bytes = self.proposed_bytes.saturating_add(data.len() as u64);
                 // A sessionless write's number only matches its reply to
                 // it: this node picks one no other write in flight has.
                 let seq = if req.client == keel_core::SESSIONLESS {
@@ -1280,6 +1291,19 @@ impl Consensus {
                 self.admin(id, req.id, sink, Event::ChangeMembership { id, change })
             }
         }
+    }
+
+    /// Whether a client write of `len` bytes fits under `max_unapplied_bytes`:
+    /// the log this node has not applied yet, plus this turn's writes not
+    /// yet proposed, plus this one. Always when nothing is waiting.
+    fn backlog_admits(&self, len: usize) -> bool {
+        let applied = self.applied_shared.load(Ordering::Acquire);
+        let backlog = self
+            .node
+            .append_position()
+            .saturating_sub(applied)
+            .saturating_add(self.proposed_bytes);
+        backlog == 0 || backlog.saturating_add(len as u64) <= self.cfg.max_unapplied_bytes
     }
 
     /// Tells the core what the service thread applied since the last turn

@@ -66,6 +66,7 @@ fn node_config(
         snapshot_log_percent: 100,
         queue_depth: 1024,
         max_request_bytes: 1 << 20,
+        max_unapplied_bytes: 16 << 20,
         join: false,
         peers: (1..=clients.len() as u64)
             .filter(|&p| p != id)
@@ -546,6 +547,79 @@ fn a_snapshot_that_fails_to_serialize_stops_its_node_with_the_reason() {
             && e.to_string().contains("must append"),
         "{e}"
     );
+}
+
+/// Echo that takes 20 ms per write: a service slower than its log.
+#[derive(Default)]
+struct SlowEcho;
+
+impl Service for SlowEcho {
+    fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
+        Ok(())
+    }
+    fn snapshot(&self, _out: &mut Vec<u8>) {}
+    fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
+        std::thread::sleep(Duration::from_millis(20));
+        Bytes::copy_from_slice(data)
+    }
+    fn query(&self, data: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(data)
+    }
+}
+
+/// Writes that would take a node's unapplied log past
+/// `max_unapplied_bytes` are answered "busy" at once instead of queueing
+/// behind the backlog, and every write gets an answer: applied or busy.
+#[test]
+fn writes_beyond_the_unapplied_backlog_are_answered_busy() {
+    let Three {
+        tmp: _tmp, // kept until the end: the nodes' data
+        net: _,
+        clients: _,
+        nodes,
+    } = start_three_with(
+        1 << 20,
+        DurabilityConfig::Replicated,
+        |c| {
+            c.max_request_bytes = 1024;
+            c.max_unapplied_bytes = 4096;
+        },
+        || Box::new(SlowEcho),
+    );
+    let leader = wait_leader(&nodes, None);
+    let l = &nodes[(leader - 1) as usize];
+    // 40 writes of 500 bytes at once: five times the bound, and at 20 ms
+    // each the service needs 0.8 s for them all.
+    let results: Vec<ClientResult> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..40u8)
+            .map(|i| {
+                s.spawn(move || {
+                    client_runtime().block_on(l.call(ClientOp::Write(Bytes::from(vec![i; 500]))))
+                })
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().expect("a client thread"))
+            .collect()
+    });
+    let ok = results
+        .iter()
+        .filter(|r| matches!(r, ClientResult::Ok(_)))
+        .count();
+    let busy = results
+        .iter()
+        .filter(|r| matches!(r, ClientResult::Busy))
+        .count();
+    assert_eq!(ok + busy, results.len(), "{results:?}");
+    assert!(ok >= 1, "nothing was taken: {results:?}");
+    assert!(busy >= 1, "all 40 were taken past the bound");
+    // Once the backlog is applied, writes are taken again.
+    assert!(matches!(
+        write_within(l, Bytes::from_static(b"after"), Duration::from_secs(5)),
+        Some(ClientResult::Ok(_))
+    ));
+    stop_all(nodes);
 }
 
 /// Sessionless writes are matched to their replies by a number the node

@@ -227,8 +227,10 @@ struct ServerArgs {
     /// Take a snapshot after this many bytes of log are applied.
     #[arg(long)]
     snapshot_every_bytes: Option<u64>,
-    /// ...and only once the log since the last snapshot is at least this
-    /// percentage of its size (0-10000; 0: every --snapshot-every-bytes).
+    /// Take a snapshot only once the log since the last one is at least
+    /// this percentage of that snapshot's size, so snapshots of a large
+    /// state write no more than the log does (0-10000, default 100; 0:
+    /// every --snapshot-every-bytes whatever the state's size).
     #[arg(long)]
     snapshot_log_percent: Option<u32>,
     #[arg(long)]

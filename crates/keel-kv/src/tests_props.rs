@@ -461,9 +461,16 @@ proptest! {
             "snapshot {} bytes, db_size {}", encoded, a.svc().db_size()
         );
 
+        // A capture taken now serializes the state of now, however the
+        // store changes before it runs (histories are shared, not copied).
+        let before = a.svc().snapshot_vec();
+        let task = a.svc().prepare_snapshot();
         let ra = run(&mut a, &second);
         let rc = run(&mut c, &second);
         prop_assert_eq!(ra, rc);
+        let mut late = Vec::new();
+        task(&mut late);
+        prop_assert_eq!(late, before);
         prop_assert_eq!(a.host.snapshot(), c.host.snapshot());
         for q in &queries {
             prop_assert_eq!(c.host.query(&q.encode()), a.host.query(&q.encode()));

@@ -2,7 +2,7 @@
 //! services' encodings, and their decode error. The reader is
 //! bounds-checked: decoding never panics on malformed input.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use std::fmt;
 
 /// Why a message or snapshot could not be decoded.
@@ -54,7 +54,7 @@ impl std::error::Error for DecodeError {}
 
 /// Appends fields; byte strings are a `u32` length then the bytes.
 pub(crate) struct Writer {
-    buf: BytesMut,
+    buf: Vec<u8>,
 }
 
 impl Writer {
@@ -65,8 +65,13 @@ impl Writer {
     }
     pub(crate) fn raw() -> Writer {
         Writer {
-            buf: BytesMut::with_capacity(32),
+            buf: Vec::with_capacity(32),
         }
+    }
+    /// Appends to `buf`, which keeps what it holds (a snapshot's buffer:
+    /// `Service::snapshot` appends to the one the runtime hands it).
+    pub(crate) fn onto(buf: Vec<u8>) -> Writer {
+        Writer { buf }
     }
     pub(crate) fn u8(&mut self, v: u8) -> &mut Self {
         self.buf.put_u8(v);
@@ -94,7 +99,10 @@ impl Writer {
         self.u32(u32::try_from(n).unwrap_or(u32::MAX))
     }
     pub(crate) fn finish(self) -> Bytes {
-        self.buf.freeze()
+        Bytes::from(self.buf)
+    }
+    pub(crate) fn into_vec(self) -> Vec<u8> {
+        self.buf
     }
 }
 

@@ -78,11 +78,11 @@ impl Service for EchoService {
     }
 
     fn snapshot(&self, out: &mut Vec<u8>) {
-        let mut w = Writer::raw();
+        let mut w = Writer::onto(std::mem::take(out));
         w.raw_bytes(&SNAPSHOT_MAGIC)
             .u64(self.stats.messages)
             .u64(self.stats.bytes);
-        out.extend_from_slice(&w.finish());
+        *out = w.into_vec();
     }
 
     fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {

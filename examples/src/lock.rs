@@ -519,7 +519,7 @@ impl Service for LockService {
     }
 
     fn snapshot(&self, out: &mut Vec<u8>) {
-        let mut w = Writer::raw();
+        let mut w = Writer::onto(std::mem::take(out));
         w.raw_bytes(&SNAPSHOT_MAGIC)
             .u64(self.next_token)
             .count(self.locks.len());
@@ -527,7 +527,7 @@ impl Service for LockService {
             w.bytes(name);
             info.encode_into(&mut w);
         }
-        out.extend_from_slice(&w.finish());
+        *out = w.into_vec();
     }
 
     fn on_message(&mut self, ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {

@@ -464,39 +464,32 @@ fn a_deposed_leader_answers_its_uncommitted_writes() {
 }
 
 /// Replies with what it is sent; the command `panic` makes it panic.
-#[derive(Default)]
-struct Echo;
+/// `apply_delay` makes each write take that long (a service slower than
+/// its log); `replace_snapshots` makes its snapshot replace the buffer it
+/// is given instead of appending to it (a service ported from the old
+/// `snapshot() -> Vec<u8>`).
+#[derive(Clone, Copy, Default)]
+struct Echo {
+    apply_delay: Duration,
+    replace_snapshots: bool,
+}
 
 impl Service for Echo {
     fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
         Ok(())
     }
-    fn snapshot(&self, _out: &mut Vec<u8>) {}
-    fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
-        assert!(data != b"panic", "the test service was told to panic");
-        Bytes::copy_from_slice(data)
-    }
-    fn query(&self, data: &[u8]) -> Bytes {
-        Bytes::copy_from_slice(data)
-    }
-}
-
-/// Echo whose snapshot replaces the buffer it is given instead of
-/// appending to it (a service ported from the old `snapshot() -> Vec<u8>`).
-#[derive(Default)]
-struct ReplacingSnapshots;
-
-impl Service for ReplacingSnapshots {
-    fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
-        Ok(())
-    }
     fn snapshot(&self, out: &mut Vec<u8>) {
-        *out = b"state".to_vec();
+        if self.replace_snapshots {
+            *out = b"state".to_vec();
+        }
     }
     fn prepare_snapshot(&self) -> SnapshotTask {
-        Box::new(|out| *out = b"state".to_vec())
+        let copy = *self;
+        Box::new(move |out| copy.snapshot(out))
     }
     fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
+        assert!(data != b"panic", "the test service was told to panic");
+        std::thread::sleep(self.apply_delay);
         Bytes::copy_from_slice(data)
     }
     fn query(&self, data: &[u8]) -> Bytes {
@@ -516,7 +509,10 @@ fn a_snapshot_that_fails_to_serialize_stops_its_node_with_the_reason() {
         clients: _,
         nodes,
     } = start_three(1024, DurabilityConfig::Replicated, || {
-        Box::new(ReplacingSnapshots)
+        Box::new(Echo {
+            replace_snapshots: true,
+            ..Echo::default()
+        })
     });
     let leader = wait_leader(&nodes, None);
     let l = &nodes[(leader - 1) as usize];
@@ -549,24 +545,6 @@ fn a_snapshot_that_fails_to_serialize_stops_its_node_with_the_reason() {
     );
 }
 
-/// Echo that takes 20 ms per write: a service slower than its log.
-#[derive(Default)]
-struct SlowEcho;
-
-impl Service for SlowEcho {
-    fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
-        Ok(())
-    }
-    fn snapshot(&self, _out: &mut Vec<u8>) {}
-    fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
-        std::thread::sleep(Duration::from_millis(20));
-        Bytes::copy_from_slice(data)
-    }
-    fn query(&self, data: &[u8]) -> Bytes {
-        Bytes::copy_from_slice(data)
-    }
-}
-
 /// Writes that would take a node's unapplied log past
 /// `max_unapplied_bytes` are answered "busy" at once instead of queueing
 /// behind the backlog, and every write gets an answer: applied or busy.
@@ -584,7 +562,12 @@ fn writes_beyond_the_unapplied_backlog_are_answered_busy() {
             c.max_request_bytes = 1024;
             c.max_unapplied_bytes = 4096;
         },
-        || Box::new(SlowEcho),
+        || {
+            Box::new(Echo {
+                apply_delay: Duration::from_millis(20),
+                ..Echo::default()
+            })
+        },
     );
     let leader = wait_leader(&nodes, None);
     let l = &nodes[(leader - 1) as usize];
@@ -635,7 +618,9 @@ fn sessionless_writes_with_the_same_number_each_get_their_own_reply() {
         net: _,
         clients,
         nodes,
-    } = start_three(1 << 20, DurabilityConfig::Replicated, || Box::new(Echo));
+    } = start_three(1 << 20, DurabilityConfig::Replicated, || {
+        Box::new(Echo::default())
+    });
     let leader = wait_leader(&nodes, None);
     let addr = &clients[(leader - 1) as usize];
     let mut conns: Vec<std::net::TcpStream> = (0..2)
@@ -695,7 +680,7 @@ fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() 
         1 << 20,
         DurabilityConfig::Replicated,
         |c| c.write_timeout_ms = 1_000,
-        || Box::new(Echo),
+        || Box::new(Echo::default()),
     );
     let leader = wait_leader(&nodes, None);
     let follower = (1..=3u64).find(|&n| n != leader).expect("a follower");
@@ -743,7 +728,7 @@ fn a_panicking_service_stops_its_node_with_the_reason() {
             1 << 20,
             DurabilityConfig::Replicated,
             |c| c.service_thread = service_thread,
-            || Box::new(Echo),
+            || Box::new(Echo::default()),
         );
         let leader = wait_leader(&nodes, None);
         let l = &nodes[(leader - 1) as usize];

@@ -161,12 +161,13 @@ pub enum Event {
         timers: Vec<TimerUpdate>,
     },
     /// The runtime captured the service state at applied position
-    /// `position`; the log before it is compacted once its file is
-    /// published. The core does not keep `data`: it hands it straight back
-    /// in `Action::SaveSnapshot`.
+    /// `position` (and keeps it: the core never sees the state). The core
+    /// answers with `Action::SaveSnapshot` carrying the snapshot's metadata,
+    /// or with nothing if it wants no snapshot there (one at or beyond it
+    /// exists, or `position` is not applied), and the runtime then drops the
+    /// capture. The log before it is compacted once its file is published.
     SnapshotTaken {
         position: Position,
-        data: Bytes,
     },
     /// Storage published (made durable and named in the manifest) the
     /// snapshot file of `Action::SaveSnapshot` at `position`, `size` bytes
@@ -213,14 +214,14 @@ pub enum Action {
     Truncate {
         from: Position,
     },
-    /// Write this snapshot (the service state of `Event::SnapshotTaken`) to
-    /// a snapshot file, publish it, then delete log entries ending at or
-    /// before its position. Asynchronous; snapshots are published in the
+    /// Write the service state captured at `Event::SnapshotTaken` (at this
+    /// metadata's position) with this metadata to a snapshot file, publish
+    /// it, then delete log entries ending at or before its position. Asynchronous; snapshots are published in the
     /// order they are saved. Report `Event::SnapshotPublished` once the
     /// file is published (not if a newer snapshot file is already
     /// published). Until then the core keeps the log before it and streams
     /// the previous published file to followers that need a snapshot.
-    SaveSnapshot(Snapshot),
+    SaveSnapshot(SnapshotMeta),
     Send(Message),
     /// Send `message`, an `InstallSnapshot` whose `chunk` is empty, after
     /// filling `chunk` with bytes `offset..offset + len` of the published
@@ -610,7 +611,7 @@ impl Node {
             Event::Read { id } => self.read(id, out),
             Event::Durable { position, term } => self.on_durable(position, term, out),
             Event::Applied { position, timers } => self.on_applied(position, timers),
-            Event::SnapshotTaken { position, data } => self.on_snapshot_taken(position, data, out),
+            Event::SnapshotTaken { position } => self.on_snapshot_taken(position, out),
             Event::SnapshotPublished { position, size } => {
                 self.on_snapshot_published(position, size)
             }
@@ -1334,7 +1335,7 @@ impl Node {
         }
     }
 
-    fn on_snapshot_taken(&mut self, position: Position, data: Bytes, out: &mut Vec<Action>) {
+    fn on_snapshot_taken(&mut self, position: Position, out: &mut Vec<Action>) {
         let newest = self
             .snapshot
             .as_ref()
@@ -1361,7 +1362,7 @@ impl Node {
             self.unpublished.pop_front();
         }
         self.unpublished.push_back(meta.clone());
-        out.push(Action::SaveSnapshot(Snapshot { meta, data }));
+        out.push(Action::SaveSnapshot(meta));
     }
 
     fn on_snapshot_published(&mut self, position: Position, size: u64) {

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 pub trait Service {
     /// Replace the state with a snapshot made by `snapshot`, or empty it.
     fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String>;
-    /// Serialize the whole state, appending it to `out` (which may already
-    /// hold the runtime's own part of the snapshot: append, do not replace).
-    /// Serializing into the caller's buffer spares a copy of the whole state.
+    /// Serialize the whole state, appending it to `out` (append, do not
+    /// replace: the buffer may hold something already). What `restore`
+    /// reads back; the default `prepare_snapshot` is built on it.
     fn snapshot(&self, out: &mut Vec<u8>);
     /// `snapshot` into a buffer of its own.
     fn snapshot_vec(&self) -> Vec<u8> {
@@ -27,16 +27,18 @@ pub trait Service {
         out
     }
     /// Capture the state now, serialize it later: returns a closure that
-    /// appends exactly the bytes `snapshot` would append now. The runtime
+    /// writes exactly the bytes `snapshot` would append now. The runtime
     /// calls this between entries and runs the closure on a background
-    /// thread, so applying (and replying, and serving reads) goes on while
-    /// the state is serialized. Override it with a cheap consistent clone
-    /// (copy-on-write or persistent data structures) of the state; the
-    /// default serializes at once, which pauses applying for that long
-    /// (and copies the result once more when the closure runs).
+    /// thread, writing straight into the snapshot file, so applying (and
+    /// replying, and serving reads) goes on while the state is serialized
+    /// and the serialized state is never held whole in memory. Override it
+    /// with a cheap consistent clone (copy-on-write or persistent data
+    /// structures) of the state that writes in pieces; the default
+    /// serializes at once, which pauses applying for that long and holds
+    /// the whole serialized state until the closure has run.
     fn prepare_snapshot(&self) -> SnapshotTask {
         let data = self.snapshot_vec();
-        Box::new(move |out| out.extend_from_slice(&data))
+        Box::new(move |out| out.write_all(&data))
     }
     /// Apply one client command and return its reply.
     fn on_message(&mut self, ctx: &mut Context<'_>, client: ClientId, data: &[u8]) -> Bytes;
@@ -69,9 +71,11 @@ pub trait Service {
 }
 
 /// A captured service state that serializes itself when called, on any
-/// thread, appending it to the buffer it is given (see
-/// `Service::prepare_snapshot`).
-pub type SnapshotTask = Box<dyn FnOnce(&mut Vec<u8>) + Send>;
+/// thread, writing it to the writer it is given (the snapshot file, or a
+/// buffer); it passes on the writer's errors (see
+/// `Service::prepare_snapshot`). Write in pieces of a megabyte or so: the
+/// runtime writes them through to the file as they come.
+pub type SnapshotTask = Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send>;
 
 /// Client id of commands without a session: applied every time they appear
 /// in the log, with no duplicate detection (as etcd's own API behaves).
@@ -193,7 +197,9 @@ pub enum SnapshotError {
     Service(String),
 }
 
-const SNAPSHOT_MAGIC: [u8; 4] = *b"KSH1";
+const SNAPSHOT_MAGIC: [u8; 4] = *b"KSH2";
+/// The first format, still read: the service state was length-prefixed.
+const SNAPSHOT_MAGIC_V1: [u8; 4] = *b"KSH1";
 
 /// Drives a `Service` with committed entries and keeps sessions and timers.
 pub struct ServiceHost<S> {
@@ -331,20 +337,24 @@ impl<S: Service> ServiceHost<S> {
 
     /// Serializes sessions, timers and the service state.
     pub fn snapshot(&self) -> Bytes {
-        self.prepare_snapshot()()
+        let mut b = Vec::new();
+        self.prepare_snapshot()(&mut b).expect("writing to a Vec cannot fail");
+        Bytes::from(b)
     }
 
     /// Captures sessions, timers and the service state now (the service
     /// through `Service::prepare_snapshot`); the returned closure, which may
-    /// run on another thread, serializes them into exactly what `snapshot`
-    /// returns now.
-    pub fn prepare_snapshot(&self) -> Box<dyn FnOnce() -> Bytes + Send> {
+    /// run on another thread, writes exactly what `snapshot` returns now:
+    /// the host's part (sessions and timers, small), then the service's
+    /// state, which runs to the end, so it streams through without a length
+    /// written ahead of it.
+    pub fn prepare_snapshot(&self) -> SnapshotTask {
         let service = self.service.prepare_snapshot();
         let (applied, last_sweep) = (self.applied, self.last_sweep);
         // Replies are reference-counted `Bytes`: the copy is shallow.
         let sessions = self.sessions.clone();
         let timers = self.timers.clone();
-        Box::new(move || {
+        Box::new(move |out| {
             let mut b = Vec::with_capacity(64);
             b.extend_from_slice(&SNAPSHOT_MAGIC);
             b.extend_from_slice(&applied.to_le_bytes());
@@ -362,20 +372,8 @@ impl<S: Service> ServiceHost<S> {
                 b.extend_from_slice(&id.to_le_bytes());
                 b.extend_from_slice(&d.to_le_bytes());
             }
-            // The service's length goes before it: patched in once known,
-            // so the service serializes straight into this buffer.
-            let at = b.len();
-            b.extend_from_slice(&0u64.to_le_bytes());
-            service(&mut b);
-            // A service that replaced the buffer instead of appending would
-            // have destroyed the header: a bug, and no snapshot to save.
-            assert!(
-                b.len() >= at + 8 && b.starts_with(&SNAPSHOT_MAGIC),
-                "Service::snapshot must append to the buffer it is given, not replace it"
-            );
-            let len = (b.len() - at - 8) as u64;
-            b[at..at + 8].copy_from_slice(&len.to_le_bytes());
-            Bytes::from(b)
+            out.write_all(&b)?;
+            service(out)
         })
     }
 
@@ -395,7 +393,7 @@ impl<S: Service> ServiceHost<S> {
             offset: 0,
         };
         let magic: [u8; 4] = r.array()?;
-        if magic != SNAPSHOT_MAGIC {
+        if magic != SNAPSHOT_MAGIC && magic != SNAPSHOT_MAGIC_V1 {
             return Err(SnapshotError::BadMagic {
                 found: magic,
                 expected: SNAPSHOT_MAGIC,
@@ -425,11 +423,18 @@ impl<S: Service> ServiceHost<S> {
             let deadline = r.u64()?;
             timers.insert(id, deadline);
         }
-        let len = r.u64()?;
-        let service = r.bytes(len)?;
-        if r.offset != r.data.len() {
-            return Err(SnapshotError::Trailing(r.data.len() - r.offset));
-        }
+        // Version 1 put the service state's length before it; from
+        // version 2 it is the rest of the data.
+        let service = if magic == SNAPSHOT_MAGIC_V1 {
+            let len = r.u64()?;
+            let service = r.bytes(len)?;
+            if r.offset != r.data.len() {
+                return Err(SnapshotError::Trailing(r.data.len() - r.offset));
+            }
+            service
+        } else {
+            &r.data[r.offset..]
+        };
         self.service
             .restore(Some(service))
             .map_err(SnapshotError::Service)?;

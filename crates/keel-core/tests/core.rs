@@ -20,6 +20,9 @@ struct Harness {
     /// Each node's snapshot files by position (the test's "disk"): a
     /// snapshot's file is its data behind a 4-byte "SNAP" header.
     files: Vec<BTreeMap<Position, Bytes>>,
+    /// Each node's captured service states not yet saved (the runtime's
+    /// side of `Event::SnapshotTaken`).
+    captured: Vec<BTreeMap<Position, Bytes>>,
     /// Snapshots each node installed (the received file bytes).
     installed: Vec<Vec<Bytes>>,
     /// Hold back `SnapshotPublished` (the file is still being written).
@@ -101,10 +104,16 @@ impl Harness {
             cut: HashSet::new(),
             persisted: vec![HardState::default(); k],
             files: vec![BTreeMap::new(); k],
+            captured: vec![BTreeMap::new(); k],
             installed: vec![Vec::new(); k],
             hold_publish: false,
             corrupt_next_chunk: false,
         }
+    }
+    /// Node `id` captured its service state `data` at `position`.
+    fn snapshot_taken(&mut self, id: NodeId, position: Position, data: Bytes) {
+        self.captured[(id - 1) as usize].insert(position, data);
+        self.step(id, Event::SnapshotTaken { position });
     }
     fn node(&self, id: NodeId) -> &Node {
         &self.nodes[(id - 1) as usize]
@@ -141,13 +150,16 @@ impl Harness {
                     Action::ReadReady { id: r, index } => self.ready_reads.push((id, r, index)),
                     Action::Rejected { id: r, reason } => self.rejected.push((id, r, reason)),
                     Action::PersistHardState(hs) => self.persisted[i] = hs,
-                    Action::SaveSnapshot(s) => {
-                        let image = image_of(&s.data);
+                    Action::SaveSnapshot(meta) => {
+                        let data = self.captured[i]
+                            .remove(&meta.position)
+                            .expect("the core saves only snapshots it was told were captured");
+                        let image = image_of(&data);
                         let size = image.len() as u64;
-                        self.files[i].insert(s.meta.position, image);
+                        self.files[i].insert(meta.position, image);
                         if !self.hold_publish {
                             queue.push_back(Event::SnapshotPublished {
-                                position: s.meta.position,
+                                position: meta.position,
                                 size,
                             });
                         }
@@ -513,13 +525,7 @@ fn compaction_then_install_snapshot_on_a_wiped_follower() {
     }
     h.run_for(50 * MS);
     let applied = h.node(leader).applied_position();
-    h.step(
-        leader,
-        Event::SnapshotTaken {
-            position: applied,
-            data: Bytes::from_static(b"state"),
-        },
-    );
+    h.snapshot_taken(leader, applied, Bytes::from_static(b"state"));
     assert_eq!(h.node(leader).log().first_pos(), applied);
     // Replace a follower with a wiped one that knows only the membership.
     let victim = (1..=3).find(|&n| n != leader).expect("a follower");
@@ -614,13 +620,7 @@ fn a_large_snapshot_is_installed_in_chunks() {
     // what is committed and let node 2 fall behind it.
     let applied = h.node(1).applied_position();
     let big: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
-    h.step(
-        1,
-        Event::SnapshotTaken {
-            position: applied,
-            data: Bytes::from(big.clone()),
-        },
-    );
+    h.snapshot_taken(1, applied, Bytes::from(big.clone()));
     let wiped = Node::new(Config::new(2, 7), Membership::new([1, 2]), h.now);
     h.nodes[1] = wiped;
     h.cut.clear();
@@ -670,13 +670,7 @@ fn leader_with_snapshot_and_wiped_follower(data: &[u8], cfg2: Config) -> (Harnes
     }
     h.run_for(50 * MS);
     let applied = h.node(1).applied_position();
-    h.step(
-        1,
-        Event::SnapshotTaken {
-            position: applied,
-            data: Bytes::copy_from_slice(data),
-        },
-    );
+    h.snapshot_taken(1, applied, Bytes::copy_from_slice(data));
     assert_eq!(h.node(1).log().first_pos(), applied);
     h.nodes[1] = Node::new(cfg2, Membership::new([1, 2]), h.now);
     (h, applied)
@@ -691,13 +685,7 @@ fn the_leader_keeps_only_snapshot_metadata_and_streams_the_published_file() {
     assert_eq!(h.leader(), Some(1));
     h.propose(1, 1, 1, b"x");
     let applied = h.node(1).applied_position();
-    h.step(
-        1,
-        Event::SnapshotTaken {
-            position: applied,
-            data: Bytes::from(data),
-        },
-    );
+    h.snapshot_taken(1, applied, Bytes::from(data));
     // Only metadata stays in the core; the file is not published yet.
     assert_eq!(h.node(1).snapshot_meta().map(|m| m.position), Some(applied));
     assert_eq!(h.node(1).snapshot_file(), None);
@@ -738,13 +726,7 @@ fn a_follower_gets_the_newest_published_file_while_a_newer_one_is_written() {
     h.run_for(50 * MS);
     let newest = h.node(1).applied_position();
     assert!(newest > old);
-    h.step(
-        1,
-        Event::SnapshotTaken {
-            position: newest,
-            data: Bytes::from(big.clone()),
-        },
-    );
+    h.snapshot_taken(1, newest, Bytes::from(big.clone()));
     assert_eq!(h.node(1).snapshot_meta().map(|m| m.position), Some(newest));
     // Compacted only up to the published file, which stays the one sent.
     assert_eq!(h.node(1).log().first_pos(), old);
@@ -804,13 +786,7 @@ fn wiped_follower_behind_the_compacted_log(
     }
     h.run_for(50 * MS);
     let applied = h.node(leader).applied_position();
-    h.step(
-        leader,
-        Event::SnapshotTaken {
-            position: applied,
-            data: Bytes::from_static(data),
-        },
-    );
+    h.snapshot_taken(leader, applied, Bytes::from_static(data));
     assert!(h.node(leader).log().first_pos() > matched);
     let i = (victim - 1) as usize;
     h.nodes[i] = Node::new(Config::new(victim, 7), Membership::new(1..=3), h.now);
@@ -918,23 +894,11 @@ fn publications_are_matched_with_their_own_snapshot_metadata() {
     for seq in 1..=3 {
         h.propose(1, seq, seq, b"x");
         let position = h.node(1).applied_position();
-        h.step(
-            1,
-            Event::SnapshotTaken {
-                position,
-                data: Bytes::from(vec![seq as u8; 10 * seq as usize]),
-            },
-        );
+        h.snapshot_taken(1, position, Bytes::from(vec![seq as u8; 10 * seq as usize]));
         taken.push(position);
     }
     // A stale capture (older than the newest taken) is not saved.
-    h.step(
-        1,
-        Event::SnapshotTaken {
-            position: taken[1],
-            data: Bytes::from_static(b"stale"),
-        },
-    );
+    h.snapshot_taken(1, taken[1], Bytes::from_static(b"stale"));
     assert_eq!(h.node(1).snapshot_file(), None);
     assert_eq!(h.node(1).log().first_pos(), 0, "nothing published yet");
     let size = |h: &Harness, p: Position| h.files[0][&p].len() as u64;
@@ -1030,14 +994,7 @@ fn an_installed_snapshot_supersedes_the_followers_own_unpublished_ones() {
         },
         &mut out,
     );
-    f.step(
-        13,
-        Event::SnapshotTaken {
-            position: end,
-            data: Bytes::from_static(b"own"),
-        },
-        &mut out,
-    );
+    f.step(13, Event::SnapshotTaken { position: end }, &mut out);
     assert_eq!(f.snapshot_meta().map(|m| m.position), Some(end));
     let meta = SnapshotMeta {
         position: end + 1_000,

@@ -152,7 +152,7 @@ impl Service for Counter {
     /// Captures the counter; serializes it when called.
     fn prepare_snapshot(&self) -> keel_core::SnapshotTask {
         let n = self.n;
-        Box::new(move |out| out.extend_from_slice(&n.to_le_bytes()))
+        Box::new(move |out| out.write_all(&n.to_le_bytes()))
     }
     fn on_message(&mut self, ctx: &mut Context<'_>, _c: ClientId, data: &[u8]) -> Bytes {
         if data == b"timer" {
@@ -267,6 +267,21 @@ fn host_snapshot_round_trips_sessions_timers_and_state() {
     copy.apply(&[cmd(e2.end(), 5, 1, b"inc", 30)], &mut out);
     assert!(matches!(out.replies[0].2, Reply::Duplicate(_)));
     assert_eq!(copy.service().n, 1);
+    // The first format (the service's state length-prefixed) still
+    // restores; here the state is the counter's last 8 bytes.
+    let mut v1 = b"KSH1".to_vec();
+    let (host_part, state) = snap.data.split_at(snap.data.len() - 8);
+    assert_eq!(&host_part[..4], b"KSH2");
+    v1.extend_from_slice(&host_part[4..]);
+    v1.extend_from_slice(&8u64.to_le_bytes());
+    v1.extend_from_slice(state);
+    let mut old = ServiceHost::new(Counter::default(), 1_000_000);
+    let v1 = Snapshot {
+        data: Bytes::from(v1),
+        ..snap.clone()
+    };
+    assert_eq!(old.restore(&v1).expect("restore version 1"), timers);
+    assert_eq!((old.service().n, old.session_count()), (1, 2));
     // Damaged snapshots are refused with a reason.
     let mut bad = snap.clone();
     bad.data = bad.data.slice(..bad.data.len() - 1);
@@ -299,7 +314,13 @@ fn a_prepared_snapshot_captures_the_state_when_prepared() {
     };
     host.apply(&[e3, fire], &mut out);
     assert_eq!(host.service().n, 2);
-    let later = std::thread::spawn(task).join().expect("serializing thread");
+    let later = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        task(&mut b).map(|()| Bytes::from(b))
+    })
+    .join()
+    .expect("serializing thread")
+    .expect("writing to a Vec");
     assert_eq!(later, then);
     assert_ne!(host.snapshot(), then);
     let mut copy = ServiceHost::new(Counter::default(), 1_000_000);

@@ -66,6 +66,17 @@ impl Writer {
     pub(crate) fn into_vec(self) -> Vec<u8> {
         self.buf
     }
+    /// Bytes written so far (since the last `clear`).
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
+    }
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.buf
+    }
+    /// Forgets what was written, keeping the buffer for more.
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+    }
 }
 
 /// Reads fields back; every read is bounds-checked.

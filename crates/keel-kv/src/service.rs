@@ -840,6 +840,9 @@ fn exec_txn(
     }
 }
 
+/// How much of a snapshot `prepare_snapshot`'s task writes at a time.
+const SNAPSHOT_PIECE: usize = 1 << 20;
+
 /// Appends a KV snapshot to `out`: the magic, the applied position, the
 /// store (written by `store`) and the leases (by `leases`). `db_size` is at least the
 /// encoded size (each history entry's estimate covers its key, value and
@@ -884,6 +887,9 @@ impl Service for KvService {
     /// A consistent copy of the replicated state, serialized later on the
     /// runtime's snapshot thread. Keys and values are reference-counted
     /// `Bytes`, so the copy is of the history's structure, not its data.
+    /// Written out in pieces of about `SNAPSHOT_PIECE` bytes: the runtime
+    /// passes them on to the snapshot file, so the encoded state (about the
+    /// size of the history) is never in memory whole.
     fn prepare_snapshot(&self) -> keel_core::SnapshotTask {
         let image = self.store.image();
         // Encoded now: a few dozen bytes per lease, where a clone would
@@ -891,13 +897,22 @@ impl Service for KvService {
         let mut leases = Writer::raw();
         self.leases.encode_into(&mut leases);
         let leases = leases.into_vec();
-        let (applied, size) = (self.applied, self.db_size());
+        let applied = self.applied;
         Box::new(move |out| {
-            let store = |w: &mut Writer| image.encode_into(w);
-            let leases = |w: &mut Writer| {
-                w.raw_bytes(&leases);
-            };
-            write_snapshot(out, applied, size, store, leases);
+            let mut w = Writer::raw();
+            w.raw_bytes(&SNAPSHOT_MAGIC).u64(applied);
+            let mut failed = Ok(());
+            image.encode_streaming(&mut w, &mut |w| {
+                if w.len() >= SNAPSHOT_PIECE {
+                    if failed.is_ok() {
+                        failed = out.write_all(w.as_slice());
+                    }
+                    w.clear();
+                }
+            });
+            failed?;
+            w.raw_bytes(&leases);
+            out.write_all(w.as_slice())
         })
     }
 

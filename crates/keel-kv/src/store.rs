@@ -413,7 +413,7 @@ impl Store {
 
     /// Appends the store's state to a snapshot.
     pub(crate) fn encode_into(&self, w: &mut Writer) {
-        encode_history(self.revision, self.compacted, &self.keys, w);
+        encode_history(self.revision, self.compacted, &self.keys, w, &mut |_| {});
     }
 
     /// What `encode_into` writes, captured now to be encoded later (on
@@ -557,15 +557,24 @@ pub(crate) struct StoreImage {
 }
 
 impl StoreImage {
-    /// Writes what `Store::encode_into` wrote when this was captured.
-    pub(crate) fn encode_into(&self, w: &mut Writer) {
-        encode_history(self.revision, self.compacted, &self.keys, w);
+    /// Writes what `Store::encode_into` wrote when this was captured,
+    /// calling `spill` after each key so the caller can pass on and clear
+    /// what is in `w` (a snapshot streamed to its file in pieces).
+    pub(crate) fn encode_streaming(&self, w: &mut Writer, spill: &mut dyn FnMut(&mut Writer)) {
+        encode_history(self.revision, self.compacted, &self.keys, w, spill);
     }
 }
 
-fn encode_history(revision: u64, compacted: i64, keys: &BTreeMap<Bytes, History>, w: &mut Writer) {
+fn encode_history(
+    revision: u64,
+    compacted: i64,
+    keys: &BTreeMap<Bytes, History>,
+    w: &mut Writer,
+    spill: &mut dyn FnMut(&mut Writer),
+) {
     w.u64(revision).i64(compacted).u64(keys.len() as u64);
     for (k, hist) in keys {
+        spill(w);
         w.bytes(k).count(hist.len());
         for e in hist.iter() {
             w.u64(e.main).u32(e.sub).bool(e.put.is_some());

@@ -665,6 +665,63 @@ fn host_snapshot_round_trip() {
     assert_eq!(bh.svc(), a.svc());
 }
 
+/// Records each write a snapshot task makes; fails the `fail_at`th.
+struct Pieces {
+    writes: Vec<usize>,
+    bytes: Vec<u8>,
+    fail_at: Option<usize>,
+}
+
+impl std::io::Write for Pieces {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.fail_at == Some(self.writes.len()) {
+            return Err(std::io::Error::other("disk full"));
+        }
+        self.writes.push(buf.len());
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A captured KV state writes itself in pieces of about a megabyte, so the
+/// runtime can stream it to the snapshot file without holding it whole;
+/// the pieces make up exactly `snapshot`'s bytes, and a write error stops
+/// it with that error.
+#[test]
+fn a_captured_state_streams_in_pieces() {
+    let mut s = KvService::new();
+    let value = "v".repeat(1000);
+    for round in 0..3 {
+        for k in 0..1500 {
+            s.apply(put(&format!("key-{k:05}"), &format!("{round}{value}")));
+        }
+    }
+    let whole = s.snapshot_vec();
+    assert!(whole.len() > 4 << 20, "{} bytes", whole.len());
+    let mut out = Pieces {
+        writes: Vec::new(),
+        bytes: Vec::new(),
+        fail_at: None,
+    };
+    s.prepare_snapshot()(&mut out).unwrap();
+    assert_eq!(out.bytes, whole);
+    assert!(out.writes.len() >= 4, "{:?}", out.writes);
+    // One key's history beyond a piece at most (here 3 entries of ~1 KiB).
+    let largest = out.writes.iter().max().copied().unwrap_or(0);
+    assert!(largest < (1 << 20) + 4096, "{:?}", out.writes);
+    let mut failing = Pieces {
+        writes: Vec::new(),
+        bytes: Vec::new(),
+        fail_at: Some(2),
+    };
+    let e = s.prepare_snapshot()(&mut failing).unwrap_err();
+    assert_eq!(e.to_string(), "disk full");
+    assert_eq!(failing.writes.len(), 2, "nothing written after the error");
+}
+
 #[test]
 fn restore_rejects_bad_snapshots_and_none_empties() {
     let mut s = KvService::new();

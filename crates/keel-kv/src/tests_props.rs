@@ -451,7 +451,7 @@ proptest! {
         prop_assert_eq!(s.snapshot_vec(), a.svc().snapshot_vec());
         // The captured copy serializes to the same bytes as the state.
         let mut captured = Vec::new();
-        a.svc().prepare_snapshot()(&mut captured);
+        a.svc().prepare_snapshot()(&mut captured).unwrap();
         prop_assert_eq!(&captured, &a.svc().snapshot_vec());
         // `snapshot` reserves `db_size() + 64` up front so the state is
         // never copied into a bigger buffer: the estimate must bound it.
@@ -469,7 +469,7 @@ proptest! {
         let rc = run(&mut c, &second);
         prop_assert_eq!(ra, rc);
         let mut late = Vec::new();
-        task(&mut late);
+        task(&mut late).unwrap();
         prop_assert_eq!(late, before);
         prop_assert_eq!(a.host.snapshot(), c.host.snapshot());
         for q in &queries {

@@ -140,17 +140,23 @@ pub fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
 /// state is the whole replicated state (tens of megabytes and more), so a
 /// second copy of it would cost as much again in memory and page faults.
 pub fn write_snapshot(w: &mut impl Write, s: &Snapshot) -> std::io::Result<()> {
-    let mut header = Vec::with_capacity(64);
-    header.extend_from_slice(SNAPSHOT_MAGIC);
-    header.extend_from_slice(&s.meta.position.to_le_bytes());
-    header.extend_from_slice(&s.meta.term.to_le_bytes());
-    header.extend_from_slice(&s.meta.timestamp.to_le_bytes());
-    encode_membership(&s.meta.membership, &mut header);
-    header.extend_from_slice(&(s.data.len() as u64).to_le_bytes());
+    let header = snapshot_header(&s.meta, s.data.len() as u64);
     let crc = crc32c::crc32c_append(crc32c::crc32c(&header), &s.data);
     w.write_all(&header)?;
     w.write_all(&s.data)?;
     w.write_all(&crc.to_le_bytes())
+}
+
+/// A snapshot file's header: magic, metadata, then the state's length.
+fn snapshot_header(meta: &SnapshotMeta, state_len: u64) -> Vec<u8> {
+    let mut header = Vec::with_capacity(64);
+    header.extend_from_slice(SNAPSHOT_MAGIC);
+    header.extend_from_slice(&meta.position.to_le_bytes());
+    header.extend_from_slice(&meta.term.to_le_bytes());
+    header.extend_from_slice(&meta.timestamp.to_le_bytes());
+    encode_membership(&meta.membership, &mut header);
+    header.extend_from_slice(&state_len.to_le_bytes());
+    header
 }
 
 /// Decodes a snapshot file's bytes; the state is a slice of `b`, not a copy.
@@ -264,15 +270,75 @@ fn snapshot_file_position(name: &str) -> Option<Position> {
 /// publishing it: `commit_staged_snapshot` does that. Staging is the slow
 /// part (the whole state), so it can run off the storage thread.
 pub fn stage_snapshot(dir: &Path, s: &Snapshot) -> Result<PathBuf, LogError> {
+    stage_snapshot_with(dir, &s.meta, |w| w.write_all(&s.data)).map(|(path, _)| path)
+}
+
+/// A staged snapshot file as `stage_snapshot` writes it, with the state
+/// written by `state` as it goes (it may write in any number of pieces):
+/// no more than a buffer's worth of the state is in memory at once. The
+/// header's length field is filled in once the state is written, and the
+/// file's checksum is assembled from the header's and the state's. Returns
+/// the file's path and the state's length. An error from `state` (or from
+/// the disk) is returned with the file's path; the partial file is left for
+/// `remove_leftovers`.
+pub fn stage_snapshot_with(
+    dir: &Path,
+    meta: &SnapshotMeta,
+    state: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(PathBuf, u64), LogError> {
+    use std::os::unix::fs::FileExt;
     let path = dir.join(format!(
         "{}{STAGED_SUFFIX}",
-        snapshot_file_name(s.meta.position)
+        snapshot_file_name(meta.position)
     ));
     let mut f = File::create(&path).map_err(|e| LogError::io(&path, "creating", e))?;
-    write_snapshot(&mut f, s)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| LogError::io(&path, "writing", e))?;
-    Ok(path)
+    let placeholder = snapshot_header(meta, 0);
+    let written = (|| {
+        f.write_all(&placeholder)?;
+        let mut w = CrcWriter {
+            inner: std::io::BufWriter::with_capacity(STAGE_BUFFER, &mut f),
+            crc: 0,
+            len: 0,
+        };
+        state(&mut w)?;
+        w.inner.flush()?;
+        let (crc, len) = (w.crc, w.len);
+        drop(w);
+        let header = snapshot_header(meta, len);
+        debug_assert_eq!(header.len(), placeholder.len());
+        f.write_all_at(&header, 0)?;
+        let len_usize = usize::try_from(len).map_err(std::io::Error::other)?;
+        let crc = crc32c::crc32c_combine(crc32c::crc32c(&header), crc, len_usize);
+        f.write_all(&crc.to_le_bytes())?;
+        f.sync_all()?;
+        Ok(len)
+    })();
+    let len = written.map_err(|e| LogError::io(&path, "writing", e))?;
+    Ok((path, len))
+}
+
+/// The write buffer of a streamed snapshot: what the page cache takes in
+/// one system call.
+const STAGE_BUFFER: usize = 1 << 20;
+
+/// Passes writes through, keeping the checksum and the length of what went
+/// through.
+struct CrcWriter<W> {
+    inner: W,
+    crc: u32,
+    len: u64,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Publishes a staged snapshot file at `position`: renames it into place,

@@ -80,6 +80,7 @@ proptest! {
         garbage in proptest::collection::vec(any::<u8>(), 0..200),
         cut in any::<prop::sample::Index>(),
         flip in any::<prop::sample::Index>(),
+        pieces in proptest::collection::vec(1usize..700, 0..8),
     ) {
         let s = Snapshot {
             meta: SnapshotMeta { position, term, timestamp: position ^ term, membership: Membership::new(members) },
@@ -89,6 +90,21 @@ proptest! {
         let mut written = Vec::new();
         meta::write_snapshot(&mut written, &s).expect("write to a Vec");
         prop_assert_eq!(&written[..], &image[..]);
+        // Staged from a state written in pieces (as a service streams
+        // it): the same bytes, the length and checksum filled in after.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (staged, len) = meta::stage_snapshot_with(dir.path(), &s.meta, |w| {
+            let mut rest = &s.data[..];
+            for &n in &pieces {
+                let (piece, tail) = rest.split_at(n.min(rest.len()));
+                w.write_all(piece)?;
+                rest = tail;
+            }
+            w.write_all(rest)
+        })
+        .expect("stage");
+        prop_assert_eq!(len, s.data.len() as u64);
+        prop_assert_eq!(std::fs::read(&staged).expect("read staged"), image.to_vec());
         let path = std::path::Path::new("prop");
         let d = meta::decode_snapshot(path, &image).expect("decodes");
         prop_assert_eq!(&d, &s);
@@ -487,6 +503,28 @@ fn the_snapshot_file_format_is_stable() {
     assert_eq!(streamed, want);
     // Computed independently (a bitwise CRC-32C of the bytes above).
     const CRC: u32 = 0xeba8_561c;
+}
+
+/// A state writer's error stops the staging with that error and the staged
+/// file's path; nothing is published.
+#[test]
+fn a_failing_state_writer_fails_the_staging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = snapshot_at(700, 1, b"x");
+    let e = meta::stage_snapshot_with(dir.path(), &s.meta, |w| {
+        w.write_all(b"half of it")?;
+        Err(std::io::Error::other("the service could not serialize"))
+    })
+    .expect_err("staging must fail");
+    let msg = e.to_string();
+    assert!(msg.contains("the service could not serialize"), "{msg}");
+    assert!(
+        msg.contains("snap-00000000000000000700.snap.staged"),
+        "{msg}"
+    );
+    assert_eq!(meta::manifest_position(dir.path()).expect("manifest"), None);
+    meta::remove_leftovers(dir.path()).expect("remove leftovers");
+    assert!(snapshot_files(dir.path()).is_empty());
 }
 
 fn snapshot_files(dir: &std::path::Path) -> Vec<String> {

@@ -14,10 +14,11 @@
 //!
 //! Snapshots: the service thread captures the state between entries
 //! (`ServiceHost::prepare_snapshot`, a consistent clone for services that
-//! provide one) and goes on applying; the snapshot thread serializes it and
-//! hands it to the core, which compacts its in-memory log and keeps only the
-//! snapshot's metadata; the snapshot thread then writes the file and
-//! publishes it (the manifest; a lock orders this with snapshot installs
+//! provide one) and goes on applying; the capture goes to the consensus
+//! thread, where the core gives it its metadata (`SaveSnapshot`; the core
+//! never sees the state), and the snapshot thread then serializes it
+//! straight into the file, in pieces, so the serialized state is never in
+//! memory whole, and publishes it (the manifest; a lock orders this with snapshot installs
 //! from the leader on the storage thread, so the manifest never moves
 //! backwards), and the storage thread compacts the segments it covers and
 //! reports the publication to the core. Appends never wait behind a
@@ -34,7 +35,7 @@ use crossbeam_channel::{unbounded, Sender};
 use keel_core::{
     Action, ApplyOutput, Config as CoreConfig, Entry, Event, Message, Nanos, Node, NodeId,
     Position, Proposal, Recovered, RejectReason, Reply, Role, Service, ServiceHost, Snapshot,
-    SnapshotMeta, TimerUpdate,
+    SnapshotMeta, SnapshotTask, TimerUpdate,
 };
 use keel_log::meta::{self, HardStateFile};
 use keel_log::{LogStore, Options, StorageEvent, StorageThread};
@@ -79,9 +80,11 @@ enum Internal {
         position: Position,
         timers: Vec<TimerUpdate>,
     },
-    SnapshotTaken {
+    /// The service thread captured the service state at applied position
+    /// `position` (not serialized yet: `task` writes it).
+    SnapshotCaptured {
         position: Position,
-        data: Bytes,
+        task: SnapshotTask,
     },
     SnapshotPublished {
         position: Position,
@@ -93,15 +96,16 @@ enum Internal {
 
 /// Work for the snapshot thread.
 enum SnapshotJob {
-    /// Serialize the service state captured at applied position `position`
-    /// and hand it to the consensus thread.
-    Serialize {
-        position: Position,
-        task: Box<dyn FnOnce() -> Bytes + Send>,
+    /// Serialize the service state captured at `meta.position` straight
+    /// into a snapshot file with the core's metadata, publish it and let
+    /// storage compact the log up to there.
+    Write {
+        meta: SnapshotMeta,
+        task: SnapshotTask,
     },
-    /// Write the core's snapshot file, publish it and let storage compact
-    /// the log up to `upto`.
-    Write(Snapshot, Position),
+    /// Drop a capture the core wanted no snapshot of (off the consensus
+    /// thread: the last references to replaced state may go with it).
+    Discard(SnapshotTask),
     /// Free the entries the core dropped from its in-memory log (tens of
     /// milliseconds for a snapshot interval's worth: not on the consensus
     /// thread).
@@ -121,7 +125,7 @@ impl Internal {
         match self {
             Internal::Durable { .. } => "durable",
             Internal::Applied { .. } => "applied",
-            Internal::SnapshotTaken { .. } => "snapshot-taken",
+            Internal::SnapshotCaptured { .. } => "snapshot-captured",
             Internal::SnapshotPublished { .. } => "snapshot-published",
             Internal::Fatal(_) => "fatal",
             Internal::Shutdown => "shutdown",
@@ -790,12 +794,20 @@ fn start_node(
                 let _s = tracing::info_span!("node", id = cfg_id).entered();
                 for job in snap_rx {
                     match job {
-                        SnapshotJob::Serialize { position, task } => {
+                        SnapshotJob::Write { meta, task } => {
+                            let position = meta.position;
                             // A service whose serialization panics would
                             // never snapshot again: the node stops instead.
-                            let run = std::panic::AssertUnwindSafe(task);
-                            let data = match std::panic::catch_unwind(run) {
-                                Ok(data) => data,
+                            let stage = std::panic::AssertUnwindSafe(|| {
+                                meta::stage_snapshot_with(&dir, &meta, task)
+                            });
+                            let (staged, len) = match std::panic::catch_unwind(stage) {
+                                Ok(Ok(staged)) => staged,
+                                Ok(Err(e)) => {
+                                    let _ =
+                                        tx.send(Internal::Fatal(format!("saving snapshot: {e}")));
+                                    return;
+                                }
                                 Err(p) => {
                                     let what = panic_message(p.as_ref());
                                     let _ = tx.send(Internal::Fatal(format!(
@@ -804,21 +816,19 @@ fn start_node(
                                     return;
                                 }
                             };
-                            lock_ignoring_poison(&size).taken(position, data.len() as u64);
+                            lock_ignoring_poison(&size).taken(position, len);
                             busy.store(false, Ordering::Release);
                             metrics.snapshots_taken.inc();
-                            let _ = tx.send(Internal::SnapshotTaken { position, data });
-                        }
-                        SnapshotJob::Free(entries) => drop(entries),
-                        SnapshotJob::Write(s, upto) => {
-                            let r = meta::stage_snapshot(&dir, &s).and_then(|staged| {
-                                storage.commit_snapshot(s.meta.position, staged, upto)
-                            });
-                            if let Err(e) = r {
+                            if let Err(e) = storage.commit_snapshot(position, staged, position) {
                                 let _ = tx.send(Internal::Fatal(format!("saving snapshot: {e}")));
                                 return;
                             }
                         }
+                        SnapshotJob::Discard(task) => {
+                            drop(task);
+                            busy.store(false, Ordering::Release);
+                        }
+                        SnapshotJob::Free(entries) => drop(entries),
                     }
                 }
             })
@@ -837,7 +847,6 @@ fn start_node(
             log_percent: u64::from(cfg.snapshot_log_percent),
             last: snapshot.meta.position,
             last_size: snapshot_size,
-            jobs: snap_tx.clone(),
             busy: snapshot_busy,
         },
         metrics: metrics.clone(),
@@ -888,6 +897,7 @@ fn start_node(
         peers,
         service: service_link,
         snapshots: snap_tx,
+        captured: None,
         pending: HashMap::new(),
         awaiting: HashMap::new(),
         deposed: None,
@@ -1011,6 +1021,9 @@ struct Consensus {
     peers: Box<dyn PeerSender>,
     service: ServiceLink,
     snapshots: Sender<SnapshotJob>,
+    /// The service state captured for the `Event::SnapshotTaken` being
+    /// stepped, until the core's `SaveSnapshot` takes it.
+    captured: Option<(Position, SnapshotTask)>,
     /// Requests the core may still answer (reject, read-ready), by core id.
     pending: HashMap<u64, PendingRequest>,
     /// Accepted writes waiting for their entries to apply, by client and
@@ -1180,9 +1193,15 @@ impl Consensus {
             Internal::Applied { position, timers } => {
                 self.step(Event::Applied { position, timers })?
             }
-            Internal::SnapshotTaken { position, data } => {
+            Internal::SnapshotCaptured { position, task } => {
                 self.sync_applied()?;
-                self.step(Event::SnapshotTaken { position, data })?
+                // The core answers with `SaveSnapshot`, which takes the
+                // capture, or with nothing: then it is dropped.
+                self.captured = Some((position, task));
+                self.step(Event::SnapshotTaken { position })?;
+                if let Some((_, task)) = self.captured.take() {
+                    let _ = self.snapshots.send(SnapshotJob::Discard(task));
+                }
             }
             Internal::SnapshotPublished { position, size } => {
                 self.step(Event::SnapshotPublished { position, size })?
@@ -1511,10 +1530,17 @@ impl Consensus {
             )
             .map_err(|e| format!("persisting hard state: {e}"))?,
             Action::Append(_) | Action::Truncate { .. } => self.log_writes.push(a),
-            Action::SaveSnapshot(s) => {
-                let upto = s.meta.position;
-                let _ = self.snapshots.send(SnapshotJob::Write(s, upto));
-            }
+            Action::SaveSnapshot(meta) => match self.captured.take() {
+                Some((position, task)) if position == meta.position => {
+                    let _ = self.snapshots.send(SnapshotJob::Write { meta, task });
+                }
+                _ => {
+                    return Err(format!(
+                        "the core asked to save a snapshot at {} that was not captured",
+                        meta.position
+                    ))
+                }
+            },
             Action::Send(m) => self.peers.send(m),
             Action::SendSnapshotChunk {
                 mut message,
@@ -1731,8 +1757,8 @@ struct SnapshotSink {
     /// Position and size of the newest one serialized or restored: the
     /// snapshot thread sets it once it has serialized one.
     last_size: Arc<Mutex<LastSnapshot>>,
-    jobs: Sender<SnapshotJob>,
-    /// A captured state is still being serialized: take no other meanwhile.
+    /// A captured state is still being serialized (or the core has yet to
+    /// decide on it): take no other meanwhile.
     busy: Arc<AtomicBool>,
 }
 
@@ -1753,17 +1779,18 @@ impl SnapshotSink {
         period(applied) > period(self.last) && grown >= needed
     }
 
-    fn maybe_take(&mut self, host: &ServiceHost<Box<dyn Service + Send>>) {
+    fn maybe_take(&mut self, host: &ServiceHost<Box<dyn Service + Send>>, tx: &InternalTx) {
         let applied = host.applied();
         if self.busy.load(Ordering::Acquire) || !self.due(applied) {
             return;
         }
         self.last = applied;
         self.busy.store(true, Ordering::Release);
-        // Cheap (a consistent clone for services that provide one); the
-        // snapshot thread serializes it while this thread goes on applying.
+        // Cheap (a consistent clone for services that provide one). The
+        // core gives it its metadata, then the snapshot thread serializes
+        // it into the file while this thread goes on applying.
         let task = host.prepare_snapshot();
-        let _ = self.jobs.send(SnapshotJob::Serialize {
+        let _ = tx.send(Internal::SnapshotCaptured {
             position: applied,
             task,
         });
@@ -1874,7 +1901,7 @@ impl ServiceWorker {
                 serve_reads(host, &mut self.reads);
                 // After the store above: the core must know the snapshot's
                 // position is applied when the snapshot reaches it.
-                self.snapshots.maybe_take(host);
+                self.snapshots.maybe_take(host, &self.tx);
             }
             ServiceInput::Read {
                 index,
@@ -2071,7 +2098,6 @@ mod tests {
             log_percent,
             last: 0,
             last_size: Arc::default(),
-            jobs: unbounded().0,
             busy: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -2151,7 +2177,6 @@ mod tests {
     #[test]
     fn an_inline_service_that_failed_to_restore_takes_nothing_more() {
         let (tx, mut internal) = tokio::sync::mpsc::unbounded_channel();
-        let (jobs, _jobs_rx) = unbounded();
         let worker = ServiceWorker {
             host: ServiceHost::new(Box::new(Unrestorable), 1_000_000_000),
             applied_shared: Arc::new(AtomicU64::new(0)),
@@ -2162,7 +2187,6 @@ mod tests {
                 log_percent: 100,
                 last: 0,
                 last_size: Arc::default(),
-                jobs,
                 busy: Arc::new(AtomicBool::new(false)),
             },
             metrics: Arc::new(Metrics::new()),

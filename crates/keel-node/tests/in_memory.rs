@@ -275,15 +275,16 @@ impl Service for SlowSnapshots {
         self.0.restore(snapshot)
     }
     fn snapshot(&self, out: &mut Vec<u8>) {
-        self.prepare_snapshot()(out)
+        self.prepare_snapshot()(out).expect("writing to a Vec cannot fail")
     }
     fn prepare_snapshot(&self) -> SnapshotTask {
         let task = self.0.prepare_snapshot();
         Box::new(move |out| {
             SNAPSHOTS_STARTED.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(SLOW_SNAPSHOT);
-            task(out);
+            task(out)?;
             SNAPSHOTS_FINISHED.fetch_add(1, Ordering::SeqCst);
+            Ok(())
         })
     }
     fn on_message(&mut self, ctx: &mut Context<'_>, client: ClientId, data: &[u8]) -> Bytes {
@@ -465,27 +466,39 @@ fn a_deposed_leader_answers_its_uncommitted_writes() {
 
 /// Replies with what it is sent; the command `panic` makes it panic.
 /// `apply_delay` makes each write take that long (a service slower than
-/// its log); `replace_snapshots` makes its snapshot replace the buffer it
-/// is given instead of appending to it (a service ported from the old
-/// `snapshot() -> Vec<u8>`).
+/// its log); `snapshot_fault` makes serializing its snapshot fail.
 #[derive(Clone, Copy, Default)]
 struct Echo {
     apply_delay: Duration,
-    replace_snapshots: bool,
+    snapshot_fault: Option<SnapshotFault>,
+}
+
+/// How a snapshot fails to serialize.
+#[derive(Clone, Copy, Debug)]
+enum SnapshotFault {
+    /// The service's serializer panics.
+    Panics,
+    /// It returns an error.
+    Fails,
 }
 
 impl Service for Echo {
     fn restore(&mut self, _snapshot: Option<&[u8]>) -> Result<(), String> {
         Ok(())
     }
-    fn snapshot(&self, out: &mut Vec<u8>) {
-        if self.replace_snapshots {
-            *out = b"state".to_vec();
-        }
-    }
+    fn snapshot(&self, _out: &mut Vec<u8>) {}
     fn prepare_snapshot(&self) -> SnapshotTask {
-        let copy = *self;
-        Box::new(move |out| copy.snapshot(out))
+        let fault = self.snapshot_fault;
+        Box::new(move |out| {
+            out.write_all(b"part of it")?;
+            match fault {
+                None => Ok(()),
+                Some(SnapshotFault::Panics) => panic!("the test service cannot serialize"),
+                Some(SnapshotFault::Fails) => {
+                    Err(std::io::Error::other("the test service cannot serialize"))
+                }
+            }
+        })
     }
     fn on_message(&mut self, _ctx: &mut Context<'_>, _client: ClientId, data: &[u8]) -> Bytes {
         assert!(data != b"panic", "the test service was told to panic");
@@ -497,20 +510,34 @@ impl Service for Echo {
     }
 }
 
-/// A snapshot that cannot be serialized stops the node with the reason
-/// (here the runtime's check that the service appended to its buffer),
-/// rather than leaving the snapshot thread dead and the node never taking
-/// another snapshot.
+/// A snapshot that cannot be serialized (the service's serializer panics
+/// or fails) stops the node with the reason, rather than leaving the
+/// snapshot thread dead and the node never taking another snapshot.
 #[test]
 fn a_snapshot_that_fails_to_serialize_stops_its_node_with_the_reason() {
+    for (fault, reason) in [
+        (SnapshotFault::Panics, "serializing a snapshot panicked"),
+        (SnapshotFault::Fails, "saving snapshot"),
+    ] {
+        let e = first_stop_with_snapshot_fault(fault);
+        assert!(
+            e.contains(reason) && e.contains("the test service cannot serialize"),
+            "{fault:?}: {e}"
+        );
+    }
+}
+
+/// Writes to a cluster of `Echo { snapshot_fault }` nodes until one stops;
+/// its reason.
+fn first_stop_with_snapshot_fault(fault: SnapshotFault) -> String {
     let Three {
         tmp: _tmp, // kept until the end: the nodes' data
         net: _,
         clients: _,
         nodes,
-    } = start_three(1024, DurabilityConfig::Replicated, || {
+    } = start_three(1024, DurabilityConfig::Replicated, move || {
         Box::new(Echo {
-            replace_snapshots: true,
+            snapshot_fault: Some(fault),
             ..Echo::default()
         })
     });
@@ -535,14 +562,10 @@ fn a_snapshot_that_fails_to_serialize_stops_its_node_with_the_reason() {
     for n in nodes {
         reasons.push(n.wait());
     }
-    let e = reasons
+    reasons
         .swap_remove(stopped)
-        .expect_err("a failed snapshot is not a clean stop");
-    assert!(
-        e.to_string().contains("serializing a snapshot panicked")
-            && e.to_string().contains("must append"),
-        "{e}"
-    );
+        .expect_err("a failed snapshot is not a clean stop")
+        .to_string()
 }
 
 /// Writes that would take a node's unapplied log past

@@ -491,6 +491,9 @@ struct SimNode {
     reads: HashMap<u64, (u64, Bytes)>,
     ready_reads: Vec<(u64, Position)>,
     last_snapshot: Position,
+    /// The service state captured for the snapshot the core was last told
+    /// of (`Event::SnapshotTaken`), until the core saves or ignores it.
+    captured: Option<(Position, Bytes)>,
     /// When the last snapshot file handed to storage got there (files are
     /// written one at a time, in order).
     staged_until: Nanos,
@@ -611,6 +614,7 @@ impl Sim {
                 reads: HashMap::new(),
                 ready_reads: Vec::new(),
                 last_snapshot: 0,
+                captured: None,
                 staged_until: 0,
             });
         }
@@ -878,10 +882,21 @@ impl Sim {
                 self.nodes[i].pending.push(StorageOp::Truncate(from));
                 self.schedule_sync(i);
             }
-            Action::SaveSnapshot(s) => {
+            Action::SaveSnapshot(meta) => {
                 // Written and published with a later disk sync (as the
                 // runtime's snapshot and storage threads do), then reported
                 // to the core.
+                let data = match self.nodes[i].captured.take() {
+                    Some((position, data)) if position == meta.position => data,
+                    _ => {
+                        self.report.violations.push(format!(
+                            "node {id}: asked to save a snapshot at {} that was not captured",
+                            meta.position
+                        ));
+                        return;
+                    }
+                };
+                let s = Snapshot { meta, data };
                 let upto = s.meta.position;
                 self.inv.compact(id, upto);
                 let (lo, hi) = self.cfg.publish_delay;
@@ -965,10 +980,8 @@ impl Sim {
                 if applied >= self.nodes[i].last_snapshot + self.cfg.snapshot_every {
                     self.nodes[i].last_snapshot = applied;
                     let data = self.nodes[i].host.snapshot();
-                    queue.push_back(Event::SnapshotTaken {
-                        position: applied,
-                        data,
-                    });
+                    self.nodes[i].captured = Some((applied, data));
+                    queue.push_back(Event::SnapshotTaken { position: applied });
                 }
             }
             Action::InstallSnapshot { meta, image } => {
@@ -1219,6 +1232,7 @@ impl Sim {
         };
         node.host = host;
         node.last_snapshot = snap_pos;
+        node.captured = None;
         let now = (self.now as i64 + node.clock_offset).max(0) as Nanos;
         if self.trace {
             let last = recovered.entries.last().map_or(snap_pos, Entry::end);

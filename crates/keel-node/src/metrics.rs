@@ -1,13 +1,17 @@
 //! Prometheus metrics of one node (`prometheus-client`): role, term,
 //! positions, elections started and won, snapshots taken and installed,
 //! busy rejections, the depths of the consensus, service and storage
-//! queues, and a commit latency histogram (request accepted by the leader →
-//! reply).
+//! queues, the log held in memory since the last snapshot, a commit latency
+//! histogram (request accepted by the leader → reply), and the standard
+//! `process_*` metrics (resident memory, CPU time, threads, descriptors)
+//! read from `/proc/self` on each scrape.
 
 use keel_net::codec::NodeStatus;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
@@ -31,6 +35,8 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     pub peer_messages_dropped: Gauge<u64, AtomicU64>,
     pub bad_frames: Gauge<u64, AtomicU64>,
+    pub log_retained_bytes: Gauge,
+    pub log_retained_entries: Gauge,
 }
 
 impl Default for Metrics {
@@ -41,7 +47,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("keel");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("keel");
         let m = Metrics {
             role: Gauge::default(),
             term: Gauge::default(),
@@ -60,6 +68,8 @@ impl Metrics {
             commit_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             peer_messages_dropped: Gauge::default(),
             bad_frames: Gauge::default(),
+            log_retained_bytes: Gauge::default(),
+            log_retained_entries: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -143,7 +153,20 @@ impl Metrics {
             "connections closed for a frame that did not decode",
             m.bad_frames.clone(),
         );
-        Metrics { registry, ..m }
+        registry.register(
+            "log_retained_bytes",
+            "log held in memory since the last snapshot (bytes; a snapshot compacts it)",
+            m.log_retained_bytes.clone(),
+        );
+        registry.register(
+            "log_retained_entries",
+            "entries held in memory since the last snapshot",
+            m.log_retained_entries.clone(),
+        );
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     pub fn observe(&self, s: &NodeStatus) {
@@ -168,5 +191,176 @@ impl Metrics {
             out.push_str("# metrics encoding failed\n");
         }
         out
+    }
+}
+
+/// The standard Prometheus `process_*` metrics of this process, read from
+/// `/proc/self` on each scrape (Linux; elsewhere, or if `/proc` cannot be
+/// read, they are left out rather than reported wrong).
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(stat) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .as_deref()
+            .and_then(ProcStat::parse)
+        else {
+            return Ok(());
+        };
+        // SAFETY: sysconf only reads a system constant.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let (ticks, page) = (ticks.max(1) as f64, page.max(0) as u64);
+        let mut gauge = |name: &str, help: &str, value: f64| -> std::fmt::Result {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+        };
+        gauge(
+            "process_resident_memory_bytes",
+            "resident memory size in bytes",
+            stat.rss_pages.saturating_mul(page) as f64,
+        )?;
+        gauge(
+            "process_virtual_memory_bytes",
+            "virtual memory size in bytes",
+            stat.vsize_bytes as f64,
+        )?;
+        gauge("process_threads", "OS threads", stat.threads as f64)?;
+        if let Some(btime) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .as_deref()
+            .and_then(boot_time)
+        {
+            gauge(
+                "process_start_time_seconds",
+                "start time of the process since the Unix epoch in seconds",
+                btime as f64 + stat.start_ticks as f64 / ticks,
+            )?;
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            gauge(
+                "process_open_fds",
+                "open file descriptors",
+                fds.count() as f64,
+            )?;
+        }
+        let cpu = ConstCounter::new((stat.utime_ticks + stat.stime_ticks) as f64 / ticks);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "user and system CPU time spent in seconds",
+            None,
+            cpu.metric_type(),
+        )?)
+    }
+}
+
+/// The fields of `/proc/self/stat` the process metrics need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    utime_ticks: u64,
+    stime_ticks: u64,
+    threads: u64,
+    start_ticks: u64,
+    vsize_bytes: u64,
+    rss_pages: u64,
+}
+
+impl ProcStat {
+    /// Parses `/proc/<pid>/stat` (proc(5)); `None` if it is not one. The
+    /// command name (field 2) is in parentheses and may itself hold spaces
+    /// and parentheses, so the fields are counted from the last `)`.
+    fn parse(text: &str) -> Option<ProcStat> {
+        let rest = &text[text.rfind(')')? + 1..];
+        // Fields 3.. of proc(5): rest[0] is field 3 (state).
+        let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+        let field = |n: usize| -> Option<u64> { fields.get(n.checked_sub(3)?)?.parse().ok() };
+        Some(ProcStat {
+            utime_ticks: field(14)?,
+            stime_ticks: field(15)?,
+            threads: field(20)?,
+            start_ticks: field(22)?,
+            vsize_bytes: field(23)?,
+            rss_pages: field(24)?,
+        })
+    }
+}
+
+/// Boot time (seconds since the Unix epoch) from `/proc/stat`'s `btime` line.
+fn boot_time(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_stat_line_whose_command_holds_spaces_and_parentheses() {
+        let line = "4242 (keel (x) y) S 1 4242 4242 0 -1 4194560 1500 0 0 0 \
+                    250 75 0 0 20 0 9 0 123456 104857600 2560 18446744073709551615 \
+                    1 1 0 0 0 0 0 4096 17987 0 0 0 17 1 0 0 0 0 0\n";
+        assert_eq!(
+            ProcStat::parse(line),
+            Some(ProcStat {
+                utime_ticks: 250,
+                stime_ticks: 75,
+                threads: 9,
+                start_ticks: 123456,
+                vsize_bytes: 104857600,
+                rss_pages: 2560,
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_stat_line() {
+        for bad in [
+            "",
+            "4242 keel S 1",
+            "4242 (keel) S 1 2 3",
+            "4242 (keel) S 1 4242 4242 0 -1 4194560 1500 0 0 0 x 75 0 0 20 0 9 0 1 2 3",
+        ] {
+            assert_eq!(ProcStat::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn this_process_reports_its_memory_and_cpu() {
+        let text = Metrics::new().render();
+        let value = |name: &str| -> Option<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        };
+        if cfg!(target_os = "linux") {
+            assert!(
+                value("process_resident_memory_bytes").unwrap() > 1e6,
+                "{text}"
+            );
+            assert!(value("process_threads").unwrap() >= 1.0, "{text}");
+            assert!(value("process_open_fds").unwrap() >= 1.0, "{text}");
+            assert!(value("process_cpu_seconds_total").is_some(), "{text}");
+            assert!(
+                value("process_start_time_seconds").unwrap() > 1.5e9,
+                "{text}"
+            );
+        }
+        assert!(value("keel_log_retained_bytes").is_some(), "{text}");
+        assert!(value("keel_role").is_some(), "{text}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_any_text(text in ".{0,200}") {
+            let _ = ProcStat::parse(&text);
+            let _ = boot_time(&text);
+        }
     }
 }

@@ -1694,6 +1694,14 @@ impl Consensus {
             followers: n.follower_progress(),
         };
         self.metrics.observe(&s);
+        let log = n.log();
+        let retained = n.append_position().saturating_sub(log.first_pos());
+        self.metrics
+            .log_retained_bytes
+            .set(i64::try_from(retained).unwrap_or(i64::MAX));
+        self.metrics
+            .log_retained_entries
+            .set(i64::try_from(log.len()).unwrap_or(i64::MAX));
         let elections = n.stats().elections_started;
         if elections > self.elections_seen {
             self.metrics

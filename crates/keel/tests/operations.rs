@@ -238,6 +238,11 @@ fn status_and_metrics_over_http() {
         m("keel_peer_messages_dropped");
         m("keel_bad_frames");
         m("keel_busy_rejections_total");
+        // No snapshot yet: the whole log is held in memory.
+        assert!(m("keel_log_retained_entries") >= 10.0);
+        assert_eq!(m("keel_log_retained_bytes"), m("keel_append_position"));
+        assert!(m("process_resident_memory_bytes") > 1e6);
+        assert!(m("process_cpu_seconds_total") > 0.0);
         if id == leader {
             assert!(m("keel_leader_elections_won_total") >= 1.0);
             assert!(m("keel_elections_started_total") >= 1.0);

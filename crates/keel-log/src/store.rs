@@ -46,6 +46,96 @@ struct Segment {
     path: PathBuf,
 }
 
+/// The segment files in `dir`, by base position (their `len` unknown: 0).
+fn list_segments(dir: &Path) -> Result<Vec<Segment>, LogError> {
+    let mut segments = Vec::new();
+    let listing = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
+    for entry in listing {
+        let entry = entry.map_err(|e| LogError::io(dir, "listing", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
+            continue;
+        };
+        let base: Position = stem.parse().map_err(|_| {
+            LogError::corrupt(
+                &entry.path(),
+                0,
+                "segment file name is not a position".into(),
+            )
+        })?;
+        segments.push(Segment {
+            base,
+            len: 0,
+            path: entry.path(),
+        });
+    }
+    segments.sort_by_key(|s| s.base);
+    Ok(segments)
+}
+
+/// Reads the log's entries from `from` to `upto` (entry boundaries) back
+/// from the segment files in `dir`: for a leader sending a follower entries
+/// whose data it no longer holds in memory (`keel_core::Action::
+/// SendLogRange`). Safe alongside the storage thread's appends, as only
+/// durable, committed entries are asked for, which nothing rewrites; a
+/// range that is not there (compacted away meanwhile), or not whole
+/// entries, or damaged, is an error and nothing is returned.
+pub fn read_range(dir: &Path, from: Position, upto: Position) -> Result<Vec<Entry>, LogError> {
+    use std::os::unix::fs::FileExt;
+    if upto < from {
+        return Err(LogError::Invalid(format!(
+            "log range {from}..{upto} ends before it starts"
+        )));
+    }
+    let segments = list_segments(dir)?;
+    let mut out = Vec::new();
+    let mut pos = from;
+    while pos < upto {
+        let Some(seg) = segments.iter().rev().find(|s| s.base <= pos) else {
+            return Err(LogError::Invalid(format!(
+                "log position {pos} is before the log on disk"
+            )));
+        };
+        let file =
+            File::open(&seg.path).map_err(|e| LogError::io(&seg.path, "opening segment", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| LogError::io(&seg.path, "reading segment size", e))?
+            .len();
+        let offset = pos - seg.base;
+        let want = usize::try_from((upto - pos).min(len.saturating_sub(offset)))
+            .map_err(|_| LogError::Invalid(format!("log range {from}..{upto} is too large")))?;
+        let mut buf = vec![0; want];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| LogError::io(&seg.path, "reading segment", e))?;
+        let mut at = 0;
+        while at < buf.len() {
+            match frame::decode(&buf[at..], pos) {
+                Ok(Some((e, n))) => {
+                    out.push(e);
+                    at += n;
+                    pos += n as u64;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(LogError::Invalid(format!(
+                        "{} at offset {}: {e}",
+                        seg.path.display(),
+                        offset + at as u64
+                    )))
+                }
+            }
+        }
+        if at == 0 {
+            return Err(LogError::Invalid(format!(
+                "no whole entry at log position {pos} in {} ({len} bytes)",
+                seg.path.display()
+            )));
+        }
+    }
+    Ok(out)
+}
+
 /// What recovery cut off the end of the last segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TornTail {
@@ -183,28 +273,7 @@ impl LogStore {
             .as_ref()
             .map_or((0, 0), |s| (s.meta.position, s.meta.term));
 
-        let mut segments = Vec::new();
-        let listing = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
-        for entry in listing {
-            let entry = entry.map_err(|e| LogError::io(dir, "listing", e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
-                continue;
-            };
-            let base: Position = stem.parse().map_err(|_| {
-                LogError::corrupt(
-                    &entry.path(),
-                    0,
-                    "segment file name is not a position".into(),
-                )
-            })?;
-            segments.push(Segment {
-                base,
-                len: 0,
-                path: entry.path(),
-            });
-        }
-        segments.sort_by_key(|s| s.base);
+        let mut segments = list_segments(dir)?;
 
         let mut entries = Vec::new();
         let mut runs: Vec<(Position, Term)> = Vec::new();

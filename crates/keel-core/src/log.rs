@@ -1,9 +1,31 @@
 //! The in-memory view of the replicated log the core reasons about: entries
 //! after the latest snapshot, addressed by byte position, with (term,
 //! position) comparison, divergent-tail truncation and compaction.
+//!
+//! Entries whose data nobody here needs any more (applied, committed and
+//! durable, and older than the cache window) can be made *hollow*
+//! (`evict_data`): their term, position, timestamp and kind stay, so every
+//! lookup works as before, but their data is replaced by a shared static
+//! run of zeros of the same length, which costs no memory. A hollow entry
+//! must never be sent or applied: `entries_from` stops before one, and a
+//! leader reads a run of them back from storage instead (`hollow_run`).
 
 use crate::types::{Entry, Nanos, Position, Term};
+use bytes::Bytes;
 use std::collections::VecDeque;
+
+/// Largest entry data a hollow entry can stand in for; larger entries keep
+/// their data.
+const MAX_HOLLOW: usize = 64 << 20;
+
+/// What hollow entries' data points at. All zeros, so it lives in the
+/// binary's zero-initialized section: address space, no memory, until read.
+static HOLLOW: [u8; MAX_HOLLOW] = [0; MAX_HOLLOW];
+
+/// Is `e`'s data dropped from memory (see the module docs)?
+pub fn is_hollow(e: &Entry) -> bool {
+    !e.data.is_empty() && std::ptr::eq(e.data.as_ptr(), HOLLOW.as_ptr())
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct Log {
@@ -13,6 +35,11 @@ pub struct Log {
     base_timestamp: Nanos,
     /// Entries after the snapshot, contiguous: entries[0].position == base_pos.
     entries: VecDeque<Entry>,
+    /// Entries ending at or before this position were made hollow where
+    /// they could be (`evict_data`); the rest hold their data.
+    hollow_upto: Position,
+    /// Log bytes (`encoded_len`) of the hollow entries held.
+    hollow_bytes: u64,
 }
 
 impl Log {
@@ -22,7 +49,57 @@ impl Log {
             base_term,
             base_timestamp,
             entries: VecDeque::new(),
+            hollow_upto: base_pos,
+            hollow_bytes: 0,
         }
+    }
+
+    /// Bytes of log held in memory: the log after the snapshot less its
+    /// hollow entries.
+    pub fn held_bytes(&self) -> u64 {
+        (self.last_pos() - self.base_pos).saturating_sub(self.hollow_bytes)
+    }
+
+    /// Makes every entry ending at or before `upto` hollow (see the module
+    /// docs): the caller guarantees none of them will be applied or
+    /// truncated again and that storage can read them back. Costs only the
+    /// entries not made hollow before.
+    pub fn evict_data(&mut self, upto: Position) {
+        if upto <= self.hollow_upto {
+            return;
+        }
+        let start = match search_newest_first(&self.entries, self.hollow_upto, |e| e.position) {
+            Ok(i) | Err(i) => i,
+        };
+        for e in self.entries.range_mut(start..) {
+            if e.end() > upto {
+                break;
+            }
+            let len = e.data.len();
+            if len > 0 && len <= MAX_HOLLOW && !is_hollow(e) {
+                e.data = Bytes::from_static(&HOLLOW[..len]);
+                self.hollow_bytes += e.encoded_len();
+            }
+            self.hollow_upto = e.end();
+        }
+    }
+
+    /// If the entry starting at `from` is hollow: where the run of hollow
+    /// entries from there ends, at most `max_bytes` of them (but at least
+    /// one). Those are the entries to read back from storage.
+    pub fn hollow_run(&self, from: Position, max_bytes: u64) -> Option<Position> {
+        let start = self.index_starting_at(from)?;
+        let mut end = None;
+        let mut bytes = 0;
+        for e in self.entries.range(start..) {
+            let len = e.encoded_len();
+            if !is_hollow(e) || (end.is_some() && bytes + len > max_bytes) {
+                break;
+            }
+            bytes += len;
+            end = Some(e.end());
+        }
+        end
     }
 
     /// First position the log can serve entries from (the snapshot position).
@@ -107,7 +184,8 @@ impl Log {
     }
 
     /// Entries starting at `from` (an entry boundary), at most `max_bytes`
-    /// of them but always at least one if any exists.
+    /// of them but always at least one if any exists, stopping before a
+    /// hollow one (see `hollow_run`).
     pub fn entries_from(&self, from: Position, max_bytes: u64) -> Vec<Entry> {
         let Some(start) = self.index_starting_at(from) else {
             return Vec::new();
@@ -116,7 +194,7 @@ impl Log {
         let mut bytes = 0;
         for e in self.entries.range(start..) {
             let len = e.encoded_len();
-            if !out.is_empty() && bytes + len > max_bytes {
+            if is_hollow(e) || (!out.is_empty() && bytes + len > max_bytes) {
                 break;
             }
             bytes += len;
@@ -135,11 +213,14 @@ impl Log {
                 None => return Vec::new(),
             }
         };
-        self.entries
+        let out: Vec<Entry> = self
+            .entries
             .range(start..)
             .take_while(|e| e.end() <= upto)
             .cloned()
-            .collect()
+            .collect();
+        debug_assert!(!out.iter().any(is_hollow), "hollow entries to apply");
+        out
     }
 
     /// Iterates all entries held.
@@ -156,8 +237,13 @@ impl Log {
     /// Removes every entry starting at or after `pos` (a boundary).
     pub fn truncate_from(&mut self, pos: Position) {
         while self.entries.back().is_some_and(|e| e.position >= pos) {
-            self.entries.pop_back();
+            if let Some(e) = self.entries.pop_back().filter(is_hollow) {
+                // Not done by the core (only uncommitted entries are cut),
+                // but kept consistent all the same.
+                self.hollow_bytes = self.hollow_bytes.saturating_sub(e.encoded_len());
+            }
         }
+        self.hollow_upto = self.hollow_upto.min(self.last_pos());
     }
 
     /// Drops every entry ending at or before `pos`, which becomes the new
@@ -175,6 +261,20 @@ impl Log {
             std::mem::replace(&mut self.entries, kept)
         } else {
             std::mem::take(&mut self.entries)
+        };
+        let dropped_hollow: u64 = dropped
+            .iter()
+            .filter(|e| is_hollow(e))
+            .map(Entry::encoded_len)
+            .sum();
+        self.hollow_bytes = self.hollow_bytes.saturating_sub(dropped_hollow);
+        if self.entries.is_empty() {
+            self.hollow_bytes = 0;
+        }
+        self.hollow_upto = if self.entries.is_empty() {
+            pos
+        } else {
+            self.hollow_upto.max(pos)
         };
         self.base_pos = pos;
         self.base_term = term;

@@ -12,6 +12,11 @@
 //!   file with `Event::SnapshotPublished`.
 //! - `SendSnapshotChunk` is a `Send` whose chunk the runtime reads from the
 //!   published snapshot file (the core keeps only snapshot metadata).
+//! - `SendLogRange` is a `Send` of an append whose entries the runtime reads
+//!   from its log on disk: with `Config::log_cache_bytes` set, the core
+//!   drops the data of applied entries beyond that window from memory (it
+//!   keeps their term, position and timestamp), so a follower that falls
+//!   further behind is served from storage.
 //! - `Apply` hands committed entries, in log order, to the service; the
 //!   runtime reports `Event::Applied` when they have been applied.
 //!
@@ -58,6 +63,13 @@ pub struct Config {
     pub max_inflight_bytes: u64,
     /// Largest snapshot chunk in one `InstallSnapshot` message.
     pub snapshot_chunk_bytes: u64,
+    /// How much of the newest log keeps its entries' data in memory once
+    /// applied. Older entries that are applied, committed and durable keep
+    /// only their term, position, timestamp and kind; a follower that
+    /// needs them is sent them with `Action::SendLogRange`, read from
+    /// storage. `u64::MAX` (the default) keeps everything until a snapshot
+    /// compacts it.
+    pub log_cache_bytes: u64,
     /// Checks a snapshot file received in chunks before a follower installs
     /// it (the storage format's checksum and that its header matches the
     /// metadata the leader sent). Pure; a file that fails is dropped and
@@ -83,6 +95,7 @@ impl Config {
             max_batch_bytes: 256 * 1024,
             max_inflight_bytes: 4 * 1024 * 1024,
             snapshot_chunk_bytes: 1024 * 1024,
+            log_cache_bytes: u64::MAX,
             snapshot_check: accept_any_snapshot,
             seed: id,
             testing_bugs: TestingBugs::default(),
@@ -236,6 +249,17 @@ pub enum Action {
         offset: u64,
         len: u64,
     },
+    /// Send `message`, an `Append` whose `entries` is empty, after filling
+    /// it with the log's entries from `from` to `upto` (both entry
+    /// boundaries; committed and durable) read from storage: the core
+    /// dropped their data from memory (`Config::log_cache_bytes`). If they
+    /// cannot be read (a snapshot compacted them meanwhile), send nothing:
+    /// the leader resends once it notices, from its snapshot if need be.
+    SendLogRange {
+        message: Message,
+        from: Position,
+        upto: Position,
+    },
     Apply(Vec<Entry>),
     /// Persist the snapshot file `image` (received in chunks, already
     /// accepted by `Config::snapshot_check`), restore the service from it,
@@ -326,6 +350,9 @@ pub struct Stats {
     /// Snapshots received in full that failed `Config::snapshot_check`.
     pub snapshots_rejected: u64,
     pub rejections_received: u64,
+    /// Appends whose entries the runtime had to read back from storage
+    /// (`Action::SendLogRange`).
+    pub log_ranges_sent: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -1304,9 +1331,26 @@ impl Node {
         out.push(Action::InstallSnapshot { meta, image });
     }
 
+    /// Drops from memory the data of entries no one here needs again
+    /// (`Config::log_cache_bytes`): applied (so committed) and durable, so
+    /// storage can read them back for a follower.
+    fn evict_log_data(&mut self) {
+        let window = self.cfg.log_cache_bytes;
+        if window == u64::MAX {
+            return;
+        }
+        let upto = self
+            .applied
+            .min(self.commit)
+            .min(self.durable)
+            .min(self.log.last_pos().saturating_sub(window));
+        self.log.evict_data(upto);
+    }
+
     fn on_durable(&mut self, position: Position, term: Term, out: &mut Vec<Action>) {
         if position > self.durable && self.log.term_at(position) == Some(term) {
             self.durable = position;
+            self.evict_log_data();
             if self.role == Role::Leader {
                 self.maybe_commit(out);
             } else {
@@ -1317,6 +1361,7 @@ impl Node {
 
     fn on_applied(&mut self, position: Position, timers: Vec<TimerUpdate>) {
         self.applied = self.applied.max(position);
+        self.evict_log_data();
         for t in timers {
             match t {
                 TimerUpdate::Set { id, deadline } => {
@@ -2018,6 +2063,26 @@ impl Node {
         let prev_term = self.log.term_at(prev_pos).unwrap_or(0);
         if let Some(p) = self.progress.get_mut(&n) {
             p.commit_sent(self.commit);
+        }
+        if let Some(upto) = self.log.hollow_run(prev_pos, self.cfg.max_batch_bytes) {
+            // Their data is only on disk: the runtime reads it in.
+            self.stats.log_ranges_sent += 1;
+            let message = self.message(
+                n,
+                Body::Append {
+                    prev_pos,
+                    prev_term,
+                    commit: self.commit,
+                    heartbeat: self.heartbeat_seq,
+                    entries: Vec::new(),
+                },
+            );
+            out.push(Action::SendLogRange {
+                message,
+                from: prev_pos,
+                upto,
+            });
+            return upto;
         }
         let entries = self.log.entries_from(prev_pos, self.cfg.max_batch_bytes);
         let end = entries.last().map_or(prev_pos, Entry::end);

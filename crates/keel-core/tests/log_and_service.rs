@@ -21,9 +21,14 @@ fn entry(term: Term, position: Position, len: usize) -> Entry {
 
 #[derive(Clone, Debug)]
 enum LogOp {
-    Append { term_bump: bool, len: usize },
+    Append {
+        term_bump: bool,
+        len: usize,
+    },
     Truncate(usize),
     Compact(usize),
+    /// Drop the data of entries up to the end of this one (wrapped).
+    Evict(usize),
 }
 
 fn log_op() -> impl Strategy<Value = LogOp> {
@@ -80,6 +85,96 @@ proptest! {
             }
             let all: Vec<Entry> = log.entries_between(base, u64::MAX);
             prop_assert_eq!(&all, &model);
+        }
+    }
+
+    /// Dropping applied entries' data (`evict_data`) keeps every lookup:
+    /// terms, timestamps and boundaries stay, `held_bytes` counts what
+    /// still has its data, `entries_from` never hands out a hollow entry,
+    /// and `hollow_run` names the run to read back from storage instead.
+    #[test]
+    fn hollow_entries_keep_their_place(
+        ops in proptest::collection::vec(
+            prop_oneof![
+                4 => log_op(),
+                2 => any::<usize>().prop_map(LogOp::Evict),
+            ],
+            1..60,
+        ),
+        budget in 1u64..300,
+    ) {
+        let mut log = Log::new(0, 0, 0);
+        let mut model: Vec<Entry> = Vec::new();
+        let mut base = 0;
+        let mut evicted = 0;
+        let mut term = 1;
+        for op in ops {
+            match op {
+                LogOp::Append { term_bump, len } => {
+                    if term_bump { term += 1; }
+                    let e = entry(term, log.last_pos(), len);
+                    model.push(e.clone());
+                    log.push(e);
+                }
+                LogOp::Truncate(i) if !model.is_empty() => {
+                    let i = i % model.len();
+                    log.truncate_from(model[i].position);
+                    model.truncate(i);
+                    evicted = evicted.min(model.last().map_or(base, Entry::end));
+                }
+                LogOp::Compact(i) if !model.is_empty() => {
+                    let i = i % model.len();
+                    let e = model[i].clone();
+                    drop(log.compact_to(e.end(), e.term, e.timestamp));
+                    model.drain(..=i);
+                    base = e.end();
+                    evicted = evicted.max(base);
+                }
+                LogOp::Evict(i) if !model.is_empty() => {
+                    let upto = model[i % model.len()].end();
+                    log.evict_data(upto);
+                    evicted = evicted.max(upto);
+                }
+                _ => {}
+            }
+            let hollow = |e: &Entry| e.end() <= evicted && !e.data.is_empty();
+            let held: u64 = model.iter().filter(|e| !hollow(e)).map(Entry::encoded_len).sum();
+            prop_assert_eq!(log.held_bytes(), held);
+            for (k, e) in model.iter().enumerate() {
+                let ours = log.entry_at(e.position).expect("held");
+                prop_assert_eq!(
+                    (ours.term, ours.position, ours.timestamp, &ours.kind, ours.end()),
+                    (e.term, e.position, e.timestamp, &e.kind, e.end())
+                );
+                prop_assert_eq!(keel_core::log::is_hollow(ours), hollow(e));
+                if !hollow(e) {
+                    prop_assert_eq!(ours, e);
+                }
+                prop_assert_eq!(log.term_at(e.end()), Some(e.term));
+                let sent = log.entries_from(e.position, budget);
+                prop_assert!(!sent.iter().any(keel_core::log::is_hollow));
+                prop_assert_eq!(&sent[..], &model[k..k + sent.len()]);
+                let run = log.hollow_run(e.position, budget);
+                if hollow(e) {
+                    prop_assert!(sent.is_empty());
+                    // A run of hollow entries: at least one, within the
+                    // budget unless it is the first.
+                    let n = model[k..].iter().take_while(|x| hollow(x)).count();
+                    let mut bytes = 0;
+                    let mut end = e.end();
+                    for x in &model[k..k + n] {
+                        if bytes > 0 && bytes + x.encoded_len() > budget {
+                            break;
+                        }
+                        bytes += x.encoded_len();
+                        end = x.end();
+                    }
+                    prop_assert_eq!(run, Some(end));
+                } else {
+                    prop_assert_eq!(run, None);
+                    prop_assert!(!sent.is_empty());
+                }
+            }
         }
     }
 

@@ -105,6 +105,9 @@ fn default_snapshot_bytes() -> u64 {
 fn default_snapshot_log_percent() -> u32 {
     100
 }
+fn default_log_cache_bytes() -> u64 {
+    16 << 20
+}
 fn default_queue_depth() -> usize {
     16 * 1024
 }
@@ -184,11 +187,20 @@ pub struct NodeConfig {
     /// the log itself, and more with every one as the state grows. 100
     /// keeps the bytes written to snapshots at most those of the log; 0
     /// snapshots every `snapshot_every_bytes` whatever the state's size.
-    /// The cost: up to about a snapshot's size of log is kept, on disk (to
-    /// replay at start-up) and in memory (the consensus core holds the log
-    /// since the last snapshot). Higher values keep more.
+    /// The cost: up to about a snapshot's size of log is kept on disk (to
+    /// replay at start-up); in memory, only the newest `log_cache_bytes` of
+    /// it keep their data. Higher values keep more.
     #[serde(default = "default_snapshot_log_percent")]
     pub snapshot_log_percent: u32,
+    /// How much of the newest log keeps its entries in memory once they
+    /// are applied. Older applied entries keep only their term, position
+    /// and timestamp (under 100 bytes each), their data being on disk; a
+    /// follower that falls further behind is sent them read back from the
+    /// log files. Bounds what the log since the last snapshot costs in
+    /// memory (`snapshot_log_percent` lets it grow to the size of the
+    /// state). A value above the log since the last snapshot keeps it all.
+    #[serde(default = "default_log_cache_bytes")]
+    pub log_cache_bytes: u64,
     /// Requests and peer messages queued for the consensus thread before new
     /// client requests are answered "busy".
     #[serde(default = "default_queue_depth")]

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub bad_frames: Gauge<u64, AtomicU64>,
     pub log_retained_bytes: Gauge,
     pub log_retained_entries: Gauge,
+    pub log_reads: Counter,
 }
 
 impl Default for Metrics {
@@ -70,6 +71,7 @@ impl Metrics {
             bad_frames: Gauge::default(),
             log_retained_bytes: Gauge::default(),
             log_retained_entries: Gauge::default(),
+            log_reads: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -155,13 +157,18 @@ impl Metrics {
         );
         registry.register(
             "log_retained_bytes",
-            "log held in memory since the last snapshot (bytes; a snapshot compacts it)",
+            "log held in memory (bytes): since the last snapshot, less the data of applied entries beyond log_cache_bytes",
             m.log_retained_bytes.clone(),
         );
         registry.register(
             "log_retained_entries",
-            "entries held in memory since the last snapshot",
+            "entries since the last snapshot (those whose data left memory included)",
             m.log_retained_entries.clone(),
+        );
+        registry.register(
+            "log_reads",
+            "appends sent to a follower behind the in-memory log with entries read back from the log files",
+            m.log_reads.clone(),
         );
         Metrics {
             registry: root,

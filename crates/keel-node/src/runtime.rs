@@ -330,6 +330,7 @@ pub struct NodeHandle {
     /// The current term, readable without copying the whole status.
     term: Arc<AtomicU64>,
     stopped: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -340,6 +341,10 @@ impl NodeHandle {
     }
     pub fn status(&self) -> NodeStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+    /// This node's metrics (what `/metrics` serves).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
     /// Has the node stopped (shut down or failed)?
     pub fn is_stopped(&self) -> bool {
@@ -888,6 +893,7 @@ fn start_node(
     core_cfg.election_timeout_max = cfg.election_timeout_max_ms * 1_000_000;
     core_cfg.seed = start_wall ^ cfg.id;
     core_cfg.snapshot_check = meta::check_snapshot_image;
+    core_cfg.log_cache_bytes = cfg.log_cache_bytes;
     let node = Node::restart(core_cfg, recovered, start_wall);
     let mut consensus = Consensus {
         node,
@@ -989,6 +995,7 @@ fn start_node(
         ),
         cluster_id: cfg.cluster_id,
         id: cfg.id,
+        metrics: metrics.clone(),
         fatal,
         status,
         term,
@@ -1566,6 +1573,30 @@ impl Consensus {
                     Err(e) => warn!("node {}: not sending a snapshot chunk: {e}", self.cfg.id),
                 }
             }
+            Action::SendLogRange {
+                mut message,
+                from,
+                upto,
+            } => {
+                // Entries whose data the core dropped from memory: read back
+                // from the segment files (durable and committed, so nothing
+                // rewrites them; usually still in the page cache). If a
+                // snapshot compacted them meanwhile, send nothing: the core
+                // resends, from the snapshot once it knows of it.
+                match keel_log::store::read_range(&self.cfg.data_dir, from, upto) {
+                    Ok(read) => {
+                        if let keel_core::Body::Append { entries, .. } = &mut message.body {
+                            *entries = read;
+                        }
+                        self.metrics.log_reads.inc();
+                        self.peers.send(message);
+                    }
+                    Err(e) => warn!(
+                        "node {}: not sending log {from}..{upto} to node {}: {e}",
+                        self.cfg.id, message.to
+                    ),
+                }
+            }
             Action::Apply(entries) => {
                 let mut writes = Vec::new();
                 if !self.awaiting.is_empty() {
@@ -1695,10 +1726,9 @@ impl Consensus {
         };
         self.metrics.observe(&s);
         let log = n.log();
-        let retained = n.append_position().saturating_sub(log.first_pos());
         self.metrics
             .log_retained_bytes
-            .set(i64::try_from(retained).unwrap_or(i64::MAX));
+            .set(i64::try_from(log.held_bytes()).unwrap_or(i64::MAX));
         self.metrics
             .log_retained_entries
             .set(i64::try_from(log.len()).unwrap_or(i64::MAX));

@@ -64,6 +64,9 @@ fn node_config(
         election_timeout_max_ms: 400,
         snapshot_every_bytes,
         snapshot_log_percent: 100,
+        // Applied entries leave memory at once: followers that fall behind
+        // are sent entries read back from the log files.
+        log_cache_bytes: 0,
         queue_depth: 1024,
         max_request_bytes: 1 << 20,
         max_unapplied_bytes: 16 << 20,
@@ -779,4 +782,66 @@ fn a_panicking_service_stops_its_node_with_the_reason() {
             let _ = n.wait(); // (stopped by the panic too, or cleanly)
         }
     }
+}
+
+/// With `log_cache_bytes = 0` (as every test here runs) applied entries
+/// leave memory at once: a follower cut off while writes go on is caught
+/// up with entries the leader reads back from its log files, and ends with
+/// every write; the leader meanwhile holds none of the applied log.
+#[test]
+fn a_follower_behind_the_in_memory_log_catches_up_from_the_log_files() {
+    let Three {
+        tmp: _tmp,
+        net,
+        clients: _,
+        nodes,
+    } = start_three(1 << 30, DurabilityConfig::Sync, || {
+        Box::new(KvService::default())
+    });
+    let leader = wait_leader(&nodes, None);
+    let behind = if leader == 1 { 2 } else { 1 };
+    let (l, b) = (&nodes[leader as usize - 1], &nodes[behind as usize - 1]);
+    net.isolate(behind);
+    let value = Bytes::from(vec![b'v'; 1000]);
+    for i in 0..200 {
+        let cmd = Command::Put {
+            key: Bytes::from(format!("k{i}")),
+            value: value.clone(),
+        };
+        let r = write_within(l, cmd.encode(), Duration::from_secs(10));
+        assert!(matches!(r, Some(ClientResult::Ok(_))), "put k{i}: {r:?}");
+    }
+    let written = l.status().commit;
+    assert!(written > 200_000, "{written}");
+    // Everything applied: only unapplied entries' data would be held.
+    let held = l.metrics().log_retained_bytes.get();
+    assert!(held < 4096, "the leader holds {held} bytes of applied log");
+    assert!(l.metrics().log_retained_entries.get() > 200);
+    assert_eq!(l.metrics().log_reads.get(), 0);
+    net.heal();
+    let start = Instant::now();
+    while b.status().applied < written {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node {behind} did not catch up: {:?}",
+            b.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(l.metrics().log_reads.get() > 0, "nothing was read back");
+    let rt = client_runtime();
+    for i in [0, 99, 199] {
+        let q = Query::Get {
+            key: Bytes::from(format!("k{i}")),
+        };
+        let r = rt.block_on(b.call(ClientOp::StaleRead(q.encode())));
+        let ClientResult::StaleOk { data, .. } = r else {
+            panic!("stale read of k{i} on node {behind}: {r:?}");
+        };
+        match Response::decode(&data) {
+            Ok(Response::Get { kv: Some(kv), .. }) => assert_eq!(kv.value, value),
+            other => panic!("k{i} on node {behind}: {other:?}"),
+        }
+    }
+    stop_all(nodes);
 }

@@ -96,9 +96,9 @@ fn main() {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
         println!(
-            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} membership changes ({} leader removals), {} timers fired, {} messages, {:.1}s simulated",
+            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals), {} timers fired, {} messages, {:.1}s simulated",
             cfg.nodes, cfg.mix.name, r.ops_ok, r.ops_unknown, r.elections, r.crashes, r.snapshots_installed,
-            r.snapshot_chunks,
+            r.snapshot_chunks, r.log_ranges_read, r.log_ranges_unsent,
             r.membership_changes, r.leader_removals, r.timers_fired, r.messages, r.sim_time as f64 / 1e9
         );
         println!("linearizability: {:?}", r.linearizability);
@@ -114,11 +114,13 @@ fn main() {
     let mut last_progress = Instant::now();
     let (mut ops, mut elections, mut failed, mut unknown_lin) =
         (0u64, 0u64, Vec::new(), Vec::new());
+    let mut log_ranges = 0u64;
     for seed in args.start..args.start + args.seeds {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
         ops += r.ops_ok;
         elections += r.elections;
+        log_ranges += r.log_ranges_read;
         if r.linearizability_unknown() {
             // Not a pass: the history went unchecked. Reported with its
             // replay command (`cargo test` fails on any such seed).
@@ -154,7 +156,7 @@ fn main() {
         }
     }
     println!(
-        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {} linearizability checks over budget{}, {} violations{}",
+        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {log_ranges} appends read back from disk, {} linearizability checks over budget{}, {} violations{}",
         args.seeds,
         started.elapsed().as_secs_f64(),
         unknown_lin.len(),

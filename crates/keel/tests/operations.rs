@@ -177,23 +177,6 @@ fn wait_status(addr: &str, parts: &[String], within: Duration) -> String {
     }
 }
 
-/// `/metrics` of `addr` once `ready` holds for it (panics after `within`).
-fn wait_metrics(addr: &str, within: Duration, ready: impl Fn(&str) -> bool) -> String {
-    let start = Instant::now();
-    loop {
-        let (code, text) = http_get(addr, "/metrics");
-        assert_eq!(code, 200, "{text}");
-        if ready(&text) {
-            return text;
-        }
-        assert!(
-            start.elapsed() < within,
-            "/metrics of {addr} never became ready: {text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn status_and_metrics_over_http() {
     let (mut c, http) = TestCluster::start_with_http(3, "");
@@ -238,9 +221,14 @@ fn status_and_metrics_over_http() {
         }
         // Gauges are published at most every status interval: wait until
         // this node's have caught up with the ten writes.
-        let text = wait_metrics(addr, Duration::from_secs(5), |text| {
-            metric(text, "keel_log_retained_entries").is_some_and(|n| n >= 10.0)
-        });
+        wait_metric(
+            addr,
+            "keel_log_retained_entries",
+            Duration::from_secs(5),
+            |n| n >= 10.0,
+        );
+        let (code, text) = http_get(addr, "/metrics");
+        assert_eq!(code, 200);
         let m = |name: &str| {
             metric(&text, name).unwrap_or_else(|| panic!("node {id}: no {name} in:\n{text}"))
         };

@@ -9,6 +9,7 @@
 //! cluster id, member id, revision, raft term.
 
 pub mod cluster;
+pub mod compactor;
 pub mod convert;
 pub mod kv;
 pub mod lease;
@@ -54,6 +55,9 @@ pub struct ApiConfig {
     /// A request not answered within this is failed with etcd's "request
     /// timed out" (Unavailable, so clients retry).
     pub request_timeout: Duration,
+    /// Compactions the leader proposes by itself (etcd's
+    /// `--auto-compaction-*`; off by default, as in etcd).
+    pub auto_compaction: compactor::AutoCompaction,
 }
 
 impl ApiConfig {
@@ -63,6 +67,7 @@ impl ApiConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             watch_progress_interval: Duration::from_secs(600),
             request_timeout: Duration::from_secs(7),
+            auto_compaction: compactor::AutoCompaction::Off,
         }
     }
 }
@@ -199,6 +204,7 @@ pub fn node_error(r: ClientResult) -> Status {
 /// Binds before returning, so a taken port is reported at once.
 pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std::io::Result<()> {
     let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let auto_compaction = config.auto_compaction;
     let api = Arc::new(Api {
         node: node.clone(),
         config,
@@ -232,6 +238,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
             api.clone(),
         )))
         .serve_with_incoming(incoming);
+    rt.spawn(compactor::run(api, auto_compaction));
     rt.spawn(async move {
         if let Err(e) = server.await {
             tracing::error!("etcd API server stopped: {e}");

@@ -105,6 +105,12 @@ fn default_snapshot_bytes() -> u64 {
 fn default_snapshot_log_percent() -> u32 {
     100
 }
+fn default_auto_compaction_mode() -> String {
+    "periodic".into()
+}
+fn default_auto_compaction_retention() -> String {
+    "0".into()
+}
 fn default_log_cache_bytes() -> u64 {
     16 << 20
 }
@@ -142,6 +148,17 @@ pub struct NodeConfig {
     /// Where to serve the etcd v3 gRPC API (optional; etcd's port is 2379).
     #[serde(default)]
     pub etcd_addr: Option<String>,
+    /// With `etcd_addr`: how the leader compacts the KV history by itself,
+    /// as etcd's `--auto-compaction-mode`: `periodic` (keep a span of time)
+    /// or `revision` (keep a number of revisions).
+    #[serde(default = "default_auto_compaction_mode")]
+    pub auto_compaction_mode: String,
+    /// As etcd's `--auto-compaction-retention`: in `periodic` mode a
+    /// duration (`30m`, `1h30m`, `90s`) or a number of hours, in `revision`
+    /// mode a number of revisions; `0` (the default) leaves compaction to
+    /// clients.
+    #[serde(default = "default_auto_compaction_retention")]
+    pub auto_compaction_retention: String,
     #[serde(default)]
     pub durability: DurabilityConfig,
     /// `replicated` mode: how often each node syncs what it has written (a

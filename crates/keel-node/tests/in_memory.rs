@@ -51,6 +51,8 @@ fn node_config(
         client_addr: clients[(id - 1) as usize].clone(),
         http_addr: None,
         etcd_addr: None,
+        auto_compaction_mode: "periodic".into(),
+        auto_compaction_retention: "0".into(),
         durability,
         replicated_sync_interval_ms: 10,
         service: "kv".into(),

@@ -433,6 +433,11 @@ fn etcd_api(cfg: &NodeConfig) -> Result<Option<(std::net::SocketAddr, keel_etcd:
         client_urls: p.etcd_addr.iter().map(|a| url(a)).collect(),
     }));
     let mut api = keel_etcd::ApiConfig::new(members);
+    api.auto_compaction = keel_etcd::compactor::AutoCompaction::parse(
+        &cfg.auto_compaction_mode,
+        &cfg.auto_compaction_retention,
+    )
+    .map_err(anyhow::Error::msg)?;
     // etcd's request limit, or the node's own if that is lower.
     api.max_request_bytes = cfg
         .max_request_bytes

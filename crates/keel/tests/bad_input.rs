@@ -291,4 +291,31 @@ fn a_bad_config_file_is_refused_with_the_reason() {
     let (code, text) = keel(&["server", "--config", path.to_str().expect("utf-8 path")]);
     assert_ne!(code, 0);
     assert!(text.contains("heartbeat_msec"), "{text}");
+    // A retention etcd would not take either, refused before anything starts.
+    for (mode, retention, says) in [
+        ("periodic", "5d", "unknown unit \"d\""),
+        ("revision", "1h", "a whole number"),
+        ("daily", "1", "expected \"periodic\" or \"revision\""),
+    ] {
+        std::fs::write(
+            &path,
+            format!(
+                "id = 1\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:1\"\nclient_addr = \"127.0.0.1:2\"\n\
+                 etcd_addr = \"127.0.0.1:3\"\nauto_compaction_mode = \"{mode}\"\n\
+                 auto_compaction_retention = \"{retention}\"\n",
+                dir.path().join("d")
+            ),
+        )
+        .expect("write");
+        let (code, text) = keel(&["server", "--config", path.to_str().expect("utf-8 path")]);
+        assert_ne!(code, 0, "{mode} {retention}");
+        assert!(
+            text.contains("auto_compaction") && text.contains(says),
+            "{mode} {retention}: {text}"
+        );
+        assert!(
+            !dir.path().join("d").exists(),
+            "{mode} {retention}: a data directory was created"
+        );
+    }
 }

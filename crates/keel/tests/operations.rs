@@ -2,12 +2,12 @@
 //! "busy" and the node keeps serving; SIGTERM stops a node cleanly (exit 0,
 //! nothing torn, nothing lost); `/status` and `/metrics` over HTTP; and the
 //! `keel kv` and `keel cluster` commands against a running cluster; the
-//! node threads' scheduling policy.
+//! node threads' scheduling policy; automatic compaction of the KV history.
 
 mod common;
 
 use bytes::Bytes;
-use common::{http_get, metric, wait_metric, TestCluster};
+use common::{etcd_channel, http_get, metric, wait_metric, TestCluster};
 use keel_net::codec::{self, ClientOp, ClientRequest, ClientResult, Frame};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -389,4 +389,88 @@ fn node_threads_run_with_the_configured_scheduling_policy() {
             assert_eq!(*policy, want, "{name} with config {extra:?}: {threads:?}");
         }
     }
+}
+
+/// `auto_compaction_mode = "revision"`: the leader compacts by itself,
+/// keeping at least the newest `auto_compaction_retention` revisions on
+/// every node, and keeps doing so after a leader change.
+#[test]
+fn the_leader_compacts_the_kv_history_by_itself() {
+    use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
+    use keel_etcd_proto::etcdserverpb::{PutRequest, RangeRequest};
+    let mut c = TestCluster::start(
+        3,
+        "auto_compaction_mode = \"revision\"\nauto_compaction_retention = \"20\"\n",
+    );
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let etcd: Vec<String> = c.nodes.iter().map(|n| n.etcd.clone()).collect();
+    // Puts through the leader; each makes a revision. Returns the last.
+    let put_all = |at: &str, from: usize, to: usize| -> i64 {
+        rt.block_on(async {
+            let mut kv = KvClient::new(etcd_channel(at).await);
+            let mut rev = 0;
+            for i in from..to {
+                let r = kv
+                    .put(PutRequest {
+                        key: format!("k{}", i % 10).into(),
+                        value: format!("v{i}").into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("put");
+                rev = r.into_inner().header.expect("header").revision;
+            }
+            rev
+        })
+    };
+    // A serializable get of k0 at `rev` on the node serving `at`.
+    let get_at = |at: &str, rev: i64| -> Result<(), tonic::Status> {
+        rt.block_on(async {
+            let mut kv = KvClient::new(etcd_channel(at).await);
+            kv.range(RangeRequest {
+                key: Bytes::from_static(b"k0"),
+                revision: rev,
+                serializable: true,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+        })
+    };
+    // On every node at `nodes`: reading at `last - 40` soon fails as
+    // compacted, reading at `last - 20` (within the retention) works.
+    let check = |nodes: &[String], last: i64| {
+        for at in nodes {
+            let start = Instant::now();
+            loop {
+                match get_at(at, last - 40) {
+                    Err(e) if e.message().contains("compacted") => break,
+                    other => assert!(
+                        start.elapsed() < Duration::from_secs(10),
+                        "revision {} at {at} is still there: {other:?}",
+                        last - 40
+                    ),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Err(e) = get_at(at, last - 20) {
+                panic!("{at}: revision {} is gone: {e}", last - 20);
+            }
+        }
+    };
+    let last = put_all(&etcd[(leader - 1) as usize], 0, 100);
+    assert!(last >= 101, "{last}");
+    check(&etcd, last);
+    // A new leader carries on.
+    c.kill(leader);
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let last = put_all(&etcd[(leader - 1) as usize], 100, 200);
+    let alive: Vec<String> = c
+        .nodes
+        .iter()
+        .filter(|n| n.child.is_some())
+        .map(|n| n.etcd.clone())
+        .collect();
+    check(&alive, last);
 }

@@ -392,6 +392,10 @@ fn node_config(
     if let Some(e) = &n.etcd {
         toml.push_str(&format!("etcd_addr = \"{e}\"\n"));
     }
+    for line in &threads.keel_config {
+        toml.push_str(line);
+        toml.push('\n');
+    }
     for p in all.iter().filter(|p| p.id != n.id) {
         toml.push_str(&format!(
             "\n[[peers]]\nid = {}\npeer_addr = \"{}\"\nclient_addr = \"{}\"\n",
@@ -617,6 +621,7 @@ mod tests {
         let threads = NodeThreadArgs {
             service_thread: "shared".into(),
             thread_scheduling: "normal".into(),
+            keel_config: vec!["log_cache_bytes = 0".into()],
         };
         let t = node_config(&nodes[1], &nodes, Path::new("/d"), "echo", "sync", &threads);
         let v: toml::Value = toml::from_str(&t).expect("valid TOML");
@@ -625,6 +630,7 @@ mod tests {
         assert_eq!(v["service"].as_str(), Some("echo"));
         assert_eq!(v["service_thread"].as_str(), Some("shared"));
         assert_eq!(v["thread_scheduling"].as_str(), Some("normal"));
+        assert_eq!(v["log_cache_bytes"].as_integer(), Some(0));
         let peers = v["peers"].as_array().expect("peers");
         let ids: Vec<i64> = peers.iter().filter_map(|p| p["id"].as_integer()).collect();
         assert_eq!(ids, vec![1, 3]);

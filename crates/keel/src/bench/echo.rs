@@ -715,7 +715,7 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
     let mut s = format!(
         "## Echo: latency vs offered rate (Aeron method)\n\n\
          `{}` ({} s per rate after {} s warm-up, {} cores). \
-         3 `keel server --service echo {}` processes on loopback; {} pipelined native-protocol \
+         3 `keel server --service echo {}` processes{} on loopback; {} pipelined native-protocol \
          connection(s) to the leader send {}-byte sessionless writes in bursts of {} (one `write` \
          per burst) at each fixed offered rate. Latency runs from each message's intended send time \
          (fixed by the start time and the rate, so a stall counts against every message scheduled \
@@ -737,6 +737,7 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
         a.common.warmup,
         cores,
         a.threads.flags(),
+        a.threads.settings_note(),
         a.connections,
         a.size,
         a.burst,

@@ -958,9 +958,10 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
         .iter()
         .map(|s| match s {
             System::Keel => format!(
-                "Keel = 3 `keel server --service kv {}` processes serving the \
+                "Keel = 3 `keel server --service kv {}` processes{} serving the \
                  etcd API, `{}` durability",
                 a.threads.flags(),
+                a.threads.settings_note(),
                 a.durability
             ),
             System::Etcd => format!(

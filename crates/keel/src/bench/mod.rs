@@ -67,6 +67,25 @@ pub struct NodeThreadArgs {
     /// the same one.
     #[arg(long, default_value = "normal", value_parser = ["normal", "batch"])]
     pub thread_scheduling: String,
+    /// A setting added to every Keel node's configuration file, in TOML
+    /// (repeatable), e.g. `--keel-config 'log_cache_bytes = 0'` or
+    /// `--keel-config 'auto_compaction_retention = "30s"'`. Settings the
+    /// benchmark itself writes (addresses, data_dir, durability, service,
+    /// service_thread, thread_scheduling) cannot be given again.
+    #[arg(long = "keel-config", value_name = "TOML", value_parser = parse_setting)]
+    pub keel_config: Vec<String>,
+}
+
+/// A `--keel-config` value: TOML key = value settings, no tables.
+fn parse_setting(s: &str) -> Result<String, String> {
+    let t: toml::Table = toml::from_str(s).map_err(|e| format!("not a TOML setting: {e}"))?;
+    if t.is_empty() {
+        return Err("no setting (expected key = value)".into());
+    }
+    if let Some((k, _)) = t.iter().find(|(_, v)| v.is_table() || v.is_array()) {
+        return Err(format!("{k}: only plain settings, not tables or lists"));
+    }
+    Ok(s.to_string())
 }
 
 impl NodeThreadArgs {
@@ -81,6 +100,20 @@ impl NodeThreadArgs {
             "--service-thread {} --thread-scheduling {}",
             self.service_thread, self.thread_scheduling
         )
+    }
+
+    /// For the report: the `--keel-config` settings, if any, as
+    /// " (configured with `a = 1`, `b = 2`)".
+    pub fn settings_note(&self) -> String {
+        if self.keel_config.is_empty() {
+            return String::new();
+        }
+        let list: Vec<String> = self
+            .keel_config
+            .iter()
+            .map(|c| format!("`{}`", c.replace('\n', "; ")))
+            .collect();
+        format!(" (configured with {})", list.join(", "))
     }
 }
 
@@ -234,6 +267,21 @@ pub fn command_line() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keel_config_takes_plain_toml_settings_only() {
+        assert!(parse_setting("log_cache_bytes = 0").is_ok());
+        assert!(parse_setting("auto_compaction_retention = \"30s\"").is_ok());
+        for (bad, says) in [
+            ("log_cache_bytes", "not a TOML setting"),
+            ("", "no setting"),
+            ("[peers]\nid = 1", "not tables"),
+            ("x = [1]", "not tables or lists"),
+        ] {
+            let e = parse_setting(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn rates_parse_with_suffixes() {

@@ -589,3 +589,60 @@ proptest! {
         }
     }
 }
+
+/// One step of `compacting_in_steps_equals_compacting_once`: a put or a
+/// delete of one of a few keys, or a compaction `back` revisions behind the
+/// current one.
+#[derive(Clone, Debug)]
+enum StoreOp {
+    Put(u8),
+    Delete(u8),
+    Compact(u8),
+}
+
+fn store_op() -> impl Strategy<Value = StoreOp> {
+    prop_oneof![
+        5 => (0u8..6).prop_map(StoreOp::Put),
+        2 => (0u8..6).prop_map(StoreOp::Delete),
+        1 => (0u8..8).prop_map(StoreOp::Compact),
+    ]
+}
+
+proptest! {
+    /// A compaction visits only keys written since the previous one: the
+    /// store it leaves is exactly the one a single compaction at the same
+    /// point leaves, whatever compactions came before.
+    #[test]
+    fn compacting_in_steps_equals_compacting_once(
+        ops in prop::collection::vec(store_op(), 0..80),
+    ) {
+        let mut stepped = store::Store::new();
+        let mut once = store::Store::new();
+        for (i, op) in ops.iter().enumerate() {
+            let key = |k: &u8| Bytes::from(format!("k{k}"));
+            for s in [&mut stepped, &mut once] {
+                let mut w = s.write();
+                match op {
+                    StoreOp::Put(k) => {
+                        w.put(key(k), Bytes::from(format!("v{i}")), 0);
+                    }
+                    StoreOp::Delete(k) => {
+                        w.delete(&key(k));
+                    }
+                    StoreOp::Compact(_) => {}
+                }
+                w.commit();
+            }
+            if let StoreOp::Compact(back) = op {
+                let at = stepped.revision() as i64 - i64::from(*back);
+                if at > stepped.compact_revision() {
+                    stepped.compact(at).unwrap();
+                }
+            }
+        }
+        if stepped.compact_revision() > once.compact_revision() {
+            once.compact(stepped.compact_revision()).unwrap();
+        }
+        prop_assert_eq!(&stepped, &once);
+    }
+}

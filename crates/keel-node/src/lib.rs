@@ -6,6 +6,7 @@ pub mod config;
 mod handoff;
 pub mod http;
 pub mod metrics;
+mod reader;
 pub mod runtime;
 pub mod sched;
 

@@ -8,7 +8,8 @@
 //! replies — only on the node that accepted the request as leader — writing
 //! replies to the connections itself; with `service_thread = "shared"` the
 //! consensus thread does this work in line, see `ServiceLink`), a snapshot
-//! thread, and a two-thread
+//! thread, a reader thread (snapshot chunks and log entries read from disk
+//! for followers, see `reader`), and a two-thread
 //! tokio runtime for the etcd API and HTTP. Backpressure: client requests
 //! beyond the queue depth are answered "busy" at once.
 //!
@@ -23,13 +24,15 @@
 //! backwards), and the storage thread compacts the segments it covers and
 //! reports the publication to the core. Appends never wait behind a
 //! snapshot's file and directory syncs. Chunked installs to
-//! followers read the published file (`SendSnapshotChunk`), so a leader never
-//! holds a whole snapshot in memory to serve them; a follower checks the
-//! whole received file (its checksum) before installing it.
+//! followers read the published file (`SendSnapshotChunk`, on the reader
+//! thread), so a leader never holds a whole snapshot in memory to serve
+//! them; a follower checks the whole received file (its checksum) before
+//! installing it.
 
 use crate::config::{NodeConfig, ServiceThreadConfig};
 use crate::handoff::{self, HandoffRx, HandoffTx};
 use crate::metrics::Metrics;
+use crate::reader;
 use bytes::Bytes;
 use crossbeam_channel::{unbounded, Sender};
 use keel_core::{
@@ -90,6 +93,8 @@ enum Internal {
         position: Position,
         size: u64,
     },
+    /// The reader thread filled a message from disk (see `reader`).
+    Read(reader::ReadDone),
     Fatal(String),
     Shutdown,
 }
@@ -127,6 +132,7 @@ impl Internal {
             Internal::Applied { .. } => "applied",
             Internal::SnapshotCaptured { .. } => "snapshot-captured",
             Internal::SnapshotPublished { .. } => "snapshot-published",
+            Internal::Read(_) => "read",
             Internal::Fatal(_) => "fatal",
             Internal::Shutdown => "shutdown",
         }
@@ -883,6 +889,15 @@ fn start_node(
         None => (ServiceLink::Inline(Box::new(worker)), None),
     };
 
+    // Reader thread: snapshot chunks and log entries for peers, from disk.
+    let (reader_tx, reader_thread) = {
+        let tx = internal_tx.clone();
+        reader::spawn(cfg.id, cfg.data_dir.clone(), metrics.clone(), move |done| {
+            let _ = tx.send(Internal::Read(done));
+        })
+        .map_err(|e| NodeError::Start(e.to_string()))?
+    };
+
     // Consensus thread.
     let start_wall = wall_clock_ns();
     let started = Instant::now();
@@ -901,6 +916,8 @@ fn start_node(
         now: Box::new(move || start_wall + started.elapsed().as_nanos() as Nanos),
         storage: storage.clone(),
         peers,
+        outbox: reader::Outbox::new(),
+        reader: reader_tx,
         service: service_link,
         snapshots: snap_tx,
         captured: None,
@@ -988,6 +1005,7 @@ fn start_node(
                 Some(consensus_thread),
                 service_thread,
                 Some(snapshot_writer),
+                Some(reader_thread),
             ]
             .into_iter()
             .flatten()
@@ -1026,6 +1044,10 @@ struct Consensus {
     now: Box<dyn Fn() -> Nanos + Send>,
     storage: Arc<StorageThread>,
     peers: Box<dyn PeerSender>,
+    /// Keeps each peer's messages in order around reads (see `reader`).
+    outbox: reader::Outbox,
+    /// Jobs for the reader thread.
+    reader: Sender<reader::ReadJob>,
     service: ServiceLink,
     snapshots: Sender<SnapshotJob>,
     /// The service state captured for the `Event::SnapshotTaken` being
@@ -1213,6 +1235,7 @@ impl Consensus {
             Internal::SnapshotPublished { position, size } => {
                 self.step(Event::SnapshotPublished { position, size })?
             }
+            Internal::Read(done) => self.outbox.done(done, &*self.peers),
             Internal::Fatal(e) => return Err(e),
             Internal::Shutdown => {
                 info!("node {} shutting down", self.cfg.id);
@@ -1548,54 +1571,37 @@ impl Consensus {
                     ))
                 }
             },
-            Action::Send(m) => self.peers.send(m),
+            Action::Send(m) => self.outbox.send(m, &*self.peers),
+            // Chunks of the published snapshot file, and entries whose data
+            // the core dropped from memory: read by the reader thread, off
+            // this one; the peer's later messages wait behind them.
             Action::SendSnapshotChunk {
-                mut message,
+                message,
                 position,
                 offset,
                 len,
             } => {
-                // A pread of at most one chunk (`snapshot_chunk_bytes`) from
-                // the published file. If it is gone (a newer snapshot
-                // replaced it) or unreadable, send nothing: the core resends
-                // after its retry timeout, from its newest snapshot file.
-                match meta::read_snapshot_chunk(&self.cfg.data_dir, position, offset, len) {
-                    Ok(Some(bytes)) => {
-                        if let keel_core::Body::InstallSnapshot { chunk, .. } = &mut message.body {
-                            *chunk = bytes;
-                        }
-                        self.peers.send(message);
-                    }
-                    Ok(None) => info!(
-                        "node {}: snapshot file at {position} replaced; not sending a chunk of it",
-                        self.cfg.id
-                    ),
-                    Err(e) => warn!("node {}: not sending a snapshot chunk: {e}", self.cfg.id),
-                }
+                let seq = self.outbox.reserve(message.to);
+                self.read(reader::ReadJob::SnapshotChunk {
+                    seq,
+                    message,
+                    position,
+                    offset,
+                    len,
+                })?;
             }
             Action::SendLogRange {
-                mut message,
+                message,
                 from,
                 upto,
             } => {
-                // Entries whose data the core dropped from memory: read back
-                // from the segment files (durable and committed, so nothing
-                // rewrites them; usually still in the page cache). If a
-                // snapshot compacted them meanwhile, send nothing: the core
-                // resends, from the snapshot once it knows of it.
-                match keel_log::store::read_range(&self.cfg.data_dir, from, upto) {
-                    Ok(read) => {
-                        if let keel_core::Body::Append { entries, .. } = &mut message.body {
-                            *entries = read;
-                        }
-                        self.metrics.log_reads.inc();
-                        self.peers.send(message);
-                    }
-                    Err(e) => warn!(
-                        "node {}: not sending log {from}..{upto} to node {}: {e}",
-                        self.cfg.id, message.to
-                    ),
-                }
+                let seq = self.outbox.reserve(message.to);
+                self.read(reader::ReadJob::LogRange {
+                    seq,
+                    message,
+                    from,
+                    upto,
+                })?;
             }
             Action::Apply(entries) => {
                 let mut writes = Vec::new();
@@ -1704,6 +1710,13 @@ impl Consensus {
         if due || changed {
             self.publish_status();
         }
+    }
+
+    /// Hands `job` to the reader thread.
+    fn read(&mut self, job: reader::ReadJob) -> Result<(), String> {
+        self.reader
+            .send(job)
+            .map_err(|_| "the reader thread stopped".to_string())
     }
 
     fn publish_status(&mut self) {

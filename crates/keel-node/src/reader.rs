@@ -55,13 +55,15 @@ pub(crate) struct ReadDone {
 }
 
 /// Starts the reader thread of node `id` with data in `dir`; `done` gets
-/// each finished read, in the order the jobs came. The thread ends when
-/// the returned sender is dropped.
+/// each finished read, in the order the jobs came, or the reason the
+/// thread stopped (a read panicked: the peer's held messages would wait
+/// forever, so the node must stop). The thread ends when the returned
+/// sender is dropped.
 pub(crate) fn spawn(
     id: NodeId,
     dir: PathBuf,
     metrics: Arc<Metrics>,
-    done: impl Fn(ReadDone) + Send + 'static,
+    done: impl Fn(Result<ReadDone, String>) + Send + 'static,
 ) -> std::io::Result<(Sender<ReadJob>, JoinHandle<()>)> {
     let (tx, rx) = unbounded::<ReadJob>();
     let thread = std::thread::Builder::new()
@@ -69,7 +71,15 @@ pub(crate) fn spawn(
         .spawn(move || {
             let _s = tracing::info_span!("node", id).entered();
             for job in rx {
-                done(read(id, &dir, &metrics, job));
+                let one = std::panic::AssertUnwindSafe(|| read(id, &dir, &metrics, job));
+                match std::panic::catch_unwind(one) {
+                    Ok(d) => done(Ok(d)),
+                    Err(p) => {
+                        let what = crate::runtime::panic_message(p.as_ref());
+                        done(Err(format!("a read for a peer panicked: {what}")));
+                        return;
+                    }
+                }
             }
         })?;
     Ok((tx, thread))

@@ -893,7 +893,7 @@ fn start_node(
     let (reader_tx, reader_thread) = {
         let tx = internal_tx.clone();
         reader::spawn(cfg.id, cfg.data_dir.clone(), metrics.clone(), move |done| {
-            let _ = tx.send(Internal::Read(done));
+            let _ = tx.send(done.map_or_else(Internal::Fatal, Internal::Read));
         })
         .map_err(|e| NodeError::Start(e.to_string()))?
     };
@@ -2084,7 +2084,7 @@ impl ServiceLink {
 }
 
 /// What a caught panic said.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())

@@ -268,14 +268,7 @@ impl Log {
             .map(Entry::encoded_len)
             .sum();
         self.hollow_bytes = self.hollow_bytes.saturating_sub(dropped_hollow);
-        if self.entries.is_empty() {
-            self.hollow_bytes = 0;
-        }
-        self.hollow_upto = if self.entries.is_empty() {
-            pos
-        } else {
-            self.hollow_upto.max(pos)
-        };
+        self.hollow_upto = self.hollow_upto.max(pos);
         self.base_pos = pos;
         self.base_term = term;
         self.base_timestamp = timestamp;

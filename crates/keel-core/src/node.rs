@@ -1940,17 +1940,7 @@ impl Node {
         if let Some(p) = self.progress.get_mut(&n) {
             p.commit_sent(self.commit);
         }
-        self.send(
-            n,
-            Body::Append {
-                prev_pos,
-                prev_term,
-                commit: self.commit,
-                heartbeat: self.heartbeat_seq,
-                entries: Vec::new(),
-            },
-            out,
-        );
+        self.send(n, self.append_body(prev_pos, prev_term, Vec::new()), out);
     }
 
     /// Sends what the follower's state and window allow; true if anything
@@ -2067,16 +2057,7 @@ impl Node {
         if let Some(upto) = self.log.hollow_run(prev_pos, self.cfg.max_batch_bytes) {
             // Their data is only on disk: the runtime reads it in.
             self.stats.log_ranges_sent += 1;
-            let message = self.message(
-                n,
-                Body::Append {
-                    prev_pos,
-                    prev_term,
-                    commit: self.commit,
-                    heartbeat: self.heartbeat_seq,
-                    entries: Vec::new(),
-                },
-            );
+            let message = self.message(n, self.append_body(prev_pos, prev_term, Vec::new()));
             out.push(Action::SendLogRange {
                 message,
                 from: prev_pos,
@@ -2086,17 +2067,19 @@ impl Node {
         }
         let entries = self.log.entries_from(prev_pos, self.cfg.max_batch_bytes);
         let end = entries.last().map_or(prev_pos, Entry::end);
-        self.send(
-            n,
-            Body::Append {
-                prev_pos,
-                prev_term,
-                commit: self.commit,
-                heartbeat: self.heartbeat_seq,
-                entries,
-            },
-            out,
-        );
+        self.send(n, self.append_body(prev_pos, prev_term, entries), out);
         end
+    }
+
+    /// An append to a follower after `prev_pos`, with this leader's commit
+    /// position and heartbeat sequence.
+    fn append_body(&self, prev_pos: Position, prev_term: Term, entries: Vec<Entry>) -> Body {
+        Body::Append {
+            prev_pos,
+            prev_term,
+            commit: self.commit,
+            heartbeat: self.heartbeat_seq,
+            entries,
+        }
     }
 }

@@ -39,6 +39,28 @@ fn log_op() -> impl Strategy<Value = LogOp> {
     ]
 }
 
+/// The ops both log tests share: an append or a truncation, done to the log
+/// and to its model alike. False for every other op (nothing done).
+fn append_or_truncate(log: &mut Log, model: &mut Vec<Entry>, term: &mut Term, op: &LogOp) -> bool {
+    match *op {
+        LogOp::Append { term_bump, len } => {
+            if term_bump {
+                *term += 1;
+            }
+            let e = entry(*term, log.last_pos(), len);
+            model.push(e.clone());
+            log.push(e);
+        }
+        LogOp::Truncate(i) if !model.is_empty() => {
+            let i = i % model.len();
+            log.truncate_from(model[i].position);
+            model.truncate(i);
+        }
+        _ => return false,
+    }
+    true
+}
+
 proptest! {
     /// Append / truncate / compact against a Vec model: positions stay
     /// contiguous, `term_at` answers exactly at boundaries, and reads agree.
@@ -50,17 +72,7 @@ proptest! {
         let mut term = 1;
         for op in ops {
             match op {
-                LogOp::Append { term_bump, len } => {
-                    if term_bump { term += 1; }
-                    let e = entry(term, log.last_pos(), len);
-                    model.push(e.clone());
-                    log.push(e);
-                }
-                LogOp::Truncate(i) if !model.is_empty() => {
-                    let i = i % model.len();
-                    log.truncate_from(model[i].position);
-                    model.truncate(i);
-                }
+                _ if append_or_truncate(&mut log, &mut model, &mut term, &op) => {}
                 LogOp::Compact(i) if !model.is_empty() => {
                     let i = i % model.len();
                     let e = model[i].clone();
@@ -110,16 +122,8 @@ proptest! {
         let mut term = 1;
         for op in ops {
             match op {
-                LogOp::Append { term_bump, len } => {
-                    if term_bump { term += 1; }
-                    let e = entry(term, log.last_pos(), len);
-                    model.push(e.clone());
-                    log.push(e);
-                }
-                LogOp::Truncate(i) if !model.is_empty() => {
-                    let i = i % model.len();
-                    log.truncate_from(model[i].position);
-                    model.truncate(i);
+                _ if append_or_truncate(&mut log, &mut model, &mut term, &op) => {
+                    // A truncation takes hollow entries with it.
                     evicted = evicted.min(model.last().map_or(base, Entry::end));
                 }
                 LogOp::Compact(i) if !model.is_empty() => {

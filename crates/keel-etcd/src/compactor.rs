@@ -205,8 +205,7 @@ pub(crate) async fn run(api: Arc<Api>, mode: AutoCompaction) {
         if api.node.is_stopped() {
             return;
         }
-        let status = api.node.status();
-        if status.leader != Some(status.id) || status.role != "leader" {
+        if api.node.status().role != "leader" {
             planner.not_leader();
             continue;
         }

@@ -189,10 +189,10 @@ proptest! {
     }
 }
 
-#[test]
-fn segments_roll_and_compaction_deletes_whole_segments_only() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut store = LogStore::open(dir.path(), opts(1000)).expect("open").store;
+/// A log in `dir` of 50 synced 100-byte entries over 1000-byte segments
+/// (more than five of them), and the entries.
+fn fifty_entries_over_segments(dir: &std::path::Path) -> (LogStore, Vec<Entry>) {
+    let mut store = LogStore::open(dir, opts(1000)).expect("open").store;
     let all = run_of(1, 0, 50, 100);
     store.append(&all).expect("append");
     store.sync().expect("sync");
@@ -201,6 +201,13 @@ fn segments_roll_and_compaction_deletes_whole_segments_only() {
         "{} segments",
         store.segment_count()
     );
+    (store, all)
+}
+
+#[test]
+fn segments_roll_and_compaction_deletes_whole_segments_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, all) = fifty_entries_over_segments(dir.path());
     let mid = all[25].clone();
     let s = Snapshot {
         meta: SnapshotMeta {
@@ -227,11 +234,7 @@ fn segments_roll_and_compaction_deletes_whole_segments_only() {
 fn log_ranges_are_read_back_across_segments_and_bad_ranges_refused() {
     use keel_log::store::read_range;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut store = LogStore::open(dir.path(), opts(1000)).expect("open").store;
-    let all = run_of(1, 0, 50, 100);
-    store.append(&all).expect("append");
-    store.sync().expect("sync");
-    assert!(store.segment_count() > 5);
+    let (mut store, all) = fifty_entries_over_segments(dir.path());
     let end = end_of(&all, 0);
     assert_eq!(read_range(dir.path(), 0, end).expect("all"), all);
     assert_eq!(

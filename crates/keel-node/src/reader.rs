@@ -30,7 +30,6 @@ pub(crate) enum ReadJob {
     /// `message` is an `InstallSnapshot`: its chunk is `len` bytes at
     /// `offset` of the snapshot file published at `position`.
     SnapshotChunk {
-        seq: u64,
         message: Message,
         position: Position,
         offset: u64,
@@ -39,12 +38,26 @@ pub(crate) enum ReadJob {
     /// `message` is an `Append`: its entries are the log's from `from` to
     /// `upto`.
     LogRange {
-        seq: u64,
         message: Message,
         from: Position,
         upto: Position,
     },
 }
+
+impl ReadJob {
+    /// The peer the message goes to.
+    pub fn to(&self) -> NodeId {
+        match self {
+            ReadJob::SnapshotChunk { message, .. } | ReadJob::LogRange { message, .. } => {
+                message.to
+            }
+        }
+    }
+}
+
+/// Jobs for the reader thread, each with the sequence number
+/// `Outbox::reserve` gave its message's place.
+pub(crate) type ReadJobs = Sender<(u64, ReadJob)>;
 
 /// A finished read: the filled message, or `None` if there was nothing to
 /// send (the file was replaced or compacted meanwhile: the core resends).
@@ -55,7 +68,8 @@ pub(crate) struct ReadDone {
 }
 
 /// Starts the reader thread of node `id` with data in `dir`; `done` gets
-/// each finished read, in the order the jobs came, or the reason the
+/// each finished read (with the sequence number its job came with), in
+/// the order the jobs came, or the reason the
 /// thread stopped (a read panicked: the peer's held messages would wait
 /// forever, so the node must stop). The thread ends when the returned
 /// sender is dropped.
@@ -64,14 +78,14 @@ pub(crate) fn spawn(
     dir: PathBuf,
     metrics: Arc<Metrics>,
     done: impl Fn(Result<ReadDone, String>) + Send + 'static,
-) -> std::io::Result<(Sender<ReadJob>, JoinHandle<()>)> {
-    let (tx, rx) = unbounded::<ReadJob>();
+) -> std::io::Result<(ReadJobs, JoinHandle<()>)> {
+    let (tx, rx) = unbounded::<(u64, ReadJob)>();
     let thread = std::thread::Builder::new()
         .name("keel-reader".into())
         .spawn(move || {
             let _s = tracing::info_span!("node", id).entered();
-            for job in rx {
-                let one = std::panic::AssertUnwindSafe(|| read(id, &dir, &metrics, job));
+            for (seq, job) in rx {
+                let one = std::panic::AssertUnwindSafe(|| read(id, &dir, &metrics, seq, job));
                 match std::panic::catch_unwind(one) {
                     Ok(d) => done(Ok(d)),
                     Err(p) => {
@@ -85,10 +99,9 @@ pub(crate) fn spawn(
     Ok((tx, thread))
 }
 
-fn read(id: NodeId, dir: &std::path::Path, metrics: &Metrics, job: ReadJob) -> ReadDone {
+fn read(id: NodeId, dir: &std::path::Path, metrics: &Metrics, seq: u64, job: ReadJob) -> ReadDone {
     match job {
         ReadJob::SnapshotChunk {
-            seq,
             mut message,
             position,
             offset,
@@ -114,7 +127,6 @@ fn read(id: NodeId, dir: &std::path::Path, metrics: &Metrics, job: ReadJob) -> R
             ReadDone { to, seq, message }
         }
         ReadJob::LogRange {
-            seq,
             mut message,
             from,
             upto,

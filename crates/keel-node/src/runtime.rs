@@ -1047,7 +1047,7 @@ struct Consensus {
     /// Keeps each peer's messages in order around reads (see `reader`).
     outbox: reader::Outbox,
     /// Jobs for the reader thread.
-    reader: Sender<reader::ReadJob>,
+    reader: reader::ReadJobs,
     service: ServiceLink,
     snapshots: Sender<SnapshotJob>,
     /// The service state captured for the `Event::SnapshotTaken` being
@@ -1580,29 +1580,21 @@ impl Consensus {
                 position,
                 offset,
                 len,
-            } => {
-                let seq = self.outbox.reserve(message.to);
-                self.read(reader::ReadJob::SnapshotChunk {
-                    seq,
-                    message,
-                    position,
-                    offset,
-                    len,
-                })?;
-            }
+            } => self.read(reader::ReadJob::SnapshotChunk {
+                message,
+                position,
+                offset,
+                len,
+            })?,
             Action::SendLogRange {
                 message,
                 from,
                 upto,
-            } => {
-                let seq = self.outbox.reserve(message.to);
-                self.read(reader::ReadJob::LogRange {
-                    seq,
-                    message,
-                    from,
-                    upto,
-                })?;
-            }
+            } => self.read(reader::ReadJob::LogRange {
+                message,
+                from,
+                upto,
+            })?,
             Action::Apply(entries) => {
                 let mut writes = Vec::new();
                 if !self.awaiting.is_empty() {
@@ -1712,10 +1704,12 @@ impl Consensus {
         }
     }
 
-    /// Hands `job` to the reader thread.
+    /// Hands `job` to the reader thread, holding its message's place among
+    /// its peer's messages.
     fn read(&mut self, job: reader::ReadJob) -> Result<(), String> {
+        let seq = self.outbox.reserve(job.to());
         self.reader
-            .send(job)
+            .send((seq, job))
             .map_err(|_| "the reader thread stopped".to_string())
     }
 

@@ -75,6 +75,21 @@ impl<T> HandoffTx<T> {
         Ok(())
     }
 
+    /// Queues `value` without waking a parked receiver: it finds the value
+    /// when something else wakes it (`wake`, or a later `send`). Fails
+    /// (giving it back) only when the receiver is gone.
+    pub fn send_quiet(&self, value: T) -> Result<(), SendError<T>> {
+        match &self.tx {
+            Some(tx) => tx.send(value),
+            None => Err(SendError(value)),
+        }
+    }
+
+    /// Wakes the receiver if it is parked (after `send_quiet`).
+    pub fn wake(&self) {
+        self.parking.wake();
+    }
+
     /// Messages queued and not yet received.
     pub fn len(&self) -> usize {
         self.tx.as_ref().map_or(0, Sender::len)
@@ -178,6 +193,52 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .expect("the receiver returns instead of staying parked");
         assert_eq!(got, None);
+    }
+
+    #[test]
+    fn a_quiet_send_leaves_a_parked_receiver_parked_until_a_wake() {
+        let (tx, rx) = channel::<u32>();
+        // As a receiver that has said it parks.
+        rx.parking.parked.store(true, Ordering::SeqCst);
+        tx.send_quiet(1).expect("receiver alive");
+        assert!(
+            rx.parking.parked.load(Ordering::SeqCst),
+            "a quiet send woke it"
+        );
+        tx.wake();
+        assert!(!rx.parking.parked.load(Ordering::SeqCst), "wake did not");
+        rx.parking.parked.store(true, Ordering::SeqCst);
+        tx.send(2).expect("receiver alive");
+        assert!(
+            !rx.parking.parked.load(Ordering::SeqCst),
+            "send did not wake it"
+        );
+    }
+
+    #[test]
+    fn quiet_sends_arrive_in_order_with_the_others_once_woken() {
+        let (tx, rx) = channel::<u32>();
+        let receiver = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while let Some(v) = rx.recv() {
+                got.push(v);
+            }
+            got
+        });
+        for i in 0..10_000 {
+            if i % 3 == 0 {
+                tx.send(i).expect("receiver alive");
+            } else {
+                tx.send_quiet(i).expect("receiver alive");
+            }
+            if i % 1000 == 999 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        tx.wake();
+        drop(tx);
+        let got = receiver.join().expect("receiver");
+        assert_eq!(got, (0..10_000).collect::<Vec<_>>());
     }
 
     #[test]

@@ -884,7 +884,10 @@ fn start_node(
                     }
                 })
                 .map_err(|e| NodeError::Start(e.to_string()))?;
-            (ServiceLink::Thread(service_tx), Some(thread))
+            (
+                ServiceLink::Thread(service_tx, LazyWake::default()),
+                Some(thread),
+            )
         }
         None => (ServiceLink::Inline(Box::new(worker)), None),
     };
@@ -1107,8 +1110,14 @@ impl Consensus {
             let deadline = self.node.next_deadline();
             // Tokio's timer has a 1 ms resolution: a deadline is met up to
             // ~1 ms late (heartbeats and election timeouts are tens of ms).
-            let wait =
+            let mut wait =
                 Duration::from_nanos(deadline.saturating_sub(now).clamp(1_000_000, 100_000_000));
+            if let Some(due) = self.service.wake_due() {
+                wait = wait.min(
+                    due.saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                );
+            }
             let first = tokio::select! {
                 biased;
                 ev = internal.recv() => match ev {
@@ -1174,6 +1183,7 @@ impl Consensus {
             self.metrics
                 .storage_queue_depth
                 .set(self.storage.queue_len() as i64);
+            self.service.wake_if_due(Instant::now());
             self.maybe_publish_status();
             self.expire_awaiting();
             let took = turn.elapsed();
@@ -1606,7 +1616,18 @@ impl Consensus {
                         }
                     }
                 }
-                self.service.send(ServiceInput::Apply(entries, writes))?;
+                // A follower's applies wait for its next wake unless a
+                // client of its own waits on them (a read waits behind
+                // them in the queue, and its own input wakes the thread).
+                let interval = self.cfg.follower_apply_interval_ms;
+                let lazy = interval > 0 && writes.is_empty() && self.node.role() != Role::Leader;
+                let input = ServiceInput::Apply(entries, writes);
+                if lazy {
+                    self.service
+                        .send_lazily(input, Duration::from_millis(interval))?;
+                } else {
+                    self.service.send(input)?;
+                }
             }
             Action::InstallSnapshot { meta: m, image } => {
                 // The core checked the file (`check_snapshot_image`).
@@ -2034,7 +2055,7 @@ fn service_loop(mut worker: ServiceWorker, rx: HandoffRx<ServiceInput>) {
 /// How the consensus thread reaches the service.
 enum ServiceLink {
     /// The service thread, through a channel.
-    Thread(HandoffTx<ServiceInput>),
+    Thread(HandoffTx<ServiceInput>, LazyWake),
     /// The shared threading mode: the service runs in line, on the
     /// consensus thread (whose turn flushes the responses it produces).
     Inline(Box<ServiceWorker>),
@@ -2048,8 +2069,9 @@ impl ServiceLink {
     fn send(&mut self, input: ServiceInput) -> Result<(), String> {
         match self {
             // Fails only once the service thread is gone (node stopping).
-            ServiceLink::Thread(tx) => {
+            ServiceLink::Thread(tx, lazy) => {
                 let _ = tx.send(input);
+                lazy.owed = None;
                 Ok(())
             }
             ServiceLink::Inline(worker) => match &worker.failed {
@@ -2068,13 +2090,65 @@ impl ServiceLink {
         }
     }
 
+    /// Hands `input` to the service, waking its thread at most once per
+    /// `every` for such inputs: one queued within `every` of the last wake
+    /// waits for the next wake (`wake_if_due`, or any `send`).
+    fn send_lazily(&mut self, input: ServiceInput, every: Duration) -> Result<(), String> {
+        let ServiceLink::Thread(tx, lazy) = self else {
+            return self.send(input);
+        };
+        if lazy.owed.is_some() {
+            let _ = tx.send_quiet(input);
+            return Ok(());
+        }
+        let now = Instant::now();
+        match lazy.woken {
+            Some(at) if now < at + every => {
+                let _ = tx.send_quiet(input);
+                lazy.owed = Some(at + every);
+            }
+            _ => {
+                let _ = tx.send(input);
+                lazy.woken = Some(now);
+            }
+        }
+        Ok(())
+    }
+
+    /// When inputs queued by `send_lazily` are due to wake the service.
+    fn wake_due(&self) -> Option<Instant> {
+        match self {
+            ServiceLink::Thread(_, lazy) => lazy.owed,
+            ServiceLink::Inline(_) => None,
+        }
+    }
+
+    /// Wakes the service thread for inputs queued by `send_lazily`, if due.
+    fn wake_if_due(&mut self, now: Instant) {
+        if let ServiceLink::Thread(tx, lazy) = self {
+            if lazy.owed.is_some_and(|at| now >= at) {
+                tx.wake();
+                lazy.owed = None;
+                lazy.woken = Some(now);
+            }
+        }
+    }
+
     /// Inputs waiting for the service.
     fn queued(&self) -> usize {
         match self {
-            ServiceLink::Thread(tx) => tx.len(),
+            ServiceLink::Thread(tx, _) => tx.len(),
             ServiceLink::Inline(_) => 0,
         }
     }
+}
+
+/// When the service thread was last woken for lazily sent inputs, and
+/// when the inputs queued since are due to wake it.
+#[derive(Default)]
+struct LazyWake {
+    woken: Option<Instant>,
+    owed: Option<Instant>,
 }
 
 /// What a caught panic said.

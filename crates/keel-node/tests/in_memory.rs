@@ -62,6 +62,7 @@ fn node_config(
         write_timeout_ms: 30_000,
         heartbeat_ms: 20,
         commit_notify_delay_ms: 5,
+        follower_apply_interval_ms: 1,
         election_timeout_min_ms: 200,
         election_timeout_max_ms: 400,
         snapshot_every_bytes,
@@ -855,6 +856,80 @@ fn a_follower_behind_the_in_memory_log_catches_up_from_the_log_files() {
             Ok(Response::Get { kv: Some(kv), .. }) => assert_eq!(kv.value, value),
             other => panic!("k{i} on node {behind}: {other:?}"),
         }
+    }
+    stop_all(nodes);
+}
+
+/// Followers apply committed entries in batches (`follower_apply_interval_ms`,
+/// here far longer than the time between commits), yet each one applies
+/// every write, including the last ones of a stream that then stops (owed
+/// until a later wake), and a follower's linearizable read sees the write
+/// before it.
+#[test]
+fn followers_apply_in_batches_and_miss_nothing() {
+    let Three {
+        tmp: _tmp, nodes, ..
+    } = start_three_with(
+        1 << 30,
+        DurabilityConfig::Replicated,
+        |c| c.follower_apply_interval_ms = 300,
+        || Box::new(KvService::default()),
+    );
+    let leader = wait_leader(&nodes, None);
+    let l = &nodes[leader as usize - 1];
+    let rt = client_runtime();
+    // Ten writers at once: commits come much faster than one per 300 ms.
+    std::thread::scope(|s| {
+        for t in 0..10 {
+            s.spawn(move || {
+                for i in 0..30 {
+                    let cmd = Command::Put {
+                        key: Bytes::from(format!("k{t}-{i}")),
+                        value: Bytes::from(format!("v{i}")),
+                    };
+                    let r = write_within(l, cmd.encode(), Duration::from_secs(10));
+                    assert!(
+                        matches!(r, Some(ClientResult::Ok(_))),
+                        "put k{t}-{i}: {r:?}"
+                    );
+                }
+            });
+        }
+    });
+    let written = l.status().commit;
+    let start = Instant::now();
+    for n in &nodes {
+        while n.status().applied < written {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "a follower stopped short of the commit position {written}: {:?}",
+                n.status()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    // Another write, then at once a linearizable read through a follower:
+    // the read waits behind that write's apply, however it was batched.
+    let put = Command::Put {
+        key: Bytes::from_static(b"last"),
+        value: Bytes::from_static(b"written"),
+    };
+    let r = write_within(l, put.encode(), Duration::from_secs(10));
+    assert!(matches!(r, Some(ClientResult::Ok(_))), "put last: {r:?}");
+    let follower = nodes
+        .iter()
+        .find(|n| n.status().id != leader)
+        .expect("a follower");
+    let q = Query::Get {
+        key: Bytes::from_static(b"last"),
+    };
+    let r = rt.block_on(follower.call(ClientOp::Read(q.encode())));
+    let ClientResult::Ok(data) = r else {
+        panic!("linearizable read on a follower: {r:?}");
+    };
+    match Response::decode(&data) {
+        Ok(Response::Get { kv: Some(kv), .. }) => assert_eq!(&kv.value[..], b"written"),
+        other => panic!("last on a follower: {other:?}"),
     }
     stop_all(nodes);
 }

@@ -215,6 +215,11 @@ struct ServerArgs {
     /// heartbeat interval is used).
     #[arg(long)]
     commit_notify_delay_ms: Option<u64>,
+    /// A follower applies committed entries at most once per this many
+    /// milliseconds unless a client of its own waits on them (0: each
+    /// commit at once; at most 1000; default 1).
+    #[arg(long)]
+    follower_apply_interval_ms: Option<u64>,
     /// How long a write this node accepted may wait to be applied before
     /// its client is told the outcome is unknown (at least 100).
     #[arg(long)]
@@ -337,6 +342,9 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = a.commit_notify_delay_ms {
         cfg.commit_notify_delay_ms = v;
+    }
+    if let Some(v) = a.follower_apply_interval_ms {
+        cfg.follower_apply_interval_ms = v;
     }
     if let Some(v) = a.write_timeout_ms {
         cfg.write_timeout_ms = v;

@@ -197,9 +197,10 @@ pub struct NodeConfig {
     /// once per this many milliseconds (entries committed in between are
     /// applied together), unless a client of this node waits on them: a
     /// linearizable read, or a write it took. 0 wakes it for each commit.
-    /// Costs followers' watchers and serializable reads up to about twice
-    /// this in staleness; only followers committing more often than this
-    /// are affected.
+    /// The owed wake goes with the consensus thread's first turn this long
+    /// after the last wake, or at most five times this after it: followers'
+    /// watchers and serializable reads may see writes that much later; only
+    /// followers committing more often than this are affected.
     #[serde(default = "default_follower_apply_interval_ms")]
     pub follower_apply_interval_ms: u64,
     #[serde(default = "default_election_min_ms")]

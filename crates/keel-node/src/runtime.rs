@@ -926,6 +926,7 @@ fn start_node(
         captured: None,
         pending: HashMap::new(),
         awaiting: HashMap::new(),
+        reads_wait_upto: 0,
         deposed: None,
         next_expiry: Instant::now(),
         sessionless_next: (wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK,
@@ -1061,6 +1062,9 @@ struct Consensus {
     /// Accepted writes waiting for their entries to apply, by client and
     /// sequence number; handed to the service thread with those entries.
     awaiting: HashMap<(u64, u64), AwaitingWrite>,
+    /// The highest read index of a linearizable read handed to the service:
+    /// applies up to it have a waiter, so they wake the service at once.
+    reads_wait_upto: Position,
     /// Stepped down in this step: answer `awaiting` at its end.
     deposed: Option<ClientResult>,
     /// When `expire_awaiting` next looks.
@@ -1617,10 +1621,18 @@ impl Consensus {
                     }
                 }
                 // A follower's applies wait for its next wake unless a
-                // client of its own waits on them (a read waits behind
-                // them in the queue, and its own input wakes the thread).
+                // client of its own waits on them: a write it took, or a
+                // read handed over before them whose index they reach
+                // towards (a read queued after them wakes the thread with
+                // its own input).
                 let interval = self.cfg.follower_apply_interval_ms;
-                let lazy = interval > 0 && writes.is_empty() && self.node.role() != Role::Leader;
+                let read_waits = entries
+                    .first()
+                    .is_some_and(|e| e.position < self.reads_wait_upto);
+                let lazy = interval > 0
+                    && writes.is_empty()
+                    && !read_waits
+                    && self.node.role() != Role::Leader;
                 let input = ServiceInput::Apply(entries, writes);
                 if lazy {
                     self.service
@@ -1654,6 +1666,7 @@ impl Consensus {
             Action::ReadReady { id, index } => {
                 if let Some(p) = self.pending.remove(&id) {
                     if let PendingOp::Read(data) = p.op {
+                        self.reads_wait_upto = self.reads_wait_upto.max(index);
                         self.service.send(ServiceInput::Read {
                             index,
                             data,
@@ -2072,6 +2085,7 @@ impl ServiceLink {
             ServiceLink::Thread(tx, lazy) => {
                 let _ = tx.send(input);
                 lazy.owed = None;
+                lazy.woken = Some(Instant::now());
                 Ok(())
             }
             ServiceLink::Inline(worker) => match &worker.failed {

@@ -933,3 +933,62 @@ fn followers_apply_in_batches_and_miss_nothing() {
     }
     stop_all(nodes);
 }
+
+/// A follower's linearizable read whose read index is beyond what the
+/// follower holds (it was cut off from the leader when the write before it
+/// committed) is answered as soon as the follower applies up to it: the
+/// applies it waits on wake the service at once, not after the apply
+/// interval (here 1 s, so waiting for it would show).
+#[test]
+fn a_follower_read_ahead_of_its_log_does_not_wait_for_the_apply_interval() {
+    let Three {
+        tmp: _tmp,
+        net,
+        nodes,
+        ..
+    } = start_three_with(
+        1 << 30,
+        DurabilityConfig::Replicated,
+        |c| c.follower_apply_interval_ms = 1000,
+        || Box::new(KvService::default()),
+    );
+    let leader = wait_leader(&nodes, None);
+    let l = &nodes[leader as usize - 1];
+    let follower = nodes
+        .iter()
+        .find(|n| n.status().id != leader)
+        .expect("a follower");
+    let f = follower.status().id;
+    let rt = client_runtime();
+    let mut slowest = Duration::ZERO;
+    for round in 0..5 {
+        net.cut(leader, f);
+        let value = format!("v{round}");
+        let put = Command::Put {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from(value.clone()),
+        };
+        let r = write_within(l, put.encode(), Duration::from_secs(10));
+        assert!(matches!(r, Some(ClientResult::Ok(_))), "put {round}: {r:?}");
+        net.heal();
+        let q = Query::Get {
+            key: Bytes::from_static(b"k"),
+        };
+        let start = Instant::now();
+        let r = rt.block_on(follower.call(ClientOp::Read(q.encode())));
+        slowest = slowest.max(start.elapsed());
+        let ClientResult::Ok(data) = r else {
+            panic!("read {round} on the follower: {r:?}");
+        };
+        match Response::decode(&data) {
+            Ok(Response::Get { kv: Some(kv), .. }) => assert_eq!(kv.value, value.as_bytes()),
+            other => panic!("read {round} on the follower: {other:?}"),
+        }
+    }
+    println!("slowest follower read: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a follower read waited {slowest:?}, as long as the 1 s apply interval"
+    );
+    stop_all(nodes);
+}

@@ -75,6 +75,22 @@ pub struct Config {
     /// metadata the leader sent). Pure; a file that fails is dropped and
     /// received again from the start. The default accepts anything.
     pub snapshot_check: fn(&SnapshotMeta, &[u8]) -> bool,
+    /// Leader-lease reads (off by default). A leader answers a
+    /// linearizable read at once, without a heartbeat round, while it holds
+    /// a lease: from when it created a heartbeat that a quorum of voters
+    /// has since echoed, for `lease_duration()`. It relies on leader
+    /// stickiness: a voter that heard from the leader refuses votes for
+    /// `election_timeout_min` on its own clock, and after a (re)start it
+    /// refuses them for that long too, since it may have forgotten a
+    /// leader it heard. Safe only if every node's clock runs within
+    /// `clock_drift_ppm` of true time, and every node has the same setting.
+    /// A leader that starts a leadership transfer gives the lease up for the
+    /// rest of its term (the transfer's election bypasses stickiness).
+    pub lease_reads: bool,
+    /// The clock-rate error lease reads assume at most, for any node, in
+    /// parts per million of elapsed time (10 000 = 1%). Values at or above
+    /// 1 000 000 leave no lease.
+    pub clock_drift_ppm: u64,
     /// Seed for randomized election timeouts.
     pub seed: u64,
     /// Deliberate protocol bugs, for proving the simulator's checkers fire.
@@ -97,9 +113,27 @@ impl Config {
             snapshot_chunk_bytes: 1024 * 1024,
             log_cache_bytes: u64::MAX,
             snapshot_check: accept_any_snapshot,
+            lease_reads: false,
+            clock_drift_ppm: 10_000,
             seed: id,
             testing_bugs: TestingBugs::default(),
         }
+    }
+
+    /// How long a lease lasts on the leader's clock, from the creation of
+    /// the heartbeat a quorum echoed: `election_timeout_min` scaled by
+    /// (1 - d) / (1 + d) for the drift bound d. The voters' stickiness
+    /// lasts at least `election_timeout_min / (1 + d)` of true time from
+    /// when they received that heartbeat; the lease at most
+    /// `lease / (1 - d)` of true time from its creation, which is earlier.
+    pub fn lease_duration(&self) -> Nanos {
+        const MILLION: u128 = 1_000_000;
+        let d = u128::from(self.clock_drift_ppm);
+        if d >= MILLION {
+            return 0;
+        }
+        let lease = u128::from(self.election_timeout_min) * (MILLION - d) / (MILLION + d);
+        lease as Nanos
     }
 }
 
@@ -116,6 +150,9 @@ pub struct TestingBugs {
     pub commit_without_quorum: bool,
     /// Voters grant votes without comparing logs.
     pub vote_without_log_check: bool,
+    /// Lease reads: a lease lasts three maximum election timeouts, past
+    /// the voters' stickiness.
+    pub lease_outlasts_stickiness: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -353,6 +390,8 @@ pub struct Stats {
     /// Appends whose entries the runtime had to read back from storage
     /// (`Action::SendLogRange`).
     pub log_ranges_sent: u64,
+    /// Reads answered under a leader lease, without a heartbeat round.
+    pub lease_reads: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -415,6 +454,17 @@ pub struct Node {
     term_start_pos: Position,
     heartbeat_seq: u64,
     heartbeat_due: bool,
+    /// Leader, lease reads: when each heartbeat sequence number not yet
+    /// echoed by a quorum was created, oldest first.
+    heartbeat_times: VecDeque<(u64, Nanos)>,
+    /// Leader, lease reads: reads are answered at once before this time.
+    lease_until: Nanos,
+    /// Leader: a `TimeoutNow` went out this term, so the lease is given up
+    /// until the term ends (the target's election bypasses stickiness).
+    lease_given_up: bool,
+    /// Lease reads: no (pre-)votes are granted before this time, as after a
+    /// (re)start this node may have forgotten a leader it heard.
+    vote_hold_until: Nanos,
     reads: VecDeque<PendingRead>,
     reads_waiting: Vec<(RequestId, Option<NodeId>)>,
     /// Follower: reads waiting for the leader's read index.
@@ -516,6 +566,14 @@ impl Node {
             term_start_pos: 0,
             heartbeat_seq: 0,
             heartbeat_due: false,
+            heartbeat_times: VecDeque::new(),
+            lease_until: 0,
+            lease_given_up: false,
+            vote_hold_until: if cfg.lease_reads {
+                now.saturating_add(cfg.election_timeout_min)
+            } else {
+                0
+            },
             reads: VecDeque::new(),
             reads_waiting: Vec::new(),
             forwarded_reads: BTreeSet::new(),
@@ -709,15 +767,36 @@ impl Node {
         self.election_deadline = self.now.saturating_add(t);
     }
 
+    /// Leader stickiness: true while this node refuses to vote for (or
+    /// pre-vote for) another candidate because a live leader is heard.
     fn in_lease(&self) -> bool {
         match self.role {
             Role::Leader => true,
             _ => {
-                self.leader.is_some()
-                    && self
-                        .last_leader_contact
-                        .is_some_and(|t| self.now < t + self.cfg.election_timeout_min)
+                self.now < self.vote_hold_until
+                    || self.leader.is_some()
+                        && self
+                            .last_leader_contact
+                            .is_some_and(|t| self.now < t + self.cfg.election_timeout_min)
             }
+        }
+    }
+
+    /// Leader: may a read be answered at once (a lease read)?
+    fn holds_read_lease(&self) -> bool {
+        self.cfg.lease_reads
+            && self.role == Role::Leader
+            && !self.lease_given_up
+            && self.now < self.lease_until
+    }
+
+    /// Leader: a new heartbeat sequence number, carried by every message
+    /// sent from now on; with lease reads, when it was created.
+    fn next_heartbeat_seq(&mut self) {
+        self.heartbeat_seq += 1;
+        if self.cfg.lease_reads {
+            self.heartbeat_times
+                .push_back((self.heartbeat_seq, self.now));
         }
     }
 
@@ -797,6 +876,8 @@ impl Node {
     fn abandon_leadership(&mut self, out: &mut Vec<Action>) {
         self.progress.clear();
         self.transfer = None;
+        self.lease_until = 0;
+        self.heartbeat_times.clear();
         self.commit_notify_at = None;
         self.timers_fired.clear();
         let reads: Vec<(RequestId, Option<NodeId>)> = self
@@ -900,6 +981,9 @@ impl Node {
         }
         self.check_quorum_deadline = self.now + self.cfg.election_timeout_min;
         self.heartbeat_due = true;
+        self.lease_until = 0;
+        self.lease_given_up = false;
+        self.heartbeat_times.clear();
         self.timers_fired.clear();
         self.term_start_pos = last;
         self.append_entries(vec![(EntryKind::TermStart, Bytes::new())], out);
@@ -1558,10 +1642,16 @@ impl Node {
     }
 
     /// Leader: a read (local, or forwarded by `from`) waits for the term's
-    /// first entry to commit, then for a heartbeat round.
+    /// first entry to commit, then for a heartbeat round, unless the leader
+    /// holds a read lease: then it is answered at once.
     fn leader_read(&mut self, id: RequestId, from: Option<NodeId>, out: &mut Vec<Action>) {
         if self.commit < self.term_start_end() {
             self.reads_waiting.push((id, from));
+            return;
+        }
+        if self.holds_read_lease() {
+            self.stats.lease_reads += 1;
+            self.answer_read(id, from, Some(self.commit), out);
             return;
         }
         self.register_read(id, from, out);
@@ -1600,7 +1690,7 @@ impl Node {
     }
 
     fn register_read(&mut self, id: RequestId, from: Option<NodeId>, out: &mut Vec<Action>) {
-        self.heartbeat_seq += 1;
+        self.next_heartbeat_seq();
         self.reads.push_back(PendingRead {
             id,
             from,
@@ -1611,8 +1701,10 @@ impl Node {
         self.confirm_reads(out);
     }
 
+    /// Answers the reads whose heartbeat a quorum has echoed, and with
+    /// lease reads extends the lease to run from that heartbeat.
     fn confirm_reads(&mut self, out: &mut Vec<Action>) {
-        if self.reads.is_empty() {
+        if self.reads.is_empty() && self.heartbeat_times.is_empty() {
             return;
         }
         let m = self.membership();
@@ -1629,6 +1721,23 @@ impl Node {
             .collect();
         acks.sort_unstable_by(|a, b| b.cmp(a));
         let confirmed = acks.get(m.quorum() - 1).copied().unwrap_or(0);
+        let mut lease_from = None;
+        while let Some(&(seq, created)) = self.heartbeat_times.front() {
+            if seq > confirmed {
+                break;
+            }
+            lease_from = Some(created);
+            self.heartbeat_times.pop_front();
+        }
+        if let Some(created) = lease_from {
+            let lease = if self.cfg.testing_bugs.lease_outlasts_stickiness {
+                3 * self.cfg.election_timeout_max
+            } else {
+                self.cfg.lease_duration()
+            };
+            let until = created.saturating_add(lease);
+            self.lease_until = self.lease_until.max(until);
+        }
         while self.reads.front().is_some_and(|r| r.heartbeat <= confirmed) {
             if let Some(r) = self.reads.pop_front() {
                 self.answer_read(r.id, r.from, Some(r.index), out);
@@ -1696,8 +1805,16 @@ impl Node {
             .get(&target)
             .is_some_and(|p| p.matched == self.log.last_pos());
         if caught_up {
-            self.send(target, Body::TimeoutNow, out);
+            self.send_timeout_now(target, out);
         }
+    }
+
+    /// Tells `target` to campaign now. Its election bypasses the voters'
+    /// stickiness, so no lease of this term can be trusted any more.
+    fn send_timeout_now(&mut self, target: NodeId, out: &mut Vec<Action>) {
+        self.lease_given_up = true;
+        self.lease_until = 0;
+        self.send(target, Body::TimeoutNow, out);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1786,7 +1903,7 @@ impl Node {
             self.emit_apply(out);
             if self.commit >= self.term_start_end() && !self.reads_waiting.is_empty() {
                 for (id, from) in std::mem::take(&mut self.reads_waiting) {
-                    self.register_read(id, from, out);
+                    self.leader_read(id, from, out);
                 }
             }
             // A leader removed from the voters steps down once that is
@@ -1805,7 +1922,7 @@ impl Node {
                     .map(|(n, _)| *n);
                 self.flush_leader(out);
                 if let Some(n) = best {
-                    self.send(n, Body::TimeoutNow, out);
+                    self.send_timeout_now(n, out);
                 }
                 self.become_follower(self.term, None, out);
             }
@@ -1883,6 +2000,15 @@ impl Node {
         let heartbeat = std::mem::take(&mut self.heartbeat_due);
         if heartbeat {
             self.heartbeat_deadline = self.now + self.cfg.heartbeat_interval;
+            // Every heartbeat renews the lease once a quorum echoes it.
+            if self.cfg.lease_reads
+                && self
+                    .heartbeat_times
+                    .back()
+                    .is_none_or(|&(_, t)| t < self.now)
+            {
+                self.next_heartbeat_seq();
+            }
         }
         let commit_advanced = std::mem::take(&mut self.commit_advanced);
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();

@@ -1177,3 +1177,165 @@ fn commit_notifications_wait_unless_a_follower_waits_on_its_writes() {
     assert_eq!(commit_of(&h, asker), committed);
     assert!(commit_of(&h, other) < committed);
 }
+
+/// A 3-node harness whose nodes all have lease reads on.
+fn lease_harness() -> Harness {
+    let m = Membership::new(1..=3);
+    Harness::with(
+        (1..=3)
+            .map(|id| {
+                let mut cfg = Config::new(id, 7);
+                cfg.lease_reads = true;
+                Node::new(cfg, m.clone(), 0)
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn the_lease_is_the_election_timeout_shortened_by_the_drift_bound_on_both_sides() {
+    let mut cfg = Config::new(1, 7);
+    cfg.election_timeout_min = 500 * MS;
+    cfg.clock_drift_ppm = 10_000;
+    // 500 ms * 0.99 / 1.01
+    assert_eq!(cfg.lease_duration(), 490_099_009);
+    cfg.clock_drift_ppm = 0;
+    assert_eq!(cfg.lease_duration(), 500 * MS);
+    cfg.clock_drift_ppm = 1_000_000;
+    assert_eq!(cfg.lease_duration(), 0);
+    cfg.clock_drift_ppm = u64::MAX;
+    assert_eq!(cfg.lease_duration(), 0);
+}
+
+/// With lease reads a leader answers at once while a quorum echoed a
+/// heartbeat it created within the lease; cut off from the followers, it
+/// falls back to a heartbeat round (which cannot complete) once the lease
+/// has run out, and no other node is elected before that.
+#[test]
+fn lease_reads_are_answered_at_once_until_the_lease_runs_out() {
+    let mut h = lease_harness();
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let commit = h.node(leader).commit_position();
+    h.step(leader, Event::Read { id: 5 });
+    assert_eq!(
+        h.ready_reads,
+        vec![(leader, 5, commit)],
+        "a read in the lease waits for nothing"
+    );
+
+    // The last heartbeat the followers echo is created at `cut_at` at the
+    // latest, so the lease ends by `cut_at + lease`.
+    let cut_at = h.now;
+    for other in (1..=3).filter(|&n| n != leader) {
+        h.cut.insert((leader, other));
+        h.cut.insert((other, leader));
+    }
+    let lease = Config::new(1, 7).lease_duration();
+    let mut answered_at_once_until = cut_at;
+    let mut id = 100;
+    while h.now < cut_at + lease + 20 * MS {
+        h.run_for(10 * MS);
+        if !h.node(leader).is_leader() {
+            break;
+        }
+        id += 1;
+        let before = h.ready_reads.len();
+        h.step(leader, Event::Read { id });
+        if h.ready_reads.len() > before {
+            answered_at_once_until = h.now;
+        }
+        assert!(
+            h.leader() == Some(leader),
+            "another leader while the old one may serve lease reads"
+        );
+    }
+    assert!(
+        answered_at_once_until > cut_at + lease / 2,
+        "the lease did not hold: last lease read {} ms after the cut",
+        (answered_at_once_until - cut_at) / MS
+    );
+    assert!(
+        answered_at_once_until < cut_at + lease,
+        "a lease read {} ms after the cut, past the lease of {} ms",
+        (answered_at_once_until - cut_at) / MS,
+        lease / MS
+    );
+    // The reads after the lease wait for a heartbeat round that never
+    // completes; the majority elects a new leader later.
+    h.run_for(3_000 * MS);
+    let new = h.leader().expect("the majority elected a new leader");
+    assert_ne!(new, leader);
+}
+
+/// A leader that told a follower to campaign (leadership transfer) trusts
+/// no lease for the rest of its term: that election bypasses the voters'
+/// stickiness. Even after the transfer gives up, reads take a heartbeat
+/// round.
+#[test]
+fn a_leader_gives_up_its_lease_when_it_sends_timeout_now() {
+    let mut h = lease_harness();
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = (1..=3).find(|&n| n != leader).expect("a follower");
+    // Every TimeoutNow is lost (one goes with each answer from the target
+    // while the transfer lasts), so the transfer times out and the leader
+    // stays.
+    h.cut.insert((leader, target));
+    h.step(leader, Event::TransferLeadership { id: 1, target });
+    h.deliver();
+    h.run_for(Config::new(1, 7).election_timeout_min + 10 * MS);
+    h.cut.remove(&(leader, target));
+    h.run_for(100 * MS);
+    assert_eq!(h.leader(), Some(leader));
+    h.step(leader, Event::Read { id: 2 });
+    assert!(
+        h.ready_reads.iter().all(|r| r.1 != 2),
+        "a lease read after a TimeoutNow in the same term"
+    );
+    h.deliver();
+    let commit = h.node(leader).commit_position();
+    assert!(h.ready_reads.contains(&(leader, 2, commit)));
+}
+
+/// With lease reads a (re)started voter grants no pre-vote for an election
+/// timeout: it may have echoed a leader's heartbeat just before it went
+/// down, and that leader's lease counts on its stickiness.
+#[test]
+fn a_restarted_voter_holds_its_vote_for_an_election_timeout_with_lease_reads() {
+    let pre_vote_granted = |lease_reads: bool, at: Nanos| {
+        let mut cfg = Config::new(2, 7);
+        cfg.lease_reads = lease_reads;
+        let start = 10_000 * MS;
+        let mut node = Node::new(cfg, Membership::new(1..=3), start);
+        let mut out = Vec::new();
+        node.step(
+            start + at,
+            Event::Message(Message {
+                cluster_id: 7,
+                from: 3,
+                to: 2,
+                term: 1,
+                body: Body::PreVote {
+                    last_pos: 0,
+                    last_term: 0,
+                },
+            }),
+            &mut out,
+        );
+        out.iter().any(|a| {
+            matches!(
+                a,
+                Action::Send(Message {
+                    body: Body::PreVoteResp { granted: true },
+                    ..
+                })
+            )
+        })
+    };
+    let timeout = Config::new(2, 7).election_timeout_min;
+    assert!(pre_vote_granted(false, MS), "without lease reads: at once");
+    assert!(!pre_vote_granted(true, MS));
+    assert!(!pre_vote_granted(true, timeout - MS));
+    assert!(pre_vote_granted(true, timeout));
+}

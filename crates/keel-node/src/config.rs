@@ -90,6 +90,9 @@ fn default_commit_notify_delay_ms() -> u64 {
 fn default_follower_apply_interval_ms() -> u64 {
     1
 }
+fn default_clock_drift_ppm() -> u64 {
+    10_000
+}
 fn default_replicated_sync_interval_ms() -> u64 {
     10
 }
@@ -203,6 +206,20 @@ pub struct NodeConfig {
     /// followers committing more often than this are affected.
     #[serde(default = "default_follower_apply_interval_ms")]
     pub follower_apply_interval_ms: u64,
+    /// Leader-lease reads: the leader answers a linearizable read at once
+    /// while a quorum has echoed a heartbeat it sent within the lease
+    /// (`election_timeout_min_ms` shortened by `clock_drift_ppm`), instead
+    /// of confirming its leadership with a heartbeat round per read. Safe
+    /// only if no node's clock rate is off by more than `clock_drift_ppm`,
+    /// and only with the same setting on every node. Off by default (as
+    /// etcd, which confirms every linearizable read with a round).
+    #[serde(default)]
+    pub lease_reads: bool,
+    /// The clock-rate error (parts per million of elapsed time) lease reads
+    /// assume at most on any node: 10000 = 1%, far above what a clock
+    /// disciplined by NTP drifts. At most 500000.
+    #[serde(default = "default_clock_drift_ppm")]
+    pub clock_drift_ppm: u64,
     #[serde(default = "default_election_min_ms")]
     pub election_timeout_min_ms: u64,
     #[serde(default = "default_election_max_ms")]
@@ -323,6 +340,12 @@ impl NodeConfig {
             return bad(format!(
                 "follower_apply_interval_ms ({}) must be at most 1000 (0: apply each commit at once)",
                 self.follower_apply_interval_ms
+            ));
+        }
+        if self.clock_drift_ppm > 500_000 {
+            return bad(format!(
+                "clock_drift_ppm ({}) must be at most 500000 (50%)",
+                self.clock_drift_ppm
             ));
         }
         if self.write_timeout_ms < 100 {
@@ -462,6 +485,16 @@ mod tests {
             e.to_string().contains("follower_apply_interval_ms (5000)"),
             "{e}"
         );
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        assert!(!c.lease_reads);
+        assert_eq!(c.clock_drift_ppm, 10_000);
+        c.clock_drift_ppm = 600_000;
+        let e = c.validate().expect_err("a 60% clock drift accepted");
+        assert!(e.to_string().contains("clock_drift_ppm (600000)"), "{e}");
+        let lease = format!("{}lease_reads = true\nclock_drift_ppm = 500\n", base());
+        let c: NodeConfig = toml::from_str(&lease).expect("parse");
+        assert!(c.lease_reads && c.clock_drift_ppm == 500);
+        c.validate().expect("valid");
         let mut c: NodeConfig = toml::from_str(base()).expect("parse");
         assert_eq!(c.write_timeout_ms, 30_000);
         c.write_timeout_ms = 5;

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub storage_queue_depth: Gauge,
     pub leader_changes: Counter,
     pub elections_started: Counter,
+    pub lease_reads: Counter,
     pub snapshots_taken: Counter,
     pub snapshots_installed: Counter,
     pub busy: Counter,
@@ -63,6 +64,7 @@ impl Metrics {
             storage_queue_depth: Gauge::default(),
             leader_changes: Counter::default(),
             elections_started: Counter::default(),
+            lease_reads: Counter::default(),
             snapshots_taken: Counter::default(),
             snapshots_installed: Counter::default(),
             busy: Counter::default(),
@@ -119,6 +121,11 @@ impl Metrics {
             "elections_started",
             "elections this node started as a candidate (after winning a pre-vote)",
             m.elections_started.clone(),
+        );
+        registry.register(
+            "lease_reads",
+            "linearizable reads this node answered as leader from its lease, without a heartbeat round (lease_reads = true)",
+            m.lease_reads.clone(),
         );
         registry.register(
             "snapshots_taken",

@@ -912,6 +912,8 @@ fn start_node(
     core_cfg.seed = start_wall ^ cfg.id;
     core_cfg.snapshot_check = meta::check_snapshot_image;
     core_cfg.log_cache_bytes = cfg.log_cache_bytes;
+    core_cfg.lease_reads = cfg.lease_reads;
+    core_cfg.clock_drift_ppm = cfg.clock_drift_ppm;
     let node = Node::restart(core_cfg, recovered, start_wall);
     let mut consensus = Consensus {
         node,
@@ -931,7 +933,7 @@ fn start_node(
         next_expiry: Instant::now(),
         sessionless_next: (wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK,
         next_id: 1,
-        elections_seen: 0,
+        stats_seen: keel_core::Stats::default(),
         published_at: None,
         client_queue: client_queue.clone(),
         applied_shared,
@@ -1074,7 +1076,8 @@ struct Consensus {
     sessionless_next: u64,
     next_id: u64,
     /// Elections started, as last exported to the metrics.
-    elections_seen: u64,
+    /// The core's counters as last carried into the metrics.
+    stats_seen: keel_core::Stats,
     /// When the full status was last published (see `publish_status`).
     published_at: Option<Instant>,
     /// Client requests admitted to the external queue.
@@ -1773,13 +1776,16 @@ impl Consensus {
         self.metrics
             .log_retained_entries
             .set(i64::try_from(log.len()).unwrap_or(i64::MAX));
-        let elections = n.stats().elections_started;
-        if elections > self.elections_seen {
-            self.metrics
+        let (stats, seen) = (n.stats(), self.stats_seen);
+        self.metrics.elections_started.inc_by(
+            stats
                 .elections_started
-                .inc_by(elections - self.elections_seen);
-        }
-        self.elections_seen = elections;
+                .saturating_sub(seen.elections_started),
+        );
+        self.metrics
+            .lease_reads
+            .inc_by(stats.lease_reads.saturating_sub(seen.lease_reads));
+        self.stats_seen = stats;
         if let Ok(mut st) = self.status.lock() {
             *st = s;
         }

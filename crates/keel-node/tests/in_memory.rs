@@ -63,6 +63,8 @@ fn node_config(
         heartbeat_ms: 20,
         commit_notify_delay_ms: 5,
         follower_apply_interval_ms: 1,
+        lease_reads: false,
+        clock_drift_ppm: 10_000,
         election_timeout_min_ms: 200,
         election_timeout_max_ms: 400,
         snapshot_every_bytes,
@@ -990,5 +992,96 @@ fn a_follower_read_ahead_of_its_log_does_not_wait_for_the_apply_interval() {
         slowest < Duration::from_millis(500),
         "a follower read waited {slowest:?}, as long as the 1 s apply interval"
     );
+    stop_all(nodes);
+}
+
+/// With `lease_reads` on every node, the leader answers linearizable reads
+/// from its lease (counted in `keel_lease_reads_total`), reads on it and
+/// through a follower see every write before them, and after the leader is
+/// cut off the majority's new leader serves them: the cut-off one answers
+/// none by lease once its lease has run out.
+#[test]
+fn lease_reads_see_every_earlier_write_and_follow_the_leader() {
+    let Three {
+        tmp: _tmp,
+        net,
+        nodes,
+        ..
+    } = start_three_with(
+        1 << 30,
+        DurabilityConfig::Replicated,
+        |c| c.lease_reads = true,
+        || Box::new(KvService::default()),
+    );
+    let rt = client_runtime();
+    let read = |n: &NodeHandle| -> Option<Bytes> {
+        let q = Query::Get {
+            key: Bytes::from_static(b"k"),
+        };
+        let r = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), n.call(ClientOp::Read(q.encode()))).await
+        });
+        match r {
+            Ok(ClientResult::Ok(data)) => match Response::decode(&data) {
+                Ok(Response::Get { kv, .. }) => Some(kv.map(|kv| kv.value).unwrap_or_default()),
+                other => panic!("read: {other:?}"),
+            },
+            _ => None,
+        }
+    };
+    let lease_reads = |n: &NodeHandle| n.metrics().lease_reads.get();
+    let leader = wait_leader(&nodes, None);
+    let l = &nodes[leader as usize - 1];
+    let follower = nodes
+        .iter()
+        .find(|n| n.status().id != leader)
+        .expect("a follower");
+    for i in 0..20 {
+        let value = format!("v{i}");
+        let put = Command::Put {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from(value.clone()),
+        };
+        let r = write_within(l, put.encode(), Duration::from_secs(10));
+        assert!(matches!(r, Some(ClientResult::Ok(_))), "put {i}: {r:?}");
+        assert_eq!(
+            read(l).as_deref(),
+            Some(value.as_bytes()),
+            "leader read {i}"
+        );
+        assert_eq!(
+            read(follower).as_deref(),
+            Some(value.as_bytes()),
+            "follower read {i}"
+        );
+    }
+    let by_lease = lease_reads(l);
+    assert!(
+        by_lease >= 20,
+        "the leader answered {by_lease} of 40 reads from its lease"
+    );
+
+    // Cut the leader off: the other two elect a new one, whose reads see a
+    // write made there; the old leader answers no read from its lease
+    // (it has run out by the time the others may elect).
+    net.isolate(leader);
+    let new = wait_leader(&nodes, Some(leader));
+    assert_ne!(new, leader);
+    let n = &nodes[new as usize - 1];
+    let put = Command::Put {
+        key: Bytes::from_static(b"k"),
+        value: Bytes::from_static(b"after"),
+    };
+    let r = write_within(n, put.encode(), Duration::from_secs(10));
+    assert!(matches!(r, Some(ClientResult::Ok(_))), "put after: {r:?}");
+    assert_eq!(read(n).as_deref(), Some(&b"after"[..]));
+    let before = lease_reads(l);
+    let stale = read(l);
+    assert!(
+        stale.is_none(),
+        "the cut-off old leader answered a read: {stale:?}"
+    );
+    assert_eq!(lease_reads(l), before);
+    net.heal();
     stop_all(nodes);
 }

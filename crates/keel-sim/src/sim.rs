@@ -172,6 +172,17 @@ pub struct SimConfig {
     /// without read-index (stale reads), to show the linearizability
     /// checker fires.
     pub unsafe_local_reads: bool,
+    /// Nodes answer linearizable reads by leader lease (`Config::lease_reads`,
+    /// assuming the default clock-drift bound). Lease reads assume clocks
+    /// that do not jump (the runtime's clock is monotonic), so in these
+    /// runs the clock nemesis changes a node's clock rate, within
+    /// `clock_drift_ppm`, instead of stepping it.
+    pub lease_reads: bool,
+    /// How far each node's clock rate may be from true time, in parts per
+    /// million: each node starts at a rate drawn from 1 ± this. 0: every
+    /// clock runs at the true rate (the clocks are still offset and, with
+    /// the clock nemesis, stepped).
+    pub clock_drift_ppm: u64,
     /// How long after `Action::SaveSnapshot` a snapshot's file reaches
     /// storage to be published, drawn per snapshot from this range (in
     /// order per node). The runtime's snapshot thread serializes and writes
@@ -272,6 +283,8 @@ impl SimConfig {
             snapshot_every: 16 * 1024,
             liveness_bound: 5 * SEC,
             unsafe_local_reads: false,
+            lease_reads: false,
+            clock_drift_ppm: 0,
             publish_delay: (0, 0),
             wipe: None,
             scenario: None,
@@ -296,6 +309,15 @@ impl SimConfig {
         }
         if self.bugs.vote_without_log_check {
             s.push_str(" --bug vote-without-log-check");
+        }
+        if self.bugs.lease_outlasts_stickiness {
+            s.push_str(" --bug lease-outlasts-stickiness");
+        }
+        if self.lease_reads {
+            s.push_str(" --lease-reads");
+        }
+        if self.clock_drift_ppm > 0 {
+            s.push_str(&format!(" --clock-drift-ppm {}", self.clock_drift_ppm));
         }
         match self.scenario {
             Some(sc) => s.push_str(&format!(" --scenario {}", sc.name())),
@@ -332,6 +354,8 @@ pub struct Report {
     /// (`Action::SendLogRange`), and those not sent because the disk no
     /// longer held them (compacted meanwhile).
     pub log_ranges_read: u64,
+    /// Reads answered under a leader lease (`SimConfig::lease_reads`).
+    pub lease_reads: u64,
     pub log_ranges_unsent: u64,
     pub membership_changes: u64,
     /// Membership changes that removed the leader proposing them, accepted
@@ -489,7 +513,7 @@ struct SimNode {
     pending: Vec<StorageOp>,
     sync_scheduled: bool,
     disk_latency: (Nanos, Nanos),
-    clock_offset: i64,
+    clock: Clock,
     /// Client writes waiting for their entry to apply: (client, seq) → req.
     writes: HashMap<(u64, u64), (u64, u64)>,
     /// Read requests: id → (client, data); and reads confirmed at an index.
@@ -502,6 +526,36 @@ struct SimNode {
     /// When the last snapshot file handed to storage got there (files are
     /// written one at a time, in order).
     staged_until: Nanos,
+}
+
+/// A node's clock: `at` when true time was `since`, running `ppm` parts
+/// per million fast (or slow, when negative) since then.
+#[derive(Clone, Copy, Debug, Default)]
+struct Clock {
+    since: Nanos,
+    at: i64,
+    ppm: i64,
+}
+
+impl Clock {
+    fn read(&self, now: Nanos) -> Nanos {
+        let elapsed = i128::from(now.saturating_sub(self.since));
+        let local = i128::from(self.at) + elapsed * (1_000_000 + i128::from(self.ppm)) / 1_000_000;
+        local.clamp(0, i128::from(u64::MAX)) as Nanos
+    }
+
+    /// From `now` on, run at `ppm` (continuing from the current reading).
+    fn set_rate(&mut self, now: Nanos, ppm: i64) {
+        self.at = self.read(now) as i64;
+        self.since = now;
+        self.ppm = ppm;
+    }
+
+    /// Steps the clock by `by` nanoseconds at `now`.
+    fn jump(&mut self, now: Nanos, by: i64) {
+        self.at = self.read(now) as i64 + by;
+        self.since = now;
+    }
 }
 
 struct ClientOp {
@@ -550,8 +604,10 @@ const PROBE_CLIENT: u64 = 999;
 const CLIENT_TIMEOUT: Nanos = 300 * MS;
 const TICK: Nanos = 5 * MS;
 
-fn core_config(id: NodeId, seed: u64, bugs: TestingBugs) -> Config {
+fn core_config(id: NodeId, sim: &SimConfig, seed: u64) -> Config {
     let mut c = Config::new(id, 0x6b65_656c);
+    c.lease_reads = sim.lease_reads;
+    let bugs = sim.bugs;
     c.heartbeat_interval = 20 * MS;
     c.election_timeout_min = 200 * MS;
     c.election_timeout_max = 400 * MS;
@@ -571,6 +627,14 @@ fn core_config(id: NodeId, seed: u64, bugs: TestingBugs) -> Config {
     c.seed = seed ^ id.wrapping_mul(0x9E37_79B9);
     c.testing_bugs = bugs;
     c
+}
+
+/// A clock rate error drawn uniformly from ±`bound` parts per million.
+fn clock_rate(rng: &mut Rng, bound: u64) -> i64 {
+    if bound == 0 {
+        return 0;
+    }
+    rng.range(0, 2 * bound + 1) as i64 - bound as i64
 }
 
 impl Sim {
@@ -607,11 +671,7 @@ impl Sim {
             };
             nodes.push(SimNode {
                 id,
-                core: Some(Node::new(
-                    core_config(id, cfg.seed, cfg.bugs),
-                    membership,
-                    0,
-                )),
+                core: Some(Node::new(core_config(id, &cfg, cfg.seed), membership, 0)),
                 host: ServiceHost::new(KvService::default(), 60 * SEC),
                 incarnation: 0,
                 disk: Disk {
@@ -621,7 +681,10 @@ impl Sim {
                 pending: Vec::new(),
                 sync_scheduled: false,
                 disk_latency: (100_000, 2 * MS),
-                clock_offset: 0,
+                clock: Clock {
+                    ppm: clock_rate(&mut rng, cfg.clock_drift_ppm),
+                    ..Clock::default()
+                },
                 writes: HashMap::new(),
                 reads: HashMap::new(),
                 ready_reads: Vec::new(),
@@ -715,7 +778,7 @@ impl Sim {
     }
 
     fn local_now(&self, i: usize) -> Nanos {
-        (self.now as i64 + self.nodes[i].clock_offset).max(0) as Nanos
+        self.nodes[i].clock.read(self.now)
     }
 
     /// Runs to the end and returns the report.
@@ -1223,6 +1286,7 @@ impl Sim {
             return;
         }
         self.report.crashes += 1;
+        self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
         if self.trace {
             eprintln!("{:>10.3}ms node {}: crash", self.now as f64 / 1e6, node.id);
         }
@@ -1280,7 +1344,7 @@ impl Sim {
         node.host = host;
         node.last_snapshot = snap_pos;
         node.captured = None;
-        let now = (self.now as i64 + node.clock_offset).max(0) as Nanos;
+        let now = node.clock.read(self.now);
         if self.trace {
             let last = recovered.entries.last().map_or(snap_pos, Entry::end);
             eprintln!(
@@ -1288,7 +1352,7 @@ impl Sim {
                 self.now as f64 / 1e6
             );
         }
-        let cfg = core_config(id, self.cfg.seed ^ node.incarnation, self.cfg.bugs);
+        let cfg = core_config(id, &self.cfg, self.cfg.seed ^ node.incarnation);
         let core = Node::restart(cfg, recovered.clone(), now);
         let ts = recovered.snapshot.as_ref().map_or(0, |s| s.meta.timestamp);
         self.inv
@@ -1562,11 +1626,17 @@ impl Sim {
                 self.nodes[i].disk_latency = (20 * MS, 300 * MS);
                 self.schedule(dur, Ev::DiskNormal(id));
             }
+            Nemesis::ClockJump if self.cfg.lease_reads => {
+                let id = pick(&mut self.rng);
+                let i = self.idx(id);
+                let ppm = clock_rate(&mut self.rng, self.cfg.clock_drift_ppm);
+                self.nodes[i].clock.set_rate(self.now, ppm);
+            }
             Nemesis::ClockJump => {
                 let id = pick(&mut self.rng);
                 let i = self.idx(id);
                 let jump = self.rng.range(0, 2000) as i64 - 500;
-                self.nodes[i].clock_offset += jump * MS as i64;
+                self.nodes[i].clock.jump(self.now, jump * MS as i64);
             }
         }
         let next = self.rng.range(100 * MS, 1000 * MS);
@@ -1771,7 +1841,7 @@ impl Sim {
         o.longest_silence = o.longest_silence.max(now - o.last_heard);
         let core = self.nodes[i].core.as_ref();
         o.pre_votes = core.map_or(0, |c| c.stats().pre_votes_started);
-        let silence_bound = core_config(o.node, 0, TestingBugs::default()).election_timeout_min;
+        let silence_bound = core_config(o.node, &self.cfg, 0).election_timeout_min;
         let bound = self.cfg.wipe.as_ref().map_or(0, |w| w.catch_up_bound);
         if o.caught_up_after.is_none() {
             self.report.violations.push(format!(
@@ -1795,6 +1865,9 @@ impl Sim {
 
     fn finish(mut self) -> Report {
         self.report.sim_time = self.now;
+        for node in &self.nodes {
+            self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
+        }
         if let Some((hist, deadline)) = self.probe {
             match self.history.get(hist).and_then(|o| o.ret) {
                 Some(t) if t <= deadline => {}

@@ -220,6 +220,16 @@ struct ServerArgs {
     /// commit at once; at most 1000; default 1).
     #[arg(long)]
     follower_apply_interval_ms: Option<u64>,
+    /// Answer linearizable reads on the leader from a lease (no heartbeat
+    /// round per read) while a quorum has echoed a heartbeat within the
+    /// election timeout shortened by --clock-drift-ppm. Use the same setting
+    /// on every node.
+    #[arg(long)]
+    lease_reads: bool,
+    /// The clock-rate error lease reads assume at most on any node, in
+    /// parts per million (0-500000, default 10000 = 1%).
+    #[arg(long)]
+    clock_drift_ppm: Option<u64>,
     /// How long a write this node accepted may wait to be applied before
     /// its client is told the outcome is unknown (at least 100).
     #[arg(long)]
@@ -345,6 +355,12 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = a.follower_apply_interval_ms {
         cfg.follower_apply_interval_ms = v;
+    }
+    if a.lease_reads {
+        cfg.lease_reads = true;
+    }
+    if let Some(v) = a.clock_drift_ppm {
+        cfg.clock_drift_ppm = v;
     }
     if let Some(v) = a.write_timeout_ms {
         cfg.write_timeout_ms = v;

@@ -211,8 +211,8 @@ pub struct NodeConfig {
     /// (`election_timeout_min_ms` shortened by `clock_drift_ppm`), instead
     /// of confirming its leadership with a heartbeat round per read. Safe
     /// only if no node's clock rate is off by more than `clock_drift_ppm`,
-    /// and only with the same setting on every node. Off by default (as
-    /// etcd, which confirms every linearizable read with a round).
+    /// and only with the same setting on every node. Off by default (etcd
+    /// 3.4 confirms every linearizable read with a round).
     #[serde(default)]
     pub lease_reads: bool,
     /// The clock-rate error (parts per million of elapsed time) lease reads

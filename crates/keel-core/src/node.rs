@@ -47,7 +47,9 @@ pub struct Config {
     /// How often an idle leader sends heartbeats.
     pub heartbeat_interval: Nanos,
     /// Election timeouts are drawn uniformly from [min, max). `min` is also
-    /// the leader-stickiness window and the check-quorum period.
+    /// the leader-stickiness window (after each message from a leader and
+    /// after a start, no vote goes to another candidate) and the
+    /// check-quorum period.
     pub election_timeout_min: Nanos,
     pub election_timeout_max: Nanos,
     /// How long a leader may hold back telling a follower that the commit
@@ -79,13 +81,14 @@ pub struct Config {
     /// linearizable read at once, without a heartbeat round, while it holds
     /// a lease: from when it created a heartbeat that a quorum of voters
     /// has since echoed, for `lease_duration()`. It relies on leader
-    /// stickiness: a voter that heard from the leader refuses votes for
-    /// `election_timeout_min` on its own clock, and after a (re)start it
-    /// refuses them for that long too, since it may have forgotten a
-    /// leader it heard. Safe only if every node's clock runs within
-    /// `clock_drift_ppm` of true time, and every node has the same setting.
-    /// A leader that starts a leadership transfer gives the lease up for the
-    /// rest of its term (the transfer's election bypasses stickiness).
+    /// stickiness, which every node keeps whatever this setting: a voter
+    /// refuses (pre-)votes for `election_timeout_min` on its own clock after
+    /// each message from a leader, even if a higher term reaches it in
+    /// between, and after a (re)start (it may have forgotten a leader it
+    /// heard). Safe only if every node's clock runs within
+    /// `clock_drift_ppm` of true time and never steps. A leader that starts
+    /// a leadership transfer gives the lease up for the rest of its term
+    /// (the transfer's election bypasses stickiness).
     pub lease_reads: bool,
     /// The clock-rate error lease reads assume at most, for any node, in
     /// parts per million of elapsed time (10 000 = 1%). Values at or above
@@ -448,7 +451,6 @@ pub struct Node {
     election_deadline: Nanos,
     heartbeat_deadline: Nanos,
     check_quorum_deadline: Nanos,
-    last_leader_contact: Option<Nanos>,
     votes: BTreeMap<NodeId, bool>,
     progress: BTreeMap<NodeId, Progress>,
     term_start_pos: Position,
@@ -462,8 +464,12 @@ pub struct Node {
     /// Leader: a `TimeoutNow` went out this term, so the lease is given up
     /// until the term ends (the target's election bypasses stickiness).
     lease_given_up: bool,
-    /// Lease reads: no (pre-)votes are granted before this time, as after a
-    /// (re)start this node may have forgotten a leader it heard.
+    /// Leader stickiness: no (pre-)vote is granted to another candidate
+    /// before this time (except for a leadership transfer): an election
+    /// timeout after the last message from a leader, and after a
+    /// (re)start (this node may have forgotten a leader it heard). Neither
+    /// a new term nor losing the leader ends it early: a leader's lease
+    /// counts on it.
     vote_hold_until: Nanos,
     reads: VecDeque<PendingRead>,
     reads_waiting: Vec<(RequestId, Option<NodeId>)>,
@@ -560,7 +566,6 @@ impl Node {
             election_deadline: 0,
             heartbeat_deadline: 0,
             check_quorum_deadline: 0,
-            last_leader_contact: None,
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
             term_start_pos: 0,
@@ -569,11 +574,7 @@ impl Node {
             heartbeat_times: VecDeque::new(),
             lease_until: 0,
             lease_given_up: false,
-            vote_hold_until: if cfg.lease_reads {
-                now.saturating_add(cfg.election_timeout_min)
-            } else {
-                0
-            },
+            vote_hold_until: now.saturating_add(cfg.election_timeout_min),
             reads: VecDeque::new(),
             reads_waiting: Vec::new(),
             forwarded_reads: BTreeSet::new(),
@@ -768,18 +769,10 @@ impl Node {
     }
 
     /// Leader stickiness: true while this node refuses to vote for (or
-    /// pre-vote for) another candidate because a live leader is heard.
-    fn in_lease(&self) -> bool {
-        match self.role {
-            Role::Leader => true,
-            _ => {
-                self.now < self.vote_hold_until
-                    || self.leader.is_some()
-                        && self
-                            .last_leader_contact
-                            .is_some_and(|t| self.now < t + self.cfg.election_timeout_min)
-            }
-        }
+    /// pre-vote for) another candidate, being a leader or having heard
+    /// from one within an election timeout (see `vote_hold_until`).
+    fn sticky(&self) -> bool {
+        self.role == Role::Leader || self.now < self.vote_hold_until
     }
 
     /// Leader: may a read be answered at once (a lease read)?
@@ -1016,7 +1009,7 @@ impl Node {
                 Body::PreVote { .. } => {}
                 Body::PreVoteResp { granted: true } => {}
                 Body::Vote { transfer, .. } => {
-                    if !transfer && self.in_lease() {
+                    if !transfer && self.sticky() {
                         return; // leader stickiness: a live leader is heard
                     }
                     self.become_follower(m.term, None, out);
@@ -1055,7 +1048,7 @@ impl Node {
                 last_pos,
                 last_term,
             } => {
-                let granted = !self.in_lease() && self.grants_vote_to(last_term, last_pos);
+                let granted = !self.sticky() && self.grants_vote_to(last_term, last_pos);
                 let term = if granted { m.term } else { self.term };
                 self.send_with_term(m.from, term, Body::PreVoteResp { granted }, out);
             }
@@ -1072,11 +1065,15 @@ impl Node {
             Body::Vote {
                 last_pos,
                 last_term,
-                ..
+                transfer,
             } => {
+                // (Stickiness holds at an equal term too: this node may have
+                // heard from a leader of an earlier term just before a
+                // higher-term message moved it on.)
                 let can_vote = self.voted_for.is_none_or(|v| v == m.from);
                 let granted = can_vote
                     && self.role != Role::Leader
+                    && (transfer || !self.sticky())
                     && self.grants_vote_to(last_term, last_pos);
                 if granted {
                     self.voted_for = Some(m.from);
@@ -1176,7 +1173,8 @@ impl Node {
         if self.role != Role::Follower || self.leader != Some(from) {
             self.become_follower(self.term, Some(from), out);
         }
-        self.last_leader_contact = Some(self.now);
+        let hold = self.now.saturating_add(self.cfg.election_timeout_min);
+        self.vote_hold_until = self.vote_hold_until.max(hold);
         self.reset_election_deadline();
     }
 

@@ -1298,44 +1298,126 @@ fn a_leader_gives_up_its_lease_when_it_sends_timeout_now() {
     assert!(h.ready_reads.contains(&(leader, 2, commit)));
 }
 
-/// With lease reads a (re)started voter grants no pre-vote for an election
-/// timeout: it may have echoed a leader's heartbeat just before it went
-/// down, and that leader's lease counts on its stickiness.
+/// A (re)started voter grants no pre-vote for an election timeout: it may
+/// have echoed a leader's heartbeat just before it went down, and that
+/// leader's lease counts on its stickiness.
 #[test]
-fn a_restarted_voter_holds_its_vote_for_an_election_timeout_with_lease_reads() {
-    let pre_vote_granted = |lease_reads: bool, at: Nanos| {
-        let mut cfg = Config::new(2, 7);
-        cfg.lease_reads = lease_reads;
+fn a_restarted_voter_holds_its_vote_for_an_election_timeout() {
+    let pre_vote_granted = |at: Nanos| {
         let start = 10_000 * MS;
-        let mut node = Node::new(cfg, Membership::new(1..=3), start);
+        let mut node = Node::new(Config::new(2, 7), Membership::new(1..=3), start);
         let mut out = Vec::new();
         node.step(
             start + at,
-            Event::Message(Message {
-                cluster_id: 7,
-                from: 3,
-                to: 2,
-                term: 1,
-                body: Body::PreVote {
+            Event::Message(to_node_2(
+                3,
+                1,
+                Body::PreVote {
                     last_pos: 0,
                     last_term: 0,
                 },
-            }),
+            )),
             &mut out,
         );
-        out.iter().any(|a| {
-            matches!(
-                a,
-                Action::Send(Message {
-                    body: Body::PreVoteResp { granted: true },
-                    ..
-                })
-            )
-        })
+        granted(&out)
     };
     let timeout = Config::new(2, 7).election_timeout_min;
-    assert!(pre_vote_granted(false, MS), "without lease reads: at once");
-    assert!(!pre_vote_granted(true, MS));
-    assert!(!pre_vote_granted(true, timeout - MS));
-    assert!(pre_vote_granted(true, timeout));
+    assert!(!pre_vote_granted(MS));
+    assert!(!pre_vote_granted(timeout - MS));
+    assert!(pre_vote_granted(timeout));
+}
+
+/// A message to node 2 from `from` at `term`.
+fn to_node_2(from: NodeId, term: Term, body: Body) -> Message {
+    Message {
+        cluster_id: 7,
+        from,
+        to: 2,
+        term,
+        body,
+    }
+}
+
+/// Whether `out` grants a vote or a pre-vote.
+fn granted(out: &[Action]) -> bool {
+    out.iter().any(|a| {
+        matches!(
+            a,
+            Action::Send(Message {
+                body: Body::PreVoteResp { granted: true } | Body::VoteResp { granted: true },
+                ..
+            })
+        )
+    })
+}
+
+/// A voter that heard from the leader stays sticky for an election timeout
+/// even when a higher-term message (here a late refusal of a pre-vote it
+/// sent) moves it to a new term with no leader: a vote of that term from
+/// another candidate is refused until then, unless it is a leadership
+/// transfer's. Otherwise that candidate could be elected inside the old
+/// leader's lease (found by review: a stale lease read).
+#[test]
+fn stickiness_survives_a_higher_term_message() {
+    let mut b = Node::new(Config::new(2, 7), Membership::new(1..=3), 0);
+    let timeout = Config::new(2, 7).election_timeout_min;
+    let t = 5_000 * MS;
+    let mut out = Vec::new();
+    b.step(t, append(0, 1, Vec::new()), &mut out);
+    assert_eq!(b.leader(), Some(1));
+    out.clear();
+    b.step(
+        t + MS,
+        Event::Message(to_node_2(3, 2, Body::PreVoteResp { granted: false })),
+        &mut out,
+    );
+    assert_eq!((b.term(), b.leader()), (2, None));
+    let vote = |transfer| Body::Vote {
+        last_pos: 0,
+        last_term: 0,
+        transfer,
+    };
+    for (at, body, want) in [
+        (t + 2 * MS, vote(false), false),
+        (t + timeout - MS, vote(false), false),
+        (t + 2 * MS, vote(true), true),
+    ] {
+        let mut node = Node::new(Config::new(2, 7), Membership::new(1..=3), 0);
+        let mut out = Vec::new();
+        node.step(t, append(0, 1, Vec::new()), &mut out);
+        node.step(
+            t + MS,
+            Event::Message(to_node_2(3, 2, Body::PreVoteResp { granted: false })),
+            &mut out,
+        );
+        out.clear();
+        node.step(at, Event::Message(to_node_2(3, 2, body.clone())), &mut out);
+        assert_eq!(granted(&out), want, "{body:?} at {} ms", (at - t) / MS);
+    }
+    // A pre-vote for a later term is refused too, until the timeout.
+    out.clear();
+    let pre_vote = Body::PreVote {
+        last_pos: 0,
+        last_term: 0,
+    };
+    b.step(
+        t + 2 * MS,
+        Event::Message(to_node_2(3, 3, pre_vote.clone())),
+        &mut out,
+    );
+    assert!(!granted(&out));
+    out.clear();
+    b.step(
+        t + timeout,
+        Event::Message(to_node_2(3, 3, pre_vote)),
+        &mut out,
+    );
+    assert!(granted(&out), "not granted once the timeout passed");
+    out.clear();
+    b.step(
+        t + timeout,
+        Event::Message(to_node_2(3, 2, vote(false))),
+        &mut out,
+    );
+    assert!(granted(&out), "vote not granted once the timeout passed");
 }

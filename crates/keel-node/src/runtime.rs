@@ -469,6 +469,46 @@ pub fn wall_clock_ns() -> Nanos {
         .map_or(0, |d| d.as_nanos() as Nanos)
 }
 
+/// The consensus core's clock: the wall clock at start plus the time
+/// elapsed since on a clock that never steps and keeps counting while the
+/// machine is suspended (Linux's `CLOCK_BOOTTIME`; `Instant` elsewhere).
+/// Leader leases and stickiness are durations on it: a leader suspended
+/// for a while must see its lease gone when it resumes, which a clock that
+/// stops during suspend (`CLOCK_MONOTONIC`, what `Instant` reads) would
+/// hide.
+fn core_clock(start_wall: Nanos) -> Box<dyn Fn() -> Nanos + Send> {
+    #[cfg(target_os = "linux")]
+    if let Some(start) = boot_time_ns() {
+        // (It cannot fail once it has worked; if it did, time would stand
+        // still rather than go back.)
+        let last = std::cell::Cell::new(start);
+        return Box::new(move || {
+            let t = boot_time_ns().unwrap_or(last.get()).max(last.get());
+            last.set(t);
+            start_wall + (t - start)
+        });
+    }
+    let started = Instant::now();
+    Box::new(move || start_wall + started.elapsed().as_nanos() as Nanos)
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds, if the system has it.
+#[cfg(target_os = "linux")]
+fn boot_time_ns() -> Option<Nanos> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return None;
+    }
+    let secs = Nanos::try_from(ts.tv_sec).ok()?;
+    let nanos = Nanos::try_from(ts.tv_nsec).ok()?;
+    Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
+}
+
 fn role_name(r: Role) -> &'static str {
     match r {
         Role::Follower => "follower",
@@ -903,7 +943,6 @@ fn start_node(
 
     // Consensus thread.
     let start_wall = wall_clock_ns();
-    let started = Instant::now();
     let mut core_cfg = CoreConfig::new(cfg.id, cfg.cluster_id);
     core_cfg.heartbeat_interval = cfg.heartbeat_ms * 1_000_000;
     core_cfg.commit_notify_delay = cfg.commit_notify_delay_ms.min(cfg.heartbeat_ms) * 1_000_000;
@@ -918,7 +957,7 @@ fn start_node(
     let mut consensus = Consensus {
         node,
         cfg: cfg.clone(),
-        now: Box::new(move || start_wall + started.elapsed().as_nanos() as Nanos),
+        now: core_clock(start_wall),
         storage: storage.clone(),
         peers,
         outbox: reader::Outbox::new(),

@@ -210,9 +210,13 @@ pub struct NodeConfig {
     /// while a quorum has echoed a heartbeat it sent within the lease
     /// (`election_timeout_min_ms` shortened by `clock_drift_ppm`), instead
     /// of confirming its leadership with a heartbeat round per read. Safe
-    /// only if no node's clock rate is off by more than `clock_drift_ppm`,
-    /// and only with the same setting on every node. Off by default (etcd
-    /// 3.4 confirms every linearizable read with a round).
+    /// only if no node's clock rate is off by more than `clock_drift_ppm`
+    /// and every node has the same `election_timeout_min_ms` and
+    /// `clock_drift_ppm` (the lease counts on the voters refusing votes for
+    /// at least the leader's election timeout). This setting itself may
+    /// differ between nodes: every node keeps the stickiness leases need.
+    /// Off by default (etcd 3.4 confirms every linearizable read with a
+    /// round).
     #[serde(default)]
     pub lease_reads: bool,
     /// The clock-rate error (parts per million of elapsed time) lease reads

@@ -495,15 +495,15 @@ fn core_clock(start_wall: Nanos) -> Box<dyn Fn() -> Nanos + Send> {
 /// `CLOCK_BOOTTIME` in nanoseconds, if the system has it.
 #[cfg(target_os = "linux")]
 fn boot_time_ns() -> Option<Nanos> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
+    let mut ts = std::mem::MaybeUninit::<libc::timespec>::uninit();
+    // SAFETY: `ts` points to writable memory for a timespec for the call's
+    // duration, and is read only after the call succeeded (filled it in).
+    let ts = unsafe {
+        if libc::clock_gettime(libc::CLOCK_BOOTTIME, ts.as_mut_ptr()) != 0 {
+            return None;
+        }
+        ts.assume_init()
     };
-    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    if rc != 0 {
-        return None;
-    }
     let secs = Nanos::try_from(ts.tv_sec).ok()?;
     let nanos = Nanos::try_from(ts.tv_nsec).ok()?;
     Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))

@@ -222,8 +222,8 @@ struct ServerArgs {
     follower_apply_interval_ms: Option<u64>,
     /// Answer linearizable reads on the leader from a lease (no heartbeat
     /// round per read) while a quorum has echoed a heartbeat within the
-    /// election timeout shortened by --clock-drift-ppm. Use the same setting
-    /// on every node.
+    /// election timeout shortened by --clock-drift-ppm. Every node must have
+    /// the same minimum election timeout and --clock-drift-ppm.
     #[arg(long)]
     lease_reads: bool,
     /// The clock-rate error lease reads assume at most on any node, in

@@ -264,6 +264,10 @@ fn cli_mistakes_get_clear_errors() {
             &["server", "--id", "1", "--data-dir", "/tmp/x", "--peer-addr", "127.0.0.1:1", "--client-addr", "127.0.0.1:2", "--follower-apply-interval-ms", "2000"],
             "follower_apply_interval_ms (2000) must be at most 1000",
         ),
+        (
+            &["server", "--id", "1", "--data-dir", "/tmp/x", "--peer-addr", "127.0.0.1:1", "--client-addr", "127.0.0.1:2", "--lease-reads", "--clock-drift-ppm", "600000"],
+            "clock_drift_ppm (600000) must be at most 500000",
+        ),
         (&["kv", "cas", "k", "v"], "give exactly one of --expect-value, --expect-version, --expect-absent"),
         (&["kv", "--endpoints", "127.0.0.1:1", "--timeout", "1", "get", "x"], "no leader reachable"),
         (&["dev", "--nodes", "0"], "0 is not in 1..=9"),

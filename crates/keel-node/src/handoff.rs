@@ -115,6 +115,19 @@ impl<T> Drop for HandoffTx<T> {
 }
 
 impl<T> HandoffRx<T> {
+    /// Test-only: as a receiver that said it parks (whether a send wakes
+    /// it shows in `is_parked`).
+    #[cfg(test)]
+    pub(crate) fn mark_parked(&self) {
+        self.parking.parked.store(true, Ordering::SeqCst);
+    }
+
+    /// Test-only: whether it still counts as parked (no wake since).
+    #[cfg(test)]
+    pub(crate) fn is_parked(&self) -> bool {
+        self.parking.parked.load(Ordering::SeqCst)
+    }
+
     /// The next message, parking while there is none; `None` once every
     /// sender is gone and the queue is empty.
     pub fn recv(&self) -> Option<T> {

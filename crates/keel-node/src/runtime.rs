@@ -2276,6 +2276,59 @@ mod tests {
         assert_eq!(snapshot_phase(7, 1), 0);
     }
 
+    /// `ServiceLink::send_lazily`: the first apply after a quiet spell
+    /// wakes the service; those within an interval of the last wake are
+    /// queued quietly and owed a wake, which `wake_if_due` gives from
+    /// `soon` on and the loop's timer by `latest`; an eager send wakes it,
+    /// settles what was owed and counts as the last wake.
+    #[test]
+    fn lazy_applies_wake_the_service_once_per_interval() {
+        let every = Duration::from_secs(10);
+        let (tx, rx) = handoff::channel::<ServiceInput>();
+        let mut link = ServiceLink::Thread(tx, LazyWake::default());
+        let apply = || ServiceInput::Apply(Vec::new(), Vec::new());
+        let lazy = |link: &ServiceLink| match link {
+            ServiceLink::Thread(_, l) => (l.woken, l.owed.map(|d| (d.soon, d.latest))),
+            ServiceLink::Inline(_) => unreachable!(),
+        };
+
+        rx.mark_parked();
+        link.send_lazily(apply(), every).expect("send");
+        assert!(!rx.is_parked(), "the first apply woke nothing");
+        let (woken, owed) = lazy(&link);
+        let woken = woken.expect("a wake recorded");
+        assert_eq!(owed, None);
+
+        rx.mark_parked();
+        link.send_lazily(apply(), every).expect("send");
+        link.send_lazily(apply(), every).expect("send");
+        assert!(rx.is_parked(), "an apply within the interval woke it");
+        assert_eq!(link.queued(), 3, "nothing is dropped");
+        let due = (woken + every, woken + every * LAZY_WAKE_LIMIT);
+        assert_eq!(lazy(&link).1, Some(due));
+        assert_eq!(link.wake_due(), Some(due.1));
+
+        link.wake_if_due(woken + every / 2);
+        assert!(rx.is_parked(), "woken before the interval was up");
+        link.wake_if_due(woken + every);
+        assert!(!rx.is_parked(), "not woken once the interval was up");
+        assert_eq!(lazy(&link), (Some(woken + every), None));
+        assert_eq!(link.wake_due(), None);
+
+        // An eager send (a read, a write's apply) wakes it and settles
+        // what was owed; the apply right after it is quiet again.
+        rx.mark_parked();
+        link.send_lazily(apply(), every).expect("send");
+        assert!(rx.is_parked());
+        link.send(apply()).expect("send");
+        assert!(!rx.is_parked(), "an eager send did not wake it");
+        assert_eq!(lazy(&link).1, None, "the eager send left a wake owed");
+        rx.mark_parked();
+        link.send_lazily(apply(), every).expect("send");
+        assert!(rx.is_parked(), "an apply right after an eager send woke it");
+        assert_eq!(link.queued(), 6);
+    }
+
     #[test]
     fn the_client_queue_admits_what_fits_and_counts_requests() {
         let q = ClientQueue {

@@ -17,5 +17,8 @@ pub use node::{
     accept_any_snapshot, Action, Config, Event, Node, Proposal, Recovered, RejectReason, Role,
     Stats, TestingBugs, TimerUpdate,
 };
-pub use service::{ApplyOutput, Context, Reply, Service, ServiceHost, SnapshotTask, SESSIONLESS};
+pub use service::{
+    snapshot_sessions, ApplyOutput, Context, Reply, Service, ServiceHost, SessionOutcome,
+    SnapshotTask, SESSIONLESS,
+};
 pub use types::*;

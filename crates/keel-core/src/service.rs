@@ -392,31 +392,11 @@ impl<S: Service> ServiceHost<S> {
             data: &snapshot.data,
             offset: 0,
         };
-        let magic: [u8; 4] = r.array()?;
-        if magic != SNAPSHOT_MAGIC && magic != SNAPSHOT_MAGIC_V1 {
-            return Err(SnapshotError::BadMagic {
-                found: magic,
-                expected: SNAPSHOT_MAGIC,
-            });
-        }
-        let _applied = r.u64()?;
-        let last_sweep = r.u64()?;
-        let mut sessions = BTreeMap::new();
-        for _ in 0..r.u64()? {
-            let client = r.u64()?;
-            let last_seq = r.u64()?;
-            let last_active = r.u64()?;
-            let len = r.u64()?;
-            let last_reply = Bytes::copy_from_slice(r.bytes(len)?);
-            sessions.insert(
-                client,
-                Session {
-                    last_seq,
-                    last_reply,
-                    last_active,
-                },
-            );
-        }
+        let HostSessions {
+            magic,
+            last_sweep,
+            sessions,
+        } = read_host_sessions(&mut r)?;
         let mut timers = BTreeMap::new();
         for _ in 0..r.u64()? {
             let id = r.u64()?;
@@ -450,6 +430,77 @@ impl<S: Service> ServiceHost<S> {
         );
         Ok(updates)
     }
+}
+
+/// A client session's outcome as a snapshot holds it: its last sequence
+/// number and the reply to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionOutcome {
+    pub client: ClientId,
+    pub last_seq: u64,
+    pub last_reply: Bytes,
+}
+
+/// The client sessions in a `ServiceHost` snapshot's data, read without
+/// restoring anything (the session table comes first and is small): what
+/// a node that installs the snapshot can tell its own waiting clients
+/// about writes the snapshot covers.
+pub fn snapshot_sessions(data: &[u8]) -> Result<Vec<SessionOutcome>, SnapshotError> {
+    if data.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut r = Reader { data, offset: 0 };
+    let host = read_host_sessions(&mut r)?;
+    Ok(host
+        .sessions
+        .into_iter()
+        .map(|(client, s)| SessionOutcome {
+            client,
+            last_seq: s.last_seq,
+            last_reply: s.last_reply,
+        })
+        .collect())
+}
+
+/// A snapshot's header and session table.
+struct HostSessions {
+    magic: [u8; 4],
+    last_sweep: Nanos,
+    sessions: BTreeMap<ClientId, Session>,
+}
+
+/// Reads a snapshot's header and session table.
+fn read_host_sessions(r: &mut Reader<'_>) -> Result<HostSessions, SnapshotError> {
+    let magic: [u8; 4] = r.array()?;
+    if magic != SNAPSHOT_MAGIC && magic != SNAPSHOT_MAGIC_V1 {
+        return Err(SnapshotError::BadMagic {
+            found: magic,
+            expected: SNAPSHOT_MAGIC,
+        });
+    }
+    let _applied = r.u64()?;
+    let last_sweep = r.u64()?;
+    let mut sessions = BTreeMap::new();
+    for _ in 0..r.u64()? {
+        let client = r.u64()?;
+        let last_seq = r.u64()?;
+        let last_active = r.u64()?;
+        let len = r.u64()?;
+        let last_reply = Bytes::copy_from_slice(r.bytes(len)?);
+        sessions.insert(
+            client,
+            Session {
+                last_seq,
+                last_reply,
+                last_active,
+            },
+        );
+    }
+    Ok(HostSessions {
+        magic,
+        last_sweep,
+        sessions,
+    })
 }
 
 /// Bounds-checked little-endian reader: decoding never panics.

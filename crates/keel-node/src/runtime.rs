@@ -360,6 +360,24 @@ impl NodeHandle {
     /// answer. Writes go without a session (`SESSIONLESS`): each call is
     /// applied once per time it reaches the log, as etcd's API behaves.
     pub async fn call(&self, op: ClientOp) -> ClientResult {
+        // (The consensus thread numbers sessionless writes.)
+        self.call_as(keel_core::SESSIONLESS, 0, op).await
+    }
+
+    /// `call` in client session `client` with sequence number `seq`: a
+    /// write is applied at most once per (client, seq) however often it is
+    /// sent (a retry gets the first reply), as the native protocol's
+    /// clients do.
+    pub async fn call_in_session(&self, client: u64, seq: u64, op: ClientOp) -> ClientResult {
+        if client == keel_core::SESSIONLESS {
+            return ClientResult::Error(format!(
+                "client id {client} is reserved for sessionless requests"
+            ));
+        }
+        self.call_as(client, seq, op).await
+    }
+
+    async fn call_as(&self, client: u64, seq: u64, op: ClientOp) -> ClientResult {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = ResponseSink::oneshot();
         let answer = |r: Result<ClientResponse, _>| match r {
@@ -375,8 +393,8 @@ impl NodeHandle {
         };
         let req = ClientRequest {
             id: n,
-            client: keel_core::SESSIONLESS,
-            seq: 0, // (the consensus thread numbers sessionless writes)
+            client,
+            seq,
             op,
         };
         if self.is_stopped() {
@@ -1545,10 +1563,57 @@ impl Consensus {
         }
     }
 
+    /// A snapshot installed here replaces entries this node will never
+    /// apply; writes of its own clients among them would wait for
+    /// `write_timeout_ms`. A write in a session that the snapshot's session
+    /// table shows at or past its sequence number is answered now, as its
+    /// entry would answer it: with the reply the table keeps if it was the
+    /// session's last request, as stale if the session has moved on.
+    /// (Sessionless writes, and sessions the snapshot does not show that
+    /// far, wait for their entries or the timeout as before.)
+    fn settle_writes_covered_by(&mut self, s: &Snapshot) {
+        if self
+            .awaiting
+            .keys()
+            .all(|&(client, _)| client == keel_core::SESSIONLESS)
+        {
+            return;
+        }
+        // Unreadable sessions fail the restore that follows, loudly.
+        let Ok(sessions) = keel_core::snapshot_sessions(&s.data) else {
+            return;
+        };
+        let clients: std::collections::HashSet<u64> =
+            self.awaiting.keys().map(|&(client, _)| client).collect();
+        for o in sessions.into_iter().filter(|o| clients.contains(&o.client)) {
+            let covered: Vec<(u64, u64)> = self
+                .awaiting
+                .keys()
+                .filter(|&&(client, seq)| client == o.client && seq <= o.last_seq)
+                .copied()
+                .collect();
+            for (client, seq) in covered {
+                let Some(w) = self.awaiting.remove(&(client, seq)) else {
+                    continue;
+                };
+                let result = if seq == o.last_seq {
+                    ClientResult::Ok(o.last_reply.clone())
+                } else {
+                    stale_request(client, seq)
+                };
+                self.metrics
+                    .commit_latency
+                    .observe(w.since.elapsed().as_secs_f64());
+                respond(&w.sink, w.id, result);
+            }
+        }
+    }
+
     /// Answers writes that waited `write_timeout_ms` for their entries: a write
     /// a follower forwarded can be dropped on the way or by a leader in the
     /// middle of a leadership transfer, and one whose entry a snapshot
-    /// install covered is never applied here. Its outcome is unknown.
+    /// install covered is never applied here (unless in a session the
+    /// snapshot shows: `settle_writes_covered_by`). Its outcome is unknown.
     fn expire_awaiting(&mut self) {
         let now = Instant::now();
         if self.awaiting.is_empty() || now < self.next_expiry {
@@ -1703,6 +1768,7 @@ impl Consensus {
                     "node {} installed a snapshot at {} (term {})",
                     self.cfg.id, s.meta.position, s.meta.term
                 );
+                self.settle_writes_covered_by(&s);
                 self.service.send(ServiceInput::Restore(Box::new(s)))?;
             }
             Action::ReadReady { id, index } => {
@@ -1829,6 +1895,13 @@ impl Consensus {
             *st = s;
         }
     }
+}
+
+/// The answer to a request older than its session's last one.
+fn stale_request(client: u64, seq: u64) -> ClientResult {
+    ClientResult::Error(format!(
+        "request {seq} of session {client} is older than the session's last request"
+    ))
 }
 
 fn respond(sink: &ResponseSink, id: u64, result: ClientResult) {
@@ -1988,9 +2061,7 @@ impl ServiceWorker {
                     if let Some(w) = self.writes.remove(&(client, seq)) {
                         let result = match reply {
                             Reply::Applied(b) | Reply::Duplicate(b) => ClientResult::Ok(b),
-                            Reply::Stale => ClientResult::Error(format!(
-                                "request {seq} of session {client} is older than the session's last request"
-                            )),
+                            Reply::Stale => stale_request(client, seq),
                         };
                         self.metrics
                             .commit_latency

@@ -1085,3 +1085,90 @@ fn lease_reads_see_every_earlier_write_and_follow_the_leader() {
     net.heal();
     stop_all(nodes);
 }
+
+/// A write a follower took in a client session, whose entry the follower
+/// never receives because a snapshot install replaces it (the leader
+/// compacted its log while the follower heard nothing), is answered when
+/// the snapshot is installed, with the reply the snapshot's session table
+/// keeps: not "outcome unknown" after `write_timeout_ms`.
+#[test]
+fn a_session_write_covered_by_a_snapshot_install_is_answered_with_its_reply() {
+    let Three {
+        tmp: _tmp,
+        net,
+        nodes,
+        ..
+    } = start_three_with(
+        2048,
+        DurabilityConfig::Replicated,
+        |c| {
+            c.write_timeout_ms = 30_000;
+            c.snapshot_log_percent = 0;
+            // The cut-off follower must not time out (it would answer its
+            // waiting writes "not the leader") while the leader compacts.
+            c.election_timeout_min_ms = 3_000;
+            c.election_timeout_max_ms = 6_000;
+        },
+        || Box::new(KvService::default()),
+    );
+    let leader = wait_leader(&nodes, None);
+    let l = &nodes[leader as usize - 1];
+    let f = nodes
+        .iter()
+        .find(|n| n.status().id != leader)
+        .expect("a follower");
+    let fid = f.status().id;
+    net.cut(leader, fid);
+    let put = |key: &str, value: &str| {
+        Command::Put {
+            key: Bytes::from(key.to_owned()),
+            value: Bytes::from(value.to_owned()),
+        }
+        .encode()
+    };
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| {
+            let rt = client_runtime();
+            let start = Instant::now();
+            let r = rt.block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(15),
+                    f.call_in_session(4242, 1, ClientOp::Write(put("covered", "yes"))),
+                )
+                .await
+            });
+            (r, start.elapsed())
+        });
+        // The forwarded write commits without the follower; then enough
+        // writes for snapshots that compact the leader's log past it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while l.metrics().snapshots_taken.get() < 3 {
+            assert!(Instant::now() < deadline, "the leader took no snapshots");
+            for i in 0..20 {
+                let r = write_within(
+                    l,
+                    put(&format!("fill{i}"), &"x".repeat(200)),
+                    Duration::from_secs(5),
+                );
+                assert!(matches!(r, Some(ClientResult::Ok(_))), "fill: {r:?}");
+            }
+        }
+        assert_eq!(f.metrics().snapshots_installed.get(), 0);
+        net.heal();
+        let (r, took) = waiting.join().expect("the waiting client");
+        let r = r.unwrap_or_else(|_| panic!("no answer within 15 s (write timeout 30 s)"));
+        let ClientResult::Ok(data) = r else {
+            panic!("the covered write: {r:?} after {took:?}");
+        };
+        assert!(
+            matches!(Response::decode(&data), Ok(Response::Put { .. })),
+            "{:?}",
+            Response::decode(&data)
+        );
+        assert!(
+            f.metrics().snapshots_installed.get() >= 1,
+            "no snapshot install"
+        );
+    });
+    stop_all(nodes);
+}

@@ -36,6 +36,16 @@ fn wait_leader(nodes: &[NodeHandle], isolated: Option<u64>) -> u64 {
     panic!("no leader within 10 s");
 }
 
+/// Waits for a leader; returns its id, its handle and a follower's.
+fn leader_and_follower(nodes: &[NodeHandle]) -> (u64, &NodeHandle, &NodeHandle) {
+    let leader = wait_leader(nodes, None);
+    let follower = nodes
+        .iter()
+        .find(|n| n.status().id != leader)
+        .expect("a follower");
+    (leader, &nodes[leader as usize - 1], follower)
+}
+
 fn node_config(
     id: u64,
     dir: &std::path::Path,
@@ -954,12 +964,7 @@ fn a_follower_read_ahead_of_its_log_does_not_wait_for_the_apply_interval() {
         |c| c.follower_apply_interval_ms = 1000,
         || Box::new(KvService::default()),
     );
-    let leader = wait_leader(&nodes, None);
-    let l = &nodes[leader as usize - 1];
-    let follower = nodes
-        .iter()
-        .find(|n| n.status().id != leader)
-        .expect("a follower");
+    let (leader, l, follower) = leader_and_follower(&nodes);
     let f = follower.status().id;
     let rt = client_runtime();
     let mut slowest = Duration::ZERO;
@@ -1030,12 +1035,7 @@ fn lease_reads_see_every_earlier_write_and_follow_the_leader() {
         }
     };
     let lease_reads = |n: &NodeHandle| n.metrics().lease_reads.get();
-    let leader = wait_leader(&nodes, None);
-    let l = &nodes[leader as usize - 1];
-    let follower = nodes
-        .iter()
-        .find(|n| n.status().id != leader)
-        .expect("a follower");
+    let (leader, l, follower) = leader_and_follower(&nodes);
     for i in 0..20 {
         let value = format!("v{i}");
         let put = Command::Put {
@@ -1111,12 +1111,7 @@ fn a_session_write_covered_by_a_snapshot_install_is_answered_with_its_reply() {
         },
         || Box::new(KvService::default()),
     );
-    let leader = wait_leader(&nodes, None);
-    let l = &nodes[leader as usize - 1];
-    let f = nodes
-        .iter()
-        .find(|n| n.status().id != leader)
-        .expect("a follower");
+    let (leader, l, f) = leader_and_follower(&nodes);
     let fid = f.status().id;
     net.cut(leader, fid);
     let put = |key: &str, value: &str| {

@@ -46,6 +46,42 @@ fn leader_and_follower(nodes: &[NodeHandle]) -> (u64, &NodeHandle, &NodeHandle) 
     (leader, &nodes[leader as usize - 1], follower)
 }
 
+/// Three KV nodes, `replicated`, snapshots practically never, each node's
+/// configuration changed by `tweak`.
+fn start_kv_three(tweak: impl Fn(&mut NodeConfig)) -> Three {
+    start_three_with(1 << 30, DurabilityConfig::Replicated, tweak, || {
+        Box::new(KvService::default())
+    })
+}
+
+/// A KV put of `value` at `key`, encoded.
+fn kv_put(key: &str, value: &str) -> Bytes {
+    Command::Put {
+        key: Bytes::from(key.to_owned()),
+        value: Bytes::from(value.to_owned()),
+    }
+    .encode()
+}
+
+/// A linearizable KV get of `key` through `node` within `limit`: the value
+/// (empty if the key is absent), or `None` if no value came back (no
+/// answer in time, or an answer other than a value).
+fn kv_get_within(node: &NodeHandle, key: &str, limit: Duration) -> Option<Bytes> {
+    let q = Query::Get {
+        key: Bytes::from(key.to_owned()),
+    };
+    let r = client_runtime().block_on(async {
+        tokio::time::timeout(limit, node.call(ClientOp::Read(q.encode()))).await
+    });
+    match r {
+        Ok(ClientResult::Ok(data)) => match Response::decode(&data) {
+            Ok(Response::Get { kv, .. }) => Some(kv.map(|kv| kv.value).unwrap_or_default()),
+            other => panic!("get {key}: {other:?}"),
+        },
+        _ => None,
+    }
+}
+
 fn node_config(
     id: u64,
     dir: &std::path::Path,
@@ -881,12 +917,7 @@ fn a_follower_behind_the_in_memory_log_catches_up_from_the_log_files() {
 fn followers_apply_in_batches_and_miss_nothing() {
     let Three {
         tmp: _tmp, nodes, ..
-    } = start_three_with(
-        1 << 30,
-        DurabilityConfig::Replicated,
-        |c| c.follower_apply_interval_ms = 300,
-        || Box::new(KvService::default()),
-    );
+    } = start_kv_three(|c| c.follower_apply_interval_ms = 300);
     let leader = wait_leader(&nodes, None);
     let l = &nodes[leader as usize - 1];
     let rt = client_runtime();
@@ -958,39 +989,24 @@ fn a_follower_read_ahead_of_its_log_does_not_wait_for_the_apply_interval() {
         net,
         nodes,
         ..
-    } = start_three_with(
-        1 << 30,
-        DurabilityConfig::Replicated,
-        |c| c.follower_apply_interval_ms = 1000,
-        || Box::new(KvService::default()),
-    );
+    } = start_kv_three(|c| c.follower_apply_interval_ms = 1000);
     let (leader, l, follower) = leader_and_follower(&nodes);
     let f = follower.status().id;
-    let rt = client_runtime();
     let mut slowest = Duration::ZERO;
     for round in 0..5 {
         net.cut(leader, f);
         let value = format!("v{round}");
-        let put = Command::Put {
-            key: Bytes::from_static(b"k"),
-            value: Bytes::from(value.clone()),
-        };
-        let r = write_within(l, put.encode(), Duration::from_secs(10));
+        let r = write_within(l, kv_put("k", &value), Duration::from_secs(10));
         assert!(matches!(r, Some(ClientResult::Ok(_))), "put {round}: {r:?}");
         net.heal();
-        let q = Query::Get {
-            key: Bytes::from_static(b"k"),
-        };
         let start = Instant::now();
-        let r = rt.block_on(follower.call(ClientOp::Read(q.encode())));
+        let got = kv_get_within(follower, "k", Duration::from_secs(10));
         slowest = slowest.max(start.elapsed());
-        let ClientResult::Ok(data) = r else {
-            panic!("read {round} on the follower: {r:?}");
-        };
-        match Response::decode(&data) {
-            Ok(Response::Get { kv: Some(kv), .. }) => assert_eq!(kv.value, value.as_bytes()),
-            other => panic!("read {round} on the follower: {other:?}"),
-        }
+        assert_eq!(
+            got.as_deref(),
+            Some(value.as_bytes()),
+            "read {round} on the follower"
+        );
     }
     println!("slowest follower read: {slowest:?}");
     assert!(
@@ -1012,37 +1028,13 @@ fn lease_reads_see_every_earlier_write_and_follow_the_leader() {
         net,
         nodes,
         ..
-    } = start_three_with(
-        1 << 30,
-        DurabilityConfig::Replicated,
-        |c| c.lease_reads = true,
-        || Box::new(KvService::default()),
-    );
-    let rt = client_runtime();
-    let read = |n: &NodeHandle| -> Option<Bytes> {
-        let q = Query::Get {
-            key: Bytes::from_static(b"k"),
-        };
-        let r = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), n.call(ClientOp::Read(q.encode()))).await
-        });
-        match r {
-            Ok(ClientResult::Ok(data)) => match Response::decode(&data) {
-                Ok(Response::Get { kv, .. }) => Some(kv.map(|kv| kv.value).unwrap_or_default()),
-                other => panic!("read: {other:?}"),
-            },
-            _ => None,
-        }
-    };
+    } = start_kv_three(|c| c.lease_reads = true);
+    let read = |n: &NodeHandle| kv_get_within(n, "k", Duration::from_secs(5));
     let lease_reads = |n: &NodeHandle| n.metrics().lease_reads.get();
     let (leader, l, follower) = leader_and_follower(&nodes);
     for i in 0..20 {
         let value = format!("v{i}");
-        let put = Command::Put {
-            key: Bytes::from_static(b"k"),
-            value: Bytes::from(value.clone()),
-        };
-        let r = write_within(l, put.encode(), Duration::from_secs(10));
+        let r = write_within(l, kv_put("k", &value), Duration::from_secs(10));
         assert!(matches!(r, Some(ClientResult::Ok(_))), "put {i}: {r:?}");
         assert_eq!(
             read(l).as_deref(),
@@ -1068,11 +1060,7 @@ fn lease_reads_see_every_earlier_write_and_follow_the_leader() {
     let new = wait_leader(&nodes, Some(leader));
     assert_ne!(new, leader);
     let n = &nodes[new as usize - 1];
-    let put = Command::Put {
-        key: Bytes::from_static(b"k"),
-        value: Bytes::from_static(b"after"),
-    };
-    let r = write_within(n, put.encode(), Duration::from_secs(10));
+    let r = write_within(n, kv_put("k", "after"), Duration::from_secs(10));
     assert!(matches!(r, Some(ClientResult::Ok(_))), "put after: {r:?}");
     assert_eq!(read(n).as_deref(), Some(&b"after"[..]));
     let before = lease_reads(l);
@@ -1114,13 +1102,6 @@ fn a_session_write_covered_by_a_snapshot_install_is_answered_with_its_reply() {
     let (leader, l, f) = leader_and_follower(&nodes);
     let fid = f.status().id;
     net.cut(leader, fid);
-    let put = |key: &str, value: &str| {
-        Command::Put {
-            key: Bytes::from(key.to_owned()),
-            value: Bytes::from(value.to_owned()),
-        }
-        .encode()
-    };
     std::thread::scope(|s| {
         let waiting = s.spawn(|| {
             let rt = client_runtime();
@@ -1128,7 +1109,7 @@ fn a_session_write_covered_by_a_snapshot_install_is_answered_with_its_reply() {
             let r = rt.block_on(async {
                 tokio::time::timeout(
                     Duration::from_secs(15),
-                    f.call_in_session(4242, 1, ClientOp::Write(put("covered", "yes"))),
+                    f.call_in_session(4242, 1, ClientOp::Write(kv_put("covered", "yes"))),
                 )
                 .await
             });
@@ -1142,7 +1123,7 @@ fn a_session_write_covered_by_a_snapshot_install_is_answered_with_its_reply() {
             for i in 0..20 {
                 let r = write_within(
                     l,
-                    put(&format!("fill{i}"), &"x".repeat(200)),
+                    kv_put(&format!("fill{i}"), &"x".repeat(200)),
                     Duration::from_secs(5),
                 );
                 assert!(matches!(r, Some(ClientResult::Ok(_))), "fill: {r:?}");

@@ -1359,19 +1359,24 @@ fn granted(out: &[Action]) -> bool {
 /// leader's lease (found by review: a stale lease read).
 #[test]
 fn stickiness_survives_a_higher_term_message() {
-    let mut b = Node::new(Config::new(2, 7), Membership::new(1..=3), 0);
     let timeout = Config::new(2, 7).election_timeout_min;
     let t = 5_000 * MS;
-    let mut out = Vec::new();
-    b.step(t, append(0, 1, Vec::new()), &mut out);
-    assert_eq!(b.leader(), Some(1));
-    out.clear();
-    b.step(
-        t + MS,
-        Event::Message(to_node_2(3, 2, Body::PreVoteResp { granted: false })),
-        &mut out,
-    );
-    assert_eq!((b.term(), b.leader()), (2, None));
+    // Node 2 hears leader 1 at `t`, then a refusal at term 2 from node 3.
+    let moved_on = || {
+        let mut b = Node::new(Config::new(2, 7), Membership::new(1..=3), 0);
+        let mut out = Vec::new();
+        b.step(t, append(0, 1, Vec::new()), &mut out);
+        assert_eq!(b.leader(), Some(1));
+        let refusal = to_node_2(3, 2, Body::PreVoteResp { granted: false });
+        b.step(t + MS, Event::Message(refusal), &mut out);
+        assert_eq!((b.term(), b.leader()), (2, None));
+        b
+    };
+    let answer = |b: &mut Node, at: Nanos, term: Term, body: Body| {
+        let mut out = Vec::new();
+        b.step(at, Event::Message(to_node_2(3, term, body)), &mut out);
+        granted(&out)
+    };
     let vote = |transfer| Body::Vote {
         last_pos: 0,
         last_term: 0,
@@ -1382,42 +1387,22 @@ fn stickiness_survives_a_higher_term_message() {
         (t + timeout - MS, vote(false), false),
         (t + 2 * MS, vote(true), true),
     ] {
-        let mut node = Node::new(Config::new(2, 7), Membership::new(1..=3), 0);
-        let mut out = Vec::new();
-        node.step(t, append(0, 1, Vec::new()), &mut out);
-        node.step(
-            t + MS,
-            Event::Message(to_node_2(3, 2, Body::PreVoteResp { granted: false })),
-            &mut out,
-        );
-        out.clear();
-        node.step(at, Event::Message(to_node_2(3, 2, body.clone())), &mut out);
-        assert_eq!(granted(&out), want, "{body:?} at {} ms", (at - t) / MS);
+        let got = answer(&mut moved_on(), at, 2, body.clone());
+        assert_eq!(got, want, "{body:?} at {} ms", (at - t) / MS);
     }
     // A pre-vote for a later term is refused too, until the timeout.
-    out.clear();
+    let mut b = moved_on();
     let pre_vote = Body::PreVote {
         last_pos: 0,
         last_term: 0,
     };
-    b.step(
-        t + 2 * MS,
-        Event::Message(to_node_2(3, 3, pre_vote.clone())),
-        &mut out,
+    assert!(!answer(&mut b, t + 2 * MS, 3, pre_vote.clone()));
+    assert!(
+        answer(&mut b, t + timeout, 3, pre_vote),
+        "not granted once the timeout passed"
     );
-    assert!(!granted(&out));
-    out.clear();
-    b.step(
-        t + timeout,
-        Event::Message(to_node_2(3, 3, pre_vote)),
-        &mut out,
+    assert!(
+        answer(&mut b, t + timeout, 2, vote(false)),
+        "vote not granted once the timeout passed"
     );
-    assert!(granted(&out), "not granted once the timeout passed");
-    out.clear();
-    b.step(
-        t + timeout,
-        Event::Message(to_node_2(3, 2, vote(false))),
-        &mut out,
-    );
-    assert!(granted(&out), "vote not granted once the timeout passed");
 }

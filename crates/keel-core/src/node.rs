@@ -156,6 +156,9 @@ pub struct TestingBugs {
     /// Lease reads: a lease lasts three maximum election timeouts, past
     /// the voters' stickiness.
     pub lease_outlasts_stickiness: bool,
+    /// Lease reads: a lease lasts `election_timeout_min` on the leader's
+    /// clock, as if clocks ran at the true rate (no drift margin).
+    pub lease_ignores_drift: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1728,8 +1731,11 @@ impl Node {
             self.heartbeat_times.pop_front();
         }
         if let Some(created) = lease_from {
-            let lease = if self.cfg.testing_bugs.lease_outlasts_stickiness {
+            let bugs = self.cfg.testing_bugs;
+            let lease = if bugs.lease_outlasts_stickiness {
                 3 * self.cfg.election_timeout_max
+            } else if bugs.lease_ignores_drift {
+                self.cfg.election_timeout_min
             } else {
                 self.cfg.lease_duration()
             };

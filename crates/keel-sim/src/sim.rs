@@ -161,6 +161,8 @@ pub struct SimConfig {
     /// How long faults are injected (simulated time).
     pub fault_time: Nanos,
     pub clients: usize,
+    /// How many of the clients only read (the first ones).
+    pub readers: usize,
     pub keys: u64,
     pub bugs: TestingBugs,
     /// Take a snapshot after this many applied bytes.
@@ -183,6 +185,14 @@ pub struct SimConfig {
     /// clock runs at the true rate (the clocks are still offset and, with
     /// the clock nemesis, stepped).
     pub clock_drift_ppm: u64,
+    /// The clock-rate error the nodes assume (`Config::clock_drift_ppm`),
+    /// which sets the margin their leases leave for it.
+    pub assumed_drift_ppm: u64,
+    /// Scripted cut-offs of a slow-clocked leader (`None`: none).
+    pub lease_cuts: Option<LeaseCuts>,
+    /// The nodes' election timeout range (`Config::election_timeout_min`
+    /// and `_max`).
+    pub election_timeout: (Nanos, Nanos),
     /// How long after `Action::SaveSnapshot` a snapshot's file reaches
     /// storage to be published, drawn per snapshot from this range (in
     /// order per node). The runtime's snapshot thread serializes and writes
@@ -214,6 +224,27 @@ pub struct WipeFollower {
     pub catch_up_bound: Nanos,
 }
 
+/// Lease reads' worst case, scripted: the leader of the moment gets the
+/// slowest clock the drift bound allows and every other node the fastest;
+/// later it is cut off from every other node and from the clients that
+/// write. The clients that only read (`SimConfig::readers`) go on reading
+/// from it, answered by its lease alone, while the writers find the new
+/// leader and write there. A lease that does
+/// not leave the drift margin (or overruns it by more than a few message
+/// delays) answers some of those reads after the new leader's writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseCuts {
+    /// When the first leader's clock is slowed.
+    pub first: Nanos,
+    /// The time from one slowed leader to the next.
+    pub every: Nanos,
+    /// How long after the clocks are set the leader is cut off: by then
+    /// its lease runs from heartbeats timed at the new rates.
+    pub skew_before: Nanos,
+    /// How long it stays cut off.
+    pub cut_for: Nanos,
+}
+
 /// Named scripted scenarios (`--scenario`), on top of a fault mix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
@@ -222,19 +253,28 @@ pub enum Scenario {
     /// A wiped follower rejoins while writes go on, snapshots are taken
     /// often and their files are published late (several snapshots behind).
     WipedFollowerUnderLoad,
+    /// Lease reads with clocks drifting by 10% (and the nodes assuming as
+    /// much): a slow-clocked leader is cut off from fast-clocked voters
+    /// again and again (`LeaseCuts`). Election timeouts of 1-1.1 s make
+    /// the drift margin (~200 ms) wide against message delays (~1 ms), and
+    /// their narrow range makes the first voter time out soon after its
+    /// stickiness ends, as the worst case does.
+    LeaseSlowLeader,
 }
 
 impl Scenario {
-    pub fn all() -> [Scenario; 2] {
+    pub fn all() -> [Scenario; 3] {
         [
             Scenario::WipedFollowerIdle,
             Scenario::WipedFollowerUnderLoad,
+            Scenario::LeaseSlowLeader,
         ]
     }
     pub fn name(self) -> &'static str {
         match self {
             Scenario::WipedFollowerIdle => "wiped-follower-idle",
             Scenario::WipedFollowerUnderLoad => "wiped-follower-under-load",
+            Scenario::LeaseSlowLeader => "lease-slow-leader",
         }
     }
     pub fn by_name(name: &str) -> Option<Scenario> {
@@ -266,6 +306,22 @@ impl Scenario {
                 });
                 cfg.fault_time = 4 * SEC + 500 * MS;
             }
+            Scenario::LeaseSlowLeader => {
+                cfg.lease_reads = true;
+                cfg.clock_drift_ppm = 100_000;
+                cfg.assumed_drift_ppm = 100_000;
+                cfg.clients = 8;
+                cfg.readers = 4;
+                cfg.keys = 2;
+                cfg.election_timeout = (SEC, 1_100 * MS);
+                cfg.lease_cuts = Some(LeaseCuts {
+                    first: 500 * MS,
+                    every: 2_500 * MS,
+                    skew_before: 300 * MS,
+                    cut_for: 1_600 * MS,
+                });
+                cfg.fault_time = 10 * SEC;
+            }
         }
     }
 }
@@ -278,6 +334,7 @@ impl SimConfig {
             mix,
             fault_time: 6 * SEC,
             clients: 4,
+            readers: 0,
             keys: 4,
             bugs: TestingBugs::default(),
             snapshot_every: 16 * 1024,
@@ -285,6 +342,9 @@ impl SimConfig {
             unsafe_local_reads: false,
             lease_reads: false,
             clock_drift_ppm: 0,
+            assumed_drift_ppm: Config::new(1, 0).clock_drift_ppm,
+            lease_cuts: None,
+            election_timeout: (200 * MS, 400 * MS),
             publish_delay: (0, 0),
             wipe: None,
             scenario: None,
@@ -312,6 +372,9 @@ impl SimConfig {
         }
         if self.bugs.lease_outlasts_stickiness {
             s.push_str(" --bug lease-outlasts-stickiness");
+        }
+        if self.bugs.lease_ignores_drift {
+            s.push_str(" --bug lease-ignores-drift");
         }
         if self.lease_reads {
             s.push_str(" --lease-reads");
@@ -356,6 +419,11 @@ pub struct Report {
     pub log_ranges_read: u64,
     /// Reads answered under a leader lease (`SimConfig::lease_reads`).
     pub lease_reads: u64,
+    /// Slow-clocked leaders cut off (`SimConfig::lease_cuts`).
+    pub lease_cuts: u64,
+    /// Reads a node cut off by `lease_cuts` answered while cut off: only
+    /// its lease can answer them (or a quorum's echo already on its way).
+    pub reads_while_cut_off: u64,
     pub log_ranges_unsent: u64,
     pub membership_changes: u64,
     /// Membership changes that removed the leader proposing them, accepted
@@ -452,6 +520,12 @@ enum Ev {
     Wipe,
     WipeRestart(NodeId),
     WipeCheck,
+    /// `LeaseCuts`: slow the leader's clock, speed up the others'.
+    LeaseSkew,
+    /// `LeaseCuts`: cut this node off if it still leads.
+    LeaseCut(NodeId),
+    /// `LeaseCuts`: the clients cut off from this node reach it again.
+    LeaseHeal(NodeId),
     End,
 }
 
@@ -583,6 +657,11 @@ pub struct Sim {
     all_ids: Vec<NodeId>,
     link_latency: HashMap<(NodeId, NodeId), Nanos>,
     blocked: HashSet<(NodeId, NodeId)>,
+    /// (client, node) pairs that cannot reach each other: the client's
+    /// attempts there fail at once.
+    unreachable: HashSet<(u64, NodeId)>,
+    /// The node `lease_cuts` has cut off, until it is healed.
+    cut_off: Option<NodeId>,
     loss: f64,
     duplicate: f64,
     reorder: f64,
@@ -607,10 +686,10 @@ const TICK: Nanos = 5 * MS;
 fn core_config(id: NodeId, sim: &SimConfig, seed: u64) -> Config {
     let mut c = Config::new(id, 0x6b65_656c);
     c.lease_reads = sim.lease_reads;
+    c.clock_drift_ppm = sim.assumed_drift_ppm;
     let bugs = sim.bugs;
     c.heartbeat_interval = 20 * MS;
-    c.election_timeout_min = 200 * MS;
-    c.election_timeout_max = 400 * MS;
+    (c.election_timeout_min, c.election_timeout_max) = sim.election_timeout;
     c.max_batch_bytes = 4 * 1024;
     c.max_inflight_bytes = 32 * 1024;
     // Small chunks so snapshot installs take several messages.
@@ -730,6 +809,8 @@ impl Sim {
             all_ids,
             link_latency,
             blocked: HashSet::new(),
+            unreachable: HashSet::new(),
+            cut_off: None,
             loss: mix.loss,
             duplicate: mix.duplicate,
             reorder: mix.reorder,
@@ -765,6 +846,9 @@ impl Sim {
         if let Some(w) = sim.cfg.wipe.clone() {
             sim.schedule(w.at, Ev::Wipe);
             sim.schedule(w.restart_at.saturating_add(w.catch_up_bound), Ev::WipeCheck);
+        }
+        if let Some(c) = sim.cfg.lease_cuts.as_ref() {
+            sim.schedule(c.first, Ev::LeaseSkew);
         }
         let heal = sim.cfg.fault_time;
         sim.schedule(heal, Ev::HealAll);
@@ -853,6 +937,12 @@ impl Sim {
             Ev::Wipe => self.wipe(),
             Ev::WipeRestart(id) => self.wipe_restart(id),
             Ev::WipeCheck => self.wipe_check(),
+            Ev::LeaseSkew => self.lease_skew(),
+            Ev::LeaseCut(id) => self.lease_cut(id),
+            Ev::LeaseHeal(id) => {
+                self.unreachable.retain(|&(_, n)| n != id);
+                self.cut_off = None;
+            }
             Ev::End => {}
         }
     }
@@ -1163,6 +1253,9 @@ impl Sim {
                 self.serve_reads(i);
             }
             Action::ReadReady { id: req, index } => {
+                if self.cut_off == Some(id) {
+                    self.report.reads_while_cut_off += 1;
+                }
                 self.nodes[i].ready_reads.push((req, index));
                 self.serve_reads(i);
             }
@@ -1445,7 +1538,8 @@ impl Sim {
             return;
         }
         let key = self.rng.range(0, self.cfg.keys);
-        let roll = self.rng.range(0, 100);
+        let reader = ci < self.cfg.readers;
+        let roll = if reader { 50 } else { self.rng.range(0, 100) };
         let input = if roll < 45 {
             self.next_value += 1;
             KvInput::Put {
@@ -1514,7 +1608,20 @@ impl Sim {
         }
         client.wake_token += 1;
         let token = client.wake_token;
-        if let Some(d) = self.client_link_delay() {
+        if self.unreachable.contains(&(id, node)) {
+            // Cut off from the node: the attempt fails fast (a real client
+            // would time out first) and the client tries another node.
+            let resp = Resp::Reject(RejectReason::NotLeader { leader: None });
+            let d = self.rng.range(100_000, 2 * MS);
+            self.schedule(
+                d,
+                Ev::Response {
+                    client: id,
+                    req,
+                    resp,
+                },
+            );
+        } else if let Some(d) = self.client_link_delay() {
             self.schedule(
                 d,
                 Ev::Request {
@@ -1650,6 +1757,59 @@ impl Sim {
         self.schedule(next, Ev::Nemesis);
     }
 
+    /// `LeaseCuts`: the leader of the moment gets the slowest clock and
+    /// every other node the fastest; the cut follows `skew_before` later.
+    fn lease_skew(&mut self) {
+        let Some(cuts) = self.cfg.lease_cuts.clone() else {
+            return;
+        };
+        if !self.faults_active {
+            return;
+        }
+        let Some(l) = self.leader_index() else {
+            self.schedule(50 * MS, Ev::LeaseSkew);
+            return;
+        };
+        let ppm = self.cfg.clock_drift_ppm as i64;
+        for i in 0..self.nodes.len() {
+            let rate = if i == l { -ppm } else { ppm };
+            self.nodes[i].clock.set_rate(self.now, rate);
+        }
+        let id = self.nodes[l].id;
+        self.schedule(cuts.skew_before, Ev::LeaseCut(id));
+        self.schedule(cuts.every, Ev::LeaseSkew);
+    }
+
+    /// `LeaseCuts`: cuts `id` off from every other node and from the
+    /// clients that write, if it still leads.
+    fn lease_cut(&mut self, id: NodeId) {
+        let Some(cuts) = self.cfg.lease_cuts.clone() else {
+            return;
+        };
+        let i = self.idx(id);
+        let leads = self.nodes[i].core.as_ref().is_some_and(Node::is_leader);
+        if !self.faults_active || !leads {
+            return;
+        }
+        self.report.lease_cuts += 1;
+        if self.trace {
+            eprintln!("{:>10.3}ms node {id}: lease cut", self.now as f64 / 1e6);
+        }
+        let links = self
+            .all_ids
+            .iter()
+            .filter(|&&o| o != id)
+            .flat_map(|&o| [(id, o), (o, id)])
+            .collect();
+        self.block(links, cuts.cut_for);
+        self.cut_off = Some(id);
+        let writers = self.cfg.readers..self.clients.len();
+        for c in &self.clients[writers] {
+            self.unreachable.insert((c.id, id));
+        }
+        self.schedule(cuts.cut_for, Ev::LeaseHeal(id));
+    }
+
     fn block(&mut self, links: Vec<(NodeId, NodeId)>, dur: Nanos) {
         for &l in &links {
             self.blocked.insert(l);
@@ -1661,6 +1821,8 @@ impl Sim {
         self.faults_active = false;
         self.healed_at = Some(self.now);
         self.blocked.clear();
+        self.unreachable.clear();
+        self.cut_off = None;
         self.loss = 0.0;
         self.duplicate = 0.0;
         self.reorder = 0.0;

@@ -230,13 +230,16 @@ pub struct WipeFollower {
 /// write. The clients that only read (`SimConfig::readers`) go on reading
 /// from it, answered by its lease alone, while the writers find the new
 /// leader and write there. A lease that does
-/// not leave the drift margin (or overruns it by more than a few message
-/// delays) answers some of those reads after the new leader's writes.
-#[derive(Clone, Debug, PartialEq)]
+/// not leave the drift margin (or overruns it by more than an election
+/// plus a write take, tens of milliseconds) answers some of those reads
+/// after the new leader's writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseCuts {
-    /// When the first leader's clock is slowed.
+    /// When the first leader's clock is slowed (with no leader yet, as
+    /// soon as there is one).
     pub first: Nanos,
-    /// The time from one slowed leader to the next.
+    /// The time from one slowed leader to the next: at least
+    /// `skew_before + cut_for`, so cuts never overlap.
     pub every: Nanos,
     /// How long after the clocks are set the leader is cut off: by then
     /// its lease runs from heartbeats timed at the new rates.
@@ -314,13 +317,15 @@ impl Scenario {
                 cfg.readers = 4;
                 cfg.keys = 2;
                 cfg.election_timeout = (SEC, 1_100 * MS);
+                // The first election ends 1-1.2 s in; four cuts of 1.6 s
+                // each then end before the faults heal.
                 cfg.lease_cuts = Some(LeaseCuts {
-                    first: 500 * MS,
+                    first: 1_200 * MS,
                     every: 2_500 * MS,
                     skew_before: 300 * MS,
                     cut_for: 1_600 * MS,
                 });
-                cfg.fault_time = 10 * SEC;
+                cfg.fault_time = 11 * SEC;
             }
         }
     }
@@ -420,10 +425,14 @@ pub struct Report {
     /// Reads answered under a leader lease (`SimConfig::lease_reads`).
     pub lease_reads: u64,
     /// Slow-clocked leaders cut off (`SimConfig::lease_cuts`).
-    pub lease_cuts: u64,
+    pub leaders_cut_off: u64,
     /// Reads a node cut off by `lease_cuts` answered while cut off: only
     /// its lease can answer them (or a quorum's echo already on its way).
     pub reads_while_cut_off: u64,
+    /// The latest such read, as time since its node was cut off: how long
+    /// a cut-off leader went on answering from its lease. One later than
+    /// the voters' stickiness can last is a violation.
+    pub last_read_after_cut: Nanos,
     pub log_ranges_unsent: u64,
     pub membership_changes: u64,
     /// Membership changes that removed the leader proposing them, accepted
@@ -524,7 +533,8 @@ enum Ev {
     LeaseSkew,
     /// `LeaseCuts`: cut this node off if it still leads.
     LeaseCut(NodeId),
-    /// `LeaseCuts`: the clients cut off from this node reach it again.
+    /// `LeaseCuts`: this node and the clients cut off from it reach each
+    /// other again, and it reaches the other nodes.
     LeaseHeal(NodeId),
     End,
 }
@@ -660,8 +670,9 @@ pub struct Sim {
     /// (client, node) pairs that cannot reach each other: the client's
     /// attempts there fail at once.
     unreachable: HashSet<(u64, NodeId)>,
-    /// The node `lease_cuts` has cut off, until it is healed.
-    cut_off: Option<NodeId>,
+    /// The node `lease_cuts` has cut off from every other node, and when,
+    /// until it is healed.
+    cut_off: Option<(NodeId, Nanos)>,
     loss: f64,
     duplicate: f64,
     reorder: f64,
@@ -847,7 +858,11 @@ impl Sim {
             sim.schedule(w.at, Ev::Wipe);
             sim.schedule(w.restart_at.saturating_add(w.catch_up_bound), Ev::WipeCheck);
         }
-        if let Some(c) = sim.cfg.lease_cuts.as_ref() {
+        if let Some(c) = sim.cfg.lease_cuts {
+            assert!(
+                c.skew_before + c.cut_for <= c.every,
+                "lease cuts must not overlap: {c:?}"
+            );
             sim.schedule(c.first, Ev::LeaseSkew);
         }
         let heal = sim.cfg.fault_time;
@@ -941,7 +956,9 @@ impl Sim {
             Ev::LeaseCut(id) => self.lease_cut(id),
             Ev::LeaseHeal(id) => {
                 self.unreachable.retain(|&(_, n)| n != id);
-                self.cut_off = None;
+                if self.cut_off.is_some_and(|(n, _)| n == id) {
+                    self.cut_off = None;
+                }
             }
             Ev::End => {}
         }
@@ -966,7 +983,8 @@ impl Sim {
         if matches!(m.body, keel_core::Body::InstallSnapshot { .. }) {
             self.report.snapshot_chunks += 1;
         }
-        if self.blocked.contains(&(m.from, m.to)) {
+        let cut = self.cut_off.is_some_and(|(n, _)| m.from == n || m.to == n);
+        if cut || self.blocked.contains(&(m.from, m.to)) {
             return;
         }
         let copies = if self.rng.chance(self.duplicate) {
@@ -1253,8 +1271,27 @@ impl Sim {
                 self.serve_reads(i);
             }
             Action::ReadReady { id: req, index } => {
-                if self.cut_off == Some(id) {
+                if let Some((_, since)) = self.cut_off.filter(|&(n, _)| n == id) {
                     self.report.reads_while_cut_off += 1;
+                    let after = self.now - since;
+                    let latest = self.report.last_read_after_cut;
+                    self.report.last_read_after_cut = latest.max(after);
+                    // The voters (at the fastest rate) may vote for
+                    // another node once their stickiness ends, this long
+                    // after the last heartbeat they got, before the cut.
+                    let ppm = u128::from(self.cfg.clock_drift_ppm);
+                    let hold =
+                        u128::from(self.cfg.election_timeout.0) * 1_000_000 / (1_000_000 + ppm);
+                    // (Reported once per run, so the run goes on to its
+                    // linearizability check.)
+                    if u128::from(after) > hold && u128::from(latest) <= hold {
+                        self.report.violations.push(format!(
+                            "lease: node {id} answered a read {:.3} ms after it was cut off, \
+                             past the voters' stickiness ({:.3} ms)",
+                            after as f64 / 1e6,
+                            hold as f64 / 1e6
+                        ));
+                    }
                 }
                 self.nodes[i].ready_reads.push((req, index));
                 self.serve_reads(i);
@@ -1538,9 +1575,10 @@ impl Sim {
             return;
         }
         let key = self.rng.range(0, self.cfg.keys);
-        let reader = ci < self.cfg.readers;
-        let roll = if reader { 50 } else { self.rng.range(0, 100) };
-        let input = if roll < 45 {
+        let roll = self.rng.range(0, 100);
+        let input = if ci < self.cfg.readers {
+            KvInput::Get { key }
+        } else if roll < 45 {
             self.next_value += 1;
             KvInput::Put {
                 key,
@@ -1760,7 +1798,7 @@ impl Sim {
     /// `LeaseCuts`: the leader of the moment gets the slowest clock and
     /// every other node the fastest; the cut follows `skew_before` later.
     fn lease_skew(&mut self) {
-        let Some(cuts) = self.cfg.lease_cuts.clone() else {
+        let Some(cuts) = self.cfg.lease_cuts else {
             return;
         };
         if !self.faults_active {
@@ -1783,7 +1821,7 @@ impl Sim {
     /// `LeaseCuts`: cuts `id` off from every other node and from the
     /// clients that write, if it still leads.
     fn lease_cut(&mut self, id: NodeId) {
-        let Some(cuts) = self.cfg.lease_cuts.clone() else {
+        let Some(cuts) = self.cfg.lease_cuts else {
             return;
         };
         let i = self.idx(id);
@@ -1791,19 +1829,15 @@ impl Sim {
         if !self.faults_active || !leads {
             return;
         }
-        self.report.lease_cuts += 1;
+        self.report.leaders_cut_off += 1;
         if self.trace {
             eprintln!("{:>10.3}ms node {id}: lease cut", self.now as f64 / 1e6);
         }
-        let links = self
-            .all_ids
-            .iter()
-            .filter(|&&o| o != id)
-            .flat_map(|&o| [(id, o), (o, id)])
-            .collect();
-        self.block(links, cuts.cut_for);
-        self.cut_off = Some(id);
-        let writers = self.cfg.readers..self.clients.len();
+        // Not in `blocked`: a partition nemesis healing its links must not
+        // end the cut early.
+        self.cut_off = Some((id, self.now));
+        // The writers (not the liveness prober: it runs after the faults).
+        let writers = self.cfg.readers.min(self.cfg.clients)..self.cfg.clients;
         for c in &self.clients[writers] {
             self.unreachable.insert((c.id, id));
         }

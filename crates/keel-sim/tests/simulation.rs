@@ -372,21 +372,37 @@ fn linearizability_checker_catches_a_lease_that_outlasts_stickiness() {
 /// the voters the fastest, then it is cut off from them and from the
 /// writing clients. The reading clients stay with it and are answered by
 /// its lease alone while the voters elect a new leader and the writers
-/// write there: no read may miss those writes.
+/// write there: no read may miss those writes. And the cut-off leader's
+/// last read comes at least 800 ms after the cut but no later than a fast
+/// voter's stickiness ends (1 s / 1.1; the simulator reports a later one
+/// as a violation): its lease lasts nearly as long as it may and never
+/// longer. This timing check catches a lease 0.5% too long at once; the
+/// linearizability checker needs a lease about 10% too long, so that a
+/// new leader can be elected and write inside the overrun.
 #[test]
 fn lease_reads_stay_linearizable_when_a_slow_clocked_leader_is_cut_off_from_fast_voters() {
     let reports = sweep_with("calm", 0..40, |cfg| Scenario::LeaseSlowLeader.apply(cfg));
-    let cuts: u64 = reports.iter().map(|r| r.lease_cuts).sum();
+    let cuts: u64 = reports.iter().map(|r| r.leaders_cut_off).sum();
     let exposed: u64 = reports.iter().map(|r| r.reads_while_cut_off).sum();
     println!("{cuts} leaders cut off, {exposed} reads answered by them while cut off");
-    assert!(
-        reports.iter().all(|r| r.lease_cuts >= 2),
-        "every run must cut off a leader at least twice"
-    );
-    assert!(
-        reports.iter().all(|r| r.reads_while_cut_off > 0),
-        "every run must have a cut-off leader answer reads from its lease"
-    );
+    // A read later than a fast voter's stickiness (1 s / 1.1 of true time
+    // from the cut) is a violation the sweep fails on; this checks that the
+    // leases last nearly that long.
+    for r in &reports {
+        assert!(
+            r.leaders_cut_off >= 3,
+            "seed {}: {} cuts",
+            r.seed,
+            r.leaders_cut_off
+        );
+        assert!(
+            r.last_read_after_cut >= 800_000_000,
+            "seed {}: a cut-off leader answered its last read {:.3} ms after the cut: \
+             its lease should last nearly as long as the voters' stickiness (909 ms)",
+            r.seed,
+            r.last_read_after_cut as f64 / 1e6
+        );
+    }
 }
 
 /// The scenario above is sharp: a lease that leaves no margin for clock

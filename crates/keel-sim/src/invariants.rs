@@ -2,7 +2,9 @@
 //! leader per term; log matching (same position and term ⇒ same prefix);
 //! committed entries never change or disappear; commit never moves back;
 //! every node applies the same entries at the same positions, contiguously
-//! and with non-decreasing leader-stamped time; term and vote never regress.
+//! and with non-decreasing leader-stamped time; term and vote never regress;
+//! no leader answers a read under its lease once a leader of a later term
+//! has been elected.
 //!
 //! Each node's log is mirrored as a chain of hashes (hash of the previous
 //! link and the entry), fed by the same actions the runtime executes, so a
@@ -79,6 +81,11 @@ pub struct Invariants {
     /// Every committed boundary → chain.
     committed: BTreeMap<Position, u64>,
     leaders: HashMap<Term, NodeId>,
+    /// The latest term any node was elected leader of, and that node.
+    newest_leader: (Term, NodeId),
+    /// A lease read after a later leader was elected has been reported
+    /// (once per run, so the run goes on to its linearizability check).
+    stale_lease_reported: bool,
     /// End position → chain of every applied entry, across nodes.
     applied: HashMap<Position, u64>,
     last_commit: HashMap<NodeId, (u64, Position)>,
@@ -109,6 +116,21 @@ impl Invariants {
             }
         }
         self.leaders.insert(term, id);
+        self.newest_leader = self.newest_leader.max((term, id));
+    }
+
+    /// `id`, leader of `term`, answered a read under its lease. The voters
+    /// that echoed its heartbeat hold their votes at least until the lease
+    /// ends, and any election needs one of them: no later leader can exist.
+    pub fn lease_read(&mut self, id: NodeId, term: Term, v: &mut Vec<String>) {
+        let (newest, by) = self.newest_leader;
+        if newest > term && !self.stale_lease_reported {
+            self.stale_lease_reported = true;
+            v.push(format!(
+                "lease safety: node {id} answered a read under its lease of term {term} \
+                 after node {by} was elected leader of term {newest}"
+            ));
+        }
     }
 
     pub fn persist_hard_state(

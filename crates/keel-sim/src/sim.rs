@@ -1019,9 +1019,17 @@ impl Sim {
         while let Some(ev) = queue.pop_front() {
             let now = self.local_now(i);
             let mut out = std::mem::take(&mut self.scratch);
-            match self.nodes[i].core.as_mut() {
-                Some(core) => core.step(now, ev, &mut out),
+            let lease_reads = match self.nodes[i].core.as_mut() {
+                Some(core) => {
+                    let before = core.stats().lease_reads;
+                    core.step(now, ev, &mut out);
+                    (core.stats().lease_reads > before).then(|| core.term())
+                }
                 None => return,
+            };
+            if let Some(term) = lease_reads {
+                let id = self.nodes[i].id;
+                self.inv.lease_read(id, term, &mut self.report.violations);
             }
             for a in out.drain(..) {
                 self.exec(i, a, &mut queue);

@@ -159,6 +159,9 @@ pub struct TestingBugs {
     /// Lease reads: a lease lasts `election_timeout_min` on the leader's
     /// clock, as if clocks ran at the true rate (no drift margin).
     pub lease_ignores_drift: bool,
+    /// Leader stickiness starts only with the first message from a leader,
+    /// not at a (re)start: a restarted voter may vote at once.
+    pub no_restart_hold: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -577,7 +580,11 @@ impl Node {
             heartbeat_times: VecDeque::new(),
             lease_until: 0,
             lease_given_up: false,
-            vote_hold_until: now.saturating_add(cfg.election_timeout_min),
+            vote_hold_until: if cfg.testing_bugs.no_restart_hold {
+                0
+            } else {
+                now.saturating_add(cfg.election_timeout_min)
+            },
             reads: VecDeque::new(),
             reads_waiting: Vec::new(),
             forwarded_reads: BTreeSet::new(),

@@ -38,7 +38,7 @@ struct Args {
     /// Break the protocol on purpose (to see the checkers fire).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
         ["commit-without-quorum", "vote-without-log-check", "lease-outlasts-stickiness",
-         "lease-ignores-drift"]))]
+         "lease-ignores-drift", "no-restart-hold"]))]
     bug: Vec<String>,
     /// Nodes answer linearizable reads by leader lease instead of a
     /// heartbeat round. The clock nemesis then changes clock rates (within
@@ -108,6 +108,7 @@ fn config_for(args: &Args, seed: u64) -> SimConfig {
         vote_without_log_check: args.bug.iter().any(|b| b == "vote-without-log-check"),
         lease_outlasts_stickiness: args.bug.iter().any(|b| b == "lease-outlasts-stickiness"),
         lease_ignores_drift: args.bug.iter().any(|b| b == "lease-ignores-drift"),
+        no_restart_hold: args.bug.iter().any(|b| b == "no-restart-hold"),
     };
     cfg
 }

@@ -225,11 +225,15 @@ pub struct WipeFollower {
 }
 
 /// Lease reads' worst case, scripted: the leader of the moment gets the
-/// slowest clock the drift bound allows and every other node the fastest;
-/// later it is cut off from every other node and from the clients that
-/// write. The clients that only read (`SimConfig::readers`) go on reading
-/// from it, answered by its lease alone, while the writers find the new
-/// leader and write there. A lease that does
+/// slowest clock the drift bound allows and every other node the fastest.
+/// At the same time a minority of its followers and the clients that write
+/// lose it: those followers will stand for election early, and with no
+/// writes their logs stay as long as the others'. Later the leader is cut
+/// off from every other node, and one of the followers it still had
+/// restarts, so only its restart hold keeps it from voting for an early
+/// candidate. The clients that only read (`SimConfig::readers`) go on
+/// reading from the old leader, answered by its lease alone, while the
+/// writers find the new leader and write there. A lease that does
 /// not leave the drift margin (or overruns it by more than an election
 /// plus a write take, tens of milliseconds) answers some of those reads
 /// after the new leader's writes.
@@ -241,8 +245,9 @@ pub struct LeaseCuts {
     /// The time from one slowed leader to the next: at least
     /// `skew_before + cut_for`, so cuts never overlap.
     pub every: Nanos,
-    /// How long after the clocks are set the leader is cut off: by then
-    /// its lease runs from heartbeats timed at the new rates.
+    /// How long after the clocks are set (and the writers and a minority
+    /// of followers lose the leader) it is cut off: by then its lease runs
+    /// from heartbeats timed at the new rates.
     pub skew_before: Nanos,
     /// How long it stays cut off.
     pub cut_for: Nanos,
@@ -258,7 +263,8 @@ pub enum Scenario {
     WipedFollowerUnderLoad,
     /// Lease reads with clocks drifting by 10% (and the nodes assuming as
     /// much): a slow-clocked leader is cut off from fast-clocked voters
-    /// again and again (`LeaseCuts`). Election timeouts of 1-1.1 s make
+    /// again and again, some of which stand early and one of which has
+    /// just restarted (`LeaseCuts`). Election timeouts of 1-1.1 s make
     /// the drift margin (~200 ms) wide against message delays (~1 ms), and
     /// their narrow range makes the first voter time out soon after its
     /// stickiness ends, as the worst case does.
@@ -380,6 +386,9 @@ impl SimConfig {
         }
         if self.bugs.lease_ignores_drift {
             s.push_str(" --bug lease-ignores-drift");
+        }
+        if self.bugs.no_restart_hold {
+            s.push_str(" --bug no-restart-hold");
         }
         if self.lease_reads {
             s.push_str(" --lease-reads");
@@ -531,6 +540,8 @@ enum Ev {
     WipeCheck,
     /// `LeaseCuts`: slow the leader's clock, speed up the others'.
     LeaseSkew,
+    /// `LeaseCuts`: a minority of this leader's followers lose it.
+    LeaseIsolate(NodeId),
     /// `LeaseCuts`: cut this node off if it still leads.
     LeaseCut(NodeId),
     /// `LeaseCuts`: this node and the clients cut off from it reach each
@@ -673,6 +684,9 @@ pub struct Sim {
     /// The node `lease_cuts` has cut off from every other node, and when,
     /// until it is healed.
     cut_off: Option<(NodeId, Nanos)>,
+    /// `lease_cuts`, before the cut: the leader, and the followers that
+    /// cannot reach it (or it them).
+    cut_early: Option<(NodeId, Vec<NodeId>)>,
     loss: f64,
     duplicate: f64,
     reorder: f64,
@@ -822,6 +836,7 @@ impl Sim {
             blocked: HashSet::new(),
             unreachable: HashSet::new(),
             cut_off: None,
+            cut_early: None,
             loss: mix.loss,
             duplicate: mix.duplicate,
             reorder: mix.reorder,
@@ -953,11 +968,15 @@ impl Sim {
             Ev::WipeRestart(id) => self.wipe_restart(id),
             Ev::WipeCheck => self.wipe_check(),
             Ev::LeaseSkew => self.lease_skew(),
+            Ev::LeaseIsolate(id) => self.lease_isolate(id),
             Ev::LeaseCut(id) => self.lease_cut(id),
             Ev::LeaseHeal(id) => {
                 self.unreachable.retain(|&(_, n)| n != id);
                 if self.cut_off.is_some_and(|(n, _)| n == id) {
                     self.cut_off = None;
+                }
+                if self.cut_early.as_ref().is_some_and(|(n, _)| *n == id) {
+                    self.cut_early = None;
                 }
             }
             Ev::End => {}
@@ -983,7 +1002,10 @@ impl Sim {
         if matches!(m.body, keel_core::Body::InstallSnapshot { .. }) {
             self.report.snapshot_chunks += 1;
         }
-        let cut = self.cut_off.is_some_and(|(n, _)| m.from == n || m.to == n);
+        let cut = self.cut_off.is_some_and(|(n, _)| m.from == n || m.to == n)
+            || self.cut_early.as_ref().is_some_and(|(l, early)| {
+                (m.from == *l && early.contains(&m.to)) || (m.to == *l && early.contains(&m.from))
+            });
         if cut || self.blocked.contains(&(m.from, m.to)) {
             return;
         }
@@ -1822,16 +1844,43 @@ impl Sim {
             self.nodes[i].clock.set_rate(self.now, rate);
         }
         let id = self.nodes[l].id;
+        // The writers lose every node now (followers would forward their
+        // writes), a minority of the followers lose the leader once the
+        // writes already on their way are replicated.
+        let writers = self.cfg.readers.min(self.cfg.clients)..self.cfg.clients;
+        for c in &self.clients[writers] {
+            for &n in &self.all_ids {
+                self.unreachable.insert((c.id, n));
+            }
+        }
+        self.schedule(50 * MS, Ev::LeaseIsolate(id));
         self.schedule(cuts.skew_before, Ev::LeaseCut(id));
+        self.schedule(cuts.skew_before + cuts.cut_for, Ev::LeaseHeal(id));
         self.schedule(cuts.every, Ev::LeaseSkew);
     }
 
-    /// `LeaseCuts`: cuts `id` off from every other node and from the
-    /// clients that write, if it still leads.
-    fn lease_cut(&mut self, id: NodeId) {
-        let Some(cuts) = self.cfg.lease_cuts else {
+    /// `LeaseCuts`: the highest-numbered minority of the followers of `id`
+    /// (with the writers gone, as long in the log as the others) lose it,
+    /// so they will stand for election early.
+    fn lease_isolate(&mut self, id: NodeId) {
+        let i = self.idx(id);
+        let Some(core) = self.nodes[i].core.as_ref().filter(|c| c.is_leader()) else {
             return;
         };
+        let voters: Vec<NodeId> = core.membership().voters.iter().copied().collect();
+        let followers: Vec<NodeId> = voters.iter().copied().filter(|&v| v != id).collect();
+        let early = followers[followers.len() - (voters.len() - 1) / 2..].to_vec();
+        self.cut_early = Some((id, early));
+    }
+
+    /// `LeaseCuts`: cuts `id` off from every other node, if it still
+    /// leads, and restarts one of the followers it still had.
+    fn lease_cut(&mut self, id: NodeId) {
+        if self.cfg.lease_cuts.is_none() {
+            return;
+        }
+        // The writers reach every other node again.
+        self.unreachable.retain(|&(_, n)| n == id);
         let i = self.idx(id);
         let leads = self.nodes[i].core.as_ref().is_some_and(Node::is_leader);
         if !self.faults_active || !leads {
@@ -1844,12 +1893,21 @@ impl Sim {
         // Not in `blocked`: a partition nemesis healing its links must not
         // end the cut early.
         self.cut_off = Some((id, self.now));
-        // The writers (not the liveness prober: it runs after the faults).
-        let writers = self.cfg.readers.min(self.cfg.clients)..self.cfg.clients;
-        for c in &self.clients[writers] {
-            self.unreachable.insert((c.id, id));
+        // One of the followers that still had the leader restarts: it may
+        // have echoed the leader's last heartbeat and forgotten it.
+        let early = self.cut_early.clone().map(|(_, e)| e).unwrap_or_default();
+        let kept = self.nodes[i].core.as_ref().and_then(|core| {
+            core.membership()
+                .voters
+                .iter()
+                .copied()
+                .find(|&v| v != id && !early.contains(&v))
+        });
+        if let Some(v) = kept {
+            let vi = self.idx(v);
+            self.crash(vi);
+            self.schedule(20 * MS, Ev::Restart(v));
         }
-        self.schedule(cuts.cut_for, Ev::LeaseHeal(id));
     }
 
     fn block(&mut self, links: Vec<(NodeId, NodeId)>, dur: Nanos) {
@@ -1865,6 +1923,7 @@ impl Sim {
         self.blocked.clear();
         self.unreachable.clear();
         self.cut_off = None;
+        self.cut_early = None;
         self.loss = 0.0;
         self.duplicate = 0.0;
         self.reorder = 0.0;

@@ -1826,7 +1826,9 @@ impl Sim {
     }
 
     /// `LeaseCuts`: the leader of the moment gets the slowest clock and
-    /// every other node the fastest; the cut follows `skew_before` later.
+    /// every other node the fastest, and the writers pause; a minority of
+    /// its followers lose it 50 ms later, the cut follows `skew_before`
+    /// later and ends `cut_for` after that.
     fn lease_skew(&mut self) {
         let Some(cuts) = self.cfg.lease_cuts else {
             return;

@@ -4,7 +4,7 @@
 //! compacted by snapshots), hash / hash-kv (a CRC-32C over the retained
 //! history, equal on every replica at the same revision; not etcd's value),
 //! and move-leader (a Keel leadership transfer; asked of the leader, as in
-//! etcd).
+//! etcd). Snapshot downloads are refused with a message saying why.
 
 use crate::{node_error, Api};
 use keel_etcd_proto::etcdserverpb::maintenance_server::Maintenance;
@@ -17,6 +17,10 @@ use tonic::{Request, Response, Status};
 /// The etcd release whose API Keel serves (what `etcdctl endpoint status`
 /// prints as the version).
 pub const ETCD_VERSION: &str = "3.4.30";
+
+/// Why `Snapshot` (`etcdctl snapshot save`) is refused.
+pub const SNAPSHOT_NOT_SERVED: &str = "etcdserver: snapshot download is not served by Keel: \
+its state is not an etcd (bbolt) database, which `etcdctl snapshot restore` and `status` need";
 
 pub struct MaintenanceApi(pub Arc<Api>);
 
@@ -50,6 +54,15 @@ impl Maintenance for MaintenanceApi {
             is_learner: st.learners.contains(&st.id),
             ..Default::default()
         }))
+    }
+
+    /// Refused with `SNAPSHOT_NOT_SERVED` (the generated stub's answer,
+    /// "Not yet implemented", would promise something that is not coming).
+    async fn snapshot(
+        &self,
+        _r: Request<SnapshotRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<SnapshotResponse>>, Status> {
+        Err(Status::unimplemented(SNAPSHOT_NOT_SERVED))
     }
 
     async fn defragment(

@@ -430,6 +430,13 @@ fn etcdctl_member_list_and_endpoint_status() {
     }
     assert_eq!(leaders, 1, "exactly one leader: {status}");
 
+    // A snapshot download is refused, saying why.
+    let file = c._tmp.path().join("snap.db");
+    let out = Ctl::at(&c.nodes[0].etcd).run(&["snapshot", "save", &file.to_string_lossy()], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "snapshot save succeeded: {stderr}");
+    assert!(stderr.contains("not served by Keel"), "{stderr}");
+
     // Each endpoint alone answers.
     let one = Ctl::at(&c.nodes[0].etcd);
     assert_eq!(lines(&one.ok(&["put", "x", "1"])), ["OK"]);

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
+pub mod not_served;
 pub mod watch;
 
 use bytes::Bytes;
@@ -237,6 +238,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
         .add_service(MaintenanceServer::new(maintenance::MaintenanceApi(
             api.clone(),
         )))
+        .add_service(not_served::AuthNotServed)
         .serve_with_incoming(incoming);
     rt.spawn(compactor::run(api, auto_compaction));
     rt.spawn(async move {

@@ -7,4 +7,6 @@ pub mod kv;
 pub mod linearizability;
 pub mod sim;
 
-pub use sim::{run, FaultMix, LeaseCuts, Report, Scenario, SimConfig, WipeFollower, WipeOutcome};
+pub use sim::{
+    run, FaultMix, LeaseCuts, Report, Scenario, SimConfig, WipeFollower, WipeOutcome, BUGS,
+};

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use keel_core::TestingBugs;
-use keel_sim::{run, FaultMix, Scenario, SimConfig};
+use keel_sim::{run, FaultMix, Scenario, SimConfig, BUGS};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
@@ -37,8 +37,7 @@ struct Args {
     fault_seconds: u64,
     /// Break the protocol on purpose (to see the checkers fire).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
-        ["commit-without-quorum", "vote-without-log-check", "lease-outlasts-stickiness",
-         "lease-ignores-drift", "no-restart-hold"]))]
+        BUGS.iter().map(|(name, _)| *name)))]
     bug: Vec<String>,
     /// Nodes answer linearizable reads by leader lease instead of a
     /// heartbeat round. The clock nemesis then changes clock rates (within
@@ -103,13 +102,12 @@ fn config_for(args: &Args, seed: u64) -> SimConfig {
     } else if cfg.lease_reads && cfg.clock_drift_ppm == 0 {
         cfg.clock_drift_ppm = cfg.assumed_drift_ppm;
     }
-    cfg.bugs = TestingBugs {
-        commit_without_quorum: args.bug.iter().any(|b| b == "commit-without-quorum"),
-        vote_without_log_check: args.bug.iter().any(|b| b == "vote-without-log-check"),
-        lease_outlasts_stickiness: args.bug.iter().any(|b| b == "lease-outlasts-stickiness"),
-        lease_ignores_drift: args.bug.iter().any(|b| b == "lease-ignores-drift"),
-        no_restart_hold: args.bug.iter().any(|b| b == "no-restart-hold"),
-    };
+    cfg.bugs = TestingBugs::default();
+    for (name, flag) in BUGS {
+        if args.bug.iter().any(|b| b == name) {
+            *flag(&mut cfg.bugs) = true;
+        }
+    }
     cfg
 }
 

@@ -23,6 +23,20 @@ use std::path::Path;
 const MS: Nanos = 1_000_000;
 const SEC: Nanos = 1_000_000_000;
 
+/// One of `TestingBugs`' switches.
+pub type BugFlag = fn(&mut TestingBugs) -> &mut bool;
+
+/// The core's deliberate bugs (`TestingBugs`) by their `--bug` names.
+pub const BUGS: [(&str, BugFlag); 5] = [
+    ("commit-without-quorum", |b| &mut b.commit_without_quorum),
+    ("vote-without-log-check", |b| &mut b.vote_without_log_check),
+    ("lease-outlasts-stickiness", |b| {
+        &mut b.lease_outlasts_stickiness
+    }),
+    ("lease-ignores-drift", |b| &mut b.lease_ignores_drift),
+    ("no-restart-hold", |b| &mut b.no_restart_hold),
+];
+
 /// Which faults a run injects.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FaultMix {
@@ -375,20 +389,11 @@ impl SimConfig {
             "cargo run -p keel-sim --release -- --seed {} --nodes {} --mix {}",
             self.seed, self.nodes, self.mix.name
         );
-        if self.bugs.commit_without_quorum {
-            s.push_str(" --bug commit-without-quorum");
-        }
-        if self.bugs.vote_without_log_check {
-            s.push_str(" --bug vote-without-log-check");
-        }
-        if self.bugs.lease_outlasts_stickiness {
-            s.push_str(" --bug lease-outlasts-stickiness");
-        }
-        if self.bugs.lease_ignores_drift {
-            s.push_str(" --bug lease-ignores-drift");
-        }
-        if self.bugs.no_restart_hold {
-            s.push_str(" --bug no-restart-hold");
+        let mut bugs = self.bugs;
+        for (name, flag) in BUGS {
+            if *flag(&mut bugs) {
+                s.push_str(&format!(" --bug {name}"));
+            }
         }
         if self.lease_reads {
             s.push_str(" --lease-reads");

@@ -1311,15 +1311,10 @@ impl Sim {
                     let after = self.now - since;
                     let latest = self.report.last_read_after_cut;
                     self.report.last_read_after_cut = latest.max(after);
-                    // The voters (at the fastest rate) may vote for
-                    // another node once their stickiness ends, this long
-                    // after the last heartbeat they got, before the cut.
-                    let ppm = u128::from(self.cfg.clock_drift_ppm);
-                    let hold =
-                        u128::from(self.cfg.election_timeout.0) * 1_000_000 / (1_000_000 + ppm);
                     // (Reported once per run, so the run goes on to its
                     // linearizability check.)
-                    if u128::from(after) > hold && u128::from(latest) <= hold {
+                    let hold = self.fast_voter_hold();
+                    if after > hold && latest <= hold {
                         self.report.violations.push(format!(
                             "lease: node {id} answered a read {:.3} ms after it was cut off, \
                              past the voters' stickiness ({:.3} ms)",
@@ -1830,6 +1825,15 @@ impl Sim {
         self.schedule(next, Ev::Nemesis);
     }
 
+    /// How long, in true time, a voter whose clock runs at the fastest
+    /// rate holds its vote after the last message from a leader: a leader
+    /// cut off after that message may answer lease reads no longer.
+    fn fast_voter_hold(&self) -> Nanos {
+        let ppm = u128::from(self.cfg.clock_drift_ppm);
+        let hold = u128::from(self.cfg.election_timeout.0) * 1_000_000 / (1_000_000 + ppm);
+        hold as Nanos
+    }
+
     /// `LeaseCuts`: the leader of the moment gets the slowest clock and
     /// every other node the fastest, and the writers pause; a minority of
     /// its followers lose it 50 ms later, the cut follows `skew_before`
@@ -1902,7 +1906,7 @@ impl Sim {
         self.cut_off = Some((id, self.now));
         // One of the followers that still had the leader restarts: it may
         // have echoed the leader's last heartbeat and forgotten it.
-        let early = self.cut_early.clone().map(|(_, e)| e).unwrap_or_default();
+        let early = self.cut_early.as_ref().map_or(&[][..], |(_, e)| e);
         let kept = self.nodes[i].core.as_ref().and_then(|core| {
             core.membership()
                 .voters

@@ -116,6 +116,9 @@ impl<S: Service + ?Sized> Service for Box<S> {
     fn discard_notifications(&mut self) {
         (**self).discard_notifications()
     }
+    fn notifications_wanted(&mut self, wanted: bool) {
+        (**self).notifications_wanted(wanted)
+    }
 }
 
 /// What a service may see and do while applying an entry.

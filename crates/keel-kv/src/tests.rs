@@ -214,6 +214,33 @@ fn no_watch_feed_is_built_while_nobody_wants_it() {
     assert_eq!(&events[0].kv.key[..], b"b");
 }
 
+/// The runtime holds its service boxed (`Box<dyn Service + Send>`): the
+/// box passes "nobody wants the feed" on, or every write would build watch
+/// events only for the runtime to drop them.
+#[test]
+fn a_boxed_service_hears_that_nobody_wants_the_watch_feed() {
+    let mut boxed: Box<dyn Service + Send> = Box::new(KvService::new());
+    boxed.notifications_wanted(false);
+    let mut host = ServiceHost::new(boxed, TTL);
+    let entry = |position, seq, c: Command| Entry {
+        term: 1,
+        position,
+        timestamp: 1_000 * seq,
+        kind: EntryKind::Command { client: 7, seq },
+        data: c.encode(),
+    };
+    let first = entry(0, 1, put("a", "1"));
+    let next = first.end();
+    host.apply(&[first], &mut ApplyOutput::default());
+    assert!(host.service_mut().take_notifications().is_empty());
+    host.service_mut().notifications_wanted(true);
+    host.apply(
+        &[entry(next, 2, put("b", "2"))],
+        &mut ApplyOutput::default(),
+    );
+    assert_eq!(host.service_mut().take_notifications().len(), 1);
+}
+
 #[test]
 fn delete_and_recreate() {
     let mut h = Harness::new();

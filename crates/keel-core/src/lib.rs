@@ -18,7 +18,7 @@ pub use node::{
     Stats, TestingBugs, TimerUpdate,
 };
 pub use service::{
-    snapshot_sessions, ApplyOutput, Context, Reply, Service, ServiceHost, SessionOutcome,
-    SnapshotTask, SESSIONLESS,
+    snapshot_sessions, Admission, ApplyOutput, Context, Reply, Service, ServiceHost,
+    SessionOutcome, SnapshotTask, SESSIONLESS,
 };
 pub use types::*;

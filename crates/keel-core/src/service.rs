@@ -68,7 +68,20 @@ pub trait Service {
     /// may skip building them; a subscriber that comes later reads the
     /// state first, so it misses nothing. Not called: assume `true`.
     fn notifications_wanted(&mut self, _wanted: bool) {}
+    /// A check the node runs on each client write before proposing it, on
+    /// its own threads while the service applies on another (asked once,
+    /// at start). Refusing is always safe, since nothing entered the log:
+    /// the client gets the message as an error. It is not part of the
+    /// replicated state machine, so it may depend on local settings (such
+    /// as a memory quota). `None` (the default): every write is proposed.
+    fn admission(&self) -> Option<Admission> {
+        None
+    }
 }
+
+/// A service's check of a client write before it is proposed (see
+/// `Service::admission`): `Err` refuses the write with that message.
+pub type Admission = std::sync::Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>;
 
 /// A captured service state that serializes itself when called, on any
 /// thread, writing it to the writer it is given (the snapshot file, or a
@@ -118,6 +131,9 @@ impl<S: Service + ?Sized> Service for Box<S> {
     }
     fn notifications_wanted(&mut self, wanted: bool) {
         (**self).notifications_wanted(wanted)
+    }
+    fn admission(&self) -> Option<Admission> {
+        (**self).admission()
     }
 }
 

@@ -59,6 +59,9 @@ pub struct ApiConfig {
     /// Compactions the leader proposes by itself (etcd's
     /// `--auto-compaction-*`; off by default, as in etcd).
     pub auto_compaction: compactor::AutoCompaction,
+    /// The KV service's space quota, whose NOSPACE alarm `Alarm` and
+    /// `Status` report (the node refuses the writes themselves).
+    pub quota: Option<Arc<keel_kv::SpaceQuota>>,
 }
 
 impl ApiConfig {
@@ -69,6 +72,7 @@ impl ApiConfig {
             watch_progress_interval: Duration::from_secs(600),
             request_timeout: Duration::from_secs(7),
             auto_compaction: compactor::AutoCompaction::Off,
+            quota: None,
         }
     }
 }
@@ -172,6 +176,11 @@ pub fn kv_status(e: keel_kv::KvError) -> Status {
     )
 }
 
+/// etcd's answer to a write refused by the space quota.
+pub fn no_space() -> Status {
+    Status::resource_exhausted(format!("etcdserver: {}", keel_kv::NO_SPACE))
+}
+
 /// etcd's answer to a request over the size limit.
 pub fn too_large() -> Status {
     Status::invalid_argument("etcdserver: request is too large")
@@ -190,6 +199,7 @@ pub fn node_error(r: ClientResult) -> Status {
         // Busy covers a full queue, a leader not yet ready and a transfer in
         // progress: all worth a retry, which clients do on Unavailable.
         ClientResult::Busy => Status::unavailable("etcdserver: too many requests"),
+        ClientResult::Error(m) if m == keel_kv::NO_SPACE => no_space(),
         ClientResult::Error(m) if m.contains("stopped") => {
             Status::unavailable(format!("etcdserver: server stopped ({m})"))
         }

@@ -1,6 +1,7 @@
 //! etcd's Maintenance service: status (the version string of a compatible
 //! etcd release, leader, raft term and index as Keel's log positions),
-//! alarms (Keel raises none), defragment (nothing to do: the log is
+//! alarms (NOSPACE from the space quota, `keel_kv::quota`: listed and
+//! disarmed; not raised by hand), defragment (nothing to do: the log is
 //! compacted by snapshots), hash / hash-kv (a CRC-32C over the retained
 //! history, equal on every replica at the same revision; not etcd's value),
 //! and move-leader (a Keel leadership transfer; asked of the leader, as in
@@ -26,10 +27,49 @@ pub struct MaintenanceApi(pub Arc<Api>);
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceApi {
-    async fn alarm(&self, _r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+    /// The NOSPACE alarm of this member's quota: `GET` lists it while it
+    /// is raised; `DEACTIVATE` (`etcdctl alarm disarm`) lowers it and
+    /// answers with what it lowered (the quota raises it again at the next
+    /// refused write, and lists it while the history is at or past the
+    /// quota). Alarms are this member's: its history is every member's at
+    /// the same revision. `ACTIVATE` is refused: a raised alarm would not
+    /// stop writes here, only the quota does.
+    async fn alarm(&self, r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let r = r.into_inner();
+        let id = self.0.node.id();
+        let quota = self.0.config.quota.as_ref();
+        let raised = || quota.is_some_and(|q| q.alarm());
+        let nospace = || AlarmMember {
+            member_id: id,
+            alarm: AlarmType::Nospace as i32,
+        };
+        let alarms = match alarm_request::AlarmAction::try_from(r.action) {
+            Ok(alarm_request::AlarmAction::Get) => raised().then(nospace).into_iter().collect(),
+            Ok(alarm_request::AlarmAction::Deactivate) => {
+                let ours = (r.member_id == 0 || r.member_id == id)
+                    && (r.alarm == AlarmType::None as i32 || r.alarm == AlarmType::Nospace as i32);
+                let lowered = ours && raised();
+                if let (true, Some(q)) = (ours, quota) {
+                    q.disarm();
+                }
+                lowered.then(nospace).into_iter().collect()
+            }
+            Ok(alarm_request::AlarmAction::Activate) => {
+                return Err(Status::invalid_argument(
+                    "etcdserver: Keel does not raise alarms on request: \
+                     NOSPACE comes from the space quota (kv_quota_bytes)",
+                ))
+            }
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "etcdserver: unknown alarm action {}",
+                    r.action
+                )))
+            }
+        };
         Ok(Response::new(AlarmResponse {
             header: self.0.header(0),
-            alarms: Vec::new(),
+            alarms,
         }))
     }
 
@@ -49,7 +89,16 @@ impl Maintenance for MaintenanceApi {
             raft_index: st.commit,
             raft_term: st.term,
             raft_applied_index: st.applied,
-            errors: Vec::new(),
+            // As etcd lists its raised alarms.
+            errors: self
+                .0
+                .config
+                .quota
+                .as_ref()
+                .filter(|q| q.alarm())
+                .map(|_| format!("memberID:{} alarm:NOSPACE ", st.id))
+                .into_iter()
+                .collect(),
             db_size_in_use: db_size,
             is_learner: st.learners.contains(&st.id),
             ..Default::default()

@@ -53,6 +53,7 @@ pub mod error;
 pub mod etcd;
 pub mod lease;
 pub mod proto;
+pub mod quota;
 pub mod service;
 pub mod store;
 
@@ -67,6 +68,7 @@ pub use proto::{
     check_key, check_value, prefix_end, Command, Compare, KeyValue, Query, Response, MAX_KEY_LEN,
     MAX_VALUE_LEN,
 };
+pub use quota::{SpaceQuota, DEFAULT_QUOTA_BYTES, NO_SPACE};
 pub use service::{KvService, NoTimers, TimerSink, MAX_PENDING_EVENTS};
 pub use store::{Store, Write};
 

@@ -25,10 +25,12 @@ use crate::etcd::{
 };
 use crate::lease::{Leases, DEFAULT_MIN_LEASE_TTL, MAX_LEASE_TTL};
 use crate::proto::{Command, KeyValue, Query, Response};
+use crate::quota::SpaceQuota;
 use crate::store::{Store, Write};
 use bytes::Bytes;
 use keel_core::{ClientId, Context, Service};
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 const SNAPSHOT_MAGIC: [u8; 4] = *b"KKV2";
 
@@ -73,6 +75,9 @@ pub struct KvService {
     /// Build the watch feed at all (see `Service::notifications_wanted`);
     /// not replicated state.
     feed: bool,
+    /// Where the history's size is published for admission (see
+    /// `quota`); not replicated state.
+    quota: Option<Arc<SpaceQuota>>,
 }
 
 impl Default for KvService {
@@ -84,6 +89,7 @@ impl Default for KvService {
             min_lease_ttl: DEFAULT_MIN_LEASE_TTL,
             pending: Vec::new(),
             feed: true,
+            quota: None,
         }
     }
 }
@@ -353,6 +359,29 @@ impl KvService {
     pub fn with_min_lease_ttl(mut self, secs: i64) -> KvService {
         self.min_lease_ttl = secs.clamp(1, MAX_LEASE_TTL);
         self
+    }
+
+    /// Refuse writes that store values while the history's size estimate
+    /// (`db_size`) would pass `limit` bytes (0 = no limit): see `quota`.
+    /// A node setting, not part of the replicated state.
+    pub fn with_quota(mut self, limit: u64) -> KvService {
+        let quota = SpaceQuota::new(limit);
+        quota.publish(self.db_size());
+        self.quota = Some(quota);
+        self
+    }
+
+    /// The quota set by `with_quota`, shared with whoever admits writes or
+    /// reports alarms.
+    pub fn quota(&self) -> Option<Arc<SpaceQuota>> {
+        self.quota.clone()
+    }
+
+    /// Publishes the history's size to the quota, if there is one.
+    fn publish_size(&self) {
+        if let Some(q) = &self.quota {
+            q.publish(self.db_size());
+        }
     }
 
     pub fn min_lease_ttl(&self) -> i64 {
@@ -870,11 +899,14 @@ fn write_snapshot(
 impl Service for KvService {
     fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
         let min_lease_ttl = self.min_lease_ttl;
+        let quota = self.quota.take();
         *self = match snapshot {
             None => KvService::new(),
             Some(data) => KvService::decode_snapshot(data).map_err(|e| e.to_string())?,
         }
         .with_min_lease_ttl(min_lease_ttl);
+        self.quota = quota;
+        self.publish_size();
         Ok(())
     }
 
@@ -920,7 +952,9 @@ impl Service for KvService {
         match Command::decode(data) {
             Ok(cmd) => {
                 let now = ctx.time();
-                self.apply_at(now, ctx, cmd).encode()
+                let reply = self.apply_at(now, ctx, cmd).encode();
+                self.publish_size();
+                reply
             }
             Err(e) => Response::error(&e).encode(),
         }
@@ -929,6 +963,7 @@ impl Service for KvService {
     fn on_timer(&mut self, ctx: &mut Context<'_>, id: u64) {
         let now = ctx.time();
         self.expire_lease(now, id as i64, ctx);
+        self.publish_size();
     }
 
     fn query(&self, data: &[u8]) -> Bytes {
@@ -946,6 +981,12 @@ impl Service for KvService {
 
     fn discard_notifications(&mut self) {
         self.pending.clear();
+    }
+
+    /// The quota's check (`with_quota`), when there is one.
+    fn admission(&self) -> Option<keel_core::Admission> {
+        let quota = self.quota.clone()?;
+        Some(Arc::new(move |data: &[u8]| quota.admit(data)))
     }
 
     fn notifications_wanted(&mut self, wanted: bool) {

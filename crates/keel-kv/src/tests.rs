@@ -1105,3 +1105,136 @@ proptest! {
         }
     }
 }
+
+/// The quota admits writes while the published history leaves room,
+/// refuses those that store values once it does not (raising the alarm),
+/// and always admits what makes room: deletes, compactions, revocations.
+#[test]
+fn the_space_quota_refuses_writes_that_store_values_past_it() {
+    let kv = KvService::new().with_quota(2_000);
+    let quota = kv.quota().expect("a quota");
+    let admit = kv.admission().expect("the quota's check");
+    let mut h = Harness::new();
+    h.host = ServiceHost::new(kv, TTL);
+    assert_eq!((quota.limit(), quota.used()), (2_000, 0));
+    let value = "v".repeat(300);
+    let mut stored = 0;
+    while admit(&put(&format!("k{stored}"), &value).encode()).is_ok() {
+        h.cmd(put(&format!("k{stored}"), &value));
+        stored += 1;
+        assert_eq!(
+            quota.used(),
+            h.svc().db_size(),
+            "published after each write"
+        );
+        assert!(stored < 10, "the quota never refused");
+    }
+    // 2000 bytes hold five entries of 366 bytes (key, value, overhead).
+    assert_eq!(stored, 5);
+    assert!(quota.alarm(), "a refusal raises the alarm");
+    // Smaller writes still fit the last 170 bytes, until they do not.
+    let mut small = 0;
+    while admit(&put(&format!("s{small}"), "y").encode()).is_ok() {
+        h.cmd(put(&format!("s{small}"), "y"));
+        small += 1;
+        assert!(small < 10, "the quota never refused");
+    }
+    assert_eq!(small, 2);
+    assert!(2_000 - quota.used() < 64, "{} bytes used", quota.used());
+    let txn_put = |success: Vec<RequestOp>, failure: Vec<RequestOp>| {
+        Command::Txn(TxnRequest {
+            compare: Vec::new(),
+            success,
+            failure,
+        })
+    };
+    let put_op = || RequestOp::Put(PutRequest::new(b("k0"), b(&value)));
+    let range_op = || {
+        RequestOp::Range(RangeRequest {
+            key: b("k0"),
+            ..Default::default()
+        })
+    };
+    let nested = txn_put(vec![range_op()], vec![put_op()]);
+    let Command::Txn(nested) = nested else {
+        unreachable!()
+    };
+    let refused = [
+        Command::PutReq(PutRequest::new(b("k0"), b(&value))),
+        Command::Cas {
+            key: b("k0"),
+            expected: Compare::VersionEquals(0),
+            value: b("v"),
+        },
+        txn_put(vec![put_op()], Vec::new()),
+        txn_put(vec![range_op()], vec![put_op()]),
+        txn_put(vec![RequestOp::Txn(nested)], Vec::new()),
+        Command::LeaseGrant { id: 0, ttl: 60 },
+    ];
+    for c in refused {
+        assert_eq!(admit(&c.encode()), Err(NO_SPACE.to_string()), "{c:?}");
+    }
+    let admitted = [
+        txn_put(vec![range_op()], vec![range_op()]),
+        Command::Delete { key: b("k0") },
+        Command::DeleteRangeReq(DeleteRangeRequest {
+            key: b("k"),
+            range_end: b("l"),
+            prev_kv: false,
+        }),
+        Command::Compact { revision: 2 },
+        Command::LeaseRevoke { id: 1 },
+        Command::LeaseKeepAlive { id: 1 },
+    ];
+    for c in admitted {
+        assert_eq!(admit(&c.encode()), Ok(()), "{c:?}");
+    }
+    assert_eq!(admit(b"not a command"), Ok(()), "the service says why");
+
+    // Disarmed, the alarm stays down until the next refusal.
+    quota.disarm();
+    assert!(!quota.alarm());
+    assert!(admit(&put("x", "y").encode()).is_err());
+    assert!(quota.alarm());
+
+    // Deleting and compacting make room; the next admitted write lowers
+    // the alarm.
+    h.cmd(Command::DeleteRange {
+        start: b("k"),
+        end: b("t"),
+    });
+    let revision = h.svc().revision() as i64;
+    h.cmd(Command::Compact { revision });
+    assert!(quota.used() < 200, "{} bytes left", quota.used());
+    assert!(quota.alarm(), "raised until a write is admitted");
+    assert_eq!(admit(&put("x", "y").encode()), Ok(()));
+    assert!(!quota.alarm());
+}
+
+/// A restored service keeps its quota and publishes the restored
+/// history's size; a quota of 0 admits everything.
+#[test]
+fn the_space_quota_follows_a_restore_and_zero_means_no_limit() {
+    let mut full = Harness::new();
+    for i in 0..20 {
+        full.cmd(put(&format!("k{i}"), &"v".repeat(100)));
+    }
+    let image = full.svc().snapshot_vec();
+    let mut kv = KvService::new().with_quota(1_000);
+    let quota = kv.quota().expect("a quota");
+    kv.restore(Some(&image)).expect("restore");
+    assert_eq!(quota.used(), full.svc().db_size());
+    assert!(quota.used() > 1_000 && quota.alarm());
+    let admit = kv.admission().expect("still a quota after the restore");
+    assert!(admit(&put("a", "b").encode()).is_err());
+    kv.restore(None).expect("empty");
+    assert_eq!(quota.used(), 0);
+    assert!(admit(&put("a", "b").encode()).is_ok());
+
+    let unlimited = KvService::new().with_quota(0);
+    let admit = unlimited.admission().expect("a check that admits all");
+    unlimited.quota().expect("quota").publish(u64::MAX);
+    assert!(admit(&put("a", &"v".repeat(1000)).encode()).is_ok());
+    assert!(!unlimited.quota().expect("quota").alarm());
+    assert!(KvService::new().admission().is_none(), "no quota, no check");
+}

@@ -117,6 +117,9 @@ fn default_auto_compaction_mode() -> String {
 fn default_auto_compaction_retention() -> String {
     "0".into()
 }
+fn default_kv_quota_bytes() -> u64 {
+    2 << 30
+}
 fn default_log_cache_bytes() -> u64 {
     16 << 20
 }
@@ -165,6 +168,14 @@ pub struct NodeConfig {
     /// clients.
     #[serde(default = "default_auto_compaction_retention")]
     pub auto_compaction_retention: String,
+    /// The KV service's space quota, as etcd's `--quota-backend-bytes`
+    /// (default 2 GiB, etcd's default): writes that store values are
+    /// refused with etcd's "database space exceeded" while the history's
+    /// size estimate would pass it; reads, deletes and compactions go on.
+    /// The history lives in memory, so this bounds a node's memory. `0`:
+    /// no quota (unlike etcd, where 0 means the default).
+    #[serde(default = "default_kv_quota_bytes")]
+    pub kv_quota_bytes: u64,
     #[serde(default)]
     pub durability: DurabilityConfig,
     /// `replicated` mode: how often each node syncs what it has written (a
@@ -445,6 +456,7 @@ mod tests {
         let c: NodeConfig = toml::from_str(&text).expect("parse");
         c.validate().expect("valid");
         assert_eq!(c.durability, DurabilityConfig::Sync);
+        assert_eq!(c.kv_quota_bytes, 2 << 30, "etcd's default quota");
         assert_eq!(c.service_thread, ServiceThreadConfig::Dedicated);
         assert_eq!(c.thread_scheduling, ThreadSchedulingConfig::Normal);
         assert_eq!(c.net_threads, 0);

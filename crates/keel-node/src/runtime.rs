@@ -612,6 +612,7 @@ fn start_node(
         },
         data: Bytes::new(),
     });
+    let admission = service.admission();
     let mut host = ServiceHost::new(service, 3600 * 1_000_000_000);
     let timers = host
         .restore(&snapshot)
@@ -981,6 +982,7 @@ fn start_node(
         outbox: reader::Outbox::new(),
         reader: reader_tx,
         service: service_link,
+        admission,
         snapshots: snap_tx,
         captured: None,
         pending: HashMap::new(),
@@ -1112,6 +1114,8 @@ struct Consensus {
     /// Jobs for the reader thread.
     reader: reader::ReadJobs,
     service: ServiceLink,
+    /// The service's check of client writes before they are proposed.
+    admission: Option<keel_core::Admission>,
     snapshots: Sender<SnapshotJob>,
     /// The service state captured for the `Event::SnapshotTaken` being
     /// stepped, until the core's `SaveSnapshot` takes it.
@@ -1353,6 +1357,10 @@ impl Consensus {
                 if !self.backlog_admits(data.len()) {
                     self.metrics.busy.inc();
                     respond(&sink, req.id, ClientResult::Busy);
+                    return Ok(());
+                }
+                if let Some(Err(refusal)) = self.admission.as_ref().map(|admit| admit(&data)) {
+                    respond(&sink, req.id, ClientResult::Error(refusal));
                     return Ok(());
                 }
                 self.proposed_bytes = self.proposed_bytes.saturating_add(data.len() as u64);

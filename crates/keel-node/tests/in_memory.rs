@@ -99,6 +99,7 @@ fn node_config(
         etcd_addr: None,
         auto_compaction_mode: "periodic".into(),
         auto_compaction_retention: "0".into(),
+        kv_quota_bytes: 0,
         durability,
         replicated_sync_interval_ms: 10,
         service: "kv".into(),

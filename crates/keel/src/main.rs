@@ -22,6 +22,7 @@ use keel_core::{MembershipChange, NodeId, Service};
 use keel_kv::{Command, Compare, KvService, Query, Response};
 use keel_node::{NodeConfig, PeerConfig};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
@@ -381,9 +382,22 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     Ok(cfg)
 }
 
-pub fn make_service(name: &str) -> Result<Box<dyn Service + Send>> {
+/// The KV service's space quota, shared with the etcd API (which reports
+/// its alarm).
+type Quota = Option<Arc<keel_kv::SpaceQuota>>;
+
+/// The configured service, and the KV service's space quota.
+pub fn make_service(cfg: &NodeConfig) -> Result<(Box<dyn Service + Send>, Quota)> {
+    if cfg.service == "kv" {
+        let kv = KvService::default().with_quota(cfg.kv_quota_bytes);
+        let quota = kv.quota();
+        return Ok((Box::new(kv), quota));
+    }
+    Ok((make_other_service(&cfg.service)?, None))
+}
+
+fn make_other_service(name: &str) -> Result<Box<dyn Service + Send>> {
     Ok(match name {
-        "kv" => Box::new(KvService::default()),
         "echo" => Box::new(keel_examples::echo::EchoService::default()),
         "lock" => Box::new(keel_examples::lock::LockService::default()),
         "matching" => Box::new(keel_examples::matching::MatchingEngine::default()),
@@ -393,9 +407,9 @@ pub fn make_service(name: &str) -> Result<Box<dyn Service + Send>> {
 
 fn run_server(a: ServerArgs) -> Result<()> {
     let cfg = server_config(&a)?;
-    let service = make_service(&cfg.service)?;
+    let (service, quota) = make_service(&cfg)?;
     let id = cfg.id;
-    let etcd = etcd_api(&cfg)?;
+    let etcd = etcd_api(&cfg, quota)?;
     let node = std::sync::Arc::new(
         keel_node::start(cfg, service).with_context(|| format!("starting node {id}"))?,
     );
@@ -429,7 +443,10 @@ fn run_server(a: ServerArgs) -> Result<()> {
 }
 
 /// Where and how to serve the etcd API, if the configuration asks for it.
-fn etcd_api(cfg: &NodeConfig) -> Result<Option<(std::net::SocketAddr, keel_etcd::ApiConfig)>> {
+fn etcd_api(
+    cfg: &NodeConfig,
+    quota: Quota,
+) -> Result<Option<(std::net::SocketAddr, keel_etcd::ApiConfig)>> {
     let Some(addr) = &cfg.etcd_addr else {
         return Ok(None);
     };
@@ -457,6 +474,7 @@ fn etcd_api(cfg: &NodeConfig) -> Result<Option<(std::net::SocketAddr, keel_etcd:
         client_urls: p.etcd_addr.iter().map(|a| url(a)).collect(),
     }));
     let mut api = keel_etcd::ApiConfig::new(members);
+    api.quota = quota;
     api.auto_compaction = keel_etcd::compactor::AutoCompaction::parse(
         &cfg.auto_compaction_mode,
         &cfg.auto_compaction_retention,

@@ -520,3 +520,72 @@ fn etcdctl_member_list_and_endpoint_status() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `etcdctl alarm list|disarm`'s lines (etcdctl ends each with a space).
+fn alarms(ctl: &Ctl, action: &str) -> Vec<String> {
+    lines(&ctl.ok(&["alarm", action]))
+        .iter()
+        .map(|l| l.trim_end().to_string())
+        .collect()
+}
+
+/// The space quota (`kv_quota_bytes`): puts that would pass it are refused
+/// with etcd's error, as are native-protocol writes; the member lists the
+/// NOSPACE alarm, reads go on, and deleting and compacting make room.
+#[test]
+fn etcdctl_space_quota_refuses_puts_and_raises_nospace() {
+    if !etcdctl_available() {
+        return;
+    }
+    let c = TestCluster::start(3, "kv_quota_bytes = 20000\n");
+    c.wait_for_leader(Duration::from_secs(10));
+    // One endpoint throughout: alarms are per member.
+    let ctl = Ctl::at(&c.nodes[0].etcd);
+    let id = c.nodes[0].id;
+    assert_eq!(alarms(&ctl, "list"), Vec::<String>::new());
+    let value = "v".repeat(1000);
+    let mut stored = 0;
+    let refusal = loop {
+        let out = ctl.run(&["put", &format!("k{stored:02}"), &value], None);
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        stored += 1;
+        assert!(stored < 40, "40 puts of 1 KB passed a 20 KB quota");
+    };
+    assert!(
+        refusal.contains("etcdserver: mvcc: database space exceeded"),
+        "{refusal}"
+    );
+    // ~1070 bytes per entry (key, value, bookkeeping) in 20000.
+    assert!((15..=19).contains(&stored), "{stored} puts stored");
+    let nospace = format!("memberID:{id} alarm:NOSPACE");
+    assert_eq!(alarms(&ctl, "list"), [nospace.as_str()]);
+    let status = ctl.ok(&["endpoint", "status"]);
+    assert!(status.contains("alarm:NOSPACE"), "{status}");
+    // Native-protocol writes meet the same quota.
+    let (code, text) = c.keel_cli(&["kv", "put", "native", &value]);
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("database space exceeded"), "{text}");
+    // Reads go on.
+    assert_eq!(
+        lines(&ctl.ok(&["get", "k00", "--print-value-only"])),
+        [value.as_str()]
+    );
+
+    // Disarmed, the alarm is gone until the next refusal.
+    assert_eq!(alarms(&ctl, "disarm"), [nospace.as_str()]);
+    assert_eq!(alarms(&ctl, "list"), Vec::<String>::new());
+    assert!(!ctl.run(&["put", "again", &value], None).status.success());
+    assert_eq!(alarms(&ctl, "list"), [nospace.as_str()]);
+
+    // Deleting and compacting make room; the next put lowers the alarm.
+    let deleted = ctl.ok(&["del", "--prefix", "k", "-w", "fields"]);
+    assert!(
+        deleted.contains(&format!("\"Deleted\" : {stored}\n")),
+        "{deleted}"
+    );
+    ctl.ok(&["compact", &revision_of(&deleted).to_string()]);
+    assert_eq!(lines(&ctl.ok(&["put", "big", &value])), ["OK"]);
+    assert_eq!(alarms(&ctl, "list"), Vec::<String>::new());
+}

@@ -7,29 +7,22 @@
 //! requests: a follower forwards them to the leader's etcd API (once; a
 //! forwarded request that finds no leader fails with "no leader").
 
-use crate::{node_error, Api};
+use crate::{forwarded, is_forwarded, node_error, Api};
 use keel_core::MembershipChange;
 use keel_etcd_proto::etcdserverpb::cluster_client::ClusterClient;
 use keel_etcd_proto::etcdserverpb::cluster_server::Cluster;
 use keel_etcd_proto::etcdserverpb::*;
 use keel_net::codec::{ClientOp, ClientResult};
 use std::sync::Arc;
-use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
-
-/// Marks a request a follower forwarded, so it is never forwarded twice.
-const FORWARDED: &str = "keel-forwarded";
 
 /// Forwards a membership request to the leader, unless this node leads (or
 /// the request was forwarded already): `None` means "handle it here".
 macro_rules! forward_unless_leader {
     ($self:ident, $req:ident, $method:ident) => {
         if let Some(mut client) = $self.leader_client(&$req).await? {
-            let mut fwd = Request::new($req.into_inner());
-            fwd.metadata_mut()
-                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-            return client.$method(fwd).await;
+            return client.$method(forwarded($req.into_inner())).await;
         }
     };
 }
@@ -80,33 +73,13 @@ impl ClusterApi {
         req: &Request<T>,
     ) -> Result<Option<ClusterClient<Channel>>, Status> {
         let st = self.0.node.status();
-        if st.role == "leader" || req.metadata().contains_key(FORWARDED) {
+        if st.role == "leader" || is_forwarded(req) {
             return Ok(None);
         }
         let Some(leader) = st.leader else {
             return Err(Status::unavailable("etcdserver: no leader"));
         };
-        let url = self
-            .0
-            .config
-            .members
-            .iter()
-            .find(|m| m.id == leader)
-            .and_then(|m| m.client_urls.first())
-            .ok_or_else(|| {
-                Status::unavailable(format!(
-                    "etcdserver: not leader, and the leader (member {leader:x}) has no etcd \
-                     address in this node's configuration; send the request to the leader"
-                ))
-            })?;
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|e| Status::internal(format!("leader URL {url:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .map_err(|e| {
-                Status::unavailable(format!("etcdserver: leader unreachable ({url}): {e}"))
-            })?;
+        let channel = self.0.member_channel(leader, "the leader").await?;
         Ok(Some(ClusterClient::new(channel)))
     }
 }

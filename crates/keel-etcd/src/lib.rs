@@ -134,6 +134,34 @@ impl Api {
         }
     }
 
+    /// A channel to member `id`'s etcd API, at the first client URL this
+    /// node's configuration lists for it. `who` names the member in errors
+    /// ("the leader", "member 2").
+    pub(crate) async fn member_channel(
+        &self,
+        id: u64,
+        who: &str,
+    ) -> Result<tonic::transport::Channel, Status> {
+        let url = self
+            .config
+            .members
+            .iter()
+            .find(|m| m.id == id)
+            .and_then(|m| m.client_urls.first())
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "etcdserver: {who} (member {id:x}) has no etcd address in this node's \
+                     configuration; send the request to it"
+                ))
+            })?;
+        tonic::transport::Channel::from_shared(url.clone())
+            .map_err(|e| Status::internal(format!("URL {url:?} of {who}: {e}")))?
+            .connect_timeout(FORWARD_CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("etcdserver: {who} unreachable ({url}): {e}")))
+    }
+
     /// The store's current revision on this node (serializable).
     pub async fn local_revision(&self) -> Result<(u64, i64, u64), Status> {
         match self.read(&Query::Status, true).await? {
@@ -164,6 +192,26 @@ impl Api {
             ))),
         }
     }
+}
+
+/// Marks a request one member passed to another, so it is never passed on
+/// again.
+pub(crate) const FORWARDED: &str = "keel-forwarded";
+
+/// How long a member waits to connect to another it passes a request to.
+const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `msg` as a request marked `FORWARDED`.
+pub(crate) fn forwarded<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
+/// Was `req` passed on by another member?
+pub(crate) fn is_forwarded<T>(req: &tonic::Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED)
 }
 
 /// The gRPC status etcd answers a request error with.

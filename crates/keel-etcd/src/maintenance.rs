@@ -1,13 +1,14 @@
 //! etcd's Maintenance service: status (the version string of a compatible
 //! etcd release, leader, raft term and index as Keel's log positions),
-//! alarms (NOSPACE from the space quota, `keel_kv::quota`: listed and
-//! disarmed; not raised by hand), defragment (nothing to do: the log is
+//! alarms (NOSPACE from each member's space quota, `keel_kv::quota`:
+//! listed and disarmed cluster-wide; not raised by hand), defragment (nothing to do: the log is
 //! compacted by snapshots), hash / hash-kv (a CRC-32C over the retained
 //! history, equal on every replica at the same revision; not etcd's value),
 //! and move-leader (a Keel leadership transfer; asked of the leader, as in
 //! etcd). Snapshot downloads are refused with a message saying why.
 
-use crate::{node_error, Api};
+use crate::{forwarded, is_forwarded, node_error, Api};
+use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_etcd_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_etcd_proto::etcdserverpb::*;
 use keel_kv::{Query, Response as KvResponse};
@@ -25,48 +26,118 @@ its state is not an etcd (bbolt) database, which `etcdctl snapshot restore` and 
 
 pub struct MaintenanceApi(pub Arc<Api>);
 
+impl MaintenanceApi {
+    /// This member's NOSPACE alarm, if raised.
+    fn own_alarm(&self) -> Vec<AlarmMember> {
+        let raised = self.0.config.quota.as_ref().is_some_and(|q| q.alarm());
+        raised
+            .then(|| AlarmMember {
+                member_id: self.0.node.id(),
+                alarm: AlarmType::Nospace as i32,
+            })
+            .into_iter()
+            .collect()
+    }
+
+    /// Passes `req` on to the other members (only `named`, if given; no one
+    /// if it is not a member) at once, and gathers their answers. A member
+    /// that does not answer in time is left out, unless it was `named`: then
+    /// that is the error.
+    async fn ask_others(
+        &self,
+        named: Option<u64>,
+        req: &AlarmRequest,
+    ) -> Result<Vec<AlarmMember>, Status> {
+        let st = self.0.node.status();
+        let mut asks = tokio::task::JoinSet::new();
+        for m in st.voters.iter().chain(&st.learners).copied() {
+            if m == st.id || named.is_some_and(|n| n != m) {
+                continue;
+            }
+            let (api, req) = (self.0.clone(), *req);
+            asks.spawn(async move {
+                let ask = async {
+                    let who = format!("member {m:x}");
+                    let channel = api.member_channel(m, &who).await?;
+                    let answer = MaintenanceClient::new(channel)
+                        .alarm(forwarded(req))
+                        .await?;
+                    Ok::<_, Status>(answer.into_inner().alarms)
+                };
+                let answer = tokio::time::timeout(api.config.request_timeout, ask).await;
+                (
+                    m,
+                    answer.unwrap_or_else(|_| Err(Status::unavailable("request timed out"))),
+                )
+            });
+        }
+        let mut alarms = Vec::new();
+        while let Some(done) = asks.join_next().await {
+            match done {
+                Ok((_, Ok(found))) => alarms.extend(found),
+                Ok((_, Err(e))) if named.is_some() => return Err(e),
+                Ok((m, Err(e))) => {
+                    tracing::warn!("alarms of member {m:x} left out: {}", e.message())
+                }
+                Err(e) => return Err(Status::internal(format!("alarm request task: {e}"))),
+            }
+        }
+        Ok(alarms)
+    }
+}
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceApi {
-    /// The NOSPACE alarm of this member's quota: `GET` lists it while it
-    /// is raised; `DEACTIVATE` (`etcdctl alarm disarm`) lowers it and
-    /// answers with what it lowered (the quota raises it again at the next
-    /// refused write, and lists it while the history is at or past the
-    /// quota). Alarms are this member's: its history is every member's at
-    /// the same revision. `ACTIVATE` is refused: a raised alarm would not
-    /// stop writes here, only the quota does.
+    /// NOSPACE alarms across the cluster, as etcd's replicated alarm list.
+    /// Each member raises its own (`keel_kv::SpaceQuota::alarm`), so `GET`
+    /// lists this member's and asks every other member for theirs;
+    /// `DEACTIVATE` (`etcdctl alarm disarm`) lowers the named member's (on
+    /// that member) or, for member 0, every member's, and answers with what
+    /// it lowered (a quota raises its alarm again at the next refused write,
+    /// and lists it while the history is at or past the quota). A member
+    /// that does not answer within the request timeout is left out of a
+    /// `GET` or a member-0 disarm (a stopped member refuses nothing); a
+    /// disarm that names it fails. `ACTIVATE` is refused: a raised alarm
+    /// would not stop writes here, only the quota does.
     async fn alarm(&self, r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let passed_on = is_forwarded(&r);
         let r = r.into_inner();
         let id = self.0.node.id();
-        let quota = self.0.config.quota.as_ref();
-        let raised = || quota.is_some_and(|q| q.alarm());
-        let nospace = || AlarmMember {
-            member_id: id,
-            alarm: AlarmType::Nospace as i32,
-        };
-        let alarms = match alarm_request::AlarmAction::try_from(r.action) {
-            Ok(alarm_request::AlarmAction::Get) => raised().then(nospace).into_iter().collect(),
-            Ok(alarm_request::AlarmAction::Deactivate) => {
-                let ours = (r.member_id == 0 || r.member_id == id)
-                    && (r.alarm == AlarmType::None as i32 || r.alarm == AlarmType::Nospace as i32);
-                let lowered = ours && raised();
-                if let (true, Some(q)) = (ours, quota) {
-                    q.disarm();
+        let action = alarm_request::AlarmAction::try_from(r.action).map_err(|_| {
+            Status::invalid_argument(format!("etcdserver: unknown alarm action {}", r.action))
+        })?;
+        let mut alarms = match action {
+            alarm_request::AlarmAction::Get => {
+                let mut alarms = self.own_alarm();
+                if !passed_on {
+                    alarms.extend(self.ask_others(None, &r).await?);
                 }
-                lowered.then(nospace).into_iter().collect()
+                alarms
             }
-            Ok(alarm_request::AlarmAction::Activate) => {
+            alarm_request::AlarmAction::Deactivate => {
+                let mut lowered = Vec::new();
+                if r.alarm == AlarmType::None as i32 || r.alarm == AlarmType::Nospace as i32 {
+                    if r.member_id == 0 || r.member_id == id {
+                        lowered = self.own_alarm();
+                        if let Some(q) = &self.0.config.quota {
+                            q.disarm();
+                        }
+                    }
+                    if !passed_on && r.member_id != id {
+                        let named = (r.member_id != 0).then_some(r.member_id);
+                        lowered.extend(self.ask_others(named, &r).await?);
+                    }
+                }
+                lowered
+            }
+            alarm_request::AlarmAction::Activate => {
                 return Err(Status::invalid_argument(
                     "etcdserver: Keel does not raise alarms on request: \
                      NOSPACE comes from the space quota (kv_quota_bytes)",
                 ))
             }
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "etcdserver: unknown alarm action {}",
-                    r.action
-                )))
-            }
         };
+        alarms.sort_unstable_by_key(|a| a.member_id);
         Ok(Response::new(AlarmResponse {
             header: self.0.header(0),
             alarms,

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub snapshots_taken: Counter,
     pub snapshots_installed: Counter,
     pub busy: Counter,
+    pub admission_refusals: Counter,
     pub commit_latency: Histogram,
     pub peer_messages_dropped: Gauge<u64, AtomicU64>,
     pub bad_frames: Gauge<u64, AtomicU64>,
@@ -68,6 +69,7 @@ impl Metrics {
             snapshots_taken: Counter::default(),
             snapshots_installed: Counter::default(),
             busy: Counter::default(),
+            admission_refusals: Counter::default(),
             commit_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             peer_messages_dropped: Gauge::default(),
             bad_frames: Gauge::default(),
@@ -146,6 +148,11 @@ impl Metrics {
             "busy_rejections",
             "client requests answered busy (queue full)",
             m.busy.clone(),
+        );
+        registry.register(
+            "admission_refusals",
+            "writes the service refused before the log (e.g. the KV space quota)",
+            m.admission_refusals.clone(),
         );
         registry.register(
             "commit_latency_seconds",

@@ -1360,6 +1360,7 @@ impl Consensus {
                     return Ok(());
                 }
                 if let Some(Err(refusal)) = self.admission.as_ref().map(|admit| admit(&data)) {
+                    self.metrics.admission_refusals.inc();
                     respond(&sink, req.id, ClientResult::Error(refusal));
                     return Ok(());
                 }

@@ -132,3 +132,110 @@ fn bad_requests_get_etcds_errors_and_the_node_keeps_serving() {
         assert_eq!(r.kvs[1].value, &b"1"[..]);
     });
 }
+
+/// The space quota over raw gRPC on a 3-node cluster (runs without
+/// etcdctl): a put past it gets etcd's ResourceExhausted error and raises
+/// the receiving member's NOSPACE alarm, which every member lists (alarms
+/// are per member, so a member asks the others, as etcdctl round-robins
+/// over endpoints); a disarm sent to another member lowers it there, and
+/// each member counts its refusals in `keel_admission_refusals_total`.
+#[test]
+fn space_quota_alarms_are_listed_and_disarmed_from_any_member() {
+    use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    let (c, http) = TestCluster::start_with_http(3, "kv_quota_bytes = 20000\n");
+    c.wait_for_leader(Duration::from_secs(10));
+    let ids: Vec<u64> = c.nodes.iter().map(|n| n.id).collect();
+    let nospace = |member_id| AlarmMember {
+        member_id,
+        alarm: AlarmType::Nospace as i32,
+    };
+    c.rt.block_on(async {
+        let mut maint = Vec::new();
+        for n in &c.nodes {
+            maint.push(MaintenanceClient::new(common::etcd_channel(&n.etcd).await));
+        }
+        let get = AlarmRequest {
+            action: alarm_request::AlarmAction::Get as i32,
+            ..Default::default()
+        };
+        let list = |m: &MaintenanceClient<Channel>| {
+            let mut m = m.clone();
+            async move { m.alarm(get).await.expect("alarm list").into_inner().alarms }
+        };
+        assert_eq!(list(&maint[1]).await, []);
+
+        // Fill the quota through member 0 (a put finding no leader yet is
+        // retried; the refusal must come within 40 puts of 1 KB).
+        let mut kv = connect(&c.nodes[0].etcd).await;
+        let mut stored = 0;
+        let refusal = loop {
+            assert!(stored < 40, "40 puts of 1 KB passed a 20 KB quota");
+            match kv
+                .put(put_req(format!("k{stored}").as_bytes(), vec![b'v'; 1000]))
+                .await
+            {
+                Ok(_) => stored += 1,
+                Err(e) if e.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+        assert_eq!(
+            refusal.message(),
+            "etcdserver: mvcc: database space exceeded"
+        );
+        assert!((15..=19).contains(&stored), "{stored} puts stored");
+
+        // Every member lists member 0's alarm.
+        for m in &maint {
+            assert_eq!(list(m).await, [nospace(ids[0])]);
+        }
+        // A refusal on member 2 raises its alarm too.
+        let mut kv2 = connect(&c.nodes[2].etcd).await;
+        let e = kv2
+            .put(put_req(b"more", vec![b'v'; 1000]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert_eq!(list(&maint[1]).await, [nospace(ids[0]), nospace(ids[2])]);
+        // Each member counts the writes it refused.
+        for (addr, refused) in http.iter().zip([1.0, 0.0, 1.0]) {
+            let (code, text) = common::http_get(addr, "/metrics");
+            assert_eq!(code, 200, "{text}");
+            let counted = common::metric(&text, "keel_admission_refusals_total");
+            assert_eq!(counted, Some(refused), "{addr}");
+        }
+
+        // Disarming member 0's alarm on member 1 lowers it on member 0.
+        let disarm = |member_id| AlarmRequest {
+            action: alarm_request::AlarmAction::Deactivate as i32,
+            member_id,
+            alarm: AlarmType::Nospace as i32,
+        };
+        let lowered = maint[1].alarm(disarm(ids[0])).await.expect("disarm");
+        assert_eq!(lowered.into_inner().alarms, [nospace(ids[0])]);
+        assert_eq!(list(&maint[0]).await, [nospace(ids[2])]);
+        // Member 0 (the whole cluster) lowers the rest.
+        let lowered = maint[0].alarm(disarm(0)).await.expect("disarm all");
+        assert_eq!(lowered.into_inner().alarms, [nospace(ids[2])]);
+        assert_eq!(list(&maint[2]).await, []);
+        // Raising one by hand is refused.
+        let activate = AlarmRequest {
+            action: alarm_request::AlarmAction::Activate as i32,
+            ..disarm(ids[1])
+        };
+        let e = maint[1].alarm(activate).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        // Reads go on.
+        let got = kv
+            .range(RangeRequest {
+                key: b"k0".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .expect("get");
+        assert_eq!(got.into_inner().kvs[0].value.as_ref(), &[b'v'; 1000][..]);
+    });
+}

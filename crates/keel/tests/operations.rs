@@ -246,6 +246,7 @@ fn status_and_metrics_over_http() {
         m("keel_peer_messages_dropped");
         m("keel_bad_frames");
         m("keel_busy_rejections_total");
+        m("keel_admission_refusals_total");
         // No snapshot yet and far below the log cache: the whole log is
         // held in memory.
         assert_eq!(m("keel_log_retained_bytes"), m("keel_append_position"));

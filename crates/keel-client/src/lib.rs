@@ -44,10 +44,26 @@ pub enum ClientError {
     },
     #[error("the cluster refused the request: {0}")]
     Refused(String),
+    /// A write's retry was refused after an earlier attempt reached a node
+    /// and got no answer: that attempt may have been applied (a refusal
+    /// such as the space quota's comes before the duplicate check), so
+    /// whether the write took effect is unknown. Read to find out.
+    #[error(
+        "outcome unknown: an earlier attempt of this write may have been applied, \
+         and the retry was refused: {0}"
+    )]
+    Uncertain(String),
     #[error("unexpected answer: {0}")]
     Protocol(String),
     #[error("no endpoints given")]
     NoEndpoints,
+}
+
+/// Why an attempt failed, and whether its request may have reached the
+/// node (after that, a write may have been applied).
+struct AttemptError {
+    why: String,
+    sent: bool,
 }
 
 struct Conn {
@@ -153,7 +169,7 @@ impl Client {
             Err(e) => Err(ClientError::NoLeader {
                 waited: timeout,
                 tried: vec![addr.to_string()],
-                last: e,
+                last: e.why,
             }),
         }
     }
@@ -163,6 +179,8 @@ impl Client {
         let mut tried = Vec::new();
         let mut last = String::from("no attempt made");
         let mut backoff = Duration::from_millis(10);
+        // Did an attempt of this write reach a node without an answer?
+        let mut maybe_applied = false;
         while started.elapsed() < self.opts.call_timeout {
             let endpoint = self.endpoint().to_string();
             if !tried.contains(&endpoint) {
@@ -186,10 +204,14 @@ impl Client {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
+                Ok(ClientResult::Error(m)) if maybe_applied => {
+                    return Err(ClientError::Uncertain(m))
+                }
                 Ok(ClientResult::Error(m)) => return Err(ClientError::Refused(m)),
                 Ok(r) => return Ok(r),
                 Err(e) => {
-                    last = format!("{endpoint}: {e}");
+                    maybe_applied |= e.sent && matches!(op, ClientOp::Write(_));
+                    last = format!("{endpoint}: {}", e.why);
                     self.conn = None;
                     self.next_endpoint();
                     tokio::time::sleep(backoff).await;
@@ -219,15 +241,28 @@ impl Client {
     }
 
     /// One request to the current endpoint, bounded by the attempt timeout.
-    async fn attempt(&mut self, op: ClientOp) -> Result<ClientResult, String> {
+    async fn attempt(&mut self, op: ClientOp) -> Result<ClientResult, AttemptError> {
         let timeout = self.opts.attempt_timeout;
-        match tokio::time::timeout(timeout, self.attempt_inner(op)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+        let mut sent = false;
+        match tokio::time::timeout(timeout, self.attempt_inner(op, &mut sent)).await {
+            Ok(r) => r.map_err(|why| AttemptError { why, sent }),
+            Err(_) => {
+                // The connection may hold half a request or a late answer.
+                self.conn = None;
+                Err(AttemptError {
+                    why: format!("no answer within {timeout:?}"),
+                    sent,
+                })
+            }
         }
     }
 
-    async fn attempt_inner(&mut self, op: ClientOp) -> Result<ClientResult, String> {
+    /// Sets `sent` once the request may have reached the node.
+    async fn attempt_inner(
+        &mut self,
+        op: ClientOp,
+        sent: &mut bool,
+    ) -> Result<ClientResult, String> {
         if self.conn.is_none() {
             let addr = self.endpoint().to_string();
             let stream = TcpStream::connect(&addr)
@@ -250,6 +285,7 @@ impl Client {
         let mut out = Vec::new();
         codec::encode(&Frame::Request(req), &mut out);
         let conn = self.conn.as_mut().ok_or("not connected")?;
+        *sent = true;
         if let Err(e) = conn.stream.write_all(&out).await {
             self.conn = None;
             return Err(format!("send: {e}"));
@@ -285,5 +321,111 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Reads one request frame from `s`.
+    async fn request(s: &mut TcpStream) -> ClientRequest {
+        let mut buf = Vec::new();
+        loop {
+            if let Some((Frame::Request(r), _)) =
+                codec::decode(&buf, codec::DEFAULT_MAX_FRAME).expect("a frame")
+            {
+                return r;
+            }
+            assert_ne!(s.read_buf(&mut buf).await.expect("read"), 0, "closed");
+        }
+    }
+
+    async fn answer(s: &mut TcpStream, id: u64, result: ClientResult) {
+        let mut out = Vec::new();
+        codec::encode(
+            &Frame::Response(codec::ClientResponse { id, result }),
+            &mut out,
+        );
+        s.write_all(&out).await.expect("write");
+    }
+
+    /// A node that takes `first` (and drops the connection unanswered if
+    /// `None`), then answers every later attempt with a refusal.
+    async fn fake_node(first: Option<ClientResult>) -> (String, tokio::task::JoinHandle<Vec<u64>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let task = tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            let (mut s, _) = l.accept().await.expect("accept");
+            let r = request(&mut s).await;
+            seqs.push(r.seq);
+            match first {
+                Some(result) => answer(&mut s, r.id, result).await,
+                None => {
+                    drop(s);
+                    let (s2, _) = l.accept().await.expect("accept");
+                    s = s2;
+                }
+            }
+            let r = request(&mut s).await;
+            seqs.push(r.seq);
+            answer(&mut s, r.id, ClientResult::Error("no room".into())).await;
+            seqs
+        });
+        (addr, task)
+    }
+
+    fn client(addr: String) -> Client {
+        Client::new(ClientOptions {
+            endpoints: vec![addr],
+            attempt_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(10),
+            client_id: Some(7),
+        })
+        .expect("client")
+    }
+
+    /// A write whose first attempt reached the node and got no answer may
+    /// have been applied: its refused retry (same sequence number) is an
+    /// unknown outcome, not a refusal.
+    #[tokio::test]
+    async fn a_refused_retry_of_a_write_that_may_have_landed_is_uncertain() {
+        let (addr, server) = fake_node(None).await;
+        let mut c = client(addr);
+        let e = c.write(Bytes::from_static(b"w")).await.unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Uncertain(m) if m == "no room"),
+            "{e}"
+        );
+        assert_eq!(
+            server.await.expect("node"),
+            [1, 1],
+            "the retry keeps its seq"
+        );
+    }
+
+    /// A refusal of a write's only attempt is a refusal, and a read retried
+    /// after a lost answer is refused plainly (it changes nothing).
+    #[tokio::test]
+    async fn a_refused_first_attempt_is_a_refusal() {
+        let (addr, server) = fake_node(Some(ClientResult::Busy)).await;
+        let mut c = client(addr);
+        let e = c.write(Bytes::from_static(b"w")).await.unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Refused(m) if m == "no room"),
+            "{e}"
+        );
+        server.await.expect("node");
+
+        let (addr, server) = fake_node(None).await;
+        let mut c = client(addr);
+        let e = c.read(Bytes::from_static(b"r")).await.unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Refused(m) if m == "no room"),
+            "{e}"
+        );
+        server.await.expect("node");
     }
 }

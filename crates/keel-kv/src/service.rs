@@ -898,13 +898,14 @@ fn write_snapshot(
 
 impl Service for KvService {
     fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
-        let min_lease_ttl = self.min_lease_ttl;
-        let quota = self.quota.take();
-        *self = match snapshot {
+        // Decoded whole before this state is replaced: a snapshot that does
+        // not decode leaves the service (and its quota) as it was.
+        let restored = match snapshot {
             None => KvService::new(),
             Some(data) => KvService::decode_snapshot(data).map_err(|e| e.to_string())?,
-        }
-        .with_min_lease_ttl(min_lease_ttl);
+        };
+        let (min_lease_ttl, quota) = (self.min_lease_ttl, self.quota.take());
+        *self = restored.with_min_lease_ttl(min_lease_ttl);
         self.quota = quota;
         self.publish_size();
         Ok(())

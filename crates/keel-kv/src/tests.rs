@@ -8,6 +8,7 @@ use keel_core::{
     ApplyOutput, Entry, EntryKind, Membership, Reply, Service, ServiceHost, Snapshot, SnapshotMeta,
 };
 use proptest::prelude::*;
+use std::sync::Arc;
 
 pub(crate) const TTL: u64 = 3_600_000_000_000;
 
@@ -1227,6 +1228,10 @@ fn the_space_quota_follows_a_restore_and_zero_means_no_limit() {
     assert!(quota.used() > 1_000 && quota.alarm());
     let admit = kv.admission().expect("still a quota after the restore");
     assert!(admit(&put("a", "b").encode()).is_err());
+    // A snapshot that does not decode changes nothing, quota included.
+    assert!(kv.restore(Some(&image[..image.len() / 2])).is_err());
+    assert!(kv.quota().is_some_and(|q| Arc::ptr_eq(&q, &quota)));
+    assert_eq!(kv.db_size(), full.svc().db_size());
     kv.restore(None).expect("empty");
     assert_eq!(quota.used(), 0);
     assert!(admit(&put("a", "b").encode()).is_ok());

@@ -1022,7 +1022,17 @@ impl Node {
                     if !transfer && self.sticky() {
                         return; // leader stickiness: a live leader is heard
                     }
+                    // A follower moves to the candidate's term but keeps its
+                    // election timer unless it grants the vote (below), as
+                    // in Raft: otherwise candidates that cannot win (shorter
+                    // logs, split votes) would keep resetting the timer of
+                    // the node that could, and with a narrow timeout range
+                    // and a slow clock it might never stand.
+                    let deadline = (self.role == Role::Follower).then_some(self.election_deadline);
                     self.become_follower(m.term, None, out);
+                    if let Some(d) = deadline {
+                        self.election_deadline = d;
+                    }
                 }
                 Body::Append { .. } | Body::InstallSnapshot { .. } | Body::TimeoutNow => {
                     self.become_follower(m.term, Some(m.from), out);

@@ -1406,3 +1406,61 @@ fn stickiness_survives_a_higher_term_message() {
         "vote not granted once the timeout passed"
     );
 }
+
+/// A follower that refuses a higher-term vote (the candidate's log is
+/// behind its own) moves to that term but keeps its election timer, so
+/// candidates that cannot win do not keep the one that could from
+/// standing; a vote it grants resets the timer, as in Raft.
+#[test]
+fn a_refused_vote_does_not_reset_the_election_timer() {
+    let timeout = Config::new(2, 7).election_timeout_min;
+    let t = 5_000 * MS;
+    // Node 2 holds an entry of term 1 from leader 1, heard at `t`.
+    let e = Entry {
+        term: 1,
+        position: 0,
+        timestamp: 1,
+        kind: EntryKind::TermStart,
+        data: Bytes::new(),
+    };
+    let end = e.end();
+    let follower = || {
+        let mut b = Node::new(Config::new(2, 7), Membership::new(1..=3), 0);
+        let mut out = Vec::new();
+        b.step(t, append(0, 1, vec![e.clone()]), &mut out);
+        assert_eq!((b.leader(), b.append_position()), (Some(1), end));
+        b
+    };
+    let vote = |b: &mut Node, at: Nanos, last_term: Term, last_pos: Position| {
+        let mut out = Vec::new();
+        let body = Body::Vote {
+            last_pos,
+            last_term,
+            transfer: false,
+        };
+        b.step(at, Event::Message(to_node_2(3, 2, body)), &mut out);
+        granted(&out)
+    };
+    // After stickiness, node 3 asks with an empty log: refused, timer kept.
+    let mut b = follower();
+    let deadline = b.next_deadline();
+    assert!(deadline > t + timeout, "the timer runs past stickiness");
+    assert!(!vote(&mut b, t + timeout, 0, 0));
+    assert_eq!((b.term(), b.leader()), (2, None));
+    assert_eq!(
+        b.next_deadline(),
+        deadline,
+        "a refused vote reset the timer"
+    );
+    // At that deadline it stands (a pre-vote for term 3).
+    let mut out = Vec::new();
+    b.step(deadline, Event::Tick, &mut out);
+    assert_eq!(b.role(), Role::PreCandidate);
+    // A vote it grants (node 3's log as long) resets the timer.
+    let mut b = follower();
+    assert!(vote(&mut b, t + timeout, 1, end));
+    assert!(
+        b.next_deadline() >= t + 2 * timeout,
+        "a granted vote resets"
+    );
+}

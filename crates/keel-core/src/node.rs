@@ -688,6 +688,21 @@ impl Node {
         }
         d
     }
+    /// The metadata of a snapshot of the state applied up to `position`:
+    /// the term and timestamp of the entry ending there and the membership
+    /// in force. `None` unless `position` is applied and the log still
+    /// holds it (as its start, or an entry's end).
+    pub fn snapshot_meta_at(&self, position: Position) -> Option<SnapshotMeta> {
+        if position > self.applied || position < self.log.first_pos() {
+            return None;
+        }
+        Some(SnapshotMeta {
+            position,
+            term: self.log.term_at(position)?,
+            timestamp: self.log.timestamp_at(position)?,
+            membership: self.membership_at(position),
+        })
+    }
     /// Follower lag as the leader sees it: (node, matched position).
     pub fn follower_progress(&self) -> Vec<(NodeId, Position)> {
         self.progress.iter().map(|(&n, p)| (n, p.matched)).collect()
@@ -1488,19 +1503,11 @@ impl Node {
             .as_ref()
             .map_or(0, |m| m.position)
             .max(self.log.first_pos());
-        if position <= newest || position > self.applied {
+        if position <= newest {
             return;
         }
-        let (Some(term), Some(timestamp)) =
-            (self.log.term_at(position), self.log.timestamp_at(position))
-        else {
+        let Some(meta) = self.snapshot_meta_at(position) else {
             return;
-        };
-        let meta = SnapshotMeta {
-            position,
-            term,
-            timestamp,
-            membership: self.membership_at(position),
         };
         self.snapshot = Some(meta.clone());
         // The log is compacted when the file is published: until then a

@@ -4,14 +4,15 @@
 //! listed and disarmed cluster-wide; not raised by hand), defragment (nothing to do: the log is
 //! compacted by snapshots), hash / hash-kv (a CRC-32C over the retained
 //! history, equal on every replica at the same revision; not etcd's value),
-//! and move-leader (a Keel leadership transfer; asked of the leader, as in
-//! etcd). Snapshot downloads are refused with a message saying why.
+//! move-leader (a Keel leadership transfer; asked of the leader, as in
+//! etcd) and snapshot (a backup of this member's state, for `keel restore`).
 
 use crate::{forwarded, is_forwarded, node_error, Api};
 use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_etcd_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_etcd_proto::etcdserverpb::*;
 use keel_kv::{Query, Response as KvResponse};
+use keel_log::meta::BackupFraming;
 use keel_net::codec::{ClientOp, ClientResult};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -20,9 +21,8 @@ use tonic::{Request, Response, Status};
 /// prints as the version).
 pub const ETCD_VERSION: &str = "3.4.30";
 
-/// Why `Snapshot` (`etcdctl snapshot save`) is refused.
-pub const SNAPSHOT_NOT_SERVED: &str = "etcdserver: snapshot download is not served by Keel: \
-its state is not an etcd (bbolt) database, which `etcdctl snapshot restore` and `status` need";
+/// The size of the pieces a backup is streamed in.
+const BACKUP_CHUNK: usize = 64 * 1024;
 
 pub struct MaintenanceApi(pub Arc<Api>);
 
@@ -176,13 +176,66 @@ impl Maintenance for MaintenanceApi {
         }))
     }
 
-    /// Refused with `SNAPSHOT_NOT_SERVED` (the generated stub's answer,
-    /// "Not yet implemented", would promise something that is not coming).
+    /// `etcdctl snapshot save`: a backup of this member's state
+    /// (`NodeHandle::backup`: a Keel snapshot file of everything it has
+    /// applied, not etcd's bbolt database), streamed in pieces. `keel
+    /// restore` seeds a new cluster from it; `etcdctl snapshot restore` and
+    /// `status` cannot read it.
     async fn snapshot(
         &self,
         _r: Request<SnapshotRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<SnapshotResponse>>, Status> {
-        Err(Status::unimplemented(SNAPSHOT_NOT_SERVED))
+        let backup = self
+            .0
+            .node
+            .backup()
+            .await
+            .map_err(|e| Status::unavailable(format!("etcdserver: backup failed: {e}")))?;
+        let header = self.0.header(0);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let failed = |e: std::io::Error| {
+                Status::internal(format!("reading backup {}: {e}", backup.path.display()))
+            };
+            let piece = |blob: &[u8], remaining| SnapshotResponse {
+                header,
+                remaining_bytes: remaining,
+                blob: bytes::Bytes::copy_from_slice(blob),
+                version: String::new(),
+            };
+            let mut file = match std::fs::File::open(&backup.path) {
+                Ok(f) => f,
+                Err(e) => return drop(tx.blocking_send(Err(failed(e)))),
+            };
+            // etcd's framing (see `BackupFraming`): etcdctl keeps no
+            // download without it.
+            let mut framing = BackupFraming::default();
+            let mut remaining = BackupFraming::framed_len(backup.size);
+            let mut left = backup.size;
+            let mut buf = vec![0; BACKUP_CHUNK];
+            while left > 0 {
+                let next = match file.read(&mut buf) {
+                    Ok(0) => Err(failed(std::io::ErrorKind::UnexpectedEof.into())),
+                    Ok(n) => {
+                        framing.update(&buf[..n]);
+                        left = left.saturating_sub(n as u64);
+                        remaining = remaining.saturating_sub(n as u64);
+                        Ok(piece(&buf[..n], remaining))
+                    }
+                    Err(e) => Err(failed(e)),
+                };
+                let last = next.is_err();
+                // A client gone stops the stream; the file goes with `backup`.
+                if tx.blocking_send(next).is_err() || last {
+                    return;
+                }
+            }
+            let _ = tx.blocking_send(Ok(piece(&framing.trailer(), 0)));
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn defragment(

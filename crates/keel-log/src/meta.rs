@@ -168,6 +168,78 @@ pub fn decode_snapshot(path: &Path, b: &Bytes) -> Result<Snapshot, LogError> {
     })
 }
 
+/// The size of a backup's pages and of its trailing SHA-256 (etcd's
+/// framing of a snapshot download: its database's pages, then the digest).
+const BACKUP_PAGE: u64 = 512;
+const BACKUP_DIGEST: u64 = 32;
+
+/// A backup as it is streamed (`etcdctl snapshot save` against Keel): the
+/// snapshot file, zeros up to a multiple of 512 bytes, then the SHA-256 of
+/// everything before it. That is how etcd frames its database download,
+/// and etcdctl keeps no download without it. `unwrap_backup` reads it back.
+#[derive(Default)]
+pub struct BackupFraming {
+    hash: sha2::Sha256,
+    len: u64,
+}
+
+impl BackupFraming {
+    /// The bytes a backup of a `file_len`-byte snapshot file takes.
+    pub fn framed_len(file_len: u64) -> u64 {
+        file_len.div_ceil(BACKUP_PAGE) * BACKUP_PAGE + BACKUP_DIGEST
+    }
+    /// Takes the next piece of the snapshot file as it goes out.
+    pub fn update(&mut self, piece: &[u8]) {
+        use sha2::Digest;
+        self.hash.update(piece);
+        self.len += piece.len() as u64;
+    }
+    /// What follows the file: the zero padding and the digest.
+    pub fn trailer(mut self) -> Vec<u8> {
+        use sha2::Digest;
+        let pad = (Self::framed_len(self.len) - BACKUP_DIGEST - self.len) as usize;
+        let mut out = vec![0; pad];
+        self.hash.update(&out);
+        out.extend_from_slice(&self.hash.finalize());
+        out
+    }
+}
+
+/// The snapshot a backup holds: a streamed backup (`BackupFraming`) whose
+/// digest and padding check out, or a bare snapshot file. Never panics.
+pub fn unwrap_backup(path: &Path, b: &Bytes) -> Result<Snapshot, LogError> {
+    use sha2::Digest;
+    let n = b.len() as u64;
+    if n < BACKUP_PAGE + BACKUP_DIGEST || n % BACKUP_PAGE != BACKUP_DIGEST {
+        return decode_snapshot(path, b);
+    }
+    let (body, digest) = b.split_at((n - BACKUP_DIGEST) as usize);
+    if sha2::Sha256::digest(body).as_slice() != digest {
+        return decode_snapshot(path, b).map_err(|_| {
+            LogError::corrupt(path, n - BACKUP_DIGEST, "backup SHA-256 mismatch".into())
+        });
+    }
+    let bad = |what: &str| LogError::corrupt(path, 0, format!("backup {what}"));
+    let file_len = snapshot_file_len(body).ok_or_else(|| bad("header unreadable"))?;
+    let padding = body
+        .get(file_len..)
+        .ok_or_else(|| bad("shorter than its header says"))?;
+    if padding.len() as u64 >= BACKUP_PAGE || padding.iter().any(|&x| x != 0) {
+        return Err(bad("padding is not the zeros up to a 512-byte page"));
+    }
+    decode_snapshot(path, &b.slice(..file_len))
+}
+
+/// The length of the snapshot file at the start of `b`, from its header.
+fn snapshot_file_len(b: &[u8]) -> Option<usize> {
+    let p = b.strip_prefix(SNAPSHOT_MAGIC)?;
+    let (_, mlen) = decode_membership(p.get(24..)?)?;
+    let state = usize::try_from(u64_at(p, 24 + mlen)?).ok()?;
+    (SNAPSHOT_MAGIC.len() + 24 + mlen + 8)
+        .checked_add(state)?
+        .checked_add(4)
+}
+
 /// Checks a snapshot file's bytes and splits them into its metadata and its
 /// state.
 fn decode_snapshot_parts<'a>(

@@ -117,7 +117,7 @@ proptest! {
         let within = image.as_ptr_range();
         prop_assert!(d.data.is_empty() || within.contains(&d.data.as_ptr()), "the state was copied");
         prop_assert!(meta::check_snapshot_image(&s.meta, &image));
-        prop_assert!(meta::decode_snapshot(path, &Bytes::from(garbage)).is_err());
+        prop_assert!(meta::decode_snapshot(path, &Bytes::from(garbage.clone())).is_err());
         let short = image.slice(..cut.index(image.len()));
         prop_assert!(meta::decode_snapshot(path, &short).is_err());
         let mut bad = image.to_vec();
@@ -125,6 +125,32 @@ proptest! {
         bad[at] ^= 0x20;
         prop_assert!(meta::decode_snapshot(path, &Bytes::from(bad.clone())).is_err());
         prop_assert!(!meta::check_snapshot_image(&s.meta, &bad));
+
+        // A streamed backup: the file, zero padding, a SHA-256; read back
+        // whole, or as the bare file; cut or flipped anywhere, refused.
+        let mut framing = meta::BackupFraming::default();
+        let mut framed = Vec::new();
+        for piece in image.chunks(pieces.first().copied().unwrap_or(512)) {
+            framing.update(piece);
+            framed.extend_from_slice(piece);
+        }
+        framed.extend_from_slice(&framing.trailer());
+        prop_assert_eq!(framed.len() as u64, meta::BackupFraming::framed_len(image.len() as u64));
+        prop_assert_eq!(framed.len() % 512, 32);
+        let framed = Bytes::from(framed);
+        prop_assert_eq!(&meta::unwrap_backup(path, &framed).expect("framed"), &s);
+        prop_assert_eq!(&meta::unwrap_backup(path, &image).expect("bare"), &s);
+        let short = framed.slice(..cut.index(framed.len()));
+        prop_assert!(meta::unwrap_backup(path, &short).is_err());
+        let mut bad = framed.to_vec();
+        let at = flip.index(bad.len());
+        bad[at] ^= 0x20;
+        prop_assert!(meta::unwrap_backup(path, &Bytes::from(bad)).is_err());
+        // Garbage framed with a good digest: the header is read, not trusted.
+        let mut framing = meta::BackupFraming::default();
+        framing.update(&garbage);
+        let framed_garbage = [garbage, framing.trailer()].concat();
+        prop_assert!(meta::unwrap_backup(path, &Bytes::from(framed_garbage)).is_err());
     }
 
     /// append / truncate / snapshot+compact / reopen agree with a model.

@@ -11,4 +11,4 @@ pub mod runtime;
 pub mod sched;
 
 pub use config::{NodeConfig, PeerConfig};
-pub use runtime::{start, NodeError, NodeHandle};
+pub use runtime::{restore_backup, start, Backup, NodeError, NodeHandle, BACKUP_DIR};

@@ -93,6 +93,15 @@ enum Internal {
         position: Position,
         size: u64,
     },
+    /// A backup is asked for (`NodeHandle::backup`): the service captures
+    /// its state first.
+    Backup(BackupReply),
+    /// The service captured its state at `position` for a backup.
+    BackupCaptured {
+        position: Position,
+        task: SnapshotTask,
+        reply: BackupReply,
+    },
     /// The reader thread filled a message from disk (see `reader`).
     Read(reader::ReadDone),
     Fatal(String),
@@ -115,6 +124,41 @@ enum SnapshotJob {
     /// milliseconds for a snapshot interval's worth: not on the consensus
     /// thread).
     Free(VecDeque<Entry>),
+    /// Serialize a capture into a backup file (`BACKUP_DIR`), a snapshot
+    /// file like the others but published nowhere.
+    Backup {
+        meta: SnapshotMeta,
+        task: SnapshotTask,
+        reply: BackupReply,
+    },
+}
+
+/// Where a node writes backups while they are read (`NodeHandle::backup`),
+/// under its data directory; emptied at start.
+pub const BACKUP_DIR: &str = "backups";
+
+/// Where a backup's file goes once written (or why there is none).
+type BackupReply = tokio::sync::oneshot::Sender<Result<Backup, String>>;
+
+/// A consistent copy of the node's state (`NodeHandle::backup`): a
+/// snapshot file (`keel_log::meta` format: metadata, the service host's
+/// state, a checksum) of everything applied up to `meta.position`, from
+/// which `keel restore` seeds a new cluster. The file is removed when this
+/// is dropped.
+#[derive(Debug)]
+pub struct Backup {
+    pub meta: SnapshotMeta,
+    pub path: std::path::PathBuf,
+    /// The file's size in bytes.
+    pub size: u64,
+}
+
+impl Drop for Backup {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            warn!("removing backup file {}: {e}", self.path.display());
+        }
+    }
 }
 
 /// Events into the consensus thread from the network (bounded).
@@ -132,6 +176,8 @@ impl Internal {
             Internal::Applied { .. } => "applied",
             Internal::SnapshotCaptured { .. } => "snapshot-captured",
             Internal::SnapshotPublished { .. } => "snapshot-published",
+            Internal::Backup(_) => "backup",
+            Internal::BackupCaptured { .. } => "backup-captured",
             Internal::Read(_) => "read",
             Internal::Fatal(_) => "fatal",
             Internal::Shutdown => "shutdown",
@@ -205,6 +251,8 @@ enum ServiceInput {
     },
     Restore(Box<Snapshot>),
     Role(Role, Option<String>, Option<NodeId>),
+    /// Capture the state for a backup.
+    Backup(BackupReply),
     Stop,
 }
 
@@ -410,6 +458,22 @@ impl NodeHandle {
         answer(rx.await)
     }
 
+    /// A consistent copy of this node's state: everything its service has
+    /// applied when the request reaches it, written to a file under
+    /// `BACKUP_DIR` (removed when the `Backup` is dropped). Reads on this
+    /// node go on while it is written; it is this node's state, so a
+    /// follower's may be a little behind the leader's.
+    pub async fn backup(&self) -> Result<Backup, String> {
+        if self.is_stopped() {
+            return Err("the node stopped".into());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.internal
+            .send(Internal::Backup(tx))
+            .map_err(|_| "the node stopped".to_string())?;
+        rx.await.map_err(|_| "the node stopped".to_string())?
+    }
+
     /// Notifications the service publishes on this node, in apply order. A
     /// receiver that falls behind gets `RecvError::Lagged` and must resync.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Notification>> {
@@ -584,6 +648,16 @@ fn start_node(
         .map_err(|e| NodeError::Start(e.to_string()))?;
     let dir = cfg.data_dir.clone();
     let opened = LogStore::open(&dir, Options::default())?;
+    // Backups a previous run was still sending when it stopped.
+    match std::fs::remove_dir_all(dir.join(BACKUP_DIR)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            warn!(
+                "removing old backups in {}: {e}",
+                dir.join(BACKUP_DIR).display()
+            )
+        }
+        _ => {}
+    }
     if let Some(t) = &opened.torn {
         warn!(
             "recovery cut a torn tail: {} bytes at offset {} of {}",
@@ -862,6 +936,7 @@ fn start_node(
             .name("keel-snapshot".into())
             .spawn(move || {
                 let _s = tracing::info_span!("node", id = cfg_id).entered();
+                let mut backups = 0u64;
                 for job in snap_rx {
                     match job {
                         SnapshotJob::Write { meta, task } => {
@@ -899,6 +974,10 @@ fn start_node(
                             busy.store(false, Ordering::Release);
                         }
                         SnapshotJob::Free(entries) => drop(entries),
+                        SnapshotJob::Backup { meta, task, reply } => {
+                            backups += 1;
+                            let _ = reply.send(write_backup(&dir, backups, meta, task));
+                        }
                     }
                 }
             })
@@ -1312,6 +1391,27 @@ impl Consensus {
             }
             Internal::SnapshotPublished { position, size } => {
                 self.step(Event::SnapshotPublished { position, size })?
+            }
+            Internal::Backup(reply) => self.service.send(ServiceInput::Backup(reply))?,
+            Internal::BackupCaptured {
+                position,
+                task,
+                reply,
+            } => {
+                self.sync_applied()?;
+                match self.node.snapshot_meta_at(position) {
+                    Some(meta) => {
+                        let _ = self
+                            .snapshots
+                            .send(SnapshotJob::Backup { meta, task, reply });
+                    }
+                    None => {
+                        let _ = reply.send(Err(format!(
+                            "the service's applied position {position} is not in this node's log"
+                        )));
+                        drop(task);
+                    }
+                }
             }
             Internal::Read(done) => self.outbox.done(done, &*self.peers),
             Internal::Fatal(e) => return Err(e),
@@ -2044,6 +2144,7 @@ impl ServiceWorker {
             ServiceInput::StaleRead { .. } => Err("a serializable read"),
             ServiceInput::Restore(_) => Err("restoring a snapshot"),
             ServiceInput::Role(..) => Err("a role change"),
+            ServiceInput::Backup(_) => Err("capturing a backup"),
             ServiceInput::Stop => Err("stopping"),
         };
         let go_on = self.step(input);
@@ -2165,10 +2266,106 @@ impl ServiceWorker {
                     }
                 }
             }
+            ServiceInput::Backup(reply) => {
+                let _ = self.tx.send(Internal::BackupCaptured {
+                    position: host.applied(),
+                    task: host.prepare_snapshot(),
+                    reply,
+                });
+            }
             ServiceInput::Stop => return false,
         }
         true
     }
+}
+
+/// Seeds node `cfg`'s new data directory from a backup file
+/// (`NodeHandle::backup`, `etcdctl snapshot save` against Keel): the node
+/// starts with the backup's state as a snapshot, its log empty after it,
+/// and the members of `cfg` (not the backed-up cluster's) as the cluster.
+/// `service` checks that the backup is a state it can restore. Every
+/// initial member of the new cluster must be seeded from the same backup
+/// (a member that started empty could be elected with an empty log). Returns
+/// the backup's metadata.
+pub fn restore_backup(
+    cfg: &NodeConfig,
+    service: Box<dyn Service + Send>,
+    backup: &std::path::Path,
+) -> Result<SnapshotMeta, NodeError> {
+    let fail = |m: String| NodeError::Start(m);
+    cfg.validate().map_err(|e| fail(e.to_string()))?;
+    if cfg.join {
+        return Err(fail(
+            "restore seeds the initial members of a new cluster; a node that joins \
+             later (join = true) gets the state from the leader"
+                .into(),
+        ));
+    }
+    let dir = &cfg.data_dir;
+    let empty = match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(fail(format!("reading {}: {e}", dir.display()))),
+    };
+    if !empty {
+        return Err(fail(format!(
+            "data directory {} is not empty: restore only seeds a new node (move it aside first)",
+            dir.display()
+        )));
+    }
+    let bytes = std::fs::read(backup)
+        .map_err(|e| fail(format!("reading backup {}: {e}", backup.display())))?;
+    let mut snapshot = meta::unwrap_backup(backup, &Bytes::from(bytes))
+        .map_err(|e| fail(format!("not a Keel backup: {e}")))?;
+    ServiceHost::new(service, 3600 * 1_000_000_000)
+        .restore(&snapshot)
+        .map_err(|e| {
+            fail(format!(
+                "the backup is not a state the {:?} service can restore: {e}",
+                cfg.service
+            ))
+        })?;
+    let membership = cfg.initial_membership();
+    snapshot.meta.membership = membership.clone();
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+    let hard = HardStateFile {
+        hard_state: keel_core::HardState {
+            term: snapshot.meta.term,
+            voted_for: None,
+        },
+        membership,
+    };
+    meta::save_hard_state(dir, &hard)?;
+    meta::save_snapshot(dir, &snapshot)?;
+    Ok(snapshot.meta)
+}
+
+/// Serializes a capture into backup file number `n` under `BACKUP_DIR`
+/// (on the snapshot thread).
+fn write_backup(
+    data_dir: &std::path::Path,
+    n: u64,
+    meta: SnapshotMeta,
+    task: SnapshotTask,
+) -> Result<Backup, String> {
+    let dir = data_dir.join(BACKUP_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let stage = std::panic::AssertUnwindSafe(|| meta::stage_snapshot_with(&dir, &meta, task));
+    let (staged, _) = match std::panic::catch_unwind(stage) {
+        Ok(r) => r.map_err(|e| format!("writing a backup: {e}"))?,
+        Err(p) => {
+            return Err(format!(
+                "serializing a backup panicked: {}",
+                panic_message(p.as_ref())
+            ))
+        }
+    };
+    let path = dir.join(format!("backup-{n}.keel"));
+    std::fs::rename(&staged, &path).map_err(|e| format!("naming {}: {e}", path.display()))?;
+    let size = std::fs::metadata(&path)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?
+        .len();
+    Ok(Backup { meta, path, size })
 }
 
 /// The service thread (`ServiceThreadConfig::Dedicated`).

@@ -1149,3 +1149,70 @@ fn a_session_write_covered_by_a_snapshot_install_is_answered_with_its_reply() {
     });
     stop_all(nodes);
 }
+
+/// A backup taken on a follower with the service on the consensus thread
+/// (the capture runs in line there) seeds a new three-node cluster through
+/// `restore_backup`, which serves every backed-up key and takes writes; the
+/// backup's file is gone once dropped, and a stopped node takes none.
+#[test]
+fn a_backup_seeds_a_new_cluster() {
+    let shared = |c: &mut NodeConfig| c.service_thread = ServiceThreadConfig::Shared;
+    let old = start_kv_three(shared);
+    let (_, leader, follower) = leader_and_follower(&old.nodes);
+    for i in 0..20 {
+        let put = write_within(
+            leader,
+            kv_put(&format!("k{i}"), &format!("v{i}")),
+            Duration::from_secs(10),
+        );
+        assert!(matches!(put, Some(ClientResult::Ok(_))), "{put:?}");
+    }
+    // Read through the follower: it has applied every put.
+    assert_eq!(
+        kv_get_within(follower, "k19", Duration::from_secs(10)).as_deref(),
+        Some(&b"v19"[..])
+    );
+    let backup = client_runtime()
+        .block_on(follower.backup())
+        .expect("backup");
+    assert!(backup.path.starts_with(old.tmp.path()), "{:?}", backup.path);
+    let file = old.tmp.path().join("copy.keel");
+    std::fs::copy(&backup.path, &file).expect("copy the backup");
+    let written = backup.path.clone();
+    drop(backup);
+    assert!(!written.exists(), "the backup file outlived its Backup");
+    let stopped = &old.nodes[0];
+    stopped.shutdown();
+    assert!(client_runtime().block_on(stopped.backup()).is_err());
+    stop_all(old.nodes);
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clients: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let net = MemNetwork::new();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let mut cfg = node_config(id, tmp.path(), &clients, 1 << 30, DurabilityConfig::Sync);
+        shared(&mut cfg);
+        let meta = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file)
+            .expect("restore");
+        assert_eq!(meta.membership.voters.len(), 3);
+        let again = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file);
+        assert!(again.is_err(), "restored over a used data directory");
+        nodes.push(
+            start_with(
+                cfg,
+                Box::new(KvService::default()),
+                Transport::Memory(net.clone()),
+            )
+            .expect("start"),
+        );
+    }
+    let (_, leader, _) = leader_and_follower(&nodes);
+    for i in 0..20 {
+        let got = kv_get_within(leader, &format!("k{i}"), Duration::from_secs(10));
+        assert_eq!(got, Some(Bytes::from(format!("v{i}"))), "k{i}");
+    }
+    let put = write_within(leader, kv_put("after", "restore"), Duration::from_secs(10));
+    assert!(matches!(put, Some(ClientResult::Ok(_))), "{put:?}");
+    stop_all(nodes);
+}

@@ -61,10 +61,24 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// Seed a new node's data directory from a backup (`etcdctl snapshot
+    /// save` against a Keel member), given the node's server configuration
+    /// (a config file or the same flags as `server`). Run it for every
+    /// initial member of the new cluster, from the same backup, then start
+    /// them: the new cluster has the backup's data and its own members.
+    Restore(RestoreArgs),
     /// Benchmarks on local clusters: `echo` (latency vs offered rate) and
     /// `kv` (Keel vs etcd over the etcd API); results go to BENCHMARKS.md.
     #[command(subcommand)]
     Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The backup file.
+    backup: PathBuf,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Args, Debug)]
@@ -403,6 +417,24 @@ fn make_other_service(name: &str) -> Result<Box<dyn Service + Send>> {
         "matching" => Box::new(keel_examples::matching::MatchingEngine::default()),
         other => bail!("unknown service {other:?}: expected kv, echo, lock or matching"),
     })
+}
+
+fn restore(a: RestoreArgs) -> Result<()> {
+    let cfg = server_config(&a.server)?;
+    let (service, _) = make_service(&cfg)?;
+    let meta = keel_node::restore_backup(&cfg, service, &a.backup)
+        .with_context(|| format!("restoring node {} from {}", cfg.id, a.backup.display()))?;
+    println!(
+        "node {} restored in {}: the backup's state at log position {} (term {}), members {:?}. \
+         Restore every initial member from this same backup, then start them with `keel server` \
+         and the same configuration.",
+        cfg.id,
+        cfg.data_dir.display(),
+        meta.position,
+        meta.term,
+        meta.membership.voters,
+    );
+    Ok(())
 }
 
 fn run_server(a: ServerArgs) -> Result<()> {
@@ -750,6 +782,7 @@ fn main() {
     }
     let result = match cli.cmd {
         Cmd::Server(a) => run_server(a).map(|_| 0),
+        Cmd::Restore(a) => restore(a).map(|_| 0),
         Cmd::Dev(a) => dev::run(a),
         Cmd::Kv { conn, cmd } => block(kv(conn, cmd)),
         Cmd::Cluster { conn, cmd } => block(cluster(conn, cmd)),

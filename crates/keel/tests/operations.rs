@@ -475,3 +475,131 @@ fn the_leader_compacts_the_kv_history_by_itself() {
         .collect();
     check(&alive, last);
 }
+
+/// Backup and restore: a member streams a backup of its state over the etcd
+/// API's Snapshot call (`etcdctl snapshot save`) and removes its file once
+/// sent; `keel restore` seeds every member of a new cluster from it, and
+/// that cluster serves the backed-up keys at their revisions, then takes
+/// writes. Restoring into a used data directory or from a file that is no
+/// backup is refused with the reason, and nothing is written.
+#[test]
+fn a_backup_restores_into_a_new_cluster() {
+    use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
+    use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    use keel_etcd_proto::etcdserverpb::{PutRequest, RangeRequest, SnapshotRequest};
+    let put = |k: &str, v: &str| PutRequest {
+        key: k.as_bytes().to_vec().into(),
+        value: v.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    let get = |k: &str| RangeRequest {
+        key: k.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    let c = TestCluster::start(3, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    let backup = c._tmp.path().join("backup.keel");
+    let revision = c.rt.block_on(async {
+        let mut kv = KvClient::new(etcd_channel(&c.nodes[0].etcd).await);
+        for i in 0..50 {
+            kv.put(put(&format!("k{i}"), &format!("v{i}")))
+                .await
+                .expect("put");
+        }
+        let last = kv.put(put("k0", "again")).await.expect("put").into_inner();
+        // Through the leader: member 2 has applied it before it answers.
+        let mut kv2 = KvClient::new(etcd_channel(&c.nodes[1].etcd).await);
+        kv2.range(get("k0")).await.expect("linearizable read");
+        let mut m = MaintenanceClient::new(etcd_channel(&c.nodes[1].etcd).await);
+        let mut stream = m
+            .snapshot(SnapshotRequest {})
+            .await
+            .expect("snapshot")
+            .into_inner();
+        let mut file = Vec::new();
+        let mut remaining = u64::MAX;
+        while let Some(piece) = stream.message().await.expect("snapshot stream") {
+            file.extend_from_slice(&piece.blob);
+            assert!(piece.remaining_bytes < remaining, "remaining bytes go down");
+            remaining = piece.remaining_bytes;
+        }
+        assert_eq!(remaining, 0, "the stream ended with nothing remaining");
+        std::fs::write(&backup, &file).expect("write backup");
+        last.header.expect("header").revision
+    });
+    assert_eq!(
+        revision, 52,
+        "50 puts, one more, after the initial revision 1"
+    );
+    // The member's copy is gone once sent.
+    let backups = c.node(2).dir.join("data").join(keel_node::BACKUP_DIR);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(&backups).map_or(0, |d| d.count()) > 0 {
+        assert!(Instant::now() < deadline, "backup file left in {backups:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let mut d = TestCluster::start(3, "");
+    for id in 1..=3 {
+        d.kill(id);
+        // (Killed at once: it may not have created it yet.)
+        let _ = std::fs::remove_dir_all(d.node(id).dir.join("data"));
+    }
+    let restore = |config: &std::path::Path, file: &std::path::Path| {
+        let out = std::process::Command::new(common::keel_exe())
+            .arg("restore")
+            .arg(file)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("run keel restore");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    // Not a backup: refused, nothing written.
+    let junk = c._tmp.path().join("junk");
+    std::fs::write(&junk, b"not a backup at all").expect("write junk");
+    let (ok, text) = restore(&d.node(1).config, &junk);
+    assert!(!ok && text.contains("not a Keel backup"), "{text}");
+    assert!(
+        !d.node(1).dir.join("data").exists(),
+        "a refused restore wrote files"
+    );
+    for id in 1..=3 {
+        let (ok, text) = restore(&d.node(id).config, &backup);
+        assert!(ok, "{text}");
+        assert!(text.contains(&format!("node {id} restored")), "{text}");
+    }
+    // A used data directory is refused.
+    let (ok, text) = restore(&d.node(1).config, &backup);
+    assert!(!ok && text.contains("is not empty"), "{text}");
+    for id in 1..=3 {
+        d.spawn(id);
+    }
+    d.wait_for_leader(Duration::from_secs(10));
+    d.rt.block_on(async {
+        let mut kv = KvClient::new(etcd_channel(&d.nodes[2].etcd).await);
+        let got = kv.range(get("k0")).await.expect("get").into_inner();
+        assert_eq!(got.kvs[0].value.as_ref(), b"again");
+        assert_eq!(got.kvs[0].mod_revision, 52);
+        assert_eq!(got.header.expect("header").revision, 52);
+        for i in 1..50 {
+            let got = kv
+                .range(get(&format!("k{i}")))
+                .await
+                .expect("get")
+                .into_inner();
+            assert_eq!(got.kvs[0].value, format!("v{i}").into_bytes(), "k{i}");
+        }
+        let next = kv
+            .put(put("after", "restore"))
+            .await
+            .expect("put")
+            .into_inner();
+        assert_eq!(next.header.expect("header").revision, 53);
+    });
+}

@@ -44,14 +44,12 @@ pub enum ClientError {
     },
     #[error("the cluster refused the request: {0}")]
     Refused(String),
-    /// A write's retry was refused after an earlier attempt reached a node
-    /// and got no answer: that attempt may have been applied (a refusal
-    /// such as the space quota's comes before the duplicate check), so
-    /// whether the write took effect is unknown. Read to find out.
-    #[error(
-        "outcome unknown: an earlier attempt of this write may have been applied, \
-         and the retry was refused: {0}"
-    )]
+    /// Whether a write took effect is unknown: the node could not learn
+    /// its outcome, or a retry was refused after an earlier attempt reached
+    /// a node and got no answer or "not the leader" (that attempt may have
+    /// been applied: a refusal such as the space quota's comes before the
+    /// duplicate check). Read to find out.
+    #[error("outcome unknown: the write may or may not have been applied: {0}")]
     Uncertain(String),
     #[error("unexpected answer: {0}")]
     Protocol(String),
@@ -188,6 +186,9 @@ impl Client {
             }
             match self.attempt(op.clone()).await {
                 Ok(ClientResult::NotLeader { address, leader }) => {
+                    // A node that took the write and then lost leadership
+                    // answers this too: its entry may still commit.
+                    maybe_applied |= matches!(op, ClientOp::Write(_));
                     last = format!("{endpoint} is not the leader (leader: {leader:?})");
                     self.conn = None;
                     match address {
@@ -204,7 +205,9 @@ impl Client {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
-                Ok(ClientResult::Error(m)) if maybe_applied => {
+                Ok(ClientResult::Error(m))
+                    if maybe_applied || m.starts_with(codec::OUTCOME_UNKNOWN) =>
+                {
                     return Err(ClientError::Uncertain(m))
                 }
                 Ok(ClientResult::Error(m)) => return Err(ClientError::Refused(m)),
@@ -329,16 +332,18 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    /// Reads one request frame from `s`.
-    async fn request(s: &mut TcpStream) -> ClientRequest {
+    /// Reads one request frame from `s`; `None` if the client closed it.
+    async fn request(s: &mut TcpStream) -> Option<ClientRequest> {
         let mut buf = Vec::new();
         loop {
             if let Some((Frame::Request(r), _)) =
                 codec::decode(&buf, codec::DEFAULT_MAX_FRAME).expect("a frame")
             {
-                return r;
+                return Some(r);
             }
-            assert_ne!(s.read_buf(&mut buf).await.expect("read"), 0, "closed");
+            if s.read_buf(&mut buf).await.expect("read") == 0 {
+                return None;
+            }
         }
     }
 
@@ -351,30 +356,41 @@ mod tests {
         s.write_all(&out).await.expect("write");
     }
 
-    /// A node that takes `first` (and drops the connection unanswered if
-    /// `None`), then answers every later attempt with a refusal.
-    async fn fake_node(first: Option<ClientResult>) -> (String, tokio::task::JoinHandle<Vec<u64>>) {
+    /// A node that answers the requests it gets in turn from `script`
+    /// (`None`: drop the connection unanswered), on whatever connection
+    /// the client opens. Returns their sequence numbers.
+    async fn fake_node(
+        script: Vec<Option<ClientResult>>,
+    ) -> (String, tokio::task::JoinHandle<Vec<u64>>) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         let task = tokio::spawn(async move {
             let mut seqs = Vec::new();
-            let (mut s, _) = l.accept().await.expect("accept");
-            let r = request(&mut s).await;
-            seqs.push(r.seq);
-            match first {
-                Some(result) => answer(&mut s, r.id, result).await,
-                None => {
-                    drop(s);
-                    let (s2, _) = l.accept().await.expect("accept");
-                    s = s2;
+            let mut conn = None;
+            for step in script {
+                let r = loop {
+                    let s = match &mut conn {
+                        Some(s) => s,
+                        None => conn.insert(l.accept().await.expect("accept").0),
+                    };
+                    match request(s).await {
+                        Some(r) => break r,
+                        None => conn = None,
+                    }
+                };
+                seqs.push(r.seq);
+                match (step, &mut conn) {
+                    (Some(result), Some(s)) => answer(s, r.id, result).await,
+                    _ => conn = None,
                 }
             }
-            let r = request(&mut s).await;
-            seqs.push(r.seq);
-            answer(&mut s, r.id, ClientResult::Error("no room".into())).await;
             seqs
         });
         (addr, task)
+    }
+
+    fn refused() -> Option<ClientResult> {
+        Some(ClientResult::Error("no room".into()))
     }
 
     fn client(addr: String) -> Client {
@@ -392,7 +408,7 @@ mod tests {
     /// unknown outcome, not a refusal.
     #[tokio::test]
     async fn a_refused_retry_of_a_write_that_may_have_landed_is_uncertain() {
-        let (addr, server) = fake_node(None).await;
+        let (addr, server) = fake_node(vec![None, refused()]).await;
         let mut c = client(addr);
         let e = c.write(Bytes::from_static(b"w")).await.unwrap_err();
         assert!(
@@ -410,7 +426,7 @@ mod tests {
     /// after a lost answer is refused plainly (it changes nothing).
     #[tokio::test]
     async fn a_refused_first_attempt_is_a_refusal() {
-        let (addr, server) = fake_node(Some(ClientResult::Busy)).await;
+        let (addr, server) = fake_node(vec![Some(ClientResult::Busy), refused()]).await;
         let mut c = client(addr);
         let e = c.write(Bytes::from_static(b"w")).await.unwrap_err();
         assert!(
@@ -419,13 +435,46 @@ mod tests {
         );
         server.await.expect("node");
 
-        let (addr, server) = fake_node(None).await;
+        let (addr, server) = fake_node(vec![None, refused()]).await;
         let mut c = client(addr);
         let e = c.read(Bytes::from_static(b"r")).await.unwrap_err();
         assert!(
             matches!(&e, ClientError::Refused(m) if m == "no room"),
             "{e}"
         );
+        server.await.expect("node");
+    }
+
+    /// "Not the leader" from a node that took the write is no proof that
+    /// it was dropped, and a node's own "no outcome" answer is no refusal:
+    /// both end as an unknown outcome.
+    #[tokio::test]
+    async fn not_the_leader_then_refused_and_no_outcome_are_uncertain() {
+        let not_leader = Some(ClientResult::NotLeader {
+            leader: None,
+            address: None,
+        });
+        let (addr, server) = fake_node(vec![not_leader, refused()]).await;
+        let e = client(addr)
+            .write(Bytes::from_static(b"w"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Uncertain(m) if m == "no room"),
+            "{e}"
+        );
+        server.await.expect("node");
+
+        let unknown = format!(
+            "{} within 30s: it may or may not have been applied",
+            codec::OUTCOME_UNKNOWN
+        );
+        let (addr, server) = fake_node(vec![Some(ClientResult::Error(unknown))]).await;
+        let e = client(addr)
+            .write(Bytes::from_static(b"w"))
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, ClientError::Uncertain(_)), "{e}");
         server.await.expect("node");
     }
 }

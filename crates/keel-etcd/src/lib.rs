@@ -87,6 +87,9 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 pub struct Api {
     pub node: Arc<NodeHandle>,
     pub config: ApiConfig,
+    /// One backup (`Snapshot`) at a time: each is a full copy of the state
+    /// on disk and a turn of the snapshot thread.
+    pub backups: Arc<tokio::sync::Semaphore>,
 }
 
 impl Api {
@@ -267,6 +270,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
     let api = Arc::new(Api {
         node: node.clone(),
         config,
+        backups: Arc::new(tokio::sync::Semaphore::new(1)),
     });
     let rt = node.runtime().clone();
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;

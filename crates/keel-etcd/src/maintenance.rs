@@ -24,6 +24,14 @@ pub const ETCD_VERSION: &str = "3.4.30";
 /// The size of the pieces a backup is streamed in.
 const BACKUP_CHUNK: usize = 64 * 1024;
 
+/// How long a backup's client may leave a piece unread before the stream
+/// is dropped.
+const BACKUP_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long `alarm` waits for each other member: under etcdctl's 5 s
+/// command timeout, so one member that does not answer fails no listing.
+const MEMBER_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct MaintenanceApi(pub Arc<Api>);
 
 impl MaintenanceApi {
@@ -64,7 +72,7 @@ impl MaintenanceApi {
                         .await?;
                     Ok::<_, Status>(answer.into_inner().alarms)
                 };
-                let answer = tokio::time::timeout(api.config.request_timeout, ask).await;
+                let answer = tokio::time::timeout(MEMBER_ASK_TIMEOUT, ask).await;
                 (
                     m,
                     answer.unwrap_or_else(|_| Err(Status::unavailable("request timed out"))),
@@ -95,7 +103,7 @@ impl Maintenance for MaintenanceApi {
     /// that member) or, for member 0, every member's, and answers with what
     /// it lowered (a quota raises its alarm again at the next refused write,
     /// and lists it while the history is at or past the quota). A member
-    /// that does not answer within the request timeout is left out of a
+    /// that does not answer within 2 s is left out of a
     /// `GET` or a member-0 disarm (a stopped member refuses nothing); a
     /// disarm that names it fails. `ACTIVATE` is refused: a raised alarm
     /// would not stop writes here, only the quota does.
@@ -176,25 +184,49 @@ impl Maintenance for MaintenanceApi {
         }))
     }
 
-    /// `etcdctl snapshot save`: a backup of this member's state
-    /// (`NodeHandle::backup`: a Keel snapshot file of everything it has
-    /// applied, not etcd's bbolt database), streamed in pieces. `keel
-    /// restore` seeds a new cluster from it; `etcdctl snapshot restore` and
-    /// `status` cannot read it.
+    /// `etcdctl snapshot save`: a backup of this member's state after a
+    /// read-index barrier (`NodeHandle::backup`: a Keel snapshot file of
+    /// everything it has applied, not etcd's bbolt database), streamed in
+    /// pieces with `BackupFraming`, one backup at a time. `keel restore`
+    /// seeds a new cluster from it; `etcdctl snapshot restore` and `status`
+    /// cannot read it.
     async fn snapshot(
         &self,
         _r: Request<SnapshotRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<SnapshotResponse>>, Status> {
+        let permit = self.0.backups.clone().try_acquire_owned().map_err(|_| {
+            Status::unavailable(
+                "etcdserver: a backup is already being sent from this member; \
+                 try again once it is done",
+            )
+        })?;
+        // A read-index barrier first: everything committed before the
+        // request is applied here, however far behind this member was.
+        let revision = match self.0.read(&Query::Status, false).await? {
+            KvResponse::Status { revision, .. } => revision as i64,
+            other => return Err(crate::unexpected(&other)),
+        };
         let backup = self
             .0
             .node
             .backup()
             .await
             .map_err(|e| Status::unavailable(format!("etcdserver: backup failed: {e}")))?;
-        let header = self.0.header(0);
+        // At least this revision: writes may have applied since the barrier.
+        let header = self.0.header(revision);
+        let cluster_id = self.0.node.cluster_id();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             use std::io::Read;
+            let _one_at_a_time = permit;
+            // A client that stops reading for this long is dropped (and the
+            // file with `backup`).
+            let send = |next| async {
+                matches!(
+                    tokio::time::timeout(BACKUP_STALL, tx.send(next)).await,
+                    Ok(Ok(()))
+                )
+            };
             let failed = |e: std::io::Error| {
                 Status::internal(format!("reading backup {}: {e}", backup.path.display()))
             };
@@ -206,15 +238,19 @@ impl Maintenance for MaintenanceApi {
             };
             let mut file = match std::fs::File::open(&backup.path) {
                 Ok(f) => f,
-                Err(e) => return drop(tx.blocking_send(Err(failed(e)))),
+                Err(e) => {
+                    send(Err(failed(e))).await;
+                    return;
+                }
             };
             // etcd's framing (see `BackupFraming`): etcdctl keeps no
             // download without it.
-            let mut framing = BackupFraming::default();
+            let mut framing = BackupFraming::new(cluster_id);
             let mut remaining = BackupFraming::framed_len(backup.size);
             let mut left = backup.size;
             let mut buf = vec![0; BACKUP_CHUNK];
             while left > 0 {
+                // (64 KiB of a file just written: from the page cache.)
                 let next = match file.read(&mut buf) {
                     Ok(0) => Err(failed(std::io::ErrorKind::UnexpectedEof.into())),
                     Ok(n) => {
@@ -226,12 +262,11 @@ impl Maintenance for MaintenanceApi {
                     Err(e) => Err(failed(e)),
                 };
                 let last = next.is_err();
-                // A client gone stops the stream; the file goes with `backup`.
-                if tx.blocking_send(next).is_err() || last {
+                if !send(next).await || last {
                     return;
                 }
             }
-            let _ = tx.blocking_send(Ok(piece(&framing.trailer(), 0)));
+            send(Ok(piece(&framing.trailer(), 0))).await;
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

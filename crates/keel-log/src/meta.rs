@@ -172,21 +172,35 @@ pub fn decode_snapshot(path: &Path, b: &Bytes) -> Result<Snapshot, LogError> {
 /// framing of a snapshot download: its database's pages, then the digest).
 const BACKUP_PAGE: u64 = 512;
 const BACKUP_DIGEST: u64 = 32;
+/// After the snapshot file in a streamed backup: this magic and the id of
+/// the cluster it came from.
+const BACKUP_FOOTER_MAGIC: &[u8; 4] = b"KBK1";
+const BACKUP_FOOTER: u64 = 12;
 
 /// A backup as it is streamed (`etcdctl snapshot save` against Keel): the
-/// snapshot file, zeros up to a multiple of 512 bytes, then the SHA-256 of
-/// everything before it. That is how etcd frames its database download,
-/// and etcdctl keeps no download without it. `unwrap_backup` reads it back.
-#[derive(Default)]
+/// snapshot file, a footer naming the cluster it came from, zeros up to a
+/// multiple of 512 bytes, then the SHA-256 of everything before it. The
+/// pages and the digest are how etcd frames its database download, and
+/// etcdctl keeps no download without them. `unwrap_backup` reads it back.
 pub struct BackupFraming {
     hash: sha2::Sha256,
     len: u64,
+    cluster_id: u64,
 }
 
 impl BackupFraming {
+    /// Framing for a backup of cluster `cluster_id`.
+    pub fn new(cluster_id: u64) -> Self {
+        use sha2::Digest;
+        BackupFraming {
+            hash: sha2::Sha256::new(),
+            len: 0,
+            cluster_id,
+        }
+    }
     /// The bytes a backup of a `file_len`-byte snapshot file takes.
     pub fn framed_len(file_len: u64) -> u64 {
-        file_len.div_ceil(BACKUP_PAGE) * BACKUP_PAGE + BACKUP_DIGEST
+        (file_len + BACKUP_FOOTER).div_ceil(BACKUP_PAGE) * BACKUP_PAGE + BACKUP_DIGEST
     }
     /// Takes the next piece of the snapshot file as it goes out.
     pub fn update(&mut self, piece: &[u8]) {
@@ -194,40 +208,72 @@ impl BackupFraming {
         self.hash.update(piece);
         self.len += piece.len() as u64;
     }
-    /// What follows the file: the zero padding and the digest.
+    /// What follows the file: the footer, the zero padding and the digest.
     pub fn trailer(mut self) -> Vec<u8> {
         use sha2::Digest;
-        let pad = (Self::framed_len(self.len) - BACKUP_DIGEST - self.len) as usize;
-        let mut out = vec![0; pad];
+        let mut out = BACKUP_FOOTER_MAGIC.to_vec();
+        out.extend_from_slice(&self.cluster_id.to_le_bytes());
+        let pad = Self::framed_len(self.len) - BACKUP_DIGEST - self.len;
+        out.resize(pad as usize, 0);
         self.hash.update(&out);
         out.extend_from_slice(&self.hash.finalize());
         out
     }
 }
 
+/// What a backup file holds (`unwrap_backup`).
+#[derive(Debug)]
+pub struct Unwrapped {
+    pub snapshot: Snapshot,
+    /// The cluster the backup came from (a bare snapshot file does not say).
+    pub cluster_id: Option<u64>,
+}
+
 /// The snapshot a backup holds: a streamed backup (`BackupFraming`) whose
-/// digest and padding check out, or a bare snapshot file. Never panics.
-pub fn unwrap_backup(path: &Path, b: &Bytes) -> Result<Snapshot, LogError> {
+/// digest, footer and padding check out, or a bare snapshot file. Never
+/// panics.
+pub fn unwrap_backup(path: &Path, b: &Bytes) -> Result<Unwrapped, LogError> {
     use sha2::Digest;
     let n = b.len() as u64;
+    let bare = || {
+        decode_snapshot(path, b).map(|snapshot| Unwrapped {
+            snapshot,
+            cluster_id: None,
+        })
+    };
     if n < BACKUP_PAGE + BACKUP_DIGEST || n % BACKUP_PAGE != BACKUP_DIGEST {
-        return decode_snapshot(path, b);
+        return bare();
     }
     let (body, digest) = b.split_at((n - BACKUP_DIGEST) as usize);
     if sha2::Sha256::digest(body).as_slice() != digest {
-        return decode_snapshot(path, b).map_err(|_| {
-            LogError::corrupt(path, n - BACKUP_DIGEST, "backup SHA-256 mismatch".into())
+        return bare().map_err(|_| {
+            LogError::corrupt(
+                path,
+                n - BACKUP_DIGEST,
+                "neither a snapshot file nor a backup whose SHA-256 matches (cut short or damaged?)"
+                    .into(),
+            )
         });
     }
     let bad = |what: &str| LogError::corrupt(path, 0, format!("backup {what}"));
     let file_len = snapshot_file_len(body).ok_or_else(|| bad("header unreadable"))?;
-    let padding = body
+    let rest = body
         .get(file_len..)
         .ok_or_else(|| bad("shorter than its header says"))?;
+    let footer = rest
+        .strip_prefix(BACKUP_FOOTER_MAGIC)
+        .and_then(|f| f.get(..8))
+        .ok_or_else(|| bad("footer missing"))?;
+    let padding = &rest[BACKUP_FOOTER as usize..];
     if padding.len() as u64 >= BACKUP_PAGE || padding.iter().any(|&x| x != 0) {
         return Err(bad("padding is not the zeros up to a 512-byte page"));
     }
-    decode_snapshot(path, &b.slice(..file_len))
+    let mut id = [0u8; 8];
+    id.copy_from_slice(footer);
+    Ok(Unwrapped {
+        snapshot: decode_snapshot(path, &b.slice(..file_len))?,
+        cluster_id: Some(u64::from_le_bytes(id)),
+    })
 }
 
 /// The length of the snapshot file at the start of `b`, from its header.

@@ -128,7 +128,7 @@ proptest! {
 
         // A streamed backup: the file, zero padding, a SHA-256; read back
         // whole, or as the bare file; cut or flipped anywhere, refused.
-        let mut framing = meta::BackupFraming::default();
+        let mut framing = meta::BackupFraming::new(position ^ 0x6b65656c);
         let mut framed = Vec::new();
         for piece in image.chunks(pieces.first().copied().unwrap_or(512)) {
             framing.update(piece);
@@ -138,16 +138,21 @@ proptest! {
         prop_assert_eq!(framed.len() as u64, meta::BackupFraming::framed_len(image.len() as u64));
         prop_assert_eq!(framed.len() % 512, 32);
         let framed = Bytes::from(framed);
-        prop_assert_eq!(&meta::unwrap_backup(path, &framed).expect("framed"), &s);
-        prop_assert_eq!(&meta::unwrap_backup(path, &image).expect("bare"), &s);
-        let short = framed.slice(..cut.index(framed.len()));
-        prop_assert!(meta::unwrap_backup(path, &short).is_err());
+        let got = meta::unwrap_backup(path, &framed).expect("framed");
+        prop_assert_eq!(&got.snapshot, &s);
+        prop_assert_eq!(got.cluster_id, Some(position ^ 0x6b65656c));
+        let got = meta::unwrap_backup(path, &image).expect("bare");
+        prop_assert_eq!((&got.snapshot, got.cluster_id), (&s, None));
+        // Cut anywhere: refused, unless the cut leaves the bare file.
+        let at = cut.index(framed.len());
+        let short = meta::unwrap_backup(path, &framed.slice(..at));
+        prop_assert!(short.is_err() || (at == image.len() && short.expect("ok").snapshot == s));
         let mut bad = framed.to_vec();
         let at = flip.index(bad.len());
         bad[at] ^= 0x20;
         prop_assert!(meta::unwrap_backup(path, &Bytes::from(bad)).is_err());
         // Garbage framed with a good digest: the header is read, not trusted.
-        let mut framing = meta::BackupFraming::default();
+        let mut framing = meta::BackupFraming::new(1);
         framing.update(&garbage);
         let framed_garbage = [garbage, framing.trailer()].concat();
         prop_assert!(meta::unwrap_backup(path, &Bytes::from(framed_garbage)).is_err());

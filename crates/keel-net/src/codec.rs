@@ -59,6 +59,11 @@ pub enum ClientOp {
     ChangeMembership(keel_core::MembershipChange),
 }
 
+/// How the `ClientResult::Error` a node gives a write whose outcome it
+/// could not learn (`write_timeout_ms`) begins: it may or may not have been
+/// applied, and clients report it so, not as a refusal.
+pub const OUTCOME_UNKNOWN: &str = "no outcome for this write";
+
 /// A node's answer to the request with the same `id`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientResponse {

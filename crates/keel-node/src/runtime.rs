@@ -155,8 +155,10 @@ pub struct Backup {
 
 impl Drop for Backup {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            warn!("removing backup file {}: {e}", self.path.display());
+        // The file has a directory of its own (`write_backup`).
+        let dir = self.path.parent().unwrap_or(&self.path);
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            warn!("removing backup {}: {e}", dir.display());
         }
     }
 }
@@ -936,7 +938,6 @@ fn start_node(
             .name("keel-snapshot".into())
             .spawn(move || {
                 let _s = tracing::info_span!("node", id = cfg_id).entered();
-                let mut backups = 0u64;
                 for job in snap_rx {
                     match job {
                         SnapshotJob::Write { meta, task } => {
@@ -975,8 +976,7 @@ fn start_node(
                         }
                         SnapshotJob::Free(entries) => drop(entries),
                         SnapshotJob::Backup { meta, task, reply } => {
-                            backups += 1;
-                            let _ = reply.send(write_backup(&dir, backups, meta, task));
+                            let _ = reply.send(write_backup(&dir, meta, task));
                         }
                     }
                 }
@@ -1407,7 +1407,7 @@ impl Consensus {
                     }
                     None => {
                         let _ = reply.send(Err(format!(
-                            "the service's applied position {position} is not in this node's log"
+                            "a snapshot install overtook the capture at position {position}: try again"
                         )));
                         drop(task);
                     }
@@ -1742,7 +1742,8 @@ impl Consensus {
                     &w.sink,
                     w.id,
                     ClientResult::Error(format!(
-                        "no outcome for this write within {limit:?}: it may or may not have been applied"
+                        "{} within {limit:?}: it may or may not have been applied",
+                        keel_net::codec::OUTCOME_UNKNOWN
                     )),
                 );
             }
@@ -2280,17 +2281,22 @@ impl ServiceWorker {
 }
 
 /// Seeds node `cfg`'s new data directory from a backup file
-/// (`NodeHandle::backup`, `etcdctl snapshot save` against Keel): the node
-/// starts with the backup's state as a snapshot, its log empty after it,
-/// and the members of `cfg` (not the backed-up cluster's) as the cluster.
-/// `service` checks that the backup is a state it can restore. Every
-/// initial member of the new cluster must be seeded from the same backup
-/// (a member that started empty could be elected with an empty log). Returns
-/// the backup's metadata.
+/// (`etcdctl snapshot save` against a Keel member, or `NodeHandle::backup`'s
+/// file): the node starts with the backup's state as a snapshot, its log
+/// empty after it, and the members of `cfg` (not the backed-up cluster's)
+/// as the cluster. `service` checks that the backup is a state it can
+/// restore. Every initial member of the new cluster must be seeded from the
+/// same backup (a member that started empty could be elected with an empty
+/// log). A backup of the cluster `cfg` names (same `cluster_id`) is refused
+/// unless `same_cluster_id`: a member restored in place of a running one
+/// would have forgotten its votes and what it acknowledged, and could
+/// break the running cluster's safety. The directory appears whole or not
+/// at all. Returns the backup's metadata.
 pub fn restore_backup(
     cfg: &NodeConfig,
     service: Box<dyn Service + Send>,
     backup: &std::path::Path,
+    same_cluster_id: bool,
 ) -> Result<SnapshotMeta, NodeError> {
     let fail = |m: String| NodeError::Start(m);
     cfg.validate().map_err(|e| fail(e.to_string()))?;
@@ -2315,8 +2321,19 @@ pub fn restore_backup(
     }
     let bytes = std::fs::read(backup)
         .map_err(|e| fail(format!("reading backup {}: {e}", backup.display())))?;
-    let mut snapshot = meta::unwrap_backup(backup, &Bytes::from(bytes))
+    let unwrapped = meta::unwrap_backup(backup, &Bytes::from(bytes))
         .map_err(|e| fail(format!("not a Keel backup: {e}")))?;
+    if unwrapped.cluster_id == Some(cfg.cluster_id) && !same_cluster_id {
+        return Err(fail(format!(
+            "the backup comes from cluster {:#x}, the cluster_id this node's configuration \
+             names: give the restored cluster a cluster_id of its own, so that it and the old \
+             cluster cannot talk to each other (a member restored in place of a running one \
+             would have forgotten its votes), or, once every member of the old cluster is gone \
+             for good, pass --same-cluster-id",
+            cfg.cluster_id
+        )));
+    }
+    let mut snapshot = unwrapped.snapshot;
     ServiceHost::new(service, 3600 * 1_000_000_000)
         .restore(&snapshot)
         .map_err(|e| {
@@ -2327,7 +2344,6 @@ pub fn restore_backup(
         })?;
     let membership = cfg.initial_membership();
     snapshot.meta.membership = membership.clone();
-    std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
     let hard = HardStateFile {
         hard_state: keel_core::HardState {
             term: snapshot.meta.term,
@@ -2335,37 +2351,79 @@ pub fn restore_backup(
         },
         membership,
     };
-    meta::save_hard_state(dir, &hard)?;
-    meta::save_snapshot(dir, &snapshot)?;
-    Ok(snapshot.meta)
+    // Written beside the data directory, then renamed into place.
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = dir
+        .file_name()
+        .map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
+    let staging = parent.join(format!(".{name}.restoring-{}", std::process::id()));
+    let write = || -> Result<(), NodeError> {
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| fail(format!("creating {}: {e}", staging.display())))?;
+        meta::save_hard_state(&staging, &hard)?;
+        meta::save_snapshot(&staging, &snapshot)?;
+        meta::sync_dir(&staging)?;
+        std::fs::rename(&staging, dir).map_err(|e| {
+            fail(format!(
+                "moving {} to {}: {e}",
+                staging.display(),
+                dir.display()
+            ))
+        })?;
+        meta::sync_dir(&parent)?;
+        Ok(())
+    };
+    let written = write();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    written.map(|()| snapshot.meta)
 }
 
-/// Serializes a capture into backup file number `n` under `BACKUP_DIR`
-/// (on the snapshot thread).
+/// Serializes a capture into a backup file of its own directory under
+/// `BACKUP_DIR` (on the snapshot thread); the directory is removed with the
+/// `Backup`, or at once if writing fails.
 fn write_backup(
     data_dir: &std::path::Path,
-    n: u64,
     meta: SnapshotMeta,
     task: SnapshotTask,
 ) -> Result<Backup, String> {
-    let dir = data_dir.join(BACKUP_DIR);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let stage = std::panic::AssertUnwindSafe(|| meta::stage_snapshot_with(&dir, &meta, task));
-    let (staged, _) = match std::panic::catch_unwind(stage) {
-        Ok(r) => r.map_err(|e| format!("writing a backup: {e}"))?,
-        Err(p) => {
-            return Err(format!(
-                "serializing a backup panicked: {}",
-                panic_message(p.as_ref())
-            ))
+    // Unique across runs too: a late `Backup` of an earlier run in this
+    // process must not remove a new one's file.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = data_dir
+        .join(BACKUP_DIR)
+        .join(format!("{}-{n}", std::process::id()));
+    let written = (|| {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let stage = std::panic::AssertUnwindSafe(|| meta::stage_snapshot_with(&dir, &meta, task));
+        let (staged, _) = match std::panic::catch_unwind(stage) {
+            Ok(r) => r.map_err(|e| format!("writing a backup: {e}"))?,
+            Err(p) => {
+                return Err(format!(
+                    "serializing a backup panicked: {}",
+                    panic_message(p.as_ref())
+                ))
+            }
+        };
+        let path = dir.join("backup.keel");
+        std::fs::rename(&staged, &path).map_err(|e| format!("naming {}: {e}", path.display()))?;
+        let size = std::fs::metadata(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?
+            .len();
+        Ok((path, size))
+    })();
+    match written {
+        Ok((path, size)) => Ok(Backup { meta, path, size }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
         }
-    };
-    let path = dir.join(format!("backup-{n}.keel"));
-    std::fs::rename(&staged, &path).map_err(|e| format!("naming {}: {e}", path.display()))?;
-    let size = std::fs::metadata(&path)
-        .map_err(|e| format!("reading {}: {e}", path.display()))?
-        .len();
-    Ok(Backup { meta, path, size })
+    }
 }
 
 /// The service thread (`ServiceThreadConfig::Dedicated`).

@@ -1193,10 +1193,10 @@ fn a_backup_seeds_a_new_cluster() {
     for id in 1..=3 {
         let mut cfg = node_config(id, tmp.path(), &clients, 1 << 30, DurabilityConfig::Sync);
         shared(&mut cfg);
-        let meta = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file)
+        let meta = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file, false)
             .expect("restore");
         assert_eq!(meta.membership.voters.len(), 3);
-        let again = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file);
+        let again = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file, false);
         assert!(again.is_err(), "restored over a used data directory");
         nodes.push(
             start_with(

@@ -77,6 +77,12 @@ enum Cmd {
 struct RestoreArgs {
     /// The backup file.
     backup: PathBuf,
+    /// Allow the configuration's cluster_id to be the backed-up cluster's.
+    /// Only once every member of that cluster is gone for good: a member
+    /// restored in place of a running one forgets its votes and what it
+    /// acknowledged, and can break the running cluster's safety.
+    #[arg(long)]
+    same_cluster_id: bool,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -422,7 +428,7 @@ fn make_other_service(name: &str) -> Result<Box<dyn Service + Send>> {
 fn restore(a: RestoreArgs) -> Result<()> {
     let cfg = server_config(&a.server)?;
     let (service, _) = make_service(&cfg)?;
-    let meta = keel_node::restore_backup(&cfg, service, &a.backup)
+    let meta = keel_node::restore_backup(&cfg, service, &a.backup, a.same_cluster_id)
         .with_context(|| format!("restoring node {} from {}", cfg.id, a.backup.display()))?;
     println!(
         "node {} restored in {}: the backup's state at log position {} (term {}), members {:?}. \

@@ -524,7 +524,8 @@ fn etcdctl_member_list_and_endpoint_status() {
     );
 }
 
-/// `keel restore FILE` into `data` as node 1 of a single-node kv cluster;
+/// `keel restore FILE` into `data` as node 1 of a single-node kv cluster
+/// (with the backed-up cluster's id, which the test cluster's is too);
 /// the exit code and stdout + stderr.
 fn keel_restore(file: &std::path::Path, data: &std::path::Path) -> (i32, String) {
     let out = std::process::Command::new(common::keel_exe())
@@ -538,7 +539,7 @@ fn keel_restore(file: &std::path::Path, data: &std::path::Path) -> (i32, String)
             "--client-addr",
             "127.0.0.1:2",
         ])
-        .args(["--service", "kv", "--data-dir"])
+        .args(["--service", "kv", "--same-cluster-id", "--data-dir"])
         .arg(data)
         .output()
         .expect("run keel restore");

@@ -520,6 +520,9 @@ fn a_backup_restores_into_a_new_cluster() {
         let mut remaining = u64::MAX;
         while let Some(piece) = stream.message().await.expect("snapshot stream") {
             file.extend_from_slice(&piece.blob);
+            // The revision the read-index barrier saw, at least the last put's.
+            let rev = piece.header.expect("header").revision;
+            assert!(rev >= last.header.expect("header").revision, "{rev}");
             assert!(piece.remaining_bytes < remaining, "remaining bytes go down");
             remaining = piece.remaining_bytes;
         }
@@ -534,11 +537,16 @@ fn a_backup_restores_into_a_new_cluster() {
     // The member's copy is gone once sent.
     let backups = c.node(2).dir.join("data").join(keel_node::BACKUP_DIR);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::read_dir(&backups).map_or(0, |d| d.count()) > 0 {
+    while std::fs::read_dir(&backups)
+        .expect("the backups directory")
+        .count()
+        > 0
+    {
         assert!(Instant::now() < deadline, "backup file left in {backups:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    // Same cluster id as the backup's (the default) at first.
     let mut d = TestCluster::start(3, "");
     for id in 1..=3 {
         d.kill(id);
@@ -569,8 +577,19 @@ fn a_backup_restores_into_a_new_cluster() {
         !d.node(1).dir.join("data").exists(),
         "a refused restore wrote files"
     );
+    // The backed-up cluster's id: refused (a member restored in place of a
+    // running one could vote twice).
+    let (ok, text) = restore(&d.node(1).config, &backup);
+    assert!(!ok && text.contains("cluster_id of its own"), "{text}");
+    assert!(
+        !d.node(1).dir.join("data").exists(),
+        "a refused restore wrote files"
+    );
     for id in 1..=3 {
-        let (ok, text) = restore(&d.node(id).config, &backup);
+        let config = &d.node(id).config;
+        let toml = std::fs::read_to_string(config).expect("read config");
+        std::fs::write(config, format!("cluster_id = 99\n{toml}")).expect("write config");
+        let (ok, text) = restore(config, &backup);
         assert!(ok, "{text}");
         assert!(text.contains(&format!("node {id} restored")), "{text}");
     }

@@ -1043,7 +1043,10 @@ impl Node {
                     // logs, split votes) would keep resetting the timer of
                     // the node that could, and with a narrow timeout range
                     // and a slow clock it might never stand.
-                    let deadline = (self.role == Role::Follower).then_some(self.election_deadline);
+                    // (A pre-candidate has not moved to a term of its own:
+                    // it is a follower asking around, and keeps its timer too.)
+                    let keeps = matches!(self.role, Role::Follower | Role::PreCandidate);
+                    let deadline = keeps.then_some(self.election_deadline);
                     self.become_follower(m.term, None, out);
                     if let Some(d) = deadline {
                         self.election_deadline = d;

@@ -1456,6 +1456,23 @@ fn a_refused_vote_does_not_reset_the_election_timer() {
     let mut out = Vec::new();
     b.step(deadline, Event::Tick, &mut out);
     assert_eq!(b.role(), Role::PreCandidate);
+    // Asking around, it refuses node 3's vote for term 3 and keeps its
+    // new timer too.
+    let asking = b.next_deadline();
+    let mut out = Vec::new();
+    let body = Body::Vote {
+        last_pos: 0,
+        last_term: 0,
+        transfer: false,
+    };
+    b.step(
+        deadline + MS,
+        Event::Message(to_node_2(3, 3, body)),
+        &mut out,
+    );
+    assert!(!granted(&out));
+    assert_eq!((b.term(), b.role()), (3, Role::Follower));
+    assert_eq!(b.next_deadline(), asking, "a refused vote reset the timer");
     // A vote it grants (node 3's log as long) resets the timer.
     let mut b = follower();
     assert!(vote(&mut b, t + timeout, 1, end));

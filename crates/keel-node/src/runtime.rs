@@ -131,6 +131,9 @@ enum SnapshotJob {
         task: SnapshotTask,
         reply: BackupReply,
     },
+    /// Drop a backup's capture (as `Discard`, but no snapshot was waiting
+    /// on it).
+    DropBackup(SnapshotTask),
 }
 
 /// Where a node writes backups while they are read (`NodeHandle::backup`),
@@ -978,6 +981,7 @@ fn start_node(
                         SnapshotJob::Backup { meta, task, reply } => {
                             let _ = reply.send(write_backup(&dir, meta, task));
                         }
+                        SnapshotJob::DropBackup(task) => drop(task),
                     }
                 }
             })
@@ -1409,7 +1413,7 @@ impl Consensus {
                         let _ = reply.send(Err(format!(
                             "a snapshot install overtook the capture at position {position}: try again"
                         )));
-                        drop(task);
+                        let _ = self.snapshots.send(SnapshotJob::DropBackup(task));
                     }
                 }
             }

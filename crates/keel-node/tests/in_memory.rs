@@ -1216,3 +1216,97 @@ fn a_backup_seeds_a_new_cluster() {
     assert!(matches!(put, Some(ClientResult::Ok(_))), "{put:?}");
     stop_all(nodes);
 }
+
+/// Backups taken from a follower while writes go on, snapshots are taken
+/// every few KiB and the follower, cut off again and again, catches up by
+/// snapshot installs: every backup that is written is a consistent state
+/// (the sequential writes' prefix, nothing torn), restores, and leaves no
+/// file behind; one overtaken by an install says so.
+#[test]
+fn backups_stay_consistent_under_writes_and_snapshot_installs() {
+    let three = start_three_with(
+        8 << 10,
+        DurabilityConfig::Replicated,
+        |_| {},
+        || Box::new(KvService::default()),
+    );
+    let (_, leader, follower) = leader_and_follower(&three.nodes);
+    let follower_id = follower.status().id;
+    let written = AtomicU64::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (good, overtaken) = std::thread::scope(|scope| {
+        let writes = scope.spawn(|| {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) && i < 100_000 {
+                let put = kv_put(&format!("k{i:05}"), &format!("{i:0>200}"));
+                match write_within(leader, put, Duration::from_secs(10)) {
+                    Some(ClientResult::Ok(_)) => {
+                        i += 1;
+                        written.store(i, Ordering::Relaxed);
+                    }
+                    other => panic!("write {i}: {other:?}"),
+                }
+            }
+        });
+        let rt = client_runtime();
+        let (mut good, mut overtaken) = (0, 0);
+        for round in 0..6 {
+            three.net.isolate(follower_id);
+            std::thread::sleep(Duration::from_millis(150));
+            three.net.heal();
+            for _ in 0..3 {
+                match rt.block_on(follower.backup()) {
+                    Ok(b) => {
+                        check_backup_is_a_prefix(&b, round);
+                        let dir = b.path.parent().expect("its directory").to_path_buf();
+                        drop(b);
+                        assert!(!dir.exists(), "backup directory left behind");
+                        good += 1;
+                    }
+                    Err(e) => {
+                        assert!(e.contains("overtook"), "{e}");
+                        overtaken += 1;
+                    }
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writes.join().expect("writer");
+        (good, overtaken)
+    });
+    let installed = follower.metrics().snapshots_installed.get();
+    println!(
+        "{good} backups, {overtaken} overtaken, {installed} installs, {} writes",
+        written.load(Ordering::Relaxed)
+    );
+    assert!(good >= 12, "{good} backups written, {overtaken} overtaken");
+    assert!(installed > 0, "the follower never installed a snapshot");
+    stop_all(three.nodes);
+}
+
+/// `b` decodes, restores into a KV service, and holds the sequential
+/// writes `k00000`, `k00001`, ... up to some point and none after it.
+fn check_backup_is_a_prefix(b: &keel_node::Backup, round: usize) {
+    let bytes = Bytes::from(std::fs::read(&b.path).expect("read backup"));
+    let got = keel_log::meta::unwrap_backup(&b.path, &bytes).expect("a backup decodes");
+    assert_eq!(got.snapshot.meta, b.meta);
+    let mut host = ServiceHost::new(KvService::default(), u64::MAX);
+    host.restore(&got.snapshot).expect("a backup restores");
+    let get = |i: u64| {
+        let q = Query::Get {
+            key: Bytes::from(format!("k{i:05}")),
+        };
+        match Response::decode(&host.query(&q.encode())) {
+            Ok(Response::Get { kv, .. }) => kv.is_some(),
+            other => panic!("get: {other:?}"),
+        }
+    };
+    let count = match Response::decode(&host.query(&Query::Status.encode())) {
+        Ok(Response::Status { keys, .. }) => keys,
+        other => panic!("status: {other:?}"),
+    };
+    for i in (0..count).step_by(97).chain(count.checked_sub(1)) {
+        assert!(get(i), "round {round}: k{i} of the first {count} missing");
+    }
+    assert!(!get(count), "round {round}: a key past the first {count}");
+}

@@ -69,6 +69,8 @@ pub enum NodeError {
     },
     #[error("cannot start: {0}")]
     Start(String),
+    #[error("cannot restore: {0}")]
+    Restore(String),
     #[error("stopped after a fatal error: {0}")]
     Fatal(String),
 }
@@ -2302,7 +2304,7 @@ pub fn restore_backup(
     backup: &std::path::Path,
     same_cluster_id: bool,
 ) -> Result<SnapshotMeta, NodeError> {
-    let fail = |m: String| NodeError::Start(m);
+    let fail = NodeError::Restore;
     cfg.validate().map_err(|e| fail(e.to_string()))?;
     if cfg.join {
         return Err(fail(

@@ -29,6 +29,11 @@ pub struct DevArgs {
     /// (0 turns the etcd API off).
     #[arg(long, default_value_t = 2379)]
     etcd_base_port: u16,
+    /// Seed every node from this backup (`etcdctl snapshot save` against a
+    /// Keel member) before starting: the cluster starts with its data. The
+    /// nodes' data directories must be new (give a fresh --dir).
+    #[arg(long)]
+    restore: Option<PathBuf>,
 }
 
 /// Node `id`'s etcd API port, if it serves one.
@@ -121,6 +126,22 @@ fn spawn(exe: &Path, config: &Path, log: &Path) -> Result<Child> {
 pub fn run(a: DevArgs) -> Result<i32> {
     let exe = std::env::current_exe().context("finding the keel executable")?;
     let nodes = write_configs(&a)?;
+    if let Some(backup) = &a.restore {
+        for n in &nodes {
+            let cfg = keel_node::NodeConfig::load(&n.config)?;
+            let (service, _) = crate::make_service(&cfg)?;
+            // A dev cluster has the default cluster id, as most backed-up
+            // clusters do; it runs on its own loopback ports.
+            keel_node::restore_backup(&cfg, service, backup, true).with_context(|| {
+                format!(
+                    "restoring node {} from {} (--restore needs a fresh --dir)",
+                    n.id,
+                    backup.display()
+                )
+            })?;
+        }
+        println!("Restored every node from {}", backup.display());
+    }
     let mut children = Vec::new();
     for n in &nodes {
         let log = n.config.with_file_name("keel.log");

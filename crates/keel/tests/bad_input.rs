@@ -271,6 +271,11 @@ fn cli_mistakes_get_clear_errors() {
         (&["kv", "cas", "k", "v"], "give exactly one of --expect-value, --expect-version, --expect-absent"),
         (&["kv", "--endpoints", "127.0.0.1:1", "--timeout", "1", "get", "x"], "no leader reachable"),
         (&["dev", "--nodes", "0"], "0 is not in 1..=9"),
+        (
+            &["restore", "/nonexistent/backup.keel", "--id", "1", "--data-dir", "/nonexistent/data", "--peer-addr", "127.0.0.1:1", "--client-addr", "127.0.0.1:2"],
+            "reading backup /nonexistent/backup.keel",
+        ),
+        (&["restore", "backup.keel"], "without --config, these flags are required"),
     ];
     for (args, expected) in cases {
         let (code, text) = keel(args);
@@ -282,7 +287,7 @@ fn cli_mistakes_get_clear_errors() {
     }
     let (code, text) = keel(&["--help"]);
     assert_eq!(code, 0);
-    for sub in ["server", "dev", "kv", "cluster"] {
+    for sub in ["server", "dev", "kv", "cluster", "restore", "bench"] {
         assert!(text.contains(sub), "--help does not mention {sub}:\n{text}");
     }
 }

@@ -389,6 +389,14 @@ mod tests {
         (addr, task)
     }
 
+    /// `e` is the scripted node's plain refusal.
+    fn assert_no_room(e: &ClientError) {
+        assert!(
+            matches!(e, ClientError::Refused(m) if m == "no room"),
+            "{e}"
+        );
+    }
+
     fn refused() -> Option<ClientResult> {
         Some(ClientResult::Error("no room".into()))
     }
@@ -429,19 +437,13 @@ mod tests {
         let (addr, server) = fake_node(vec![Some(ClientResult::Busy), refused()]).await;
         let mut c = client(addr);
         let e = c.write(Bytes::from_static(b"w")).await.unwrap_err();
-        assert!(
-            matches!(&e, ClientError::Refused(m) if m == "no room"),
-            "{e}"
-        );
+        assert_no_room(&e);
         server.await.expect("node");
 
         let (addr, server) = fake_node(vec![None, refused()]).await;
         let mut c = client(addr);
         let e = c.read(Bytes::from_static(b"r")).await.unwrap_err();
-        assert!(
-            matches!(&e, ClientError::Refused(m) if m == "no room"),
-            "{e}"
-        );
+        assert_no_room(&e);
         server.await.expect("node");
     }
 

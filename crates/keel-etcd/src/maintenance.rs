@@ -246,18 +246,17 @@ impl Maintenance for MaintenanceApi {
             // etcd's framing (see `BackupFraming`): etcdctl keeps no
             // download without it.
             let mut framing = BackupFraming::new(cluster_id);
-            let mut remaining = BackupFraming::framed_len(backup.size);
-            let mut left = backup.size;
+            let framed = BackupFraming::framed_len(backup.size);
+            let mut sent = 0;
             let mut buf = vec![0; BACKUP_CHUNK];
-            while left > 0 {
+            while sent < backup.size {
                 // (64 KiB of a file just written: from the page cache.)
                 let next = match file.read(&mut buf) {
                     Ok(0) => Err(failed(std::io::ErrorKind::UnexpectedEof.into())),
                     Ok(n) => {
                         framing.update(&buf[..n]);
-                        left = left.saturating_sub(n as u64);
-                        remaining = remaining.saturating_sub(n as u64);
-                        Ok(piece(&buf[..n], remaining))
+                        sent += n as u64;
+                        Ok(piece(&buf[..n], framed.saturating_sub(sent)))
                     }
                     Err(e) => Err(failed(e)),
                 };

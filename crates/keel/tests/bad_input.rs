@@ -6,12 +6,11 @@
 mod common;
 
 use bytes::Bytes;
-use common::{keel_exe, TestCluster};
+use common::{keel, TestCluster};
 use keel_client::ClientError;
 use keel_net::codec::{self, Frame};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command as Proc;
 use std::time::Duration;
 
 /// Sends `bytes` and returns true if the server then closes the connection.
@@ -234,16 +233,6 @@ fn garbage_and_hostile_frames_close_only_their_connection() {
     c.check_acked(&mut client);
 }
 
-fn keel(args: &[&str]) -> (i32, String) {
-    let out = Proc::new(keel_exe()).args(args).output().expect("run keel");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 #[test]
 fn cli_mistakes_get_clear_errors() {
     let cases: &[(&[&str], &str)] = &[
@@ -278,14 +267,14 @@ fn cli_mistakes_get_clear_errors() {
         (&["restore", "backup.keel"], "without --config, these flags are required"),
     ];
     for (args, expected) in cases {
-        let (code, text) = keel(args);
+        let (code, text) = keel(args.iter());
         assert_ne!(code, 0, "keel {args:?} succeeded:\n{text}");
         assert!(
             text.contains(expected),
             "keel {args:?}: expected {expected:?} in:\n{text}"
         );
     }
-    let (code, text) = keel(&["--help"]);
+    let (code, text) = keel(["--help"]);
     assert_eq!(code, 0);
     for sub in ["server", "dev", "kv", "cluster", "restore", "bench"] {
         assert!(text.contains(sub), "--help does not mention {sub}:\n{text}");
@@ -301,7 +290,7 @@ fn a_bad_config_file_is_refused_with_the_reason() {
         "id = 1\ndata_dir = \"d\"\npeer_addr = \"127.0.0.1:1\"\nclient_addr = \"127.0.0.1:2\"\nheartbeat_msec = 5\n",
     )
     .expect("write");
-    let (code, text) = keel(&["server", "--config", path.to_str().expect("utf-8 path")]);
+    let (code, text) = keel(["server", "--config", path.to_str().expect("utf-8 path")]);
     assert_ne!(code, 0);
     assert!(text.contains("heartbeat_msec"), "{text}");
     // A retention etcd would not take either, refused before anything starts.
@@ -320,7 +309,7 @@ fn a_bad_config_file_is_refused_with_the_reason() {
             ),
         )
         .expect("write");
-        let (code, text) = keel(&["server", "--config", path.to_str().expect("utf-8 path")]);
+        let (code, text) = keel(["server", "--config", path.to_str().expect("utf-8 path")]);
         assert_ne!(code, 0, "{mode} {retention}");
         assert!(
             text.contains("auto_compaction") && text.contains(says),

@@ -528,27 +528,22 @@ fn etcdctl_member_list_and_endpoint_status() {
 /// (with the backed-up cluster's id, which the test cluster's is too);
 /// the exit code and stdout + stderr.
 fn keel_restore(file: &std::path::Path, data: &std::path::Path) -> (i32, String) {
-    let out = std::process::Command::new(common::keel_exe())
-        .arg("restore")
-        .arg(file)
-        .args([
-            "--id",
-            "1",
-            "--peer-addr",
-            "127.0.0.1:1",
-            "--client-addr",
-            "127.0.0.1:2",
-        ])
-        .args(["--service", "kv", "--same-cluster-id", "--data-dir"])
-        .arg(data)
-        .output()
-        .expect("run keel restore");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    let (file, data) = (file.as_os_str(), data.as_os_str());
+    common::keel([
+        "restore".as_ref(),
+        file,
+        "--id".as_ref(),
+        "1".as_ref(),
+        "--peer-addr".as_ref(),
+        "127.0.0.1:1".as_ref(),
+        "--client-addr".as_ref(),
+        "127.0.0.1:2".as_ref(),
+        "--service".as_ref(),
+        "kv".as_ref(),
+        "--same-cluster-id".as_ref(),
+        "--data-dir".as_ref(),
+        data,
+    ])
 }
 
 /// `etcdctl alarm list|disarm`'s lines (etcdctl ends each with a space).

@@ -554,19 +554,13 @@ fn a_backup_restores_into_a_new_cluster() {
         let _ = std::fs::remove_dir_all(d.node(id).dir.join("data"));
     }
     let restore = |config: &std::path::Path, file: &std::path::Path| {
-        let out = std::process::Command::new(common::keel_exe())
-            .arg("restore")
-            .arg(file)
-            .arg("--config")
-            .arg(config)
-            .output()
-            .expect("run keel restore");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        let (code, text) = common::keel([
+            "restore".as_ref(),
+            file.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ]);
+        (code == 0, text)
     };
     // Not a backup: refused, nothing written.
     let junk = c._tmp.path().join("junk");

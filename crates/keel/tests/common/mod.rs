@@ -370,19 +370,25 @@ impl TestCluster {
     /// Runs the `keel` command with `--endpoints` of this cluster; returns
     /// the exit code and stdout + stderr.
     pub fn keel_cli(&self, args: &[&str]) -> (i32, String) {
-        let out = Proc::new(keel_exe())
-            .args(args)
-            .arg("--endpoints")
-            .arg(self.endpoints().join(","))
-            .output()
-            .expect("run keel");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
+        let endpoints = self.endpoints().join(",");
+        keel(
+            args.iter()
+                .copied()
+                .chain(["--endpoints", endpoints.as_str()]),
+        )
     }
+}
+
+/// Runs the `keel` command with `args`; returns the exit code and stdout +
+/// stderr.
+pub fn keel<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> (i32, String) {
+    let out = Proc::new(keel_exe()).args(args).output().expect("run keel");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
 }
 
 /// `GET path` from an HTTP endpoint; returns the status code and the body.

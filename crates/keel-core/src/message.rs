@@ -1,7 +1,7 @@
 //! Messages between the consensus cores of a cluster. The wire codec lives in
 //! `keel-net`; here they are plain values.
 
-use crate::types::{ClientId, Entry, NodeId, Position, SnapshotMeta, Term};
+use crate::types::{ClientId, Entry, Nanos, NodeId, Position, SnapshotMeta, Term};
 use bytes::Bytes;
 
 /// A message between two nodes of one cluster. Every message carries the
@@ -50,13 +50,17 @@ pub enum Body {
     /// leader's log (conflated: only the latest matters). Not `ok`:
     /// `position` is the rejected `prev_pos` and (`hint_pos`, `hint_term`)
     /// the follower's last boundary at or before it with a term `<=
-    /// prev_term`.
+    /// prev_term`. `hold` is the sender's leader stickiness (its
+    /// `election_timeout_min`): after each message from a leader it votes
+    /// for no other candidate for this long on its own clock. A leader's
+    /// lease counts on it, so the nodes' election timeouts may differ.
     AppendResp {
         ok: bool,
         position: Position,
         hint_pos: Position,
         hint_term: Term,
         heartbeat: u64,
+        hold: Nanos,
     },
     /// One chunk of the leader's latest snapshot, for a follower whose next
     /// entry was compacted away: bytes `offset..offset + chunk.len()` of the

@@ -38,6 +38,11 @@ use std::sync::Arc;
 /// published in order, so there are rarely more than one or two).
 const MAX_UNPUBLISHED: usize = 16;
 
+/// Lease reads: most heartbeat creation times a leader keeps for voters
+/// that have not echoed them yet (a minute of heartbeats at 50 ms; a
+/// voter further behind adds nothing to the lease until it catches up).
+const MAX_HEARTBEAT_TIMES: usize = 1200;
+
 /// Timing and limits of one node. All nodes of a cluster should use the
 /// same values (apart from `id` and `seed`).
 #[derive(Clone, Debug)]
@@ -79,14 +84,18 @@ pub struct Config {
     pub snapshot_check: fn(&SnapshotMeta, &[u8]) -> bool,
     /// Leader-lease reads (off by default). A leader answers a
     /// linearizable read at once, without a heartbeat round, while it holds
-    /// a lease: from when it created a heartbeat that a quorum of voters
-    /// has since echoed, for `lease_duration()`. It relies on leader
-    /// stickiness, which every node keeps whatever this setting: a voter
-    /// refuses (pre-)votes for `election_timeout_min` on its own clock after
-    /// each message from a leader, even if a higher term reaches it in
-    /// between, and after a (re)start (it may have forgotten a leader it
-    /// heard). Safe only if every node's clock runs within
-    /// `clock_drift_ppm` of true time and never steps. A leader that starts
+    /// a lease: while a quorum of voters is known to refuse other
+    /// candidates, each from when this node created the latest heartbeat
+    /// it echoed, for `lease_for` the `hold` it reported with the echo. It
+    /// relies on leader stickiness, which every node keeps whatever this
+    /// setting: a voter refuses (pre-)votes for its `election_timeout_min`
+    /// (the `hold` it reports) on its own clock after each message from a
+    /// leader, even if a higher term reaches it in between, and after a
+    /// (re)start (it may have forgotten a leader it heard). Election
+    /// timeouts may differ between nodes. Safe only if every node's clock
+    /// runs within this node's `clock_drift_ppm` of true time and never
+    /// steps, and a node restarted with a lower `election_timeout_min` was
+    /// down for at least its old one. A leader that starts
     /// a leadership transfer gives the lease up for the rest of its term
     /// (the transfer's election bypasses stickiness).
     pub lease_reads: bool,
@@ -124,18 +133,26 @@ impl Config {
     }
 
     /// How long a lease lasts on the leader's clock, from the creation of
-    /// the heartbeat a quorum echoed: `election_timeout_min` scaled by
-    /// (1 - d) / (1 + d) for the drift bound d. The voters' stickiness
-    /// lasts at least `election_timeout_min / (1 + d)` of true time from
-    /// when they received that heartbeat; the lease at most
-    /// `lease / (1 - d)` of true time from its creation, which is earlier.
+    /// a heartbeat echoed by voters that hold their votes for this node's
+    /// own `election_timeout_min`: `lease_for(election_timeout_min)`.
     pub fn lease_duration(&self) -> Nanos {
+        self.lease_for(self.election_timeout_min)
+    }
+
+    /// How long a voter that echoed a heartbeat, and holds its vote for
+    /// `hold` on its own clock after each message from a leader, keeps the
+    /// leader's lease, on the leader's clock from the heartbeat's creation:
+    /// `hold` scaled by (1 - d) / (1 + d) for the drift bound d. The
+    /// voter's stickiness lasts at least `hold / (1 + d)` of true time from
+    /// when it received that heartbeat; the lease at most `lease / (1 - d)`
+    /// of true time from its creation, which is earlier.
+    pub fn lease_for(&self, hold: Nanos) -> Nanos {
         const MILLION: u128 = 1_000_000;
         let d = u128::from(self.clock_drift_ppm);
         if d >= MILLION {
             return 0;
         }
-        let lease = u128::from(self.election_timeout_min) * (MILLION - d) / (MILLION + d);
+        let lease = u128::from(hold) * (MILLION - d) / (MILLION + d);
         lease as Nanos
     }
 }
@@ -159,6 +176,10 @@ pub struct TestingBugs {
     /// Lease reads: a lease lasts `election_timeout_min` on the leader's
     /// clock, as if clocks ran at the true rate (no drift margin).
     pub lease_ignores_drift: bool,
+    /// Lease reads: the leader counts on every voter holding its vote for
+    /// the leader's own `election_timeout_min`, not for the `hold` the
+    /// voter reported (unsafe where election timeouts differ).
+    pub lease_assumes_own_timeout: bool,
     /// Leader stickiness starts only with the first message from a leader,
     /// not at a (re)start: a restarted voter may vote at once.
     pub no_restart_hold: bool,
@@ -353,6 +374,10 @@ struct Progress {
     active: bool,
     /// Highest heartbeat sequence it echoed.
     heartbeat: u64,
+    /// Lease reads: until when (our clock) it refuses votes to other
+    /// candidates, from the latest heartbeat it echoed and the `hold` it
+    /// reported (0: not known).
+    lease_end: Nanos,
     /// Snapshot state: which snapshot is being sent, and how many of its
     /// bytes the follower has acknowledged.
     snapshot_pos: Position,
@@ -1015,6 +1040,7 @@ impl Node {
             paused_since: None,
             active: true,
             heartbeat: 0,
+            lease_end: 0,
             snapshot_pos: 0,
             snapshot_offset: 0,
             last_progress: 0,
@@ -1069,6 +1095,7 @@ impl Node {
                             hint_pos: 0,
                             hint_term: 0,
                             heartbeat: 0,
+                            hold: self.cfg.election_timeout_min,
                         },
                         out,
                     );
@@ -1146,9 +1173,11 @@ impl Node {
                 hint_pos,
                 hint_term,
                 heartbeat,
+                hold,
             } => {
                 if self.role == Role::Leader {
-                    self.on_append_resp(m.from, ok, position, hint_pos, hint_term, heartbeat, out);
+                    let echo = (heartbeat, hold);
+                    self.on_append_resp(m.from, ok, position, hint_pos, hint_term, echo, out);
                 }
             }
             Body::InstallSnapshot {
@@ -1274,6 +1303,7 @@ impl Node {
                     hint_pos,
                     hint_term,
                     heartbeat: self.leader_heartbeat,
+                    hold: self.cfg.election_timeout_min,
                 },
                 out,
             );
@@ -1729,45 +1759,76 @@ impl Node {
         self.confirm_reads(out);
     }
 
+    /// Leader, lease reads: until when (our clock) a voter that echoed
+    /// heartbeat `seq` and holds its vote for `hold` after each message
+    /// from a leader refuses other candidates; 0 if that heartbeat's
+    /// creation is no longer known (only voters behind all others echo
+    /// such old ones).
+    fn voter_lease_end(&self, seq: u64, hold: Nanos) -> Nanos {
+        if !self.cfg.lease_reads {
+            return 0;
+        }
+        let Ok(i) = self.heartbeat_times.binary_search_by_key(&seq, |&(s, _)| s) else {
+            return 0;
+        };
+        let created = self.heartbeat_times[i].1;
+        let bugs = self.cfg.testing_bugs;
+        let hold = if bugs.lease_assumes_own_timeout {
+            self.cfg.election_timeout_min
+        } else {
+            hold
+        };
+        let lease = if bugs.lease_outlasts_stickiness {
+            3 * self.cfg.election_timeout_max
+        } else if bugs.lease_ignores_drift {
+            hold
+        } else {
+            self.cfg.lease_for(hold)
+        };
+        created.saturating_add(lease)
+    }
+
     /// Answers the reads whose heartbeat a quorum has echoed, and with
-    /// lease reads extends the lease to run from that heartbeat.
+    /// lease reads extends the lease to the quorum-th latest time until
+    /// which the voters refuse other candidates (this node counting as
+    /// never): any other candidate needs a vote from one of that quorum.
     fn confirm_reads(&mut self, out: &mut Vec<Action>) {
         if self.reads.is_empty() && self.heartbeat_times.is_empty() {
             return;
         }
         let m = self.membership();
-        let mut acks: Vec<u64> = m
-            .voters
-            .iter()
-            .map(|n| {
-                if *n == self.cfg.id {
-                    u64::MAX
-                } else {
-                    self.progress.get(n).map_or(0, |p| p.heartbeat)
-                }
-            })
-            .collect();
-        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let per_voter = |f: fn(&Progress) -> u64| -> Vec<u64> {
+            let mut v: Vec<u64> = m
+                .voters
+                .iter()
+                .map(|n| {
+                    if *n == self.cfg.id {
+                        u64::MAX
+                    } else {
+                        self.progress.get(n).map_or(0, f)
+                    }
+                })
+                .collect();
+            v.sort_unstable_by(|a, b| b.cmp(a));
+            v
+        };
+        let acks = per_voter(|p| p.heartbeat);
         let confirmed = acks.get(m.quorum() - 1).copied().unwrap_or(0);
-        let mut lease_from = None;
-        while let Some(&(seq, created)) = self.heartbeat_times.front() {
-            if seq > confirmed {
-                break;
-            }
-            lease_from = Some(created);
-            self.heartbeat_times.pop_front();
-        }
-        if let Some(created) = lease_from {
-            let bugs = self.cfg.testing_bugs;
-            let lease = if bugs.lease_outlasts_stickiness {
-                3 * self.cfg.election_timeout_max
-            } else if bugs.lease_ignores_drift {
-                self.cfg.election_timeout_min
-            } else {
-                self.cfg.lease_duration()
-            };
-            let until = created.saturating_add(lease);
+        if self.cfg.lease_reads {
+            let ends = per_voter(|p| p.lease_end);
+            let until = ends.get(m.quorum() - 1).copied().unwrap_or(0);
             self.lease_until = self.lease_until.max(until);
+            // Keep the creation times a voter may still echo (bounded, for
+            // a voter that is gone).
+            let slowest = acks.last().copied().unwrap_or(0);
+            while self
+                .heartbeat_times
+                .front()
+                .is_some_and(|&(seq, _)| seq <= slowest)
+                || self.heartbeat_times.len() > MAX_HEARTBEAT_TIMES
+            {
+                self.heartbeat_times.pop_front();
+            }
         }
         while self.reads.front().is_some_and(|r| r.heartbeat <= confirmed) {
             if let Some(r) = self.reads.pop_front() {
@@ -1856,17 +1917,19 @@ impl Node {
         position: Position,
         hint_pos: Position,
         hint_term: Term,
-        heartbeat: u64,
+        (heartbeat, hold): (u64, Nanos),
         out: &mut Vec<Action>,
     ) {
         let last = self.log.last_pos();
         let first = self.log.first_pos();
         let now = self.now;
+        let lease_end = self.voter_lease_end(heartbeat, hold);
         let Some(p) = self.progress.get_mut(&from) else {
             return;
         };
         p.active = true;
         p.heartbeat = p.heartbeat.max(heartbeat);
+        p.lease_end = p.lease_end.max(lease_end);
         if ok {
             if position > last {
                 return; // acknowledges entries we never had: ignore
@@ -2014,6 +2077,7 @@ impl Node {
                                     hint_pos: 0,
                                     hint_term: 0,
                                     heartbeat: self.leader_heartbeat,
+                                    hold: self.cfg.election_timeout_min,
                                 },
                                 out,
                             );

@@ -1268,6 +1268,78 @@ fn lease_reads_are_answered_at_once_until_the_lease_runs_out() {
     assert_ne!(new, leader);
 }
 
+/// Election timeouts may differ between nodes: a leader's lease runs on the
+/// stickiness its voters report with their echoes, not on its own election
+/// timeout. Here the leader waits 900 ms before it would vote again, its
+/// followers 300 ms: cut off, it stops answering reads from its lease
+/// within their 300 ms, before they elect a new leader. (A leader that
+/// counted on its own timeout would answer for ~880 ms, the followers'
+/// new leader from ~300 ms on.)
+#[test]
+fn the_lease_lasts_as_long_as_the_voters_report_they_hold_their_votes() {
+    let m = Membership::new(1..=3);
+    let mut h = Harness::with(
+        (1..=3)
+            .map(|id| {
+                let mut cfg = Config::new(id, 7);
+                cfg.lease_reads = true;
+                cfg.election_timeout_min = if id == 1 { 900 * MS } else { 300 * MS };
+                cfg.election_timeout_max = cfg.election_timeout_min + 100 * MS;
+                Node::new(cfg, m.clone(), 0)
+            })
+            .collect(),
+    );
+    h.run_for(1_500 * MS);
+    let first = h.leader().expect("a leader");
+    if first != 1 {
+        h.step(first, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1), "the transfer to node 1 succeeded");
+    h.run_for(200 * MS);
+    h.step(1, Event::Read { id: 7 });
+    assert!(
+        h.ready_reads.iter().any(|r| r.0 == 1 && r.1 == 7),
+        "node 1 answers a read from its lease"
+    );
+
+    let cut_at = h.now;
+    for other in [2, 3] {
+        h.cut.insert((1, other));
+        h.cut.insert((other, 1));
+    }
+    let mut follower_cfg = Config::new(2, 7);
+    follower_cfg.clock_drift_ppm = h.node(1).config().clock_drift_ppm;
+    let lease = follower_cfg.lease_for(300 * MS);
+    let (mut last_lease_read, mut new_leader_at) = (cut_at, None);
+    let mut id = 100;
+    while h.now < cut_at + 1_000 * MS {
+        h.run_for(5 * MS);
+        if new_leader_at.is_none() && [2, 3].iter().any(|&n| h.node(n).is_leader()) {
+            new_leader_at = Some(h.now);
+        }
+        id += 1;
+        let before = h.ready_reads.len();
+        h.step(1, Event::Read { id });
+        if h.ready_reads.len() > before {
+            last_lease_read = h.now;
+        }
+    }
+    let new_leader_at = new_leader_at.expect("nodes 2 and 3 elected a leader");
+    assert!(
+        last_lease_read > cut_at + lease / 2,
+        "the lease did not hold: last lease read {} ms after the cut",
+        (last_lease_read - cut_at) / MS
+    );
+    assert!(
+        last_lease_read < cut_at + lease && last_lease_read < new_leader_at,
+        "a lease read {} ms after the cut: the followers hold their votes for 300 ms \
+         and elected a leader {} ms after it",
+        (last_lease_read - cut_at) / MS,
+        (new_leader_at - cut_at) / MS
+    );
+}
+
 /// A leader that told a follower to campaign (leadership transfer) trusts
 /// no lease for the rest of its term: that election bypasses the voters'
 /// stickiness. Even after the transfer gives up, reads take a heartbeat

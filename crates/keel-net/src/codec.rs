@@ -14,8 +14,9 @@ use keel_core::{
 };
 use std::sync::Arc;
 
-/// The protocol version carried by every frame.
-pub const VERSION: u8 = 1;
+/// The protocol version carried by every frame. 2: `AppendResp` carries the
+/// sender's `hold` (its leader stickiness), which leader leases count on.
+pub const VERSION: u8 = 2;
 /// The default limit on a frame's declared length.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
@@ -349,6 +350,7 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             hint_pos,
             hint_term,
             heartbeat,
+            hold,
         } => {
             put_u8(out, BODY_APPEND_RESP);
             put_bool(out, *ok);
@@ -356,6 +358,7 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u64(out, *hint_pos);
             put_u64(out, *hint_term);
             put_u64(out, *heartbeat);
+            put_u64(out, *hold);
         }
         Body::InstallSnapshot {
             meta,
@@ -798,6 +801,7 @@ impl<'a> Reader<'a> {
                 hint_pos: self.u64("AppendResp.hint_pos")?,
                 hint_term: self.u64("AppendResp.hint_term")?,
                 heartbeat: self.u64("AppendResp.heartbeat")?,
+                hold: self.u64("AppendResp.hold")?,
             },
             BODY_INSTALL_SNAPSHOT => Body::InstallSnapshot {
                 meta: self.meta()?,
@@ -1081,15 +1085,17 @@ mod tests {
                 any::<u64>(),
                 any::<u64>(),
                 any::<u64>(),
+                any::<u64>(),
                 any::<u64>()
             )
-                .prop_map(|(ok, position, hint_pos, hint_term, heartbeat)| {
+                .prop_map(|(ok, position, hint_pos, hint_term, heartbeat, hold)| {
                     Body::AppendResp {
                         ok,
                         position,
                         hint_pos,
                         hint_term,
                         heartbeat,
+                        hold,
                     }
                 }),
             2 => (
@@ -1441,6 +1447,34 @@ mod tests {
         let mut want = vec![18, 0, 0, 0, VERSION, 1];
         want.extend_from_slice(&0x0102u64.to_le_bytes());
         want.extend_from_slice(&7u64.to_le_bytes());
+        assert_eq!(buf, want);
+    }
+
+    /// Version 2's change: the acknowledgement ends with the sender's hold.
+    #[test]
+    fn append_resp_layout_is_pinned() {
+        let buf = enc(&Frame::Peer(Message {
+            cluster_id: 9,
+            from: 2,
+            to: 1,
+            term: 3,
+            body: Body::AppendResp {
+                ok: true,
+                position: 100,
+                hint_pos: 0,
+                hint_term: 0,
+                heartbeat: 5,
+                hold: 500_000_000,
+            },
+        }));
+        let mut want = vec![2 + 32 + 1 + 1 + 40, 0, 0, 0, 2, 2];
+        for v in [9u64, 2, 1, 3] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        want.extend_from_slice(&[6, 1]);
+        for v in [100u64, 0, 0, 5, 500_000_000] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
         assert_eq!(buf, want);
     }
 

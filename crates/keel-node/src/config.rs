@@ -219,13 +219,14 @@ pub struct NodeConfig {
     pub follower_apply_interval_ms: u64,
     /// Leader-lease reads: the leader answers a linearizable read at once
     /// while a quorum has echoed a heartbeat it sent within the lease
-    /// (`election_timeout_min_ms` shortened by `clock_drift_ppm`), instead
-    /// of confirming its leadership with a heartbeat round per read. Safe
-    /// only if no node's clock rate is off by more than `clock_drift_ppm`
-    /// and every node has the same `election_timeout_min_ms` and
-    /// `clock_drift_ppm` (the lease counts on the voters refusing votes for
-    /// at least the leader's election timeout). This setting itself may
-    /// differ between nodes: every node keeps the stickiness leases need.
+    /// (each voter's `election_timeout_min_ms`, which it reports with its
+    /// acknowledgements, shortened by `clock_drift_ppm`), instead of
+    /// confirming its leadership with a heartbeat round per read. Safe only
+    /// if no node's clock rate is off by more than the leader's
+    /// `clock_drift_ppm`, and a node whose `election_timeout_min_ms` was
+    /// lowered stayed down for at least its old value. Election timeouts,
+    /// and this setting itself, may differ between nodes: every node keeps
+    /// the stickiness leases need.
     /// Off by default (etcd 3.4 confirms every linearizable read with a
     /// round).
     #[serde(default)]

@@ -1021,7 +1021,9 @@ fn a_follower_read_ahead_of_its_log_does_not_wait_for_the_apply_interval() {
 /// from its lease (counted in `keel_lease_reads_total`), reads on it and
 /// through a follower see every write before them, and after the leader is
 /// cut off the majority's new leader serves them: the cut-off one answers
-/// none by lease once its lease has run out.
+/// none by lease once its lease has run out. The nodes' election timeouts
+/// differ (500, 750 and 1000 ms at least): each lease counts on the
+/// stickiness its voters report.
 #[test]
 fn lease_reads_see_every_earlier_write_and_follow_the_leader() {
     let Three {
@@ -1029,7 +1031,11 @@ fn lease_reads_see_every_earlier_write_and_follow_the_leader() {
         net,
         nodes,
         ..
-    } = start_kv_three(|c| c.lease_reads = true);
+    } = start_kv_three(|c| {
+        c.lease_reads = true;
+        c.election_timeout_min_ms = 250 + 250 * c.id;
+        c.election_timeout_max_ms = c.election_timeout_min_ms + 500;
+    });
     let read = |n: &NodeHandle| kv_get_within(n, "k", Duration::from_secs(5));
     let lease_reads = |n: &NodeHandle| n.metrics().lease_reads.get();
     let (leader, l, follower) = leader_and_follower(&nodes);

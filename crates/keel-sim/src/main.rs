@@ -51,6 +51,11 @@ struct Args {
     /// fire).
     #[arg(long, value_name = "PPM", value_parser = clap::value_parser!(u64).range(0..1_000_000))]
     clock_drift_ppm: Option<u64>,
+    /// Give each node its own election timeouts: node n's range is the
+    /// default one (or the scenario's) scaled by 1 + (n - 1) / 4. Leases
+    /// then count on each voter's own stickiness.
+    #[arg(long)]
+    uneven_timeouts: bool,
     /// Stop at the first failing seed.
     #[arg(long)]
     fail_fast: bool,
@@ -97,6 +102,7 @@ fn config_for(args: &Args, seed: u64) -> SimConfig {
     }
     // A scenario may turn lease reads on and set the drift itself.
     cfg.lease_reads |= args.lease_reads;
+    cfg.uneven_timeouts = args.uneven_timeouts;
     if let Some(d) = args.clock_drift_ppm {
         cfg.clock_drift_ppm = d;
     } else if cfg.lease_reads && cfg.clock_drift_ppm == 0 {

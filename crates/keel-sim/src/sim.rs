@@ -27,13 +27,16 @@ const SEC: Nanos = 1_000_000_000;
 pub type BugFlag = fn(&mut TestingBugs) -> &mut bool;
 
 /// The core's deliberate bugs (`TestingBugs`) by their `--bug` names.
-pub const BUGS: [(&str, BugFlag); 5] = [
+pub const BUGS: [(&str, BugFlag); 6] = [
     ("commit-without-quorum", |b| &mut b.commit_without_quorum),
     ("vote-without-log-check", |b| &mut b.vote_without_log_check),
     ("lease-outlasts-stickiness", |b| {
         &mut b.lease_outlasts_stickiness
     }),
     ("lease-ignores-drift", |b| &mut b.lease_ignores_drift),
+    ("lease-assumes-own-timeout", |b| {
+        &mut b.lease_assumes_own_timeout
+    }),
     ("no-restart-hold", |b| &mut b.no_restart_hold),
 ];
 
@@ -207,6 +210,10 @@ pub struct SimConfig {
     /// The nodes' election timeout range (`Config::election_timeout_min`
     /// and `_max`).
     pub election_timeout: (Nanos, Nanos),
+    /// Each node has its own election timeouts: node n's range is
+    /// `election_timeout` with both ends scaled by 1 + (n - 1) / 4 (node 1
+    /// the shortest), so leases must count on each voter's own stickiness.
+    pub uneven_timeouts: bool,
     /// How long after `Action::SaveSnapshot` a snapshot's file reaches
     /// storage to be published, drawn per snapshot from this range (in
     /// order per node). The runtime's snapshot thread serializes and writes
@@ -370,6 +377,7 @@ impl SimConfig {
             assumed_drift_ppm: Config::new(1, 0).clock_drift_ppm,
             lease_cuts: None,
             election_timeout: (200 * MS, 400 * MS),
+            uneven_timeouts: false,
             publish_delay: (0, 0),
             wipe: None,
             scenario: None,
@@ -381,6 +389,16 @@ impl SimConfig {
         let mut cfg = SimConfig::new(seed, nodes, mix);
         scenario.apply(&mut cfg);
         cfg
+    }
+
+    /// Node `id`'s election timeout range (see `uneven_timeouts`).
+    pub fn election_timeout_of(&self, id: NodeId) -> (Nanos, Nanos) {
+        let (lo, hi) = self.election_timeout;
+        if !self.uneven_timeouts {
+            return (lo, hi);
+        }
+        let scale = |t: Nanos| t + t / 4 * id.saturating_sub(1);
+        (scale(lo), scale(hi))
     }
 
     /// The one-line command that replays this run.
@@ -400,6 +418,9 @@ impl SimConfig {
         }
         if self.clock_drift_ppm > 0 {
             s.push_str(&format!(" --clock-drift-ppm {}", self.clock_drift_ppm));
+        }
+        if self.uneven_timeouts {
+            s.push_str(" --uneven-timeouts");
         }
         match self.scenario {
             Some(sc) => s.push_str(&format!(" --scenario {}", sc.name())),
@@ -692,6 +713,9 @@ pub struct Sim {
     /// `lease_cuts`, before the cut: the leader, and the followers that
     /// cannot reach it (or it them).
     cut_early: Option<(NodeId, Vec<NodeId>)>,
+    /// When (true time) each node last received an append or snapshot
+    /// chunk from each other node: (to, from) → time.
+    leader_heard: HashMap<(NodeId, NodeId), Nanos>,
     loss: f64,
     duplicate: f64,
     reorder: f64,
@@ -719,7 +743,7 @@ fn core_config(id: NodeId, sim: &SimConfig, seed: u64) -> Config {
     c.clock_drift_ppm = sim.assumed_drift_ppm;
     let bugs = sim.bugs;
     c.heartbeat_interval = 20 * MS;
-    (c.election_timeout_min, c.election_timeout_max) = sim.election_timeout;
+    (c.election_timeout_min, c.election_timeout_max) = sim.election_timeout_of(id);
     c.max_batch_bytes = 4 * 1024;
     c.max_inflight_bytes = 32 * 1024;
     // Small chunks so snapshot installs take several messages.
@@ -842,6 +866,7 @@ impl Sim {
             unreachable: HashSet::new(),
             cut_off: None,
             cut_early: None,
+            leader_heard: HashMap::new(),
             loss: mix.loss,
             duplicate: mix.duplicate,
             reorder: mix.reorder,
@@ -1313,7 +1338,7 @@ impl Sim {
                     self.report.last_read_after_cut = latest.max(after);
                     // (Reported once per run, so the run goes on to its
                     // linearizability check.)
-                    let hold = self.fast_voter_hold();
+                    let hold = self.cut_leader_lease_bound(id, since);
                     if after > hold && latest <= hold {
                         self.report.violations.push(format!(
                             "lease: node {id} answered a read {:.3} ms after it was cut off, \
@@ -1825,13 +1850,35 @@ impl Sim {
         self.schedule(next, Ev::Nemesis);
     }
 
-    /// How long, in true time, a voter whose clock runs at the fastest
-    /// rate holds its vote after the last message from a leader: a leader
-    /// cut off after that message may answer lease reads no longer.
-    fn fast_voter_hold(&self) -> Nanos {
+    /// How long after its cut at `cut_at`, in true time, cut-off leader
+    /// `id` may answer lease reads: until the quorum-th latest end of its
+    /// voters' stickiness, each holding its vote for its own minimum
+    /// election timeout, on a clock at the fastest rate, after the last
+    /// append or snapshot chunk it received from the leader (the leader
+    /// itself counts as holding for ever).
+    fn cut_leader_lease_bound(&self, id: NodeId, cut_at: Nanos) -> Nanos {
         let ppm = u128::from(self.cfg.clock_drift_ppm);
-        let hold = u128::from(self.cfg.election_timeout.0) * 1_000_000 / (1_000_000 + ppm);
-        hold as Nanos
+        let Some(core) = self.nodes[self.idx(id)].core.as_ref() else {
+            return 0;
+        };
+        let m = core.membership();
+        let mut ends: Vec<Nanos> = m
+            .voters
+            .iter()
+            .map(|&v| {
+                if v == id {
+                    return Nanos::MAX;
+                }
+                let Some(&heard) = self.leader_heard.get(&(v, id)) else {
+                    return 0;
+                };
+                let min = u128::from(self.cfg.election_timeout_of(v).0);
+                heard.saturating_add((min * 1_000_000 / (1_000_000 + ppm)) as Nanos)
+            })
+            .collect();
+        ends.sort_unstable_by(|a, b| b.cmp(a));
+        let end = ends.get(m.quorum() - 1).copied().unwrap_or(0);
+        end.saturating_sub(cut_at)
     }
 
     /// `LeaseCuts`: the leader of the moment gets the slowest clock and
@@ -2080,17 +2127,20 @@ impl Sim {
         self.restart(id);
     }
 
-    /// Notes an append or snapshot chunk reaching the rejoined node.
+    /// Notes an append or snapshot chunk reaching a node (that is up).
     fn heard(&mut self, m: &Message) {
         let now = self.now;
-        let Some(o) = self.report.wiped.as_mut() else {
-            return;
-        };
-        let up = self.nodes[(m.to - 1) as usize].core.is_some();
+        let up = self.nodes[self.idx(m.to)].core.is_some();
         let from_leader = matches!(
             m.body,
             keel_core::Body::Append { .. } | keel_core::Body::InstallSnapshot { .. }
         );
+        if up && from_leader {
+            self.leader_heard.insert((m.to, m.from), now);
+        }
+        let Some(o) = self.report.wiped.as_mut() else {
+            return;
+        };
         if m.to == o.node && o.restarted_at > 0 && !o.checked && up && from_leader {
             o.longest_silence = o.longest_silence.max(now - o.last_heard);
             o.last_heard = now;

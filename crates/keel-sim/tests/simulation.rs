@@ -433,6 +433,63 @@ fn checkers_catch_a_lease_without_the_drift_margin() {
     }
 }
 
+/// Election timeouts may differ between nodes (`uneven_timeouts`: node n's
+/// are 1 + (n - 1) / 4 times the scenario's): each voter reports how long
+/// it holds its vote, and a leader's lease counts on the quorum-th longest
+/// of those stickiness windows, never on its own timeout. Under lease
+/// reads' worst case, and under every fault mix, no read is stale and a
+/// cut-off leader answers no read after its voters could elect another.
+#[test]
+fn leases_count_on_each_voters_own_stickiness_when_election_timeouts_differ() {
+    let reports = sweep_with("calm", 100..120, |cfg| {
+        Scenario::LeaseSlowLeader.apply(cfg);
+        cfg.uneven_timeouts = true;
+    });
+    for r in &reports {
+        assert!(
+            r.leaders_cut_off >= 3,
+            "seed {}: {} cuts",
+            r.seed,
+            r.leaders_cut_off
+        );
+    }
+    let exposed: u64 = reports.iter().map(|r| r.reads_while_cut_off).sum();
+    assert!(exposed > 0, "no cut-off leader answered a read");
+    let bound = keel_core::Config::new(1, 0).clock_drift_ppm;
+    for (i, m) in FaultMix::all().iter().enumerate() {
+        let start = 9500 + 100 * i as u64;
+        sweep_with(m.name, start..start + 6, |cfg| {
+            cfg.lease_reads = true;
+            cfg.clock_drift_ppm = bound;
+            cfg.uneven_timeouts = true;
+        });
+    }
+}
+
+/// The test above fails for a leader that counts on its voters holding
+/// their votes as long as its own election timeout: one whose timeout is
+/// longer than its voters' answers reads after they elected a new leader,
+/// and all three lease checks see it in the first seed.
+#[test]
+fn checkers_catch_a_lease_that_assumes_the_leaders_own_timeout() {
+    let mut cfg = SimConfig::scenario(0, 3, mix("calm"), Scenario::LeaseSlowLeader);
+    cfg.uneven_timeouts = true;
+    cfg.bugs.lease_assumes_own_timeout = true;
+    let r = run(&cfg);
+    for check in [
+        "past the voters' stickiness",
+        "lease safety:",
+        "not linearizable",
+    ] {
+        assert!(
+            r.violations.iter().any(|v| v.contains(check)),
+            "a lease on the leader's own timeout was not caught by {check:?}: {:?}\n  replay: {}",
+            r.violations,
+            cfg.replay_command()
+        );
+    }
+}
+
 /// A voter forgets the leader it heard when it restarts, so it must hold
 /// its vote for an election timeout after a start as well: without that
 /// hold, the restarted voter of `Scenario::LeaseSlowLeader` votes for a

@@ -78,8 +78,13 @@ pub enum Body {
         position: Position,
         received: u64,
     },
-    /// Leadership transfer: "campaign now".
-    TimeoutNow,
+    /// Leadership transfer: "campaign now". `last_pos` is the leader's log
+    /// end when it sent this: a target that holds an entry of this term
+    /// past it knows the message is stale (the leader appended since, and
+    /// may have given the transfer up) and ignores it.
+    TimeoutNow {
+        last_pos: Position,
+    },
     /// Client commands a follower took, for the leader to append (client,
     /// sequence number, data). Dropped by a node that is not the leader;
     /// the follower's clients learn of it when it sees a new leader.
@@ -113,7 +118,7 @@ impl Body {
             Body::Forward { .. } => "Forward",
             Body::ReadIndex { .. } => "ReadIndex",
             Body::ReadIndexResp { .. } => "ReadIndexResp",
-            Body::TimeoutNow => "TimeoutNow",
+            Body::TimeoutNow { .. } => "TimeoutNow",
         }
     }
 }

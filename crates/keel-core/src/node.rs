@@ -95,9 +95,11 @@ pub struct Config {
     /// timeouts may differ between nodes. Safe only if every node's clock
     /// runs within this node's `clock_drift_ppm` of true time and never
     /// steps, and a node restarted with a lower `election_timeout_min` was
-    /// down for at least its old one. A leader that starts
-    /// a leadership transfer gives the lease up for the rest of its term
-    /// (the transfer's election bypasses stickiness).
+    /// down for at least its old one. A leader that tells a node to
+    /// campaign (leadership transfer) gives the lease up, since that
+    /// election bypasses stickiness, until the transfer is over and the
+    /// target has acknowledged an entry appended after the last such
+    /// message (a target holding one ignores the message if it comes late).
     pub lease_reads: bool,
     /// The clock-rate error lease reads assume at most, for any node, in
     /// parts per million of elapsed time (10 000 = 1%). Values at or above
@@ -180,6 +182,12 @@ pub struct TestingBugs {
     /// the leader's own `election_timeout_min`, not for the `hold` the
     /// voter reported (unsafe where election timeouts differ).
     pub lease_assumes_own_timeout: bool,
+    /// Lease reads: a leader keeps its lease when it tells a node to
+    /// campaign (leadership transfer), whose election bypasses stickiness.
+    pub lease_ignores_transfer: bool,
+    /// A node told to campaign does so even if it holds an entry the
+    /// leader appended after telling it (a late or duplicated message).
+    pub stale_timeout_now: bool,
     /// Leader stickiness starts only with the first message from a leader,
     /// not at a (re)start: a restarted voter may vote at once.
     pub no_restart_hold: bool,
@@ -492,9 +500,12 @@ pub struct Node {
     heartbeat_times: VecDeque<(u64, Nanos)>,
     /// Leader, lease reads: reads are answered at once before this time.
     lease_until: Nanos,
-    /// Leader: a `TimeoutNow` went out this term, so the lease is given up
-    /// until the term ends (the target's election bypasses stickiness).
-    lease_given_up: bool,
+    /// Leader: the nodes it told to campaign this term (`TimeoutNow`), with
+    /// its log end when it last did. Their elections would bypass the
+    /// voters' stickiness, so no lease is trusted until each one's transfer
+    /// is over and it has acknowledged an entry past that position: from
+    /// then on it ignores those messages, however late they come.
+    timeout_now_sent: BTreeMap<NodeId, Position>,
     /// Leader stickiness: no (pre-)vote is granted to another candidate
     /// before this time (except for a leadership transfer): an election
     /// timeout after the last message from a leader, and after a
@@ -604,7 +615,7 @@ impl Node {
             heartbeat_due: false,
             heartbeat_times: VecDeque::new(),
             lease_until: 0,
-            lease_given_up: false,
+            timeout_now_sent: BTreeMap::new(),
             vote_hold_until: if cfg.testing_bugs.no_restart_hold {
                 0
             } else {
@@ -829,7 +840,7 @@ impl Node {
     fn holds_read_lease(&self) -> bool {
         self.cfg.lease_reads
             && self.role == Role::Leader
-            && !self.lease_given_up
+            && self.timeout_now_sent.is_empty()
             && self.now < self.lease_until
     }
 
@@ -1025,7 +1036,7 @@ impl Node {
         self.check_quorum_deadline = self.now + self.cfg.election_timeout_min;
         self.heartbeat_due = true;
         self.lease_until = 0;
-        self.lease_given_up = false;
+        self.timeout_now_sent.clear();
         self.heartbeat_times.clear();
         self.timers_fired.clear();
         self.term_start_pos = last;
@@ -1078,7 +1089,7 @@ impl Node {
                         self.election_deadline = d;
                     }
                 }
-                Body::Append { .. } | Body::InstallSnapshot { .. } | Body::TimeoutNow => {
+                Body::Append { .. } | Body::InstallSnapshot { .. } | Body::TimeoutNow { .. } => {
                     self.become_follower(m.term, Some(m.from), out);
                 }
                 _ => self.become_follower(m.term, None, out),
@@ -1194,8 +1205,13 @@ impl Node {
                     self.on_snapshot_ack(m.from, position, received);
                 }
             }
-            Body::TimeoutNow => {
-                if self.membership().is_voter(self.cfg.id) && self.role != Role::Leader {
+            Body::TimeoutNow { last_pos } => {
+                // An entry of this term past `last_pos` was appended after
+                // the message was sent: the transfer may be over.
+                let stale = self.log.last_term() == m.term
+                    && self.log.last_pos() > last_pos
+                    && !self.cfg.testing_bugs.stale_timeout_now;
+                if !stale && self.membership().is_voter(self.cfg.id) && self.role != Role::Leader {
                     self.campaign(true, out);
                 }
             }
@@ -1902,11 +1918,14 @@ impl Node {
     }
 
     /// Tells `target` to campaign now. Its election bypasses the voters'
-    /// stickiness, so no lease of this term can be trusted any more.
+    /// stickiness, so the lease is given up (see `timeout_now_sent`).
     fn send_timeout_now(&mut self, target: NodeId, out: &mut Vec<Action>) {
-        self.lease_given_up = true;
-        self.lease_until = 0;
-        self.send(target, Body::TimeoutNow, out);
+        let last_pos = self.log.last_pos();
+        if !self.cfg.testing_bugs.lease_ignores_transfer {
+            self.timeout_now_sent.insert(target, last_pos);
+            self.lease_until = 0;
+        }
+        self.send(target, Body::TimeoutNow { last_pos }, out);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1944,8 +1963,20 @@ impl Node {
                 p.paused_since = None;
                 p.last_progress = now;
             }
+            let matched = p.matched;
+            let transferring = self.transfer.is_some_and(|(t, _)| t == from);
+            if !transferring
+                && self
+                    .timeout_now_sent
+                    .get(&from)
+                    .is_some_and(|&sent_at| matched > sent_at)
+            {
+                // It holds an entry past its last TimeoutNow: it will
+                // ignore that message now, and the lease may come back.
+                self.timeout_now_sent.remove(&from);
+            }
             self.maybe_commit(out);
-            if self.transfer.is_some_and(|(t, _)| t == from) {
+            if transferring {
                 self.maybe_send_timeout_now(from, out);
             }
         } else {

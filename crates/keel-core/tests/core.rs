@@ -1341,33 +1341,76 @@ fn the_lease_lasts_as_long_as_the_voters_report_they_hold_their_votes() {
 }
 
 /// A leader that told a follower to campaign (leadership transfer) trusts
-/// no lease for the rest of its term: that election bypasses the voters'
-/// stickiness. Even after the transfer gives up, reads take a heartbeat
-/// round.
+/// no lease while that election may still come: it bypasses the voters'
+/// stickiness. After the transfer gives up, reads take a heartbeat round
+/// until the target has acknowledged an entry appended after the last
+/// `TimeoutNow`; from then on the target ignores that message, however
+/// late it arrives, and the lease is back.
 #[test]
-fn a_leader_gives_up_its_lease_when_it_sends_timeout_now() {
-    let mut h = lease_harness();
-    h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
-    let target = (1..=3).find(|&n| n != leader).expect("a follower");
-    // Every TimeoutNow is lost (one goes with each answer from the target
-    // while the transfer lasts), so the transfer times out and the leader
-    // stays.
-    h.cut.insert((leader, target));
-    h.step(leader, Event::TransferLeadership { id: 1, target });
-    h.deliver();
-    h.run_for(Config::new(1, 7).election_timeout_min + 10 * MS);
-    h.cut.remove(&(leader, target));
-    h.run_for(100 * MS);
-    assert_eq!(h.leader(), Some(leader));
-    h.step(leader, Event::Read { id: 2 });
+fn a_leader_gives_up_its_lease_while_a_timeout_now_may_still_arrive() {
+    let run = |stale_timeout_now: bool| {
+        let m = Membership::new(1..=3);
+        let mut h = Harness::with(
+            (1..=3)
+                .map(|id| {
+                    let mut cfg = Config::new(id, 7);
+                    cfg.lease_reads = true;
+                    cfg.testing_bugs.stale_timeout_now = stale_timeout_now;
+                    Node::new(cfg, m.clone(), 0)
+                })
+                .collect(),
+        );
+        h.run_for(1_500 * MS);
+        let leader = h.leader().expect("a leader");
+        let term = h.node(leader).term();
+        let target = (1..=3).find(|&n| n != leader).expect("a follower");
+        // Every TimeoutNow is lost (one goes with each answer from the
+        // target while the transfer lasts), so the transfer times out and
+        // the leader stays.
+        let sent_at = h.node(leader).append_position();
+        h.cut.insert((leader, target));
+        h.step(leader, Event::TransferLeadership { id: 1, target });
+        h.deliver();
+        h.run_for(Config::new(1, 7).election_timeout_min + 10 * MS);
+        h.cut.remove(&(leader, target));
+        h.run_for(100 * MS);
+        assert_eq!(h.leader(), Some(leader));
+        h.step(leader, Event::Read { id: 2 });
+        assert!(
+            h.ready_reads.iter().all(|r| r.1 != 2),
+            "a lease read while the target may still get its TimeoutNow"
+        );
+        h.deliver();
+        let commit = h.node(leader).commit_position();
+        assert!(h.ready_reads.contains(&(leader, 2, commit)));
+
+        // A write: once the target acknowledged it, the lease is back.
+        h.propose(leader, 3, 1, b"after the transfer");
+        h.run_for(100 * MS);
+        h.step(leader, Event::Read { id: 4 });
+        assert!(
+            h.ready_reads.iter().any(|r| r.1 == 4),
+            "no lease read after the target acknowledged a later entry"
+        );
+        // The lost TimeoutNow arrives now: the target must not campaign
+        // (an election that bypasses stickiness, under a lease).
+        h.step(
+            target,
+            Event::Message(Message {
+                cluster_id: 7,
+                from: leader,
+                to: target,
+                term,
+                body: Body::TimeoutNow { last_pos: sent_at },
+            }),
+        );
+        h.node(target).term() == term
+    };
+    assert!(run(false), "the target campaigned on a stale TimeoutNow");
     assert!(
-        h.ready_reads.iter().all(|r| r.1 != 2),
-        "a lease read after a TimeoutNow in the same term"
+        !run(true),
+        "the test did not deliver the TimeoutNow it means to (the bug went unseen)"
     );
-    h.deliver();
-    let commit = h.node(leader).commit_position();
-    assert!(h.ready_reads.contains(&(leader, 2, commit)));
 }
 
 /// A (re)started voter grants no pre-vote for an election timeout: it may

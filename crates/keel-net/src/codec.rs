@@ -15,7 +15,8 @@ use keel_core::{
 use std::sync::Arc;
 
 /// The protocol version carried by every frame. 2: `AppendResp` carries the
-/// sender's `hold` (its leader stickiness), which leader leases count on.
+/// sender's `hold` (its leader stickiness), which leader leases count on,
+/// and `TimeoutNow` the leader's log end (so a late one is ignored).
 pub const VERSION: u8 = 2;
 /// The default limit on a frame's declared length.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
@@ -396,7 +397,10 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u64(out, *index);
             put_bool(out, *ok);
         }
-        Body::TimeoutNow => put_u8(out, BODY_TIMEOUT_NOW),
+        Body::TimeoutNow { last_pos } => {
+            put_u8(out, BODY_TIMEOUT_NOW);
+            put_u64(out, *last_pos);
+        }
     }
 }
 
@@ -834,7 +838,9 @@ impl<'a> Reader<'a> {
                 index: self.u64("ReadIndexResp.index")?,
                 ok: self.flag("ReadIndexResp.ok")?,
             },
-            BODY_TIMEOUT_NOW => Body::TimeoutNow,
+            BODY_TIMEOUT_NOW => Body::TimeoutNow {
+                last_pos: self.u64("TimeoutNow.last_pos")?,
+            },
             tag => {
                 return Err(CodecError::UnknownTag {
                     what: "message body",
@@ -1122,7 +1128,7 @@ mod tests {
             1 => any::<u64>().prop_map(|id| Body::ReadIndex { id }),
             1 => (any::<u64>(), any::<u64>(), any::<bool>())
                 .prop_map(|(id, index, ok)| Body::ReadIndexResp { id, index, ok }),
-            1 => Just(Body::TimeoutNow),
+            1 => any::<u64>().prop_map(|last_pos| Body::TimeoutNow { last_pos }),
         ]
     }
 

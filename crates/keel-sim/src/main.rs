@@ -123,10 +123,10 @@ fn main() {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
         println!(
-            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} messages, {:.1}s simulated",
+            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals), {} leadership transfers asked ({} done), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} messages, {:.1}s simulated",
             cfg.nodes, cfg.mix.name, r.ops_ok, r.ops_unknown, r.elections, r.crashes, r.snapshots_installed,
             r.snapshot_chunks, r.log_ranges_read, r.log_ranges_unsent,
-            r.membership_changes, r.leader_removals, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.messages, r.sim_time as f64 / 1e9
+            r.membership_changes, r.leader_removals, r.transfers, r.transfers_done, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.messages, r.sim_time as f64 / 1e9
         );
         println!("linearizability: {:?}", r.linearizability);
         if let Some(w) = &r.wiped {

@@ -27,7 +27,7 @@ const SEC: Nanos = 1_000_000_000;
 pub type BugFlag = fn(&mut TestingBugs) -> &mut bool;
 
 /// The core's deliberate bugs (`TestingBugs`) by their `--bug` names.
-pub const BUGS: [(&str, BugFlag); 6] = [
+pub const BUGS: [(&str, BugFlag); 8] = [
     ("commit-without-quorum", |b| &mut b.commit_without_quorum),
     ("vote-without-log-check", |b| &mut b.vote_without_log_check),
     ("lease-outlasts-stickiness", |b| {
@@ -38,6 +38,8 @@ pub const BUGS: [(&str, BugFlag); 6] = [
         &mut b.lease_assumes_own_timeout
     }),
     ("no-restart-hold", |b| &mut b.no_restart_hold),
+    ("lease-ignores-transfer", |b| &mut b.lease_ignores_transfer),
+    ("stale-timeout-now", |b| &mut b.stale_timeout_now),
 ];
 
 /// Which faults a run injects.
@@ -54,6 +56,14 @@ pub struct FaultMix {
     pub slow_disk: bool,
     pub clock_jumps: bool,
     pub membership: bool,
+    /// The leader is asked to hand leadership to another voter (caught up
+    /// or not, reachable or not). After 30% of its `TimeoutNow` messages it
+    /// hears from no node for 100-400 ms (so it learns of the election
+    /// late), and half of them also arrive a second time 0.2-1.5 s later
+    /// (a stalled connection's data read after the transfer was given up),
+    /// half of those as it starts hearing nothing again. For 30% of the
+    /// transfers every `TimeoutNow` arrives only that late.
+    pub transfers: bool,
 }
 
 impl FaultMix {
@@ -69,6 +79,7 @@ impl FaultMix {
         slow_disk: false,
         clock_jumps: false,
         membership: false,
+        transfers: false,
     };
 
     /// Every named mix, from calm to chaos.
@@ -126,6 +137,17 @@ impl FaultMix {
                 slow_disk: true,
                 clock_jumps: true,
                 membership: true,
+                transfers: false,
+            },
+            FaultMix {
+                name: "transfers",
+                transfers: true,
+                crashes: true,
+                cut_link: true,
+                loss: 0.02,
+                duplicate: 0.02,
+                reorder: 0.05,
+                ..n.clone()
             },
         ]
     }
@@ -154,6 +176,10 @@ impl FaultMix {
         if self.clock_jumps {
             v.push(Nemesis::ClockJump);
         }
+        if self.transfers {
+            // As often as all the other faults together.
+            v.extend(std::iter::repeat_n(Nemesis::Transfer, v.len().max(1)));
+        }
         v
     }
 }
@@ -166,6 +192,7 @@ enum Nemesis {
     Crash,
     SlowDisk,
     ClockJump,
+    Transfer,
 }
 
 /// One simulation run's parameters.
@@ -470,6 +497,10 @@ pub struct Report {
     pub last_read_after_cut: Nanos,
     pub log_ranges_unsent: u64,
     pub membership_changes: u64,
+    /// Leadership transfers asked of a leader, and how many of them a
+    /// leader of a later term was the target of.
+    pub transfers: u64,
+    pub transfers_done: u64,
     /// Membership changes that removed the leader proposing them, accepted
     /// by it (it steps down once the change commits).
     pub leader_removals: u64,
@@ -538,6 +569,8 @@ enum Resp {
 #[derive(Debug)]
 enum Ev {
     Peer(Message),
+    /// A second, late copy of a `TimeoutNow` (`FaultMix::transfers`).
+    LateTimeoutNow(Message),
     Request {
         node: NodeId,
         client: u64,
@@ -716,6 +749,11 @@ pub struct Sim {
     /// When (true time) each node last received an append or snapshot
     /// chunk from each other node: (to, from) → time.
     leader_heard: HashMap<(NodeId, NodeId), Nanos>,
+    /// The latest leadership transfer asked for: its target, and the term
+    /// of the leader asked.
+    transfer_asked: Option<(NodeId, u64)>,
+    /// Every `TimeoutNow` this leader (and term) sends arrives only late.
+    late_timeout_now: Option<(NodeId, u64)>,
     loss: f64,
     duplicate: f64,
     reorder: f64,
@@ -867,6 +905,8 @@ impl Sim {
             cut_off: None,
             cut_early: None,
             leader_heard: HashMap::new(),
+            transfer_asked: None,
+            late_timeout_now: None,
             loss: mix.loss,
             duplicate: mix.duplicate,
             reorder: mix.reorder,
@@ -972,6 +1012,17 @@ impl Sim {
             Ev::DiskSync(id, inc) => self.disk_sync(id, inc),
             Ev::ClientWake(c, token) => self.client_wake(c, token),
             Ev::Nemesis => self.nemesis(),
+            Ev::LateTimeoutNow(m) => {
+                if self.faults_active {
+                    // Half the time the leader that sent it hears nothing
+                    // for a while: should the target campaign, it would
+                    // learn of the election late.
+                    if self.rng.chance(0.5) {
+                        self.deafen(m.from);
+                    }
+                    self.schedule(0, Ev::Peer(m));
+                }
+            }
             Ev::HealLinks(links) => {
                 for l in links {
                     self.blocked.remove(&l);
@@ -1039,6 +1090,12 @@ impl Sim {
         if cut || self.blocked.contains(&(m.from, m.to)) {
             return;
         }
+        let timeout_now = matches!(m.body, keel_core::Body::TimeoutNow { .. });
+        if timeout_now && self.faults_active && self.late_timeout_now == Some((m.from, m.term)) {
+            let late = self.rng.range(200 * MS, 1_500 * MS);
+            self.schedule(late, Ev::LateTimeoutNow(m));
+            return;
+        }
         let copies = if self.rng.chance(self.duplicate) {
             2
         } else {
@@ -1049,6 +1106,31 @@ impl Sim {
                 self.schedule(d, Ev::Peer(m.clone()));
             }
         }
+        if !(self.cfg.mix.transfers && self.faults_active && timeout_now) {
+            return;
+        }
+        // Sometimes the leader then hears nothing for a while (it can still
+        // send): it learns of the target's election late, and must not
+        // answer reads from a lease meanwhile.
+        if self.rng.chance(0.3) {
+            self.deafen(m.from);
+        }
+        if self.rng.chance(0.5) {
+            let late = self.rng.range(200 * MS, 1_500 * MS);
+            self.schedule(late, Ev::LateTimeoutNow(m));
+        }
+    }
+
+    /// For 100-400 ms no message reaches `node` from another node.
+    fn deafen(&mut self, node: NodeId) {
+        let links = self
+            .all_ids
+            .iter()
+            .filter(|&&n| n != node)
+            .map(|&n| (n, node))
+            .collect();
+        let dur = self.rng.range(100 * MS, 400 * MS);
+        self.block(links, dur);
     }
 
     fn client_link_delay(&mut self) -> Option<Nanos> {
@@ -1090,6 +1172,12 @@ impl Sim {
             if let Some(core) = self.nodes[i].core.as_ref() {
                 let inc = self.nodes[i].incarnation;
                 self.inv.after_step(core, inc, &mut self.report.violations);
+                if self.transfer_asked.is_some_and(|(target, term)| {
+                    target == core.id() && core.is_leader() && core.term() > term
+                }) {
+                    self.transfer_asked = None;
+                    self.report.transfers_done += 1;
+                }
             }
         }
         self.observe_wiped(i);
@@ -1845,6 +1933,7 @@ impl Sim {
                 let jump = self.rng.range(0, 2000) as i64 - 500;
                 self.nodes[i].clock.jump(self.now, jump * MS as i64);
             }
+            Nemesis::Transfer => self.transfer(),
         }
         let next = self.rng.range(100 * MS, 1000 * MS);
         self.schedule(next, Ev::Nemesis);
@@ -2020,6 +2109,40 @@ impl Sim {
             })
             .max_by_key(|&(_, t)| t)
             .map(|(i, _)| i)
+    }
+
+    /// Asks the leader of the moment to hand leadership to another voter.
+    fn transfer(&mut self) {
+        let Some(i) = self.leader_index() else {
+            return;
+        };
+        let Some(core) = self.nodes[i].core.as_ref() else {
+            return;
+        };
+        let (leader, term) = (core.id(), core.term());
+        let others: Vec<NodeId> = core
+            .membership()
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != leader)
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        let target = others[self.rng.range(0, others.len() as u64) as usize];
+        let req = self.next_req;
+        self.next_req += 1;
+        self.report.transfers += 1;
+        self.transfer_asked = Some((target, term));
+        self.late_timeout_now = self.rng.chance(0.3).then_some((leader, term));
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {leader}: transfer to {target} asked",
+                self.now as f64 / 1e6
+            );
+        }
+        self.step_node(i, Event::TransferLeadership { id: req, target });
     }
 
     fn membership_change(&mut self) {

@@ -490,6 +490,59 @@ fn checkers_catch_a_lease_that_assumes_the_leaders_own_timeout() {
     }
 }
 
+/// Leadership transfers under faults (`transfers` mix: transfers to caught-up
+/// and lagging voters, crashes, a cut link, loss; `TimeoutNow` messages
+/// that arrive late, and leaders that hear nothing for a while after
+/// sending one), with and without lease reads: most transfers complete,
+/// and nothing breaks safety or linearizability.
+#[test]
+fn leadership_transfers_under_faults() {
+    let mut asked = 0;
+    let mut done = 0;
+    for lease_reads in [false, true] {
+        let reports = sweep_with("transfers", 0..40, |cfg| {
+            cfg.lease_reads = lease_reads;
+            if lease_reads {
+                cfg.clock_drift_ppm = cfg.assumed_drift_ppm;
+            }
+        });
+        asked += reports.iter().map(|r| r.transfers).sum::<u64>();
+        done += reports.iter().map(|r| r.transfers_done).sum::<u64>();
+    }
+    println!("{done} of {asked} leadership transfers completed");
+    assert!(
+        done * 2 > asked,
+        "only {done} of {asked} leadership transfers completed"
+    );
+}
+
+/// The lease rules around leadership transfers, each broken on purpose, are
+/// caught in the `transfers` mix: a leader that keeps its lease after
+/// telling a node to campaign, and a target that campaigns on a late
+/// `TimeoutNow` although it holds entries appended after it (the leader
+/// took its lease back once the target acknowledged them).
+#[test]
+fn checkers_catch_lease_rules_broken_around_transfers() {
+    for name in ["lease-ignores-transfer", "stale-timeout-now"] {
+        let (_, flag) = keel_sim::BUGS
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .expect("a known bug");
+        let caught = (0..600).find(|&seed| {
+            let nodes = if seed % 2 == 0 { 3 } else { 5 };
+            let mut cfg = SimConfig::new(seed, nodes, mix("transfers"));
+            cfg.lease_reads = true;
+            cfg.clock_drift_ppm = cfg.assumed_drift_ppm;
+            *flag(&mut cfg.bugs) = true;
+            !run(&cfg).safety_violations().is_empty()
+        });
+        match caught {
+            Some(seed) => println!("--bug {name} caught at seed {seed}"),
+            None => panic!("--bug {name} was never caught"),
+        }
+    }
+}
+
 /// A voter forgets the leader it heard when it restarts, so it must hold
 /// its vote for an election timeout after a start as well: without that
 /// hold, the restarted voter of `Scenario::LeaseSlowLeader` votes for a

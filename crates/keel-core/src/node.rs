@@ -38,6 +38,11 @@ use std::sync::Arc;
 /// published in order, so there are rarely more than one or two).
 const MAX_UNPUBLISHED: usize = 16;
 
+/// The data of a term-start entry: services are told of it
+/// (`Service::on_term_start`). Entries from before that have none, and
+/// replay as they were first applied.
+pub const TERM_START_MARK: &[u8] = &[1];
+
 /// Lease reads: most heartbeat creation times a leader keeps for voters
 /// that have not echoed them yet (a minute of heartbeats at 50 ms; a
 /// voter further behind adds nothing to the lease until it catches up).
@@ -1040,7 +1045,8 @@ impl Node {
         self.heartbeat_times.clear();
         self.timers_fired.clear();
         self.term_start_pos = last;
-        self.append_entries(vec![(EntryKind::TermStart, Bytes::new())], out);
+        let mark = Bytes::from_static(TERM_START_MARK);
+        self.append_entries(vec![(EntryKind::TermStart, mark)], out);
     }
 
     fn new_progress(&self, next: Position) -> Progress {

@@ -49,6 +49,13 @@ pub trait Service {
     fn on_timer(&mut self, _ctx: &mut Context<'_>, _id: u64) {}
     fn on_session_open(&mut self, _ctx: &mut Context<'_>, _client: ClientId) {}
     fn on_session_close(&mut self, _ctx: &mut Context<'_>, _client: ClientId) {}
+    /// A leader's term starts at this entry (Aeron's new-leadership-term
+    /// event): every replica sees it at the same position and log time,
+    /// before any entry that leader appends. The log time since the entry
+    /// before it may include a stretch without a leader (an election, or a
+    /// cluster restored from a backup long after it was taken): the KV
+    /// store refreshes its leases here, as etcd does on a leader change.
+    fn on_term_start(&mut self, _ctx: &mut Context<'_>) {}
     /// This replica's role changed (not replicated: for logging or metrics).
     fn on_role_change(&mut self, _role: Role) {}
     /// Notifications produced by the entries applied since the last call
@@ -119,6 +126,9 @@ impl<S: Service + ?Sized> Service for Box<S> {
     }
     fn on_session_close(&mut self, ctx: &mut Context<'_>, client: ClientId) {
         (**self).on_session_close(ctx, client)
+    }
+    fn on_term_start(&mut self, ctx: &mut Context<'_>) {
+        (**self).on_term_start(ctx)
     }
     fn on_role_change(&mut self, role: Role) {
         (**self).on_role_change(role)
@@ -283,7 +293,11 @@ impl<S: Service> ServiceHost<S> {
             updates: &mut out.timers,
         };
         match &e.kind {
-            EntryKind::TermStart | EntryKind::Membership(_) => {}
+            // Term starts written before services were told of them have
+            // no data: replaying them must not change what they did.
+            EntryKind::TermStart if e.data.is_empty() => {}
+            EntryKind::TermStart => self.service.on_term_start(&mut ctx),
+            EntryKind::Membership(_) => {}
             EntryKind::Command { client, seq } if *client == SESSIONLESS => {
                 let r = self.service.on_message(&mut ctx, *client, &e.data);
                 out.replies.push((*client, *seq, Reply::Applied(r)));

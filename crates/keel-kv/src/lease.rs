@@ -113,6 +113,19 @@ impl Leases {
         }
     }
 
+    /// Every lease (expired or not: none is revoked but by its timer) now
+    /// expires no sooner than `ttl` after `now`, as etcd's leases do when
+    /// a new leader takes over. Returns each lease's id and expiry.
+    pub fn refresh_all(&mut self, now: u64) -> Vec<(i64, u64)> {
+        self.map
+            .values_mut()
+            .map(|l| {
+                l.expiry = l.expiry.max(expiry(now, l.ttl));
+                (l.id, l.expiry)
+            })
+            .collect()
+    }
+
     pub fn remove(&mut self, id: i64) -> Option<Lease> {
         self.map.remove(&id)
     }

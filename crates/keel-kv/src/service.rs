@@ -610,6 +610,17 @@ impl KvService {
         true
     }
 
+    /// A leader's term started at log time `now`: every lease gets its
+    /// whole TTL again from `now` (etcd's `Promote`), so that the time the
+    /// cluster spent without a leader (an election; a restore from a
+    /// backup taken long ago) does not expire them; a lease whose holder is
+    /// gone expires a TTL later.
+    pub fn refresh_leases(&mut self, now: u64, timers: &mut dyn TimerSink) {
+        for (id, expiry) in self.leases.refresh_all(now) {
+            timers.schedule(id as u64, expiry);
+        }
+    }
+
     /// A lease timer fired at log time `now`: revoke the lease if it has
     /// expired by then, else (a stale timer) schedule it again.
     pub fn expire_lease(&mut self, now: u64, id: i64, timers: &mut dyn TimerSink) {
@@ -965,6 +976,11 @@ impl Service for KvService {
         let now = ctx.time();
         self.expire_lease(now, id as i64, ctx);
         self.publish_size();
+    }
+
+    fn on_term_start(&mut self, ctx: &mut Context<'_>) {
+        let now = ctx.time();
+        self.refresh_leases(now, ctx);
     }
 
     fn query(&self, data: &[u8]) -> Bytes {

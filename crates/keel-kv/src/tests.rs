@@ -90,6 +90,28 @@ impl Harness {
         assert!(out.replies.is_empty());
     }
 
+    /// Applies a new leader's term-start entry at the current log time
+    /// (plus a tick): `marked` as this version writes it, or without data
+    /// as logs from before services were told of term starts hold it.
+    pub(crate) fn term_start(&mut self, marked: bool) {
+        self.time += 1_000;
+        let e = Entry {
+            term: 2,
+            position: self.pos,
+            timestamp: self.time,
+            kind: EntryKind::TermStart,
+            data: if marked {
+                Bytes::from_static(keel_core::TERM_START_MARK)
+            } else {
+                Bytes::new()
+            },
+        };
+        self.pos = e.end();
+        let mut out = ApplyOutput::default();
+        self.host.apply(&[e], &mut out);
+        assert!(out.replies.is_empty());
+    }
+
     /// Fires every timer due at the current log time, as a leader would.
     pub(crate) fn fire_due(&mut self) {
         let due: Vec<(u64, u64)> = self

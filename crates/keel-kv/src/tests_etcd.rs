@@ -1052,6 +1052,53 @@ fn lease_grant_rules() {
     }
 }
 
+/// A new leader's term start gives every lease its whole TTL again from
+/// that entry's log time, as etcd refreshes leases on a leader change, even
+/// one whose expiry passed while the cluster had no leader (or while a
+/// backup waited to be restored): a timer entry for the old deadline that
+/// follows is stale. A term start without data (from a log written before
+/// services were told of them) replays as it was first applied.
+#[test]
+fn a_term_start_refreshes_every_lease() {
+    for marked in [true, false] {
+        let mut h = Harness::new();
+        let (id, _) = h.grant(0, 10);
+        let (short, _) = h.grant(0, 3);
+        let deadline = h.host.timers()[&1];
+        h.put_req(PutRequest {
+            lease: id,
+            ..preq("a", "1")
+        });
+        h.put_req(PutRequest {
+            lease: short,
+            ..preq("b", "1")
+        });
+        // 20 s past the deadline without a leader, then a new term.
+        h.time = deadline + 20 * SEC;
+        h.term_start(marked);
+        let started = h.time;
+        // The old leader's timer entries for the old deadlines.
+        h.timer(1, deadline);
+        h.timer(2, h.host.timers().get(&2).copied().unwrap_or(0));
+        if !marked {
+            assert_eq!(h.svc().get(b"a"), None, "no refresh without the mark");
+            assert_eq!(h.svc().get(b"b"), None);
+            continue;
+        }
+        assert_eq!(h.host.timers().get(&1), Some(&(started + 10 * SEC)));
+        assert_eq!(h.host.timers().get(&2), Some(&(started + 3 * SEC)));
+        assert!(h.svc().get(b"a").is_some() && h.svc().get(b"b").is_some());
+        assert_eq!(h.ttl(id, false).unwrap().0, 9);
+        h.time = started + 3 * SEC;
+        h.fire_due();
+        assert!(h.svc().get(b"a").is_some());
+        assert_eq!(h.svc().get(b"b"), None, "the 3 s lease expired 3 s later");
+        h.time = started + 10 * SEC;
+        h.fire_due();
+        assert_eq!(h.svc().get(b"a"), None, "the 10 s lease expired 10 s later");
+    }
+}
+
 #[test]
 fn lease_expiry_through_log_timers() {
     let mut h = Harness::new();

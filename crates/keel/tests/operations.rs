@@ -480,13 +480,20 @@ fn the_leader_compacts_the_kv_history_by_itself() {
 /// API's Snapshot call (`etcdctl snapshot save`) and removes its file once
 /// sent; `keel restore` seeds every member of a new cluster from it, and
 /// that cluster serves the backed-up keys at their revisions, then takes
-/// writes. Restoring into a used data directory or from a file that is no
-/// backup is refused with the reason, and nothing is written.
+/// writes. A lease whose TTL ran out while the backup waited is granted its
+/// TTL again when the new cluster's first leader starts (as etcd refreshes
+/// leases on a leader change), so its key is still there. Restoring into a
+/// used data directory or from a file that is no backup is refused with
+/// the reason, and nothing is written.
 #[test]
 fn a_backup_restores_into_a_new_cluster() {
     use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
+    use keel_etcd_proto::etcdserverpb::lease_client::LeaseClient;
     use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-    use keel_etcd_proto::etcdserverpb::{PutRequest, RangeRequest, SnapshotRequest};
+    use keel_etcd_proto::etcdserverpb::{
+        LeaseGrantRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest, SnapshotRequest,
+    };
+    const LEASE_TTL: i64 = 3;
     let put = |k: &str, v: &str| PutRequest {
         key: k.as_bytes().to_vec().into(),
         value: v.as_bytes().to_vec().into(),
@@ -499,8 +506,24 @@ fn a_backup_restores_into_a_new_cluster() {
     let c = TestCluster::start(3, "");
     c.wait_for_leader(Duration::from_secs(10));
     let backup = c._tmp.path().join("backup.keel");
-    let revision = c.rt.block_on(async {
+    let (revision, lease, backed_up_at) = c.rt.block_on(async {
         let mut kv = KvClient::new(etcd_channel(&c.nodes[0].etcd).await);
+        let mut leases = LeaseClient::new(etcd_channel(&c.nodes[0].etcd).await);
+        let lease = leases
+            .lease_grant(LeaseGrantRequest {
+                ttl: LEASE_TTL,
+                id: 0,
+            })
+            .await
+            .expect("lease grant")
+            .into_inner()
+            .id;
+        kv.put(PutRequest {
+            lease,
+            ..put("leased", "1")
+        })
+        .await
+        .expect("put with a lease");
         for i in 0..50 {
             kv.put(put(&format!("k{i}"), &format!("v{i}")))
                 .await
@@ -528,11 +551,11 @@ fn a_backup_restores_into_a_new_cluster() {
         }
         assert_eq!(remaining, 0, "the stream ended with nothing remaining");
         std::fs::write(&backup, &file).expect("write backup");
-        last.header.expect("header").revision
+        (last.header.expect("header").revision, lease, Instant::now())
     });
     assert_eq!(
-        revision, 52,
-        "50 puts, one more, after the initial revision 1"
+        revision, 53,
+        "the leased put, 50 puts, one more, after the initial revision 1"
     );
     // The member's copy is gone once sent.
     let backups = c.node(2).dir.join("data").join(keel_node::BACKUP_DIR);
@@ -590,16 +613,39 @@ fn a_backup_restores_into_a_new_cluster() {
     // A used data directory is refused.
     let (ok, text) = restore(&d.node(1).config, &backup);
     assert!(!ok && text.contains("is not empty"), "{text}");
+    // The lease's TTL runs out while the backup waits (log time runs on).
+    let ttl = Duration::from_secs(LEASE_TTL as u64);
+    std::thread::sleep(
+        (backed_up_at + ttl + Duration::from_secs(1)).saturating_duration_since(Instant::now()),
+    );
     for id in 1..=3 {
         d.spawn(id);
     }
     d.wait_for_leader(Duration::from_secs(10));
     d.rt.block_on(async {
         let mut kv = KvClient::new(etcd_channel(&d.nodes[2].etcd).await);
+        let got = kv.range(get("leased")).await.expect("get").into_inner();
+        assert_eq!(got.kvs.len(), 1, "the leased key expired on restore");
+        assert_eq!(got.kvs[0].lease, lease);
+        let mut leases = LeaseClient::new(etcd_channel(&d.nodes[2].etcd).await);
+        let left = leases
+            .lease_time_to_live(LeaseTimeToLiveRequest {
+                id: lease,
+                keys: false,
+            })
+            .await
+            .expect("time to live")
+            .into_inner();
+        assert!(
+            left.ttl > 0 && left.ttl <= LEASE_TTL && left.granted_ttl == LEASE_TTL,
+            "the restored lease has {} s of {} left",
+            left.ttl,
+            left.granted_ttl
+        );
         let got = kv.range(get("k0")).await.expect("get").into_inner();
         assert_eq!(got.kvs[0].value.as_ref(), b"again");
-        assert_eq!(got.kvs[0].mod_revision, 52);
-        assert_eq!(got.header.expect("header").revision, 52);
+        assert_eq!(got.kvs[0].mod_revision, 53);
+        assert_eq!(got.header.expect("header").revision, 53);
         for i in 1..50 {
             let got = kv
                 .range(get(&format!("k{i}")))
@@ -613,6 +659,6 @@ fn a_backup_restores_into_a_new_cluster() {
             .await
             .expect("put")
             .into_inner();
-        assert_eq!(next.header.expect("header").revision, 53);
+        assert_eq!(next.header.expect("header").revision, 54);
     });
 }

@@ -293,6 +293,12 @@ impl Maintenance for MaintenanceApi {
             ClientResult::NotLeader { .. } => {
                 Err(Status::failed_precondition("etcdserver: not leader"))
             }
+            // etcd's ErrGRPCTimeoutLeaderTransfer (clients match the text).
+            ClientResult::Error(m) if m.starts_with(keel_net::codec::TRANSFER_TIMED_OUT) => {
+                Err(Status::deadline_exceeded(
+                    "etcdserver: request timed out, leader transfer took too long",
+                ))
+            }
             ClientResult::Error(m) => Err(Status::failed_precondition(m)),
             other => Err(node_error(other)),
         }

@@ -66,6 +66,11 @@ pub enum ClientOp {
 /// applied, and clients report it so, not as a refusal.
 pub const OUTCOME_UNKNOWN: &str = "no outcome for this write";
 
+/// How the `ClientResult::Error` for a leadership transfer that did not
+/// complete in time begins (the etcd API answers it as etcd does a
+/// transfer that took too long).
+pub const TRANSFER_TIMED_OUT: &str = "leadership transfer timed out";
+
 /// A node's answer to the request with the same `id`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientResponse {

@@ -1074,6 +1074,7 @@ fn start_node(
         awaiting: HashMap::new(),
         reads_wait_upto: 0,
         deposed: None,
+        transfers: Vec::new(),
         next_expiry: Instant::now(),
         sessionless_next: (wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK,
         next_id: 1,
@@ -1215,6 +1216,9 @@ struct Consensus {
     reads_wait_upto: Position,
     /// Stepped down in this step: answer `awaiting` at its end.
     deposed: Option<ClientResult>,
+    /// Leadership transfers this node started, answered once the target
+    /// leads or their time is up (`settle_transfers`).
+    transfers: Vec<PendingTransfer>,
     /// When `expire_awaiting` next looks.
     next_expiry: Instant,
     /// Sequence numbers this node gives sessionless writes (see
@@ -1339,6 +1343,7 @@ impl Consensus {
             self.service.wake_if_due(Instant::now());
             self.maybe_publish_status();
             self.expire_awaiting();
+            self.settle_transfers();
             let took = turn.elapsed();
             if took >= SLOW_TURN {
                 warn!(
@@ -1522,9 +1527,7 @@ impl Consensus {
                 respond(&sink, req.id, ClientResult::Status(s));
                 Ok(())
             }
-            ClientOp::TransferLeader(target) => {
-                self.admin(id, req.id, sink, Event::TransferLeadership { id, target })
-            }
+            ClientOp::TransferLeader(target) => self.transfer_leader(id, req.id, sink, target),
             ClientOp::ChangeMembership(change) => {
                 self.admin(id, req.id, sink, Event::ChangeMembership { id, change })
             }
@@ -1555,6 +1558,81 @@ impl Consensus {
             })?;
         }
         Ok(())
+    }
+
+    /// A leadership transfer: answered once `target` leads (as etcd's
+    /// MoveLeader does), or with `TRANSFER_TIMED_OUT` if it does not within
+    /// the core's transfer window and an election after it.
+    fn transfer_leader(
+        &mut self,
+        id: u64,
+        client_id: u64,
+        sink: ResponseSink,
+        target: NodeId,
+    ) -> Result<(), String> {
+        if target == self.cfg.id && self.node.is_leader() {
+            respond(&sink, client_id, ClientResult::Ok(Bytes::new()));
+            return Ok(());
+        }
+        self.pending.insert(
+            id,
+            PendingRequest {
+                client_id,
+                sink,
+                op: PendingOp::Other,
+            },
+        );
+        self.step(Event::TransferLeadership { id, target })?;
+        // Still pending: the core took it (a refusal answered it).
+        if let Some(p) = self.pending.remove(&id) {
+            let window = Duration::from_millis(
+                self.cfg.election_timeout_min_ms + self.cfg.election_timeout_max_ms,
+            );
+            self.transfers.push(PendingTransfer {
+                target,
+                client_id: p.client_id,
+                sink: p.sink,
+                until: Instant::now() + window,
+                window,
+            });
+            self.settle_transfers();
+        }
+        Ok(())
+    }
+
+    /// Answers the transfers whose target now leads, and those whose time
+    /// is up.
+    fn settle_transfers(&mut self) {
+        if self.transfers.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let leader = self.node.leader();
+        let id = self.cfg.id;
+        self.transfers.retain(|t| {
+            let result = if leader == Some(t.target) {
+                ClientResult::Ok(Bytes::new())
+            } else if now >= t.until {
+                ClientResult::Error(format!(
+                    "{} after {} ms: node {} does not lead (the leader is {}); \
+                     it may be lagging or unreachable",
+                    keel_net::codec::TRANSFER_TIMED_OUT,
+                    t.window.as_millis(),
+                    t.target,
+                    leader.map_or("unknown".to_string(), |l| {
+                        if l == id {
+                            format!("still node {l}")
+                        } else {
+                            format!("node {l}")
+                        }
+                    })
+                ))
+            } else {
+                return true;
+            };
+            respond(&t.sink, t.client_id, result);
+            false
+        });
     }
 
     /// An administrative request: answered "ok" once the core took it, or
@@ -2022,6 +2100,14 @@ fn stale_request(client: u64, seq: u64) -> ClientResult {
 
 fn respond(sink: &ResponseSink, id: u64, result: ClientResult) {
     let _ = sink.send(ClientResponse { id, result });
+}
+
+struct PendingTransfer {
+    target: NodeId,
+    client_id: u64,
+    sink: ResponseSink,
+    until: Instant,
+    window: Duration,
 }
 
 struct AwaitingWrite {

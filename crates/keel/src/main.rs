@@ -142,7 +142,9 @@ enum KvCmd {
 enum ClusterCmd {
     /// Role, term, leader and log positions of every endpoint.
     Status,
-    /// Hand leadership to node TARGET.
+    /// Hand leadership to node TARGET; returns once it leads, or fails if it
+    /// does not within the minimum plus the maximum election timeout (a
+    /// lagging or unreachable target).
     TransferLeader { target: NodeId },
     /// Add node ID as a learner (it must be in the nodes' peer lists).
     AddLearner { id: NodeId },
@@ -731,7 +733,7 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
         }
         ClusterCmd::TransferLeader { target } => {
             client(&conn)?.transfer_leader(target).await?;
-            println!("leadership transfer to node {target} started");
+            println!("leadership transferred to node {target}");
             Ok(0)
         }
         ClusterCmd::AddLearner { id } => membership(&conn, MembershipChange::AddLearner(id)).await,

@@ -247,3 +247,45 @@ fn space_quota_alarms_are_listed_and_disarmed_from_any_member() {
         assert_eq!(got.into_inner().kvs[0].value.as_ref(), &[b'v'; 1000][..]);
     });
 }
+
+/// MoveLeader answers once the target leads, as etcd's does (etcdctl then
+/// prints that leadership moved); a transfer to a member that is down fails
+/// with etcd's code and message for a transfer that took too long.
+#[test]
+fn move_leader_answers_once_the_target_leads_or_times_out_like_etcd() {
+    use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    let mut c = TestCluster::start(3, "");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let target = (1..=3).find(|&id| id != leader).expect("a follower");
+    let down = (1..=3)
+        .find(|&id| id != leader && id != target)
+        .expect("another");
+    let endpoint = |id: u64| c.nodes[id as usize - 1].etcd.clone();
+    let (leader_at, target_at) = (endpoint(leader), endpoint(target));
+    c.rt.block_on(async {
+        let mut m = MaintenanceClient::new(common::etcd_channel(&leader_at).await);
+        m.move_leader(MoveLeaderRequest { target_id: target })
+            .await
+            .expect("move leader");
+        let mut t = MaintenanceClient::new(common::etcd_channel(&target_at).await);
+        let status = t
+            .status(StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(status.leader, target, "answered before the target led");
+    });
+    c.kill(down);
+    c.rt.block_on(async {
+        let mut t = MaintenanceClient::new(common::etcd_channel(&target_at).await);
+        let e = t
+            .move_leader(MoveLeaderRequest { target_id: down })
+            .await
+            .expect_err("a transfer to a stopped member");
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+        assert_eq!(
+            e.message(),
+            "etcdserver: request timed out, leader transfer took too long"
+        );
+    });
+}

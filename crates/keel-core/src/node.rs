@@ -44,12 +44,18 @@ const MAX_UNPUBLISHED: usize = 16;
 pub const TERM_START_MARK: &[u8] = &[1];
 
 /// Lease reads: most heartbeat creation times a leader keeps for voters
-/// that have not echoed them yet (a minute of heartbeats at 50 ms; a
-/// voter further behind adds nothing to the lease until it catches up).
+/// that have not echoed them yet. It records at most one per
+/// `HEARTBEAT_TIME_GRAIN` (a heartbeat sequence number created since counts
+/// from the recorded time before it, which is earlier: safe), so this
+/// covers echoes up to 1.2 s late however many reads take a round; a voter
+/// further behind adds nothing to the lease until it catches up.
 const MAX_HEARTBEAT_TIMES: usize = 1200;
+/// See `MAX_HEARTBEAT_TIMES`.
+const HEARTBEAT_TIME_GRAIN: Nanos = 1_000_000;
 
-/// Timing and limits of one node. All nodes of a cluster should use the
-/// same values (apart from `id` and `seed`).
+/// Timing and limits of one node. Election timeouts may differ between
+/// nodes (leases count on each voter's own); the other values should be
+/// the same on all nodes of a cluster (apart from `id` and `seed`).
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: NodeId,
@@ -102,9 +108,9 @@ pub struct Config {
     /// steps, and a node restarted with a lower `election_timeout_min` was
     /// down for at least its old one. A leader that tells a node to
     /// campaign (leadership transfer) gives the lease up, since that
-    /// election bypasses stickiness, until the transfer is over and the
-    /// target has acknowledged an entry appended after the last such
-    /// message (a target holding one ignores the message if it comes late).
+    /// election bypasses stickiness, until the transfer is over and an
+    /// entry appended after the last such message has committed (an
+    /// election on a late one then cannot win; see `timeout_now_sent`).
     pub lease_reads: bool,
     /// The clock-rate error lease reads assume at most, for any node, in
     /// parts per million of elapsed time (10 000 = 1%). Values at or above
@@ -500,16 +506,20 @@ pub struct Node {
     term_start_pos: Position,
     heartbeat_seq: u64,
     heartbeat_due: bool,
-    /// Leader, lease reads: when each heartbeat sequence number not yet
-    /// echoed by a quorum was created, oldest first.
+    /// Leader, lease reads: when heartbeat sequence numbers a voter may
+    /// still echo were created, oldest first (at most one per
+    /// `HEARTBEAT_TIME_GRAIN`; see `voter_lease_end`).
     heartbeat_times: VecDeque<(u64, Nanos)>,
     /// Leader, lease reads: reads are answered at once before this time.
     lease_until: Nanos,
     /// Leader: the nodes it told to campaign this term (`TimeoutNow`), with
     /// its log end when it last did. Their elections would bypass the
-    /// voters' stickiness, so no lease is trusted until each one's transfer
-    /// is over and it has acknowledged an entry past that position: from
-    /// then on it ignores those messages, however late they come.
+    /// voters' stickiness, so no lease is trusted while a transfer is on or
+    /// until an entry past each of those positions has committed: a quorum
+    /// then holds an entry of this term past the target's log end (the
+    /// target is sent `TimeoutNow` only when caught up), so an election it
+    /// starts on such a message, however late, cannot win, and a target
+    /// that holds that entry ignores the message altogether.
     timeout_now_sent: BTreeMap<NodeId, Position>,
     /// Leader stickiness: no (pre-)vote is granted to another candidate
     /// before this time (except for a leadership transfer): an election
@@ -845,15 +855,24 @@ impl Node {
     fn holds_read_lease(&self) -> bool {
         self.cfg.lease_reads
             && self.role == Role::Leader
-            && self.timeout_now_sent.is_empty()
+            && self.transfer.is_none()
+            && self
+                .timeout_now_sent
+                .values()
+                .all(|&sent_at| self.commit > sent_at)
             && self.now < self.lease_until
     }
 
     /// Leader: a new heartbeat sequence number, carried by every message
-    /// sent from now on; with lease reads, when it was created.
+    /// sent from now on; with lease reads, when it was created (unless one
+    /// was recorded less than `HEARTBEAT_TIME_GRAIN` ago).
     fn next_heartbeat_seq(&mut self) {
         self.heartbeat_seq += 1;
-        if self.cfg.lease_reads {
+        let recent = self
+            .heartbeat_times
+            .back()
+            .is_some_and(|&(_, t)| self.now < t.saturating_add(HEARTBEAT_TIME_GRAIN));
+        if self.cfg.lease_reads && !recent {
             self.heartbeat_times
                 .push_back((self.heartbeat_seq, self.now));
         }
@@ -1697,6 +1716,9 @@ impl Node {
     }
 
     fn sync_progress_with_membership(&mut self) {
+        // The lease is the new configuration's quorum's, from the next
+        // acknowledgement on.
+        self.lease_until = 0;
         let m = self.membership().clone();
         self.progress.retain(|n, _| m.contains(*n));
         let last = self.log.last_pos();
@@ -1783,17 +1805,17 @@ impl Node {
 
     /// Leader, lease reads: until when (our clock) a voter that echoed
     /// heartbeat `seq` and holds its vote for `hold` after each message
-    /// from a leader refuses other candidates; 0 if that heartbeat's
-    /// creation is no longer known (only voters behind all others echo
-    /// such old ones).
+    /// from a leader refuses other candidates, counted from the latest
+    /// recorded creation at or before `seq`'s (creation times grow with
+    /// the numbers, so that is no later); 0 if none is kept any more.
     fn voter_lease_end(&self, seq: u64, hold: Nanos) -> Nanos {
         if !self.cfg.lease_reads {
             return 0;
         }
-        let Ok(i) = self.heartbeat_times.binary_search_by_key(&seq, |&(s, _)| s) else {
+        let i = self.heartbeat_times.partition_point(|&(s, _)| s <= seq);
+        let Some(&(_, created)) = i.checked_sub(1).and_then(|i| self.heartbeat_times.get(i)) else {
             return 0;
         };
-        let created = self.heartbeat_times[i].1;
         let bugs = self.cfg.testing_bugs;
         let hold = if bugs.lease_assumes_own_timeout {
             self.cfg.election_timeout_min
@@ -1837,15 +1859,17 @@ impl Node {
         let acks = per_voter(|p| p.heartbeat);
         let confirmed = acks.get(m.quorum() - 1).copied().unwrap_or(0);
         if self.cfg.lease_reads {
+            // Each voter's end only grows; only a membership change lowers
+            // this (a lease of the old configuration must not outlive it).
             let ends = per_voter(|p| p.lease_end);
-            let until = ends.get(m.quorum() - 1).copied().unwrap_or(0);
-            self.lease_until = self.lease_until.max(until);
-            // Keep the creation times a voter may still echo (bounded, for
-            // a voter that is gone).
+            self.lease_until = ends.get(m.quorum() - 1).copied().unwrap_or(0);
+            // Keep the creation times a voter may still echo: the latest
+            // at or before the slowest voter's echo, and all after it
+            // (bounded, for a voter that is gone).
             let slowest = acks.last().copied().unwrap_or(0);
             while self
                 .heartbeat_times
-                .front()
+                .get(1)
                 .is_some_and(|&(seq, _)| seq <= slowest)
                 || self.heartbeat_times.len() > MAX_HEARTBEAT_TIMES
             {
@@ -1929,7 +1953,6 @@ impl Node {
         let last_pos = self.log.last_pos();
         if !self.cfg.testing_bugs.lease_ignores_transfer {
             self.timeout_now_sent.insert(target, last_pos);
-            self.lease_until = 0;
         }
         self.send(target, Body::TimeoutNow { last_pos }, out);
     }
@@ -1969,20 +1992,8 @@ impl Node {
                 p.paused_since = None;
                 p.last_progress = now;
             }
-            let matched = p.matched;
-            let transferring = self.transfer.is_some_and(|(t, _)| t == from);
-            if !transferring
-                && self
-                    .timeout_now_sent
-                    .get(&from)
-                    .is_some_and(|&sent_at| matched > sent_at)
-            {
-                // It holds an entry past its last TimeoutNow: it will
-                // ignore that message now, and the lease may come back.
-                self.timeout_now_sent.remove(&from);
-            }
             self.maybe_commit(out);
-            if transferring {
+            if self.transfer.is_some_and(|(t, _)| t == from) {
                 self.maybe_send_timeout_now(from, out);
             }
         } else {

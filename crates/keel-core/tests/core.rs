@@ -1340,12 +1340,92 @@ fn the_lease_lasts_as_long_as_the_voters_report_they_hold_their_votes() {
     );
 }
 
+/// A lease counted on the voters of the configuration it was taken in:
+/// once a long-holding voter is removed and a learner with a short hold
+/// promoted, the lease is the new quorum's. Here node 2 holds its vote for
+/// 2 s, nodes 3 and 4 for 300 ms: after the changes, leader 1 cut off must
+/// stop answering reads from its lease before 3 and 4 elect a leader.
+#[test]
+fn a_lease_does_not_outlive_the_configuration_it_was_taken_in() {
+    let mut m = Membership::new(1..=3);
+    m.learners.insert(4);
+    let timeout = |id: NodeId| match id {
+        1 => 1_000 * MS,
+        2 => 2_000 * MS,
+        _ => 300 * MS,
+    };
+    let mut h = Harness::with(
+        (1..=4)
+            .map(|id| {
+                let mut cfg = Config::new(id, 7);
+                cfg.lease_reads = true;
+                cfg.election_timeout_min = timeout(id);
+                cfg.election_timeout_max = timeout(id) + 100 * MS;
+                Node::new(cfg, m.clone(), 0)
+            })
+            .collect(),
+    );
+    h.run_for(1_500 * MS);
+    let first = h.leader().expect("a leader");
+    if first != 1 {
+        h.step(first, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1), "the transfer to node 1 succeeded");
+    h.propose(1, 2, 1, b"a write after the transfer");
+    h.run_for(200 * MS);
+    for (id, change) in [
+        (3, MembershipChange::Remove(2)),
+        (4, MembershipChange::PromoteLearner(4)),
+    ] {
+        h.step(1, Event::ChangeMembership { id, change });
+        h.run_for(200 * MS);
+    }
+    assert_eq!(
+        h.node(1).membership().voters,
+        [1, 3, 4].into_iter().collect(),
+        "the changes committed"
+    );
+    h.step(1, Event::Read { id: 5 });
+    assert!(
+        h.ready_reads.iter().any(|r| r.1 == 5),
+        "node 1 answers a read from its lease"
+    );
+    let cut_at = h.now;
+    for other in 2..=4 {
+        h.cut.insert((1, other));
+        h.cut.insert((other, 1));
+    }
+    let (mut last_lease_read, mut new_leader_at) = (cut_at, None);
+    let mut id = 100;
+    while h.now < cut_at + 2_500 * MS && h.node(1).is_leader() {
+        h.run_for(5 * MS);
+        if new_leader_at.is_none() && [3, 4].iter().any(|&n| h.node(n).is_leader()) {
+            new_leader_at = Some(h.now);
+        }
+        id += 1;
+        let before = h.ready_reads.len();
+        h.step(1, Event::Read { id });
+        if h.ready_reads.len() > before {
+            last_lease_read = h.now;
+        }
+    }
+    let new_leader_at = new_leader_at.expect("nodes 3 and 4 elected a leader");
+    assert!(
+        last_lease_read < new_leader_at,
+        "a lease read {} ms after the cut, after nodes 3 and 4 elected a leader ({} ms)",
+        (last_lease_read - cut_at) / MS,
+        (new_leader_at - cut_at) / MS
+    );
+}
+
 /// A leader that told a follower to campaign (leadership transfer) trusts
 /// no lease while that election may still come: it bypasses the voters'
 /// stickiness. After the transfer gives up, reads take a heartbeat round
-/// until the target has acknowledged an entry appended after the last
-/// `TimeoutNow`; from then on the target ignores that message, however
-/// late it arrives, and the lease is back.
+/// until an entry appended after the last `TimeoutNow` has committed; the
+/// target, holding that entry, ignores the message however late it
+/// arrives (and could not win an election on it anyway), and the lease is
+/// back.
 #[test]
 fn a_leader_gives_up_its_lease_while_a_timeout_now_may_still_arrive() {
     let run = |stale_timeout_now: bool| {
@@ -1384,13 +1464,13 @@ fn a_leader_gives_up_its_lease_while_a_timeout_now_may_still_arrive() {
         let commit = h.node(leader).commit_position();
         assert!(h.ready_reads.contains(&(leader, 2, commit)));
 
-        // A write: once the target acknowledged it, the lease is back.
+        // A write: once it commits, the lease is back.
         h.propose(leader, 3, 1, b"after the transfer");
         h.run_for(100 * MS);
         h.step(leader, Event::Read { id: 4 });
         assert!(
             h.ready_reads.iter().any(|r| r.1 == 4),
-            "no lease read after the target acknowledged a later entry"
+            "no lease read after a later entry committed"
         );
         // The lost TimeoutNow arrives now: the target must not campaign
         // (an election that bypasses stickiness, under a lease).
@@ -1410,6 +1490,43 @@ fn a_leader_gives_up_its_lease_while_a_timeout_now_may_still_arrive() {
     assert!(
         !run(true),
         "the test did not deliver the TimeoutNow it means to (the bug went unseen)"
+    );
+}
+
+/// The lease also comes back after a transfer to a node that is gone for
+/// good (stopped, or removed next): what counts is that an entry appended
+/// after the last `TimeoutNow` has committed, not that the target heard of
+/// it. Any election the target starts on that message lacks the entry and
+/// cannot win.
+#[test]
+fn the_lease_comes_back_after_a_transfer_to_a_node_that_is_gone() {
+    let mut h = lease_harness();
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = (1..=3).find(|&n| n != leader).expect("a follower");
+    for other in [
+        leader,
+        (1..=3)
+            .find(|&n| n != leader && n != target)
+            .expect("a third"),
+    ] {
+        h.cut.insert((other, target));
+        h.cut.insert((target, other));
+    }
+    h.step(leader, Event::TransferLeadership { id: 1, target });
+    h.run_for(Config::new(1, 7).election_timeout_min + 10 * MS);
+    assert_eq!(h.leader(), Some(leader));
+    h.step(leader, Event::Read { id: 2 });
+    assert!(
+        h.ready_reads.iter().all(|r| r.1 != 2),
+        "a lease read before anything past the TimeoutNow committed"
+    );
+    h.propose(leader, 3, 1, b"after the transfer");
+    h.run_for(100 * MS);
+    h.step(leader, Event::Read { id: 4 });
+    assert!(
+        h.ready_reads.iter().any(|r| r.1 == 4),
+        "no lease read after an entry past the TimeoutNow committed"
     );
 }
 

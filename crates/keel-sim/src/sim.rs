@@ -2250,7 +2250,8 @@ impl Sim {
         self.restart(id);
     }
 
-    /// Notes an append or snapshot chunk reaching a node (that is up).
+    /// Notes an append or snapshot chunk reaching a node (that is up, at
+    /// the sender's term or below).
     fn heard(&mut self, m: &Message) {
         let now = self.now;
         let up = self.nodes[self.idx(m.to)].core.is_some();
@@ -2258,7 +2259,12 @@ impl Sim {
             m.body,
             keel_core::Body::Append { .. } | keel_core::Body::InstallSnapshot { .. }
         );
-        if up && from_leader {
+        // (One from a stale term is refused: it starts no stickiness.)
+        let current = self.nodes[self.idx(m.to)]
+            .core
+            .as_ref()
+            .is_some_and(|c| c.term() <= m.term);
+        if from_leader && current {
             self.leader_heard.insert((m.to, m.from), now);
         }
         let Some(o) = self.report.wiped.as_mut() else {

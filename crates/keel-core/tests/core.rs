@@ -219,6 +219,37 @@ impl Harness {
     fn leader(&self) -> Option<NodeId> {
         self.nodes.iter().find(|n| n.is_leader()).map(Node::id)
     }
+    /// Cuts leader `leader` off from `others` and asks it for a read every
+    /// 5 ms for up to `within` (while it leads). Returns when it last
+    /// answered one at once (from its lease), and when one of `others`
+    /// first led, both after the cut; and the time of the cut.
+    fn lease_reads_after_cut(
+        &mut self,
+        leader: NodeId,
+        others: &[NodeId],
+        within: Nanos,
+    ) -> (Nanos, Option<Nanos>, Nanos) {
+        let cut_at = self.now;
+        for &other in others {
+            self.cut.insert((leader, other));
+            self.cut.insert((other, leader));
+        }
+        let (mut last_lease_read, mut new_leader_at) = (cut_at, None);
+        let mut id = 100;
+        while self.now < cut_at + within && self.node(leader).is_leader() {
+            self.run_for(5 * MS);
+            if new_leader_at.is_none() && others.iter().any(|&n| self.node(n).is_leader()) {
+                new_leader_at = Some(self.now);
+            }
+            id += 1;
+            let before = self.ready_reads.len();
+            self.step(leader, Event::Read { id });
+            if self.ready_reads.len() > before {
+                last_lease_read = self.now;
+            }
+        }
+        (last_lease_read, new_leader_at, cut_at)
+    }
     fn propose(&mut self, id: NodeId, req: RequestId, seq: u64, data: &'static [u8]) {
         self.step(
             id,
@@ -1303,28 +1334,10 @@ fn the_lease_lasts_as_long_as_the_voters_report_they_hold_their_votes() {
         "node 1 answers a read from its lease"
     );
 
-    let cut_at = h.now;
-    for other in [2, 3] {
-        h.cut.insert((1, other));
-        h.cut.insert((other, 1));
-    }
     let mut follower_cfg = Config::new(2, 7);
     follower_cfg.clock_drift_ppm = h.node(1).config().clock_drift_ppm;
     let lease = follower_cfg.lease_for(300 * MS);
-    let (mut last_lease_read, mut new_leader_at) = (cut_at, None);
-    let mut id = 100;
-    while h.now < cut_at + 1_000 * MS {
-        h.run_for(5 * MS);
-        if new_leader_at.is_none() && [2, 3].iter().any(|&n| h.node(n).is_leader()) {
-            new_leader_at = Some(h.now);
-        }
-        id += 1;
-        let before = h.ready_reads.len();
-        h.step(1, Event::Read { id });
-        if h.ready_reads.len() > before {
-            last_lease_read = h.now;
-        }
-    }
+    let (last_lease_read, new_leader_at, cut_at) = h.lease_reads_after_cut(1, &[2, 3], 1_000 * MS);
     let new_leader_at = new_leader_at.expect("nodes 2 and 3 elected a leader");
     assert!(
         last_lease_read > cut_at + lease / 2,
@@ -1391,25 +1404,8 @@ fn a_lease_does_not_outlive_the_configuration_it_was_taken_in() {
         h.ready_reads.iter().any(|r| r.1 == 5),
         "node 1 answers a read from its lease"
     );
-    let cut_at = h.now;
-    for other in 2..=4 {
-        h.cut.insert((1, other));
-        h.cut.insert((other, 1));
-    }
-    let (mut last_lease_read, mut new_leader_at) = (cut_at, None);
-    let mut id = 100;
-    while h.now < cut_at + 2_500 * MS && h.node(1).is_leader() {
-        h.run_for(5 * MS);
-        if new_leader_at.is_none() && [3, 4].iter().any(|&n| h.node(n).is_leader()) {
-            new_leader_at = Some(h.now);
-        }
-        id += 1;
-        let before = h.ready_reads.len();
-        h.step(1, Event::Read { id });
-        if h.ready_reads.len() > before {
-            last_lease_read = h.now;
-        }
-    }
+    let (last_lease_read, new_leader_at, cut_at) =
+        h.lease_reads_after_cut(1, &[2, 3, 4], 2_500 * MS);
     let new_leader_at = new_leader_at.expect("nodes 3 and 4 elected a leader");
     assert!(
         last_lease_read < new_leader_at,

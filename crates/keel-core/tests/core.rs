@@ -1299,23 +1299,19 @@ fn lease_reads_are_answered_at_once_until_the_lease_runs_out() {
     assert_ne!(new, leader);
 }
 
-/// Election timeouts may differ between nodes: a leader's lease runs on the
-/// stickiness its voters report with their echoes, not on its own election
-/// timeout. Here the leader waits 900 ms before it would vote again, its
-/// followers 300 ms: cut off, it stops answering reads from its lease
-/// within their 300 ms, before they elect a new leader. (A leader that
-/// counted on its own timeout would answer for ~880 ms, the followers'
-/// new leader from ~300 ms on.)
-#[test]
-fn the_lease_lasts_as_long_as_the_voters_report_they_hold_their_votes() {
-    let m = Membership::new(1..=3);
+/// Lease-reading nodes of `m` (voters and learners), node n with minimum
+/// election timeout `timeout(n)` (max 100 ms more), run until node 1 leads
+/// (handed leadership if another node won the first election).
+fn node_1_leads_with_timeouts(m: &Membership, timeout: impl Fn(NodeId) -> Nanos) -> Harness {
     let mut h = Harness::with(
-        (1..=3)
-            .map(|id| {
+        m.voters
+            .iter()
+            .chain(&m.learners)
+            .map(|&id| {
                 let mut cfg = Config::new(id, 7);
                 cfg.lease_reads = true;
-                cfg.election_timeout_min = if id == 1 { 900 * MS } else { 300 * MS };
-                cfg.election_timeout_max = cfg.election_timeout_min + 100 * MS;
+                cfg.election_timeout_min = timeout(id);
+                cfg.election_timeout_max = timeout(id) + 100 * MS;
                 Node::new(cfg, m.clone(), 0)
             })
             .collect(),
@@ -1327,6 +1323,20 @@ fn the_lease_lasts_as_long_as_the_voters_report_they_hold_their_votes() {
         h.run_for(500 * MS);
     }
     assert_eq!(h.leader(), Some(1), "the transfer to node 1 succeeded");
+    h
+}
+
+/// Election timeouts may differ between nodes: a leader's lease runs on the
+/// stickiness its voters report with their echoes, not on its own election
+/// timeout. Here the leader waits 900 ms before it would vote again, its
+/// followers 300 ms: cut off, it stops answering reads from its lease
+/// within their 300 ms, before they elect a new leader. (A leader that
+/// counted on its own timeout would answer for ~880 ms, the followers'
+/// new leader from ~300 ms on.)
+#[test]
+fn the_lease_lasts_as_long_as_the_voters_report_they_hold_their_votes() {
+    let m = Membership::new(1..=3);
+    let mut h = node_1_leads_with_timeouts(&m, |id| if id == 1 { 900 * MS } else { 300 * MS });
     h.run_for(200 * MS);
     h.step(1, Event::Read { id: 7 });
     assert!(
@@ -1362,29 +1372,11 @@ fn the_lease_lasts_as_long_as_the_voters_report_they_hold_their_votes() {
 fn a_lease_does_not_outlive_the_configuration_it_was_taken_in() {
     let mut m = Membership::new(1..=3);
     m.learners.insert(4);
-    let timeout = |id: NodeId| match id {
+    let mut h = node_1_leads_with_timeouts(&m, |id| match id {
         1 => 1_000 * MS,
         2 => 2_000 * MS,
         _ => 300 * MS,
-    };
-    let mut h = Harness::with(
-        (1..=4)
-            .map(|id| {
-                let mut cfg = Config::new(id, 7);
-                cfg.lease_reads = true;
-                cfg.election_timeout_min = timeout(id);
-                cfg.election_timeout_max = timeout(id) + 100 * MS;
-                Node::new(cfg, m.clone(), 0)
-            })
-            .collect(),
-    );
-    h.run_for(1_500 * MS);
-    let first = h.leader().expect("a leader");
-    if first != 1 {
-        h.step(first, Event::TransferLeadership { id: 1, target: 1 });
-        h.run_for(500 * MS);
-    }
-    assert_eq!(h.leader(), Some(1), "the transfer to node 1 succeeded");
+    });
     h.propose(1, 2, 1, b"a write after the transfer");
     h.run_for(200 * MS);
     for (id, change) in [

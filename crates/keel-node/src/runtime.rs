@@ -1574,17 +1574,13 @@ impl Consensus {
             respond(&sink, client_id, ClientResult::Ok(Bytes::new()));
             return Ok(());
         }
-        self.pending.insert(
-            id,
-            PendingRequest {
-                client_id,
-                sink,
-                op: PendingOp::Other,
-            },
-        );
-        self.step(Event::TransferLeadership { id, target })?;
         // Still pending: the core took it (a refusal answered it).
-        if let Some(p) = self.pending.remove(&id) {
+        if let Some(p) = self.step_admin(
+            id,
+            client_id,
+            sink,
+            Event::TransferLeadership { id, target },
+        )? {
             let window = Duration::from_millis(
                 self.cfg.election_timeout_min_ms + self.cfg.election_timeout_max_ms,
             );
@@ -1635,15 +1631,16 @@ impl Consensus {
         });
     }
 
-    /// An administrative request: answered "ok" once the core took it, or
-    /// with the core's rejection.
-    fn admin(
+    /// Steps an administrative request's event with the request pending:
+    /// returns it if still pending (the core took it; a refusal answered
+    /// and removed it).
+    fn step_admin(
         &mut self,
         id: u64,
         client_id: u64,
         sink: ResponseSink,
         ev: Event,
-    ) -> Result<(), String> {
+    ) -> Result<Option<PendingRequest>, String> {
         self.pending.insert(
             id,
             PendingRequest {
@@ -1653,7 +1650,19 @@ impl Consensus {
             },
         );
         self.step(ev)?;
-        if let Some(p) = self.pending.remove(&id) {
+        Ok(self.pending.remove(&id))
+    }
+
+    /// An administrative request: answered "ok" once the core took it, or
+    /// with the core's rejection.
+    fn admin(
+        &mut self,
+        id: u64,
+        client_id: u64,
+        sink: ResponseSink,
+        ev: Event,
+    ) -> Result<(), String> {
+        if let Some(p) = self.step_admin(id, client_id, sink, ev)? {
             // The caller reads the new membership (or leader) from the
             // status next: publish it before answering, not at the end of
             // the turn (etcdctl's `member add` crashed on a reply without

@@ -37,6 +37,17 @@ pub enum LogError {
         offset: u64,
         reason: String,
     },
+    #[error(
+        "{} was written by a newer version of Keel (data format {found}; this binary reads \
+         formats up to {supported}). Refusing to start: run the newer version (downgrades are \
+         not supported, the log's entries may mean more to it)",
+        path.display()
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u8,
+        supported: u8,
+    },
     #[error("invalid storage request: {0}")]
     Invalid(String),
     #[error("the storage thread has stopped")]

@@ -11,7 +11,21 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const HARD_STATE_MAGIC: &[u8; 4] = b"KHS1";
+/// The hard state file starts with `KHS` and the data directory's format
+/// version as an ASCII digit. A binary refuses a directory whose format is
+/// newer than it knows (clearly: [`LogError::NewerFormat`]), so a downgrade
+/// cannot replay the log with older meanings.
+///
+/// - 1: the original format.
+/// - 2: term-start entries may carry `keel_core::TERM_START_MARK`, and a
+///   service acts on them (the KV store renews its leases). A binary that
+///   predates format 2 would replay them as no-ops and its state would
+///   diverge from its peers'; it expected `KHS1`, so it refuses the
+///   directory (as damaged, the only refusal it knows).
+const HARD_STATE_MAGIC_PREFIX: &[u8; 3] = b"KHS";
+/// The data directory format this binary writes (see above).
+pub const DATA_FORMAT: u8 = 2;
+const HARD_STATE_MAGIC: &[u8; 4] = b"KHS2";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KSN1";
 const MANIFEST_MAGIC: &[u8; 4] = b"KMF1";
 pub const HARD_STATE_FILE: &str = "hardstate";
@@ -96,7 +110,9 @@ pub fn save_hard_state(dir: &Path, hs: &HardStateFile) -> Result<(), LogError> {
     write_atomic(dir, HARD_STATE_FILE, &with_crc(b))
 }
 
-/// Loads the hard state; `None` if the file does not exist (a new node).
+/// Loads the hard state; `None` if the file does not exist (a new node). A
+/// format-1 file is rewritten as the current format first; a file of a
+/// newer format than [`DATA_FORMAT`] is refused.
 pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
     let path = dir.join(HARD_STATE_FILE);
     let b = match fs::read(&path) {
@@ -104,7 +120,30 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(LogError::io(&path, "reading", e)),
     };
-    let p = checked(&path, &b, HARD_STATE_MAGIC)?;
+    let format = match b.get(..4) {
+        Some([k, h, s, digit]) if [*k, *h, *s] == *HARD_STATE_MAGIC_PREFIX => {
+            digit.checked_sub(b'0').filter(|f| (1..=9).contains(f))
+        }
+        _ => None,
+    };
+    // A newer format is told apart from damage by its checksum, which every
+    // format keeps last (a flipped digit is damage, not a newer version).
+    let crc_ok = b.len() >= 8 && {
+        let (body, crc) = b.split_at(b.len() - 4);
+        crc32c::crc32c(body).to_le_bytes() == crc
+    };
+    if let Some(found) = format.filter(|&f| f > DATA_FORMAT && crc_ok) {
+        return Err(LogError::NewerFormat {
+            path,
+            found,
+            supported: DATA_FORMAT,
+        });
+    }
+    let magic = match format {
+        Some(1) => b"KHS1",
+        _ => HARD_STATE_MAGIC,
+    };
+    let p = checked(&path, &b, magic)?;
     let bad = || LogError::corrupt(&path, 4, "hard state fields truncated".into());
     let term = u64_at(p, 0).ok_or_else(bad)?;
     let vote = u64_at(p, 8).ok_or_else(bad)?;
@@ -116,13 +155,19 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
             "trailing bytes in hard state".into(),
         ));
     }
-    Ok(Some(HardStateFile {
+    let file = HardStateFile {
         hard_state: HardState {
             term,
             voted_for: (vote != 0).then_some(vote),
         },
         membership,
-    }))
+    };
+    if format == Some(1) {
+        // Upgrade in place before anything of format 2 can be written, so
+        // that from now on an older binary refuses this directory.
+        save_hard_state(dir, &file)?;
+    }
+    Ok(Some(file))
 }
 
 /// The bytes of a snapshot file; also what a leader streams in chunks to a

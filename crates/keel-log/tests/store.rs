@@ -74,6 +74,37 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
+    /// The hard state file round-trips; any other bytes, a cut file or one
+    /// damaged byte are refused as damage (a newer format only with a
+    /// matching checksum), never a panic, and a refusal writes nothing.
+    #[test]
+    fn hard_state_files_round_trip_and_refuse_garbage(
+        term in any::<u64>(),
+        vote in 0u64..50,
+        members in proptest::collection::btree_set(1u64..50, 0..6),
+        garbage in proptest::collection::vec(any::<u8>(), 0..100),
+        cut in any::<prop::sample::Index>(),
+        flip in any::<prop::sample::Index>(),
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hs = HardStateFile {
+            hard_state: HardState { term, voted_for: (vote != 0).then_some(vote) },
+            membership: Membership::new(members),
+        };
+        meta::save_hard_state(dir.path(), &hs).expect("save");
+        prop_assert_eq!(meta::load_hard_state(dir.path()).expect("load"), Some(hs));
+        let path = dir.path().join(meta::HARD_STATE_FILE);
+        let image = std::fs::read(&path).expect("read");
+        let mut bad = image.clone();
+        bad[flip.index(image.len())] ^= 0x04;
+        for bytes in [garbage, image[..cut.index(image.len())].to_vec(), bad] {
+            std::fs::write(&path, &bytes).expect("write");
+            let err = meta::load_hard_state(dir.path()).expect_err("bad hard state accepted");
+            prop_assert!(matches!(err, LogError::Corrupt { .. }), "{}", err);
+            prop_assert_eq!(std::fs::read(&path).expect("read"), bytes);
+        }
+    }
+
     /// A snapshot file's bytes decode back to the snapshot, with the state
     /// a slice of the file's buffer (not a copy); any other bytes, a cut
     /// file or one damaged byte are refused, never a panic.
@@ -389,6 +420,71 @@ fn hard_state_round_trips_and_rejects_damage() {
     let err = meta::load_hard_state(dir.path()).expect_err("damaged hard state accepted");
     assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("hardstate"), "{err}");
+}
+
+/// Rewrites the hard state file's magic (its format digit) and checksum.
+fn set_hard_state_magic(dir: &std::path::Path, magic: &[u8; 4]) {
+    let path = dir.join(meta::HARD_STATE_FILE);
+    let mut b = std::fs::read(&path).expect("read");
+    b[..4].copy_from_slice(magic);
+    let body = b.len() - 4;
+    let crc = crc32c::crc32c(&b[..body]);
+    b[body..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, b).expect("write");
+}
+
+#[test]
+fn hard_state_of_format_1_is_upgraded_and_newer_formats_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hs = HardStateFile {
+        hard_state: HardState {
+            term: 7,
+            voted_for: Some(2),
+        },
+        membership: Membership::new([1, 2, 3]),
+    };
+    meta::save_hard_state(dir.path(), &hs).expect("save");
+    let path = dir.path().join(meta::HARD_STATE_FILE);
+    assert_eq!(&std::fs::read(&path).expect("read")[..4], b"KHS2");
+
+    // A directory written before format 2 opens, and is format 2 from then
+    // on (so the binary that wrote it refuses it).
+    set_hard_state_magic(dir.path(), b"KHS1");
+    let opened = LogStore::open(dir.path(), Options::default()).expect("open format 1");
+    assert_eq!(opened.hard_state, Some(hs.clone()));
+    assert_eq!(&std::fs::read(&path).expect("read")[..4], b"KHS2");
+    drop(opened);
+
+    // A newer format is refused by name, not as damage.
+    set_hard_state_magic(dir.path(), b"KHS3");
+    let err = LogStore::open(dir.path(), Options::default())
+        .err()
+        .expect("a newer format accepted");
+    assert!(
+        matches!(
+            err,
+            LogError::NewerFormat {
+                found: 3,
+                supported: meta::DATA_FORMAT,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("newer version of Keel"), "{msg}");
+    assert!(msg.contains("data format 3"), "{msg}");
+    // Refusing changed nothing.
+    assert_eq!(&std::fs::read(&path).expect("read")[..4], b"KHS3");
+
+    // A format digit changed by damage (the checksum no longer matches) is
+    // damage.
+    set_hard_state_magic(dir.path(), b"KHS2");
+    let mut b = std::fs::read(&path).expect("read");
+    b[3] = b'5';
+    std::fs::write(&path, b).expect("write");
+    let err = meta::load_hard_state(dir.path()).expect_err("damaged hard state accepted");
+    assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
 }
 
 #[test]

@@ -105,8 +105,9 @@ pub struct Config {
     /// (re)start (it may have forgotten a leader it heard). Election
     /// timeouts may differ between nodes. Safe only if every node's clock
     /// runs within this node's `clock_drift_ppm` of true time and never
-    /// steps, and a node restarted with a lower `election_timeout_min` was
-    /// down for at least its old one. A leader that tells a node to
+    /// steps (a node restarted with a lower `election_timeout_min` holds
+    /// for its old one after the restart: `HardState::hold`). A leader
+    /// that tells a node to
     /// campaign (leadership transfer) gives the lease up, since that
     /// election bypasses stickiness, until the transfer is over and an
     /// entry appended after the last such message has committed (an
@@ -202,6 +203,10 @@ pub struct TestingBugs {
     /// Leader stickiness starts only with the first message from a leader,
     /// not at a (re)start: a restarted voter may vote at once.
     pub no_restart_hold: bool,
+    /// A restart holds the vote for the node's current
+    /// `election_timeout_min` only, not for a longer one it reported
+    /// before the restart (`HardState::hold`).
+    pub restart_hold_ignores_old_timeout: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -528,6 +533,12 @@ pub struct Node {
     /// a new term nor losing the leader ends it early: a leader's lease
     /// counts on it.
     vote_hold_until: Nanos,
+    /// The stickiness the hard state records (`HardState::hold`).
+    hold_persisted: Nanos,
+    /// When to record `election_timeout_min` as the hard state's `hold`:
+    /// at once if it is larger than the recorded one (before it is ever
+    /// reported), else once the recorded one has run since the restart.
+    hold_update_at: Option<Nanos>,
     reads: VecDeque<PendingRead>,
     reads_waiting: Vec<(RequestId, Option<NodeId>)>,
     /// Follower: reads waiting for the leader's read index.
@@ -547,7 +558,10 @@ pub struct Node {
 
 impl Node {
     /// A node of a new cluster whose initial members are `membership` (empty
-    /// for a node that will be added to an existing cluster).
+    /// for a node that will be added to an existing cluster). It has
+    /// promised no stickiness yet; the first hard state it writes (at its
+    /// first term change, which comes before it answers any leader)
+    /// records its `hold`.
     pub fn new(cfg: Config, membership: Membership, now: Nanos) -> Self {
         let snapshot = Snapshot {
             meta: SnapshotMeta {
@@ -558,16 +572,22 @@ impl Node {
             },
             data: Bytes::new(),
         };
-        Self::restart(
+        let hold = cfg.election_timeout_min;
+        let mut node = Self::restart(
             cfg,
             Recovered {
-                hard_state: HardState::default(),
+                hard_state: HardState {
+                    hold,
+                    ..HardState::default()
+                },
                 snapshot: Some(snapshot),
                 snapshot_file_size: 0,
                 entries: Vec::new(),
             },
             now,
-        )
+        );
+        node.hold_update_at = None;
+        node
     }
 
     /// A node restarting from what its storage recovered. Everything
@@ -633,8 +653,16 @@ impl Node {
             timeout_now_sent: BTreeMap::new(),
             vote_hold_until: if cfg.testing_bugs.no_restart_hold {
                 0
-            } else {
+            } else if cfg.testing_bugs.restart_hold_ignores_old_timeout {
                 now.saturating_add(cfg.election_timeout_min)
+            } else {
+                now.saturating_add(cfg.election_timeout_min.max(recovered.hard_state.hold))
+            },
+            hold_persisted: recovered.hard_state.hold,
+            hold_update_at: match recovered.hard_state.hold.cmp(&cfg.election_timeout_min) {
+                std::cmp::Ordering::Less => Some(now),
+                std::cmp::Ordering::Equal => None,
+                std::cmp::Ordering::Greater => Some(now.saturating_add(recovered.hard_state.hold)),
             },
             reads: VecDeque::new(),
             reads_waiting: Vec::new(),
@@ -766,6 +794,14 @@ impl Node {
         // A clock that jumps backwards must not make deadlines unreachable
         // forever; deadlines are recomputed from `now` as they expire.
         self.now = now;
+        if self.hold_update_at.is_some_and(|at| now >= at) {
+            // Before anything this step sends (the hard state is written
+            // before the actions after it): a raised hold is on disk
+            // before an acknowledgement reports it.
+            self.hold_update_at = None;
+            self.hold_persisted = self.cfg.election_timeout_min;
+            self.persist_hard_state(out);
+        }
         match event {
             Event::Tick => self.tick(out),
             Event::Message(m) => self.on_message(m, out),
@@ -882,6 +918,7 @@ impl Node {
         out.push(Action::PersistHardState(HardState {
             term: self.term,
             voted_for: self.voted_for,
+            hold: self.hold_persisted,
         }));
     }
 

@@ -156,11 +156,20 @@ impl MembershipChange {
     }
 }
 
-/// What must be durable before a node acts on it: its term and vote.
+/// What must be durable before a node acts on it: its term and vote, and
+/// the leader stickiness it may have promised.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HardState {
     pub term: Term,
     pub voted_for: Option<NodeId>,
+    /// The longest `election_timeout_min` this node may have reported as
+    /// its `hold` (the time it refuses other candidates after each message
+    /// from a leader, which leader leases count on) whose promise may still
+    /// run. A restarted node holds its vote for the larger of this and its
+    /// current `election_timeout_min`, so a timeout lowered across a
+    /// restart breaks no promise made before it. 0: none recorded (a new
+    /// node, or storage from before this field).
+    pub hold: Nanos,
 }
 
 /// Where a snapshot sits in the log and what it knew there.

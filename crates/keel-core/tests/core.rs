@@ -271,12 +271,14 @@ fn single_node_elects_itself_and_commits_only_once_durable() {
     node.step(2_000 * MS, Event::Tick, &mut out);
     assert!(node.is_leader());
     assert_eq!(node.term(), 1);
-    // Term and vote are persisted before anything else happens.
+    // Term and vote (and the node's hold) are persisted before anything
+    // else happens.
     assert!(matches!(
         out[1],
         Action::PersistHardState(HardState {
             term: 1,
-            voted_for: Some(1)
+            voted_for: Some(1),
+            hold: 500_000_000,
         })
     ));
     let term_start = out
@@ -1545,6 +1547,125 @@ fn a_restarted_voter_holds_its_vote_for_an_election_timeout() {
     assert!(!pre_vote_granted(MS));
     assert!(!pre_vote_granted(timeout - MS));
     assert!(pre_vote_granted(timeout));
+}
+
+/// A voter restarted with a lower `election_timeout_min` than it ran with
+/// holds its vote for the old one (it may have reported that hold with its
+/// last acknowledgement, and a leader's lease counts on it), and its hard
+/// state keeps the old hold until that has run, so a second restart in
+/// between holds for it too. A raised one is on disk before the node
+/// reports it.
+#[test]
+fn a_restart_with_a_lower_election_timeout_holds_for_the_old_one() {
+    let start = 10_000 * MS;
+    let (old, new) = (800 * MS, 300 * MS);
+    let cfg = |min: Nanos| {
+        let mut c = Config::new(2, 7);
+        (c.election_timeout_min, c.election_timeout_max) = (min, 2 * min);
+        c
+    };
+    let recovered = |hold: Nanos| Recovered {
+        hard_state: HardState {
+            term: 3,
+            voted_for: None,
+            hold,
+        },
+        snapshot: Some(Snapshot {
+            meta: SnapshotMeta {
+                position: 0,
+                term: 0,
+                timestamp: 0,
+                membership: Membership::new(1..=3),
+            },
+            data: bytes::Bytes::new(),
+        }),
+        snapshot_file_size: 0,
+        entries: Vec::new(),
+    };
+    let pre_vote = to_node_2(
+        3,
+        3,
+        Body::PreVote {
+            last_pos: 0,
+            last_term: 0,
+        },
+    );
+    let persisted = |out: &[Action]| -> Vec<Nanos> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::PersistHardState(hs) => Some(hs.hold),
+                _ => None,
+            })
+            .collect()
+    };
+    let granted_at = |c: Config, hold: Nanos, at: Nanos| {
+        let mut node = Node::restart(c, recovered(hold), start);
+        let mut out = Vec::new();
+        node.step(start + at, Event::Message(pre_vote.clone()), &mut out);
+        granted(&out)
+    };
+    // Lowered: holds for the old timeout, not the new one.
+    assert!(!granted_at(cfg(new), old, new + MS));
+    assert!(!granted_at(cfg(new), old, old - MS));
+    assert!(granted_at(cfg(new), old, old));
+    // The bug flag shows what this protects against.
+    let mut buggy = cfg(new);
+    buggy.testing_bugs.restart_hold_ignores_old_timeout = true;
+    assert!(granted_at(buggy, old, new + MS));
+
+    // The hard state keeps the old hold until it has run since the start.
+    let mut node = Node::restart(cfg(new), recovered(old), start);
+    let mut out = Vec::new();
+    let vote_for_3 = to_node_2(
+        3,
+        4,
+        Body::Vote {
+            last_pos: 0,
+            last_term: 0,
+            transfer: true,
+        },
+    );
+    node.step(start + MS, Event::Message(vote_for_3), &mut out);
+    assert!(granted(&out), "a transfer's vote is exempt from stickiness");
+    let holds = persisted(&out);
+    assert!(
+        !holds.is_empty() && holds.iter().all(|&h| h == old),
+        "term and vote written before the old hold ran: {holds:?}"
+    );
+    out.clear();
+    node.step(start + old - MS, Event::Tick, &mut out);
+    assert_eq!(persisted(&out), Vec::<Nanos>::new());
+    node.step(start + old, Event::Tick, &mut out);
+    assert_eq!(persisted(&out), [new], "once the old hold has run");
+
+    // Raised: the new hold is recorded first, before anything is sent.
+    let mut node = Node::restart(cfg(old), recovered(new), start);
+    let mut out = Vec::new();
+    let heartbeat = to_node_2(
+        1,
+        3,
+        Body::Append {
+            prev_pos: 0,
+            prev_term: 0,
+            commit: 0,
+            heartbeat: 1,
+            entries: Vec::new(),
+        },
+    );
+    node.step(start + MS, Event::Message(heartbeat), &mut out);
+    assert!(
+        matches!(out.first(), Some(Action::PersistHardState(hs)) if hs.hold == old),
+        "{out:?}"
+    );
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Send(Message { body: Body::AppendResp { hold, .. }, .. }) if *hold == old
+    )));
+    // Equal: nothing to record.
+    let mut node = Node::restart(cfg(new), recovered(new), start);
+    let mut out = Vec::new();
+    node.step(start + old, Event::Tick, &mut out);
+    assert_eq!(persisted(&out), Vec::<Nanos>::new());
 }
 
 /// A message to node 2 from `from` at `term`.

@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 /// cannot replay the log with older meanings.
 ///
 /// - 1: the original format.
-/// - 2: term-start entries may carry `keel_core::TERM_START_MARK`, and a
-///   service acts on them (the KV store renews its leases). A binary that
+/// - 2: the hard state records the node's `hold` (`HardState::hold`), and
+///   term-start entries may carry `keel_core::TERM_START_MARK`, which a
+///   service acts on (the KV store renews its leases). A binary that
 ///   predates format 2 would replay them as no-ops and its state would
 ///   diverge from its peers'; it expected `KHS1`, so it refuses the
 ///   directory (as damaged, the only refusal it knows).
@@ -102,10 +103,13 @@ pub struct HardStateFile {
     pub membership: Membership,
 }
 
+/// Format 2: magic, term, vote (0: none), hold, membership, CRC-32C.
+/// Format 1 had no hold.
 pub fn save_hard_state(dir: &Path, hs: &HardStateFile) -> Result<(), LogError> {
     let mut b = HARD_STATE_MAGIC.to_vec();
     b.extend_from_slice(&hs.hard_state.term.to_le_bytes());
     b.extend_from_slice(&hs.hard_state.voted_for.unwrap_or(0).to_le_bytes());
+    b.extend_from_slice(&hs.hard_state.hold.to_le_bytes());
     encode_membership(&hs.membership, &mut b);
     write_atomic(dir, HARD_STATE_FILE, &with_crc(b))
 }
@@ -147,8 +151,12 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
     let bad = || LogError::corrupt(&path, 4, "hard state fields truncated".into());
     let term = u64_at(p, 0).ok_or_else(bad)?;
     let vote = u64_at(p, 8).ok_or_else(bad)?;
-    let (membership, len) = decode_membership(p.get(16..).ok_or_else(bad)?).ok_or_else(bad)?;
-    if 16 + len != p.len() {
+    let (hold, at) = match format {
+        Some(1) => (0, 16),
+        _ => (u64_at(p, 16).ok_or_else(bad)?, 24),
+    };
+    let (membership, len) = decode_membership(p.get(at..).ok_or_else(bad)?).ok_or_else(bad)?;
+    if at + len != p.len() {
         return Err(LogError::corrupt(
             &path,
             4,
@@ -159,6 +167,7 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
         hard_state: HardState {
             term,
             voted_for: (vote != 0).then_some(vote),
+            hold,
         },
         membership,
     };

@@ -142,6 +142,7 @@ fn build(variant: Variant, seed: u64) -> Base {
             hard_state: HardState {
                 term,
                 voted_for: Some(2),
+                hold: 0,
             },
             membership: Membership::new([1, 2, 3]),
         };

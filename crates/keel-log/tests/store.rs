@@ -81,6 +81,7 @@ proptest! {
     fn hard_state_files_round_trip_and_refuse_garbage(
         term in any::<u64>(),
         vote in 0u64..50,
+        hold in any::<u64>(),
         members in proptest::collection::btree_set(1u64..50, 0..6),
         garbage in proptest::collection::vec(any::<u8>(), 0..100),
         cut in any::<prop::sample::Index>(),
@@ -88,7 +89,7 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let hs = HardStateFile {
-            hard_state: HardState { term, voted_for: (vote != 0).then_some(vote) },
+            hard_state: HardState { term, voted_for: (vote != 0).then_some(vote), hold },
             membership: Membership::new(members),
         };
         meta::save_hard_state(dir.path(), &hs).expect("save");
@@ -408,6 +409,7 @@ fn hard_state_round_trips_and_rejects_damage() {
         hard_state: HardState {
             term: 42,
             voted_for: Some(3),
+            hold: 500_000_000,
         },
         membership: Membership::new([1, 2, 3]),
     };
@@ -440,6 +442,7 @@ fn hard_state_of_format_1_is_upgraded_and_newer_formats_are_refused() {
         hard_state: HardState {
             term: 7,
             voted_for: Some(2),
+            hold: 0,
         },
         membership: Membership::new([1, 2, 3]),
     };
@@ -447,8 +450,12 @@ fn hard_state_of_format_1_is_upgraded_and_newer_formats_are_refused() {
     let path = dir.path().join(meta::HARD_STATE_FILE);
     assert_eq!(&std::fs::read(&path).expect("read")[..4], b"KHS2");
 
-    // A directory written before format 2 opens, and is format 2 from then
-    // on (so the binary that wrote it refuses it).
+    // A directory written before format 2 (no hold: term, vote, then the
+    // membership) opens, and is format 2 from then on (so the binary that
+    // wrote it refuses it).
+    let mut b = std::fs::read(&path).expect("read");
+    b.drain(20..28);
+    std::fs::write(&path, b).expect("write");
     set_hard_state_magic(dir.path(), b"KHS1");
     let opened = LogStore::open(dir.path(), Options::default()).expect("open format 1");
     assert_eq!(opened.hard_state, Some(hs.clone()));

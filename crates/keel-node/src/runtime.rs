@@ -2449,6 +2449,7 @@ pub fn restore_backup(
         hard_state: keel_core::HardState {
             term: snapshot.meta.term,
             voted_for: None,
+            hold: 0,
         },
         membership,
     };

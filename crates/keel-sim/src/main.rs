@@ -56,6 +56,12 @@ struct Args {
     /// then count on each voter's own stickiness.
     #[arg(long)]
     uneven_timeouts: bool,
+    /// Each restart changes the node's election timeouts: after an odd
+    /// number of crashes both ends are halved, after an even number they
+    /// are back to the node's usual range. A restart with a lower timeout
+    /// must still hold the vote for the old one.
+    #[arg(long)]
+    restarts_change_timeouts: bool,
     /// Stop at the first failing seed.
     #[arg(long)]
     fail_fast: bool,
@@ -103,6 +109,7 @@ fn config_for(args: &Args, seed: u64) -> SimConfig {
     // A scenario may turn lease reads on and set the drift itself.
     cfg.lease_reads |= args.lease_reads;
     cfg.uneven_timeouts = args.uneven_timeouts;
+    cfg.restarts_change_timeouts = args.restarts_change_timeouts;
     if let Some(d) = args.clock_drift_ppm {
         cfg.clock_drift_ppm = d;
     } else if cfg.lease_reads && cfg.clock_drift_ppm == 0 {

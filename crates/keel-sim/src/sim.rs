@@ -27,7 +27,7 @@ const SEC: Nanos = 1_000_000_000;
 pub type BugFlag = fn(&mut TestingBugs) -> &mut bool;
 
 /// The core's deliberate bugs (`TestingBugs`) by their `--bug` names.
-pub const BUGS: [(&str, BugFlag); 8] = [
+pub const BUGS: [(&str, BugFlag); 9] = [
     ("commit-without-quorum", |b| &mut b.commit_without_quorum),
     ("vote-without-log-check", |b| &mut b.vote_without_log_check),
     ("lease-outlasts-stickiness", |b| {
@@ -40,6 +40,9 @@ pub const BUGS: [(&str, BugFlag); 8] = [
     ("no-restart-hold", |b| &mut b.no_restart_hold),
     ("lease-ignores-transfer", |b| &mut b.lease_ignores_transfer),
     ("stale-timeout-now", |b| &mut b.stale_timeout_now),
+    ("restart-hold-ignores-old-timeout", |b| {
+        &mut b.restart_hold_ignores_old_timeout
+    }),
 ];
 
 /// Which faults a run injects.
@@ -241,6 +244,12 @@ pub struct SimConfig {
     /// `election_timeout` with both ends scaled by 1 + (n - 1) / 4 (node 1
     /// the shortest), so leases must count on each voter's own stickiness.
     pub uneven_timeouts: bool,
+    /// Each restart changes a node's election timeouts: odd incarnations
+    /// (after the first crash, the third, ...) run with both ends halved,
+    /// even ones with the node's usual range. A node restarted with a
+    /// lower timeout must still hold its vote for the one it reported
+    /// before (`HardState::hold`).
+    pub restarts_change_timeouts: bool,
     /// How long after `Action::SaveSnapshot` a snapshot's file reaches
     /// storage to be published, drawn per snapshot from this range (in
     /// order per node). The runtime's snapshot thread serializes and writes
@@ -405,6 +414,7 @@ impl SimConfig {
             lease_cuts: None,
             election_timeout: (200 * MS, 400 * MS),
             uneven_timeouts: false,
+            restarts_change_timeouts: false,
             publish_delay: (0, 0),
             wipe: None,
             scenario: None,
@@ -418,14 +428,18 @@ impl SimConfig {
         cfg
     }
 
-    /// Node `id`'s election timeout range (see `uneven_timeouts`).
-    pub fn election_timeout_of(&self, id: NodeId) -> (Nanos, Nanos) {
-        let (lo, hi) = self.election_timeout;
-        if !self.uneven_timeouts {
-            return (lo, hi);
+    /// Node `id`'s election timeout range in its `incarnation` (see
+    /// `uneven_timeouts` and `restarts_change_timeouts`).
+    pub fn election_timeout_of(&self, id: NodeId, incarnation: u64) -> (Nanos, Nanos) {
+        let (mut lo, mut hi) = self.election_timeout;
+        if self.uneven_timeouts {
+            let scale = |t: Nanos| t + t / 4 * id.saturating_sub(1);
+            (lo, hi) = (scale(lo), scale(hi));
         }
-        let scale = |t: Nanos| t + t / 4 * id.saturating_sub(1);
-        (scale(lo), scale(hi))
+        if self.restarts_change_timeouts && incarnation % 2 == 1 {
+            (lo, hi) = (lo / 2, hi / 2);
+        }
+        (lo, hi)
     }
 
     /// The one-line command that replays this run.
@@ -448,6 +462,9 @@ impl SimConfig {
         }
         if self.uneven_timeouts {
             s.push_str(" --uneven-timeouts");
+        }
+        if self.restarts_change_timeouts {
+            s.push_str(" --restarts-change-timeouts");
         }
         match self.scenario {
             Some(sc) => s.push_str(&format!(" --scenario {}", sc.name())),
@@ -747,8 +764,9 @@ pub struct Sim {
     /// cannot reach it (or it them).
     cut_early: Option<(NodeId, Vec<NodeId>)>,
     /// When (true time) each node last received an append or snapshot
-    /// chunk from each other node: (to, from) → time.
-    leader_heard: HashMap<(NodeId, NodeId), Nanos>,
+    /// chunk from each other node, and the hold (minimum election timeout)
+    /// it ran with then: (to, from) → (time, hold).
+    leader_heard: HashMap<(NodeId, NodeId), (Nanos, Nanos)>,
     /// The latest leadership transfer asked for: its target, and the term
     /// of the leader asked.
     transfer_asked: Option<(NodeId, u64)>,
@@ -775,13 +793,14 @@ const PROBE_CLIENT: u64 = 999;
 const CLIENT_TIMEOUT: Nanos = 300 * MS;
 const TICK: Nanos = 5 * MS;
 
-fn core_config(id: NodeId, sim: &SimConfig, seed: u64) -> Config {
+fn core_config(id: NodeId, sim: &SimConfig, incarnation: u64) -> Config {
+    let seed = sim.seed ^ incarnation;
     let mut c = Config::new(id, 0x6b65_656c);
     c.lease_reads = sim.lease_reads;
     c.clock_drift_ppm = sim.assumed_drift_ppm;
     let bugs = sim.bugs;
     c.heartbeat_interval = 20 * MS;
-    (c.election_timeout_min, c.election_timeout_max) = sim.election_timeout_of(id);
+    (c.election_timeout_min, c.election_timeout_max) = sim.election_timeout_of(id, incarnation);
     c.max_batch_bytes = 4 * 1024;
     c.max_inflight_bytes = 32 * 1024;
     // Small chunks so snapshot installs take several messages.
@@ -849,7 +868,7 @@ impl Sim {
             };
             nodes.push(SimNode {
                 id,
-                core: Some(Node::new(core_config(id, &cfg, cfg.seed), membership, 0)),
+                core: Some(Node::new(core_config(id, &cfg, 0), membership, 0)),
                 host: ServiceHost::new(KvService::default(), 60 * SEC),
                 incarnation: 0,
                 disk: Disk {
@@ -1632,7 +1651,7 @@ impl Sim {
                 self.now as f64 / 1e6
             );
         }
-        let cfg = core_config(id, &self.cfg, self.cfg.seed ^ node.incarnation);
+        let cfg = core_config(id, &self.cfg, node.incarnation);
         let core = Node::restart(cfg, recovered.clone(), now);
         let ts = recovered.snapshot.as_ref().map_or(0, |s| s.meta.timestamp);
         self.inv
@@ -1941,10 +1960,11 @@ impl Sim {
 
     /// How long after its cut at `cut_at`, in true time, cut-off leader
     /// `id` may answer lease reads: until the quorum-th latest end of its
-    /// voters' stickiness, each holding its vote for its own minimum
-    /// election timeout, on a clock at the fastest rate, after the last
-    /// append or snapshot chunk it received from the leader (the leader
-    /// itself counts as holding for ever).
+    /// voters' stickiness, each holding its vote for the minimum election
+    /// timeout it ran with then (a restart since does not shorten it), on
+    /// a clock at the fastest rate, after the last append or snapshot
+    /// chunk it received from the leader (the leader itself counts as
+    /// holding for ever).
     fn cut_leader_lease_bound(&self, id: NodeId, cut_at: Nanos) -> Nanos {
         let ppm = u128::from(self.cfg.clock_drift_ppm);
         let Some(core) = self.nodes[self.idx(id)].core.as_ref() else {
@@ -1958,10 +1978,10 @@ impl Sim {
                 if v == id {
                     return Nanos::MAX;
                 }
-                let Some(&heard) = self.leader_heard.get(&(v, id)) else {
+                let Some(&(heard, hold)) = self.leader_heard.get(&(v, id)) else {
                     return 0;
                 };
-                let min = u128::from(self.cfg.election_timeout_of(v).0);
+                let min = u128::from(hold);
                 heard.saturating_add((min * 1_000_000 / (1_000_000 + ppm)) as Nanos)
             })
             .collect();
@@ -2265,7 +2285,9 @@ impl Sim {
             .as_ref()
             .is_some_and(|c| c.term() <= m.term);
         if from_leader && current {
-            self.leader_heard.insert((m.to, m.from), now);
+            let inc = self.nodes[self.idx(m.to)].incarnation;
+            let hold = self.cfg.election_timeout_of(m.to, inc).0;
+            self.leader_heard.insert((m.to, m.from), (now, hold));
         }
         let Some(o) = self.report.wiped.as_mut() else {
             return;

@@ -557,3 +557,40 @@ fn checkers_catch_a_restarted_voter_that_votes_at_once() {
     }
     panic!("a voter without its restart hold was never caught");
 }
+
+/// Election timeouts may change across a restart
+/// (`restarts_change_timeouts`: a node's first restart halves them, the
+/// next restores them). A voter restarted with a lower timeout holds its
+/// vote for the one it reported before (its hard state keeps it until it
+/// has run), so under lease reads' worst case, where a voter the cut-off
+/// leader kept restarts, and under the crash mixes, no read is stale and
+/// no leader answers one after a later leader was elected. Without that
+/// (`restart_hold_ignores_old_timeout`) the lease-safety check fires.
+#[test]
+fn a_voter_restarted_with_a_lower_election_timeout_keeps_its_old_hold() {
+    let reports = sweep_with("calm", 200..215, |cfg| {
+        Scenario::LeaseSlowLeader.apply(cfg);
+        cfg.restarts_change_timeouts = true;
+    });
+    let restarts: u64 = reports.iter().map(|r| r.crashes).sum();
+    assert!(restarts >= 15, "only {restarts} restarts");
+    let bound = keel_core::Config::new(1, 0).clock_drift_ppm;
+    for (m, start) in [("crashes", 9700), ("chaos", 9800)] {
+        sweep_with(m, start..start + 10, |cfg| {
+            cfg.lease_reads = true;
+            cfg.clock_drift_ppm = bound;
+            cfg.restarts_change_timeouts = true;
+        });
+    }
+    for seed in 200..215 {
+        let mut cfg = SimConfig::scenario(seed, 3, mix("calm"), Scenario::LeaseSlowLeader);
+        cfg.restarts_change_timeouts = true;
+        cfg.bugs.restart_hold_ignores_old_timeout = true;
+        let r = run(&cfg);
+        if r.violations.iter().any(|v| v.contains("lease safety:")) {
+            println!("a restart that forgot its old hold caught at seed {seed}");
+            return;
+        }
+    }
+    panic!("a restart that forgot its old hold was never caught");
+}

@@ -4,7 +4,12 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["etcdserverpb/rpc.proto", "mvccpb/kv.proto"];
+const PROTOS: &[&str] = &[
+    "etcdserverpb/rpc.proto",
+    "mvccpb/kv.proto",
+    "v3lockpb/v3lock.proto",
+    "v3electionpb/v3election.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");

@@ -6,8 +6,8 @@
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    LeaseGrantOptions, LeaseTimeToLiveOptions, LockOptions, ProclaimOptions, PutOptions,
+    ResignOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -545,4 +545,95 @@ async fn watch_through_the_leader_survives_two_leader_changes() {
             w[1]
         );
     }
+}
+
+/// The value of the next leader an Observe stream reports.
+async fn next_value(observed: &mut etcd_client::ObserveStream) -> String {
+    let r = tokio::time::timeout(Duration::from_secs(20), observed.message())
+        .await
+        .expect("an observed leader within 20 s")
+        .unwrap()
+        .expect("the observe stream open");
+    r.kv().expect("kv").value_str().unwrap().to_string()
+}
+
+/// The crate's `lock` / `unlock` and election calls, which use etcd's
+/// server-side Lock and Election services: a second locker waits for the
+/// first to unlock; a candidate leads, proclaims, is observed, resigns, and
+/// the next candidate leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_and_election_services() {
+    let eps = endpoints();
+    let mut c = connect(&eps).await;
+    let l1 = c.lease_grant(30, None).await.unwrap().id();
+    let l2 = c.lease_grant(30, None).await.unwrap().id();
+    let held = c
+        .lock("recipes-lock", Some(LockOptions::new().with_lease(l1)))
+        .await
+        .unwrap();
+    let key1 = held.key().to_vec();
+    assert_eq!(key1, format!("recipes-lock/{l1:x}").into_bytes());
+    let mut other = connect(&eps[1..]).await;
+    let waiter = tokio::spawn(async move {
+        other
+            .lock("recipes-lock", Some(LockOptions::new().with_lease(l2)))
+            .await
+            .map(|r| r.key().to_vec())
+    });
+    // The waiter's key is queued behind ours, and it has no answer yet.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let queued = c
+            .get("recipes-lock/", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        if queued.kvs().len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the second locker never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!waiter.is_finished(), "the lock was given twice");
+    c.unlock(key1).await.unwrap();
+    let key2 = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("the second locker got the lock within 20 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(key2, format!("recipes-lock/{l2:x}").into_bytes());
+    c.unlock(key2).await.unwrap();
+
+    let won = c.campaign("recipes-el", "first", l1).await.unwrap();
+    let leader = won.leader().expect("a leader key").clone();
+    let mut observer = connect(&eps[2..]).await;
+    let mut observed = observer.observe("recipes-el").await.unwrap();
+    assert_eq!(next_value(&mut observed).await, "first");
+    c.proclaim(
+        "second",
+        Some(ProclaimOptions::new().with_leader(leader.clone())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_value(&mut observed).await, "second");
+    let now = c.leader("recipes-el").await.unwrap();
+    assert_eq!(now.kv().unwrap().value_str().unwrap(), "second");
+    let mut rival = connect(&eps[1..]).await;
+    let challenger = tokio::spawn(async move { rival.campaign("recipes-el", "third", l2).await });
+    c.resign(Some(ResignOptions::new().with_leader(leader)))
+        .await
+        .unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(20), challenger)
+        .await
+        .expect("the challenger led within 20 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        won.leader().unwrap().key(),
+        format!("recipes-el/{l2:x}").as_bytes()
+    );
+    assert_eq!(next_value(&mut observed).await, "third");
+    c.lease_revoke(l1).await.unwrap();
+    c.lease_revoke(l2).await.unwrap();
+    let none = c.leader("recipes-el").await.unwrap_err();
+    assert!(none.to_string().contains("election: no leader"), "{none}");
 }

@@ -7,9 +7,11 @@
 //! and enum values, so etcdctl and etcd client libraries interoperate with a
 //! server built on these types.
 //!
-//! Services: `etcdserverpb.{KV, Watch, Lease, Cluster, Maintenance}`. The
-//! `Auth` service, `v3lock` and `v3election` are not defined (etcdctl's
-//! `lock` and `elect` are built client-side from KV, Lease and Watch).
+//! Services: `etcdserverpb.{KV, Watch, Lease, Cluster, Maintenance}`,
+//! `v3lockpb.Lock` and `v3electionpb.Election` (the server-side lock and
+//! election recipes; etcdctl's `lock` and `elect` build the same recipes
+//! client-side from KV, Lease and Watch). The `Auth` service is not
+//! defined.
 //!
 //! Generated server traits have default methods that answer
 //! `Unimplemented`, so a service implements only what it supports. Fields of
@@ -29,4 +31,16 @@ pub mod etcdserverpb {
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
+}
+
+/// etcd's `v3lockpb` package: the Lock service.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
+}
+
+/// etcd's `v3electionpb` package: the Election service.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
 }

@@ -1,5 +1,5 @@
-//! keel-etcd: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance)
-//! served by one Keel node, so etcdctl and etcd client libraries work
+//! keel-etcd: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance,
+//! and the Lock and Election recipes) served by one Keel node, so etcdctl and etcd client libraries work
 //! against a Keel cluster. Requests become commands and queries of the
 //! replicated keel-kv service, submitted through the node like any client's
 //! (writes go through the log; linearizable reads use read-index; a
@@ -11,10 +11,13 @@
 pub mod cluster;
 pub mod compactor;
 pub mod convert;
+pub mod election;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod maintenance;
 pub mod not_served;
+mod recipes;
 pub mod watch;
 
 use bytes::Bytes;
@@ -300,6 +303,18 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
         .add_service(MaintenanceServer::new(maintenance::MaintenanceApi(
             api.clone(),
         )))
+        .add_service(
+            keel_etcd_proto::v3lockpb::lock_server::LockServer::new(lock::LockApi(
+                recipes::Recipes(api.clone()),
+            ))
+            .max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            keel_etcd_proto::v3electionpb::election_server::ElectionServer::new(
+                election::ElectionApi(recipes::Recipes(api.clone())),
+            )
+            .max_decoding_message_size(max_msg),
+        )
         .add_service(not_served::AuthNotServed)
         .serve_with_incoming(incoming);
     rt.spawn(compactor::run(api, auto_compaction));

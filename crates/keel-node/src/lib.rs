@@ -11,4 +11,4 @@ pub mod runtime;
 pub mod sched;
 
 pub use config::{NodeConfig, PeerConfig};
-pub use runtime::{restore_backup, start, Backup, NodeError, NodeHandle, BACKUP_DIR};
+pub use runtime::{restore_backup, start, Backup, NodeError, NodeHandle, Notification, BACKUP_DIR};

@@ -2,8 +2,9 @@
 //! cluster and runs the tests of the separate cargo project
 //! `compat/etcd-client` against its etcd API endpoints (`KEEL_ETCD_ENDPOINTS`):
 //! put/get/delete and ranges, txns, leases with keep-alive, revocation and
-//! expiry, and a watch through the leader that survives two leadership moves
-//! (MoveLeader) with every event exactly once, in order.
+//! expiry, a watch through the leader that survives two leadership moves
+//! (MoveLeader) with every event exactly once, in order, and the crate's
+//! lock and election calls (etcd's Lock and Election services).
 //!
 //! That project is not part of the workspace because etcd-client's build
 //! script needs `protoc`; without it (and without `PROTOC`) this test is

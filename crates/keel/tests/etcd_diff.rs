@@ -50,7 +50,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::TestCluster;
+use common::{EtcdProc, TestCluster};
 use keel_core::rng::Rng;
 use keel_etcd_proto::etcdserverpb::compare::TargetUnion;
 use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
@@ -62,76 +62,10 @@ use keel_etcd_proto::etcdserverpb::watch_request::RequestUnion;
 use keel_etcd_proto::etcdserverpb::*;
 use keel_etcd_proto::mvccpb::{Event, KeyValue};
 use std::fmt::Debug;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Code;
-
-// ------------------------------------------------------------- etcd process
-
-/// The etcd binary: `ETCD_BIN`, else `etcd` on PATH.
-fn find_etcd() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("ETCD_BIN") {
-        return Some(PathBuf::from(p)).filter(|p| p.is_file());
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join("etcd"))
-        .find(|p| p.is_file())
-}
-
-/// A single-member etcd on loopback ports, in its own data directory; killed
-/// when dropped.
-struct EtcdProc {
-    child: Child,
-    client: String,
-    log: PathBuf,
-}
-
-impl EtcdProc {
-    fn start(bin: &Path, dir: &Path) -> EtcdProc {
-        let client = format!("127.0.0.1:{}", common::free_port());
-        let peer = format!("http://127.0.0.1:{}", common::free_port());
-        let log = dir.join("etcd.log");
-        let out = std::fs::File::create(&log).expect("etcd log");
-        let err = out.try_clone().expect("etcd log clone");
-        let child = Proc::new(bin)
-            .arg("--name")
-            .arg("d1")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--listen-client-urls")
-            .arg(format!("http://{client}"))
-            .arg("--advertise-client-urls")
-            .arg(format!("http://{client}"))
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(format!("d1={peer}"))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
-        EtcdProc { child, client, log }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    }
-}
-
-impl Drop for EtcdProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 // ------------------------------------------------------------ the operations
 
@@ -1645,13 +1579,7 @@ async fn start_revision(ch: &Channel) -> i64 {
 
 #[test]
 fn keel_answers_like_etcd() {
-    let Some(etcd_bin) = find_etcd() else {
-        let msg = "etcd not found (set ETCD_BIN or install Debian's etcd-server: \
-                   apt-get install -y etcd-server)";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{msg}");
-        }
-        eprintln!("skipping the etcd differential test: {msg}");
+    let Some(etcd_bin) = common::etcd_or_skip("the etcd differential test") else {
         return;
     };
     let seed: u64 = std::env::var("KEEL_DIFF_SEED")

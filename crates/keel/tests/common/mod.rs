@@ -449,3 +449,83 @@ pub async fn etcd_channel(addr: &str) -> tonic::transport::Channel {
     }
     panic!("could not connect to {url}");
 }
+
+// ------------------------------------------------------------- etcd process
+
+/// The etcd binary: `ETCD_BIN`, else `etcd` on PATH.
+pub fn find_etcd() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ETCD_BIN") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+}
+
+/// A single-member etcd on loopback ports, in its own data directory; killed
+/// when dropped.
+pub struct EtcdProc {
+    child: Child,
+    pub client: String,
+    log: PathBuf,
+}
+
+impl EtcdProc {
+    pub fn start(bin: &std::path::Path, dir: &std::path::Path) -> EtcdProc {
+        let client = format!("127.0.0.1:{}", free_port());
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let log = dir.join("etcd.log");
+        let out = std::fs::File::create(&log).expect("etcd log");
+        let err = out.try_clone().expect("etcd log clone");
+        let child = Proc::new(bin)
+            .arg("--name")
+            .arg("d1")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--listen-client-urls")
+            .arg(format!("http://{client}"))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://{client}"))
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("d1={peer}"))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        EtcdProc { child, client, log }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for EtcdProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The etcd binary for a test that compares with etcd, or `None` (the
+/// test skips, saying so) where it is missing; under `CI=true` a missing
+/// etcd fails the test, since CI installs it.
+pub fn etcd_or_skip(test: &str) -> Option<PathBuf> {
+    let found = find_etcd();
+    if found.is_none() {
+        let msg = "etcd not found (set ETCD_BIN or install Debian's etcd-server: \
+                   apt-get install -y etcd-server)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{msg}");
+        }
+        eprintln!("skipping {test}: {msg}");
+    }
+    found
+}

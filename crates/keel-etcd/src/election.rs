@@ -1,0 +1,190 @@
+//! etcd's Election service (`v3electionpb.Election`): Campaign waits until
+//! the caller leads the named election and answers its leader key (name,
+//! key, create revision, lease); Proclaim replaces the leader's value while
+//! the caller still leads; Leader answers the current leader's key and
+//! value; Observe streams them as they change, leader after leader; Resign
+//! deletes the leader key. See `recipes` for how candidates queue.
+
+use crate::convert::kv_out;
+use crate::recipes::{as_recipe_error, key_of, prefix_of, wait_feed, Abandon, Recipes};
+use bytes::Bytes;
+use keel_etcd_proto::mvccpb::KeyValue;
+use keel_etcd_proto::v3electionpb::election_server::Election;
+use keel_etcd_proto::v3electionpb::*;
+use keel_kv::EventType;
+use std::pin::Pin;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+pub struct ElectionApi(pub(crate) Recipes);
+
+/// etcd's answers (plain errors, so gRPC code Unknown, as etcd's are).
+pub const NOT_LEADER: &str = "election: not leader";
+pub const NO_LEADER: &str = "election: no leader";
+pub const SESSION_EXPIRED: &str = "election: session expired";
+pub const MISSING_LEADER_KEY: &str = "\"leader\" field must be provided";
+
+type ObserveStream = Pin<Box<dyn Stream<Item = Result<LeaderResponse, Status>> + Send>>;
+
+fn leader_key(l: Option<LeaderKey>) -> Result<LeaderKey, Status> {
+    l.ok_or_else(|| Status::unknown(MISSING_LEADER_KEY))
+}
+
+/// Sends the leader's key and value each time it changes, leader after
+/// leader, until the client goes away.
+async fn observe(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderResponse, Status>>) {
+    let gone = out.clone();
+    tokio::select! {
+        _ = gone.closed() => {}
+        () = follow(r, prefix, out) => {}
+    }
+}
+
+async fn follow(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderResponse, Status>>) {
+    let mut sent: Option<KeyValue> = None;
+    let result: Result<(), Status> = async {
+        loop {
+            let mut feed = r.subscribe();
+            let (leader, header) = r.first(&prefix).await?;
+            let after = header.as_ref().map_or(0, |h| h.revision.max(0) as u64);
+            let Some(mut leader) = leader else {
+                // No leader: wait for a candidate, then look again.
+                wait_feed(&mut feed, after, |e| {
+                    e.kind == EventType::Put && e.kv.key.starts_with(&prefix)
+                })
+                .await?;
+                continue;
+            };
+            // Follow this leader's key until it is deleted (or the feed
+            // cannot tell), sending each new value.
+            let mut after = after;
+            loop {
+                if sent.as_ref() != Some(&leader) {
+                    let resp = LeaderResponse {
+                        header: r.header(leader.mod_revision.max(after as i64)),
+                        kv: Some(leader.clone()),
+                    };
+                    if out.send(Ok(resp)).await.is_err() {
+                        return Ok(());
+                    }
+                    sent = Some(leader.clone());
+                }
+                let key = leader.key.clone();
+                match wait_feed(&mut feed, after, |e| e.kv.key == key).await? {
+                    Some(e) if e.kind == EventType::Put => {
+                        after = e.revision();
+                        leader = kv_out(e.kv);
+                    }
+                    // Deleted, or the feed cannot tell: find the leader again.
+                    _ => break,
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(status) = result {
+        let _ = out.send(Err(as_recipe_error(status))).await;
+    }
+}
+
+#[tonic::async_trait]
+impl Election for ElectionApi {
+    async fn campaign(
+        &self,
+        r: Request<CampaignRequest>,
+    ) -> Result<Response<CampaignResponse>, Status> {
+        async {
+            let r = r.into_inner();
+            let lease = self.0.lease_or_grant(r.lease).await?;
+            let key = key_of(&r.name, lease);
+            let claim = self.0.claim(&key, r.value.clone(), lease).await?;
+            let abandon = Abandon::new(&self.0, &key, claim.rev);
+            if claim.existing.is_some_and(|kv| kv.value != r.value) {
+                // Campaigning again under the same lease proclaims the value.
+                let (owner, _) = self
+                    .0
+                    .put_if_owner(&key, claim.rev, r.value.clone(), lease)
+                    .await?;
+                if !owner {
+                    return Err(Status::unknown(NOT_LEADER));
+                }
+            }
+            self.0
+                .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
+                .await?;
+            // Still ours? The lease may have ended while it waited.
+            let (kv, header) = self.0.get(&key).await?;
+            if kv.is_none_or(|kv| kv.create_revision != claim.rev) {
+                return Err(Status::unknown(SESSION_EXPIRED));
+            }
+            abandon.disarm();
+            Ok(Response::new(CampaignResponse {
+                header,
+                leader: Some(LeaderKey {
+                    name: r.name,
+                    key,
+                    rev: claim.rev,
+                    lease,
+                }),
+            }))
+        }
+        .await
+        .map_err(as_recipe_error)
+    }
+
+    async fn proclaim(
+        &self,
+        r: Request<ProclaimRequest>,
+    ) -> Result<Response<ProclaimResponse>, Status> {
+        async {
+            let r = r.into_inner();
+            let l = leader_key(r.leader)?;
+            let (owner, header) = self.0.put_if_owner(&l.key, l.rev, r.value, l.lease).await?;
+            if !owner {
+                return Err(Status::unknown(NOT_LEADER));
+            }
+            Ok(Response::new(ProclaimResponse { header }))
+        }
+        .await
+        .map_err(as_recipe_error)
+    }
+
+    async fn leader(&self, r: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
+        async {
+            let prefix = prefix_of(&r.into_inner().name);
+            match self.0.first(&prefix).await? {
+                (Some(kv), header) => Ok(Response::new(LeaderResponse {
+                    header,
+                    kv: Some(kv),
+                })),
+                (None, _) => Err(Status::unknown(NO_LEADER)),
+            }
+        }
+        .await
+        .map_err(as_recipe_error)
+    }
+
+    async fn observe(&self, r: Request<LeaderRequest>) -> Result<Response<ObserveStream>, Status> {
+        let prefix = prefix_of(&r.into_inner().name);
+        let (tx, rx) = mpsc::channel(16);
+        self.0
+             .0
+            .node
+            .runtime()
+            .spawn(observe(self.0.clone(), prefix, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn resign(&self, r: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
+        async {
+            let l = leader_key(r.into_inner().leader)?;
+            let header = self.0.delete_if_owner(&l.key, l.rev).await?;
+            Ok(Response::new(ResignResponse { header }))
+        }
+        .await
+        .map_err(as_recipe_error)
+    }
+}

@@ -1,0 +1,53 @@
+//! etcd's Lock service (`v3lockpb.Lock`): Lock waits until the named lock
+//! is held under the caller's lease and answers the key that exists while
+//! it is held (for guarding writes with a transaction on it); Unlock
+//! deletes that key. See `recipes` for how contenders queue.
+
+use crate::recipes::{as_recipe_error, key_of, prefix_of, Abandon, Recipes};
+use keel_etcd_proto::v3lockpb::lock_server::Lock;
+use keel_etcd_proto::v3lockpb::*;
+use tonic::{Request, Response, Status};
+
+pub struct LockApi(pub(crate) Recipes);
+
+/// etcd's answer when the caller's lease ended while it waited (its key,
+/// and with it its place in the queue, is gone).
+pub const SESSION_EXPIRED: &str = "session expired";
+
+impl LockApi {
+    async fn acquire(&self, r: LockRequest) -> Result<LockResponse, Status> {
+        let lease = self.0.lease_or_grant(r.lease).await?;
+        let key = key_of(&r.name, lease);
+        let claim = self.0.claim(&key, Default::default(), lease).await?;
+        let abandon = Abandon::new(&self.0, &key, claim.rev);
+        self.0
+            .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
+            .await?;
+        // Still ours? The lease may have ended while it waited.
+        let (kv, header) = self.0.get(&key).await?;
+        if kv.is_none_or(|kv| kv.create_revision != claim.rev) {
+            return Err(Status::unknown(SESSION_EXPIRED));
+        }
+        abandon.disarm();
+        Ok(LockResponse { header, key })
+    }
+}
+
+#[tonic::async_trait]
+impl Lock for LockApi {
+    async fn lock(&self, r: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        self.acquire(r.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(as_recipe_error)
+    }
+
+    async fn unlock(&self, r: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
+        let header = self
+            .0
+            .delete(r.into_inner().key)
+            .await
+            .map_err(as_recipe_error)?;
+        Ok(Response::new(UnlockResponse { header }))
+    }
+}

@@ -1,0 +1,363 @@
+//! etcd's Lock and Election services (`v3lockpb.Lock`,
+//! `v3electionpb.Election`: the server-side recipes that the etcd-client
+//! crate's `lock` and election calls, and jetcd, use) through raw gRPC,
+//! against a 3-node Keel cluster and against a real etcd 3.4: the same
+//! script runs on both, asserting the recipes' behaviour as it goes (a lock
+//! waits for the holders before it, unlock and a revoked lease hand it on,
+//! a cancelled waiter leaves no key, a leader proclaims and resigns, an
+//! observer sees every leader's values in order, etcd's errors), and the
+//! two transcripts (keys, values, leases, errors; no revisions) must match.
+//! On Keel, the waiting calls go through a follower.
+
+mod common;
+
+use bytes::Bytes;
+use common::{etcd_channel, EtcdProc, TestCluster};
+use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
+use keel_etcd_proto::etcdserverpb::lease_client::LeaseClient;
+use keel_etcd_proto::etcdserverpb::*;
+use keel_etcd_proto::v3electionpb::election_client::ElectionClient;
+use keel_etcd_proto::v3electionpb::*;
+use keel_etcd_proto::v3lockpb::lock_client::LockClient;
+use keel_etcd_proto::v3lockpb::*;
+use std::future::Future;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::Status;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {WAIT:?}"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn error(s: Status) -> String {
+    format!("error {:?}: {}", s.code(), s.message())
+}
+
+/// The keys under `prefix`, oldest first (by create revision), with values.
+async fn keys(ch: &Channel, prefix: &str) -> Vec<(String, String)> {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().expect("a prefix") += 1;
+    let r = KvClient::new(ch.clone())
+        .range(RangeRequest {
+            key: Bytes::from(prefix.to_string()),
+            range_end: end.into(),
+            sort_target: range_request::SortTarget::Create as i32,
+            sort_order: range_request::SortOrder::Ascend as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    r.kvs
+        .iter()
+        .map(|kv| (text(&kv.key), text(&kv.value)))
+        .collect()
+}
+
+/// Waits until `prefix` holds `n` keys.
+async fn until_keys(ch: &Channel, prefix: &str, n: usize) -> Vec<(String, String)> {
+    within(&format!("{n} keys under {prefix}"), async {
+        loop {
+            let k = keys(ch, prefix).await;
+            if k.len() == n {
+                return k;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+fn lock(ch: &Channel, name: &str, lease: i64) -> JoinHandle<Result<LockResponse, Status>> {
+    let mut c = LockClient::new(ch.clone());
+    let req = LockRequest {
+        name: Bytes::from(name.to_string()),
+        lease,
+    };
+    tokio::spawn(async move { c.lock(req).await.map(|r| r.into_inner()) })
+}
+
+fn campaign(
+    ch: &Channel,
+    name: &str,
+    lease: i64,
+    value: &str,
+) -> JoinHandle<Result<CampaignResponse, Status>> {
+    let mut c = ElectionClient::new(ch.clone());
+    let req = CampaignRequest {
+        name: Bytes::from(name.to_string()),
+        lease,
+        value: Bytes::from(value.to_string()),
+    };
+    tokio::spawn(async move { c.campaign(req).await.map(|r| r.into_inner()) })
+}
+
+/// The next leader an Observe stream reports, as `key=value`.
+async fn next(o: &mut tonic::Streaming<LeaderResponse>) -> String {
+    let r = within("an observed leader", o.message())
+        .await
+        .expect("observe stream")
+        .expect("observe stream open");
+    let kv = r.kv.expect("kv");
+    format!("{}={}", text(&kv.key), text(&kv.value))
+}
+
+async fn done<T>(what: &str, h: JoinHandle<T>) -> T {
+    within(what, h).await.expect("task")
+}
+
+/// Runs the script through `a` (the leader, for Keel) and `b` (a
+/// follower), asserting as it goes; returns the transcript. Leases are
+/// granted with ids from `base`, so keys are the same on both systems.
+async fn script(a: Channel, b: Channel, base: i64) -> Vec<String> {
+    let mut t = Vec::new();
+    let mut leases = LeaseClient::new(a.clone());
+    let [l1, l2, l3, l4] = [1, 2, 3, 4].map(|n| base + n);
+    for id in [l1, l2, l3, l4] {
+        leases
+            .lease_grant(LeaseGrantRequest { ttl: 60, id })
+            .await
+            .expect("grant");
+    }
+    let key = |name: &str, lease: i64| format!("{name}/{lease:x}");
+    let mut locks = LockClient::new(a.clone());
+
+    // Lock: the first contender holds it at once; the same lease again is
+    // the same acquisition.
+    let held = done("lock l1", lock(&a, "job", l1)).await.expect("lock l1");
+    assert_eq!(text(&held.key), key("job", l1));
+    let again = done("lock l1 again", lock(&a, "job", l1))
+        .await
+        .expect("lock l1 again");
+    assert_eq!(again.key, held.key);
+    t.push(format!(
+        "lock l1: {}, again: {}",
+        text(&held.key),
+        text(&again.key)
+    ));
+
+    // A second contender waits while the first holds it; unlock hands on.
+    let waiter = lock(&b, "job", l2);
+    let queued = until_keys(&a, "job/", 2).await;
+    assert_eq!(queued[0].0, key("job", l1), "{queued:?}");
+    assert!(!waiter.is_finished(), "lock l2 answered while l1 holds it");
+    t.push(format!("queued: {queued:?}"));
+    locks
+        .unlock(UnlockRequest {
+            key: held.key.clone(),
+        })
+        .await
+        .expect("unlock");
+    let second = done("lock l2", waiter).await.expect("lock l2");
+    assert_eq!(text(&second.key), key("job", l2));
+    t.push(format!("after unlock: {}", text(&second.key)));
+
+    // A revoked lease hands it on too.
+    let waiter = lock(&a, "job", l3);
+    until_keys(&a, "job/", 2).await;
+    assert!(!waiter.is_finished(), "lock l3 answered while l2 holds it");
+    leases
+        .lease_revoke(LeaseRevokeRequest { id: l2 })
+        .await
+        .expect("revoke l2");
+    let third = done("lock l3", waiter).await.expect("lock l3");
+    assert_eq!(text(&third.key), key("job", l3));
+    t.push(format!("after revoke: {}", text(&third.key)));
+
+    // A waiter that gives up leaves no key behind.
+    let waiter = lock(&b, "job", l4);
+    until_keys(&a, "job/", 2).await;
+    waiter.abort();
+    let left = until_keys(&a, "job/", 1).await;
+    t.push(format!("after a waiter gave up: {left:?}"));
+    locks
+        .unlock(UnlockRequest {
+            key: third.key.clone(),
+        })
+        .await
+        .expect("unlock l3");
+    t.push(format!("after unlock: {:?}", keys(&a, "job/").await));
+
+    // Errors: a lease that does not exist.
+    let r = done("lock with no such lease", lock(&a, "job", base + 99)).await;
+    t.push(format!(
+        "no such lease: {}",
+        r.map_or_else(error, |r| text(&r.key))
+    ));
+    // No lease: one of the default session TTL is granted for it.
+    let r = done("lock without a lease", lock(&a, "solo", 0))
+        .await
+        .expect("lock without a lease");
+    let granted = i64::from_str_radix(text(&r.key).trim_start_matches("solo/"), 16)
+        .expect("a lease id in the key");
+    let ttl = leases
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: granted,
+            keys: true,
+        })
+        .await
+        .expect("ttl")
+        .into_inner();
+    assert_eq!(ttl.keys, vec![r.key.clone()]);
+    t.push(format!("no lease: granted ttl {}", ttl.granted_ttl));
+
+    // Election.
+    let mut el = ElectionClient::new(a.clone());
+    let name = || Bytes::from_static(b"el");
+    let r = el.leader(LeaderRequest { name: name() }).await;
+    t.push(format!(
+        "leader of nobody: {}",
+        r.map_or_else(error, |_| "a leader".into())
+    ));
+    let won = done("campaign l1", campaign(&a, "el", l1, "a"))
+        .await
+        .expect("campaign l1");
+    let lk = won.leader.expect("leader key");
+    assert_eq!(
+        (text(&lk.name), text(&lk.key), lk.lease),
+        ("el".into(), key("el", l1), l1)
+    );
+    let created = KvClient::new(a.clone())
+        .range(RangeRequest {
+            key: lk.key.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs[0]
+        .create_revision;
+    assert_eq!(
+        lk.rev, created,
+        "the leader key's rev is its create revision"
+    );
+    t.push(format!(
+        "campaign l1: {} lease {}",
+        text(&lk.key),
+        lk.lease == l1
+    ));
+
+    let mut observed = ElectionClient::new(b.clone())
+        .observe(LeaderRequest { name: name() })
+        .await
+        .expect("observe")
+        .into_inner();
+    t.push(format!("observed: {}", next(&mut observed).await));
+    el.proclaim(ProclaimRequest {
+        leader: Some(lk.clone()),
+        value: Bytes::from_static(b"b"),
+    })
+    .await
+    .expect("proclaim");
+    t.push(format!(
+        "observed after proclaim: {}",
+        next(&mut observed).await
+    ));
+    let now = el
+        .leader(LeaderRequest { name: name() })
+        .await
+        .expect("leader")
+        .into_inner();
+    t.push(format!("leader: {}", text(&now.kv.expect("kv").value)));
+
+    let challenger = campaign(&b, "el", l3, "c");
+    until_keys(&a, "el/", 2).await;
+    assert!(!challenger.is_finished(), "campaign l3 won while l1 leads");
+    let stale = LeaderKey {
+        rev: lk.rev + 1000,
+        ..lk.clone()
+    };
+    let r = el
+        .proclaim(ProclaimRequest {
+            leader: Some(stale),
+            value: Bytes::from_static(b"x"),
+        })
+        .await;
+    t.push(format!(
+        "proclaim by a non-leader: {}",
+        r.map_or_else(error, |_| "ok".into())
+    ));
+    let r = el.resign(ResignRequest { leader: None }).await;
+    t.push(format!(
+        "resign without a key: {}",
+        r.map_or_else(error, |_| "ok".into())
+    ));
+    el.resign(ResignRequest {
+        leader: Some(lk.clone()),
+    })
+    .await
+    .expect("resign");
+    let won = done("campaign l3", challenger).await.expect("campaign l3");
+    let lk3 = won.leader.expect("leader key");
+    assert_eq!(text(&lk3.key), key("el", l3));
+    t.push(format!("after resign: {}", text(&lk3.key)));
+    t.push(format!(
+        "observed after resign: {}",
+        next(&mut observed).await
+    ));
+    // Campaigning again under the same lease proclaims the new value.
+    let again = done("campaign l3 again", campaign(&a, "el", l3, "d"))
+        .await
+        .expect("campaign l3 again");
+    assert_eq!(again.leader.expect("leader key").key, lk3.key);
+    t.push(format!(
+        "observed after campaigning again: {}",
+        next(&mut observed).await
+    ));
+    leases
+        .lease_revoke(LeaseRevokeRequest { id: l3 })
+        .await
+        .expect("revoke l3");
+    let r = el.leader(LeaderRequest { name: name() }).await;
+    t.push(format!(
+        "leader after its lease ended: {}",
+        r.map_or_else(error, |_| "a leader".into())
+    ));
+    t
+}
+
+#[test]
+fn lock_and_election_services_behave_like_etcds() {
+    let etcd_bin = common::etcd_or_skip("the etcd half of the lock and election test");
+    let c = TestCluster::start(3, "");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(15));
+    let follower = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|&id| id != leader)
+        .expect("a follower");
+    let base = 0x4b00;
+    let keel = c.rt.block_on(async {
+        let a = etcd_channel(&c.node(leader).etcd).await;
+        let b = etcd_channel(&c.node(follower).etcd).await;
+        script(a, b, base).await
+    });
+    for line in &keel {
+        eprintln!("keel: {line}");
+    }
+    let Some(bin) = etcd_bin else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let etcd = EtcdProc::start(&bin, tmp.path());
+    let theirs = c.rt.block_on(async {
+        let ch = etcd_channel(&etcd.client).await;
+        within("etcd's script", script(ch.clone(), ch, base)).await
+    });
+    assert_eq!(
+        keel,
+        theirs,
+        "Keel's transcript (left) differs from etcd's (right); etcd's log:\n{}",
+        etcd.log_tail()
+    );
+}

@@ -852,7 +852,13 @@ impl Node {
             self.fire_due_timers(out);
         } else if now >= self.election_deadline {
             self.reset_election_deadline();
-            if self.membership().is_voter(self.cfg.id) {
+            if now < self.vote_hold_until {
+                // A node that holds its vote does not cast it for itself
+                // either. Only a restart with a lower election timeout
+                // than before gets here (elsewhere a leader's message sets
+                // the hold and a later deadline together).
+                self.election_deadline = self.election_deadline.max(self.vote_hold_until);
+            } else if self.membership().is_voter(self.cfg.id) {
                 self.leader = None;
                 self.start_pre_vote(out);
             }

@@ -1608,6 +1608,37 @@ fn a_restart_with_a_lower_election_timeout_holds_for_the_old_one() {
     assert!(!granted_at(cfg(new), old, new + MS));
     assert!(!granted_at(cfg(new), old, old - MS));
     assert!(granted_at(cfg(new), old, old));
+    // Nor does it stand for election itself before the old hold has run:
+    // its own vote would count towards a quorum inside that promise.
+    let pre_votes = |out: &[Action]| {
+        out.iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Send(Message {
+                        body: Body::PreVote { .. },
+                        ..
+                    })
+                )
+            })
+            .count()
+    };
+    let mut node = Node::restart(cfg(new), recovered(old), start);
+    let mut out = Vec::new();
+    let mut t = start;
+    while t < start + old {
+        node.step(t, Event::Tick, &mut out);
+        t += 5 * MS;
+    }
+    assert_eq!(pre_votes(&out), 0, "stood for election inside its old hold");
+    while t < start + old + 2 * new + 10 * MS {
+        node.step(t, Event::Tick, &mut out);
+        t += 5 * MS;
+    }
+    assert!(
+        pre_votes(&out) > 0,
+        "never stood for election after its old hold"
+    );
     // The bug flag shows what this protects against.
     let mut buggy = cfg(new);
     buggy.testing_bugs.restart_hold_ignores_old_timeout = true;

@@ -1,7 +1,10 @@
 //! The simulator's workload service: a tiny key-value register store with
 //! put, get and compare-and-swap over u64 keys and values, plus a log timer
-//! per key so that timers in the log are exercised under faults. Commands
-//! and replies have a fixed little-endian encoding; decoding never panics.
+//! per key so that timers in the log are exercised under faults. Each
+//! leader's term start pushes every pending timer to at least
+//! `KEY_TIMER_DELAY` from then, as the KV store renews its leases, so term
+//! starts and rescheduled timers are exercised too. Commands and replies
+//! have a fixed little-endian encoding; decoding never panics.
 
 use crate::linearizability::{KvInput, KvOutput};
 use bytes::Bytes;
@@ -95,9 +98,21 @@ pub struct KvService {
     /// (must stay 0).
     pub timers_fired: u64,
     pub timers_early: u64,
+    /// Term starts applied (`on_term_start`).
+    pub term_starts: u64,
+    /// Acts as a binary from before term starts were marked would: it
+    /// ignores them (`SimConfig::stale_binary`). Not state.
+    pub ignores_term_starts: bool,
 }
 
 impl KvService {
+    /// The replicated state, for comparing replicas: the snapshot's bytes.
+    pub fn state(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        self.snapshot(&mut b);
+        b
+    }
+
     pub fn get(&self, key: u64) -> Option<u64> {
         self.data.get(&key).copied()
     }
@@ -122,7 +137,10 @@ impl KvService {
 
 impl Service for KvService {
     fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
-        *self = KvService::default();
+        *self = KvService {
+            ignores_term_starts: self.ignores_term_starts,
+            ..KvService::default()
+        };
         let Some(b) = snapshot else {
             return Ok(());
         };
@@ -130,10 +148,11 @@ impl Service for KvService {
         let (n, m) = (word(0)?, word(1)?);
         self.timers_fired = word(2)?;
         self.timers_early = word(3)?;
+        self.term_starts = word(4)?;
         let expected_len = n
             .checked_add(m)
             .and_then(|x| x.checked_mul(16))
-            .and_then(|x| x.checked_add(32))
+            .and_then(|x| x.checked_add(40))
             .ok_or("kv snapshot counts overflow")?;
         if b.len() as u64 != expected_len {
             return Err(format!(
@@ -141,7 +160,7 @@ impl Service for KvService {
                 b.len()
             ));
         }
-        let mut i = 4;
+        let mut i = 5;
         for _ in 0..n {
             self.data.insert(word(i)?, word(i + 1)?);
             i += 2;
@@ -154,12 +173,13 @@ impl Service for KvService {
     }
 
     fn snapshot(&self, b: &mut Vec<u8>) {
-        b.reserve(32 + 16 * (self.data.len() + self.timer_deadlines.len()));
+        b.reserve(40 + 16 * (self.data.len() + self.timer_deadlines.len()));
         for w in [
             self.data.len() as u64,
             self.timer_deadlines.len() as u64,
             self.timers_fired,
             self.timers_early,
+            self.term_starts,
         ] {
             b.extend_from_slice(&w.to_le_bytes());
         }
@@ -186,6 +206,20 @@ impl Service for KvService {
         match decode(data) {
             Some(KvInput::Get { key }) => encode_output(&KvOutput::Get(self.get(key))),
             _ => Bytes::from_static(b"\xffbad query"),
+        }
+    }
+
+    fn on_term_start(&mut self, ctx: &mut Context<'_>) {
+        if self.ignores_term_starts {
+            return;
+        }
+        self.term_starts += 1;
+        let floor = ctx.time() + KEY_TIMER_DELAY;
+        for (&key, deadline) in self.timer_deadlines.iter_mut() {
+            if *deadline < floor {
+                *deadline = floor;
+                ctx.schedule_timer(key, floor);
+            }
         }
     }
 

@@ -250,6 +250,10 @@ pub struct SimConfig {
     /// lower timeout must still hold its vote for the one it reported
     /// before (`HardState::hold`).
     pub restarts_change_timeouts: bool,
+    /// Node 1's service ignores term starts, as a binary from before they
+    /// were marked would replay them (what the data directory's format
+    /// gate prevents): to see the replica-divergence check fire.
+    pub stale_binary: bool,
     /// How long after `Action::SaveSnapshot` a snapshot's file reaches
     /// storage to be published, drawn per snapshot from this range (in
     /// order per node). The runtime's snapshot thread serializes and writes
@@ -415,6 +419,7 @@ impl SimConfig {
             election_timeout: (200 * MS, 400 * MS),
             uneven_timeouts: false,
             restarts_change_timeouts: false,
+            stale_binary: false,
             publish_delay: (0, 0),
             wipe: None,
             scenario: None,
@@ -522,6 +527,9 @@ pub struct Report {
     /// by it (it steps down once the change commits).
     pub leader_removals: u64,
     pub timers_fired: u64,
+    /// The most term starts any node's service applied (each renews the
+    /// pending key timers).
+    pub term_starts_applied: u64,
     pub violations: Vec<String>,
     pub linearizability: Option<CheckResult>,
     pub sim_time: Nanos,
@@ -793,6 +801,13 @@ const PROBE_CLIENT: u64 = 999;
 const CLIENT_TIMEOUT: Nanos = 300 * MS;
 const TICK: Nanos = 5 * MS;
 
+/// A fresh service for node `id` (see `SimConfig::stale_binary`).
+fn service_of(id: NodeId, sim: &SimConfig) -> KvService {
+    let mut s = KvService::default();
+    s.ignores_term_starts = sim.stale_binary && id == 1;
+    s
+}
+
 fn core_config(id: NodeId, sim: &SimConfig, incarnation: u64) -> Config {
     let seed = sim.seed ^ incarnation;
     let mut c = Config::new(id, 0x6b65_656c);
@@ -869,7 +884,7 @@ impl Sim {
             nodes.push(SimNode {
                 id,
                 core: Some(Node::new(core_config(id, &cfg, 0), membership, 0)),
-                host: ServiceHost::new(KvService::default(), 60 * SEC),
+                host: ServiceHost::new(service_of(id, &cfg), 60 * SEC),
                 incarnation: 0,
                 disk: Disk {
                     snapshot: Some(boot),
@@ -1629,7 +1644,7 @@ impl Sim {
                 .map_or(0, |f| f.len() as u64),
             entries,
         };
-        let mut host = ServiceHost::new(KvService::default(), 60 * SEC);
+        let mut host = ServiceHost::new(service_of(id, &self.cfg), 60 * SEC);
         let timers = match node.disk.snapshot.as_ref().map(|s| host.restore(s)) {
             Some(Ok(t)) => t,
             Some(Err(e)) => {
@@ -2372,9 +2387,30 @@ impl Sim {
                 self.inv.final_check(core, &mut self.report.violations);
             }
         }
+        // Replicas that applied the same log hold the same state (term
+        // starts and timers included): compare those at the furthest
+        // applied position.
+        let applied = |n: &SimNode| n.core.as_ref().map(|_| n.host.applied());
+        if let Some(furthest) = self.nodes.iter().filter_map(applied).max() {
+            let level: Vec<&SimNode> = self
+                .nodes
+                .iter()
+                .filter(|n| applied(n) == Some(furthest))
+                .collect();
+            for n in &level[1..] {
+                if n.host.service().state() != level[0].host.service().state() {
+                    self.report.violations.push(format!(
+                        "replicas diverged: nodes {} and {} applied the log to {furthest} \
+                         but their service states differ",
+                        level[0].id, n.id
+                    ));
+                }
+            }
+        }
         for n in &self.nodes {
             let s = n.host.service();
             self.report.timers_fired += s.timers_fired;
+            self.report.term_starts_applied = self.report.term_starts_applied.max(s.term_starts);
             if s.timers_early > 0 {
                 self.report.violations.push(format!(
                     "node {}: {} timers fired before their deadline",

@@ -574,6 +574,22 @@ fn a_voter_restarted_with_a_lower_election_timeout_keeps_its_old_hold() {
     });
     let restarts: u64 = reports.iter().map(|r| r.crashes).sum();
     assert!(restarts >= 15, "only {restarts} restarts");
+    // Found by the soak with each node's own timeouts: a node restarted
+    // with a lower timeout held its vote for others but stood for election
+    // itself after its new, shorter timeout, inside its old hold, and won
+    // with the vote of a follower the cut-off leader had already lost.
+    for seed in [4000021, 4000036, 4000054, 4000055] {
+        let mut cfg = SimConfig::scenario(seed, 3, mix("calm"), Scenario::LeaseSlowLeader);
+        cfg.restarts_change_timeouts = true;
+        cfg.uneven_timeouts = true;
+        let r = run(&cfg);
+        assert!(
+            r.ok(),
+            "seed {seed}: {:?}\n  replay: {}",
+            r.violations,
+            cfg.replay_command()
+        );
+    }
     let bound = keel_core::Config::new(1, 0).clock_drift_ppm;
     for (m, start) in [("crashes", 9700), ("chaos", 9800)] {
         sweep_with(m, start..start + 10, |cfg| {
@@ -593,4 +609,26 @@ fn a_voter_restarted_with_a_lower_election_timeout_keeps_its_old_hold() {
         }
     }
     panic!("a restart that forgot its old hold was never caught");
+}
+
+/// Replicas that applied the same log hold the same service state, term
+/// starts included: every new leader's term start pushes the pending key
+/// timers out (as the KV store renews its leases), and a node whose
+/// service ignored term starts (as a binary from before they were marked
+/// would replay them: what the data directory's format gate stops) is
+/// caught as a diverged replica.
+#[test]
+fn replicas_agree_on_term_starts_and_a_node_that_ignores_them_is_caught() {
+    let reports = sweep("crashes", 300..306);
+    let starts: u64 = reports.iter().map(|r| r.term_starts_applied).sum();
+    assert!(starts >= 6, "only {starts} term starts applied");
+    let mut cfg = SimConfig::new(300, 3, mix("crashes"));
+    cfg.stale_binary = true;
+    let r = run(&cfg);
+    assert!(
+        r.violations.iter().any(|v| v.contains("replicas diverged")),
+        "a replica that ignores term starts was not caught: {:?}\n  replay: {}",
+        r.violations,
+        cfg.replay_command()
+    );
 }

@@ -6,7 +6,7 @@
 //! deletes the leader key. See `recipes` for how candidates queue.
 
 use crate::convert::kv_out;
-use crate::recipes::{as_recipe_error, key_of, prefix_of, wait_feed, Abandon, Recipes};
+use crate::recipes::{as_recipe_error, key_of, prefix_of, Abandon, Recipes};
 use bytes::Bytes;
 use keel_etcd_proto::mvccpb::KeyValue;
 use keel_etcd_proto::v3electionpb::election_server::Election;
@@ -43,14 +43,16 @@ async fn observe(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderRespo
 
 async fn follow(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderResponse, Status>>) {
     let mut sent: Option<KeyValue> = None;
+    // Subscribed before the first read, so nothing applied after it is
+    // missed.
+    let mut feed = r.feed();
     let result: Result<(), Status> = async {
         loop {
-            let mut feed = r.subscribe();
             let (leader, header) = r.first(&prefix).await?;
-            let after = header.as_ref().map_or(0, |h| h.revision.max(0) as u64);
+            let mut after = header.as_ref().map_or(0, |h| h.revision.max(0) as u64);
             let Some(mut leader) = leader else {
                 // No leader: wait for a candidate, then look again.
-                wait_feed(&mut feed, after, |e| {
+                feed.wait(after, |e| {
                     e.kind == EventType::Put && e.kv.key.starts_with(&prefix)
                 })
                 .await?;
@@ -58,7 +60,6 @@ async fn follow(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderRespon
             };
             // Follow this leader's key until it is deleted (or the feed
             // cannot tell), sending each new value.
-            let mut after = after;
             loop {
                 if sent.as_ref() != Some(&leader) {
                     let resp = LeaderResponse {
@@ -71,7 +72,7 @@ async fn follow(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderRespon
                     sent = Some(leader.clone());
                 }
                 let key = leader.key.clone();
-                match wait_feed(&mut feed, after, |e| e.kv.key == key).await? {
+                match feed.wait(after, |e| e.kv.key == key).await? {
                     Some(e) if e.kind == EventType::Put => {
                         after = e.revision();
                         leader = kv_out(e.kv);
@@ -99,8 +100,12 @@ impl Election for ElectionApi {
             let lease = self.0.lease_or_grant(r.lease).await?;
             let key = key_of(&r.name, lease);
             let claim = self.0.claim(&key, r.value.clone(), lease).await?;
-            let abandon = Abandon::new(&self.0, &key, claim.rev);
-            if claim.existing.is_some_and(|kv| kv.value != r.value) {
+            let abandon = Abandon::claimed(&self.0, &key, &claim);
+            if claim
+                .existing
+                .as_ref()
+                .is_some_and(|kv| kv.value != r.value)
+            {
                 // Campaigning again under the same lease proclaims the value.
                 let (owner, _) = self
                     .0
@@ -110,9 +115,16 @@ impl Election for ElectionApi {
                     return Err(Status::unknown(NOT_LEADER));
                 }
             }
-            self.0
+            // A call that fails while it waits stays a candidate (as
+            // etcd's does); only one abandoned by its client resigns.
+            let waited = self
+                .0
                 .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
-                .await?;
+                .await;
+            if let Err(e) = waited {
+                abandon.disarm();
+                return Err(e);
+            }
             // Still ours? The lease may have ended while it waited.
             let (kv, header) = self.0.get(&key).await?;
             if kv.is_none_or(|kv| kv.create_revision != claim.rev) {
@@ -140,7 +152,10 @@ impl Election for ElectionApi {
         async {
             let r = r.into_inner();
             let l = leader_key(r.leader)?;
-            let (owner, header) = self.0.put_if_owner(&l.key, l.rev, r.value, l.lease).await?;
+            // A leader key without a lease gets a new one, as etcd's
+            // session does (never none: the key would outlive its leader).
+            let lease = self.0.lease_or_grant(l.lease).await?;
+            let (owner, header) = self.0.put_if_owner(&l.key, l.rev, r.value, lease).await?;
             if !owner {
                 return Err(Status::unknown(NOT_LEADER));
             }

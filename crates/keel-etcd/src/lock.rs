@@ -1,7 +1,9 @@
 //! etcd's Lock service (`v3lockpb.Lock`): Lock waits until the named lock
 //! is held under the caller's lease and answers the key that exists while
 //! it is held (for guarding writes with a transaction on it); Unlock
-//! deletes that key. See `recipes` for how contenders queue.
+//! deletes that key. See `recipes` for how contenders queue. A Lock call
+//! that fails or is abandoned while it waits deletes the key it made, as
+//! etcd's unlocks.
 
 use crate::recipes::{as_recipe_error, key_of, prefix_of, Abandon, Recipes};
 use keel_etcd_proto::v3lockpb::lock_server::Lock;
@@ -10,16 +12,17 @@ use tonic::{Request, Response, Status};
 
 pub struct LockApi(pub(crate) Recipes);
 
-/// etcd's answer when the caller's lease ended while it waited (its key,
-/// and with it its place in the queue, is gone).
-pub const SESSION_EXPIRED: &str = "session expired";
+/// The answer when the caller's lease ended while it waited (its key, and
+/// with it its place in the queue, is gone): etcd 3.5's; 3.4 does not look
+/// and answers as if the lock were held.
+pub const SESSION_EXPIRED: &str = "mutex: session is expired";
 
 impl LockApi {
     async fn acquire(&self, r: LockRequest) -> Result<LockResponse, Status> {
         let lease = self.0.lease_or_grant(r.lease).await?;
         let key = key_of(&r.name, lease);
         let claim = self.0.claim(&key, Default::default(), lease).await?;
-        let abandon = Abandon::new(&self.0, &key, claim.rev);
+        let abandon = Abandon::claimed(&self.0, &key, &claim);
         self.0
             .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
             .await?;

@@ -22,6 +22,7 @@ use keel_etcd_proto::etcdserverpb::*;
 use keel_etcd_proto::mvccpb::KeyValue;
 use keel_kv::{EventType, WatchEvent};
 use keel_node::Notification;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::broadcast::{error::RecvError, Receiver};
 use tonic::{Code, Request, Status};
@@ -57,10 +58,17 @@ pub(crate) fn prefix_of(name: &[u8]) -> Bytes {
     p.into()
 }
 
-/// The contender's key under `lease`: `name/<lease in hex>`.
+/// The contender's key under `lease`: `name/<lease in hex>`, written as
+/// Go's `%x` writes an int64 (a minus sign, not two's complement), so the
+/// key is the one etcd's client-side recipes use for the same lease.
 pub(crate) fn key_of(name: &[u8], lease: i64) -> Bytes {
     let mut k = prefix_of(name).to_vec();
-    k.extend_from_slice(format!("{lease:x}").as_bytes());
+    let hex = if lease < 0 {
+        format!("-{:x}", lease.unsigned_abs())
+    } else {
+        format!("{lease:x}")
+    };
+    k.extend_from_slice(hex.as_bytes());
     k.into()
 }
 
@@ -279,10 +287,10 @@ impl Recipes {
         prefix: &Bytes,
         max_create: i64,
     ) -> Result<Option<ResponseHeader>, Status> {
+        // Subscribed before the first read, so nothing applied after it is
+        // missed.
+        let mut feed = self.feed();
         loop {
-            // Subscribed before the read, so nothing applied after it is
-            // missed.
-            let mut feed = self.0.node.subscribe();
             let (ahead, header) = self
                 .edge(prefix, range_request::SortOrder::Descend, max_create)
                 .await?;
@@ -290,53 +298,77 @@ impl Recipes {
                 return Ok(header);
             };
             let after = header.as_ref().map_or(0, |h| h.revision.max(0) as u64);
-            wait_feed(&mut feed, after, |e| {
+            feed.wait(after, |e| {
                 e.kind == EventType::Delete && e.kv.key == ahead.key
             })
             .await?;
         }
     }
 
-    /// A subscription to this node's apply feed.
-    pub fn subscribe(&self) -> Receiver<Arc<Notification>> {
-        self.0.node.subscribe()
+    /// This node's apply feed, from now on.
+    pub fn feed(&self) -> Feed {
+        Feed {
+            rx: self.0.node.subscribe(),
+            pending: VecDeque::new(),
+            last: 0,
+        }
     }
 }
 
-/// Waits on this node's apply feed for the first event after revision
-/// `after` that `wanted` accepts, and answers it; `None` if the feed fell
-/// behind or skipped revisions (a snapshot installed here), after which the
-/// caller must read again.
-pub(crate) async fn wait_feed(
-    feed: &mut Receiver<Arc<Notification>>,
-    after: u64,
-    mut wanted: impl FnMut(&WatchEvent) -> bool,
-) -> Result<Option<WatchEvent>, Status> {
-    let mut last = after;
-    loop {
-        match feed.recv().await {
-            Ok(n) => {
-                for item in &n.items {
-                    let Ok(e) = WatchEvent::decode(item) else {
-                        tracing::error!("undecodable watch event from the KV service");
-                        return Ok(None);
-                    };
-                    let rev = e.revision();
-                    if rev <= after {
-                        continue;
-                    }
-                    if rev > last + 1 {
-                        return Ok(None);
-                    }
-                    last = rev;
-                    if wanted(&e) {
-                        return Ok(Some(e));
-                    }
+/// This node's apply feed (the KV service's events, in apply order), read
+/// one event at a time: events of a notification not yet handed out wait
+/// for the next call.
+pub(crate) struct Feed {
+    rx: Receiver<Arc<Notification>>,
+    pending: VecDeque<WatchEvent>,
+    /// The highest revision read from the feed so far.
+    last: u64,
+}
+
+impl Feed {
+    /// The first event after revision `after` (what the caller read the
+    /// state at) that `wanted` accepts; `None` if the feed cannot tell what
+    /// happened since (it fell behind, skipped revisions, or the state was
+    /// replaced by a snapshot), after which the caller must read again.
+    pub async fn wait(
+        &mut self,
+        after: u64,
+        mut wanted: impl FnMut(&WatchEvent) -> bool,
+    ) -> Result<Option<WatchEvent>, Status> {
+        loop {
+            while let Some(e) = self.pending.pop_front() {
+                let rev = e.revision();
+                let known = self.last.max(after);
+                self.last = self.last.max(rev);
+                if rev <= after {
+                    continue;
+                }
+                if rev > known + 1 {
+                    self.pending.clear();
+                    return Ok(None);
+                }
+                if wanted(&e) {
+                    return Ok(Some(e));
                 }
             }
-            Err(RecvError::Lagged(_)) => return Ok(None),
-            Err(RecvError::Closed) => {
-                return Err(Status::unavailable("etcdserver: server stopped"))
+            match self.rx.recv().await {
+                Ok(n) if n.reset => return Ok(None),
+                Ok(n) => {
+                    for item in &n.items {
+                        match WatchEvent::decode(item) {
+                            Ok(e) => self.pending.push_back(e),
+                            Err(e) => {
+                                tracing::error!("undecodable watch event from the KV service: {e}");
+                                self.pending.clear();
+                                return Ok(None);
+                            }
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(_)) => return Ok(None),
+                Err(RecvError::Closed) => {
+                    return Err(Status::unavailable("etcdserver: server stopped"))
+                }
             }
         }
     }
@@ -377,6 +409,15 @@ impl Abandon {
     pub fn disarm(mut self) {
         self.armed = false;
     }
+
+    /// Guards the key a claim made; a key that was there already (the same
+    /// lease contending again) belongs to the call that made it, and is
+    /// left alone.
+    pub fn claimed(recipes: &Recipes, key: &Bytes, claim: &Claim) -> Abandon {
+        let mut a = Abandon::new(recipes, key, claim.rev);
+        a.armed = claim.existing.is_none();
+        a
+    }
 }
 
 impl Drop for Abandon {
@@ -400,12 +441,92 @@ impl Drop for Abandon {
 mod tests {
     use super::*;
 
+    use keel_kv::KeyValue;
+    use tokio::sync::broadcast;
+
+    fn event(kind: EventType, key: &str, rev: u64) -> WatchEvent {
+        WatchEvent {
+            kind,
+            kv: KeyValue {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                mod_revision: rev,
+                ..Default::default()
+            },
+            prev_kv: None,
+        }
+    }
+
+    fn notification(events: &[WatchEvent], reset: bool) -> Arc<Notification> {
+        Arc::new(Notification {
+            applied: 0,
+            items: events.iter().map(WatchEvent::encode).collect(),
+            reset,
+        })
+    }
+
+    /// Events of one notification are handed out one call at a time (a
+    /// leader's proclaim and resign applied in one batch are both seen);
+    /// a skipped revision, a replaced state or a lag means "read again".
+    #[tokio::test]
+    async fn the_feed_hands_out_every_event_and_says_when_it_cannot_tell() {
+        let (tx, rx) = broadcast::channel(4);
+        let mut feed = Feed {
+            rx,
+            pending: VecDeque::new(),
+            last: 0,
+        };
+        let (put, del) = (EventType::Put, EventType::Delete);
+        let n = |evs: &[WatchEvent]| notification(evs, false);
+        tx.send(n(&[
+            event(put, "x", 4),
+            event(put, "e/1", 5),
+            event(del, "e/1", 6),
+        ]))
+        .expect("send");
+        let on = |e: &WatchEvent| e.kv.key == "e/1";
+        let got = feed.wait(4, on).await.expect("feed").expect("the put");
+        assert_eq!((got.kind, got.revision()), (put, 5));
+        let got = feed.wait(5, on).await.expect("feed").expect("the delete");
+        assert_eq!((got.kind, got.revision()), (del, 6));
+        // Revision 7 never came: the feed cannot tell what it was.
+        tx.send(n(&[event(put, "e/1", 8)])).expect("send");
+        assert!(feed.wait(6, on).await.expect("feed").is_none());
+        // Read again at 8: what follows is handed out again.
+        tx.send(n(&[event(del, "e/1", 9)])).expect("send");
+        assert_eq!(
+            feed.wait(8, on).await.expect("feed").map(|e| e.revision()),
+            Some(9)
+        );
+        // Events at or before the caller's read are skipped, not gaps.
+        tx.send(n(&[event(put, "e/1", 9), event(put, "e/1", 10)]))
+            .expect("send");
+        assert_eq!(
+            feed.wait(9, on).await.expect("feed").map(|e| e.revision()),
+            Some(10)
+        );
+        tx.send(notification(&[], true)).expect("send");
+        assert!(
+            feed.wait(10, on).await.expect("feed").is_none(),
+            "a snapshot replaced the state"
+        );
+        for i in 0..6 {
+            tx.send(n(&[event(put, "e/1", 11 + i)])).expect("send");
+        }
+        assert!(
+            feed.wait(10, on).await.expect("feed").is_none(),
+            "the feed lagged"
+        );
+        drop(tx);
+        assert!(feed.wait(20, on).await.is_err(), "the node stopped");
+    }
+
     #[test]
     fn keys_and_prefixes_are_etcds() {
         assert_eq!(
             &key_of(b"my-lock", 0x694d_77f3_1d2c_9a01)[..],
             b"my-lock/694d77f31d2c9a01"
         );
+        assert_eq!(&key_of(b"l", -5)[..], b"l/-5", "as Go's %x writes an int64");
         assert_eq!(&prefix_of(b"e")[..], b"e/");
         assert_eq!(&prefix_end(b"e/")[..], b"e0");
         assert_eq!(&prefix_end(b"a\xff")[..], b"b");

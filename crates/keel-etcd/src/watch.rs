@@ -7,9 +7,10 @@
 //! skipped, which makes delivery exactly once and in revision order. A
 //! watch that starts in the past first catches up from the service's
 //! retained history (`Query::Events`, read from this node's state), then
-//! follows the feed. If the feed skips revisions (this node installed a
-//! snapshot, or the stream fell behind and the broadcast dropped
-//! notifications) every watch catches up from history the same way. A watch
+//! follows the feed. If the feed skips revisions or says the state was
+//! replaced (this node installed a snapshot), or the stream fell behind and
+//! the broadcast dropped notifications, every watch catches up from history
+//! the same way. A watch
 //! whose start is compacted away gets etcd's answer: a response with the
 //! compaction revision, canceled.
 
@@ -360,6 +361,7 @@ async fn run(
                     None => return Err(End::Client),
                 },
                 n = feed.recv() => match n {
+                    Ok(n) if n.reset => s.catch_up_all().await?,
                     Ok(n) => s.on_feed(&n.items).await?,
                     Err(RecvError::Lagged(_)) => s.catch_up_all().await?,
                     Err(RecvError::Closed) => {

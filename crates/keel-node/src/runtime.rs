@@ -269,6 +269,10 @@ enum ServiceInput {
 pub struct Notification {
     pub applied: Position,
     pub items: Vec<Bytes>,
+    /// The state was replaced by a snapshot (installed from the leader):
+    /// what it covers was never published, so subscribers must read the
+    /// state again. `items` is empty then.
+    pub reset: bool,
 }
 
 /// Admission of client requests to the consensus thread's queue: at most
@@ -2291,7 +2295,11 @@ impl ServiceWorker {
                     let items = host.service_mut().take_notifications();
                     if !items.is_empty() {
                         // Subscribers may leave meanwhile: send fails only then.
-                        let _ = self.notify.send(Arc::new(Notification { applied, items }));
+                        let _ = self.notify.send(Arc::new(Notification {
+                            applied,
+                            items,
+                            reset: false,
+                        }));
                     }
                 }
                 // The position goes through an atomic the consensus thread
@@ -2341,6 +2349,13 @@ impl ServiceWorker {
             }
             ServiceInput::Restore(s) => match host.restore(&s) {
                 Ok(timers) => {
+                    if self.notify.receiver_count() > 0 {
+                        let _ = self.notify.send(Arc::new(Notification {
+                            applied: s.meta.position,
+                            items: Vec::new(),
+                            reset: true,
+                        }));
+                    }
                     self.snapshots.restored(&s);
                     self.applied_shared
                         .fetch_max(s.meta.position, Ordering::AcqRel);

@@ -261,6 +261,14 @@ fn cli_mistakes_get_clear_errors() {
         (&["kv", "--endpoints", "127.0.0.1:1", "--timeout", "1", "get", "x"], "no leader reachable"),
         (&["dev", "--nodes", "0"], "0 is not in 1..=9"),
         (
+            &["bench", "kv", "--no-write", "--etcd-endpoints", "etcd-host"],
+            "--etcd-endpoints: \"etcd-host\" is not host:port",
+        ),
+        (
+            &["bench", "kv", "--no-write", "--systems", "keel", "--etcd-endpoints", "127.0.0.1:1"],
+            "--etcd-endpoints given, but --systems does not include etcd",
+        ),
+        (
             &["restore", "/nonexistent/backup.keel", "--id", "1", "--data-dir", "/nonexistent/data", "--peer-addr", "127.0.0.1:1", "--client-addr", "127.0.0.1:2"],
             "reading backup /nonexistent/backup.keel",
         ),

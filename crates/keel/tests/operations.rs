@@ -667,3 +667,61 @@ fn a_backup_restores_into_a_new_cluster() {
         assert_eq!(next.header.expect("header").revision, 54);
     });
 }
+
+/// `keel bench kv --keel-endpoints` measures a cluster it did not start
+/// (here the test's, as if on other machines): it finds the leader,
+/// preloads, runs the workload and reports it, with the cluster's CPU and
+/// memory marked as not measured.
+#[test]
+fn bench_kv_measures_a_cluster_already_running() {
+    let c = TestCluster::start(3, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    let eps: Vec<&str> = c.nodes.iter().map(|n| n.etcd.as_str()).collect();
+    let eps = eps.join(",");
+    let (code, text) = common::keel([
+        "bench",
+        "kv",
+        "--systems",
+        "keel",
+        "--keel-endpoints",
+        eps.as_str(),
+        "--workloads",
+        "put",
+        "--no-sweep",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--keys",
+        "100",
+        "--no-write",
+    ]);
+    assert_eq!(code, 0, "keel bench kv:\n{text}");
+    for want in [
+        "Keel = the cluster already running at",
+        "(its CPU and memory not measured)",
+        "| put | ",
+    ] {
+        assert!(text.contains(want), "expected {want:?} in:\n{text}");
+    }
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("| put | "))
+        .expect("a put row");
+    let ops: f64 = row
+        .split('|')
+        .nth(2)
+        .expect("ops/s")
+        .trim()
+        .parse()
+        .expect("ops/s");
+    assert!(ops > 0.0, "no puts measured: {row}");
+    // The preload's keys are in the cluster.
+    let mut client = c.client();
+    assert_eq!(
+        c.get(&mut client, "bench/00000099")
+            .as_deref()
+            .map(str::len),
+        Some(256)
+    );
+}

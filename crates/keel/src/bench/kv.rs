@@ -145,9 +145,31 @@ pub struct KvArgs {
     /// The etcd binary (default: `etcd` on PATH, else /usr/bin/etcd).
     #[arg(long)]
     etcd: Option<std::path::PathBuf>,
+    /// Measure a Keel cluster that is already running, at these etcd API
+    /// endpoints (host:port, comma-separated; every member, so the leader
+    /// is found), instead of starting one here: for example on other
+    /// machines, with cores of their own. Its CPU and memory are not
+    /// measured (the load generator's are). The preload writes `--keys`
+    /// keys under `bench/`, and the workloads overwrite them.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT")]
+    keel_endpoints: Vec<String>,
+    /// The same for an etcd cluster that is already running.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT")]
+    etcd_endpoints: Vec<String>,
     /// The PNG to write (default: BENCHMARKS-kv.png next to --out).
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
+}
+
+impl KvArgs {
+    /// The endpoints of `system`'s cluster if it runs elsewhere.
+    fn external(&self, system: System) -> Option<&[String]> {
+        let eps = match system {
+            System::Keel => &self.keel_endpoints,
+            System::Etcd => &self.etcd_endpoints,
+        };
+        (!eps.is_empty()).then_some(eps.as_slice())
+    }
 }
 
 /// One measured run.
@@ -165,8 +187,9 @@ struct Run {
     first_error: Option<String>,
     saturated: bool,
     /// CPU time per completed request during the measured window, in µs:
-    /// (the cluster's processes, the load generator). Closed loop only.
-    cpu_per_op: Option<(f64, f64)>,
+    /// (the cluster's processes, unless it runs elsewhere; the load
+    /// generator). Closed loop only.
+    cpu_per_op: Option<(Option<f64>, f64)>,
     /// The share of the machine's time the hypervisor stole during the
     /// measured window. Closed loop only.
     steal: Option<f64>,
@@ -542,10 +565,12 @@ async fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
         .await
 }
 
-/// A running cluster of either system.
+/// A running cluster of either system: started here, or already running
+/// elsewhere (`--keel-endpoints`, `--etcd-endpoints`).
 enum Cluster {
     Keel(KeelCluster),
     Etcd(EtcdCluster),
+    External(Vec<String>),
 }
 
 impl Cluster {
@@ -553,24 +578,36 @@ impl Cluster {
         match self {
             Cluster::Keel(c) => c.check_alive(),
             Cluster::Etcd(c) => c.check_alive(),
+            Cluster::External(_) => Ok(()),
         }
     }
     fn endpoints(&self) -> Vec<String> {
         match self {
             Cluster::Keel(c) => c.nodes.iter().filter_map(|n| n.etcd.clone()).collect(),
             Cluster::Etcd(c) => c.clients.clone(),
+            Cluster::External(eps) => eps.clone(),
         }
     }
     fn pids(&self) -> Vec<u32> {
         match self {
             Cluster::Keel(c) => c.pids(),
             Cluster::Etcd(c) => c.pids(),
+            Cluster::External(_) => Vec::new(),
         }
     }
-    fn dir(&self) -> &super::cluster::WorkDir {
+    fn dir(&self) -> Option<&super::cluster::WorkDir> {
         match self {
-            Cluster::Keel(c) => &c.dir,
-            Cluster::Etcd(c) => &c.dir,
+            Cluster::Keel(c) => Some(&c.dir),
+            Cluster::Etcd(c) => Some(&c.dir),
+            Cluster::External(_) => None,
+        }
+    }
+
+    /// Where the cluster is, for messages.
+    fn place(&self) -> String {
+        match self.dir() {
+            Some(d) => format!("in {}", d.path().display()),
+            None => format!("at {}", self.endpoints().join(",")),
         }
     }
 }
@@ -630,9 +667,9 @@ async fn wait_ready(cluster: &mut Cluster, system: System, timeout: Duration) ->
                 ""
             };
             bail!(
-                "{} cluster in {} not ready within {timeout:?}{hint}; last: {last}",
+                "{} cluster {} not ready within {timeout:?}{hint}; last: {last}",
                 system.name(),
-                cluster.dir().path().display()
+                cluster.place()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -730,10 +767,12 @@ fn run_line(r: &Run) -> String {
         ms(p.p999),
         ms(p.max)
     );
-    if let Some((servers, client)) = r.cpu_per_op {
-        s.push_str(&format!(
+    match r.cpu_per_op {
+        Some((Some(servers), client)) => s.push_str(&format!(
             "  CPU/op {servers:.0} µs cluster, {client:.0} µs load generator"
-        ));
+        )),
+        Some((None, client)) => s.push_str(&format!("  CPU/op {client:.0} µs load generator")),
+        None => {}
     }
     if let Some(st) = r.steal {
         s.push_str(&format!(", {:.0}% stolen by the hypervisor", st * 100.0));
@@ -767,8 +806,13 @@ async fn bench_system(
     pb: &ProgressBar,
     runs: &mut Vec<Run>,
 ) -> Result<()> {
-    pb.set_message(format!("{}: starting a 3-member cluster", system.name()));
+    let external = a.external(system);
+    pb.set_message(match external {
+        Some(eps) => format!("{}: connecting to {}", system.name(), eps.join(",")),
+        None => format!("{}: starting a 3-member cluster", system.name()),
+    });
     let mut cluster = match system {
+        _ if external.is_some() => Cluster::External(external.unwrap_or_default().to_vec()),
         System::Keel => Cluster::Keel(KeelCluster::start(
             &a.common.dir,
             a.common.keep,
@@ -786,13 +830,13 @@ async fn bench_system(
             a.threads.batch(),
         )?),
     };
-    if cluster.dir().kept() {
+    if let Some(dir) = cluster.dir().filter(|d| d.kept()) {
         say(
             pb,
             format!(
                 "{}: cluster data and logs in {}",
                 system.name(),
-                cluster.dir().path().display()
+                dir.path().display()
             ),
         );
     }
@@ -824,7 +868,8 @@ async fn bench_system(
         let mut r = to_run(a, system, w, None, &t, None);
         if t.done_during_window > 0 {
             let per_op = |secs: f64| secs * 1e6 / t.done_during_window as f64;
-            r.cpu_per_op = Some((per_op(cpu.servers), per_op(cpu.client)));
+            let servers = (!cluster.pids().is_empty()).then(|| per_op(cpu.servers));
+            r.cpu_per_op = Some((servers, per_op(cpu.client)));
         }
         r.steal = cpu.steal;
         r.peak_rss = cpu.peak_rss;
@@ -876,7 +921,31 @@ pub fn run(a: KvArgs) -> Result<i32> {
     if !a.common.no_write {
         a.common.check_out()?;
     }
-    let etcd = if a.systems.contains(&System::Etcd) {
+    for (system, eps) in [
+        (System::Keel, &a.keel_endpoints),
+        (System::Etcd, &a.etcd_endpoints),
+    ] {
+        if eps.is_empty() {
+            continue;
+        }
+        if !a.systems.contains(&system) {
+            bail!(
+                "--{}-endpoints given, but --systems does not include {}",
+                system.name().to_lowercase(),
+                system.name()
+            );
+        }
+        if let Some(bad) = eps.iter().find(|e| {
+            e.rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        }) {
+            bail!(
+                "--{}-endpoints: {bad:?} is not host:port",
+                system.name().to_lowercase()
+            );
+        }
+    }
+    let etcd = if a.systems.contains(&System::Etcd) && a.external(System::Etcd).is_none() {
         Some(find_etcd(a.etcd.as_deref())?)
     } else {
         None
@@ -956,7 +1025,12 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
     let systems: Vec<String> = a
         .systems
         .iter()
-        .map(|s| match s {
+        .map(|&s| match s {
+            _ if a.external(s).is_some() => format!(
+                "{} = the cluster already running at {} (its CPU and memory not measured)",
+                s.name(),
+                a.external(s).unwrap_or_default().join(", ")
+            ),
             System::Keel => format!(
                 "Keel = 3 `keel server --service kv {}` processes{} serving the \
                  etcd API, `{}` durability",
@@ -980,7 +1054,7 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
         "## Keel vs etcd over the etcd v3 API\n\n\
          `{}` ({} s per run after {} s warm-up, {} cores). \
          One load generator (raw tonic clients of the etcd v3 gRPC API) runs against each system \
-         in turn, each a 3-member cluster on loopback on the same machine: {}. \
+         in turn, {}: {}. \
          {} gRPC connections to {}, {} clients per connection; {} \
          keys of {} bytes, preloaded; keys chosen uniformly at random. Workloads: put; range of \
          one key, linearizable and serializable; txn-CAS = `txn` comparing the key's \
@@ -992,6 +1066,12 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
         a.common.duration,
         a.common.warmup,
         cores,
+        if a.external(System::Keel).is_some() || a.external(System::Etcd).is_some() {
+            "each a cluster given by its endpoints, or a 3-member cluster started on loopback \
+             on this machine"
+        } else {
+            "each a 3-member cluster on loopback on the same machine"
+        },
         systems.join("; "),
         a.connections,
         match a.target {
@@ -1174,9 +1254,9 @@ fn cpu_table(a: &KvArgs, runs: &[Run]) -> String {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} / {} | {} / {} |\n",
             w.name(),
-            us(k.map(|c| c.0)),
-            us(e.map(|c| c.0)),
-            ratio(e.map(|c| c.0), k.map(|c| c.0)),
+            us(k.and_then(|c| c.0)),
+            us(e.and_then(|c| c.0)),
+            ratio(e.and_then(|c| c.0), k.and_then(|c| c.0)),
             us(k.map(|c| c.1)),
             us(e.map(|c| c.1)),
             pct(steal(System::Keel, w)),

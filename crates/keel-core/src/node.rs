@@ -660,7 +660,8 @@ impl Node {
             },
             hold_persisted: recovered.hard_state.hold,
             hold_update_at: match recovered.hard_state.hold.cmp(&cfg.election_timeout_min) {
-                std::cmp::Ordering::Less => Some(now),
+                // At the first step, whatever its clock reads.
+                std::cmp::Ordering::Less => Some(0),
                 std::cmp::Ordering::Equal => None,
                 std::cmp::Ordering::Greater => Some(now.saturating_add(recovered.hard_state.hold)),
             },
@@ -857,7 +858,11 @@ impl Node {
                 // either. Only a restart with a lower election timeout
                 // than before gets here (elsewhere a leader's message sets
                 // the hold and a later deadline together).
-                self.election_deadline = self.election_deadline.max(self.vote_hold_until);
+                let spread = self.cfg.election_timeout_max - self.cfg.election_timeout_min;
+                let at = self
+                    .vote_hold_until
+                    .saturating_add(self.rng.range(0, spread));
+                self.election_deadline = self.election_deadline.max(at);
             } else if self.membership().is_voter(self.cfg.id) {
                 self.leader = None;
                 self.start_pre_vote(out);

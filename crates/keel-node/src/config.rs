@@ -96,6 +96,9 @@ fn default_clock_drift_ppm() -> u64 {
 fn default_replicated_sync_interval_ms() -> u64 {
     10
 }
+/// The longest election timeout accepted (etcd refuses 50 s and more).
+pub const MAX_ELECTION_TIMEOUT_MS: u64 = 60_000;
+
 fn default_write_timeout_ms() -> u64 {
     30_000
 }
@@ -223,10 +226,12 @@ pub struct NodeConfig {
     /// acknowledgements, shortened by `clock_drift_ppm`), instead of
     /// confirming its leadership with a heartbeat round per read. Safe only
     /// if no node's clock rate is off by more than the leader's
-    /// `clock_drift_ppm`, and a node whose `election_timeout_min_ms` was
-    /// lowered stayed down for at least its old value. Election timeouts,
-    /// and this setting itself, may differ between nodes: every node keeps
-    /// the stickiness leases need.
+    /// `clock_drift_ppm`. Election timeouts, and this setting itself, may
+    /// differ between nodes: every node keeps the stickiness leases need,
+    /// across restarts that change its timeout too (its hard state keeps
+    /// the old one until it has run), except a restart onto a data
+    /// directory without that record (written before it existed, or
+    /// rebuilt empty), which must not also lower the timeout.
     /// Off by default (etcd 3.4 confirms every linearizable read with a
     /// round).
     #[serde(default)]
@@ -338,6 +343,13 @@ impl NodeConfig {
             return bad(format!(
                 "heartbeat_ms ({}) must be above 0 and below election_timeout_min_ms ({})",
                 self.heartbeat_ms, self.election_timeout_min_ms
+            ));
+        }
+        if self.election_timeout_max_ms > MAX_ELECTION_TIMEOUT_MS {
+            return bad(format!(
+                "election_timeout_max_ms ({}) must be at most {MAX_ELECTION_TIMEOUT_MS} (a node \
+                 restarted with a longer one holds its vote that long after later restarts too)",
+                self.election_timeout_max_ms
             ));
         }
         if self.election_timeout_min_ms >= self.election_timeout_max_ms {
@@ -512,6 +524,16 @@ mod tests {
         let c: NodeConfig = toml::from_str(&lease).expect("parse");
         assert!(c.lease_reads && c.clock_drift_ppm == 500);
         c.validate().expect("valid");
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        c.election_timeout_max_ms = 3_600_000;
+        let e = c
+            .validate()
+            .expect_err("an hour's election timeout accepted");
+        assert!(
+            e.to_string()
+                .contains("election_timeout_max_ms (3600000) must be at most 60000"),
+            "{e}"
+        );
         let mut c: NodeConfig = toml::from_str(base()).expect("parse");
         assert_eq!(c.write_timeout_ms, 30_000);
         c.write_timeout_ms = 5;

@@ -1283,7 +1283,21 @@ impl Sim {
                     self.schedule(at - self.now, Ev::SnapshotStaged(id, inc, Box::new(s)));
                 }
             }
-            Action::Send(m) => self.send_peer(m),
+            Action::Send(m) => {
+                // A voter's reported stickiness is on its disk first, so a
+                // restart cannot forget it.
+                if let keel_core::Body::AppendResp { hold, .. } = m.body {
+                    let on_disk = self.nodes[i].disk.hard_state.hold;
+                    if hold > on_disk {
+                        self.report.violations.push(format!(
+                            "node {id} reported a hold of {} ms with only {} ms on disk",
+                            hold / MS,
+                            on_disk / MS
+                        ));
+                    }
+                }
+                self.send_peer(m)
+            }
             Action::SendSnapshotChunk {
                 mut message,
                 position,

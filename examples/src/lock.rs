@@ -4,6 +4,9 @@
 //! end, and `on_timer` releases the lock if the lease is still over then.
 //! A lock whose lease has run out is also treated as free by the next
 //! command that touches it, so correctness does not wait on the timer.
+//! Each new leader's term start gives every held lock its whole TTL again
+//! (as etcd's leases and Chubby's grace period do), so time without a
+//! leader, when holders could not renew, does not take their locks.
 //!
 //! # Encoding
 //!
@@ -28,9 +31,12 @@
 //! LockInfo          owner:u64, token:u64, expires_at:u64
 //! ```
 //!
-//! `expires_at` is in log time (nanoseconds). Snapshot: magic `LCK1`,
+//! `expires_at` is in log time (nanoseconds). Snapshot: magic `LCK2`,
 //! next token `u64`, lock count `u32`, then per lock in name order: name,
-//! `LockInfo`.
+//! `LockInfo`, the TTL of its last grant or renewal `ttl_ms:u64` (0:
+//! unknown). (`LCK1`
+//! snapshots, without the TTLs, are read too: their locks are not renewed
+//! at term starts until granted or renewed again.)
 
 use crate::codec::{DecodeError, Reader, Writer};
 use bytes::Bytes;
@@ -42,7 +48,8 @@ pub const MAX_NAME_LEN: usize = 1024;
 /// Longest lease, in milliseconds (one day).
 pub const MAX_TTL_MS: u64 = 86_400_000;
 
-const SNAPSHOT_MAGIC: [u8; 4] = *b"LCK1";
+const SNAPSHOT_MAGIC: [u8; 4] = *b"LCK2";
+const SNAPSHOT_MAGIC_V1: [u8; 4] = *b"LCK1";
 const NANOS_PER_MS: u64 = 1_000_000;
 
 /// A write to the lock table.
@@ -337,6 +344,9 @@ pub struct LockService {
     locks: BTreeMap<Bytes, LockInfo>,
     /// Lease timer id (the grant's token) -> lock name, for live locks.
     timers: BTreeMap<u64, Bytes>,
+    /// The grant's token -> the TTL of its last grant or renewal, in ms
+    /// (absent: unknown, from an `LCK1` snapshot).
+    ttls: BTreeMap<u64, u64>,
     next_token: u64,
 }
 
@@ -345,6 +355,7 @@ impl Default for LockService {
         LockService {
             locks: BTreeMap::new(),
             timers: BTreeMap::new(),
+            ttls: BTreeMap::new(),
             next_token: 1,
         }
     }
@@ -382,6 +393,7 @@ impl LockService {
     fn remove(&mut self, ctx: &mut Context<'_>, name: &[u8]) -> Option<LockInfo> {
         let info = self.locks.remove(name)?;
         self.timers.remove(&info.token);
+        self.ttls.remove(&info.token);
         ctx.cancel_timer(info.token);
         Some(info)
     }
@@ -413,6 +425,7 @@ impl LockService {
                     }
                     l.expires_at = expires_at;
                     ctx.schedule_timer(l.token, expires_at);
+                    self.ttls.insert(l.token, ttl_ms);
                     return LockReply::Granted {
                         token: l.token,
                         expires_at,
@@ -434,6 +447,7 @@ impl LockService {
                     },
                 );
                 self.timers.insert(token, name);
+                self.ttls.insert(token, ttl_ms);
                 ctx.schedule_timer(token, expires_at);
                 LockReply::Granted { token, expires_at }
             }
@@ -448,6 +462,7 @@ impl LockService {
                     Some(l) if l.owner == owner => {
                         l.expires_at = expires_at;
                         ctx.schedule_timer(l.token, expires_at);
+                        self.ttls.insert(l.token, ttl_ms);
                         LockReply::Renewed {
                             token: l.token,
                             expires_at,
@@ -475,10 +490,15 @@ impl LockService {
     }
 
     fn decode_snapshot(data: &[u8]) -> Result<LockService, DecodeError> {
+        let v1 = data.starts_with(&SNAPSHOT_MAGIC_V1);
         let mut r = Reader::new(data, "lock snapshot");
-        r.magic(&SNAPSHOT_MAGIC)?;
+        r.magic(if v1 {
+            &SNAPSHOT_MAGIC_V1
+        } else {
+            &SNAPSHOT_MAGIC
+        })?;
         let next_token = r.u64()?;
-        let n = r.count(4 + 24)?;
+        let n = r.count(if v1 { 4 + 24 } else { 4 + 32 })?;
         let mut s = LockService {
             next_token,
             ..LockService::default()
@@ -486,6 +506,14 @@ impl LockService {
         for _ in 0..n {
             let name = r.bytes()?;
             let info = LockInfo::decode_from(&mut r)?;
+            if !v1 {
+                // 0: unknown (the lock came from an `LCK1` snapshot).
+                let ttl_ms = r.u64()?;
+                if ttl_ms != 0 {
+                    check_ttl(ttl_ms)?;
+                    s.ttls.insert(info.token, ttl_ms);
+                }
+            }
             check_name(&name)?;
             if info.token == 0 || info.token >= next_token {
                 return Err(DecodeError::Invalid(format!(
@@ -526,6 +554,7 @@ impl Service for LockService {
         for (name, info) in &self.locks {
             w.bytes(name);
             info.encode_into(&mut w);
+            w.u64(self.ttls.get(&info.token).copied().unwrap_or(0));
         }
         *out = w.into_vec();
     }
@@ -550,6 +579,22 @@ impl Service for LockService {
                 message: e.to_string(),
             }
             .encode(),
+        }
+    }
+
+    /// A new leader's term starts: every held lock's lease runs for its
+    /// whole TTL from now (never shorter than it was).
+    fn on_term_start(&mut self, ctx: &mut Context<'_>) {
+        let now = ctx.time();
+        for info in self.locks.values_mut() {
+            let Some(&ttl_ms) = self.ttls.get(&info.token) else {
+                continue;
+            };
+            let end = now.saturating_add(ttl_ms.saturating_mul(NANOS_PER_MS));
+            if end > info.expires_at {
+                info.expires_at = end;
+                ctx.schedule_timer(info.token, end);
+            }
         }
     }
 
@@ -798,6 +843,47 @@ mod tests {
         assert_eq!(h.svc(), &before);
         let r = LockReply::decode(&h.host.query(&[7])).unwrap();
         assert!(matches!(r, LockReply::Error { .. }));
+    }
+
+    /// A term start (the time without a leader ends) gives held locks
+    /// their whole TTL again, reschedules their timers, and survives a
+    /// snapshot; a lock restored from an `LCK1` snapshot (TTL unknown)
+    /// keeps its end.
+    #[test]
+    fn a_term_start_renews_every_held_lock() {
+        let mut h = Harness::new(LockService::new());
+        let granted = send(&mut h, acquire("a", 1, 100));
+        let LockReply::Granted { expires_at, .. } = granted else {
+            panic!("{granted:?}");
+        };
+        send(&mut h, acquire("b", 2, 300));
+        // 150 ms without a leader: a's lease ran out, b's has 150 ms left.
+        h.time += 150 * MS;
+        h.term_start();
+        let a = h.svc().holder(b"a").expect("a still held");
+        assert_eq!(a.expires_at, h.time + 100 * MS);
+        assert!(a.expires_at > expires_at);
+        assert_eq!(h.scheduled(a.token), Some(a.expires_at));
+        let b = h.svc().holder(b"b").expect("b held");
+        assert_eq!(b.expires_at, h.time + 300 * MS);
+        // Renewed state is in the snapshot, TTLs included.
+        let r = h.restored(LockService::new());
+        assert_eq!(r.svc(), h.svc());
+        // An LCK1 snapshot has no TTLs: its locks keep their ends.
+        let mut v1 = b"LCK1".to_vec();
+        v1.extend_from_slice(&3u64.to_le_bytes());
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.push(b'c');
+        for w in [7u64, 2, 5_000] {
+            v1.extend_from_slice(&w.to_le_bytes());
+        }
+        let mut old = LockService::new();
+        old.restore(Some(&v1)).expect("an LCK1 snapshot");
+        let mut o = Harness::new(old);
+        o.time = 10_000;
+        o.term_start();
+        assert_eq!(o.svc().holder(b"c").map(|l| l.expires_at), Some(5_000));
     }
 
     #[test]

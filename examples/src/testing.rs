@@ -64,6 +64,14 @@ impl<S: Service> Harness<S> {
         }
     }
 
+    /// Applies a new leader's term-start entry at the current time.
+    pub(crate) fn term_start(&mut self) {
+        self.apply(
+            EntryKind::TermStart,
+            Bytes::from_static(keel_core::TERM_START_MARK),
+        );
+    }
+
     /// Applies a timer entry for (id, deadline) at the current time.
     pub(crate) fn timer(&mut self, id: u64, deadline: Nanos) {
         self.apply(EntryKind::Timer { id, deadline }, Bytes::new());

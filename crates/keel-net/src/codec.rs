@@ -14,10 +14,16 @@ use keel_core::{
 };
 use std::sync::Arc;
 
-/// The protocol version carried by every frame. 2: `AppendResp` carries the
-/// sender's `hold` (its leader stickiness), which leader leases count on,
-/// and `TimeoutNow` the leader's log end (so a late one is ignored).
-pub const VERSION: u8 = 2;
+/// The peer protocol's version, carried by `Hello` and `Peer` frames. 2:
+/// `AppendResp` carries the sender's `hold` (its leader stickiness), which
+/// leader leases count on, and `TimeoutNow` the leader's log end (so a
+/// late one is ignored).
+pub const PEER_VERSION: u8 = 2;
+/// The client protocol's version, carried by `Request` and `Response`
+/// frames. Kept apart from the peer protocol's so that a change between
+/// nodes does not refuse clients whose frames did not change (it was 2
+/// when the two were split, the version both families carried then).
+pub const CLIENT_VERSION: u8 = 2;
 /// The default limit on a frame's declared length.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
@@ -122,8 +128,12 @@ pub enum CodecError {
     FrameTooLarge { len: usize, max: usize },
     #[error("frame declares {len} bytes, expected at least {MIN_FRAME} (version and tag)")]
     FrameTooShort { len: usize },
-    #[error("unsupported protocol version {found}, expected {expected}")]
-    BadVersion { found: u8, expected: u8 },
+    #[error("unsupported {what} version {found}, expected {expected}")]
+    BadVersion {
+        what: &'static str,
+        found: u8,
+        expected: u8,
+    },
     #[error("unknown {what} tag {tag}")]
     UnknownTag { what: &'static str, tag: u8 },
     #[error("frame ended in the middle of {what}")]
@@ -153,6 +163,16 @@ const FRAME_HELLO: u8 = 1;
 const FRAME_PEER: u8 = 2;
 const FRAME_REQUEST: u8 = 3;
 const FRAME_RESPONSE: u8 = 4;
+
+/// The version a frame with this tag carries, and whose protocol it is
+/// (`None`: not a frame tag).
+fn version_for(tag: u8) -> Option<(u8, &'static str)> {
+    match tag {
+        FRAME_HELLO | FRAME_PEER => Some((PEER_VERSION, "peer protocol")),
+        FRAME_REQUEST | FRAME_RESPONSE => Some((CLIENT_VERSION, "client protocol")),
+        _ => None,
+    }
+}
 
 // Message body tags.
 const BODY_PRE_VOTE: u8 = 1;
@@ -212,26 +232,29 @@ const MIN_ENTRY: usize = 8 + 8 + 8 + 1 + 4;
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0; LEN_BYTES]);
-    out.push(VERSION);
+    let (version, tag) = match frame {
+        Frame::Hello { .. } => (PEER_VERSION, FRAME_HELLO),
+        Frame::Peer(_) => (PEER_VERSION, FRAME_PEER),
+        Frame::Request(_) => (CLIENT_VERSION, FRAME_REQUEST),
+        Frame::Response(_) => (CLIENT_VERSION, FRAME_RESPONSE),
+    };
+    out.push(version);
+    out.push(tag);
     match frame {
         Frame::Hello {
             cluster_id,
             node_id,
         } => {
-            out.push(FRAME_HELLO);
             put_u64(out, *cluster_id);
             put_u64(out, *node_id);
         }
         Frame::Peer(m) => {
-            out.push(FRAME_PEER);
             put_message(out, m);
         }
         Frame::Request(r) => {
-            out.push(FRAME_REQUEST);
             put_request(out, r);
         }
         Frame::Response(r) => {
-            out.push(FRAME_RESPONSE);
             put_response(out, r);
         }
     }
@@ -577,11 +600,14 @@ pub fn frame_size(buf: &[u8], max_frame: usize) -> Result<Option<usize>, CodecEr
     if len < MIN_FRAME {
         return Err(CodecError::FrameTooShort { len });
     }
-    if let Some(&found) = rest.first() {
-        if found != VERSION {
+    // The version byte is checked against the tag's family once both are
+    // there (an unknown tag is `decode`'s error).
+    if let Some(&[found, tag]) = rest.get(..2) {
+        if let Some((expected, what)) = version_for(tag).filter(|&(v, _)| v != found) {
             return Err(CodecError::BadVersion {
+                what,
                 found,
-                expected: VERSION,
+                expected,
             });
         }
     }
@@ -1346,7 +1372,7 @@ mod tests {
         #[test]
         fn random_payloads_never_panic(tag in 0u8..6, payload in vec(any::<u8>(), 0..300)) {
             let mut buf = vec![0; 4];
-            buf.push(VERSION);
+            buf.push(version_for(tag).map_or(PEER_VERSION, |(v, _)| v));
             buf.push(tag);
             buf.extend_from_slice(&payload);
             let len = buf.len() - 4;
@@ -1415,13 +1441,14 @@ mod tests {
 
         #[test]
         fn wrong_version_is_rejected(f in frame(), v in any::<u8>(), cut in any::<usize>()) {
-            prop_assume!(v != VERSION);
             let mut buf = enc(&f);
+            let (expected, what) = version_for(buf[5]).expect("a frame tag");
+            prop_assume!(v != expected);
             buf[4] = v;
-            let want = Err(CodecError::BadVersion { found: v, expected: VERSION });
+            let want = Err(CodecError::BadVersion { what, found: v, expected });
             prop_assert_eq!(decode(&buf, MAX), want.clone());
-            // Already from the version byte on, before the frame is complete.
-            let cut = 5 + cut % (buf.len() - 4);
+            // Already from the tag byte on, before the frame is complete.
+            let cut = 6 + cut % (buf.len() - 5);
             prop_assert_eq!(decode(&buf[..cut], MAX), want);
         }
 
@@ -1455,7 +1482,7 @@ mod tests {
             cluster_id: 0x0102,
             node_id: 7,
         });
-        let mut want = vec![18, 0, 0, 0, VERSION, 1];
+        let mut want = vec![18, 0, 0, 0, PEER_VERSION, 1];
         want.extend_from_slice(&0x0102u64.to_le_bytes());
         want.extend_from_slice(&7u64.to_le_bytes());
         assert_eq!(buf, want);
@@ -1495,7 +1522,7 @@ mod tests {
             assert_eq!(decode(&[2, 0, 0, 0][..n], MAX), Ok(None));
         }
         assert_eq!(decode(&[2, 0, 0, 0], MAX), Ok(None));
-        assert_eq!(decode(&[2, 0, 0, 0, VERSION], MAX), Ok(None));
+        assert_eq!(decode(&[2, 0, 0, 0, PEER_VERSION], MAX), Ok(None));
     }
 
     #[test]
@@ -1648,11 +1675,12 @@ mod tests {
         );
         assert_eq!(
             CodecError::BadVersion {
+                what: "peer protocol",
                 found: 9,
                 expected: 1
             }
             .to_string(),
-            "unsupported protocol version 9, expected 1"
+            "unsupported peer protocol version 9, expected 1"
         );
         assert_eq!(
             CodecError::UnknownTag {

@@ -26,11 +26,7 @@ impl LockApi {
         self.0
             .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
             .await?;
-        // Still ours? The lease may have ended while it waited.
-        let (kv, header) = self.0.get(&key).await?;
-        if kv.is_none_or(|kv| kv.create_revision != claim.rev) {
-            return Err(Status::unknown(SESSION_EXPIRED));
-        }
+        let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
         abandon.disarm();
         Ok(LockResponse { header, key })
     }

@@ -230,6 +230,22 @@ impl Recipes {
             .header)
     }
 
+    /// After a wait: is `key` still the one created at `rev` (the caller's
+    /// lease may have ended meanwhile)? The read's header if so, else the
+    /// error `expired`.
+    pub async fn still_owned(
+        &self,
+        key: &Bytes,
+        rev: i64,
+        expired: &'static str,
+    ) -> Result<Option<ResponseHeader>, Status> {
+        let (kv, header) = self.get(key).await?;
+        if kv.is_none_or(|kv| kv.create_revision != rev) {
+            return Err(Status::unknown(expired));
+        }
+        Ok(header)
+    }
+
     /// A linearizable read of `key`.
     pub async fn get(
         &self,

@@ -257,9 +257,12 @@ struct ServerArgs {
     /// its client is told the outcome is unknown (at least 100).
     #[arg(long)]
     write_timeout_ms: Option<u64>,
-    /// Election timeouts are drawn from [min, max).
+    /// Election timeouts are drawn from [min, max). The minimum is also how
+    /// long a node refuses other candidates after hearing a leader (and
+    /// after a start; after a restart that lowered it, the previous value).
     #[arg(long)]
     election_timeout_min_ms: Option<u64>,
+    /// The top of the election timeout range (at most 60000).
     #[arg(long)]
     election_timeout_max_ms: Option<u64>,
     /// Take a snapshot after this many bytes of log are applied.

@@ -20,6 +20,26 @@ pub mod not_served;
 mod recipes;
 pub mod watch;
 
+/// Shared by the unit tests of the watch feed's users.
+#[cfg(test)]
+pub(crate) mod test_events {
+    use bytes::Bytes;
+    use keel_kv::{EventType, KeyValue, WatchEvent};
+
+    /// An event of `kind` on `key` at revision `rev`.
+    pub fn event(kind: EventType, key: &str, rev: u64) -> WatchEvent {
+        WatchEvent {
+            kind,
+            kv: KeyValue {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                mod_revision: rev,
+                ..Default::default()
+            },
+            prev_kv: None,
+        }
+    }
+}
+
 use bytes::Bytes;
 use keel_etcd_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_etcd_proto::etcdserverpb::kv_server::KvServer;

@@ -456,21 +456,9 @@ impl Drop for Abandon {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_events::event;
 
-    use keel_kv::KeyValue;
     use tokio::sync::broadcast;
-
-    fn event(kind: EventType, key: &str, rev: u64) -> WatchEvent {
-        WatchEvent {
-            kind,
-            kv: KeyValue {
-                key: Bytes::copy_from_slice(key.as_bytes()),
-                mod_revision: rev,
-                ..Default::default()
-            },
-            prev_kv: None,
-        }
-    }
 
     fn notification(events: &[WatchEvent], reset: bool) -> Arc<Notification> {
         Arc::new(Notification {

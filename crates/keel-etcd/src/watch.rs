@@ -395,7 +395,7 @@ impl Watch for WatchApi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keel_kv::KeyValue;
+    use crate::test_events::event;
 
     fn watcher(key: &str, end: &[u8]) -> Watcher {
         Watcher {
@@ -406,18 +406,6 @@ mod tests {
             no_delete: false,
             progress_notify: false,
             next_rev: 5,
-        }
-    }
-
-    fn event(kind: EventType, key: &str, rev: u64) -> WatchEvent {
-        WatchEvent {
-            kind,
-            kv: KeyValue {
-                key: Bytes::copy_from_slice(key.as_bytes()),
-                mod_revision: rev,
-                ..Default::default()
-            },
-            prev_kv: None,
         }
     }
 

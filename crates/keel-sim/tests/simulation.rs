@@ -538,6 +538,18 @@ fn checkers_catch_lease_rules_broken_around_transfers() {
     }
 }
 
+/// The first of `seeds` whose run (configured by `cfg`) the lease-safety
+/// check fails; panics if none does.
+fn lease_safety_caught_in(seeds: std::ops::Range<u64>, cfg: impl Fn(u64) -> SimConfig) -> u64 {
+    for seed in seeds.clone() {
+        let r = run(&cfg(seed));
+        if r.violations.iter().any(|v| v.contains("lease safety:")) {
+            return seed;
+        }
+    }
+    panic!("the lease-safety check fired in none of seeds {seeds:?}");
+}
+
 /// A voter forgets the leader it heard when it restarts, so it must hold
 /// its vote for an election timeout after a start as well: without that
 /// hold, the restarted voter of `Scenario::LeaseSlowLeader` votes for a
@@ -545,17 +557,13 @@ fn checkers_catch_lease_rules_broken_around_transfers() {
 /// cut-off leader still answers reads from its lease.
 #[test]
 fn checkers_catch_a_restarted_voter_that_votes_at_once() {
-    for seed in 0..10 {
+    let caught = lease_safety_caught_in(0..10, |seed| {
         let nodes = if seed % 2 == 0 { 3 } else { 5 };
         let mut cfg = SimConfig::scenario(seed, nodes, mix("calm"), Scenario::LeaseSlowLeader);
         cfg.bugs.no_restart_hold = true;
-        let r = run(&cfg);
-        if r.violations.iter().any(|v| v.contains("lease safety:")) {
-            println!("a voter without its restart hold caught at seed {seed}");
-            return;
-        }
-    }
-    panic!("a voter without its restart hold was never caught");
+        cfg
+    });
+    println!("a voter without its restart hold caught at seed {caught}");
 }
 
 /// Election timeouts may change across a restart
@@ -598,17 +606,13 @@ fn a_voter_restarted_with_a_lower_election_timeout_keeps_its_old_hold() {
             cfg.restarts_change_timeouts = true;
         });
     }
-    for seed in 200..215 {
+    let caught = lease_safety_caught_in(200..215, |seed| {
         let mut cfg = SimConfig::scenario(seed, 3, mix("calm"), Scenario::LeaseSlowLeader);
         cfg.restarts_change_timeouts = true;
         cfg.bugs.restart_hold_ignores_old_timeout = true;
-        let r = run(&cfg);
-        if r.violations.iter().any(|v| v.contains("lease safety:")) {
-            println!("a restart that forgot its old hold caught at seed {seed}");
-            return;
-        }
-    }
-    panic!("a restart that forgot its old hold was never caught");
+        cfg
+    });
+    println!("a restart that forgot its old hold caught at seed {caught}");
 }
 
 /// Replicas that applied the same log hold the same service state, term

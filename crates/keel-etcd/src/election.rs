@@ -6,7 +6,7 @@
 //! deletes the leader key. See `recipes` for how candidates queue.
 
 use crate::convert::kv_out;
-use crate::recipes::{as_recipe_error, key_of, prefix_of, Abandon, Recipes};
+use crate::recipes::{as_recipe_error, key_of, prefix_of, Recipes};
 use bytes::Bytes;
 use keel_etcd_proto::mvccpb::KeyValue;
 use keel_etcd_proto::v3electionpb::election_server::Election;
@@ -99,8 +99,9 @@ impl Election for ElectionApi {
             let r = r.into_inner();
             let lease = self.0.lease_or_grant(r.lease).await?;
             let key = key_of(&r.name, lease);
+            let contender = self.0.contend(&key).await;
             let claim = self.0.claim(&key, r.value.clone(), lease).await?;
-            let abandon = Abandon::claimed(&self.0, &key, &claim);
+            contender.claimed(&claim);
             if claim
                 .existing
                 .as_ref()
@@ -122,11 +123,11 @@ impl Election for ElectionApi {
                 .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
                 .await;
             if let Err(e) = waited {
-                abandon.disarm();
+                contender.keep();
                 return Err(e);
             }
             let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
-            abandon.disarm();
+            contender.keep();
             Ok(Response::new(CampaignResponse {
                 header,
                 leader: Some(LeaderKey {

@@ -113,6 +113,8 @@ pub struct Api {
     /// One backup (`Snapshot`) at a time: each is a full copy of the state
     /// on disk and a turn of the snapshot thread.
     pub backups: Arc<tokio::sync::Semaphore>,
+    /// The Lock and Campaign calls in progress, by key.
+    pub(crate) contests: recipes::Contests,
 }
 
 impl Api {
@@ -294,6 +296,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
         node: node.clone(),
         config,
         backups: Arc::new(tokio::sync::Semaphore::new(1)),
+        contests: Default::default(),
     });
     let rt = node.runtime().clone();
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;

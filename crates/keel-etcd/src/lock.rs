@@ -3,9 +3,10 @@
 //! it is held (for guarding writes with a transaction on it); Unlock
 //! deletes that key. See `recipes` for how contenders queue. A Lock call
 //! that fails or is abandoned while it waits deletes the key it made, as
-//! etcd's unlocks.
+//! etcd's unlocks, unless another call of the same lease through this node
+//! shares it (`recipes::Contender`).
 
-use crate::recipes::{as_recipe_error, key_of, prefix_of, Abandon, Recipes};
+use crate::recipes::{as_recipe_error, key_of, prefix_of, Recipes};
 use keel_etcd_proto::v3lockpb::lock_server::Lock;
 use keel_etcd_proto::v3lockpb::*;
 use tonic::{Request, Response, Status};
@@ -21,13 +22,14 @@ impl LockApi {
     async fn acquire(&self, r: LockRequest) -> Result<LockResponse, Status> {
         let lease = self.0.lease_or_grant(r.lease).await?;
         let key = key_of(&r.name, lease);
+        let contender = self.0.contend(&key).await;
         let claim = self.0.claim(&key, Default::default(), lease).await?;
-        let abandon = Abandon::claimed(&self.0, &key, &claim);
+        contender.claimed(&claim);
         self.0
             .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
             .await?;
         let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
-        abandon.disarm();
+        contender.keep();
         Ok(LockResponse { header, key })
     }
 }

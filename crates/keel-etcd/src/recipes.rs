@@ -10,7 +10,8 @@
 //! its own to be deleted (released, resigned, or gone with their lease).
 //! A contender given no lease gets one of etcd's default session TTL, 60
 //! s, which nobody renews. A call abandoned while it waits (the client
-//! cancelled it or went away) deletes its key again, as etcd's does.
+//! cancelled it or went away) deletes its key again, as etcd's does,
+//! unless another call through this node shares the key (see `Contender`).
 
 use crate::kv::KvApi;
 use crate::lease::LeaseApi;
@@ -22,9 +23,10 @@ use keel_etcd_proto::etcdserverpb::*;
 use keel_etcd_proto::mvccpb::KeyValue;
 use keel_kv::{EventType, WatchEvent};
 use keel_node::Notification;
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast::{error::RecvError, Receiver};
+use tokio::sync::watch;
 use tonic::{Code, Request, Status};
 
 /// etcd's default session TTL, for a contender that names no lease.
@@ -144,7 +146,8 @@ impl Recipes {
         Ok(granted.id)
     }
 
-    /// Creates `key` with `value` under `lease` unless it exists.
+    /// Creates `key` with `value` under `lease` unless it exists (then
+    /// the caller adopts it).
     pub async fn claim(&self, key: &Bytes, value: Bytes, lease: i64) -> Result<Claim, Status> {
         let t = self
             .kv()
@@ -403,45 +406,62 @@ pub(crate) fn as_recipe_error(s: Status) -> Status {
     }
 }
 
-/// Deletes a contender's key if the call that made it is dropped before
-/// `disarm` (the client cancelled it or went away while it waited).
-pub(crate) struct Abandon {
+/// A Lock or Campaign call through this node, contending with its key.
+/// If every call contending with one key through this node gives up on it
+/// (its client cancelled or went away, or a Lock failed), and none kept
+/// it, the key one of them made is deleted again, as etcd's recipes
+/// delete theirs. Calls of one lease for one name share the key, so a
+/// call that gives up while another still contends with it, or after
+/// another came back holding it, leaves it alone; and a call that comes
+/// while the key is being deleted waits for that before it claims (else it
+/// could adopt the key just before it goes, and hold a lock it lost).
+pub(crate) struct Contender {
     recipes: Recipes,
     key: Bytes,
-    rev: i64,
-    armed: bool,
 }
 
-impl Abandon {
-    pub fn new(recipes: &Recipes, key: &Bytes, rev: i64) -> Abandon {
-        Abandon {
-            recipes: recipes.clone(),
-            key: key.clone(),
-            rev,
-            armed: true,
+impl Recipes {
+    /// Enters the contest for `key` (once a deletion of it is over).
+    pub async fn contend(&self, key: &Bytes) -> Contender {
+        loop {
+            match self.0.contests.join(key) {
+                Ok(()) => {
+                    return Contender {
+                        recipes: self.clone(),
+                        key: key.clone(),
+                    }
+                }
+                Err(mut deleting) => {
+                    // Err once the deleting task is over (or gone).
+                    while deleting.changed().await.is_ok() {}
+                    self.0.contests.finish(key, &deleting);
+                }
+            }
+        }
+    }
+}
+
+impl Contender {
+    /// Records what this call's claim found or made.
+    pub fn claimed(&self, claim: &Claim) {
+        if claim.existing.is_none() {
+            self.recipes.0.contests.made(&self.key, claim.rev);
         }
     }
 
-    pub fn disarm(mut self) {
-        self.armed = false;
-    }
-
-    /// Guards the key a claim made; a key that was there already (the same
-    /// lease contending again) belongs to the call that made it, and is
-    /// left alone.
-    pub fn claimed(recipes: &Recipes, key: &Bytes, claim: &Claim) -> Abandon {
-        let mut a = Abandon::new(recipes, key, claim.rev);
-        a.armed = claim.existing.is_none();
-        a
+    /// The call ends with the key kept: it holds the lock, leads, or stays
+    /// a candidate.
+    pub fn keep(self) {
+        self.recipes.0.contests.keep(&self.key);
     }
 }
 
-impl Drop for Abandon {
+impl Drop for Contender {
     fn drop(&mut self) {
-        if !self.armed {
+        let Some((rev, done)) = self.recipes.0.contests.leave(&self.key) else {
             return;
-        }
-        let (recipes, key, rev) = (self.recipes.clone(), self.key.clone(), self.rev);
+        };
+        let (recipes, key) = (self.recipes.clone(), self.key.clone());
         self.recipes.0.node.runtime().spawn(async move {
             if let Err(e) = recipes.delete_if_owner(&key, rev).await {
                 tracing::warn!(
@@ -449,13 +469,154 @@ impl Drop for Abandon {
                     String::from_utf8_lossy(&key)
                 );
             }
+            recipes.0.contests.finish(&key, &done.subscribe());
         });
+    }
+}
+
+/// This node's Lock and Campaign calls by key (see `Contender`).
+#[derive(Default)]
+pub(crate) struct Contests(Mutex<HashMap<Bytes, Contest>>);
+
+#[derive(Default)]
+pub(crate) struct Contest {
+    /// Calls contending with the key now.
+    active: usize,
+    /// The create revision of the key one of them made (none: they found
+    /// it there).
+    made: Option<i64>,
+    /// One of them came back with the key kept.
+    kept: bool,
+    /// The deletion after they all gave up, while it runs.
+    deleting: Option<watch::Receiver<()>>,
+}
+
+impl Contests {
+    /// Joins the contest for `key`; or, while the key is being deleted,
+    /// what to wait on before trying again.
+    fn join(&self, key: &Bytes) -> Result<(), watch::Receiver<()>> {
+        let mut map = self.lock();
+        let c = map.entry(key.clone()).or_default();
+        match &c.deleting {
+            Some(rx) => Err(rx.clone()),
+            None => {
+                c.active += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// A call made the key, at create revision `rev`.
+    fn made(&self, key: &Bytes, rev: i64) {
+        if let Some(c) = self.lock().get_mut(key) {
+            c.made = Some(rev);
+        }
+    }
+
+    /// A call leaves with the key kept.
+    fn keep(&self, key: &Bytes) {
+        if let Some(c) = self.lock().get_mut(key) {
+            c.kept = true;
+        }
+    }
+
+    /// A call leaves. If it was the last one, none kept the key and one
+    /// made it: the create revision to delete it at, and the deletion's
+    /// handle (drop it, after `finish`, when the deletion is over).
+    fn leave(&self, key: &Bytes) -> Option<(i64, watch::Sender<()>)> {
+        let mut map = self.lock();
+        let c = map.get_mut(key)?;
+        c.active = c.active.saturating_sub(1);
+        if c.active > 0 {
+            return None;
+        }
+        let Some(rev) = c.made.filter(|_| !c.kept) else {
+            map.remove(key);
+            return None;
+        };
+        let (done, rx) = watch::channel(());
+        c.deleting = Some(rx);
+        Some((rev, done))
+    }
+
+    /// The deletion `deleting` is over: forget the contest it ended.
+    fn finish(&self, key: &Bytes, deleting: &watch::Receiver<()>) {
+        let mut map = self.lock();
+        let ended = map
+            .get(key)
+            .and_then(|c| c.deleting.as_ref())
+            .is_some_and(|rx| rx.same_channel(deleting));
+        if ended {
+            map.remove(key);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Bytes, Contest>> {
+        // Every update leaves the map consistent, whatever panicked.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_call_to_give_up_deletes_the_key_one_of_them_made() {
+        let c = Contests::default();
+        let k = Bytes::from_static(b"n/1");
+        // Alone: made it, gave up, deleted.
+        c.join(&k).expect("join");
+        c.made(&k, 5);
+        let (rev, done) = c.leave(&k).expect("a deletion");
+        assert_eq!(rev, 5);
+        // A call that comes meanwhile waits for it.
+        let deleting = c.join(&k).expect_err("wait for the deletion");
+        c.finish(&k, &done.subscribe());
+        drop(done);
+        assert!(deleting.has_changed().is_err(), "the waiter is woken");
+        c.join(&k).expect("a new contest");
+        assert!(c.leave(&k).is_none(), "this one made nothing");
+        assert!(c.lock().is_empty());
+
+        // The maker gives up while an adopter still waits: kept for it.
+        c.join(&k).expect("maker");
+        c.made(&k, 7);
+        c.join(&k).expect("adopter");
+        assert!(c.leave(&k).is_none(), "the adopter still contends");
+        // ... and then the adopter gives up too: deleted.
+        let (rev, done) = c.leave(&k).expect("a deletion");
+        assert_eq!(rev, 7);
+        c.finish(&k, &done.subscribe());
+        assert!(c.lock().is_empty());
+
+        // One came back holding it: the other giving up leaves it.
+        c.join(&k).expect("maker");
+        c.made(&k, 9);
+        c.join(&k).expect("adopter");
+        c.keep(&k);
+        assert!(c.leave(&k).is_none());
+        assert!(c.leave(&k).is_none(), "kept by the other call");
+        assert!(c.lock().is_empty());
+
+        // Found there, given up: not ours to delete.
+        c.join(&k).expect("adopter");
+        assert!(c.leave(&k).is_none());
+        assert!(c.lock().is_empty());
+    }
+
+    #[test]
+    fn a_deletion_whose_task_vanished_ends_its_contest() {
+        let c = Contests::default();
+        let k = Bytes::from_static(b"n/2");
+        c.join(&k).expect("join");
+        c.made(&k, 3);
+        let (_, done) = c.leave(&k).expect("a deletion");
+        let deleting = c.join(&k).expect_err("wait");
+        drop(done);
+        c.finish(&k, &deleting);
+        c.join(&k).expect("a new contest");
+    }
     use crate::test_events::event;
 
     use tokio::sync::broadcast;

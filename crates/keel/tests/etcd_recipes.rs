@@ -9,7 +9,8 @@
 //! two transcripts (keys, values, leases, errors; no revisions) must match.
 //! On Keel, the waiting calls go through a follower. Then, on Keel only,
 //! where it answers differently on purpose: a waiter whose own lease ended
-//! is told so, and an abandoned campaign leaves no key.
+//! is told so, an abandoned campaign leaves no key, and a lock retried at
+//! once after its client gave up on it keeps the key it gets.
 
 mod common;
 
@@ -79,6 +80,11 @@ async fn until_keys(ch: &Channel, prefix: &str, n: usize) -> Vec<(String, String
     .await
 }
 
+/// The key a contender under `lease` owns for `name`.
+fn key(name: &str, lease: i64) -> String {
+    format!("{name}/{lease:x}")
+}
+
 fn lock(ch: &Channel, name: &str, lease: i64) -> JoinHandle<Result<LockResponse, Status>> {
     let mut c = LockClient::new(ch.clone());
     let req = LockRequest {
@@ -130,7 +136,6 @@ async fn script(a: Channel, b: Channel, base: i64) -> Vec<String> {
             .await
             .expect("grant");
     }
-    let key = |name: &str, lease: i64| format!("{name}/{lease:x}");
     let mut locks = LockClient::new(a.clone());
 
     // Lock: the first contender holds it at once; the same lease again is
@@ -329,12 +334,14 @@ async fn script(a: Channel, b: Channel, base: i64) -> Vec<String> {
 
 /// Where Keel answers differently from etcd 3.4, on purpose: a waiter
 /// whose own lease ended while it waited is told so (etcd 3.4 answers it
-/// with a key that no longer exists; 3.5 with this error). And a campaign
-/// whose client gives up leaves no key behind.
+/// with a key that no longer exists; 3.5 with this error). A campaign
+/// whose client gives up leaves no key behind. And a lock retried at once
+/// after its client gave up on it waits its turn with a key of its own
+/// (not the abandoned call's, which is being deleted).
 async fn keel_only(a: Channel, b: Channel, base: i64) {
     let mut leases = LeaseClient::new(a.clone());
-    let [l1, l2, l3] = [1, 2, 3].map(|n| base + n);
-    for id in [l1, l2, l3] {
+    let [l1, l2, l3, l4] = [1, 2, 3, 4].map(|n| base + n);
+    for id in [l1, l2, l3, l4] {
         leases
             .lease_grant(LeaseGrantRequest { ttl: 60, id })
             .await
@@ -367,6 +374,42 @@ async fn keel_only(a: Channel, b: Channel, base: i64) {
     quitter.abort();
     let left = until_keys(&a, "quit/", 1).await;
     assert_eq!(left[0].0, text(&won.leader.expect("leader key").key));
+
+    // A call that gives up deletes its key in a task of its own. A retry
+    // under the same lease shares the key (adopts it) if it claims before
+    // that deletion, which must then leave the key alone; if after, it
+    // claims a new key. Either way the retry gets the lock, and the key it
+    // holds stays. (The losing build deleted it within milliseconds.)
+    let mut held_keys = Vec::new();
+    for round in 0..40 {
+        let name = format!("retry{round}");
+        let held = done("lock l1", lock(&a, &name, l1)).await.expect("lock l1");
+        let gave_up = lock(&b, &name, l4);
+        until_keys(&a, &format!("{name}/"), 2).await;
+        gave_up.abort();
+        let _ = gave_up.await;
+        let retry = lock(&b, &name, l4);
+        if round % 2 == 1 {
+            // Also with the retry queued before the holder lets go.
+            until_keys(&a, &format!("{name}/"), 2).await;
+        }
+        LockClient::new(a.clone())
+            .unlock(UnlockRequest { key: held.key })
+            .await
+            .expect("unlock");
+        let r = done("the retried lock", retry)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the retried lock: {}", error(e)));
+        assert_eq!(text(&r.key), key(&name, l4));
+        held_keys.push((name, r.key));
+    }
+    for (name, k) in held_keys {
+        assert_eq!(
+            keys(&a, &format!("{name}/")).await,
+            vec![(text(&k), String::new())],
+            "{name}: the retried lock's key is there, alone"
+        );
+    }
 }
 
 #[test]

@@ -48,6 +48,20 @@ struct Entry {
     put: Option<Version>,
 }
 
+/// The newest of a key's history entries at or before revision `rev`.
+/// Most reads are of the latest state, so the newest entry is looked at
+/// first: one cache miss, where a binary search over a long history costs
+/// one per probe (the largest item on the service thread under txn-CAS).
+fn as_of(hist: &[Entry], rev: u64) -> Option<&Entry> {
+    match hist.last() {
+        Some(newest) if newest.main <= rev => Some(newest),
+        _ => {
+            let i = hist.partition_point(|e| e.main <= rev);
+            hist.get(i.checked_sub(1)?)
+        }
+    }
+}
+
 impl Entry {
     fn kv(&self, key: &Bytes) -> Option<KeyValue> {
         self.put.as_ref().map(|v| KeyValue {
@@ -155,8 +169,7 @@ impl Store {
     /// The key as of revision `rev` (no compaction check).
     pub fn get_at(&self, key: &[u8], rev: u64) -> Option<KeyValue> {
         let (k, hist) = self.keys.get_key_value(key)?;
-        let i = hist.partition_point(|e| e.main <= rev);
-        hist.get(i.checked_sub(1)?)?.kv(k)
+        as_of(hist, rev)?.kv(k)
     }
 
     fn iter_span<'a>(
@@ -196,13 +209,9 @@ impl Store {
         let mut kvs = Vec::new();
         let mut count = 0u64;
         for (k, hist) in self.iter_span(start, end) {
-            let i = hist.partition_point(|e| e.main <= rev);
-            let Some(e) = i.checked_sub(1).and_then(|i| hist.get(i)) else {
+            let Some(e) = as_of(hist, rev).filter(|e| e.put.is_some()) else {
                 continue;
             };
-            if e.put.is_none() {
-                continue;
-            }
             if kvs.len() < take {
                 kvs.extend(e.kv(k));
             }

@@ -468,7 +468,10 @@ pub fn stage_snapshot_with(
     let written = (|| {
         f.write_all(&placeholder)?;
         let mut w = CrcWriter {
-            inner: std::io::BufWriter::with_capacity(STAGE_BUFFER, &mut f),
+            inner: std::io::BufWriter::with_capacity(
+                STAGE_BUFFER,
+                WritebackPaced::new(&mut f, placeholder.len() as u64),
+            ),
             crc: 0,
             len: 0,
         };
@@ -492,6 +495,69 @@ pub fn stage_snapshot_with(
 /// The write buffer of a streamed snapshot: what the page cache takes in
 /// one system call.
 const STAGE_BUFFER: usize = 1 << 20;
+
+/// Writes a file sequentially, and sends each `STAGE_BUFFER` of it to the
+/// disk before taking the next (Linux `sync_file_range`), so a snapshot
+/// reaches the disk as it is written instead of as one burst at the final
+/// sync. A snapshot is the whole state (tens of megabytes and more); left
+/// to the final sync, it filled the disk's queue, and the log's
+/// `fdatasync`s behind it (each a write's acknowledgement) took 10–33 ms
+/// instead of well under one. The snapshot thread waits instead; the
+/// data is not yet durable before the final sync, as before.
+struct WritebackPaced<'a> {
+    file: &'a mut File,
+    /// The file offset written up to.
+    offset: u64,
+    /// Off once the file system refused (pacing is only an optimisation).
+    paced: bool,
+}
+
+impl<'a> WritebackPaced<'a> {
+    fn new(file: &'a mut File, offset: u64) -> Self {
+        WritebackPaced {
+            file,
+            offset,
+            paced: true,
+        }
+    }
+}
+
+impl Write for WritebackPaced<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // (A larger write would go to the disk in one burst again.)
+        let n = self.file.write(&buf[..buf.len().min(STAGE_BUFFER)])?;
+        if self.paced {
+            self.paced = writeback(self.file, self.offset, n as u64);
+        }
+        self.offset += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Starts writing `len` bytes of `file` from `offset` to the disk and waits
+/// until they are written (not a durability barrier: metadata and the
+/// disk's cache are left to `sync_all`). False if the file system cannot.
+#[cfg(target_os = "linux")]
+fn writeback(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return false;
+    };
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a plain system call on a file descriptor this borrow keeps
+    // open; it reads no memory of ours.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn writeback(_file: &File, _offset: u64, _len: u64) -> bool {
+    false
+}
 
 /// Passes writes through, keeping the checksum and the length of what went
 /// through.

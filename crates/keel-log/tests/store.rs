@@ -1059,3 +1059,27 @@ fn a_snapshot_inside_a_stale_tail_supersedes_it() {
     let o = LogStore::open(dir.path(), opts(1000)).expect("reopen again");
     assert_eq!(o.entries, vec![next]);
 }
+
+/// A state larger than the staging buffer, written in pieces larger than
+/// it too (the file goes to the disk a buffer at a time as it is written):
+/// the file is exactly `encode_snapshot`'s bytes.
+#[test]
+fn a_staged_snapshot_larger_than_the_write_buffer_is_written_whole() {
+    let data: Vec<u8> = (0..(3 << 20) + 123).map(|i| (i * 7 % 251) as u8).collect();
+    let s = Snapshot {
+        data: Bytes::from(data.clone()),
+        ..snapshot_at(4242, 3, b"")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (staged, len) = meta::stage_snapshot_with(dir.path(), &s.meta, |w| {
+        w.write_all(&data[..100])?;
+        w.write_all(&data[100..(5 << 19)])?;
+        w.write_all(&data[(5 << 19)..])
+    })
+    .expect("stage");
+    assert_eq!(len, data.len() as u64);
+    assert!(
+        std::fs::read(&staged).expect("read staged") == meta::encode_snapshot(&s),
+        "the staged file differs from the snapshot's encoding"
+    );
+}

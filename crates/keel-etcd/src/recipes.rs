@@ -506,10 +506,13 @@ impl Contests {
         }
     }
 
-    /// A call made the key, at create revision `rev`.
+    /// A call made the key, at create revision `rev`. (A key is made only
+    /// where none was: one a call kept before is gone, and this one is
+    /// nobody's until a call keeps it.)
     fn made(&self, key: &Bytes, rev: i64) {
         if let Some(c) = self.lock().get_mut(key) {
             c.made = Some(rev);
+            c.kept = false;
         }
     }
 
@@ -599,6 +602,20 @@ mod tests {
         assert!(c.leave(&k).is_none(), "kept by the other call");
         assert!(c.lock().is_empty());
 
+        // Kept, then released by its client while another call of the
+        // contest still ran; a later call makes a new key and gives up,
+        // and so does the other: the new key is nobody's, deleted.
+        c.join(&k).expect("a call the server has not dropped yet");
+        c.join(&k).expect("holder");
+        c.made(&k, 11);
+        c.keep(&k);
+        assert!(c.leave(&k).is_none());
+        c.join(&k).expect("retry");
+        c.made(&k, 20);
+        assert!(c.leave(&k).is_none(), "the first call still contends");
+        assert_eq!(c.leave(&k).map(|(rev, _)| rev), Some(20));
+
+        let c = Contests::default();
         // Found there, given up: not ours to delete.
         c.join(&k).expect("adopter");
         assert!(c.leave(&k).is_none());

@@ -508,7 +508,8 @@ struct WritebackPaced<'a> {
     file: &'a mut File,
     /// The file offset written up to.
     offset: u64,
-    /// Off once the file system refused (pacing is only an optimisation).
+    /// Off once the file system said it cannot (pacing is only an
+    /// optimisation; a write error fails the snapshot, as at its sync).
     paced: bool,
 }
 
@@ -527,7 +528,7 @@ impl Write for WritebackPaced<'_> {
         // (A larger write would go to the disk in one burst again.)
         let n = self.file.write(&buf[..buf.len().min(STAGE_BUFFER)])?;
         if self.paced {
-            self.paced = writeback(self.file, self.offset, n as u64);
+            self.paced = writeback(self.file, self.offset, n as u64)?;
         }
         self.offset += n as u64;
         Ok(n)
@@ -539,24 +540,33 @@ impl Write for WritebackPaced<'_> {
 
 /// Starts writing `len` bytes of `file` from `offset` to the disk and waits
 /// until they are written (not a durability barrier: metadata and the
-/// disk's cache are left to `sync_all`). False if the file system cannot.
+/// disk's cache are left to `sync_all`). `Ok(false)` if the file system
+/// cannot; a write error is returned, not left for `sync_all`, which would
+/// not see it again once this wait has reported it.
 #[cfg(target_os = "linux")]
-fn writeback(file: &File, offset: u64, len: u64) -> bool {
+fn writeback(file: &File, offset: u64, len: u64) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return false;
+        return Ok(false);
     };
     let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
         | libc::SYNC_FILE_RANGE_WRITE
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     // SAFETY: a plain system call on a file descriptor this borrow keeps
     // open; it reads no memory of ours.
-    unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) == 0 }
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ESPIPE | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(e),
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn writeback(_file: &File, _offset: u64, _len: u64) -> bool {
-    false
+fn writeback(_file: &File, _offset: u64, _len: u64) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 /// Passes writes through, keeping the checksum and the length of what went

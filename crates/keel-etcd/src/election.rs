@@ -100,8 +100,7 @@ impl Election for ElectionApi {
             let lease = self.0.lease_or_grant(r.lease).await?;
             let key = key_of(&r.name, lease);
             let contender = self.0.contend(&key).await;
-            let claim = self.0.claim(&key, r.value.clone(), lease).await?;
-            contender.claimed(&claim);
+            let claim = contender.claim(r.value.clone(), lease).await?;
             if claim
                 .existing
                 .as_ref()

@@ -23,8 +23,7 @@ impl LockApi {
         let lease = self.0.lease_or_grant(r.lease).await?;
         let key = key_of(&r.name, lease);
         let contender = self.0.contend(&key).await;
-        let claim = self.0.claim(&key, Default::default(), lease).await?;
-        contender.claimed(&claim);
+        let claim = contender.claim(Default::default(), lease).await?;
         self.0
             .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
             .await?;

@@ -25,8 +25,10 @@ use keel_kv::{EventType, WatchEvent};
 use keel_node::Notification;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::broadcast::{error::RecvError, Receiver};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tonic::{Code, Request, Status};
 
 /// etcd's default session TTL, for a contender that names no lease.
@@ -414,7 +416,9 @@ pub(crate) fn as_recipe_error(s: Status) -> Status {
 /// call that gives up while another still contends with it, or after
 /// another came back holding it, leaves it alone; and a call that comes
 /// while the key is being deleted waits for that before it claims (else it
-/// could adopt the key just before it goes, and hold a lock it lost).
+/// could adopt the key just before it goes, and hold a lock it lost). The
+/// deletion retries while the cluster cannot take it (no leader) for up to
+/// `ABANDONED_DELETE_RETRY_FOR`.
 pub(crate) struct Contender {
     recipes: Recipes,
     key: Bytes,
@@ -442,11 +446,31 @@ impl Recipes {
 }
 
 impl Contender {
-    /// Records what this call's claim found or made.
-    pub fn claimed(&self, claim: &Claim) {
-        if claim.existing.is_none() {
-            self.recipes.0.contests.made(&self.key, claim.rev);
-        }
+    /// Claims the key (`Recipes::claim`) on a task of its own, which holds
+    /// a place in the contest of its own until the claim is answered: a
+    /// call abandoned while its claim is in flight leaves, and the key the
+    /// claim makes is deleted after all (else it stayed until its lease
+    /// ended, ahead of every later contender).
+    pub async fn claim(&self, value: Bytes, lease: i64) -> Result<Claim, Status> {
+        self.recipes.0.contests.share(&self.key);
+        let share = Contender {
+            recipes: self.recipes.clone(),
+            key: self.key.clone(),
+        };
+        let task = self.recipes.0.node.runtime().spawn(async move {
+            let claim = share.recipes.claim(&share.key, value, lease).await;
+            if let Ok(c) = &claim {
+                if c.existing.is_none() {
+                    share.recipes.0.contests.made(&share.key, c.rev);
+                }
+            }
+            claim
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(Status::unavailable(format!(
+                "etcdserver: server stopped ({e})"
+            )))
+        })
     }
 
     /// The call ends with the key kept: it holds the lock, leads, or stays
@@ -463,14 +487,44 @@ impl Drop for Contender {
         };
         let (recipes, key) = (self.recipes.clone(), self.key.clone());
         self.recipes.0.node.runtime().spawn(async move {
-            if let Err(e) = recipes.delete_if_owner(&key, rev).await {
-                tracing::warn!(
-                    "removing the key {:?} of an abandoned lock or campaign: {e}",
-                    String::from_utf8_lossy(&key)
-                );
-            }
+            recipes.delete_abandoned(&key, rev).await;
             recipes.0.contests.finish(&key, &done.subscribe());
         });
+    }
+}
+
+/// How long the deletion of an abandoned call's key retries while the
+/// cluster cannot take it (no leader, too busy, timed out). Calls for the
+/// same key wait for it meanwhile; a key it could not delete stays until
+/// its lease ends.
+const ABANDONED_DELETE_RETRY_FOR: Duration = Duration::from_secs(30);
+
+impl Recipes {
+    /// Deletes the key an abandoned call made, created at `rev`.
+    async fn delete_abandoned(&self, key: &Bytes, rev: i64) {
+        let give_up = Instant::now() + ABANDONED_DELETE_RETRY_FOR;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let Err(e) = self.delete_if_owner(key, rev).await else {
+                return;
+            };
+            let retry = e.code() == Code::Unavailable && Instant::now() + pause < give_up;
+            tracing::warn!(
+                "removing the key {:?} of an abandoned lock or campaign: {}; {}",
+                String::from_utf8_lossy(key),
+                e.message(),
+                if retry {
+                    "retrying"
+                } else {
+                    "it stays until its lease ends"
+                }
+            );
+            if !retry {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 }
 
@@ -504,6 +558,12 @@ impl Contests {
                 Ok(())
             }
         }
+    }
+
+    /// One more place in the contest for `key`, taken by a call already
+    /// in it (its claim in flight), so it is not being deleted.
+    fn share(&self, key: &Bytes) {
+        self.lock().entry(key.clone()).or_default().active += 1;
     }
 
     /// A call made the key, at create revision `rev`. (A key is made only
@@ -618,6 +678,25 @@ mod tests {
         let c = Contests::default();
         // Found there, given up: not ours to delete.
         c.join(&k).expect("adopter");
+        assert!(c.leave(&k).is_none());
+        assert!(c.lock().is_empty());
+    }
+
+    #[test]
+    fn a_claim_in_flight_keeps_its_place_after_its_call_is_abandoned() {
+        let c = Contests::default();
+        let k = Bytes::from_static(b"n/3");
+        c.join(&k).expect("the call");
+        c.share(&k);
+        assert!(c.leave(&k).is_none(), "the claim is still in flight");
+        // The claim is answered: it made the key, and leaves last.
+        c.made(&k, 30);
+        assert_eq!(c.leave(&k).map(|(rev, _)| rev), Some(30));
+        // A claim answered with the key found there leaves nothing to do.
+        let c = Contests::default();
+        c.join(&k).expect("the call");
+        c.share(&k);
+        assert!(c.leave(&k).is_none());
         assert!(c.leave(&k).is_none());
         assert!(c.lock().is_empty());
     }

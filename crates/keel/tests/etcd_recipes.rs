@@ -9,8 +9,10 @@
 //! two transcripts (keys, values, leases, errors; no revisions) must match.
 //! On Keel, the waiting calls go through a follower. Then, on Keel only,
 //! where it answers differently on purpose: a waiter whose own lease ended
-//! is told so, an abandoned campaign leaves no key, and a lock retried at
-//! once after its client gave up on it keeps the key it gets.
+//! is told so, an abandoned campaign leaves no key, a lock retried at
+//! once after its client gave up on it keeps the key it gets, a lock
+//! abandoned while its claim is in flight leaves no key, and neither does
+//! one abandoned while the cluster has no leader (once it has one again).
 
 mod common;
 
@@ -410,6 +412,93 @@ async fn keel_only(a: Channel, b: Channel, base: i64) {
             "{name}: the retried lock's key is there, alone"
         );
     }
+
+    // Calls abandoned at staggered moments, some while their claim is on
+    // its way: a key a claim makes after its call is gone is deleted too.
+    // (The build without it left one there in most runs, and every later
+    // call under the lease adopted it, so it stayed.)
+    let held = done("lock l1", lock(&a, "midclaim", l1))
+        .await
+        .expect("lock l1");
+    for round in 0..40u64 {
+        let gave_up = lock(&b, "midclaim", l4);
+        tokio::time::sleep(Duration::from_micros(150 * (round % 20))).await;
+        gave_up.abort();
+        let _ = gave_up.await;
+    }
+    assert_eq!(
+        until_keys(&a, "midclaim/", 1).await,
+        vec![(text(&held.key), String::new())],
+        "only the holder's key is left"
+    );
+}
+
+/// An abandoned call's key is deleted even if the cluster has no leader
+/// when its client gives up: the deletion retries until one is back.
+/// `waiting` is the node the call goes through; the others are paused.
+fn abandoned_without_a_leader(c: &TestCluster, holding: u64, waiting: u64, base: i64) {
+    let (l1, l2) = (base + 1, base + 2);
+    let (waiter, held) = c.rt.block_on(async {
+        let a = etcd_channel(&c.node(holding).etcd).await;
+        let b = etcd_channel(&c.node(waiting).etcd).await;
+        let mut leases = LeaseClient::new(a.clone());
+        for id in [l1, l2] {
+            leases
+                .lease_grant(LeaseGrantRequest { ttl: 60, id })
+                .await
+                .expect("grant");
+        }
+        let held = done("lock l1", lock(&a, "noleader", l1))
+            .await
+            .expect("lock l1");
+        let waiter = lock(&b, "noleader", l2);
+        until_keys(&a, "noleader/", 2).await;
+        (waiter, held)
+    });
+    let others: Vec<u64> = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|&id| id != waiting)
+        .collect();
+    for &id in &others {
+        c.pause(id);
+    }
+    let start = std::time::Instant::now();
+    while c.status(waiting).and_then(|s| s.leader).is_some() {
+        assert!(
+            start.elapsed() < WAIT,
+            "node {waiting} still names a leader with the others paused"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.rt.block_on(async {
+        waiter.abort();
+        let _ = waiter.await;
+        within("a failed deletion, to be retried", async {
+            while !c.log_of(waiting).contains("noleader/") {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    });
+    assert!(
+        c.log_of(waiting).contains("; retrying"),
+        "the deletion says it retries: {}",
+        c.log_of(waiting)
+    );
+    for &id in &others {
+        c.resume(id);
+    }
+    c.wait_for_leader(WAIT);
+    c.rt.block_on(async {
+        let b = etcd_channel(&c.node(waiting).etcd).await;
+        assert_eq!(
+            until_keys(&b, "noleader/", 1).await,
+            vec![(text(&held.key), String::new())],
+            "the abandoned call's key is gone once there is a leader again"
+        );
+    });
 }
 
 #[test]
@@ -437,6 +526,7 @@ fn lock_and_election_services_behave_like_etcds() {
         let b = etcd_channel(&c.node(follower).etcd).await;
         keel_only(a, b, base + 100).await
     });
+    abandoned_without_a_leader(&c, leader, follower, base + 200);
     let Some(bin) = etcd_bin else {
         return;
     };

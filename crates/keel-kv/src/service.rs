@@ -119,21 +119,34 @@ impl Tx<'_> {
         self.w.commit()
     }
 
+    /// Puts `key`: its state before and after.
     fn put(&mut self, key: Bytes, value: Bytes, lease: i64) -> (Option<KeyValue>, KeyValue) {
+        self.put_answering(key, value, lease, true)
+            .unwrap_or_default()
+    }
+
+    /// `Write::put_answering`, with the key moved to its new lease.
+    fn put_answering(
+        &mut self,
+        key: Bytes,
+        value: Bytes,
+        lease: i64,
+        answer: bool,
+    ) -> Option<(Option<KeyValue>, KeyValue)> {
         // Callers check the lease exists; never attach a key to a missing one.
         let lease = if self.leases.contains(lease) {
             lease
         } else {
             0
         };
-        let (prev, kv) = self.w.put(key.clone(), value, lease);
-        if let Some(p) = &prev {
-            self.leases.detach(p.lease, &key);
+        let (prev_lease, states) = self.w.put_answering(key.clone(), value, lease, answer);
+        if let Some(prev) = prev_lease.filter(|&l| l != 0) {
+            self.leases.detach(prev, &key);
         }
         if lease != 0 {
             self.leases.attach(lease, key);
         }
-        (prev, kv)
+        states
     }
 
     fn delete(&mut self, key: &[u8]) -> Option<KeyValue> {
@@ -177,7 +190,7 @@ impl Tx<'_> {
             (Some(kv), true) => kv.lease,
             _ => p.lease,
         };
-        self.put(p.key.clone(), value, lease);
+        self.put_answering(p.key.clone(), value, lease, false);
         if !p.prev_kv {
             cur = None;
         }

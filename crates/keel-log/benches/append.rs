@@ -54,6 +54,7 @@ fn keel(size: usize, mode: Durability, secs: f64) -> (f64, f64, f64) {
         StorageEvent::Failed(e) => panic!("storage failed: {e}"),
         StorageEvent::SnapshotPublished { .. }
         | StorageEvent::Slow { .. }
+        | StorageEvent::Synced { .. }
         | StorageEvent::Warning(_) => {}
     })
     .expect("spawn");

@@ -51,6 +51,10 @@ pub enum StorageEvent {
     /// The snapshot file at `position`, `size` bytes, is published (named
     /// by the manifest): chunked installs to followers can read it.
     SnapshotPublished { position: Position, size: u64 },
+    /// The log was fdatasynced (in `sync` mode after a batch's writes; in
+    /// `replicated` mode by the syncer thread in the background): how long
+    /// the sync took, for a disk-latency metric.
+    Synced { took: Duration },
     /// A batch took longer than `SLOW_BATCH` (a slow disk holds up every
     /// commit behind it): how long, and where the time went.
     Slow { took: Duration, detail: String },
@@ -461,6 +465,8 @@ impl Deleter {
 struct Syncer {
     tx: Option<mpsc::SyncSender<(std::fs::File, PathBuf)>>,
     failed: Arc<std::sync::Mutex<Option<LogError>>>,
+    /// How long each finished sync took, not yet reported.
+    took: Arc<std::sync::Mutex<Vec<Duration>>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -468,25 +474,36 @@ impl Syncer {
     fn start() -> Result<Syncer, LogError> {
         let (tx, rx) = mpsc::sync_channel::<(std::fs::File, PathBuf)>(1);
         let failed = Arc::new(std::sync::Mutex::new(None));
-        let f = failed.clone();
+        let took = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (f, times) = (failed.clone(), took.clone());
         let handle = std::thread::Builder::new()
             .name("keel-syncer".into())
             .spawn(move || {
                 for (file, path) in rx {
+                    let t = Instant::now();
                     if let Err(e) = file.sync_data() {
                         if let Ok(mut slot) = f.lock() {
                             slot.get_or_insert(LogError::io(&path, "syncing", e));
                         }
                         return;
                     }
+                    lock_unpoisoned(&times).push(t.elapsed());
                 }
             })
             .map_err(|e| LogError::io(std::path::Path::new("."), "spawning the syncer", e))?;
         Ok(Syncer {
             tx: Some(tx),
             failed,
+            took,
             handle: Some(handle),
         })
+    }
+
+    /// Reports the syncs finished since the last call.
+    fn report_synced(&self, report: &mut impl FnMut(StorageEvent)) {
+        for took in std::mem::take(&mut *lock_unpoisoned(&self.took)) {
+            report(StorageEvent::Synced { took });
+        }
     }
 
     /// Asks for a sync of what `store` has written so far, unless the
@@ -557,6 +574,9 @@ fn serve(
         Ok(())
     };
     loop {
+        if let Some(s) = &syncer {
+            s.report_synced(report);
+        }
         let first = match durability {
             Durability::Sync => match rx.recv() {
                 Ok(r) => r,
@@ -661,7 +681,9 @@ fn serve(
         if !barriers.is_empty() || (unsynced && durability == Durability::Sync) {
             let t = Instant::now();
             store.sync()?;
-            times.sync += t.elapsed();
+            let took = t.elapsed();
+            times.sync += took;
+            report(StorageEvent::Synced { took });
             unsynced = false;
             shared.unsynced.store(false, Ordering::Release);
             last_sync = Instant::now();

@@ -532,12 +532,25 @@ fn storage_thread_reports_durable_positions_in_order() {
                 Durability::Replicated => assert_eq!(written, Some((pos, 1 + i / 50))),
             }
         }
+        if durability == Durability::Replicated {
+            // The syncer thread's background sync is reported too.
+            loop {
+                match rx.recv_timeout(Duration::from_secs(5)) {
+                    Ok(StorageEvent::Synced { .. }) => break,
+                    Ok(StorageEvent::Failed(e)) => panic!("storage failed: {e}"),
+                    Ok(_) => {}
+                    Err(e) => panic!("no background sync reported: {e}"),
+                }
+            }
+        }
         t.barrier().expect("barrier");
         let mut last = 0;
+        let mut synced = 0;
         // (`replicated` mode returned each end from `append` instead.)
         let sync = durability == Durability::Sync;
         while let Some(Ok(ev)) = sync.then(|| rx.recv_timeout(Duration::from_secs(5))) {
             match ev {
+                StorageEvent::Synced { .. } => synced += 1,
                 StorageEvent::Durable { position, term } => {
                     assert!(position > last, "durable went from {last} to {position}");
                     last = position;
@@ -554,6 +567,10 @@ fn storage_thread_reports_durable_positions_in_order() {
         }
         if durability == Durability::Sync {
             assert_eq!(last, pos, "never reported the end");
+            assert!(
+                synced > 0,
+                "each sync is reported before what it made durable"
+            );
         }
         t.shutdown().expect("shutdown");
         let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
@@ -654,6 +671,7 @@ fn a_write_error_stops_the_storage_thread_and_is_reported() {
             StorageEvent::Durable { .. }
             | StorageEvent::SnapshotPublished { .. }
             | StorageEvent::Slow { .. }
+            | StorageEvent::Synced { .. }
             | StorageEvent::Warning(_) => continue,
         }
     };

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub busy: Counter,
     pub admission_refusals: Counter,
     pub commit_latency: Histogram,
+    /// Each fdatasync of the log (etcd: `etcd_disk_wal_fsync_duration_seconds`).
+    pub log_fsync: Histogram,
     pub peer_messages_dropped: Gauge<u64, AtomicU64>,
     pub bad_frames: Gauge<u64, AtomicU64>,
     pub log_retained_bytes: Gauge,
@@ -71,6 +73,7 @@ impl Metrics {
             busy: Counter::default(),
             admission_refusals: Counter::default(),
             commit_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
+            log_fsync: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             peer_messages_dropped: Gauge::default(),
             bad_frames: Gauge::default(),
             log_retained_bytes: Gauge::default(),
@@ -158,6 +161,11 @@ impl Metrics {
             "commit_latency_seconds",
             "write accepted by the leader to reply",
             m.commit_latency.clone(),
+        );
+        registry.register(
+            "log_fsync_seconds",
+            "each fdatasync of the log: after a batch of appends (sync durability) or in the background (replicated); the disk's latency, which every sync-mode write waits for",
+            m.log_fsync.clone(),
         );
         registry.register(
             "peer_messages_dropped",

@@ -748,8 +748,13 @@ fn start_node(
         let tx = internal_tx.clone();
         let node_id = cfg.id;
         let interval = Duration::from_millis(cfg.replicated_sync_interval_ms);
+        let metrics = metrics.clone();
         StorageThread::spawn_with(opened.store, cfg.durability.into(), interval, move |ev| {
             let _ = tx.send(match ev {
+                StorageEvent::Synced { took } => {
+                    metrics.log_fsync.observe(took.as_secs_f64());
+                    return;
+                }
                 StorageEvent::Slow { took, detail } => {
                     warn!("node {node_id}: slow storage batch: {took:?} ({detail})");
                     return;

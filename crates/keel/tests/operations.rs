@@ -237,6 +237,8 @@ fn status_and_metrics_over_http() {
         assert!(m("keel_commit_position") > 0.0);
         assert!(m("keel_applied_position") > 0.0);
         assert!(m("keel_durable_position") > 0.0);
+        // (`sync` durability: what is durable was synced here.)
+        assert!(m("keel_log_fsync_seconds_count") >= 1.0);
         assert!(m("keel_append_position") >= m("keel_commit_position"));
         m("keel_queue_depth");
         m("keel_service_queue_depth");

@@ -122,11 +122,11 @@ impl Election for ElectionApi {
                 .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
                 .await;
             if let Err(e) = waited {
-                contender.keep();
+                contender.keep(claim.rev);
                 return Err(e);
             }
             let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
-            contender.keep();
+            contender.keep(claim.rev);
             Ok(Response::new(CampaignResponse {
                 header,
                 leader: Some(LeaderKey {

@@ -28,7 +28,7 @@ impl LockApi {
             .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
             .await?;
         let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
-        contender.keep();
+        contender.keep(claim.rev);
         Ok(LockResponse { header, key })
     }
 }

@@ -473,10 +473,10 @@ impl Contender {
         })
     }
 
-    /// The call ends with the key kept: it holds the lock, leads, or stays
-    /// a candidate.
-    pub fn keep(self) {
-        self.recipes.0.contests.keep(&self.key);
+    /// The call ends with the key its claim answered (created at `rev`)
+    /// kept: it holds the lock, leads, or stays a candidate.
+    pub fn keep(self, rev: i64) {
+        self.recipes.0.contests.keep(&self.key, rev);
     }
 }
 
@@ -495,35 +495,56 @@ impl Drop for Contender {
 
 /// How long the deletion of an abandoned call's key retries while the
 /// cluster cannot take it (no leader, too busy, timed out). Calls for the
-/// same key wait for it meanwhile; a key it could not delete stays until
-/// its lease ends.
+/// same key through this node wait for it meanwhile; a key it could not
+/// delete stays until its lease ends (with a session that keeps its lease
+/// alive, for as long as the client lives).
 const ABANDONED_DELETE_RETRY_FOR: Duration = Duration::from_secs(30);
+/// The longest pause between its attempts. Short, because the deletion is
+/// unconditional on who else uses the key, as etcd's: a client that moved
+/// on to another member with the same lease can adopt the key there once
+/// a leader is back, and lose it to a retry here; the sooner the retry
+/// after a leader is back, the smaller that window.
+const ABANDONED_DELETE_MAX_PAUSE: Duration = Duration::from_millis(100);
 
 impl Recipes {
     /// Deletes the key an abandoned call made, created at `rev`.
     async fn delete_abandoned(&self, key: &Bytes, rev: i64) {
         let give_up = Instant::now() + ABANDONED_DELETE_RETRY_FOR;
-        let mut pause = Duration::from_millis(20);
+        let mut pause = Duration::from_millis(10);
+        let mut attempts = 0u32;
         loop {
             let Err(e) = self.delete_if_owner(key, rev).await else {
+                if attempts > 0 {
+                    tracing::info!(
+                        "removed the key {:?} of an abandoned lock or campaign after {} failed \
+                         attempts",
+                        String::from_utf8_lossy(key),
+                        attempts
+                    );
+                }
                 return;
             };
-            let retry = e.code() == Code::Unavailable && Instant::now() + pause < give_up;
-            tracing::warn!(
-                "removing the key {:?} of an abandoned lock or campaign: {}; {}",
-                String::from_utf8_lossy(key),
-                e.message(),
-                if retry {
-                    "retrying"
-                } else {
-                    "it stays until its lease ends"
-                }
-            );
+            attempts += 1;
+            let retry = e.code() == Code::Unavailable
+                && !self.0.node.is_stopped()
+                && Instant::now() + pause < give_up;
+            if attempts == 1 || !retry {
+                tracing::warn!(
+                    "removing the key {:?} of an abandoned lock or campaign: {}; {}",
+                    String::from_utf8_lossy(key),
+                    e.message(),
+                    if retry {
+                        "retrying"
+                    } else {
+                        "it stays until its lease ends"
+                    }
+                );
+            }
             if !retry {
                 return;
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
+            pause = (pause * 2).min(ABANDONED_DELETE_MAX_PAUSE);
         }
     }
 }
@@ -539,8 +560,11 @@ pub(crate) struct Contest {
     /// The create revision of the key one of them made (none: they found
     /// it there).
     made: Option<i64>,
-    /// One of them came back with the key kept.
-    kept: bool,
+    /// The create revision of the key one of them came back with, kept.
+    /// A key made later is nobody's: it replaced that one after it went.
+    /// (Revisions, not a flag: a cancelled call's claim may report the key
+    /// it made after a retry already adopted and kept that same key.)
+    kept: Option<i64>,
     /// The deletion after they all gave up, while it runs.
     deleting: Option<watch::Receiver<()>>,
 }
@@ -571,15 +595,14 @@ impl Contests {
     /// nobody's until a call keeps it.)
     fn made(&self, key: &Bytes, rev: i64) {
         if let Some(c) = self.lock().get_mut(key) {
-            c.made = Some(rev);
-            c.kept = false;
+            c.made = c.made.max(Some(rev));
         }
     }
 
-    /// A call leaves with the key kept.
-    fn keep(&self, key: &Bytes) {
+    /// A call leaves with the key created at `rev` kept.
+    fn keep(&self, key: &Bytes, rev: i64) {
         if let Some(c) = self.lock().get_mut(key) {
-            c.kept = true;
+            c.kept = c.kept.max(Some(rev));
         }
     }
 
@@ -593,7 +616,7 @@ impl Contests {
         if c.active > 0 {
             return None;
         }
-        let Some(rev) = c.made.filter(|_| !c.kept) else {
+        let Some(rev) = c.made.filter(|&m| Some(m) > c.kept) else {
             map.remove(key);
             return None;
         };
@@ -657,7 +680,7 @@ mod tests {
         c.join(&k).expect("maker");
         c.made(&k, 9);
         c.join(&k).expect("adopter");
-        c.keep(&k);
+        c.keep(&k, 9);
         assert!(c.leave(&k).is_none());
         assert!(c.leave(&k).is_none(), "kept by the other call");
         assert!(c.lock().is_empty());
@@ -668,7 +691,7 @@ mod tests {
         c.join(&k).expect("a call the server has not dropped yet");
         c.join(&k).expect("holder");
         c.made(&k, 11);
-        c.keep(&k);
+        c.keep(&k, 11);
         assert!(c.leave(&k).is_none());
         c.join(&k).expect("retry");
         c.made(&k, 20);
@@ -692,6 +715,18 @@ mod tests {
         // The claim is answered: it made the key, and leaves last.
         c.made(&k, 30);
         assert_eq!(c.leave(&k).map(|(rev, _)| rev), Some(30));
+        // The cancelled call's claim made the key, but reports it only
+        // after a retry found, kept and left with it: still kept.
+        let c = Contests::default();
+        c.join(&k).expect("the cancelled call");
+        c.share(&k);
+        assert!(c.leave(&k).is_none());
+        c.join(&k).expect("the retry");
+        c.keep(&k, 40);
+        assert!(c.leave(&k).is_none());
+        c.made(&k, 40);
+        assert!(c.leave(&k).is_none(), "the key the retry holds stays");
+        assert!(c.lock().is_empty());
         // A claim answered with the key found there leaves nothing to do.
         let c = Contests::default();
         c.join(&k).expect("the call");

@@ -505,15 +505,18 @@ impl LogStore {
     }
 
     /// Makes everything written durable (fdatasync).
-    pub fn sync(&mut self) -> Result<(), LogError> {
-        if self.dirty {
-            let seg = &self.segments[self.segments.len() - 1];
-            self.file
-                .sync_data()
-                .map_err(|e| LogError::io(&seg.path, "syncing", e))?;
-            self.dirty = false;
+    /// Syncs what was written since the last sync, if anything: whether
+    /// there was.
+    pub fn sync(&mut self) -> Result<bool, LogError> {
+        if !self.dirty {
+            return Ok(false);
         }
-        Ok(())
+        let seg = &self.segments[self.segments.len() - 1];
+        self.file
+            .sync_data()
+            .map_err(|e| LogError::io(&seg.path, "syncing", e))?;
+        self.dirty = false;
+        Ok(true)
     }
 
     /// Removes every entry starting at or after `from` (an entry boundary).

@@ -370,7 +370,7 @@ fn run(
     lock_unpoisoned(&shared.store).defer_deletes();
     let deleter = Deleter::start()?;
     let served = serve(shared, durability, &rx, &deleter, &mut report)
-        .and_then(|_| lock_unpoisoned(&shared.store).sync());
+        .and_then(|_| lock_unpoisoned(&shared.store).sync().map(|_| ()));
     let result = match served {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -680,10 +680,11 @@ fn serve(
         // goes to the syncer thread.
         if !barriers.is_empty() || (unsynced && durability == Durability::Sync) {
             let t = Instant::now();
-            store.sync()?;
-            let took = t.elapsed();
-            times.sync += took;
-            report(StorageEvent::Synced { took });
+            if store.sync()? {
+                let took = t.elapsed();
+                times.sync += took;
+                report(StorageEvent::Synced { took });
+            }
             unsynced = false;
             shared.unsynced.store(false, Ordering::Release);
             last_sync = Instant::now();

@@ -509,6 +509,47 @@ fn appending_out_of_place_is_refused() {
     assert!(store.truncate(100).is_err());
 }
 
+/// Appends, a truncation and appends again, queued back to back (so the
+/// storage thread mostly takes them in one batch, where it writes a run of
+/// appends together): the log is what they say in their order.
+#[test]
+fn appends_around_a_truncation_land_in_order() {
+    for durability in [Durability::Sync, Durability::Replicated] {
+        for round in 0..20 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = LogStore::open(dir.path(), opts(1 << 20))
+                .expect("open")
+                .store;
+            let t = StorageThread::spawn(store, durability, |_| {}).expect("spawn");
+            let kept = run_of(1, 0, 10, 40);
+            let cut = end_of(&kept, 0);
+            let dropped = run_of(1, cut, 10 + round, 40);
+            let new = run_of(2, cut, 5, 60);
+            let more = run_of(2, end_of(&new, cut), 5, 20);
+            for run in [&kept, &dropped] {
+                for chunk in run.chunks(3) {
+                    t.append(chunk.to_vec()).expect("append");
+                }
+            }
+            t.truncate(cut).expect("truncate");
+            t.append(new.clone()).expect("append");
+            t.append(more.clone()).expect("append");
+            t.barrier().expect("barrier");
+            t.shutdown().expect("shutdown");
+            let end = end_of(&more, 0);
+            let o = LogStore::open(dir.path(), opts(1 << 20)).expect("reopen");
+            assert_eq!(o.store.last_pos(), end, "{durability:?} round {round}");
+            assert_eq!(o.store.last_term(), 2);
+            let want: Vec<Entry> = kept.iter().chain(&new).chain(&more).cloned().collect();
+            assert_eq!(
+                keel_log::store::read_range(dir.path(), 0, end).expect("read"),
+                want,
+                "{durability:?} round {round}"
+            );
+        }
+    }
+}
+
 #[test]
 fn storage_thread_reports_durable_positions_in_order() {
     for durability in [Durability::Sync, Durability::Replicated] {

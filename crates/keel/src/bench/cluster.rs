@@ -264,6 +264,8 @@ pub struct KeelNode {
     pub peer: String,
     pub client: String,
     pub etcd: Option<String>,
+    /// HTTP (`/metrics`), with the etcd API.
+    pub http: Option<String>,
 }
 
 /// A 3-node Keel cluster of `keel server` processes. Field order matters:
@@ -277,7 +279,7 @@ pub struct KeelCluster {
 impl KeelCluster {
     /// Starts `nodes` servers running `service` with `durability` and
     /// `threads`; with `etcd`, each also
-    /// serves the etcd v3 API. Returns once started (see
+    /// serves the etcd v3 API, and HTTP for its metrics. Returns once started (see
     /// [`KeelCluster::wait_for_leader`]).
     pub fn start(
         parent: &Path,
@@ -290,7 +292,7 @@ impl KeelCluster {
     ) -> Result<KeelCluster> {
         let exe = std::env::current_exe().context("finding the keel executable")?;
         let dir = WorkDir::new(parent, &format!("keel-bench-{service}-{durability}-"), keep)?;
-        let per_node = if etcd { 3 } else { 2 };
+        let per_node = if etcd { 4 } else { 2 };
         let ports = free_ports(nodes as usize * per_node)?;
         let list: Vec<KeelNode> = (0..nodes as usize)
             .map(|i| KeelNode {
@@ -298,6 +300,7 @@ impl KeelCluster {
                 peer: format!("127.0.0.1:{}", ports[i * per_node]),
                 client: format!("127.0.0.1:{}", ports[i * per_node + 1]),
                 etcd: etcd.then(|| format!("127.0.0.1:{}", ports[i * per_node + 2])),
+                http: etcd.then(|| format!("127.0.0.1:{}", ports[i * per_node + 3])),
             })
             .collect();
         let mut procs = Procs::default();
@@ -391,6 +394,9 @@ fn node_config(
     );
     if let Some(e) = &n.etcd {
         toml.push_str(&format!("etcd_addr = \"{e}\"\n"));
+    }
+    if let Some(h) = &n.http {
+        toml.push_str(&format!("http_addr = \"{h}\"\n"));
     }
     for line in &threads.keel_config {
         toml.push_str(line);
@@ -616,6 +622,7 @@ mod tests {
                 peer: format!("127.0.0.1:{}", 9000 + id),
                 client: format!("127.0.0.1:{}", 9100 + id),
                 etcd: Some(format!("127.0.0.1:{}", 9200 + id)),
+                http: Some(format!("127.0.0.1:{}", 9300 + id)),
             })
             .collect();
         let threads = NodeThreadArgs {
@@ -627,6 +634,7 @@ mod tests {
         let v: toml::Value = toml::from_str(&t).expect("valid TOML");
         assert_eq!(v["id"].as_integer(), Some(2));
         assert_eq!(v["etcd_addr"].as_str(), Some("127.0.0.1:9202"));
+        assert_eq!(v["http_addr"].as_str(), Some("127.0.0.1:9302"));
         assert_eq!(v["service"].as_str(), Some("echo"));
         assert_eq!(v["service_thread"].as_str(), Some("shared"));
         assert_eq!(v["thread_scheduling"].as_str(), Some("normal"));

@@ -13,6 +13,7 @@ use super::cluster::{
     MachineTicks,
 };
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
+use super::prom;
 use super::report::{self, histogram, ms, Panel, Percentiles, Series};
 use super::{check_interrupted, interrupted, parse_rate, say, CommonArgs, NodeThreadArgs};
 use anyhow::{bail, Context as _, Result};
@@ -48,7 +49,8 @@ preloads --keys keys of --value-size bytes, then runs every workload:
 Closed loop: --connections gRPC connections × --clients clients per \
 connection, each client with one request in flight, for --warmup then \
 --duration seconds: ops/s and latency percentiles, and the Keel/etcd \
-ratio per workload. Then (unless --no-sweep) open loop at each of --rates \
+ratio per workload; each system's CPU time per request, and its members' \
+log fdatasyncs (count and time, from their metrics). Then (unless --no-sweep) open loop at each of --rates \
 (requests scheduled at fixed times, latency from the scheduled time, at most \
 --clients in flight per connection) until the system saturates, for the \
 latency-vs-rate plot.
@@ -196,6 +198,9 @@ struct Run {
     /// The largest member's peak resident memory since it started, read at
     /// the end of the measured window, in bytes. Closed loop only.
     peak_rss: Option<u64>,
+    /// The members' log fdatasyncs during the measured window, and the
+    /// requests completed in it. Closed loop only.
+    syncs: Option<(prom::Hist, u64)>,
 }
 
 /// What every request needs.
@@ -379,12 +384,14 @@ async fn closed_loop(
     w: Workload,
     seed: u64,
     servers: &[u32],
+    syncs: Option<Syncs>,
 ) -> Result<(Tally, CpuUsed)> {
     let warm = a.common.warmup().as_nanos() as u64;
     let end = warm + a.common.duration().as_nanos() as u64;
     let start = Instant::now();
     let cpu = tokio::spawn(cpu_during(
         servers.to_vec(),
+        syncs,
         start + Duration::from_nanos(warm),
         start + Duration::from_nanos(end),
     ));
@@ -422,9 +429,17 @@ async fn closed_loop(
     Ok((total, cpu))
 }
 
+/// Where a cluster's members report their log's fdatasyncs: their metrics
+/// addresses (host:port) and the histogram's name.
+#[derive(Clone, Debug)]
+struct Syncs {
+    addrs: Vec<String>,
+    histogram: &'static str,
+}
+
 /// CPU seconds used during a window: by the cluster's processes, and by
 /// this process (the load generator).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct CpuUsed {
     servers: f64,
     client: f64,
@@ -433,27 +448,42 @@ struct CpuUsed {
     /// The largest cluster member's peak resident memory so far, at the
     /// window's end.
     peak_rss: Option<u64>,
+    /// The members' fdatasyncs during the window, all members together.
+    syncs: Option<prom::Hist>,
 }
 
-/// Samples CPU time at `from` and `to` (the measured window).
-async fn cpu_during(pids: Vec<u32>, from: Instant, to: Instant) -> CpuUsed {
+/// Samples CPU time (and the members' sync histograms) at `from` and `to`
+/// (the measured window).
+async fn cpu_during(pids: Vec<u32>, syncs: Option<Syncs>, from: Instant, to: Instant) -> CpuUsed {
+    let scrape = |s: &Option<Syncs>| {
+        let s = s.clone();
+        async move {
+            match s {
+                Some(s) => prom::scrape_sum(&s.addrs, s.histogram).await,
+                None => None,
+            }
+        }
+    };
     tokio::time::sleep_until(from.into()).await;
     let (s0, c0, k0) = (
         cpu_seconds(Some(&pids)),
         cpu_seconds(None),
         MachineTicks::now(),
     );
+    let h0 = scrape(&syncs).await;
     tokio::time::sleep_until(to.into()).await;
     let (s1, c1, k1) = (
         cpu_seconds(Some(&pids)),
         cpu_seconds(None),
         MachineTicks::now(),
     );
+    let h1 = scrape(&syncs).await;
     CpuUsed {
         servers: (s1 - s0).max(0.0),
         client: (c1 - c0).max(0.0),
         steal: k0.zip(k1).and_then(|(k0, k1)| k1.steal_since(&k0)),
         peak_rss: peak_rss_bytes(&pids),
+        syncs: h0.zip(h1).map(|(h0, h1)| h1.since(&h0)),
     }
 }
 
@@ -593,6 +623,25 @@ impl Cluster {
             Cluster::Keel(c) => c.pids(),
             Cluster::Etcd(c) => c.pids(),
             Cluster::External(_) => Vec::new(),
+        }
+    }
+    /// Where the members' log fdatasyncs are counted (etcd serves its
+    /// metrics on its client URLs).
+    fn syncs(&self) -> Option<Syncs> {
+        match self {
+            Cluster::Keel(c) => Some(Syncs {
+                addrs: c
+                    .nodes
+                    .iter()
+                    .map(|n| n.http.clone())
+                    .collect::<Option<_>>()?,
+                histogram: "keel_log_fsync_seconds",
+            }),
+            Cluster::Etcd(c) => Some(Syncs {
+                addrs: c.clients.clone(),
+                histogram: "etcd_disk_wal_fsync_duration_seconds",
+            }),
+            Cluster::External(_) => None,
         }
     }
     fn dir(&self) -> Option<&super::cluster::WorkDir> {
@@ -741,6 +790,7 @@ fn to_run(
         cpu_per_op: None,
         steal: None,
         peak_rss: None,
+        syncs: None,
     }
 }
 
@@ -863,7 +913,16 @@ async fn bench_system(
     for &w in &a.workloads {
         pb.set_message(format!("{}: {} closed loop", system.name(), w.name()));
         seed += 1;
-        let (t, cpu) = closed_loop(a, &channels, &ctx, w, seed, &cluster.pids()).await?;
+        let (t, cpu) = closed_loop(
+            a,
+            &channels,
+            &ctx,
+            w,
+            seed,
+            &cluster.pids(),
+            cluster.syncs(),
+        )
+        .await?;
         cluster.check_alive()?;
         let mut r = to_run(a, system, w, None, &t, None);
         if t.done_during_window > 0 {
@@ -873,6 +932,7 @@ async fn bench_system(
         }
         r.steal = cpu.steal;
         r.peak_rss = cpu.peak_rss;
+        r.syncs = cpu.syncs.map(|h| (h, t.done_during_window));
         say(pb, run_line(&r));
         pb.inc(1);
         if t.ok_in_window == 0 {
@@ -1112,6 +1172,7 @@ fn markdown(a: &KvArgs, runs: &[Run], etcd_ver: Option<&str>) -> String {
         ));
     }
     s.push_str(&cpu_table(a, runs));
+    s.push_str(&sync_table(a, runs));
     let problems: Vec<String> = runs
         .iter()
         .filter(|r| r.errors + r.lost > 0)
@@ -1263,6 +1324,56 @@ fn cpu_table(a: &KvArgs, runs: &[Run]) -> String {
             pct(steal(System::Etcd, w)),
             mem(rss(System::Keel, w)),
             mem(rss(System::Etcd, w)),
+        ));
+    }
+    s
+}
+
+/// The members' log fdatasyncs per closed-loop workload that made any.
+fn sync_table(a: &KvArgs, runs: &[Run]) -> String {
+    let syncs = |sys, w| {
+        find(runs, sys, w, None)
+            .and_then(|r| r.syncs.as_ref())
+            .filter(|(h, _)| h.count > 0)
+    };
+    let rows: Vec<Workload> = a
+        .workloads
+        .iter()
+        .copied()
+        .filter(|&w| syncs(System::Keel, w).is_some() || syncs(System::Etcd, w).is_some())
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\n**Disk syncs** (closed loop, measured window): the fdatasyncs of the log on all 3 \
+         members together, from each member's metrics before and after the window (Keel \
+         `keel_log_fsync_seconds`, etcd `etcd_disk_wal_fsync_duration_seconds`). Per 1000 \
+         requests: how many requests each sync carried (group commit); the time is what a \
+         write waits for on each member it needs. p99 is interpolated within the histograms' \
+         buckets (etcd's are 1 ms wide at the bottom, so its p99 is coarse).\n\n\
+         | workload | Keel syncs per 1000 requests | Keel mean ms | Keel p99 ms | etcd syncs per 1000 requests | etcd mean ms | etcd p99 ms |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let cells = |v: Option<&(prom::Hist, u64)>| match v {
+        Some((h, done)) => [
+            if *done > 0 {
+                format!("{:.1}", h.count as f64 * 1000.0 / *done as f64)
+            } else {
+                "—".into()
+            },
+            h.mean().map_or("—".into(), |m| format!("{:.2}", m * 1e3)),
+            h.quantile(0.99)
+                .map_or("—".into(), |q| format!("{:.2}", q * 1e3)),
+        ],
+        None => ["—".into(), "—".into(), "—".into()],
+    };
+    for w in rows {
+        let [k1, k2, k3] = cells(syncs(System::Keel, w));
+        let [e1, e2, e3] = cells(syncs(System::Etcd, w));
+        s.push_str(&format!(
+            "| {} | {k1} | {k2} | {k3} | {e1} | {e2} | {e3} |\n",
+            w.name()
         ));
     }
     s

@@ -12,6 +12,7 @@ mod cluster;
 mod echo;
 mod kv;
 mod pace;
+mod prom;
 mod report;
 
 use anyhow::{bail, Result};

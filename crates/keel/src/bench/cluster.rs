@@ -264,7 +264,7 @@ pub struct KeelNode {
     pub peer: String,
     pub client: String,
     pub etcd: Option<String>,
-    /// HTTP (`/metrics`), with the etcd API.
+    /// HTTP (`/metrics`).
     pub http: Option<String>,
 }
 
@@ -278,8 +278,8 @@ pub struct KeelCluster {
 
 impl KeelCluster {
     /// Starts `nodes` servers running `service` with `durability` and
-    /// `threads`; with `etcd`, each also
-    /// serves the etcd v3 API, and HTTP for its metrics. Returns once started (see
+    /// `threads`, each serving HTTP for its metrics; with `etcd`, each also
+    /// serves the etcd v3 API. Returns once started (see
     /// [`KeelCluster::wait_for_leader`]).
     pub fn start(
         parent: &Path,
@@ -292,7 +292,7 @@ impl KeelCluster {
     ) -> Result<KeelCluster> {
         let exe = std::env::current_exe().context("finding the keel executable")?;
         let dir = WorkDir::new(parent, &format!("keel-bench-{service}-{durability}-"), keep)?;
-        let per_node = if etcd { 4 } else { 2 };
+        let per_node = if etcd { 4 } else { 3 };
         let ports = free_ports(nodes as usize * per_node)?;
         let list: Vec<KeelNode> = (0..nodes as usize)
             .map(|i| KeelNode {
@@ -300,7 +300,7 @@ impl KeelCluster {
                 peer: format!("127.0.0.1:{}", ports[i * per_node]),
                 client: format!("127.0.0.1:{}", ports[i * per_node + 1]),
                 etcd: etcd.then(|| format!("127.0.0.1:{}", ports[i * per_node + 2])),
-                http: etcd.then(|| format!("127.0.0.1:{}", ports[i * per_node + 3])),
+                http: Some(format!("127.0.0.1:{}", ports[i * per_node + per_node - 1])),
             })
             .collect();
         let mut procs = Procs::default();
@@ -335,6 +335,11 @@ impl KeelCluster {
 
     pub fn pids(&self) -> Vec<u32> {
         self.procs.pids()
+    }
+
+    /// The nodes' metrics addresses (host:port).
+    pub fn metrics_addrs(&self) -> Vec<String> {
+        self.nodes.iter().filter_map(|n| n.http.clone()).collect()
     }
 
     /// Waits until a node reports itself leader and a write through the

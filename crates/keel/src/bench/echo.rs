@@ -10,6 +10,7 @@
 
 use super::cluster::{cpu_seconds, on_memory_fs, peak_rss_bytes, KeelCluster, MachineTicks};
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
+use super::prom;
 use super::report::{self, histogram, us, Panel, Percentiles, Series, PERCENTILE_COLORS};
 use super::{check_interrupted, parse_rate, say, CommonArgs, NodeThreadArgs};
 use anyhow::{bail, Context as _, Result};
@@ -116,6 +117,10 @@ pub struct Step {
     /// The largest node's peak resident memory since it started, at the
     /// window's end, in bytes.
     pub peak_rss: Option<u64>,
+    /// The nodes' log fdatasyncs during the window, all together.
+    pub syncs: Option<prom::Hist>,
+    /// Replies received during the window.
+    pub replies: u64,
 }
 
 /// Timing of one step, shared by every connection.
@@ -358,6 +363,7 @@ fn run_step(
     rate: u64,
     conn_uid: &mut u64,
     servers: Vec<u32>,
+    metrics: Vec<String>,
 ) -> Result<Step> {
     let warm = a.common.warmup().as_nanos() as u64;
     let dur = a.common.duration().as_nanos() as u64;
@@ -396,14 +402,18 @@ fn run_step(
                     MachineTicks::now(),
                 )
             };
+            let syncs = || prom::scrape_sum(&metrics, prom::KEEL_FSYNC);
             let (c0, m0, t0, k0) = at(plan.window_from);
+            let h0 = syncs();
             let (c1, m1, t1, k1) = at(plan.window_to);
+            let h1 = syncs();
             let steal = k0.zip(k1).and_then(|(k0, k1)| k1.steal_since(&k0));
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
             let wall = t1.duration_since(t0).as_secs_f64();
             let cluster = (c1 - c0).max(0.0);
             let share = (wall > 0.0).then(|| (cluster + (m1 - m0).max(0.0)) / (wall * cores));
-            (cluster, share, steal, peak_rss_bytes(&servers))
+            let syncs = h0.zip(h1).map(|(h0, h1)| h1.since(&h0));
+            (cluster, share, steal, peak_rss_bytes(&servers), syncs)
         })?;
     let mut handles = Vec::new();
     for (c, s) in streams.into_iter().enumerate() {
@@ -441,7 +451,7 @@ fn run_step(
         let send_error = shared.send_error.lock().ok().and_then(|mut e| e.take());
         first_error = first_error.or(send_error).or(r.first_error);
     }
-    let (cpu, machine_busy, steal, peak_rss) = cpu
+    let (cpu, machine_busy, steal, peak_rss, syncs) = cpu
         .join()
         .map_err(|_| anyhow::anyhow!("the CPU sampler panicked"))?;
     let scheduled = bursts_due_in(plan.window_from, plan.window_to, a.burst, rate) * a.burst;
@@ -467,6 +477,8 @@ fn run_step(
         machine_busy,
         steal,
         peak_rss,
+        syncs,
+        replies: during,
     })
 }
 
@@ -557,6 +569,9 @@ fn step_line(s: &Step) -> String {
     if let Some(b) = s.peak_rss {
         line.push_str(&format!(", peak RSS {:.0} MB", b as f64 / 1e6));
     }
+    if s.syncs.is_some() {
+        line.push_str(&format!(", log fdatasyncs per 1000 msgs {}", syncs_cell(s)));
+    }
     if s.errors + s.lost > 0 {
         line.push_str(&format!(
             "  {} refused, {} lost of {}",
@@ -639,7 +654,15 @@ pub fn run(a: EchoArgs) -> Result<i32> {
                 "{mode}: {rate} msg/s for {}+{} s",
                 a.common.warmup, a.common.duration
             ));
-            let step = run_step(&a, mode, &leader, rate, &mut conn_uid, cluster.pids())?;
+            let step = run_step(
+                &a,
+                mode,
+                &leader,
+                rate,
+                &mut conn_uid,
+                cluster.pids(),
+                cluster.metrics_addrs(),
+            )?;
             cluster.check_alive()?;
             check_interrupted()?;
             say(&pb, step_line(&step));
@@ -710,6 +733,20 @@ pub fn run(a: EchoArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// The nodes' fdatasyncs per 1000 replies in the window, and their mean
+/// time in ms: "52.1 (0.41)".
+fn syncs_cell(s: &Step) -> String {
+    match &s.syncs {
+        Some(h) if h.count > 0 => format!(
+            "{:.1} ({:.2})",
+            prom::per_1000(h, s.replies).unwrap_or(0.0),
+            h.mean().unwrap_or(0.0) * 1e3
+        ),
+        Some(_) => "0".into(),
+        None => "—".into(),
+    }
+}
+
 fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mut s = format!(
@@ -729,7 +766,10 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
          the CPU time of those processes and of the client together as a share of all cores' \
          time: near 100% the tails are the scheduler's. *Stolen* is the share of the machine's \
          time the hypervisor ran something else while its virtual CPUs had work (/proc/stat \
-         `steal`): on a shared virtual machine it is a hidden third party in every tail. Loopback TCP round trip (200 B ping-pong, \
+         `steal`): on a shared virtual machine it is a hidden third party in every tail. *Log \
+         fdatasyncs* are the three nodes' syncs of their logs in the window (from their \
+         `keel_log_fsync_seconds` metrics) per 1000 replies, with their mean time: in `sync` a \
+         write waits for them, in `replicated` a background thread makes them. Loopback TCP round trip (200 B ping-pong, \
          median): {} µs with one ping every {:?} (the time between bursts at the lowest rate: every message wakes a \
          sleeping thread, as at that rate; the unit of the p50 target), {} µs back to back.\n\n",
         super::command_line(),
@@ -746,13 +786,13 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
         us(rtt.back_to_back),
     );
     s.push_str(
-        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost | cluster CPU µs/msg | cluster + client CPU, share of the cores | stolen by the hypervisor |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| durability | offered msg/s | achieved msg/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99.99 µs | max µs | send lag p99 µs | refused + lost | cluster CPU µs/msg | cluster + client CPU, share of the cores | stolen by the hypervisor | log fdatasyncs per 1000 msgs (mean ms) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for st in steps {
         let p = &st.latency;
         s.push_str(&format!(
-            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             st.mode,
             st.offered,
             st.achieved,
@@ -770,6 +810,7 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
                 .map_or("—".into(), |b| format!("{:.0}%", b * 100.0)),
             st.steal
                 .map_or("—".into(), |b| format!("{:.0}%", b * 100.0)),
+            syncs_cell(st),
         ));
     }
     s.push('\n');

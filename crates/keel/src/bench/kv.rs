@@ -455,13 +455,14 @@ struct CpuUsed {
 /// Samples CPU time (and the members' sync histograms) at `from` and `to`
 /// (the measured window).
 async fn cpu_during(pids: Vec<u32>, syncs: Option<Syncs>, from: Instant, to: Instant) -> CpuUsed {
+    // (On the blocking pool: the load generator shares this thread.)
     let scrape = |s: &Option<Syncs>| {
         let s = s.clone();
         async move {
-            match s {
-                Some(s) => prom::scrape_sum(&s.addrs, s.histogram).await,
-                None => None,
-            }
+            let s = s?;
+            tokio::task::spawn_blocking(move || prom::scrape_sum(&s.addrs, s.histogram))
+                .await
+                .ok()?
         }
     };
     tokio::time::sleep_until(from.into()).await;
@@ -630,12 +631,8 @@ impl Cluster {
     fn syncs(&self) -> Option<Syncs> {
         match self {
             Cluster::Keel(c) => Some(Syncs {
-                addrs: c
-                    .nodes
-                    .iter()
-                    .map(|n| n.http.clone())
-                    .collect::<Option<_>>()?,
-                histogram: "keel_log_fsync_seconds",
+                addrs: c.metrics_addrs(),
+                histogram: prom::KEEL_FSYNC,
             }),
             Cluster::Etcd(c) => Some(Syncs {
                 addrs: c.clients.clone(),
@@ -1357,11 +1354,7 @@ fn sync_table(a: &KvArgs, runs: &[Run]) -> String {
     );
     let cells = |v: Option<&(prom::Hist, u64)>| match v {
         Some((h, done)) => [
-            if *done > 0 {
-                format!("{:.1}", h.count as f64 * 1000.0 / *done as f64)
-            } else {
-                "—".into()
-            },
+            prom::per_1000(h, *done).map_or("—".into(), |n| format!("{n:.1}")),
             h.mean().map_or("—".into(), |m| format!("{:.2}", m * 1e3)),
             h.quantile(0.99)
                 .map_or("—".into(), |q| format!("{:.2}", q * 1e3)),

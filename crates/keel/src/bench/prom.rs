@@ -3,8 +3,9 @@
 //! `etcd_disk_wal_fsync_duration_seconds`).
 
 use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A histogram as scraped: cumulative counts by upper bound (ascending,
 /// the last `+Inf`), the sum of the observations and their count.
@@ -125,20 +126,24 @@ fn count_of(value: &str) -> Option<u64> {
     })
 }
 
-/// `GET /metrics` from `addr` (host:port) over plain HTTP/1.0.
-pub async fn scrape(addr: &str) -> Result<String> {
-    let get = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
+/// `GET /metrics` from `addr` (host:port) over plain HTTP/1.0, blocking
+/// (loopback servers the benchmark started: a few milliseconds).
+pub fn scrape(addr: &str) -> Result<String> {
+    let timeout = Duration::from_secs(5);
+    let get = || -> std::io::Result<Vec<u8>> {
+        let sock = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let mut s = TcpStream::connect_timeout(&sock, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
         let mut body = Vec::new();
-        s.take(64 << 20).read_to_end(&mut body).await?;
-        Ok::<_, std::io::Error>(body)
+        s.take(64 << 20).read_to_end(&mut body)?;
+        Ok(body)
     };
-    let body = tokio::time::timeout(Duration::from_secs(5), get)
-        .await
-        .with_context(|| format!("{addr}/metrics: no answer within 5 s"))?
-        .with_context(|| format!("{addr}/metrics"))?;
+    let body = get().with_context(|| format!("{addr}/metrics"))?;
     let text = String::from_utf8_lossy(&body);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         bail!("{addr}/metrics: not an HTTP response");
@@ -154,13 +159,22 @@ pub async fn scrape(addr: &str) -> Result<String> {
 
 /// Histogram `name` summed over the members at `addrs`; none if any
 /// member's could not be read.
-pub async fn scrape_sum(addrs: &[String], name: &str) -> Option<Hist> {
+pub fn scrape_sum(addrs: &[String], name: &str) -> Option<Hist> {
     let mut total = Hist::default();
     for a in addrs {
-        let text = scrape(a).await.ok()?;
+        let text = scrape(a).ok()?;
         total.add(&Hist::parse(&text, name)?);
     }
     Some(total)
+}
+
+/// Keel's histogram of its log's fdatasyncs.
+pub const KEEL_FSYNC: &str = "keel_log_fsync_seconds";
+
+/// Observations per 1000 of `done` (requests or messages completed in the
+/// same window).
+pub fn per_1000(h: &Hist, done: u64) -> Option<f64> {
+    (done > 0).then(|| h.count as f64 * 1000.0 / done as f64)
 }
 
 #[cfg(test)]

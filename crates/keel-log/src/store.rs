@@ -20,9 +20,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const SECTOR: u64 = 512;
 const SEGMENT_SUFFIX: &str = ".seg";
+/// Sync times kept for `take_sync_times` (a store nobody asks keeps no
+/// more).
+const MAX_SYNC_TIMES: usize = 1024;
 
 /// Storage options.
 #[derive(Clone, Debug)]
@@ -167,6 +171,9 @@ pub struct LogStore {
     base: (Position, Term),
     last_pos: Position,
     dirty: bool,
+    /// How long each sync of the log took, until taken (`take_sync_times`;
+    /// at most `MAX_SYNC_TIMES` wait).
+    sync_times: Vec<Duration>,
     /// Held while the manifest is checked and rewritten: snapshots are
     /// published from the snapshot thread (`SnapshotHandle`) while this
     /// store installs the leader's on the storage thread.
@@ -415,6 +422,7 @@ impl LogStore {
             base: store_base,
             last_pos,
             dirty: false,
+            sync_times: Vec::new(),
             manifest_lock: Arc::new(Mutex::new(())),
             defer_deletes: false,
             retired: Vec::new(),
@@ -512,11 +520,22 @@ impl LogStore {
             return Ok(false);
         }
         let seg = &self.segments[self.segments.len() - 1];
+        let started = Instant::now();
         self.file
             .sync_data()
             .map_err(|e| LogError::io(&seg.path, "syncing", e))?;
+        if self.sync_times.len() < MAX_SYNC_TIMES {
+            self.sync_times.push(started.elapsed());
+        }
         self.dirty = false;
         Ok(true)
+    }
+
+    /// How long each sync since the last call took (those after a batch,
+    /// at a segment roll, before a truncation or an install), for a
+    /// disk-latency metric.
+    pub fn take_sync_times(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.sync_times)
     }
 
     /// Removes every entry starting at or after `from` (an entry boundary).

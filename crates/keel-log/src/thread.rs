@@ -52,8 +52,9 @@ pub enum StorageEvent {
     /// by the manifest): chunked installs to followers can read it.
     SnapshotPublished { position: Position, size: u64 },
     /// The log was fdatasynced (in `sync` mode after a batch's writes; in
-    /// `replicated` mode by the syncer thread in the background): how long
-    /// the sync took, for a disk-latency metric.
+    /// `replicated` mode by the syncer thread in the background; in both
+    /// at a segment roll and before a truncation or a snapshot install):
+    /// how long the sync took, for a disk-latency metric.
     Synced { took: Duration },
     /// A batch took longer than `SLOW_BATCH` (a slow disk holds up every
     /// commit behind it): how long, and where the time went.
@@ -680,17 +681,17 @@ fn serve(
         // goes to the syncer thread.
         if !barriers.is_empty() || (unsynced && durability == Durability::Sync) {
             let t = Instant::now();
-            if store.sync()? {
-                let took = t.elapsed();
-                times.sync += took;
-                report(StorageEvent::Synced { took });
-            }
+            store.sync()?;
+            times.sync += t.elapsed();
             unsynced = false;
             shared.unsynced.store(false, Ordering::Release);
             last_sync = Instant::now();
         } else if last_sync.elapsed() >= shared.sync_interval {
             background_sync(&store, &mut unsynced)?;
             last_sync = Instant::now();
+        }
+        for took in store.take_sync_times() {
+            report(StorageEvent::Synced { took });
         }
         report_durable(&store, &mut reported, report);
         deleter.take(&mut store, report);

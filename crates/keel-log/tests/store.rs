@@ -509,6 +509,28 @@ fn appending_out_of_place_is_refused() {
     assert!(store.truncate(100).is_err());
 }
 
+#[test]
+fn every_sync_of_the_log_is_timed_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), opts(500)).expect("open").store;
+    // Four segments' worth: three rolls, each syncing the full segment.
+    let run = run_of(1, 0, 20, 100);
+    store.append(&run).expect("append");
+    assert!(store.segment_count() >= 3, "{}", store.segment_count());
+    let rolls = store.take_sync_times();
+    assert_eq!(rolls.len(), store.segment_count() - 1);
+    store
+        .append(&[entry(1, end_of(&run, 0), 10)])
+        .expect("append");
+    assert!(
+        store.sync().expect("sync"),
+        "the active segment was written"
+    );
+    assert_eq!(store.take_sync_times().len(), 1);
+    assert!(!store.sync().expect("sync"), "nothing new to sync");
+    assert!(store.take_sync_times().is_empty());
+}
+
 /// Appends, a truncation and appends again, queued back to back (so the
 /// storage thread mostly takes them in one batch, where it writes a run of
 /// appends together): the log is what they say in their order.

@@ -164,7 +164,7 @@ impl Metrics {
         );
         registry.register(
             "log_fsync_seconds",
-            "each fdatasync of the log: after a batch of appends (sync durability) or in the background (replicated); the disk's latency, which every sync-mode write waits for",
+            "each fdatasync of the log: after a batch of appends (sync durability) or in the background (replicated), and at segment rolls; the disk's latency, which every sync-mode write waits for",
             m.log_fsync.clone(),
         );
         registry.register(

@@ -49,6 +49,10 @@ fn error(s: Status) -> String {
 
 /// The keys under `prefix`, oldest first (by create revision), with values.
 async fn keys(ch: &Channel, prefix: &str) -> Vec<(String, String)> {
+    try_keys(ch, prefix).await.expect("range")
+}
+
+async fn try_keys(ch: &Channel, prefix: &str) -> Result<Vec<(String, String)>, Status> {
     let mut end = prefix.as_bytes().to_vec();
     *end.last_mut().expect("a prefix") += 1;
     let r = KvClient::new(ch.clone())
@@ -59,22 +63,24 @@ async fn keys(ch: &Channel, prefix: &str) -> Vec<(String, String)> {
             sort_order: range_request::SortOrder::Ascend as i32,
             ..Default::default()
         })
-        .await
-        .expect("range")
+        .await?
         .into_inner();
-    r.kvs
+    Ok(r.kvs
         .iter()
         .map(|kv| (text(&kv.key), text(&kv.value)))
-        .collect()
+        .collect())
 }
 
-/// Waits until `prefix` holds `n` keys.
+/// Waits until `prefix` holds `n` keys. (A read the cluster cannot answer
+/// yet, just after an election, is tried again.)
 async fn until_keys(ch: &Channel, prefix: &str, n: usize) -> Vec<(String, String)> {
     within(&format!("{n} keys under {prefix}"), async {
         loop {
-            let k = keys(ch, prefix).await;
-            if k.len() == n {
-                return k;
+            match try_keys(ch, prefix).await {
+                Ok(k) if k.len() == n => return k,
+                Ok(_) => {}
+                Err(e) if e.code() == tonic::Code::Unavailable => {}
+                Err(e) => panic!("range: {e}"),
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

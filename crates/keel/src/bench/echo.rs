@@ -733,6 +733,24 @@ pub fn run(a: EchoArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// A baseline step whose own tail is far above its median was most likely
+/// disturbed (a stall of the machine, not of the cluster's steady state),
+/// which flatters a ratio against it: says so. (On this VM a quiet 1k msg/s
+/// step's p99 is 2–5x its p50; one hit by a 118 ms stall measured 73x.)
+fn disturbed_baseline(low: &Step) -> Option<String> {
+    let spread = low.latency.p99 as f64 / low.latency.p50.max(1) as f64;
+    (spread > DISTURBED_SPREAD).then(|| {
+        format!(
+            " (but the {} msg/s step's own p99 is {spread:.0}x its p50: a disturbed baseline, \
+             rerun before reading the ratio)",
+            low.offered
+        )
+    })
+}
+
+/// See `disturbed_baseline`.
+const DISTURBED_SPREAD: f64 = 10.0;
+
 /// The nodes' fdatasyncs per 1000 replies in the window, and their mean
 /// time in ms: "52.1 (0.41)".
 fn syncs_cell(s: &Step) -> String {
@@ -840,6 +858,9 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
                     ratio,
                     if ratio <= 2.0 { "met" } else { "not met" }
                 ));
+                if let Some(warning) = disturbed_baseline(low) {
+                    line.push_str(&warning);
+                }
             }
             None => {}
         }
@@ -910,6 +931,41 @@ fn plot(path: &std::path::Path, a: &EchoArgs, steps: &[Step]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn step_at_1k(p50: u64, p99: u64) -> Step {
+        Step {
+            mode: "replicated".into(),
+            offered: 1000,
+            achieved: 1000.0,
+            latency: Percentiles {
+                count: 5000,
+                p50,
+                p99,
+                ..Percentiles::default()
+            },
+            send_lag_p99: 0,
+            scheduled: 5000,
+            errors: 0,
+            lost: 0,
+            first_error: None,
+            saturated: false,
+            cpu_per_msg: None,
+            machine_busy: None,
+            steal: None,
+            peak_rss: None,
+            syncs: None,
+            replies: 5000,
+        }
+    }
+
+    #[test]
+    fn a_baseline_with_a_stall_in_its_tail_is_called_disturbed() {
+        // The run that read "met": p50 1.14 ms, p99 83 ms at 1k msg/s.
+        let w = disturbed_baseline(&step_at_1k(1_140_000, 83_362_000)).expect("disturbed");
+        assert!(w.contains("73x its p50"), "{w}");
+        // A quiet one: p99 3.9x its p50.
+        assert_eq!(disturbed_baseline(&step_at_1k(908_000, 3_568_000)), None);
+    }
 
     #[test]
     fn connections_interleave_the_global_schedule() {

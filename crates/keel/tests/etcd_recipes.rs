@@ -88,6 +88,18 @@ async fn until_keys(ch: &Channel, prefix: &str, n: usize) -> Vec<(String, String
     .await
 }
 
+/// Grants leases `ids` (60 s) through `ch`; the client, for more.
+async fn grant(ch: &Channel, ids: &[i64]) -> LeaseClient<Channel> {
+    let mut leases = LeaseClient::new(ch.clone());
+    for &id in ids {
+        leases
+            .lease_grant(LeaseGrantRequest { ttl: 60, id })
+            .await
+            .expect("grant");
+    }
+    leases
+}
+
 /// The key a contender under `lease` owns for `name`.
 fn key(name: &str, lease: i64) -> String {
     format!("{name}/{lease:x}")
@@ -136,14 +148,8 @@ async fn done<T>(what: &str, h: JoinHandle<T>) -> T {
 /// granted with ids from `base`, so keys are the same on both systems.
 async fn script(a: Channel, b: Channel, base: i64) -> Vec<String> {
     let mut t = Vec::new();
-    let mut leases = LeaseClient::new(a.clone());
     let [l1, l2, l3, l4] = [1, 2, 3, 4].map(|n| base + n);
-    for id in [l1, l2, l3, l4] {
-        leases
-            .lease_grant(LeaseGrantRequest { ttl: 60, id })
-            .await
-            .expect("grant");
-    }
+    let mut leases = grant(&a, &[l1, l2, l3, l4]).await;
     let mut locks = LockClient::new(a.clone());
 
     // Lock: the first contender holds it at once; the same lease again is
@@ -347,14 +353,8 @@ async fn script(a: Channel, b: Channel, base: i64) -> Vec<String> {
 /// after its client gave up on it waits its turn with a key of its own
 /// (not the abandoned call's, which is being deleted).
 async fn keel_only(a: Channel, b: Channel, base: i64) {
-    let mut leases = LeaseClient::new(a.clone());
     let [l1, l2, l3, l4] = [1, 2, 3, 4].map(|n| base + n);
-    for id in [l1, l2, l3, l4] {
-        leases
-            .lease_grant(LeaseGrantRequest { ttl: 60, id })
-            .await
-            .expect("grant");
-    }
+    let mut leases = grant(&a, &[l1, l2, l3, l4]).await;
     let held = done("lock l1", lock(&a, "gone", l1))
         .await
         .expect("lock l1");
@@ -457,13 +457,7 @@ fn abandoned_without_a_leader(c: &TestCluster, holding: u64, waiting: u64, base:
     let (waiter, held) = c.rt.block_on(async {
         let a = etcd_channel(&c.node(holding).etcd).await;
         let b = etcd_channel(&c.node(waiting).etcd).await;
-        let mut leases = LeaseClient::new(a.clone());
-        for id in [l1, l2] {
-            leases
-                .lease_grant(LeaseGrantRequest { ttl: 60, id })
-                .await
-                .expect("grant");
-        }
+        grant(&a, &[l1, l2]).await;
         let held = done("lock l1", lock(&a, "noleader", l1))
             .await
             .expect("lock l1");

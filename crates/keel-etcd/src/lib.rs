@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod compactor;
 pub mod convert;
 pub mod election;
+pub mod http;
 pub mod kv;
 pub mod lease;
 pub mod lock;
@@ -310,7 +311,9 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
             }
         })
     });
-    let server = tonic::transport::Server::builder()
+    // etcd's HTTP endpoints share the port (`http`): HTTP/1.1 requests
+    // are told from HTTP/2 by their first bytes, once per connection.
+    let routes = tonic::service::Routes::from(http::router(api.clone()))
         .add_service(
             KvServer::new(kv::KvApi(api.clone()))
                 .max_decoding_message_size(max_msg)
@@ -338,7 +341,10 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
             )
             .max_decoding_message_size(max_msg),
         )
-        .add_service(not_served::AuthNotServed)
+        .add_service(not_served::AuthNotServed);
+    let server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(routes)
         .serve_with_incoming(incoming);
     rt.spawn(compactor::run(api, auto_compaction));
     rt.spawn(async move {

@@ -5,7 +5,6 @@
 use crate::metrics::Metrics;
 use keel_net::codec::NodeStatus;
 use keel_net::tcp::NetStats;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -38,15 +37,11 @@ pub async fn serve(
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let path = req.split_whitespace().nth(1).unwrap_or("");
                 let (code, ctype, body) = match path {
-                    "/metrics" => {
-                        metrics
-                            .peer_messages_dropped
-                            .set(net.peer_messages_dropped.load(Ordering::Relaxed));
-                        metrics
-                            .bad_frames
-                            .set(net.bad_frames.load(Ordering::Relaxed));
-                        ("200 OK", "text/plain; version=0.0.4", metrics.render())
-                    }
+                    "/metrics" => (
+                        "200 OK",
+                        "text/plain; version=0.0.4",
+                        metrics.render_with(&net),
+                    ),
                     "/status" => {
                         let st = status.lock().map(|s| s.clone()).unwrap_or_default();
                         ("200 OK", "application/json", status_json(&st))

@@ -27,7 +27,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub service_queue_depth: Gauge,
     pub storage_queue_depth: Gauge,
-    pub leader_changes: Counter,
+    pub elections_won: Counter,
+    pub leaders_seen: Counter,
     pub elections_started: Counter,
     pub lease_reads: Counter,
     pub snapshots_taken: Counter,
@@ -65,7 +66,8 @@ impl Metrics {
             queue_depth: Gauge::default(),
             service_queue_depth: Gauge::default(),
             storage_queue_depth: Gauge::default(),
-            leader_changes: Counter::default(),
+            elections_won: Counter::default(),
+            leaders_seen: Counter::default(),
             elections_started: Counter::default(),
             lease_reads: Counter::default(),
             snapshots_taken: Counter::default(),
@@ -145,7 +147,12 @@ impl Metrics {
         registry.register(
             "leader_elections_won",
             "times this node became leader",
-            m.leader_changes.clone(),
+            m.elections_won.clone(),
+        );
+        registry.register(
+            "leader_changes_seen",
+            "times this node learned of a new leader, the first included (etcd's etcd_server_leader_changes_seen_total)",
+            m.leaders_seen.clone(),
         );
         registry.register(
             "busy_rejections",
@@ -211,6 +218,16 @@ impl Metrics {
         self.durable.set(s.durable as i64);
         self.commit.set(s.commit as i64);
         self.applied.set(s.applied as i64);
+    }
+
+    /// The Prometheus text exposition, with the transport's counters
+    /// (`net`) brought up to date first: what `/metrics` serves.
+    pub fn render_with(&self, net: &keel_net::tcp::NetStats) -> String {
+        use std::sync::atomic::Ordering;
+        self.peer_messages_dropped
+            .set(net.peer_messages_dropped.load(Ordering::Relaxed));
+        self.bad_frames.set(net.bad_frames.load(Ordering::Relaxed));
+        self.render()
     }
 
     /// The Prometheus text exposition.

@@ -396,6 +396,7 @@ pub struct NodeHandle {
     term: Arc<AtomicU64>,
     stopped: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    net_stats: Arc<NetStats>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -407,9 +408,13 @@ impl NodeHandle {
     pub fn status(&self) -> NodeStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
-    /// This node's metrics (what `/metrics` serves).
+    /// This node's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+    /// This node's metrics as Prometheus text: what `/metrics` serves.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render_with(&self.net_stats)
     }
     /// Has the node stopped (shut down or failed)?
     pub fn is_stopped(&self) -> bool {
@@ -1082,6 +1087,7 @@ fn start_node(
         pending: HashMap::new(),
         awaiting: HashMap::new(),
         reads_wait_upto: 0,
+        last_leader: None,
         deposed: None,
         transfers: Vec::new(),
         next_expiry: Instant::now(),
@@ -1174,6 +1180,7 @@ fn start_node(
         cluster_id: cfg.cluster_id,
         id: cfg.id,
         metrics: metrics.clone(),
+        net_stats,
         fatal,
         status,
         term,
@@ -1223,6 +1230,8 @@ struct Consensus {
     /// The highest read index of a linearizable read handed to the service:
     /// applies up to it have a waiter, so they wake the service at once.
     reads_wait_upto: Position,
+    /// The leader as of the last role change (for `leaders_seen`).
+    last_leader: Option<NodeId>,
     /// Stepped down in this step: answer `awaiting` at its end.
     deposed: Option<ClientResult>,
     /// Leadership transfers this node started, answered once the target
@@ -2018,8 +2027,12 @@ impl Consensus {
                     role_name(role)
                 );
                 if role == Role::Leader {
-                    self.metrics.leader_changes.inc();
+                    self.metrics.elections_won.inc();
                 }
+                if leader.is_some() && leader != self.last_leader {
+                    self.metrics.leaders_seen.inc();
+                }
+                self.last_leader = leader;
                 let addr = leader.and_then(|l| self.cfg.client_addr_of(l));
                 if role != Role::Leader {
                     // Answered at the end of the step, after the entries

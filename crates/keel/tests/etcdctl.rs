@@ -3,7 +3,7 @@
 //! from stdin, watch with a concurrent writer, leases (grant, keep-alive,
 //! time-to-live with keys, revoke, expiry), `lock` and `elect` (built by
 //! etcdctl from leases, txns and watches), member list and endpoint
-//! status/health. Output is checked line by line.
+//! status/health, `check datascale`. Output is checked line by line.
 //!
 //! Needs `etcdctl` (`apt-get install -y etcd-client`, which `.ci/run`
 //! does): with CI=true a missing etcdctl fails the test; elsewhere it is
@@ -522,6 +522,21 @@ fn etcdctl_member_list_and_endpoint_status() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn etcdctl_check_datascale() {
+    // It reads the member's memory from `/metrics` on the etcd API port
+    // (as on etcd's client URL), writes 10000 keys of 1 KiB through 50
+    // clients, and reads the memory again.
+    let Some((c, _)) = start() else { return };
+    let ctl = Ctl::at(&c.nodes[0].etcd);
+    let out = ctl.ok(&["check", "datascale", "--load=s"]);
+    assert!(
+        out.contains("PASS: Approximate system memory used"),
+        "{out}"
+    );
+    assert!(!out.contains("FAIL"), "{out}");
 }
 
 /// `keel restore FILE` into `data` as node 1 of a single-node kv cluster

@@ -2,7 +2,8 @@
 //! "busy" and the node keeps serving; SIGTERM stops a node cleanly (exit 0,
 //! nothing torn, nothing lost); `/status` and `/metrics` over HTTP; and the
 //! `keel kv` and `keel cluster` commands against a running cluster; the
-//! node threads' scheduling policy; automatic compaction of the KV history.
+//! node threads' scheduling policy; automatic compaction of the KV history;
+//! etcd's `/health`, `/version` and `/metrics` on the etcd API port.
 
 mod common;
 
@@ -268,6 +269,101 @@ fn status_and_metrics_over_http() {
     let (code, _) = http_get(&http[0], "/nope");
     assert_eq!(code, 404);
     c.check_acked(&mut client);
+}
+
+/// Waits until `GET path` from `addr` answers `code`; returns the body.
+fn wait_http(addr: &str, path: &str, code: u16, within: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let (got, body) = http_get(addr, path);
+        if got == code {
+            return body;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{path} of {addr} still answers {got} after {within:?}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn etcd_port_serves_health_version_and_metrics() {
+    let mut c = TestCluster::start(3, "");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let etcd: Vec<String> = c.nodes.iter().map(|n| n.etcd.clone()).collect();
+    for (i, addr) in etcd.iter().enumerate() {
+        let id = i as u64 + 1;
+        let body = wait_http(addr, "/health", 200, Duration::from_secs(10));
+        assert_eq!(body, r#"{"health":"true"}"#, "node {id}");
+        assert_eq!(
+            http_get(addr, "/version"),
+            (
+                200,
+                r#"{"etcdserver":"3.4.30","etcdcluster":"3.4.0"}"#.to_string()
+            )
+        );
+        let (code, text) = http_get(addr, "/metrics");
+        assert_eq!(code, 200, "{text}");
+        let m = |name: &str| {
+            metric(&text, name).unwrap_or_else(|| panic!("node {id}: no {name} in:\n{text}"))
+        };
+        assert_eq!(m("etcd_server_has_leader"), 1.0, "node {id}");
+        let is_leader = if id == leader { 1.0 } else { 0.0 };
+        assert_eq!(m("etcd_server_is_leader"), is_leader, "node {id}");
+        // Every node saw the first leader (a vote may have been split).
+        assert!(
+            m("etcd_server_leader_changes_seen_total") >= 1.0,
+            "node {id}"
+        );
+        assert_eq!(
+            m("etcd_server_leader_changes_seen_total"),
+            m("keel_leader_changes_seen_total")
+        );
+        assert!(m("process_resident_memory_bytes") > 1e6);
+        assert!(m("keel_commit_position") > 0.0);
+        // The end marker stays last.
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+        let (code, body) = http_get(addr, "/v3/kv/range");
+        assert_eq!(code, 404);
+        assert!(body.contains("/health"), "{body}");
+    }
+    // gRPC on the same port is unchanged (every etcd test uses it): one
+    // call here, after the HTTP/1.1 requests.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        use keel_etcd_proto::etcdserverpb::{kv_client::KvClient, PutRequest};
+        let mut kv = KvClient::new(etcd_channel(&etcd[0]).await);
+        kv.put(PutRequest {
+            key: b"k".to_vec().into(),
+            value: b"v".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .expect("put over gRPC on the port that serves /health");
+    });
+    // Without a majority the survivor is unhealthy, and says why.
+    let survivor = if leader == 3 { 1 } else { 3 };
+    for id in 1..=3 {
+        if id != survivor {
+            c.kill(id);
+        }
+    }
+    let addr = &etcd[(survivor - 1) as usize];
+    let body = wait_http(addr, "/health", 503, Duration::from_secs(10));
+    assert!(
+        body.starts_with(r#"{"health":"false","reason":""#),
+        "{body}"
+    );
+    let no_leader = wait_metric(
+        addr,
+        "etcd_server_has_leader",
+        Duration::from_secs(10),
+        |v| v == 0.0,
+    );
+    assert_eq!(no_leader, 0.0);
+    let body = wait_http(addr, "/health", 503, Duration::from_secs(1));
+    assert!(body.contains("RAFT NO LEADER"), "{body}");
 }
 
 #[test]

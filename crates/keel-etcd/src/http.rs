@@ -1,0 +1,172 @@
+//! etcd's plain-HTTP endpoints, served on the etcd API's own port next to
+//! gRPC as etcd serves them on its client URL, for the probes, scrapers and
+//! tools that expect them there (Kubernetes liveness probes on `/health`,
+//! Prometheus jobs scraping `<client URL>/metrics`, `etcdctl check
+//! datascale`):
+//!
+//! - `GET /health`: `{"health":"true"}` (200) when this member has no
+//!   NOSPACE alarm, knows a leader and a linearizable read through it
+//!   succeeds within a second, as etcd 3.4 checks; otherwise
+//!   `{"health":"false","reason":"…"}` with 503.
+//! - `GET /version`: `{"etcdserver":"3.4.30","etcdcluster":"3.4.0"}`.
+//! - `GET /metrics`: the node's Prometheus metrics (the same as its status
+//!   address serves), with etcd's `etcd_server_has_leader`,
+//!   `etcd_server_is_leader` and `etcd_server_leader_changes_seen_total`
+//!   added for the dashboards and alerts written against etcd.
+//!
+//! Anything else is a 404 that says what is served (etcd's grpc-gateway
+//! JSON API under `/v3/` is not); a gRPC call of an unknown method still
+//! gets gRPC's `Unimplemented`.
+
+use crate::maintenance::ETCD_VERSION;
+use crate::{convert, Api};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use keel_etcd_proto::etcdserverpb::RangeRequest;
+use keel_kv::Query;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long `/health` waits for its linearizable read (etcd 3.4: 1 s).
+pub const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The cluster version `/version` reports (etcd reports major.minor.0).
+pub const CLUSTER_VERSION: &str = "3.4.0";
+
+/// What the 404 says.
+const NOT_FOUND: &str = "404 page not found: this is a Keel member's etcd API address; it \
+serves etcd's gRPC API and GET /health, /version and /metrics (the JSON gateway under /v3/ \
+is not served)\n";
+
+/// The routes above, for the etcd API server (`crate::serve`).
+pub fn router(api: Arc<Api>) -> axum::Router {
+    axum::Router::new()
+        .route("/health", get(health))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(api)
+}
+
+/// Why this member is not healthy, if it is not (etcd 3.4's checks, in
+/// its order: alarms, a leader, a read through the log).
+pub async fn unhealthy(api: &Api) -> Option<String> {
+    if api.config.quota.as_ref().is_some_and(|q| q.alarm()) {
+        return Some("ALARM NOSPACE".into());
+    }
+    if api.node.status().leader.is_none() {
+        return Some("RAFT NO LEADER".into());
+    }
+    let probe = RangeRequest {
+        key: b"health".to_vec().into(),
+        count_only: true,
+        ..Default::default()
+    };
+    let read = async {
+        let q = Query::RangeReq(convert::range_in(probe)?);
+        api.read(&q, false).await
+    };
+    match tokio::time::timeout(HEALTH_READ_TIMEOUT, read).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!("linearizable read failed: {}", e.message())),
+        Err(_) => Some(format!(
+            "linearizable read not answered within {HEALTH_READ_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// `/health`'s body for the outcome of `unhealthy`.
+pub fn health_body(reason: Option<&str>) -> String {
+    match reason {
+        None => r#"{"health":"true"}"#.to_string(),
+        Some(r) => serde_json::json!({"health": "false", "reason": r}).to_string(),
+    }
+}
+
+fn json(code: StatusCode, body: String) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn health(State(api): State<Arc<Api>>) -> Response {
+    match unhealthy(&api).await {
+        None => json(StatusCode::OK, health_body(None)),
+        Some(reason) => {
+            tracing::debug!("/health: unhealthy: {reason}");
+            json(StatusCode::SERVICE_UNAVAILABLE, health_body(Some(&reason)))
+        }
+    }
+}
+
+async fn version() -> Response {
+    json(
+        StatusCode::OK,
+        format!(r#"{{"etcdserver":"{ETCD_VERSION}","etcdcluster":"{CLUSTER_VERSION}"}}"#),
+    )
+}
+
+/// The node's metrics followed by etcd's leader gauges (before the
+/// OpenMetrics end marker, if the text has one).
+pub fn metrics_text(api: &Api) -> String {
+    let mut text = api.node.render_metrics();
+    let st = api.node.status();
+    let has_leader = u8::from(st.leader.is_some());
+    let is_leader = u8::from(st.leader == Some(api.node.id()));
+    let changes = api.node.metrics().leaders_seen.get();
+    let etcd = format!(
+        "# HELP etcd_server_has_leader Whether a leader exists: 1 if this member knows one, 0 \
+         if not.\n# TYPE etcd_server_has_leader gauge\netcd_server_has_leader {has_leader}\n\
+         # HELP etcd_server_is_leader Whether this member is the leader: 1 if it is, 0 if \
+         not.\n# TYPE etcd_server_is_leader gauge\netcd_server_is_leader {is_leader}\n\
+         # HELP etcd_server_leader_changes_seen_total The number of leader changes seen.\n\
+         # TYPE etcd_server_leader_changes_seen_total counter\n\
+         etcd_server_leader_changes_seen_total {changes}\n"
+    );
+    match text.rfind("# EOF") {
+        Some(at) => text.insert_str(at, &etcd),
+        None => text.push_str(&etcd),
+    }
+    text
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics_text(&api),
+    )
+        .into_response()
+}
+
+/// A 404 for HTTP requests; for a gRPC call of a method no service has,
+/// gRPC's `Unimplemented` (what the server answers without a fallback).
+async fn not_found(headers: HeaderMap) -> Response {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/grpc"));
+    if grpc {
+        tonic::Status::unimplemented("").into_http::<axum::body::Body>()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            NOT_FOUND,
+        )
+            .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_bodies_are_etcds_json() {
+        assert_eq!(health_body(None), r#"{"health":"true"}"#);
+        let v: serde_json::Value =
+            serde_json::from_str(&health_body(Some("RAFT \"NO\" LEADER"))).expect("json");
+        assert_eq!(v["health"], "false");
+        assert_eq!(v["reason"], "RAFT \"NO\" LEADER");
+    }
+}

@@ -20,6 +20,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let fds = protox::compile(PROTOS, [&root])?;
 
+    // JSON for etcd's grpc-gateway (`POST /v3/kv/range` and the like):
+    // serde impls following the proto3 JSON mapping, with etcd's field
+    // names as written in the protos (the gateway's `OrigName`), int64s as
+    // strings, bytes as base64, and unknown fields ignored as the gateway
+    // does.
+    let descriptors = prost::Message::encode_to_vec(&fds);
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .preserve_proto_field_names()
+        .ignore_unknown_fields()
+        .build(&[".etcdserverpb", ".mvccpb", ".v3lockpb", ".v3electionpb"])?;
+
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -14,14 +14,15 @@
 //!   `etcd_server_is_leader` and `etcd_server_leader_changes_seen_total`
 //!   added for the dashboards and alerts written against etcd.
 //!
-//! Anything else is a 404 that says what is served (etcd's grpc-gateway
-//! JSON API under `/v3/` is not); a gRPC call of an unknown method still
+//! The JSON gateway (`POST /v3/...`) is `crate::gateway`. Anything else is
+//! a 404 that says what is served; a gRPC call of an unknown method still
 //! gets gRPC's `Unimplemented`.
 
 use crate::maintenance::ETCD_VERSION;
-use crate::{convert, Api};
+use crate::not_served::AUTH_NOT_SERVED;
+use crate::{convert, gateway, Api};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use keel_etcd_proto::etcdserverpb::RangeRequest;
@@ -37,15 +38,17 @@ pub const CLUSTER_VERSION: &str = "3.4.0";
 
 /// What the 404 says.
 const NOT_FOUND: &str = "404 page not found: this is a Keel member's etcd API address; it \
-serves etcd's gRPC API and GET /health, /version and /metrics (the JSON gateway under /v3/ \
-is not served)\n";
+serves etcd's gRPC API, its JSON gateway (POST /v3/kv/range and the like) and GET /health, \
+/version and /metrics\n";
 
-/// The routes above, for the etcd API server (`crate::serve`).
-pub fn router(api: Arc<Api>) -> axum::Router {
+/// The routes above and the JSON gateway's (`crate::gateway`, bodies of
+/// up to `max_body` bytes), for the etcd API server (`crate::serve`).
+pub fn router(api: Arc<Api>, max_body: usize) -> axum::Router {
     axum::Router::new()
         .route("/health", get(health))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
+        .merge(gateway::router(max_body))
         .fallback(not_found)
         .with_state(api)
 }
@@ -139,14 +142,21 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
 }
 
 /// A 404 for HTTP requests; for a gRPC call of a method no service has,
-/// gRPC's `Unimplemented` (what the server answers without a fallback).
-async fn not_found(headers: HeaderMap) -> Response {
+/// gRPC's `Unimplemented` (what the server answers without a fallback);
+/// for the gateway's Auth calls, the gateway's error saying Auth is not
+/// served.
+async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
     let grpc = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("application/grpc"));
+    let auth = gateway::PREFIXES
+        .iter()
+        .any(|p| uri.path().starts_with(&format!("{p}/auth/")));
     if grpc {
         tonic::Status::unimplemented("").into_http::<axum::body::Body>()
+    } else if auth {
+        gateway::error(&tonic::Status::unimplemented(AUTH_NOT_SERVED))
     } else {
         (
             StatusCode::NOT_FOUND,

@@ -76,26 +76,9 @@ impl Lease for LeaseApi {
         &self,
         r: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
-        let mut requests = r.into_inner();
-        let api = self.0.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            while let Some(req) = requests.next().await {
-                let answer = match req {
-                    Ok(req) => renew(&api, req.id).await,
-                    Err(e) => {
-                        tracing::debug!("lease keep-alive stream closed: {e}");
-                        return;
-                    }
-                };
-                let stop = answer.is_err();
-                if tx.send(answer).await.is_err() || stop {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok(Response::new(keep_alive(
+            self.0.clone(),
+            Box::pin(r.into_inner()),
         )))
     }
 
@@ -152,4 +135,30 @@ impl Lease for LeaseApi {
             other => Err(unexpected(&other)),
         }
     }
+}
+
+/// A keep-alive stream's requests: a gRPC stream, or the gateway's body.
+pub(crate) type KeepAliveRequests =
+    Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send>>;
+
+/// Renews each requested lease in turn, answering each; ends at the first
+/// failure or when the requests end.
+pub(crate) fn keep_alive(api: Arc<Api>, mut requests: KeepAliveRequests) -> KeepAliveStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Some(req) = requests.next().await {
+            let answer = match req {
+                Ok(req) => renew(&api, req.id).await,
+                Err(e) => {
+                    tracing::debug!("lease keep-alive stream closed: {e}");
+                    return;
+                }
+            };
+            let stop = answer.is_err();
+            if tx.send(answer).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

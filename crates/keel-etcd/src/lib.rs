@@ -6,12 +6,15 @@
 //! follower forwards to the leader; serializable reads answer from the
 //! node's own state). Watches are served from the node's own apply feed, so
 //! they survive leader changes. Every reply carries etcd's response header:
-//! cluster id, member id, revision, raft term.
+//! cluster id, member id, revision, raft term. The same port answers
+//! HTTP/1.1 too, as etcd's client URL does: `/health`, `/version` and
+//! `/metrics` (`http`) and the JSON gateway `POST /v3/...` (`gateway`).
 
 pub mod cluster;
 pub mod compactor;
 pub mod convert;
 pub mod election;
+pub mod gateway;
 pub mod http;
 pub mod kv;
 pub mod lease;
@@ -313,7 +316,8 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
     });
     // etcd's HTTP endpoints share the port (`http`): HTTP/1.1 requests
     // are told from HTTP/2 by their first bytes, once per connection.
-    let routes = tonic::service::Routes::from(http::router(api.clone()))
+    // (A JSON body is about 4/3 of its protobuf: base64 and field names.)
+    let routes = tonic::service::Routes::from(http::router(api.clone(), max_msg * 2))
         .add_service(
             KvServer::new(kv::KvApi(api.clone()))
                 .max_decoding_message_size(max_msg)

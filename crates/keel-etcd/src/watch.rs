@@ -331,9 +331,20 @@ impl Session {
     }
 }
 
+/// A watch stream's requests: a gRPC stream, or the gateway's parsed body.
+pub(crate) type WatchRequests = Pin<Box<dyn Stream<Item = Result<WatchRequest, Status>> + Send>>;
+
+/// Serves one watch stream: its responses, until the client goes (its
+/// requests end or it stops reading).
+pub(crate) fn serve(api: Arc<Api>, requests: WatchRequests) -> WatchStream {
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(run(api, requests, tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 async fn run(
     api: Arc<Api>,
-    mut requests: Streaming<WatchRequest>,
+    mut requests: WatchRequests,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
 ) {
     // Subscribe before anything is read, so nothing applied after the first
@@ -369,6 +380,9 @@ async fn run(
                     }
                 },
                 _ = tick.tick() => s.progress().await?,
+                // A client that stopped reading ends the stream at once,
+                // not at the next event it would have been sent.
+                () = s.out.closed() => return Err(End::Client),
             }
         }
     }
@@ -384,10 +398,9 @@ impl Watch for WatchApi {
         &self,
         r: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(run(self.0.clone(), r.into_inner(), tx));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok(Response::new(serve(
+            self.0.clone(),
+            Box::pin(r.into_inner()),
         )))
     }
 }

@@ -22,6 +22,7 @@ pub mod lock;
 pub mod maintenance;
 pub mod not_served;
 mod recipes;
+pub mod tls;
 pub mod watch;
 
 /// Shared by the unit tests of the watch feed's users.
@@ -89,6 +90,8 @@ pub struct ApiConfig {
     /// The KV service's space quota, whose NOSPACE alarm `Alarm` and
     /// `Status` report (the node refuses the writes themselves).
     pub quota: Option<Arc<keel_kv::SpaceQuota>>,
+    /// TLS for the port (and for calls to the other members), if set.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 impl ApiConfig {
@@ -100,6 +103,7 @@ impl ApiConfig {
             request_timeout: Duration::from_secs(7),
             auto_compaction: compactor::AutoCompaction::Off,
             quota: None,
+            tls: None,
         }
     }
 }
@@ -119,6 +123,8 @@ pub struct Api {
     pub backups: Arc<tokio::sync::Semaphore>,
     /// The Lock and Campaign calls in progress, by key.
     pub(crate) contests: recipes::Contests,
+    /// How this member's calls to other members use TLS, if it serves TLS.
+    pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Api {
@@ -186,8 +192,14 @@ impl Api {
                      configuration; send the request to it"
                 ))
             })?;
-        tonic::transport::Channel::from_shared(url.clone())
-            .map_err(|e| Status::internal(format!("URL {url:?} of {who}: {e}")))?
+        let mut endpoint = tonic::transport::Channel::from_shared(url.clone())
+            .map_err(|e| Status::internal(format!("URL {url:?} of {who}: {e}")))?;
+        if let Some(tls) = &self.client_tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Status::internal(format!("TLS for {who} ({url}): {e}")))?;
+        }
+        endpoint
             .connect_timeout(FORWARD_CONNECT_TIMEOUT)
             .connect()
             .await
@@ -296,24 +308,19 @@ pub fn node_error(r: ClientResult) -> Status {
 pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std::io::Result<()> {
     let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let auto_compaction = config.auto_compaction;
+    let tls = match &config.tls {
+        Some(files) => Some(tls::Tls::load(files).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let api = Arc::new(Api {
         node: node.clone(),
         config,
         backups: Arc::new(tokio::sync::Semaphore::new(1)),
         contests: Default::default(),
+        client_tls: tls.as_ref().map(|t| t.client.clone()),
     });
     let rt = node.runtime().clone();
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
-    // The builder's tcp_nodelay applies only to listeners tonic opens
-    // itself: set it on each accepted connection, or small responses wait
-    // for the peer's delayed ACK (~40 ms) under Nagle's algorithm.
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-        s.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!("TCP_NODELAY on an etcd API connection: {e}");
-            }
-        })
-    });
     // etcd's HTTP endpoints share the port (`http`): HTTP/1.1 requests
     // are told from HTTP/2 by their first bytes, once per connection.
     // (A JSON body is about 4/3 of its protobuf: base64 and field names.)
@@ -346,15 +353,34 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
             .max_decoding_message_size(max_msg),
         )
         .add_service(not_served::AuthNotServed);
-    let server = tonic::transport::Server::builder()
-        .accept_http1(true)
-        .add_routes(routes)
-        .serve_with_incoming(incoming);
-    rt.spawn(compactor::run(api, auto_compaction));
-    rt.spawn(async move {
-        if let Err(e) = server.await {
+    let mut server = tonic::transport::Server::builder().accept_http1(true);
+    let server = server.add_routes(routes);
+    let report = |r: Result<(), tonic::transport::Error>| {
+        if let Err(e) = r {
             tracing::error!("etcd API server stopped: {e}");
         }
-    });
+    };
+    match tls {
+        Some(tls) => {
+            rt.spawn(async move {
+                let incoming = tls::accept(listener, tls.acceptor);
+                report(server.serve_with_incoming(incoming).await)
+            });
+        }
+        None => {
+            // The builder's tcp_nodelay applies only to listeners tonic opens
+            // itself: set it on each accepted connection, or small responses wait
+            // for the peer's delayed ACK (~40 ms) under Nagle's algorithm.
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+                s.inspect(|s| {
+                    if let Err(e) = s.set_nodelay(true) {
+                        tracing::debug!("TCP_NODELAY on an etcd API connection: {e}");
+                    }
+                })
+            });
+            rt.spawn(async move { report(server.serve_with_incoming(incoming).await) });
+        }
+    }
+    rt.spawn(compactor::run(api, auto_compaction));
     Ok(())
 }

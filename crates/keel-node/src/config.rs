@@ -160,6 +160,24 @@ pub struct NodeConfig {
     /// Where to serve the etcd v3 gRPC API (optional; etcd's port is 2379).
     #[serde(default)]
     pub etcd_addr: Option<String>,
+    /// With `etcd_addr`: serve it over TLS with this certificate chain (PEM),
+    /// as etcd's `--cert-file`. Needs `etcd_key_file` and
+    /// `etcd_trusted_ca_file`. Every member of a cluster should set it:
+    /// members pass some requests to each other at `https://` addresses.
+    #[serde(default)]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The private key of `etcd_cert_file` (PEM), as etcd's `--key-file`.
+    #[serde(default)]
+    pub etcd_key_file: Option<PathBuf>,
+    /// The CA certificates (PEM) that sign the members' certificates and,
+    /// with `etcd_client_cert_auth`, the clients', as etcd's
+    /// `--trusted-ca-file`.
+    #[serde(default)]
+    pub etcd_trusted_ca_file: Option<PathBuf>,
+    /// Refuse etcd API clients without a certificate signed by
+    /// `etcd_trusted_ca_file`, as etcd's `--client-cert-auth`.
+    #[serde(default)]
+    pub etcd_client_cert_auth: bool,
     /// With `etcd_addr`: how the leader compacts the KV history by itself,
     /// as etcd's `--auto-compaction-mode`: `periodic` (keep a span of time)
     /// or `revision` (keep a number of revisions).

@@ -204,6 +204,21 @@ struct ServerArgs {
     /// kv service.
     #[arg(long)]
     etcd_addr: Option<String>,
+    /// Serve the etcd API over TLS with this certificate (PEM; etcd's
+    /// --cert-file). Needs --etcd-key-file and --etcd-trusted-ca-file.
+    #[arg(long)]
+    etcd_cert_file: Option<PathBuf>,
+    /// The private key of --etcd-cert-file (PEM; etcd's --key-file).
+    #[arg(long)]
+    etcd_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the members' certificates and, with
+    /// --etcd-client-cert-auth, the clients' (etcd's --trusted-ca-file).
+    #[arg(long)]
+    etcd_trusted_ca_file: Option<PathBuf>,
+    /// Refuse etcd API clients without a certificate signed by the trusted
+    /// CA (etcd's --client-cert-auth).
+    #[arg(long)]
+    etcd_client_cert_auth: bool,
     /// Another member: ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR] (repeat for each).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<PeerConfig>,
@@ -336,6 +351,18 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = &a.etcd_addr {
         cfg.etcd_addr = Some(v.clone());
+    }
+    if let Some(v) = &a.etcd_cert_file {
+        cfg.etcd_cert_file = Some(v.clone());
+    }
+    if let Some(v) = &a.etcd_key_file {
+        cfg.etcd_key_file = Some(v.clone());
+    }
+    if let Some(v) = &a.etcd_trusted_ca_file {
+        cfg.etcd_trusted_ca_file = Some(v.clone());
+    }
+    if a.etcd_client_cert_auth {
+        cfg.etcd_client_cert_auth = true;
     }
     if !a.peers.is_empty() {
         cfg.peers = a.peers.clone();
@@ -491,6 +518,9 @@ fn etcd_api(
     quota: Quota,
 ) -> Result<Option<(std::net::SocketAddr, keel_etcd::ApiConfig)>> {
     let Some(addr) = &cfg.etcd_addr else {
+        if etcd_tls(cfg)?.is_some() || cfg.etcd_client_cert_auth {
+            bail!("the etcd API's TLS settings are set but etcd_addr is not");
+        }
         return Ok(None);
     };
     if cfg.service != "kv" {
@@ -503,21 +533,28 @@ fn etcd_api(
         .with_context(|| format!("etcd_addr {addr:?}: expected host:port"))?
         .next()
         .with_context(|| format!("etcd_addr {addr:?} resolves to no address"))?;
+    let tls = etcd_tls(cfg)?;
     let url = |a: &str| format!("http://{a}");
+    // With TLS every member's etcd API is taken to be TLS too.
+    let client_url = |a: &str| match tls {
+        Some(_) => format!("https://{a}"),
+        None => url(a),
+    };
     let mut members = vec![keel_etcd::MemberInfo {
         id: cfg.id,
         name: format!("node{}", cfg.id),
         peer_urls: vec![url(&cfg.peer_addr)],
-        client_urls: cfg.etcd_addr.iter().map(|a| url(a)).collect(),
+        client_urls: cfg.etcd_addr.iter().map(|a| client_url(a)).collect(),
     }];
     members.extend(cfg.peers.iter().map(|p| keel_etcd::MemberInfo {
         id: p.id,
         name: format!("node{}", p.id),
         peer_urls: vec![url(&p.peer_addr)],
-        client_urls: p.etcd_addr.iter().map(|a| url(a)).collect(),
+        client_urls: p.etcd_addr.iter().map(|a| client_url(a)).collect(),
     }));
     let mut api = keel_etcd::ApiConfig::new(members);
     api.quota = quota;
+    api.tls = tls;
     api.auto_compaction = keel_etcd::compactor::AutoCompaction::parse(
         &cfg.auto_compaction_mode,
         &cfg.auto_compaction_retention,
@@ -528,6 +565,33 @@ fn etcd_api(
         .max_request_bytes
         .min(keel_etcd::DEFAULT_MAX_REQUEST_BYTES);
     Ok(Some((addr, api)))
+}
+
+/// The etcd API's TLS files, if the configuration asks for TLS; an error
+/// for an incomplete set.
+fn etcd_tls(cfg: &NodeConfig) -> Result<Option<keel_etcd::tls::TlsFiles>> {
+    match (
+        &cfg.etcd_cert_file,
+        &cfg.etcd_key_file,
+        &cfg.etcd_trusted_ca_file,
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(keel_etcd::tls::TlsFiles {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+            trusted_ca_file: ca.clone(),
+            client_cert_auth: cfg.etcd_client_cert_auth,
+        })),
+        (None, None, None) if !cfg.etcd_client_cert_auth => Ok(None),
+        (None, None, None) => bail!(
+            "etcd_client_cert_auth needs TLS: set etcd_cert_file, etcd_key_file and \
+             etcd_trusted_ca_file"
+        ),
+        _ => bail!(
+            "etcd API TLS needs all three of etcd_cert_file, etcd_key_file and \
+             etcd_trusted_ca_file (the CA verifies the other members' certificates, \
+             and the clients' with etcd_client_cert_auth)"
+        ),
+    }
 }
 
 fn client(conn: &ConnArgs) -> Result<Client> {

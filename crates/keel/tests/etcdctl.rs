@@ -11,27 +11,11 @@
 
 mod common;
 
-use common::TestCluster;
+use common::{etcdctl_available, TestCluster};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-fn etcdctl_available() -> bool {
-    let found = Command::new("etcdctl")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("etcdctl is not installed: `apt-get install -y etcd-client` (.ci/run does)");
-        }
-        eprintln!("SKIPPED: etcdctl is not installed (apt-get install -y etcd-client)");
-    }
-    found
-}
 
 struct Ctl {
     endpoints: String,

@@ -533,3 +533,88 @@ pub fn etcd_or_skip(test: &str) -> Option<PathBuf> {
     }
     found
 }
+
+// ------------------------------------------------------------- etcdctl, TLS
+
+/// Is Debian's `etcdctl` installed? Under `CI=true` a missing one fails the
+/// test (CI installs it); elsewhere the test skips, saying so.
+pub fn etcdctl_available() -> bool {
+    let found = Proc::new("etcdctl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("etcdctl is not installed: `apt-get install -y etcd-client` (.ci/run does)");
+        }
+        eprintln!("SKIPPED: etcdctl is not installed (apt-get install -y etcd-client)");
+    }
+    found
+}
+
+/// PEM files for TLS tests, written by `tls_files`: a CA, a certificate
+/// for 127.0.0.1 and localhost (every member's), a client certificate, and
+/// a client certificate from another CA.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub rogue_cert: PathBuf,
+    pub rogue_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The TOML that serves a node's etcd API with these files.
+    pub fn config(&self, client_cert_auth: bool) -> String {
+        format!(
+            "etcd_cert_file = {:?}\netcd_key_file = {:?}\netcd_trusted_ca_file = {:?}\n\
+             etcd_client_cert_auth = {client_cert_auth}\n",
+            self.server_cert, self.server_key, self.ca
+        )
+    }
+}
+
+/// Generates the files of `TlsFiles` in `dir`.
+pub fn tls_files(dir: &std::path::Path) -> TlsFiles {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().expect("ca key");
+        let cert = p.self_signed(&key).expect("ca cert");
+        (cert.pem(), Issuer::new(p, key))
+    };
+    let leaf = |names: &[&str], issuer: &Issuer<'_, KeyPair>| {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut p = CertificateParams::new(names.clone()).expect("params");
+        p.distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
+        let key = KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, issuer).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (ca_pem, issuer) = ca("keel test CA");
+    let (_, rogue_issuer) = ca("another CA");
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write PEM");
+        path
+    };
+    let (server_cert, server_key) = leaf(&["127.0.0.1", "localhost"], &issuer);
+    let (client_cert, client_key) = leaf(&["client"], &issuer);
+    let (rogue_cert, rogue_key) = leaf(&["rogue"], &rogue_issuer);
+    TlsFiles {
+        ca: write("ca.pem", &ca_pem),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server-key.pem", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client-key.pem", &client_key),
+        rogue_cert: write("rogue.pem", &rogue_cert),
+        rogue_key: write("rogue-key.pem", &rogue_key),
+    }
+}

@@ -1,0 +1,164 @@
+//! TLS on the etcd API port, as etcd's `--cert-file`, `--key-file`,
+//! `--trusted-ca-file` and `--client-cert-auth`: every connection (gRPC,
+//! the JSON gateway, `/health`, `/metrics`) is TLS, offered with ALPN `h2`
+//! and `http/1.1`; with client certificate authentication a client must
+//! present a certificate signed by the trusted CA. A member passes some
+//! requests on to another (cluster changes to the leader, alarm listings
+//! to every member): those calls verify the other member's certificate
+//! against the trusted CA and present this member's own certificate.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::Stream;
+
+/// How long a client may take over its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The PEM files TLS is configured with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// This member's certificate chain.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+    /// The CA(s) that sign clients' certificates (with `client_cert_auth`)
+    /// and the other members' certificates.
+    pub trusted_ca_file: PathBuf,
+    /// Refuse clients without a certificate signed by the trusted CA.
+    pub client_cert_auth: bool,
+}
+
+/// TLS loaded from `TlsFiles`: the acceptor for this member's port, and the
+/// configuration of its calls to other members.
+#[derive(Clone)]
+pub struct Tls {
+    pub acceptor: TlsAcceptor,
+    pub client: tonic::transport::ClientTlsConfig,
+}
+
+fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+fn certificates(
+    what: &str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what} {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+impl Tls {
+    /// Reads and checks the files; an error names the file and the problem.
+    pub fn load(files: &TlsFiles) -> Result<Tls, String> {
+        use rustls::pki_types::pem::PemObject;
+        let cert_pem = read("etcd_cert_file", &files.cert_file)?;
+        let key_pem = read("etcd_key_file", &files.key_file)?;
+        let ca_pem = read("etcd_trusted_ca_file", &files.trusted_ca_file)?;
+        let certs = certificates("etcd_cert_file", &files.cert_file, &cert_pem)?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            format!(
+                "etcd_key_file {}: no PEM private key in it ({e})",
+                files.key_file.display()
+            )
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certificates("etcd_trusted_ca_file", &files.trusted_ca_file, &ca_pem)? {
+            roots.add(ca).map_err(|e| {
+                format!(
+                    "etcd_trusted_ca_file {}: {e}",
+                    files.trusted_ca_file.display()
+                )
+            })?;
+        }
+        // ring, as tonic's `tls-ring` uses: aws-lc-rs (rustls' default, with
+        // post-quantum key exchange) builds a C library with cmake. rustls
+        // deprecates ring's provider for lacking post-quantum key exchange.
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = if files.client_cert_auth {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("etcd_trusted_ca_file: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("etcd_cert_file and etcd_key_file: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let client = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
+        Ok(Tls {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            client,
+        })
+    }
+}
+
+/// The connections `listener` accepts, each after its TLS handshake. A
+/// handshake runs on a task of its own, so a slow or failing client holds
+/// up no other; a failed one is logged at debug level and dropped.
+pub fn accept(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors, say: pause rather than spin.
+                        tracing::warn!("accepting an etcd API connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = tx.closed() => return,
+            };
+            // Small responses must not wait for a delayed ACK.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY on an etcd API connection: {e}");
+            }
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
+                    Err(_) => tracing::debug!(
+                        "TLS handshake with {peer} not done within {HANDSHAKE_TIMEOUT:?}"
+                    ),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -217,7 +217,7 @@ impl Maintenance for MaintenanceApi {
         let cluster_id = self.0.node.cluster_id();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            use std::io::Read;
+            use tokio::io::AsyncReadExt;
             let _one_at_a_time = permit;
             // A client that stops reading for this long is dropped (and the
             // file with `backup`).
@@ -236,7 +236,9 @@ impl Maintenance for MaintenanceApi {
                 blob: bytes::Bytes::copy_from_slice(blob),
                 version: String::new(),
             };
-            let mut file = match std::fs::File::open(&backup.path) {
+            // (Read on tokio's blocking pool: a large backup may have left
+            // the page cache by the time a slow client reads it.)
+            let mut file = match tokio::fs::File::open(&backup.path).await {
                 Ok(f) => f,
                 Err(e) => {
                     send(Err(failed(e))).await;
@@ -250,8 +252,7 @@ impl Maintenance for MaintenanceApi {
             let mut sent = 0;
             let mut buf = vec![0; BACKUP_CHUNK];
             while sent < backup.size {
-                // (64 KiB of a file just written: from the page cache.)
-                let next = match file.read(&mut buf) {
+                let next = match file.read(&mut buf).await {
                     Ok(0) => Err(failed(std::io::ErrorKind::UnexpectedEof.into())),
                     Ok(n) => {
                         framing.update(&buf[..n]);

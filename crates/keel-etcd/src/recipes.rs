@@ -251,6 +251,27 @@ impl Recipes {
         Ok(header)
     }
 
+    /// `key`'s lease and create revision, if it exists, read by a write
+    /// through the log (a txn that only reads, submitted as a write), so
+    /// that everything before it in the log has committed or never will.
+    pub async fn read_through_log(&self, key: &Bytes) -> Result<Option<(i64, i64)>, Status> {
+        let txn = crate::convert::txn_in(TxnRequest {
+            success: vec![range_op(key)],
+            ..Default::default()
+        })?;
+        match self.0.write(&keel_kv::Command::Txn(txn)).await? {
+            keel_kv::Response::Txn(t) => Ok(t.responses.into_iter().find_map(|r| match r {
+                keel_kv::ResponseOp::Range(r) => r
+                    .kvs
+                    .into_iter()
+                    .next()
+                    .map(|kv| (kv.lease, kv.create_revision as i64)),
+                _ => None,
+            })),
+            other => Err(crate::unexpected(&other)),
+        }
+    }
+
     /// A linearizable read of `key`.
     pub async fn get(
         &self,
@@ -457,12 +478,22 @@ impl Contender {
             recipes: self.recipes.clone(),
             key: self.key.clone(),
         };
+        let runtime = self.recipes.0.node.runtime().clone();
         let task = self.recipes.0.node.runtime().spawn(async move {
             let claim = share.recipes.claim(&share.key, value, lease).await;
-            if let Ok(c) = &claim {
-                if c.existing.is_none() {
-                    share.recipes.0.contests.made(&share.key, c.rev);
+            match &claim {
+                Ok(c) if c.existing.is_none() => share.recipes.0.contests.made(&share.key, c.rev),
+                // The txn may be in the log and commit later (its request
+                // timed out, or its leader stepped down): find out on a
+                // task that keeps this place in the contest meanwhile, so
+                // that a key it made is deleted if every call gives up.
+                Err(e) if e.code() == Code::Unavailable => {
+                    runtime.spawn(async move {
+                        share.settle(lease).await;
+                        drop(share);
+                    });
                 }
+                _ => {}
             }
             claim
         });
@@ -471,6 +502,43 @@ impl Contender {
                 "etcdserver: server stopped ({e})"
             )))
         })
+    }
+
+    /// After a claim whose outcome is unknown: a write through the log
+    /// after it (a txn that reads the key) decides it, since once that
+    /// commits the claim's txn has committed or never will. If the key is
+    /// then there under `lease`, a call here may have made it: it counts as
+    /// made (a key kept since is not deleted; see `Contests::leave`).
+    /// Retries while the cluster cannot take the write, as the deletion of
+    /// an abandoned key does.
+    async fn settle(&self, lease: i64) {
+        let give_up = Instant::now() + ABANDONED_DELETE_RETRY_FOR;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let e = match self.recipes.read_through_log(&self.key).await {
+                Ok(Some((key_lease, created))) if key_lease == lease => {
+                    self.recipes.0.contests.made(&self.key, created);
+                    return;
+                }
+                Ok(_) => return,
+                Err(e) => e,
+            };
+            let retry = e.code() == Code::Unavailable
+                && !self.recipes.0.node.is_stopped()
+                && Instant::now() + pause < give_up;
+            if !retry {
+                tracing::warn!(
+                    "a lock or campaign claim of {:?} failed with its outcome unknown, and \
+                     finding it out failed too ({}): if it made the key, the key stays until \
+                     its lease ends",
+                    String::from_utf8_lossy(&self.key),
+                    e.message()
+                );
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(ABANDONED_DELETE_MAX_PAUSE);
+        }
     }
 
     /// The call ends with the key its claim answered (created at `rev`)

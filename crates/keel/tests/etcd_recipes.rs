@@ -12,7 +12,8 @@
 //! is told so, an abandoned campaign leaves no key, a lock retried at
 //! once after its client gave up on it keeps the key it gets, a lock
 //! abandoned while its claim is in flight leaves no key, and neither does
-//! one abandoned while the cluster has no leader (once it has one again).
+//! one abandoned while the cluster has no leader (once it has one again),
+//! nor one whose claim failed with its outcome unknown and committed later.
 
 mod common;
 
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use common::{etcd_channel, EtcdProc, TestCluster};
 use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
 use keel_etcd_proto::etcdserverpb::lease_client::LeaseClient;
+use keel_etcd_proto::etcdserverpb::watch_client::WatchClient;
 use keel_etcd_proto::etcdserverpb::*;
 use keel_etcd_proto::v3electionpb::election_client::ElectionClient;
 use keel_etcd_proto::v3electionpb::*;
@@ -512,6 +514,92 @@ fn abandoned_without_a_leader(c: &TestCluster, holding: u64, waiting: u64, base:
     });
 }
 
+/// A lock whose claim txn reached the leader's log, but whose leader lost
+/// its followers and stepped down before it committed: the call fails
+/// (Unavailable: outcome unknown), and the txn commits later, once a
+/// leader is elected again. The key it made is nobody's: it is deleted.
+fn claim_with_unknown_outcome(c: &TestCluster, base: i64) {
+    let (leader, _) = c.wait_for_leader(WAIT);
+    let followers: Vec<u64> = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|&id| id != leader)
+        .collect();
+    let lease = base + 1;
+    let a = c.rt.block_on(etcd_channel(&c.node(leader).etcd));
+    let before = c.rt.block_on(async {
+        grant(&a, &[lease]).await;
+        let put = KvClient::new(a.clone())
+            .put(PutRequest {
+                key: Bytes::from_static(b"unknownclaim-start"),
+                ..Default::default()
+            })
+            .await
+            .expect("put");
+        put.into_inner().header.expect("header").revision
+    });
+    // SIGSTOP takes effect at once: the claim's txn cannot commit. (The
+    // lock goes at once, on a connection made before, while the leader
+    // still leads: it steps down once it has heard from no follower for
+    // an election timeout.)
+    for &f in &followers {
+        c.pause(f);
+    }
+    let failed = c.rt.block_on(async {
+        done("a lock without followers", lock(&a, "unknownclaim", lease)).await
+    });
+    let e = failed.expect_err("a lock while no follower answers");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    // One follower back. Whichever of the two is elected has the txn in
+    // its log (the follower wins only with the old leader's vote, which
+    // needs its log to be as long: it got the append before it stopped),
+    // so the txn commits in the new term.
+    c.resume(followers[0]);
+    c.wait_for_leader(WAIT);
+    c.rt.block_on(async {
+        let a = etcd_channel(&c.node(leader).etcd).await;
+        let mut w = WatchClient::new(a.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: Bytes::from_static(b"unknownclaim/"),
+                    range_end: Bytes::from_static(b"unknownclaim0"),
+                    start_revision: before + 1,
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .expect("watch request");
+        let mut events = w
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut seen = Vec::new();
+        within(
+            "the key the unknown claim made, created and deleted",
+            async {
+                while seen.len() < 2 {
+                    let r = events.message().await.expect("watch").expect("open");
+                    seen.extend(
+                        r.events
+                            .iter()
+                            .map(|e| (e.r#type, text(&e.kv.as_ref().expect("kv").key))),
+                    );
+                }
+            },
+        )
+        .await;
+        let k = key("unknownclaim", lease);
+        assert_eq!(seen, vec![(0, k.clone()), (1, k)], "put, then delete");
+        drop(tx);
+    });
+    c.resume(followers[1]);
+}
+
 #[test]
 fn lock_and_election_services_behave_like_etcds() {
     let etcd_bin = common::etcd_or_skip("the etcd half of the lock and election test");
@@ -538,6 +626,7 @@ fn lock_and_election_services_behave_like_etcds() {
         keel_only(a, b, base + 100).await
     });
     abandoned_without_a_leader(&c, leader, follower, base + 200);
+    claim_with_unknown_outcome(&c, base + 300);
     let Some(bin) = etcd_bin else {
         return;
     };

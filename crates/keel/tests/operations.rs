@@ -324,9 +324,11 @@ fn etcd_port_serves_health_version_and_metrics() {
         assert!(m("keel_commit_position") > 0.0);
         // The end marker stays last.
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
-        let (code, body) = http_get(addr, "/v3/kv/range");
+        let (code, body) = http_get(addr, "/nope");
         assert_eq!(code, 404);
         assert!(body.contains("/health"), "{body}");
+        // The JSON gateway takes POST only, as etcd's (405 to a GET).
+        assert_eq!(http_get(addr, "/v3/kv/range").0, 405);
     }
     // gRPC on the same port is unchanged (every etcd test uses it): one
     // call here, after the HTTP/1.1 requests.

@@ -335,7 +335,8 @@ impl Session {
 pub(crate) type WatchRequests = Pin<Box<dyn Stream<Item = Result<WatchRequest, Status>> + Send>>;
 
 /// Serves one watch stream: its responses, until the client goes (its
-/// requests end or it stops reading).
+/// request stream fails or it stops reading; the end of its requests alone
+/// does not end the stream).
 pub(crate) fn serve(api: Arc<Api>, requests: WatchRequests) -> WatchStream {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(run(api, requests, tx));
@@ -361,15 +362,19 @@ async fn run(
     let result: Result<(), End> = async {
         s.feed_rev = s.local_status().await?.0;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // A client that closed its side of the stream (sent all its
+        // requests) still gets its watches' events, as from etcd, until it
+        // goes away.
+        let mut requests_done = false;
         loop {
             tokio::select! {
-                req = requests.next() => match req {
+                req = requests.next(), if !requests_done => match req {
                     Some(Ok(req)) => s.handle(req).await?,
                     Some(Err(e)) => {
                         tracing::debug!("watch stream closed by the client: {e}");
                         return Err(End::Client);
                     }
-                    None => return Err(End::Client),
+                    None => requests_done = true,
                 },
                 n = feed.recv() => match n {
                     Ok(n) if n.reset => s.catch_up_all().await?,

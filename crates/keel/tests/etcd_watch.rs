@@ -1,7 +1,8 @@
 //! The etcd Watch API of a real 3-node Keel cluster, through raw gRPC:
 //! many watches on one stream, prefix and single-key watches, NOPUT and
 //! NODELETE filters, prev_kv, start revisions in the past, progress
-//! requests, cancel, a compacted start revision, and a watch through a
+//! requests, cancel, a compacted start revision, a client that closed its
+//! side of the stream (still served), and a watch through a
 //! follower that keeps delivering every event exactly once while the leader
 //! is killed and another one takes over.
 
@@ -42,6 +43,12 @@ impl Stream {
             })
             .await
             .expect("send watch request");
+    }
+
+    /// Ends the request side of the stream (a gRPC half-close).
+    fn close_requests(&mut self) {
+        // Replacing the only sender drops it, which ends the request stream.
+        self.tx = mpsc::channel(1).0;
     }
 
     async fn create(&mut self, c: WatchCreateRequest) -> i64 {
@@ -232,6 +239,16 @@ fn watch_options_on_one_stream() {
         assert!(r.canceled, "{r:?}");
         assert_eq!(r.watch_id, created.watch_id);
         assert_eq!(r.compact_revision, r3);
+
+        // A client that has sent all its requests and closed its side of
+        // the stream still gets its watches' events, as from etcd.
+        s.close_requests();
+        let r5 = put(&mut kv, "p/3", "three").await;
+        let got = s.events(1).await;
+        assert_eq!(
+            got,
+            vec![(past, PUT, "p/3".into(), "three".into(), r5, None)]
+        );
     });
 }
 

@@ -109,8 +109,8 @@ async fn version() -> Response {
     )
 }
 
-/// The node's metrics followed by etcd's leader gauges (before the
-/// OpenMetrics end marker, if the text has one).
+/// The node's metrics followed by etcd's leader metrics, in the same
+/// OpenMetrics text (before its end marker).
 pub fn metrics_text(api: &Api) -> String {
     let mut text = api.node.render_metrics();
     let st = api.node.status();
@@ -122,8 +122,8 @@ pub fn metrics_text(api: &Api) -> String {
          if not.\n# TYPE etcd_server_has_leader gauge\netcd_server_has_leader {has_leader}\n\
          # HELP etcd_server_is_leader Whether this member is the leader: 1 if it is, 0 if \
          not.\n# TYPE etcd_server_is_leader gauge\netcd_server_is_leader {is_leader}\n\
-         # HELP etcd_server_leader_changes_seen_total The number of leader changes seen.\n\
-         # TYPE etcd_server_leader_changes_seen_total counter\n\
+         # HELP etcd_server_leader_changes_seen The number of leader changes seen.\n\
+         # TYPE etcd_server_leader_changes_seen counter\n\
          etcd_server_leader_changes_seen_total {changes}\n"
     );
     match text.rfind("# EOF") {
@@ -135,7 +135,7 @@ pub fn metrics_text(api: &Api) -> String {
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, keel_node::metrics::CONTENT_TYPE)],
         metrics_text(&api),
     )
         .into_response()

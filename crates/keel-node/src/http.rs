@@ -39,7 +39,7 @@ pub async fn serve(
                 let (code, ctype, body) = match path {
                     "/metrics" => (
                         "200 OK",
-                        "text/plain; version=0.0.4",
+                        crate::metrics::CONTENT_TYPE,
                         metrics.render_with(&net),
                     ),
                     "/status" => {

@@ -16,6 +16,11 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+/// The content type of `Metrics::render`'s text: OpenMetrics, which is
+/// what `prometheus-client` writes (counters are families `x` with samples
+/// `x_total`, and `# EOF` ends the text).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 pub struct Metrics {
     registry: Registry,
     pub role: Gauge,
@@ -230,7 +235,7 @@ impl Metrics {
         self.render()
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition (`CONTENT_TYPE`).
     pub fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

@@ -414,6 +414,53 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (code, body.to_string())
 }
 
+/// Checks that `text` is an OpenMetrics exposition as Prometheus' parser
+/// takes it: every sample follows the `# TYPE` of its family and is named
+/// as that type allows (a counter `c` has samples `c_total`), no family is
+/// declared twice, every value is a number, and `# EOF` ends it.
+pub fn assert_openmetrics(text: &str) {
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "no end marker:\n{text}");
+    let mut declared = std::collections::HashSet::new();
+    let mut family: Option<(&str, &str)> = None;
+    for line in &lines[..lines.len() - 1] {
+        if let Some(decl) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = decl.split_once(' ').unwrap_or((decl, ""));
+            assert!(declared.insert(name), "{name} declared twice:\n{text}");
+            family = Some((name, kind));
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "stray comment {line:?}");
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..name_end];
+        let (fam, kind) = family.unwrap_or_else(|| panic!("{name}: a sample before any # TYPE"));
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total", "_created"],
+            "histogram" => &["_bucket", "_count", "_sum", "_created"],
+            "summary" => &["", "_count", "_sum", "_created"],
+            "info" => &["_info"],
+            "gauge" | "stateset" | "unknown" => &[""],
+            other => panic!("{fam}: unknown type {other:?}"),
+        };
+        let suffix = name.strip_prefix(fam).unwrap_or("(another family)");
+        assert!(
+            suffixes.contains(&suffix),
+            "sample {name} in the {kind} family {fam}: a {kind}'s samples are named \
+             {fam}{{{}}}",
+            suffixes.join(",")
+        );
+        let after_labels = match line[name_end..].strip_prefix('{') {
+            Some(rest) => &rest[rest.rfind('}').expect("labels end") + 1..],
+            None => &line[name_end..],
+        };
+        let value = after_labels.split_whitespace().next().unwrap_or("");
+        assert!(value.parse::<f64>().is_ok(), "{line:?}: value {value:?}");
+    }
+}
+
 /// The value of metric `name` (no labels) in a Prometheus text exposition.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {

@@ -5,7 +5,10 @@
 //! with the request message as JSON in the body and the response message
 //! as JSON in the answer, both in etcd's gateway JSON (the protos' field
 //! names, 64-bit integers as strings, bytes as base64: see
-//! `keel_etcd_proto`). An empty body is the empty request.
+//! `keel_etcd_proto`). An empty body is the empty request, and a field
+//! that is `null` has its default value. A request larger than the gRPC
+//! message limit (`max_request_bytes` + 512 KiB, as etcd's) is refused with
+//! `ResourceExhausted`, as gRPC refuses it.
 //!
 //! The calls go to the same service code as gRPC calls. Errors answer
 //! `{"error": msg, "message": msg, "code": <gRPC code>}` with the HTTP
@@ -22,6 +25,7 @@
 
 use crate::{cluster, election, kv, lease, lock, maintenance, recipes, watch, Api};
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -87,15 +91,83 @@ pub fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| bad_body(&e))
+    message(serde_json::from_slice(body).map_err(|e| bad_body(&e))?)
 }
 
 /// The request messages of a streaming call's body, one after another.
 pub fn parse_many<T: DeserializeOwned>(body: &[u8]) -> Result<Vec<T>, Status> {
     serde_json::Deserializer::from_slice(body)
+        .into_iter::<serde_json::Value>()
+        .map(|v| message(v.map_err(|e| bad_body(&e))?))
+        .collect()
+}
+
+/// A message from its JSON, where a field that is `null` has its default
+/// value (proto3's JSON mapping, as etcd's gateway reads it).
+fn message<T: DeserializeOwned>(mut json: serde_json::Value) -> Result<T, Status> {
+    drop_nulls(&mut json);
+    serde_json::from_value(json).map_err(|e| bad_body(&e))
+}
+
+/// Removes the object members that are `null`, at every depth. (The
+/// parser's nesting limit bounds the recursion.)
+fn drop_nulls(json: &mut serde_json::Value) {
+    match json {
+        serde_json::Value::Object(members) => {
+            members.retain(|_, v| !v.is_null());
+            members.values_mut().for_each(drop_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
+/// A request's body, or the error a body that could not be read gets: one
+/// over the size limit is `ResourceExhausted`, as gRPC refuses a message
+/// over its limit.
+fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Status> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Status::resource_exhausted(format!("the request body is too large: {}", e.body_text()))
+        } else {
+            Status::invalid_argument(format!(
+                "the request body could not be read: {}",
+                e.body_text()
+            ))
+        }
+    })
+}
+
+/// `req` if its protobuf is within the gRPC message limit `max`; otherwise
+/// the `ResourceExhausted` gRPC answers a larger message with.
+fn within_limit<T: prost::Message>(req: T, max: usize) -> Result<T, Status> {
+    let len = req.encoded_len();
+    if len > max {
+        return Err(Status::resource_exhausted(format!(
+            "grpc: received message larger than max ({len} vs. {max})"
+        )));
+    }
+    Ok(req)
+}
+
+/// A request of a call from its body: read, parsed, and within the limit.
+fn request<T: DeserializeOwned + Default + prost::Message>(
+    api: &Api,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<T, Status> {
+    within_limit(parse(&body(raw)?)?, api.config.max_message_bytes())
+}
+
+/// The requests of a streaming call from its body.
+fn requests<T: DeserializeOwned + prost::Message>(
+    api: &Api,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Vec<T>, Status> {
+    let max = api.config.max_message_bytes();
+    parse_many(&body(raw)?)?
         .into_iter()
-        .collect::<Result<Vec<T>, _>>()
-        .map_err(|e| bad_body(&e))
+        .map(|r| within_limit(r, max))
+        .collect()
 }
 
 fn bad_body(e: &serde_json::Error) -> Status {
@@ -138,13 +210,17 @@ where
 }
 
 /// Runs a unary call on a body.
-async fn unary<Req, Resp, Fut>(body: Bytes, call: impl FnOnce(Req) -> Fut) -> Response
+async fn unary<Req, Resp, Fut>(
+    api: &Api,
+    body: Result<Bytes, BytesRejection>,
+    call: impl FnOnce(Req) -> Fut,
+) -> Response
 where
-    Req: DeserializeOwned + Default,
+    Req: DeserializeOwned + Default + prost::Message,
     Resp: Serialize,
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
 {
-    let answer = match parse(&body) {
+    let answer = match request(api, body) {
         Ok(req) => call(req).await,
         Err(e) => return error(&e),
     };
@@ -158,14 +234,18 @@ where
 }
 
 /// Runs a call with one request and a stream of responses on a body.
-async fn server_streaming<Req, Resp, S, Fut>(body: Bytes, call: impl FnOnce(Req) -> Fut) -> Response
+async fn server_streaming<Req, Resp, S, Fut>(
+    api: &Api,
+    body: Result<Bytes, BytesRejection>,
+    call: impl FnOnce(Req) -> Fut,
+) -> Response
 where
-    Req: DeserializeOwned + Default,
+    Req: DeserializeOwned + Default + prost::Message,
     Resp: Serialize,
     S: Stream<Item = Result<Resp, Status>> + Send + 'static,
     Fut: Future<Output = Result<tonic::Response<S>, Status>>,
 {
-    let answer = match parse(&body) {
+    let answer = match request(api, body) {
         Ok(req) => call(req).await,
         Err(e) => return error(&e),
     };
@@ -180,37 +260,51 @@ type Route = MethodRouter<Arc<Api>>;
 /// `POST` of a unary method `$method` of the service `$svc(api)`.
 macro_rules! unary {
     ($svc:expr, $method:ident) => {
-        post(move |State(api): State<Arc<Api>>, body: Bytes| async move {
-            let svc = ($svc)(api);
-            unary(body, |r| async move { svc.$method(Request::new(r)).await }).await
-        })
+        post(
+            move |State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>| async move {
+                let svc = ($svc)(api.clone());
+                unary(
+                    &api,
+                    body,
+                    |r| async move { svc.$method(Request::new(r)).await },
+                )
+                .await
+            },
+        )
     };
 }
 
 /// `POST` of a method `$method` with a stream of responses.
 macro_rules! server_streaming {
     ($svc:expr, $method:ident) => {
-        post(move |State(api): State<Arc<Api>>, body: Bytes| async move {
-            let svc = ($svc)(api);
-            server_streaming(body, |r| async move { svc.$method(Request::new(r)).await }).await
-        })
+        post(
+            move |State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>| async move {
+                let svc = ($svc)(api.clone());
+                server_streaming(
+                    &api,
+                    body,
+                    |r| async move { svc.$method(Request::new(r)).await },
+                )
+                .await
+            },
+        )
     };
 }
 
-async fn watch(State(api): State<Arc<Api>>, body: Bytes) -> Response {
-    match parse_many::<WatchRequest>(&body) {
-        // The body's requests, then nothing more: the watches run until
-        // the client closes the connection.
+async fn watch(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match requests::<WatchRequest>(&api, body) {
+        // The body's requests; the watches run until the client closes
+        // the connection.
         Ok(reqs) => streamed(watch::serve(
             api,
-            Box::pin(tokio_stream::iter(reqs.into_iter().map(Ok)).chain(tokio_stream::pending())),
+            Box::pin(tokio_stream::iter(reqs.into_iter().map(Ok))),
         )),
         Err(e) => error(&e),
     }
 }
 
-async fn keep_alive(State(api): State<Arc<Api>>, body: Bytes) -> Response {
-    match parse_many::<LeaseKeepAliveRequest>(&body) {
+async fn keep_alive(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match requests::<LeaseKeepAliveRequest>(&api, body) {
         Ok(reqs) => streamed(lease::keep_alive(
             api,
             Box::pin(tokio_stream::iter(reqs.into_iter().map(Ok))),
@@ -270,9 +364,9 @@ fn routes() -> Vec<(&'static str, Route)> {
     ]
 }
 
-/// The gateway's routes under every prefix, taking bodies of up to
-/// `max_body` bytes (a request's JSON is about 4/3 of its protobuf, whose
-/// limit the caller passes).
+/// The gateway's routes under every prefix, reading bodies of up to
+/// `max_body` bytes (a bound on memory: a request's JSON is about 4/3 of
+/// its protobuf, whose own limit each call checks).
 pub fn router(max_body: usize) -> axum::Router<Arc<Api>> {
     let mut router = axum::Router::new();
     for prefix in PREFIXES {
@@ -345,6 +439,35 @@ mod tests {
             parse_many(br#"{"create_request":{"key":"YQ=="}} {"cancel_request":{"watch_id":"1"}}"#)
                 .unwrap();
         assert_eq!(many.len(), 2);
+    }
+
+    #[test]
+    fn null_fields_have_their_default_values() {
+        let t: TxnRequest = parse(
+            br#"{"compare":[{"target":"VALUE","key":"Zm9v","value":null,"range_end":null}],
+                 "success":null,"failure":[{"request_range":{"key":"Zm9v","limit":null}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(t.compare[0].key, &b"foo"[..]);
+        assert!(t.success.is_empty());
+        assert_eq!(t.failure.len(), 1);
+        let many: Vec<LeaseKeepAliveRequest> = parse_many(br#"{"ID":null} {"ID":"5"}"#).unwrap();
+        assert_eq!((many[0].id, many[1].id), (0, 5));
+        // A null where a message belongs in a list is not a message.
+        assert!(parse::<TxnRequest>(br#"{"success":[null]}"#).is_err());
+    }
+
+    #[test]
+    fn requests_over_the_grpc_limit_are_resource_exhausted() {
+        let put = PutRequest {
+            key: "k".into(),
+            value: vec![0u8; 100].into(),
+            ..Default::default()
+        };
+        assert!(within_limit(put.clone(), 200).is_ok());
+        let e = within_limit(put, 100).unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        assert_eq!(http_status(e.code()), StatusCode::TOO_MANY_REQUESTS);
     }
 
     #[test]

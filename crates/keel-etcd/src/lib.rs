@@ -127,6 +127,14 @@ pub struct Api {
     pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
+impl ApiConfig {
+    /// The largest gRPC message a request may be: the request limit and
+    /// gRPC's overhead on top, as etcd sets its gRPC server's limit.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_request_bytes + GRPC_OVERHEAD_BYTES
+    }
+}
+
 impl Api {
     /// etcd's response header at `revision`.
     pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
@@ -306,7 +314,7 @@ pub fn node_error(r: ClientResult) -> Status {
 /// Serves the etcd API on `addr` on the node's runtime until the node stops.
 /// Binds before returning, so a taken port is reported at once.
 pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std::io::Result<()> {
-    let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let max_msg = config.max_message_bytes();
     let auto_compaction = config.auto_compaction;
     let tls = match &config.tls {
         Some(files) => Some(tls::Tls::load(files).map_err(std::io::Error::other)?),

@@ -9,8 +9,9 @@
 //! - A lease's remaining `TTL` depends on timing and is dropped.
 //! - Error messages are compared, except for bodies that are not valid
 //!   requests (Go's JSON errors and serde's differ; code and status are).
-//! - Watch streams are compared as their list of events (how a server
-//!   batches them into responses is its own).
+//! - Watch streams are compared as their list of events and their
+//!   `created` answers (how a server batches events into responses is its
+//!   own).
 //!
 //! Known difference, not in the script: base64 whose last symbol carries
 //! bits past the data (`"Zm9="` for `"Zm8="`) is accepted by etcd (Go's
@@ -51,10 +52,14 @@ fn request(
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+         content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     )
     .expect("write request");
+    // A server may answer a body it refuses before reading all of it.
+    if let Err(e) = s.write_all(body.as_bytes()) {
+        eprintln!("{path}: the server stopped reading the body: {e}");
+    }
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).expect("status line");
@@ -163,17 +168,26 @@ enum Compare {
 struct Step {
     method: &'static str,
     path: &'static str,
-    body: &'static str,
+    body: String,
     compare: Compare,
 }
 
-fn post(path: &'static str, body: &'static str) -> Step {
+fn post(path: &'static str, body: impl Into<String>) -> Step {
     Step {
         method: "POST",
         path,
-        body,
+        body: body.into(),
         compare: Compare::All,
     }
+}
+
+/// A put of `key` with a value of `len` bytes.
+fn big_put(len: usize) -> Step {
+    let value = "A".repeat(len.div_ceil(3) * 4);
+    post(
+        "/v3/kv/put",
+        format!(r#"{{"key":"Zm9v","value":"{value}"}}"#),
+    )
 }
 
 fn with(mut s: Step, compare: Compare) -> Step {
@@ -189,14 +203,20 @@ fn events(docs: &[Value]) -> Vec<Value> {
         .collect()
 }
 
+/// A watch stream's answers that say a watch was created.
+fn created(docs: &[Value]) -> Vec<Value> {
+    docs.iter()
+        .filter(|d| d["result"]["created"] == true)
+        .cloned()
+        .collect()
+}
+
 fn run(addr: &str, step: &Step) -> Answer {
     let enough = |docs: &[Value]| match step.compare {
         Compare::Events(n) => events(docs).len() >= n,
-        // A keep-alive stream: one answer per request.
-        _ if step.path.ends_with("/keepalive") => !docs.is_empty(),
         _ => false,
     };
-    request(addr, step.method, step.path, step.body, &enough)
+    request(addr, step.method, step.path, &step.body, &enough)
 }
 
 fn wait_healthy(addr: &str) {
@@ -250,6 +270,17 @@ fn gateway_answers_as_etcds() {
         post("/v3beta/kv/range", r#"{"key":"Zm9v","count_only":true}"#),
         post("/v3/kv/range", r#"{"key":"Zm9v","revision":"99"}"#),
         post("/v3/kv/range", ""),
+        // null is a field's default value.
+        post(
+            "/v3/kv/range",
+            r#"{"key":"Zm9v","range_end":null,"limit":null,"sort_order":null}"#,
+        ),
+        // Over the request limit (1.5 MiB): etcd's own refusal; over the
+        // gRPC message limit (2 MiB), gRPC's; a body too large to read
+        // (4 MiB of JSON), the same.
+        big_put(1600 * 1024),
+        with(big_put(2100 * 1024), Compare::Code),
+        with(big_put(3200 * 1024), Compare::Code),
         with(post("/v3/kv/range", "garbage"), Compare::Code),
         with(
             post("/v3/kv/range", r#"{"key":"not base64!"}"#),
@@ -286,8 +317,9 @@ fn gateway_answers_as_etcds() {
             Compare::NoTtl,
         ),
         post("/v3/lease/leases", "{}"),
+        // Two requests in one body: two answers, then the stream ends.
         with(
-            post("/v3/lease/keepalive", r#"{"ID":"1000"}"#),
+            post("/v3/lease/keepalive", r#"{"ID":"1000"} {"ID":"1000"}"#),
             Compare::NoTtl,
         ),
         post("/v3/lock/lock", r#"{"name":"bGs=","lease":"1000"}"#),
@@ -317,7 +349,7 @@ fn gateway_answers_as_etcds() {
             Step {
                 method: "GET",
                 path: "/v3/kv/range",
-                body: "",
+                body: String::new(),
                 compare: Compare::All,
             },
             Compare::Status,
@@ -340,12 +372,21 @@ fn gateway_answers_as_etcds() {
                     code(&want) == code(&got)
                 }
                 Compare::Status => true,
-                Compare::Events(_) => events(&want.docs) == events(&got.docs),
+                Compare::Events(_) => {
+                    events(&want.docs) == events(&got.docs)
+                        && created(&want.docs) == created(&got.docs)
+                }
             };
         if !same {
             failures.push(format!(
                 "step {i}: {} {} {}\n  etcd: {} {:?}\n  keel: {} {:?}",
-                step.method, step.path, step.body, want.status, want.docs, got.status, got.docs
+                step.method,
+                step.path,
+                shortened(&step.body),
+                want.status,
+                shortened(&format!("{:?}", want.docs)),
+                got.status,
+                shortened(&format!("{:?}", got.docs))
             ));
         }
     }
@@ -357,4 +398,12 @@ fn gateway_answers_as_etcds() {
         failures.join("\n"),
         etcd.log_tail()
     );
+}
+
+/// `text`, or its start if it is long (a big request's body).
+fn shortened(text: &str) -> String {
+    match text.char_indices().nth(300) {
+        Some((at, _)) => format!("{}… ({} bytes)", &text[..at], text.len()),
+        None => text.to_string(),
+    }
 }

@@ -17,12 +17,18 @@
 //! The JSON gateway (`POST /v3/...`) is `crate::gateway`. Anything else is
 //! a 404 that says what is served; a gRPC call of an unknown method still
 //! gets gRPC's `Unimplemented`.
+//!
+//! CORS (`Cors`, the `etcd_cors` setting, etcd's `--cors`): answers to a
+//! request from an allowed web origin carry etcd's CORS headers, and a
+//! preflight `OPTIONS` from one is answered 200, as etcd answers them. By
+//! default no origin is allowed (etcd allows any).
 
 use crate::maintenance::ETCD_VERSION;
 use crate::not_served::AUTH_NOT_SERVED;
 use crate::{convert, gateway, Api};
-use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use keel_etcd_proto::etcdserverpb::RangeRequest;
@@ -50,7 +56,95 @@ pub fn router(api: Arc<Api>, max_body: usize) -> axum::Router {
         .route("/metrics", get(metrics))
         .merge(gateway::router(max_body))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(api.clone(), cors))
         .with_state(api)
+}
+
+/// The web origins whose pages may read the HTTP answers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Cors {
+    /// None: no CORS headers.
+    #[default]
+    Off,
+    /// Any origin (`*`).
+    Any,
+    /// These origins (`scheme://host[:port]`, lowercase).
+    Origins(Vec<String>),
+}
+
+impl Cors {
+    /// From `etcd_cors`: origins such as `https://dash.example.com:8443`,
+    /// or `*` for any; an error names an entry that is no origin.
+    pub fn parse(origins: &[String]) -> Result<Cors, String> {
+        if origins.iter().any(|o| o.trim() == "*") {
+            return Ok(Cors::Any);
+        }
+        let mut out = Vec::new();
+        for o in origins {
+            let origin = o.trim().trim_end_matches('/').to_ascii_lowercase();
+            let host = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            let valid = host.is_some_and(|h| {
+                !h.is_empty()
+                    && !h.contains(['/', '?', '#', '@'])
+                    && !h.contains(char::is_whitespace)
+            });
+            if !valid {
+                return Err(format!(
+                    "etcd_cors: {o:?} is not a web origin: expected scheme://host[:port] with \
+                     scheme http or https (e.g. https://dash.example.com), or * for any"
+                ));
+            }
+            out.push(origin);
+        }
+        Ok(if out.is_empty() {
+            Cors::Off
+        } else {
+            Cors::Origins(out)
+        })
+    }
+
+    /// The `Access-Control-Allow-Origin` a request from `origin` gets.
+    pub fn allow(&self, origin: Option<&HeaderValue>) -> Option<HeaderValue> {
+        match self {
+            Cors::Off => None,
+            Cors::Any => Some(HeaderValue::from_static("*")),
+            Cors::Origins(list) => {
+                let origin = origin?;
+                let text = origin.to_str().ok()?.to_ascii_lowercase();
+                list.contains(&text).then(|| origin.clone())
+            }
+        }
+    }
+}
+
+/// etcd's CORS handling: an allowed origin's answers carry the headers,
+/// and its preflight `OPTIONS` is answered 200 without going further.
+async fn cors(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let Some(origin) = api.config.cors.allow(req.headers().get(header::ORIGIN)) else {
+        return next.run(req).await;
+    };
+    let mut resp = if req.method() == Method::OPTIONS {
+        StatusCode::OK.into_response()
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    if api.config.cors != Cors::Any {
+        // The answer depends on the asking origin: caches must know.
+        h.append(header::VARY, HeaderValue::from_static("origin"));
+    }
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("accept, content-type, authorization"),
+    );
+    resp
 }
 
 /// Why this member is not healthy, if it is not (etcd 3.4's checks, in
@@ -170,6 +264,38 @@ async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_origins_parse_and_match() {
+        let parse = |v: &[&str]| Cors::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(parse(&[]), Ok(Cors::Off));
+        assert_eq!(parse(&["https://a.example", "*"]), Ok(Cors::Any));
+        let c = parse(&["HTTPS://Dash.example:8443/", "http://localhost:3000"]).unwrap();
+        assert_eq!(
+            c,
+            Cors::Origins(vec![
+                "https://dash.example:8443".into(),
+                "http://localhost:3000".into()
+            ])
+        );
+        for bad in [
+            "dash.example",
+            "ftp://x",
+            "https://",
+            "https://a/b",
+            "https://a b",
+        ] {
+            let e = parse(&[bad]).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        let origin = HeaderValue::from_static("https://dash.example:8443");
+        assert_eq!(c.allow(Some(&origin)), Some(origin.clone()));
+        let other = HeaderValue::from_static("https://evil.example");
+        assert_eq!(c.allow(Some(&other)), None);
+        assert_eq!(c.allow(None), None);
+        assert_eq!(Cors::Off.allow(Some(&origin)), None);
+        assert_eq!(Cors::Any.allow(None), Some(HeaderValue::from_static("*")));
+    }
 
     #[test]
     fn health_bodies_are_etcds_json() {

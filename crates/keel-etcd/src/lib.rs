@@ -92,6 +92,8 @@ pub struct ApiConfig {
     pub quota: Option<Arc<keel_kv::SpaceQuota>>,
     /// TLS for the port (and for calls to the other members), if set.
     pub tls: Option<tls::TlsFiles>,
+    /// Which web origins get CORS headers on the HTTP answers.
+    pub cors: http::Cors,
 }
 
 impl ApiConfig {
@@ -104,6 +106,7 @@ impl ApiConfig {
             auto_compaction: compactor::AutoCompaction::Off,
             quota: None,
             tls: None,
+            cors: http::Cors::default(),
         }
     }
 }

@@ -178,6 +178,13 @@ pub struct NodeConfig {
     /// `etcd_trusted_ca_file`, as etcd's `--client-cert-auth`.
     #[serde(default)]
     pub etcd_client_cert_auth: bool,
+    /// The web origins (`https://dash.example.com`) whose pages may read the
+    /// etcd API's HTTP answers (CORS), as etcd's `--cors`; `"*"` for any.
+    /// Empty (the default): no CORS headers, so no page from another origin
+    /// can read an answer. (etcd's default is any origin: with no auth, that
+    /// lets every web page a user opens read the keys.)
+    #[serde(default)]
+    pub etcd_cors: Vec<String>,
     /// With `etcd_addr`: how the leader compacts the KV history by itself,
     /// as etcd's `--auto-compaction-mode`: `periodic` (keep a span of time)
     /// or `revision` (keep a number of revisions).

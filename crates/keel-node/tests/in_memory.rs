@@ -101,6 +101,7 @@ fn node_config(
         etcd_key_file: None,
         etcd_trusted_ca_file: None,
         etcd_client_cert_auth: false,
+        etcd_cors: Vec::new(),
         auto_compaction_mode: "periodic".into(),
         auto_compaction_retention: "0".into(),
         kv_quota_bytes: 0,

@@ -219,6 +219,11 @@ struct ServerArgs {
     /// CA (etcd's --client-cert-auth).
     #[arg(long)]
     etcd_client_cert_auth: bool,
+    /// Web origins whose pages may read the etcd API's HTTP answers (CORS,
+    /// etcd's --cors), comma-separated, e.g. https://dash.example.com; `*`
+    /// for any. Default: none.
+    #[arg(long, value_delimiter = ',')]
+    etcd_cors: Vec<String>,
     /// Another member: ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR] (repeat for each).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<PeerConfig>,
@@ -363,6 +368,9 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if a.etcd_client_cert_auth {
         cfg.etcd_client_cert_auth = true;
+    }
+    if !a.etcd_cors.is_empty() {
+        cfg.etcd_cors = a.etcd_cors.clone();
     }
     if !a.peers.is_empty() {
         cfg.peers = a.peers.clone();
@@ -521,6 +529,9 @@ fn etcd_api(
         if etcd_tls(cfg)?.is_some() || cfg.etcd_client_cert_auth {
             bail!("the etcd API's TLS settings are set but etcd_addr is not");
         }
+        if !cfg.etcd_cors.is_empty() {
+            bail!("etcd_cors is set but etcd_addr is not");
+        }
         return Ok(None);
     };
     if cfg.service != "kv" {
@@ -555,6 +566,7 @@ fn etcd_api(
     let mut api = keel_etcd::ApiConfig::new(members);
     api.quota = quota;
     api.tls = tls;
+    api.cors = keel_etcd::http::Cors::parse(&cfg.etcd_cors).map_err(anyhow::Error::msg)?;
     api.auto_compaction = keel_etcd::compactor::AutoCompaction::parse(
         &cfg.auto_compaction_mode,
         &cfg.auto_compaction_retention,

@@ -34,7 +34,18 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 struct Answer {
     status: u16,
+    /// The header fields, names in lowercase.
+    headers: Vec<(String, String)>,
     docs: Vec<Value>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// `method path` with `body` to `addr` over HTTP/1.1; reads the answer
@@ -46,13 +57,25 @@ fn request(
     body: &str,
     enough: &dyn Fn(&[Value]) -> bool,
 ) -> Answer {
+    exchange(addr, method, path, "", body, enough)
+}
+
+/// `request` with `extra` header lines (each ending in CRLF).
+fn exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &str,
+    enough: &dyn Fn(&[Value]) -> bool,
+) -> Answer {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n",
+         content-length: {}\r\nconnection: close\r\n{extra}\r\n",
         body.len()
     )
     .expect("write request");
@@ -69,12 +92,16 @@ fn request(
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP answer: {line:?}"));
     let (mut chunked, mut length) = (false, None);
+    let mut headers = Vec::new();
     loop {
         line.clear();
         r.read_line(&mut line).expect("header line");
         let h = line.trim_end().to_ascii_lowercase();
         if h.is_empty() {
             break;
+        }
+        if let Some((name, value)) = line.trim_end().split_once(':') {
+            headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
         }
         if h == "transfer-encoding: chunked" {
             chunked = true;
@@ -127,6 +154,7 @@ fn request(
         .collect();
     Answer {
         status,
+        headers,
         docs: docs(&text),
     }
 }
@@ -406,4 +434,105 @@ fn shortened(text: &str) -> String {
         Some((at, _)) => format!("{}… ({} bytes)", &text[..at], text.len()),
         None => text.to_string(),
     }
+}
+
+/// CORS, compared with etcd's (whose default allows any origin): a
+/// preflight `OPTIONS`, a gateway call and `/health` from a web origin.
+/// Then Keel's own settings: none by default, or a list of origins.
+#[test]
+fn cors_answers_as_etcds() {
+    let Some(etcd_bin) = common::etcd_or_skip("the CORS comparison") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let etcd = EtcdProc::start(&etcd_bin, tmp.path());
+    let keel = TestCluster::start(1, "etcd_cors = [\"*\"]\n");
+    let keel_addr = keel.nodes[0].etcd.clone();
+    wait_healthy(&etcd.client);
+    wait_healthy(&keel_addr);
+    let origin = "origin: https://dash.example\r\n";
+    let preflight = "access-control-request-method: POST\r\n\
+                     access-control-request-headers: content-type\r\n";
+    let cors = |a: &Answer| {
+        let h = |n: &str| a.header(n).map(str::to_string);
+        (
+            a.status,
+            h("access-control-allow-origin"),
+            h("access-control-allow-methods"),
+            h("access-control-allow-headers"),
+        )
+    };
+    let calls = [
+        (
+            "OPTIONS",
+            "/v3/kv/range",
+            format!("{origin}{preflight}"),
+            "",
+        ),
+        (
+            "POST",
+            "/v3/kv/range",
+            origin.to_string(),
+            r#"{"key":"Zm9v"}"#,
+        ),
+        ("GET", "/health", origin.to_string(), ""),
+    ];
+    for (method, path, extra, body) in &calls {
+        let want = exchange(&etcd.client, method, path, extra, body, &|_| false);
+        let got = exchange(&keel_addr, method, path, extra, body, &|_| false);
+        assert_eq!(cors(&got), cors(&want), "{method} {path}");
+        assert_eq!(
+            want.header("access-control-allow-origin"),
+            Some("*"),
+            "{method} {path}: etcd's default"
+        );
+    }
+
+    // Keel's default: no CORS headers; a preflight is not answered.
+    let off = TestCluster::start(1, "");
+    let off_addr = off.nodes[0].etcd.clone();
+    wait_healthy(&off_addr);
+    let extra = format!("{origin}{preflight}");
+    let a = exchange(&off_addr, "OPTIONS", "/v3/kv/range", &extra, "", &|_| false);
+    assert_eq!(a.status, 405, "{a:?}");
+    assert_eq!(a.header("access-control-allow-origin"), None);
+    let a = exchange(
+        &off_addr,
+        "POST",
+        "/v3/kv/range",
+        origin,
+        r#"{"key":"Zm9v"}"#,
+        &|_| false,
+    );
+    assert_eq!(
+        (a.status, a.header("access-control-allow-origin")),
+        (200, None)
+    );
+
+    // A list: an allowed origin gets itself back, another nothing.
+    let listed = TestCluster::start(1, "etcd_cors = [\"https://dash.example\"]\n");
+    let listed_addr = listed.nodes[0].etcd.clone();
+    wait_healthy(&listed_addr);
+    let a = exchange(&listed_addr, "OPTIONS", "/v3/kv/range", &extra, "", &|_| {
+        false
+    });
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.header("access-control-allow-origin"),
+        Some("https://dash.example")
+    );
+    assert_eq!(a.header("vary"), Some("origin"));
+    let evil = "origin: https://evil.example\r\n";
+    let a = exchange(
+        &listed_addr,
+        "POST",
+        "/v3/kv/range",
+        evil,
+        r#"{"key":"Zm9v"}"#,
+        &|_| false,
+    );
+    assert_eq!(
+        (a.status, a.header("access-control-allow-origin")),
+        (200, None)
+    );
 }

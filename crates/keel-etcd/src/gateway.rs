@@ -17,9 +17,11 @@
 //!
 //! Streams: `/v3/watch` and `/v3/lease/keepalive` take one or more request
 //! objects, one after another, in the body; the answer is a chunked stream
-//! of `{"result": <response>}` lines. A watch stream stays open until the
-//! client closes it; a keep-alive stream ends after the last request's
-//! answer. `/v3/election/observe` and `/v3/maintenance/snapshot` stream the
+//! of `{"result": <response>}` lines. The requests are read as the body
+//! arrives, so a client sending a chunked body gets each one answered
+//! before it sends the next (etcd 3.4 answers only once the body has
+//! ended). A watch stream stays open until the client closes it; a
+//! keep-alive stream ends after the last request's answer. `/v3/election/observe` and `/v3/maintenance/snapshot` stream the
 //! same way. An error in a stream is a last line `{"error": {"grpc_code",
 //! "http_code", "message", "http_status"}}`.
 
@@ -41,6 +43,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::future::Future;
 use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Status};
 
@@ -92,14 +96,6 @@ pub fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> {
         return Ok(T::default());
     }
     message(serde_json::from_slice(body).map_err(|e| bad_body(&e))?)
-}
-
-/// The request messages of a streaming call's body, one after another.
-pub fn parse_many<T: DeserializeOwned>(body: &[u8]) -> Result<Vec<T>, Status> {
-    serde_json::Deserializer::from_slice(body)
-        .into_iter::<serde_json::Value>()
-        .map(|v| message(v.map_err(|e| bad_body(&e))?))
-        .collect()
 }
 
 /// A message from its JSON, where a field that is `null` has its default
@@ -158,16 +154,133 @@ fn request<T: DeserializeOwned + Default + prost::Message>(
     within_limit(parse(&body(raw)?)?, api.config.max_message_bytes())
 }
 
-/// The requests of a streaming call from its body.
-fn requests<T: DeserializeOwned + prost::Message>(
-    api: &Api,
-    raw: Result<Bytes, BytesRejection>,
-) -> Result<Vec<T>, Status> {
-    let max = api.config.max_message_bytes();
-    parse_many(&body(raw)?)?
-        .into_iter()
-        .map(|r| within_limit(r, max))
-        .collect()
+/// The requests of a streaming call (watch, keep-alive), read from its
+/// body as they arrive, so a client can send more requests later on the
+/// same call (a chunked body), as etcd's gateway allows.
+///
+/// As etcd's gateway does: a body whose first request cannot be read is
+/// an error (`Unknown`, 500: the gateway's answer to a JSON error); an
+/// empty body is a call without requests; after the first request, bad
+/// JSON or a body cut short just ends the requests (the call's responses
+/// go on: a watch keeps watching).
+async fn incoming<T>(api: &Api, body: Body) -> Result<RequestStream<T>, Status>
+where
+    T: DeserializeOwned + prost::Message + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel(16);
+    tokio::spawn(read_requests(
+        body,
+        api.config.max_message_bytes(),
+        api.config.max_body_bytes(),
+        tx,
+    ));
+    let first = match rx.recv().await {
+        Some(Err(e)) => return Err(e),
+        first => first,
+    };
+    Ok(Box::pin(
+        tokio_stream::iter(first).chain(ReceiverStream::new(rx)),
+    ))
+}
+
+/// The requests of a streaming call, as `incoming` hands them over.
+type RequestStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Parses the requests of `body` as its bytes arrive and sends them to
+/// `tx`: each within `max_message` as a protobuf, at most `max_buffer`
+/// bytes of an unfinished request held. Only a failure before the first
+/// request is sent on (see `incoming`).
+async fn read_requests<T: DeserializeOwned + prost::Message>(
+    body: Body,
+    max_message: usize,
+    max_buffer: usize,
+    tx: mpsc::Sender<Result<T, Status>>,
+) {
+    let mut data = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut sent = false;
+    let failure = loop {
+        match data.next().await {
+            Some(Ok(chunk)) => {
+                buf.extend_from_slice(&chunk);
+                // A request is a JSON object: one can only have been
+                // completed by a chunk with a `}` in it.
+                if chunk.contains(&b'}') {
+                    match parse_available(&mut buf, max_message, &tx, &mut sent).await {
+                        Ok(true) => {}
+                        Ok(false) => return, // the call is over
+                        Err(e) => break e,
+                    }
+                }
+                if buf.len() > max_buffer {
+                    break Status::resource_exhausted(format!(
+                        "a request in the body is over {max_buffer} bytes"
+                    ));
+                }
+            }
+            Some(Err(e)) => {
+                tracing::debug!("gateway stream: reading the body: {e}");
+                return;
+            }
+            None if buf.iter().all(u8::is_ascii_whitespace) => return,
+            // What is left is no whole object: say what it is.
+            None => match parse_available(&mut buf, max_message, &tx, &mut sent).await {
+                Err(e) => break e,
+                Ok(_) => break Status::unknown("the body ends inside a request"),
+            },
+        }
+    };
+    if sent {
+        tracing::debug!(
+            "gateway stream: no more requests read: {}",
+            failure.message()
+        );
+    } else {
+        let _ = tx.send(Err(failure)).await;
+    }
+}
+
+/// Sends the whole requests at the start of `buf` to `tx` and removes
+/// them; `Ok(false)` if `tx` is closed. A request that is not valid is the
+/// error etcd's gateway answers it with (JSON errors are `Unknown` to it;
+/// a request too large keeps its code).
+async fn parse_available<T: DeserializeOwned + prost::Message>(
+    buf: &mut Vec<u8>,
+    max_message: usize,
+    tx: &mpsc::Sender<Result<T, Status>>,
+    sent: &mut bool,
+) -> Result<bool, Status> {
+    let unknown = |e: Status| match e.code() {
+        Code::InvalidArgument => Status::unknown(e.message()),
+        _ => e,
+    };
+    let mut values = serde_json::Deserializer::from_slice(buf).into_iter::<serde_json::Value>();
+    let mut used = 0;
+    let mut open = true;
+    loop {
+        match values.next() {
+            Some(Ok(v)) => {
+                used = values.byte_offset();
+                let req = message::<T>(v)
+                    .and_then(|r| within_limit(r, max_message))
+                    .map_err(unknown)?;
+                if tx.send(Ok(req)).await.is_err() {
+                    open = false;
+                    break;
+                }
+                *sent = true;
+            }
+            // An unfinished request: the rest is still to come.
+            Some(Err(e)) if e.is_eof() => break,
+            Some(Err(e)) => return Err(unknown(bad_body(&e))),
+            None => {
+                used = buf.len();
+                break;
+            }
+        }
+    }
+    buf.drain(..used);
+    Ok(open)
 }
 
 fn bad_body(e: &serde_json::Error) -> Status {
@@ -291,24 +404,18 @@ macro_rules! server_streaming {
     };
 }
 
-async fn watch(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match requests::<WatchRequest>(&api, body) {
-        // The body's requests; the watches run until the client closes
-        // the connection.
-        Ok(reqs) => streamed(watch::serve(
-            api,
-            Box::pin(tokio_stream::iter(reqs.into_iter().map(Ok))),
-        )),
+/// The watches run until the client closes the connection.
+async fn watch(State(api): State<Arc<Api>>, body: Body) -> Response {
+    match incoming::<WatchRequest>(&api, body).await {
+        Ok(reqs) => streamed(watch::serve(api, reqs)),
         Err(e) => error(&e),
     }
 }
 
-async fn keep_alive(State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match requests::<LeaseKeepAliveRequest>(&api, body) {
-        Ok(reqs) => streamed(lease::keep_alive(
-            api,
-            Box::pin(tokio_stream::iter(reqs.into_iter().map(Ok))),
-        )),
+/// One answer per request; the call ends after the last one's.
+async fn keep_alive(State(api): State<Arc<Api>>, body: Body) -> Response {
+    match incoming::<LeaseKeepAliveRequest>(&api, body).await {
+        Ok(reqs) => streamed(lease::keep_alive(api, reqs)),
         Err(e) => error(&e),
     }
 }
@@ -435,10 +542,66 @@ mod tests {
         assert_eq!((r.limit, r.sort_target, &r.key[..]), (5, 3, &b"foo"[..]));
         let empty: RangeRequest = parse(b"  ").unwrap();
         assert_eq!(empty, RangeRequest::default());
-        let many: Vec<WatchRequest> =
-            parse_many(br#"{"create_request":{"key":"YQ=="}} {"cancel_request":{"watch_id":"1"}}"#)
-                .unwrap();
-        assert_eq!(many.len(), 2);
+    }
+
+    /// What `read_requests` makes of a body arriving in `chunks`.
+    fn stream<T>(chunks: &[&[u8]], max_buffer: usize) -> Vec<Result<T, Status>>
+    where
+        T: DeserializeOwned + prost::Message + Send + 'static,
+    {
+        let chunks: Vec<Result<Bytes, std::convert::Infallible>> = chunks
+            .iter()
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let body = Body::from_stream(tokio_stream::iter(chunks));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (tx, rx) = mpsc::channel(16);
+            let read = read_requests(body, 1 << 20, max_buffer, tx);
+            let collect = ReceiverStream::new(rx).collect::<Vec<_>>();
+            tokio::join!(read, collect).1
+        })
+    }
+
+    #[test]
+    fn stream_bodies_are_read_as_their_requests_arrive() {
+        // Requests split anywhere across chunks.
+        let got = stream::<LeaseKeepAliveRequest>(
+            &[
+                br#"{"ID":"#,
+                br#""5"} {"I"#,
+                br#"D":6}"#,
+                b"\n {\"ID\":\"7\"}\n",
+            ],
+            100,
+        );
+        let ids: Vec<i64> = got.into_iter().map(|r| r.unwrap().id).collect();
+        assert_eq!(ids, [5, 6, 7]);
+        // Many more requests than the channel holds.
+        let many = br#"{"ID":"1"}"#.repeat(100);
+        assert_eq!(stream::<LeaseKeepAliveRequest>(&[&many], 100).len(), 100);
+        // Nothing: no requests, no error.
+        assert!(stream::<WatchRequest>(&[b" \n"], 100).is_empty());
+        assert!(stream::<WatchRequest>(&[], 100).is_empty());
+        // A first request that is not one: Unknown, as etcd's gateway.
+        for bad in [&b"garbage"[..], b"{\"ID\":\"x\"}", b"{\"ID\":"] {
+            let got = stream::<LeaseKeepAliveRequest>(&[bad], 100);
+            assert_eq!(got.len(), 1, "{bad:?}");
+            assert_eq!(
+                got[0].as_ref().unwrap_err().code(),
+                Code::Unknown,
+                "{bad:?}"
+            );
+        }
+        // After a good one, bad data ends the requests quietly.
+        let got = stream::<LeaseKeepAliveRequest>(&[br#"{"ID":"1"} garbage {"ID":"2"}"#], 100);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].is_ok());
+        // An unfinished request over the buffer's bound.
+        let got = stream::<LeaseKeepAliveRequest>(&[b"{\"ID\":", &[b' '; 200]], 100);
+        assert_eq!(got[0].as_ref().unwrap_err().code(), Code::ResourceExhausted);
     }
 
     #[test]
@@ -451,8 +614,9 @@ mod tests {
         assert_eq!(t.compare[0].key, &b"foo"[..]);
         assert!(t.success.is_empty());
         assert_eq!(t.failure.len(), 1);
-        let many: Vec<LeaseKeepAliveRequest> = parse_many(br#"{"ID":null} {"ID":"5"}"#).unwrap();
-        assert_eq!((many[0].id, many[1].id), (0, 5));
+        let many = stream::<LeaseKeepAliveRequest>(&[br#"{"ID":null} {"ID":"5"}"#], 100);
+        let ids: Vec<i64> = many.into_iter().map(|r| r.unwrap().id).collect();
+        assert_eq!(ids, [0, 5]);
         // A null where a message belongs in a list is not a message.
         assert!(parse::<TxnRequest>(br#"{"success":[null]}"#).is_err());
     }
@@ -480,7 +644,6 @@ mod tests {
             let e = parse::<RangeRequest>(body).unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument, "{body:?}");
         }
-        assert!(parse_many::<WatchRequest>(b"{} {").is_err());
         assert_eq!(http_status(Code::OutOfRange), StatusCode::BAD_REQUEST);
         assert_eq!(
             http_status(Code::Unavailable),
@@ -506,7 +669,7 @@ mod tests {
         #[test]
         fn parsing_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
             let _ = parse::<TxnRequest>(&body);
-            let _ = parse_many::<WatchRequest>(&body);
+            let _ = stream::<WatchRequest>(&[&body], 1000);
         }
 
         #[test]
@@ -517,7 +680,8 @@ mod tests {
             let body = format!(r#"{{"{key}":{body}}}"#);
             let _ = parse::<RangeRequest>(body.as_bytes());
             let _ = parse::<TxnRequest>(body.as_bytes());
-            let _ = parse_many::<WatchRequest>(body.as_bytes());
+            let (a, b) = body.as_bytes().split_at(body.len() / 2);
+            let _ = stream::<WatchRequest>(&[a, b], 1000);
             let _ = parse::<LeaseGrantRequest>(body.as_bytes());
         }
     }

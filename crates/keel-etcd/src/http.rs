@@ -48,13 +48,14 @@ serves etcd's gRPC API, its JSON gateway (POST /v3/kv/range and the like) and GE
 /version and /metrics\n";
 
 /// The routes above and the JSON gateway's (`crate::gateway`, bodies of
-/// up to `max_body` bytes), for the etcd API server (`crate::serve`).
-pub fn router(api: Arc<Api>, max_body: usize) -> axum::Router {
+/// up to `ApiConfig::max_body_bytes`), for the etcd API server
+/// (`crate::serve`).
+pub fn router(api: Arc<Api>) -> axum::Router {
     axum::Router::new()
         .route("/health", get(health))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
-        .merge(gateway::router(max_body))
+        .merge(gateway::router(api.config.max_body_bytes()))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(api.clone(), cors))
         .with_state(api)

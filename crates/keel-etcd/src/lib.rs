@@ -136,6 +136,13 @@ impl ApiConfig {
     pub fn max_message_bytes(&self) -> usize {
         self.max_request_bytes + GRPC_OVERHEAD_BYTES
     }
+
+    /// The most of a JSON gateway body held at once: a bound on memory (a
+    /// request's JSON is about 4/3 of its protobuf, whose own limit each
+    /// call checks).
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_message_bytes() * 2
+    }
 }
 
 impl Api {
@@ -334,8 +341,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
     // etcd's HTTP endpoints share the port (`http`): HTTP/1.1 requests
     // are told from HTTP/2 by their first bytes, once per connection.
-    // (A JSON body is about 4/3 of its protobuf: base64 and field names.)
-    let routes = tonic::service::Routes::from(http::router(api.clone(), max_msg * 2))
+    let routes = tonic::service::Routes::from(http::router(api.clone()))
         .add_service(
             KvServer::new(kv::KvApi(api.clone()))
                 .max_decoding_message_size(max_msg)

@@ -17,6 +17,9 @@
 //! bits past the data (`"Zm9="` for `"Zm8="`) is accepted by etcd (Go's
 //! lenient decoder) and refused by Keel as not a valid request.
 //!
+//! Also compared with etcd: CORS (`cors_answers_as_etcds`) and streams
+//! whose body is sent in chunks (`streams_take_requests_as_they_are_sent`).
+//!
 //! Needs etcd (`apt-get install -y etcd-server`, which `.ci/run` does):
 //! with CI=true a missing etcd fails the test; elsewhere it is skipped with
 //! a printed reason.
@@ -535,4 +538,196 @@ fn cors_answers_as_etcds() {
         (a.status, a.header("access-control-allow-origin")),
         (200, None)
     );
+}
+
+/// A streaming call whose request body is sent in chunks while its answer
+/// is read, line by line, as it comes.
+struct Chunked {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+    head_read: bool,
+    text: String,
+}
+
+impl Chunked {
+    fn open(addr: &str, path: &str) -> Chunked {
+        let w = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        w.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut c = Chunked {
+            r: BufReader::new(w.try_clone().expect("clone")),
+            w,
+            head_read: false,
+            text: String::new(),
+        };
+        write!(
+            c.w,
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+             transfer-encoding: chunked\r\n\r\n"
+        )
+        .expect("write head");
+        c
+    }
+
+    /// Sends `text` as one chunk of the body.
+    fn send(&mut self, text: &str) {
+        write!(self.w, "{:x}\r\n{text}\r\n", text.len()).expect("write chunk");
+    }
+
+    /// Ends the body.
+    fn finish(&mut self) {
+        self.w.write_all(b"0\r\n\r\n").expect("write last chunk");
+    }
+
+    /// The answer's next JSON line, or None where the answer ends.
+    fn next(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        if !self.head_read {
+            self.r.read_line(&mut line).expect("status line");
+            assert!(line.contains(" 200 "), "{line}");
+            loop {
+                line.clear();
+                self.r.read_line(&mut line).expect("header");
+                if line.trim().is_empty() {
+                    break;
+                }
+            }
+            self.head_read = true;
+        }
+        loop {
+            if let Some(end) = self.text.find('\n') {
+                let doc: String = self.text.drain(..=end).collect();
+                if !doc.trim().is_empty() {
+                    return Some(serde_json::from_str(doc.trim()).expect("a JSON line"));
+                }
+                continue;
+            }
+            line.clear();
+            self.r.read_line(&mut line).expect("chunk size");
+            let size = usize::from_str_radix(line.trim(), 16)
+                .unwrap_or_else(|_| panic!("chunk size {line:?}"));
+            if size == 0 {
+                return None;
+            }
+            let mut chunk = vec![0; size + 2];
+            self.r.read_exact(&mut chunk).expect("chunk");
+            self.text
+                .push_str(std::str::from_utf8(&chunk[..size]).expect("utf-8"));
+        }
+    }
+
+    /// Watch events until `n` have come, as (watch id, event), sorted.
+    fn events(&mut self, n: usize) -> Vec<(String, Value)> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let doc = self.next().expect("the watch stream ended");
+            let id = doc["result"]["watch_id"]
+                .as_str()
+                .unwrap_or("0")
+                .to_string();
+            for e in doc["result"]["events"].as_array().into_iter().flatten() {
+                got.push((id.clone(), e.clone()));
+            }
+        }
+        got.sort_by_key(|(id, e)| (id.clone(), e.to_string()));
+        got
+    }
+}
+
+/// Streams whose request body is sent in chunks (`transfer-encoding:
+/// chunked`), compared with etcd's: requests sent over time, then the
+/// body ended, are all answered; a watch goes on after the body ends; a
+/// stream whose first request is no request is an error. Then what etcd
+/// 3.4 does not do over HTTP/1.1 (its Go server reads the whole body
+/// before it sends the answer's head): Keel answers each request as it
+/// arrives, so a client can keep one keep-alive or watch call open and
+/// send more requests on it.
+#[test]
+fn streams_take_requests_as_they_are_sent() {
+    let Some(etcd_bin) = common::etcd_or_skip("the gateway stream comparison") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let etcd = EtcdProc::start(&etcd_bin, tmp.path());
+    let keel = TestCluster::start(3, "");
+    keel.wait_for_leader(Duration::from_secs(10));
+    let keel_addr = keel.nodes[0].etcd.clone();
+    wait_healthy(&etcd.client);
+    wait_healthy(&keel_addr);
+    let call = |addr: &str, path, body: &str| request(addr, "POST", path, body, &|_| false);
+    let put = |addr: &str, v: &str| {
+        let a = call(
+            addr,
+            "/v3/kv/put",
+            &format!(r#"{{"key":"Y2g=","value":"{v}"}}"#),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+    };
+    let keep_alive = r#"{"ID":"2000"}"#;
+    let create = r#"{"create_request":{"key":"Y2g="}}"#;
+    let create_prev = r#"{"create_request":{"key":"Y2g=","prev_kv":true}}"#;
+
+    let transcript = |addr: &str| -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut note = |mut v: Value| {
+            normalize(&mut v, true);
+            out.push(v);
+        };
+        note(call(addr, "/v3/lease/grant", r#"{"TTL":60,"ID":2000}"#).docs[0].clone());
+        let mut k = Chunked::open(addr, "/v3/lease/keepalive");
+        k.send(keep_alive);
+        k.send(keep_alive);
+        k.finish();
+        for _ in 0..2 {
+            note(k.next().expect("a keep-alive answer"));
+        }
+        note(Value::from(format!("then {:?}", k.next())));
+
+        let mut w = Chunked::open(addr, "/v3/watch");
+        w.send(create);
+        w.send(create_prev);
+        w.finish();
+        for _ in 0..2 {
+            note(w.next().expect("created"));
+        }
+        put(addr, "MQ==");
+        note(Value::from(format!("{:?}", w.events(2))));
+
+        for path in ["/v3/watch", "/v3/lease/keepalive"] {
+            let a = call(addr, path, "garbage");
+            note(Value::from(format!(
+                "{path}: {} {}",
+                a.status, a.docs[0]["code"]
+            )));
+        }
+        out
+    };
+    let want = transcript(&etcd.client);
+    let got = transcript(&keel_addr);
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(g, w, "step {i}");
+    }
+    assert_eq!(got.len(), want.len());
+
+    // Keel: each request answered before the next is sent.
+    let mut k = Chunked::open(&keel_addr, "/v3/lease/keepalive");
+    for _ in 0..3 {
+        k.send(keep_alive);
+        let a = k.next().expect("a keep-alive answer");
+        assert_eq!(a["result"]["ID"], "2000", "{a}");
+    }
+    k.finish();
+    assert_eq!(k.next(), None);
+    let mut w = Chunked::open(&keel_addr, "/v3/watch");
+    w.send(create);
+    assert_eq!(w.next().expect("created")["result"]["created"], true);
+    put(&keel_addr, "Mg==");
+    let got = w.events(1);
+    assert_eq!(got[0].1["kv"]["value"], "Mg==", "{got:?}");
+    w.send(create_prev);
+    let second = w.next().expect("created");
+    assert_eq!(second["result"]["created"], true, "{second}");
+    put(&keel_addr, "Mw==");
+    let got = w.events(2);
+    assert_eq!(got[1].1["prev_kv"]["value"], "Mg==", "{got:?}");
 }

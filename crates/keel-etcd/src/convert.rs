@@ -180,13 +180,23 @@ impl Out<'_> {
         }
     }
 
-    /// A nested txn's response has an empty header, as etcd leaves it.
+    /// A nested txn's response has an empty header, as etcd leaves it; the
+    /// other responses inside a txn carry only their revision, as etcd's
+    /// (only the outermost header has the cluster, member and term).
     pub fn txn(&self, r: kv::TxnResponse, nested: bool) -> pb::TxnResponse {
         use pb::response_op::Response as R;
         let header = if nested {
             Some(pb::ResponseHeader::default())
         } else {
             (self.header)(r.revision as i64)
+        };
+        let inner = Out {
+            header: &|revision| {
+                Some(pb::ResponseHeader {
+                    revision,
+                    ..Default::default()
+                })
+            },
         };
         pb::TxnResponse {
             header,
@@ -196,10 +206,10 @@ impl Out<'_> {
                 .into_iter()
                 .map(|op| pb::ResponseOp {
                     response: Some(match op {
-                        kv::ResponseOp::Range(r) => R::ResponseRange(self.range(r)),
-                        kv::ResponseOp::Put(r) => R::ResponsePut(self.put(r)),
-                        kv::ResponseOp::DeleteRange(r) => R::ResponseDeleteRange(self.delete(r)),
-                        kv::ResponseOp::Txn(t) => R::ResponseTxn(self.txn(t, true)),
+                        kv::ResponseOp::Range(r) => R::ResponseRange(inner.range(r)),
+                        kv::ResponseOp::Put(r) => R::ResponsePut(inner.put(r)),
+                        kv::ResponseOp::DeleteRange(r) => R::ResponseDeleteRange(inner.delete(r)),
+                        kv::ResponseOp::Txn(t) => R::ResponseTxn(inner.txn(t, true)),
                     }),
                 })
                 .collect(),

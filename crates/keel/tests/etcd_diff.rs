@@ -26,7 +26,8 @@
 //!   and negative values are kept as they are.
 //! - Response headers: `cluster_id`, `member_id` and `raft_term` are
 //!   per-system identities (random in etcd, configured in Keel) and are
-//!   zeroed; only the header revision is compared.
+//!   zeroed; only the header revision is compared. (Headers inside a txn
+//!   carry only a revision in both, and are compared whole.)
 //! - Lease ids chosen by the server differ, so every grant names its id.
 //! - A lease's remaining TTL depends on timing: within 3 s of the granted
 //!   TTL it is shown as the granted TTL.
@@ -265,22 +266,38 @@ impl System {
         self.header(&mut r.header);
         r.kvs.iter_mut().for_each(|kv| self.kv(kv));
     }
+    /// A header inside a txn: only its revision is set, by both systems,
+    /// so the rest is compared as it is.
+    fn inner_header(&self, h: &mut Option<ResponseHeader>) {
+        if let Some(h) = h {
+            h.revision = self.down(h.revision);
+        }
+    }
     fn txn_out(&self, t: &mut TxnResponse) {
         self.header(&mut t.header);
+        self.txn_ops_out(t);
+    }
+    fn txn_ops_out(&self, t: &mut TxnResponse) {
         for op in &mut t.responses {
             match &mut op.response {
-                Some(Resp::ResponseRange(r)) => self.range_out(r),
+                Some(Resp::ResponseRange(r)) => {
+                    self.inner_header(&mut r.header);
+                    r.kvs.iter_mut().for_each(|kv| self.kv(kv));
+                }
                 Some(Resp::ResponsePut(r)) => {
-                    self.header(&mut r.header);
+                    self.inner_header(&mut r.header);
                     if let Some(kv) = &mut r.prev_kv {
                         self.kv(kv);
                     }
                 }
                 Some(Resp::ResponseDeleteRange(r)) => {
-                    self.header(&mut r.header);
+                    self.inner_header(&mut r.header);
                     r.prev_kvs.iter_mut().for_each(|kv| self.kv(kv));
                 }
-                Some(Resp::ResponseTxn(t)) => self.txn_out(t),
+                Some(Resp::ResponseTxn(t)) => {
+                    self.inner_header(&mut t.header);
+                    self.txn_ops_out(t);
+                }
                 None => {}
             }
         }

@@ -3,9 +3,9 @@
 //! HTTP requests runs against etcd and against a 3-node Keel cluster, and
 //! each answer's HTTP status and JSON must match after normalization:
 //!
-//! - Response headers keep only their revision (cluster and member ids and
-//!   the raft term are each system's own; etcd's nested txn responses carry
-//!   only the revision).
+//! - An answer's header keeps only its revision (cluster and member ids and
+//!   the raft term are each system's own); headers inside a txn's answer
+//!   carry only a revision in both and are compared whole.
 //! - A lease's remaining `TTL` depends on timing and is dropped.
 //! - Error messages are compared, except for bodies that are not valid
 //!   requests (Go's JSON errors and serde's differ; code and status are).
@@ -162,21 +162,33 @@ fn exchange(
     }
 }
 
-/// Keeps only the revision of every `header`, drops `TTL` where `drop_ttl`.
+/// Keeps only the revision of an answer's own `header` (a stream line's
+/// too), drops `TTL` where `drop_ttl`. Headers inside a txn's answer are
+/// compared whole: both systems give them only their revision.
 fn normalize(v: &mut Value, drop_ttl: bool) {
+    let own_header = |answer: &mut Value| {
+        if let Some(Value::Object(h)) = answer.get_mut("header") {
+            h.retain(|k, _| k == "revision");
+        }
+    };
+    own_header(v);
+    if let Some(result) = v.get_mut("result") {
+        own_header(result);
+    }
+    drop_ttls(v, drop_ttl);
+}
+
+fn drop_ttls(v: &mut Value, drop_ttl: bool) {
     match v {
         Value::Object(m) => {
-            if let Some(Value::Object(h)) = m.get_mut("header") {
-                h.retain(|k, _| k == "revision");
-            }
             if drop_ttl {
                 m.remove("TTL");
             }
             for (_, x) in m.iter_mut() {
-                normalize(x, drop_ttl);
+                drop_ttls(x, drop_ttl);
             }
         }
-        Value::Array(a) => a.iter_mut().for_each(|x| normalize(x, drop_ttl)),
+        Value::Array(a) => a.iter_mut().for_each(|x| drop_ttls(x, drop_ttl)),
         _ => {}
     }
 }

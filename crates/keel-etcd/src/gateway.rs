@@ -91,11 +91,14 @@ fn json(code: StatusCode, body: String) -> Response {
 }
 
 /// A request message from a body (empty: the empty request).
+/// Only the body's first JSON value is read: what follows it is ignored,
+/// as etcd's gateway (one `Decode` of the body) ignores it.
 pub fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
+    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>();
+    match values.next() {
+        None => Ok(T::default()),
+        Some(v) => message(v.map_err(|e| bad_body(&e))?),
     }
-    message(serde_json::from_slice(body).map_err(|e| bad_body(&e))?)
 }
 
 /// A message from its JSON, where a field that is `null` has its default
@@ -542,6 +545,8 @@ mod tests {
         assert_eq!((r.limit, r.sort_target, &r.key[..]), (5, 3, &b"foo"[..]));
         let empty: RangeRequest = parse(b"  ").unwrap();
         assert_eq!(empty, RangeRequest::default());
+        let first: RangeRequest = parse(br#" {"key":"Zm9v"} trailing {"#).unwrap();
+        assert_eq!(&first.key[..], b"foo");
     }
 
     /// What `read_requests` makes of a body arriving in `chunks`.

@@ -313,6 +313,9 @@ fn gateway_answers_as_etcds() {
         post("/v3beta/kv/range", r#"{"key":"Zm9v","count_only":true}"#),
         post("/v3/kv/range", r#"{"key":"Zm9v","revision":"99"}"#),
         post("/v3/kv/range", ""),
+        // What follows the request is ignored; keys given twice: the last.
+        post("/v3/kv/range", r#"{"key":"Zm9v"} trailing"#),
+        post("/v3/kv/range", r#"{"key":"bm9uZQ==","key":"Zm9v"}"#),
         // null is a field's default value.
         post(
             "/v3/kv/range",

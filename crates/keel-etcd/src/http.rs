@@ -11,8 +11,10 @@
 //! - `GET /version`: `{"etcdserver":"3.4.30","etcdcluster":"3.4.0"}`.
 //! - `GET /metrics`: the node's Prometheus metrics (the same as its status
 //!   address serves), with etcd's `etcd_server_has_leader`,
-//!   `etcd_server_is_leader` and `etcd_server_leader_changes_seen_total`
-//!   added for the dashboards and alerts written against etcd.
+//!   `etcd_server_is_leader`, `etcd_server_leader_changes_seen_total`,
+//!   `etcd_debugging_mvcc_watch_stream_total` and
+//!   `etcd_debugging_mvcc_watcher_total` added for the dashboards and
+//!   alerts written against etcd.
 //!
 //! The JSON gateway (`POST /v3/...`) is `crate::gateway`. Anything else is
 //! a 404 that says what is served; a gRPC call of an unknown method still
@@ -33,6 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use keel_etcd_proto::etcdserverpb::RangeRequest;
 use keel_kv::Query;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,6 +215,8 @@ pub fn metrics_text(api: &Api) -> String {
     let has_leader = u8::from(st.leader.is_some());
     let is_leader = u8::from(st.leader == Some(api.node.id()));
     let changes = api.node.metrics().leaders_seen.get();
+    let streams = api.watch_gauges.streams.load(Ordering::Relaxed);
+    let watchers = api.watch_gauges.watchers.load(Ordering::Relaxed);
     let etcd = format!(
         "# HELP etcd_server_has_leader Whether a leader exists: 1 if this member knows one, 0 \
          if not.\n# TYPE etcd_server_has_leader gauge\netcd_server_has_leader {has_leader}\n\
@@ -219,7 +224,13 @@ pub fn metrics_text(api: &Api) -> String {
          not.\n# TYPE etcd_server_is_leader gauge\netcd_server_is_leader {is_leader}\n\
          # HELP etcd_server_leader_changes_seen The number of leader changes seen.\n\
          # TYPE etcd_server_leader_changes_seen counter\n\
-         etcd_server_leader_changes_seen_total {changes}\n"
+         etcd_server_leader_changes_seen_total {changes}\n\
+         # HELP etcd_debugging_mvcc_watch_stream_total The watch streams open on this member.\n\
+         # TYPE etcd_debugging_mvcc_watch_stream_total gauge\n\
+         etcd_debugging_mvcc_watch_stream_total {streams}\n\
+         # HELP etcd_debugging_mvcc_watcher_total The watches open on this member.\n\
+         # TYPE etcd_debugging_mvcc_watcher_total gauge\n\
+         etcd_debugging_mvcc_watcher_total {watchers}\n"
     );
     match text.rfind("# EOF") {
         Some(at) => text.insert_str(at, &etcd),

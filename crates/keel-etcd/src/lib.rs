@@ -128,6 +128,8 @@ pub struct Api {
     pub(crate) contests: recipes::Contests,
     /// How this member's calls to other members use TLS, if it serves TLS.
     pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The watch streams and watches open here.
+    pub watch_gauges: watch::WatchGauges,
 }
 
 impl ApiConfig {
@@ -336,6 +338,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
         backups: Arc::new(tokio::sync::Semaphore::new(1)),
         contests: Default::default(),
         client_tls: tls.as_ref().map(|t| t.client.clone()),
+        watch_gauges: Default::default(),
     });
     let rt = node.runtime().clone();
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;

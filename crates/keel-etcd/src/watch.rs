@@ -23,6 +23,7 @@ use keel_etcd_proto::etcdserverpb::*;
 use keel_kv::{EventType, Query, Response as KvResponse, WatchEvent};
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
@@ -78,10 +79,21 @@ enum End {
     Error(Status),
 }
 
+/// The watch streams open on this member and their watches, for
+/// `/metrics` (etcd's `etcd_debugging_mvcc_watch_stream_total` and
+/// `etcd_debugging_mvcc_watcher_total`).
+#[derive(Debug, Default)]
+pub struct WatchGauges {
+    pub streams: AtomicI64,
+    pub watchers: AtomicI64,
+}
+
 struct Session {
     api: Arc<Api>,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
+    /// How many of `watchers` the gauges count (`recount`).
+    counted: i64,
     /// The next automatically chosen watch id (etcd starts at 0).
     next_id: i64,
     /// Every revision up to this one has been handed to every watch that
@@ -89,7 +101,23 @@ struct Session {
     feed_rev: u64,
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        let gauges = &self.api.watch_gauges;
+        gauges.watchers.fetch_sub(self.counted, Ordering::Relaxed);
+        gauges.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Session {
+    /// Brings the watcher gauge up to date with `watchers`.
+    fn recount(&mut self) {
+        let now = self.watchers.len() as i64;
+        let gauge = &self.api.watch_gauges.watchers;
+        gauge.fetch_add(now - self.counted, Ordering::Relaxed);
+        self.counted = now;
+    }
+
     async fn send(&self, r: WatchResponse) -> Result<(), End> {
         self.out.send(Ok(r)).await.map_err(|_| End::Client)
     }
@@ -356,9 +384,11 @@ async fn run(
         api,
         out,
         watchers: BTreeMap::new(),
+        counted: 0,
         next_id: 0,
         feed_rev: 0,
     };
+    s.api.watch_gauges.streams.fetch_add(1, Ordering::Relaxed);
     let result: Result<(), End> = async {
         s.feed_rev = s.local_status().await?.0;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -367,6 +397,7 @@ async fn run(
         // goes away.
         let mut requests_done = false;
         loop {
+            s.recount();
             tokio::select! {
                 req = requests.next(), if !requests_done => match req {
                     Some(Ok(req)) => s.handle(req).await?,

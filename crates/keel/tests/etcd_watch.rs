@@ -2,7 +2,8 @@
 //! many watches on one stream, prefix and single-key watches, NOPUT and
 //! NODELETE filters, prev_kv, start revisions in the past, progress
 //! requests, cancel, a compacted start revision, a client that closed its
-//! side of the stream (still served), and a watch through a
+//! side of the stream (still served), the watch gauges falling back when
+//! clients go (gRPC and the JSON gateway), and a watch through a
 //! follower that keeps delivering every event exactly once while the leader
 //! is killed and another one takes over.
 
@@ -322,4 +323,71 @@ fn a_watch_through_a_follower_survives_a_leader_kill() {
         "revisions must increase: {got:?}"
     );
     assert!(got[0].4 > start);
+}
+
+/// The member's watch gauges (etcd's names, on its etcd port's /metrics)
+/// follow the streams and watches, and fall back when clients go: a gRPC
+/// client that cancels a watch and then disconnects, and a JSON gateway
+/// watch whose connection is dropped (the server has to notice).
+#[test]
+fn watch_streams_end_when_their_clients_go() {
+    use std::io::{Read, Write};
+    let c = TestCluster::start(1, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    let addr = c.nodes[0].etcd.clone();
+    let gauges = |streams: f64, watchers: f64| {
+        for (name, want) in [
+            ("etcd_debugging_mvcc_watch_stream_total", streams),
+            ("etcd_debugging_mvcc_watcher_total", watchers),
+        ] {
+            let got = common::wait_metric(&addr, name, Duration::from_secs(10), |v| v == want);
+            assert_eq!(got, want, "{name}");
+        }
+    };
+    gauges(0.0, 0.0);
+    // A runtime whose threads run the client's connection after the block
+    // below (the cluster's runs only inside block_on), so the client's
+    // going reaches the server.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let ch = connect(&addr).await;
+        let mut s = open(&ch).await;
+        let a = s.create(create("a", b"")).await;
+        s.create(create("b", b"")).await;
+        gauges(1.0, 2.0);
+        s.send(RequestUnion::CancelRequest(WatchCancelRequest {
+            watch_id: a,
+        }))
+        .await;
+        assert!(s.next().await.canceled);
+        gauges(1.0, 1.0);
+        drop(s);
+        drop(ch);
+    });
+    gauges(0.0, 0.0);
+
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    let body = r#"{"create_request":{"key":"YQ=="}}"#;
+    write!(
+        conn,
+        "POST /v3/watch HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(r#""created":true"#) {
+        let mut buf = [0u8; 1024];
+        let n = conn.read(&mut buf).expect("read the watch stream");
+        assert!(
+            n > 0,
+            "the watch stream ended: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    gauges(1.0, 1.0);
+    drop(conn);
+    gauges(0.0, 0.0);
 }

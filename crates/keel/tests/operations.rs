@@ -319,7 +319,11 @@ fn etcd_port_serves_health_version_and_metrics() {
             "node {id}"
         );
         assert!(m("process_resident_memory_bytes") > 1e6);
-        assert!(m("keel_commit_position") > 0.0);
+        // The node's own metrics are there too (a follower learns of the
+        // first commit with the leader's next message).
+        wait_metric(addr, "keel_commit_position", Duration::from_secs(10), |p| {
+            p > 0.0
+        });
         let (code, body) = http_get(addr, "/nope");
         assert_eq!(code, 404);
         assert!(body.contains("/health"), "{body}");

@@ -2,6 +2,8 @@
 //! SIGKILL / SIGSTOP / SIGCONT / wipe / restart, and a KV client.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use bytes::Bytes;
 use keel_client::{Client, ClientOptions};
 use keel_kv::{Command, Query, Response};
@@ -30,6 +32,9 @@ pub struct TestCluster {
     pub rt: tokio::runtime::Runtime,
     /// Every write the cluster acknowledged: key → value.
     pub acked: BTreeMap<String, String>,
+    /// With `start_proxied`: the proxy on each pair's peer link, by (lower
+    /// id, higher id).
+    pub links: BTreeMap<(u64, u64), proxy::LinkProxy>,
 }
 
 /// A loopback port for a test server. Asking the OS for port 0 and
@@ -62,6 +67,25 @@ pub fn keel_exe() -> &'static str {
 impl TestCluster {
     /// `extra`: more TOML lines for every node's config.
     pub fn start(n: u64, extra: &str) -> TestCluster {
+        TestCluster::start_inner(n, extra, false)
+    }
+
+    /// Like `start`, with every peer link through a `proxy::LinkProxy`
+    /// (`cut`, `black_hole`, `delay`, `heal`). The lower id of a pair dials
+    /// the other, so its configuration names the proxy as the other's
+    /// peer address.
+    pub fn start_proxied(n: u64, extra: &str) -> TestCluster {
+        TestCluster::start_inner(n, extra, true)
+    }
+
+    /// The proxy on the link between `a` and `b` (a proxied cluster's).
+    pub fn link(&self, a: u64, b: u64) -> &proxy::LinkProxy {
+        self.links
+            .get(&(a.min(b), a.max(b)))
+            .unwrap_or_else(|| panic!("no proxy between {a} and {b}: start_proxied"))
+    }
+
+    fn start_inner(n: u64, extra: &str, proxied: bool) -> TestCluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let addrs: Vec<(String, String, String)> = (0..n)
             .map(|_| {
@@ -72,6 +96,15 @@ impl TestCluster {
                 )
             })
             .collect();
+        let mut links = BTreeMap::new();
+        if proxied {
+            for a in 1..=n {
+                for b in a + 1..=n {
+                    let target = &addrs[(b - 1) as usize].1;
+                    links.insert((a, b), proxy::LinkProxy::start(target));
+                }
+            }
+        }
         let mut nodes = Vec::new();
         for id in 1..=n {
             let dir = tmp.path().join(format!("node{id}"));
@@ -84,6 +117,7 @@ impl TestCluster {
             for pid in 1..=n {
                 if pid != id {
                     let (pc, pp, pe) = &addrs[(pid - 1) as usize];
+                    let pp = links.get(&(id, pid)).map_or(pp, |l| &l.addr);
                     toml.push_str(&format!(
                         "\n[[peers]]\nid = {pid}\npeer_addr = \"{pp}\"\nclient_addr = \"{pc}\"\netcd_addr = \"{pe}\"\n"
                     ));
@@ -110,6 +144,7 @@ impl TestCluster {
             _tmp: tmp,
             rt,
             acked: BTreeMap::new(),
+            links,
         };
         for id in 1..=n {
             c.spawn(id);

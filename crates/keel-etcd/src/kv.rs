@@ -12,18 +12,16 @@ use tonic::{Request, Response, Status};
 
 pub struct KvApi(pub Arc<Api>);
 
-/// Are all reads of a txn serializable and does it only read? Such a txn
-/// is answered from this node's state, as etcd does.
+/// Is every operation of a txn a serializable range? Such a txn is
+/// answered from this node's state without a linearizable read, as etcd's
+/// `isTxnSerializable` decides: a txn with no operations at all (compares
+/// only) is one, and a nested txn never is, whatever it holds.
 fn txn_serializable(t: &TxnRequest) -> bool {
     use request_op::Request as R;
     t.success
         .iter()
         .chain(&t.failure)
-        .all(|op| match &op.request {
-            Some(R::RequestRange(r)) => r.serializable,
-            Some(R::RequestTxn(t)) => txn_serializable(t),
-            _ => false,
-        })
+        .all(|op| matches!(&op.request, Some(R::RequestRange(r)) if r.serializable))
 }
 
 impl KvApi {
@@ -138,6 +136,20 @@ mod tests {
         };
         let t = TxnRequest {
             success: vec![range(true), put],
+            ..Default::default()
+        };
+        assert!(!txn_serializable(&t));
+        // As etcd: compares alone are serializable; a nested txn is not,
+        // even of serializable ranges only.
+        assert!(txn_serializable(&TxnRequest::default()));
+        let nested = RequestOp {
+            request: Some(request_op::Request::RequestTxn(TxnRequest {
+                success: vec![range(true)],
+                ..Default::default()
+            })),
+        };
+        let t = TxnRequest {
+            success: vec![nested],
             ..Default::default()
         };
         assert!(!txn_serializable(&t));

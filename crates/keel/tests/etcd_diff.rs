@@ -99,21 +99,17 @@ enum Op {
 
 impl Op {
     /// Must this go to the Keel leader (a serializable read elsewhere could
-    /// be stale)?
+    /// be stale)? A txn is serializable by etcd's rule (`isTxnSerializable`):
+    /// when every operation is a serializable range, so also when it has
+    /// none (compares only).
     fn needs_leader(&self) -> bool {
-        fn txn(t: &TxnRequest) -> bool {
-            t.success
-                .iter()
-                .chain(&t.failure)
-                .any(|o| match &o.request {
-                    Some(Req::RequestRange(r)) => r.serializable,
-                    Some(Req::RequestTxn(t)) => txn(t),
-                    _ => false,
-                })
-        }
         match self {
             Op::Range(r) => r.serializable,
-            Op::Txn(t) => txn(t),
+            Op::Txn(t) => t
+                .success
+                .iter()
+                .chain(&t.failure)
+                .all(|o| matches!(&o.request, Some(Req::RequestRange(r)) if r.serializable)),
             _ => false,
         }
     }

@@ -3,8 +3,10 @@
 //! without losing an acknowledged write; one cut link, or a link that
 //! fails one way only (the half-failed link of Cloudflare's 2020 outage),
 //! does not unseat a leader the rest of the cluster still hears, nor raise
-//! the term; a slow link below the election timeout moves nothing. Every
-//! test ends by reading back every acknowledged write.
+//! the term; a slow link below the election timeout moves nothing; an
+//! isolated member refuses linearizable reads through the etcd API rather
+//! than answer them stale. Every test ends by reading back every
+//! acknowledged write.
 
 mod common;
 
@@ -267,4 +269,79 @@ fn the_proxy_forwards_stalls_and_cuts() {
         matches!(again.read(&mut b), Ok(0) | Err(_)),
         "a cut link took a connection"
     );
+}
+
+/// Through the etcd API: a member cut off from the others never answers a
+/// linearizable read with stale data (it fails, so the client retries
+/// elsewhere), while a serializable read gets its own, older state, as
+/// etcd's would; after the heal it reads the newest value.
+#[test]
+fn an_isolated_member_refuses_linearizable_reads() {
+    use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
+    use keel_etcd_proto::etcdserverpb::{PutRequest, RangeRequest};
+    let _one = serial();
+    let c = TestCluster::start_proxied(3, "");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let follower = (1..=3).find(|&n| n != leader).expect("a follower");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut at_leader = KvClient::new(common::etcd_channel(&c.node(leader).etcd).await);
+        let mut at_follower = KvClient::new(common::etcd_channel(&c.node(follower).etcd).await);
+        let put = |v: &'static str| PutRequest {
+            key: "k".into(),
+            value: v.into(),
+            ..Default::default()
+        };
+        let read = |serializable| RangeRequest {
+            key: "k".into(),
+            serializable,
+            ..Default::default()
+        };
+        let value = |r: keel_etcd_proto::etcdserverpb::RangeResponse| {
+            r.kvs
+                .first()
+                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+        };
+        at_leader.put(put("old")).await.expect("put old");
+        // The follower has it before the cut.
+        let seen = at_follower
+            .range(read(false))
+            .await
+            .expect("read")
+            .into_inner();
+        assert_eq!(value(seen).as_deref(), Some("old"));
+
+        for other in (1..=3).filter(|&n| n != follower) {
+            c.link(follower, other).cut();
+        }
+        at_leader
+            .put(put("new"))
+            .await
+            .expect("put new with a majority");
+        match at_follower.range(read(false)).await {
+            Ok(r) => panic!("an isolated member answered a linearizable read: {r:?}"),
+            Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable, "{e}"),
+        }
+        let stale = at_follower
+            .range(read(true))
+            .await
+            .expect("serializable read");
+        assert_eq!(value(stale.into_inner()).as_deref(), Some("old"));
+
+        for other in (1..=3).filter(|&n| n != follower) {
+            c.link(follower, other).heal();
+        }
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = at_follower.range(read(false)).await {
+                assert_eq!(value(r.into_inner()).as_deref(), Some("new"));
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no linearizable read after the heal"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
 }

@@ -3,7 +3,8 @@
 //! from stdin, watch with a concurrent writer, leases (grant, keep-alive,
 //! time-to-live with keys, revoke, expiry), `lock` and `elect` (built by
 //! etcdctl from leases, txns and watches), member list and endpoint
-//! status/health, `check datascale`. Output is checked line by line.
+//! status/health, `check datascale`, and `make-mirror` between etcd 3.4
+//! and Keel both ways (with etcd-server). Output is checked line by line.
 //!
 //! Needs `etcdctl` (`apt-get install -y etcd-client`, which `.ci/run`
 //! does): with CI=true a missing etcdctl fails the test; elsewhere it is
@@ -618,4 +619,81 @@ fn etcdctl_space_quota_refuses_puts_and_raises_nospace() {
     ctl.ok(&["compact", &revision_of(&deleted).to_string()]);
     assert_eq!(lines(&ctl.ok(&["put", "big", &value])), ["OK"]);
     assert_eq!(alarms(&ctl, "list"), Vec::<String>::new());
+}
+
+/// `get --prefix` as (key, value) pairs.
+fn pairs(ctl: &Ctl, prefix: &str) -> Vec<(String, String)> {
+    let out = ctl.ok(&["get", "--prefix", prefix]);
+    let l = lines(&out);
+    l.chunks(2)
+        .map(|kv| (kv[0].to_string(), kv.get(1).unwrap_or(&"").to_string()))
+        .collect()
+}
+
+/// Polls `get --prefix` until it is `want`.
+fn wait_pairs(ctl: &Ctl, prefix: &str, want: &[(&str, &str)]) {
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = pairs(ctl, prefix);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{prefix}: expected {want:?}, still {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `etcdctl make-mirror`, the tool for moving a live keyspace between
+/// clusters: from etcd 3.4 into Keel (a migration), then from Keel into
+/// etcd, each copying what is there and then following puts and deletes.
+#[test]
+fn etcdctl_make_mirror_moves_data_both_ways() {
+    if !etcdctl_available() {
+        return;
+    }
+    let Some(etcd_bin) = common::etcd_or_skip("the make-mirror test") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let etcd = common::EtcdProc::start(&etcd_bin, tmp.path());
+    let c = TestCluster::start(3, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    let etcd_ctl = Ctl::at(&etcd.client);
+    let keel_ctl = Ctl::new(&c);
+    // (etcd may still be starting.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !etcd_ctl
+        .run(&["put", "/app/k1", "v1"], None)
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "etcd never took a put");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    etcd_ctl.ok(&["put", "/app/k2", "v2"]);
+    etcd_ctl.ok(&["put", "/other", "x"]);
+
+    let (mut mirror, _) = etcd_ctl.stream(&["make-mirror", "--prefix", "/app", &c.nodes[0].etcd]);
+    wait_pairs(&keel_ctl, "/", &[("/app/k1", "v1"), ("/app/k2", "v2")]);
+    etcd_ctl.ok(&["put", "/app/k3", "v3"]);
+    etcd_ctl.ok(&["del", "/app/k1"]);
+    wait_pairs(&keel_ctl, "/", &[("/app/k2", "v2"), ("/app/k3", "v3")]);
+    let _ = mirror.kill();
+    let _ = mirror.wait();
+
+    keel_ctl.ok(&["put", "/fromkeel/a", "1"]);
+    let (mut back, _) = keel_ctl.stream(&["make-mirror", "--prefix", "/fromkeel", &etcd.client]);
+    wait_pairs(&etcd_ctl, "/fromkeel", &[("/fromkeel/a", "1")]);
+    keel_ctl.ok(&["put", "/fromkeel/b", "2"]);
+    keel_ctl.ok(&["del", "/fromkeel/a"]);
+    wait_pairs(&etcd_ctl, "/fromkeel", &[("/fromkeel/b", "2")]);
+    let _ = back.kill();
+    let _ = back.wait();
 }

@@ -10,6 +10,7 @@
 //! HTTP/1.1 too, as etcd's client URL does: `/health`, `/version` and
 //! `/metrics` (`http`) and the JSON gateway `POST /v3/...` (`gateway`).
 
+pub mod authority;
 pub mod cluster;
 pub mod compactor;
 pub mod convert;
@@ -344,6 +345,8 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
     // etcd's HTTP endpoints share the port (`http`): HTTP/1.1 requests
     // are told from HTTP/2 by their first bytes, once per connection.
+    // Every connection goes through `authority::FixAuthority`, so Go
+    // clients' malformed `:authority` values are taken as etcd takes them.
     let routes = tonic::service::Routes::from(http::router(api.clone()))
         .add_service(
             KvServer::new(kv::KvApi(api.clone()))
@@ -383,7 +386,8 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
     match tls {
         Some(tls) => {
             rt.spawn(async move {
-                let incoming = tls::accept(listener, tls.acceptor);
+                let incoming = tls::accept(listener, tls.acceptor)
+                    .map(|s| s.map(authority::FixAuthority::new));
                 report(server.serve_with_incoming(incoming).await)
             });
         }
@@ -397,6 +401,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
                         tracing::debug!("TCP_NODELAY on an etcd API connection: {e}");
                     }
                 })
+                .map(authority::FixAuthority::new)
             });
             rt.spawn(async move { report(server.serve_with_incoming(incoming).await) });
         }

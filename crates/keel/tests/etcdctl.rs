@@ -3,7 +3,8 @@
 //! from stdin, watch with a concurrent writer, leases (grant, keep-alive,
 //! time-to-live with keys, revoke, expiry), `lock` and `elect` (built by
 //! etcdctl from leases, txns and watches), member list and endpoint
-//! status/health, `check datascale`, and `make-mirror` between etcd 3.4
+//! status/health (also `--cluster` and `http://` endpoints, and
+//! `hashkv`/`defrag --cluster`), `check datascale`, and `make-mirror` between etcd 3.4
 //! and Keel both ways (with etcd-server). Output is checked line by line.
 //!
 //! Needs `etcdctl` (`apt-get install -y etcd-client`, which `.ci/run`
@@ -389,6 +390,27 @@ fn etcdctl_member_list_and_endpoint_status() {
                 n.id, n.id, n.peer, n.etcd
             )
         );
+    }
+
+    // The commands that reach every member by its client URL (Go's
+    // client then sends `http://…` as the HTTP/2 :authority, which Keel
+    // takes as etcd does), and the same with an http:// endpoint.
+    let status = ctl.ok(&["endpoint", "status", "--cluster"]);
+    let hashes = ctl.ok(&["endpoint", "hashkv", "--cluster"]);
+    let defrag = ctl.ok(&["defrag", "--cluster"]);
+    for n in &c.nodes {
+        let url = format!("http://{}", n.etcd);
+        assert!(
+            status.contains(&format!("{url}, {:x}, 3.4.30", n.id)),
+            "{status}"
+        );
+        assert!(hashes.contains(&format!("{url}, ")), "{hashes}");
+        assert!(
+            defrag.contains(&format!("Finished defragmenting etcd member[{url}]")),
+            "{defrag}"
+        );
+        let one = Ctl::at(&url).ok(&["endpoint", "status"]);
+        assert!(one.starts_with(&format!("{url}, {:x}, ", n.id)), "{one}");
     }
 
     let health = ctl.ok(&["endpoint", "health"]);

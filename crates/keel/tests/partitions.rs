@@ -99,8 +99,8 @@ fn an_isolated_leader_is_replaced_and_rejoins() {
     let mut c = TestCluster::start_proxied(3, "");
     let (old, term) = c.wait_for_leader(Duration::from_secs(10));
     write(&mut c, "before", 20);
-    for other in (1..=3).filter(|&n| n != old) {
-        c.link(old, other).cut();
+    for link in c.links_of(old) {
+        link.cut();
     }
     // The other two elect a leader of a later term, and it takes writes.
     let start = Instant::now();
@@ -128,8 +128,8 @@ fn an_isolated_leader_is_replaced_and_rejoins() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    for other in (1..=3).filter(|&n| n != old) {
-        c.link(old, other).heal();
+    for link in c.links_of(old) {
+        link.heal();
     }
     // It rejoins under the new leader and catches up.
     // Pre-vote and stickiness: the rejoining node disturbs nothing.
@@ -200,12 +200,12 @@ fn a_slow_link_moves_nothing() {
     let mut c = TestCluster::start_proxied(3, "");
     let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
     assert_eq!(wait_converged(&c, Duration::from_secs(10)), (leader, term));
-    for other in (1..=3).filter(|&n| n != leader) {
-        c.link(leader, other).delay(Duration::from_millis(150));
+    for link in c.links_of(leader) {
+        link.delay(Duration::from_millis(150));
     }
     assert_stable_while_writing(&mut c, leader, term, Duration::from_secs(3));
-    for other in (1..=3).filter(|&n| n != leader) {
-        c.link(leader, other).heal();
+    for link in c.links_of(leader) {
+        link.heal();
     }
     assert_eq!(wait_converged(&c, Duration::from_secs(10)), (leader, term));
     let mut client = c.client();
@@ -311,8 +311,8 @@ fn an_isolated_member_refuses_linearizable_reads() {
             .into_inner();
         assert_eq!(value(seen).as_deref(), Some("old"));
 
-        for other in (1..=3).filter(|&n| n != follower) {
-            c.link(follower, other).cut();
+        for link in c.links_of(follower) {
+            link.cut();
         }
         at_leader
             .put(put("new"))
@@ -328,8 +328,8 @@ fn an_isolated_member_refuses_linearizable_reads() {
             .expect("serializable read");
         assert_eq!(value(stale.into_inner()).as_deref(), Some("old"));
 
-        for other in (1..=3).filter(|&n| n != follower) {
-            c.link(follower, other).heal();
+        for link in c.links_of(follower) {
+            link.heal();
         }
         let start = Instant::now();
         loop {

@@ -85,6 +85,15 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("no proxy between {a} and {b}: start_proxied"))
     }
 
+    /// The proxies on every link of node `id` (a proxied cluster's).
+    pub fn links_of(&self, id: u64) -> Vec<&proxy::LinkProxy> {
+        let n = self.nodes.len() as u64;
+        (1..=n)
+            .filter(|&o| o != id)
+            .map(|o| self.link(id, o))
+            .collect()
+    }
+
     fn start_inner(n: u64, extra: &str, proxied: bool) -> TestCluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let addrs: Vec<(String, String, String)> = (0..n)

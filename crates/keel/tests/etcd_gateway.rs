@@ -278,11 +278,11 @@ fn wait_healthy(addr: &str) {
     }
 }
 
-#[test]
-fn gateway_answers_as_etcds() {
-    let Some(etcd_bin) = common::etcd_or_skip("the JSON gateway comparison") else {
-        return;
-    };
+/// etcd (one member) and a 3-node Keel cluster, both answering /health:
+/// (etcd's data directory, etcd, Keel, Keel's etcd API address); None
+/// (skipped with the reason) where etcd is missing outside CI.
+fn etcd_and_keel(test: &str) -> Option<(tempfile::TempDir, EtcdProc, TestCluster, String)> {
+    let etcd_bin = common::etcd_or_skip(test)?;
     let tmp = tempfile::tempdir().expect("tempdir");
     let etcd = EtcdProc::start(&etcd_bin, tmp.path());
     let keel = TestCluster::start(3, "");
@@ -290,6 +290,14 @@ fn gateway_answers_as_etcds() {
     let keel_addr = keel.nodes[0].etcd.clone();
     wait_healthy(&etcd.client);
     wait_healthy(&keel_addr);
+    Some((tmp, etcd, keel, keel_addr))
+}
+
+#[test]
+fn gateway_answers_as_etcds() {
+    let Some((_tmp, etcd, _keel, keel_addr)) = etcd_and_keel("the JSON gateway comparison") else {
+        return;
+    };
 
     // foo = Zm9v, bar = YmFy, baz = YmF6, fop = Zm9w, fo = Zm8=, fp = ZnA=,
     // 1 = MQ==.
@@ -659,16 +667,10 @@ impl Chunked {
 /// send more requests on it.
 #[test]
 fn streams_take_requests_as_they_are_sent() {
-    let Some(etcd_bin) = common::etcd_or_skip("the gateway stream comparison") else {
+    let Some((_tmp, etcd, _keel, keel_addr)) = etcd_and_keel("the gateway stream comparison")
+    else {
         return;
     };
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let etcd = EtcdProc::start(&etcd_bin, tmp.path());
-    let keel = TestCluster::start(3, "");
-    keel.wait_for_leader(Duration::from_secs(10));
-    let keel_addr = keel.nodes[0].etcd.clone();
-    wait_healthy(&etcd.client);
-    wait_healthy(&keel_addr);
     let call = |addr: &str, path, body: &str| request(addr, "POST", path, body, &|_| false);
     let put = |addr: &str, v: &str| {
         let a = call(

@@ -25,6 +25,7 @@
 //! same way. An error in a stream is a last line `{"error": {"grpc_code",
 //! "http_code", "message", "http_status"}}`.
 
+use crate::json_objects::{Objects, Piece};
 use crate::{cluster, election, kv, lease, lock, maintenance, recipes, watch, Api};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -90,13 +91,13 @@ fn json(code: StatusCode, body: String) -> Response {
     (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// A request message from a body (empty: the empty request).
+/// A request message from a body (empty or `null`: the empty request).
 /// Only the body's first JSON value is read: what follows it is ignored,
 /// as etcd's gateway (one `Decode` of the body) ignores it.
 pub fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> {
     let mut values = serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>();
     match values.next() {
-        None => Ok(T::default()),
+        None | Some(Ok(serde_json::Value::Null)) => Ok(T::default()),
         Some(v) => message(v.map_err(|e| bad_body(&e))?),
     }
 }
@@ -168,7 +169,7 @@ fn request<T: DeserializeOwned + Default + prost::Message>(
 /// go on: a watch keeps watching).
 async fn incoming<T>(api: &Api, body: Body) -> Result<RequestStream<T>, Status>
 where
-    T: DeserializeOwned + prost::Message + Send + 'static,
+    T: DeserializeOwned + Default + prost::Message + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel(16);
     tokio::spawn(read_requests(
@@ -192,45 +193,66 @@ type RequestStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> +
 /// Parses the requests of `body` as its bytes arrive and sends them to
 /// `tx`: each within `max_message` as a protobuf, at most `max_buffer`
 /// bytes of an unfinished request held. Only a failure before the first
-/// request is sent on (see `incoming`).
-async fn read_requests<T: DeserializeOwned + prost::Message>(
+/// request is sent on (see `incoming`). Each byte is scanned once and
+/// each request parsed once, however finely the body is cut. Reading
+/// stops as soon as the call is over (`tx` closed), even while the client
+/// sends nothing.
+async fn read_requests<T: DeserializeOwned + Default + prost::Message>(
     body: Body,
     max_message: usize,
     max_buffer: usize,
     tx: mpsc::Sender<Result<T, Status>>,
 ) {
+    // A request that is not valid is the error etcd's gateway answers it
+    // with: JSON errors are `Unknown` to it; one too large keeps its code.
+    let unknown = |e: Status| match e.code() {
+        Code::InvalidArgument => Status::unknown(e.message()),
+        _ => e,
+    };
     let mut data = body.into_data_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut objects = Objects::default();
     let mut sent = false;
-    let failure = loop {
-        match data.next().await {
-            Some(Ok(chunk)) => {
-                buf.extend_from_slice(&chunk);
-                // A request is a JSON object: one can only have been
-                // completed by a chunk with a `}` in it.
-                if chunk.contains(&b'}') {
-                    match parse_available(&mut buf, max_message, &tx, &mut sent).await {
-                        Ok(true) => {}
-                        Ok(false) => return, // the call is over
-                        Err(e) => break e,
-                    }
-                }
-                if buf.len() > max_buffer {
-                    break Status::resource_exhausted(format!(
-                        "a request in the body is over {max_buffer} bytes"
-                    ));
-                }
-            }
+    let failure = 'read: loop {
+        let chunk = tokio::select! {
+            chunk = data.next() => chunk,
+            () = tx.closed() => return,
+        };
+        match chunk {
+            Some(Ok(chunk)) => objects.push(&chunk),
             Some(Err(e)) => {
                 tracing::debug!("gateway stream: reading the body: {e}");
                 return;
             }
-            None if buf.iter().all(u8::is_ascii_whitespace) => return,
-            // What is left is no whole object: say what it is.
-            None => match parse_available(&mut buf, max_message, &tx, &mut sent).await {
-                Err(e) => break e,
-                Ok(_) => break Status::unknown("the body ends inside a request"),
-            },
+            None if objects.rest().is_empty() => return,
+            None => break unknown(not_a_request(objects.rest())),
+        }
+        loop {
+            let req = match objects.next_piece() {
+                Piece::Object(r) => {
+                    let json = serde_json::from_slice(objects.bytes(r));
+                    json.map_err(|e| bad_body(&e))
+                        .and_then(message::<T>)
+                        .and_then(|r| within_limit(r, max_message))
+                        .map_err(unknown)
+                }
+                Piece::Null => Ok(T::default()),
+                Piece::More => break,
+                Piece::NotObject => Err(unknown(not_a_request(objects.rest()))),
+            };
+            match req {
+                Ok(req) => {
+                    if tx.send(Ok(req)).await.is_err() {
+                        return; // the call is over
+                    }
+                    sent = true;
+                }
+                Err(e) => break 'read e,
+            }
+        }
+        if objects.rest().len() > max_buffer {
+            break Status::resource_exhausted(format!(
+                "a request in the body is over {max_buffer} bytes"
+            ));
         }
     };
     if sent {
@@ -243,47 +265,23 @@ async fn read_requests<T: DeserializeOwned + prost::Message>(
     }
 }
 
-/// Sends the whole requests at the start of `buf` to `tx` and removes
-/// them; `Ok(false)` if `tx` is closed. A request that is not valid is the
-/// error etcd's gateway answers it with (JSON errors are `Unknown` to it;
-/// a request too large keeps its code).
-async fn parse_available<T: DeserializeOwned + prost::Message>(
-    buf: &mut Vec<u8>,
-    max_message: usize,
-    tx: &mpsc::Sender<Result<T, Status>>,
-    sent: &mut bool,
-) -> Result<bool, Status> {
-    let unknown = |e: Status| match e.code() {
-        Code::InvalidArgument => Status::unknown(e.message()),
-        _ => e,
+/// The error for `rest`, the end of a stream's body that is no whole
+/// request: the JSON parser's, or what a request has to be.
+fn not_a_request(rest: &[u8]) -> Status {
+    let first = serde_json::Deserializer::from_slice(rest)
+        .into_iter::<serde_json::Value>()
+        .next();
+    let what = match first {
+        Some(Err(e)) => return bad_body(&e),
+        None => return Status::invalid_argument("the body ends inside a request"),
+        Some(Ok(serde_json::Value::Array(_))) => "an array",
+        Some(Ok(serde_json::Value::String(_))) => "a string",
+        Some(Ok(serde_json::Value::Number(_))) => "a number",
+        Some(Ok(_)) => "not an object",
     };
-    let mut values = serde_json::Deserializer::from_slice(buf).into_iter::<serde_json::Value>();
-    let mut used = 0;
-    let mut open = true;
-    loop {
-        match values.next() {
-            Some(Ok(v)) => {
-                used = values.byte_offset();
-                let req = message::<T>(v)
-                    .and_then(|r| within_limit(r, max_message))
-                    .map_err(unknown)?;
-                if tx.send(Ok(req)).await.is_err() {
-                    open = false;
-                    break;
-                }
-                *sent = true;
-            }
-            // An unfinished request: the rest is still to come.
-            Some(Err(e)) if e.is_eof() => break,
-            Some(Err(e)) => return Err(unknown(bad_body(&e))),
-            None => {
-                used = buf.len();
-                break;
-            }
-        }
-    }
-    buf.drain(..used);
-    Ok(open)
+    Status::invalid_argument(format!(
+        "the request body is not a valid request: a request is a JSON object, this is {what}"
+    ))
 }
 
 fn bad_body(e: &serde_json::Error) -> Status {
@@ -547,12 +545,14 @@ mod tests {
         assert_eq!(empty, RangeRequest::default());
         let first: RangeRequest = parse(br#" {"key":"Zm9v"} trailing {"#).unwrap();
         assert_eq!(&first.key[..], b"foo");
+        let null: RangeRequest = parse(b" null ").unwrap();
+        assert_eq!(null, RangeRequest::default());
     }
 
     /// What `read_requests` makes of a body arriving in `chunks`.
     fn stream<T>(chunks: &[&[u8]], max_buffer: usize) -> Vec<Result<T, Status>>
     where
-        T: DeserializeOwned + prost::Message + Send + 'static,
+        T: DeserializeOwned + Default + prost::Message + Send + 'static,
     {
         let chunks: Vec<Result<Bytes, std::convert::Infallible>> = chunks
             .iter()
@@ -607,6 +607,62 @@ mod tests {
         // An unfinished request over the buffer's bound.
         let got = stream::<LeaseKeepAliveRequest>(&[b"{\"ID\":", &[b' '; 200]], 100);
         assert_eq!(got[0].as_ref().unwrap_err().code(), Code::ResourceExhausted);
+        // `null` is the empty request; what is no object is not a request.
+        let got = stream::<LeaseKeepAliveRequest>(&[br#"null {"ID":"5"}"#], 100);
+        let ids: Vec<i64> = got.into_iter().map(|r| r.unwrap().id).collect();
+        assert_eq!(ids, [0, 5]);
+        for bad in [&b"5"[..], b"[]", b"\"x\"", b"true"] {
+            let got = stream::<LeaseKeepAliveRequest>(&[bad], 100);
+            assert_eq!(got[0].as_ref().unwrap_err().code(), Code::Unknown);
+        }
+    }
+
+    #[test]
+    fn stream_bodies_in_tiny_pieces_are_read_whole() {
+        // Braces and escaped quotes inside strings do not end a request.
+        let one = br#"{"ID":"7","note":"}{\"}\\","more":[{"x":"]"}]} "#;
+        let body = one.repeat(50);
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        let got = stream::<LeaseKeepAliveRequest>(&bytes, one.len());
+        assert_eq!(got.len(), 50);
+        assert!(got.iter().all(|r| r.as_ref().unwrap().id == 7));
+        // A large request a byte at a time: the bound holds, and the cost
+        // is linear (this took minutes when each piece re-parsed the rest).
+        let big = format!(r#"{{"ID":"1","note":"{}"}}"#, "}".repeat(200_000));
+        let bytes: Vec<&[u8]> = big.as_bytes().chunks(1).collect();
+        let got = stream::<LeaseKeepAliveRequest>(&bytes, big.len());
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].as_ref().unwrap().id, 1);
+        let got = stream::<LeaseKeepAliveRequest>(&bytes, 1000);
+        assert_eq!(got[0].as_ref().unwrap_err().code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn reading_stops_when_the_call_ends() {
+        // A client that sends one request and then nothing: once the call
+        // is over, its body is no longer read.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let first = Bytes::from_static(br#"{"ID":"1"}"#);
+            let chunks = tokio_stream::iter([Ok::<_, std::convert::Infallible>(first)])
+                .chain(tokio_stream::pending());
+            let (tx, mut rx) = mpsc::channel(16);
+            let read = tokio::spawn(read_requests::<LeaseKeepAliveRequest>(
+                Body::from_stream(chunks),
+                1 << 20,
+                100,
+                tx,
+            ));
+            assert_eq!(rx.recv().await.unwrap().unwrap().id, 1);
+            drop(rx);
+            tokio::time::timeout(std::time::Duration::from_secs(30), read)
+                .await
+                .expect("the reader stops")
+                .expect("the reader does not panic");
+        });
     }
 
     #[test]

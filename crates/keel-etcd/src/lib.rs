@@ -17,6 +17,7 @@ pub mod convert;
 pub mod election;
 pub mod gateway;
 pub mod http;
+mod json_objects;
 pub mod kv;
 pub mod lease;
 pub mod lock;

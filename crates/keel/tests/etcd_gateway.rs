@@ -324,6 +324,12 @@ fn gateway_answers_as_etcds() {
         // What follows the request is ignored; keys given twice: the last.
         post("/v3/kv/range", r#"{"key":"Zm9v"} trailing"#),
         post("/v3/kv/range", r#"{"key":"bm9uZQ==","key":"Zm9v"}"#),
+        // A body that is null is the empty request; one that is no object
+        // is no request.
+        post("/v3/kv/range", "null"),
+        with(post("/v3/kv/range", "5"), Compare::Code),
+        with(post("/v3/lease/keepalive", "[]"), Compare::Code),
+        with(post("/v3/lease/keepalive", r#"{"ID":"1000"#), Compare::Code),
         // null is a field's default value.
         post(
             "/v3/kv/range",

@@ -23,7 +23,11 @@
 //! CORS (`Cors`, the `etcd_cors` setting, etcd's `--cors`): answers to a
 //! request from an allowed web origin carry etcd's CORS headers, and a
 //! preflight `OPTIONS` from one is answered 200, as etcd answers them. By
-//! default no origin is allowed (etcd allows any).
+//! default no origin is allowed (etcd allows any), and unlike etcd a
+//! request from an origin not allowed is refused (403) rather than run.
+//! There is no check of the `Host` header (etcd's `--host-whitelist`): a
+//! DNS-rebinding page's POSTs carry its origin and are refused, but its
+//! GETs of /health, /version and /metrics (no keys in them) are answered.
 
 use crate::maintenance::ETCD_VERSION;
 use crate::not_served::AUTH_NOT_SERVED;
@@ -85,7 +89,13 @@ impl Cors {
         }
         let mut out = Vec::new();
         for o in origins {
-            let origin = o.trim().trim_end_matches('/').to_ascii_lowercase();
+            let mut origin = o.trim().trim_end_matches('/').to_ascii_lowercase();
+            // A browser's Origin leaves out the scheme's default port.
+            for (scheme, port) in [("https://", ":443"), ("http://", ":80")] {
+                if origin.starts_with(scheme) && origin.ends_with(port) {
+                    origin.truncate(origin.len() - port.len());
+                }
+            }
             let host = origin
                 .strip_prefix("https://")
                 .or_else(|| origin.strip_prefix("http://"));
@@ -125,21 +135,43 @@ impl Cors {
 
 /// etcd's CORS handling: an allowed origin's answers carry the headers,
 /// and its preflight `OPTIONS` is answered 200 without going further.
+/// Unlike etcd, a request from any other web origin (one with an `Origin`
+/// header: browsers send it on every cross-origin call and every POST)
+/// is refused, 403, before it runs. CORS headers only keep a page from
+/// reading an answer; without this a page could still write and delete
+/// keys with a "simple" POST. Programs (etcdctl, gRPC clients, curl) send
+/// no `Origin` and are not affected.
 async fn cors(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
-    let Some(origin) = api.config.cors.allow(req.headers().get(header::ORIGIN)) else {
-        return next.run(req).await;
-    };
-    let mut resp = if req.method() == Method::OPTIONS {
-        StatusCode::OK.into_response()
-    } else {
-        next.run(req).await
-    };
+    let asked = req.headers().get(header::ORIGIN);
+    match (asked, api.config.cors.allow(asked)) {
+        (Some(asked), None) => {
+            let asked = String::from_utf8_lossy(asked.as_bytes());
+            let mut resp = gateway::error(&tonic::Status::permission_denied(format!(
+                "a request from the web origin {asked} is refused: etcd_cors (--etcd-cors) \
+                 does not allow it"
+            )));
+            if let Cors::Origins(_) = api.config.cors {
+                resp.headers_mut()
+                    .append(header::VARY, HeaderValue::from_static("origin"));
+            }
+            resp
+        }
+        (None, None) => next.run(req).await,
+        (_, Some(allowed)) if req.method() == Method::OPTIONS => {
+            with_cors(StatusCode::OK.into_response(), allowed, &api.config.cors)
+        }
+        (_, Some(allowed)) => with_cors(next.run(req).await, allowed, &api.config.cors),
+    }
+}
+
+/// `resp` with etcd's CORS headers, for an answer to origin `allowed`.
+fn with_cors(mut resp: Response, allowed: HeaderValue, cors: &Cors) -> Response {
     let h = resp.headers_mut();
-    if api.config.cors != Cors::Any {
+    if let Cors::Origins(_) = cors {
         // The answer depends on the asking origin: caches must know.
         h.append(header::VARY, HeaderValue::from_static("origin"));
     }
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
@@ -282,12 +314,22 @@ mod tests {
         let parse = |v: &[&str]| Cors::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(parse(&[]), Ok(Cors::Off));
         assert_eq!(parse(&["https://a.example", "*"]), Ok(Cors::Any));
-        let c = parse(&["HTTPS://Dash.example:8443/", "http://localhost:3000"]).unwrap();
+        let c = parse(&[
+            "HTTPS://Dash.example:8443/",
+            "http://localhost:3000",
+            "https://a.example:443",
+            "http://b.example:80",
+            "http://c.example:443",
+        ])
+        .unwrap();
         assert_eq!(
             c,
             Cors::Origins(vec![
                 "https://dash.example:8443".into(),
-                "http://localhost:3000".into()
+                "http://localhost:3000".into(),
+                "https://a.example".into(),
+                "http://b.example".into(),
+                "http://c.example:443".into(),
             ])
         );
         for bad in [

@@ -180,9 +180,12 @@ pub struct NodeConfig {
     pub etcd_client_cert_auth: bool,
     /// The web origins (`https://dash.example.com`) whose pages may read the
     /// etcd API's HTTP answers (CORS), as etcd's `--cors`; `"*"` for any.
-    /// Empty (the default): no CORS headers, so no page from another origin
-    /// can read an answer. (etcd's default is any origin: with no auth, that
-    /// lets every web page a user opens read the keys.)
+    /// A request from any other origin (a browser's, with an `Origin`
+    /// header) is refused, 403, before it runs, so no page can write keys
+    /// either; programs send no `Origin` and are not affected. Empty (the
+    /// default): no origin is allowed. (etcd's default is any origin and it
+    /// runs every request: with no auth, that lets every web page a user
+    /// opens read and write the keys.)
     #[serde(default)]
     pub etcd_cors: Vec<String>,
     /// With `etcd_addr`: how the leader compacts the KV history by itself,

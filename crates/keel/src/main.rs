@@ -219,9 +219,10 @@ struct ServerArgs {
     /// CA (etcd's --client-cert-auth).
     #[arg(long)]
     etcd_client_cert_auth: bool,
-    /// Web origins whose pages may read the etcd API's HTTP answers (CORS,
+    /// Web origins whose pages may use the etcd API over HTTP (CORS,
     /// etcd's --cors), comma-separated, e.g. https://dash.example.com; `*`
-    /// for any. Default: none.
+    /// for any. Requests from other web origins are refused (403).
+    /// Default: none.
     #[arg(long, value_delimiter = ',')]
     etcd_cors: Vec<String>,
     /// Another member: ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR] (repeat for each).

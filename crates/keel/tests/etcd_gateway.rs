@@ -470,7 +470,8 @@ fn shortened(text: &str) -> String {
 
 /// CORS, compared with etcd's (whose default allows any origin): a
 /// preflight `OPTIONS`, a gateway call and `/health` from a web origin.
-/// Then Keel's own settings: none by default, or a list of origins.
+/// Then Keel's own settings: none by default, or a list of origins, and
+/// requests from other origins refused before they run.
 #[test]
 fn cors_answers_as_etcds() {
     let Some(etcd_bin) = common::etcd_or_skip("the CORS comparison") else {
@@ -520,29 +521,35 @@ fn cors_answers_as_etcds() {
         );
     }
 
-    // Keel's default: no CORS headers; a preflight is not answered.
+    // Keel's default: no origin is allowed; its requests are refused
+    // before they run (a "simple" POST would write), and so is a
+    // preflight. Without an Origin (a program, not a page): answered.
     let off = TestCluster::start(1, "");
     let off_addr = off.nodes[0].etcd.clone();
     wait_healthy(&off_addr);
     let extra = format!("{origin}{preflight}");
+    let put = r#"{"key":"d2Vi","value":"MQ=="}"#;
     let a = exchange(&off_addr, "OPTIONS", "/v3/kv/range", &extra, "", &|_| false);
-    assert_eq!(a.status, 405, "{a:?}");
+    assert_eq!(a.status, 403, "{a:?}");
     assert_eq!(a.header("access-control-allow-origin"), None);
-    let a = exchange(
-        &off_addr,
-        "POST",
-        "/v3/kv/range",
-        origin,
-        r#"{"key":"Zm9v"}"#,
-        &|_| false,
-    );
+    let a = exchange(&off_addr, "POST", "/v3/kv/put", origin, put, &|_| false);
     assert_eq!(
-        (a.status, a.header("access-control-allow-origin")),
-        (200, None)
+        (a.status, a.docs[0]["code"].as_i64()),
+        (403, Some(7)),
+        "{a:?}"
+    );
+    assert_eq!(a.header("access-control-allow-origin"), None);
+    let range = r#"{"key":"d2Vi"}"#;
+    let a = exchange(&off_addr, "POST", "/v3/kv/range", "", range, &|_| false);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.docs[0]["count"],
+        Value::Null,
+        "the refused put ran: {a:?}"
     );
 
-    // A list: an allowed origin gets itself back, another nothing.
-    let listed = TestCluster::start(1, "etcd_cors = [\"https://dash.example\"]\n");
+    // A list: an allowed origin gets itself back; another is refused.
+    let listed = TestCluster::start(1, "etcd_cors = [\"https://dash.example:443\"]\n");
     let listed_addr = listed.nodes[0].etcd.clone();
     wait_healthy(&listed_addr);
     let a = exchange(&listed_addr, "OPTIONS", "/v3/kv/range", &extra, "", &|_| {
@@ -554,19 +561,27 @@ fn cors_answers_as_etcds() {
         Some("https://dash.example")
     );
     assert_eq!(a.header("vary"), Some("origin"));
+    let a = exchange(&listed_addr, "POST", "/v3/kv/put", origin, put, &|_| false);
+    assert_eq!(a.status, 200, "{a:?}");
     let evil = "origin: https://evil.example\r\n";
     let a = exchange(
         &listed_addr,
         "POST",
-        "/v3/kv/range",
+        "/v3/kv/deleterange",
         evil,
-        r#"{"key":"Zm9v"}"#,
+        range,
         &|_| false,
     );
     assert_eq!(
-        (a.status, a.header("access-control-allow-origin")),
-        (200, None)
+        (
+            a.status,
+            a.header("access-control-allow-origin"),
+            a.header("vary")
+        ),
+        (403, None, Some("origin"))
     );
+    let a = exchange(&listed_addr, "POST", "/v3/kv/range", "", range, &|_| false);
+    assert_eq!(a.docs[0]["count"], "1", "the refused delete ran: {a:?}");
 }
 
 /// A streaming call whose request body is sent in chunks while its answer

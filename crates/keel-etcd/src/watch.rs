@@ -84,7 +84,9 @@ enum End {
 /// `etcd_debugging_mvcc_watcher_total`).
 #[derive(Debug, Default)]
 pub struct WatchGauges {
+    /// Watch calls open (gRPC streams and gateway `/v3/watch` bodies).
     pub streams: AtomicI64,
+    /// Watches created on those calls and not yet canceled or ended.
     pub watchers: AtomicI64,
 }
 

@@ -56,7 +56,8 @@ serves etcd's gRPC API, its JSON gateway (POST /v3/kv/range and the like) and GE
 
 /// The routes above and the JSON gateway's (`crate::gateway`, bodies of
 /// up to `ApiConfig::max_body_bytes`), for the etcd API server
-/// (`crate::serve`).
+/// (`crate::serve`, which puts them and the gRPC services behind
+/// `with_cors_check`).
 pub fn router(api: Arc<Api>) -> axum::Router {
     axum::Router::new()
         .route("/health", get(health))
@@ -64,8 +65,17 @@ pub fn router(api: Arc<Api>) -> axum::Router {
         .route("/metrics", get(metrics))
         .merge(gateway::router(api.config.max_body_bytes()))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(api.clone(), cors))
         .with_state(api)
+}
+
+/// `routes`, every one of them (the gRPC services' too: tonic takes a
+/// gRPC call over HTTP/1.1 with any content type, which a page can send)
+/// behind the CORS check (`cors`).
+pub fn with_cors_check(api: Arc<Api>, routes: tonic::service::Routes) -> tonic::service::Routes {
+    let router = routes
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(api, cors));
+    tonic::service::Routes::from(router)
 }
 
 /// The web origins whose pages may read the HTTP answers.

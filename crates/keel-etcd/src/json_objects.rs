@@ -44,6 +44,11 @@ impl Objects {
             self.buf.drain(..self.start);
             self.pos -= self.start;
             self.start = 0;
+            // Give back what a large request took, once it is handed out
+            // (a watch stream lives long).
+            if self.buf.capacity() > 64 * 1024 && self.buf.capacity() > 4 * self.buf.len() {
+                self.buf.shrink_to(self.buf.len().max(piece.len()) * 2);
+            }
         }
         self.buf.extend_from_slice(piece);
     }
@@ -190,9 +195,54 @@ mod tests {
         objects.push(b" ");
         assert_eq!(objects.next_piece(), Piece::More);
         assert!(objects.rest().is_empty());
+        assert!(
+            objects.buf.capacity() <= 64 * 1024,
+            "the memory is given back"
+        );
+    }
+
+    /// Any JSON value, strings with any characters (escaped as needed).
+    fn json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".*".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(".*", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
     }
 
     proptest::proptest! {
+        #[test]
+        fn objects_come_out_as_they_went_in(
+            objects in proptest::collection::vec(
+                proptest::collection::btree_map(".*", json(), 0..4), 0..5),
+            size in 1usize..16,
+        ) {
+            let objects: Vec<serde_json::Value> = objects
+                .into_iter()
+                .map(|m| serde_json::Value::Object(m.into_iter().collect()))
+                .collect();
+            let body: Vec<u8> = objects
+                .iter()
+                .flat_map(|o| format!("{o}\n ").into_bytes())
+                .collect();
+            let cuts: Vec<&[u8]> = body.chunks(size).collect();
+            let (got, rest) = split(&cuts);
+            let got: Vec<serde_json::Value> =
+                got.iter().map(|o| serde_json::from_str(o).unwrap()).collect();
+            proptest::prop_assert_eq!(got, objects);
+            proptest::prop_assert!(rest.is_empty());
+        }
+
         #[test]
         fn splitting_never_panics(
             body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
@@ -204,7 +254,7 @@ mod tests {
 
         #[test]
         fn cutting_does_not_change_the_objects(
-            body in r#"[{}\[\]":,a \\]{0,80}"#,
+            body in r#"([{}\[\]":,a \\\n\x01é5]|null){0,80}"#,
             size in 1usize..20,
         ) {
             let whole = split(&[body.as_bytes()]);

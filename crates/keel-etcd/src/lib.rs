@@ -377,6 +377,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
             .max_decoding_message_size(max_msg),
         )
         .add_service(not_served::AuthNotServed);
+    let routes = http::with_cors_check(api.clone(), routes);
     let mut server = tonic::transport::Server::builder().accept_http1(true);
     let server = server.add_routes(routes);
     let report = |r: Result<(), tonic::transport::Error>| {

@@ -182,7 +182,9 @@ pub struct NodeConfig {
     /// etcd API's HTTP answers (CORS), as etcd's `--cors`; `"*"` for any.
     /// A request from any other origin (a browser's, with an `Origin`
     /// header) is refused, 403, before it runs, so no page can write keys
-    /// either; programs send no `Origin` and are not affected. Empty (the
+    /// either; programs send no `Origin` and are not affected. (A browser
+    /// sends `Origin` on every POST: a web UI must be listed even when a
+    /// proxy serves it from this port's own origin.) Empty (the
     /// default): no origin is allowed. (etcd's default is any origin and it
     /// runs every request: with no auth, that lets every web page a user
     /// opens read and write the keys.)

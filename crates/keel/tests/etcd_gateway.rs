@@ -539,14 +539,27 @@ fn cors_answers_as_etcds() {
         "{a:?}"
     );
     assert_eq!(a.header("access-control-allow-origin"), None);
+    // The gRPC routes too: tonic takes a call over HTTP/1.1 whatever its
+    // content type, which a page can send (a gRPC frame: no compression,
+    // length, PutRequest{key: "web", value: "1"}).
+    let grpc_put = "\0\0\0\0\x08\x0a\x03web\x12\x011";
+    let a = exchange(
+        &off_addr,
+        "POST",
+        "/etcdserverpb.KV/Put",
+        origin,
+        grpc_put,
+        &|_| false,
+    );
+    assert_eq!(
+        (a.status, a.docs[0]["code"].as_i64()),
+        (403, Some(7)),
+        "{a:?}"
+    );
     let range = r#"{"key":"d2Vi"}"#;
     let a = exchange(&off_addr, "POST", "/v3/kv/range", "", range, &|_| false);
     assert_eq!(a.status, 200, "{a:?}");
-    assert_eq!(
-        a.docs[0]["count"],
-        Value::Null,
-        "the refused put ran: {a:?}"
-    );
+    assert_eq!(a.docs[0]["count"], Value::Null, "a refused put ran: {a:?}");
 
     // A list: an allowed origin gets itself back; another is refused.
     let listed = TestCluster::start(1, "etcd_cors = [\"https://dash.example:443\"]\n");

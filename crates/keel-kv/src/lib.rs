@@ -47,6 +47,7 @@
 //!   etcd's revision rules; deterministic across replicas, not equal to
 //!   etcd's value. `db_size` is an estimate of the in-memory state.
 
+mod chunked;
 mod codec;
 mod crc;
 pub mod error;

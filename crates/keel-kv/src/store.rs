@@ -12,6 +12,7 @@
 //! events from `c` on with their previous values, stay answerable); a key
 //! whose only remaining history is a tombstone below `c` is dropped.
 
+use crate::chunked::Chunked;
 use crate::codec::{Reader, Writer};
 use crate::crc::Crc32c;
 use crate::error::KvError;
@@ -24,8 +25,10 @@ use std::sync::Arc;
 
 /// A key's entries in revision order, shared with snapshot captures
 /// (`Store::image`): a capture takes a reference, and the store copies a
-/// key's history only when it next changes that key (`Arc::make_mut`).
-type History = Arc<Vec<Entry>>;
+/// key's history only when it next changes that key (`Arc::make_mut`),
+/// which copies a pointer per chunk of the older entries and the newest
+/// few (`Chunked`), however long the history.
+type History = Arc<Chunked<Entry>>;
 
 /// Size estimate of one history entry beyond its key and value bytes.
 const ENTRY_OVERHEAD: u64 = 64;
@@ -52,7 +55,7 @@ struct Entry {
 /// Most reads are of the latest state, so the newest entry is looked at
 /// first: one cache miss, where a binary search over a long history costs
 /// one per probe (the largest item on the service thread under txn-CAS).
-fn as_of(hist: &[Entry], rev: u64) -> Option<&Entry> {
+fn as_of(hist: &Chunked<Entry>, rev: u64) -> Option<&Entry> {
     match hist.last() {
         Some(newest) if newest.main <= rev => Some(newest),
         _ => {
@@ -176,7 +179,7 @@ impl Store {
         &'a self,
         start: &'a [u8],
         end: &'a [u8],
-    ) -> Box<dyn Iterator<Item = (&'a Bytes, &'a Vec<Entry>)> + 'a> {
+    ) -> Box<dyn Iterator<Item = (&'a Bytes, &'a Chunked<Entry>)> + 'a> {
         let entries = |(k, h): (&'a Bytes, &'a History)| (k, &**h);
         if end.is_empty() {
             Box::new(self.keys.get_key_value(start).into_iter().map(entries))
@@ -287,10 +290,11 @@ impl Store {
                 Some(e) if e.put.is_some() => below - 1,
                 _ => below,
             };
-            for e in hist.drain(..keep_from) {
+            for e in hist.iter().take(keep_from) {
                 self.by_rev.remove(&(e.main, e.sub));
                 self.size = self.size.saturating_sub(e.size(&key));
             }
+            hist.drop_front(keep_from);
             if hist.is_empty() {
                 self.keys.remove(&key);
             }

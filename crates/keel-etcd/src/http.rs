@@ -24,17 +24,16 @@
 //! request from an allowed web origin carry etcd's CORS headers, and a
 //! preflight `OPTIONS` from one is answered 200, as etcd answers them. By
 //! default no origin is allowed (etcd allows any), and unlike etcd a
-//! request from an origin not allowed is refused (403) rather than run.
-//! There is no check of the `Host` header (etcd's `--host-whitelist`): a
+//! request from an origin not allowed is refused (403) rather than run,
+//! on every path of the port (`crate::origin`). There is no check of the `Host` header (etcd's `--host-whitelist`): a
 //! DNS-rebinding page's POSTs carry its origin and are refused, but its
 //! GETs of /health, /version and /metrics (no keys in them) are answered.
 
 use crate::maintenance::ETCD_VERSION;
 use crate::not_served::AUTH_NOT_SERVED;
 use crate::{convert, gateway, Api};
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use axum::middleware::Next;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use keel_etcd_proto::etcdserverpb::RangeRequest;
@@ -57,7 +56,7 @@ serves etcd's gRPC API, its JSON gateway (POST /v3/kv/range and the like) and GE
 /// The routes above and the JSON gateway's (`crate::gateway`, bodies of
 /// up to `ApiConfig::max_body_bytes`), for the etcd API server
 /// (`crate::serve`, which puts them and the gRPC services behind
-/// `with_cors_check`).
+/// `origin::OriginCheck`).
 pub fn router(api: Arc<Api>) -> axum::Router {
     axum::Router::new()
         .route("/health", get(health))
@@ -66,16 +65,6 @@ pub fn router(api: Arc<Api>) -> axum::Router {
         .merge(gateway::router(api.config.max_body_bytes()))
         .fallback(not_found)
         .with_state(api)
-}
-
-/// `routes`, every one of them (the gRPC services' too: tonic takes a
-/// gRPC call over HTTP/1.1 with any content type, which a page can send)
-/// behind the CORS check (`cors`).
-pub fn with_cors_check(api: Arc<Api>, routes: tonic::service::Routes) -> tonic::service::Routes {
-    let router = routes
-        .into_axum_router()
-        .layer(axum::middleware::from_fn_with_state(api, cors));
-    tonic::service::Routes::from(router)
 }
 
 /// The web origins whose pages may read the HTTP answers.
@@ -141,56 +130,6 @@ impl Cors {
             }
         }
     }
-}
-
-/// etcd's CORS handling: an allowed origin's answers carry the headers,
-/// and its preflight `OPTIONS` is answered 200 without going further.
-/// Unlike etcd, a request from any other web origin (one with an `Origin`
-/// header: browsers send it on every cross-origin call and every POST)
-/// is refused, 403, before it runs. CORS headers only keep a page from
-/// reading an answer; without this a page could still write and delete
-/// keys with a "simple" POST. Programs (etcdctl, gRPC clients, curl) send
-/// no `Origin` and are not affected.
-async fn cors(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
-    let asked = req.headers().get(header::ORIGIN);
-    match (asked, api.config.cors.allow(asked)) {
-        (Some(asked), None) => {
-            let asked = String::from_utf8_lossy(asked.as_bytes());
-            let mut resp = gateway::error(&tonic::Status::permission_denied(format!(
-                "a request from the web origin {asked} is refused: etcd_cors (--etcd-cors) \
-                 does not allow it"
-            )));
-            if let Cors::Origins(_) = api.config.cors {
-                resp.headers_mut()
-                    .append(header::VARY, HeaderValue::from_static("origin"));
-            }
-            resp
-        }
-        (None, None) => next.run(req).await,
-        (_, Some(allowed)) if req.method() == Method::OPTIONS => {
-            with_cors(StatusCode::OK.into_response(), allowed, &api.config.cors)
-        }
-        (_, Some(allowed)) => with_cors(next.run(req).await, allowed, &api.config.cors),
-    }
-}
-
-/// `resp` with etcd's CORS headers, for an answer to origin `allowed`.
-fn with_cors(mut resp: Response, allowed: HeaderValue, cors: &Cors) -> Response {
-    let h = resp.headers_mut();
-    if let Cors::Origins(_) = cors {
-        // The answer depends on the asking origin: caches must know.
-        h.append(header::VARY, HeaderValue::from_static("origin"));
-    }
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("accept, content-type, authorization"),
-    );
-    resp
 }
 
 /// Why this member is not healthy, if it is not (etcd 3.4's checks, in

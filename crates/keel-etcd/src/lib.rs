@@ -23,6 +23,7 @@ pub mod lease;
 pub mod lock;
 pub mod maintenance;
 pub mod not_served;
+pub mod origin;
 mod recipes;
 pub mod tls;
 pub mod watch;
@@ -377,8 +378,9 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
             .max_decoding_message_size(max_msg),
         )
         .add_service(not_served::AuthNotServed);
-    let routes = http::with_cors_check(api.clone(), routes);
-    let mut server = tonic::transport::Server::builder().accept_http1(true);
+    let mut server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(origin::OriginCheckLayer(api.clone()));
     let server = server.add_routes(routes);
     let report = |r: Result<(), tonic::transport::Error>| {
         if let Err(e) = r {

@@ -99,6 +99,11 @@ impl<T> Chunked<T> {
     }
 
     pub(crate) fn push(&mut self, item: T) {
+        if self.tail.capacity() == 0 && self.chunks.is_empty() {
+            // Room for one: most keys of a large store are written once,
+            // and a vector's first push makes room for four.
+            self.tail.reserve_exact(1);
+        }
         self.tail.push(item);
         if self.tail.len() == CHUNK {
             // The tail's buffer stays for the next items.
@@ -203,6 +208,15 @@ mod tests {
             prop_assert_eq!(c.partition_point(|&x| x <= probe), v.partition_point(|&x| x <= probe));
             prop_assert_eq!(c.binary_search_by(|x| x.cmp(&probe)), v.binary_search_by(|x| x.cmp(&probe)));
         }
+    }
+
+    #[test]
+    fn one_item_takes_room_for_one() {
+        let mut c = Chunked::default();
+        c.push(1u64);
+        assert_eq!(c.tail.capacity(), 1);
+        c.push(2);
+        assert_eq!((c.len(), c.last()), (2, Some(&2)));
     }
 
     #[test]

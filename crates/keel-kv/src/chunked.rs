@@ -18,27 +18,42 @@ pub(crate) const CHUNK: usize = 32;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Chunked<T> {
-    /// The older items, `CHUNK` per chunk, shared by copies.
-    chunks: Vec<Arc<[T]>>,
-    /// Items dropped from the front of `chunks[0]` (0 without chunks).
-    skip: usize,
+    /// The older items, if there are `CHUNK` or more (boxed: most keys of
+    /// a large store have a few entries, and need only the tail).
+    older: Option<Box<Older<T>>>,
     /// The newest items, fewer than `CHUNK`.
     tail: Vec<T>,
+}
+
+#[derive(Clone, Debug)]
+struct Older<T> {
+    /// `CHUNK` items per chunk, shared by copies; never empty.
+    chunks: Vec<Arc<[T]>>,
+    /// Items dropped from the front of `chunks[0]` (fewer than `CHUNK`).
+    skip: usize,
 }
 
 impl<T> Default for Chunked<T> {
     fn default() -> Self {
         Chunked {
-            chunks: Vec::new(),
-            skip: 0,
+            older: None,
             tail: Vec::new(),
         }
     }
 }
 
 impl<T> Chunked<T> {
+    /// The chunks and the items dropped from the first.
+    fn sealed(&self) -> (&[Arc<[T]>], usize) {
+        match &self.older {
+            Some(o) => (&o.chunks, o.skip),
+            None => (&[], 0),
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
-        self.chunks.len() * CHUNK + self.tail.len() - self.skip
+        let (chunks, skip) = self.sealed();
+        chunks.len() * CHUNK - skip + self.tail.len()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -46,10 +61,11 @@ impl<T> Chunked<T> {
     }
 
     pub(crate) fn get(&self, i: usize) -> Option<&T> {
-        let at = i.checked_add(self.skip)?;
-        let sealed = self.chunks.len() * CHUNK;
+        let (chunks, skip) = self.sealed();
+        let at = i.checked_add(skip)?;
+        let sealed = chunks.len() * CHUNK;
         if at < sealed {
-            Some(&self.chunks[at / CHUNK][at % CHUNK])
+            Some(&chunks[at / CHUNK][at % CHUNK])
         } else {
             self.tail.get(at - sealed)
         }
@@ -57,14 +73,15 @@ impl<T> Chunked<T> {
 
     pub(crate) fn last(&self) -> Option<&T> {
         // A chunk always keeps its last item (`skip` < CHUNK).
+        let (chunks, _) = self.sealed();
         self.tail
             .last()
-            .or_else(|| self.chunks.last().and_then(|c| c.last()))
+            .or_else(|| chunks.last().and_then(|c| c.last()))
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> + '_ {
-        let skip = self.skip;
-        self.chunks
+        let (chunks, skip) = self.sealed();
+        chunks
             .iter()
             .enumerate()
             .flat_map(move |(i, c)| c[if i == 0 { skip } else { 0 }..].iter())
@@ -73,17 +90,19 @@ impl<T> Chunked<T> {
 
     /// The index of the first item for which `pred` is false, the items
     /// being those for which it is true followed by the others (as
-    /// `slice::partition_point`).
+    /// `slice::partition_point`): a search of the chunks by their last
+    /// items, then of one chunk or the tail.
     pub(crate) fn partition_point(&self, mut pred: impl FnMut(&T) -> bool) -> usize {
-        let (mut lo, mut hi) = (0, self.len());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.get(mid) {
-                Some(item) if pred(item) => lo = mid + 1,
-                _ => hi = mid,
+        let (chunks, skip) = self.sealed();
+        // A chunk's last item is never dropped.
+        let full = chunks.partition_point(|c| pred(&c[CHUNK - 1]));
+        match chunks.get(full) {
+            Some(chunk) => {
+                let from = if full == 0 { skip } else { 0 };
+                full * CHUNK + from - skip + chunk[from..].partition_point(pred)
             }
+            None => chunks.len() * CHUNK - skip + self.tail.partition_point(pred),
         }
-        lo
     }
 
     /// As `slice::binary_search_by`, on items in `f`'s order.
@@ -99,7 +118,7 @@ impl<T> Chunked<T> {
     }
 
     pub(crate) fn push(&mut self, item: T) {
-        if self.tail.capacity() == 0 && self.chunks.is_empty() {
+        if self.tail.capacity() == 0 && self.older.is_none() {
             // Room for one: most keys of a large store are written once,
             // and a vector's first push makes room for four.
             self.tail.reserve_exact(1);
@@ -107,19 +126,54 @@ impl<T> Chunked<T> {
         self.tail.push(item);
         if self.tail.len() == CHUNK {
             // The tail's buffer stays for the next items.
-            self.chunks.push(self.tail.drain(..).collect());
+            let chunk: Arc<[T]> = self.tail.drain(..).collect();
+            match &mut self.older {
+                Some(o) => o.chunks.push(chunk),
+                None => {
+                    self.older = Some(Box::new(Older {
+                        chunks: vec![chunk],
+                        skip: 0,
+                    }))
+                }
+            }
         }
     }
 
     /// Drops the first `n` items (all of them if there are fewer).
     pub(crate) fn drop_front(&mut self, n: usize) {
-        self.skip += n.min(self.len());
-        let whole = (self.skip / CHUNK).min(self.chunks.len());
-        self.chunks.drain(..whole);
-        self.skip -= whole * CHUNK;
-        if self.chunks.is_empty() {
-            self.tail.drain(..self.skip);
-            self.skip = 0;
+        let n = n.min(self.len());
+        let Some(o) = &mut self.older else {
+            self.tail.drain(..n);
+            return;
+        };
+        o.skip += n;
+        let whole = (o.skip / CHUNK).min(o.chunks.len());
+        o.chunks.drain(..whole);
+        o.skip -= whole * CHUNK;
+        if o.chunks.is_empty() {
+            let into_tail = o.skip;
+            self.older = None;
+            self.tail.drain(..into_tail);
+        }
+    }
+
+    /// Gives back the room items dropped from the front left (for after
+    /// `drop_front`, which keeps it for speed): a last chunk partly
+    /// dropped and no tail becomes the tail, and a tail mostly empty is
+    /// shrunk.
+    pub(crate) fn shrink(&mut self)
+    where
+        T: Clone,
+    {
+        if let Some(o) = &self.older {
+            if o.chunks.len() == 1 && o.skip > 0 && self.tail.is_empty() {
+                // Copied: a capture may share the chunk.
+                self.tail = o.chunks[0][o.skip..].to_vec();
+                self.older = None;
+            }
+        }
+        if self.older.is_none() && self.tail.capacity() > 2 * self.tail.len() + 4 {
+            self.tail.shrink_to_fit();
         }
     }
 }
@@ -148,6 +202,7 @@ mod tests {
     enum Op {
         Push(u32),
         DropFront(usize),
+        Shrink,
         Copy,
     }
 
@@ -155,6 +210,7 @@ mod tests {
         prop_oneof![
             8 => any::<u32>().prop_map(Op::Push),
             1 => (0usize..80).prop_map(Op::DropFront),
+            1 => Just(Op::Shrink),
             1 => Just(Op::Copy),
         ]
     }
@@ -177,12 +233,16 @@ mod tests {
                         c.drop_front(n);
                         v.drain(..n.min(v.len()));
                     }
+                    Op::Shrink => c.shrink(),
                     Op::Copy => copies.push((c.clone(), v.clone())),
                 }
                 prop_assert_eq!(c.len(), v.len());
                 prop_assert_eq!(c.is_empty(), v.is_empty());
                 prop_assert_eq!(c.last(), v.last());
-                prop_assert!(c.tail.len() < CHUNK && c.skip < CHUNK.max(1));
+                prop_assert!(c.tail.len() < CHUNK);
+                if let Some(o) = &c.older {
+                    prop_assert!(!o.chunks.is_empty() && o.skip < CHUNK);
+                }
             }
             copies.push((c, v));
             for (c, v) in &copies {
@@ -211,6 +271,22 @@ mod tests {
     }
 
     #[test]
+    fn compacted_histories_give_their_room_back() {
+        let mut c = Chunked::default();
+        (0..CHUNK as u64).for_each(|x| c.push(x));
+        c.drop_front(CHUNK - 1);
+        c.shrink();
+        assert!(c.older.is_none());
+        assert_eq!((c.len(), c.tail.capacity()), (1, 1));
+        let mut c = Chunked::default();
+        (0..20u64).for_each(|x| c.push(x));
+        c.drop_front(19);
+        c.shrink();
+        assert!(c.tail.capacity() < 20);
+        assert_eq!(c.last(), Some(&19));
+    }
+
+    #[test]
     fn one_item_takes_room_for_one() {
         let mut c = Chunked::default();
         c.push(1u64);
@@ -224,7 +300,8 @@ mod tests {
         let mut c = Chunked::default();
         (0..1000u32).for_each(|x| c.push(x));
         let copy = c.clone();
-        assert!(Arc::ptr_eq(&c.chunks[0], &copy.chunks[0]));
+        let first = |c: &Chunked<u32>| c.older.as_ref().unwrap().chunks[0].clone();
+        assert!(Arc::ptr_eq(&first(&c), &first(&copy)));
         assert_eq!(copy.tail.len(), 1000 % CHUNK);
         assert_eq!(c, copy);
         c.push(1000);

@@ -295,6 +295,7 @@ impl Store {
                 self.size = self.size.saturating_sub(e.size(&key));
             }
             hist.drop_front(keep_from);
+            hist.shrink();
             if hist.is_empty() {
                 self.keys.remove(&key);
             }

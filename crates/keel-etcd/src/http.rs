@@ -25,9 +25,10 @@
 //! preflight `OPTIONS` from one is answered 200, as etcd answers them. By
 //! default no origin is allowed (etcd allows any), and unlike etcd a
 //! request from an origin not allowed is refused (403) rather than run,
-//! on every path of the port (`crate::origin`). There is no check of the `Host` header (etcd's `--host-whitelist`): a
-//! DNS-rebinding page's POSTs carry its origin and are refused, but its
-//! GETs of /health, /version and /metrics (no keys in them) are answered.
+//! on every path of the port (`crate::origin`). There is no check of the
+//! `Host` header (etcd's `--host-whitelist`): a DNS-rebinding page's
+//! POSTs carry its origin and are refused, but its GETs of /health,
+//! /version and /metrics (no keys in them) are answered.
 
 use crate::maintenance::ETCD_VERSION;
 use crate::not_served::AUTH_NOT_SERVED;

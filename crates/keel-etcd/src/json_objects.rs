@@ -133,7 +133,7 @@ mod tests {
             while !stopped {
                 match objects.next_piece() {
                     Piece::Object(r) => {
-                        out.push(String::from_utf8(objects.bytes(r).to_vec()).unwrap())
+                        out.push(String::from_utf8_lossy(objects.bytes(r)).into_owned())
                     }
                     Piece::Null => out.push("null".into()),
                     Piece::More => break,

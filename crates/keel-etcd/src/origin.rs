@@ -6,17 +6,20 @@
 //!   answer, and its preflight `OPTIONS` is answered 200 at once;
 //! - unlike etcd, a request from any other web origin (one with an
 //!   `Origin` header: browsers send it on every cross-origin call and on
-//!   every POST) is refused, 403, before it runs. CORS headers only keep a
-//!   page from reading an answer: without this a page could still write
-//!   and delete keys with a "simple" POST, to the JSON gateway or (tonic
-//!   takes a gRPC call over HTTP/1.1 whatever its content type) to a gRPC
-//!   method;
+//!   every POST) is refused before it runs: PermissionDenied, as a gRPC
+//!   status to a gRPC call and a 403 to anything else. CORS headers only
+//!   keep a page from reading an answer: without this a page could still
+//!   write and delete keys with a "simple" POST, to the JSON gateway or
+//!   (tonic takes a gRPC call over HTTP/1.1 whatever its content type) to
+//!   a gRPC method;
 //! - a request without `Origin` (programs: etcdctl, gRPC clients, curl,
-//!   probes) goes straight through, at no cost but a header lookup.
+//!   probes) goes straight through, at no cost but a header lookup; with
+//!   a list of origins its answer says `Vary: origin`, and with `*` it
+//!   gets the CORS headers, as etcd's answers do.
 
 use crate::http::Cors;
 use crate::{gateway, Api};
-use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use axum::http::{header, HeaderValue, Method, Request, Response};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -60,24 +63,36 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let cors = &self.api.config.cors;
         let asked = req.headers().get(header::ORIGIN);
+        let vary = matches!(cors, Cors::Origins(_));
         let allowed = match (asked, cors.allow(asked)) {
+            // The answer depends on the asking origin: caches must know.
+            (None, None) if vary => {
+                return Checked::WithHeaders {
+                    inner: self.inner.call(req),
+                    allowed: None,
+                    vary,
+                }
+            }
             (None, None) => {
                 return Checked::Through {
                     inner: self.inner.call(req),
                 }
             }
             (Some(asked), None) => {
+                let grpc = req
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
                 return Checked::Answered {
-                    answer: Some(refusal(asked, cors)),
-                }
+                    answer: Some(refusal(asked, cors, grpc)),
+                };
             }
             (_, Some(allowed)) => allowed,
         };
-        let vary = matches!(cors, Cors::Origins(_));
         if req.method() == Method::OPTIONS {
             let ok = Response::new(Body::empty());
             return Checked::Answered {
-                answer: Some(with_cors(ok, allowed, vary)),
+                answer: Some(with_cors(ok, Some(allowed), vary)),
             };
         }
         Checked::WithHeaders {
@@ -94,7 +109,8 @@ pin_project_lite::pin_project! {
     pub enum Checked<F> {
         /// The inner service's, as it is.
         Through { #[pin] inner: F },
-        /// The inner service's, with CORS headers.
+        /// The inner service's, with CORS headers (`Vary` alone if no
+        /// origin is `allowed`).
         WithHeaders { #[pin] inner: F, allowed: Option<HeaderValue>, vary: bool },
         /// Answered by the check itself.
         Answered { answer: Option<Response<Body>> },
@@ -116,8 +132,7 @@ where
                 vary,
             } => {
                 let Ok(resp) = ready!(inner.poll(cx));
-                let allowed = allowed.take().expect("an answer is polled to its end once");
-                Poll::Ready(Ok(with_cors(resp, allowed, *vary)))
+                Poll::Ready(Ok(with_cors(resp, allowed.take(), *vary)))
             }
             CheckedProj::Answered { answer } => Poll::Ready(Ok(answer
                 .take()
@@ -126,29 +141,36 @@ where
     }
 }
 
-/// The 403 (gateway JSON, PermissionDenied) for a request from `asked`.
-fn refusal(asked: &HeaderValue, cors: &Cors) -> Response<Body> {
+/// The refusal of a request from `asked`: PermissionDenied, as a gRPC
+/// status to a gRPC call (`grpc`), else as the gateway's JSON with 403.
+fn refusal(asked: &HeaderValue, cors: &Cors, grpc: bool) -> Response<Body> {
     let asked = String::from_utf8_lossy(asked.as_bytes());
-    let mut resp = gateway::error(&tonic::Status::permission_denied(format!(
+    let status = tonic::Status::permission_denied(format!(
         "a request from the web origin {asked} is refused: etcd_cors (--etcd-cors) does not \
          allow it"
-    )))
-    .map(Body::new);
+    ));
+    let mut resp = if grpc {
+        status.into_http()
+    } else {
+        gateway::error(&status).map(Body::new)
+    };
     if let Cors::Origins(_) = cors {
-        // The answer depends on the asking origin: caches must know.
         resp.headers_mut()
             .append(header::VARY, HeaderValue::from_static("origin"));
     }
-    debug_assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     resp
 }
 
-/// `resp` with etcd's CORS headers, for an answer to origin `allowed`.
-fn with_cors(mut resp: Response<Body>, allowed: HeaderValue, vary: bool) -> Response<Body> {
+/// `resp` with etcd's CORS headers, for an answer to origin `allowed`
+/// (none: no origin is allowed this answer), and `Vary: origin` if `vary`.
+fn with_cors(mut resp: Response<Body>, allowed: Option<HeaderValue>, vary: bool) -> Response<Body> {
     let h = resp.headers_mut();
     if vary {
         h.append(header::VARY, HeaderValue::from_static("origin"));
     }
+    let Some(allowed) = allowed else {
+        return resp;
+    };
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,

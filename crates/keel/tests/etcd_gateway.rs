@@ -556,6 +556,27 @@ fn cors_answers_as_etcds() {
         (403, Some(7)),
         "{a:?}"
     );
+    // And over HTTP/2, as a gRPC client that sent an Origin would.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let refused = rt.block_on(async {
+        use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
+        use keel_etcd_proto::etcdserverpb::PutRequest;
+        let channel = common::etcd_channel(&off_addr).await;
+        let mut kv = KvClient::with_interceptor(channel, |mut r: tonic::Request<()>| {
+            let evil = "https://evil.example".parse().expect("metadata value");
+            r.metadata_mut().insert("origin", evil);
+            Ok(r)
+        });
+        let put = PutRequest {
+            key: "web".into(),
+            value: "1".into(),
+            ..Default::default()
+        };
+        kv.put(put)
+            .await
+            .expect_err("a put from a web origin is refused")
+    });
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     let range = r#"{"key":"d2Vi"}"#;
     let a = exchange(&off_addr, "POST", "/v3/kv/range", "", range, &|_| false);
     assert_eq!(a.status, 200, "{a:?}");
@@ -595,6 +616,9 @@ fn cors_answers_as_etcds() {
     );
     let a = exchange(&listed_addr, "POST", "/v3/kv/range", "", range, &|_| false);
     assert_eq!(a.docs[0]["count"], "1", "the refused delete ran: {a:?}");
+    // An answer to a program (no Origin) varies with the origin too.
+    let a = exchange(&listed_addr, "GET", "/health", "", "", &|_| false);
+    assert_eq!((a.status, a.header("vary")), (200, Some("origin")), "{a:?}");
 }
 
 /// A streaming call whose request body is sent in chunks while its answer

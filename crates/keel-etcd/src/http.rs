@@ -96,18 +96,21 @@ impl Cors {
                     origin.truncate(origin.len() - port.len());
                 }
             }
-            let host = origin
-                .strip_prefix("https://")
-                .or_else(|| origin.strip_prefix("http://"));
-            let valid = host.is_some_and(|h| {
-                !h.is_empty()
-                    && !h.contains(['/', '?', '#', '@'])
-                    && !h.contains(char::is_whitespace)
+            // Any scheme: browser extensions and app shells have their own
+            // (`chrome-extension://…`, `app://…`).
+            let valid = origin.split_once("://").is_some_and(|(scheme, host)| {
+                scheme.starts_with(|c: char| c.is_ascii_lowercase())
+                    && scheme
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+.-".contains(c))
+                    && !host.is_empty()
+                    && !host.contains(['/', '?', '#', '@'])
+                    && !host.contains(char::is_whitespace)
             });
             if !valid {
                 return Err(format!(
-                    "etcd_cors: {o:?} is not a web origin: expected scheme://host[:port] with \
-                     scheme http or https (e.g. https://dash.example.com), or * for any"
+                    "etcd_cors: {o:?} is not a web origin: expected scheme://host[:port] (e.g. \
+                     https://dash.example.com or chrome-extension://<id>), or * for any"
                 ));
             }
             out.push(origin);
@@ -282,9 +285,14 @@ mod tests {
                 "http://c.example:443".into(),
             ])
         );
+        assert_eq!(
+            parse(&["chrome-extension://abcdef"]),
+            Ok(Cors::Origins(vec!["chrome-extension://abcdef".into()]))
+        );
         for bad in [
             "dash.example",
-            "ftp://x",
+            "1http://x",
+            "ht_tp://x",
             "https://",
             "https://a/b",
             "https://a b",

@@ -52,6 +52,7 @@ mod codec;
 mod crc;
 pub mod error;
 pub mod etcd;
+mod keymap;
 pub mod lease;
 pub mod proto;
 pub mod quota;

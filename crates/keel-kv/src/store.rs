@@ -339,7 +339,14 @@ impl Store {
             let Ok(i) = hist.binary_search_by(|e| (e.main, e.sub).cmp(&(main, sub))) else {
                 continue;
             };
-            let prev_kv = i.checked_sub(1).and_then(|j| hist[j].kv(key));
+            // The key's state as of the revision before, as etcd reads
+            // it (at mod_revision - 1): an earlier change in the same
+            // revision (a txn's) is not it.
+            let mut j = i;
+            while j > 0 && hist[j - 1].main == main {
+                j -= 1;
+            }
+            let prev_kv = j.checked_sub(1).and_then(|j| hist[j].kv(key));
             events.push(match hist[i].kv(key) {
                 Some(kv) => WatchEvent {
                     kind: EventType::Put,
@@ -700,6 +707,10 @@ impl Write<'_> {
             None => (main, 1),
         };
         let prev = answer.then(|| hist.last().and_then(|e| e.kv(&key)));
+        // A watcher's previous state is the key's as of the revision
+        // before (see `Store::events`), not an earlier change in this batch.
+        let event_prev = (self.record && hist.last().is_some_and(|e| e.main == main))
+            .then(|| as_of(hist, main - 1).and_then(|e| e.kv(&key)));
         let e = Entry {
             main,
             sub,
@@ -724,7 +735,7 @@ impl Write<'_> {
             self.events.push(WatchEvent {
                 kind: EventType::Put,
                 kv: kv.clone(),
-                prev_kv: prev.clone(),
+                prev_kv: event_prev.unwrap_or_else(|| prev.clone()),
             });
         }
         (prev_lease, states)
@@ -742,10 +753,16 @@ impl Write<'_> {
         self.store.live = self.store.live.saturating_sub(1);
         self.store.push(prev.key.clone(), e);
         if self.record {
+            // As for a put: the state as of the revision before.
+            let prev_kv = if prev.mod_revision == self.main {
+                self.store.get_at(key, self.main - 1)
+            } else {
+                Some(prev.clone())
+            };
             self.events.push(WatchEvent {
                 kind: EventType::Delete,
                 kv: tombstone(&prev.key, self.main),
-                prev_kv: Some(prev.clone()),
+                prev_kv,
             });
         }
         Some(prev)
@@ -795,5 +812,27 @@ mod tests {
         s.compact(s.revision() as i64).unwrap();
         assert!(s.keys.shares_every_slice_with(&image.keys));
         assert_eq!(s.history_len(), 20);
+    }
+
+    #[test]
+    fn a_watchers_previous_state_is_the_one_before_the_revision() {
+        // Found by etcd_diff (seed 9402): a txn that changes a key twice.
+        let mut s = Store::new();
+        let k = || Bytes::from_static(b"k");
+        let mut w = s.write();
+        w.put(k(), Bytes::from_static(b"v1"), 0);
+        w.commit();
+        let mut w = s.write();
+        w.put(k(), Bytes::from_static(b"v2"), 0);
+        w.delete(b"k");
+        w.put(k(), Bytes::from_static(b"v3"), 0);
+        let (rev, live) = w.commit();
+        let (history, _) = s.events(b"k", b"", rev, 0).unwrap();
+        assert_eq!(history, live);
+        assert_eq!(live.len(), 3);
+        for e in &live {
+            let prev = e.prev_kv.as_ref().expect("k existed before");
+            assert_eq!((&prev.value[..], prev.mod_revision), (&b"v1"[..], rev - 1));
+        }
     }
 }

@@ -1157,6 +1157,21 @@ async fn hand_picked(h: &mut Harness) {
         h.step(Op::Txn(txn(vec![], ops, vec![put_op("t/d", "f")])))
             .await;
     }
+    // A key changed twice in one revision, by sibling nested txns (etcd
+    // checks each against the outer level, not against each other): a
+    // watcher's prev_kv is the key's state before the revision, as etcd
+    // reads it (seed 9402 found Keel giving the earlier change).
+    h.put("t/w", "1").await;
+    let nested = |op| txn_op(txn(vec![], vec![op], vec![]));
+    let twice = vec![
+        nested(put_op("t/w", "2")),
+        nested(delete_op("t/w", "", true)),
+    ];
+    h.step(Op::Txn(txn(vec![], twice, vec![]))).await;
+    let changed = h.mark().await;
+    let mut req = watch_req("t/w", "", changed);
+    req.prev_kv = true;
+    h.step(watch(req, 2)).await;
     // Too many operations: 128 is the limit (per branch, and compares).
     for n in [128, 129] {
         let ops: Vec<RequestOp> = (0..n).map(|i| put_op(&format!("m/{i:03}"), "x")).collect();

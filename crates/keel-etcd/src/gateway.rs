@@ -234,13 +234,9 @@ async fn read_requests<T: DeserializeOwned + Default + prost::Message>(
         }
         loop {
             let req = match objects.next_piece() {
-                Piece::Object(r) => {
-                    let json = serde_json::from_slice(objects.bytes(r));
-                    json.map_err(|e| bad_body(&e))
-                        .and_then(message::<T>)
-                        .and_then(|r| within_limit(r, max_message))
-                        .map_err(unknown)
-                }
+                Piece::Object(r) => parse::<T>(objects.bytes(r))
+                    .and_then(|r| within_limit(r, max_message))
+                    .map_err(unknown),
                 Piece::Null => Ok(T::default()),
                 Piece::More => break,
                 Piece::NotObject => Err(unknown(not_a_request(objects.rest()))),

@@ -84,7 +84,7 @@ where
                     .get(header::CONTENT_TYPE)
                     .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
                 return Checked::Answered {
-                    answer: Some(refusal(asked, cors, grpc)),
+                    answer: Some(with_cors(refusal(asked, grpc), None, vary)),
                 };
             }
             (_, Some(allowed)) => allowed,
@@ -143,22 +143,17 @@ where
 
 /// The refusal of a request from `asked`: PermissionDenied, as a gRPC
 /// status to a gRPC call (`grpc`), else as the gateway's JSON with 403.
-fn refusal(asked: &HeaderValue, cors: &Cors, grpc: bool) -> Response<Body> {
+fn refusal(asked: &HeaderValue, grpc: bool) -> Response<Body> {
     let asked = String::from_utf8_lossy(asked.as_bytes());
     let status = tonic::Status::permission_denied(format!(
         "a request from the web origin {asked} is refused: etcd_cors (--etcd-cors) does not \
          allow it"
     ));
-    let mut resp = if grpc {
+    if grpc {
         status.into_http()
     } else {
         gateway::error(&status).map(Body::new)
-    };
-    if let Cors::Origins(_) = cors {
-        resp.headers_mut()
-            .append(header::VARY, HeaderValue::from_static("origin"));
     }
-    resp
 }
 
 /// `resp` with etcd's CORS headers, for an answer to origin `allowed`

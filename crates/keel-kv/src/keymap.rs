@@ -33,7 +33,6 @@ pub(crate) struct KeyMap<V> {
     starts: Vec<Bytes>,
     /// Never empty; a slice is empty only if it is the only one.
     slices: Vec<Arc<BTreeMap<Bytes, V>>>,
-    len: usize,
 }
 
 impl<V> Default for KeyMap<V> {
@@ -41,14 +40,13 @@ impl<V> Default for KeyMap<V> {
         KeyMap {
             starts: vec![Bytes::new()],
             slices: vec![Arc::default()],
-            len: 0,
         }
     }
 }
 
 impl<V: Clone> KeyMap<V> {
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.slices.iter().map(|s| s.len()).sum()
     }
 
     /// The slice that holds (or would hold) `key`.
@@ -89,10 +87,7 @@ impl<V: Clone> KeyMap<V> {
         }
         match Arc::make_mut(&mut self.slices[i]).entry(key) {
             btree_map::Entry::Occupied(e) => (e.key().clone(), e.into_mut()),
-            btree_map::Entry::Vacant(e) => {
-                self.len += 1;
-                (e.key().clone(), e.insert(V::default()))
-            }
+            btree_map::Entry::Vacant(e) => (e.key().clone(), e.insert(V::default())),
         }
     }
 
@@ -120,7 +115,6 @@ impl<V: Clone> KeyMap<V> {
             return None;
         }
         let value = Arc::make_mut(&mut self.slices[i]).remove(key)?;
-        self.len -= 1;
         self.merge_around(i);
         Some(value)
     }
@@ -196,7 +190,7 @@ impl<V> KeyMap<V> {
 impl<V: PartialEq + Clone> PartialEq for KeyMap<V> {
     /// The same entries, however they are sliced.
     fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.iter().eq(other.iter())
+        self.len() == other.len() && self.iter().eq(other.iter())
     }
 }
 

@@ -342,11 +342,7 @@ impl Store {
             // The key's state as of the revision before, as etcd reads
             // it (at mod_revision - 1): an earlier change in the same
             // revision (a txn's) is not it.
-            let mut j = i;
-            while j > 0 && hist[j - 1].main == main {
-                j -= 1;
-            }
-            let prev_kv = j.checked_sub(1).and_then(|j| hist[j].kv(key));
+            let prev_kv = as_of(hist, main - 1).and_then(|e| e.kv(key));
             events.push(match hist[i].kv(key) {
                 Some(kv) => WatchEvent {
                     kind: EventType::Put,

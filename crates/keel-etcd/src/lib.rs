@@ -25,6 +25,7 @@ pub mod maintenance;
 pub mod not_served;
 pub mod origin;
 mod recipes;
+pub mod require_leader;
 pub mod tls;
 pub mod watch;
 
@@ -97,6 +98,9 @@ pub struct ApiConfig {
     pub tls: Option<tls::TlsFiles>,
     /// Which web origins get CORS headers on the HTTP answers.
     pub cors: http::Cors,
+    /// How often a call that requires a leader checks that this member
+    /// knows one (`require_leader`; etcd: its election timeout).
+    pub election_timeout: Duration,
 }
 
 impl ApiConfig {
@@ -110,6 +114,7 @@ impl ApiConfig {
             quota: None,
             tls: None,
             cors: http::Cors::default(),
+            election_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -380,7 +385,8 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
         .add_service(not_served::AuthNotServed);
     let mut server = tonic::transport::Server::builder()
         .accept_http1(true)
-        .layer(origin::OriginCheckLayer(api.clone()));
+        .layer(origin::OriginCheckLayer(api.clone()))
+        .layer(require_leader::RequireLeaderLayer(api.clone()));
     let server = server.add_routes(routes);
     let report = |r: Result<(), tonic::transport::Error>| {
         if let Err(e) = r {

@@ -20,7 +20,9 @@ use bytes::Bytes;
 use keel_etcd_proto::etcdserverpb::watch_request::RequestUnion;
 use keel_etcd_proto::etcdserverpb::watch_server::Watch;
 use keel_etcd_proto::etcdserverpb::*;
+use keel_etcd_proto::mvccpb;
 use keel_kv::{EventType, Query, Response as KvResponse, WatchEvent};
+use prost::Message;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -34,8 +36,15 @@ pub struct WatchApi(pub Arc<Api>);
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
-/// Most events in one response (and asked of the history per query).
+/// Most events in one response (and asked of the history per query),
+/// unless one revision has more: a revision's events are never split over
+/// responses (but by `fragment`), because clients resume a broken stream
+/// from the revision after the last event they saw.
 const EVENTS_PER_RESPONSE: usize = 1000;
+
+/// etcd's answers to a create request it cannot take (`mvcc`'s errors).
+const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
+const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
 /// etcd's watch id for a progress response that concerns every watch.
 const ALL_WATCHES: i64 = -1;
@@ -49,6 +58,8 @@ struct Watcher {
     no_put: bool,
     no_delete: bool,
     progress_notify: bool,
+    /// Split responses larger than the request limit into fragments.
+    fragment: bool,
     /// The next revision this watch has to deliver.
     next_rev: u64,
 }
@@ -160,20 +171,32 @@ impl Session {
         }
     }
 
-    async fn create(&mut self, c: WatchCreateRequest) -> Result<(), End> {
+    /// etcd's answer to a create request it cannot take: created and
+    /// canceled at once, with no watch id (-1) and the `reason`.
+    async fn refuse_create(&self, reason: &str) -> Result<(), End> {
+        self.send(WatchResponse {
+            header: self.header(self.feed_rev),
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn create(&mut self, mut c: WatchCreateRequest) -> Result<(), End> {
+        // As etcd: no key is the smallest key, "\0"; a range end of "\0"
+        // is every key from `key` on; any other end must lie after `key`.
+        if c.key.is_empty() {
+            c.key = Bytes::from_static(&[0]);
+        }
+        if !matches!(&c.range_end[..], [] | [0]) && c.key >= c.range_end {
+            return self.refuse_create(EMPTY_RANGE).await;
+        }
         let id = if c.watch_id != 0 {
             if self.watchers.contains_key(&c.watch_id) {
-                return self
-                    .send(WatchResponse {
-                        header: self.header(self.feed_rev),
-                        watch_id: c.watch_id,
-                        created: true,
-                        canceled: true,
-                        cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream"
-                            .into(),
-                        ..Default::default()
-                    })
-                    .await;
+                return self.refuse_create(DUPLICATE_ID).await;
             }
             c.watch_id
         } else {
@@ -196,6 +219,7 @@ impl Session {
                 .filters
                 .contains(&(watch_create_request::FilterType::Nodelete as i32)),
             progress_notify: c.progress_notify,
+            fragment: c.fragment,
             next_rev: if start == 0 { local_rev + 1 } else { start },
         };
         let past = w.next_rev <= local_rev;
@@ -264,13 +288,7 @@ impl Session {
                 .collect();
             let header_rev = revision.max(last.unwrap_or(0));
             if !wanted.is_empty() {
-                self.send(WatchResponse {
-                    header: self.header(header_rev),
-                    watch_id: id,
-                    events: wanted,
-                    ..Default::default()
-                })
-                .await?;
+                self.send_events(id, header_rev, wanted, w.fragment).await?;
             }
             let Some(w) = self.watchers.get_mut(&id) else {
                 return Ok(());
@@ -325,23 +343,62 @@ impl Session {
             let Some(w) = self.watchers.get_mut(&id) else {
                 continue;
             };
-            let wanted: Vec<_> = events
-                .iter()
-                .filter(|e| w.wants(e))
-                .map(|e| event_out(e, w.prev_kv))
-                .collect();
+            let wanted: Vec<_> = events.iter().filter(|e| w.wants(e)).collect();
             w.next_rev = w.next_rev.max(last + 1);
-            for chunk in wanted.chunks(EVENTS_PER_RESPONSE) {
-                self.send(WatchResponse {
-                    header: self.header(last),
-                    watch_id: id,
-                    events: chunk.to_vec(),
-                    ..Default::default()
-                })
-                .await?;
+            let (prev_kv, fragment) = (w.prev_kv, w.fragment);
+            for batch in by_revisions(&wanted, EVENTS_PER_RESPONSE) {
+                let out = batch.iter().map(|e| event_out(e, prev_kv)).collect();
+                self.send_events(id, last, out, fragment).await?;
             }
         }
         self.feed_rev = last;
+        Ok(())
+    }
+
+    /// Sends `events` of watch `id` in one response, or, if the watch asked
+    /// for `fragment` and the response would reach the request limit, in
+    /// several, each but the last marked `fragment` (the client joins them),
+    /// each holding at least one event, as etcd's `sendFragments` does.
+    async fn send_events(
+        &self,
+        id: i64,
+        header_rev: u64,
+        events: Vec<mvccpb::Event>,
+        fragment: bool,
+    ) -> Result<(), End> {
+        let whole = WatchResponse {
+            header: self.header(header_rev),
+            watch_id: id,
+            events,
+            ..Default::default()
+        };
+        let limit = self.api.config.max_message_bytes();
+        if !fragment || whole.events.len() < 2 || whole.encoded_len() < limit {
+            return self.send(whole).await;
+        }
+        let mut events = whole.events.into_iter().peekable();
+        while events.peek().is_some() {
+            let mut part = WatchResponse {
+                header: whole.header,
+                watch_id: id,
+                fragment: true,
+                ..Default::default()
+            };
+            // Every event that keeps the part below the limit, and always
+            // the first.
+            let mut size = part.encoded_len();
+            while let Some(e) = events.peek() {
+                let grown =
+                    size + prost::length_delimiter_len(e.encoded_len()) + 1 + e.encoded_len();
+                if !part.events.is_empty() && grown >= limit {
+                    break;
+                }
+                size = grown;
+                part.events.extend(events.next());
+            }
+            part.fragment = events.peek().is_some();
+            self.send(part).await?;
+        }
         Ok(())
     }
 
@@ -359,6 +416,33 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// `events` (in revision order) cut into runs of at most `most` events,
+/// each cut between two revisions: a revision with more events than `most`
+/// is one run of its own.
+fn by_revisions<'a>(events: &'a [&'a WatchEvent], most: usize) -> Vec<&'a [&'a WatchEvent]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    // The start of the revision being scanned.
+    let mut rev_start = 0;
+    for i in 1..=events.len() {
+        let boundary = i == events.len() || events[i].revision() != events[i - 1].revision();
+        if !boundary {
+            continue;
+        }
+        // `events[rev_start..i]` is one revision: end the run before it if
+        // it would make the run too long.
+        if i - start > most && rev_start > start {
+            runs.push(&events[start..rev_start]);
+            start = rev_start;
+        }
+        rev_start = i;
+    }
+    if start < events.len() {
+        runs.push(&events[start..]);
+    }
+    runs
 }
 
 /// A watch stream's requests: a gRPC stream, or the gateway's parsed body.
@@ -456,6 +540,7 @@ mod tests {
             no_put: false,
             no_delete: false,
             progress_notify: false,
+            fragment: false,
             next_rev: 5,
         }
     }
@@ -468,6 +553,33 @@ mod tests {
         assert!(from.matches(b"b") && from.matches(b"zzz") && !from.matches(b"a"));
         let prefix = watcher("a/", b"a0");
         assert!(prefix.matches(b"a/x") && !prefix.matches(b"a0") && !prefix.matches(b"a"));
+    }
+
+    #[test]
+    fn runs_are_cut_only_between_revisions() {
+        let revs = [1, 1, 2, 3, 3, 3, 3, 4, 5, 5];
+        let events: Vec<WatchEvent> = revs
+            .iter()
+            .map(|&r| event(EventType::Put, "k", r))
+            .collect();
+        let refs: Vec<&WatchEvent> = events.iter().collect();
+        let lens = |most| -> Vec<Vec<u64>> {
+            by_revisions(&refs, most)
+                .iter()
+                .map(|run| run.iter().map(|e| e.revision()).collect())
+                .collect()
+        };
+        assert_eq!(
+            lens(3),
+            vec![vec![1, 1, 2], vec![3, 3, 3, 3], vec![4, 5, 5]],
+            "a revision longer than the most is a run of its own"
+        );
+        assert_eq!(lens(1000), vec![revs.to_vec()]);
+        assert_eq!(
+            lens(1),
+            vec![vec![1, 1], vec![2], vec![3, 3, 3, 3], vec![4], vec![5, 5]]
+        );
+        assert!(by_revisions(&[], 3).is_empty());
     }
 
     #[test]

@@ -567,6 +567,7 @@ fn etcd_api(
     let mut api = keel_etcd::ApiConfig::new(members);
     api.quota = quota;
     api.tls = tls;
+    api.election_timeout = std::time::Duration::from_millis(cfg.election_timeout_max_ms);
     api.cors = keel_etcd::http::Cors::parse(&cfg.etcd_cors).map_err(anyhow::Error::msg)?;
     api.auto_compaction = keel_etcd::compactor::AutoCompaction::parse(
         &cfg.auto_compaction_mode,

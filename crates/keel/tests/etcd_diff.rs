@@ -1372,6 +1372,21 @@ async fn hand_picked(h: &mut Harness) {
     .ok();
     h.range(from_key("\0")).await.ok();
 
+    // --- Watch requests etcd refuses or rewrites: an empty range (the key
+    // at or after the end) is refused with watch id -1; no key is the key
+    // "\0".
+    for (key, end) in [("b", "a"), ("b", "b")] {
+        h.run(Op::Watch {
+            req: watch_req(key, end, 0),
+            n: None,
+        })
+        .await
+        .ok();
+    }
+    h.put("\0", "nul").await;
+    let nul = h.mark().await;
+    h.run(watch(watch_req("", "", nul), 1)).await.ok();
+
     // --- Request size limits (etcd's default --max-request-bytes, 1.5 MiB).
     let big = |key: &str, n: usize| PutRequest {
         key: b(key),

@@ -391,3 +391,207 @@ fn watch_streams_end_when_their_clients_go() {
     drop(conn);
     gauges(0.0, 0.0);
 }
+
+/// What etcd does with one revision's many events and with create requests
+/// it cannot take: a revision's events are never split over responses (a
+/// client resumes from the revision after the last event it saw), unless
+/// the watch asked for `fragment`, when a response that would reach the
+/// request limit comes in parts, each but the last marked `fragment`; an
+/// empty key range and a watch id already in use are refused with watch id
+/// -1 and etcd's reasons; no key is key "\0".
+#[test]
+fn one_revision_is_one_response_or_marked_fragments() {
+    let c = TestCluster::start(1, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    c.rt.block_on(async {
+        let ch = connect(&c.nodes[0].etcd).await;
+        let mut kv = KvClient::new(ch.clone());
+        // 1100 keys of 3000 bytes: deleted in one revision, with prev_kv,
+        // 1100 events (over the 1000 a response otherwise holds) and
+        // ~3.4 MB (over the 1.5 MiB + 512 KiB message limit).
+        const N: usize = 1100;
+        let value = "v".repeat(3000);
+        let mut whole = open(&ch).await;
+        let mut parts = open(&ch).await;
+        for (s, fragment) in [(&mut whole, false), (&mut parts, true)] {
+            let mut w = create("f/", b"f0");
+            w.prev_kv = true;
+            w.fragment = fragment;
+            s.create(w).await;
+        }
+        let mut writers = tokio::task::JoinSet::new();
+        for t in 0..8 {
+            let (mut kv, value) = (kv.clone(), value.clone());
+            writers.spawn(async move {
+                for i in (t..N).step_by(8) {
+                    put(&mut kv, &format!("f/{i:04}"), &value).await;
+                }
+            });
+        }
+        while let Some(r) = writers.join_next().await {
+            r.expect("writer");
+        }
+        for s in [&mut whole, &mut parts] {
+            assert_eq!(s.events(N).await.len(), N);
+        }
+        let rev = kv
+            .delete_range(DeleteRangeRequest {
+                key: b"f/".to_vec().into(),
+                range_end: b"f0".to_vec().into(),
+                prev_kv: false,
+            })
+            .await
+            .expect("delete the prefix")
+            .into_inner()
+            .header
+            .expect("header")
+            .revision;
+
+        let r = whole.next().await;
+        assert_eq!(r.events.len(), N, "one response for the whole revision");
+        assert!(!r.fragment);
+        assert!(r
+            .events
+            .iter()
+            .all(|e| e.r#type == DELETE && e.kv.as_ref().expect("kv").mod_revision == rev));
+
+        let mut got = 0;
+        let mut responses = 0;
+        loop {
+            let r = parts.next().await;
+            responses += 1;
+            assert!(!r.events.is_empty(), "every part has events: {r:?}");
+            assert!(
+                prost::Message::encoded_len(&r) <= (1536 + 512) * 1024,
+                "a part stays within the message limit"
+            );
+            got += r.events.len();
+            if !r.fragment {
+                break;
+            }
+        }
+        assert_eq!(got, N, "the parts hold every event once");
+        assert!(responses >= 2, "a 3.4 MB revision comes in parts");
+
+        // An empty range: key at or after its end.
+        let mut s = open(&ch).await;
+        s.send(RequestUnion::CreateRequest(create("b", b"a"))).await;
+        let r = s.next().await;
+        assert!(r.created && r.canceled, "{r:?}");
+        assert_eq!(
+            (r.watch_id, r.cancel_reason.as_str()),
+            (-1, "mvcc: watcher range is empty")
+        );
+        // "From key" ("\0" as the end) is not empty, whatever the key.
+        assert_eq!(s.create(create("z", b"\0")).await, 0);
+        // A watch id in use: refused, and the watch that has it goes on.
+        let mut w = create("dup", b"");
+        w.watch_id = 7;
+        assert_eq!(s.create(w.clone()).await, 7);
+        s.send(RequestUnion::CreateRequest(w)).await;
+        let r = s.next().await;
+        assert!(r.created && r.canceled, "{r:?}");
+        assert_eq!(
+            (r.watch_id, r.cancel_reason.as_str()),
+            (-1, "mvcc: duplicate watch ID provided on the WatchStream")
+        );
+        // No key: the key "\0".
+        let nul = s.create(create("", b"")).await;
+        let r1 = put(&mut kv, "\0", "nul").await;
+        let r2 = put(&mut kv, "dup", "d").await;
+        let mut got = s.events(2).await;
+        got.sort_by_key(|e| e.4);
+        assert_eq!(
+            got,
+            vec![
+                (nul, PUT, "\0".into(), "nul".into(), r1, None),
+                (7, PUT, "dup".into(), "d".into(), r2, None),
+            ]
+        );
+    });
+}
+
+/// etcd's "require leader" calls (metadata `hasleader: true`, as etcdctl's
+/// `watch` and Kubernetes send): a member that knows no leader refuses
+/// them, and ends their open streams after three election timeouts, so a
+/// client cut off with a minority moves to another member instead of
+/// waiting on a watch that sees no more writes. Calls without the flag are
+/// served as before.
+#[test]
+fn calls_that_require_a_leader_end_when_it_is_gone() {
+    let mut c = TestCluster::start(3, "");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let lonely = c
+        .nodes
+        .iter()
+        .find(|n| n.id != leader)
+        .expect("follower")
+        .id;
+    let addr = c.node(lonely).etcd.clone();
+    let open_requiring = |ch: &Channel| {
+        let ch = ch.clone();
+        async move {
+            let (tx, rx) = mpsc::channel(16);
+            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            req.metadata_mut()
+                .insert("hasleader", "true".parse().expect("metadata"));
+            WatchClient::new(ch).watch(req).await.map(|r| Stream {
+                tx,
+                rx: r.into_inner(),
+            })
+        }
+    };
+    let ch = c.rt.block_on(connect(&addr));
+    let mut s = c.rt.block_on(async {
+        let mut s = open_requiring(&ch).await.expect("a leader is known");
+        s.create(create("hl", b"")).await;
+        let mut kv = KvClient::new(ch.clone());
+        let rev = put(&mut kv, "hl", "1").await;
+        assert_eq!(s.events(1).await[0].4, rev);
+        s
+    });
+    // Cut the member off: the two others stop.
+    let others: Vec<u64> = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|&id| id != lonely)
+        .collect();
+    for &id in &others {
+        c.pause(id);
+    }
+    c.rt.block_on(async {
+        let end = tokio::time::timeout(Duration::from_secs(30), s.rx.message())
+            .await
+            .expect("the stream ends within 30 s");
+        let status = end.expect_err("the stream ends with an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), "etcdserver: no leader");
+        // A new call with the flag is refused at once.
+        let refused = open_requiring(&ch).await;
+        let status = match refused {
+            Err(status) => status,
+            // (A refusal may also arrive as the stream's first message.)
+            Ok(mut s) => s.rx.message().await.expect_err("refused"),
+        };
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), "etcdserver: no leader");
+        // Without the flag the member still serves its own state.
+        let mut plain = open(&ch).await;
+        plain.create(create("hl", b"")).await;
+    });
+    for &id in &others {
+        c.resume(id);
+    }
+    c.wait_for_leader(Duration::from_secs(20));
+    c.rt.block_on(async {
+        let mut s = loop {
+            match open_requiring(&ch).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        s.create(create("hl", b"")).await;
+    });
+    let _ = &mut c;
+}

@@ -54,8 +54,20 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(a)
 }
 
-/// Appends the frame of `e` to `out`.
-pub fn encode(e: &Entry, out: &mut Vec<u8>) {
+/// The body length of `e`'s frame: the kind's fields, then the data.
+pub fn body_len(e: &Entry) -> usize {
+    // `encoded_len` is the core's size of the whole frame, header included.
+    usize::try_from(e.encoded_len() - HEADER_LEN as u64).unwrap_or(usize::MAX)
+}
+
+/// Appends the frame of `e` to `out`. Refuses (`TooLarge`, `out` untouched)
+/// an entry whose body exceeds `MAX_BODY_LEN`: the decoder takes such a
+/// length for corruption, so the frame could never be read back.
+pub fn encode(e: &Entry, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let len = body_len(e);
+    if len > MAX_BODY_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
     let start = out.len();
     out.resize(start + HEADER_LEN, 0);
     let (kind, fields_start) = (kind_byte(&e.kind), out.len());
@@ -73,7 +85,9 @@ pub fn encode(e: &Entry, out: &mut Vec<u8>) {
         EntryKind::SessionClose { client } => out.extend_from_slice(&client.to_le_bytes()),
     }
     out.extend_from_slice(&e.data);
+    // `len`, at most `MAX_BODY_LEN` (checked above): it fits the u32 field.
     let body_len = out.len() - fields_start;
+    debug_assert_eq!(body_len, len);
     let body_crc = crc32c::crc32c(&out[fields_start..]);
     let h = &mut out[start..start + HEADER_LEN];
     h[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
@@ -83,6 +97,7 @@ pub fn encode(e: &Entry, out: &mut Vec<u8>) {
     h[24] = kind;
     let header_crc = crc32c::crc32c(&h[0..28]);
     h[28..32].copy_from_slice(&header_crc.to_le_bytes());
+    Ok(())
 }
 
 fn kind_byte(k: &EntryKind) -> u8 {
@@ -244,6 +259,31 @@ mod tests {
         ]
     }
 
+    /// A body over `MAX_BODY_LEN` is refused, as the decoder would refuse
+    /// it, and nothing is encoded; its `u32` length field used to be
+    /// written regardless.
+    #[test]
+    fn encode_refuses_a_body_over_the_limit() {
+        let e = |data_len: usize| Entry {
+            term: 1,
+            position: 0,
+            timestamp: 0,
+            kind: EntryKind::Command { client: 1, seq: 1 },
+            data: Bytes::from(vec![0u8; data_len]),
+        };
+        let mut out = vec![7u8; 3];
+        let too_big = e(MAX_BODY_LEN - 16 + 1);
+        assert_eq!(body_len(&too_big), MAX_BODY_LEN + 1);
+        assert_eq!(
+            encode(&too_big, &mut out),
+            Err(FrameError::TooLarge(MAX_BODY_LEN + 1))
+        );
+        assert_eq!(out, [7, 7, 7], "something was encoded");
+        let largest = e(MAX_BODY_LEN - 16);
+        encode(&largest, &mut out).expect("the largest body encodes");
+        assert_eq!(decode(&out[3..], 0), Ok(Some((largest, out.len() - 3))));
+    }
+
     proptest! {
         #[test]
         fn round_trip_and_length_matches_the_core(
@@ -252,7 +292,7 @@ mod tests {
         ) {
             let e = Entry { term, position: pos, timestamp: ts, kind: k, data: Bytes::from(data) };
             let mut buf = Vec::new();
-            encode(&e, &mut buf);
+            encode(&e, &mut buf).expect("encodes");
             prop_assert_eq!(buf.len() as u64, e.encoded_len());
             prop_assert_eq!(decode(&buf, pos), Ok(Some((e.clone(), buf.len()))));
             // Every strict prefix is incomplete, never an error or a panic.
@@ -269,7 +309,7 @@ mod tests {
         ) {
             let e = Entry { term: 3, position: 0, timestamp: 9, kind: EntryKind::Command { client: 1, seq: 2 }, data: Bytes::from(data) };
             let mut buf = Vec::new();
-            encode(&e, &mut buf);
+            encode(&e, &mut buf).expect("encodes");
             let bit = bit % (buf.len() * 8);
             buf[bit / 8] ^= 1 << (bit % 8);
             if let Ok(Some((d, _))) = decode(&buf, 0) {

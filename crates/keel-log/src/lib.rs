@@ -48,6 +48,16 @@ pub enum LogError {
         found: u8,
         supported: u8,
     },
+    #[error(
+        "refusing to write the entry at log position {position}: its body is {body_len} bytes, \
+         over the log's {max}-byte frame limit, so it could never be read back (nothing was \
+         written). Whatever proposed it must refuse requests this large",
+        max = frame::MAX_BODY_LEN
+    )]
+    EntryTooLarge {
+        position: keel_core::Position,
+        body_len: usize,
+    },
     #[error("invalid storage request: {0}")]
     Invalid(String),
     #[error("the storage thread has stopped")]

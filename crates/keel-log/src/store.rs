@@ -5,12 +5,13 @@
 //! install needs.
 //!
 //! Recovery rules: a torn tail in the last segment (a frame cut short by
-//! the end of the file, or one overlapping a whole all-zero disk sector, as
-//! an interrupted write leaves it, with no valid frame header anywhere after
-//! it) is cut back to the last valid frame. Any other damage — a bad
-//! checksum, a truncated frame in a sealed segment, zeroed sectors followed
-//! by valid frames, a missing segment, a gap — refuses to open with an error
-//! naming the file and offset.
+//! the end of the file, or one whose first all-zero disk sector is zero
+//! through the end of the file, the last sector possibly partial: sectors
+//! an interrupted write never wrote) is cut back to the last valid frame.
+//! Any other damage — a bad checksum, a truncated frame in a sealed
+//! segment, zeroed sectors followed by anything non-zero, a missing
+//! segment, a gap — refuses to open with an error naming the file and
+//! offset.
 
 use crate::frame::{self, HEADER_LEN};
 use crate::meta::{self, HardStateFile};
@@ -215,47 +216,74 @@ enum Damage {
     /// The file ends inside the frame (its header intact, or not even
     /// complete): an interrupted write.
     CutShort,
-    /// A whole disk sector overlapping the frame is all zero: an
-    /// interrupted write, unless valid frames follow (checked separately).
-    /// `next`: where the next frame would start if the header is intact.
-    ZeroSector { next: Option<usize> },
+    /// Every byte from a sector boundary overlapping the frame to the end
+    /// of the file is zero: sectors an interrupted write never wrote.
+    Unwritten,
+    /// The first all-zero sector overlapping the frame starts at `zeros`,
+    /// but the byte at `nonzero` after it is not zero: not an unwritten
+    /// tail (the zeros may be the entry's data, and the damage something
+    /// else), so refuse.
+    ZerosThenData { zeros: usize, nonzero: usize },
 }
 
 /// Does the damaged frame at `off` look like an interrupted write rather
 /// than corruption? `data` is the whole segment file. An interrupted write
 /// leaves the file short (the kernel stops a write at a page boundary when
-/// the process is killed) or whole sectors unwritten (zero); a flipped bit
-/// does neither. So: the file ends inside the frame (its header intact, or
-/// not even complete), or a whole disk sector overlapping the frame is
-/// entirely zero.
+/// the process is killed) or its last sectors unwritten (zero, from a
+/// sector boundary to the end of the file; the last one may be partial,
+/// as the file's size need not be a multiple of the sector size); a
+/// flipped bit does neither. So: the file ends inside the frame (its header
+/// intact, or not even complete), or the first all-zero sector overlapping
+/// the frame (or its header, if that is damaged) is zero through the end of
+/// the file.
+///
+/// An all-zero sector followed by anything non-zero is not an unwritten
+/// tail: an entry's data may hold zero sectors, and taking one for an
+/// unwritten tail would silently drop an acknowledged entry with damage
+/// elsewhere. This refuses a genuine torn write too if the frame's data has
+/// a whole zero sector before the point where the write stopped; refusing
+/// is the safe side. What no rule can tell apart is damage followed only by
+/// zeros from a sector boundary to the end of the file (data that ends in
+/// zeros) from an interrupted write: that is cut as a torn tail.
 fn classify(data: &[u8], off: usize) -> Damage {
     if data.len() - off < HEADER_LEN {
         return Damage::CutShort;
     }
-    let (end, next) = match frame::decode_header(&data[off..]) {
+    // The bytes whose damage an unwritten tail explains: the whole frame if
+    // its header is intact, else the header.
+    let end = match frame::decode_header(&data[off..]) {
         Ok(len) => {
             let end = off.saturating_add(HEADER_LEN + len);
             if end > data.len() {
                 return Damage::CutShort; // a valid header whose frame the file cuts short
             }
-            (end, Some(end))
+            end
         }
-        Err(_) => (off + HEADER_LEN, None),
+        Err(_) => off + HEADER_LEN,
     };
     let sector = SECTOR as usize;
-    let mut s = off / sector * sector;
-    while s < end && s + sector <= data.len() {
-        if data[s..s + sector].iter().all(|&b| b == 0) {
-            return Damage::ZeroSector { next };
-        }
-        s += sector;
+    let is_zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+    // The first all-zero sector overlapping the frame. A sector starting
+    // before `off` holds the end of the previous (valid) frame too; the
+    // last may be cut short by the end of the file.
+    let first_zero = (off / sector * sector..end)
+        .step_by(sector)
+        .find(|&s| is_zero(&data[s..(s + sector).min(data.len())]));
+    let Some(zeros) = first_zero else {
+        return Damage::Corrupt;
+    };
+    match data[zeros..].iter().position(|&b| b != 0) {
+        None => Damage::Unwritten,
+        Some(at) => Damage::ZerosThenData {
+            zeros,
+            nonzero: zeros + at,
+        },
     }
-    Damage::Corrupt
 }
 
 /// The first offset at or after `from` holding a valid frame header, if
-/// any. Unwritten sectors never do; a valid header after a damaged frame
-/// means the damage is in the middle of the log, not a torn tail.
+/// any: named when a damaged frame over zeros is refused, as a valid header
+/// after a damaged frame means the damage is in the middle of the log.
 fn valid_header_at_or_after(data: &[u8], from: usize) -> Option<usize> {
     let last = data.len().checked_sub(HEADER_LEN)?;
     (from..=last).find(|&at| {
@@ -269,10 +297,40 @@ fn valid_header_at_or_after(data: &[u8], from: usize) -> Option<usize> {
     })
 }
 
+/// Creates `dir` and any missing ancestors, and makes their entries
+/// durable: a directory's entry lives in its parent, which must be synced
+/// (the first hard state is written into `dir`, and syncing `dir` does not
+/// make `dir` itself survive a power loss). Returns the directories synced
+/// (none if `dir` existed).
+fn create_dir_durably(dir: &Path) -> Result<Vec<PathBuf>, LogError> {
+    // The directories this creates, innermost first.
+    let mut created = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        created.push(d);
+        at = d.parent();
+    }
+    fs::create_dir_all(dir).map_err(|e| LogError::io(dir, "creating data directory", e))?;
+    let mut synced = Vec::new();
+    // Outermost first.
+    for d in created.iter().rev() {
+        // A relative path's parent is "" for the working directory; the
+        // root has no parent (and always exists).
+        let parent = match d.parent() {
+            Some(p) if p.as_os_str().is_empty() => Path::new("."),
+            Some(p) => p,
+            None => continue,
+        };
+        meta::sync_dir(parent)?;
+        synced.push(parent.to_path_buf());
+    }
+    Ok(synced)
+}
+
 impl LogStore {
     /// Opens (or creates) the data directory and recovers its contents.
     pub fn open(dir: &Path, opts: Options) -> Result<Opened, LogError> {
-        fs::create_dir_all(dir).map_err(|e| LogError::io(dir, "creating data directory", e))?;
+        create_dir_durably(dir)?;
         meta::remove_leftovers(dir)?;
         let hard_state = meta::load_hard_state(dir)?;
         let snapshot = meta::load_snapshot(dir)?;
@@ -319,21 +377,26 @@ impl LogStore {
                 };
                 let is_torn = match (last, classify(&data, off)) {
                     (false, _) | (_, Damage::Corrupt) => false,
-                    (true, Damage::CutShort) => true,
-                    (true, Damage::ZeroSector { next }) => {
-                        let from = next.unwrap_or(off + 1);
-                        if let Some(at) = valid_header_at_or_after(&data, from) {
-                            return Err(LogError::corrupt(
-                                &seg.path,
-                                off as u64,
-                                format!(
-                                    "{damage}, over an all-zero sector, but a valid frame \
-                                     header follows at offset {at}: not a torn tail (the \
-                                     entries after it would be lost)"
-                                ),
-                            ));
-                        }
-                        true
+                    (true, Damage::CutShort | Damage::Unwritten) => true,
+                    (true, Damage::ZerosThenData { zeros, nonzero }) => {
+                        let why = match valid_header_at_or_after(&data, off + 1) {
+                            Some(at) => format!(
+                                "a valid frame header follows at offset {at}: not a torn tail \
+                                 (the entries after it would be lost)"
+                            ),
+                            None => format!(
+                                "a non-zero byte follows at offset {nonzero}: not an unwritten \
+                                 tail (the zeros may be the entry's own data; cutting it could \
+                                 drop an acknowledged entry)"
+                            ),
+                        };
+                        return Err(LogError::corrupt(
+                            &seg.path,
+                            off as u64,
+                            format!(
+                                "{damage}, over an all-zero sector at offset {zeros}, but {why}"
+                            ),
+                        ));
                     }
                 };
                 if is_torn {
@@ -460,16 +523,34 @@ impl LogStore {
         active.saturating_add(adding) >= self.opts.segment_size
     }
 
-    /// Writes entries to the OS (not yet synced). They must continue the log.
+    /// Writes entries to the OS (not yet synced). They must continue the log,
+    /// and each must fit in a frame (`EntryTooLarge` otherwise: a larger
+    /// frame would be written and synced, then refused as corrupt by every
+    /// later open). The whole batch is checked before anything is written,
+    /// so a refused batch leaves the store as it was.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
+        let mut end = self.last_pos;
         for e in entries {
-            if e.position != self.last_pos {
+            if e.position != end {
                 return Err(LogError::Invalid(format!(
-                    "append at position {} but the log ends at {}",
-                    e.position, self.last_pos
+                    "append at position {} but the log ends at {end}",
+                    e.position
                 )));
             }
-            frame::encode(e, &mut self.buf);
+            let body_len = frame::body_len(e);
+            if body_len > frame::MAX_BODY_LEN {
+                return Err(LogError::EntryTooLarge {
+                    position: e.position,
+                    body_len,
+                });
+            }
+            end = e.end();
+        }
+        for e in entries {
+            // (Cannot fail: checked above.)
+            frame::encode(e, &mut self.buf).map_err(|err| {
+                LogError::Invalid(format!("entry at position {}: {err}", e.position))
+            })?;
             self.last_pos = e.end();
             if self.runs.last().is_none_or(|&(_, t)| t != e.term) {
                 self.runs.push((e.position, e.term));
@@ -707,4 +788,35 @@ pub fn delete_retired(path: &Path) -> std::io::Result<()> {
     }
     drop(f);
     fs::remove_file(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Creating the data directory syncs the parent of every directory it
+    /// creates (outermost first), so that the directory survives a power
+    /// loss along with the hard state written into it; an existing one is
+    /// left alone.
+    #[test]
+    fn creating_the_data_directory_syncs_the_parents_of_what_it_creates() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        let dir = root.join("a").join("b").join("data");
+        let synced = create_dir_durably(&dir).expect("create");
+        assert!(dir.is_dir());
+        assert_eq!(
+            synced,
+            [root.to_path_buf(), root.join("a"), root.join("a").join("b")]
+        );
+        assert_eq!(
+            create_dir_durably(&dir).expect("exists"),
+            Vec::<PathBuf>::new()
+        );
+        let sibling = root.join("a").join("c");
+        assert_eq!(
+            create_dir_durably(&sibling).expect("create"),
+            [root.join("a")]
+        );
+    }
 }

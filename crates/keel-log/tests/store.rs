@@ -509,6 +509,128 @@ fn appending_out_of_place_is_refused() {
     assert!(store.truncate(100).is_err());
 }
 
+/// A command entry at `position` whose frame body is `body` bytes (16 of
+/// them the command's fields).
+fn entry_with_body(position: Position, body: usize) -> Entry {
+    Entry {
+        term: 1,
+        position,
+        timestamp: position,
+        kind: EntryKind::Command {
+            client: 9,
+            seq: position,
+        },
+        data: Bytes::from(vec![0x5A; body - 16]),
+    }
+}
+
+/// Regression: an entry whose body exceeded the frame limit was written and
+/// synced, and then no open could read the log back ("body length … exceeds
+/// the 67108864-byte limit"). Now the largest frame round-trips, and one
+/// byte more is refused before anything of the batch is written.
+#[test]
+fn an_entry_over_the_frame_limit_is_refused_and_nothing_is_written() {
+    use keel_log::frame::MAX_BODY_LEN;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seg = dir.path().join(format!("{:020}.seg", 0));
+    let mut store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    let first = entry(1, 0, 100);
+    store.append(std::slice::from_ref(&first)).expect("append");
+    store.sync().expect("sync");
+    let len = std::fs::metadata(&seg).expect("metadata").len();
+
+    // A batch with an oversized entry after a good one: all refused.
+    let good = entry(1, first.end(), 100);
+    let big = entry_with_body(good.end(), MAX_BODY_LEN + 1);
+    let err = store
+        .append(&[good.clone(), big.clone()])
+        .expect_err("an entry over the frame limit was accepted");
+    match &err {
+        LogError::EntryTooLarge { position, body_len } => {
+            assert_eq!((*position, *body_len), (big.position, MAX_BODY_LEN + 1));
+        }
+        other => panic!("expected EntryTooLarge, got {other}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("log position {}", big.position))
+            && msg.contains("frame limit")
+            && msg.contains("nothing was written"),
+        "{msg}"
+    );
+    drop(big);
+    assert_eq!(store.last_pos(), first.end(), "the store moved on");
+    store.sync().expect("sync");
+    assert_eq!(std::fs::metadata(&seg).expect("metadata").len(), len);
+
+    // The store is still usable, and the largest frame round-trips.
+    let largest = entry_with_body(first.end(), MAX_BODY_LEN);
+    store
+        .append(std::slice::from_ref(&largest))
+        .expect("the largest frame is accepted");
+    store.sync().expect("sync");
+    drop(store);
+    let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+    assert!(o.torn.is_none());
+    assert_eq!(o.entries.len(), 2);
+    assert!(o.entries[0] == first && o.entries[1] == largest);
+}
+
+/// A refused append in the storage thread does not wedge the node: in
+/// `sync` mode the thread stops and reports `Failed` (the node stops with
+/// the error), later requests fail instead of waiting; in `replicated` mode
+/// the append is refused to the caller (or, if it would roll a segment, by
+/// the thread as in `sync` mode). Nothing of it reaches the disk.
+#[test]
+fn an_oversized_entry_stops_the_storage_thread_with_the_error() {
+    use keel_log::frame::MAX_BODY_LEN;
+    for durability in [Durability::Sync, Durability::Replicated] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::open(dir.path(), Options::default())
+            .expect("open")
+            .store;
+        let (tx, rx) = mpsc::channel();
+        let t = StorageThread::spawn(store, durability, move |ev| {
+            let _ = tx.send(ev);
+        })
+        .expect("spawn");
+        let first = entry(1, 0, 100);
+        t.append(vec![first.clone()]).expect("append");
+        t.barrier().expect("barrier");
+        let big = entry_with_body(first.end(), MAX_BODY_LEN + 1);
+        let (refused, by_thread) = match t.append(vec![big]) {
+            Err(e) => (e, false),
+            Ok(_) => loop {
+                match rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(StorageEvent::Failed(e)) => break (e, true),
+                    Ok(StorageEvent::Durable { position, .. }) if position > first.end() => {
+                        panic!("{durability:?}: the oversized entry was reported durable")
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("{durability:?}: no failure reported: {e}"),
+                }
+            },
+        };
+        assert!(
+            matches!(refused, LogError::EntryTooLarge { .. }),
+            "{durability:?}: {refused}"
+        );
+        if by_thread {
+            // The thread has stopped: later requests fail, not hang.
+            assert!(
+                t.barrier().is_err(),
+                "{durability:?}: the thread kept going"
+            );
+            assert!(t.append(vec![entry(1, first.end(), 1)]).is_err());
+        }
+        let _ = t.shutdown();
+        let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+        assert_eq!(o.entries, vec![first], "{durability:?}");
+    }
+}
+
 #[test]
 fn every_sync_of_the_log_is_timed_once() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -135,6 +135,22 @@ fn default_max_unapplied_bytes() -> u64 {
 fn default_max_request_bytes() -> usize {
     4 << 20
 }
+
+/// The largest `max_request_bytes` allowed: 63 MiB. A write becomes a log
+/// entry whose frame body must fit in `keel_log::frame::MAX_BODY_LEN`
+/// (64 MiB): the log refuses a larger one, which stops the node (before it
+/// did, such an entry was committed everywhere and no node could restart).
+/// Only command entries carry request data (a native-protocol write, or
+/// the etcd API's encoded command, which that API bounds by its own limit,
+/// at most this one); they add 16 bytes of (client, seq). Timer,
+/// membership, session-close and term-start entries carry none. The 1 MiB
+/// kept below the frame limit is a generous margin over those 16 bytes,
+/// and leaves room for message headers in a 64 MiB peer message.
+pub const MAX_REQUEST_BYTES: usize = keel_log::frame::MAX_BODY_LEN - (1 << 20);
+/// The body bytes a command entry adds to its request: (client, seq).
+const COMMAND_FIELDS_LEN: usize = 16;
+const _: () = assert!(MAX_REQUEST_BYTES + COMMAND_FIELDS_LEN <= keel_log::frame::MAX_BODY_LEN);
+
 fn default_service() -> String {
     "kv".into()
 }
@@ -430,10 +446,12 @@ impl NodeConfig {
                 self.queue_depth
             ));
         }
-        if self.max_request_bytes < 1024 || self.max_request_bytes > 64 << 20 {
+        if self.max_request_bytes < 1024 || self.max_request_bytes > MAX_REQUEST_BYTES {
             return bad(format!(
-                "max_request_bytes ({}) must be between 1 KiB and 64 MiB",
-                self.max_request_bytes
+                "max_request_bytes ({}) must be between 1 KiB and 63 MiB ({MAX_REQUEST_BYTES}): \
+                 a write becomes a log entry, which must fit in the log's {}-byte frame limit",
+                self.max_request_bytes,
+                keel_log::frame::MAX_BODY_LEN
             ));
         }
         if self.max_unapplied_bytes < self.max_request_bytes as u64 {
@@ -602,5 +620,41 @@ mod tests {
             e.to_string().contains("max_unapplied_bytes (1048576)"),
             "{e}"
         );
+    }
+
+    /// A request of 64 MiB − 15 .. 64 MiB made a command entry over the
+    /// log's frame limit: committed on every node, then no node could
+    /// restart. The limit now keeps the largest request's entry in a frame.
+    #[test]
+    fn max_request_bytes_keeps_the_largest_entry_within_a_log_frame() {
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        c.max_unapplied_bytes = 1 << 30;
+        for too_big in [64 << 20, MAX_REQUEST_BYTES + 1] {
+            c.max_request_bytes = too_big;
+            let e = c.validate().expect_err("a request over the frame limit");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("max_request_bytes ({too_big})"))
+                    && msg.contains("frame limit"),
+                "{msg}"
+            );
+        }
+        c.max_request_bytes = MAX_REQUEST_BYTES;
+        c.validate().expect("the largest limit is valid");
+        // The largest request, as the command entry it becomes (the only
+        // kind that carries request data), fits in a frame.
+        let e = keel_core::Entry {
+            term: u64::MAX,
+            position: u64::MAX / 2,
+            timestamp: u64::MAX,
+            kind: keel_core::EntryKind::Command {
+                client: u64::MAX,
+                seq: u64::MAX,
+            },
+            data: bytes::Bytes::from(vec![0u8; MAX_REQUEST_BYTES]),
+        };
+        let body = keel_log::frame::body_len(&e);
+        assert_eq!(body, MAX_REQUEST_BYTES + COMMAND_FIELDS_LEN);
+        assert!(body <= keel_log::frame::MAX_BODY_LEN);
     }
 }

@@ -866,6 +866,9 @@ fn start_node(
                         ClientOp::Write(b) | ClientOp::Read(b) | ClientOp::StaleRead(b) => b.len(),
                         _ => 0,
                     };
+                    // (Validation caps `max_request` so that the entry a
+                    // write up to it becomes fits in a log frame: see
+                    // `config::MAX_REQUEST_BYTES`.)
                     if size > max_request {
                         respond(
                             sink,

@@ -205,7 +205,8 @@ impl HttpBody for LeaderMonitored {
             }
         }
         let frame = ready!(this.inner.poll_frame(cx));
-        if frame.is_none() {
+        // After the inner body's end or trailers nothing more may follow.
+        if !matches!(&frame, Some(Ok(f)) if f.is_data()) {
             *this.done = true;
         }
         Poll::Ready(frame)

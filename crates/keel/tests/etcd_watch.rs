@@ -585,12 +585,17 @@ fn calls_that_require_a_leader_end_when_it_is_gone() {
     }
     c.wait_for_leader(Duration::from_secs(20));
     c.rt.block_on(async {
-        let mut s = loop {
-            match open_requiring(&ch).await {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        let retry = async {
+            loop {
+                match open_requiring(&ch).await {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
             }
         };
+        let mut s = tokio::time::timeout(Duration::from_secs(20), retry)
+            .await
+            .expect("calls that require a leader are served again within 20 s");
         s.create(create("hl", b"")).await;
     });
     let _ = &mut c;

@@ -541,8 +541,9 @@ pub struct Node {
     hold_update_at: Option<Nanos>,
     reads: VecDeque<PendingRead>,
     reads_waiting: Vec<(RequestId, Option<NodeId>)>,
-    /// Follower: reads waiting for the leader's read index.
-    forwarded_reads: BTreeSet<RequestId>,
+    /// Follower: reads waiting for the leader's read index, each with the
+    /// time it is given up at (`expire_forwarded_reads`).
+    forwarded_reads: BTreeMap<RequestId, Nanos>,
     transfer: Option<(NodeId, Nanos)>,
     timers: BTreeMap<u64, Nanos>,
     timers_fired: BTreeSet<u64>,
@@ -667,7 +668,7 @@ impl Node {
             },
             reads: VecDeque::new(),
             reads_waiting: Vec::new(),
-            forwarded_reads: BTreeSet::new(),
+            forwarded_reads: BTreeMap::new(),
             transfer: None,
             timers: BTreeMap::new(),
             timers_fired: BTreeSet::new(),
@@ -754,6 +755,10 @@ impl Node {
     /// The next time `step(_, Event::Tick)` has something to do.
     pub fn next_deadline(&self) -> Nanos {
         let mut d = self.election_deadline;
+        // (Request ids grow, so the first read waits longest.)
+        if let Some((_, &t)) = self.forwarded_reads.first_key_value() {
+            d = d.min(t);
+        }
         if self.role == Role::Leader {
             d = self.heartbeat_deadline.min(self.check_quorum_deadline);
             if let Some((_, t)) = self.transfer {
@@ -822,6 +827,7 @@ impl Node {
 
     fn tick(&mut self, out: &mut Vec<Action>) {
         let now = self.now;
+        self.expire_forwarded_reads(out);
         if self.role == Role::Leader {
             if now >= self.check_quorum_deadline {
                 self.check_quorum_deadline = now + self.cfg.election_timeout_min;
@@ -983,7 +989,7 @@ impl Node {
         // What matched the old leader says nothing about the new one, even
         // when the same node leads again in a later term.
         if new_term || self.leader != leader {
-            for id in std::mem::take(&mut self.forwarded_reads) {
+            for id in std::mem::take(&mut self.forwarded_reads).into_keys() {
                 out.push(Action::Rejected {
                     id,
                     reason: RejectReason::NotLeader { leader },
@@ -1309,7 +1315,7 @@ impl Node {
                 }
             }
             Body::ReadIndexResp { id, index, ok } => {
-                if self.forwarded_reads.remove(&id) {
+                if self.forwarded_reads.remove(&id).is_some() {
                     if ok && Some(m.from) == self.leader {
                         out.push(Action::ReadReady { id, index });
                     } else {
@@ -1778,10 +1784,42 @@ impl Node {
         }
     }
 
+    /// Follower: gives up the forwarded reads the leader has not answered
+    /// within two election timeouts (the request or the answer was lost: a
+    /// peer link that reconnected, a full queue), so no read waits forever
+    /// while this node keeps the same leader. Refused as not the leader's:
+    /// a client then asks the leader itself, or another node. (Two: a
+    /// leader that is gone is normally replaced sooner, and the change of
+    /// leader refuses the reads already.)
+    fn expire_forwarded_reads(&mut self, out: &mut Vec<Action>) {
+        let now = self.now;
+        if self
+            .forwarded_reads
+            .first_key_value()
+            .is_none_or(|(_, &t)| now < t)
+        {
+            return;
+        }
+        let leader = self.leader;
+        self.forwarded_reads.retain(|&id, &mut give_up| {
+            if now < give_up {
+                return true;
+            }
+            out.push(Action::Rejected {
+                id,
+                reason: RejectReason::NotLeader { leader },
+            });
+            false
+        });
+    }
+
     fn read(&mut self, id: RequestId, out: &mut Vec<Action>) {
         if let (Role::Follower, Some(leader)) = (self.role, self.leader) {
             // Ask the leader for a read index; serve locally once applied.
-            self.forwarded_reads.insert(id);
+            let give_up = self
+                .now
+                .saturating_add(self.cfg.election_timeout_max.saturating_mul(2));
+            self.forwarded_reads.insert(id, give_up);
             self.send(leader, Body::ReadIndex { id }, out);
             return;
         }

@@ -364,6 +364,51 @@ fn followers_forward_proposals_and_reads_to_the_leader() {
     ));
 }
 
+/// A follower's read whose `ReadIndex` (or its answer) is lost while the
+/// follower keeps its leader (a peer link that reconnected, a full queue)
+/// is refused after two election timeouts instead of waiting forever; the
+/// core's next deadline says when, so a runtime that sleeps until it gets
+/// there.
+#[test]
+fn a_forwarded_read_whose_answer_is_lost_is_refused_in_time() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let follower = (1..=3).find(|&n| n != leader).expect("a follower");
+    h.cut.insert((follower, leader));
+    h.step(follower, Event::Read { id: 11 });
+    h.deliver();
+    h.cut.clear();
+    let asked_at = h.now;
+    let limit = 2 * h.node(follower).config().election_timeout_max;
+    assert!(h.node(follower).next_deadline() <= asked_at + limit);
+    // A later read gets through and is answered; the lost one waits.
+    h.step(follower, Event::Read { id: 12 });
+    h.deliver();
+    assert_eq!(
+        h.ready_reads.iter().map(|r| r.1).collect::<Vec<_>>(),
+        vec![12]
+    );
+    h.run_for(limit - 20 * MS);
+    assert!(h.rejected.is_empty(), "refused early: {:?}", h.rejected);
+    h.run_for(40 * MS);
+    assert_eq!(
+        h.node(follower).leader(),
+        Some(leader),
+        "same leader throughout"
+    );
+    assert_eq!(
+        h.rejected,
+        vec![(
+            follower,
+            11,
+            RejectReason::NotLeader {
+                leader: Some(leader)
+            }
+        )]
+    );
+}
+
 #[test]
 fn an_isolated_node_does_not_raise_its_term_and_does_not_disrupt_on_return() {
     let mut h = Harness::new(3);

@@ -352,6 +352,11 @@ impl StaleReads {
     }
 }
 
+/// Room in the consensus thread's input kept for peer messages beyond
+/// what clients may fill (`queue_depth`): a peer link's own queue holds up
+/// to 4096 messages, and the consensus thread takes them in turns of many.
+const PEER_MESSAGES_RESERVED: usize = 4096;
+
 /// What a stopped (shut down or failed) node answers: that it knows no
 /// leader, so clients go on to another node rather than retrying this one
 /// as they would a "busy" answer.
@@ -729,7 +734,13 @@ fn start_node(
     );
 
     let (internal_tx, internal_rx) = tokio::sync::mpsc::unbounded_channel::<Internal>();
-    let (external_tx, external_rx) = tokio::sync::mpsc::channel::<External>(cfg.queue_depth);
+    // Client events are admitted by `client_queue` (at most `queue_depth`
+    // requests, so events, in the channel at once); the rest of the room is
+    // peer messages' alone. Sharing one bound let a flood of clients fill
+    // it, and peer messages (acknowledgements, heartbeats, votes, read
+    // indexes) were then dropped.
+    let (external_tx, external_rx) =
+        tokio::sync::mpsc::channel::<External>(cfg.queue_depth + PEER_MESSAGES_RESERVED);
     let client_queue = Arc::new(ClientQueue {
         queued: AtomicUsize::new(0),
         depth: cfg.queue_depth,

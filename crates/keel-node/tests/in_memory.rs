@@ -796,6 +796,120 @@ fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() 
     stop_all(nodes);
 }
 
+/// A follower's linearizable read whose read-index request the leader
+/// never got (the follower's link to it is cut while the follower keeps
+/// hearing it) is refused within two election timeouts, sending the client to
+/// the leader, instead of waiting forever.
+#[test]
+fn a_forwarded_read_the_leader_never_got_is_refused() {
+    let Three {
+        tmp: _tmp, // kept until the end: the nodes' data
+        net,
+        clients: _,
+        nodes,
+    } = start_three_with(
+        1 << 20,
+        DurabilityConfig::Replicated,
+        |_| {},
+        || Box::new(Echo::default()),
+    );
+    let leader = wait_leader(&nodes, None);
+    let follower = (1..=3u64).find(|&n| n != leader).expect("a follower");
+    let f = &nodes[(follower - 1) as usize];
+    let start = Instant::now();
+    while f.status().leader != Some(leader) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no leader known");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    net.cut(follower, leader);
+    let r = client_runtime()
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                f.call(ClientOp::Read(Bytes::from_static(b"q"))),
+            )
+            .await
+        })
+        .expect("answered within 10 s");
+    match r {
+        ClientResult::NotLeader {
+            leader: Some(l), ..
+        } => assert_eq!(l, leader),
+        other => panic!("expected to be sent to the leader, got {other:?}"),
+    }
+    assert_eq!(
+        f.status().leader,
+        Some(leader),
+        "the follower kept its leader"
+    );
+    net.heal();
+    stop_all(nodes);
+}
+
+/// Clients that keep the consensus thread's input full (here 16 requests
+/// deep, with thousands waiting to get in) do not crowd out peer messages:
+/// none is dropped.
+#[test]
+fn a_flood_of_client_requests_drops_no_peer_message() {
+    let t = start_kv_three(|c| c.queue_depth = 16);
+    let leader = wait_leader(&t.nodes, None);
+    let l = &t.nodes[(leader - 1) as usize];
+    let q = Query::Get {
+        key: Bytes::from_static(b"k"),
+    }
+    .encode();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (mut answered, mut busy) = (0, 0);
+    let start = Instant::now();
+    rt.block_on(async {
+        while start.elapsed() < Duration::from_secs(3) {
+            let calls = (0..2048).map(|_| l.call(ClientOp::Read(q.clone())));
+            for r in join_all(calls).await {
+                match r {
+                    ClientResult::Busy => busy += 1,
+                    _ => answered += 1,
+                }
+            }
+        }
+    });
+    assert!(busy > 0, "the flood never filled the queue");
+    assert!(answered > 0);
+    let metrics = l.render_metrics();
+    let dropped = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("keel_peer_messages_dropped "))
+        .expect("the dropped peer messages metric");
+    assert_eq!(dropped.trim(), "0", "peer messages dropped");
+    stop_all(t.nodes);
+}
+
+/// Runs `futures` concurrently on the calling task; their outputs in order.
+async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut running: Vec<_> = futures.map(|f| Some(Box::pin(f))).collect();
+    let mut outputs: Vec<Option<F::Output>> = running.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (slot, out) in running.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(f) = slot {
+                if let std::task::Poll::Ready(v) = f.as_mut().poll(cx) {
+                    *out = Some(v);
+                    *slot = None;
+                }
+            }
+        }
+        if running.iter().all(Option::is_none) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
 /// A service that panics leaves its state unknown: the node stops with an
 /// error naming the panic, with the service on its own thread or on the
 /// consensus thread, instead of running on without it.

@@ -52,10 +52,20 @@ impl ClusterApi {
     async fn change(&self, change: MembershipChange) -> Result<Vec<Member>, Status> {
         match self.0.node.call(ClientOp::ChangeMembership(change)).await {
             ClientResult::Ok(_) => Ok(self.members()),
+            // etcd's exact texts: clients match them (clientv3's
+            // ErrMemberNotFound, ErrMemberNotLearner).
             ClientResult::Error(m) if m.contains("not a member") || m.contains("not a learner") => {
-                Err(Status::not_found(format!(
-                    "etcdserver: member not found ({m})"
-                )))
+                tracing::debug!("membership change {change:?} refused: {m}");
+                match change {
+                    MembershipChange::PromoteLearner(id)
+                        if self.0.node.status().voters.contains(&id) =>
+                    {
+                        Err(Status::failed_precondition(
+                            "etcdserver: can only promote a learner member",
+                        ))
+                    }
+                    _ => Err(Status::not_found("etcdserver: member not found")),
+                }
             }
             ClientResult::Error(m) => Err(Status::failed_precondition(m)),
             other => Err(node_error(other)),

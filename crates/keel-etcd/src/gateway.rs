@@ -58,9 +58,8 @@ pub fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
         Code::Cancelled => StatusCode::REQUEST_TIMEOUT,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            StatusCode::BAD_REQUEST
-        }
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
@@ -290,7 +289,8 @@ fn bad_body(e: &serde_json::Error) -> Status {
     Status::invalid_argument(format!("the request body is not a valid request: {e}"))
 }
 
-/// One line of a streamed answer.
+/// One line of a streamed answer: a result and a newline, or an error,
+/// which ends the stream, without one (as etcd's gateway writes them).
 pub fn stream_line<T: Serialize>(item: Result<T, Status>) -> Bytes {
     let result = item.and_then(|v| {
         serde_json::to_string(&v).map_err(|e| Status::internal(format!("response to JSON: {e}")))
@@ -305,20 +305,31 @@ pub fn stream_line<T: Serialize>(item: Result<T, Status>) -> Bytes {
                 http.as_u16(),
                 quoted(s.message()),
                 quoted(http.canonical_reason().unwrap_or("")),
-            ) + "\n"
+            )
         }
     };
     Bytes::from(line)
 }
 
-/// A streamed answer: one line per response, sent as it comes.
-fn streamed<T, S>(responses: S) -> Response
+/// A streamed answer: one line per response, sent as it comes. The HTTP
+/// status goes out with the first response: 200, or, if that is already an
+/// error, the error's (as etcd's gateway answers a call that fails at once).
+async fn streamed<T, S>(responses: S) -> Response
 where
-    T: Serialize,
+    T: Serialize + Send + 'static,
     S: Stream<Item = Result<T, Status>> + Send + 'static,
 {
-    let lines = responses.map(|item| Ok::<_, std::convert::Infallible>(stream_line(item)));
+    let mut responses = Box::pin(responses);
+    let first = responses.next().await;
+    let status = match &first {
+        Some(Err(e)) => http_status(e.code()),
+        _ => StatusCode::OK,
+    };
+    let lines = tokio_stream::iter(first)
+        .chain(responses)
+        .map(|item| Ok::<_, std::convert::Infallible>(stream_line(item)));
     (
+        status,
         [(header::CONTENT_TYPE, "application/json")],
         Body::from_stream(lines),
     )
@@ -357,7 +368,7 @@ async fn server_streaming<Req, Resp, S, Fut>(
 ) -> Response
 where
     Req: DeserializeOwned + Default + prost::Message,
-    Resp: Serialize,
+    Resp: Serialize + Send + 'static,
     S: Stream<Item = Result<Resp, Status>> + Send + 'static,
     Fut: Future<Output = Result<tonic::Response<S>, Status>>,
 {
@@ -366,7 +377,7 @@ where
         Err(e) => return error(&e),
     };
     match answer {
-        Ok(resp) => streamed(resp.into_inner()),
+        Ok(resp) => streamed(resp.into_inner()).await,
         Err(e) => error(&e),
     }
 }
@@ -410,7 +421,7 @@ macro_rules! server_streaming {
 /// The watches run until the client closes the connection.
 async fn watch(State(api): State<Arc<Api>>, body: Body) -> Response {
     match incoming::<WatchRequest>(&api, body).await {
-        Ok(reqs) => streamed(watch::serve(api, reqs)),
+        Ok(reqs) => streamed(watch::serve(api, reqs)).await,
         Err(e) => error(&e),
     }
 }
@@ -418,7 +429,7 @@ async fn watch(State(api): State<Arc<Api>>, body: Body) -> Response {
 /// One answer per request; the call ends after the last one's.
 async fn keep_alive(State(api): State<Arc<Api>>, body: Body) -> Response {
     match incoming::<LeaseKeepAliveRequest>(&api, body).await {
-        Ok(reqs) => streamed(lease::keep_alive(api, reqs)),
+        Ok(reqs) => streamed(lease::keep_alive(api, reqs)).await,
         Err(e) => error(&e),
     }
 }
@@ -728,6 +739,10 @@ mod tests {
         assert_eq!(v["error"]["grpc_code"], 5);
         assert_eq!(v["error"]["http_code"], 404);
         assert_eq!(v["error"]["message"], "gone");
+        assert!(
+            !err.ends_with(b"\n"),
+            "etcd ends the stream on an error, no newline"
+        );
     }
 
     proptest::proptest! {

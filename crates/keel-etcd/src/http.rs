@@ -7,7 +7,12 @@
 //! - `GET /health`: `{"health":"true"}` (200) when this member has no
 //!   NOSPACE alarm, knows a leader and a linearizable read through it
 //!   succeeds within a second, as etcd 3.4 checks; otherwise
-//!   `{"health":"false","reason":"…"}` with 503.
+//!   `{"health":"false","reason":"…"}` with 503. As in etcd,
+//!   `?exclude=NOSPACE` (repeatable) ignores that alarm and
+//!   `?serializable=true` reads this member's own state instead (a
+//!   liveness probe's check: Kubernetes' etcd probe asks for both, so a
+//!   full quota or a slow cluster does not get the member restarted); any
+//!   other method than GET is 405.
 //! - `GET /version`: `{"etcdserver":"3.4.30","etcdcluster":"3.4.0"}`.
 //! - `GET /metrics`: the node's Prometheus metrics (the same as its status
 //!   address serves), with etcd's `etcd_server_has_leader`,
@@ -60,7 +65,7 @@ serves etcd's gRPC API, its JSON gateway (POST /v3/kv/range and the like) and GE
 /// `origin::OriginCheck`).
 pub fn router(api: Arc<Api>) -> axum::Router {
     axum::Router::new()
-        .route("/health", get(health))
+        .route("/health", axum::routing::any(health))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .merge(gateway::router(api.config.max_body_bytes()))
@@ -136,10 +141,39 @@ impl Cors {
     }
 }
 
+/// What a `/health` request asks to be checked (its query, as etcd reads
+/// it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Alarms not to count (`exclude`, repeatable: `exclude=NOSPACE`).
+    pub excluded: Vec<String>,
+    /// Read this member's own state rather than through the log
+    /// (`serializable=true`).
+    pub serializable: bool,
+}
+
+impl HealthCheck {
+    /// From a request's query string (`exclude=NOSPACE&serializable=true`).
+    pub fn from_query(query: Option<&str>) -> HealthCheck {
+        let mut check = HealthCheck::default();
+        for pair in query.unwrap_or("").split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "exclude" if !value.is_empty() => check.excluded.push(value.to_string()),
+                "serializable" => check.serializable = value == "true",
+                _ => {}
+            }
+        }
+        check
+    }
+}
+
 /// Why this member is not healthy, if it is not (etcd 3.4's checks, in
-/// its order: alarms, a leader, a read through the log).
-pub async fn unhealthy(api: &Api) -> Option<String> {
-    if api.config.quota.as_ref().is_some_and(|q| q.alarm()) {
+/// its order: alarms not excluded, a leader, a read, through the log
+/// unless `serializable`).
+pub async fn unhealthy(api: &Api, check: &HealthCheck) -> Option<String> {
+    let nospace = api.config.quota.as_ref().is_some_and(|q| q.alarm());
+    if nospace && !check.excluded.iter().any(|a| a == "NOSPACE") {
         return Some("ALARM NOSPACE".into());
     }
     if api.node.status().leader.is_none() {
@@ -152,13 +186,18 @@ pub async fn unhealthy(api: &Api) -> Option<String> {
     };
     let read = async {
         let q = Query::RangeReq(convert::range_in(probe)?);
-        api.read(&q, false).await
+        api.read(&q, check.serializable).await
+    };
+    let kind = if check.serializable {
+        "serializable"
+    } else {
+        "linearizable"
     };
     match tokio::time::timeout(HEALTH_READ_TIMEOUT, read).await {
         Ok(Ok(_)) => None,
-        Ok(Err(e)) => Some(format!("linearizable read failed: {}", e.message())),
+        Ok(Err(e)) => Some(format!("{kind} read failed: {}", e.message())),
         Err(_) => Some(format!(
-            "linearizable read not answered within {HEALTH_READ_TIMEOUT:?}"
+            "{kind} read not answered within {HEALTH_READ_TIMEOUT:?}"
         )),
     }
 }
@@ -175,12 +214,35 @@ fn json(code: StatusCode, body: String) -> Response {
     (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn health(State(api): State<Arc<Api>>) -> Response {
-    match unhealthy(&api).await {
-        None => json(StatusCode::OK, health_body(None)),
+/// etcd answers `/health` as plain text (its JSON body is not labelled).
+fn health_text(code: StatusCode, body: String) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn health(State(api): State<Arc<Api>>, method: axum::http::Method, uri: Uri) -> Response {
+    if method != axum::http::Method::GET {
+        let mut r = health_text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed\n".into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return r;
+    }
+    match unhealthy(&api, &HealthCheck::from_query(uri.query())).await {
+        None => health_text(StatusCode::OK, health_body(None)),
         Some(reason) => {
             tracing::debug!("/health: unhealthy: {reason}");
-            json(StatusCode::SERVICE_UNAVAILABLE, health_body(Some(&reason)))
+            // (etcd's error answer ends with a newline.)
+            health_text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                health_body(Some(&reason)) + "\n",
+            )
         }
     }
 }

@@ -300,6 +300,13 @@ impl Maintenance for MaintenanceApi {
                     "etcdserver: request timed out, leader transfer took too long",
                 ))
             }
+            // etcd's ErrGRPCBadLeaderTransferee: not a voter of the cluster.
+            ClientResult::Error(m) if m.ends_with("is not a voter") => {
+                tracing::debug!("move-leader to {target} refused: {m}");
+                Err(Status::failed_precondition(
+                    "etcdserver: bad leader transferee",
+                ))
+            }
             ClientResult::Error(m) => Err(Status::failed_precondition(m)),
             other => Err(node_error(other)),
         }

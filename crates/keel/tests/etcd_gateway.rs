@@ -364,6 +364,8 @@ fn gateway_answers_as_etcds() {
         ),
         post("/v3/kv/deleterange", r#"{"key":"Zm9w","prev_kv":true}"#),
         post("/v3/lease/grant", r#"{"TTL":30,"ID":1000}"#),
+        // FailedPrecondition is 412.
+        post("/v3/lease/grant", r#"{"TTL":30,"ID":1000}"#),
         post(
             "/v3/kv/put",
             r#"{"key":"bGVhc2Vk","value":"MQ==","lease":"1000"}"#,
@@ -403,6 +405,9 @@ fn gateway_answers_as_etcds() {
         post("/v3/kv/compaction", r#"{"revision":"4"}"#),
         post("/v3/kv/range", r#"{"key":"Zm9v","revision":"3"}"#),
         post("/v3/kv/compaction", r#"{"revision":"4"}"#),
+        // etcd's exact texts, which clients match.
+        post("/v3/cluster/member/remove", r#"{"ID":"12345"}"#),
+        post("/v3/cluster/member/promote", r#"{"ID":"12345"}"#),
         with(post("/v3/maintenance/status", "{}"), Compare::Status),
         with(post("/v3/cluster/member/list", "{}"), Compare::Status),
         with(

@@ -8,7 +8,9 @@
 mod common;
 
 use bytes::Bytes;
-use common::{assert_openmetrics, etcd_channel, http_get, metric, wait_metric, TestCluster};
+use common::{
+    assert_openmetrics, etcd_channel, http_get, http_request, metric, wait_metric, TestCluster,
+};
 use keel_net::codec::{self, ClientOp, ClientRequest, ClientResult, Frame};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -297,6 +299,10 @@ fn etcd_port_serves_health_version_and_metrics() {
         let id = i as u64 + 1;
         let body = wait_http(addr, "/health", 200, Duration::from_secs(10));
         assert_eq!(body, r#"{"health":"true"}"#, "node {id}");
+        let (code, body) = http_get(addr, "/health?exclude=NOSPACE&serializable=true");
+        assert_eq!((code, body.as_str()), (200, r#"{"health":"true"}"#));
+        let (code, body) = http_request(addr, "HEAD", "/health", "");
+        assert_eq!(code, 405, "etcd answers only GET: {body}");
         assert_eq!(
             http_get(addr, "/version"),
             (
@@ -379,6 +385,36 @@ fn etcd_port_serves_health_version_and_metrics() {
             |v| v == is_leader,
         );
     }
+    // etcd's refusals, in etcd's words (clients match them): a transfer to
+    // a node that is not a voter, a promotion of a voter.
+    rt.block_on(async {
+        use keel_etcd_proto::etcdserverpb::cluster_client::ClusterClient;
+        use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+        use keel_etcd_proto::etcdserverpb::{MemberPromoteRequest, MoveLeaderRequest};
+        let ch = etcd_channel(&etcd[(target - 1) as usize]).await;
+        let e = MaintenanceClient::new(ch.clone())
+            .move_leader(MoveLeaderRequest { target_id: 12345 })
+            .await
+            .expect_err("no such voter");
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                tonic::Code::FailedPrecondition,
+                "etcdserver: bad leader transferee"
+            )
+        );
+        let e = ClusterClient::new(ch)
+            .member_promote(MemberPromoteRequest { id: leader })
+            .await
+            .expect_err("a voter");
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                tonic::Code::FailedPrecondition,
+                "etcdserver: can only promote a learner member"
+            )
+        );
+    });
     // Without a majority the survivor is unhealthy, and says why.
     let survivor = if target == 3 { 1 } else { 3 };
     for id in 1..=3 {
@@ -401,6 +437,22 @@ fn etcd_port_serves_health_version_and_metrics() {
     assert_eq!(no_leader, 0.0);
     let body = wait_http(addr, "/health", 503, Duration::from_secs(1));
     assert!(body.contains("RAFT NO LEADER"), "{body}");
+    // A liveness probe's serializable check still wants a leader (etcd 3.4).
+    let body = wait_http(
+        addr,
+        "/health?exclude=NOSPACE&serializable=true",
+        503,
+        Duration::from_secs(1),
+    );
+    assert!(body.contains("RAFT NO LEADER"), "{body}");
+    // A gateway stream that fails at once gets the error's HTTP status,
+    // and its error object ends the body without a newline, as etcd's.
+    let (status, body) = http_request(addr, "POST", "/v3/lease/keepalive", r#"{"ID":"55"}"#);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with(r#"{"error":{"grpc_code":14,"http_code":503,"#) && !body.ends_with('\n'),
+        "{body:?}"
+    );
 }
 
 #[test]

@@ -437,6 +437,12 @@ pub fn keel<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> (i3
 
 /// `GET path` from an HTTP endpoint; returns the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, "")
+}
+
+/// `method path` with `body` to an HTTP endpoint over HTTP/1.1; returns the
+/// status code and the body (a chunked one joined, with no framing).
+pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s =
         std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
@@ -444,7 +450,8 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .expect("timeout");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
     )
     .expect("write request");
     let mut raw = String::new();
@@ -455,7 +462,24 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {raw:?}"));
-    (code, body.to_string())
+    let chunked = head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    if !chunked {
+        return (code, body.to_string());
+    }
+    // Chunks: a hex size line, that many bytes, CRLF; size 0 ends.
+    let (mut rest, mut joined) = (body, String::new());
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size {size:?} in {raw:?}"));
+        if n == 0 {
+            break;
+        }
+        joined.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    (code, joined)
 }
 
 /// Checks that `text` is an OpenMetrics exposition as Prometheus' parser

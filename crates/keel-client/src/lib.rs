@@ -3,6 +3,14 @@
 //! (so it is applied exactly once, whichever node finally takes it), bounds
 //! every attempt and the whole call with timeouts, and says clearly when no
 //! leader could be reached.
+//!
+//! Sequence numbers: the cluster keeps each session's last number and its
+//! reply; a write numbered like the last one gets that reply again (a
+//! retry), a lower one is refused as stale, only a higher one is applied.
+//! Each write therefore takes the larger of the previous number plus one
+//! and the wall clock in microseconds, so a new `Client` reusing a session
+//! id (a restarted process) numbers its writes above its predecessor's
+//! instead of starting over and having them taken for retries.
 
 use bytes::Bytes;
 use keel_core::{MembershipChange, NodeId};
@@ -20,6 +28,12 @@ pub struct ClientOptions {
     /// Bound on a whole call, across redirects and retries.
     pub call_timeout: Duration,
     /// Session id; random if None. Reuse it only from one client at a time.
+    /// A later `Client` may take over the id (a restarted process): its
+    /// writes are numbered from the wall clock in microseconds, above every
+    /// number its predecessor used, provided the system clock has not been
+    /// set back past the predecessor's last write (its writes would then be
+    /// refused as older than the session's last, or one numbered exactly
+    /// like that write answered with its reply without being applied).
     pub client_id: Option<u64>,
 }
 
@@ -36,6 +50,9 @@ impl ClientOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// No leader answered within the call timeout. For a write: every
+    /// attempt failed before it could reach a node or was answered "busy",
+    /// so it was not applied (otherwise the error is `Uncertain`).
     #[error("no leader reachable within {waited:?} (tried {tried:?}; last error: {last})")]
     NoLeader {
         waited: Duration,
@@ -45,10 +62,10 @@ pub enum ClientError {
     #[error("the cluster refused the request: {0}")]
     Refused(String),
     /// Whether a write took effect is unknown: the node could not learn
-    /// its outcome, or a retry was refused after an earlier attempt reached
-    /// a node and got no answer or "not the leader" (that attempt may have
-    /// been applied: a refusal such as the space quota's comes before the
-    /// duplicate check). Read to find out.
+    /// its outcome, or an earlier attempt reached a node and got no answer
+    /// or "not the leader" (that attempt may have been applied) and then a
+    /// retry was refused (a refusal such as the space quota's comes before
+    /// the duplicate check) or the call ran out of time. Read to find out.
     #[error("outcome unknown: the write may or may not have been applied: {0}")]
     Uncertain(String),
     #[error("unexpected answer: {0}")]
@@ -62,6 +79,22 @@ pub enum ClientError {
 struct AttemptError {
     why: String,
     sent: bool,
+}
+
+/// The wall clock in microseconds since the Unix epoch (0 before it).
+fn wall_clock_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The sequence number of the write after one numbered `prev`: above it,
+/// and at least the wall clock in microseconds, so that numbers only go up
+/// across clients sharing a session id one after another. (A write takes a
+/// round trip, far more than a microsecond, so a client's numbers stay
+/// with the clock and a successor starts above them.)
+fn next_seq(prev: u64) -> u64 {
+    prev.saturating_add(1).max(wall_clock_us())
 }
 
 struct Conn {
@@ -112,8 +145,9 @@ impl Client {
     }
 
     /// A command for the replicated service, applied exactly once.
+    /// Every retry of it carries the same sequence number.
     pub async fn write(&mut self, data: Bytes) -> Result<Bytes, ClientError> {
-        self.seq += 1;
+        self.seq = next_seq(self.seq);
         match self.call(ClientOp::Write(data)).await? {
             ClientResult::Ok(b) => Ok(b),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
@@ -222,8 +256,17 @@ impl Client {
                 }
             }
         }
+        let waited = started.elapsed();
+        if maybe_applied {
+            // Out of time, but an attempt reached a node: the write may
+            // have been applied, and "no leader" would say it was not.
+            return Err(ClientError::Uncertain(format!(
+                "no answer within {waited:?} after an attempt reached a node \
+                 (tried {tried:?}; last error: {last})"
+            )));
+        }
         Err(ClientError::NoLeader {
-            waited: started.elapsed(),
+            waited,
             tried,
             last,
         })
@@ -423,10 +466,75 @@ mod tests {
             matches!(&e, ClientError::Uncertain(m) if m == "no room"),
             "{e}"
         );
-        assert_eq!(
-            server.await.expect("node"),
-            [1, 1],
-            "the retry keeps its seq"
+        let seqs = server.await.expect("node");
+        assert_eq!(seqs.len(), 2);
+        assert_eq!(seqs[0], seqs[1], "the retry keeps its seq");
+    }
+
+    /// A write whose first attempt reached the node and got no answer,
+    /// after which no node answers until the call runs out of time, may
+    /// have been applied: that is an unknown outcome, not "no leader"
+    /// (which says nothing was applied, so a caller would write again).
+    /// A read in the same plight is "no leader" (it changes nothing), and
+    /// so is a write that never reached a node.
+    #[tokio::test]
+    async fn a_write_that_may_have_landed_then_runs_out_of_time_is_uncertain() {
+        let opts = |addr: String| ClientOptions {
+            endpoints: vec![addr],
+            attempt_timeout: Duration::from_millis(300),
+            call_timeout: Duration::from_secs(1),
+            client_id: Some(7),
+        };
+        // The node takes the request, drops the connection unanswered and
+        // stops listening.
+        let (addr, server) = fake_node(vec![None]).await;
+        let mut c = Client::new(opts(addr)).expect("client");
+        let e = c.write(Bytes::from_static(b"w")).await.unwrap_err();
+        server.await.expect("node");
+        assert!(
+            matches!(&e, ClientError::Uncertain(m) if m.contains("reached a node")),
+            "{e}"
+        );
+
+        let (addr, server) = fake_node(vec![None]).await;
+        let mut c = Client::new(opts(addr)).expect("client");
+        let e = c.read(Bytes::from_static(b"r")).await.unwrap_err();
+        server.await.expect("node");
+        assert!(matches!(&e, ClientError::NoLeader { .. }), "{e}");
+
+        // Nothing listens there: no attempt is ever sent.
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let mut c = Client::new(opts(addr)).expect("client");
+        let e = c.write(Bytes::from_static(b"w")).await.unwrap_err();
+        assert!(matches!(&e, ClientError::NoLeader { .. }), "{e}");
+    }
+
+    /// A new client that reuses a session id (a restarted process) numbers
+    /// its writes above every number its predecessor used: the session
+    /// would answer an equal number with the predecessor's reply and
+    /// refuse a lower one, so a write numbered afresh from 1 would be
+    /// acknowledged without being applied.
+    #[tokio::test]
+    async fn a_client_reusing_a_session_id_numbers_its_writes_above_its_predecessors() {
+        let ok = || Some(ClientResult::Ok(Bytes::new()));
+        let (addr, server) = fake_node(vec![ok(), ok(), ok(), ok(), ok()]).await;
+        let mut first = client(addr.clone());
+        for _ in 0..3 {
+            first.write(Bytes::from_static(b"w")).await.expect("write");
+        }
+        drop(first);
+        let mut second = client(addr);
+        assert_eq!(second.client_id(), 7);
+        for _ in 0..2 {
+            second.write(Bytes::from_static(b"w")).await.expect("write");
+        }
+        let seqs = server.await.expect("node");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "sequence numbers must only go up across clients of one session: {seqs:?}"
         );
     }
 

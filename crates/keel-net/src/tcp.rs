@@ -213,6 +213,9 @@ struct Outbox {
     state: std::sync::Mutex<OutState>,
     /// Wakes the writer task to write what is buffered (or to stop).
     wake: tokio::sync::Notify,
+    /// Wakes a client connection's reader waiting for its backlog to fall
+    /// to `MAX_ANSWER_BACKLOG` (see `wait_for_room`).
+    room: tokio::sync::Notify,
     /// No more frames will come (the peers or every response sink are
     /// gone): the writer task stops once the buffer is written.
     closed: std::sync::atomic::AtomicBool,
@@ -224,6 +227,8 @@ struct OutState {
     buf: Vec<u8>,
     /// Frames in `buf` (for a limit).
     frames: usize,
+    /// Bytes the task took out of `buf` and is writing.
+    writing: usize,
     /// The connection while it is up.
     writer: Option<Arc<OwnedWriteHalf>>,
     /// The task owns writing (it was handed a partial write): senders
@@ -240,6 +245,13 @@ enum Refused {
 
 fn lock(m: &std::sync::Mutex<OutState>) -> std::sync::MutexGuard<'_, OutState> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl OutState {
+    /// Bytes held for the connection and not yet taken by the socket.
+    fn backlog(&self) -> usize {
+        self.buf.len() + self.writing
+    }
 }
 
 impl Outbox {
@@ -278,6 +290,8 @@ impl Outbox {
         let Some(w) = out.writer.clone() else {
             return;
         };
+        // A client connection's reader may wait for this write.
+        let over = out.backlog() > MAX_ANSWER_BACKLOG;
         loop {
             match w.try_write(&out.buf) {
                 Ok(n) if n == out.buf.len() => {
@@ -285,6 +299,10 @@ impl Outbox {
                     out.frames = 0;
                     if out.buf.capacity() > SPARE_OUT {
                         out.buf = Vec::new();
+                    }
+                    drop(out);
+                    if over {
+                        self.room.notify_one();
                     }
                     return;
                 }
@@ -295,11 +313,34 @@ impl Outbox {
                 // again and stops on): the task writes it.
                 _ => {
                     out.task_writes = true;
+                    let room = over && out.backlog() <= MAX_ANSWER_BACKLOG;
                     drop(out);
                     self.wake.notify_one();
+                    if room {
+                        self.room.notify_one();
+                    }
                     return;
                 }
             }
+        }
+    }
+
+    /// A client connection's reader's side: returns once the bytes held
+    /// for the connection are at most `MAX_ANSWER_BACKLOG` (or it is down).
+    /// The socket writes only what the client reads, so a client that
+    /// reads its answers slowly or not at all has its requests read no
+    /// faster: the node's memory for it stays bounded.
+    async fn wait_for_room(&self) {
+        loop {
+            {
+                let out = lock(&self.state);
+                if out.writer.is_none() || out.backlog() <= MAX_ANSWER_BACKLOG {
+                    return;
+                }
+            }
+            // (A wake-up between the check and this wait is not lost:
+            // `notify_one` leaves a permit when nobody waits.)
+            self.room.notified().await;
         }
     }
 
@@ -311,6 +352,9 @@ impl Outbox {
             writer: w,
             ..OutState::default()
         };
+        drop(out);
+        // Nothing is held any more: a waiting reader goes on.
+        self.room.notify_one();
     }
 
     /// The task's side: takes over writing and writes the buffer until it
@@ -329,10 +373,20 @@ impl Outbox {
                 spare.clear();
                 std::mem::swap(&mut out.buf, spare);
                 out.frames = 0;
+                out.writing = spare.len();
             }
             write_shared(w, spare)
                 .await
                 .map_err(|e| format!("write failed: {e}"))?;
+            let room = {
+                let mut out = lock(&self.state);
+                let over = out.backlog() > MAX_ANSWER_BACKLOG;
+                out.writing = 0;
+                over && out.backlog() <= MAX_ANSWER_BACKLOG
+            };
+            if room {
+                self.room.notify_one();
+            }
             if spare.capacity() > SPARE_OUT {
                 *spare = Vec::new();
             }
@@ -342,6 +396,19 @@ impl Outbox {
 
 /// Buffer capacity a link keeps between writes.
 const SPARE_OUT: usize = 4 << 20;
+
+/// A client connection's requests are not read while more than this many
+/// bytes of answers are held for it (buffered, or being written by its
+/// task): the node's memory for a client that does not read its answers
+/// (or reads them slower than it sends requests) stays at about this plus
+/// the answers to the requests it has already taken, instead of growing
+/// without bound. Bytes are only held here once the socket's own buffer
+/// (up to a few MiB) is full, so a client that reads as fast as it is
+/// answered is never held back; and the answers to the requests of one
+/// read, however large (one alone may be up to a frame, 64 MiB), are all
+/// sent: only reading waits. 4 MiB is a few MiB per slow client at most,
+/// and as much as a link keeps in its buffer anyway (`SPARE_OUT`).
+const MAX_ANSWER_BACKLOG: usize = 4 << 20;
 
 /// `write_all` through a shared write half.
 async fn write_shared(w: &OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
@@ -499,9 +566,22 @@ const REPLY_GRACE: Duration = Duration::from_secs(2);
 /// rest of the buffer's allocation takes the next reads until it is used
 /// up; a partial frame stays in the buffer, which grows to fit it.
 async fn read_frames(
+    r: OwnedReadHalf,
+    buf: BytesMut,
+    max: usize,
+    on_frame: impl FnMut(Option<Frame>) -> Result<(), String>,
+) -> Result<(), String> {
+    read_frames_gated(r, buf, max, None, on_frame).await
+}
+
+/// `read_frames`, and with `answers` (a client connection's outbox) no
+/// read while too many bytes of answers are held for the connection
+/// (`Outbox::wait_for_room`).
+async fn read_frames_gated(
     mut r: OwnedReadHalf,
     mut buf: BytesMut,
     max: usize,
+    answers: Option<&Outbox>,
     mut on_frame: impl FnMut(Option<Frame>) -> Result<(), String>,
 ) -> Result<(), String> {
     loop {
@@ -544,6 +624,10 @@ async fn read_frames(
         // before the connection closes, see `serve_client`).
         on_frame(None)?;
         decoded?;
+        // A client connection: no more requests while its answers back up.
+        if let Some(out) = answers {
+            out.wait_for_room().await;
+        }
         // Room for a whole burst in one read (a buffer only grows when
         // full, which would leave reads of one small frame at a time), and
         // for all of a large frame that has begun to arrive.
@@ -785,7 +869,7 @@ async fn serve_client(
         }
     });
     let mut batch = Vec::new();
-    let result = read_frames(r, BytesMut::new(), max_frame, |f| match f {
+    let result = read_frames_gated(r, BytesMut::new(), max_frame, Some(&outbox), |f| match f {
         Some(Frame::Request(req)) => {
             batch.push(req);
             Ok(())

@@ -159,3 +159,219 @@ fn answers_a_handler_gives_on_a_deferring_thread_go_out_at_once() {
         })
     );
 }
+
+/// Serves client connections on `addr`, answering each request at once
+/// with `answer(request id)` bytes; returns the count of requests taken.
+fn serve_answering(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    answer: impl Fn(u64) -> usize + Send + Sync + 'static,
+) -> Arc<std::sync::atomic::AtomicU64> {
+    let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = taken.clone();
+    let handler: tcp::RequestHandler = Arc::new(move |reqs, sink: &ResponseSink| {
+        for r in reqs {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let body = Bytes::from(vec![r.id as u8; answer(r.id)]);
+            sink.send(ClientResponse {
+                id: r.id,
+                result: ClientResult::Ok(body),
+            });
+        }
+    });
+    rt.block_on(start_clients(
+        addr,
+        1,
+        64 << 20,
+        handler,
+        Arc::new(NetStats::default()),
+    ))
+    .expect("listen");
+    taken
+}
+
+/// `count` small requests, ids from `first`.
+fn requests(first: u64, count: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for id in first..first + count {
+        let req = ClientRequest {
+            id,
+            client: 1,
+            seq: id,
+            op: ClientOp::Status,
+        };
+        codec::encode(&Frame::Request(req), &mut out);
+    }
+    out
+}
+
+/// Reads answers from `conn` until `count` have come; checks they are
+/// in order from `first` with bodies of `size(id)` bytes.
+fn read_answers(
+    conn: &mut std::net::TcpStream,
+    first: u64,
+    count: u64,
+    size: impl Fn(u64) -> usize,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut next = first;
+    while next < first + count {
+        let n = conn.read(&mut chunk).unwrap_or_else(|e| {
+            panic!(
+                "answer {next} (of {first}..{}) never came: {e}",
+                first + count
+            )
+        });
+        assert!(n > 0, "connection closed before answer {next}");
+        buf.extend_from_slice(&chunk[..n]);
+        let mut off = 0;
+        while let Some((frame, used)) = codec::decode(&buf[off..], 64 << 20).expect("decode") {
+            off += used;
+            let Frame::Response(ClientResponse {
+                id,
+                result: ClientResult::Ok(body),
+            }) = frame
+            else {
+                panic!("unexpected frame {frame:?}");
+            };
+            assert_eq!(id, next, "out of order");
+            assert_eq!(body.len(), size(id), "answer {id}'s size");
+            assert!(body.iter().all(|&b| b == id as u8), "answer {id} mangled");
+            next += 1;
+        }
+        buf.drain(..off);
+    }
+}
+
+/// Waits until `taken` stops growing (unchanged for half a second) or
+/// reaches `all`; returns it.
+fn settled(taken: &std::sync::atomic::AtomicU64, all: u64) -> u64 {
+    let mut last = u64::MAX;
+    let mut since = std::time::Instant::now();
+    loop {
+        let now = taken.load(std::sync::atomic::Ordering::Relaxed);
+        if now == all {
+            return now;
+        }
+        if now != last {
+            last = now;
+            since = std::time::Instant::now();
+        } else if since.elapsed() > Duration::from_millis(500) {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client that pipelines requests and does not read the answers is no
+/// longer read once a few MiB of its answers are held for it: the node's
+/// memory for it stays bounded (before, every request was read and its
+/// answer buffered: 200 MiB here). Once it reads, every answer arrives, in
+/// order, and the rest of its requests are served.
+#[test]
+fn a_client_that_does_not_read_its_answers_is_not_read_until_it_does() {
+    const ANSWER: usize = 4 << 10;
+    const COUNT: u64 = 50_000;
+    let rt = runtime();
+    let addr = free_addr();
+    let taken = serve_answering(&rt, &addr, |_| ANSWER);
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    // The requests go from another thread: once the node stops reading,
+    // the write blocks until the answers are read.
+    let mut w = conn.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || w.write_all(&requests(0, COUNT)).expect("write"));
+    let held = settled(&taken, COUNT);
+    eprintln!("{held} of {COUNT} requests taken while the client read nothing");
+    // The cap, the answers to one read's requests (at most 128 KiB of
+    // them), the socket buffers at both ends: far below all of them.
+    assert!(
+        held * (ANSWER as u64) < 64 << 20,
+        "{held} of {COUNT} requests taken ({} MiB of answers) from a client reading none",
+        (held * ANSWER as u64) >> 20
+    );
+    read_answers(&mut conn, 0, COUNT, |_| ANSWER);
+    writer.join().expect("writer");
+    assert_eq!(taken.load(std::sync::atomic::Ordering::Relaxed), COUNT);
+}
+
+/// An answer larger than the cap on held answers is sent whole, and the
+/// requests that arrive while it waits for the client are served once it
+/// has been read.
+#[test]
+fn an_answer_larger_than_the_cap_goes_out_and_later_requests_are_served() {
+    const BIG: usize = 24 << 20;
+    const SMALL: usize = 100;
+    let size = |id: u64| if id == 0 { BIG } else { SMALL };
+    let rt = runtime();
+    let addr = free_addr();
+    let taken = serve_answering(&rt, &addr, size);
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    conn.write_all(&requests(0, 1)).expect("write");
+    // Let the big answer back up, then pipeline more without reading.
+    assert_eq!(settled(&taken, 1), 1);
+    std::thread::sleep(Duration::from_millis(200));
+    conn.write_all(&requests(1, 1000)).expect("write");
+    read_answers(&mut conn, 0, 1001, size);
+    assert_eq!(taken.load(std::sync::atomic::Ordering::Relaxed), 1001);
+}
+
+/// A client that pipelines many requests from one thread and reads the
+/// answers on another, answered from a thread that defers its writes (as
+/// the service thread does), gets every answer in order.
+#[test]
+fn a_pipelining_client_that_reads_its_answers_gets_them_all() {
+    const COUNT: u64 = 200_000;
+    const ANSWER: usize = 200;
+    let rt = runtime();
+    let addr = free_addr();
+    let (tx, rx) = mpsc::channel::<(Vec<ClientRequest>, ResponseSink)>();
+    let tx = Mutex::new(tx);
+    let handler: tcp::RequestHandler = Arc::new(move |reqs, sink: &ResponseSink| {
+        let _ = tx.lock().expect("lock").send((reqs, sink.clone()));
+    });
+    rt.block_on(start_clients(
+        &addr,
+        1,
+        16 << 20,
+        handler,
+        Arc::new(NetStats::default()),
+    ))
+    .expect("listen");
+    let responder = std::thread::spawn(move || {
+        tcp::defer_flushes();
+        for (reqs, sink) in rx {
+            for r in reqs {
+                sink.send(ClientResponse {
+                    id: r.id,
+                    result: ClientResult::Ok(Bytes::from(vec![r.id as u8; ANSWER])),
+                });
+            }
+            drop(sink);
+            tcp::flush_deferred();
+        }
+    });
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut w = conn.try_clone().expect("clone");
+    let started = std::time::Instant::now();
+    let writer = std::thread::spawn(move || {
+        for first in (0..COUNT).step_by(1000) {
+            w.write_all(&requests(first, 1000)).expect("write");
+        }
+    });
+    read_answers(&mut conn, 0, COUNT, |_| ANSWER);
+    writer.join().expect("writer");
+    eprintln!(
+        "{COUNT} pipelined requests answered in {:?}",
+        started.elapsed()
+    );
+    drop(conn);
+    drop(rt);
+    responder.join().expect("responder");
+}

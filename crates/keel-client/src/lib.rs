@@ -72,6 +72,10 @@ pub enum ClientError {
     Protocol(String),
     #[error("no endpoints given")]
     NoEndpoints,
+    #[error(
+        "client id 0 is reserved for writes without a session (not deduplicated): choose another"
+    )]
+    ReservedClientId,
 }
 
 /// Why an attempt failed, and whether its request may have reached the
@@ -79,6 +83,12 @@ pub enum ClientError {
 struct AttemptError {
     why: String,
     sent: bool,
+}
+
+/// Is `op` applied through the log (a write, a membership change)? Once
+/// an attempt of it reached a node unanswered, it may have been applied.
+fn goes_through_the_log(op: &ClientOp) -> bool {
+    matches!(op, ClientOp::Write(_) | ClientOp::ChangeMembership(_))
 }
 
 /// The wall clock in microseconds since the Unix epoch (0 before it).
@@ -125,6 +135,11 @@ impl Client {
     pub fn new(opts: ClientOptions) -> Result<Self, ClientError> {
         if opts.endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
+        }
+        if opts.client_id == Some(keel_core::SESSIONLESS) {
+            // Id 0 is the cluster's "no session": writes under it would not
+            // be deduplicated, so a retried one could be applied twice.
+            return Err(ClientError::ReservedClientId);
         }
         Ok(Client {
             client_id: opts.client_id.unwrap_or_else(random_id),
@@ -222,7 +237,7 @@ impl Client {
                 Ok(ClientResult::NotLeader { address, leader }) => {
                     // A node that took the write and then lost leadership
                     // answers this too: its entry may still commit.
-                    maybe_applied |= matches!(op, ClientOp::Write(_));
+                    maybe_applied |= goes_through_the_log(&op);
                     last = format!("{endpoint} is not the leader (leader: {leader:?})");
                     self.conn = None;
                     match address {
@@ -247,7 +262,7 @@ impl Client {
                 Ok(ClientResult::Error(m)) => return Err(ClientError::Refused(m)),
                 Ok(r) => return Ok(r),
                 Err(e) => {
-                    maybe_applied |= e.sent && matches!(op, ClientOp::Write(_));
+                    maybe_applied |= e.sent && goes_through_the_log(&op);
                     last = format!("{endpoint}: {}", e.why);
                     self.conn = None;
                     self.next_endpoint();
@@ -510,6 +525,16 @@ mod tests {
         let mut c = Client::new(opts(addr)).expect("client");
         let e = c.write(Bytes::from_static(b"w")).await.unwrap_err();
         assert!(matches!(&e, ClientError::NoLeader { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_sessionless_id_is_refused() {
+        let mut opts = ClientOptions::new(vec!["127.0.0.1:1".into()]);
+        opts.client_id = Some(0);
+        assert!(matches!(
+            Client::new(opts),
+            Err(ClientError::ReservedClientId)
+        ));
     }
 
     /// A new client that reuses a session id (a restarted process) numbers

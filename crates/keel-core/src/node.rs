@@ -2170,7 +2170,7 @@ impl Node {
             return;
         }
         let now = self.now.max(self.log.last_timestamp());
-        let due: Vec<(u64, Nanos)> = self
+        let mut due: Vec<(u64, Nanos)> = self
             .timers
             .iter()
             .filter(|(id, d)| **d <= now && !self.timers_fired.contains(id))
@@ -2179,6 +2179,10 @@ impl Node {
         if due.is_empty() {
             return;
         }
+        // In the order they came due (then by id), not by id: timers a late
+        // turn fires together take effect in deadline order, as they would
+        // have on time (etcd revokes leases in expiry order).
+        due.sort_unstable_by_key(|&(id, deadline)| (deadline, id));
         let items = due
             .iter()
             .map(|&(id, deadline)| (EntryKind::Timer { id, deadline }, Bytes::new()))

@@ -310,6 +310,66 @@ fn single_node_elects_itself_and_commits_only_once_durable() {
         .any(|a| matches!(a, Action::Apply(es) if es[0] == term_start)));
 }
 
+/// Timers that a late turn finds due together are logged in the order
+/// they came due, not by id: a lease with a larger id that expired first is
+/// revoked first, as etcd revokes leases in expiry order.
+#[test]
+fn timers_due_together_are_logged_in_deadline_order() {
+    let mut node = Node::new(Config::new(1, 7), Membership::new([1]), 0);
+    let mut out = Vec::new();
+    let mut now = 2_000 * MS;
+    node.step(now, Event::Tick, &mut out);
+    let end = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Append(es) => es.last().map(Entry::end),
+            _ => None,
+        })
+        .expect("a term-start entry");
+    node.step(
+        now,
+        Event::Durable {
+            position: end,
+            term: 1,
+        },
+        &mut out,
+    );
+    node.step(
+        now,
+        Event::Applied {
+            position: end,
+            timers: vec![
+                TimerUpdate::Set {
+                    id: 9,
+                    deadline: now + 10 * MS,
+                },
+                TimerUpdate::Set {
+                    id: 3,
+                    deadline: now + 14 * MS,
+                },
+            ],
+        },
+        &mut out,
+    );
+    // The next turn comes late: both are due.
+    now += 50 * MS;
+    out.clear();
+    node.step(now, Event::Tick, &mut out);
+    let fired: Vec<u64> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Append(es) => Some(es),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|e| match e.kind {
+            EntryKind::Timer { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fired, vec![9, 3]);
+}
+
 #[test]
 fn three_nodes_elect_one_leader_and_replicate() {
     let mut h = Harness::new(3);

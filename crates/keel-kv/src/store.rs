@@ -459,7 +459,13 @@ impl Store {
     pub(crate) fn decode_from(r: &mut Reader<'_>) -> Result<Store, KvError> {
         let revision = r.u64()?;
         let compacted = r.i64()?;
-        if revision == 0 || compacted < -1 || (compacted > 0 && compacted as u64 > revision) {
+        // (etcd's revisions are int64: one above would make no valid
+        // revision follow it.)
+        if revision == 0
+            || revision > i64::MAX as u64
+            || compacted < -1
+            || (compacted > 0 && compacted as u64 > revision)
+        {
             return Err(KvError::InvalidSnapshot(format!(
                 "inconsistent store revision {revision} with compaction point {compacted}"
             )));

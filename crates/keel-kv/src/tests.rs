@@ -788,6 +788,13 @@ fn restore_rejects_bad_snapshots_and_none_empties() {
     bad[4 + 8] = 0; // store revision 1 -> 0
     assert!(t.restore(Some(&bad)).unwrap_err().contains("inconsistent"));
     assert!(t.is_empty(), "a failed restore leaves the state alone");
+    // A store revision past etcd's int64 revisions: no write could follow.
+    let mut bad = snap.clone();
+    bad[12..20].fill(0xff); // store revision 1 -> u64::MAX
+    assert!(t.restore(Some(&bad)).unwrap_err().contains("inconsistent"));
+    bad[12..20].copy_from_slice(&(i64::MAX as u64 + 1).to_le_bytes());
+    assert!(t.restore(Some(&bad)).unwrap_err().contains("inconsistent"));
+    assert!(t.is_empty());
     t.restore(Some(&snap)).unwrap();
     assert_eq!(t, s);
     t.restore(None).unwrap();

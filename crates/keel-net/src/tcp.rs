@@ -21,7 +21,7 @@ use keel_core::{Message, NodeId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -659,6 +659,8 @@ impl Link {
         let mut backoff = Duration::from_millis(20);
         let mut replacement: Option<(TcpStream, Vec<u8>)> = None;
         let mut spare = Vec::new();
+        // Since when dialing has failed, and when that was last reported.
+        let mut failing: Option<(Instant, Option<Instant>)> = None;
         loop {
             if outbox.is_closed() {
                 return;
@@ -669,11 +671,28 @@ impl Link {
                 match TcpStream::connect(&self.addr).await {
                     Ok(s) => {
                         backoff = Duration::from_millis(20);
+                        failing = None;
                         let _ = s.set_nodelay(true);
                         Some((s, Vec::new()))
                     }
                     Err(e) => {
                         debug!("link to node {} at {}: {e}", self.peer, self.addr);
+                        // A peer down for a moment is normal; one that
+                        // cannot be reached for long (down, or a wrong
+                        // address in the configuration) is said, now and
+                        // then.
+                        let now = Instant::now();
+                        let (since, warned) = failing.get_or_insert((now, None));
+                        let quiet = warned.is_none_or(|w| now - w >= UNREACHABLE_REPEAT);
+                        if now - *since >= UNREACHABLE_WARN && quiet {
+                            *warned = Some(now);
+                            warn!(
+                                "cannot reach node {} at {} for {:.0?}: {e}",
+                                self.peer,
+                                self.addr,
+                                now - *since
+                            );
+                        }
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = outbox.wake.notified() => {} // closed?
@@ -785,6 +804,11 @@ impl Link {
         }
     }
 }
+
+/// How long a peer may be unreachable before it is said (a warning), and
+/// how often it is said again while it stays so.
+const UNREACHABLE_WARN: Duration = Duration::from_secs(5);
+const UNREACHABLE_REPEAT: Duration = Duration::from_secs(60);
 
 /// Why a link's reader task ended.
 fn reader_ended(r: Result<Result<(), String>, tokio::task::JoinError>) -> String {

@@ -460,12 +460,24 @@ impl NodeConfig {
                 self.max_unapplied_bytes, self.max_request_bytes
             ));
         }
-        for (what, addr) in [
-            ("peer_addr", &self.peer_addr),
-            ("client_addr", &self.client_addr),
-        ] {
-            if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
-                return bad(format!("{what} {addr:?} is not host:port"));
+        // This node's addresses and its peers': a peer address that is no
+        // address would leave the node trying to reach it forever.
+        let own = [
+            ("peer_addr".to_string(), &self.peer_addr),
+            ("client_addr".to_string(), &self.client_addr),
+        ];
+        let peers = self.peers.iter().flat_map(|p| {
+            [
+                (format!("peer {}'s peer_addr", p.id), &p.peer_addr),
+                (format!("peer {}'s client_addr", p.id), &p.client_addr),
+            ]
+        });
+        for (what, addr) in own.into_iter().chain(peers) {
+            let port = addr.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+                return bad(format!(
+                    "{what} {addr:?} is not host:port (e.g. \"10.0.0.2:7001\")"
+                ));
             }
         }
         Ok(())
@@ -527,6 +539,34 @@ mod tests {
         );
         assert_eq!(c.initial_membership(), Membership::new([1, 2]));
         assert_eq!(c.client_addr_of(2).as_deref(), Some("127.0.0.1:7102"));
+    }
+
+    /// A peer's address that is no host:port is refused at start, with the
+    /// peer named, instead of leaving the node trying to reach it forever.
+    #[test]
+    fn peer_addresses_must_be_host_and_port() {
+        for (peer, client, bad) in [
+            ("x", "127.0.0.1:7102", "peer 2's peer_addr \"x\""),
+            ("127.0.0.1:7002", "host:port", "peer 2's client_addr \"host:port\""),
+            ("127.0.0.1:70000", "127.0.0.1:7102", "peer 2's peer_addr"),
+            (":7002", "127.0.0.1:7102", "peer 2's peer_addr"),
+        ] {
+            let text = format!(
+                "{}[[peers]]\nid = 2\npeer_addr = {peer:?}\nclient_addr = {client:?}\n",
+                base()
+            );
+            let c: NodeConfig = toml::from_str(&text).expect("parse");
+            let e = c.validate().expect_err("a bad peer address").to_string();
+            assert!(e.contains(bad) && e.contains("not host:port"), "{e}");
+        }
+        for ok in ["node-2.example:7002", "[::1]:7002", "10.0.0.2:7002"] {
+            let text = format!(
+                "{}[[peers]]\nid = 2\npeer_addr = {ok:?}\nclient_addr = {ok:?}\n",
+                base()
+            );
+            let c: NodeConfig = toml::from_str(&text).expect("parse");
+            c.validate().expect("a good peer address");
+        }
     }
 
     #[test]

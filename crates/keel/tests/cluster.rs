@@ -190,3 +190,26 @@ fn wiped_node_rejoins_through_a_snapshot(extra: &str) {
     }
     c.check_acked(&mut client);
 }
+
+/// A peer that stays unreachable is said in the log (a warning naming it
+/// and its address), not only at debug level: a node whose configuration
+/// names a wrong peer address would otherwise wait in silence.
+#[test]
+fn an_unreachable_peer_is_reported() {
+    let mut c = TestCluster::start(3, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    // Node 1 dials the higher ids.
+    let addr = c.node(3).peer.clone();
+    c.kill(3);
+    let want = format!("cannot reach node 3 at {addr}");
+    let start = Instant::now();
+    while !c.log_of(1).contains(&want) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no warning about node 3 in node 1's log:\n{}",
+            c.log_of(1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(start.elapsed() >= Duration::from_secs(4), "warned at once");
+}

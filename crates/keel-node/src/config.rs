@@ -473,7 +473,9 @@ impl NodeConfig {
             ]
         });
         for (what, addr) in own.into_iter().chain(peers) {
-            let port = addr.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>()));
+            let port = addr
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
             if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
                 return bad(format!(
                     "{what} {addr:?} is not host:port (e.g. \"10.0.0.2:7001\")"
@@ -547,7 +549,11 @@ mod tests {
     fn peer_addresses_must_be_host_and_port() {
         for (peer, client, bad) in [
             ("x", "127.0.0.1:7102", "peer 2's peer_addr \"x\""),
-            ("127.0.0.1:7002", "host:port", "peer 2's client_addr \"host:port\""),
+            (
+                "127.0.0.1:7002",
+                "host:port",
+                "peer 2's client_addr \"host:port\"",
+            ),
             ("127.0.0.1:70000", "127.0.0.1:7102", "peer 2's peer_addr"),
             (":7002", "127.0.0.1:7102", "peer 2's peer_addr"),
         ] {

@@ -294,6 +294,10 @@ pub enum Event {
     },
 }
 
+/// The start of the refusal of a promotion of a learner that has not
+/// caught up with the leader's log.
+pub const LEARNER_NOT_READY: &str = "the learner is not caught up with the leader";
+
 /// Why a request was not accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RejectReason {
@@ -1992,6 +1996,26 @@ impl Node {
         if let Some(reason) = reason {
             out.push(Action::Rejected { id, reason });
             return;
+        }
+        // A learner promoted far behind the log would be a voter that
+        // cannot vote for anyone up to date or count towards commits until
+        // it catches up: with one node down that can stall the cluster. As
+        // etcd, promote only one that holds 90% of the leader's log.
+        if let MembershipChange::PromoteLearner(n) = change {
+            let leader_end = self.log.last_pos();
+            let matched = self.progress.get(&n).map_or(0, |p| p.matched);
+            if self.membership().learners.contains(&n)
+                && u128::from(matched) * 10 < u128::from(leader_end) * 9
+            {
+                out.push(Action::Rejected {
+                    id,
+                    reason: RejectReason::Invalid(format!(
+                        "{LEARNER_NOT_READY}: node {n} holds the log to position {matched} of \
+                         {leader_end}; promote it once it has caught up"
+                    )),
+                });
+                return;
+            }
         }
         match change.apply(self.membership()) {
             Ok(next) => self.append_entries(

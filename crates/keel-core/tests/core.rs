@@ -535,6 +535,61 @@ fn read_index_waits_for_the_term_start_and_a_heartbeat_round() {
     assert_eq!(h.ready_reads, vec![(leader, 5, commit)]);
 }
 
+/// A learner far behind the leader's log is not promoted (etcd: "can
+/// only promote a learner member which is in sync with leader"): as a voter
+/// it could neither count towards commits nor vote for anyone up to date
+/// until it caught up. Once it has caught up, the promotion goes through.
+#[test]
+fn a_learner_behind_the_log_is_not_promoted() {
+    let m = Membership::new([1, 2]);
+    let mut nodes: Vec<Node> = (1..=2)
+        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
+        .collect();
+    nodes.push(Node::new(Config::new(3, 7), Membership::default(), 0));
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    h.step(
+        leader,
+        Event::ChangeMembership {
+            id: 1,
+            change: MembershipChange::AddLearner(3),
+        },
+    );
+    h.run_for(200 * MS);
+    assert!(h.node(3).membership().learners.contains(&3));
+    // The learner is cut off while the log grows.
+    h.cut.insert((leader, 3));
+    for i in 0..50 {
+        h.propose(leader, 10 + i, i + 1, b"while the learner is away");
+    }
+    h.run_for(100 * MS);
+    h.step(
+        leader,
+        Event::ChangeMembership {
+            id: 2,
+            change: MembershipChange::PromoteLearner(3),
+        },
+    );
+    let refused = h.rejected.iter().find(|r| r.1 == 2).expect("refused");
+    assert!(
+        matches!(&refused.2, RejectReason::Invalid(m) if m.starts_with(LEARNER_NOT_READY)),
+        "{refused:?}"
+    );
+    assert!(h.node(leader).membership().learners.contains(&3));
+    h.cut.clear();
+    h.run_for(500 * MS);
+    h.step(
+        leader,
+        Event::ChangeMembership {
+            id: 3,
+            change: MembershipChange::PromoteLearner(3),
+        },
+    );
+    h.run_for(100 * MS);
+    assert!(h.node(leader).membership().is_voter(3));
+}
+
 #[test]
 fn learners_replicate_but_never_count() {
     let m = Membership::new([1, 2]);

@@ -67,6 +67,13 @@ impl ClusterApi {
                     _ => Err(Status::not_found("etcdserver: member not found")),
                 }
             }
+            // etcd's ErrGRPCLearnerNotReady.
+            ClientResult::Error(m) if m.starts_with(keel_core::LEARNER_NOT_READY) => {
+                tracing::debug!("membership change {change:?} refused: {m}");
+                Err(Status::failed_precondition(
+                    "etcdserver: can only promote a learner member which is in sync with leader",
+                ))
+            }
             ClientResult::Error(m) => Err(Status::failed_precondition(m)),
             other => Err(node_error(other)),
         }

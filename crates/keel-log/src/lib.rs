@@ -5,13 +5,15 @@
 //! batch (group commit) and reports the durable position (`thread`).
 
 pub mod frame;
+pub mod lock;
 pub mod meta;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;
 pub mod thread;
 
-pub use meta::HardStateFile;
+pub use lock::DirLock;
+pub use meta::{HardStateFile, Identity};
 pub use store::{LogStore, Opened, Options, TornTail};
 pub use thread::{Durability, SnapshotHandle, StorageEvent, StorageThread};
 
@@ -20,11 +22,44 @@ use std::path::{Path, PathBuf};
 /// Storage errors. Damage names the file and offset and says how to recover.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("{}: {action}: {source}", path.display())]
+    /// The OS error is part of the message, and not the error's `source()`:
+    /// storage errors are shown with `{}` in many places (a storage failure
+    /// reaches the consensus thread as text), and a printer of the whole
+    /// chain (anyhow's `{:#}`) would otherwise show it twice.
+    #[error("{}: {action}: {error}", path.display())]
     Io {
         path: PathBuf,
         action: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    #[error(
+        "data directory {} is in use by another process{}: it holds the lock on {}. Refusing \
+         to start: two processes writing one data directory lose acknowledged writes. Stop the \
+         other process (a `keel server` still running, e.g. one a killed `keel dev` left behind) \
+         or give this one a data directory of its own",
+        dir.display(),
+        holder.map_or_else(String::new, |pid| format!(" (pid {pid})")),
+        dir.join(lock::LOCK_FILE).display()
+    )]
+    Locked {
+        dir: PathBuf,
+        /// The holder's process id, as it wrote it into the lock file.
+        holder: Option<u32>,
+    },
+    #[error(
+        "data directory {} holds the data of {recorded}, but this node is configured as \
+         {configured}. Refusing to start: the votes and the log in it are that node's, and a \
+         node that takes another's could vote twice in a term and break the cluster's safety. \
+         Check id, cluster_id and data_dir in the configuration (--id, --cluster-id, \
+         --data-dir); to start {configured} anew, give it an empty data directory of its own",
+        dir.display()
+    )]
+    WrongIdentity {
+        dir: PathBuf,
+        /// What the directory records (`meta::IDENTITY_FILE`).
+        recorded: Identity,
+        /// What the node was started as.
+        configured: Identity,
     },
     #[error(
         "{} is damaged at offset {offset}: {reason}. Refusing to start. To recover, rebuild this \
@@ -33,6 +68,19 @@ pub enum LogError {
         path.display()
     )]
     Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    /// A backup file (`keel restore`'s input) that is not one: unlike
+    /// `Corrupt`, nothing in a data directory is wrong.
+    #[error(
+        "{} is not a Keel backup, or is damaged or cut short (at offset {offset}: {reason}). \
+         Nothing was restored: use a complete copy of a backup (`etcdctl snapshot save` against \
+         a Keel member), or take a new one",
+        path.display()
+    )]
+    BadBackup {
         path: PathBuf,
         offset: u64,
         reason: String,
@@ -65,11 +113,11 @@ pub enum LogError {
 }
 
 impl LogError {
-    pub fn io(path: &Path, action: &'static str, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, action: &'static str, error: std::io::Error) -> Self {
         LogError::Io {
             path: path.to_path_buf(),
             action,
-            source,
+            error,
         }
     }
     pub fn corrupt(path: &Path, offset: u64, reason: String) -> Self {

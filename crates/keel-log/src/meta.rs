@@ -1,6 +1,6 @@
 //! Small durable files beside the log: the hard state (term, vote and the
-//! cluster configuration) and snapshots with a manifest naming the latest
-//! complete one. Every file is written atomically (new file, sync, rename,
+//! cluster configuration), the node's identity (its id and cluster id) and
+//! snapshots with a manifest naming the latest complete one. Every file is written atomically (new file, sync, rename,
 //! sync the directory) and checksummed; decoding never panics.
 
 use crate::frame::{decode_membership, encode_membership};
@@ -29,8 +29,11 @@ pub const DATA_FORMAT: u8 = 2;
 const HARD_STATE_MAGIC: &[u8; 4] = b"KHS2";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KSN1";
 const MANIFEST_MAGIC: &[u8; 4] = b"KMF1";
+const IDENTITY_MAGIC: &[u8; 4] = b"KID1";
 pub const HARD_STATE_FILE: &str = "hardstate";
 pub const MANIFEST_FILE: &str = "MANIFEST";
+/// The node id and cluster id the data directory belongs to (`Identity`).
+pub const IDENTITY_FILE: &str = "IDENTITY";
 
 /// Syncs a directory so a rename or a new file in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
@@ -179,6 +182,72 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
     Ok(Some(file))
 }
 
+/// Which node of which cluster a data directory belongs to: its votes and
+/// its log are that node's alone. Recorded in [`IDENTITY_FILE`] when the
+/// directory is first opened as a node's (or seeded by `keel restore`),
+/// and checked on every start after (`check_identity`). A file apart from
+/// the hard state, so the data format is unchanged: an older binary
+/// ignores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub node_id: u64,
+    pub cluster_id: u64,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // (Decimal, as `cluster_id` is configured.)
+        write!(f, "node {} of cluster {}", self.node_id, self.cluster_id)
+    }
+}
+
+/// Magic, node id, cluster id, CRC-32C; written atomically.
+pub fn save_identity(dir: &Path, id: Identity) -> Result<(), LogError> {
+    let mut b = IDENTITY_MAGIC.to_vec();
+    b.extend_from_slice(&id.node_id.to_le_bytes());
+    b.extend_from_slice(&id.cluster_id.to_le_bytes());
+    write_atomic(dir, IDENTITY_FILE, &with_crc(b))
+}
+
+/// The identity the directory records; `None` if it records none (a new
+/// directory, or one written by a version before the record).
+pub fn load_identity(dir: &Path) -> Result<Option<Identity>, LogError> {
+    let path = dir.join(IDENTITY_FILE);
+    let b = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(LogError::io(&path, "reading", e)),
+    };
+    let p = checked(&path, &b, IDENTITY_MAGIC)?;
+    match (u64_at(p, 0), u64_at(p, 8), p.len()) {
+        (Some(node_id), Some(cluster_id), 16) => Ok(Some(Identity {
+            node_id,
+            cluster_id,
+        })),
+        _ => Err(LogError::corrupt(
+            &path,
+            4,
+            "identity is not a node id and a cluster id".into(),
+        )),
+    }
+}
+
+/// Checks that the directory belongs to node `id` ([`LogError::WrongIdentity`]
+/// otherwise), recording `id` first if it records no identity yet (a new
+/// directory, or one an older version wrote: its contents are taken to be
+/// this node's, as that version did). Whether it recorded it.
+pub fn check_identity(dir: &Path, id: Identity) -> Result<bool, LogError> {
+    match load_identity(dir)? {
+        Some(recorded) if recorded == id => Ok(false),
+        Some(recorded) => Err(LogError::WrongIdentity {
+            dir: dir.to_path_buf(),
+            recorded,
+            configured: id,
+        }),
+        None => save_identity(dir, id).map(|()| true),
+    }
+}
+
 /// The bytes of a snapshot file; also what a leader streams in chunks to a
 /// follower (read from the published file with `read_snapshot_chunk`),
 /// which checks the whole file with `check_snapshot_image` before
@@ -285,8 +354,24 @@ pub struct Unwrapped {
 
 /// The snapshot a backup holds: a streamed backup (`BackupFraming`) whose
 /// digest, footer and padding check out, or a bare snapshot file. Never
-/// panics.
+/// panics. A file that is neither is [`LogError::BadBackup`] (not
+/// `Corrupt`, whose advice is for a data directory).
 pub fn unwrap_backup(path: &Path, b: &Bytes) -> Result<Unwrapped, LogError> {
+    unwrap_backup_checked(path, b).map_err(|e| match e {
+        LogError::Corrupt {
+            path,
+            offset,
+            reason,
+        } => LogError::BadBackup {
+            path,
+            offset,
+            reason,
+        },
+        e => e,
+    })
+}
+
+fn unwrap_backup_checked(path: &Path, b: &Bytes) -> Result<Unwrapped, LogError> {
     use sha2::Digest;
     let n = b.len() as u64;
     let bare = || {

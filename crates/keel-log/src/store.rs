@@ -14,7 +14,8 @@
 //! offset.
 
 use crate::frame::{self, HEADER_LEN};
-use crate::meta::{self, HardStateFile};
+use crate::lock::DirLock;
+use crate::meta::{self, HardStateFile, Identity};
 use crate::LogError;
 use keel_core::{Entry, Position, Snapshot, Term};
 use std::fs::{self, File, OpenOptions};
@@ -183,6 +184,8 @@ pub struct LogStore {
     defer_deletes: bool,
     /// Retired segment files not yet handed out (see `take_retired`).
     retired: Vec<PathBuf>,
+    /// The directory's lock, held while the store lives (dropped last).
+    _lock: DirLock,
 }
 
 fn segment_name(base: Position) -> String {
@@ -329,8 +332,31 @@ fn create_dir_durably(dir: &Path) -> Result<Vec<PathBuf>, LogError> {
 
 impl LogStore {
     /// Opens (or creates) the data directory and recovers its contents.
+    /// Locks the directory first ([`DirLock`]; [`LogError::Locked`] if
+    /// another process has it open) and holds the lock for as long as the
+    /// store lives.
     pub fn open(dir: &Path, opts: Options) -> Result<Opened, LogError> {
+        Self::open_inner(dir, opts, None)
+    }
+
+    /// `open`, as node `identity`: once the directory is locked, and before
+    /// anything in it is read or changed, refuses a directory that belongs
+    /// to another node or cluster ([`LogError::WrongIdentity`]), and records
+    /// the identity in one that records none (`meta::check_identity`).
+    pub fn open_as(dir: &Path, opts: Options, identity: Identity) -> Result<Opened, LogError> {
+        Self::open_inner(dir, opts, Some(identity))
+    }
+
+    fn open_inner(
+        dir: &Path,
+        opts: Options,
+        identity: Option<Identity>,
+    ) -> Result<Opened, LogError> {
         create_dir_durably(dir)?;
+        let lock = DirLock::acquire(dir)?;
+        if let Some(identity) = identity {
+            meta::check_identity(dir, identity)?;
+        }
         meta::remove_leftovers(dir)?;
         let hard_state = meta::load_hard_state(dir)?;
         let snapshot = meta::load_snapshot(dir)?;
@@ -489,6 +515,7 @@ impl LogStore {
             manifest_lock: Arc::new(Mutex::new(())),
             defer_deletes: false,
             retired: Vec::new(),
+            _lock: lock,
         };
         Ok(Opened {
             store,

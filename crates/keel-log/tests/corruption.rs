@@ -183,6 +183,8 @@ fn build(variant: Variant, seed: u64) -> Base {
                 name,
                 len,
             }),
+            // Holds no data (the holder's pid; never read on open).
+            None if name == keel_log::lock::LOCK_FILE => {}
             None => meta_files.push(name),
         }
     }

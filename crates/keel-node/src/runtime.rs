@@ -41,7 +41,7 @@ use keel_core::{
     SnapshotMeta, SnapshotTask, TimerUpdate,
 };
 use keel_log::meta::{self, HardStateFile};
-use keel_log::{LogStore, Options, StorageEvent, StorageThread};
+use keel_log::{DirLock, Identity, LogStore, Options, StorageEvent, StorageThread};
 use keel_net::codec::{ClientOp, ClientRequest, ClientResponse, ClientResult, NodeStatus};
 use keel_net::mem::MemNetwork;
 use keel_net::tcp::{self, NetStats, ResponseSink, TransportConfig};
@@ -62,11 +62,11 @@ use tracing::{error, info, warn};
 pub enum NodeError {
     #[error(transparent)]
     Storage(#[from] keel_log::LogError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    /// The OS error is in the message, not the `source()` (as in
+    /// `keel_log::LogError::Io`): shown with `{}` or with a printer of the
+    /// whole chain (anyhow's `{:#}`), it appears once.
+    #[error("cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: std::io::Error },
     #[error("cannot start: {0}")]
     Start(String),
     #[error("cannot restore: {0}")]
@@ -657,6 +657,14 @@ pub fn start_with(
     }
 }
 
+/// The node and cluster a node's data directory must belong to.
+fn identity(cfg: &NodeConfig) -> Identity {
+    Identity {
+        node_id: cfg.id,
+        cluster_id: cfg.cluster_id,
+    }
+}
+
 /// `start_with`, on a thread with the node's scheduling policy.
 fn start_node(
     cfg: NodeConfig,
@@ -668,7 +676,9 @@ fn start_node(
     cfg.validate()
         .map_err(|e| NodeError::Start(e.to_string()))?;
     let dir = cfg.data_dir.clone();
-    let opened = LogStore::open(&dir, Options::default())?;
+    // Locks the directory for the storage thread's lifetime, and refuses
+    // one that belongs to another node or cluster.
+    let opened = LogStore::open_as(&dir, Options::default(), identity(&cfg))?;
     // Backups a previous run was still sending when it stopped.
     match std::fs::remove_dir_all(dir.join(BACKUP_DIR)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -844,9 +854,9 @@ fn start_node(
                         inbound,
                         net_stats.clone(),
                     ))
-                    .map_err(|source| NodeError::Listen {
+                    .map_err(|error| NodeError::Listen {
                         addr: cfg.peer_addr.clone(),
-                        source,
+                        error,
                     })?,
             ),
             Transport::Memory(net) => Box::new(net.join(cfg.id, inbound)),
@@ -931,9 +941,9 @@ fn start_node(
                 handler,
                 net_stats.clone(),
             ))
-            .map_err(|source| NodeError::Listen {
+            .map_err(|error| NodeError::Listen {
                 addr: cfg.client_addr.clone(),
-                source,
+                error,
             })?;
     }
     if let Some(addr) = &cfg.http_addr {
@@ -943,9 +953,9 @@ fn start_node(
             metrics.clone(),
             net_stats.clone(),
         ))
-        .map_err(|source| NodeError::Listen {
+        .map_err(|error| NodeError::Listen {
             addr: addr.clone(),
-            source,
+            error,
         })?;
     }
 
@@ -2469,8 +2479,9 @@ pub fn restore_backup(
     }
     let bytes = std::fs::read(backup)
         .map_err(|e| fail(format!("reading backup {}: {e}", backup.display())))?;
-    let unwrapped = meta::unwrap_backup(backup, &Bytes::from(bytes))
-        .map_err(|e| fail(format!("not a Keel backup: {e}")))?;
+    // (Its error says the file is not a Keel backup, and what to do.)
+    let unwrapped =
+        meta::unwrap_backup(backup, &Bytes::from(bytes)).map_err(|e| fail(e.to_string()))?;
     if unwrapped.cluster_id == Some(cfg.cluster_id) && !same_cluster_id {
         return Err(fail(format!(
             "the backup comes from cluster {:#x}, the cluster_id this node's configuration \
@@ -2512,6 +2523,11 @@ pub fn restore_backup(
     let write = || -> Result<(), NodeError> {
         std::fs::create_dir_all(&staging)
             .map_err(|e| fail(format!("creating {}: {e}", staging.display())))?;
+        // Held until the directory is in place (its `LOCK` file moves with
+        // it), as by anything that writes a data directory.
+        let _lock = DirLock::acquire(&staging)?;
+        // The node the restored directory belongs to, as `start` checks.
+        meta::save_identity(&staging, identity(cfg))?;
         meta::save_hard_state(&staging, &hard)?;
         meta::save_snapshot(&staging, &snapshot)?;
         meta::sync_dir(&staging)?;

@@ -178,8 +178,8 @@ fn start_three_with(
             tweak(&mut cfg);
             match start_with(cfg, service(), Transport::Memory(net.clone())) {
                 Ok(n) => nodes.push(n),
-                Err(NodeError::Listen { source, .. })
-                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                Err(NodeError::Listen { error, .. })
+                    if error.kind() == std::io::ErrorKind::AddrInUse =>
                 {
                     break;
                 }
@@ -1321,6 +1321,15 @@ fn a_backup_seeds_a_new_cluster() {
         let meta = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file, false)
             .expect("restore");
         assert_eq!(meta.membership.voters.len(), 3);
+        // The restored directory is this node's, of the new cluster.
+        let identity = keel_log::meta::load_identity(&cfg.data_dir).expect("identity");
+        assert_eq!(
+            identity,
+            Some(keel_log::Identity {
+                node_id: id,
+                cluster_id: cfg.cluster_id
+            })
+        );
         let again = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file, false);
         assert!(again.is_err(), "restored over a used data directory");
         nodes.push(
@@ -1434,4 +1443,170 @@ fn check_backup_is_a_prefix(b: &keel_node::Backup, round: usize) {
         assert!(get(i), "round {round}: k{i} of the first {count} missing");
     }
     assert!(!get(count), "round {round}: a key past the first {count}");
+}
+
+/// An error and its sources, as anyhow's `{:#}` (what `keel` prints).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut at = e.source();
+    while let Some(s) = at {
+        out.push_str(&format!(": {s}"));
+        at = s.source();
+    }
+    out
+}
+
+/// One node at a time runs on a data directory (its lock is held until the
+/// node has stopped), and only the node and cluster it was created for.
+#[test]
+fn a_data_directory_serves_one_node_of_one_cluster_at_a_time() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let start = |cfg: &NodeConfig| {
+        start_with(
+            cfg.clone(),
+            Box::new(KvService::default()),
+            Transport::Memory(MemNetwork::new()),
+        )
+    };
+    let cfg = node_config(
+        1,
+        tmp.path(),
+        &[free_addr()],
+        1 << 30,
+        DurabilityConfig::Sync,
+    );
+    let first = start(&cfg).expect("start");
+    wait_leader(std::slice::from_ref(&first), None);
+    assert!(matches!(
+        write_within(&first, kv_put("k", "v"), Duration::from_secs(10)),
+        Some(ClientResult::Ok(_))
+    ));
+
+    // A second node on the same directory (on addresses of its own).
+    let mut second = cfg.clone();
+    second.client_addr = free_addr();
+    let err = start(&second).err().expect("a second node started");
+    let msg = chain(&err);
+    assert!(
+        matches!(
+            err,
+            NodeError::Storage(keel_log::LogError::Locked { holder: Some(p), .. })
+                if p == std::process::id()
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains(&cfg.data_dir.display().to_string()), "{msg}");
+
+    first.shutdown();
+    first.wait().expect("clean stop");
+    // Stopped: the directory is free again (the handle still exists).
+    let again = start(&second).expect("restart");
+    again.shutdown();
+    again.wait().expect("clean stop");
+    drop((first, again));
+
+    // Another node's id, or another cluster's: refused, naming both.
+    for (node_id, cluster_id, wants) in [
+        (5, 7, "node 5 of cluster 7"),
+        (1, 99, "node 1 of cluster 99"),
+    ] {
+        let mut wrong = second.clone();
+        wrong.id = node_id;
+        wrong.cluster_id = cluster_id;
+        let err = start(&wrong).err().expect("started as another node");
+        let msg = chain(&err);
+        assert!(
+            matches!(
+                err,
+                NodeError::Storage(keel_log::LogError::WrongIdentity { .. })
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("holds the data of node 1 of cluster 7"),
+            "{msg}"
+        );
+        assert!(msg.contains(wants), "{msg}");
+    }
+    // Its data is intact for the node it belongs to.
+    let back = start(&second).expect("restart");
+    wait_leader(std::slice::from_ref(&back), None);
+    assert_eq!(
+        kv_get_within(&back, "k", Duration::from_secs(10)),
+        Some(Bytes::from("v"))
+    );
+    stop_all(vec![back]);
+}
+
+/// The errors `keel server` prints name the OS error once (anyhow prints
+/// the whole chain).
+#[test]
+fn start_errors_name_the_os_error_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let cfg = node_config(1, tmp.path(), &[addr], 1 << 30, DurabilityConfig::Sync);
+    let err = start_with(
+        cfg,
+        Box::new(KvService::default()),
+        Transport::Memory(MemNetwork::new()),
+    )
+    .err()
+    .expect("listened on a taken address");
+    let os = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+    let msg = chain(&err);
+    assert!(matches!(err, NodeError::Listen { .. }), "{msg}");
+    assert_eq!(msg.matches("(os error ").count(), 1, "{msg}");
+    assert_eq!(err.to_string(), msg, "{os}");
+
+    // A storage error (the data directory is a file).
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    let mut cfg = node_config(
+        1,
+        tmp.path(),
+        &[free_addr()],
+        1 << 30,
+        DurabilityConfig::Sync,
+    );
+    cfg.data_dir = file.join("data");
+    let err = start_with(
+        cfg,
+        Box::new(KvService::default()),
+        Transport::Memory(MemNetwork::new()),
+    )
+    .err()
+    .expect("started on a file");
+    let msg = chain(&err);
+    assert_eq!(msg.matches("(os error ").count(), 1, "{msg}");
+
+    // A configuration file that cannot be read.
+    let err = NodeConfig::load(&tmp.path().join("missing.toml")).expect_err("loaded");
+    let msg = chain(&err);
+    assert_eq!(msg.matches("(os error ").count(), 1, "{msg}");
+    assert!(msg.contains("missing.toml"), "{msg}");
+}
+
+/// A restore from a file that is not a backup says so, without the advice
+/// for a damaged data directory, and writes nothing.
+#[test]
+fn a_restore_from_junk_says_the_backup_is_bad() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = node_config(
+        1,
+        tmp.path(),
+        &[free_addr()],
+        1 << 30,
+        DurabilityConfig::Sync,
+    );
+    let junk = tmp.path().join("junk.keel");
+    std::fs::write(&junk, b"not a backup\n").expect("write");
+    let err = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &junk, false)
+        .expect_err("restored junk");
+    let msg = chain(&err);
+    assert!(msg.contains("not a Keel backup"), "{msg}");
+    assert!(msg.contains(&junk.display().to_string()), "{msg}");
+    assert!(!msg.contains("Refusing to start"), "{msg}");
+    assert!(!msg.contains("move its data directory aside"), "{msg}");
+    assert!(!cfg.data_dir.exists(), "a refused restore wrote files");
 }

@@ -36,9 +36,9 @@ use crate::reader;
 use bytes::Bytes;
 use crossbeam_channel::{unbounded, Sender};
 use keel_core::{
-    Action, ApplyOutput, Config as CoreConfig, Entry, Event, Message, Nanos, Node, NodeId,
-    Position, Proposal, Recovered, RejectReason, Reply, Role, Service, ServiceHost, Snapshot,
-    SnapshotMeta, SnapshotTask, TimerUpdate,
+    Action, ApplyOutput, Config as CoreConfig, Entry, Event, MembershipChange, Message, Nanos,
+    Node, NodeId, Position, Proposal, Recovered, RejectReason, Reply, Role, Service, ServiceHost,
+    Snapshot, SnapshotMeta, SnapshotTask, TimerUpdate,
 };
 use keel_log::meta::{self, HardStateFile};
 use keel_log::{DirLock, Identity, LogStore, Options, StorageEvent, StorageThread};
@@ -1570,6 +1570,23 @@ impl Consensus {
                 Ok(())
             }
             ClientOp::TransferLeader(target) => self.transfer_leader(id, req.id, sink, target),
+            ClientOp::ChangeMembership(MembershipChange::AddLearner(n))
+                if n != 0 && self.cfg.client_addr_of(n).is_none() =>
+            {
+                // A node no configuration names could never be reached: as
+                // a learner it would never catch up, and it must never
+                // become a voter.
+                respond(
+                    &sink,
+                    req.id,
+                    ClientResult::Error(format!(
+                        "node {n} is not in this node's configuration: add it to every \
+                         node's [[peers]] (id, peer_addr, client_addr) and restart them, \
+                         start it with join = true, then add it"
+                    )),
+                );
+                Ok(())
+            }
             ClientOp::ChangeMembership(change) => {
                 self.admin(id, req.id, sink, Event::ChangeMembership { id, change })
             }

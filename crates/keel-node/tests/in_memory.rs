@@ -887,6 +887,27 @@ fn a_flood_of_client_requests_drops_no_peer_message() {
     stop_all(t.nodes);
 }
 
+/// A learner no configuration names (it could never be reached, so never
+/// catch up) is refused, with what to do.
+#[test]
+fn a_learner_no_configuration_names_is_refused() {
+    let t = start_kv_three(|_| {});
+    let leader = wait_leader(&t.nodes, None);
+    let l = &t.nodes[(leader - 1) as usize];
+    let r = client_runtime().block_on(l.call(ClientOp::ChangeMembership(
+        keel_core::MembershipChange::AddLearner(9),
+    )));
+    match r {
+        ClientResult::Error(m) => assert!(
+            m.contains("node 9 is not in this node's configuration"),
+            "{m}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!l.status().learners.contains(&9));
+    stop_all(t.nodes);
+}
+
 /// Runs `futures` concurrently on the calling task; their outputs in order.
 async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut running: Vec<_> = futures.map(|f| Some(Box::pin(f))).collect();

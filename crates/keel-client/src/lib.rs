@@ -63,7 +63,7 @@ pub enum ClientError {
     Refused(String),
     /// Whether a write took effect is unknown: the node could not learn
     /// its outcome, or an earlier attempt reached a node and got no answer
-    /// or "not the leader" (that attempt may have been applied) and then a
+    /// or (a write's) "not the leader" (that attempt may have been applied) and then a
     /// retry was refused (a refusal such as the space quota's comes before
     /// the duplicate check) or the call ran out of time. Read to find out.
     #[error("outcome unknown: the write may or may not have been applied: {0}")]
@@ -72,10 +72,36 @@ pub enum ClientError {
     Protocol(String),
     #[error("no endpoints given")]
     NoEndpoints,
+    /// An endpoint is not `host:port`.
+    #[error("endpoint {0:?} is not host:port (e.g. 127.0.0.1:7101)")]
+    BadEndpoint(String),
+    /// Every endpoint answered in another protocol than Keel's: an etcd API
+    /// (gRPC) or HTTP port, most likely. Nothing was applied.
+    #[error(
+        "{} {protocol} (an etcd API or HTTP port?), not Keel's client protocol: give a \
+         node's client_addr",
+        answer(.endpoints)
+    )]
+    NotKeel {
+        endpoints: Vec<String>,
+        /// "HTTP/gRPC" or "TLS".
+        protocol: &'static str,
+    },
+    /// One node (`Client::status_of`) did not answer.
+    #[error("{endpoint}: {why}")]
+    Unreachable { endpoint: String, why: String },
     #[error(
         "client id 0 is reserved for writes without a session (not deduplicated): choose another"
     )]
     ReservedClientId,
+}
+
+/// "A answers" or "A, B answer".
+fn answer(endpoints: &[String]) -> String {
+    match endpoints {
+        [one] => format!("{one} answers"),
+        many => format!("{} answer", many.join(", ")),
+    }
 }
 
 /// Why an attempt failed, and whether its request may have reached the
@@ -83,12 +109,70 @@ pub enum ClientError {
 struct AttemptError {
     why: String,
     sent: bool,
+    /// The endpoint answered in this other protocol ("HTTP/gRPC", "TLS"):
+    /// not a Keel node, so nothing was applied there.
+    foreign: Option<&'static str>,
+}
+
+/// The protocol a server that is not a Keel node answered in, if the
+/// start of its answer `buf` (to a Keel frame) is recognisably another
+/// one: an HTTP/1 response ("HTTP/1.1 400 ..."), or the HTTP/2 client or
+/// server preface (a SETTINGS frame on stream 0: a gRPC port such as
+/// etcd's). Neither can begin a Keel frame: read as a frame's length,
+/// "HTTP", "PRI " and a SETTINGS frame's first four bytes declare at least
+/// the 64 MiB limit, and a SETTINGS frame's fifth byte (its flags, 0 or 1)
+/// is not a Keel version. With `closed` (the server closed the connection
+/// after `buf`), also a lone TLS alert (a TLS port's answer to bytes that
+/// are not a TLS handshake), which is a whole TLS record but would be the
+/// start of an unfinished Keel frame.
+fn foreign_protocol(buf: &[u8], closed: bool) -> Option<&'static str> {
+    const HTTP2_SETTINGS: u8 = 4;
+    const TLS_ALERT: u8 = 21;
+    if buf.starts_with(b"HTTP") || buf.starts_with(b"PRI ") {
+        return Some("HTTP/gRPC");
+    }
+    if buf.len() >= 5 && buf[0] == 0 && buf[3] == HTTP2_SETTINGS && buf[4] <= 1 {
+        return Some("HTTP/gRPC");
+    }
+    if closed && buf.len() == 7 && buf[0] == TLS_ALERT && buf[1] == 3 && buf[3..5] == [0, 2] {
+        return Some("TLS");
+    }
+    None
+}
+
+/// Is `e` host:port? Only its form is checked (a name is resolved when
+/// the client connects).
+pub fn check_endpoint(e: &str) -> Result<(), ClientError> {
+    let bad = || ClientError::BadEndpoint(e.to_string());
+    let (host, port) = e.rsplit_once(':').ok_or_else(bad)?;
+    let bracketed = host.len() > 2 && host.starts_with('[') && host.ends_with(']');
+    if host.is_empty()
+        || (host.contains(':') && !bracketed)
+        || host.chars().any(char::is_whitespace)
+        || !port.bytes().all(|b| b.is_ascii_digit())
+        || !matches!(port.parse::<u16>(), Ok(p) if p > 0)
+    {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 /// Is `op` applied through the log (a write, a membership change)? Once
 /// an attempt of it reached a node unanswered, it may have been applied.
 fn goes_through_the_log(op: &ClientOp) -> bool {
     matches!(op, ClientOp::Write(_) | ClientOp::ChangeMembership(_))
+}
+
+/// May a node that answered `op` "not the leader" have taken it? A write,
+/// yes: a leader that appended it and then lost its leadership answers
+/// its waiting writes so, and the entry may still commit. A membership
+/// change, no: a node answers one at once, in the same step of its core,
+/// "ok" once the core appended it and otherwise with the core's refusal,
+/// "not the leader" among them; it never waits for its entry. So after
+/// "not the leader" the next node's refusal of the change is a refusal
+/// (unless an earlier attempt went unanswered).
+fn not_leader_may_have_taken(op: &ClientOp) -> bool {
+    matches!(op, ClientOp::Write(_))
 }
 
 /// The wall clock in microseconds since the Unix epoch (0 before it).
@@ -135,6 +219,9 @@ impl Client {
     pub fn new(opts: ClientOptions) -> Result<Self, ClientError> {
         if opts.endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
+        }
+        for e in &opts.endpoints {
+            check_endpoint(e)?;
         }
         if opts.client_id == Some(keel_core::SESSIONLESS) {
             // Id 0 is the cluster's "no session": writes under it would not
@@ -213,10 +300,16 @@ impl Client {
         match c.attempt(ClientOp::Status).await {
             Ok(ClientResult::Status(s)) => Ok(s),
             Ok(other) => Err(ClientError::Protocol(format!("{other:?}"))),
-            Err(e) => Err(ClientError::NoLeader {
-                waited: timeout,
-                tried: vec![addr.to_string()],
-                last: e.why,
+            Err(AttemptError {
+                foreign: Some(protocol),
+                ..
+            }) => Err(ClientError::NotKeel {
+                endpoints: vec![addr.to_string()],
+                protocol,
+            }),
+            Err(e) => Err(ClientError::Unreachable {
+                endpoint: addr.to_string(),
+                why: e.why,
             }),
         }
     }
@@ -228,6 +321,8 @@ impl Client {
         let mut backoff = Duration::from_millis(10);
         // Did an attempt of this write reach a node without an answer?
         let mut maybe_applied = false;
+        // Endpoints that answered in another protocol (not Keel nodes).
+        let mut foreign: Vec<String> = Vec::new();
         while started.elapsed() < self.opts.call_timeout {
             let endpoint = self.endpoint().to_string();
             if !tried.contains(&endpoint) {
@@ -237,7 +332,7 @@ impl Client {
                 Ok(ClientResult::NotLeader { address, leader }) => {
                     // A node that took the write and then lost leadership
                     // answers this too: its entry may still commit.
-                    maybe_applied |= goes_through_the_log(&op);
+                    maybe_applied |= not_leader_may_have_taken(&op);
                     last = format!("{endpoint} is not the leader (leader: {leader:?})");
                     self.conn = None;
                     match address {
@@ -262,7 +357,19 @@ impl Client {
                 Ok(ClientResult::Error(m)) => return Err(ClientError::Refused(m)),
                 Ok(r) => return Ok(r),
                 Err(e) => {
-                    maybe_applied |= e.sent && goes_through_the_log(&op);
+                    if let Some(protocol) = e.foreign {
+                        if !foreign.contains(&endpoint) {
+                            foreign.push(endpoint.clone());
+                        }
+                        // Retrying will not make them Keel nodes.
+                        if self.opts.endpoints.iter().all(|e| foreign.contains(e)) {
+                            return Err(ClientError::NotKeel {
+                                endpoints: foreign,
+                                protocol,
+                            });
+                        }
+                    }
+                    maybe_applied |= e.sent && e.foreign.is_none() && goes_through_the_log(&op);
                     last = format!("{endpoint}: {}", e.why);
                     self.conn = None;
                     self.next_endpoint();
@@ -305,24 +412,28 @@ impl Client {
     async fn attempt(&mut self, op: ClientOp) -> Result<ClientResult, AttemptError> {
         let timeout = self.opts.attempt_timeout;
         let mut sent = false;
-        match tokio::time::timeout(timeout, self.attempt_inner(op, &mut sent)).await {
-            Ok(r) => r.map_err(|why| AttemptError { why, sent }),
+        let mut foreign = None;
+        match tokio::time::timeout(timeout, self.attempt_inner(op, &mut sent, &mut foreign)).await {
+            Ok(r) => r.map_err(|why| AttemptError { why, sent, foreign }),
             Err(_) => {
                 // The connection may hold half a request or a late answer.
                 self.conn = None;
                 Err(AttemptError {
                     why: format!("no answer within {timeout:?}"),
                     sent,
+                    foreign,
                 })
             }
         }
     }
 
-    /// Sets `sent` once the request may have reached the node.
+    /// Sets `sent` once the request may have reached the node, and
+    /// `foreign` if the server answered in another protocol.
     async fn attempt_inner(
         &mut self,
         op: ClientOp,
         sent: &mut bool,
+        foreign: &mut Option<&'static str>,
     ) -> Result<ClientResult, String> {
         if self.conn.is_none() {
             let addr = self.endpoint().to_string();
@@ -351,6 +462,11 @@ impl Client {
             self.conn = None;
             return Err(format!("send: {e}"));
         }
+        // The server answered in another protocol: say so, not "bad frame".
+        let not_keel = |buf: &[u8], closed: bool, foreign: &mut Option<&'static str>| {
+            *foreign = foreign_protocol(buf, closed);
+            foreign.map(|p| format!("answers {p}, not Keel's client protocol"))
+        };
         loop {
             match codec::decode(&conn.buf, codec::DEFAULT_MAX_FRAME) {
                 Ok(Some((frame, n))) => {
@@ -364,21 +480,32 @@ impl Client {
                         }
                     }
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    if let Some(why) = not_keel(&conn.buf, false, foreign) {
+                        self.conn = None;
+                        return Err(why);
+                    }
+                }
                 Err(e) => {
+                    let why = not_keel(&conn.buf, false, foreign)
+                        .unwrap_or_else(|| format!("bad frame from server: {e}"));
                     self.conn = None;
-                    return Err(format!("bad frame from server: {e}"));
+                    return Err(why);
                 }
             }
             match conn.stream.read_buf(&mut conn.buf).await {
                 Ok(0) => {
+                    let why = not_keel(&conn.buf, true, foreign)
+                        .unwrap_or_else(|| "connection closed".into());
                     self.conn = None;
-                    return Err("connection closed".into());
+                    return Err(why);
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    let why = not_keel(&conn.buf, true, foreign)
+                        .unwrap_or_else(|| format!("receive: {e}"));
                     self.conn = None;
-                    return Err(format!("receive: {e}"));
+                    return Err(why);
                 }
             }
         }
@@ -611,5 +738,146 @@ mod tests {
             .unwrap_err();
         assert!(matches!(&e, ClientError::Uncertain(_)), "{e}");
         server.await.expect("node");
+    }
+
+    /// A server that answers whatever it is sent with `answer` and closes
+    /// the connection; returns its address.
+    async fn foreign_server(answer: &'static [u8]) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer).await;
+            }
+        });
+        addr
+    }
+
+    /// An HTTP, gRPC (HTTP/2) or TLS port given as an endpoint (etcd's
+    /// 2379, say) is named for what it is, at once, not retried as a
+    /// "bad frame" until the call times out; with a Keel node among the
+    /// endpoints, the client uses that one.
+    #[tokio::test]
+    async fn an_endpoint_answering_http_grpc_or_tls_is_named_at_once() {
+        const HTTP1: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        // An HTTP/2 server's preface (an empty SETTINGS frame), then a
+        // GOAWAY (PROTOCOL_ERROR): what a gRPC port answers to a Keel frame.
+        const HTTP2: &[u8] = &[
+            0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+        ];
+        // A fatal TLS alert (decode_error).
+        const TLS: &[u8] = &[21, 3, 3, 0, 2, 2, 50];
+        for (answer, protocol) in [(HTTP1, "HTTP/gRPC"), (HTTP2, "HTTP/gRPC"), (TLS, "TLS")] {
+            let addr = foreign_server(answer).await;
+            let started = Instant::now();
+            let e = client(addr.clone())
+                .write(Bytes::from_static(b"w"))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, ClientError::NotKeel { endpoints, protocol: p }
+                    if *endpoints == [addr.clone()] && *p == protocol),
+                "{e}"
+            );
+            assert!(e.to_string().contains("give a node's client_addr"), "{e}");
+            assert!(started.elapsed() < Duration::from_secs(2), "{e}");
+            let e = Client::status_of(&addr, Duration::from_secs(2))
+                .await
+                .unwrap_err();
+            assert!(matches!(&e, ClientError::NotKeel { .. }), "{e}");
+        }
+        let http = foreign_server(HTTP1).await;
+        let (node, server) = fake_node(vec![Some(ClientResult::Ok(Bytes::new()))]).await;
+        let mut c = Client::new(ClientOptions {
+            endpoints: vec![http, node],
+            attempt_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(10),
+            client_id: Some(7),
+        })
+        .expect("client");
+        c.write(Bytes::from_static(b"w")).await.expect("write");
+        server.await.expect("node");
+    }
+
+    #[test]
+    fn endpoints_must_be_host_port() {
+        for bad in [
+            "nonsense",
+            "127.0.0.1",
+            "127.0.0.1:",
+            ":7101",
+            "host:port",
+            "::1:7101",
+            "h:0",
+            "h:99999",
+        ] {
+            let e = Client::new(ClientOptions::new(vec![bad.into()]))
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(matches!(&e, ClientError::BadEndpoint(b) if b == bad), "{e}");
+        }
+        for good in [
+            "127.0.0.1:7101",
+            "localhost:7101",
+            "[::1]:7101",
+            "node-1.example:1",
+        ] {
+            check_endpoint(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
+    }
+
+    /// "Not the leader" to a membership change means the node did not take
+    /// it (a node answers one at once, never after appending it), so the
+    /// leader's refusal that follows is a refusal; after an unanswered
+    /// attempt it is still an unknown outcome (that attempt may have
+    /// changed the membership, which the refusal may only reflect).
+    #[tokio::test]
+    async fn a_membership_change_refused_after_not_the_leader_is_a_refusal() {
+        let not_leader = || {
+            Some(ClientResult::NotLeader {
+                leader: None,
+                address: None,
+            })
+        };
+        let not_member = || Some(ClientResult::Error("node 9 is not a member".into()));
+        let (addr, server) = fake_node(vec![not_leader(), not_member()]).await;
+        let e = client(addr)
+            .change_membership(MembershipChange::Remove(9))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Refused(m) if m == "node 9 is not a member"),
+            "{e}"
+        );
+        server.await.expect("node");
+
+        let (addr, server) = fake_node(vec![None, not_member()]).await;
+        let e = client(addr)
+            .change_membership(MembershipChange::Remove(9))
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, ClientError::Uncertain(_)), "{e}");
+        server.await.expect("node");
+    }
+
+    /// The status of one node that does not answer says so, not that no
+    /// leader was reachable.
+    #[tokio::test]
+    async fn status_of_a_down_node_says_it_is_unreachable() {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let e = Client::status_of(&addr, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Unreachable { endpoint, why }
+                if *endpoint == addr && why.contains("connect")),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("leader"), "{e}");
     }
 }

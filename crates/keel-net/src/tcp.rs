@@ -434,7 +434,9 @@ pub async fn start_peers(
     stats: Arc<NetStats>,
 ) -> std::io::Result<Peers> {
     let listener = TcpListener::bind(listen).await?;
-    let span = tracing::info_span!("node", id = cfg.node_id);
+    // A root span: the caller (a node starting up) may be in its own
+    // `node` span already, and nested they would print twice.
+    let span = tracing::info_span!(parent: None, "node", id = cfg.node_id);
     let mut links = HashMap::new();
     let mut accept_to = HashMap::new();
     for (id, addr) in peers.iter().cloned() {
@@ -828,7 +830,7 @@ pub async fn start_clients(
     stats: Arc<NetStats>,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
-    let span = tracing::info_span!("node", id = node_id);
+    let span = tracing::info_span!(parent: None, "node", id = node_id);
     let task_span = span.clone();
     tokio::spawn(
         async move {

@@ -4,6 +4,7 @@
 
 mod bench;
 mod dev;
+mod logging;
 
 /// mimalloc instead of glibc's malloc: a node allocates on one thread and
 /// frees on another all the time (requests decoded by the network threads,
@@ -89,12 +90,36 @@ struct RestoreArgs {
 
 #[derive(Args, Debug)]
 struct ConnArgs {
-    /// Client addresses of cluster nodes, comma-separated (any one suffices).
-    #[arg(long, env = "KEEL_ENDPOINTS", default_value = DEFAULT_ENDPOINTS, value_delimiter = ',', global = true)]
+    /// Client addresses (nodes' client_addr, not their etcd API ports) of
+    /// cluster nodes, comma-separated (any one suffices).
+    #[arg(long, env = "KEEL_ENDPOINTS", default_value = DEFAULT_ENDPOINTS, value_delimiter = ',', value_parser = parse_endpoint, global = true)]
     endpoints: Vec<String>,
-    /// Give up after this many seconds without an answer from a leader.
-    #[arg(long, default_value_t = 10, global = true)]
+    /// Give up after this many seconds without an answer from a leader (at
+    /// least 1).
+    #[arg(long, default_value_t = 10, value_parser = parse_timeout, global = true)]
     timeout: u64,
+}
+
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("0 would give up before the first attempt: give at least 1 (seconds)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("expected a whole number of seconds ({e})")),
+    }
+}
+
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    keel_client::check_endpoint(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+/// A u64 in decimal or, with 0x, in hex (as a config file's cluster_id).
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
+        None => s.replace('_', "").parse(),
+    };
+    r.map_err(|e| format!("{s:?}: expected a number, decimal or 0x hex ({e})"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -188,6 +213,8 @@ struct ServerArgs {
     /// This node's id (not 0).
     #[arg(long)]
     id: Option<NodeId>,
+    /// Where the node keeps its log, hard state and snapshots (a relative
+    /// path is taken from the current directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// host:port to listen on for peers.
@@ -216,9 +243,10 @@ struct ServerArgs {
     #[arg(long)]
     etcd_trusted_ca_file: Option<PathBuf>,
     /// Refuse etcd API clients without a certificate signed by the trusted
-    /// CA (etcd's --client-cert-auth).
-    #[arg(long)]
-    etcd_client_cert_auth: bool,
+    /// CA (etcd's --client-cert-auth). --etcd-client-cert-auth=false
+    /// overrides the config file.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    etcd_client_cert_auth: Option<bool>,
     /// Web origins whose pages may use the etcd API over HTTP (CORS,
     /// etcd's --cors), comma-separated, e.g. https://dash.example.com; `*`
     /// for any. Requests from other web origins are refused (403).
@@ -228,6 +256,9 @@ struct ServerArgs {
     /// Another member: ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR] (repeat for each).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<PeerConfig>,
+    /// When an entry counts toward commit on a node: sync (default), once
+    /// it is synced to disk there; replicated, once it is written to the
+    /// OS there (synced every --replicated-sync-interval-ms).
     #[arg(long, value_enum)]
     durability: Option<DurabilityArg>,
     /// In replicated mode, how often each node syncs what it has written
@@ -245,12 +276,13 @@ struct ServerArgs {
     #[arg(long, value_enum)]
     thread_scheduling: Option<ThreadSchedulingArg>,
     /// Worker threads for the etcd API and HTTP (0: half the cores, at
-    /// least 2).
+    /// least 2; at most 256).
     #[arg(long)]
     net_threads: Option<usize>,
     /// Start empty and wait to be added to an existing cluster.
-    #[arg(long)]
-    join: bool,
+    /// --join=false overrides the config file.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    join: Option<bool>,
     /// Leader heartbeat interval.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
@@ -265,11 +297,14 @@ struct ServerArgs {
     #[arg(long)]
     follower_apply_interval_ms: Option<u64>,
     /// Answer linearizable reads on the leader from a lease (no heartbeat
-    /// round per read) while a quorum has echoed a heartbeat within the
-    /// election timeout shortened by --clock-drift-ppm. Every node must have
-    /// the same minimum election timeout and --clock-drift-ppm.
-    #[arg(long)]
-    lease_reads: bool,
+    /// round per read) while a quorum of voters has each echoed a heartbeat
+    /// within that voter's minimum election timeout (which it reports),
+    /// shortened by the leader's --clock-drift-ppm. Election timeouts and
+    /// this setting may differ between nodes; safe while no node's clock
+    /// rate is off by more than the leader's --clock-drift-ppm.
+    /// --lease-reads=false overrides the config file.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    lease_reads: Option<bool>,
     /// The clock-rate error lease reads assume at most on any node, in
     /// parts per million (0-500000, default 10000 = 1%).
     #[arg(long)]
@@ -295,7 +330,10 @@ struct ServerArgs {
     /// every --snapshot-every-bytes whatever the state's size).
     #[arg(long)]
     snapshot_log_percent: Option<u32>,
-    #[arg(long)]
+    /// Every node of a cluster must have the same cluster id (decimal or
+    /// 0x hex; default 0x6b65656c); connections from another cluster are
+    /// refused.
+    #[arg(long, value_parser = parse_u64)]
     cluster_id: Option<u64>,
 }
 
@@ -367,8 +405,8 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     if let Some(v) = &a.etcd_trusted_ca_file {
         cfg.etcd_trusted_ca_file = Some(v.clone());
     }
-    if a.etcd_client_cert_auth {
-        cfg.etcd_client_cert_auth = true;
+    if let Some(v) = a.etcd_client_cert_auth {
+        cfg.etcd_client_cert_auth = v;
     }
     if !a.etcd_cors.is_empty() {
         cfg.etcd_cors = a.etcd_cors.clone();
@@ -403,8 +441,8 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     if let Some(n) = a.net_threads {
         cfg.net_threads = n;
     }
-    if a.join {
-        cfg.join = true;
+    if let Some(v) = a.join {
+        cfg.join = v;
     }
     if let Some(c) = a.cluster_id {
         cfg.cluster_id = c;
@@ -418,8 +456,8 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     if let Some(v) = a.follower_apply_interval_ms {
         cfg.follower_apply_interval_ms = v;
     }
-    if a.lease_reads {
-        cfg.lease_reads = true;
+    if let Some(v) = a.lease_reads {
+        cfg.lease_reads = v;
     }
     if let Some(v) = a.clock_drift_ppm {
         cfg.clock_drift_ppm = v;
@@ -489,6 +527,13 @@ fn run_server(a: ServerArgs) -> Result<()> {
     let (service, quota) = make_service(&cfg)?;
     let id = cfg.id;
     let etcd = etcd_api(&cfg, quota)?;
+    if let Some((addr, _)) = &etcd {
+        // A port taken by another program fails the start before the node
+        // joins its peers and touches its data (and `keel dev` sees a node
+        // that could not start, not one that stops once running).
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("serving the etcd API on {addr}"))?;
+    }
     let node = std::sync::Arc::new(
         keel_node::start(cfg, service).with_context(|| format!("starting node {id}"))?,
     );
@@ -804,9 +849,13 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
                         s.applied,
                         leader_commit.saturating_sub(s.applied)
                     ),
+                    Err(keel_client::ClientError::Unreachable { why, .. }) => {
+                        failed += 1;
+                        println!("{e:<22} unreachable: {why}");
+                    }
                     Err(err) => {
                         failed += 1;
-                        println!("{e:<22} unreachable: {err}");
+                        println!("{e:<22} {err}");
                     }
                 }
             }
@@ -859,13 +908,7 @@ fn main() {
     // First, before the allocator maps its arenas.
     let thp = disable_transparent_huge_pages();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init();
     if let Err(e) = thp {
         tracing::debug!("could not turn transparent huge pages off: {e}");
     }

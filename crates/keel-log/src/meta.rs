@@ -196,8 +196,8 @@ pub struct Identity {
 
 impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // (Decimal, as `cluster_id` is configured.)
-        write!(f, "node {} of cluster {}", self.node_id, self.cluster_id)
+        // (The cluster id in hex, as elsewhere: its default is 0x6b65656c.)
+        write!(f, "node {} of cluster {:#x}", self.node_id, self.cluster_id)
     }
 }
 

@@ -574,10 +574,7 @@ impl LogStore {
             end = e.end();
         }
         for e in entries {
-            // (Cannot fail: checked above.)
-            frame::encode(e, &mut self.buf).map_err(|err| {
-                LogError::Invalid(format!("entry at position {}: {err}", e.position))
-            })?;
+            frame::encode(e, &mut self.buf).expect("every entry's size was checked above");
             self.last_pos = e.end();
             if self.runs.last().is_none_or(|&(_, t)| t != e.term) {
                 self.runs.push((e.position, e.term));

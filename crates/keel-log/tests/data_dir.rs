@@ -154,8 +154,8 @@ fn a_data_directory_belongs_to_one_node_of_one_cluster() {
     drop(LogStore::open_as(&dir, Options::default(), node1).expect("same node"));
 
     for (other, what) in [
-        (id(5, 99), "configured as node 5 of cluster 99."),
-        (id(1, 7), "configured as node 1 of cluster 7."),
+        (id(5, 99), "configured as node 5 of cluster 0x63."),
+        (id(1, 7), "configured as node 1 of cluster 0x7."),
     ] {
         let err = refused(LogStore::open_as(&dir, Options::default(), other));
         assert!(
@@ -166,7 +166,7 @@ fn a_data_directory_belongs_to_one_node_of_one_cluster() {
         let msg = err.to_string();
         assert!(msg.contains(&dir.display().to_string()), "{msg}");
         assert!(
-            msg.contains("holds the data of node 1 of cluster 99,"),
+            msg.contains("holds the data of node 1 of cluster 0x63,"),
             "{msg}"
         );
         assert!(msg.contains(what), "{msg}");

@@ -1528,8 +1528,8 @@ fn a_data_directory_serves_one_node_of_one_cluster_at_a_time() {
 
     // Another node's id, or another cluster's: refused, naming both.
     for (node_id, cluster_id, wants) in [
-        (5, 7, "node 5 of cluster 7"),
-        (1, 99, "node 1 of cluster 99"),
+        (5, 7, "node 5 of cluster 0x7"),
+        (1, 99, "node 1 of cluster 0x63"),
     ] {
         let mut wrong = second.clone();
         wrong.id = node_id;
@@ -1544,7 +1544,7 @@ fn a_data_directory_serves_one_node_of_one_cluster_at_a_time() {
             "{msg}"
         );
         assert!(
-            msg.contains("holds the data of node 1 of cluster 7"),
+            msg.contains("holds the data of node 1 of cluster 0x7"),
             "{msg}"
         );
         assert!(msg.contains(wants), "{msg}");

@@ -200,6 +200,7 @@ pub struct DevNode {
     /// The log file's size before this run.
     pub log_start: u64,
     pub client: String,
+    pub peer: String,
     pub http: String,
     pub etcd: Option<String>,
 }
@@ -249,6 +250,7 @@ fn write_configs(a: &DevArgs, fixed: &Fixed, dir: &Path, shown: &Path) -> Result
             config: path,
             log_shown: shown.join(format!("node{id}")).join("keel.log"),
             client: client.clone(),
+            peer: peer.clone(),
             http: http.clone(),
             etcd: etcd.clone(),
         });
@@ -385,6 +387,10 @@ fn remove_new_dir(dir: &Path, existed: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What to do about a port another program holds.
+const PORT_HINT: &str = "Another program (a `keel dev` left running, etcd) holds a port this \
+cluster needs: stop it, or choose other ports with --base-port and --etcd-base-port.";
+
 pub fn run(a: DevArgs) -> Result<i32> {
     let exe = std::env::current_exe().context("finding the keel executable")?;
     let shown = a.dir.clone();
@@ -428,6 +434,23 @@ pub fn run(a: DevArgs) -> Result<i32> {
         restored.map_err(undo)?;
         println!("Restored every node from {}", backup.display());
     }
+    // Every port free first: servers a killed `keel dev` left running would
+    // answer on them, and the new ones be taken for up until they fail.
+    let busy = nodes
+        .iter()
+        .flat_map(|n| {
+            [
+                Some(&n.client),
+                Some(&n.peer),
+                Some(&n.http),
+                n.etcd.as_ref(),
+            ]
+        })
+        .flatten()
+        .find(|addr| std::net::TcpListener::bind(addr.as_str()).is_err());
+    if let Some(addr) = busy {
+        return Err(undo(anyhow::anyhow!("{addr} is in use. {PORT_HINT}")));
+    }
     let mut children = Vec::new();
     for n in &nodes {
         match spawn(&exe, &n.config, &n.config.with_file_name("keel.log")) {
@@ -453,11 +476,8 @@ pub fn run(a: DevArgs) -> Result<i32> {
     });
     if let Err(e) = up {
         stop(&mut children, false);
-        let e = if format!("{e:#}").contains("in use") {
-            anyhow::anyhow!(
-                "{e:#}\nAnother program (another `keel dev`, etcd) holds a port this cluster \
-                 needs: stop it, or choose other ports with --base-port and --etcd-base-port."
-            )
+        let e = if format!("{e:#}").contains("Address already in use") {
+            anyhow::anyhow!("{e:#}\n{PORT_HINT}")
         } else {
             e
         };

@@ -72,22 +72,25 @@ fn a_data_directory_takes_one_server_of_its_own_node_and_cluster() {
     assert!(first.0.try_wait().expect("try_wait").is_none());
 
     // Gone (however it died), the directory is free, but only for node 1
-    // of cluster 99.
+    // of cluster 0x63.
     first.0.kill().expect("kill");
     first.0.wait().expect("wait");
     let (code, text) = keel(server_args(&dir, 5, 99, &client()));
     assert_ne!(code, 0, "{text}");
     assert!(
-        text.contains("holds the data of node 1 of cluster 99"),
+        text.contains("holds the data of node 1 of cluster 0x63"),
         "{text}"
     );
     assert!(
-        text.contains("configured as node 5 of cluster 99"),
+        text.contains("configured as node 5 of cluster 0x63"),
         "{text}"
     );
     let (code, text) = keel(server_args(&dir, 1, 7, &client()));
     assert_ne!(code, 0, "{text}");
-    assert!(text.contains("configured as node 1 of cluster 7"), "{text}");
+    assert!(
+        text.contains("configured as node 1 of cluster 0x7"),
+        "{text}"
+    );
 
     // The right node, on a taken address: the OS error once.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

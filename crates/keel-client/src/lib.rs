@@ -143,18 +143,11 @@ fn foreign_protocol(buf: &[u8], closed: bool) -> Option<&'static str> {
 /// Is `e` host:port? Only its form is checked (a name is resolved when
 /// the client connects).
 pub fn check_endpoint(e: &str) -> Result<(), ClientError> {
-    let bad = || ClientError::BadEndpoint(e.to_string());
-    let (host, port) = e.rsplit_once(':').ok_or_else(bad)?;
-    let bracketed = host.len() > 2 && host.starts_with('[') && host.ends_with(']');
-    if host.is_empty()
-        || (host.contains(':') && !bracketed)
-        || host.chars().any(char::is_whitespace)
-        || !port.bytes().all(|b| b.is_ascii_digit())
-        || !matches!(port.parse::<u16>(), Ok(p) if p > 0)
-    {
-        return Err(bad());
+    if keel_net::is_host_port(e, false) {
+        Ok(())
+    } else {
+        Err(ClientError::BadEndpoint(e.to_string()))
     }
-    Ok(())
 }
 
 /// Is `op` applied through the log (a write, a membership change)? Once

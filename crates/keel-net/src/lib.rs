@@ -9,6 +9,23 @@ pub mod codec;
 pub mod mem;
 pub mod tcp;
 
+/// Is `addr` host:port: a host without whitespace (a name, an IPv4
+/// address, or an IPv6 one in brackets) and a port number, 0 only if
+/// `port_zero` (a listener's "any free port")? Only the form is checked:
+/// a name is resolved when it is used. Shared by the node's configuration
+/// and the client's endpoints, so both take the same addresses.
+pub fn is_host_port(addr: &str, port_zero: bool) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let bracketed = host.len() > 2 && host.starts_with('[') && host.ends_with(']');
+    !host.is_empty()
+        && (bracketed || !host.contains(':'))
+        && !host.chars().any(char::is_whitespace)
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && matches!(port.parse::<u16>(), Ok(p) if p > 0 || port_zero)
+}
+
 /// Where a node sends its peer messages: fire and forget (a message that
 /// cannot be delivered is dropped; Raft retransmits).
 pub trait PeerSender: Send {

@@ -473,10 +473,8 @@ impl NodeConfig {
             ]
         });
         for (what, addr) in own.into_iter().chain(peers) {
-            let port = addr
-                .rsplit_once(':')
-                .map(|(host, port)| (host, port.parse::<u16>()));
-            if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+            // (Port 0: a listener on any free port, as tests use.)
+            if !keel_net::is_host_port(addr, true) {
                 return bad(format!(
                     "{what} {addr:?} is not host:port (e.g. \"10.0.0.2:7001\")"
                 ));
@@ -556,6 +554,8 @@ mod tests {
             ),
             ("127.0.0.1:70000", "127.0.0.1:7102", "peer 2's peer_addr"),
             (":7002", "127.0.0.1:7102", "peer 2's peer_addr"),
+            ("::1:7002", "127.0.0.1:7102", "peer 2's peer_addr"),
+            ("127.0.0.1: 7002", "127.0.0.1:7102", "peer 2's peer_addr"),
         ] {
             let text = format!(
                 "{}[[peers]]\nid = 2\npeer_addr = {peer:?}\nclient_addr = {client:?}\n",

@@ -1020,7 +1020,10 @@ fn a_follower_behind_the_in_memory_log_catches_up_from_the_log_files() {
     }
     let written = l.status().commit;
     assert!(written > 200_000, "{written}");
-    assert_eq!(l.metrics().log_reads.get(), 0);
+    // (Not necessarily 0: on a loaded machine the other follower may fall
+    // behind the in-memory log for a moment too, and be sent entries read
+    // back. The isolated one certainly is: everything it lacks left memory.)
+    let reads_before = l.metrics().log_reads.get();
     net.heal();
     let start = Instant::now();
     while b.status().applied < written {
@@ -1031,7 +1034,10 @@ fn a_follower_behind_the_in_memory_log_catches_up_from_the_log_files() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(l.metrics().log_reads.get() > 0, "nothing was read back");
+    assert!(
+        l.metrics().log_reads.get() > reads_before,
+        "nothing was read back for node {behind}"
+    );
     let rt = client_runtime();
     for i in [0, 99, 199] {
         let q = Query::Get {

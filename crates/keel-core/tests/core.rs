@@ -535,12 +535,9 @@ fn read_index_waits_for_the_term_start_and_a_heartbeat_round() {
     assert_eq!(h.ready_reads, vec![(leader, 5, commit)]);
 }
 
-/// A learner far behind the leader's log is not promoted (etcd: "can
-/// only promote a learner member which is in sync with leader"): as a voter
-/// it could neither count towards commits nor vote for anyone up to date
-/// until it caught up. Once it has caught up, the promotion goes through.
-#[test]
-fn a_learner_behind_the_log_is_not_promoted() {
+/// Voters 1 and 2, with a leader, and node 3 added as a learner; the
+/// harness and the leader.
+fn two_voters_and_learner_3() -> (Harness, NodeId) {
     let m = Membership::new([1, 2]);
     let mut nodes: Vec<Node> = (1..=2)
         .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
@@ -558,6 +555,16 @@ fn a_learner_behind_the_log_is_not_promoted() {
     );
     h.run_for(200 * MS);
     assert!(h.node(3).membership().learners.contains(&3));
+    (h, leader)
+}
+
+/// A learner far behind the leader's log is not promoted (etcd: "can
+/// only promote a learner member which is in sync with leader"): as a voter
+/// it could neither count towards commits nor vote for anyone up to date
+/// until it caught up. Once it has caught up, the promotion goes through.
+#[test]
+fn a_learner_behind_the_log_is_not_promoted() {
+    let (mut h, leader) = two_voters_and_learner_3();
     // The learner is cut off while the log grows.
     h.cut.insert((leader, 3));
     for i in 0..50 {
@@ -592,23 +599,7 @@ fn a_learner_behind_the_log_is_not_promoted() {
 
 #[test]
 fn learners_replicate_but_never_count() {
-    let m = Membership::new([1, 2]);
-    let mut nodes: Vec<Node> = (1..=2)
-        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
-        .collect();
-    nodes.push(Node::new(Config::new(3, 7), Membership::default(), 0));
-    let mut h = Harness::with(nodes);
-    h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
-    h.step(
-        leader,
-        Event::ChangeMembership {
-            id: 1,
-            change: MembershipChange::AddLearner(3),
-        },
-    );
-    h.run_for(200 * MS);
-    assert!(h.node(3).membership().learners.contains(&3));
+    let (mut h, leader) = two_voters_and_learner_3();
     h.propose(leader, 2, 1, b"to-learner");
     h.run_for(200 * MS);
     assert!(h.applied[2].iter().any(|e| &e.data[..] == b"to-learner"));

@@ -752,6 +752,22 @@ fn sessionless_writes_with_the_same_number_each_get_their_own_reply() {
 /// unknown. (Here the follower's messages to the leader are lost while the
 /// leader's still arrive, so the follower keeps following it and nothing
 /// else would ever answer the write.)
+/// Waits for a leader and for a follower to know it, then cuts that
+/// follower's link to the leader (the leader's to it stays up, so the
+/// follower keeps hearing it); (leader, follower).
+fn cut_a_follower_from_the_leader(nodes: &[NodeHandle], net: &MemNetwork) -> (u64, u64) {
+    let leader = wait_leader(nodes, None);
+    let follower = (1..=3u64).find(|&n| n != leader).expect("a follower");
+    let f = &nodes[(follower - 1) as usize];
+    let start = Instant::now();
+    while f.status().leader != Some(leader) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no leader known");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    net.cut(follower, leader);
+    (leader, follower)
+}
+
 #[test]
 fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() {
     let Three {
@@ -765,16 +781,8 @@ fn a_forwarded_write_the_leader_never_got_is_answered_after_the_write_timeout() 
         |c| c.write_timeout_ms = 1_000,
         || Box::new(Echo::default()),
     );
-    let leader = wait_leader(&nodes, None);
-    let follower = (1..=3u64).find(|&n| n != leader).expect("a follower");
+    let (leader, follower) = cut_a_follower_from_the_leader(&nodes, &net);
     let f = &nodes[(follower - 1) as usize];
-    // The follower knows the leader before its link to it is cut.
-    let start = Instant::now();
-    while f.status().leader != Some(leader) {
-        assert!(start.elapsed() < Duration::from_secs(10), "no leader known");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    net.cut(follower, leader);
     let asked = Instant::now();
     let r = write_within(f, Bytes::from_static(b"lost"), Duration::from_secs(10))
         .expect("answered within 10 s");
@@ -813,15 +821,8 @@ fn a_forwarded_read_the_leader_never_got_is_refused() {
         |_| {},
         || Box::new(Echo::default()),
     );
-    let leader = wait_leader(&nodes, None);
-    let follower = (1..=3u64).find(|&n| n != leader).expect("a follower");
+    let (leader, follower) = cut_a_follower_from_the_leader(&nodes, &net);
     let f = &nodes[(follower - 1) as usize];
-    let start = Instant::now();
-    while f.status().leader != Some(leader) {
-        assert!(start.elapsed() < Duration::from_secs(10), "no leader known");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    net.cut(follower, leader);
     let r = client_runtime()
         .block_on(async {
             tokio::time::timeout(

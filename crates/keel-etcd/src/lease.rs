@@ -2,13 +2,23 @@
 //! keep-alive stream, time-to-live (with keys) and the lease list. Grants,
 //! revocations and renewals are log entries; expiry is driven by
 //! leader-stamped log time (a timer entry), so every replica agrees.
+//!
+//! As in etcd, the leader answers every time-to-live (a follower passes the
+//! request on): log time is the leader's clock, and a follower's own clock
+//! may be anywhere. A renewal or time-to-live that finds no leader (an
+//! election, a leadership transfer) is retried until the request timeout,
+//! as etcd's `LeaseRenew` and `LeaseTimeToLive` do, so a keep-alive stream
+//! lives through a leader change instead of failing.
 
-use crate::{unexpected, Api};
+use crate::{forwarded, is_forwarded, unexpected, Api};
+use keel_etcd_proto::etcdserverpb::lease_client::LeaseClient;
 use keel_etcd_proto::etcdserverpb::lease_server::Lease;
 use keel_etcd_proto::etcdserverpb::*;
 use keel_kv::{Command, Query, Response as KvResponse};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -16,9 +26,35 @@ pub struct LeaseApi(pub Arc<Api>);
 
 type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
 
-/// Renews one lease; `Ok(None)` if it does not exist (etcd answers TTL 0).
+/// The pause between tries of a call that found no leader (etcd's
+/// throttle in its renewal loop).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Runs `attempt` until it succeeds or fails with something other than
+/// Unavailable (no leader, leader changed, busy with a transfer...), or
+/// until `timeout` has passed since the first try: then its last error.
+async fn retry_unavailable<T, F, Fut>(timeout: Duration, mut attempt: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let start = Instant::now();
+    loop {
+        match attempt().await {
+            Err(s) if s.code() == Code::Unavailable && start.elapsed() + RETRY_PAUSE < timeout => {
+                tracing::debug!("lease call retried: {s}");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Renews one lease: its TTL, or TTL 0 if it does not exist (as etcd).
 async fn renew(api: &Api, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
-    match api.write(&Command::LeaseKeepAlive { id }).await {
+    let cmd = Command::LeaseKeepAlive { id };
+    let write = || api.write(&cmd);
+    match retry_unavailable(api.config.request_timeout, write).await {
         Ok(KvResponse::LeaseKeepAlive { revision, id, ttl }) => Ok(LeaseKeepAliveResponse {
             header: api.header(revision as i64),
             id,
@@ -31,6 +67,108 @@ async fn renew(api: &Api, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
             ttl: 0,
         }),
         Err(s) => Err(s),
+    }
+}
+
+/// Who answers a time-to-live at this member.
+enum TtlBy {
+    /// This member: it leads (or the leader has no etcd address here).
+    Here,
+    /// The leader, through its etcd API.
+    Leader(u64),
+}
+
+impl LeaseApi {
+    fn ttl_by(&self, passed_on: bool) -> Result<TtlBy, Status> {
+        let st = self.0.node.status();
+        if st.role == "leader" {
+            return Ok(TtlBy::Here);
+        }
+        if passed_on {
+            // Sent here as to the leader, which this member no longer is:
+            // the sender asks again.
+            return Err(Status::unavailable("etcdserver: leader changed"));
+        }
+        let Some(leader) = st.leader else {
+            return Err(Status::unavailable("etcdserver: no leader"));
+        };
+        let reachable = self
+            .0
+            .config
+            .members
+            .iter()
+            .any(|m| m.id == leader && !m.client_urls.is_empty());
+        // Without the leader's etcd address, this member's clock is the
+        // best estimate of the leader's there is.
+        Ok(if reachable {
+            TtlBy::Leader(leader)
+        } else {
+            TtlBy::Here
+        })
+    }
+
+    /// One try at a time-to-live: by the leader, or here if this member
+    /// leads.
+    async fn time_to_live_once(
+        &self,
+        r: &LeaseTimeToLiveRequest,
+        passed_on: bool,
+    ) -> Result<LeaseTimeToLiveResponse, Status> {
+        match self.ttl_by(passed_on)? {
+            TtlBy::Leader(leader) => {
+                let channel = self.0.member_channel(leader, "the leader").await?;
+                let mut resp = LeaseClient::new(channel)
+                    .lease_time_to_live(forwarded(*r))
+                    .await?
+                    .into_inner();
+                // This member's header, as etcd fills it in; the leader's
+                // revision is no older than this member's.
+                let revision = resp.header.map_or(0, |h| h.revision);
+                resp.header = self.0.header(revision);
+                Ok(resp)
+            }
+            TtlBy::Here => self.time_to_live_here(r).await,
+        }
+    }
+
+    async fn time_to_live_here(
+        &self,
+        r: &LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse, Status> {
+        let q = Query::LeaseTimeToLive {
+            id: r.id,
+            keys: r.keys,
+            // Log time is the leader's clock (clamped to never go back):
+            // this member leads, so its wall clock is that time.
+            now: keel_node::runtime::wall_clock_ns(),
+        };
+        match self.0.read(&q, false).await {
+            Ok(KvResponse::LeaseTimeToLive {
+                revision,
+                id,
+                ttl,
+                granted_ttl,
+                keys,
+            }) => Ok(LeaseTimeToLiveResponse {
+                header: self.0.header(revision as i64),
+                id,
+                ttl,
+                granted_ttl,
+                keys,
+            }),
+            Ok(other) => Err(unexpected(&other)),
+            // etcd answers a missing lease with TTL -1, not an error.
+            Err(s) if s.code() == Code::NotFound => Ok(LeaseTimeToLiveResponse {
+                header: self
+                    .0
+                    .header(crate::kv::current_revision(&self.0).await.unwrap_or(0)),
+                id: r.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            }),
+            Err(s) => Err(s),
+        }
     }
 }
 
@@ -86,41 +224,16 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let passed_on = is_forwarded(&r);
         let r = r.into_inner();
-        let q = Query::LeaseTimeToLive {
-            id: r.id,
-            keys: r.keys,
-            // Log time is the leader's wall clock (clamped to never go
-            // back), so this node's wall clock approximates it.
-            now: keel_node::runtime::wall_clock_ns(),
-        };
-        match self.0.read(&q, false).await {
-            Ok(KvResponse::LeaseTimeToLive {
-                revision,
-                id,
-                ttl,
-                granted_ttl,
-                keys,
-            }) => Ok(Response::new(LeaseTimeToLiveResponse {
-                header: self.0.header(revision as i64),
-                id,
-                ttl,
-                granted_ttl,
-                keys,
-            })),
-            Ok(other) => Err(unexpected(&other)),
-            // etcd answers a missing lease with TTL -1, not an error.
-            Err(s) if s.code() == Code::NotFound => Ok(Response::new(LeaseTimeToLiveResponse {
-                header: self
-                    .0
-                    .header(crate::kv::current_revision(&self.0).await.unwrap_or(0)),
-                id: r.id,
-                ttl: -1,
-                granted_ttl: 0,
-                keys: Vec::new(),
-            })),
-            Err(s) => Err(s),
+        if passed_on {
+            // The member that passed it on retries.
+            return self.time_to_live_once(&r, true).await.map(Response::new);
         }
+        let attempt = || self.time_to_live_once(&r, false);
+        retry_unavailable(self.0.config.request_timeout, attempt)
+            .await
+            .map(Response::new)
     }
 
     async fn lease_leases(

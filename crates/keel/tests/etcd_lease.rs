@@ -1,0 +1,219 @@
+//! etcd's Lease service on a 3-node Keel cluster, where it depends on which
+//! member answers: a follower's LeaseTimeToLive answers what the leader's
+//! clock says (etcd asks its leader), whatever the follower's own clock
+//! reads; and a keep-alive stream, through a follower, lives through
+//! leader changes, each renewal answered (etcd retries a renewal that
+//! found no leader until its request timeout instead of failing the
+//! stream, which clients such as the etcd-client crate do not reopen).
+
+mod common;
+
+use common::{etcd_channel, TestCluster};
+use keel_etcd_proto::etcdserverpb::lease_client::LeaseClient;
+use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_etcd_proto::etcdserverpb::*;
+use std::path::PathBuf;
+use std::process::{Command as Proc, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// libfaketime, which moves one process's wall clock (Debian's
+/// `faketime`), or `None`: the test skips, saying so.
+fn faketime_or_skip(test: &str) -> Option<PathBuf> {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!("skipping {test}: libfaketime not found (apt-get install -y faketime)");
+    }
+    found
+}
+
+/// Restarts node `id` with its wall clock `offset` (libfaketime's syntax,
+/// e.g. "+3600") away from the machine's; its monotonic clocks are left
+/// alone.
+fn restart_with_clock(c: &mut TestCluster, id: u64, lib: &PathBuf, offset: &str) {
+    c.kill(id);
+    let node = &c.nodes[id as usize - 1];
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node.dir.join("keel.log"))
+        .expect("log file");
+    let err = log.try_clone().expect("log clone");
+    let child = Proc::new(common::keel_exe())
+        .args(["server", "--config"])
+        .arg(&node.config)
+        .env("KEEL_LOG", "info")
+        .env("LD_PRELOAD", lib)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .expect("spawn keel server");
+    // The cluster's Drop kills it like the others.
+    c.nodes[id as usize - 1].child = Some(child);
+}
+
+/// The TTL node `at` reports for `id`, retried while the node (re)starts
+/// or has no leader.
+async fn ttl_at(addr: &str, id: i64) -> LeaseTimeToLiveResponse {
+    let mut lease = LeaseClient::new(etcd_channel(addr).await);
+    let start = Instant::now();
+    loop {
+        match lease
+            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
+            .await
+        {
+            Ok(r) => return r.into_inner(),
+            Err(e) if start.elapsed() < WAIT => {
+                eprintln!("time-to-live at {addr}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("time-to-live at {addr}: {e}"),
+        }
+    }
+}
+
+/// A follower whose wall clock is an hour ahead (or behind) still reports
+/// the TTL the leader's clock gives: not "expired" (TTL -1), not an hour
+/// too long. etcd's followers ask the leader; Keel's did the arithmetic
+/// on their own clock.
+#[test]
+fn time_to_live_on_a_follower_does_not_depend_on_its_clock() {
+    let Some(lib) = faketime_or_skip("time_to_live_on_a_follower_does_not_depend_on_its_clock")
+    else {
+        return;
+    };
+    let mut c = TestCluster::start(3, "");
+    let (leader, _) = c.wait_for_leader(WAIT);
+    let mut followers = (1..=3).filter(|&id| id != leader);
+    let (ahead, behind) = (followers.next().unwrap(), followers.next().unwrap());
+    restart_with_clock(&mut c, ahead, &lib, "+3600");
+    restart_with_clock(&mut c, behind, &lib, "-3600");
+    let (now_leader, _) = c.wait_for_leader(WAIT);
+    let at = |id: u64| c.nodes[id as usize - 1].etcd.clone();
+    let (leader_at, ahead_at, behind_at) = (at(leader), at(ahead), at(behind));
+    c.rt.block_on(async {
+        if now_leader != leader {
+            // The leader with the true clock (log time is its clock).
+            MaintenanceClient::new(etcd_channel(&at(now_leader)).await)
+                .move_leader(MoveLeaderRequest { target_id: leader })
+                .await
+                .expect("move the leadership back");
+        }
+        let mut lease = LeaseClient::new(etcd_channel(&leader_at).await);
+        let id = lease
+            .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+            .await
+            .expect("grant")
+            .into_inner()
+            .id;
+        for (name, addr) in [
+            ("leader", &leader_at),
+            ("follower an hour ahead", &ahead_at),
+            ("follower an hour behind", &behind_at),
+        ] {
+            let r = ttl_at(addr, id).await;
+            assert_eq!(r.granted_ttl, 600, "{name}: {r:?}");
+            assert!(
+                (560..=600).contains(&r.ttl),
+                "{name} reports TTL {} of 600 (the leader's clock gives about 600): {r:?}",
+                r.ttl
+            );
+        }
+    });
+}
+
+/// Keep-alives sent on one stream through a follower while leadership
+/// moves around the cluster: every one is answered with the lease's TTL,
+/// and the stream never fails.
+#[test]
+fn keep_alive_stream_through_a_follower_lives_through_leader_changes() {
+    let c = TestCluster::start(3, "");
+    let (mut leader, _) = c.wait_for_leader(WAIT);
+    let follower = (1..=3).find(|&id| id != leader).expect("a follower");
+    // Leader changes are the point, not a follower yet to hear of one.
+    let start = Instant::now();
+    while c.status(follower).and_then(|s| s.leader) != Some(leader) {
+        assert!(
+            start.elapsed() < WAIT,
+            "node {follower} never learned of the leader"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let at = |id: u64| c.nodes[id as usize - 1].etcd.clone();
+    let addrs: Vec<String> = (1..=3).map(at).collect();
+    c.rt.block_on(async {
+        let ch = etcd_channel(&addrs[follower as usize - 1]).await;
+        let mut lease = LeaseClient::new(ch.clone());
+        let id = lease
+            .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+            .await
+            .expect("grant")
+            .into_inner()
+            .id;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut answers = lease
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("keep-alive stream")
+            .into_inner();
+        // Renew without pause, one at a time, in the background, counting
+        // the answers.
+        let answered = Arc::new(AtomicU64::new(0));
+        let count = answered.clone();
+        let renewals = tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                count.store(n, Ordering::Relaxed);
+                if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                    return Ok(n);
+                }
+                match tokio::time::timeout(WAIT, answers.message()).await {
+                    Ok(Ok(Some(r))) if r.id == id && r.ttl == 60 => n += 1,
+                    Ok(Ok(Some(r))) => return Err(format!("renewal {n} answered {r:?}")),
+                    Ok(Ok(None)) => return Err(format!("stream ended after {n} renewals")),
+                    Ok(Err(e)) => return Err(format!("stream failed after {n} renewals: {e}")),
+                    Err(_) => return Err(format!("renewal {n} unanswered within {WAIT:?}")),
+                }
+            }
+        });
+        for round in 0..6 {
+            let target = (1..=3u64)
+                .filter(|&t| t != leader)
+                .nth(round % 2)
+                .expect("a target");
+            let mut m = MaintenanceClient::new(etcd_channel(&addrs[leader as usize - 1]).await);
+            m.move_leader(MoveLeaderRequest { target_id: target })
+                .await
+                .unwrap_or_else(|e| panic!("move leader {leader} -> {target}: {e}"));
+            leader = target;
+            // Renewals go on under the new leader (or the stream failed).
+            let (before, start) = (answered.load(Ordering::Relaxed), Instant::now());
+            while answered.load(Ordering::Relaxed) < before + 3 {
+                if renewals.is_finished() {
+                    panic!("keep-alive stopped: {:?}", renewals.await);
+                }
+                assert!(
+                    start.elapsed() < WAIT,
+                    "no renewal answered within {WAIT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        renewals.abort();
+        let ttl = ttl_at(&addrs[0], id).await;
+        assert!(ttl.ttl > 50, "{ttl:?}");
+    });
+}

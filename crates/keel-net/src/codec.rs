@@ -45,6 +45,44 @@ pub enum Frame {
     Response(ClientResponse),
 }
 
+/// Which of the four kinds a frame is, known from its tag byte before the
+/// rest of it has arrived (`frame_kind`): a connection refuses a frame of
+/// the wrong kind without reading, buffering or decoding the rest of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    Hello,
+    Peer,
+    Request,
+    Response,
+}
+
+impl FrameKind {
+    /// What the frame is, for messages ("a client request").
+    pub fn name(self) -> &'static str {
+        match self {
+            FrameKind::Hello => "a hello",
+            FrameKind::Peer => "a peer message",
+            FrameKind::Request => "a client request",
+            FrameKind::Response => "a client response",
+        }
+    }
+}
+
+impl Frame {
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Frame::Hello { .. } => FrameKind::Hello,
+            Frame::Peer(_) => FrameKind::Peer,
+            Frame::Request(_) => FrameKind::Request,
+            Frame::Response(_) => FrameKind::Response,
+        }
+    }
+}
+
+/// The largest declared length of a `Hello` frame (version, tag, cluster
+/// id, node id): the limit to read a connection's first frame with.
+pub const HELLO_MAX_FRAME: usize = 2 + 8 + 8;
+
 /// A client's request to a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientRequest {
@@ -614,6 +652,23 @@ pub fn frame_size(buf: &[u8], max_frame: usize) -> Result<Option<usize>, CodecEr
     Ok(Some(LEN_BYTES.saturating_add(len)))
 }
 
+/// The kind of the frame at the start of `buf`, from its tag byte alone
+/// (Ok(None) until that byte is there); an unknown tag is an error. The
+/// length prefix is not checked here: that is `frame_size`'s.
+pub fn frame_kind(buf: &[u8]) -> Result<Option<FrameKind>, CodecError> {
+    let Some(&tag) = buf.get(LEN_BYTES + 1) else {
+        return Ok(None);
+    };
+    let kind = match tag {
+        FRAME_HELLO => FrameKind::Hello,
+        FRAME_PEER => FrameKind::Peer,
+        FRAME_REQUEST => FrameKind::Request,
+        FRAME_RESPONSE => FrameKind::Response,
+        tag => return Err(CodecError::UnknownTag { what: "frame", tag }),
+    };
+    Ok(Some(kind))
+}
+
 /// `decode`; with `shared`, the buffer `buf` lies in, byte strings are
 /// slices of it.
 fn decode_in(
@@ -639,11 +694,11 @@ fn decode_in(
         FRAME_RESPONSE => Frame::Response(r.response()?),
         tag => return Err(CodecError::UnknownTag { what: "frame", tag }),
     };
-    let what = match frame {
-        Frame::Hello { .. } => "Hello frame",
-        Frame::Peer(_) => "Peer frame",
-        Frame::Request(_) => "Request frame",
-        Frame::Response(_) => "Response frame",
+    let what = match frame.kind() {
+        FrameKind::Hello => "Hello frame",
+        FrameKind::Peer => "Peer frame",
+        FrameKind::Request => "Request frame",
+        FrameKind::Response => "Response frame",
     };
     r.finish(what)?;
     Ok(Some((frame, size)))
@@ -1395,6 +1450,13 @@ mod tests {
                 u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize,
                 buf.len() - 4
             );
+            // The kind is known from the first six bytes alone.
+            prop_assert_eq!(frame_kind(&buf[..6]), Ok(Some(f.kind())));
+            prop_assert_eq!(frame_kind(&buf[..5]), Ok(None));
+            // A Hello is never longer than the limit its reader uses.
+            if let Frame::Hello { .. } = f {
+                prop_assert_eq!(buf.len() - 4, HELLO_MAX_FRAME);
+            }
             // Encoding appends: earlier contents are kept.
             let mut out = vec![0xAB; 3];
             encode(&f, &mut out);
@@ -1620,6 +1682,10 @@ mod tests {
                 buf[5] = t;
                 prop_assert_eq!(
                     decode(&buf, MAX),
+                    Err(CodecError::UnknownTag { what: "frame", tag: t })
+                );
+                prop_assert_eq!(
+                    frame_kind(&buf[..6]),
                     Err(CodecError::UnknownTag { what: "frame", tag: t })
                 );
             }

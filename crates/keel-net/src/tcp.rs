@@ -15,7 +15,7 @@
 //! task costs more than the write. A frame that does not decode closes its
 //! connection with a logged reason; the node keeps running.
 
-use crate::codec::{self, ClientRequest, ClientResponse, Frame};
+use crate::codec::{self, ClientRequest, ClientResponse, Frame, FrameKind};
 use bytes::BytesMut;
 use keel_core::{Message, NodeId};
 use std::collections::HashMap;
@@ -489,7 +489,7 @@ async fn accept_peers(
             let mut buf = Vec::new();
             let hello = tokio::time::timeout(
                 Duration::from_secs(5),
-                read_one(&mut stream, &mut buf, cfg.max_frame),
+                read_hello(&mut stream, &mut buf),
             )
             .await;
             let reason = match hello {
@@ -513,7 +513,7 @@ async fn accept_peers(
                         )
                     }
                 }
-                Ok(Ok(other)) => format!("expected a hello, got {}", frame_name(&other)),
+                Ok(Ok(other)) => format!("expected a hello, got {}", other.kind().name()),
             };
             stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
             warn!("peer connection from {remote} refused: {reason}");
@@ -521,18 +521,30 @@ async fn accept_peers(
     }
 }
 
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello { .. } => "hello",
-        Frame::Peer(_) => "peer message",
-        Frame::Request(_) => "client request",
-        Frame::Response(_) => "client response",
+/// The error for a frame of kind `found` where only `expected` may come:
+/// known from the frame's tag byte, before the rest of it is read.
+fn check_kind(buf: &[u8], expected: FrameKind) -> Result<(), String> {
+    match codec::frame_kind(buf) {
+        Ok(Some(found)) if found != expected => Err(format!(
+            "expected {}, got {}",
+            expected.name(),
+            found.name()
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("bad frame: {e}")),
     }
 }
 
-/// Reads exactly one frame, keeping any bytes after it in `buf`.
-async fn read_one(stream: &mut TcpStream, buf: &mut Vec<u8>, max: usize) -> Result<Frame, String> {
+/// Reads exactly one frame of kind `expected`, keeping any bytes after it
+/// in `buf`.
+async fn read_one(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    max: usize,
+    expected: FrameKind,
+) -> Result<Frame, String> {
     loop {
+        check_kind(buf, expected)?;
         match codec::decode(buf, max) {
             Ok(Some((f, n))) => {
                 buf.drain(..n);
@@ -549,6 +561,14 @@ async fn read_one(stream: &mut TcpStream, buf: &mut Vec<u8>, max: usize) -> Resu
             return Err("connection closed".into());
         }
     }
+}
+
+/// Reads an incoming peer connection's first frame, which must be a hello:
+/// a frame of another kind, or one declaring more than a hello's bytes, is
+/// refused from its first bytes (before its hello, a connection may come
+/// from anyone).
+async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Frame, String> {
+    read_one(stream, buf, codec::HELLO_MAX_FRAME, FrameKind::Hello).await
 }
 
 /// Free buffer space kept for each read of a connection.
@@ -571,9 +591,10 @@ async fn read_frames(
     r: OwnedReadHalf,
     buf: BytesMut,
     max: usize,
+    expected: FrameKind,
     on_frame: impl FnMut(Option<Frame>) -> Result<(), String>,
 ) -> Result<(), String> {
-    read_frames_gated(r, buf, max, None, on_frame).await
+    read_frames_gated(r, buf, max, expected, None, on_frame).await
 }
 
 /// `read_frames`, and with `answers` (a client connection's outbox) no
@@ -583,15 +604,22 @@ async fn read_frames_gated(
     mut r: OwnedReadHalf,
     mut buf: BytesMut,
     max: usize,
+    expected: FrameKind,
     answers: Option<&Outbox>,
     mut on_frame: impl FnMut(Option<Frame>) -> Result<(), String>,
 ) -> Result<(), String> {
     loop {
         // The whole frames at the front, by their length prefixes; a bad
-        // prefix ends the connection after the frames before it.
+        // prefix, or a frame of another kind than `expected` (known from
+        // its tag byte, before the rest of it is read), ends the
+        // connection after the frames before it.
         let (mut whole, mut partial, mut bad) = (0, 0, None);
         loop {
-            match codec::frame_size(&buf[whole..], max) {
+            let at = &buf[whole..];
+            let size = codec::frame_size(at, max)
+                .map_err(|e| format!("bad frame: {e}"))
+                .and_then(|n| check_kind(at, expected).map(|()| n));
+            match size {
                 Ok(Some(n)) if n <= buf.len() - whole => whole += n,
                 Ok(Some(n)) => {
                     partial = n;
@@ -599,7 +627,7 @@ async fn read_frames_gated(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    bad = Some(format!("bad frame: {e}"));
+                    bad = Some(e);
                     break;
                 }
             }
@@ -737,6 +765,7 @@ impl Link {
                         r,
                         BytesMut::from(&leftover[..]),
                         cfg.max_frame,
+                        FrameKind::Peer,
                         |f| match f {
                             None => Ok(()),
                             Some(Frame::Peer(m))
@@ -752,7 +781,7 @@ impl Link {
                             m.cluster_id, m.from, m.to
                         )),
                             Some(other) => {
-                                Err(format!("unexpected {} on a peer link", frame_name(&other)))
+                                Err(format!("unexpected {} on a peer link", other.kind().name()))
                             }
                         },
                     )
@@ -895,26 +924,33 @@ async fn serve_client(
         }
     });
     let mut batch = Vec::new();
-    let result = read_frames_gated(r, BytesMut::new(), max_frame, Some(&outbox), |f| match f {
-        Some(Frame::Request(req)) => {
-            batch.push(req);
-            Ok(())
-        }
-        Some(other) => Err(format!(
-            "expected a client request, got {}",
-            frame_name(&other)
-        )),
-        None => {
-            if !batch.is_empty() {
-                handler(std::mem::take(&mut batch), &tx);
-                // Answers the handler gave itself (refusals) on a thread
-                // that defers its writes, as the consensus thread does,
-                // go out now, not at that thread's next turn.
-                flush_deferred();
+    let result = read_frames_gated(
+        r,
+        BytesMut::new(),
+        max_frame,
+        FrameKind::Request,
+        Some(&outbox),
+        |f| match f {
+            Some(Frame::Request(req)) => {
+                batch.push(req);
+                Ok(())
             }
-            Ok(())
-        }
-    })
+            Some(other) => Err(format!(
+                "expected a client request, got {}",
+                other.kind().name()
+            )),
+            None => {
+                if !batch.is_empty() {
+                    handler(std::mem::take(&mut batch), &tx);
+                    // Answers the handler gave itself (refusals) on a thread
+                    // that defers its writes, as the consensus thread does,
+                    // go out now, not at that thread's next turn.
+                    flush_deferred();
+                }
+                Ok(())
+            }
+        },
+    )
     .await;
     if let Err(reason) = &result {
         stats.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -988,7 +1024,7 @@ mod tests {
             let (r, _w) = sock.into_split();
             let mut got = Vec::new();
             let mut reads = 0;
-            let result = read_frames(r, BytesMut::new(), 1 << 20, |f| {
+            let result = read_frames(r, BytesMut::new(), 1 << 20, FrameKind::Request, |f| {
                 match f {
                     Some(f) => got.push(f),
                     None => reads += 1,
@@ -1006,6 +1042,109 @@ mod tests {
             assert!(reads > 1, "all in one read: the test cut nothing");
             let e = result.expect_err("the bad frame was accepted");
             assert!(e.contains("bad frame"), "{e}");
+        });
+    }
+
+    /// A connected pair: the accepted side and the connecting side.
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (server, client)
+    }
+
+    /// The first bytes of a frame: its length prefix, version and tag.
+    fn frame_header(f: &Frame, declared: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        codec::encode(f, &mut b);
+        b.truncate(6);
+        b[..4].copy_from_slice(&declared.to_le_bytes());
+        b
+    }
+
+    fn peer_frame() -> Frame {
+        Frame::Peer(keel_core::Message {
+            cluster_id: 1,
+            from: 1,
+            to: 2,
+            term: 1,
+            body: keel_core::Body::TimeoutNow { last_pos: 0 },
+        })
+    }
+
+    /// A frame of the wrong kind (a peer message on a client connection, a
+    /// request where a hello must come) and a hello declaring more bytes
+    /// than a hello has are refused from their first six bytes: the node
+    /// neither waits for, buffers nor decodes the up to 64 MiB declared.
+    /// (Before, they were read whole, and only then refused.)
+    #[test]
+    fn frames_of_the_wrong_kind_are_refused_from_their_first_bytes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let deadline = Duration::from_secs(20);
+            let (server, mut client) = connected().await;
+            client
+                .write_all(&frame_header(&peer_frame(), 60 << 20))
+                .await
+                .expect("write");
+            let (r, _w) = server.into_split();
+            let result = tokio::time::timeout(
+                deadline,
+                read_frames(r, BytesMut::new(), 64 << 20, FrameKind::Request, |_| Ok(())),
+            )
+            .await
+            .expect("waited for the rest of a frame of the wrong kind");
+            let e = result.expect_err("a peer frame on a client connection");
+            assert_eq!(e, "expected a client request, got a peer message");
+
+            let request = Frame::Request(ClientRequest {
+                id: 1,
+                client: 1,
+                seq: 1,
+                op: ClientOp::Status,
+            });
+            let (mut server, mut client) = connected().await;
+            client
+                .write_all(&frame_header(&request, 1 << 20))
+                .await
+                .expect("write");
+            let e = tokio::time::timeout(deadline, read_hello(&mut server, &mut Vec::new()))
+                .await
+                .expect("waited for the rest of a frame that is not a hello")
+                .expect_err("a request for a hello");
+            assert_eq!(e, "expected a hello, got a client request");
+
+            let hello = Frame::Hello {
+                cluster_id: 1,
+                node_id: 1,
+            };
+            let (mut server, mut client) = connected().await;
+            client
+                .write_all(&frame_header(&hello, 1 << 20))
+                .await
+                .expect("write");
+            let e = tokio::time::timeout(deadline, read_hello(&mut server, &mut Vec::new()))
+                .await
+                .expect("waited for the rest of an oversized hello")
+                .expect_err("a 1 MiB hello");
+            assert!(e.contains("above the limit of 18 bytes"), "{e}");
+
+            // A well-formed hello still passes, with what was read after
+            // it kept for the link.
+            let (mut server, mut client) = connected().await;
+            let mut bytes = Vec::new();
+            codec::encode(&hello, &mut bytes);
+            let hello_len = bytes.len();
+            codec::encode(&peer_frame(), &mut bytes);
+            client.write_all(&bytes).await.expect("write");
+            let mut buf = Vec::new();
+            let got = read_hello(&mut server, &mut buf).await.expect("hello");
+            assert_eq!(got, hello);
+            assert!(bytes[hello_len..].starts_with(&buf), "{buf:?}");
         });
     }
 }

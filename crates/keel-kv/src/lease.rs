@@ -67,8 +67,13 @@ impl Leases {
         self.map.contains_key(&id)
     }
 
+    /// Every lease's id, the soonest to expire first (then by id): the
+    /// order etcd 3.4 lists its leases in (`lessor.Leases` sorts by
+    /// expiry), which `etcdctl lease list` prints.
     pub fn ids(&self) -> Vec<i64> {
-        self.map.keys().copied().collect()
+        let mut by_expiry: Vec<(u64, i64)> = self.map.values().map(|l| (l.expiry, l.id)).collect();
+        by_expiry.sort_unstable();
+        by_expiry.into_iter().map(|(_, id)| id).collect()
     }
 
     /// The id the next grant without an id gets: the counter's next value

@@ -36,8 +36,10 @@
 //!   not conflict with puts; a nested txn's puts are only checked against
 //!   deletes before it). Nested txn responses have revision 0, as etcd
 //!   leaves their headers empty.
-//! - Leases: expiry is leader-stamped log time, so unlike etcd a leader
-//!   change does not extend leases. TTLs below the minimum (default 2 s,
+//! - Leases: expiry is leader-stamped log time; each new leader's term
+//!   start gives every lease its whole TTL again (etcd's `Promote`, without
+//!   its extra election timeout). The lease list is soonest expiry first,
+//!   as etcd 3.4's. TTLs below the minimum (default 2 s,
 //!   etcd's `ceil(1.5 * election timeout)` with a 1 s election timeout) are
 //!   raised; ids granted without one count up from 1. A lease past its
 //!   expiry is "not found" to keep-alive and time-to-live queries even

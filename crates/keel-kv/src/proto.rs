@@ -198,8 +198,9 @@ pub enum Query {
         limit: u64,
     },
     /// A lease's remaining TTL at log time `now` (nanoseconds; a query has
-    /// no log time of its own, so the caller passes the leader-stamped time
-    /// it knows), its granted TTL, and optionally its keys.
+    /// no log time of its own, so the caller passes the leader's clock,
+    /// which is what stamps log time: ask the leader, as etcd does), its
+    /// granted TTL, and optionally its keys.
     LeaseTimeToLive {
         id: i64,
         keys: bool,

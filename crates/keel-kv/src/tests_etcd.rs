@@ -1039,7 +1039,9 @@ fn lease_grant_rules() {
     assert_eq!(h.grant(0, 10).0, 7);
     match h.query(&Query::Leases) {
         Response::Leases { ids, revision } => {
-            assert_eq!(ids, vec![-7, 1, 2, 3, 4, 5, 6, 7, 100]);
+            // Soonest expiry first, as etcd 3.4 lists them (each grant's
+            // log time is a little later than the one before).
+            assert_eq!(ids, vec![2, 3, 1, 5, 6, 7, 100, -7, 4]);
             assert_eq!(revision, 1);
         }
         other => panic!("{other:?}"),
@@ -1624,4 +1626,29 @@ fn restore_checks_history_and_lease_invariants() {
         assert!(e.contains(why), "{why}: {e}");
         assert_eq!(t.revision(), 4, "a failed restore leaves the state alone");
     }
+}
+
+/// etcd 3.4 lists leases soonest expiry first (`lessor.Leases`), not by
+/// id; a renewal moves a lease back, and leases expiring together are
+/// listed by id.
+#[test]
+fn leases_are_listed_soonest_expiry_first() {
+    let mut h = Harness::new();
+    let listed = |h: &Harness| match h.query(&Query::Leases) {
+        Response::Leases { ids, .. } => ids,
+        other => panic!("{other:?}"),
+    };
+    h.grant(1, 300);
+    h.grant(2, 200);
+    h.grant(3, 100);
+    h.grant(4, 250);
+    assert_eq!(listed(&h), vec![3, 2, 4, 1]);
+    h.advance(200 * SEC);
+    h.fire_due();
+    h.cmd(Command::LeaseKeepAlive { id: 4 });
+    assert_eq!(listed(&h), vec![1, 4]);
+    // A term start gives each its whole TTL from one log time.
+    h.grant(9, 250);
+    h.term_start(true);
+    assert_eq!(listed(&h), vec![4, 9, 1]);
 }

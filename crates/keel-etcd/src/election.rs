@@ -99,8 +99,9 @@ impl Election for ElectionApi {
             let r = r.into_inner();
             let lease = self.0.lease_or_grant(r.lease).await?;
             let key = key_of(&r.name, lease);
+            let prefix = prefix_of(&r.name);
             let contender = self.0.contend(&key).await;
-            let claim = contender.claim(r.value.clone(), lease).await?;
+            let claim = contender.claim(&prefix, r.value.clone(), lease).await?;
             if claim
                 .existing
                 .as_ref()
@@ -117,10 +118,7 @@ impl Election for ElectionApi {
             }
             // A call that fails while it waits stays a candidate (as
             // etcd's does); only one abandoned by its client resigns.
-            let waited = self
-                .0
-                .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
-                .await;
+            let waited = self.0.wait_deletes(&prefix, claim.rev - 1).await;
             if let Err(e) = waited {
                 contender.keep(claim.rev);
                 return Err(e);

@@ -2,9 +2,9 @@
 //! is held under the caller's lease and answers the key that exists while
 //! it is held (for guarding writes with a transaction on it); Unlock
 //! deletes that key. See `recipes` for how contenders queue. A Lock call
-//! that fails or is abandoned while it waits deletes the key it made, as
-//! etcd's unlocks, unless another call of the same lease through this node
-//! shares it (`recipes::Contender`).
+//! that fails or is abandoned while it waits deletes the key it made (or
+//! found there behind another's), as etcd's unlocks, unless another call of
+//! the same lease through this node shares it (`recipes::Contender`).
 
 use crate::recipes::{as_recipe_error, key_of, prefix_of, Recipes};
 use keel_etcd_proto::v3lockpb::lock_server::Lock;
@@ -22,11 +22,10 @@ impl LockApi {
     async fn acquire(&self, r: LockRequest) -> Result<LockResponse, Status> {
         let lease = self.0.lease_or_grant(r.lease).await?;
         let key = key_of(&r.name, lease);
+        let prefix = prefix_of(&r.name);
         let contender = self.0.contend(&key).await;
-        let claim = contender.claim(Default::default(), lease).await?;
-        self.0
-            .wait_deletes(&prefix_of(&r.name), claim.rev - 1)
-            .await?;
+        let claim = contender.claim(&prefix, Default::default(), lease).await?;
+        self.0.wait_deletes(&prefix, claim.rev - 1).await?;
         let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
         contender.keep(claim.rev);
         Ok(LockResponse { header, key })

@@ -40,6 +40,9 @@ pub(crate) struct Claim {
     pub rev: i64,
     /// The key was there already (the same lease contended before).
     pub existing: Option<KeyValue>,
+    /// A key under the prefix was created before it (it did not hold the
+    /// lock or lead when claimed).
+    pub behind: bool,
 }
 
 /// The end of the range of every key that starts with `prefix`.
@@ -97,6 +100,20 @@ fn put_op(key: &Bytes, value: Bytes, lease: i64) -> RequestOp {
     }
 }
 
+/// The key under `prefix` with the lowest create revision.
+fn first_op(prefix: &Bytes) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestRange(RangeRequest {
+            key: prefix.clone(),
+            range_end: prefix_end(prefix),
+            limit: 1,
+            sort_order: range_request::SortOrder::Ascend as i32,
+            sort_target: range_request::SortTarget::Create as i32,
+            ..Default::default()
+        })),
+    }
+}
+
 fn range_op(key: &Bytes) -> RequestOp {
     RequestOp {
         request: Some(request_op::Request::RequestRange(RangeRequest {
@@ -148,31 +165,44 @@ impl Recipes {
         Ok(granted.id)
     }
 
-    /// Creates `key` with `value` under `lease` unless it exists (then
-    /// the caller adopts it).
-    pub async fn claim(&self, key: &Bytes, value: Bytes, lease: i64) -> Result<Claim, Status> {
+    /// Creates `key` (under `prefix`) with `value` under `lease` unless it
+    /// exists (then the caller adopts it), and reads the first contender's
+    /// key in the same txn, as etcd's mutex does.
+    pub async fn claim(
+        &self,
+        prefix: &Bytes,
+        key: &Bytes,
+        value: Bytes,
+        lease: i64,
+    ) -> Result<Claim, Status> {
         let t = self
             .kv()
             .txn(Request::new(TxnRequest {
                 compare: vec![compare_create_revision(key, 0)],
-                success: vec![put_op(key, value, lease)],
-                failure: vec![range_op(key)],
+                success: vec![put_op(key, value, lease), first_op(prefix)],
+                failure: vec![range_op(key), first_op(prefix)],
             }))
             .await?
             .into_inner();
-        if t.succeeded {
-            return Ok(Claim {
-                rev: t.header.map_or(0, |h| h.revision),
-                existing: None,
-            });
-        }
-        let existing = t.responses.into_iter().find_map(|r| match r.response {
-            Some(response_op::Response::ResponseRange(r)) => r.kvs.into_iter().next(),
+        let mut ranges = t.responses.into_iter().filter_map(|r| match r.response {
+            Some(response_op::Response::ResponseRange(r)) => Some(r.kvs.into_iter().next()),
             _ => None,
         });
+        if t.succeeded {
+            let rev = t.header.map_or(0, |h| h.revision);
+            let first = ranges.next().flatten();
+            return Ok(Claim {
+                rev,
+                existing: None,
+                behind: first.is_some_and(|f| f.create_revision < rev),
+            });
+        }
+        let existing = ranges.next().flatten();
+        let first = ranges.next().flatten();
         match existing {
             Some(kv) => Ok(Claim {
                 rev: kv.create_revision,
+                behind: first.is_some_and(|f| f.create_revision < kv.create_revision),
                 existing: Some(kv),
             }),
             // Gone between the compare and the read of one txn: cannot be.
@@ -432,8 +462,8 @@ pub(crate) fn as_recipe_error(s: Status) -> Status {
 /// A Lock or Campaign call through this node, contending with its key.
 /// If every call contending with one key through this node gives up on it
 /// (its client cancelled or went away, or a Lock failed), and none kept
-/// it, the key one of them made is deleted again, as etcd's recipes
-/// delete theirs. Calls of one lease for one name share the key, so a
+/// it, the key one of them made (or found behind another's; see
+/// `Contender::claim`) is deleted again, as etcd's recipes delete theirs. Calls of one lease for one name share the key, so a
 /// call that gives up while another still contends with it, or after
 /// another came back holding it, leaves it alone; and a call that comes
 /// while the key is being deleted waits for that before it claims (else it
@@ -467,22 +497,34 @@ impl Recipes {
 }
 
 impl Contender {
-    /// Claims the key (`Recipes::claim`) on a task of its own, which holds
-    /// a place in the contest of its own until the claim is answered: a
-    /// call abandoned while its claim is in flight leaves, and the key the
-    /// claim makes is deleted after all (else it stayed until its lease
-    /// ended, ahead of every later contender).
-    pub async fn claim(&self, value: Bytes, lease: i64) -> Result<Claim, Status> {
+    /// Claims the key (`Recipes::claim`; `prefix` is the name's) on a task
+    /// of its own, which holds a place in the contest of its own until the
+    /// claim is answered: a call abandoned while its claim is in flight
+    /// leaves, and the key the claim makes is deleted after all (else it
+    /// stayed until its lease ended, ahead of every later contender).
+    ///
+    /// A key the claim finds there (made by an earlier call of the lease:
+    /// through a member that went away, or one that failed) counts as made
+    /// here if a key was created before it: then no call holds the lock or
+    /// leads with it, and a call abandoned while it waits deletes it, as
+    /// etcd's does (else it stayed, to hold the lock or lead for nobody,
+    /// for as long as its lease lived, and every later contender waited
+    /// for it). A found key with none before it is left alone: a call
+    /// before may hold the lock with it.
+    pub async fn claim(&self, prefix: &Bytes, value: Bytes, lease: i64) -> Result<Claim, Status> {
         self.recipes.0.contests.share(&self.key);
         let share = Contender {
             recipes: self.recipes.clone(),
             key: self.key.clone(),
         };
         let runtime = self.recipes.0.node.runtime().clone();
+        let prefix = prefix.clone();
         let task = self.recipes.0.node.runtime().spawn(async move {
-            let claim = share.recipes.claim(&share.key, value, lease).await;
+            let claim = share.recipes.claim(&prefix, &share.key, value, lease).await;
             match &claim {
-                Ok(c) if c.existing.is_none() => share.recipes.0.contests.made(&share.key, c.rev),
+                Ok(c) if c.existing.is_none() || c.behind => {
+                    share.recipes.0.contests.made(&share.key, c.rev)
+                }
                 // The txn may be in the log and commit later (its request
                 // timed out, or its leader stepped down): find out on a
                 // task that keeps this place in the contest meanwhile, so
@@ -658,9 +700,10 @@ impl Contests {
         self.lock().entry(key.clone()).or_default().active += 1;
     }
 
-    /// A call made the key, at create revision `rev`. (A key is made only
-    /// where none was: one a call kept before is gone, and this one is
-    /// nobody's until a call keeps it.)
+    /// A call made the key, at create revision `rev`, or found it behind
+    /// another's (`Contender::claim`). (A key is made only where none was:
+    /// one a call kept before is gone, and this one is nobody's until a
+    /// call keeps it; nor is a key found behind another anybody's.)
     fn made(&self, key: &Bytes, rev: i64) {
         if let Some(c) = self.lock().get_mut(key) {
             c.made = c.made.max(Some(rev));

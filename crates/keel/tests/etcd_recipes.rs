@@ -141,6 +141,41 @@ async fn next(o: &mut tonic::Streaming<LeaderResponse>) -> String {
     format!("{}={}", text(&kv.key), text(&kv.value))
 }
 
+/// Waits until `key` holds `value`.
+async fn until_value(ch: &Channel, key: &str, value: &str) {
+    within(&format!("{key}={value}"), async {
+        loop {
+            let r = KvClient::new(ch.clone())
+                .range(RangeRequest {
+                    key: Bytes::from(key.to_string()),
+                    ..Default::default()
+                })
+                .await
+                .expect("range")
+                .into_inner();
+            if r.kvs.first().is_some_and(|kv| kv.value == value.as_bytes()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// Puts `key` = `value` under `lease`, as a call of that lease whose
+/// member went away would have left it.
+async fn leave_key(ch: &Channel, key: &str, value: &str, lease: i64) {
+    KvClient::new(ch.clone())
+        .put(PutRequest {
+            key: Bytes::from(key.to_string()),
+            value: Bytes::from(value.to_string()),
+            lease,
+            ..Default::default()
+        })
+        .await
+        .expect("put");
+}
+
 async fn done<T>(what: &str, h: JoinHandle<T>) -> T {
     within(what, h).await.expect("task")
 }
@@ -202,6 +237,22 @@ async fn script(a: Channel, b: Channel, base: i64) -> Vec<String> {
     waiter.abort();
     let left = until_keys(&a, "job/", 1).await;
     t.push(format!("after a waiter gave up: {left:?}"));
+
+    // A waiter's key left by an earlier call of its lease (through a
+    // member that went away, say): a retry adopts it, and when the retry
+    // gives up too, the key goes as if the retry had made it. (The client
+    // gives up once its request has surely reached the server; the key
+    // must go whenever the server learns of it.)
+    leave_key(&a, &key("job", l4), "", l4).await;
+    let mut retry = LockClient::new(b.clone());
+    let retry = retry.lock(LockRequest {
+        name: Bytes::from_static(b"job"),
+        lease: l4,
+    });
+    let r = tokio::time::timeout(Duration::from_millis(500), retry).await;
+    assert!(r.is_err(), "lock l4 answered while l3 holds it: {r:?}");
+    let left = until_keys(&a, "job/", 1).await;
+    t.push(format!("after a retry of a waiter gone gave up: {left:?}"));
     locks
         .unlock(UnlockRequest {
             key: third.key.clone(),
@@ -268,6 +319,24 @@ async fn script(a: Channel, b: Channel, base: i64) -> Vec<String> {
         text(&lk.key),
         lk.lease == l1
     ));
+
+    // A candidate's key left by an earlier campaign of its lease: a retry
+    // adopts it (and proclaims its value), and resigns when it gives up.
+    let won = done("campaign l1", campaign(&a, "cand", l1, "a"))
+        .await
+        .expect("campaign l1");
+    leave_key(&a, &key("cand", l4), "old", l4).await;
+    let retry = campaign(&b, "cand", l4, "new");
+    until_value(&a, &key("cand", l4), "new").await;
+    assert!(!retry.is_finished(), "campaign l4 won while l1 leads");
+    retry.abort();
+    let left = until_keys(&a, "cand/", 1).await;
+    t.push(format!(
+        "after a retry of a candidate gone gave up: {left:?}"
+    ));
+    el.resign(ResignRequest { leader: won.leader })
+        .await
+        .expect("resign");
 
     let mut observed = ElectionClient::new(b.clone())
         .observe(LeaderRequest { name: name() })

@@ -1,10 +1,12 @@
 //! Safety invariants checked after every step of a simulation: at most one
 //! leader per term; log matching (same position and term ⇒ same prefix);
-//! committed entries never change or disappear; commit never moves back;
-//! every node applies the same entries at the same positions, contiguously
-//! and with non-decreasing leader-stamped time; term and vote never regress;
-//! no leader answers a read under its lease once a leader of a later term
-//! has been elected.
+//! a newly elected leader holds every committed entry; committed entries
+//! never change or disappear; commit never moves back (a snapshot install
+//! included); a leader advances its commit only to an entry of its own
+//! term; every node applies the same entries at the same positions,
+//! contiguously, once, and with non-decreasing leader-stamped time; term
+//! and vote never regress; no leader answers a read under its lease once a
+//! leader of a later term has been elected.
 //!
 //! Each node's log is mirrored as a chain of hashes (hash of the previous
 //! link and the entry), fed by the same actions the runtime executes, so a
@@ -73,6 +75,19 @@ fn link_hash(prev: u64, e: &Entry) -> u64 {
     h.finish()
 }
 
+/// What the invariants read of a node after each step.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeView {
+    pub id: NodeId,
+    /// Counts the node's restarts (commit may move back across one).
+    pub incarnation: u64,
+    pub append_position: Position,
+    pub last_term: Term,
+    pub commit: Position,
+    /// The node's term if it is the leader.
+    pub leading: Option<Term>,
+}
+
 #[derive(Default)]
 pub struct Invariants {
     shadows: HashMap<NodeId, Shadow>,
@@ -103,8 +118,14 @@ impl Invariants {
         self.shadows.entry(id).or_default()
     }
 
-    fn committed_upto(&self) -> Position {
+    /// The end of the longest prefix of the log any node has committed.
+    pub fn committed_upto(&self) -> Position {
         self.committed.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// The node elected leader of `term`, if any.
+    pub fn leader_of(&self, term: Term) -> Option<NodeId> {
+        self.leaders.get(&term).copied()
     }
 
     pub fn leader_elected(&mut self, id: NodeId, term: Term, v: &mut Vec<String>) {
@@ -112,6 +133,17 @@ impl Invariants {
             if other != id {
                 v.push(format!(
                     "election safety: nodes {other} and {id} both lead term {term}"
+                ));
+            }
+        }
+        // Leader completeness: whatever any node has committed is in the
+        // new leader's log (unless its snapshot covers it).
+        let g = self.committed_upto();
+        if let Some(shadow) = self.shadows.get(&id) {
+            if g >= shadow.base_pos && shadow.chain_at(g) != self.committed.get(&g).copied() {
+                v.push(format!(
+                    "leader completeness: node {id} was elected leader of term {term} \
+                     without the committed log up to {g}"
                 ));
             }
         }
@@ -215,6 +247,14 @@ impl Invariants {
 
     pub fn install_snapshot(&mut self, id: NodeId, s: &Snapshot, v: &mut Vec<String>) {
         let pos = s.meta.position;
+        if let Some(&(_, c)) = self.last_commit.get(&id) {
+            if pos < c {
+                v.push(format!(
+                    "node {id}: installed a snapshot at {pos} over its log committed up to {c} \
+                     (commit moved back)"
+                ));
+            }
+        }
         let Some(&chain) = self.committed.get(&pos) else {
             v.push(format!(
                 "node {id}: installed a snapshot at {pos}, which was never committed"
@@ -286,7 +326,14 @@ impl Invariants {
         let mut expected = host_applied;
         for e in entries {
             if e.position < host_applied {
-                continue;
+                // The host would skip it, but the core's contract is each
+                // committed entry once: a core that re-sends is confused
+                // about what it applied.
+                v.push(format!(
+                    "node {id}: applied the entry at {} again (it had applied up to {host_applied})",
+                    e.position
+                ));
+                return;
             }
             if e.position != expected {
                 v.push(format!(
@@ -325,19 +372,32 @@ impl Invariants {
     }
 
     pub fn after_step(&mut self, core: &Node, inc: u64, v: &mut Vec<String>) {
-        let id = core.id();
+        let view = NodeView {
+            id: core.id(),
+            incarnation: inc,
+            append_position: core.append_position(),
+            last_term: core.log().last_term(),
+            commit: core.commit_position(),
+            leading: core.is_leader().then(|| core.term()),
+        };
+        self.check_node(&view, v);
+    }
+
+    /// `after_step` on what it reads of a core.
+    pub fn check_node(&mut self, view: &NodeView, v: &mut Vec<String>) {
+        let (id, inc) = (view.id, view.incarnation);
         let shadow = self.shadow(id);
         let (last, last_term, _) = shadow.last();
-        if last != core.append_position() || last_term != core.log().last_term() {
+        if last != view.append_position || last_term != view.last_term {
             v.push(format!(
                 "node {id}: its log ({}, term {}) differs from what its actions described ({last}, term {last_term})",
-                core.append_position(),
-                core.log().last_term()
+                view.append_position,
+                view.last_term
             ));
             return;
         }
-        let c = core.commit_position();
-        if c > core.append_position() {
+        let c = view.commit;
+        if c > view.append_position {
             v.push(format!("node {id}: commit {c} beyond its log end {last}"));
         }
         let prev = self.last_commit.get(&id).copied();
@@ -347,6 +407,17 @@ impl Invariants {
             }
             if pinc == inc && c == pc {
                 return;
+            }
+            // A leader counts replicas only of entries of its own term
+            // (Raft §5.4.2): an older entry stored on a majority can still
+            // be overwritten.
+            let term_c = self.shadows[&id].term_at(c);
+            if let Some(term) = view.leading.filter(|_| pinc == inc && c > pc) {
+                if term_c != Some(term) {
+                    v.push(format!(
+                        "node {id}: as leader of term {term} advanced its commit to {c}, an entry of term {term_c:?}"
+                    ));
+                }
             }
         }
         self.last_commit.insert(id, (inc, c));
@@ -402,5 +473,149 @@ impl Invariants {
                 "committed entries lost: the final leader {id} does not hold the committed log up to {g}"
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use keel_core::{Membership, SnapshotMeta};
+
+    /// A log of `terms.len()` entries, the i-th of term `terms[i]`.
+    fn log(terms: &[Term]) -> Vec<Entry> {
+        let mut pos = 0;
+        terms
+            .iter()
+            .map(|&term| {
+                let e = Entry {
+                    term,
+                    position: pos,
+                    timestamp: pos,
+                    kind: EntryKind::TermStart,
+                    data: Bytes::from_static(b"x"),
+                };
+                pos = e.end();
+                e
+            })
+            .collect()
+    }
+
+    fn view(id: NodeId, entries: &[Entry], commit: Position, leading: Option<Term>) -> NodeView {
+        NodeView {
+            id,
+            incarnation: 0,
+            append_position: entries.last().map_or(0, Entry::end),
+            last_term: entries.last().map_or(0, |e| e.term),
+            commit,
+            leading,
+        }
+    }
+
+    fn check(inv: &mut Invariants, view: NodeView) -> Vec<String> {
+        let mut v = Vec::new();
+        inv.check_node(&view, &mut v);
+        v
+    }
+
+    #[test]
+    fn a_consistent_history_passes() {
+        let mut inv = Invariants::new();
+        let mut v = Vec::new();
+        let es = log(&[1, 1, 2]);
+        inv.leader_elected(1, 1, &mut v);
+        for id in [1, 2] {
+            inv.append(id, &es[..2], 0, &mut v);
+        }
+        assert!(check(&mut inv, view(1, &es[..2], es[1].end(), Some(1))).is_empty());
+        inv.leader_elected(2, 2, &mut v);
+        inv.append(2, &es[2..], 0, &mut v);
+        assert!(check(&mut inv, view(2, &es, es[2].end(), Some(2))).is_empty());
+        inv.apply(1, 0, &es[..1], &mut v);
+        inv.apply(1, es[0].end(), &es[1..2], &mut v);
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn an_entry_applied_twice_is_caught() {
+        let mut inv = Invariants::new();
+        let mut v = Vec::new();
+        let es = log(&[1, 1]);
+        inv.append(1, &es, 0, &mut v);
+        inv.apply(1, 0, &es[..1], &mut v);
+        assert!(v.is_empty(), "{v:?}");
+        // The host has applied the first entry; the core sends it again.
+        inv.apply(1, es[0].end(), &es, &mut v);
+        assert!(v.iter().any(|m| m.contains("again")), "{v:?}");
+    }
+
+    #[test]
+    fn a_leader_elected_without_committed_entries_is_caught() {
+        let mut inv = Invariants::new();
+        let mut v = Vec::new();
+        let es = log(&[1, 1]);
+        inv.leader_elected(1, 1, &mut v);
+        for id in [1, 2] {
+            inv.append(id, &es, 0, &mut v);
+        }
+        assert!(check(&mut inv, view(1, &es, es[1].end(), Some(1))).is_empty());
+        // Node 3 holds only the first entry: it must not lead.
+        inv.append(3, &es[..1], 0, &mut v);
+        assert!(v.is_empty(), "{v:?}");
+        inv.leader_elected(3, 2, &mut v);
+        assert!(
+            v.iter().any(|m| m.starts_with("leader completeness")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_leader_committing_an_entry_of_an_earlier_term_is_caught() {
+        // Raft's figure 8: node 1, leader of term 3, counts replicas of its
+        // term-1 entry and commits it.
+        let mut inv = Invariants::new();
+        let mut v = Vec::new();
+        let es = log(&[1, 1, 3]);
+        inv.append(1, &es[..2], 0, &mut v);
+        assert!(check(&mut inv, view(1, &es[..2], 0, None)).is_empty());
+        inv.leader_elected(1, 3, &mut v);
+        assert!(check(&mut inv, view(1, &es[..2], 0, Some(3))).is_empty());
+        let v = check(&mut inv, view(1, &es[..2], es[1].end(), Some(3)));
+        assert!(v.iter().any(|m| m.contains("an entry of term")), "{v:?}");
+        // Committing through an entry of its own term is the rule.
+        let mut inv = Invariants::new();
+        let mut v = Vec::new();
+        inv.append(1, &es, 0, &mut v);
+        assert!(check(&mut inv, view(1, &es, 0, Some(3))).is_empty());
+        assert!(check(&mut inv, view(1, &es, es[2].end(), Some(3))).is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_installed_below_the_commit_position_is_caught() {
+        let mut inv = Invariants::new();
+        let mut v = Vec::new();
+        let es = log(&[1, 1, 1]);
+        inv.append(1, &es, 0, &mut v);
+        inv.append(2, &es, 0, &mut v);
+        assert!(check(&mut inv, view(1, &es, es[2].end(), Some(1))).is_empty());
+        assert!(check(&mut inv, view(2, &es, es[2].end(), None)).is_empty());
+        let snapshot = |position| Snapshot {
+            meta: SnapshotMeta {
+                position,
+                term: 1,
+                timestamp: 0,
+                membership: Membership::new([1, 2, 3]),
+            },
+            data: Bytes::new(),
+        };
+        // A (late, duplicated) snapshot of an older, committed position.
+        inv.install_snapshot(2, &snapshot(es[0].end()), &mut v);
+        assert!(v.iter().any(|m| m.contains("commit moved back")), "{v:?}");
+        // One past the commit position is fine.
+        let mut v = Vec::new();
+        inv.append(3, &es[..1], 0, &mut v);
+        assert!(check(&mut inv, view(3, &es[..1], es[0].end(), None)).is_empty());
+        inv.install_snapshot(3, &snapshot(es[2].end()), &mut v);
+        assert!(v.is_empty(), "{v:?}");
     }
 }

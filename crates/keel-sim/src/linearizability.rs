@@ -588,6 +588,32 @@ mod tests {
     }
 
     #[test]
+    fn a_write_seen_while_in_flight_cannot_vanish() {
+        // The put is still running when a read sees it; a later read
+        // (also during the put) cannot miss it.
+        let h = [
+            put(1, 5, 0, 100),
+            get(1, Some(5), 10, 20),
+            get(1, None, 30, 40),
+        ];
+        assert_verdict(&h, false);
+        // Overlapping reads may see it in either order.
+        let h = [
+            put(1, 5, 0, 100),
+            get(1, Some(5), 10, 40),
+            get(1, None, 30, 50),
+        ];
+        assert_verdict(&h, true);
+        // A successful cas is a write: the old value cannot come back.
+        let h = [
+            put(1, 1, 0, 1),
+            cas(1, Some(1), 2, true, 2, 3),
+            get(1, Some(1), 4, 5),
+        ];
+        assert_verdict(&h, false);
+    }
+
+    #[test]
     fn cas_success_requires_a_specific_order() {
         // Concurrent put 1 and cas 1->2: only put-then-cas explains both.
         assert_verdict(

@@ -12,9 +12,9 @@ use crate::linearizability::{self, CheckResult, KvInput, Operation};
 use bytes::Bytes;
 use keel_core::rng::Rng;
 use keel_core::{
-    Action, Config, Entry, Event, HardState, Membership, MembershipChange, Message, Nanos, Node,
-    NodeId, Position, Proposal, Recovered, RejectReason, Reply, Role, ServiceHost, Snapshot,
-    SnapshotMeta, TestingBugs,
+    Action, Body, Config, Entry, Event, HardState, Membership, MembershipChange, Message, Nanos,
+    Node, NodeId, Position, Proposal, Recovered, RejectReason, Reply, Role, ServiceHost, Snapshot,
+    SnapshotMeta, Term, TestingBugs,
 };
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -681,6 +681,19 @@ impl Disk {
     fn log_end(&self) -> Position {
         self.log.last().map_or(self.log_base, Entry::end)
     }
+
+    /// Whether what is synced holds the log up to `pos`, whose last entry
+    /// is of `term`: a snapshot at or past it, or that entry.
+    fn holds(&self, pos: Position, term: Option<Term>) -> bool {
+        let snap = self.snapshot.as_ref().map_or(0, |s| s.meta.position);
+        pos <= snap.max(self.log_base)
+            || self
+                .log
+                .iter()
+                .rev()
+                .take_while(|e| e.end() >= pos)
+                .any(|e| e.end() == pos && Some(e.term) == term)
+    }
 }
 
 struct SimNode {
@@ -695,8 +708,10 @@ struct SimNode {
     clock: Clock,
     /// Client writes waiting for their entry to apply: (client, seq) → req.
     writes: HashMap<(u64, u64), (u64, u64)>,
-    /// Read requests: id → (client, data); and reads confirmed at an index.
-    reads: HashMap<u64, (u64, Bytes)>,
+    /// Read requests: id → (client, data, the longest committed prefix
+    /// when the core got it, which the read must reflect); and reads
+    /// confirmed at an index.
+    reads: HashMap<u64, (u64, Bytes, Position)>,
     ready_reads: Vec<(u64, Position)>,
     last_snapshot: Position,
     /// The service state captured for the snapshot the core was last told
@@ -1187,11 +1202,17 @@ impl Sim {
         while let Some(ev) = queue.pop_front() {
             let now = self.local_now(i);
             let mut out = std::mem::take(&mut self.scratch);
-            let lease_reads = match self.nodes[i].core.as_mut() {
+            let (lease_reads, led_from) = match self.nodes[i].core.as_mut() {
                 Some(core) => {
                     let before = core.stats().lease_reads;
+                    // A leader's commit position before the step (one that
+                    // advances is checked against the disks after it).
+                    let led_from = core.is_leader().then(|| core.commit_position());
                     core.step(now, ev, &mut out);
-                    (core.stats().lease_reads > before).then(|| core.term())
+                    (
+                        (core.stats().lease_reads > before).then(|| core.term()),
+                        led_from,
+                    )
                 }
                 None => return,
             };
@@ -1203,6 +1224,12 @@ impl Sim {
                 self.exec(i, a, &mut queue);
             }
             self.scratch = out;
+            let commit = self.nodes[i].core.as_ref().map(Node::commit_position);
+            if let (Some(from), Some(c)) = (led_from, commit) {
+                if c > from {
+                    self.check_commit_durable(i, c);
+                }
+            }
             if let Some(core) = self.nodes[i].core.as_ref() {
                 let inc = self.nodes[i].incarnation;
                 self.inv.after_step(core, inc, &mut self.report.violations);
@@ -1284,6 +1311,7 @@ impl Sim {
                 }
             }
             Action::Send(m) => {
+                self.check_sent(i, &m);
                 // A voter's reported stickiness is on its disk first, so a
                 // restart cannot forget it.
                 if let keel_core::Body::AppendResp { hold, .. } = m.body {
@@ -1330,6 +1358,7 @@ impl Sim {
                 if let keel_core::Body::InstallSnapshot { chunk, .. } = &mut message.body {
                     *chunk = bytes;
                 }
+                self.check_sent(i, &message);
                 let newest = self.nodes[i]
                     .core
                     .as_ref()
@@ -1371,6 +1400,7 @@ impl Sim {
                 if let keel_core::Body::Append { entries, .. } = &mut message.body {
                     *entries = read;
                 }
+                self.check_sent(i, &message);
                 self.report.log_ranges_read += 1;
                 self.send_peer(message);
             }
@@ -1467,6 +1497,18 @@ impl Sim {
                 self.serve_reads(i);
             }
             Action::ReadReady { id: req, index } => {
+                // Every write acknowledged before the read reached the node
+                // was committed by then: a lower index can miss it (a
+                // stale read, which the history shows only if the key
+                // changed in between).
+                if let Some(&(_, _, floor)) = self.nodes[i].reads.get(&req) {
+                    if index < floor {
+                        self.report.violations.push(format!(
+                            "stale read: node {id} confirmed a read at {index}, but the log \
+                             was committed up to {floor} when the read arrived"
+                        ));
+                    }
+                }
                 if let Some((_, since)) = self.cut_off.filter(|&(n, _)| n == id) {
                     self.report.reads_while_cut_off += 1;
                     let after = self.now - since;
@@ -1489,7 +1531,7 @@ impl Sim {
             }
             Action::Rejected { id: req, reason } => {
                 let node = &mut self.nodes[i];
-                let client = node.reads.remove(&req).map(|(c, _)| c).or_else(|| {
+                let client = node.reads.remove(&req).map(|(c, _, _)| c).or_else(|| {
                     let key = node
                         .writes
                         .iter()
@@ -1517,6 +1559,94 @@ impl Sim {
         }
     }
 
+    /// What a message claims must hold when it is sent: a granted vote is
+    /// on disk first (or a restart could vote again in the term); only the
+    /// leader of a term replicates in it; an acknowledgement in a term goes
+    /// to that term's leader and only for what is synced here (the leader
+    /// counts it towards commit).
+    fn check_sent(&mut self, i: usize, m: &Message) {
+        let id = self.nodes[i].id;
+        let disk = &self.nodes[i].disk;
+        match &m.body {
+            Body::VoteResp { granted: true } => {
+                let hs = disk.hard_state;
+                if hs.term != m.term || hs.voted_for != Some(m.to) {
+                    self.report.violations.push(format!(
+                        "node {id} granted its vote in term {} to node {} with term {} and \
+                         vote {:?} on disk",
+                        m.term, m.to, hs.term, hs.voted_for
+                    ));
+                }
+            }
+            Body::Append { .. } | Body::InstallSnapshot { .. }
+                if self.inv.leader_of(m.term) != Some(id) =>
+            {
+                self.report.violations.push(format!(
+                    "node {id} replicated to node {} in term {}, whose leader is {:?}",
+                    m.to,
+                    m.term,
+                    self.inv.leader_of(m.term)
+                ));
+            }
+            Body::AppendResp {
+                ok: true, position, ..
+            } => {
+                let leader = self.inv.leader_of(m.term);
+                let term = self.nodes[i]
+                    .core
+                    .as_ref()
+                    .and_then(|c| c.log().term_at(*position));
+                if leader != Some(m.to) {
+                    self.report.violations.push(format!(
+                        "node {id} acknowledged {position} in term {} to node {}, but the \
+                         term's leader is {leader:?}",
+                        m.term, m.to
+                    ));
+                } else if !disk.holds(*position, term) {
+                    self.report.violations.push(format!(
+                        "node {id} acknowledged {position} (term {term:?}) to its leader with \
+                         its disk synced only to {}",
+                        disk.log_end()
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A leader that advanced its commit to `commit` must have the entry
+    /// durable on a quorum of its voters: otherwise crashes can lose it.
+    /// (A wiped node counts as holding what it acknowledged before.)
+    fn check_commit_durable(&mut self, i: usize, commit: Position) {
+        let Some(core) = self.nodes[i].core.as_ref() else {
+            return;
+        };
+        let term = core.log().term_at(commit);
+        let m = core.membership();
+        let wiped = self.report.wiped.as_ref().map(|w| w.node);
+        let holding = m
+            .voters
+            .iter()
+            .filter(|&&n| {
+                Some(n) == wiped
+                    || self
+                        .nodes
+                        .iter()
+                        .find(|x| x.id == n)
+                        .is_some_and(|x| x.disk.holds(commit, term))
+            })
+            .count();
+        if holding < m.quorum() {
+            let id = self.nodes[i].id;
+            self.report.violations.push(format!(
+                "node {id} committed up to {commit} in term {} with it synced on only \
+                 {holding} of its {} voters",
+                core.term(),
+                m.voters.len()
+            ));
+        }
+    }
+
     fn serve_reads(&mut self, i: usize) {
         let applied = self.nodes[i].host.applied();
         let node = &mut self.nodes[i];
@@ -1530,7 +1660,7 @@ impl Sim {
             }
         });
         for req in served {
-            if let Some((c, data)) = self.nodes[i].reads.remove(&req) {
+            if let Some((c, data, _)) = self.nodes[i].reads.remove(&req) {
                 let out = self.nodes[i].host.query(&data);
                 self.respond(c, req, Resp::Output(out));
             }
@@ -1721,7 +1851,8 @@ impl Sim {
                 self.respond(client, req, Resp::Output(out));
             }
             ReqKind::Read { data } => {
-                self.nodes[i].reads.insert(req, (client, data));
+                let floor = self.inv.committed_upto();
+                self.nodes[i].reads.insert(req, (client, data, floor));
                 self.step_node(i, Event::Read { id: req });
             }
         }
@@ -2468,4 +2599,198 @@ impl Sim {
 /// Runs one seed.
 pub fn run(cfg: &SimConfig) -> Report {
     Sim::new(cfg.clone()).run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_core::EntryKind;
+
+    /// A three-node simulation (not run) whose node 1 has been sent, as a
+    /// follower of node 2 in term 3, one entry it has not synced yet.
+    fn follower_with_unsynced_entry() -> (Sim, Entry) {
+        let mut sim = Sim::new(SimConfig::new(1, 3, FaultMix::by_name("calm").unwrap()));
+        let mut v = Vec::new();
+        sim.inv.leader_elected(2, 3, &mut v);
+        let e = Entry {
+            term: 3,
+            position: 0,
+            timestamp: 1,
+            kind: EntryKind::TermStart,
+            data: Bytes::from_static(b"x"),
+        };
+        let append = Message {
+            cluster_id: sim.nodes[0].core.as_ref().unwrap().config().cluster_id,
+            from: 2,
+            to: 1,
+            term: 3,
+            body: Body::Append {
+                prev_pos: 0,
+                prev_term: 0,
+                commit: 0,
+                heartbeat: 1,
+                entries: vec![e.clone()],
+            },
+        };
+        sim.step_node(0, Event::Message(append));
+        assert_eq!(
+            sim.nodes[0].core.as_ref().unwrap().append_position(),
+            e.end()
+        );
+        assert!(
+            sim.report.violations.is_empty(),
+            "{:?}",
+            sim.report.violations
+        );
+        (sim, e)
+    }
+
+    fn message(to: NodeId, term: Term, body: Body) -> Message {
+        Message {
+            cluster_id: 0,
+            from: 1,
+            to,
+            term,
+            body,
+        }
+    }
+
+    fn ack(position: Position) -> Body {
+        Body::AppendResp {
+            ok: true,
+            position,
+            hint_pos: 0,
+            hint_term: 0,
+            heartbeat: 1,
+            hold: 0,
+        }
+    }
+
+    #[test]
+    fn a_vote_granted_before_it_is_on_disk_is_caught() {
+        let (mut sim, _) = follower_with_unsynced_entry();
+        let vote = message(3, 4, Body::VoteResp { granted: true });
+        sim.check_sent(0, &vote);
+        assert!(
+            sim.report.violations[0].contains("granted its vote"),
+            "{:?}",
+            sim.report.violations
+        );
+        sim.report.violations.clear();
+        sim.nodes[0].disk.hard_state = HardState {
+            term: 4,
+            voted_for: Some(3),
+            ..HardState::default()
+        };
+        sim.check_sent(0, &vote);
+        let refusal = message(2, 4, Body::VoteResp { granted: false });
+        sim.check_sent(0, &refusal);
+        assert!(
+            sim.report.violations.is_empty(),
+            "{:?}",
+            sim.report.violations
+        );
+    }
+
+    #[test]
+    fn an_acknowledgement_of_what_is_not_synced_is_caught() {
+        let (mut sim, e) = follower_with_unsynced_entry();
+        sim.check_sent(0, &message(2, 3, ack(e.end())));
+        assert!(
+            sim.report.violations[0].contains("disk synced only to 0"),
+            "{:?}",
+            sim.report.violations
+        );
+        sim.report.violations.clear();
+        sim.flush_pending(0);
+        sim.check_sent(0, &message(2, 3, ack(e.end())));
+        assert!(
+            sim.report.violations.is_empty(),
+            "{:?}",
+            sim.report.violations
+        );
+    }
+
+    #[test]
+    fn replication_outside_the_leader_of_the_term_is_caught() {
+        let (mut sim, e) = follower_with_unsynced_entry();
+        sim.flush_pending(0);
+        // An acknowledgement in term 3 to node 3, which does not lead it
+        // (a follower that took an append from a stale leader).
+        sim.check_sent(0, &message(3, 3, ack(e.end())));
+        assert!(
+            sim.report.violations[0].contains("term's leader is Some(2)"),
+            "{:?}",
+            sim.report.violations
+        );
+        sim.report.violations.clear();
+        // Node 1 never led term 3.
+        let heartbeat = Body::Append {
+            prev_pos: 0,
+            prev_term: 0,
+            commit: 0,
+            heartbeat: 0,
+            entries: Vec::new(),
+        };
+        sim.check_sent(0, &message(3, 3, heartbeat));
+        assert!(
+            sim.report.violations[0].contains("replicated to node 3 in term 3"),
+            "{:?}",
+            sim.report.violations
+        );
+    }
+
+    #[test]
+    fn a_commit_without_a_synced_quorum_is_caught() {
+        let (mut sim, e) = follower_with_unsynced_entry();
+        // Node 1 holds the entry in memory only; then on disk; then node 3
+        // has it on disk too.
+        sim.check_commit_durable(0, e.end());
+        assert_eq!(sim.report.violations.len(), 1);
+        sim.flush_pending(0);
+        sim.check_commit_durable(0, e.end());
+        assert_eq!(sim.report.violations.len(), 2);
+        assert!(
+            sim.report.violations[1].contains("synced on only 1 of its 3 voters"),
+            "{:?}",
+            sim.report.violations
+        );
+        sim.nodes[2].disk.log.push(e.clone());
+        sim.check_commit_durable(0, e.end());
+        assert_eq!(
+            sim.report.violations.len(),
+            2,
+            "{:?}",
+            sim.report.violations
+        );
+    }
+
+    #[test]
+    fn a_read_confirmed_below_what_was_committed_when_it_arrived_is_caught() {
+        let (mut sim, e) = follower_with_unsynced_entry();
+        // Node 2 (the leader) has committed the entry.
+        let mut v = Vec::new();
+        sim.inv.append(2, std::slice::from_ref(&e), 0, &mut v);
+        let leader = crate::invariants::NodeView {
+            id: 2,
+            incarnation: 0,
+            append_position: e.end(),
+            last_term: 3,
+            commit: e.end(),
+            leading: Some(3),
+        };
+        sim.inv.check_node(&leader, &mut v);
+        assert!(v.is_empty(), "{v:?}");
+        // Node 1 forwards a read to its leader, which answers at 0.
+        let get = kv::encode(&KvInput::Get { key: 1 });
+        sim.on_request(1, 100, 7, ReqKind::Read { data: get });
+        assert!(sim.nodes[0].reads.contains_key(&7));
+        let mut queue = VecDeque::new();
+        sim.exec(0, Action::ReadReady { id: 7, index: 0 }, &mut queue);
+        assert!(
+            sim.report.violations[0].starts_with("stale read"),
+            "{:?}",
+            sim.report.violations
+        );
+    }
 }

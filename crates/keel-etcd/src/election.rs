@@ -123,8 +123,10 @@ impl Election for ElectionApi {
                 contender.keep(claim.rev);
                 return Err(e);
             }
-            let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
+            // Won: the key is kept from here on, so a failure of the read
+            // below (no leader for a moment) leaves a candidate too.
             contender.keep(claim.rev);
+            let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
             Ok(Response::new(CampaignResponse {
                 header,
                 leader: Some(LeaderKey {

@@ -3,7 +3,9 @@
 //! membership changes. Keel's members have static ids and addresses, so
 //! member add takes the node whose peer URL every node's `[[peers]]`
 //! already lists: it joins as a learner and, unless `--learner` was asked
-//! for, is then promoted to voter. As in etcd, any member takes these
+//! for, is then promoted to voter. Every change is answered once it is
+//! committed, as etcd answers once it has applied it. Member update takes
+//! only the URLs a member already has. As in etcd, any member takes these
 //! requests: a follower forwards them to the leader's etcd API (once; a
 //! forwarded request that finds no leader fails with "no leader").
 
@@ -51,7 +53,10 @@ impl ClusterApi {
 
     async fn change(&self, change: MembershipChange) -> Result<Vec<Member>, Status> {
         match self.0.node.call(ClientOp::ChangeMembership(change)).await {
-            ClientResult::Ok(_) => Ok(self.members()),
+            ClientResult::Ok(_) => {
+                self.in_force(change).await?;
+                Ok(self.members())
+            }
             // etcd's exact texts: clients match them (clientv3's
             // ErrMemberNotFound, ErrMemberNotLearner).
             ClientResult::Error(m) if m.contains("not a member") || m.contains("not a learner") => {
@@ -67,6 +72,14 @@ impl ClusterApi {
                     _ => Err(Status::not_found("etcdserver: member not found")),
                 }
             }
+            // etcd refuses to remove its last voter so (with gRPC's Unknown
+            // code, as etcd 3.4 answers it).
+            ClientResult::Error(m) if m.contains("last voter") => {
+                tracing::debug!("membership change {change:?} refused: {m}");
+                Err(Status::unknown(
+                    "etcdserver: re-configuration failed due to not enough started members",
+                ))
+            }
             // etcd's ErrGRPCLearnerNotReady.
             ClientResult::Error(m) if m.starts_with(keel_core::LEARNER_NOT_READY) => {
                 tracing::debug!("membership change {change:?} refused: {m}");
@@ -76,6 +89,30 @@ impl ClusterApi {
             }
             ClientResult::Error(m) => Err(Status::failed_precondition(m)),
             other => Err(node_error(other)),
+        }
+    }
+
+    /// Waits until `change`, which the node has just taken (appended to
+    /// its log), is committed: etcd answers a membership change once it
+    /// is applied, and a change answered earlier would make the client's
+    /// next one fail ("a membership change is already in progress"), or be
+    /// lost with its leader. Committed once this node's commit position
+    /// reaches its log's end as it was when the change was taken; a
+    /// leader that removed itself steps down only once that is committed.
+    async fn in_force(&self, change: MembershipChange) -> Result<(), Status> {
+        // (The node publishes its status before answering the change.)
+        let appended = self.0.node.status().append;
+        let deadline = tokio::time::Instant::now() + self.0.config.request_timeout;
+        loop {
+            let st = self.0.node.status();
+            let stepped_down = change == MembershipChange::Remove(st.id) && st.role != "leader";
+            if st.commit >= appended || stepped_down {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable("etcdserver: request timed out"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 
@@ -172,13 +209,47 @@ impl Cluster for ClusterApi {
         }))
     }
 
+    /// Keel's peer addresses come from each node's configuration, so the
+    /// only update it takes is one to the URLs a member already has (a
+    /// no-op, as tools that re-assert a member's URLs send). Otherwise
+    /// etcd's refusals, in etcd's order: an id that is no member, then URLs
+    /// another member has.
     async fn member_update(
         &self,
-        _r: Request<MemberUpdateRequest>,
+        r: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(Status::unimplemented(
-            "Keel's peer addresses come from each node's configuration",
-        ))
+        let r = r.into_inner();
+        let members = self.members();
+        let Some(member) = members.iter().find(|m| m.id == r.id) else {
+            return Err(Status::not_found("etcdserver: member not found"));
+        };
+        let wanted: Vec<&str> = r.peer_ur_ls.iter().map(|u| normalize_url(u)).collect();
+        let taken = members
+            .iter()
+            .filter(|m| m.id != r.id)
+            .flat_map(|m| &m.peer_ur_ls)
+            .any(|u| wanted.contains(&normalize_url(u)));
+        if taken {
+            return Err(Status::failed_precondition(
+                "etcdserver: Peer URLs already exists",
+            ));
+        }
+        let mut has: Vec<&str> = member.peer_ur_ls.iter().map(|u| normalize_url(u)).collect();
+        let mut wanted = wanted;
+        has.sort_unstable();
+        has.dedup();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if has != wanted {
+            return Err(Status::unimplemented(format!(
+                "Keel's peer addresses come from each node's configuration: member {:x} keeps {:?}",
+                r.id, member.peer_ur_ls
+            )));
+        }
+        Ok(Response::new(MemberUpdateResponse {
+            header: self.header(),
+            members,
+        }))
     }
 
     async fn member_list(

@@ -115,6 +115,9 @@ impl Maintenance for MaintenanceApi {
             Status::invalid_argument(format!("etcdserver: unknown alarm action {}", r.action))
         })?;
         let mut alarms = match action {
+            // As etcd's, a listing of one type of alarm (NONE: every type):
+            // the only type raised here is NOSPACE.
+            alarm_request::AlarmAction::Get if !lists_nospace(r.alarm) => Vec::new(),
             alarm_request::AlarmAction::Get => {
                 let mut alarms = self.own_alarm();
                 if !passed_on {
@@ -124,7 +127,7 @@ impl Maintenance for MaintenanceApi {
             }
             alarm_request::AlarmAction::Deactivate => {
                 let mut lowered = Vec::new();
-                if r.alarm == AlarmType::None as i32 || r.alarm == AlarmType::Nospace as i32 {
+                if lists_nospace(r.alarm) {
                     if r.member_id == 0 || r.member_id == id {
                         lowered = self.own_alarm();
                         if let Some(q) = &self.0.config.quota {
@@ -329,6 +332,12 @@ impl Maintenance for MaintenanceApi {
             hash_revision: 0,
         }))
     }
+}
+
+/// Does a request for alarms of type `alarm` take NOSPACE in (NONE is
+/// every type)?
+fn lists_nospace(alarm: i32) -> bool {
+    alarm == AlarmType::None as i32 || alarm == AlarmType::Nospace as i32
 }
 
 /// This node's hash of the KV history up to `revision` (<= 0: the current

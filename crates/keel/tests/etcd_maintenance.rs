@@ -1,0 +1,184 @@
+//! etcd's Maintenance and Cluster services on a real 3-node cluster, where
+//! they must answer as etcd 3.4 does (clientv3 matches errors by their
+//! text): alarm listings of one alarm type, member update (a no-op one is
+//! taken, a member that does not exist and URLs another member has get
+//! etcd's errors), membership changes made one after another (each answered
+//! once in force), removing the leader itself, and the refusal to remove
+//! the last voter. The expected texts and codes are etcd 3.4.23's answers
+//! to the same requests.
+
+mod common;
+
+use common::TestCluster;
+use keel_etcd_proto::etcdserverpb::cluster_client::ClusterClient;
+use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
+use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_etcd_proto::etcdserverpb::*;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Runs `call` until it answers something other than Unavailable (no
+/// leader yet, say), for up to 20 s.
+async fn until_available<T, F, Fut>(what: &str, mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match call().await {
+            Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) if e.code() == Code::Unavailable => panic!("{what}: still {e:?} after 20 s"),
+            r => return r.map(tonic::Response::into_inner),
+        }
+    }
+}
+
+fn sorted<const N: usize>(mut ids: [u64; N]) -> [u64; N] {
+    ids.sort_unstable();
+    ids
+}
+
+fn ids(members: &[Member]) -> Vec<u64> {
+    let mut ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn maintenance_and_cluster_edge_cases_answer_as_etcd() {
+    let c = TestCluster::start(3, "kv_quota_bytes = 20000\n");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let at = |id: u64| c.nodes[id as usize - 1].etcd.clone();
+    let peer_url = |id: u64| format!("http://{}", c.nodes[id as usize - 1].peer);
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    c.rt.block_on(async {
+        let channel = |id| {
+            let addr = at(id);
+            async move { common::etcd_channel(&addr).await }
+        };
+        let maint = |ch: &Channel| MaintenanceClient::new(ch.clone());
+        let cluster = |ch: &Channel| ClusterClient::new(ch.clone());
+        // A removal, retried while there is no leader.
+        let remove = |ch: &Channel, id: u64| {
+            let ch = ch.clone();
+            until_available("member remove", move || {
+                let mut c = ClusterClient::new(ch.clone());
+                async move { c.member_remove(MemberRemoveRequest { id }).await }
+            })
+        };
+        let (ch1, ch2) = (channel(1).await, channel(2).await);
+
+        // Alarms: fill the quota through member 1, which raises NOSPACE.
+        let kv = KvClient::new(ch1.clone());
+        let mut stored = 0;
+        let refusal = loop {
+            assert!(stored < 40, "40 puts of 1 KB passed a 20 KB quota");
+            let put = PutRequest {
+                key: format!("k{stored}").into_bytes().into(),
+                value: vec![b'v'; 1000].into(),
+                ..Default::default()
+            };
+            let put = || {
+                let (mut kv, put) = (kv.clone(), put.clone());
+                async move { kv.put(put).await }
+            };
+            match until_available("put", put).await {
+                Ok(_) => stored += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+        // A listing of one type holds only alarms of that type, as etcd's;
+        // asked of member 2, which passes the request on to member 1.
+        let list = |alarm: AlarmType| AlarmRequest {
+            action: alarm_request::AlarmAction::Get as i32,
+            member_id: 0,
+            alarm: alarm as i32,
+        };
+        let nospace = AlarmMember {
+            member_id: 1,
+            alarm: AlarmType::Nospace as i32,
+        };
+        for (alarm, listed) in [
+            (AlarmType::None, vec![nospace]),
+            (AlarmType::Nospace, vec![nospace]),
+            (AlarmType::Corrupt, vec![]),
+        ] {
+            let got = maint(&ch2).alarm(list(alarm)).await.expect("alarm list");
+            assert_eq!(got.into_inner().alarms, listed, "listing {alarm:?}");
+        }
+
+        // Member update: Keel's URLs come from the configuration, so an
+        // update to the URLs a member has is taken (as etcd takes it) and
+        // the refusals are etcd's.
+        let update = |id: u64, urls: &[String]| MemberUpdateRequest {
+            id,
+            peer_ur_ls: urls.to_vec(),
+        };
+        let e = cluster(&ch2)
+            .member_update(update(99, &[peer_url(2)]))
+            .await
+            .expect_err("update of no member");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert_eq!(e.message(), "etcdserver: member not found");
+        let e = cluster(&ch2)
+            .member_update(update(2, &[peer_url(3)]))
+            .await
+            .expect_err("update to another member's URL");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert_eq!(e.message(), "etcdserver: Peer URLs already exists");
+        let same = cluster(&ch2)
+            .member_update(update(2, &[peer_url(2)]))
+            .await
+            .expect("update to the URLs member 2 has")
+            .into_inner();
+        assert_eq!(ids(&same.members), [1, 2, 3]);
+        let e = cluster(&ch2)
+            .member_update(update(2, &["http://127.0.0.1:1".to_string()]))
+            .await
+            .expect_err("a new URL");
+        assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+
+        // Changes one after another through one client, as a script makes
+        // them: each is answered once it is in force (committed), as
+        // etcd's, so the next one is never refused as "already in
+        // progress".
+        let (a, b) = (followers[0], followers[1]);
+        let lch = channel(leader).await;
+        let left = remove(&lch, b).await.expect("remove a follower");
+        assert_eq!(ids(&left.members), sorted([leader, a]));
+        let added = cluster(&lch)
+            .member_add(MemberAddRequest {
+                peer_ur_ls: vec![peer_url(b)],
+                is_learner: true,
+            })
+            .await
+            .expect("add it back at once, as a learner")
+            .into_inner();
+        assert!(added.member.expect("the added member").is_learner);
+        let left = remove(&lch, b).await.expect("remove the learner at once");
+        assert_eq!(ids(&left.members), sorted([leader, a]));
+        // Removing the leader itself, through the leader: the answer lists
+        // the member left, which then leads.
+        let left = remove(&lch, leader).await.expect("remove the leader");
+        assert_eq!(ids(&left.members), [a]);
+        let cha = channel(a).await;
+        // The last voter stays, with etcd's refusal (gRPC Unknown in 3.4).
+        let e = remove(&cha, a).await.expect_err("removing the last voter");
+        assert_eq!(e.code(), Code::Unknown, "{e:?}");
+        assert_eq!(
+            e.message(),
+            "etcdserver: re-configuration failed due to not enough started members"
+        );
+        let list = cluster(&cha)
+            .member_list(MemberListRequest::default())
+            .await
+            .expect("member list")
+            .into_inner();
+        assert_eq!(ids(&list.members), [a]);
+    });
+}

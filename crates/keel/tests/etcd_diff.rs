@@ -31,8 +31,9 @@
 //! - Lease ids chosen by the server differ, so every grant names its id.
 //! - A lease's remaining TTL depends on timing: within 3 s of the granted
 //!   TTL it is shown as the granted TTL.
-//! - etcd lists a lease's keys and the lease list in Go map order: both are
-//!   sorted before comparing.
+//! - etcd lists a lease's keys in Go map order, and its lease list by
+//!   expiry, which ties (two grants in the same instant) leave in map order:
+//!   both are sorted before comparing.
 //! - Watch events are compared as one list per watch: how a server batches
 //!   them into responses, and the header revisions of watch responses (the
 //!   serving member's progress), are not compared.

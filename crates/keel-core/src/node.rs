@@ -454,6 +454,9 @@ pub struct Stats {
     pub log_ranges_sent: u64,
     /// Reads answered under a leader lease, without a heartbeat round.
     pub lease_reads: u64,
+    /// Appends dropped because their entries did not follow each other
+    /// from their `prev_pos` (no correct leader sends one).
+    pub malformed_appends: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -1353,6 +1356,12 @@ impl Node {
         entries: Vec<Entry>,
         out: &mut Vec<Action>,
     ) {
+        if !follows_on(prev_pos, &entries) {
+            // No correct leader sends one (a peer's bug, or bytes that are
+            // not a leader's): nothing of it is taken, as a message lost.
+            self.stats.malformed_appends += 1;
+            return;
+        }
         self.leader_heartbeat = self.leader_heartbeat.max(heartbeat);
         // Answered if it tells the leader something new (a position, a
         // newer heartbeat: see `flush`), and otherwise if the leader has not
@@ -2465,4 +2474,17 @@ impl Node {
             entries,
         }
     }
+}
+
+/// Whether `entries` follow each other from `prev_pos` with no gap or
+/// overlap, and all end within the position space (so `Entry::end` cannot
+/// overflow on any of them).
+fn follows_on(prev_pos: Position, entries: &[Entry]) -> bool {
+    let mut at = prev_pos;
+    entries.iter().all(|e| {
+        let next = e.position.checked_add(e.encoded_len());
+        let ok = e.position == at && next.is_some();
+        at = next.unwrap_or(at);
+        ok
+    })
 }

@@ -1301,6 +1301,63 @@ fn a_follower_acknowledges_new_entries_once_durable() {
     assert_eq!(answers(&out), vec![(end2, 1)]);
 }
 
+/// An append whose entries do not follow each other from `prev_pos` (a
+/// gap, an overlap, a first entry elsewhere) or whose positions run past
+/// the end of the position space is malformed: no correct leader sends
+/// one. The follower drops it whole, without panicking or writing any of
+/// it, and still takes the well-formed append after it.
+#[test]
+fn a_malformed_append_is_dropped_whole() {
+    let entry = |position, data: &'static [u8]| Entry {
+        term: 1,
+        position,
+        timestamp: 1,
+        kind: EntryKind::TermStart,
+        data: Bytes::from_static(data),
+    };
+    let e1 = entry(0, b"a");
+    let end1 = e1.end();
+    let malformed = [
+        // A gap after the first entry.
+        vec![e1.clone(), entry(end1 + 1, b"b")],
+        // The second entry overlaps the first.
+        vec![e1.clone(), entry(end1 - 1, b"b")],
+        // The first entry is not at prev_pos.
+        vec![entry(5, b"a")],
+        // The second entry ends past u64::MAX.
+        vec![e1.clone(), entry(u64::MAX - 3, b"b")],
+    ];
+    for entries in malformed {
+        let mut f = Node::new(Config::new(2, 7), Membership::new([1, 2, 3]), 0);
+        let mut out = Vec::new();
+        f.step(10, append(0, 0, entries.clone()), &mut out);
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::Append(_))),
+            "wrote part of a malformed append {entries:?}: {out:?}"
+        );
+        out.clear();
+        f.step(11, append(0, 0, vec![e1.clone()]), &mut out);
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::Append(v) if v == &vec![e1.clone()])),
+            "the well-formed append after {entries:?} was not taken: {out:?}"
+        );
+    }
+    // A lone entry at the very end of the position space: dropped, its end
+    // never computed (it would overflow).
+    let mut f = Node::new(Config::new(2, 7), Membership::new([1, 2, 3]), 0);
+    let mut out = Vec::new();
+    f.step(
+        10,
+        append(u64::MAX - 1, 0, vec![entry(u64::MAX - 1, b"b")]),
+        &mut out,
+    );
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Append(_))),
+        "{out:?}"
+    );
+}
+
 /// However slow the heartbeats, a follower with nothing new to say is quiet
 /// for less than the leader's check-quorum window (a heartbeat interval
 /// plus the quiet time must stay below `election_timeout_min`), and a clock

@@ -1530,7 +1530,7 @@ impl Node {
             None => 0,
         };
         let mut received = received;
-        if done && received == offset + chunk.len() as u64 {
+        if done && offset.checked_add(chunk.len() as u64) == Some(received) {
             if let Some((meta, buf)) = self.incoming.take() {
                 if (self.cfg.snapshot_check)(&meta, &buf) {
                     self.on_install_snapshot(meta, Bytes::from(buf), out);

@@ -1358,6 +1358,37 @@ fn a_malformed_append_is_dropped_whole() {
     );
 }
 
+/// A snapshot chunk claiming an offset at the end of the position space
+/// (no leader sends one) neither panics nor installs anything.
+#[test]
+fn a_snapshot_chunk_at_an_impossible_offset_is_ignored() {
+    let mut f = Node::new(Config::new(2, 7), Membership::new([1, 2, 3]), 0);
+    let meta = SnapshotMeta {
+        position: 1000,
+        term: 1,
+        timestamp: 1,
+        membership: Membership::new([1, 2, 3]),
+    };
+    for offset in [u64::MAX, u64::MAX - 2] {
+        let mut out = Vec::new();
+        f.step(
+            10,
+            Event::Message(from_leader_1(Body::InstallSnapshot {
+                meta: meta.clone(),
+                offset,
+                chunk: Bytes::from_static(b"SNAPxx"),
+                done: true,
+            })),
+            &mut out,
+        );
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::InstallSnapshot { .. })),
+            "{out:?}"
+        );
+    }
+}
+
 /// However slow the heartbeats, a follower with nothing new to say is quiet
 /// for less than the leader's check-quorum window (a heartbeat interval
 /// plus the quiet time must stay below `election_timeout_min`), and a clock

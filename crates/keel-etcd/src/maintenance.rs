@@ -171,15 +171,21 @@ impl Maintenance for MaintenanceApi {
             raft_index: st.commit,
             raft_term: st.term,
             raft_applied_index: st.applied,
-            // As etcd lists its raised alarms.
-            errors: self
-                .0
-                .config
-                .quota
-                .as_ref()
-                .filter(|q| q.alarm())
-                .map(|_| format!("memberID:{} alarm:NOSPACE ", st.id))
+            // As etcd: "no leader" first when it knows none, then its
+            // raised alarms.
+            errors: st
+                .leader
+                .is_none()
+                .then(|| "etcdserver: no leader".to_string())
                 .into_iter()
+                .chain(
+                    self.0
+                        .config
+                        .quota
+                        .as_ref()
+                        .filter(|q| q.alarm())
+                        .map(|_| format!("memberID:{} alarm:NOSPACE ", st.id)),
+                )
                 .collect(),
             db_size_in_use: db_size,
             is_learner: st.learners.contains(&st.id),
@@ -188,7 +194,8 @@ impl Maintenance for MaintenanceApi {
     }
 
     /// `etcdctl snapshot save`: a backup of this member's state after a
-    /// read-index barrier (`NodeHandle::backup`: a Keel snapshot file of
+    /// read-index barrier, or without one when there is no leader to ask
+    /// (`NodeHandle::backup`: a Keel snapshot file of
     /// everything it has applied, not etcd's bbolt database), streamed in
     /// pieces with `BackupFraming`, one backup at a time. `keel restore`
     /// seeds a new cluster from it; `etcdctl snapshot restore` and `status`
@@ -204,10 +211,26 @@ impl Maintenance for MaintenanceApi {
             )
         })?;
         // A read-index barrier first: everything committed before the
-        // request is applied here, however far behind this member was.
-        let revision = match self.0.read(&Query::Status, false).await? {
-            KvResponse::Status { revision, .. } => revision as i64,
-            other => return Err(crate::unexpected(&other)),
+        // request is applied here, however far behind this member was. But
+        // as etcd's, a member without a leader (a cluster that lost its
+        // quorum: when a backup matters most) still saves what it has;
+        // refusing would leave etcdctl, which retries Unavailable, waiting
+        // forever.
+        let barrier = match self.0.node.status().leader {
+            Some(_) => self.0.read(&Query::Status, false).await,
+            None => Err(Status::unavailable("etcdserver: no leader")),
+        };
+        let revision = match barrier {
+            Ok(KvResponse::Status { revision, .. }) => revision as i64,
+            Ok(other) => return Err(crate::unexpected(&other)),
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                tracing::warn!(
+                    "backup of this member's state without a read barrier: {}",
+                    e.message()
+                );
+                self.0.local_revision().await?.0 as i64
+            }
+            Err(e) => return Err(e),
         };
         let backup = self
             .0

@@ -182,3 +182,75 @@ fn maintenance_and_cluster_edge_cases_answer_as_etcd() {
         assert_eq!(ids(&list.members), [a]);
     });
 }
+
+/// A member cut off from its quorum, as etcd's: `endpoint status` lists
+/// "etcdserver: no leader" among its errors, and `snapshot save` still
+/// saves what the member has (a backup is what an operator takes then;
+/// refused, etcdctl would retry it forever).
+#[test]
+fn a_member_without_a_leader_reports_it_and_still_saves_a_snapshot() {
+    let mut c = TestCluster::start(3, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    let addr = c.nodes[0].etcd.clone();
+    let status = |m: &mut MaintenanceClient<Channel>| {
+        let mut m = m.clone();
+        async move {
+            m.status(StatusRequest {})
+                .await
+                .expect("status")
+                .into_inner()
+        }
+    };
+    let mut m = c.rt.block_on(async {
+        let ch = common::etcd_channel(&addr).await;
+        let put = PutRequest {
+            key: b"kept".to_vec().into(),
+            value: b"1".to_vec().into(),
+            ..Default::default()
+        };
+        let kv = KvClient::new(ch.clone());
+        until_available("put", || {
+            let (mut kv, put) = (kv.clone(), put.clone());
+            async move { kv.put(put).await }
+        })
+        .await
+        .expect("put");
+        let mut m = MaintenanceClient::new(ch);
+        let st = status(&mut m).await;
+        assert!(st.leader != 0 && st.errors.is_empty(), "{st:?}");
+        m
+    });
+    c.kill(2);
+    c.kill(3);
+    c.rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let st = loop {
+            let st = status(&mut m).await;
+            if st.leader == 0 {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "still a leader: {st:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(st.errors, ["etcdserver: no leader"], "{st:?}");
+
+        let save = async {
+            let mut stream = m
+                .snapshot(SnapshotRequest {})
+                .await
+                .expect("snapshot without a leader")
+                .into_inner();
+            let (mut bytes, mut last) = (0, None);
+            while let Some(piece) = stream.message().await.expect("snapshot piece") {
+                bytes += piece.blob.len();
+                last = Some(piece.remaining_bytes);
+            }
+            (bytes, last)
+        };
+        let (bytes, last) = tokio::time::timeout(Duration::from_secs(5), save)
+            .await
+            .expect("the snapshot within 5 s");
+        assert!(bytes > 0, "an empty snapshot");
+        assert_eq!(last, Some(0), "the stream ends with nothing remaining");
+    });
+}

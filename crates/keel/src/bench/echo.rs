@@ -95,7 +95,8 @@ pub struct Step {
     pub achieved: f64,
     /// Latency from intended send time to reply, messages due in the window.
     pub latency: Percentiles,
-    /// How late the sender wrote bursts (client-side lag, included in latency).
+    /// How late the sender wrote the bursts due in the window, each burst
+    /// counted (client-side lag, included in latency).
     pub send_lag_p99: u64,
     /// Messages due in the window.
     pub scheduled: u64,
@@ -146,7 +147,37 @@ impl Plan {
     fn in_window(&self, ns: u64) -> bool {
         (self.window_from..self.window_to).contains(&ns)
     }
+
+    /// How many of this connection's bursts, from its burst `next` on, are
+    /// due by `elapsed` ns (at most `max`, none due at or after the
+    /// window's end): the bursts to write now. Records the send lag of
+    /// each one due in the measured window: a sender catching up writes
+    /// many late bursts at once, and each of them was late.
+    fn take_due(
+        &self,
+        conn: u64,
+        next: u64,
+        elapsed: u64,
+        max: u64,
+        lag: &mut Histogram<u64>,
+    ) -> u64 {
+        let mut bursts = 0;
+        while bursts < max {
+            let d = self.due(conn, (next + bursts) * self.burst);
+            if d >= self.window_to || d > elapsed {
+                break;
+            }
+            if self.in_window(d) {
+                lag.saturating_record(elapsed.saturating_sub(d).max(1));
+            }
+            bursts += 1;
+        }
+        bursts
+    }
 }
+
+/// The most bursts one `write` carries when the sender catches up.
+const MAX_BURSTS_PER_WRITE: u64 = 64;
 
 #[derive(Default)]
 struct Shared {
@@ -199,13 +230,8 @@ fn sender(
         }
         // Everything due by now goes in one write (catching up if late).
         buf.clear();
-        let mut bursts = 0;
-        while bursts < 64 {
-            let b = next_burst + bursts;
-            let d = plan.due(conn, b * plan.burst);
-            if d >= plan.window_to || d > elapsed {
-                break;
-            }
+        let bursts = plan.take_due(conn, next_burst, elapsed, MAX_BURSTS_PER_WRITE, &mut lag);
+        for b in next_burst..next_burst + bursts {
             for k in b * plan.burst..(b + 1) * plan.burst {
                 let req = ClientRequest {
                     id: k,
@@ -215,9 +241,7 @@ fn sender(
                 };
                 codec::encode(&Frame::Request(req), &mut buf);
             }
-            bursts += 1;
         }
-        lag.saturating_record(elapsed.saturating_sub(due).max(1));
         if !write_until(&mut stream, &buf, &plan)? {
             return Ok(()); // the leader stopped reading until the hard stop
         }
@@ -587,13 +611,38 @@ fn step_line(s: &Step) -> String {
     line
 }
 
-pub fn run(a: EchoArgs) -> Result<i32> {
+/// Refuses flag values the run could not honour, before any measuring.
+fn validate(a: &EchoArgs) -> Result<()> {
     if a.rates.is_empty() {
         bail!("--rates: give at least one rate");
     }
     if !(0.0..=600.0).contains(&a.drain) {
         bail!("--drain {}: expected 0 to 600 seconds", a.drain);
     }
+    if let Some(r) = a.rates.iter().find(|&&r| r > a.max_rate) {
+        bail!(
+            "--rates {r}: above --max-rate {} (never offered); raise --max-rate or drop the rate",
+            a.max_rate
+        );
+    }
+    let warm = a.common.warmup().as_nanos() as u64;
+    let dur = a.common.duration().as_nanos() as u64;
+    if let Some(r) = a
+        .rates
+        .iter()
+        .find(|&&r| bursts_due_in(warm, warm + dur, a.burst, r) == 0)
+    {
+        bail!(
+            "--rates {r}: no burst of {} falls in the {} s window; raise the rate or --duration",
+            a.burst,
+            a.common.duration
+        );
+    }
+    Ok(())
+}
+
+pub fn run(a: EchoArgs) -> Result<i32> {
+    validate(&a)?;
     if on_memory_fs(&a.common.dir) {
         eprintln!(
             "warning: {} is on tmpfs, where fsync costs nothing: `sync` will look like `replicated`. Use --dir on a disk.",
@@ -776,7 +825,7 @@ fn markdown(a: &EchoArgs, steps: &[Step], rtt: Rtt) -> String {
          (fixed by the start time and the rate, so a stall counts against every message scheduled \
          behind it: no coordinated omission) to its reply, and is recorded with HdrHistogram. \
          Achieved = replies received during the measured window per second; *send lag* is how late \
-         the client itself wrote bursts (included in the latency). Every listed rate is measured; if \
+         the client itself wrote each burst due in the window (included in the latency). Every listed rate is measured; if \
          none saturated the cluster (achieved < 90% of offered, or > 1% refused or lost), rates grow \
          past the list until one does. The cluster and the \
          client share the machine's cores. *Cluster CPU* is the CPU time (user + system, all \
@@ -965,6 +1014,77 @@ mod tests {
         assert!(w.contains("73x its p50"), "{w}");
         // A quiet one: p99 3.9x its p50.
         assert_eq!(disturbed_baseline(&step_at_1k(908_000, 3_568_000)), None);
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: EchoArgs,
+    }
+
+    fn args(flags: &[&str]) -> EchoArgs {
+        use clap::Parser as _;
+        let argv = std::iter::once("echo").chain(flags.iter().copied());
+        Cli::try_parse_from(argv).expect("flags parse").a
+    }
+
+    #[test]
+    fn flags_the_run_could_not_honour_are_refused() {
+        assert!(validate(&args(&[])).is_ok());
+        assert!(validate(&args(&["--rates", "1k,200k", "--max-rate", "200k"])).is_ok());
+        // "Never offer more than --max-rate": a listed rate above it is
+        // refused, not measured.
+        let e = validate(&args(&["--rates", "1k,300k", "--max-rate", "200k"]))
+            .expect_err("a rate above --max-rate");
+        assert!(e.to_string().contains("--max-rate"), "{e}");
+        let e = validate(&args(&["--drain=-1"])).expect_err("negative drain");
+        assert!(e.to_string().contains("--drain"), "{e}");
+        // A rate whose schedule puts no burst in the measured window would
+        // measure nothing and be called saturated.
+        let e = validate(&args(&["--rates", "1", "--duration", "5"]))
+            .expect_err("no burst in the window");
+        assert!(e.to_string().contains("--rates"), "{e}");
+        assert!(validate(&args(&["--rates", "4", "--duration", "5"])).is_ok());
+    }
+
+    #[test]
+    fn send_lag_counts_every_late_burst_in_the_window() {
+        // 100k msg/s in bursts of 20: a burst every 200 µs; window 1-100 ms.
+        let plan = Plan {
+            start: Instant::now(),
+            rate: 100_000,
+            burst: 20,
+            connections: 1,
+            window_from: 1_000_000,
+            window_to: 100_000_000,
+            hard_stop: 200_000_000,
+        };
+        // On time: one burst, no lag (recorded as 1 ns).
+        let mut lag = histogram();
+        assert_eq!(plan.take_due(0, 10, 2_000_000, 64, &mut lag), 1);
+        assert_eq!((lag.len(), lag.max()), (1, 1));
+        // 1 ms late at burst 20 (due at 4 ms): the six bursts due from 4.0
+        // to 5.0 ms go in one write, 1000, 800, ..., 0 µs late. Each is a
+        // late burst: recording only the first would make a stall that
+        // delays many bursts weigh as much as one late burst.
+        let mut lag = histogram();
+        assert_eq!(plan.take_due(0, 20, 5_000_000, 64, &mut lag), 6);
+        assert_eq!(lag.len(), 6, "one lag per burst written");
+        let p50 = lag.value_at_quantile(0.5);
+        assert!((399_000..=401_000).contains(&p50), "{p50}");
+        assert!((999_000..=1_001_000).contains(&lag.max()));
+        // At most `max` bursts per write; the rest follow in the next one.
+        let mut lag = histogram();
+        assert_eq!(plan.take_due(0, 20, 5_000_000, 4, &mut lag), 4);
+        assert_eq!(lag.len(), 4);
+        // Warm-up bursts are sent but their lag is not the window's.
+        let mut lag = histogram();
+        assert_eq!(plan.take_due(0, 0, 900_000, 64, &mut lag), 5);
+        assert_eq!(lag.len(), 0, "bursts due in the warm-up are not recorded");
+        // Nothing due at or after the window's end is sent.
+        let mut lag = histogram();
+        assert_eq!(plan.take_due(0, 499, 150_000_000, 64, &mut lag), 1);
+        assert_eq!(lag.len(), 1);
     }
 
     #[test]

@@ -53,10 +53,8 @@ impl ClusterApi {
 
     async fn change(&self, change: MembershipChange) -> Result<Vec<Member>, Status> {
         match self.0.node.call(ClientOp::ChangeMembership(change)).await {
-            ClientResult::Ok(_) => {
-                self.in_force(change).await?;
-                Ok(self.members())
-            }
+            // (The node answers once the change has committed.)
+            ClientResult::Ok(_) => Ok(self.members()),
             // etcd's exact texts: clients match them (clientv3's
             // ErrMemberNotFound, ErrMemberNotLearner).
             ClientResult::Error(m) if m.contains("not a member") || m.contains("not a learner") => {
@@ -89,30 +87,6 @@ impl ClusterApi {
             }
             ClientResult::Error(m) => Err(Status::failed_precondition(m)),
             other => Err(node_error(other)),
-        }
-    }
-
-    /// Waits until `change`, which the node has just taken (appended to
-    /// its log), is committed: etcd answers a membership change once it
-    /// is applied, and a change answered earlier would make the client's
-    /// next one fail ("a membership change is already in progress"), or be
-    /// lost with its leader. Committed once this node's commit position
-    /// reaches its log's end as it was when the change was taken; a
-    /// leader that removed itself steps down only once that is committed.
-    async fn in_force(&self, change: MembershipChange) -> Result<(), Status> {
-        // (The node publishes its status before answering the change.)
-        let appended = self.0.node.status().append;
-        let deadline = tokio::time::Instant::now() + self.0.config.request_timeout;
-        loop {
-            let st = self.0.node.status();
-            let stepped_down = change == MembershipChange::Remove(st.id) && st.role != "leader";
-            if st.commit >= appended || stepped_down {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Status::unavailable("etcdserver: request timed out"));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 

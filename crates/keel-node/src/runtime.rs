@@ -1110,6 +1110,7 @@ fn start_node(
         captured: None,
         pending: HashMap::new(),
         awaiting: HashMap::new(),
+        membership_waits: Vec::new(),
         reads_wait_upto: 0,
         last_leader: None,
         deposed: None,
@@ -1229,6 +1230,15 @@ enum PendingOp {
     Other,
 }
 
+/// A membership change the leader appended, until its entry (ending at
+/// `end`, of term `term`) commits.
+struct MembershipWait {
+    end: Position,
+    term: u64,
+    since: Instant,
+    pending: PendingRequest,
+}
+
 struct Consensus {
     node: Node,
     cfg: NodeConfig,
@@ -1251,6 +1261,8 @@ struct Consensus {
     /// Accepted writes waiting for their entries to apply, by client and
     /// sequence number; handed to the service thread with those entries.
     awaiting: HashMap<(u64, u64), AwaitingWrite>,
+    /// Membership changes taken, waiting for their entries to commit.
+    membership_waits: Vec<MembershipWait>,
     /// The highest read index of a linearizable read handed to the service:
     /// applies up to it have a waiter, so they wake the service at once.
     reads_wait_upto: Position,
@@ -1587,9 +1599,7 @@ impl Consensus {
                 );
                 Ok(())
             }
-            ClientOp::ChangeMembership(change) => {
-                self.admin(id, req.id, sink, Event::ChangeMembership { id, change })
-            }
+            ClientOp::ChangeMembership(change) => self.change_membership(id, req.id, sink, change),
         }
     }
 
@@ -1712,24 +1722,75 @@ impl Consensus {
         Ok(self.pending.remove(&id))
     }
 
-    /// An administrative request: answered "ok" once the core took it, or
-    /// with the core's rejection.
-    fn admin(
+    /// A membership change: refused at once with the core's rejection, or
+    /// answered once its entry commits (as etcd answers once the change
+    /// applies): answered when appended, the client's next change would
+    /// find this one still pending, and an answered change could be lost
+    /// with its leader (`answer_membership_changes`).
+    fn change_membership(
         &mut self,
         id: u64,
         client_id: u64,
         sink: ResponseSink,
-        ev: Event,
+        change: MembershipChange,
     ) -> Result<(), String> {
-        if let Some(p) = self.step_admin(id, client_id, sink, ev)? {
-            // The caller reads the new membership (or leader) from the
-            // status next: publish it before answering, not at the end of
-            // the turn (etcdctl's `member add` crashed on a reply without
-            // the member it had just added).
-            self.maybe_publish_status();
-            respond(&p.sink, p.client_id, ClientResult::Ok(Bytes::new()));
+        let ev = Event::ChangeMembership { id, change };
+        if let Some(pending) = self.step_admin(id, client_id, sink, ev)? {
+            // Taken: its entry is the last of the leader's log.
+            let log = self.node.log();
+            self.membership_waits.push(MembershipWait {
+                end: log.last_pos(),
+                term: log.last_term(),
+                since: Instant::now(),
+                pending,
+            });
+            self.answer_membership_changes();
         }
         Ok(())
+    }
+
+    /// Answers the membership changes whose entries have committed: "ok",
+    /// after publishing the status the caller reads the new membership
+    /// from next. One whose leader lost its leadership first, or that has
+    /// not committed within `write_timeout_ms`, is answered that its
+    /// outcome is unknown (the entry may still commit under a new leader).
+    fn answer_membership_changes(&mut self) {
+        if self.membership_waits.is_empty() {
+            return;
+        }
+        let node = &self.node;
+        let commit = node.commit_position();
+        let limit = Duration::from_millis(self.cfg.write_timeout_ms);
+        let mut answers = Vec::new();
+        for w in std::mem::take(&mut self.membership_waits) {
+            let ours = node.log().term_at(w.end) == Some(w.term);
+            let result = if commit >= w.end && ours {
+                ClientResult::Ok(Bytes::new())
+            } else if !node.is_leader() || node.term() != w.term {
+                ClientResult::Error(format!(
+                    "{}: the leader changed before the membership change committed \
+                     (leader changed); it may or may not take effect: check the members",
+                    keel_net::codec::OUTCOME_UNKNOWN
+                ))
+            } else if w.since.elapsed() >= limit {
+                ClientResult::Error(format!(
+                    "{}: the membership change did not commit within {limit:?} (timed out); \
+                     it may or may not take effect: check the members",
+                    keel_net::codec::OUTCOME_UNKNOWN
+                ))
+            } else {
+                self.membership_waits.push(w);
+                continue;
+            };
+            answers.push((w.pending, result));
+        }
+        if answers.is_empty() {
+            return;
+        }
+        self.publish_status();
+        for (p, result) in answers {
+            respond(&p.sink, p.client_id, result);
+        }
     }
 
     fn not_leader(&self) -> ClientResult {
@@ -1764,6 +1825,7 @@ impl Consensus {
             self.step(Event::Durable { position, term })?;
         }
         self.answer_deposed();
+        self.answer_membership_changes();
         Ok(())
     }
 

@@ -446,7 +446,9 @@ pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, S
     use std::io::{Read, Write};
     let mut s =
         std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5)))
+    // (Longer than the etcd API's request timeout, 7 s, which a request
+    // that finds no leader waits out before its answer, as etcd's does.)
+    s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     write!(
         s,

@@ -122,19 +122,24 @@ pub fn cpu_seconds(pids: Option<&[u32]>) -> f64 {
         let Ok(stat) = std::fs::read_to_string(path) else {
             return 0.0;
         };
-        // The command name (field 2) may hold spaces: count after its ')'.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            return 0.0;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // rest starts at field 3, so utime (14) and stime (15) are 11 and 12.
-        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        (field(11) + field(12)) as f64 / ticks
+        stat_cpu_ticks(&stat).unwrap_or(0) as f64 / ticks
     };
     match pids {
         None => one("/proc/self/stat".into()),
         Some(pids) => pids.iter().map(|p| one(format!("/proc/{p}/stat"))).sum(),
     }
+}
+
+/// utime + stime (fields 14 and 15, all threads, not children) from the
+/// text of /proc/<pid>/stat, in clock ticks.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces and parentheses: count
+    // after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3, so utime (14) and stime (15) are 11 and 12.
+    let field = |i: usize| f.get(i)?.parse::<u64>().ok();
+    field(11)?.checked_add(field(12)?)
 }
 
 /// The largest peak resident memory (VmHWM: the most the process has
@@ -379,6 +384,39 @@ impl KeelCluster {
     }
 }
 
+/// Refuses `--keel-config` settings every node would refuse at start (an
+/// unknown key, one the benchmark writes itself, a bad value), before any
+/// cluster starts: otherwise the mistake shows only once the Keel cluster
+/// starts, after the loopback round trip or another system's whole run.
+pub fn check_keel_config(threads: &NodeThreadArgs, service: &str, etcd: bool) -> Result<()> {
+    if threads.keel_config.is_empty() {
+        return Ok(());
+    }
+    let nodes: Vec<KeelNode> = (1..=3u16)
+        .map(|id| KeelNode {
+            id: id.into(),
+            peer: format!("127.0.0.1:{}", 1000 + id),
+            client: format!("127.0.0.1:{}", 2000 + id),
+            etcd: etcd.then(|| format!("127.0.0.1:{}", 3000 + id)),
+            http: Some(format!("127.0.0.1:{}", 4000 + id)),
+        })
+        .collect();
+    let text = node_config(
+        &nodes[0],
+        &nodes,
+        Path::new("/keel-bench"),
+        service,
+        "sync",
+        threads,
+    );
+    let config: keel_node::config::NodeConfig =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("--keel-config: {e}"))?;
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--keel-config: {e}"))?;
+    Ok(())
+}
+
 fn node_config(
     n: &KeelNode,
     all: &[KeelNode],
@@ -589,6 +627,26 @@ mod tests {
     }
 
     #[test]
+    fn stat_cpu_ticks_are_utime_plus_stime() {
+        // Fields: pid (comm) state ppid pgrp session tty tpgid flags minflt
+        // cminflt majflt cmajflt utime stime cutime cstime ...
+        let stat = "1234 (keel) S 1 1234 1234 0 -1 4194560 500 0 0 0 \
+                    700 300 9000 8000 20 0 9 0 100 1000000 300 \n";
+        assert_eq!(
+            stat_cpu_ticks(stat),
+            Some(1000),
+            "children's cutime/cstime not counted"
+        );
+        // A command name with spaces and parentheses.
+        let odd = "77 (a) b (c) R 1 77 77 0 -1 0 0 0 0 0 15 25 0 0 20 0 1 0 5 6 7\n";
+        assert_eq!(stat_cpu_ticks(odd), Some(40));
+        assert_eq!(stat_cpu_ticks("77 (x) R 1 2 3"), None, "too short");
+        assert_eq!(stat_cpu_ticks("no parenthesis"), None);
+        let me = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+        assert!(stat_cpu_ticks(&me).is_some());
+    }
+
+    #[test]
     fn cpu_seconds_counts_this_process_and_not_missing_ones() {
         let before = cpu_seconds(None);
         // Burn CPU until the count moves (clock ticks are 10 ms; on busy
@@ -616,6 +674,29 @@ mod tests {
         assert_eq!(distinct.len(), 6, "{ports:?}");
         for p in ports {
             assert!((20_000..32_000).contains(&p), "{p}");
+        }
+    }
+
+    #[test]
+    fn keel_config_the_nodes_would_refuse_is_refused_up_front() {
+        let with = |settings: &[&str]| NodeThreadArgs {
+            service_thread: "dedicated".into(),
+            thread_scheduling: "normal".into(),
+            keel_config: settings.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(check_keel_config(&with(&[]), "echo", false).is_ok());
+        assert!(check_keel_config(&with(&["log_cache_bytes = 0"]), "kv", true).is_ok());
+        for (bad, says) in [
+            ("durability = \"replicated\"", "duplicate key"),
+            ("log_cache_byte = 0", "log_cache_byte"),
+            ("heartbeat_ms = 0", "heartbeat_ms"),
+        ] {
+            let e = check_keel_config(&with(&[bad]), "echo", false).expect_err(bad);
+            let e = format!("{e:#}");
+            assert!(
+                e.contains("--keel-config") && e.contains(says),
+                "{bad}: {e}"
+            );
         }
     }
 

@@ -8,7 +8,9 @@
 //! id (burst = id / burst size; the schedule is fixed by the start time and
 //! the rate), so nothing is shared between the two threads but counters.
 
-use super::cluster::{cpu_seconds, on_memory_fs, peak_rss_bytes, KeelCluster, MachineTicks};
+use super::cluster::{
+    check_keel_config, cpu_seconds, on_memory_fs, peak_rss_bytes, KeelCluster, MachineTicks,
+};
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::prom;
 use super::report::{self, histogram, us, Panel, Percentiles, Series, PERCENTILE_COLORS};
@@ -643,6 +645,7 @@ fn validate(a: &EchoArgs) -> Result<()> {
 
 pub fn run(a: EchoArgs) -> Result<i32> {
     validate(&a)?;
+    check_keel_config(&a.threads, "echo", false)?;
     if on_memory_fs(&a.common.dir) {
         eprintln!(
             "warning: {} is on tmpfs, where fsync costs nothing: `sync` will look like `replicated`. Use --dir on a disk.",

@@ -9,8 +9,8 @@
 //! most M in flight per connection) for the latency-vs-rate plot.
 
 use super::cluster::{
-    cpu_seconds, etcd_version, find_etcd, on_memory_fs, peak_rss_bytes, EtcdCluster, KeelCluster,
-    MachineTicks,
+    check_keel_config, cpu_seconds, etcd_version, find_etcd, on_memory_fs, peak_rss_bytes,
+    EtcdCluster, KeelCluster, MachineTicks,
 };
 use super::pace::{burst_due_ns, bursts_due_in, sleep_until, tighten_timer_slack};
 use super::prom;
@@ -1002,6 +1002,9 @@ pub fn run(a: KvArgs) -> Result<i32> {
             );
         }
     }
+    if a.systems.contains(&System::Keel) && a.external(System::Keel).is_none() {
+        check_keel_config(&a.threads, "kv", true)?;
+    }
     let etcd = if a.systems.contains(&System::Etcd) && a.external(System::Etcd).is_none() {
         Some(find_etcd(a.etcd.as_deref())?)
     } else {
@@ -1438,6 +1441,100 @@ mod tests {
             &t.failure[..],
             [RequestOp { request: Some(request_op::Request::RequestRange(r)) }] if r.key == key && !r.serializable
         ));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: KvArgs,
+    }
+
+    fn args(flags: &[&str]) -> KvArgs {
+        use clap::Parser as _;
+        let argv = std::iter::once("kv").chain(flags.iter().copied());
+        Cli::try_parse_from(argv).expect("flags parse").a
+    }
+
+    fn closed(system: System, workload: Workload, ops: f64, p99_ms: u64, cpu: f64) -> Run {
+        Run {
+            system,
+            workload,
+            offered: None,
+            ops_per_sec: ops,
+            latency: Percentiles {
+                count: 1000,
+                p50: p99_ms * 500_000,
+                p99: p99_ms * 1_000_000,
+                ..Percentiles::default()
+            },
+            errors: 0,
+            lost: 0,
+            cas_failed: 10,
+            first_error: None,
+            saturated: false,
+            cpu_per_op: Some((Some(cpu), 20.0)),
+            steal: Some(0.0),
+            peak_rss: Some(100_000_000),
+            syncs: None,
+        }
+    }
+
+    #[test]
+    fn ratios_are_keel_over_etcd_and_cpu_etcd_over_keel() {
+        let a = args(&["--workloads", "put,txn-cas", "--no-sweep"]);
+        let runs = vec![
+            closed(System::Keel, Workload::Put, 20_000.0, 2, 50.0),
+            closed(System::Keel, Workload::TxnCas, 30_000.0, 1, 40.0),
+            closed(System::Etcd, Workload::Put, 8_000.0, 8, 150.0),
+            closed(System::Etcd, Workload::TxnCas, 3_000.0, 10, 400.0),
+        ];
+        let md = markdown(&a, &runs, Some("etcd Version: 3.4.23"));
+        // Throughput Keel/etcd 2.50x, p99 Keel/etcd 0.25x.
+        assert!(
+            md.contains("| put | 20000 | 1.00 | 2.00 | 8000 | 4.00 | 8.00 | 2.50x | 0.25x |"),
+            "{md}"
+        );
+        // CPU per op etcd/Keel: 3.00x.
+        assert!(md.contains("| put | 50 | 150 | 3.00x | 20 | 20 |"), "{md}");
+        assert!(md.contains("| txn-CAS | 40 | 400 | 10.00x |"), "{md}");
+        // The targets: txn-CAS at 10x the throughput and 0.1x the p99 is met, put is not.
+        assert!(
+            md.contains("put: 2.50x etcd's throughput at 0.25x its p99"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "txn-CAS: 10.00x etcd's throughput at 0.10x its p99 (target: ≥ 10x at ≤ 1x) — met"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("CAS compares that failed (a concurrent writer won; the txn still counts): Keel 1.0%, etcd 1.0%"), "{md}");
+        // No etcd run: no ratio.
+        assert_eq!(ratio(Some(1.0), None), "—");
+        assert_eq!(ratio(Some(1.0), Some(0.0)), "—");
+    }
+
+    #[test]
+    fn ops_per_sec_is_over_the_window_and_lost_is_what_never_came_back() {
+        let a = args(&["--duration", "2"]);
+        let mut t = Tally::new();
+        let w = (1_000, 3_000);
+        for due in [1_000, 1_500, 2_000] {
+            t.record(w, due, due + 100, Ok(true));
+        }
+        t.record(w, 2_900, 3_100, Ok(true)); // done after the window
+        t.record(
+            w,
+            2_950,
+            2_960,
+            Err(tonic::Status::resource_exhausted("busy")),
+        );
+        let r = to_run(&a, System::Keel, Workload::Put, Some(3), &t, Some(6));
+        assert_eq!(r.ops_per_sec, 1.5, "3 done in the window, over its 2 s");
+        assert_eq!((r.errors, r.lost), (1, 1));
+        assert!(r.saturated, "2 of 6 errors or lost");
+        let r = to_run(&a, System::Keel, Workload::Put, None, &t, None);
+        assert_eq!((r.lost, r.saturated), (0, false));
     }
 
     #[test]

@@ -219,6 +219,45 @@ mod tests {
     }
 
     #[test]
+    fn quantiles_follow_prometheus_histogram_quantile() {
+        let h = Hist {
+            buckets: vec![
+                (0.1, 0),
+                (0.2, 0),
+                (0.4, 10),
+                (0.8, 10),
+                (f64::INFINITY, 10),
+            ],
+            sum: 3.0,
+            count: 10,
+        };
+        let near = |got: Option<f64>, want: f64| got.is_some_and(|g| (g - want).abs() < 1e-12);
+        // Rank 5 of the 10 in (0.2, 0.4]: halfway.
+        assert!(near(h.quantile(0.5), 0.3), "{:?}", h.quantile(0.5));
+        // The whole count is reached in (0.2, 0.4]: its upper bound, not
+        // the empty buckets above it.
+        assert!(near(h.quantile(1.0), 0.4), "{:?}", h.quantile(1.0));
+        assert!(near(h.quantile(0.99), 0.398), "{:?}", h.quantile(0.99));
+        // Empty buckets below are skipped: the lowest is the lower bound of
+        // the first non-empty one.
+        assert!(near(h.quantile(0.0), 0.2), "{:?}", h.quantile(0.0));
+        // Every observation above the largest finite bound: that bound.
+        let over = Hist {
+            buckets: vec![(0.1, 0), (f64::INFINITY, 5)],
+            sum: 9.0,
+            count: 5,
+        };
+        assert_eq!(over.quantile(0.5), Some(0.1));
+        // The first bucket's lower bound is 0.
+        let low = Hist {
+            buckets: vec![(0.001, 4), (0.002, 4), (f64::INFINITY, 4)],
+            sum: 0.002,
+            count: 4,
+        };
+        assert!(near(low.quantile(0.5), 0.0005), "{:?}", low.quantile(0.5));
+    }
+
+    #[test]
     fn a_window_is_the_difference_of_two_scrapes_summed_over_members() {
         let before = Hist::parse(KEEL, "keel_log_fsync_seconds").expect("keel");
         let mut after = before.clone();

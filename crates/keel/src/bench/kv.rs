@@ -965,7 +965,8 @@ async fn bench_system(
     Ok(())
 }
 
-pub fn run(a: KvArgs) -> Result<i32> {
+/// Refuses flag values the run could not honour, before any measuring.
+fn validate(a: &KvArgs) -> Result<()> {
     if a.systems.is_empty() || a.workloads.is_empty() {
         bail!("--systems and --workloads each need at least one entry");
     }
@@ -975,6 +976,49 @@ pub fn run(a: KvArgs) -> Result<i32> {
     if !(0.0..=600.0).contains(&a.drain) {
         bail!("--drain {}: expected 0 to 600 seconds", a.drain);
     }
+    if let Some(s) = a
+        .systems
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| a.systems[..i].contains(s).then_some(s))
+    {
+        bail!("--systems: {} is listed twice", s.name());
+    }
+    if let Some(w) = a
+        .workloads
+        .iter()
+        .enumerate()
+        .find_map(|(i, w)| a.workloads[..i].contains(w).then_some(w))
+    {
+        bail!("--workloads: {} is listed twice", w.name());
+    }
+    if !a.no_sweep {
+        if let Some(w) = a.rates.windows(2).find(|w| w[1] <= w[0]) {
+            bail!(
+                "--rates: {} after {}: list the rates in increasing order, each once (the sweep \
+                 stops at the first saturated one)",
+                w[1],
+                w[0]
+            );
+        }
+        let warm = a.common.warmup().as_nanos() as u64;
+        let end = warm + a.common.duration().as_nanos() as u64;
+        if let Some(r) = a
+            .rates
+            .iter()
+            .find(|&&r| bursts_due_in(warm, end, 1, r) == 0)
+        {
+            bail!(
+                "--rates {r}: no request falls in the {} s window; raise the rate or --duration",
+                a.common.duration
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn run(a: KvArgs) -> Result<i32> {
+    validate(&a)?;
     if !a.common.no_write {
         a.common.check_out()?;
     }
@@ -1477,6 +1521,32 @@ mod tests {
             peak_rss: Some(100_000_000),
             syncs: None,
         }
+    }
+
+    #[test]
+    fn flags_the_run_could_not_honour_are_refused() {
+        assert!(validate(&args(&[])).is_ok());
+        for (flags, says) in [
+            // The sweep stops at the first saturated rate: a lower rate
+            // listed after a higher one would be skipped unseen.
+            (&["--rates", "10k,1k"][..], "--rates"),
+            // A repeated rate, system or workload would show its first
+            // run twice in the tables.
+            (&["--rates", "1k,1k"][..], "--rates"),
+            (&["--systems", "keel,keel"][..], "--systems"),
+            (&["--workloads", "put,range,put"][..], "--workloads"),
+            // No request would fall in the window: "saturated" with no data.
+            (
+                &["--rates", "1", "--warmup", "0.2", "--duration", "0.5"][..],
+                "--rates",
+            ),
+            (&["--drain=-1"][..], "--drain"),
+        ] {
+            let e = validate(&args(flags)).expect_err(&format!("{flags:?}"));
+            assert!(e.to_string().contains(says), "{flags:?}: {e}");
+        }
+        // With --no-sweep the rates are not used.
+        assert!(validate(&args(&["--rates", "10k,1k", "--no-sweep"])).is_ok());
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub struct EchoArgs {
     /// After the listed rates, add this many msg/s per step until saturation (0: stop after the list).
     #[arg(long, value_parser = parse_rate_or_zero, default_value = "100k")]
     step: u64,
-    /// Never offer more than this many msg/s.
+    /// Never offer more than this many msg/s (a listed rate above it is refused).
     #[arg(long, value_parser = parse_rate, default_value = "2m")]
     max_rate: u64,
     /// Durability modes to measure, each on a fresh cluster.

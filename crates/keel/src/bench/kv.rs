@@ -135,7 +135,7 @@ pub struct KvArgs {
     durability: String,
     #[command(flatten)]
     threads: NodeThreadArgs,
-    /// Offered rates (ops/s) of the open-loop sweep, comma-separated (k and m suffixes allowed).
+    /// Offered rates (ops/s) of the open-loop sweep, comma-separated, increasing (k and m suffixes allowed).
     #[arg(long, value_delimiter = ',', value_parser = parse_rate, default_value = "1k,2k,5k,10k,20k,50k")]
     rates: Vec<u64>,
     /// Skip the open-loop sweep (closed loop only; no plot).

@@ -83,6 +83,29 @@ impl Frame {
 /// id, node id): the limit to read a connection's first frame with.
 pub const HELLO_MAX_FRAME: usize = 2 + 8 + 8;
 
+/// The protocol a connection's opening bytes speak, if they are one of the
+/// common ones sent to a Keel port by mistake (an etcd client or a browser
+/// on the native client port, a TLS client anywhere): "HTTP/2" (its
+/// preface, `PRI * HTTP/2.0`), "HTTP/1.1" (a request line's method) or
+/// "TLS" (a handshake record, 0x16 0x03). `None` if they are none of these
+/// or too few to tell. Read as a Keel frame, an HTTP opening declares over
+/// 512 MiB (its fourth byte, a letter or a space, is the length's top
+/// byte), above every frame limit; a TLS one may declare a length a frame
+/// could have, so take it as TLS only once the frame was refused.
+pub fn foreign_protocol(opening: &[u8]) -> Option<&'static str> {
+    const HTTP1: [&[u8; 4]; 9] = [
+        b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC",
+    ];
+    match opening {
+        [b'P', b'R', b'I', b' ', ..] => Some("HTTP/2"),
+        [a, b, c, d, ..] if HTTP1.contains(&&[*a, *b, *c, *d]) => Some("HTTP/1.1"),
+        // A record of type handshake, protocol version 3.x (SSL 3.0 to
+        // TLS 1.3, which keeps 3.1 or 3.3 here).
+        [0x16, 0x03, minor, ..] if *minor <= 4 => Some("TLS"),
+        _ => None,
+    }
+}
+
 /// A client's request to a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientRequest {
@@ -1991,6 +2014,59 @@ mod tests {
             decode(&bad, MAX),
             Err(CodecError::Unordered { .. })
         ));
+    }
+
+    /// The openings of HTTP/2, HTTP/1.1 and TLS are told apart from each
+    /// other and from Keel's frames, whose length prefixes they would be
+    /// read as otherwise ("frame declares 541676112 bytes").
+    #[test]
+    fn foreign_openings_are_recognised() {
+        assert_eq!(
+            foreign_protocol(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some("HTTP/2")
+        );
+        assert_eq!(
+            u32::from_le_bytes(*b"PRI "),
+            541_676_112,
+            "the length the preface was read as"
+        );
+        for req in [
+            "GET /metrics HTTP/1.1\r\n",
+            "POST /v3/kv/range HTTP/1.1\r\n",
+            "HEAD / ",
+        ] {
+            assert_eq!(foreign_protocol(req.as_bytes()), Some("HTTP/1.1"), "{req}");
+            let len = u32::from_le_bytes(req.as_bytes()[..4].try_into().expect("4 bytes"));
+            assert!(len as usize > 512 << 20, "{req}: {len}");
+        }
+        // A TLS 1.2/1.3 ClientHello's record header.
+        assert_eq!(
+            foreign_protocol(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]),
+            Some("TLS")
+        );
+        assert_eq!(foreign_protocol(b"PRI"), None, "too short to tell");
+        assert_eq!(foreign_protocol(b"PRIX"), None);
+        assert_eq!(foreign_protocol(b"get / HTTP/1.1"), None);
+        // Keel's own frames are none of these.
+        let mut b = Vec::new();
+        encode(
+            &Frame::Request(ClientRequest {
+                id: 1,
+                client: 1,
+                seq: 1,
+                op: ClientOp::Status,
+            }),
+            &mut b,
+        );
+        encode(
+            &Frame::Hello {
+                cluster_id: 1,
+                node_id: 2,
+            },
+            &mut b,
+        );
+        assert_eq!(foreign_protocol(&b), None);
+        assert_eq!(foreign_protocol(&b[b.len() - 22..]), None);
     }
 
     #[test]

@@ -568,7 +568,29 @@ async fn read_one(
 /// refused from its first bytes (before its hello, a connection may come
 /// from anyone).
 async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Frame, String> {
-    read_one(stream, buf, codec::HELLO_MAX_FRAME, FrameKind::Hello).await
+    let hello = read_one(stream, buf, codec::HELLO_MAX_FRAME, FrameKind::Hello).await;
+    // (A refused frame is left in `buf`: here, the connection's opening.)
+    hello.map_err(|e| foreign_opening(buf, FrameKind::Hello).unwrap_or(e))
+}
+
+/// Why a connection whose opening bytes were refused as a frame was
+/// closed, if they are another protocol's (`codec::foreign_protocol`):
+/// that protocol and the port it should have gone to, instead of the
+/// length its first bytes declare when read as a frame ("frame declares
+/// 541676112 bytes" for HTTP/2's preface). `expected`: what the port takes
+/// first (a client request on the client port, a hello on the peer port).
+fn foreign_opening(opening: &[u8], expected: FrameKind) -> Option<String> {
+    let proto = codec::foreign_protocol(opening)?;
+    let port = match expected {
+        FrameKind::Request => "the native client port, which speaks only Keel's client protocol",
+        _ => "the peer port, which speaks only Keel's replication protocol",
+    };
+    let elsewhere = match proto {
+        "HTTP/1.1" => "; etcd clients use etcd_addr, and /metrics and /status http_addr",
+        "TLS" => " (without TLS); etcd clients use etcd_addr",
+        _ => "; etcd clients use etcd_addr",
+    };
+    Some(format!("{proto} on {port}{elsewhere}"))
 }
 
 /// Free buffer space kept for each read of a connection.
@@ -608,6 +630,9 @@ async fn read_frames_gated(
     answers: Option<&Outbox>,
     mut on_frame: impl FnMut(Option<Frame>) -> Result<(), String>,
 ) -> Result<(), String> {
+    // No frame taken yet: what the buffer starts with is the connection's
+    // opening, which may be another protocol's (`foreign_opening`).
+    let mut opening = true;
     loop {
         // The whole frames at the front, by their length prefixes; a bad
         // prefix, or a frame of another kind than `expected` (known from
@@ -627,11 +652,17 @@ async fn read_frames_gated(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    bad = Some(e);
+                    let foreign = if opening && whole == 0 {
+                        foreign_opening(&buf, expected)
+                    } else {
+                        None
+                    };
+                    bad = Some(foreign.unwrap_or(e));
                     break;
                 }
             }
         }
+        opening &= whole == 0;
         let chunk = buf.split_to(whole).freeze();
         let mut off = 0;
         let decoded = loop {
@@ -1042,6 +1073,88 @@ mod tests {
             assert!(reads > 1, "all in one read: the test cut nothing");
             let e = result.expect_err("the bad frame was accepted");
             assert!(e.contains("bad frame"), "{e}");
+        });
+    }
+
+    /// Another protocol's opening on a port (etcdctl's HTTP/2 on the
+    /// client port, a browser's HTTP/1.1, a TLS handshake) is named as
+    /// that, with the port to use, instead of "frame declares 541676112
+    /// bytes"; the same bytes after the opening are a bad frame as before.
+    #[test]
+    fn foreign_openings_are_named() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client_port = |bytes: Vec<u8>| async move {
+                let (server, mut client) = connected().await;
+                client.write_all(&bytes).await.expect("write");
+                let (r, _w) = server.into_split();
+                let result =
+                    read_frames(r, BytesMut::new(), 64 << 20, FrameKind::Request, |_| Ok(())).await;
+                drop(client);
+                result.expect_err("another protocol's bytes were taken")
+            };
+            let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            assert_eq!(
+                client_port(preface.clone()).await,
+                "HTTP/2 on the native client port, which speaks only Keel's client protocol; \
+                 etcd clients use etcd_addr"
+            );
+            let e = client_port(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
+            assert!(e.starts_with("HTTP/1.1 on the native client port"), "{e}");
+            assert!(e.contains("http_addr"), "{e}");
+            let hello = [
+                0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ];
+            let e = client_port(hello.to_vec()).await;
+            assert!(e.starts_with("TLS on the native client port"), "{e}");
+            // Arriving a byte at a time, the preface is still told.
+            let (server, mut client) = connected().await;
+            let (r, _w) = server.into_split();
+            let writer = tokio::spawn(async move {
+                for b in preface {
+                    client.write_all(&[b]).await.expect("write");
+                    tokio::task::yield_now().await;
+                }
+                client
+            });
+            let e = read_frames(r, BytesMut::new(), 64 << 20, FrameKind::Request, |_| Ok(()))
+                .await
+                .expect_err("the preface was taken");
+            assert!(e.starts_with("HTTP/2 on the native client port"), "{e}");
+            drop(writer.await);
+            // After a good frame, the same bytes are a bad frame.
+            let mut bytes = Vec::new();
+            codec::encode(
+                &Frame::Request(ClientRequest {
+                    id: 1,
+                    client: 1,
+                    seq: 1,
+                    op: ClientOp::Status,
+                }),
+                &mut bytes,
+            );
+            bytes.extend_from_slice(b"PRI * HTTP/2.0\r\n");
+            let e = client_port(bytes).await;
+            assert!(
+                e.starts_with("bad frame: frame declares 541676112 bytes"),
+                "{e}"
+            );
+
+            // The peer port.
+            for (bytes, wants) in [
+                (&b"PRI * HTTP/2.0\r\n\r\n"[..], "HTTP/2 on the peer port"),
+                (&hello[..], "TLS on the peer port"),
+            ] {
+                let (mut server, mut client) = connected().await;
+                client.write_all(bytes).await.expect("write");
+                let e = read_hello(&mut server, &mut Vec::new())
+                    .await
+                    .expect_err("another protocol for a hello");
+                assert!(e.starts_with(wants), "{e}");
+            }
         });
     }
 

@@ -32,6 +32,14 @@ pub enum LogError {
         action: &'static str,
         error: std::io::Error,
     },
+    /// The data directory's path is something other than a directory (a
+    /// path under a file fails to be created, "Not a directory").
+    #[error(
+        "data directory {} exists and is not a directory: set data_dir to a directory, or to a \
+         path that does not exist yet (it is created)",
+        dir.display()
+    )]
+    NotADirectory { dir: PathBuf },
     #[error(
         "data directory {} is in use by another process{}: it holds the lock on {}. Refusing \
          to start: two processes writing one data directory lose acknowledged writes. Stop the \

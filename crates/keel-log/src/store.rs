@@ -313,6 +313,13 @@ fn create_dir_durably(dir: &Path) -> Result<Vec<PathBuf>, LogError> {
         created.push(d);
         at = d.parent();
     }
+    // `create_dir_all` would say only "File exists" for a file there. (A
+    // path under a file fails below, "Not a directory".)
+    if dir.exists() && !dir.is_dir() {
+        return Err(LogError::NotADirectory {
+            dir: dir.to_path_buf(),
+        });
+    }
     fs::create_dir_all(dir).map_err(|e| LogError::io(dir, "creating data directory", e))?;
     let mut synced = Vec::new();
     // Outermost first.
@@ -842,5 +849,32 @@ mod tests {
             create_dir_durably(&sibling).expect("create"),
             [root.join("a")]
         );
+    }
+
+    /// A data directory path that is a file is refused as such, not with
+    /// "File exists" (as `create_dir_all` says); one under a file gets the
+    /// OS's "Not a directory".
+    #[test]
+    fn a_data_directory_that_is_a_file_is_refused_as_such() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("afile");
+        fs::write(&file, b"x").expect("write");
+        let e = create_dir_durably(&file).expect_err("a file taken as a directory");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "data directory {} exists and is not a directory: set data_dir to a directory, \
+                 or to a path that does not exist yet (it is created)",
+                file.display()
+            )
+        );
+        let under = file.join("data");
+        let e = create_dir_durably(&under).expect_err("a directory under a file");
+        let os = std::io::Error::from_raw_os_error(libc::ENOTDIR).to_string();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: creating data directory: {os}", under.display())
+        );
+        assert_eq!(fs::read(&file).expect("read"), b"x", "the file changed");
     }
 }

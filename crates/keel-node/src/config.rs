@@ -460,12 +460,22 @@ impl NodeConfig {
                 self.max_unapplied_bytes, self.max_request_bytes
             ));
         }
+        // Checked on every node, with or without `etcd_addr` (the etcd API
+        // applies them): a typo is refused, not kept until the day the API
+        // is turned on.
+        if let Err(e) =
+            check_auto_compaction(&self.auto_compaction_mode, &self.auto_compaction_retention)
+        {
+            return bad(e);
+        }
         // This node's addresses and its peers': a peer address that is no
         // address would leave the node trying to reach it forever.
-        let own = [
+        let mut own = vec![
             ("peer_addr".to_string(), &self.peer_addr),
             ("client_addr".to_string(), &self.client_addr),
         ];
+        own.extend(self.http_addr.iter().map(|a| ("http_addr".to_string(), a)));
+        own.extend(self.etcd_addr.iter().map(|a| ("etcd_addr".to_string(), a)));
         let peers = self.peers.iter().flat_map(|p| {
             [
                 (format!("peer {}'s peer_addr", p.id), &p.peer_addr),
@@ -478,6 +488,53 @@ impl NodeConfig {
                 return bad(format!(
                     "{what} {addr:?} is not host:port (e.g. \"10.0.0.2:7001\")"
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the etcd API's TLS files that are set, and checks that each
+    /// holds what it must in PEM (a certificate, a private key): a missing,
+    /// unreadable or wrong file is refused with the file named, before the
+    /// node writes anything. (That a key belongs to its certificate is
+    /// checked where TLS is set up, by the etcd API.)
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let files = [
+            (
+                "etcd_cert_file",
+                &self.etcd_cert_file,
+                "CERTIFICATE-----",
+                "certificate",
+            ),
+            (
+                "etcd_key_file",
+                &self.etcd_key_file,
+                "PRIVATE KEY-----",
+                "private key",
+            ),
+            (
+                "etcd_trusted_ca_file",
+                &self.etcd_trusted_ca_file,
+                "CERTIFICATE-----",
+                "certificate",
+            ),
+        ];
+        for (what, path, marker, holds) in files {
+            let Some(path) = path else { continue };
+            let text = std::fs::read(path)
+                .map_err(|e| ConfigError::Invalid(format!("{what} {}: {e}", path.display())))?;
+            let text = String::from_utf8_lossy(&text);
+            let found = text.match_indices("-----BEGIN ").any(|(i, _)| {
+                text[i..]
+                    .lines()
+                    .next()
+                    .is_some_and(|l| l.ends_with(marker))
+            });
+            if !found {
+                return Err(ConfigError::Invalid(format!(
+                    "{what} {}: no PEM {holds} in it",
+                    path.display()
+                )));
             }
         }
         Ok(())
@@ -510,6 +567,77 @@ impl NodeConfig {
             .find(|p| p.id == id)
             .map(|p| p.client_addr.clone())
     }
+}
+
+/// The longest periodic retention accepted: 10 years (longer is as good
+/// as off).
+const MAX_RETENTION_SECS: f64 = 10.0 * 365.0 * 24.0 * 3600.0;
+
+/// Checks the auto-compaction pair as the etcd API reads it (etcd's
+/// `--auto-compaction-mode` and `--auto-compaction-retention`): `revision`
+/// takes a whole number of revisions; `periodic` a duration (`1h30m`,
+/// `90s`, `1.5h`, `500ms`) or a bare number of hours, at most 10 years; `0`
+/// is off in both. The error names the setting and the value.
+pub fn check_auto_compaction(mode: &str, retention: &str) -> Result<(), String> {
+    let retention = retention.trim();
+    match mode {
+        "revision" => retention.parse::<u64>().map(|_| ()).map_err(|_| {
+            format!(
+                "auto_compaction_retention {retention:?}: revision mode keeps a number of \
+                 revisions (a whole number, 0 for off)"
+            )
+        }),
+        "periodic" => retention_secs(retention)
+            .map(|_| ())
+            .map_err(|e| format!("auto_compaction_retention {retention:?}: {e}")),
+        other => Err(format!(
+            "auto_compaction_mode {other:?}: expected \"periodic\" or \"revision\""
+        )),
+    }
+}
+
+/// A periodic retention in seconds: a Go-style duration, or hours.
+fn retention_secs(s: &str) -> Result<f64, String> {
+    if s.is_empty() {
+        return Err("empty (0 turns it off)".into());
+    }
+    let numeric = |c: char| c.is_ascii_digit() || c == '.';
+    let number = |t: &str| -> Result<f64, String> {
+        if t.is_empty() || t == "." || !t.chars().all(numeric) || t.matches('.').count() > 1 {
+            return Err(format!("{t:?} is not a number"));
+        }
+        t.parse::<f64>().map_err(|e| format!("{t:?}: {e}"))
+    };
+    let secs = if s.chars().all(numeric) {
+        number(s)? * 3600.0
+    } else {
+        let mut total = 0.0;
+        let mut rest = s;
+        while !rest.is_empty() {
+            let value_end = rest
+                .find(|c: char| !numeric(c))
+                .ok_or_else(|| format!("{rest:?} has no unit (h, m, s or ms)"))?;
+            let (value, tail) = rest.split_at(value_end);
+            let (unit, next) = tail.split_at(tail.find(numeric).unwrap_or(tail.len()));
+            let scale = match unit {
+                "h" => 3600.0,
+                "m" => 60.0,
+                "s" => 1.0,
+                "ms" => 0.001,
+                other => return Err(format!("unknown unit {other:?} (h, m, s or ms)")),
+            };
+            total += number(value)? * scale;
+            rest = next;
+        }
+        total
+    };
+    if !secs.is_finite() || secs > MAX_RETENTION_SECS {
+        return Err(format!(
+            "longer than {} hours",
+            MAX_RETENTION_SECS as u64 / 3600
+        ));
+    }
+    Ok(secs)
 }
 
 #[cfg(test)]
@@ -664,6 +792,125 @@ mod tests {
             .expect_err("a backlog bound below one request accepted");
         assert!(
             e.to_string().contains("max_unapplied_bytes (1048576)"),
+            "{e}"
+        );
+    }
+
+    /// Bad auto-compaction settings are refused on every node, not only
+    /// on one with `etcd_addr` (they passed silently without it).
+    #[test]
+    fn auto_compaction_settings_are_checked_without_etcd_addr() {
+        let c: NodeConfig = toml::from_str(base()).expect("parse");
+        assert!(c.etcd_addr.is_none());
+        c.validate().expect("the defaults are valid");
+        for (mode, retention, wants) in [
+            ("hourly", "0", "auto_compaction_mode \"hourly\""),
+            ("periodic", "abc", "auto_compaction_retention \"abc\""),
+            ("periodic", "", "empty"),
+            ("periodic", "5d", "unknown unit \"d\""),
+            ("periodic", "1h30", "has no unit"),
+            ("periodic", "1..5h", "not a number"),
+            ("periodic", "100000000", "longer than 87600 hours"),
+            ("revision", "1h", "a whole number"),
+            ("revision", "-5", "a whole number"),
+        ] {
+            let mut c = c.clone();
+            c.auto_compaction_mode = mode.into();
+            c.auto_compaction_retention = retention.into();
+            let e = c.validate().expect_err("bad auto-compaction accepted");
+            assert!(e.to_string().contains(wants), "{mode} {retention}: {e}");
+        }
+        for (mode, retention) in [
+            ("periodic", "0"),
+            ("periodic", "30m"),
+            ("periodic", "1h30m"),
+            ("periodic", "1.5h"),
+            ("periodic", "500ms"),
+            ("periodic", " 2 "),
+            ("revision", "1000"),
+            ("revision", "0"),
+        ] {
+            let mut c = c.clone();
+            c.auto_compaction_mode = mode.into();
+            c.auto_compaction_retention = retention.into();
+            c.validate()
+                .unwrap_or_else(|e| panic!("{mode} {retention:?} refused: {e}"));
+        }
+    }
+
+    /// `http_addr` and `etcd_addr` must be host:port too.
+    #[test]
+    fn http_and_etcd_addresses_must_be_host_and_port() {
+        let c: NodeConfig = toml::from_str(base()).expect("parse");
+        let mut http = c.clone();
+        http.http_addr = Some("127.0.0.1:99999".into());
+        let e = http.validate().expect_err("a bad http_addr").to_string();
+        assert!(
+            e.contains("http_addr \"127.0.0.1:99999\" is not host:port"),
+            "{e}"
+        );
+        let mut etcd = c.clone();
+        etcd.etcd_addr = Some("localhost".into());
+        let e = etcd.validate().expect_err("a bad etcd_addr").to_string();
+        assert!(
+            e.contains("etcd_addr \"localhost\" is not host:port"),
+            "{e}"
+        );
+    }
+
+    /// The etcd API's TLS files are read and checked for what they hold.
+    #[test]
+    fn tls_files_are_checked_for_their_contents() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cert = tmp.path().join("cert.pem");
+        let key = tmp.path().join("key.pem");
+        let junk = tmp.path().join("junk.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        std::fs::write(
+            &key,
+            "-----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        std::fs::write(&junk, "not pem\n").expect("write");
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        c.check_files().expect("no files set");
+        c.etcd_cert_file = Some(cert.clone());
+        c.etcd_key_file = Some(key.clone());
+        c.etcd_trusted_ca_file = Some(cert.clone());
+        c.check_files().expect("good files");
+        let mut swapped = c.clone();
+        swapped.etcd_key_file = Some(cert.clone());
+        let e = swapped.check_files().expect_err("a certificate as the key");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "invalid configuration: etcd_key_file {}: no PEM private key in it",
+                cert.display()
+            )
+        );
+        let mut junk_ca = c.clone();
+        junk_ca.etcd_trusted_ca_file = Some(junk.clone());
+        let e = junk_ca
+            .check_files()
+            .expect_err("junk as the CA")
+            .to_string();
+        assert!(
+            e.contains("etcd_trusted_ca_file") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        let mut missing = c.clone();
+        missing.etcd_cert_file = Some(tmp.path().join("missing.pem"));
+        let e = missing
+            .check_files()
+            .expect_err("a missing file")
+            .to_string();
+        let os = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+        assert!(
+            e.contains("etcd_cert_file") && e.contains("missing.pem") && e.contains(&os),
             "{e}"
         );
     }

@@ -46,7 +46,9 @@ use keel_net::codec::{ClientOp, ClientRequest, ClientResponse, ClientResult, Nod
 use keel_net::mem::MemNetwork;
 use keel_net::tcp::{self, NetStats, ResponseSink, TransportConfig};
 use keel_net::PeerSender;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 // Maps keyed by request ids, touched several times per write on the leader:
 // foldhash instead of SipHash (3% of the cluster's CPU at 200k msg/s).
 use foldhash::{HashMap, HashMapExt as _};
@@ -665,6 +667,197 @@ fn identity(cfg: &NodeConfig) -> Identity {
     }
 }
 
+/// The warning for a restart whose configuration gives no address for
+/// some of the members its data directory records: the membership recorded
+/// at the first start (from that start's `peers`) and changed since only by
+/// membership changes is kept whatever later configurations say, and a
+/// member without an address is never reached (a voter among them may
+/// leave this node unable to win or join a majority, a pre-candidate for
+/// good). `None` if every member has an address.
+fn unreachable_members(cfg: &NodeConfig, recorded: &keel_core::Membership) -> Option<String> {
+    let configured: std::collections::BTreeSet<NodeId> = std::iter::once(cfg.id)
+        .chain(cfg.peers.iter().map(|p| p.id))
+        .collect();
+    let unknown: Vec<NodeId> = recorded
+        .voters
+        .iter()
+        .chain(&recorded.learners)
+        .filter(|id| !configured.contains(id))
+        .copied()
+        .collect();
+    if unknown.is_empty() {
+        return None;
+    }
+    let learners = if recorded.learners.is_empty() {
+        String::new()
+    } else {
+        format!(" and learners {:?}", recorded.learners)
+    };
+    Some(format!(
+        "data directory {} records the cluster's members as voters {:?}{learners}, but the \
+         configuration lists nodes {:?} (this node and its peers): nodes {unknown:?} have no \
+         address, and this node cannot reach them. Only the first start takes the membership \
+         from the peers; later starts keep the recorded one and take only addresses from them. \
+         Give every member a [[peers]] entry (--peer), change the membership with `keel \
+         cluster` (add-learner, promote, remove), or start a new cluster on an empty data \
+         directory",
+        cfg.data_dir.display(),
+        recorded.voters,
+        configured,
+    ))
+}
+
+/// A data directory before a node's first start on it (one with no hard
+/// state yet), so that a failed first start can remove exactly what it
+/// created (`undo`) and nothing that was there before.
+struct FirstStart {
+    dir: PathBuf,
+    /// The directory's entries before the start (none if it did not exist).
+    before: HashSet<OsString>,
+    /// The directories the start will create: `dir` and any missing
+    /// ancestors, innermost first.
+    missing: Vec<PathBuf>,
+}
+
+impl FirstStart {
+    /// `None` if `dir` holds a hard state (the node started on it before,
+    /// or it was restored from a backup), or lies under a file (nothing
+    /// can be created there). A `dir` that is not a directory is refused.
+    fn survey(dir: &Path) -> Result<Option<FirstStart>, NodeError> {
+        let mut missing = Vec::new();
+        let mut at = Some(dir);
+        while let Some(d) = at.filter(|d| !d.as_os_str().is_empty()) {
+            match std::fs::metadata(d) {
+                Ok(m) if m.is_dir() => break,
+                Ok(_) if d == dir => {
+                    return Err(NodeError::Storage(keel_log::LogError::NotADirectory {
+                        dir: dir.to_path_buf(),
+                    }))
+                }
+                Ok(_) => return Ok(None),
+                Err(_) => missing.push(d.to_path_buf()),
+            }
+            at = d.parent();
+        }
+        let mut before = HashSet::new();
+        if missing.is_empty() {
+            let entries = std::fs::read_dir(dir)
+                .map_err(|e| keel_log::LogError::io(dir, "reading the data directory", e))?;
+            for entry in entries {
+                let entry = entry
+                    .map_err(|e| keel_log::LogError::io(dir, "reading the data directory", e))?;
+                before.insert(entry.file_name());
+            }
+            if before.contains(OsStr::new(meta::HARD_STATE_FILE)) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(FirstStart {
+            dir: dir.to_path_buf(),
+            before,
+            missing,
+        }))
+    }
+
+    /// Removes what the failed first start created: the entries it added
+    /// to the directory (under the directory's lock, so never another
+    /// process's; the lock file last, and only if it made it), then the
+    /// directories it created, if empty.
+    fn undo(self) {
+        let dir = &self.dir;
+        if dir.is_dir() {
+            let lock = match DirLock::acquire(dir) {
+                Ok(lock) => lock,
+                Err(e) => {
+                    warn!(
+                        "a failed first start wrote to {}, left as it is: {e}",
+                        dir.display()
+                    );
+                    return;
+                }
+            };
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries.filter_map(Result::ok).collect::<Vec<_>>(),
+                Err(e) => {
+                    warn!(
+                        "a failed first start wrote to {}, left as it is: {e}",
+                        dir.display()
+                    );
+                    return;
+                }
+            };
+            let lock_file = OsStr::new(keel_log::lock::LOCK_FILE);
+            let mut removed = Vec::new();
+            for entry in entries {
+                let name = entry.file_name();
+                if self.before.contains(&name) || name == lock_file {
+                    continue;
+                }
+                let path = entry.path();
+                let gone = match entry.file_type() {
+                    Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                    _ => std::fs::remove_file(&path),
+                };
+                match gone {
+                    Ok(()) => removed.push(name.to_string_lossy().into_owned()),
+                    Err(e) => warn!(
+                        "removing {} after a failed first start: {e}",
+                        path.display()
+                    ),
+                }
+            }
+            // While holding the lock: nobody else writes here meanwhile.
+            // (A process that opened the lock file meanwhile and waits for
+            // the lock gets it on the removed file: two first starts racing
+            // on one new directory, which the second's start then fails.)
+            if !self.before.contains(lock_file) {
+                let path = dir.join(lock_file);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => removed.push(keel_log::lock::LOCK_FILE.to_string()),
+                    Err(e) => warn!(
+                        "removing {} after a failed first start: {e}",
+                        path.display()
+                    ),
+                }
+            }
+            if let Err(e) = meta::sync_dir(dir) {
+                warn!("after a failed first start: {e}");
+            }
+            drop(lock);
+            if !removed.is_empty() {
+                removed.sort();
+                info!(
+                    "the first start failed: removed what it wrote in {} ({})",
+                    dir.display(),
+                    removed.join(", ")
+                );
+            }
+        }
+        for d in &self.missing {
+            match std::fs::remove_dir(d) {
+                Ok(()) => info!(
+                    "the first start failed: removed {}, which it created",
+                    d.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Not empty: something else was put there meanwhile.
+                Err(e) => {
+                    warn!("leaving {}: {e}", d.display());
+                    return;
+                }
+            }
+            let parent = match d.parent() {
+                Some(p) if p.as_os_str().is_empty() => Path::new("."),
+                Some(p) => p,
+                None => continue,
+            };
+            if let Err(e) = meta::sync_dir(parent) {
+                warn!("after a failed first start: {e}");
+            }
+        }
+    }
+}
+
 /// `start_with`, on a thread with the node's scheduling policy.
 fn start_node(
     cfg: NodeConfig,
@@ -675,74 +868,39 @@ fn start_node(
     let _entered = span.clone().entered();
     cfg.validate()
         .map_err(|e| NodeError::Start(e.to_string()))?;
-    let dir = cfg.data_dir.clone();
-    // Locks the directory for the storage thread's lifetime, and refuses
-    // one that belongs to another node or cluster.
-    let opened = LogStore::open_as(&dir, Options::default(), identity(&cfg))?;
-    // Backups a previous run was still sending when it stopped.
-    match std::fs::remove_dir_all(dir.join(BACKUP_DIR)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            warn!(
-                "removing old backups in {}: {e}",
-                dir.join(BACKUP_DIR).display()
-            )
+    cfg.check_files()
+        .map_err(|e| NodeError::Start(e.to_string()))?;
+    // A first start that fails leaves the data directory as it found it:
+    // what it would record there (this node's identity, and the initial
+    // membership from `peers`) would otherwise be kept by every later
+    // start, whatever its configuration says. Most failures (a taken port,
+    // a bad address or file) come before anything is written; this undoes
+    // what a failure after that wrote.
+    let first = FirstStart::survey(&cfg.data_dir)?;
+    let mut touched = false;
+    let started = run_node(cfg, service, transport, span, &mut touched);
+    if let (Err(e), Some(first)) = (&started, first) {
+        // (A locked directory is another process's: nothing here is ours.)
+        let locked = matches!(e, NodeError::Storage(keel_log::LogError::Locked { .. }));
+        if touched && !locked {
+            first.undo();
         }
-        _ => {}
     }
-    if let Some(t) = &opened.torn {
-        warn!(
-            "recovery cut a torn tail: {} bytes at offset {} of {}",
-            t.discarded_bytes,
-            t.offset,
-            t.path.display()
-        );
-    }
-    let hard = match opened.hard_state.clone() {
-        Some(h) => h,
-        None => {
-            let h = HardStateFile {
-                hard_state: Default::default(),
-                membership: cfg.initial_membership(),
-            };
-            meta::save_hard_state(&dir, &h)?;
-            h
-        }
-    };
-    let snapshot = opened.snapshot.clone().unwrap_or(Snapshot {
-        meta: SnapshotMeta {
-            position: 0,
-            term: 0,
-            timestamp: 0,
-            membership: hard.membership.clone(),
-        },
-        data: Bytes::new(),
-    });
-    let admission = service.admission();
-    let mut host = ServiceHost::new(service, 3600 * 1_000_000_000);
-    let timers = host
-        .restore(&snapshot)
-        .map_err(|e| NodeError::Start(format!("restoring the service from its snapshot: {e}")))?;
-    let snapshot_file_size = match opened.snapshot {
-        Some(ref s) => meta::snapshot_file_size(&dir, s.meta.position)?.unwrap_or(0),
-        None => 0,
-    };
-    let recovered = Recovered {
-        hard_state: hard.hard_state,
-        snapshot: Some(snapshot.clone()),
-        snapshot_file_size,
-        entries: opened.entries,
-    };
-    info!(
-        "node {} recovered: term {}, snapshot at {}, log to {}",
-        cfg.id,
-        hard.hard_state.term,
-        snapshot.meta.position,
-        recovered
-            .entries
-            .last()
-            .map_or(snapshot.meta.position, Entry::end)
-    );
+    started
+}
 
+/// `start_node` after the checks: binds the listeners first (a taken port
+/// or a bad address fails the start before the data directory is
+/// touched), then opens the data directory (setting `touched` just before)
+/// and starts the node's threads.
+fn run_node(
+    cfg: NodeConfig,
+    service: Box<dyn Service + Send>,
+    transport: Transport,
+    span: tracing::Span,
+    touched: &mut bool,
+) -> Result<NodeHandle, NodeError> {
+    let dir = cfg.data_dir.clone();
     let (internal_tx, internal_rx) = tokio::sync::mpsc::unbounded_channel::<Internal>();
     // Client events are admitted by `client_queue` (at most `queue_depth`
     // requests, so events, in the channel at once); the rest of the room is
@@ -769,35 +927,6 @@ fn start_node(
     let stopped = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::new());
     let net_stats = Arc::new(NetStats::default());
-
-    let storage = {
-        let tx = internal_tx.clone();
-        let node_id = cfg.id;
-        let interval = Duration::from_millis(cfg.replicated_sync_interval_ms);
-        let metrics = metrics.clone();
-        StorageThread::spawn_with(opened.store, cfg.durability.into(), interval, move |ev| {
-            let _ = tx.send(match ev {
-                StorageEvent::Synced { took } => {
-                    metrics.log_fsync.observe(took.as_secs_f64());
-                    return;
-                }
-                StorageEvent::Slow { took, detail } => {
-                    warn!("node {node_id}: slow storage batch: {took:?} ({detail})");
-                    return;
-                }
-                StorageEvent::Warning(w) => {
-                    warn!("node {node_id}: storage: {w}");
-                    return;
-                }
-                StorageEvent::Durable { position, term } => Internal::Durable { position, term },
-                StorageEvent::SnapshotPublished { position, size } => {
-                    Internal::SnapshotPublished { position, size }
-                }
-                StorageEvent::Failed(e) => Internal::Fatal(format!("storage: {e}")),
-            });
-        })?
-    };
-    let storage = Arc::new(storage);
 
     // The consensus thread's own single-threaded runtime, which also runs
     // the peer links and the native-protocol client connections: a peer
@@ -836,32 +965,37 @@ fn start_node(
         .iter()
         .map(|p| (p.id, p.peer_addr.clone()))
         .collect();
-    let peers = {
+    let inbound: tcp::Inbound = {
         let tx = external_tx.clone();
         let stats = net_stats.clone();
-        let inbound: tcp::Inbound = Arc::new(move |m| {
+        Arc::new(move |m| {
             if tx.try_send(External::Peer(m)).is_err() {
                 stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
             }
-        });
-        let peers: Box<dyn PeerSender> = match transport {
-            Transport::Tcp => Box::new(
-                consensus_rt
-                    .block_on(tcp::start_peers(
-                        tcfg.clone(),
-                        &cfg.peer_addr,
-                        &peers_list,
-                        inbound,
-                        net_stats.clone(),
-                    ))
-                    .map_err(|error| NodeError::Listen {
-                        addr: cfg.peer_addr.clone(),
-                        error,
-                    })?,
-            ),
-            Transport::Memory(net) => Box::new(net.join(cfg.id, inbound)),
-        };
-        peers
+        })
+    };
+    // The TCP listener is bound now; an in-memory network is joined once
+    // the data directory is open (joining cannot fail, and a node that
+    // then failed to open it would have taken its id on the network).
+    // (The links' tasks run on `consensus_rt`, so only once the consensus
+    // thread runs: nothing is read before the node has recovered.)
+    let (tcp_peers, memory) = match transport {
+        Transport::Tcp => {
+            let peers = consensus_rt
+                .block_on(tcp::start_peers(
+                    tcfg.clone(),
+                    &cfg.peer_addr,
+                    &peers_list,
+                    inbound.clone(),
+                    net_stats.clone(),
+                ))
+                .map_err(|error| NodeError::Listen {
+                    addr: cfg.peer_addr.clone(),
+                    error,
+                })?;
+            (Some(Box::new(peers) as Box<dyn PeerSender>), None)
+        }
+        Transport::Memory(net) => (None, Some(net)),
     };
     {
         let tx = external_tx.clone();
@@ -958,6 +1092,110 @@ fn start_node(
             error,
         })?;
     }
+
+    // Nothing was written before this point.
+    *touched = true;
+    // Locks the directory for the storage thread's lifetime, and refuses
+    // one that belongs to another node or cluster.
+    let opened = LogStore::open_as(&dir, Options::default(), identity(&cfg))?;
+    // Backups a previous run was still sending when it stopped.
+    match std::fs::remove_dir_all(dir.join(BACKUP_DIR)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            warn!(
+                "removing old backups in {}: {e}",
+                dir.join(BACKUP_DIR).display()
+            )
+        }
+        _ => {}
+    }
+    if let Some(t) = &opened.torn {
+        warn!(
+            "recovery cut a torn tail: {} bytes at offset {} of {}",
+            t.discarded_bytes,
+            t.offset,
+            t.path.display()
+        );
+    }
+    let first_start = opened.hard_state.is_none();
+    let hard = match opened.hard_state.clone() {
+        Some(h) => h,
+        None => {
+            let h = HardStateFile {
+                hard_state: Default::default(),
+                membership: cfg.initial_membership(),
+            };
+            meta::save_hard_state(&dir, &h)?;
+            h
+        }
+    };
+    let snapshot = opened.snapshot.clone().unwrap_or(Snapshot {
+        meta: SnapshotMeta {
+            position: 0,
+            term: 0,
+            timestamp: 0,
+            membership: hard.membership.clone(),
+        },
+        data: Bytes::new(),
+    });
+    let admission = service.admission();
+    let mut host = ServiceHost::new(service, 3600 * 1_000_000_000);
+    let timers = host
+        .restore(&snapshot)
+        .map_err(|e| NodeError::Start(format!("restoring the service from its snapshot: {e}")))?;
+    let snapshot_file_size = match opened.snapshot {
+        Some(ref s) => meta::snapshot_file_size(&dir, s.meta.position)?.unwrap_or(0),
+        None => 0,
+    };
+    let recovered = Recovered {
+        hard_state: hard.hard_state,
+        snapshot: Some(snapshot.clone()),
+        snapshot_file_size,
+        entries: opened.entries,
+    };
+    info!(
+        "node {} recovered: term {}, snapshot at {}, log to {}",
+        cfg.id,
+        hard.hard_state.term,
+        snapshot.meta.position,
+        recovered
+            .entries
+            .last()
+            .map_or(snapshot.meta.position, Entry::end)
+    );
+
+    let storage = {
+        let tx = internal_tx.clone();
+        let node_id = cfg.id;
+        let interval = Duration::from_millis(cfg.replicated_sync_interval_ms);
+        let metrics = metrics.clone();
+        StorageThread::spawn_with(opened.store, cfg.durability.into(), interval, move |ev| {
+            let _ = tx.send(match ev {
+                StorageEvent::Synced { took } => {
+                    metrics.log_fsync.observe(took.as_secs_f64());
+                    return;
+                }
+                StorageEvent::Slow { took, detail } => {
+                    warn!("node {node_id}: slow storage batch: {took:?} ({detail})");
+                    return;
+                }
+                StorageEvent::Warning(w) => {
+                    warn!("node {node_id}: storage: {w}");
+                    return;
+                }
+                StorageEvent::Durable { position, term } => Internal::Durable { position, term },
+                StorageEvent::SnapshotPublished { position, size } => {
+                    Internal::SnapshotPublished { position, size }
+                }
+                StorageEvent::Failed(e) => Internal::Fatal(format!("storage: {e}")),
+            });
+        })?
+    };
+    let storage = Arc::new(storage);
+    let peers: Box<dyn PeerSender> = match (tcp_peers, memory) {
+        (Some(peers), _) => peers,
+        (None, Some(net)) => Box::new(net.join(cfg.id, inbound)),
+        (None, None) => unreachable!("one transport or the other"),
+    };
 
     // Snapshot thread: serializes captured service states, and writes
     // snapshot files that the storage thread then publishes in order.
@@ -1096,6 +1334,11 @@ fn start_node(
     core_cfg.lease_reads = cfg.lease_reads;
     core_cfg.clock_drift_ppm = cfg.clock_drift_ppm;
     let node = Node::restart(core_cfg, recovered, start_wall);
+    if !first_start {
+        if let Some(w) = unreachable_members(&cfg, node.membership()) {
+            warn!("{w}");
+        }
+    }
     let mut consensus = Consensus {
         node,
         cfg: cfg.clone(),
@@ -2839,6 +3082,137 @@ fn serve_reads(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A service that cannot start: its restore of the empty state fails,
+    /// which fails a start after the data directory was opened and the
+    /// first hard state written.
+    struct FailsToRestore;
+
+    impl Service for FailsToRestore {
+        fn restore(&mut self, _: Option<&[u8]>) -> Result<(), String> {
+            Err("this service never starts".into())
+        }
+        fn snapshot(&self, _: &mut Vec<u8>) {}
+        fn on_message(
+            &mut self,
+            _: &mut keel_core::Context<'_>,
+            _: keel_core::ClientId,
+            _: &[u8],
+        ) -> Bytes {
+            Bytes::new()
+        }
+        fn query(&self, _: &[u8]) -> Bytes {
+            Bytes::new()
+        }
+    }
+
+    fn one_node(dir: &Path) -> NodeConfig {
+        let text = "id = 1\ndata_dir = \"d\"\npeer_addr = \"memory:0\"\n\
+                    client_addr = \"127.0.0.1:0\"\n\
+                    [[peers]]\nid = 2\npeer_addr = \"memory:2\"\nclient_addr = \"127.0.0.1:2\"\n";
+        let mut cfg: NodeConfig = toml::from_str(text).expect("config");
+        cfg.data_dir = dir.to_path_buf();
+        cfg
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A first start that fails once it has written the data directory
+    /// (its identity, the initial membership) removes what it wrote, and
+    /// the directories it created, and nothing that was there before; a
+    /// later start that fails removes nothing.
+    #[test]
+    fn a_failed_first_start_leaves_the_data_directory_as_it_was() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let start = |cfg: &NodeConfig, service: Box<dyn Service + Send>| {
+            start_with(cfg.clone(), service, Transport::Memory(MemNetwork::new()))
+        };
+        let failed = |cfg: &NodeConfig| {
+            let e = start(cfg, Box::new(FailsToRestore))
+                .err()
+                .expect("a service that cannot start started");
+            assert!(e.to_string().contains("this service never starts"), "{e}");
+        };
+
+        // A new directory, under new ones: all gone again.
+        let nested = one_node(&tmp.path().join("a").join("b").join("data"));
+        failed(&nested);
+        assert!(!tmp.path().join("a").exists(), "{:?}", entries(tmp.path()));
+
+        // An existing directory, with a file of the operator's and a lock
+        // file (from an earlier failed start, say): only those stay.
+        let dir = tmp.path().join("data");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(dir.join("notes.txt"), "mine").expect("write");
+        std::fs::write(dir.join(keel_log::lock::LOCK_FILE), "").expect("write");
+        let cfg = one_node(&dir);
+        failed(&cfg);
+        assert_eq!(entries(&dir), ["LOCK", "notes.txt"]);
+        std::fs::remove_file(dir.join(keel_log::lock::LOCK_FILE)).expect("rm");
+        failed(&cfg);
+        assert_eq!(entries(&dir), ["notes.txt"], "the lock file it made stayed");
+
+        // It starts there afterwards, then a failed restart removes nothing.
+        let node = start(&cfg, Box::<keel_kv::KvService>::default()).expect("start");
+        node.shutdown();
+        node.wait().expect("clean stop");
+        drop(node);
+        let written = entries(&dir);
+        assert!(
+            written.iter().any(|n| n == meta::HARD_STATE_FILE),
+            "{written:?}"
+        );
+        failed(&cfg);
+        assert_eq!(entries(&dir), written);
+    }
+
+    /// A restart whose peers give no address for members the directory
+    /// records names both; one with addresses for all of them, and more,
+    /// does not.
+    #[test]
+    fn members_without_an_address_are_named() {
+        let mut cfg = one_node(Path::new("/data/n1"));
+        let recorded = keel_core::Membership::new([1, 2, 3]);
+        let w = unreachable_members(&cfg, &recorded).expect("node 3 has no address");
+        assert!(
+            w.contains("data directory /data/n1 records the cluster's members as voters {1, 2, 3}"),
+            "{w}"
+        );
+        assert!(
+            w.contains("the configuration lists nodes {1, 2} (this node and its peers): nodes [3]"),
+            "{w}"
+        );
+        cfg.peers.clear();
+        let w = unreachable_members(&cfg, &recorded).expect("no peers");
+        assert!(
+            w.contains("lists nodes {1}") && w.contains("nodes [2, 3]"),
+            "{w}"
+        );
+        let mut learner = keel_core::Membership::new([1]);
+        learner.learners.insert(4);
+        let w = unreachable_members(&cfg, &learner).expect("a learner without an address");
+        assert!(w.contains("voters {1} and learners {4}"), "{w}");
+        assert_eq!(
+            unreachable_members(&cfg, &keel_core::Membership::new([1])),
+            None
+        );
+        let cfg = one_node(Path::new("/data/n1"));
+        assert_eq!(
+            unreachable_members(&cfg, &keel_core::Membership::new([1])),
+            None
+        );
+        assert_eq!(
+            unreachable_members(&cfg, &keel_core::Membership::default()),
+            None
+        );
+    }
 
     #[test]
     fn nodes_take_snapshots_at_different_points() {

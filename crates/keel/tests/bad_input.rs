@@ -301,17 +301,36 @@ fn a_bad_config_file_is_refused_with_the_reason() {
     let (code, text) = keel(["server", "--config", path.to_str().expect("utf-8 path")]);
     assert_ne!(code, 0);
     assert!(text.contains("heartbeat_msec"), "{text}");
-    // A retention etcd would not take either, refused before anything starts.
-    for (mode, retention, says) in [
-        ("periodic", "5d", "unknown unit \"d\""),
-        ("revision", "1h", "a whole number"),
-        ("daily", "1", "expected \"periodic\" or \"revision\""),
+    // A retention etcd would not take either, refused before anything
+    // starts: on a node without etcd_addr too (those passed silently).
+    for (etcd, mode, retention, says) in [
+        (true, "periodic", "5d", "unknown unit \"d\""),
+        (true, "revision", "1h", "a whole number"),
+        (true, "daily", "1", "expected \"periodic\" or \"revision\""),
+        (
+            false,
+            "hourly",
+            "0",
+            "expected \"periodic\" or \"revision\"",
+        ),
+        (
+            false,
+            "periodic",
+            "abc",
+            "auto_compaction_retention \"abc\"",
+        ),
+        (false, "revision", "1h", "a whole number"),
     ] {
+        let etcd = if etcd {
+            "etcd_addr = \"127.0.0.1:3\"\n"
+        } else {
+            ""
+        };
         std::fs::write(
             &path,
             format!(
                 "id = 1\ndata_dir = {:?}\npeer_addr = \"127.0.0.1:1\"\nclient_addr = \"127.0.0.1:2\"\n\
-                 etcd_addr = \"127.0.0.1:3\"\nauto_compaction_mode = \"{mode}\"\n\
+                 {etcd}auto_compaction_mode = \"{mode}\"\n\
                  auto_compaction_retention = \"{retention}\"\n",
                 dir.path().join("d")
             ),
@@ -328,4 +347,86 @@ fn a_bad_config_file_is_refused_with_the_reason() {
             "{mode} {retention}: a data directory was created"
         );
     }
+}
+
+/// The node's check of the auto-compaction settings (made on every node)
+/// takes exactly what the etcd API's parser takes.
+#[test]
+fn auto_compaction_is_checked_as_the_etcd_api_reads_it() {
+    let modes = ["periodic", "revision", "hourly", "", "Periodic"];
+    let retentions = [
+        "0",
+        "1",
+        "30m",
+        "1h30m",
+        "1.5h",
+        "500ms",
+        "90s",
+        " 2 ",
+        "",
+        "abc",
+        "5d",
+        "1h30",
+        "1..5h",
+        ".",
+        "-1",
+        "1e3",
+        "100000000",
+        "87600",
+        "87601",
+        "h",
+        "1hm",
+        "18446744073709551615",
+    ];
+    for mode in modes {
+        for retention in retentions {
+            let etcd = keel_etcd::compactor::AutoCompaction::parse(mode, retention);
+            let node = keel_node::config::check_auto_compaction(mode, retention);
+            assert_eq!(
+                etcd.as_ref().err(),
+                node.as_ref().err(),
+                "{mode:?} {retention:?}"
+            );
+        }
+    }
+}
+
+/// HTTP/2 (etcdctl pointed at the client port), HTTP/1.1 and a TLS
+/// handshake on the native client port are named in the log, with the port
+/// to use, instead of the length their first bytes declare as a frame
+/// ("frame declares 541676112 bytes"); the connection is still closed.
+#[test]
+fn other_protocols_on_the_client_port_are_named() {
+    let c = TestCluster::start(1, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    let node = c.node(1).client.clone();
+    let peer = c.node(1).peer.clone();
+    let tls_hello = [
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    assert!(
+        closed_after(&node, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+        "HTTP/2"
+    );
+    assert!(
+        closed_after(&node, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "HTTP/1.1"
+    );
+    assert!(closed_after(&node, &tls_hello), "TLS");
+    assert!(
+        closed_after(&peer, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+        "HTTP/2, peer port"
+    );
+    // (Each was logged before its connection closed.)
+    let log = c.log_of(1);
+    for says in [
+        "closing connection: HTTP/2 on the native client port, which speaks only Keel's client \
+         protocol; etcd clients use etcd_addr",
+        "closing connection: HTTP/1.1 on the native client port",
+        "closing connection: TLS on the native client port",
+        "refused: HTTP/2 on the peer port",
+    ] {
+        assert!(log.contains(says), "{says:?} not in:\n{log}");
+    }
+    assert!(!log.contains("541676112"), "{log}");
 }

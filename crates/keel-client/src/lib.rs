@@ -23,7 +23,8 @@ use tokio::net::TcpStream;
 pub struct ClientOptions {
     /// Client addresses of some nodes of the cluster (any one suffices).
     pub endpoints: Vec<String>,
-    /// Bound on one attempt (connect + request + response).
+    /// Bound on one attempt (connect + request + response), cut to what
+    /// is left of `call_timeout`.
     pub attempt_timeout: Duration,
     /// Bound on a whole call, across redirects and retries.
     pub call_timeout: Duration,
@@ -184,6 +185,52 @@ fn next_seq(prev: u64) -> u64 {
     prev.saturating_add(1).max(wall_clock_us())
 }
 
+/// `d` to the millisecond, for messages.
+fn to_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How long an attempt on an endpoint that has not answered in Keel's
+/// protocol yet waits for an answer before `probe` looks at what it is.
+const PROBE_AFTER: Duration = Duration::from_millis(300);
+
+/// What answers at `addr`, when an attempt there gets no answer: an HTTP/1
+/// server (a node's `http_addr`, which serves /status and /metrics) waits
+/// for the end of a request's head, which a Keel frame never gives it, and
+/// so never answers the attempt. The probe sends a status request (which
+/// a Keel node answers, changing nothing) and closes its sending side: an
+/// HTTP/1 server then answers what it got, as HTTP. Returns the protocol
+/// if the answer is recognisably another one than Keel's.
+async fn probe(addr: &str, client: u64) -> Option<&'static str> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let mut out = Vec::new();
+    codec::encode(
+        &Frame::Request(ClientRequest {
+            id: 0,
+            client,
+            seq: 0,
+            op: ClientOp::Status,
+        }),
+        &mut out,
+    );
+    s.write_all(&out).await.ok()?;
+    s.shutdown().await.ok()?;
+    let mut buf = Vec::new();
+    loop {
+        let closed = !matches!(s.read_buf(&mut buf).await, Ok(n) if n > 0);
+        if let Some(p) = foreign_protocol(&buf, closed) {
+            return Some(p);
+        }
+        if closed
+            || buf.len() >= 64
+            || !matches!(codec::decode(&buf, codec::DEFAULT_MAX_FRAME), Ok(None))
+        {
+            // A Keel frame (or the start of one), or nothing recognisable.
+            return None;
+        }
+    }
+}
+
 struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
@@ -196,6 +243,9 @@ pub struct Client {
     next_id: u64,
     current: usize,
     conn: Option<Conn>,
+    /// Endpoints that have answered in Keel's protocol: not probed for
+    /// another one (see `probe`).
+    keel: Vec<String>,
 }
 
 fn random_id() -> u64 {
@@ -228,6 +278,7 @@ impl Client {
             next_id: 1,
             current: 0,
             conn: None,
+            keel: Vec::new(),
         })
     }
 
@@ -290,7 +341,7 @@ impl Client {
             call_timeout: timeout,
             client_id: Some(1),
         })?;
-        match c.attempt(ClientOp::Status).await {
+        match c.attempt(ClientOp::Status, timeout).await {
             Ok(ClientResult::Status(s)) => Ok(s),
             Ok(other) => Err(ClientError::Protocol(format!("{other:?}"))),
             Err(AttemptError {
@@ -316,12 +367,25 @@ impl Client {
         let mut maybe_applied = false;
         // Endpoints that answered in another protocol (not Keel nodes).
         let mut foreign: Vec<String> = Vec::new();
-        while started.elapsed() < self.opts.call_timeout {
+        // Every attempt and pause is cut to the time left, so the call
+        // ends within its timeout.
+        let deadline = started + self.opts.call_timeout;
+        let pause = |backoff: &mut Duration| {
+            let d = (*backoff).min(deadline.saturating_duration_since(Instant::now()));
+            *backoff = (*backoff * 2).min(Duration::from_millis(500));
+            tokio::time::sleep(d)
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
             let endpoint = self.endpoint().to_string();
             if !tried.contains(&endpoint) {
                 tried.push(endpoint.clone());
             }
-            match self.attempt(op.clone()).await {
+            let timeout = self.opts.attempt_timeout.min(left);
+            match self.attempt(op.clone(), timeout).await {
                 Ok(ClientResult::NotLeader { address, leader }) => {
                     // A node that took the write and then lost leadership
                     // answers this too: its entry may still commit.
@@ -332,15 +396,13 @@ impl Client {
                         Some(a) if a != endpoint => self.switch_to(&a),
                         _ => {
                             self.next_endpoint();
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_millis(500));
+                            pause(&mut backoff).await;
                         }
                     }
                 }
                 Ok(ClientResult::Busy) => {
                     last = format!("{endpoint} is busy");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    pause(&mut backoff).await;
                 }
                 Ok(ClientResult::Error(m))
                     if maybe_applied || m.starts_with(codec::OUTCOME_UNKNOWN) =>
@@ -366,12 +428,11 @@ impl Client {
                     last = format!("{endpoint}: {}", e.why);
                     self.conn = None;
                     self.next_endpoint();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    pause(&mut backoff).await;
                 }
             }
         }
-        let waited = started.elapsed();
+        let waited = to_ms(started.elapsed());
         if maybe_applied {
             // Out of time, but an attempt reached a node: the write may
             // have been applied, and "no leader" would say it was not.
@@ -401,20 +462,57 @@ impl Client {
         }
     }
 
-    /// One request to the current endpoint, bounded by the attempt timeout.
-    async fn attempt(&mut self, op: ClientOp) -> Result<ClientResult, AttemptError> {
-        let timeout = self.opts.attempt_timeout;
+    /// One request to the current endpoint, bounded by `timeout`. An
+    /// endpoint that has not answered in Keel's protocol yet and is silent
+    /// for `PROBE_AFTER` is probed for an HTTP/1 server meanwhile.
+    async fn attempt(
+        &mut self,
+        op: ClientOp,
+        timeout: Duration,
+    ) -> Result<ClientResult, AttemptError> {
         let mut sent = false;
         let mut foreign = None;
-        match tokio::time::timeout(timeout, self.attempt_inner(op, &mut sent, &mut foreign)).await {
-            Ok(r) => r.map_err(|why| AttemptError { why, sent, foreign }),
-            Err(_) => {
+        let endpoint = self.endpoint().to_string();
+        let probe = !self.keel.contains(&endpoint);
+        let client_id = self.client_id;
+        let outcome = {
+            let inner =
+                tokio::time::timeout(timeout, self.attempt_inner(op, &mut sent, &mut foreign));
+            let probe = async {
+                if !probe {
+                    return None;
+                }
+                tokio::time::sleep(PROBE_AFTER).await;
+                self::probe(&endpoint, client_id).await
+            };
+            tokio::select! {
+                r = inner => Ok(r),
+                Some(protocol) = probe => Err(protocol),
+            }
+        };
+        match outcome {
+            Ok(Ok(Ok(r))) => {
+                if probe {
+                    self.keel.push(endpoint);
+                }
+                Ok(r)
+            }
+            Ok(Ok(Err(why))) => Err(AttemptError { why, sent, foreign }),
+            Ok(Err(_)) => {
                 // The connection may hold half a request or a late answer.
                 self.conn = None;
                 Err(AttemptError {
-                    why: format!("no answer within {timeout:?}"),
+                    why: format!("no answer within {:?}", to_ms(timeout)),
                     sent,
                     foreign,
+                })
+            }
+            Err(protocol) => {
+                self.conn = None;
+                Err(AttemptError {
+                    why: format!("answers {protocol}, not Keel's client protocol"),
+                    sent,
+                    foreign: Some(protocol),
                 })
             }
         }
@@ -792,6 +890,139 @@ mod tests {
         .expect("client");
         c.write(Bytes::from_static(b"w")).await.expect("write");
         server.await.expect("node");
+    }
+
+    /// A server that takes connections and what is sent on them and never
+    /// answers (a stopped process's port, a black hole); returns its
+    /// address.
+    async fn silent_server() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        addr
+    }
+
+    /// The call timeout bounds the whole call: an attempt is cut to the
+    /// time left (a 2 s attempt timeout made a 1 s call take 2 s, and a
+    /// 3 s one 4 s), and so is the status of one node.
+    #[tokio::test]
+    async fn a_call_ends_within_its_timeout() {
+        let addr = silent_server().await;
+        for call in [1, 3] {
+            let call_timeout = Duration::from_secs(call);
+            let mut c = Client::new(ClientOptions {
+                endpoints: vec![addr.clone()],
+                attempt_timeout: Duration::from_secs(2),
+                call_timeout,
+                client_id: Some(7),
+            })
+            .expect("client");
+            let started = Instant::now();
+            let e = c.read(Bytes::from_static(b"r")).await.unwrap_err();
+            let took = started.elapsed();
+            assert!(matches!(&e, ClientError::NoLeader { .. }), "{e}");
+            assert!(
+                took >= call_timeout && took < call_timeout + Duration::from_millis(400),
+                "a {call_timeout:?} call took {took:?}: {e}"
+            );
+        }
+        let started = Instant::now();
+        let e = Client::status_of(&addr, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Unreachable { why, .. } if why == "no answer within 1s"),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(1400), "{e}");
+    }
+
+    /// An HTTP/1 server that answers only a whole request head (as a
+    /// node's `http_addr` does), given as an endpoint, is named for what it
+    /// is within a second, by the call and by the status of one node (it
+    /// never answers a Keel frame, and was "no answer within 2s").
+    #[tokio::test]
+    async fn an_http1_port_that_waits_for_a_request_head_is_named() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read_buf(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        let started = Instant::now();
+        let e = client(addr.clone())
+            .write(Bytes::from_static(b"w"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::NotKeel { endpoints, protocol: "HTTP/gRPC" }
+                if *endpoints == [addr.clone()]),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1), "{e}");
+        let started = Instant::now();
+        let e = Client::status_of(&addr, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, ClientError::NotKeel { .. }), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{e}");
+    }
+
+    /// A Keel node that takes longer than `PROBE_AFTER` to answer is
+    /// probed (a status request, on a connection of its own), which does
+    /// not get in the way: the answer is the node's; once it has answered
+    /// in Keel's protocol, it is not probed again.
+    #[tokio::test]
+    async fn a_slow_keel_node_is_still_answered() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let statuses = Arc::new(AtomicUsize::new(0));
+        let counted = statuses.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    while let Some(r) = request(&mut s).await {
+                        let result = if matches!(r.op, ClientOp::Status) {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            ClientResult::Status(NodeStatus::default())
+                        } else {
+                            tokio::time::sleep(PROBE_AFTER * 2).await;
+                            ClientResult::Ok(Bytes::from_static(b"done"))
+                        };
+                        answer(&mut s, r.id, result).await;
+                    }
+                });
+            }
+        });
+        let mut c = client(addr);
+        for _ in 0..2 {
+            let got = c.read(Bytes::from_static(b"r")).await.expect("read");
+            assert_eq!(&got[..], b"done");
+        }
+        assert!(
+            statuses.load(Ordering::SeqCst) <= 1,
+            "probed more than once"
+        );
     }
 
     #[test]

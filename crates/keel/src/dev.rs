@@ -424,7 +424,7 @@ pub fn run(a: DevArgs) -> Result<i32> {
     if let Some(backup) = &a.restore {
         let restored = nodes.iter().try_for_each(|n| {
             let cfg = keel_node::NodeConfig::load(&n.config)?;
-            let (service, _) = crate::make_service(&cfg)?;
+            let service = crate::restore_check(&cfg)?;
             // A dev cluster has the default cluster id, as most backed-up
             // clusters do; it runs on its own loopback ports.
             keel_node::restore_backup(&cfg, service, backup, true)
@@ -520,7 +520,8 @@ pub fn run(a: DevArgs) -> Result<i32> {
         format!(" --endpoints {ep}")
     };
     println!(
-        "\nIn another terminal (with `cargo run -p keel --` in place of `keel` from a checkout):"
+        "\nIn another terminal (with `cargo run --release -p keel --` in place of `keel` from a \
+         checkout):"
     );
     if fixed.service == "kv" {
         println!("  keel kv{flag} put greeting hello");

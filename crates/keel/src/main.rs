@@ -94,8 +94,9 @@ struct ConnArgs {
     /// cluster nodes, comma-separated (any one suffices).
     #[arg(long, env = "KEEL_ENDPOINTS", default_value = DEFAULT_ENDPOINTS, value_delimiter = ',', value_parser = parse_endpoint, global = true)]
     endpoints: Vec<String>,
-    /// Give up after this many seconds without an answer from a leader (at
-    /// least 1).
+    /// Give up after this many seconds (at least 1): the whole command, its
+    /// retries and redirects included; `cluster status` waits this long for
+    /// each endpoint (it asks them all at once).
     #[arg(long, default_value_t = 10, value_parser = parse_timeout, global = true)]
     timeout: u64,
 }
@@ -165,7 +166,11 @@ enum KvCmd {
 
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
-    /// Role, term, leader and log positions of every endpoint.
+    /// Role, term, leader and log positions (bytes) of every endpoint,
+    /// asked at once (each within --timeout). Lag: how far the node's
+    /// applied position is behind the highest commit position among the
+    /// endpoints' answers, the leader's when the leader is among them
+    /// (otherwise the leader's may be further on, which the output says).
     Status,
     /// Hand leadership to node TARGET; returns once it leads, or fails if it
     /// does not within the minimum plus the maximum election timeout (a
@@ -504,9 +509,98 @@ fn make_other_service(name: &str) -> Result<Box<dyn Service + Send>> {
     })
 }
 
+/// The names of the services a node can run.
+const SERVICES: [&str; 4] = ["kv", "echo", "lock", "matching"];
+
+/// The configured service, to check that a backup is a state it can load
+/// (`keel_node::restore_backup`): when it cannot, the error says which of
+/// the other services' state the backup holds, if one loads it, and shows
+/// byte strings (a snapshot's header) as text.
+pub fn restore_check(cfg: &NodeConfig) -> Result<Box<dyn Service + Send>> {
+    Ok(Box::new(RestoreCheck {
+        name: cfg.service.clone(),
+        service: make_service(cfg)?.0,
+    }))
+}
+
+struct RestoreCheck {
+    name: String,
+    service: Box<dyn Service + Send>,
+}
+
+impl RestoreCheck {
+    /// Which other service loads `data` (a service's snapshot).
+    fn whose(&self, data: &[u8]) -> Option<&'static str> {
+        SERVICES.into_iter().filter(|s| *s != self.name).find(|s| {
+            let other = match *s {
+                "kv" => Ok(Box::new(KvService::default()) as Box<dyn Service + Send>),
+                other => make_other_service(other),
+            };
+            other.is_ok_and(|mut o| o.restore(Some(data)).is_ok())
+        })
+    }
+}
+
+impl Service for RestoreCheck {
+    fn restore(&mut self, snapshot: Option<&[u8]>) -> Result<(), String> {
+        self.service.restore(snapshot).map_err(|e| {
+            match snapshot.and_then(|data| self.whose(data)) {
+                Some(s) => format!(
+                    "it holds the {s} service's state: restore it with the {s} service \
+                     (--service {s}, or service = \"{s}\" in the configuration), the service \
+                     of the cluster it came from"
+                ),
+                None => bytes_as_text(&e),
+            }
+        })
+    }
+    fn snapshot(&self, out: &mut Vec<u8>) {
+        self.service.snapshot(out)
+    }
+    fn on_message(
+        &mut self,
+        ctx: &mut keel_core::Context<'_>,
+        client: keel_core::ClientId,
+        data: &[u8],
+    ) -> Bytes {
+        self.service.on_message(ctx, client, data)
+    }
+    fn query(&self, data: &[u8]) -> Bytes {
+        self.service.query(data)
+    }
+}
+
+/// `msg` with every list of printable ASCII bytes written as Rust's Debug
+/// writes a byte array (`[75, 75, 86, 50]`) shown as text (`"KKV2"`).
+fn bytes_as_text(msg: &str) -> String {
+    let mut out = String::new();
+    let mut rest = msg;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(']') else {
+            rest = &rest[open..];
+            break;
+        };
+        let list = &after[..close];
+        let bytes: Option<Vec<u8>> = list.split(", ").map(|b| b.parse().ok()).collect();
+        match bytes.filter(|b| !b.is_empty() && b.iter().all(u8::is_ascii_graphic)) {
+            Some(b) => out.push_str(&format!("{:?}", String::from_utf8_lossy(&b))),
+            None => {
+                out.push('[');
+                out.push_str(list);
+                out.push(']');
+            }
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn restore(a: RestoreArgs) -> Result<()> {
     let cfg = server_config(&a.server)?;
-    let (service, _) = make_service(&cfg)?;
+    let service = restore_check(&cfg)?;
     let meta = keel_node::restore_backup(&cfg, service, &a.backup, a.same_cluster_id)
         .with_context(|| format!("restoring node {} from {}", cfg.id, a.backup.display()))?;
     println!(
@@ -733,7 +827,14 @@ async fn kv(conn: ConnArgs, cmd: KvCmd) -> Result<i32> {
             c.read(q.encode()).await?
         }
     };
-    let resp = Response::decode(&resp).context("decoding the service's answer")?;
+    let resp = Response::decode(&resp).map_err(|e| {
+        anyhow::anyhow!(
+            "the cluster's answer is not a kv service's ({e}): the cluster does not seem to run \
+             the kv service, which `keel kv` needs (it is chosen when a cluster is created: \
+             `--service kv`, the default, for `keel dev` and `keel server`, or service = \"kv\" \
+             in each node's configuration)"
+        )
+    })?;
     Ok(match resp {
         Response::Put { revision, .. } => {
             println!("OK (revision {revision})");
@@ -822,17 +923,34 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
                 "applied",
                 "lag"
             );
-            let mut statuses = Vec::new();
-            for e in &conn.endpoints {
-                statuses.push((e, Client::status_of(e, Duration::from_secs(2)).await));
-            }
-            let leader_commit = statuses
+            // All at once, so the command takes at most --timeout.
+            let timeout = Duration::from_secs(conn.timeout);
+            let asked: Vec<_> = conn
+                .endpoints
                 .iter()
-                .filter_map(|(_, s)| s.as_ref().ok())
-                .filter(|s| s.role == "leader")
-                .map(|s| s.commit)
-                .max()
-                .unwrap_or(0);
+                .map(|e| {
+                    let e = e.clone();
+                    tokio::spawn(async move { Client::status_of(&e, timeout).await })
+                })
+                .collect();
+            let mut statuses = Vec::new();
+            for (e, task) in conn.endpoints.iter().zip(asked) {
+                let s = task
+                    .await
+                    .map_err(|j| keel_client::ClientError::Unreachable {
+                        endpoint: e.clone(),
+                        why: j.to_string(),
+                    })
+                    .and_then(|s| s);
+                statuses.push((e, s));
+            }
+            let answers = || statuses.iter().filter_map(|(_, s)| s.as_ref().ok());
+            // The leader's commit position is the highest; without the
+            // leader, the highest any endpoint knows (the leader's may be
+            // further on).
+            let highest_commit = answers().map(|s| s.commit).max().unwrap_or(0);
+            let leader_answered = answers().any(|s| s.role == "leader");
+            let answered = answers().count();
             let mut failed = 0;
             for (e, s) in statuses {
                 match s {
@@ -847,7 +965,7 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
                         s.durable,
                         s.commit,
                         s.applied,
-                        leader_commit.saturating_sub(s.applied)
+                        highest_commit.saturating_sub(s.applied)
                     ),
                     Err(keel_client::ClientError::Unreachable { why, .. }) => {
                         failed += 1;
@@ -858,6 +976,12 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
                         println!("{e:<22} {err}");
                     }
                 }
+            }
+            if answered > 0 && !leader_answered {
+                println!(
+                    "(the leader is not among the endpoints: lag is counted from the highest \
+                     commit position they know, {highest_commit}; the leader's may be further on)"
+                );
             }
             Ok(i32::from(failed > 0))
         }
@@ -874,7 +998,13 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
 
 async fn membership(conn: &ConnArgs, change: MembershipChange) -> Result<i32> {
     client(conn)?.change_membership(change).await?;
-    println!("membership change {change:?} accepted");
+    // The change is answered once its entry has committed.
+    let done = match change {
+        MembershipChange::AddLearner(id) => format!("node {id} added as a learner"),
+        MembershipChange::PromoteLearner(id) => format!("node {id} promoted to voter"),
+        MembershipChange::Remove(id) => format!("node {id} removed from the cluster"),
+    };
+    println!("{done} (membership change committed)");
     Ok(0)
 }
 
@@ -934,4 +1064,22 @@ fn block<F: std::future::Future<Output = Result<i32>>>(f: F) -> Result<i32> {
         .enable_all()
         .build()?
         .block_on(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bytes_as_text;
+
+    /// A snapshot header written as a byte list reads as text; other lists
+    /// are left alone.
+    #[test]
+    fn byte_lists_read_as_text() {
+        assert_eq!(
+            bytes_as_text("echo snapshot has magic [75, 75, 86, 50], expected [69, 67, 72, 49]"),
+            "echo snapshot has magic \"KKV2\", expected \"ECH1\""
+        );
+        for keep in ["members [1, 2, 3]", "[] and [300, 1]", "open [75, 75"] {
+            assert_eq!(bytes_as_text(keep), keep);
+        }
+    }
 }

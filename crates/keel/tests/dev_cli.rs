@@ -524,3 +524,218 @@ fn server_flags_are_documented() {
         help("--cluster-id")
     );
 }
+
+/// `--timeout` bounds the whole command: a `keel kv` attempt is cut to the
+/// time left (a 2 s attempt made `--timeout 1` take 2 s and `--timeout 3`
+/// 4 s), and `keel cluster status` asks every endpoint at once within it
+/// (it waited 2 s per endpoint whatever the flag said).
+#[test]
+fn commands_end_within_their_timeout() {
+    // Listening, never accepting: connections are taken, nothing answers.
+    let silent: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind(("127.0.0.1", free_port())).expect("bind"))
+        .collect();
+    let addrs: Vec<String> = silent
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    for (timeout, within) in [(1, 1800), (3, 3800)] {
+        let started = Instant::now();
+        let t = timeout.to_string();
+        let (code, text) = keel(["kv", "get", "x", "--endpoints", &addrs[0], "--timeout", &t]);
+        let took = started.elapsed();
+        assert_eq!(code, 2, "{text}");
+        assert!(text.contains("no leader reachable"), "{text}");
+        assert!(
+            took >= Duration::from_secs(timeout) && took < Duration::from_millis(within),
+            "--timeout {timeout} took {took:?}: {text}"
+        );
+    }
+    let started = Instant::now();
+    let both = addrs.join(",");
+    let (code, text) = keel(["cluster", "status", "--endpoints", &both, "--timeout", "1"]);
+    let took = started.elapsed();
+    assert_eq!(code, 1, "{text}");
+    for a in &addrs {
+        assert!(
+            text.contains(&format!("{a:<22} unreachable: no answer within 1s")),
+            "{text}"
+        );
+    }
+    assert!(took < Duration::from_millis(1800), "took {took:?}: {text}");
+}
+
+/// The columns of `keel cluster status`'s row for `endpoint`: commit,
+/// applied and lag.
+fn status_row(text: &str, endpoint: &str) -> Option<(u64, u64, u64)> {
+    let row = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(endpoint))?;
+    let cols: Vec<u64> = row
+        .split_whitespace()
+        .skip(7)
+        .map(|c| c.parse().ok())
+        .collect::<Option<_>>()?;
+    match cols[..] {
+        [commit, applied, lag] => Some((commit, applied, lag)),
+        _ => None,
+    }
+}
+
+/// What the README's tour runs, against a cluster: a node's HTTP port
+/// given as an endpoint is named as such (it never answers a Keel frame,
+/// and was "no answer within 2s"); `cluster status` without the leader
+/// among the endpoints counts lag from the highest commit position it
+/// sees, and says so (it showed 0 for a follower with applied 33 and
+/// commit 92); a membership change is reported in words; `keel restore`
+/// with another service than the backup's names the backup's.
+#[test]
+fn the_tour_commands_say_what_they_see() {
+    use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    use keel_etcd_proto::etcdserverpb::SnapshotRequest;
+    let _one_at_a_time = serial();
+    // Followers apply at most once a second: their applied position trails
+    // their commit position meanwhile.
+    let (mut c, http) = TestCluster::start_with_http(3, "follower_apply_interval_ms = 1000");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+
+    for args in [&["kv", "get", "k"][..], &["cluster", "status"]] {
+        let started = Instant::now();
+        let (code, text) = keel(args.iter().chain(&["--endpoints", &http[0]]));
+        assert_ne!(code, 0, "{args:?}: {text}");
+        assert!(
+            text.contains(&format!("{} answers HTTP/gRPC", http[0]))
+                && text.contains("give a node's client_addr"),
+            "{args:?}: {text}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{args:?}: {text}"
+        );
+    }
+
+    let endpoint = c.node(follower).client.clone();
+    let mut client = c.client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (commit, applied, lag, text) = loop {
+        assert!(
+            Instant::now() < deadline,
+            "node {follower}'s applied position never trailed its commit position"
+        );
+        c.put(&mut client, "k", "v");
+        let (code, text) = keel(["cluster", "status", "--endpoints", &endpoint]);
+        assert_eq!(code, 0, "{text}");
+        let (commit, applied, lag) =
+            status_row(&text, &endpoint).unwrap_or_else(|| panic!("no row: {text}"));
+        if applied < commit {
+            break (commit, applied, lag, text);
+        }
+    };
+    assert_eq!(lag, commit - applied, "{text}");
+    assert!(
+        text.contains("the leader is not among the endpoints: lag is counted from the highest"),
+        "{text}"
+    );
+    let (code, text) = c.keel_cli(&["cluster", "status"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("the leader is not among"), "{text}");
+
+    // A backup of this kv cluster, restored with other services.
+    let backup = c._tmp.path().join("backup.keel");
+    let etcd = c.node(leader).etcd.clone();
+    let file = c.rt.block_on(async {
+        let mut m = MaintenanceClient::new(common::etcd_channel(&etcd).await);
+        let mut stream = m
+            .snapshot(SnapshotRequest {})
+            .await
+            .expect("snapshot")
+            .into_inner();
+        let mut file = Vec::new();
+        while let Some(piece) = stream.message().await.expect("snapshot stream") {
+            file.extend_from_slice(&piece.blob);
+        }
+        file
+    });
+    std::fs::write(&backup, file).expect("write backup");
+    for service in ["echo", "lock", "matching"] {
+        let data = c._tmp.path().join(format!("restored-{service}"));
+        let (code, text) = keel([
+            "restore",
+            backup.to_str().expect("utf-8"),
+            "--id",
+            "1",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--peer-addr",
+            "127.0.0.1:1",
+            "--client-addr",
+            "127.0.0.1:2",
+            "--cluster-id",
+            "5",
+            "--service",
+            service,
+        ]);
+        assert_eq!(code, 2, "{text}");
+        assert!(
+            text.contains(&format!(
+                "the backup is not a state the {service:?} service"
+            )) && text.contains("it holds the kv service's state")
+                && text.contains("--service kv"),
+            "{text}"
+        );
+        assert!(!text.contains("[75, 75, 86, 50]"), "{text}");
+        assert!(!data.exists(), "{text}");
+    }
+
+    let other = (1..=3)
+        .find(|&i| i != leader && i != follower)
+        .expect("another follower");
+    let (code, text) = c.keel_cli(&["cluster", "remove", &other.to_string()]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        text.trim(),
+        format!("node {other} removed from the cluster (membership change committed)")
+    );
+}
+
+/// `keel kv` against a cluster running another service says so, and which
+/// flag chooses the service (it printed "decoding the service's answer:
+/// response has 1 trailing bytes after its last field"); `keel dev`'s hint
+/// runs the release build, as the README does.
+#[test]
+fn kv_against_another_service_names_the_service_flag() {
+    let _one_at_a_time = serial();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = dev_base_port();
+    let client = format!("127.0.0.1:{}", base + 1);
+    let mut dev = Dev::start(
+        tmp.path(),
+        &[
+            "--dir",
+            "echo",
+            "--nodes",
+            "1",
+            "--service",
+            "echo",
+            "--base-port",
+            &base.to_string(),
+        ],
+    );
+    dev.wait_up(&client);
+    assert!(
+        dev.output()
+            .contains("with `cargo run --release -p keel --` in place of `keel`"),
+        "{}",
+        dev.output()
+    );
+    for args in [&["put", "a", "b"][..], &["get", "a"], &["range", "a"]] {
+        let (code, text) = keel(["kv", "--endpoints", &client].iter().chain(args));
+        assert_eq!(code, 2, "{args:?}: {text}");
+        assert!(
+            text.contains("does not seem to run the kv service") && text.contains("--service kv"),
+            "{args:?}: {text}"
+        );
+    }
+    assert!(dev.stop().expect("status").success(), "{}", dev.output());
+}

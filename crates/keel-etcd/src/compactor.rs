@@ -85,56 +85,12 @@ impl AutoCompaction {
     }
 }
 
-/// The longest retention accepted: 10 years (longer is as good as off, and
-/// bounding it keeps the arithmetic on `Instant`s safe).
-const MAX_PERIOD: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
 /// A duration as etcd's retention takes it: a Go-style duration (`1h30m`,
-/// `90s`, `1.5h`, `500ms`), or a bare number meaning hours.
+/// `90s`, `1.5h`, `500ms`), or a bare number meaning hours; at most 10
+/// years (longer is as good as off, and the bound keeps the arithmetic on
+/// `Instant`s safe). The node's configuration check uses the same rules.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if s.is_empty() {
-        return Err("empty (0 turns it off)".into());
-    }
-    let number = |t: &str| -> Result<f64, String> {
-        let ok = !t.is_empty()
-            && t.chars().all(|c| c.is_ascii_digit() || c == '.')
-            && t.chars().filter(|&c| c == '.').count() <= 1
-            && t != ".";
-        if !ok {
-            return Err(format!("{t:?} is not a number"));
-        }
-        t.parse::<f64>().map_err(|e| format!("{t:?}: {e}"))
-    };
-    let secs = if s.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        number(s)? * 3600.0
-    } else {
-        let mut total = 0.0;
-        let mut rest = s;
-        while !rest.is_empty() {
-            let split = rest
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .ok_or_else(|| format!("{rest:?} has no unit (h, m, s or ms)"))?;
-            let (value, tail) = rest.split_at(split);
-            let unit_len = tail
-                .find(|c: char| c.is_ascii_digit() || c == '.')
-                .unwrap_or(tail.len());
-            let (unit, next) = tail.split_at(unit_len);
-            let scale = match unit {
-                "h" => 3600.0,
-                "m" => 60.0,
-                "s" => 1.0,
-                "ms" => 0.001,
-                other => return Err(format!("unknown unit {other:?} (h, m, s or ms)")),
-            };
-            total += number(value)? * scale;
-            rest = next;
-        }
-        total
-    };
-    if !secs.is_finite() || secs > MAX_PERIOD.as_secs_f64() {
-        return Err(format!("longer than {} hours", MAX_PERIOD.as_secs() / 3600));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    keel_node::config::retention_secs(s).map(Duration::from_secs_f64)
 }
 
 /// Decides when to compact and to which revision; pure, so the policy is

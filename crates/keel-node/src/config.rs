@@ -597,7 +597,10 @@ pub fn check_auto_compaction(mode: &str, retention: &str) -> Result<(), String> 
 }
 
 /// A periodic retention in seconds: a Go-style duration, or hours.
-fn retention_secs(s: &str) -> Result<f64, String> {
+/// A retention as etcd takes it, in seconds: a Go-style duration (`1h30m`,
+/// `90s`, `1.5h`, `500ms`), or a bare number meaning hours; at most 10
+/// years. (The etcd API's compactor parses it with this too.)
+pub fn retention_secs(s: &str) -> Result<f64, String> {
     if s.is_empty() {
         return Err("empty (0 turns it off)".into());
     }

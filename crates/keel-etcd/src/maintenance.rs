@@ -363,7 +363,7 @@ fn lists_nospace(alarm: i32) -> bool {
     alarm == AlarmType::None as i32 || alarm == AlarmType::Nospace as i32
 }
 
-/// This node's hash of the KV history up to `revision` (<= 0: the current
+/// This node's hash of the KV history up to `revision` (0: the current
 /// one), like etcd's HashKV a per-member answer: (header revision, hash,
 /// compaction revision).
 async fn hash_kv(api: &Api, revision: i64) -> Result<(i64, u32, i64), Status> {

@@ -45,9 +45,10 @@
 //!   expiry is "not found" to keep-alive and time-to-live queries even
 //!   before its timer entry revokes it (etcd waits for the revocation and
 //!   then answers not found).
-//! - HashKv is a CRC-32C over the retained history up to a revision, with
-//!   etcd's revision rules; deterministic across replicas, not equal to
-//!   etcd's value. `db_size` is an estimate of the in-memory state.
+//! - HashKv is a CRC-32C over the retained history up to a revision (none
+//!   for a negative one, as etcd 3.4), with etcd's revision rules;
+//!   deterministic across replicas, not equal to etcd's value (except
+//!   over no entries). `db_size` is an estimate of the in-memory state.
 
 mod chunked;
 mod codec;

@@ -37,7 +37,7 @@
 //!  18 Events           start, end, from_revision:u64, limit:u64
 //!  19 LeaseTimeToLive  id:i64, keys:bool, now:u64 (log time, ns)
 //!  20 Leases
-//!  21 HashKv           revision:i64      (<= 0 = current)
+//!  21 HashKv           revision:i64      (0 = current, < 0 = none)
 //! Response
 //!   1 Put              revision, prev:Option<KeyValue>
 //!   2 Delete           revision, deleted:u64, prev:Option<KeyValue>
@@ -208,7 +208,8 @@ pub enum Query {
     },
     /// The ids of all leases.
     Leases,
-    /// A hash of the KV history up to `revision` (<= 0: the current one).
+    /// A hash of the KV history up to `revision` (0: the current one;
+    /// negative: no revision, as etcd 3.4).
     HashKv {
         revision: i64,
     },

@@ -360,10 +360,12 @@ impl Store {
         Ok((events, false))
     }
 
-    /// A CRC-32C over the retained history up to revision `rev` (`<= 0`:
-    /// the current one), in revision order, with etcd's HashKV revision
+    /// A CRC-32C over the retained history up to revision `rev` (`0`: the
+    /// current one), in revision order, with etcd's HashKV revision
     /// rules: `rev` at or below the compaction point, or above the current
-    /// revision, fails. Every entry contributes its revision (main, sub as
+    /// revision, fails; a negative `rev` covers no entry (etcd 3.4 hashes
+    /// the revisions below `rev + 1`, so none, and answers the hash of its
+    /// empty key bucket: the same value as this one's). Every entry contributes its revision (main, sub as
     /// big-endian u64s, as etcd's bolt keys), a tombstone mark, the key, and
     /// for puts value, create revision, version and lease. Deterministic
     /// across replicas; not equal to etcd's own hash.
@@ -374,9 +376,12 @@ impl Store {
         if rev > 0 && rev as u64 > self.revision {
             return Err(KvError::FutureRevision);
         }
-        let upto = if rev <= 0 { self.revision } else { rev as u64 };
         let mut h = Crc32c::new();
         h.update(b"key");
+        if rev < 0 {
+            return Ok(h.finish());
+        }
+        let upto = if rev == 0 { self.revision } else { rev as u64 };
         for (&(main, sub), key) in self.by_rev.range(..=(upto, u32::MAX)) {
             let Some(e) = self.keys.get(key).and_then(|hist| {
                 hist.binary_search_by(|e| (e.main, e.sub).cmp(&(main, sub)))

@@ -621,12 +621,18 @@ fn run_server(a: ServerArgs) -> Result<()> {
     let (service, quota) = make_service(&cfg)?;
     let id = cfg.id;
     let etcd = etcd_api(&cfg, quota)?;
-    if let Some((addr, _)) = &etcd {
-        // A port taken by another program fails the start before the node
-        // joins its peers and touches its data (and `keel dev` sees a node
-        // that could not start, not one that stops once running).
+    if let Some((addr, api)) = &etcd {
+        // A port taken by another program, or TLS files that do not make a
+        // working configuration (a key that is not the certificate's, say),
+        // fail the start before the node joins its peers and touches its
+        // data (and `keel dev` sees a node that could not start, not one
+        // that stops once running).
         std::net::TcpListener::bind(addr)
             .with_context(|| format!("serving the etcd API on {addr}"))?;
+        if let Some(files) = &api.tls {
+            keel_etcd::tls::Tls::load(files)
+                .map_err(|e| anyhow::anyhow!("serving the etcd API on {addr}: {e}"))?;
+        }
     }
     let node = std::sync::Arc::new(
         keel_node::start(cfg, service).with_context(|| format!("starting node {id}"))?,

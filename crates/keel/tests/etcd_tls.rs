@@ -248,4 +248,35 @@ fn incomplete_tls_settings_are_refused_at_start() {
     ]);
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("etcd_key_file"), "{text}");
+    // A key that parses but belongs to another certificate (the client's):
+    // refused before the node starts, so nothing is written to its data
+    // directory.
+    let data3 = dir.path().join("data3");
+    let (code, text) = keel([
+        "server",
+        "--id",
+        "1",
+        "--data-dir",
+        data3.to_str().expect("path"),
+        "--peer-addr",
+        "127.0.0.1:0",
+        "--client-addr",
+        "127.0.0.1:0",
+        "--etcd-addr",
+        "127.0.0.1:0",
+        "--service",
+        "kv",
+        "--etcd-cert-file",
+        files.server_cert.to_str().expect("path"),
+        "--etcd-key-file",
+        files.client_key.to_str().expect("path"),
+        "--etcd-trusted-ca-file",
+        files.ca.to_str().expect("path"),
+    ]);
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("etcd_cert_file and etcd_key_file"), "{text}");
+    let written: Vec<_> = std::fs::read_dir(&data3)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(written.is_empty(), "the failed start wrote {written:?}");
 }

@@ -3,8 +3,10 @@
 //! opened with a `Hello` that carries the cluster id (a connection from
 //! another cluster, or an unknown node, is refused), TCP_NODELAY. Links
 //! reconnect with backoff; messages sent while a link is down are dropped
-//! (Raft retransmits). Clients: a reader task per connection hands each
-//! read's requests on in one piece.
+//! (Raft retransmits), and so are messages past a link's frame or byte
+//! limit. Clients: a reader task per connection hands each read's requests
+//! on in one piece (in pieces only while the answers held and expected for
+//! the connection are at their limit, `MAX_ANSWER_BACKLOG`).
 //!
 //! Writes are made by the thread with something to send, batched: a peer
 //! message or client response is encoded into the connection's buffer
@@ -34,7 +36,8 @@ pub struct TransportConfig {
     pub cluster_id: u64,
     pub node_id: NodeId,
     pub max_frame: usize,
-    /// Messages queued per peer before new ones are dropped.
+    /// Messages queued per peer before new ones are dropped (as are
+    /// those past `MAX_PEER_BACKLOG` bytes).
     pub peer_queue: usize,
 }
 
@@ -42,7 +45,9 @@ pub struct TransportConfig {
 pub type Inbound = Arc<dyn Fn(Message) + Send + Sync>;
 /// Called with the client requests decoded from one read of a connection
 /// (one or more, in order; a pipelining client's burst arrives together
-/// and is handed on in one piece), with the connection's response sink.
+/// and is handed on in one piece, unless its answers would pass
+/// `MAX_ANSWER_BACKLOG`), with the connection's response sink. Each request
+/// must get exactly one answer on the sink.
 pub type RequestHandler = Arc<dyn Fn(Vec<ClientRequest>, &ResponseSink) + Send + Sync>;
 
 /// Counters the runtime exposes as metrics.
@@ -51,6 +56,10 @@ pub struct NetStats {
     pub peer_messages_dropped: AtomicU64,
     pub bad_frames: AtomicU64,
     pub rejected_connections: AtomicU64,
+    /// Times a client connection's reading paused because the answers
+    /// held and expected for it reached `MAX_ANSWER_BACKLOG` (a client
+    /// reading its answers slower than it sends requests).
+    pub client_reads_paused: AtomicU64,
 }
 
 /// The outbound side of the peer links.
@@ -60,6 +69,9 @@ pub struct Peers {
     /// Messages buffered per link (not yet written) before new ones are
     /// dropped.
     limit: usize,
+    /// Bytes held per link (buffered or being written) before new
+    /// messages are dropped: `MAX_PEER_BACKLOG` unless set.
+    byte_limit: usize,
 }
 
 impl Peers {
@@ -69,7 +81,7 @@ impl Peers {
     /// messages as a network would).
     pub fn send(&self, m: Message) {
         let pushed = match self.links.get(&m.to) {
-            Some(link) => link.push(&Frame::Peer(m), self.limit),
+            Some(link) => link.push(&Frame::Peer(m), self.limit, self.byte_limit),
             None => Err(Refused::Full),
         };
         if pushed == Err(Refused::Full) {
@@ -77,6 +89,13 @@ impl Peers {
                 .peer_messages_dropped
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Sets the bytes each link may hold (buffered, or being written)
+    /// before new messages are dropped, instead of `MAX_PEER_BACKLOG`. A
+    /// message is always taken by a link that holds nothing, however large.
+    pub fn set_byte_limit(&mut self, bytes: usize) {
+        self.byte_limit = bytes;
     }
 
     /// Writes every link's buffered messages: at once, with a non-blocking
@@ -139,7 +158,7 @@ impl ResponseSink {
                 tx.is_some_and(|tx| tx.send(r).is_ok())
             }
             Sink::Conn(out) => {
-                if out.push(&Frame::Response(r), usize::MAX).is_err() {
+                if out.push_answer(&Frame::Response(r)).is_err() {
                     return false;
                 }
                 let deferred = DEFERRED.with(|d| match &mut *d.borrow_mut() {
@@ -213,8 +232,9 @@ struct Outbox {
     state: std::sync::Mutex<OutState>,
     /// Wakes the writer task to write what is buffered (or to stop).
     wake: tokio::sync::Notify,
-    /// Wakes a client connection's reader waiting for its backlog to fall
-    /// to `MAX_ANSWER_BACKLOG` (see `wait_for_room`).
+    /// Wakes a client connection's reader waiting for the answers held
+    /// and expected for it to fall to `MAX_ANSWER_BACKLOG` (see
+    /// `wait_for_room`).
     room: tokio::sync::Notify,
     /// No more frames will come (the peers or every response sink are
     /// gone): the writer task stops once the buffer is written.
@@ -234,6 +254,15 @@ struct OutState {
     /// The task owns writing (it was handed a partial write): senders
     /// only append to `buf` until it has drained it.
     task_writes: bool,
+    /// A client connection's requests handed on whose answers have not
+    /// come yet (each request gets one answer).
+    pending: usize,
+    /// A client connection's answer size so far, in bytes (a moving
+    /// average, 0 before the first): what each pending answer is expected
+    /// to add (`ANSWER_ESTIMATE_FLOOR` at least).
+    answer_size: usize,
+    /// The connection's reader waits in `wait_for_room`.
+    reader_waiting: bool,
 }
 
 /// Why a frame was not buffered.
@@ -252,6 +281,19 @@ impl OutState {
     fn backlog(&self) -> usize {
         self.buf.len() + self.writing
     }
+
+    /// A client connection: would the answers held, the ones expected for
+    /// the pending requests, and those for `more` requests exceed
+    /// `MAX_ANSWER_BACKLOG`?
+    fn over(&self, more: usize) -> bool {
+        let each = if self.answer_size == 0 {
+            FIRST_ANSWER_ESTIMATE
+        } else {
+            self.answer_size.max(ANSWER_ESTIMATE_FLOOR)
+        };
+        let expected = (self.pending.saturating_add(more)).saturating_mul(each);
+        self.backlog().saturating_add(expected) > MAX_ANSWER_BACKLOG
+    }
 }
 
 impl Outbox {
@@ -264,19 +306,76 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Encodes `f` into the buffer, unless the connection is down or
-    /// `limit` frames are buffered already.
-    fn push(&self, f: &Frame, limit: usize) -> Result<(), Refused> {
+    /// Encodes `f` into the buffer, unless the connection is down,
+    /// `limit` frames are buffered already, or it would make the bytes held
+    /// (buffered or being written) more than `bytes`: a link holds at most
+    /// `bytes`, or one frame larger than that (taken when nothing else is
+    /// held, or it could never be sent).
+    fn push(&self, f: &Frame, limit: usize, bytes: usize) -> Result<(), Refused> {
         let mut out = lock(&self.state);
         if out.writer.is_none() {
             return Err(Refused::Down);
         }
-        if out.frames >= limit {
+        let held = out.backlog();
+        if out.frames >= limit || (held > 0 && held >= bytes) {
+            return Err(Refused::Full);
+        }
+        let start = out.buf.len();
+        codec::encode(f, &mut out.buf);
+        if held > 0 && out.backlog() > bytes {
+            out.buf.truncate(start);
             return Err(Refused::Full);
         }
         out.frames += 1;
-        codec::encode(f, &mut out.buf);
         Ok(())
+    }
+
+    /// A client connection's answer to one of its pending requests (see
+    /// `expect`): encoded into the buffer, unless the connection is down.
+    fn push_answer(&self, f: &Frame) -> Result<(), Refused> {
+        let mut out = lock(&self.state);
+        if out.writer.is_none() {
+            return Err(Refused::Down);
+        }
+        let start = out.buf.len();
+        codec::encode(f, &mut out.buf);
+        let size = out.buf.len() - start;
+        out.frames += 1;
+        out.pending = out.pending.saturating_sub(1);
+        // A moving average over about the last 8 answers.
+        out.answer_size = if out.answer_size == 0 {
+            size
+        } else {
+            out.answer_size - out.answer_size / 8 + size / 8
+        };
+        // (The sender flushes next, which is when a waiting reader may go
+        // on if the socket takes the answer; an answer that stays held
+        // leaves it as over as before.)
+        self.wake_reader(out);
+        Ok(())
+    }
+
+    /// A client connection's reader handed on `n` more requests.
+    fn expect(&self, n: usize) {
+        if n > 0 {
+            lock(&self.state).pending += n;
+        }
+    }
+
+    /// Would `more` requests' answers put the connection over the bound
+    /// (`OutState::over`)? False once it is down.
+    fn over(&self, more: usize) -> bool {
+        let out = lock(&self.state);
+        out.writer.is_some() && out.over(more)
+    }
+
+    /// Wakes the connection's reader if it waits for room and there is.
+    fn wake_reader(&self, mut out: std::sync::MutexGuard<'_, OutState>) {
+        if out.reader_waiting && (out.writer.is_none() || !out.over(0)) {
+            out.reader_waiting = false;
+            drop(out);
+            self.room.notify_one();
+        }
     }
 
     /// Writes the buffer with non-blocking writes on this thread, unless
@@ -290,8 +389,6 @@ impl Outbox {
         let Some(w) = out.writer.clone() else {
             return;
         };
-        // A client connection's reader may wait for this write.
-        let over = out.backlog() > MAX_ANSWER_BACKLOG;
         loop {
             match w.try_write(&out.buf) {
                 Ok(n) if n == out.buf.len() => {
@@ -300,10 +397,8 @@ impl Outbox {
                     if out.buf.capacity() > SPARE_OUT {
                         out.buf = Vec::new();
                     }
-                    drop(out);
-                    if over {
-                        self.room.notify_one();
-                    }
+                    // A client connection's reader may wait for this write.
+                    self.wake_reader(out);
                     return;
                 }
                 Ok(n) if n > 0 => {
@@ -313,12 +408,8 @@ impl Outbox {
                 // again and stops on): the task writes it.
                 _ => {
                     out.task_writes = true;
-                    let room = over && out.backlog() <= MAX_ANSWER_BACKLOG;
-                    drop(out);
+                    self.wake_reader(out);
                     self.wake.notify_one();
-                    if room {
-                        self.room.notify_one();
-                    }
                     return;
                 }
             }
@@ -326,17 +417,19 @@ impl Outbox {
     }
 
     /// A client connection's reader's side: returns once the bytes held
-    /// for the connection are at most `MAX_ANSWER_BACKLOG` (or it is down).
-    /// The socket writes only what the client reads, so a client that
-    /// reads its answers slowly or not at all has its requests read no
-    /// faster: the node's memory for it stays bounded.
+    /// for the connection and those expected for its pending requests are
+    /// at most `MAX_ANSWER_BACKLOG` (or it is down). The socket writes only what the client reads, so a client
+    /// that reads its answers slowly or not at all has its requests read
+    /// no faster: the node's memory for it stays bounded.
     async fn wait_for_room(&self) {
         loop {
             {
-                let out = lock(&self.state);
-                if out.writer.is_none() || out.backlog() <= MAX_ANSWER_BACKLOG {
+                let mut out = lock(&self.state);
+                if out.writer.is_none() || !out.over(0) {
+                    out.reader_waiting = false;
                     return;
                 }
+                out.reader_waiting = true;
             }
             // (A wake-up between the check and this wait is not lost:
             // `notify_one` leaves a permit when nobody waits.)
@@ -378,14 +471,10 @@ impl Outbox {
             write_shared(w, spare)
                 .await
                 .map_err(|e| format!("write failed: {e}"))?;
-            let room = {
+            {
                 let mut out = lock(&self.state);
-                let over = out.backlog() > MAX_ANSWER_BACKLOG;
                 out.writing = 0;
-                over && out.backlog() <= MAX_ANSWER_BACKLOG
-            };
-            if room {
-                self.room.notify_one();
+                self.wake_reader(out);
             }
             if spare.capacity() > SPARE_OUT {
                 *spare = Vec::new();
@@ -397,18 +486,43 @@ impl Outbox {
 /// Buffer capacity a link keeps between writes.
 const SPARE_OUT: usize = 4 << 20;
 
-/// A client connection's requests are not read while more than this many
-/// bytes of answers are held for it (buffered, or being written by its
-/// task): the node's memory for a client that does not read its answers
-/// (or reads them slower than it sends requests) stays at about this plus
-/// the answers to the requests it has already taken, instead of growing
-/// without bound. Bytes are only held here once the socket's own buffer
-/// (up to a few MiB) is full, so a client that reads as fast as it is
-/// answered is never held back; and the answers to the requests of one
-/// read, however large (one alone may be up to a frame, 64 MiB), are all
-/// sent: only reading waits. 4 MiB is a few MiB per slow client at most,
-/// and as much as a link keeps in its buffer anyway (`SPARE_OUT`).
+/// A client connection's requests are not handed on while the bytes of
+/// answers held for it (buffered, or being written by its task) and those
+/// expected for the requests it has sent that are still being answered
+/// (each the connection's average answer size so far) would exceed this:
+/// the node's memory for a client that does not read its answers (or reads
+/// them slower than it sends requests) stays at about this, instead of
+/// growing without bound. (Before, only the answers held counted: the
+/// requests in flight in the node were not, so a client pipelining reads
+/// of a large value had reads taken by the thousand while the node was
+/// still answering the first.) What a request is expected to add is only
+/// an estimate: answers larger than the average so far add what they
+/// exceed it by, once per pending request. Bytes are only held here once
+/// the socket's own buffer (up to a few MiB) is full, so a client that
+/// reads as fast as it is answered is held back only by the requests in
+/// flight (4 MiB of answers' worth: tens of thousands of small ones); and
+/// an answer larger than this (one alone may be up to a frame, 64 MiB) is
+/// still sent, one request at a time. 4 MiB is a few MiB per slow client
+/// at most, and as much as a link keeps in its buffer anyway (`SPARE_OUT`).
 const MAX_ANSWER_BACKLOG: usize = 4 << 20;
+
+/// What a client connection's first answer is expected to be, before any
+/// came: the first read's requests are handed on at most 4096 at a time.
+const FIRST_ANSWER_ESTIMATE: usize = 1 << 10;
+
+/// The least an answer is expected to be (a bare answer frame is about 20
+/// bytes): at most 64 Ki requests of one connection are in flight.
+const ANSWER_ESTIMATE_FLOOR: usize = 64;
+
+/// The bytes a peer link holds (buffered, or being written by its task)
+/// before new messages to it are dropped, as they are past `peer_queue`
+/// frames (Raft retransmits): a link whose peer reads slowly or not at all
+/// (a partition without a reset, a stalled process) keeps at most this, or
+/// one frame larger than it, instead of up to `peer_queue` frames of up to
+/// 64 MiB each. The leader's flow control keeps 4 MiB of appends in flight
+/// per follower, snapshot chunks are 1 MiB and paused for an answer, so
+/// this is only reached once the peer has stopped taking its messages.
+pub const MAX_PEER_BACKLOG: usize = 64 << 20;
 
 /// `write_all` through a shared write half.
 async fn write_shared(w: &OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
@@ -463,6 +577,7 @@ pub async fn start_peers(
         links,
         stats,
         limit,
+        byte_limit: MAX_PEER_BACKLOG,
     })
 }
 
@@ -619,17 +734,26 @@ async fn read_frames(
     read_frames_gated(r, buf, max, expected, None, on_frame).await
 }
 
-/// `read_frames`, and with `answers` (a client connection's outbox) no
-/// read while too many bytes of answers are held for the connection
-/// (`Outbox::wait_for_room`).
+/// `read_frames`, and with `answers` (a client connection's outbox, and
+/// the counters) no more requests handed on, and no read, while too many
+/// bytes of answers are held or expected for the connection
+/// (`Outbox::wait_for_room`): a read's requests are handed on in as many
+/// pieces as that takes, each after the answers before it made room.
 async fn read_frames_gated(
     mut r: OwnedReadHalf,
     mut buf: BytesMut,
     max: usize,
     expected: FrameKind,
-    answers: Option<&Outbox>,
+    answers: Option<(&Outbox, &NetStats)>,
     mut on_frame: impl FnMut(Option<Frame>) -> Result<(), String>,
 ) -> Result<(), String> {
+    // Waits for room for answers, counting the pauses (as they begin).
+    async fn room(out: &Outbox, stats: &NetStats) {
+        if out.over(0) {
+            stats.client_reads_paused.fetch_add(1, Ordering::Relaxed);
+        }
+        out.wait_for_room().await;
+    }
     // No frame taken yet: what the buffer starts with is the connection's
     // opening, which may be another protocol's (`foreign_opening`).
     let mut opening = true;
@@ -665,9 +789,19 @@ async fn read_frames_gated(
         opening &= whole == 0;
         let chunk = buf.split_to(whole).freeze();
         let mut off = 0;
+        // Frames handed to `on_frame` since its last `None`.
+        let mut taken = 0;
         let decoded = loop {
             if off == chunk.len() {
                 break bad.map_or(Ok(()), Err);
+            }
+            if let Some((out, stats)) = answers {
+                // The requests so far go on, and the rest wait for room.
+                if taken > 0 && out.over(taken) {
+                    out.expect(std::mem::take(&mut taken));
+                    on_frame(None)?;
+                    room(out, stats).await;
+                }
             }
             match codec::decode_shared(&chunk, off, max) {
                 Ok(Some((f, n))) => {
@@ -675,6 +809,7 @@ async fn read_frames_gated(
                     if let Err(e) = on_frame(Some(f)) {
                         break Err(e);
                     }
+                    taken += 1;
                 }
                 // (`frame_size` said the frame is all there.)
                 Ok(None) => break Err("bad frame: shorter than its length".into()),
@@ -683,11 +818,14 @@ async fn read_frames_gated(
         };
         // Requests decoded before a bad frame still run (and are answered
         // before the connection closes, see `serve_client`).
+        if let Some((out, _)) = answers {
+            out.expect(taken);
+        }
         on_frame(None)?;
         decoded?;
         // A client connection: no more requests while its answers back up.
-        if let Some(out) = answers {
-            out.wait_for_room().await;
+        if let Some((out, stats)) = answers {
+            room(out, stats).await;
         }
         // Room for a whole burst in one read (a buffer only grows when
         // full, which would leave reads of one small frame at a time), and
@@ -960,7 +1098,7 @@ async fn serve_client(
         BytesMut::new(),
         max_frame,
         FrameKind::Request,
-        Some(&outbox),
+        Some((&outbox, &stats)),
         |f| match f {
             Some(Frame::Request(req)) => {
                 batch.push(req);

@@ -840,7 +840,7 @@ fn an_append_from_a_deposed_leader_is_refused() {
     c.partition(&[1], &[2, 3]);
 
     // Node 2 leads term 2 and writes y; node 3 takes and acknowledges its
-    // term start and y, but hears of no commit.
+    // term start and y, but hears only that the term start committed.
     c.campaign(2);
     for data in [None, Some(&b"y"[..])] {
         if let Some(data) = data {

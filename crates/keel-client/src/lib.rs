@@ -88,6 +88,16 @@ pub enum ClientError {
         /// "HTTP/gRPC" or "TLS".
         protocol: &'static str,
     },
+    /// Every endpoint behaves as a Keel node's peer port (its `peer_addr`)
+    /// does: it keeps a silent connection open, waiting for a hello, and
+    /// closes one at once when a client request begins. A mistake for the
+    /// node's `client_addr`; nothing was applied.
+    #[error(
+        "{}: this is a peer port, use the node's client_addr (a Keel node's peer port \
+         closes client connections at once)",
+        .endpoints.join(", ")
+    )]
+    PeerPort { endpoints: Vec<String> },
     /// One node (`Client::status_of`) did not answer.
     #[error("{endpoint}: {why}")]
     Unreachable { endpoint: String, why: String },
@@ -110,10 +120,15 @@ fn answer(endpoints: &[String]) -> String {
 struct AttemptError {
     why: String,
     sent: bool,
-    /// The endpoint answered in this other protocol ("HTTP/gRPC", "TLS"):
-    /// not a Keel node, so nothing was applied there.
+    /// The endpoint answered in this other protocol ("HTTP/gRPC", "TLS",
+    /// `PEER_PORT`): not a Keel node's client port, so nothing was applied
+    /// there.
     foreign: Option<&'static str>,
 }
+
+/// The "protocol" of a Keel node's peer port given as a client endpoint
+/// (see `peer_port`).
+const PEER_PORT: &str = "Keel's peer protocol";
 
 /// The protocol a server that is not a Keel node answered in, if the
 /// start of its answer `buf` (to a Keel frame) is recognisably another
@@ -231,6 +246,51 @@ async fn probe(addr: &str, client: u64) -> Option<&'static str> {
     }
 }
 
+/// How long `peer_port` waits for a silent connection to be closed.
+const PEER_SILENCE: Duration = Duration::from_millis(100);
+
+/// Is `addr` a Keel node's peer port, given as a client endpoint by
+/// mistake? An attempt there sees the connection closed without an answer,
+/// which a node's client port never does to a good request but a node
+/// restarting, or a proxy to one, may: so this looks at what only a peer
+/// port does. It waits for a hello (up to 5 s), so a silent connection
+/// stays open, where something that closes every connection closes it;
+/// and it refuses a frame that is not a hello from its first six bytes
+/// (its tag), closing the connection at once, where a client port waits
+/// for the rest of a request begun that way. (The half request sent is
+/// dropped unseen by a client port, and a peer port only logs the refusal;
+/// nothing is sent that a peer port would take for a hello.)
+async fn peer_port(addr: &str, client: u64) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    let mut byte = [0u8; 1];
+    if tokio::time::timeout(PEER_SILENCE, s.read(&mut byte))
+        .await
+        .is_ok()
+    {
+        return false; // closed, or said something, unasked
+    }
+    let mut request = Vec::new();
+    codec::encode(
+        &Frame::Request(ClientRequest {
+            id: 0,
+            client,
+            seq: 0,
+            op: ClientOp::Status,
+        }),
+        &mut request,
+    );
+    // The length prefix, version and tag.
+    if s.write_all(&request[..6]).await.is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(PEER_SILENCE * 5, s.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
 struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
@@ -345,6 +405,12 @@ impl Client {
             Ok(ClientResult::Status(s)) => Ok(s),
             Ok(other) => Err(ClientError::Protocol(format!("{other:?}"))),
             Err(AttemptError {
+                foreign: Some(PEER_PORT),
+                ..
+            }) => Err(ClientError::PeerPort {
+                endpoints: vec![addr.to_string()],
+            }),
+            Err(AttemptError {
                 foreign: Some(protocol),
                 ..
             }) => Err(ClientError::NotKeel {
@@ -365,8 +431,12 @@ impl Client {
         let mut backoff = Duration::from_millis(10);
         // Did an attempt of this write reach a node without an answer?
         let mut maybe_applied = false;
-        // Endpoints that answered in another protocol (not Keel nodes).
+        // Endpoints that answered in another protocol (not Keel nodes'
+        // client ports), those of them that are peer ports, and the last
+        // other protocol.
         let mut foreign: Vec<String> = Vec::new();
+        let mut peer_ports: Vec<String> = Vec::new();
+        let mut other_protocol = None;
         // Every attempt and pause is cut to the time left, so the call
         // ends within its timeout.
         let deadline = started + self.opts.call_timeout;
@@ -416,11 +486,24 @@ impl Client {
                         if !foreign.contains(&endpoint) {
                             foreign.push(endpoint.clone());
                         }
-                        // Retrying will not make them Keel nodes.
+                        if protocol == PEER_PORT {
+                            if !peer_ports.contains(&endpoint) {
+                                peer_ports.push(endpoint.clone());
+                            }
+                        } else {
+                            other_protocol = Some(protocol);
+                        }
+                        // Retrying will not make them Keel nodes' client
+                        // ports.
                         if self.opts.endpoints.iter().all(|e| foreign.contains(e)) {
-                            return Err(ClientError::NotKeel {
-                                endpoints: foreign,
-                                protocol,
+                            return Err(match other_protocol {
+                                None => ClientError::PeerPort {
+                                    endpoints: peer_ports,
+                                },
+                                Some(protocol) => ClientError::NotKeel {
+                                    endpoints: foreign,
+                                    protocol,
+                                },
                             });
                         }
                     }
@@ -464,20 +547,25 @@ impl Client {
 
     /// One request to the current endpoint, bounded by `timeout`. An
     /// endpoint that has not answered in Keel's protocol yet and is silent
-    /// for `PROBE_AFTER` is probed for an HTTP/1 server meanwhile.
+    /// for `PROBE_AFTER` is probed for an HTTP/1 server meanwhile; one that
+    /// closed a new connection without answering, for a peer port.
     async fn attempt(
         &mut self,
         op: ClientOp,
         timeout: Duration,
     ) -> Result<ClientResult, AttemptError> {
+        let started = Instant::now();
         let mut sent = false;
         let mut foreign = None;
+        let mut closed_unanswered = false;
         let endpoint = self.endpoint().to_string();
         let probe = !self.keel.contains(&endpoint);
         let client_id = self.client_id;
         let outcome = {
-            let inner =
-                tokio::time::timeout(timeout, self.attempt_inner(op, &mut sent, &mut foreign));
+            let inner = tokio::time::timeout(
+                timeout,
+                self.attempt_inner(op, &mut sent, &mut foreign, &mut closed_unanswered),
+            );
             let probe = async {
                 if !probe {
                     return None;
@@ -497,7 +585,20 @@ impl Client {
                 }
                 Ok(r)
             }
-            Ok(Ok(Err(why))) => Err(AttemptError { why, sent, foreign }),
+            Ok(Ok(Err(why))) => {
+                if probe && closed_unanswered && foreign.is_none() {
+                    let left = timeout.saturating_sub(started.elapsed());
+                    let peer = tokio::time::timeout(left, peer_port(&endpoint, client_id));
+                    if peer.await == Ok(true) {
+                        return Err(AttemptError {
+                            why: "a peer port, not a client port".into(),
+                            sent,
+                            foreign: Some(PEER_PORT),
+                        });
+                    }
+                }
+                Err(AttemptError { why, sent, foreign })
+            }
             Ok(Err(_)) => {
                 // The connection may hold half a request or a late answer.
                 self.conn = None;
@@ -518,15 +619,19 @@ impl Client {
         }
     }
 
-    /// Sets `sent` once the request may have reached the node, and
-    /// `foreign` if the server answered in another protocol.
+    /// Sets `sent` once the request may have reached the node, `foreign`
+    /// if the server answered in another protocol, and `closed_unanswered`
+    /// if it closed a connection opened for this attempt without sending
+    /// a byte (as a peer port does).
     async fn attempt_inner(
         &mut self,
         op: ClientOp,
         sent: &mut bool,
         foreign: &mut Option<&'static str>,
+        closed_unanswered: &mut bool,
     ) -> Result<ClientResult, String> {
-        if self.conn.is_none() {
+        let fresh = self.conn.is_none();
+        if fresh {
             let addr = self.endpoint().to_string();
             let stream = TcpStream::connect(&addr)
                 .await
@@ -586,6 +691,7 @@ impl Client {
             }
             match conn.stream.read_buf(&mut conn.buf).await {
                 Ok(0) => {
+                    *closed_unanswered = fresh && conn.buf.is_empty();
                     let why = not_keel(&conn.buf, true, foreign)
                         .unwrap_or_else(|| "connection closed".into());
                     self.conn = None;
@@ -593,6 +699,7 @@ impl Client {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    *closed_unanswered = fresh && conn.buf.is_empty();
                     let why = not_keel(&conn.buf, true, foreign)
                         .unwrap_or_else(|| format!("receive: {e}"));
                     self.conn = None;
@@ -890,6 +997,67 @@ mod tests {
         .expect("client");
         c.write(Bytes::from_static(b"w")).await.expect("write");
         server.await.expect("node");
+    }
+
+    /// A node's peer port (the real one, of a transport with no peers)
+    /// given as the endpoint is named as such at once, by a call and by the
+    /// status of one node, instead of "connection closed" until the call
+    /// times out; a server that closes every connection at once (a proxy
+    /// whose node is down) is not taken for one and is retried as before.
+    #[tokio::test]
+    async fn a_peer_port_given_as_an_endpoint_is_named_at_once() {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let cfg = keel_net::tcp::TransportConfig {
+            cluster_id: 9,
+            node_id: 1,
+            max_frame: codec::DEFAULT_MAX_FRAME,
+            peer_queue: 16,
+        };
+        let _peers = keel_net::tcp::start_peers(
+            cfg,
+            &addr,
+            &[],
+            std::sync::Arc::new(|_| {}),
+            Default::default(),
+        )
+        .await
+        .expect("peer port");
+        let started = Instant::now();
+        let e = client(addr.clone())
+            .write(Bytes::from_static(b"w"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::PeerPort { endpoints } if *endpoints == [addr.clone()]),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("this is a peer port, use the node's client_addr"),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{e}");
+        let e = Client::status_of(&addr, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, ClientError::PeerPort { .. }), "{e}");
+
+        // Closes every connection at once, unasked.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let closing = l.local_addr().expect("addr").to_string();
+        tokio::spawn(async move { while l.accept().await.is_ok() {} });
+        let mut c = Client::new(ClientOptions {
+            endpoints: vec![closing],
+            attempt_timeout: Duration::from_millis(500),
+            call_timeout: Duration::from_secs(1),
+            client_id: Some(7),
+        })
+        .expect("client");
+        let e = c.read(Bytes::from_static(b"r")).await.unwrap_err();
+        assert!(matches!(&e, ClientError::NoLeader { .. }), "{e}");
     }
 
     /// A server that takes connections and what is sent on them and never

@@ -430,3 +430,35 @@ fn other_protocols_on_the_client_port_are_named() {
     }
     assert!(!log.contains("541676112"), "{log}");
 }
+
+/// A node's peer port given as the endpoint (`--endpoints <peer_addr>`, a
+/// mistake for its client_addr) is named at once, by kv commands and by
+/// cluster status: before, the client took the peer port's closing of the
+/// connection for a node restarting and retried "connection closed" until
+/// the whole --timeout ran out (a write then ended "outcome unknown").
+/// Nothing is written.
+#[test]
+fn a_peer_port_given_as_the_endpoint_is_named_at_once() {
+    let mut c = TestCluster::start(1, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    let peer = c.node(1).peer.clone();
+    let says = "this is a peer port, use the node's client_addr";
+    for args in [
+        &["kv", "--endpoints", &peer, "put", "peer-port", "v"][..],
+        &["kv", "--endpoints", &peer, "get", "peer-port"],
+        &["cluster", "--endpoints", &peer, "status"],
+    ] {
+        let started = std::time::Instant::now();
+        let (code, text) = keel(args);
+        let took = started.elapsed();
+        assert_ne!(code, 0, "keel {args:?} succeeded:\n{text}");
+        assert!(
+            text.contains(says) && text.contains(&peer),
+            "keel {args:?}: expected {says:?} and {peer} in:\n{text}"
+        );
+        // (The default --timeout is 10 s.)
+        assert!(took < Duration::from_secs(5), "keel {args:?} took {took:?}");
+    }
+    let mut client = c.client();
+    assert_eq!(c.get(&mut client, "peer-port"), None);
+}

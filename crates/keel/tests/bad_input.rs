@@ -439,7 +439,7 @@ fn other_protocols_on_the_client_port_are_named() {
 /// Nothing is written.
 #[test]
 fn a_peer_port_given_as_the_endpoint_is_named_at_once() {
-    let mut c = TestCluster::start(1, "");
+    let c = TestCluster::start(1, "");
     c.wait_for_leader(Duration::from_secs(10));
     let peer = c.node(1).peer.clone();
     let says = "this is a peer port, use the node's client_addr";

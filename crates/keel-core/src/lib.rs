@@ -15,7 +15,8 @@ pub mod types;
 pub use message::{Body, Message};
 pub use node::{
     accept_any_snapshot, Action, Config, Event, Node, Proposal, Recovered, RejectReason, Role,
-    Stats, TestingBugs, TimerUpdate, LEARNER_NOT_READY, TERM_START_MARK,
+    Stats, TestingBugs, TimerUpdate, LEARNER_NOT_READY, REMOVED_FROM_CLUSTER,
+    REMOVED_NOTICE_TIMEOUTS, TERM_START_MARK,
 };
 pub use service::{
     snapshot_sessions, Admission, ApplyOutput, Context, Reply, Service, ServiceHost,

@@ -102,6 +102,19 @@ pub enum Body {
         index: Position,
         ok: bool,
     },
+    /// "You were removed": the configuration in force from `position` on
+    /// in the sender's committed log (the end of its membership entry, or
+    /// the start of the sender's log for its snapshot's) excludes the
+    /// receiver, and so does the sender's latest configuration. Sent in
+    /// answer to any message but a leader's from a node so excluded, and by
+    /// a leader for a while to each node a configuration committed during
+    /// its leadership removed. Never to a node in the sender's latest
+    /// configuration. The receiver stops for good (`Action::Removed`)
+    /// unless it is joining or knows a later configuration that includes
+    /// it.
+    Removed {
+        position: Position,
+    },
 }
 
 impl Body {
@@ -119,6 +132,7 @@ impl Body {
             Body::ReadIndex { .. } => "ReadIndex",
             Body::ReadIndexResp { .. } => "ReadIndexResp",
             Body::TimeoutNow { .. } => "TimeoutNow",
+            Body::Removed { .. } => "Removed",
         }
     }
 }

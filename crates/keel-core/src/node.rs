@@ -53,6 +53,16 @@ const MAX_HEARTBEAT_TIMES: usize = 1200;
 /// See `MAX_HEARTBEAT_TIMES`.
 const HEARTBEAT_TIME_GRAIN: Nanos = 1_000_000;
 
+/// How long a leader tells each node that a configuration committed
+/// during its leadership removed that it was removed (with every
+/// heartbeat), in maximum election timeouts. Later, a removed node learns
+/// it in answer to its own messages (`Body::Removed`).
+pub const REMOVED_NOTICE_TIMEOUTS: u64 = 10;
+
+/// How a request refused because this node was removed from the cluster
+/// (`RejectReason::Removed`) is described to clients.
+pub const REMOVED_FROM_CLUSTER: &str = "this member was removed from the cluster";
+
 /// Timing and limits of one node. Election timeouts may differ between
 /// nodes (leases count on each voter's own); the other values should be
 /// the same on all nodes of a cluster (apart from `id` and `seed`).
@@ -207,6 +217,9 @@ pub struct TestingBugs {
     /// `election_timeout_min` only, not for a longer one it reported
     /// before the restart (`HardState::hold`).
     pub restart_hold_ignores_old_timeout: bool,
+    /// A node tells another it was removed as soon as its latest
+    /// configuration excludes it, before that configuration commits.
+    pub removal_before_commit: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -312,6 +325,9 @@ pub enum RejectReason {
     /// A previous membership change is not committed yet.
     MembershipChangePending,
     Invalid(String),
+    /// This node was removed from the cluster (`Action::Removed`): it
+    /// serves nothing any more.
+    Removed,
 }
 
 /// Outputs of the state machine, to be executed in order.
@@ -376,6 +392,18 @@ pub enum Action {
         role: Role,
         term: Term,
         leader: Option<NodeId>,
+    },
+    /// This node was removed from the cluster for good: node `by` (this
+    /// node itself for a leader that committed its own removal) knows a
+    /// committed configuration that excludes it, in force from `position`
+    /// of the log (see `Body::Removed`). The last action the core emits:
+    /// every later event is ignored (requests are refused with
+    /// `RejectReason::Removed`). The runtime should stop the node and keep
+    /// it from starting again on the same data (an empty data directory
+    /// joins afresh).
+    Removed {
+        by: NodeId,
+        position: Position,
     },
 }
 
@@ -457,6 +485,11 @@ pub struct Stats {
     /// Appends dropped because their entries did not follow each other
     /// from their `prev_pos` (no correct leader sends one).
     pub malformed_appends: u64,
+    /// `Body::Removed` messages sent (answers and a leader's notices).
+    pub removed_sent: u64,
+    /// `Body::Removed` messages received and not acted on (this node was
+    /// joining, or knows a later configuration that includes it).
+    pub removed_ignored: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -560,6 +593,21 @@ pub struct Node {
     commit_notify_at: Option<Nanos>,
     /// Follower: the snapshot being received in chunks.
     incoming: Option<(SnapshotMeta, Vec<u8>)>,
+    /// Set once this node learned it was removed from the cluster: who
+    /// said so and from which position. Every later event is ignored.
+    removed: Option<(NodeId, Position)>,
+    /// Leader: the nodes a configuration committed during this leadership
+    /// removed, each with where that configuration is in force and until
+    /// when (our clock) heartbeats tell it so.
+    removed_peers: BTreeMap<NodeId, (Position, Nanos)>,
+    /// Started with no membership (a node waiting to be added, possibly
+    /// under the id of a removed node) and not yet caught up with a leader
+    /// whose configuration includes it: the configurations it replays
+    /// may have removed an earlier node of its id, so it neither acts on
+    /// nor sends `Body::Removed` until then.
+    joining: bool,
+    /// Joining: the highest commit position a leader has told it.
+    join_commit: Position,
     now: Nanos,
     stats: Stats,
 }
@@ -682,10 +730,16 @@ impl Node {
             commit_advanced: false,
             commit_notify_at: None,
             incoming: None,
+            removed: None,
+            removed_peers: BTreeMap::new(),
+            joining: false,
+            join_commit: 0,
             now,
             stats: Stats::default(),
             cfg,
         };
+        let m = node.membership();
+        node.joining = m.voters.is_empty() && m.learners.is_empty();
         node.reset_election_deadline();
         node
     }
@@ -745,6 +799,12 @@ impl Node {
     pub fn stats(&self) -> Stats {
         self.stats
     }
+    /// Set once this node learned it was removed from the cluster
+    /// (`Action::Removed`): who told it, and the position from which the
+    /// configuration excluding it is in force.
+    pub fn removed(&self) -> Option<(NodeId, Position)> {
+        self.removed
+    }
     /// The membership in force: the latest one in the log, committed or not.
     pub fn membership(&self) -> &Membership {
         self.membership_log
@@ -761,6 +821,9 @@ impl Node {
 
     /// The next time `step(_, Event::Tick)` has something to do.
     pub fn next_deadline(&self) -> Nanos {
+        if self.removed.is_some() {
+            return Nanos::MAX;
+        }
         let mut d = self.election_deadline;
         // (Request ids grow, so the first read waits longest.)
         if let Some((_, &t)) = self.forwarded_reads.first_key_value() {
@@ -807,6 +870,10 @@ impl Node {
         // A clock that jumps backwards must not make deadlines unreachable
         // forever; deadlines are recomputed from `now` as they expire.
         self.now = now;
+        if self.removed.is_some() {
+            self.refuse_removed(event, out);
+            return;
+        }
         if self.hold_update_at.is_some_and(|at| now >= at) {
             // Before anything this step sends (the hard state is written
             // before the actions after it): a raised hold is on disk
@@ -879,6 +946,137 @@ impl Node {
             } else if self.membership().is_voter(self.cfg.id) {
                 self.leader = None;
                 self.start_pre_vote(out);
+            } else if !self.joining && !self.membership().voters.is_empty() {
+                // A learner, or a node its latest configuration excludes,
+                // that has not heard from a leader: ask the voters (a
+                // pre-vote, which changes nothing here or there). A
+                // voter whose committed configuration removed it answers
+                // `Removed`; a node that was removed while away learns
+                // it so.
+                let voters: Vec<NodeId> = self.membership().voters.iter().copied().collect();
+                for n in voters.into_iter().filter(|&n| n != self.cfg.id) {
+                    self.send_with_term(
+                        n,
+                        self.term + 1,
+                        Body::PreVote {
+                            last_pos: self.log.last_pos(),
+                            last_term: self.log.last_term(),
+                        },
+                        out,
+                    );
+                }
+            }
+        }
+    }
+
+    // ----- removal ----------------------------------------------------------
+
+    /// A removed node's answer to any event: none, but requests are refused.
+    fn refuse_removed(&mut self, event: Event, out: &mut Vec<Action>) {
+        let ids: Vec<RequestId> = match event {
+            Event::Propose(ps) => ps.into_iter().map(|p| p.id).collect(),
+            Event::Read { id }
+            | Event::ChangeMembership { id, .. }
+            | Event::TransferLeadership { id, .. } => vec![id],
+            _ => Vec::new(),
+        };
+        for id in ids {
+            out.push(Action::Rejected {
+                id,
+                reason: RejectReason::Removed,
+            });
+        }
+    }
+
+    /// The configuration in force for entries after `pos` (the latest
+    /// whose entry starts before it), and the position from which it is:
+    /// the end of its entry, or the start of the log for the snapshot's.
+    fn config_in_force_at(&self, pos: Position) -> (Position, &Membership) {
+        self.membership_log
+            .iter()
+            .rev()
+            .find(|(p, _)| *p < pos)
+            .and_then(|(p, m)| self.log.entry_at(*p).map(|e| (e.end(), &**m)))
+            .unwrap_or((self.log.first_pos(), &self.base_membership))
+    }
+
+    /// If node `n` is removed for good as far as this node knows (neither
+    /// its latest configuration nor its committed one includes it): the
+    /// position from which the committed one is in force.
+    fn removal_notice(&self, n: NodeId) -> Option<Position> {
+        if self.joining || n == 0 || n == self.cfg.id || self.membership().contains(n) {
+            return None;
+        }
+        let at = if self.cfg.testing_bugs.removal_before_commit {
+            self.log.last_pos() + 1
+        } else {
+            self.commit
+        };
+        let (position, committed) = self.config_in_force_at(at);
+        (!committed.voters.is_empty() && !committed.contains(n)).then_some(position)
+    }
+
+    /// `by` says a committed configuration in force from `position`
+    /// excludes this node.
+    fn on_removed(&mut self, by: NodeId, position: Position, out: &mut Vec<Action>) {
+        let me = self.cfg.id;
+        let m = self.membership();
+        let empty = m.voters.is_empty() && m.learners.is_empty();
+        // A configuration after it that includes this node (re-added): the
+        // notice is stale.
+        let later = self
+            .membership_log
+            .iter()
+            .any(|(p, m)| *p >= position && m.contains(me))
+            || (self.log.first_pos() >= position && self.base_membership.contains(me));
+        if empty || self.joining || later {
+            self.stats.removed_ignored += 1;
+            return;
+        }
+        self.enter_removed(by, position, out);
+    }
+
+    /// Stops for good: pending reads are refused and nothing is done again.
+    fn enter_removed(&mut self, by: NodeId, position: Position, out: &mut Vec<Action>) {
+        let local_reads: Vec<RequestId> = self
+            .reads
+            .iter()
+            .filter(|r| r.from.is_none())
+            .map(|r| r.id)
+            .chain(
+                self.reads_waiting
+                    .iter()
+                    .filter(|r| r.1.is_none())
+                    .map(|r| r.0),
+            )
+            .chain(std::mem::take(&mut self.forwarded_reads).into_keys())
+            .collect();
+        self.reads.retain(|r| r.from.is_some());
+        self.reads_waiting.retain(|r| r.1.is_some());
+        for id in local_reads {
+            out.push(Action::Rejected {
+                id,
+                reason: RejectReason::Removed,
+            });
+        }
+        if self.role == Role::Leader {
+            // Refuses the followers' reads.
+            self.abandon_leadership(out);
+        }
+        self.removed_peers.clear();
+        self.votes.clear();
+        self.set_role(Role::Follower, None, out);
+        self.removed = Some((by, position));
+        out.push(Action::Removed { by, position });
+    }
+
+    /// Joining: done once this node's log holds everything a leader had
+    /// committed and a configuration that includes it.
+    fn note_join_progress(&mut self, leader_commit: Position) {
+        if self.joining {
+            self.join_commit = self.join_commit.max(leader_commit);
+            if self.matched >= self.join_commit && self.membership().contains(self.cfg.id) {
+                self.joining = false;
             }
         }
     }
@@ -1014,6 +1212,7 @@ impl Node {
 
     fn abandon_leadership(&mut self, out: &mut Vec<Action>) {
         self.progress.clear();
+        self.removed_peers.clear();
         self.transfer = None;
         self.lease_until = 0;
         self.heartbeat_times.clear();
@@ -1152,6 +1351,26 @@ impl Node {
         if m.cluster_id != self.cfg.cluster_id || m.to != self.cfg.id || m.from == self.cfg.id {
             return;
         }
+        if let Body::Removed { position } = m.body {
+            // Whatever its term: a committed configuration stays committed.
+            self.on_removed(m.from, position, out);
+            return;
+        }
+        // A node removed for good is told so, and not heard (its votes and
+        // terms would only disturb). A leader's messages are taken: this
+        // node may be behind a configuration that added the sender again,
+        // and a removed leader's last `TimeoutNow` hands leadership over.
+        let from_leader = matches!(
+            m.body,
+            Body::Append { .. } | Body::InstallSnapshot { .. } | Body::TimeoutNow { .. }
+        );
+        if !from_leader {
+            if let Some(position) = self.removal_notice(m.from) {
+                self.stats.removed_sent += 1;
+                self.send(m.from, Body::Removed { position }, out);
+                return;
+            }
+        }
         if m.term > self.term {
             match &m.body {
                 Body::PreVote { .. } => {}
@@ -1263,6 +1482,7 @@ impl Node {
             } => {
                 self.heard_from_leader(m.from, out);
                 self.on_append(prev_pos, prev_term, commit, heartbeat, entries, out);
+                self.note_join_progress(commit);
             }
             Body::AppendResp {
                 ok,
@@ -1321,6 +1541,8 @@ impl Node {
                     self.answer_read(id, Some(m.from), None, out);
                 }
             }
+            // (Handled above.)
+            Body::Removed { .. } => {}
             Body::ReadIndexResp { id, index, ok } => {
                 if self.forwarded_reads.remove(&id).is_some() {
                     if ok && Some(m.from) == self.leader {
@@ -2159,6 +2381,7 @@ impl Node {
             matched.get(m.quorum() - 1).copied().unwrap_or(0)
         };
         if candidate > self.commit && self.log.term_at(candidate) == Some(self.term) {
+            self.note_removed_peers(candidate);
             self.commit = candidate;
             self.commit_advanced = true;
             self.emit_apply(out);
@@ -2181,12 +2404,45 @@ impl Node {
                     .filter(|(n, _)| self.membership().is_voter(**n))
                     .max_by_key(|(_, p)| p.matched)
                     .map(|(n, _)| *n);
+                // Everyone hears of the commit now: this node stops.
+                self.heartbeat_due = true;
                 self.flush_leader(out);
                 if let Some(n) = best {
                     self.send_timeout_now(n, out);
                 }
                 self.become_follower(self.term, None, out);
+                // It holds every committed entry (it led): the committed
+                // configuration excluding it is the latest there is.
+                if !self.membership().contains(self.cfg.id) {
+                    let (position, _) = self.config_in_force_at(self.commit);
+                    self.enter_removed(self.cfg.id, position, out);
+                }
             }
+        }
+    }
+
+    /// Leader, its commit advancing to `commit`: the nodes the
+    /// configurations committed on the way removed are told so for a
+    /// while (`REMOVED_NOTICE_TIMEOUTS`).
+    fn note_removed_peers(&mut self, commit: Position) {
+        let (_, before) = self.config_in_force_at(self.commit);
+        let (position, after) = self.config_in_force_at(commit);
+        if before == after {
+            return;
+        }
+        let (before, after) = (before.clone(), after.clone());
+        let latest = self.membership();
+        let gone: Vec<NodeId> = before
+            .peers(self.cfg.id)
+            .filter(|&n| !after.contains(n) && !latest.contains(n))
+            .collect();
+        let until = self.now.saturating_add(
+            self.cfg
+                .election_timeout_max
+                .saturating_mul(REMOVED_NOTICE_TIMEOUTS),
+        );
+        for n in gone {
+            self.removed_peers.insert(n, (position, until));
         }
     }
 
@@ -2274,6 +2530,20 @@ impl Node {
                     .is_none_or(|&(_, t)| t < self.now)
             {
                 self.next_heartbeat_seq();
+            }
+        }
+        if heartbeat && !self.removed_peers.is_empty() {
+            let (now, latest) = (self.now, self.membership().clone());
+            self.removed_peers
+                .retain(|n, (_, until)| now < *until && !latest.contains(*n));
+            let notices: Vec<(NodeId, Position)> = self
+                .removed_peers
+                .iter()
+                .map(|(&n, &(position, _))| (n, position))
+                .collect();
+            for (n, position) in notices {
+                self.stats.removed_sent += 1;
+                self.send(n, Body::Removed { position }, out);
             }
         }
         let commit_advanced = std::mem::take(&mut self.commit_advanced);

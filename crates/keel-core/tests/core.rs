@@ -29,6 +29,8 @@ struct Harness {
     hold_publish: bool,
     /// Flip a byte of the next chunk read from a snapshot file.
     corrupt_next_chunk: bool,
+    /// `Action::Removed` as emitted: (node, by, position).
+    removed: Vec<(NodeId, NodeId, Position)>,
 }
 
 /// The harness's snapshot file format.
@@ -108,6 +110,7 @@ impl Harness {
             installed: vec![Vec::new(); k],
             hold_publish: false,
             corrupt_next_chunk: false,
+            removed: Vec::new(),
         }
     }
     /// Node `id` captured its service state `data` at `position`.
@@ -192,6 +195,7 @@ impl Harness {
                         self.files[i].insert(meta.position, image.clone());
                         self.installed[i].push(image);
                     }
+                    Action::Removed { by, position } => self.removed.push((id, by, position)),
                     _ => {}
                 }
             }
@@ -2090,5 +2094,272 @@ fn a_refused_vote_does_not_reset_the_election_timer() {
     assert!(
         b.next_deadline() >= t + 2 * timeout,
         "a granted vote resets"
+    );
+}
+
+// ----- removed members ------------------------------------------------------
+
+/// Node `leader` of a three-node harness removes `target`; returns the
+/// position from which the configuration without it is in force (the end
+/// of its membership entry).
+fn remove(h: &mut Harness, leader: NodeId, target: NodeId, req: RequestId) -> Position {
+    h.step(
+        leader,
+        Event::ChangeMembership {
+            id: req,
+            change: MembershipChange::Remove(target),
+        },
+    );
+    let end = h.node(leader).append_position();
+    assert!(!h.node(leader).membership().contains(target));
+    end
+}
+
+fn messages_sent_on_tick(h: &mut Harness, id: NodeId) -> usize {
+    let before = h.inbox.len();
+    h.step(id, Event::Tick);
+    h.inbox.len() - before
+}
+
+#[test]
+fn a_removed_follower_is_told_by_the_leader_and_stops_for_good() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = if leader == 3 { 2 } else { 3 };
+    let position = remove(&mut h, leader, target, 1);
+    h.run_for(200 * MS);
+    // Told with the heartbeats once the removal committed.
+    assert_eq!(h.removed, vec![(target, leader, position)]);
+    assert_eq!(h.node(target).removed(), Some((leader, position)));
+    assert!(h.node(leader).stats().removed_sent > 0);
+    // It does nothing any more: no campaign however long, requests refused.
+    h.cut.insert((leader, target));
+    h.run_for(3_000 * MS);
+    assert_eq!(messages_sent_on_tick(&mut h, target), 0);
+    assert!(!h.node(target).is_leader());
+    h.step(target, Event::Read { id: 50 });
+    h.propose(target, 51, 1, b"x");
+    let refused: Vec<_> = h.rejected.iter().filter(|r| r.0 == target).collect();
+    assert_eq!(
+        refused,
+        vec![
+            &(target, 50, RejectReason::Removed),
+            &(target, 51, RejectReason::Removed)
+        ]
+    );
+    assert_eq!(h.node(target).next_deadline(), Nanos::MAX);
+    // The remaining two still commit.
+    h.propose(leader, 2, 1, b"after");
+    h.run_for(100 * MS);
+    let other = (1..=3).find(|&n| n != leader && n != target).unwrap();
+    assert!(h.applied[(other - 1) as usize]
+        .iter()
+        .any(|e| &e.data[..] == b"after"));
+}
+
+#[test]
+fn a_leader_that_commits_its_own_removal_hands_over_and_stops() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let position = remove(&mut h, leader, leader, 1);
+    h.run_for(1_000 * MS);
+    assert_eq!(h.removed, vec![(leader, leader, position)]);
+    let new = h.leader().expect("a new leader");
+    assert_ne!(new, leader);
+    assert_eq!(messages_sent_on_tick(&mut h, leader), 0);
+}
+
+/// A node cut off while it is removed, until well after the leader stopped
+/// telling it, learns it from the answers to its pre-votes.
+#[test]
+fn a_node_removed_while_away_learns_it_from_the_answers_to_its_pre_votes() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = if leader == 3 { 2 } else { 3 };
+    let other = (1..=3).find(|&n| n != leader && n != target).unwrap();
+    for n in [leader, other] {
+        h.cut.insert((n, target));
+        h.cut.insert((target, n));
+    }
+    let position = remove(&mut h, leader, target, 1);
+    // Past the leader's notices: 10 maximum election timeouts.
+    h.run_for(12_000 * MS);
+    assert!(h.removed.is_empty());
+    assert!(h.node(target).removed().is_none());
+    // It never got the entry that removed it: it still sees itself as a
+    // voter, and pre-votes.
+    assert!(h.node(target).membership().is_voter(target));
+    let term_before = h.node(leader).term();
+    h.cut.clear();
+    h.run_for(2_000 * MS);
+    assert_eq!(h.removed.len(), 1, "{:?}", h.removed);
+    let (who, by, at) = h.removed[0];
+    assert_eq!((who, at), (target, position));
+    assert!(by == leader || by == other);
+    // Its (pre-)votes disturbed no one.
+    assert_eq!(h.leader(), Some(leader));
+    assert_eq!(h.node(leader).term(), term_before);
+}
+
+/// A removed learner that did not hear of its removal while it was told
+/// (cut off), and stays silent as learners do, asks the voters after an
+/// election timeout and learns it.
+#[test]
+fn a_removed_learner_away_during_the_notices_learns_it_too() {
+    let (mut h, leader) = two_voters_and_learner_3();
+    let other = if leader == 1 { 2 } else { 1 };
+    for n in [leader, other] {
+        h.cut.insert((n, 3));
+        h.cut.insert((3, n));
+    }
+    let position = remove(&mut h, leader, 3, 2);
+    h.run_for(12_000 * MS);
+    assert!(h.removed.is_empty());
+    h.cut.clear();
+    h.run_for(2_000 * MS);
+    assert_eq!(h.removed.len(), 1, "{:?}", h.removed);
+    assert_eq!((h.removed[0].0, h.removed[0].2), (3, position));
+}
+
+/// The notice is ignored by a node that knows a later configuration
+/// including it (it was added again), and by a node waiting to be added.
+#[test]
+fn removal_notices_are_ignored_by_joining_and_re_added_nodes() {
+    let notice = |position| {
+        Event::Message(Message {
+            cluster_id: 7,
+            from: 1,
+            to: 2,
+            term: 1,
+            body: Body::Removed { position },
+        })
+    };
+    // Waiting to be added: no membership.
+    let mut joining = Node::new(Config::new(2, 7), Membership::default(), 0);
+    let mut out = Vec::new();
+    joining.step(0, notice(100), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert!(joining.removed().is_none());
+    assert_eq!(joining.stats().removed_ignored, 1);
+
+    // Node 2's log: removed at 0..e1, added again at e1..e2.
+    let entry = |position, m: Membership| Entry {
+        term: 1,
+        position,
+        timestamp: 0,
+        kind: EntryKind::Membership(std::sync::Arc::new(m)),
+        data: Bytes::new(),
+    };
+    let e1 = entry(0, Membership::new([1, 3]));
+    let mut m = Membership::new([1, 3]);
+    m.learners.insert(2);
+    let e2 = entry(e1.end(), m);
+    let mut node = Node::new(Config::new(2, 7), Membership::new([1, 2, 3]), 0);
+    node.step(0, append(0, 1, vec![e1.clone(), e2.clone()]), &mut out);
+    out.clear();
+    // A stale notice of the removal: a later configuration includes it.
+    node.step(0, notice(e1.end()), &mut out);
+    assert!(out.iter().all(|a| !matches!(a, Action::Removed { .. })));
+    assert!(node.removed().is_none());
+    // A notice of a configuration after the one that added it is taken.
+    node.step(0, notice(e2.end() + 64), &mut out);
+    assert!(matches!(
+        out.last(),
+        Some(Action::Removed { by: 1, position }) if *position == e2.end() + 64
+    ));
+}
+
+/// A node never sends `Removed` to a node its latest configuration
+/// includes, nor before the configuration excluding it has committed.
+#[test]
+fn no_removal_notice_before_the_removal_commits() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = if leader == 3 { 2 } else { 3 };
+    let other = (1..=3).find(|&n| n != leader && n != target).unwrap();
+    // The other voter does not answer: the removal cannot commit.
+    h.cut.insert((other, leader));
+    remove(&mut h, leader, target, 1);
+    h.run_for(300 * MS);
+    assert!(h.removed.is_empty());
+    assert_eq!(h.node(leader).stats().removed_sent, 0);
+    h.cut.clear();
+    h.run_for(300 * MS);
+    assert_eq!(h.removed.len(), 1);
+}
+
+/// A removed id comes back as a new node with an empty data directory
+/// (joining): it replays the log, whose configurations once removed it,
+/// and stale notices of that removal reaching it meanwhile are ignored.
+#[test]
+fn a_removed_id_joins_again_with_fresh_data_and_ignores_stale_notices() {
+    // One entry per append: the new node holds the log up to its old
+    // removal before it holds the configuration that adds it again.
+    let config = |id| Config {
+        max_batch_bytes: 1,
+        ..Config::new(id, 7)
+    };
+    let m = Membership::new([1, 2, 3]);
+    let mut h = Harness::with(
+        (1..=3)
+            .map(|id| Node::new(config(id), m.clone(), 0))
+            .collect(),
+    );
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = if leader == 3 { 2 } else { 3 };
+    let position = remove(&mut h, leader, target, 1);
+    h.run_for(200 * MS);
+    assert_eq!(h.removed, vec![(target, leader, position)]);
+    for i in 0..20 {
+        h.propose(leader, 10 + i, i + 1, b"while it is gone");
+    }
+    // Fresh data directory, same id.
+    let i = (target - 1) as usize;
+    h.nodes[i] = Node::new(config(target), Membership::default(), h.now);
+    h.step(
+        leader,
+        Event::ChangeMembership {
+            id: 2,
+            change: MembershipChange::AddLearner(target),
+        },
+    );
+    // Every message to it is followed by a stale notice of the removal.
+    let mut budget = 100_000;
+    for _ in 0..100 {
+        h.now += 10 * MS;
+        for id in 1..=3 {
+            h.step(id, Event::Tick);
+        }
+        while let Some(m) = h.inbox.pop_front() {
+            budget -= 1;
+            assert!(budget > 0);
+            let to = m.to;
+            h.step(to, Event::Message(m));
+            if to == target {
+                h.step(
+                    target,
+                    Event::Message(Message {
+                        cluster_id: 7,
+                        from: leader,
+                        to: target,
+                        term: 1,
+                        body: Body::Removed { position },
+                    }),
+                );
+            }
+        }
+    }
+    assert_eq!(h.removed.len(), 1, "{:?}", h.removed);
+    assert!(h.node(target).removed().is_none());
+    assert!(h.node(target).stats().removed_ignored > 0);
+    assert!(h.node(target).membership().learners.contains(&target));
+    assert_eq!(
+        h.node(target).commit_position(),
+        h.node(leader).commit_position()
     );
 }

@@ -248,6 +248,9 @@ const BODY_SNAPSHOT_ACK: u8 = 9;
 const BODY_FORWARD: u8 = 10;
 const BODY_READ_INDEX: u8 = 11;
 const BODY_READ_INDEX_RESP: u8 = 12;
+/// Newer than the rest: a node from before it fails to decode the frame
+/// (an unknown tag), logs it and closes the link, which reconnects.
+const BODY_REMOVED: u8 = 13;
 
 // Entry kind tags.
 const KIND_TERM_START: u8 = 1;
@@ -489,6 +492,10 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
         Body::TimeoutNow { last_pos } => {
             put_u8(out, BODY_TIMEOUT_NOW);
             put_u64(out, *last_pos);
+        }
+        Body::Removed { position } => {
+            put_u8(out, BODY_REMOVED);
+            put_u64(out, *position);
         }
     }
 }
@@ -950,6 +957,9 @@ impl<'a> Reader<'a> {
             BODY_TIMEOUT_NOW => Body::TimeoutNow {
                 last_pos: self.u64("TimeoutNow.last_pos")?,
             },
+            BODY_REMOVED => Body::Removed {
+                position: self.u64("Removed.position")?,
+            },
             tag => {
                 return Err(CodecError::UnknownTag {
                     what: "message body",
@@ -1257,6 +1267,7 @@ mod tests {
             1 => (u64s(), u64s(), any::<bool>())
                 .prop_map(|(id, index, ok)| Body::ReadIndexResp { id, index, ok }),
             1 => u64s().prop_map(|last_pos| Body::TimeoutNow { last_pos }),
+            1 => u64s().prop_map(|position| Body::Removed { position }),
         ]
     }
 
@@ -1691,7 +1702,7 @@ mod tests {
             // The frame tag, and the first nested tag of each frame kind.
             let (at, what, known) = match &f {
                 Frame::Hello { .. } => (5, "frame", 1..=4),
-                Frame::Peer(_) => (6 + 32, "message body", 1..=12),
+                Frame::Peer(_) => (6 + 32, "message body", 1..=13),
                 Frame::Request(_) => (6 + 24, "client op", 1..=6),
                 Frame::Response(_) => (6 + 8, "client result", 1..=6),
             };
@@ -1835,6 +1846,37 @@ mod tests {
         want.extend_from_slice(&0x0102u64.to_le_bytes());
         want.extend_from_slice(&7u64.to_le_bytes());
         assert_eq!(buf, want);
+    }
+
+    /// `Removed` (tag 13): the position as a u64 after the message header.
+    /// A peer from before it fails the frame with an unknown tag.
+    #[test]
+    fn removed_layout_is_pinned() {
+        let buf = enc(&Frame::Peer(Message {
+            cluster_id: 9,
+            from: 2,
+            to: 1,
+            term: 3,
+            body: Body::Removed { position: 0x0405 },
+        }));
+        let mut want = vec![2 + 32 + 1 + 8, 0, 0, 0, PEER_VERSION, 2];
+        for v in [9u64, 2, 1, 3] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        want.push(13);
+        want.extend_from_slice(&0x0405u64.to_le_bytes());
+        assert_eq!(buf, want);
+        // Cut anywhere in the position: incomplete, then a length error.
+        for cut in 6 + 33..buf.len() {
+            let mut short = buf[..cut].to_vec();
+            set_len(&mut short, cut - 4);
+            assert_eq!(
+                decode(&short, MAX),
+                Err(CodecError::Truncated {
+                    what: "Removed.position"
+                })
+            );
+        }
     }
 
     /// Version 2's change: the acknowledgement ends with the sender's hold.

@@ -167,6 +167,7 @@ fn seeds() -> Vec<Frame> {
             received: 2,
         }),
         peer(Body::TimeoutNow { last_pos: 1 }),
+        peer(Body::Removed { position: 1 }),
         peer(Body::Forward {
             commands: vec![
                 (1, 2, Bytes::from_static(b"a")),

@@ -75,6 +75,44 @@ pub enum NodeError {
     Restore(String),
     #[error("stopped after a fatal error: {0}")]
     Fatal(String),
+    /// The node learned it was removed from the cluster and stopped for
+    /// good (see `REMOVED_FILE`): the explanation it logged and wrote.
+    #[error("{0}")]
+    Removed(String),
+}
+
+/// The file a node writes into its data directory when it learns it was
+/// removed from the cluster (a human-readable explanation): a start on a
+/// data directory holding it is refused.
+pub const REMOVED_FILE: &str = "REMOVED";
+
+/// How to bring a removed node's id back, for the messages about it.
+fn removed_advice(id: NodeId) -> String {
+    format!(
+        "to add node {id} back, start it with an empty data directory and `join = true`, then \
+         run `keel cluster add-learner {id} <its peer address>` (and promote it once it has \
+         caught up)"
+    )
+}
+
+/// A start on a data directory of a removed node is refused, with what it
+/// says.
+fn refuse_removed(cfg: &NodeConfig) -> Result<(), NodeError> {
+    let path = cfg.data_dir.join(REMOVED_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Err(NodeError::Start(format!(
+            "node {} was removed from the cluster: {} says: {}",
+            cfg.id,
+            path.display(),
+            text.trim()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NodeError::Start(format!(
+            "node {} may have been removed from the cluster: {} exists but cannot be read: {e}",
+            cfg.id,
+            path.display()
+        ))),
+    }
 }
 
 /// Events into the consensus thread from inside the node (never dropped).
@@ -398,6 +436,8 @@ pub struct NodeHandle {
     client_queue: Arc<ClientQueue>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     fatal: Arc<Mutex<Option<String>>>,
+    /// Set when the node stopped because it was removed from the cluster.
+    removed: Arc<Mutex<Option<String>>>,
     status: Arc<Mutex<NodeStatus>>,
     /// The current term, readable without copying the whole status.
     term: Arc<AtomicU64>,
@@ -532,6 +572,9 @@ impl NodeHandle {
             if t.join().is_err() {
                 panicked.get_or_insert(name);
             }
+        }
+        if let Some(why) = self.removed.lock().ok().and_then(|r| r.clone()) {
+            return Err(NodeError::Removed(why));
         }
         match (self.fatal.lock().ok().and_then(|f| f.clone()), panicked) {
             (Some(e), _) => Err(NodeError::Fatal(e)),
@@ -870,6 +913,7 @@ fn start_node(
         .map_err(|e| NodeError::Start(e.to_string()))?;
     cfg.check_files()
         .map_err(|e| NodeError::Start(e.to_string()))?;
+    refuse_removed(&cfg)?;
     // A first start that fails leaves the data directory as it found it:
     // what it would record there (this node's identity, and the initial
     // membership from `peers`) would otherwise be kept by every later
@@ -919,6 +963,7 @@ fn run_node(
     let service_rx = (cfg.service_thread == ServiceThreadConfig::Dedicated).then_some(service_rx);
     let (notify_tx, _) = tokio::sync::broadcast::channel::<Arc<Notification>>(4096);
     let fatal = Arc::new(Mutex::new(None));
+    let removed = Arc::new(Mutex::new(None));
     let term = Arc::new(AtomicU64::new(0));
     let status = Arc::new(Mutex::new(NodeStatus {
         id: cfg.id,
@@ -1373,6 +1418,8 @@ fn run_node(
         out: Vec::new(),
         written: None,
         log_writes: Vec::new(),
+        removed_by: None,
+        removed: removed.clone(),
     };
     let _ = internal_tx.send(Internal::Applied {
         position: snapshot.meta.position,
@@ -1450,6 +1497,7 @@ fn run_node(
         metrics: metrics.clone(),
         net_stats,
         fatal,
+        removed,
         status,
         term,
         stopped,
@@ -1545,6 +1593,11 @@ struct Consensus {
     /// A step's appends and truncations, in order: done after its peer
     /// messages are written (see `step`).
     log_writes: Vec<Action>,
+    /// The core said this node was removed (`Action::Removed`): who said
+    /// so, and from which position. The node stops at the end of the step.
+    removed_by: Option<(NodeId, Position)>,
+    /// Shared with the handle: why the node stopped, if it was removed.
+    removed: Arc<Mutex<Option<String>>>,
 }
 
 impl Consensus {
@@ -2069,7 +2122,72 @@ impl Consensus {
         }
         self.answer_deposed();
         self.answer_membership_changes();
+        if let Some((by, position)) = self.removed_by.take() {
+            return Err(self.stop_removed(by, position));
+        }
         Ok(())
+    }
+
+    /// This node was removed from the cluster: says so (log, clients, a
+    /// `REMOVED_FILE` in the data directory) and returns the reason the
+    /// consensus loop stops with.
+    fn stop_removed(&mut self, by: NodeId, position: Position) -> String {
+        let id = self.cfg.id;
+        let who = if by == id {
+            "it committed its own removal as the leader".to_string()
+        } else {
+            format!("node {by} says so")
+        };
+        let why = format!(
+            "node {id} was removed from cluster {:#x} ({}: {who}; the configuration in force \
+             from log position {position} excludes it) and stopped for good; it will not start \
+             again on the data directory {}: {}",
+            self.cfg.cluster_id,
+            keel_core::REMOVED_FROM_CLUSTER,
+            self.cfg.data_dir.display(),
+            removed_advice(id),
+        );
+        error!("{why}");
+        // Its last messages (a removed leader's hand-over) go out first.
+        self.peers.flush();
+        let refusal = || {
+            ClientResult::Error(format!(
+                "{}: node {id} stopped",
+                keel_core::REMOVED_FROM_CLUSTER
+            ))
+        };
+        for (_, p) in self.pending.drain() {
+            respond(&p.sink, p.client_id, refusal());
+        }
+        for (_, w) in self.awaiting.drain() {
+            respond(&w.sink, w.id, refusal());
+        }
+        for w in self.membership_waits.drain(..) {
+            respond(&w.pending.sink, w.pending.client_id, refusal());
+        }
+        for t in self.transfers.drain(..) {
+            respond(&t.sink, t.client_id, refusal());
+        }
+        let text = format!(
+            "This data directory belongs to node {id} of cluster {:#x}, which was removed from \
+             the cluster: {who} (the configuration in force from log position {position} \
+             excludes it). Keel refuses to start a node on it. To add node {id} back, start it \
+             with an empty data directory and `join = true`, then run `keel cluster \
+             add-learner {id} <its peer address>` (and promote it once it has caught up).\n\
+             Written at {} ns since the Unix epoch.\n",
+            self.cfg.cluster_id,
+            wall_clock_ns()
+        );
+        if let Err(e) = meta::write_atomic(&self.cfg.data_dir, REMOVED_FILE, text.as_bytes()) {
+            error!(
+                "node {id}: could not write {REMOVED_FILE} into {}: {e}",
+                self.cfg.data_dir.display()
+            );
+        }
+        if let Ok(mut r) = self.removed.lock() {
+            *r = Some(why.clone());
+        }
+        why
     }
 
     /// The writes of a proposal batch the core accepted (did not reject in
@@ -2362,10 +2480,14 @@ impl Consensus {
                             ClientResult::Error("a membership change is already in progress".into())
                         }
                         RejectReason::Invalid(m) => ClientResult::Error(m),
+                        RejectReason::Removed => {
+                            ClientResult::Error(keel_core::REMOVED_FROM_CLUSTER.into())
+                        }
                     };
                     respond(&p.sink, p.client_id, result);
                 }
             }
+            Action::Removed { by, position } => self.removed_by = Some((by, position)),
             Action::RoleChanged { role, term, leader } => {
                 info!(
                     "node {}: {} in term {term}, leader {leader:?}",

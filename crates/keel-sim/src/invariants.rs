@@ -6,24 +6,31 @@
 //! term; every node applies the same entries at the same positions,
 //! contiguously, once, and with non-decreasing leader-stamped time; term
 //! and vote never regress; no leader answers a read under its lease once a
-//! leader of a later term has been elected.
+//! leader of a later term has been elected; a node is told it was removed
+//! (`Body::Removed`), and acts on it, only if the committed log holds a
+//! configuration excluding it in force from that position, and (when it
+//! acts) none committed after it includes it again.
 //!
 //! Each node's log is mirrored as a chain of hashes (hash of the previous
 //! link and the entry), fed by the same actions the runtime executes, so a
 //! prefix comparison is one integer comparison.
 
 use keel_core::{
-    Entry, EntryKind, HardState, Nanos, Node, NodeId, Position, Recovered, Snapshot, Term,
+    Entry, EntryKind, HardState, Membership, Nanos, Node, NodeId, Position, Recovered, Snapshot,
+    Term,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Link {
     start: Position,
     end: Position,
     term: Term,
     chain: u64,
+    /// The entry's configuration, if it is a membership entry.
+    membership: Option<Arc<Membership>>,
 }
 
 #[derive(Default)]
@@ -105,6 +112,13 @@ pub struct Invariants {
     applied: HashMap<Position, u64>,
     last_commit: HashMap<NodeId, (u64, Position)>,
     last_applied_ts: HashMap<NodeId, Nanos>,
+    /// The cluster's first configuration (in force from position 0).
+    initial: Membership,
+    /// Every committed membership entry by start position: its end, the
+    /// configuration, and when (true time) it was first seen committed.
+    committed_configs: BTreeMap<Position, (Position, Arc<Membership>, Nanos)>,
+    /// True time, for `committed_configs` (set by the simulator).
+    pub now: Nanos,
 }
 
 impl Invariants {
@@ -112,6 +126,70 @@ impl Invariants {
         let mut inv = Invariants::default();
         inv.committed.insert(0, 0);
         inv
+    }
+
+    /// The configuration the cluster started with.
+    pub fn set_initial_membership(&mut self, m: Membership) {
+        self.initial = m;
+    }
+
+    /// The committed configuration in force from `position` on (the
+    /// latest committed membership entry starting before it, or the
+    /// initial one), or `None` if the log is not committed up to there.
+    fn committed_config_at(&self, position: Position) -> Option<&Membership> {
+        if position > self.committed_upto() {
+            return None;
+        }
+        Some(
+            self.committed_configs
+                .range(..position)
+                .next_back()
+                .map_or(&self.initial, |(_, (_, m, _))| &**m),
+        )
+    }
+
+    /// What `Body::Removed { position }` from `from` to `to` claims: the
+    /// committed configuration in force from `position` excludes `to`.
+    pub fn removal_notice_sent(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        position: Position,
+        v: &mut Vec<String>,
+    ) {
+        match self.committed_config_at(position) {
+            Some(m) if !m.contains(to) && !m.voters.is_empty() => {}
+            m => v.push(format!(
+                "removal: node {from} told node {to} it was removed by the configuration in \
+                 force from {position}, which is {m:?} in the committed log (committed up to {})",
+                self.committed_upto()
+            )),
+        }
+    }
+
+    /// Node `id` acted on a removal notice from `by` (itself, for a leader
+    /// that committed its own removal) about the configuration in force
+    /// from `position`: the claim holds, and no configuration committed
+    /// after it includes `id` again (it was not added back meanwhile).
+    pub fn acted_on_removal(
+        &self,
+        id: NodeId,
+        by: NodeId,
+        position: Position,
+        v: &mut Vec<String>,
+    ) {
+        self.removal_notice_sent(by, id, position, v);
+        let again = self
+            .committed_configs
+            .range(position..)
+            .find(|(_, (_, m, _))| m.contains(id));
+        if let Some((start, (_, m, at))) = again {
+            v.push(format!(
+                "removal: node {id} stopped on node {by}'s word that the configuration from \
+                 {position} excludes it, but {m:?} at {start}, committed at {} ms, includes it",
+                at / 1_000_000,
+            ));
+        }
     }
 
     fn shadow(&mut self, id: NodeId) -> &mut Shadow {
@@ -198,11 +276,16 @@ impl Invariants {
                 return;
             }
             let chain = link_hash(prev, e);
+            let membership = match &e.kind {
+                EntryKind::Membership(m) => Some(m.clone()),
+                _ => None,
+            };
             shadow.links.push_back(Link {
                 start: e.position,
                 end: e.end(),
                 term: e.term,
                 chain,
+                membership,
             });
             match self.boundaries.get(&(e.end(), e.term)) {
                 Some(&c) if c != chain => v.push(format!(
@@ -234,7 +317,7 @@ impl Invariants {
 
     pub fn compact(&mut self, id: NodeId, upto: Position) {
         let shadow = self.shadow(id);
-        while let Some(l) = shadow.links.front().copied() {
+        while let Some(l) = shadow.links.front().cloned() {
             if l.end > upto {
                 break;
             }
@@ -449,13 +532,19 @@ impl Invariants {
                     return;
                 }
             }
-            let new: Vec<(Position, u64)> = shadow
+            let new: Vec<&Link> = shadow
                 .links
                 .iter()
                 .filter(|l| l.end > g && l.end <= c)
-                .map(|l| (l.end, l.chain))
                 .collect();
-            self.committed.extend(new);
+            let now = self.now;
+            for l in new {
+                self.committed.insert(l.end, l.chain);
+                if let Some(m) = &l.membership {
+                    self.committed_configs
+                        .insert(l.start, (l.end, m.clone(), now));
+                }
+            }
         }
     }
 

@@ -27,7 +27,7 @@ const SEC: Nanos = 1_000_000_000;
 pub type BugFlag = fn(&mut TestingBugs) -> &mut bool;
 
 /// The core's deliberate bugs (`TestingBugs`) by their `--bug` names.
-pub const BUGS: [(&str, BugFlag); 9] = [
+pub const BUGS: [(&str, BugFlag); 10] = [
     ("commit-without-quorum", |b| &mut b.commit_without_quorum),
     ("vote-without-log-check", |b| &mut b.vote_without_log_check),
     ("lease-outlasts-stickiness", |b| {
@@ -43,6 +43,7 @@ pub const BUGS: [(&str, BugFlag); 9] = [
     ("restart-hold-ignores-old-timeout", |b| {
         &mut b.restart_hold_ignores_old_timeout
     }),
+    ("removal-before-commit", |b| &mut b.removal_before_commit),
 ];
 
 /// Which faults a run injects.
@@ -519,6 +520,12 @@ pub struct Report {
     pub last_read_after_cut: Nanos,
     pub log_ranges_unsent: u64,
     pub membership_changes: u64,
+    /// `Body::Removed` notices sent, nodes that stopped for good on one
+    /// (or on committing their own removal as leader), and removed ids
+    /// that joined again with an empty disk.
+    pub removed_notices: u64,
+    pub removals_acted: u64,
+    pub rejoined: u64,
     /// Leadership transfers asked of a leader, and how many of them a
     /// leader of a later term was the target of.
     pub transfers: u64,
@@ -720,6 +727,10 @@ struct SimNode {
     /// When the last snapshot file handed to storage got there (files are
     /// written one at a time, in order).
     staged_until: Nanos,
+    /// The node learned it was removed (`Action::Removed`): it stops at
+    /// the end of the step and stays down (as `keel server` exits and
+    /// refuses its data directory) until it joins again with an empty disk.
+    removed: bool,
 }
 
 /// A node's clock: `at` when true time was `since`, running `ppm` parts
@@ -810,6 +821,18 @@ pub struct Sim {
     report: Report,
     scratch: Vec<Action>,
     trace: bool,
+    /// Every `Removed` notice sent: (from, to, position).
+    notices_sent: HashSet<(NodeId, NodeId, Position)>,
+    /// Removal notices sent (from, to, position) and acted on in the step
+    /// being run: checked against the
+    /// committed log once the step's commit is known to the invariants.
+    removal_checks: Vec<RemovalCheck>,
+}
+
+enum RemovalCheck {
+    Sent(NodeId, NodeId, Position),
+    /// (node, by, position, whether such a notice was sent)
+    Acted(NodeId, NodeId, Position, bool),
 }
 
 const PROBE_CLIENT: u64 = 999;
@@ -918,6 +941,7 @@ impl Sim {
                 last_snapshot: 0,
                 captured: None,
                 staged_until: 0,
+                removed: false,
             });
         }
         let clients = (0..cfg.clients as u64)
@@ -970,8 +994,11 @@ impl Sim {
             inv: Invariants::new(),
             scratch: Vec::new(),
             trace: std::env::var_os("KEEL_SIM_TRACE").is_some(),
+            notices_sent: HashSet::new(),
+            removal_checks: Vec::new(),
             cfg,
         };
+        sim.inv.set_initial_membership(initial);
         for i in 0..sim.nodes.len() {
             let id = sim.nodes[i].id;
             let jitter = sim.rng.range(0, TICK);
@@ -1198,6 +1225,7 @@ impl Sim {
     // ----- nodes -------------------------------------------------------
 
     fn step_node(&mut self, i: usize, ev: Event) {
+        self.inv.now = self.now;
         let mut queue = VecDeque::from([ev]);
         while let Some(ev) = queue.pop_front() {
             let now = self.local_now(i);
@@ -1233,6 +1261,21 @@ impl Sim {
             if let Some(core) = self.nodes[i].core.as_ref() {
                 let inc = self.nodes[i].incarnation;
                 self.inv.after_step(core, inc, &mut self.report.violations);
+                for check in std::mem::take(&mut self.removal_checks) {
+                    let v = &mut self.report.violations;
+                    match check {
+                        RemovalCheck::Sent(from, to, position) => {
+                            self.inv.removal_notice_sent(from, to, position, v)
+                        }
+                        RemovalCheck::Acted(id, by, position, true) => {
+                            self.inv.acted_on_removal(id, by, position, v)
+                        }
+                        RemovalCheck::Acted(id, by, position, false) => v.push(format!(
+                            "removal: node {id} acted on a notice from node {by} about \
+                             {position} that was never sent"
+                        )),
+                    }
+                }
                 if self.transfer_asked.is_some_and(|(target, term)| {
                     target == core.id() && core.is_leader() && core.term() > term
                 }) {
@@ -1242,6 +1285,11 @@ impl Sim {
             }
         }
         self.observe_wiped(i);
+        if self.nodes[i].removed && self.nodes[i].core.is_some() {
+            // Shut down for good, as the runtime does.
+            self.crash(i);
+            self.report.crashes -= 1;
+        }
     }
 
     fn exec(&mut self, i: usize, a: Action, queue: &mut VecDeque<Event>) {
@@ -1312,6 +1360,9 @@ impl Sim {
             }
             Action::Send(m) => {
                 self.check_sent(i, &m);
+                if let Body::Removed { position } = m.body {
+                    self.notices_sent.insert((m.from, m.to, position));
+                }
                 // A voter's reported stickiness is on its disk first, so a
                 // restart cannot forget it.
                 if let keel_core::Body::AppendResp { hold, .. } = m.body {
@@ -1543,6 +1594,19 @@ impl Sim {
                     self.respond(c, req, Resp::Reject(reason));
                 }
             }
+            Action::Removed { by, position } => {
+                if self.trace {
+                    eprintln!(
+                        "{:>10.3}ms node {id}: removed (node {by} says, from {position})",
+                        self.now as f64 / 1e6
+                    );
+                }
+                let sent = by == id || self.notices_sent.contains(&(by, id, position));
+                self.removal_checks
+                    .push(RemovalCheck::Acted(id, by, position, sent));
+                self.report.removals_acted += 1;
+                self.nodes[i].removed = true;
+            }
             Action::RoleChanged { role, term, leader } => {
                 if self.trace {
                     eprintln!(
@@ -1568,6 +1632,21 @@ impl Sim {
         let id = self.nodes[i].id;
         let disk = &self.nodes[i].disk;
         match &m.body {
+            Body::Removed { position } => {
+                let member = self.nodes[i]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.membership().contains(m.to));
+                if member {
+                    self.report.violations.push(format!(
+                        "removal: node {id} told node {} it was removed, which its latest \
+                         configuration includes",
+                        m.to
+                    ));
+                }
+                self.removal_checks
+                    .push(RemovalCheck::Sent(id, m.to, *position));
+            }
             Body::VoteResp { granted: true } => {
                 let hs = disk.hard_state;
                 if hs.term != m.term || hs.voted_for != Some(m.to) {
@@ -1745,6 +1824,7 @@ impl Sim {
         }
         self.report.crashes += 1;
         self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
+        self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
         if self.trace {
             eprintln!("{:>10.3}ms node {}: crash", self.now as f64 / 1e6, node.id);
         }
@@ -1759,7 +1839,7 @@ impl Sim {
 
     fn restart(&mut self, id: NodeId) {
         let i = self.idx(id);
-        if self.nodes[i].core.is_some() {
+        if self.nodes[i].core.is_some() || self.nodes[i].removed {
             return;
         }
         let node = &mut self.nodes[i];
@@ -2332,11 +2412,24 @@ impl Sim {
         if let Some(i) = self.leader_index() {
             let m = self.nodes[i].core.as_ref().map(|c| c.membership().clone());
             if let Some(m) = m {
+                // Outsiders that can be added: nodes waiting to join (no
+                // membership yet), and removed nodes that stopped, which
+                // join again with an empty disk as an operator would bring
+                // them back. (A removed node still running on its old
+                // data is left to learn it was removed first.)
                 let outsiders: Vec<NodeId> = self
                     .all_ids
                     .iter()
                     .copied()
                     .filter(|n| !m.contains(*n))
+                    .filter(|&n| {
+                        let node = &self.nodes[self.idx(n)];
+                        node.removed
+                            || node.core.as_ref().is_some_and(|c| {
+                                let m = c.membership();
+                                m.voters.is_empty() && m.learners.is_empty()
+                            })
+                    })
                     .collect();
                 let learners: Vec<NodeId> = m.learners.iter().copied().collect();
                 let voters: Vec<NodeId> = m.voters.iter().copied().collect();
@@ -2355,6 +2448,11 @@ impl Sim {
                 }
                 if !options.is_empty() {
                     let change = options[self.rng.range(0, options.len() as u64) as usize];
+                    if let MembershipChange::AddLearner(n) = change {
+                        if self.nodes[self.idx(n)].removed {
+                            self.rejoin_fresh(n);
+                        }
+                    }
                     self.report.membership_changes += 1;
                     let req = self.next_req;
                     self.next_req += 1;
@@ -2374,6 +2472,33 @@ impl Sim {
         }
         let next = self.rng.range(300 * MS, 1500 * MS);
         self.schedule(next, Ev::MembershipChange);
+    }
+
+    /// A node that stopped for good on learning it was removed starts
+    /// again with an empty disk and no membership, waiting to be added.
+    fn rejoin_fresh(&mut self, id: NodeId) {
+        let i = self.idx(id);
+        self.report.rejoined += 1;
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {id}: joins again with an empty disk",
+                self.now as f64 / 1e6
+            );
+        }
+        self.nodes[i].removed = false;
+        self.nodes[i].disk = Disk {
+            snapshot: Some(Snapshot {
+                meta: SnapshotMeta {
+                    position: 0,
+                    term: 0,
+                    timestamp: 0,
+                    membership: Membership::default(),
+                },
+                data: Bytes::new(),
+            }),
+            ..Disk::default()
+        };
+        self.restart(id);
     }
 
     // ----- a wiped follower (`SimConfig::wipe`) ---------------------------
@@ -2509,6 +2634,7 @@ impl Sim {
         self.report.sim_time = self.now;
         for node in &self.nodes {
             self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
+            self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
         }
         if let Some((hist, deadline)) = self.probe {
             match self.history.get(hist).and_then(|o| o.ret) {

@@ -132,6 +132,19 @@ fn membership_changes_under_faults() {
         leader_removals > 0,
         "no run removed the leader: the hardest membership change went untested"
     );
+    let sum = |f: fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
+    let (notices, stopped, rejoined) = (
+        sum(|r| r.removed_notices),
+        sum(|r| r.removals_acted),
+        sum(|r| r.rejoined),
+    );
+    println!(
+        "membership: {notices} removal notices, {stopped} removed nodes stopped, {rejoined} rejoined"
+    );
+    assert!(
+        notices > 0 && stopped > 0 && rejoined > 0,
+        "removed nodes were not told, did not stop, or never joined again"
+    );
 }
 
 #[test]
@@ -319,6 +332,18 @@ fn checkers_catch_commit_without_quorum() {
     };
     let seed = caught_within(bugs, "partitions", 30);
     println!("commit-without-quorum caught at seed {seed}");
+}
+
+/// Telling a node it was removed before the configuration that removed it
+/// has committed (the change may yet be lost) is caught.
+#[test]
+fn checkers_catch_removal_before_commit() {
+    let bugs = TestingBugs {
+        removal_before_commit: true,
+        ..TestingBugs::default()
+    };
+    let seed = caught_within(bugs, "membership", 20);
+    println!("removal-before-commit caught at seed {seed}");
 }
 
 #[test]

@@ -12,7 +12,12 @@
 //!   no leader at three checks in a row, one per election timeout (etcd's
 //!   `monitorLeader`: streams are dearer to reopen than calls are to
 //!   refuse, so a short election does not end them). The client then
-//!   reconnects, typically to another member.
+//!   reconnects, typically to another member. The checks run on a task of
+//!   their own, not when the stream is polled: a client that has stopped
+//!   reading (its flow-control window full, so the stream is not polled)
+//!   still has its call ended, and the call's work (a watch and what it
+//!   buffers) dropped, at the third check; the status follows the data
+//!   already sent, once the client reads, as etcd's does.
 //!
 //! Calls without the flag go straight through, at the cost of a header
 //! lookup.
@@ -24,8 +29,8 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 use tonic::body::Body;
 use tonic::Status;
@@ -145,31 +150,79 @@ where
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that ends with `no_leader()` once the member has
-    /// known no leader at `MAX_NO_LEADER_CHECKS` checks in a row.
-    struct LeaderMonitored {
-        #[pin]
-        inner: Body,
-        api: Arc<Api>,
-        checks: tokio::time::Interval,
-        without_leader: u32,
-        // The no-leader trailers went out (or the inner body ended).
-        done: bool,
-    }
+/// What a `LeaderMonitored` body shares with its checks' task.
+struct Monitored {
+    /// The call's body; dropped (ending the call's work, which sees its
+    /// output gone) once the member has known no leader for long enough.
+    inner: Option<Body>,
+    /// The member has known no leader at `MAX_NO_LEADER_CHECKS` checks in
+    /// a row: the body ends with `no_leader()`.
+    no_leader: bool,
+    /// Who polled the body last and is waiting for a frame.
+    waker: Option<Waker>,
+}
+
+/// A response body that ends with `no_leader()` once the member has known
+/// no leader at `MAX_NO_LEADER_CHECKS` checks in a row, made by a task of
+/// its own (`monitor`), whether or not the body is being polled.
+struct LeaderMonitored {
+    shared: Arc<Mutex<Monitored>>,
+    /// The no-leader trailers went out (or the inner body ended).
+    done: bool,
+}
+
+fn lock(m: &Mutex<Monitored>) -> std::sync::MutexGuard<'_, Monitored> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl LeaderMonitored {
     fn new(inner: Body, api: Arc<Api>, every: Duration) -> LeaderMonitored {
-        let every = every.max(Duration::from_millis(1));
-        let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shared = Arc::new(Mutex::new(Monitored {
+            inner: Some(inner),
+            no_leader: false,
+            waker: None,
+        }));
+        tokio::spawn(monitor(Arc::downgrade(&shared), api, every));
         LeaderMonitored {
-            inner,
-            api,
-            checks,
-            without_leader: 0,
+            shared,
             done: false,
+        }
+    }
+}
+
+/// Checks for a leader every `every` while the body `shared` lives; at the
+/// `MAX_NO_LEADER_CHECKS`th check in a row without one, drops the call's
+/// body and marks it ended, waking whoever waits on it. (A hyper server
+/// polls a response body only while the client's flow-control window has
+/// room: checks made when the body is polled are never made for a client
+/// that stopped reading.)
+async fn monitor(shared: Weak<Mutex<Monitored>>, api: Arc<Api>, every: Duration) {
+    let every = every.max(Duration::from_millis(1));
+    let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut without_leader = 0;
+    loop {
+        checks.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return; // the call ended
+        };
+        if api.node.status().leader.is_some() {
+            without_leader = 0;
+            continue;
+        }
+        without_leader += 1;
+        if without_leader >= MAX_NO_LEADER_CHECKS {
+            let (inner, waker) = {
+                let mut m = lock(&shared);
+                m.no_leader = true;
+                (m.inner.take(), m.waker.take())
+            };
+            // (Dropped outside the lock: the call's work may run drops.)
+            drop(inner);
+            if let Some(w) = waker {
+                w.wake();
+            }
+            return;
         }
     }
 }
@@ -182,44 +235,50 @@ impl HttpBody for LeaderMonitored {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = self.project();
-        if *this.done {
+        let this = self.get_mut();
+        if this.done {
             return Poll::Ready(None);
         }
-        while this.checks.poll_tick(cx).is_ready() {
-            if this.api.node.status().leader.is_some() {
-                *this.without_leader = 0;
-                continue;
+        let mut m = lock(&this.shared);
+        let ended = m.no_leader;
+        let Some(inner) = m.inner.as_mut().filter(|_| !ended) else {
+            this.done = true;
+            let mut trailers = axum::http::HeaderMap::new();
+            return Poll::Ready(Some(
+                no_leader()
+                    .add_header(&mut trailers)
+                    .map(|()| Frame::trailers(trailers)),
+            ));
+        };
+        let frame = match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // The checks' task wakes it if it ends the call first.
+                if !m.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    m.waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
             }
-            *this.without_leader += 1;
-            if *this.without_leader >= MAX_NO_LEADER_CHECKS {
-                *this.done = true;
-                // The inner body (and with it the call's work, which sees
-                // its output dropped) ends when this body is dropped.
-                let mut trailers = axum::http::HeaderMap::new();
-                return Poll::Ready(Some(
-                    no_leader()
-                        .add_header(&mut trailers)
-                        .map(|()| Frame::trailers(trailers)),
-                ));
-            }
-        }
-        let frame = ready!(this.inner.poll_frame(cx));
+        };
+        drop(m);
         // After the inner body's end or trailers nothing more may follow.
         if !matches!(&frame, Some(Ok(f)) if f.is_data()) {
-            *this.done = true;
+            this.done = true;
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        let m = lock(&self.shared);
+        self.done || (!m.no_leader && m.inner.as_ref().is_some_and(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
         // Trailers may yet come: no exact size.
         let mut hint = SizeHint::new();
-        hint.set_lower(self.inner.size_hint().lower());
+        if let Some(inner) = &lock(&self.shared).inner {
+            hint.set_lower(inner.size_hint().lower());
+        }
         hint
     }
 }

@@ -600,3 +600,92 @@ fn calls_that_require_a_leader_end_when_it_is_gone() {
     });
     let _ = &mut c;
 }
+
+/// A "require leader" watch whose client has stopped reading still ends
+/// when its member loses the leader: the checks no longer wait for the
+/// client to read. Before, they ran only when the stream was polled, which
+/// the server does only while the client's flow-control window has room,
+/// so a watch whose client fell behind (its window full) stayed open on a
+/// member cut off from the rest, its events buffered, forever. Now the
+/// call's work ends at the third check (the watch-stream gauge falls to
+/// 0), and once the client reads, it gets the events sent before, then
+/// "etcdserver: no leader".
+#[test]
+fn a_require_leader_watch_whose_client_stopped_reading_still_ends() {
+    let c = TestCluster::start(3, "");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let lonely = c
+        .nodes
+        .iter()
+        .find(|n| n.id != leader)
+        .expect("follower")
+        .id;
+    let addr = c.node(lonely).etcd.clone();
+    let streams = |want: f64| {
+        let name = "etcd_debugging_mvcc_watch_stream_total";
+        let got = common::wait_metric(&addr, name, Duration::from_secs(30), |v| v == want);
+        assert_eq!(got, want, "{name}");
+    };
+    streams(0.0);
+    // A runtime of its own, so the client's connection is served (and
+    // its window stays full) while the test thread waits.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut s = rt.block_on(async {
+        let ch = connect(&addr).await;
+        let (tx, rx) = mpsc::channel(16);
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("hasleader", "true".parse().expect("metadata"));
+        let out = WatchClient::new(ch)
+            .watch(req)
+            .await
+            .expect("a leader is known")
+            .into_inner();
+        let mut s = Stream { tx, rx: out };
+        s.create(create("slow/", b"slow0")).await;
+        s
+    });
+    streams(1.0);
+    // 6 MiB of events the client does not read: far more than the
+    // stream's flow-control window (64 KiB) and the watch's buffer hold.
+    rt.block_on(async {
+        let mut kv = KvClient::new(connect(&c.node(leader).etcd).await);
+        let value = "x".repeat(16 << 10);
+        for i in 0..400 {
+            put(&mut kv, &format!("slow/{i:03}"), &value).await;
+        }
+    });
+    // Cut the member off: the two others stop.
+    let others: Vec<u64> = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|&id| id != lonely)
+        .collect();
+    for &id in &others {
+        c.pause(id);
+    }
+    // The call ends though its client reads nothing.
+    streams(0.0);
+    rt.block_on(async {
+        let read = async {
+            let mut events = 0;
+            loop {
+                match s.rx.message().await {
+                    Ok(Some(r)) => events += r.events.len(),
+                    Ok(None) => panic!("the stream ended without a status"),
+                    Err(status) => break (events, status),
+                }
+            }
+        };
+        let (events, status) = tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("the status within 30 s");
+        assert!(events > 0, "none of the events sent before arrived");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), "etcdserver: no leader");
+    });
+    for &id in &others {
+        c.resume(id);
+    }
+}

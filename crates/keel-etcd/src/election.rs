@@ -11,11 +11,11 @@ use bytes::Bytes;
 use keel_etcd_proto::mvccpb::KeyValue;
 use keel_etcd_proto::v3electionpb::election_server::Election;
 use keel_etcd_proto::v3electionpb::*;
-use keel_kv::EventType;
+use keel_kv::{EventType, Query, Response as KvResponse, WatchEvent};
 use std::pin::Pin;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 pub struct ElectionApi(pub(crate) Recipes);
 
@@ -33,6 +33,16 @@ fn leader_key(l: Option<LeaderKey>) -> Result<LeaderKey, Status> {
 
 /// Sends the leader's key and value each time it changes, leader after
 /// leader, until the client goes away.
+///
+/// As etcd's (`concurrency.Election.Observe`, a watch on the leader's key
+/// from the revision it was read at): every value the leader's key takes
+/// is sent, in order, however slowly the client reads; when that key is
+/// deleted the leader is looked up again (so leaders that came and went
+/// meanwhile are not seen, as in etcd). An observer that fell so far
+/// behind that this node's feed dropped events for it reads the key's
+/// values from the retained history instead; if that history was compacted
+/// away, the stream ends (etcd's watch is canceled then, and its Observe
+/// ends without an error).
 async fn observe(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderResponse, Status>>) {
     let gone = out.clone();
     tokio::select! {
@@ -41,16 +51,78 @@ async fn observe(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderRespo
     }
 }
 
+/// How many of the leader key's past events one history read takes.
+const HISTORY_BATCH: u64 = 1000;
+
+/// What happened to `key` after revision `after`, from this node's retained
+/// history: its events in order, up to and including a deletion if there
+/// was one, and the revision the history was read up to; `None` if it was
+/// compacted away.
+async fn history(
+    r: &Recipes,
+    key: &Bytes,
+    after: u64,
+) -> Result<Option<(Vec<WatchEvent>, u64)>, Status> {
+    let mut found = Vec::new();
+    let mut from = after + 1;
+    loop {
+        let q = Query::Events {
+            start: key.clone(),
+            end: Bytes::new(),
+            from_revision: from,
+            limit: HISTORY_BATCH,
+        };
+        let (revision, events, more) = match r.0.read(&q, true).await {
+            Ok(KvResponse::Events {
+                revision,
+                events,
+                more,
+                ..
+            }) => (revision, events, more),
+            Ok(other) => return Err(crate::unexpected(&other)),
+            Err(s) if s.code() == Code::OutOfRange => return Ok(None),
+            Err(s) => return Err(s),
+        };
+        let last = events.last().map(WatchEvent::revision);
+        for e in events {
+            let deleted = e.kind == EventType::Delete;
+            found.push(e);
+            if deleted {
+                let upto = found.last().map_or(revision, WatchEvent::revision);
+                return Ok(Some((found, upto)));
+            }
+        }
+        match (more, last) {
+            (true, Some(last)) => from = from.max(last + 1),
+            _ => return Ok(Some((found, revision.max(after)))),
+        }
+    }
+}
+
 async fn follow(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderResponse, Status>>) {
     let mut sent: Option<KeyValue> = None;
     // Subscribed before the first read, so nothing applied after it is
     // missed.
     let mut feed = r.feed();
+    // Sends `kv` (read at revision `at`) unless it was the last sent;
+    // false once the client is gone.
+    let send = |kv: &KeyValue, at: u64, sent: &mut Option<KeyValue>| {
+        let fresh = sent.as_ref() != Some(kv);
+        let resp = LeaderResponse {
+            header: r.header(kv.mod_revision.max(at as i64)),
+            kv: Some(kv.clone()),
+        };
+        if fresh {
+            *sent = Some(kv.clone());
+        }
+        let out = out.clone();
+        async move { !fresh || out.send(Ok(resp)).await.is_ok() }
+    };
     let result: Result<(), Status> = async {
         loop {
             let (leader, header) = r.first(&prefix).await?;
             let mut after = header.as_ref().map_or(0, |h| h.revision.max(0) as u64);
-            let Some(mut leader) = leader else {
+            let Some(leader) = leader else {
                 // No leader: wait for a candidate, then look again.
                 feed.wait(after, |e| {
                     e.kind == EventType::Put && e.kv.key.starts_with(&prefix)
@@ -58,27 +130,48 @@ async fn follow(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderRespon
                 .await?;
                 continue;
             };
-            // Follow this leader's key until it is deleted (or the feed
-            // cannot tell), sending each new value.
+            if !send(&leader, after, &mut sent).await {
+                return Ok(());
+            }
+            // Follow this leader's key until it is deleted, sending each
+            // new value.
+            let key = leader.key.clone();
             loop {
-                if sent.as_ref() != Some(&leader) {
-                    let resp = LeaderResponse {
-                        header: r.header(leader.mod_revision.max(after as i64)),
-                        kv: Some(leader.clone()),
-                    };
-                    if out.send(Ok(resp)).await.is_err() {
-                        return Ok(());
-                    }
-                    sent = Some(leader.clone());
-                }
-                let key = leader.key.clone();
                 match feed.wait(after, |e| e.kv.key == key).await? {
                     Some(e) if e.kind == EventType::Put => {
                         after = e.revision();
-                        leader = kv_out(e.kv);
+                        if !send(&kv_out(e.kv), after, &mut sent).await {
+                            return Ok(());
+                        }
                     }
-                    // Deleted, or the feed cannot tell: find the leader again.
-                    _ => break,
+                    // Deleted: find the leader again.
+                    Some(_) => break,
+                    // The feed cannot tell (it fell behind, or the state
+                    // was replaced by a snapshot): the key's history can.
+                    None => {
+                        let Some((events, upto)) = history(&r, &key, after).await? else {
+                            tracing::debug!(
+                                "election observer ends: the history of {key:?} after \
+                                 revision {after} was compacted"
+                            );
+                            return Ok(());
+                        };
+                        let mut deleted = false;
+                        for e in events {
+                            if e.kind != EventType::Put {
+                                deleted = true;
+                                break;
+                            }
+                            let at = e.revision();
+                            if !send(&kv_out(e.kv), at, &mut sent).await {
+                                return Ok(());
+                            }
+                        }
+                        if deleted {
+                            break;
+                        }
+                        after = upto;
+                    }
                 }
             }
         }

@@ -712,3 +712,142 @@ fn lock_and_election_services_behave_like_etcds() {
         etcd.log_tail()
     );
 }
+
+/// How many values the leader proclaims while its observer does not read
+/// (8 KB each: more than the stream's flow-control windows and send
+/// buffers hold, so the member's observer stops reading its feed), and
+/// how many other writes pass meanwhile (more than the 4096 notifications
+/// a member's feed keeps for a reader that fell behind).
+const SLOW_PROCLAIMS: usize = 200;
+const SLOW_OTHER_WRITES: usize = 4300;
+
+/// A channel to `url` with HTTP/2's default flow-control windows (64 KB).
+async fn ch_with_default_windows(url: String) -> Channel {
+    Channel::from_shared(url)
+        .expect("url")
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// The value the leader proclaims `i`-th: `v<i>-` and filler to 8 KB.
+fn slow_value(i: usize) -> Bytes {
+    let mut v = format!("v{i}-").into_bytes();
+    v.resize(8 * 1024, b'x');
+    Bytes::from(v)
+}
+
+/// An observer that reads nothing while the leader proclaims many values
+/// and many other writes pass, then reads: the values it is sent, by
+/// number (`v<i>`), in the order sent.
+async fn slow_observer(addr: &str) -> Vec<String> {
+    let url = format!("http://{addr}");
+    let ch = etcd_channel(addr).await;
+    let name = Bytes::from_static(b"slow-observer");
+    let lease = LeaseClient::new(ch.clone())
+        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+        .await
+        .expect("grant")
+        .into_inner()
+        .id;
+    let mut el = ElectionClient::new(ch.clone());
+    let won = el
+        .campaign(CampaignRequest {
+            name: name.clone(),
+            lease,
+            value: slow_value(0),
+        })
+        .await
+        .expect("campaign")
+        .into_inner();
+    // HTTP/2's default windows (hyper's client takes 2 MB a stream), so
+    // that an observer that does not read holds its server up soon.
+    let small = ch_with_default_windows(url).await;
+    let mut observed = ElectionClient::new(small)
+        .observe(LeaderRequest { name: name.clone() })
+        .await
+        .expect("observe")
+        .into_inner();
+    let number = |r: LeaderResponse| {
+        let v = r.kv.expect("kv").value;
+        text(&v).split('-').next().unwrap_or_default().to_string()
+    };
+    let first = within("the first observed value", observed.message())
+        .await
+        .expect("observe stream")
+        .expect("observe stream open");
+    let mut seen = vec![number(first)];
+    let proclaim = |i: usize| {
+        let (mut el, leader) = (el.clone(), won.leader.clone());
+        async move {
+            el.proclaim(ProclaimRequest {
+                leader,
+                value: slow_value(i),
+            })
+            .await
+            .expect("proclaim")
+        }
+    };
+    for i in 1..=SLOW_PROCLAIMS {
+        proclaim(i).await;
+    }
+    let mut kv = KvClient::new(ch.clone());
+    for i in 0..SLOW_OTHER_WRITES {
+        kv.put(PutRequest {
+            key: Bytes::from(format!("slow-other/{i}")),
+            value: Bytes::from_static(b"x"),
+            ..Default::default()
+        })
+        .await
+        .expect("put");
+    }
+    let last = SLOW_PROCLAIMS + 10;
+    for i in SLOW_PROCLAIMS + 1..=last {
+        proclaim(i).await;
+    }
+    let want = format!("v{last}");
+    while seen.last() != Some(&want) {
+        let r = within("the observed values", observed.message())
+            .await
+            .expect("observe stream")
+            .unwrap_or_else(|| panic!("the observe stream ended after {seen:?}"));
+        seen.push(number(r));
+    }
+    seen
+}
+
+/// An Observe client that falls far behind still gets every value its
+/// leader proclaimed, in order, as etcd's (a watch on the leader's key from
+/// the revision it was read at) does; Keel's re-read the leader once its
+/// feed had dropped events for it, skipping the values in between.
+#[test]
+fn a_slow_observer_sees_every_value_in_order() {
+    let etcd_bin = common::etcd_or_skip("the etcd half of the slow observer test");
+    let want: Vec<String> = (0..=SLOW_PROCLAIMS + 10).map(|i| format!("v{i}")).collect();
+    let c = TestCluster::start(1, "");
+    c.wait_for_leader(Duration::from_secs(15));
+    let keel = c.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(300), slow_observer(&c.node(1).etcd))
+            .await
+            .expect("the slow observer on Keel within 300 s")
+    });
+    assert_eq!(keel, want, "Keel's observer");
+    let Some(bin) = etcd_bin else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let etcd = EtcdProc::start(&bin, tmp.path());
+    let theirs = c.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(300), slow_observer(&etcd.client))
+            .await
+            .expect("the slow observer on etcd within 300 s")
+    });
+    assert_eq!(
+        theirs,
+        want,
+        "etcd's observer; its log:\n{}",
+        etcd.log_tail()
+    );
+}

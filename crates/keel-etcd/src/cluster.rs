@@ -4,7 +4,8 @@
 //! member add takes the node whose peer URL every node's `[[peers]]`
 //! already lists: it joins as a learner and, unless `--learner` was asked
 //! for, is then promoted to voter. Every change is answered once it is
-//! committed, as etcd answers once it has applied it. Member update takes
+//! committed, as etcd answers once it has applied it. As in etcd 3.4, a
+//! learner is added only while there is none. Member update takes
 //! only the URLs a member already has. As in etcd, any member takes these
 //! requests: a follower forwards them to the leader's etcd API (once; a
 //! forwarded request that finds no leader fails with "no leader").
@@ -23,13 +24,20 @@ use tonic::{Request, Response, Status};
 /// the request was forwarded already): `None` means "handle it here".
 macro_rules! forward_unless_leader {
     ($self:ident, $req:ident, $method:ident) => {
-        if let Some(mut client) = $self.leader_client(&$req).await? {
-            return client.$method(forwarded($req.into_inner())).await;
+        if let Some((leader, mut client)) = $self.leader_client(&$req).await? {
+            return client
+                .$method(forwarded($req.into_inner()))
+                .await
+                .inspect_err(|e| $self.0.forget_channel(leader, e));
         }
     };
 }
 
 pub struct ClusterApi(pub Arc<Api>);
+
+/// The most learners a member addition through the etcd API leaves in the
+/// cluster (etcd 3.4's `maxLearners`).
+pub const MAX_LEARNERS: usize = 1;
 
 impl ClusterApi {
     fn members(&self) -> Vec<Member> {
@@ -94,12 +102,12 @@ impl ClusterApi {
         self.0.header(0)
     }
 
-    /// A client of the leader's etcd API if this node is a follower that
-    /// knows the leader and `req` was not forwarded already.
+    /// The leader and a client of its etcd API if this node is a follower
+    /// that knows the leader and `req` was not forwarded already.
     async fn leader_client<T>(
         &self,
         req: &Request<T>,
-    ) -> Result<Option<ClusterClient<Channel>>, Status> {
+    ) -> Result<Option<(u64, ClusterClient<Channel>)>, Status> {
         let st = self.0.node.status();
         if st.role == "leader" || is_forwarded(req) {
             return Ok(None);
@@ -108,7 +116,7 @@ impl ClusterApi {
             return Err(Status::unavailable("etcdserver: no leader"));
         };
         let channel = self.0.member_channel(leader, "the leader").await?;
-        Ok(Some(ClusterClient::new(channel)))
+        Ok(Some((leader, ClusterClient::new(channel))))
     }
 }
 
@@ -140,10 +148,23 @@ impl Cluster for ClusterApi {
                 ))
             })?
             .clone();
+        // One addition at a time here (the leader): a voter's addition is a
+        // learner's and then its promotion, so a learner counted below is
+        // one asked for as such, and two learner additions cannot both see
+        // room for one.
+        let _adding = self.0.member_adds.lock().await;
         let st = self.0.node.status();
         if st.voters.contains(&info.id) || st.learners.contains(&info.id) {
             return Err(Status::failed_precondition(
                 "etcdserver: Peer URLs already exists",
+            ));
+        }
+        // etcd 3.4 takes one learner at most (its `maxLearners`), checked
+        // after the URLs, with this code and text (clientv3's
+        // ErrGRPCTooManyLearners); a voter's addition is not limited.
+        if r.is_learner && st.learners.len() >= MAX_LEARNERS {
+            return Err(Status::failed_precondition(
+                "etcdserver: too many learner members in cluster",
             ));
         }
         self.change(MembershipChange::AddLearner(info.id)).await?;

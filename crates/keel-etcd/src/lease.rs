@@ -4,8 +4,10 @@
 //! leader-stamped log time (a timer entry), so every replica agrees.
 //!
 //! As in etcd, the leader answers every time-to-live (a follower passes the
-//! request on): log time is the leader's clock, and a follower's own clock
-//! may be anywhere. A renewal or time-to-live that finds no leader (an
+//! request on, over one connection it keeps): log time is the leader's
+//! clock, and a follower's own clock may be anywhere. The leader answers
+//! from its log clock (`LogClock`), which its lease timers fire on, not
+//! from its wall clock, which may have been stepped since it started. A renewal or time-to-live that finds no leader (an
 //! election, a leadership transfer) is retried until the request timeout,
 //! as etcd's `LeaseRenew` and `LeaseTimeToLive` do, so a keep-alive stream
 //! lives through a leader change instead of failing.
@@ -119,7 +121,8 @@ impl LeaseApi {
                 let channel = self.0.member_channel(leader, "the leader").await?;
                 let mut resp = LeaseClient::new(channel)
                     .lease_time_to_live(forwarded(*r))
-                    .await?
+                    .await
+                    .inspect_err(|e| self.0.forget_channel(leader, e))?
                     .into_inner();
                 // This member's header, as etcd fills it in; the leader's
                 // revision is no older than this member's.
@@ -135,12 +138,17 @@ impl LeaseApi {
         &self,
         r: &LeaseTimeToLiveRequest,
     ) -> Result<LeaseTimeToLiveResponse, Status> {
+        let leads = self.0.node.status().role == "leader";
         let q = Query::LeaseTimeToLive {
             id: r.id,
             keys: r.keys,
-            // Log time is the leader's clock (clamped to never go back):
-            // this member leads, so its wall clock is that time.
-            now: keel_node::runtime::wall_clock_ns(),
+            now: if leads {
+                self.0.log_clock.now()
+            } else {
+                // A member that cannot ask the leader: its wall clock is
+                // the best estimate of the leader's log clock it has.
+                keel_node::runtime::wall_clock_ns()
+            },
         };
         match self.0.read(&q, false).await {
             Ok(KvResponse::LeaseTimeToLive {

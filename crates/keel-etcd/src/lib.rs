@@ -63,6 +63,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// A member as the etcd API shows it.
@@ -138,6 +139,82 @@ pub struct Api {
     pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
     /// The watch streams and watches open here.
     pub watch_gauges: watch::WatchGauges,
+    /// Held by a member addition (`cluster`) while it runs.
+    pub(crate) member_adds: tokio::sync::Mutex<()>,
+    /// The channels to other members' etcd APIs (`member_channel`).
+    member_channels: MemberChannels,
+    /// The clock the leader's log time follows (`LogClock`).
+    pub(crate) log_clock: LogClock,
+}
+
+/// The clock this member stamps log entries with when it leads, and fires
+/// timers (lease expiry) against: the node's core clock, the wall clock
+/// read once at start plus the time elapsed since on a clock that never
+/// steps (`keel_node::runtime`'s `core_clock`; log time is that, clamped
+/// never to go back). A leader answers a lease's time-to-live from it, so
+/// the answer is when the lease's timer fires: from the wall clock read
+/// now, a wall clock stepped since the start (an NTP correction) would
+/// put every answer off by the step (an hour ahead: every lease "expired"
+/// while it lives on). The clamp needs no correction: it holds log time
+/// only at the last entry's time, and every lease's expiry is later than
+/// that (each new leader's term-start entry gives every lease its TTL
+/// again from that time, and grants and renewals since count from later
+/// times).
+///
+/// The node does not expose its clock, so this is the same construction
+/// anchored when the API starts, with the node (the two anchors are read
+/// milliseconds apart, so they agree to within the wall clock's movement
+/// in between) and on `Instant` (which, unlike the node's
+/// `CLOCK_BOOTTIME`, stops while the machine is suspended: a leader
+/// suspended for a while has lost its leadership when it resumes).
+pub(crate) struct LogClock {
+    wall_at_start: u64,
+    started: std::time::Instant,
+}
+
+impl LogClock {
+    pub(crate) fn new() -> LogClock {
+        LogClock {
+            wall_at_start: keel_node::runtime::wall_clock_ns(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        let elapsed = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.wall_at_start.saturating_add(elapsed)
+    }
+}
+
+/// One channel (one HTTP/2 connection, reconnecting by itself) to each
+/// other member's etcd API, by member id and URL, shared by every call
+/// passed on to it: a follower passes each time-to-live, membership
+/// change and alarm request to another member, and a connection per call
+/// would cost a TCP (and TLS) handshake each and leave a socket in
+/// TIME_WAIT each. A leader change makes another member the one asked;
+/// a call that fails drops the channel (`Api::forget_channel`), so the
+/// next one connects afresh.
+#[derive(Default)]
+struct MemberChannels(std::sync::Mutex<std::collections::HashMap<u64, (String, Channel)>>);
+
+impl MemberChannels {
+    fn get(&self, id: u64, url: &str) -> Option<Channel> {
+        let cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        cached
+            .get(&id)
+            .filter(|(at, _)| at == url)
+            .map(|(_, ch)| ch.clone())
+    }
+
+    fn put(&self, id: u64, url: &str, channel: &Channel) {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        cached.insert(id, (url.to_string(), channel.clone()));
+    }
+
+    fn forget(&self, id: u64) -> bool {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        cached.remove(&id).is_some()
+    }
 }
 
 impl ApiConfig {
@@ -201,13 +278,11 @@ impl Api {
     }
 
     /// A channel to member `id`'s etcd API, at the first client URL this
-    /// node's configuration lists for it. `who` names the member in errors
-    /// ("the leader", "member 2").
-    pub(crate) async fn member_channel(
-        &self,
-        id: u64,
-        who: &str,
-    ) -> Result<tonic::transport::Channel, Status> {
+    /// node's configuration lists for it: the one already open to it, if
+    /// any (`MemberChannels`). `who` names the member in errors ("the
+    /// leader", "member 2"). A caller whose call on it fails says so with
+    /// `forget_channel`.
+    pub(crate) async fn member_channel(&self, id: u64, who: &str) -> Result<Channel, Status> {
         let url = self
             .config
             .members
@@ -220,18 +295,40 @@ impl Api {
                      configuration; send the request to it"
                 ))
             })?;
-        let mut endpoint = tonic::transport::Channel::from_shared(url.clone())
+        if let Some(channel) = self.member_channels.get(id, url) {
+            return Ok(channel);
+        }
+        let mut endpoint = Channel::from_shared(url.clone())
             .map_err(|e| Status::internal(format!("URL {url:?} of {who}: {e}")))?;
         if let Some(tls) = &self.client_tls {
             endpoint = endpoint
                 .tls_config(tls.clone())
                 .map_err(|e| Status::internal(format!("TLS for {who} ({url}): {e}")))?;
         }
-        endpoint
+        let channel = endpoint
             .connect_timeout(FORWARD_CONNECT_TIMEOUT)
             .connect()
             .await
-            .map_err(|e| Status::unavailable(format!("etcdserver: {who} unreachable ({url}): {e}")))
+            .map_err(|e| {
+                Status::unavailable(format!("etcdserver: {who} unreachable ({url}): {e}"))
+            })?;
+        self.member_channels.put(id, url, &channel);
+        Ok(channel)
+    }
+
+    /// Drops the channel to member `id` after a call on it failed with
+    /// `status`, if the failure may be the connection's (Unavailable,
+    /// Unknown, Internal, Cancelled: a broken connection or a member that
+    /// stopped leading): the next call connects afresh. An answer the
+    /// member gave (not found, invalid...) keeps it.
+    pub(crate) fn forget_channel(&self, id: u64, status: &Status) {
+        let broken = matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+        );
+        if broken && self.member_channels.forget(id) {
+            tracing::debug!("channel to member {id:x} dropped after: {status}");
+        }
     }
 
     /// The store's current revision on this node (serializable).
@@ -347,6 +444,9 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
         contests: Default::default(),
         client_tls: tls.as_ref().map(|t| t.client.clone()),
         watch_gauges: Default::default(),
+        member_adds: Default::default(),
+        member_channels: Default::default(),
+        log_clock: LogClock::new(),
     });
     let rt = node.runtime().clone();
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;

@@ -69,7 +69,8 @@ impl MaintenanceApi {
                     let channel = api.member_channel(m, &who).await?;
                     let answer = MaintenanceClient::new(channel)
                         .alarm(forwarded(req))
-                        .await?;
+                        .await
+                        .inspect_err(|e| api.forget_channel(m, e))?;
                     Ok::<_, Status>(answer.into_inner().alarms)
                 };
                 let answer = tokio::time::timeout(MEMBER_ASK_TIMEOUT, ask).await;

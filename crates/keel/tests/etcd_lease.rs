@@ -4,7 +4,8 @@
 //! reads; and a keep-alive stream, through a follower, lives through
 //! leader changes, each renewal answered (etcd retries a renewal that
 //! found no leader until its request timeout instead of failing the
-//! stream, which clients such as the etcd-client crate do not reopen).
+//! stream, which clients such as the etcd-client crate do not reopen);
+//! and the follower keeps one connection to the leader for them.
 
 mod common;
 
@@ -46,6 +47,12 @@ fn faketime_or_skip(test: &str) -> Option<PathBuf> {
 /// e.g. "+3600") away from the machine's; its monotonic clocks are left
 /// alone.
 fn restart_with_clock(c: &mut TestCluster, id: u64, lib: &PathBuf, offset: &str) {
+    restart_with_faketime(c, id, lib, &[("FAKETIME", offset)]);
+}
+
+/// Restarts node `id` under libfaketime with `env` (its settings), its
+/// monotonic clocks left alone.
+fn restart_with_faketime(c: &mut TestCluster, id: u64, lib: &PathBuf, env: &[(&str, &str)]) {
     c.kill(id);
     let node = &c.nodes[id as usize - 1];
     let log = std::fs::OpenOptions::new()
@@ -59,7 +66,7 @@ fn restart_with_clock(c: &mut TestCluster, id: u64, lib: &PathBuf, offset: &str)
         .arg(&node.config)
         .env("KEEL_LOG", "info")
         .env("LD_PRELOAD", lib)
-        .env("FAKETIME", offset)
+        .envs(env.iter().copied())
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .stdin(Stdio::null())
         .stdout(log)
@@ -138,6 +145,79 @@ fn time_to_live_on_a_follower_does_not_depend_on_its_clock() {
             );
         }
     });
+}
+
+/// The leader answers a time-to-live from the clock its lease timers fire
+/// on (log time: its wall clock at start, then a clock that never steps),
+/// not from its wall clock read now: after the leader's wall clock is
+/// stepped an hour ahead (an NTP correction, say), a 600 s lease still
+/// reports about 600 s, as long as it does live on; from the wall clock
+/// it was reported expired (TTL -1).
+#[test]
+fn time_to_live_on_the_leader_follows_log_time_when_its_wall_clock_steps() {
+    let Some(lib) =
+        faketime_or_skip("time_to_live_on_the_leader_follows_log_time_when_its_wall_clock_steps")
+    else {
+        return;
+    };
+    let mut c = TestCluster::start(3, "");
+    let (leader, _) = c.wait_for_leader(WAIT);
+    let offset_file = c.nodes[leader as usize - 1].dir.join("clock-offset");
+    std::fs::write(&offset_file, "+0\n").expect("write the clock offset");
+    let offset_path = offset_file.to_str().expect("a UTF-8 path").to_string();
+    restart_with_faketime(
+        &mut c,
+        leader,
+        &lib,
+        &[
+            ("FAKETIME_TIMESTAMP_FILE", &offset_path),
+            ("FAKETIME_NO_CACHE", "1"),
+        ],
+    );
+    let (now_leader, _) = c.wait_for_leader(WAIT);
+    let at = |id: u64| c.nodes[id as usize - 1].etcd.clone();
+    let follower = (1..=3).find(|&id| id != leader).expect("a follower");
+    let (leader_at, follower_at) = (at(leader), at(follower));
+    let id = c.rt.block_on(async {
+        // The restarted node leads again (log time is the leader's clock).
+        let deadline = Instant::now() + WAIT;
+        while now_leader != leader {
+            let ch = etcd_channel(&at(now_leader)).await;
+            let moved = MaintenanceClient::new(ch)
+                .move_leader(MoveLeaderRequest { target_id: leader })
+                .await;
+            match moved {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("move the leadership to {leader}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("move the leadership to {leader}: {e}"),
+            }
+        }
+        LeaseClient::new(etcd_channel(&leader_at).await)
+            .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+            .await
+            .expect("grant")
+            .into_inner()
+            .id
+    });
+    assert_eq!(c.wait_for_leader(WAIT).0, leader, "the leader moved");
+    // The leader's wall clock jumps an hour ahead; its log clock does not.
+    std::fs::write(&offset_file, "+3600\n").expect("step the leader's clock");
+    c.rt.block_on(async {
+        for (name, addr) in [("leader", &leader_at), ("follower", &follower_at)] {
+            let r = ttl_at(addr, id).await;
+            assert_eq!(r.granted_ttl, 600, "{name}: {r:?}");
+            assert!(
+                (560..=600).contains(&r.ttl),
+                "the {name} reports TTL {} of a 600 s lease after the leader's wall clock \
+                 stepped an hour ahead (its timer fires in about 600 s): {r:?}",
+                r.ttl
+            );
+        }
+    });
+    assert_eq!(c.wait_for_leader(WAIT).0, leader, "the leader moved");
 }
 
 /// Keep-alives sent on one stream through a follower while leadership
@@ -221,4 +301,84 @@ fn keep_alive_stream_through_a_follower_lives_through_leader_changes() {
         let ttl = ttl_at(&addrs[0], id).await;
         assert!(ttl.ttl > 50, "{ttl:?}");
     });
+}
+
+/// The TCP connections (in any state, TIME_WAIT included) with an end on
+/// `port` on loopback, from the kernel's tables (Linux).
+fn connections_on_port(port: u16) -> usize {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // local_address rem_address st, as HEX_IP:HEX_PORT and hex.
+            let [_, local, remote, state, ..] = cols[..] else {
+                continue;
+            };
+            let port_of = |a: &str| {
+                a.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            const LISTEN: &str = "0A";
+            if state != LISTEN && (port_of(local) == Some(port) || port_of(remote) == Some(port)) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// A follower passes each time-to-live to the leader over one connection
+/// it keeps, not a new one per call: 100 calls leave at most a connection
+/// (two sockets: the follower's end and the leader's) on the leader's etcd
+/// port, where a connection per call left a socket in TIME_WAIT per call.
+#[test]
+fn time_to_live_on_a_follower_reuses_its_connection_to_the_leader() {
+    if !std::path::Path::new("/proc/net/tcp").exists() {
+        eprintln!("skipping: no /proc/net/tcp to count connections in (Linux only)");
+        return;
+    }
+    let c = TestCluster::start(3, "");
+    let (leader, _) = c.wait_for_leader(WAIT);
+    let follower = (1..=3).find(|&id| id != leader).expect("a follower");
+    let at = |id: u64| c.nodes[id as usize - 1].etcd.clone();
+    let leader_port: u16 = at(leader)
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the leader's etcd port");
+    let (before, after) = c.rt.block_on(async {
+        let mut lease = LeaseClient::new(etcd_channel(&at(follower)).await);
+        let id = lease
+            .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+            .await
+            .expect("grant")
+            .into_inner()
+            .id;
+        // The first call opens the connection.
+        let first = ttl_at(&at(follower), id).await;
+        assert!(first.ttl > 0, "{first:?}");
+        let before = connections_on_port(leader_port);
+        for _ in 0..100 {
+            let r = lease
+                .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
+                .await
+                .expect("time-to-live through the follower")
+                .into_inner();
+            assert_eq!(r.granted_ttl, 600, "{r:?}");
+        }
+        (before, connections_on_port(leader_port))
+    });
+    // (A leader change would have sent calls elsewhere: say so rather
+    // than pass.)
+    let (now_leader, _) = c.wait_for_leader(WAIT);
+    assert_eq!(now_leader, leader, "the leader changed during the test");
+    assert!(
+        after <= before.max(2),
+        "100 time-to-live calls through follower {follower} left {after} sockets on the \
+         leader's etcd port {leader_port} (there were {before} after the first call)"
+    );
 }

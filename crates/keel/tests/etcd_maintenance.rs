@@ -254,3 +254,104 @@ fn a_member_without_a_leader_reports_it_and_still_saves_a_snapshot() {
         assert_eq!(last, Some(0), "the stream ends with nothing remaining");
     });
 }
+
+/// etcd 3.4 takes at most one learner: a second learner's addition is
+/// refused with its code and text (after the check that the URLs are
+/// new), through the leader as through a follower, and taken once the
+/// first is gone. And `hashkv` at a negative revision answers the hash of
+/// no entries, as etcd's (1084519789, what etcd 3.4 answers whatever its
+/// keys), not the current state's. (Nodes removed here are never needed
+/// again: a learner's addition commits without it.)
+#[test]
+fn one_learner_at_most_and_hashkv_below_zero_as_etcd() {
+    let c = TestCluster::start(4, "");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let at = |id: u64| c.nodes[id as usize - 1].etcd.clone();
+    let peer_url = |id: u64| format!("http://{}", c.nodes[id as usize - 1].peer);
+    let followers: Vec<u64> = (1..=4).filter(|&id| id != leader).collect();
+    let (voter, x, y) = (followers[0], followers[1], followers[2]);
+    c.rt.block_on(async {
+        let lch = common::etcd_channel(&at(leader)).await;
+        let vch = common::etcd_channel(&at(voter)).await;
+        let remove = |id: u64| {
+            let ch = lch.clone();
+            until_available("member remove", move || {
+                let mut c = ClusterClient::new(ch.clone());
+                async move { c.member_remove(MemberRemoveRequest { id }).await }
+            })
+        };
+        let add = |ch: &Channel, id: u64| {
+            let ch = ch.clone();
+            let req = MemberAddRequest {
+                peer_ur_ls: vec![peer_url(id)],
+                is_learner: true,
+            };
+            until_available("member add", move || {
+                let (mut c, req) = (ClusterClient::new(ch.clone()), req.clone());
+                async move { c.member_add(req).await }
+            })
+        };
+
+        // hashkv: a few keys, so the current state's hash is another.
+        let kv = KvClient::new(lch.clone());
+        for k in ["a", "b"] {
+            let put = PutRequest {
+                key: k.as_bytes().to_vec().into(),
+                value: b"1".to_vec().into(),
+                ..Default::default()
+            };
+            until_available("put", || {
+                let (mut kv, put) = (kv.clone(), put.clone());
+                async move { kv.put(put).await }
+            })
+            .await
+            .expect("put");
+        }
+        let m = MaintenanceClient::new(lch.clone());
+        let hash = |revision: i64| {
+            let mut m = m.clone();
+            async move {
+                m.hash_kv(HashKvRequest { revision })
+                    .await
+                    .expect("hashkv")
+                    .into_inner()
+            }
+        };
+        let (now, below) = (hash(0).await, hash(-1).await);
+        assert_eq!(below.hash, 1_084_519_789, "{below:?}");
+        assert_eq!(hash(-100).await.hash, 1_084_519_789);
+        assert_ne!(now.hash, below.hash, "{now:?}");
+        assert_eq!(below.compact_revision, now.compact_revision);
+
+        // Learners: one, then no second until the first is gone.
+        remove(x).await.expect("remove a follower");
+        remove(y).await.expect("remove another follower");
+        let added = add(&lch, x).await.expect("a first learner");
+        assert!(added.member.expect("the added member").is_learner);
+        // Through a follower, which passes it on to the leader, and
+        // through the leader: etcd's refusal either way.
+        for ch in [&vch, &lch] {
+            let e = add(ch, y).await.expect_err("a second learner");
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            assert_eq!(
+                e.message(),
+                "etcdserver: too many learner members in cluster"
+            );
+        }
+        // The URLs are checked first, as etcd does.
+        let e = add(&lch, x).await.expect_err("the learner again");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert_eq!(e.message(), "etcdserver: Peer URLs already exists");
+        remove(x).await.expect("remove the learner");
+        let added = add(&vch, y)
+            .await
+            .expect("a learner, once the first is gone");
+        assert!(added.member.expect("the added member").is_learner);
+        let list = ClusterClient::new(lch.clone())
+            .member_list(MemberListRequest::default())
+            .await
+            .expect("member list")
+            .into_inner();
+        assert_eq!(ids(&list.members), sorted([leader, voter, y]));
+    });
+}

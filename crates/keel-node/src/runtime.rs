@@ -407,6 +407,25 @@ fn stopped_node() -> ClientResult {
     }
 }
 
+/// What a stopped node answers: `stopped_node()`, or, if it stopped
+/// because it was removed from the cluster, that (clients go elsewhere:
+/// the etcd API answers it as a stopped server, Unavailable).
+fn stopped_answer(removed: &Mutex<Option<String>>) -> ClientResult {
+    if removed.lock().is_ok_and(|r| r.is_some()) {
+        removed_refusal()
+    } else {
+        stopped_node()
+    }
+}
+
+/// The answer to requests of a node removed from the cluster.
+fn removed_refusal() -> ClientResult {
+    ClientResult::Error(format!(
+        "{}: the node stopped",
+        keel_core::REMOVED_FROM_CLUSTER
+    ))
+}
+
 /// The answer to a request the consensus queue did not take: "busy" if it
 /// is full, `stopped_node()` if the consensus thread is gone.
 fn refusal<T>(e: &TrySendError<T>) -> ClientResult {
@@ -509,7 +528,7 @@ impl NodeHandle {
             op,
         };
         if self.is_stopped() {
-            return stopped_node();
+            return stopped_answer(&self.removed);
         }
         if self.client_queue.admit(1) == 0 {
             return ClientResult::Busy;
@@ -1049,11 +1068,13 @@ fn run_node(
         let stale = stale_reads.clone();
         let queue = client_queue.clone();
         let stopped = stopped.clone();
+        let removed = removed.clone();
         let handler: tcp::RequestHandler =
             Arc::new(move |reqs: Vec<ClientRequest>, sink: &ResponseSink| {
                 if stopped.load(Ordering::Acquire) {
+                    let answer = stopped_answer(&removed);
                     for req in reqs {
-                        respond(sink, req.id, stopped_node());
+                        respond(sink, req.id, answer.clone());
                     }
                     return;
                 }
@@ -2120,11 +2141,13 @@ impl Consensus {
         if let Some((position, term)) = self.written.take() {
             self.step(Event::Durable { position, term })?;
         }
-        self.answer_deposed();
-        self.answer_membership_changes();
+        // (Before `answer_deposed`: its clients hear that it was removed,
+        // not that it lost its leader.)
         if let Some((by, position)) = self.removed_by.take() {
             return Err(self.stop_removed(by, position));
         }
+        self.answer_deposed();
+        self.answer_membership_changes();
         Ok(())
     }
 
@@ -2150,12 +2173,7 @@ impl Consensus {
         error!("{why}");
         // Its last messages (a removed leader's hand-over) go out first.
         self.peers.flush();
-        let refusal = || {
-            ClientResult::Error(format!(
-                "{}: node {id} stopped",
-                keel_core::REMOVED_FROM_CLUSTER
-            ))
-        };
+        let refusal = removed_refusal;
         for (_, p) in self.pending.drain() {
             respond(&p.sink, p.client_id, refusal());
         }
@@ -2480,9 +2498,7 @@ impl Consensus {
                             ClientResult::Error("a membership change is already in progress".into())
                         }
                         RejectReason::Invalid(m) => ClientResult::Error(m),
-                        RejectReason::Removed => {
-                            ClientResult::Error(keel_core::REMOVED_FROM_CLUSTER.into())
-                        }
+                        RejectReason::Removed => removed_refusal(),
                     };
                     respond(&p.sink, p.client_id, result);
                 }
@@ -3557,5 +3573,151 @@ mod tests {
             3,
             "node id bits must survive a counter overflow"
         );
+    }
+}
+
+#[cfg(test)]
+mod removed_tests {
+    use super::*;
+
+    struct Echo;
+
+    impl Service for Echo {
+        fn restore(&mut self, _: Option<&[u8]>) -> Result<(), String> {
+            Ok(())
+        }
+        fn snapshot(&self, _: &mut Vec<u8>) {}
+        fn on_message(
+            &mut self,
+            _: &mut keel_core::Context<'_>,
+            _: keel_core::ClientId,
+            data: &[u8],
+        ) -> Bytes {
+            Bytes::copy_from_slice(data)
+        }
+        fn query(&self, data: &[u8]) -> Bytes {
+            Bytes::copy_from_slice(data)
+        }
+    }
+
+    /// Node `id` of three on the in-memory network, with election
+    /// timeouts of 1-2 s: far longer than a heartbeat (20 ms), so a
+    /// follower cut off for a moment keeps its leader.
+    fn config(id: u64, dir: &Path) -> NodeConfig {
+        let mut text = format!(
+            "id = {id}\ndata_dir = \"d\"\npeer_addr = \"memory:{id}\"\n\
+             client_addr = \"127.0.0.1:0\"\nheartbeat_ms = 20\n\
+             election_timeout_min_ms = 1000\nelection_timeout_max_ms = 2000\n"
+        );
+        for p in (1..=3).filter(|&p| p != id) {
+            text.push_str(&format!(
+                "[[peers]]\nid = {p}\npeer_addr = \"memory:{p}\"\nclient_addr = \"127.0.0.1:{p}\"\n"
+            ));
+        }
+        let mut cfg: NodeConfig = toml::from_str(&text).expect("config");
+        cfg.data_dir = dir.join(format!("n{id}"));
+        cfg
+    }
+
+    fn wait_for(what: &str, ok: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !ok() {
+            assert!(start.elapsed() < Duration::from_secs(20), "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A follower removed while cut off learns it once it hears from the
+    /// leader again: its pending write is answered "removed", the node
+    /// stops with `NodeError::Removed`, leaves `REMOVED_FILE`, and a start
+    /// on its data directory is refused.
+    #[test]
+    fn a_removed_node_answers_its_clients_stops_and_refuses_to_start_again() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes: Vec<Arc<NodeHandle>> = (1..=3)
+            .map(|id| {
+                let cfg = config(id, tmp.path());
+                let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
+                Arc::new(node.expect("start"))
+            })
+            .collect();
+        let leader = || {
+            nodes
+                .iter()
+                .map(|n| n.status())
+                .filter(|s| s.role == "leader")
+                .max_by_key(|s| s.term)
+                .map(|s| s.id)
+        };
+        wait_for("a leader", || leader().is_some());
+        let l = leader().expect("a leader");
+        let f = (1..=3).find(|&n| n != l).expect("a follower");
+        let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
+        wait_for("the follower knows the leader", || {
+            fh.status().leader == Some(l)
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+
+        // Cut off, it takes a write it cannot get committed.
+        net.isolate(f);
+        let pending = {
+            let fh = fh.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(fh.call(ClientOp::Write(Bytes::from_static(b"w"))))
+            })
+        };
+        let r = rt.block_on(lh.call(ClientOp::ChangeMembership(
+            keel_core::MembershipChange::Remove(f),
+        )));
+        assert!(matches!(r, ClientResult::Ok(_)), "{r:?}");
+        net.heal();
+
+        let answer = pending.join().expect("the write's thread");
+        assert!(
+            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_core::REMOVED_FROM_CLUSTER)),
+            "{answer:?}"
+        );
+        wait_for("the removed node stops", || fh.is_stopped());
+        let stopped = fh.wait().expect_err("a removed node's wait is an error");
+        let why = stopped.to_string();
+        assert!(
+            matches!(stopped, NodeError::Removed(_))
+                && why.contains(&format!("node {f} was removed from cluster 0x"))
+                && why.contains(&format!("node {l} says so")),
+            "{why}"
+        );
+        // Later requests hear it too.
+        let later = rt.block_on(fh.call(ClientOp::Read(Bytes::from_static(b"r"))));
+        assert_eq!(later, removed_refusal());
+
+        let cfg = config(f, tmp.path());
+        let marker =
+            std::fs::read_to_string(cfg.data_dir.join(REMOVED_FILE)).expect("the REMOVED file");
+        assert!(marker.contains(&format!("node {f}")) && marker.contains("join = true"));
+        let refused = start_with(cfg, Box::new(Echo), Transport::Memory(MemNetwork::new()))
+            .err()
+            .expect("a start on a removed node's data directory");
+        let msg = refused.to_string();
+        assert!(
+            msg.contains(&format!("node {f} was removed from the cluster"))
+                && msg.contains(REMOVED_FILE)
+                && msg.contains("add-learner"),
+            "{msg}"
+        );
+
+        // The other two go on.
+        let w = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"after"))));
+        assert_eq!(w, ClientResult::Ok(Bytes::from_static(b"after")));
+        for n in &nodes {
+            n.shutdown();
+        }
     }
 }

@@ -257,9 +257,10 @@ struct OutState {
     /// A client connection's requests handed on whose answers have not
     /// come yet (each request gets one answer).
     pending: usize,
-    /// A client connection's answer size so far, in bytes (a moving
-    /// average, 0 before the first): what each pending answer is expected
-    /// to add (`ANSWER_ESTIMATE_FLOOR` at least).
+    /// A client connection's answer size so far, in bytes (the largest
+    /// recent one, falling back as a moving average; 0 before the first):
+    /// what each pending answer is expected to add
+    /// (`ANSWER_ESTIMATE_FLOOR` at least).
     answer_size: usize,
     /// The connection's reader waits in `wait_for_room`.
     reader_waiting: bool,
@@ -342,8 +343,10 @@ impl Outbox {
         let size = out.buf.len() - start;
         out.frames += 1;
         out.pending = out.pending.saturating_sub(1);
-        // A moving average over about the last 8 answers.
-        out.answer_size = if out.answer_size == 0 {
+        // Up at once to a larger answer (the requests handed on next are
+        // expected to be as large), down as a moving average over about
+        // the last 8 answers.
+        out.answer_size = if size >= out.answer_size {
             size
         } else {
             out.answer_size - out.answer_size / 8 + size / 8
@@ -489,26 +492,31 @@ const SPARE_OUT: usize = 4 << 20;
 /// A client connection's requests are not handed on while the bytes of
 /// answers held for it (buffered, or being written by its task) and those
 /// expected for the requests it has sent that are still being answered
-/// (each the connection's average answer size so far) would exceed this:
-/// the node's memory for a client that does not read its answers (or reads
-/// them slower than it sends requests) stays at about this, instead of
-/// growing without bound. (Before, only the answers held counted: the
-/// requests in flight in the node were not, so a client pipelining reads
-/// of a large value had reads taken by the thousand while the node was
-/// still answering the first.) What a request is expected to add is only
-/// an estimate: answers larger than the average so far add what they
-/// exceed it by, once per pending request. Bytes are only held here once
-/// the socket's own buffer (up to a few MiB) is full, so a client that
-/// reads as fast as it is answered is held back only by the requests in
-/// flight (4 MiB of answers' worth: tens of thousands of small ones); and
-/// an answer larger than this (one alone may be up to a frame, 64 MiB) is
-/// still sent, one request at a time. 4 MiB is a few MiB per slow client
-/// at most, and as much as a link keeps in its buffer anyway (`SPARE_OUT`).
+/// would exceed this: the node's memory for a client that does not read
+/// its answers (or reads them slower than it sends requests) stays at about
+/// this, instead of growing without bound. (Before, only the answers held
+/// counted, not the requests in flight in the node: a client pipelining
+/// reads of a large value had them taken by the thousand while the node was
+/// still answering the first.) Each pending request is expected to add the
+/// connection's recent answer size (the largest at once, then falling back
+/// as a moving average). That is an estimate: when answers suddenly grow,
+/// the requests already handed on add what their answers exceed it by, so
+/// a client whose answers jump from tiny to large can pass this by that
+/// much (once; it is then read no further until it reads). Bytes are only
+/// held here once the socket's own buffer (up to a few MiB) is full, so a
+/// client that reads as fast as it is answered is held back only by the
+/// requests in flight (4 MiB of answers' worth: tens of thousands of small
+/// ones); and an answer larger than this (one alone may be up to a frame,
+/// 64 MiB) is still sent, one request at a time. 4 MiB is a few MiB per
+/// slow client at most, and as much as a link keeps in its buffer anyway
+/// (`SPARE_OUT`).
 const MAX_ANSWER_BACKLOG: usize = 4 << 20;
 
 /// What a client connection's first answer is expected to be, before any
-/// came: the first read's requests are handed on at most 4096 at a time.
-const FIRST_ANSWER_ESTIMATE: usize = 1 << 10;
+/// came: 64 requests are handed on before the first answer's size is
+/// known (a round trip through the node, after which a client with small
+/// answers has thousands in flight).
+const FIRST_ANSWER_ESTIMATE: usize = 64 << 10;
 
 /// The least an answer is expected to be (a bare answer frame is about 20
 /// bytes): at most 64 Ki requests of one connection are in flight.

@@ -120,3 +120,79 @@ fn a_client_that_never_reads_its_answers_does_not_grow_the_node() {
     c.put(&mut client, "after", "1");
     c.check_acked(&mut client);
 }
+
+/// A client that pipelines linearizable reads of a 64 KiB value and never
+/// reads an answer. The answers come a consensus turn after each read of
+/// the connection, so before, while they were being made the node went on
+/// reading requests (only answers already held counted) and took all
+/// 3,000: 190 MiB of answers held for a client reading none. Now the
+/// requests in flight count as the answers they are expected to bring:
+/// the node takes a few MiB's worth and goes on serving everyone else.
+#[test]
+fn a_client_pipelining_large_reads_without_reading_does_not_grow_the_node() {
+    if !std::path::Path::new("/proc/self/status").exists() {
+        eprintln!("skipped: no /proc to read the node's memory from");
+        return;
+    }
+    const VALUE: usize = 64 << 10;
+    const COUNT: u64 = 3_000;
+    let mut c = TestCluster::start(1, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    let mut client = c.client();
+    c.put(&mut client, "big", &"v".repeat(VALUE));
+    let pid = c.node(1).child.as_ref().expect("running").id();
+    let before = rss_kib(pid);
+    let mut s = std::net::TcpStream::connect(&c.node(1).client).expect("connect");
+    s.set_write_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let get = keel_kv::Query::Get {
+        key: bytes::Bytes::from_static(b"big"),
+    }
+    .encode();
+    let mut burst = Vec::new();
+    for id in 0..COUNT {
+        codec::encode(
+            &Frame::Request(ClientRequest {
+                id,
+                client: 0,
+                seq: 0,
+                op: ClientOp::Read(get.clone()),
+            }),
+            &mut burst,
+        );
+    }
+    // As much as the node takes within 4 s (all of it fits in the socket
+    // buffers, whether or not the node reads it).
+    let (mut off, start) = (0, Instant::now());
+    while off < burst.len() && start.elapsed() < Duration::from_secs(4) {
+        match s.write(&burst[off..]) {
+            Ok(n) => {
+                assert!(n > 0, "the node closed the connection");
+                off += n;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    // Time for the node to take and answer what it will.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rss_kib(pid);
+    eprintln!(
+        "sent {off} of {} bytes of requests; node RSS {before} KiB -> {after} KiB",
+        burst.len()
+    );
+    // Meanwhile the node serves others.
+    c.put(&mut client, "during", "1");
+    assert!(
+        after < before + 64 * 1024,
+        "the node grew by {} MiB for a client reading nothing",
+        (after - before) >> 10
+    );
+    drop(s);
+    c.put(&mut client, "after", "1");
+    c.check_acked(&mut client);
+}

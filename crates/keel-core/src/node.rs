@@ -946,7 +946,7 @@ impl Node {
             } else if self.membership().is_voter(self.cfg.id) {
                 self.leader = None;
                 self.start_pre_vote(out);
-            } else if !self.joining && !self.membership().voters.is_empty() {
+            } else if !self.is_joining() && !self.membership().voters.is_empty() {
                 // A learner, or a node its latest configuration excludes,
                 // that has not heard from a leader: ask the voters (a
                 // pre-vote, which changes nothing here or there). A
@@ -1003,17 +1003,42 @@ impl Node {
     /// If node `n` is removed for good as far as this node knows (neither
     /// its latest configuration nor its committed one includes it): the
     /// position from which the committed one is in force.
+    /// Only once its own latest configuration has committed as far as it
+    /// knows: a node that restarted (its commit position back at its
+    /// snapshot) or is catching up may hold an old configuration that
+    /// excluded a node added since.
     fn removal_notice(&self, n: NodeId) -> Option<Position> {
-        if self.joining || n == 0 || n == self.cfg.id || self.membership().contains(n) {
+        if self.is_joining() || n == 0 || n == self.cfg.id || self.membership().contains(n) {
             return None;
         }
         let at = if self.cfg.testing_bugs.removal_before_commit {
             self.log.last_pos() + 1
         } else {
+            if self
+                .membership_log
+                .last()
+                .is_some_and(|(p, _)| *p >= self.commit)
+            {
+                return None;
+            }
             self.commit
         };
         let (position, committed) = self.config_in_force_at(at);
         (!committed.voters.is_empty() && !committed.contains(n)).then_some(position)
+    }
+
+    /// Joining: started with no membership and not caught up yet
+    /// (`joining`), or no configuration this node holds (its snapshot's
+    /// or its log's) has ever included it: it was never a member as far as
+    /// its data goes (say a joining node that restarted before it got the
+    /// entry that added it). A member holds the configuration that made
+    /// it one until it is removed (a leader that commits its own removal
+    /// stops at once).
+    fn is_joining(&self) -> bool {
+        let me = self.cfg.id;
+        self.joining
+            || !(self.base_membership.contains(me)
+                || self.membership_log.iter().any(|(_, m)| m.contains(me)))
     }
 
     /// `by` says a committed configuration in force from `position`
@@ -1022,6 +1047,7 @@ impl Node {
         let me = self.cfg.id;
         let m = self.membership();
         let empty = m.voters.is_empty() && m.learners.is_empty();
+        let joining = self.is_joining();
         // A configuration after it that includes this node (re-added): the
         // notice is stale.
         let later = self
@@ -1029,7 +1055,7 @@ impl Node {
             .iter()
             .any(|(p, m)| *p >= position && m.contains(me))
             || (self.log.first_pos() >= position && self.base_membership.contains(me));
-        if empty || self.joining || later {
+        if empty || joining || later {
             self.stats.removed_ignored += 1;
             return;
         }

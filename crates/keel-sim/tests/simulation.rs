@@ -268,6 +268,10 @@ fn regression_seeds() {
         (636, 5, "crashes"),
         (764, 5, "crashes"),
         (111063, 3, "chaos"),
+        // A restarted node (commit back at 0) told a learner that had lost
+        // the entry adding it (it restarted mid catch-up) that the initial
+        // configuration excluded it; the learner stopped.
+        (10404, 3, "membership"),
     ] {
         let cfg = SimConfig::new(seed, nodes, mix(m));
         let r = run(&cfg);

@@ -24,6 +24,7 @@ pub mod lock;
 pub mod maintenance;
 pub mod not_served;
 pub mod origin;
+mod promote;
 mod recipes;
 pub mod require_leader;
 pub mod tls;
@@ -516,6 +517,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
             rt.spawn(async move { report(server.serve_with_incoming(incoming).await) });
         }
     }
+    rt.spawn(promote::run(api.clone()));
     rt.spawn(compactor::run(api, auto_compaction));
     Ok(())
 }

@@ -37,8 +37,10 @@
 //!   deletes before it). Nested txn responses have revision 0, as etcd
 //!   leaves their headers empty.
 //! - Leases: expiry is leader-stamped log time; each new leader's term
-//!   start gives every lease its whole TTL again (etcd's `Promote`, without
-//!   its extra election timeout). The lease list is soonest expiry first,
+//!   start gives every lease its whole TTL again (etcd's `Promote`; its
+//!   extra election timeout is added by the etcd API, `keel-etcd`, which
+//!   renews every lease an election timeout into a new leader's term, so
+//!   that term-start entries keep their meaning). The lease list is soonest expiry first,
 //!   as etcd 3.4's. TTLs below the minimum (default 2 s,
 //!   etcd's `ceil(1.5 * election timeout)` with a 1 s election timeout) are
 //!   raised; ids granted without one count up from 1. A lease past its

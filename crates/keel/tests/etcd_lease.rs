@@ -382,3 +382,63 @@ fn time_to_live_on_a_follower_reuses_its_connection_to_the_leader() {
          leader's etcd port {leader_port} (there were {before} after the first call)"
     );
 }
+
+/// After a leader change, a lease nobody renews lives its TTL plus an
+/// election timeout (the cluster's: 1 s) from when the new leader took
+/// over, as etcd's do (its new leader's lessor `Promote`s every lease by
+/// an election timeout); Keel's gave only the TTL.
+#[test]
+fn a_new_leader_extends_every_lease_by_an_election_timeout() {
+    const TTL: i64 = 3;
+    const ELECTION_TIMEOUT: Duration = Duration::from_millis(common::ELECTION_MAX_MS);
+    let c = TestCluster::start(3, "");
+    let (leader, _) = c.wait_for_leader(WAIT);
+    let follower = (1..=3).find(|&id| id != leader).expect("a follower");
+    let at = |id: u64| c.nodes[id as usize - 1].etcd.clone();
+    let (leader_at, follower_at) = (at(leader), at(follower));
+    let (lived, moved_in) = c.rt.block_on(async {
+        let lch = etcd_channel(&leader_at).await;
+        let id = LeaseClient::new(lch.clone())
+            .lease_grant(LeaseGrantRequest { ttl: TTL, id: 0 })
+            .await
+            .expect("grant")
+            .into_inner()
+            .id;
+        // The new leader's term starts after this instant.
+        let moved_at = Instant::now();
+        MaintenanceClient::new(lch)
+            .move_leader(MoveLeaderRequest {
+                target_id: follower,
+            })
+            .await
+            .expect("move the leadership");
+        let moved_in = moved_at.elapsed();
+        let mut lease = LeaseClient::new(etcd_channel(&follower_at).await);
+        loop {
+            let r = lease
+                .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
+                .await
+                .expect("time-to-live at the new leader")
+                .into_inner();
+            if r.ttl == -1 {
+                break (moved_at.elapsed(), moved_in);
+            }
+            assert!(
+                moved_at.elapsed() < Duration::from_secs(30),
+                "the lease still lives: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let least = Duration::from_secs(TTL as u64) + ELECTION_TIMEOUT;
+    assert!(
+        lived + Duration::from_millis(50) >= least,
+        "the lease ended {lived:?} after the leadership transfer began (it took {moved_in:?}): \
+         before a TTL and an election timeout ({least:?}) from the new leader's start"
+    );
+    assert_eq!(
+        c.wait_for_leader(WAIT).0,
+        follower,
+        "the leader moved again"
+    );
+}

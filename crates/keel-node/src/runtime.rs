@@ -2141,13 +2141,15 @@ impl Consensus {
         if let Some((position, term)) = self.written.take() {
             self.step(Event::Durable { position, term })?;
         }
-        // (Before `answer_deposed`: its clients hear that it was removed,
-        // not that it lost its leader.)
+        // Committed changes are answered as such (a leader's own removal
+        // included); then, before `answer_deposed`, the other clients of a
+        // removed node hear that it was removed, not that it lost its
+        // leader.
+        self.answer_membership_changes();
         if let Some((by, position)) = self.removed_by.take() {
             return Err(self.stop_removed(by, position));
         }
         self.answer_deposed();
-        self.answer_membership_changes();
         Ok(())
     }
 
@@ -3716,6 +3718,16 @@ mod removed_tests {
         // The other two go on.
         let w = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"after"))));
         assert_eq!(w, ClientResult::Ok(Bytes::from_static(b"after")));
+
+        // The leader removing itself is told the change went through, and
+        // stops.
+        let r = rt.block_on(lh.call(ClientOp::ChangeMembership(
+            keel_core::MembershipChange::Remove(l),
+        )));
+        assert!(matches!(r, ClientResult::Ok(_)), "{r:?}");
+        wait_for("the removed leader stops", || lh.is_stopped());
+        let why = lh.wait().expect_err("a removed node's wait").to_string();
+        assert!(why.contains("it committed its own removal"), "{why}");
         for n in &nodes {
             n.shutdown();
         }

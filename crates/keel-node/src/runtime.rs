@@ -86,12 +86,16 @@ pub enum NodeError {
 /// data directory holding it is refused.
 pub const REMOVED_FILE: &str = "REMOVED";
 
+/// How long a node that learned it was removed keeps its network up after
+/// it stopped, so the answers already on their way get out.
+const REMOVED_LINGER: Duration = Duration::from_millis(200);
+
 /// How to bring a removed node's id back, for the messages about it.
 fn removed_advice(id: NodeId) -> String {
     format!(
         "to add node {id} back, start it with an empty data directory and `join = true`, then \
-         run `keel cluster add-learner {id} <its peer address>` (and promote it once it has \
-         caught up)"
+         run `keel cluster add-learner {id}` and, once it has caught up, `keel cluster promote \
+         {id}`"
     )
 }
 
@@ -407,18 +411,10 @@ fn stopped_node() -> ClientResult {
     }
 }
 
-/// What a stopped node answers: `stopped_node()`, or, if it stopped
-/// because it was removed from the cluster, that (clients go elsewhere:
-/// the etcd API answers it as a stopped server, Unavailable).
-fn stopped_answer(removed: &Mutex<Option<String>>) -> ClientResult {
-    if removed.lock().is_ok_and(|r| r.is_some()) {
-        removed_refusal()
-    } else {
-        stopped_node()
-    }
-}
-
-/// The answer to requests of a node removed from the cluster.
+/// The answer to the requests a node had taken when it learned it was
+/// removed from the cluster. (Requests after that get a stopped node's
+/// answer, `stopped_node()`: clients go on to another node, through the
+/// etcd API too, where this one is not retried.)
 fn removed_refusal() -> ClientResult {
     ClientResult::Error(format!(
         "{}: the node stopped",
@@ -528,7 +524,7 @@ impl NodeHandle {
             op,
         };
         if self.is_stopped() {
-            return stopped_answer(&self.removed);
+            return stopped_node();
         }
         if self.client_queue.admit(1) == 0 {
             return ClientResult::Busy;
@@ -1068,13 +1064,11 @@ fn run_node(
         let stale = stale_reads.clone();
         let queue = client_queue.clone();
         let stopped = stopped.clone();
-        let removed = removed.clone();
         let handler: tcp::RequestHandler =
             Arc::new(move |reqs: Vec<ClientRequest>, sink: &ResponseSink| {
                 if stopped.load(Ordering::Acquire) {
-                    let answer = stopped_answer(&removed);
                     for req in reqs {
-                        respond(sink, req.id, answer.clone());
+                        respond(sink, req.id, stopped_node());
                     }
                     return;
                 }
@@ -1448,6 +1442,7 @@ fn run_node(
     });
     let consensus_thread = {
         let (fatal, stopped, storage_for_stop) = (fatal.clone(), stopped.clone(), storage);
+        let removed = removed.clone();
         std::thread::Builder::new()
             .name("keel-consensus".into())
             .spawn(move || {
@@ -1489,6 +1484,12 @@ fn run_node(
                         }
                     });
                     let _ = wind_down.await;
+                    // A removed node's last answers (a leader's own removal,
+                    // answered through the etcd API on the network runtime)
+                    // get out before `wait` returns and `keel server` exits.
+                    if removed.lock().is_ok_and(|r| r.is_some()) {
+                        tokio::time::sleep(REMOVED_LINGER).await;
+                    }
                 });
             })
             .map_err(|e| NodeError::Start(e.to_string()))?
@@ -1629,6 +1630,32 @@ impl Consensus {
         &mut self,
         mut internal: tokio::sync::mpsc::UnboundedReceiver<Internal>,
         mut external: tokio::sync::mpsc::Receiver<External>,
+    ) -> Result<(), String> {
+        let result = self.turns(&mut internal, &mut external).await;
+        if self.removed.lock().is_ok_and(|r| r.is_some()) {
+            // Requests queued behind the removal never reached the core:
+            // answered as a stopped node's (clients go elsewhere), not
+            // dropped.
+            external.close();
+            while let Ok(ev) = external.try_recv() {
+                let (reqs, sink) = match ev {
+                    External::Peer(_) => continue,
+                    External::Client(req, sink) => (vec![req], sink),
+                    External::Clients(reqs, sink) => (reqs, sink),
+                };
+                for req in reqs {
+                    respond(&sink, req.id, stopped_node());
+                }
+            }
+        }
+        result
+    }
+
+    /// The consensus loop's turns, until the node stops.
+    async fn turns(
+        &mut self,
+        internal: &mut tokio::sync::mpsc::UnboundedReceiver<Internal>,
+        external: &mut tokio::sync::mpsc::Receiver<External>,
     ) -> Result<(), String> {
         let mut proposals = Vec::new();
         // Client responses (refusals) are written at the end of each turn.
@@ -2193,7 +2220,7 @@ impl Consensus {
              the cluster: {who} (the configuration in force from log position {position} \
              excludes it). Keel refuses to start a node on it. To add node {id} back, start it \
              with an empty data directory and `join = true`, then run `keel cluster \
-             add-learner {id} <its peer address>` (and promote it once it has caught up).\n\
+             add-learner {id}` and, once it has caught up, `keel cluster promote {id}`.\n\
              Written at {} ns since the Unix epoch.\n",
             self.cfg.cluster_id,
             wall_clock_ns()
@@ -3696,9 +3723,9 @@ mod removed_tests {
                 && why.contains(&format!("node {l} says so")),
             "{why}"
         );
-        // Later requests hear it too.
+        // Later requests get a stopped node's answer: clients go elsewhere.
         let later = rt.block_on(fh.call(ClientOp::Read(Bytes::from_static(b"r"))));
-        assert_eq!(later, removed_refusal());
+        assert_eq!(later, stopped_node());
 
         let cfg = config(f, tmp.path());
         let marker =

@@ -377,7 +377,7 @@ fn etcdctl_leases_lock_and_elect() {
 
 #[test]
 fn etcdctl_member_list_and_endpoint_status() {
-    let Some((c, ctl)) = start() else { return };
+    let Some((mut c, ctl)) = start() else { return };
     let members = ctl.ok(&["member", "list"]);
     let members = lines(&members);
     assert_eq!(members.len(), 3, "{members:?}");
@@ -484,6 +484,25 @@ fn etcdctl_member_list_and_endpoint_status() {
     let out = one.ok(&["member", "remove", &format!("{fid:x}")]);
     assert!(out.contains(&format!("Member {fid:>16x} removed")), "{out}");
     assert_eq!(lines(&one.ok(&["member", "list"])).len(), 2);
+    // The removed member learns it and exits, leaving REMOVED in its data
+    // directory; its id comes back on an empty one started with `join`.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let node = &mut c.nodes[(fid - 1) as usize];
+    let child = node.child.as_mut().expect("running");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the removed member kept running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "{status}");
+    node.child = None;
+    assert!(node.dir.join("data").join("REMOVED").exists());
+    let config = std::fs::read_to_string(&node.config).expect("config");
+    std::fs::write(&node.config, format!("join = true\n{config}")).expect("config");
+    c.wipe(fid);
+    c.spawn(fid);
     let out = one.ok(&[
         "member",
         "add",

@@ -1413,8 +1413,24 @@ fn backups_stay_consistent_under_writes_and_snapshot_installs() {
         let rt = client_runtime();
         let (mut good, mut overtaken) = (0, 0);
         for round in 0..6 {
+            // Cut the follower off for 150 ms and, in the first round
+            // (while the state is small and snapshots frequent), until the
+            // leader has taken a snapshot, whose publication compacts the
+            // log past the follower's: on a slow machine too, that round's
+            // heal ends in a snapshot install.
             three.net.isolate(follower_id);
-            std::thread::sleep(Duration::from_millis(150));
+            let taken = leader.metrics().snapshots_taken.get();
+            let cut = std::time::Instant::now();
+            while cut.elapsed() < Duration::from_millis(150)
+                || (round == 0 && leader.metrics().snapshots_taken.get() == taken)
+            {
+                assert!(
+                    cut.elapsed() < Duration::from_secs(30),
+                    "the leader took no snapshot in 30 s ({} writes)",
+                    written.load(Ordering::Relaxed)
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
             three.net.heal();
             for _ in 0..3 {
                 match rt.block_on(follower.backup()) {

@@ -6,7 +6,7 @@
 //! As in etcd, the leader answers every time-to-live (a follower passes the
 //! request on, over one connection it keeps): log time is the leader's
 //! clock, and a follower's own clock may be anywhere. The leader answers
-//! from its log clock (`LogClock`), which its lease timers fire on, not
+//! from its log clock (`NodeHandle::log_time`), which its lease timers fire on, not
 //! from its wall clock, which may have been stepped since it started. A renewal or time-to-live that finds no leader (an
 //! election, a leadership transfer) is retried until the request timeout,
 //! as etcd's `LeaseRenew` and `LeaseTimeToLive` do, so a keep-alive stream
@@ -142,8 +142,15 @@ impl LeaseApi {
         let q = Query::LeaseTimeToLive {
             id: r.id,
             keys: r.keys,
+            // The leader answers from the clock its log time and lease
+            // timers follow, not its wall clock, which may have been
+            // stepped since start (an hour ahead: every lease "expired"
+            // while it lives on). Log time is that clock clamped never to
+            // go back; the clamp holds it only at the last entry's time,
+            // and every lease expires later than that (each term-start
+            // entry gives every lease its TTL again from its time).
             now: if leads {
-                self.0.log_clock.now()
+                self.0.node.log_time()
             } else {
                 // A member that cannot ask the leader: its wall clock is
                 // the best estimate of the leader's log clock it has.

@@ -144,47 +144,6 @@ pub struct Api {
     pub(crate) member_adds: tokio::sync::Mutex<()>,
     /// The channels to other members' etcd APIs (`member_channel`).
     member_channels: MemberChannels,
-    /// The clock the leader's log time follows (`LogClock`).
-    pub(crate) log_clock: LogClock,
-}
-
-/// The clock this member stamps log entries with when it leads, and fires
-/// timers (lease expiry) against: the node's core clock, the wall clock
-/// read once at start plus the time elapsed since on a clock that never
-/// steps (`keel_node::runtime`'s `core_clock`; log time is that, clamped
-/// never to go back). A leader answers a lease's time-to-live from it, so
-/// the answer is when the lease's timer fires: from the wall clock read
-/// now, a wall clock stepped since the start (an NTP correction) would
-/// put every answer off by the step (an hour ahead: every lease "expired"
-/// while it lives on). The clamp needs no correction: it holds log time
-/// only at the last entry's time, and every lease's expiry is later than
-/// that (each new leader's term-start entry gives every lease its TTL
-/// again from that time, and grants and renewals since count from later
-/// times).
-///
-/// The node does not expose its clock, so this is the same construction
-/// anchored when the API starts, with the node (the two anchors are read
-/// milliseconds apart, so they agree to within the wall clock's movement
-/// in between) and on `Instant` (which, unlike the node's
-/// `CLOCK_BOOTTIME`, stops while the machine is suspended: a leader
-/// suspended for a while has lost its leadership when it resumes).
-pub(crate) struct LogClock {
-    wall_at_start: u64,
-    started: std::time::Instant,
-}
-
-impl LogClock {
-    pub(crate) fn new() -> LogClock {
-        LogClock {
-            wall_at_start: keel_node::runtime::wall_clock_ns(),
-            started: std::time::Instant::now(),
-        }
-    }
-
-    pub(crate) fn now(&self) -> u64 {
-        let elapsed = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.wall_at_start.saturating_add(elapsed)
-    }
 }
 
 /// One channel (one HTTP/2 connection, reconnecting by itself) to each
@@ -447,7 +406,6 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
         watch_gauges: Default::default(),
         member_adds: Default::default(),
         member_channels: Default::default(),
-        log_clock: LogClock::new(),
     });
     let rt = node.runtime().clone();
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;

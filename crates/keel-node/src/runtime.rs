@@ -459,6 +459,7 @@ pub struct NodeHandle {
     stopped: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     net_stats: Arc<NetStats>,
+    clock: CoreClock,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -469,6 +470,15 @@ impl NodeHandle {
     }
     pub fn status(&self) -> NodeStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+    /// This node's consensus clock, in nanoseconds since the Unix epoch:
+    /// the wall clock at start plus the time elapsed since on a clock that
+    /// never steps. A leader stamps log entries with it (log time is that,
+    /// clamped never to go back), and timers (lease expiry) fire against
+    /// log time; unlike `wall_clock_ns`, a wall clock stepped since the
+    /// start does not move it.
+    pub fn log_time(&self) -> Nanos {
+        self.clock.now()
     }
     /// This node's metrics.
     pub fn metrics(&self) -> &Metrics {
@@ -639,20 +649,47 @@ pub fn wall_clock_ns() -> Nanos {
 /// for a while must see its lease gone when it resumes, which a clock that
 /// stops during suspend (`CLOCK_MONOTONIC`, what `Instant` reads) would
 /// hide.
-fn core_clock(start_wall: Nanos) -> Box<dyn Fn() -> Nanos + Send> {
-    #[cfg(target_os = "linux")]
-    if let Some(start) = boot_time_ns() {
-        // (It cannot fail once it has worked; if it did, time would stand
-        // still rather than go back.)
-        let last = std::cell::Cell::new(start);
-        return Box::new(move || {
-            let t = boot_time_ns().unwrap_or(last.get()).max(last.get());
-            last.set(t);
-            start_wall + (t - start)
-        });
+///
+/// Shared by the consensus thread and the node's handle (`log_time`): one
+/// anchor, so both read the same time.
+#[derive(Clone)]
+struct CoreClock(Arc<CoreClockInner>);
+
+struct CoreClockInner {
+    start_wall: Nanos,
+    /// `CLOCK_BOOTTIME` at start, if the system has it.
+    start_boot: Option<Nanos>,
+    started: Instant,
+    /// The latest reading, so that time never goes back.
+    last: AtomicU64,
+}
+
+impl CoreClock {
+    fn new(start_wall: Nanos) -> CoreClock {
+        #[cfg(target_os = "linux")]
+        let start_boot = boot_time_ns();
+        #[cfg(not(target_os = "linux"))]
+        let start_boot = None;
+        CoreClock(Arc::new(CoreClockInner {
+            start_wall,
+            start_boot,
+            started: Instant::now(),
+            last: AtomicU64::new(start_wall),
+        }))
     }
-    let started = Instant::now();
-    Box::new(move || start_wall + started.elapsed().as_nanos() as Nanos)
+
+    fn now(&self) -> Nanos {
+        let c = &*self.0;
+        let elapsed = match c.start_boot {
+            // (It cannot fail once it has worked; if it did, time would
+            // stand still rather than go back.)
+            #[cfg(target_os = "linux")]
+            Some(start) => boot_time_ns().map_or(0, |t| t.saturating_sub(start)),
+            _ => c.started.elapsed().as_nanos() as Nanos,
+        };
+        let t = c.start_wall.saturating_add(elapsed);
+        c.last.fetch_max(t, Ordering::Relaxed).max(t)
+    }
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds, if the system has it.
@@ -1394,6 +1431,7 @@ fn run_node(
     core_cfg.lease_reads = cfg.lease_reads;
     core_cfg.clock_drift_ppm = cfg.clock_drift_ppm;
     let node = Node::restart(core_cfg, recovered, start_wall);
+    let clock = CoreClock::new(start_wall);
     if !first_start {
         if let Some(w) = unreachable_members(&cfg, node.membership()) {
             warn!("{w}");
@@ -1402,7 +1440,7 @@ fn run_node(
     let mut consensus = Consensus {
         node,
         cfg: cfg.clone(),
-        now: core_clock(start_wall),
+        now: clock.clone(),
         storage: storage.clone(),
         peers,
         outbox: reader::Outbox::new(),
@@ -1523,6 +1561,7 @@ fn run_node(
         status,
         term,
         stopped,
+        clock,
         _rt: rt,
     })
 }
@@ -1555,7 +1594,7 @@ struct MembershipWait {
 struct Consensus {
     node: Node,
     cfg: NodeConfig,
-    now: Box<dyn Fn() -> Nanos + Send>,
+    now: CoreClock,
     storage: Arc<StorageThread>,
     peers: Box<dyn PeerSender>,
     /// Keeps each peer's messages in order around reads (see `reader`).
@@ -1661,7 +1700,7 @@ impl Consensus {
         // Client responses (refusals) are written at the end of each turn.
         tcp::defer_flushes();
         loop {
-            let now = (self.now)();
+            let now = self.now.now();
             let deadline = self.node.next_deadline();
             // Tokio's timer has a 1 ms resolution: a deadline is met up to
             // ~1 ms late (heartbeats and election timeouts are tens of ms).
@@ -1724,7 +1763,7 @@ impl Consensus {
                 self.proposed_bytes = 0;
                 self.step(Event::Propose(batch))?;
             }
-            if (self.now)() >= self.node.next_deadline() {
+            if self.now.now() >= self.node.next_deadline() {
                 self.step(Event::Tick)?;
             }
             // This turn's peer messages, one write per peer, and its
@@ -2146,7 +2185,7 @@ impl Consensus {
     }
 
     fn step(&mut self, ev: Event) -> Result<(), String> {
-        let now = (self.now)();
+        let now = self.now.now();
         let mut out = std::mem::take(&mut self.out);
         // A proposal batch: the accepted writes wait for their entries.
         let proposal_ids: Vec<u64> = match &ev {

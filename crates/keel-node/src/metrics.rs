@@ -45,6 +45,7 @@ pub struct Metrics {
     pub log_fsync: Histogram,
     pub peer_messages_dropped: Gauge<u64, AtomicU64>,
     pub bad_frames: Gauge<u64, AtomicU64>,
+    pub client_reads_paused: Gauge<u64, AtomicU64>,
     pub log_retained_bytes: Gauge,
     pub log_retained_entries: Gauge,
     pub log_reads: Counter,
@@ -83,6 +84,7 @@ impl Metrics {
             log_fsync: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             peer_messages_dropped: Gauge::default(),
             bad_frames: Gauge::default(),
+            client_reads_paused: Gauge::default(),
             log_retained_bytes: Gauge::default(),
             log_retained_entries: Gauge::default(),
             log_reads: Counter::default(),
@@ -190,6 +192,12 @@ impl Metrics {
             m.bad_frames.clone(),
         );
         registry.register(
+            "client_reads_paused",
+            "times a client connection was not read further because the answers held and \
+             expected for it reached 4 MiB (a client sending faster than it reads)",
+            m.client_reads_paused.clone(),
+        );
+        registry.register(
             "log_retained_bytes",
             "log held in memory (bytes): since the last snapshot, less the data of applied entries beyond log_cache_bytes",
             m.log_retained_bytes.clone(),
@@ -232,6 +240,8 @@ impl Metrics {
         self.peer_messages_dropped
             .set(net.peer_messages_dropped.load(Ordering::Relaxed));
         self.bad_frames.set(net.bad_frames.load(Ordering::Relaxed));
+        self.client_reads_paused
+            .set(net.client_reads_paused.load(Ordering::Relaxed));
         self.render()
     }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::TestCluster;
+use common::{wait_metric, TestCluster};
 use keel_client::{Client, ClientOptions};
 use keel_net::codec::{self, ClientOp, ClientRequest, Frame};
 use std::io::Write;
@@ -136,7 +136,7 @@ fn a_client_pipelining_large_reads_without_reading_does_not_grow_the_node() {
     }
     const VALUE: usize = 64 << 10;
     const COUNT: u64 = 3_000;
-    let mut c = TestCluster::start(1, "");
+    let (mut c, http) = TestCluster::start_with_http(1, "");
     c.wait_for_leader(Duration::from_secs(10));
     let mut client = c.client();
     c.put(&mut client, "big", &"v".repeat(VALUE));
@@ -184,6 +184,13 @@ fn a_client_pipelining_large_reads_without_reading_does_not_grow_the_node() {
     eprintln!(
         "sent {off} of {} bytes of requests; node RSS {before} KiB -> {after} KiB",
         burst.len()
+    );
+    // The pause is counted where operators look.
+    wait_metric(
+        &http[0],
+        "keel_client_reads_paused",
+        Duration::from_secs(5),
+        |v| v >= 1.0,
     );
     // Meanwhile the node serves others.
     c.put(&mut client, "during", "1");

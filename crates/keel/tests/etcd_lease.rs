@@ -181,18 +181,20 @@ fn time_to_live_on_the_leader_follows_log_time_when_its_wall_clock_steps() {
     let id = c.rt.block_on(async {
         // The restarted node leads again (log time is the leader's clock).
         let deadline = Instant::now() + WAIT;
-        while now_leader != leader {
-            let ch = etcd_channel(&at(now_leader)).await;
-            let moved = MaintenanceClient::new(ch)
-                .move_leader(MoveLeaderRequest { target_id: leader })
-                .await;
-            match moved {
-                Ok(_) => break,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("move the leadership to {leader}: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        if now_leader != leader {
+            loop {
+                let ch = etcd_channel(&at(now_leader)).await;
+                let moved = MaintenanceClient::new(ch)
+                    .move_leader(MoveLeaderRequest { target_id: leader })
+                    .await;
+                match moved {
+                    Ok(_) => break,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("move the leadership to {leader}: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("move the leadership to {leader}: {e}"),
                 }
-                Err(e) => panic!("move the leadership to {leader}: {e}"),
             }
         }
         LeaseClient::new(etcd_channel(&leader_at).await)

@@ -1386,11 +1386,28 @@ impl Node {
         // terms would only disturb). A leader's messages are taken: this
         // node may be behind a configuration that added the sender again,
         // and a removed leader's last `TimeoutNow` hands leadership over.
+        // So is a (pre-)vote from a log at least as up to date as ours:
+        // it may hold configurations we have not seen that added the
+        // candidate (again), and our vote may be the one a quorum needs
+        // (a removed node's log is behind ours: no leader sent it anything
+        // after the entry removing it, which we hold).
         let from_leader = matches!(
             m.body,
             Body::Append { .. } | Body::InstallSnapshot { .. } | Body::TimeoutNow { .. }
         );
-        if !from_leader {
+        let may_know_more = match m.body {
+            Body::PreVote {
+                last_pos,
+                last_term,
+            }
+            | Body::Vote {
+                last_pos,
+                last_term,
+                ..
+            } => self.log.is_up_to_date(last_term, last_pos),
+            _ => false,
+        };
+        if !from_leader && !may_know_more {
             if let Some(position) = self.removal_notice(m.from) {
                 self.stats.removed_sent += 1;
                 self.send(m.from, Body::Removed { position }, out);

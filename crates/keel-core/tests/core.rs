@@ -2513,3 +2513,57 @@ fn a_node_never_a_member_as_far_as_its_data_goes_ignores_removal_notices() {
     assert!(node.removed().is_none());
     assert_eq!(node.stats().removed_ignored, 1);
 }
+
+/// A voter that missed the entries adding a node (it was cut off while
+/// node 4 was added and promoted, and node 3 removed) still votes for it:
+/// its committed configuration lacks node 4, but node 4's log is ahead of
+/// its own and may hold configurations it has not seen. With the leader
+/// gone, the two left of {leader, lagging, 4} are a quorum and must elect
+/// one (found by review: the lagging voter answered node 4's pre-votes
+/// with `Removed` only, and its own pre-votes went to the gone leader and
+/// the removed node 3, so no leader was ever elected).
+#[test]
+fn a_voter_behind_the_configurations_that_added_a_node_still_votes_for_it() {
+    let m = Membership::new([1, 2, 3]);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
+        .collect();
+    nodes.push(Node::new(Config::new(4, 7), Membership::default(), 0));
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let mut others = (1..=3).filter(|&n| n != leader);
+    let (lagging, replaced) = (others.next().unwrap(), others.next().unwrap());
+    for n in 1..=4 {
+        h.cut.insert((n, lagging));
+        h.cut.insert((lagging, n));
+    }
+    for (req, change) in [
+        (1, MembershipChange::AddLearner(4)),
+        (2, MembershipChange::PromoteLearner(4)),
+        (3, MembershipChange::Remove(replaced)),
+    ] {
+        h.step(leader, Event::ChangeMembership { id: req, change });
+        h.run_for(300 * MS);
+    }
+    assert_eq!(
+        h.node(leader).membership(),
+        &Membership::new([leader, lagging, 4])
+    );
+    assert!(h.node(replaced).removed().is_some());
+    assert_eq!(h.node(lagging).membership(), &m);
+    // The leader is gone for good; the lagging voter is back.
+    h.cut.clear();
+    for n in 1..=4 {
+        h.cut.insert((n, leader));
+        h.cut.insert((leader, n));
+    }
+    h.run_for(5_000 * MS);
+    let led = [lagging, 4].into_iter().find(|&n| h.node(n).is_leader());
+    assert_eq!(led, Some(4), "no leader among the remaining quorum");
+    assert_eq!(
+        h.node(lagging).membership(),
+        &Membership::new([leader, lagging, 4])
+    );
+    assert!(h.removed.iter().all(|r| r.0 == replaced), "{:?}", h.removed);
+}

@@ -805,6 +805,26 @@ impl Node {
     pub fn removed(&self) -> Option<(NodeId, Position)> {
         self.removed
     }
+    /// Whether this node is still joining: it started with no membership
+    /// (to be added, possibly under the id of a removed node) and has not
+    /// caught up with a leader whose configuration includes it yet, or no
+    /// configuration it holds includes it. A joining node neither acts on
+    /// nor sends `Body::Removed`. A runtime records when a node created to
+    /// join stops joining, and calls `resume_joining` on a restart before.
+    pub fn joining(&self) -> bool {
+        self.is_joining()
+    }
+    /// A node created to join (no membership of its own) restarted before
+    /// it finished joining (`joining()` was still true): its data may hold
+    /// configurations that included an earlier node of its id (a snapshot
+    /// or entries from before that node was removed), which its restart
+    /// cannot tell from its own membership. It ignores removal notices
+    /// again until it has caught up with a leader whose configuration
+    /// includes it.
+    pub fn resume_joining(&mut self) {
+        self.joining = true;
+        self.join_commit = 0;
+    }
     /// The membership in force: the latest one in the log, committed or not.
     pub fn membership(&self) -> &Membership {
         self.membership_log
@@ -1096,14 +1116,35 @@ impl Node {
         out.push(Action::Removed { by, position });
     }
 
-    /// Joining: done once this node's log holds everything a leader had
-    /// committed and a configuration that includes it.
-    fn note_join_progress(&mut self, leader_commit: Position) {
-        if self.joining {
-            self.join_commit = self.join_commit.max(leader_commit);
-            if self.matched >= self.join_commit && self.membership().contains(self.cfg.id) {
-                self.joining = false;
-            }
+    /// Joining: done once this node's log, as far as it matches the
+    /// leader's and is durable, holds everything the leader has told it
+    /// committed and an entry of the leader's term, and the configuration
+    /// in force there includes it.
+    ///
+    /// The configuration that added it is then in that part of its log:
+    /// either the leader appended it in its own term, after the previous
+    /// configuration (the one that may have removed an earlier node of
+    /// this id) and its term start committed, so the leader's commit
+    /// position is past that one; or an earlier leader did, before this
+    /// leader's term start. A configuration in force before the leader's
+    /// commit position or its first entry (a snapshot taken, or entries
+    /// appended, before an earlier node of this id was removed) may
+    /// include that node, not this one. Only durable entries count: the
+    /// runtime records that this node stopped joining, and a restart
+    /// must find the configuration that added it.
+    fn note_join_progress(&mut self, leader_commit: Option<Position>) {
+        if !self.joining {
+            return;
+        }
+        if let Some(c) = leader_commit {
+            self.join_commit = self.join_commit.max(c);
+        }
+        let upto = self.matched.min(self.durable);
+        let caught_up = upto >= self.join_commit
+            && self.leader.is_some()
+            && self.log.term_at(upto) == Some(self.term);
+        if caught_up && self.membership_at(upto).contains(self.cfg.id) {
+            self.joining = false;
         }
     }
 
@@ -1525,7 +1566,7 @@ impl Node {
             } => {
                 self.heard_from_leader(m.from, out);
                 self.on_append(prev_pos, prev_term, commit, heartbeat, entries, out);
-                self.note_join_progress(commit);
+                self.note_join_progress(Some(commit));
             }
             Body::AppendResp {
                 ok,
@@ -1878,6 +1919,7 @@ impl Node {
                 self.maybe_commit(out);
             } else {
                 self.ack_due = true;
+                self.note_join_progress(None);
             }
         }
     }

@@ -2567,3 +2567,250 @@ fn a_voter_behind_the_configurations_that_added_a_node_still_votes_for_it() {
     );
     assert!(h.removed.iter().all(|r| r.0 == replaced), "{:?}", h.removed);
 }
+
+fn entry_of(term: Term, position: Position, kind: EntryKind) -> Entry {
+    Entry {
+        term,
+        position,
+        timestamp: 0,
+        kind,
+        data: Bytes::new(),
+    }
+}
+
+/// The log of a cluster in which node 4 was a voter until `c1` removed it,
+/// and `c2` added it back as a learner (both in term 2), after a snapshot
+/// at `snap` (term 1) whose configuration includes the earlier node 4; a
+/// leader of term 3 follows with its term start.
+struct ReAdded {
+    snap: SnapshotMeta,
+    c1: Entry,
+    c2: Entry,
+    term_start: Entry,
+}
+
+fn re_added() -> ReAdded {
+    let snap = SnapshotMeta {
+        position: 1_000,
+        term: 1,
+        timestamp: 0,
+        membership: Membership::new([1, 2, 3, 4]),
+    };
+    let c1 = entry_of(
+        2,
+        snap.position,
+        EntryKind::Membership(std::sync::Arc::new(Membership::new([1, 2, 3]))),
+    );
+    let mut with_learner = Membership::new([1, 2, 3]);
+    with_learner.learners.insert(4);
+    let c2 = entry_of(
+        2,
+        c1.end(),
+        EntryKind::Membership(std::sync::Arc::new(with_learner)),
+    );
+    let term_start = entry_of(3, c2.end(), EntryKind::TermStart);
+    ReAdded {
+        snap,
+        c1,
+        c2,
+        term_start,
+    }
+}
+
+/// `body` from node `from` at `term` to node 4.
+fn to_node_4(from: NodeId, term: Term, body: Body) -> Event {
+    Event::Message(Message {
+        cluster_id: 7,
+        from,
+        to: 4,
+        term,
+        body,
+    })
+}
+
+fn acted_on_removal(out: &[Action]) -> bool {
+    out.iter().any(|a| matches!(a, Action::Removed { .. }))
+}
+
+/// A node added again under the id of a removed one (empty data, joining)
+/// is sent a snapshot taken before that removal, so its configuration
+/// includes the earlier node of its id, by a new leader (term 3) whose
+/// commit position is not past the snapshot yet. It has not caught up:
+/// it must go on ignoring removal notices, such as a lagging node's whose
+/// latest committed configuration is the one that removed the earlier
+/// node (found by review: it counted itself caught up there, on the old
+/// configuration, and stopped for good).
+#[test]
+fn a_joining_node_is_not_caught_up_on_an_earlier_nodes_configuration() {
+    let r = re_added();
+    let mut n = Node::new(Config::new(4, 7), Membership::default(), 0);
+    assert!(n.joining());
+    let mut out = Vec::new();
+    let t = 10 * MS;
+    n.step(
+        t,
+        to_node_4(
+            1,
+            3,
+            Body::InstallSnapshot {
+                meta: r.snap.clone(),
+                offset: 0,
+                chunk: Bytes::from_static(b"state"),
+                done: true,
+            },
+        ),
+        &mut out,
+    );
+    assert_eq!(n.commit_position(), r.snap.position);
+    let heartbeat = |commit| {
+        to_node_4(
+            1,
+            3,
+            Body::Append {
+                prev_pos: r.snap.position,
+                prev_term: r.snap.term,
+                commit,
+                heartbeat: 1,
+                entries: Vec::new(),
+            },
+        )
+    };
+    n.step(t, heartbeat(r.snap.position), &mut out);
+    assert!(n.joining(), "caught up on its predecessor's configuration");
+    n.step(
+        t,
+        to_node_4(
+            2,
+            2,
+            Body::Removed {
+                position: r.c1.end(),
+            },
+        ),
+        &mut out,
+    );
+    assert!(!acted_on_removal(&out), "{out:?}");
+    assert!(n.removed().is_none());
+    // Caught up for real: it holds the configuration adding it again and
+    // the leader's term start, durable.
+    let entries = vec![r.c1.clone(), r.c2.clone(), r.term_start.clone()];
+    let end = r.term_start.end();
+    n.step(
+        t,
+        to_node_4(
+            1,
+            3,
+            Body::Append {
+                prev_pos: r.snap.position,
+                prev_term: r.snap.term,
+                commit: end,
+                heartbeat: 2,
+                entries,
+            },
+        ),
+        &mut out,
+    );
+    assert!(n.joining(), "done before its entries are durable");
+    n.step(
+        t,
+        Event::Durable {
+            position: end,
+            term: 3,
+        },
+        &mut out,
+    );
+    assert!(!n.joining());
+    out.clear();
+    // A stale notice is ignored for the configuration after it; a
+    // removal after the one that added it back is taken.
+    n.step(
+        t,
+        to_node_4(
+            2,
+            2,
+            Body::Removed {
+                position: r.c1.end(),
+            },
+        ),
+        &mut out,
+    );
+    assert!(!acted_on_removal(&out), "{out:?}");
+    n.step(
+        t,
+        to_node_4(2, 3, Body::Removed { position: end }),
+        &mut out,
+    );
+    assert!(acted_on_removal(&out), "{out:?}");
+}
+
+/// The restart of a node added again under a removed node's id, before it
+/// caught up: its data (a snapshot taken before the removal) holds a
+/// configuration that included the earlier node of its id, so it cannot
+/// tell from its data that it is still joining. The runtime, which
+/// records that it finished joining, says so with `resume_joining`, and a
+/// lagging node's notice of the earlier removal is ignored (the hole its
+/// author left open). Without it the node would stop for good.
+#[test]
+fn a_re_added_node_restarted_before_it_caught_up_resumes_joining() {
+    let r = re_added();
+    let restarted = || {
+        Node::restart(
+            Config::new(4, 7),
+            Recovered {
+                hard_state: HardState {
+                    term: 3,
+                    ..HardState::default()
+                },
+                snapshot: Some(Snapshot {
+                    meta: r.snap.clone(),
+                    data: Bytes::from_static(b"state"),
+                }),
+                snapshot_file_size: 10,
+                entries: Vec::new(),
+            },
+            0,
+        )
+    };
+    let notice = || {
+        to_node_4(
+            2,
+            2,
+            Body::Removed {
+                position: r.c1.end(),
+            },
+        )
+    };
+    // Told nothing, the core takes it for a member that was removed.
+    let mut n = restarted();
+    assert!(!n.joining());
+    let mut out = Vec::new();
+    n.step(0, notice(), &mut out);
+    assert!(acted_on_removal(&out), "{out:?}");
+
+    let mut n = restarted();
+    n.resume_joining();
+    assert!(n.joining());
+    let mut out = Vec::new();
+    n.step(0, notice(), &mut out);
+    assert!(!acted_on_removal(&out), "{out:?}");
+    assert!(n.removed().is_none());
+    // Caught up with the leader: done.
+    let entries = vec![r.c1.clone(), r.c2.clone(), r.term_start.clone()];
+    let end = r.term_start.end();
+    let append = Body::Append {
+        prev_pos: r.snap.position,
+        prev_term: r.snap.term,
+        commit: end,
+        heartbeat: 1,
+        entries,
+    };
+    n.step(10_000 * MS, to_node_4(1, 3, append), &mut out);
+    n.step(
+        10_000 * MS,
+        Event::Durable {
+            position: end,
+            term: 3,
+        },
+        &mut out,
+    );
+    assert!(!n.joining());
+}

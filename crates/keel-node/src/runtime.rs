@@ -86,6 +86,16 @@ pub enum NodeError {
 /// data directory holding it is refused.
 pub const REMOVED_FILE: &str = "REMOVED";
 
+/// The file a node created to join (`join = true`: no membership of its
+/// own) writes into its data directory once it has caught up with a leader
+/// whose configuration includes it (`Node::joining` turned false). A
+/// restart of such a node without it tells the core it is still joining
+/// (`Node::resume_joining`): its data may hold configurations that
+/// included an earlier node of its id (a snapshot or entries from before
+/// that node was removed), and a lagging member's notice of that removal
+/// must not stop it.
+pub const JOINED_FILE: &str = "JOINED";
+
 /// How long a node that learned it was removed keeps its network up after
 /// it stopped, so the answers already on their way get out.
 const REMOVED_LINGER: Duration = Duration::from_millis(200);
@@ -1430,7 +1440,17 @@ fn run_node(
     core_cfg.log_cache_bytes = cfg.log_cache_bytes;
     core_cfg.lease_reads = cfg.lease_reads;
     core_cfg.clock_drift_ppm = cfg.clock_drift_ppm;
-    let node = Node::restart(core_cfg, recovered, start_wall);
+    let mut node = Node::restart(core_cfg, recovered, start_wall);
+    // A node created to join that has not recorded that it caught up.
+    let created_to_join = hard.membership.voters.is_empty() && hard.membership.learners.is_empty();
+    let join_unrecorded = created_to_join
+        && !dir
+            .join(JOINED_FILE)
+            .try_exists()
+            .map_err(|e| NodeError::Start(format!("checking for {JOINED_FILE}: {e}")))?;
+    if join_unrecorded {
+        node.resume_joining();
+    }
     let clock = CoreClock::new(start_wall);
     if !first_start {
         if let Some(w) = unreachable_members(&cfg, node.membership()) {
@@ -1473,6 +1493,7 @@ fn run_node(
         log_writes: Vec::new(),
         removed_by: None,
         removed: removed.clone(),
+        join_unrecorded,
     };
     let _ = internal_tx.send(Internal::Applied {
         position: snapshot.meta.position,
@@ -1659,6 +1680,8 @@ struct Consensus {
     removed_by: Option<(NodeId, Position)>,
     /// Shared with the handle: why the node stopped, if it was removed.
     removed: Arc<Mutex<Option<String>>>,
+    /// Created to join, and `JOINED_FILE` not written yet.
+    join_unrecorded: bool,
 }
 
 impl Consensus {
@@ -2207,6 +2230,9 @@ impl Consensus {
         if let Some((position, term)) = self.written.take() {
             self.step(Event::Durable { position, term })?;
         }
+        if self.join_unrecorded && !self.node.joining() {
+            self.record_joined();
+        }
         // Committed changes are answered as such (a leader's own removal
         // included); then, before `answer_deposed`, the other clients of a
         // removed node hear that it was removed, not that it lost its
@@ -2217,6 +2243,30 @@ impl Consensus {
         }
         self.answer_deposed();
         Ok(())
+    }
+
+    /// This node, created to join, has caught up with a leader whose
+    /// configuration includes it (on entries the core knows are durable):
+    /// `JOINED_FILE` records it. If it cannot be written, a restart
+    /// resumes joining, which only delays when the node may learn of a
+    /// removal.
+    fn record_joined(&mut self) {
+        self.join_unrecorded = false;
+        let text = format!(
+            "Node {} of cluster {:#x} caught up with a leader whose configuration includes it \
+             (log position {}): removal notices apply to it from here on.\n",
+            self.cfg.id,
+            self.cfg.cluster_id,
+            self.node.durable_position()
+        );
+        match meta::write_atomic(&self.cfg.data_dir, JOINED_FILE, text.as_bytes()) {
+            Ok(()) => info!("node {}: joined the cluster", self.cfg.id),
+            Err(e) => warn!(
+                "node {}: could not write {JOINED_FILE} into {}: {e}",
+                self.cfg.id,
+                self.cfg.data_dir.display()
+            ),
+        }
     }
 
     /// This node was removed from the cluster: says so (log, clients, a
@@ -3797,5 +3847,110 @@ mod removed_tests {
         for n in &nodes {
             n.shutdown();
         }
+    }
+
+    /// A node added again under the id of a removed one (`join = true`,
+    /// empty data) gets, from leader 1 of term 2, an entry of an earlier
+    /// term whose configuration includes the earlier node 4, and restarts
+    /// before it has caught up. The restart must not take it for that
+    /// node: a lagging member's notice of the earlier node's removal is
+    /// ignored (without `JOINED_FILE` the node stopped for good). Once it
+    /// has caught up it records `JOINED_FILE`, and a removal notice then
+    /// stops it. Nodes 1 and 2 are played by the test.
+    #[test]
+    fn a_node_added_again_that_restarts_before_it_caught_up_ignores_the_old_removal() {
+        use keel_core::{Body, Entry, EntryKind, Membership, Message};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let heard = Arc::new(Mutex::new(Vec::<Message>::new()));
+        let recorder = || -> keel_net::tcp::Inbound {
+            let heard = heard.clone();
+            Arc::new(move |m| heard.lock().expect("heard").push(m))
+        };
+        // (A sender of the in-memory network sends as any node.)
+        let fakes = net.join(1, recorder());
+        let _ = net.join(2, recorder());
+        let cluster_id = config(4, tmp.path()).cluster_id;
+        let to_4 = |from, term, body| {
+            fakes.send(Message {
+                cluster_id,
+                from,
+                to: 4,
+                term,
+                body,
+            })
+        };
+        let acked = |position: Position| {
+            let heard = heard.clone();
+            move || {
+                heard.lock().expect("heard").iter().any(|m| {
+                    matches!(m.body, Body::AppendResp { ok: true, position: p, .. } if p >= position)
+                })
+            }
+        };
+        let start = || {
+            let mut cfg = config(4, tmp.path());
+            cfg.join = true;
+            start_with(cfg, Box::new(Echo), Transport::Memory(net.clone())).expect("start")
+        };
+        let dir = config(4, tmp.path()).data_dir;
+        let old = Entry {
+            term: 1,
+            position: 0,
+            timestamp: 1,
+            kind: EntryKind::Membership(Arc::new(Membership::new([1, 2, 3, 4]))),
+            data: Bytes::new(),
+        };
+        let append = |prev_pos, prev_term, commit, entries| Body::Append {
+            prev_pos,
+            prev_term,
+            commit,
+            heartbeat: 1,
+            entries,
+        };
+
+        let node = start();
+        to_4(1, 2, append(0, 0, old.end(), vec![old.clone()]));
+        wait_for("node 4 holds the old configuration", acked(old.end()));
+        assert!(!dir.join(JOINED_FILE).exists());
+        node.shutdown();
+        node.wait().expect("a clean stop");
+
+        heard.lock().expect("heard").clear();
+        let node = start();
+        // A lagging member's notice of the earlier node's removal.
+        to_4(
+            2,
+            2,
+            Body::Removed {
+                position: old.end() + 100,
+            },
+        );
+        // (Taken after the notice: the same queue.)
+        to_4(1, 2, append(old.end(), 1, old.end(), Vec::new()));
+        let answered = acked(old.end());
+        wait_for("node 4 answers its leader", || {
+            answered() || node.is_stopped()
+        });
+        assert!(!node.is_stopped(), "node 4 took the stale notice");
+        assert!(!dir.join(REMOVED_FILE).exists());
+
+        // Caught up: the leader's term start.
+        let start_of_term = Entry {
+            term: 2,
+            position: old.end(),
+            timestamp: 2,
+            kind: EntryKind::TermStart,
+            data: Bytes::from_static(keel_core::TERM_START_MARK),
+        };
+        let end = start_of_term.end();
+        to_4(1, 2, append(old.end(), 1, end, vec![start_of_term]));
+        wait_for("node 4 records it joined", || {
+            dir.join(JOINED_FILE).exists()
+        });
+        to_4(2, 2, Body::Removed { position: end });
+        wait_for("node 4 stops once removed", || node.is_stopped());
+        assert!(matches!(node.wait(), Err(NodeError::Removed(_))));
+        assert!(dir.join(REMOVED_FILE).exists());
     }
 }

@@ -201,6 +201,11 @@ impl Invariants {
         self.committed.keys().next_back().copied().unwrap_or(0)
     }
 
+    /// The latest term any node was elected leader of (0: none yet).
+    pub fn newest_leader_term(&self) -> Term {
+        self.newest_leader.0
+    }
+
     /// The node elected leader of `term`, if any.
     pub fn leader_of(&self, term: Term) -> Option<NodeId> {
         self.leaders.get(&term).copied()

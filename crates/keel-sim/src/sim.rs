@@ -14,7 +14,7 @@ use keel_core::rng::Rng;
 use keel_core::{
     Action, Body, Config, Entry, Event, HardState, Membership, MembershipChange, Message, Nanos,
     Node, NodeId, Position, Proposal, Recovered, RejectReason, Reply, Role, ServiceHost, Snapshot,
-    SnapshotMeta, Term, TestingBugs,
+    SnapshotMeta, Term, TestingBugs, TimerUpdate,
 };
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -68,6 +68,18 @@ pub struct FaultMix {
     /// half of those as it starts hearing nothing again. For 30% of the
     /// transfers every `TimeoutNow` arrives only that late.
     pub transfers: bool,
+    /// The leader of the moment is cut off from every other node, or from
+    /// all but a minority, while a client that reads in a loop from it (a
+    /// client given only that node's address) goes on reading there: a
+    /// deposed leader that has not noticed yet gets reads after the
+    /// majority elected another and committed.
+    pub isolate_leader: bool,
+    /// Most (80%) of the snapshot transfers a leader starts while faults
+    /// are active are also delivered a second time: every message on that link for
+    /// the next 50-300 ms arrives again, in order, 100-800 ms later (a
+    /// duplicating, reordering network), after the follower has installed
+    /// the snapshot and moved on.
+    pub late_copies: bool,
 }
 
 impl FaultMix {
@@ -84,6 +96,8 @@ impl FaultMix {
         clock_jumps: false,
         membership: false,
         transfers: false,
+        isolate_leader: false,
+        late_copies: false,
     };
 
     /// Every named mix, from calm to chaos.
@@ -96,6 +110,8 @@ impl FaultMix {
                 loss: 0.05,
                 duplicate: 0.03,
                 reorder: 0.1,
+                isolate_leader: true,
+                late_copies: true,
                 ..n.clone()
             },
             FaultMix {
@@ -103,6 +119,8 @@ impl FaultMix {
                 partitions: true,
                 asymmetric: true,
                 cut_link: true,
+                isolate_leader: true,
+                late_copies: true,
                 ..n.clone()
             },
             FaultMix {
@@ -114,6 +132,7 @@ impl FaultMix {
                 name: "crashes",
                 crashes: true,
                 slow_disk: true,
+                late_copies: true,
                 ..n.clone()
             },
             FaultMix {
@@ -127,6 +146,7 @@ impl FaultMix {
                 membership: true,
                 crashes: true,
                 loss: 0.02,
+                late_copies: true,
                 ..n.clone()
             },
             FaultMix {
@@ -142,6 +162,8 @@ impl FaultMix {
                 clock_jumps: true,
                 membership: true,
                 transfers: false,
+                isolate_leader: true,
+                late_copies: true,
             },
             FaultMix {
                 name: "transfers",
@@ -151,6 +173,7 @@ impl FaultMix {
                 loss: 0.02,
                 duplicate: 0.02,
                 reorder: 0.05,
+                late_copies: true,
                 ..n.clone()
             },
         ]
@@ -180,6 +203,11 @@ impl FaultMix {
         if self.clock_jumps {
             v.push(Nemesis::ClockJump);
         }
+        if self.isolate_leader {
+            // Twice as often as each other fault: few runs depose a
+            // leader that has not noticed while a majority elects another.
+            v.extend([Nemesis::IsolateLeader; 2]);
+        }
         if self.transfers {
             // As often as all the other faults together.
             v.extend(std::iter::repeat_n(Nemesis::Transfer, v.len().max(1)));
@@ -197,6 +225,7 @@ enum Nemesis {
     SlowDisk,
     ClockJump,
     Transfer,
+    IsolateLeader,
 }
 
 /// One simulation run's parameters.
@@ -354,6 +383,14 @@ impl Scenario {
     /// The scenario's settings over `cfg` (best with the calm mix).
     pub fn apply(self, cfg: &mut SimConfig) {
         cfg.scenario = Some(self);
+        if matches!(
+            self,
+            Scenario::WipedFollowerIdle | Scenario::WipedFollowerUnderLoad
+        ) {
+            // The wiped node must hear from the leader every election
+            // timeout: no isolated leader.
+            cfg.mix.isolate_leader = false;
+        }
         match self {
             Scenario::WipedFollowerIdle => {
                 cfg.snapshot_every = 2 * 1024;
@@ -519,6 +556,23 @@ pub struct Report {
     /// the voters' stickiness can last is a violation.
     pub last_read_after_cut: Nanos,
     pub log_ranges_unsent: u64,
+    /// Leaders cut off by the `isolate_leader` nemesis.
+    pub leader_isolations: u64,
+    /// Messages delivered a second time, late (`FaultMix::late_copies`).
+    pub late_copies: u64,
+    /// `Action::Apply`s the core gave while the service had applied more
+    /// than the core had heard of (its reports late): a core that handed
+    /// out entries from what it heard, not from what it sent, would apply
+    /// some twice here.
+    pub applies_ahead_of_reports: u64,
+    /// Reads that reached a node leading an old term after a later leader
+    /// had committed past its commit position: it must not answer them
+    /// from its own commit without a heartbeat round a quorum echoes.
+    pub reads_at_deposed_leaders: u64,
+    /// Snapshot chunks that reached a node whose commit had passed the
+    /// snapshot's position (late or repeated): installing one would move
+    /// its commit back.
+    pub snapshot_chunks_below_commit: u64,
     pub membership_changes: u64,
     /// `Body::Removed` notices sent, nodes that stopped for good on one
     /// (or on committing their own removal as leader), and removed ids
@@ -616,6 +670,9 @@ enum Ev {
     },
     Tick(NodeId, u64),
     DiskSync(NodeId, u64),
+    /// The service's reports of what it applied (and captured) reach the
+    /// core (`SimNode::reports`).
+    ServiceReports(NodeId, u64),
     ClientWake(u64, u64),
     Nemesis,
     HealLinks(Vec<(NodeId, NodeId)>),
@@ -703,6 +760,16 @@ impl Disk {
     }
 }
 
+/// One report of the service to the core.
+enum ServiceReport {
+    Applied {
+        position: Position,
+        timers: Vec<TimerUpdate>,
+    },
+    /// The state at this applied position, captured for a snapshot.
+    Captured(Position, Bytes),
+}
+
 struct SimNode {
     id: NodeId,
     core: Option<Node>,
@@ -721,9 +788,17 @@ struct SimNode {
     reads: HashMap<u64, (u64, Bytes, Position)>,
     ready_reads: Vec<(u64, Position)>,
     last_snapshot: Position,
-    /// The service state captured for the snapshot the core was last told
-    /// of (`Event::SnapshotTaken`), until the core saves or ignores it.
+    /// The service state captured for the snapshot the core is being told
+    /// of (`Event::SnapshotTaken`), while it saves or ignores it.
     captured: Option<(Position, Bytes)>,
+    /// What the service applied and captured that the core has not heard
+    /// yet, in order: as the runtime's service thread, the service applies
+    /// each `Action::Apply` at once (replies go out, reads are served) but
+    /// its reports reach the core late, several at a time, so the core
+    /// goes on committing (and hands out more entries) meanwhile.
+    reports: VecDeque<ServiceReport>,
+    /// An `Ev::ServiceReports` is scheduled.
+    reports_scheduled: bool,
     /// When the last snapshot file handed to storage got there (files are
     /// written one at a time, in order).
     staged_until: Nanos,
@@ -776,11 +851,27 @@ struct Client {
     target: NodeId,
     op: Option<ClientOp>,
     wake_token: u64,
+    /// Only reads, in a loop, and stays with its node until the node
+    /// refuses it (a client given one node's address): it retries there
+    /// after a time-out rather than trying another node
+    /// (`FaultMix::isolate_leader`). Its random draws come from `Sim::aux`.
+    pinned: bool,
 }
 
 pub struct Sim {
     cfg: SimConfig,
     rng: Rng,
+    /// A second random stream, for the service's report delays, the
+    /// pinned reader, leader isolations and late copies: so adding them
+    /// left the main stream's draws where they were.
+    aux: Rng,
+    /// Links whose messages are delivered a second time, late
+    /// (`FaultMix::late_copies`): (from, to) → (until, delay).
+    late_copies: HashMap<(NodeId, NodeId), (Nanos, Nanos)>,
+    /// `FaultMix::isolate_leader`: the nodes cut off (the leader and up to
+    /// a minority of its voters) until when, and how late what the others
+    /// send them arrives (`None`: it is cut too).
+    isolated: Option<(BTreeSet<NodeId>, Nanos, Option<Nanos>)>,
     now: Nanos,
     seq: u64,
     queue: BinaryHeap<Reverse<Queued>>,
@@ -940,6 +1031,8 @@ impl Sim {
                 ready_reads: Vec::new(),
                 last_snapshot: 0,
                 captured: None,
+                reports: VecDeque::new(),
+                reports_scheduled: false,
                 staged_until: 0,
                 removed: false,
             });
@@ -951,13 +1044,23 @@ impl Sim {
                 target: 1,
                 op: None,
                 wake_token: 0,
+                pinned: false,
             })
+            .chain(cfg.mix.isolate_leader.then_some(Client {
+                id: 100 + cfg.clients as u64,
+                next_seq: 1,
+                target: 1,
+                op: None,
+                wake_token: 0,
+                pinned: true,
+            }))
             .chain(std::iter::once(Client {
                 id: PROBE_CLIENT,
                 next_seq: 1,
                 target: 1,
                 op: None,
                 wake_token: 0,
+                pinned: false,
             }))
             .collect();
         let mix = cfg.mix.clone();
@@ -967,6 +1070,9 @@ impl Sim {
                 ..Report::default()
             },
             rng,
+            aux: Rng::new(cfg.seed ^ 0x6175_785f_726e_6721),
+            late_copies: HashMap::new(),
+            isolated: None,
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -1007,6 +1113,10 @@ impl Sim {
         for c in 0..sim.cfg.clients {
             let t = sim.rng.range(0, 50 * MS);
             sim.schedule(t, Ev::ClientWake(100 + c as u64, 0));
+        }
+        if sim.cfg.mix.isolate_leader {
+            let t = sim.aux.range(0, 50 * MS);
+            sim.schedule(t, Ev::ClientWake(100 + sim.cfg.clients as u64, 0));
         }
         if !sim.cfg.mix.nemesis_kinds().is_empty() {
             let t = sim.rng.range(100 * MS, 600 * MS);
@@ -1068,6 +1178,12 @@ impl Sim {
             Ev::Peer(m) => {
                 let i = self.idx(m.to);
                 self.heard(&m);
+                if let Body::InstallSnapshot { meta, .. } = &m.body {
+                    let commit = self.nodes[i].core.as_ref().map(Node::commit_position);
+                    if commit.is_some_and(|c| c > meta.position) {
+                        self.report.snapshot_chunks_below_commit += 1;
+                    }
+                }
                 self.step_node(i, Event::Message(m));
             }
             Ev::Request {
@@ -1086,6 +1202,7 @@ impl Sim {
                 }
             }
             Ev::DiskSync(id, inc) => self.disk_sync(id, inc),
+            Ev::ServiceReports(id, inc) => self.deliver_reports(id, inc),
             Ev::ClientWake(c, token) => self.client_wake(c, token),
             Ev::Nemesis => self.nemesis(),
             Ev::LateTimeoutNow(m) => {
@@ -1166,6 +1283,15 @@ impl Sim {
         if cut || self.blocked.contains(&(m.from, m.to)) {
             return;
         }
+        let mut late = 0;
+        if let Some((side, until, slow)) = &self.isolated {
+            if self.now < *until && side.contains(&m.from) != side.contains(&m.to) {
+                match slow {
+                    Some(extra) if side.contains(&m.to) => late = *extra,
+                    _ => return,
+                }
+            }
+        }
         let timeout_now = matches!(m.body, keel_core::Body::TimeoutNow { .. });
         if timeout_now && self.faults_active && self.late_timeout_now == Some((m.from, m.term)) {
             let late = self.rng.range(200 * MS, 1_500 * MS);
@@ -1179,7 +1305,13 @@ impl Sim {
         };
         for _ in 0..copies {
             if let Some(d) = self.net_delay(m.from, m.to) {
-                self.schedule(d, Ev::Peer(m.clone()));
+                self.schedule(d + late, Ev::Peer(m.clone()));
+            }
+        }
+        if let Some(&(until, delay)) = self.late_copies.get(&(m.from, m.to)) {
+            if self.now < until && self.faults_active {
+                self.report.late_copies += 1;
+                self.schedule(delay, Ev::Peer(m.clone()));
             }
         }
         if !(self.cfg.mix.transfers && self.faults_active && timeout_now) {
@@ -1417,6 +1549,15 @@ impl Sim {
                 if newest.is_some_and(|p| p > position) {
                     self.report.snapshot_chunks_behind_newest += 1;
                 }
+                if offset == 0
+                    && self.faults_active
+                    && self.cfg.mix.late_copies
+                    && self.aux.chance(0.8)
+                {
+                    let until = self.now + self.aux.range(50 * MS, 300 * MS);
+                    let delay = self.aux.range(100 * MS, 800 * MS);
+                    self.late_copies.insert((id, message.to), (until, delay));
+                }
                 self.send_peer(message);
             }
             Action::SendLogRange {
@@ -1456,6 +1597,10 @@ impl Sim {
                 self.send_peer(message);
             }
             Action::Apply(entries) => {
+                let heard = self.nodes[i].core.as_ref().map(Node::applied_position);
+                if heard.is_some_and(|h| h < self.nodes[i].host.applied()) {
+                    self.report.applies_ahead_of_reports += 1;
+                }
                 self.inv.apply(
                     id,
                     self.nodes[i].host.applied(),
@@ -1474,7 +1619,7 @@ impl Sim {
                     }
                 }
                 let applied = self.nodes[i].host.applied();
-                queue.push_back(Event::Applied {
+                self.nodes[i].reports.push_back(ServiceReport::Applied {
                     position: applied,
                     timers: out.timers,
                 });
@@ -1482,9 +1627,11 @@ impl Sim {
                 if applied >= self.nodes[i].last_snapshot + self.cfg.snapshot_every {
                     self.nodes[i].last_snapshot = applied;
                     let data = self.nodes[i].host.snapshot();
-                    self.nodes[i].captured = Some((applied, data));
-                    queue.push_back(Event::SnapshotTaken { position: applied });
+                    self.nodes[i]
+                        .reports
+                        .push_back(ServiceReport::Captured(applied, data));
                 }
+                self.schedule_reports(i);
             }
             Action::InstallSnapshot { meta, image } => {
                 let s = match keel_log::meta::decode_snapshot(Path::new("received"), &image) {
@@ -1535,10 +1682,13 @@ impl Sim {
                 self.inv
                     .install_snapshot(id, &s, &mut self.report.violations);
                 match self.nodes[i].host.restore(&s) {
-                    Ok(timers) => queue.push_back(Event::Applied {
-                        position: pos,
-                        timers,
-                    }),
+                    Ok(timers) => {
+                        self.nodes[i].reports.push_back(ServiceReport::Applied {
+                            position: pos,
+                            timers,
+                        });
+                        self.schedule_reports(i);
+                    }
                     Err(e) => self
                         .report
                         .violations
@@ -1746,6 +1896,51 @@ impl Sim {
         }
     }
 
+    /// Schedules the delivery of the service's pending reports, unless one
+    /// is scheduled (reports made meanwhile go with it): mostly within a
+    /// millisecond, sometimes after a few, now and then after tens (a busy
+    /// service thread).
+    fn schedule_reports(&mut self, i: usize) {
+        if self.nodes[i].reports_scheduled || self.nodes[i].reports.is_empty() {
+            return;
+        }
+        self.nodes[i].reports_scheduled = true;
+        let d = match self.aux.range(0, 10) {
+            0..=5 => self.aux.range(0, MS),
+            6..=8 => self.aux.range(MS, 10 * MS),
+            _ => self.aux.range(10 * MS, 60 * MS),
+        };
+        let ev = Ev::ServiceReports(self.nodes[i].id, self.nodes[i].incarnation);
+        self.schedule(d, ev);
+    }
+
+    /// The core hears the service's pending reports, in order.
+    fn deliver_reports(&mut self, id: NodeId, inc: u64) {
+        let i = self.idx(id);
+        if self.nodes[i].incarnation != inc || self.nodes[i].core.is_none() {
+            return;
+        }
+        self.nodes[i].reports_scheduled = false;
+        // (What the service reports meanwhile goes with a later delivery.)
+        for r in std::mem::take(&mut self.nodes[i].reports) {
+            match r {
+                ServiceReport::Applied { position, timers } => {
+                    self.step_node(i, Event::Applied { position, timers })
+                }
+                ServiceReport::Captured(position, data) => {
+                    // The core answers with `SaveSnapshot`, which takes the
+                    // capture, or with nothing: then it is dropped.
+                    self.nodes[i].captured = Some((position, data));
+                    self.step_node(i, Event::SnapshotTaken { position });
+                    self.nodes[i].captured = None;
+                }
+            }
+            if self.nodes[i].incarnation != inc || self.nodes[i].core.is_none() {
+                return;
+            }
+        }
+    }
+
     fn schedule_sync(&mut self, i: usize) {
         if !self.nodes[i].sync_scheduled {
             self.nodes[i].sync_scheduled = true;
@@ -1832,6 +2027,8 @@ impl Sim {
         node.incarnation += 1;
         node.pending.clear();
         node.sync_scheduled = false;
+        node.reports.clear();
+        node.reports_scheduled = false;
         node.writes.clear();
         node.reads.clear();
         node.ready_reads.clear();
@@ -1932,6 +2129,14 @@ impl Sim {
             }
             ReqKind::Read { data } => {
                 let floor = self.inv.committed_upto();
+                let deposed = self.nodes[i].core.as_ref().is_some_and(|c| {
+                    c.is_leader()
+                        && self.inv.newest_leader_term() > c.term()
+                        && floor > c.commit_position()
+                });
+                if deposed {
+                    self.report.reads_at_deposed_leaders += 1;
+                }
                 self.nodes[i].reads.insert(req, (client, data, floor));
                 self.step_node(i, Event::Read { id: req });
             }
@@ -1955,8 +2160,9 @@ impl Sim {
         }
         if let Some(op) = self.clients[ci].op.as_ref() {
             // A rejected attempt retries at the hinted node; a timed-out one
-            // elsewhere. Either way with the same sequence number.
-            if op.req != 0 {
+            // elsewhere (a pinned reader's at the same node). Either way
+            // with the same sequence number.
+            if op.req != 0 && !self.clients[ci].pinned {
                 let target = self.all_ids[self.rng.range(0, self.all_ids.len() as u64) as usize];
                 self.clients[ci].target = target;
             }
@@ -1974,6 +2180,11 @@ impl Sim {
                 .healed_at
                 .is_none_or(|h| self.now < h + self.cfg.liveness_bound / 2);
         if c == PROBE_CLIENT || !generating {
+            return;
+        }
+        if self.clients[ci].pinned {
+            let key = self.aux.range(0, self.cfg.keys);
+            self.start_op(ci, KvInput::Get { key });
             return;
         }
         let key = self.rng.range(0, self.cfg.keys);
@@ -2103,21 +2314,27 @@ impl Sim {
                     self.probe_done = true;
                     return;
                 }
-                let think = self.rng.range(0, 20 * MS);
+                let think = if self.clients[ci].pinned {
+                    self.aux.range(0, 5 * MS)
+                } else {
+                    self.rng.range(0, 20 * MS)
+                };
                 self.schedule(think, Ev::ClientWake(c, token));
             }
             Resp::Reject(reason) => {
+                let pinned = self.clients[ci].pinned;
+                let rng = if pinned { &mut self.aux } else { &mut self.rng };
                 let target = match reason {
                     RejectReason::NotLeader { leader: Some(l) } => l,
-                    _ => self.all_ids[self.rng.range(0, self.all_ids.len() as u64) as usize],
+                    _ => self.all_ids[rng.range(0, self.all_ids.len() as u64) as usize],
                 };
+                // Retry soon (the wake sees the op still pending). Keep the
+                // new target: the wake picks a random one only on timeout.
+                let delay = rng.range(2 * MS, 20 * MS);
                 let client = &mut self.clients[ci];
                 client.target = target;
                 client.wake_token += 1;
                 let token = client.wake_token;
-                // Retry soon (the wake sees the op still pending). Keep the
-                // new target: the wake picks a random one only on timeout.
-                let delay = self.rng.range(2 * MS, 20 * MS);
                 self.schedule(delay, Ev::ClientWake(c, token));
                 if let Some(op) = self.clients[ci].op.as_mut() {
                     op.req = 0;
@@ -2134,6 +2351,18 @@ impl Sim {
         }
         let kinds = self.cfg.mix.nemesis_kinds();
         let kind = kinds[self.rng.range(0, kinds.len() as u64) as usize];
+        // While a leader is isolated the rest of the network stays whole, so
+        // the majority elects a leader as soon as it may.
+        let isolating = self.isolated.as_ref().is_some_and(|i| self.now < i.1);
+        let network = matches!(
+            kind,
+            Nemesis::Partition | Nemesis::Asymmetric | Nemesis::CutLink | Nemesis::IsolateLeader
+        );
+        if isolating && network {
+            let next = self.rng.range(100 * MS, 1000 * MS);
+            self.schedule(next, Ev::Nemesis);
+            return;
+        }
         let n = self.all_ids.len() as u64;
         let pick = |rng: &mut Rng| rng.range(1, n + 1);
         let dur = self.rng.range(300 * MS, 2500 * MS);
@@ -2193,6 +2422,7 @@ impl Sim {
                 self.nodes[i].clock.jump(self.now, jump * MS as i64);
             }
             Nemesis::Transfer => self.transfer(),
+            Nemesis::IsolateLeader => self.isolate_leader(),
         }
         let next = self.rng.range(100 * MS, 1000 * MS);
         self.schedule(next, Ev::Nemesis);
@@ -2317,6 +2547,63 @@ impl Sim {
         }
     }
 
+    /// `FaultMix::isolate_leader`: cuts the leader of the moment off from
+    /// every other node but up to a minority of its voters, for 0.5-2 s,
+    /// and points the pinned reader at it. 70% of the time only what its
+    /// side sends is cut, and what the others send it arrives 100-400 ms
+    /// late (a congested link): it hears their last echoes, and later the
+    /// new term, that much later. Check-quorum deposes it only one to two
+    /// minimum election timeouts (plus that delay) later, and the majority
+    /// can elect and commit before that: reads it answers meanwhile must
+    /// still wait for a heartbeat round that a quorum echoes.
+    fn isolate_leader(&mut self) {
+        let Some(l) = self.leader_index() else {
+            return;
+        };
+        let Some(core) = self.nodes[l].core.as_ref() else {
+            return;
+        };
+        let leader = core.id();
+        let mut others: Vec<NodeId> = core
+            .membership()
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != leader)
+            .collect();
+        let keep_max = (others.len() / 2).saturating_sub(1);
+        // (Mostly as many as a minority allows: with five voters, a read
+        // needs an echo from one of them.)
+        let keep = if self.aux.chance(0.7) {
+            keep_max
+        } else {
+            self.aux.range(0, keep_max as u64 + 1) as usize
+        };
+        let mut side = BTreeSet::from([leader]);
+        for _ in 0..keep {
+            let k = self.aux.range(0, others.len() as u64) as usize;
+            side.insert(others.swap_remove(k));
+        }
+        let dur = self.aux.range(500 * MS, 2 * SEC);
+        let slow = self
+            .aux
+            .chance(0.7)
+            .then(|| self.aux.range(100 * MS, 400 * MS));
+        // The other network faults end (their heals find nothing to heal).
+        self.blocked.clear();
+        self.report.leader_isolations += 1;
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {leader}: isolated with {side:?}",
+                self.now as f64 / 1e6
+            );
+        }
+        self.isolated = Some((side, self.now + dur, slow));
+        for c in self.clients.iter_mut().filter(|c| c.pinned) {
+            c.target = leader;
+        }
+    }
+
     fn block(&mut self, links: Vec<(NodeId, NodeId)>, dur: Nanos) {
         for &l in &links {
             self.blocked.insert(l);
@@ -2331,6 +2618,8 @@ impl Sim {
         self.unreachable.clear();
         self.cut_off = None;
         self.cut_early = None;
+        self.late_copies.clear();
+        self.isolated = None;
         self.loss = 0.0;
         self.duplicate = 0.0;
         self.reorder = 0.0;

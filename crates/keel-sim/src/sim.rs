@@ -681,6 +681,8 @@ enum Ev {
     HealAll,
     MembershipChange,
     LivenessProbe,
+    /// `FaultMix::isolate_leader`: isolate this node if it still leads.
+    IsolateLeader(NodeId),
     /// A snapshot file is written and handed to storage to publish.
     SnapshotStaged(NodeId, u64, Box<Snapshot>),
     Wipe,
@@ -872,6 +874,11 @@ pub struct Sim {
     /// a minority of its voters) until when, and how late what the others
     /// send them arrives (`None`: it is cut too).
     isolated: Option<(BTreeSet<NodeId>, Nanos, Option<Nanos>)>,
+    /// A leader to isolate after its next check-quorum.
+    isolate_armed: Option<NodeId>,
+    /// Each leader's next check-quorum on its own clock, as the core
+    /// schedules it (`isolate_leader`).
+    quorum_check_at: HashMap<NodeId, Nanos>,
     now: Nanos,
     seq: u64,
     queue: BinaryHeap<Reverse<Queued>>,
@@ -928,6 +935,9 @@ enum RemovalCheck {
 
 const PROBE_CLIENT: u64 = 999;
 const CLIENT_TIMEOUT: Nanos = 300 * MS;
+/// The pinned reader's time-out: short, so a lost request or answer does
+/// not keep it away from its node for long.
+const PINNED_READ_TIMEOUT: Nanos = 50 * MS;
 const TICK: Nanos = 5 * MS;
 
 /// A fresh service for node `id` (see `SimConfig::stale_binary`).
@@ -1073,6 +1083,8 @@ impl Sim {
             aux: Rng::new(cfg.seed ^ 0x6175_785f_726e_6721),
             late_copies: HashMap::new(),
             isolated: None,
+            isolate_armed: None,
+            quorum_check_at: HashMap::new(),
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -1196,7 +1208,21 @@ impl Sim {
             Ev::Tick(id, inc) => {
                 let i = self.idx(id);
                 if self.nodes[i].incarnation == inc && self.nodes[i].core.is_some() {
+                    // The core checks its quorum at the first tick at or
+                    // after its deadline, and sets the next one from there.
+                    let local = self.local_now(i);
+                    let check = self.quorum_check_at.get(&id).is_some_and(|&at| local >= at);
                     self.step_node(i, Event::Tick);
+                    let leads = self.nodes[i].core.as_ref().is_some_and(Node::is_leader);
+                    if check && leads {
+                        let min = self.cfg.election_timeout_of(id, inc).0;
+                        self.quorum_check_at.insert(id, local + min);
+                        if self.isolate_armed == Some(id) {
+                            self.isolate_armed = None;
+                            let d = self.aux.range(25 * MS, 45 * MS);
+                            self.schedule(d, Ev::IsolateLeader(id));
+                        }
+                    }
                     let t = TICK + self.rng.range(0, MS);
                     self.schedule(t, Ev::Tick(id, inc));
                 }
@@ -1229,6 +1255,7 @@ impl Sim {
             Ev::HealAll => self.heal_all(),
             Ev::MembershipChange => self.membership_change(),
             Ev::LivenessProbe => self.liveness_probe(),
+            Ev::IsolateLeader(id) => self.isolate_leader(id),
             Ev::SnapshotStaged(id, inc, s) => {
                 let i = self.idx(id);
                 if self.nodes[i].incarnation == inc && self.nodes[i].core.is_some() {
@@ -1765,6 +1792,12 @@ impl Sim {
                     );
                 }
                 if role == Role::Leader {
+                    let min = self
+                        .cfg
+                        .election_timeout_of(id, self.nodes[i].incarnation)
+                        .0;
+                    let at = self.local_now(i) + min;
+                    self.quorum_check_at.insert(id, at);
                     self.report.elections += 1;
                     self.inv
                         .leader_elected(id, term, &mut self.report.violations);
@@ -2259,6 +2292,11 @@ impl Sim {
         }
         client.wake_token += 1;
         let token = client.wake_token;
+        let timeout = if client.pinned {
+            PINNED_READ_TIMEOUT
+        } else {
+            CLIENT_TIMEOUT
+        };
         if self.unreachable.contains(&(id, node)) {
             // Cut off from the node: the attempt fails fast (a real client
             // would time out first) and the client tries another node.
@@ -2283,7 +2321,7 @@ impl Sim {
                 },
             );
         }
-        self.schedule(CLIENT_TIMEOUT, Ev::ClientWake(id, token));
+        self.schedule(timeout, Ev::ClientWake(id, token));
     }
 
     fn on_response(&mut self, c: u64, req: u64, resp: Resp) {
@@ -2422,7 +2460,10 @@ impl Sim {
                 self.nodes[i].clock.jump(self.now, jump * MS as i64);
             }
             Nemesis::Transfer => self.transfer(),
-            Nemesis::IsolateLeader => self.isolate_leader(),
+            Nemesis::IsolateLeader => {
+                // At the leader's next check-quorum (see `isolate_leader`).
+                self.isolate_armed = self.leader_index().map(|l| self.nodes[l].id);
+            }
         }
         let next = self.rng.range(100 * MS, 1000 * MS);
         self.schedule(next, Ev::Nemesis);
@@ -2549,21 +2590,26 @@ impl Sim {
 
     /// `FaultMix::isolate_leader`: cuts the leader of the moment off from
     /// every other node but up to a minority of its voters, for 0.5-2 s,
-    /// and points the pinned reader at it. 70% of the time only what its
+    /// and points the pinned reader at it. The cut comes 25-45 ms after the
+    /// leader's check-quorum has passed (the simulator mirrors its timing:
+    /// every minimum election timeout from its election, at the next
+    /// tick), so it has heard its voters since and passes the next check
+    /// too: it steps down nearly two minimum election timeouts after the
+    /// cut, later than the majority can elect and commit. 70% of the time only what its
     /// side sends is cut, and what the others send it arrives 100-400 ms
     /// late (a congested link): it hears their last echoes, and later the
     /// new term, that much later. Check-quorum deposes it only one to two
     /// minimum election timeouts (plus that delay) later, and the majority
     /// can elect and commit before that: reads it answers meanwhile must
     /// still wait for a heartbeat round that a quorum echoes.
-    fn isolate_leader(&mut self) {
-        let Some(l) = self.leader_index() else {
+    fn isolate_leader(&mut self, leader: NodeId) {
+        let l = self.idx(leader);
+        let Some(core) = self.nodes[l].core.as_ref().filter(|c| c.is_leader()) else {
             return;
         };
-        let Some(core) = self.nodes[l].core.as_ref() else {
+        if !self.faults_active {
             return;
-        };
-        let leader = core.id();
+        }
         let mut others: Vec<NodeId> = core
             .membership()
             .voters

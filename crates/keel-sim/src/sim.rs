@@ -69,16 +69,17 @@ pub struct FaultMix {
     /// transfers every `TimeoutNow` arrives only that late.
     pub transfers: bool,
     /// The leader of the moment is cut off from every other node, or from
-    /// all but a minority, while a client that reads in a loop from it (a
-    /// client given only that node's address) goes on reading there: a
-    /// deposed leader that has not noticed yet gets reads after the
-    /// majority elected another and committed.
+    /// all but a minority, just after its check-quorum passed, while a
+    /// client that reads in a loop from it (a client given only that
+    /// node's address) goes on reading there: a deposed leader that has not
+    /// noticed yet gets reads after the majority elected another and
+    /// committed (`Sim::isolate_leader`).
     pub isolate_leader: bool,
     /// Most (80%) of the snapshot transfers a leader starts while faults
-    /// are active are also delivered a second time: every message on that link for
-    /// the next 50-300 ms arrives again, in order, 100-800 ms later (a
-    /// duplicating, reordering network), after the follower has installed
-    /// the snapshot and moved on.
+    /// are active are also delivered a second time: every message on that
+    /// link for the next 50-300 ms arrives again, in order, 100-800 ms
+    /// later (a duplicating, reordering network), after the follower has
+    /// installed the snapshot and moved on.
     pub late_copies: bool,
 }
 

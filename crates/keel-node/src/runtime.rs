@@ -120,7 +120,16 @@ fn refuse_removed(cfg: &NodeConfig) -> Result<(), NodeError> {
             path.display(),
             text.trim()
         ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // No such file, or no directory to hold it (a data_dir that is a
+        // file is refused as such when the store opens).
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(NodeError::Start(format!(
             "node {} may have been removed from the cluster: {} exists but cannot be read: {e}",
             cfg.id,

@@ -55,9 +55,18 @@ fn a_data_directory_takes_one_server_of_its_own_node_and_cluster() {
     // Up once it has written its pid into the lock file.
     let pid = first.0.id().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
-    let locked = || std::fs::read_to_string(dir.join("LOCK")).is_ok_and(|s| s.trim() == pid);
+    // Locked, and the membership recorded (the hard state is written
+    // whole, by a rename): killed before that, the restart would be a first
+    // start again.
+    let locked = || {
+        std::fs::read_to_string(dir.join("LOCK")).is_ok_and(|s| s.trim() == pid)
+            && dir.join("hardstate").exists()
+    };
     while !locked() {
-        assert!(Instant::now() < deadline, "the first server never locked");
+        assert!(
+            Instant::now() < deadline,
+            "the first server never recorded its membership"
+        );
         assert!(first.0.try_wait().expect("try_wait").is_none(), "it exited");
         std::thread::sleep(Duration::from_millis(20));
     }

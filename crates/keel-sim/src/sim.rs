@@ -742,6 +742,10 @@ struct Disk {
     log: Vec<Entry>,
     /// Where `log` starts (its end while it is empty).
     log_base: Position,
+    /// Created to join (an empty disk, no membership) and not yet caught
+    /// up: the model of a data directory without the runtime's `JOINED`
+    /// file. A restart then tells the core it is still joining.
+    joining: bool,
 }
 
 impl Disk {
@@ -1412,6 +1416,12 @@ impl Sim {
                 self.exec(i, a, &mut queue);
             }
             self.scratch = out;
+            // The runtime writes `JOINED` once the core has caught up.
+            if self.nodes[i].disk.joining
+                && self.nodes[i].core.as_ref().is_some_and(|c| !c.joining())
+            {
+                self.nodes[i].disk.joining = false;
+            }
             let commit = self.nodes[i].core.as_ref().map(Node::commit_position);
             if let (Some(from), Some(c)) = (led_from, commit) {
                 if c > from {
@@ -2122,7 +2132,10 @@ impl Sim {
             );
         }
         let cfg = core_config(id, &self.cfg, node.incarnation);
-        let core = Node::restart(cfg, recovered.clone(), now);
+        let mut core = Node::restart(cfg, recovered.clone(), now);
+        if node.disk.joining {
+            core.resume_joining();
+        }
         let ts = recovered.snapshot.as_ref().map_or(0, |s| s.meta.timestamp);
         self.inv
             .restarted(id, &recovered, &mut self.report.violations);
@@ -2832,6 +2845,7 @@ impl Sim {
                 },
                 data: Bytes::new(),
             }),
+            joining: true,
             ..Disk::default()
         };
         self.restart(id);

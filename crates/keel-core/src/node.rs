@@ -220,6 +220,20 @@ pub struct TestingBugs {
     /// A node tells another it was removed as soon as its latest
     /// configuration excludes it, before that configuration commits.
     pub removal_before_commit: bool,
+    /// Entries to apply are handed out from the position the service
+    /// reported applied, not from what was already handed out: entries
+    /// handed out but not yet reported applied are handed out again.
+    pub apply_from_applied: bool,
+    /// A read is confirmed by one echo fewer than a quorum needs.
+    pub read_quorum_off_by_one: bool,
+    /// A read starts no new heartbeat round: echoes of an earlier round
+    /// (sent before the read arrived) confirm it.
+    pub read_without_new_round: bool,
+    /// A read's index is the applied position, not the commit position.
+    pub read_index_at_applied: bool,
+    /// A follower installs a snapshot below its commit position (both
+    /// guards, on a chunk and on installing, are skipped).
+    pub install_snapshot_below_commit: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1796,7 +1810,12 @@ impl Node {
 
     fn emit_apply(&mut self, out: &mut Vec<Action>) {
         if self.commit > self.apply_sent {
-            let entries = self.log.entries_between(self.apply_sent, self.commit);
+            let from = if self.cfg.testing_bugs.apply_from_applied {
+                self.applied
+            } else {
+                self.apply_sent
+            };
+            let entries = self.log.entries_between(from, self.commit);
             self.apply_sent = self.commit;
             if !entries.is_empty() {
                 out.push(Action::Apply(entries));
@@ -1812,7 +1831,7 @@ impl Node {
         done: bool,
         out: &mut Vec<Action>,
     ) {
-        if meta.position <= self.commit {
+        if meta.position <= self.commit && !self.cfg.testing_bugs.install_snapshot_below_commit {
             // Already have everything it covers: acknowledge as installed.
             self.incoming = None;
             self.ack_due = true;
@@ -1870,7 +1889,7 @@ impl Node {
     fn on_install_snapshot(&mut self, meta: SnapshotMeta, image: Bytes, out: &mut Vec<Action>) {
         self.ack_due = true;
         self.ack_forced = true;
-        if meta.position <= self.commit {
+        if meta.position <= self.commit && !self.cfg.testing_bugs.install_snapshot_below_commit {
             self.matched = self.matched.max(meta.position.min(self.commit));
             return;
         }
@@ -2198,11 +2217,18 @@ impl Node {
     }
 
     fn register_read(&mut self, id: RequestId, from: Option<NodeId>, out: &mut Vec<Action>) {
-        self.next_heartbeat_seq();
+        if !self.cfg.testing_bugs.read_without_new_round {
+            self.next_heartbeat_seq();
+        }
+        let index = if self.cfg.testing_bugs.read_index_at_applied {
+            self.applied
+        } else {
+            self.commit
+        };
         self.reads.push_back(PendingRead {
             id,
             from,
-            index: self.commit,
+            index,
             heartbeat: self.heartbeat_seq,
         });
         self.heartbeat_due = true;
@@ -2263,7 +2289,12 @@ impl Node {
             v
         };
         let acks = per_voter(|p| p.heartbeat);
-        let confirmed = acks.get(m.quorum() - 1).copied().unwrap_or(0);
+        let needed = if self.cfg.testing_bugs.read_quorum_off_by_one {
+            m.quorum().saturating_sub(1).max(1)
+        } else {
+            m.quorum()
+        };
+        let confirmed = acks.get(needed - 1).copied().unwrap_or(0);
         if self.cfg.lease_reads {
             // Each voter's end only grows; only a membership change lowers
             // this (a lease of the old configuration must not outlive it).

@@ -27,7 +27,7 @@ const SEC: Nanos = 1_000_000_000;
 pub type BugFlag = fn(&mut TestingBugs) -> &mut bool;
 
 /// The core's deliberate bugs (`TestingBugs`) by their `--bug` names.
-pub const BUGS: [(&str, BugFlag); 10] = [
+pub const BUGS: [(&str, BugFlag); 15] = [
     ("commit-without-quorum", |b| &mut b.commit_without_quorum),
     ("vote-without-log-check", |b| &mut b.vote_without_log_check),
     ("lease-outlasts-stickiness", |b| {
@@ -44,6 +44,13 @@ pub const BUGS: [(&str, BugFlag); 10] = [
         &mut b.restart_hold_ignores_old_timeout
     }),
     ("removal-before-commit", |b| &mut b.removal_before_commit),
+    ("apply-from-applied", |b| &mut b.apply_from_applied),
+    ("read-quorum-off-by-one", |b| &mut b.read_quorum_off_by_one),
+    ("read-without-new-round", |b| &mut b.read_without_new_round),
+    ("read-index-at-applied", |b| &mut b.read_index_at_applied),
+    ("install-snapshot-below-commit", |b| {
+        &mut b.install_snapshot_below_commit
+    }),
 ];
 
 /// Which faults a run injects.

@@ -258,6 +258,14 @@ fn write_configs(a: &DevArgs, fixed: &Fixed, dir: &Path, shown: &Path) -> Result
     Ok(out)
 }
 
+/// The file a node writes into its data directory when it learns it was
+/// removed from the cluster.
+fn removed_marker(n: &DevNode) -> PathBuf {
+    n.config
+        .with_file_name("data")
+        .join(keel_node::runtime::REMOVED_FILE)
+}
+
 fn spawn(exe: &Path, config: &Path, log: &Path) -> Result<Child> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -434,6 +442,23 @@ pub fn run(a: DevArgs) -> Result<i32> {
         restored.map_err(undo)?;
         println!("Restored every node from {}", backup.display());
     }
+    // A node removed from the cluster refuses to start on its data (it
+    // exited when it learned of its removal): the others run without it.
+    let (gone, nodes): (Vec<DevNode>, Vec<DevNode>) =
+        nodes.into_iter().partition(|n| removed_marker(n).exists());
+    for n in &gone {
+        println!(
+            "node {} was removed from the cluster ({} says so): not starting it",
+            n.id,
+            removed_marker(n).display()
+        );
+    }
+    if nodes.is_empty() {
+        return Err(undo(anyhow::anyhow!(
+            "every node of the cluster in {} was removed",
+            shown.display()
+        )));
+    }
     // Every port free first: servers a killed `keel dev` left running would
     // answer on them, and the new ones be taken for up until they fail.
     let busy = nodes
@@ -561,7 +586,18 @@ pub fn run(a: DevArgs) -> Result<i32> {
                 _ = check.tick() => {
                     for (id, c) in children.iter_mut() {
                         if let Ok(Some(status)) = c.try_wait() {
-                            eprintln!("node {id} exited ({status}); see its log. Restart `keel dev` to bring it back.");
+                            let removed = nodes
+                                .iter()
+                                .find(|n| n.id == *id)
+                                .is_some_and(|n| removed_marker(n).exists());
+                            if removed {
+                                eprintln!(
+                                    "node {id} was removed from the cluster and stopped for good \
+                                     (see its log); keel dev runs the others without it"
+                                );
+                            } else {
+                                eprintln!("node {id} exited ({status}); see its log. Restart `keel dev` to bring it back.");
+                            }
                         }
                     }
                     children.retain_mut(|(_, c)| !matches!(c.try_wait(), Ok(Some(_))));

@@ -739,3 +739,76 @@ fn kv_against_another_service_names_the_service_flag() {
     }
     assert!(dev.stop().expect("status").success(), "{}", dev.output());
 }
+
+/// A node removed from a dev cluster exits (its data directory refuses to
+/// start again); `keel dev` says so, keeps the others running, and a later
+/// `keel dev` on the same --dir starts the others without it.
+#[test]
+fn a_removed_dev_node_is_named_and_left_out() {
+    let _one_at_a_time = serial();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    // Ports above those `free_port` hands the other tests of this binary
+    // (20000–32000), which would otherwise take a node's meanwhile: node n
+    // listens on base + n, + 100 + n and + 200 + n, and serves the etcd
+    // API on the etcd base port + 10000 × (n − 1).
+    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    let base = (36_000..38_000u16)
+        .step_by(301)
+        .find(|&b| (1..=3).all(|n| [b + n, b + 100 + n, b + 200 + n].into_iter().all(free)))
+        .expect("nine free dev ports");
+    let etcd_base = (33_000..35_000u16)
+        .step_by(97)
+        .find(|&p| {
+            (0..3).all(|n| std::net::TcpListener::bind(("127.0.0.1", p + 10_000 * n)).is_ok())
+        })
+        .expect("three free etcd ports");
+    let (b, e) = (base.to_string(), etcd_base.to_string());
+    let client = |id: u16| format!("127.0.0.1:{}", base + id);
+    let flags = [
+        "--dir",
+        "keel-data",
+        "--base-port",
+        &b,
+        "--etcd-base-port",
+        &e,
+    ];
+    let mut dev = Dev::start(cwd, &flags);
+    dev.wait_up(&client(1));
+    let endpoints = format!("{},{}", client(1), client(2));
+    let (code, text) = keel(["cluster", "--endpoints", &endpoints, "remove", "3"]);
+    assert_eq!(code, 0, "{text}");
+    let start = Instant::now();
+    while !dev.output().contains("node 3 was removed from the cluster") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "keel dev did not report the removal:\n{}",
+            dev.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        cwd.join("keel-data/node3/data/REMOVED").exists(),
+        "{}",
+        dev.output()
+    );
+    let (code, text) = keel(["kv", "--endpoints", &endpoints, "put", "k", "v"]);
+    assert_eq!(code, 0, "{text}");
+    let status = dev.stop().expect("status");
+    assert!(status.success(), "{status}:\n{}", dev.output());
+
+    let mut dev = Dev::start(cwd, &flags);
+    dev.wait_up(&client(1));
+    assert!(
+        dev.output()
+            .contains("node 3 was removed from the cluster (")
+            && dev.output().contains("not starting it"),
+        "{}",
+        dev.output()
+    );
+    let (code, text) = keel(["kv", "--endpoints", &endpoints, "get", "k"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains('v'), "{text}");
+    let status = dev.stop().expect("status");
+    assert!(status.success(), "{status}:\n{}", dev.output());
+}

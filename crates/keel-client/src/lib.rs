@@ -218,17 +218,7 @@ const PROBE_AFTER: Duration = Duration::from_millis(300);
 /// if the answer is recognisably another one than Keel's.
 async fn probe(addr: &str, client: u64) -> Option<&'static str> {
     let mut s = TcpStream::connect(addr).await.ok()?;
-    let mut out = Vec::new();
-    codec::encode(
-        &Frame::Request(ClientRequest {
-            id: 0,
-            client,
-            seq: 0,
-            op: ClientOp::Status,
-        }),
-        &mut out,
-    );
-    s.write_all(&out).await.ok()?;
+    s.write_all(&status_request(client)).await.ok()?;
     s.shutdown().await.ok()?;
     let mut buf = Vec::new();
     loop {
@@ -244,6 +234,21 @@ async fn probe(addr: &str, client: u64) -> Option<&'static str> {
             return None;
         }
     }
+}
+
+/// A status request (which a Keel node answers, changing nothing), encoded.
+fn status_request(client: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    codec::encode(
+        &Frame::Request(ClientRequest {
+            id: 0,
+            client,
+            seq: 0,
+            op: ClientOp::Status,
+        }),
+        &mut out,
+    );
+    out
 }
 
 /// How long `peer_port` waits for a silent connection to be closed.
@@ -271,16 +276,7 @@ async fn peer_port(addr: &str, client: u64) -> bool {
     {
         return false; // closed, or said something, unasked
     }
-    let mut request = Vec::new();
-    codec::encode(
-        &Frame::Request(ClientRequest {
-            id: 0,
-            client,
-            seq: 0,
-            op: ClientOp::Status,
-        }),
-        &mut request,
-    );
+    let request = status_request(client);
     // The length prefix, version and tag.
     if s.write_all(&request[..6]).await.is_err() {
         return false;

@@ -987,18 +987,7 @@ impl Node {
                 // voter whose committed configuration removed it answers
                 // `Removed`; a node that was removed while away learns
                 // it so.
-                let voters: Vec<NodeId> = self.membership().voters.iter().copied().collect();
-                for n in voters.into_iter().filter(|&n| n != self.cfg.id) {
-                    self.send_with_term(
-                        n,
-                        self.term + 1,
-                        Body::PreVote {
-                            last_pos: self.log.last_pos(),
-                            last_term: self.log.last_term(),
-                        },
-                        out,
-                    );
-                }
+                self.send_pre_votes(out);
             }
         }
     }
@@ -1321,6 +1310,12 @@ impl Node {
             self.campaign(false, out);
             return;
         }
+        self.send_pre_votes(out);
+    }
+
+    /// Asks every other voter whether it would vote for us at the next
+    /// term (without moving to it).
+    fn send_pre_votes(&mut self, out: &mut Vec<Action>) {
         let voters: Vec<NodeId> = self.membership().voters.iter().copied().collect();
         for n in voters.into_iter().filter(|&n| n != self.cfg.id) {
             self.send_with_term(

@@ -171,8 +171,10 @@ impl<'a> Reader<'a> {
         let found: [u8; 4] = self.array()?;
         if &found != expected {
             return Err(DecodeError::Invalid(format!(
-                "{} has magic {found:?}, expected {expected:?}",
-                self.what
+                "{} has magic {}, expected {}",
+                self.what,
+                keel_core::MagicText(&found),
+                keel_core::MagicText(expected)
             )));
         }
         Ok(())

@@ -128,6 +128,11 @@ mod tests {
         b.restore(Some(&snap)).unwrap();
         assert_eq!(&b, h.svc());
         assert!(b.restore(Some(&snap[..snap.len() - 1])).is_err());
+        // Another service's snapshot is named by its magic, as text.
+        assert_eq!(
+            b.restore(Some(b"KKV2 and a KV store")).unwrap_err(),
+            r#"echo snapshot has magic "KKV2", expected "ECH1""#
+        );
         assert!(b.restore(Some(b"XXXX0000000000000000")).is_err());
         let h2 = h.restored(EchoService::new());
         assert_eq!(h2.svc(), h.svc());

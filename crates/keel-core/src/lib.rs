@@ -19,7 +19,7 @@ pub use node::{
     REMOVED_NOTICE_TIMEOUTS, TERM_START_MARK,
 };
 pub use service::{
-    snapshot_sessions, Admission, ApplyOutput, Context, Reply, Service, ServiceHost,
+    snapshot_sessions, Admission, ApplyOutput, Context, MagicText, Reply, Service, ServiceHost,
     SessionOutcome, SnapshotTask, SESSIONLESS,
 };
 pub use types::*;

@@ -218,12 +218,34 @@ pub enum SnapshotError {
         needed: usize,
         available: usize,
     },
-    #[error("snapshot data has bad magic {found:?}, expected {expected:?}")]
+    #[error(
+        "snapshot data has bad magic {}, expected {}",
+        MagicText(found),
+        MagicText(expected)
+    )]
     BadMagic { found: [u8; 4], expected: [u8; 4] },
     #[error("snapshot has {0} trailing bytes after the service state")]
     Trailing(usize),
     #[error("service rejected its snapshot: {0}")]
     Service(String),
+}
+
+/// A format's magic bytes as an operator reads them in an error: quoted
+/// text when they are printable ASCII (`"KKV2"`), hex otherwise
+/// (`0x00ff1234`), never Rust's list of decimal bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct MagicText<'a>(pub &'a [u8]);
+
+impl std::fmt::Display for MagicText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.0.is_empty() && self.0.iter().all(u8::is_ascii_graphic) {
+            // Printable ASCII is valid UTF-8.
+            write!(f, "\"{}\"", String::from_utf8_lossy(self.0))
+        } else {
+            f.write_str("0x")?;
+            self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        }
+    }
 }
 
 const SNAPSHOT_MAGIC: [u8; 4] = *b"KSH2";

@@ -412,6 +412,24 @@ fn host_snapshot_round_trips_sessions_timers_and_state() {
     let mut bad = snap.clone();
     bad.data = bad.data.slice(..bad.data.len() - 1);
     assert!(copy.restore(&bad).is_err());
+    // Another format's file is named by its magic, as text an operator
+    // can match against the formats they know.
+    let mut other = snap.clone();
+    other.data = Bytes::from_static(b"KKV2 and the rest of a KV snapshot");
+    let e = copy.restore(&other).expect_err("a KV snapshot is not a host snapshot");
+    assert_eq!(
+        e.to_string(),
+        r#"snapshot data has bad magic "KKV2", expected "KSH2""#
+    );
+}
+
+#[test]
+fn magic_text_is_quoted_ascii_or_hex() {
+    assert_eq!(MagicText(b"ECH1").to_string(), r#""ECH1""#);
+    assert_eq!(MagicText(&[0, 0xff, 0x12, 0x34]).to_string(), "0x00ff1234");
+    // A space or control byte is not taken for text.
+    assert_eq!(MagicText(b"AB C").to_string(), "0x41422043");
+    assert_eq!(MagicText(&[]).to_string(), "0x");
 }
 
 /// A snapshot prepared between entries and serialized later (on another

@@ -42,7 +42,11 @@ pub enum KvError {
     KeyTooLarge { len: usize, max: usize },
     #[error("value of {len} bytes is too large, expected at most {max}")]
     ValueTooLarge { len: usize, max: usize },
-    #[error("snapshot has bad magic {found:?}, expected {expected:?}")]
+    #[error(
+        "snapshot has bad magic {}, expected {}",
+        keel_core::MagicText(found),
+        keel_core::MagicText(expected)
+    )]
     BadMagic { found: [u8; 4], expected: [u8; 4] },
     #[error("invalid snapshot: {0}")]
     InvalidSnapshot(String),
@@ -250,5 +254,23 @@ impl KvError {
             KvError::TooManyOps => ErrorCode::TooManyOps,
             KvError::Remote { code, .. } => *code,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::KvService;
+
+    /// Another service's snapshot is named by its magic as text, not as
+    /// a list of decimal bytes.
+    #[test]
+    fn bad_magic_names_both_formats_as_text() {
+        let e = KvService::decode_snapshot(b"ECH1 and an echo service's state")
+            .err()
+            .expect("an echo snapshot is not a KV snapshot");
+        assert_eq!(
+            e.to_string(),
+            r#"snapshot has bad magic "ECH1", expected "KKV2""#
+        );
     }
 }

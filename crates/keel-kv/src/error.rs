@@ -265,9 +265,9 @@ mod tests {
     /// a list of decimal bytes.
     #[test]
     fn bad_magic_names_both_formats_as_text() {
-        let e = KvService::decode_snapshot(b"ECH1 and an echo service's state")
-            .err()
-            .expect("an echo snapshot is not a KV snapshot");
+        let Err(e) = KvService::decode_snapshot(b"ECH1 and an echo service's state") else {
+            panic!("an echo snapshot is not a KV snapshot");
+        };
         assert_eq!(
             e.to_string(),
             r#"snapshot has bad magic "ECH1", expected "KKV2""#

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
     long_about = "Runs whole Keel clusters in one thread from a seed, injecting network, disk, \
 clock, crash and membership faults, and checks safety after every step, linearizability of the \
 client history and liveness after the faults heal. A failing seed is printed with the command \
-that replays it exactly."
+that replays it exactly. A panic during a seed (in the core or the simulator) fails that seed, \
+with its replay command, and the soak goes on."
 )]
 struct Args {
     /// Number of seeds to run (a soak). Seeds rotate through node counts
@@ -65,6 +66,15 @@ struct Args {
     /// Stop at the first failing seed.
     #[arg(long)]
     fail_fast: bool,
+    /// End each seed's run at its first safety violation (any but a
+    /// liveness one), before the core takes another step, and report it:
+    /// what a broken core does next (a debug assertion, a later violation
+    /// of another kind) cannot hide or replace it. Liveness is then not
+    /// judged. On by default with --bug, off otherwise;
+    /// `--stop-at-first-violation=false` runs a buggy seed to its end.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true")]
+    stop_at_first_violation: Option<bool>,
     /// Publish each snapshot file this many milliseconds after the core
     /// saves it, drawn from LO..HI (as a slow disk does), e.g. `20,200`.
     #[arg(long, value_name = "LO,HI")]
@@ -121,6 +131,7 @@ fn config_for(args: &Args, seed: u64) -> SimConfig {
             *flag(&mut cfg.bugs) = true;
         }
     }
+    cfg.stop_at_first_violation = args.stop_at_first_violation.unwrap_or(cfg.any_bug());
     cfg
 }
 
@@ -139,6 +150,12 @@ fn main() {
         if let Some(w) = &r.wiped {
             println!("wiped follower: {w:?}");
         }
+        if let Some(t) = r.stopped_at {
+            println!(
+                "stopped at the first safety violation, {:.3}s simulated",
+                t as f64 / 1e9
+            );
+        }
         for v in &r.violations {
             println!("VIOLATION: {v}");
         }
@@ -148,6 +165,7 @@ fn main() {
     let mut last_progress = Instant::now();
     let (mut ops, mut elections, mut failed, mut unknown_lin) =
         (0u64, 0u64, Vec::new(), Vec::new());
+    let mut panicked = Vec::new();
     let mut log_ranges = 0u64;
     let (mut notices, mut removals, mut rejoined) = (0u64, 0u64, 0u64);
     for seed in args.start..args.start + args.seeds {
@@ -176,6 +194,15 @@ fn main() {
             for v in r.violations.iter().take(5) {
                 eprintln!("  {v}");
             }
+            if r.violations.len() > 5 {
+                eprintln!("  ... {} more", r.violations.len() - 5);
+            }
+            if let Some(p) = &r.panicked {
+                if r.violations.len() > 5 {
+                    eprintln!("  panic: the run panicked {p}");
+                }
+                panicked.push(seed);
+            }
             eprintln!("  replay: {}", cfg.replay_command());
             failed.push(seed);
             if args.fail_fast {
@@ -194,13 +221,14 @@ fn main() {
         }
     }
     println!(
-        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined, {} linearizability checks over budget{}, {} violations{}",
+        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined, {} linearizability checks over budget{}, {} violations{}{}",
         args.seeds,
         started.elapsed().as_secs_f64(),
         unknown_lin.len(),
         if unknown_lin.is_empty() { String::new() } else { format!(" (seeds {unknown_lin:?})") },
         failed.len(),
-        if failed.is_empty() { String::new() } else { format!(" (seeds {failed:?})") }
+        if failed.is_empty() { String::new() } else { format!(" (seeds {failed:?})") },
+        if panicked.is_empty() { String::new() } else { format!(", {} of them panics (seeds {panicked:?})", panicked.len()) }
     );
     std::process::exit(i32::from(!failed.is_empty()));
 }

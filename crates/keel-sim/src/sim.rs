@@ -303,6 +303,14 @@ pub struct SimConfig {
     pub wipe: Option<WipeFollower>,
     /// The named scenario these settings come from, for the replay command.
     pub scenario: Option<Scenario>,
+    /// End the run at its first safety violation (any but a liveness one),
+    /// before the core takes another step: a core broken on purpose
+    /// (`bugs`) goes on from a broken state, and what it does next (a
+    /// debug assertion that fires, a later violation of another kind) must
+    /// not hide or replace what the checkers found first. The report then
+    /// says when it stopped (`Report::stopped_at`) and skips the liveness
+    /// checks; the history so far is still checked for linearizability.
+    pub stop_at_first_violation: bool,
 }
 
 /// One follower loses its whole disk and rejoins: only a snapshot install
@@ -469,6 +477,7 @@ impl SimConfig {
             publish_delay: (0, 0),
             wipe: None,
             scenario: None,
+            stop_at_first_violation: false,
         }
     }
 
@@ -491,6 +500,12 @@ impl SimConfig {
             (lo, hi) = (lo / 2, hi / 2);
         }
         (lo, hi)
+    }
+
+    /// Whether any of the core's deliberate bugs is on (`keel-sim` then
+    /// stops at the first violation unless told not to).
+    pub fn any_bug(&self) -> bool {
+        self.bugs != TestingBugs::default()
     }
 
     /// The one-line command that replays this run.
@@ -525,6 +540,14 @@ impl SimConfig {
                 self.publish_delay.1 / MS
             )),
             None => {}
+        }
+        // `keel-sim` stops at the first violation by default when a bug is
+        // on, and not otherwise.
+        if self.stop_at_first_violation != self.any_bug() {
+            s.push_str(&format!(
+                " --stop-at-first-violation={}",
+                self.stop_at_first_violation
+            ));
         }
         s
     }
@@ -600,6 +623,14 @@ pub struct Report {
     /// pending key timers).
     pub term_starts_applied: u64,
     pub violations: Vec<String>,
+    /// The run ended at this simulated time, at its first safety violation
+    /// (`SimConfig::stop_at_first_violation`).
+    pub stopped_at: Option<Nanos>,
+    /// The run ended in a panic (in the core or the simulator): where (the
+    /// simulated time and the node being stepped, if any) and the panic's
+    /// message. Also the last of `violations`, as a `panic:` one: the seed
+    /// fails, and what the checkers found before the panic is kept.
+    pub panicked: Option<String>,
     pub linearizability: Option<CheckResult>,
     pub sim_time: Nanos,
     /// What happened to the wiped follower (`SimConfig::wipe`).
@@ -631,12 +662,12 @@ impl Report {
         self.violations.is_empty()
     }
     /// Violations of safety (the invariants, early timers) or
-    /// linearizability: every violation except liveness ones.
+    /// linearizability: every violation except liveness ones and a panic.
     pub fn safety_violations(&self) -> Vec<&str> {
         self.violations
             .iter()
             .map(String::as_str)
-            .filter(|v| !v.starts_with("liveness:"))
+            .filter(|v| is_safety(v))
             .collect()
     }
     /// The linearizability checker ran out of budget: the history was
@@ -644,6 +675,12 @@ impl Report {
     pub fn linearizability_unknown(&self) -> bool {
         matches!(self.linearizability, Some(CheckResult::Unknown { .. }))
     }
+}
+
+/// Whether a violation is one of safety (or linearizability): not a
+/// liveness one, nor the report of a panic.
+fn is_safety(v: &str) -> bool {
+    !v.starts_with("liveness:") && !v.starts_with("panic:")
 }
 
 // ----- the simulated world ----------------------------------------------
@@ -937,6 +974,8 @@ pub struct Sim {
     /// being run: checked against the
     /// committed log once the step's commit is known to the invariants.
     removal_checks: Vec<RemovalCheck>,
+    /// The node whose core is taking a step (named if it panics).
+    stepping: Option<NodeId>,
 }
 
 enum RemovalCheck {
@@ -1126,6 +1165,7 @@ impl Sim {
             trace: std::env::var_os("KEEL_SIM_TRACE").is_some(),
             notices_sent: HashSet::new(),
             removal_checks: Vec::new(),
+            stepping: None,
             cfg,
         };
         sim.inv.set_initial_membership(initial);
@@ -1182,19 +1222,63 @@ impl Sim {
         self.nodes[i].clock.read(self.now)
     }
 
-    /// Runs to the end and returns the report.
+    /// Runs to the end (or to the first safety violation, with
+    /// `stop_at_first_violation`) and returns the report. A panic, in the
+    /// core or here, ends the run as a failure: the report keeps what was
+    /// found before it and names the panic (`Report::panicked`).
     pub fn run(mut self) -> Report {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_events()));
+        match run {
+            Ok(()) => self.finish(),
+            Err(payload) => self.finish_after_panic(payload.as_ref()),
+        }
+    }
+
+    fn run_events(&mut self) {
         while let Some(Reverse(q)) = self.queue.pop() {
             self.now = q.at;
             if matches!(q.ev, Ev::End) {
                 break;
             }
             self.handle(q.ev);
-            if self.report.violations.len() > 20 {
+            if self.report.violations.len() > 20 || self.halted() {
                 break;
             }
         }
-        self.finish()
+    }
+
+    /// Whether the run ends here: `stop_at_first_violation` is set and a
+    /// safety violation has been found (noted in `Report::stopped_at`).
+    fn halted(&mut self) -> bool {
+        if self.report.stopped_at.is_some() {
+            return true;
+        }
+        if self.cfg.stop_at_first_violation && self.report.violations.iter().any(|v| is_safety(v)) {
+            self.report.stopped_at = Some(self.now);
+            return true;
+        }
+        false
+    }
+
+    /// The report of a run that panicked: the violations found before,
+    /// then the panic. (No end-of-run check: the state may be half
+    /// updated.)
+    fn finish_after_panic(mut self, payload: &(dyn std::any::Any + Send)) -> Report {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(a panic with no message)".into());
+        let node = self
+            .stepping
+            .map_or(String::new(), |id| format!(" stepping node {id}"));
+        let what = format!("at {:.3} ms{node}: {msg}", self.now as f64 / 1e6);
+        self.report
+            .violations
+            .push(format!("panic: the run panicked {what}"));
+        self.report.panicked = Some(what);
+        self.report.sim_time = self.now;
+        self.report
     }
 
     fn handle(&mut self, ev: Ev) {
@@ -1399,15 +1483,23 @@ impl Sim {
         self.inv.now = self.now;
         let mut queue = VecDeque::from([ev]);
         while let Some(ev) = queue.pop_front() {
+            // With `stop_at_first_violation`, a core that broke safety
+            // takes no further step.
+            if self.halted() {
+                return;
+            }
             let now = self.local_now(i);
             let mut out = std::mem::take(&mut self.scratch);
+            let id = self.nodes[i].id;
             let (lease_reads, led_from) = match self.nodes[i].core.as_mut() {
                 Some(core) => {
                     let before = core.stats().lease_reads;
                     // A leader's commit position before the step (one that
                     // advances is checked against the disks after it).
                     let led_from = core.is_leader().then(|| core.commit_position());
+                    self.stepping = Some(id);
                     core.step(now, ev, &mut out);
+                    self.stepping = None;
                     (
                         (core.stats().lease_reads > before).then(|| core.term()),
                         led_from,
@@ -2993,7 +3085,9 @@ impl Sim {
             self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
             self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
         }
-        if let Some((hist, deadline)) = self.probe {
+        if self.report.stopped_at.is_some() {
+            // Stopped at a safety violation: liveness is not judged.
+        } else if let Some((hist, deadline)) = self.probe {
             match self.history.get(hist).and_then(|o| o.ret) {
                 Some(t) if t <= deadline => {}
                 Some(t) => self.report.violations.push(format!(

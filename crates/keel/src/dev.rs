@@ -9,22 +9,26 @@ use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
-    /// Number of nodes (1, 3 or 5 make sense). A new --dir: default 3. An
-    /// existing one keeps the number it was created with.
+    /// Number of nodes, 1 to 9 (1, 3 or 5 make sense). A new --dir: default
+    /// 3. An existing one keeps the number it was created with (recorded in
+    /// its keel-dev.toml).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=9))]
     nodes: Option<u64>,
-    /// Where data, configs and logs go. Run again with the same --dir to
-    /// restart the cluster from its data.
+    /// Where data, configs and logs go (node N's under DIR/nodeN: keel.toml,
+    /// keel.log, data/). Run again with the same --dir to restart the
+    /// cluster from its data.
     #[arg(long, default_value = "./keel-data")]
     dir: PathBuf,
     /// Node N's client port is BASE+N, its peer port BASE+100+N, its HTTP port BASE+200+N.
     #[arg(long, default_value_t = 7100)]
     base_port: u16,
-    /// sync or replicated.
+    /// sync or replicated (as `keel server --durability`); set anew by each
+    /// run, not kept from the last.
     #[arg(long, default_value = "sync", value_parser = ["sync", "replicated"])]
     durability: String,
     /// The replicated service: kv, echo, lock, matching. A new --dir:
-    /// default kv. An existing one keeps the service it was created with.
+    /// default kv. An existing one keeps the service it was created with
+    /// (recorded in its keel-dev.toml).
     #[arg(long, value_parser = ["kv", "echo", "lock", "matching"])]
     service: Option<String>,
     /// With the kv service, node N serves the etcd v3 API on port

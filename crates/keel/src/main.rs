@@ -49,6 +49,10 @@ enum Cmd {
     /// Start a local cluster of `keel server` processes (data under ./keel-data).
     Dev(dev::DevArgs),
     /// Read and write the key-value service.
+    #[command(
+        after_help = "Exit status: 0 done; 1 the key was not found (get) or the condition did \
+not hold (cas); 2 an error (unreachable, timed out, refused)."
+    )]
     Kv {
         #[command(flatten)]
         conn: ConnArgs,
@@ -56,6 +60,10 @@ enum Cmd {
         cmd: KvCmd,
     },
     /// Inspect and manage the cluster.
+    #[command(
+        after_help = "Exit status: 0 done; 1 `status` did not get every endpoint's status; 2 an \
+error (unreachable, timed out, refused)."
+    )]
     Cluster {
         #[command(flatten)]
         conn: ConnArgs,
@@ -130,13 +138,15 @@ enum KvCmd {
     /// Print KEY's value (linearizable, or --stale from the contacted node).
     Get {
         key: String,
-        /// Answer from the contacted node's state, and say how far behind it is.
+        /// Answer from the contacted node's state (the first endpoint that
+        /// answers), and say on stderr how far behind it is.
         #[arg(long)]
         stale: bool,
     },
     /// Delete KEY (or every key with the prefix, with --prefix).
     Del {
         key: String,
+        /// Delete every key that starts with KEY.
         #[arg(long)]
         prefix: bool,
     },
@@ -180,7 +190,8 @@ enum ClusterCmd {
     AddLearner { id: NodeId },
     /// Make learner ID a voter.
     Promote { id: NodeId },
-    /// Remove node ID from the cluster.
+    /// Remove node ID from the cluster (the leader too). The removed node
+    /// exits (status 2) and will not start again on its data directory.
     Remove { id: NodeId },
 }
 
@@ -212,7 +223,11 @@ enum ThreadSchedulingArg {
 
 #[derive(Args, Debug)]
 struct ServerArgs {
-    /// TOML config file; flags given too override its values.
+    /// TOML config file (the keys are the flags' names with `_` for `-`,
+    /// and `[[peers]]` for --peer); flags given too override its values.
+    /// Only the file sets kv_quota_bytes, auto_compaction_mode,
+    /// auto_compaction_retention, log_cache_bytes, queue_depth,
+    /// max_request_bytes and max_unapplied_bytes.
     #[arg(long)]
     config: Option<PathBuf>,
     /// This node's id (not 0).
@@ -222,18 +237,20 @@ struct ServerArgs {
     /// path is taken from the current directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// host:port to listen on for peers.
+    /// host:port to listen on for peers (replication).
     #[arg(long)]
     peer_addr: Option<String>,
-    /// host:port to listen on for clients.
+    /// host:port to listen on for clients (Keel's native protocol: `keel kv`,
+    /// `keel cluster`).
     #[arg(long)]
     client_addr: Option<String>,
-    /// host:port for /metrics and /status.
+    /// host:port for GET /metrics (Prometheus) and GET /status (JSON).
+    /// Default: none.
     #[arg(long)]
     http_addr: Option<String>,
     /// host:port to serve the etcd v3 gRPC API on (etcd's own port is 2379),
     /// so etcdctl and etcd client libraries can use this node. Needs the
-    /// kv service.
+    /// kv service. Default: none.
     #[arg(long)]
     etcd_addr: Option<String>,
     /// Serve the etcd API over TLS with this certificate (PEM; etcd's
@@ -258,7 +275,9 @@ struct ServerArgs {
     /// Default: none.
     #[arg(long, value_delimiter = ',')]
     etcd_cors: Vec<String>,
-    /// Another member: ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR] (repeat for each).
+    /// Another member: ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR] (repeat for
+    /// each), e.g. 2=127.0.0.1:7202,127.0.0.1:7102,127.0.0.1:12379. Given,
+    /// they replace the config file's [[peers]].
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<PeerConfig>,
     /// When an entry counts toward commit on a node: sync (default), once
@@ -270,7 +289,7 @@ struct ServerArgs {
     /// (1..=60000; default 10).
     #[arg(long)]
     replicated_sync_interval_ms: Option<u64>,
-    /// The replicated service.
+    /// The replicated service (default kv).
     #[arg(long, value_parser = ["kv", "echo", "lock", "matching"])]
     service: Option<String>,
     /// Whether the service gets a thread of its own (default) or runs on
@@ -280,20 +299,21 @@ struct ServerArgs {
     /// Linux scheduling policy of the node's threads (default normal).
     #[arg(long, value_enum)]
     thread_scheduling: Option<ThreadSchedulingArg>,
-    /// Worker threads for the etcd API and HTTP (0: half the cores, at
-    /// least 2; at most 256).
+    /// Worker threads for the etcd API and HTTP (0, the default: half the
+    /// cores, at least 2; at most 256).
     #[arg(long)]
     net_threads: Option<usize>,
     /// Start empty and wait to be added to an existing cluster.
     /// --join=false overrides the config file.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     join: Option<bool>,
-    /// Leader heartbeat interval.
+    /// Leader heartbeat interval in milliseconds (default 50; above 0 and
+    /// below the minimum election timeout).
     #[arg(long)]
     heartbeat_ms: Option<u64>,
     /// How long the leader may hold back a commit-only message to a
-    /// follower (0: at once; heartbeats carry it too, so at most the
-    /// heartbeat interval is used).
+    /// follower, in milliseconds (default 5; 0: at once; heartbeats carry
+    /// it too, so at most the heartbeat interval is used).
     #[arg(long)]
     commit_notify_delay_ms: Option<u64>,
     /// A follower applies committed entries at most once per this many
@@ -315,18 +335,22 @@ struct ServerArgs {
     #[arg(long)]
     clock_drift_ppm: Option<u64>,
     /// How long a write this node accepted may wait to be applied before
-    /// its client is told the outcome is unknown (at least 100).
+    /// its client is told the outcome is unknown, in milliseconds (default
+    /// 30000; at least 100).
     #[arg(long)]
     write_timeout_ms: Option<u64>,
-    /// Election timeouts are drawn from [min, max). The minimum is also how
-    /// long a node refuses other candidates after hearing a leader (and
-    /// after a start; after a restart that lowered it, the previous value).
+    /// Election timeouts are drawn from [min, max), in milliseconds (default
+    /// 500; below the maximum). The minimum is also how long a node refuses
+    /// other candidates after hearing a leader (and after a start; after a
+    /// restart that lowered it, the previous value).
     #[arg(long)]
     election_timeout_min_ms: Option<u64>,
-    /// The top of the election timeout range (at most 60000).
+    /// The top of the election timeout range, in milliseconds (default
+    /// 1000; at most 60000).
     #[arg(long)]
     election_timeout_max_ms: Option<u64>,
-    /// Take a snapshot after this many bytes of log are applied.
+    /// Take a snapshot after this many bytes of log are applied (default
+    /// 67108864, 64 MiB).
     #[arg(long)]
     snapshot_every_bytes: Option<u64>,
     /// Take a snapshot only once the log since the last one is at least

@@ -3243,6 +3243,63 @@ mod tests {
         }
     }
 
+    /// A panic during a run (in the core, or here) ends the run as a
+    /// failure, keeping what was found before it, rather than unwinding
+    /// through the caller (a soak, a test sweeping seeds).
+    #[test]
+    fn a_panic_fails_the_run_and_keeps_what_was_found_before() {
+        let cfg = SimConfig::new(3, 3, FaultMix::by_name("calm").unwrap());
+        let replay = cfg.replay_command();
+        let mut sim = Sim::new(cfg);
+        sim.report.violations.push("found before".into());
+        // There is no node 9: handling its tick panics (index out of bounds).
+        sim.schedule(SEC, Ev::Tick(9, 0));
+        let r = sim.run();
+        assert!(!r.ok());
+        assert_eq!(r.safety_violations(), ["found before"]);
+        assert!(
+            r.violations[1]
+                .starts_with("panic: the run panicked at 1000.000 ms: index out of bounds"),
+            "{:?}",
+            r.violations
+        );
+        assert!(r
+            .panicked
+            .is_some_and(|p| p.contains("index out of bounds")));
+        assert_eq!(r.sim_time, SEC);
+        assert!(!replay.contains("stop-at-first-violation"), "{replay}");
+    }
+
+    /// With `stop_at_first_violation` a run ends at its first safety
+    /// violation, before any core takes another step, and liveness is not
+    /// judged; a liveness finding does not stop it. Without, it runs on.
+    #[test]
+    fn a_run_stops_at_its_first_safety_violation_if_asked() {
+        for stop in [false, true] {
+            let mut cfg = SimConfig::new(3, 3, FaultMix::by_name("calm").unwrap());
+            cfg.stop_at_first_violation = stop;
+            let replay = cfg.replay_command();
+            let mut sim = Sim::new(cfg);
+            sim.report.violations.push("liveness: slow".into());
+            assert!(!sim.halted());
+            sim.report.violations.push("broken".into());
+            let r = sim.run();
+            assert_eq!(r.violations, ["liveness: slow", "broken"]);
+            if stop {
+                assert_eq!(r.stopped_at, Some(r.sim_time));
+                assert!(r.sim_time < 50 * MS, "{}", r.sim_time);
+                assert_eq!((r.messages, r.ops_ok), (0, 0));
+                assert!(
+                    replay.ends_with(" --stop-at-first-violation=true"),
+                    "{replay}"
+                );
+            } else {
+                assert_eq!(r.stopped_at, None);
+                assert!(r.sim_time > 6 * SEC && r.ops_ok > 0);
+            }
+        }
+    }
+
     #[test]
     fn a_vote_granted_before_it_is_on_disk_is_caught() {
         let (mut sim, _) = follower_with_unsynced_entry();

@@ -315,10 +315,12 @@ fn same_seed_replays_exactly() {
 /// votes without comparing logs, is caught within a bounded number of seeds
 /// by a safety invariant or the linearizability checker (a liveness failure
 /// alone does not count: a broken core must be caught for what it breaks).
+/// Each run stops at its first safety violation, as `keel-sim --bug` does.
 fn caught_within(bugs: TestingBugs, m: &str, max_seeds: u64) -> u64 {
     for seed in 0..max_seeds {
         let mut cfg = SimConfig::new(seed, if seed % 2 == 0 { 3 } else { 5 }, mix(m));
         cfg.bugs = bugs;
+        cfg.stop_at_first_violation = true;
         let r = run(&cfg);
         if let Some(v) = r.safety_violations().first() {
             println!("{bugs:?}: seed {seed}: {v}");
@@ -360,54 +362,90 @@ fn checkers_catch_vote_without_log_check() {
     println!("vote-without-log-check caught at seed {seed}");
 }
 
-/// Runs each `(seed, nodes, mix)` with `bugs` and asserts that every one is
-/// caught by a safety or linearizability violation of the intended kind (one
-/// containing one of `kinds`): a broken core must be caught for what it
-/// breaks, in every seed of a small fixed set. The seeds were picked from a
-/// soak with the bug on (`keel-sim --seeds 30 --bug <name>`); re-pick them
-/// there if the simulator's schedules change.
-fn assert_caught_in(bugs: TestingBugs, cases: &[(u64, usize, &str)], kinds: &[&str]) {
-    for &(seed, nodes, m) in cases {
-        let mut cfg = SimConfig::new(seed, nodes, mix(m));
-        cfg.bugs = bugs;
-        let r = run(&cfg);
-        let safety = r.safety_violations();
-        assert!(
-            safety.iter().any(|v| kinds.iter().any(|k| v.contains(k))),
-            "{bugs:?} was not caught as {kinds:?} in seed {seed} ({nodes} nodes, mix {m}): {safety:?}\n  replay: {}",
-            cfg.replay_command()
-        );
+/// Runs seeds `seeds` of each of `mixes` (3 and 5 nodes alternating) with
+/// `bugs`, each stopping at its first safety violation (as `keel-sim --bug`
+/// does), and asserts that a broken core is caught for what it breaks: in
+/// at least `min_percent`% of the runs the first safety violation is of
+/// the intended kind (contains one of `kinds`), and no run panics (a panic
+/// of the broken core later in a run can no longer hide what the checkers
+/// found first). The share is well below the rate measured over 40 seeds
+/// of each mix, so that no particular seed matters.
+fn assert_caught_as(
+    bugs: TestingBugs,
+    mixes: &[&str],
+    seeds: std::ops::Range<u64>,
+    kinds: &[&str],
+    min_percent: usize,
+) {
+    let (mut runs, mut caught) = (0, 0);
+    let mut otherwise = Vec::new();
+    for &m in mixes {
+        for seed in seeds.clone() {
+            let nodes = if seed % 2 == 0 { 3 } else { 5 };
+            let mut cfg = SimConfig::new(seed, nodes, mix(m));
+            cfg.bugs = bugs;
+            cfg.stop_at_first_violation = true;
+            let r = run(&cfg);
+            runs += 1;
+            assert!(
+                r.panicked.is_none(),
+                "{bugs:?}: seed {seed} ({nodes} nodes, mix {m}) panicked: {:?}\n  replay: {}",
+                r.violations,
+                cfg.replay_command()
+            );
+            match r.safety_violations().first() {
+                Some(v) if kinds.iter().any(|k| v.contains(k)) => {
+                    assert!(r.stopped_at.is_some(), "seed {seed}: the run went on");
+                    caught += 1;
+                }
+                Some(v) => otherwise.push(format!("seed {seed} ({m}): {v}")),
+                None => {}
+            }
+        }
     }
+    println!(
+        "caught as {kinds:?} in {caught} of {runs} runs; first caught otherwise: {otherwise:?}"
+    );
+    assert!(
+        caught * 100 >= runs * min_percent,
+        "{bugs:?} was caught as {kinds:?} in only {caught} of {runs} runs of {mixes:?} \
+         (at least {min_percent}% expected); caught otherwise: {otherwise:?}"
+    );
 }
 
 /// Handing entries out again from the position the service reported
 /// applied, rather than from what was already handed out, applies entries
-/// twice while the service's reports are late.
+/// twice while the service's reports are late (every seed of every mix).
 #[test]
 fn checkers_catch_entries_handed_out_again_from_applied() {
     let bugs = TestingBugs {
         apply_from_applied: true,
         ..TestingBugs::default()
     };
-    assert_caught_in(
+    assert_caught_as(
         bugs,
-        &[(0, 3, "calm"), (1, 3, "lossy")],
+        &["calm", "lossy", "crashes"],
+        0..16,
         &["again (it had applied up to"],
+        100,
     );
 }
 
 /// A read confirmed with one heartbeat echo fewer than a quorum is answered
-/// by an isolated leader that a majority has already replaced.
+/// by an isolated leader that a majority has already replaced (caught in
+/// 60-95% of the seeds of the mixes that isolate leaders).
 #[test]
 fn checkers_catch_a_read_confirmed_one_echo_short_of_a_quorum() {
     let bugs = TestingBugs {
         read_quorum_off_by_one: true,
         ..TestingBugs::default()
     };
-    assert_caught_in(
+    assert_caught_as(
         bugs,
-        &[(1, 3, "lossy"), (10, 5, "lossy")],
+        &["lossy", "partitions", "chaos"],
+        0..16,
         &["stale read:", "not linearizable"],
+        40,
     );
 }
 
@@ -419,41 +457,77 @@ fn checkers_catch_a_read_confirmed_by_an_earlier_heartbeat_round() {
         read_without_new_round: true,
         ..TestingBugs::default()
     };
-    assert_caught_in(
+    assert_caught_as(
         bugs,
-        &[(1, 3, "lossy"), (10, 5, "lossy")],
+        &["lossy", "partitions", "chaos"],
+        0..16,
         &["stale read:", "not linearizable"],
+        40,
     );
 }
 
 /// A read index at the applied position, not the commit, misses writes
-/// committed (and answered) but not yet applied here.
+/// committed (and answered) but not yet applied here (every seed).
 #[test]
 fn checkers_catch_a_read_index_at_applied() {
     let bugs = TestingBugs {
         read_index_at_applied: true,
         ..TestingBugs::default()
     };
-    assert_caught_in(
+    assert_caught_as(
         bugs,
-        &[(0, 3, "calm"), (1, 3, "lossy")],
+        &["calm", "lossy", "crashes"],
+        0..16,
         &["stale read:", "not linearizable"],
+        100,
     );
 }
 
 /// A follower that installs a snapshot below its commit position (a late
-/// copy of an old transfer) moves its commit back.
+/// copy of an old transfer) moves its commit back (caught in 40-85% of the
+/// seeds of these mixes). Run on, such a core applies entries whose data it
+/// dropped and trips its own debug assertion ("hollow entries to apply")
+/// in some seeds: that panic fails the seed with the finding kept, and
+/// does not end the caller.
 #[test]
 fn checkers_catch_a_snapshot_installed_below_the_commit() {
     let bugs = TestingBugs {
         install_snapshot_below_commit: true,
         ..TestingBugs::default()
     };
-    assert_caught_in(
+    assert_caught_as(
         bugs,
-        &[(2, 3, "partitions"), (16, 5, "chaos")],
+        &["partitions", "chaos", "crashes"],
+        0..16,
         &["commit moved back"],
+        25,
     );
+    let mut panics = 0;
+    for seed in 0..16 {
+        let nodes = if seed % 2 == 0 { 3 } else { 5 };
+        let mut cfg = SimConfig::new(seed, nodes, mix("chaos"));
+        cfg.bugs = bugs;
+        let r = run(&cfg);
+        if r.panicked.is_some() {
+            panics += 1;
+            let last = r.violations.last().map(String::as_str).unwrap_or("");
+            assert!(
+                last.starts_with("panic: the run panicked at")
+                    && last.contains("stepping node")
+                    && !r.ok(),
+                "seed {seed}: {:?}",
+                r.violations
+            );
+            assert!(
+                r.safety_violations()
+                    .iter()
+                    .any(|v| v.contains("commit moved back")),
+                "seed {seed}: the panic hid the finding: {:?}",
+                r.violations
+            );
+        }
+    }
+    println!("{panics} of 16 chaos seeds run on past the violation panicked");
 }
 
 #[test]
@@ -656,6 +730,7 @@ fn checkers_catch_lease_rules_broken_around_transfers() {
             cfg.lease_reads = true;
             cfg.clock_drift_ppm = cfg.assumed_drift_ppm;
             *flag(&mut cfg.bugs) = true;
+            cfg.stop_at_first_violation = true;
             !run(&cfg).safety_violations().is_empty()
         });
         match caught {

@@ -574,7 +574,7 @@ impl Service for RestoreCheck {
                      (--service {s}, or service = \"{s}\" in the configuration), the service \
                      of the cluster it came from"
                 ),
-                None => bytes_as_text(&e),
+                None => e,
             }
         })
     }
@@ -592,34 +592,6 @@ impl Service for RestoreCheck {
     fn query(&self, data: &[u8]) -> Bytes {
         self.service.query(data)
     }
-}
-
-/// `msg` with every list of printable ASCII bytes written as Rust's Debug
-/// writes a byte array (`[75, 75, 86, 50]`) shown as text (`"KKV2"`).
-fn bytes_as_text(msg: &str) -> String {
-    let mut out = String::new();
-    let mut rest = msg;
-    while let Some(open) = rest.find('[') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let Some(close) = after.find(']') else {
-            rest = &rest[open..];
-            break;
-        };
-        let list = &after[..close];
-        let bytes: Option<Vec<u8>> = list.split(", ").map(|b| b.parse().ok()).collect();
-        match bytes.filter(|b| !b.is_empty() && b.iter().all(u8::is_ascii_graphic)) {
-            Some(b) => out.push_str(&format!("{:?}", String::from_utf8_lossy(&b))),
-            None => {
-                out.push('[');
-                out.push_str(list);
-                out.push(']');
-            }
-        }
-        rest = &after[close + 1..];
-    }
-    out.push_str(rest);
-    out
 }
 
 fn restore(a: RestoreArgs) -> Result<()> {
@@ -1094,22 +1066,4 @@ fn block<F: std::future::Future<Output = Result<i32>>>(f: F) -> Result<i32> {
         .enable_all()
         .build()?
         .block_on(f)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bytes_as_text;
-
-    /// A snapshot header written as a byte list reads as text; other lists
-    /// are left alone.
-    #[test]
-    fn byte_lists_read_as_text() {
-        assert_eq!(
-            bytes_as_text("echo snapshot has magic [75, 75, 86, 50], expected [69, 67, 72, 49]"),
-            "echo snapshot has magic \"KKV2\", expected \"ECH1\""
-        );
-        for keep in ["members [1, 2, 3]", "[] and [300, 1]", "open [75, 75"] {
-            assert_eq!(bytes_as_text(keep), keep);
-        }
-    }
 }

@@ -519,8 +519,14 @@ pub fn run(a: DevArgs) -> Result<i32> {
         }
     }
     let endpoints: Vec<&str> = nodes.iter().map(|n| n.client.as_str()).collect();
+    // The cluster's size as created, and how many of its nodes run now
+    // when some were removed from it.
+    let running = match gone.len() {
+        0 => String::new(),
+        _ => format!(" ({} running, {} removed)", nodes.len(), gone.len()),
+    };
     println!(
-        "Keel dev cluster: {} node{}, {} service, {} durability, data under {}",
+        "Keel dev cluster: {} node{}{running}, {} service, {} durability, data under {}",
         fixed.nodes,
         if fixed.nodes == 1 { "" } else { "s" },
         fixed.service,

@@ -802,7 +802,8 @@ fn a_removed_dev_node_is_named_and_left_out() {
     assert!(
         dev.output()
             .contains("node 3 was removed from the cluster (")
-            && dev.output().contains("not starting it"),
+            && dev.output().contains("not starting it")
+            && dev.output().contains("3 nodes (2 running, 1 removed)"),
         "{}",
         dev.output()
     );

@@ -651,6 +651,83 @@ mod tests {
         "id = 1\ndata_dir = \"d\"\npeer_addr = \"127.0.0.1:7001\"\nclient_addr = \"127.0.0.1:7101\"\n"
     }
 
+    /// The README's settings table names every key the file takes, each
+    /// with the default the code has: writing a row's default out gives the
+    /// same configuration as leaving the key out.
+    #[test]
+    fn readme_settings_table_matches_the_code() {
+        let readme = include_str!("../../../README.md");
+        let table = readme
+            .split("| key | default | meaning |")
+            .nth(1)
+            .expect("the README's settings table");
+        let parse = |text: &str| toml::from_str::<NodeConfig>(text).map_err(|e| e.to_string());
+        let defaults = parse(base()).expect("base");
+        // A TOML value for a row's default cell.
+        let value = |cell: &str| -> Option<String> {
+            let cell = cell.trim();
+            if let Some(mib) = cell.strip_suffix(" MiB") {
+                return Some((mib.parse::<u64>().ok()? << 20).to_string());
+            }
+            match cell.strip_prefix('`').and_then(|c| c.strip_suffix('`')) {
+                // Backticked: a TOML literal as it is, or a bare word.
+                Some(v) if toml::from_str::<toml::Table>(&format!("x = {v}")).is_ok() => {
+                    Some(v.to_string())
+                }
+                Some(v) => Some(format!("{v:?}")),
+                None if cell == "required" || cell == "none" => None,
+                None => Some(cell.to_string()),
+            }
+        };
+        let mut documented = BTreeSet::new();
+        for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+            let cells: Vec<&str> = row.split('|').collect();
+            let (keys, default) = (cells[1].trim(), cells[2]);
+            if keys == "`[[peers]]`" {
+                documented.insert("peers".to_string());
+                continue;
+            }
+            let keys: Vec<&str> = keys.split(", ").map(|k| k.trim_matches('`')).collect();
+            let values: Vec<Option<String>> = match keys.len() {
+                1 => vec![value(default)],
+                _ if default.trim() == "none" => vec![None; keys.len()],
+                _ => default.split(", ").map(value).collect(),
+            };
+            assert_eq!(keys.len(), values.len(), "row {row}");
+            for (key, v) in keys.iter().zip(values) {
+                documented.insert(key.to_string());
+                let Some(v) = v else { continue };
+                let with = parse(&format!("{}{key} = {v}\n", base()))
+                    .unwrap_or_else(|e| panic!("README's default for {key} ({v}): {e}"));
+                assert_eq!(
+                    with, defaults,
+                    "README's default for {key} is {v}, not the code's"
+                );
+            }
+        }
+        // serde names every field it knows when it refuses one it does not.
+        let err = parse(&format!("{}no_such_key = 1\n", base())).expect_err("unknown key");
+        let known: BTreeSet<String> = err
+            .split('`')
+            .skip(3)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        assert!(known.len() > 30 && known.contains("peers"), "{err}");
+        for key in &known {
+            assert!(
+                documented.contains(key),
+                "the README's settings table lacks {key}"
+            );
+        }
+        for key in &documented {
+            assert!(
+                known.contains(key),
+                "the README documents {key}, which the file does not take"
+            );
+        }
+    }
+
     #[test]
     fn parses_defaults_and_peers() {
         let text = format!(

@@ -17,7 +17,7 @@ use keel_core::{
     SnapshotMeta, Term, TestingBugs, TimerUpdate,
 };
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::path::Path;
 
 const MS: Nanos = 1_000_000;
@@ -88,6 +88,19 @@ pub struct FaultMix {
     /// later (a duplicating, reordering network), after the follower has
     /// installed the snapshot and moved on.
     pub late_copies: bool,
+    /// Now and then a node's process is paused (a long garbage-collection
+    /// or allocation stall, SIGSTOP, a VM migrated or starved of CPU) for
+    /// half a minimum election timeout to six of them, the leader half the
+    /// time: it handles nothing meanwhile (messages, client requests, disk
+    /// syncs and the service's reports wait for it, as a socket buffers
+    /// them), while its clock and everyone else go on. Then it resumes
+    /// with stale state and timers that are long due, which fire before
+    /// or after it reads the backlog (half the time each): a leader
+    /// deposed meanwhile replicates, answers reads and checks its quorum
+    /// in its old term, from echoes sent before the pause. A crash during
+    /// the pause loses the backlog. Drawn from the second random stream,
+    /// so a run goes as before up to its first pause (`Sim::pause`).
+    pub pauses: bool,
 }
 
 impl FaultMix {
@@ -106,6 +119,7 @@ impl FaultMix {
         transfers: false,
         isolate_leader: false,
         late_copies: false,
+        pauses: false,
     };
 
     /// Every named mix, from calm to chaos.
@@ -172,6 +186,7 @@ impl FaultMix {
                 transfers: false,
                 isolate_leader: true,
                 late_copies: true,
+                pauses: true,
             },
             FaultMix {
                 name: "transfers",
@@ -183,6 +198,16 @@ impl FaultMix {
                 reorder: 0.05,
                 late_copies: true,
                 ..n.clone()
+            },
+            FaultMix {
+                name: "pauses",
+                pauses: true,
+                crashes: true,
+                loss: 0.02,
+                duplicate: 0.02,
+                reorder: 0.05,
+                late_copies: true,
+                ..n
             },
         ]
     }
@@ -589,6 +614,15 @@ pub struct Report {
     pub log_ranges_unsent: u64,
     /// Leaders cut off by the `isolate_leader` nemesis.
     pub leader_isolations: u64,
+    /// Processes paused (`FaultMix::pauses`), how many of them led then,
+    /// and the events (messages, requests, ticks, disk syncs, service
+    /// reports) they found waiting when they resumed.
+    pub pauses: u64,
+    pub leaders_paused: u64,
+    pub events_after_pause: u64,
+    /// Paused leaders that resumed after a leader of a later term had been
+    /// elected (deposed, but not yet told).
+    pub resumed_deposed: u64,
     /// Messages delivered a second time, late (`FaultMix::late_copies`).
     pub late_copies: u64,
     /// `Action::Apply`s the core gave while the service had applied more
@@ -728,6 +762,10 @@ enum Ev {
     LivenessProbe,
     /// `FaultMix::isolate_leader`: isolate this node if it still leads.
     IsolateLeader(NodeId),
+    /// `FaultMix::pauses`: pause a node.
+    Pause,
+    /// The pause of this node with this number ends.
+    Resume(NodeId, u64),
     /// A snapshot file is written and handed to storage to publish.
     SnapshotStaged(NodeId, u64, Box<Snapshot>),
     Wipe,
@@ -976,6 +1014,11 @@ pub struct Sim {
     removal_checks: Vec<RemovalCheck>,
     /// The node whose core is taking a step (named if it panics).
     stepping: Option<NodeId>,
+    /// `FaultMix::pauses`: each paused node's pause number and the events
+    /// that reached it meanwhile, in order. (Ordered: healing resumes them
+    /// in id order, so a seed replays exactly.)
+    paused: BTreeMap<NodeId, (u64, Vec<Ev>)>,
+    pause_seq: u64,
 }
 
 enum RemovalCheck {
@@ -1166,6 +1209,8 @@ impl Sim {
             notices_sent: HashSet::new(),
             removal_checks: Vec::new(),
             stepping: None,
+            paused: BTreeMap::new(),
+            pause_seq: 0,
             cfg,
         };
         sim.inv.set_initial_membership(initial);
@@ -1188,6 +1233,10 @@ impl Sim {
         }
         if sim.cfg.mix.membership {
             sim.schedule(500 * MS, Ev::MembershipChange);
+        }
+        if sim.cfg.mix.pauses {
+            let t = sim.aux.range(300 * MS, 1_500 * MS);
+            sim.schedule(t, Ev::Pause);
         }
         if let Some(w) = sim.cfg.wipe.clone() {
             sim.schedule(w.at, Ev::Wipe);
@@ -1282,6 +1331,20 @@ impl Sim {
     }
 
     fn handle(&mut self, ev: Ev) {
+        // What reaches a paused node waits for it.
+        let to = match &ev {
+            Ev::Peer(m) => Some(m.to),
+            Ev::Request { node, .. } => Some(*node),
+            Ev::Tick(id, _)
+            | Ev::DiskSync(id, _)
+            | Ev::ServiceReports(id, _)
+            | Ev::SnapshotStaged(id, ..) => Some(*id),
+            _ => None,
+        };
+        if let Some((_, backlog)) = to.and_then(|id| self.paused.get_mut(&id)) {
+            backlog.push(ev);
+            return;
+        }
         match ev {
             Ev::Peer(m) => {
                 let i = self.idx(m.to);
@@ -1352,6 +1415,8 @@ impl Sim {
             Ev::MembershipChange => self.membership_change(),
             Ev::LivenessProbe => self.liveness_probe(),
             Ev::IsolateLeader(id) => self.isolate_leader(id),
+            Ev::Pause => self.pause(),
+            Ev::Resume(id, n) => self.resume(id, n),
             Ev::SnapshotStaged(id, inc, s) => {
                 let i = self.idx(id);
                 if self.nodes[i].incarnation == inc && self.nodes[i].core.is_some() {
@@ -2168,6 +2233,8 @@ impl Sim {
         }
         node.core = None;
         node.incarnation += 1;
+        // What a paused process had not read yet dies with it.
+        self.paused.remove(&node.id);
         node.pending.clear();
         node.sync_scheduled = false;
         node.reports.clear();
@@ -2763,6 +2830,89 @@ impl Sim {
         }
     }
 
+    /// `FaultMix::pauses`: pauses the leader of the moment (half the time)
+    /// or any running node, for half a minimum election timeout to six of
+    /// them, and schedules the next pause.
+    fn pause(&mut self) {
+        if !self.faults_active {
+            return;
+        }
+        let next = self.aux.range(500 * MS, 2 * SEC);
+        self.schedule(next, Ev::Pause);
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].core.is_some())
+            .filter(|&i| !self.paused.contains_key(&self.nodes[i].id))
+            .collect();
+        let leader = self
+            .leader_index()
+            .filter(|l| running.contains(l) && self.aux.chance(0.5));
+        let Some(i) = leader.or_else(|| {
+            (!running.is_empty()).then(|| running[self.aux.range(0, running.len() as u64) as usize])
+        }) else {
+            return;
+        };
+        let id = self.nodes[i].id;
+        let min = self
+            .cfg
+            .election_timeout_of(id, self.nodes[i].incarnation)
+            .0;
+        let dur = self.aux.range(min / 2, 6 * min);
+        self.pause_seq += 1;
+        self.paused.insert(id, (self.pause_seq, Vec::new()));
+        self.report.pauses += 1;
+        if leader.is_some() {
+            self.report.leaders_paused += 1;
+        }
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {id}: paused for {} ms",
+                self.now as f64 / 1e6,
+                dur / MS
+            );
+        }
+        self.schedule(dur, Ev::Resume(id, self.pause_seq));
+    }
+
+    /// Pause `n` of node `id` ends (if it has not: a crash ends a pause):
+    /// what reached it meanwhile is handled now, in order, its timers
+    /// (ticks) first or last.
+    fn resume(&mut self, id: NodeId, n: u64) {
+        if self.paused.get(&id).is_none_or(|p| p.0 != n) {
+            return;
+        }
+        let Some((_, backlog)) = self.paused.remove(&id) else {
+            return;
+        };
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {id}: resumed, {} events waiting",
+                self.now as f64 / 1e6,
+                backlog.len()
+            );
+        }
+        self.report.events_after_pause += backlog.len() as u64;
+        let newest = self.inv.newest_leader_term();
+        if self.nodes[self.idx(id)]
+            .core
+            .as_ref()
+            .is_some_and(|c| c.is_leader() && c.term() < newest)
+        {
+            self.report.resumed_deposed += 1;
+        }
+        let (ticks, rest): (Vec<Ev>, Vec<Ev>) = backlog
+            .into_iter()
+            .partition(|ev| matches!(ev, Ev::Tick(..)));
+        let ticks_first = self.aux.chance(0.5);
+        let order = if ticks_first {
+            ticks.into_iter().chain(rest).collect::<Vec<_>>()
+        } else {
+            rest.into_iter().chain(ticks).collect()
+        };
+        for ev in order {
+            self.schedule(0, ev);
+        }
+    }
+
     fn block(&mut self, links: Vec<(NodeId, NodeId)>, dur: Nanos) {
         for &l in &links {
             self.blocked.insert(l);
@@ -2772,6 +2922,10 @@ impl Sim {
 
     fn heal_all(&mut self) {
         self.faults_active = false;
+        let paused: Vec<(NodeId, u64)> = self.paused.iter().map(|(&id, p)| (id, p.0)).collect();
+        for (id, n) in paused {
+            self.resume(id, n);
+        }
         self.healed_at = Some(self.now);
         self.blocked.clear();
         self.unreachable.clear();
@@ -2824,6 +2978,10 @@ impl Sim {
         let Some(i) = self.leader_index() else {
             return;
         };
+        if self.paused.contains_key(&self.nodes[i].id) {
+            // The request waits on a paused process: the operator gives up.
+            return;
+        }
         let Some(core) = self.nodes[i].core.as_ref() else {
             return;
         };
@@ -2857,7 +3015,10 @@ impl Sim {
         if !self.faults_active {
             return;
         }
-        if let Some(i) = self.leader_index() {
+        let leader = self
+            .leader_index()
+            .filter(|&i| !self.paused.contains_key(&self.nodes[i].id));
+        if let Some(i) = leader {
             let m = self.nodes[i].core.as_ref().map(|c| c.membership().clone());
             if let Some(m) = m {
                 // Outsiders that can be added: nodes waiting to join (no

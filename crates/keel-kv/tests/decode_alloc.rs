@@ -70,7 +70,7 @@ const LARGE_U64: [u64; 4] = [u64::MAX, 1 << 63, 1 << 32, (1 << 61) + 1];
 
 /// `good` with each of its 4- and 8-byte windows overwritten by each large
 /// value in turn, passed through `fix` (e.g. to reseal a checksum).
-fn with_large_fields(good: &[u8], fix: impl Fn(&mut Vec<u8>)) -> Vec<(usize, Vec<u8>)> {
+fn with_large_fields(good: &[u8], fix: impl Fn(&mut [u8])) -> Vec<(usize, Vec<u8>)> {
     let mut out = Vec::new();
     for at in 0..good.len() {
         for v in LARGE_U32 {

@@ -71,7 +71,7 @@ const LARGE_U64: [u64; 4] = [u64::MAX, 1 << 63, 1 << 32, (1 << 61) + 1];
 
 /// `good` with each of its 4- and 8-byte windows overwritten by each large
 /// value in turn, passed through `fix` (e.g. to reseal a checksum).
-fn with_large_fields(good: &[u8], fix: impl Fn(&mut Vec<u8>)) -> Vec<(usize, Vec<u8>)> {
+fn with_large_fields(good: &[u8], fix: impl Fn(&mut [u8])) -> Vec<(usize, Vec<u8>)> {
     let mut out = Vec::new();
     for at in 0..good.len() {
         for v in LARGE_U32 {
@@ -101,7 +101,7 @@ fn bound(len: usize) -> usize {
 }
 
 /// Reseals a file whose last 4 bytes are the CRC-32C of the rest.
-fn reseal(b: &mut Vec<u8>) {
+fn reseal(b: &mut [u8]) {
     let n = b.len() - 4;
     let crc = crc32c::crc32c(&b[..n]);
     b[n..].copy_from_slice(&crc.to_le_bytes());
@@ -109,7 +109,7 @@ fn reseal(b: &mut Vec<u8>) {
 
 /// Reseals a log frame: the body checksum (bytes 4..8) over what follows
 /// the header, then the header checksum (28..32) over its first 28 bytes.
-fn reseal_frame(b: &mut Vec<u8>) {
+fn reseal_frame(b: &mut [u8]) {
     let body = crc32c::crc32c(&b[frame::HEADER_LEN..]);
     b[4..8].copy_from_slice(&body.to_le_bytes());
     let header = crc32c::crc32c(&b[..28]);

@@ -212,6 +212,54 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// The etcd API's TLS files, whatever they hold (PEM-like lines among
+    /// any bytes, not UTF-8): a file is taken if and only if a BEGIN line
+    /// of what it must hold is in it, else refused naming the setting and
+    /// the file; never a panic.
+    #[test]
+    fn tls_files_of_any_content_never_panic(
+        pieces in proptest::collection::vec(prop_oneof![
+            Just(b"-----BEGIN CERTIFICATE-----\n".to_vec()),
+            Just(b"-----BEGIN PRIVATE KEY-----\n".to_vec()),
+            Just(b"-----BEGIN EC PRIVATE KEY-----".to_vec()),
+            Just(b"-----BEGIN ".to_vec()),
+            Just("\u{e9}\u{1F600}-----".as_bytes().to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..12),
+        ], 0..6),
+        which in 0usize..3,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("tls.pem");
+        let content = pieces.concat();
+        std::fs::write(&file, &content).expect("write");
+        let mut c: NodeConfig = toml::from_str(VALID).expect("valid");
+        let (setting, marker) = match which {
+            0 => { c.etcd_cert_file = Some(file.clone()); ("etcd_cert_file", "CERTIFICATE-----") }
+            1 => { c.etcd_key_file = Some(file.clone()); ("etcd_key_file", "PRIVATE KEY-----") }
+            _ => { c.etcd_trusted_ca_file = Some(file.clone()); ("etcd_trusted_ca_file", "CERTIFICATE-----") }
+        };
+        let text = String::from_utf8_lossy(&content);
+        let holds = text.match_indices("-----BEGIN ").any(|(i, _)| {
+            text[i..].lines().next().is_some_and(|l| l.ends_with(marker))
+        });
+        match c.check_files() {
+            Ok(()) => prop_assert!(holds, "{:?} taken as {}", text, setting),
+            Err(e) => {
+                prop_assert!(!holds, "{:?} refused: {}", text, e);
+                let m = e.to_string();
+                prop_assert!(m.contains(setting) && m.contains("tls.pem"), "{}", m);
+            }
+        }
+        // A file that is not there is refused naming it too.
+        std::fs::remove_file(&file).expect("rm");
+        let m = c.check_files().expect_err("a missing file").to_string();
+        prop_assert!(m.contains(setting) && m.contains("tls.pem"), "{}", m);
+    }
+}
+
 /// A configuration file that is not UTF-8 is refused as unreadable, with
 /// the file named.
 #[test]

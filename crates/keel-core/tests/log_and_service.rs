@@ -416,7 +416,9 @@ fn host_snapshot_round_trips_sessions_timers_and_state() {
     // can match against the formats they know.
     let mut other = snap.clone();
     other.data = Bytes::from_static(b"KKV2 and the rest of a KV snapshot");
-    let e = copy.restore(&other).expect_err("a KV snapshot is not a host snapshot");
+    let e = copy
+        .restore(&other)
+        .expect_err("a KV snapshot is not a host snapshot");
     assert_eq!(
         e.to_string(),
         r#"snapshot data has bad magic "KKV2", expected "KSH2""#

@@ -126,6 +126,12 @@ fn default_kv_quota_bytes() -> u64 {
 fn default_log_cache_bytes() -> u64 {
     16 << 20
 }
+/// The largest `queue_depth`: a queue of requests is bounded so that a
+/// typo cannot ask for one the channel cannot hold (tokio's channels panic
+/// past about 2^61 slots), and a million waiting requests is already
+/// seconds of work for a leader.
+pub const MAX_QUEUE_DEPTH: usize = 1 << 20;
+
 fn default_queue_depth() -> usize {
     16 * 1024
 }
@@ -440,9 +446,9 @@ impl NodeConfig {
                 self.snapshot_log_percent
             ));
         }
-        if self.queue_depth < 16 {
+        if !(16..=MAX_QUEUE_DEPTH).contains(&self.queue_depth) {
             return bad(format!(
-                "queue_depth ({}) must be at least 16",
+                "queue_depth ({}) must be between 16 and {MAX_QUEUE_DEPTH}",
                 self.queue_depth
             ));
         }
@@ -993,6 +999,28 @@ mod tests {
             e.contains("etcd_cert_file") && e.contains("missing.pem") && e.contains(&os),
             "{e}"
         );
+    }
+
+    /// A huge queue_depth passed validation and then panicked inside the
+    /// channel it sized at start ("starting the node panicked"); it is now
+    /// refused by name.
+    #[test]
+    fn queue_depth_is_bounded() {
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        for bad in [0, 15, MAX_QUEUE_DEPTH + 1, 1 << 61, usize::MAX] {
+            c.queue_depth = bad;
+            let e = c.validate().expect_err("out of range").to_string();
+            assert!(
+                e.contains(&format!(
+                    "queue_depth ({bad}) must be between 16 and 1048576"
+                )),
+                "{e}"
+            );
+        }
+        for good in [16, MAX_QUEUE_DEPTH] {
+            c.queue_depth = good;
+            c.validate().expect("in range");
+        }
     }
 
     /// A request of 64 MiB − 15 .. 64 MiB made a command entry over the

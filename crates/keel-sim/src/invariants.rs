@@ -102,6 +102,10 @@ pub struct Invariants {
     boundaries: HashMap<(Position, Term), u64>,
     /// Every committed boundary → chain.
     committed: BTreeMap<Position, u64>,
+    /// Every committed boundary → the term it was committed in: the term
+    /// of the leader seen committing it (the first node seen with it
+    /// committed; the newest leader's term if that was not a leader).
+    committed_in: BTreeMap<Position, Term>,
     leaders: HashMap<Term, NodeId>,
     /// The latest term any node was elected leader of, and that node.
     newest_leader: (Term, NodeId),
@@ -219,9 +223,18 @@ impl Invariants {
                 ));
             }
         }
-        // Leader completeness: whatever any node has committed is in the
-        // new leader's log (unless its snapshot covers it).
-        let g = self.committed_upto();
+        // Leader completeness: whatever was committed in an earlier term is
+        // in the new leader's log (unless its snapshot covers it). Not what
+        // a later term committed: a candidate whose votes were granted
+        // before a later leader was elected may learn it won only after
+        // that leader committed more (a paused candidate reading its
+        // backlog), and steps down at once.
+        let g = self
+            .committed_in
+            .iter()
+            .rev()
+            .find(|&(_, &t)| t < term)
+            .map_or(0, |(&p, _)| p);
         if let Some(shadow) = self.shadows.get(&id) {
             if g >= shadow.base_pos && shadow.chain_at(g) != self.committed.get(&g).copied() {
                 v.push(format!(
@@ -543,8 +556,10 @@ impl Invariants {
                 .filter(|l| l.end > g && l.end <= c)
                 .collect();
             let now = self.now;
+            let term = view.leading.unwrap_or(self.newest_leader.0);
             for l in new {
                 self.committed.insert(l.end, l.chain);
+                self.committed_in.insert(l.end, term);
                 if let Some(m) = &l.membership {
                     self.committed_configs
                         .insert(l.start, (l.end, m.clone(), now));
@@ -641,6 +656,37 @@ mod tests {
         // The host has applied the first entry; the core sends it again.
         inv.apply(1, es[0].end(), &es, &mut v);
         assert!(v.iter().any(|m| m.contains("again")), "{v:?}");
+    }
+
+    /// A candidate of term 2 whose votes were granted before node 1 was
+    /// elected in term 3 learns it won only after node 1 committed
+    /// entries of term 3 (it was paused): it must hold what terms 1 and 2
+    /// committed, not what term 3 did.
+    #[test]
+    fn a_stale_candidate_need_not_hold_what_a_later_term_committed() {
+        let mut inv = Invariants::new();
+        let mut v = Vec::new();
+        let es = log(&[1, 1, 3, 3]);
+        inv.leader_elected(1, 1, &mut v);
+        for id in [1, 2, 3] {
+            inv.append(id, &es[..2], 0, &mut v);
+        }
+        assert!(check(&mut inv, view(1, &es[..2], es[0].end(), Some(1))).is_empty());
+        inv.leader_elected(1, 3, &mut v);
+        inv.append(1, &es[2..], 0, &mut v);
+        inv.append(3, &es[2..], 0, &mut v);
+        assert!(check(&mut inv, view(1, &es, es[3].end(), Some(3))).is_empty());
+        assert!(v.is_empty(), "{v:?}");
+        // Node 2 holds what term 1 committed: it may lead term 2.
+        inv.leader_elected(2, 2, &mut v);
+        assert!(v.is_empty(), "{v:?}");
+        // Node 4 holds another first entry: it may not.
+        inv.append(4, &log(&[2]), 0, &mut v);
+        inv.leader_elected(4, 2, &mut v);
+        assert!(
+            v.iter().any(|m| m.starts_with("leader completeness")),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -324,6 +324,15 @@ fn regression_seeds() {
             cfg.replay_command()
         );
     }
+    // A candidate of term 4 paused just after asking for votes, and read
+    // them (it won) only after a leader of term 5 had committed more: the
+    // leader-completeness check wrongly asked it to hold that too. (Before
+    // stale replays joined the `pauses` mix.)
+    let mut pauses = mix("pauses");
+    pauses.stale_replays = 0.0;
+    let cfg = SimConfig::new(284, 3, pauses);
+    let r = run(&cfg);
+    assert!(r.ok() && r.pauses > 0, "seed 284: {:?}", r.violations);
     for (seed, nodes, m, sc) in [
         (1, 3, "calm", Scenario::WipedFollowerIdle),
         (2, 3, "calm", Scenario::WipedFollowerIdle),

@@ -34,7 +34,9 @@ struct Args {
     /// `chaos`) stops a node's process, the leader half the time, for half
     /// an election timeout to six of them (a GC stall, SIGSTOP, a starved
     /// VM) and resumes it with long-due timers and a backlog of messages,
-    /// requests and disk completions; crashes, loss and duplication too.
+    /// requests and disk completions, and delivers 1% of the messages once
+    /// more 0.5-3 s late (old-term appends, votes, read indexes); crashes,
+    /// loss and duplication too.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
         FaultMix::all().iter().map(|m| m.name).collect::<Vec<_>>()))]
     mix: Option<String>,
@@ -146,10 +148,10 @@ fn main() {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
         println!(
-            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals; {} removal notices sent, {} nodes stopped on learning they were removed, {} rejoined with an empty disk), {} leadership transfers asked ({} done), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} leaders isolated ({} reads reached a deposed leader), {} processes paused ({} leaders, {} resumed deposed; {} events waiting when they resumed), {} messages delivered again late ({} snapshot chunks below the commit), {} applies while the service's reports were late, {} messages, {:.1}s simulated",
+            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals; {} removal notices sent, {} nodes stopped on learning they were removed, {} rejoined with an empty disk), {} leadership transfers asked ({} done), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} leaders isolated ({} reads reached a deposed leader), {} processes paused ({} leaders, {} resumed deposed; {} events waiting when they resumed), {} messages replayed late ({} into a later term), {} messages delivered again late ({} snapshot chunks below the commit), {} applies while the service's reports were late, {} messages, {:.1}s simulated",
             cfg.nodes, cfg.mix.name, r.ops_ok, r.ops_unknown, r.elections, r.crashes, r.snapshots_installed,
             r.snapshot_chunks, r.log_ranges_read, r.log_ranges_unsent,
-            r.membership_changes, r.leader_removals, r.removed_notices, r.removals_acted, r.rejoined, r.transfers, r.transfers_done, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.leader_isolations, r.reads_at_deposed_leaders, r.pauses, r.leaders_paused, r.resumed_deposed, r.events_after_pause, r.late_copies, r.snapshot_chunks_below_commit, r.applies_ahead_of_reports, r.messages, r.sim_time as f64 / 1e9
+            r.membership_changes, r.leader_removals, r.removed_notices, r.removals_acted, r.rejoined, r.transfers, r.transfers_done, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.leader_isolations, r.reads_at_deposed_leaders, r.pauses, r.leaders_paused, r.resumed_deposed, r.events_after_pause, r.stale_replays, r.replays_of_older_terms, r.late_copies, r.snapshot_chunks_below_commit, r.applies_ahead_of_reports, r.messages, r.sim_time as f64 / 1e9
         );
         println!("linearizability: {:?}", r.linearizability);
         if let Some(w) = &r.wiped {

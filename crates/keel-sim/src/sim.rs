@@ -101,6 +101,14 @@ pub struct FaultMix {
     /// the pause loses the backlog. Drawn from the second random stream,
     /// so a run goes as before up to its first pause (`Sim::pause`).
     pub pauses: bool,
+    /// The share of the messages sent while faults are active that are
+    /// also delivered once more, 0.5-3 s later (a transport that resends
+    /// what it had buffered once it reconnects, a middlebox replaying a
+    /// stream): by then mostly of an older term, or answering a request
+    /// its receiver has forgotten (a vote, a heartbeat round, a read index
+    /// for a read id a restart has reused). Drawn from a stream of their
+    /// own, so a run goes as before up to its first replay.
+    pub stale_replays: f64,
 }
 
 impl FaultMix {
@@ -120,6 +128,7 @@ impl FaultMix {
         isolate_leader: false,
         late_copies: false,
         pauses: false,
+        stale_replays: 0.0,
     };
 
     /// Every named mix, from calm to chaos.
@@ -187,6 +196,7 @@ impl FaultMix {
                 isolate_leader: true,
                 late_copies: true,
                 pauses: true,
+                stale_replays: 0.005,
             },
             FaultMix {
                 name: "transfers",
@@ -202,6 +212,7 @@ impl FaultMix {
             FaultMix {
                 name: "pauses",
                 pauses: true,
+                stale_replays: 0.01,
                 crashes: true,
                 loss: 0.02,
                 duplicate: 0.02,
@@ -623,6 +634,11 @@ pub struct Report {
     /// Paused leaders that resumed after a leader of a later term had been
     /// elected (deposed, but not yet told).
     pub resumed_deposed: u64,
+    /// Messages delivered once more long after they were sent
+    /// (`FaultMix::stale_replays`), and how many of those reached a node
+    /// already in a later term than theirs.
+    pub stale_replays: u64,
+    pub replays_of_older_terms: u64,
     /// Messages delivered a second time, late (`FaultMix::late_copies`).
     pub late_copies: u64,
     /// `Action::Apply`s the core gave while the service had applied more
@@ -766,6 +782,9 @@ enum Ev {
     Pause,
     /// The pause of this node with this number ends.
     Resume(NodeId, u64),
+    /// A message delivered once more, long after it was sent
+    /// (`FaultMix::stale_replays`).
+    Replay(Message),
     /// A snapshot file is written and handed to storage to publish.
     SnapshotStaged(NodeId, u64, Box<Snapshot>),
     Wipe,
@@ -1019,6 +1038,8 @@ pub struct Sim {
     /// in id order, so a seed replays exactly.)
     paused: BTreeMap<NodeId, (u64, Vec<Ev>)>,
     pause_seq: u64,
+    /// The random stream of `FaultMix::stale_replays`.
+    replay_rng: Rng,
 }
 
 enum RemovalCheck {
@@ -1211,6 +1232,7 @@ impl Sim {
             stepping: None,
             paused: BTreeMap::new(),
             pause_seq: 0,
+            replay_rng: Rng::new(cfg.seed ^ 0x7265_706c_6179_7321),
             cfg,
         };
         sim.inv.set_initial_membership(initial);
@@ -1417,6 +1439,13 @@ impl Sim {
             Ev::IsolateLeader(id) => self.isolate_leader(id),
             Ev::Pause => self.pause(),
             Ev::Resume(id, n) => self.resume(id, n),
+            Ev::Replay(m) => {
+                let to = &self.nodes[self.idx(m.to)];
+                if to.core.as_ref().is_some_and(|c| c.term() > m.term) {
+                    self.report.replays_of_older_terms += 1;
+                }
+                self.handle(Ev::Peer(m));
+            }
             Ev::SnapshotStaged(id, inc, s) => {
                 let i = self.idx(id);
                 if self.nodes[i].incarnation == inc && self.nodes[i].core.is_some() {
@@ -1495,6 +1524,14 @@ impl Sim {
             if let Some(d) = self.net_delay(m.from, m.to) {
                 self.schedule(d + late, Ev::Peer(m.clone()));
             }
+        }
+        if self.faults_active
+            && self.cfg.mix.stale_replays > 0.0
+            && self.replay_rng.chance(self.cfg.mix.stale_replays)
+        {
+            self.report.stale_replays += 1;
+            let d = self.replay_rng.range(500 * MS, 3 * SEC);
+            self.schedule(d + late, Ev::Replay(m.clone()));
         }
         if let Some(&(until, delay)) = self.late_copies.get(&(m.from, m.to)) {
             if self.now < until && self.faults_active {

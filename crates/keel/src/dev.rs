@@ -433,19 +433,6 @@ pub fn run(a: DevArgs) -> Result<i32> {
         }
     };
     let nodes = write_configs(&a, &fixed, &dir, &shown).map_err(undo)?;
-    if let Some(backup) = &a.restore {
-        let restored = nodes.iter().try_for_each(|n| {
-            let cfg = keel_node::NodeConfig::load(&n.config)?;
-            let service = crate::restore_check(&cfg)?;
-            // A dev cluster has the default cluster id, as most backed-up
-            // clusters do; it runs on its own loopback ports.
-            keel_node::restore_backup(&cfg, service, backup, true)
-                .with_context(|| format!("restoring node {} from {}", n.id, backup.display()))?;
-            anyhow::Ok(())
-        });
-        restored.map_err(undo)?;
-        println!("Restored every node from {}", backup.display());
-    }
     // A node removed from the cluster refuses to start on its data (it
     // exited when it learned of its removal): the others run without it.
     let (gone, nodes): (Vec<DevNode>, Vec<DevNode>) =
@@ -479,6 +466,21 @@ pub fn run(a: DevArgs) -> Result<i32> {
         .find(|addr| std::net::TcpListener::bind(addr.as_str()).is_err());
     if let Some(addr) = busy {
         return Err(undo(anyhow::anyhow!("{addr} is in use. {PORT_HINT}")));
+    }
+    // Restored only once the ports are known free, so a busy port is
+    // reported before the work (and no "Restored" line precedes it).
+    if let Some(backup) = &a.restore {
+        let restored = nodes.iter().try_for_each(|n| {
+            let cfg = keel_node::NodeConfig::load(&n.config)?;
+            let service = crate::restore_check(&cfg)?;
+            // A dev cluster has the default cluster id, as most backed-up
+            // clusters do; it runs on its own loopback ports.
+            keel_node::restore_backup(&cfg, service, backup, true)
+                .with_context(|| format!("restoring node {} from {}", n.id, backup.display()))?;
+            anyhow::Ok(())
+        });
+        restored.map_err(undo)?;
+        println!("Restored every node from {}", backup.display());
     }
     let mut children = Vec::new();
     for n in &nodes {

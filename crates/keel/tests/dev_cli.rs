@@ -313,6 +313,18 @@ fn a_failed_first_dev_start_leaves_nothing_behind() {
     let text = run(with_restore("new"));
     assert!(text.contains("not a Keel backup"), "{text}");
     assert!(!cwd.join("new").exists(), "{text}");
+    // A port in use is found before any restoring (which said "Restored
+    // every node" and then failed on the port).
+    {
+        let _taken = std::net::TcpListener::bind(("127.0.0.1", base + 1)).expect("bind");
+        let text = run(with_restore("new"));
+        assert!(
+            text.contains(&format!("127.0.0.1:{} is in use", base + 1))
+                && !text.contains("not a Keel backup"),
+            "{text}"
+        );
+        assert!(!cwd.join("new").exists(), "{text}");
+    }
     // A directory that was there (empty) stays, empty.
     std::fs::create_dir(cwd.join("empty")).expect("mkdir");
     let text = run(with_restore("empty"));

@@ -155,7 +155,8 @@ fn chaos() {
 
 /// `FaultMix::pauses`: processes stopped for up to six election timeouts
 /// (the leader half the time) and resumed with long-due timers and a
-/// backlog of messages, requests and disk completions. Nothing breaks, and
+/// backlog of messages, requests and disk completions, and messages
+/// replayed seconds late (`FaultMix::stale_replays`). Nothing breaks, and
 /// the windows open: paused leaders resume after a later leader was
 /// elected, and reads reach them there (a core that confirms those reads
 /// with echoes from before the pause is caught: see
@@ -191,6 +192,14 @@ fn process_pauses() {
     assert!(
         reads > 0,
         "no read reached a paused leader deposed meanwhile"
+    );
+    // Stale replays: messages delivered again seconds late, most into a
+    // later term than theirs.
+    let (replays, older) = (sum(|r| r.stale_replays), sum(|r| r.replays_of_older_terms));
+    println!("pauses: {replays} messages replayed late, {older} into a later term");
+    assert!(
+        reports.iter().all(|r| r.stale_replays > 0) && older * 6 >= replays,
+        "{older} of {replays} late replays reached a later term"
     );
 }
 

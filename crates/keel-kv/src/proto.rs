@@ -76,8 +76,10 @@ use crate::etcd::{
 };
 use bytes::Bytes;
 
-/// Largest key (and range bound) accepted, in bytes.
-pub const MAX_KEY_LEN: usize = 4 * 1024;
+/// Largest key (and range bound) accepted, in bytes: etcd limits keys only
+/// by its request limit (`--max-request-bytes`, 1.5 MiB by default), so
+/// clients may rely on keys far longer than a few KiB.
+pub const MAX_KEY_LEN: usize = 1536 * 1024;
 /// Largest value accepted, in bytes (etcd's default request limit).
 pub const MAX_VALUE_LEN: usize = 1536 * 1024;
 

@@ -152,6 +152,41 @@ fn revisions_start_at_one_and_move_once_per_write() {
 }
 
 #[test]
+fn keys_far_longer_than_a_few_kib_work_as_in_etcd() {
+    // etcd limits a key only by its request limit (1.5 MiB by default);
+    // Keel refused keys over 4 KiB ("request is too large").
+    let mut h = Harness::new();
+    for len in [5_000, 64 * 1024, 1024 * 1024] {
+        let key = Bytes::from(vec![b'k'; len]);
+        let r = h.put_req(PutRequest::new(key.clone(), b("v")));
+        assert!(matches!(r, Response::PutResp(_)), "{len}: {r:?}");
+        let got = h.range(RangeRequest::new(key.clone(), Bytes::new()));
+        assert_eq!(keys(&got.kvs), vec![&key[..]], "{len}");
+        // As a range bound and a compare key too.
+        let mut end = key.to_vec();
+        end.push(0);
+        assert_eq!(h.range(RangeRequest::new(key.clone(), end)).count, 1);
+        let t = h.txn(txn(
+            vec![TxnCompare::new(
+                key.clone(),
+                CompareResult::Equal,
+                CompareTarget::Version(1),
+            )],
+            vec![RequestOp::DeleteRange(DeleteRangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            })],
+            vec![],
+        ));
+        assert!(t.succeeded, "{len}");
+    }
+    // Over etcd's request limit is still refused.
+    let key = Bytes::from(vec![b'k'; MAX_KEY_LEN + 1]);
+    let (code, _) = err(h.put_req(PutRequest::new(key, b("v"))));
+    assert_eq!(code, ErrorCode::KeyTooLarge);
+}
+
+#[test]
 fn reads_at_past_revisions_and_revision_errors() {
     let mut h = Harness::new();
     h.cmd(put("a", "1")); // 2

@@ -206,7 +206,29 @@ impl Session {
             self.next_id += 1;
             self.next_id - 1
         };
-        let (local_rev, _) = self.local_status().await?;
+        let (local_rev, compact) = self.local_status().await?;
+        if c.start_revision < 0 && c.start_revision < compact {
+            // etcd takes a negative start as a revision below its
+            // compaction point (-1 before the first compaction): created,
+            // then canceled with that point. (A start of -1 before any
+            // compaction is not below it: etcd then watches from now on.)
+            self.send(WatchResponse {
+                header: self.header(local_rev),
+                watch_id: id,
+                created: true,
+                ..Default::default()
+            })
+            .await?;
+            return self
+                .send(WatchResponse {
+                    header: self.header(local_rev),
+                    watch_id: id,
+                    canceled: true,
+                    compact_revision: compact,
+                    ..Default::default()
+                })
+                .await;
+        }
         let start = u64::try_from(c.start_revision).unwrap_or(0);
         let w = Watcher {
             key: c.key,

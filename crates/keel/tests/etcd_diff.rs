@@ -9,9 +9,14 @@
 //! The sequence is a hand-picked part (every Range option, Put flags and
 //! their errors, DeleteRange, Txn compares on every target with every result,
 //! nested txns and their limits, Compact, leases, watches from the past,
-//! request size limits) and a part drawn from a seeded RNG (puts, deletes,
-//! txns with compares derived from etcd's current state, ranges with random
-//! options, reads at past revisions, a compaction) over a small key space.
+//! request size limits; then fields at their edges: server-chosen lease
+//! ids, TTL 0 and negative, negative ids and revisions, from-key compares,
+//! long keys, watch streams with chosen and duplicate watch ids, cancels
+//! and progress requests) and a part drawn from a seeded RNG (puts,
+//! deletes, txns with compares derived from etcd's current state and
+//! ranges with random options inside, ranges with random options, reads at
+//! past revisions, lease revocations and grants, watches with filters, a
+//! compaction) over a small key space.
 //! `KEEL_DIFF_SEED` picks another seed, `KEEL_DIFF_OPS` another length;
 //! `KEEL_DIFF_VERBOSE=1` prints every operation with etcd's answer.
 //!
@@ -28,7 +33,9 @@
 //!   per-system identities (random in etcd, configured in Keel) and are
 //!   zeroed; only the header revision is compared. (Headers inside a txn
 //!   carry only a revision in both, and are compared whole.)
-//! - Lease ids chosen by the server differ, so every grant names its id.
+//! - Lease ids chosen by the server differ: a grant of id 0 records the id
+//!   each server chose, and requests and answers name the n-th such lease
+//!   `AUTO_LEASE + n`.
 //! - A lease's remaining TTL depends on timing: within 3 s of the granted
 //!   TTL it is shown as the granted TTL.
 //! - etcd lists a lease's keys in Go map order, and its lease list by
@@ -44,7 +51,8 @@
 //! counted; the random part avoids them):
 //! - An unknown `sort_order` enum value: etcd ignores it and does not sort;
 //!   Keel refuses it with InvalidArgument, as keel-etcd's `convert` does for
-//!   every out-of-range enum.
+//!   every out-of-range enum. Likewise an unknown compare result (etcd:
+//!   the compare holds) or compare target (etcd: compares as equal).
 //! - A gRPC message over the server's transport limit (request limit +
 //!   512 KiB): grpc-go answers ResourceExhausted, tonic OutOfRange, both
 //!   before the request is seen.
@@ -96,6 +104,11 @@ enum Op {
         req: WatchCreateRequest,
         n: Option<usize>,
     },
+    /// Sends these requests on one new watch stream (through the leader),
+    /// one at a time, collecting each one's answers until the stream is
+    /// quiet: creates with chosen or duplicate watch ids, cancels, progress
+    /// requests.
+    WatchSeq(Vec<RequestUnion>),
 }
 
 impl Op {
@@ -106,6 +119,7 @@ impl Op {
     fn needs_leader(&self) -> bool {
         match self {
             Op::Range(r) => r.serializable,
+            Op::WatchSeq(_) => true,
             Op::Txn(t) => t
                 .success
                 .iter()
@@ -129,6 +143,7 @@ enum Answer {
     LeaseTtl(LeaseTimeToLiveResponse),
     Leases(LeaseLeasesResponse),
     Watch(WatchOutcome),
+    WatchSeq(Vec<WatchResponse>),
 }
 
 impl Answer {
@@ -143,7 +158,7 @@ impl Answer {
             Answer::LeaseRevoke(r) => &r.header,
             Answer::LeaseTtl(r) => &r.header,
             Answer::Leases(r) => &r.header,
-            Answer::Watch(_) => return None,
+            Answer::Watch(_) | Answer::WatchSeq(_) => return None,
         };
         h.as_ref().map(|h| h.revision)
     }
@@ -202,9 +217,31 @@ struct System {
     /// Retry "no leader" / "too many requests" (Keel during an election;
     /// never sent by a healthy single-member etcd). Nothing was proposed.
     retry_unavailable: bool,
+    /// Ids the server chose for grants that named no id (id 0), in order:
+    /// requests and answers name the n-th as `AUTO_LEASE + n`.
+    auto_leases: std::sync::Mutex<Vec<i64>>,
 }
 
+/// Names the n-th server-chosen lease id as `AUTO_LEASE + n` (ids chosen
+/// by the server differ between systems).
+const AUTO_LEASE: i64 = 0x7a00_0000;
+
 impl System {
+    fn lease_in(&self, id: i64) -> i64 {
+        let auto = self.auto_leases.lock().unwrap();
+        match usize::try_from(id - AUTO_LEASE) {
+            Ok(n) if n < auto.len() => auto[n],
+            _ => id,
+        }
+    }
+    fn lease_out(&self, id: i64) -> i64 {
+        let auto = self.auto_leases.lock().unwrap();
+        match auto.iter().position(|&a| a == id) {
+            Some(n) if id != 0 => AUTO_LEASE + n as i64,
+            _ => id,
+        }
+    }
+
     fn up(&self, r: i64) -> i64 {
         if r > 0 {
             r + self.shift
@@ -234,6 +271,7 @@ impl System {
                 Some(TargetUnion::CreateRevision(r)) | Some(TargetUnion::ModRevision(r)) => {
                     *r = self.up(*r)
                 }
+                Some(TargetUnion::Lease(id)) => *id = self.lease_in(*id),
                 _ => {}
             }
         }
@@ -241,6 +279,7 @@ impl System {
             match &mut op.request {
                 Some(Req::RequestRange(r)) => self.range_in(r),
                 Some(Req::RequestTxn(t)) => self.txn_in(t),
+                Some(Req::RequestPut(p)) => p.lease = self.lease_in(p.lease),
                 _ => {}
             }
         }
@@ -258,6 +297,7 @@ impl System {
     fn kv(&self, kv: &mut KeyValue) {
         kv.create_revision = self.down(kv.create_revision);
         kv.mod_revision = self.down(kv.mod_revision);
+        kv.lease = self.lease_out(kv.lease);
     }
     fn range_out(&self, r: &mut RangeResponse) {
         self.header(&mut r.header);
@@ -344,7 +384,8 @@ impl System {
                 self.range_out(&mut a);
                 Answer::Range(a)
             }
-            Op::Put(r) => {
+            Op::Put(mut r) => {
+                r.lease = self.lease_in(r.lease);
                 let mut a = kv.put(r).await.map_err(fail)?.into_inner();
                 self.header(&mut a.header);
                 if let Some(kv) = &mut a.prev_kv {
@@ -374,17 +415,24 @@ impl System {
                 Answer::Compact(a)
             }
             Op::LeaseGrant { id, ttl } => {
+                let id = self.lease_in(id);
                 let mut a = lease
                     .lease_grant(LeaseGrantRequest { ttl, id })
                     .await
                     .map_err(fail)?
                     .into_inner();
                 self.header(&mut a.header);
+                if id == 0 && a.error.is_empty() {
+                    self.auto_leases.lock().unwrap().push(a.id);
+                }
+                a.id = self.lease_out(a.id);
                 Answer::LeaseGrant(a)
             }
             Op::LeaseRevoke(id) => {
                 let mut a = lease
-                    .lease_revoke(LeaseRevokeRequest { id })
+                    .lease_revoke(LeaseRevokeRequest {
+                        id: self.lease_in(id),
+                    })
                     .await
                     .map_err(fail)?
                     .into_inner();
@@ -393,11 +441,15 @@ impl System {
             }
             Op::LeaseTtl { id, keys } => {
                 let mut a = lease
-                    .lease_time_to_live(LeaseTimeToLiveRequest { id, keys })
+                    .lease_time_to_live(LeaseTimeToLiveRequest {
+                        id: self.lease_in(id),
+                        keys,
+                    })
                     .await
                     .map_err(fail)?
                     .into_inner();
                 self.header(&mut a.header);
+                a.id = self.lease_out(a.id);
                 // Remaining TTL depends on timing.
                 if a.ttl > 0 && a.granted_ttl >= a.ttl && a.granted_ttl - a.ttl <= 3 {
                     a.ttl = a.granted_ttl;
@@ -412,6 +464,9 @@ impl System {
                     .map_err(fail)?
                     .into_inner();
                 self.header(&mut a.header);
+                for l in &mut a.leases {
+                    l.id = self.lease_out(l.id);
+                }
                 a.leases.sort_by_key(|l| l.id);
                 Answer::Leases(a)
             }
@@ -422,7 +477,58 @@ impl System {
                 w.events.iter_mut().for_each(|e| self.event(e));
                 Answer::Watch(w)
             }
+            Op::WatchSeq(reqs) => {
+                let mut out = self.watch_seq(ch, reqs).await?;
+                for r in &mut out {
+                    self.header(&mut r.header);
+                    r.compact_revision = self.down(r.compact_revision);
+                    r.events.iter_mut().for_each(|e| self.event(e));
+                }
+                Answer::WatchSeq(out)
+            }
         })
+    }
+
+    /// Sends `reqs` on a new stream, one at a time, collecting each one's
+    /// answers until the stream has been quiet for a while.
+    async fn watch_seq(
+        &self,
+        ch: Channel,
+        reqs: Vec<RequestUnion>,
+    ) -> Result<Vec<WatchResponse>, Failure> {
+        let mut client = WatchClient::new(ch);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut rx = Some(rx);
+        let mut stream = None;
+        let mut out = Vec::new();
+        for mut r in reqs {
+            match &mut r {
+                RequestUnion::CreateRequest(c) => c.start_revision = self.up(c.start_revision),
+                RequestUnion::CancelRequest(_) | RequestUnion::ProgressRequest(_) => {}
+            }
+            tx.send(WatchRequest {
+                request_union: Some(r),
+            })
+            .await
+            .expect("watch request queue");
+            // Opened once the first request is queued: grpc-go sends a
+            // stream's headers with its first answer.
+            if let Some(rx) = rx.take() {
+                let opened = client.watch(ReceiverStream::new(rx)).await;
+                stream = Some(opened.map_err(fail)?.into_inner());
+            }
+            let stream = stream.as_mut().expect("opened");
+            loop {
+                let quiet = Duration::from_millis(300);
+                match tokio::time::timeout(quiet, stream.message()).await {
+                    Err(_) | Ok(Ok(None)) => break,
+                    Ok(Err(s)) => return Err(fail(s)),
+                    Ok(Ok(Some(r))) => out.push(r),
+                }
+            }
+        }
+        drop(tx);
+        Ok(out)
     }
 
     /// Opens a watch on a new stream; collects until `n` events arrived (or,
@@ -462,7 +568,11 @@ impl System {
                     out.created |= r.created;
                     out.watch_id = r.watch_id;
                     out.canceled |= r.canceled;
-                    out.compact_revision = out.compact_revision.max(r.compact_revision);
+                    // Nonzero only on a cancellation (-1: etcd's compaction
+                    // point before any compaction).
+                    if r.compact_revision != 0 {
+                        out.compact_revision = r.compact_revision;
+                    }
                     if !r.cancel_reason.is_empty() {
                         out.cancel_reason = r.cancel_reason;
                     }
@@ -1307,6 +1417,17 @@ async fn hand_picked(h: &mut Harness) {
         h.run_via(watch(req, n), via).await.ok();
     }
 
+    // Negative start revisions before any compaction: etcd takes them as
+    // below its compaction point, -1 (canceled with it), but -1 itself
+    // watches from now on.
+    for start in [-3, -1] {
+        h.step(Op::Watch {
+            req: watch_req("w/", &prefix_end("w/"), start),
+            n: None,
+        })
+        .await;
+    }
+
     // --- Compaction.
     h.put("c/1", "a").await;
     h.put("c/2", "b").await;
@@ -1426,6 +1547,244 @@ async fn hand_picked(h: &mut Harness) {
     h.step(del("big", "bih", false)).await;
 }
 
+/// More of the hand-picked part: request fields at their edges (zero,
+/// negative, from-key, server-chosen), watch streams with chosen ids.
+async fn edge_cases(h: &mut Harness) {
+    // --- Leases: a server-chosen id (twice), TTL 0 and negative (the
+    // minimum TTL), a negative id, an id in use, the id 0 elsewhere.
+    let auto0 = AUTO_LEASE;
+    let auto1 = AUTO_LEASE + 1;
+    h.step(Op::LeaseGrant { id: 0, ttl: 600 }).await;
+    h.step(Op::LeaseGrant { id: 0, ttl: 600 }).await;
+    h.step(Op::LeaseGrant { id: auto0, ttl: 60 }).await; // exists
+    for (id, ttl) in [(0x3001, 0), (0x3002, -5), (-7, 600)] {
+        h.step(Op::LeaseGrant { id, ttl }).await;
+        h.step(Op::LeaseTtl { id, keys: true }).await;
+        h.step(Op::LeaseRevoke(id)).await;
+    }
+    h.step(Op::LeaseRevoke(0)).await;
+    h.step(Op::LeaseTtl { id: 0, keys: true }).await;
+    h.step(Op::LeaseRevoke(-99)).await;
+    h.step(Op::Put(PutRequest {
+        lease: auto0,
+        ..putr("la/1", "v")
+    }))
+    .await;
+    h.step(Op::Txn(txn(
+        vec![cmp("la/1", LEASE, EQUAL, TargetUnion::Lease(auto0))],
+        vec![RequestOp {
+            request: Some(Req::RequestPut(PutRequest {
+                lease: auto1,
+                prev_kv: true,
+                ..putr("la/2", "v")
+            })),
+        }],
+        vec![],
+    )))
+    .await;
+    // A put of a missing lease inside a txn; ignore_value and ignore_lease
+    // of a missing key inside a txn.
+    for p in [
+        PutRequest {
+            lease: 0x7777,
+            ..putr("la/3", "v")
+        },
+        PutRequest {
+            ignore_value: true,
+            ..putr("la/none", "")
+        },
+        PutRequest {
+            ignore_lease: true,
+            ..putr("la/none", "v")
+        },
+        PutRequest {
+            ignore_value: true,
+            ..putr("la/1", "v") // with a value
+        },
+    ] {
+        h.step(Op::Txn(txn(
+            vec![],
+            vec![RequestOp {
+                request: Some(Req::RequestPut(p)),
+            }],
+            vec![],
+        )))
+        .await;
+    }
+    h.range(prefix("la/")).await.ok();
+    h.step(Op::Leases).await;
+    h.step(Op::LeaseTtl {
+        id: auto1,
+        keys: true,
+    })
+    .await;
+    for id in [auto0, auto1] {
+        h.step(Op::LeaseRevoke(id)).await;
+    }
+    h.range(prefix("la/")).await.ok();
+
+    // --- Ranges: negative revisions and filters, from-key bounds, a key
+    // above the usual sizes.
+    let now = h.mark().await;
+    for r in [
+        RangeRequest {
+            revision: -1,
+            ..prefix("t/")
+        },
+        RangeRequest {
+            min_mod_revision: -1,
+            max_mod_revision: -1,
+            min_create_revision: -5,
+            max_create_revision: -5,
+            ..prefix("t/")
+        },
+        RangeRequest {
+            limit: i64::MIN,
+            ..prefix("t/")
+        },
+        RangeRequest {
+            max_mod_revision: now,
+            min_mod_revision: now,
+            ..from_key("\0")
+        },
+        rq("\u{7f}", "\0"),
+        rq("t/", "\0"),
+    ] {
+        h.range(r).await.ok();
+    }
+    let long_key = "k".repeat(5000);
+    h.put(&long_key, "long").await;
+    h.range(rq(&long_key, "")).await.ok();
+    h.step(del(&long_key, "", true)).await;
+
+    // --- Txn compares: from-key ranges, an empty key over every key, no
+    // operand at all.
+    for (key, end, target, result, n) in [
+        ("t/", "\0", VERSION, GREATER, 0),
+        ("t/", "\0", CREATE, LESS, now + 10),
+        ("", "\0", MOD, GREATER, 0),
+        ("", "\0", VALUE, NOT_EQUAL, 0),
+    ] {
+        let mut c = cmp(key, target, result, operand(target, n, "zzz"));
+        c.range_end = b(end);
+        h.step(Op::Txn(txn(
+            vec![c],
+            vec![range_op(RangeRequest {
+                count_only: true,
+                ..from_key("\0")
+            })],
+            vec![],
+        )))
+        .await;
+    }
+    let mut c = cmp("t/a", VERSION, GREATER, TargetUnion::Version(0));
+    c.target_union = None;
+    h.step(Op::Txn(txn(vec![c], vec![range_op(rq("t/a", ""))], vec![])))
+        .await;
+    for (target, result, why) in [
+        (
+            VERSION,
+            7,
+            "etcd takes an unknown compare result as true, Keel refuses it (InvalidArgument)",
+        ),
+        (
+            9,
+            EQUAL,
+            "etcd takes an unknown compare target as equal, Keel refuses it (InvalidArgument)",
+        ),
+    ] {
+        h.known_difference(
+            Op::Txn(txn(
+                vec![cmp("t/a", target, result, TargetUnion::Version(1))],
+                vec![range_op(rq("t/a", ""))],
+                vec![range_op(rq("t/b", ""))],
+            )),
+            why,
+        )
+        .await;
+    }
+    // Ranges with every option inside a txn; a delete whose end is before
+    // its key.
+    h.step(Op::Txn(txn(
+        vec![],
+        vec![
+            range_op(RangeRequest {
+                limit: 2,
+                sort_order: 2,
+                sort_target: 4,
+                ..prefix("t/")
+            }),
+            range_op(RangeRequest {
+                keys_only: true,
+                min_create_revision: 3,
+                max_mod_revision: now,
+                ..from_key("t/")
+            }),
+            range_op(RangeRequest {
+                count_only: true,
+                limit: 1,
+                ..prefix("t/")
+            }),
+            delete_op("t/z", "t/a", true),
+        ],
+        vec![],
+    )))
+    .await;
+
+    // --- Compaction at 0 and at a negative revision.
+    for rev in [0, -1] {
+        h.step(Op::Compact(rev)).await;
+    }
+
+    // --- Watches: a negative start revision, one in the future, fragment
+    // on small events, both filters, an unknown filter.
+    let now = h.mark().await;
+    for req in [
+        watch_req("t/", "\0", -3),
+        watch_req("t/", "\0", now + 5),
+        WatchCreateRequest {
+            fragment: true,
+            prev_kv: true,
+            ..watch_req("t/", "\0", h.compacted + 1)
+        },
+        WatchCreateRequest {
+            filters: vec![0, 1],
+            ..watch_req("t/", "\0", h.compacted + 1)
+        },
+        WatchCreateRequest {
+            filters: vec![5],
+            ..watch_req("t/", "\0", now - 3)
+        },
+    ] {
+        h.step(Op::Watch { req, n: None }).await;
+    }
+    // One stream: chosen ids, a duplicate, server-chosen ids around them,
+    // cancels (of a missing id too), a progress request, refusals.
+    let create = |id: i64, key: &str, end: &str| {
+        RequestUnion::CreateRequest(WatchCreateRequest {
+            watch_id: id,
+            ..watch_req(key, end, 0)
+        })
+    };
+    let cancel = |id: i64| RequestUnion::CancelRequest(WatchCancelRequest { watch_id: id });
+    h.step(Op::WatchSeq(vec![
+        create(1, "a", ""),
+        create(1, "b", ""),
+        create(0, "c", ""),
+        create(0, "c", "\0"),
+        create(0, "", "\0"),
+        create(7, "z", "a"),
+        cancel(1),
+        cancel(42),
+        create(0, "d", ""),
+        RequestUnion::ProgressRequest(WatchProgressRequest {}),
+        create(-5, "e", ""),
+        cancel(-5),
+        cancel(0),
+    ]))
+    .await;
+}
+
 /// The part drawn from a seeded RNG over a small key space.
 async fn random_ops(h: &mut Harness, seed: u64, count: usize) {
     const KEYS: u64 = 8;
@@ -1460,9 +1819,10 @@ async fn random_ops(h: &mut Harness, seed: u64, count: usize) {
             })
         } else if p < 50 {
             let k = key(&mut rng);
-            let end = match rng.below(10) {
+            let end = match rng.below(12) {
                 0..=5 => String::new(),
                 6..=8 => format!("r/{}", rng.below(KEYS + 1)),
+                9 => "\0".to_string(),
                 _ => "r0".to_string(),
             };
             Op::Delete(DeleteRangeRequest {
@@ -1476,35 +1836,22 @@ async fn random_ops(h: &mut Harness, seed: u64, count: usize) {
             if let Ok(Answer::Range(r)) = h.range(prefix("r/")).await {
                 state = r.kvs;
             }
-            Op::Txn(random_txn(&mut rng, &state, h.rev, 0))
-        } else if p < 97 {
-            let lo = rng.below(KEYS);
-            let hi = lo + rng.below(KEYS - lo + 1);
-            let mut r = if rng.chance(0.2) {
-                prefix("r/")
-            } else {
-                rq(&format!("r/{lo}"), &format!("r/{hi}"))
-            };
-            r.limit = rng.below(4) as i64;
-            if rng.chance(0.5) {
-                r.sort_order = rng.below(3) as i32;
-                r.sort_target = rng.below(5) as i32;
-            }
-            r.keys_only = rng.chance(0.1);
-            r.count_only = rng.chance(0.1);
+            Op::Txn(random_txn(&mut rng, &state, (h.rev, h.compacted), 0))
+        } else if p < 94 {
+            let mut r = random_range(&mut rng, h.rev, h.compacted);
             r.serializable = rng.chance(0.2);
-            if rng.chance(0.25) {
-                // Mostly at or above the compaction point.
-                let lo = (h.compacted - 2).max(1);
-                r.revision = lo + rng.below((h.rev - lo + 3).max(1) as u64) as i64;
-            }
-            if rng.chance(0.1) {
-                r.min_mod_revision = h.rev - rng.below(20) as i64;
-            }
-            if rng.chance(0.1) {
-                r.max_create_revision = h.rev - rng.below(30) as i64;
-            }
             Op::Range(r)
+        } else if p < 97 {
+            // Lease ops: a revocation deletes the lease's keys (events for
+            // the watches), a grant brings it back; puts to a revoked lease
+            // then fail alike.
+            let id = leases[rng.below(2) as usize];
+            match rng.below(4) {
+                0 => Op::LeaseRevoke(id),
+                1 => Op::LeaseGrant { id, ttl: 600 },
+                2 => Op::LeaseTtl { id, keys: true },
+                _ => Op::Leases,
+            }
         } else if i > count / 2 && !compacted_here {
             compacted_here = true;
             Op::Compact(h.rev - 15)
@@ -1513,10 +1860,20 @@ async fn random_ops(h: &mut Harness, seed: u64, count: usize) {
             let from = (h.compacted.max(0) + rng.below(10) as i64)
                 .min(h.rev)
                 .max(1);
+            let (key, end) = match rng.below(4) {
+                0 => (key(&mut rng), String::new()),
+                1 => (key(&mut rng), "\0".to_string()),
+                _ => ("r/".to_string(), prefix_end("r/")),
+            };
             Op::Watch {
                 req: WatchCreateRequest {
                     prev_kv: rng.chance(0.5),
-                    ..watch_req("r/", &prefix_end("r/"), from)
+                    filters: match rng.below(6) {
+                        0 => vec![0],
+                        1 => vec![1],
+                        _ => vec![],
+                    },
+                    ..watch_req(&key, &end, from)
                 },
                 n: None,
             }
@@ -1530,7 +1887,46 @@ async fn random_ops(h: &mut Harness, seed: u64, count: usize) {
     h.range(from_key("\0")).await.ok();
 }
 
-fn random_txn(rng: &mut Rng, state: &[KeyValue], rev: i64, depth: u32) -> TxnRequest {
+/// A range over the random part's keys with random options, at the current
+/// revision or (mostly at or above the compaction point) a past one.
+fn random_range(rng: &mut Rng, rev: i64, compacted: i64) -> RangeRequest {
+    const KEYS: u64 = 8;
+    let lo = rng.below(KEYS);
+    let hi = lo + rng.below(KEYS - lo + 1);
+    let mut r = match rng.below(10) {
+        0 | 1 => prefix("r/"),
+        2 => from_key(&format!("r/{lo}")),
+        _ => rq(&format!("r/{lo}"), &format!("r/{hi}")),
+    };
+    r.limit = rng.below(4) as i64;
+    if rng.chance(0.5) {
+        r.sort_order = rng.below(3) as i32;
+        r.sort_target = rng.below(5) as i32;
+    }
+    r.keys_only = rng.chance(0.1);
+    r.count_only = rng.chance(0.1);
+    if rng.chance(0.25) {
+        let lo = (compacted - 2).max(1);
+        r.revision = lo + rng.below((rev - lo + 3).max(1) as u64) as i64;
+    }
+    if rng.chance(0.1) {
+        r.min_mod_revision = rev - rng.below(20) as i64;
+    }
+    if rng.chance(0.05) {
+        r.max_mod_revision = rev - rng.below(20) as i64;
+    }
+    if rng.chance(0.05) {
+        r.min_create_revision = rev - rng.below(30) as i64;
+    }
+    if rng.chance(0.1) {
+        r.max_create_revision = rev - rng.below(30) as i64;
+    }
+    r
+}
+
+/// `at`: etcd's current revision and compaction point.
+fn random_txn(rng: &mut Rng, state: &[KeyValue], at: (i64, i64), depth: u32) -> TxnRequest {
+    let rev = at.0;
     let mut compare = Vec::new();
     for _ in 0..rng.below(4) {
         let k = format!("r/{}", rng.below(8));
@@ -1557,6 +1953,8 @@ fn random_txn(rng: &mut Rng, state: &[KeyValue], rev: i64, depth: u32) -> TxnReq
         let mut c = cmp(&k, target, result, op);
         if rng.chance(0.1) {
             c.range_end = b(&format!("r/{}", rng.below(9)));
+        } else if rng.chance(0.03) {
+            c.range_end = b("\0");
         }
         compare.push(c);
     }
@@ -1568,11 +1966,12 @@ fn random_txn(rng: &mut Rng, state: &[KeyValue], rev: i64, depth: u32) -> TxnReq
                     0..=3 => put_op(&k, &format!("t{}", rng.below(1000))),
                     4..=5 => delete_op(&k, "", rng.chance(0.5)),
                     6 => delete_op(&k, &format!("r/{}", rng.below(9)), true),
-                    7..=8 => range_op(RangeRequest {
+                    7 => range_op(RangeRequest {
                         revision: if rng.chance(0.2) { rev } else { 0 },
                         ..prefix("r/")
                     }),
-                    _ if depth < 2 => txn_op(random_txn(rng, state, rev, depth + 1)),
+                    8 => range_op(random_range(rng, at.0, at.1)),
+                    _ if depth < 2 => txn_op(random_txn(rng, state, at, depth + 1)),
                     _ => range_op(rq(&k, "")),
                 }
             })
@@ -1662,12 +2061,14 @@ fn keel_answers_like_etcd() {
                 channels: vec![etcd_ch],
                 shift: etcd_start - 1,
                 retry_unavailable: false,
+                auto_leases: Default::default(),
             },
             keel: System {
                 name: "keel",
                 channels: keel_chs,
                 shift: keel_start - 1,
                 retry_unavailable: true,
+                auto_leases: Default::default(),
             },
             index: 0,
             rr: 0,
@@ -1677,6 +2078,7 @@ fn keel_answers_like_etcd() {
             verbose: std::env::var_os("KEEL_DIFF_VERBOSE").is_some(),
         };
         hand_picked(&mut h).await;
+        edge_cases(&mut h).await;
         let hand = h.index;
         random_ops(&mut h, seed, count).await;
         eprintln!(

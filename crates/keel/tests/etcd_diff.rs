@@ -98,6 +98,8 @@ enum Op {
         keys: bool,
     },
     Leases,
+    /// One keep-alive on a new stream: its first answer.
+    KeepAlive(i64),
     /// Opens a watch on a new stream and collects `n` events (or, with
     /// `None`, as many as etcd delivered).
     Watch {
@@ -142,6 +144,7 @@ enum Answer {
     LeaseRevoke(LeaseRevokeResponse),
     LeaseTtl(LeaseTimeToLiveResponse),
     Leases(LeaseLeasesResponse),
+    KeepAlive(LeaseKeepAliveResponse),
     Watch(WatchOutcome),
     WatchSeq(Vec<WatchResponse>),
 }
@@ -158,6 +161,7 @@ impl Answer {
             Answer::LeaseRevoke(r) => &r.header,
             Answer::LeaseTtl(r) => &r.header,
             Answer::Leases(r) => &r.header,
+            Answer::KeepAlive(r) => &r.header,
             Answer::Watch(_) | Answer::WatchSeq(_) => return None,
         };
         h.as_ref().map(|h| h.revision)
@@ -469,6 +473,37 @@ impl System {
                 }
                 a.leases.sort_by_key(|l| l.id);
                 Answer::Leases(a)
+            }
+            Op::KeepAlive(id) => {
+                // Queued before the stream opens: grpc-go sends a stream's
+                // headers with its first answer.
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tx.send(LeaseKeepAliveRequest {
+                    id: self.lease_in(id),
+                })
+                .await
+                .expect("keep-alive queue");
+                let mut stream = lease
+                    .lease_keep_alive(ReceiverStream::new(rx))
+                    .await
+                    .map_err(fail)?
+                    .into_inner();
+                let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+                drop(tx);
+                let mut a = match first {
+                    Ok(Ok(Some(a))) => a,
+                    Ok(Ok(None)) => LeaseKeepAliveResponse::default(),
+                    Ok(Err(s)) => return Err(fail(s)),
+                    Err(_) => {
+                        return Err(Failure {
+                            code: Code::DeadlineExceeded,
+                            message: "no keep-alive answer within 5 s".into(),
+                        })
+                    }
+                };
+                self.header(&mut a.header);
+                a.id = self.lease_out(a.id);
+                Answer::KeepAlive(a)
             }
             Op::Watch { mut req, n } => {
                 req.start_revision = self.up(req.start_revision);
@@ -1612,6 +1647,9 @@ async fn edge_cases(h: &mut Harness) {
         .await;
     }
     h.range(prefix("la/")).await.ok();
+    for id in [auto0, 0x7777, 0] {
+        h.step(Op::KeepAlive(id)).await;
+    }
     h.step(Op::Leases).await;
     h.step(Op::LeaseTtl {
         id: auto1,
@@ -1846,10 +1884,11 @@ async fn random_ops(h: &mut Harness, seed: u64, count: usize) {
             // the watches), a grant brings it back; puts to a revoked lease
             // then fail alike.
             let id = leases[rng.below(2) as usize];
-            match rng.below(4) {
+            match rng.below(5) {
                 0 => Op::LeaseRevoke(id),
                 1 => Op::LeaseGrant { id, ttl: 600 },
                 2 => Op::LeaseTtl { id, keys: true },
+                3 => Op::KeepAlive(id),
                 _ => Op::Leases,
             }
         } else if i > count / 2 && !compacted_here {

@@ -2226,7 +2226,7 @@ impl Consensus {
         let now = self.now.now();
         let mut out = std::mem::take(&mut self.out);
         // A proposal batch: the accepted writes wait for their entries.
-        let writes = match &ev {
+        let mut writes = match &ev {
             Event::Propose(_) => std::mem::take(&mut self.proposed_writes),
             _ => Vec::new(),
         };
@@ -2235,7 +2235,11 @@ impl Consensus {
         if !compacted.is_empty() {
             let _ = self.snapshots.send(SnapshotJob::Free(compacted));
         }
-        self.await_accepted(writes, &out);
+        self.await_accepted(&mut writes, &out);
+        if self.proposed_writes.is_empty() {
+            // Drained: its room serves the next turn's writes.
+            self.proposed_writes = writes;
+        }
         let result = out.drain(..).try_for_each(|a| self.execute(a));
         self.out = out;
         result?;
@@ -2347,7 +2351,7 @@ impl Consensus {
     /// The writes of a proposal batch the core accepted (did not reject in
     /// `out`) now wait for their entries to apply; those it rejected go to
     /// `pending`, where `execute` answers them with the rejection.
-    fn await_accepted(&mut self, writes: Vec<ProposedWrite>, out: &[Action]) {
+    fn await_accepted(&mut self, writes: &mut Vec<ProposedWrite>, out: &[Action]) {
         if writes.is_empty() {
             return;
         }
@@ -2364,7 +2368,7 @@ impl Consensus {
             client,
             seq,
             write: w,
-        } in writes
+        } in writes.drain(..)
         {
             if !rejected.is_empty() && rejected.binary_search(&id).is_ok() {
                 self.pending.insert(

@@ -103,10 +103,10 @@ pub struct FaultMix {
     pub pauses: bool,
     /// The share of the messages sent while faults are active that are
     /// also delivered once more, 0.5-3 s later (a transport that resends
-    /// what it had buffered once it reconnects, a middlebox replaying a
-    /// stream): by then mostly of an older term, or answering a request
-    /// its receiver has forgotten (a vote, a heartbeat round, a read index
-    /// for a read id a restart has reused). Drawn from a stream of their
+    /// what it had buffered once it reconnects): by then mostly of an
+    /// older term, or answering a request its receiver has forgotten (a
+    /// vote, a heartbeat round). Not if either end restarted meanwhile (a
+    /// new process has new connections). Drawn from a stream of their
     /// own, so a run goes as before up to its first replay.
     pub stale_replays: f64,
 }
@@ -635,8 +635,9 @@ pub struct Report {
     /// elected (deposed, but not yet told).
     pub resumed_deposed: u64,
     /// Messages delivered once more long after they were sent
-    /// (`FaultMix::stale_replays`), and how many of those reached a node
-    /// already in a later term than theirs.
+    /// (`FaultMix::stale_replays`; none to or from a node restarted since),
+    /// and how many of those reached a node already in a later term than
+    /// theirs.
     pub stale_replays: u64,
     pub replays_of_older_terms: u64,
     /// Messages delivered a second time, late (`FaultMix::late_copies`).
@@ -783,8 +784,9 @@ enum Ev {
     /// The pause of this node with this number ends.
     Resume(NodeId, u64),
     /// A message delivered once more, long after it was sent
-    /// (`FaultMix::stale_replays`).
-    Replay(Message),
+    /// (`FaultMix::stale_replays`), with the incarnations of its sender
+    /// and receiver then.
+    Replay(Message, u64, u64),
     /// A snapshot file is written and handed to storage to publish.
     SnapshotStaged(NodeId, u64, Box<Snapshot>),
     Wipe,
@@ -1439,7 +1441,16 @@ impl Sim {
             Ev::IsolateLeader(id) => self.isolate_leader(id),
             Ev::Pause => self.pause(),
             Ev::Resume(id, n) => self.resume(id, n),
-            Ev::Replay(m) => {
+            Ev::Replay(m, from_inc, to_inc) => {
+                // Only into the same connection: a restart of either end
+                // (a new process, new connections) drops what was in
+                // flight.
+                let same = self.nodes[self.idx(m.from)].incarnation == from_inc
+                    && self.nodes[self.idx(m.to)].incarnation == to_inc;
+                if !same {
+                    return;
+                }
+                self.report.stale_replays += 1;
                 let to = &self.nodes[self.idx(m.to)];
                 if to.core.as_ref().is_some_and(|c| c.term() > m.term) {
                     self.report.replays_of_older_terms += 1;
@@ -1529,9 +1540,12 @@ impl Sim {
             && self.cfg.mix.stale_replays > 0.0
             && self.replay_rng.chance(self.cfg.mix.stale_replays)
         {
-            self.report.stale_replays += 1;
             let d = self.replay_rng.range(500 * MS, 3 * SEC);
-            self.schedule(d + late, Ev::Replay(m.clone()));
+            let incs = (
+                self.nodes[self.idx(m.from)].incarnation,
+                self.nodes[self.idx(m.to)].incarnation,
+            );
+            self.schedule(d + late, Ev::Replay(m.clone(), incs.0, incs.1));
         }
         if let Some(&(until, delay)) = self.late_copies.get(&(m.from, m.to)) {
             if self.now < until && self.faults_active {

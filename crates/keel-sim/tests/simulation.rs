@@ -323,6 +323,11 @@ fn regression_seeds() {
         // the entry adding it (it restarted mid catch-up) that the initial
         // configuration excluded it; the learner stopped.
         (10404, 3, "membership"),
+        // A node re-added under its id with an empty disk, still joining,
+        // granted its vote to a node paused through the removal that
+        // still counted the id as a voter: that node won without the
+        // log the cluster had committed since. Joining nodes do not vote.
+        (10621, 3, "chaos"),
     ] {
         let cfg = SimConfig::new(seed, nodes, mix(m));
         let r = run(&cfg);

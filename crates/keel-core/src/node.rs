@@ -1386,10 +1386,12 @@ impl Node {
     /// from before an earlier node of its id was removed, so a candidate
     /// that missed the removal (cut off, paused) and still counts this id
     /// as a voter would win with its vote without holding what the
-    /// cluster committed since. (Simulator seed 10621 of `chaos`.) The
-    /// cost: a learner promoted before it caught up (it may be at 90%, as
-    /// in etcd) votes only once it has, so losing the leader in that window
-    /// with one other voter down waits for one of them.
+    /// cluster committed since. (Simulator seed 10621 of `chaos`.) Only a
+    /// leader ends a node's joining, so a voter that is joining withholds
+    /// a vote the others may need to elect one: a leader promotes only a
+    /// learner that has finished joining (`change_membership`), which
+    /// leaves a voter that restarted before its runtime recorded that it
+    /// joined (`resume_joining`): it votes again once a leader reaches it.
     fn grants_vote_to(&self, last_term: Term, last_pos: Position) -> bool {
         self.cfg.testing_bugs.vote_without_log_check
             || (!self.is_joining() && self.log.is_up_to_date(last_term, last_pos))
@@ -2355,11 +2357,22 @@ impl Node {
         // cannot vote for anyone up to date or count towards commits until
         // it catches up: with one node down that can stall the cluster. As
         // etcd, promote only one that holds 90% of the leader's log.
+        // And only one that has finished joining as far as this leader can
+        // tell (see `note_join_progress`): it acknowledged, in this term,
+        // all the leader told it was committed, past the configuration
+        // that added it. A joining node grants no vote, and only a leader
+        // ends its joining: a voter promoted mid-join (at 90% of a long
+        // log) whose leader is lost before it catches up would withhold
+        // the vote the other voters need, for good.
         if let MembershipChange::PromoteLearner(n) = change {
             let leader_end = self.log.last_pos();
-            let matched = self.progress.get(&n).map_or(0, |p| p.matched);
+            let progress = self.progress.get(&n);
+            let matched = progress.map_or(0, |p| p.matched);
+            let joined = progress.is_some_and(|p| p.matched >= p.commit_sent)
+                && self.log.term_at(matched) == Some(self.term)
+                && self.membership_at(matched).contains(n);
             if self.membership().learners.contains(&n)
-                && u128::from(matched) * 10 < u128::from(leader_end) * 9
+                && (u128::from(matched) * 10 < u128::from(leader_end) * 9 || !joined)
             {
                 out.push(Action::Rejected {
                     id,

@@ -2884,3 +2884,118 @@ fn a_joining_node_grants_no_votes() {
         [("pre-vote", true), ("vote", true)]
     );
 }
+
+/// A learner is promoted only once it has finished joining (caught up with
+/// the leader to the commit position the leader told it, in its term): a
+/// joining node grants no vote (`a_joining_node_grants_no_votes`), and
+/// only a leader ends its joining, so a voter promoted mid-join (at 90%
+/// of a long log) that loses the leader before it catches up would stall
+/// the cluster for good: here voters 1, 2 and the new 3, the leader gone,
+/// and 2 needing 3's vote that 3 withholds until a leader reaches it.
+#[test]
+fn a_learner_is_promoted_only_once_it_has_finished_joining_so_losing_the_leader_then_elects() {
+    let m = Membership::new([1, 2]);
+    let small = |id| {
+        let mut c = Config::new(id, 7);
+        // Catching up takes many appends: a window to promote in.
+        c.max_batch_bytes = 512;
+        c
+    };
+    let mut nodes: Vec<Node> = (1..=2)
+        .map(|id| Node::new(small(id), m.clone(), 0))
+        .collect();
+    nodes.push(Node::new(small(3), Membership::default(), 0));
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let other = if leader == 1 { 2 } else { 1 };
+    for i in 0..2_000 {
+        h.propose(
+            leader,
+            10 + i,
+            i + 1,
+            b"a hundred bytes of log entry data, and then some more so that the log grows...",
+        );
+    }
+    h.run_for(100 * MS);
+    // Added while cut off: it catches up once the cut heals.
+    h.cut.insert((leader, 3));
+    h.step(
+        leader,
+        Event::ChangeMembership {
+            id: 1,
+            change: MembershipChange::AddLearner(3),
+        },
+    );
+    h.run_for(100 * MS);
+    assert!(h.node(3).joining());
+    h.cut.clear();
+    // Deliver one message at a time, asking to promote 3 after each. At
+    // 95% of the log, 3 stops hearing from the leader for 200 ms (a slow
+    // link or disk): as far as the leader can tell, it holds 95%.
+    let mut stalled_at = None;
+    let mut refused_at_90 = false;
+    let mut req = 1_000;
+    let mut joining_when_promoted = None;
+    let mut budget = 100_000;
+    while joining_when_promoted.is_none() {
+        if h.inbox.is_empty() {
+            h.now += 10 * MS;
+            for id in 1..=3 {
+                h.step(id, Event::Tick);
+            }
+        }
+        let Some(msg) = h.inbox.pop_front() else {
+            continue;
+        };
+        h.step(msg.to, Event::Message(msg));
+        let end = h.node(leader).append_position();
+        if stalled_at.is_none() && h.node(3).durable_position() * 100 >= end * 95 {
+            stalled_at = Some(h.now);
+            h.cut.insert((leader, 3));
+            h.inbox.retain(|m| m.to != 3);
+        }
+        if stalled_at.is_some_and(|t| h.now >= t + 200 * MS) {
+            h.cut.clear();
+        }
+        req += 1;
+        h.step(
+            leader,
+            Event::ChangeMembership {
+                id: req,
+                change: MembershipChange::PromoteLearner(3),
+            },
+        );
+        if !h.rejected.iter().any(|r| r.1 == req) {
+            joining_when_promoted = Some(h.node(3).joining());
+        } else if stalled_at.is_some() && h.node(3).joining() {
+            let end = h.node(leader).append_position();
+            let held = h.node(leader).follower_progress();
+            if held.iter().any(|&(n, p)| n == 3 && p * 10 >= end * 9) {
+                refused_at_90 = true;
+            }
+        }
+        budget -= 1;
+        assert!(budget > 0, "3 was never promoted");
+    }
+    // The promotion commits on 1 and 2, and the leader goes.
+    h.cut.insert((leader, 3));
+    h.cut.insert((3, leader));
+    h.run_for(100 * MS);
+    assert!(h.node(other).membership().is_voter(3));
+    for n in [other, 3] {
+        h.cut.insert((leader, n));
+        h.cut.insert((n, leader));
+    }
+    h.run_for(5_000 * MS);
+    assert_eq!(joining_when_promoted, Some(false), "promoted while joining");
+    assert!(
+        refused_at_90,
+        "never refused while joining at 90% of the log"
+    );
+    assert!(
+        h.node(other).is_leader() || h.node(3).is_leader(),
+        "no leader among {other} and 3 with the old leader gone (3 joining: {})",
+        h.node(3).joining()
+    );
+}

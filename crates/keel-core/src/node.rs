@@ -622,6 +622,9 @@ pub struct Node {
     joining: bool,
     /// Joining: the highest commit position a leader has told it.
     join_commit: Position,
+    /// Joining again after a restart on data an earlier version wrote
+    /// (`resume_joining_voting`): it grants votes as that version did.
+    joining_votes: bool,
     now: Nanos,
     stats: Stats,
 }
@@ -748,6 +751,7 @@ impl Node {
             removed_peers: BTreeMap::new(),
             joining: false,
             join_commit: 0,
+            joining_votes: false,
             now,
             stats: Stats::default(),
             cfg,
@@ -838,6 +842,21 @@ impl Node {
     pub fn resume_joining(&mut self) {
         self.joining = true;
         self.join_commit = 0;
+        self.joining_votes = false;
+    }
+    /// `resume_joining` for data an earlier version wrote, which did not
+    /// record whether the node had finished joining (nor that it was
+    /// created to join): removal notices wait as there, but the node
+    /// grants (pre-)votes as that version did, to a candidate whose log is
+    /// at least as up to date, if a configuration it holds includes it.
+    /// Such a node is almost always a member that joined long ago: a
+    /// cluster grown by joins, all restarted on a newer version at once,
+    /// would otherwise wait for a leader that only those votes can elect
+    /// (with a majority of such voters, or one other voter whose log is
+    /// ahead, for good).
+    pub fn resume_joining_voting(&mut self) {
+        self.resume_joining();
+        self.joining_votes = true;
     }
     /// The membership in force: the latest one in the log, committed or not.
     pub fn membership(&self) -> &Membership {
@@ -1058,10 +1077,14 @@ impl Node {
     /// it one until it is removed (a leader that commits its own removal
     /// stops at once).
     fn is_joining(&self) -> bool {
+        self.joining || !self.holds_itself()
+    }
+
+    /// Whether a configuration this node holds (its snapshot's or its
+    /// log's) includes it.
+    fn holds_itself(&self) -> bool {
         let me = self.cfg.id;
-        self.joining
-            || !(self.base_membership.contains(me)
-                || self.membership_log.iter().any(|(_, m)| m.contains(me)))
+        self.base_membership.contains(me) || self.membership_log.iter().any(|(_, m)| m.contains(me))
     }
 
     /// `by` says a committed configuration in force from `position`
@@ -1148,6 +1171,7 @@ impl Node {
             && self.log.term_at(upto) == Some(self.term);
         if caught_up && self.membership_at(upto).contains(self.cfg.id) {
             self.joining = false;
+            self.joining_votes = false;
         }
     }
 
@@ -1392,9 +1416,11 @@ impl Node {
     /// learner that has finished joining (`change_membership`), which
     /// leaves a voter that restarted before its runtime recorded that it
     /// joined (`resume_joining`): it votes again once a leader reaches it.
+    /// (Data of an earlier version, `resume_joining_voting`, votes as there.)
     fn grants_vote_to(&self, last_term: Term, last_pos: Position) -> bool {
+        let votes = !self.is_joining() || (self.joining_votes && self.holds_itself());
         self.cfg.testing_bugs.vote_without_log_check
-            || (!self.is_joining() && self.log.is_up_to_date(last_term, last_pos))
+            || (votes && self.log.is_up_to_date(last_term, last_pos))
     }
 
     fn become_leader(&mut self, out: &mut Vec<Action>) {

@@ -2999,3 +2999,39 @@ fn a_learner_is_promoted_only_once_it_has_finished_joining_so_losing_the_leader_
         h.node(3).joining()
     );
 }
+
+/// Voters created to join by an earlier version, which did not record
+/// whether they had finished joining, all restarted at once on this one
+/// (`resume_joining_voting`): they grant votes as that version did, so
+/// a leader is elected even though the one voter that never joined has
+/// a log ahead of theirs.
+/// (Resumed as joining with `resume_joining`, as a node of this version
+/// that restarted before it finished, they would withhold their votes, and
+/// only a leader ends their joining: none would ever be elected.)
+#[test]
+fn voters_joined_under_an_earlier_version_vote_after_a_restart_of_all() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let others: Vec<NodeId> = (1..=3).filter(|&n| n != leader).collect();
+    // All down: the leader with an entry only it holds (in flight at the
+    // shutdown): its log is ahead, so it needs the others' votes.
+    for a in 1..=3 {
+        for b in 1..=3 {
+            h.cut.insert((a, b));
+        }
+    }
+    h.propose(leader, 5, 1, b"only on the leader");
+    for &o in &others {
+        h.nodes[(o - 1) as usize].resume_joining_voting();
+        assert!(h.node(o).joining());
+    }
+    h.run_for(3_000 * MS);
+    assert_eq!(h.leader(), None);
+    h.cut.clear();
+    h.run_for(5_000 * MS);
+    assert!(h.leader().is_some(), "no leader");
+    for &o in &others {
+        assert!(!h.node(o).joining(), "{o} caught up and joined");
+    }
+}

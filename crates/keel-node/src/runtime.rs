@@ -96,6 +96,45 @@ pub const REMOVED_FILE: &str = "REMOVED";
 /// must not stop it.
 pub const JOINED_FILE: &str = "JOINED";
 
+/// The file a node created to join writes into its data directory at its
+/// first start, before anything else of it: a restart without
+/// `JOINED_FILE` then knows the node may not have finished joining. A
+/// directory created to join that holds neither was written by a version
+/// before these files, which recorded neither: its node is almost always a
+/// member that joined long ago, and resumes joining (removal notices wait)
+/// but votes as under that version (`Node::resume_joining_voting`).
+pub const JOINING_FILE: &str = "JOINING";
+
+/// How a node restarts as far as joining goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JoinOnRestart {
+    /// Not created to join, or it recorded that it finished.
+    Joined,
+    /// Created to join by this version and not recorded as finished: it
+    /// may hold data of an earlier node of its id (`Node::resume_joining`).
+    Resume,
+    /// Created to join by a version that recorded neither start nor end
+    /// of joining (`Node::resume_joining_voting`).
+    ResumeVoting,
+}
+
+/// What a restart on `dir` does about joining, for a node whose recorded
+/// initial configuration is empty (`created_to_join`) or not.
+fn join_on_restart(dir: &Path, created_to_join: bool) -> Result<JoinOnRestart, NodeError> {
+    let exists = |name: &str| {
+        dir.join(name)
+            .try_exists()
+            .map_err(|e| NodeError::Start(format!("checking for {name}: {e}")))
+    };
+    Ok(if !created_to_join || exists(JOINED_FILE)? {
+        JoinOnRestart::Joined
+    } else if exists(JOINING_FILE)? {
+        JoinOnRestart::Resume
+    } else {
+        JoinOnRestart::ResumeVoting
+    })
+}
+
 /// How long a node that learned it was removed keeps its network up after
 /// it stopped, so the answers already on their way get out.
 const REMOVED_LINGER: Duration = Duration::from_millis(200);
@@ -1240,6 +1279,17 @@ fn run_node(
                 hard_state: Default::default(),
                 membership: cfg.initial_membership(),
             };
+            if h.membership.voters.is_empty() && h.membership.learners.is_empty() {
+                // Before the hard state: a directory with one was made by
+                // this version with this file, or by an earlier one.
+                let text = format!(
+                    "Node {} of cluster {:#x} was created to join an existing cluster: until it \
+                     writes {JOINED_FILE}, a restart takes it to be still joining.\n",
+                    cfg.id, cfg.cluster_id
+                );
+                meta::write_atomic(&dir, JOINING_FILE, text.as_bytes())
+                    .map_err(|e| NodeError::Start(format!("writing {JOINING_FILE}: {e}")))?;
+            }
             meta::save_hard_state(&dir, &h)?;
             h
         }
@@ -1452,14 +1502,22 @@ fn run_node(
     let mut node = Node::restart(core_cfg, recovered, start_wall);
     // A node created to join that has not recorded that it caught up.
     let created_to_join = hard.membership.voters.is_empty() && hard.membership.learners.is_empty();
-    let join_unrecorded = created_to_join
-        && !dir
-            .join(JOINED_FILE)
-            .try_exists()
-            .map_err(|e| NodeError::Start(format!("checking for {JOINED_FILE}: {e}")))?;
-    if join_unrecorded {
-        node.resume_joining();
+    let join = join_on_restart(&dir, created_to_join)?;
+    match join {
+        JoinOnRestart::Joined => {}
+        JoinOnRestart::Resume => node.resume_joining(),
+        JoinOnRestart::ResumeVoting => {
+            warn!(
+                "node {}: created to join by an earlier version (no {JOINED_FILE} or \
+                 {JOINING_FILE} in {}): it waits until it has caught up with a leader before \
+                 it acts on removal notices, and votes meanwhile as that version did",
+                cfg.id,
+                dir.display()
+            );
+            node.resume_joining_voting();
+        }
     }
+    let join_unrecorded = join != JoinOnRestart::Joined;
     let clock = CoreClock::new(start_wall);
     if !first_start {
         if let Some(w) = unreachable_members(&cfg, node.membership()) {
@@ -4131,6 +4189,107 @@ mod removed_tests {
         }
     }
 
+    /// A node created to join writes `JOINING_FILE` at its first start; a
+    /// restart before it wrote `JOINED_FILE` grants no vote (its data may be
+    /// an earlier node's of its id), while a directory created to join by
+    /// an earlier version, which wrote neither file, votes as that version
+    /// did: a cluster grown by joins and restarted all at once on this
+    /// version would otherwise elect no leader. Node 2 is played by the
+    /// test and asks for votes with `transfer` set (no stickiness).
+    #[test]
+    fn a_joiner_of_an_earlier_version_votes_after_a_restart_and_one_of_this_version_does_not() {
+        use keel_core::{Body, Entry, EntryKind, Membership, Message};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let heard = Arc::new(Mutex::new(Vec::<Message>::new()));
+        let recorder = || -> keel_net::tcp::Inbound {
+            let heard = heard.clone();
+            Arc::new(move |m| heard.lock().expect("heard").push(m))
+        };
+        let fakes = net.join(1, recorder());
+        let _ = net.join(2, recorder());
+        let cluster_id = config(4, tmp.path()).cluster_id;
+        let to_4 = |from, term, body| {
+            fakes.send(Message {
+                cluster_id,
+                from,
+                to: 4,
+                term,
+                body,
+            })
+        };
+        let start = || {
+            let mut cfg = config(4, tmp.path());
+            cfg.join = true;
+            start_with(cfg, Box::new(Echo), Transport::Memory(net.clone())).expect("start")
+        };
+        let dir = config(4, tmp.path()).data_dir;
+        let member = Entry {
+            term: 1,
+            position: 0,
+            timestamp: 1,
+            kind: EntryKind::Membership(Arc::new(Membership::new([1, 2, 4]))),
+            data: Bytes::new(),
+        };
+        let node = start();
+        assert!(dir.join(JOINING_FILE).exists());
+        to_4(
+            1,
+            2,
+            Body::Append {
+                prev_pos: 0,
+                prev_term: 0,
+                commit: member.end(),
+                heartbeat: 1,
+                entries: vec![member.clone()],
+            },
+        );
+        wait_for("node 4 holds the configuration", || {
+            heard.lock().expect("heard").iter().any(|m| {
+                matches!(m.body, Body::AppendResp { ok: true, position, .. } if position >= member.end())
+            })
+        });
+        node.shutdown();
+        node.wait().expect("a clean stop");
+        assert!(!dir.join(JOINED_FILE).exists());
+
+        // Node 2 asks for node 4's vote in `term`: its answer.
+        let vote = |term| {
+            heard.lock().expect("heard").clear();
+            let node = start();
+            to_4(
+                2,
+                term,
+                Body::Vote {
+                    last_pos: member.end(),
+                    last_term: 1,
+                    transfer: true,
+                },
+            );
+            let answer = || {
+                heard
+                    .lock()
+                    .expect("heard")
+                    .iter()
+                    .find_map(|m| match m.body {
+                        Body::VoteResp { granted } if m.term == term => Some(granted),
+                        _ => None,
+                    })
+            };
+            wait_for("node 4 answers", || answer().is_some());
+            node.shutdown();
+            node.wait().expect("a clean stop");
+            answer()
+        };
+        assert_eq!(vote(3), Some(false), "voted while joining");
+        std::fs::remove_file(dir.join(JOINING_FILE)).expect("rm");
+        assert_eq!(
+            vote(4),
+            Some(true),
+            "a joiner of an earlier version did not vote"
+        );
+    }
+
     /// A node added again under the id of a removed one (`join = true`,
     /// empty data) gets, from leader 1 of term 2, an entry of an earlier
     /// term whose configuration includes the earlier node 4, and restarts
@@ -4192,6 +4351,7 @@ mod removed_tests {
         };
 
         let node = start();
+        assert!(dir.join(JOINING_FILE).exists());
         to_4(1, 2, append(0, 0, old.end(), vec![old.clone()]));
         wait_for("node 4 holds the old configuration", acked(old.end()));
         assert!(!dir.join(JOINED_FILE).exists());

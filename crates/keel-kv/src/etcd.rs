@@ -41,7 +41,8 @@ use std::collections::BTreeSet;
 /// etcd's default `--max-txn-ops`: compares, and operations per branch, in
 /// one txn (nested txns get what their parent leaves, as in etcd).
 pub const MAX_TXN_OPS: usize = 128;
-/// Deepest txn nesting a decoder accepts (etcd's op limit allows 128).
+/// Deepest txn nesting a decoder accepts: txns nested this many levels
+/// below the top one (etcd's op limit allows 128, each level one op).
 pub const MAX_TXN_DEPTH: usize = 128;
 
 /// Order of a range's results (etcd `RangeRequest.SortOrder`).
@@ -588,7 +589,7 @@ impl TxnRequest {
     }
 
     pub(crate) fn decode_from(r: &mut Reader<'_>) -> Result<TxnRequest, KvError> {
-        TxnRequest::decode_at(r, 1)
+        TxnRequest::decode_at(r, 0)
     }
 
     fn decode_at(r: &mut Reader<'_>, depth: usize) -> Result<TxnRequest, KvError> {
@@ -837,7 +838,7 @@ impl TxnResponse {
         }
     }
     pub(crate) fn decode_from(r: &mut Reader<'_>) -> Result<TxnResponse, KvError> {
-        TxnResponse::decode_at(r, 1)
+        TxnResponse::decode_at(r, 0)
     }
     fn decode_at(r: &mut Reader<'_>, depth: usize) -> Result<TxnResponse, KvError> {
         if depth > MAX_TXN_DEPTH {

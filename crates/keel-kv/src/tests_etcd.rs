@@ -1496,9 +1496,9 @@ fn malformed_etcd_commands_change_nothing() {
     t[compare_at + 1] = 9;
     o[compare_at + 2 + 4 + 1 + 4] = 9; // after the value operand and the op count
     bad.extend([Bytes::from(r), Bytes::from(t), Bytes::from(o)]);
-    // Nesting deeper than MAX_TXN_DEPTH.
+    // Nesting deeper than MAX_TXN_DEPTH levels below the top txn.
     let mut deep = txn(vec![], vec![], vec![]);
-    for _ in 0..MAX_TXN_DEPTH {
+    for _ in 0..=MAX_TXN_DEPTH {
         deep = txn(vec![], vec![RequestOp::Txn(deep)], vec![]);
     }
     bad.push(Command::Txn(deep).encode());

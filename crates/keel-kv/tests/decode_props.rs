@@ -188,3 +188,27 @@ proptest! {
         prop_assert!(back == *host.service());
     }
 }
+
+/// A txn nested as deep as `validate` allows (128 levels below the top
+/// one, as etcd 3.4 takes) decodes from its own encoding: the decoder
+/// counted the top txn as a level and refused the deepest valid one.
+#[test]
+fn every_validated_txn_depth_round_trips() {
+    let mut deepest = 0;
+    for n in 0..=140usize {
+        let mut t = keel_kv::TxnRequest::default();
+        for _ in 0..n {
+            t = keel_kv::TxnRequest {
+                success: vec![keel_kv::RequestOp::Txn(t)],
+                ..keel_kv::TxnRequest::default()
+            };
+        }
+        let c = Command::Txn(t);
+        if c.validate().is_ok() {
+            deepest = n;
+            let back = Command::decode(&c.encode());
+            assert_eq!(back.as_ref().ok(), Some(&c), "nesting {n}: {back:?}");
+        }
+    }
+    assert_eq!(deepest, keel_kv::MAX_TXN_DEPTH);
+}

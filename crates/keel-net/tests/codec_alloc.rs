@@ -9,64 +9,11 @@ use keel_core::{Body, Entry, EntryKind, Membership, MembershipChange, Message, S
 use keel_net::codec::{
     self, ClientOp, ClientRequest, ClientResponse, ClientResult, Frame, NodeStatus,
 };
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
 
-/// The system allocator, counting on the current thread while `measure` runs.
-struct Counting;
-
-thread_local! {
-    static ON: Cell<bool> = const { Cell::new(false) };
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-    static TOTAL: Cell<usize> = const { Cell::new(0) };
-}
-
-fn count(size: usize) {
-    let _ = ON.try_with(|on| {
-        if on.get() {
-            let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
-            let _ = TOTAL.try_with(|t| t.set(t.get().saturating_add(size)));
-        }
-    });
-}
-
-// SAFETY: every call is passed on to `System` unchanged; the counting only
-// touches const-initialised thread locals, which do not allocate.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size);
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// (largest single allocation, total bytes allocated) while `f` runs.
-fn measure<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
-    LARGEST.with(|l| l.set(0));
-    TOTAL.with(|t| t.set(0));
-    ON.with(|on| on.set(true));
-    let out = f();
-    ON.with(|on| on.set(false));
-    (out, LARGEST.with(Cell::get), TOTAL.with(Cell::get))
-}
+#[path = "../../../test-support/alloc_probe.rs"]
+mod alloc_probe;
+use alloc_probe::*;
 
 const MAX: usize = codec::DEFAULT_MAX_FRAME;
 

@@ -3999,6 +3999,27 @@ mod removed_tests {
         }
     }
 
+    /// Three echo nodes of one cluster on `net`, their data under `dir`.
+    fn three_echo_nodes(dir: &Path, net: &MemNetwork) -> Vec<Arc<NodeHandle>> {
+        (1..=3)
+            .map(|id| {
+                let cfg = config(id, dir);
+                let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
+                Arc::new(node.expect("start"))
+            })
+            .collect()
+    }
+
+    /// The leader of the highest term any of `nodes` reports.
+    fn leader_of(nodes: &[Arc<NodeHandle>]) -> Option<NodeId> {
+        nodes
+            .iter()
+            .map(|n| n.status())
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.term)
+            .map(|s| s.id)
+    }
+
     /// Writes the core rejects in a proposal batch (here: a leadership
     /// transfer is in progress) are answered with the rejection, and the
     /// writes after it are served as before: the runtime keeps a turn's
@@ -4007,21 +4028,8 @@ mod removed_tests {
     fn writes_rejected_during_a_transfer_are_answered_busy() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
-        let nodes: Vec<Arc<NodeHandle>> = (1..=3)
-            .map(|id| {
-                let cfg = config(id, tmp.path());
-                let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
-                Arc::new(node.expect("start"))
-            })
-            .collect();
-        let leader = || {
-            nodes
-                .iter()
-                .map(|n| n.status())
-                .filter(|s| s.role == "leader")
-                .max_by_key(|s| s.term)
-                .map(|s| s.id)
-        };
+        let nodes = three_echo_nodes(tmp.path(), &net);
+        let leader = || leader_of(&nodes);
         wait_for("a leader", || leader().is_some());
         let l = leader().expect("a leader");
         let f = (1..=3).find(|&n| n != l).expect("a follower");
@@ -4093,21 +4101,8 @@ mod removed_tests {
     fn a_removed_node_answers_its_clients_stops_and_refuses_to_start_again() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
-        let nodes: Vec<Arc<NodeHandle>> = (1..=3)
-            .map(|id| {
-                let cfg = config(id, tmp.path());
-                let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
-                Arc::new(node.expect("start"))
-            })
-            .collect();
-        let leader = || {
-            nodes
-                .iter()
-                .map(|n| n.status())
-                .filter(|s| s.role == "leader")
-                .max_by_key(|s| s.term)
-                .map(|s| s.id)
-        };
+        let nodes = three_echo_nodes(tmp.path(), &net);
+        let leader = || leader_of(&nodes);
         wait_for("a leader", || leader().is_some());
         let l = leader().expect("a leader");
         let f = (1..=3).find(|&n| n != l).expect("a follower");

@@ -2452,10 +2452,16 @@ impl Consensus {
     }
 
     /// After stepping down: the writes still waiting for their entries may
-    /// never commit here, so their clients hear "not the leader" and retry
-    /// at the new leader (with the same sequence number, if in a session).
-    /// Runs at the end of a step, so writes whose entries that step applied
-    /// (the new leader had committed them) went to the service first.
+    /// or may not commit under the new leader. A write in a session is
+    /// answered "not the leader" at once: its client retries at the new
+    /// leader with the same sequence number, which the session table
+    /// applies once. A sessionless one (the etcd API's) cannot be retried
+    /// safely, and "not the leader" would read as a refusal, so it waits
+    /// here as a follower's forwarded write does: answered by its entry if
+    /// the new leader commits it, or after `write_timeout_ms` that its
+    /// outcome is unknown (`expire_awaiting`), as etcd's server waits for a
+    /// proposal across a leader change. Runs at the end of a step, so
+    /// writes whose entries that step applied went to the service first.
     fn answer_deposed(&mut self) {
         let Some(not_leader) = self.deposed.take() else {
             return;
@@ -2463,9 +2469,13 @@ impl Consensus {
         if self.node.role() == Role::Leader {
             return;
         }
-        for (_, w) in self.awaiting.drain() {
+        self.awaiting.retain(|&(client, _), w| {
+            if client == keel_core::SESSIONLESS {
+                return true;
+            }
             respond(&w.sink, w.id, not_leader.clone());
-        }
+            false
+        });
     }
 
     /// A snapshot installed here replaces entries this node will never
@@ -4018,6 +4028,46 @@ mod removed_tests {
             .filter(|s| s.role == "leader")
             .max_by_key(|s| s.term)
             .map(|s| s.id)
+    }
+
+    /// A sessionless write (the etcd API's) taken by a leader that then
+    /// loses its quorum is answered by its entry once the new leader
+    /// commits it, not "not the leader" at the step-down: it may well
+    /// commit (here it does), and its client cannot retry it safely.
+    #[test]
+    fn a_deposed_leaders_sessionless_write_is_answered_by_its_entry() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes = three_echo_nodes(tmp.path(), &net);
+        wait_for("a leader", || leader_of(&nodes).is_some());
+        let l = leader_of(&nodes).expect("a leader");
+        let lh = nodes[l as usize - 1].clone();
+        // The followers hear the leader but it hears nothing back: its
+        // write reaches both logs and commits nowhere until it has stepped
+        // down (check-quorum) and a follower has been elected.
+        for f in (1..=3).filter(|&n| n != l) {
+            net.cut(f, l);
+        }
+        let write = {
+            let lh = lh.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"kept"))))
+            })
+        };
+        wait_for("the cut-off leader steps down", || {
+            lh.status().role != "leader"
+        });
+        wait_for("a new leader", || leader_of(&nodes).is_some_and(|n| n != l));
+        net.heal();
+        let answer = write.join().expect("the write's thread");
+        assert_eq!(answer, ClientResult::Ok(Bytes::from_static(b"kept")));
+        for n in &nodes {
+            n.shutdown();
+        }
     }
 
     /// Writes the core rejects in a proposal batch (here: a leadership

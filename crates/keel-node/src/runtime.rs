@@ -1543,6 +1543,7 @@ fn run_node(
         reads_wait_upto: 0,
         last_leader: None,
         deposed: None,
+        deposed_positions: std::collections::BTreeMap::new(),
         transfers: Vec::new(),
         next_expiry: Instant::now(),
         sessionless_next: (wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK,
@@ -1711,6 +1712,12 @@ struct Consensus {
     last_leader: Option<NodeId>,
     /// Stepped down in this step: answer `awaiting` at its end.
     deposed: Option<ClientResult>,
+    /// Sessionless writes a deposed leader keeps waiting for, by the
+    /// position of their entry in its log then: once this node applies
+    /// that position and the write was not among what it applied, another
+    /// entry took the position, so the write is answered "not the leader"
+    /// (it was not applied, and cannot be at any other position).
+    deposed_positions: std::collections::BTreeMap<Position, (u64, u64)>,
     /// Leadership transfers this node started, answered once the target
     /// leads or their time is up (`settle_transfers`).
     transfers: Vec<PendingTransfer>,
@@ -2469,13 +2476,61 @@ impl Consensus {
         if self.node.role() == Role::Leader {
             return;
         }
-        self.awaiting.retain(|&(client, _), w| {
-            if client == keel_core::SESSIONLESS {
+        // Where the sessionless writes' entries are in the log (after the
+        // commit position: those committed went to the service already).
+        let mut positions = HashMap::new();
+        if self.awaiting.len() > self.deposed_positions.len()
+            && self
+                .awaiting
+                .keys()
+                .any(|&(c, _)| c == keel_core::SESSIONLESS)
+        {
+            let log = self.node.log();
+            for e in log.entries_between(self.node.commit_position(), log.last_pos()) {
+                if let keel_core::EntryKind::Command { client, seq } = e.kind {
+                    if self.awaiting.contains_key(&(client, seq)) {
+                        positions.insert((client, seq), e.position);
+                    }
+                }
+            }
+        }
+        // Writes kept at an earlier step-down stay kept: their entries may
+        // be gone from this log (a new leader truncated it) and still
+        // commit from another node's; only an entry applied at their
+        // position settles them (`answer_superseded`).
+        let already: std::collections::HashSet<(u64, u64)> =
+            self.deposed_positions.values().copied().collect();
+        let kept = &mut self.deposed_positions;
+        self.awaiting.retain(|&(client, seq), w| {
+            if already.contains(&(client, seq)) {
                 return true;
+            }
+            if client == keel_core::SESSIONLESS {
+                if let Some(&p) = positions.get(&(client, seq)) {
+                    kept.insert(p, (client, seq));
+                    return true;
+                }
             }
             respond(&w.sink, w.id, not_leader.clone());
             false
         });
+    }
+
+    /// A deposed leader's sessionless writes whose log positions `upto`
+    /// has now applied without them (`deposed_positions`): not applied,
+    /// and they never will be; their clients hear "not the leader".
+    fn answer_superseded(&mut self, upto: Position) {
+        while let Some(entry) = self.deposed_positions.first_entry() {
+            if *entry.key() >= upto {
+                break;
+            }
+            let key = entry.remove();
+            if let Some(w) = self.awaiting.remove(&key) {
+                let leader = self.node.leader();
+                let address = leader.and_then(|l| self.cfg.client_addr_of(l));
+                respond(&w.sink, w.id, ClientResult::NotLeader { leader, address });
+            }
+        }
     }
 
     /// A snapshot installed here replaces entries this node will never
@@ -2656,6 +2711,11 @@ impl Consensus {
                     && writes.is_empty()
                     && !read_waits
                     && self.node.role() != Role::Leader;
+                if !self.deposed_positions.is_empty() {
+                    if let Some(last) = entries.last() {
+                        self.answer_superseded(last.end());
+                    }
+                }
                 let input = ServiceInput::Apply(entries, writes);
                 if lazy {
                     self.service
@@ -4065,6 +4125,44 @@ mod removed_tests {
         net.heal();
         let answer = write.join().expect("the write's thread");
         assert_eq!(answer, ClientResult::Ok(Bytes::from_static(b"kept")));
+        for n in &nodes {
+            n.shutdown();
+        }
+    }
+
+    /// A deposed leader's sessionless write whose entry never left it is
+    /// answered "not the leader" once the node applies another entry at
+    /// its position (it cannot be applied anywhere else), not after
+    /// `write_timeout_ms` as an unknown outcome.
+    #[test]
+    fn a_deposed_leaders_lost_sessionless_write_is_answered_not_leader() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes = three_echo_nodes(tmp.path(), &net);
+        wait_for("a leader", || leader_of(&nodes).is_some());
+        let l = leader_of(&nodes).expect("a leader");
+        let lh = nodes[l as usize - 1].clone();
+        net.isolate(l);
+        let write = {
+            let lh = lh.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"lost"))))
+            })
+        };
+        wait_for("the cut-off leader steps down", || {
+            lh.status().role != "leader"
+        });
+        wait_for("a new leader", || leader_of(&nodes).is_some_and(|n| n != l));
+        net.heal();
+        let answer = write.join().expect("the write's thread");
+        assert!(
+            matches!(answer, ClientResult::NotLeader { .. }),
+            "{answer:?}"
+        );
         for n in &nodes {
             n.shutdown();
         }

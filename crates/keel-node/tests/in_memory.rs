@@ -497,9 +497,12 @@ fn a_stopped_node_sends_clients_elsewhere() {
     stop_all(nodes);
 }
 
-/// A write the leader accepted but could not commit before it lost its
-/// quorum is answered "not the leader" when it steps down (the client then
-/// retries elsewhere with the same sequence number), not left waiting.
+/// A write in a client session that the leader accepted but could not
+/// commit before it lost its quorum is answered "not the leader" when it
+/// steps down (the client then retries elsewhere with the same sequence
+/// number, which the session table applies once), not left waiting. (A
+/// sessionless write, the etcd API's, waits for its entry instead: see the
+/// runtime's `a_deposed_leaders_*` tests.)
 #[test]
 fn a_deposed_leader_answers_its_uncommitted_writes() {
     let Three {
@@ -517,7 +520,14 @@ fn a_deposed_leader_answers_its_uncommitted_writes() {
         key: Bytes::from_static(b"k"),
         value: Bytes::from_static(b"v"),
     };
-    let r = write_within(leader, put.encode(), Duration::from_secs(10))
+    let r = client_runtime()
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                leader.call_in_session(77, 1, ClientOp::Write(put.encode())),
+            )
+            .await
+        })
         .expect("answered once the leader steps down");
     assert!(matches!(r, ClientResult::NotLeader { .. }), "{r:?}");
     net.heal();

@@ -4332,6 +4332,58 @@ mod removed_tests {
         }
     }
 
+    /// Node 4, created to join, on an in-memory network where the test
+    /// plays nodes 1 and 2 and records what node 4 sends them.
+    struct Joiner4 {
+        tmp: tempfile::TempDir,
+        net: MemNetwork,
+        heard: Arc<Mutex<Vec<keel_core::Message>>>,
+        /// (A sender of the in-memory network sends as any node.)
+        fakes: keel_net::mem::MemPeers,
+    }
+
+    impl Joiner4 {
+        fn new() -> Self {
+            let net = MemNetwork::new();
+            let heard = Arc::new(Mutex::new(Vec::new()));
+            let recorder = || -> keel_net::tcp::Inbound {
+                let heard = heard.clone();
+                Arc::new(move |m| heard.lock().expect("heard").push(m))
+            };
+            let fakes = net.join(1, recorder());
+            let _ = net.join(2, recorder());
+            Joiner4 {
+                tmp: tempfile::tempdir().expect("tempdir"),
+                net,
+                heard,
+                fakes,
+            }
+        }
+        fn config(&self) -> NodeConfig {
+            let mut cfg = config(4, self.tmp.path());
+            cfg.join = true;
+            cfg
+        }
+        fn dir(&self) -> PathBuf {
+            self.config().data_dir
+        }
+        /// Starts (or restarts) node 4 on its data directory.
+        fn start(&self) -> NodeHandle {
+            let t = Transport::Memory(self.net.clone());
+            start_with(self.config(), Box::new(Echo), t).expect("start")
+        }
+        /// Sends node 4 `body` as node `from` in `term`.
+        fn to_4(&self, from: NodeId, term: u64, body: keel_core::Body) {
+            self.fakes.send(keel_core::Message {
+                cluster_id: self.config().cluster_id,
+                from,
+                to: 4,
+                term,
+                body,
+            })
+        }
+    }
+
     /// A node created to join writes `JOINING_FILE` at its first start; a
     /// restart before it wrote `JOINED_FILE` grants no vote (its data may be
     /// an earlier node's of its id), while a directory created to join by
@@ -4341,32 +4393,11 @@ mod removed_tests {
     /// test and asks for votes with `transfer` set (no stickiness).
     #[test]
     fn a_joiner_of_an_earlier_version_votes_after_a_restart_and_one_of_this_version_does_not() {
-        use keel_core::{Body, Entry, EntryKind, Membership, Message};
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let heard = Arc::new(Mutex::new(Vec::<Message>::new()));
-        let recorder = || -> keel_net::tcp::Inbound {
-            let heard = heard.clone();
-            Arc::new(move |m| heard.lock().expect("heard").push(m))
-        };
-        let fakes = net.join(1, recorder());
-        let _ = net.join(2, recorder());
-        let cluster_id = config(4, tmp.path()).cluster_id;
-        let to_4 = |from, term, body| {
-            fakes.send(Message {
-                cluster_id,
-                from,
-                to: 4,
-                term,
-                body,
-            })
-        };
-        let start = || {
-            let mut cfg = config(4, tmp.path());
-            cfg.join = true;
-            start_with(cfg, Box::new(Echo), Transport::Memory(net.clone())).expect("start")
-        };
-        let dir = config(4, tmp.path()).data_dir;
+        use keel_core::{Body, Entry, EntryKind, Membership};
+        let j = Joiner4::new();
+        let (heard, dir) = (&j.heard, j.dir());
+        let to_4 = |from, term, body| j.to_4(from, term, body);
+        let start = || j.start();
         let member = Entry {
             term: 1,
             position: 0,
@@ -4443,27 +4474,10 @@ mod removed_tests {
     /// stops it. Nodes 1 and 2 are played by the test.
     #[test]
     fn a_node_added_again_that_restarts_before_it_caught_up_ignores_the_old_removal() {
-        use keel_core::{Body, Entry, EntryKind, Membership, Message};
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let heard = Arc::new(Mutex::new(Vec::<Message>::new()));
-        let recorder = || -> keel_net::tcp::Inbound {
-            let heard = heard.clone();
-            Arc::new(move |m| heard.lock().expect("heard").push(m))
-        };
-        // (A sender of the in-memory network sends as any node.)
-        let fakes = net.join(1, recorder());
-        let _ = net.join(2, recorder());
-        let cluster_id = config(4, tmp.path()).cluster_id;
-        let to_4 = |from, term, body| {
-            fakes.send(Message {
-                cluster_id,
-                from,
-                to: 4,
-                term,
-                body,
-            })
-        };
+        use keel_core::{Body, Entry, EntryKind, Membership};
+        let j = Joiner4::new();
+        let (heard, dir) = (&j.heard, j.dir());
+        let to_4 = |from, term, body| j.to_4(from, term, body);
         let acked = |position: Position| {
             let heard = heard.clone();
             move || {
@@ -4472,12 +4486,7 @@ mod removed_tests {
                 })
             }
         };
-        let start = || {
-            let mut cfg = config(4, tmp.path());
-            cfg.join = true;
-            start_with(cfg, Box::new(Echo), Transport::Memory(net.clone())).expect("start")
-        };
-        let dir = config(4, tmp.path()).data_dir;
+        let start = || j.start();
         let old = Entry {
             term: 1,
             position: 0,

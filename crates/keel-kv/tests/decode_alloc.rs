@@ -6,12 +6,13 @@
 //! counting global allocator measures this test binary.
 
 use bytes::Bytes;
-use keel_core::{ApplyOutput, Entry, EntryKind, Service, ServiceHost};
+use keel_core::Service;
 use keel_kv::*;
 
 #[path = "../../../test-support/alloc_probe.rs"]
 mod alloc_probe;
 use alloc_probe::*;
+mod support;
 
 fn kv(k: &str, v: &str) -> KeyValue {
     KeyValue {
@@ -54,26 +55,8 @@ fn snapshot() -> Vec<u8> {
             key: Bytes::from_static(b"gone"),
         },
     ];
-    let mut host = ServiceHost::new(KvService::default(), 1 << 40);
-    let mut out = ApplyOutput::default();
-    let mut pos = 0;
-    for (i, c) in cmds.iter().enumerate() {
-        let e = Entry {
-            term: 1,
-            position: pos,
-            timestamp: 1000,
-            kind: EntryKind::Command {
-                client: 1,
-                seq: i as u64 + 1,
-            },
-            data: c.encode(),
-        };
-        pos = e.end();
-        host.apply(&[e], &mut out);
-        out.clear();
-    }
     let mut b = Vec::new();
-    Service::snapshot(host.service(), &mut b);
+    Service::snapshot(&support::service_after(&cmds, |_| 1000), &mut b);
     b
 }
 

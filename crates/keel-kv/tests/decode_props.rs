@@ -10,6 +10,9 @@ use keel_core::{ApplyOutput, Entry, EntryKind, Service, ServiceHost};
 use keel_kv::{Command, KvService, PutRequest};
 use proptest::prelude::*;
 
+mod support;
+use support::service_after;
+
 fn key(k: u8) -> Bytes {
     Bytes::from(format!("k{k}"))
 }
@@ -31,29 +34,6 @@ fn kv_command() -> impl Strategy<Value = Command> {
     ]
 }
 
-/// A KV service that applied `cmds` in turn (refused ones change nothing).
-fn service_after(cmds: &[Command]) -> KvService {
-    let mut host = ServiceHost::new(KvService::default(), u64::MAX / 4);
-    let mut out = ApplyOutput::default();
-    let mut pos = 0;
-    for (i, c) in cmds.iter().enumerate() {
-        let e = Entry {
-            term: 1,
-            position: pos,
-            timestamp: 1_000_000 * i as u64,
-            kind: EntryKind::Command {
-                client: 1,
-                seq: i as u64 + 1,
-            },
-            data: c.encode(),
-        };
-        pos = e.end();
-        host.apply(&[e], &mut out);
-        out.clear();
-    }
-    host.service().clone()
-}
-
 fn snapshot_bytes(s: &KvService) -> Vec<u8> {
     let mut out = Vec::new();
     Service::snapshot(s, &mut out);
@@ -71,7 +51,7 @@ proptest! {
         byte in any::<u8>(),
         garbage in proptest::collection::vec(any::<u8>(), 0..64),
     ) {
-        let svc = service_after(&cmds);
+        let svc = service_after(&cmds, |i| 1_000_000 * i);
         let image = snapshot_bytes(&svc);
         let back = KvService::decode_snapshot(&image).expect("its own snapshot decodes");
         prop_assert!(back == svc, "restored service differs");

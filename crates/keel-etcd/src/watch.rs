@@ -207,18 +207,39 @@ impl Session {
             self.next_id - 1
         };
         let (local_rev, compact) = self.local_status().await?;
-        if c.start_revision < 0 && c.start_revision < compact {
-            // etcd takes a negative start as a revision below its
-            // compaction point (-1 before the first compaction): created,
-            // then canceled with that point. (A start of -1 before any
-            // compaction is not below it: etcd then watches from now on.)
-            self.send(WatchResponse {
-                header: self.header(local_rev),
-                watch_id: id,
-                created: true,
-                ..Default::default()
-            })
-            .await?;
+        // etcd takes a negative start as a revision below its compaction
+        // point (-1 before the first compaction): created, then canceled
+        // with that point. (A start of -1 before any compaction is not
+        // below it: etcd then watches from now on.)
+        let compacted = c.start_revision < 0 && c.start_revision < compact;
+        let mut past = false;
+        if !compacted {
+            let start = u64::try_from(c.start_revision).unwrap_or(0);
+            let w = Watcher {
+                key: c.key,
+                range_end: c.range_end,
+                prev_kv: c.prev_kv,
+                no_put: c
+                    .filters
+                    .contains(&(watch_create_request::FilterType::Noput as i32)),
+                no_delete: c
+                    .filters
+                    .contains(&(watch_create_request::FilterType::Nodelete as i32)),
+                progress_notify: c.progress_notify,
+                fragment: c.fragment,
+                next_rev: if start == 0 { local_rev + 1 } else { start },
+            };
+            past = w.next_rev <= local_rev;
+            self.watchers.insert(id, w);
+        }
+        self.send(WatchResponse {
+            header: self.header(local_rev),
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        })
+        .await?;
+        if compacted {
             return self
                 .send(WatchResponse {
                     header: self.header(local_rev),
@@ -229,30 +250,6 @@ impl Session {
                 })
                 .await;
         }
-        let start = u64::try_from(c.start_revision).unwrap_or(0);
-        let w = Watcher {
-            key: c.key,
-            range_end: c.range_end,
-            prev_kv: c.prev_kv,
-            no_put: c
-                .filters
-                .contains(&(watch_create_request::FilterType::Noput as i32)),
-            no_delete: c
-                .filters
-                .contains(&(watch_create_request::FilterType::Nodelete as i32)),
-            progress_notify: c.progress_notify,
-            fragment: c.fragment,
-            next_rev: if start == 0 { local_rev + 1 } else { start },
-        };
-        let past = w.next_rev <= local_rev;
-        self.watchers.insert(id, w);
-        self.send(WatchResponse {
-            header: self.header(local_rev),
-            watch_id: id,
-            created: true,
-            ..Default::default()
-        })
-        .await?;
         if past {
             self.catch_up(id).await?;
         }

@@ -2841,13 +2841,7 @@ impl Sim {
         if !self.faults_active {
             return;
         }
-        let mut others: Vec<NodeId> = core
-            .membership()
-            .voters
-            .iter()
-            .copied()
-            .filter(|&v| v != leader)
-            .collect();
+        let mut others = other_voters(core);
         let keep_max = (others.len() / 2).saturating_sub(1);
         // (Mostly as many as a minority allows: with five voters, a read
         // needs an echo from one of them.)
@@ -3037,13 +3031,7 @@ impl Sim {
             return;
         };
         let (leader, term) = (core.id(), core.term());
-        let others: Vec<NodeId> = core
-            .membership()
-            .voters
-            .iter()
-            .copied()
-            .filter(|&v| v != leader)
-            .collect();
+        let others = other_voters(core);
         if others.is_empty() {
             return;
         }
@@ -3388,6 +3376,17 @@ impl Sim {
 /// Runs one seed.
 pub fn run(cfg: &SimConfig) -> Report {
     Sim::new(cfg.clone()).run()
+}
+
+/// The voters of `core`'s configuration other than itself.
+fn other_voters(core: &Node) -> Vec<NodeId> {
+    let me = core.id();
+    core.membership()
+        .voters
+        .iter()
+        .copied()
+        .filter(|&v| v != me)
+        .collect()
 }
 
 #[cfg(test)]

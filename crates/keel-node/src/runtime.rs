@@ -4080,6 +4080,19 @@ mod removed_tests {
             .collect()
     }
 
+    /// `node.call(op)` on a thread of its own (a call left waiting while
+    /// the test goes on); join it for the answer.
+    fn spawn_call(node: &Arc<NodeHandle>, op: ClientOp) -> std::thread::JoinHandle<ClientResult> {
+        let node = node.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(node.call(op))
+        })
+    }
+
     /// The leader of the highest term any of `nodes` reports.
     fn leader_of(nodes: &[Arc<NodeHandle>]) -> Option<NodeId> {
         nodes
@@ -4108,16 +4121,7 @@ mod removed_tests {
         for f in (1..=3).filter(|&n| n != l) {
             net.cut(f, l);
         }
-        let write = {
-            let lh = lh.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"kept"))))
-            })
-        };
+        let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"kept")));
         wait_for("the cut-off leader steps down", || {
             lh.status().role != "leader"
         });
@@ -4143,16 +4147,7 @@ mod removed_tests {
         let l = leader_of(&nodes).expect("a leader");
         let lh = nodes[l as usize - 1].clone();
         net.isolate(l);
-        let write = {
-            let lh = lh.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"lost"))))
-            })
-        };
+        let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"lost")));
         wait_for("the cut-off leader steps down", || {
             lh.status().role != "leader"
         });
@@ -4204,16 +4199,7 @@ mod removed_tests {
         // A transfer to a cut-off follower stays in progress for its
         // window (3 s here): writes taken meanwhile are refused as busy.
         net.isolate(f);
-        let transfer = {
-            let lh = lh.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(lh.call(ClientOp::TransferLeader(f)))
-            })
-        };
+        let transfer = spawn_call(&lh, ClientOp::TransferLeader(f));
         let start = Instant::now();
         let busy = loop {
             let r = write(b"during");
@@ -4265,16 +4251,7 @@ mod removed_tests {
 
         // Cut off, it takes a write it cannot get committed.
         net.isolate(f);
-        let pending = {
-            let fh = fh.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(fh.call(ClientOp::Write(Bytes::from_static(b"w"))))
-            })
-        };
+        let pending = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"w")));
         let r = rt.block_on(lh.call(ClientOp::ChangeMembership(
             keel_core::MembershipChange::Remove(f),
         )));

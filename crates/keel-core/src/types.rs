@@ -49,7 +49,7 @@ impl EntryKind {
             EntryKind::TermStart => 0,
             EntryKind::Command { .. } => 16,
             EntryKind::Timer { .. } => 16,
-            EntryKind::Membership(m) => 8 + 8 * (m.voters.len() + m.learners.len()) as u64,
+            EntryKind::Membership(m) => m.encoded_len(),
             EntryKind::SessionClose { .. } => 8,
         }
     }
@@ -78,19 +78,42 @@ impl Entry {
     }
 }
 
-/// The voting and non-voting members of the cluster.
+/// The voting and non-voting members of the cluster, and the ids removed
+/// from it, which are never members again.
+///
+/// Ids are not reused (as etcd never reuses a removed member's id): a node
+/// that missed a removal may still count the removed id as a voter of its
+/// old configuration, and a new node under that id, whose disk does not
+/// hold the old node's term and log, would answer it as that voter (a
+/// stale leader could commit with it what the cluster overwrote).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Membership {
     pub voters: BTreeSet<NodeId>,
     pub learners: BTreeSet<NodeId>,
+    /// Every id a configuration change removed (as far as this
+    /// configuration's history was recorded: configurations written by a
+    /// version before this field record none).
+    pub removed: BTreeSet<NodeId>,
 }
 
 impl Membership {
     pub fn new(voters: impl IntoIterator<Item = NodeId>) -> Self {
         Membership {
             voters: voters.into_iter().collect(),
-            learners: BTreeSet::new(),
+            ..Membership::default()
         }
+    }
+    /// Bytes of its encoding in a log entry: voter and learner counts (u32
+    /// each), then, if any id was removed, their count (u32); then the
+    /// ids (u64 each). A configuration without removed ids is encoded as
+    /// before they were recorded, so older logs keep their positions.
+    pub fn encoded_len(&self) -> u64 {
+        let removed = if self.removed.is_empty() {
+            0
+        } else {
+            4 + 8 * self.removed.len() as u64
+        };
+        8 + 8 * (self.voters.len() + self.learners.len()) as u64 + removed
     }
     pub fn is_voter(&self, id: NodeId) -> bool {
         self.voters.contains(&id)
@@ -135,6 +158,12 @@ impl MembershipChange {
                 if m.contains(n) {
                     return Err(format!("node {n} is already a member"));
                 }
+                if m.removed.contains(&n) {
+                    return Err(format!(
+                        "node {n} was removed from the cluster and its id is never used again: \
+                         start the new node under a new id"
+                    ));
+                }
                 next.learners.insert(n);
             }
             MembershipChange::PromoteLearner(n) => {
@@ -150,6 +179,7 @@ impl MembershipChange {
                 if next.voters.is_empty() {
                     return Err("cannot remove the last voter".into());
                 }
+                next.removed.insert(n);
             }
         }
         Ok(next)

@@ -133,6 +133,7 @@ pub fn decode_membership(b: &[u8]) -> Option<(Membership, usize)> {
     let m = Membership {
         voters: ids[..v].iter().copied().collect(),
         learners: ids[v..].iter().copied().collect(),
+        removed: Default::default(),
     };
     if m.voters.len() != v || m.learners.len() != l {
         return None; // duplicates: not something we write
@@ -253,7 +254,11 @@ mod tests {
                 proptest::collection::btree_set(100..200u64, 0..3)
             )
                 .prop_map(|(voters, learners)| EntryKind::Membership(Arc::new(
-                    Membership { voters, learners }
+                    Membership {
+                        voters,
+                        learners,
+                        removed: Default::default(),
+                    }
                 ))),
             any::<u64>().prop_map(|client| EntryKind::SessionClose { client }),
         ]

@@ -34,6 +34,7 @@ fn members() -> Membership {
     Membership {
         voters: [1, 2, 3].into(),
         learners: [9].into(),
+        removed: Default::default(),
     }
 }
 

@@ -29,7 +29,11 @@ fn membership() -> impl Strategy<Value = Membership> {
         proptest::collection::btree_set(1u64..1000, 0..6),
         proptest::collection::btree_set(1000u64..2000, 0..3),
     )
-        .prop_map(|(voters, learners)| Membership { voters, learners })
+        .prop_map(|(voters, learners)| Membership {
+            voters,
+            learners,
+            removed: Default::default(),
+        })
 }
 
 /// A membership header (voter and learner counts) followed by `ids`.

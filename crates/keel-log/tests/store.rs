@@ -889,6 +889,7 @@ fn the_snapshot_file_format_is_stable() {
             membership: Membership {
                 voters: [1, 2].into_iter().collect(),
                 learners: [9].into_iter().collect(),
+                removed: Default::default(),
             },
         },
         data: Bytes::from_static(b"state"),

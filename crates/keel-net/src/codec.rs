@@ -862,6 +862,7 @@ impl<'a> Reader<'a> {
         Ok(Membership {
             voters: self.id_set("membership voters")?,
             learners: self.id_set("membership learners")?,
+            removed: Default::default(),
         })
     }
 
@@ -1166,8 +1167,13 @@ mod tests {
     }
 
     fn membership() -> impl Strategy<Value = Membership> {
-        (btree_set(u64s(), 0..6), btree_set(u64s(), 0..4))
-            .prop_map(|(voters, learners)| Membership { voters, learners })
+        (btree_set(u64s(), 0..6), btree_set(u64s(), 0..4)).prop_map(|(voters, learners)| {
+            Membership {
+                voters,
+                learners,
+                removed: Default::default(),
+            }
+        })
     }
 
     fn kind() -> impl Strategy<Value = EntryKind> {
@@ -1751,10 +1757,12 @@ mod tests {
         let m = Arc::new(Membership {
             voters: (0..5000).chain([u64::MAX]).collect(),
             learners: (5000..6000).collect(),
+            removed: Default::default(),
         });
         let small = Arc::new(Membership {
             voters: [0, 1, u64::MAX].into(),
             learners: [2].into(),
+            removed: Default::default(),
         });
         let frames = [
             Frame::Peer(Message {

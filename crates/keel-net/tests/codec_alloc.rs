@@ -37,6 +37,7 @@ fn membership() -> Membership {
     Membership {
         voters: [1, 2, 3].into(),
         learners: [4].into(),
+        removed: Default::default(),
     }
 }
 
@@ -260,6 +261,7 @@ fn the_densest_append_stays_within_a_small_multiple() {
     let m = Arc::new(Membership {
         voters: [1].into(),
         learners: [2].into(),
+        removed: Default::default(),
     });
     let entries = (0..20_000)
         .map(|_| entry(EntryKind::Membership(m.clone()), b""))

@@ -2292,35 +2292,105 @@ fn no_removal_notice_before_the_removal_commits() {
     assert_eq!(h.removed.len(), 1);
 }
 
-/// A removed id comes back as a new node with an empty data directory
-/// (joining): it replays the log, whose configurations once removed it,
-/// and stale notices of that removal reaching it meanwhile are ignored.
+/// A removed id is never added again, by the leader that removed it or a
+/// later one: a member that missed the removal may still count the id as
+/// a voter of its old configuration, and a new node under it (empty
+/// disk, term 0) would answer a stale leader as that voter. The refusal
+/// says why; every later configuration keeps the record, and a new node
+/// under a new id is added.
 #[test]
-fn a_removed_id_joins_again_with_fresh_data_and_ignores_stale_notices() {
+fn a_removed_id_is_never_added_again() {
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::new(Config::new(id, 7), Membership::new([1, 2, 3]), 0))
+        .collect();
+    nodes.push(Node::new(Config::new(4, 7), Membership::default(), 0));
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = if leader == 3 { 2 } else { 3 };
+    remove(&mut h, leader, target, 1);
+    h.run_for(300 * MS);
+    assert_eq!(h.node(leader).membership().removed, [target].into());
+    let refused = |h: &mut Harness, at: NodeId, req: RequestId| {
+        let before = h.node(at).membership().clone();
+        h.step(
+            at,
+            Event::ChangeMembership {
+                id: req,
+                change: MembershipChange::AddLearner(target),
+            },
+        );
+        let reason = h
+            .rejected
+            .iter()
+            .find(|(node, id, _)| *node == at && *id == req)
+            .map(|(_, _, r)| format!("{r:?}"));
+        let reason = reason.expect("the addition is refused");
+        assert!(
+            reason.contains(&format!("node {target} was removed")) && reason.contains("new id"),
+            "{reason}"
+        );
+        assert_eq!(h.node(at).membership(), &before);
+    };
+    refused(&mut h, leader, 2);
+    // A later configuration (node 4 added) and a later leader keep it.
+    for (req, change) in [
+        (3, MembershipChange::AddLearner(4)),
+        (4, MembershipChange::PromoteLearner(4)),
+    ] {
+        h.step(leader, Event::ChangeMembership { id: req, change });
+        h.run_for(1_000 * MS);
+    }
+    let mut want = Membership::new([1, 2, 3, 4]);
+    want.voters.remove(&target);
+    want.removed.insert(target);
+    for n in (1..=4).filter(|&n| n != target) {
+        assert_eq!(h.node(n).membership(), &want, "node {n}");
+    }
+    h.step(leader, Event::TransferLeadership { id: 5, target: 4 });
+    h.run_for(1_000 * MS);
+    assert_eq!(h.leader(), Some(4));
+    refused(&mut h, 4, 6);
+}
+
+/// Data written before removed ids were recorded: a configuration that
+/// removed node 3 records nothing, so the leader adds a new node 3 (empty
+/// data directory, joining). It replays the log, whose configurations
+/// once removed it, and stale notices of that removal reaching it
+/// meanwhile are ignored.
+#[test]
+fn an_id_removed_under_an_earlier_version_joins_again_and_ignores_stale_notices() {
     // One entry per append: the new node holds the log up to its old
     // removal before it holds the configuration that adds it again.
     let config = |id| Config {
         max_batch_bytes: 1,
         ..Config::new(id, 7)
     };
-    let m = Membership::new([1, 2, 3]);
-    let mut h = Harness::with(
-        (1..=3)
-            .map(|id| Node::new(config(id), m.clone(), 0))
-            .collect(),
-    );
+    let first = membership_entry(0, Membership::new([1, 2, 3]));
+    // Removed by an earlier version: no record of the removed id.
+    let removal = membership_entry(first.end(), Membership::new([1, 2]));
+    let position = removal.end();
+    let recovered = || Recovered {
+        hard_state: HardState {
+            term: 1,
+            ..HardState::default()
+        },
+        entries: vec![first.clone(), removal.clone()],
+        ..Recovered::default()
+    };
+    let target = 3;
+    let mut h = Harness::with(vec![
+        Node::restart(config(1), recovered(), 0),
+        Node::restart(config(2), recovered(), 0),
+        Node::new(config(target), Membership::default(), 0),
+    ]);
     h.run_for(1_500 * MS);
     let leader = h.leader().expect("a leader");
-    let target = if leader == 3 { 2 } else { 3 };
-    let position = remove(&mut h, leader, target, 1);
-    h.run_for(200 * MS);
-    assert_eq!(h.removed, vec![(target, leader, position)]);
     for i in 0..20 {
         h.propose(leader, 10 + i, i + 1, b"while it is gone");
     }
-    // Fresh data directory, same id.
-    let i = (target - 1) as usize;
-    h.nodes[i] = Node::new(config(target), Membership::default(), h.now);
+    h.run_for(200 * MS);
+    assert!(h.node(leader).commit_position() > position);
     h.step(
         leader,
         Event::ChangeMembership {
@@ -2328,6 +2398,7 @@ fn a_removed_id_joins_again_with_fresh_data_and_ignores_stale_notices() {
             change: MembershipChange::AddLearner(target),
         },
     );
+    assert!(h.rejected.is_empty(), "{:?}", h.rejected);
     // Every message to it is followed by a stale notice of the removal.
     let mut budget = 100_000;
     for _ in 0..100 {
@@ -2354,7 +2425,7 @@ fn a_removed_id_joins_again_with_fresh_data_and_ignores_stale_notices() {
             }
         }
     }
-    assert_eq!(h.removed.len(), 1, "{:?}", h.removed);
+    assert!(h.removed.is_empty(), "{:?}", h.removed);
     assert!(h.node(target).removed().is_none());
     assert!(h.node(target).stats().removed_ignored > 0);
     assert!(h.node(target).membership().learners.contains(&target));
@@ -2546,10 +2617,9 @@ fn a_voter_behind_the_configurations_that_added_a_node_still_votes_for_it() {
         h.step(leader, Event::ChangeMembership { id: req, change });
         h.run_for(300 * MS);
     }
-    assert_eq!(
-        h.node(leader).membership(),
-        &Membership::new([leader, lagging, 4])
-    );
+    let mut after = Membership::new([leader, lagging, 4]);
+    after.removed.insert(replaced);
+    assert_eq!(h.node(leader).membership(), &after);
     assert!(h.node(replaced).removed().is_some());
     assert_eq!(h.node(lagging).membership(), &m);
     // The leader is gone for good; the lagging voter is back.
@@ -2561,10 +2631,7 @@ fn a_voter_behind_the_configurations_that_added_a_node_still_votes_for_it() {
     h.run_for(5_000 * MS);
     let led = [lagging, 4].into_iter().find(|&n| h.node(n).is_leader());
     assert_eq!(led, Some(4), "no leader among the remaining quorum");
-    assert_eq!(
-        h.node(lagging).membership(),
-        &Membership::new([leader, lagging, 4])
-    );
+    assert_eq!(h.node(lagging).membership(), &after);
     assert!(h.removed.iter().all(|r| r.0 == replaced), "{:?}", h.removed);
 }
 
@@ -3034,4 +3101,181 @@ fn voters_joined_under_an_earlier_version_vote_after_a_restart_of_all() {
     for &o in &others {
         assert!(!h.node(o).joining(), "{o} caught up and joined");
     }
+}
+
+// ----- a stale leader and the node that replaced a removed one --------------
+
+/// Like `Harness::run_for`, but node `paused` is not stepped at all (a
+/// process stopped: no ticks, nothing received; the links to it are cut).
+fn run_paused(h: &mut Harness, paused: NodeId, dt: Nanos) {
+    let end = h.now + dt;
+    while h.now < end {
+        h.now += 10 * MS;
+        for id in 1..=h.nodes.len() as u64 {
+            if id != paused {
+                h.step(id, Event::Tick);
+            }
+        }
+        h.deliver();
+    }
+}
+
+fn cut_both(h: &mut Harness, a: NodeId, b: NodeId) {
+    h.cut.insert((a, b));
+    h.cut.insert((b, a));
+}
+
+fn change(h: &mut Harness, leader: NodeId, id: RequestId, change: MembershipChange) {
+    let rejected = h.rejected.len();
+    h.step(leader, Event::ChangeMembership { id, change });
+    assert_eq!(h.rejected.len(), rejected, "{change:?}: {:?}", h.rejected);
+}
+
+/// Leader `l` of term t in configuration {1, 2, 3} is paused (after an
+/// entry of its own that never left it when `just_elected` is false;
+/// right after its election, its term start never sent, otherwise). The
+/// other two elect `w` (term > t), which adds node 4, promotes it and
+/// removes `v`; adding a fresh node (empty data, joining) under the id
+/// `v` is refused, so it is added as node 5, whose link with `w` is slow.
+/// Returns (harness, l, v, w, l's commit position before the pause, the
+/// position of l's entry that never left it).
+fn stale_leader_meets_a_replacement(
+    just_elected: bool,
+) -> (Harness, NodeId, NodeId, NodeId, Position, Position) {
+    let m = Membership::new([1, 2, 3]);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
+        .collect();
+    for id in 4..=5 {
+        nodes.push(Node::new(Config::new(id, 7), Membership::default(), 0));
+    }
+    let mut h = Harness::with(nodes);
+    let l = if just_elected {
+        // Paused as soon as it wins: its term start reaches no one.
+        'elect: loop {
+            h.now += 10 * MS;
+            for id in 1..=5 {
+                h.step(id, Event::Tick);
+            }
+            while let Some(m) = h.inbox.pop_front() {
+                h.step(m.to, Event::Message(m));
+                if let Some(l) = h.leader() {
+                    h.inbox.retain(|m| m.from != l && m.to != l);
+                    break 'elect l;
+                }
+            }
+            assert!(h.now < 5_000 * MS, "no leader");
+        }
+    } else {
+        h.run_for(1_500 * MS);
+        let l = h.leader().expect("a leader");
+        for i in 0..3 {
+            h.propose(l, 1 + i, 1 + i, b"committed everywhere");
+        }
+        h.run_for(100 * MS);
+        l
+    };
+    for n in 1..=5 {
+        if n != l {
+            cut_both(&mut h, l, n);
+        }
+    }
+    // Everything before l's own entry (its term start, or X) committed.
+    let commit_before = h.node(l).commit_position();
+    let x = commit_before;
+    if !just_elected {
+        assert_eq!(h.node(l).append_position(), x);
+        // Appended just before the pause; its appends are lost.
+        h.propose(l, 10, 10, b"X, only on the stale leader");
+        assert!(h.node(l).append_position() > x);
+        let progress = h.node(l).follower_progress();
+        assert!(
+            progress.iter().all(|&(_, matched)| matched > 0),
+            "{progress:?}"
+        );
+    }
+    let t = h.node(l).term();
+    run_paused(&mut h, l, 3_000 * MS);
+    let w = (1..=3)
+        .find(|&n| n != l && h.node(n).is_leader())
+        .expect("the other two elect a leader");
+    let v = (1..=3).find(|&n| n != l && n != w).unwrap();
+    assert!(h.node(w).term() > t);
+    change(&mut h, w, 100, MembershipChange::AddLearner(4));
+    run_paused(&mut h, l, 1_000 * MS);
+    change(&mut h, w, 101, MembershipChange::PromoteLearner(4));
+    run_paused(&mut h, l, 500 * MS);
+    change(&mut h, w, 102, MembershipChange::Remove(v));
+    run_paused(&mut h, l, 500 * MS);
+    assert!(h.removed.iter().any(|r| r.0 == v), "{:?}", h.removed);
+    // A fresh node can not come back as v: it is node 5, slow to hear
+    // from w.
+    let rejected = h.rejected.len();
+    h.step(
+        w,
+        Event::ChangeMembership {
+            id: 103,
+            change: MembershipChange::AddLearner(v),
+        },
+    );
+    assert_eq!(h.rejected.len(), rejected + 1, "re-adding {v} is refused");
+    cut_both(&mut h, w, 5);
+    change(&mut h, w, 104, MembershipChange::AddLearner(5));
+    run_paused(&mut h, l, 500 * MS);
+    let mut latest = Membership::new([l, w, 4]);
+    latest.learners.insert(5);
+    latest.removed.insert(v);
+    assert_eq!(h.node(w).membership(), &latest);
+    assert_eq!(h.node(w).commit_position(), h.node(w).append_position());
+    // What the real cluster committed at x is not l's entry there.
+    let theirs = h.node(w).log().entry_at(x).expect("committed at x").term;
+    assert!(theirs > t, "term {theirs} at {x}");
+    assert_eq!(h.node(l).log().entry_at(x).map(|e| e.term), Some(t));
+    assert_eq!(h.node(5).term(), 0);
+    (h, l, v, w, commit_before, x)
+}
+
+/// The stale leader resumes and reaches only the removed node v and the
+/// fresh node 5 (w's messages to them are delayed). It must not commit its
+/// entry at x, which conflicts with the entry the real cluster committed
+/// there, with the quorum {l, v} its stale configuration {1, 2, 3} allows:
+/// v's data holds the later term, and node 5 is no member it knows (had
+/// the fresh node come back as v, with term 0, it would have acknowledged
+/// l's appends as v: the bug this guards against).
+fn stale_leader_commits_nothing_with_a_replacement(just_elected: bool) {
+    let (mut h, l, v, w, commit_before, x) = stale_leader_meets_a_replacement(just_elected);
+    for n in [v, 5] {
+        h.cut.remove(&(l, n));
+        h.cut.remove(&(n, l));
+    }
+    let mut still_leading = 0;
+    let start = h.now;
+    while h.now < start + 3_000 * MS {
+        h.run_for(10 * MS);
+        assert!(
+            h.node(l).commit_position() <= commit_before,
+            "the stale leader {l} committed to {} (was {commit_before}; its entry at {x} \
+             conflicts with the one {w} committed) with {v} or the fresh node 5, which holds {}",
+            h.node(l).commit_position(),
+            h.node(5).append_position(),
+        );
+        if h.node(l).is_leader() {
+            still_leading = h.now - start;
+        }
+    }
+    assert!(
+        still_leading < 1_000 * MS,
+        "the stale leader {l} kept leading for {} ms on the answers of {v} or node 5",
+        still_leading / MS
+    );
+}
+
+#[test]
+fn a_stale_leader_commits_nothing_with_the_node_that_replaced_a_removed_one() {
+    stale_leader_commits_nothing_with_a_replacement(false);
+}
+
+#[test]
+fn a_stale_leader_just_elected_commits_nothing_with_the_node_that_replaced_a_removed_one() {
+    stale_leader_commits_nothing_with_a_replacement(true);
 }

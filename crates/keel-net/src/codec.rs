@@ -17,8 +17,11 @@ use std::sync::Arc;
 /// The peer protocol's version, carried by `Hello` and `Peer` frames. 2:
 /// `AppendResp` carries the sender's `hold` (its leader stickiness), which
 /// leader leases count on, and `TimeoutNow` the leader's log end (so a
-/// late one is ignored).
-pub const PEER_VERSION: u8 = 2;
+/// late one is ignored). 3: a membership (a membership entry's, a
+/// snapshot's) carries the ids removed from the cluster, a third id set
+/// after the voters and learners, which are never added again; a version-2
+/// node would drop them and accept a removed id back.
+pub const PEER_VERSION: u8 = 3;
 /// The client protocol's version, carried by `Request` and `Response`
 /// frames. Kept apart from the peer protocol's so that a change between
 /// nodes does not refuse clients whose frames did not change (it was 2
@@ -217,6 +220,8 @@ pub enum CodecError {
         prev: u64,
         found: u64,
     },
+    #[error("membership lists node {id} both among its {among} and among its removed ids")]
+    RemovedMember { id: NodeId, among: &'static str },
 }
 
 // Frame tags.
@@ -383,9 +388,12 @@ fn put_ids<'a>(out: &mut Vec<u8>, len: usize, ids: impl Iterator<Item = &'a u64>
     }
 }
 
+/// Voters, learners, then the removed ids (peer protocol 3), each a
+/// strictly ascending id set.
 fn put_membership(out: &mut Vec<u8>, m: &Membership) {
     put_ids(out, m.voters.len(), m.voters.iter());
     put_ids(out, m.learners.len(), m.learners.iter());
+    put_ids(out, m.removed.len(), m.removed.iter());
 }
 
 fn put_message(out: &mut Vec<u8>, m: &Message) {
@@ -858,11 +866,21 @@ impl<'a> Reader<'a> {
         Ok(ids.into_iter().collect())
     }
 
+    /// A membership; a removed id is never a member again (the core never
+    /// writes one that is), so one listed as both is refused.
     fn membership(&mut self) -> Result<Membership, CodecError> {
+        let voters = self.id_set("membership voters")?;
+        let learners = self.id_set("membership learners")?;
+        let removed = self.id_set("membership removed ids")?;
+        for (among, members) in [("voters", &voters), ("learners", &learners)] {
+            if let Some(&id) = removed.intersection(members).next() {
+                return Err(CodecError::RemovedMember { id, among });
+            }
+        }
         Ok(Membership {
-            voters: self.id_set("membership voters")?,
-            learners: self.id_set("membership learners")?,
-            removed: Default::default(),
+            voters,
+            learners,
+            removed,
         })
     }
 
@@ -1126,6 +1144,7 @@ mod tests {
     use super::*;
     use proptest::collection::{btree_set, vec};
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     const MAX: usize = DEFAULT_MAX_FRAME;
 
@@ -1166,14 +1185,26 @@ mod tests {
         ]
     }
 
+    /// Voters, learners and removed ids (none of them a member, as the
+    /// core writes them; often none at all, as in most clusters).
     fn membership() -> impl Strategy<Value = Membership> {
-        (btree_set(u64s(), 0..6), btree_set(u64s(), 0..4)).prop_map(|(voters, learners)| {
-            Membership {
-                voters,
-                learners,
-                removed: Default::default(),
-            }
-        })
+        let removed = prop_oneof![
+            1 => Just(BTreeSet::new()),
+            2 => btree_set(u64s(), 1..5),
+        ];
+        (btree_set(u64s(), 0..6), btree_set(u64s(), 0..4), removed).prop_map(
+            |(voters, learners, removed)| {
+                let removed = removed
+                    .into_iter()
+                    .filter(|id| !voters.contains(id) && !learners.contains(id))
+                    .collect();
+                Membership {
+                    voters,
+                    learners,
+                    removed,
+                }
+            },
+        )
     }
 
     fn kind() -> impl Strategy<Value = EntryKind> {
@@ -1757,12 +1788,12 @@ mod tests {
         let m = Arc::new(Membership {
             voters: (0..5000).chain([u64::MAX]).collect(),
             learners: (5000..6000).collect(),
-            removed: Default::default(),
+            removed: (6000..9000).collect(),
         });
         let small = Arc::new(Membership {
             voters: [0, 1, u64::MAX].into(),
             learners: [2].into(),
-            removed: Default::default(),
+            removed: [3, 4].into(),
         });
         let frames = [
             Frame::Peer(Message {
@@ -1904,7 +1935,7 @@ mod tests {
                 hold: 500_000_000,
             },
         }));
-        let mut want = vec![2 + 32 + 1 + 1 + 40, 0, 0, 0, 2, 2];
+        let mut want = vec![2 + 32 + 1 + 1 + 40, 0, 0, 0, PEER_VERSION, 2];
         for v in [9u64, 2, 1, 3] {
             want.extend_from_slice(&v.to_le_bytes());
         }
@@ -1913,6 +1944,208 @@ mod tests {
             want.extend_from_slice(&v.to_le_bytes());
         }
         assert_eq!(buf, want);
+    }
+
+    /// Version 3's change: a membership is its voters, learners and
+    /// removed ids, each a u32 count then ascending u64 ids.
+    #[test]
+    fn membership_layout_is_pinned() {
+        let m = Membership {
+            voters: [1, 3].into(),
+            learners: [4].into(),
+            removed: [2, 5].into(),
+        };
+        let buf = enc(&Frame::Peer(Message {
+            cluster_id: 9,
+            from: 1,
+            to: 2,
+            term: 3,
+            body: Body::Append {
+                prev_pos: 10,
+                prev_term: 2,
+                commit: 8,
+                heartbeat: 0,
+                entries: vec![Entry {
+                    term: 3,
+                    position: 10,
+                    timestamp: 7,
+                    kind: EntryKind::Membership(Arc::new(m.clone())),
+                    data: Bytes::new(),
+                }],
+            },
+        }));
+        let mut want = vec![0, 0, 0, 0, PEER_VERSION, 2];
+        for v in [9u64, 1, 2, 3] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        want.push(5);
+        for v in [10u64, 2, 8, 0] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        want.extend_from_slice(&1u32.to_le_bytes());
+        for v in [3u64, 10, 7] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        want.push(4);
+        for ids in [&[1u64, 3][..], &[4], &[2, 5]] {
+            want.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+            for id in ids {
+                want.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+        want.extend_from_slice(&0u32.to_le_bytes());
+        let len = want.len() - 4;
+        set_len(&mut want, len);
+        assert_eq!(buf, want);
+        let Ok(Some((Frame::Peer(got), n))) = decode(&buf, MAX) else {
+            panic!("the frame decodes");
+        };
+        let Body::Append { entries, .. } = got.body else {
+            panic!("an append");
+        };
+        assert_eq!(n, buf.len());
+        assert_eq!(entries[0].kind, EntryKind::Membership(Arc::new(m)));
+        // Cut anywhere in the removed ids (their count, 24 bytes from the
+        // end, then two ids, then the data's length): an error naming them.
+        for cut in buf.len() - 24..buf.len() - 4 {
+            let mut short = buf[..cut].to_vec();
+            set_len(&mut short, cut - 4);
+            let what = match decode(&short, MAX) {
+                Err(CodecError::Truncated { what }) => what,
+                Err(CodecError::CountTooLarge { what, count: 2, .. }) => what,
+                other => panic!("cut at {cut}: {other:?}"),
+            };
+            assert_eq!(what, "membership removed ids", "cut at {cut}");
+        }
+    }
+
+    /// A node of peer protocol 2 would drop a membership's removed ids:
+    /// its frames (any of them, the hello first) are refused, while client
+    /// frames, whose protocol did not change, keep version 2.
+    #[test]
+    fn version_2_peer_frames_are_refused() {
+        assert_eq!(PEER_VERSION, 3);
+        let frames = [
+            Frame::Hello {
+                cluster_id: 1,
+                node_id: 2,
+            },
+            Frame::Peer(Message {
+                cluster_id: 1,
+                from: 2,
+                to: 1,
+                term: 3,
+                body: Body::VoteResp { granted: true },
+            }),
+        ];
+        for f in frames {
+            let mut buf = enc(&f);
+            buf[4] = 2;
+            let got = decode(&buf, MAX);
+            assert_eq!(
+                got,
+                Err(CodecError::BadVersion {
+                    what: "peer protocol",
+                    found: 2,
+                    expected: 3
+                })
+            );
+            assert_eq!(
+                got.unwrap_err().to_string(),
+                "unsupported peer protocol version 2, expected 3"
+            );
+            // From the version and tag alone, before the rest arrives.
+            assert_eq!(frame_size(&buf[..6], MAX), decode(&buf, MAX).map(|_| None));
+        }
+        let request = enc(&Frame::Request(ClientRequest {
+            id: 1,
+            client: 1,
+            seq: 1,
+            op: ClientOp::Status,
+        }));
+        assert_eq!(request[4], 2, "the client protocol stays at 2");
+        assert!(matches!(decode(&request, MAX), Ok(Some(_))));
+    }
+
+    /// The core never writes a membership whose removed ids include a
+    /// member; a frame with one is refused, whichever set it overlaps and
+    /// wherever the membership is (an entry, a snapshot's meta).
+    #[test]
+    fn a_removed_id_among_the_members_is_refused() {
+        let entry = |m: Membership| {
+            Frame::Peer(Message {
+                cluster_id: 1,
+                from: 1,
+                to: 2,
+                term: 3,
+                body: Body::Append {
+                    prev_pos: 0,
+                    prev_term: 0,
+                    commit: 0,
+                    heartbeat: 0,
+                    entries: vec![Entry {
+                        term: 3,
+                        position: 1,
+                        timestamp: 0,
+                        kind: EntryKind::Membership(Arc::new(m)),
+                        data: Bytes::new(),
+                    }],
+                },
+            })
+        };
+        let snapshot = |membership: Membership| {
+            Frame::Peer(Message {
+                cluster_id: 1,
+                from: 1,
+                to: 2,
+                term: 3,
+                body: Body::InstallSnapshot {
+                    meta: SnapshotMeta {
+                        position: 10,
+                        term: 2,
+                        timestamp: 5,
+                        membership,
+                    },
+                    offset: 0,
+                    chunk: Bytes::new(),
+                    done: true,
+                },
+            })
+        };
+        let with = |removed: &[u64]| Membership {
+            voters: [1, 2, 3].into(),
+            learners: [4, 5].into(),
+            removed: removed.iter().copied().collect(),
+        };
+        for frame in [entry, snapshot] {
+            let ok = frame(with(&[6, 7]));
+            assert_eq!(
+                decode(&enc(&ok), MAX),
+                Ok(Some((ok.clone(), enc(&ok).len())))
+            );
+            assert_eq!(
+                decode(&enc(&frame(with(&[0, 2, 4]))), MAX),
+                Err(CodecError::RemovedMember {
+                    id: 2,
+                    among: "voters"
+                })
+            );
+            assert_eq!(
+                decode(&enc(&frame(with(&[5, 6]))), MAX),
+                Err(CodecError::RemovedMember {
+                    id: 5,
+                    among: "learners"
+                })
+            );
+        }
+        assert_eq!(
+            CodecError::RemovedMember {
+                id: 5,
+                among: "learners"
+            }
+            .to_string(),
+            "membership lists node 5 both among its learners and among its removed ids"
+        );
     }
 
     #[test]

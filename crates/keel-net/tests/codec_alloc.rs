@@ -37,7 +37,7 @@ fn membership() -> Membership {
     Membership {
         voters: [1, 2, 3].into(),
         learners: [4].into(),
-        removed: Default::default(),
+        removed: [5, 6].into(),
     }
 }
 
@@ -231,12 +231,68 @@ fn large_lengths_and_counts_in_any_field_allocate_nothing_beyond_the_frame() {
     }
 }
 
+/// A membership's removed ids (peer protocol 3) declaring u32::MAX, 2^24
+/// or 2^16 of them, in an entry and in a snapshot's meta: refused from the
+/// bytes left, within the same bounds as every other count.
+#[test]
+fn a_huge_removed_count_allocates_within_bounds() {
+    let m = membership();
+    // The removed count and ids close a membership: find them on the wire.
+    let mut tail = (m.removed.len() as u32).to_le_bytes().to_vec();
+    for id in &m.removed {
+        tail.extend_from_slice(&id.to_le_bytes());
+    }
+    let frames = [
+        peer(Body::Append {
+            prev_pos: 1,
+            prev_term: 2,
+            commit: 3,
+            heartbeat: 4,
+            entries: vec![entry(EntryKind::Membership(Arc::new(m.clone())), b"")],
+        }),
+        peer(Body::InstallSnapshot {
+            meta: SnapshotMeta {
+                position: 1,
+                term: 2,
+                timestamp: 3,
+                membership: m.clone(),
+            },
+            offset: 0,
+            chunk: Bytes::from_static(b"snapshot bytes"),
+            done: false,
+        }),
+    ];
+    for f in frames {
+        let good = enc(&f);
+        let at = good
+            .windows(tail.len())
+            .position(|w| w == tail)
+            .expect("the removed ids are on the wire");
+        for count in [u32::MAX, 1 << 24, 1 << 16] {
+            let mut buf = good.clone();
+            buf[at..at + 4].copy_from_slice(&count.to_le_bytes());
+            let got = codec::decode(&buf, MAX);
+            assert!(
+                matches!(
+                    got,
+                    Err(codec::CodecError::CountTooLarge {
+                        what: "membership removed ids",
+                        ..
+                    })
+                ),
+                "{count}: {got:?}"
+            );
+            assert_bounded(&buf, &format!("{f:?} declaring {count} removed ids"));
+        }
+    }
+}
+
 /// A declared length of 4 GiB is refused from its four bytes, or (with a
 /// limit that admits it) waits for the bytes: it never reserves them.
 #[test]
 fn a_four_gib_length_allocates_nothing() {
     let mut buf = u32::MAX.to_le_bytes().to_vec();
-    buf.extend_from_slice(&[2, 2, 0, 0, 0]);
+    buf.extend_from_slice(&[codec::PEER_VERSION, 2, 0, 0, 0]);
     let (got, largest, _) = measure(|| codec::decode(&buf, MAX));
     assert_eq!(
         got,
@@ -261,7 +317,7 @@ fn the_densest_append_stays_within_a_small_multiple() {
     let m = Arc::new(Membership {
         voters: [1].into(),
         learners: [2].into(),
-        removed: Default::default(),
+        removed: [3].into(),
     });
     let entries = (0..20_000)
         .map(|_| entry(EntryKind::Membership(m.clone()), b""))

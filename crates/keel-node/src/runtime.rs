@@ -93,7 +93,9 @@ pub const REMOVED_FILE: &str = "REMOVED";
 /// (`Node::resume_joining`): its data may hold configurations that
 /// included an earlier node of its id (a snapshot or entries from before
 /// that node was removed), and a lagging member's notice of that removal
-/// must not stop it.
+/// must not stop it. (A removed id is never added again, but ids removed
+/// before configurations recorded them, by an earlier version, were not
+/// recorded: such an id may still come back.)
 pub const JOINED_FILE: &str = "JOINED";
 
 /// The file a node created to join writes into its data directory at its
@@ -139,12 +141,14 @@ fn join_on_restart(dir: &Path, created_to_join: bool) -> Result<JoinOnRestart, N
 /// it stopped, so the answers already on their way get out.
 const REMOVED_LINGER: Duration = Duration::from_millis(200);
 
-/// How to bring a removed node's id back, for the messages about it.
+/// What to do instead of bringing a removed node back, for the messages
+/// about it: its id is never used again (`keel_core::Membership::removed`).
 fn removed_advice(id: NodeId) -> String {
     format!(
-        "to add node {id} back, start it with an empty data directory and `join = true`, then \
-         run `keel cluster add-learner {id}` and, once it has caught up, `keel cluster promote \
-         {id}`"
+        "the id {id} is never used again: to replace the node, add a node under a new id to \
+         every member's [[peers]] and restart them one at a time, start it with an empty data \
+         directory and `join = true`, then run `keel cluster add-learner <new id>` and, once it \
+         has caught up, `keel cluster promote <new id>`"
     )
 }
 
@@ -512,6 +516,8 @@ pub struct NodeHandle {
     /// Set when the node stopped because it was removed from the cluster.
     removed: Arc<Mutex<Option<String>>>,
     status: Arc<Mutex<NodeStatus>>,
+    /// The configuration in force here, published with the status.
+    membership: Arc<Mutex<Arc<keel_core::Membership>>>,
     /// The current term, readable without copying the whole status.
     term: Arc<AtomicU64>,
     stopped: Arc<AtomicBool>,
@@ -528,6 +534,15 @@ impl NodeHandle {
     }
     pub fn status(&self) -> NodeStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+    /// The configuration in force on this node as of its last published
+    /// status (`status()`'s voters and learners), with the ids removed
+    /// from the cluster, which are never added again.
+    pub fn membership(&self) -> Arc<keel_core::Membership> {
+        self.membership
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
     }
     /// This node's consensus clock, in nanoseconds since the Unix epoch:
     /// the wall clock at start plus the time elapsed since on a clock that
@@ -1079,6 +1094,7 @@ fn run_node(
         id: cfg.id,
         ..NodeStatus::default()
     }));
+    let membership = Arc::new(Mutex::new(Arc::new(keel_core::Membership::default())));
     let stopped = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::new());
     let net_stats = Arc::new(NetStats::default());
@@ -1556,6 +1572,7 @@ fn run_node(
         term: term.clone(),
         bootstrap: hard.membership.clone(),
         status: status.clone(),
+        membership: membership.clone(),
         metrics: metrics.clone(),
         out: Vec::new(),
         written: None,
@@ -1649,6 +1666,7 @@ fn run_node(
         fatal,
         removed,
         status,
+        membership,
         term,
         stopped,
         clock,
@@ -1742,6 +1760,8 @@ struct Consensus {
     term: Arc<AtomicU64>,
     bootstrap: keel_core::Membership,
     status: Arc<Mutex<NodeStatus>>,
+    /// Shared with the handle (`NodeHandle::membership`).
+    membership: Arc<Mutex<Arc<keel_core::Membership>>>,
     metrics: Arc<Metrics>,
     out: Vec<Action>,
     /// The log's end after appends this thread wrote itself (`replicated`
@@ -2069,11 +2089,15 @@ impl Consensus {
             }
             ClientOp::TransferLeader(target) => self.transfer_leader(id, req.id, sink, target),
             ClientOp::ChangeMembership(MembershipChange::AddLearner(n))
-                if n != 0 && self.cfg.client_addr_of(n).is_none() =>
+                if n != 0
+                    && self.cfg.client_addr_of(n).is_none()
+                    && !self.node.membership().removed.contains(&n) =>
             {
                 // A node no configuration names could never be reached: as
                 // a learner it would never catch up, and it must never
-                // become a voter.
+                // become a voter. (A removed id is the core's to refuse,
+                // with its reason: a new id, not a new address, is the
+                // remedy.)
                 respond(
                     &sink,
                     req.id,
@@ -2366,7 +2390,7 @@ impl Consensus {
         let why = format!(
             "node {id} was removed from cluster {:#x} ({}: {who}; the configuration in force \
              from log position {position} excludes it) and stopped for good; it will not start \
-             again on the data directory {}: {}",
+             again on the data directory {}, and {}",
             self.cfg.cluster_id,
             keel_core::REMOVED_FROM_CLUSTER,
             self.cfg.data_dir.display(),
@@ -2394,11 +2418,11 @@ impl Consensus {
         let text = format!(
             "This data directory belongs to node {id} of cluster {:#x}, which was removed from \
              the cluster: {who} (the configuration in force from log position {position} \
-             excludes it). Keel refuses to start a node on it. To add node {id} back, start it \
-             with an empty data directory and `join = true`, then run `keel cluster \
-             add-learner {id}` and, once it has caught up, `keel cluster promote {id}`.\n\
+             excludes it). Keel refuses to start a node on it. The cluster refuses the id {id} \
+             from now on: {}.\n\
              Written at {} ns since the Unix epoch.\n",
             self.cfg.cluster_id,
+            removed_advice(id),
             wall_clock_ns()
         );
         if let Err(e) = meta::write_atomic(&self.cfg.data_dir, REMOVED_FILE, text.as_bytes()) {
@@ -2875,6 +2899,11 @@ impl Consensus {
         self.stats_seen = stats;
         if let Ok(mut st) = self.status.lock() {
             *st = s;
+        }
+        if let Ok(mut shared) = self.membership.lock() {
+            if **shared != *m {
+                *shared = Arc::new(m.clone());
+            }
         }
     }
 }
@@ -4279,7 +4308,12 @@ mod removed_tests {
         let cfg = config(f, tmp.path());
         let marker =
             std::fs::read_to_string(cfg.data_dir.join(REMOVED_FILE)).expect("the REMOVED file");
-        assert!(marker.contains(&format!("node {f}")) && marker.contains("join = true"));
+        assert!(
+            marker.contains(&format!("node {f}"))
+                && marker.contains(&format!("the id {f} is never used again"))
+                && marker.contains("under a new id"),
+            "{marker}"
+        );
         let refused = start_with(cfg, Box::new(Echo), Transport::Memory(MemNetwork::new()))
             .err()
             .expect("a start on a removed node's data directory");
@@ -4287,13 +4321,34 @@ mod removed_tests {
         assert!(
             msg.contains(&format!("node {f} was removed from the cluster"))
                 && msg.contains(REMOVED_FILE)
-                && msg.contains("add-learner"),
+                && msg.contains(&format!("the id {f} is never used again"))
+                && !msg.contains(&format!("add-learner {f}")),
             "{msg}"
         );
 
         // The other two go on.
         let w = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"after"))));
         assert_eq!(w, ClientResult::Ok(Bytes::from_static(b"after")));
+
+        // The removed id is never added again (though every configuration
+        // still names it), with the core's reason; the handle shows it
+        // among the removed ids.
+        let m = lh.membership();
+        assert!(
+            m.removed.contains(&f) && !m.contains(f) && m.contains(l),
+            "{m:?}"
+        );
+        let again = rt.block_on(lh.call(ClientOp::ChangeMembership(
+            keel_core::MembershipChange::AddLearner(f),
+        )));
+        assert_eq!(
+            again,
+            ClientResult::Error(format!(
+                "node {f} was removed from the cluster and its id is never used again: start \
+                 the new node under a new id"
+            ))
+        );
+        assert!(!lh.membership().contains(f));
 
         // The leader removing itself is told the change went through, and
         // stops.
@@ -4442,7 +4497,8 @@ mod removed_tests {
     }
 
     /// A node added again under the id of a removed one (`join = true`,
-    /// empty data) gets, from leader 1 of term 2, an entry of an earlier
+    /// empty data; possible only for an id removed before configurations
+    /// recorded removed ids, by an earlier version) gets, from leader 1 of term 2, an entry of an earlier
     /// term whose configuration includes the earlier node 4, and restarts
     /// before it has caught up. The restart must not take it for that
     /// node: a lagging member's notice of the earlier node's removal is

@@ -41,6 +41,8 @@ pub enum FrameError {
         len: usize,
         need: usize,
     },
+    #[error("body of a membership entry ({len} bytes) is not a membership: {reason}")]
+    BadMembership { len: usize, reason: &'static str },
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -110,35 +112,90 @@ fn kind_byte(k: &EntryKind) -> u8 {
     }
 }
 
-/// Membership as (voter count u32, learner count u32, ids u64...).
+/// Bit 31 of a membership's learner count: a count of removed ids (u32)
+/// follows it, and the removed ids follow the learners. Never set when no
+/// id was removed, so such a membership is encoded as before removed ids
+/// were recorded (data format 2) and older logs keep their byte positions.
+pub const REMOVED_FLAG: u32 = 1 << 31;
+
+/// Membership as `Membership::encoded_len()` bytes:
+///
+/// ```text
+/// voter count (u32 LE)
+/// learner count (u32 LE), with REMOVED_FLAG set iff removed ids follow
+/// removed count (u32 LE, only if REMOVED_FLAG is set; never 0)
+/// voter ids, learner ids, removed ids (u64 LE each, ascending per set)
+/// ```
 pub fn encode_membership(m: &Membership, out: &mut Vec<u8>) {
+    let start = out.len();
+    // Counts this large do not fit in memory (a frame body is at most
+    // `MAX_BODY_LEN`, 8 Mi ids): the flag bit is never a learner count's.
+    debug_assert!(m.learners.len() < REMOVED_FLAG as usize);
+    let flag = if m.removed.is_empty() {
+        0
+    } else {
+        REMOVED_FLAG
+    };
     out.extend_from_slice(&(m.voters.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(m.learners.len() as u32).to_le_bytes());
-    for id in m.voters.iter().chain(m.learners.iter()) {
+    out.extend_from_slice(&(m.learners.len() as u32 | flag).to_le_bytes());
+    if !m.removed.is_empty() {
+        out.extend_from_slice(&(m.removed.len() as u32).to_le_bytes());
+    }
+    for id in m.voters.iter().chain(&m.learners).chain(&m.removed) {
         out.extend_from_slice(&id.to_le_bytes());
     }
+    debug_assert_eq!((out.len() - start) as u64, m.encoded_len());
 }
 
-/// Decodes a membership at the start of `b`; returns it and its length.
-pub fn decode_membership(b: &[u8]) -> Option<(Membership, usize)> {
+/// Decodes a membership at the start of `b`; returns it and its length
+/// (its `encoded_len()`), or why the bytes are not one written by
+/// `encode_membership`. Allocates nothing before the bytes for every id
+/// the counts claim are known to be there.
+pub fn decode_membership(b: &[u8]) -> Result<(Membership, usize), &'static str> {
+    const SHORT: &str = "cut short before the ids its counts claim";
     if b.len() < 8 {
-        return None;
+        return Err(SHORT);
     }
-    let (v, l) = (u32_at(b, 0) as usize, u32_at(b, 4) as usize);
-    let len = v.checked_add(l)?.checked_mul(8)?.checked_add(8)?;
-    if b.len() < len {
-        return None;
-    }
-    let ids: Vec<u64> = (0..v + l).map(|i| u64_at(b, 8 + 8 * i)).collect();
-    let m = Membership {
-        voters: ids[..v].iter().copied().collect(),
-        learners: ids[v..].iter().copied().collect(),
-        removed: Default::default(),
+    let (v, l) = (u32_at(b, 0) as usize, u32_at(b, 4));
+    let (l, ids_at, r) = if l & REMOVED_FLAG == 0 {
+        (l as usize, 8, 0)
+    } else {
+        if b.len() < 12 {
+            return Err(SHORT);
+        }
+        match u32_at(b, 8) as usize {
+            // Never written: no removed ids is no flag (a flag with none
+            // would be 4 bytes longer than the core's length for it).
+            0 => return Err("a removed-id count of zero"),
+            r => ((l & !REMOVED_FLAG) as usize, 12, r),
+        }
     };
-    if m.voters.len() != v || m.learners.len() != l {
-        return None; // duplicates: not something we write
+    let len = v
+        .checked_add(l)
+        .and_then(|n| n.checked_add(r))
+        .and_then(|n| n.checked_mul(8))
+        .and_then(|n| n.checked_add(ids_at))
+        .ok_or(SHORT)?;
+    if b.len() < len {
+        return Err(SHORT);
     }
-    Some((m, len))
+    let id = |i: usize| u64_at(b, ids_at + 8 * i);
+    let m = Membership {
+        voters: (0..v).map(id).collect(),
+        learners: (v..v + l).map(id).collect(),
+        removed: (v + l..v + l + r).map(id).collect(),
+    };
+    if m.voters.len() != v || m.learners.len() != l || m.removed.len() != r {
+        return Err("an id listed twice"); // not something we write
+    }
+    if m.removed.iter().any(|n| m.contains(*n)) {
+        // The core removes an id from the members as it records it, and
+        // never adds it again.
+        return Err("an id both removed and a member");
+    }
+    // What decodes re-encodes to as many bytes, so log positions hold.
+    debug_assert_eq!(m.encoded_len(), len as u64);
+    Ok((m, len))
 }
 
 /// Is the header at the start of `b` intact? Returns the body length.
@@ -209,10 +266,9 @@ pub fn decode(b: &[u8], position: Position) -> Result<Option<(Entry, usize)>, Fr
             )
         }
         3 => {
-            let (m, len) = decode_membership(body).ok_or(FrameError::ShortBody {
-                kind: "membership",
+            let (m, len) = decode_membership(body).map_err(|reason| FrameError::BadMembership {
                 len: body.len(),
-                need: 8,
+                reason,
             })?;
             (EntryKind::Membership(Arc::new(m)), len)
         }
@@ -242,6 +298,24 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Memberships with and without removed ids (disjoint from the
+    /// members, as the core keeps them).
+    pub(crate) fn membership() -> impl Strategy<Value = Membership> {
+        (
+            proptest::collection::btree_set(1..100u64, 0..6),
+            proptest::collection::btree_set(100..200u64, 0..3),
+            prop_oneof![
+                Just(std::collections::BTreeSet::new()),
+                proptest::collection::btree_set(200..300u64, 1..5),
+            ],
+        )
+            .prop_map(|(voters, learners, removed)| Membership {
+                voters,
+                learners,
+                removed,
+            })
+    }
+
     fn kind() -> impl Strategy<Value = EntryKind> {
         prop_oneof![
             Just(EntryKind::TermStart),
@@ -249,19 +323,149 @@ mod tests {
                 .prop_map(|(client, seq)| EntryKind::Command { client, seq }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(id, deadline)| EntryKind::Timer { id, deadline }),
-            (
-                proptest::collection::btree_set(1..100u64, 0..6),
-                proptest::collection::btree_set(100..200u64, 0..3)
-            )
-                .prop_map(|(voters, learners)| EntryKind::Membership(Arc::new(
-                    Membership {
-                        voters,
-                        learners,
-                        removed: Default::default(),
-                    }
-                ))),
+            membership().prop_map(|m| EntryKind::Membership(Arc::new(m))),
             any::<u64>().prop_map(|client| EntryKind::SessionClose { client }),
         ]
+    }
+
+    /// A frame as data format 2 wrote it (before removed ids were
+    /// recorded), byte for byte: a membership entry of voters {1, 2} and
+    /// learner {9}, then one byte of data, at term 5 and timestamp 77.
+    const FORMAT_2_MEMBERSHIP_FRAME: [u8; 65] = [
+        0x21, 0x00, 0x00, 0x00, 0xbc, 0x99, 0x06, 0xfe, // body length 33, body CRC
+        0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // term
+        0x4d, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // timestamp
+        0x03, 0x00, 0x00, 0x00, 0x96, 0x48, 0xf4, 0xce, // kind, reserved, header CRC
+        0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, // 2 voters, 1 learner
+        0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // voter 1
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // voter 2
+        0x09, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // learner 9
+        0x78, // data "x"
+    ];
+
+    /// An older log's membership entry decodes with no removed ids, takes
+    /// the length it took before (the next entry's position depends on
+    /// it), and a membership without removed ids is still written so.
+    #[test]
+    fn a_format_2_membership_frame_decodes_and_keeps_its_length() {
+        let (e, n) = decode(&FORMAT_2_MEMBERSHIP_FRAME, 4096)
+            .expect("decodes")
+            .expect("whole");
+        assert_eq!(n, 65);
+        assert_eq!(e.encoded_len(), 65);
+        assert_eq!(e.end(), 4096 + 65);
+        let expected = Entry {
+            term: 5,
+            position: 4096,
+            timestamp: 77,
+            kind: EntryKind::Membership(Arc::new(Membership {
+                voters: [1, 2].into(),
+                learners: [9].into(),
+                removed: Default::default(),
+            })),
+            data: Bytes::from_static(b"x"),
+        };
+        assert_eq!(e, expected);
+        let mut again = Vec::new();
+        encode(&e, &mut again).expect("encodes");
+        assert_eq!(again, FORMAT_2_MEMBERSHIP_FRAME);
+    }
+
+    /// With removed ids: the learner count's bit 31, the removed count,
+    /// then the removed ids after the learners; as long as the core says.
+    #[test]
+    fn removed_ids_follow_a_flag_in_the_learner_count() {
+        let m = Membership {
+            voters: [1, 2].into(),
+            learners: [9].into(),
+            removed: [7, 3].into(),
+        };
+        let mut b = Vec::new();
+        encode_membership(&m, &mut b);
+        let mut want = Vec::new();
+        for n in [2u32, 1 | REMOVED_FLAG, 2] {
+            want.extend_from_slice(&n.to_le_bytes());
+        }
+        for id in [1u64, 2, 9, 3, 7] {
+            want.extend_from_slice(&id.to_le_bytes());
+        }
+        assert_eq!(b, want);
+        assert_eq!(b.len() as u64, m.encoded_len());
+        assert_eq!(decode_membership(&b), Ok((m.clone(), b.len())));
+        // Cut anywhere: refused, not taken for the old format.
+        for cut in 0..b.len() {
+            assert!(decode_membership(&b[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    /// A log frame whose checksums hold around `body` (kind membership).
+    fn membership_frame(body: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        b[4..8].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        b[24] = 3;
+        let crc = crc32c::crc32c(&b[0..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b.extend_from_slice(body);
+        b
+    }
+
+    /// Membership bytes as written: counts (`learners` with its flag bits
+    /// as given), an optional removed count, then `ids`.
+    fn membership_bytes(voters: u32, learners: u32, removed: Option<u32>, ids: &[u64]) -> Vec<u8> {
+        let mut b = voters.to_le_bytes().to_vec();
+        b.extend_from_slice(&learners.to_le_bytes());
+        if let Some(r) = removed {
+            b.extend_from_slice(&r.to_le_bytes());
+        }
+        for id in ids {
+            b.extend_from_slice(&id.to_le_bytes());
+        }
+        b
+    }
+
+    /// Removed ids the encoder never writes are damage, in a membership
+    /// and in a log frame whose checksums hold: a flag with no count or a
+    /// zero count, a count past the body or overflowing, an id listed
+    /// twice, or an id both removed and a member.
+    #[test]
+    fn lying_removed_ids_are_refused() {
+        let f = REMOVED_FLAG;
+        let cases: [(&str, Vec<u8>); 9] = [
+            ("cut short", membership_bytes(1, f, None, &[])),
+            ("zero", membership_bytes(1, f, Some(0), &[1])),
+            ("cut short", membership_bytes(1, f, Some(2), &[1, 5])),
+            ("cut short", membership_bytes(1, f, Some(u32::MAX), &[1, 5])),
+            (
+                "cut short",
+                membership_bytes(u32::MAX, f | (u32::MAX >> 1), Some(u32::MAX), &[1]),
+            ),
+            ("twice", membership_bytes(1, f, Some(2), &[1, 5, 5])),
+            (
+                "both removed and a member",
+                membership_bytes(2, f, Some(1), &[1, 2, 2]),
+            ),
+            (
+                "both removed and a member",
+                membership_bytes(1, 1 | f, Some(1), &[1, 9, 9]),
+            ),
+            (
+                "both removed and a member",
+                membership_bytes(1, f, Some(2), &[1, 5, 1]),
+            ),
+        ];
+        for (why, body) in cases {
+            let err = decode_membership(&body).expect_err(why);
+            assert!(err.contains(why), "{why}: {err}");
+            match decode(&membership_frame(&body), 0) {
+                Err(FrameError::BadMembership { reason, .. }) => assert_eq!(reason, err),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        // The same bytes without the lie decode.
+        let ok = membership_bytes(1, f, Some(2), &[1, 5, 6]);
+        let (m, n) = decode_membership(&ok).expect("decodes");
+        assert_eq!((m.removed, n), ([5, 6].into(), ok.len()));
     }
 
     /// A body over `MAX_BODY_LEN` is refused, as the decoder would refuse
@@ -306,6 +510,34 @@ mod tests {
                     prop_assert_eq!(decode(&buf[..cut], pos), Ok(None));
                 }
             }
+        }
+
+        /// Every membership frame is as long as the core says (log
+        /// positions depend on it), with and without removed ids; without,
+        /// exactly as long as before they were recorded, with no flag.
+        #[test]
+        fn membership_frames_are_as_long_as_the_core_says(
+            m in membership(),
+            data in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let e = Entry {
+                term: 2, position: 100, timestamp: 3,
+                kind: EntryKind::Membership(Arc::new(m.clone())), data: Bytes::from(data),
+            };
+            let mut buf = Vec::new();
+            encode(&e, &mut buf).expect("encodes");
+            prop_assert_eq!(buf.len() as u64, e.encoded_len());
+            let fields = 8 + 8 * (m.voters.len() + m.learners.len());
+            let flagged = u32_at(&buf, HEADER_LEN + 4) & REMOVED_FLAG != 0;
+            prop_assert_eq!(flagged, !m.removed.is_empty());
+            if m.removed.is_empty() {
+                prop_assert_eq!(body_len(&e), fields + e.data.len());
+            } else {
+                prop_assert_eq!(body_len(&e), fields + 4 + 8 * m.removed.len() + e.data.len());
+            }
+            let (d, n) = decode(&buf, 100).expect("decodes").expect("whole");
+            prop_assert_eq!(n as u64, d.encoded_len());
+            prop_assert_eq!(d, e);
         }
 
         #[test]

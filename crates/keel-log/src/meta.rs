@@ -158,7 +158,9 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
         Some(1) => (0, 16),
         _ => (u64_at(p, 16).ok_or_else(bad)?, 24),
     };
-    let (membership, len) = decode_membership(p.get(at..).ok_or_else(bad)?).ok_or_else(bad)?;
+    let (membership, len) = decode_membership(p.get(at..).ok_or_else(bad)?).map_err(|reason| {
+        LogError::corrupt(&path, 4, format!("hard state membership: {reason}"))
+    })?;
     if at + len != p.len() {
         return Err(LogError::corrupt(
             &path,
@@ -418,7 +420,7 @@ fn unwrap_backup_checked(path: &Path, b: &Bytes) -> Result<Unwrapped, LogError> 
 /// The length of the snapshot file at the start of `b`, from its header.
 fn snapshot_file_len(b: &[u8]) -> Option<usize> {
     let p = b.strip_prefix(SNAPSHOT_MAGIC)?;
-    let (_, mlen) = decode_membership(p.get(24..)?)?;
+    let (_, mlen) = decode_membership(p.get(24..)?).ok()?;
     let state = usize::try_from(u64_at(p, 24 + mlen)?).ok()?;
     (SNAPSHOT_MAGIC.len() + 24 + mlen + 8)
         .checked_add(state)?
@@ -436,10 +438,8 @@ fn decode_snapshot_parts<'a>(
     let position = u64_at(p, 0).ok_or_else(|| bad("header truncated"))?;
     let term = u64_at(p, 8).ok_or_else(|| bad("header truncated"))?;
     let timestamp = u64_at(p, 16).ok_or_else(|| bad("header truncated"))?;
-    let (membership, mlen) = p
-        .get(24..)
-        .and_then(decode_membership)
-        .ok_or_else(|| bad("membership truncated"))?;
+    let (membership, mlen) = decode_membership(p.get(24..).ok_or_else(|| bad("header truncated"))?)
+        .map_err(|reason| bad(&format!("membership {reason}")))?;
     let at = 24 + mlen;
     let len = u64_at(p, at).ok_or_else(|| bad("length truncated"))?;
     let data = p.get(at + 8..).ok_or_else(|| bad("data truncated"))?;

@@ -9,10 +9,11 @@
 
 use bytes::Bytes;
 use keel_core::{HardState, Membership, Snapshot, SnapshotMeta};
-use keel_log::frame::{decode_membership, encode_membership};
+use keel_log::frame::{decode_membership, encode_membership, REMOVED_FLAG};
 use keel_log::meta::{self, HardStateFile, Identity};
 use keel_log::LogError;
 use proptest::prelude::*;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 /// `magic ++ body ++ crc32c(magic ++ body)`: a file whose checksum holds.
@@ -24,15 +25,21 @@ fn sealed(magic: &[u8; 4], body: &[u8]) -> Vec<u8> {
     b
 }
 
+/// Memberships with and without removed ids (never members, as the core
+/// keeps them).
 fn membership() -> impl Strategy<Value = Membership> {
     (
         proptest::collection::btree_set(1u64..1000, 0..6),
         proptest::collection::btree_set(1000u64..2000, 0..3),
+        prop_oneof![
+            Just(BTreeSet::new()),
+            proptest::collection::btree_set(2000u64..3000, 1..5),
+        ],
     )
-        .prop_map(|(voters, learners)| Membership {
+        .prop_map(|(voters, learners, removed)| Membership {
             voters,
             learners,
-            removed: Default::default(),
+            removed,
         })
 }
 
@@ -40,6 +47,17 @@ fn membership() -> impl Strategy<Value = Membership> {
 fn membership_bytes(voters: u32, learners: u32, ids: &[u64]) -> Vec<u8> {
     let mut b = voters.to_le_bytes().to_vec();
     b.extend_from_slice(&learners.to_le_bytes());
+    for id in ids {
+        b.extend_from_slice(&id.to_le_bytes());
+    }
+    b
+}
+
+/// A membership header with removed ids (the learner count's flag, then
+/// the removed count) followed by `ids`.
+fn membership_bytes_removed(voters: u32, learners: u32, removed: u32, ids: &[u64]) -> Vec<u8> {
+    let mut b = membership_bytes(voters, learners | REMOVED_FLAG, &[]);
+    b.extend_from_slice(&removed.to_le_bytes());
     for id in ids {
         b.extend_from_slice(&id.to_le_bytes());
     }
@@ -122,10 +140,12 @@ proptest! {
         cut in any::<prop::sample::Index>(),
         flip in any::<prop::sample::Index>(),
         bit in 0u8..8,
+        membership in membership(),
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
+        // (With removed ids or without: a snapshot keeps them.)
         let s = Snapshot {
-            meta: SnapshotMeta { position, term: 3, timestamp: 9, membership: Membership::new([1, 2, 3]) },
+            meta: SnapshotMeta { position, term: 3, timestamp: 9, membership },
             data: Bytes::from(data),
         };
         prop_assert!(meta::save_snapshot(dir.path(), &s).expect("save"));
@@ -159,33 +179,47 @@ proptest! {
         }
     }
 
-    /// Memberships round-trip; any bytes decode or are refused without a
-    /// panic, and what decodes re-encodes to the bytes it took (the ids in
-    /// order, no duplicates); counts claiming more ids than the bytes hold
-    /// are refused before anything is allocated for them.
+    /// Memberships round-trip (with removed ids or without), as long as
+    /// the core says; any bytes decode or are refused without a panic, and
+    /// what decodes re-encodes to as many bytes (the ids in order, no
+    /// duplicates, no removed member); counts claiming more ids than the
+    /// bytes hold are refused before anything is allocated for them.
     #[test]
     fn memberships_round_trip_and_refuse_lies(
         m in membership(),
         bytes in proptest::collection::vec(any::<u8>(), 0..80),
+        flagged in proptest::collection::vec(any::<u8>(), 0..80),
         voters in hostile_count(),
         learners in hostile_count(),
+        removed in hostile_count(),
         ids in proptest::collection::vec(any::<u64>(), 0..6),
     ) {
         let mut b = Vec::new();
         encode_membership(&m, &mut b);
         let len = b.len();
+        prop_assert_eq!(len as u64, m.encoded_len());
         b.extend_from_slice(&[0xab; 5]);
-        prop_assert_eq!(decode_membership(&b), Some((m, len)));
-        prop_assert_eq!(decode_membership(&b[..len - 1]), None);
-        if let Some((got, n)) = decode_membership(&bytes) {
-            let mut again = Vec::new();
-            encode_membership(&got, &mut again);
-            prop_assert_eq!(again.len(), n);
-            // Sets come back sorted: equal as memberships.
-            prop_assert_eq!(decode_membership(&again), Some((got, n)));
+        prop_assert_eq!(decode_membership(&b), Ok((m, len)));
+        prop_assert!(decode_membership(&b[..len - 1]).is_err());
+        // Garbage, and garbage behind a removed-id flag.
+        let flagged = [membership_bytes(0, REMOVED_FLAG, &[]), flagged].concat();
+        for bytes in [&bytes, &flagged] {
+            if let Ok((got, n)) = decode_membership(bytes) {
+                prop_assert_eq!(n as u64, got.encoded_len());
+                prop_assert!(got.removed.iter().all(|r| !got.contains(*r)), "{:?}", got);
+                let mut again = Vec::new();
+                encode_membership(&got, &mut again);
+                prop_assert_eq!(again.len(), n);
+                // Sets come back sorted: equal as memberships.
+                prop_assert_eq!(decode_membership(&again), Ok((got, n)));
+            }
         }
         for (v, l) in [(voters, 0), (0, learners), (voters, learners), (voters, u32::MAX - voters)] {
-            prop_assert_eq!(decode_membership(&membership_bytes(v, l, &ids)), None);
+            prop_assert!(decode_membership(&membership_bytes(v, l, &ids)).is_err());
+        }
+        let l = learners & !REMOVED_FLAG;
+        for (v, l, r) in [(0, 0, removed), (1, 0, removed), (voters, l, removed), (0, l, 1), (0, 0, u32::MAX)] {
+            prop_assert!(decode_membership(&membership_bytes_removed(v, l, r, &ids)).is_err());
         }
     }
 
@@ -208,11 +242,12 @@ proptest! {
         for v in [term, vote, hold] {
             fields.extend_from_slice(&v.to_le_bytes());
         }
-        let good = [fields.clone(), membership_bytes(1, 0, &[5])].concat();
+        let good = [fields.clone(), membership_bytes_removed(1, 0, 1, &[5, 4])].concat();
         let cases = [
             // Counts claiming gigabytes of ids.
             [fields.clone(), membership_bytes(voters, 0, &ids)].concat(),
             [fields.clone(), membership_bytes(0, voters, &ids)].concat(),
+            [fields.clone(), membership_bytes_removed(1, 0, voters, &ids)].concat(),
             // Fields cut short anywhere.
             good[..cut.index(good.len())].to_vec(),
             // Trailing bytes after a whole membership.
@@ -221,7 +256,7 @@ proptest! {
         for (i, body) in cases.iter().enumerate() {
             std::fs::write(&path, sealed(b"KHS2", body)).expect("write");
             let r = meta::load_hard_state(dir.path());
-            if i == 3 && tail.is_empty() {
+            if i == 4 && tail.is_empty() {
                 prop_assert!(r.is_ok(), "{:?}", r);
                 continue;
             }
@@ -232,7 +267,7 @@ proptest! {
         let got = meta::load_hard_state(dir.path()).expect("load").expect("a hard state");
         prop_assert_eq!(got, HardStateFile {
             hard_state: HardState { term, voted_for: (vote != 0).then_some(vote), hold },
-            membership: Membership::new([5]),
+            membership: Membership { removed: [4].into(), ..Membership::new([5]) },
         });
     }
 
@@ -254,6 +289,7 @@ proptest! {
         for (members, len) in [
             (good_members.clone(), claim),
             (membership_bytes(voters, 0, &[1]), data.len() as u64),
+            (membership_bytes_removed(1, 0, voters, &[1, 2]), data.len() as u64),
         ] {
             if members == good_members && len == data.len() as u64 {
                 continue; // the claim happened to be true

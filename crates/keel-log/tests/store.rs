@@ -83,6 +83,7 @@ proptest! {
         vote in 0u64..50,
         hold in any::<u64>(),
         members in proptest::collection::btree_set(1u64..50, 0..6),
+        removed in proptest::collection::btree_set(50u64..80, 0..3),
         garbage in proptest::collection::vec(any::<u8>(), 0..100),
         cut in any::<prop::sample::Index>(),
         flip in any::<prop::sample::Index>(),
@@ -90,7 +91,7 @@ proptest! {
         let dir = tempfile::tempdir().expect("tempdir");
         let hs = HardStateFile {
             hard_state: HardState { term, voted_for: (vote != 0).then_some(vote), hold },
-            membership: Membership::new(members),
+            membership: Membership { removed, ..Membership::new(members) },
         };
         meta::save_hard_state(dir.path(), &hs).expect("save");
         prop_assert_eq!(meta::load_hard_state(dir.path()).expect("load"), Some(hs));
@@ -114,6 +115,7 @@ proptest! {
         position in 0u64..1 << 40,
         term in 0u64..1 << 20,
         members in proptest::collection::btree_set(1u64..50, 0..6),
+        removed in proptest::collection::btree_set(50u64..80, 0..3),
         data in proptest::collection::vec(any::<u8>(), 0..2000),
         garbage in proptest::collection::vec(any::<u8>(), 0..200),
         cut in any::<prop::sample::Index>(),
@@ -121,7 +123,10 @@ proptest! {
         pieces in proptest::collection::vec(1usize..700, 0..8),
     ) {
         let s = Snapshot {
-            meta: SnapshotMeta { position, term, timestamp: position ^ term, membership: Membership::new(members) },
+            meta: SnapshotMeta {
+                position, term, timestamp: position ^ term,
+                membership: Membership { removed, ..Membership::new(members) },
+            },
             data: Bytes::from(data),
         };
         let image = Bytes::from(meta::encode_snapshot(&s));
@@ -492,6 +497,93 @@ fn hard_state_of_format_1_is_upgraded_and_newer_formats_are_refused() {
     std::fs::write(&path, b).expect("write");
     let err = meta::load_hard_state(dir.path()).expect_err("damaged hard state accepted");
     assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
+}
+
+#[test]
+fn a_membership_entry_with_removed_ids_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    let first = entry(1, 0, 10);
+    let m = Membership {
+        voters: [1, 2, 4].into(),
+        learners: [5].into(),
+        removed: [3, 9].into(),
+    };
+    let change = Entry {
+        term: 2,
+        position: first.end(),
+        timestamp: 5,
+        kind: EntryKind::Membership(std::sync::Arc::new(m.clone())),
+        data: Bytes::from_static(b"conf"),
+    };
+    // 8 counts + 4 ids, 4 removed count + 2 ids, 4 data.
+    assert_eq!(change.encoded_len(), 32 + 8 + 32 + 4 + 16 + 4);
+    let after = entry(2, change.end(), 7);
+    let all = vec![first, change, after.clone()];
+    store.append(&all).expect("append");
+    store.sync().expect("sync");
+    drop(store);
+    let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+    assert!(o.torn.is_none(), "{:?}", o.torn);
+    assert_eq!(o.entries, all);
+    assert_eq!(o.store.last_pos(), after.end());
+    match &o.entries[1].kind {
+        EntryKind::Membership(got) => assert_eq!(got.removed, m.removed),
+        other => panic!("{other:?}"),
+    }
+    let mut store = o.store;
+    let next = entry(2, after.end(), 3);
+    store
+        .append(std::slice::from_ref(&next))
+        .expect("append after reopen");
+    store.sync().expect("sync");
+    drop(store);
+    let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+    assert_eq!(o.entries.last(), Some(&next));
+    assert_eq!(
+        keel_log::store::read_range(dir.path(), after.position, next.end()).expect("read"),
+        vec![after, next]
+    );
+}
+
+/// A snapshot taken after a removal keeps the removed ids through a store
+/// reopen (and a restore from it): a node restarted from it must still
+/// refuse the ids, or it would accept them as new members.
+#[test]
+fn a_snapshot_with_removed_ids_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    let run = run_of(1, 0, 5, 20);
+    store.append(&run).expect("append");
+    store.sync().expect("sync");
+    let s = Snapshot {
+        meta: SnapshotMeta {
+            position: run[3].end(),
+            term: 1,
+            timestamp: 12,
+            membership: Membership {
+                voters: [1, 2].into(),
+                learners: Default::default(),
+                removed: [3].into(),
+            },
+        },
+        data: Bytes::from_static(b"state after removing 3"),
+    };
+    assert!(meta::save_snapshot(dir.path(), &s).expect("save"));
+    drop(store);
+    let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+    assert_eq!(o.snapshot, Some(s.clone()));
+    assert_eq!(o.entries, run[4..].to_vec());
+    // The file itself, as a follower or `keel restore` would take it.
+    let image = meta::encode_snapshot(&s);
+    assert!(meta::check_snapshot_image(&s.meta, &image));
+    let unwrapped =
+        meta::unwrap_backup(std::path::Path::new("b"), &Bytes::from(image)).expect("unwrap");
+    assert_eq!(unwrapped.snapshot.meta.membership.removed, [3].into());
 }
 
 #[test]

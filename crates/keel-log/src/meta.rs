@@ -23,10 +23,19 @@ use std::path::{Path, PathBuf};
 ///   predates format 2 would replay them as no-ops and its state would
 ///   diverge from its peers'; it expected `KHS1`, so it refuses the
 ///   directory (as damaged, the only refusal it knows).
+/// - 3: memberships (in log entries, the hard state and snapshot headers)
+///   may record the ids removed from the cluster, which are never members
+///   again (`Membership::removed`; `frame::REMOVED_FLAG`). A format-2
+///   binary would call such a log damaged, and one that read past that
+///   would let a removed id back in; it refuses the directory as newer.
+///
+/// An older format is upgraded in place when the directory is opened
+/// (`load_hard_state` rewrites the hard state), before anything of the
+/// current format can be written to it.
 const HARD_STATE_MAGIC_PREFIX: &[u8; 3] = b"KHS";
 /// The data directory format this binary writes (see above).
-pub const DATA_FORMAT: u8 = 2;
-const HARD_STATE_MAGIC: &[u8; 4] = b"KHS2";
+pub const DATA_FORMAT: u8 = 3;
+const HARD_STATE_MAGIC: &[u8; 4] = b"KHS3";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KSN1";
 const MANIFEST_MAGIC: &[u8; 4] = b"KMF1";
 const IDENTITY_MAGIC: &[u8; 4] = b"KID1";
@@ -106,8 +115,9 @@ pub struct HardStateFile {
     pub membership: Membership,
 }
 
-/// Format 2: magic, term, vote (0: none), hold, membership, CRC-32C.
-/// Format 1 had no hold.
+/// Formats 2 and 3: magic, term, vote (0: none), hold, membership,
+/// CRC-32C (format 3's membership may record removed ids). Format 1 had no
+/// hold.
 pub fn save_hard_state(dir: &Path, hs: &HardStateFile) -> Result<(), LogError> {
     let mut b = HARD_STATE_MAGIC.to_vec();
     b.extend_from_slice(&hs.hard_state.term.to_le_bytes());
@@ -118,8 +128,8 @@ pub fn save_hard_state(dir: &Path, hs: &HardStateFile) -> Result<(), LogError> {
 }
 
 /// Loads the hard state; `None` if the file does not exist (a new node). A
-/// format-1 file is rewritten as the current format first; a file of a
-/// newer format than [`DATA_FORMAT`] is refused.
+/// file of an older format (1 or 2) is rewritten as the current format
+/// first; a file of a newer format than [`DATA_FORMAT`] is refused.
 pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
     let path = dir.join(HARD_STATE_FILE);
     let b = match fs::read(&path) {
@@ -148,6 +158,7 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
     }
     let magic = match format {
         Some(1) => b"KHS1",
+        Some(2) => b"KHS2",
         _ => HARD_STATE_MAGIC,
     };
     let p = checked(&path, &b, magic)?;
@@ -176,9 +187,10 @@ pub fn load_hard_state(dir: &Path) -> Result<Option<HardStateFile>, LogError> {
         },
         membership,
     };
-    if format == Some(1) {
-        // Upgrade in place before anything of format 2 can be written, so
-        // that from now on an older binary refuses this directory.
+    if format.is_some_and(|f| f < DATA_FORMAT) {
+        // Upgrade in place before anything of the current format can be
+        // written, so that from now on an older binary refuses this
+        // directory.
         save_hard_state(dir, &file)?;
     }
     Ok(Some(file))

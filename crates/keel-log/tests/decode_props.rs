@@ -254,7 +254,7 @@ proptest! {
             [good.clone(), tail.clone()].concat(),
         ];
         for (i, body) in cases.iter().enumerate() {
-            std::fs::write(&path, sealed(b"KHS2", body)).expect("write");
+            std::fs::write(&path, sealed(b"KHS3", body)).expect("write");
             let r = meta::load_hard_state(dir.path());
             if i == 4 && tail.is_empty() {
                 prop_assert!(r.is_ok(), "{:?}", r);
@@ -263,7 +263,7 @@ proptest! {
             let e = r.expect_err("lying hard state accepted");
             prop_assert!(is_corrupt(&e), "{}", e);
         }
-        std::fs::write(&path, sealed(b"KHS2", &good)).expect("write");
+        std::fs::write(&path, sealed(b"KHS3", &good)).expect("write");
         let got = meta::load_hard_state(dir.path()).expect("load").expect("a hard state");
         prop_assert_eq!(got, HardStateFile {
             hard_state: HardState { term, voted_for: (vote != 0).then_some(vote), hold },

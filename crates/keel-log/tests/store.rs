@@ -441,7 +441,7 @@ fn set_hard_state_magic(dir: &std::path::Path, magic: &[u8; 4]) {
 }
 
 #[test]
-fn hard_state_of_format_1_is_upgraded_and_newer_formats_are_refused() {
+fn hard_state_of_formats_1_and_2_is_upgraded_and_newer_formats_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let hs = HardStateFile {
         hard_state: HardState {
@@ -453,22 +453,33 @@ fn hard_state_of_format_1_is_upgraded_and_newer_formats_are_refused() {
     };
     meta::save_hard_state(dir.path(), &hs).expect("save");
     let path = dir.path().join(meta::HARD_STATE_FILE);
-    assert_eq!(&std::fs::read(&path).expect("read")[..4], b"KHS2");
+    assert_eq!(meta::DATA_FORMAT, 3);
+    assert_eq!(&std::fs::read(&path).expect("read")[..4], b"KHS3");
+    let format_3 = std::fs::read(&path).expect("read");
+
+    // A directory written by format 2 (the same fields; its memberships
+    // record no removed ids) opens, and is format 3 from then on (so the
+    // binary that wrote it refuses it, rather than read removed ids in its
+    // log as damage).
+    set_hard_state_magic(dir.path(), b"KHS2");
+    let opened = LogStore::open(dir.path(), Options::default()).expect("open format 2");
+    assert_eq!(opened.hard_state, Some(hs.clone()));
+    assert_eq!(std::fs::read(&path).expect("read"), format_3);
+    drop(opened);
 
     // A directory written before format 2 (no hold: term, vote, then the
-    // membership) opens, and is format 2 from then on (so the binary that
-    // wrote it refuses it).
+    // membership) opens, and is format 3 from then on.
     let mut b = std::fs::read(&path).expect("read");
     b.drain(20..28);
     std::fs::write(&path, b).expect("write");
     set_hard_state_magic(dir.path(), b"KHS1");
     let opened = LogStore::open(dir.path(), Options::default()).expect("open format 1");
     assert_eq!(opened.hard_state, Some(hs.clone()));
-    assert_eq!(&std::fs::read(&path).expect("read")[..4], b"KHS2");
+    assert_eq!(std::fs::read(&path).expect("read"), format_3);
     drop(opened);
 
     // A newer format is refused by name, not as damage.
-    set_hard_state_magic(dir.path(), b"KHS3");
+    set_hard_state_magic(dir.path(), b"KHS4");
     let err = LogStore::open(dir.path(), Options::default())
         .err()
         .expect("a newer format accepted");
@@ -476,8 +487,8 @@ fn hard_state_of_format_1_is_upgraded_and_newer_formats_are_refused() {
         matches!(
             err,
             LogError::NewerFormat {
-                found: 3,
-                supported: meta::DATA_FORMAT,
+                found: 4,
+                supported: 3,
                 ..
             }
         ),
@@ -485,13 +496,14 @@ fn hard_state_of_format_1_is_upgraded_and_newer_formats_are_refused() {
     );
     let msg = err.to_string();
     assert!(msg.contains("newer version of Keel"), "{msg}");
-    assert!(msg.contains("data format 3"), "{msg}");
+    assert!(msg.contains("data format 4"), "{msg}");
+    assert!(msg.contains("formats up to 3"), "{msg}");
     // Refusing changed nothing.
-    assert_eq!(&std::fs::read(&path).expect("read")[..4], b"KHS3");
+    assert_eq!(&std::fs::read(&path).expect("read")[..4], b"KHS4");
 
     // A format digit changed by damage (the checksum no longer matches) is
     // damage.
-    set_hard_state_magic(dir.path(), b"KHS2");
+    set_hard_state_magic(dir.path(), b"KHS3");
     let mut b = std::fs::read(&path).expect("read");
     b[3] = b'5';
     std::fs::write(&path, b).expect("write");
@@ -499,6 +511,9 @@ fn hard_state_of_format_1_is_upgraded_and_newer_formats_are_refused() {
     assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
 }
 
+/// A membership the log records removed ids in (after a removal) is read
+/// back whole on reopen, and the entry after it is at the position the
+/// core gave it (the frame is as long as `Entry::encoded_len()` says).
 #[test]
 fn a_membership_entry_with_removed_ids_survives_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -9,7 +9,10 @@
 //! leader of a later term has been elected; a node is told it was removed
 //! (`Body::Removed`), and acts on it, only if the committed log holds a
 //! configuration excluding it in force from that position, and (when it
-//! acts) none committed after it includes it again.
+//! acts) none committed after it includes it again; ids are never reused:
+//! no configuration a node holds (in its log, committed or not, or its
+//! snapshot) includes an id that a committed configuration earlier in that
+//! node's log removed.
 //!
 //! Each node's log is mirrored as a chain of hashes (hash of the previous
 //! link and the entry), fed by the same actions the runtime executes, so a
@@ -19,7 +22,7 @@ use keel_core::{
     Entry, EntryKind, HardState, Membership, Nanos, Node, NodeId, Position, Recovered, Snapshot,
     Term,
 };
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{btree_map, BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -121,6 +124,14 @@ pub struct Invariants {
     /// Every committed membership entry by start position: its end, the
     /// configuration, and when (true time) it was first seen committed.
     committed_configs: BTreeMap<Position, (Position, Arc<Membership>, Nanos)>,
+    /// Every id a committed configuration removed (the committed
+    /// configuration before it, or the initial one, includes it; it does
+    /// not), with the end of the first such configuration's entry: worked
+    /// out from the configurations themselves, not from what the core
+    /// records in `Membership::removed`.
+    removed_ids: BTreeMap<NodeId, Position>,
+    /// (node, id) pairs reported for holding a removed id (once each).
+    reuse_reported: HashSet<(NodeId, NodeId)>,
     /// True time, for `committed_configs` (set by the simulator).
     pub now: Nanos,
 }
@@ -150,6 +161,79 @@ impl Invariants {
                 .next_back()
                 .map_or(&self.initial, |(_, (_, m, _))| &**m),
         )
+    }
+
+    /// Where the first committed configuration that removed `id` ends, if
+    /// one did.
+    pub fn removed_by(&self, id: NodeId) -> Option<Position> {
+        self.removed_ids.get(&id).copied()
+    }
+
+    /// Whether a configuration first seen committed at or after `since`
+    /// (true time) includes `id`.
+    pub fn committed_member_since(&self, id: NodeId, since: Nanos) -> bool {
+        self.committed_configs
+            .values()
+            .any(|(_, m, at)| *at >= since && m.contains(id))
+    }
+
+    /// Whether `shadow`'s log holds the committed entry ending at `end`
+    /// (a snapshot past it counts: what a snapshot covers is committed).
+    fn holds_committed(&self, shadow: &Shadow, end: Position) -> bool {
+        end < shadow.base_pos
+            || (shadow.chain_at(end).is_some()
+                && shadow.chain_at(end) == self.committed.get(&end).copied())
+    }
+
+    /// Node `id` holds configuration `m` at `at` (an entry starting there,
+    /// or a snapshot there) in a log that holds the committed log up to
+    /// `at`'s removals: none of them may be included again.
+    fn check_held_config(
+        &mut self,
+        id: NodeId,
+        at: Position,
+        m: &Membership,
+        what: &str,
+        v: &mut Vec<String>,
+    ) {
+        for n in m.voters.iter().chain(m.learners.iter()) {
+            let Some(&end) = self.removed_ids.get(n) else {
+                continue;
+            };
+            let held = end <= at
+                && self
+                    .shadows
+                    .get(&id)
+                    .is_some_and(|s| self.holds_committed(s, end));
+            if held && self.reuse_reported.insert((id, *n)) {
+                v.push(format!(
+                    "removed id reused: node {id} holds {what} at {at} ({m:?}) that includes \
+                     node {n}, which the committed configuration ending at {end}, earlier in \
+                     its log, removed"
+                ));
+            }
+        }
+    }
+
+    /// A configuration ending at `end` just committed and removed `n`: no
+    /// configuration any node holds after it, in a log that holds it, may
+    /// include `n`.
+    fn check_removal_committed(&mut self, n: NodeId, end: Position, v: &mut Vec<String>) {
+        let mut found = Vec::new();
+        for (&id, shadow) in &self.shadows {
+            if !self.holds_committed(shadow, end) {
+                continue;
+            }
+            for l in shadow.links.iter().filter(|l| l.start >= end) {
+                if let Some(m) = l.membership.as_ref().filter(|m| m.contains(n)) {
+                    found.push((id, l.start, m.clone()));
+                }
+            }
+        }
+        found.sort_by_key(|f| (f.0, f.1));
+        for (id, at, m) in found {
+            self.check_held_config(id, at, &m, "a configuration", v);
+        }
     }
 
     /// What `Body::Removed { position }` from `from` to `to` claims: the
@@ -303,8 +387,11 @@ impl Invariants {
                 end: e.end(),
                 term: e.term,
                 chain,
-                membership,
+                membership: membership.clone(),
             });
+            if let Some(m) = membership {
+                self.check_held_config(id, e.position, &m, "a configuration", v);
+            }
             match self.boundaries.get(&(e.end(), e.term)) {
                 Some(&c) if c != chain => v.push(format!(
                     "log matching: node {id} holds an entry ending at {} in term {} whose log differs from another node's",
@@ -380,6 +467,7 @@ impl Invariants {
         shadow.base_chain = chain;
         let inc = self.last_commit.get(&id).map_or(0, |x| x.0);
         self.last_commit.insert(id, (inc, pos));
+        self.check_held_config(id, pos, &s.meta.membership, "a snapshot", v);
     }
 
     pub fn restarted(&mut self, id: NodeId, r: &Recovered, v: &mut Vec<String>) {
@@ -410,6 +498,9 @@ impl Invariants {
             },
         );
         self.last_commit.remove(&id);
+        if let Some(s) = &r.snapshot {
+            self.check_held_config(id, pos, &s.meta.membership, "a snapshot", v);
+        }
         self.append(id, &r.entries, 0, v);
     }
 
@@ -482,6 +573,12 @@ impl Invariants {
             leading: core.is_leader().then(|| core.term()),
         };
         self.check_node(&view, v);
+        // The configuration in force is the latest in the log: if the log
+        // holds a committed removal, it is at or after it.
+        if !self.removed_ids.is_empty() {
+            let at = core.append_position();
+            self.check_held_config(view.id, at, core.membership(), "its configuration", v);
+        }
     }
 
     /// `after_step` on what it reads of a core.
@@ -557,12 +654,29 @@ impl Invariants {
                 .collect();
             let now = self.now;
             let term = view.leading.unwrap_or(self.newest_leader.0);
+            let mut removals = Vec::new();
             for l in new {
                 self.committed.insert(l.end, l.chain);
                 self.committed_in.insert(l.end, term);
                 if let Some(m) = &l.membership {
+                    let before = self
+                        .committed_configs
+                        .range(..l.start)
+                        .next_back()
+                        .map_or(&self.initial, |(_, (_, m, _))| &**m);
+                    for &n in before.voters.iter().chain(before.learners.iter()) {
+                        if !m.contains(n) && !self.removed_ids.contains_key(&n) {
+                            removals.push((n, l.end));
+                        }
+                    }
                     self.committed_configs
                         .insert(l.start, (l.end, m.clone(), now));
+                }
+            }
+            for (n, end) in removals {
+                if let btree_map::Entry::Vacant(e) = self.removed_ids.entry(n) {
+                    e.insert(end);
+                    self.check_removal_committed(n, end, v);
                 }
             }
         }
@@ -756,6 +870,102 @@ mod tests {
         inv.append(3, &es[..1], 0, &mut v);
         assert!(check(&mut inv, view(3, &es[..1], es[0].end(), None)).is_empty());
         inv.install_snapshot(3, &snapshot(es[2].end()), &mut v);
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    /// Entries after `from`: a term start of `term`, then one
+    /// configuration of `term` per element of `configs`.
+    fn configs(from: Position, term: Term, configs: &[Membership]) -> Vec<Entry> {
+        let mut pos = from;
+        let mut kinds = vec![EntryKind::TermStart];
+        kinds.extend(
+            configs
+                .iter()
+                .map(|m| EntryKind::Membership(Arc::new(m.clone()))),
+        );
+        kinds
+            .into_iter()
+            .map(|kind| {
+                let e = Entry {
+                    term,
+                    position: pos,
+                    timestamp: pos,
+                    kind,
+                    data: Bytes::new(),
+                };
+                pos = e.end();
+                e
+            })
+            .collect()
+    }
+
+    fn with_learner(m: &Membership, n: NodeId) -> Membership {
+        let mut m = m.clone();
+        m.learners.insert(n);
+        m
+    }
+
+    /// Ids are never reused: once a committed configuration removed node
+    /// 3, no configuration after it in a log that holds it may include
+    /// node 3 (whether the log got it before or after the removal
+    /// committed, in an entry or a snapshot); a log that diverged before
+    /// the removal (a deposed leader's) may.
+    #[test]
+    fn a_removed_id_in_a_later_configuration_is_caught() {
+        let mut inv = Invariants::new();
+        inv.set_initial_membership(Membership::new([1, 2, 3]));
+        let mut v = Vec::new();
+        // Term 1: node 3 removed (its removal is the second entry), then
+        // added back as a learner.
+        let removed = Membership::new([1, 2]);
+        let es = configs(0, 1, &[removed.clone(), with_learner(&removed, 3)]);
+        let removal_end = es[1].end();
+        inv.leader_elected(1, 1, &mut v);
+        // Node 2 gets all three entries before the removal commits: no
+        // finding yet.
+        inv.append(2, &es, 0, &mut v);
+        inv.append(1, &es[..2], 0, &mut v);
+        assert!(v.is_empty(), "{v:?}");
+        // Node 4 diverged before the removal (term 2 at the same place)
+        // and still includes node 3: not a reuse.
+        let other = configs(0, 2, &[with_learner(&Membership::new([1, 2, 3]), 4)]);
+        inv.append(4, &other, 0, &mut v);
+        assert!(v.is_empty(), "{v:?}");
+        // The removal commits: node 2's later configuration is found.
+        v = check(&mut inv, view(1, &es[..2], removal_end, Some(1)));
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].starts_with("removed id reused: node 2 holds a configuration at"),
+            "{v:?}"
+        );
+        assert_eq!(inv.removed_by(3), Some(removal_end));
+        assert_eq!(inv.removed_by(1), None);
+        // Node 1 appends it after: found at once.
+        v.clear();
+        inv.append(1, &es[2..], 0, &mut v);
+        assert!(
+            v.len() == 1 && v[0].starts_with("removed id reused: node 1 holds"),
+            "{v:?}"
+        );
+        // A snapshot past the removal that includes node 3.
+        v.clear();
+        let snapshot = Snapshot {
+            meta: SnapshotMeta {
+                position: removal_end,
+                term: 1,
+                timestamp: 0,
+                membership: Membership::new([1, 2, 3]),
+            },
+            data: Bytes::new(),
+        };
+        inv.install_snapshot(5, &snapshot, &mut v);
+        assert!(
+            v.len() == 1 && v[0].starts_with("removed id reused: node 5 holds a snapshot at"),
+            "{v:?}"
+        );
+        // Node 4, whose log does not hold the removal, is still fine.
+        v.clear();
+        inv.append(4, &configs(other.last().unwrap().end(), 2, &[]), 0, &mut v);
         assert!(v.is_empty(), "{v:?}");
     }
 }

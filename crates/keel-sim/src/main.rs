@@ -148,10 +148,10 @@ fn main() {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
         println!(
-            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals; {} removal notices sent, {} nodes stopped on learning they were removed, {} rejoined with an empty disk), {} leadership transfers asked ({} done), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} leaders isolated ({} reads reached a deposed leader), {} processes paused ({} leaders, {} resumed deposed; {} events waiting when they resumed), {} messages replayed late ({} into a later term), {} messages delivered again late ({} snapshot chunks below the commit), {} applies while the service's reports were late, {} messages, {:.1}s simulated",
+            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals; {} removal notices sent, {} nodes stopped on learning they were removed, {} rejoined under a new id with an empty disk, {} of them added), {} leadership transfers asked ({} done), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} leaders isolated ({} reads reached a deposed leader), {} processes paused ({} leaders, {} resumed deposed; {} events waiting when they resumed), {} messages replayed late ({} into a later term), {} messages delivered again late ({} snapshot chunks below the commit), {} applies while the service's reports were late, {} messages, {:.1}s simulated",
             cfg.nodes, cfg.mix.name, r.ops_ok, r.ops_unknown, r.elections, r.crashes, r.snapshots_installed,
             r.snapshot_chunks, r.log_ranges_read, r.log_ranges_unsent,
-            r.membership_changes, r.leader_removals, r.removed_notices, r.removals_acted, r.rejoined, r.transfers, r.transfers_done, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.leader_isolations, r.reads_at_deposed_leaders, r.pauses, r.leaders_paused, r.resumed_deposed, r.events_after_pause, r.stale_replays, r.replays_of_older_terms, r.late_copies, r.snapshot_chunks_below_commit, r.applies_ahead_of_reports, r.messages, r.sim_time as f64 / 1e9
+            r.membership_changes, r.leader_removals, r.removed_notices, r.removals_acted, r.rejoined, r.rejoined_members, r.transfers, r.transfers_done, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.leader_isolations, r.reads_at_deposed_leaders, r.pauses, r.leaders_paused, r.resumed_deposed, r.events_after_pause, r.stale_replays, r.replays_of_older_terms, r.late_copies, r.snapshot_chunks_below_commit, r.applies_ahead_of_reports, r.messages, r.sim_time as f64 / 1e9
         );
         println!("linearizability: {:?}", r.linearizability);
         if let Some(w) = &r.wiped {
@@ -174,7 +174,7 @@ fn main() {
         (0u64, 0u64, Vec::new(), Vec::new());
     let mut panicked = Vec::new();
     let mut log_ranges = 0u64;
-    let (mut notices, mut removals, mut rejoined) = (0u64, 0u64, 0u64);
+    let (mut notices, mut removals, mut rejoined, mut rejoined_members) = (0u64, 0u64, 0u64, 0u64);
     for seed in args.start..args.start + args.seeds {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
@@ -184,6 +184,7 @@ fn main() {
         notices += r.removed_notices;
         removals += r.removals_acted;
         rejoined += r.rejoined;
+        rejoined_members += r.rejoined_members;
         if r.linearizability_unknown() {
             // Not a pass: the history went unchecked. Reported with its
             // replay command (`cargo test` fails on any such seed).
@@ -228,7 +229,7 @@ fn main() {
         }
     }
     println!(
-        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined, {} linearizability checks over budget{}, {} violations{}{}",
+        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {} linearizability checks over budget{}, {} violations{}{}",
         args.seeds,
         started.elapsed().as_secs_f64(),
         unknown_lin.len(),

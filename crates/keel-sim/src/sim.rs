@@ -657,11 +657,16 @@ pub struct Report {
     pub snapshot_chunks_below_commit: u64,
     pub membership_changes: u64,
     /// `Body::Removed` notices sent, nodes that stopped for good on one
-    /// (or on committing their own removal as leader), and removed ids
-    /// that joined again with an empty disk.
+    /// (or on committing their own removal as leader), and removed nodes
+    /// whose machines joined again with an empty disk under a new id (ids
+    /// are never reused: `Sim::rejoin_fresh`).
     pub removed_notices: u64,
     pub removals_acted: u64,
     pub rejoined: u64,
+    /// How many of those new ids a configuration committed after they
+    /// joined again includes (a leader accepted their addition and it
+    /// committed).
+    pub rejoined_members: u64,
     /// Leadership transfers asked of a leader, and how many of them a
     /// leader of a later term was the target of.
     pub transfers: u64,
@@ -914,8 +919,12 @@ struct SimNode {
     staged_until: Nanos,
     /// The node learned it was removed (`Action::Removed`): it stops at
     /// the end of the step and stays down (as `keel server` exits and
-    /// refuses its data directory) until it joins again with an empty disk.
+    /// refuses its data directory) for good: its machine may join again,
+    /// with an empty disk, under a new id (`replaced_by`).
     removed: bool,
+    /// The id this removed node's machine joined again under
+    /// (`Sim::rejoin_fresh`): this slot's id is retired for good.
+    replaced_by: Option<NodeId>,
 }
 
 /// A node's clock: `at` when true time was `since`, running `ppm` parts
@@ -990,8 +999,19 @@ pub struct Sim {
     now: Nanos,
     seq: u64,
     queue: BinaryHeap<Reverse<Queued>>,
+    /// Node `id` is `nodes[id - 1]`: ids are given out in order, and a
+    /// removed node's machine that joins again gets a new slot under the
+    /// next unused id (`rejoin_fresh`), its old slot kept, stopped for good.
     nodes: Vec<SimNode>,
+    /// The ids of the machines: what clients, faults and pauses pick from.
+    /// A machine that joins again under a new id takes the old id's place
+    /// (which is never picked again).
     all_ids: Vec<NodeId>,
+    /// Every id the harness asked a leader to remove: never proposed for
+    /// addition again, whether or not the removal committed.
+    removal_asked: BTreeSet<NodeId>,
+    /// The new ids removed nodes' machines joined again under, and when.
+    rejoined_ids: Vec<(NodeId, Nanos)>,
     link_latency: HashMap<(NodeId, NodeId), Nanos>,
     blocked: HashSet<(NodeId, NodeId)>,
     /// (client, node) pairs that cannot reach each other: the client's
@@ -1144,6 +1164,9 @@ impl Sim {
                 incarnation: 0,
                 disk: Disk {
                     snapshot: Some(boot),
+                    // A node created to join records it at its first start
+                    // (the runtime's `JOINING`).
+                    joining: !initial.contains(id),
                     ..Disk::default()
                 },
                 pending: Vec::new(),
@@ -1162,6 +1185,7 @@ impl Sim {
                 reports_scheduled: false,
                 staged_until: 0,
                 removed: false,
+                replaced_by: None,
             });
         }
         let clients = (0..cfg.clients as u64)
@@ -1207,6 +1231,8 @@ impl Sim {
             queue: BinaryHeap::new(),
             nodes,
             all_ids,
+            removal_asked: BTreeSet::new(),
+            rejoined_ids: Vec::new(),
             link_latency,
             blocked: HashSet::new(),
             unreachable: HashSet::new(),
@@ -2632,8 +2658,8 @@ impl Sim {
             self.schedule(next, Ev::Nemesis);
             return;
         }
-        let n = self.all_ids.len() as u64;
-        let pick = |rng: &mut Rng| rng.range(1, n + 1);
+        let ids = self.all_ids.clone();
+        let pick = |rng: &mut Rng| ids[rng.range(0, ids.len() as u64) as usize];
         let dur = self.rng.range(300 * MS, 2500 * MS);
         match kind {
             Nemesis::Partition => {
@@ -3060,61 +3086,10 @@ impl Sim {
         if let Some(i) = leader {
             let m = self.nodes[i].core.as_ref().map(|c| c.membership().clone());
             if let Some(m) = m {
-                // Outsiders that can be added: nodes waiting to join (no
-                // membership yet), and removed nodes that stopped, which
-                // join again with an empty disk as an operator would bring
-                // them back. (A removed node still running on its old
-                // data is left to learn it was removed first.)
-                let outsiders: Vec<NodeId> = self
-                    .all_ids
-                    .iter()
-                    .copied()
-                    .filter(|n| !m.contains(*n))
-                    .filter(|&n| {
-                        let node = &self.nodes[self.idx(n)];
-                        node.removed
-                            || node.core.as_ref().is_some_and(|c| {
-                                let m = c.membership();
-                                m.voters.is_empty() && m.learners.is_empty()
-                            })
-                    })
-                    .collect();
-                let learners: Vec<NodeId> = m.learners.iter().copied().collect();
-                let voters: Vec<NodeId> = m.voters.iter().copied().collect();
-                let mut options = Vec::new();
-                for &n in &outsiders {
-                    options.push(MembershipChange::AddLearner(n));
-                }
-                for &n in &learners {
-                    options.push(MembershipChange::PromoteLearner(n));
-                    options.push(MembershipChange::Remove(n));
-                }
-                if voters.len() > 3 {
-                    for &n in &voters {
-                        options.push(MembershipChange::Remove(n));
-                    }
-                }
+                let options = self.membership_options(&m);
                 if !options.is_empty() {
                     let change = options[self.rng.range(0, options.len() as u64) as usize];
-                    if let MembershipChange::AddLearner(n) = change {
-                        if self.nodes[self.idx(n)].removed {
-                            self.rejoin_fresh(n);
-                        }
-                    }
-                    self.report.membership_changes += 1;
-                    let req = self.next_req;
-                    self.next_req += 1;
-                    let leader = self.nodes[i].id;
-                    self.step_node(i, Event::ChangeMembership { id: req, change });
-                    // Accepted: the leader's latest configuration lacks it.
-                    if change == MembershipChange::Remove(leader)
-                        && self.nodes[i]
-                            .core
-                            .as_ref()
-                            .is_some_and(|c| !c.membership().contains(leader))
-                    {
-                        self.report.leader_removals += 1;
-                    }
+                    self.propose_membership(i, change);
                 }
             }
         }
@@ -3122,32 +3097,171 @@ impl Sim {
         self.schedule(next, Ev::MembershipChange);
     }
 
-    /// A node that stopped for good on learning it was removed starts
-    /// again with an empty disk and no membership, waiting to be added.
-    fn rejoin_fresh(&mut self, id: NodeId) {
-        let i = self.idx(id);
-        self.report.rejoined += 1;
+    /// The changes the harness may ask of a leader whose latest
+    /// configuration is `m`. Outsiders that can be added: nodes waiting to
+    /// join (no membership yet) under an id never removed, and removed
+    /// nodes that stopped, whose machines an operator brings back with an
+    /// empty disk under a new id (`AddLearner` of the old id here stands
+    /// for that: `propose_membership` gives the new id). A removed node
+    /// still running on its old data is left to learn it was removed
+    /// first.
+    fn membership_options(&self, m: &Membership) -> Vec<MembershipChange> {
+        let outsiders: Vec<NodeId> = self
+            .all_ids
+            .iter()
+            .copied()
+            .filter(|n| !m.contains(*n))
+            .filter(|&n| {
+                let node = &self.nodes[self.idx(n)];
+                let waiting = node.core.as_ref().is_some_and(|c| {
+                    let m = c.membership();
+                    m.voters.is_empty() && m.learners.is_empty()
+                });
+                (node.removed && node.replaced_by.is_none())
+                    || (waiting && !self.removal_asked.contains(&n) && !m.removed.contains(&n))
+            })
+            .collect();
+        let mut options = Vec::new();
+        for &n in &outsiders {
+            options.push(MembershipChange::AddLearner(n));
+        }
+        for &n in &m.learners {
+            options.push(MembershipChange::PromoteLearner(n));
+            options.push(MembershipChange::Remove(n));
+        }
+        if m.voters.len() > 3 {
+            for &n in &m.voters {
+                options.push(MembershipChange::Remove(n));
+            }
+        }
+        options
+    }
+
+    /// Asks leader `nodes[i]` for `change` (see `membership_options`: the
+    /// addition of a removed node that stopped brings its machine back
+    /// under a new id). A removed id is never proposed again: the harness
+    /// reports it if it ever tries.
+    fn propose_membership(&mut self, i: usize, mut change: MembershipChange) {
+        if let MembershipChange::AddLearner(n) = change {
+            let node = &self.nodes[self.idx(n)];
+            if node.removed && node.replaced_by.is_none() {
+                change = MembershipChange::AddLearner(self.rejoin_fresh(n));
+            }
+        }
+        match change {
+            MembershipChange::AddLearner(n) => {
+                let asked = self.removal_asked.contains(&n);
+                let committed = self.inv.removed_by(n);
+                if asked || committed.is_some() {
+                    let why = match committed {
+                        Some(end) => {
+                            format!("the committed configuration ending at {end} removed it")
+                        }
+                        None => "it was asked to remove it before".to_string(),
+                    };
+                    self.report.violations.push(format!(
+                        "harness: proposed adding node {n} again, but {why}: removed ids are \
+                         never reused"
+                    ));
+                }
+            }
+            MembershipChange::Remove(n) => {
+                self.removal_asked.insert(n);
+            }
+            MembershipChange::PromoteLearner(_) => {}
+        }
+        self.report.membership_changes += 1;
+        let req = self.next_req;
+        self.next_req += 1;
+        let leader = self.nodes[i].id;
         if self.trace {
             eprintln!(
-                "{:>10.3}ms node {id}: joins again with an empty disk",
+                "{:>10.3}ms node {leader}: asked {change:?}",
                 self.now as f64 / 1e6
             );
         }
-        self.nodes[i].removed = false;
-        self.nodes[i].disk = Disk {
-            snapshot: Some(Snapshot {
-                meta: SnapshotMeta {
-                    position: 0,
-                    term: 0,
-                    timestamp: 0,
-                    membership: Membership::default(),
-                },
-                data: Bytes::new(),
-            }),
-            joining: true,
-            ..Disk::default()
+        self.step_node(i, Event::ChangeMembership { id: req, change });
+        // Accepted: the leader's latest configuration lacks it.
+        if change == MembershipChange::Remove(leader)
+            && self.nodes[i]
+                .core
+                .as_ref()
+                .is_some_and(|c| !c.membership().contains(leader))
+        {
+            self.report.leader_removals += 1;
+        }
+    }
+
+    /// The machine of node `old`, which stopped for good on learning it
+    /// was removed, starts a new node with an empty disk and no membership
+    /// (joining) under the next unused id, as an operator brings a removed
+    /// member back (etcd, too, never reuses a removed member's id). The new
+    /// id takes the old one's place among the machines (`all_ids`: what
+    /// clients, faults and pauses pick) and its links' latencies; the old
+    /// id is retired: its slot stays stopped, and what is still sent to it
+    /// reaches no one. Returns the new id.
+    fn rejoin_fresh(&mut self, old: NodeId) -> NodeId {
+        let oi = self.idx(old);
+        let id = self.nodes.len() as NodeId + 1;
+        self.nodes[oi].replaced_by = Some(id);
+        self.report.rejoined += 1;
+        self.rejoined_ids.push((id, self.now));
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {old}: its machine joins again as node {id}, with an empty disk",
+                self.now as f64 / 1e6
+            );
+        }
+        if let Some(slot) = self.all_ids.iter_mut().find(|n| **n == old) {
+            *slot = id;
+        }
+        let links: Vec<((NodeId, NodeId), Nanos)> = self
+            .link_latency
+            .iter()
+            .filter(|((a, b), _)| *a == old || *b == old)
+            .map(|(&(a, b), &d)| {
+                let new = |n: NodeId| if n == old { id } else { n };
+                ((new(a), new(b)), d)
+            })
+            .collect();
+        self.link_latency.extend(links);
+        let old_node = &self.nodes[oi];
+        let node = SimNode {
+            id,
+            core: None,
+            host: ServiceHost::new(service_of(id, &self.cfg), 60 * SEC),
+            incarnation: 0,
+            disk: Disk {
+                snapshot: Some(Snapshot {
+                    meta: SnapshotMeta {
+                        position: 0,
+                        term: 0,
+                        timestamp: 0,
+                        membership: Membership::default(),
+                    },
+                    data: Bytes::new(),
+                }),
+                joining: true,
+                ..Disk::default()
+            },
+            pending: Vec::new(),
+            sync_scheduled: false,
+            disk_latency: old_node.disk_latency,
+            clock: old_node.clock,
+            writes: HashMap::new(),
+            reads: HashMap::new(),
+            ready_reads: Vec::new(),
+            last_snapshot: 0,
+            captured: None,
+            reports: VecDeque::new(),
+            reports_scheduled: false,
+            staged_until: 0,
+            removed: false,
+            replaced_by: None,
         };
+        self.nodes.push(node);
         self.restart(id);
+        id
     }
 
     // ----- a wiped follower (`SimConfig::wipe`) ---------------------------
@@ -3281,6 +3395,11 @@ impl Sim {
 
     fn finish(mut self) -> Report {
         self.report.sim_time = self.now;
+        self.report.rejoined_members = self
+            .rejoined_ids
+            .iter()
+            .filter(|&&(id, at)| self.inv.committed_member_since(id, at))
+            .count() as u64;
         for node in &self.nodes {
             self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
             self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
@@ -3637,5 +3756,116 @@ mod tests {
             "{:?}",
             sim.report.violations
         );
+    }
+
+    /// Handles `sim`'s events in order until `done` holds (within 10 s of
+    /// simulated time).
+    fn run_until(sim: &mut Sim, what: &str, done: impl Fn(&Sim) -> bool) {
+        while !done(sim) {
+            let Some(Reverse(q)) = sim.queue.pop() else {
+                panic!("no more events, and not {what}");
+            };
+            assert!(q.at < 10 * SEC, "not {what} within 10 s");
+            sim.now = q.at;
+            sim.handle(q.ev);
+        }
+    }
+
+    /// The leader's latest configuration.
+    fn leader_membership(sim: &Sim) -> Membership {
+        let l = sim.leader_index().expect("a leader");
+        sim.nodes[l].core.as_ref().unwrap().membership().clone()
+    }
+
+    /// A removed node that stopped is brought back with an empty disk under
+    /// the next unused id, which takes the old id's place among the
+    /// machines (links, picks) and is added as a learner; the old id is
+    /// retired for good: the harness never proposes it again (and says so
+    /// if made to).
+    #[test]
+    fn a_removed_node_rejoins_under_a_new_id() {
+        let mut mix = FaultMix::by_name("calm").unwrap();
+        mix.membership = true;
+        let mut sim = Sim::new(SimConfig::new(1, 3, mix));
+        // Only the changes this test asks for.
+        sim.queue
+            .retain(|q| !matches!(q.0.ev, Ev::MembershipChange));
+        assert_eq!(sim.all_ids, [1, 2, 3, 4, 5]);
+        run_until(&mut sim, "a leader that committed", |s| {
+            s.leader_index()
+                .is_some_and(|l| s.nodes[l].core.as_ref().unwrap().commit_position() > 0)
+        });
+        let l = sim.leader_index().unwrap();
+        let victim = other_voters(sim.nodes[l].core.as_ref().unwrap())[0];
+        sim.propose_membership(l, MembershipChange::Remove(victim));
+        run_until(&mut sim, "the removed node stopped", |s| {
+            s.nodes[s.idx(victim)].removed && s.nodes[s.idx(victim)].core.is_none()
+        });
+        let m = leader_membership(&sim);
+        assert!(!m.contains(victim), "{m:?}");
+        // Its machine may come back (standing for a new id), as may the
+        // nodes waiting to join.
+        let options = sim.membership_options(&m);
+        for n in [victim, 4, 5] {
+            assert!(
+                options.contains(&MembershipChange::AddLearner(n)),
+                "{options:?}"
+            );
+        }
+        let l = sim.leader_index().unwrap();
+        sim.propose_membership(l, MembershipChange::AddLearner(victim));
+        // Node 6, a new slot; 6 in the victim's place among the machines.
+        assert_eq!(sim.nodes.len(), 6);
+        assert_eq!(sim.report.rejoined, 1);
+        let mut ids = vec![1, 2, 3, 4, 5];
+        ids[victim as usize - 1] = 6;
+        assert_eq!(sim.all_ids, ids);
+        let new = &sim.nodes[5];
+        assert_eq!(new.id, 6);
+        assert!(new.core.as_ref().is_some_and(Node::joining));
+        assert!(new.disk.joining && new.disk.log.is_empty());
+        assert_eq!(
+            new.clock.read(sim.now),
+            sim.nodes[sim.idx(victim)].clock.read(sim.now)
+        );
+        for &n in &sim.all_ids {
+            assert!(
+                sim.link_latency.contains_key(&(n, 6)) && sim.link_latency.contains_key(&(6, n))
+            );
+        }
+        // The leader accepted it (its latest configuration has it).
+        let m = leader_membership(&sim);
+        assert!(m.learners.contains(&6) && !m.contains(victim), "{m:?}");
+        run_until(&mut sim, "node 6 added", |s| {
+            s.inv.committed_member_since(6, 0)
+        });
+        run_until(&mut sim, "node 6 caught up", |s| {
+            s.nodes[5].core.as_ref().is_some_and(|c| !c.joining())
+        });
+        assert!(sim.inv.removed_by(victim).is_some());
+        // The old id is offered no more.
+        let m = leader_membership(&sim);
+        assert!(!sim
+            .membership_options(&m)
+            .contains(&MembershipChange::AddLearner(victim)));
+        assert!(
+            sim.report.violations.is_empty(),
+            "{:?}",
+            sim.report.violations
+        );
+        // Made to propose it, the harness reports it.
+        let l = sim.leader_index().unwrap();
+        sim.propose_membership(l, MembershipChange::AddLearner(victim));
+        assert_eq!(sim.nodes.len(), 6, "a second machine for one removed node");
+        assert_eq!(
+            sim.report.violations,
+            [format!(
+                "harness: proposed adding node {victim} again, but the committed configuration \
+                 ending at {} removed it: removed ids are never reused",
+                sim.inv.removed_by(victim).unwrap()
+            )]
+        );
+        let m = leader_membership(&sim);
+        assert!(!m.contains(victim), "the core accepted it: {m:?}");
     }
 }

@@ -134,17 +134,26 @@ fn membership_changes_under_faults() {
         "no run removed the leader: the hardest membership change went untested"
     );
     let sum = |f: fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
-    let (notices, stopped, rejoined) = (
+    let (notices, stopped, rejoined, added) = (
         sum(|r| r.removed_notices),
         sum(|r| r.removals_acted),
         sum(|r| r.rejoined),
+        sum(|r| r.rejoined_members),
     );
     println!(
-        "membership: {notices} removal notices, {stopped} removed nodes stopped, {rejoined} rejoined"
+        "membership: {notices} removal notices, {stopped} removed nodes stopped, {rejoined} \
+         rejoined under new ids ({added} added)"
     );
     assert!(
         notices > 0 && stopped > 0 && rejoined > 0,
         "removed nodes were not told, did not stop, or never joined again"
+    );
+    // Removed ids are never reused: a removed node's machine joins again
+    // under a new id, which the leaders accept (the core refuses a removed
+    // id), and most such additions commit.
+    assert!(
+        added * 2 > rejoined,
+        "only {added} of {rejoined} nodes that joined again under new ids were added"
     );
 }
 
@@ -321,13 +330,11 @@ fn regression_seeds() {
         (111063, 3, "chaos"),
         // A restarted node (commit back at 0) told a learner that had lost
         // the entry adding it (it restarted mid catch-up) that the initial
-        // configuration excluded it; the learner stopped.
+        // configuration excluded it; the learner stopped. (The seed has
+        // not reached that scenario since membership draws changed before
+        // ids became unique: node 4 is never added. Kept as a seed check;
+        // the core tests of that fix cover it.)
         (10404, 3, "membership"),
-        // A node re-added under its id with an empty disk, still joining,
-        // granted its vote to a node paused through the removal that
-        // still counted the id as a voter: that node won without the
-        // log the cluster had committed since. Joining nodes do not vote.
-        (10621, 3, "chaos"),
     ] {
         let cfg = SimConfig::new(seed, nodes, mix(m));
         let r = run(&cfg);
@@ -338,6 +345,25 @@ fn regression_seeds() {
             cfg.replay_command()
         );
     }
+    // Found when a removed node's machine joined again under its old id
+    // with an empty disk: the new node, still joining, granted its vote to
+    // node 2, paused through the removal, which still counted the id as a
+    // voter and won without the log the cluster had committed since
+    // (joining nodes do not vote). Ids are never reused now: node 2 is
+    // still paused through node 1's removal, and node 1's machine still
+    // joins again meanwhile, but as node 6, which no configuration of
+    // node 2's counts.
+    let cfg = SimConfig::new(10621, 3, mix("chaos"));
+    let r = run(&cfg);
+    assert!(
+        r.ok() && r.pauses > 0 && r.rejoined > 0 && r.rejoined_members > 0,
+        "seed 10621: {} paused, {} rejoined under new ids ({} added): {:?}\n  replay: {}",
+        r.pauses,
+        r.rejoined,
+        r.rejoined_members,
+        r.violations,
+        cfg.replay_command()
+    );
     // A candidate of term 4 paused just after asking for votes, and read
     // them (it won) only after a leader of term 5 had committed more: the
     // leader-completeness check wrongly asked it to hold that too. (Before

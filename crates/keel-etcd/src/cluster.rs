@@ -5,7 +5,10 @@
 //! already lists: it joins as a learner and, unless `--learner` was asked
 //! for, is then promoted to voter. Every change is answered once it is
 //! committed, as etcd answers once it has applied it. As in etcd 3.4, a
-//! learner is added only while there is none. Member update takes
+//! learner is added only while there is none. As in etcd, a removed
+//! member's id is never added again: a peer URL whose node was removed is
+//! refused as etcd refuses a removed id (`membership.ErrIDRemoved`, which
+//! etcd answers "member not found"), saying to give the new node a new id. Member update takes
 //! only the URLs a member already has. As in etcd, any member takes these
 //! requests: a follower forwards them to the leader's etcd API (once; a
 //! forwarded request that finds no leader fails with "no leader").
@@ -38,6 +41,20 @@ pub struct ClusterApi(pub Arc<Api>);
 /// The most learners a member addition through the etcd API leaves in the
 /// cluster (etcd 3.4's `maxLearners`).
 pub const MAX_LEARNERS: usize = 1;
+
+/// What the core's refusal of a removed id says (`MembershipChange::apply`).
+const ID_NEVER_USED_AGAIN: &str = "was removed from the cluster and its id is never used again";
+
+/// etcd's answer to a change naming a removed id (`membership.ErrIDRemoved`,
+/// which its gRPC layer answers as `ErrGRPCMemberNotFound`: NotFound,
+/// "etcdserver: member not found"), with what to do in Keel after it.
+fn id_removed(id: u64) -> Status {
+    Status::not_found(format!(
+        "etcdserver: member not found (member {id:x}, id = {id} in [[peers]], was removed from \
+         the cluster and its id is never used again: give the new node a new id in every \
+         member's [[peers]], restart them one at a time, start it with join = true, then add it)"
+    ))
+}
 
 impl ClusterApi {
     fn members(&self) -> Vec<Member> {
@@ -87,6 +104,13 @@ impl ClusterApi {
                 ))
             }
             // etcd's ErrGRPCLearnerNotReady.
+            ClientResult::Error(m) if m.contains(ID_NEVER_USED_AGAIN) => {
+                tracing::debug!("membership change {change:?} refused: {m}");
+                match change {
+                    MembershipChange::AddLearner(id) => Err(id_removed(id)),
+                    _ => Err(Status::not_found("etcdserver: member not found")),
+                }
+            }
             ClientResult::Error(m) if m.starts_with(keel_core::LEARNER_NOT_READY) => {
                 tracing::debug!("membership change {change:?} refused: {m}");
                 Err(Status::failed_precondition(
@@ -158,6 +182,11 @@ impl Cluster for ClusterApi {
             return Err(Status::failed_precondition(
                 "etcdserver: Peer URLs already exists",
             ));
+        }
+        // (The core refuses it too, should the removal commit meanwhile:
+        // `change` answers that alike.)
+        if self.0.node.membership().removed.contains(&info.id) {
+            return Err(id_removed(info.id));
         }
         // etcd 3.4 takes one learner at most (its `maxLearners`), checked
         // after the URLs, with this code and text (clientv3's

@@ -187,11 +187,14 @@ enum ClusterCmd {
     /// lagging or unreachable target).
     TransferLeader { target: NodeId },
     /// Add node ID as a learner (it must be in the nodes' peer lists).
+    /// Ids are never reused: the id of a node removed from the cluster is
+    /// refused, so give a new node a new id.
     AddLearner { id: NodeId },
     /// Make learner ID a voter.
     Promote { id: NodeId },
     /// Remove node ID from the cluster (the leader too). The removed node
-    /// exits (status 2) and will not start again on its data directory.
+    /// exits (status 2) and will not start again on its data directory,
+    /// and its id is never used again (a node in its place needs a new id).
     Remove { id: NodeId },
 }
 

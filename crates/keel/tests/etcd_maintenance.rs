@@ -50,7 +50,8 @@ fn ids(members: &[Member]) -> Vec<u64> {
 
 #[test]
 fn maintenance_and_cluster_edge_cases_answer_as_etcd() {
-    let c = TestCluster::start(3, "kv_quota_bytes = 20000\n");
+    // (Node 4, a spare, is added as a learner that never runs.)
+    let c = TestCluster::start_with_spares(3, 1, "kv_quota_bytes = 20000\n");
     let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
     let at = |id: u64| c.nodes[id as usize - 1].etcd.clone();
     let peer_url = |id: u64| format!("http://{}", c.nodes[id as usize - 1].peer);
@@ -151,16 +152,33 @@ fn maintenance_and_cluster_edge_cases_answer_as_etcd() {
         let lch = channel(leader).await;
         let left = remove(&lch, b).await.expect("remove a follower");
         assert_eq!(ids(&left.members), sorted([leader, a]));
-        let added = cluster(&lch)
-            .member_add(MemberAddRequest {
-                peer_ur_ls: vec![peer_url(b)],
+        let add = |id: u64| {
+            let mut c = cluster(&lch);
+            let req = MemberAddRequest {
+                peer_ur_ls: vec![peer_url(id)],
                 is_learner: true,
-            })
-            .await
-            .expect("add it back at once, as a learner")
-            .into_inner();
-        assert!(added.member.expect("the added member").is_learner);
-        let left = remove(&lch, b).await.expect("remove the learner at once");
+            };
+            async move { c.member_add(req).await }
+        };
+        // A removed id is never added again: etcd's answer to one.
+        let e = add(b).await.expect_err("add it back at once");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(
+            e.message().starts_with(&format!(
+                "etcdserver: member not found (member {b:x}, id = {b} in [[peers]], was removed \
+                 from the cluster and its id is never used again"
+            )),
+            "{e:?}"
+        );
+        let added = add(4).await.expect("a new id at once, as a learner");
+        assert!(
+            added
+                .into_inner()
+                .member
+                .expect("the added member")
+                .is_learner
+        );
+        let left = remove(&lch, 4).await.expect("remove the learner at once");
         assert_eq!(ids(&left.members), sorted([leader, a]));
         // Removing the leader itself, through the leader: the answer lists
         // the member left, which then leads.
@@ -260,16 +278,17 @@ fn a_member_without_a_leader_reports_it_and_still_saves_a_snapshot() {
 /// new), through the leader as through a follower, and taken once the
 /// first is gone. And `hashkv` at a negative revision answers the hash of
 /// no entries, as etcd's (1084519789, what etcd 3.4 answers whatever its
-/// keys), not the current state's. (Nodes removed here are never needed
-/// again: a learner's addition commits without it.)
+/// keys), not the current state's. Learners 3 and 4 are spares every
+/// configuration lists and are never started: a learner's addition commits
+/// without it. A removed learner's id is not taken again.
 #[test]
 fn one_learner_at_most_and_hashkv_below_zero_as_etcd() {
-    let c = TestCluster::start(4, "");
+    let c = TestCluster::start_with_spares(2, 2, "");
     let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
     let at = |id: u64| c.nodes[id as usize - 1].etcd.clone();
     let peer_url = |id: u64| format!("http://{}", c.nodes[id as usize - 1].peer);
-    let followers: Vec<u64> = (1..=4).filter(|&id| id != leader).collect();
-    let (voter, x, y) = (followers[0], followers[1], followers[2]);
+    let voter = 3 - leader;
+    let (x, y) = (3, 4);
     c.rt.block_on(async {
         let lch = common::etcd_channel(&at(leader)).await;
         let vch = common::etcd_channel(&at(voter)).await;
@@ -324,8 +343,6 @@ fn one_learner_at_most_and_hashkv_below_zero_as_etcd() {
         assert_eq!(below.compact_revision, now.compact_revision);
 
         // Learners: one, then no second until the first is gone.
-        remove(x).await.expect("remove a follower");
-        remove(y).await.expect("remove another follower");
         let added = add(&lch, x).await.expect("a first learner");
         assert!(added.member.expect("the added member").is_learner);
         // Through a follower, which passes it on to the leader, and
@@ -343,6 +360,8 @@ fn one_learner_at_most_and_hashkv_below_zero_as_etcd() {
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
         assert_eq!(e.message(), "etcdserver: Peer URLs already exists");
         remove(x).await.expect("remove the learner");
+        let e = add(&lch, x).await.expect_err("the removed learner again");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
         let added = add(&vch, y)
             .await
             .expect("a learner, once the first is gone");

@@ -2,8 +2,8 @@
 //! the etcd v3 API: put/get/del with prefixes and ranges, interactive txn
 //! from stdin, watch with a concurrent writer, leases (grant, keep-alive,
 //! time-to-live with keys, revoke, expiry), `lock` and `elect` (built by
-//! etcdctl from leases, txns and watches), member list and endpoint
-//! status/health (also `--cluster` and `http://` endpoints, and
+//! etcdctl from leases, txns and watches), member list, remove, add (a
+//! removed id refused) and promote, endpoint status/health (also `--cluster` and `http://` endpoints, and
 //! `hashkv`/`defrag --cluster`), `check datascale`, and `make-mirror` between etcd 3.4
 //! and Keel both ways (with etcd-server). Output is checked line by line.
 //!
@@ -377,7 +377,7 @@ fn etcdctl_leases_lock_and_elect() {
 
 #[test]
 fn etcdctl_member_list_and_endpoint_status() {
-    let Some((mut c, ctl)) = start() else { return };
+    let Some((c, ctl)) = start() else { return };
     let members = ctl.ok(&["member", "list"]);
     let members = lines(&members);
     assert_eq!(members.len(), 3, "{members:?}");
@@ -463,10 +463,20 @@ fn etcdctl_member_list_and_endpoint_status() {
     // Each endpoint alone answers.
     let one = Ctl::at(&c.nodes[0].etcd);
     assert_eq!(lines(&one.ok(&["put", "x", "1"])), ["OK"]);
+}
 
-    // Membership through etcdctl: remove a follower, add it back as a
-    // learner (by its peer URL, which every node's configuration lists),
-    // promote it.
+/// Membership through etcdctl: remove a follower; adding it back (by its
+/// peer URL, which every node's configuration still lists) is refused as
+/// etcd refuses a removed id, "member not found", saying to give the new
+/// node a new id, even with a new node running under the removed id; a
+/// node under a new id (4, a spare every configuration lists) is added
+/// as a learner, listed as such, and promoted.
+#[test]
+fn etcdctl_member_remove_add_and_promote() {
+    if !etcdctl_available() {
+        return;
+    }
+    let mut c = TestCluster::start_with_spares(3, 1, "");
     // Talk through the nodes that stay members (a removed node no longer
     // has a leader to ask).
     let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
@@ -476,7 +486,7 @@ fn etcdctl_member_list_and_endpoint_status() {
         endpoints: c
             .nodes
             .iter()
-            .filter(|n| n.id != fid)
+            .filter(|n| n.id != fid && n.id <= 3)
             .map(|n| n.etcd.clone())
             .collect::<Vec<_>>()
             .join(","),
@@ -485,7 +495,7 @@ fn etcdctl_member_list_and_endpoint_status() {
     assert!(out.contains(&format!("Member {fid:>16x} removed")), "{out}");
     assert_eq!(lines(&one.ok(&["member", "list"])).len(), 2);
     // The removed member learns it and exits, leaving REMOVED in its data
-    // directory; its id comes back on an empty one started with `join`.
+    // directory.
     let deadline = Instant::now() + Duration::from_secs(20);
     let node = &mut c.nodes[(fid - 1) as usize];
     let child = node.child.as_mut().expect("running");
@@ -499,32 +509,66 @@ fn etcdctl_member_list_and_endpoint_status() {
     assert!(!status.success(), "{status}");
     node.child = None;
     assert!(node.dir.join("data").join("REMOVED").exists());
+    // Its id is never used again, even for a new node on an empty data
+    // directory started with `join`: etcd's code and text for a removed
+    // id, then what to do.
     let config = std::fs::read_to_string(&node.config).expect("config");
     std::fs::write(&node.config, format!("join = true\n{config}")).expect("config");
     c.wipe(fid);
     c.spawn(fid);
+    c.wait_status(fid, |s| s.voters.is_empty());
+    for learner in [&["--learner"][..], &[]] {
+        let out = one.run(
+            &[
+                &[
+                    "member",
+                    "add",
+                    "again",
+                    &format!("--peer-urls=http://{fpeer}"),
+                ][..],
+                learner,
+            ]
+            .concat(),
+            None,
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "etcdserver: member not found (member {fid:x}, id = {fid} in [[peers]], was \
+                 removed from the cluster and its id is never used again: give the new node a \
+                 new id in every member's [[peers]]"
+            )),
+            "{stderr}"
+        );
+    }
+    assert_eq!(lines(&one.ok(&["member", "list"])).len(), 2);
+
+    // Node 4 joins as a learner and is promoted.
+    let (nid, npeer) = (4, c.node(4).peer.clone());
+    c.spawn(nid);
     let out = one.ok(&[
         "member",
         "add",
-        &format!("node{fid}"),
-        &format!("--peer-urls=http://{fpeer}"),
+        &format!("node{nid}"),
+        &format!("--peer-urls=http://{npeer}"),
         "--learner",
     ]);
-    assert!(out.contains(&format!("Member {fid:>16x} added")), "{out}");
+    assert!(out.contains(&format!("Member {nid:>16x} added")), "{out}");
     let list = one.ok(&["member", "list"]);
     assert!(
-        list.contains(&format!("{fid:x}, started, node{fid}, http://{fpeer}")),
+        list.contains(&format!("{nid:x}, started, node{nid}, http://{npeer}")),
         "{list}"
     );
     assert!(
         lines(&list)
             .iter()
-            .any(|l| l.starts_with(&format!("{fid:x},")) && l.ends_with("true")),
+            .any(|l| l.starts_with(&format!("{nid:x},")) && l.ends_with("true")),
         "{list}"
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = one.run(&["member", "promote", &format!("{fid:x}")], None);
+        let out = one.run(&["member", "promote", &format!("{nid:x}")], None);
         if out.status.success() {
             break;
         }
@@ -536,6 +580,7 @@ fn etcdctl_member_list_and_endpoint_status() {
         std::thread::sleep(Duration::from_millis(300));
     }
     let list = one.ok(&["member", "list"]);
+    assert_eq!(lines(&list).len(), 3, "{list}");
     assert!(lines(&list).iter().all(|l| l.ends_with("false")), "{list}");
     // A peer URL no node knows is refused with an explanation.
     let out = one.run(

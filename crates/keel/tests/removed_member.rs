@@ -2,7 +2,9 @@
 //! `keel server` exits saying so, leaves a `REMOVED` file in its data
 //! directory and refuses to start on it again; the remaining members keep
 //! serving. Also when it was down while removed (it learns it from the
-//! answers to its pre-votes once it is back).
+//! answers to its pre-votes once it is back). Its id is never used again:
+//! `keel cluster add-learner` refuses it, even for a new node started under
+//! it, while a node under a new id joins.
 
 mod common;
 
@@ -46,8 +48,9 @@ fn remove(c: &TestCluster, id: u64) {
 }
 
 /// The removed node `id` exited with the explanation, left `REMOVED`, and
-/// a new start on its data directory is refused, saying how to add it
-/// back; the others still take writes.
+/// a new start on its data directory is refused, saying that its id is
+/// never used again and how to add a node under a new one; the others still
+/// take writes.
 fn assert_removed_for_good(c: &mut TestCluster, id: u64, status: ExitStatus) {
     assert!(!status.success(), "node {id} exited with {status}");
     let log = c.log_of(id);
@@ -56,9 +59,17 @@ fn assert_removed_for_good(c: &mut TestCluster, id: u64, status: ExitStatus) {
         "node {id}'s log does not say it was removed:\n{log}"
     );
     let marker = std::fs::read_to_string(removed_file(c, id)).expect("the REMOVED file");
+    let never = format!("the id {id} is never used again");
     assert!(
-        marker.contains(&format!("node {id}")) && marker.contains("join = true"),
+        marker.contains(&format!("node {id}"))
+            && marker.contains(&never)
+            && marker.contains("under a new id")
+            && marker.contains("join = true"),
         "{marker}"
+    );
+    assert!(
+        log.contains(&never) && !log.contains(&format!("add-learner {id}")),
+        "{log}"
     );
 
     // Started again on the same data: refused at once, with the reason.
@@ -70,8 +81,9 @@ fn assert_removed_for_good(c: &mut TestCluster, id: u64, status: ExitStatus) {
     assert!(
         again.contains(&format!("node {id} was removed from the cluster"))
             && again.contains("REMOVED")
-            && again.contains("join = true")
-            && again.contains("add-learner"),
+            && again.contains(&never)
+            && again.contains("add-learner <new id>")
+            && !again.contains(&format!("add-learner {id}")),
         "the refused start does not explain itself:\n{again}"
     );
 
@@ -149,4 +161,99 @@ fn a_node_removed_while_down_learns_it_when_it_starts_again() {
         "{log}"
     );
     assert_removed_for_good(&mut c, target, status);
+}
+
+/// `keel cluster add-learner` of a removed id is refused with the reason
+/// (it exits 2), even while a new node runs under that id on an empty data
+/// directory with `join = true`: that node is never added, and waits as
+/// any joining node (it does not stop, nor does the cluster's leadership
+/// move). A node under a new id (a spare every member's `[[peers]]`
+/// lists) joins and is promoted. The help says ids are never reused.
+#[test]
+fn a_removed_id_is_never_added_again_and_a_new_id_joins() {
+    let (code, help) = keel(["cluster", "add-learner", "--help"]);
+    assert_eq!(code, 0, "{help}");
+    assert!(help.contains("Ids are never reused"), "{help}");
+
+    let mut c = TestCluster::start_with_spares(3, 1, "");
+    let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
+    let mut client = c.client();
+    c.put(&mut client, "before", "1");
+    let f = (1..=3).find(|&n| n != leader).unwrap();
+    remove(&c, f);
+    let status = wait_exit(&mut c, f, Duration::from_secs(15));
+    assert!(!status.success(), "{status}");
+
+    // A new node under the removed id: empty data, `join = true`.
+    c.wipe(f);
+    let config = std::fs::read_to_string(&c.node(f).config).expect("config");
+    std::fs::write(&c.node(f).config, format!("join = true\n{config}")).expect("config");
+    let before = c.log_of(f).len();
+    c.spawn(f);
+    c.wait_status(f, |s| s.voters.is_empty() && s.learners.is_empty());
+
+    let reason = format!(
+        "node {f} was removed from the cluster and its id is never used again: start the new \
+         node under a new id"
+    );
+    for _ in 0..2 {
+        let (code, text) = c.keel_cli(&["cluster", "add-learner", &f.to_string()]);
+        assert_eq!(code, 2, "{text}");
+        assert!(text.contains("refused") && text.contains(&reason), "{text}");
+    }
+    // Written after the refusals: every member has the configuration the
+    // refusals were checked against.
+    c.put(&mut client, "after-refusal", "1");
+    for id in (1..=3).filter(|&n| n != f) {
+        let s = c.status(id).expect("a member's status");
+        assert!(
+            !s.voters.contains(&f) && !s.learners.contains(&f),
+            "node {id}: {s:?}"
+        );
+    }
+    let s = c.status(leader).expect("the leader's status");
+    assert_eq!(
+        (s.role.as_str(), s.term),
+        ("leader", term),
+        "the leadership moved"
+    );
+    // The node under the removed id still runs, waiting to be added.
+    let s = c.status(f).expect("the joining node's status");
+    assert!(s.voters.is_empty() && s.learners.is_empty(), "{s:?}");
+    assert!(
+        c.nodes[(f - 1) as usize]
+            .child
+            .as_mut()
+            .expect("running")
+            .try_wait()
+            .expect("wait")
+            .is_none(),
+        "the node under the removed id exited:\n{}",
+        &c.log_of(f)[before..]
+    );
+    assert!(!removed_file(&c, f).exists());
+
+    // A node under a new id joins and becomes a voter.
+    c.spawn(4);
+    let (code, text) = c.keel_cli(&["cluster", "add-learner", "4"]);
+    assert_eq!(code, 0, "{text}");
+    let start = Instant::now();
+    loop {
+        let (code, text) = c.keel_cli(&["cluster", "promote", "4"]);
+        if code == 0 {
+            break;
+        }
+        assert!(
+            text.contains("not caught up") && start.elapsed() < Duration::from_secs(20),
+            "{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let s = c.status(leader).expect("the leader's status");
+    let others: Vec<u64> = (1..=3).filter(|&n| n != f).chain([4]).collect();
+    let mut voters = s.voters.clone();
+    voters.sort_unstable();
+    assert_eq!(voters, others, "{s:?}");
+    c.put(&mut client, "after-join", "1");
+    c.check_acked(&mut client);
 }

@@ -67,7 +67,18 @@ pub fn keel_exe() -> &'static str {
 impl TestCluster {
     /// `extra`: more TOML lines for every node's config.
     pub fn start(n: u64, extra: &str) -> TestCluster {
-        TestCluster::start_inner(n, extra, false)
+        TestCluster::start_inner(n, 0, extra, false)
+    }
+
+    /// Like `start`, plus `spares` nodes (ids `n + 1` on) that every node's
+    /// `[[peers]]` lists but that are no members: not started, configured
+    /// with `join = true`, ready for `spawn` and `keel cluster add-learner`
+    /// (a removed id is never added again, so a node added to a cluster
+    /// needs an id of its own). As an operator adds nodes: the first `n`
+    /// start with one another as peers (their initial voters), then are
+    /// restarted one at a time with the spares' addresses too.
+    pub fn start_with_spares(n: u64, spares: u64, extra: &str) -> TestCluster {
+        TestCluster::start_inner(n, spares, extra, false)
     }
 
     /// Like `start`, with every peer link through a `proxy::LinkProxy`
@@ -75,7 +86,7 @@ impl TestCluster {
     /// the other, so its configuration names the proxy as the other's
     /// peer address.
     pub fn start_proxied(n: u64, extra: &str) -> TestCluster {
-        TestCluster::start_inner(n, extra, true)
+        TestCluster::start_inner(n, 0, extra, true)
     }
 
     /// The proxy on the link between `a` and `b` (a proxied cluster's).
@@ -94,7 +105,9 @@ impl TestCluster {
             .collect()
     }
 
-    fn start_inner(n: u64, extra: &str, proxied: bool) -> TestCluster {
+    fn start_inner(members: u64, spares: u64, extra: &str, proxied: bool) -> TestCluster {
+        assert!(!proxied || spares == 0, "no spares in a proxied cluster");
+        let n = members + spares;
         let tmp = tempfile::tempdir().expect("tempdir");
         let addrs: Vec<(String, String, String)> = (0..n)
             .map(|_| {
@@ -120,10 +133,16 @@ impl TestCluster {
             std::fs::create_dir_all(&dir).expect("mkdir");
             let (client, peer, etcd) = addrs[(id - 1) as usize].clone();
             let mut toml = format!(
-                "id = {id}\ndata_dir = {:?}\npeer_addr = \"{peer}\"\nclient_addr = \"{client}\"\netcd_addr = \"{etcd}\"\nheartbeat_ms = 50\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}\n",
+                "{}id = {id}\ndata_dir = {:?}\npeer_addr = \"{peer}\"\nclient_addr = \"{client}\"\netcd_addr = \"{etcd}\"\nheartbeat_ms = 50\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}\n",
+                if id > members { "join = true\n" } else { "" },
                 dir.join("data").display().to_string()
             );
+            // A member's first start: the other members only.
+            let mut first = None;
             for pid in 1..=n {
+                if pid == members + 1 && id <= members {
+                    first = Some(toml.clone());
+                }
                 if pid != id {
                     let (pc, pp, pe) = &addrs[(pid - 1) as usize];
                     let pp = links.get(&(id, pid)).map_or(pp, |l| &l.addr);
@@ -133,7 +152,10 @@ impl TestCluster {
                 }
             }
             let config = dir.join("keel.toml");
-            std::fs::write(&config, toml).expect("write config");
+            std::fs::write(&config, first.as_ref().unwrap_or(&toml)).expect("write config");
+            if first.is_some() {
+                std::fs::write(dir.join("keel.toml.full"), &toml).expect("write config");
+            }
             nodes.push(TestNode {
                 id,
                 client,
@@ -155,10 +177,39 @@ impl TestCluster {
             acked: BTreeMap::new(),
             links,
         };
-        for id in 1..=n {
+        for id in 1..=members {
             c.spawn(id);
         }
+        if spares > 0 {
+            // Once each has started (recorded the members as its initial
+            // voters), it is restarted knowing the spares' addresses.
+            let ids: Vec<u64> = (1..=members).collect();
+            for id in 1..=members {
+                c.wait_status(id, |s| s.voters == ids);
+                let dir = &c.node(id).dir;
+                std::fs::rename(dir.join("keel.toml.full"), dir.join("keel.toml")).expect("config");
+                c.terminate(id, Duration::from_secs(20));
+                c.spawn(id);
+                c.wait_status(id, |s| s.voters == ids);
+            }
+        }
         c
+    }
+
+    /// Waits (20 s at most) until node `id` answers a status that `ok`.
+    pub fn wait_status(&self, id: u64, ok: impl Fn(&NodeStatus) -> bool) -> NodeStatus {
+        let start = Instant::now();
+        loop {
+            match self.status(id) {
+                Some(s) if ok(&s) => return s,
+                s => assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "node {id}'s status: {s:?}{}",
+                    self.logs()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn node(&self, id: u64) -> &TestNode {
@@ -228,7 +279,8 @@ impl TestCluster {
             .ok()
     }
 
-    /// Waits until some running node is leader and a majority agrees.
+    /// Waits until some running node is leader and a majority of its
+    /// voters agrees.
     pub fn wait_for_leader(&self, within: Duration) -> (u64, u64) {
         let start = Instant::now();
         while start.elapsed() < within {
@@ -249,7 +301,7 @@ impl TestCluster {
                     .iter()
                     .filter(|s| s.leader == Some(l.id) && s.term == l.term)
                     .count();
-                if agree * 2 > self.nodes.len() {
+                if agree * 2 > l.voters.len() {
                     return (l.id, l.term);
                 }
             }

@@ -232,6 +232,13 @@ fn a_removed_id_is_never_added_again_and_a_new_id_joins() {
         &c.log_of(f)[before..]
     );
     assert!(!removed_file(&c, f).exists());
+    // Quietly: nothing tells it about its refusal, and nothing loops (its
+    // start and its links take a few lines).
+    let joined_log = c.log_of(f)[before..].to_string();
+    assert!(
+        joined_log.lines().count() < 20 && !joined_log.contains("ERROR"),
+        "{joined_log}"
+    );
 
     // A node under a new id joins and becomes a voter.
     c.spawn(4);

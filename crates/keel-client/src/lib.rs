@@ -679,7 +679,10 @@ impl Client {
                     }
                 }
                 Err(e) => {
-                    let why = not_keel(&conn.buf, false, foreign)
+                    // (No Keel frame starts so, so as if closed: a lone TLS
+                    // alert is one, whose version byte may be refused
+                    // before the server closes.)
+                    let why = not_keel(&conn.buf, true, foreign)
                         .unwrap_or_else(|| format!("bad frame from server: {e}"));
                     self.conn = None;
                     return Err(why);

@@ -3279,3 +3279,128 @@ fn a_stale_leader_commits_nothing_with_the_node_that_replaced_a_removed_one() {
 fn a_stale_leader_just_elected_commits_nothing_with_the_node_that_replaced_a_removed_one() {
     stale_leader_commits_nothing_with_a_replacement(true);
 }
+
+/// The ids removed from the cluster survive compaction: the leader's
+/// snapshot metadata records them, a node that gets the state by a
+/// snapshot install (the removal is no longer in any log) learns them from
+/// it, a restart from that snapshot keeps them, and that node, leading,
+/// refuses the removed id. (Were the snapshot's membership rebuilt from its
+/// voters and learners, the configuration appended after it would forget
+/// the removal and the id could be added back.)
+#[test]
+fn removed_ids_survive_snapshots_their_install_and_a_restart() {
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::new(Config::new(id, 7), Membership::new([1, 2, 3]), 0))
+        .collect();
+    nodes.push(Node::new(Config::new(4, 7), Membership::default(), 0));
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = if leader == 3 { 2 } else { 3 };
+    remove(&mut h, leader, target, 1);
+    h.run_for(300 * MS);
+    for seq in 1..=5 {
+        h.propose(leader, 10 + seq, seq, b"after the removal");
+    }
+    h.run_for(100 * MS);
+    let applied = h.node(leader).applied_position();
+    h.snapshot_taken(leader, applied, Bytes::from_static(b"state"));
+    assert_eq!(h.node(leader).log().first_pos(), applied);
+    let meta = h.node(leader).snapshot_meta().expect("a snapshot").clone();
+    assert_eq!(meta.membership.removed, [target].into(), "{meta:?}");
+    // Node 4 gets the state as a snapshot: nothing in a log it receives
+    // removed `target`.
+    change(&mut h, leader, 2, MembershipChange::AddLearner(4));
+    h.run_for(1_000 * MS);
+    assert_eq!(h.installed[3], vec![image_of(b"state")]);
+    let installed = h.node(4).snapshot_meta().expect("installed").clone();
+    assert_eq!(installed.membership, meta.membership);
+    assert_eq!(h.node(4).membership().removed, [target].into());
+    // A restart from that snapshot alone.
+    let restarted = Node::restart(
+        Config::new(4, 7),
+        Recovered {
+            hard_state: HardState {
+                term: h.node(4).term(),
+                ..HardState::default()
+            },
+            snapshot: Some(Snapshot {
+                meta: installed,
+                data: Bytes::from_static(b"state"),
+            }),
+            snapshot_file_size: 9,
+            entries: Vec::new(),
+        },
+        h.now,
+    );
+    assert_eq!(restarted.membership().removed, [target].into());
+    // Node 4, promoted and leading, refuses the removed id.
+    change(&mut h, leader, 3, MembershipChange::PromoteLearner(4));
+    h.run_for(1_000 * MS);
+    h.step(leader, Event::TransferLeadership { id: 4, target: 4 });
+    h.run_for(1_000 * MS);
+    assert_eq!(h.leader(), Some(4));
+    let rejected = h.rejected.len();
+    h.step(
+        4,
+        Event::ChangeMembership {
+            id: 5,
+            change: MembershipChange::AddLearner(target),
+        },
+    );
+    let reason = h.rejected[rejected..]
+        .iter()
+        .find(|(node, id, _)| (*node, *id) == (4, 5))
+        .map(|(_, _, r)| format!("{r:?}"))
+        .expect("re-adding the removed id is refused");
+    assert!(
+        reason.contains(&format!("node {target} was removed")),
+        "{reason}"
+    );
+    assert!(!h.node(4).membership().contains(target));
+}
+
+/// KNOWN LIMITATION (ignored: fails): the refusal keeps a removed id out of
+/// every later configuration, but nothing stops a node from being started
+/// under it (`join = true`, empty disk) — and the documented procedure
+/// starts a node before `add-learner`, which is where the refusal comes.
+/// Such a node, never added, still answers a stale leader that counts the
+/// id as a voter of its old configuration ({1, 2, 3} here), and that
+/// leader commits its entry at x, which conflicts with what the cluster
+/// committed there. Neither the fresh node nor the stale leader can tell
+/// it from the old voter (a node created to join accepts the first leader
+/// that reaches it; the leader knows ids, not disks). Closing this needs
+/// an identity per data directory that a leader checks (or operators who
+/// never start a node under a removed id). Run with `--ignored`.
+#[test]
+#[ignore = "known limitation: a node started under a removed id answers a stale leader"]
+fn a_stale_leader_commits_nothing_with_a_fresh_node_started_under_the_removed_id() {
+    for just_elected in [false, true] {
+        let (mut h, l, v, w, commit_before, x) = stale_leader_meets_a_replacement(just_elected);
+        // v's disk is wiped and a node started under its id to be added
+        // again (which is then refused).
+        h.nodes[(v - 1) as usize] = Node::new(Config::new(v, 7), Membership::default(), h.now);
+        let rejected = h.rejected.len();
+        h.step(
+            w,
+            Event::ChangeMembership {
+                id: 200,
+                change: MembershipChange::AddLearner(v),
+            },
+        );
+        assert_eq!(h.rejected.len(), rejected + 1, "re-adding {v} is refused");
+        h.cut.remove(&(l, v));
+        h.cut.remove(&(v, l));
+        let start = h.now;
+        while h.now < start + 3_000 * MS {
+            h.run_for(10 * MS);
+            assert!(
+                h.node(l).commit_position() <= commit_before,
+                "(just elected: {just_elected}) the stale leader {l} committed to {} (was \
+                 {commit_before}; its entry at {x} conflicts with the one {w} committed) with \
+                 the fresh node started under the removed id {v}",
+                h.node(l).commit_position(),
+            );
+        }
+    }
+}

@@ -38,13 +38,19 @@ pub enum Body {
     },
     /// Entries after (`prev_pos`, `prev_term`), the leader's commit position
     /// and its heartbeat sequence (for read-index confirmation). An empty
-    /// append is a heartbeat and a commit notification.
+    /// append is a heartbeat and a commit notification. `to_voter`: the
+    /// leader's latest configuration counts the receiver as a voter. A
+    /// node still joining ignores such a leader (see `Node::joining`): a
+    /// joining node is a learner until it has caught up, so that leader
+    /// takes it for an earlier node of its id, whose votes and log it
+    /// does not hold.
     Append {
         prev_pos: Position,
         prev_term: Term,
         commit: Position,
         heartbeat: u64,
         entries: Vec<Entry>,
+        to_voter: bool,
     },
     /// `ok`: `position` is the follower's durable position known to match the
     /// leader's log (conflated: only the latest matters). Not `ok`:
@@ -66,11 +72,13 @@ pub enum Body {
     /// entry was compacted away: bytes `offset..offset + chunk.len()` of the
     /// snapshot data; `done` on the last one. Chunks are acknowledged with
     /// `SnapshotAck`; the installed snapshot with an `AppendResp`.
+    /// `to_voter` as for `Append`.
     InstallSnapshot {
         meta: SnapshotMeta,
         offset: u64,
         chunk: Bytes,
         done: bool,
+        to_voter: bool,
     },
     /// The follower holds the first `received` bytes of the snapshot at
     /// `position` (send from there).

@@ -504,6 +504,9 @@ pub struct Stats {
     /// `Body::Removed` messages received and not acted on (this node was
     /// joining, or knows a later configuration that includes it).
     pub removed_ignored: u64,
+    /// Appends and snapshot chunks ignored while joining, from a leader
+    /// that counts this node as a voter (an earlier node of its id).
+    pub leaders_ignored_joining: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -1472,6 +1475,24 @@ impl Node {
             self.on_removed(m.from, position, out);
             return;
         }
+        // A leader that counts this node, still joining, as a voter takes
+        // it for an earlier node of its id (removed, or whose disk was
+        // lost): a joining node is a learner until it has caught up, and
+        // is promoted only after (its runtime records that before its
+        // acknowledgement says so). This node holds neither that node's
+        // term nor its log: were it to follow that leader, a stale one
+        // (cut off through the removal) could commit with its answers what
+        // the cluster overwrote. It is not heard at all, its term neither.
+        // (A node an earlier version created to join follows any leader,
+        // as it did there.)
+        if self.joining && !self.joining_votes {
+            if let Body::Append { to_voter: true, .. }
+            | Body::InstallSnapshot { to_voter: true, .. } = m.body
+            {
+                self.stats.leaders_ignored_joining += 1;
+                return;
+            }
+        }
         // A node removed for good is told so, and not heard (its votes and
         // terms would only disturb). A leader's messages are taken: this
         // node may be behind a configuration that added the sender again,
@@ -1612,6 +1633,7 @@ impl Node {
                 commit,
                 heartbeat,
                 entries,
+                ..
             } => {
                 self.heard_from_leader(m.from, out);
                 self.on_append(prev_pos, prev_term, commit, heartbeat, entries, out);
@@ -1635,6 +1657,7 @@ impl Node {
                 offset,
                 chunk,
                 done,
+                ..
             } => {
                 self.heard_from_leader(m.from, out);
                 self.on_snapshot_chunk(meta, offset, chunk, done, out);
@@ -2764,7 +2787,7 @@ impl Node {
         if let Some(p) = self.progress.get_mut(&n) {
             p.commit_sent(self.commit);
         }
-        self.send(n, self.append_body(prev_pos, prev_term, Vec::new()), out);
+        self.send(n, self.append_body(n, prev_pos, prev_term, Vec::new()), out);
     }
 
     /// Sends what the follower's state and window allow; true if anything
@@ -2825,6 +2848,7 @@ impl Node {
                             offset: start,
                             chunk: Bytes::new(),
                             done: end == size,
+                            to_voter: self.membership().is_voter(n),
                         },
                     );
                     out.push(Action::SendSnapshotChunk {
@@ -2881,7 +2905,7 @@ impl Node {
         if let Some(upto) = self.log.hollow_run(prev_pos, self.cfg.max_batch_bytes) {
             // Their data is only on disk: the runtime reads it in.
             self.stats.log_ranges_sent += 1;
-            let message = self.message(n, self.append_body(prev_pos, prev_term, Vec::new()));
+            let message = self.message(n, self.append_body(n, prev_pos, prev_term, Vec::new()));
             out.push(Action::SendLogRange {
                 message,
                 from: prev_pos,
@@ -2891,19 +2915,26 @@ impl Node {
         }
         let entries = self.log.entries_from(prev_pos, self.cfg.max_batch_bytes);
         let end = entries.last().map_or(prev_pos, Entry::end);
-        self.send(n, self.append_body(prev_pos, prev_term, entries), out);
+        self.send(n, self.append_body(n, prev_pos, prev_term, entries), out);
         end
     }
 
-    /// An append to a follower after `prev_pos`, with this leader's commit
-    /// position and heartbeat sequence.
-    fn append_body(&self, prev_pos: Position, prev_term: Term, entries: Vec<Entry>) -> Body {
+    /// An append to follower `n` after `prev_pos`, with this leader's
+    /// commit position and heartbeat sequence.
+    fn append_body(
+        &self,
+        n: NodeId,
+        prev_pos: Position,
+        prev_term: Term,
+        entries: Vec<Entry>,
+    ) -> Body {
         Body::Append {
             prev_pos,
             prev_term,
             commit: self.commit,
             heartbeat: self.heartbeat_seq,
             entries,
+            to_voter: self.membership().is_voter(n),
         }
     }
 }

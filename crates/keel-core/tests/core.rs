@@ -72,6 +72,7 @@ fn append(prev_pos: Position, heartbeat: u64, entries: Vec<Entry>) -> Event {
         commit: 0,
         heartbeat,
         entries,
+        to_voter: true,
     }))
 }
 
@@ -762,6 +763,7 @@ fn matched_position_does_not_survive_a_new_term_of_the_same_leader() {
             commit,
             heartbeat: 0,
             entries,
+            to_voter: true,
         },
     };
     f.step(10, Event::Message(append(1, vec![e1, e2], 0)), &mut out);
@@ -1162,6 +1164,7 @@ fn an_installed_snapshot_supersedes_the_followers_own_unpublished_ones() {
             commit: end,
             heartbeat: 0,
             entries: vec![e1],
+            to_voter: true,
         })),
         &mut out,
     );
@@ -1198,6 +1201,7 @@ fn an_installed_snapshot_supersedes_the_followers_own_unpublished_ones() {
             offset: 0,
             chunk: image.clone(),
             done: true,
+            to_voter: true,
         })),
         &mut out,
     );
@@ -1382,6 +1386,7 @@ fn a_snapshot_chunk_at_an_impossible_offset_is_ignored() {
                 offset,
                 chunk: Bytes::from_static(b"SNAPxx"),
                 done: true,
+                to_voter: true,
             })),
             &mut out,
         );
@@ -1924,6 +1929,7 @@ fn a_restart_with_a_lower_election_timeout_holds_for_the_old_one() {
             commit: 0,
             heartbeat: 1,
             entries: Vec::new(),
+            to_voter: true,
         },
     );
     node.step(start + MS, Event::Message(heartbeat), &mut out);
@@ -2724,6 +2730,7 @@ fn a_joining_node_is_not_caught_up_on_an_earlier_nodes_configuration() {
                 offset: 0,
                 chunk: Bytes::from_static(b"state"),
                 done: true,
+                to_voter: false,
             },
         ),
         &mut out,
@@ -2739,6 +2746,7 @@ fn a_joining_node_is_not_caught_up_on_an_earlier_nodes_configuration() {
                 commit,
                 heartbeat: 1,
                 entries: Vec::new(),
+                to_voter: false,
             },
         )
     };
@@ -2772,6 +2780,7 @@ fn a_joining_node_is_not_caught_up_on_an_earlier_nodes_configuration() {
                 commit: end,
                 heartbeat: 2,
                 entries,
+                to_voter: false,
             },
         ),
         &mut out,
@@ -2869,6 +2878,7 @@ fn a_re_added_node_restarted_before_it_caught_up_resumes_joining() {
         commit: end,
         heartbeat: 1,
         entries,
+        to_voter: false,
     };
     n.step(10_000 * MS, to_node_4(1, 3, append), &mut out);
     n.step(
@@ -3360,20 +3370,14 @@ fn removed_ids_survive_snapshots_their_install_and_a_restart() {
     assert!(!h.node(4).membership().contains(target));
 }
 
-/// KNOWN LIMITATION (ignored: fails): the refusal keeps a removed id out of
-/// every later configuration, but nothing stops a node from being started
-/// under it (`join = true`, empty disk) — and the documented procedure
-/// starts a node before `add-learner`, which is where the refusal comes.
-/// Such a node, never added, still answers a stale leader that counts the
-/// id as a voter of its old configuration ({1, 2, 3} here), and that
-/// leader commits its entry at x, which conflicts with what the cluster
-/// committed there. Neither the fresh node nor the stale leader can tell
-/// it from the old voter (a node created to join accepts the first leader
-/// that reaches it; the leader knows ids, not disks). Closing this needs
-/// an identity per data directory that a leader checks (or operators who
-/// never start a node under a removed id). Run with `--ignored`.
+/// A node started under a removed id (`join = true`, empty disk) before
+/// its addition is refused (the documented procedure starts a node before
+/// `add-learner`): a stale leader that counts the id as a voter of its old
+/// configuration ({1, 2, 3} here) reaches it. The node, still joining,
+/// ignores a leader that counts it as a voter (it would be a learner), so
+/// that leader commits nothing with it (it did: its entry at x, which
+/// conflicts with what the cluster committed there) and steps down.
 #[test]
-#[ignore = "known limitation: a node started under a removed id answers a stale leader"]
 fn a_stale_leader_commits_nothing_with_a_fresh_node_started_under_the_removed_id() {
     for just_elected in [false, true] {
         let (mut h, l, v, w, commit_before, x) = stale_leader_meets_a_replacement(just_elected);
@@ -3392,6 +3396,7 @@ fn a_stale_leader_commits_nothing_with_a_fresh_node_started_under_the_removed_id
         h.cut.remove(&(l, v));
         h.cut.remove(&(v, l));
         let start = h.now;
+        let mut still_leading = 0;
         while h.now < start + 3_000 * MS {
             h.run_for(10 * MS);
             assert!(
@@ -3401,6 +3406,16 @@ fn a_stale_leader_commits_nothing_with_a_fresh_node_started_under_the_removed_id
                  the fresh node started under the removed id {v}",
                 h.node(l).commit_position(),
             );
+            if h.node(l).is_leader() {
+                still_leading = h.now - start;
+            }
         }
+        assert!(h.node(v).stats().leaders_ignored_joining > 0);
+        assert_eq!(h.node(v).term(), 0, "the stale leader's term was not taken");
+        assert!(
+            still_leading < 1_000 * MS,
+            "the stale leader {l} kept leading for {} ms",
+            still_leading / MS
+        );
     }
 }

@@ -903,6 +903,7 @@ fn a_snapshot_below_the_commit_position_is_not_installed() {
             offset: 0,
             chunk: Bytes::from_static(b"state at w1"),
             done: true,
+            to_voter: true,
         },
     };
     let applied_before = c.applied[&2].len();

@@ -20,7 +20,9 @@ use std::sync::Arc;
 /// late one is ignored). 3: a membership (a membership entry's, a
 /// snapshot's) carries the ids removed from the cluster, a third id set
 /// after the voters and learners, which are never added again; a version-2
-/// node would drop them and accept a removed id back.
+/// node would drop them and accept a removed id back; `Append` and
+/// `InstallSnapshot` say whether the leader counts the receiver as a voter
+/// (`to_voter`: a node still joining ignores such a leader).
 pub const PEER_VERSION: u8 = 3;
 /// The client protocol's version, carried by `Request` and `Response`
 /// frames. Kept apart from the peer protocol's so that a change between
@@ -434,12 +436,14 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             commit,
             heartbeat,
             entries,
+            to_voter,
         } => {
             put_u8(out, BODY_APPEND);
             put_u64(out, *prev_pos);
             put_u64(out, *prev_term);
             put_u64(out, *commit);
             put_u64(out, *heartbeat);
+            put_bool(out, *to_voter);
             put_len(out, entries.len());
             for e in entries {
                 put_entry(out, e);
@@ -466,12 +470,14 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             offset,
             chunk,
             done,
+            to_voter,
         } => {
             put_u8(out, BODY_INSTALL_SNAPSHOT);
             put_meta(out, meta);
             put_u64(out, *offset);
             put_bytes(out, chunk);
             put_bool(out, *done);
+            put_bool(out, *to_voter);
         }
         Body::SnapshotAck { position, received } => {
             put_u8(out, BODY_SNAPSHOT_ACK);
@@ -921,6 +927,7 @@ impl<'a> Reader<'a> {
                 let prev_term = self.u64("Append.prev_term")?;
                 let commit = self.u64("Append.commit")?;
                 let heartbeat = self.u64("Append.heartbeat")?;
+                let to_voter = self.flag("Append.to_voter")?;
                 let n = self.count("Append.entries", MIN_ENTRY)?;
                 let mut entries = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -932,6 +939,7 @@ impl<'a> Reader<'a> {
                     commit,
                     heartbeat,
                     entries,
+                    to_voter,
                 }
             }
             BODY_APPEND_RESP => Body::AppendResp {
@@ -947,6 +955,7 @@ impl<'a> Reader<'a> {
                 offset: self.u64("InstallSnapshot.offset")?,
                 chunk: self.bytes("InstallSnapshot.chunk")?,
                 done: self.flag("InstallSnapshot.done")?,
+                to_voter: self.flag("InstallSnapshot.to_voter")?,
             },
             BODY_SNAPSHOT_ACK => Body::SnapshotAck {
                 position: self.u64("SnapshotAck.position")?,
@@ -1250,15 +1259,17 @@ mod tests {
                 u64s(),
                 u64s(),
                 u64s(),
-                vec(entry(), 0..8)
+                vec(entry(), 0..8),
+                any::<bool>()
             )
-                .prop_map(|(prev_pos, prev_term, commit, heartbeat, entries)| {
+                .prop_map(|(prev_pos, prev_term, commit, heartbeat, entries, to_voter)| {
                     Body::Append {
                         prev_pos,
                         prev_term,
                         commit,
                         heartbeat,
                         entries,
+                        to_voter,
                     }
                 }),
             1 => (
@@ -1281,9 +1292,9 @@ mod tests {
                 }),
             2 => (
                 (u64s(), u64s(), u64s(), membership()),
-                (u64s(), bytes(), any::<bool>())
+                (u64s(), bytes(), any::<bool>(), any::<bool>())
             )
-                .prop_map(|((position, term, timestamp, membership), (offset, chunk, done))| {
+                .prop_map(|((position, term, timestamp, membership), (offset, chunk, done, to_voter))| {
                     Body::InstallSnapshot {
                         meta: SnapshotMeta {
                             position,
@@ -1294,6 +1305,7 @@ mod tests {
                         offset,
                         chunk,
                         done,
+                        to_voter,
                     }
                 }),
             1 => (u64s(), u64s())
@@ -1822,6 +1834,7 @@ mod tests {
                             data: Bytes::from(vec![i as u8; (i % 7) as usize]),
                         })
                         .collect(),
+                    to_voter: true,
                 },
             }),
             Frame::Peer(Message {
@@ -1850,6 +1863,7 @@ mod tests {
                     offset: u64::MAX,
                     chunk: Bytes::from(vec![1; 1 << 20]),
                     done: true,
+                    to_voter: true,
                 },
             }),
             Frame::Response(ClientResponse {
@@ -1972,6 +1986,7 @@ mod tests {
                     kind: EntryKind::Membership(Arc::new(m.clone())),
                     data: Bytes::new(),
                 }],
+                to_voter: true,
             },
         }));
         let mut want = vec![0, 0, 0, 0, PEER_VERSION, 2];
@@ -1982,6 +1997,7 @@ mod tests {
         for v in [10u64, 2, 8, 0] {
             want.extend_from_slice(&v.to_le_bytes());
         }
+        want.push(1); // to_voter
         want.extend_from_slice(&1u32.to_le_bytes());
         for v in [3u64, 10, 7] {
             want.extend_from_slice(&v.to_le_bytes());
@@ -2090,6 +2106,7 @@ mod tests {
                         kind: EntryKind::Membership(Arc::new(m)),
                         data: Bytes::new(),
                     }],
+                    to_voter: true,
                 },
             })
         };
@@ -2109,6 +2126,7 @@ mod tests {
                     offset: 0,
                     chunk: Bytes::new(),
                     done: true,
+                    to_voter: true,
                 },
             })
         };
@@ -2197,6 +2215,7 @@ mod tests {
                 commit: 0,
                 heartbeat: 0,
                 entries: vec![],
+                to_voter: true,
             },
         }));
         let at = buf.len() - 4;
@@ -2268,6 +2287,7 @@ mod tests {
                     offset: 0,
                     chunk: Bytes::from_static(b"state"),
                     done: true,
+                    to_voter: true,
                 },
             })
         };

@@ -90,6 +90,7 @@ fn seeds() -> Vec<Frame> {
                 entry(EntryKind::Membership(Arc::new(membership())), b""),
                 entry(EntryKind::SessionClose { client: 1 }, b"bye"),
             ],
+            to_voter: true,
         }),
         peer(Body::AppendResp {
             ok: true,
@@ -109,6 +110,7 @@ fn seeds() -> Vec<Frame> {
             offset: 0,
             chunk: Bytes::from_static(b"snapshot bytes"),
             done: false,
+            to_voter: true,
         }),
         peer(Body::SnapshotAck {
             position: 1,
@@ -249,6 +251,7 @@ fn a_huge_removed_count_allocates_within_bounds() {
             commit: 3,
             heartbeat: 4,
             entries: vec![entry(EntryKind::Membership(Arc::new(m.clone())), b"")],
+            to_voter: true,
         }),
         peer(Body::InstallSnapshot {
             meta: SnapshotMeta {
@@ -260,6 +263,7 @@ fn a_huge_removed_count_allocates_within_bounds() {
             offset: 0,
             chunk: Bytes::from_static(b"snapshot bytes"),
             done: false,
+            to_voter: true,
         }),
     ];
     for f in frames {
@@ -328,6 +332,7 @@ fn the_densest_append_stays_within_a_small_multiple() {
         commit: 0,
         heartbeat: 0,
         entries,
+        to_voter: true,
     }));
     let (got, largest, total) = measure(|| codec::decode(&buf, MAX));
     assert!(matches!(got, Ok(Some(_))));

@@ -193,6 +193,7 @@ fn message(seq: u64, size: usize) -> Message {
                 kind: EntryKind::Command { client: 1, seq },
                 data: Bytes::from(vec![seq as u8; size]),
             }],
+            to_voter: true,
         },
     }
 }

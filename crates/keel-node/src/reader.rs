@@ -260,6 +260,7 @@ mod tests {
                 commit: n,
                 heartbeat: 0,
                 entries: Vec::new(),
+                to_voter: true,
             },
         }
     }

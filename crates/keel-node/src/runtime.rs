@@ -2329,6 +2329,13 @@ impl Consensus {
             // Drained: its room serves the next turn's writes.
             self.proposed_writes = writes;
         }
+        // Recorded before this turn's messages go out: the acknowledgement
+        // that tells the leader this node caught up lets it promote the
+        // node, and a voter must not resume joining after a restart (a
+        // joining node ignores a leader that counts it as a voter).
+        if self.join_unrecorded && !self.node.joining() {
+            self.record_joined();
+        }
         let result = out.drain(..).try_for_each(|a| self.execute(a));
         self.out = out;
         result?;
@@ -2337,9 +2344,6 @@ impl Consensus {
         // now: a follower acknowledges them in this same turn.
         if let Some((position, term)) = self.written.take() {
             self.step(Event::Durable { position, term })?;
-        }
-        if self.join_unrecorded && !self.node.joining() {
-            self.record_joined();
         }
         // Committed changes are answered as such (a leader's own removal
         // included); then, before `answer_deposed`, the other clients of a
@@ -4370,6 +4374,9 @@ mod removed_tests {
         tmp: tempfile::TempDir,
         net: MemNetwork,
         heard: Arc<Mutex<Vec<keel_core::Message>>>,
+        /// Whether node 4's `JOINED_FILE` existed as each message of
+        /// `heard` arrived.
+        joined_when_heard: Arc<Mutex<Vec<bool>>>,
         /// (A sender of the in-memory network sends as any node.)
         fakes: keel_net::mem::MemPeers,
     }
@@ -4377,17 +4384,26 @@ mod removed_tests {
     impl Joiner4 {
         fn new() -> Self {
             let net = MemNetwork::new();
+            let tmp = tempfile::tempdir().expect("tempdir");
             let heard = Arc::new(Mutex::new(Vec::new()));
+            let joined_when_heard = Arc::new(Mutex::new(Vec::new()));
+            let joined_file = config(4, tmp.path()).data_dir.join(JOINED_FILE);
             let recorder = || -> keel_net::tcp::Inbound {
-                let heard = heard.clone();
-                Arc::new(move |m| heard.lock().expect("heard").push(m))
+                let (heard, joined) = (heard.clone(), joined_when_heard.clone());
+                let joined_file = joined_file.clone();
+                Arc::new(move |m| {
+                    let mut heard = heard.lock().expect("heard");
+                    joined.lock().expect("joined").push(joined_file.exists());
+                    heard.push(m);
+                })
             };
             let fakes = net.join(1, recorder());
             let _ = net.join(2, recorder());
             Joiner4 {
-                tmp: tempfile::tempdir().expect("tempdir"),
+                tmp,
                 net,
                 heard,
+                joined_when_heard,
                 fakes,
             }
         }
@@ -4430,11 +4446,14 @@ mod removed_tests {
         let (heard, dir) = (&j.heard, j.dir());
         let to_4 = |from, term, body| j.to_4(from, term, body);
         let start = || j.start();
+        // Node 4 a learner (a joining node is one until it has caught up).
+        let mut with_4 = Membership::new([1, 2]);
+        with_4.learners.insert(4);
         let member = Entry {
             term: 1,
             position: 0,
             timestamp: 1,
-            kind: EntryKind::Membership(Arc::new(Membership::new([1, 2, 4]))),
+            kind: EntryKind::Membership(Arc::new(with_4)),
             data: Bytes::new(),
         };
         let node = start();
@@ -4448,6 +4467,7 @@ mod removed_tests {
                 commit: member.end(),
                 heartbeat: 1,
                 entries: vec![member.clone()],
+                to_voter: false,
             },
         );
         wait_for("node 4 holds the configuration", || {
@@ -4527,12 +4547,14 @@ mod removed_tests {
             kind: EntryKind::Membership(Arc::new(Membership::new([1, 2, 3, 4]))),
             data: Bytes::new(),
         };
+        // Leader 1's latest configuration has the new node 4 as a learner.
         let append = |prev_pos, prev_term, commit, entries| Body::Append {
             prev_pos,
             prev_term,
             commit,
             heartbeat: 1,
             entries,
+            to_voter: false,
         };
 
         let node = start();
@@ -4571,10 +4593,29 @@ mod removed_tests {
             data: Bytes::from_static(keel_core::TERM_START_MARK),
         };
         let end = start_of_term.end();
+        heard.lock().expect("heard").clear();
+        j.joined_when_heard.lock().expect("joined").clear();
         to_4(1, 2, append(old.end(), 1, end, vec![start_of_term]));
         wait_for("node 4 records it joined", || {
             dir.join(JOINED_FILE).exists()
         });
+        // Its acknowledgement that it caught up (which lets a leader promote
+        // it) left only once the record was on disk: a voter must not
+        // resume joining after a restart.
+        wait_for("node 4 acknowledges the term start", acked(end));
+        {
+            let heard = heard.lock().expect("heard");
+            let joined = j.joined_when_heard.lock().expect("joined");
+            let acks: Vec<bool> = heard
+                .iter()
+                .zip(joined.iter())
+                .filter(|(m, _)| {
+                    matches!(m.body, Body::AppendResp { ok: true, position, .. } if position >= end)
+                })
+                .map(|(_, &joined)| joined)
+                .collect();
+            assert!(!acks.is_empty() && acks.iter().all(|&j| j), "{acks:?}");
+        }
         to_4(2, 2, Body::Removed { position: end });
         wait_for("node 4 stops once removed", || node.is_stopped());
         assert!(matches!(node.wait(), Err(NodeError::Removed(_))));

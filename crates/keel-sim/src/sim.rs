@@ -3537,6 +3537,7 @@ mod tests {
                 commit: 0,
                 heartbeat: 1,
                 entries: vec![e.clone()],
+                to_voter: true,
             },
         };
         sim.step_node(0, Event::Message(append));
@@ -3695,6 +3696,7 @@ mod tests {
             commit: 0,
             heartbeat: 0,
             entries: Vec::new(),
+            to_voter: true,
         };
         sim.check_sent(0, &message(3, 3, heartbeat));
         assert!(

@@ -830,8 +830,11 @@ impl Node {
     /// (to be added, possibly under the id of a removed node) and has not
     /// caught up with a leader whose configuration includes it yet, or no
     /// configuration it holds includes it. A joining node neither acts on
-    /// nor sends `Body::Removed`. A runtime records when a node created to
-    /// join stops joining, and calls `resume_joining` on a restart before.
+    /// nor sends `Body::Removed`, grants no vote, and ignores a leader that
+    /// counts it as a voter (`Body::Append::to_voter`). A runtime records
+    /// when a node created to join stops joining, before it sends what this
+    /// step gave (the acknowledgement that lets a leader promote it), and
+    /// calls `resume_joining` on a restart before.
     pub fn joining(&self) -> bool {
         self.is_joining()
     }

@@ -832,9 +832,12 @@ impl Node {
     /// configuration it holds includes it. A joining node neither acts on
     /// nor sends `Body::Removed`, grants no vote, and ignores a leader that
     /// counts it as a voter (`Body::Append::to_voter`). A runtime records
-    /// when a node created to join stops joining, before it sends what this
-    /// step gave (the acknowledgement that lets a leader promote it), and
-    /// calls `resume_joining` on a restart before.
+    /// when a node created to join stops joining, after it has carried out
+    /// the step's `Action::InstallSnapshot` (an installed snapshot counts
+    /// as durable, and may hold the configuration that added the node)
+    /// and before it sends any message the step gave (the acknowledgement
+    /// that lets a leader promote it), and calls `resume_joining` on a
+    /// restart before.
     pub fn joining(&self) -> bool {
         self.is_joining()
     }
@@ -1161,9 +1164,15 @@ impl Node {
     /// leader's term start. A configuration in force before the leader's
     /// commit position or its first entry (a snapshot taken, or entries
     /// appended, before an earlier node of this id was removed) may
-    /// include that node, not this one. Only durable entries count: the
-    /// runtime records that this node stopped joining, and a restart
-    /// must find the configuration that added it.
+    /// include that node, not this one. Only durable entries count (and
+    /// an installed snapshot): the runtime records that this node stopped
+    /// joining, and a restart must find the configuration that added it.
+    ///
+    /// Checked wherever what this node acknowledges may change (appends,
+    /// durable entries, snapshots): a leader promotes a learner on an
+    /// acknowledgement that shows it finished joining by the same test
+    /// (`change_membership`), and a node promoted while still joining here
+    /// would ignore that leader for good (`Body::Append::to_voter`).
     fn note_join_progress(&mut self, leader_commit: Option<Position>) {
         if !self.joining {
             return;
@@ -1664,6 +1673,13 @@ impl Node {
             } => {
                 self.heard_from_leader(m.from, out);
                 self.on_snapshot_chunk(meta, offset, chunk, done, out);
+                // The installed snapshot (or one already covered) is
+                // acknowledged in this step: where that tells the leader
+                // this node finished joining (its position, of the
+                // leader's term, past all it said was committed, in a
+                // configuration that includes the node), the node must
+                // have, or once promoted it ignores that leader for good.
+                self.note_join_progress(None);
             }
             Body::SnapshotAck { position, received } => {
                 if self.role == Role::Leader {

@@ -3419,3 +3419,100 @@ fn a_stale_leader_commits_nothing_with_a_fresh_node_started_under_the_removed_id
         );
     }
 }
+
+// ----- a joining node and the leader that promotes it -----------------------
+
+/// Voters {1, 2} led by 1, whose log is compacted behind a snapshot at its
+/// end (an entry of its term: idle since) that holds the configuration
+/// adding node 3 as a learner; node 3 was created to join (empty data)
+/// and cut off until then. Returns the harness and the snapshot position.
+fn idle_leader_with_snapshot_and_joining_learner_3() -> (Harness, Position) {
+    let m = Membership::new([1, 2]);
+    let nodes = vec![
+        Node::new(Config::new(1, 7), m.clone(), 0),
+        Node::new(Config::new(2, 7), m, 0),
+        Node::new(Config::new(3, 7), Membership::default(), 0),
+    ];
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    if h.leader() != Some(1) {
+        h.step(2, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1));
+    cut_both(&mut h, 1, 3);
+    change(&mut h, 1, 1, MembershipChange::AddLearner(3));
+    h.deliver();
+    for seq in 1..=5 {
+        h.propose(1, 10 + seq, seq, b"committed");
+    }
+    h.run_for(50 * MS);
+    let end = h.node(1).append_position();
+    assert_eq!(h.node(1).applied_position(), end);
+    assert_eq!(h.node(1).log().term_at(end), Some(h.node(1).term()));
+    h.snapshot_taken(1, end, Bytes::from_static(b"state"));
+    assert_eq!(h.node(1).log().first_pos(), end);
+    assert!(h.node(3).joining());
+    (h, end)
+}
+
+/// Found by review: a joining node that installs a snapshot acknowledges
+/// its position, and when that is the end of an idle leader's log (an
+/// entry of its term, past everything it said was committed, in a
+/// configuration that includes the node) the leader takes the node to
+/// have finished joining and promotes it at once. The node did not count
+/// the install towards its joining (only appends and durable entries
+/// did): promoted while still joining, it ignored every append of its
+/// own leader (`to_voter`) and never caught up, nor recorded that it
+/// joined, for good. It finishes joining on the install, before that
+/// acknowledgement goes out.
+#[test]
+fn a_learner_promoted_on_the_acknowledgement_of_a_snapshot_has_finished_joining() {
+    let (mut h, snap) = idle_leader_with_snapshot_and_joining_learner_3();
+    h.cut.clear();
+    // One message at a time, asking to promote 3 after each.
+    let mut req = 100;
+    let mut budget = 10_000;
+    let joining_when_promoted = loop {
+        if h.inbox.is_empty() {
+            h.now += 10 * MS;
+            for id in 1..=3 {
+                h.step(id, Event::Tick);
+            }
+        }
+        if let Some(msg) = h.inbox.pop_front() {
+            h.step(msg.to, Event::Message(msg));
+        }
+        req += 1;
+        h.step(
+            1,
+            Event::ChangeMembership {
+                id: req,
+                change: MembershipChange::PromoteLearner(3),
+            },
+        );
+        if !h.rejected.iter().any(|r| r.1 == req) {
+            break h.node(3).joining();
+        }
+        budget -= 1;
+        assert!(budget > 0, "3 was never promoted");
+    };
+    assert_eq!(h.installed[2].len(), 1, "3 caught up by the snapshot");
+    assert_eq!(h.node(3).commit_position(), snap);
+    // What was in flight to 3 is lost; from here on it hears a leader
+    // that counts it as a voter.
+    h.inbox.retain(|m| m.to != 3);
+    h.run_for(1_000 * MS);
+    let end = h.node(1).append_position();
+    assert!(h.node(1).membership().is_voter(3));
+    assert!(
+        !joining_when_promoted,
+        "promoted while joining (then: {} appends of its leader ignored; holds {} of {end})",
+        h.node(3).stats().leaders_ignored_joining,
+        h.node(3).durable_position(),
+    );
+    assert!(!h.node(3).joining());
+    assert_eq!(h.node(3).durable_position(), end, "3 caught up");
+    assert_eq!(h.node(3).commit_position(), h.node(1).commit_position());
+    assert_eq!(h.node(3).stats().leaders_ignored_joining, 0);
+}

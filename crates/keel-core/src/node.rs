@@ -504,9 +504,15 @@ pub struct Stats {
     /// `Body::Removed` messages received and not acted on (this node was
     /// joining, or knows a later configuration that includes it).
     pub removed_ignored: u64,
-    /// Appends and snapshot chunks ignored while joining, from a leader
-    /// that counts this node as a voter (an earlier node of its id).
-    pub leaders_ignored_joining: u64,
+    /// Appends and snapshot chunks ignored while joining because their
+    /// leader counts this node as a voter (`to_voter`; see
+    /// `Node::joining`): it takes it for an earlier node of its id (a
+    /// removed one, or one whose disk was lost), or the node was started
+    /// to join under an id the initial configuration lists. A count that
+    /// keeps growing means the node waits for good: it must be given a
+    /// new id (or, an initial member that never ran, be started with the
+    /// initial configuration instead).
+    pub to_voter_ignored: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -1501,7 +1507,7 @@ impl Node {
             if let Body::Append { to_voter: true, .. }
             | Body::InstallSnapshot { to_voter: true, .. } = m.body
             {
-                self.stats.leaders_ignored_joining += 1;
+                self.stats.to_voter_ignored += 1;
                 return;
             }
         }

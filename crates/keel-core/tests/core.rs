@@ -3410,7 +3410,7 @@ fn a_stale_leader_commits_nothing_with_a_fresh_node_started_under_the_removed_id
                 still_leading = h.now - start;
             }
         }
-        assert!(h.node(v).stats().leaders_ignored_joining > 0);
+        assert!(h.node(v).stats().to_voter_ignored > 0);
         assert_eq!(h.node(v).term(), 0, "the stale leader's term was not taken");
         assert!(
             still_leading < 1_000 * MS,
@@ -3508,11 +3508,11 @@ fn a_learner_promoted_on_the_acknowledgement_of_a_snapshot_has_finished_joining(
     assert!(
         !joining_when_promoted,
         "promoted while joining (then: {} appends of its leader ignored; holds {} of {end})",
-        h.node(3).stats().leaders_ignored_joining,
+        h.node(3).stats().to_voter_ignored,
         h.node(3).durable_position(),
     );
     assert!(!h.node(3).joining());
     assert_eq!(h.node(3).durable_position(), end, "3 caught up");
     assert_eq!(h.node(3).commit_position(), h.node(1).commit_position());
-    assert_eq!(h.node(3).stats().leaders_ignored_joining, 0);
+    assert_eq!(h.node(3).stats().to_voter_ignored, 0);
 }

@@ -3516,3 +3516,69 @@ fn a_learner_promoted_on_the_acknowledgement_of_a_snapshot_has_finished_joining(
     assert_eq!(h.node(3).commit_position(), h.node(1).commit_position());
     assert_eq!(h.node(3).stats().to_voter_ignored, 0);
 }
+
+/// The step in which a joining node installs a snapshot that ends its
+/// joining gives `Action::InstallSnapshot` before the acknowledgement,
+/// and ends joining in that step: a runtime records that the node joined
+/// after installing and before sending (`Node::joining`). Without the
+/// record the node would, restarted, resume joining as a voter its
+/// leader promoted on that acknowledgement, and ignore it for good.
+#[test]
+fn a_snapshot_that_ends_joining_is_installed_before_its_acknowledgement() {
+    let mut n = Node::new(Config::new(4, 7), Membership::default(), 0);
+    let mut with_4 = Membership::new([1, 2]);
+    with_4.learners.insert(4);
+    let snap = SnapshotMeta {
+        position: 500,
+        term: 2,
+        timestamp: 0,
+        membership: with_4,
+    };
+    let mut out = Vec::new();
+    // The leader's probe (rejected: nothing here), then its snapshot.
+    n.step(
+        10 * MS,
+        to_node_4(
+            1,
+            2,
+            Body::Append {
+                prev_pos: snap.position,
+                prev_term: 2,
+                commit: snap.position,
+                heartbeat: 1,
+                entries: Vec::new(),
+                to_voter: false,
+            },
+        ),
+        &mut out,
+    );
+    assert!(n.joining());
+    out.clear();
+    n.step(
+        10 * MS,
+        to_node_4(
+            1,
+            2,
+            Body::InstallSnapshot {
+                meta: snap.clone(),
+                offset: 0,
+                chunk: Bytes::from_static(b"state"),
+                done: true,
+                to_voter: false,
+            },
+        ),
+        &mut out,
+    );
+    assert!(!n.joining(), "caught up on the snapshot: {out:?}");
+    let install = out
+        .iter()
+        .position(|a| matches!(a, Action::InstallSnapshot { .. }));
+    let ack = out.iter().position(|a| {
+        matches!(a, Action::Send(Message { body: Body::AppendResp { ok: true, position, .. }, .. })
+            if *position == snap.position)
+    });
+    assert!(
+        install.is_some() && ack.is_some() && install < ack,
+        "{out:?}"
+    );
+}

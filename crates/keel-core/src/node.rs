@@ -1502,8 +1502,14 @@ impl Node {
         // (cut off through the removal) could commit with its answers what
         // the cluster overwrote. It is not heard at all, its term neither.
         // (A node an earlier version created to join follows any leader,
-        // as it did there.)
-        if self.joining && !self.joining_votes {
+        // as it did there.) Nor does a node none of whose configurations
+        // includes it (`is_joining`): its runtime may have recorded that it
+        // joined and crashed before the snapshot that added it was on disk,
+        // or the entry that added it was uncommitted and overwritten; no
+        // leader promoted it (a promotion follows the acknowledgement of a
+        // configuration that includes it, which it would hold), so one
+        // that counts it as a voter takes it for an earlier node too.
+        if self.is_joining() && !self.joining_votes {
             if let Body::Append { to_voter: true, .. }
             | Body::InstallSnapshot { to_voter: true, .. } = m.body
             {

@@ -3582,3 +3582,51 @@ fn a_snapshot_that_ends_joining_is_installed_before_its_acknowledgement() {
         "{out:?}"
     );
 }
+
+/// A node whose runtime recorded that it joined (so no `resume_joining`
+/// on its restart) but whose data holds no configuration that includes it
+/// (it crashed between the record and the snapshot install, or the entry
+/// that added it was uncommitted and overwritten) was never promoted: a
+/// leader that counts it as a voter takes it for an earlier node of its
+/// id, and is ignored as while joining. A leader that counts it as a
+/// learner is followed.
+#[test]
+fn a_node_whose_data_never_included_it_ignores_a_leader_that_counts_it_as_a_voter() {
+    let snap = SnapshotMeta {
+        position: 500,
+        term: 2,
+        timestamp: 0,
+        membership: Membership::new([1, 2, 3]),
+    };
+    let recovered = Recovered {
+        hard_state: HardState {
+            term: 2,
+            voted_for: None,
+            hold: Config::new(4, 7).election_timeout_min,
+        },
+        snapshot: Some(Snapshot {
+            meta: snap.clone(),
+            data: Bytes::from_static(b"state"),
+        }),
+        snapshot_file_size: 9,
+        entries: Vec::new(),
+    };
+    let append = |to_voter| Body::Append {
+        prev_pos: snap.position,
+        prev_term: 2,
+        commit: snap.position,
+        heartbeat: 1,
+        entries: Vec::new(),
+        to_voter,
+    };
+    let mut n = Node::restart(Config::new(4, 7), recovered, 0);
+    assert!(n.joining());
+    let mut out = Vec::new();
+    n.step(10 * MS, to_node_4(1, 5, append(true)), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!((n.term(), n.leader()), (2, None));
+    assert_eq!(n.stats().to_voter_ignored, 1);
+    n.step(10 * MS, to_node_4(1, 5, append(false)), &mut out);
+    assert_eq!((n.term(), n.leader()), (5, Some(1)));
+    assert_eq!(answers(&out), vec![(snap.position, 1)]);
+}

@@ -109,6 +109,19 @@ pub struct FaultMix {
     /// new process has new connections). Drawn from a stream of their
     /// own, so a run goes as before up to its first replay.
     pub stale_replays: f64,
+    /// An operator starts a node under a removed id (`join = true`, an
+    /// empty disk: an impostor) on the removed node's machine, and never
+    /// asks a leader to add it (it would be refused): a third of the times
+    /// the harness would bring a removed node's machine back under a new
+    /// id, and whenever a paused leader resumes still counting as a voter
+    /// a removed id whose node has stopped (half the time). Half the
+    /// impostors are stopped again 0.5-3 s later (an operator who
+    /// notices), the others run to the end. In half the runs, also a
+    /// stale leader is set up to meet one (`Sim::plot_start`). A stale
+    /// leader must get nothing from it: a node still joining ignores a
+    /// leader that counts it as a voter. Drawn from a stream of their own,
+    /// so a run goes as before up to its first impostor or plot.
+    pub impostors: bool,
 }
 
 impl FaultMix {
@@ -129,6 +142,7 @@ impl FaultMix {
         late_copies: false,
         pauses: false,
         stale_replays: 0.0,
+        impostors: false,
     };
 
     /// Every named mix, from calm to chaos.
@@ -175,6 +189,7 @@ impl FaultMix {
             FaultMix {
                 name: "membership",
                 membership: true,
+                impostors: true,
                 crashes: true,
                 loss: 0.02,
                 late_copies: true,
@@ -197,6 +212,7 @@ impl FaultMix {
                 late_copies: true,
                 pauses: true,
                 stale_replays: 0.005,
+                impostors: true,
             },
             FaultMix {
                 name: "transfers",
@@ -667,6 +683,27 @@ pub struct Report {
     /// joined again includes (a leader accepted their addition and it
     /// committed).
     pub rejoined_members: u64,
+    /// Nodes started under a removed id by an operator's mistake
+    /// (`FaultMix::impostors`): an empty disk, joining, on the removed
+    /// node's machine, never proposed for addition; and how many of them
+    /// the operator stopped again.
+    pub impostors: u64,
+    pub impostors_stopped: u64,
+    /// Stale leaders set up to meet an impostor (`Sim::plot_start`), and
+    /// how many of the impostors they were set up for started.
+    pub impostor_plots: u64,
+    pub impostor_plots_met: u64,
+    /// Leaders that resumed from a pause still leading and counting a
+    /// running impostor's id as a voter: they take it for the removed
+    /// voter.
+    pub stale_leaders_at_impostors: u64,
+    /// Appends and snapshot chunks that reached a running impostor from a
+    /// leader counting its id as a voter (`Body::Append::to_voter`).
+    pub voter_appends_at_impostors: u64,
+    /// The core's `Stats::to_voter_ignored`, over every node and
+    /// incarnation: appends and snapshot chunks a node still joining
+    /// ignored because their leader counted it as a voter.
+    pub to_voter_ignored: u64,
     /// Leadership transfers asked of a leader, and how many of them a
     /// leader of a later term was the target of.
     pub transfers: u64,
@@ -806,6 +843,13 @@ enum Ev {
     /// `LeaseCuts`: this node and the clients cut off from it reach each
     /// other again, and it reaches the other nodes.
     LeaseHeal(NodeId),
+    /// `FaultMix::impostors`: the operator stops the impostor with this
+    /// number running under this id (if it still runs).
+    StopImpostor(NodeId, u64),
+    /// `FaultMix::impostors`: set up a stale leader to meet an impostor
+    /// (`Sim::plot_start`), and follow it up (`Sim::plot_check`).
+    PlotStart,
+    PlotCheck,
     End,
 }
 
@@ -857,6 +901,24 @@ struct Disk {
 }
 
 impl Disk {
+    /// The disk of a node started to join (`join = true`): empty, no
+    /// membership, `JOINING` recorded.
+    fn joining() -> Disk {
+        Disk {
+            snapshot: Some(Snapshot {
+                meta: SnapshotMeta {
+                    position: 0,
+                    term: 0,
+                    timestamp: 0,
+                    membership: Membership::default(),
+                },
+                data: Bytes::new(),
+            }),
+            joining: true,
+            ..Disk::default()
+        }
+    }
+
     fn log_end(&self) -> Position {
         self.log.last().map_or(self.log_base, Entry::end)
     }
@@ -925,6 +987,32 @@ struct SimNode {
     /// The id this removed node's machine joined again under
     /// (`Sim::rejoin_fresh`): this slot's id is retired for good.
     replaced_by: Option<NodeId>,
+    /// This slot runs an impostor (`Sim::start_impostor`): a node an
+    /// operator started under the removed id, never to be added. Its
+    /// number, for the operator's stop.
+    impostor: Option<u64>,
+    /// The disks of the earlier nodes of this slot's id that impostors
+    /// replaced (the removed node's first), as they were when those nodes
+    /// stopped: what they acknowledged is still on them, and a stale
+    /// leader may count those acknowledgements after an impostor started
+    /// (`check_commit_durable`).
+    earlier_disks: Vec<Disk>,
+}
+
+/// A stale leader set up to meet an impostor (`Sim::plot_start`).
+struct Plot {
+    /// The leader, paused and cut off from every other node.
+    stale: NodeId,
+    /// Its pause's number.
+    pause: u64,
+    /// The voter of its configuration the cluster is steered to remove,
+    /// under whose id an impostor starts once its node has stopped.
+    victim: NodeId,
+    /// When the plot gives up (the removal has not stopped the victim).
+    give_up_at: Nanos,
+    /// Once the impostor runs: the stale leader reaches it (and only it)
+    /// until then, and is resumed.
+    met_until: Option<Nanos>,
 }
 
 /// A node's clock: `at` when true time was `since`, running `ppm` parts
@@ -1062,6 +1150,12 @@ pub struct Sim {
     pause_seq: u64,
     /// The random stream of `FaultMix::stale_replays`.
     replay_rng: Rng,
+    /// The random stream of `FaultMix::impostors`.
+    impostor_rng: Rng,
+    /// The stale leader being set up to meet an impostor, if any.
+    plot: Option<Plot>,
+    /// Impostors started so far (their numbers).
+    impostor_seq: u64,
 }
 
 enum RemovalCheck {
@@ -1186,6 +1280,8 @@ impl Sim {
                 staged_until: 0,
                 removed: false,
                 replaced_by: None,
+                impostor: None,
+                earlier_disks: Vec::new(),
             });
         }
         let clients = (0..cfg.clients as u64)
@@ -1261,6 +1357,9 @@ impl Sim {
             paused: BTreeMap::new(),
             pause_seq: 0,
             replay_rng: Rng::new(cfg.seed ^ 0x7265_706c_6179_7321),
+            impostor_rng: Rng::new(cfg.seed ^ 0x696d_706f_7374_6f72),
+            plot: None,
+            impostor_seq: 0,
             cfg,
         };
         sim.inv.set_initial_membership(initial);
@@ -1287,6 +1386,10 @@ impl Sim {
         if sim.cfg.mix.pauses {
             let t = sim.aux.range(300 * MS, 1_500 * MS);
             sim.schedule(t, Ev::Pause);
+        }
+        if sim.cfg.mix.impostors && sim.impostor_rng.chance(0.5) {
+            let t = sim.impostor_rng.range(700 * MS, 2 * SEC);
+            sim.schedule(t, Ev::PlotStart);
         }
         if let Some(w) = sim.cfg.wipe.clone() {
             sim.schedule(w.at, Ev::Wipe);
@@ -1399,6 +1502,14 @@ impl Sim {
             Ev::Peer(m) => {
                 let i = self.idx(m.to);
                 self.heard(&m);
+                let to_voter = matches!(
+                    m.body,
+                    Body::Append { to_voter: true, .. }
+                        | Body::InstallSnapshot { to_voter: true, .. }
+                );
+                if to_voter && self.nodes[i].impostor.is_some() && self.nodes[i].core.is_some() {
+                    self.report.voter_appends_at_impostors += 1;
+                }
                 if let Body::InstallSnapshot { meta, .. } = &m.body {
                     let commit = self.nodes[i].core.as_ref().map(Node::commit_position);
                     if commit.is_some_and(|c| c > meta.position) {
@@ -1498,6 +1609,9 @@ impl Sim {
             Ev::LeaseSkew => self.lease_skew(),
             Ev::LeaseIsolate(id) => self.lease_isolate(id),
             Ev::LeaseCut(id) => self.lease_cut(id),
+            Ev::StopImpostor(id, n) => self.stop_impostor(id, n),
+            Ev::PlotStart => self.plot_start(),
+            Ev::PlotCheck => self.plot_check(),
             Ev::LeaseHeal(id) => {
                 self.unreachable.retain(|&(_, n)| n != id);
                 if self.cut_off.is_some_and(|(n, _)| n == id) {
@@ -1534,7 +1648,7 @@ impl Sim {
             || self.cut_early.as_ref().is_some_and(|(l, early)| {
                 (m.from == *l && early.contains(&m.to)) || (m.to == *l && early.contains(&m.from))
             });
-        if cut || self.blocked.contains(&(m.from, m.to)) {
+        if cut || self.plot_cuts(&m) || self.blocked.contains(&(m.from, m.to)) {
             return;
         }
         let mut late = 0;
@@ -1592,6 +1706,23 @@ impl Sim {
             let late = self.rng.range(200 * MS, 1_500 * MS);
             self.schedule(late, Ev::LateTimeoutNow(m));
         }
+    }
+
+    /// Whether a stale leader set up to meet an impostor (`Sim::plot`) is
+    /// cut off from the other end of `m`: from every other node, until
+    /// the impostor runs, and then from every node but the impostor.
+    fn plot_cuts(&self, m: &Message) -> bool {
+        let Some(p) = &self.plot else {
+            return false;
+        };
+        let other = if m.from == p.stale {
+            m.to
+        } else if m.to == p.stale {
+            m.from
+        } else {
+            return false;
+        };
+        !(p.met_until.is_some() && other == p.victim)
     }
 
     /// For 100-400 ms no message reaches `node` from another node.
@@ -2035,6 +2166,9 @@ impl Sim {
                     .push(RemovalCheck::Acted(id, by, position, sent));
                 self.report.removals_acted += 1;
                 self.nodes[i].removed = true;
+                // (An impostor that learned it was removed stops for good
+                // too: its machine may join again under a new id.)
+                self.nodes[i].impostor = None;
             }
             Action::RoleChanged { role, term, leader } => {
                 if self.trace {
@@ -2143,11 +2277,12 @@ impl Sim {
             .iter()
             .filter(|&&n| {
                 Some(n) == wiped
-                    || self
-                        .nodes
-                        .iter()
-                        .find(|x| x.id == n)
-                        .is_some_and(|x| x.disk.holds(commit, term))
+                    || self.nodes.iter().find(|x| x.id == n).is_some_and(|x| {
+                        // (An acknowledgement may come from an earlier
+                        // node of the id, which an impostor replaced.)
+                        x.disk.holds(commit, term)
+                            || x.earlier_disks.iter().any(|d| d.holds(commit, term))
+                    })
             })
             .count();
         if holding < m.quorum() {
@@ -2305,6 +2440,8 @@ impl Sim {
         self.report.crashes += 1;
         self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
         self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
+        self.report.to_voter_ignored +=
+            node.core.as_ref().map_or(0, |c| c.stats().to_voter_ignored);
         if self.trace {
             eprintln!("{:>10.3}ms node {}: crash", self.now as f64 / 1e6, node.id);
         }
@@ -2970,6 +3107,7 @@ impl Sim {
         {
             self.report.resumed_deposed += 1;
         }
+        self.impostors_at_resume(id);
         let (ticks, rest): (Vec<Ev>, Vec<Ev>) = backlog
             .into_iter()
             .partition(|ev| matches!(ev, Ev::Tick(..)));
@@ -2993,6 +3131,7 @@ impl Sim {
 
     fn heal_all(&mut self) {
         self.faults_active = false;
+        self.plot = None;
         let paused: Vec<(NodeId, u64)> = self.paused.iter().map(|(&id, p)| (id, p.0)).collect();
         for (id, n) in paused {
             self.resume(id, n);
@@ -3088,12 +3227,21 @@ impl Sim {
             if let Some(m) = m {
                 let options = self.membership_options(&m);
                 if !options.is_empty() {
-                    let change = options[self.rng.range(0, options.len() as u64) as usize];
-                    self.propose_membership(i, change);
+                    let change = match self.plot_steer(i, &m, &options) {
+                        Some(steered) => steered,
+                        None => Some(options[self.rng.range(0, options.len() as u64) as usize]),
+                    };
+                    if let Some(change) = change {
+                        self.propose_membership(i, change);
+                    }
                 }
             }
         }
-        let next = self.rng.range(300 * MS, 1500 * MS);
+        let next = if self.plot.as_ref().is_some_and(|p| p.met_until.is_none()) {
+            self.impostor_rng.range(100 * MS, 400 * MS)
+        } else {
+            self.rng.range(300 * MS, 1500 * MS)
+        };
         self.schedule(next, Ev::MembershipChange);
     }
 
@@ -3118,8 +3266,13 @@ impl Sim {
                     m.voters.is_empty() && m.learners.is_empty()
                 });
                 (node.removed && node.replaced_by.is_none())
-                    || (waiting && !self.removal_asked.contains(&n) && !m.removed.contains(&n))
+                    || (waiting
+                        && node.impostor.is_none()
+                        && !self.removal_asked.contains(&n)
+                        && !m.removed.contains(&n))
             })
+            // (A plot's victim is kept for its impostor.)
+            .filter(|&n| self.plot.as_ref().is_none_or(|p| p.victim != n))
             .collect();
         let mut options = Vec::new();
         for &n in &outsiders {
@@ -3145,6 +3298,13 @@ impl Sim {
         if let MembershipChange::AddLearner(n) = change {
             let node = &self.nodes[self.idx(n)];
             if node.removed && node.replaced_by.is_none() {
+                if self.cfg.mix.impostors && self.impostor_rng.chance(1.0 / 3.0) {
+                    // The operator's mistake: the machine starts a node
+                    // under its removed id, which no leader is asked to
+                    // add (it would be refused).
+                    self.start_impostor(n);
+                    return;
+                }
                 change = MembershipChange::AddLearner(self.rejoin_fresh(n));
             }
         }
@@ -3231,19 +3391,7 @@ impl Sim {
             core: None,
             host: ServiceHost::new(service_of(id, &self.cfg), 60 * SEC),
             incarnation: 0,
-            disk: Disk {
-                snapshot: Some(Snapshot {
-                    meta: SnapshotMeta {
-                        position: 0,
-                        term: 0,
-                        timestamp: 0,
-                        membership: Membership::default(),
-                    },
-                    data: Bytes::new(),
-                }),
-                joining: true,
-                ..Disk::default()
-            },
+            disk: Disk::joining(),
             pending: Vec::new(),
             sync_scheduled: false,
             disk_latency: old_node.disk_latency,
@@ -3258,10 +3406,235 @@ impl Sim {
             staged_until: 0,
             removed: false,
             replaced_by: None,
+            impostor: None,
+            earlier_disks: Vec::new(),
         };
         self.nodes.push(node);
         self.restart(id);
         id
+    }
+
+    // ----- impostors (`FaultMix::impostors`) ------------------------------
+
+    /// The machine of node `n`, which stopped for good on learning it was
+    /// removed, starts a node under the removed id `n` itself (an
+    /// operator's mistake): an empty disk, joining, in `n`'s slot, reached
+    /// by whatever still sends to `n`, and never proposed for addition.
+    /// Half the time the operator stops it again 0.5-3 s later.
+    fn start_impostor(&mut self, n: NodeId) {
+        let i = self.idx(n);
+        self.impostor_seq += 1;
+        let serial = self.impostor_seq;
+        self.report.impostors += 1;
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {n}: an impostor starts under the removed id, with an empty disk",
+                self.now as f64 / 1e6
+            );
+        }
+        let node = &mut self.nodes[i];
+        node.removed = false;
+        node.impostor = Some(serial);
+        let earlier = std::mem::replace(&mut node.disk, Disk::joining());
+        node.earlier_disks.push(earlier);
+        node.last_snapshot = 0;
+        self.restart(n);
+        if self.impostor_rng.chance(0.5) {
+            let d = self.impostor_rng.range(500 * MS, 3 * SEC);
+            self.schedule(d, Ev::StopImpostor(n, serial));
+        }
+    }
+
+    /// The operator stops impostor `serial` under id `n`, if it still
+    /// runs there: the machine is a removed node's again (it may join
+    /// under a new id).
+    fn stop_impostor(&mut self, n: NodeId, serial: u64) {
+        let i = self.idx(n);
+        if self.nodes[i].impostor != Some(serial) {
+            return;
+        }
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {n}: the impostor is stopped",
+                self.now as f64 / 1e6
+            );
+        }
+        if self.nodes[i].core.is_some() {
+            self.crash(i);
+            self.report.crashes -= 1;
+        }
+        self.nodes[i].removed = true;
+        self.nodes[i].impostor = None;
+        self.report.impostors_stopped += 1;
+    }
+
+    /// Leader `id` resumes from a pause: an impostor runs (half the time
+    /// one starts now) under an id its configuration counts as a voter
+    /// whose node was removed and stopped meanwhile, so it takes the
+    /// impostor for that voter.
+    fn impostors_at_resume(&mut self, id: NodeId) {
+        if !self.cfg.mix.impostors {
+            return;
+        }
+        let Some(core) = self.nodes[self.idx(id)]
+            .core
+            .as_ref()
+            .filter(|c| c.is_leader())
+        else {
+            return;
+        };
+        let mut met = false;
+        for v in other_voters(core) {
+            let node = &self.nodes[self.idx(v)];
+            if node.impostor.is_some() && node.core.is_some() {
+                met = true;
+            } else if node.removed
+                && node.core.is_none()
+                && node.replaced_by.is_none()
+                && self.faults_active
+                && self.impostor_rng.chance(0.5)
+            {
+                self.start_impostor(v);
+                met = true;
+            }
+        }
+        if met {
+            self.report.stale_leaders_at_impostors += 1;
+        }
+    }
+
+    /// Sets up a stale leader to meet an impostor, as in the core's test
+    /// of it: the leader of the moment, whose configuration has three
+    /// voters, is paused and cut off from every other node, while the
+    /// harness steers the others (`plot_steer`) to add a voter and remove
+    /// one of its two (the victim). Once the victim's node has stopped on
+    /// learning it, an impostor starts under its id, and the stale leader
+    /// resumes reaching it alone for 0.3-1.5 s: it takes the impostor for
+    /// the victim, and would be a majority with it. (Clients still reach
+    /// the stale leader.) Retried until a leader with three voters exists.
+    fn plot_start(&mut self) {
+        if !self.faults_active || self.plot.is_some() {
+            return;
+        }
+        let candidate = self.leader_index().and_then(|l| {
+            let id = self.nodes[l].id;
+            let core = self.nodes[l].core.as_ref()?;
+            let m = core.membership();
+            let ok = !self.paused.contains_key(&id) && m.voters.len() == 3 && m.is_voter(id);
+            ok.then(|| (id, other_voters(core)))
+        });
+        let Some((stale, others)) = candidate else {
+            if self.now + 3 * SEC < self.cfg.fault_time {
+                let t = self.impostor_rng.range(200 * MS, 600 * MS);
+                self.schedule(t, Ev::PlotStart);
+            }
+            return;
+        };
+        let victim = others[self.impostor_rng.range(0, others.len() as u64) as usize];
+        self.pause_seq += 1;
+        self.paused.insert(stale, (self.pause_seq, Vec::new()));
+        self.report.pauses += 1;
+        self.report.leaders_paused += 1;
+        self.report.impostor_plots += 1;
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {stale}: paused and cut off, to meet an impostor of node {victim}",
+                self.now as f64 / 1e6
+            );
+        }
+        self.plot = Some(Plot {
+            stale,
+            pause: self.pause_seq,
+            victim,
+            give_up_at: self.now + 5 * SEC,
+            met_until: None,
+        });
+        self.schedule(20 * MS, Ev::PlotCheck);
+    }
+
+    /// Follows the plot up: once the victim's node has stopped, starts
+    /// the impostor and resumes the stale leader; lifts the cut when the
+    /// meeting is over; gives up (resuming the leader) if the leader's
+    /// pause ended otherwise or the removal takes too long.
+    fn plot_check(&mut self) {
+        let Some(p) = self.plot.as_ref() else {
+            return;
+        };
+        let (stale, victim, pause) = (p.stale, p.victim, p.pause);
+        let paused = self.paused.get(&stale).is_some_and(|x| x.0 == pause);
+        match p.met_until {
+            Some(until) if self.now >= until => {
+                self.plot = None;
+                return;
+            }
+            Some(_) => {}
+            None if !paused || self.now >= p.give_up_at => {
+                self.plot = None;
+                if paused {
+                    self.resume(stale, pause);
+                }
+                return;
+            }
+            None => {
+                let v = &self.nodes[self.idx(victim)];
+                if v.removed && v.core.is_none() && v.replaced_by.is_none() {
+                    self.report.impostor_plots_met += 1;
+                    self.start_impostor(victim);
+                    let resume_in = self.impostor_rng.range(0, 100 * MS);
+                    let met_for = self.impostor_rng.range(300 * MS, 1_500 * MS);
+                    if let Some(p) = self.plot.as_mut() {
+                        p.met_until = Some(self.now + resume_in + met_for);
+                    }
+                    self.schedule(resume_in, Ev::Resume(stale, pause));
+                }
+            }
+        }
+        self.schedule(20 * MS, Ev::PlotCheck);
+    }
+
+    /// The change the plot steers the leader `nodes[i]` (of configuration
+    /// `m`, with the harness's `options`) to, until the victim is removed:
+    /// promote a learner, or add one, until there are four voters, then
+    /// remove the victim. `Some(None)`: ask nothing (the removal is under
+    /// way); `None`: not steered.
+    fn plot_steer(
+        &mut self,
+        i: usize,
+        m: &Membership,
+        options: &[MembershipChange],
+    ) -> Option<Option<MembershipChange>> {
+        let p = self.plot.as_ref().filter(|p| p.met_until.is_none())?;
+        let (stale, victim) = (p.stale, p.victim);
+        if self.nodes[i].id == stale {
+            return None;
+        }
+        if !m.contains(victim) {
+            return Some(None);
+        }
+        let remove = MembershipChange::Remove(victim);
+        if m.voters.len() > 3 && options.contains(&remove) {
+            return Some(Some(remove));
+        }
+        let promote: Vec<MembershipChange> = options
+            .iter()
+            .copied()
+            .filter(|c| matches!(c, MembershipChange::PromoteLearner(n) if *n != victim))
+            .collect();
+        let pick = if promote.is_empty() {
+            options
+                .iter()
+                .copied()
+                .filter(|c| matches!(c, MembershipChange::AddLearner(_)))
+                .collect()
+        } else {
+            promote
+        };
+        if pick.is_empty() {
+            return None;
+        }
+        Some(Some(
+            pick[self.impostor_rng.range(0, pick.len() as u64) as usize],
+        ))
     }
 
     // ----- a wiped follower (`SimConfig::wipe`) ---------------------------
@@ -3403,6 +3776,8 @@ impl Sim {
         for node in &self.nodes {
             self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
             self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
+            self.report.to_voter_ignored +=
+                node.core.as_ref().map_or(0, |c| c.stats().to_voter_ignored);
         }
         if self.report.stopped_at.is_some() {
             // Stopped at a safety violation: liveness is not judged.

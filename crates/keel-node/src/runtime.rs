@@ -1580,6 +1580,7 @@ fn run_node(
         removed_by: None,
         removed: removed.clone(),
         join_unrecorded,
+        to_voter_ignored: (0, None),
     };
     let _ = internal_tx.send(Internal::Applied {
         position: snapshot.meta.position,
@@ -1777,6 +1778,9 @@ struct Consensus {
     removed: Arc<Mutex<Option<String>>>,
     /// Created to join, and `JOINED_FILE` not written yet.
     join_unrecorded: bool,
+    /// The core's `to_voter_ignored` when last looked at, and when it was
+    /// last warned of.
+    to_voter_ignored: (u64, Option<Instant>),
 }
 
 impl Consensus {
@@ -2329,16 +2333,29 @@ impl Consensus {
             // Drained: its room serves the next turn's writes.
             self.proposed_writes = writes;
         }
-        // Recorded before this turn's messages go out: the acknowledgement
-        // that tells the leader this node caught up lets it promote the
-        // node, and a voter must not resume joining after a restart (a
-        // joining node ignores a leader that counts it as a voter).
-        if self.join_unrecorded && !self.node.joining() {
-            self.record_joined();
-        }
-        let result = out.drain(..).try_for_each(|a| self.execute(a));
+        // The end of joining is recorded after this step's snapshot install
+        // (a restart must find the configuration that added this node) and
+        // before its messages go out: the acknowledgement that tells the
+        // leader this node caught up lets it promote the node, and a voter
+        // must not resume joining after a restart (a joining node ignores
+        // a leader that counts it as a voter).
+        let joined = self.join_unrecorded && !self.node.joining();
+        let result = out.drain(..).try_for_each(|a| {
+            let sends = matches!(
+                a,
+                Action::Send(_) | Action::SendSnapshotChunk { .. } | Action::SendLogRange { .. }
+            );
+            if joined && sends && self.join_unrecorded {
+                self.record_joined()?;
+            }
+            self.execute(a)
+        });
         self.out = out;
         result?;
+        if joined && self.join_unrecorded {
+            self.record_joined()?;
+        }
+        self.warn_if_taken_for_a_voter();
         self.write_log()?;
         // Entries written on this thread (`replicated` mode) are durable
         // now: a follower acknowledges them in this same turn.
@@ -2362,7 +2379,7 @@ impl Consensus {
     /// `JOINED_FILE` records it. If it cannot be written, a restart
     /// resumes joining, which only delays when the node may learn of a
     /// removal.
-    fn record_joined(&mut self) {
+    fn record_joined(&mut self) -> Result<(), String> {
         self.join_unrecorded = false;
         let text = format!(
             "Node {} of cluster {:#x} caught up with a leader whose configuration includes it \
@@ -2371,14 +2388,42 @@ impl Consensus {
             self.cfg.cluster_id,
             self.node.durable_position()
         );
-        match meta::write_atomic(&self.cfg.data_dir, JOINED_FILE, text.as_bytes()) {
-            Ok(()) => info!("node {}: joined the cluster", self.cfg.id),
-            Err(e) => warn!(
-                "node {}: could not write {JOINED_FILE} into {}: {e}",
-                self.cfg.id,
+        meta::write_atomic(&self.cfg.data_dir, JOINED_FILE, text.as_bytes()).map_err(|e| {
+            format!(
+                "could not write {JOINED_FILE} into {}: {e} (a leader may promote this node \
+                 once it acknowledges; without the record a restart would take it to be still \
+                 joining and it would ignore its leader)",
                 self.cfg.data_dir.display()
-            ),
+            )
+        })?;
+        info!("node {}: joined the cluster", self.cfg.id);
+        Ok(())
+    }
+
+    /// A leader counts this node, still joining, as a voter: it takes the
+    /// node for an earlier node of its id. Said at most once a minute.
+    fn warn_if_taken_for_a_voter(&mut self) {
+        let ignored = self.node.stats().to_voter_ignored;
+        if ignored == self.to_voter_ignored.0 {
+            return;
         }
+        self.to_voter_ignored.0 = ignored;
+        let now = Instant::now();
+        if self
+            .to_voter_ignored
+            .1
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(60))
+        {
+            return;
+        }
+        self.to_voter_ignored.1 = Some(now);
+        warn!(
+            "node {}: a leader counts this node as a voter though it was started to join, and \
+             it is ignored: the id belonged to a node that was removed or whose disk was lost. \
+             This node waits for good: give it a new id (an initial member that never ran is \
+             started without join)",
+            self.cfg.id
+        );
     }
 
     /// This node was removed from the cluster: says so (log, clients, a

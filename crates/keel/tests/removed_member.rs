@@ -264,3 +264,42 @@ fn a_removed_id_is_never_added_again_and_a_new_id_joins() {
     c.put(&mut client, "after-join", "1");
     c.check_acked(&mut client);
 }
+
+/// A voter whose disk was lost, started again with an empty data directory
+/// and `join = true`: its leader still counts it as a voter, and a node
+/// still joining ignores such a leader (it would be a learner), since it
+/// holds neither the term nor the log the voter acknowledged. It waits for
+/// good (term 0, no configuration) and says why, while the others keep
+/// taking writes; the way back is a new id.
+#[test]
+fn a_voter_whose_disk_was_lost_started_to_join_waits_and_says_why() {
+    let mut c = TestCluster::start(3, "");
+    let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
+    let mut client = c.client();
+    c.put(&mut client, "before", "1");
+    let f = (1..=3).find(|&n| n != leader).unwrap();
+    c.kill(f);
+    c.wipe(f);
+    let config = std::fs::read_to_string(&c.node(f).config).expect("config");
+    std::fs::write(&c.node(f).config, format!("join = true\n{config}")).expect("config");
+    let before = c.log_of(f).len();
+    c.spawn(f);
+    let start = Instant::now();
+    let why = "a leader counts this node as a voter though it was started to join";
+    while !c.log_of(f)[before..].contains(why) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no warning:\n{}",
+            &c.log_of(f)[before..]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(c.log_of(f)[before..].contains("give it a new id"));
+    let s = c.status(f).expect("the joining node's status");
+    assert!(s.voters.is_empty() && s.learners.is_empty(), "{s:?}");
+    assert_eq!(s.term, 0, "it took its leader's term: {s:?}");
+    c.put(&mut client, "after", "1");
+    let s = c.status(leader).expect("the leader's status");
+    assert_eq!((s.role.as_str(), s.term), ("leader", term), "{s:?}");
+    c.check_acked(&mut client);
+}

@@ -2298,14 +2298,10 @@ fn no_removal_notice_before_the_removal_commits() {
     assert_eq!(h.removed.len(), 1);
 }
 
-/// A removed id is never added again, by the leader that removed it or a
-/// later one: a member that missed the removal may still count the id as
-/// a voter of its old configuration, and a new node under it (empty
-/// disk, term 0) would answer a stale leader as that voter. The refusal
-/// says why; every later configuration keeps the record, and a new node
-/// under a new id is added.
-#[test]
-fn a_removed_id_is_never_added_again() {
+/// Voters {1, 2, 3} and node 4 created to join; once a leader is elected
+/// it removes a follower (`target`) and the removal commits. Returns
+/// (harness, leader, target).
+fn a_follower_removed() -> (Harness, NodeId, NodeId) {
     let mut nodes: Vec<Node> = (1..=3)
         .map(|id| Node::new(Config::new(id, 7), Membership::new([1, 2, 3]), 0))
         .collect();
@@ -2316,6 +2312,18 @@ fn a_removed_id_is_never_added_again() {
     let target = if leader == 3 { 2 } else { 3 };
     remove(&mut h, leader, target, 1);
     h.run_for(300 * MS);
+    (h, leader, target)
+}
+
+/// A removed id is never added again, by the leader that removed it or a
+/// later one: a member that missed the removal may still count the id as
+/// a voter of its old configuration, and a new node under it (empty
+/// disk, term 0) would answer a stale leader as that voter. The refusal
+/// says why; every later configuration keeps the record, and a new node
+/// under a new id is added.
+#[test]
+fn a_removed_id_is_never_added_again() {
+    let (mut h, leader, target) = a_follower_removed();
     assert_eq!(h.node(leader).membership().removed, [target].into());
     let refused = |h: &mut Harness, at: NodeId, req: RequestId| {
         let before = h.node(at).membership().clone();
@@ -3299,16 +3307,7 @@ fn a_stale_leader_just_elected_commits_nothing_with_the_node_that_replaced_a_rem
 /// the removal and the id could be added back.)
 #[test]
 fn removed_ids_survive_snapshots_their_install_and_a_restart() {
-    let mut nodes: Vec<Node> = (1..=3)
-        .map(|id| Node::new(Config::new(id, 7), Membership::new([1, 2, 3]), 0))
-        .collect();
-    nodes.push(Node::new(Config::new(4, 7), Membership::default(), 0));
-    let mut h = Harness::with(nodes);
-    h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
-    let target = if leader == 3 { 2 } else { 3 };
-    remove(&mut h, leader, target, 1);
-    h.run_for(300 * MS);
+    let (mut h, leader, target) = a_follower_removed();
     for seq in 1..=5 {
         h.propose(leader, 10 + seq, seq, b"after the removal");
     }

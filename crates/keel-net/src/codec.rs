@@ -2083,6 +2083,29 @@ mod tests {
         assert!(matches!(decode(&request, MAX), Ok(Some(_))));
     }
 
+    /// The last chunk of a snapshot at 10 (term 2) with `membership`, from
+    /// node 1 to node 2 in term 3.
+    fn snapshot_chunk(membership: Membership, chunk: &'static [u8]) -> Frame {
+        Frame::Peer(Message {
+            cluster_id: 1,
+            from: 1,
+            to: 2,
+            term: 3,
+            body: Body::InstallSnapshot {
+                meta: SnapshotMeta {
+                    position: 10,
+                    term: 2,
+                    timestamp: 5,
+                    membership,
+                },
+                offset: 0,
+                chunk: Bytes::from_static(chunk),
+                done: true,
+                to_voter: true,
+            },
+        })
+    }
+
     /// The core never writes a membership whose removed ids include a
     /// member; a frame with one is refused, whichever set it overlaps and
     /// wherever the membership is (an entry, a snapshot's meta).
@@ -2110,26 +2133,7 @@ mod tests {
                 },
             })
         };
-        let snapshot = |membership: Membership| {
-            Frame::Peer(Message {
-                cluster_id: 1,
-                from: 1,
-                to: 2,
-                term: 3,
-                body: Body::InstallSnapshot {
-                    meta: SnapshotMeta {
-                        position: 10,
-                        term: 2,
-                        timestamp: 5,
-                        membership,
-                    },
-                    offset: 0,
-                    chunk: Bytes::new(),
-                    done: true,
-                    to_voter: true,
-                },
-            })
-        };
+        let snapshot = |membership| snapshot_chunk(membership, b"");
         let with = |removed: &[u64]| Membership {
             voters: [1, 2, 3].into(),
             learners: [4, 5].into(),
@@ -2271,26 +2275,7 @@ mod tests {
             })
         );
 
-        let snapshot = |voters: [u64; 2]| {
-            Frame::Peer(Message {
-                cluster_id: 1,
-                from: 1,
-                to: 2,
-                term: 3,
-                body: Body::InstallSnapshot {
-                    meta: SnapshotMeta {
-                        position: 10,
-                        term: 2,
-                        timestamp: 5,
-                        membership: Membership::new(voters),
-                    },
-                    offset: 0,
-                    chunk: Bytes::from_static(b"state"),
-                    done: true,
-                    to_voter: true,
-                },
-            })
-        };
+        let snapshot = |voters: [u64; 2]| snapshot_chunk(Membership::new(voters), b"state");
         // Encode {11, 22}, then swap the two ids on the wire.
         let good = enc(&snapshot([11, 22]));
         let one = 11u64.to_le_bytes();

@@ -162,6 +162,51 @@ fn chaos() {
     sweep("chaos", 7000..7000 + SEEDS);
 }
 
+/// `FaultMix::impostors`: nodes started under removed ids (an operator's
+/// mistake: `join = true`, an empty disk, never added), some of them met
+/// by a stale leader set up for it (paused and cut off through the
+/// removal of one of its two other voters, then reaching only the
+/// impostor: with it, a majority of its configuration). Nothing breaks:
+/// the impostors, still joining, ignore every leader that counts them as a
+/// voter (`Stats::to_voter_ignored`), so no stale leader commits or
+/// confirms a read with them; and neither the removed-ids check (an
+/// impostor is in no configuration) nor the liveness checks (it never
+/// joins) fire on them. With that defence off in the core (a joining node
+/// following such a leader), these seeds fail: stale reads, committed
+/// entries changed, replicas that applied different entries.
+#[test]
+fn impostors_under_removed_ids_get_nothing_from_stale_leaders() {
+    let mut reports = sweep("membership", 12_000..12_000 + 40);
+    reports.extend(sweep("chaos", 13_000..13_000 + 40));
+    let sum = |f: fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
+    let (impostors, stopped, plots, met, stale, appends, ignored) = (
+        sum(|r| r.impostors),
+        sum(|r| r.impostors_stopped),
+        sum(|r| r.impostor_plots),
+        sum(|r| r.impostor_plots_met),
+        sum(|r| r.stale_leaders_at_impostors),
+        sum(|r| r.voter_appends_at_impostors),
+        sum(|r| r.to_voter_ignored),
+    );
+    println!(
+        "impostors: {impostors} started ({stopped} stopped again), {met} of {plots} plots met, \
+         {stale} resumed stale leaders counting one as a voter, {appends} appends to them as a \
+         voter's, {ignored} ignored"
+    );
+    assert!(
+        impostors > 0 && stopped > 0,
+        "no impostor started or stopped"
+    );
+    assert!(
+        met > 0 && stale > 0,
+        "no stale leader met an impostor: {met} of {plots} plots met"
+    );
+    assert!(
+        appends > 0 && ignored >= appends,
+        "impostors got {appends} appends as voters, and ignored {ignored}"
+    );
+}
+
 /// `FaultMix::pauses`: processes stopped for up to six election timeouts
 /// (the leader half the time) and resumed with long-due timers and a
 /// backlog of messages, requests and disk completions, and messages

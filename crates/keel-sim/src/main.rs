@@ -148,10 +148,10 @@ fn main() {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
         println!(
-            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals; {} removal notices sent, {} nodes stopped on learning they were removed, {} rejoined under a new id with an empty disk, {} of them added), {} impostors started under a removed id ({} stopped again; {} stale leaders set up to meet one, {} met; {} resumed leaders counting one as a voter, {} appends to impostors as voters, {} ignored by joining nodes), {} leadership transfers asked ({} done), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} leaders isolated ({} reads reached a deposed leader), {} processes paused ({} leaders, {} resumed deposed; {} events waiting when they resumed), {} messages replayed late ({} into a later term), {} messages delivered again late ({} snapshot chunks below the commit), {} applies while the service's reports were late, {} messages, {:.1}s simulated",
+            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals; {} removal notices sent, {} nodes stopped on learning they were removed, {} rejoined under a new id with an empty disk, {} of them added), {} impostors started under a removed id ({} stopped again; {} stale leaders set up to meet one, {} met; {} resumed leaders counting one as a voter, {} appends to impostors as voters, {} ignored by joining nodes; {} impostors finished joining under a leader counting them as learners), {} leadership transfers asked ({} done), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} leaders isolated ({} reads reached a deposed leader), {} processes paused ({} leaders, {} resumed deposed; {} events waiting when they resumed), {} messages replayed late ({} into a later term), {} messages delivered again late ({} snapshot chunks below the commit), {} applies while the service's reports were late, {} messages, {:.1}s simulated",
             cfg.nodes, cfg.mix.name, r.ops_ok, r.ops_unknown, r.elections, r.crashes, r.snapshots_installed,
             r.snapshot_chunks, r.log_ranges_read, r.log_ranges_unsent,
-            r.membership_changes, r.leader_removals, r.removed_notices, r.removals_acted, r.rejoined, r.rejoined_members, r.impostors, r.impostors_stopped, r.impostor_plots, r.impostor_plots_met, r.stale_leaders_at_impostors, r.voter_appends_at_impostors, r.to_voter_ignored, r.transfers, r.transfers_done, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.leader_isolations, r.reads_at_deposed_leaders, r.pauses, r.leaders_paused, r.resumed_deposed, r.events_after_pause, r.stale_replays, r.replays_of_older_terms, r.late_copies, r.snapshot_chunks_below_commit, r.applies_ahead_of_reports, r.messages, r.sim_time as f64 / 1e9
+            r.membership_changes, r.leader_removals, r.removed_notices, r.removals_acted, r.rejoined, r.rejoined_members, r.impostors, r.impostors_stopped, r.impostor_plots, r.impostor_plots_met, r.stale_leaders_at_impostors, r.voter_appends_at_impostors, r.to_voter_ignored, r.impostors_joined, r.transfers, r.transfers_done, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.leader_isolations, r.reads_at_deposed_leaders, r.pauses, r.leaders_paused, r.resumed_deposed, r.events_after_pause, r.stale_replays, r.replays_of_older_terms, r.late_copies, r.snapshot_chunks_below_commit, r.applies_ahead_of_reports, r.messages, r.sim_time as f64 / 1e9
         );
         println!("linearizability: {:?}", r.linearizability);
         if let Some(w) = &r.wiped {
@@ -177,6 +177,7 @@ fn main() {
     let (mut notices, mut removals, mut rejoined, mut rejoined_members) = (0u64, 0u64, 0u64, 0u64);
     let (mut impostors, mut plots_met, mut stale_at_impostors, mut voter_appends, mut ignored) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut impostors_joined = 0u64;
     for seed in args.start..args.start + args.seeds {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
@@ -192,6 +193,7 @@ fn main() {
         stale_at_impostors += r.stale_leaders_at_impostors;
         voter_appends += r.voter_appends_at_impostors;
         ignored += r.to_voter_ignored;
+        impostors_joined += r.impostors_joined;
         if r.linearizability_unknown() {
             // Not a pass: the history went unchecked. Reported with its
             // replay command (`cargo test` fails on any such seed).
@@ -236,7 +238,7 @@ fn main() {
         }
     }
     println!(
-        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes), {} linearizability checks over budget{}, {} violations{}{}",
+        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes, {impostors_joined} impostors finished joining under a leader counting them as learners), {} linearizability checks over budget{}, {} violations{}{}",
         args.seeds,
         started.elapsed().as_secs_f64(),
         unknown_lin.len(),

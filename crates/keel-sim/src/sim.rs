@@ -700,6 +700,11 @@ pub struct Report {
     /// Appends and snapshot chunks that reached a running impostor from a
     /// leader counting its id as a voter (`Body::Append::to_voter`).
     pub voter_appends_at_impostors: u64,
+    /// Impostors that finished joining: a leader that counted their id as
+    /// a learner (a removed learner's, in a configuration from before the
+    /// removal) caught them up (the README's residual case: do not leave
+    /// such a node running).
+    pub impostors_joined: u64,
     /// The core's `Stats::to_voter_ignored`, over every node and
     /// incarnation: appends and snapshot chunks a node still joining
     /// ignored because their leader counted it as a voter.
@@ -1793,6 +1798,9 @@ impl Sim {
                 && self.nodes[i].core.as_ref().is_some_and(|c| !c.joining())
             {
                 self.nodes[i].disk.joining = false;
+                if self.nodes[i].impostor.is_some() {
+                    self.report.impostors_joined += 1;
+                }
             }
             let commit = self.nodes[i].core.as_ref().map(Node::commit_position);
             if let (Some(from), Some(c)) = (led_from, commit) {

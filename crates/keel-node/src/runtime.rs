@@ -2376,9 +2376,10 @@ impl Consensus {
 
     /// This node, created to join, has caught up with a leader whose
     /// configuration includes it (on entries the core knows are durable):
-    /// `JOINED_FILE` records it. If it cannot be written, a restart
-    /// resumes joining, which only delays when the node may learn of a
-    /// removal.
+    /// `JOINED_FILE` records it. If it cannot be written the node stops
+    /// with the error: a leader may promote it on its next
+    /// acknowledgement, and a voter that resumed joining after a restart
+    /// would ignore its leader (which counts it as a voter) for good.
     fn record_joined(&mut self) -> Result<(), String> {
         self.join_unrecorded = false;
         let text = format!(

@@ -1004,6 +1004,41 @@ struct SimNode {
     earlier_disks: Vec<Disk>,
 }
 
+impl SimNode {
+    /// Machine `id`, not started (no core), on `disk`.
+    fn new(
+        id: NodeId,
+        cfg: &SimConfig,
+        disk: Disk,
+        disk_latency: (Nanos, Nanos),
+        clock: Clock,
+    ) -> Self {
+        SimNode {
+            id,
+            core: None,
+            host: ServiceHost::new(service_of(id, cfg), 60 * SEC),
+            incarnation: 0,
+            disk,
+            pending: Vec::new(),
+            sync_scheduled: false,
+            disk_latency,
+            clock,
+            writes: HashMap::new(),
+            reads: HashMap::new(),
+            ready_reads: Vec::new(),
+            last_snapshot: 0,
+            captured: None,
+            reports: VecDeque::new(),
+            reports_scheduled: false,
+            staged_until: 0,
+            removed: false,
+            replaced_by: None,
+            impostor: None,
+            earlier_disks: Vec::new(),
+        }
+    }
+}
+
 /// A stale leader set up to meet an impostor (`Sim::plot_start`).
 struct Plot {
     /// The leader, paused and cut off from every other node.
@@ -1256,38 +1291,20 @@ impl Sim {
                 },
                 data: Bytes::new(),
             };
-            nodes.push(SimNode {
-                id,
-                core: Some(Node::new(core_config(id, &cfg, 0), membership, 0)),
-                host: ServiceHost::new(service_of(id, &cfg), 60 * SEC),
-                incarnation: 0,
-                disk: Disk {
-                    snapshot: Some(boot),
-                    // A node created to join records it at its first start
-                    // (the runtime's `JOINING`).
-                    joining: !initial.contains(id),
-                    ..Disk::default()
-                },
-                pending: Vec::new(),
-                sync_scheduled: false,
-                disk_latency: (100_000, 2 * MS),
-                clock: Clock {
-                    ppm: clock_rate(&mut rng, cfg.clock_drift_ppm),
-                    ..Clock::default()
-                },
-                writes: HashMap::new(),
-                reads: HashMap::new(),
-                ready_reads: Vec::new(),
-                last_snapshot: 0,
-                captured: None,
-                reports: VecDeque::new(),
-                reports_scheduled: false,
-                staged_until: 0,
-                removed: false,
-                replaced_by: None,
-                impostor: None,
-                earlier_disks: Vec::new(),
-            });
+            let disk = Disk {
+                snapshot: Some(boot),
+                // A node created to join records it at its first start
+                // (the runtime's `JOINING`).
+                joining: !initial.contains(id),
+                ..Disk::default()
+            };
+            let clock = Clock {
+                ppm: clock_rate(&mut rng, cfg.clock_drift_ppm),
+                ..Clock::default()
+            };
+            let mut node = SimNode::new(id, &cfg, disk, (100_000, 2 * MS), clock);
+            node.core = Some(Node::new(core_config(id, &cfg, 0), membership, 0));
+            nodes.push(node);
         }
         let clients = (0..cfg.clients as u64)
             .map(|i| Client {
@@ -3394,29 +3411,13 @@ impl Sim {
             .collect();
         self.link_latency.extend(links);
         let old_node = &self.nodes[oi];
-        let node = SimNode {
+        let node = SimNode::new(
             id,
-            core: None,
-            host: ServiceHost::new(service_of(id, &self.cfg), 60 * SEC),
-            incarnation: 0,
-            disk: Disk::joining(),
-            pending: Vec::new(),
-            sync_scheduled: false,
-            disk_latency: old_node.disk_latency,
-            clock: old_node.clock,
-            writes: HashMap::new(),
-            reads: HashMap::new(),
-            ready_reads: Vec::new(),
-            last_snapshot: 0,
-            captured: None,
-            reports: VecDeque::new(),
-            reports_scheduled: false,
-            staged_until: 0,
-            removed: false,
-            replaced_by: None,
-            impostor: None,
-            earlier_disks: Vec::new(),
-        };
+            &self.cfg,
+            Disk::joining(),
+            old_node.disk_latency,
+            old_node.clock,
+        );
         self.nodes.push(node);
         self.restart(id);
         id

@@ -3149,6 +3149,19 @@ fn change(h: &mut Harness, leader: NodeId, id: RequestId, change: MembershipChan
     assert_eq!(h.rejected.len(), rejected, "{change:?}: {:?}", h.rejected);
 }
 
+/// Leader `w` refuses request `req` to add the removed node `v` again.
+fn re_adding_is_refused(h: &mut Harness, w: NodeId, v: NodeId, req: RequestId) {
+    let rejected = h.rejected.len();
+    h.step(
+        w,
+        Event::ChangeMembership {
+            id: req,
+            change: MembershipChange::AddLearner(v),
+        },
+    );
+    assert_eq!(h.rejected.len(), rejected + 1, "re-adding {v} is refused");
+}
+
 /// Leader `l` of term t in configuration {1, 2, 3} is paused (after an
 /// entry of its own that never left it when `just_elected` is false;
 /// right after its election, its term start never sent, otherwise). The
@@ -3228,15 +3241,7 @@ fn stale_leader_meets_a_replacement(
     assert!(h.removed.iter().any(|r| r.0 == v), "{:?}", h.removed);
     // A fresh node can not come back as v: it is node 5, slow to hear
     // from w.
-    let rejected = h.rejected.len();
-    h.step(
-        w,
-        Event::ChangeMembership {
-            id: 103,
-            change: MembershipChange::AddLearner(v),
-        },
-    );
-    assert_eq!(h.rejected.len(), rejected + 1, "re-adding {v} is refused");
+    re_adding_is_refused(&mut h, w, v, 103);
     cut_both(&mut h, w, 5);
     change(&mut h, w, 104, MembershipChange::AddLearner(5));
     run_paused(&mut h, l, 500 * MS);
@@ -3383,15 +3388,7 @@ fn a_stale_leader_commits_nothing_with_a_fresh_node_started_under_the_removed_id
         // v's disk is wiped and a node started under its id to be added
         // again (which is then refused).
         h.nodes[(v - 1) as usize] = Node::new(Config::new(v, 7), Membership::default(), h.now);
-        let rejected = h.rejected.len();
-        h.step(
-            w,
-            Event::ChangeMembership {
-                id: 200,
-                change: MembershipChange::AddLearner(v),
-            },
-        );
-        assert_eq!(h.rejected.len(), rejected + 1, "re-adding {v} is refused");
+        re_adding_is_refused(&mut h, w, v, 200);
         h.cut.remove(&(l, v));
         h.cut.remove(&(v, l));
         let start = h.now;

@@ -391,15 +391,39 @@ impl Client {
 
     /// The status of one node (no redirects).
     pub async fn status_of(addr: &str, timeout: Duration) -> Result<NodeStatus, ClientError> {
+        match Self::ask_one(addr, ClientOp::Status, timeout).await? {
+            ClientResult::Status(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The configuration in force on one node (no redirects), with the ids
+    /// removed from the cluster. A node of a version before this request
+    /// closes the connection (`ClientError::Unreachable`).
+    pub async fn membership_of(
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<keel_core::Membership, ClientError> {
+        match Self::ask_one(addr, ClientOp::Membership, timeout).await? {
+            ClientResult::Membership(m) => Ok(m),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// One attempt of `op` at one node, its errors named for that node.
+    async fn ask_one(
+        addr: &str,
+        op: ClientOp,
+        timeout: Duration,
+    ) -> Result<ClientResult, ClientError> {
         let mut c = Client::new(ClientOptions {
             endpoints: vec![addr.to_string()],
             attempt_timeout: timeout,
             call_timeout: timeout,
             client_id: Some(1),
         })?;
-        match c.attempt(ClientOp::Status, timeout).await {
-            Ok(ClientResult::Status(s)) => Ok(s),
-            Ok(other) => Err(ClientError::Protocol(format!("{other:?}"))),
+        match c.attempt(op, timeout).await {
+            Ok(result) => Ok(result),
             Err(AttemptError {
                 foreign: Some(PEER_PORT),
                 ..

@@ -131,6 +131,12 @@ pub enum ClientOp {
     Status,
     TransferLeader(NodeId),
     ChangeMembership(keel_core::MembershipChange),
+    /// The configuration in force on the node, with the ids removed from
+    /// the cluster (which are never added again), answered
+    /// `ClientResult::Membership`. Added within client protocol 2 (a
+    /// request only new clients send): a node from before it refuses the
+    /// unknown op tag and closes the connection.
+    Membership,
 }
 
 /// How the `ClientResult::Error` a node gives a write whose outcome it
@@ -167,6 +173,8 @@ pub enum ClientResult {
     Busy,
     Error(String),
     Status(NodeStatus),
+    /// The answer to `ClientOp::Membership`.
+    Membership(Membership),
 }
 
 /// What a node reports about itself.
@@ -273,6 +281,7 @@ const OP_STALE_READ: u8 = 3;
 const OP_STATUS: u8 = 4;
 const OP_TRANSFER_LEADER: u8 = 5;
 const OP_CHANGE_MEMBERSHIP: u8 = 6;
+const OP_MEMBERSHIP: u8 = 7;
 
 // Membership change tags.
 const CHANGE_ADD_LEARNER: u8 = 1;
@@ -286,6 +295,7 @@ const RESULT_NOT_LEADER: u8 = 3;
 const RESULT_BUSY: u8 = 4;
 const RESULT_ERROR: u8 = 5;
 const RESULT_STATUS: u8 = 6;
+const RESULT_MEMBERSHIP: u8 = 7;
 
 // Smallest encodings, to bound declared counts by the bytes present.
 /// term, position, timestamp, kind tag, data length.
@@ -567,6 +577,7 @@ fn put_request(out: &mut Vec<u8>, r: &ClientRequest) {
             put_bytes(out, b);
         }
         ClientOp::Status => put_u8(out, OP_STATUS),
+        ClientOp::Membership => put_u8(out, OP_MEMBERSHIP),
         ClientOp::TransferLeader(n) => {
             put_u8(out, OP_TRANSFER_LEADER);
             put_u64(out, *n);
@@ -614,6 +625,10 @@ fn put_response(out: &mut Vec<u8>, r: &ClientResponse) {
         ClientResult::Status(s) => {
             put_u8(out, RESULT_STATUS);
             put_status(out, s);
+        }
+        ClientResult::Membership(m) => {
+            put_u8(out, RESULT_MEMBERSHIP);
+            put_membership(out, m);
         }
     }
 }
@@ -1057,6 +1072,7 @@ impl<'a> Reader<'a> {
             OP_READ => ClientOp::Read(self.bytes("Read query")?),
             OP_STALE_READ => ClientOp::StaleRead(self.bytes("StaleRead query")?),
             OP_STATUS => ClientOp::Status,
+            OP_MEMBERSHIP => ClientOp::Membership,
             OP_TRANSFER_LEADER => ClientOp::TransferLeader(self.u64("TransferLeader target")?),
             OP_CHANGE_MEMBERSHIP => {
                 let tag = self.u8("membership change tag")?;
@@ -1104,6 +1120,7 @@ impl<'a> Reader<'a> {
             RESULT_BUSY => ClientResult::Busy,
             RESULT_ERROR => ClientResult::Error(self.string("Error message")?),
             RESULT_STATUS => ClientResult::Status(self.status()?),
+            RESULT_MEMBERSHIP => ClientResult::Membership(self.membership()?),
             tag => {
                 return Err(CodecError::UnknownTag {
                     what: "client result",
@@ -1338,6 +1355,7 @@ mod tests {
             bytes().prop_map(ClientOp::Read),
             bytes().prop_map(ClientOp::StaleRead),
             Just(ClientOp::Status),
+            Just(ClientOp::Membership),
             u64s().prop_map(ClientOp::TransferLeader),
             prop_oneof![
                 u64s().prop_map(MembershipChange::AddLearner),
@@ -1397,6 +1415,7 @@ mod tests {
             Just(ClientResult::Busy),
             ".{0,30}".prop_map(ClientResult::Error),
             status().prop_map(ClientResult::Status),
+            membership().prop_map(ClientResult::Membership),
         ]
     }
 

@@ -2091,6 +2091,11 @@ impl Consensus {
                 respond(&sink, req.id, ClientResult::Status(s));
                 Ok(())
             }
+            ClientOp::Membership => {
+                let m = self.node.membership().clone();
+                respond(&sink, req.id, ClientResult::Membership(m));
+                Ok(())
+            }
             ClientOp::TransferLeader(target) => self.transfer_leader(id, req.id, sink, target),
             ClientOp::ChangeMembership(MembershipChange::AddLearner(n))
                 if n != 0

@@ -181,6 +181,9 @@ enum ClusterCmd {
     /// applied position is behind the highest commit position among the
     /// endpoints' answers, the leader's when the leader is among them
     /// (otherwise the leader's may be further on, which the output says).
+    /// Then the members as the leader (or the most up-to-date endpoint)
+    /// knows them, with the ids removed from the cluster, which are never
+    /// used again.
     Status,
     /// Hand leadership to node TARGET; returns once it leads, or fails if it
     /// does not within the minimum plus the maximum election timeout (a
@@ -956,6 +959,13 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
             let highest_commit = answers().map(|s| s.commit).max().unwrap_or(0);
             let leader_answered = answers().any(|s| s.role == "leader");
             let answered = answers().count();
+            // The members as the leader (or the most up-to-date endpoint)
+            // knows them.
+            let members_from = statuses
+                .iter()
+                .filter_map(|(e, s)| s.as_ref().ok().map(|s| (e, s)))
+                .max_by_key(|(_, s)| (s.role == "leader", s.commit))
+                .map(|(e, s)| ((*e).clone(), s.voters.clone(), s.learners.clone()));
             let mut failed = 0;
             for (e, s) in statuses {
                 match s {
@@ -986,6 +996,30 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
                 println!(
                     "(the leader is not among the endpoints: lag is counted from the highest \
                      commit position they know, {highest_commit}; the leader's may be further on)"
+                );
+            }
+            if let Some((e, voters, learners)) = members_from {
+                let list = |ids: &[u64]| {
+                    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+                    if ids.is_empty() {
+                        "none".to_string()
+                    } else {
+                        ids.join(", ")
+                    }
+                };
+                // (A node of a version before this request has no answer:
+                // the line goes without the removed ids.)
+                let removed = match Client::membership_of(&e, timeout).await {
+                    Ok(m) => format!(
+                        "; removed, never used again: {}",
+                        list(&m.removed.into_iter().collect::<Vec<_>>())
+                    ),
+                    Err(_) => String::new(),
+                };
+                println!(
+                    "members (as {e} knows them): voters {}; learners {}{removed}",
+                    list(&voters),
+                    list(&learners)
                 );
             }
             Ok(i32::from(failed > 0))

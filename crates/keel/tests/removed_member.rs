@@ -204,6 +204,15 @@ fn a_removed_id_is_never_added_again_and_a_new_id_joins() {
     // Written after the refusals: every member has the configuration the
     // refusals were checked against.
     c.put(&mut client, "after-refusal", "1");
+    // `keel cluster status` names the members as the leader knows them,
+    // and the removed id (the spare, not started yet, is unreachable).
+    let (_, text) = c.keel_cli(&["cluster", "status"]);
+    let voters: Vec<String> = (1..=3).filter(|&n| n != f).map(|n| n.to_string()).collect();
+    let line = format!(
+        "voters {}; learners none; removed, never used again: {f}",
+        voters.join(", ")
+    );
+    assert!(text.contains(&line), "{line:?} in:\n{text}");
     for id in (1..=3).filter(|&n| n != f) {
         let s = c.status(id).expect("a member's status");
         assert!(

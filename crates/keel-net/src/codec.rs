@@ -1771,8 +1771,8 @@ mod tests {
             let (at, what, known) = match &f {
                 Frame::Hello { .. } => (5, "frame", 1..=4),
                 Frame::Peer(_) => (6 + 32, "message body", 1..=13),
-                Frame::Request(_) => (6 + 24, "client op", 1..=6),
-                Frame::Response(_) => (6 + 8, "client result", 1..=6),
+                Frame::Request(_) => (6 + 24, "client op", 1..=7),
+                Frame::Response(_) => (6 + 8, "client result", 1..=7),
             };
             // A known tag becomes 0, unknown everywhere (rejecting it
             // instead aborts long runs for too many rejects).

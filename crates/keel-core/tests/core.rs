@@ -797,11 +797,7 @@ fn a_large_snapshot_is_installed_in_chunks() {
     let mut h = Harness::with(nodes);
     h.run_for(1_500 * MS);
     // Make node 1 the leader, then compact its log behind a 10 kB snapshot.
-    if h.leader() != Some(1) {
-        h.step(2, Event::TransferLeadership { id: 1, target: 1 });
-        h.run_for(500 * MS);
-    }
-    assert_eq!(h.leader(), Some(1));
+    node_1_leads(&mut h);
     h.cut.insert((1, 2));
     for seq in 1..=5 {
         h.propose(1, seq, seq, b"only on the leader");
@@ -850,11 +846,7 @@ fn leader_with_snapshot_and_wiped_follower(data: &[u8], cfg2: Config) -> (Harnes
     ];
     let mut h = Harness::with(nodes);
     h.run_for(1_500 * MS);
-    if h.leader() != Some(1) {
-        h.step(2, Event::TransferLeadership { id: 1, target: 1 });
-        h.run_for(500 * MS);
-    }
-    assert_eq!(h.leader(), Some(1));
+    node_1_leads(&mut h);
     for seq in 1..=5 {
         h.propose(1, seq, seq, b"committed");
     }
@@ -2108,6 +2100,16 @@ fn a_refused_vote_does_not_reset_the_election_timer() {
 /// Node `leader` of a three-node harness removes `target`; returns the
 /// position from which the configuration without it is in force (the end
 /// of its membership entry).
+/// Of voters {1, 2} with a leader elected, node 1 leads (node 2 hands
+/// leadership over if it has it).
+fn node_1_leads(h: &mut Harness) {
+    if h.leader() != Some(1) {
+        h.step(2, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1));
+}
+
 fn remove(h: &mut Harness, leader: NodeId, target: NodeId, req: RequestId) -> Position {
     h.step(
         leader,
@@ -3431,11 +3433,7 @@ fn idle_leader_with_snapshot_and_joining_learner_3() -> (Harness, Position) {
     ];
     let mut h = Harness::with(nodes);
     h.run_for(1_500 * MS);
-    if h.leader() != Some(1) {
-        h.step(2, Event::TransferLeadership { id: 1, target: 1 });
-        h.run_for(500 * MS);
-    }
-    assert_eq!(h.leader(), Some(1));
+    node_1_leads(&mut h);
     cut_both(&mut h, 1, 3);
     change(&mut h, 1, 1, MembershipChange::AddLearner(3));
     h.deliver();

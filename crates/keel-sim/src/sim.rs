@@ -2458,11 +2458,19 @@ impl Sim {
     }
 
     fn crash(&mut self, i: usize) {
+        if self.nodes[i].core.is_some() {
+            self.report.crashes += 1;
+            self.stop_process(i);
+        }
+    }
+
+    /// Node `i`'s process stops (a crash, or an operator stopping it):
+    /// what it had not synced or read yet is lost.
+    fn stop_process(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         if node.core.is_none() {
             return;
         }
-        self.report.crashes += 1;
         self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
         self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
         self.report.to_voter_ignored +=
@@ -3090,12 +3098,7 @@ impl Sim {
             .election_timeout_of(id, self.nodes[i].incarnation)
             .0;
         let dur = self.aux.range(min / 2, 6 * min);
-        self.pause_seq += 1;
-        self.paused.insert(id, (self.pause_seq, Vec::new()));
-        self.report.pauses += 1;
-        if leader.is_some() {
-            self.report.leaders_paused += 1;
-        }
+        self.pause_process(id, leader.is_some());
         if self.trace {
             eprintln!(
                 "{:>10.3}ms node {id}: paused for {} ms",
@@ -3468,10 +3471,7 @@ impl Sim {
                 self.now as f64 / 1e6
             );
         }
-        if self.nodes[i].core.is_some() {
-            self.crash(i);
-            self.report.crashes -= 1;
-        }
+        self.stop_process(i);
         self.nodes[i].removed = true;
         self.nodes[i].impostor = None;
         self.report.impostors_stopped += 1;
@@ -3521,6 +3521,17 @@ impl Sim {
     /// resumes reaching it alone for 0.3-1.5 s: it takes the impostor for
     /// the victim, and would be a majority with it. (Clients still reach
     /// the stale leader.) Retried until a leader with three voters exists.
+    /// Node `id`'s process handles nothing until it is resumed (a pause
+    /// numbered `self.pause_seq`); `leader`: it led when paused.
+    fn pause_process(&mut self, id: NodeId, leader: bool) {
+        self.pause_seq += 1;
+        self.paused.insert(id, (self.pause_seq, Vec::new()));
+        self.report.pauses += 1;
+        if leader {
+            self.report.leaders_paused += 1;
+        }
+    }
+
     fn plot_start(&mut self) {
         if !self.faults_active || self.plot.is_some() {
             return;
@@ -3540,10 +3551,7 @@ impl Sim {
             return;
         };
         let victim = others[self.impostor_rng.range(0, others.len() as u64) as usize];
-        self.pause_seq += 1;
-        self.paused.insert(stale, (self.pause_seq, Vec::new()));
-        self.report.pauses += 1;
-        self.report.leaders_paused += 1;
+        self.pause_process(stale, true);
         self.report.impostor_plots += 1;
         if self.trace {
             eprintln!(

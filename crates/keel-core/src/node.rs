@@ -127,6 +127,30 @@ pub struct Config {
     /// parts per million of elapsed time (10 000 = 1%). Values at or above
     /// 1 000 000 leave no lease.
     pub clock_drift_ppm: u64,
+    /// Voters that should lead whenever they can: the nodes near the
+    /// writers, say, in a cluster spread over regions. Empty (the
+    /// default): no preference. It should be the same on every node.
+    ///
+    /// A leader outside a non-empty set hands leadership to a preferred
+    /// voter, as `Event::TransferLeadership` does, once that voter has
+    /// answered it without a break for `preferred_leader_hold` (so a
+    /// cluster that elected a far-away leader during a latency blip or a
+    /// failover moves back once the link is steady again), unless the
+    /// leader was itself elected through a transfer: an operator's
+    /// transfer is respected for the rest of that term, and nodes given
+    /// different sets cannot hand leadership back and forth. A voter
+    /// outside the set draws its election timeouts from
+    /// [`election_timeout_max`, 2 `election_timeout_max` -
+    /// `election_timeout_min`) while the configuration has a preferred
+    /// voter, so a preferred follower usually stands first when a leader
+    /// is lost (failover with every preferred node down is slower by up to
+    /// the timeouts' spread).
+    pub preferred_leaders: BTreeSet<NodeId>,
+    /// How long a preferred voter must have answered a leader outside
+    /// `preferred_leaders` without a break (no gap over three heartbeat
+    /// intervals, nor over `election_timeout_min`) before it is handed
+    /// leadership; also the least time between two such hand-overs.
+    pub preferred_leader_hold: Nanos,
     /// Seed for randomized election timeouts.
     pub seed: u64,
     /// Deliberate protocol bugs, for proving the simulator's checkers fire.
@@ -151,6 +175,8 @@ impl Config {
             snapshot_check: accept_any_snapshot,
             lease_reads: false,
             clock_drift_ppm: 10_000,
+            preferred_leaders: BTreeSet::new(),
+            preferred_leader_hold: 5_000_000_000,
             seed: id,
             testing_bugs: TestingBugs::default(),
         }
@@ -461,6 +487,9 @@ struct Progress {
     /// is sent a commit position covering it: its clients are answered
     /// once it applies them, so it hears at once when one commits.
     forwarded: VecDeque<Position>,
+    /// When it last answered an append this term, and since when it has
+    /// answered without a break (`Config::preferred_leaders`).
+    answered: Option<(Nanos, Nanos)>,
 }
 
 impl Progress {
@@ -513,6 +542,9 @@ pub struct Stats {
     /// new id (or, an initial member that never ran, be started with the
     /// initial configuration instead).
     pub to_voter_ignored: u64,
+    /// Leadership transfers this node started as a leader outside
+    /// `Config::preferred_leaders`, to a preferred voter.
+    pub preference_transfers: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -608,6 +640,13 @@ pub struct Node {
     /// time it is given up at (`expire_forwarded_reads`).
     forwarded_reads: BTreeMap<RequestId, Nanos>,
     transfer: Option<(NodeId, Nanos)>,
+    /// Candidate: this election was started by a leadership transfer
+    /// (`TimeoutNow`). Leader: it won such an election, so it keeps
+    /// leadership for its term whatever `Config::preferred_leaders` says.
+    by_transfer: bool,
+    /// Leader outside `Config::preferred_leaders`: no hand-over to a
+    /// preferred voter before this time.
+    next_preference_move: Nanos,
     timers: BTreeMap<u64, Nanos>,
     timers_fired: BTreeSet<u64>,
     commit_advanced: bool,
@@ -751,6 +790,8 @@ impl Node {
             reads_waiting: Vec::new(),
             forwarded_reads: BTreeMap::new(),
             transfer: None,
+            by_transfer: false,
+            next_preference_move: 0,
             timers: BTreeMap::new(),
             timers_fired: BTreeSet::new(),
             commit_advanced: false,
@@ -983,6 +1024,7 @@ impl Node {
                     self.transfer = None;
                 }
             }
+            self.maybe_move_to_preferred(out);
             if now >= self.heartbeat_deadline {
                 self.heartbeat_due = true;
             }
@@ -1211,10 +1253,78 @@ impl Node {
     }
 
     fn reset_election_deadline(&mut self) {
-        let t = self
-            .rng
-            .range(self.cfg.election_timeout_min, self.cfg.election_timeout_max);
+        let (min, max) = (self.cfg.election_timeout_min, self.cfg.election_timeout_max);
+        let t = if self.defers_to_preferred() {
+            // After the preferred voters' range (see `preferred_leaders`).
+            self.rng.range(max, max.saturating_add(max - min))
+        } else {
+            self.rng.range(min, max)
+        };
         self.election_deadline = self.now.saturating_add(t);
+    }
+
+    /// A voter outside a non-empty `Config::preferred_leaders` while the
+    /// configuration has a preferred voter: its elections start later.
+    fn defers_to_preferred(&self) -> bool {
+        let preferred = &self.cfg.preferred_leaders;
+        !preferred.is_empty()
+            && !preferred.contains(&self.cfg.id)
+            && self
+                .membership()
+                .voters
+                .iter()
+                .any(|v| preferred.contains(v))
+    }
+
+    /// Leader outside `Config::preferred_leaders`: hands leadership to the
+    /// preferred voter that has answered without a break for the hold (the
+    /// most caught up, the lowest id on ties), as `transfer_leadership`
+    /// does. Not while a transfer is on, before this term's first entry
+    /// has committed, or in a term won through a transfer.
+    fn maybe_move_to_preferred(&mut self, out: &mut Vec<Action>) {
+        let preferred = &self.cfg.preferred_leaders;
+        let now = self.now;
+        if preferred.is_empty()
+            || preferred.contains(&self.cfg.id)
+            || self.by_transfer
+            || self.transfer.is_some()
+            || now < self.next_preference_move
+            || self.commit < self.term_start_end()
+        {
+            return;
+        }
+        let hold = self.cfg.preferred_leader_hold;
+        let gap = self.answer_gap_limit();
+        let membership = self.membership();
+        let target = self
+            .progress
+            .iter()
+            .filter(|&(n, p)| {
+                preferred.contains(n)
+                    && membership.is_voter(*n)
+                    && p.state == ProgressState::Replicate
+                    && p.answered.is_some_and(|(last, since)| {
+                        now.saturating_sub(last) <= gap && now.saturating_sub(since) >= hold
+                    })
+            })
+            // The most caught up; on a tie the lowest id (the first).
+            .max_by_key(|&(&n, p)| (p.matched, std::cmp::Reverse(n)))
+            .map(|(&n, _)| n);
+        if let Some(target) = target {
+            self.stats.preference_transfers += 1;
+            self.next_preference_move = now.saturating_add(hold);
+            self.transfer = Some((target, now + self.cfg.election_timeout_min));
+            self.maybe_send_timeout_now(target, out);
+        }
+    }
+
+    /// The longest silence of a follower that still counts as answering
+    /// without a break (`Config::preferred_leader_hold`).
+    fn answer_gap_limit(&self) -> Nanos {
+        self.cfg
+            .heartbeat_interval
+            .saturating_mul(3)
+            .min(self.cfg.election_timeout_min)
     }
 
     /// Leader stickiness: true while this node refuses to vote for (or
@@ -1377,6 +1487,7 @@ impl Node {
 
     fn campaign(&mut self, transfer: bool, out: &mut Vec<Action>) {
         self.stats.elections_started += 1;
+        self.by_transfer = transfer;
         self.term += 1;
         self.voted_for = Some(self.cfg.id);
         self.persist_hard_state(out);
@@ -1479,6 +1590,7 @@ impl Node {
             last_progress: 0,
             commit_sent: 0,
             forwarded: VecDeque::new(),
+            answered: None,
         }
     }
 
@@ -2529,10 +2641,16 @@ impl Node {
         let first = self.log.first_pos();
         let now = self.now;
         let lease_end = self.voter_lease_end(heartbeat, hold);
+        let gap = self.answer_gap_limit();
         let Some(p) = self.progress.get_mut(&from) else {
             return;
         };
         p.active = true;
+        let since = match p.answered {
+            Some((last, since)) if now.saturating_sub(last) <= gap => since,
+            _ => now,
+        };
+        p.answered = Some((now, since));
         p.heartbeat = p.heartbeat.max(heartbeat);
         p.lease_end = p.lease_end.max(lease_end);
         if ok {

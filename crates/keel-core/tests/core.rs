@@ -3624,3 +3624,125 @@ fn a_node_whose_data_never_included_it_ignores_a_leader_that_counts_it_as_a_vote
     assert_eq!((n.term(), n.leader()), (5, Some(1)));
     assert_eq!(answers(&out), vec![(snap.position, 1)]);
 }
+
+// ----- preferred leaders ----------------------------------------------------
+
+/// Three voters that prefer `preferred` as leader, with a hold of `hold`;
+/// `seed` varies their election timeouts.
+fn preferring(preferred: &[NodeId], hold: Nanos, seed: u64) -> Harness {
+    let m = Membership::new(1..=3);
+    Harness::with(
+        (1..=3)
+            .map(|id| {
+                let mut c = Config::new(id, 7);
+                c.preferred_leaders = preferred.iter().copied().collect();
+                c.preferred_leader_hold = hold;
+                c.seed = seed * 10 + id;
+                Node::new(c, m.clone(), 0)
+            })
+            .collect(),
+    )
+}
+
+fn isolate(h: &mut Harness, lonely: NodeId) {
+    for other in 1..=3 {
+        h.cut.insert((lonely, other));
+        h.cut.insert((other, lonely));
+    }
+}
+
+fn preference_transfers(h: &Harness) -> u64 {
+    (1..=3)
+        .map(|n| h.node(n).stats().preference_transfers)
+        .sum()
+}
+
+#[test]
+fn a_preferred_voter_stands_first_and_keeps_leading() {
+    for seed in 0..20 {
+        let mut h = preferring(&[3], 2_000 * MS, seed);
+        h.run_for(1_500 * MS);
+        assert_eq!(h.leader(), Some(3), "seed {seed}");
+        for n in [1, 2] {
+            let s = h.node(n).stats();
+            assert_eq!(s.pre_votes_started, 0, "seed {seed}: node {n} stood");
+        }
+        h.run_for(6_000 * MS);
+        assert_eq!(h.leader(), Some(3), "seed {seed}");
+        assert_eq!(preference_transfers(&h), 0, "seed {seed}");
+    }
+}
+
+#[test]
+fn a_leader_outside_the_preferred_set_hands_over_once_a_preferred_voter_answered_for_the_hold() {
+    let hold = 2_000 * MS;
+    let mut h = preferring(&[1], hold, 1);
+    isolate(&mut h, 1);
+    h.run_for(3_000 * MS);
+    let far = h
+        .leader()
+        .expect("node 2 or 3 leads while node 1 is cut off");
+    assert_ne!(far, 1);
+    h.propose(far, 1, 1, b"before");
+    h.cut.clear();
+    h.run_for(hold - 200 * MS);
+    assert_eq!(h.leader(), Some(far), "handed over before the hold");
+    assert_eq!(preference_transfers(&h), 0);
+    h.run_for(1_000 * MS);
+    assert_eq!(h.leader(), Some(1), "leadership came back to node 1");
+    assert_eq!(h.node(far).stats().preference_transfers, 1);
+    // It serves: a write commits and reaches every node after the first.
+    h.propose(1, 2, 2, b"after");
+    h.run_for(100 * MS);
+    for n in 1..=3usize {
+        let data: Vec<&[u8]> = h.applied[n - 1]
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Command { .. }))
+            .map(|e| &e.data[..])
+            .collect();
+        assert_eq!(data, [&b"before"[..], b"after"], "node {n}");
+    }
+    h.run_for(4 * hold);
+    assert_eq!(h.leader(), Some(1));
+    assert_eq!(preference_transfers(&h), 1);
+}
+
+#[test]
+fn a_leader_elected_through_a_transfer_keeps_leading_for_its_term() {
+    let hold = 1_000 * MS;
+    let mut h = preferring(&[1], hold, 2);
+    h.run_for(1_500 * MS);
+    assert_eq!(h.leader(), Some(1));
+    h.step(1, Event::TransferLeadership { id: 1, target: 2 });
+    h.run_for(100 * MS);
+    assert_eq!(h.leader(), Some(2));
+    let term = h.node(2).term();
+    h.run_for(5 * hold);
+    assert_eq!(h.leader(), Some(2), "an operator's transfer was undone");
+    assert_eq!(h.node(2).term(), term);
+    assert_eq!(preference_transfers(&h), 0);
+}
+
+#[test]
+fn a_preferred_voter_on_a_flapping_link_is_not_handed_leadership() {
+    let hold = 2_000 * MS;
+    let mut h = preferring(&[1], hold, 3);
+    isolate(&mut h, 1);
+    h.run_for(3_000 * MS);
+    let far = h
+        .leader()
+        .expect("node 2 or 3 leads while node 1 is cut off");
+    // Up for most of each hold, but down for 200 ms (four heartbeats,
+    // under node 1's election timeout) every 1.2 s.
+    for _ in 0..10 {
+        h.cut.clear();
+        h.run_for(1_000 * MS);
+        isolate(&mut h, 1);
+        h.run_for(200 * MS);
+    }
+    assert_eq!(h.leader(), Some(far), "moved over a flapping link");
+    assert_eq!(preference_transfers(&h), 0);
+    h.cut.clear();
+    h.run_for(hold + 500 * MS);
+    assert_eq!(h.leader(), Some(1), "the steady link was not used");
+}

@@ -108,6 +108,12 @@ fn default_election_min_ms() -> u64 {
 fn default_election_max_ms() -> u64 {
     1000
 }
+fn default_preferred_leader_hold_ms() -> u64 {
+    5000
+}
+/// The longest `preferred_leader_hold_ms` accepted: a day (longer is as
+/// good as never moving leadership back).
+pub const MAX_PREFERRED_LEADER_HOLD_MS: u64 = 86_400_000;
 fn default_snapshot_bytes() -> u64 {
     64 << 20
 }
@@ -297,6 +303,27 @@ pub struct NodeConfig {
     pub election_timeout_min_ms: u64,
     #[serde(default = "default_election_max_ms")]
     pub election_timeout_max_ms: u64,
+    /// Voters that should lead whenever they can (say the nodes in the
+    /// writers' region of a cluster spread over regions); give every node
+    /// the same list. A leader outside the list hands leadership to a
+    /// listed voter once that voter has answered it without a break for
+    /// `preferred_leader_hold_ms` (so leadership returns after a latency
+    /// blip or a failover elected a far-away node), unless it was itself
+    /// handed leadership by a transfer (an operator's `keel cluster
+    /// transfer-leader` is kept for the rest of that term). Unlisted voters
+    /// wait longer before they stand for election, so a listed one usually
+    /// stands first: failover with every listed node down is slower by up
+    /// to the election timeouts' spread. Empty (the default): no
+    /// preference.
+    #[serde(default)]
+    pub preferred_leaders: Vec<NodeId>,
+    /// How long a voter in `preferred_leaders` must have answered a leader
+    /// outside the list without a break before that leader hands it
+    /// leadership, and the least time between two such hand-overs. At
+    /// least `election_timeout_max_ms` when the list is set: a shorter hold
+    /// could move leadership onto a link that is only briefly up.
+    #[serde(default = "default_preferred_leader_hold_ms")]
+    pub preferred_leader_hold_ms: u64,
     /// Take a snapshot after this many bytes of log were applied.
     #[serde(default = "default_snapshot_bytes")]
     pub snapshot_every_bytes: u64,
@@ -408,6 +435,42 @@ impl NodeConfig {
             return bad(format!(
                 "election_timeout_min_ms ({}) must be below election_timeout_max_ms ({})",
                 self.election_timeout_min_ms, self.election_timeout_max_ms
+            ));
+        }
+        let mut preferred = BTreeSet::new();
+        for &p in &self.preferred_leaders {
+            if p == 0 || !preferred.insert(p) {
+                return bad(format!(
+                    "preferred_leaders {:?}: node id {p} is {}",
+                    self.preferred_leaders,
+                    if p == 0 {
+                        "0 (ids start at 1)"
+                    } else {
+                        "listed twice"
+                    }
+                ));
+            }
+        }
+        if self.preferred_leader_hold_ms == 0
+            || self.preferred_leader_hold_ms > MAX_PREFERRED_LEADER_HOLD_MS
+        {
+            return bad(format!(
+                "preferred_leader_hold_ms ({}) must be between 1 and \
+                 {MAX_PREFERRED_LEADER_HOLD_MS}",
+                self.preferred_leader_hold_ms
+            ));
+        }
+        // Only checked with a preference set: the hold is not used
+        // otherwise, and a node with long election timeouts and no
+        // preference must not have to set it.
+        if !self.preferred_leaders.is_empty()
+            && self.preferred_leader_hold_ms < self.election_timeout_max_ms
+        {
+            return bad(format!(
+                "preferred_leader_hold_ms ({}) must be at least election_timeout_max_ms ({}): \
+                 a hold shorter than an election timeout could move leadership onto a link \
+                 that is only briefly up",
+                self.preferred_leader_hold_ms, self.election_timeout_max_ms
             ));
         }
         if !(1..=60_000).contains(&self.replicated_sync_interval_ms) {
@@ -554,6 +617,22 @@ impl NodeConfig {
         } else {
             Membership::new(std::iter::once(self.id).chain(self.peers.iter().map(|p| p.id)))
         }
+    }
+
+    /// `preferred_leaders` as a set (validated: no 0, no duplicates).
+    pub fn preferred_leader_set(&self) -> BTreeSet<NodeId> {
+        self.preferred_leaders.iter().copied().collect()
+    }
+
+    /// Ids in `preferred_leaders` that are neither this node nor one of
+    /// its peers (a typo, or a node this one cannot know of): said at
+    /// start, not refused, since a node's peer list may lag the others'.
+    pub fn unknown_preferred_leaders(&self) -> Vec<NodeId> {
+        self.preferred_leaders
+            .iter()
+            .copied()
+            .filter(|&p| p != self.id && !self.peers.iter().any(|q| q.id == p))
+            .collect()
     }
 
     /// `net_threads`, with 0 resolved: half of `cores`, at least 2.
@@ -880,6 +959,76 @@ mod tests {
             e.to_string().contains("max_unapplied_bytes (1048576)"),
             "{e}"
         );
+    }
+
+    /// `preferred_leaders` and `preferred_leader_hold_ms`: defaults (no
+    /// preference, 5 s), the set handed to the core, and refusals that
+    /// name the key and the value.
+    #[test]
+    fn preferred_leaders_are_parsed_and_checked() {
+        let c: NodeConfig = toml::from_str(base()).expect("parse");
+        assert!(c.preferred_leaders.is_empty());
+        assert!(c.preferred_leader_set().is_empty());
+        assert_eq!(c.preferred_leader_hold_ms, 5000);
+        c.validate().expect("the defaults are valid");
+        let text = format!(
+            "{}preferred_leaders = [3, 1]\npreferred_leader_hold_ms = 1000\n\
+             [[peers]]\nid = 2\npeer_addr = \"127.0.0.1:7002\"\nclient_addr = \"127.0.0.1:7102\"\n",
+            base()
+        );
+        let c: NodeConfig = toml::from_str(&text).expect("parse");
+        c.validate().expect("valid");
+        assert_eq!(c.preferred_leader_set(), BTreeSet::from([1, 3]));
+        assert_eq!(c.preferred_leader_hold_ms, 1000);
+        // 3 is neither this node nor a peer: said at start, not refused.
+        assert_eq!(c.unknown_preferred_leaders(), vec![3]);
+        for (list, wants) in [
+            (vec![0], "preferred_leaders [0]: node id 0 is 0"),
+            (vec![1, 0], "preferred_leaders [1, 0]: node id 0 is 0"),
+            (
+                vec![2, 1, 2],
+                "preferred_leaders [2, 1, 2]: node id 2 is listed twice",
+            ),
+        ] {
+            let mut bad = c.clone();
+            bad.preferred_leaders = list;
+            let e = bad.validate().expect_err("a bad list").to_string();
+            assert!(e.contains(wants), "{e}");
+        }
+        for hold in [0, MAX_PREFERRED_LEADER_HOLD_MS + 1, u64::MAX] {
+            let mut bad = c.clone();
+            bad.preferred_leader_hold_ms = hold;
+            let e = bad.validate().expect_err("a bad hold").to_string();
+            assert!(
+                e.contains(&format!(
+                    "preferred_leader_hold_ms ({hold}) must be between 1"
+                )),
+                "{e}"
+            );
+        }
+        // Shorter than an election timeout, with a preference: refused,
+        // saying why.
+        let mut short = c.clone();
+        short.preferred_leader_hold_ms = 999;
+        let e = short.validate().expect_err("a short hold").to_string();
+        assert!(
+            e.contains(
+                "preferred_leader_hold_ms (999) must be at least election_timeout_max_ms (1000)"
+            ) && e.contains("only briefly up"),
+            "{e}"
+        );
+        // Without a preference the hold is unused: long election timeouts
+        // need no hold set to match.
+        short.preferred_leaders.clear();
+        short.election_timeout_max_ms = 20_000;
+        short.validate().expect("no preference, any hold");
+        // From TOML too, with the key named by serde.
+        let e = toml::from_str::<NodeConfig>(&format!("{}preferred_leaders = [-1]\n", base()))
+            .expect_err("a negative id");
+        assert!(e.to_string().contains("preferred_leaders"), "{e}");
+        let e = toml::from_str::<NodeConfig>(&format!("{}preferred_leaders = 1\n", base()))
+            .expect_err("not a list");
+        assert!(e.to_string().contains("preferred_leaders"), "{e}");
     }
 
     /// Bad auto-compaction settings are refused on every node, not only

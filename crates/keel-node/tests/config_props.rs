@@ -37,6 +37,8 @@ lease_reads = true
 clock_drift_ppm = 1000
 election_timeout_min_ms = 500
 election_timeout_max_ms = 1000
+preferred_leaders = [1, 2]
+preferred_leader_hold_ms = 2000
 snapshot_every_bytes = 1000000
 snapshot_log_percent = 50
 log_cache_bytes = 1000000
@@ -108,6 +110,12 @@ fn check_loaded(c: &NodeConfig) -> Result<(), TestCaseError> {
         check_auto_compaction(&c.auto_compaction_mode, &c.auto_compaction_retention).is_ok()
     );
     prop_assert!(c.peers.iter().all(|p| p.id != 0 && p.id != c.id));
+    let preferred = c.preferred_leader_set();
+    prop_assert!(!preferred.contains(&0) && preferred.len() == c.preferred_leaders.len());
+    prop_assert!(
+        (1..=keel_node::config::MAX_PREFERRED_LEADER_HOLD_MS).contains(&c.preferred_leader_hold_ms)
+    );
+    prop_assert!(preferred.is_empty() || c.preferred_leader_hold_ms >= c.election_timeout_max_ms);
     Ok(())
 }
 
@@ -138,6 +146,51 @@ proptest! {
             }
             Err(ConfigError::Invalid(m)) => {
                 prop_assert!(m.contains(field) || field.ends_with("_addr") || field == "id", "{} = {}: {}", field, value, m);
+            }
+            Err(e) => prop_assert!(false, "unexpected error {}", e),
+        }
+    }
+
+    /// Any list of preferred leaders with any hold and election timeout:
+    /// loads exactly when the ids are not 0 and not repeated and the hold
+    /// is 1 ms to a day and, with a list, no shorter than the longest
+    /// election timeout; a refusal names the setting and its value.
+    #[test]
+    fn preferred_leaders_load_exactly_when_valid(
+        ids in proptest::collection::vec(prop_oneof![Just(0u64), 1u64..6, any::<u64>()], 0..5),
+        hold in prop_oneof![Just(0u64), 1u64..3000, Just(86_400_000), Just(86_400_001), any::<u64>()],
+        max in 600u64..3000,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text: String = VALID
+            .lines()
+            .map(|l| match l.split_once(" = ") {
+                Some(("preferred_leaders", _)) => format!("preferred_leaders = {ids:?}\n"),
+                Some(("preferred_leader_hold_ms", _)) => format!("preferred_leader_hold_ms = {hold}\n"),
+                Some(("election_timeout_max_ms", _)) => format!("election_timeout_max_ms = {max}\n"),
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        let distinct: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+        let ids_ok = !distinct.contains(&0) && distinct.len() == ids.len();
+        let hold_ok = (1..=86_400_000).contains(&hold) && (ids.is_empty() || hold >= max);
+        let too_big = ids.iter().any(|&i| i > i64::MAX as u64) || hold > i64::MAX as u64;
+        match load(dir.path(), text.as_bytes()) {
+            Ok(c) => {
+                prop_assert!(ids_ok && hold_ok, "{:?} {} {} loaded", ids, hold, max);
+                prop_assert_eq!(&c.preferred_leaders, &ids);
+                prop_assert_eq!(c.preferred_leader_hold_ms, hold);
+                check_loaded(&c)?;
+            }
+            // TOML integers are i64: larger ones do not parse.
+            Err(ConfigError::Parse { .. }) => prop_assert!(too_big, "{:?} {}", ids, hold),
+            Err(ConfigError::Invalid(m)) => {
+                prop_assert!(!(ids_ok && hold_ok), "{:?} {} {} refused: {}", ids, hold, max, m);
+                if !ids_ok {
+                    prop_assert!(m.contains(&format!("preferred_leaders {ids:?}")), "{}", m);
+                } else {
+                    prop_assert!(m.contains(&format!("preferred_leader_hold_ms ({hold})")), "{}", m);
+                }
             }
             Err(e) => prop_assert!(false, "unexpected error {}", e),
         }

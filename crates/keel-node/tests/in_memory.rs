@@ -119,6 +119,8 @@ fn node_config(
         clock_drift_ppm: 10_000,
         election_timeout_min_ms: 200,
         election_timeout_max_ms: 400,
+        preferred_leaders: Vec::new(),
+        preferred_leader_hold_ms: 5000,
         snapshot_every_bytes,
         snapshot_log_percent: 100,
         // Applied entries leave memory at once: followers that fall behind

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub leaders_seen: Counter,
     pub elections_started: Counter,
     pub lease_reads: Counter,
+    pub preference_transfers: Counter,
     pub snapshots_taken: Counter,
     pub snapshots_installed: Counter,
     pub busy: Counter,
@@ -76,6 +77,7 @@ impl Metrics {
             leaders_seen: Counter::default(),
             elections_started: Counter::default(),
             lease_reads: Counter::default(),
+            preference_transfers: Counter::default(),
             snapshots_taken: Counter::default(),
             snapshots_installed: Counter::default(),
             busy: Counter::default(),
@@ -140,6 +142,12 @@ impl Metrics {
             "lease_reads",
             "linearizable reads this node answered as leader from its lease, without a heartbeat round (lease_reads = true)",
             m.lease_reads.clone(),
+        );
+        registry.register(
+            "leader_preference_transfers",
+            "leadership transfers this node started as a leader outside preferred_leaders, to a \
+             preferred voter that had answered it steadily for preferred_leader_hold_ms",
+            m.preference_transfers.clone(),
         );
         registry.register(
             "snapshots_taken",
@@ -415,6 +423,12 @@ mod tests {
         }
         assert!(value("keel_log_retained_bytes").is_some(), "{text}");
         assert!(value("keel_role").is_some(), "{text}");
+        // A counter's sample ends in _total (OpenMetrics).
+        assert_eq!(
+            value("keel_leader_preference_transfers_total"),
+            Some(0.0),
+            "{text}"
+        );
     }
 
     proptest::proptest! {

@@ -1515,6 +1515,29 @@ fn run_node(
     core_cfg.log_cache_bytes = cfg.log_cache_bytes;
     core_cfg.lease_reads = cfg.lease_reads;
     core_cfg.clock_drift_ppm = cfg.clock_drift_ppm;
+    core_cfg.preferred_leaders = cfg.preferred_leader_set();
+    core_cfg.preferred_leader_hold = cfg.preferred_leader_hold_ms.saturating_mul(1_000_000);
+    if !cfg.preferred_leaders.is_empty() {
+        info!(
+            "node {}: preferred leaders {:?} (hold {} ms){}",
+            cfg.id,
+            core_cfg.preferred_leaders,
+            cfg.preferred_leader_hold_ms,
+            if core_cfg.preferred_leaders.contains(&cfg.id) {
+                ": this node is one"
+            } else {
+                ": this node hands leadership to one of them once it answers steadily"
+            }
+        );
+        let unknown = cfg.unknown_preferred_leaders();
+        if !unknown.is_empty() {
+            warn!(
+                "node {}: preferred_leaders names {unknown:?}, neither this node nor one of its \
+                 peers (a typo? every node should have the same list)",
+                cfg.id
+            );
+        }
+    }
     let mut node = Node::restart(core_cfg, recovered, start_wall);
     // A node created to join that has not recorded that it caught up.
     let created_to_join = hard.membership.voters.is_empty() && hard.membership.learners.is_empty();
@@ -2951,6 +2974,11 @@ impl Consensus {
         self.metrics
             .lease_reads
             .inc_by(stats.lease_reads.saturating_sub(seen.lease_reads));
+        self.metrics.preference_transfers.inc_by(
+            stats
+                .preference_transfers
+                .saturating_sub(seen.preference_transfers),
+        );
         self.stats_seen = stats;
         if let Ok(mut st) = self.status.lock() {
             *st = s;

@@ -26,6 +26,12 @@ pub struct DevArgs {
     /// run, not kept from the last.
     #[arg(long, default_value = "sync", value_parser = ["sync", "replicated"])]
     durability: String,
+    /// Node ids that should lead whenever they can, comma-separated (as
+    /// `keel server --preferred-leaders`, given to every node): a leader
+    /// not listed hands leadership to a listed node that answers it
+    /// steadily. Set anew by each run, not kept from the last.
+    #[arg(long, value_delimiter = ',')]
+    preferred_leaders: Vec<u64>,
     /// The replicated service: kv, echo, lock, matching. A new --dir:
     /// default kv. An existing one keeps the service it was created with
     /// (recorded in its keel-dev.toml).
@@ -213,6 +219,24 @@ pub struct DevNode {
 /// so a config names the node's data directory wherever it is used from;
 /// `shown`: --dir as given); returns the nodes.
 fn write_configs(a: &DevArgs, fixed: &Fixed, dir: &Path, shown: &Path) -> Result<Vec<DevNode>> {
+    let mut preferred = std::collections::BTreeSet::new();
+    for &p in &a.preferred_leaders {
+        if !(1..=fixed.nodes).contains(&p) || !preferred.insert(p) {
+            bail!(
+                "--preferred-leaders {}: node {p} is {}",
+                a.preferred_leaders
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                if preferred.contains(&p) {
+                    "listed twice".to_string()
+                } else {
+                    format!("not one of this cluster's nodes (1 to {})", fixed.nodes)
+                }
+            );
+        }
+    }
     let mut nodes = Vec::new();
     for id in 1..=fixed.nodes {
         let client = format!("127.0.0.1:{}", port(a.base_port, id)?);
@@ -234,6 +258,9 @@ fn write_configs(a: &DevArgs, fixed: &Fixed, dir: &Path, shown: &Path) -> Result
         );
         if let Some(e) = etcd {
             toml.push_str(&format!("etcd_addr = \"{e}\"\n"));
+        }
+        if !a.preferred_leaders.is_empty() {
+            toml.push_str(&format!("preferred_leaders = {:?}\n", a.preferred_leaders));
         }
         for (pid, pclient, ppeer, _, petcd) in &nodes {
             if pid != id {
@@ -535,6 +562,9 @@ pub fn run(a: DevArgs) -> Result<i32> {
         a.durability,
         shown.display()
     );
+    if !a.preferred_leaders.is_empty() {
+        println!("  preferred leaders: {:?}", a.preferred_leaders);
+    }
     for n in &nodes {
         let etcd = n
             .etcd

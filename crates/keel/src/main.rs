@@ -355,6 +355,24 @@ struct ServerArgs {
     /// 1000; at most 60000).
     #[arg(long)]
     election_timeout_max_ms: Option<u64>,
+    /// Node ids that should lead whenever they can, comma-separated (e.g.
+    /// 1,2): the nodes in the writers' region, to keep leadership there.
+    /// A leader not listed hands leadership to a listed voter once that
+    /// voter has answered it steadily for --preferred-leader-hold-ms, so
+    /// leadership returns after a latency blip or a failover elected a
+    /// far-away node; unlisted nodes wait longer before standing for
+    /// election. A leader handed leadership by a transfer (`keel cluster
+    /// transfer-leader`) keeps it for its term. Set the same list on every
+    /// node. Default: none (no preference).
+    #[arg(long, value_delimiter = ',')]
+    preferred_leaders: Option<Vec<NodeId>>,
+    /// How long a preferred node must have answered an unlisted leader
+    /// without a break before that leader hands it leadership, and the
+    /// least time between two such hand-overs, in milliseconds (default
+    /// 5000; with --preferred-leaders at least the maximum election
+    /// timeout, so a link that is only briefly up does not get leadership).
+    #[arg(long)]
+    preferred_leader_hold_ms: Option<u64>,
     /// Take a snapshot after this many bytes of log are applied (default
     /// 67108864, 64 MiB).
     #[arg(long)]
@@ -505,6 +523,12 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = a.election_timeout_max_ms {
         cfg.election_timeout_max_ms = v;
+    }
+    if let Some(v) = &a.preferred_leaders {
+        cfg.preferred_leaders = v.clone();
+    }
+    if let Some(v) = a.preferred_leader_hold_ms {
+        cfg.preferred_leader_hold_ms = v;
     }
     if let Some(v) = a.snapshot_every_bytes {
         cfg.snapshot_every_bytes = v;

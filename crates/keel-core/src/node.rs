@@ -832,6 +832,12 @@ impl Node {
     pub fn leader(&self) -> Option<NodeId> {
         self.leader
     }
+    /// Whether this node's latest election was started by a leadership
+    /// transfer (`TimeoutNow`): a leader elected so keeps leadership for
+    /// its term whatever `Config::preferred_leaders` says.
+    pub fn elected_by_transfer(&self) -> bool {
+        self.by_transfer
+    }
     pub fn is_leader(&self) -> bool {
         self.role == Role::Leader
     }

@@ -2887,6 +2887,19 @@ impl Consensus {
                 );
                 if role == Role::Leader {
                     self.metrics.elections_won.inc();
+                    let preferred = &self.node.config().preferred_leaders;
+                    if !preferred.is_empty()
+                        && !preferred.contains(&self.cfg.id)
+                        && self.node.elected_by_transfer()
+                    {
+                        warn!(
+                            "node {}: leads term {term} by a leadership transfer though \
+                             preferred_leaders is {preferred:?}: it keeps leadership for this \
+                             term (an operator's transfer, or a node whose preferred_leaders \
+                             differs from this node's: give every node the same list)",
+                            self.cfg.id
+                        );
+                    }
                 }
                 if leader.is_some() && leader != self.last_leader {
                     self.metrics.leaders_seen.inc();

@@ -8,5 +8,6 @@ pub mod linearizability;
 pub mod sim;
 
 pub use sim::{
-    run, FaultMix, LeaseCuts, Report, Scenario, SimConfig, WipeFollower, WipeOutcome, BUGS,
+    run, FaultMix, LeaseCuts, PreferredOutcome, Report, Scenario, SimConfig, WipeFollower,
+    WipeOutcome, BUGS,
 };

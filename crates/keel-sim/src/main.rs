@@ -36,10 +36,29 @@ struct Args {
     /// VM) and resumes it with long-due timers and a backlog of messages,
     /// requests and disk completions, and delivers 1% of the messages once
     /// more 0.5-3 s late (old-term appends, votes, read indexes); crashes,
-    /// loss and duplication too.
+    /// loss and duplication too. `regions` (not in the rotation: name it)
+    /// is a cluster over two regions, the writers' (preferred) one being
+    /// node 1 of 3 or nodes 1-2 of 5: the links of that region, or of the
+    /// leader, are cut or delayed past the election timeout for a while
+    /// (the last time until the heal), so a far-away node may be elected;
+    /// after the heal a preferred voter must lead again within the bound
+    /// (see --preferred-leaders).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
-        FaultMix::all().iter().map(|m| m.name).collect::<Vec<_>>()))]
+        FaultMix::named().iter().map(|m| m.name).collect::<Vec<_>>()))]
     mix: Option<String>,
+    /// Give every seed a preferred-leader set (`Config::preferred_leaders`,
+    /// the same on every node), as a quarter of the seeds of the usual
+    /// mixes (and every `regions` seed) have anyway: 1 or 2 of the initial
+    /// voters, drawn from the seed, with a hold of 2-4 election timeouts.
+    /// Checked: once the faults heal, when a preferred id is a voter of
+    /// the final configuration and up, a preferred voter leads within the
+    /// bound (the hold, four of the longest election timeouts and two for
+    /// the transfer) and still leads at the end (unless the leader then was
+    /// elected through a transfer, which it keeps for its term).
+    /// `--preferred-leaders=false` gives no seed one.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true")]
+    preferred_leaders: Option<bool>,
     /// Simulated seconds of faults per seed.
     #[arg(long, default_value_t = 6)]
     fault_seconds: u64,
@@ -123,6 +142,11 @@ fn config_for(args: &Args, seed: u64) -> SimConfig {
     if let Some(sc) = args.scenario.as_deref().and_then(Scenario::by_name) {
         sc.apply(&mut cfg);
     }
+    match args.preferred_leaders {
+        Some(true) => cfg.force_preferred_leaders(),
+        Some(false) => cfg.no_preferred_leaders(),
+        None => {}
+    }
     // A scenario may turn lease reads on and set the drift itself.
     cfg.lease_reads |= args.lease_reads;
     cfg.uneven_timeouts = args.uneven_timeouts;
@@ -157,6 +181,21 @@ fn main() {
         if let Some(w) = &r.wiped {
             println!("wiped follower: {w:?}");
         }
+        if let Some(p) = &r.preferred {
+            println!(
+                "preferred leaders {:?} (hold {} ms): leader at the heal {:?}{}, a preferred voter led {}, bound {} ms, {} preference transfers, {} region blips ({} delays){}",
+                cfg.preferred_leaders,
+                cfg.preferred_leader_hold / 1_000_000,
+                p.leader_at_heal,
+                if p.outside_at_heal { " (outside the set)" } else { "" },
+                p.led_after.map_or("never after the heal".to_string(), |t| format!("{} ms after the heal", t / 1_000_000)),
+                p.bound / 1_000_000,
+                r.preference_transfers,
+                r.region_blips,
+                r.region_delays,
+                p.skipped.as_ref().map_or(String::new(), |s| format!("; not checked: {s}"))
+            );
+        }
         if let Some(t) = r.stopped_at {
             println!(
                 "stopped at the first safety violation, {:.3}s simulated",
@@ -178,9 +217,21 @@ fn main() {
     let (mut impostors, mut plots_met, mut stale_at_impostors, mut voter_appends, mut ignored) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut impostors_joined = 0u64;
+    let (mut pref_runs, mut pref_outside, mut pref_transfers, mut pref_skipped) =
+        (0u64, 0u64, 0u64, 0u64);
+    let mut pref_slowest = 0u64;
     for seed in args.start..args.start + args.seeds {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
+        pref_transfers += r.preference_transfers;
+        if let Some(p) = &r.preferred {
+            pref_runs += 1;
+            pref_outside += u64::from(p.outside_at_heal);
+            pref_skipped += u64::from(p.skipped.is_some());
+            if p.skipped.is_none() {
+                pref_slowest = pref_slowest.max(p.led_after.unwrap_or(0));
+            }
+        }
         ops += r.ops_ok;
         elections += r.elections;
         log_ranges += r.log_ranges_read;
@@ -238,9 +289,10 @@ fn main() {
         }
     }
     println!(
-        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes, {impostors_joined} impostors finished joining under a leader counting them as learners), {} linearizability checks over budget{}, {} violations{}{}",
+        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {pref_runs} with preferred leaders ({pref_outside} healed with a leader outside the set, {pref_transfers} preference transfers, {pref_skipped} not checked, a preferred voter led at the latest {} ms after the heal), {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes, {impostors_joined} impostors finished joining under a leader counting them as learners), {} linearizability checks over budget{}, {} violations{}{}",
         args.seeds,
         started.elapsed().as_secs_f64(),
+        pref_slowest / 1_000_000,
         unknown_lin.len(),
         if unknown_lin.is_empty() { String::new() } else { format!(" (seeds {unknown_lin:?})") },
         failed.len(),

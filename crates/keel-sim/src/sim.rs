@@ -122,6 +122,16 @@ pub struct FaultMix {
     /// leader that counts it as a voter. Drawn from a stream of their own,
     /// so a run goes as before up to its first impostor or plot.
     pub impostors: bool,
+    /// Latency blips between regions (the `regions` mix): the preferred
+    /// region (`SimConfig::preferred_leaders`, the writers' region) or the
+    /// leader of the moment loses its links to every other node for
+    /// 0.3-2.5 s: half the time they are cut, half the time what crosses
+    /// them arrives one to three election timeouts (maximum) late. Either
+    /// way the far side may elect a leader outside the preferred set. The
+    /// last blip, of the preferred region most of the time, lasts until
+    /// the faults heal, so many runs heal with a leader outside it
+    /// (`Sim::region_blip`).
+    pub region_blips: bool,
 }
 
 impl FaultMix {
@@ -143,6 +153,7 @@ impl FaultMix {
         pauses: false,
         stale_replays: 0.0,
         impostors: false,
+        region_blips: false,
     };
 
     /// Every named mix, from calm to chaos.
@@ -213,6 +224,7 @@ impl FaultMix {
                 pauses: true,
                 stale_replays: 0.005,
                 impostors: true,
+                region_blips: false,
             },
             FaultMix {
                 name: "transfers",
@@ -239,8 +251,32 @@ impl FaultMix {
         ]
     }
 
+    /// The mixes outside the default rotation (`all`), so that adding
+    /// them left every seed of the rotation's mixes as it was: `regions`,
+    /// a cluster over two regions whose links blip (`region_blips`), with
+    /// crashes and a little loss and reordering. Its runs always have a
+    /// preferred set, the writers' region: node 1 of three, nodes 1 and 2
+    /// of five.
+    pub fn extra() -> Vec<FaultMix> {
+        vec![FaultMix {
+            name: "regions",
+            region_blips: true,
+            crashes: true,
+            loss: 0.01,
+            reorder: 0.02,
+            ..Self::NONE
+        }]
+    }
+
+    /// Every mix `by_name` knows: the rotation's and the extra ones.
+    pub fn named() -> Vec<FaultMix> {
+        let mut v = Self::all();
+        v.extend(Self::extra());
+        v
+    }
+
     pub fn by_name(name: &str) -> Option<FaultMix> {
-        Self::all().into_iter().find(|m| m.name == name)
+        Self::named().into_iter().find(|m| m.name == name)
     }
 
     fn nemesis_kinds(&self) -> Vec<Nemesis> {
@@ -272,6 +308,10 @@ impl FaultMix {
             // As often as all the other faults together.
             v.extend(std::iter::repeat_n(Nemesis::Transfer, v.len().max(1)));
         }
+        if self.region_blips {
+            // Three times as often as each other fault.
+            v.extend([Nemesis::RegionBlip; 3]);
+        }
         v
     }
 }
@@ -286,6 +326,7 @@ enum Nemesis {
     ClockJump,
     Transfer,
     IsolateLeader,
+    RegionBlip,
 }
 
 /// One simulation run's parameters.
@@ -363,7 +404,29 @@ pub struct SimConfig {
     /// says when it stopped (`Report::stopped_at`) and skips the liveness
     /// checks; the history so far is still checked for linearizability.
     pub stop_at_first_violation: bool,
+    /// Every node's `Config::preferred_leaders` (empty: none). Drawn from
+    /// the seed by `SimConfig::new` (its own random stream, so the runs
+    /// without one go as before): a quarter of the seeds of the usual
+    /// mixes get 1 or 2 of the initial voters, every `regions` seed its
+    /// region; a scenario clears it unless forced
+    /// (`force_preferred_leaders`; `no_preferred_leaders` takes it away).
+    /// After the faults heal a preferred
+    /// voter must lead within `preferred_bound`.
+    pub preferred_leaders: BTreeSet<NodeId>,
+    /// Every node's `Config::preferred_leader_hold`: 2-4 election timeouts
+    /// (maximum), drawn from the seed.
+    pub preferred_leader_hold: Nanos,
+    /// The preferred set was forced on (`Some(true)`: `keel-sim
+    /// --preferred-leaders`) or off (`Some(false)`), rather than drawn.
+    pub preferred_forced: Option<bool>,
+    /// Test-only: the cores are not told `preferred_leaders` (as a build
+    /// without the feature would run), while the checker still expects a
+    /// preferred leader: to show that check fires.
+    pub core_ignores_preference: bool,
 }
+
+/// The share of the seeds of the usual mixes that get a preferred set.
+const PREFERRED_SHARE: f64 = 0.25;
 
 /// One follower loses its whole disk and rejoins: only a snapshot install
 /// can bring it back, since the leader's log before its snapshot is gone.
@@ -451,6 +514,11 @@ impl Scenario {
     /// The scenario's settings over `cfg` (best with the calm mix).
     pub fn apply(self, cfg: &mut SimConfig) {
         cfg.scenario = Some(self);
+        if cfg.preferred_forced != Some(true) {
+            // Scenarios run as they were scripted, before preferred
+            // leaders: `force_preferred_leaders` adds them.
+            cfg.preferred_leaders.clear();
+        }
         if matches!(
             self,
             Scenario::WipedFollowerIdle | Scenario::WipedFollowerUnderLoad
@@ -530,7 +598,86 @@ impl SimConfig {
             wipe: None,
             scenario: None,
             stop_at_first_violation: false,
+            preferred_leaders: BTreeSet::new(),
+            preferred_leader_hold: Config::new(1, 0).preferred_leader_hold,
+            preferred_forced: None,
+            core_ignores_preference: false,
         }
+        .with_drawn_preference()
+    }
+
+    /// The preferred set and hold drawn from the seed, from a random
+    /// stream of their own: whether this seed gets one (a quarter of them;
+    /// every `regions` seed), 1 or 2 of the initial voters (the `regions`
+    /// mix: the first half of them, rounded down), and a hold of 2-4
+    /// maximum election timeouts.
+    fn draw_preference(&self) -> (bool, BTreeSet<NodeId>, Nanos) {
+        let mut rng = Rng::new(self.seed ^ 0x7072_6566_6572_7265);
+        let mut on = rng.chance(PREFERRED_SHARE);
+        let mut ids: Vec<NodeId> = (1..=self.nodes as NodeId).collect();
+        let mut set = BTreeSet::new();
+        for _ in 0..rng.range(1, 3) {
+            let k = rng.range(0, ids.len() as u64) as usize;
+            set.insert(ids.swap_remove(k));
+        }
+        let max = self.election_timeout.1;
+        let hold = rng.range(2 * max, 4 * max);
+        if self.mix.region_blips {
+            on = true;
+            set = (1..=(self.nodes / 2).max(1) as NodeId).collect();
+        }
+        (on, set, hold)
+    }
+
+    fn with_drawn_preference(mut self) -> Self {
+        let (on, set, hold) = self.draw_preference();
+        if on {
+            self.preferred_leaders = set;
+            self.preferred_leader_hold = hold;
+        }
+        self
+    }
+
+    /// Gives this run the preferred set and hold its seed draws, whether
+    /// or not the seed would have had one (`keel-sim --preferred-leaders`),
+    /// with the hold drawn against the current election timeouts.
+    pub fn force_preferred_leaders(&mut self) {
+        let (_, set, hold) = self.draw_preference();
+        self.preferred_leaders = set;
+        self.preferred_leader_hold = hold;
+        self.preferred_forced = Some(true);
+    }
+
+    /// No preferred set, whatever the seed draws (`keel-sim
+    /// --preferred-leaders=false`): a seed runs as it did before preferred
+    /// leaders were drawn.
+    pub fn no_preferred_leaders(&mut self) {
+        self.preferred_leaders.clear();
+        self.preferred_forced = Some(false);
+    }
+
+    /// How long after the faults heal a preferred voter must lead (when
+    /// one is a voter of the final configuration and up): up to four of
+    /// the longest election timeouts (those of voters outside the set,
+    /// which stand after the preferred ones) to elect a leader and have
+    /// the preferred voter answer it, the hold (stretched by the clock
+    /// drift: the leader measures it on its own clock), and two election
+    /// timeouts (maximum) for the transfer (the catch-up and `TimeoutNow`,
+    /// given up after a minimum election timeout) and the target's
+    /// election.
+    pub fn preferred_bound(&self) -> Nanos {
+        let (mut min, mut max) = (Nanos::MAX, 0);
+        for id in 1..=(self.nodes as NodeId + 2) {
+            for inc in 0..2 {
+                let (lo, hi) = self.election_timeout_of(id, inc);
+                (min, max) = (min.min(lo), max.max(hi));
+            }
+        }
+        let longest = 2 * max - min.min(max);
+        let ppm = self.clock_drift_ppm.max(self.assumed_drift_ppm);
+        let hold = self.preferred_leader_hold
+            + (u128::from(self.preferred_leader_hold) * 2 * u128::from(ppm) / 1_000_000) as Nanos;
+        4 * longest + hold + 2 * max
     }
 
     /// A run of a named scenario.
@@ -583,6 +730,9 @@ impl SimConfig {
         }
         if self.restarts_change_timeouts {
             s.push_str(" --restarts-change-timeouts");
+        }
+        if let Some(on) = self.preferred_forced {
+            s.push_str(&format!(" --preferred-leaders={on}"));
         }
         match self.scenario {
             Some(sc) => s.push_str(&format!(" --scenario {}", sc.name())),
@@ -733,6 +883,33 @@ pub struct Report {
     pub sim_time: Nanos,
     /// What happened to the wiped follower (`SimConfig::wipe`).
     pub wiped: Option<WipeOutcome>,
+    /// The core's `Stats::preference_transfers`, over every node and
+    /// incarnation: transfers leaders outside `SimConfig::preferred_leaders`
+    /// started to hand leadership to a preferred voter.
+    pub preference_transfers: u64,
+    /// Latency blips between regions (`FaultMix::region_blips`), and how
+    /// many of them delayed the links rather than cut them.
+    pub region_blips: u64,
+    pub region_delays: u64,
+    /// What the preferred-leader check found (`None`: no preferred set).
+    pub preferred: Option<PreferredOutcome>,
+}
+
+/// The preferred-leader check of one run (`SimConfig::preferred_leaders`).
+#[derive(Clone, Debug, Default)]
+pub struct PreferredOutcome {
+    /// The leader of the newest term when the faults healed, if one ran.
+    pub leader_at_heal: Option<NodeId>,
+    /// That leader was outside the preferred set: the run had to move
+    /// leadership back.
+    pub outside_at_heal: bool,
+    /// How long after the heal a preferred voter first led the newest
+    /// term (`None`: none did).
+    pub led_after: Option<Nanos>,
+    /// The bound it had (`SimConfig::preferred_bound`).
+    pub bound: Nanos,
+    /// Why the check did not apply to this run (`None`: it did).
+    pub skipped: Option<String>,
 }
 
 /// How a wiped follower rejoined.
@@ -855,6 +1032,8 @@ enum Ev {
     /// (`Sim::plot_start`), and follow it up (`Sim::plot_check`).
     PlotStart,
     PlotCheck,
+    /// `FaultMix::region_blips`: the last blip, until the faults heal.
+    FinalBlip,
     End,
 }
 
@@ -1196,6 +1375,18 @@ pub struct Sim {
     plot: Option<Plot>,
     /// Impostors started so far (their numbers).
     impostor_seq: u64,
+    /// `FaultMix::region_blips` delaying links: (from, to) → (until, how
+    /// late what crosses arrives).
+    slow_links: HashMap<(NodeId, NodeId), (Nanos, Nanos)>,
+    /// Each node's latest election started by a `TimeoutNow` (a
+    /// leadership transfer): its term. A leader elected so keeps
+    /// leadership for its term whatever the preferred set says.
+    by_transfer: HashMap<NodeId, Term>,
+    /// The first time after the heal a preferred voter led the newest
+    /// term (`SimConfig::preferred_leaders`).
+    preferred_led_at: Option<Nanos>,
+    /// The leader of the newest term when the faults healed.
+    leader_at_heal: Option<NodeId>,
 }
 
 enum RemovalCheck {
@@ -1241,6 +1432,10 @@ fn core_config(id: NodeId, sim: &SimConfig, incarnation: u64) -> Config {
     };
     c.seed = seed ^ id.wrapping_mul(0x9E37_79B9);
     c.testing_bugs = bugs;
+    if !sim.core_ignores_preference {
+        c.preferred_leaders = sim.preferred_leaders.clone();
+        c.preferred_leader_hold = sim.preferred_leader_hold;
+    }
     c
 }
 
@@ -1382,6 +1577,10 @@ impl Sim {
             impostor_rng: Rng::new(cfg.seed ^ 0x696d_706f_7374_6f72),
             plot: None,
             impostor_seq: 0,
+            slow_links: HashMap::new(),
+            by_transfer: HashMap::new(),
+            preferred_led_at: None,
+            leader_at_heal: None,
             cfg,
         };
         sim.inv.set_initial_membership(initial);
@@ -1425,6 +1624,10 @@ impl Sim {
             sim.schedule(c.first, Ev::LeaseSkew);
         }
         let heal = sim.cfg.fault_time;
+        if sim.cfg.mix.region_blips {
+            let t = heal.saturating_sub(sim.rng.range(1_500 * MS, 3 * SEC));
+            sim.schedule(t, Ev::FinalBlip);
+        }
         sim.schedule(heal, Ev::HealAll);
         sim
     }
@@ -1538,7 +1741,18 @@ impl Sim {
                         self.report.snapshot_chunks_below_commit += 1;
                     }
                 }
+                let term_before = matches!(m.body, Body::TimeoutNow { .. })
+                    .then(|| self.nodes[i].core.as_ref().map(Node::term))
+                    .flatten();
                 self.step_node(i, Event::Message(m));
+                // A node that stands (or wins) on a `TimeoutNow` was
+                // elected through a transfer.
+                if let (Some(before), Some(core)) = (term_before, self.nodes[i].core.as_ref()) {
+                    if core.term() > before && matches!(core.role(), Role::Candidate | Role::Leader)
+                    {
+                        self.by_transfer.insert(core.id(), core.term());
+                    }
+                }
             }
             Ev::Request {
                 node,
@@ -1634,6 +1848,13 @@ impl Sim {
             Ev::StopImpostor(id, n) => self.stop_impostor(id, n),
             Ev::PlotStart => self.plot_start(),
             Ev::PlotCheck => self.plot_check(),
+            Ev::FinalBlip => {
+                if self.faults_active {
+                    let region = self.rng.chance(0.7);
+                    let dur = self.cfg.fault_time.saturating_sub(self.now);
+                    self.region_blip(region, dur);
+                }
+            }
             Ev::LeaseHeal(id) => {
                 self.unreachable.retain(|&(_, n)| n != id);
                 if self.cut_off.is_some_and(|(n, _)| n == id) {
@@ -1680,6 +1901,11 @@ impl Sim {
                     Some(extra) if side.contains(&m.to) => late = *extra,
                     _ => return,
                 }
+            }
+        }
+        if let Some(&(until, extra)) = self.slow_links.get(&(m.from, m.to)) {
+            if self.now < until {
+                late += extra;
             }
         }
         let timeout_now = matches!(m.body, keel_core::Body::TimeoutNow { .. });
@@ -1852,6 +2078,7 @@ impl Sim {
             }
         }
         self.observe_wiped(i);
+        self.observe_preferred(i);
         if self.nodes[i].removed && self.nodes[i].core.is_some() {
             // Shut down for good, as the runtime does.
             self.crash(i);
@@ -2475,6 +2702,10 @@ impl Sim {
         self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
         self.report.to_voter_ignored +=
             node.core.as_ref().map_or(0, |c| c.stats().to_voter_ignored);
+        self.report.preference_transfers += node
+            .core
+            .as_ref()
+            .map_or(0, |c| c.stats().preference_transfers);
         if self.trace {
             eprintln!("{:>10.3}ms node {}: crash", self.now as f64 / 1e6, node.id);
         }
@@ -2887,6 +3118,10 @@ impl Sim {
                 self.nodes[i].clock.jump(self.now, jump * MS as i64);
             }
             Nemesis::Transfer => self.transfer(),
+            Nemesis::RegionBlip => {
+                let region = self.rng.chance(0.5);
+                self.region_blip(region, dur);
+            }
             Nemesis::IsolateLeader => {
                 // At the leader's next check-quorum (see `isolate_leader`).
                 self.isolate_armed = self.leader_index().map(|l| self.nodes[l].id);
@@ -3157,6 +3392,51 @@ impl Sim {
         self.schedule(dur, Ev::HealLinks(links));
     }
 
+    /// `FaultMix::region_blips`: for `dur`, the links between one side
+    /// and every other node are cut, or (half the time) what crosses them
+    /// arrives one to three maximum election timeouts late, both ways. The
+    /// side is the preferred region (`SimConfig::preferred_leaders`) if
+    /// `region` (or there is no leader), otherwise the leader of the
+    /// moment (or the region, if none leads).
+    fn region_blip(&mut self, region: bool, dur: Nanos) {
+        let leader = self.leader_index().map(|i| self.nodes[i].id);
+        let side: BTreeSet<NodeId> = match leader {
+            Some(l) if !region || self.cfg.preferred_leaders.is_empty() => BTreeSet::from([l]),
+            _ => self.cfg.preferred_leaders.clone(),
+        };
+        if side.is_empty() {
+            return;
+        }
+        let mut links = Vec::new();
+        for &a in &self.all_ids {
+            for &b in &self.all_ids {
+                if side.contains(&a) && !side.contains(&b) {
+                    links.extend([(a, b), (b, a)]);
+                }
+            }
+        }
+        self.report.region_blips += 1;
+        let cut = self.rng.chance(0.5);
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms {side:?}: links to the others {} for {} ms",
+                self.now as f64 / 1e6,
+                if cut { "cut" } else { "delayed" },
+                dur / MS
+            );
+        }
+        if cut {
+            self.block(links, dur);
+        } else {
+            self.report.region_delays += 1;
+            let max = self.cfg.election_timeout.1;
+            let extra = self.rng.range(max, 3 * max);
+            for l in links {
+                self.slow_links.insert(l, (self.now + dur, extra));
+            }
+        }
+    }
+
     fn heal_all(&mut self) {
         self.faults_active = false;
         self.plot = None;
@@ -3170,6 +3450,7 @@ impl Sim {
         self.cut_off = None;
         self.cut_early = None;
         self.late_copies.clear();
+        self.slow_links.clear();
         self.isolated = None;
         self.loss = 0.0;
         self.duplicate = 0.0;
@@ -3180,6 +3461,15 @@ impl Sim {
                 let id = self.nodes[i].id;
                 self.restart(id);
             }
+        }
+        let newest = self.inv.newest_leader_term();
+        self.leader_at_heal = self
+            .leader_index()
+            .and_then(|i| self.nodes[i].core.as_ref())
+            .filter(|c| c.term() >= newest)
+            .map(Node::id);
+        for i in 0..self.nodes.len() {
+            self.observe_preferred(i);
         }
         self.schedule(0, Ev::LivenessProbe);
         let end = self.cfg.liveness_bound + 2 * SEC;
@@ -3781,6 +4071,133 @@ impl Sim {
         }
     }
 
+    // ----- preferred leaders (`SimConfig::preferred_leaders`) ----------
+
+    /// After the heal, notes the first time a preferred voter leads the
+    /// newest term.
+    fn observe_preferred(&mut self, i: usize) {
+        if self.preferred_led_at.is_some() || self.healed_at.is_none() {
+            return;
+        }
+        let newest = self.inv.newest_leader_term();
+        if self.nodes[i].core.as_ref().is_some_and(|c| {
+            c.is_leader() && c.term() >= newest && self.cfg.preferred_leaders.contains(&c.id())
+        }) {
+            self.preferred_led_at = Some(self.now);
+        }
+    }
+
+    /// The preferred-leader check, at the end of the run: when a
+    /// preferred id is a voter of the final configuration (the leader's)
+    /// and its node is up (after the heal every node runs and every link
+    /// works), a preferred voter must have led within
+    /// `SimConfig::preferred_bound` of the heal and still lead. The cases
+    /// the core is not asked to move leadership in are skipped, each with
+    /// its reason (`PreferredOutcome::skipped`).
+    fn check_preferred(&mut self) {
+        let preferred = self.cfg.preferred_leaders.clone();
+        if preferred.is_empty() {
+            return;
+        }
+        let bound = self.cfg.preferred_bound();
+        let mut out = PreferredOutcome {
+            leader_at_heal: self.leader_at_heal,
+            outside_at_heal: self.leader_at_heal.is_some_and(|l| !preferred.contains(&l)),
+            led_after: self
+                .preferred_led_at
+                .zip(self.healed_at)
+                .map(|(t, h)| t - h),
+            bound,
+            skipped: None,
+        };
+        let set = format!("preferred leaders {preferred:?}");
+        let skip = match self.healed_at {
+            _ if self.report.stopped_at.is_some() => {
+                Some("the run stopped at a safety violation".to_string())
+            }
+            None => Some("the faults never healed".to_string()),
+            Some(h) if self.now < h + bound => Some(format!(
+                "the run ended {} ms after the heal, within the bound of {} ms",
+                (self.now - h) / MS,
+                bound / MS
+            )),
+            Some(_) => None,
+        };
+        if let Some(why) = skip {
+            out.skipped = Some(why);
+            self.report.preferred = Some(out);
+            return;
+        }
+        let Some(core) = self
+            .leader_index()
+            .and_then(|i| self.nodes[i].core.as_ref())
+        else {
+            self.report.violations.push(format!(
+                "liveness: {set}: no node led at the end of the run"
+            ));
+            self.report.preferred = Some(out);
+            return;
+        };
+        let (leader, term) = (core.id(), core.term());
+        let final_config = core.membership().clone();
+        // Preferred ids that are voters of the final configuration and
+        // run as the members they are: not removed (a removed preferred
+        // id is not a voter; an impostor under one is not the member),
+        // not still joining. (Preferred ids are initial voters, so none
+        // is a learner waiting to be promoted.)
+        let up: BTreeSet<NodeId> = preferred
+            .iter()
+            .copied()
+            .filter(|&p| final_config.is_voter(p))
+            .filter(|&p| {
+                self.nodes.get(self.idx(p)).is_some_and(|n| {
+                    !n.removed
+                        && n.impostor.is_none()
+                        && n.core.as_ref().is_some_and(|c| !c.joining())
+                })
+            })
+            .collect();
+        let late = out.led_after.filter(|&t| t > bound);
+        if up.is_empty() {
+            out.skipped = Some(format!(
+                "no preferred id is a running voter of the final configuration {:?}",
+                final_config.voters
+            ));
+        } else if preferred.contains(&leader) {
+            if let Some(t) = late {
+                self.report.violations.push(format!(
+                    "liveness: {set}: a preferred voter first led {} ms after the faults \
+                     healed, past the bound of {} ms (hold {} ms)",
+                    t / MS,
+                    bound / MS,
+                    self.cfg.preferred_leader_hold / MS
+                ));
+            }
+        } else if self.by_transfer.get(&leader) == Some(&term) {
+            // The core respects a leader elected through a transfer (an
+            // operator's) for the rest of its term.
+            out.skipped = Some(format!(
+                "node {leader}, outside the set, was elected through a leadership transfer \
+                 in term {term} and keeps leadership for that term"
+            ));
+        } else {
+            let earlier = match out.led_after {
+                Some(t) => format!(", though a preferred voter had led {} ms after it", t / MS),
+                None => String::new(),
+            };
+            self.report.violations.push(format!(
+                "liveness: {set}: node {leader}, outside the set, still led at the end of the \
+                 run (term {term}, {} ms after the faults healed{earlier}) while preferred voters \
+                 {up:?} were up and connected: one should lead within {} ms of the heal \
+                 (hold {} ms)",
+                self.healed_at.map_or(0, |h| (self.now - h) / MS),
+                bound / MS,
+                self.cfg.preferred_leader_hold / MS
+            ));
+        }
+        self.report.preferred = Some(out);
+    }
+
     // ----- end of run --------------------------------------------------
 
     fn finish(mut self) -> Report {
@@ -3795,7 +4212,12 @@ impl Sim {
             self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
             self.report.to_voter_ignored +=
                 node.core.as_ref().map_or(0, |c| c.stats().to_voter_ignored);
+            self.report.preference_transfers += node
+                .core
+                .as_ref()
+                .map_or(0, |c| c.stats().preference_transfers);
         }
+        self.check_preferred();
         if self.report.stopped_at.is_some() {
             // Stopped at a safety violation: liveness is not judged.
         } else if let Some((hist, deadline)) = self.probe {

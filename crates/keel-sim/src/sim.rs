@@ -891,6 +891,11 @@ pub struct Report {
     /// many of them delayed the links rather than cut them.
     pub region_blips: u64,
     pub region_delays: u64,
+    /// Preference transfers started after the heal, and how many of them
+    /// did not make a preferred voter the next leader (after the heal
+    /// nothing should stop one).
+    pub preference_transfers_after_heal: u64,
+    pub preference_transfers_failed: u64,
     /// What the preferred-leader check found (`None`: no preferred set).
     pub preferred: Option<PreferredOutcome>,
 }
@@ -910,6 +915,11 @@ pub struct PreferredOutcome {
     pub bound: Nanos,
     /// Why the check did not apply to this run (`None`: it did).
     pub skipped: Option<String>,
+    /// Skipped because the final leader, outside the set, was elected
+    /// through a hand-over no one asked for: a leader that removed itself
+    /// sent `TimeoutNow` to its most caught-up voter, and the core keeps
+    /// such a leader for its term as it keeps an operator's choice.
+    pub handover_kept: bool,
 }
 
 /// How a wiped follower rejoined.
@@ -1381,12 +1391,20 @@ pub struct Sim {
     /// Each node's latest election started by a `TimeoutNow` (a
     /// leadership transfer): its term. A leader elected so keeps
     /// leadership for its term whatever the preferred set says.
-    by_transfer: HashMap<NodeId, Term>,
+    /// With the `TimeoutNow`'s sender and the term it led.
+    by_transfer: HashMap<NodeId, (Term, NodeId, Term)>,
+    /// The transfers the harness asked (an operator's), and the
+    /// preference transfers leaders started: (leader, term).
+    operator_transfers: HashSet<(NodeId, Term)>,
+    preference_moves: HashSet<(NodeId, Term)>,
     /// The first time after the heal a preferred voter led the newest
     /// term (`SimConfig::preferred_leaders`).
     preferred_led_at: Option<Nanos>,
     /// The leader of the newest term when the faults healed.
     leader_at_heal: Option<NodeId>,
+    /// After the heal, the term of the leader that last started a
+    /// preference transfer, until the next leader is elected.
+    preference_move: Option<Term>,
 }
 
 enum RemovalCheck {
@@ -1579,8 +1597,11 @@ impl Sim {
             impostor_seq: 0,
             slow_links: HashMap::new(),
             by_transfer: HashMap::new(),
+            operator_transfers: HashSet::new(),
+            preference_moves: HashSet::new(),
             preferred_led_at: None,
             leader_at_heal: None,
+            preference_move: None,
             cfg,
         };
         sim.inv.set_initial_membership(initial);
@@ -1744,13 +1765,15 @@ impl Sim {
                 let term_before = matches!(m.body, Body::TimeoutNow { .. })
                     .then(|| self.nodes[i].core.as_ref().map(Node::term))
                     .flatten();
+                let sender = (m.from, m.term);
                 self.step_node(i, Event::Message(m));
                 // A node that stands (or wins) on a `TimeoutNow` was
                 // elected through a transfer.
                 if let (Some(before), Some(core)) = (term_before, self.nodes[i].core.as_ref()) {
                     if core.term() > before && matches!(core.role(), Role::Candidate | Role::Leader)
                     {
-                        self.by_transfer.insert(core.id(), core.term());
+                        self.by_transfer
+                            .insert(core.id(), (core.term(), sender.0, sender.1));
                     }
                 }
             }
@@ -2012,22 +2035,33 @@ impl Sim {
             let now = self.local_now(i);
             let mut out = std::mem::take(&mut self.scratch);
             let id = self.nodes[i].id;
-            let (lease_reads, led_from) = match self.nodes[i].core.as_mut() {
+            let (lease_reads, led_from, moved) = match self.nodes[i].core.as_mut() {
                 Some(core) => {
-                    let before = core.stats().lease_reads;
+                    let before = core.stats();
                     // A leader's commit position before the step (one that
                     // advances is checked against the disks after it).
                     let led_from = core.is_leader().then(|| core.commit_position());
                     self.stepping = Some(id);
                     core.step(now, ev, &mut out);
                     self.stepping = None;
+                    let after = core.stats();
                     (
-                        (core.stats().lease_reads > before).then(|| core.term()),
+                        (after.lease_reads > before.lease_reads).then(|| core.term()),
                         led_from,
+                        (after.preference_transfers > before.preference_transfers)
+                            .then(|| core.term()),
                     )
                 }
                 None => return,
             };
+            if let Some(term) = moved {
+                self.preference_moves.insert((id, term));
+            }
+            if let (Some(term), Some(_)) = (moved, self.healed_at) {
+                // Followed up in `observe_preferred`.
+                self.report.preference_transfers_after_heal += 1;
+                self.preference_move = Some(term);
+            }
             if let Some(term) = lease_reads {
                 let id = self.nodes[i].id;
                 self.inv.lease_read(id, term, &mut self.report.violations);
@@ -3523,6 +3557,7 @@ impl Sim {
         self.next_req += 1;
         self.report.transfers += 1;
         self.transfer_asked = Some((target, term));
+        self.operator_transfers.insert((leader, term));
         self.late_timeout_now = self.rng.chance(0.3).then_some((leader, term));
         if self.trace {
             eprintln!(
@@ -4075,7 +4110,17 @@ impl Sim {
 
     /// After the heal, notes the first time a preferred voter leads the
     /// newest term.
+    /// Also follows up a preference transfer started after the heal: the
+    /// next leader elected must be preferred.
     fn observe_preferred(&mut self, i: usize) {
+        if let (Some(from), Some(core)) = (self.preference_move, self.nodes[i].core.as_ref()) {
+            if core.is_leader() && core.term() > from {
+                self.preference_move = None;
+                if !self.cfg.preferred_leaders.contains(&core.id()) {
+                    self.report.preference_transfers_failed += 1;
+                }
+            }
+        }
         if self.preferred_led_at.is_some() || self.healed_at.is_none() {
             return;
         }
@@ -4099,6 +4144,10 @@ impl Sim {
         if preferred.is_empty() {
             return;
         }
+        if self.preference_move.take().is_some() {
+            // No leader was elected after it by the end of the run.
+            self.report.preference_transfers_failed += 1;
+        }
         let bound = self.cfg.preferred_bound();
         let mut out = PreferredOutcome {
             leader_at_heal: self.leader_at_heal,
@@ -4109,6 +4158,7 @@ impl Sim {
                 .map(|(t, h)| t - h),
             bound,
             skipped: None,
+            handover_kept: false,
         };
         let set = format!("preferred leaders {preferred:?}");
         let skip = match self.healed_at {
@@ -4138,7 +4188,7 @@ impl Sim {
             self.report.preferred = Some(out);
             return;
         };
-        let (leader, term) = (core.id(), core.term());
+        let (leader, term, by_transfer) = (core.id(), core.term(), core.elected_by_transfer());
         let final_config = core.membership().clone();
         // Preferred ids that are voters of the final configuration and
         // run as the members they are: not removed (a removed preferred
@@ -4173,13 +4223,34 @@ impl Sim {
                     self.cfg.preferred_leader_hold / MS
                 ));
             }
-        } else if self.by_transfer.get(&leader) == Some(&term) {
+        } else if by_transfer {
             // The core respects a leader elected through a transfer (an
-            // operator's) for the rest of its term.
-            out.skipped = Some(format!(
-                "node {leader}, outside the set, was elected through a leadership transfer \
-                 in term {term} and keeps leadership for that term"
-            ));
+            // operator's) for the rest of its term: skipped, naming who
+            // sent the `TimeoutNow`.
+            match self.by_transfer.get(&leader).copied() {
+                Some((t, from, from_term)) if t == term => {
+                    let origin = if self.operator_transfers.contains(&(from, from_term)) {
+                        "an operator's transfer"
+                    } else if self.preference_moves.contains(&(from, from_term)) {
+                        "a preference transfer"
+                    } else {
+                        // A leader that committed its own removal hands
+                        // leadership to its most caught-up voter, whatever
+                        // the preferred set says.
+                        out.handover_kept = true;
+                        "a hand-over no one asked for (a leader removing itself)"
+                    };
+                    out.skipped = Some(format!(
+                        "node {leader}, outside the set, was elected through {origin} from \
+                         node {from} of term {from_term}, and keeps leadership for term {term}"
+                    ));
+                }
+                _ => self.report.violations.push(format!(
+                    "liveness: {set}: node {leader}, outside the set, leads term {term} as \
+                     elected through a leadership transfer, but no TimeoutNow started its \
+                     election"
+                )),
+            }
         } else {
             let earlier = match out.led_after {
                 Some(t) => format!(", though a preferred voter had led {} ms after it", t / MS),

@@ -222,6 +222,7 @@ fn main() {
     let (mut pref_runs, mut pref_outside, mut pref_transfers, mut pref_skipped) =
         (0u64, 0u64, 0u64, 0u64);
     let (mut pref_after_heal, mut pref_failed, mut pref_handover) = (0u64, 0u64, 0u64);
+    let mut pref_leaderless = 0u64;
     let mut pref_slowest = 0u64;
     for seed in args.start..args.start + args.seeds {
         let cfg = config_for(&args, seed);
@@ -232,6 +233,7 @@ fn main() {
         if let Some(p) = &r.preferred {
             pref_runs += 1;
             pref_outside += u64::from(p.outside_at_heal);
+            pref_leaderless += u64::from(p.leader_at_heal.is_none());
             pref_skipped += u64::from(p.skipped.is_some());
             pref_handover += u64::from(p.handover_kept);
             if p.skipped.is_none() {
@@ -295,7 +297,7 @@ fn main() {
         }
     }
     println!(
-        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {pref_runs} with preferred leaders ({pref_outside} healed with a leader outside the set, {pref_transfers} preference transfers ({pref_after_heal} after the heal, {pref_failed} of which were not followed by a preferred leader), {pref_skipped} not checked ({pref_handover} of them led at the end by a node outside the set elected through a removed leader's hand-over), a preferred voter led at the latest {} ms after the heal), {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes, {impostors_joined} impostors finished joining under a leader counting them as learners), {} linearizability checks over budget{}, {} violations{}{}",
+        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {pref_runs} with preferred leaders ({pref_outside} healed with a leader outside the set and {pref_leaderless} with none, {pref_transfers} preference transfers ({pref_after_heal} after the heal, {pref_failed} of which were not followed by a preferred leader), {pref_skipped} not checked ({pref_handover} of them led at the end by a node outside the set elected through a removed leader's hand-over), a preferred voter led at the latest {} ms after the heal), {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes, {impostors_joined} impostors finished joining under a leader counting them as learners), {} linearizability checks over budget{}, {} violations{}{}",
         args.seeds,
         started.elapsed().as_secs_f64(),
         pref_slowest / 1_000_000,

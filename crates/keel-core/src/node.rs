@@ -132,13 +132,19 @@ pub struct Config {
     /// default): no preference. It should be the same on every node.
     ///
     /// A leader outside a non-empty set hands leadership to a preferred
-    /// voter, as `Event::TransferLeadership` does, once that voter has
-    /// answered it without a break for `preferred_leader_hold` (so a
+    /// voter within one batch of its log end, as
+    /// `Event::TransferLeadership` does, once that voter has answered it
+    /// without a break for `preferred_leader_hold` (so a
     /// cluster that elected a far-away leader during a latency blip or a
     /// failover moves back once the link is steady again), unless the
     /// leader was itself elected through a transfer: an operator's
     /// transfer is respected for the rest of that term, and nodes given
-    /// different sets cannot hand leadership back and forth. A voter
+    /// different sets cannot hand leadership back and forth. A hand-over
+    /// to a node that then did not lead (it answers the leader but cannot
+    /// reach a quorum, say) makes the next one wait four times longer,
+    /// per such failure in a row, up to 64 holds. A leader removed from
+    /// the voters hands over to a caught-up preferred voter if there is
+    /// one. A voter
     /// outside the set draws its election timeouts from
     /// [`election_timeout_max`, 2 `election_timeout_max` -
     /// `election_timeout_min`) while the configuration has a preferred
@@ -147,9 +153,9 @@ pub struct Config {
     /// the timeouts' spread).
     pub preferred_leaders: BTreeSet<NodeId>,
     /// How long a preferred voter must have answered a leader outside
-    /// `preferred_leaders` without a break (no gap over three heartbeat
-    /// intervals, nor over `election_timeout_min`) before it is handed
-    /// leadership; also the least time between two such hand-overs.
+    /// `preferred_leaders` without a break (no gap over half
+    /// `election_timeout_min`) before it is handed leadership; also the
+    /// least time between two such hand-overs.
     pub preferred_leader_hold: Nanos,
     /// Seed for randomized election timeouts.
     pub seed: u64,
@@ -647,6 +653,11 @@ pub struct Node {
     /// Leader outside `Config::preferred_leaders`: no hand-over to a
     /// preferred voter before this time.
     next_preference_move: Nanos,
+    /// The target of this node's latest preference hand-over, until a
+    /// leader is known after it (`settle_preference_handover`), and how
+    /// many hand-overs in a row went to a node that did not come to lead.
+    preference_handover: Option<NodeId>,
+    preference_failures: u32,
     timers: BTreeMap<u64, Nanos>,
     timers_fired: BTreeSet<u64>,
     commit_advanced: bool,
@@ -792,6 +803,8 @@ impl Node {
             transfer: None,
             by_transfer: false,
             next_preference_move: 0,
+            preference_handover: None,
+            preference_failures: 0,
             timers: BTreeMap::new(),
             timers_fired: BTreeSet::new(),
             commit_advanced: false,
@@ -1283,9 +1296,9 @@ impl Node {
     }
 
     /// Leader outside `Config::preferred_leaders`: hands leadership to the
-    /// preferred voter that has answered without a break for the hold (the
-    /// most caught up, the lowest id on ties), as `transfer_leadership`
-    /// does. Not while a transfer is on, before this term's first entry
+    /// preferred voter within a batch of the log end that has answered
+    /// without a break for the hold (the most caught up, the lowest id on
+    /// ties), as `transfer_leadership` does. Not while a transfer is on, before this term's first entry
     /// has committed, or in a term won through a transfer.
     fn maybe_move_to_preferred(&mut self, out: &mut Vec<Action>) {
         let preferred = &self.cfg.preferred_leaders;
@@ -1301,6 +1314,7 @@ impl Node {
         }
         let hold = self.cfg.preferred_leader_hold;
         let gap = self.answer_gap_limit();
+        let last = self.log.last_pos();
         let membership = self.membership();
         let target = self
             .progress
@@ -1309,6 +1323,7 @@ impl Node {
                 preferred.contains(n)
                     && membership.is_voter(*n)
                     && p.state == ProgressState::Replicate
+                    && last.saturating_sub(p.matched) <= self.cfg.max_batch_bytes
                     && p.answered.is_some_and(|(last, since)| {
                         now.saturating_sub(last) <= gap && now.saturating_sub(since) >= hold
                     })
@@ -1319,18 +1334,39 @@ impl Node {
         if let Some(target) = target {
             self.stats.preference_transfers += 1;
             self.next_preference_move = now.saturating_add(hold);
+            self.preference_handover = Some(target);
             self.transfer = Some((target, now + self.cfg.election_timeout_min));
             self.maybe_send_timeout_now(target, out);
         }
     }
 
     /// The longest silence of a follower that still counts as answering
-    /// without a break (`Config::preferred_leader_hold`).
+    /// without a break (`Config::preferred_leader_hold`): half the minimum
+    /// election timeout. Followers answer at least once per heartbeat, so
+    /// this spans several lost answers or a TCP retransmission, but not an
+    /// outage long enough to matter.
     fn answer_gap_limit(&self) -> Nanos {
-        self.cfg
-            .heartbeat_interval
-            .saturating_mul(3)
-            .min(self.cfg.election_timeout_min)
+        self.cfg.election_timeout_min / 2
+    }
+
+    /// A leader is known (`leader`: this node itself when it was elected):
+    /// a preference hand-over this node made is settled. Handed to a node
+    /// that did not come to lead (it cannot reach a quorum, say), the next
+    /// one waits four times longer per failure in a row, up to 64 holds.
+    fn settle_preference_handover(&mut self, leader: NodeId) {
+        let Some(target) = self.preference_handover.take() else {
+            return;
+        };
+        if leader == target {
+            self.preference_failures = 0;
+        } else {
+            self.preference_failures = (self.preference_failures + 1).min(3);
+            let wait = self
+                .cfg
+                .preferred_leader_hold
+                .saturating_mul(1 << (2 * self.preference_failures));
+            self.next_preference_move = self.now.saturating_add(wait);
+        }
     }
 
     /// Leader stickiness: true while this node refuses to vote for (or
@@ -1563,6 +1599,7 @@ impl Node {
 
     fn become_leader(&mut self, out: &mut Vec<Action>) {
         self.stats.became_leader += 1;
+        self.settle_preference_handover(self.cfg.id);
         self.set_role(Role::Leader, Some(self.cfg.id), out);
         self.votes.clear();
         self.progress.clear();
@@ -1866,6 +1903,7 @@ impl Node {
     }
 
     fn heard_from_leader(&mut self, from: NodeId, out: &mut Vec<Action>) {
+        self.settle_preference_handover(from);
         if self.role != Role::Follower || self.leader != Some(from) {
             self.become_follower(self.term, Some(from), out);
         }
@@ -2731,18 +2769,23 @@ impl Node {
                 }
             }
             // A leader removed from the voters steps down once that is
-            // committed, handing over to the most caught-up voter.
+            // committed, handing over to a preferred voter that holds the
+            // commit if there is one (the winner of a transfer keeps
+            // leadership for its term), else to the most caught-up voter.
             let removed = !self.membership().is_voter(self.cfg.id)
                 && self
                     .membership_log
                     .last()
                     .is_none_or(|(p, _)| *p < self.commit);
             if removed {
+                let preferred = &self.cfg.preferred_leaders;
                 let best = self
                     .progress
                     .iter()
                     .filter(|(n, _)| self.membership().is_voter(**n))
-                    .max_by_key(|(_, p)| p.matched)
+                    .max_by_key(|(n, p)| {
+                        (preferred.contains(n) && p.matched >= self.commit, p.matched)
+                    })
                     .map(|(n, _)| *n);
                 // Everyone hears of the commit now: this node stops.
                 self.heartbeat_due = true;

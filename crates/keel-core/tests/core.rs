@@ -3732,17 +3732,154 @@ fn a_preferred_voter_on_a_flapping_link_is_not_handed_leadership() {
     let far = h
         .leader()
         .expect("node 2 or 3 leads while node 1 is cut off");
-    // Up for most of each hold, but down for 200 ms (four heartbeats,
-    // under node 1's election timeout) every 1.2 s.
+    // Up for most of each hold, but down for 350 ms (seven heartbeats,
+    // more than half node 1's minimum election timeout, but under it) every
+    // 1.35 s.
     for _ in 0..10 {
         h.cut.clear();
         h.run_for(1_000 * MS);
         isolate(&mut h, 1);
-        h.run_for(200 * MS);
+        h.run_for(350 * MS);
     }
     assert_eq!(h.leader(), Some(far), "moved over a flapping link");
     assert_eq!(preference_transfers(&h), 0);
     h.cut.clear();
     h.run_for(hold + 500 * MS);
     assert_eq!(h.leader(), Some(1), "the steady link was not used");
+}
+
+#[test]
+fn removing_a_preferred_leader_hands_leadership_to_a_preferred_voter() {
+    let hold = 1_000 * MS;
+    let mut h = preferring(&[1, 2], hold, 4);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    assert!(leader == 1 || leader == 2, "a preferred voter leads first");
+    let other = 3 - leader;
+    remove(&mut h, leader, leader, 1);
+    h.run_for(1_000 * MS);
+    assert!(h.node(leader).removed().is_some());
+    h.run_for(5 * hold);
+    assert_eq!(
+        h.leader(),
+        Some(other),
+        "the removed leader handed over to node 3 (elected by a transfer, it keeps leading)"
+    );
+}
+
+#[test]
+fn hand_overs_to_a_preferred_voter_that_cannot_win_back_off() {
+    let hold = 2_000 * MS;
+    let m = Membership::new(1..=5);
+    let mut h = Harness::with(
+        (1..=5)
+            .map(|id| {
+                let mut c = Config::new(id, 7);
+                c.preferred_leaders = [1].into();
+                c.preferred_leader_hold = hold;
+                c.seed = 70 + id;
+                if id >= 3 {
+                    // Slower to stand than node 2.
+                    c.election_timeout_max = 3_000 * MS;
+                }
+                Node::new(c, m.clone(), 0)
+            })
+            .collect(),
+    );
+    // Node 1 reaches node 2 only: it answers node 2 without a break, but
+    // cannot win an election.
+    for other in 3..=5 {
+        h.cut.insert((1, other));
+        h.cut.insert((other, 1));
+    }
+    h.run_for(3_000 * MS);
+    assert_eq!(h.leader(), Some(2), "node 2 stands first of 2..=5");
+    let mut leaderless: Nanos = 0;
+    for _ in 0..3_000 {
+        h.run_for(10 * MS);
+        if !(2..=5).any(|n| h.node(n).is_leader()) {
+            leaderless += 10 * MS;
+        }
+    }
+    let transfers: u64 = (1..=5)
+        .map(|n| h.node(n).stats().preference_transfers)
+        .sum();
+    assert!(
+        transfers <= 2,
+        "{transfers} hand-overs to a node that cannot win in 30 s"
+    );
+    assert!(
+        leaderless < 3_000 * MS,
+        "{} ms without a leader",
+        leaderless / MS
+    );
+}
+
+#[test]
+fn a_preferred_voter_far_behind_the_log_is_not_handed_leadership() {
+    let hold = 1_000 * MS;
+    let mut h = preferring(&[1], hold, 5);
+    isolate(&mut h, 1);
+    h.run_for(3_000 * MS);
+    let far = h
+        .leader()
+        .expect("node 2 or 3 leads while node 1 is cut off");
+    // Node 1 answers (heartbeats reach it) but every append carrying
+    // entries to it is lost: it stays far behind while entries keep coming.
+    h.cut.clear();
+    let lost = |m: &Message| {
+        m.to == 1 && matches!(&m.body, Body::Append { entries, .. } if !entries.is_empty())
+    };
+    for seq in 1..=400 {
+        if seq % 10 == 0 {
+            let data = Bytes::from(vec![7u8; 300 * 1024]);
+            let p = Proposal {
+                id: 100 + seq,
+                client: 1,
+                seq,
+                data,
+            };
+            h.step(far, Event::Propose(vec![p]));
+        }
+        h.now += 10 * MS;
+        for id in 1..=3 {
+            h.step(id, Event::Tick);
+        }
+        while let Some(m) = h.inbox.pop_front() {
+            if !lost(&m) {
+                h.step(m.to, Event::Message(m));
+            }
+        }
+    }
+    assert!(h.node(1).append_position() < h.node(far).append_position() / 2);
+    assert_eq!(
+        h.leader(),
+        Some(far),
+        "handed to a voter far behind the log"
+    );
+    assert_eq!(preference_transfers(&h), 0);
+}
+
+#[test]
+fn a_short_drop_of_a_preferred_voters_answers_does_not_restart_the_hold() {
+    let hold = 2_000 * MS;
+    let mut h = preferring(&[1], hold, 6);
+    isolate(&mut h, 1);
+    h.run_for(3_000 * MS);
+    let far = h
+        .leader()
+        .expect("node 2 or 3 leads while node 1 is cut off");
+    h.cut.clear();
+    h.run_for(hold / 2);
+    // 200 ms without answers (a TCP retransmission's worth).
+    isolate(&mut h, 1);
+    h.run_for(200 * MS);
+    h.cut.clear();
+    h.run_for(hold / 2 + 200 * MS);
+    assert_eq!(
+        h.leader(),
+        Some(1),
+        "the hold started again after a short drop"
+    );
+    assert_eq!(h.node(far).stats().preference_transfers, 1);
 }

@@ -666,14 +666,19 @@ impl SimConfig {
     /// given up after a minimum election timeout) and the target's
     /// election.
     pub fn preferred_bound(&self) -> Nanos {
-        let (mut min, mut max) = (Nanos::MAX, 0);
-        for id in 1..=(self.nodes as NodeId + 2) {
+        let ids = if self.mix.membership {
+            self.nodes + 2
+        } else {
+            self.nodes
+        };
+        let (mut longest, mut max) = (0, 0);
+        for id in 1..=ids as NodeId {
             for inc in 0..2 {
                 let (lo, hi) = self.election_timeout_of(id, inc);
-                (min, max) = (min.min(lo), max.max(hi));
+                longest = longest.max(2 * hi - lo.min(hi));
+                max = max.max(hi);
             }
         }
-        let longest = 2 * max - min.min(max);
         let ppm = self.clock_drift_ppm.max(self.assumed_drift_ppm);
         let hold = self.preferred_leader_hold
             + (u128::from(self.preferred_leader_hold) * 2 * u128::from(ppm) / 1_000_000) as Nanos;
@@ -911,7 +916,9 @@ pub struct PreferredOutcome {
     /// How long after the heal a preferred voter first led the newest
     /// term (`None`: none did).
     pub led_after: Option<Nanos>,
-    /// The bound it had (`SimConfig::preferred_bound`).
+    /// The bound it had, from the heal: `SimConfig::preferred_bound`, or
+    /// longer where the core's back-off after hand-overs that failed under
+    /// faults ran past it (`Sim::preferred_deadline`).
     pub bound: Nanos,
     /// Why the check did not apply to this run (`None`: it did).
     pub skipped: Option<String>,
@@ -1405,6 +1412,21 @@ pub struct Sim {
     /// After the heal, the term of the leader that last started a
     /// preference transfer, until the next leader is elected.
     preference_move: Option<Term>,
+    /// The core's back-off after failed hand-overs, followed from outside
+    /// (`Sim::settle_handover`): each node's latest preference transfer
+    /// (its term, its target once a `TimeoutNow` names it, and whether it
+    /// started before the heal) until the node knows a leader of a later
+    /// term; and its failures in a row, and until when (true time) its
+    /// next hand-over waits, and whether that wait comes of a hand-over
+    /// started under faults.
+    handovers: HashMap<NodeId, (Term, Option<NodeId>, bool)>,
+    backoff: HashMap<NodeId, (u32, Nanos)>,
+    /// The latest end of a wait that hand-overs started under faults
+    /// caused (true time; it stays when the wait is over).
+    excused_until: Nanos,
+    /// The run does not end before this (`Ev::End` waits for it): long
+    /// enough after the heal to judge the preferred-leader check.
+    end_not_before: Nanos,
 }
 
 enum RemovalCheck {
@@ -1414,6 +1436,9 @@ enum RemovalCheck {
 }
 
 const PROBE_CLIENT: u64 = 999;
+/// The longest a run goes on after the heal for the preferred-leader check
+/// (the core's back-off after failed hand-overs reaches 64 holds).
+const PREFERRED_END_CAP: Nanos = 40 * SEC;
 const CLIENT_TIMEOUT: Nanos = 300 * MS;
 /// The pinned reader's time-out: short, so a lost request or answer does
 /// not keep it away from its node for long.
@@ -1602,6 +1627,10 @@ impl Sim {
             preferred_led_at: None,
             leader_at_heal: None,
             preference_move: None,
+            handovers: HashMap::new(),
+            backoff: HashMap::new(),
+            excused_until: 0,
+            end_not_before: 0,
             cfg,
         };
         sim.inv.set_initial_membership(initial);
@@ -1686,6 +1715,11 @@ impl Sim {
         while let Some(Reverse(q)) = self.queue.pop() {
             self.now = q.at;
             if matches!(q.ev, Ev::End) {
+                if self.now < self.end_not_before {
+                    let wait = self.end_not_before - self.now;
+                    self.schedule(wait, Ev::End);
+                    continue;
+                }
                 break;
             }
             self.handle(q.ev);
@@ -1932,6 +1966,13 @@ impl Sim {
             }
         }
         let timeout_now = matches!(m.body, keel_core::Body::TimeoutNow { .. });
+        if timeout_now {
+            if let Some(h) = self.handovers.get_mut(&m.from) {
+                if h.0 == m.term && h.1.is_none() {
+                    h.1 = Some(m.to);
+                }
+            }
+        }
         if timeout_now && self.faults_active && self.late_timeout_now == Some((m.from, m.term)) {
             let late = self.rng.range(200 * MS, 1_500 * MS);
             self.schedule(late, Ev::LateTimeoutNow(m));
@@ -2056,6 +2097,14 @@ impl Sim {
             };
             if let Some(term) = moved {
                 self.preference_moves.insert((id, term));
+                let under_faults = self.healed_at.is_none();
+                self.handovers.insert(id, (term, None, under_faults));
+                if self.trace {
+                    eprintln!(
+                        "{:>10.3}ms node {id}: preference transfer in term {term}",
+                        self.now as f64 / 1e6
+                    );
+                }
             }
             if let (Some(term), Some(_)) = (moved, self.healed_at) {
                 // Followed up in `observe_preferred`.
@@ -2740,6 +2789,9 @@ impl Sim {
             .core
             .as_ref()
             .map_or(0, |c| c.stats().preference_transfers);
+        // A new process starts with no back-off.
+        self.handovers.remove(&node.id);
+        self.backoff.remove(&node.id);
         if self.trace {
             eprintln!("{:>10.3}ms node {}: crash", self.now as f64 / 1e6, node.id);
         }
@@ -3507,6 +3559,8 @@ impl Sim {
         }
         self.schedule(0, Ev::LivenessProbe);
         let end = self.cfg.liveness_bound + 2 * SEC;
+        // Long enough to judge the preferred-leader check.
+        self.extend_end();
         self.schedule(end, Ev::End);
     }
 
@@ -4113,6 +4167,7 @@ impl Sim {
     /// Also follows up a preference transfer started after the heal: the
     /// next leader elected must be preferred.
     fn observe_preferred(&mut self, i: usize) {
+        self.settle_handover(i);
         if let (Some(from), Some(core)) = (self.preference_move, self.nodes[i].core.as_ref()) {
             if core.is_leader() && core.term() > from {
                 self.preference_move = None;
@@ -4132,6 +4187,82 @@ impl Sim {
         }
     }
 
+    /// Follows the core's back-off after a failed hand-over: node `i`'s
+    /// latest preference transfer is settled once it knows a leader of a
+    /// later term (itself included). Another leader than its target makes
+    /// its next hand-over wait four times the hold per failure in a row
+    /// (at most three), measured on its clock: here in true time, the
+    /// clock drift allowed for; its target resets the count.
+    fn settle_handover(&mut self, i: usize) {
+        let id = self.nodes[i].id;
+        let Some(&(term, target, under_faults)) = self.handovers.get(&id) else {
+            return;
+        };
+        let Some(leader) = self.nodes[i]
+            .core
+            .as_ref()
+            .filter(|c| c.term() > term)
+            .and_then(Node::leader)
+        else {
+            return;
+        };
+        self.handovers.remove(&id);
+        let won = match target {
+            Some(t) => leader == t,
+            None => self.cfg.preferred_leaders.contains(&leader),
+        };
+        if won {
+            self.backoff.remove(&id);
+            return;
+        }
+        let failures = self.backoff.get(&id).map_or(0, |b| b.0) + 1;
+        let failures = failures.min(3);
+        let wait = self.cfg.preferred_leader_hold << (2 * failures);
+        let ppm = self.cfg.clock_drift_ppm.max(self.cfg.assumed_drift_ppm);
+        let wait = wait + (u128::from(wait) * 2 * u128::from(ppm) / 1_000_000) as Nanos;
+        let until = self.now + wait;
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {id}: its hand-over of term {term} to {target:?} failed \
+                 (node {leader} leads): {failures} in a row, the next waits {} ms",
+                self.now as f64 / 1e6,
+                wait / MS
+            );
+        }
+        self.backoff.insert(id, (failures, until));
+        if under_faults {
+            self.excused_until = self.excused_until.max(until);
+        }
+        if self.healed_at.is_some() {
+            self.extend_end();
+        }
+    }
+
+    /// When a preferred voter must lead by, after the heal at `healed`:
+    /// `SimConfig::preferred_bound` after it, or later where a node's
+    /// back-off after hand-overs that failed under faults runs past that
+    /// (its wait, then the transfer and an election). A back-off of a
+    /// hand-over started after the heal extends nothing: nothing should
+    /// make one fail then.
+    fn preferred_deadline(&self, healed: Nanos) -> Nanos {
+        let (min, max) = self.cfg.election_timeout;
+        let after_wait = 2 * max + (2 * max - min.min(max));
+        (healed + self.cfg.preferred_bound()).max(self.excused_until + after_wait)
+    }
+
+    /// After the heal: the run goes on until a second past the preferred
+    /// deadline, at most `PREFERRED_END_CAP` after the heal.
+    fn extend_end(&mut self) {
+        let Some(h) = self.healed_at else {
+            return;
+        };
+        if self.cfg.preferred_leaders.is_empty() {
+            return;
+        }
+        let until = (self.preferred_deadline(h) + SEC).min(h + PREFERRED_END_CAP);
+        self.end_not_before = self.end_not_before.max(until);
+    }
+
     /// The preferred-leader check, at the end of the run: when a
     /// preferred id is a voter of the final configuration (the leader's)
     /// and its node is up (after the heal every node runs and every link
@@ -4148,7 +4279,9 @@ impl Sim {
             // No leader was elected after it by the end of the run.
             self.report.preference_transfers_failed += 1;
         }
-        let bound = self.cfg.preferred_bound();
+        let bound = self.healed_at.map_or(self.cfg.preferred_bound(), |h| {
+            self.preferred_deadline(h) - h
+        });
         let mut out = PreferredOutcome {
             leader_at_heal: self.leader_at_heal,
             outside_at_heal: self.leader_at_heal.is_some_and(|l| !preferred.contains(&l)),
@@ -4167,7 +4300,8 @@ impl Sim {
             }
             None => Some("the faults never healed".to_string()),
             Some(h) if self.now < h + bound => Some(format!(
-                "the run ended {} ms after the heal, within the bound of {} ms",
+                "the run ended {} ms after the heal, within the bound of {} ms (with the \
+                 core's back-off after hand-overs that failed under faults)",
                 (self.now - h) / MS,
                 bound / MS
             )),
@@ -4208,6 +4342,14 @@ impl Sim {
             })
             .collect();
         let late = out.led_after.filter(|&t| t > bound);
+        let failed = match self.report.preference_transfers_failed {
+            0 => String::new(),
+            n => format!(
+                "; {n} preference transfers after the heal were not followed by a preferred \
+                 leader (nothing should make one fail then, and each failure makes the next wait \
+                 four times longer)"
+            ),
+        };
         if up.is_empty() {
             out.skipped = Some(format!(
                 "no preferred id is a running voter of the final configuration {:?}",
@@ -4217,7 +4359,7 @@ impl Sim {
             if let Some(t) = late {
                 self.report.violations.push(format!(
                     "liveness: {set}: a preferred voter first led {} ms after the faults \
-                     healed, past the bound of {} ms (hold {} ms)",
+                     healed, past the bound of {} ms (hold {} ms){failed}",
                     t / MS,
                     bound / MS,
                     self.cfg.preferred_leader_hold / MS
@@ -4260,7 +4402,7 @@ impl Sim {
                 "liveness: {set}: node {leader}, outside the set, still led at the end of the \
                  run (term {term}, {} ms after the faults healed{earlier}) while preferred voters \
                  {up:?} were up and connected: one should lead within {} ms of the heal \
-                 (hold {} ms)",
+                 (hold {} ms){failed}",
                 self.healed_at.map_or(0, |h| (self.now - h) / MS),
                 bound / MS,
                 self.cfg.preferred_leader_hold / MS

@@ -962,7 +962,8 @@ impl Node {
             if let Some((_, t)) = self.transfer {
                 d = d.min(t);
             }
-            if let Some(t) = self.next_timer_due() {
+            // (Timers wait while a transfer is on: see `tick`.)
+            if let Some(t) = self.next_timer_due().filter(|_| self.transfer.is_none()) {
                 d = d.min(t);
             }
             if let Some(t) = self.commit_notify_at {
@@ -1059,7 +1060,14 @@ impl Node {
                     self.send_heartbeat(n, out);
                 }
             }
-            self.fire_due_timers(out);
+            // Not during a transfer: the target is told to stand once it
+            // holds the whole log, and an entry appended after that would
+            // make the voters refuse it (their logs would be ahead of its).
+            // Timers fire once the transfer is over, at most an election
+            // timeout late.
+            if self.transfer.is_none() {
+                self.fire_due_timers(out);
+            }
         } else if now >= self.election_deadline {
             self.reset_election_deadline();
             if now < self.vote_hold_until {

@@ -3883,3 +3883,36 @@ fn a_short_drop_of_a_preferred_voters_answers_does_not_restart_the_hold() {
     );
     assert_eq!(h.node(far).stats().preference_transfers, 1);
 }
+
+#[test]
+fn a_timer_due_during_a_leadership_transfer_waits_for_it() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = (1..=3).find(|&n| n != leader).expect("a follower");
+    // Every node's service set the timer (as applying an entry would).
+    let deadline = h.now + 5 * MS;
+    for n in 1..=3 {
+        let position = h.node(n).applied_position();
+        let timers = vec![TimerUpdate::Set { id: 9, deadline }];
+        h.step(n, Event::Applied { position, timers });
+    }
+    h.now += 10 * MS;
+    // The target is caught up: TimeoutNow goes at once. A timer entry
+    // appended after it would put the voters' logs ahead of the target's.
+    h.step(leader, Event::TransferLeadership { id: 1, target });
+    h.step(leader, Event::Tick);
+    assert!(
+        h.node(leader).next_deadline() > h.now,
+        "spins on the held timer"
+    );
+    h.deliver();
+    h.run_for(100 * MS);
+    assert_eq!(h.leader(), Some(target), "the transfer failed");
+    // The new leader fires the timer.
+    h.run_for(100 * MS);
+    let fired = h.applied[(target - 1) as usize]
+        .iter()
+        .any(|e| matches!(e.kind, EntryKind::Timer { id: 9, .. }));
+    assert!(fired, "the timer never fired");
+}

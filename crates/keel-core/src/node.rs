@@ -144,7 +144,9 @@ pub struct Config {
     /// reach a quorum, say) makes the next one wait four times longer,
     /// per such failure in a row, up to 64 holds. A leader removed from
     /// the voters hands over to a caught-up preferred voter if there is
-    /// one. A voter
+    /// one, and to no one if a preferred voter remains but none is caught
+    /// up (the election that follows lets the preferred voters stand
+    /// first). A voter
     /// outside the set draws its election timeouts from
     /// [`election_timeout_max`, 2 `election_timeout_max` -
     /// `election_timeout_min`) while the configuration has a preferred
@@ -2779,7 +2781,9 @@ impl Node {
             // A leader removed from the voters steps down once that is
             // committed, handing over to a preferred voter that holds the
             // commit if there is one (the winner of a transfer keeps
-            // leadership for its term), else to the most caught-up voter.
+            // leadership for its term), else, unless a preferred voter
+            // remains (the election that follows lets it stand first), to
+            // the most caught-up voter.
             let removed = !self.membership().is_voter(self.cfg.id)
                 && self
                     .membership_log
@@ -2794,7 +2798,15 @@ impl Node {
                     .max_by_key(|(n, p)| {
                         (preferred.contains(n) && p.matched >= self.commit, p.matched)
                     })
-                    .map(|(n, _)| *n);
+                    .map(|(n, _)| *n)
+                    .filter(|n| {
+                        preferred.contains(n)
+                            || !self
+                                .membership()
+                                .voters
+                                .iter()
+                                .any(|v| preferred.contains(v))
+                    });
                 // Everyone hears of the commit now: this node stops.
                 self.heartbeat_due = true;
                 self.flush_leader(out);

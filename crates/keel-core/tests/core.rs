@@ -3916,3 +3916,39 @@ fn a_timer_due_during_a_leadership_transfer_waits_for_it() {
         .any(|e| matches!(e.kind, EntryKind::Timer { id: 9, .. }));
     assert!(fired, "the timer never fired");
 }
+
+#[test]
+fn a_removed_leader_with_no_preferred_voter_caught_up_hands_over_to_no_one() {
+    let hold = 1_000 * MS;
+    let m = Membership::new(1..=5);
+    let mut h = Harness::with(
+        (1..=5)
+            .map(|id| {
+                let mut c = Config::new(id, 7);
+                c.preferred_leaders = [1].into();
+                c.preferred_leader_hold = hold;
+                Node::new(c, m.clone(), 0)
+            })
+            .collect(),
+    );
+    for other in 2..=5 {
+        h.cut.insert((1, other));
+        h.cut.insert((other, 1));
+    }
+    h.run_for(3_000 * MS);
+    let leader = h
+        .leader()
+        .expect("one of 2..=5 leads while node 1 is cut off");
+    // Node 1 does not hold the removal when it commits and the leader
+    // steps down.
+    remove(&mut h, leader, leader, 1);
+    h.run_for(200 * MS);
+    assert!(h.node(leader).removed().is_some());
+    h.cut.clear();
+    h.run_for(6 * hold);
+    assert_eq!(
+        h.leader(),
+        Some(1),
+        "a successor elected by the removed leader's hand-over kept leading"
+    );
+}

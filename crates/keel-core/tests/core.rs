@@ -3651,6 +3651,19 @@ fn isolate(h: &mut Harness, lonely: NodeId) {
     }
 }
 
+/// Three voters preferring node 1, which was cut off while node 2 or 3
+/// (returned) was elected; the cut is still on.
+fn led_from_afar(hold: Nanos, seed: u64) -> (Harness, NodeId) {
+    let mut h = preferring(&[1], hold, seed);
+    isolate(&mut h, 1);
+    h.run_for(3_000 * MS);
+    let far = h
+        .leader()
+        .expect("node 2 or 3 leads while node 1 is cut off");
+    assert_ne!(far, 1);
+    (h, far)
+}
+
 fn preference_transfers(h: &Harness) -> u64 {
     (1..=3)
         .map(|n| h.node(n).stats().preference_transfers)
@@ -3676,13 +3689,7 @@ fn a_preferred_voter_stands_first_and_keeps_leading() {
 #[test]
 fn a_leader_outside_the_preferred_set_hands_over_once_a_preferred_voter_answered_for_the_hold() {
     let hold = 2_000 * MS;
-    let mut h = preferring(&[1], hold, 1);
-    isolate(&mut h, 1);
-    h.run_for(3_000 * MS);
-    let far = h
-        .leader()
-        .expect("node 2 or 3 leads while node 1 is cut off");
-    assert_ne!(far, 1);
+    let (mut h, far) = led_from_afar(hold, 1);
     h.propose(far, 1, 1, b"before");
     h.cut.clear();
     h.run_for(hold - 200 * MS);
@@ -3726,12 +3733,7 @@ fn a_leader_elected_through_a_transfer_keeps_leading_for_its_term() {
 #[test]
 fn a_preferred_voter_on_a_flapping_link_is_not_handed_leadership() {
     let hold = 2_000 * MS;
-    let mut h = preferring(&[1], hold, 3);
-    isolate(&mut h, 1);
-    h.run_for(3_000 * MS);
-    let far = h
-        .leader()
-        .expect("node 2 or 3 leads while node 1 is cut off");
+    let (mut h, far) = led_from_afar(hold, 3);
     // Up for most of each hold, but down for 350 ms (seven heartbeats,
     // more than half node 1's minimum election timeout, but under it) every
     // 1.35 s.
@@ -3818,12 +3820,7 @@ fn hand_overs_to_a_preferred_voter_that_cannot_win_back_off() {
 #[test]
 fn a_preferred_voter_far_behind_the_log_is_not_handed_leadership() {
     let hold = 1_000 * MS;
-    let mut h = preferring(&[1], hold, 5);
-    isolate(&mut h, 1);
-    h.run_for(3_000 * MS);
-    let far = h
-        .leader()
-        .expect("node 2 or 3 leads while node 1 is cut off");
+    let (mut h, far) = led_from_afar(hold, 5);
     // Node 1 answers (heartbeats reach it) but every append carrying
     // entries to it is lost: it stays far behind while entries keep coming.
     h.cut.clear();
@@ -3863,12 +3860,7 @@ fn a_preferred_voter_far_behind_the_log_is_not_handed_leadership() {
 #[test]
 fn a_short_drop_of_a_preferred_voters_answers_does_not_restart_the_hold() {
     let hold = 2_000 * MS;
-    let mut h = preferring(&[1], hold, 6);
-    isolate(&mut h, 1);
-    h.run_for(3_000 * MS);
-    let far = h
-        .leader()
-        .expect("node 2 or 3 leads while node 1 is cut off");
+    let (mut h, far) = led_from_afar(hold, 6);
     h.cut.clear();
     h.run_for(hold / 2);
     // 200 ms without answers (a TCP retransmission's worth).

@@ -3630,14 +3630,25 @@ fn a_node_whose_data_never_included_it_ignores_a_leader_that_counts_it_as_a_vote
 /// Three voters that prefer `preferred` as leader, with a hold of `hold`;
 /// `seed` varies their election timeouts.
 fn preferring(preferred: &[NodeId], hold: Nanos, seed: u64) -> Harness {
-    let m = Membership::new(1..=3);
+    preferring_among(3, preferred, hold, |c| c.seed = seed * 10 + c.id)
+}
+
+/// Voters 1..=`n` that prefer `preferred` as leader, with a hold of
+/// `hold`, their configurations then passed through `configure`.
+fn preferring_among(
+    n: u64,
+    preferred: &[NodeId],
+    hold: Nanos,
+    configure: impl Fn(&mut Config),
+) -> Harness {
+    let m = Membership::new(1..=n);
     Harness::with(
-        (1..=3)
+        (1..=n)
             .map(|id| {
                 let mut c = Config::new(id, 7);
                 c.preferred_leaders = preferred.iter().copied().collect();
                 c.preferred_leader_hold = hold;
-                c.seed = seed * 10 + id;
+                configure(&mut c);
                 Node::new(c, m.clone(), 0)
             })
             .collect(),
@@ -3645,7 +3656,7 @@ fn preferring(preferred: &[NodeId], hold: Nanos, seed: u64) -> Harness {
 }
 
 fn isolate(h: &mut Harness, lonely: NodeId) {
-    for other in 1..=3 {
+    for other in 1..=h.nodes.len() as NodeId {
         h.cut.insert((lonely, other));
         h.cut.insert((other, lonely));
     }
@@ -3772,22 +3783,13 @@ fn removing_a_preferred_leader_hands_leadership_to_a_preferred_voter() {
 #[test]
 fn hand_overs_to_a_preferred_voter_that_cannot_win_back_off() {
     let hold = 2_000 * MS;
-    let m = Membership::new(1..=5);
-    let mut h = Harness::with(
-        (1..=5)
-            .map(|id| {
-                let mut c = Config::new(id, 7);
-                c.preferred_leaders = [1].into();
-                c.preferred_leader_hold = hold;
-                c.seed = 70 + id;
-                if id >= 3 {
-                    // Slower to stand than node 2.
-                    c.election_timeout_max = 3_000 * MS;
-                }
-                Node::new(c, m.clone(), 0)
-            })
-            .collect(),
-    );
+    let mut h = preferring_among(5, &[1], hold, |c| {
+        c.seed = 70 + c.id;
+        if c.id >= 3 {
+            // Slower to stand than node 2.
+            c.election_timeout_max = 3_000 * MS;
+        }
+    });
     // Node 1 reaches node 2 only: it answers node 2 without a break, but
     // cannot win an election.
     for other in 3..=5 {
@@ -3912,21 +3914,8 @@ fn a_timer_due_during_a_leadership_transfer_waits_for_it() {
 #[test]
 fn a_removed_leader_with_no_preferred_voter_caught_up_hands_over_to_no_one() {
     let hold = 1_000 * MS;
-    let m = Membership::new(1..=5);
-    let mut h = Harness::with(
-        (1..=5)
-            .map(|id| {
-                let mut c = Config::new(id, 7);
-                c.preferred_leaders = [1].into();
-                c.preferred_leader_hold = hold;
-                Node::new(c, m.clone(), 0)
-            })
-            .collect(),
-    );
-    for other in 2..=5 {
-        h.cut.insert((1, other));
-        h.cut.insert((other, 1));
-    }
+    let mut h = preferring_among(5, &[1], hold, |_| {});
+    isolate(&mut h, 1);
     h.run_for(3_000 * MS);
     let leader = h
         .leader()

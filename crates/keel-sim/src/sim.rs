@@ -2079,9 +2079,14 @@ impl Sim {
             let (lease_reads, led_from, moved) = match self.nodes[i].core.as_mut() {
                 Some(core) => {
                     let before = core.stats();
-                    // A leader's commit position before the step (one that
-                    // advances is checked against the disks after it).
-                    let led_from = core.is_leader().then(|| core.commit_position());
+                    // A leader's commit position and term before the step
+                    // (one that advances in that term is checked against
+                    // the disks after it; one that moved to a later term
+                    // learned its commit from that term's leader as a
+                    // follower, and that leader's advance was checked).
+                    let led_from = core
+                        .is_leader()
+                        .then(|| (core.commit_position(), core.term()));
                     self.stepping = Some(id);
                     core.step(now, ev, &mut out);
                     self.stepping = None;
@@ -2129,8 +2134,9 @@ impl Sim {
                 }
             }
             let commit = self.nodes[i].core.as_ref().map(Node::commit_position);
-            if let (Some(from), Some(c)) = (led_from, commit) {
-                if c > from {
+            let term = self.nodes[i].core.as_ref().map(Node::term);
+            if let (Some((from, led_term)), Some(c)) = (led_from, commit) {
+                if c > from && term == Some(led_term) {
                     self.check_commit_durable(i, c);
                 }
             }

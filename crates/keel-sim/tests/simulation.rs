@@ -412,6 +412,23 @@ fn regression_seeds() {
         r.violations,
         cfg.replay_command()
     );
+    // A stale leader of term 2, resumed from a pause, took the first append
+    // of term 3's leader: in one step it became a follower, cut its log
+    // and learned a commit position from that leader. The commit check for
+    // leaders judged that commit against the stale node's configuration
+    // (a removal later in the new leader's log had already shrunk the
+    // quorum it committed with): a false violation. Only a commit advanced
+    // in the term the node led is checked against its own configuration.
+    let mut cfg = SimConfig::new(81002632, 5, mix("chaos"));
+    cfg.force_preferred_leaders();
+    let r = run(&cfg);
+    assert!(
+        r.ok() && r.impostors > 0,
+        "seed 81002632: {} impostors: {:?}\n  replay: {}",
+        r.impostors,
+        r.violations,
+        cfg.replay_command()
+    );
     // A candidate of term 4 paused just after asking for votes, and read
     // them (it won) only after a leader of term 5 had committed more: the
     // leader-completeness check wrongly asked it to hold that too. (Before

@@ -132,21 +132,20 @@ pub struct Config {
     /// default): no preference. It should be the same on every node.
     ///
     /// A leader outside a non-empty set hands leadership to a preferred
-    /// voter within one batch of its log end, as
+    /// voter within `max_batch_bytes` of its log end, as
     /// `Event::TransferLeadership` does, once that voter has answered it
-    /// without a break for `preferred_leader_hold` (so a
-    /// cluster that elected a far-away leader during a latency blip or a
-    /// failover moves back once the link is steady again), unless the
-    /// leader was itself elected through a transfer: an operator's
-    /// transfer is respected for the rest of that term, and nodes given
-    /// different sets cannot hand leadership back and forth. A hand-over
-    /// to a node that then did not lead (it answers the leader but cannot
-    /// reach a quorum, say) makes the next one wait four times longer,
-    /// per such failure in a row, up to 64 holds. A leader removed from
-    /// the voters hands over to a caught-up preferred voter if there is
-    /// one, and to no one if a preferred voter remains but none is caught
-    /// up (the election that follows lets the preferred voters stand
-    /// first). A voter
+    /// without a break for `preferred_leader_hold` (so a cluster that
+    /// elected a far-away leader during a latency blip or a failover moves
+    /// back once the link is steady again), unless the leader was itself
+    /// elected through a transfer from a voter: an operator's transfer is
+    /// respected for the rest of that term, and nodes given different sets
+    /// cannot hand leadership back and forth (a removed leader's hand-over
+    /// is nobody's choice and does not count). A hand-over to a node that
+    /// then did not lead (it answers the leader but cannot reach a quorum,
+    /// or never stood) makes the next one wait four times longer, per such
+    /// failure in a row (until a preferred voter leads), up to 64 holds. A
+    /// leader removed from the voters hands over to a caught-up preferred
+    /// voter if there is one, else to the most caught-up voter. A voter
     /// outside the set draws its election timeouts from
     /// [`election_timeout_max`, 2 `election_timeout_max` -
     /// `election_timeout_min`) while the configuration has a preferred
@@ -649,8 +648,9 @@ pub struct Node {
     forwarded_reads: BTreeMap<RequestId, Nanos>,
     transfer: Option<(NodeId, Nanos)>,
     /// Candidate: this election was started by a leadership transfer
-    /// (`TimeoutNow`). Leader: it won such an election, so it keeps
-    /// leadership for its term whatever `Config::preferred_leaders` says.
+    /// (`TimeoutNow`) from a voter (not a removed leader's hand-over).
+    /// Leader: it won such an election, so it keeps leadership for its
+    /// term whatever `Config::preferred_leaders` says.
     by_transfer: bool,
     /// Leader outside `Config::preferred_leaders`: no hand-over to a
     /// preferred voter before this time.
@@ -848,8 +848,9 @@ impl Node {
         self.leader
     }
     /// Whether this node's latest election was started by a leadership
-    /// transfer (`TimeoutNow`): a leader elected so keeps leadership for
-    /// its term whatever `Config::preferred_leaders` says.
+    /// transfer (`TimeoutNow`) from a voter of its configuration (not a
+    /// removed leader's hand-over): a leader elected so keeps leadership
+    /// for its term whatever `Config::preferred_leaders` says.
     pub fn elected_by_transfer(&self) -> bool {
         self.by_transfer
     }
@@ -1041,9 +1042,14 @@ impl Node {
                     return;
                 }
             }
-            if let Some((_, deadline)) = self.transfer {
+            if let Some((target, deadline)) = self.transfer {
                 if now >= deadline {
                     self.transfer = None;
+                    // A preference hand-over whose target never stood
+                    // (TimeoutNow lost, never caught up): it did not lead.
+                    if self.preference_handover == Some(target) {
+                        self.settle_preference_handover(self.cfg.id);
+                    }
                 }
             }
             self.maybe_move_to_preferred(out);
@@ -1306,7 +1312,8 @@ impl Node {
     }
 
     /// Leader outside `Config::preferred_leaders`: hands leadership to the
-    /// preferred voter within a batch of the log end that has answered
+    /// preferred voter within `max_batch_bytes` of the log end that has
+    /// answered
     /// without a break for the hold (the most caught up, the lowest id on
     /// ties), as `transfer_leadership` does. Not while a transfer is on, before this term's first entry
     /// has committed, or in a term won through a transfer.
@@ -1364,6 +1371,10 @@ impl Node {
     /// that did not come to lead (it cannot reach a quorum, say), the next
     /// one waits four times longer per failure in a row, up to 64 holds.
     fn settle_preference_handover(&mut self, leader: NodeId) {
+        if self.cfg.preferred_leaders.contains(&leader) {
+            // A preferred voter leads: earlier failures are not in a row.
+            self.preference_failures = 0;
+        }
         let Some(target) = self.preference_handover.take() else {
             return;
         };
@@ -1870,7 +1881,12 @@ impl Node {
                     && self.log.last_pos() > last_pos
                     && !self.cfg.testing_bugs.stale_timeout_now;
                 if !stale && self.membership().is_voter(self.cfg.id) && self.role != Role::Leader {
+                    // A removed leader's hand-over (the sender is no voter
+                    // of our latest configuration) is nobody's choice: the
+                    // winner may still hand over to a preferred voter.
+                    let chosen = self.membership().is_voter(m.from);
                     self.campaign(true, out);
+                    self.by_transfer = self.by_transfer && chosen;
                 }
             }
             Body::Forward { commands } => {
@@ -2780,10 +2796,9 @@ impl Node {
             }
             // A leader removed from the voters steps down once that is
             // committed, handing over to a preferred voter that holds the
-            // commit if there is one (the winner of a transfer keeps
-            // leadership for its term), else, unless a preferred voter
-            // remains (the election that follows lets it stand first), to
-            // the most caught-up voter.
+            // commit if there is one, else to the most caught-up voter
+            // (which, outside the preferred set, hands over in turn: a
+            // removed leader's hand-over does not count as a transfer).
             let removed = !self.membership().is_voter(self.cfg.id)
                 && self
                     .membership_log
@@ -2798,15 +2813,7 @@ impl Node {
                     .max_by_key(|(n, p)| {
                         (preferred.contains(n) && p.matched >= self.commit, p.matched)
                     })
-                    .map(|(n, _)| *n)
-                    .filter(|n| {
-                        preferred.contains(n)
-                            || !self
-                                .membership()
-                                .voters
-                                .iter()
-                                .any(|v| preferred.contains(v))
-                    });
+                    .map(|(n, _)| *n);
                 // Everyone hears of the commit now: this node stops.
                 self.heartbeat_due = true;
                 self.flush_leader(out);

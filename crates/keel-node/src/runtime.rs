@@ -2895,9 +2895,8 @@ impl Consensus {
                         warn!(
                             "node {}: leads term {term} by a leadership transfer though \
                              preferred_leaders is {preferred:?}: it keeps leadership for this \
-                             term (an operator's transfer; a removed leader with no preferred \
-                             voter caught up; or a node whose preferred_leaders differs from \
-                             this node's: give every node the same list)",
+                             term (an operator's transfer, or a node whose preferred_leaders \
+                             differs from this node's: give every node the same list)",
                             self.cfg.id
                         );
                     }

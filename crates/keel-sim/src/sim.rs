@@ -922,10 +922,11 @@ pub struct PreferredOutcome {
     pub bound: Nanos,
     /// Why the check did not apply to this run (`None`: it did).
     pub skipped: Option<String>,
-    /// Skipped because the final leader, outside the set, was elected
-    /// through a hand-over no one asked for: a leader that removed itself
-    /// sent `TimeoutNow` to its most caught-up voter, and the core keeps
-    /// such a leader for its term as it keeps an operator's choice.
+    /// The final leader, outside the set, kept its term as elected through
+    /// a hand-over no one asked for (a leader that removed itself sent
+    /// `TimeoutNow` to its most caught-up voter): a violation, since the
+    /// core counts only a transfer from a voter of the winner's
+    /// configuration as one.
     pub handover_kept: bool,
 }
 
@@ -1419,7 +1420,7 @@ pub struct Sim {
     /// term; and its failures in a row, and until when (true time) its
     /// next hand-over waits, and whether that wait comes of a hand-over
     /// started under faults.
-    handovers: HashMap<NodeId, (Term, Option<NodeId>, bool)>,
+    handovers: HashMap<NodeId, (Term, Option<NodeId>, bool, Nanos)>,
     backoff: HashMap<NodeId, (u32, Nanos)>,
     /// The latest end of a wait that hand-overs started under faults
     /// caused (true time; it stays when the wait is over).
@@ -2103,7 +2104,9 @@ impl Sim {
             if let Some(term) = moved {
                 self.preference_moves.insert((id, term));
                 let under_faults = self.healed_at.is_none();
-                self.handovers.insert(id, (term, None, under_faults));
+                let started = self.local_now(i);
+                self.handovers
+                    .insert(id, (term, None, under_faults, started));
                 if self.trace {
                     eprintln!(
                         "{:>10.3}ms node {id}: preference transfer in term {term}",
@@ -4195,21 +4198,38 @@ impl Sim {
 
     /// Follows the core's back-off after a failed hand-over: node `i`'s
     /// latest preference transfer is settled once it knows a leader of a
-    /// later term (itself included). Another leader than its target makes
+    /// later term (itself included), or, still leading its term, once the
+    /// transfer ran out (an election timeout after it started, on its
+    /// clock: the target never stood). Another leader than its target makes
     /// its next hand-over wait four times the hold per failure in a row
     /// (at most three), measured on its clock: here in true time, the
-    /// clock drift allowed for; its target resets the count.
+    /// clock drift allowed for; its target resets the count, and so does
+    /// any preferred leader the node knows (the failures are no longer in a
+    /// row).
     fn settle_handover(&mut self, i: usize) {
         let id = self.nodes[i].id;
-        let Some(&(term, target, under_faults)) = self.handovers.get(&id) else {
+        let local = self.local_now(i);
+        let Some(core) = self.nodes[i].core.as_ref() else {
             return;
         };
-        let Some(leader) = self.nodes[i]
-            .core
-            .as_ref()
-            .filter(|c| c.term() > term)
-            .and_then(Node::leader)
-        else {
+        if core
+            .leader()
+            .is_some_and(|l| self.cfg.preferred_leaders.contains(&l))
+        {
+            if let Some(b) = self.backoff.get_mut(&id) {
+                b.0 = 0;
+            }
+        }
+        let Some(&(term, target, under_faults, started)) = self.handovers.get(&id) else {
+            return;
+        };
+        let leader = if core.term() > term {
+            core.leader()
+        } else {
+            let ran_out = local >= started + core.config().election_timeout_min;
+            (core.is_leader() && core.term() == term && ran_out).then_some(id)
+        };
+        let Some(leader) = leader else {
             return;
         };
         self.handovers.remove(&id);
@@ -4378,20 +4398,34 @@ impl Sim {
             match self.by_transfer.get(&leader).copied() {
                 Some((t, from, from_term)) if t == term => {
                     let origin = if self.operator_transfers.contains(&(from, from_term)) {
-                        "an operator's transfer"
+                        Some("an operator's transfer")
                     } else if self.preference_moves.contains(&(from, from_term)) {
-                        "a preference transfer"
+                        Some("a preference transfer")
                     } else {
-                        // A leader that committed its own removal hands
-                        // leadership to its most caught-up voter, whatever
-                        // the preferred set says.
-                        out.handover_kept = true;
-                        "a hand-over no one asked for (a leader removing itself)"
+                        None
                     };
-                    out.skipped = Some(format!(
-                        "node {leader}, outside the set, was elected through {origin} from \
-                         node {from} of term {from_term}, and keeps leadership for term {term}"
-                    ));
+                    match origin {
+                        Some(origin) => {
+                            out.skipped = Some(format!(
+                                "node {leader}, outside the set, was elected through {origin} \
+                                 from node {from} of term {from_term}, and keeps leadership for \
+                                 term {term}"
+                            ))
+                        }
+                        // A leader that committed its own removal hands
+                        // leadership to its most caught-up voter: no one's
+                        // choice, which the core must not keep.
+                        None => {
+                            out.handover_kept = true;
+                            self.report.violations.push(format!(
+                                "liveness: {set}: node {leader}, outside the set, keeps term \
+                                 {term} as elected through a transfer, but its TimeoutNow came \
+                                 from node {from} of term {from_term} without an operator's or \
+                                 a preference transfer (a leader removing itself): that \
+                                 hand-over is no one's choice"
+                            ))
+                        }
+                    }
                 }
                 _ => self.report.violations.push(format!(
                     "liveness: {set}: node {leader}, outside the set, leads term {term} as \

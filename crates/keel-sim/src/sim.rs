@@ -1157,6 +1157,10 @@ struct SimNode {
     disk: Disk,
     pending: Vec<StorageOp>,
     sync_scheduled: bool,
+    /// The last entry the latest `flush_pending` wrote (its end and term),
+    /// unless a truncation in the same flush cut it: reported durable even
+    /// when a compaction in that flush left the disk's log empty.
+    flushed: Option<(Position, Term)>,
     disk_latency: (Nanos, Nanos),
     clock: Clock,
     /// Client writes waiting for their entry to apply: (client, seq) → req.
@@ -1218,6 +1222,7 @@ impl SimNode {
             disk,
             pending: Vec::new(),
             sync_scheduled: false,
+            flushed: None,
             disk_latency,
             clock,
             writes: HashMap::new(),
@@ -2720,9 +2725,11 @@ impl Sim {
     fn flush_pending(&mut self, i: usize) -> Vec<(Position, u64)> {
         let node = &mut self.nodes[i];
         let mut published = Vec::new();
+        node.flushed = None;
         for op in std::mem::take(&mut node.pending) {
             match op {
                 StorageOp::Append(es) => {
+                    node.flushed = es.last().map(|e| (e.end(), e.term)).or(node.flushed);
                     for e in es {
                         let end = node.disk.log_end();
                         if e.position != end {
@@ -2734,7 +2741,10 @@ impl Sim {
                         node.disk.log.push(e);
                     }
                 }
-                StorageOp::Truncate(from) => node.disk.log.retain(|e| e.position < from),
+                StorageOp::Truncate(from) => {
+                    node.disk.log.retain(|e| e.position < from);
+                    node.flushed = node.flushed.filter(|&(end, _)| end <= from);
+                }
                 StorageOp::Compact(upto) => {
                     let end = node.disk.log_end();
                     node.disk.log.retain(|e| e.end() > upto);
@@ -2767,8 +2777,11 @@ impl Sim {
         self.nodes[i].sync_scheduled = false;
         let published = self.flush_pending(i);
         let node = &self.nodes[i];
-        if let Some(e) = node.disk.log.last() {
-            let (position, term) = (e.end(), e.term);
+        // The log's end, or, where a snapshot compacted the whole log in
+        // this same flush, what the flush wrote: durable all the same (the
+        // runtime's storage thread reports each written batch).
+        let last = node.disk.log.last().map(|e| (e.end(), e.term));
+        if let Some((position, term)) = last.or(node.flushed) {
             self.step_node(i, Event::Durable { position, term });
         }
         for (position, size) in published {

@@ -429,6 +429,22 @@ fn regression_seeds() {
         r.violations,
         cfg.replay_command()
     );
+    // A follower's snapshot compacted its whole simulated log in the same
+    // disk sync that wrote its newest entry, and the simulator then
+    // reported nothing durable: the follower acknowledged nothing past its
+    // older entries until its next write, so the preferred voter it was
+    // never caught up, the leader's hand-over to it ran out and the core
+    // backed off past the check's bound. (The runtime reports the log's
+    // end, compacted or not.)
+    let cfg = SimConfig::new(95000953, 5, mix("regions"));
+    let r = run(&cfg);
+    assert!(
+        r.ok() && r.preference_transfers > 0,
+        "seed 95000953: {} preference transfers: {:?}\n  replay: {}",
+        r.preference_transfers,
+        r.violations,
+        cfg.replay_command()
+    );
     // A candidate of term 4 paused just after asking for votes, and read
     // them (it won) only after a leader of term 5 had committed more: the
     // leader-completeness check wrongly asked it to hold that too. (Before

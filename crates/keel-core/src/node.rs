@@ -1313,10 +1313,11 @@ impl Node {
 
     /// Leader outside `Config::preferred_leaders`: hands leadership to the
     /// preferred voter within `max_batch_bytes` of the log end that has
-    /// answered
-    /// without a break for the hold (the most caught up, the lowest id on
-    /// ties), as `transfer_leadership` does. Not while a transfer is on, before this term's first entry
-    /// has committed, or in a term won through a transfer.
+    /// answered without a break for the hold (the most caught up, the
+    /// lowest id on ties), as `transfer_leadership` does. Not while a
+    /// transfer is on, before this term's first entry has committed, while
+    /// backing off after a failed hand-over, or in a term won through a
+    /// transfer from a voter.
     fn maybe_move_to_preferred(&mut self, out: &mut Vec<Action>) {
         let preferred = &self.cfg.preferred_leaders;
         let now = self.now;
@@ -1341,8 +1342,8 @@ impl Node {
                     && membership.is_voter(*n)
                     && p.state == ProgressState::Replicate
                     && last.saturating_sub(p.matched) <= self.cfg.max_batch_bytes
-                    && p.answered.is_some_and(|(last, since)| {
-                        now.saturating_sub(last) <= gap && now.saturating_sub(since) >= hold
+                    && p.answered.is_some_and(|(at, since)| {
+                        now.saturating_sub(at) <= gap && now.saturating_sub(since) >= hold
                     })
             })
             // The most caught up; on a tie the lowest id (the first).
@@ -1366,10 +1367,12 @@ impl Node {
         self.cfg.election_timeout_min / 2
     }
 
-    /// A leader is known (`leader`: this node itself when it was elected):
-    /// a preference hand-over this node made is settled. Handed to a node
-    /// that did not come to lead (it cannot reach a quorum, say), the next
-    /// one waits four times longer per failure in a row, up to 64 holds.
+    /// A leader is known (`leader`: this node itself when it was elected,
+    /// or when its hand-over's transfer ran out): a preference hand-over
+    /// this node made is settled. Handed to a node that did not come to
+    /// lead (it cannot reach a quorum, say), the next one waits four times
+    /// longer per failure in a row, up to 64 holds; a preferred leader
+    /// ends the row.
     fn settle_preference_handover(&mut self, leader: NodeId) {
         if self.cfg.preferred_leaders.contains(&leader) {
             // A preferred voter leads: earlier failures are not in a row.

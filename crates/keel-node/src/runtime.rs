@@ -4373,6 +4373,10 @@ mod removed_tests {
             .enable_all()
             .build()
             .expect("runtime");
+        // A leader refuses membership changes as busy until it has
+        // committed an entry of its term; a committed write shows it has.
+        let w = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"first"))));
+        assert_eq!(w, ClientResult::Ok(Bytes::from_static(b"first")));
 
         // Cut off, it takes a write it cannot get committed.
         net.isolate(f);

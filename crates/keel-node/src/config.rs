@@ -391,7 +391,17 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// Reads and validates a configuration file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let cfg = Self::read(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a configuration file without validating it, for a caller that
+    /// overrides some of its settings (command-line flags) and validates
+    /// the result.
+    pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -400,7 +410,6 @@ impl NodeConfig {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        cfg.validate()?;
         Ok(cfg)
     }
 

@@ -363,9 +363,10 @@ struct ServerArgs {
     /// far-away node; unlisted nodes wait longer before standing for
     /// election. A leader handed leadership by a transfer (`keel cluster
     /// transfer-leader`) keeps it for its term. Set the same list on every
-    /// node. Default: none (no preference).
-    #[arg(long, value_delimiter = ',')]
-    preferred_leaders: Option<Vec<NodeId>>,
+    /// node. `none` clears a list the --config file sets. Default: none (no
+    /// preference).
+    #[arg(long, value_parser = parse_node_ids)]
+    preferred_leaders: Option<NodeIds>,
     /// How long a preferred node must have answered an unlisted leader
     /// without a break before that leader hands it leadership, and the
     /// least time between two such hand-overs, in milliseconds (default
@@ -390,6 +391,24 @@ struct ServerArgs {
     cluster_id: Option<u64>,
 }
 
+/// A comma-separated list of node ids, or `none` for an empty one.
+#[derive(Clone, Debug)]
+struct NodeIds(Vec<NodeId>);
+
+fn parse_node_ids(s: &str) -> Result<NodeIds, String> {
+    if s.trim() == "none" {
+        return Ok(NodeIds(Vec::new()));
+    }
+    s.split(',')
+        .map(|id| {
+            id.trim().parse().map_err(|_| {
+                format!("{id:?} is not a node id: expected ids separated by commas (1,2) or none")
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map(NodeIds)
+}
+
 fn parse_peer(s: &str) -> Result<PeerConfig, String> {
     let usage = || {
         format!("--peer {s:?}: expected ID=PEER_ADDR,CLIENT_ADDR[,ETCD_ADDR], e.g. 2=127.0.0.1:7202,127.0.0.1:7102")
@@ -409,7 +428,8 @@ fn parse_peer(s: &str) -> Result<PeerConfig, String> {
 
 fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     let mut cfg = match &a.config {
-        Some(p) => NodeConfig::load(p)?,
+        // Validated once the flags are applied: a flag may mend the file.
+        Some(p) => NodeConfig::read(p)?,
         None => {
             let missing: Vec<&str> = [
                 ("--id", a.id.is_none()),
@@ -524,7 +544,7 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     if let Some(v) = a.election_timeout_max_ms {
         cfg.election_timeout_max_ms = v;
     }
-    if let Some(v) = &a.preferred_leaders {
+    if let Some(NodeIds(v)) = &a.preferred_leaders {
         cfg.preferred_leaders = v.clone();
     }
     if let Some(v) = a.preferred_leader_hold_ms {

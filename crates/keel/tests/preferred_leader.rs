@@ -231,6 +231,41 @@ fn preferred_leader_flags_are_applied_and_checked() {
         text.contains("reading backup /nonexistent/backup.keel"),
         "{text}"
     );
+    // `none` clears a list the configuration file sets (here an invalid
+    // one, so the difference shows before anything starts); a list that is
+    // not ids says so.
+    let file = tmp.path().join("keel.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "id = 1\ndata_dir = {data:?}\npeer_addr = \"127.0.0.1:1\"\n\
+             client_addr = \"127.0.0.1:2\"\npreferred_leaders = [1, 0]\n"
+        ),
+    )
+    .expect("config file");
+    let file = file.to_str().expect("utf-8");
+    let restore = |more: &[&str]| {
+        keel(
+            ["restore", "/nonexistent/backup.keel", "--config", file]
+                .iter()
+                .chain(more),
+        )
+    };
+    let (code, text) = restore(&[]);
+    assert_ne!(code, 0);
+    assert!(text.contains("node id 0 is 0"), "{text}");
+    let (code, text) = restore(&["--preferred-leaders", "none"]);
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("reading backup /nonexistent/backup.keel"),
+        "{text}"
+    );
+    let (code, text) = run(&["--preferred-leaders", "1,two"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("\"two\" is not a node id: expected ids separated by commas (1,2) or none"),
+        "{text}"
+    );
     // `keel dev` refuses a list that names no node of its cluster, before
     // it writes anything.
     let dev_dir = tmp.path().join("dev");

@@ -94,8 +94,14 @@ pub enum Body {
         last_pos: Position,
     },
     /// Client commands a follower took, for the leader to append (client,
-    /// sequence number, data). Dropped by a node that is not the leader;
-    /// the follower's clients learn of it when it sees a new leader.
+    /// sequence number, data). A leader in the middle of a leadership
+    /// transfer holds them until the transfer ends, and so does a node
+    /// that stepped down until it learns the new leader: then they are
+    /// appended or passed on to that leader. One sent in an earlier term
+    /// is passed on to the leader the receiver knows. Otherwise, or
+    /// beyond `Config::max_inflight_bytes` held, they are dropped
+    /// (`Stats::forwards_dropped`), and the follower's clients are
+    /// answered when their writes time out.
     Forward {
         commands: Vec<(ClientId, u64, Bytes)>,
     },

@@ -53,6 +53,10 @@ const MAX_HEARTBEAT_TIMES: usize = 1200;
 /// See `MAX_HEARTBEAT_TIMES`.
 const HEARTBEAT_TIME_GRAIN: Nanos = 1_000_000;
 
+/// Client commands a follower forwards (`Body::Forward`): client,
+/// sequence number, data.
+type ForwardedCommands = Vec<(ClientId, u64, Bytes)>;
+
 /// How long a leader tells each node that a configuration committed
 /// during its leadership removed that it was removed (with every
 /// heartbeat), in maximum election timeouts. Later, a removed node learns
@@ -552,6 +556,12 @@ pub struct Stats {
     /// Leadership transfers this node started as a leader outside
     /// `Config::preferred_leaders`, to a preferred voter.
     pub preference_transfers: u64,
+    /// Client commands followers forwarded that this node dropped: it knew
+    /// no leader to pass them to and was not holding them (see
+    /// `Body::Forward`), held more than `Config::max_inflight_bytes` of
+    /// them, or stood for election while holding them. The follower's
+    /// client is answered when its write times out.
+    pub forwards_dropped: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -647,6 +657,15 @@ pub struct Node {
     /// time it is given up at (`expire_forwarded_reads`).
     forwarded_reads: BTreeMap<RequestId, Nanos>,
     transfer: Option<(NodeId, Nanos)>,
+    /// Client commands followers forwarded (with the follower) that this
+    /// node could not append at once: it was leading a transfer (its log
+    /// holds still so that the target catches up), or no longer leads and
+    /// knows no leader yet. Appended once it leads with no transfer, passed
+    /// on once it knows another leader, dropped when it stands for election
+    /// (`release_held_forwards`, `drop_held_forwards`).
+    held_forwards: Vec<(NodeId, ForwardedCommands)>,
+    /// The data bytes in `held_forwards`, at most `max_inflight_bytes`.
+    held_forward_bytes: u64,
     /// Candidate: this election was started by a leadership transfer
     /// (`TimeoutNow`) from a voter (not a removed leader's hand-over).
     /// Leader: it won such an election, so it keeps leadership for its
@@ -803,6 +822,8 @@ impl Node {
             reads_waiting: Vec::new(),
             forwarded_reads: BTreeMap::new(),
             transfer: None,
+            held_forwards: Vec::new(),
+            held_forward_bytes: 0,
             by_transfer: false,
             next_preference_move: 0,
             preference_handover: None,
@@ -1050,6 +1071,7 @@ impl Node {
                     if self.preference_handover == Some(target) {
                         self.settle_preference_handover(self.cfg.id);
                     }
+                    self.release_held_forwards(out);
                 }
             }
             self.maybe_move_to_preferred(out);
@@ -1463,6 +1485,9 @@ impl Node {
         let changed = self.role != role || self.leader != leader;
         self.role = role;
         self.leader = leader;
+        if role == Role::Follower && leader.is_some() {
+            self.release_held_forwards(out);
+        }
         if changed {
             out.push(Action::RoleChanged {
                 role,
@@ -1524,6 +1549,9 @@ impl Node {
 
     fn start_pre_vote(&mut self, out: &mut Vec<Action>) {
         self.stats.pre_votes_started += 1;
+        // No leader is left to take them (as far as this node can tell):
+        // their clients are answered when their writes time out.
+        self.drop_held_forwards();
         self.votes.clear();
         self.votes.insert(self.cfg.id, true);
         self.set_role(Role::PreCandidate, None, out);
@@ -1641,6 +1669,7 @@ impl Node {
         self.term_start_pos = last;
         let mark = Bytes::from_static(TERM_START_MARK);
         self.append_entries(vec![(EntryKind::TermStart, mark)], out);
+        self.release_held_forwards(out);
     }
 
     fn new_progress(&self, next: Position) -> Progress {
@@ -1777,6 +1806,8 @@ impl Node {
                     self.send(m.from, Body::PreVoteResp { granted: false }, out)
                 }
                 Body::Vote { .. } => self.send(m.from, Body::VoteResp { granted: false }, out),
+                // Sent to this node as the leader of an earlier term.
+                Body::Forward { commands } => self.on_forward(m.from, m.term, commands, out),
                 _ => {}
             }
             return;
@@ -1892,19 +1923,7 @@ impl Node {
                     self.by_transfer = self.by_transfer && chosen;
                 }
             }
-            Body::Forward { commands } => {
-                if self.role == Role::Leader && self.transfer.is_none() {
-                    let items = commands
-                        .into_iter()
-                        .map(|(client, seq, data)| (EntryKind::Command { client, seq }, data))
-                        .collect();
-                    self.append_entries(items, out);
-                    let end = self.log.last_pos();
-                    if let Some(p) = self.progress.get_mut(&m.from) {
-                        p.forwarded.push_back(end);
-                    }
-                }
-            }
+            Body::Forward { commands } => self.on_forward(m.from, m.term, commands, out),
             Body::ReadIndex { id } => {
                 if self.role == Role::Leader {
                     self.leader_read(id, Some(m.from), out);
@@ -2300,6 +2319,88 @@ impl Node {
             .rev()
             .find(|(p, _)| *p < pos)
             .map_or_else(|| self.base_membership.clone(), |(_, m)| (**m).clone())
+    }
+
+    /// Client commands a follower forwarded, sent at `term` to this node as
+    /// its leader: appended by a leader with no transfer in progress; held
+    /// by one in a transfer, and by a follower that knows no leader (it
+    /// led, most likely, and stepped down); passed on to the leader this
+    /// node knows if it was sent in an earlier term. Each such hop goes to
+    /// a node that led a term later than the one the sender knew, so a
+    /// command is never passed round in a circle. Nothing is appended
+    /// twice: a node passes on or drops what it did not append.
+    fn on_forward(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        commands: ForwardedCommands,
+        out: &mut Vec<Action>,
+    ) {
+        match (self.role, self.leader) {
+            (Role::Leader, _) if self.transfer.is_none() => {
+                self.append_forwarded(from, commands, out);
+            }
+            (Role::Leader, _) | (Role::Follower, None) => {
+                let bytes: u64 = commands.iter().map(|(_, _, d)| d.len() as u64).sum();
+                if self.held_forward_bytes.saturating_add(bytes) <= self.cfg.max_inflight_bytes {
+                    self.held_forward_bytes += bytes;
+                    self.held_forwards.push((from, commands));
+                } else {
+                    self.stats.forwards_dropped += commands.len() as u64;
+                }
+            }
+            (Role::Follower, Some(leader)) if term < self.term => {
+                self.send(leader, Body::Forward { commands }, out);
+            }
+            _ => self.stats.forwards_dropped += commands.len() as u64,
+        }
+    }
+
+    fn append_forwarded(
+        &mut self,
+        from: NodeId,
+        commands: ForwardedCommands,
+        out: &mut Vec<Action>,
+    ) {
+        let items = commands
+            .into_iter()
+            .map(|(client, seq, data)| (EntryKind::Command { client, seq }, data))
+            .collect();
+        self.append_entries(items, out);
+        let end = self.log.last_pos();
+        if let Some(p) = self.progress.get_mut(&from) {
+            p.forwarded.push_back(end);
+        }
+    }
+
+    /// Appends the held forwarded commands (leading, no transfer) or passes
+    /// them to the leader (following one), in the order they came.
+    fn release_held_forwards(&mut self, out: &mut Vec<Action>) {
+        if self.held_forwards.is_empty() {
+            return;
+        }
+        let leading = self.role == Role::Leader && self.transfer.is_none();
+        let follows = match (self.role, self.leader) {
+            (Role::Follower, Some(l)) if l != self.cfg.id => Some(l),
+            _ => None,
+        };
+        if !leading && follows.is_none() {
+            return;
+        }
+        self.held_forward_bytes = 0;
+        for (from, commands) in std::mem::take(&mut self.held_forwards) {
+            match follows {
+                Some(leader) => self.send(leader, Body::Forward { commands }, out),
+                None => self.append_forwarded(from, commands, out),
+            }
+        }
+    }
+
+    fn drop_held_forwards(&mut self) {
+        let n: usize = self.held_forwards.iter().map(|(_, c)| c.len()).sum();
+        self.stats.forwards_dropped += n as u64;
+        self.held_forwards.clear();
+        self.held_forward_bytes = 0;
     }
 
     // ----- leader ---------------------------------------------------------

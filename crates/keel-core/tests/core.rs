@@ -4086,3 +4086,156 @@ fn a_removed_leader_whose_preferred_voter_acked_late_leaves_no_long_gap() {
         led_at.map(|t| t / MS)
     );
 }
+
+/// How many times each node applied `data`.
+fn applied_count(h: &Harness, data: &[u8]) -> Vec<usize> {
+    h.applied
+        .iter()
+        .map(|es| es.iter().filter(|e| &e.data[..] == data).count())
+        .collect()
+}
+
+fn forwards_dropped(h: &Harness) -> u64 {
+    (1..=h.nodes.len() as u64)
+        .map(|n| h.node(n).stats().forwards_dropped)
+        .sum()
+}
+
+/// A follower's write that reaches the leader while it transfers
+/// leadership is held (the leader's log must hold still so that the
+/// target catches up) and passed on to the new leader once the old one
+/// hears from it: applied once everywhere, not dropped for the follower's
+/// client to time out on.
+#[test]
+fn a_write_forwarded_during_a_transfer_is_passed_on_to_the_new_leader() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = (1..=3).find(|&n| n != leader).expect("a follower");
+    let other = (1..=3)
+        .find(|&n| n != leader && n != target)
+        .expect("a third");
+    // The TimeoutNow goes out first, then the follower's forward: the
+    // leader takes the forward while the transfer is in progress.
+    h.step(leader, Event::TransferLeadership { id: 1, target });
+    h.propose(other, 2, 1, b"forwarded during the transfer");
+    h.run_for(100 * MS);
+    assert_eq!(h.leader(), Some(target), "the transfer failed");
+    assert_eq!(
+        applied_count(&h, b"forwarded during the transfer"),
+        vec![1, 1, 1]
+    );
+    assert_eq!(forwards_dropped(&h), 0);
+    assert!(h.rejected.is_empty(), "{:?}", h.rejected);
+}
+
+/// A transfer that runs out (its target cut off) leaves the leader
+/// leading: the writes it held are appended then, once.
+#[test]
+fn writes_forwarded_during_a_failed_transfer_are_appended_when_it_ends() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = (1..=3).find(|&n| n != leader).expect("a follower");
+    let other = (1..=3)
+        .find(|&n| n != leader && n != target)
+        .expect("a third");
+    for n in [leader, other] {
+        h.cut.insert((n, target));
+        h.cut.insert((target, n));
+    }
+    h.step(leader, Event::TransferLeadership { id: 1, target });
+    h.propose(other, 2, 1, b"held");
+    h.run_for(50 * MS);
+    assert_eq!(
+        applied_count(&h, b"held"),
+        vec![0, 0, 0],
+        "appended during the transfer"
+    );
+    h.run_for(Config::new(1, 7).election_timeout_min);
+    assert_eq!(h.leader(), Some(leader));
+    let mut counts = applied_count(&h, b"held");
+    counts.remove((target - 1) as usize);
+    assert_eq!(
+        counts,
+        vec![1, 1],
+        "the held write after the transfer ran out"
+    );
+    assert_eq!(forwards_dropped(&h), 0);
+}
+
+/// A forward sent in an earlier term to a node that no longer leads is
+/// passed on to the leader it knows; one sent in its own term to a node
+/// that knows another leader (no correct follower sends one) is dropped
+/// and counted.
+#[test]
+fn a_forward_sent_to_a_former_leader_is_passed_on() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let old = h.leader().expect("a leader");
+    let old_term = h.node(old).term();
+    let new = (1..=3).find(|&n| n != old).expect("a follower");
+    let other = (1..=3).find(|&n| n != old && n != new).expect("a third");
+    h.step(old, Event::TransferLeadership { id: 1, target: new });
+    h.run_for(100 * MS);
+    assert_eq!(h.leader(), Some(new));
+    let forward = |term: Term, data: &'static [u8]| {
+        Event::Message(Message {
+            cluster_id: 7,
+            from: other,
+            to: old,
+            term,
+            body: Body::Forward {
+                commands: vec![(1, 7, Bytes::from_static(data))],
+            },
+        })
+    };
+    h.step(old, forward(old_term, b"late forward"));
+    h.run_for(50 * MS);
+    assert_eq!(applied_count(&h, b"late forward"), vec![1, 1, 1]);
+    assert_eq!(forwards_dropped(&h), 0);
+    h.step(old, forward(h.node(old).term(), b"misdirected"));
+    h.run_for(50 * MS);
+    assert_eq!(applied_count(&h, b"misdirected"), vec![0, 0, 0]);
+    assert_eq!(h.node(old).stats().forwards_dropped, 1);
+}
+
+/// A leader holds at most `max_inflight_bytes` of forwarded writes during a
+/// transfer; what does not fit is dropped and counted, what fits is kept.
+#[test]
+fn forwards_held_during_a_transfer_are_bounded() {
+    let nodes = (1..=3)
+        .map(|id| {
+            let mut cfg = Config::new(id, 7);
+            cfg.max_inflight_bytes = 40;
+            Node::new(cfg, Membership::new(1..=3), 0)
+        })
+        .collect();
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    let target = (1..=3).find(|&n| n != leader).expect("a follower");
+    let other = (1..=3)
+        .find(|&n| n != leader && n != target)
+        .expect("a third");
+    h.step(leader, Event::TransferLeadership { id: 1, target });
+    let forward = |seq, data: &'static [u8]| {
+        Event::Message(Message {
+            cluster_id: 7,
+            from: other,
+            to: leader,
+            term: h.node(leader).term(),
+            body: Body::Forward {
+                commands: vec![(1, seq, Bytes::from_static(data))],
+            },
+        })
+    };
+    let (first, second) = (forward(1, &[1; 30]), forward(2, &[2; 30]));
+    h.step(leader, first);
+    h.step(leader, second);
+    assert_eq!(h.node(leader).stats().forwards_dropped, 1);
+    h.run_for(100 * MS);
+    assert_eq!(h.leader(), Some(target));
+    assert_eq!(applied_count(&h, &[1; 30]), vec![1, 1, 1]);
+    assert_eq!(applied_count(&h, &[2; 30]), vec![0, 0, 0]);
+}

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub elections_started: Counter,
     pub lease_reads: Counter,
     pub preference_transfers: Counter,
+    pub forwards_dropped: Counter,
     pub snapshots_taken: Counter,
     pub snapshots_installed: Counter,
     pub busy: Counter,
@@ -78,6 +79,7 @@ impl Metrics {
             elections_started: Counter::default(),
             lease_reads: Counter::default(),
             preference_transfers: Counter::default(),
+            forwards_dropped: Counter::default(),
             snapshots_taken: Counter::default(),
             snapshots_installed: Counter::default(),
             busy: Counter::default(),
@@ -148,6 +150,13 @@ impl Metrics {
             "leadership transfers this node started as a leader outside preferred_leaders, to a \
              preferred voter that had answered it steadily for preferred_leader_hold_ms",
             m.preference_transfers.clone(),
+        );
+        registry.register(
+            "forwarded_writes_dropped",
+            "client writes a follower forwarded to this node as its leader that it dropped: it \
+             knew no leader to pass them to, or held more than it may while a leadership \
+             transfer was in progress (their clients are answered when the writes time out)",
+            m.forwards_dropped.clone(),
         );
         registry.register(
             "snapshots_taken",

@@ -2992,6 +2992,9 @@ impl Consensus {
                 .preference_transfers
                 .saturating_sub(seen.preference_transfers),
         );
+        self.metrics
+            .forwards_dropped
+            .inc_by(stats.forwards_dropped.saturating_sub(seen.forwards_dropped));
         self.stats_seen = stats;
         if let Ok(mut st) = self.status.lock() {
             *st = s;
@@ -4283,6 +4286,67 @@ mod removed_tests {
             matches!(answer, ClientResult::NotLeader { .. }),
             "{answer:?}"
         );
+        for n in &nodes {
+            n.shutdown();
+        }
+    }
+
+    /// A write a follower forwards while its leader is transferring
+    /// leadership is held by the leader, not dropped: here the target is
+    /// cut off, the transfer runs out after its window (1 s), and the
+    /// write is appended then and answered, where it used to wait out
+    /// `write_timeout_ms` (30 s) for "outcome unknown".
+    #[test]
+    fn a_write_forwarded_during_a_transfer_is_answered() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes = three_echo_nodes(tmp.path(), &net);
+        let leader = || leader_of(&nodes);
+        wait_for("a leader", || leader().is_some());
+        let l = leader().expect("a leader");
+        let t = (1..=3).find(|&n| n != l).expect("a follower");
+        let f = (1..=3).find(|&n| n != l && n != t).expect("a third");
+        let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
+        wait_for("the follower knows the leader", || {
+            fh.status().leader == Some(l)
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let write = |node: &Arc<NodeHandle>, data: &'static [u8]| {
+            rt.block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    node.call(ClientOp::Write(Bytes::from_static(data))),
+                )
+                .await
+                .expect("a write is answered within 10 s")
+            })
+        };
+        assert_eq!(
+            write(&fh, b"before"),
+            ClientResult::Ok(Bytes::from_static(b"before"))
+        );
+
+        net.isolate(t);
+        let transfer = spawn_call(&lh, ClientOp::TransferLeader(t));
+        // The leader refuses its own clients' writes once the transfer is on.
+        let start = Instant::now();
+        while write(&lh, b"probe") != ClientResult::Busy {
+            assert!(
+                start.elapsed() < Duration::from_secs(1) && !transfer.is_finished(),
+                "no write was refused while the transfer was in progress"
+            );
+        }
+        assert_eq!(
+            write(&fh, b"forwarded"),
+            ClientResult::Ok(Bytes::from_static(b"forwarded"))
+        );
+        let r = transfer.join().expect("the transfer's thread");
+        assert!(!matches!(r, ClientResult::Ok(_)), "{r:?}");
+        assert_eq!(leader(), Some(l));
+        net.heal();
         for n in &nodes {
             n.shutdown();
         }

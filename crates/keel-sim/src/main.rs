@@ -215,6 +215,7 @@ fn main() {
         (0u64, 0u64, Vec::new(), Vec::new());
     let mut panicked = Vec::new();
     let mut log_ranges = 0u64;
+    let mut forwards_dropped = 0u64;
     let (mut notices, mut removals, mut rejoined, mut rejoined_members) = (0u64, 0u64, 0u64, 0u64);
     let (mut impostors, mut plots_met, mut stale_at_impostors, mut voter_appends, mut ignored) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
@@ -243,6 +244,7 @@ fn main() {
         ops += r.ops_ok;
         elections += r.elections;
         log_ranges += r.log_ranges_read;
+        forwards_dropped += r.forwards_dropped;
         notices += r.removed_notices;
         removals += r.removals_acted;
         rejoined += r.rejoined;
@@ -297,7 +299,7 @@ fn main() {
         }
     }
     println!(
-        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {pref_runs} with preferred leaders ({pref_outside} healed with a leader outside the set and {pref_leaderless} with none, {pref_transfers} preference transfers ({pref_after_heal} after the heal, {pref_failed} of which were not followed by a preferred leader), {pref_skipped} not checked, {pref_handover} led at the end by a node outside the set that kept a removed leader's hand-over (violations), a preferred voter led at the latest {} ms after the heal), {log_ranges} appends read back from disk, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes, {impostors_joined} impostors finished joining under a leader counting them as learners), {} linearizability checks over budget{}, {} violations{}{}",
+        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {pref_runs} with preferred leaders ({pref_outside} healed with a leader outside the set and {pref_leaderless} with none, {pref_transfers} preference transfers ({pref_after_heal} after the heal, {pref_failed} of which were not followed by a preferred leader), {pref_skipped} not checked, {pref_handover} led at the end by a node outside the set that kept a removed leader's hand-over (violations), a preferred voter led at the latest {} ms after the heal), {log_ranges} appends read back from disk, {forwards_dropped} forwarded writes dropped, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes, {impostors_joined} impostors finished joining under a leader counting them as learners), {} linearizability checks over budget{}, {} violations{}{}",
         args.seeds,
         started.elapsed().as_secs_f64(),
         pref_slowest / 1_000_000,

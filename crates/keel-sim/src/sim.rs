@@ -892,6 +892,10 @@ pub struct Report {
     /// incarnation: transfers leaders outside `SimConfig::preferred_leaders`
     /// started to hand leadership to a preferred voter.
     pub preference_transfers: u64,
+    /// The core's `Stats::forwards_dropped`, over every node and
+    /// incarnation: client writes followers forwarded that the node they
+    /// reached could neither append nor pass on.
+    pub forwards_dropped: u64,
     /// Latency blips between regions (`FaultMix::region_blips`), and how
     /// many of them delayed the links rather than cut them.
     pub region_blips: u64,
@@ -951,6 +955,15 @@ pub struct WipeOutcome {
 }
 
 impl Report {
+    /// Adds what one core incarnation counted.
+    fn add_core_stats(&mut self, s: &keel_core::Stats) {
+        self.lease_reads += s.lease_reads;
+        self.removed_notices += s.removed_sent;
+        self.to_voter_ignored += s.to_voter_ignored;
+        self.preference_transfers += s.preference_transfers;
+        self.forwards_dropped += s.forwards_dropped;
+    }
+
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
     }
@@ -2803,14 +2816,9 @@ impl Sim {
         if node.core.is_none() {
             return;
         }
-        self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
-        self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
-        self.report.to_voter_ignored +=
-            node.core.as_ref().map_or(0, |c| c.stats().to_voter_ignored);
-        self.report.preference_transfers += node
-            .core
-            .as_ref()
-            .map_or(0, |c| c.stats().preference_transfers);
+        if let Some(core) = &node.core {
+            self.report.add_core_stats(&core.stats());
+        }
         // A new process starts with no back-off.
         self.handovers.remove(&node.id);
         self.backoff.remove(&node.id);
@@ -4474,14 +4482,9 @@ impl Sim {
             .filter(|&&(id, at)| self.inv.committed_member_since(id, at))
             .count() as u64;
         for node in &self.nodes {
-            self.report.lease_reads += node.core.as_ref().map_or(0, |c| c.stats().lease_reads);
-            self.report.removed_notices += node.core.as_ref().map_or(0, |c| c.stats().removed_sent);
-            self.report.to_voter_ignored +=
-                node.core.as_ref().map_or(0, |c| c.stats().to_voter_ignored);
-            self.report.preference_transfers += node
-                .core
-                .as_ref()
-                .map_or(0, |c| c.stats().preference_transfers);
+            if let Some(core) = &node.core {
+                self.report.add_core_stats(&core.stats());
+            }
         }
         self.check_preferred();
         if self.report.stopped_at.is_some() {

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 struct Inner {
     nodes: HashMap<NodeId, Inbound>,
     cut: HashSet<(NodeId, NodeId)>,
+    /// Messages a cut dropped, by sender, receiver and kind.
+    dropped: HashMap<(NodeId, NodeId, &'static str), u64>,
 }
 
 /// A network shared by the nodes of one process.
@@ -59,9 +61,22 @@ impl MemNetwork {
         }
     }
 
+    /// How many `kind` messages (`Body::name`) from `from` to `to` a cut
+    /// dropped so far.
+    pub fn dropped(&self, from: NodeId, to: NodeId, kind: &str) -> u64 {
+        self.inner.lock().map_or(0, |g| {
+            g.dropped
+                .iter()
+                .filter(|((f, t, k), _)| *f == from && *t == to && *k == kind)
+                .map(|(_, n)| n)
+                .sum()
+        })
+    }
+
     fn deliver(&self, m: Message) {
-        let target = self.inner.lock().ok().and_then(|g| {
+        let target = self.inner.lock().ok().and_then(|mut g| {
             if g.cut.contains(&(m.from, m.to)) {
+                *g.dropped.entry((m.from, m.to, m.body.name())).or_default() += 1;
                 None
             } else {
                 g.nodes.get(&m.to).cloned()

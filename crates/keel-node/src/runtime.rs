@@ -2081,6 +2081,7 @@ impl Consensus {
                         id: req.id,
                         sink,
                         since: now,
+                        forwarded: self.node.role() != Role::Leader,
                     },
                 });
                 proposals.push(Proposal {
@@ -2569,7 +2570,9 @@ impl Consensus {
     /// here as a follower's forwarded write does: answered by its entry if
     /// the new leader commits it, or after `write_timeout_ms` that its
     /// outcome is unknown (`expire_awaiting`), as etcd's server waits for a
-    /// proposal across a leader change. Runs at the end of a step, so
+    /// proposal across a leader change. So does a sessionless write this
+    /// node forwarded before it led, whose entry it never held: the leader
+    /// it went to may have appended it. Runs at the end of a step, so
     /// writes whose entries that step applied went to the service first.
     fn answer_deposed(&mut self) {
         let Some(not_leader) = self.deposed.take() else {
@@ -2610,6 +2613,13 @@ impl Consensus {
             if client == keel_core::SESSIONLESS {
                 if let Some(&p) = positions.get(&(client, seq)) {
                     kept.insert(p, (client, seq));
+                    return true;
+                }
+                // Taken before this node led and forwarded: the leader it
+                // went to may hold it still, or have appended it (a
+                // transferring leader holds forwards and passes them on),
+                // so it waits for its entry or `write_timeout_ms`.
+                if w.forwarded {
                     return true;
                 }
             }
@@ -3030,6 +3040,9 @@ struct AwaitingWrite {
     id: u64,
     sink: ResponseSink,
     since: Instant,
+    /// Taken while this node followed: the core forwarded it, and only
+    /// its entry (or `write_timeout_ms`) says whether a leader appended it.
+    forwarded: bool,
 }
 
 /// The writes an apply batch carries, matched to the batch's replies. Both
@@ -4054,6 +4067,7 @@ mod awaited_tests {
             id,
             sink: ResponseSink::oneshot().0,
             since: Instant::now(),
+            forwarded: false,
         }
     }
 
@@ -4284,6 +4298,59 @@ mod removed_tests {
         let answer = write.join().expect("the write's thread");
         assert!(
             matches!(answer, ClientResult::NotLeader { .. }),
+            "{answer:?}"
+        );
+        for n in &nodes {
+            n.shutdown();
+        }
+    }
+
+    /// A sessionless write a follower forwarded, then led and stepped down
+    /// without its entry ever reaching it, is not answered "not the
+    /// leader" at the step-down (a refusal its client may retry, though
+    /// the leader it went to may hold it or have appended it): it waits
+    /// for its entry, here until `write_timeout_ms` says its outcome is
+    /// unknown, since the forward was lost.
+    #[test]
+    fn a_write_forwarded_before_leading_is_not_refused_at_the_step_down() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes: Vec<Arc<NodeHandle>> = (1..=3)
+            .map(|id| {
+                let mut cfg = config(id, tmp.path());
+                cfg.write_timeout_ms = 5_000;
+                let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
+                Arc::new(node.expect("start"))
+            })
+            .collect();
+        wait_for("a leader", || leader_of(&nodes).is_some());
+        let l = leader_of(&nodes).expect("a leader");
+        let f = (1..=3).find(|&n| n != l).expect("a follower");
+        let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
+        wait_for("the follower knows the leader", || {
+            fh.status().leader == Some(l)
+        });
+        // The forward is lost on the way.
+        net.cut(f, l);
+        let write = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"w")));
+        wait_for("the forward is dropped", || {
+            net.dropped(f, l, "Forward") > 0
+        });
+        net.heal();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let transfer = |from: &Arc<NodeHandle>, to: NodeId| {
+            let r = rt.block_on(from.call(ClientOp::TransferLeader(to)));
+            assert!(matches!(r, ClientResult::Ok(_)), "transfer to {to}: {r:?}");
+        };
+        transfer(&lh, f);
+        transfer(&fh, l);
+        assert!(!write.is_finished(), "answered at the step-down");
+        let answer = write.join().expect("the write's thread");
+        assert!(
+            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),
             "{answer:?}"
         );
         for n in &nodes {

@@ -15,8 +15,8 @@ pub mod types;
 pub use message::{Body, Message};
 pub use node::{
     accept_any_snapshot, Action, Config, Event, Node, Proposal, Recovered, RejectReason, Role,
-    Stats, TestingBugs, TimerUpdate, LEARNER_NOT_READY, REMOVED_FROM_CLUSTER,
-    REMOVED_NOTICE_TIMEOUTS, TERM_START_MARK,
+    Stats, TestingBugs, TimerUpdate, HELD_COMMAND_OVERHEAD, LEARNER_NOT_READY,
+    REMOVED_FROM_CLUSTER, REMOVED_NOTICE_TIMEOUTS, TERM_START_MARK,
 };
 pub use service::{
     snapshot_sessions, Admission, ApplyOutput, Context, MagicText, Reply, Service, ServiceHost,

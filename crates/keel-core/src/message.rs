@@ -95,7 +95,8 @@ pub enum Body {
     },
     /// Client commands a follower took, for the leader to append (client,
     /// sequence number, data). A leader in the middle of a leadership
-    /// transfer holds them until the transfer ends, and so does a node
+    /// transfer holds them (with its own clients' writes) until the
+    /// transfer ends, and so does a node
     /// that stepped down until it learns the new leader: then they are
     /// appended or passed on to that leader. One sent in an earlier term
     /// is passed on to the leader the receiver knows. Otherwise, or

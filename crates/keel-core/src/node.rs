@@ -57,6 +57,15 @@ const HEARTBEAT_TIME_GRAIN: Nanos = 1_000_000;
 /// sequence number, data.
 type ForwardedCommands = Vec<(ClientId, u64, Bytes)>;
 
+/// What a held client command counts against `Config::max_inflight_bytes`
+/// beyond its data (`Node::held_forwards`), so that empty ones are bounded
+/// too: about what one costs in memory.
+pub const HELD_COMMAND_OVERHEAD: u64 = 64;
+
+fn held_size(data: &Bytes) -> u64 {
+    data.len() as u64 + HELD_COMMAND_OVERHEAD
+}
+
 /// How long a leader tells each node that a configuration committed
 /// during its leadership removed that it was removed (with every
 /// heartbeat), in maximum election timeouts. Later, a removed node learns
@@ -310,6 +319,10 @@ pub enum Event {
     /// Time passed; check timeouts.
     Tick,
     Message(Message),
+    /// Client writes: a leader appends them, a follower forwards them to
+    /// its leader, a leader transferring leadership holds them (up to
+    /// `Config::max_inflight_bytes`, see `Body::Forward`); the rest are
+    /// rejected (`Action::Rejected`).
     Propose(Vec<Proposal>),
     /// A linearizable read: answered with `ReadReady` once leadership is
     /// confirmed; the runtime serves it once applied >= the read index.
@@ -556,11 +569,12 @@ pub struct Stats {
     /// Leadership transfers this node started as a leader outside
     /// `Config::preferred_leaders`, to a preferred voter.
     pub preference_transfers: u64,
-    /// Client commands followers forwarded that this node dropped: it knew
-    /// no leader to pass them to and was not holding them (see
-    /// `Body::Forward`), held more than `Config::max_inflight_bytes` of
-    /// them, or stood for election while holding them. The follower's
-    /// client is answered when its write times out.
+    /// Client commands followers forwarded that this node dropped (it knew
+    /// no leader to pass them to and was not holding them, see
+    /// `Body::Forward`, or held `Config::max_inflight_bytes` of them
+    /// already), and commands it held, its own clients' included, that it
+    /// dropped when it stood for election. Their clients are answered when
+    /// their writes time out.
     pub forwards_dropped: u64,
 }
 
@@ -657,14 +671,16 @@ pub struct Node {
     /// time it is given up at (`expire_forwarded_reads`).
     forwarded_reads: BTreeMap<RequestId, Nanos>,
     transfer: Option<(NodeId, Nanos)>,
-    /// Client commands followers forwarded (with the follower) that this
-    /// node could not append at once: it was leading a transfer (its log
-    /// holds still so that the target catches up), or no longer leads and
-    /// knows no leader yet. Appended once it leads with no transfer, passed
-    /// on once it knows another leader, dropped when it stands for election
+    /// Client commands that this node could not append at once, with the
+    /// node that took them (a follower that forwarded them, or this one):
+    /// it was leading a transfer (its log holds still so that the target
+    /// catches up), or no longer leads and knows no leader yet. Appended
+    /// once it leads with no transfer, passed on once it knows another
+    /// leader, dropped when it stands for election
     /// (`release_held_forwards`, `drop_held_forwards`).
     held_forwards: Vec<(NodeId, ForwardedCommands)>,
-    /// The data bytes in `held_forwards`, at most `max_inflight_bytes`.
+    /// What `held_forwards` counts against `max_inflight_bytes` (each
+    /// command's data and `HELD_COMMAND_OVERHEAD`).
     held_forward_bytes: u64,
     /// Candidate: this election was started by a leadership transfer
     /// (`TimeoutNow`) from a voter (not a removed leader's hand-over).
@@ -874,6 +890,12 @@ impl Node {
     /// for its term whatever `Config::preferred_leaders` says.
     pub fn elected_by_transfer(&self) -> bool {
         self.by_transfer
+    }
+    /// A leader transferring leadership: it holds the writes proposed to
+    /// it (`Event::Propose`) instead of appending them, until the transfer
+    /// ends (see `Body::Forward`).
+    pub fn is_transferring(&self) -> bool {
+        self.role == Role::Leader && self.transfer.is_some()
     }
     pub fn is_leader(&self) -> bool {
         self.role == Role::Leader
@@ -1239,6 +1261,8 @@ impl Node {
             .collect();
         self.reads.retain(|r| r.from.is_some());
         self.reads_waiting.retain(|r| r.1.is_some());
+        // Nobody to hand them to: this node stops.
+        self.drop_held_forwards();
         for id in local_reads {
             out.push(Action::Rejected {
                 id,
@@ -2341,11 +2365,7 @@ impl Node {
                 self.append_forwarded(from, commands, out);
             }
             (Role::Leader, _) | (Role::Follower, None) => {
-                let bytes: u64 = commands.iter().map(|(_, _, d)| d.len() as u64).sum();
-                if self.held_forward_bytes.saturating_add(bytes) <= self.cfg.max_inflight_bytes {
-                    self.held_forward_bytes += bytes;
-                    self.held_forwards.push((from, commands));
-                } else {
+                if let Err(commands) = self.hold_commands(from, commands) {
                     self.stats.forwards_dropped += commands.len() as u64;
                 }
             }
@@ -2353,6 +2373,23 @@ impl Node {
                 self.send(leader, Body::Forward { commands }, out);
             }
             _ => self.stats.forwards_dropped += commands.len() as u64,
+        }
+    }
+
+    /// Holds client commands (`held_forwards`) if they fit within
+    /// `max_inflight_bytes`; else gives them back.
+    fn hold_commands(
+        &mut self,
+        from: NodeId,
+        commands: ForwardedCommands,
+    ) -> Result<(), ForwardedCommands> {
+        let bytes: u64 = commands.iter().map(|(_, _, d)| held_size(d)).sum();
+        if self.held_forward_bytes.saturating_add(bytes) <= self.cfg.max_inflight_bytes {
+            self.held_forward_bytes += bytes;
+            self.held_forwards.push((from, commands));
+            Ok(())
+        } else {
+            Err(commands)
         }
     }
 
@@ -2430,7 +2467,35 @@ impl Node {
             self.send(leader, Body::Forward { commands }, out);
             return;
         }
-        if self.role != Role::Leader || self.transfer.is_some() {
+        if self.role == Role::Leader && self.transfer.is_some() {
+            // Held with the followers' forwards until the transfer ends
+            // (appended, or passed on to the new leader); from the first
+            // that does not fit on, refused for their clients to retry (a
+            // later write of a session is never held ahead of an earlier
+            // one refused).
+            let mut room = self
+                .cfg
+                .max_inflight_bytes
+                .saturating_sub(self.held_forward_bytes);
+            let mut commands = Vec::with_capacity(proposals.len());
+            let mut refusing = false;
+            for p in proposals {
+                let len = held_size(&p.data);
+                refusing = refusing || len > room;
+                if refusing {
+                    self.reject(p.id, out);
+                } else {
+                    room -= len;
+                    commands.push((p.client, p.seq, p.data));
+                }
+            }
+            if !commands.is_empty() {
+                // (Fits: checked above.)
+                let _ = self.hold_commands(self.cfg.id, commands);
+            }
+            return;
+        }
+        if self.role != Role::Leader {
             for p in proposals {
                 self.reject(p.id, out);
             }

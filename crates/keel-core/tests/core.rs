@@ -4207,7 +4207,8 @@ fn forwards_held_during_a_transfer_are_bounded() {
     let nodes = (1..=3)
         .map(|id| {
             let mut cfg = Config::new(id, 7);
-            cfg.max_inflight_bytes = 40;
+            // Room for one command of 30 bytes, not two.
+            cfg.max_inflight_bytes = 2 * HELD_COMMAND_OVERHEAD + 40;
             Node::new(cfg, Membership::new(1..=3), 0)
         })
         .collect();
@@ -4238,4 +4239,64 @@ fn forwards_held_during_a_transfer_are_bounded() {
     assert_eq!(h.leader(), Some(target));
     assert_eq!(applied_count(&h, &[1; 30]), vec![1, 1, 1]);
     assert_eq!(applied_count(&h, &[2; 30]), vec![0, 0, 0]);
+}
+
+/// A transferring leader holds its own clients' writes too, instead of
+/// refusing them: passed on to the new leader when the transfer succeeds,
+/// appended when it runs out; from the first that does not fit within
+/// `max_inflight_bytes` on, a batch is refused (`TransferInProgress`).
+#[test]
+fn a_transferring_leader_holds_its_own_writes() {
+    for target_reachable in [true, false] {
+        let nodes = (1..=3)
+            .map(|id| {
+                let mut cfg = Config::new(id, 7);
+                // Room for the 30-byte command, not the 20-byte one after it.
+                cfg.max_inflight_bytes = 2 * HELD_COMMAND_OVERHEAD + 40;
+                Node::new(cfg, Membership::new(1..=3), 0)
+            })
+            .collect();
+        let mut h = Harness::with(nodes);
+        h.run_for(1_500 * MS);
+        let leader = h.leader().expect("a leader");
+        let target = (1..=3).find(|&n| n != leader).expect("a follower");
+        if !target_reachable {
+            for n in (1..=3).filter(|&n| n != target) {
+                h.cut.insert((n, target));
+                h.cut.insert((target, n));
+            }
+        }
+        h.step(leader, Event::TransferLeadership { id: 1, target });
+        assert!(h.node(leader).is_transferring());
+        let proposal = |id, seq, data: &'static [u8]| Proposal {
+            id,
+            client: 1,
+            seq,
+            data: Bytes::from_static(data),
+        };
+        h.step(
+            leader,
+            Event::Propose(vec![
+                proposal(2, 1, &[1; 30]),
+                proposal(3, 2, &[2; 20]),
+                proposal(4, 3, &[3; 5]),
+            ]),
+        );
+        let refused: Vec<RequestId> = h.rejected.iter().map(|r| r.1).collect();
+        assert_eq!(refused, vec![3, 4], "from the first that does not fit on");
+        assert!(h
+            .rejected
+            .iter()
+            .all(|r| r.2 == RejectReason::TransferInProgress));
+        h.run_for(Config::new(1, 7).election_timeout_min + 10 * MS);
+        let expected_leader = if target_reachable { target } else { leader };
+        assert_eq!(h.leader(), Some(expected_leader));
+        let mut counts = applied_count(&h, &[1; 30]);
+        if !target_reachable {
+            counts.remove((target - 1) as usize);
+        }
+        assert!(counts.iter().all(|&c| c == 1), "{counts:?}");
+        assert_eq!(applied_count(&h, &[2; 20]), vec![0, 0, 0]);
+        assert_eq!(forwards_dropped(&h), 0);
+    }
 }

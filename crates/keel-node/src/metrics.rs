@@ -153,9 +153,10 @@ impl Metrics {
         );
         registry.register(
             "forwarded_writes_dropped",
-            "client writes a follower forwarded to this node as its leader that it dropped: it \
-             knew no leader to pass them to, or held more than it may while a leadership \
-             transfer was in progress (their clients are answered when the writes time out)",
+            "client writes a follower forwarded to this node as its leader that it dropped (it \
+             knew no leader to pass them to, or held as many as it may while a leadership \
+             transfer was in progress), and writes it held during a transfer and dropped when it \
+             stood for election; their clients are answered when the writes time out",
             m.forwards_dropped.clone(),
         );
         registry.register(

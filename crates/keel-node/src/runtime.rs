@@ -2081,7 +2081,7 @@ impl Consensus {
                         id: req.id,
                         sink,
                         since: now,
-                        forwarded: self.node.role() != Role::Leader,
+                        unplaced: false,
                     },
                 });
                 proposals.push(Proposal {
@@ -2531,13 +2531,17 @@ impl Consensus {
             })
             .collect();
         rejected.sort_unstable();
+        // The core's role is the one the batch met (a step never changes
+        // it after taking proposals).
+        let unplaced = !self.node.is_leader() || self.node.is_transferring();
         for ProposedWrite {
             id,
             client,
             seq,
-            write: w,
+            write: mut w,
         } in writes.drain(..)
         {
+            w.unplaced = unplaced;
             if !rejected.is_empty() && rejected.binary_search(&id).is_ok() {
                 self.pending.insert(
                     id,
@@ -2571,8 +2575,9 @@ impl Consensus {
     /// the new leader commits it, or after `write_timeout_ms` that its
     /// outcome is unknown (`expire_awaiting`), as etcd's server waits for a
     /// proposal across a leader change. So does a sessionless write this
-    /// node forwarded before it led, whose entry it never held: the leader
-    /// it went to may have appended it. Runs at the end of a step, so
+    /// node forwarded before it led, or held while it transferred
+    /// leadership, whose entry it never held: the leader it went to may
+    /// have appended it. Runs at the end of a step, so
     /// writes whose entries that step applied went to the service first.
     fn answer_deposed(&mut self) {
         let Some(not_leader) = self.deposed.take() else {
@@ -2615,11 +2620,11 @@ impl Consensus {
                     kept.insert(p, (client, seq));
                     return true;
                 }
-                // Taken before this node led and forwarded: the leader it
-                // went to may hold it still, or have appended it (a
-                // transferring leader holds forwards and passes them on),
-                // so it waits for its entry or `write_timeout_ms`.
-                if w.forwarded {
+                // Forwarded before this node led, or held while it
+                // transferred leadership: the leader it went to may hold it
+                // still or have appended it, so it waits for its entry or
+                // `write_timeout_ms`.
+                if w.unplaced {
                     return true;
                 }
             }
@@ -2692,8 +2697,9 @@ impl Consensus {
     }
 
     /// Answers writes that waited `write_timeout_ms` for their entries: a write
-    /// a follower forwarded can be dropped on the way or by a leader in the
-    /// middle of a leadership transfer, and one whose entry a snapshot
+    /// a follower forwarded can be dropped on the way, or by a node that
+    /// holds it (a leader in the middle of a leadership transfer) when that
+    /// node stands for election, and one whose entry a snapshot
     /// install covered is never applied here (unless in a session the
     /// snapshot shows: `settle_writes_covered_by`). Its outcome is unknown.
     fn expire_awaiting(&mut self) {
@@ -3040,9 +3046,11 @@ struct AwaitingWrite {
     id: u64,
     sink: ResponseSink,
     since: Instant,
-    /// Taken while this node followed: the core forwarded it, and only
-    /// its entry (or `write_timeout_ms`) says whether a leader appended it.
-    forwarded: bool,
+    /// Not appended here when proposed: the core forwarded it (this node
+    /// followed) or held it (this node was transferring leadership, and
+    /// passes it on if the transfer succeeds), so only its entry (or
+    /// `write_timeout_ms`) says whether a leader appended it.
+    unplaced: bool,
 }
 
 /// The writes an apply batch carries, matched to the batch's replies. Both
@@ -4067,7 +4075,7 @@ mod awaited_tests {
             id,
             sink: ResponseSink::oneshot().0,
             since: Instant::now(),
-            forwarded: false,
+            unplaced: false,
         }
     }
 
@@ -4305,56 +4313,67 @@ mod removed_tests {
         }
     }
 
-    /// A sessionless write a follower forwarded, then led and stepped down
-    /// without its entry ever reaching it, is not answered "not the
-    /// leader" at the step-down (a refusal its client may retry, though
-    /// the leader it went to may hold it or have appended it): it waits
-    /// for its entry, here until `write_timeout_ms` says its outcome is
-    /// unknown, since the forward was lost.
+    /// A sessionless write a follower forwarded, whose entry never reached
+    /// it, is not answered "not the leader" when the node's role changes
+    /// (a refusal its client may retry, though the leader it went to may
+    /// hold it or have appended it): it waits for its entry, here until
+    /// `write_timeout_ms` says its outcome is unknown, since the forward
+    /// was lost. Both ways: the node's leader is lost and another elected,
+    /// and the node leads and steps down.
     #[test]
-    fn a_write_forwarded_before_leading_is_not_refused_at_the_step_down() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes: Vec<Arc<NodeHandle>> = (1..=3)
-            .map(|id| {
-                let mut cfg = config(id, tmp.path());
-                cfg.write_timeout_ms = 5_000;
-                let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
-                Arc::new(node.expect("start"))
-            })
-            .collect();
-        wait_for("a leader", || leader_of(&nodes).is_some());
-        let l = leader_of(&nodes).expect("a leader");
-        let f = (1..=3).find(|&n| n != l).expect("a follower");
-        let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
-        wait_for("the follower knows the leader", || {
-            fh.status().leader == Some(l)
-        });
-        // The forward is lost on the way.
-        net.cut(f, l);
-        let write = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"w")));
-        wait_for("the forward is dropped", || {
-            net.dropped(f, l, "Forward") > 0
-        });
-        net.heal();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let transfer = |from: &Arc<NodeHandle>, to: NodeId| {
-            let r = rt.block_on(from.call(ClientOp::TransferLeader(to)));
-            assert!(matches!(r, ClientResult::Ok(_)), "transfer to {to}: {r:?}");
-        };
-        transfer(&lh, f);
-        transfer(&fh, l);
-        assert!(!write.is_finished(), "answered at the step-down");
-        let answer = write.join().expect("the write's thread");
-        assert!(
-            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),
-            "{answer:?}"
-        );
-        for n in &nodes {
-            n.shutdown();
+    fn a_forwarded_write_is_not_refused_when_the_nodes_role_changes() {
+        for leads_then_steps_down in [false, true] {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let net = MemNetwork::new();
+            let nodes: Vec<Arc<NodeHandle>> = (1..=3)
+                .map(|id| {
+                    let mut cfg = config(id, tmp.path());
+                    cfg.write_timeout_ms = 6_000;
+                    let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
+                    Arc::new(node.expect("start"))
+                })
+                .collect();
+            wait_for("a leader", || leader_of(&nodes).is_some());
+            let l = leader_of(&nodes).expect("a leader");
+            let f = (1..=3).find(|&n| n != l).expect("a follower");
+            let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
+            wait_for("the follower knows the leader", || {
+                fh.status().leader == Some(l)
+            });
+            // The forward is lost on the way.
+            net.cut(f, l);
+            let write = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"w")));
+            wait_for("the forward is dropped", || {
+                net.dropped(f, l, "Forward") > 0
+            });
+            if leads_then_steps_down {
+                net.heal();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let transfer = |from: &Arc<NodeHandle>, to: NodeId| {
+                    let r = rt.block_on(from.call(ClientOp::TransferLeader(to)));
+                    assert!(matches!(r, ClientResult::Ok(_)), "transfer to {to}: {r:?}");
+                };
+                transfer(&lh, f);
+                transfer(&fh, l);
+            } else {
+                net.isolate(l);
+                wait_for("another leader", || {
+                    leader_of(&nodes).is_some_and(|n| n != l)
+                });
+                assert_ne!(fh.status().leader, Some(l));
+            }
+            assert!(!write.is_finished(), "answered at the role change");
+            let answer = write.join().expect("the write's thread");
+            assert!(
+                matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),
+                "{answer:?}"
+            );
+            for n in &nodes {
+                n.shutdown();
+            }
         }
     }
 
@@ -4368,119 +4387,121 @@ mod removed_tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
         let nodes = three_echo_nodes(tmp.path(), &net);
-        let leader = || leader_of(&nodes);
-        wait_for("a leader", || leader().is_some());
-        let l = leader().expect("a leader");
-        let t = (1..=3).find(|&n| n != l).expect("a follower");
+        let (l, t, transfer) = transfer_to_a_cut_off_follower(&nodes, &net);
         let f = (1..=3).find(|&n| n != l && n != t).expect("a third");
         let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
-        wait_for("the follower knows the leader", || {
-            fh.status().leader == Some(l)
-        });
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let write = |node: &Arc<NodeHandle>, data: &'static [u8]| {
-            rt.block_on(async {
-                tokio::time::timeout(
-                    Duration::from_secs(10),
-                    node.call(ClientOp::Write(Bytes::from_static(data))),
-                )
-                .await
-                .expect("a write is answered within 10 s")
-            })
-        };
+        assert_eq!(fh.status().leader, Some(l));
+        // The leader's own write is held as well, not refused as busy.
+        let own = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"own")));
+        let forwarded = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"forwarded")));
         assert_eq!(
-            write(&fh, b"before"),
-            ClientResult::Ok(Bytes::from_static(b"before"))
-        );
-
-        net.isolate(t);
-        let transfer = spawn_call(&lh, ClientOp::TransferLeader(t));
-        // The leader refuses its own clients' writes once the transfer is on.
-        let start = Instant::now();
-        while write(&lh, b"probe") != ClientResult::Busy {
-            assert!(
-                start.elapsed() < Duration::from_secs(1) && !transfer.is_finished(),
-                "no write was refused while the transfer was in progress"
-            );
-        }
-        assert_eq!(
-            write(&fh, b"forwarded"),
+            forwarded.join().expect("the forwarded write's thread"),
             ClientResult::Ok(Bytes::from_static(b"forwarded"))
         );
-        let r = transfer.join().expect("the transfer's thread");
-        assert!(!matches!(r, ClientResult::Ok(_)), "{r:?}");
-        assert_eq!(leader(), Some(l));
+        assert_eq!(
+            own.join().expect("the leader's write's thread"),
+            ClientResult::Ok(Bytes::from_static(b"own"))
+        );
+        transfer_ran_out(transfer);
+        assert_eq!(leader_of(&nodes), Some(l));
         net.heal();
         for n in &nodes {
             n.shutdown();
         }
     }
 
-    /// Writes the core rejects in a proposal batch (here: a leadership
-    /// transfer is in progress) are answered with the rejection, and the
-    /// writes after it are served as before: the runtime keeps a turn's
-    /// writes beside its proposal batch, not in `pending`.
+    /// Writes the core rejects in a proposal batch (here: more than a
+    /// transferring leader holds, 4 MiB) are answered with the rejection,
+    /// and the writes before it are served as before: the runtime keeps a
+    /// turn's writes beside its proposal batch, not in `pending`. The held
+    /// ones are appended once the transfer runs out.
     #[test]
-    fn writes_rejected_during_a_transfer_are_answered_busy() {
+    fn writes_a_transferring_leader_cannot_hold_are_answered_busy() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
         let nodes = three_echo_nodes(tmp.path(), &net);
-        let leader = || leader_of(&nodes);
-        wait_for("a leader", || leader().is_some());
-        let l = leader().expect("a leader");
-        let f = (1..=3).find(|&n| n != l).expect("a follower");
+        let (l, _, transfer) = transfer_to_a_cut_off_follower(&nodes, &net);
         let lh = nodes[l as usize - 1].clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        let write = |data: &'static [u8]| {
-            rt.block_on(async {
-                tokio::time::timeout(
-                    Duration::from_secs(10),
-                    lh.call(ClientOp::Write(Bytes::from_static(data))),
-                )
-                .await
-                .expect("a write is answered")
-            })
-        };
-        assert_eq!(
-            write(b"before"),
-            ClientResult::Ok(Bytes::from_static(b"before"))
-        );
-
-        // A transfer to a cut-off follower stays in progress for its
-        // window (3 s here): writes taken meanwhile are refused as busy.
-        net.isolate(f);
-        let transfer = spawn_call(&lh, ClientOp::TransferLeader(f));
-        let start = Instant::now();
-        let busy = loop {
-            let r = write(b"during");
-            if r == ClientResult::Busy {
-                break r;
+        // Five writes of 1 MB, sent in order while the transfer is on: four
+        // fit in what the leader holds (4 MiB, each counted with
+        // `HELD_COMMAND_OVERHEAD`), the fifth does not.
+        let data = |i: u8| Bytes::from(vec![i; 1_000_000]);
+        let answers = rt.block_on(async {
+            let calls: Vec<_> = (0..5u8)
+                .map(|i| {
+                    let lh = lh.clone();
+                    tokio::spawn(async move { lh.call(ClientOp::Write(data(i))).await })
+                })
+                .collect();
+            let mut answers = Vec::new();
+            for c in calls {
+                answers.push(c.await.expect("a call's task"));
             }
-            assert_eq!(r, ClientResult::Ok(Bytes::from_static(b"during")));
-            assert!(
-                start.elapsed() < Duration::from_secs(2) && !transfer.is_finished(),
-                "no write was refused while the transfer was in progress"
-            );
-            std::thread::yield_now();
-        };
-        assert_eq!(busy, ClientResult::Busy);
-        let t = transfer.join().expect("the transfer's thread");
-        assert!(!matches!(t, ClientResult::Ok(_)), "{t:?}");
+            answers
+        });
+        let expected: Vec<ClientResult> = (0..4u8)
+            .map(|i| ClientResult::Ok(data(i)))
+            .chain([ClientResult::Busy])
+            .collect();
+        assert!(
+            answers == expected,
+            "{:?}",
+            answers.iter().map(short).collect::<Vec<_>>()
+        );
+        transfer_ran_out(transfer);
+        assert_eq!(
+            leader_of(&nodes),
+            Some(l),
+            "the transfer to the cut-off node succeeded"
+        );
         net.heal();
-        wait_for("a leader again", || leader().is_some());
-        let l2 = leader().expect("a leader");
-        let r =
-            rt.block_on(nodes[l2 as usize - 1].call(ClientOp::Write(Bytes::from_static(b"after"))));
+        let r = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"after"))));
         assert_eq!(r, ClientResult::Ok(Bytes::from_static(b"after")));
         for n in &nodes {
             n.shutdown();
         }
+    }
+
+    /// An answer, its data cut short, for an assertion's message.
+    fn short(r: &ClientResult) -> String {
+        match r {
+            ClientResult::Ok(b) => format!("Ok({} bytes of {:?})", b.len(), b.first()),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// Waits for a leader and a follower caught up with it, cuts that
+    /// follower off and asks the leader to transfer leadership to it: the
+    /// transfer stays on for its window (`election_timeout_min_ms`, 1 s)
+    /// and then runs out. Returns the leader, the follower and the
+    /// transfer's call once the leader has told the follower to campaign
+    /// (the message the cut dropped).
+    fn transfer_to_a_cut_off_follower(
+        nodes: &[Arc<NodeHandle>],
+        net: &MemNetwork,
+    ) -> (NodeId, NodeId, std::thread::JoinHandle<ClientResult>) {
+        wait_for("a leader", || leader_of(nodes).is_some());
+        let l = leader_of(nodes).expect("a leader");
+        let f = (1..=3).find(|&n| n != l).expect("a follower");
+        let lh = nodes[l as usize - 1].clone();
+        wait_for("the follower has the leader's log", || {
+            let s = lh.status();
+            s.followers.contains(&(f, s.append))
+        });
+        net.isolate(f);
+        let transfer = spawn_call(&lh, ClientOp::TransferLeader(f));
+        wait_for("the transfer is on", || net.dropped(l, f, "TimeoutNow") > 0);
+        (l, f, transfer)
+    }
+
+    /// The transfer `transfer_to_a_cut_off_follower` started ran out.
+    fn transfer_ran_out(transfer: std::thread::JoinHandle<ClientResult>) {
+        let r = transfer.join().expect("the transfer's thread");
+        assert!(!matches!(r, ClientResult::Ok(_)), "{r:?}");
     }
 
     /// A follower removed while cut off learns it once it hears from the

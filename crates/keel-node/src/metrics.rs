@@ -38,6 +38,7 @@ pub struct Metrics {
     pub lease_reads: Counter,
     pub preference_transfers: Counter,
     pub forwards_dropped: Counter,
+    pub leaderless_writes: Counter,
     pub snapshots_taken: Counter,
     pub snapshots_installed: Counter,
     pub busy: Counter,
@@ -80,6 +81,7 @@ impl Metrics {
             lease_reads: Counter::default(),
             preference_transfers: Counter::default(),
             forwards_dropped: Counter::default(),
+            leaderless_writes: Counter::default(),
             snapshots_taken: Counter::default(),
             snapshots_installed: Counter::default(),
             busy: Counter::default(),
@@ -158,6 +160,13 @@ impl Metrics {
              transfer was in progress), and writes it held during a transfer and dropped when it \
              stood for election; their clients are answered when the writes time out",
             m.forwards_dropped.clone(),
+        );
+        registry.register(
+            "writes_waited_for_leader",
+            "client writes this node took while it knew no leader (between a new term's vote and \
+             its leader's first message, as in a leadership transfer): held for up to two \
+             heartbeats until one was known, then proposed, or answered not the leader",
+            m.leaderless_writes.clone(),
         );
         registry.register(
             "snapshots_taken",

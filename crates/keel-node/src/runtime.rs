@@ -1585,6 +1585,8 @@ fn run_node(
         deposed_positions: std::collections::BTreeMap::new(),
         transfers: Vec::new(),
         next_expiry: Instant::now(),
+        leaderless: VecDeque::new(),
+        leaderless_bytes: 0,
         sessionless_next: (wall_clock_ns() / 1_000) & SESSIONLESS_COUNTER_MASK,
         next_id: 1,
         stats_seen: keel_core::Stats::default(),
@@ -1765,6 +1767,10 @@ struct Consensus {
     transfers: Vec<PendingTransfer>,
     /// When `expire_awaiting` next looks.
     next_expiry: Instant,
+    /// Writes taken while this node knew no leader, oldest first, each with
+    /// when it came (`settle_leaderless`), and their data bytes.
+    leaderless: VecDeque<(ClientRequest, ResponseSink, Instant)>,
+    leaderless_bytes: u64,
     /// Sequence numbers this node gives sessionless writes (see
     /// `sessionless_seq`).
     sessionless_next: u64,
@@ -1851,7 +1857,14 @@ impl Consensus {
             // ~1 ms late (heartbeats and election timeouts are tens of ms).
             let mut wait =
                 Duration::from_nanos(deadline.saturating_sub(now).clamp(1_000_000, 100_000_000));
-            if let Some(due) = self.service.wake_due() {
+            let leaderless_due = self
+                .leaderless
+                .front()
+                .map(|(_, _, since)| *since + self.leaderless_limit());
+            for due in [self.service.wake_due(), leaderless_due]
+                .into_iter()
+                .flatten()
+            {
                 wait = wait.min(
                     due.saturating_duration_since(Instant::now())
                         .max(Duration::from_millis(1)),
@@ -1901,6 +1914,7 @@ impl Consensus {
                     Err(_) => break,
                 }
             }
+            self.settle_leaderless(&mut proposals, Instant::now())?;
             stats.proposed = proposals.len();
             self.sync_applied()?;
             if !proposals.is_empty() {
@@ -2037,6 +2051,44 @@ impl Consensus {
         }
     }
 
+    /// The writes taken while this node knew no leader (`leaderless`): once
+    /// it knows one they go on as if just taken (proposed to the core,
+    /// which appends or forwards them); those that waited two heartbeats
+    /// (`heartbeat_ms`: well above a round trip to any peer) are answered
+    /// "not the leader" for their clients to try another node.
+    fn settle_leaderless(
+        &mut self,
+        proposals: &mut Vec<Proposal>,
+        now: Instant,
+    ) -> Result<(), String> {
+        if self.leaderless.is_empty() {
+            return Ok(());
+        }
+        if self.node.leader().is_some() {
+            self.leaderless_bytes = 0;
+            for (req, sink, _) in std::mem::take(&mut self.leaderless) {
+                self.client(req, sink, proposals, now)?;
+            }
+            return Ok(());
+        }
+        while let Some((_, _, since)) = self.leaderless.front() {
+            if now < *since + self.leaderless_limit() {
+                break;
+            }
+            if let Some((req, sink, _)) = self.leaderless.pop_front() {
+                if let ClientOp::Write(data) = &req.op {
+                    self.leaderless_bytes -= data.len() as u64;
+                }
+                respond(&sink, req.id, self.not_leader());
+            }
+        }
+        Ok(())
+    }
+
+    fn leaderless_limit(&self) -> Duration {
+        Duration::from_millis(2 * self.cfg.heartbeat_ms)
+    }
+
     fn client(
         &mut self,
         req: ClientRequest,
@@ -2051,7 +2103,24 @@ impl Consensus {
                 // A follower forwards to the leader (the core does
                 // it) and replies once the entry is applied here.
                 if self.node.leader().is_none() {
-                    respond(&sink, req.id, self.not_leader());
+                    // Most often the moment between a new term's vote and
+                    // its leader's first append (a leadership transfer, an
+                    // election): held a little for the leader to be known
+                    // (`settle_leaderless`) rather than refused.
+                    let len = data.len() as u64;
+                    if self.node.removed().is_none()
+                        && self.leaderless_bytes.saturating_add(len) <= self.cfg.max_unapplied_bytes
+                    {
+                        self.leaderless_bytes += len;
+                        self.metrics.leaderless_writes.inc();
+                        let req = ClientRequest {
+                            op: ClientOp::Write(data),
+                            ..req
+                        };
+                        self.leaderless.push_back((req, sink, now));
+                    } else {
+                        respond(&sink, req.id, self.not_leader());
+                    }
                     return Ok(());
                 }
                 if !self.backlog_admits(data.len()) {
@@ -4307,6 +4376,54 @@ mod removed_tests {
         assert!(
             matches!(answer, ClientResult::NotLeader { .. }),
             "{answer:?}"
+        );
+        for n in &nodes {
+            n.shutdown();
+        }
+    }
+
+    /// A write taken while the node knows no leader is held for two
+    /// heartbeats: answered "not the leader" if none is known by then,
+    /// forwarded (and answered by its entry) as soon as one is. Here the
+    /// node is cut off until its election timer has made it forget its
+    /// leader; heartbeats are 450 ms apart, so a write waits up to 900 ms.
+    #[test]
+    fn a_write_waits_briefly_for_a_leader_to_be_known() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes: Vec<Arc<NodeHandle>> = (1..=3)
+            .map(|id| {
+                let mut cfg = config(id, tmp.path());
+                cfg.heartbeat_ms = 450;
+                let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
+                Arc::new(node.expect("start"))
+            })
+            .collect();
+        wait_for("a leader", || leader_of(&nodes).is_some());
+        let l = leader_of(&nodes).expect("a leader");
+        let f = (1..=3).find(|&n| n != l).expect("a follower");
+        let fh = nodes[f as usize - 1].clone();
+        wait_for("the follower knows the leader", || {
+            fh.status().leader == Some(l)
+        });
+        net.isolate(f);
+        wait_for("the follower forgets its leader", || {
+            fh.status().leader.is_none()
+        });
+        let waited = || fh.metrics().leaderless_writes.get();
+        let first = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"first")));
+        wait_for("the first write is held", || waited() == 1);
+        let answer = first.join().expect("the first write's thread");
+        assert!(
+            matches!(answer, ClientResult::NotLeader { leader: None, .. }),
+            "{answer:?}"
+        );
+        let second = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"second")));
+        wait_for("the second write is held", || waited() == 2);
+        net.heal();
+        assert_eq!(
+            second.join().expect("the second write's thread"),
+            ClientResult::Ok(Bytes::from_static(b"second"))
         );
         for n in &nodes {
             n.shutdown();

@@ -4200,14 +4200,13 @@ fn a_forward_sent_to_a_former_leader_is_passed_on() {
     assert_eq!(h.node(old).stats().forwards_dropped, 1);
 }
 
-/// A leader holds at most `max_inflight_bytes` of forwarded writes during a
-/// transfer; what does not fit is dropped and counted, what fits is kept.
-#[test]
-fn forwards_held_during_a_transfer_are_bounded() {
+/// Three nodes that hold at most two commands' overhead and 40 bytes of
+/// data during a transfer (room for one command of 30 bytes, not two),
+/// with a leader: (harness, leader, a follower, the other follower).
+fn small_hold_cluster() -> (Harness, NodeId, NodeId, NodeId) {
     let nodes = (1..=3)
         .map(|id| {
             let mut cfg = Config::new(id, 7);
-            // Room for one command of 30 bytes, not two.
             cfg.max_inflight_bytes = 2 * HELD_COMMAND_OVERHEAD + 40;
             Node::new(cfg, Membership::new(1..=3), 0)
         })
@@ -4219,6 +4218,14 @@ fn forwards_held_during_a_transfer_are_bounded() {
     let other = (1..=3)
         .find(|&n| n != leader && n != target)
         .expect("a third");
+    (h, leader, target, other)
+}
+
+/// A leader holds at most `max_inflight_bytes` of forwarded writes during a
+/// transfer; what does not fit is dropped and counted, what fits is kept.
+#[test]
+fn forwards_held_during_a_transfer_are_bounded() {
+    let (mut h, leader, target, other) = small_hold_cluster();
     h.step(leader, Event::TransferLeadership { id: 1, target });
     let forward = |seq, data: &'static [u8]| {
         Event::Message(Message {
@@ -4248,18 +4255,8 @@ fn forwards_held_during_a_transfer_are_bounded() {
 #[test]
 fn a_transferring_leader_holds_its_own_writes() {
     for target_reachable in [true, false] {
-        let nodes = (1..=3)
-            .map(|id| {
-                let mut cfg = Config::new(id, 7);
-                // Room for the 30-byte command, not the 20-byte one after it.
-                cfg.max_inflight_bytes = 2 * HELD_COMMAND_OVERHEAD + 40;
-                Node::new(cfg, Membership::new(1..=3), 0)
-            })
-            .collect();
-        let mut h = Harness::with(nodes);
-        h.run_for(1_500 * MS);
-        let leader = h.leader().expect("a leader");
-        let target = (1..=3).find(|&n| n != leader).expect("a follower");
+        // Room for the 30-byte command, not the 20-byte one after it.
+        let (mut h, leader, target, _) = small_hold_cluster();
         if !target_reachable {
             for n in (1..=3).filter(|&n| n != target) {
                 h.cut.insert((n, target));

@@ -4290,9 +4290,19 @@ mod removed_tests {
 
     /// Three echo nodes of one cluster on `net`, their data under `dir`.
     fn three_echo_nodes(dir: &Path, net: &MemNetwork) -> Vec<Arc<NodeHandle>> {
+        three_echo_nodes_with(dir, net, |_| {})
+    }
+
+    /// `three_echo_nodes`, each configuration changed by `change` first.
+    fn three_echo_nodes_with(
+        dir: &Path,
+        net: &MemNetwork,
+        change: impl Fn(&mut NodeConfig),
+    ) -> Vec<Arc<NodeHandle>> {
         (1..=3)
             .map(|id| {
-                let cfg = config(id, dir);
+                let mut cfg = config(id, dir);
+                change(&mut cfg);
                 let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
                 Arc::new(node.expect("start"))
             })
@@ -4391,14 +4401,7 @@ mod removed_tests {
     fn a_write_waits_briefly_for_a_leader_to_be_known() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
-        let nodes: Vec<Arc<NodeHandle>> = (1..=3)
-            .map(|id| {
-                let mut cfg = config(id, tmp.path());
-                cfg.heartbeat_ms = 450;
-                let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
-                Arc::new(node.expect("start"))
-            })
-            .collect();
+        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.heartbeat_ms = 450);
         wait_for("a leader", || leader_of(&nodes).is_some());
         let l = leader_of(&nodes).expect("a leader");
         let f = (1..=3).find(|&n| n != l).expect("a follower");
@@ -4442,14 +4445,7 @@ mod removed_tests {
         for leads_then_steps_down in [false, true] {
             let tmp = tempfile::tempdir().expect("tempdir");
             let net = MemNetwork::new();
-            let nodes: Vec<Arc<NodeHandle>> = (1..=3)
-                .map(|id| {
-                    let mut cfg = config(id, tmp.path());
-                    cfg.write_timeout_ms = 6_000;
-                    let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
-                    Arc::new(node.expect("start"))
-                })
-                .collect();
+            let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 6_000);
             wait_for("a leader", || leader_of(&nodes).is_some());
             let l = leader_of(&nodes).expect("a leader");
             let f = (1..=3).find(|&n| n != l).expect("a follower");

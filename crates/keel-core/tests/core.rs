@@ -4087,6 +4087,14 @@ fn a_removed_leader_whose_preferred_voter_acked_late_leaves_no_long_gap() {
     );
 }
 
+/// The leader of a 3-node harness and its two followers, lowest id first.
+fn leader_and_followers(h: &Harness) -> (NodeId, NodeId, NodeId) {
+    let leader = h.leader().expect("a leader");
+    let mut followers = (1..=3).filter(|&n| n != leader);
+    let target = followers.next().expect("a follower");
+    (leader, target, followers.next().expect("a third"))
+}
+
 /// How many times each node applied `data`.
 fn applied_count(h: &Harness, data: &[u8]) -> Vec<usize> {
     h.applied
@@ -4110,11 +4118,7 @@ fn forwards_dropped(h: &Harness) -> u64 {
 fn a_write_forwarded_during_a_transfer_is_passed_on_to_the_new_leader() {
     let mut h = Harness::new(3);
     h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
-    let target = (1..=3).find(|&n| n != leader).expect("a follower");
-    let other = (1..=3)
-        .find(|&n| n != leader && n != target)
-        .expect("a third");
+    let (leader, target, other) = leader_and_followers(&h);
     // The TimeoutNow goes out first, then the follower's forward: the
     // leader takes the forward while the transfer is in progress.
     h.step(leader, Event::TransferLeadership { id: 1, target });
@@ -4135,11 +4139,7 @@ fn a_write_forwarded_during_a_transfer_is_passed_on_to_the_new_leader() {
 fn writes_forwarded_during_a_failed_transfer_are_appended_when_it_ends() {
     let mut h = Harness::new(3);
     h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
-    let target = (1..=3).find(|&n| n != leader).expect("a follower");
-    let other = (1..=3)
-        .find(|&n| n != leader && n != target)
-        .expect("a third");
+    let (leader, target, other) = leader_and_followers(&h);
     for n in [leader, other] {
         h.cut.insert((n, target));
         h.cut.insert((target, n));
@@ -4213,11 +4213,7 @@ fn small_hold_cluster() -> (Harness, NodeId, NodeId, NodeId) {
         .collect();
     let mut h = Harness::with(nodes);
     h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
-    let target = (1..=3).find(|&n| n != leader).expect("a follower");
-    let other = (1..=3)
-        .find(|&n| n != leader && n != target)
-        .expect("a third");
+    let (leader, target, other) = leader_and_followers(&h);
     (h, leader, target, other)
 }
 

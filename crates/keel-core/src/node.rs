@@ -2602,9 +2602,19 @@ impl Node {
             self.send(leader, Body::ReadIndex { id }, out);
             return;
         }
-        if self.reject(id, out) {
+        if self.role != Role::Leader {
+            out.push(Action::Rejected {
+                id,
+                reason: RejectReason::NotLeader {
+                    leader: self.leader,
+                },
+            });
             return;
         }
+        // Also while a transfer is on, as for the followers' `ReadIndex`:
+        // the lease is given up then, and a heartbeat round confirmed by a
+        // quorum in this term shows no later leader was elected before it
+        // (if the target wins first, the read is refused at the step-down).
         self.leader_read(id, None, out);
     }
 

@@ -4293,3 +4293,24 @@ fn a_transferring_leader_holds_its_own_writes() {
         assert_eq!(forwards_dropped(&h), 0);
     }
 }
+
+/// A leader transferring leadership still serves linearizable reads
+/// through a heartbeat round (its followers' `ReadIndex` always were): a
+/// quorum answering in its term shows no later leader was elected first.
+#[test]
+fn a_transferring_leader_serves_reads_by_a_heartbeat_round() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let (leader, target, _) = leader_and_followers(&h);
+    for n in (1..=3).filter(|&n| n != target) {
+        h.cut.insert((n, target));
+        h.cut.insert((target, n));
+    }
+    h.step(leader, Event::TransferLeadership { id: 1, target });
+    assert!(h.node(leader).is_transferring());
+    h.step(leader, Event::Read { id: 2 });
+    h.run_for(100 * MS);
+    assert!(h.node(leader).is_transferring(), "the transfer ended early");
+    let commit = h.node(leader).commit_position();
+    assert_eq!(h.ready_reads, vec![(leader, 2, commit)], "{:?}", h.rejected);
+}

@@ -38,7 +38,7 @@ pub struct Metrics {
     pub lease_reads: Counter,
     pub preference_transfers: Counter,
     pub forwards_dropped: Counter,
-    pub leaderless_writes: Counter,
+    pub leaderless_requests: Counter,
     pub snapshots_taken: Counter,
     pub snapshots_installed: Counter,
     pub busy: Counter,
@@ -81,7 +81,7 @@ impl Metrics {
             lease_reads: Counter::default(),
             preference_transfers: Counter::default(),
             forwards_dropped: Counter::default(),
-            leaderless_writes: Counter::default(),
+            leaderless_requests: Counter::default(),
             snapshots_taken: Counter::default(),
             snapshots_installed: Counter::default(),
             busy: Counter::default(),
@@ -162,11 +162,12 @@ impl Metrics {
             m.forwards_dropped.clone(),
         );
         registry.register(
-            "writes_waited_for_leader",
-            "client writes this node took while it knew no leader (between a new term's vote and \
-             its leader's first message, as in a leadership transfer): held for up to two \
-             heartbeats until one was known, then proposed, or answered not the leader",
-            m.leaderless_writes.clone(),
+            "requests_waited_for_leader",
+            "client writes and linearizable reads this node took while it knew no leader \
+             (between a new term's vote and its leader's first message, as in a leadership \
+             transfer): held for up to two heartbeats until one was known, else answered not the \
+             leader",
+            m.leaderless_requests.clone(),
         );
         registry.register(
             "snapshots_taken",

@@ -703,6 +703,14 @@ const SESSIONLESS_COUNTER_MASK: u64 = (1 << 48) - 1;
 /// leader, so the number must be unique across the cluster: the node id
 /// goes in the top bits. (Two callers sharing one would get each other's
 /// reply.)
+/// The data bytes a parked request (`Runtime::park_leaderless`) holds.
+fn request_bytes(op: &ClientOp) -> u64 {
+    match op {
+        ClientOp::Write(data) | ClientOp::Read(data) => data.len() as u64,
+        _ => 0,
+    }
+}
+
 fn sessionless_seq(node: NodeId, counter: u64) -> u64 {
     (node << 48) | (counter & SESSIONLESS_COUNTER_MASK)
 }
@@ -1767,8 +1775,9 @@ struct Consensus {
     transfers: Vec<PendingTransfer>,
     /// When `expire_awaiting` next looks.
     next_expiry: Instant,
-    /// Writes taken while this node knew no leader, oldest first, each with
-    /// when it came (`settle_leaderless`), and their data bytes.
+    /// Writes and linearizable reads taken while this node knew no leader,
+    /// oldest first, each with when it came (`settle_leaderless`), and
+    /// their data bytes.
     leaderless: VecDeque<(ClientRequest, ResponseSink, Instant)>,
     leaderless_bytes: u64,
     /// Sequence numbers this node gives sessionless writes (see
@@ -2051,9 +2060,10 @@ impl Consensus {
         }
     }
 
-    /// The writes taken while this node knew no leader (`leaderless`): once
-    /// it knows one they go on as if just taken (proposed to the core,
-    /// which appends or forwards them); those that waited two heartbeats
+    /// The requests taken while this node knew no leader (`leaderless`):
+    /// once it knows one they go on as if just taken (a write proposed to
+    /// the core, which appends or forwards it, a read asked of the core);
+    /// those that waited two heartbeats
     /// (`heartbeat_ms`: well above a round trip to any peer) are answered
     /// "not the leader" for their clients to try another node.
     fn settle_leaderless(
@@ -2076,13 +2086,30 @@ impl Consensus {
                 break;
             }
             if let Some((req, sink, _)) = self.leaderless.pop_front() {
-                if let ClientOp::Write(data) = &req.op {
-                    self.leaderless_bytes -= data.len() as u64;
-                }
+                self.leaderless_bytes -= request_bytes(&req.op);
                 respond(&sink, req.id, self.not_leader());
             }
         }
         Ok(())
+    }
+
+    /// A write or linearizable read taken while this node knows no leader:
+    /// most often the moment between a new term's vote and its leader's
+    /// first append (a leadership transfer, an election), so it is held a
+    /// little for the leader to be known (`settle_leaderless`) rather than
+    /// refused. A removed node, or one holding `max_unapplied_bytes`
+    /// already, answers "not the leader" at once.
+    fn park_leaderless(&mut self, req: ClientRequest, sink: ResponseSink, now: Instant) {
+        let len = request_bytes(&req.op);
+        if self.node.removed().is_some()
+            || self.leaderless_bytes.saturating_add(len) > self.cfg.max_unapplied_bytes
+        {
+            respond(&sink, req.id, self.not_leader());
+            return;
+        }
+        self.leaderless_bytes += len;
+        self.metrics.leaderless_requests.inc();
+        self.leaderless.push_back((req, sink, now));
     }
 
     fn leaderless_limit(&self) -> Duration {
@@ -2103,24 +2130,11 @@ impl Consensus {
                 // A follower forwards to the leader (the core does
                 // it) and replies once the entry is applied here.
                 if self.node.leader().is_none() {
-                    // Most often the moment between a new term's vote and
-                    // its leader's first append (a leadership transfer, an
-                    // election): held a little for the leader to be known
-                    // (`settle_leaderless`) rather than refused.
-                    let len = data.len() as u64;
-                    if self.node.removed().is_none()
-                        && self.leaderless_bytes.saturating_add(len) <= self.cfg.max_unapplied_bytes
-                    {
-                        self.leaderless_bytes += len;
-                        self.metrics.leaderless_writes.inc();
-                        let req = ClientRequest {
-                            op: ClientOp::Write(data),
-                            ..req
-                        };
-                        self.leaderless.push_back((req, sink, now));
-                    } else {
-                        respond(&sink, req.id, self.not_leader());
-                    }
+                    let req = ClientRequest {
+                        op: ClientOp::Write(data),
+                        ..req
+                    };
+                    self.park_leaderless(req, sink, now);
                     return Ok(());
                 }
                 if !self.backlog_admits(data.len()) {
@@ -2159,6 +2173,14 @@ impl Consensus {
                     seq,
                     data,
                 });
+                Ok(())
+            }
+            ClientOp::Read(data) if self.node.leader().is_none() => {
+                let req = ClientRequest {
+                    op: ClientOp::Read(data),
+                    ..req
+                };
+                self.park_leaderless(req, sink, now);
                 Ok(())
             }
             ClientOp::Read(data) => {
@@ -4392,9 +4414,9 @@ mod removed_tests {
         }
     }
 
-    /// A write taken while the node knows no leader is held for two
-    /// heartbeats: answered "not the leader" if none is known by then,
-    /// forwarded (and answered by its entry) as soon as one is. Here the
+    /// A write (or linearizable read) taken while the node knows no leader
+    /// is held for two heartbeats: answered "not the leader" if none is
+    /// known by then, forwarded (and answered) as soon as one is. Here the
     /// node is cut off until its election timer has made it forget its
     /// leader; heartbeats are 450 ms apart, so a write waits up to 900 ms.
     #[test]
@@ -4413,7 +4435,7 @@ mod removed_tests {
         wait_for("the follower forgets its leader", || {
             fh.status().leader.is_none()
         });
-        let waited = || fh.metrics().leaderless_writes.get();
+        let waited = || fh.metrics().leaderless_requests.get();
         let first = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"first")));
         wait_for("the first write is held", || waited() == 1);
         let answer = first.join().expect("the first write's thread");
@@ -4423,11 +4445,15 @@ mod removed_tests {
         );
         let second = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"second")));
         wait_for("the second write is held", || waited() == 2);
+        let read = spawn_call(&fh, ClientOp::Read(Bytes::from_static(b"r")));
+        wait_for("the read is held", || waited() == 3);
         net.heal();
         assert_eq!(
             second.join().expect("the second write's thread"),
             ClientResult::Ok(Bytes::from_static(b"second"))
         );
+        let answer = read.join().expect("the read's thread");
+        assert!(matches!(answer, ClientResult::Ok(_)), "{answer:?}");
         for n in &nodes {
             n.shutdown();
         }

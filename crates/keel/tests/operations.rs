@@ -915,18 +915,21 @@ fn bench_kv_measures_a_cluster_already_running() {
     );
 }
 
-/// Clients of every member keep writing while leadership moves round the
-/// cluster (`MoveLeader`, as `etcdctl move-leader` and preferred-leader
-/// hand-overs do): the leader holds writes during a transfer, and a member
-/// between the new term's vote and its leader's first append holds them
-/// until it knows that leader, so puts succeed rather than fail with "too
-/// many requests" or "no leader" (before, about two puts failed per
-/// transfer here). A couple of failures are tolerated for a machine that
-/// stalls a node past two heartbeats (100 ms).
+/// Clients of every member keep writing, and reading what they wrote
+/// (linearizably, retried when Unavailable as etcd's clients retry reads),
+/// while leadership moves round the cluster (`MoveLeader`, as `etcdctl
+/// move-leader` and preferred-leader hand-overs do): the leader holds
+/// writes during a transfer, and a member between the new term's vote and
+/// its leader's first append holds requests until it knows that leader,
+/// so puts succeed rather than fail with "too many requests" or "no
+/// leader" (before, 386 of 4632 puts failed here). A couple of failures
+/// are tolerated for a machine that stalls a node past two heartbeats
+/// (100 ms).
 #[test]
 fn puts_on_every_member_succeed_across_leadership_transfers() {
     use keel_etcd_proto::etcdserverpb::{
         kv_client::KvClient, maintenance_client::MaintenanceClient, MoveLeaderRequest, PutRequest,
+        RangeRequest,
     };
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
@@ -953,8 +956,26 @@ fn puts_on_every_member_succeed_across_leadership_transfers() {
                         value: format!("v{n}").into_bytes().into(),
                         ..Default::default()
                     };
-                    match kv.put(put).await {
-                        Ok(_) => {
+                    // A put, then a linearizable read of it, retried when
+                    // Unavailable as etcd's clients retry reads (a read a
+                    // follower asked of a leader that has just handed
+                    // over is refused "no leader"; puts are not retried).
+                    let read = RangeRequest {
+                        key: format!("k{i}").into_bytes().into(),
+                        ..Default::default()
+                    };
+                    let mut done = kv.put(put).await.map(|_| ());
+                    if done.is_ok() {
+                        for attempt in 0..5 {
+                            done = kv.range(read.clone()).await.map(|_| ());
+                            match &done {
+                                Err(e) if e.code() == tonic::Code::Unavailable && attempt < 4 => {}
+                                _ => break,
+                            }
+                        }
+                    }
+                    match done {
+                        Ok(()) => {
                             puts.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => failures
@@ -990,7 +1011,7 @@ fn puts_on_every_member_succeed_across_leadership_transfers() {
     }
     assert!(
         failures.len() <= 2 && puts >= 3 * MOVES,
-        "{} of {} puts failed across {MOVES} transfers, by answer: {why:?}",
+        "{} of {} put-and-reads failed across {MOVES} transfers, by answer: {why:?}",
         failures.len(),
         puts + failures.len() as u64
     );

@@ -696,6 +696,18 @@ const STATUS_EVERY: Duration = Duration::from_millis(1);
 /// above them.
 const SESSIONLESS_COUNTER_MASK: u64 = (1 << 48) - 1;
 
+/// What a parked request (`Consensus::park_leaderless`) counts against
+/// `max_unapplied_bytes`: its data and `HELD_COMMAND_OVERHEAD`, so empty
+/// ones are bounded too.
+fn request_bytes(op: &ClientOp) -> u64 {
+    match op {
+        ClientOp::Write(data) | ClientOp::Read(data) => {
+            data.len() as u64 + keel_core::HELD_COMMAND_OVERHEAD
+        }
+        _ => keel_core::HELD_COMMAND_OVERHEAD,
+    }
+}
+
 /// The sequence number the consensus thread gives a sessionless write (the
 /// client's own is ignored: without a session nothing deduplicates on it).
 /// Replies are matched to waiting callers by (client, seq) on every node
@@ -703,14 +715,6 @@ const SESSIONLESS_COUNTER_MASK: u64 = (1 << 48) - 1;
 /// leader, so the number must be unique across the cluster: the node id
 /// goes in the top bits. (Two callers sharing one would get each other's
 /// reply.)
-/// The data bytes a parked request (`Runtime::park_leaderless`) holds.
-fn request_bytes(op: &ClientOp) -> u64 {
-    match op {
-        ClientOp::Write(data) | ClientOp::Read(data) => data.len() as u64,
-        _ => 0,
-    }
-}
-
 fn sessionless_seq(node: NodeId, counter: u64) -> u64 {
     (node << 48) | (counter & SESSIONLESS_COUNTER_MASK)
 }
@@ -1929,7 +1933,14 @@ impl Consensus {
             if !proposals.is_empty() {
                 let batch = std::mem::take(&mut proposals);
                 self.proposed_bytes = 0;
-                self.step(Event::Propose(batch))?;
+                if self.node.leader().is_none() {
+                    // The leader was lost in this turn after the writes were
+                    // taken (a new term's vote came in): they wait for the
+                    // next one as if they had come now.
+                    self.repark(batch);
+                } else {
+                    self.step(Event::Propose(batch))?;
+                }
             }
             if self.now.now() >= self.node.next_deadline() {
                 self.step(Event::Tick)?;
@@ -2076,8 +2087,9 @@ impl Consensus {
         }
         if self.node.leader().is_some() {
             self.leaderless_bytes = 0;
-            for (req, sink, _) in std::mem::take(&mut self.leaderless) {
-                self.client(req, sink, proposals, now)?;
+            // Each from when it came: its write timeout counts the wait.
+            for (req, sink, since) in std::mem::take(&mut self.leaderless) {
+                self.client(req, sink, proposals, since)?;
             }
             return Ok(());
         }
@@ -2112,6 +2124,21 @@ impl Consensus {
         self.leaderless.push_back((req, sink, now));
     }
 
+    /// A proposal batch that met no leader, back into `leaderless` with
+    /// its writes (in `proposed_writes`, in the same order).
+    fn repark(&mut self, batch: Vec<Proposal>) {
+        let writes = std::mem::take(&mut self.proposed_writes);
+        for (p, w) in batch.into_iter().zip(writes) {
+            let req = ClientRequest {
+                id: w.write.id,
+                client: w.client,
+                seq: w.seq,
+                op: ClientOp::Write(p.data),
+            };
+            self.park_leaderless(req, w.write.sink, w.write.since);
+        }
+    }
+
     fn leaderless_limit(&self) -> Duration {
         Duration::from_millis(2 * self.cfg.heartbeat_ms)
     }
@@ -2129,7 +2156,9 @@ impl Consensus {
             ClientOp::Write(data) => {
                 // A follower forwards to the leader (the core does
                 // it) and replies once the entry is applied here.
-                if self.node.leader().is_none() {
+                // (Behind requests already parked, too: a session's writes
+                // keep their order.)
+                if self.node.leader().is_none() || !self.leaderless.is_empty() {
                     let req = ClientRequest {
                         op: ClientOp::Write(data),
                         ..req
@@ -2175,7 +2204,7 @@ impl Consensus {
                 });
                 Ok(())
             }
-            ClientOp::Read(data) if self.node.leader().is_none() => {
+            ClientOp::Read(data) if self.node.leader().is_none() || !self.leaderless.is_empty() => {
                 let req = ClientRequest {
                     op: ClientOp::Read(data),
                     ..req
@@ -2585,6 +2614,10 @@ impl Consensus {
         for t in self.transfers.drain(..) {
             respond(&t.sink, t.client_id, refusal());
         }
+        for (req, sink, _) in self.leaderless.drain(..) {
+            respond(&sink, req.id, refusal());
+        }
+        self.leaderless_bytes = 0;
         let text = format!(
             "This data directory belongs to node {id} of cluster {:#x}, which was removed from \
              the cluster: {who} (the configuration in force from log position {position} \
@@ -4454,6 +4487,47 @@ mod removed_tests {
         );
         let answer = read.join().expect("the read's thread");
         assert!(matches!(answer, ClientResult::Ok(_)), "{answer:?}");
+        for n in &nodes {
+            n.shutdown();
+        }
+    }
+
+    /// A removed node answers the requests it held while it knew no leader
+    /// as it answers the rest: "removed", not a dropped connection.
+    #[test]
+    fn a_removed_node_answers_the_requests_it_held_for_a_leader() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.heartbeat_ms = 450);
+        wait_for("a leader", || leader_of(&nodes).is_some());
+        let l = leader_of(&nodes).expect("a leader");
+        let f = (1..=3).find(|&n| n != l).expect("a follower");
+        let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // Membership changes wait for the leader's first commit.
+        let w = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"first"))));
+        assert_eq!(w, ClientResult::Ok(Bytes::from_static(b"first")));
+        net.isolate(f);
+        let r = rt.block_on(lh.call(ClientOp::ChangeMembership(
+            keel_core::MembershipChange::Remove(f),
+        )));
+        assert!(matches!(r, ClientResult::Ok(_)), "{r:?}");
+        wait_for("the cut-off node forgets its leader", || {
+            fh.status().leader.is_none()
+        });
+        let held = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"held")));
+        wait_for("the write is held", || {
+            fh.metrics().leaderless_requests.get() == 1
+        });
+        net.heal();
+        let answer = held.join().expect("the write's thread");
+        assert!(
+            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_core::REMOVED_FROM_CLUSTER)),
+            "{answer:?}"
+        );
         for n in &nodes {
             n.shutdown();
         }

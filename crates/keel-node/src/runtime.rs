@@ -4377,6 +4377,21 @@ mod removed_tests {
         })
     }
 
+    /// Waits for a leader and for a follower to know it: their ids and
+    /// handles (leader, follower, leader's, follower's).
+    fn leader_and_follower(
+        nodes: &[Arc<NodeHandle>],
+    ) -> (NodeId, NodeId, Arc<NodeHandle>, Arc<NodeHandle>) {
+        wait_for("a leader", || leader_of(nodes).is_some());
+        let l = leader_of(nodes).expect("a leader");
+        let f = (1..=3).find(|&n| n != l).expect("a follower");
+        let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
+        wait_for("the follower knows the leader", || {
+            fh.status().leader == Some(l)
+        });
+        (l, f, lh, fh)
+    }
+
     /// The leader of the highest term any of `nodes` reports.
     fn leader_of(nodes: &[Arc<NodeHandle>]) -> Option<NodeId> {
         nodes
@@ -4457,13 +4472,7 @@ mod removed_tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
         let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.heartbeat_ms = 450);
-        wait_for("a leader", || leader_of(&nodes).is_some());
-        let l = leader_of(&nodes).expect("a leader");
-        let f = (1..=3).find(|&n| n != l).expect("a follower");
-        let fh = nodes[f as usize - 1].clone();
-        wait_for("the follower knows the leader", || {
-            fh.status().leader == Some(l)
-        });
+        let (_, f, _, fh) = leader_and_follower(&nodes);
         net.isolate(f);
         wait_for("the follower forgets its leader", || {
             fh.status().leader.is_none()
@@ -4499,10 +4508,7 @@ mod removed_tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
         let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.heartbeat_ms = 450);
-        wait_for("a leader", || leader_of(&nodes).is_some());
-        let l = leader_of(&nodes).expect("a leader");
-        let f = (1..=3).find(|&n| n != l).expect("a follower");
-        let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
+        let (_, f, lh, fh) = leader_and_follower(&nodes);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -4546,13 +4552,7 @@ mod removed_tests {
             let tmp = tempfile::tempdir().expect("tempdir");
             let net = MemNetwork::new();
             let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 6_000);
-            wait_for("a leader", || leader_of(&nodes).is_some());
-            let l = leader_of(&nodes).expect("a leader");
-            let f = (1..=3).find(|&n| n != l).expect("a follower");
-            let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
-            wait_for("the follower knows the leader", || {
-                fh.status().leader == Some(l)
-            });
+            let (l, f, lh, fh) = leader_and_follower(&nodes);
             // The forward is lost on the way.
             net.cut(f, l);
             let write = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"w")));
@@ -4726,14 +4726,7 @@ mod removed_tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
         let nodes = three_echo_nodes(tmp.path(), &net);
-        let leader = || leader_of(&nodes);
-        wait_for("a leader", || leader().is_some());
-        let l = leader().expect("a leader");
-        let f = (1..=3).find(|&n| n != l).expect("a follower");
-        let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
-        wait_for("the follower knows the leader", || {
-            fh.status().leader == Some(l)
-        });
+        let (l, f, lh, fh) = leader_and_follower(&nodes);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -926,7 +926,11 @@ fn checkers_catch_lease_rules_broken_around_transfers() {
             .into_iter()
             .find(|(n, _)| *n == name)
             .expect("a known bug");
-        let caught = (0..600).find(|&seed| {
+        // (The first catch was at seed 136 while a transferring leader
+        // refused its own reads, and is at 961 since it serves them by a
+        // heartbeat round: fewer reads are left for a kept lease to answer
+        // once the transfer runs out.)
+        let caught = (0..1500).find(|&seed| {
             let nodes = if seed % 2 == 0 { 3 } else { 5 };
             let mut cfg = SimConfig::new(seed, nodes, mix("transfers"));
             cfg.lease_reads = true;

@@ -2473,25 +2473,21 @@ impl Node {
             // that does not fit on, refused for their clients to retry (a
             // later write of a session is never held ahead of an earlier
             // one refused).
-            let mut room = self
-                .cfg
-                .max_inflight_bytes
-                .saturating_sub(self.held_forward_bytes);
             let mut commands = Vec::with_capacity(proposals.len());
             let mut refusing = false;
             for p in proposals {
                 let len = held_size(&p.data);
-                refusing = refusing || len > room;
+                refusing = refusing
+                    || self.held_forward_bytes.saturating_add(len) > self.cfg.max_inflight_bytes;
                 if refusing {
                     self.reject(p.id, out);
                 } else {
-                    room -= len;
+                    self.held_forward_bytes += len;
                     commands.push((p.client, p.seq, p.data));
                 }
             }
             if !commands.is_empty() {
-                // (Fits: checked above.)
-                let _ = self.hold_commands(self.cfg.id, commands);
+                self.held_forwards.push((self.cfg.id, commands));
             }
             return;
         }
@@ -2603,12 +2599,7 @@ impl Node {
             return;
         }
         if self.role != Role::Leader {
-            out.push(Action::Rejected {
-                id,
-                reason: RejectReason::NotLeader {
-                    leader: self.leader,
-                },
-            });
+            self.reject(id, out);
             return;
         }
         // Also while a transfer is on, as for the followers' `ReadIndex`:

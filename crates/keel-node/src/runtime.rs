@@ -1936,7 +1936,7 @@ impl Consensus {
                 if self.node.leader().is_none() {
                     // The leader was lost in this turn after the writes were
                     // taken (a new term's vote came in): they wait for the
-                    // next one as if they had come now.
+                    // next one, each from when it came.
                     self.repark(batch);
                 } else {
                     self.step(Event::Propose(batch))?;
@@ -2150,22 +2150,21 @@ impl Consensus {
         proposals: &mut Vec<Proposal>,
         now: Instant,
     ) -> Result<(), String> {
+        // A write or linearizable read with no leader known, or behind
+        // requests already waiting for one (a session's writes keep their
+        // order), waits for one (`park_leaderless`).
+        if matches!(req.op, ClientOp::Write(_) | ClientOp::Read(_))
+            && (self.node.leader().is_none() || !self.leaderless.is_empty())
+        {
+            self.park_leaderless(req, sink, now);
+            return Ok(());
+        }
         let id = self.next_id;
         self.next_id += 1;
         match req.op {
             ClientOp::Write(data) => {
                 // A follower forwards to the leader (the core does
                 // it) and replies once the entry is applied here.
-                // (Behind requests already parked, too: a session's writes
-                // keep their order.)
-                if self.node.leader().is_none() || !self.leaderless.is_empty() {
-                    let req = ClientRequest {
-                        op: ClientOp::Write(data),
-                        ..req
-                    };
-                    self.park_leaderless(req, sink, now);
-                    return Ok(());
-                }
                 if !self.backlog_admits(data.len()) {
                     self.metrics.busy.inc();
                     respond(&sink, req.id, ClientResult::Busy);
@@ -2202,14 +2201,6 @@ impl Consensus {
                     seq,
                     data,
                 });
-                Ok(())
-            }
-            ClientOp::Read(data) if self.node.leader().is_none() || !self.leaderless.is_empty() => {
-                let req = ClientRequest {
-                    op: ClientOp::Read(data),
-                    ..req
-                };
-                self.park_leaderless(req, sink, now);
                 Ok(())
             }
             ClientOp::Read(data) => {

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub preference_transfers: Counter,
     pub forwards_dropped: Counter,
     pub leaderless_requests: Counter,
+    pub reads_retried: Counter,
     pub snapshots_taken: Counter,
     pub snapshots_installed: Counter,
     pub busy: Counter,
@@ -82,6 +83,7 @@ impl Metrics {
             preference_transfers: Counter::default(),
             forwards_dropped: Counter::default(),
             leaderless_requests: Counter::default(),
+            reads_retried: Counter::default(),
             snapshots_taken: Counter::default(),
             snapshots_installed: Counter::default(),
             busy: Counter::default(),
@@ -168,6 +170,13 @@ impl Metrics {
              transfer): held for up to two heartbeats until one was known, else answered not the \
              leader",
             m.leaderless_requests.clone(),
+        );
+        registry.register(
+            "reads_retried",
+            "linearizable reads refused not the leader after a new term began (the leader they \
+             were asked of, or this node, lost leadership meanwhile) and asked again of the new \
+             term's leader",
+            m.reads_retried.clone(),
         );
         registry.register(
             "snapshots_taken",

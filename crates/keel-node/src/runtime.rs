@@ -1719,7 +1719,11 @@ struct PendingRequest {
 }
 
 enum PendingOp {
-    Read(Bytes),
+    /// A linearizable read, asked of the core in `term`.
+    Read {
+        data: Bytes,
+        term: u64,
+    },
     Other,
 }
 
@@ -1882,6 +1886,11 @@ impl Consensus {
                     due.saturating_duration_since(Instant::now())
                         .max(Duration::from_millis(1)),
                 );
+            }
+            if !self.leaderless.is_empty() && self.node.leader().is_some() {
+                // Reads refused by a leader that lost leadership, to ask
+                // the new one (`retry_read`): at once.
+                wait = Duration::ZERO;
             }
             let first = tokio::select! {
                 biased;
@@ -2139,6 +2148,23 @@ impl Consensus {
         }
     }
 
+    /// A linearizable read refused "not the leader" after a new term
+    /// began (the leader it was asked of, or this node, lost leadership
+    /// meanwhile, as in a leadership transfer): a read is safe to ask
+    /// again, so it is, of the new term's leader once one is known, as if
+    /// just taken (`park_leaderless`). Each retry needs a later term, and
+    /// a node that knows no leader for two heartbeats refuses it.
+    fn retry_read(&mut self, client_id: u64, data: Bytes, sink: ResponseSink) {
+        self.metrics.reads_retried.inc();
+        let req = ClientRequest {
+            id: client_id,
+            client: keel_core::SESSIONLESS,
+            seq: 0,
+            op: ClientOp::Read(data),
+        };
+        self.park_leaderless(req, sink, Instant::now());
+    }
+
     fn leaderless_limit(&self) -> Duration {
         Duration::from_millis(2 * self.cfg.heartbeat_ms)
     }
@@ -2209,7 +2235,10 @@ impl Consensus {
                     PendingRequest {
                         client_id: req.id,
                         sink,
-                        op: PendingOp::Read(data),
+                        op: PendingOp::Read {
+                            data,
+                            term: self.node.term(),
+                        },
                     },
                 );
                 self.step(Event::Read { id })
@@ -2982,7 +3011,7 @@ impl Consensus {
             }
             Action::ReadReady { id, index } => {
                 if let Some(p) = self.pending.remove(&id) {
-                    if let PendingOp::Read(data) = p.op {
+                    if let PendingOp::Read { data, .. } = p.op {
                         self.reads_wait_upto = self.reads_wait_upto.max(index);
                         self.service.send(ServiceInput::Read {
                             index,
@@ -2995,6 +3024,14 @@ impl Consensus {
             }
             Action::Rejected { id, reason } => {
                 if let Some(p) = self.pending.remove(&id) {
+                    if let (PendingOp::Read { data, term }, RejectReason::NotLeader { .. }) =
+                        (&p.op, &reason)
+                    {
+                        if self.node.term() > *term {
+                            self.retry_read(p.client_id, data.clone(), p.sink);
+                            return Ok(());
+                        }
+                    }
                     let result = match reason {
                         RejectReason::NotLeader { .. } => self.not_leader(),
                         RejectReason::TransferInProgress | RejectReason::NotReady => {
@@ -4578,6 +4615,41 @@ mod removed_tests {
             for n in &nodes {
                 n.shutdown();
             }
+        }
+    }
+
+    /// A linearizable read a follower asked of a leader that then hands
+    /// leadership over is asked again of the new leader and served, not
+    /// refused "not the leader" when the follower learns of the new term.
+    /// (Here the old leader's answer is lost on the way, so the read is
+    /// still waiting when the transfer happens.)
+    #[test]
+    fn a_followers_read_across_a_leadership_transfer_is_served() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes = three_echo_nodes(tmp.path(), &net);
+        let (l, f, lh, fh) = leader_and_follower(&nodes);
+        let t = (1..=3).find(|&n| n != l && n != f).expect("a third");
+        net.cut(l, f);
+        let read = spawn_call(&fh, ClientOp::Read(Bytes::from_static(b"r")));
+        wait_for("the leader's answer to the read is lost", || {
+            net.dropped(l, f, "ReadIndexResp") > 0
+        });
+        net.heal();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let r = rt.block_on(lh.call(ClientOp::TransferLeader(t)));
+        assert!(matches!(r, ClientResult::Ok(_)), "transfer to {t}: {r:?}");
+        assert_eq!(
+            read.join().expect("the read's thread"),
+            ClientResult::Ok(Bytes::from_static(b"r"))
+        );
+        assert_eq!(fh.metrics().reads_retried.get(), 1);
+        assert_eq!(fh.status().leader, Some(t));
+        for n in &nodes {
+            n.shutdown();
         }
     }
 

@@ -1,5 +1,6 @@
 //! `keel-sim`: run many simulated seeds (a soak) or replay one seed.
 
+use clap::builder::PossibleValue;
 use clap::Parser;
 use keel_core::TestingBugs;
 use keel_sim::{run, FaultMix, Scenario, SimConfig, BUGS};
@@ -108,7 +109,7 @@ struct Args {
     /// A scripted scenario on top of the fault mix (use it with --mix calm;
     /// it sets its own timeline, overriding --fault-seconds, and settings).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
-        Scenario::all().iter().map(|s| s.name()).collect::<Vec<_>>()))]
+        Scenario::all().map(|s| PossibleValue::new(s.name()).help(s.help()))))]
     scenario: Option<String>,
 }
 
@@ -172,10 +173,10 @@ fn main() {
         let cfg = config_for(&args, seed);
         let r = run(&cfg);
         println!(
-            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals; {} removal notices sent, {} nodes stopped on learning they were removed, {} rejoined under a new id with an empty disk, {} of them added), {} impostors started under a removed id ({} stopped again; {} stale leaders set up to meet one, {} met; {} resumed leaders counting one as a voter, {} appends to impostors as voters, {} ignored by joining nodes; {} impostors finished joining under a leader counting them as learners), {} leadership transfers asked ({} done), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} leaders isolated ({} reads reached a deposed leader), {} processes paused ({} leaders, {} resumed deposed; {} events waiting when they resumed), {} messages replayed late ({} into a later term), {} messages delivered again late ({} snapshot chunks below the commit), {} applies while the service's reports were late, {} messages, {:.1}s simulated",
+            "seed {seed}: {} nodes, mix {}: {} ops ok, {} unknown, {} elections, {} crashes, {} snapshots installed ({} chunks sent), {} appends read back from disk ({} unsent), {} membership changes ({} leader removals; {} removal notices sent, {} nodes stopped on learning they were removed, {} rejoined under a new id with an empty disk, {} of them added), {} impostors started under a removed id ({} stopped again; {} stale leaders set up to meet one, {} met; {} resumed leaders counting one as a voter, {} appends to impostors as voters, {} ignored by joining nodes; {} impostors finished joining under a leader counting them as learners), {} leadership transfers asked ({} done), {} timers fired, {} lease reads, {} leaders cut off ({} reads answered while cut off), {} leaders cut off after TimeoutNow ({} still leading when their transfer ran out; {} reads reached them after, {} answered, {} refused), {} leaders isolated ({} reads reached a deposed leader), {} processes paused ({} leaders, {} resumed deposed; {} events waiting when they resumed), {} messages replayed late ({} into a later term), {} messages delivered again late ({} snapshot chunks below the commit), {} applies while the service's reports were late, {} messages, {:.1}s simulated",
             cfg.nodes, cfg.mix.name, r.ops_ok, r.ops_unknown, r.elections, r.crashes, r.snapshots_installed,
             r.snapshot_chunks, r.log_ranges_read, r.log_ranges_unsent,
-            r.membership_changes, r.leader_removals, r.removed_notices, r.removals_acted, r.rejoined, r.rejoined_members, r.impostors, r.impostors_stopped, r.impostor_plots, r.impostor_plots_met, r.stale_leaders_at_impostors, r.voter_appends_at_impostors, r.to_voter_ignored, r.impostors_joined, r.transfers, r.transfers_done, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.leader_isolations, r.reads_at_deposed_leaders, r.pauses, r.leaders_paused, r.resumed_deposed, r.events_after_pause, r.stale_replays, r.replays_of_older_terms, r.late_copies, r.snapshot_chunks_below_commit, r.applies_ahead_of_reports, r.messages, r.sim_time as f64 / 1e9
+            r.membership_changes, r.leader_removals, r.removed_notices, r.removals_acted, r.rejoined, r.rejoined_members, r.impostors, r.impostors_stopped, r.impostor_plots, r.impostor_plots_met, r.stale_leaders_at_impostors, r.voter_appends_at_impostors, r.to_voter_ignored, r.impostors_joined, r.transfers, r.transfers_done, r.timers_fired, r.lease_reads, r.leaders_cut_off, r.reads_while_cut_off, r.transfer_cuts, r.transfers_ran_out_cut_off, r.reads_after_transfer_ran_out, r.reads_served_after_transfer_ran_out, r.reads_refused_after_transfer_ran_out, r.leader_isolations, r.reads_at_deposed_leaders, r.pauses, r.leaders_paused, r.resumed_deposed, r.events_after_pause, r.stale_replays, r.replays_of_older_terms, r.late_copies, r.snapshot_chunks_below_commit, r.applies_ahead_of_reports, r.messages, r.sim_time as f64 / 1e9
         );
         println!("linearizability: {:?}", r.linearizability);
         if let Some(w) = &r.wiped {
@@ -220,6 +221,10 @@ fn main() {
     let (mut impostors, mut plots_met, mut stale_at_impostors, mut voter_appends, mut ignored) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut impostors_joined = 0u64;
+    // `--scenario lease-transfer-cut`: leaders cut off after TimeoutNow,
+    // still leading when their transfer ran out, and the reads that
+    // reached them after (answered, refused).
+    let mut transfer_cuts = [0u64; 5];
     let (mut pref_runs, mut pref_outside, mut pref_transfers, mut pref_skipped) =
         (0u64, 0u64, 0u64, 0u64);
     let (mut pref_after_heal, mut pref_failed, mut pref_handover) = (0u64, 0u64, 0u64);
@@ -255,6 +260,15 @@ fn main() {
         voter_appends += r.voter_appends_at_impostors;
         ignored += r.to_voter_ignored;
         impostors_joined += r.impostors_joined;
+        for (sum, n) in transfer_cuts.iter_mut().zip([
+            r.transfer_cuts,
+            r.transfers_ran_out_cut_off,
+            r.reads_after_transfer_ran_out,
+            r.reads_served_after_transfer_ran_out,
+            r.reads_refused_after_transfer_ran_out,
+        ]) {
+            *sum += n;
+        }
         if r.linearizability_unknown() {
             // Not a pass: the history went unchecked. Reported with its
             // replay command (`cargo test` fails on any such seed).
@@ -299,10 +313,18 @@ fn main() {
         }
     }
     println!(
-        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {pref_runs} with preferred leaders ({pref_outside} healed with a leader outside the set and {pref_leaderless} with none, {pref_transfers} preference transfers ({pref_after_heal} after the heal, {pref_failed} of which were not followed by a preferred leader), {pref_skipped} not checked, {pref_handover} led at the end by a node outside the set that kept a removed leader's hand-over (violations), a preferred voter led at the latest {} ms after the heal), {log_ranges} appends read back from disk, {forwards_dropped} forwarded writes dropped, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes, {impostors_joined} impostors finished joining under a leader counting them as learners), {} linearizability checks over budget{}, {} violations{}{}",
+        "summary: {} seeds in {:.1}s, {ops} simulated ops, {elections} elections, {pref_runs} with preferred leaders ({pref_outside} healed with a leader outside the set and {pref_leaderless} with none, {pref_transfers} preference transfers ({pref_after_heal} after the heal, {pref_failed} of which were not followed by a preferred leader), {pref_skipped} not checked, {pref_handover} led at the end by a node outside the set that kept a removed leader's hand-over (violations), a preferred voter led at the latest {} ms after the heal), {log_ranges} appends read back from disk, {forwards_dropped} forwarded writes dropped, {notices} removal notices sent, {removals} removed nodes stopped, {rejoined} rejoined under new ids ({rejoined_members} added), {impostors} impostors started under removed ids ({plots_met} met by a stale leader set up for it, {stale_at_impostors} resumed leaders counting one as a voter, {voter_appends} appends to impostors as voters, {ignored} ignored by joining nodes, {impostors_joined} impostors finished joining under a leader counting them as learners), {}{} linearizability checks over budget{}, {} violations{}{}",
         args.seeds,
         started.elapsed().as_secs_f64(),
         pref_slowest / 1_000_000,
+        match transfer_cuts {
+            [0, ..] => String::new(),
+            [cuts, ran_out, reads, served, refused] => format!(
+                "{cuts} leaders cut off after TimeoutNow ({ran_out} still leading when their \
+                 transfer ran out; {reads} reads reached them after, {served} answered, \
+                 {refused} refused), "
+            ),
+        },
         unknown_lin.len(),
         if unknown_lin.is_empty() { String::new() } else { format!(" (seeds {unknown_lin:?})") },
         failed.len(),

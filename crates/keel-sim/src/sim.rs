@@ -368,6 +368,9 @@ pub struct SimConfig {
     pub assumed_drift_ppm: u64,
     /// Scripted cut-offs of a slow-clocked leader (`None`: none).
     pub lease_cuts: Option<LeaseCuts>,
+    /// Scripted leadership transfers that run out at a leader cut off
+    /// just after its `TimeoutNow` (`None`: none).
+    pub transfer_cuts: Option<TransferCuts>,
     /// The nodes' election timeout range (`Config::election_timeout_min`
     /// and `_max`).
     pub election_timeout: (Nanos, Nanos),
@@ -475,6 +478,40 @@ pub struct LeaseCuts {
     pub cut_for: Nanos,
 }
 
+/// A leadership transfer that runs out at a leader that kept a lease,
+/// scripted: the leader of the moment is asked to hand leadership to a
+/// follower it cannot reach for a while (a slow link; writes go on, so the
+/// follower falls behind), and hears echoes of its heartbeats from the
+/// others meanwhile. Once the target answers again and has caught up, the
+/// leader sends it `TimeoutNow`, and just then is cut off from every other
+/// node (and the clients that write from it): the target wins an election
+/// in the next term (a transfer's election bypasses the voters'
+/// stickiness) and commits the writes of the clients that found it, while
+/// the old leader hears nothing. Its transfer runs out (a minimum election
+/// timeout after it was asked) while the lease from the echoes it heard
+/// up to the `TimeoutNow` would still run, about as long past the deadline
+/// as the target was unreachable; a client that reads in a loop from it
+/// (the pinned reader, pointed at it when the transfer is asked) goes on
+/// reading there. A leader that kept its lease across the transfer answers
+/// those reads after the new leader's writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferCuts {
+    /// When the first transfer is asked (with no leader yet, as soon as
+    /// there is one).
+    pub first: Nanos,
+    /// The time from one transfer to the next: at least the longest lag
+    /// and `cut_for`, plus the time to catch the target up, so cuts never
+    /// overlap.
+    pub every: Nanos,
+    /// How long the target and the leader cannot reach each other once
+    /// the transfer is asked, drawn from this range: below the minimum
+    /// election timeout, so the target does not stand on its own.
+    pub lag: (Nanos, Nanos),
+    /// How long the leader stays cut off after its `TimeoutNow`: past its
+    /// check-quorum step-down.
+    pub cut_for: Nanos,
+}
+
 /// Named scripted scenarios (`--scenario`), on top of a fault mix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
@@ -491,14 +528,21 @@ pub enum Scenario {
     /// their narrow range makes the first voter time out soon after its
     /// stickiness ends, as the worst case does.
     LeaseSlowLeader,
+    /// Lease reads (the default drift bound) with a leadership transfer
+    /// every two seconds whose target lags behind the leader for 80-160 ms
+    /// and whose leader is cut off just after sending it `TimeoutNow`
+    /// (`TransferCuts`), while the pinned reader goes on reading from the
+    /// old leader after its transfer runs out.
+    LeaseTransferCut,
 }
 
 impl Scenario {
-    pub fn all() -> [Scenario; 3] {
+    pub fn all() -> [Scenario; 4] {
         [
             Scenario::WipedFollowerIdle,
             Scenario::WipedFollowerUnderLoad,
             Scenario::LeaseSlowLeader,
+            Scenario::LeaseTransferCut,
         ]
     }
     pub fn name(self) -> &'static str {
@@ -506,6 +550,26 @@ impl Scenario {
             Scenario::WipedFollowerIdle => "wiped-follower-idle",
             Scenario::WipedFollowerUnderLoad => "wiped-follower-under-load",
             Scenario::LeaseSlowLeader => "lease-slow-leader",
+            Scenario::LeaseTransferCut => "lease-transfer-cut",
+        }
+    }
+    /// What the scenario does, in one line (`keel-sim --help`).
+    pub fn help(self) -> &'static str {
+        match self {
+            Scenario::WipedFollowerIdle => {
+                "a follower loses its disk and rejoins an idle cluster (snapshot install)"
+            }
+            Scenario::WipedFollowerUnderLoad => {
+                "a follower loses its disk and rejoins under writes, snapshot files published late"
+            }
+            Scenario::LeaseSlowLeader => {
+                "lease reads: a slow-clocked leader is cut off from fast-clocked voters, again and \
+                 again"
+            }
+            Scenario::LeaseTransferCut => {
+                "lease reads: a leader is cut off just after its TimeoutNow, and read from after its \
+                 transfer runs out"
+            }
         }
     }
     pub fn by_name(name: &str) -> Option<Scenario> {
@@ -568,6 +632,20 @@ impl Scenario {
                 });
                 cfg.fault_time = 11 * SEC;
             }
+            Scenario::LeaseTransferCut => {
+                cfg.lease_reads = true;
+                cfg.clock_drift_ppm = cfg.assumed_drift_ppm;
+                cfg.keys = 2;
+                // The first election ends 0.2-0.6 s in; four transfers,
+                // each cut for 1 s, then end before the faults heal.
+                cfg.transfer_cuts = Some(TransferCuts {
+                    first: SEC,
+                    every: 2 * SEC,
+                    lag: (80 * MS, 160 * MS),
+                    cut_for: SEC,
+                });
+                cfg.fault_time = 8 * SEC + 500 * MS;
+            }
         }
     }
 }
@@ -590,6 +668,7 @@ impl SimConfig {
             clock_drift_ppm: 0,
             assumed_drift_ppm: Config::new(1, 0).clock_drift_ppm,
             lease_cuts: None,
+            transfer_cuts: None,
             election_timeout: (200 * MS, 400 * MS),
             uneven_timeouts: false,
             restarts_change_timeouts: false,
@@ -793,6 +872,17 @@ pub struct Report {
     /// a cut-off leader went on answering from its lease. One later than
     /// the voters' stickiness can last is a violation.
     pub last_read_after_cut: Nanos,
+    /// Leaders cut off just after sending `TimeoutNow`
+    /// (`SimConfig::transfer_cuts`), and how many of them were still
+    /// leading, cut off, when their transfer ran out.
+    pub transfer_cuts: u64,
+    pub transfers_ran_out_cut_off: u64,
+    /// Reads that reached such a leader after its transfer ran out while
+    /// it still led that term, and how many of them it answered (only a
+    /// lease it should have given up can) or refused.
+    pub reads_after_transfer_ran_out: u64,
+    pub reads_served_after_transfer_ran_out: u64,
+    pub reads_refused_after_transfer_ran_out: u64,
     pub log_ranges_unsent: u64,
     /// Leaders cut off by the `isolate_leader` nemesis.
     pub leader_isolations: u64,
@@ -1056,6 +1146,11 @@ enum Ev {
     /// `LeaseCuts`: this node and the clients cut off from it reach each
     /// other again, and it reaches the other nodes.
     LeaseHeal(NodeId),
+    /// `TransferCuts`: ask the leader of the moment for a transfer.
+    TransferCutStart,
+    /// `TransferCuts`: the leader cut off after its `TimeoutNow` reaches
+    /// the other nodes and the writers again.
+    TransferCutHeal(NodeId),
     /// `FaultMix::impostors`: the operator stops the impostor with this
     /// number running under this id (if it still runs).
     StopImpostor(NodeId, u64),
@@ -1316,7 +1411,8 @@ struct Client {
     /// Only reads, in a loop, and stays with its node until the node
     /// refuses it (a client given one node's address): it retries there
     /// after a time-out rather than trying another node
-    /// (`FaultMix::isolate_leader`). Its random draws come from `Sim::aux`.
+    /// (`FaultMix::isolate_leader`, `SimConfig::transfer_cuts`). Its random
+    /// draws come from `Sim::aux`.
     pinned: bool,
 }
 
@@ -1366,6 +1462,12 @@ pub struct Sim {
     /// `lease_cuts`, before the cut: the leader, and the followers that
     /// cannot reach it (or it them).
     cut_early: Option<(NodeId, Vec<NodeId>)>,
+    /// `transfer_cuts`: the transfer under way, until its leader is
+    /// healed.
+    transfer_cut: Option<TransferCut>,
+    /// `transfer_cuts`: the reads that reached a cut-off leader after its
+    /// transfer ran out, not yet answered or refused.
+    reads_after_ran_out: HashSet<u64>,
     /// When (true time) each node last received an append or snapshot
     /// chunk from each other node, and the hold (minimum election timeout)
     /// it ran with then: (to, from) → (time, hold).
@@ -1448,6 +1550,17 @@ pub struct Sim {
     end_not_before: Nanos,
 }
 
+/// A scripted transfer of `SimConfig::transfer_cuts`.
+struct TransferCut {
+    leader: NodeId,
+    term: Term,
+    target: NodeId,
+    /// When (true time) the leader sent `TimeoutNow` and was cut off.
+    cut_at: Option<Nanos>,
+    /// When its transfer ran out, with it still leading `term`.
+    ran_out_at: Option<Nanos>,
+}
+
 enum RemovalCheck {
     Sent(NodeId, NodeId, Position),
     /// (node, by, position, whether such a notice was sent)
@@ -1463,6 +1576,13 @@ const CLIENT_TIMEOUT: Nanos = 300 * MS;
 /// not keep it away from its node for long.
 const PINNED_READ_TIMEOUT: Nanos = 50 * MS;
 const TICK: Nanos = 5 * MS;
+
+/// Whether a run has a client that reads in a loop from one node (see
+/// `Client::pinned`): for leaders the `isolate_leader` nemesis or
+/// `transfer_cuts` cut off.
+fn has_pinned_reader(cfg: &SimConfig) -> bool {
+    cfg.mix.isolate_leader || cfg.transfer_cuts.is_some()
+}
 
 /// A fresh service for node `id` (see `SimConfig::stale_binary`).
 fn service_of(id: NodeId, sim: &SimConfig) -> KvService {
@@ -1572,7 +1692,7 @@ impl Sim {
                 wake_token: 0,
                 pinned: false,
             })
-            .chain(cfg.mix.isolate_leader.then_some(Client {
+            .chain(has_pinned_reader(&cfg).then_some(Client {
                 id: 100 + cfg.clients as u64,
                 next_seq: 1,
                 target: 1,
@@ -1613,6 +1733,8 @@ impl Sim {
             unreachable: HashSet::new(),
             cut_off: None,
             cut_early: None,
+            transfer_cut: None,
+            reads_after_ran_out: HashSet::new(),
             leader_heard: HashMap::new(),
             transfer_asked: None,
             late_timeout_now: None,
@@ -1662,7 +1784,7 @@ impl Sim {
             let t = sim.rng.range(0, 50 * MS);
             sim.schedule(t, Ev::ClientWake(100 + c as u64, 0));
         }
-        if sim.cfg.mix.isolate_leader {
+        if has_pinned_reader(&sim.cfg) {
             let t = sim.aux.range(0, 50 * MS);
             sim.schedule(t, Ev::ClientWake(100 + sim.cfg.clients as u64, 0));
         }
@@ -1691,6 +1813,13 @@ impl Sim {
                 "lease cuts must not overlap: {c:?}"
             );
             sim.schedule(c.first, Ev::LeaseSkew);
+        }
+        if let Some(c) = sim.cfg.transfer_cuts {
+            assert!(
+                c.lag.1 < c.every && c.cut_for < c.every,
+                "transfer cuts must not overlap: {c:?}"
+            );
+            sim.schedule(c.first, Ev::TransferCutStart);
         }
         let heal = sim.cfg.fault_time;
         if sim.cfg.mix.region_blips {
@@ -1921,6 +2050,13 @@ impl Sim {
             Ev::LeaseSkew => self.lease_skew(),
             Ev::LeaseIsolate(id) => self.lease_isolate(id),
             Ev::LeaseCut(id) => self.lease_cut(id),
+            Ev::TransferCutStart => self.transfer_cut_start(),
+            Ev::TransferCutHeal(id) => {
+                self.unreachable.retain(|&(_, n)| n != id);
+                if self.transfer_cut.as_ref().is_some_and(|t| t.leader == id) {
+                    self.transfer_cut = None;
+                }
+            }
             Ev::StopImpostor(id, n) => self.stop_impostor(id, n),
             Ev::PlotStart => self.plot_start(),
             Ev::PlotCheck => self.plot_check(),
@@ -1959,11 +2095,30 @@ impl Sim {
     }
 
     fn send_peer(&mut self, m: Message) {
+        // `transfer_cuts`: the leader is cut off once its `TimeoutNow` is
+        // on its way to the target.
+        let cut_after = self.faults_active
+            && matches!(m.body, Body::TimeoutNow { .. })
+            && !self.blocked.contains(&(m.from, m.to))
+            && self.transfer_cut.as_ref().is_some_and(|t| {
+                t.cut_at.is_none() && (t.leader, t.target, t.term) == (m.from, m.to, m.term)
+            });
+        self.route_peer(m);
+        if cut_after {
+            self.transfer_cut_now();
+        }
+    }
+
+    fn route_peer(&mut self, m: Message) {
         self.report.messages += 1;
         if matches!(m.body, keel_core::Body::InstallSnapshot { .. }) {
             self.report.snapshot_chunks += 1;
         }
         let cut = self.cut_off.is_some_and(|(n, _)| m.from == n || m.to == n)
+            || self
+                .transfer_cut
+                .as_ref()
+                .is_some_and(|t| t.cut_at.is_some() && (m.from == t.leader || m.to == t.leader))
             || self.cut_early.as_ref().is_some_and(|(l, early)| {
                 (m.from == *l && early.contains(&m.to)) || (m.to == *l && early.contains(&m.from))
             });
@@ -2095,6 +2250,10 @@ impl Sim {
             let now = self.local_now(i);
             let mut out = std::mem::take(&mut self.scratch);
             let id = self.nodes[i].id;
+            let transferring = self.nodes[i]
+                .core
+                .as_ref()
+                .is_some_and(Node::is_transferring);
             let (lease_reads, led_from, moved) = match self.nodes[i].core.as_mut() {
                 Some(core) => {
                     let before = core.stats();
@@ -2145,6 +2304,9 @@ impl Sim {
                 self.exec(i, a, &mut queue);
             }
             self.scratch = out;
+            if transferring {
+                self.observe_transfer_cut(i);
+            }
             // The runtime writes `JOINED` once the core has caught up.
             if self.nodes[i].disk.joining
                 && self.nodes[i].core.as_ref().is_some_and(|c| !c.joining())
@@ -2499,10 +2661,16 @@ impl Sim {
                         ));
                     }
                 }
+                if self.reads_after_ran_out.remove(&req) {
+                    self.report.reads_served_after_transfer_ran_out += 1;
+                }
                 self.nodes[i].ready_reads.push((req, index));
                 self.serve_reads(i);
             }
             Action::Rejected { id: req, reason } => {
+                if self.reads_after_ran_out.remove(&req) {
+                    self.report.reads_refused_after_transfer_ran_out += 1;
+                }
                 let node = &mut self.nodes[i];
                 let client = node.reads.remove(&req).map(|(c, _, _)| c).or_else(|| {
                     let key = node
@@ -2944,6 +3112,18 @@ impl Sim {
                 if deposed {
                     self.report.reads_at_deposed_leaders += 1;
                 }
+                let ran_out = self.transfer_cut.as_ref().is_some_and(|t| {
+                    t.leader == node
+                        && t.ran_out_at.is_some()
+                        && self.nodes[i]
+                            .core
+                            .as_ref()
+                            .is_some_and(|c| c.is_leader() && c.term() == t.term)
+                });
+                if ran_out {
+                    self.report.reads_after_transfer_ran_out += 1;
+                    self.reads_after_ran_out.insert(req);
+                }
                 self.nodes[i].reads.insert(req, (client, data, floor));
                 self.step_node(i, Event::Read { id: req });
             }
@@ -3366,6 +3546,121 @@ impl Sim {
         }
     }
 
+    /// `TransferCuts`: asks the leader of the moment to hand leadership to
+    /// a follower it cannot reach for `lag` (both ways), and points the
+    /// pinned reader at it. The leader is cut off once it sends the target
+    /// `TimeoutNow` (`transfer_cut_now`).
+    fn transfer_cut_start(&mut self) {
+        let Some(cuts) = self.cfg.transfer_cuts else {
+            return;
+        };
+        if !self.faults_active {
+            return;
+        }
+        let leader = self.leader_index().filter(|&l| {
+            let id = self.nodes[l].id;
+            !self.paused.contains_key(&id)
+                && self.nodes[l]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| !c.is_transferring())
+        });
+        let Some(l) = leader else {
+            self.schedule(50 * MS, Ev::TransferCutStart);
+            return;
+        };
+        self.schedule(cuts.every, Ev::TransferCutStart);
+        let Some(core) = self.nodes[l].core.as_ref() else {
+            return;
+        };
+        let (leader, term) = (core.id(), core.term());
+        let others = other_voters(core);
+        if others.is_empty() {
+            return;
+        }
+        let target = others[self.rng.range(0, others.len() as u64) as usize];
+        let lag = self.rng.range(cuts.lag.0, cuts.lag.1);
+        self.block(vec![(leader, target), (target, leader)], lag);
+        for c in self.clients.iter_mut().filter(|c| c.pinned) {
+            c.target = leader;
+        }
+        self.transfer_cut = Some(TransferCut {
+            leader,
+            term,
+            target,
+            cut_at: None,
+            ran_out_at: None,
+        });
+        let req = self.next_req;
+        self.next_req += 1;
+        self.report.transfers += 1;
+        self.transfer_asked = Some((target, term));
+        self.operator_transfers.insert((leader, term));
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {leader}: transfer to {target} asked, unreachable for {:.1} ms",
+                self.now as f64 / 1e6,
+                lag as f64 / 1e6
+            );
+        }
+        self.step_node(l, Event::TransferLeadership { id: req, target });
+    }
+
+    /// `TransferCuts`: the leader has sent `TimeoutNow`: it is cut off
+    /// from every other node, and the writers from it, for `cut_for`.
+    fn transfer_cut_now(&mut self) {
+        let Some(cuts) = self.cfg.transfer_cuts else {
+            return;
+        };
+        let Some(t) = self.transfer_cut.as_mut() else {
+            return;
+        };
+        t.cut_at = Some(self.now);
+        let leader = t.leader;
+        self.report.transfer_cuts += 1;
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {leader}: cut off after TimeoutNow",
+                self.now as f64 / 1e6
+            );
+        }
+        for c in self.clients.iter().filter(|c| !c.pinned) {
+            if c.id != PROBE_CLIENT {
+                self.unreachable.insert((c.id, leader));
+            }
+        }
+        self.schedule(cuts.cut_for, Ev::TransferCutHeal(leader));
+    }
+
+    /// `TransferCuts`: node `i` was transferring before its last step; if
+    /// it is the cut-off leader and still leads its term, its transfer ran
+    /// out.
+    fn observe_transfer_cut(&mut self, i: usize) {
+        let Some(core) = self.nodes[i].core.as_ref() else {
+            return;
+        };
+        let Some(t) = self.transfer_cut.as_mut() else {
+            return;
+        };
+        let ran_out = t.leader == core.id()
+            && t.cut_at.is_some()
+            && t.ran_out_at.is_none()
+            && core.is_leader()
+            && core.term() == t.term
+            && !core.is_transferring();
+        if ran_out {
+            t.ran_out_at = Some(self.now);
+            self.report.transfers_ran_out_cut_off += 1;
+            if self.trace {
+                eprintln!(
+                    "{:>10.3}ms node {}: transfer ran out, cut off",
+                    self.now as f64 / 1e6,
+                    t.leader
+                );
+            }
+        }
+    }
+
     /// `FaultMix::isolate_leader`: cuts the leader of the moment off from
     /// every other node but up to a minority of its voters, for 0.5-2 s,
     /// and points the pinned reader at it. The cut comes 25-45 ms after the
@@ -3565,6 +3860,7 @@ impl Sim {
         self.unreachable.clear();
         self.cut_off = None;
         self.cut_early = None;
+        self.transfer_cut = None;
         self.late_copies.clear();
         self.slow_links.clear();
         self.isolated = None;

@@ -448,6 +448,11 @@ pub enum Action {
         id: RequestId,
         index: Position,
     },
+    /// Request `id` is refused. Most often in the step that took it; a
+    /// linearizable read once its answer is known; a write this node held
+    /// while it transferred leadership (`Node::holds_commands`) in the
+    /// step in which it stands for election with the write still held
+    /// (never appended, nor sent to another node).
     Rejected {
         id: RequestId,
         reason: RejectReason,
@@ -574,8 +579,13 @@ pub struct Stats {
     /// `Body::Forward`, or held `Config::max_inflight_bytes` of them
     /// already), and commands it held, its own clients' included, that it
     /// dropped when it stood for election. Their clients are answered when
-    /// their writes time out.
+    /// their writes time out, except this node's own, which are refused
+    /// (`Action::Rejected`, not the leader).
     pub forwards_dropped: u64,
+    /// Client commands this node held (its own clients' and forwarded
+    /// ones) while it transferred leadership or knew no leader, to append
+    /// or pass on to the next leader.
+    pub commands_held: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -679,6 +689,10 @@ pub struct Node {
     /// leader, dropped when it stands for election
     /// (`release_held_forwards`, `drop_held_forwards`).
     held_forwards: Vec<(NodeId, ForwardedCommands)>,
+    /// The request ids of this node's own clients' commands in
+    /// `held_forwards`, in order: refused "not the leader" if they are
+    /// dropped (they were never appended, nor sent anywhere).
+    held_own: Vec<RequestId>,
     /// What `held_forwards` counts against `max_inflight_bytes` (each
     /// command's data and `HELD_COMMAND_OVERHEAD`).
     held_forward_bytes: u64,
@@ -839,6 +853,7 @@ impl Node {
             forwarded_reads: BTreeMap::new(),
             transfer: None,
             held_forwards: Vec::new(),
+            held_own: Vec::new(),
             held_forward_bytes: 0,
             by_transfer: false,
             next_preference_move: 0,
@@ -890,6 +905,13 @@ impl Node {
     /// for its term whatever `Config::preferred_leaders` says.
     pub fn elected_by_transfer(&self) -> bool {
         self.by_transfer
+    }
+    /// Whether this node holds client commands it took during a
+    /// leadership transfer (its own clients' or forwarded ones), to be
+    /// appended, passed on to the next leader, or dropped (its own
+    /// clients' then refused by `Action::Rejected`).
+    pub fn holds_commands(&self) -> bool {
+        !self.held_forwards.is_empty()
     }
     /// A leader transferring leadership: it holds the writes proposed to
     /// it (`Event::Propose`) instead of appending them, until the transfer
@@ -1261,8 +1283,10 @@ impl Node {
             .collect();
         self.reads.retain(|r| r.from.is_some());
         self.reads_waiting.retain(|r| r.1.is_some());
-        // Nobody to hand them to: this node stops.
+        // Nobody to hand them to: this node stops (its own clients are
+        // answered "removed" with every request it has waiting).
         self.drop_held_forwards();
+        self.held_own.clear();
         for id in local_reads {
             out.push(Action::Rejected {
                 id,
@@ -1574,8 +1598,16 @@ impl Node {
     fn start_pre_vote(&mut self, out: &mut Vec<Action>) {
         self.stats.pre_votes_started += 1;
         // No leader is left to take them (as far as this node can tell):
-        // their clients are answered when their writes time out.
+        // its own clients' are refused (never appended, nor sent), so
+        // they may retry; followers' clients are answered when their
+        // writes time out.
         self.drop_held_forwards();
+        for id in std::mem::take(&mut self.held_own) {
+            out.push(Action::Rejected {
+                id,
+                reason: RejectReason::NotLeader { leader: None },
+            });
+        }
         self.votes.clear();
         self.votes.insert(self.cfg.id, true);
         self.set_role(Role::PreCandidate, None, out);
@@ -2386,6 +2418,7 @@ impl Node {
         let bytes: u64 = commands.iter().map(|(_, _, d)| held_size(d)).sum();
         if self.held_forward_bytes.saturating_add(bytes) <= self.cfg.max_inflight_bytes {
             self.held_forward_bytes += bytes;
+            self.stats.commands_held += commands.len() as u64;
             self.held_forwards.push((from, commands));
             Ok(())
         } else {
@@ -2425,6 +2458,7 @@ impl Node {
             return;
         }
         self.held_forward_bytes = 0;
+        self.held_own.clear();
         for (from, commands) in std::mem::take(&mut self.held_forwards) {
             match follows {
                 Some(leader) => self.send(leader, Body::Forward { commands }, out),
@@ -2483,10 +2517,12 @@ impl Node {
                     self.reject(p.id, out);
                 } else {
                     self.held_forward_bytes += len;
+                    self.held_own.push(p.id);
                     commands.push((p.client, p.seq, p.data));
                 }
             }
             if !commands.is_empty() {
+                self.stats.commands_held += commands.len() as u64;
                 self.held_forwards.push((self.cfg.id, commands));
             }
             return;

@@ -4314,3 +4314,48 @@ fn a_transferring_leader_serves_reads_by_a_heartbeat_round() {
     let commit = h.node(leader).commit_position();
     assert_eq!(h.ready_reads, vec![(leader, 2, commit)], "{:?}", h.rejected);
 }
+
+/// A write a transferring leader holds for its own client, still held when
+/// it stands for election itself (the target won no election, and no other
+/// leader came), is refused "not the leader" then, not dropped silently
+/// for its client to time out on: it was never appended, nor sent on.
+#[test]
+fn a_held_write_dropped_at_an_election_is_refused() {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let (leader, target, other) = leader_and_followers(&h);
+    h.step(leader, Event::TransferLeadership { id: 1, target });
+    h.step(
+        leader,
+        Event::Propose(vec![Proposal {
+            id: 2,
+            client: 0,
+            seq: 1,
+            data: Bytes::from_static(b"held"),
+        }]),
+    );
+    assert!(h.node(leader).holds_commands());
+    // The target campaigns on the TimeoutNow already sent, but hears no
+    // answer: the leader steps down on its vote request, still holding.
+    h.cut.insert((leader, target));
+    h.cut.insert((other, target));
+    h.deliver();
+    assert!(!h.node(leader).is_leader());
+    assert!(h.node(leader).holds_commands());
+    assert!(h.rejected.is_empty(), "{:?}", h.rejected);
+    // Cut off, the old leader stands for election with the write held.
+    for n in [target, other] {
+        h.cut.insert((leader, n));
+        h.cut.insert((n, leader));
+    }
+    h.run_for(2 * Config::new(1, 7).election_timeout_max);
+    assert!(!h.node(leader).holds_commands());
+    assert_eq!(
+        h.rejected,
+        vec![(leader, 2, RejectReason::NotLeader { leader: None })]
+    );
+    h.cut.clear();
+    h.run_for(2 * Config::new(1, 7).election_timeout_max);
+    assert!(h.leader().is_some());
+    assert_eq!(applied_count(&h, b"held"), vec![0, 0, 0]);
+}

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub lease_reads: Counter,
     pub preference_transfers: Counter,
     pub forwards_dropped: Counter,
+    pub writes_held: Counter,
     pub leaderless_requests: Counter,
     pub reads_retried: Counter,
     pub snapshots_taken: Counter,
@@ -82,6 +83,7 @@ impl Metrics {
             lease_reads: Counter::default(),
             preference_transfers: Counter::default(),
             forwards_dropped: Counter::default(),
+            writes_held: Counter::default(),
             leaderless_requests: Counter::default(),
             reads_retried: Counter::default(),
             snapshots_taken: Counter::default(),
@@ -160,8 +162,15 @@ impl Metrics {
             "client writes a follower forwarded to this node as its leader that it dropped (it \
              knew no leader to pass them to, or held as many as it may while a leadership \
              transfer was in progress), and writes it held during a transfer and dropped when it \
-             stood for election; their clients are answered when the writes time out",
+             stood for election; their clients are answered when the writes time out (this \
+             node's own clients at once, not the leader)",
             m.forwards_dropped.clone(),
+        );
+        registry.register(
+            "writes_held",
+            "client writes this node held (its own clients' and those followers forwarded) while \
+             it transferred leadership or knew no leader, to append or pass on to the next leader",
+            m.writes_held.clone(),
         );
         registry.register(
             "requests_waited_for_leader",

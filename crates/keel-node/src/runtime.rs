@@ -1595,6 +1595,7 @@ fn run_node(
         last_leader: None,
         deposed: None,
         deposed_positions: std::collections::BTreeMap::new(),
+        held_writes: HashMap::new(),
         transfers: Vec::new(),
         next_expiry: Instant::now(),
         leaderless: VecDeque::new(),
@@ -1778,6 +1779,11 @@ struct Consensus {
     /// entry took the position, so the write is answered "not the leader"
     /// (it was not applied, and cannot be at any other position).
     deposed_positions: std::collections::BTreeMap<Position, (u64, u64)>,
+    /// The writes (in `awaiting`) the core held while this node transferred
+    /// leadership, by the core's request id: the core refuses them by that
+    /// id if it drops them (`Node::holds_commands`). Emptied once it holds
+    /// none.
+    held_writes: HashMap<u64, (u64, u64)>,
     /// Leadership transfers this node started, answered once the target
     /// leads or their time is up (`settle_transfers`).
     transfers: Vec<PendingTransfer>,
@@ -2540,6 +2546,10 @@ impl Consensus {
             return Err(self.stop_removed(by, position));
         }
         self.answer_deposed();
+        if !self.held_writes.is_empty() && !self.node.holds_commands() {
+            // Appended or passed on: answered by their entries now.
+            self.held_writes.clear();
+        }
         Ok(())
     }
 
@@ -2678,6 +2688,7 @@ impl Consensus {
         // The core's role is the one the batch met (a step never changes
         // it after taking proposals).
         let unplaced = !self.node.is_leader() || self.node.is_transferring();
+        let held = self.node.is_transferring();
         for ProposedWrite {
             id,
             client,
@@ -2696,6 +2707,9 @@ impl Consensus {
                     },
                 );
                 continue;
+            }
+            if held {
+                self.held_writes.insert(id, (client, seq));
             }
             if let Some(old) = self.awaiting.insert((client, seq), w) {
                 respond(
@@ -3023,6 +3037,13 @@ impl Consensus {
                 }
             }
             Action::Rejected { id, reason } => {
+                if let Some(key) = self.held_writes.remove(&id) {
+                    // Held during a transfer, and dropped: never appended
+                    // anywhere, so its client may try again.
+                    if let Some(w) = self.awaiting.remove(&key) {
+                        respond(&w.sink, w.id, self.not_leader());
+                    }
+                }
                 if let Some(p) = self.pending.remove(&id) {
                     if let (PendingOp::Read { data, term }, RejectReason::NotLeader { .. }) =
                         (&p.op, &reason)
@@ -3163,6 +3184,9 @@ impl Consensus {
         self.metrics
             .forwards_dropped
             .inc_by(stats.forwards_dropped.saturating_sub(seen.forwards_dropped));
+        self.metrics
+            .writes_held
+            .inc_by(stats.commands_held.saturating_sub(seen.commands_held));
         self.stats_seen = stats;
         if let Ok(mut st) = self.status.lock() {
             *st = s;
@@ -4680,6 +4704,59 @@ mod removed_tests {
         );
         transfer_ran_out(transfer);
         assert_eq!(leader_of(&nodes), Some(l));
+        net.heal();
+        for n in &nodes {
+            n.shutdown();
+        }
+    }
+
+    /// A write a transferring leader holds for its own client, still held
+    /// when the node stands for election itself (its target won no
+    /// election, and no other leader came), is answered "not the leader"
+    /// then: it was never appended nor sent on, so its client may retry.
+    /// It used to wait out `write_timeout_ms` for "outcome unknown".
+    #[test]
+    fn a_held_write_dropped_at_an_election_is_answered_not_leader() {
+        use keel_net::PeerSender;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 10_000);
+        let (l, t, transfer) = transfer_to_a_cut_off_follower(&nodes, &net);
+        let lh = nodes[l as usize - 1].clone();
+        let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"held")));
+        wait_for("the leader holds the write", || {
+            lh.metrics().writes_held.get() == 1
+        });
+        // A vote request of a later term, as the target's would be had
+        // its TimeoutNow arrived (sent as the third node: the target's
+        // links are cut), deposes the leader, which then hears from
+        // nobody.
+        let s = lh.status();
+        let o = (1..=3).find(|&n| n != l && n != t).expect("a third");
+        let fake = net.join(99, Arc::new(|_| {}));
+        fake.send(keel_core::Message {
+            cluster_id: lh.cluster_id(),
+            from: o,
+            to: l,
+            term: s.term + 1,
+            body: keel_core::Body::Vote {
+                last_pos: s.append,
+                last_term: s.term,
+                transfer: true,
+            },
+        });
+        wait_for("the leader steps down", || lh.status().role != "leader");
+        net.isolate(l);
+        let answer = write.join().expect("the write's thread");
+        assert!(
+            matches!(answer, ClientResult::NotLeader { .. }),
+            "{answer:?}"
+        );
+        wait_for("the drop is counted", || {
+            lh.metrics().forwards_dropped.get() == 1
+        });
+        assert_eq!(lh.metrics().leaderless_requests.get(), 0);
+        transfer_ran_out(transfer);
         net.heal();
         for n in &nodes {
             n.shutdown();

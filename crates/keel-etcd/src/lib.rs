@@ -380,6 +380,14 @@ pub fn node_error(r: ClientResult) -> Status {
         ClientResult::Error(m) if m.contains("stopped") => {
             Status::unavailable(format!("etcdserver: server stopped ({m})"))
         }
+        // A write whose outcome is unknown (its leader was lost before it
+        // was known to be appended): etcd's ErrTimeoutDueToLeaderFail,
+        // also Unavailable, which etcd clients do not retry for writes.
+        ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN) => {
+            Status::unavailable(format!(
+                "etcdserver: request timed out, possibly due to previous leader failure ({m})"
+            ))
+        }
         ClientResult::Error(m) if m.contains("timed out") || m.contains("leader changed") => {
             Status::unavailable(format!("etcdserver: request timed out ({m})"))
         }
@@ -478,4 +486,31 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
     rt.spawn(promote::run(api.clone()));
     rt.spawn(compactor::run(api, auto_compaction));
     Ok(())
+}
+
+#[cfg(test)]
+mod node_error_tests {
+    use super::*;
+
+    /// A write whose outcome is unknown reaches etcd clients as etcd's own
+    /// "request timed out, possibly due to previous leader failure"
+    /// (Unavailable), whether the node gave up at `write_timeout_ms` or
+    /// once a new leader's term committed without it.
+    #[test]
+    fn a_write_of_unknown_outcome_is_etcds_timeout_due_to_leader_failure() {
+        for m in [
+            "within 30s: it may or may not have been applied",
+            ": the leader it went to lost leadership",
+        ] {
+            let m = format!("{}{m}", keel_net::codec::OUTCOME_UNKNOWN);
+            let s = node_error(ClientResult::Error(m));
+            assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+            assert!(
+                s.message().starts_with(
+                    "etcdserver: request timed out, possibly due to previous leader failure"
+                ),
+                "{s:?}"
+            );
+        }
+    }
 }

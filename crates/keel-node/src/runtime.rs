@@ -1596,6 +1596,7 @@ fn run_node(
         deposed: None,
         deposed_positions: std::collections::BTreeMap::new(),
         held_writes: HashMap::new(),
+        unplaced_due: None,
         transfers: Vec::new(),
         next_expiry: Instant::now(),
         leaderless: VecDeque::new(),
@@ -1784,6 +1785,9 @@ struct Consensus {
     /// id if it drops them (`Node::holds_commands`). Emptied once it holds
     /// none.
     held_writes: HashMap<u64, (u64, u64)>,
+    /// When `settle_unplaced` looks at the writes forwarded or held in an
+    /// earlier term than the leader this node learned of.
+    unplaced_due: Option<Instant>,
     /// Leadership transfers this node started, answered once the target
     /// leads or their time is up (`settle_transfers`).
     transfers: Vec<PendingTransfer>,
@@ -1884,7 +1888,7 @@ impl Consensus {
                 .leaderless
                 .front()
                 .map(|(_, _, since)| *since + self.leaderless_limit());
-            for due in [self.service.wake_due(), leaderless_due]
+            for due in [self.service.wake_due(), leaderless_due, self.unplaced_due]
                 .into_iter()
                 .flatten()
             {
@@ -1974,6 +1978,7 @@ impl Consensus {
             self.service.wake_if_due(Instant::now());
             self.maybe_publish_status();
             self.expire_awaiting();
+            self.settle_unplaced();
             self.settle_transfers();
             let took = turn.elapsed();
             if took >= SLOW_TURN {
@@ -2224,7 +2229,7 @@ impl Consensus {
                         id: req.id,
                         sink,
                         since: now,
-                        unplaced: false,
+                        unplaced: None,
                     },
                 });
                 proposals.push(Proposal {
@@ -2687,7 +2692,8 @@ impl Consensus {
         rejected.sort_unstable();
         // The core's role is the one the batch met (a step never changes
         // it after taking proposals).
-        let unplaced = !self.node.is_leader() || self.node.is_transferring();
+        let unplaced =
+            (!self.node.is_leader() || self.node.is_transferring()).then(|| self.node.term());
         let held = self.node.is_transferring();
         for ProposedWrite {
             id,
@@ -2782,7 +2788,7 @@ impl Consensus {
                 // transferred leadership: the leader it went to may hold it
                 // still or have appended it, so it waits for its entry or
                 // `write_timeout_ms`.
-                if w.unplaced {
+                if w.unplaced.is_some() {
                     return true;
                 }
             }
@@ -2885,6 +2891,67 @@ impl Consensus {
                 );
             }
         }
+    }
+
+    /// Sessionless writes forwarded (or held) in an earlier term than that
+    /// of the leader this node has known for `unplaced_grace`, whose
+    /// entries have not come: their leader lost leadership (crashed, most
+    /// often) before they were known to be appended. Once an entry of the
+    /// new term has committed here, what that leader appended and the new
+    /// one holds has committed too (and gone to the service with its
+    /// write); what it did not never will. A write still
+    /// held by a former leader would have been passed on (it passes on
+    /// what it holds as soon as it hears from the new leader). So rather
+    /// than wait out `write_timeout_ms` (30 s by default; etcd answers
+    /// after 7 s), the client is told now that the outcome is unknown (as
+    /// it still is: a partitioned former leader could pass one on later).
+    fn settle_unplaced(&mut self) {
+        let Some(due) = self.unplaced_due else {
+            return;
+        };
+        if Instant::now() < due {
+            return;
+        }
+        self.unplaced_due = None;
+        if self.node.leader().is_none() {
+            // Lost again: the next leader known sets a new due time.
+            return;
+        }
+        let term = self.node.term();
+        if self
+            .node
+            .log()
+            .term_at(self.node.commit_position())
+            .is_none_or(|t| t < term)
+        {
+            // The term's first entry has not committed here yet: what a
+            // former leader appended may still commit. Look again shortly.
+            self.unplaced_due = Some(Instant::now() + self.unplaced_grace() / 4);
+            return;
+        }
+        self.awaiting.retain(|_, w| {
+            if w.unplaced.is_none_or(|t| t >= term) {
+                return true;
+            }
+            respond(
+                &w.sink,
+                w.id,
+                ClientResult::Error(format!(
+                    "{}: the leader it went to lost leadership before the write was known to be \
+                     appended, and the next leader has not applied it; it may or may not be \
+                     applied",
+                    keel_net::codec::OUTCOME_UNKNOWN
+                )),
+            );
+            false
+        });
+    }
+
+    /// How long a write forwarded or held in an earlier term may take to
+    /// reach a newer leader's log (`settle_unplaced`): an election's
+    /// worth, well above the few round trips a pass-on takes.
+    fn unplaced_grace(&self) -> Duration {
+        Duration::from_millis(self.cfg.election_timeout_max_ms)
     }
 
     /// Writes (or, in `sync` mode, hands to the storage thread) the step's
@@ -3093,6 +3160,9 @@ impl Consensus {
                 if leader.is_some() && leader != self.last_leader {
                     self.metrics.leaders_seen.inc();
                 }
+                self.unplaced_due = (leader.is_some()
+                    && self.awaiting.values().any(|w| w.unplaced.is_some()))
+                .then(|| Instant::now() + self.unplaced_grace());
                 self.last_leader = leader;
                 let addr = leader.and_then(|l| self.cfg.client_addr_of(l));
                 if role != Role::Leader {
@@ -3222,11 +3292,13 @@ struct AwaitingWrite {
     id: u64,
     sink: ResponseSink,
     since: Instant,
-    /// Not appended here when proposed: the core forwarded it (this node
-    /// followed) or held it (this node was transferring leadership, and
-    /// passes it on if the transfer succeeds), so only its entry (or
-    /// `write_timeout_ms`) says whether a leader appended it.
-    unplaced: bool,
+    /// Not appended here when proposed, in this term: the core forwarded
+    /// it (this node followed) or held it (this node was transferring
+    /// leadership, and passes it on if the transfer succeeds), so only its
+    /// entry says whether a leader appended it (or, failing that,
+    /// `write_timeout_ms`, or `settle_unplaced` once a later term's leader
+    /// has been known for a while).
+    unplaced: Option<u64>,
 }
 
 /// The writes an apply batch carries, matched to the batch's replies. Both
@@ -4251,7 +4323,7 @@ mod awaited_tests {
             id,
             sink: ResponseSink::oneshot().0,
             since: Instant::now(),
-            unplaced: false,
+            unplaced: None,
         }
     }
 
@@ -4594,16 +4666,19 @@ mod removed_tests {
     /// A sessionless write a follower forwarded, whose entry never reached
     /// it, is not answered "not the leader" when the node's role changes
     /// (a refusal its client may retry, though the leader it went to may
-    /// hold it or have appended it): it waits for its entry, here until
-    /// `write_timeout_ms` says its outcome is unknown, since the forward
-    /// was lost. Both ways: the node's leader is lost and another elected,
-    /// and the node leads and steps down.
+    /// hold it or have appended it): it waits for its entry, here (the
+    /// forward was lost) until a later term's first entry has committed
+    /// without it and an election timeout has passed (`settle_unplaced`):
+    /// then its outcome is unknown. It used to wait `write_timeout_ms`
+    /// (here ten minutes). Both ways: the node's leader is lost and
+    /// another elected, and the node leads and steps down.
     #[test]
     fn a_forwarded_write_is_not_refused_when_the_nodes_role_changes() {
         for leads_then_steps_down in [false, true] {
             let tmp = tempfile::tempdir().expect("tempdir");
             let net = MemNetwork::new();
-            let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 6_000);
+            let nodes =
+                three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 600_000);
             let (l, f, lh, fh) = leader_and_follower(&nodes);
             // The forward is lost on the way.
             net.cut(f, l);
@@ -4631,6 +4706,7 @@ mod removed_tests {
                 assert_ne!(fh.status().leader, Some(l));
             }
             assert!(!write.is_finished(), "answered at the role change");
+            wait_for("the write is answered", || write.is_finished());
             let answer = write.join().expect("the write's thread");
             assert!(
                 matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),

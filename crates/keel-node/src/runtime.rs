@@ -1780,11 +1780,12 @@ struct Consensus {
     /// entry took the position, so the write is answered "not the leader"
     /// (it was not applied, and cannot be at any other position).
     deposed_positions: std::collections::BTreeMap<Position, (u64, u64)>,
-    /// The writes (in `awaiting`) the core held while this node transferred
-    /// leadership, by the core's request id: the core refuses them by that
+    /// The writes (in `awaiting`, by key and client request id) the core
+    /// held while this node transferred leadership, by the core's request
+    /// id: the core refuses them by that
     /// id if it drops them (`Node::holds_commands`). Emptied once it holds
     /// none.
-    held_writes: HashMap<u64, (u64, u64)>,
+    held_writes: HashMap<u64, ((u64, u64), u64)>,
     /// When `settle_unplaced` looks at the writes forwarded or held in an
     /// earlier term than the leader this node learned of.
     unplaced_due: Option<Instant>,
@@ -2131,23 +2132,27 @@ impl Consensus {
     /// little for the leader to be known (`settle_leaderless`) rather than
     /// refused. A removed node, or one holding `max_unapplied_bytes`
     /// already, answers "not the leader" at once.
-    fn park_leaderless(&mut self, req: ClientRequest, sink: ResponseSink, now: Instant) {
+    /// Whether it was parked (else answered).
+    fn park_leaderless(&mut self, req: ClientRequest, sink: ResponseSink, now: Instant) -> bool {
         let len = request_bytes(&req.op);
         if self.node.removed().is_some()
             || self.leaderless_bytes.saturating_add(len) > self.cfg.max_unapplied_bytes
         {
             respond(&sink, req.id, self.not_leader());
-            return;
+            return false;
         }
         self.leaderless_bytes += len;
-        self.metrics.leaderless_requests.inc();
         self.leaderless.push_back((req, sink, now));
+        true
     }
 
     /// A proposal batch that met no leader, back into `leaderless` with
     /// its writes (in `proposed_writes`, in the same order).
     fn repark(&mut self, batch: Vec<Proposal>) {
         let writes = std::mem::take(&mut self.proposed_writes);
+        // Ahead of those parked meanwhile (taken later in the turn, once
+        // the leader was lost): a session's writes keep their order.
+        let later = std::mem::take(&mut self.leaderless);
         for (p, w) in batch.into_iter().zip(writes) {
             let req = ClientRequest {
                 id: w.write.id,
@@ -2155,8 +2160,11 @@ impl Consensus {
                 seq: w.seq,
                 op: ClientOp::Write(p.data),
             };
-            self.park_leaderless(req, w.write.sink, w.write.since);
+            if self.park_leaderless(req, w.write.sink, w.write.since) {
+                self.metrics.leaderless_requests.inc();
+            }
         }
+        self.leaderless.extend(later);
     }
 
     /// A linearizable read refused "not the leader" after a new term
@@ -2173,7 +2181,7 @@ impl Consensus {
             seq: 0,
             op: ClientOp::Read(data),
         };
-        self.park_leaderless(req, sink, Instant::now());
+        let _ = self.park_leaderless(req, sink, Instant::now());
     }
 
     fn leaderless_limit(&self) -> Duration {
@@ -2193,7 +2201,10 @@ impl Consensus {
         if matches!(req.op, ClientOp::Write(_) | ClientOp::Read(_))
             && (self.node.leader().is_none() || !self.leaderless.is_empty())
         {
-            self.park_leaderless(req, sink, now);
+            let no_leader = self.node.leader().is_none();
+            if self.park_leaderless(req, sink, now) && no_leader {
+                self.metrics.leaderless_requests.inc();
+            }
             return Ok(());
         }
         let id = self.next_id;
@@ -2715,7 +2726,7 @@ impl Consensus {
                 continue;
             }
             if held {
-                self.held_writes.insert(id, (client, seq));
+                self.held_writes.insert(id, ((client, seq), w.id));
             }
             if let Some(old) = self.awaiting.insert((client, seq), w) {
                 respond(
@@ -3104,11 +3115,15 @@ impl Consensus {
                 }
             }
             Action::Rejected { id, reason } => {
-                if let Some(key) = self.held_writes.remove(&id) {
+                if let Some((key, client_id)) = self.held_writes.remove(&id) {
                     // Held during a transfer, and dropped: never appended
-                    // anywhere, so its client may try again.
-                    if let Some(w) = self.awaiting.remove(&key) {
-                        respond(&w.sink, w.id, self.not_leader());
+                    // anywhere, so its client may try again. (Unless
+                    // answered already, at a step-down for a write in a
+                    // session, and the key taken by another request.)
+                    if self.awaiting.get(&key).is_some_and(|w| w.id == client_id) {
+                        if let Some(w) = self.awaiting.remove(&key) {
+                            respond(&w.sink, w.id, self.not_leader());
+                        }
                     }
                 }
                 if let Some(p) = self.pending.remove(&id) {

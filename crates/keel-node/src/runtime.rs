@@ -4770,14 +4770,14 @@ mod removed_tests {
 
     /// A write a follower forwards while its leader is transferring
     /// leadership is held by the leader, not dropped: here the target is
-    /// cut off, the transfer runs out after its window (1 s), and the
+    /// cut off, the transfer runs out after its window (4 s here), and the
     /// write is appended then and answered, where it used to wait out
     /// `write_timeout_ms` (30 s) for "outcome unknown".
     #[test]
     fn a_write_forwarded_during_a_transfer_is_answered() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
-        let nodes = three_echo_nodes(tmp.path(), &net);
+        let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |_| {});
         let (l, t, transfer) = transfer_to_a_cut_off_follower(&nodes, &net);
         let f = (1..=3).find(|&n| n != l && n != t).expect("a third");
         let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
@@ -4793,6 +4793,9 @@ mod removed_tests {
             own.join().expect("the leader's write's thread"),
             ClientResult::Ok(Bytes::from_static(b"own"))
         );
+        wait_for("both writes were held", || {
+            lh.metrics().writes_held.get() == 2
+        });
         transfer_ran_out(transfer);
         assert_eq!(leader_of(&nodes), Some(l));
         net.heal();
@@ -4811,7 +4814,9 @@ mod removed_tests {
         use keel_net::PeerSender;
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
-        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 10_000);
+        let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |cfg| {
+            cfg.write_timeout_ms = 30_000
+        });
         let (l, t, transfer) = transfer_to_a_cut_off_follower(&nodes, &net);
         let lh = nodes[l as usize - 1].clone();
         let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"held")));
@@ -4863,7 +4868,7 @@ mod removed_tests {
     fn writes_a_transferring_leader_cannot_hold_are_answered_busy() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
-        let nodes = three_echo_nodes(tmp.path(), &net);
+        let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |_| {});
         let (l, _, transfer) = transfer_to_a_cut_off_follower(&nodes, &net);
         let lh = nodes[l as usize - 1].clone();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -4897,6 +4902,9 @@ mod removed_tests {
             answers.iter().map(short).collect::<Vec<_>>()
         );
         transfer_ran_out(transfer);
+        wait_for("four writes were held", || {
+            lh.metrics().writes_held.get() == 4
+        });
         assert_eq!(
             leader_of(&nodes),
             Some(l),
@@ -4918,10 +4926,25 @@ mod removed_tests {
         }
     }
 
+    /// Three echo nodes whose leadership transfers stay on for 4 s
+    /// (`election_timeout_min_ms`) before they run out: time enough for a
+    /// test's requests to reach a transferring leader on a stalled machine.
+    fn three_echo_nodes_with_long_transfers(
+        dir: &Path,
+        net: &MemNetwork,
+        change: impl Fn(&mut NodeConfig),
+    ) -> Vec<Arc<NodeHandle>> {
+        three_echo_nodes_with(dir, net, |cfg| {
+            cfg.election_timeout_min_ms = 4_000;
+            cfg.election_timeout_max_ms = 5_000;
+            change(cfg);
+        })
+    }
+
     /// Waits for a leader and a follower caught up with it, cuts that
     /// follower off and asks the leader to transfer leadership to it: the
-    /// transfer stays on for its window (`election_timeout_min_ms`, 1 s)
-    /// and then runs out. Returns the leader, the follower and the
+    /// transfer stays on for its window (`election_timeout_min_ms`) and
+    /// then runs out. Returns the leader, the follower and the
     /// transfer's call once the leader has told the follower to campaign
     /// (the message the cut dropped).
     fn transfer_to_a_cut_off_follower(

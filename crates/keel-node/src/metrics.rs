@@ -48,9 +48,11 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Each fdatasync of the log (etcd: `etcd_disk_wal_fsync_duration_seconds`).
     pub log_fsync: Histogram,
-    pub peer_messages_dropped: Gauge<u64, AtomicU64>,
-    pub bad_frames: Gauge<u64, AtomicU64>,
-    pub client_reads_paused: Gauge<u64, AtomicU64>,
+    /// The transport's counters (`keel_net::tcp::NetStats`), copied in at
+    /// each render (`render_with`).
+    pub peer_messages_dropped: Counter<u64, AtomicU64>,
+    pub bad_frames: Counter<u64, AtomicU64>,
+    pub client_reads_paused: Counter<u64, AtomicU64>,
     pub log_retained_bytes: Gauge,
     pub log_retained_entries: Gauge,
     pub log_reads: Counter,
@@ -92,9 +94,9 @@ impl Metrics {
             admission_refusals: Counter::default(),
             commit_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             log_fsync: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
-            peer_messages_dropped: Gauge::default(),
-            bad_frames: Gauge::default(),
-            client_reads_paused: Gauge::default(),
+            peer_messages_dropped: Counter::default(),
+            bad_frames: Counter::default(),
+            client_reads_paused: Counter::default(),
             log_retained_bytes: Gauge::default(),
             log_retained_entries: Gauge::default(),
             log_reads: Counter::default(),
@@ -283,11 +285,17 @@ impl Metrics {
     /// (`net`) brought up to date first: what `/metrics` serves.
     pub fn render_with(&self, net: &keel_net::tcp::NetStats) -> String {
         use std::sync::atomic::Ordering;
-        self.peer_messages_dropped
-            .set(net.peer_messages_dropped.load(Ordering::Relaxed));
-        self.bad_frames.set(net.bad_frames.load(Ordering::Relaxed));
-        self.client_reads_paused
-            .set(net.client_reads_paused.load(Ordering::Relaxed));
+        // The sources only grow: a copy of each keeps the counter monotonic
+        // whatever the order of concurrent renders.
+        for (counter, source) in [
+            (&self.peer_messages_dropped, &net.peer_messages_dropped),
+            (&self.bad_frames, &net.bad_frames),
+            (&self.client_reads_paused, &net.client_reads_paused),
+        ] {
+            counter
+                .inner()
+                .fetch_max(source.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         self.render()
     }
 

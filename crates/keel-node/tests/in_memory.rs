@@ -894,7 +894,7 @@ fn a_flood_of_client_requests_drops_no_peer_message() {
     let metrics = l.render_metrics();
     let dropped = metrics
         .lines()
-        .find_map(|line| line.strip_prefix("keel_peer_messages_dropped "))
+        .find_map(|line| line.strip_prefix("keel_peer_messages_dropped_total "))
         .expect("the dropped peer messages metric");
     assert_eq!(dropped.trim(), "0", "peer messages dropped");
     stop_all(t.nodes);

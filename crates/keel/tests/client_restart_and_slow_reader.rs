@@ -188,7 +188,7 @@ fn a_client_pipelining_large_reads_without_reading_does_not_grow_the_node() {
     // The pause is counted where operators look.
     wait_metric(
         &http[0],
-        "keel_client_reads_paused",
+        "keel_client_reads_paused_total",
         Duration::from_secs(5),
         |v| v >= 1.0,
     );

@@ -250,9 +250,9 @@ fn status_and_metrics_over_http() {
         m("keel_storage_queue_depth");
         m("keel_snapshots_taken_total");
         m("keel_snapshots_installed_total");
-        m("keel_peer_messages_dropped");
-        m("keel_bad_frames");
-        assert_eq!(m("keel_client_reads_paused"), 0.0);
+        m("keel_peer_messages_dropped_total");
+        m("keel_bad_frames_total");
+        assert_eq!(m("keel_client_reads_paused_total"), 0.0);
         m("keel_busy_rejections_total");
         m("keel_admission_refusals_total");
         // No snapshot yet and far below the log cache: the whole log is

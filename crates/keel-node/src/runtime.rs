@@ -1597,6 +1597,7 @@ fn run_node(
         deposed_positions: std::collections::BTreeMap::new(),
         held_writes: HashMap::new(),
         unplaced_due: None,
+        unplaced_term: 0,
         transfers: Vec::new(),
         next_expiry: Instant::now(),
         leaderless: VecDeque::new(),
@@ -1789,6 +1790,9 @@ struct Consensus {
     /// When `settle_unplaced` looks at the writes forwarded or held in an
     /// earlier term than the leader this node learned of.
     unplaced_due: Option<Instant>,
+    /// The term of the leader this node has known since `settle_unplaced`
+    /// last looked (0 while it knows none).
+    unplaced_term: u64,
     /// Leadership transfers this node started, answered once the target
     /// leads or their time is up (`settle_transfers`).
     transfers: Vec<PendingTransfer>,
@@ -2910,38 +2914,70 @@ impl Consensus {
     /// often) before they were known to be appended. Once an entry of the
     /// new term has committed here, what that leader appended and the new
     /// one holds has committed too (and gone to the service with its
-    /// write); what it did not never will. A write still
-    /// held by a former leader would have been passed on (it passes on
-    /// what it holds as soon as it hears from the new leader). So rather
-    /// than wait out `write_timeout_ms` (30 s by default; etcd answers
-    /// after 7 s), the client is told now that the outcome is unknown (as
-    /// it still is: a partitioned former leader could pass one on later).
+    /// write); what it did not never will. A write still held by a
+    /// former leader would have been passed on (it passes on what it holds
+    /// as soon as it hears from the new leader), and one in this node's
+    /// log, not yet committed, waits on. So rather than wait out
+    /// `write_timeout_ms` (30 s by default; etcd answers after 7 s), the
+    /// client is told now that the outcome is unknown (as it still is: a
+    /// partitioned former leader could pass one on later). Runs every
+    /// turn; looks at the writes when a leader of a later term is known,
+    /// and at its due time.
     fn settle_unplaced(&mut self) {
+        let term = self.node.term();
+        if self.node.leader().is_none() {
+            // The next leader known sets a new due time.
+            self.unplaced_due = None;
+            self.unplaced_term = 0;
+            return;
+        }
+        if term > self.unplaced_term {
+            // A leader of a later term (a new one, or the same node
+            // elected again): from now on the writes of earlier terms
+            // have `unplaced_grace` to show up.
+            self.unplaced_term = term;
+            self.unplaced_due = self
+                .awaiting
+                .iter()
+                .any(|(k, w)| stranded(k, w, term))
+                .then(|| Instant::now() + self.unplaced_grace());
+        }
         let Some(due) = self.unplaced_due else {
             return;
         };
-        if Instant::now() < due {
+        let now = Instant::now();
+        if now < due {
             return;
         }
-        self.unplaced_due = None;
-        if self.node.leader().is_none() {
-            // Lost again: the next leader known sets a new due time.
-            return;
-        }
-        let term = self.node.term();
+        // Looked at again shortly while the term's first entry has not
+        // committed here (what a former leader appended may still commit),
+        // or while some of them are in this node's log, not yet committed.
+        self.unplaced_due = Some(now + self.unplaced_grace() / 4);
         if self
             .node
             .log()
             .term_at(self.node.commit_position())
             .is_none_or(|t| t < term)
         {
-            // The term's first entry has not committed here yet: what a
-            // former leader appended may still commit. Look again shortly.
-            self.unplaced_due = Some(Instant::now() + self.unplaced_grace() / 4);
             return;
         }
-        self.awaiting.retain(|_, w| {
-            if w.unplaced.is_none_or(|t| t >= term) {
+        let log = self.node.log();
+        let in_log: std::collections::HashSet<(u64, u64)> = log
+            .entries_between(self.node.commit_position(), log.last_pos())
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                keel_core::EntryKind::Command { client, seq } => Some((client, seq)),
+                _ => None,
+            })
+            .filter(|k| self.awaiting.get(k).is_some_and(|w| stranded(k, w, term)))
+            .collect();
+        let mut waiting = false;
+        self.awaiting.retain(|k, w| {
+            if !stranded(k, w, term) {
+                return true;
+            }
+            if in_log.contains(k) {
+                waiting = true;
                 return true;
             }
             respond(
@@ -2956,6 +2992,9 @@ impl Consensus {
             );
             false
         });
+        if !waiting {
+            self.unplaced_due = None;
+        }
     }
 
     /// How long a write forwarded or held in an earlier term may take to
@@ -3175,9 +3214,6 @@ impl Consensus {
                 if leader.is_some() && leader != self.last_leader {
                     self.metrics.leaders_seen.inc();
                 }
-                self.unplaced_due = (leader.is_some()
-                    && self.awaiting.values().any(|w| w.unplaced.is_some()))
-                .then(|| Instant::now() + self.unplaced_grace());
                 self.last_leader = leader;
                 let addr = leader.and_then(|l| self.cfg.client_addr_of(l));
                 if role != Role::Leader {
@@ -3394,6 +3430,12 @@ impl LastSnapshot {
             *self = LastSnapshot { position, size };
         }
     }
+}
+
+/// A sessionless write forwarded or held in a term before `term`, still
+/// waiting for its entry (`Consensus::settle_unplaced`).
+fn stranded(key: &(u64, u64), w: &AwaitingWrite, term: u64) -> bool {
+    key.0 == keel_core::SESSIONLESS && w.unplaced.is_some_and(|t| t < term)
 }
 
 /// A mutex's value even if a thread panicked holding it (the value here is
@@ -4692,8 +4734,11 @@ mod removed_tests {
         for leads_then_steps_down in [false, true] {
             let tmp = tempfile::tempdir().expect("tempdir");
             let net = MemNetwork::new();
-            let nodes =
-                three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 600_000);
+            // (Election timeouts of 4-5 s: both transfers are over well
+            // before the write's grace after the first runs out.)
+            let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |cfg| {
+                cfg.write_timeout_ms = 600_000
+            });
             let (l, f, lh, fh) = leader_and_follower(&nodes);
             // The forward is lost on the way.
             net.cut(f, l);

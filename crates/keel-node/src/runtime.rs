@@ -1790,8 +1790,8 @@ struct Consensus {
     /// When `settle_unplaced` looks at the writes forwarded or held in an
     /// earlier term than the leader this node learned of.
     unplaced_due: Option<Instant>,
-    /// The term of the leader this node has known since `settle_unplaced`
-    /// last looked (0 while it knows none).
+    /// The term of the leader this node knew when `settle_unplaced` last
+    /// looked (0: none).
     unplaced_term: u64,
     /// Leadership transfers this node started, answered once the target
     /// leads or their time is up (`settle_transfers`).
@@ -2920,26 +2920,24 @@ impl Consensus {
     /// log, not yet committed, waits on. So rather than wait out
     /// `write_timeout_ms` (30 s by default; etcd answers after 7 s), the
     /// client is told now that the outcome is unknown (as it still is: a
-    /// partitioned former leader could pass one on later). Runs every
-    /// turn; looks at the writes when a leader of a later term is known,
-    /// and at its due time.
+    /// partitioned former leader could pass one on later). So are those of
+    /// a node that has known no leader for `unplaced_grace` (cut off from
+    /// the majority, most often: its leader may have appended them, and
+    /// it cannot learn whether). Runs every turn; looks at the writes when
+    /// the leader it knows changes term (or is lost), and at its due time.
     fn settle_unplaced(&mut self) {
         let term = self.node.term();
-        if self.node.leader().is_none() {
-            // The next leader known sets a new due time.
-            self.unplaced_due = None;
-            self.unplaced_term = 0;
-            return;
-        }
-        if term > self.unplaced_term {
+        // The term of the leader known, 0 for none.
+        let known = self.node.leader().map_or(0, |_| term);
+        if known != self.unplaced_term {
             // A leader of a later term (a new one, or the same node
-            // elected again): from now on the writes of earlier terms
+            // elected again), or none: from now on the writes it strands
             // have `unplaced_grace` to show up.
-            self.unplaced_term = term;
+            self.unplaced_term = known;
             self.unplaced_due = self
                 .awaiting
                 .iter()
-                .any(|(k, w)| stranded(k, w, term))
+                .any(|(k, w)| stranded(k, w, known))
                 .then(|| Instant::now() + self.unplaced_grace());
         }
         let Some(due) = self.unplaced_due else {
@@ -2953,27 +2951,40 @@ impl Consensus {
         // committed here (what a former leader appended may still commit),
         // or while some of them are in this node's log, not yet committed.
         self.unplaced_due = Some(now + self.unplaced_grace() / 4);
-        if self
-            .node
-            .log()
-            .term_at(self.node.commit_position())
-            .is_none_or(|t| t < term)
-        {
-            return;
-        }
-        let log = self.node.log();
-        let in_log: std::collections::HashSet<(u64, u64)> = log
-            .entries_between(self.node.commit_position(), log.last_pos())
-            .into_iter()
-            .filter_map(|e| match e.kind {
-                keel_core::EntryKind::Command { client, seq } => Some((client, seq)),
-                _ => None,
-            })
-            .filter(|k| self.awaiting.get(k).is_some_and(|w| stranded(k, w, term)))
-            .collect();
+        let (why, in_log) = if known == 0 {
+            (
+                "this node lost its leader before the write was known to be appended, and \
+                 has known none since",
+                std::collections::HashSet::new(),
+            )
+        } else {
+            if self
+                .node
+                .log()
+                .term_at(self.node.commit_position())
+                .is_none_or(|t| t < term)
+            {
+                return;
+            }
+            let log = self.node.log();
+            let in_log: std::collections::HashSet<(u64, u64)> = log
+                .entries_between(self.node.commit_position(), log.last_pos())
+                .into_iter()
+                .filter_map(|e| match e.kind {
+                    keel_core::EntryKind::Command { client, seq } => Some((client, seq)),
+                    _ => None,
+                })
+                .filter(|k| self.awaiting.get(k).is_some_and(|w| stranded(k, w, known)))
+                .collect();
+            (
+                "the leader it went to lost leadership before the write was known to be \
+                 appended, and the next leader has not applied it",
+                in_log,
+            )
+        };
         let mut waiting = false;
         self.awaiting.retain(|k, w| {
-            if !stranded(k, w, term) {
+            if !stranded(k, w, known) {
                 return true;
             }
             if in_log.contains(k) {
@@ -2984,9 +2995,7 @@ impl Consensus {
                 &w.sink,
                 w.id,
                 ClientResult::Error(format!(
-                    "{}: the leader it went to lost leadership before the write was known to be \
-                     appended, and the next leader has not applied it; it may or may not be \
-                     applied",
+                    "{}: {why}; it may or may not be applied",
                     keel_net::codec::OUTCOME_UNKNOWN
                 )),
             );
@@ -3432,10 +3441,11 @@ impl LastSnapshot {
     }
 }
 
-/// A sessionless write forwarded or held in a term before `term`, still
-/// waiting for its entry (`Consensus::settle_unplaced`).
-fn stranded(key: &(u64, u64), w: &AwaitingWrite, term: u64) -> bool {
-    key.0 == keel_core::SESSIONLESS && w.unplaced.is_some_and(|t| t < term)
+/// A sessionless write forwarded or held in a term before `known` (the
+/// term of the leader the node knows; 0, none: any term), still waiting
+/// for its entry (`Consensus::settle_unplaced`).
+fn stranded(key: &(u64, u64), w: &AwaitingWrite, known: u64) -> bool {
+    key.0 == keel_core::SESSIONLESS && w.unplaced.is_some_and(|t| known == 0 || t < known)
 }
 
 /// A mutex's value even if a thread panicked holding it (the value here is
@@ -4808,6 +4818,38 @@ mod removed_tests {
         );
         assert_eq!(fh.metrics().reads_retried.get(), 1);
         assert_eq!(fh.status().leader, Some(t));
+        for n in &nodes {
+            n.shutdown();
+        }
+    }
+
+    /// A sessionless write taken by a follower cut off from the rest (its
+    /// forward is lost) is told its outcome is unknown once the node has
+    /// known no leader for an election timeout (its leader may have got
+    /// it; it cannot learn whether), not after `write_timeout_ms` (here
+    /// ten minutes). Requests taken after that get "not the leader".
+    #[test]
+    fn a_cut_off_followers_forwarded_write_is_answered_once_it_knows_no_leader() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 600_000);
+        let (l, f, _, fh) = leader_and_follower(&nodes);
+        net.isolate(f);
+        let write = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"w")));
+        wait_for("the forward is lost", || net.dropped(f, l, "Forward") > 0);
+        wait_for("the write is answered", || write.is_finished());
+        let answer = write.join().expect("the write's thread");
+        assert!(
+            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),
+            "{answer:?}"
+        );
+        assert_eq!(fh.status().leader, None);
+        let later = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"later")));
+        assert!(matches!(
+            later.join().expect("the later write's thread"),
+            ClientResult::NotLeader { .. }
+        ));
+        net.heal();
         for n in &nodes {
             n.shutdown();
         }

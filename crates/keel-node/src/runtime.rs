@@ -2778,7 +2778,7 @@ impl Consensus {
             for e in log.entries_between(self.node.commit_position(), log.last_pos()) {
                 if let keel_core::EntryKind::Command { client, seq } = e.kind {
                     if self.awaiting.contains_key(&(client, seq)) {
-                        positions.insert((client, seq), e.position);
+                        positions.insert((client, seq), (e.position, e.term));
                     }
                 }
             }
@@ -2795,8 +2795,12 @@ impl Consensus {
                 return true;
             }
             if client == keel_core::SESSIONLESS {
-                if let Some(&p) = positions.get(&(client, seq)) {
+                if let Some(&(p, term)) = positions.get(&(client, seq)) {
                     kept.insert(p, (client, seq));
+                    // (And, like a forwarded one, told its outcome is
+                    // unknown if this node knows no leader for long, or
+                    // the next leader's term commits without it.)
+                    w.unplaced = Some(term);
                     return true;
                 }
                 // Forwarded before this node led, or held while it
@@ -2938,7 +2942,7 @@ impl Consensus {
                 .awaiting
                 .iter()
                 .any(|(k, w)| stranded(k, w, known))
-                .then(|| Instant::now() + self.unplaced_grace());
+                .then(|| Instant::now() + self.unplaced_grace(known));
         }
         let Some(due) = self.unplaced_due else {
             return;
@@ -2950,7 +2954,7 @@ impl Consensus {
         // Looked at again shortly while the term's first entry has not
         // committed here (what a former leader appended may still commit),
         // or while some of them are in this node's log, not yet committed.
-        self.unplaced_due = Some(now + self.unplaced_grace() / 4);
+        self.unplaced_due = Some(now + self.unplaced_grace(known) / 4);
         let (why, in_log) = if known == 0 {
             (
                 "this node lost its leader before the write was known to be appended, and \
@@ -3006,11 +3010,19 @@ impl Consensus {
         }
     }
 
-    /// How long a write forwarded or held in an earlier term may take to
-    /// reach a newer leader's log (`settle_unplaced`): an election's
-    /// worth, well above the few round trips a pass-on takes.
-    fn unplaced_grace(&self) -> Duration {
-        Duration::from_millis(self.cfg.election_timeout_max_ms)
+    /// How long a write `settle_unplaced` looks at may take to show up
+    /// once a leader of a later term is known (`known`): an election's
+    /// worth, well above the few round trips a pass-on takes; or, known
+    /// 0, once none is: two elections' worth, so that a node that is only
+    /// waiting for the next leader (not cut off) learns the writes' fate
+    /// from it.
+    fn unplaced_grace(&self, known: u64) -> Duration {
+        let grace = Duration::from_millis(self.cfg.election_timeout_max_ms);
+        if known == 0 {
+            2 * grace
+        } else {
+            grace
+        }
     }
 
     /// Writes (or, in `sync` mode, hands to the storage thread) the step's
@@ -3352,12 +3364,14 @@ struct AwaitingWrite {
     id: u64,
     sink: ResponseSink,
     since: Instant,
-    /// Not appended here when proposed, in this term: the core forwarded
-    /// it (this node followed) or held it (this node was transferring
-    /// leadership, and passes it on if the transfer succeeds), so only its
-    /// entry says whether a leader appended it (or, failing that,
-    /// `write_timeout_ms`, or `settle_unplaced` once a later term's leader
-    /// has been known for a while).
+    /// Whether a leader of this term appended it is not known here: the
+    /// core forwarded it (this node followed) or held it (this node was
+    /// transferring leadership, and passes it on if the transfer
+    /// succeeds), or it was appended here while this node led this term
+    /// and the node was deposed before it committed. Only its entry says
+    /// whether it is applied (or, failing that, `write_timeout_ms`, or
+    /// `settle_unplaced` once a later term's leader has been known for a
+    /// while, or no leader has).
     unplaced: Option<u64>,
 }
 
@@ -4601,7 +4615,10 @@ mod removed_tests {
     fn a_deposed_leaders_sessionless_write_is_answered_by_its_entry() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let net = MemNetwork::new();
-        let nodes = three_echo_nodes(tmp.path(), &net);
+        // (Election timeouts of 4-5 s: the deposed leader knows no leader
+        // until the heal, a follower's election timeout or so, well within
+        // the two it waits before answering "outcome unknown".)
+        let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |_| {});
         wait_for("a leader", || leader_of(&nodes).is_some());
         let l = leader_of(&nodes).expect("a leader");
         let lh = nodes[l as usize - 1].clone();
@@ -4619,6 +4636,38 @@ mod removed_tests {
         net.heal();
         let answer = write.join().expect("the write's thread");
         assert_eq!(answer, ClientResult::Ok(Bytes::from_static(b"kept")));
+        for n in &nodes {
+            n.shutdown();
+        }
+    }
+
+    /// A deposed leader cut off from the rest answers its sessionless write
+    /// "outcome unknown" once it has known no leader for two election
+    /// timeouts (here the write did commit, by the new leader, which the
+    /// cut-off node cannot learn), not after `write_timeout_ms` (here ten
+    /// minutes).
+    #[test]
+    fn a_cut_off_deposed_leaders_write_is_answered_outcome_unknown() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 600_000);
+        wait_for("a leader", || leader_of(&nodes).is_some());
+        let l = leader_of(&nodes).expect("a leader");
+        let lh = nodes[l as usize - 1].clone();
+        for f in (1..=3).filter(|&n| n != l) {
+            net.cut(f, l);
+        }
+        let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"kept")));
+        wait_for("the cut-off leader steps down", || {
+            lh.status().role != "leader"
+        });
+        wait_for("the write is answered", || write.is_finished());
+        let answer = write.join().expect("the write's thread");
+        assert!(
+            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),
+            "{answer:?}"
+        );
+        net.heal();
         for n in &nodes {
             n.shutdown();
         }

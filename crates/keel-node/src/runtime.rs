@@ -4597,6 +4597,17 @@ mod removed_tests {
         (l, f, lh, fh)
     }
 
+    /// Waits for `write` (a call left waiting) to be answered, and checks
+    /// that its outcome is unknown.
+    fn answered_outcome_unknown(write: std::thread::JoinHandle<ClientResult>) {
+        wait_for("the write is answered", || write.is_finished());
+        let answer = write.join().expect("the write's thread");
+        assert!(
+            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),
+            "{answer:?}"
+        );
+    }
+
     /// The leader of the highest term any of `nodes` reports.
     fn leader_of(nodes: &[Arc<NodeHandle>]) -> Option<NodeId> {
         nodes
@@ -4661,12 +4672,7 @@ mod removed_tests {
         wait_for("the cut-off leader steps down", || {
             lh.status().role != "leader"
         });
-        wait_for("the write is answered", || write.is_finished());
-        let answer = write.join().expect("the write's thread");
-        assert!(
-            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),
-            "{answer:?}"
-        );
+        answered_outcome_unknown(write);
         net.heal();
         for n in &nodes {
             n.shutdown();
@@ -4825,12 +4831,7 @@ mod removed_tests {
                 assert_ne!(fh.status().leader, Some(l));
             }
             assert!(!write.is_finished(), "answered at the role change");
-            wait_for("the write is answered", || write.is_finished());
-            let answer = write.join().expect("the write's thread");
-            assert!(
-                matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),
-                "{answer:?}"
-            );
+            answered_outcome_unknown(write);
             for n in &nodes {
                 n.shutdown();
             }
@@ -4874,7 +4875,7 @@ mod removed_tests {
 
     /// A sessionless write taken by a follower cut off from the rest (its
     /// forward is lost) is told its outcome is unknown once the node has
-    /// known no leader for an election timeout (its leader may have got
+    /// known no leader for two election timeouts (its leader may have got
     /// it; it cannot learn whether), not after `write_timeout_ms` (here
     /// ten minutes). Requests taken after that get "not the leader".
     #[test]
@@ -4886,12 +4887,7 @@ mod removed_tests {
         net.isolate(f);
         let write = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"w")));
         wait_for("the forward is lost", || net.dropped(f, l, "Forward") > 0);
-        wait_for("the write is answered", || write.is_finished());
-        let answer = write.join().expect("the write's thread");
-        assert!(
-            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)),
-            "{answer:?}"
-        );
+        answered_outcome_unknown(write);
         assert_eq!(fh.status().leader, None);
         let later = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"later")));
         assert!(matches!(

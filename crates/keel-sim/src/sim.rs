@@ -3570,15 +3570,9 @@ impl Sim {
             return;
         };
         self.schedule(cuts.every, Ev::TransferCutStart);
-        let Some(core) = self.nodes[l].core.as_ref() else {
+        let Some((leader, term, target)) = self.transfer_target(l) else {
             return;
         };
-        let (leader, term) = (core.id(), core.term());
-        let others = other_voters(core);
-        if others.is_empty() {
-            return;
-        }
-        let target = others[self.rng.range(0, others.len() as u64) as usize];
         let lag = self.rng.range(cuts.lag.0, cuts.lag.1);
         self.block(vec![(leader, target), (target, leader)], lag);
         for c in self.clients.iter_mut().filter(|c| c.pinned) {
@@ -3924,15 +3918,9 @@ impl Sim {
             // The request waits on a paused process: the operator gives up.
             return;
         }
-        let Some(core) = self.nodes[i].core.as_ref() else {
+        let Some((leader, term, target)) = self.transfer_target(i) else {
             return;
         };
-        let (leader, term) = (core.id(), core.term());
-        let others = other_voters(core);
-        if others.is_empty() {
-            return;
-        }
-        let target = others[self.rng.range(0, others.len() as u64) as usize];
         let req = self.next_req;
         self.next_req += 1;
         self.report.transfers += 1;
@@ -4877,6 +4865,21 @@ pub fn run(cfg: &SimConfig) -> Report {
 }
 
 /// The voters of `core`'s configuration other than itself.
+impl Sim {
+    /// Node `i` (a leader, running), its term, and a voter other than it
+    /// drawn at random to hand leadership to.
+    fn transfer_target(&mut self, i: usize) -> Option<(NodeId, Term, NodeId)> {
+        let core = self.nodes[i].core.as_ref()?;
+        let (leader, term) = (core.id(), core.term());
+        let others = other_voters(core);
+        if others.is_empty() {
+            return None;
+        }
+        let target = others[self.rng.range(0, others.len() as u64) as usize];
+        Some((leader, term, target))
+    }
+}
+
 fn other_voters(core: &Node) -> Vec<NodeId> {
     let me = core.id();
     core.membership()

@@ -500,7 +500,7 @@ mod node_error_tests {
     fn a_write_of_unknown_outcome_is_etcds_timeout_due_to_leader_failure() {
         for m in [
             "within 30s: it may or may not have been applied",
-            ": the leader it went to lost leadership",
+            ": the leader that had it lost leadership",
         ] {
             let m = format!("{}{m}", keel_net::codec::OUTCOME_UNKNOWN);
             let s = node_error(ClientResult::Error(m));

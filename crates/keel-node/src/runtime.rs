@@ -1787,8 +1787,9 @@ struct Consensus {
     /// id if it drops them (`Node::holds_commands`). Emptied once it holds
     /// none.
     held_writes: HashMap<u64, ((u64, u64), u64)>,
-    /// When `settle_unplaced` looks at the writes forwarded or held in an
-    /// earlier term than the leader this node learned of.
+    /// When `settle_unplaced` looks at the writes whose fate this node
+    /// cannot read from its log: those of an earlier term than the leader
+    /// it learned of, or any while it knows no leader.
     unplaced_due: Option<Instant>,
     /// The term of the leader this node knew when `settle_unplaced` last
     /// looked (0: none).
@@ -2765,6 +2766,11 @@ impl Consensus {
         if self.node.role() == Role::Leader {
             return;
         }
+        // Writes kept at an earlier step-down and answered since (outcome
+        // unknown: `settle_unplaced`, `expire_awaiting`) are kept no more.
+        let awaiting = &self.awaiting;
+        self.deposed_positions
+            .retain(|_, key| awaiting.contains_key(key));
         // Where the sessionless writes' entries are in the log (after the
         // commit position: those committed went to the service already).
         let mut positions = HashMap::new();
@@ -2957,8 +2963,8 @@ impl Consensus {
         self.unplaced_due = Some(now + self.unplaced_grace(known) / 4);
         let (why, in_log) = if known == 0 {
             (
-                "this node lost its leader before the write was known to be appended, and \
-                 has known none since",
+                "this node lost its leader (or its leadership) before the write was known to \
+                 commit, and has known none since",
                 std::collections::HashSet::new(),
             )
         } else {
@@ -2981,8 +2987,8 @@ impl Consensus {
                 .filter(|k| self.awaiting.get(k).is_some_and(|w| stranded(k, w, known)))
                 .collect();
             (
-                "the leader it went to lost leadership before the write was known to be \
-                 appended, and the next leader has not applied it",
+                "the leader that had it lost leadership before the write was known to commit, \
+                 and the next leader has not applied it",
                 in_log,
             )
         };
@@ -3159,6 +3165,10 @@ impl Consensus {
                     self.cfg.id, s.meta.position, s.meta.term
                 );
                 self.settle_writes_covered_by(&s);
+                // Kept writes whose positions the snapshot covers are not
+                // settled by an entry applied there (none is applied):
+                // `settle_unplaced` or `expire_awaiting` answers them.
+                self.deposed_positions = self.deposed_positions.split_off(&s.meta.position);
                 self.service.send(ServiceInput::Restore(Box::new(s)))?;
             }
             Action::ReadReady { id, index } => {
@@ -4673,6 +4683,55 @@ mod removed_tests {
             lh.status().role != "leader"
         });
         answered_outcome_unknown(write);
+        net.heal();
+        for n in &nodes {
+            n.shutdown();
+        }
+    }
+
+    /// A deposed leader that told its kept writes' clients the outcome is
+    /// unknown forgets them: when it leads again and is deposed again, its
+    /// new write is kept (it may commit from another node's log), not
+    /// answered "not the leader" because stale records of the old ones
+    /// made it skip looking for the new one's entry.
+    #[test]
+    fn a_leader_deposed_twice_keeps_its_second_terms_write() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 600_000);
+        wait_for("a leader", || leader_of(&nodes).is_some());
+        let l = leader_of(&nodes).expect("a leader");
+        let lh = nodes[l as usize - 1].clone();
+        // Three writes that never leave the leader, answered "unknown" once
+        // it has been deposed and known no leader for two election
+        // timeouts. (Large: the positions of the last two stay beyond
+        // what the next terms apply before the second step-down.)
+        net.isolate(l);
+        let first: Vec<_> = (0..3u8)
+            .map(|i| spawn_call(&lh, ClientOp::Write(Bytes::from(vec![i; 4096]))))
+            .collect();
+        for w in first {
+            answered_outcome_unknown(w);
+        }
+        net.heal();
+        wait_for("another leader", || {
+            leader_of(&nodes).is_some_and(|n| n != l)
+        });
+        let other = nodes[leader_of(&nodes).expect("a leader") as usize - 1].clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let r = rt.block_on(other.call(ClientOp::TransferLeader(l)));
+        assert!(matches!(r, ClientResult::Ok(_)), "transfer back: {r:?}");
+        // Its first entry committed, it takes a write and is deposed again.
+        let r = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"led again"))));
+        assert_eq!(r, ClientResult::Ok(Bytes::from_static(b"led again")));
+        net.isolate(l);
+        let second = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"second")));
+        wait_for("the leader steps down", || lh.status().role != "leader");
+        assert!(!second.is_finished(), "answered at the step-down");
+        answered_outcome_unknown(second);
         net.heal();
         for n in &nodes {
             n.shutdown();

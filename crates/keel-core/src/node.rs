@@ -1285,8 +1285,7 @@ impl Node {
         self.reads_waiting.retain(|r| r.1.is_some());
         // Nobody to hand them to: this node stops (its own clients are
         // answered "removed" with every request it has waiting).
-        self.drop_held_forwards();
-        self.held_own.clear();
+        let _ = self.drop_held_forwards();
         for id in local_reads {
             out.push(Action::Rejected {
                 id,
@@ -1601,8 +1600,7 @@ impl Node {
         // its own clients' are refused (never appended, nor sent), so
         // they may retry; followers' clients are answered when their
         // writes time out.
-        self.drop_held_forwards();
-        for id in std::mem::take(&mut self.held_own) {
+        for id in self.drop_held_forwards() {
             out.push(Action::Rejected {
                 id,
                 reason: RejectReason::NotLeader { leader: None },
@@ -2467,11 +2465,14 @@ impl Node {
         }
     }
 
-    fn drop_held_forwards(&mut self) {
+    /// Drops the held commands; returns the request ids of this node's
+    /// own clients' among them.
+    fn drop_held_forwards(&mut self) -> Vec<RequestId> {
         let n: usize = self.held_forwards.iter().map(|(_, c)| c.len()).sum();
         self.stats.forwards_dropped += n as u64;
         self.held_forwards.clear();
         self.held_forward_bytes = 0;
+        std::mem::take(&mut self.held_own)
     }
 
     // ----- leader ---------------------------------------------------------

@@ -1781,11 +1781,10 @@ struct Consensus {
     /// entry took the position, so the write is answered "not the leader"
     /// (it was not applied, and cannot be at any other position).
     deposed_positions: std::collections::BTreeMap<Position, (u64, u64)>,
-    /// The writes (in `awaiting`, by key and client request id) the core
-    /// held while this node transferred leadership, by the core's request
-    /// id: the core refuses them by that
-    /// id if it drops them (`Node::holds_commands`). Emptied once it holds
-    /// none.
+    /// The writes the core held while this node transferred leadership,
+    /// by the core's request id (which the core refuses if it drops them):
+    /// their key in `awaiting` and their client's request id. Emptied once
+    /// the core holds none (`Node::holds_commands`).
     held_writes: HashMap<u64, ((u64, u64), u64)>,
     /// When `settle_unplaced` looks at the writes whose fate this node
     /// cannot read from its log: those of an earlier term than the leader
@@ -2918,10 +2917,12 @@ impl Consensus {
         }
     }
 
-    /// Sessionless writes forwarded (or held) in an earlier term than that
-    /// of the leader this node has known for `unplaced_grace`, whose
-    /// entries have not come: their leader lost leadership (crashed, most
-    /// often) before they were known to be appended. Once an entry of the
+    /// Sessionless writes whose fate this node cannot read from its log
+    /// (`AwaitingWrite::unplaced`: forwarded, held, or appended here by a
+    /// leader deposed before they committed), of an earlier term than that
+    /// of the leader this node has known for `unplaced_grace`: their
+    /// leader lost leadership (crashed, most often) before they were known
+    /// to commit. Once an entry of the
     /// new term has committed here, what that leader appended and the new
     /// one holds has committed too (and gone to the service with its
     /// write); what it did not never will. A write still held by a

@@ -578,9 +578,10 @@ pub struct Stats {
     /// no leader to pass them to and was not holding them, see
     /// `Body::Forward`, or held `Config::max_inflight_bytes` of them
     /// already), and commands it held, its own clients' included, that it
-    /// dropped when it stood for election. Their clients are answered when
-    /// their writes time out, except this node's own, which are refused
-    /// (`Action::Rejected`, not the leader).
+    /// dropped when it stood for election. The runtime answers their
+    /// clients once it can tell (the followers' with an unknown outcome),
+    /// except this node's own, which are refused here (`Action::Rejected`,
+    /// not the leader).
     pub forwards_dropped: u64,
     /// Client commands this node held (its own clients' and forwarded
     /// ones) while it transferred leadership or knew no leader, to append

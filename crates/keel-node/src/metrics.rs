@@ -164,8 +164,8 @@ impl Metrics {
             "client writes a follower forwarded to this node as its leader that it dropped (it \
              knew no leader to pass them to, or held as many as it may while a leadership \
              transfer was in progress), and writes it held during a transfer and dropped when it \
-             stood for election; their clients are answered when the writes time out (this \
-             node's own clients at once, not the leader)",
+             stood for election; the followers' clients are told the outcome is unknown once the \
+             next term commits without them, this node's own clients at once not the leader",
             m.forwards_dropped.clone(),
         );
         registry.register(

@@ -4559,25 +4559,49 @@ mod removed_tests {
         }
     }
 
-    /// Three echo nodes of one cluster on `net`, their data under `dir`.
-    fn three_echo_nodes(dir: &Path, net: &MemNetwork) -> Vec<Arc<NodeHandle>> {
-        three_echo_nodes_with(dir, net, |_| {})
+    /// Three echo nodes of one cluster on an in-memory network, their data
+    /// in a temporary directory; shut down when dropped.
+    struct Three {
+        net: MemNetwork,
+        nodes: Vec<Arc<NodeHandle>>,
+        tmp: tempfile::TempDir,
     }
 
-    /// `three_echo_nodes`, each configuration changed by `change` first.
-    fn three_echo_nodes_with(
-        dir: &Path,
-        net: &MemNetwork,
-        change: impl Fn(&mut NodeConfig),
-    ) -> Vec<Arc<NodeHandle>> {
-        (1..=3)
-            .map(|id| {
-                let mut cfg = config(id, dir);
-                change(&mut cfg);
-                let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
-                Arc::new(node.expect("start"))
+    impl Three {
+        /// Each node's configuration changed by `change` first.
+        fn start(change: impl Fn(&mut NodeConfig)) -> Three {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let net = MemNetwork::new();
+            let nodes = (1..=3)
+                .map(|id| {
+                    let mut cfg = config(id, tmp.path());
+                    change(&mut cfg);
+                    let node = start_with(cfg, Box::new(Echo), Transport::Memory(net.clone()));
+                    Arc::new(node.expect("start"))
+                })
+                .collect();
+            Three { net, nodes, tmp }
+        }
+
+        /// `start`, with leadership transfers that stay on for 4 s
+        /// (`election_timeout_min_ms`) before they run out: time enough for
+        /// a test's requests to reach a transferring leader on a stalled
+        /// machine.
+        fn start_with_long_transfers(change: impl Fn(&mut NodeConfig)) -> Three {
+            Three::start(|cfg| {
+                cfg.election_timeout_min_ms = 4_000;
+                cfg.election_timeout_max_ms = 5_000;
+                change(cfg);
             })
-            .collect()
+        }
+    }
+
+    impl Drop for Three {
+        fn drop(&mut self) {
+            for n in &self.nodes {
+                n.shutdown();
+            }
+        }
     }
 
     /// `node.call(op)` on a thread of its own (a call left waiting while
@@ -4635,14 +4659,13 @@ mod removed_tests {
     /// commit (here it does), and its client cannot retry it safely.
     #[test]
     fn a_deposed_leaders_sessionless_write_is_answered_by_its_entry() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
         // (Election timeouts of 4-5 s: the deposed leader knows no leader
         // until the heal, a follower's election timeout or so, well within
         // the two it waits before answering "outcome unknown".)
-        let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |_| {});
-        wait_for("a leader", || leader_of(&nodes).is_some());
-        let l = leader_of(&nodes).expect("a leader");
+        let three = Three::start_with_long_transfers(|_| {});
+        let (net, nodes) = (&three.net, &three.nodes);
+        wait_for("a leader", || leader_of(nodes).is_some());
+        let l = leader_of(nodes).expect("a leader");
         let lh = nodes[l as usize - 1].clone();
         // The followers hear the leader but it hears nothing back: its
         // write reaches both logs and commits nowhere until it has stepped
@@ -4654,13 +4677,10 @@ mod removed_tests {
         wait_for("the cut-off leader steps down", || {
             lh.status().role != "leader"
         });
-        wait_for("a new leader", || leader_of(&nodes).is_some_and(|n| n != l));
+        wait_for("a new leader", || leader_of(nodes).is_some_and(|n| n != l));
         net.heal();
         let answer = write.join().expect("the write's thread");
         assert_eq!(answer, ClientResult::Ok(Bytes::from_static(b"kept")));
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// A deposed leader cut off from the rest answers its sessionless write
@@ -4670,11 +4690,10 @@ mod removed_tests {
     /// minutes).
     #[test]
     fn a_cut_off_deposed_leaders_write_is_answered_outcome_unknown() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 600_000);
-        wait_for("a leader", || leader_of(&nodes).is_some());
-        let l = leader_of(&nodes).expect("a leader");
+        let three = Three::start(|cfg| cfg.write_timeout_ms = 600_000);
+        let (net, nodes) = (&three.net, &three.nodes);
+        wait_for("a leader", || leader_of(nodes).is_some());
+        let l = leader_of(nodes).expect("a leader");
         let lh = nodes[l as usize - 1].clone();
         for f in (1..=3).filter(|&n| n != l) {
             net.cut(f, l);
@@ -4685,9 +4704,6 @@ mod removed_tests {
         });
         answered_outcome_unknown(write);
         net.heal();
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// A deposed leader that told its kept writes' clients the outcome is
@@ -4697,11 +4713,10 @@ mod removed_tests {
     /// made it skip looking for the new one's entry.
     #[test]
     fn a_leader_deposed_twice_keeps_its_second_terms_write() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 600_000);
-        wait_for("a leader", || leader_of(&nodes).is_some());
-        let l = leader_of(&nodes).expect("a leader");
+        let three = Three::start(|cfg| cfg.write_timeout_ms = 600_000);
+        let (net, nodes) = (&three.net, &three.nodes);
+        wait_for("a leader", || leader_of(nodes).is_some());
+        let l = leader_of(nodes).expect("a leader");
         let lh = nodes[l as usize - 1].clone();
         // Three writes that never leave the leader, answered "unknown" once
         // it has been deposed and known no leader for two election
@@ -4716,9 +4731,9 @@ mod removed_tests {
         }
         net.heal();
         wait_for("another leader", || {
-            leader_of(&nodes).is_some_and(|n| n != l)
+            leader_of(nodes).is_some_and(|n| n != l)
         });
-        let other = nodes[leader_of(&nodes).expect("a leader") as usize - 1].clone();
+        let other = nodes[leader_of(nodes).expect("a leader") as usize - 1].clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -4734,9 +4749,6 @@ mod removed_tests {
         assert!(!second.is_finished(), "answered at the step-down");
         answered_outcome_unknown(second);
         net.heal();
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// A deposed leader's sessionless write whose entry never left it is
@@ -4745,27 +4757,23 @@ mod removed_tests {
     /// `write_timeout_ms` as an unknown outcome.
     #[test]
     fn a_deposed_leaders_lost_sessionless_write_is_answered_not_leader() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes(tmp.path(), &net);
-        wait_for("a leader", || leader_of(&nodes).is_some());
-        let l = leader_of(&nodes).expect("a leader");
+        let three = Three::start(|_| {});
+        let (net, nodes) = (&three.net, &three.nodes);
+        wait_for("a leader", || leader_of(nodes).is_some());
+        let l = leader_of(nodes).expect("a leader");
         let lh = nodes[l as usize - 1].clone();
         net.isolate(l);
         let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"lost")));
         wait_for("the cut-off leader steps down", || {
             lh.status().role != "leader"
         });
-        wait_for("a new leader", || leader_of(&nodes).is_some_and(|n| n != l));
+        wait_for("a new leader", || leader_of(nodes).is_some_and(|n| n != l));
         net.heal();
         let answer = write.join().expect("the write's thread");
         assert!(
             matches!(answer, ClientResult::NotLeader { .. }),
             "{answer:?}"
         );
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// A write (or linearizable read) taken while the node knows no leader
@@ -4775,10 +4783,9 @@ mod removed_tests {
     /// leader; heartbeats are 450 ms apart, so a write waits up to 900 ms.
     #[test]
     fn a_write_waits_briefly_for_a_leader_to_be_known() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.heartbeat_ms = 450);
-        let (_, f, _, fh) = leader_and_follower(&nodes);
+        let three = Three::start(|cfg| cfg.heartbeat_ms = 450);
+        let (net, nodes) = (&three.net, &three.nodes);
+        let (_, f, _, fh) = leader_and_follower(nodes);
         net.isolate(f);
         wait_for("the follower forgets its leader", || {
             fh.status().leader.is_none()
@@ -4802,19 +4809,15 @@ mod removed_tests {
         );
         let answer = read.join().expect("the read's thread");
         assert!(matches!(answer, ClientResult::Ok(_)), "{answer:?}");
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// A removed node answers the requests it held while it knew no leader
     /// as it answers the rest: "removed", not a dropped connection.
     #[test]
     fn a_removed_node_answers_the_requests_it_held_for_a_leader() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.heartbeat_ms = 450);
-        let (_, f, lh, fh) = leader_and_follower(&nodes);
+        let three = Three::start(|cfg| cfg.heartbeat_ms = 450);
+        let (net, nodes) = (&three.net, &three.nodes);
+        let (_, f, lh, fh) = leader_and_follower(nodes);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -4840,9 +4843,6 @@ mod removed_tests {
             matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_core::REMOVED_FROM_CLUSTER)),
             "{answer:?}"
         );
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// A sessionless write a follower forwarded, whose entry never reached
@@ -4857,14 +4857,11 @@ mod removed_tests {
     #[test]
     fn a_forwarded_write_is_not_refused_when_the_nodes_role_changes() {
         for leads_then_steps_down in [false, true] {
-            let tmp = tempfile::tempdir().expect("tempdir");
-            let net = MemNetwork::new();
             // (Election timeouts of 4-5 s: both transfers are over well
             // before the write's grace after the first runs out.)
-            let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |cfg| {
-                cfg.write_timeout_ms = 600_000
-            });
-            let (l, f, lh, fh) = leader_and_follower(&nodes);
+            let three = Three::start_with_long_transfers(|cfg| cfg.write_timeout_ms = 600_000);
+            let (net, nodes) = (&three.net, &three.nodes);
+            let (l, f, lh, fh) = leader_and_follower(nodes);
             // The forward is lost on the way.
             net.cut(f, l);
             let write = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"w")));
@@ -4886,15 +4883,12 @@ mod removed_tests {
             } else {
                 net.isolate(l);
                 wait_for("another leader", || {
-                    leader_of(&nodes).is_some_and(|n| n != l)
+                    leader_of(nodes).is_some_and(|n| n != l)
                 });
                 assert_ne!(fh.status().leader, Some(l));
             }
             assert!(!write.is_finished(), "answered at the role change");
             answered_outcome_unknown(write);
-            for n in &nodes {
-                n.shutdown();
-            }
         }
     }
 
@@ -4905,10 +4899,9 @@ mod removed_tests {
     /// still waiting when the transfer happens.)
     #[test]
     fn a_followers_read_across_a_leadership_transfer_is_served() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes(tmp.path(), &net);
-        let (l, f, lh, fh) = leader_and_follower(&nodes);
+        let three = Three::start(|_| {});
+        let (net, nodes) = (&three.net, &three.nodes);
+        let (l, f, lh, fh) = leader_and_follower(nodes);
         let t = (1..=3).find(|&n| n != l && n != f).expect("a third");
         net.cut(l, f);
         let read = spawn_call(&fh, ClientOp::Read(Bytes::from_static(b"r")));
@@ -4928,9 +4921,6 @@ mod removed_tests {
         );
         assert_eq!(fh.metrics().reads_retried.get(), 1);
         assert_eq!(fh.status().leader, Some(t));
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// A sessionless write taken by a follower cut off from the rest (its
@@ -4940,10 +4930,9 @@ mod removed_tests {
     /// ten minutes). Requests taken after that get "not the leader".
     #[test]
     fn a_cut_off_followers_forwarded_write_is_answered_once_it_knows_no_leader() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes_with(tmp.path(), &net, |cfg| cfg.write_timeout_ms = 600_000);
-        let (l, f, _, fh) = leader_and_follower(&nodes);
+        let three = Three::start(|cfg| cfg.write_timeout_ms = 600_000);
+        let (net, nodes) = (&three.net, &three.nodes);
+        let (l, f, _, fh) = leader_and_follower(nodes);
         net.isolate(f);
         let write = spawn_call(&fh, ClientOp::Write(Bytes::from_static(b"w")));
         wait_for("the forward is lost", || net.dropped(f, l, "Forward") > 0);
@@ -4955,9 +4944,6 @@ mod removed_tests {
             ClientResult::NotLeader { .. }
         ));
         net.heal();
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// A write a follower forwards while its leader is transferring
@@ -4967,10 +4953,9 @@ mod removed_tests {
     /// `write_timeout_ms` (30 s) for "outcome unknown".
     #[test]
     fn a_write_forwarded_during_a_transfer_is_answered() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |_| {});
-        let (l, t, transfer) = transfer_to_a_cut_off_follower(&nodes, &net);
+        let three = Three::start_with_long_transfers(|_| {});
+        let (net, nodes) = (&three.net, &three.nodes);
+        let (l, t, transfer) = transfer_to_a_cut_off_follower(nodes, net);
         let f = (1..=3).find(|&n| n != l && n != t).expect("a third");
         let (lh, fh) = (nodes[l as usize - 1].clone(), nodes[f as usize - 1].clone());
         assert_eq!(fh.status().leader, Some(l));
@@ -4989,11 +4974,8 @@ mod removed_tests {
             lh.metrics().writes_held.get() == 2
         });
         transfer_ran_out(transfer);
-        assert_eq!(leader_of(&nodes), Some(l));
+        assert_eq!(leader_of(nodes), Some(l));
         net.heal();
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// A write a transferring leader holds for its own client, still held
@@ -5004,12 +4986,9 @@ mod removed_tests {
     #[test]
     fn a_held_write_dropped_at_an_election_is_answered_not_leader() {
         use keel_net::PeerSender;
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |cfg| {
-            cfg.write_timeout_ms = 30_000
-        });
-        let (l, t, transfer) = transfer_to_a_cut_off_follower(&nodes, &net);
+        let three = Three::start_with_long_transfers(|cfg| cfg.write_timeout_ms = 30_000);
+        let (net, nodes) = (&three.net, &three.nodes);
+        let (l, t, transfer) = transfer_to_a_cut_off_follower(nodes, net);
         let lh = nodes[l as usize - 1].clone();
         let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"held")));
         wait_for("the leader holds the write", || {
@@ -5046,9 +5025,6 @@ mod removed_tests {
         assert_eq!(lh.metrics().leaderless_requests.get(), 0);
         transfer_ran_out(transfer);
         net.heal();
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// Writes the core rejects in a proposal batch (here: more than a
@@ -5058,10 +5034,9 @@ mod removed_tests {
     /// ones are appended once the transfer runs out.
     #[test]
     fn writes_a_transferring_leader_cannot_hold_are_answered_busy() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes_with_long_transfers(tmp.path(), &net, |_| {});
-        let (l, _, transfer) = transfer_to_a_cut_off_follower(&nodes, &net);
+        let three = Three::start_with_long_transfers(|_| {});
+        let (net, nodes) = (&three.net, &three.nodes);
+        let (l, _, transfer) = transfer_to_a_cut_off_follower(nodes, net);
         let lh = nodes[l as usize - 1].clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -5098,16 +5073,13 @@ mod removed_tests {
             lh.metrics().writes_held.get() == 4
         });
         assert_eq!(
-            leader_of(&nodes),
+            leader_of(nodes),
             Some(l),
             "the transfer to the cut-off node succeeded"
         );
         net.heal();
         let r = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"after"))));
         assert_eq!(r, ClientResult::Ok(Bytes::from_static(b"after")));
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// An answer, its data cut short, for an assertion's message.
@@ -5116,21 +5088,6 @@ mod removed_tests {
             ClientResult::Ok(b) => format!("Ok({} bytes of {:?})", b.len(), b.first()),
             other => format!("{other:?}"),
         }
-    }
-
-    /// Three echo nodes whose leadership transfers stay on for 4 s
-    /// (`election_timeout_min_ms`) before they run out: time enough for a
-    /// test's requests to reach a transferring leader on a stalled machine.
-    fn three_echo_nodes_with_long_transfers(
-        dir: &Path,
-        net: &MemNetwork,
-        change: impl Fn(&mut NodeConfig),
-    ) -> Vec<Arc<NodeHandle>> {
-        three_echo_nodes_with(dir, net, |cfg| {
-            cfg.election_timeout_min_ms = 4_000;
-            cfg.election_timeout_max_ms = 5_000;
-            change(cfg);
-        })
     }
 
     /// Waits for a leader and a follower caught up with it, cuts that
@@ -5169,10 +5126,9 @@ mod removed_tests {
     /// on its data directory is refused.
     #[test]
     fn a_removed_node_answers_its_clients_stops_and_refuses_to_start_again() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let net = MemNetwork::new();
-        let nodes = three_echo_nodes(tmp.path(), &net);
-        let (l, f, lh, fh) = leader_and_follower(&nodes);
+        let three = Three::start(|_| {});
+        let (net, nodes) = (&three.net, &three.nodes);
+        let (l, f, lh, fh) = leader_and_follower(nodes);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -5209,7 +5165,7 @@ mod removed_tests {
         let later = rt.block_on(fh.call(ClientOp::Read(Bytes::from_static(b"r"))));
         assert_eq!(later, stopped_node());
 
-        let cfg = config(f, tmp.path());
+        let cfg = config(f, three.tmp.path());
         let marker =
             std::fs::read_to_string(cfg.data_dir.join(REMOVED_FILE)).expect("the REMOVED file");
         assert!(
@@ -5263,9 +5219,6 @@ mod removed_tests {
         wait_for("the removed leader stops", || lh.is_stopped());
         let why = lh.wait().expect_err("a removed node's wait").to_string();
         assert!(why.contains("it committed its own removal"), "{why}");
-        for n in &nodes {
-            n.shutdown();
-        }
     }
 
     /// Node 4, created to join, on an in-memory network where the test

@@ -4643,6 +4643,31 @@ mod removed_tests {
         );
     }
 
+    /// Waits for a leader: its id and handle.
+    fn the_leader(nodes: &[Arc<NodeHandle>]) -> (NodeId, Arc<NodeHandle>) {
+        wait_for("a leader", || leader_of(nodes).is_some());
+        let l = leader_of(nodes).expect("a leader");
+        (l, nodes[l as usize - 1].clone())
+    }
+
+    /// Cuts leader `l` (`lh`) off from its followers' messages (they still
+    /// hear it), sends it a sessionless write ("kept") and waits for it to
+    /// step down (check-quorum): the write's call.
+    fn write_to_a_leader_that_hears_nothing_back(
+        net: &MemNetwork,
+        l: NodeId,
+        lh: &Arc<NodeHandle>,
+    ) -> std::thread::JoinHandle<ClientResult> {
+        for f in (1..=3).filter(|&n| n != l) {
+            net.cut(f, l);
+        }
+        let write = spawn_call(lh, ClientOp::Write(Bytes::from_static(b"kept")));
+        wait_for("the cut-off leader steps down", || {
+            lh.status().role != "leader"
+        });
+        write
+    }
+
     /// The leader of the highest term any of `nodes` reports.
     fn leader_of(nodes: &[Arc<NodeHandle>]) -> Option<NodeId> {
         nodes
@@ -4664,19 +4689,10 @@ mod removed_tests {
         // the two it waits before answering "outcome unknown".)
         let three = Three::start_with_long_transfers(|_| {});
         let (net, nodes) = (&three.net, &three.nodes);
-        wait_for("a leader", || leader_of(nodes).is_some());
-        let l = leader_of(nodes).expect("a leader");
-        let lh = nodes[l as usize - 1].clone();
-        // The followers hear the leader but it hears nothing back: its
-        // write reaches both logs and commits nowhere until it has stepped
-        // down (check-quorum) and a follower has been elected.
-        for f in (1..=3).filter(|&n| n != l) {
-            net.cut(f, l);
-        }
-        let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"kept")));
-        wait_for("the cut-off leader steps down", || {
-            lh.status().role != "leader"
-        });
+        let (l, lh) = the_leader(nodes);
+        // Its write reaches both logs and commits nowhere until it has
+        // stepped down and a follower has been elected.
+        let write = write_to_a_leader_that_hears_nothing_back(net, l, &lh);
         wait_for("a new leader", || leader_of(nodes).is_some_and(|n| n != l));
         net.heal();
         let answer = write.join().expect("the write's thread");
@@ -4692,16 +4708,8 @@ mod removed_tests {
     fn a_cut_off_deposed_leaders_write_is_answered_outcome_unknown() {
         let three = Three::start(|cfg| cfg.write_timeout_ms = 600_000);
         let (net, nodes) = (&three.net, &three.nodes);
-        wait_for("a leader", || leader_of(nodes).is_some());
-        let l = leader_of(nodes).expect("a leader");
-        let lh = nodes[l as usize - 1].clone();
-        for f in (1..=3).filter(|&n| n != l) {
-            net.cut(f, l);
-        }
-        let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"kept")));
-        wait_for("the cut-off leader steps down", || {
-            lh.status().role != "leader"
-        });
+        let (l, lh) = the_leader(nodes);
+        let write = write_to_a_leader_that_hears_nothing_back(net, l, &lh);
         answered_outcome_unknown(write);
         net.heal();
     }
@@ -4715,9 +4723,7 @@ mod removed_tests {
     fn a_leader_deposed_twice_keeps_its_second_terms_write() {
         let three = Three::start(|cfg| cfg.write_timeout_ms = 600_000);
         let (net, nodes) = (&three.net, &three.nodes);
-        wait_for("a leader", || leader_of(nodes).is_some());
-        let l = leader_of(nodes).expect("a leader");
-        let lh = nodes[l as usize - 1].clone();
+        let (l, lh) = the_leader(nodes);
         // Three writes that never leave the leader, answered "unknown" once
         // it has been deposed and known no leader for two election
         // timeouts. (Large: the positions of the last two stay beyond
@@ -4759,9 +4765,7 @@ mod removed_tests {
     fn a_deposed_leaders_lost_sessionless_write_is_answered_not_leader() {
         let three = Three::start(|_| {});
         let (net, nodes) = (&three.net, &three.nodes);
-        wait_for("a leader", || leader_of(nodes).is_some());
-        let l = leader_of(nodes).expect("a leader");
-        let lh = nodes[l as usize - 1].clone();
+        let (l, lh) = the_leader(nodes);
         net.isolate(l);
         let write = spawn_call(&lh, ClientOp::Write(Bytes::from_static(b"lost")));
         wait_for("the cut-off leader steps down", || {

@@ -4604,15 +4604,20 @@ mod removed_tests {
         }
     }
 
+    /// A current-thread tokio runtime for a test's calls.
+    fn test_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
     /// `node.call(op)` on a thread of its own (a call left waiting while
     /// the test goes on); join it for the answer.
     fn spawn_call(node: &Arc<NodeHandle>, op: ClientOp) -> std::thread::JoinHandle<ClientResult> {
         let node = node.clone();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = test_runtime();
             rt.block_on(node.call(op))
         })
     }
@@ -4740,10 +4745,7 @@ mod removed_tests {
             leader_of(nodes).is_some_and(|n| n != l)
         });
         let other = nodes[leader_of(nodes).expect("a leader") as usize - 1].clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         let r = rt.block_on(other.call(ClientOp::TransferLeader(l)));
         assert!(matches!(r, ClientResult::Ok(_)), "transfer back: {r:?}");
         // Its first entry committed, it takes a write and is deposed again.
@@ -4822,10 +4824,7 @@ mod removed_tests {
         let three = Three::start(|cfg| cfg.heartbeat_ms = 450);
         let (net, nodes) = (&three.net, &three.nodes);
         let (_, f, lh, fh) = leader_and_follower(nodes);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         // Membership changes wait for the leader's first commit.
         let w = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"first"))));
         assert_eq!(w, ClientResult::Ok(Bytes::from_static(b"first")));
@@ -4874,10 +4873,7 @@ mod removed_tests {
             });
             if leads_then_steps_down {
                 net.heal();
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
+                let rt = test_runtime();
                 let transfer = |from: &Arc<NodeHandle>, to: NodeId| {
                     let r = rt.block_on(from.call(ClientOp::TransferLeader(to)));
                     assert!(matches!(r, ClientResult::Ok(_)), "transfer to {to}: {r:?}");
@@ -4913,10 +4909,7 @@ mod removed_tests {
             net.dropped(l, f, "ReadIndexResp") > 0
         });
         net.heal();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         let r = rt.block_on(lh.call(ClientOp::TransferLeader(t)));
         assert!(matches!(r, ClientResult::Ok(_)), "transfer to {t}: {r:?}");
         assert_eq!(
@@ -5042,10 +5035,7 @@ mod removed_tests {
         let (net, nodes) = (&three.net, &three.nodes);
         let (l, _, transfer) = transfer_to_a_cut_off_follower(nodes, net);
         let lh = nodes[l as usize - 1].clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         // Five writes of 1 MB, sent in order while the transfer is on: four
         // fit in what the leader holds (4 MiB, each counted with
         // `HELD_COMMAND_OVERHEAD`), the fifth does not.
@@ -5133,10 +5123,7 @@ mod removed_tests {
         let three = Three::start(|_| {});
         let (net, nodes) = (&three.net, &three.nodes);
         let (l, f, lh, fh) = leader_and_follower(nodes);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         // A leader refuses membership changes as busy until it has
         // committed an entry of its term; a committed write shows it has.
         let w = rt.block_on(lh.call(ClientOp::Write(Bytes::from_static(b"first"))));

@@ -10,9 +10,12 @@
 //!
 //! Several nodes (`keel_node` runtimes with the KV service) run in this
 //! process over the in-memory transport. Client tasks call them through
-//! their `NodeHandle`s (sessionless, the etcd API's path), each request to
-//! a random node: puts, linearizable gets and compare-and-swaps of unique
-//! values on a few keys. A nemesis thread meanwhile isolates nodes (often
+//! their `NodeHandle`s, each request to a random node: puts, linearizable
+//! gets and compare-and-swaps of unique values on a few keys. Half the
+//! clients write without a session (the etcd API's path); the others write
+//! in a client session each, sending a write again with the same sequence
+//! number to random nodes until one answers `Ok` (the native client's
+//! retries: the session must apply it once). A nemesis thread meanwhile isolates nodes (often
 //! the leader), cuts links one way, makes links lose messages or hold them
 //! (in order) up to 80 ms, transfers leadership (sometimes
 //! isolating the target right after), and restarts nodes (graceful stop,
@@ -30,7 +33,9 @@
 //!   within `CALL_TIMEOUT`: outcome unknown (it may take effect at any time
 //!   after its call);
 //! - a read answered `Ok` is a `Get` of the value seen; any other read is
-//!   left out.
+//!   left out;
+//! - a session write is one operation from its first attempt to its `Ok`,
+//!   or of unknown outcome if its client gave up (`SESSION_ATTEMPTS`).
 //!
 //! Runs are not deterministic (threads, real time): the seed only fixes the
 //! random choices (cluster settings, the clients' requests, the nemesis's
@@ -427,6 +432,7 @@ async fn request(
     node: &NodeHandle,
     input: KvInput,
     client: u64,
+    session: Option<(u64, u64)>,
     start: Instant,
     counts: &mut Counts,
     last_seen: &mut BTreeMap<u64, Option<u64>>,
@@ -466,8 +472,18 @@ async fn request(
             ),
         ),
     };
+    let kind = match (session, kind) {
+        (Some(_), "put") => "session put",
+        (Some(_), "cas") => "session cas",
+        (_, kind) => kind,
+    };
     let call = elapsed_ns(start);
-    let answer = tokio::time::timeout(CALL_TIMEOUT, node.call(op)).await;
+    let answer = match session {
+        Some((id, seq)) if !matches!(op, ClientOp::Read(_)) => {
+            tokio::time::timeout(CALL_TIMEOUT, node.call_in_session(id, seq, op)).await
+        }
+        _ => tokio::time::timeout(CALL_TIMEOUT, node.call(op)).await,
+    };
     let ret = elapsed_ns(start);
     let is_read = kind == "get";
     let (output, kept, text) = match answer {
@@ -544,6 +560,60 @@ fn elapsed_ns(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
 }
 
+/// Session ids start here (clients with odd numbers have one).
+const SESSION_BASE: u64 = 100;
+/// How often a session write is sent (to random nodes) before its client
+/// gives up on it.
+const SESSION_ATTEMPTS: u32 = 6;
+
+/// A write in a client session, sent with the same sequence number to
+/// random nodes until one answers `Ok` (the session applies it at most
+/// once: a retry of an applied write gets its first reply), at most
+/// `SESSION_ATTEMPTS` times. One record for all the attempts, from the
+/// first call to the last answer: `Ok`, or an unknown outcome (given up;
+/// an attempt may have been applied, or may still be).
+#[allow(clippy::too_many_arguments)]
+async fn session_write(
+    cluster: &Cluster,
+    rng: &mut Rng,
+    input: KvInput,
+    client: u64,
+    session: (u64, u64),
+    start: Instant,
+    counts: &mut Counts,
+    last_seen: &mut BTreeMap<u64, Option<u64>>,
+) -> Record {
+    let ids = cluster.ids();
+    let call = elapsed_ns(start);
+    let mut answers = Vec::new();
+    for attempt in 1..=SESSION_ATTEMPTS {
+        let node = cluster.node(ids[rng.below(ids.len() as u64) as usize]);
+        let mut r = request(
+            &node,
+            input.clone(),
+            client,
+            Some(session),
+            start,
+            counts,
+            last_seen,
+        )
+        .await;
+        answers.push(format!("node {}: {}", r.node, r.answer));
+        if r.op.output.is_some() || attempt == SESSION_ATTEMPTS {
+            r.op.call = call;
+            r.kept = true;
+            r.answer = format!("session {:?}: {}", session, answers.join("; "));
+            if r.op.output.is_none() {
+                count(counts, "session write given up".to_string());
+            }
+            return r;
+        }
+        drop(node);
+        tokio::time::sleep(Duration::from_millis(rng.range(10, 100))).await;
+    }
+    unreachable!("the last attempt returns")
+}
+
 /// A client: random requests to random nodes until `stop`.
 async fn client_loop(
     client: u64,
@@ -559,6 +629,9 @@ async fn client_loop(
     let mut records = Vec::new();
     let mut counts = Counts::new();
     let mut last_seen: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+    // Every other client writes in a session of its own, as the native
+    // client does: (session id, last sequence number used).
+    let mut session = (client % 2 == 1).then_some((SESSION_BASE + client, 0u64));
     while !stop.load(Ordering::Relaxed) {
         let key = rng.below(keys);
         let roll = rng.below(100);
@@ -577,8 +650,38 @@ async fn client_loop(
             }
         };
         let node = cluster.node(ids[rng.below(ids.len() as u64) as usize]);
-        records.push(request(&node, input, client, start, &mut counts, &mut last_seen).await);
-        drop(node);
+        let record = match session.as_mut() {
+            Some((id, seq)) if !matches!(input, KvInput::Get { .. }) => {
+                *seq += 1;
+                let (id, seq) = (*id, *seq);
+                drop(node);
+                let record = session_write(
+                    &cluster,
+                    &mut rng,
+                    input,
+                    client,
+                    (id, seq),
+                    start,
+                    &mut counts,
+                    &mut last_seen,
+                )
+                .await;
+                record
+            }
+            _ => {
+                request(
+                    &node,
+                    input,
+                    client,
+                    None,
+                    start,
+                    &mut counts,
+                    &mut last_seen,
+                )
+                .await
+            }
+        };
+        records.push(record);
         tokio::time::sleep(Duration::from_micros(rng.below(5_000))).await;
     }
     (records, counts)
@@ -836,6 +939,7 @@ fn run(p: Params) {
             &node,
             input,
             final_client,
+            None,
             start,
             &mut final_counts,
             &mut seen,
@@ -857,6 +961,7 @@ fn run(p: Params) {
                     &node,
                     KvInput::Get { key },
                     final_client,
+                    None,
                     start,
                     &mut final_counts,
                     &mut seen,

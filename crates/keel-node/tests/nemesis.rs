@@ -58,7 +58,7 @@ use keel_net::codec::{ClientOp, ClientResult, OUTCOME_UNKNOWN, TRANSFER_TIMED_OU
 use keel_net::mem::MemNetwork;
 use keel_node::config::{DurabilityConfig, ServiceThreadConfig};
 use keel_node::runtime::{start_with, Transport};
-use keel_node::{NodeConfig, NodeError, NodeHandle, PeerConfig};
+use keel_node::{NodeConfig, NodeError, NodeHandle};
 use keel_sim::linearizability::{check, CheckResult, KvInput, KvOutput, Operation};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -182,60 +182,34 @@ impl Setup {
     }
 }
 
+/// Node `id` of `nodes` on the in-memory network: the defaults but for
+/// what is set here (20 ms heartbeats, 200-400 ms election timeouts, one
+/// network thread) and what the seed picked (`setup`).
 fn node_config(id: u64, nodes: u64, dir: &std::path::Path, setup: &Setup) -> NodeConfig {
-    NodeConfig {
-        id,
-        cluster_id: 7,
-        data_dir: dir.join(format!("n{id}")),
-        peer_addr: "memory:0".into(),
-        // Any free port: a restarted node binds a new one (clients here
-        // call the handles, and the address only goes into redirects).
-        client_addr: "127.0.0.1:0".into(),
-        http_addr: None,
-        etcd_addr: None,
-        etcd_cert_file: None,
-        etcd_key_file: None,
-        etcd_trusted_ca_file: None,
-        etcd_client_cert_auth: false,
-        etcd_cors: Vec::new(),
-        auto_compaction_mode: "periodic".into(),
-        auto_compaction_retention: "0".into(),
-        kv_quota_bytes: 0,
-        durability: setup.durability,
-        replicated_sync_interval_ms: 10,
-        service: "kv".into(),
-        service_thread: setup.service_thread,
-        thread_scheduling: Default::default(),
-        net_threads: 1,
-        write_timeout_ms: WRITE_TIMEOUT_MS,
-        heartbeat_ms: 20,
-        commit_notify_delay_ms: 5,
-        follower_apply_interval_ms: 1,
-        lease_reads: setup.lease_reads,
-        clock_drift_ppm: 10_000,
-        election_timeout_min_ms: 200,
-        election_timeout_max_ms: 400,
-        preferred_leaders: setup.preferred_leaders.clone(),
-        preferred_leader_hold_ms: 1_000,
-        snapshot_every_bytes: setup.snapshot_every_bytes,
-        snapshot_log_percent: 100,
-        // Followers that fall behind are sent entries read back from the
-        // log files.
-        log_cache_bytes: 0,
-        queue_depth: 1024,
-        max_request_bytes: 1 << 20,
-        max_unapplied_bytes: 16 << 20,
-        join: false,
-        peers: (1..=nodes)
-            .filter(|&p| p != id)
-            .map(|p| PeerConfig {
-                id: p,
-                peer_addr: "memory:0".into(),
-                client_addr: format!("127.0.0.1:{}", 1000 + p),
-                etcd_addr: None,
-            })
-            .collect(),
+    // Any free client port: a restarted node binds a new one (clients here
+    // call the handles, and the address only goes into redirects).
+    let mut text = format!(
+        "id = {id}\ncluster_id = 7\ndata_dir = \"d\"\npeer_addr = \"memory:0\"\n\
+         client_addr = \"127.0.0.1:0\"\nservice = \"kv\"\nnet_threads = 1\n\
+         heartbeat_ms = 20\nelection_timeout_min_ms = 200\nelection_timeout_max_ms = 400\n\
+         preferred_leader_hold_ms = 1000\nwrite_timeout_ms = {WRITE_TIMEOUT_MS}\n\
+         # Followers that fall behind are sent entries read back from the log files.\n\
+         log_cache_bytes = 0\n"
+    );
+    for p in (1..=nodes).filter(|&p| p != id) {
+        text.push_str(&format!(
+            "[[peers]]\nid = {p}\npeer_addr = \"memory:0\"\nclient_addr = \"127.0.0.1:{}\"\n",
+            1000 + p
+        ));
     }
+    let mut cfg: NodeConfig = toml::from_str(&text).expect("config");
+    cfg.data_dir = dir.join(format!("n{id}"));
+    cfg.durability = setup.durability;
+    cfg.service_thread = setup.service_thread;
+    cfg.lease_reads = setup.lease_reads;
+    cfg.preferred_leaders = setup.preferred_leaders.clone();
+    cfg.snapshot_every_bytes = setup.snapshot_every_bytes;
+    cfg
 }
 
 /// The nodes, their network, and the handles of nodes restarted since

@@ -180,6 +180,10 @@ fn courier(inner: Weak<Mutex<Inner>>, wake: Arc<Condvar>) {
             return;
         };
         let mut ready = Vec::new();
+        // Each taken message's link and due time: the link counts as
+        // holding it until it is delivered (`due`), so that a message sent
+        // meanwhile waits behind it rather than overtaking it.
+        let mut taken = Vec::new();
         {
             let Ok(mut g) = inner.lock() else {
                 return;
@@ -191,18 +195,14 @@ fn courier(inner: Weak<Mutex<Inner>>, wake: Arc<Condvar>) {
                     break;
                 }
                 let m = entry.remove();
-                let link = (m.from, m.to);
-                if g.due.get(&link) == Some(&at) {
-                    // Its link's last: the link holds nothing now.
-                    g.due.remove(&link);
-                }
+                taken.push(((m.from, m.to), at));
                 if g.cut.contains(&(m.from, m.to)) {
                     *g.dropped.entry((m.from, m.to, m.body.name())).or_default() += 1;
                 } else if let Some(inbound) = g.nodes.get(&m.to).cloned() {
                     ready.push((inbound, m));
                 }
             }
-            if ready.is_empty() {
+            if taken.is_empty() {
                 // Until the next is due; at most 50 ms, to notice the
                 // network is gone.
                 let next = g.held.keys().next().map(|k| k.0);
@@ -216,6 +216,15 @@ fn courier(inner: Weak<Mutex<Inner>>, wake: Arc<Condvar>) {
         }
         for (inbound, m) in ready {
             inbound(m);
+        }
+        let Ok(mut g) = inner.lock() else {
+            return;
+        };
+        for (link, at) in taken {
+            if g.due.get(&link) == Some(&at) {
+                // Its link's last: the link holds nothing now.
+                g.due.remove(&link);
+            }
         }
     }
 }
@@ -291,6 +300,36 @@ mod tests {
         // Nothing held any more: delivered at once.
         peers.send(msg(1, 2, 4));
         assert_eq!(got.lock().unwrap().len(), 4);
+    }
+
+    /// A message sent while the courier is handing over the link's last
+    /// held one waits for it.
+    #[test]
+    fn a_message_sent_while_a_held_one_is_being_delivered_comes_after_it() {
+        let net = MemNetwork::new();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (g, s) = (got.clone(), started.clone());
+        let peers = net.join(1, Arc::new(|_| {}));
+        net.join(
+            2,
+            Arc::new(move |m: Message| {
+                if m.term == 1 {
+                    s.store(true, std::sync::atomic::Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                g.lock().unwrap().push((m.term, Instant::now()));
+            }),
+        );
+        net.delay(1, 2, Duration::from_millis(5));
+        peers.send(msg(1, 2, 1));
+        net.delay(1, 2, Duration::ZERO);
+        while !started.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        peers.send(msg(1, 2, 2));
+        let terms: Vec<u64> = wait_for(&got, 2).iter().map(|(t, _)| *t).collect();
+        assert_eq!(terms, vec![1, 2]);
     }
 
     #[test]

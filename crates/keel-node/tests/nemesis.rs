@@ -51,7 +51,6 @@
 //! done
 //! ```
 
-use bytes::Bytes;
 use keel_core::rng::Rng;
 use keel_kv::{Command, Compare, KvService, Query, Response};
 use keel_net::codec::{ClientOp, ClientResult, OUTCOME_UNKNOWN, TRANSFER_TIMED_OUT};
@@ -59,7 +58,12 @@ use keel_net::mem::MemNetwork;
 use keel_node::config::{DurabilityConfig, ServiceThreadConfig};
 use keel_node::runtime::{start_with, Transport};
 use keel_node::{NodeConfig, NodeError, NodeHandle};
-use keel_sim::linearizability::{check, CheckResult, KvInput, KvOutput, Operation};
+use keel_sim::history::{
+    check_records, count, elapsed_ns, error_kind, gather, key_bytes, liveness, operation,
+    parse_value, print_run, random_input, seed_from_env, u64_from_env, value_bytes, Counts,
+    LastSeen, Record,
+};
+use keel_sim::linearizability::{KvInput, KvOutput};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -107,10 +111,7 @@ fn nemesis_five_nodes() {
 }
 
 fn secs(default: u64) -> u64 {
-    std::env::var("KEEL_NEMESIS_SECS")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(default)
+    u64_from_env("KEEL_NEMESIS_SECS", default)
 }
 
 /// The nemesis's pause between actions: `KEEL_NEMESIS_PACE_MS` (`LO-HI`
@@ -127,16 +128,7 @@ fn pace() -> (u64, u64) {
 }
 
 fn seed() -> u64 {
-    if let Some(s) = std::env::var("KEEL_NEMESIS_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-    {
-        return s;
-    }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    Rng::new(t ^ (u64::from(std::process::id()) << 32)).next_u64() % 1_000_000_000
+    seed_from_env("KEEL_NEMESIS_SEED")
 }
 
 struct Params {
@@ -322,60 +314,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One request as a client made it, whether or not it is in the history.
-#[derive(Clone)]
-struct Record {
-    op: Operation,
-    node: u64,
-    answer: String,
-    /// In the history (else left out: refused, or a read not served).
-    kept: bool,
-}
-
-/// Answers by kind ("put ok", "cas not-leader", "get error: ...").
-type Counts = BTreeMap<String, u64>;
-
-fn count(counts: &mut Counts, what: String) {
-    *counts.entry(what).or_default() += 1;
-}
-
-/// An error message with its numbers blanked, to count messages by kind.
-fn error_kind(msg: &str) -> String {
-    let mut out = String::new();
-    let mut in_number = false;
-    for c in msg.chars() {
-        if c.is_ascii_digit() {
-            if !in_number {
-                out.push('#');
-            }
-            in_number = true;
-        } else {
-            in_number = false;
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Whether a write's error is one this test knows (an unknown outcome:
 /// `OUTCOME_UNKNOWN`, or the node stopping with the write taken).
 fn known_write_error(msg: &str) -> bool {
     msg.starts_with(OUTCOME_UNKNOWN) || msg == "the node stopped"
-}
-
-fn value_bytes(v: u64) -> Bytes {
-    Bytes::from(v.to_string())
-}
-
-fn key_bytes(k: u64) -> Bytes {
-    Bytes::from(format!("k{k}"))
-}
-
-fn parse_value(b: &[u8]) -> u64 {
-    std::str::from_utf8(b)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("a value this test never wrote: {b:?}"))
 }
 
 fn short(r: &ClientResult) -> String {
@@ -517,21 +459,11 @@ async fn request(
         }
     };
     Record {
-        op: Operation {
-            client,
-            input,
-            output,
-            call,
-            ret: Some(ret),
-        },
+        op: operation(client, input, output, call, ret),
         node: node.id(),
         answer: text,
         kept,
     }
-}
-
-fn elapsed_ns(start: Instant) -> u64 {
-    start.elapsed().as_nanos() as u64
 }
 
 /// Session ids start here (clients with odd numbers have one).
@@ -603,27 +535,18 @@ async fn client_loop(
     let ids = cluster.ids();
     let mut records = Vec::new();
     let mut counts = Counts::new();
-    let mut last_seen: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+    let mut last_seen = LastSeen::new();
     // Every other client writes in a session of its own, as the native
     // client does: (session id, last sequence number used).
     let mut session = (client % 2 == 1).then_some((SESSION_BASE + client, 0u64));
     while !stop.load(Ordering::Relaxed) {
-        let key = rng.below(keys);
-        let roll = rng.below(100);
-        let input = if roll < 45 {
-            KvInput::Put {
-                key,
-                value: values.fetch_add(1, Ordering::Relaxed),
-            }
-        } else if roll < 80 {
-            KvInput::Get { key }
-        } else {
-            KvInput::Cas {
-                key,
-                expected: last_seen.get(&key).copied().flatten(),
-                new: values.fetch_add(1, Ordering::Relaxed),
-            }
-        };
+        let input = random_input(
+            &mut rng,
+            keys,
+            (45, 35),
+            || values.fetch_add(1, Ordering::Relaxed),
+            &last_seen,
+        );
         let node = cluster.node(ids[rng.below(ids.len() as u64) as usize]);
         let record = match session.as_mut() {
             Some((id, seq)) if !matches!(input, KvInput::Get { .. }) => {
@@ -881,77 +804,37 @@ fn run(p: Params) {
     stop_nemesis.store(true, Ordering::Relaxed);
     let (nemesis_log, nemesis_counts) = nemesis_thread.join().expect("the nemesis panicked");
     stop_clients.store(true, Ordering::Relaxed);
-    let mut records = Vec::new();
-    let mut counts = Counts::new();
-    for c in clients {
-        let (r, n) = rt.block_on(c).expect("a client task panicked");
-        records.extend(r);
-        for (k, v) in n {
-            *counts.entry(k).or_default() += v;
-        }
-    }
+    let (mut records, counts) = gather(
+        clients
+            .into_iter()
+            .map(|c| rt.block_on(c).expect("a client task panicked")),
+    );
     let load_ms = start.elapsed().as_millis();
 
     // Liveness: every link healed, a write through some node and a
     // linearizable read of every key on every node, within `LIVENESS`.
-    let healed = Instant::now();
-    let deadline = healed + LIVENESS;
-    let final_client = p.clients;
     let mut final_counts = Counts::new();
     let mut seen = BTreeMap::new();
-    let mut final_write = None;
-    let ids = cluster.ids();
-    let mut attempt = 0usize;
-    while final_write.is_none() && Instant::now() < deadline {
-        let node = cluster.node(ids[attempt % ids.len()]);
-        attempt += 1;
-        let input = KvInput::Put {
-            key: 0,
-            value: values.fetch_add(1, Ordering::Relaxed),
-        };
-        let r = rt.block_on(request(
-            &node,
-            input,
-            final_client,
-            None,
-            start,
-            &mut final_counts,
-            &mut seen,
-        ));
-        if r.op.output.is_some() {
-            final_write = Some((node.id(), healed.elapsed()));
-        } else {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        records.push(r);
-    }
-    let mut unserved = Vec::new();
-    for &id in &ids {
-        for key in 0..p.keys {
-            let mut served = false;
-            while !served && Instant::now() < deadline {
-                let node = cluster.node(id);
-                let r = rt.block_on(request(
-                    &node,
-                    KvInput::Get { key },
-                    final_client,
-                    None,
-                    start,
-                    &mut final_counts,
-                    &mut seen,
-                ));
-                served = r.op.output.is_some();
-                records.push(r);
-                if !served {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            if !served {
-                unserved.push((id, key));
-            }
-        }
-    }
-    let liveness_took = healed.elapsed();
+    let live = liveness(
+        &cluster.ids(),
+        p.keys,
+        Instant::now() + LIVENESS,
+        Duration::from_millis(20),
+        || values.fetch_add(1, Ordering::Relaxed),
+        |id, input| {
+            let node = cluster.node(id);
+            rt.block_on(request(
+                &node,
+                input,
+                p.clients,
+                None,
+                start,
+                &mut final_counts,
+                &mut seen,
+            ))
+        },
+    );
+    records.extend(live.records.iter().cloned());
     let statuses: Vec<String> = cluster
         .all()
         .iter()
@@ -962,42 +845,15 @@ fn run(p: Params) {
     let stops = cluster.stop_all();
 
     // The report.
-    let kept: Vec<&Record> = records.iter().filter(|r| r.kept).collect();
-    let history: Vec<Operation> = kept.iter().map(|r| r.op.clone()).collect();
-    let acked_writes = history
-        .iter()
-        .filter(|o| !matches!(o.input, KvInput::Get { .. }) && o.output.is_some())
-        .count() as u64;
-    let unknown_writes = history.iter().filter(|o| o.output.is_none()).count();
-    let reads = history
-        .iter()
-        .filter(|o| matches!(o.input, KvInput::Get { .. }))
-        .count() as u64;
-    println!(
-        "load {load_ms} ms: {} requests, {} in the history ({acked_writes} acknowledged writes, \
-         {unknown_writes} of unknown outcome, {reads} reads)",
-        records.len(),
-        history.len()
+    print_run(
+        load_ms,
+        &counts,
+        &live,
+        &final_counts,
+        &nemesis_counts,
+        &nemesis_log,
     );
-    println!("answers during the load:");
-    for (k, v) in &counts {
-        println!("  {v:>6}  {k}");
-    }
-    println!(
-        "after the final heal: final write {final_write:?}, every read served in {liveness_took:?}; answers:"
-    );
-    for (k, v) in &final_counts {
-        println!("  {v:>6}  {k}");
-    }
-    println!("nemesis actions:");
-    for (k, v) in &nemesis_counts {
-        println!("  {v:>6}  {k}");
-    }
     println!("node metrics, summed over every node run: {metrics}");
-    println!("nemesis log:");
-    for l in &nemesis_log {
-        println!("  {l}");
-    }
     let unclassified: Vec<(&String, &u64)> = counts
         .iter()
         .chain(&final_counts)
@@ -1006,19 +862,10 @@ fn run(p: Params) {
     if !unclassified.is_empty() {
         println!("UNCLASSIFIED write errors (taken as unknown outcomes): {unclassified:?}");
     }
-
-    let checked = Instant::now();
-    let verdict = check(&history);
-    println!(
-        "checked {} ops in {:?}: {}",
-        history.len(),
-        checked.elapsed(),
-        match &verdict {
-            CheckResult::Linearizable => "linearizable".to_string(),
-            CheckResult::NotLinearizable { key, .. } => format!("NOT linearizable on k{key}"),
-            CheckResult::Unknown { key } => format!("search budget exhausted on k{key}"),
-        }
-    );
+    let rerun = format!("seed {}", p.seed);
+    let served = check_records(&records, &rerun, || {
+        format!("statuses after the run: {statuses:#?}")
+    });
 
     let bad_stops: Vec<_> = stops.iter().filter(|(_, r)| r.is_err()).collect();
     assert!(
@@ -1026,115 +873,26 @@ fn run(p: Params) {
         "nodes stopped with errors: {bad_stops:?} (seed {})",
         p.seed
     );
-    match verdict {
-        CheckResult::Linearizable => {}
-        CheckResult::NotLinearizable { key, ops } => {
-            print_key(&records, key);
-            print_suspects(&records, key);
-            println!("statuses after the run: {statuses:#?}");
-            panic!(
-                "NOT LINEARIZABLE: key k{key} ({} ops in the history; every request on it \
-                 printed above, in call order) (seed {})",
-                ops.len(),
-                p.seed
-            );
-        }
-        CheckResult::Unknown { key } => panic!(
-            "the checker ran out of its search budget on key k{key}: the history is too \
-             large or too concurrent to check, which proves nothing either way (seed {})",
-            p.seed
-        ),
-    }
     assert!(
-        final_write.is_some(),
+        live.final_write.is_some(),
         "LIVENESS: no write was acknowledged within {LIVENESS:?} of the final heal; statuses: \
          {statuses:#?} (seed {})",
         p.seed
     );
     assert!(
-        unserved.is_empty(),
+        live.unserved.is_empty(),
         "LIVENESS: no linearizable read served within {LIVENESS:?} of the final heal for \
-         (node, key) {unserved:?}; statuses: {statuses:#?} (seed {})",
+         (node, key) {:?}; statuses: {statuses:#?} (seed {})",
+        live.unserved,
         p.seed
     );
     assert!(
-        acked_writes >= MIN_SERVED && reads >= MIN_SERVED,
-        "only {acked_writes} acknowledged writes and {reads} served reads: the run tested too \
-         little (seed {})",
+        served.acked_writes >= MIN_SERVED && served.reads >= MIN_SERVED,
+        "only {} acknowledged writes and {} served reads: the run tested too little (seed {})",
+        served.acked_writes,
+        served.reads,
         p.seed
     );
-}
-
-/// Every request on `key`, in call order, for a failure's evidence.
-fn print_key(records: &[Record], key: u64) {
-    let mut on_key: Vec<&Record> = records
-        .iter()
-        .filter(|r| match r.op.input {
-            KvInput::Put { key: k, .. } | KvInput::Get { key: k } | KvInput::Cas { key: k, .. } => {
-                k == key
-            }
-        })
-        .collect();
-    on_key.sort_by_key(|r| r.op.call);
-    println!(
-        "every request on k{key} (times in ms since the start; [out] = left out of the history):"
-    );
-    for r in on_key {
-        println!(
-            "  {:>10.3} .. {:>10.3}  client {} node {}  {:?}  ->  {:?}  {}{}",
-            r.op.call as f64 / 1e6,
-            r.op.ret.unwrap_or(0) as f64 / 1e6,
-            r.op.client,
-            r.node,
-            r.op.input,
-            r.op.output,
-            r.answer,
-            if r.kept { "" } else { "  [out]" }
-        );
-    }
-}
-
-/// The clearest evidence, when there is some: reads on `key` that saw a
-/// value whose write is not in the history as one that took effect (it
-/// was refused, or never made), with that write's record.
-fn print_suspects(records: &[Record], key: u64) {
-    let written = |v: u64| {
-        records.iter().find(|r| match r.op.input {
-            KvInput::Put { value, .. } | KvInput::Cas { new: value, .. } => value == v,
-            KvInput::Get { .. } => false,
-        })
-    };
-    for r in records.iter().filter(|r| r.kept) {
-        let (KvInput::Get { key: k }, Some(KvOutput::Get(Some(v)))) = (&r.op.input, &r.op.output)
-        else {
-            continue;
-        };
-        if *k != key {
-            continue;
-        }
-        match written(*v) {
-            Some(w) if w.kept && w.op.output != Some(KvOutput::Cas(false)) => {}
-            w => println!(
-                "SUSPECT: client {} read {v} through node {} at {:.3} ms; its write: {}",
-                r.op.client,
-                r.node,
-                r.op.call as f64 / 1e6,
-                match w {
-                    Some(w) => format!(
-                        "client {} node {} {:?} called at {:.3} ms, answered {} at {:.3} ms{}",
-                        w.op.client,
-                        w.node,
-                        w.op.input,
-                        w.op.call as f64 / 1e6,
-                        w.answer,
-                        w.op.ret.unwrap_or(0) as f64 / 1e6,
-                        if w.kept { "" } else { " [out]" }
-                    ),
-                    None => "none made".to_string(),
-                }
-            ),
-        }
-    }
 }
 
 /// The runtime counters this test means to exercise, summed over every

@@ -2,6 +2,7 @@
 //! with safety invariants checked after every step, a linearizability
 //! checker for client histories, and liveness checks after faults heal.
 
+pub mod history;
 pub mod invariants;
 pub mod kv;
 pub mod linearizability;

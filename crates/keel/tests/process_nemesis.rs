@@ -1,0 +1,708 @@
+//! A randomized fault-injection ("nemesis") test of real `keel server`
+//! processes, checked for linearizability: what `keel-node`'s in-process
+//! nemesis cannot do. Nodes are killed with SIGKILL mid-write (no graceful
+//! stop: the log, snapshot and session files are recovered from whatever
+//! the process left) and restarted; stopped with SIGSTOP and resumed, as a
+//! long garbage-collection pause or a frozen virtual machine would (a
+//! leader that wakes still believing it leads; with lease reads on, its
+//! lease must have run out by the clock that kept going); their peer links,
+//! real TCP through `common::proxy`, are cut, stalled one way, or slowed.
+//!
+//! The clients are the ones users run: half of them speak the etcd v3 API
+//! (gRPC, sessionless writes: etcd's error contract), each request to a
+//! random member; the other half use `keel_client::Client` over the native
+//! protocol (a client session each, with the library's own retries and
+//! redirects: a write is applied once however often it is sent). Both put,
+//! read linearizably, and compare-and-swap unique values on the same few
+//! keys, so one history holds them all. At the end every link is healed,
+//! every node resumed or started again, and each must serve a write and
+//! linearizable reads of every key (liveness); then the whole history must
+//! be linearizable (`keel_sim::linearizability`) and no node's log may show
+//! a panic.
+//!
+//! How answers go into the history (the contract under test):
+//! - etcd API: a put or txn answered is what it says; "etcdserver: no
+//!   leader" and "etcdserver: too many requests" promise the write was not
+//!   applied (left out: if it was, a read sees its unique value and the
+//!   check fails); any other error, a broken connection or no answer in
+//!   time is an unknown outcome;
+//! - native client: `Ok` is what it says; `NoLeader` and `Refused` promise
+//!   the write was not applied; `Uncertain`, other errors and no answer in
+//!   time are unknown outcomes;
+//! - a read answered is a read of what it returned; other reads are left
+//!   out.
+//!
+//! `KEEL_NEMESIS_SEED` sets the seed (printed at the start) and
+//! `KEEL_NEMESIS_SECS` the seconds of load (15 by default). To soak:
+//!
+//! ```sh
+//! for i in $(seq 20); do
+//!   KEEL_NEMESIS_SECS=30 cargo test --release -p keel --test process_nemesis -- --nocapture \
+//!     > /tmp/process_nemesis_$i.log 2>&1 || { echo "failed: /tmp/process_nemesis_$i.log"; break; }
+//! done
+//! ```
+
+mod common;
+
+use common::proxy::Way;
+use common::TestCluster;
+use keel_client::{Client, ClientError, ClientOptions};
+use keel_core::rng::Rng;
+use keel_etcd_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
+use keel_etcd_proto::etcdserverpb::request_op::Request as Req;
+use keel_etcd_proto::etcdserverpb::response_op::Response as Resp;
+use keel_etcd_proto::etcdserverpb::{Compare, PutRequest, RangeRequest, RequestOp, TxnRequest};
+use keel_kv::{Command, Compare as KvCompare, Query, Response};
+use keel_sim::history::{
+    check_records, count, elapsed_ns, error_kind, gather, key_bytes, liveness, operation,
+    parse_value, print_run, random_input, seed_from_env, u64_from_env, value_bytes, Counts,
+    LastSeen, Record,
+};
+use keel_sim::linearizability::{KvInput, KvOutput};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+const NODES: u64 = 3;
+const KEYS: u64 = 4;
+const CLIENTS: u64 = 6;
+/// How long a client waits for an answer before taking the outcome as
+/// unknown.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// After the final heal, how long the cluster has to serve a write and a
+/// linearizable read of every key on every node (a restarted node may
+/// need an election and a catch-up first).
+const LIVENESS: Duration = Duration::from_secs(20);
+/// A run that serves fewer acknowledged writes or reads than this fails:
+/// it tested nothing.
+const MIN_SERVED: u64 = 50;
+
+#[test]
+fn process_nemesis() {
+    let seed = seed_from_env("KEEL_NEMESIS_SEED");
+    let secs = u64_from_env("KEEL_NEMESIS_SECS", 15);
+    let mut rng = Rng::new(seed);
+    let setup = Setup::pick(&mut rng);
+    println!(
+        "process nemesis: seed {seed} (rerun with KEEL_NEMESIS_SEED={seed}), {secs} s of load, \
+         {CLIENTS} clients, {KEYS} keys"
+    );
+    println!("settings: {setup:?}");
+    let cluster = TestCluster::start_proxied(NODES, &setup.toml());
+    cluster.wait_for_leader(Duration::from_secs(20));
+    let etcd: Vec<String> = cluster.nodes.iter().map(|n| n.etcd.clone()).collect();
+    let native = cluster.endpoints();
+
+    let start = Instant::now();
+    let values = Arc::new(AtomicU64::new(1));
+    let stop_clients = Arc::new(AtomicBool::new(false));
+    let stop_nemesis = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    // (A lazy channel needs the runtime it will run on.)
+    let in_rt = rt.enter();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let api = if c % 2 == 0 {
+                Api::Etcd(etcd.iter().map(|a| lazy_kv_client(a)).collect())
+            } else {
+                Api::Native(Box::new(native_client(&native, c)))
+            };
+            rt.spawn(client_loop(
+                c,
+                seed,
+                api,
+                values.clone(),
+                stop_clients.clone(),
+                start,
+            ))
+        })
+        .collect();
+    let nemesis_thread = {
+        let stop = stop_nemesis.clone();
+        std::thread::spawn(move || nemesis(seed, cluster, stop, start))
+    };
+    std::thread::sleep(Duration::from_secs(secs));
+    stop_nemesis.store(true, Ordering::Relaxed);
+    let (cluster, nemesis_log, nemesis_counts) =
+        nemesis_thread.join().expect("the nemesis panicked");
+    stop_clients.store(true, Ordering::Relaxed);
+    let (mut records, counts) = gather(
+        clients
+            .into_iter()
+            .map(|c| rt.block_on(c).expect("a client task panicked")),
+    );
+    let load_ms = start.elapsed().as_millis();
+
+    // Liveness: a write, and a linearizable read of every key through
+    // every node's etcd API, within `LIVENESS` of the final heal.
+    let mut final_counts = Counts::new();
+    let mut last_seen = LastSeen::new();
+    let kv: Vec<KvClient<Channel>> = etcd.iter().map(|a| lazy_kv_client(a)).collect();
+    let live = liveness(
+        &(1..=NODES).collect::<Vec<u64>>(),
+        KEYS,
+        Instant::now() + LIVENESS,
+        Duration::from_millis(50),
+        || values.fetch_add(1, Ordering::Relaxed),
+        |id, input| {
+            let ctx = Ctx {
+                client: CLIENTS,
+                start,
+                counts: &mut final_counts,
+                last_seen: &mut last_seen,
+            };
+            rt.block_on(etcd_request(&kv[(id - 1) as usize], id, input, ctx))
+        },
+    );
+    records.extend(live.records.iter().cloned());
+    let statuses: Vec<String> = (1..=NODES)
+        .map(|id| format!("{:?}", cluster.status(id)))
+        .collect();
+    drop(kv);
+    drop(in_rt);
+    drop(rt);
+
+    // The report.
+    print_run(
+        load_ms,
+        &counts,
+        &live,
+        &final_counts,
+        &nemesis_counts,
+        &nemesis_log,
+    );
+    let rerun = format!("KEEL_NEMESIS_SEED={seed}");
+    let served = check_records(&records, &rerun, || {
+        format!("statuses after the run: {statuses:#?}{}", cluster.logs())
+    });
+    let panics: Vec<u64> = (1..=NODES)
+        .filter(|&id| cluster.log_of(id).contains("panicked"))
+        .collect();
+    assert!(
+        panics.is_empty(),
+        "nodes {panics:?} logged a panic:{} ({rerun})",
+        cluster.logs()
+    );
+    assert!(
+        live.final_write.is_some() && live.unserved.is_empty(),
+        "LIVENESS: within {LIVENESS:?} of the final heal, final write {:?}, reads never served \
+         for (node, key) {:?}; statuses: {statuses:#?}{} ({rerun})",
+        live.final_write,
+        live.unserved,
+        cluster.logs()
+    );
+    assert!(
+        served.acked_writes >= MIN_SERVED && served.reads >= MIN_SERVED,
+        "only {} acknowledged writes and {} served reads: the run tested too little ({rerun})",
+        served.acked_writes,
+        served.reads,
+    );
+}
+
+/// The cluster settings a seed picks.
+#[derive(Debug)]
+struct Setup {
+    durability: &'static str,
+    service_thread: &'static str,
+    lease_reads: bool,
+    snapshot_every_bytes: u64,
+}
+
+impl Setup {
+    fn pick(rng: &mut Rng) -> Setup {
+        Setup {
+            durability: if rng.chance(0.5) {
+                "sync"
+            } else {
+                "replicated"
+            },
+            service_thread: if rng.chance(0.75) {
+                "dedicated"
+            } else {
+                "shared"
+            },
+            lease_reads: rng.chance(0.4),
+            // Small ones: snapshots taken, published and installed (and
+            // killed in the middle of) all through the run.
+            snapshot_every_bytes: [16 << 10, 256 << 10][rng.below(2) as usize],
+        }
+    }
+
+    fn toml(&self) -> String {
+        format!(
+            "durability = \"{}\"\nservice_thread = \"{}\"\nlease_reads = {}\n\
+             snapshot_every_bytes = {}\nwrite_timeout_ms = 2000\nnet_threads = 1\n",
+            self.durability, self.service_thread, self.lease_reads, self.snapshot_every_bytes
+        )
+    }
+}
+
+/// How a client reaches the cluster.
+enum Api {
+    /// One etcd API client per member, each request to a random one.
+    Etcd(Vec<KvClient<Channel>>),
+    /// The native client (boxed: it is much larger than a `Vec`).
+    Native(Box<Client>),
+}
+
+/// A client of member `addr`'s etcd API that connects when first used,
+/// and again after its connection breaks (the member killed).
+fn lazy_kv_client(addr: &str) -> KvClient<Channel> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect_timeout(Duration::from_millis(500));
+    KvClient::new(endpoint.connect_lazy())
+}
+
+fn native_client(endpoints: &[String], c: u64) -> Client {
+    let mut o = ClientOptions::new(endpoints.to_vec());
+    o.client_id = Some(1000 + c);
+    o.attempt_timeout = Duration::from_secs(1);
+    o.call_timeout = CALL_TIMEOUT;
+    Client::new(o).expect("client")
+}
+
+fn input_kind(input: &KvInput) -> &'static str {
+    match input {
+        KvInput::Put { .. } => "put",
+        KvInput::Get { .. } => "get",
+        KvInput::Cas { .. } => "cas",
+    }
+}
+
+/// A client: random requests until `stop`. `last_seen` is what it last saw
+/// at each key, for its compare-and-swaps.
+async fn client_loop(
+    client: u64,
+    seed: u64,
+    mut api: Api,
+    values: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    start: Instant,
+) -> (Vec<Record>, Counts) {
+    let mut rng = Rng::new(seed ^ (client + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut records = Vec::new();
+    let mut counts = Counts::new();
+    let mut last_seen = LastSeen::new();
+    while !stop.load(Ordering::Relaxed) {
+        let input = random_input(
+            &mut rng,
+            KEYS,
+            (35, 35),
+            || values.fetch_add(1, Ordering::Relaxed),
+            &last_seen,
+        );
+        let ctx = Ctx {
+            client,
+            start,
+            counts: &mut counts,
+            last_seen: &mut last_seen,
+        };
+        let record = match &mut api {
+            Api::Etcd(members) => {
+                let node = rng.below(members.len() as u64);
+                etcd_request(&members[node as usize], node + 1, input, ctx).await
+            }
+            Api::Native(c) => native_request(c, input, ctx).await,
+        };
+        records.push(record);
+        tokio::time::sleep(Duration::from_micros(rng.below(5_000))).await;
+    }
+    (records, counts)
+}
+
+/// What `last_seen` learns from an answered operation: the value it
+/// wrote, or `now`, the one it read (a failed compare-and-swap's: what was
+/// there instead).
+fn learn(last_seen: &mut LastSeen, input: &KvInput, output: &KvOutput, now: Option<u64>) {
+    let (key, seen) = match (input, output) {
+        (&KvInput::Put { key, value }, _) => (key, Some(value)),
+        (&KvInput::Cas { key, new, .. }, KvOutput::Cas(true)) => (key, Some(new)),
+        (&KvInput::Cas { key, .. } | &KvInput::Get { key }, _) => (key, now),
+    };
+    last_seen.insert(key, seen);
+}
+
+/// One request over member `node`'s etcd API (`kv`), recorded.
+async fn etcd_request(kv: &KvClient<Channel>, node: u64, input: KvInput, ctx: Ctx<'_>) -> Record {
+    let mut kv = kv.clone();
+    let call = elapsed_ns(ctx.start);
+    let answer: Result<Result<(KvOutput, Option<u64>), tonic::Status>, _> =
+        tokio::time::timeout(CALL_TIMEOUT, async {
+            match &input {
+                KvInput::Put { key, value } => {
+                    kv.put(PutRequest {
+                        key: key_bytes(*key),
+                        value: value_bytes(*value),
+                        ..Default::default()
+                    })
+                    .await?;
+                    Ok((KvOutput::PutOk, None))
+                }
+                KvInput::Get { key } => {
+                    let r = kv
+                        .range(RangeRequest {
+                            key: key_bytes(*key),
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner();
+                    let v = r.kvs.first().map(|kv| parse_value(&kv.value));
+                    Ok((KvOutput::Get(v), v))
+                }
+                KvInput::Cas { key, expected, new } => {
+                    let compare = match expected {
+                        Some(v) => Compare {
+                            key: key_bytes(*key),
+                            target: CompareTarget::Value as i32,
+                            result: CompareResult::Equal as i32,
+                            target_union: Some(TargetUnion::Value(value_bytes(*v))),
+                            ..Default::default()
+                        },
+                        None => Compare {
+                            key: key_bytes(*key),
+                            target: CompareTarget::Version as i32,
+                            result: CompareResult::Equal as i32,
+                            target_union: Some(TargetUnion::Version(0)),
+                            ..Default::default()
+                        },
+                    };
+                    let r = kv
+                        .txn(TxnRequest {
+                            compare: vec![compare],
+                            success: vec![RequestOp {
+                                request: Some(Req::RequestPut(PutRequest {
+                                    key: key_bytes(*key),
+                                    value: value_bytes(*new),
+                                    ..Default::default()
+                                })),
+                            }],
+                            // What is there instead, to compare next time.
+                            failure: vec![RequestOp {
+                                request: Some(Req::RequestRange(RangeRequest {
+                                    key: key_bytes(*key),
+                                    ..Default::default()
+                                })),
+                            }],
+                        })
+                        .await?
+                        .into_inner();
+                    let current = match r.responses.first().and_then(|o| o.response.as_ref()) {
+                        Some(Resp::ResponseRange(range)) => {
+                            range.kvs.first().map(|kv| parse_value(&kv.value))
+                        }
+                        _ => None,
+                    };
+                    Ok((KvOutput::Cas(r.succeeded), current))
+                }
+            }
+        })
+        .await;
+    let outcome = match answer {
+        Err(_) => Outcome::Timeout,
+        Ok(Ok((out, now))) => Outcome::Answered(out, now),
+        Ok(Err(status)) => {
+            let m = status.message();
+            Outcome::Failed {
+                refused: status.code() == tonic::Code::Unavailable
+                    && (m.starts_with("etcdserver: no leader")
+                        || m.starts_with("etcdserver: too many requests")),
+                text: format!("{:?}: {m}", status.code()),
+            }
+        }
+    };
+    ctx.record("etcd", node, input, call, outcome)
+}
+
+/// One request through the native client (its own retries and redirects,
+/// in its session), recorded. Its node is 0: the client picks.
+async fn native_request(c: &mut Client, input: KvInput, ctx: Ctx<'_>) -> Record {
+    let call = elapsed_ns(ctx.start);
+    let answer = tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(1), async {
+        match &input {
+            KvInput::Put { key, value } => {
+                let cmd = Command::Put {
+                    key: key_bytes(*key),
+                    value: value_bytes(*value),
+                };
+                c.write(cmd.encode()).await
+            }
+            KvInput::Get { key } => {
+                c.read(
+                    Query::Get {
+                        key: key_bytes(*key),
+                    }
+                    .encode(),
+                )
+                .await
+            }
+            KvInput::Cas { key, expected, new } => {
+                let cmd = Command::Cas {
+                    key: key_bytes(*key),
+                    expected: match expected {
+                        Some(v) => KvCompare::ValueEquals(value_bytes(*v)),
+                        None => KvCompare::VersionEquals(0),
+                    },
+                    value: value_bytes(*new),
+                };
+                c.write(cmd.encode()).await
+            }
+        }
+    })
+    .await;
+    let outcome = match answer {
+        Err(_) => Outcome::Timeout,
+        Ok(Ok(data)) => {
+            let (out, now) = match (Response::decode(&data), &input) {
+                (Ok(Response::Put { .. }), KvInput::Put { .. }) => (KvOutput::PutOk, None),
+                (
+                    Ok(Response::Cas {
+                        succeeded, current, ..
+                    }),
+                    KvInput::Cas { .. },
+                ) => (
+                    KvOutput::Cas(succeeded),
+                    current.map(|kv| parse_value(&kv.value)),
+                ),
+                (Ok(Response::Get { kv, .. }), KvInput::Get { .. }) => {
+                    let v = kv.map(|kv| parse_value(&kv.value));
+                    (KvOutput::Get(v), v)
+                }
+                (other, _) => panic!("{input:?} answered {other:?}"),
+            };
+            Outcome::Answered(out, now)
+        }
+        Ok(Err(e)) => Outcome::Failed {
+            refused: matches!(e, ClientError::NoLeader { .. } | ClientError::Refused(_)),
+            text: e.to_string(),
+        },
+    };
+    // (The client picks the node.)
+    ctx.record("native", 0, input, call, outcome)
+}
+
+/// How a request ended.
+enum Outcome {
+    /// No answer within the client's time.
+    Timeout,
+    /// Answered: what, and the key's value it saw (for `last_seen`).
+    Answered(KvOutput, Option<u64>),
+    /// An error; `refused` if it promises the write was not applied.
+    Failed { refused: bool, text: String },
+}
+
+/// A client's request in the making: who asks, the run's start, and where
+/// its answer is counted and learned from.
+struct Ctx<'a> {
+    client: u64,
+    start: Instant,
+    counts: &'a mut Counts,
+    last_seen: &'a mut LastSeen,
+}
+
+impl Ctx<'_> {
+    /// The record of a request of `input` over `api` ("etcd", "native")
+    /// to `node`, called at `call` (ns since the start), that ended now in
+    /// `outcome`: counted, learned from, and in the history unless it is
+    /// a read not served or a write refused.
+    fn record(self, api: &str, node: u64, input: KvInput, call: u64, outcome: Outcome) -> Record {
+        let ret = elapsed_ns(self.start);
+        let kind = format!("{api} {}", input_kind(&input));
+        let is_read = matches!(input, KvInput::Get { .. });
+        let (output, kept, answer) = match outcome {
+            Outcome::Timeout => {
+                count(self.counts, format!("{kind} timeout"));
+                (None, !is_read, "no answer in time".to_string())
+            }
+            Outcome::Answered(out, now) => {
+                count(self.counts, format!("{kind} ok"));
+                learn(self.last_seen, &input, &out, now);
+                let text = format!("Ok({out:?})");
+                (Some(out), true, text)
+            }
+            Outcome::Failed { refused, text } => {
+                let tag = if refused { "refused" } else { "error" };
+                count(self.counts, format!("{kind} {tag}: {}", error_kind(&text)));
+                (None, !is_read && !refused, text)
+            }
+        };
+        Record {
+            op: operation(self.client, input, output, call, ret),
+            node,
+            answer,
+            kept,
+        }
+    }
+}
+
+/// What a node is doing, for the nemesis.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Out {
+    /// Killed; started again at this time.
+    Killed(Instant),
+    /// Stopped (SIGSTOP); resumed at this time.
+    Paused(Instant),
+}
+
+/// The nemesis: a random fault every 0.4-1.2 s until `stop`, then every
+/// link healed and every node resumed or started again. At most one node
+/// is killed or paused at a time (so a majority can go on), with link
+/// faults on top. Returns the cluster, what it did, with times (ms since
+/// the start), and its actions counted.
+fn nemesis(
+    seed: u64,
+    mut c: TestCluster,
+    stop: Arc<AtomicBool>,
+    start: Instant,
+) -> (TestCluster, Vec<String>, Counts) {
+    let mut rng = Rng::new(seed ^ 0x6e65_6d65_7369_7321);
+    let mut log = Vec::new();
+    let mut counts = Counts::new();
+    let mut out: Option<(u64, Out)> = None;
+    let mut faulty_links = false;
+    let note = |log: &mut Vec<String>, counts: &mut Counts, what: &str, detail: String| {
+        log.push(format!(
+            "{:>7} ms  {what} {detail}",
+            start.elapsed().as_millis()
+        ));
+        count(counts, what.to_string());
+    };
+    let mut next = Instant::now() + Duration::from_millis(rng.range(400, 1200));
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = Instant::now();
+        // Bring back a node whose time out is up.
+        match out {
+            Some((id, Out::Killed(until))) if now >= until => {
+                c.spawn(id);
+                note(&mut log, &mut counts, "restart", format!("{id}"));
+                out = None;
+            }
+            Some((id, Out::Paused(until))) if now >= until => {
+                c.resume(id);
+                note(&mut log, &mut counts, "resume", format!("{id}"));
+                out = None;
+            }
+            _ => {}
+        }
+        if now < next {
+            continue;
+        }
+        next = now + Duration::from_millis(rng.range(400, 1200));
+        let leader = leader(&c, out.map(|(id, _)| id));
+        let any = |rng: &mut Rng| 1 + rng.below(NODES);
+        let roll = rng.below(100);
+        if faulty_links && roll < 30 {
+            for l in c.links.values() {
+                l.heal();
+            }
+            faulty_links = false;
+            note(&mut log, &mut counts, "heal links", String::new());
+        } else if roll < 55 {
+            if out.is_some() {
+                continue;
+            }
+            // The leader, or (half the time, or with none known) any node.
+            let id = match leader {
+                Some(l) if rng.chance(0.5) => l,
+                _ => any(&mut rng),
+            };
+            let down = Duration::from_millis(rng.range(100, 2000));
+            if rng.chance(0.6) {
+                c.kill(id);
+                out = Some((id, Out::Killed(now + down)));
+                note(
+                    &mut log,
+                    &mut counts,
+                    "kill",
+                    format!("{id} for {down:?} (leader {leader:?})"),
+                );
+            } else {
+                c.pause(id);
+                out = Some((id, Out::Paused(now + down)));
+                note(
+                    &mut log,
+                    &mut counts,
+                    "pause",
+                    format!("{id} for {down:?} (leader {leader:?})"),
+                );
+            }
+        } else {
+            // A link fault, most often on one of the leader's links.
+            let a = match leader {
+                Some(l) if rng.chance(0.7) => l,
+                _ => any(&mut rng),
+            };
+            let b = loop {
+                let b = any(&mut rng);
+                if b != a {
+                    break b;
+                }
+            };
+            let link = c.link(a, b);
+            let what = match rng.below(4) {
+                0 => {
+                    // Node `a` cut off from the others (its clients still
+                    // reach it).
+                    for l in c.links_of(a) {
+                        l.cut();
+                    }
+                    format!("isolate {a}")
+                }
+                1 => {
+                    link.cut();
+                    format!("cut {a}-{b}")
+                }
+                2 => {
+                    let way = if rng.chance(0.5) {
+                        Way::Forward
+                    } else {
+                        Way::Back
+                    };
+                    link.stall(way);
+                    format!("stall {a}-{b} ({way:?})")
+                }
+                _ => {
+                    let d = Duration::from_millis(rng.range(1, 60));
+                    link.delay(d);
+                    format!("slow {a}-{b} ({d:?})")
+                }
+            };
+            faulty_links = true;
+            note(
+                &mut log,
+                &mut counts,
+                "link fault",
+                format!("{what} (leader {leader:?})"),
+            );
+        }
+    }
+    // The final heal.
+    for l in c.links.values() {
+        l.heal();
+    }
+    match out {
+        Some((id, Out::Killed(_))) => c.spawn(id),
+        Some((id, Out::Paused(_))) => c.resume(id),
+        None => {}
+    }
+    note(&mut log, &mut counts, "final heal", String::new());
+    (c, log, counts)
+}
+
+/// The leader of the highest term the running nodes (all but `out`)
+/// report.
+fn leader(c: &TestCluster, out: Option<u64>) -> Option<u64> {
+    (1..=NODES)
+        .filter(|&id| Some(id) != out)
+        .filter_map(|id| c.status(id))
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term)
+        .map(|s| s.id)
+}

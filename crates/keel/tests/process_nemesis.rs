@@ -7,6 +7,9 @@
 //! leader that wakes still believing it leads; with lease reads on, its
 //! lease must have run out by the clock that kept going); their peer links,
 //! real TCP through `common::proxy`, are cut, stalled one way, or slowed.
+//! A second run (links direct) changes the membership meanwhile: two
+//! spares join in turn as learners and are promoted, and after each a
+//! voter, often the leader, is removed (`Membership`).
 //!
 //! The clients are the ones users run: half of them speak the etcd v3 API
 //! (gRPC, sessionless writes: etcd's error contract), each request to a
@@ -24,8 +27,9 @@
 //! - etcd API: a put or txn answered is what it says; "etcdserver: no
 //!   leader" and "etcdserver: too many requests" promise the write was not
 //!   applied (left out: if it was, a read sees its unique value and the
-//!   check fails); any other error, a broken connection or no answer in
-//!   time is an unknown outcome;
+//!   check fails), and so does a connection that could not be made (the
+//!   node down); any other error, a broken connection or no answer in time
+//!   is an unknown outcome;
 //! - native client: `Ok` is what it says; `NoLeader` and `Refused` promise
 //!   the write was not applied; `Uncertain`, other errors and no answer in
 //!   time are unknown outcomes;
@@ -61,7 +65,7 @@ use keel_sim::history::{
 };
 use keel_sim::linearizability::{KvInput, KvOutput};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
@@ -79,21 +83,60 @@ const LIVENESS: Duration = Duration::from_secs(20);
 /// it tested nothing.
 const MIN_SERVED: u64 = 50;
 
+/// The tests start clusters of processes: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Kills, pauses and link faults.
 #[test]
 fn process_nemesis() {
-    let seed = seed_from_env("KEEL_NEMESIS_SEED");
+    let _one = lock(&ONE_AT_A_TIME);
+    run(Params {
+        name: "kills, pauses and link faults",
+        spares: 0,
+        seed: seed_from_env("KEEL_NEMESIS_SEED"),
+    });
+}
+
+/// Kills and pauses while two spares join in turn and two voters (often
+/// the leader) are removed.
+#[test]
+fn process_nemesis_membership() {
+    let _one = lock(&ONE_AT_A_TIME);
+    run(Params {
+        name: "kills, pauses and membership changes",
+        spares: 2,
+        seed: seed_from_env("KEEL_NEMESIS_SEED").wrapping_add(1),
+    });
+}
+
+struct Params {
+    name: &'static str,
+    /// Nodes every member's configuration lists beside the three members,
+    /// for `Membership` (the links are then direct: no link faults).
+    spares: u64,
+    seed: u64,
+}
+
+fn run(p: Params) {
+    let seed = p.seed;
     let secs = u64_from_env("KEEL_NEMESIS_SECS", 15);
     let mut rng = Rng::new(seed);
     let setup = Setup::pick(&mut rng);
     println!(
-        "process nemesis: seed {seed} (rerun with KEEL_NEMESIS_SEED={seed}), {secs} s of load, \
-         {CLIENTS} clients, {KEYS} keys"
+        "process nemesis, {}: seed {seed} (rerun with KEEL_NEMESIS_SEED={seed}), {secs} s of \
+         load, {CLIENTS} clients, {KEYS} keys",
+        p.name
     );
     println!("settings: {setup:?}");
-    let cluster = TestCluster::start_proxied(NODES, &setup.toml());
+    let cluster = if p.spares == 0 {
+        TestCluster::start_proxied(NODES, &setup.toml())
+    } else {
+        TestCluster::start_with_spares(NODES, p.spares, &setup.toml())
+    };
     cluster.wait_for_leader(Duration::from_secs(20));
     let etcd: Vec<String> = cluster.nodes.iter().map(|n| n.etcd.clone()).collect();
     let native = cluster.endpoints();
+    let serving: Serving = Arc::new(Mutex::new((1..=NODES).collect()));
 
     let start = Instant::now();
     let values = Arc::new(AtomicU64::new(1));
@@ -109,7 +152,10 @@ fn process_nemesis() {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let api = if c % 2 == 0 {
-                Api::Etcd(etcd.iter().map(|a| lazy_kv_client(a)).collect())
+                Api::Etcd(
+                    etcd.iter().map(|a| lazy_kv_client(a)).collect(),
+                    serving.clone(),
+                )
             } else {
                 Api::Native(Box::new(native_client(&native, c)))
             };
@@ -124,8 +170,8 @@ fn process_nemesis() {
         })
         .collect();
     let nemesis_thread = {
-        let stop = stop_nemesis.clone();
-        std::thread::spawn(move || nemesis(seed, cluster, stop, start))
+        let (stop, serving) = (stop_nemesis.clone(), serving.clone());
+        std::thread::spawn(move || nemesis(seed, (cluster, p.spares), serving, stop, start))
     };
     std::thread::sleep(Duration::from_secs(secs));
     stop_nemesis.store(true, Ordering::Relaxed);
@@ -144,8 +190,9 @@ fn process_nemesis() {
     let mut final_counts = Counts::new();
     let mut last_seen = LastSeen::new();
     let kv: Vec<KvClient<Channel>> = etcd.iter().map(|a| lazy_kv_client(a)).collect();
+    let members = lock(&serving).clone();
     let live = liveness(
-        &(1..=NODES).collect::<Vec<u64>>(),
+        &members,
         KEYS,
         Instant::now() + LIVENESS,
         Duration::from_millis(50),
@@ -161,8 +208,9 @@ fn process_nemesis() {
         },
     );
     records.extend(live.records.iter().cloned());
-    let statuses: Vec<String> = (1..=NODES)
-        .map(|id| format!("{:?}", cluster.status(id)))
+    let statuses: Vec<String> = members
+        .iter()
+        .map(|&id| format!("{:?}", cluster.status(id)))
         .collect();
     drop(kv);
     drop(in_rt);
@@ -181,7 +229,7 @@ fn process_nemesis() {
     let served = check_records(&records, &rerun, || {
         format!("statuses after the run: {statuses:#?}{}", cluster.logs())
     });
-    let panics: Vec<u64> = (1..=NODES)
+    let panics: Vec<u64> = (1..=NODES + p.spares)
         .filter(|&id| cluster.log_of(id).contains("panicked"))
         .collect();
     assert!(
@@ -245,8 +293,9 @@ impl Setup {
 
 /// How a client reaches the cluster.
 enum Api {
-    /// One etcd API client per member, each request to a random one.
-    Etcd(Vec<KvClient<Channel>>),
+    /// One etcd API client per node (by id - 1), each request to a random
+    /// one of those serving.
+    Etcd(Vec<KvClient<Channel>>, Serving),
     /// The native client (boxed: it is much larger than a `Vec`).
     Native(Box<Client>),
 }
@@ -305,9 +354,12 @@ async fn client_loop(
             last_seen: &mut last_seen,
         };
         let record = match &mut api {
-            Api::Etcd(members) => {
-                let node = rng.below(members.len() as u64);
-                etcd_request(&members[node as usize], node + 1, input, ctx).await
+            Api::Etcd(nodes, serving) => {
+                let node = {
+                    let serving = lock(serving);
+                    serving[rng.below(serving.len() as u64) as usize]
+                };
+                etcd_request(&nodes[(node - 1) as usize], node, input, ctx).await
             }
             Api::Native(c) => native_request(c, input, ctx).await,
         };
@@ -410,9 +462,11 @@ async fn etcd_request(kv: &KvClient<Channel>, node: u64, input: KvInput, ctx: Ct
         Ok(Err(status)) => {
             let m = status.message();
             Outcome::Failed {
+                // (A connection that could not be made sent nothing.)
                 refused: status.code() == tonic::Code::Unavailable
                     && (m.starts_with("etcdserver: no leader")
-                        || m.starts_with("etcdserver: too many requests")),
+                        || m.starts_with("etcdserver: too many requests")
+                        || m == "tcp connect error"),
                 text: format!("{:?}: {m}", status.code()),
             }
         }
@@ -550,14 +604,95 @@ enum Out {
     Paused(Instant),
 }
 
+/// The nodes clients send requests to: the members (voters and learners)
+/// that have not been removed.
+type Serving = Arc<Mutex<Vec<u64>>>;
+
+/// The membership changes of a cluster started with spares
+/// (`Params::spares`): each spare in turn is started, added as a learner
+/// and promoted, and then a voter (often the leader) is removed, so the
+/// voters go from 3 to 4 and back while the nemesis kills and pauses
+/// nodes. A removed node stops; its id is never used again.
+struct Membership {
+    voters: Vec<u64>,
+    /// Spares not started yet.
+    spares: Vec<u64>,
+    /// A spare started, not yet added as a learner.
+    joining: Option<u64>,
+    learner: Option<u64>,
+}
+
+impl Membership {
+    /// Every node that runs (and may be killed or paused).
+    fn running(&self) -> Vec<u64> {
+        let mut r = self.voters.clone();
+        r.extend(self.joining.iter().chain(&self.learner));
+        r
+    }
+
+    /// The next change, through `keel cluster`; what it did (`None`: all
+    /// done).
+    fn step(&mut self, c: &mut TestCluster, serving: &Serving, victim: u64) -> Option<String> {
+        if let Some(s) = self.learner {
+            let (ok, text) = cli(c, &["cluster", "promote", &s.to_string()]);
+            if ok {
+                self.voters.push(s);
+                self.learner = None;
+            }
+            return Some(format!("promote {s}: {text}"));
+        }
+        if self.voters.len() > NODES as usize {
+            let (ok, text) = cli(c, &["cluster", "remove", &victim.to_string()]);
+            if ok {
+                self.voters.retain(|&v| v != victim);
+                lock(serving).retain(|&v| v != victim);
+                // It stops once it learns of its removal; no need to wait.
+                c.kill(victim);
+            }
+            return Some(format!("remove {victim}: {text}"));
+        }
+        let s = match self.joining {
+            Some(s) => s,
+            None => {
+                let s = self.spares.pop()?;
+                c.spawn(s);
+                self.joining = Some(s);
+                s
+            }
+        };
+        let (ok, text) = cli(c, &["cluster", "add-learner", &s.to_string()]);
+        if ok {
+            self.joining = None;
+            self.learner = Some(s);
+            lock(serving).push(s);
+        }
+        Some(format!("add-learner {s}: {text}"))
+    }
+}
+
+/// `keel cluster …` against `c`: whether it succeeded, and its last line.
+fn cli(c: &TestCluster, args: &[&str]) -> (bool, String) {
+    let (code, text) = c.keel_cli(args);
+    (
+        code == 0,
+        text.trim().lines().last().unwrap_or("").to_string(),
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The nemesis: a random fault every 0.4-1.2 s until `stop`, then every
 /// link healed and every node resumed or started again. At most one node
 /// is killed or paused at a time (so a majority can go on), with link
-/// faults on top. Returns the cluster, what it did, with times (ms since
-/// the start), and its actions counted.
+/// faults on top, or, in a cluster with spares (no proxies), membership
+/// changes while no node is out (`Membership`). Returns the cluster, what
+/// it did, with times (ms since the start), and its actions counted.
 fn nemesis(
     seed: u64,
-    mut c: TestCluster,
+    (mut c, spares): (TestCluster, u64),
+    serving: Serving,
     stop: Arc<AtomicBool>,
     start: Instant,
 ) -> (TestCluster, Vec<String>, Counts) {
@@ -566,6 +701,12 @@ fn nemesis(
     let mut counts = Counts::new();
     let mut out: Option<(u64, Out)> = None;
     let mut faulty_links = false;
+    let mut membership = Membership {
+        voters: (1..=NODES).collect(),
+        spares: (NODES + 1..=NODES + spares).rev().collect(),
+        joining: None,
+        learner: None,
+    };
     let note = |log: &mut Vec<String>, counts: &mut Counts, what: &str, detail: String| {
         log.push(format!(
             "{:>7} ms  {what} {detail}",
@@ -595,8 +736,14 @@ fn nemesis(
             continue;
         }
         next = now + Duration::from_millis(rng.range(400, 1200));
-        let leader = leader(&c, out.map(|(id, _)| id));
-        let any = |rng: &mut Rng| 1 + rng.below(NODES);
+        let running = membership.running();
+        let leader = leader(&c, &running, out.map(|(id, _)| id));
+        let any = |rng: &mut Rng| running[rng.below(running.len() as u64) as usize];
+        // The leader, or (half the time, or with none known) any node.
+        let victim = |rng: &mut Rng| match leader {
+            Some(l) if rng.chance(0.5) => l,
+            _ => any(rng),
+        };
         let roll = rng.below(100);
         if faulty_links && roll < 30 {
             for l in c.links.values() {
@@ -608,11 +755,7 @@ fn nemesis(
             if out.is_some() {
                 continue;
             }
-            // The leader, or (half the time, or with none known) any node.
-            let id = match leader {
-                Some(l) if rng.chance(0.5) => l,
-                _ => any(&mut rng),
-            };
+            let id = victim(&mut rng);
             let down = Duration::from_millis(rng.range(100, 2000));
             if rng.chance(0.6) {
                 c.kill(id);
@@ -633,6 +776,24 @@ fn nemesis(
                     format!("{id} for {down:?} (leader {leader:?})"),
                 );
             }
+        } else if c.links.is_empty() {
+            if out.is_some() {
+                continue;
+            }
+            let voters = &membership.voters;
+            let removed = match leader {
+                Some(l) if rng.chance(0.5) && voters.contains(&l) => l,
+                _ => voters[rng.below(voters.len() as u64) as usize],
+            };
+            let Some(what) = membership.step(&mut c, &serving, removed) else {
+                continue;
+            };
+            note(
+                &mut log,
+                &mut counts,
+                "membership",
+                format!("{what} (leader {leader:?})"),
+            );
         } else {
             // A link fault, most often on one of the leader's links.
             let a = match leader {
@@ -696,10 +857,12 @@ fn nemesis(
     (c, log, counts)
 }
 
-/// The leader of the highest term the running nodes (all but `out`)
+/// The leader of the highest term the `running` nodes (all but `out`)
 /// report.
-fn leader(c: &TestCluster, out: Option<u64>) -> Option<u64> {
-    (1..=NODES)
+fn leader(c: &TestCluster, running: &[u64], out: Option<u64>) -> Option<u64> {
+    running
+        .iter()
+        .copied()
         .filter(|&id| Some(id) != out)
         .filter_map(|id| c.status(id))
         .filter(|s| s.role == "leader")

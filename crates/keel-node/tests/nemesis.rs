@@ -93,7 +93,7 @@ fn nemesis_three_nodes() {
         keys: 4,
         clients: 7,
         secs: secs(12),
-        seed: seed(),
+        seed_offset: 0,
     });
 }
 
@@ -106,7 +106,7 @@ fn nemesis_five_nodes() {
         keys: 5,
         clients: 8,
         secs: secs(10),
-        seed: seed().wrapping_add(5),
+        seed_offset: 5,
     });
 }
 
@@ -137,7 +137,9 @@ struct Params {
     keys: u64,
     clients: u64,
     secs: u64,
-    seed: u64,
+    /// Added to the seed (`KEEL_NEMESIS_SEED`), so the tests of one run
+    /// differ.
+    seed_offset: u64,
 }
 
 /// The cluster settings a seed picks.
@@ -763,11 +765,15 @@ fn current_thread_runtime() -> tokio::runtime::Runtime {
 }
 
 fn run(p: Params) {
-    let mut rng = Rng::new(p.seed);
+    let base = seed();
+    let seed = base.wrapping_add(p.seed_offset);
+    // (Every failure message names it.)
+    let rerun = format!("rerun with KEEL_NEMESIS_SEED={base}");
+    let mut rng = Rng::new(seed);
     let setup = Setup::pick(&mut rng, p.nodes);
     println!(
-        "nemesis, {}: seed {} (rerun with KEEL_NEMESIS_SEED={}), {} s of load, {} clients, {} keys",
-        p.name, p.seed, p.seed, p.secs, p.clients, p.keys
+        "nemesis, {}: seed {seed} ({rerun}), {} s of load, {} clients, {} keys",
+        p.name, p.secs, p.clients, p.keys
     );
     println!("settings: {setup:?}, nemesis pause {:?} ms", pace());
     let cluster = Arc::new(Cluster::start(p.nodes, &setup));
@@ -786,7 +792,7 @@ fn run(p: Params) {
         .map(|c| {
             rt.spawn(client_loop(
                 c,
-                p.seed,
+                seed,
                 p.keys,
                 cluster.clone(),
                 values.clone(),
@@ -797,7 +803,6 @@ fn run(p: Params) {
         .collect();
     let nemesis_thread = {
         let (cluster, stop) = (cluster.clone(), stop_nemesis.clone());
-        let seed = p.seed;
         std::thread::spawn(move || nemesis(seed, cluster, stop, start))
     };
     std::thread::sleep(Duration::from_secs(p.secs));
@@ -862,7 +867,6 @@ fn run(p: Params) {
     if !unclassified.is_empty() {
         println!("UNCLASSIFIED write errors (taken as unknown outcomes): {unclassified:?}");
     }
-    let rerun = format!("seed {}", p.seed);
     let served = check_records(&records, &rerun, || {
         format!("statuses after the run: {statuses:#?}")
     });
@@ -870,28 +874,24 @@ fn run(p: Params) {
     let bad_stops: Vec<_> = stops.iter().filter(|(_, r)| r.is_err()).collect();
     assert!(
         bad_stops.is_empty(),
-        "nodes stopped with errors: {bad_stops:?} (seed {})",
-        p.seed
+        "nodes stopped with errors: {bad_stops:?} ({rerun})"
     );
     assert!(
         live.final_write.is_some(),
         "LIVENESS: no write was acknowledged within {LIVENESS:?} of the final heal; statuses: \
-         {statuses:#?} (seed {})",
-        p.seed
+         {statuses:#?} ({rerun})"
     );
     assert!(
         live.unserved.is_empty(),
         "LIVENESS: no linearizable read served within {LIVENESS:?} of the final heal for \
-         (node, key) {:?}; statuses: {statuses:#?} (seed {})",
+         (node, key) {:?}; statuses: {statuses:#?} ({rerun})",
         live.unserved,
-        p.seed
     );
     assert!(
         served.acked_writes >= MIN_SERVED && served.reads >= MIN_SERVED,
-        "only {} acknowledged writes and {} served reads: the run tested too little (seed {})",
+        "only {} acknowledged writes and {} served reads: the run tested too little ({rerun})",
         served.acked_writes,
         served.reads,
-        p.seed
     );
 }
 

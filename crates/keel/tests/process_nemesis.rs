@@ -93,7 +93,7 @@ fn process_nemesis() {
     run(Params {
         name: "kills, pauses and link faults",
         spares: 0,
-        seed: seed_from_env("KEEL_NEMESIS_SEED"),
+        seed_offset: 0,
     });
 }
 
@@ -105,7 +105,7 @@ fn process_nemesis_membership() {
     run(Params {
         name: "kills, pauses and membership changes",
         spares: 2,
-        seed: seed_from_env("KEEL_NEMESIS_SEED").wrapping_add(1),
+        seed_offset: 1,
     });
 }
 
@@ -114,17 +114,21 @@ struct Params {
     /// Nodes every member's configuration lists beside the three members,
     /// for `Membership` (the links are then direct: no link faults).
     spares: u64,
-    seed: u64,
+    /// Added to the seed (`KEEL_NEMESIS_SEED`), so the tests of one run
+    /// differ.
+    seed_offset: u64,
 }
 
 fn run(p: Params) {
-    let seed = p.seed;
+    let base = seed_from_env("KEEL_NEMESIS_SEED");
+    let seed = base.wrapping_add(p.seed_offset);
+    let rerun = format!("KEEL_NEMESIS_SEED={base}");
     let secs = u64_from_env("KEEL_NEMESIS_SECS", 15);
     let mut rng = Rng::new(seed);
     let setup = Setup::pick(&mut rng);
     println!(
-        "process nemesis, {}: seed {seed} (rerun with KEEL_NEMESIS_SEED={seed}), {secs} s of \
-         load, {CLIENTS} clients, {KEYS} keys",
+        "process nemesis, {}: seed {seed} (rerun with {rerun}), {secs} s of load, {CLIENTS} \
+         clients, {KEYS} keys",
         p.name
     );
     println!("settings: {setup:?}");
@@ -225,7 +229,6 @@ fn run(p: Params) {
         &nemesis_counts,
         &nemesis_log,
     );
-    let rerun = format!("KEEL_NEMESIS_SEED={seed}");
     let served = check_records(&records, &rerun, || {
         format!("statuses after the run: {statuses:#?}{}", cluster.logs())
     });

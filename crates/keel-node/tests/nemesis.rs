@@ -60,8 +60,8 @@ use keel_node::runtime::{start_with, Transport};
 use keel_node::{NodeConfig, NodeError, NodeHandle};
 use keel_sim::history::{
     check_records, count, elapsed_ns, error_kind, gather, key_bytes, liveness, operation,
-    parse_value, print_run, random_input, seed_from_env, u64_from_env, value_bytes, Counts,
-    LastSeen, Record,
+    parse_value, print_run, random_input, range_from_env, seed_from_env, u64_from_env, value_bytes,
+    Counts, LastSeen, Record,
 };
 use keel_sim::linearizability::{KvInput, KvOutput};
 use std::collections::BTreeMap;
@@ -117,14 +117,7 @@ fn secs(default: u64) -> u64 {
 /// The nemesis's pause between actions: `KEEL_NEMESIS_PACE_MS` (`LO-HI`
 /// ms), 200-700 ms by default.
 fn pace() -> (u64, u64) {
-    std::env::var("KEEL_NEMESIS_PACE_MS")
-        .ok()
-        .and_then(|s| {
-            let (lo, hi) = s.trim().split_once('-')?;
-            Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))
-        })
-        .filter(|(lo, hi)| lo < hi)
-        .unwrap_or((200, 700))
+    range_from_env("KEEL_NEMESIS_PACE_MS", (200, 700))
 }
 
 fn seed() -> u64 {

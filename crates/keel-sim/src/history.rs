@@ -260,6 +260,19 @@ pub fn print_run(
     }
 }
 
+/// A range of milliseconds from the environment variable `var` (`LO-HI`,
+/// LO below HI), else `default`: a nemesis's pause between two actions.
+pub fn range_from_env(var: &str, default: (u64, u64)) -> (u64, u64) {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| {
+            let (lo, hi) = s.trim().split_once('-')?;
+            Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))
+        })
+        .filter(|(lo, hi)| lo < hi)
+        .unwrap_or(default)
+}
+
 /// What the history held, for the report and the test's own minimums.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Served {

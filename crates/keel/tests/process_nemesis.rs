@@ -36,8 +36,10 @@
 //! - a read answered is a read of what it returned; other reads are left
 //!   out.
 //!
-//! `KEEL_NEMESIS_SEED` sets the seed (printed at the start) and
-//! `KEEL_NEMESIS_SECS` the seconds of load (15 by default). To soak:
+//! `KEEL_NEMESIS_SEED` sets the seed (printed at the start),
+//! `KEEL_NEMESIS_SECS` the seconds of load (15 by default) and
+//! `KEEL_NEMESIS_PACE_MS` (`LO-HI`, default `400-1200`) the range of the
+//! nemesis's random pause between two actions. To soak:
 //!
 //! ```sh
 //! for i in $(seq 20); do
@@ -60,8 +62,8 @@ use keel_etcd_proto::etcdserverpb::{Compare, PutRequest, RangeRequest, RequestOp
 use keel_kv::{Command, Compare as KvCompare, Query, Response};
 use keel_sim::history::{
     check_records, count, elapsed_ns, error_kind, gather, key_bytes, liveness, operation,
-    parse_value, print_run, random_input, seed_from_env, u64_from_env, value_bytes, Counts,
-    LastSeen, Record,
+    parse_value, print_run, random_input, range_from_env, seed_from_env, u64_from_env, value_bytes,
+    Counts, LastSeen, Record,
 };
 use keel_sim::linearizability::{KvInput, KvOutput};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -686,7 +688,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The nemesis: a random fault every 0.4-1.2 s until `stop`, then every
+/// The nemesis: a random fault every 0.4-1.2 s (`KEEL_NEMESIS_PACE_MS`)
+/// until `stop`, then every
 /// link healed and every node resumed or started again. At most one node
 /// is killed or paused at a time (so a majority can go on), with link
 /// faults on top, or, in a cluster with spares (no proxies), membership
@@ -717,7 +720,8 @@ fn nemesis(
         ));
         count(counts, what.to_string());
     };
-    let mut next = Instant::now() + Duration::from_millis(rng.range(400, 1200));
+    let pace = range_from_env("KEEL_NEMESIS_PACE_MS", (400, 1200));
+    let mut next = Instant::now() + Duration::from_millis(rng.range(pace.0, pace.1));
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(10));
         let now = Instant::now();
@@ -738,7 +742,7 @@ fn nemesis(
         if now < next {
             continue;
         }
-        next = now + Duration::from_millis(rng.range(400, 1200));
+        next = now + Duration::from_millis(rng.range(pace.0, pace.1));
         let running = membership.running();
         let leader = leader(&c, &running, out.map(|(id, _)| id));
         let any = |rng: &mut Rng| running[rng.below(running.len() as u64) as usize];

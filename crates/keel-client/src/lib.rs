@@ -62,11 +62,13 @@ pub enum ClientError {
     },
     #[error("the cluster refused the request: {0}")]
     Refused(String),
-    /// Whether a write took effect is unknown: the node could not learn
-    /// its outcome, or an earlier attempt reached a node and got no answer
-    /// or (a write's) "not the leader" (that attempt may have been applied) and then a
+    /// Whether a write took effect is unknown: an earlier attempt reached a
+    /// node and got no answer, "not the leader" or "no outcome" (the node
+    /// could not learn it; that attempt may have been applied), and then a
     /// retry was refused (a refusal such as the space quota's comes before
-    /// the duplicate check) or the call ran out of time. Read to find out.
+    /// the duplicate check) or the call ran out of time. (After "no
+    /// outcome" the write is sent again in its session, as after a lost
+    /// answer, until the call's time runs out.) Read to find out.
     #[error("outcome unknown: the write may or may not have been applied: {0}")]
     Uncertain(String),
     #[error("unexpected answer: {0}")]
@@ -492,6 +494,21 @@ impl Client {
                 }
                 Ok(ClientResult::Busy) => {
                     last = format!("{endpoint} is busy");
+                    pause(&mut backoff).await;
+                }
+                Ok(ClientResult::Error(m))
+                    if m.starts_with(codec::OUTCOME_UNKNOWN) && not_leader_may_have_taken(&op) =>
+                {
+                    // The node could not learn the write's outcome (its
+                    // leader was lost, or it was removed from the cluster).
+                    // In this client's session it is applied at most once,
+                    // so it is sent again, with its sequence number, to
+                    // learn the outcome: its reply if it was applied,
+                    // applied now if it was not.
+                    maybe_applied = true;
+                    last = format!("{endpoint}: {m}");
+                    self.conn = None;
+                    self.next_endpoint();
                     pause(&mut backoff).await;
                 }
                 Ok(ClientResult::Error(m))
@@ -948,17 +965,42 @@ mod tests {
         );
         server.await.expect("node");
 
-        let unknown = format!(
-            "{} within 30s: it may or may not have been applied",
-            codec::OUTCOME_UNKNOWN
-        );
-        let (addr, server) = fake_node(vec![Some(ClientResult::Error(unknown))]).await;
-        let e = client(addr)
-            .write(Bytes::from_static(b"w"))
-            .await
-            .unwrap_err();
+        // A node's "no outcome" answer and then nothing until the call
+        // runs out of time.
+        let (addr, server) = fake_node(vec![Some(ClientResult::Error(no_outcome()))]).await;
+        let mut c = client(addr);
+        c.opts.call_timeout = Duration::from_millis(500);
+        let e = c.write(Bytes::from_static(b"w")).await.unwrap_err();
         assert!(matches!(&e, ClientError::Uncertain(_)), "{e}");
         server.await.expect("node");
+    }
+
+    fn no_outcome() -> String {
+        format!(
+            "{} within 30s: it may or may not have been applied",
+            codec::OUTCOME_UNKNOWN
+        )
+    }
+
+    /// A write a node answers "no outcome" for (its leader lost, or the
+    /// node removed) is sent again with its sequence number, which the
+    /// session applies at most once: the client learns the outcome (here
+    /// the retry's reply) instead of passing the uncertainty on.
+    #[tokio::test]
+    async fn a_write_with_no_outcome_is_sent_again_in_its_session() {
+        let (addr, server) = fake_node(vec![
+            Some(ClientResult::Error(no_outcome())),
+            Some(ClientResult::Ok(Bytes::from_static(b"done"))),
+        ])
+        .await;
+        let reply = client(addr)
+            .write(Bytes::from_static(b"w"))
+            .await
+            .expect("the retry's reply");
+        assert_eq!(reply, Bytes::from_static(b"done"));
+        let seqs = server.await.expect("node");
+        assert_eq!(seqs.len(), 2);
+        assert_eq!(seqs[0], seqs[1], "the retry keeps its seq");
     }
 
     /// A server that answers whatever it is sent with `answer` and closes

@@ -377,16 +377,17 @@ pub fn node_error(r: ClientResult) -> Status {
         // progress: all worth a retry, which clients do on Unavailable.
         ClientResult::Busy => Status::unavailable("etcdserver: too many requests"),
         ClientResult::Error(m) if m == keel_kv::NO_SPACE => no_space(),
-        ClientResult::Error(m) if m.contains("stopped") => {
-            Status::unavailable(format!("etcdserver: server stopped ({m})"))
-        }
         // A write whose outcome is unknown (its leader was lost before it
-        // was known to be appended): etcd's ErrTimeoutDueToLeaderFail,
-        // also Unavailable, which etcd clients do not retry for writes.
+        // was known to be appended, or the node was removed): etcd's
+        // ErrTimeoutDueToLeaderFail, also Unavailable, which etcd clients
+        // do not retry for writes.
         ClientResult::Error(m) if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN) => {
             Status::unavailable(format!(
                 "etcdserver: request timed out, possibly due to previous leader failure ({m})"
             ))
+        }
+        ClientResult::Error(m) if m.contains("stopped") => {
+            Status::unavailable(format!("etcdserver: server stopped ({m})"))
         }
         ClientResult::Error(m) if m.contains("timed out") || m.contains("leader changed") => {
             Status::unavailable(format!("etcdserver: request timed out ({m})"))

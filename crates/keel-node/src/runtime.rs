@@ -473,13 +473,26 @@ fn stopped_node() -> ClientResult {
     }
 }
 
-/// The answer to the requests a node had taken when it learned it was
-/// removed from the cluster. (Requests after that get a stopped node's
-/// answer, `stopped_node()`: clients go on to another node, through the
-/// etcd API too, where this one is not retried.)
+/// The answer to the requests a node had taken, but not proposed, when it
+/// learned it was removed from the cluster: never applied. (Requests after
+/// that get a stopped node's answer, `stopped_node()`: clients go on to
+/// another node, through the etcd API too, where this one is not retried.)
 fn removed_refusal() -> ClientResult {
     ClientResult::Error(format!(
         "{}: the node stopped",
+        keel_core::REMOVED_FROM_CLUSTER
+    ))
+}
+
+/// The answer to the writes (and membership changes) a node had proposed
+/// and was waiting on when it learned it was removed: as leader it may have
+/// appended them, and the rest of the cluster may commit them (or have
+/// already), so their outcome is unknown, not refused.
+fn removed_outcome_unknown() -> ClientResult {
+    ClientResult::Error(format!(
+        "{}: {} before it was known to commit (the node stopped); it may or may not have \
+         been applied",
+        keel_net::codec::OUTCOME_UNKNOWN,
         keel_core::REMOVED_FROM_CLUSTER
     ))
 }
@@ -2655,11 +2668,16 @@ impl Consensus {
         for p in self.proposed_writes.drain(..) {
             respond(&p.write.sink, p.write.id, refusal());
         }
+        // Proposed: they may commit without this node.
         for (_, w) in self.awaiting.drain() {
-            respond(&w.sink, w.id, refusal());
+            respond(&w.sink, w.id, removed_outcome_unknown());
         }
         for w in self.membership_waits.drain(..) {
-            respond(&w.pending.sink, w.pending.client_id, refusal());
+            respond(
+                &w.pending.sink,
+                w.pending.client_id,
+                removed_outcome_unknown(),
+            );
         }
         for t in self.transfers.drain(..) {
             respond(&t.sink, t.client_id, refusal());
@@ -5115,7 +5133,8 @@ mod removed_tests {
     }
 
     /// A follower removed while cut off learns it once it hears from the
-    /// leader again: its pending write is answered "removed", the node
+    /// leader again: its pending write is answered "removed" (its outcome
+    /// unknown: the leader might have appended it), the node
     /// stops with `NodeError::Removed`, leaves `REMOVED_FILE`, and a start
     /// on its data directory is refused.
     #[test]
@@ -5138,9 +5157,14 @@ mod removed_tests {
         assert!(matches!(r, ClientResult::Ok(_)), "{r:?}");
         net.heal();
 
+        // Forwarded before the removal: the leader may have appended it, so
+        // its outcome is unknown (not a refusal a client could take as
+        // "not applied").
         let answer = pending.join().expect("the write's thread");
         assert!(
-            matches!(&answer, ClientResult::Error(m) if m.starts_with(keel_core::REMOVED_FROM_CLUSTER)),
+            matches!(&answer, ClientResult::Error(m)
+                if m.starts_with(keel_net::codec::OUTCOME_UNKNOWN)
+                    && m.contains(keel_core::REMOVED_FROM_CLUSTER)),
             "{answer:?}"
         );
         wait_for("the removed node stops", || fh.is_stopped());

@@ -32,7 +32,7 @@ pub fn count(counts: &mut Counts, what: String) {
 }
 
 /// Adds `from`'s counts to `into`'s.
-pub fn add_counts(into: &mut Counts, from: Counts) {
+fn add_counts(into: &mut Counts, from: Counts) {
     for (k, v) in from {
         *into.entry(k).or_default() += v;
     }
@@ -105,7 +105,7 @@ pub fn gather(clients: impl IntoIterator<Item = (Vec<Record>, Counts)>) -> (Vec<
     (records, counts)
 }
 
-pub fn print_counts(title: &str, counts: &Counts) {
+fn print_counts(title: &str, counts: &Counts) {
     println!("{title}");
     for (k, v) in counts {
         println!("  {v:>6}  {k}");

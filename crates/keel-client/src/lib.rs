@@ -186,6 +186,13 @@ fn not_leader_may_have_taken(op: &ClientOp) -> bool {
     matches!(op, ClientOp::Write(_))
 }
 
+/// Is `op` applied at most once however often it is sent? A write, in this
+/// client's session (the cluster keeps each session's last sequence number
+/// and reply); a membership change, no.
+fn applied_at_most_once(op: &ClientOp) -> bool {
+    matches!(op, ClientOp::Write(_))
+}
+
 /// The wall clock in microseconds since the Unix epoch (0 before it).
 fn wall_clock_us() -> u64 {
     SystemTime::now()
@@ -497,7 +504,7 @@ impl Client {
                     pause(&mut backoff).await;
                 }
                 Ok(ClientResult::Error(m))
-                    if m.starts_with(codec::OUTCOME_UNKNOWN) && not_leader_may_have_taken(&op) =>
+                    if m.starts_with(codec::OUTCOME_UNKNOWN) && applied_at_most_once(&op) =>
                 {
                     // The node could not learn the write's outcome (its
                     // leader was lost, or it was removed from the cluster).

@@ -813,7 +813,7 @@ fn run(p: Params) {
     // linearizable read of every key on every node, within `LIVENESS`.
     let mut final_counts = Counts::new();
     let mut seen = BTreeMap::new();
-    let live = liveness(
+    let mut live = liveness(
         &cluster.ids(),
         p.keys,
         Instant::now() + LIVENESS,
@@ -832,7 +832,7 @@ fn run(p: Params) {
             ))
         },
     );
-    records.extend(live.records.iter().cloned());
+    records.append(&mut live.records);
     let statuses: Vec<String> = cluster
         .all()
         .iter()

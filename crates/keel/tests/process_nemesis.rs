@@ -197,7 +197,7 @@ fn run(p: Params) {
     let mut last_seen = LastSeen::new();
     let kv: Vec<KvClient<Channel>> = etcd.iter().map(|a| lazy_kv_client(a)).collect();
     let members = lock(&serving).clone();
-    let live = liveness(
+    let mut live = liveness(
         &members,
         KEYS,
         Instant::now() + LIVENESS,
@@ -213,7 +213,7 @@ fn run(p: Params) {
             rt.block_on(etcd_request(&kv[(id - 1) as usize], id, input, ctx))
         },
     );
-    records.extend(live.records.iter().cloned());
+    records.append(&mut live.records);
     let statuses: Vec<String> = members
         .iter()
         .map(|&id| format!("{:?}", cluster.status(id)))
@@ -601,7 +601,7 @@ impl Ctx<'_> {
 }
 
 /// What a node is doing, for the nemesis.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 enum Out {
     /// Killed; started again at this time.
     Killed(Instant),

@@ -9,72 +9,31 @@
 
 mod common;
 
-use common::{etcd_channel, TestCluster};
+use common::{etcd_channel, faketime_or_skip, TestCluster};
 use keel_etcd_proto::etcdserverpb::lease_client::LeaseClient;
 use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_etcd_proto::etcdserverpb::*;
-use std::path::PathBuf;
-use std::process::{Command as Proc, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// libfaketime, which moves one process's wall clock (Debian's
-/// `faketime`), or `None`: the test skips, saying so; under `CI=true` a
-/// missing one fails the test, since CI installs it.
-fn faketime_or_skip(test: &str) -> Option<PathBuf> {
-    let found = [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/faketime/libfaketime.so.1",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file());
-    if found.is_none() {
-        let msg = "libfaketime not found (apt-get install -y faketime; .ci/run does)";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{msg}");
-        }
-        eprintln!("skipping {test}: {msg}");
-    }
-    found
-}
-
 /// Restarts node `id` with its wall clock `offset` (libfaketime's syntax,
 /// e.g. "+3600") away from the machine's; its monotonic clocks are left
 /// alone.
-fn restart_with_clock(c: &mut TestCluster, id: u64, lib: &PathBuf, offset: &str) {
+fn restart_with_clock(c: &mut TestCluster, id: u64, lib: &Path, offset: &str) {
     restart_with_faketime(c, id, lib, &[("FAKETIME", offset)]);
 }
 
 /// Restarts node `id` under libfaketime with `env` (its settings), its
 /// monotonic clocks left alone.
-fn restart_with_faketime(c: &mut TestCluster, id: u64, lib: &PathBuf, env: &[(&str, &str)]) {
-    c.kill(id);
-    let node = &c.nodes[id as usize - 1];
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(node.dir.join("keel.log"))
-        .expect("log file");
-    let err = log.try_clone().expect("log clone");
-    let child = Proc::new(common::keel_exe())
-        .args(["server", "--config"])
-        .arg(&node.config)
-        .env("KEEL_LOG", "info")
-        .env("LD_PRELOAD", lib)
-        .envs(env.iter().copied())
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(err)
-        .spawn()
-        .expect("spawn keel server");
-    // The cluster's Drop kills it like the others.
-    c.nodes[id as usize - 1].child = Some(child);
+fn restart_with_faketime(c: &mut TestCluster, id: u64, lib: &Path, env: &[(&str, &str)]) {
+    let lib = lib.to_str().expect("a UTF-8 path");
+    let mut all = vec![("LD_PRELOAD", lib), ("FAKETIME_DONT_FAKE_MONOTONIC", "1")];
+    all.extend_from_slice(env);
+    c.restart_with_env(id, &all);
 }
 
 /// The TTL node `at` reports for `id`, retried while the node (re)starts

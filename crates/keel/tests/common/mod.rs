@@ -24,6 +24,9 @@ pub struct TestNode {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub child: Option<Child>,
+    /// Environment variables the node's process is started with, beside
+    /// the harness's own (see `set_env`).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct TestCluster {
@@ -164,6 +167,7 @@ impl TestCluster {
                 dir,
                 config,
                 child: None,
+                env: Vec::new(),
             });
         }
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -228,12 +232,29 @@ impl TestCluster {
             .args(["server", "--config"])
             .arg(&node.config)
             .env("KEEL_LOG", "info")
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
             .spawn()
             .expect("spawn keel server");
         node.child = Some(child);
+    }
+
+    /// Node `id`'s process starts with `env` from its next `spawn` on
+    /// (a restart, too), as well as the harness's own variables.
+    pub fn set_env(&mut self, id: u64, env: &[(&str, &str)]) {
+        self.nodes[(id - 1) as usize].env = env
+            .iter()
+            .map(|&(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Restarts node `id` (SIGKILL, then `spawn`) with `env` (`set_env`).
+    pub fn restart_with_env(&mut self, id: u64, env: &[(&str, &str)]) {
+        self.kill(id);
+        self.set_env(id, env);
+        self.spawn(id);
     }
 
     fn signal(&self, id: u64, sig: i32) {
@@ -699,6 +720,29 @@ pub fn etcd_or_skip(test: &str) -> Option<PathBuf> {
             panic!("{msg}");
         }
         eprintln!("skipping {test}: {msg}");
+    }
+    found
+}
+
+/// libfaketime, which moves one process's clocks (Debian's `faketime`),
+/// or `None`: `what` (a test, or the part of one that needs it) is
+/// skipped, saying so; under `CI=true` a missing one fails the test, since
+/// CI installs it.
+pub fn faketime_or_skip(what: &str) -> Option<PathBuf> {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file());
+    if found.is_none() {
+        let msg = "libfaketime not found (apt-get install -y faketime; .ci/run does)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{msg}");
+        }
+        eprintln!("skipping {what}: {msg}");
     }
     found
 }

@@ -9,7 +9,12 @@
 //! real TCP through `common::proxy`, are cut, stalled one way, or slowed.
 //! A second run (links direct) changes the membership meanwhile: two
 //! spares join in turn as learners and are promoted, and after each a
-//! voter, often the leader, is removed (`Membership`).
+//! voter, often the leader or one that is down, is removed (`Membership`). In most runs one
+//! or two members' clocks run up to 18% fast or slow all through
+//! (libfaketime), within the 20% clock-rate error their lease reads are
+//! configured to allow (`Setup::clock_rates`); in some, leadership keeps
+//! going back to a preferred member, the one with the slowest clock if
+//! one runs slow (`Setup::preferred_leader`).
 //!
 //! The clients are the ones users run: half of them speak the etcd v3 API
 //! (gRPC, sessionless writes: etcd's error contract), each request to a
@@ -84,6 +89,11 @@ const LIVENESS: Duration = Duration::from_secs(20);
 /// A run that serves fewer acknowledged writes or reads than this fails:
 /// it tested nothing.
 const MIN_SERVED: u64 = 50;
+/// The clock-rate error the nodes' lease reads are configured to allow
+/// (`clock_drift_ppm`: 20%, far above the default 1%, so that clocks
+/// skewed within it make a real difference to elections and leases), and
+/// within which a run's skewed clocks run (`Setup::clock_rates`).
+const CLOCK_DRIFT_PPM: u64 = 200_000;
 
 /// The tests start clusters of processes: one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -128,18 +138,37 @@ fn run(p: Params) {
     let secs = u64_from_env("KEEL_NEMESIS_SECS", 15);
     let mut rng = Rng::new(seed);
     let setup = Setup::pick(&mut rng);
+    // Without libfaketime (outside CI) the run goes on with true clocks.
+    let faketime = if setup.clock_rates.is_empty() {
+        None
+    } else {
+        common::faketime_or_skip("the clock-rate skew of this run")
+    };
     println!(
         "process nemesis, {}: seed {seed} (rerun with {rerun}), {secs} s of load, {CLIENTS} \
          clients, {KEYS} keys",
         p.name
     );
     println!("settings: {setup:?}");
-    let cluster = if p.spares == 0 {
+    let mut cluster = if p.spares == 0 {
         TestCluster::start_proxied(NODES, &setup.toml())
     } else {
         TestCluster::start_with_spares(NODES, p.spares, &setup.toml())
     };
+    if let Some(lib) = &faketime {
+        skew_clocks(&mut cluster, lib, &setup.clock_rates);
+    }
     cluster.wait_for_leader(Duration::from_secs(20));
+    if faketime.is_some() {
+        for &(id, _) in &setup.clock_rates {
+            let pid = cluster.node(id).child.as_ref().expect("running").id();
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            assert!(
+                maps.contains("libfaketime"),
+                "node {id} runs without libfaketime: its clock is not skewed"
+            );
+        }
+    }
     let etcd: Vec<String> = cluster.nodes.iter().map(|n| n.etcd.clone()).collect();
     let native = cluster.endpoints();
     let serving: Serving = Arc::new(Mutex::new((1..=NODES).collect()));
@@ -265,34 +294,98 @@ struct Setup {
     service_thread: &'static str,
     lease_reads: bool,
     snapshot_every_bytes: u64,
+    /// Members whose clocks (monotonic and wall) run at these rates of
+    /// true time, through libfaketime, all through the run (restarts
+    /// too): within `CLOCK_DRIFT_PPM`, so lease reads must stay safe.
+    /// Their election timeouts, heartbeats, leases and log time run
+    /// faster or slower than their peers' (a real clock's error is far
+    /// smaller).
+    clock_rates: Vec<(u64, f64)>,
+    /// `preferred_leaders`: leadership goes back to this member whenever
+    /// it has answered the leader for `ELECTION_MAX_MS` (the shortest
+    /// hold allowed).
+    preferred_leader: Option<u64>,
 }
 
 impl Setup {
     fn pick(rng: &mut Rng) -> Setup {
+        let durability = if rng.chance(0.5) {
+            "sync"
+        } else {
+            "replicated"
+        };
+        let service_thread = if rng.chance(0.75) {
+            "dedicated"
+        } else {
+            "shared"
+        };
+        let lease_reads = rng.chance(0.4);
+        // Small ones: snapshots taken, published and installed (and
+        // killed in the middle of) all through the run.
+        let snapshot_every_bytes = [16 << 10, 256 << 10][rng.below(2) as usize];
+        let mut ids: Vec<u64> = (1..=NODES).collect();
+        let skewed = if rng.chance(0.6) { 1 + rng.below(2) } else { 0 };
+        let most = CLOCK_DRIFT_PPM * 9 / 10;
+        let clock_rates: Vec<(u64, f64)> = (0..skewed)
+            .map(|_| {
+                let id = ids.remove(rng.below(ids.len() as u64) as usize);
+                let ppm = 1_000_000 - most + rng.range(0, 2 * most + 1);
+                (id, ppm as f64 / 1e6)
+            })
+            .collect();
+        // The member with the slowest clock, if one runs slow: as leader
+        // its lease lasts longest in true time, against voters whose
+        // clocks may run fast, which is where a lease is closest to
+        // unsafe; else any member.
+        let preferred_leader = rng.chance(0.35).then(|| {
+            clock_rates
+                .iter()
+                .filter(|&&(_, rate)| rate < 1.0)
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map_or_else(|| 1 + rng.below(NODES), |&(id, _)| id)
+        });
         Setup {
-            durability: if rng.chance(0.5) {
-                "sync"
-            } else {
-                "replicated"
-            },
-            service_thread: if rng.chance(0.75) {
-                "dedicated"
-            } else {
-                "shared"
-            },
-            lease_reads: rng.chance(0.4),
-            // Small ones: snapshots taken, published and installed (and
-            // killed in the middle of) all through the run.
-            snapshot_every_bytes: [16 << 10, 256 << 10][rng.below(2) as usize],
+            durability,
+            service_thread,
+            lease_reads,
+            snapshot_every_bytes,
+            clock_rates,
+            preferred_leader,
         }
     }
 
     fn toml(&self) -> String {
         format!(
             "durability = \"{}\"\nservice_thread = \"{}\"\nlease_reads = {}\n\
-             snapshot_every_bytes = {}\nwrite_timeout_ms = 2000\nnet_threads = 1\n",
-            self.durability, self.service_thread, self.lease_reads, self.snapshot_every_bytes
+             snapshot_every_bytes = {}\nwrite_timeout_ms = 2000\nnet_threads = 1\n\
+             clock_drift_ppm = {CLOCK_DRIFT_PPM}\n{}",
+            self.durability,
+            self.service_thread,
+            self.lease_reads,
+            self.snapshot_every_bytes,
+            self.preferred_leader.map_or(String::new(), |id| format!(
+                "preferred_leaders = [{id}]\npreferred_leader_hold_ms = {}\n",
+                common::ELECTION_MAX_MS
+            )),
         )
+    }
+}
+
+/// Restarts each member of `clock_rates` with its clock running at its
+/// rate (libfaketime at `lib`, which also scales the process's sleeps and
+/// timed waits), for the rest of the run: `spawn` keeps the setting.
+fn skew_clocks(c: &mut TestCluster, lib: &std::path::Path, clock_rates: &[(u64, f64)]) {
+    let lib = lib.to_str().expect("a UTF-8 path");
+    for &(id, rate) in clock_rates {
+        let rate = format!("+0 x{rate}");
+        c.restart_with_env(
+            id,
+            &[
+                ("LD_PRELOAD", lib),
+                ("FAKETIME", &rate),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "0"),
+            ],
+        );
     }
 }
 
@@ -615,9 +708,10 @@ type Serving = Arc<Mutex<Vec<u64>>>;
 
 /// The membership changes of a cluster started with spares
 /// (`Params::spares`): each spare in turn is started, added as a learner
-/// and promoted, and then a voter (often the leader) is removed, so the
-/// voters go from 3 to 4 and back while the nemesis kills and pauses
-/// nodes. A removed node stops; its id is never used again.
+/// and promoted, and then a voter (often the leader, or one that is
+/// down) is removed, so the voters go from 3 to 4 and back while the
+/// nemesis kills and pauses nodes. A removed node stops; its id is never
+/// used again.
 struct Membership {
     voters: Vec<u64>,
     /// Spares not started yet.
@@ -651,8 +745,11 @@ impl Membership {
             if ok {
                 self.voters.retain(|&v| v != victim);
                 lock(serving).retain(|&v| v != victim);
-                // It stops once it learns of its removal; no need to wait.
-                c.kill(victim);
+                // It stops once it learns of its removal; no need to wait
+                // (nor to stop one that was killed already).
+                if c.node(victim).child.is_some() {
+                    c.kill(victim);
+                }
             }
             return Some(format!("remove {victim}: {text}"));
         }
@@ -693,8 +790,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// link healed and every node resumed or started again. At most one node
 /// is killed or paused at a time (so a majority can go on), with link
 /// faults on top, or, in a cluster with spares (no proxies), membership
-/// changes while no node is out (`Membership`). Returns the cluster, what
-/// it did, with times (ms since the start), and its actions counted.
+/// changes (`Membership`), the one out of action included: a voter that
+/// is down is most often the one removed, as a dead node is replaced.
+/// Returns the cluster, what it did, with times (ms since the start), and
+/// its actions counted.
 fn nemesis(
     seed: u64,
     (mut c, spares): (TestCluster, u64),
@@ -784,17 +883,23 @@ fn nemesis(
                 );
             }
         } else if c.links.is_empty() {
-            if out.is_some() {
-                continue;
-            }
             let voters = &membership.voters;
-            let removed = match leader {
-                Some(l) if rng.chance(0.5) && voters.contains(&l) => l,
+            let down = out.map(|(id, _)| id).filter(|id| voters.contains(id));
+            // A voter that is down is most often the one removed, as an
+            // operator replaces a dead node; else the leader or any voter.
+            let removed = match (down, leader) {
+                (Some(d), _) if rng.chance(0.7) => d,
+                (_, Some(l)) if rng.chance(0.5) && voters.contains(&l) => l,
                 _ => voters[rng.below(voters.len() as u64) as usize],
             };
             let Some(what) = membership.step(&mut c, &serving, removed) else {
                 continue;
             };
+            // A node removed while it was down stays down: it is no
+            // member any more (`step` stopped it if it was paused).
+            if out.is_some_and(|(id, _)| !membership.running().contains(&id)) {
+                out = None;
+            }
             note(
                 &mut log,
                 &mut counts,

@@ -9,12 +9,12 @@
 //! real TCP through `common::proxy`, are cut, stalled one way, or slowed.
 //! A second run (links direct) changes the membership meanwhile: two
 //! spares join in turn as learners and are promoted, and after each a
-//! voter, often the leader or one that is down, is removed (`Membership`). In most runs one
-//! or two members' clocks run up to 18% fast or slow all through
-//! (libfaketime), within the 20% clock-rate error their lease reads are
-//! configured to allow (`Setup::clock_rates`); in some, leadership keeps
-//! going back to a preferred member, the one with the slowest clock if
-//! one runs slow (`Setup::preferred_leader`).
+//! voter, often the leader or one that is down, is removed
+//! (`Membership`). In most runs one or two members' clocks run up to 18%
+//! fast or slow all through (libfaketime), within the 20% clock-rate error
+//! their lease reads are configured to allow (`Setup::clock_rates`); in
+//! some, leadership keeps going back to a preferred member, the one with
+//! the slowest clock if one runs slow (`Setup::preferred_leader`).
 //!
 //! The clients are the ones users run: half of them speak the etcd v3 API
 //! (gRPC, sessionless writes: etcd's error contract), each request to a

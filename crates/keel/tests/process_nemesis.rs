@@ -7,9 +7,10 @@
 //! leader that wakes still believing it leads; with lease reads on, its
 //! lease must have run out by the clock that kept going); their peer links,
 //! real TCP through `common::proxy`, are cut, stalled one way, or slowed.
-//! A second run (links direct) changes the membership meanwhile: two
-//! spares join in turn as learners and are promoted, and after each a
-//! voter, often the leader or one that is down, is removed
+//! A second run does the same to five members, up to two of them killed
+//! or paused at a time. A third (links direct) changes the membership
+//! meanwhile: two spares join in turn as learners and are promoted, and
+//! after each a voter, often the leader or one that is down, is removed
 //! (`Membership`). In most runs one or two members' clocks run up to 18%
 //! fast or slow all through (libfaketime), within the 20% clock-rate error
 //! their lease reads are configured to allow (`Setup::clock_rates`); in
@@ -76,7 +77,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
-const NODES: u64 = 3;
 const KEYS: u64 = 4;
 const CLIENTS: u64 = 6;
 /// How long a client waits for an answer before taking the outcome as
@@ -104,8 +104,22 @@ fn process_nemesis() {
     let _one = lock(&ONE_AT_A_TIME);
     run(Params {
         name: "kills, pauses and link faults",
+        members: 3,
         spares: 0,
         seed_offset: 0,
+    });
+}
+
+/// Five members, up to two of them killed or paused at once, and link
+/// faults.
+#[test]
+fn process_nemesis_five() {
+    let _one = lock(&ONE_AT_A_TIME);
+    run(Params {
+        name: "five members, two out at a time, link faults",
+        members: 5,
+        spares: 0,
+        seed_offset: 2,
     });
 }
 
@@ -116,6 +130,7 @@ fn process_nemesis_membership() {
     let _one = lock(&ONE_AT_A_TIME);
     run(Params {
         name: "kills, pauses and membership changes",
+        members: 3,
         spares: 2,
         seed_offset: 1,
     });
@@ -123,8 +138,11 @@ fn process_nemesis_membership() {
 
 struct Params {
     name: &'static str,
-    /// Nodes every member's configuration lists beside the three members,
-    /// for `Membership` (the links are then direct: no link faults).
+    /// The initial voters (ids 1 to this). Up to a minority of them are
+    /// out (killed or paused) at a time.
+    members: u64,
+    /// Nodes every member's configuration lists beside the members, for
+    /// `Membership` (the links are then direct: no link faults).
     spares: u64,
     /// Added to the seed (`KEEL_NEMESIS_SEED`), so the tests of one run
     /// differ.
@@ -137,7 +155,7 @@ fn run(p: Params) {
     let rerun = format!("KEEL_NEMESIS_SEED={base}");
     let secs = u64_from_env("KEEL_NEMESIS_SECS", 15);
     let mut rng = Rng::new(seed);
-    let setup = Setup::pick(&mut rng);
+    let setup = Setup::pick(&mut rng, p.members);
     // Without libfaketime (outside CI) the run goes on with true clocks.
     let faketime = if setup.clock_rates.is_empty() {
         None
@@ -151,9 +169,9 @@ fn run(p: Params) {
     );
     println!("settings: {setup:?}");
     let mut cluster = if p.spares == 0 {
-        TestCluster::start_proxied(NODES, &setup.toml())
+        TestCluster::start_proxied(p.members, &setup.toml())
     } else {
-        TestCluster::start_with_spares(NODES, p.spares, &setup.toml())
+        TestCluster::start_with_spares(p.members, p.spares, &setup.toml())
     };
     if let Some(lib) = &faketime {
         skew_clocks(&mut cluster, lib, &setup.clock_rates);
@@ -171,7 +189,7 @@ fn run(p: Params) {
     }
     let etcd: Vec<String> = cluster.nodes.iter().map(|n| n.etcd.clone()).collect();
     let native = cluster.endpoints();
-    let serving: Serving = Arc::new(Mutex::new((1..=NODES).collect()));
+    let serving: Serving = Arc::new(Mutex::new((1..=p.members).collect()));
 
     let start = Instant::now();
     let values = Arc::new(AtomicU64::new(1));
@@ -206,7 +224,8 @@ fn run(p: Params) {
         .collect();
     let nemesis_thread = {
         let (stop, serving) = (stop_nemesis.clone(), serving.clone());
-        std::thread::spawn(move || nemesis(seed, (cluster, p.spares), serving, stop, start))
+        let (members, spares) = (p.members, p.spares);
+        std::thread::spawn(move || nemesis(seed, (cluster, members, spares), serving, stop, start))
     };
     std::thread::sleep(Duration::from_secs(secs));
     stop_nemesis.store(true, Ordering::Relaxed);
@@ -263,7 +282,7 @@ fn run(p: Params) {
     let served = check_records(&records, &rerun, || {
         format!("statuses after the run: {statuses:#?}{}", cluster.logs())
     });
-    let panics: Vec<u64> = (1..=NODES + p.spares)
+    let panics: Vec<u64> = (1..=p.members + p.spares)
         .filter(|&id| cluster.log_of(id).contains("panicked"))
         .collect();
     assert!(
@@ -308,7 +327,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn pick(rng: &mut Rng) -> Setup {
+    fn pick(rng: &mut Rng, members: u64) -> Setup {
         let durability = if rng.chance(0.5) {
             "sync"
         } else {
@@ -323,7 +342,7 @@ impl Setup {
         // Small ones: snapshots taken, published and installed (and
         // killed in the middle of) all through the run.
         let snapshot_every_bytes = [16 << 10, 256 << 10][rng.below(2) as usize];
-        let mut ids: Vec<u64> = (1..=NODES).collect();
+        let mut ids: Vec<u64> = (1..=members).collect();
         let skewed = if rng.chance(0.6) { 1 + rng.below(2) } else { 0 };
         let most = CLOCK_DRIFT_PPM * 9 / 10;
         let clock_rates: Vec<(u64, f64)> = (0..skewed)
@@ -342,7 +361,7 @@ impl Setup {
                 .iter()
                 .filter(|&&(_, rate)| rate < 1.0)
                 .min_by(|a, b| a.1.total_cmp(&b.1))
-                .map_or_else(|| 1 + rng.below(NODES), |&(id, _)| id)
+                .map_or_else(|| 1 + rng.below(members), |&(id, _)| id)
         });
         Setup {
             durability,
@@ -713,6 +732,8 @@ type Serving = Arc<Mutex<Vec<u64>>>;
 /// nemesis kills and pauses nodes. A removed node stops; its id is never
 /// used again.
 struct Membership {
+    /// How many voters the cluster started with (and goes back to).
+    members: usize,
     voters: Vec<u64>,
     /// Spares not started yet.
     spares: Vec<u64>,
@@ -740,7 +761,7 @@ impl Membership {
             }
             return Some(format!("promote {s}: {text}"));
         }
-        if self.voters.len() > NODES as usize {
+        if self.voters.len() > self.members {
             let (ok, text) = cli(c, &["cluster", "remove", &victim.to_string()]);
             if ok {
                 self.voters.retain(|&v| v != victim);
@@ -786,9 +807,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The nemesis: a random fault every 0.4-1.2 s (`KEEL_NEMESIS_PACE_MS`)
-/// until `stop`, then every
-/// link healed and every node resumed or started again. At most one node
-/// is killed or paused at a time (so a majority can go on), with link
+/// until `stop`, then every link healed and every node resumed or started
+/// again. At most a minority of the `members` is killed or paused at a
+/// time (one of three, two of five: a majority can go on), with link
 /// faults on top, or, in a cluster with spares (no proxies), membership
 /// changes (`Membership`), the one out of action included: a voter that
 /// is down is most often the one removed, as a dead node is replaced.
@@ -796,7 +817,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// its actions counted.
 fn nemesis(
     seed: u64,
-    (mut c, spares): (TestCluster, u64),
+    (mut c, members, spares): (TestCluster, u64, u64),
     serving: Serving,
     stop: Arc<AtomicBool>,
     start: Instant,
@@ -804,11 +825,14 @@ fn nemesis(
     let mut rng = Rng::new(seed ^ 0x6e65_6d65_7369_7321);
     let mut log = Vec::new();
     let mut counts = Counts::new();
-    let mut out: Option<(u64, Out)> = None;
+    // Killed or paused, a minority of the members at most.
+    let mut out: Vec<(u64, Out)> = Vec::new();
+    let most_out = ((members - 1) / 2) as usize;
     let mut faulty_links = false;
     let mut membership = Membership {
-        voters: (1..=NODES).collect(),
-        spares: (NODES + 1..=NODES + spares).rev().collect(),
+        members: members as usize,
+        voters: (1..=members).collect(),
+        spares: (members + 1..=members + spares).rev().collect(),
         joining: None,
         learner: None,
     };
@@ -824,26 +848,27 @@ fn nemesis(
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(10));
         let now = Instant::now();
-        // Bring back a node whose time out is up.
-        match out {
-            Some((id, Out::Killed(until))) if now >= until => {
+        // Bring back the nodes whose time out is up.
+        out.retain(|&(id, o)| match o {
+            Out::Killed(until) if now >= until => {
                 c.spawn(id);
                 note(&mut log, &mut counts, "restart", format!("{id}"));
-                out = None;
+                false
             }
-            Some((id, Out::Paused(until))) if now >= until => {
+            Out::Paused(until) if now >= until => {
                 c.resume(id);
                 note(&mut log, &mut counts, "resume", format!("{id}"));
-                out = None;
+                false
             }
-            _ => {}
-        }
+            _ => true,
+        });
         if now < next {
             continue;
         }
         next = now + Duration::from_millis(rng.range(pace.0, pace.1));
         let running = membership.running();
-        let leader = leader(&c, &running, out.map(|(id, _)| id));
+        let is_out = |id: u64| out.iter().any(|&(o, _)| o == id);
+        let leader = leader(&c, &running, &is_out);
         let any = |rng: &mut Rng| running[rng.below(running.len() as u64) as usize];
         // The leader, or (half the time, or with none known) any node.
         let victim = |rng: &mut Rng| match leader {
@@ -858,14 +883,14 @@ fn nemesis(
             faulty_links = false;
             note(&mut log, &mut counts, "heal links", String::new());
         } else if roll < 55 {
-            if out.is_some() {
+            let id = victim(&mut rng);
+            if out.len() >= most_out || is_out(id) {
                 continue;
             }
-            let id = victim(&mut rng);
             let down = Duration::from_millis(rng.range(100, 2000));
             if rng.chance(0.6) {
                 c.kill(id);
-                out = Some((id, Out::Killed(now + down)));
+                out.push((id, Out::Killed(now + down)));
                 note(
                     &mut log,
                     &mut counts,
@@ -874,7 +899,7 @@ fn nemesis(
                 );
             } else {
                 c.pause(id);
-                out = Some((id, Out::Paused(now + down)));
+                out.push((id, Out::Paused(now + down)));
                 note(
                     &mut log,
                     &mut counts,
@@ -884,7 +909,7 @@ fn nemesis(
             }
         } else if c.links.is_empty() {
             let voters = &membership.voters;
-            let down = out.map(|(id, _)| id).filter(|id| voters.contains(id));
+            let down = out.iter().map(|&(id, _)| id).find(|id| voters.contains(id));
             // A voter that is down is most often the one removed, as an
             // operator replaces a dead node; else the leader or any voter.
             let removed = match (down, leader) {
@@ -897,9 +922,8 @@ fn nemesis(
             };
             // A node removed while it was down stays down: it is no
             // member any more (`step` stopped it if it was paused).
-            if out.is_some_and(|(id, _)| !membership.running().contains(&id)) {
-                out = None;
-            }
+            let running = membership.running();
+            out.retain(|(id, _)| running.contains(id));
             note(
                 &mut log,
                 &mut counts,
@@ -960,22 +984,23 @@ fn nemesis(
     for l in c.links.values() {
         l.heal();
     }
-    match out {
-        Some((id, Out::Killed(_))) => c.spawn(id),
-        Some((id, Out::Paused(_))) => c.resume(id),
-        None => {}
+    for (id, o) in out {
+        match o {
+            Out::Killed(_) => c.spawn(id),
+            Out::Paused(_) => c.resume(id),
+        }
     }
     note(&mut log, &mut counts, "final heal", String::new());
     (c, log, counts)
 }
 
-/// The leader of the highest term the `running` nodes (all but `out`)
+/// The leader of the highest term the `running` nodes that are not out
 /// report.
-fn leader(c: &TestCluster, running: &[u64], out: Option<u64>) -> Option<u64> {
+fn leader(c: &TestCluster, running: &[u64], is_out: &dyn Fn(u64) -> bool) -> Option<u64> {
     running
         .iter()
         .copied()
-        .filter(|&id| Some(id) != out)
+        .filter(|&id| !is_out(id))
         .filter_map(|id| c.status(id))
         .filter(|s| s.role == "leader")
         .max_by_key(|s| s.term)

@@ -23,7 +23,10 @@
 //! protocol (a client session each, with the library's own retries and
 //! redirects: a write is applied once however often it is sent). Both put,
 //! read linearizably, and compare-and-swap unique values on the same few
-//! keys, so one history holds them all. At the end every link is healed,
+//! keys, so one history holds them all; and a reader on each member's etcd
+//! API reads those keys linearizably from that member alone (`Api::Reader`:
+//! an old leader that answers from an expired lease gets caught). At the
+//! end every link is healed,
 //! every node resumed or started again, and each must serve a write and
 //! linearizable reads of every key (liveness); then the whole history must
 //! be linearizable (`keel_sim::linearizability`) and no node's log may show
@@ -164,7 +167,7 @@ fn run(p: Params) {
     };
     println!(
         "process nemesis, {}: seed {seed} (rerun with {rerun}), {secs} s of load, {CLIENTS} \
-         clients, {KEYS} keys",
+         clients and a reader per member, {KEYS} keys",
         p.name
     );
     println!("settings: {setup:?}");
@@ -202,9 +205,15 @@ fn run(p: Params) {
         .expect("client runtime");
     // (A lazy channel needs the runtime it will run on.)
     let in_rt = rt.enter();
-    let clients: Vec<_> = (0..CLIENTS)
+    // The clients, then a reader on each member.
+    let clients: Vec<_> = (0..CLIENTS + p.members)
         .map(|c| {
-            let api = if c % 2 == 0 {
+            let api = if c >= CLIENTS {
+                Api::Reader(
+                    lazy_kv_client(&etcd[(c - CLIENTS) as usize]),
+                    c - CLIENTS + 1,
+                )
+            } else if c % 2 == 0 {
                 Api::Etcd(
                     etcd.iter().map(|a| lazy_kv_client(a)).collect(),
                     serving.clone(),
@@ -253,7 +262,7 @@ fn run(p: Params) {
         || values.fetch_add(1, Ordering::Relaxed),
         |id, input| {
             let ctx = Ctx {
-                client: CLIENTS,
+                client: CLIENTS + p.members,
                 start,
                 counts: &mut final_counts,
                 last_seen: &mut last_seen,
@@ -415,6 +424,14 @@ enum Api {
     Etcd(Vec<KvClient<Channel>>, Serving),
     /// The native client (boxed: it is much larger than a `Vec`).
     Native(Box<Client>),
+    /// Linearizable reads only, all of one member's etcd API (this id):
+    /// a member that still takes itself for the leader after the others
+    /// elected another (cut off, or paused and resumed) keeps being asked,
+    /// so a read it answers from an expired lease is likely to come after
+    /// a write the new leader acknowledged, where the history shows it.
+    /// (The other clients are held up by that member's writes, which it
+    /// cannot commit, for up to `CALL_TIMEOUT` each.)
+    Reader(KvClient<Channel>, u64),
 }
 
 /// A client of member `addr`'s etcd API that connects when first used,
@@ -457,10 +474,15 @@ async fn client_loop(
     let mut counts = Counts::new();
     let mut last_seen = LastSeen::new();
     while !stop.load(Ordering::Relaxed) {
+        let mix = if matches!(api, Api::Reader(..)) {
+            (0, 100)
+        } else {
+            (35, 35)
+        };
         let input = random_input(
             &mut rng,
             KEYS,
-            (35, 35),
+            mix,
             || values.fetch_add(1, Ordering::Relaxed),
             &last_seen,
         );
@@ -479,6 +501,7 @@ async fn client_loop(
                 etcd_request(&nodes[(node - 1) as usize], node, input, ctx).await
             }
             Api::Native(c) => native_request(c, input, ctx).await,
+            Api::Reader(kv, node) => etcd_request(kv, *node, input, ctx).await,
         };
         records.push(record);
         tokio::time::sleep(Duration::from_micros(rng.below(5_000))).await;

@@ -19,13 +19,12 @@ pub struct Message {
 pub enum Body {
     /// "Would you vote for me at `term`?" Sent without raising the sender's
     /// term; `term` is the sender's term + 1.
-    PreVote {
-        last_pos: Position,
-        last_term: Term,
-    },
-    PreVoteResp {
-        granted: bool,
-    },
+    PreVote { last_pos: Position, last_term: Term },
+    /// `amnesic`: the sender restarted without writes it may have
+    /// acknowledged and has not caught up since (see
+    /// `Node::after_power_loss`); its grant counts only if every voter
+    /// grants one.
+    PreVoteResp { granted: bool, amnesic: bool },
     /// A real vote request. `transfer` marks a leadership transfer, which
     /// overrides leader stickiness.
     Vote {
@@ -33,9 +32,8 @@ pub enum Body {
         last_term: Term,
         transfer: bool,
     },
-    VoteResp {
-        granted: bool,
-    },
+    /// `amnesic` as for `PreVoteResp`.
+    VoteResp { granted: bool, amnesic: bool },
     /// Entries after (`prev_pos`, `prev_term`), the leader's commit position
     /// and its heartbeat sequence (for read-index confirmation). An empty
     /// append is a heartbeat and a commit notification. `to_voter`: the
@@ -82,17 +80,12 @@ pub enum Body {
     },
     /// The follower holds the first `received` bytes of the snapshot at
     /// `position` (send from there).
-    SnapshotAck {
-        position: Position,
-        received: u64,
-    },
+    SnapshotAck { position: Position, received: u64 },
     /// Leadership transfer: "campaign now". `last_pos` is the leader's log
     /// end when it sent this: a target that holds an entry of this term
     /// past it knows the message is stale (the leader appended since, and
     /// may have given the transfer up) and ignores it.
-    TimeoutNow {
-        last_pos: Position,
-    },
+    TimeoutNow { last_pos: Position },
     /// Client commands a follower took, for the leader to append (client,
     /// sequence number, data). A leader in the middle of a leadership
     /// transfer holds them (with its own clients' writes) until the
@@ -107,16 +100,10 @@ pub enum Body {
         commands: Vec<(ClientId, u64, Bytes)>,
     },
     /// A follower asks the leader for a read index for its read `id`.
-    ReadIndex {
-        id: u64,
-    },
+    ReadIndex { id: u64 },
     /// The read index for the follower's read `id`, confirmed by a quorum
     /// (`ok`), or a refusal (not the leader).
-    ReadIndexResp {
-        id: u64,
-        index: Position,
-        ok: bool,
-    },
+    ReadIndexResp { id: u64, index: Position, ok: bool },
     /// "You were removed": the configuration in force from `position` on
     /// in the sender's committed log (the end of its membership entry, or
     /// the start of the sender's log for its snapshot's) excludes the
@@ -127,9 +114,7 @@ pub enum Body {
     /// configuration. The receiver stops for good (`Action::Removed`)
     /// unless it is joining or knows a later configuration that includes
     /// it.
-    Removed {
-        position: Position,
-    },
+    Removed { position: Position },
 }
 
 impl Body {

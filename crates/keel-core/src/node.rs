@@ -280,6 +280,10 @@ pub struct TestingBugs {
     /// A follower installs a snapshot below its commit position (both
     /// guards, on a chunk and on installing, are skipped).
     pub install_snapshot_below_commit: bool,
+    /// A node that restarted after losing unsynced writes
+    /// (`Node::after_power_loss`) grants (pre-)votes that count as any
+    /// other's.
+    pub amnesia_ignored: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -587,6 +591,10 @@ pub struct Stats {
     /// ones) while it transferred leadership or knew no leader, to append
     /// or pass on to the next leader.
     pub commands_held: u64,
+    /// Times this node stopped being amnesic (see
+    /// `Node::after_power_loss`): it caught up with a leader elected
+    /// since its restart.
+    pub amnesia_ended: u64,
 }
 
 /// What a restarted node recovers from its storage.
@@ -643,7 +651,9 @@ pub struct Node {
     election_deadline: Nanos,
     heartbeat_deadline: Nanos,
     check_quorum_deadline: Nanos,
-    votes: BTreeMap<NodeId, bool>,
+    /// (Pre-)votes this (pre-)candidate was answered: whether granted,
+    /// and whether by an amnesic voter (see `Node::after_power_loss`).
+    votes: BTreeMap<NodeId, Ballot>,
     progress: BTreeMap<NodeId, Progress>,
     term_start_pos: Position,
     heartbeat_seq: u64,
@@ -736,8 +746,23 @@ pub struct Node {
     /// Joining again after a restart on data an earlier version wrote
     /// (`resume_joining_voting`): it grants votes as that version did.
     joining_votes: bool,
+    /// Restarted after losing writes it had not synced, which it may have
+    /// acknowledged (`after_power_loss`), and not yet caught up with a
+    /// leader elected since: its (pre-)votes say so, and count towards a
+    /// quorum only if every voter grants one.
+    amnesic: bool,
+    /// `after_power_loss` raised the term: the hard state is written at
+    /// the start of the next step, before anything is sent in that term.
+    amnesia_persist_due: bool,
     now: Nanos,
     stats: Stats,
+}
+
+/// One voter's answer to a (pre-)vote request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ballot {
+    granted: bool,
+    amnesic: bool,
 }
 
 impl Node {
@@ -870,6 +895,8 @@ impl Node {
             joining: false,
             join_commit: 0,
             joining_votes: false,
+            amnesic: false,
+            amnesia_persist_due: false,
             now,
             stats: Stats::default(),
             cfg,
@@ -1002,6 +1029,34 @@ impl Node {
         self.resume_joining();
         self.joining_votes = true;
     }
+    /// Called right after `restart` on storage that may have lost writes
+    /// the node had acknowledged: in `replicated` durability an entry
+    /// counts once written to the OS, so a machine that lost power (not a
+    /// process crash, which keeps the page cache) comes back without what
+    /// it had not synced. Such a node's vote could elect a leader without
+    /// an entry that only its acknowledgement had made a quorum's.
+    ///
+    /// So the node is *amnesic*: it moves to a new term (written, with no
+    /// vote, at the start of its next step, before anything is sent), so
+    /// that no leader of an earlier term, one that may count its old
+    /// acknowledgements, has it follow; its (pre-)votes say it is amnesic,
+    /// and a candidate counts them towards a quorum only if every voter
+    /// grants one (a cluster that lost power everywhere at once still
+    /// elects the voter with the longest log). It stops being amnesic once
+    /// it has committed an entry of its current term: the leader of that
+    /// term was elected by voters that kept what they acknowledged, so it
+    /// holds every entry a quorum acknowledged, and so, below that entry,
+    /// does this node.
+    pub fn after_power_loss(&mut self) {
+        self.amnesic = true;
+        self.term += 1;
+        self.voted_for = None;
+        self.amnesia_persist_due = true;
+    }
+    /// Whether the node is amnesic (see `after_power_loss`).
+    pub fn amnesic(&self) -> bool {
+        self.amnesic
+    }
     /// The membership in force: the latest one in the log, committed or not.
     pub fn membership(&self) -> &Membership {
         self.membership_log
@@ -1071,6 +1126,9 @@ impl Node {
         if self.removed.is_some() {
             self.refuse_removed(event, out);
             return;
+        }
+        if std::mem::take(&mut self.amnesia_persist_due) {
+            self.persist_hard_state(out);
         }
         if self.hold_update_at.is_some_and(|at| now >= at) {
             // Before anything this step sends (the hard state is written
@@ -1608,7 +1666,7 @@ impl Node {
             });
         }
         self.votes.clear();
-        self.votes.insert(self.cfg.id, true);
+        self.votes.insert(self.cfg.id, self.ballot(true));
         self.set_role(Role::PreCandidate, None, out);
         if self.tally() == Some(true) {
             self.campaign(false, out);
@@ -1641,7 +1699,7 @@ impl Node {
         self.voted_for = Some(self.cfg.id);
         self.persist_hard_state(out);
         self.votes.clear();
-        self.votes.insert(self.cfg.id, true);
+        self.votes.insert(self.cfg.id, self.ballot(true));
         self.set_role(Role::Candidate, None, out);
         self.reset_election_deadline();
         if self.tally() == Some(true) {
@@ -1662,20 +1720,24 @@ impl Node {
         }
     }
 
-    /// Some(true): won a quorum; Some(false): lost; None: undecided.
+    /// This node's answer to a (pre-)vote request.
+    fn ballot(&self, granted: bool) -> Ballot {
+        Ballot {
+            granted,
+            amnesic: self.amnesic && !self.cfg.testing_bugs.amnesia_ignored,
+        }
+    }
+
+    /// Some(true): won a quorum; Some(false): lost; None: undecided. A
+    /// quorum of votes from voters that are not amnesic wins, and so do
+    /// the votes of every voter (see `after_power_loss`).
     fn tally(&self) -> Option<bool> {
         let m = self.membership();
-        let granted = m
-            .voters
-            .iter()
-            .filter(|n| self.votes.get(n) == Some(&true))
-            .count();
-        let denied = m
-            .voters
-            .iter()
-            .filter(|n| self.votes.get(n) == Some(&false))
-            .count();
-        if granted >= m.quorum() {
+        let ballots = || m.voters.iter().filter_map(|n| self.votes.get(n));
+        let granted = ballots().filter(|b| b.granted && !b.amnesic).count();
+        let unanimous = ballots().filter(|b| b.granted).count() == m.voters.len();
+        let denied = ballots().filter(|b| !b.granted).count();
+        if granted >= m.quorum() || unanimous {
             Some(true)
         } else if denied > m.voters.len() - m.quorum() {
             Some(false)
@@ -1815,7 +1877,7 @@ impl Node {
         if m.term > self.term {
             match &m.body {
                 Body::PreVote { .. } => {}
-                Body::PreVoteResp { granted: true } => {}
+                Body::PreVoteResp { granted: true, .. } => {}
                 Body::Vote { transfer, .. } => {
                     if !transfer && self.sticky() {
                         return; // leader stickiness: a live leader is heard
@@ -1858,9 +1920,13 @@ impl Node {
                     );
                 }
                 Body::PreVote { .. } => {
-                    self.send(m.from, Body::PreVoteResp { granted: false }, out)
+                    let Ballot { granted, amnesic } = self.ballot(false);
+                    self.send(m.from, Body::PreVoteResp { granted, amnesic }, out)
                 }
-                Body::Vote { .. } => self.send(m.from, Body::VoteResp { granted: false }, out),
+                Body::Vote { .. } => {
+                    let Ballot { granted, amnesic } = self.ballot(false);
+                    self.send(m.from, Body::VoteResp { granted, amnesic }, out)
+                }
                 // Sent to this node as the leader of an earlier term.
                 Body::Forward { commands } => self.on_forward(m.from, m.term, commands, out),
                 _ => {}
@@ -1874,11 +1940,12 @@ impl Node {
             } => {
                 let granted = !self.sticky() && self.grants_vote_to(last_term, last_pos);
                 let term = if granted { m.term } else { self.term };
-                self.send_with_term(m.from, term, Body::PreVoteResp { granted }, out);
+                let Ballot { granted, amnesic } = self.ballot(granted);
+                self.send_with_term(m.from, term, Body::PreVoteResp { granted, amnesic }, out);
             }
-            Body::PreVoteResp { granted } => {
+            Body::PreVoteResp { granted, amnesic } => {
                 if self.role == Role::PreCandidate && m.term == self.term + 1 {
-                    self.votes.insert(m.from, granted);
+                    self.votes.insert(m.from, Ballot { granted, amnesic });
                     match self.tally() {
                         Some(true) => self.campaign(false, out),
                         Some(false) => self.become_follower(self.term, None, out),
@@ -1904,11 +1971,12 @@ impl Node {
                     self.persist_hard_state(out);
                     self.reset_election_deadline();
                 }
-                self.send(m.from, Body::VoteResp { granted }, out);
+                let Ballot { granted, amnesic } = self.ballot(granted);
+                self.send(m.from, Body::VoteResp { granted, amnesic }, out);
             }
-            Body::VoteResp { granted } => {
+            Body::VoteResp { granted, amnesic } => {
                 if self.role == Role::Candidate {
-                    self.votes.insert(m.from, granted);
+                    self.votes.insert(m.from, Ballot { granted, amnesic });
                     match self.tally() {
                         Some(true) => self.become_leader(out),
                         Some(false) => self.become_follower(self.term, None, out),
@@ -2157,6 +2225,11 @@ impl Node {
     }
 
     fn emit_apply(&mut self, out: &mut Vec<Action>) {
+        if self.amnesic && self.log.term_at(self.commit) == Some(self.term) {
+            // (See `after_power_loss`.)
+            self.amnesic = false;
+            self.stats.amnesia_ended += 1;
+        }
         if self.commit > self.apply_sent {
             let from = if self.cfg.testing_bugs.apply_from_applied {
                 self.applied

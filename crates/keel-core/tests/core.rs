@@ -1957,7 +1957,8 @@ fn granted(out: &[Action]) -> bool {
         matches!(
             a,
             Action::Send(Message {
-                body: Body::PreVoteResp { granted: true } | Body::VoteResp { granted: true },
+                body: Body::PreVoteResp { granted: true, .. }
+                    | Body::VoteResp { granted: true, .. },
                 ..
             })
         )
@@ -1980,7 +1981,14 @@ fn stickiness_survives_a_higher_term_message() {
         let mut out = Vec::new();
         b.step(t, append(0, 1, Vec::new()), &mut out);
         assert_eq!(b.leader(), Some(1));
-        let refusal = to_node_2(3, 2, Body::PreVoteResp { granted: false });
+        let refusal = to_node_2(
+            3,
+            2,
+            Body::PreVoteResp {
+                granted: false,
+                amnesic: false,
+            },
+        );
         b.step(t + MS, Event::Message(refusal), &mut out);
         assert_eq!((b.term(), b.leader()), (2, None));
         b
@@ -2938,11 +2946,11 @@ fn a_joining_node_grants_no_votes() {
         for a in &out {
             match a {
                 Action::Send(Message {
-                    body: Body::PreVoteResp { granted },
+                    body: Body::PreVoteResp { granted, .. },
                     ..
                 }) => got.push(("pre-vote", *granted)),
                 Action::Send(Message {
-                    body: Body::VoteResp { granted },
+                    body: Body::VoteResp { granted, .. },
                     ..
                 }) => got.push(("vote", *granted)),
                 _ => {}
@@ -4358,4 +4366,150 @@ fn a_held_write_dropped_at_an_election_is_refused() {
     h.run_for(2 * Config::new(1, 7).election_timeout_max);
     assert!(h.leader().is_some());
     assert_eq!(applied_count(&h, b"held"), vec![0, 0, 0]);
+}
+
+// ----- a voter that lost unsynced writes (`Node::after_power_loss`) --------
+
+/// Node `id` of `h` restarts from `entries` (its disk after losing what it
+/// had not synced) and its persisted hard state, amnesic unless
+/// `amnesia_ignored`.
+fn power_loss(h: &mut Harness, id: NodeId, entries: Vec<Entry>, amnesia_ignored: bool) {
+    let i = (id - 1) as usize;
+    let mut cfg = Config::new(id, 7);
+    cfg.testing_bugs.amnesia_ignored = amnesia_ignored;
+    let recovered = Recovered {
+        hard_state: h.persisted[i],
+        snapshot: Some(Snapshot {
+            meta: SnapshotMeta {
+                position: 0,
+                term: 0,
+                timestamp: 0,
+                membership: Membership::new(1..=h.nodes.len() as u64),
+            },
+            data: Bytes::new(),
+        }),
+        snapshot_file_size: 0,
+        entries,
+    };
+    let mut node = Node::restart(cfg, recovered, h.now);
+    node.after_power_loss();
+    h.nodes[i] = node;
+}
+
+/// A three-node harness with node 1 leading.
+fn three_led_by_1() -> Harness {
+    let mut h = Harness::new(3);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    if leader != 1 {
+        h.step(leader, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1));
+    h
+}
+
+/// Leader 1 commits `b"lost"` with node 2's acknowledgement alone (node 3
+/// hears nothing of it); node 2 then loses power before syncing it, and
+/// leader 1 goes down. Returns the harness and the entry.
+fn acknowledged_then_lost_by_power(amnesia_ignored: bool) -> (Harness, Entry) {
+    let mut h = three_led_by_1();
+    let synced: Vec<Entry> = h.node(2).log().iter().cloned().collect();
+    h.cut.insert((1, 3));
+    h.propose(1, 1, 1, b"lost");
+    h.run_for(30 * MS);
+    let e = h.node(1).log().iter().last().cloned().expect("the entry");
+    assert_eq!(&e.data[..], b"lost");
+    assert!(
+        h.applied[0].iter().any(|a| a == &e),
+        "leader 1 committed it with node 2"
+    );
+    assert!(h.node(3).log().entry_at(e.position).is_none());
+    for n in [2, 3] {
+        h.cut.insert((1, n));
+        h.cut.insert((n, 1));
+    }
+    power_loss(&mut h, 2, synced, amnesia_ignored);
+    (h, e)
+}
+
+/// The case `after_power_loss` is for: without it, nodes 2 and 3 elect a
+/// leader that lacks a committed entry (the bug the simulator's
+/// `amnesia_ignored` runs find end to end).
+#[test]
+fn a_voter_that_lost_acknowledged_writes_cannot_elect_a_leader_without_them() {
+    let (mut h, e) = acknowledged_then_lost_by_power(true);
+    h.run_for(3_000 * MS);
+    let leader = [2, 3].into_iter().find(|&n| h.node(n).is_leader());
+    let leader = leader.expect("without amnesia 2 and 3 elect a leader");
+    assert!(h.node(leader).log().entry_at(e.position) != Some(&e));
+
+    let (mut h, e) = acknowledged_then_lost_by_power(false);
+    let restart_term = h.node(2).term();
+    h.step(2, Event::Tick);
+    assert_eq!(
+        (h.persisted[1].term, h.persisted[1].voted_for),
+        (restart_term, None),
+        "the raised term is written at the first step"
+    );
+    assert!(h.node(2).amnesic());
+    h.run_for(3_000 * MS);
+    assert!(
+        !h.node(2).is_leader() && !h.node(3).is_leader(),
+        "node 2's vote alone elects no one"
+    );
+    assert!(h.node(2).amnesic());
+    // Node 1 comes back: a leader with the entry is elected, and node 2
+    // catches up and is no longer amnesic.
+    h.cut.clear();
+    h.run_for(3_000 * MS);
+    let leader = h.leader().expect("a leader once node 1 is back");
+    assert!(h.node(leader).term() >= restart_term);
+    h.propose(leader, 2, 2, b"after");
+    h.run_for(100 * MS);
+    for n in 1..=3 {
+        assert_eq!(h.node(n).log().entry_at(e.position), Some(&e), "node {n}");
+    }
+    assert!(!h.node(2).amnesic());
+    assert_eq!(h.node(2).stats().amnesia_ended, 1);
+}
+
+/// A cluster that lost power everywhere at once (every voter amnesic)
+/// still elects a leader, by every voter's vote, and then none is amnesic.
+/// So does a single node.
+#[test]
+fn every_voter_amnesic_elects_by_every_vote() {
+    for n in [1, 3] {
+        let mut h = Harness::new(n);
+        h.run_for(1_500 * MS);
+        let leader = h.leader().expect("a leader");
+        h.propose(leader, 1, 1, b"kept");
+        h.run_for(100 * MS);
+        for id in 1..=n {
+            let entries = h.node(id).log().iter().cloned().collect();
+            power_loss(&mut h, id, entries, false);
+        }
+        h.run_for(3_000 * MS);
+        let leader = h.leader().expect("elected by every vote");
+        h.run_for(100 * MS);
+        for id in 1..=n {
+            assert!(!h.node(id).amnesic(), "{n} nodes: node {id}");
+            let kept = h.node(id).log().iter().any(|e| &e.data[..] == b"kept");
+            assert!(kept, "{n} nodes: node {id}");
+        }
+        assert!(h.node(leader).is_leader());
+    }
+}
+
+/// With one voter of three amnesic and the others up, a leader is elected
+/// as usual (the other two are a quorum), and the amnesic one catches up.
+#[test]
+fn one_amnesic_voter_of_three_does_not_stop_elections() {
+    let mut h = three_led_by_1();
+    let entries = h.node(3).log().iter().cloned().collect();
+    power_loss(&mut h, 3, entries, false);
+    h.run_for(3_000 * MS);
+    let leader = h.leader().expect("a leader");
+    assert!(h.node(leader).term() >= h.node(3).term());
+    assert!(!h.node(3).amnesic());
 }

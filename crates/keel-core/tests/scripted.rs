@@ -229,7 +229,7 @@ impl Cluster {
     fn check_send(&self, m: &Message) {
         let disk = &self.disks[&m.from];
         match m.body {
-            Body::VoteResp { granted: true } => assert!(
+            Body::VoteResp { granted: true, .. } => assert!(
                 disk.hard.term == m.term && disk.hard.voted_for == Some(m.to),
                 "node {} granted its vote in term {} to {} before that was on disk \
                  (its disk holds term {}, vote {:?})",
@@ -659,7 +659,7 @@ fn a_vote_survives_a_crash_right_after_the_reply_left() {
     c.crash(1);
     c.crash_after_send = Some((
         3,
-        Box::new(|m| matches!(m.body, Body::VoteResp { granted: true })),
+        Box::new(|m| matches!(m.body, Body::VoteResp { granted: true, .. })),
     ));
     c.campaign(2);
     let term = c.node(2).term();

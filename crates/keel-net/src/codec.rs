@@ -22,8 +22,12 @@ use std::sync::Arc;
 /// after the voters and learners, which are never added again; a version-2
 /// node would drop them and accept a removed id back; `Append` and
 /// `InstallSnapshot` say whether the leader counts the receiver as a voter
-/// (`to_voter`: a node still joining ignores such a leader).
-pub const PEER_VERSION: u8 = 3;
+/// (`to_voter`: a node still joining ignores such a leader). 4:
+/// `PreVoteResp` and `VoteResp` say whether the voter is amnesic (it
+/// restarted without writes it had not synced, see
+/// `keel_core::Node::after_power_loss`); a version-3 node would count
+/// such a vote like any other.
+pub const PEER_VERSION: u8 = 4;
 /// The client protocol's version, carried by `Request` and `Response`
 /// frames. Kept apart from the peer protocol's so that a change between
 /// nodes does not refuse clients whose frames did not change (it was 2
@@ -422,9 +426,10 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u64(out, *last_pos);
             put_u64(out, *last_term);
         }
-        Body::PreVoteResp { granted } => {
+        Body::PreVoteResp { granted, amnesic } => {
             put_u8(out, BODY_PRE_VOTE_RESP);
             put_bool(out, *granted);
+            put_bool(out, *amnesic);
         }
         Body::Vote {
             last_pos,
@@ -436,9 +441,10 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u64(out, *last_term);
             put_bool(out, *transfer);
         }
-        Body::VoteResp { granted } => {
+        Body::VoteResp { granted, amnesic } => {
             put_u8(out, BODY_VOTE_RESP);
             put_bool(out, *granted);
+            put_bool(out, *amnesic);
         }
         Body::Append {
             prev_pos,
@@ -928,6 +934,7 @@ impl<'a> Reader<'a> {
             },
             BODY_PRE_VOTE_RESP => Body::PreVoteResp {
                 granted: self.flag("PreVoteResp.granted")?,
+                amnesic: self.flag("PreVoteResp.amnesic")?,
             },
             BODY_VOTE => Body::Vote {
                 last_pos: self.u64("Vote.last_pos")?,
@@ -936,6 +943,7 @@ impl<'a> Reader<'a> {
             },
             BODY_VOTE_RESP => Body::VoteResp {
                 granted: self.flag("VoteResp.granted")?,
+                amnesic: self.flag("VoteResp.amnesic")?,
             },
             BODY_APPEND => {
                 let prev_pos = self.u64("Append.prev_pos")?;
@@ -1261,7 +1269,8 @@ mod tests {
                 last_pos,
                 last_term
             }),
-            1 => any::<bool>().prop_map(|granted| Body::PreVoteResp { granted }),
+            1 => (any::<bool>(), any::<bool>())
+                .prop_map(|(granted, amnesic)| Body::PreVoteResp { granted, amnesic }),
             1 => (u64s(), u64s(), any::<bool>()).prop_map(
                 |(last_pos, last_term, transfer)| Body::Vote {
                     last_pos,
@@ -1269,7 +1278,8 @@ mod tests {
                     transfer
                 }
             ),
-            1 => any::<bool>().prop_map(|granted| Body::VoteResp { granted }),
+            1 => (any::<bool>(), any::<bool>())
+                .prop_map(|(granted, amnesic)| Body::VoteResp { granted, amnesic }),
             // Weighted up: the variant with the most structure.
             3 => (
                 u64s(),
@@ -2054,12 +2064,13 @@ mod tests {
         }
     }
 
-    /// A node of peer protocol 2 would drop a membership's removed ids:
-    /// its frames (any of them, the hello first) are refused, while client
+    /// A node of peer protocol 3 would count an amnesic voter's vote like
+    /// any other (and one of 2 would drop a membership's removed ids): its
+    /// frames (any of them, the hello first) are refused, while client
     /// frames, whose protocol did not change, keep version 2.
     #[test]
-    fn version_2_peer_frames_are_refused() {
-        assert_eq!(PEER_VERSION, 3);
+    fn older_peer_frames_are_refused() {
+        assert_eq!(PEER_VERSION, 4);
         let frames = [
             Frame::Hello {
                 cluster_id: 1,
@@ -2070,24 +2081,27 @@ mod tests {
                 from: 2,
                 to: 1,
                 term: 3,
-                body: Body::VoteResp { granted: true },
+                body: Body::VoteResp {
+                    granted: true,
+                    amnesic: false,
+                },
             }),
         ];
         for f in frames {
             let mut buf = enc(&f);
-            buf[4] = 2;
+            buf[4] = 3;
             let got = decode(&buf, MAX);
             assert_eq!(
                 got,
                 Err(CodecError::BadVersion {
                     what: "peer protocol",
-                    found: 2,
-                    expected: 3
+                    found: 3,
+                    expected: 4
                 })
             );
             assert_eq!(
                 got.unwrap_err().to_string(),
-                "unsupported peer protocol version 2, expected 3"
+                "unsupported peer protocol version 3, expected 4"
             );
             // From the version and tag alone, before the rest arrives.
             assert_eq!(frame_size(&buf[..6], MAX), decode(&buf, MAX).map(|_| None));
@@ -2271,13 +2285,16 @@ mod tests {
             from: 1,
             to: 2,
             term: 3,
-            body: Body::VoteResp { granted: true },
+            body: Body::VoteResp {
+                granted: true,
+                amnesic: false,
+            },
         }));
         *buf.last_mut().unwrap() = 2;
         assert_eq!(
             decode(&buf, MAX),
             Err(CodecError::BadFlag {
-                what: "VoteResp.granted",
+                what: "VoteResp.amnesic",
                 found: 2
             })
         );

@@ -251,7 +251,10 @@ mod tests {
             from,
             to,
             term,
-            body: Body::PreVoteResp { granted: true },
+            body: Body::PreVoteResp {
+                granted: true,
+                amnesic: false,
+            },
         }
     }
 

@@ -71,13 +71,19 @@ fn seeds() -> Vec<Frame> {
             last_pos: 1,
             last_term: 2,
         }),
-        peer(Body::PreVoteResp { granted: true }),
+        peer(Body::PreVoteResp {
+            granted: true,
+            amnesic: true,
+        }),
         peer(Body::Vote {
             last_pos: 1,
             last_term: 2,
             transfer: true,
         }),
-        peer(Body::VoteResp { granted: false }),
+        peer(Body::VoteResp {
+            granted: false,
+            amnesic: false,
+        }),
         peer(Body::Append {
             prev_pos: 1,
             prev_term: 2,

@@ -5366,7 +5366,7 @@ mod removed_tests {
                     .expect("heard")
                     .iter()
                     .find_map(|m| match m.body {
-                        Body::VoteResp { granted } if m.term == term => Some(granted),
+                        Body::VoteResp { granted, .. } if m.term == term => Some(granted),
                         _ => None,
                     })
             };

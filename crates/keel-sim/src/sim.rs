@@ -2746,7 +2746,7 @@ impl Sim {
                 self.removal_checks
                     .push(RemovalCheck::Sent(id, m.to, *position));
             }
-            Body::VoteResp { granted: true } => {
+            Body::VoteResp { granted: true, .. } => {
                 let hs = disk.hard_state;
                 if hs.term != m.term || hs.voted_for != Some(m.to) {
                     self.report.violations.push(format!(
@@ -5016,7 +5016,14 @@ mod tests {
     #[test]
     fn a_vote_granted_before_it_is_on_disk_is_caught() {
         let (mut sim, _) = follower_with_unsynced_entry();
-        let vote = message(3, 4, Body::VoteResp { granted: true });
+        let vote = message(
+            3,
+            4,
+            Body::VoteResp {
+                granted: true,
+                amnesic: false,
+            },
+        );
         sim.check_sent(0, &vote);
         assert!(
             sim.report.violations[0].contains("granted its vote"),
@@ -5030,7 +5037,14 @@ mod tests {
             ..HardState::default()
         };
         sim.check_sent(0, &vote);
-        let refusal = message(2, 4, Body::VoteResp { granted: false });
+        let refusal = message(
+            2,
+            4,
+            Body::VoteResp {
+                granted: false,
+                amnesic: false,
+            },
+        );
         sim.check_sent(0, &refusal);
         assert!(
             sim.report.violations.is_empty(),

@@ -22,7 +22,7 @@ pub enum Body {
     PreVote { last_pos: Position, last_term: Term },
     /// `amnesic`: the sender restarted without writes it may have
     /// acknowledged and has not caught up since (see
-    /// `Node::after_power_loss`); its grant counts only if every voter
+    /// `Node::set_amnesic`); its grant counts only if every voter
     /// grants one.
     PreVoteResp { granted: bool, amnesic: bool },
     /// A real vote request. `transfer` marks a leadership transfer, which

@@ -281,8 +281,7 @@ pub struct TestingBugs {
     /// guards, on a chunk and on installing, are skipped).
     pub install_snapshot_below_commit: bool,
     /// A node that restarted after losing unsynced writes
-    /// (`Node::after_power_loss`) grants (pre-)votes that count as any
-    /// other's.
+    /// (`Node::set_amnesic`) grants (pre-)votes that count as any other's.
     pub amnesia_ignored: bool,
 }
 
@@ -591,9 +590,8 @@ pub struct Stats {
     /// ones) while it transferred leadership or knew no leader, to append
     /// or pass on to the next leader.
     pub commands_held: u64,
-    /// Times this node stopped being amnesic (see
-    /// `Node::after_power_loss`): it caught up with a leader elected
-    /// since its restart.
+    /// Times this node stopped being amnesic (see `Node::set_amnesic`):
+    /// it caught up with a leader elected since its power loss.
     pub amnesia_ended: u64,
 }
 
@@ -652,7 +650,7 @@ pub struct Node {
     heartbeat_deadline: Nanos,
     check_quorum_deadline: Nanos,
     /// (Pre-)votes this (pre-)candidate was answered: whether granted,
-    /// and whether by an amnesic voter (see `Node::after_power_loss`).
+    /// and whether by an amnesic voter (see `Node::set_amnesic`).
     votes: BTreeMap<NodeId, Ballot>,
     progress: BTreeMap<NodeId, Progress>,
     term_start_pos: Position,
@@ -747,13 +745,10 @@ pub struct Node {
     /// (`resume_joining_voting`): it grants votes as that version did.
     joining_votes: bool,
     /// Restarted after losing writes it had not synced, which it may have
-    /// acknowledged (`after_power_loss`), and not yet caught up with a
-    /// leader elected since: its (pre-)votes say so, and count towards a
-    /// quorum only if every voter grants one.
+    /// acknowledged (`set_amnesic`), and not yet caught up with a leader
+    /// elected since: its (pre-)votes say so, and count towards a quorum
+    /// only if every voter grants one.
     amnesic: bool,
-    /// `after_power_loss` raised the term: the hard state is written at
-    /// the start of the next step, before anything is sent in that term.
-    amnesia_persist_due: bool,
     now: Nanos,
     stats: Stats,
 }
@@ -896,7 +891,6 @@ impl Node {
             join_commit: 0,
             joining_votes: false,
             amnesic: false,
-            amnesia_persist_due: false,
             now,
             stats: Stats::default(),
             cfg,
@@ -1030,30 +1024,29 @@ impl Node {
         self.joining_votes = true;
     }
     /// Called right after `restart` on storage that may have lost writes
-    /// the node had acknowledged: in `replicated` durability an entry
-    /// counts once written to the OS, so a machine that lost power (not a
-    /// process crash, which keeps the page cache) comes back without what
-    /// it had not synced. Such a node's vote could elect a leader without
-    /// an entry that only its acknowledgement had made a quorum's.
+    /// the node had acknowledged, and until the node is no longer
+    /// `amnesic` (the runtime records that it is, across restarts). In
+    /// `replicated` durability an entry counts once written to the OS, so
+    /// a machine that lost power (not a process crash, which keeps the
+    /// page cache) comes back without what it had not synced. Such a
+    /// node's vote could elect a leader without an entry that only its
+    /// acknowledgement had made a quorum's.
     ///
-    /// So the node is *amnesic*: it moves to a new term (written, with no
-    /// vote, at the start of its next step, before anything is sent), so
-    /// that no leader of an earlier term, one that may count its old
-    /// acknowledgements, has it follow; its (pre-)votes say it is amnesic,
-    /// and a candidate counts them towards a quorum only if every voter
-    /// grants one (a cluster that lost power everywhere at once still
-    /// elects the voter with the longest log). It stops being amnesic once
-    /// it has committed an entry of its current term: the leader of that
-    /// term was elected by voters that kept what they acknowledged, so it
-    /// holds every entry a quorum acknowledged, and so, below that entry,
-    /// does this node.
-    pub fn after_power_loss(&mut self) {
+    /// So the node is *amnesic*: its (pre-)votes say so, and a candidate
+    /// counts them towards a quorum only if every voter grants one (a
+    /// cluster that lost power everywhere at once still elects the voter
+    /// with the longest log). It stops being amnesic once it has committed
+    /// an entry of its current term. Before the first restart after the
+    /// loss, the runtime writes `HardState::after_power_loss` (a new term),
+    /// so that no leader of an earlier term, which may count the node's
+    /// old acknowledgements, has it follow: the leader of a later term was
+    /// elected by voters that kept what they acknowledged, so it holds
+    /// every entry a quorum acknowledged, and so, below its first entry,
+    /// does this node once it commits that far.
+    pub fn set_amnesic(&mut self) {
         self.amnesic = true;
-        self.term += 1;
-        self.voted_for = None;
-        self.amnesia_persist_due = true;
     }
-    /// Whether the node is amnesic (see `after_power_loss`).
+    /// Whether the node is amnesic (see `set_amnesic`).
     pub fn amnesic(&self) -> bool {
         self.amnesic
     }
@@ -1126,9 +1119,6 @@ impl Node {
         if self.removed.is_some() {
             self.refuse_removed(event, out);
             return;
-        }
-        if std::mem::take(&mut self.amnesia_persist_due) {
-            self.persist_hard_state(out);
         }
         if self.hold_update_at.is_some_and(|at| now >= at) {
             // Before anything this step sends (the hard state is written
@@ -2226,7 +2216,7 @@ impl Node {
 
     fn emit_apply(&mut self, out: &mut Vec<Action>) {
         if self.amnesic && self.log.term_at(self.commit) == Some(self.term) {
-            // (See `after_power_loss`.)
+            // (See `set_amnesic`.)
             self.amnesic = false;
             self.stats.amnesia_ended += 1;
         }

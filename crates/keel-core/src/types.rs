@@ -202,6 +202,19 @@ pub struct HardState {
     pub hold: Nanos,
 }
 
+impl HardState {
+    /// The hard state a node that lost writes it had not synced (a power
+    /// loss in `replicated` durability) starts from, written before it
+    /// starts: the next term, with no vote (see `Node::set_amnesic`).
+    pub fn after_power_loss(self) -> HardState {
+        HardState {
+            term: self.term + 1,
+            voted_for: None,
+            hold: self.hold,
+        }
+    }
+}
+
 /// Where a snapshot sits in the log and what it knew there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotMeta {

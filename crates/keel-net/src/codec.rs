@@ -25,7 +25,7 @@ use std::sync::Arc;
 /// (`to_voter`: a node still joining ignores such a leader). 4:
 /// `PreVoteResp` and `VoteResp` say whether the voter is amnesic (it
 /// restarted without writes it had not synced, see
-/// `keel_core::Node::after_power_loss`); a version-3 node would count
+/// `keel_core::Node::set_amnesic`); a version-3 node would count
 /// such a vote like any other.
 pub const PEER_VERSION: u8 = 4;
 /// The client protocol's version, carried by `Request` and `Response`

@@ -27,7 +27,7 @@ const SEC: Nanos = 1_000_000_000;
 pub type BugFlag = fn(&mut TestingBugs) -> &mut bool;
 
 /// The core's deliberate bugs (`TestingBugs`) by their `--bug` names.
-pub const BUGS: [(&str, BugFlag); 15] = [
+pub const BUGS: [(&str, BugFlag); 16] = [
     ("commit-without-quorum", |b| &mut b.commit_without_quorum),
     ("vote-without-log-check", |b| &mut b.vote_without_log_check),
     ("lease-outlasts-stickiness", |b| {
@@ -51,6 +51,7 @@ pub const BUGS: [(&str, BugFlag); 15] = [
     ("install-snapshot-below-commit", |b| {
         &mut b.install_snapshot_below_commit
     }),
+    ("amnesia-ignored", |b| &mut b.amnesia_ignored),
 ];
 
 /// Which faults a run injects.
@@ -132,6 +133,15 @@ pub struct FaultMix {
     /// the faults heal, so many runs heal with a leader outside it
     /// (`Sim::region_blip`).
     pub region_blips: bool,
+    /// The nodes run with `replicated` durability (an entry counts once
+    /// written to the OS, and is synced in the background 5-20 ms later;
+    /// `Sim::write_inline`), and a machine sometimes loses power: what it
+    /// had not synced is gone, and it restarts amnesic
+    /// (`Node::set_amnesic`). Half the time the leader of the moment
+    /// crashes with it, so the other voters must elect a leader without
+    /// the writes that only the lost acknowledgements made a quorum's
+    /// (`Sim::power_loss`).
+    pub power_losses: bool,
 }
 
 impl FaultMix {
@@ -154,6 +164,7 @@ impl FaultMix {
         stale_replays: 0.0,
         impostors: false,
         region_blips: false,
+        power_losses: false,
     };
 
     /// Every named mix, from calm to chaos.
@@ -225,6 +236,7 @@ impl FaultMix {
                 stale_replays: 0.005,
                 impostors: true,
                 region_blips: false,
+                power_losses: false,
             },
             FaultMix {
                 name: "transfers",
@@ -257,15 +269,29 @@ impl FaultMix {
     /// crashes and a little loss and reordering. Its runs always have a
     /// preferred set, the writers' region: node 1 of three, nodes 1 and 2
     /// of five.
+    /// `power`: `replicated` durability with power losses
+    /// (`power_losses`), crashes, slow disks and a little loss and
+    /// reordering.
     pub fn extra() -> Vec<FaultMix> {
-        vec![FaultMix {
-            name: "regions",
-            region_blips: true,
-            crashes: true,
-            loss: 0.01,
-            reorder: 0.02,
-            ..Self::NONE
-        }]
+        vec![
+            FaultMix {
+                name: "regions",
+                region_blips: true,
+                crashes: true,
+                loss: 0.01,
+                reorder: 0.02,
+                ..Self::NONE
+            },
+            FaultMix {
+                name: "power",
+                power_losses: true,
+                crashes: true,
+                slow_disk: true,
+                loss: 0.01,
+                reorder: 0.02,
+                ..Self::NONE
+            },
+        ]
     }
 
     /// Every mix `by_name` knows: the rotation's and the extra ones.
@@ -312,6 +338,10 @@ impl FaultMix {
             // Three times as often as each other fault.
             v.extend([Nemesis::RegionBlip; 3]);
         }
+        if self.power_losses {
+            // As often as all the other faults together.
+            v.extend(std::iter::repeat_n(Nemesis::PowerLoss, v.len().max(1)));
+        }
         v
     }
 }
@@ -327,6 +357,7 @@ enum Nemesis {
     Transfer,
     IsolateLeader,
     RegionBlip,
+    PowerLoss,
 }
 
 /// One simulation run's parameters.
@@ -848,6 +879,10 @@ pub struct Report {
     pub elections: u64,
     pub messages: u64,
     pub crashes: u64,
+    /// Machines that lost power (`FaultMix::power_losses`), and the log
+    /// entries they lost with it (written, not yet synced).
+    pub power_losses: u64,
+    pub entries_lost_to_power: u64,
     pub snapshots_installed: u64,
     /// Snapshot chunks sent (a snapshot install takes several).
     pub snapshot_chunks: u64,
@@ -1208,6 +1243,14 @@ struct Disk {
     /// up: the model of a data directory without the runtime's `JOINED`
     /// file. A restart then tells the core it is still joining.
     joining: bool,
+    /// `power_losses` runs: the log's end at its last sync. Entries past
+    /// it were written inline (`Sim::write_inline`) and are lost with the
+    /// power (truncations, and appends queued behind one, are synced
+    /// before they count, as in the runtime).
+    synced: Position,
+    /// Lost power and not caught up since: restarts are amnesic (the
+    /// model of the runtime's `AMNESIC` file).
+    amnesic: bool,
 }
 
 impl Disk {
@@ -1311,6 +1354,11 @@ struct SimNode {
     /// leader may count those acknowledgements after an impostor started
     /// (`check_commit_durable`).
     earlier_disks: Vec<Disk>,
+    /// The disk as it was each time this node lost power since it was
+    /// last not amnesic: what it acknowledged before counts as held until
+    /// then (`check_commit_durable`), since its votes elect no one without
+    /// it (`Node::set_amnesic`).
+    before_power_loss: Vec<Disk>,
 }
 
 impl SimNode {
@@ -1345,6 +1393,7 @@ impl SimNode {
             replaced_by: None,
             impostor: None,
             earlier_disks: Vec::new(),
+            before_power_loss: Vec::new(),
         }
     }
 }
@@ -2316,6 +2365,13 @@ impl Sim {
                     self.report.impostors_joined += 1;
                 }
             }
+            if self.nodes[i].disk.amnesic
+                && self.nodes[i].core.as_ref().is_some_and(|c| !c.amnesic())
+            {
+                // The runtime removes its `AMNESIC` file.
+                self.nodes[i].disk.amnesic = false;
+                self.nodes[i].before_power_loss.clear();
+            }
             let commit = self.nodes[i].core.as_ref().map(Node::commit_position);
             let term = self.nodes[i].core.as_ref().map(Node::term);
             if let (Some((from, led_term)), Some(c)) = (led_from, commit) {
@@ -2381,6 +2437,15 @@ impl Sim {
                 }
                 self.inv
                     .append(id, &entries, self.now, &mut self.report.violations);
+                if self.cfg.mix.power_losses && self.write_inline(i, &entries) {
+                    if let Some(e) = entries.last() {
+                        queue.push_back(Event::Durable {
+                            position: e.end(),
+                            term: e.term,
+                        });
+                    }
+                    return;
+                }
                 self.nodes[i].pending.push(StorageOp::Append(entries));
                 self.schedule_sync(i);
             }
@@ -2812,6 +2877,7 @@ impl Sim {
                         // node of the id, which an impostor replaced.)
                         x.disk.holds(commit, term)
                             || x.earlier_disks.iter().any(|d| d.holds(commit, term))
+                            || x.before_power_loss.iter().any(|d| d.holds(commit, term))
                     })
             })
             .count();
@@ -2891,10 +2957,43 @@ impl Sim {
         }
     }
 
+    /// `replicated` durability (`power_losses` runs): entries are written
+    /// to the OS on the consensus thread, and count as durable at once;
+    /// a background sync follows 5-20 ms later. Not while a truncation or
+    /// an append is queued for the storage thread: appends then go
+    /// through it, in order, and count once synced (as after a truncation
+    /// or a segment roll in the runtime). Whether written here.
+    fn write_inline(&mut self, i: usize, entries: &[Entry]) -> bool {
+        let node = &mut self.nodes[i];
+        let queued = node
+            .pending
+            .iter()
+            .any(|op| matches!(op, StorageOp::Append(_) | StorageOp::Truncate(_)));
+        if queued {
+            return false;
+        }
+        for e in entries {
+            let end = node.disk.log_end();
+            if e.position != end {
+                self.report.violations.push(format!(
+                    "node {}: storage append at {} but the log ends at {end}",
+                    node.id, e.position
+                ));
+            }
+            node.disk.log.push(e.clone());
+        }
+        self.schedule_sync_within(i, (5 * MS, 20 * MS));
+        true
+    }
+
     fn schedule_sync(&mut self, i: usize) {
+        let latency = self.nodes[i].disk_latency;
+        self.schedule_sync_within(i, latency);
+    }
+
+    fn schedule_sync_within(&mut self, i: usize, (lo, hi): (Nanos, Nanos)) {
         if !self.nodes[i].sync_scheduled {
             self.nodes[i].sync_scheduled = true;
-            let (lo, hi) = self.nodes[i].disk_latency;
             let d = self.rng.range(lo, hi);
             let ev = Ev::DiskSync(self.nodes[i].id, self.nodes[i].incarnation);
             self.schedule(d, ev);
@@ -2957,6 +3056,7 @@ impl Sim {
         }
         self.nodes[i].sync_scheduled = false;
         let published = self.flush_pending(i);
+        self.nodes[i].disk.synced = self.nodes[i].disk.log_end();
         let node = &self.nodes[i];
         // The log's end, or, where a snapshot compacted the whole log in
         // this same flush, what the flush wrote: durable all the same (the
@@ -2974,6 +3074,43 @@ impl Sim {
         if self.nodes[i].core.is_some() {
             self.report.crashes += 1;
             self.stop_process(i);
+        }
+    }
+
+    /// Node `i`'s machine loses power: its process stops, and its log
+    /// loses what was written since the last sync. It restarts amnesic.
+    fn power_loss(&mut self, i: usize) {
+        if self.nodes[i].core.is_none() {
+            return;
+        }
+        self.report.power_losses += 1;
+        self.stop_process(i);
+        let node = &mut self.nodes[i];
+        let before = node.disk.log.len();
+        let synced = node.disk.synced;
+        if node.disk.log_end() > synced {
+            node.before_power_loss.push(Disk {
+                hard_state: node.disk.hard_state,
+                snapshot: node.disk.snapshot.clone(),
+                snapshot_file: None,
+                log: node.disk.log.clone(),
+                log_base: node.disk.log_base,
+                joining: node.disk.joining,
+                synced,
+                amnesic: node.disk.amnesic,
+            });
+            node.disk.log.retain(|e| e.end() <= synced);
+        }
+        self.report.entries_lost_to_power += (before - node.disk.log.len()) as u64;
+        // As the runtime does before the restart.
+        node.disk.hard_state = node.disk.hard_state.after_power_loss();
+        node.disk.amnesic = true;
+        if self.trace {
+            eprintln!(
+                "{:>10.3}ms node {}: power loss, log cut back to {synced}",
+                self.now as f64 / 1e6,
+                node.id
+            );
         }
     }
 
@@ -3059,10 +3196,14 @@ impl Sim {
                 self.now as f64 / 1e6
             );
         }
+        node.disk.synced = node.disk.log_end();
         let cfg = core_config(id, &self.cfg, node.incarnation);
         let mut core = Node::restart(cfg, recovered.clone(), now);
         if node.disk.joining {
             core.resume_joining();
+        }
+        if node.disk.amnesic {
+            core.set_amnesic();
         }
         let ts = recovered.snapshot.as_ref().map_or(0, |s| s.meta.timestamp);
         self.inv
@@ -3394,6 +3535,33 @@ impl Sim {
                 self.crash(i);
                 let back = self.rng.range(50 * MS, 2 * SEC);
                 self.schedule(back, Ev::Restart(id));
+            }
+            Nemesis::PowerLoss => {
+                // A follower of the leader of the moment most often (its
+                // acknowledgements are what a leader counts), and half the
+                // time the leader crashes too.
+                let leader = self.leader_index();
+                let followers: Vec<usize> = (0..self.nodes.len())
+                    .filter(|&i| Some(i) != leader && self.nodes[i].core.is_some())
+                    .collect();
+                let i = if !followers.is_empty() && !self.rng.chance(0.2) {
+                    followers[self.rng.range(0, followers.len() as u64) as usize]
+                } else if let Some(l) = leader {
+                    l
+                } else {
+                    let id = pick(&mut self.rng);
+                    self.idx(id)
+                };
+                let id = self.nodes[i].id;
+                self.power_loss(i);
+                let back = self.rng.range(50 * MS, 2 * SEC);
+                self.schedule(back, Ev::Restart(id));
+                if let Some(l) = leader.filter(|&l| l != i && self.rng.chance(0.5)) {
+                    let lid = self.nodes[l].id;
+                    self.crash(l);
+                    let back = self.rng.range(50 * MS, 3 * SEC);
+                    self.schedule(back, Ev::Restart(lid));
+                }
             }
             Nemesis::SlowDisk => {
                 let id = pick(&mut self.rng);

@@ -118,6 +118,30 @@ fn crashes_and_slow_disks() {
     assert!(reports.iter().map(|r| r.crashes).sum::<u64>() > 0);
 }
 
+/// `replicated` durability with power losses (the `power` mix): a node
+/// loses what it had not synced and comes back amnesic, the leader often
+/// crashing with it; nothing committed is lost.
+#[test]
+fn power_losses_in_replicated_mode() {
+    let reports = sweep("power", 9000..9000 + SEEDS);
+    let losses: u64 = reports.iter().map(|r| r.power_losses).sum();
+    let lost: u64 = reports.iter().map(|r| r.entries_lost_to_power).sum();
+    println!("power: {losses} power losses, {lost} written entries lost");
+    assert!(losses > 0 && lost > 0, "{losses} power losses lost {lost} entries");
+}
+
+/// Counting an amnesic voter's vote like any other's elects leaders
+/// without entries only its lost acknowledgement had committed: caught.
+#[test]
+fn checkers_catch_votes_of_amnesic_voters_counted() {
+    let bugs = TestingBugs {
+        amnesia_ignored: true,
+        ..TestingBugs::default()
+    };
+    let seed = caught_within(bugs, "power", 60);
+    println!("amnesia-ignored caught at seed {seed}");
+}
+
 #[test]
 fn clock_jumps() {
     sweep("clock", 5000..5000 + SEEDS);

@@ -2,6 +2,7 @@
 //! the transport and a service into one running node; its configuration,
 //! metrics and HTTP status endpoint.
 
+mod amnesia;
 pub mod config;
 mod handoff;
 pub mod http;

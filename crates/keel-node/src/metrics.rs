@@ -32,6 +32,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub service_queue_depth: Gauge,
     pub storage_queue_depth: Gauge,
+    /// 1 while the node is amnesic (`crate::amnesia`).
+    pub amnesic: Gauge,
     pub elections_won: Counter,
     pub leaders_seen: Counter,
     pub elections_started: Counter,
@@ -79,6 +81,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             service_queue_depth: Gauge::default(),
             storage_queue_depth: Gauge::default(),
+            amnesic: Gauge::default(),
             elections_won: Counter::default(),
             leaders_seen: Counter::default(),
             elections_started: Counter::default(),
@@ -108,6 +111,12 @@ impl Metrics {
             m.role.clone(),
         );
         registry.register("term", "current term", m.term.clone());
+        registry.register(
+            "amnesic",
+            "1 while the node, back from a power loss in replicated mode, has not caught up with \
+             a leader elected since (its votes elect no one without a quorum of other voters)",
+            m.amnesic.clone(),
+        );
         registry.register(
             "append_position",
             "end of the log (bytes)",

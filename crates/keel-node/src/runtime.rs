@@ -1313,7 +1313,7 @@ fn run_node(
         );
     }
     let first_start = opened.hard_state.is_none();
-    let hard = match opened.hard_state.clone() {
+    let mut hard = match opened.hard_state.clone() {
         Some(h) => h,
         None => {
             let h = HardStateFile {
@@ -1335,6 +1335,9 @@ fn run_node(
             h
         }
     };
+    // Before anything reads the hard state: a power loss moves it on.
+    let amnesic = crate::amnesia::on_start(&dir, cfg.durability, &mut hard, cfg.id)?;
+    metrics.amnesic.set(i64::from(amnesic));
     let snapshot = opened.snapshot.clone().unwrap_or(Snapshot {
         meta: SnapshotMeta {
             position: 0,
@@ -1564,6 +1567,9 @@ fn run_node(
         }
     }
     let mut node = Node::restart(core_cfg, recovered, start_wall);
+    if amnesic {
+        node.set_amnesic();
+    }
     // A node created to join that has not recorded that it caught up.
     let created_to_join = hard.membership.voters.is_empty() && hard.membership.learners.is_empty();
     let join = join_on_restart(&dir, created_to_join)?;
@@ -1633,6 +1639,7 @@ fn run_node(
         removed_by: None,
         removed: removed.clone(),
         join_unrecorded,
+        amnesic,
         to_voter_ignored: (0, None),
     };
     let _ = internal_tx.send(Internal::Applied {
@@ -1852,6 +1859,9 @@ struct Consensus {
     removed: Arc<Mutex<Option<String>>>,
     /// Created to join, and `JOINED_FILE` not written yet.
     join_unrecorded: bool,
+    /// `amnesia::AMNESIC_FILE` is present: removed once the core is no
+    /// longer amnesic (`Node::set_amnesic`).
+    amnesic: bool,
     /// The core's `to_voter_ignored` when last looked at, and when it was
     /// last warned of.
     to_voter_ignored: (u64, Option<Instant>),
@@ -2564,6 +2574,17 @@ impl Consensus {
             self.record_joined()?;
         }
         self.warn_if_taken_for_a_voter();
+        if self.amnesic && !self.node.amnesic() {
+            crate::amnesia::caught_up(&self.cfg.data_dir)?;
+            self.amnesic = false;
+            self.metrics.amnesic.set(0);
+            info!(
+                "node {}: caught up with the leader of term {} since its power loss: no longer \
+                 amnesic",
+                self.cfg.id,
+                self.node.term()
+            );
+        }
         self.write_log()?;
         // Entries written on this thread (`replicated` mode) are durable
         // now: a follower acknowledges them in this same turn.

@@ -127,7 +127,10 @@ fn power_losses_in_replicated_mode() {
     let losses: u64 = reports.iter().map(|r| r.power_losses).sum();
     let lost: u64 = reports.iter().map(|r| r.entries_lost_to_power).sum();
     println!("power: {losses} power losses, {lost} written entries lost");
-    assert!(losses > 0 && lost > 0, "{losses} power losses lost {lost} entries");
+    assert!(
+        losses > 0 && lost > 0,
+        "{losses} power losses lost {lost} entries"
+    );
 }
 
 /// Counting an amnesic voter's vote like any other's elects leaders

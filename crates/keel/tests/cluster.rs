@@ -1,7 +1,8 @@
 //! Real `keel server` processes on loopback: writes and linearizable reads,
 //! leader SIGKILL and failover, restart and catch-up, SIGSTOP of a follower
 //! without disruption (each with 3 and 5 nodes), a 5-node cluster losing
-//! two nodes, and a wiped node rejoining through a snapshot install. Every
+//! two nodes, a follower back from a power loss (`replicated` durability),
+//! and a wiped node rejoining through a snapshot install. Every
 //! test ends by reading back every acknowledged write.
 
 mod common;
@@ -106,6 +107,63 @@ fn five_nodes_keep_serving_with_two_down() {
         c.put(&mut client, &format!("b{i}"), "2");
     }
     c.check_acked(&mut client);
+}
+
+/// `replicated` durability: a follower whose machine went down (its
+/// recorded boot id differs, as after a power loss) comes back amnesic,
+/// and with the leader down too it helps elect no leader (it may have lost
+/// entries that only its acknowledgement committed); once the old leader
+/// is back a leader is elected, every acknowledged write is there, and the
+/// follower catches up and is amnesic no more.
+#[test]
+fn a_follower_back_from_a_power_loss_elects_no_leader_until_it_caught_up() {
+    let mut c = TestCluster::start(3, "durability = \"replicated\"\n");
+    let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
+    let mut client = c.client();
+    for i in 0..20 {
+        c.put(&mut client, &format!("p{i}"), "1");
+    }
+    let mut followers = (1..=3).filter(|&n| n != leader);
+    let (lost, other) = (followers.next().unwrap(), followers.next().unwrap());
+    let data = c.node(lost).dir.join("data");
+    let boot = std::fs::read_to_string(data.join("BOOT")).expect("BOOT recorded");
+    assert!(boot.ends_with(" replicated\n"), "{boot:?}");
+    c.kill(leader);
+    c.kill(lost);
+    // As after a power loss: another boot.
+    std::fs::write(data.join("BOOT"), "0-another-boot replicated\n").expect("write BOOT");
+    c.spawn(lost);
+    c.wait_status(lost, |s| s.term > term);
+    assert!(data.join("AMNESIC").exists());
+    assert!(c.log_of(lost).contains("votes as amnesic"));
+    // Several election timeouts with the two of them up: no leader.
+    let until = Instant::now() + Duration::from_millis(4 * ELECTION_MAX_MS);
+    while Instant::now() < until {
+        for n in [lost, other] {
+            let s = c.status(n);
+            assert!(
+                s.as_ref().is_none_or(|s| s.role != "leader"),
+                "node {n} leads with the amnesic node's vote: {s:?}{}",
+                c.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.spawn(leader);
+    c.wait_for_leader(Duration::from_secs(10));
+    c.put(&mut client, "after", "2");
+    c.check_acked(&mut client);
+    // (Logged once the file is gone.)
+    let start = Instant::now();
+    while !c.log_of(lost).contains("no longer amnesic") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "node {lost} is still amnesic{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!data.join("AMNESIC").exists());
 }
 
 #[test]

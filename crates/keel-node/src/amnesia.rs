@@ -1,0 +1,225 @@
+//! Power losses in `replicated` durability. There an entry counts towards
+//! commit once written to the OS, and is synced in the background: a
+//! process crash loses none of it (the page cache survives), but a machine
+//! that loses power comes back without what it had not synced, some of
+//! which it may have acknowledged. Its vote could then elect a leader
+//! without an entry that only its acknowledgement had made a quorum's.
+//!
+//! So at every start the node records the kernel's boot id and its
+//! durability in [`BOOT_FILE`]. A start that finds another boot id after a
+//! run in `replicated` mode takes it that the machine went down (a power
+//! loss, or a reboot: the node cannot tell which): before anything else it
+//! moves its hard state to the next term (`HardState::after_power_loss`)
+//! and writes [`AMNESIC_FILE`]; while that file is there the node is
+//! amnesic (`keel_core::Node::set_amnesic`): its votes elect no one
+//! without a quorum of other voters, and it removes the file once it has
+//! caught up with a leader elected since.
+
+use keel_core::HardState;
+use keel_log::meta::{self, HardStateFile};
+use std::path::Path;
+use tracing::warn;
+
+use crate::config::DurabilityConfig;
+use crate::runtime::NodeError;
+
+/// The boot id of the machine's kernel when the node last started, and the
+/// durability it ran with: `<boot id> <sync|replicated>`.
+pub const BOOT_FILE: &str = "BOOT";
+
+/// Present while the node is amnesic: it restarted after a power loss in
+/// `replicated` mode and has not caught up with a leader elected since.
+pub const AMNESIC_FILE: &str = "AMNESIC";
+
+/// Where Linux gives the current boot's id (a random UUID per boot).
+const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+/// The current boot's id, if the kernel tells it.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string(BOOT_ID_PATH)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// What [`BOOT_FILE`] said, if it exists: the boot id and whether that run
+/// was in `replicated` mode. A file this version cannot read counts as a
+/// run of another boot in `replicated` mode (the safe side).
+fn recorded(dir: &Path) -> Result<Option<(String, bool)>, NodeError> {
+    let path = dir.join(BOOT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => String::new(),
+        Err(e) => return Err(NodeError::Start(format!("reading {}: {e}", path.display()))),
+    };
+    let mut words = text.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some(id), Some("sync"), None) => Ok(Some((id.to_string(), false))),
+        (Some(id), Some("replicated"), None) => Ok(Some((id.to_string(), true))),
+        _ => {
+            warn!(
+                "{} is not `<boot id> <sync|replicated>`: taking it that the machine lost power \
+                 during a run in replicated mode",
+                path.display()
+            );
+            Ok(Some((String::new(), true)))
+        }
+    }
+}
+
+/// At a start, before the core is built: whether the node is amnesic.
+/// After a power loss it first writes `hard` moved to the next term, then
+/// [`AMNESIC_FILE`]; last, the current boot in [`BOOT_FILE`] (a crash in
+/// between finds the power loss again, and only raises the term again).
+pub(crate) fn on_start(
+    dir: &Path,
+    durability: DurabilityConfig,
+    hard: &mut HardStateFile,
+    node_id: u64,
+) -> Result<bool, NodeError> {
+    let now = boot_id();
+    let lost = match (recorded(dir)?, &now) {
+        (Some((before, true)), Some(now)) => before != *now,
+        (Some((_, true)), None) => {
+            warn!(
+                "node {node_id}: cannot read {BOOT_ID_PATH}: a power loss since the last run in \
+                 replicated mode cannot be told from a crash"
+            );
+            false
+        }
+        _ => false,
+    };
+    let start_error = |what: &str, e: keel_log::LogError| {
+        NodeError::Start(format!("after a power loss, writing {what}: {e}"))
+    };
+    if lost {
+        let before = hard.hard_state;
+        hard.hard_state = HardState::after_power_loss(before);
+        meta::save_hard_state(dir, hard).map_err(|e| start_error("the hard state", e))?;
+        let text = format!(
+            "Node {node_id} restarted after its machine went down (boot id changed) following a \
+             run in replicated mode: it may have lost log entries it had acknowledged. Until it \
+             has caught up with a leader elected since (term {} on), its votes elect no one \
+             without a quorum of other voters. The node removes this file itself.\n",
+            hard.hard_state.term
+        );
+        meta::write_atomic(dir, AMNESIC_FILE, text.as_bytes())
+            .map_err(|e| start_error(AMNESIC_FILE, e))?;
+        warn!(
+            "node {node_id}: the machine went down since the last run in replicated mode (boot id \
+             changed): this node may have lost entries it had acknowledged. It moves to term {} \
+             and votes as amnesic until it has caught up with a leader elected since",
+            hard.hard_state.term
+        );
+    }
+    let amnesic = lost
+        || dir
+            .join(AMNESIC_FILE)
+            .try_exists()
+            .map_err(|e| NodeError::Start(format!("checking for {AMNESIC_FILE}: {e}")))?;
+    if amnesic && !lost {
+        warn!(
+            "node {node_id}: {AMNESIC_FILE} is present: it has not caught up since a power loss, \
+             and votes as amnesic until it has"
+        );
+    }
+    if let Some(now) = now {
+        let mode = match durability {
+            DurabilityConfig::Sync => "sync",
+            DurabilityConfig::Replicated => "replicated",
+        };
+        meta::write_atomic(dir, BOOT_FILE, format!("{now} {mode}\n").as_bytes())
+            .map_err(|e| NodeError::Start(format!("writing {BOOT_FILE}: {e}")))?;
+    }
+    Ok(amnesic)
+}
+
+/// The node is no longer amnesic: removes [`AMNESIC_FILE`] (durably).
+pub(crate) fn caught_up(dir: &Path) -> Result<(), String> {
+    let path = dir.join(AMNESIC_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("removing {}: {e}", path.display())),
+    }
+    meta::sync_dir(dir).map_err(|e| format!("after removing {AMNESIC_FILE}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_core::Membership;
+
+    fn hard() -> HardStateFile {
+        HardStateFile {
+            hard_state: HardState {
+                term: 5,
+                voted_for: Some(2),
+                hold: 7,
+            },
+            membership: Membership::new([1, 2, 3]),
+        }
+    }
+
+    fn start(dir: &Path, durability: DurabilityConfig, h: &mut HardStateFile) -> bool {
+        on_start(dir, durability, h, 1).expect("start")
+    }
+
+    #[test]
+    fn a_new_boot_after_a_replicated_run_makes_the_node_amnesic_until_it_catches_up() {
+        let Some(now) = boot_id() else {
+            panic!("{BOOT_ID_PATH} is unreadable: these tests need Linux");
+        };
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let mut h = hard();
+        // First start: nothing recorded.
+        assert!(!start(dir, DurabilityConfig::Replicated, &mut h));
+        assert_eq!(
+            std::fs::read_to_string(dir.join(BOOT_FILE)).expect("BOOT"),
+            format!("{now} replicated\n")
+        );
+        // A restart on the same boot (a process crash): not amnesic.
+        assert!(!start(dir, DurabilityConfig::Replicated, &mut h));
+        assert_eq!(h.hard_state, hard().hard_state);
+        // Another boot: amnesic, the next term written with no vote.
+        std::fs::write(dir.join(BOOT_FILE), "another-boot replicated\n").expect("write");
+        assert!(start(dir, DurabilityConfig::Replicated, &mut h));
+        let moved = HardState {
+            term: 6,
+            voted_for: None,
+            hold: 7,
+        };
+        assert_eq!(h.hard_state, moved);
+        let saved = meta::load_hard_state(dir).expect("load").expect("saved");
+        assert_eq!(saved.hard_state, moved);
+        assert!(dir.join(AMNESIC_FILE).exists());
+        // A crash before catching up: still amnesic, the term kept.
+        let mut again = saved.clone();
+        assert!(start(dir, DurabilityConfig::Replicated, &mut again));
+        assert_eq!(again.hard_state, moved);
+        caught_up(dir).expect("caught up");
+        assert!(!dir.join(AMNESIC_FILE).exists());
+        assert!(!start(dir, DurabilityConfig::Replicated, &mut again));
+    }
+
+    #[test]
+    fn a_new_boot_after_a_sync_run_is_not_a_loss_and_an_unreadable_record_is() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let mut h = hard();
+        std::fs::write(dir.join(BOOT_FILE), "another-boot sync\n").expect("write");
+        assert!(!start(dir, DurabilityConfig::Replicated, &mut h));
+        assert_eq!(h.hard_state, hard().hard_state);
+        for damaged in ["", "x", "a b c\n", "abc fast\n"] {
+            std::fs::write(dir.join(BOOT_FILE), damaged).expect("write");
+            let mut h = hard();
+            assert!(start(dir, DurabilityConfig::Sync, &mut h), "{damaged:?}");
+            assert_eq!(h.hard_state.term, 6, "{damaged:?}");
+            caught_up(dir).expect("caught up");
+        }
+        std::fs::write(dir.join(BOOT_FILE), [0xff, 0xfe, b' ', b'x']).expect("write");
+        assert!(start(dir, DurabilityConfig::Sync, &mut hard()));
+    }
+}

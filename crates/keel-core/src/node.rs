@@ -1033,16 +1033,20 @@ impl Node {
     /// acknowledgement had made a quorum's.
     ///
     /// So the node is *amnesic*: its (pre-)votes say so, and a candidate
-    /// counts them towards a quorum only if every voter grants one (a
-    /// cluster that lost power everywhere at once still elects the voter
-    /// with the longest log). It stops being amnesic once it has committed
-    /// an entry of its current term. Before the first restart after the
-    /// loss, the runtime writes `HardState::after_power_loss` (a new term),
-    /// so that no leader of an earlier term, which may count the node's
-    /// old acknowledgements, has it follow: the leader of a later term was
-    /// elected by voters that kept what they acknowledged, so it holds
-    /// every entry a quorum acknowledged, and so, below its first entry,
-    /// does this node once it commits that far.
+    /// needs, besides a quorum of votes, enough from voters that are not
+    /// amnesic to meet every quorum, or every voter's (`tally`). Before
+    /// the first restart after the loss the runtime writes
+    /// `HardState::after_power_loss`, a new term with no vote, so that no
+    /// leader of an earlier term, which may count the node's old
+    /// acknowledgements, has it follow. The node stops being amnesic once
+    /// it has committed an entry x of its current term (`end_amnesia`): x
+    /// was committed by a quorum's acknowledgements made after the loss
+    /// (none of them the node's own from before it: those are of earlier
+    /// terms), each from a node that holds the log below x as the leader
+    /// of that term does, which was elected by the rule above and so holds
+    /// every entry a quorum acknowledged before. The node's log below x is
+    /// that log too, durable or not yet: what it has not written yet, that
+    /// quorum holds.
     pub fn set_amnesic(&mut self) {
         self.amnesic = true;
     }
@@ -1718,18 +1722,24 @@ impl Node {
         }
     }
 
-    /// Some(true): won a quorum; Some(false): lost; None: undecided. A
-    /// quorum of votes from voters that are not amnesic wins, and so do
-    /// the votes of every voter (see `after_power_loss`).
+    /// Some(true): won a quorum; Some(false): lost; None: undecided.
+    /// Winning takes a quorum of votes (one leader per term), of which the
+    /// votes of voters that are not amnesic (see `set_amnesic`) are
+    /// enough to meet every quorum: then every entry a quorum acknowledged
+    /// is held by one of them (amnesic ones may have lost theirs), whose
+    /// vote says this node's log has it too. With an odd number of voters
+    /// that is a quorum of them; with an even number, half. The votes of
+    /// every voter win too: each that still holds an entry voted.
     fn tally(&self) -> Option<bool> {
         let m = self.membership();
+        let (voters, quorum) = (m.voters.len(), m.quorum());
         let ballots = || m.voters.iter().filter_map(|n| self.votes.get(n));
-        let granted = ballots().filter(|b| b.granted && !b.amnesic).count();
-        let unanimous = ballots().filter(|b| b.granted).count() == m.voters.len();
+        let granted = ballots().filter(|b| b.granted).count();
+        let kept = ballots().filter(|b| b.granted && !b.amnesic).count();
         let denied = ballots().filter(|b| !b.granted).count();
-        if granted >= m.quorum() || unanimous {
+        if (granted >= quorum && kept > voters - quorum) || granted == voters {
             Some(true)
-        } else if denied > m.voters.len() - m.quorum() {
+        } else if denied > voters - quorum {
             Some(false)
         } else {
             None
@@ -2214,12 +2224,17 @@ impl Node {
         }
     }
 
-    fn emit_apply(&mut self, out: &mut Vec<Action>) {
+    /// An amnesic node that committed an entry of its current term is no
+    /// longer amnesic (see `set_amnesic`).
+    fn end_amnesia(&mut self) {
         if self.amnesic && self.log.term_at(self.commit) == Some(self.term) {
-            // (See `set_amnesic`.)
             self.amnesic = false;
             self.stats.amnesia_ended += 1;
         }
+    }
+
+    fn emit_apply(&mut self, out: &mut Vec<Action>) {
+        self.end_amnesia();
         if self.commit > self.apply_sent {
             let from = if self.cfg.testing_bugs.apply_from_applied {
                 self.applied
@@ -2313,6 +2328,7 @@ impl Node {
         }
         self.base_membership = meta.membership.clone();
         self.commit = meta.position;
+        self.end_amnesia();
         self.apply_sent = meta.position;
         self.applied = meta.position;
         self.durable = self.durable.max(meta.position).min(self.log.last_pos());

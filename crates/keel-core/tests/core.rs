@@ -4510,3 +4510,37 @@ fn one_amnesic_voter_of_three_does_not_stop_elections() {
     assert!(h.node(leader).term() >= h.node(3).term());
     assert!(!h.node(3).amnesic());
 }
+
+/// With four voters, a candidate needs a quorum of votes (three), two of
+/// them from voters that are not amnesic (two meet every quorum of
+/// three): so two amnesic voters, one of them down, still leave an
+/// electable cluster, and three do not (one voter that kept its log meets
+/// too few quorums).
+#[test]
+fn with_four_voters_two_kept_logs_and_a_quorum_of_votes_elect() {
+    for amnesic in [vec![3, 4], vec![2, 3, 4]] {
+        let mut h = Harness::new(4);
+        h.run_for(1_500 * MS);
+        let leader = h.leader().expect("a leader");
+        h.propose(leader, 1, 1, b"kept");
+        h.run_for(100 * MS);
+        for &id in &amnesic {
+            let entries = h.node(id).log().iter().cloned().collect();
+            power_loss(&mut h, id, entries, false);
+        }
+        for n in 1..=3 {
+            h.cut.insert((4, n));
+            h.cut.insert((n, 4));
+        }
+        h.run_for(3_000 * MS);
+        let leader = (1..=3).find(|&n| h.node(n).is_leader());
+        if amnesic.len() == 2 {
+            let leader = leader.expect("nodes 1 and 2 kept their logs: a leader");
+            h.propose(leader, 2, 2, b"after");
+            h.run_for(100 * MS);
+            assert!(!h.node(3).amnesic(), "node 3 caught up");
+        } else {
+            assert_eq!(leader, None, "only node 1 kept its log: no leader");
+        }
+    }
+}

@@ -508,6 +508,15 @@ impl LogStore {
             }
             (segments, file, runs, log_end)
         };
+        // An earlier process may have been killed before it synced what it
+        // wrote (`replicated` durability syncs in the background; a roll or
+        // a truncation syncs the segments before the last): synced now, so
+        // that a power loss from here on loses none of what this node
+        // recovered and acts on.
+        if let Some(last) = segments.last() {
+            file.sync_data()
+                .map_err(|e| LogError::io(&last.path, "syncing", e))?;
+        }
         let store = LogStore {
             dir: dir.to_path_buf(),
             opts,

@@ -205,7 +205,12 @@ impl StorageThread {
     /// directory: the append that rolls, and every append and truncation
     /// after it until the thread has caught up, go through the thread as in
     /// `sync` mode (returning `None`, reported `Durable` by the thread), so
-    /// the caller never waits on a disk sync.
+    /// the caller never waits on a disk sync. And a membership entry goes
+    /// through the thread too, which syncs it before it reports it durable,
+    /// in both modes: a configuration a quorum counted must survive a power
+    /// loss, or a node that lost it would count its votes against the
+    /// configuration before (a voter added to two, say), and could elect a
+    /// leader without what that configuration committed.
     pub fn append(&self, entries: Vec<Entry>) -> Result<Option<(Position, Term)>, LogError> {
         match self.durability {
             Durability::Sync => self.send(Request::Append(entries)).map(|()| None),
@@ -213,7 +218,10 @@ impl StorageThread {
                 let mut store = self.inline_store()?;
                 // Decided and queued under the store lock, which the
                 // thread holds when it ends a roll (see `serve`).
-                if self.rolling.load(Ordering::Acquire) || store.would_roll(&entries) {
+                if self.rolling.load(Ordering::Acquire)
+                    || store.would_roll(&entries)
+                    || entries.iter().any(is_membership)
+                {
                     self.rolling.store(true, Ordering::Release);
                     return self.send(Request::Append(entries)).map(|()| None);
                 }
@@ -621,8 +629,12 @@ fn serve(
             times.appends += t.elapsed();
             Ok::<(), LogError>(())
         };
+        // `replicated` mode: a membership entry is synced before it is
+        // reported durable (see `append`).
+        let mut must_sync = false;
         for r in batch {
             if let Request::Append(es) = r {
+                must_sync |= es.iter().any(is_membership);
                 if appends.is_empty() {
                     appends = es;
                 } else {
@@ -674,12 +686,12 @@ fn serve(
         let mut store = lock();
         // In `replicated` mode an entry counts once written to the OS: say
         // so before the periodic sync, which then never delays a commit.
-        if durability == Durability::Replicated {
+        if durability == Durability::Replicated && !must_sync {
             report_durable(&store, &mut reported, report);
         }
-        // Sync mode and barriers sync here; replicated mode's periodic sync
-        // goes to the syncer thread.
-        if !barriers.is_empty() || (unsynced && durability == Durability::Sync) {
+        // Sync mode, barriers and membership entries sync here; replicated
+        // mode's periodic sync goes to the syncer thread.
+        if !barriers.is_empty() || must_sync || (unsynced && durability == Durability::Sync) {
             let t = Instant::now();
             store.sync()?;
             times.sync += t.elapsed();
@@ -712,6 +724,10 @@ fn serve(
             let _ = b.send(());
         }
     }
+}
+
+fn is_membership(e: &Entry) -> bool {
+    matches!(e.kind, keel_core::EntryKind::Membership(_))
 }
 
 /// Reports the log's end as durable if it moved since the last report.

@@ -870,6 +870,71 @@ fn storage_thread_reports_durable_positions_in_order() {
     }
 }
 
+/// `replicated` mode: a membership entry goes through the storage thread,
+/// which syncs it before it reports it durable (a configuration a quorum
+/// counted must survive a power loss); other appends are written inline
+/// and reported durable before the periodic sync.
+#[test]
+fn replicated_mode_syncs_a_membership_entry_before_it_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path(), Options::default())
+        .expect("open")
+        .store;
+    let (tx, rx) = mpsc::channel();
+    // No periodic sync during the test.
+    let t = StorageThread::spawn_with(
+        store,
+        Durability::Replicated,
+        Duration::from_secs(600),
+        move |ev| {
+            let _ = tx.send(ev);
+        },
+    )
+    .expect("spawn");
+    let e = entry(1, 0, 100);
+    assert_eq!(
+        t.append(vec![e.clone()]).expect("append"),
+        Some((e.end(), 1))
+    );
+    let m = Entry {
+        term: 1,
+        position: e.end(),
+        timestamp: 0,
+        kind: EntryKind::Membership(std::sync::Arc::new(Membership::new([1, 2, 3]))),
+        data: Bytes::new(),
+    };
+    let end = m.end();
+    assert_eq!(
+        t.append(vec![m]).expect("append"),
+        None,
+        "not written inline"
+    );
+    // Appends after it go through the thread too, in order, until it has
+    // caught up.
+    let after = entry(1, end, 10);
+    let _ = t.append(vec![after.clone()]).expect("append");
+    let mut synced = false;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(10)).expect("an event") {
+            StorageEvent::Synced { .. } => synced = true,
+            StorageEvent::Durable { position, .. } if position >= end => {
+                assert!(synced, "reported durable at {position} before a sync");
+                break;
+            }
+            StorageEvent::Failed(e) => panic!("storage failed: {e}"),
+            _ => {}
+        }
+    }
+    t.barrier().expect("barrier");
+    let later = entry(1, after.end(), 10);
+    assert_eq!(
+        t.append(vec![later.clone()]).expect("append"),
+        Some((later.end(), 1)),
+        "inline again once caught up"
+    );
+    t.shutdown().expect("shutdown");
+}
+
 #[test]
 fn replicated_mode_appends_and_truncates_on_the_callers_thread_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");

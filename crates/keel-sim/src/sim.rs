@@ -12,9 +12,9 @@ use crate::linearizability::{self, CheckResult, KvInput, Operation};
 use bytes::Bytes;
 use keel_core::rng::Rng;
 use keel_core::{
-    Action, Body, Config, Entry, Event, HardState, Membership, MembershipChange, Message, Nanos,
-    Node, NodeId, Position, Proposal, Recovered, RejectReason, Reply, Role, ServiceHost, Snapshot,
-    SnapshotMeta, Term, TestingBugs, TimerUpdate,
+    Action, Body, Config, Entry, EntryKind, Event, HardState, Membership, MembershipChange,
+    Message, Nanos, Node, NodeId, Position, Proposal, Recovered, RejectReason, Reply, Role,
+    ServiceHost, Snapshot, SnapshotMeta, Term, TestingBugs, TimerUpdate,
 };
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -287,6 +287,7 @@ impl FaultMix {
                 power_losses: true,
                 crashes: true,
                 slow_disk: true,
+                membership: true,
                 loss: 0.01,
                 reorder: 0.02,
                 ..Self::NONE
@@ -1146,6 +1147,9 @@ enum Ev {
     },
     Tick(NodeId, u64),
     DiskSync(NodeId, u64),
+    /// `power_losses` runs: the background sync of what was written
+    /// (`Disk::synced`), of this node and incarnation.
+    BackgroundSync(NodeId, u64),
     /// The service's reports of what it applied (and captured) reach the
     /// core (`SimNode::reports`).
     ServiceReports(NodeId, u64),
@@ -1244,9 +1248,14 @@ struct Disk {
     /// file. A restart then tells the core it is still joining.
     joining: bool,
     /// `power_losses` runs: the log's end at its last sync. Entries past
-    /// it were written inline (`Sim::write_inline`) and are lost with the
-    /// power (truncations, and appends queued behind one, are synced
-    /// before they count, as in the runtime).
+    /// it were written but not synced, and are lost with the power. As in
+    /// the runtime's `replicated` mode, appends count once written (inline
+    /// on the consensus thread, or by the storage thread behind a
+    /// truncation), a truncation syncs what was written before it, and an
+    /// append holding a membership entry counts once synced
+    /// (`Sim::write_inline`); a background sync follows each write 5-20 ms
+    /// later. A process crash keeps what was written, and the restart
+    /// syncs it (`LogStore::open`).
     synced: Position,
     /// Lost power and not caught up since: restarts are amnesic (the
     /// model of the runtime's `AMNESIC` file).
@@ -1308,6 +1317,8 @@ struct SimNode {
     disk: Disk,
     pending: Vec<StorageOp>,
     sync_scheduled: bool,
+    /// `power_losses` runs: an `Ev::BackgroundSync` is scheduled.
+    background_sync_scheduled: bool,
     /// The last entry the latest `flush_pending` wrote (its end and term),
     /// unless a truncation in the same flush cut it: reported durable even
     /// when a compaction in that flush left the disk's log empty.
@@ -1378,6 +1389,7 @@ impl SimNode {
             disk,
             pending: Vec::new(),
             sync_scheduled: false,
+            background_sync_scheduled: false,
             flushed: None,
             disk_latency,
             clock,
@@ -2062,6 +2074,14 @@ impl Sim {
                 self.nodes[i].disk_latency = (100_000, 2 * MS);
             }
             Ev::Restart(id) => self.restart(id),
+            Ev::BackgroundSync(id, inc) => {
+                let i = self.idx(id);
+                let node = &mut self.nodes[i];
+                if node.incarnation == inc && node.core.is_some() {
+                    node.background_sync_scheduled = false;
+                    node.disk.synced = node.disk.log_end();
+                }
+            }
             Ev::HealAll => self.heal_all(),
             Ev::MembershipChange => self.membership_change(),
             Ev::LivenessProbe => self.liveness_probe(),
@@ -2675,6 +2695,7 @@ impl Sim {
                     node.disk.log.clear();
                 }
                 node.disk.log_base = pos;
+                node.disk.synced = node.disk.synced.min(node.disk.log_end());
                 node.disk.snapshot = Some(s.clone());
                 node.disk.snapshot_file = Some(image);
                 node.last_snapshot = pos;
@@ -2958,18 +2979,22 @@ impl Sim {
     }
 
     /// `replicated` durability (`power_losses` runs): entries are written
-    /// to the OS on the consensus thread, and count as durable at once;
-    /// a background sync follows 5-20 ms later. Not while a truncation or
-    /// an append is queued for the storage thread: appends then go
-    /// through it, in order, and count once synced (as after a truncation
-    /// or a segment roll in the runtime). Whether written here.
+    /// to the OS on the consensus thread, and count as durable at once
+    /// (`Disk::synced`). Not while a truncation or an append is queued for
+    /// the storage thread, nor for a membership entry: appends then go
+    /// through it, in order (as after a truncation or a segment roll in
+    /// the runtime), and a membership entry is synced before it counts.
+    /// Whether written here.
     fn write_inline(&mut self, i: usize, entries: &[Entry]) -> bool {
         let node = &mut self.nodes[i];
         let queued = node
             .pending
             .iter()
             .any(|op| matches!(op, StorageOp::Append(_) | StorageOp::Truncate(_)));
-        if queued {
+        let membership = entries
+            .iter()
+            .any(|e| matches!(e.kind, EntryKind::Membership(_)));
+        if queued || membership {
             return false;
         }
         for e in entries {
@@ -2982,17 +3007,23 @@ impl Sim {
             }
             node.disk.log.push(e.clone());
         }
-        self.schedule_sync_within(i, (5 * MS, 20 * MS));
+        self.schedule_background_sync(i);
         true
     }
 
-    fn schedule_sync(&mut self, i: usize) {
-        let latency = self.nodes[i].disk_latency;
-        self.schedule_sync_within(i, latency);
+    /// `power_losses` runs: syncs what was written, 5-20 ms from now.
+    fn schedule_background_sync(&mut self, i: usize) {
+        if !self.nodes[i].background_sync_scheduled {
+            self.nodes[i].background_sync_scheduled = true;
+            let d = self.rng.range(5 * MS, 20 * MS);
+            let ev = Ev::BackgroundSync(self.nodes[i].id, self.nodes[i].incarnation);
+            self.schedule(d, ev);
+        }
     }
 
-    fn schedule_sync_within(&mut self, i: usize, (lo, hi): (Nanos, Nanos)) {
+    fn schedule_sync(&mut self, i: usize) {
         if !self.nodes[i].sync_scheduled {
+            let (lo, hi) = self.nodes[i].disk_latency;
             self.nodes[i].sync_scheduled = true;
             let d = self.rng.range(lo, hi);
             let ev = Ev::DiskSync(self.nodes[i].id, self.nodes[i].incarnation);
@@ -3005,10 +3036,15 @@ impl Sim {
     fn flush_pending(&mut self, i: usize) -> Vec<(Position, u64)> {
         let node = &mut self.nodes[i];
         let mut published = Vec::new();
+        // (`Disk::synced`: a membership entry is synced before it counts.)
+        let mut sync = false;
         node.flushed = None;
         for op in std::mem::take(&mut node.pending) {
             match op {
                 StorageOp::Append(es) => {
+                    sync |= es
+                        .iter()
+                        .any(|e| matches!(e.kind, EntryKind::Membership(_)));
                     node.flushed = es.last().map(|e| (e.end(), e.term)).or(node.flushed);
                     for e in es {
                         let end = node.disk.log_end();
@@ -3024,6 +3060,8 @@ impl Sim {
                 StorageOp::Truncate(from) => {
                     node.disk.log.retain(|e| e.position < from);
                     node.flushed = node.flushed.filter(|&(end, _)| end <= from);
+                    // Synced with what was written before it.
+                    node.disk.synced = node.disk.log_end();
                 }
                 StorageOp::Compact(upto) => {
                     let end = node.disk.log_end();
@@ -3046,6 +3084,9 @@ impl Sim {
                 }
             }
         }
+        if sync {
+            node.disk.synced = node.disk.log_end();
+        }
         published
     }
 
@@ -3056,7 +3097,12 @@ impl Sim {
         }
         self.nodes[i].sync_scheduled = false;
         let published = self.flush_pending(i);
-        self.nodes[i].disk.synced = self.nodes[i].disk.log_end();
+        if !self.cfg.mix.power_losses {
+            self.nodes[i].disk.synced = self.nodes[i].disk.log_end();
+        } else if self.nodes[i].disk.synced < self.nodes[i].disk.log_end() {
+            // Counted once written: synced in the background.
+            self.schedule_background_sync(i);
+        }
         let node = &self.nodes[i];
         // The log's end, or, where a snapshot compacted the whole log in
         // this same flush, what the flush wrote: durable all the same (the
@@ -3136,6 +3182,7 @@ impl Sim {
         self.paused.remove(&node.id);
         node.pending.clear();
         node.sync_scheduled = false;
+        node.background_sync_scheduled = false;
         node.reports.clear();
         node.reports_scheduled = false;
         node.writes.clear();
@@ -3196,6 +3243,7 @@ impl Sim {
                 self.now as f64 / 1e6
             );
         }
+        // (Opening the log syncs what an earlier process wrote.)
         node.disk.synced = node.disk.log_end();
         let cfg = core_config(id, &self.cfg, node.incarnation);
         let mut core = Node::restart(cfg, recovered.clone(), now);

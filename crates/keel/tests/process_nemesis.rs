@@ -15,7 +15,11 @@
 //! fast or slow all through (libfaketime), within the 20% clock-rate error
 //! their lease reads are configured to allow (`Setup::clock_rates`); in
 //! some, leadership keeps going back to a preferred member, the one with
-//! the slowest clock if one runs slow (`Setup::preferred_leader`).
+//! the slowest clock if one runs slow (`Setup::preferred_leader`). In
+//! runs with `replicated` durability some kills are power losses
+//! (`lose_power`): the node's log loses its last frames, sometimes torn
+//! mid-frame, and its machine seems to have rebooted, so it comes back
+//! amnesic; in five-member runs the leader is often killed with it.
 //!
 //! The clients are the ones users run: half of them speak the etcd v3 API
 //! (gRPC, sessionless writes: etcd's error contract), each request to a
@@ -234,7 +238,16 @@ fn run(p: Params) {
     let nemesis_thread = {
         let (stop, serving) = (stop_nemesis.clone(), serving.clone());
         let (members, spares) = (p.members, p.spares);
-        std::thread::spawn(move || nemesis(seed, (cluster, members, spares), serving, stop, start))
+        let replicated = setup.durability == "replicated";
+        std::thread::spawn(move || {
+            nemesis(
+                seed,
+                (cluster, members, spares, replicated),
+                serving,
+                stop,
+                start,
+            )
+        })
     };
     std::thread::sleep(Duration::from_secs(secs));
     stop_nemesis.store(true, Ordering::Relaxed);
@@ -840,7 +853,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// its actions counted.
 fn nemesis(
     seed: u64,
-    (mut c, members, spares): (TestCluster, u64, u64),
+    (mut c, members, spares, replicated): (TestCluster, u64, u64, bool),
     serving: Serving,
     stop: Arc<AtomicBool>,
     start: Instant,
@@ -911,7 +924,31 @@ fn nemesis(
                 continue;
             }
             let down = Duration::from_millis(rng.range(100, 2000));
-            if rng.chance(0.6) {
+            if replicated && rng.chance(0.3) {
+                c.kill(id);
+                let cut = lose_power(&c, id, &mut rng);
+                out.push((id, Out::Killed(now + down)));
+                note(
+                    &mut log,
+                    &mut counts,
+                    "power loss",
+                    format!("{id} for {down:?}, {cut} (leader {leader:?})"),
+                );
+                // The leader often goes down with it, if a minority may.
+                let down_already = |l: u64| out.iter().any(|&(o, _)| o == l);
+                let also = leader.filter(|&l| l != id && out.len() < most_out && !down_already(l));
+                if let Some(l) = also.filter(|_| rng.chance(0.6)) {
+                    c.kill(l);
+                    let down = Duration::from_millis(rng.range(100, 2000));
+                    out.push((l, Out::Killed(now + down)));
+                    note(
+                        &mut log,
+                        &mut counts,
+                        "kill",
+                        format!("{l} (the leader) for {down:?}"),
+                    );
+                }
+            } else if rng.chance(0.6) {
                 c.kill(id);
                 out.push((id, Out::Killed(now + down)));
                 note(
@@ -1015,6 +1052,58 @@ fn nemesis(
     }
     note(&mut log, &mut counts, "final heal", String::new());
     (c, log, counts)
+}
+
+/// What a power loss does to the data of node `id` (`replicated`
+/// durability; the process was just killed): its last log segment loses
+/// its last 1-8 frames, what it had written but not synced (three times
+/// in ten the cut is torn, inside the frame before), and the boot id its
+/// data directory recorded changes, as if the machine rebooted. Says what
+/// was cut. (A real power loss loses only what was not synced, at most a
+/// sync interval's worth: this loses more, which a node must survive the
+/// same way.)
+fn lose_power(c: &TestCluster, id: u64, rng: &mut Rng) -> String {
+    use keel_log::frame::{decode_header, HEADER_LEN};
+    let data = c.node(id).dir.join("data");
+    let last = std::fs::read_dir(&data)
+        .expect("data directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .expect("a log segment");
+    let bytes = std::fs::read(&last).expect("read segment");
+    // Where each frame ends.
+    let mut ends = vec![0];
+    let mut off = 0;
+    while let Some(Ok(len)) = bytes.get(off..off + HEADER_LEN).map(decode_header) {
+        off += HEADER_LEN + len;
+        if off > bytes.len() {
+            break;
+        }
+        ends.push(off);
+    }
+    let frames = ends.len() - 1;
+    let cut = frames.min(1 + rng.below(8) as usize);
+    let mut at = ends[frames - cut];
+    if cut > 0 && rng.chance(0.3) {
+        at += rng.below((ends[frames - cut + 1] - at) as u64) as usize;
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .expect("open segment");
+    f.set_len(at as u64).expect("cut segment");
+    std::fs::write(
+        data.join("BOOT"),
+        format!("power-loss-{} replicated\n", rng.below(1 << 30)),
+    )
+    .expect("write BOOT");
+    format!(
+        "{cut} of {frames} frames of {} cut ({} bytes)",
+        last.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+        bytes.len() - at
+    )
 }
 
 /// The leader of the highest term the `running` nodes that are not out

@@ -11,9 +11,11 @@
 //! loss, or a reboot: the node cannot tell which): before anything else it
 //! moves its hard state to the next term (`HardState::after_power_loss`)
 //! and writes [`AMNESIC_FILE`]; while that file is there the node is
-//! amnesic (`keel_core::Node::set_amnesic`): its votes elect no one
-//! without a quorum of other voters, and it removes the file once it has
-//! caught up with a leader elected since.
+//! amnesic (`keel_core::Node::set_amnesic`): its votes count only beside
+//! enough votes of voters that kept their logs, and it removes the file
+//! once it has caught up with a leader elected since. (Opening the log
+//! syncs what an earlier process left unsynced, so a run in `sync` mode
+//! after one in `replicated` mode records `sync` safely.)
 
 use keel_core::HardState;
 use keel_log::meta::{self, HardStateFile};
@@ -100,8 +102,8 @@ pub(crate) fn on_start(
         let text = format!(
             "Node {node_id} restarted after its machine went down (boot id changed) following a \
              run in replicated mode: it may have lost log entries it had acknowledged. Until it \
-             has caught up with a leader elected since (term {} on), its votes elect no one \
-             without a quorum of other voters. The node removes this file itself.\n",
+             has caught up with a leader elected since (term {} on), its votes count only beside \
+             enough votes of voters that kept their logs. The node removes this file itself.\n",
             hard.hard_state.term
         );
         meta::write_atomic(dir, AMNESIC_FILE, text.as_bytes())

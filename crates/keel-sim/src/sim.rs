@@ -1285,6 +1285,18 @@ impl Disk {
         self.log.last().map_or(self.log_base, Entry::end)
     }
 
+    /// Appends `e` to node `id`'s log, which it must continue.
+    fn append(&mut self, id: NodeId, e: Entry, violations: &mut Vec<String>) {
+        let end = self.log_end();
+        if e.position != end {
+            violations.push(format!(
+                "node {id}: storage append at {} but the log ends at {end}",
+                e.position
+            ));
+        }
+        self.log.push(e);
+    }
+
     /// Whether what is synced holds the log up to `pos`, whose last entry
     /// is of `term`: a snapshot at or past it, or that entry.
     fn holds(&self, pos: Position, term: Option<Term>) -> bool {
@@ -1297,6 +1309,14 @@ impl Disk {
                 .take_while(|e| e.end() >= pos)
                 .any(|e| e.end() == pos && Some(e.term) == term)
     }
+}
+
+/// Whether `entries` hold a membership entry (synced before it counts in
+/// `replicated` durability, see `Disk::synced`).
+fn holds_membership(entries: &[Entry]) -> bool {
+    entries
+        .iter()
+        .any(|e| matches!(e.kind, EntryKind::Membership(_)))
 }
 
 /// One report of the service to the core.
@@ -2991,21 +3011,12 @@ impl Sim {
             .pending
             .iter()
             .any(|op| matches!(op, StorageOp::Append(_) | StorageOp::Truncate(_)));
-        let membership = entries
-            .iter()
-            .any(|e| matches!(e.kind, EntryKind::Membership(_)));
-        if queued || membership {
+        if queued || holds_membership(entries) {
             return false;
         }
         for e in entries {
-            let end = node.disk.log_end();
-            if e.position != end {
-                self.report.violations.push(format!(
-                    "node {}: storage append at {} but the log ends at {end}",
-                    node.id, e.position
-                ));
-            }
-            node.disk.log.push(e.clone());
+            node.disk
+                .append(node.id, e.clone(), &mut self.report.violations);
         }
         self.schedule_background_sync(i);
         true
@@ -3042,19 +3053,10 @@ impl Sim {
         for op in std::mem::take(&mut node.pending) {
             match op {
                 StorageOp::Append(es) => {
-                    sync |= es
-                        .iter()
-                        .any(|e| matches!(e.kind, EntryKind::Membership(_)));
+                    sync |= holds_membership(&es);
                     node.flushed = es.last().map(|e| (e.end(), e.term)).or(node.flushed);
                     for e in es {
-                        let end = node.disk.log_end();
-                        if e.position != end {
-                            self.report.violations.push(format!(
-                                "node {}: storage append at {} but the log ends at {end}",
-                                node.id, e.position
-                            ));
-                        }
-                        node.disk.log.push(e);
+                        node.disk.append(node.id, e, &mut self.report.violations);
                     }
                 }
                 StorageOp::Truncate(from) => {

@@ -749,6 +749,10 @@ pub struct Node {
     /// elected since: its (pre-)votes say so, and count towards a quorum
     /// only if every voter grants one.
     amnesic: bool,
+    /// The position of the latest membership entry this node knows is
+    /// committed and holds durably (`settled_config`); kept by the runtime
+    /// across restarts, when the commit position starts over.
+    config_settled: Position,
     now: Nanos,
     stats: Stats,
 }
@@ -891,6 +895,7 @@ impl Node {
             join_commit: 0,
             joining_votes: false,
             amnesic: false,
+            config_settled: 0,
             now,
             stats: Stats::default(),
             cfg,
@@ -1053,6 +1058,32 @@ impl Node {
     /// Whether the node is amnesic (see `set_amnesic`).
     pub fn amnesic(&self) -> bool {
         self.amnesic
+    }
+    /// The position of the latest membership entry this node knows is
+    /// committed and holds durably (0: none). Elections count votes
+    /// differently while the configuration in force may not be committed
+    /// (`tally`), and a restart does not know what was: the runtime keeps
+    /// this across restarts (`restore_settled_config`).
+    pub fn settled_config(&self) -> Position {
+        self.config_settled
+    }
+    /// After `restart`: what `settled_config` said before it.
+    pub fn restore_settled_config(&mut self, position: Position) {
+        self.config_settled = self.config_settled.max(position);
+    }
+    /// Moves `config_settled` to the latest membership entry that is
+    /// committed and durable here.
+    fn note_settled_config(&mut self) {
+        let settled = self.membership_log.iter().rev().find(|(p, _)| {
+            *p < self.commit
+                && self
+                    .log
+                    .entry_at(*p)
+                    .is_some_and(|e| e.end() <= self.durable)
+        });
+        if let Some(&(p, _)) = settled {
+            self.config_settled = self.config_settled.max(p);
+        }
     }
     /// The membership in force: the latest one in the log, committed or not.
     pub fn membership(&self) -> &Membership {
@@ -1672,8 +1703,7 @@ impl Node {
     /// Asks every other voter whether it would vote for us at the next
     /// term (without moving to it).
     fn send_pre_votes(&mut self, out: &mut Vec<Action>) {
-        let voters: Vec<NodeId> = self.membership().voters.iter().copied().collect();
-        for n in voters.into_iter().filter(|&n| n != self.cfg.id) {
+        for n in self.electorate() {
             self.send_with_term(
                 n,
                 self.term + 1,
@@ -1700,8 +1730,7 @@ impl Node {
             self.become_leader(out);
             return;
         }
-        let voters: Vec<NodeId> = self.membership().voters.iter().copied().collect();
-        for n in voters.into_iter().filter(|&n| n != self.cfg.id) {
+        for n in self.electorate() {
             self.send(
                 n,
                 Body::Vote {
@@ -1722,6 +1751,42 @@ impl Node {
         }
     }
 
+    /// The configuration before the one in force, while the one in force
+    /// is not settled: not known to be committed (here, or before a
+    /// restart: `settled_config`), nor followed in this log by an entry of
+    /// a later term (that term's leader was elected under it by `tally`,
+    /// and so held everything committed before: no quorum of the
+    /// configuration before could commit in an earlier term after its
+    /// election). See `tally`.
+    fn config_before(&self) -> Option<&Membership> {
+        let settled = |position: Position| {
+            position <= self.config_settled
+                || position < self.commit
+                || self
+                    .log
+                    .entry_at(position)
+                    .is_none_or(|e| e.term < self.log.last_term())
+        };
+        match self.membership_log.as_slice() {
+            [.., (position, _)] if settled(*position) => None,
+            [] => None,
+            [(_, _)] => Some(&self.base_membership),
+            [.., (_, before), _] => Some(&**before),
+        }
+    }
+
+    /// Who a (pre-)candidate asks for votes: the voters of the
+    /// configuration in force, and of the one before while that one counts
+    /// (`config_before`).
+    fn electorate(&self) -> Vec<NodeId> {
+        let mut voters = self.membership().voters.clone();
+        if let Some(before) = self.config_before() {
+            voters.extend(before.voters.iter().copied());
+        }
+        voters.remove(&self.cfg.id);
+        voters.into_iter().collect()
+    }
+
     /// Some(true): won a quorum; Some(false): lost; None: undecided.
     /// Winning takes a quorum of votes (one leader per term), of which the
     /// votes of voters that are not amnesic (see `set_amnesic`) are
@@ -1730,16 +1795,35 @@ impl Node {
     /// vote says this node's log has it too. With an odd number of voters
     /// that is a quorum of them; with an even number, half. The votes of
     /// every voter win too: each that still holds an entry voted.
+    ///
+    /// While the configuration in force is not settled (known committed,
+    /// here or before a restart: `settled_config`; or followed by an entry
+    /// of a later term), the
+    /// one before it may have committed entries meanwhile, held by voters
+    /// of that one only (a removed voter, say): the votes that count must
+    /// meet every quorum of both (only the configuration in force counts
+    /// towards the quorum of votes, which meets every quorum of the one
+    /// before as single-server changes go: so this asks nothing more when
+    /// no voter is amnesic). Once it is committed, a quorum of it holds
+    /// everything before it on disk (a membership entry counts only once
+    /// synced, with what precedes it).
     fn tally(&self) -> Option<bool> {
         let m = self.membership();
-        let (voters, quorum) = (m.voters.len(), m.quorum());
+        let before = self.config_before();
+        // Every quorum of `c` meets the votes from voters that kept their
+        // logs, or every voter of `c` voted.
+        let holds = |c: &Membership| {
+            let ballots = || c.voters.iter().filter_map(|n| self.votes.get(n));
+            let kept = ballots().filter(|b| b.granted && !b.amnesic).count();
+            let granted = ballots().filter(|b| b.granted).count();
+            kept > c.voters.len().saturating_sub(c.quorum()) || granted == c.voters.len()
+        };
         let ballots = || m.voters.iter().filter_map(|n| self.votes.get(n));
         let granted = ballots().filter(|b| b.granted).count();
-        let kept = ballots().filter(|b| b.granted && !b.amnesic).count();
         let denied = ballots().filter(|b| !b.granted).count();
-        if (granted >= quorum && kept > voters - quorum) || granted == voters {
+        if granted >= m.quorum() && holds(m) && before.is_none_or(holds) {
             Some(true)
-        } else if denied > voters - quorum {
+        } else if denied > m.voters.len() - m.quorum() {
             Some(false)
         } else {
             None
@@ -2235,6 +2319,7 @@ impl Node {
 
     fn emit_apply(&mut self, out: &mut Vec<Action>) {
         self.end_amnesia();
+        self.note_settled_config();
         if self.commit > self.apply_sent {
             let from = if self.cfg.testing_bugs.apply_from_applied {
                 self.applied
@@ -2360,6 +2445,7 @@ impl Node {
     fn on_durable(&mut self, position: Position, term: Term, out: &mut Vec<Action>) {
         if position > self.durable && self.log.term_at(position) == Some(term) {
             self.durable = position;
+            self.note_settled_config();
             self.evict_log_data();
             if self.role == Role::Leader {
                 self.maybe_commit(out);

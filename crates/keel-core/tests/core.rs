@@ -4375,6 +4375,18 @@ fn a_held_write_dropped_at_an_election_is_refused() {
 /// does (`HardState::after_power_loss`), amnesic (its votes not saying so
 /// if `amnesia_ignored`).
 fn power_loss(h: &mut Harness, id: NodeId, entries: Vec<Entry>, amnesia_ignored: bool) {
+    let initial = Membership::new(1..=h.nodes.len() as u64);
+    power_loss_in(h, id, entries, amnesia_ignored, initial);
+}
+
+/// `power_loss` of a node created with the `initial` membership.
+fn power_loss_in(
+    h: &mut Harness,
+    id: NodeId,
+    entries: Vec<Entry>,
+    amnesia_ignored: bool,
+    initial: Membership,
+) {
     let i = (id - 1) as usize;
     let mut cfg = Config::new(id, 7);
     cfg.testing_bugs.amnesia_ignored = amnesia_ignored;
@@ -4385,7 +4397,7 @@ fn power_loss(h: &mut Harness, id: NodeId, entries: Vec<Entry>, amnesia_ignored:
                 position: 0,
                 term: 0,
                 timestamp: 0,
-                membership: Membership::new(1..=h.nodes.len() as u64),
+                membership: initial,
             },
             data: Bytes::new(),
         }),
@@ -4542,5 +4554,83 @@ fn with_four_voters_two_kept_logs_and_a_quorum_of_votes_elect() {
         } else {
             assert_eq!(leader, None, "only node 1 kept its log: no leader");
         }
+    }
+}
+
+/// While a candidate's latest configuration is not committed, the votes
+/// of voters that kept their logs must be a quorum of it: fewer (half of
+/// an even-sized one) need not meet a quorum of the configuration before,
+/// which may have committed an entry since (found by review). Here node 1
+/// appended the promotion of learner 4 (voters 1-4) and only node 4 got
+/// it; nodes 2 and 3 then committed an entry without them, node 2 lost
+/// it to a power loss and node 3 went down: nodes 1, 4 and the amnesic 2
+/// are a quorum of the four, but must not elect a leader without it.
+#[test]
+fn an_uncommitted_configuration_needs_a_quorum_of_kept_votes() {
+    let m = Membership::new([1, 2, 3]);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
+        .collect();
+    nodes.push(Node::new(Config::new(4, 7), Membership::default(), 0));
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    if leader != 1 {
+        h.step(leader, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1));
+    let change = |c| Event::ChangeMembership { id: 1, change: c };
+    h.step(1, change(MembershipChange::AddLearner(4)));
+    h.run_for(200 * MS);
+    assert!(h.node(4).membership().learners.contains(&4));
+    let cut = |h: &mut Harness, a: NodeId, b: NodeId| {
+        h.cut.insert((a, b));
+        h.cut.insert((b, a));
+    };
+    for n in [2, 3] {
+        cut(&mut h, 1, n);
+        cut(&mut h, 4, n);
+    }
+    h.step(1, change(MembershipChange::PromoteLearner(4)));
+    h.run_for(50 * MS);
+    assert!(h.node(4).membership().voters.contains(&4), "node 4 got it");
+    assert!(!h.node(2).membership().voters.contains(&4));
+    // Nodes 2 and 3 elect one of them and commit an entry.
+    h.run_for(2_000 * MS);
+    let l2 = [2, 3].into_iter().find(|&n| h.node(n).is_leader());
+    let l2 = l2.expect("2 and 3 elect a leader");
+    let other = 5 - l2;
+    h.propose(l2, 9, 9, b"committed by 2 and 3");
+    h.run_for(30 * MS);
+    let e = h.node(l2).log().iter().last().cloned().expect("the entry");
+    assert!(h.applied[(l2 - 1) as usize].contains(&e), "committed");
+    // `other` loses what it got in this term (written, not synced) to a
+    // power loss; `l2` goes down; the rest heal.
+    let term1 = h.node(1).log().last_term();
+    let kept = h.node(other).log().iter().filter(|x| x.term <= term1);
+    let kept: Vec<Entry> = kept.cloned().collect();
+    power_loss_in(&mut h, other, kept, false, m.clone());
+    h.cut.clear();
+    for n in [1, other, 4] {
+        cut(&mut h, l2, n);
+    }
+    h.run_for(4_000 * MS);
+    for n in [1, other, 4] {
+        let node = h.node(n);
+        assert!(
+            !node.is_leader() || node.log().entry_at(e.position) == Some(&e),
+            "node {n} leads without the committed entry"
+        );
+    }
+    // Node `l2` back: a leader with the entry, and no one amnesic after.
+    h.cut.clear();
+    h.run_for(3_000 * MS);
+    let leader = h.leader().expect("a leader");
+    h.propose(leader, 10, 10, b"after");
+    h.run_for(200 * MS);
+    for n in 1..=4 {
+        assert_eq!(h.node(n).log().entry_at(e.position), Some(&e), "node {n}");
+        assert!(!h.node(n).amnesic(), "node {n}");
     }
 }

@@ -33,6 +33,13 @@ pub const BOOT_FILE: &str = "BOOT";
 /// `replicated` mode and has not caught up with a leader elected since.
 pub const AMNESIC_FILE: &str = "AMNESIC";
 
+/// The position of the latest membership entry the node knew was
+/// committed and held durably (`keel_core::Node::settled_config`), in
+/// decimal: elections count votes differently while the configuration in
+/// force may not be committed, and a restart's commit position starts
+/// over.
+pub const SETTLED_CONFIG_FILE: &str = "SETTLED_CONFIG";
+
 /// Where Linux gives the current boot's id (a random UUID per boot).
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
@@ -137,6 +144,33 @@ pub(crate) fn on_start(
     Ok(amnesic)
 }
 
+/// What [`SETTLED_CONFIG_FILE`] records (0 if nothing, or if it cannot be
+/// read: the safe side, with a warning).
+pub(crate) fn settled_config(dir: &Path) -> u64 {
+    let path = dir.join(SETTLED_CONFIG_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            warn!(
+                "{} does not hold a log position: taking the configuration in force as not \
+                 known to be committed",
+                path.display()
+            );
+            0
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => {
+            warn!("reading {}: {e}", path.display());
+            0
+        }
+    }
+}
+
+/// Records `position` in [`SETTLED_CONFIG_FILE`] (atomically, synced).
+pub(crate) fn record_settled_config(dir: &Path, position: u64) -> Result<(), String> {
+    meta::write_atomic(dir, SETTLED_CONFIG_FILE, format!("{position}\n").as_bytes())
+        .map_err(|e| format!("writing {SETTLED_CONFIG_FILE}: {e}"))
+}
+
 /// The node is no longer amnesic: removes [`AMNESIC_FILE`] (durably).
 pub(crate) fn caught_up(dir: &Path) -> Result<(), String> {
     let path = dir.join(AMNESIC_FILE);
@@ -204,6 +238,19 @@ mod tests {
         caught_up(dir).expect("caught up");
         assert!(!dir.join(AMNESIC_FILE).exists());
         assert!(!start(dir, DurabilityConfig::Replicated, &mut again));
+    }
+
+    #[test]
+    fn the_settled_configuration_round_trips_and_a_bad_record_reads_as_none() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        assert_eq!(settled_config(dir), 0);
+        record_settled_config(dir, 12345).expect("record");
+        assert_eq!(settled_config(dir), 12345);
+        for bad in ["", "x\n", "-1", "1 2"] {
+            std::fs::write(dir.join(SETTLED_CONFIG_FILE), bad).expect("write");
+            assert_eq!(settled_config(dir), 0, "{bad:?}");
+        }
     }
 
     #[test]

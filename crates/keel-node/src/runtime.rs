@@ -1570,6 +1570,8 @@ fn run_node(
     if amnesic {
         node.set_amnesic();
     }
+    let settled_config = crate::amnesia::settled_config(&dir);
+    node.restore_settled_config(settled_config);
     // A node created to join that has not recorded that it caught up.
     let created_to_join = hard.membership.voters.is_empty() && hard.membership.learners.is_empty();
     let join = join_on_restart(&dir, created_to_join)?;
@@ -1640,6 +1642,7 @@ fn run_node(
         removed: removed.clone(),
         join_unrecorded,
         amnesic,
+        settled_config,
         to_voter_ignored: (0, None),
     };
     let _ = internal_tx.send(Internal::Applied {
@@ -1862,6 +1865,8 @@ struct Consensus {
     /// `amnesia::AMNESIC_FILE` is present: removed once the core is no
     /// longer amnesic (`Node::set_amnesic`).
     amnesic: bool,
+    /// What `amnesia::SETTLED_CONFIG_FILE` records (`Node::settled_config`).
+    settled_config: u64,
     /// The core's `to_voter_ignored` when last looked at, and when it was
     /// last warned of.
     to_voter_ignored: (u64, Option<Instant>),
@@ -2574,6 +2579,11 @@ impl Consensus {
             self.record_joined()?;
         }
         self.warn_if_taken_for_a_voter();
+        if self.node.settled_config() > self.settled_config {
+            // (A membership change committed: rare.)
+            self.settled_config = self.node.settled_config();
+            crate::amnesia::record_settled_config(&self.cfg.data_dir, self.settled_config)?;
+        }
         if self.amnesic && !self.node.amnesic() {
             crate::amnesia::caught_up(&self.cfg.data_dir)?;
             self.amnesic = false;

@@ -137,7 +137,8 @@ pub struct FaultMix {
     /// written to the OS, and is synced in the background 5-20 ms later;
     /// `Sim::write_inline`), and a machine sometimes loses power: what it
     /// had not synced is gone, and it restarts amnesic
-    /// (`Node::set_amnesic`). Half the time the leader of the moment
+    /// (`Node::set_amnesic`); a minority of the nodes at most are
+    /// amnesic at a time. Half the time the leader of the moment
     /// crashes with it, so the other voters must elect a leader without
     /// the writes that only the lost acknowledgements made a quorum's
     /// (`Sim::power_loss`).
@@ -1260,6 +1261,9 @@ struct Disk {
     /// Lost power and not caught up since: restarts are amnesic (the
     /// model of the runtime's `AMNESIC` file).
     amnesic: bool,
+    /// `Node::settled_config` as last recorded (the runtime's
+    /// `SETTLED_CONFIG` file).
+    settled_config: Position,
 }
 
 impl Disk {
@@ -2405,6 +2409,10 @@ impl Sim {
                     self.report.impostors_joined += 1;
                 }
             }
+            let node = &mut self.nodes[i];
+            if let Some(core) = node.core.as_ref() {
+                node.disk.settled_config = node.disk.settled_config.max(core.settled_config());
+            }
             if self.nodes[i].disk.amnesic
                 && self.nodes[i].core.as_ref().is_some_and(|c| !c.amnesic())
             {
@@ -3146,6 +3154,7 @@ impl Sim {
                 joining: node.disk.joining,
                 synced,
                 amnesic: node.disk.amnesic,
+                settled_config: node.disk.settled_config,
             });
             node.disk.log.retain(|e| e.end() <= synced);
         }
@@ -3255,6 +3264,7 @@ impl Sim {
         if node.disk.amnesic {
             core.set_amnesic();
         }
+        core.restore_settled_config(node.disk.settled_config);
         let ts = recovered.snapshot.as_ref().map_or(0, |s| s.meta.timestamp);
         self.inv
             .restarted(id, &recovered, &mut self.report.violations);
@@ -3587,6 +3597,16 @@ impl Sim {
                 self.schedule(back, Ev::Restart(id));
             }
             Nemesis::PowerLoss => {
+                // Independent machines' power losses: a minority of the
+                // nodes amnesic at a time at most (with more, the cluster
+                // may rightly wait for an operator: README, "Power loss in
+                // `replicated` mode").
+                let amnesic = self.nodes.iter().filter(|n| n.disk.amnesic).count();
+                if amnesic + 1 > (self.cfg.nodes - 1) / 2 {
+                    let next = self.rng.range(100 * MS, 1000 * MS);
+                    self.schedule(next, Ev::Nemesis);
+                    return;
+                }
                 // A follower of the leader of the moment most often (its
                 // acknowledgements are what a leader counts), and half the
                 // time the leader crashes too.

@@ -1752,21 +1752,14 @@ impl Node {
     }
 
     /// The configuration before the one in force, while the one in force
-    /// is not settled: not known to be committed (here, or before a
-    /// restart: `settled_config`), nor followed in this log by an entry of
-    /// a later term (that term's leader was elected under it by `tally`,
-    /// and so held everything committed before: no quorum of the
-    /// configuration before could commit in an earlier term after its
-    /// election). See `tally`.
+    /// is not known to be committed (here, or before a restart:
+    /// `settled_config`). See `tally`. (An entry of a later term after it
+    /// does not settle it: voters of the one before that never got it may
+    /// elect leaders of later terms still. Review, against an earlier
+    /// version that took it so.)
     fn config_before(&self) -> Option<&Membership> {
-        let settled = |position: Position| {
-            position <= self.config_settled
-                || position < self.commit
-                || self
-                    .log
-                    .entry_at(position)
-                    .is_none_or(|e| e.term < self.log.last_term())
-        };
+        let settled =
+            |position: Position| position <= self.config_settled || position < self.commit;
         match self.membership_log.as_slice() {
             [.., (position, _)] if settled(*position) => None,
             [] => None,
@@ -1796,9 +1789,8 @@ impl Node {
     /// that is a quorum of them; with an even number, half. The votes of
     /// every voter win too: each that still holds an entry voted.
     ///
-    /// While the configuration in force is not settled (known committed,
-    /// here or before a restart: `settled_config`; or followed by an entry
-    /// of a later term), the
+    /// While the configuration in force is not known to be committed
+    /// (`config_before`), the
     /// one before it may have committed entries meanwhile, held by voters
     /// of that one only (a removed voter, say): the votes that count must
     /// meet every quorum of both (only the configuration in force counts

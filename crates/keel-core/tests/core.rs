@@ -4634,3 +4634,92 @@ fn an_uncommitted_configuration_needs_a_quorum_of_kept_votes() {
         assert!(!h.node(n).amnesic(), "node {n}");
     }
 }
+
+/// An entry of a later term after the configuration in force does not
+/// settle it (found by review, against a version that took it so): node 1
+/// appends the promotion of learner 4 (voters 1-4), which only node 4
+/// gets, then wins a later term with node 2's vote (both 1 and 2 kept
+/// their logs: a quorum of the voters before too) and its term's first
+/// entry reaches node 4 only. Nodes 2 and 3, which never got the
+/// promotion, elect one of them in a later term still and commit an
+/// entry; the other loses it to a power loss, and the leader goes down.
+/// Nodes 1, 4 and the amnesic one must not elect a leader without it.
+#[test]
+fn a_later_term_after_an_uncommitted_configuration_does_not_settle_it() {
+    let m = Membership::new([1, 2, 3]);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
+        .collect();
+    nodes.push(Node::new(Config::new(4, 7), Membership::default(), 0));
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    if leader != 1 {
+        h.step(leader, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1));
+    let change = |c| Event::ChangeMembership { id: 1, change: c };
+    h.step(1, change(MembershipChange::AddLearner(4)));
+    h.run_for(200 * MS);
+    let cut = |h: &mut Harness, a: NodeId, b: NodeId| {
+        h.cut.insert((a, b));
+        h.cut.insert((b, a));
+    };
+    // Node 1 and learner 4 on one side, 2 and 3 apart from each other.
+    for (a, b) in [(1, 2), (1, 3), (4, 2), (4, 3), (2, 3)] {
+        cut(&mut h, a, b);
+    }
+    h.step(1, change(MembershipChange::PromoteLearner(4)));
+    h.run_for(50 * MS);
+    let promoted_term = h.node(1).log().last_term();
+    assert!(h.node(4).membership().voters.contains(&4));
+    // Node 2 hears node 1 again, but none of its appends: node 1 wins a
+    // later term with the votes of 1, 2 and 4.
+    h.cut.remove(&(1, 2));
+    h.cut.remove(&(2, 1));
+    let mut budget = 20_000;
+    while !h.node(1).is_leader() || h.node(1).log().last_term() == promoted_term {
+        budget -= 1;
+        assert!(budget > 0, "node 1 never led a later term");
+        h.now += MS;
+        for id in 1..=4 {
+            h.step(id, Event::Tick);
+        }
+        while let Some(msg) = h.inbox.pop_front() {
+            let append = matches!(msg.body, Body::Append { .. } | Body::InstallSnapshot { .. });
+            if !(append && msg.from == 1 && msg.to == 2) {
+                h.step(msg.to, Event::Message(msg));
+            }
+        }
+    }
+    assert!(!h.node(2).membership().voters.contains(&4), "node 2 lacks it");
+    // Nodes 2 and 3 alone: they elect one of them and commit an entry.
+    h.cut.clear();
+    for (a, b) in [(1, 2), (1, 3), (4, 2), (4, 3)] {
+        cut(&mut h, a, b);
+    }
+    h.run_for(2_000 * MS);
+    let l2 = [2, 3].into_iter().find(|&n| h.node(n).is_leader());
+    let l2 = l2.expect("2 and 3 elect a leader");
+    let other = 5 - l2;
+    h.propose(l2, 9, 9, b"committed by 2 and 3");
+    h.run_for(30 * MS);
+    let e = h.node(l2).log().iter().last().cloned().expect("the entry");
+    assert!(h.applied[(l2 - 1) as usize].contains(&e), "committed");
+    let kept = h.node(other).log().iter().filter(|x| x.term <= promoted_term);
+    let kept: Vec<Entry> = kept.cloned().collect();
+    power_loss_in(&mut h, other, kept, false, m.clone());
+    h.cut.clear();
+    for n in [1, other, 4] {
+        cut(&mut h, l2, n);
+    }
+    h.run_for(4_000 * MS);
+    for n in [1, other, 4] {
+        let node = h.node(n);
+        assert!(
+            !node.is_leader() || node.log().entry_at(e.position) == Some(&e),
+            "node {n} leads without the committed entry"
+        );
+    }
+}

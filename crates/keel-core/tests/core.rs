@@ -4693,7 +4693,10 @@ fn a_later_term_after_an_uncommitted_configuration_does_not_settle_it() {
             }
         }
     }
-    assert!(!h.node(2).membership().voters.contains(&4), "node 2 lacks it");
+    assert!(
+        !h.node(2).membership().voters.contains(&4),
+        "node 2 lacks it"
+    );
     // Nodes 2 and 3 alone: they elect one of them and commit an entry.
     h.cut.clear();
     for (a, b) in [(1, 2), (1, 3), (4, 2), (4, 3)] {
@@ -4707,7 +4710,11 @@ fn a_later_term_after_an_uncommitted_configuration_does_not_settle_it() {
     h.run_for(30 * MS);
     let e = h.node(l2).log().iter().last().cloned().expect("the entry");
     assert!(h.applied[(l2 - 1) as usize].contains(&e), "committed");
-    let kept = h.node(other).log().iter().filter(|x| x.term <= promoted_term);
+    let kept = h
+        .node(other)
+        .log()
+        .iter()
+        .filter(|x| x.term <= promoted_term);
     let kept: Vec<Entry> = kept.cloned().collect();
     power_loss_in(&mut h, other, kept, false, m.clone());
     h.cut.clear();

@@ -4557,16 +4557,9 @@ fn with_four_voters_two_kept_logs_and_a_quorum_of_votes_elect() {
     }
 }
 
-/// While a candidate's latest configuration is not committed, the votes
-/// of voters that kept their logs must be a quorum of it: fewer (half of
-/// an even-sized one) need not meet a quorum of the configuration before,
-/// which may have committed an entry since (found by review). Here node 1
-/// appended the promotion of learner 4 (voters 1-4) and only node 4 got
-/// it; nodes 2 and 3 then committed an entry without them, node 2 lost
-/// it to a power loss and node 3 went down: nodes 1, 4 and the amnesic 2
-/// are a quorum of the four, but must not elect a leader without it.
-#[test]
-fn an_uncommitted_configuration_needs_a_quorum_of_kept_votes() {
+/// Voters 1-3 led by node 1, and node 4 added as a learner; the first
+/// configuration.
+fn three_led_by_1_and_learner_4() -> (Harness, Membership) {
     let m = Membership::new([1, 2, 3]);
     let mut nodes: Vec<Node> = (1..=3)
         .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
@@ -4580,19 +4573,39 @@ fn an_uncommitted_configuration_needs_a_quorum_of_kept_votes() {
         h.run_for(500 * MS);
     }
     assert_eq!(h.leader(), Some(1));
-    let change = |c| Event::ChangeMembership { id: 1, change: c };
-    h.step(1, change(MembershipChange::AddLearner(4)));
+    h.step(1, change_at_1(MembershipChange::AddLearner(4)));
     h.run_for(200 * MS);
     assert!(h.node(4).membership().learners.contains(&4));
-    let cut = |h: &mut Harness, a: NodeId, b: NodeId| {
-        h.cut.insert((a, b));
-        h.cut.insert((b, a));
-    };
+    (h, m)
+}
+
+/// A membership change asked of node 1.
+fn change_at_1(change: MembershipChange) -> Event {
+    Event::ChangeMembership { id: 1, change }
+}
+
+/// Cuts the link between `a` and `b` both ways.
+fn cut(h: &mut Harness, a: NodeId, b: NodeId) {
+    h.cut.insert((a, b));
+    h.cut.insert((b, a));
+}
+
+/// While a candidate's latest configuration is not committed, the votes
+/// of voters that kept their logs must be a quorum of it: fewer (half of
+/// an even-sized one) need not meet a quorum of the configuration before,
+/// which may have committed an entry since (found by review). Here node 1
+/// appended the promotion of learner 4 (voters 1-4) and only node 4 got
+/// it; nodes 2 and 3 then committed an entry without them, node 2 lost
+/// it to a power loss and node 3 went down: nodes 1, 4 and the amnesic 2
+/// are a quorum of the four, but must not elect a leader without it.
+#[test]
+fn an_uncommitted_configuration_needs_a_quorum_of_kept_votes() {
+    let (mut h, m) = three_led_by_1_and_learner_4();
     for n in [2, 3] {
         cut(&mut h, 1, n);
         cut(&mut h, 4, n);
     }
-    h.step(1, change(MembershipChange::PromoteLearner(4)));
+    h.step(1, change_at_1(MembershipChange::PromoteLearner(4)));
     h.run_for(50 * MS);
     assert!(h.node(4).membership().voters.contains(&4), "node 4 got it");
     assert!(!h.node(2).membership().voters.contains(&4));
@@ -4646,31 +4659,12 @@ fn an_uncommitted_configuration_needs_a_quorum_of_kept_votes() {
 /// Nodes 1, 4 and the amnesic one must not elect a leader without it.
 #[test]
 fn a_later_term_after_an_uncommitted_configuration_does_not_settle_it() {
-    let m = Membership::new([1, 2, 3]);
-    let mut nodes: Vec<Node> = (1..=3)
-        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
-        .collect();
-    nodes.push(Node::new(Config::new(4, 7), Membership::default(), 0));
-    let mut h = Harness::with(nodes);
-    h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
-    if leader != 1 {
-        h.step(leader, Event::TransferLeadership { id: 1, target: 1 });
-        h.run_for(500 * MS);
-    }
-    assert_eq!(h.leader(), Some(1));
-    let change = |c| Event::ChangeMembership { id: 1, change: c };
-    h.step(1, change(MembershipChange::AddLearner(4)));
-    h.run_for(200 * MS);
-    let cut = |h: &mut Harness, a: NodeId, b: NodeId| {
-        h.cut.insert((a, b));
-        h.cut.insert((b, a));
-    };
+    let (mut h, m) = three_led_by_1_and_learner_4();
     // Node 1 and learner 4 on one side, 2 and 3 apart from each other.
     for (a, b) in [(1, 2), (1, 3), (4, 2), (4, 3), (2, 3)] {
         cut(&mut h, a, b);
     }
-    h.step(1, change(MembershipChange::PromoteLearner(4)));
+    h.step(1, change_at_1(MembershipChange::PromoteLearner(4)));
     h.run_for(50 * MS);
     let promoted_term = h.node(1).log().last_term();
     assert!(h.node(4).membership().voters.contains(&4));

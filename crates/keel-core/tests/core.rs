@@ -4579,6 +4579,38 @@ fn three_led_by_1_and_learner_4() -> (Harness, Membership) {
     (h, m)
 }
 
+/// Nodes 2 and 3, cut off from 1 and 4, elect one of them, which commits
+/// an entry; the other loses what it holds past `term` (written, not
+/// synced) to a power loss, and the leader goes down while the others
+/// heal: nodes 1, 4 and the amnesic one must elect no leader without the
+/// entry. Returns the leader of 2 and 3, cut off, and the entry.
+fn commit_at_2_and_3_then_lose_it(h: &mut Harness, m: Membership, term: Term) -> (NodeId, Entry) {
+    h.run_for(2_000 * MS);
+    let l2 = [2, 3].into_iter().find(|&n| h.node(n).is_leader());
+    let l2 = l2.expect("2 and 3 elect a leader");
+    let other = 5 - l2;
+    h.propose(l2, 9, 9, b"committed by 2 and 3");
+    h.run_for(30 * MS);
+    let e = h.node(l2).log().iter().last().cloned().expect("the entry");
+    assert!(h.applied[(l2 - 1) as usize].contains(&e), "committed");
+    let kept = h.node(other).log().iter().filter(|x| x.term <= term);
+    let kept: Vec<Entry> = kept.cloned().collect();
+    power_loss_in(h, other, kept, false, m);
+    h.cut.clear();
+    for n in [1, other, 4] {
+        cut(h, l2, n);
+    }
+    h.run_for(4_000 * MS);
+    for n in [1, other, 4] {
+        let node = h.node(n);
+        assert!(
+            !node.is_leader() || node.log().entry_at(e.position) == Some(&e),
+            "node {n} leads without the committed entry"
+        );
+    }
+    (l2, e)
+}
+
 /// A membership change asked of node 1.
 fn change_at_1(change: MembershipChange) -> Event {
     Event::ChangeMembership { id: 1, change }
@@ -4609,34 +4641,10 @@ fn an_uncommitted_configuration_needs_a_quorum_of_kept_votes() {
     h.run_for(50 * MS);
     assert!(h.node(4).membership().voters.contains(&4), "node 4 got it");
     assert!(!h.node(2).membership().voters.contains(&4));
-    // Nodes 2 and 3 elect one of them and commit an entry.
-    h.run_for(2_000 * MS);
-    let l2 = [2, 3].into_iter().find(|&n| h.node(n).is_leader());
-    let l2 = l2.expect("2 and 3 elect a leader");
-    let other = 5 - l2;
-    h.propose(l2, 9, 9, b"committed by 2 and 3");
-    h.run_for(30 * MS);
-    let e = h.node(l2).log().iter().last().cloned().expect("the entry");
-    assert!(h.applied[(l2 - 1) as usize].contains(&e), "committed");
-    // `other` loses what it got in this term (written, not synced) to a
-    // power loss; `l2` goes down; the rest heal.
     let term1 = h.node(1).log().last_term();
-    let kept = h.node(other).log().iter().filter(|x| x.term <= term1);
-    let kept: Vec<Entry> = kept.cloned().collect();
-    power_loss_in(&mut h, other, kept, false, m.clone());
-    h.cut.clear();
-    for n in [1, other, 4] {
-        cut(&mut h, l2, n);
-    }
-    h.run_for(4_000 * MS);
-    for n in [1, other, 4] {
-        let node = h.node(n);
-        assert!(
-            !node.is_leader() || node.log().entry_at(e.position) == Some(&e),
-            "node {n} leads without the committed entry"
-        );
-    }
-    // Node `l2` back: a leader with the entry, and no one amnesic after.
+    let (_, e) = commit_at_2_and_3_then_lose_it(&mut h, m, term1);
+    // The leader of 2 and 3 back: a leader with the entry, and no one
+    // amnesic after.
     h.cut.clear();
     h.run_for(3_000 * MS);
     let leader = h.leader().expect("a leader");
@@ -4691,36 +4699,10 @@ fn a_later_term_after_an_uncommitted_configuration_does_not_settle_it() {
         !h.node(2).membership().voters.contains(&4),
         "node 2 lacks it"
     );
-    // Nodes 2 and 3 alone: they elect one of them and commit an entry.
+    // Nodes 2 and 3 alone.
     h.cut.clear();
     for (a, b) in [(1, 2), (1, 3), (4, 2), (4, 3)] {
         cut(&mut h, a, b);
     }
-    h.run_for(2_000 * MS);
-    let l2 = [2, 3].into_iter().find(|&n| h.node(n).is_leader());
-    let l2 = l2.expect("2 and 3 elect a leader");
-    let other = 5 - l2;
-    h.propose(l2, 9, 9, b"committed by 2 and 3");
-    h.run_for(30 * MS);
-    let e = h.node(l2).log().iter().last().cloned().expect("the entry");
-    assert!(h.applied[(l2 - 1) as usize].contains(&e), "committed");
-    let kept = h
-        .node(other)
-        .log()
-        .iter()
-        .filter(|x| x.term <= promoted_term);
-    let kept: Vec<Entry> = kept.cloned().collect();
-    power_loss_in(&mut h, other, kept, false, m.clone());
-    h.cut.clear();
-    for n in [1, other, 4] {
-        cut(&mut h, l2, n);
-    }
-    h.run_for(4_000 * MS);
-    for n in [1, other, 4] {
-        let node = h.node(n);
-        assert!(
-            !node.is_leader() || node.log().entry_at(e.position) == Some(&e),
-            "node {n} leads without the committed entry"
-        );
-    }
+    commit_at_2_and_3_then_lose_it(&mut h, m, promoted_term);
 }

@@ -22,8 +22,8 @@ pub enum Body {
     PreVote { last_pos: Position, last_term: Term },
     /// `amnesic`: the sender restarted without writes it may have
     /// acknowledged and has not caught up since (see
-    /// `Node::set_amnesic`); its grant counts only if every voter
-    /// grants one.
+    /// `Node::set_amnesic`): its grant counts towards a quorum, but not
+    /// among the votes of voters that kept their logs.
     PreVoteResp { granted: bool, amnesic: bool },
     /// A real vote request. `transfer` marks a leadership transfer, which
     /// overrides leader stickiness.

@@ -746,8 +746,7 @@ pub struct Node {
     joining_votes: bool,
     /// Restarted after losing writes it had not synced, which it may have
     /// acknowledged (`set_amnesic`), and not yet caught up with a leader
-    /// elected since: its (pre-)votes say so, and count towards a quorum
-    /// only if every voter grants one.
+    /// elected since: its (pre-)votes say so (see `tally`).
     amnesic: bool,
     /// The position of the latest membership entry this node knows is
     /// committed and holds durably (`settled_config`); kept by the runtime

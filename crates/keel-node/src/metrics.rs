@@ -114,7 +114,8 @@ impl Metrics {
         registry.register(
             "amnesic",
             "1 while the node, back from a power loss in replicated mode, has not caught up with \
-             a leader elected since (its votes elect no one without a quorum of other voters)",
+             a leader elected since (its votes count only beside enough votes of voters that kept \
+             their logs)",
             m.amnesic.clone(),
         );
         registry.register(

@@ -2308,10 +2308,9 @@ fn no_removal_notice_before_the_removal_commits() {
     assert_eq!(h.removed.len(), 1);
 }
 
-/// Voters {1, 2, 3} and node 4 created to join; once a leader is elected
-/// it removes a follower (`target`) and the removal commits. Returns
-/// (harness, leader, target).
-fn a_follower_removed() -> (Harness, NodeId, NodeId) {
+/// Voters {1, 2, 3} and node 4 created to join, after a leader was
+/// elected: (harness, leader).
+fn three_and_joining_4() -> (Harness, NodeId) {
     let mut nodes: Vec<Node> = (1..=3)
         .map(|id| Node::new(Config::new(id, 7), Membership::new([1, 2, 3]), 0))
         .collect();
@@ -2319,6 +2318,14 @@ fn a_follower_removed() -> (Harness, NodeId, NodeId) {
     let mut h = Harness::with(nodes);
     h.run_for(1_500 * MS);
     let leader = h.leader().expect("a leader");
+    (h, leader)
+}
+
+/// Voters {1, 2, 3} and node 4 created to join; once a leader is elected
+/// it removes a follower (`target`) and the removal commits. Returns
+/// (harness, leader, target).
+fn a_follower_removed() -> (Harness, NodeId, NodeId) {
+    let (mut h, leader) = three_and_joining_4();
     let target = if leader == 3 { 2 } else { 3 };
     remove(&mut h, leader, target, 1);
     h.run_for(300 * MS);
@@ -2619,14 +2626,7 @@ fn a_node_never_a_member_as_far_as_its_data_goes_ignores_removal_notices() {
 /// the removed node 3, so no leader was ever elected).
 #[test]
 fn a_voter_behind_the_configurations_that_added_a_node_still_votes_for_it() {
-    let m = Membership::new([1, 2, 3]);
-    let mut nodes: Vec<Node> = (1..=3)
-        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
-        .collect();
-    nodes.push(Node::new(Config::new(4, 7), Membership::default(), 0));
-    let mut h = Harness::with(nodes);
-    h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
+    let (mut h, leader) = three_and_joining_4();
     let mut others = (1..=3).filter(|&n| n != leader);
     let (lagging, replaced) = (others.next().unwrap(), others.next().unwrap());
     for n in 1..=4 {
@@ -2645,7 +2645,7 @@ fn a_voter_behind_the_configurations_that_added_a_node_still_votes_for_it() {
     after.removed.insert(replaced);
     assert_eq!(h.node(leader).membership(), &after);
     assert!(h.node(replaced).removed().is_some());
-    assert_eq!(h.node(lagging).membership(), &m);
+    assert_eq!(h.node(lagging).membership(), &Membership::new([1, 2, 3]));
     // The leader is gone for good; the lagging voter is back.
     h.cut.clear();
     for n in 1..=4 {
@@ -4560,14 +4560,7 @@ fn with_four_voters_two_kept_logs_and_a_quorum_of_votes_elect() {
 /// Voters 1-3 led by node 1, and node 4 added as a learner; the first
 /// configuration.
 fn three_led_by_1_and_learner_4() -> (Harness, Membership) {
-    let m = Membership::new([1, 2, 3]);
-    let mut nodes: Vec<Node> = (1..=3)
-        .map(|id| Node::new(Config::new(id, 7), m.clone(), 0))
-        .collect();
-    nodes.push(Node::new(Config::new(4, 7), Membership::default(), 0));
-    let mut h = Harness::with(nodes);
-    h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
+    let (mut h, leader) = three_and_joining_4();
     if leader != 1 {
         h.step(leader, Event::TransferLeadership { id: 1, target: 1 });
         h.run_for(500 * MS);
@@ -4576,7 +4569,7 @@ fn three_led_by_1_and_learner_4() -> (Harness, Membership) {
     h.step(1, change_at_1(MembershipChange::AddLearner(4)));
     h.run_for(200 * MS);
     assert!(h.node(4).membership().learners.contains(&4));
-    (h, m)
+    (h, Membership::new([1, 2, 3]))
 }
 
 /// Nodes 2 and 3, cut off from 1 and 4, elect one of them, which commits

@@ -1073,6 +1073,15 @@ impl Node {
     /// Moves `config_settled` to the latest membership entry that is
     /// committed and durable here.
     fn note_settled_config(&mut self) {
+        // (Called at each commit and durable advance: nothing to do unless
+        // a membership entry past the settled one is in the log.)
+        if self
+            .membership_log
+            .last()
+            .is_none_or(|&(p, _)| p <= self.config_settled)
+        {
+            return;
+        }
         let settled = self.membership_log.iter().rev().find(|(p, _)| {
             *p < self.commit
                 && self

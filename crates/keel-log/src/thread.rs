@@ -527,6 +527,17 @@ impl Syncer {
         Ok(tx.try_send(handle).is_ok())
     }
 
+    /// Waits for the syncs asked for, then stops: the first error any of
+    /// them met. (Its own handle shares the store's open file, so an error
+    /// reported here would not be reported again to the store's sync.)
+    fn finish(mut self) -> Result<(), LogError> {
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.check()
+    }
+
     fn check(&self) -> Result<(), LogError> {
         match self.failed.lock().ok().and_then(|mut f| f.take()) {
             Some(e) => Err(e),
@@ -598,7 +609,9 @@ fn serve(
                     last_sync = Instant::now();
                     continue;
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return syncer.map_or(Ok(()), Syncer::finish);
+                }
             },
         };
         let mut batch = vec![first];

@@ -6,9 +6,12 @@
 //! without an entry that only its acknowledgement had made a quorum's.
 //!
 //! So at every start the node records the kernel's boot id and its
-//! durability in [`BOOT_FILE`]. A start that finds another boot id after a
-//! run in `replicated` mode takes it that the machine went down (a power
-//! loss, or a reboot: the node cannot tell which): before anything else it
+//! durability in [`BOOT_FILE`], and a graceful stop in `replicated` mode
+//! that synced everything it wrote marks the record `synced`
+//! ([`on_clean_stop`]). A start that finds another boot id after a run in
+//! `replicated` mode that did not stop that way takes it that the machine
+//! lost power (or crashed, or the process was killed before the machine
+//! went down: the node cannot tell which): before anything else it
 //! moves its hard state to the next term (`HardState::after_power_loss`)
 //! and writes [`AMNESIC_FILE`]; while that file is there the node is
 //! amnesic (`keel_core::Node::set_amnesic`): its votes count only beside
@@ -26,7 +29,9 @@ use crate::config::DurabilityConfig;
 use crate::runtime::NodeError;
 
 /// The boot id of the machine's kernel when the node last started, and the
-/// durability it ran with: `<boot id> <sync|replicated>`.
+/// durability it ran with: `<boot id> <sync|replicated>`, followed by
+/// `synced` once a run in `replicated` mode stopped gracefully with
+/// everything it wrote synced (a reboot after that loses nothing).
 pub const BOOT_FILE: &str = "BOOT";
 
 /// Present while the node is amnesic: it restarted after a power loss in
@@ -51,10 +56,20 @@ fn boot_id() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// What [`BOOT_FILE`] said, if it exists: the boot id and whether that run
-/// was in `replicated` mode. A file this version cannot read counts as a
-/// run of another boot in `replicated` mode (the safe side).
-fn recorded(dir: &Path) -> Result<Option<(String, bool)>, NodeError> {
+/// What [`BOOT_FILE`] said: the boot id of the last run.
+#[derive(Debug, PartialEq)]
+struct Recorded {
+    boot: String,
+    /// The run was in `replicated` mode...
+    replicated: bool,
+    /// ... and stopped gracefully with everything it wrote synced.
+    synced: bool,
+}
+
+/// What [`BOOT_FILE`] said, if it exists. A file this version cannot read
+/// counts as a run of another boot in `replicated` mode that did not stop
+/// gracefully (the safe side).
+fn recorded(dir: &Path) -> Result<Option<Recorded>, NodeError> {
     let path = dir.join(BOOT_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -62,19 +77,29 @@ fn recorded(dir: &Path) -> Result<Option<(String, bool)>, NodeError> {
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => String::new(),
         Err(e) => return Err(NodeError::Start(format!("reading {}: {e}", path.display()))),
     };
-    let mut words = text.split_whitespace();
-    match (words.next(), words.next(), words.next()) {
-        (Some(id), Some("sync"), None) => Ok(Some((id.to_string(), false))),
-        (Some(id), Some("replicated"), None) => Ok(Some((id.to_string(), true))),
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let (replicated, synced) = match words.get(1..) {
+        Some(["sync"]) => (false, false),
+        Some(["replicated"]) => (true, false),
+        Some(["replicated", "synced"]) => (true, true),
         _ => {
             warn!(
-                "{} is not `<boot id> <sync|replicated>`: taking it that the machine lost power \
-                 during a run in replicated mode",
+                "{} is not `<boot id> <sync|replicated> [synced]`: taking it that the machine \
+                 lost power during a run in replicated mode",
                 path.display()
             );
-            Ok(Some((String::new(), true)))
+            return Ok(Some(Recorded {
+                boot: String::new(),
+                replicated: true,
+                synced: false,
+            }));
         }
-    }
+    };
+    Ok(Some(Recorded {
+        boot: words[0].to_string(),
+        replicated,
+        synced,
+    }))
 }
 
 /// At a start, before the core is built: whether the node is amnesic.
@@ -89,8 +114,8 @@ pub(crate) fn on_start(
 ) -> Result<bool, NodeError> {
     let now = boot_id();
     let lost = match (recorded(dir)?, &now) {
-        (Some((before, true)), Some(now)) => before != *now,
-        (Some((_, true)), None) => {
+        (Some(r), Some(now)) => r.replicated && !r.synced && r.boot != *now,
+        (Some(r), None) if r.replicated && !r.synced => {
             warn!(
                 "node {node_id}: cannot read {BOOT_ID_PATH}: a power loss since the last run in \
                  replicated mode cannot be told from a crash"
@@ -142,6 +167,28 @@ pub(crate) fn on_start(
             .map_err(|e| NodeError::Start(format!("writing {BOOT_FILE}: {e}")))?;
     }
     Ok(amnesic)
+}
+
+/// After a graceful stop whose storage synced everything it wrote (the
+/// log; the hard state and the other files are synced as written): in
+/// `replicated` mode, marks [`BOOT_FILE`] `synced`, so that a start on
+/// another boot (the machine was rebooted) does not take it for a power
+/// loss, which would cost the cluster an election and the node its vote
+/// until it caught up. The next start records its boot without the mark
+/// before the log takes a write.
+pub(crate) fn on_clean_stop(dir: &Path, durability: DurabilityConfig) -> Result<(), String> {
+    if durability != DurabilityConfig::Replicated {
+        return Ok(());
+    }
+    let Some(now) = boot_id() else {
+        return Ok(());
+    };
+    meta::write_atomic(
+        dir,
+        BOOT_FILE,
+        format!("{now} replicated synced\n").as_bytes(),
+    )
+    .map_err(|e| format!("writing {BOOT_FILE}: {e}"))
 }
 
 /// What [`SETTLED_CONFIG_FILE`] records (0 if nothing, or if it cannot be
@@ -238,6 +285,47 @@ mod tests {
         caught_up(dir).expect("caught up");
         assert!(!dir.join(AMNESIC_FILE).exists());
         assert!(!start(dir, DurabilityConfig::Replicated, &mut again));
+    }
+
+    #[test]
+    fn a_new_boot_after_a_graceful_stop_that_synced_is_not_a_loss_once() {
+        let Some(now) = boot_id() else {
+            panic!("{BOOT_ID_PATH} is unreadable: these tests need Linux");
+        };
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let mut h = hard();
+        assert!(!start(dir, DurabilityConfig::Replicated, &mut h));
+        on_clean_stop(dir, DurabilityConfig::Replicated).expect("stop");
+        let boot = || std::fs::read_to_string(dir.join(BOOT_FILE)).expect("BOOT");
+        assert_eq!(boot(), format!("{now} replicated synced\n"));
+        // The machine rebooted after the graceful stop: nothing was lost.
+        std::fs::write(dir.join(BOOT_FILE), "another-boot replicated synced\n").expect("write");
+        assert!(!start(dir, DurabilityConfig::Replicated, &mut h));
+        assert_eq!(h.hard_state, hard().hard_state);
+        assert!(!dir.join(AMNESIC_FILE).exists());
+        // The start took the mark away: the run after it may write
+        // unsynced entries, and a power loss now is one.
+        assert_eq!(boot(), format!("{now} replicated\n"));
+        std::fs::write(dir.join(BOOT_FILE), "a-third-boot replicated\n").expect("write");
+        assert!(start(dir, DurabilityConfig::Replicated, &mut h));
+        // A graceful stop in `sync` mode leaves the record as it was
+        // (every entry is synced before it counts there).
+        caught_up(dir).expect("caught up");
+        assert!(!start(dir, DurabilityConfig::Sync, &mut h));
+        on_clean_stop(dir, DurabilityConfig::Sync).expect("stop");
+        assert_eq!(boot(), format!("{now} sync\n"));
+        // A mark on a record this version cannot otherwise read, or after
+        // `sync`, is damage: the safe side.
+        for damaged in ["another-boot synced\n", "another-boot sync synced\n"] {
+            std::fs::write(dir.join(BOOT_FILE), damaged).expect("write");
+            let mut h = hard();
+            assert!(
+                start(dir, DurabilityConfig::Replicated, &mut h),
+                "{damaged:?}"
+            );
+            caught_up(dir).expect("caught up");
+        }
     }
 
     #[test]

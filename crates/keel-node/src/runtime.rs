@@ -1652,6 +1652,7 @@ fn run_node(
     let consensus_thread = {
         let (fatal, stopped, storage_for_stop) = (fatal.clone(), stopped.clone(), storage);
         let removed = removed.clone();
+        let (stop_dir, durability) = (dir.clone(), cfg.durability);
         std::thread::Builder::new()
             .name("keel-consensus".into())
             .spawn(move || {
@@ -1687,8 +1688,17 @@ fn run_node(
                         let _ = consensus.service.send(ServiceInput::Stop);
                         drop(consensus);
                         if let Ok(st) = Arc::try_unwrap(storage_for_stop) {
-                            if let Err(e) = st.shutdown() {
-                                error!("storage shutdown: {e}");
+                            match st.shutdown() {
+                                Err(e) => error!("storage shutdown: {e}"),
+                                // Everything written is synced: a reboot
+                                // from here loses nothing.
+                                Ok(()) => {
+                                    if let Err(e) =
+                                        crate::amnesia::on_clean_stop(&stop_dir, durability)
+                                    {
+                                        warn!("after storage shutdown: {e}");
+                                    }
+                                }
                             }
                         }
                     });

@@ -166,6 +166,40 @@ fn a_follower_back_from_a_power_loss_elects_no_leader_until_it_caught_up() {
     assert!(!data.join("AMNESIC").exists());
 }
 
+/// `replicated` durability: a follower stopped gracefully (SIGTERM) syncs
+/// what it wrote and marks its boot record `synced`, so a reboot of its
+/// machine is not taken for a power loss: back on another boot it is not
+/// amnesic, and with the leader down it and the other follower elect a
+/// leader that has every acknowledged write. Its start takes the mark
+/// away (a power loss from then on is one again).
+#[test]
+fn a_follower_rebooted_after_a_graceful_stop_is_not_amnesic() {
+    let mut c = TestCluster::start(3, "durability = \"replicated\"\n");
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
+    let mut client = c.client();
+    for i in 0..20 {
+        c.put(&mut client, &format!("p{i}"), "1");
+    }
+    let stopped = (1..=3).find(|&n| n != leader).expect("a follower");
+    let data = c.node(stopped).dir.join("data");
+    let exit = c.terminate(stopped, Duration::from_secs(30));
+    assert!(exit.success(), "{exit:?}{}", c.logs());
+    let boot = std::fs::read_to_string(data.join("BOOT")).expect("BOOT recorded");
+    assert!(boot.ends_with(" replicated synced\n"), "{boot:?}");
+    c.kill(leader);
+    // As after a reboot: another boot, the mark kept.
+    std::fs::write(data.join("BOOT"), "0-another-boot replicated synced\n").expect("write");
+    c.spawn(stopped);
+    let (elected, _) = c.wait_for_leader(Duration::from_secs(10));
+    assert_ne!(elected, leader);
+    c.put(&mut client, "after", "2");
+    c.check_acked(&mut client);
+    assert!(!data.join("AMNESIC").exists());
+    assert!(!c.log_of(stopped).contains("votes as amnesic"));
+    let boot = std::fs::read_to_string(data.join("BOOT")).expect("BOOT recorded");
+    assert!(boot.ends_with(" replicated\n"), "{boot:?}");
+}
+
 #[test]
 fn a_wiped_node_rejoins_through_a_snapshot() {
     wiped_node_rejoins_through_a_snapshot("");

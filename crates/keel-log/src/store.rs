@@ -693,6 +693,13 @@ impl LogStore {
         Ok(())
     }
 
+    /// Closes the store, keeping its directory locked: for what must be
+    /// written after the store's last sync and before another process may
+    /// open the directory.
+    pub fn into_lock(self) -> DirLock {
+        self._lock
+    }
+
     /// The lock to hold while publishing a snapshot into this store's
     /// directory from another thread (see `meta::commit_staged_snapshot`).
     pub fn manifest_lock(&self) -> Arc<Mutex<()>> {

@@ -14,7 +14,7 @@
 //! and is reported: the node must stop rather than run with unknown state.
 
 use crate::store::lock_unpoisoned;
-use crate::{meta, LogError, LogStore};
+use crate::{meta, DirLock, LogError, LogStore};
 use keel_core::{Entry, Position, Snapshot, Term};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -296,6 +296,22 @@ impl StorageThread {
     pub fn shutdown(mut self) -> Result<(), LogError> {
         self.stop()
     }
+    /// As `shutdown`, then hands back the data directory's lock, still
+    /// held: what the caller writes before dropping it follows everything
+    /// the store synced, and no other process has opened the directory in
+    /// between.
+    pub fn shutdown_holding_lock(mut self) -> Result<DirLock, LogError> {
+        self.stop()?;
+        let store = self.store.clone();
+        drop(self);
+        // The thread has ended (`stop` joined it) and with it the only
+        // other reference to the store.
+        let store = Arc::try_unwrap(store).map_err(|_| LogError::Stopped)?;
+        Ok(store
+            .into_inner()
+            .map_err(|_| LogError::Stopped)?
+            .into_lock())
+    }
     fn stop(&mut self) -> Result<(), LogError> {
         self.tx = None;
         match self.handle.take() {
@@ -533,15 +549,17 @@ impl Syncer {
     fn finish(mut self) -> Result<(), LogError> {
         self.tx = None;
         if let Some(h) = self.handle.take() {
-            let _ = h.join();
+            if h.join().is_err() {
+                return Err(LogError::Invalid("the syncer thread panicked".into()));
+            }
         }
         self.check()
     }
 
     fn check(&self) -> Result<(), LogError> {
-        match self.failed.lock().ok().and_then(|mut f| f.take()) {
-            Some(e) => Err(e),
-            None => Ok(()),
+        match self.failed.lock() {
+            Ok(mut f) => f.take().map_or(Ok(()), Err),
+            Err(_) => Err(LogError::Invalid("the syncer thread panicked".into())),
         }
     }
 }
@@ -707,6 +725,11 @@ fn serve(
         if !barriers.is_empty() || must_sync || (unsynced && durability == Durability::Sync) {
             let t = Instant::now();
             store.sync()?;
+            // The syncer's handle shares the store's open file: an error it
+            // met is not reported to this sync again.
+            if let Some(s) = &syncer {
+                s.check()?;
+            }
             times.sync += t.elapsed();
             unsynced = false;
             shared.unsynced.store(false, Ordering::Release);

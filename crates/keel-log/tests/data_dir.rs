@@ -62,7 +62,26 @@ fn a_second_open_is_refused_until_the_store_and_its_thread_are_dropped() {
         StorageThread::spawn(second.store, Durability::Sync, |_| {}).expect("storage thread");
     assert!(matches!(refused(open(&dir)), LogError::Locked { .. }));
     thread.shutdown().expect("shutdown");
-    drop(open(&dir).expect("reopen after the thread stopped"));
+    let again = open(&dir).expect("reopen after the thread stopped");
+
+    // A shutdown that keeps the lock: held until the caller drops it,
+    // with what was written synced and readable.
+    let thread =
+        StorageThread::spawn(again.store, Durability::Replicated, |_| {}).expect("storage thread");
+    let entry = keel_core::Entry {
+        position: 0,
+        term: 1,
+        timestamp: 0,
+        kind: keel_core::EntryKind::Command { client: 9, seq: 1 },
+        data: Bytes::from_static(b"kept"),
+    };
+    thread.append(vec![entry]).expect("append");
+    let lock = thread.shutdown_holding_lock().expect("shutdown");
+    assert!(matches!(refused(open(&dir)), LogError::Locked { .. }));
+    drop(lock);
+    let reopened = open(&dir).expect("reopen after the lock was dropped");
+    assert!(reopened.store.last_pos() > 0);
+    drop(reopened);
 
     // What the lock file holds is not data: junk in it does not matter.
     std::fs::write(dir.join(keel_log::lock::LOCK_FILE), b"\x00junk").expect("write");

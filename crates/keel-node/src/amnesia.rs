@@ -112,8 +112,19 @@ pub(crate) fn on_start(
     hard: &mut HardStateFile,
     node_id: u64,
 ) -> Result<bool, NodeError> {
-    let now = boot_id();
-    let lost = match (recorded(dir)?, &now) {
+    on_boot(boot_id(), dir, durability, hard, node_id)
+}
+
+/// `on_start` on the boot `now` (`None`: the kernel does not tell).
+fn on_boot(
+    now: Option<String>,
+    dir: &Path,
+    durability: DurabilityConfig,
+    hard: &mut HardStateFile,
+    node_id: u64,
+) -> Result<bool, NodeError> {
+    let record = recorded(dir)?;
+    let lost = match (&record, &now) {
         (Some(r), Some(now)) => r.replicated && !r.synced && r.boot != *now,
         (Some(r), None) if r.replicated && !r.synced => {
             warn!(
@@ -158,13 +169,20 @@ pub(crate) fn on_start(
              and votes as amnesic until it has"
         );
     }
-    if let Some(now) = now {
-        let mode = match durability {
-            DurabilityConfig::Sync => "sync",
-            DurabilityConfig::Replicated => "replicated",
-        };
-        meta::write_atomic(dir, BOOT_FILE, format!("{now} {mode}\n").as_bytes())
-            .map_err(|e| NodeError::Start(format!("writing {BOOT_FILE}: {e}")))?;
+    let mode = match durability {
+        DurabilityConfig::Sync => "sync",
+        DurabilityConfig::Replicated => "replicated",
+    };
+    let write_boot = |text: String| {
+        meta::write_atomic(dir, BOOT_FILE, text.as_bytes())
+            .map_err(|e| NodeError::Start(format!("writing {BOOT_FILE}: {e}")))
+    };
+    match (now, record) {
+        (Some(now), _) => write_boot(format!("{now} {mode}\n"))?,
+        // The boot cannot be told: at least the mark of a graceful stop
+        // must go, as this run may leave unsynced entries.
+        (None, Some(r)) if r.synced => write_boot(format!("{} replicated\n", r.boot))?,
+        (None, _) => {}
     }
     Ok(amnesic)
 }
@@ -326,6 +344,20 @@ mod tests {
             );
             caught_up(dir).expect("caught up");
         }
+    }
+
+    #[test]
+    fn a_start_that_cannot_tell_its_boot_takes_the_mark_of_a_graceful_stop_away() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let mut h = hard();
+        let replicated = DurabilityConfig::Replicated;
+        std::fs::write(dir.join(BOOT_FILE), "boot-a replicated synced\n").expect("write");
+        assert!(!on_boot(None, dir, replicated, &mut h, 1).expect("start"));
+        let boot = std::fs::read_to_string(dir.join(BOOT_FILE)).expect("BOOT");
+        assert_eq!(boot, "boot-a replicated\n");
+        // That run may have left entries unsynced: another boot is a loss.
+        assert!(on_boot(Some("boot-b".into()), dir, replicated, &mut h, 1).expect("start"));
     }
 
     #[test]

@@ -1669,6 +1669,8 @@ fn run_node(
                         panic_message(p.as_ref())
                     ))
                 });
+                // Stopped without an error.
+                let graceful = result.is_ok();
                 if let Err(e) = result {
                     error!("node stopped: {e}");
                     if let Ok(mut f) = fatal.lock() {
@@ -1688,17 +1690,20 @@ fn run_node(
                         let _ = consensus.service.send(ServiceInput::Stop);
                         drop(consensus);
                         if let Ok(st) = Arc::try_unwrap(storage_for_stop) {
-                            match st.shutdown() {
+                            match st.shutdown_holding_lock() {
                                 Err(e) => error!("storage shutdown: {e}"),
                                 // Everything written is synced: a reboot
-                                // from here loses nothing.
-                                Ok(()) => {
+                                // from here loses nothing. (Marked before
+                                // the directory's lock is let go: a next
+                                // start records its own boot after it.)
+                                Ok(_lock) if graceful => {
                                     if let Err(e) =
                                         crate::amnesia::on_clean_stop(&stop_dir, durability)
                                     {
                                         warn!("after storage shutdown: {e}");
                                     }
                                 }
+                                Ok(_) => {}
                             }
                         }
                     });

@@ -2012,6 +2012,13 @@ impl Consensus {
             if self.now.now() >= self.node.next_deadline() {
                 self.step(Event::Tick)?;
             }
+            // Published before this turn's messages go out at the flushes
+            // below: whoever hears from this node (a vote, a new leader's
+            // first append) and then asks for its status sees this turn's
+            // role, term and leader, not an earlier turn's. (Not strictly:
+            // a link whose socket was full is written by its own task, which
+            // may take a message as soon as it is queued.)
+            self.maybe_publish_status();
             // This turn's peer messages, one write per peer, and its
             // client responses, one write per connection.
             self.peers.flush();
@@ -2024,7 +2031,6 @@ impl Consensus {
                 .storage_queue_depth
                 .set(self.storage.queue_len() as i64);
             self.service.wake_if_due(Instant::now());
-            self.maybe_publish_status();
             self.expire_awaiting();
             self.settle_unplaced();
             self.settle_transfers();
@@ -4949,11 +4955,8 @@ mod removed_tests {
                 wait_for("another leader", || {
                     leader_of(nodes).is_some_and(|n| n != l)
                 });
-                // (The node publishes its status after it has sent its
-                // vote, so the new leader's may be seen before its own.)
-                wait_for("the node forgets its old leader", || {
-                    fh.status().leader != Some(l)
-                });
+                // (Its status was published before its vote went out.)
+                assert_ne!(fh.status().leader, Some(l));
             }
             assert!(!write.is_finished(), "answered at the role change");
             answered_outcome_unknown(write);
@@ -4984,7 +4987,9 @@ mod removed_tests {
             read.join().expect("the read's thread"),
             ClientResult::Ok(Bytes::from_static(b"r"))
         );
-        assert_eq!(fh.metrics().reads_retried.get(), 1);
+        // (Once per new term: a stall on a busy machine may add an
+        // election.)
+        assert!(fh.metrics().reads_retried.get() >= 1);
         assert_eq!(fh.status().leader, Some(t));
     }
 

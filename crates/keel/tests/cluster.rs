@@ -28,7 +28,9 @@ fn leader_kill_failover_and_catch_up(n: u64) {
     assert_ne!(new_leader, leader);
     assert!(new_term > term);
     assert!(
-        took < Duration::from_millis(2 * ELECTION_MAX_MS + 500),
+        // (One timeout to notice, one more for a split vote, and room
+        // for a stall on a busy machine.)
+        took < Duration::from_millis(4 * ELECTION_MAX_MS + 1000),
         "{n} nodes: a new leader took {took:?} (election timeout at most {ELECTION_MAX_MS} ms)"
     );
     for i in 50..100 {

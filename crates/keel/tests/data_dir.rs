@@ -234,9 +234,17 @@ fn a_failed_first_start_writes_nothing_and_a_later_one_names_missing_members() {
     );
     let pid = first.0.id().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
-    let locked = || std::fs::read_to_string(dir.join("LOCK")).is_ok_and(|s| s.trim() == pid);
+    // Locked, and the membership recorded (as in the test above: killed
+    // before the hard state is written, the restart is a first start).
+    let locked = || {
+        std::fs::read_to_string(dir.join("LOCK")).is_ok_and(|s| s.trim() == pid)
+            && dir.join("hardstate").exists()
+    };
     while !locked() {
-        assert!(Instant::now() < deadline, "the first server never locked");
+        assert!(
+            Instant::now() < deadline,
+            "the first server never recorded its membership"
+        );
         assert!(first.0.try_wait().expect("try_wait").is_none(), "it exited");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -527,6 +527,8 @@ fn calls_that_require_a_leader_end_when_it_is_gone() {
         .find(|n| n.id != leader)
         .expect("follower")
         .id;
+    // (A majority agreed on the leader; this one may not have heard yet.)
+    c.wait_status(lonely, |s| s.leader == Some(leader));
     let addr = c.node(lonely).etcd.clone();
     let open_requiring = |ch: &Channel| {
         let ch = ch.clone();
@@ -620,6 +622,8 @@ fn a_require_leader_watch_whose_client_stopped_reading_still_ends() {
         .find(|n| n.id != leader)
         .expect("follower")
         .id;
+    // (A majority agreed on the leader; this one may not have heard yet.)
+    c.wait_status(lonely, |s| s.leader == Some(leader));
     let addr = c.node(lonely).etcd.clone();
     let streams = |want: f64| {
         let name = "etcd_debugging_mvcc_watch_stream_total";

@@ -23,8 +23,16 @@ pub enum Body {
     /// `amnesic`: the sender restarted without writes it may have
     /// acknowledged and has not caught up since (see
     /// `Node::set_amnesic`): its grant counts towards a quorum, but not
-    /// among the votes of voters that kept their logs.
-    PreVoteResp { granted: bool, amnesic: bool },
+    /// among the votes of voters that kept their logs. `committed`: the
+    /// end position and term of the latest entry the sender knows is
+    /// committed (`(0, 0)`: none); a candidate whose log has that entry
+    /// knows its own log is committed up to there (what elections count
+    /// depends on whether its configuration is).
+    PreVoteResp {
+        granted: bool,
+        amnesic: bool,
+        committed: (Position, Term),
+    },
     /// A real vote request. `transfer` marks a leadership transfer, which
     /// overrides leader stickiness.
     Vote {
@@ -32,8 +40,12 @@ pub enum Body {
         last_term: Term,
         transfer: bool,
     },
-    /// `amnesic` as for `PreVoteResp`.
-    VoteResp { granted: bool, amnesic: bool },
+    /// `amnesic` and `committed` as for `PreVoteResp`.
+    VoteResp {
+        granted: bool,
+        amnesic: bool,
+        committed: (Position, Term),
+    },
     /// Entries after (`prev_pos`, `prev_term`), the leader's commit position
     /// and its heartbeat sequence (for read-index confirmation). An empty
     /// append is a heartbeat and a commit notification. `to_voter`: the

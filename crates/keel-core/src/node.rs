@@ -761,6 +761,35 @@ pub struct Node {
 struct Ballot {
     granted: bool,
     amnesic: bool,
+    /// The latest entry the voter knows is committed: end position, term.
+    committed: (Position, Term),
+}
+
+impl Ballot {
+    fn pre_vote_resp(self) -> Body {
+        let Ballot {
+            granted,
+            amnesic,
+            committed,
+        } = self;
+        Body::PreVoteResp {
+            granted,
+            amnesic,
+            committed,
+        }
+    }
+    fn vote_resp(self) -> Body {
+        let Ballot {
+            granted,
+            amnesic,
+            committed,
+        } = self;
+        Body::VoteResp {
+            granted,
+            amnesic,
+            committed,
+        }
+    }
 }
 
 impl Node {
@@ -1246,7 +1275,7 @@ impl Node {
                     .vote_hold_until
                     .saturating_add(self.rng.range(0, spread));
                 self.election_deadline = self.election_deadline.max(at);
-            } else if self.membership().is_voter(self.cfg.id) {
+            } else if self.stands_for_election() {
                 self.leader = None;
                 self.start_pre_vote(out);
             } else if !self.is_joining() && !self.membership().voters.is_empty() {
@@ -1259,6 +1288,22 @@ impl Node {
                 self.send_pre_votes(out);
             }
         }
+    }
+
+    /// Whether this node stands for election when its election timer runs
+    /// out: as a voter of the configuration in force, or of the one before
+    /// while the one in force is not known to be committed
+    /// (`config_before`). A leader that removed itself and stepped down
+    /// before the removal committed (cut off, say) may hold entries no
+    /// voter left holds on disk: amnesic voters (`set_amnesic`) that lost
+    /// them cannot elect a leader without it, and it is the one that can
+    /// win (`tally` counts the votes of the configuration in force, and
+    /// this node's among the one before's). Elected, it leads until the
+    /// removal commits and hands over, as a leader that removes itself
+    /// does.
+    fn stands_for_election(&self) -> bool {
+        let id = self.cfg.id;
+        self.membership().is_voter(id) || self.config_before().is_some_and(|c| c.is_voter(id))
     }
 
     // ----- removal ----------------------------------------------------------
@@ -1756,18 +1801,50 @@ impl Node {
         Ballot {
             granted,
             amnesic: self.amnesic && !self.cfg.testing_bugs.amnesia_ignored,
+            committed: self.known_committed(),
         }
     }
 
+    /// The latest entry this node knows is committed, as (end position,
+    /// term), `(0, 0)` if none: the one at its commit position, or the
+    /// settled membership entry, which a restart remembers while its
+    /// commit position starts over.
+    fn known_committed(&self) -> (Position, Term) {
+        let by_commit = self.log.term_at(self.commit).map(|t| (self.commit, t));
+        let by_config = (self.config_settled > 0)
+            .then(|| self.log.entry_at(self.config_settled))
+            .flatten()
+            .map(|e| (e.end(), e.term));
+        by_commit
+            .into_iter()
+            .chain(by_config)
+            .max()
+            .unwrap_or((0, 0))
+    }
+
+    /// How far this node knows its own log is committed: its commit
+    /// position, or further, to the latest entry a voter said it knows is
+    /// committed (`Ballot::committed`) that this log holds too (the same
+    /// position and term: the same entries up to it).
+    fn committed_here(&self) -> Position {
+        self.votes
+            .values()
+            .map(|b| b.committed)
+            .filter(|&(p, t)| p > self.commit && self.log.term_at(p) == Some(t))
+            .map(|(p, _)| p)
+            .fold(self.commit, Position::max)
+    }
+
     /// The configuration before the one in force, while the one in force
-    /// is not known to be committed (here, or before a restart:
-    /// `settled_config`). See `tally`. (An entry of a later term after it
+    /// is not known to be committed (here, before a restart:
+    /// `settled_config`, or by a voter's word in this election:
+    /// `committed_here`). See `tally`. (An entry of a later term after it
     /// does not settle it: voters of the one before that never got it may
     /// elect leaders of later terms still. Review, against an earlier
     /// version that took it so.)
     fn config_before(&self) -> Option<&Membership> {
-        let settled =
-            |position: Position| position <= self.config_settled || position < self.commit;
+        let committed = self.committed_here();
+        let settled = |position: Position| position <= self.config_settled || position < committed;
         match self.membership_log.as_slice() {
             [.., (position, _)] if settled(*position) => None,
             [] => None,
@@ -2003,14 +2080,8 @@ impl Node {
                         out,
                     );
                 }
-                Body::PreVote { .. } => {
-                    let Ballot { granted, amnesic } = self.ballot(false);
-                    self.send(m.from, Body::PreVoteResp { granted, amnesic }, out)
-                }
-                Body::Vote { .. } => {
-                    let Ballot { granted, amnesic } = self.ballot(false);
-                    self.send(m.from, Body::VoteResp { granted, amnesic }, out)
-                }
+                Body::PreVote { .. } => self.send(m.from, self.ballot(false).pre_vote_resp(), out),
+                Body::Vote { .. } => self.send(m.from, self.ballot(false).vote_resp(), out),
                 // Sent to this node as the leader of an earlier term.
                 Body::Forward { commands } => self.on_forward(m.from, m.term, commands, out),
                 _ => {}
@@ -2024,12 +2095,21 @@ impl Node {
             } => {
                 let granted = !self.sticky() && self.grants_vote_to(last_term, last_pos);
                 let term = if granted { m.term } else { self.term };
-                let Ballot { granted, amnesic } = self.ballot(granted);
-                self.send_with_term(m.from, term, Body::PreVoteResp { granted, amnesic }, out);
+                let resp = self.ballot(granted).pre_vote_resp();
+                self.send_with_term(m.from, term, resp, out);
             }
-            Body::PreVoteResp { granted, amnesic } => {
+            Body::PreVoteResp {
+                granted,
+                amnesic,
+                committed,
+            } => {
                 if self.role == Role::PreCandidate && m.term == self.term + 1 {
-                    self.votes.insert(m.from, Ballot { granted, amnesic });
+                    let ballot = Ballot {
+                        granted,
+                        amnesic,
+                        committed,
+                    };
+                    self.votes.insert(m.from, ballot);
                     match self.tally() {
                         Some(true) => self.campaign(false, out),
                         Some(false) => self.become_follower(self.term, None, out),
@@ -2055,12 +2135,20 @@ impl Node {
                     self.persist_hard_state(out);
                     self.reset_election_deadline();
                 }
-                let Ballot { granted, amnesic } = self.ballot(granted);
-                self.send(m.from, Body::VoteResp { granted, amnesic }, out);
+                self.send(m.from, self.ballot(granted).vote_resp(), out);
             }
-            Body::VoteResp { granted, amnesic } => {
+            Body::VoteResp {
+                granted,
+                amnesic,
+                committed,
+            } => {
                 if self.role == Role::Candidate {
-                    self.votes.insert(m.from, Ballot { granted, amnesic });
+                    let ballot = Ballot {
+                        granted,
+                        amnesic,
+                        committed,
+                    };
+                    self.votes.insert(m.from, ballot);
                     match self.tally() {
                         Some(true) => self.become_leader(out),
                         Some(false) => self.become_follower(self.term, None, out),

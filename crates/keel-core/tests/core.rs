@@ -1987,6 +1987,7 @@ fn stickiness_survives_a_higher_term_message() {
             Body::PreVoteResp {
                 granted: false,
                 amnesic: false,
+                committed: (0, 0),
             },
         );
         b.step(t + MS, Event::Message(refusal), &mut out);
@@ -4698,4 +4699,133 @@ fn a_later_term_after_an_uncommitted_configuration_does_not_settle_it() {
         cut(&mut h, a, b);
     }
     commit_at_2_and_3_then_lose_it(&mut h, m, promoted_term);
+}
+
+/// A leader that removed itself and stepped down before the removal
+/// committed may be the one node that can still be elected: here node 1
+/// removes itself, only node 2 gets the new configuration (voters 2 and
+/// 3) and an entry after it, node 2 loses that entry to a power loss and
+/// node 1 steps down. Node 3 lacks the new configuration (nodes 1 and 2
+/// refuse it), and node 2, amnesic, needs node 1's vote too, which it
+/// refuses (its log is longer): node 1, a voter of the configuration
+/// before while the one in force is not known to be committed, stands
+/// (five-node `power` seed 9 stalled so). Elected, it commits its removal
+/// and hands over.
+#[test]
+fn a_leader_that_removed_itself_stands_while_the_removal_is_not_committed() {
+    let mut h = three_led_by_1();
+    cut(&mut h, 1, 3);
+    h.step(1, change_at_1(MembershipChange::Remove(1)));
+    h.run_for(30 * MS);
+    assert_eq!(
+        h.node(2).membership().voters,
+        Membership::new([2, 3]).voters
+    );
+    assert!(h.node(3).membership().voters.contains(&1));
+    let synced: Vec<Entry> = h.node(2).log().iter().cloned().collect();
+    h.propose(1, 1, 1, b"after the removal");
+    h.run_for(30 * MS);
+    let e = h.node(1).log().iter().last().cloned().expect("the entry");
+    assert_eq!(h.node(2).log().entry_at(e.position), Some(&e));
+    power_loss(&mut h, 2, synced, false);
+    // Node 2's next term deposes node 1.
+    h.run_for(500 * MS);
+    assert_eq!(h.leader(), None);
+    h.cut.clear();
+    h.run_for(4_000 * MS);
+    let leader = h.leader().expect("a leader");
+    assert_ne!(leader, 1, "node 1 handed over once its removal committed");
+    assert!(h.node(1).removed().is_some());
+    h.propose(leader, 2, 2, b"later");
+    h.run_for(200 * MS);
+    for n in [2, 3] {
+        assert_eq!(h.node(n).log().entry_at(e.position), Some(&e), "node {n}");
+        assert!(!h.node(n).amnesic(), "node {n}");
+    }
+}
+
+/// A candidate that does not know its configuration is committed learns it
+/// from a voter that does (`committed` in its vote): then the voters of
+/// the configuration before need not meet its quorums too. Here five
+/// voters remove node 5, which is gone; node 1 commits the removal and an
+/// entry after it, but nodes 3 and 4 never hear of the commit; nodes 1
+/// and 2 lose the entry to a power loss (node 1 knows the removal
+/// committed: `settled_config`). Nodes 3 and 4 hold the longest logs, so
+/// one of them must lead, and while it takes the removal as maybe
+/// uncommitted it needs the votes of three voters that kept their logs
+/// among the five before, where only the two of them did. Node 1's vote
+/// says the removal committed: one of them wins.
+#[test]
+fn a_voter_that_knows_the_configuration_committed_says_so_in_its_vote() {
+    let mut h = Harness::new(5);
+    h.run_for(1_500 * MS);
+    let leader = h.leader().expect("a leader");
+    if leader != 1 {
+        h.step(leader, Event::TransferLeadership { id: 1, target: 1 });
+        h.run_for(500 * MS);
+    }
+    assert_eq!(h.leader(), Some(1));
+    for n in 1..=4 {
+        cut(&mut h, 5, n);
+    }
+    h.step(1, change_at_1(MembershipChange::Remove(5)));
+    h.propose(1, 1, 1, b"after the removal");
+    let membership_entry = |h: &Harness| {
+        let log = h.node(1).log();
+        let configs = log
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Membership(_)));
+        configs.last().cloned().expect("the removal")
+    };
+    let config = membership_entry(&h);
+    let e = h.node(1).log().iter().last().cloned().expect("the entry");
+    assert_eq!(&e.data[..], b"after the removal");
+    // Everything delivered but what would tell nodes 3 and 4 that the
+    // removal committed.
+    let mut budget = 20_000;
+    while h.node(1).commit_position() < e.end() {
+        budget -= 1;
+        assert!(budget > 0, "node 1 never committed the entry");
+        h.now += MS;
+        for id in 1..=5 {
+            h.step(id, Event::Tick);
+        }
+        while let Some(msg) = h.inbox.pop_front() {
+            let tells = matches!(msg.body, Body::Append { commit, .. } if commit > config.position);
+            let hides = tells && msg.from == 1 && [3, 4].contains(&msg.to);
+            if !hides && !h.cut.contains(&(msg.from, msg.to)) {
+                h.step(msg.to, Event::Message(msg));
+            }
+        }
+    }
+    assert_eq!(h.node(1).settled_config(), config.position);
+    for n in [3, 4] {
+        assert!(h.node(n).commit_position() <= config.position, "node {n}");
+        assert_eq!(h.node(n).log().entry_at(e.position), Some(&e), "node {n}");
+    }
+    let settled = h.node(1).settled_config();
+    for n in [1, 2] {
+        let kept = h
+            .node(n)
+            .log()
+            .iter()
+            .filter(|x| x.position <= config.position);
+        let kept: Vec<Entry> = kept.cloned().collect();
+        power_loss(&mut h, n, kept, false);
+    }
+    h.nodes[0].restore_settled_config(settled);
+    h.inbox.clear();
+    h.cut.clear();
+    for n in 1..=4 {
+        cut(&mut h, 5, n);
+    }
+    h.run_for(4_000 * MS);
+    let leader = h.leader().expect("a leader");
+    assert!([3, 4].contains(&leader), "{leader}");
+    h.propose(leader, 2, 2, b"later");
+    h.run_for(200 * MS);
+    for n in 1..=4 {
+        assert_eq!(h.node(n).log().entry_at(e.position), Some(&e), "node {n}");
+        assert!(!h.node(n).amnesic(), "node {n}");
+    }
 }

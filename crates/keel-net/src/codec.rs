@@ -26,8 +26,10 @@ use std::sync::Arc;
 /// `PreVoteResp` and `VoteResp` say whether the voter is amnesic (it
 /// restarted without writes it had not synced, see
 /// `keel_core::Node::set_amnesic`); a version-3 node would count
-/// such a vote like any other.
-pub const PEER_VERSION: u8 = 4;
+/// such a vote like any other. 5: they also say the latest entry the
+/// voter knows is committed (its end position and term), by which a
+/// candidate may learn that its configuration is.
+pub const PEER_VERSION: u8 = 5;
 /// The client protocol's version, carried by `Request` and `Response`
 /// frames. Kept apart from the peer protocol's so that a change between
 /// nodes does not refuse clients whose frames did not change (it was 2
@@ -426,10 +428,16 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u64(out, *last_pos);
             put_u64(out, *last_term);
         }
-        Body::PreVoteResp { granted, amnesic } => {
+        Body::PreVoteResp {
+            granted,
+            amnesic,
+            committed,
+        } => {
             put_u8(out, BODY_PRE_VOTE_RESP);
             put_bool(out, *granted);
             put_bool(out, *amnesic);
+            put_u64(out, committed.0);
+            put_u64(out, committed.1);
         }
         Body::Vote {
             last_pos,
@@ -441,10 +449,16 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u64(out, *last_term);
             put_bool(out, *transfer);
         }
-        Body::VoteResp { granted, amnesic } => {
+        Body::VoteResp {
+            granted,
+            amnesic,
+            committed,
+        } => {
             put_u8(out, BODY_VOTE_RESP);
             put_bool(out, *granted);
             put_bool(out, *amnesic);
+            put_u64(out, committed.0);
+            put_u64(out, committed.1);
         }
         Body::Append {
             prev_pos,
@@ -935,6 +949,10 @@ impl<'a> Reader<'a> {
             BODY_PRE_VOTE_RESP => Body::PreVoteResp {
                 granted: self.flag("PreVoteResp.granted")?,
                 amnesic: self.flag("PreVoteResp.amnesic")?,
+                committed: (
+                    self.u64("PreVoteResp.committed_pos")?,
+                    self.u64("PreVoteResp.committed_term")?,
+                ),
             },
             BODY_VOTE => Body::Vote {
                 last_pos: self.u64("Vote.last_pos")?,
@@ -944,6 +962,10 @@ impl<'a> Reader<'a> {
             BODY_VOTE_RESP => Body::VoteResp {
                 granted: self.flag("VoteResp.granted")?,
                 amnesic: self.flag("VoteResp.amnesic")?,
+                committed: (
+                    self.u64("VoteResp.committed_pos")?,
+                    self.u64("VoteResp.committed_term")?,
+                ),
             },
             BODY_APPEND => {
                 let prev_pos = self.u64("Append.prev_pos")?;
@@ -1269,8 +1291,13 @@ mod tests {
                 last_pos,
                 last_term
             }),
-            1 => (any::<bool>(), any::<bool>())
-                .prop_map(|(granted, amnesic)| Body::PreVoteResp { granted, amnesic }),
+            1 => (any::<bool>(), any::<bool>(), u64s(), u64s()).prop_map(
+                |(granted, amnesic, p, t)| Body::PreVoteResp {
+                    granted,
+                    amnesic,
+                    committed: (p, t)
+                }
+            ),
             1 => (u64s(), u64s(), any::<bool>()).prop_map(
                 |(last_pos, last_term, transfer)| Body::Vote {
                     last_pos,
@@ -1278,8 +1305,13 @@ mod tests {
                     transfer
                 }
             ),
-            1 => (any::<bool>(), any::<bool>())
-                .prop_map(|(granted, amnesic)| Body::VoteResp { granted, amnesic }),
+            1 => (any::<bool>(), any::<bool>(), u64s(), u64s()).prop_map(
+                |(granted, amnesic, p, t)| Body::VoteResp {
+                    granted,
+                    amnesic,
+                    committed: (p, t)
+                }
+            ),
             // Weighted up: the variant with the most structure.
             3 => (
                 u64s(),
@@ -2064,13 +2096,14 @@ mod tests {
         }
     }
 
-    /// A node of peer protocol 3 would count an amnesic voter's vote like
-    /// any other (and one of 2 would drop a membership's removed ids): its
+    /// A node of peer protocol 4 sends votes without what the voter knows
+    /// is committed, one of 3 would count an amnesic voter's vote like any
+    /// other (and one of 2 would drop a membership's removed ids): their
     /// frames (any of them, the hello first) are refused, while client
     /// frames, whose protocol did not change, keep version 2.
     #[test]
     fn older_peer_frames_are_refused() {
-        assert_eq!(PEER_VERSION, 4);
+        assert_eq!(PEER_VERSION, 5);
         let frames = [
             Frame::Hello {
                 cluster_id: 1,
@@ -2084,24 +2117,25 @@ mod tests {
                 body: Body::VoteResp {
                     granted: true,
                     amnesic: false,
+                    committed: (40, 2),
                 },
             }),
         ];
         for f in frames {
             let mut buf = enc(&f);
-            buf[4] = 3;
+            buf[4] = 4;
             let got = decode(&buf, MAX);
             assert_eq!(
                 got,
                 Err(CodecError::BadVersion {
                     what: "peer protocol",
-                    found: 3,
-                    expected: 4
+                    found: 4,
+                    expected: 5
                 })
             );
             assert_eq!(
                 got.unwrap_err().to_string(),
-                "unsupported peer protocol version 3, expected 4"
+                "unsupported peer protocol version 4, expected 5"
             );
             // From the version and tag alone, before the rest arrives.
             assert_eq!(frame_size(&buf[..6], MAX), decode(&buf, MAX).map(|_| None));
@@ -2288,9 +2322,12 @@ mod tests {
             body: Body::VoteResp {
                 granted: true,
                 amnesic: false,
+                committed: (0, 0),
             },
         }));
-        *buf.last_mut().unwrap() = 2;
+        // The amnesic flag, before the committed entry's 16 bytes.
+        let at = buf.len() - 17;
+        buf[at] = 2;
         assert_eq!(
             decode(&buf, MAX),
             Err(CodecError::BadFlag {

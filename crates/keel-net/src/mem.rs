@@ -254,6 +254,7 @@ mod tests {
             body: Body::PreVoteResp {
                 granted: true,
                 amnesic: false,
+                committed: (0, 0),
             },
         }
     }

@@ -74,6 +74,7 @@ fn seeds() -> Vec<Frame> {
         peer(Body::PreVoteResp {
             granted: true,
             amnesic: true,
+            committed: (5, 6),
         }),
         peer(Body::Vote {
             last_pos: 1,
@@ -83,6 +84,7 @@ fn seeds() -> Vec<Frame> {
         peer(Body::VoteResp {
             granted: false,
             amnesic: false,
+            committed: (7, 8),
         }),
         peer(Body::Append {
             prev_pos: 1,

@@ -5260,6 +5260,7 @@ mod tests {
             Body::VoteResp {
                 granted: true,
                 amnesic: false,
+                committed: (0, 0),
             },
         );
         sim.check_sent(0, &vote);
@@ -5281,6 +5282,7 @@ mod tests {
             Body::VoteResp {
                 granted: false,
                 amnesic: false,
+                committed: (0, 0),
             },
         );
         sim.check_sent(0, &refusal);

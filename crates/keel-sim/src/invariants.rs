@@ -284,6 +284,14 @@ impl Invariants {
         self.shadows.entry(id).or_default()
     }
 
+    /// Whether the entry ending at `end` in `term` is one a node was seen
+    /// committing.
+    pub fn is_committed(&self, end: Position, term: Term) -> bool {
+        self.boundaries
+            .get(&(end, term))
+            .is_some_and(|chain| self.committed.get(&end) == Some(chain))
+    }
+
     /// The end of the longest prefix of the log any node has committed.
     pub fn committed_upto(&self) -> Position {
         self.committed.keys().next_back().copied().unwrap_or(0)

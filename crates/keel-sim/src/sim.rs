@@ -1583,6 +1583,10 @@ pub struct Sim {
     /// being run: checked against the
     /// committed log once the step's commit is known to the invariants.
     removal_checks: Vec<RemovalCheck>,
+    /// (voter, candidate, end, term): a (pre-)vote answer said the entry
+    /// ending at `end` in `term` is committed; checked after the step
+    /// (the voter's own commit is noted then).
+    commit_claims: Vec<(NodeId, NodeId, Position, Term)>,
     /// The node whose core is taking a step (named if it panics).
     stepping: Option<NodeId>,
     /// `FaultMix::pauses`: each paused node's pause number and the events
@@ -1839,6 +1843,7 @@ impl Sim {
             trace: std::env::var_os("KEEL_SIM_TRACE").is_some(),
             notices_sent: HashSet::new(),
             removal_checks: Vec::new(),
+            commit_claims: Vec::new(),
             stepping: None,
             paused: BTreeMap::new(),
             pause_seq: 0,
@@ -2452,6 +2457,7 @@ impl Sim {
                     self.report.transfers_done += 1;
                 }
             }
+            self.check_commit_claims();
         }
         self.observe_wiped(i);
         self.observe_preferred(i);
@@ -2841,8 +2847,26 @@ impl Sim {
     /// leader of a term replicates in it; an acknowledgement in a term goes
     /// to that term's leader and only for what is synced here (the leader
     /// counts it towards commit).
+    /// The entries votes said were committed were (`commit_claims`).
+    fn check_commit_claims(&mut self) {
+        for (voter, candidate, end, term) in std::mem::take(&mut self.commit_claims) {
+            if !self.inv.is_committed(end, term) {
+                self.report.violations.push(format!(
+                    "node {voter} told candidate {candidate} that the entry ending at {end} in \
+                     term {term} is committed, which no node committed"
+                ));
+            }
+        }
+    }
+
     fn check_sent(&mut self, i: usize, m: &Message) {
         let id = self.nodes[i].id;
+        if let Body::PreVoteResp { committed, .. } | Body::VoteResp { committed, .. } = m.body {
+            if committed != (0, 0) {
+                self.commit_claims
+                    .push((id, m.to, committed.0, committed.1));
+            }
+        }
         let disk = &self.nodes[i].disk;
         match &m.body {
             Body::Removed { position } => {
@@ -5249,6 +5273,31 @@ mod tests {
                 assert!(r.sim_time > 6 * SEC && r.ops_ok > 0);
             }
         }
+    }
+
+    /// A vote that says an entry is committed which no node committed (a
+    /// candidate would then stop checking the configuration before).
+    #[test]
+    fn a_vote_claiming_an_uncommitted_entry_is_caught() {
+        let (mut sim, e) = follower_with_unsynced_entry();
+        let claim = |committed| {
+            let body = Body::PreVoteResp {
+                granted: true,
+                amnesic: false,
+                committed,
+            };
+            message(3, 4, body)
+        };
+        sim.check_sent(0, &claim((0, 0)));
+        sim.check_commit_claims();
+        assert!(sim.report.violations.is_empty());
+        sim.check_sent(0, &claim((e.end(), e.term)));
+        sim.check_commit_claims();
+        assert!(
+            sim.report.violations[0].contains("which no node committed"),
+            "{:?}",
+            sim.report.violations
+        );
     }
 
     #[test]

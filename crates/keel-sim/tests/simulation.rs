@@ -133,6 +133,23 @@ fn power_losses_in_replicated_mode() {
     );
 }
 
+/// Five-node `power` seed 9: a leader removed itself and stepped down
+/// before the removal committed, holding entries the amnesic voters had
+/// lost; no voter of the new configuration could be elected, and it did
+/// not stand (see the core test
+/// `a_leader_that_removed_itself_stands_while_the_removal_is_not_committed`).
+#[test]
+fn a_self_removed_leader_stands_after_power_losses() {
+    let cfg = SimConfig::new(9, 5, mix("power"));
+    let r = run(&cfg);
+    assert!(
+        r.ok(),
+        "{:?}\n  replay: {}",
+        r.violations,
+        cfg.replay_command()
+    );
+}
+
 /// Counting an amnesic voter's vote like any other's elects leaders
 /// without entries only its lost acknowledgement had committed: caught.
 #[test]

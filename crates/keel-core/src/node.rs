@@ -1284,7 +1284,11 @@ impl Node {
                 // pre-vote, which changes nothing here or there). A
                 // voter whose committed configuration removed it answers
                 // `Removed`; a node that was removed while away learns
-                // it so.
+                // it so. (A node that stood last time, and has learned
+                // since that it need not, is a candidate no more.)
+                if self.role != Role::Follower {
+                    self.become_follower(self.term, None, out);
+                }
                 self.send_pre_votes(out);
             }
         }
@@ -1301,9 +1305,14 @@ impl Node {
     /// this node's among the one before's). Elected, it leads until the
     /// removal commits and hands over, as a leader that removes itself
     /// does.
+    ///
+    /// (On what it knows itself: a previous round's votes, which may say
+    /// more, are gone at the next.)
     fn stands_for_election(&self) -> bool {
         let id = self.cfg.id;
-        self.membership().is_voter(id) || self.config_before().is_some_and(|c| c.is_voter(id))
+        let before = || self.config_before_given(self.commit);
+        self.membership().is_voter(id)
+            || (!self.is_joining() && before().is_some_and(|c| c.is_voter(id)))
     }
 
     // ----- removal ----------------------------------------------------------
@@ -1843,7 +1852,12 @@ impl Node {
     /// elect leaders of later terms still. Review, against an earlier
     /// version that took it so.)
     fn config_before(&self) -> Option<&Membership> {
-        let committed = self.committed_here();
+        self.config_before_given(self.committed_here())
+    }
+
+    /// `config_before`, with this node's log known committed up to
+    /// `committed`.
+    fn config_before_given(&self, committed: Position) -> Option<&Membership> {
         let settled = |position: Position| position <= self.config_settled || position < committed;
         match self.membership_log.as_slice() {
             [.., (position, _)] if settled(*position) => None,

@@ -4412,7 +4412,12 @@ fn power_loss_in(
 
 /// A three-node harness with node 1 leading.
 fn three_led_by_1() -> Harness {
-    let mut h = Harness::new(3);
+    led_by_1(3)
+}
+
+/// An `n`-node harness with node 1 leading.
+fn led_by_1(n: u64) -> Harness {
+    let mut h = Harness::new(n);
     h.run_for(1_500 * MS);
     let leader = h.leader().expect("a leader");
     if leader != 1 {
@@ -4757,14 +4762,7 @@ fn a_leader_that_removed_itself_stands_while_the_removal_is_not_committed() {
 /// says the removal committed: one of them wins.
 #[test]
 fn a_voter_that_knows_the_configuration_committed_says_so_in_its_vote() {
-    let mut h = Harness::new(5);
-    h.run_for(1_500 * MS);
-    let leader = h.leader().expect("a leader");
-    if leader != 1 {
-        h.step(leader, Event::TransferLeadership { id: 1, target: 1 });
-        h.run_for(500 * MS);
-    }
-    assert_eq!(h.leader(), Some(1));
+    let mut h = led_by_1(5);
     for n in 1..=4 {
         cut(&mut h, 5, n);
     }

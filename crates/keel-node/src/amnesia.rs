@@ -267,12 +267,17 @@ mod tests {
         on_start(dir, durability, h, 1).expect("start")
     }
 
-    #[test]
-    fn a_new_boot_after_a_replicated_run_makes_the_node_amnesic_until_it_catches_up() {
+    /// This boot's id and an empty data directory.
+    fn this_boot() -> (String, tempfile::TempDir) {
         let Some(now) = boot_id() else {
             panic!("{BOOT_ID_PATH} is unreadable: these tests need Linux");
         };
-        let tmp = tempfile::tempdir().expect("tempdir");
+        (now, tempfile::tempdir().expect("tempdir"))
+    }
+
+    #[test]
+    fn a_new_boot_after_a_replicated_run_makes_the_node_amnesic_until_it_catches_up() {
+        let (now, tmp) = this_boot();
         let dir = tmp.path();
         let mut h = hard();
         // First start: nothing recorded.
@@ -307,10 +312,7 @@ mod tests {
 
     #[test]
     fn a_new_boot_after_a_graceful_stop_that_synced_is_not_a_loss_once() {
-        let Some(now) = boot_id() else {
-            panic!("{BOOT_ID_PATH} is unreadable: these tests need Linux");
-        };
-        let tmp = tempfile::tempdir().expect("tempdir");
+        let (now, tmp) = this_boot();
         let dir = tmp.path();
         let mut h = hard();
         assert!(!start(dir, DurabilityConfig::Replicated, &mut h));

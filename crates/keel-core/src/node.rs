@@ -1102,6 +1102,12 @@ impl Node {
     /// Moves `config_settled` to the latest membership entry that is
     /// committed and durable here.
     fn note_settled_config(&mut self) {
+        self.note_settled_config_upto(self.commit);
+    }
+
+    /// `note_settled_config`, with this node's log known committed up to
+    /// `committed`.
+    fn note_settled_config_upto(&mut self, committed: Position) {
         // (Called at each commit and durable advance: nothing to do unless
         // a membership entry past the settled one is in the log.)
         if self
@@ -1112,7 +1118,7 @@ impl Node {
             return;
         }
         let settled = self.membership_log.iter().rev().find(|(p, _)| {
-            *p < self.commit
+            *p < committed
                 && self
                     .log
                     .entry_at(*p)
@@ -1306,8 +1312,8 @@ impl Node {
     /// removal commits and hands over, as a leader that removes itself
     /// does.
     ///
-    /// (On what it knows itself: a previous round's votes, which may say
-    /// more, are gone at the next.)
+    /// (On what it knows itself: what votes said is committed counts
+    /// once noted in `settled_config`.)
     fn stands_for_election(&self) -> bool {
         let id = self.cfg.id;
         let before = || self.config_before_given(self.commit);
@@ -2124,6 +2130,7 @@ impl Node {
                         committed,
                     };
                     self.votes.insert(m.from, ballot);
+                    self.note_settled_config_upto(self.committed_here());
                     match self.tally() {
                         Some(true) => self.campaign(false, out),
                         Some(false) => self.become_follower(self.term, None, out),
@@ -2163,6 +2170,7 @@ impl Node {
                         committed,
                     };
                     self.votes.insert(m.from, ballot);
+                    self.note_settled_config_upto(self.committed_here());
                     match self.tally() {
                         Some(true) => self.become_leader(out),
                         Some(false) => self.become_follower(self.term, None, out),

@@ -1811,6 +1811,14 @@ impl Node {
         }
     }
 
+    /// Records `from`'s answer to this node's (pre-)vote request, and
+    /// notes what it says is committed: the tally after it.
+    fn count_ballot(&mut self, from: NodeId, ballot: Ballot) -> Option<bool> {
+        self.votes.insert(from, ballot);
+        self.note_settled_config_upto(self.committed_here());
+        self.tally()
+    }
+
     /// This node's answer to a (pre-)vote request.
     fn ballot(&self, granted: bool) -> Ballot {
         Ballot {
@@ -2129,9 +2137,7 @@ impl Node {
                         amnesic,
                         committed,
                     };
-                    self.votes.insert(m.from, ballot);
-                    self.note_settled_config_upto(self.committed_here());
-                    match self.tally() {
+                    match self.count_ballot(m.from, ballot) {
                         Some(true) => self.campaign(false, out),
                         Some(false) => self.become_follower(self.term, None, out),
                         None => {}
@@ -2169,9 +2175,7 @@ impl Node {
                         amnesic,
                         committed,
                     };
-                    self.votes.insert(m.from, ballot);
-                    self.note_settled_config_upto(self.committed_here());
-                    match self.tally() {
+                    match self.count_ballot(m.from, ballot) {
                         Some(true) => self.become_leader(out),
                         Some(false) => self.become_follower(self.term, None, out),
                         None => {}

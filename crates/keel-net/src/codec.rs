@@ -28,8 +28,21 @@ use std::sync::Arc;
 /// `keel_core::Node::set_amnesic`); a version-3 node would count
 /// such a vote like any other. 5: they also say the latest entry the
 /// voter knows is committed (its end position and term), by which a
-/// candidate may learn that its configuration is.
-pub const PEER_VERSION: u8 = 5;
+/// candidate may learn that its configuration is. 6: a node that accepts
+/// a peer connection answers the dialer's `Hello` with its own, at the
+/// version the link will speak (the lower of the two nodes' newest), so
+/// nodes of different versions agree on one per link (see
+/// `MIN_PEER_VERSION`); no message changed.
+pub const PEER_VERSION: u8 = 6;
+/// The oldest peer protocol this node still speaks: a link to a node of an
+/// older version (down to this) speaks that node's version, so a cluster
+/// can be upgraded one node at a time. Frames of versions 4 and 5 differ
+/// only in votes: one of 4 carries no committed entry (decoded as `(0,
+/// 0)`, "none known", which a candidate counts as no claim).
+pub const MIN_PEER_VERSION: u8 = 4;
+/// The first peer protocol version whose accepting node answers a hello:
+/// a dialer that offers an older one gets no answer and speaks it.
+pub const ANSWERED_HELLO_VERSION: u8 = 6;
 /// The client protocol's version, carried by `Request` and `Response`
 /// frames. Kept apart from the peer protocol's so that a change between
 /// nodes does not refuse clients whose frames did not change (it was 2
@@ -46,10 +59,14 @@ const MIN_FRAME: usize = 2;
 /// One unit of the wire protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    /// First frame on a peer connection.
+    /// First frame on a peer connection, from the node that dials it, and
+    /// (from `ANSWERED_HELLO_VERSION` on) the accepting node's answer.
+    /// `version` is the frame's version byte: the newest peer protocol the
+    /// dialer offers, and in an answer the one the link speaks.
     Hello {
         cluster_id: u64,
         node_id: NodeId,
+        version: u8,
     },
     Peer(keel_core::Message),
     Request(ClientRequest),
@@ -208,11 +225,13 @@ pub enum CodecError {
     FrameTooLarge { len: usize, max: usize },
     #[error("frame declares {len} bytes, expected at least {MIN_FRAME} (version and tag)")]
     FrameTooShort { len: usize },
-    #[error("unsupported {what} version {found}, expected {expected}")]
+    #[error("unsupported {what} version {found}, expected {}", versions(*.min, *.max))]
     BadVersion {
         what: &'static str,
         found: u8,
-        expected: u8,
+        /// The oldest and the newest version this node takes.
+        min: u8,
+        max: u8,
     },
     #[error("unknown {what} tag {tag}")]
     UnknownTag { what: &'static str, tag: u8 },
@@ -246,13 +265,28 @@ const FRAME_PEER: u8 = 2;
 const FRAME_REQUEST: u8 = 3;
 const FRAME_RESPONSE: u8 = 4;
 
-/// The version a frame with this tag carries, and whose protocol it is
-/// (`None`: not a frame tag).
-fn version_for(tag: u8) -> Option<(u8, &'static str)> {
+/// The versions a frame with this tag may carry (the oldest and the
+/// newest), and whose protocol it is (`None`: not a frame tag).
+fn versions_for(tag: u8) -> Option<(u8, u8, &'static str)> {
     match tag {
-        FRAME_HELLO | FRAME_PEER => Some((PEER_VERSION, "peer protocol")),
-        FRAME_REQUEST | FRAME_RESPONSE => Some((CLIENT_VERSION, "client protocol")),
+        // A hello's layout is the same in every version, so one that
+        // offers a version newer than this node's is read too (and
+        // answered with this node's newest).
+        FRAME_HELLO => Some((MIN_PEER_VERSION, u8::MAX, "peer protocol")),
+        FRAME_PEER => Some((MIN_PEER_VERSION, PEER_VERSION, "peer protocol")),
+        FRAME_REQUEST | FRAME_RESPONSE => Some((CLIENT_VERSION, CLIENT_VERSION, "client protocol")),
         _ => None,
+    }
+}
+
+/// "5", "4 to 6", or "4 or later".
+fn versions(min: u8, max: u8) -> String {
+    if min == max {
+        min.to_string()
+    } else if max == u8::MAX {
+        format!("{min} or later")
+    } else {
+        format!("{min} to {max}")
     }
 }
 
@@ -316,35 +350,57 @@ const MIN_ENTRY: usize = 8 + 8 + 8 + 1 + 4;
 /// Never panics. A frame whose length does not fit the `u32` prefix (over
 /// 4 GiB) is written with the length `u32::MAX`, which any receiver whose
 /// limit is below that rejects with [`CodecError::FrameTooLarge`].
+///
+/// A peer message is written in the newest peer protocol
+/// (`encode_message` writes an older one), a hello in its own `version`.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[0; LEN_BYTES]);
-    let (version, tag) = match frame {
-        Frame::Hello { .. } => (PEER_VERSION, FRAME_HELLO),
-        Frame::Peer(_) => (PEER_VERSION, FRAME_PEER),
-        Frame::Request(_) => (CLIENT_VERSION, FRAME_REQUEST),
-        Frame::Response(_) => (CLIENT_VERSION, FRAME_RESPONSE),
-    };
-    out.push(version);
-    out.push(tag);
     match frame {
         Frame::Hello {
             cluster_id,
             node_id,
+            version,
         } => {
+            let start = begin_frame(out, *version, FRAME_HELLO);
             put_u64(out, *cluster_id);
             put_u64(out, *node_id);
+            end_frame(out, start);
         }
-        Frame::Peer(m) => {
-            put_message(out, m);
-        }
+        Frame::Peer(m) => encode_message(m, PEER_VERSION, out),
         Frame::Request(r) => {
+            let start = begin_frame(out, CLIENT_VERSION, FRAME_REQUEST);
             put_request(out, r);
+            end_frame(out, start);
         }
         Frame::Response(r) => {
+            let start = begin_frame(out, CLIENT_VERSION, FRAME_RESPONSE);
             put_response(out, r);
+            end_frame(out, start);
         }
     }
+}
+
+/// Appends a peer message's frame in peer protocol `version` (from
+/// `MIN_PEER_VERSION` to `PEER_VERSION`; what that version cannot carry is
+/// left out, see `MIN_PEER_VERSION`): a link to a node of an older version
+/// speaks that node's.
+pub fn encode_message(m: &Message, version: u8, out: &mut Vec<u8>) {
+    let start = begin_frame(out, version, FRAME_PEER);
+    put_message(out, m, version);
+    end_frame(out, start);
+}
+
+/// Appends a frame's header with a length to be filled in by `end_frame`;
+/// returns where the frame starts.
+fn begin_frame(out: &mut Vec<u8>, version: u8, tag: u8) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_BYTES]);
+    out.push(version);
+    out.push(tag);
+    start
+}
+
+/// Fills in the length of the frame that starts at `start`.
+fn end_frame(out: &mut [u8], start: usize) {
     let body_len = out.len().saturating_sub(start).saturating_sub(LEN_BYTES);
     let len = u32::try_from(body_len).unwrap_or(u32::MAX);
     if let Some(prefix) = out.get_mut(start..start.saturating_add(LEN_BYTES)) {
@@ -414,7 +470,8 @@ fn put_membership(out: &mut Vec<u8>, m: &Membership) {
     put_ids(out, m.removed.len(), m.removed.iter());
 }
 
-fn put_message(out: &mut Vec<u8>, m: &Message) {
+/// `m` in peer protocol `version`.
+fn put_message(out: &mut Vec<u8>, m: &Message, version: u8) {
     put_u64(out, m.cluster_id);
     put_u64(out, m.from);
     put_u64(out, m.to);
@@ -436,8 +493,10 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u8(out, BODY_PRE_VOTE_RESP);
             put_bool(out, *granted);
             put_bool(out, *amnesic);
-            put_u64(out, committed.0);
-            put_u64(out, committed.1);
+            if version >= 5 {
+                put_u64(out, committed.0);
+                put_u64(out, committed.1);
+            }
         }
         Body::Vote {
             last_pos,
@@ -457,8 +516,10 @@ fn put_message(out: &mut Vec<u8>, m: &Message) {
             put_u8(out, BODY_VOTE_RESP);
             put_bool(out, *granted);
             put_bool(out, *amnesic);
-            put_u64(out, committed.0);
-            put_u64(out, committed.1);
+            if version >= 5 {
+                put_u64(out, committed.0);
+                put_u64(out, committed.1);
+            }
         }
         Body::Append {
             prev_pos,
@@ -720,12 +781,15 @@ pub fn frame_size(buf: &[u8], max_frame: usize) -> Result<Option<usize>, CodecEr
     // The version byte is checked against the tag's family once both are
     // there (an unknown tag is `decode`'s error).
     if let Some(&[found, tag]) = rest.get(..2) {
-        if let Some((expected, what)) = version_for(tag).filter(|&(v, _)| v != found) {
-            return Err(CodecError::BadVersion {
-                what,
-                found,
-                expected,
-            });
+        if let Some((min, max, what)) = versions_for(tag) {
+            if !(min..=max).contains(&found) {
+                return Err(CodecError::BadVersion {
+                    what,
+                    found,
+                    min,
+                    max,
+                });
+            }
         }
     }
     Ok(Some(LEN_BYTES.saturating_add(len)))
@@ -761,12 +825,18 @@ fn decode_in(
     let Some(body) = buf.get(LEN_BYTES..size) else {
         return Ok(None);
     };
-    let mut r = Reader { buf: body, shared };
-    let _version = r.u8("version")?;
+    let mut r = Reader {
+        buf: body,
+        shared,
+        version: 0,
+    };
+    // (In the range its tag's protocol takes: `frame_size`.)
+    r.version = r.u8("version")?;
     let frame = match r.u8("frame tag")? {
         FRAME_HELLO => Frame::Hello {
             cluster_id: r.u64("Hello.cluster_id")?,
             node_id: r.u64("Hello.node_id")?,
+            version: r.version,
         },
         FRAME_PEER => Frame::Peer(r.message()?),
         FRAME_REQUEST => Frame::Request(r.request()?),
@@ -788,6 +858,8 @@ struct Reader<'a> {
     buf: &'a [u8],
     /// The buffer `buf` lies in, when byte strings may be slices of it.
     shared: Option<&'a Bytes>,
+    /// The frame's version (what a peer message's fields are).
+    version: u8,
 }
 
 impl<'a> Reader<'a> {
@@ -936,6 +1008,18 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A vote's committed entry: `(0, 0)` (none) in a version-4 frame.
+    fn committed_claim(
+        &mut self,
+        pos: &'static str,
+        term: &'static str,
+    ) -> Result<(u64, u64), CodecError> {
+        if self.version < 5 {
+            return Ok((0, 0));
+        }
+        Ok((self.u64(pos)?, self.u64(term)?))
+    }
+
     fn message(&mut self) -> Result<Message, CodecError> {
         let cluster_id = self.u64("Message.cluster_id")?;
         let from = self.u64("Message.from")?;
@@ -949,10 +1033,8 @@ impl<'a> Reader<'a> {
             BODY_PRE_VOTE_RESP => Body::PreVoteResp {
                 granted: self.flag("PreVoteResp.granted")?,
                 amnesic: self.flag("PreVoteResp.amnesic")?,
-                committed: (
-                    self.u64("PreVoteResp.committed_pos")?,
-                    self.u64("PreVoteResp.committed_term")?,
-                ),
+                committed: self
+                    .committed_claim("PreVoteResp.committed_pos", "PreVoteResp.committed_term")?,
             },
             BODY_VOTE => Body::Vote {
                 last_pos: self.u64("Vote.last_pos")?,
@@ -962,10 +1044,8 @@ impl<'a> Reader<'a> {
             BODY_VOTE_RESP => Body::VoteResp {
                 granted: self.flag("VoteResp.granted")?,
                 amnesic: self.flag("VoteResp.amnesic")?,
-                committed: (
-                    self.u64("VoteResp.committed_pos")?,
-                    self.u64("VoteResp.committed_term")?,
-                ),
+                committed: self
+                    .committed_claim("VoteResp.committed_pos", "VoteResp.committed_term")?,
             },
             BODY_APPEND => {
                 let prev_pos = self.u64("Append.prev_pos")?;
@@ -1463,10 +1543,13 @@ mod tests {
 
     fn frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            1 => (u64s(), u64s()).prop_map(|(cluster_id, node_id)| Frame::Hello {
-                cluster_id,
-                node_id
-            }),
+            1 => (u64s(), u64s(), MIN_PEER_VERSION..=u8::MAX).prop_map(
+                |(cluster_id, node_id, version)| Frame::Hello {
+                    cluster_id,
+                    node_id,
+                    version
+                }
+            ),
             3 => message().prop_map(Frame::Peer),
             1 => (u64s(), u64s(), u64s(), op()).prop_map(
                 |(id, client, seq, op)| Frame::Request(ClientRequest {
@@ -1608,6 +1691,32 @@ mod tests {
             prop_assert_eq!(&out[3..], &buf[..]);
         }
 
+        /// A message in any peer protocol this node speaks decodes to
+        /// itself, less what that version cannot carry (a vote's committed
+        /// entry before 5), and its truncations are incomplete, not errors.
+        #[test]
+        fn messages_round_trip_in_every_spoken_version(
+            m in message(), v in MIN_PEER_VERSION..=PEER_VERSION,
+        ) {
+            let mut buf = Vec::new();
+            encode_message(&m, v, &mut buf);
+            let mut want = m.clone();
+            if v < 5 {
+                if let Body::PreVoteResp { committed, .. } | Body::VoteResp { committed, .. } =
+                    &mut want.body
+                {
+                    *committed = (0, 0);
+                }
+            }
+            prop_assert_eq!(decode(&buf, MAX), Ok(Some((Frame::Peer(want), buf.len()))));
+            if v == PEER_VERSION {
+                prop_assert_eq!(&buf, &enc(&Frame::Peer(m)));
+            }
+            for cut in 0..buf.len() {
+                prop_assert_eq!(decode(&buf[..cut], MAX), Ok(None), "prefix of {} bytes", cut);
+            }
+        }
+
         #[test]
         fn every_strict_prefix_is_incomplete(f in frame()) {
             let buf = enc(&f);
@@ -1694,9 +1803,16 @@ mod tests {
         /// A valid header in front of random bytes reaches deep into the
         /// payload decoders.
         #[test]
-        fn random_payloads_never_panic(tag in 0u8..6, payload in vec(any::<u8>(), 0..300)) {
+        fn random_payloads_never_panic(
+            tag in 0u8..6, version in any::<u8>(), payload in vec(any::<u8>(), 0..300),
+        ) {
             let mut buf = vec![0; 4];
-            buf.push(version_for(tag).map_or(PEER_VERSION, |(v, _)| v));
+            // Any version the tag's protocol takes.
+            let version = versions_for(tag).map_or(PEER_VERSION, |(min, max, _)| {
+                let span = u16::from(max - min) + 1;
+                min + (u16::from(version) % span) as u8
+            });
+            buf.push(version);
             buf.push(tag);
             buf.extend_from_slice(&payload);
             let len = buf.len() - 4;
@@ -1705,7 +1821,15 @@ mod tests {
                 Ok(Some((f, n))) => {
                     prop_assert_eq!(n, buf.len());
                     // Whatever decodes re-encodes to the same bytes.
-                    prop_assert_eq!(enc(&f), buf);
+                    let again = match &f {
+                        Frame::Peer(m) => {
+                            let mut b = Vec::new();
+                            encode_message(m, version, &mut b);
+                            b
+                        }
+                        f => enc(f),
+                    };
+                    prop_assert_eq!(again, buf);
                 }
                 Ok(None) => prop_assert!(false, "a complete frame was reported incomplete"),
                 Err(_) => {}
@@ -1796,10 +1920,12 @@ mod tests {
         #[test]
         fn wrong_version_is_rejected(f in frame(), v in any::<u8>(), cut in any::<usize>()) {
             let mut buf = enc(&f);
-            let (expected, what) = version_for(buf[5]).expect("a frame tag");
-            prop_assume!(v != expected);
+            let (min, max, what) = versions_for(buf[5]).expect("a frame tag");
+            // (Mapped below the range rather than rejected: rejecting
+            // aborts long runs for too many rejects.)
+            let v = if (min..=max).contains(&v) { v % min } else { v };
             buf[4] = v;
-            let want = Err(CodecError::BadVersion { what, found: v, expected });
+            let want = Err(CodecError::BadVersion { what, found: v, min, max });
             prop_assert_eq!(decode(&buf, MAX), want.clone());
             // Already from the tag byte on, before the frame is complete.
             let cut = 6 + cut % (buf.len() - 5);
@@ -1955,6 +2081,7 @@ mod tests {
         let buf = enc(&Frame::Hello {
             cluster_id: 0x0102,
             node_id: 7,
+            version: PEER_VERSION,
         });
         let mut want = vec![18, 0, 0, 0, PEER_VERSION, 1];
         want.extend_from_slice(&0x0102u64.to_le_bytes());
@@ -2096,49 +2223,91 @@ mod tests {
         }
     }
 
-    /// A node of peer protocol 4 sends votes without what the voter knows
-    /// is committed, one of 3 would count an amnesic voter's vote like any
-    /// other (and one of 2 would drop a membership's removed ids): their
-    /// frames (any of them, the hello first) are refused, while client
-    /// frames, whose protocol did not change, keep version 2.
-    #[test]
-    fn older_peer_frames_are_refused() {
-        assert_eq!(PEER_VERSION, 5);
-        let frames = [
-            Frame::Hello {
-                cluster_id: 1,
-                node_id: 2,
+    /// A vote from node 2 to node 1 that says entry 40 of term 2 is
+    /// committed.
+    fn vote_resp() -> Message {
+        Message {
+            cluster_id: 1,
+            from: 2,
+            to: 1,
+            term: 3,
+            body: Body::VoteResp {
+                granted: true,
+                amnesic: false,
+                committed: (40, 2),
             },
-            Frame::Peer(Message {
-                cluster_id: 1,
-                from: 2,
-                to: 1,
-                term: 3,
-                body: Body::VoteResp {
-                    granted: true,
-                    amnesic: false,
-                    committed: (40, 2),
-                },
-            }),
-        ];
-        for f in frames {
-            let mut buf = enc(&f);
-            buf[4] = 4;
-            let got = decode(&buf, MAX);
+        }
+    }
+
+    /// Peer protocols 4 to 6 are spoken (a link to an older node speaks
+    /// its version): frames of 3 and older (which would count an amnesic
+    /// voter's vote like any other, or drop a membership's removed ids)
+    /// are refused, hello first, as are peer messages of versions newer
+    /// than this node's. A hello of a newer version is read: its layout
+    /// never changes, and the answer says which version the link speaks.
+    /// Client frames, whose protocol did not change, keep version 2.
+    #[test]
+    fn peer_frames_of_versions_4_to_6_are_spoken() {
+        assert_eq!((MIN_PEER_VERSION, PEER_VERSION), (4, 6));
+        let hello = |version| Frame::Hello {
+            cluster_id: 1,
+            node_id: 2,
+            version,
+        };
+        let mut old = enc(&hello(3));
+        let got = decode(&old, MAX);
+        let refused = CodecError::BadVersion {
+            what: "peer protocol",
+            found: 3,
+            min: 4,
+            max: u8::MAX,
+        };
+        assert_eq!(got, Err(refused.clone()));
+        assert_eq!(
+            refused.to_string(),
+            "unsupported peer protocol version 3, expected 4 or later"
+        );
+        // From the version and tag alone, before the rest arrives.
+        old.truncate(6);
+        assert_eq!(frame_size(&old, MAX), Err(refused));
+        for v in [4, 5, 6, 7, 200] {
+            let buf = enc(&hello(v));
             assert_eq!(
-                got,
-                Err(CodecError::BadVersion {
-                    what: "peer protocol",
-                    found: 4,
-                    expected: 5
-                })
+                decode(&buf, MAX),
+                Ok(Some((hello(v), buf.len()))),
+                "hello {v}"
             );
+        }
+
+        let vote = vote_resp();
+        for (v, committed) in [(4, (0, 0)), (5, (40, 2)), (6, (40, 2))] {
+            let mut buf = Vec::new();
+            encode_message(&vote, v, &mut buf);
+            assert_eq!(buf[4], v);
+            let mut want = vote.clone();
+            if let Body::VoteResp { committed: c, .. } = &mut want.body {
+                *c = committed;
+            }
             assert_eq!(
-                got.unwrap_err().to_string(),
-                "unsupported peer protocol version 4, expected 5"
+                decode(&buf, MAX),
+                Ok(Some((Frame::Peer(want), buf.len()))),
+                "version {v}"
             );
-            // From the version and tag alone, before the rest arrives.
-            assert_eq!(frame_size(&buf[..6], MAX), decode(&buf, MAX).map(|_| None));
+        }
+        for v in [3, 7] {
+            let mut buf = Vec::new();
+            encode_message(&vote, v, &mut buf);
+            let refused = CodecError::BadVersion {
+                what: "peer protocol",
+                found: v,
+                min: 4,
+                max: 6,
+            };
+            assert_eq!(decode(&buf, MAX), Err(refused.clone()));
+            assert_eq!(
+                refused.to_string(),
+                format!("unsupported peer protocol version {v}, expected 4 to 6")
+            );
         }
         let request = enc(&Frame::Request(ClientRequest {
             id: 1,
@@ -2148,6 +2317,20 @@ mod tests {
         }));
         assert_eq!(request[4], 2, "the client protocol stays at 2");
         assert!(matches!(decode(&request, MAX), Ok(Some(_))));
+    }
+
+    /// Version 4's votes, pinned: granted, amnesic, and nothing after.
+    #[test]
+    fn a_version_4_vote_ends_after_its_amnesic_flag() {
+        let mut v4 = Vec::new();
+        encode_message(&vote_resp(), 4, &mut v4);
+        let mut v6 = Vec::new();
+        encode_message(&vote_resp(), 6, &mut v6);
+        assert_eq!(v6.len() - v4.len(), 16);
+        // Header (4 + 2), cluster, from, to, term, body tag, two flags.
+        assert_eq!(v4.len(), 6 + 32 + 1 + 2);
+        assert_eq!(&v4[v4.len() - 3..], &[BODY_VOTE_RESP, 1, 0]);
+        assert_eq!(&v4[6..], &v6[6..v4.len()]);
     }
 
     /// The last chunk of a snapshot at 10 (term 2) with `membership`, from
@@ -2423,6 +2606,7 @@ mod tests {
             &Frame::Hello {
                 cluster_id: 1,
                 node_id: 2,
+                version: PEER_VERSION,
             },
             &mut b,
         );
@@ -2438,12 +2622,13 @@ mod tests {
         );
         assert_eq!(
             CodecError::BadVersion {
-                what: "peer protocol",
+                what: "client protocol",
                 found: 9,
-                expected: 1
+                min: 2,
+                max: 2
             }
             .to_string(),
-            "unsupported peer protocol version 9, expected 1"
+            "unsupported client protocol version 9, expected 2"
         );
         assert_eq!(
             CodecError::UnknownTag {

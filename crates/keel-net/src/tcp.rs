@@ -1,7 +1,14 @@
 //! TCP transport on tokio. Peers: one connection per peer pair — the node
 //! with the lower id dials, the other accepts — used in both directions,
 //! opened with a `Hello` that carries the cluster id (a connection from
-//! another cluster, or an unknown node, is refused), TCP_NODELAY. Links
+//! another cluster, or an unknown node, is refused), TCP_NODELAY. The
+//! hello's version byte is the newest peer protocol the dialer offers; an
+//! accepting node of protocol 6 or later answers with its own hello at the
+//! version the link will speak (the lower of the two), and a dialer whose
+//! offer is closed unanswered (an older node refuses a version it does not
+//! know) offers the version before on its next attempt, down to
+//! `codec::MIN_PEER_VERSION`: so nodes one or two protocol versions apart
+//! keep talking, and a cluster can be upgraded one node at a time. Links
 //! reconnect with backoff; messages sent while a link is down are dropped
 //! (Raft retransmits), and so are messages past a link's frame or byte
 //! limit. Clients: a reader task per connection hands each read's requests
@@ -81,7 +88,7 @@ impl Peers {
     /// messages as a network would).
     pub fn send(&self, m: Message) {
         let pushed = match self.links.get(&m.to) {
-            Some(link) => link.push(&Frame::Peer(m), self.limit, self.byte_limit),
+            Some(link) => link.push_message(&m, self.limit, self.byte_limit),
             None => Err(Refused::Full),
         };
         if pushed == Err(Refused::Full) {
@@ -251,6 +258,8 @@ struct OutState {
     writing: usize,
     /// The connection while it is up.
     writer: Option<Arc<OwnedWriteHalf>>,
+    /// The peer protocol a peer link's connection speaks.
+    version: u8,
     /// The task owns writing (it was handed a partial write): senders
     /// only append to `buf` until it has drained it.
     task_writes: bool,
@@ -307,12 +316,12 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Encodes `f` into the buffer, unless the connection is down,
-    /// `limit` frames are buffered already, or it would make the bytes held
-    /// (buffered or being written) more than `bytes`: a link holds at most
-    /// `bytes`, or one frame larger than that (taken when nothing else is
-    /// held, or it could never be sent).
-    fn push(&self, f: &Frame, limit: usize, bytes: usize) -> Result<(), Refused> {
+    /// Encodes `m` into the buffer in the connection's peer protocol,
+    /// unless the connection is down, `limit` frames are buffered already,
+    /// or it would make the bytes held (buffered or being written) more than
+    /// `bytes`: a link holds at most `bytes`, or one frame larger than that
+    /// (taken when nothing else is held, or it could never be sent).
+    fn push_message(&self, m: &Message, limit: usize, bytes: usize) -> Result<(), Refused> {
         let mut out = lock(&self.state);
         if out.writer.is_none() {
             return Err(Refused::Down);
@@ -322,7 +331,8 @@ impl Outbox {
             return Err(Refused::Full);
         }
         let start = out.buf.len();
-        codec::encode(f, &mut out.buf);
+        let version = out.version;
+        codec::encode_message(m, version, &mut out.buf);
         if held > 0 && out.backlog() > bytes {
             out.buf.truncate(start);
             return Err(Refused::Full);
@@ -443,9 +453,16 @@ impl Outbox {
     /// The connection is up on `w` (`Some`) or down (`None`): either way
     /// what was buffered for the previous one is dropped.
     fn connect(&self, w: Option<Arc<OwnedWriteHalf>>) {
+        self.connect_at(w, codec::PEER_VERSION);
+    }
+
+    /// `connect`, a peer link whose connection speaks peer protocol
+    /// `version`.
+    fn connect_at(&self, w: Option<Arc<OwnedWriteHalf>>, version: u8) {
         let mut out = lock(&self.state);
         *out = OutState {
             writer: w,
+            version,
             ..OutState::default()
         };
         drop(out);
@@ -592,7 +609,7 @@ pub async fn start_peers(
 async fn accept_peers(
     listener: TcpListener,
     cfg: TransportConfig,
-    accept_to: HashMap<NodeId, mpsc::Sender<(TcpStream, Vec<u8>)>>,
+    accept_to: HashMap<NodeId, mpsc::Sender<Accepted>>,
     stats: Arc<NetStats>,
 ) {
     loop {
@@ -621,15 +638,29 @@ async fn accept_peers(
                 Ok(Ok(Frame::Hello {
                     cluster_id,
                     node_id,
+                    version: offer,
                 })) => {
+                    // The link speaks the dialer's offer, or this node's
+                    // newest if the offer is newer still.
+                    let version = offer.min(codec::PEER_VERSION);
                     if cluster_id != cfg.cluster_id {
                         format!(
                             "hello from node {node_id} of cluster {cluster_id:#x}, this is cluster {:#x}",
                             cfg.cluster_id
                         )
                     } else if let Some(tx) = accept_to.get(&node_id) {
-                        let _ = tx.send((stream, buf)).await;
-                        return;
+                        match answer_hello(&mut stream, &cfg, version).await {
+                            Ok(()) => {
+                                let accepted = Accepted {
+                                    stream,
+                                    leftover: buf,
+                                    version,
+                                };
+                                let _ = tx.send(accepted).await;
+                                return;
+                            }
+                            Err(e) => format!("the answer to node {node_id}'s hello failed: {e}"),
+                        }
                     } else {
                         format!(
                             "hello from node {node_id}, which is not a peer that dials this node"
@@ -642,6 +673,49 @@ async fn accept_peers(
             warn!("peer connection from {remote} refused: {reason}");
         }.instrument(tracing::Span::current()));
     }
+}
+
+/// A peer connection that said hello (and, dialed, was answered).
+struct Accepted {
+    stream: TcpStream,
+    /// Bytes read after the hello.
+    leftover: Vec<u8>,
+    /// The peer protocol the connection speaks.
+    version: u8,
+}
+
+/// How long a dialer waits for the answer to its hello.
+const HELLO_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// An accepting node's answer to a hello that offered `version` or later
+/// (the link's), from `codec::ANSWERED_HELLO_VERSION` on: a dialer that
+/// offers an older one expects none.
+async fn answer_hello(
+    stream: &mut TcpStream,
+    cfg: &TransportConfig,
+    version: u8,
+) -> std::io::Result<()> {
+    if version < codec::ANSWERED_HELLO_VERSION {
+        return Ok(());
+    }
+    let mut answer = Vec::new();
+    codec::encode(
+        &Frame::Hello {
+            cluster_id: cfg.cluster_id,
+            node_id: cfg.node_id,
+            version,
+        },
+        &mut answer,
+    );
+    stream.write_all(&answer).await
+}
+
+/// Why a dialed connection's hello did not open the link.
+enum HelloFailed {
+    /// The peer closed the connection before answering a word: a node of
+    /// an older peer protocol, which refuses an offer it does not know.
+    Unanswered(String),
+    Other(String),
 }
 
 /// The error for a frame of kind `found` where only `expected` may come:
@@ -862,9 +936,96 @@ struct Link {
 }
 
 impl Link {
-    async fn run(self, outbox: Arc<Outbox>, mut accepted: mpsc::Receiver<(TcpStream, Vec<u8>)>) {
+    /// Says hello on a connection this node dialed, offering peer
+    /// protocol `offer`, and (from `codec::ANSWERED_HELLO_VERSION` on) reads
+    /// the answer, which says the version the link speaks.
+    async fn say_hello(&self, mut stream: TcpStream, offer: u8) -> Result<Accepted, HelloFailed> {
+        let mut hello = Vec::new();
+        codec::encode(
+            &Frame::Hello {
+                cluster_id: self.cfg.cluster_id,
+                node_id: self.cfg.node_id,
+                version: offer,
+            },
+            &mut hello,
+        );
+        if let Err(e) = stream.write_all(&hello).await {
+            return Err(HelloFailed::Other(format!("hello not sent: {e}")));
+        }
+        if offer < codec::ANSWERED_HELLO_VERSION {
+            return Ok(Accepted {
+                stream,
+                leftover: Vec::new(),
+                version: offer,
+            });
+        }
+        let mut buf = Vec::new();
+        let answer = tokio::time::timeout(
+            HELLO_ANSWER_WAIT,
+            read_one(
+                &mut stream,
+                &mut buf,
+                codec::HELLO_MAX_FRAME,
+                FrameKind::Hello,
+            ),
+        )
+        .await;
+        match answer {
+            Err(_) => Err(HelloFailed::Other(format!(
+                "no answer to the hello within {HELLO_ANSWER_WAIT:?}"
+            ))),
+            Ok(Err(e)) if buf.is_empty() => Err(HelloFailed::Unanswered(e)),
+            Ok(Err(e)) => Err(HelloFailed::Other(format!("bad answer to the hello: {e}"))),
+            Ok(Ok(Frame::Hello {
+                cluster_id,
+                node_id,
+                version,
+            })) => {
+                if cluster_id != self.cfg.cluster_id || node_id != self.peer {
+                    Err(HelloFailed::Other(format!(
+                        "the hello was answered by node {node_id} of cluster {cluster_id:#x}"
+                    )))
+                } else if version > offer {
+                    Err(HelloFailed::Other(format!(
+                        "the hello was answered with peer protocol {version}, newer than the {offer} offered"
+                    )))
+                } else {
+                    Ok(Accepted {
+                        stream,
+                        leftover: buf,
+                        version,
+                    })
+                }
+            }
+            Ok(Ok(other)) => Err(HelloFailed::Other(format!(
+                "the hello was answered with {}",
+                other.kind().name()
+            ))),
+        }
+    }
+
+    /// The version to offer after an offer of `offer` was refused (closed
+    /// unanswered, `why`): the one before, or the newest again once the
+    /// oldest was refused too.
+    fn offer_after_refusal(&self, offer: u8, why: &str) -> u8 {
+        let next = if offer > codec::MIN_PEER_VERSION {
+            offer - 1
+        } else {
+            codec::PEER_VERSION
+        };
+        info!(
+            "node {} closed the connection without a word after a hello offering peer protocol {offer} ({why}); offering {next} next",
+            self.peer
+        );
+        next
+    }
+
+    async fn run(self, outbox: Arc<Outbox>, mut accepted: mpsc::Receiver<Accepted>) {
         let mut backoff = Duration::from_millis(20);
-        let mut replacement: Option<(TcpStream, Vec<u8>)> = None;
+        let mut replacement: Option<Accepted> = None;
+        // The peer protocol this node offers when it dials next: its
+        // newest, or the one before after an offer was closed unanswered.
+        let mut offer = codec::PEER_VERSION;
         let mut spare = Vec::new();
         // Since when dialing has failed, and when that was last reported.
         let mut failing: Option<(Instant, Option<Instant>)> = None;
@@ -875,14 +1036,39 @@ impl Link {
             let conn = if let Some(c) = replacement.take() {
                 Some(c)
             } else if self.dial {
-                match TcpStream::connect(&self.addr).await {
+                let connected = TcpStream::connect(&self.addr).await;
+                if let Ok(s) = &connected {
+                    failing = None;
+                    let _ = s.set_nodelay(true);
+                }
+                match connected {
                     Ok(s) => {
-                        backoff = Duration::from_millis(20);
-                        failing = None;
-                        let _ = s.set_nodelay(true);
-                        Some((s, Vec::new()))
+                        let said = tokio::select! {
+                            said = self.say_hello(s, offer) => said,
+                            _ = outbox.wake.notified() => continue, // closed?
+                        };
+                        match said {
+                            Ok(accepted) => {
+                                // An answer shows the peer took the link
+                                // (an unanswered offer: once it is heard).
+                                if accepted.version >= codec::ANSWERED_HELLO_VERSION {
+                                    backoff = Duration::from_millis(20);
+                                }
+                                Some(accepted)
+                            }
+                            Err(HelloFailed::Unanswered(e)) => {
+                                offer = self.offer_after_refusal(offer, &e);
+                                None
+                            }
+                            Err(HelloFailed::Other(e)) => {
+                                warn!("link to node {} at {}: {e}", self.peer, self.addr);
+                                None
+                            }
+                        }
                     }
                     Err(e) => {
+                        // Down: it may be back upgraded.
+                        offer = codec::PEER_VERSION;
                         debug!("link to node {} at {}: {e}", self.peer, self.addr);
                         // A peer down for a moment is normal; one that
                         // cannot be reached for long (down, or a wrong
@@ -914,26 +1100,40 @@ impl Link {
                     _ = outbox.wake.notified() => continue, // closed?
                 }
             };
-            let Some((stream, leftover)) = conn else {
-                return;
-            };
-            info!("link to node {} up", self.peer);
-            let (r, mut w) = stream.into_split();
-            if self.dial {
-                let mut hello = Vec::new();
-                codec::encode(
-                    &Frame::Hello {
-                        cluster_id: self.cfg.cluster_id,
-                        node_id: self.cfg.node_id,
-                    },
-                    &mut hello,
-                );
-                if w.write_all(&hello).await.is_err() {
-                    continue;
+            let Some(Accepted {
+                stream,
+                leftover,
+                version,
+            }) = conn
+            else {
+                if !self.dial {
+                    return; // the peers are gone
                 }
+                // The hello failed.
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = outbox.wake.notified() => {} // closed?
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            };
+            if version < codec::PEER_VERSION {
+                info!(
+                    "link to node {} up, in its older peer protocol {version} (this node's is {})",
+                    self.peer,
+                    codec::PEER_VERSION
+                );
+            } else {
+                info!("link to node {} up", self.peer);
             }
+            let (r, w) = stream.into_split();
             let w = Arc::new(w);
-            outbox.connect(Some(w.clone()));
+            outbox.connect_at(Some(w.clone()), version);
+            // Whether a message came on this connection: an unanswered
+            // offer (older than `codec::ANSWERED_HELLO_VERSION`) is only
+            // known taken once one does.
+            let heard = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let heard_here = heard.clone();
             let inbound = self.inbound.clone();
             let (cfg, peer, stats) = (self.cfg.clone(), self.peer, self.stats.clone());
             let mut reader = tokio::spawn(
@@ -950,6 +1150,7 @@ impl Link {
                                     && m.from == peer
                                     && m.to == cfg.node_id =>
                             {
+                                heard_here.store(true, Ordering::Relaxed);
                                 inbound(m);
                                 Ok(())
                             }
@@ -1006,8 +1207,23 @@ impl Link {
             };
             outbox.connect(None);
             warn!("link to node {} down: {reason}", self.peer);
+            let heard = heard.load(Ordering::Relaxed);
+            if heard {
+                backoff = Duration::from_millis(20);
+            }
+            offer = if self.dial && version < codec::ANSWERED_HELLO_VERSION && !heard {
+                // A node older still closes an offer it does not know
+                // without a word (it reads the hello, refuses it, closes).
+                self.offer_after_refusal(version, &reason)
+            } else {
+                // The peer may come back upgraded.
+                codec::PEER_VERSION
+            };
             if self.dial {
+                // At once again after a link that worked; backing off from
+                // a peer that takes connections and closes them unheard.
                 tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
@@ -1380,6 +1596,7 @@ mod tests {
             let hello = Frame::Hello {
                 cluster_id: 1,
                 node_id: 1,
+                version: codec::PEER_VERSION,
             };
             let (mut server, mut client) = connected().await;
             client

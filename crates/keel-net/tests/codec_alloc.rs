@@ -66,6 +66,7 @@ fn seeds() -> Vec<Frame> {
         Frame::Hello {
             cluster_id: 7,
             node_id: 1,
+            version: codec::PEER_VERSION,
         },
         peer(Body::PreVote {
             last_pos: 1,

@@ -7,6 +7,7 @@ mod common;
 use bytes::Bytes;
 use common::{free_addr, runtime};
 use keel_core::{Body, Entry, EntryKind, Message, NodeId};
+use keel_net::codec::{self, Frame};
 use keel_net::tcp::{start_peers, NetStats, Peers, TransportConfig};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -182,7 +183,6 @@ fn messages_flow_again_after_the_sending_side_restarts() {
 /// switches to the replacement even while a write to the old one is stuck.
 #[test]
 fn a_replacement_connection_wins_over_one_stuck_writing() {
-    use keel_net::codec::{self, Frame};
     use std::io::{Read, Write};
     let rt = runtime();
     // Node 2 accepts node 1's connections (the lower id dials).
@@ -202,6 +202,7 @@ fn a_replacement_connection_wins_over_one_stuck_writing() {
             &Frame::Hello {
                 cluster_id: CLUSTER,
                 node_id: 1,
+                version: codec::PEER_VERSION,
             },
             &mut b,
         );
@@ -255,4 +256,244 @@ fn a_replacement_connection_wins_over_one_stuck_writing() {
         }
     }
     drop(stuck);
+}
+
+/// A vote from `from` to `to` that says entry 40 of term 2 is committed.
+fn vote(from: NodeId, to: NodeId) -> Message {
+    Message {
+        cluster_id: CLUSTER,
+        from,
+        to,
+        term: 3,
+        body: Body::VoteResp {
+            granted: true,
+            amnesic: false,
+            committed: (40, 2),
+        },
+    }
+}
+
+/// Reads whole frames from `s` into `got` until one is there: its version
+/// byte and the frame. `None` if the connection closed first.
+fn read_frame(s: &mut std::net::TcpStream, got: &mut Vec<u8>) -> Option<(u8, Frame)> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        if let Some((f, n)) = codec::decode(got, 64 << 20).expect("a frame") {
+            let version = got[4];
+            got.drain(..n);
+            return Some((version, f));
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// An old node's address, the versions it refused, and the messages it
+/// got (with their frames' versions).
+type OldNode = (
+    String,
+    Arc<std::sync::Mutex<Vec<u8>>>,
+    mpsc::Receiver<(u8, Message)>,
+);
+
+/// An old node that accepts node 1's connections (as node 2) and speaks
+/// only peer protocol `old`: it closes a connection whose hello offers
+/// another version without a word, as nodes before version 6 do, and on
+/// one that offers `old` it hands each peer message on with the version
+/// its frame carried and sends one `vote` of its own in `old`. Returns its
+/// address, the offers it refused, and the messages.
+fn old_acceptor(old: u8) -> OldNode {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let refused = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    let refused2 = refused.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let mut s = s.expect("accept");
+            let mut got = Vec::new();
+            match read_frame(&mut s, &mut got) {
+                Some((
+                    v,
+                    Frame::Hello {
+                        cluster_id: CLUSTER,
+                        node_id: 1,
+                        ..
+                    },
+                )) if v == old => {}
+                Some((v, _)) => {
+                    refused2.lock().expect("lock").push(v);
+                    continue; // closed
+                }
+                None => continue,
+            }
+            let mut mine = Vec::new();
+            codec::encode_message(&vote(2, 1), old, &mut mine);
+            s.write_all(&mine).expect("write");
+            while let Some((v, f)) = read_frame(&mut s, &mut got) {
+                match f {
+                    Frame::Peer(m) => {
+                        if tx.send((v, m)).is_err() {
+                            return;
+                        }
+                    }
+                    other => panic!("{other:?} on an old node's link"),
+                }
+            }
+        }
+    });
+    (addr, refused, rx)
+}
+
+/// Rolling upgrades: a node dialing one of an older peer protocol (4,
+/// before votes said what is committed) is refused its own version and
+/// the one before, then speaks the old node's, both ways: its votes go
+/// without what version 4 cannot carry.
+#[test]
+fn a_link_to_a_node_of_an_older_protocol_speaks_its_version() {
+    let rt = runtime();
+    let (old_addr, refused, from_one) = old_acceptor(4);
+    let (tx, received) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let one = rt
+        .block_on(start_peers(
+            config(1),
+            &free_addr(),
+            &[(2, old_addr)],
+            Arc::new(move |m| {
+                let _ = tx.lock().expect("lock").send(m);
+            }),
+            Arc::new(NetStats::default()),
+        ))
+        .expect("peers 1");
+    // The old node's vote arrives, in full.
+    let got = received
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the old node's vote never came");
+    let mut want = vote(2, 1);
+    if let Body::VoteResp { committed, .. } = &mut want.body {
+        *committed = (0, 0);
+    }
+    assert_eq!(got, want);
+    assert_eq!(*refused.lock().expect("lock"), vec![6, 5]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (version, m) = loop {
+        assert!(Instant::now() < deadline, "node 1's vote never came");
+        one.send(vote(1, 2));
+        one.flush();
+        if let Ok(x) = from_one.recv_timeout(Duration::from_millis(50)) {
+            break x;
+        }
+    };
+    assert_eq!(version, 4);
+    let mut want = vote(1, 2);
+    if let Body::VoteResp { committed, .. } = &mut want.body {
+        *committed = (0, 0);
+    }
+    assert_eq!(m, want);
+    drop(one);
+    drop(rt);
+}
+
+/// This node's side of a connection `offer`ing a version, from node 1 to
+/// an accepting node 2 at `addr`: the answer to its hello, if one came
+/// before the first peer message, and that message with its version.
+fn dial_offering(addr: &str, offer: u8, two: &Peers) -> (Option<(u8, Frame)>, (u8, Message)) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut hello = Vec::new();
+    codec::encode(
+        &Frame::Hello {
+            cluster_id: CLUSTER,
+            node_id: 1,
+            version: offer,
+        },
+        &mut hello,
+    );
+    s.write_all(&hello).expect("hello");
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut answer = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "node 2 never sent a message");
+        two.send(vote(2, 1));
+        two.flush();
+        match read_frame(&mut s, &mut got) {
+            Some((v, Frame::Peer(m))) => return (answer, (v, m)),
+            Some((v, f)) => {
+                assert!(answer.is_none(), "a second hello: {f:?}");
+                answer = Some((v, f));
+            }
+            None => {} // timed out (a read timeout ends `read_frame` too)
+        }
+    }
+}
+
+/// Node 2 accepts: a dialer of version 6 is answered in 6; one of a newer
+/// version (its hello's layout never changes) is answered in this node's
+/// 6 and spoken to in it; one of 5 or 4 is not answered (it would not
+/// expect an answer) and is spoken to in its own version, its votes
+/// without what 4 cannot carry.
+#[test]
+fn an_accepting_node_answers_in_the_version_the_link_speaks() {
+    let rt = runtime();
+    let a2 = free_addr();
+    let two = rt
+        .block_on(start_peers(
+            config(2),
+            &a2,
+            &[(1, free_addr())],
+            Arc::new(|_| {}),
+            Arc::new(NetStats::default()),
+        ))
+        .expect("peers 2");
+    let answer = |v| {
+        Some((
+            v,
+            Frame::Hello {
+                cluster_id: CLUSTER,
+                node_id: 2,
+                version: v,
+            },
+        ))
+    };
+    let claimed = vote(2, 1);
+    let mut unclaimed = vote(2, 1);
+    if let Body::VoteResp { committed, .. } = &mut unclaimed.body {
+        *committed = (0, 0);
+    }
+    assert_eq!(
+        dial_offering(&a2, 6, &two),
+        (answer(6), (6, claimed.clone()))
+    );
+    assert_eq!(
+        dial_offering(&a2, 9, &two),
+        (answer(6), (6, claimed.clone()))
+    );
+    assert_eq!(dial_offering(&a2, 5, &two), (None, (5, claimed)));
+    assert_eq!(dial_offering(&a2, 4, &two), (None, (4, unclaimed)));
+    drop(two);
+    drop(rt);
+}
+
+/// Two nodes of this version: the link comes up in 6, and a vote's
+/// committed entry crosses it.
+#[test]
+fn two_nodes_of_this_version_speak_it() {
+    let p = pair();
+    let one = p.one.as_ref().expect("peers");
+    wait_link_up(one, &p.received, 0);
+    one.send(vote(1, 2));
+    one.flush();
+    let m = p
+        .received
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the vote");
+    assert_eq!(m, vote(1, 2));
 }

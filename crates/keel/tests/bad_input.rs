@@ -163,6 +163,7 @@ fn garbage_and_hostile_frames_close_only_their_connection() {
         &Frame::Hello {
             cluster_id: 0xdead,
             node_id: 1,
+            version: codec::PEER_VERSION,
         },
         &mut hello,
     );
@@ -174,6 +175,7 @@ fn garbage_and_hostile_frames_close_only_their_connection() {
         &Frame::Hello {
             cluster_id: 0x6b65_656c,
             node_id: 99,
+            version: codec::PEER_VERSION,
         },
         &mut ours,
     );

@@ -1004,71 +1004,41 @@ impl Link {
         }
     }
 
-    /// The version to offer after an offer of `offer` was refused (closed
-    /// unanswered, `why`): the one before, or the newest again once the
-    /// oldest was refused too.
-    fn offer_after_refusal(&self, offer: u8, why: &str) -> u8 {
-        let next = if offer > codec::MIN_PEER_VERSION {
-            offer - 1
-        } else {
-            codec::PEER_VERSION
-        };
-        info!(
-            "node {} closed the connection without a word after a hello offering peer protocol {offer} ({why}); offering {next} next",
-            self.peer
-        );
-        next
-    }
-
     async fn run(self, outbox: Arc<Outbox>, mut accepted: mpsc::Receiver<Accepted>) {
         let mut backoff = Duration::from_millis(20);
         let mut replacement: Option<Accepted> = None;
-        // The peer protocol this node offers when it dials next: its
-        // newest, or the one before after an offer was closed unanswered.
-        let mut offer = codec::PEER_VERSION;
+        let mut offer = Offer::newest();
         let mut spare = Vec::new();
         // Since when dialing has failed, and when that was last reported.
         let mut failing: Option<(Instant, Option<Instant>)> = None;
+        // Whether to wait before dialing again, and how long.
+        let mut wait = None;
         loop {
+            if let Some(pause) = wait.take() {
+                let pause = match pause {
+                    Pause::Reoffer => REOFFER_WAIT,
+                    Pause::Backoff => {
+                        let b = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        b
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = outbox.wake.notified() => {} // closed?
+                }
+            }
             if outbox.is_closed() {
                 return;
             }
             let conn = if let Some(c) = replacement.take() {
-                Some(c)
+                c
             } else if self.dial {
-                let connected = TcpStream::connect(&self.addr).await;
-                if let Ok(s) = &connected {
-                    failing = None;
-                    let _ = s.set_nodelay(true);
-                }
-                match connected {
-                    Ok(s) => {
-                        let said = tokio::select! {
-                            said = self.say_hello(s, offer) => said,
-                            _ = outbox.wake.notified() => continue, // closed?
-                        };
-                        match said {
-                            Ok(accepted) => {
-                                // An answer shows the peer took the link
-                                // (an unanswered offer: once it is heard).
-                                if accepted.version >= codec::ANSWERED_HELLO_VERSION {
-                                    backoff = Duration::from_millis(20);
-                                }
-                                Some(accepted)
-                            }
-                            Err(HelloFailed::Unanswered(e)) => {
-                                offer = self.offer_after_refusal(offer, &e);
-                                None
-                            }
-                            Err(HelloFailed::Other(e)) => {
-                                warn!("link to node {} at {}: {e}", self.peer, self.addr);
-                                None
-                            }
-                        }
-                    }
+                let s = match TcpStream::connect(&self.addr).await {
+                    Ok(s) => s,
                     Err(e) => {
                         // Down: it may be back upgraded.
-                        offer = codec::PEER_VERSION;
+                        offer = Offer::newest();
                         debug!("link to node {} at {}: {e}", self.peer, self.addr);
                         // A peer down for a moment is normal; one that
                         // cannot be reached for long (down, or a wrong
@@ -1086,54 +1056,78 @@ impl Link {
                                 now - *since
                             );
                         }
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = outbox.wake.notified() => {} // closed?
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        wait = Some(Pause::Backoff);
+                        continue;
+                    }
+                };
+                failing = None;
+                let _ = s.set_nodelay(true);
+                let hello = self.say_hello(s, offer.version);
+                tokio::pin!(hello);
+                let said = loop {
+                    tokio::select! {
+                        said = &mut hello => break said,
+                        // (A wake-up left over from the last connection's
+                        // flushes must not drop this one.)
+                        _ = outbox.wake.notified() => if outbox.is_closed() {
+                            return;
+                        },
+                    }
+                };
+                match said {
+                    Ok(accepted) => accepted,
+                    Err(HelloFailed::Unanswered(e)) => {
+                        wait = Some(offer.refused(self.peer, &e));
+                        continue;
+                    }
+                    Err(HelloFailed::Other(e)) => {
+                        warn!("link to node {} at {}: {e}", self.peer, self.addr);
+                        wait = Some(Pause::Backoff);
                         continue;
                     }
                 }
             } else {
                 tokio::select! {
-                    c = accepted.recv() => c,
+                    c = accepted.recv() => match c {
+                        Some(c) => c,
+                        None => return, // the peers are gone
+                    },
                     _ = outbox.wake.notified() => continue, // closed?
                 }
             };
-            let Some(Accepted {
+            let Accepted {
                 stream,
                 leftover,
                 version,
-            }) = conn
-            else {
-                if !self.dial {
-                    return; // the peers are gone
-                }
-                // The hello failed.
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = outbox.wake.notified() => {} // closed?
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            };
-            if version < codec::PEER_VERSION {
-                info!(
-                    "link to node {} up, in its older peer protocol {version} (this node's is {})",
-                    self.peer,
+            } = conn;
+            // A version older than `codec::ANSWERED_HELLO_VERSION` is not
+            // answered: the link is only known to be taken once a message
+            // comes (a node older still closes it without a word).
+            let answered = version >= codec::ANSWERED_HELLO_VERSION;
+            let older = if version < codec::PEER_VERSION {
+                format!(
+                    ", in its older peer protocol {version} (this node's is {})",
                     codec::PEER_VERSION
-                );
+                )
             } else {
-                info!("link to node {} up", self.peer);
+                String::new()
+            };
+            if answered || !self.dial {
+                info!("link to node {} up{older}", self.peer);
+            } else {
+                debug!(
+                    "connected to node {}, offering peer protocol {version}",
+                    self.peer
+                );
             }
+            let up_since = Instant::now();
             let (r, w) = stream.into_split();
             let w = Arc::new(w);
             outbox.connect_at(Some(w.clone()), version);
-            // Whether a message came on this connection: an unanswered
-            // offer (older than `codec::ANSWERED_HELLO_VERSION`) is only
-            // known taken once one does.
+            // Whether a message came on this connection.
             let heard = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let heard_here = heard.clone();
+            let say_up = self.dial && !answered;
             let inbound = self.inbound.clone();
             let (cfg, peer, stats) = (self.cfg.clone(), self.peer, self.stats.clone());
             let mut reader = tokio::spawn(
@@ -1150,7 +1144,9 @@ impl Link {
                                     && m.from == peer
                                     && m.to == cfg.node_id =>
                             {
-                                heard_here.store(true, Ordering::Relaxed);
+                                if !heard_here.swap(true, Ordering::Relaxed) && say_up {
+                                    info!("link to node {peer} up{older}");
+                                }
                                 inbound(m);
                                 Ok(())
                             }
@@ -1206,27 +1202,92 @@ impl Link {
                 }
             };
             outbox.connect(None);
-            warn!("link to node {} down: {reason}", self.peer);
             let heard = heard.load(Ordering::Relaxed);
+            if !self.dial {
+                warn!("link to node {} down: {reason}", self.peer);
+                continue;
+            }
             if heard {
+                // At once again after a link that worked.
                 backoff = Duration::from_millis(20);
             }
-            offer = if self.dial && version < codec::ANSWERED_HELLO_VERSION && !heard {
+            if !answered && !heard && up_since.elapsed() < REFUSAL_WITHIN {
                 // A node older still closes an offer it does not know
-                // without a word (it reads the hello, refuses it, closes).
-                self.offer_after_refusal(version, &reason)
+                // right after reading the hello.
+                debug!("link to node {} down: {reason}", self.peer);
+                wait = Some(offer.refused(self.peer, &reason));
             } else {
+                warn!("link to node {} down: {reason}", self.peer);
                 // The peer may come back upgraded.
-                codec::PEER_VERSION
-            };
-            if self.dial {
-                // At once again after a link that worked; backing off from
-                // a peer that takes connections and closes them unheard.
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                offer = Offer::newest();
+                wait = Some(Pause::Backoff);
             }
         }
     }
+}
+
+/// The peer protocol a dialing link offers in its hello: this node's
+/// newest, stepping down past a node that refuses it (see the module's
+/// doc).
+struct Offer {
+    version: u8,
+    /// Times in a row `version` was refused.
+    refusals: u32,
+}
+
+/// Refusals in a row of one version before the one before is offered: one
+/// could be a node of this version that stopped in the middle of the hello.
+const REFUSALS_TO_STEP_DOWN: u32 = 2;
+/// How soon a link whose unanswered offer was taken must close, unheard,
+/// to count as a refusal of the offer (an older node refuses as soon as
+/// it has read the hello).
+const REFUSAL_WITHIN: Duration = Duration::from_secs(1);
+/// How long a dialing link waits after a refusal before it offers again.
+const REOFFER_WAIT: Duration = Duration::from_millis(20);
+
+impl Offer {
+    fn newest() -> Self {
+        Offer {
+            version: codec::PEER_VERSION,
+            refusals: 0,
+        }
+    }
+
+    /// The peer closed a connection that offered `version` without a word
+    /// (`why`). Returns how long to wait before the next offer: a moment,
+    /// or the link's backoff once every version was refused (the offer is
+    /// then the newest again).
+    fn refused(&mut self, peer: NodeId, why: &str) -> Pause {
+        self.refusals += 1;
+        if self.refusals < REFUSALS_TO_STEP_DOWN {
+            return Pause::Reoffer;
+        }
+        let refused = self.version;
+        if refused > codec::MIN_PEER_VERSION {
+            self.version -= 1;
+            self.refusals = 0;
+            info!(
+                "node {peer} closed connections offering peer protocol {refused} without a word ({why}); offering {} next",
+                self.version
+            );
+            Pause::Reoffer
+        } else {
+            warn!(
+                "node {peer} refuses peer protocols {} to {refused} ({why}): it runs a version older than {refused}, or it refuses this node (see its log)",
+                codec::PEER_VERSION
+            );
+            *self = Offer::newest();
+            Pause::Backoff
+        }
+    }
+}
+
+/// What a dialing link waits for before it dials again.
+enum Pause {
+    /// `REOFFER_WAIT`, to offer again after a refusal.
+    Reoffer,
+    /// The link's backoff, which then grows (up to a second).
+    Backoff,
 }
 
 /// How long a peer may be unreachable before it is said (a warning), and

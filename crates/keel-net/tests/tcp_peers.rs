@@ -291,48 +291,87 @@ fn read_frame(s: &mut std::net::TcpStream, got: &mut Vec<u8>) -> Option<(u8, Fra
     }
 }
 
-/// An old node's address, the versions it refused, and the messages it
-/// got (with their frames' versions).
-type OldNode = (
-    String,
-    Arc<std::sync::Mutex<Vec<u8>>>,
-    mpsc::Receiver<(u8, Message)>,
-);
+/// What a fake node 2 does with a hello offering a version.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Take {
+    /// Closes the connection without a word, as a node older than the
+    /// offer does.
+    Refuse,
+    /// Speaks the offer without answering, as a node of version 4 or 5
+    /// does with its own.
+    Unanswered,
+    /// Answers with a hello of this version and speaks it.
+    Answer(u8),
+    /// Reads the hello and says nothing, until the connection closes.
+    Silent,
+}
 
-/// An old node that accepts node 1's connections (as node 2) and speaks
-/// only peer protocol `old`: it closes a connection whose hello offers
-/// another version without a word, as nodes before version 6 do, and on
-/// one that offers `old` it hands each peer message on with the version
-/// its frame carried and sends one `vote` of its own in `old`. Returns its
-/// address, the offers it refused, and the messages.
-fn old_acceptor(old: u8) -> OldNode {
+/// A fake node 2, accepting node 1's connections and doing with each
+/// hello what `take` says for the version it offers. On a connection it
+/// speaks on, it sends one `vote` of its own in that version and hands on
+/// each peer message with the version its frame carried.
+struct FakeNode {
+    addr: String,
+    /// The versions offered, in order, and what was done with each.
+    offers: Arc<std::sync::Mutex<Vec<(u8, Take)>>>,
+    messages: mpsc::Receiver<(u8, Message)>,
+    /// When a silent connection was closed by node 1.
+    silent_closed: mpsc::Receiver<Instant>,
+}
+
+fn fake_node(take: impl Fn(u8) -> Take + Send + 'static) -> FakeNode {
     use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let refused = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (tx, rx) = mpsc::channel();
-    let refused2 = refused.clone();
+    let offers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, messages) = mpsc::channel();
+    let (closed_tx, silent_closed) = mpsc::channel();
+    let seen = offers.clone();
     std::thread::spawn(move || {
         for s in listener.incoming() {
             let mut s = s.expect("accept");
             let mut got = Vec::new();
-            match read_frame(&mut s, &mut got) {
+            let offer = match read_frame(&mut s, &mut got) {
                 Some((
                     v,
                     Frame::Hello {
                         cluster_id: CLUSTER,
                         node_id: 1,
-                        ..
+                        version,
                     },
-                )) if v == old => {}
-                Some((v, _)) => {
-                    refused2.lock().expect("lock").push(v);
-                    continue; // closed
+                )) => {
+                    assert_eq!(v, version);
+                    v
                 }
-                None => continue,
-            }
+                other => panic!("expected node 1's hello, got {other:?}"),
+            };
+            let took = take(offer);
+            seen.lock().expect("lock").push((offer, took));
+            let version = match took {
+                Take::Refuse => continue, // closed
+                Take::Silent => {
+                    let mut rest = Vec::new();
+                    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+                    let _ = closed_tx.send(Instant::now());
+                    continue;
+                }
+                Take::Unanswered => offer,
+                Take::Answer(v) => {
+                    let mut answer = Vec::new();
+                    codec::encode(
+                        &Frame::Hello {
+                            cluster_id: CLUSTER,
+                            node_id: 2,
+                            version: v,
+                        },
+                        &mut answer,
+                    );
+                    s.write_all(&answer).expect("answer");
+                    v
+                }
+            };
             let mut mine = Vec::new();
-            codec::encode_message(&vote(2, 1), old, &mut mine);
+            codec::encode_message(&vote(2, 1), version, &mut mine);
             s.write_all(&mine).expect("write");
             while let Some((v, f)) = read_frame(&mut s, &mut got) {
                 match f {
@@ -341,61 +380,146 @@ fn old_acceptor(old: u8) -> OldNode {
                             return;
                         }
                     }
-                    other => panic!("{other:?} on an old node's link"),
+                    other => panic!("{other:?} after the hello"),
                 }
             }
         }
     });
-    (addr, refused, rx)
+    FakeNode {
+        addr,
+        offers,
+        messages,
+        silent_closed,
+    }
 }
 
-/// Rolling upgrades: a node dialing one of an older peer protocol (4,
-/// before votes said what is committed) is refused its own version and
-/// the one before, then speaks the old node's, both ways: its votes go
-/// without what version 4 cannot carry.
-#[test]
-fn a_link_to_a_node_of_an_older_protocol_speaks_its_version() {
+/// `vote(from, to)` as a link of peer protocol `version` carries it.
+fn vote_in(from: NodeId, to: NodeId, version: u8) -> Message {
+    let mut m = vote(from, to);
+    if let Body::VoteResp { committed, .. } = &mut m.body {
+        if version < 5 {
+            *committed = (0, 0);
+        }
+    }
+    m
+}
+
+/// Node 1 dials the fake node 2: the versions it offered and what the
+/// fake did with each, once a vote has crossed the link both ways, and
+/// the version node 1's vote came in.
+fn dial_fake(take: impl Fn(u8) -> Take + Send + 'static) -> (Vec<(u8, Take)>, u8) {
     let rt = runtime();
-    let (old_addr, refused, from_one) = old_acceptor(4);
+    let fake = fake_node(take);
     let (tx, received) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
     let one = rt
         .block_on(start_peers(
             config(1),
             &free_addr(),
-            &[(2, old_addr)],
+            &[(2, fake.addr.clone())],
             Arc::new(move |m| {
                 let _ = tx.lock().expect("lock").send(m);
             }),
             Arc::new(NetStats::default()),
         ))
         .expect("peers 1");
-    // The old node's vote arrives, in full.
     let got = received
         .recv_timeout(Duration::from_secs(10))
-        .expect("the old node's vote never came");
-    let mut want = vote(2, 1);
-    if let Body::VoteResp { committed, .. } = &mut want.body {
-        *committed = (0, 0);
-    }
-    assert_eq!(got, want);
-    assert_eq!(*refused.lock().expect("lock"), vec![6, 5]);
+        .expect("the fake node's vote never came");
+    let offers = fake.offers.lock().expect("lock").clone();
+    let (_, took) = *offers.last().expect("an offer");
+    let version = match took {
+        Take::Answer(v) => v,
+        _ => offers.last().expect("an offer").0,
+    };
+    assert_eq!(got, vote_in(2, 1, version));
     let deadline = Instant::now() + Duration::from_secs(10);
-    let (version, m) = loop {
+    let (sent_in, m) = loop {
         assert!(Instant::now() < deadline, "node 1's vote never came");
         one.send(vote(1, 2));
         one.flush();
-        if let Ok(x) = from_one.recv_timeout(Duration::from_millis(50)) {
+        if let Ok(x) = fake.messages.recv_timeout(Duration::from_millis(50)) {
             break x;
         }
     };
-    assert_eq!(version, 4);
-    let mut want = vote(1, 2);
-    if let Body::VoteResp { committed, .. } = &mut want.body {
-        *committed = (0, 0);
-    }
-    assert_eq!(m, want);
+    assert_eq!(m, vote_in(1, 2, sent_in));
     drop(one);
+    drop(rt);
+    (offers, sent_in)
+}
+
+/// Rolling upgrades: a node dialing one of an older peer protocol is
+/// refused its own version (twice: once could be a node of its version
+/// stopping mid-hello) and steps down until one is taken, then speaks it
+/// both ways: to a node of 4, its votes go without what 4 cannot carry.
+#[test]
+fn a_link_to_a_node_of_an_older_protocol_speaks_its_version() {
+    use Take::*;
+    let only = |old: u8| move |v: u8| if v == old { Unanswered } else { Refuse };
+    assert_eq!(
+        dial_fake(only(5)),
+        (vec![(6, Refuse), (6, Refuse), (5, Unanswered)], 5)
+    );
+    assert_eq!(
+        dial_fake(only(4)),
+        (
+            vec![
+                (6, Refuse),
+                (6, Refuse),
+                (5, Refuse),
+                (5, Refuse),
+                (4, Unanswered)
+            ],
+            4
+        )
+    );
+}
+
+/// A dialing node speaks the version the answer to its hello names: its
+/// own from a node of its version, an older one if the answer says so.
+#[test]
+fn a_dialing_node_speaks_the_version_it_is_answered_with() {
+    assert_eq!(
+        dial_fake(|_| Take::Answer(6)),
+        (vec![(6, Take::Answer(6))], 6)
+    );
+    assert_eq!(
+        dial_fake(|_| Take::Answer(5)),
+        (vec![(6, Take::Answer(5))], 5)
+    );
+}
+
+/// A node shutting down while its hello waits for an answer closes the
+/// connection then, not when the wait for the answer (5 s) runs out.
+#[test]
+fn a_hello_waiting_for_its_answer_ends_with_the_transport() {
+    let rt = runtime();
+    let fake = fake_node(|_| Take::Silent);
+    let one = rt
+        .block_on(start_peers(
+            config(1),
+            &free_addr(),
+            &[(2, fake.addr.clone())],
+            Arc::new(|_| {}),
+            Arc::new(NetStats::default()),
+        ))
+        .expect("peers 1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.offers.lock().expect("lock").is_empty() {
+        assert!(Instant::now() < deadline, "no hello came");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dropped = Instant::now();
+    drop(one);
+    let closed = fake
+        .silent_closed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the connection was never closed");
+    assert!(
+        closed.duration_since(dropped) < Duration::from_secs(4),
+        "closed {:?} after the transport was dropped: at the answer's timeout",
+        closed.duration_since(dropped)
+    );
     drop(rt);
 }
 
@@ -480,20 +604,4 @@ fn an_accepting_node_answers_in_the_version_the_link_speaks() {
     assert_eq!(dial_offering(&a2, 4, &two), (None, (4, unclaimed)));
     drop(two);
     drop(rt);
-}
-
-/// Two nodes of this version: the link comes up in 6, and a vote's
-/// committed entry crosses it.
-#[test]
-fn two_nodes_of_this_version_speak_it() {
-    let p = pair();
-    let one = p.one.as_ref().expect("peers");
-    wait_link_up(one, &p.received, 0);
-    one.send(vote(1, 2));
-    one.flush();
-    let m = p
-        .received
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the vote");
-    assert_eq!(m, vote(1, 2));
 }

@@ -38,7 +38,10 @@ pub const PEER_VERSION: u8 = 6;
 /// older version (down to this) speaks that node's version, so a cluster
 /// can be upgraded one node at a time. Frames of versions 4 and 5 differ
 /// only in votes: one of 4 carries no committed entry (decoded as `(0,
-/// 0)`, "none known", which a candidate counts as no claim).
+/// 0)`, "none known", which a candidate counts as no claim). Not 3: a
+/// vote in 3 cannot say that its voter is amnesic, and a candidate that
+/// counted an amnesic voter's vote could be elected without writes a
+/// power loss left only on others, so leaving the flag out is not safe.
 pub const MIN_PEER_VERSION: u8 = 4;
 /// The first peer protocol version whose accepting node answers a hello:
 /// a dialer that offers an older one gets no answer and speaks it.

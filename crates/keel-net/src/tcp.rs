@@ -67,6 +67,27 @@ pub struct NetStats {
     /// held and expected for it reached `MAX_ANSWER_BACKLOG` (a client
     /// reading its answers slower than it sends requests).
     pub client_reads_paused: AtomicU64,
+    /// The peer protocol each peer's link speaks, 0 while it is down (an
+    /// upgrade is done when every link speaks the newest).
+    pub peer_protocols: Mutex<std::collections::BTreeMap<NodeId, u8>>,
+}
+
+impl NetStats {
+    /// `peer_protocols`, a copy.
+    pub fn peer_protocols(&self) -> Vec<(NodeId, u8)> {
+        let versions = self
+            .peer_protocols
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        versions.iter().map(|(&id, &v)| (id, v)).collect()
+    }
+
+    fn set_peer_protocol(&self, peer: NodeId, version: u8) {
+        self.peer_protocols
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(peer, version);
+    }
 }
 
 /// The outbound side of the peer links.
@@ -579,6 +600,7 @@ pub async fn start_peers(
     let mut links = HashMap::new();
     let mut accept_to = HashMap::new();
     for (id, addr) in peers.iter().cloned() {
+        stats.set_peer_protocol(id, 0);
         let outbox = Arc::new(Outbox::default());
         let (atx, arx) = mpsc::channel(2);
         links.insert(id, outbox.clone());
@@ -1124,6 +1146,7 @@ impl Link {
             let (r, w) = stream.into_split();
             let w = Arc::new(w);
             outbox.connect_at(Some(w.clone()), version);
+            self.stats.set_peer_protocol(self.peer, version);
             // Whether a message came on this connection.
             let heard = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let heard_here = heard.clone();
@@ -1202,6 +1225,7 @@ impl Link {
                 }
             };
             outbox.connect(None);
+            self.stats.set_peer_protocol(self.peer, 0);
             let heard = heard.load(Ordering::Relaxed);
             if !self.dial {
                 warn!("link to node {} down: {reason}", self.peer);

@@ -178,14 +178,9 @@ fn messages_flow_again_after_the_sending_side_restarts() {
     assert_eq!(seq_of(&m), next);
 }
 
-/// A peer that stopped reading (a partition: its socket buffers full, no
-/// reset) must not keep its newer connection waiting: the accepting side
-/// switches to the replacement even while a write to the old one is stuck.
-#[test]
-fn a_replacement_connection_wins_over_one_stuck_writing() {
-    use std::io::{Read, Write};
-    let rt = runtime();
-    // Node 2 accepts node 1's connections (the lower id dials).
+/// Node 2's transport, which accepts node 1's connections (the lower id
+/// dials), and its address; this test plays node 1 on raw sockets.
+fn accepting_two(rt: &tokio::runtime::Runtime) -> (String, Peers) {
     let a2 = free_addr();
     let two = rt
         .block_on(start_peers(
@@ -196,6 +191,17 @@ fn a_replacement_connection_wins_over_one_stuck_writing() {
             Arc::new(NetStats::default()),
         ))
         .expect("peers 2");
+    (a2, two)
+}
+
+/// A peer that stopped reading (a partition: its socket buffers full, no
+/// reset) must not keep its newer connection waiting: the accepting side
+/// switches to the replacement even while a write to the old one is stuck.
+#[test]
+fn a_replacement_connection_wins_over_one_stuck_writing() {
+    use std::io::{Read, Write};
+    let rt = runtime();
+    let (a2, two) = accepting_two(&rt);
     let hello = || {
         let mut b = Vec::new();
         codec::encode(
@@ -404,25 +410,36 @@ fn vote_in(from: NodeId, to: NodeId, version: u8) -> Message {
     m
 }
 
+/// Node 1's transport, which dials node 2 at `two`, the messages it
+/// receives, and its counters.
+fn dialing_one(
+    rt: &tokio::runtime::Runtime,
+    two: &str,
+) -> (Peers, mpsc::Receiver<Message>, Arc<NetStats>) {
+    let (tx, received) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let stats = Arc::new(NetStats::default());
+    let one = rt
+        .block_on(start_peers(
+            config(1),
+            &free_addr(),
+            &[(2, two.to_string())],
+            Arc::new(move |m| {
+                let _ = tx.lock().expect("lock").send(m);
+            }),
+            stats.clone(),
+        ))
+        .expect("peers 1");
+    (one, received, stats)
+}
+
 /// Node 1 dials the fake node 2: the versions it offered and what the
 /// fake did with each, once a vote has crossed the link both ways, and
 /// the version node 1's vote came in.
 fn dial_fake(take: impl Fn(u8) -> Take + Send + 'static) -> (Vec<(u8, Take)>, u8) {
     let rt = runtime();
     let fake = fake_node(take);
-    let (tx, received) = mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let one = rt
-        .block_on(start_peers(
-            config(1),
-            &free_addr(),
-            &[(2, fake.addr.clone())],
-            Arc::new(move |m| {
-                let _ = tx.lock().expect("lock").send(m);
-            }),
-            Arc::new(NetStats::default()),
-        ))
-        .expect("peers 1");
+    let (one, received, stats) = dialing_one(&rt, &fake.addr);
     let got = received
         .recv_timeout(Duration::from_secs(10))
         .expect("the fake node's vote never came");
@@ -443,6 +460,8 @@ fn dial_fake(take: impl Fn(u8) -> Take + Send + 'static) -> (Vec<(u8, Take)>, u8
         }
     };
     assert_eq!(m, vote_in(1, 2, sent_in));
+    // (What the metric `keel_peer_protocol` shows.)
+    assert_eq!(stats.peer_protocols(), vec![(2, sent_in)]);
     drop(one);
     drop(rt);
     (offers, sent_in)
@@ -495,15 +514,7 @@ fn a_dialing_node_speaks_the_version_it_is_answered_with() {
 fn a_hello_waiting_for_its_answer_ends_with_the_transport() {
     let rt = runtime();
     let fake = fake_node(|_| Take::Silent);
-    let one = rt
-        .block_on(start_peers(
-            config(1),
-            &free_addr(),
-            &[(2, fake.addr.clone())],
-            Arc::new(|_| {}),
-            Arc::new(NetStats::default()),
-        ))
-        .expect("peers 1");
+    let (one, _, _) = dialing_one(&rt, &fake.addr);
     let deadline = Instant::now() + Duration::from_secs(10);
     while fake.offers.lock().expect("lock").is_empty() {
         assert!(Instant::now() < deadline, "no hello came");
@@ -567,16 +578,7 @@ fn dial_offering(addr: &str, offer: u8, two: &Peers) -> (Option<(u8, Frame)>, (u
 #[test]
 fn an_accepting_node_answers_in_the_version_the_link_speaks() {
     let rt = runtime();
-    let a2 = free_addr();
-    let two = rt
-        .block_on(start_peers(
-            config(2),
-            &a2,
-            &[(1, free_addr())],
-            Arc::new(|_| {}),
-            Arc::new(NetStats::default()),
-        ))
-        .expect("peers 2");
+    let (a2, two) = accepting_two(&rt);
     let answer = |v| {
         Some((
             v,

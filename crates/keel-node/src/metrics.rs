@@ -9,8 +9,9 @@
 use keel_net::codec::NodeStatus;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -55,9 +56,18 @@ pub struct Metrics {
     pub peer_messages_dropped: Counter<u64, AtomicU64>,
     pub bad_frames: Counter<u64, AtomicU64>,
     pub client_reads_paused: Counter<u64, AtomicU64>,
+    /// The peer protocol each peer link speaks, 0 while down (copied in
+    /// from `NetStats::peer_protocols` at each render).
+    pub peer_protocol: Family<PeerLabel, Gauge>,
     pub log_retained_bytes: Gauge,
     pub log_retained_entries: Gauge,
     pub log_reads: Counter,
+}
+
+/// A metric's `peer` label: the node at the other end of a peer link.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: u64,
 }
 
 impl Default for Metrics {
@@ -100,6 +110,7 @@ impl Metrics {
             peer_messages_dropped: Counter::default(),
             bad_frames: Counter::default(),
             client_reads_paused: Counter::default(),
+            peer_protocol: Family::default(),
             log_retained_bytes: Gauge::default(),
             log_retained_entries: Gauge::default(),
             log_reads: Counter::default(),
@@ -256,6 +267,12 @@ impl Metrics {
             m.client_reads_paused.clone(),
         );
         registry.register(
+            "peer_protocol",
+            "the peer protocol version the link to this peer speaks (the older of the two nodes'), \
+             0 while it is down: once every link speaks this node's newest, the nodes are upgraded",
+            m.peer_protocol.clone(),
+        );
+        registry.register(
             "log_retained_bytes",
             "log held in memory (bytes): since the last snapshot, less the data of applied entries beyond log_cache_bytes",
             m.log_retained_bytes.clone(),
@@ -305,6 +322,11 @@ impl Metrics {
             counter
                 .inner()
                 .fetch_max(source.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        for (peer, version) in net.peer_protocols() {
+            self.peer_protocol
+                .get_or_create(&PeerLabel { peer })
+                .set(i64::from(version));
         }
         self.render()
     }

@@ -254,6 +254,13 @@ fn status_and_metrics_over_http() {
         m("keel_snapshots_installed_total");
         m("keel_peer_messages_dropped_total");
         m("keel_bad_frames_total");
+        for peer in (1..=3u64).filter(|&p| p != id) {
+            // Every link speaks this version's peer protocol.
+            let name = format!("keel_peer_protocol{{peer=\"{peer}\"}}");
+            wait_metric(addr, &name, Duration::from_secs(5), |v| {
+                v == f64::from(codec::PEER_VERSION)
+            });
+        }
         assert_eq!(m("keel_client_reads_paused_total"), 0.0);
         m("keel_busy_rejections_total");
         m("keel_admission_refusals_total");

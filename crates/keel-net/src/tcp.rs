@@ -1056,7 +1056,11 @@ impl Link {
             let conn = if let Some(c) = replacement.take() {
                 c
             } else if self.dial {
-                let s = match TcpStream::connect(&self.addr).await {
+                let connected = tokio::select! {
+                    c = TcpStream::connect(&self.addr) => c,
+                    _ = outbox.wake.notified() => continue, // closed?
+                };
+                let s = match connected {
                     Ok(s) => s,
                     Err(e) => {
                         // Down: it may be back upgraded.
@@ -1097,13 +1101,20 @@ impl Link {
                     }
                 };
                 match said {
-                    Ok(accepted) => accepted,
+                    Ok(accepted) => {
+                        if accepted.version >= codec::ANSWERED_HELLO_VERSION {
+                            // Taken: refusals before were not in a row.
+                            offer.refusals = 0;
+                        }
+                        accepted
+                    }
                     Err(HelloFailed::Unanswered(e)) => {
                         wait = Some(offer.refused(self.peer, &e));
                         continue;
                     }
                     Err(HelloFailed::Other(e)) => {
                         warn!("link to node {} at {}: {e}", self.peer, self.addr);
+                        offer.refusals = 0;
                         wait = Some(Pause::Backoff);
                         continue;
                     }
@@ -1196,6 +1207,7 @@ impl Link {
                         if outbox.is_closed() {
                             reader.abort();
                             outbox.connect(None);
+                            self.stats.set_peer_protocol(self.peer, 0);
                             return;
                         }
                         // Still watching the reader and for a replacement:
@@ -1231,8 +1243,9 @@ impl Link {
                 warn!("link to node {} down: {reason}", self.peer);
                 continue;
             }
-            if heard {
-                // At once again after a link that worked.
+            if heard || up_since.elapsed() >= REFUSAL_WITHIN {
+                // At once again after a link that worked (or stayed up:
+                // two followers' link carries nothing for long stretches).
                 backoff = Duration::from_millis(20);
             }
             if !answered && !heard && up_since.elapsed() < REFUSAL_WITHIN {
@@ -1257,6 +1270,9 @@ struct Offer {
     version: u8,
     /// Times in a row `version` was refused.
     refusals: u32,
+    /// When every version was last said refused (a warning at most once
+    /// per `UNREACHABLE_REPEAT`; the peer logs each refusal too).
+    warned: Option<Instant>,
 }
 
 /// Refusals in a row of one version before the one before is offered: one
@@ -1274,6 +1290,7 @@ impl Offer {
         Offer {
             version: codec::PEER_VERSION,
             refusals: 0,
+            warned: None,
         }
     }
 
@@ -1296,11 +1313,21 @@ impl Offer {
             );
             Pause::Reoffer
         } else {
-            warn!(
+            let now = Instant::now();
+            let what = format!(
                 "node {peer} refuses peer protocols {} to {refused} ({why}): it runs a version older than {refused}, or it refuses this node (see its log)",
                 codec::PEER_VERSION
             );
-            *self = Offer::newest();
+            if self.warned.is_none_or(|w| now - w >= UNREACHABLE_REPEAT) {
+                warn!("{what}");
+                self.warned = Some(now);
+            } else {
+                debug!("{what}");
+            }
+            *self = Offer {
+                warned: self.warned,
+                ..Offer::newest()
+            };
             Pause::Backoff
         }
     }

@@ -607,3 +607,40 @@ fn an_accepting_node_answers_in_the_version_the_link_speaks() {
     drop(two);
     drop(rt);
 }
+
+/// A peer that refuses every version (one older than 4, or one that
+/// refuses this node: another cluster's) is offered each version twice,
+/// newest first, then again after the link's backoff, which grows: not
+/// every 20 ms for good.
+#[test]
+fn a_peer_refusing_every_version_is_offered_them_in_turn_with_backoff() {
+    let rt = runtime();
+    let fake = fake_node(|_| Take::Refuse);
+    let (one, _, stats) = dialing_one(&rt, &fake.addr);
+    std::thread::sleep(Duration::from_secs(3));
+    drop(one);
+    let offers: Vec<u8> = fake
+        .offers
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|&(v, _)| v)
+        .collect();
+    assert!(offers.len() >= 12, "{offers:?}");
+    assert_eq!(&offers[..12], &[6, 6, 5, 5, 4, 4, 6, 6, 5, 5, 4, 4]);
+    // Six offers 20 ms apart per round, then 40, 80, 160, 320, 640 ms,
+    // 1 s: some seven rounds in 3 s, against some 150 offers without it.
+    assert!(
+        offers.len() <= 60,
+        "{} offers in 3 s: {offers:?}",
+        offers.len()
+    );
+    // Closed, the link says it is down (it may have been up at 5 or 4 a
+    // moment before the fake node closed it).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats.peer_protocols() != vec![(2, 0)] {
+        assert!(Instant::now() < deadline, "{:?}", stats.peer_protocols());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(rt);
+}

@@ -5,10 +5,11 @@
 //! hello's version byte is the newest peer protocol the dialer offers; an
 //! accepting node of protocol 6 or later answers with its own hello at the
 //! version the link will speak (the lower of the two), and a dialer whose
-//! offer is closed unanswered (an older node refuses a version it does not
-//! know) offers the version before on its next attempt, down to
-//! `codec::MIN_PEER_VERSION`: so nodes one or two protocol versions apart
-//! keep talking, and a cluster can be upgraded one node at a time. Links
+//! offer is closed unanswered twice in a row (an older node refuses a
+//! version it does not know) offers the version before, down to
+//! `codec::MIN_PEER_VERSION` (see `Offer`): so nodes one or two protocol
+//! versions apart keep talking, and a cluster can be upgraded one node at
+//! a time. Links
 //! reconnect with backoff; messages sent while a link is down are dropped
 //! (Raft retransmits), and so are messages past a link's frame or byte
 //! limit. Clients: a reader task per connection hands each read's requests

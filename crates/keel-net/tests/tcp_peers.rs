@@ -66,28 +66,19 @@ struct Pair {
 
 fn pair() -> Pair {
     let rt = runtime();
-    let (a1, a2) = (free_addr(), free_addr());
+    let a2 = free_addr();
+    let (one, _, _) = dialing_one(&rt, &a2);
     let (tx, received) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
-    let stats = Arc::new(NetStats::default());
-    let one = rt
-        .block_on(start_peers(
-            config(1),
-            &a1,
-            &[(2, a2.clone())],
-            Arc::new(|_| {}),
-            stats.clone(),
-        ))
-        .expect("peers 1");
     let two = rt
         .block_on(start_peers(
             config(2),
-            &a2.clone(),
-            &[(1, a1)],
+            &a2,
+            &[(1, free_addr())],
             Arc::new(move |m| {
                 let _ = tx.lock().expect("lock").send(m);
             }),
-            stats,
+            Arc::new(NetStats::default()),
         ))
         .expect("peers 2");
     Pair {
@@ -155,19 +146,7 @@ fn messages_flow_again_after_the_sending_side_restarts() {
     // Node 1's transport goes away (its link task stops and closes the
     // connection); a new one on a fresh address dials node 2 again.
     drop(p.one.take());
-    let (tx, _rx) = mpsc::channel::<Message>();
-    let tx = std::sync::Mutex::new(tx);
-    let again =
-        p.rt.block_on(start_peers(
-            config(1),
-            &free_addr(),
-            &[(2, p.two_addr.clone())],
-            Arc::new(move |m| {
-                let _ = tx.lock().expect("lock").send(m);
-            }),
-            Arc::new(NetStats::default()),
-        ))
-        .expect("peers 1 again");
+    let (again, _, _) = dialing_one(&p.rt, &p.two_addr);
     let next = wait_link_up(&again, &p.received, first + 1_000);
     again.send(message(next, 100));
     again.flush();

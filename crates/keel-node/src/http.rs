@@ -44,7 +44,8 @@ pub async fn serve(
                     ),
                     "/status" => {
                         let st = status.lock().map(|s| s.clone()).unwrap_or_default();
-                        ("200 OK", "application/json", status_json(&st))
+                        let links = net.peer_protocols();
+                        ("200 OK", "application/json", status_json(&st, &links))
                     }
                     _ => (
                         "404 Not Found",
@@ -64,7 +65,9 @@ pub async fn serve(
     Ok(())
 }
 
-pub fn status_json(s: &NodeStatus) -> String {
+/// `GET /status`: the node's status, and the peer protocol each of its
+/// links speaks (`links`, 0 while down; `NetStats::peer_protocols`).
+pub fn status_json(s: &NodeStatus, links: &[(u64, u8)]) -> String {
     serde_json::json!({
         "id": s.id,
         "role": s.role,
@@ -77,6 +80,7 @@ pub fn status_json(s: &NodeStatus) -> String {
         "voters": s.voters,
         "learners": s.learners,
         "followers": s.followers.iter().map(|(id, m)| serde_json::json!({"id": id, "matched": m, "lag": s.append.saturating_sub(*m)})).collect::<Vec<_>>(),
+        "peer_links": links.iter().map(|(id, v)| serde_json::json!({"id": id, "peer_protocol": v})).collect::<Vec<_>>(),
     })
     .to_string()
 }

@@ -219,6 +219,18 @@ fn status_and_metrics_over_http() {
                 format!("\"term\":{term}"),
                 "\"voters\":[1,2,3]".to_string(),
                 "\"commit_position\":".to_string(),
+                // Every link up, in this version's peer protocol.
+                format!(
+                    "\"peer_links\":[{}]",
+                    (1..=3u64)
+                        .filter(|&p| p != id)
+                        .map(|p| format!(
+                            "{{\"id\":{p},\"peer_protocol\":{}}}",
+                            codec::PEER_VERSION
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
             ],
             Duration::from_secs(5),
         );

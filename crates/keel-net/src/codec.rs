@@ -43,6 +43,9 @@ pub const PEER_VERSION: u8 = 6;
 /// counted an amnesic voter's vote could be elected without writes a
 /// power loss left only on others, so leaving the flag out is not safe.
 pub const MIN_PEER_VERSION: u8 = 4;
+/// The first peer protocol version whose votes carry the latest entry the
+/// voter knows is committed.
+const COMMITTED_IN_VOTES_VERSION: u8 = 5;
 /// The first peer protocol version whose accepting node answers a hello:
 /// a dialer that offers an older one gets no answer and speaks it.
 pub const ANSWERED_HELLO_VERSION: u8 = 6;
@@ -496,7 +499,7 @@ fn put_message(out: &mut Vec<u8>, m: &Message, version: u8) {
             put_u8(out, BODY_PRE_VOTE_RESP);
             put_bool(out, *granted);
             put_bool(out, *amnesic);
-            if version >= 5 {
+            if version >= COMMITTED_IN_VOTES_VERSION {
                 put_u64(out, committed.0);
                 put_u64(out, committed.1);
             }
@@ -519,7 +522,7 @@ fn put_message(out: &mut Vec<u8>, m: &Message, version: u8) {
             put_u8(out, BODY_VOTE_RESP);
             put_bool(out, *granted);
             put_bool(out, *amnesic);
-            if version >= 5 {
+            if version >= COMMITTED_IN_VOTES_VERSION {
                 put_u64(out, committed.0);
                 put_u64(out, committed.1);
             }
@@ -1017,7 +1020,7 @@ impl<'a> Reader<'a> {
         pos: &'static str,
         term: &'static str,
     ) -> Result<(u64, u64), CodecError> {
-        if self.version < 5 {
+        if self.version < COMMITTED_IN_VOTES_VERSION {
             return Ok((0, 0));
         }
         Ok((self.u64(pos)?, self.u64(term)?))

@@ -1244,12 +1244,13 @@ impl Link {
                 warn!("link to node {} down: {reason}", self.peer);
                 continue;
             }
-            if heard || up_since.elapsed() >= REFUSAL_WITHIN {
+            let brief = up_since.elapsed() < REFUSAL_WITHIN;
+            if heard || !brief {
                 // At once again after a link that worked (or stayed up:
                 // two followers' link carries nothing for long stretches).
                 backoff = Duration::from_millis(20);
             }
-            if !answered && !heard && up_since.elapsed() < REFUSAL_WITHIN {
+            if !answered && !heard && brief {
                 // A node older still closes an offer it does not know
                 // right after reading the hello.
                 debug!("link to node {} down: {reason}", self.peer);

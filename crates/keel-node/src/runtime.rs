@@ -1627,6 +1627,7 @@ fn run_node(
         next_id: 1,
         stats_seen: keel_core::Stats::default(),
         published_at: None,
+        published_leading: None,
         client_queue: client_queue.clone(),
         applied_shared,
         proposed_bytes: 0,
@@ -1850,6 +1851,9 @@ struct Consensus {
     stats_seen: keel_core::Stats,
     /// When the full status was last published (see `publish_status`).
     published_at: Option<Instant>,
+    /// The term of the last status published as the leader (see
+    /// `write_log`).
+    published_leading: Option<u64>,
     /// Client requests admitted to the external queue.
     client_queue: Arc<ClientQueue>,
     /// The service's applied position (see `sync_applied`).
@@ -2015,9 +2019,11 @@ impl Consensus {
             // Published before this turn's messages go out at the flushes
             // below: whoever hears from this node (a vote, a new leader's
             // first append) and then asks for its status sees this turn's
-            // role, term and leader, not an earlier turn's. (Not strictly:
-            // a link whose socket was full is written by its own task, which
-            // may take a message as soon as it is queued.)
+            // role, term and leader, not an earlier turn's. (A leader's
+            // appends may go out earlier, at `write_log`, which publishes
+            // first when the node newly leads. Not strictly: a link whose
+            // socket was full is written by its own task, which may take a
+            // message as soon as it is queued.)
             self.maybe_publish_status();
             // This turn's peer messages, one write per peer, and its
             // client responses, one write per connection.
@@ -3113,6 +3119,13 @@ impl Consensus {
             return Ok(());
         }
         if self.node.role() == Role::Leader {
+            // A new leader's first appends go out here, before the turn's
+            // status would be: it is published first, so that a node told
+            // of the new leader (an old leader answering a MoveLeader) and
+            // asked at once finds this one leading.
+            if self.published_leading != Some(self.node.term()) {
+                self.publish_status();
+            }
             self.peers.flush();
         }
         for a in std::mem::take(&mut self.log_writes) {
@@ -3367,6 +3380,7 @@ impl Consensus {
     fn publish_status(&mut self) {
         self.published_at = Some(Instant::now());
         let n = &self.node;
+        self.published_leading = (n.role() == Role::Leader).then(|| n.term());
         self.term.store(n.term(), Ordering::Relaxed);
         let m = n.membership();
         let s = NodeStatus {

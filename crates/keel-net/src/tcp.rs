@@ -101,6 +101,8 @@ pub struct Peers {
     /// Bytes held per link (buffered or being written) before new
     /// messages are dropped: `MAX_PEER_BACKLOG` unless set.
     byte_limit: usize,
+    /// The task accepting peer connections, which owns the listener.
+    accepting: tokio::task::AbortHandle,
 }
 
 impl Peers {
@@ -138,7 +140,11 @@ impl Peers {
 }
 
 impl Drop for Peers {
+    /// The links close (each as soon as its task sees it, even while a
+    /// write to a peer that stopped reading is stuck) and the listener
+    /// with them, so the address is free again.
     fn drop(&mut self) {
+        self.accepting.abort();
         for link in self.links.values() {
             link.close();
         }
@@ -336,6 +342,15 @@ impl Outbox {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+
+    /// Returns once the outbox is closed, for a task that is not waiting
+    /// on `wake` for anything else (a peer link's task while it drains:
+    /// senders leave writing to it then, without waking it).
+    async fn closing(&self) {
+        while !self.is_closed() {
+            self.wake.notified().await;
+        }
     }
 
     /// Encodes `m` into the buffer in the connection's peer protocol,
@@ -620,12 +635,15 @@ pub async fn start_peers(
         tokio::spawn(link.run(outbox, arx).instrument(span.clone()));
     }
     let limit = cfg.peer_queue;
-    tokio::spawn(accept_peers(listener, cfg, accept_to, stats.clone()).instrument(span));
+    let accepting =
+        tokio::spawn(accept_peers(listener, cfg, accept_to, stats.clone()).instrument(span))
+            .abort_handle();
     Ok(Peers {
         links,
         stats,
         limit,
         byte_limit: MAX_PEER_BACKLOG,
+        accepting,
     })
 }
 
@@ -1201,44 +1219,45 @@ impl Link {
                 }
                 .instrument(tracing::Span::current()),
             );
+            // Why the connection ended; `None` once the transport is gone
+            // (closed, or its accepting task with it).
             let reason = loop {
                 tokio::select! {
-                    r = &mut reader => break reader_ended(r),
+                    r = &mut reader => break Some(reader_ended(r)),
                     _ = outbox.wake.notified() => {
                         if outbox.is_closed() {
-                            reader.abort();
-                            outbox.connect(None);
-                            self.stats.set_peer_protocol(self.peer, 0);
-                            return;
+                            break None;
                         }
                         // Still watching the reader and for a replacement:
                         // a peer that stopped reading (a partition) must
                         // not keep its newer connection waiting until TCP
-                        // gives up on this one.
+                        // gives up on this one, nor the transport's end.
                         let drained = tokio::select! {
                             d = outbox.drain(&w, &mut spare) => d,
-                            r = &mut reader => break reader_ended(r),
+                            r = &mut reader => break Some(reader_ended(r)),
+                            _ = outbox.closing() => break None,
                             c = accepted.recv(), if !self.dial => {
-                                reader.abort();
                                 replacement = c;
-                                break "replaced by a newer connection".to_string();
+                                break replaced(&replacement);
                             }
                         };
                         if let Err(e) = drained {
-                            reader.abort();
-                            break e;
+                            break Some(e);
                         }
                     }
                     c = accepted.recv(), if !self.dial => {
                         // The peer reconnected: the newer connection wins.
-                        reader.abort();
                         replacement = c;
-                        break "replaced by a newer connection".to_string();
+                        break replaced(&replacement);
                     }
                 }
             };
+            reader.abort();
             outbox.connect(None);
             self.stats.set_peer_protocol(self.peer, 0);
+            let Some(reason) = reason else {
+                return;
+            };
             let heard = heard.load(Ordering::Relaxed);
             if !self.dial {
                 warn!("link to node {} down: {reason}", self.peer);
@@ -1347,6 +1366,14 @@ enum Pause {
 /// how often it is said again while it stays so.
 const UNREACHABLE_WARN: Duration = Duration::from_secs(5);
 const UNREACHABLE_REPEAT: Duration = Duration::from_secs(60);
+
+/// Why a connection ended for the one `accepted` gave, if it gave one
+/// (`None`: the transport is gone).
+fn replaced(replacement: &Option<Accepted>) -> Option<String> {
+    replacement
+        .is_some()
+        .then(|| "replaced by a newer connection".to_string())
+}
 
 /// Why a link's reader task ended.
 fn reader_ended(r: Result<Result<(), String>, tokio::task::JoinError>) -> String {

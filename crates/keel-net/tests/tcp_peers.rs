@@ -158,19 +158,59 @@ fn messages_flow_again_after_the_sending_side_restarts() {
 }
 
 /// Node 2's transport, which accepts node 1's connections (the lower id
-/// dials), and its address; this test plays node 1 on raw sockets.
-fn accepting_two(rt: &tokio::runtime::Runtime) -> (String, Peers) {
+/// dials), its address and its counters; this test plays node 1 on raw
+/// sockets.
+fn accepting_two(rt: &tokio::runtime::Runtime) -> (String, Peers, Arc<NetStats>) {
     let a2 = free_addr();
+    let stats = Arc::new(NetStats::default());
     let two = rt
         .block_on(start_peers(
             config(2),
             &a2,
             &[(1, free_addr())],
             Arc::new(|_| {}),
-            Arc::new(NetStats::default()),
+            stats.clone(),
         ))
         .expect("peers 2");
-    (a2, two)
+    (a2, two, stats)
+}
+
+/// Node 1's hello, from a raw socket.
+fn hello_of_one() -> Vec<u8> {
+    let mut b = Vec::new();
+    codec::encode(
+        &Frame::Hello {
+            cluster_id: CLUSTER,
+            node_id: 1,
+            version: codec::PEER_VERSION,
+        },
+        &mut b,
+    );
+    b
+}
+
+/// `message(seq, size)` from node 2 to node 1.
+fn to_one(seq: u64, size: usize) -> Message {
+    let mut m = message(seq, size);
+    (m.from, m.to) = (2, 1);
+    m
+}
+
+/// A "node 1" connected to node 2 at `a2` that said hello and never
+/// reads, with node 2's link to it stuck writing: its socket is full.
+fn stuck_one(a2: &str, two: &Peers) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stuck = std::net::TcpStream::connect(a2).expect("connect");
+    stuck.write_all(&hello_of_one()).expect("hello");
+    // 64 MiB, far more than loopback buffers hold.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 0..64u64 {
+        assert!(Instant::now() < deadline, "never got to fill the socket");
+        two.send(to_one(i, 1 << 20));
+        two.flush();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stuck
 }
 
 /// A peer that stopped reading (a partition: its socket buffers full, no
@@ -180,38 +220,11 @@ fn accepting_two(rt: &tokio::runtime::Runtime) -> (String, Peers) {
 fn a_replacement_connection_wins_over_one_stuck_writing() {
     use std::io::{Read, Write};
     let rt = runtime();
-    let (a2, two) = accepting_two(&rt);
-    let hello = || {
-        let mut b = Vec::new();
-        codec::encode(
-            &Frame::Hello {
-                cluster_id: CLUSTER,
-                node_id: 1,
-                version: codec::PEER_VERSION,
-            },
-            &mut b,
-        );
-        b
-    };
-    let to_one = |seq: u64, size: usize| {
-        let mut m = message(seq, size);
-        (m.from, m.to) = (2, 1);
-        m
-    };
-    // The first "node 1" says hello and never reads.
-    let mut stuck = std::net::TcpStream::connect(&a2).expect("connect");
-    stuck.write_all(&hello()).expect("hello");
-    // Fill its socket: 64 MiB, far more than loopback buffers hold.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for i in 0..64u64 {
-        assert!(Instant::now() < deadline, "never got to fill the socket");
-        two.send(to_one(i, 1 << 20));
-        two.flush();
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (a2, two, _) = accepting_two(&rt);
+    let stuck = stuck_one(&a2, &two);
     // Node 1 comes back on a new connection and reads.
     let mut fresh = std::net::TcpStream::connect(&a2).expect("connect again");
-    fresh.write_all(&hello()).expect("hello");
+    fresh.write_all(&hello_of_one()).expect("hello");
     fresh
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
@@ -241,6 +254,48 @@ fn a_replacement_connection_wins_over_one_stuck_writing() {
         }
     }
     drop(stuck);
+}
+
+/// A transport dropped (its node stopping) while a write to a peer that
+/// stopped reading is stuck ends that link at once, not when TCP gives up
+/// on the peer, on the accepting side (which also lets its listening
+/// address go) and on the dialing side.
+#[test]
+fn a_dropped_transport_ends_links_stuck_writing_and_frees_its_address() {
+    let rt = runtime();
+    let gone = |stats: &NetStats, peer: NodeId| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stats.peer_protocols() != vec![(peer, 0)] {
+            assert!(Instant::now() < deadline, "the stuck link is still up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Node 2 accepting a node 1 that does not read.
+    let (a2, two, stats) = accepting_two(&rt);
+    let stuck = stuck_one(&a2, &two);
+    assert_eq!(stats.peer_protocols(), vec![(1, codec::PEER_VERSION)]);
+    drop(two);
+    gone(&stats, 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = std::net::TcpListener::bind(&a2) {
+        assert!(Instant::now() < deadline, "{a2} is still taken: {e}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(stuck);
+    // Node 1 dialing a node 2 that does not read.
+    let fake = fake_node(|_| Take::Deaf);
+    let (one, received, stats) = dialing_one(&rt, &fake.addr);
+    received
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the fake node's vote never came");
+    for i in 0..64u64 {
+        one.send(message(i, 1 << 20));
+        one.flush();
+    }
+    assert_eq!(stats.peer_protocols(), vec![(2, codec::PEER_VERSION)]);
+    drop(one);
+    gone(&stats, 2);
+    drop(rt);
 }
 
 /// A vote from `from` to `to` that says entry 40 of term 2 is committed.
@@ -289,6 +344,9 @@ enum Take {
     Answer(u8),
     /// Reads the hello and says nothing, until the connection closes.
     Silent,
+    /// Answers in the offer, sends its vote and then reads nothing more
+    /// (a stalled process), holding the connection open.
+    Deaf,
 }
 
 /// A fake node 2, accepting node 1's connections and doing with each
@@ -313,6 +371,7 @@ fn fake_node(take: impl Fn(u8) -> Take + Send + 'static) -> FakeNode {
     let (closed_tx, silent_closed) = mpsc::channel();
     let seen = offers.clone();
     std::thread::spawn(move || {
+        let mut deaf = Vec::new();
         for s in listener.incoming() {
             let mut s = s.expect("accept");
             let mut got = Vec::new();
@@ -341,7 +400,11 @@ fn fake_node(take: impl Fn(u8) -> Take + Send + 'static) -> FakeNode {
                     continue;
                 }
                 Take::Unanswered => offer,
-                Take::Answer(v) => {
+                Take::Answer(_) | Take::Deaf => {
+                    let v = match took {
+                        Take::Answer(v) => v,
+                        _ => offer,
+                    };
                     let mut answer = Vec::new();
                     codec::encode(
                         &Frame::Hello {
@@ -358,6 +421,10 @@ fn fake_node(take: impl Fn(u8) -> Take + Send + 'static) -> FakeNode {
             let mut mine = Vec::new();
             codec::encode_message(&vote(2, 1), version, &mut mine);
             s.write_all(&mine).expect("write");
+            if took == Take::Deaf {
+                deaf.push(s);
+                continue;
+            }
             while let Some((v, f)) = read_frame(&mut s, &mut got) {
                 match f {
                     Frame::Peer(m) => {
@@ -557,7 +624,7 @@ fn dial_offering(addr: &str, offer: u8, two: &Peers) -> (Option<(u8, Frame)>, (u
 #[test]
 fn an_accepting_node_answers_in_the_version_the_link_speaks() {
     let rt = runtime();
-    let (a2, two) = accepting_two(&rt);
+    let (a2, two, _) = accepting_two(&rt);
     let answer = |v| {
         Some((
             v,

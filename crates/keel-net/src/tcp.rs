@@ -140,9 +140,10 @@ impl Peers {
 }
 
 impl Drop for Peers {
-    /// The links close (each as soon as its task sees it, even while a
-    /// write to a peer that stopped reading is stuck) and the listener
-    /// with them, so the address is free again.
+    /// The links close, each once its task has written what it holds or
+    /// after `CLOSE_GRACE` (a write to a peer that stopped reading is
+    /// stuck), and the listener with them: the address is free again as
+    /// soon as the runtime next runs the accepting task, which is aborted.
     fn drop(&mut self) {
         self.accepting.abort();
         for link in self.links.values() {
@@ -272,7 +273,8 @@ struct Outbox {
     /// `wait_for_room`).
     room: tokio::sync::Notify,
     /// No more frames will come (the peers or every response sink are
-    /// gone): the writer task stops once the buffer is written.
+    /// gone): a client connection's writer task stops once the buffer is
+    /// written, a peer link's once it is or `CLOSE_GRACE` has passed.
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -653,7 +655,12 @@ async fn accept_peers(
     accept_to: HashMap<NodeId, mpsc::Sender<Accepted>>,
     stats: Arc<NetStats>,
 ) {
+    // Each connection's hello is read and answered by a task of its own,
+    // held here so that they end with this one (when the transport is
+    // dropped), not up to the hello's timeout later.
+    let mut hellos = tokio::task::JoinSet::new();
     loop {
+        while hellos.try_join_next().is_some() {}
         let (mut stream, remote) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -666,7 +673,7 @@ async fn accept_peers(
         let cfg = cfg.clone();
         let accept_to = accept_to.clone();
         let stats = stats.clone();
-        tokio::spawn(async move {
+        hellos.spawn(async move {
             let mut buf = Vec::new();
             let hello = tokio::time::timeout(
                 Duration::from_secs(5),
@@ -1220,25 +1227,37 @@ impl Link {
                 .instrument(tracing::Span::current()),
             );
             // Why the connection ended; `None` once the transport is gone
-            // (closed, or its accepting task with it).
+            // (closed, or its accepting task with it), after what the link
+            // held got `CLOSE_GRACE` to go out.
             let reason = loop {
                 tokio::select! {
                     r = &mut reader => break Some(reader_ended(r)),
                     _ = outbox.wake.notified() => {
                         if outbox.is_closed() {
+                            grace(outbox.drain(&w, &mut spare)).await;
                             break None;
                         }
                         // Still watching the reader and for a replacement:
                         // a peer that stopped reading (a partition) must
                         // not keep its newer connection waiting until TCP
-                        // gives up on this one, nor the transport's end.
+                        // gives up on this one, nor the transport's end
+                        // for longer than `CLOSE_GRACE`.
+                        let drain = outbox.drain(&w, &mut spare);
+                        tokio::pin!(drain);
                         let drained = tokio::select! {
-                            d = outbox.drain(&w, &mut spare) => d,
+                            d = &mut drain => d,
                             r = &mut reader => break Some(reader_ended(r)),
-                            _ = outbox.closing() => break None,
+                            _ = outbox.closing() => {
+                                grace(&mut drain).await;
+                                break None;
+                            }
                             c = accepted.recv(), if !self.dial => {
-                                replacement = c;
-                                break replaced(&replacement);
+                                let Some(c) = c else {
+                                    grace(&mut drain).await;
+                                    break None;
+                                };
+                                replacement = Some(c);
+                                break Some(REPLACED.to_string());
                             }
                         };
                         if let Err(e) = drained {
@@ -1246,9 +1265,13 @@ impl Link {
                         }
                     }
                     c = accepted.recv(), if !self.dial => {
+                        let Some(c) = c else {
+                            grace(outbox.drain(&w, &mut spare)).await;
+                            break None;
+                        };
                         // The peer reconnected: the newer connection wins.
-                        replacement = c;
-                        break replaced(&replacement);
+                        replacement = Some(c);
+                        break Some(REPLACED.to_string());
                     }
                 }
             };
@@ -1367,12 +1390,19 @@ enum Pause {
 const UNREACHABLE_WARN: Duration = Duration::from_secs(5);
 const UNREACHABLE_REPEAT: Duration = Duration::from_secs(60);
 
-/// Why a connection ended for the one `accepted` gave, if it gave one
-/// (`None`: the transport is gone).
-fn replaced(replacement: &Option<Accepted>) -> Option<String> {
-    replacement
-        .is_some()
-        .then(|| "replaced by a newer connection".to_string())
+/// How long a link of a closed transport goes on writing what it holds
+/// (a removed leader's last messages, its hand-over, may be left to the
+/// link's task by a full socket) before it ends anyway: a peer that stopped
+/// reading does not keep it.
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
+
+/// Why a link's connection ended when the peer dialed again.
+const REPLACED: &str = "replaced by a newer connection";
+
+/// Waits for a closing link's `drain` of what it holds, for at most
+/// `CLOSE_GRACE`.
+async fn grace(drain: impl std::future::Future) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
 }
 
 /// Why a link's reader task ended.

@@ -9,6 +9,7 @@ use common::{free_addr, runtime};
 use keel_core::{Body, Entry, EntryKind, Message, NodeId};
 use keel_net::codec::{self, Frame};
 use keel_net::tcp::{start_peers, NetStats, Peers, TransportConfig};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -270,10 +271,16 @@ fn a_dropped_transport_ends_links_stuck_writing_and_frees_its_address() {
             std::thread::sleep(Duration::from_millis(10));
         }
     };
+    // Stuck indeed: the link held 8 MiB the socket did not take.
+    let stuck_writing = |stats: &NetStats| {
+        assert!(stats.peer_messages_dropped.load(Ordering::Relaxed) > 0);
+    };
     // Node 2 accepting a node 1 that does not read.
-    let (a2, two, stats) = accepting_two(&rt);
+    let (a2, mut two, stats) = accepting_two(&rt);
+    two.set_byte_limit(8 << 20);
     let stuck = stuck_one(&a2, &two);
     assert_eq!(stats.peer_protocols(), vec![(1, codec::PEER_VERSION)]);
+    stuck_writing(&stats);
     drop(two);
     gone(&stats, 1);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -284,7 +291,8 @@ fn a_dropped_transport_ends_links_stuck_writing_and_frees_its_address() {
     drop(stuck);
     // Node 1 dialing a node 2 that does not read.
     let fake = fake_node(|_| Take::Deaf);
-    let (one, received, stats) = dialing_one(&rt, &fake.addr);
+    let (mut one, received, stats) = dialing_one(&rt, &fake.addr);
+    one.set_byte_limit(8 << 20);
     received
         .recv_timeout(Duration::from_secs(10))
         .expect("the fake node's vote never came");
@@ -293,6 +301,7 @@ fn a_dropped_transport_ends_links_stuck_writing_and_frees_its_address() {
         one.flush();
     }
     assert_eq!(stats.peer_protocols(), vec![(2, codec::PEER_VERSION)]);
+    stuck_writing(&stats);
     drop(one);
     gone(&stats, 2);
     drop(rt);

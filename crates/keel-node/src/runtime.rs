@@ -2021,9 +2021,9 @@ impl Consensus {
             // first append) and then asks for its status sees this turn's
             // role, term and leader, not an earlier turn's. (A leader's
             // appends may go out earlier, at `write_log`, which publishes
-            // first when the node newly leads. Not strictly: a link whose
-            // socket was full is written by its own task, which may take a
-            // message as soon as it is queued.)
+            // first when the node newly leads. The peer links' tasks run on
+            // this thread's runtime, so none writes during a turn; only the
+            // in-memory network of tests delivers a message as it is sent.)
             self.maybe_publish_status();
             // This turn's peer messages, one write per peer, and its
             // client responses, one write per connection.

@@ -1,8 +1,11 @@
 //! The in-memory peer transport: the same `PeerSender` interface as the TCP
 //! transport, for clusters of several nodes in one process (tests,
-//! embedding). Messages go straight to the destination node's inbound
-//! queue; links can be cut to simulate partitions, made to lose a share
-//! of their messages, or made slow (each message held a while, in order).
+//! embedding). A node's messages go to the destination nodes' inbound
+//! queues at its `flush`, as the TCP transport writes a turn's messages
+//! (so a node's status, published before the flush, is never behind what
+//! its messages say); links can be cut to simulate partitions, made to
+//! lose a share of their messages, or made slow (each message held a
+//! while, in order).
 
 use crate::tcp::Inbound;
 use crate::PeerSender;
@@ -58,7 +61,10 @@ impl MemNetwork {
             g.due.retain(|&(_, to), _| to != id);
             g.nodes.insert(id, inbound);
         }
-        MemPeers { net: self.clone() }
+        MemPeers {
+            net: self.clone(),
+            queued: Mutex::new(Vec::new()),
+        }
     }
 
     /// Drops every message between `id` and any other node, both ways.
@@ -232,11 +238,28 @@ fn courier(inner: Weak<Mutex<Inner>>, wake: Arc<Condvar>) {
 /// One node's outbound side of a `MemNetwork`.
 pub struct MemPeers {
     net: MemNetwork,
+    /// Messages sent since the last `flush`, in order.
+    queued: Mutex<Vec<Message>>,
 }
 
 impl PeerSender for MemPeers {
     fn send(&self, m: Message) {
-        self.net.deliver(m);
+        self.queued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(m);
+    }
+
+    fn flush(&self) {
+        let queued = std::mem::take(
+            &mut *self
+                .queued
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for m in queued {
+            self.net.deliver(m);
+        }
     }
 }
 
@@ -290,6 +313,7 @@ mod tests {
         let sent = Instant::now();
         peers.send(msg(1, 2, 1));
         peers.send(msg(1, 2, 2));
+        peers.flush();
         assert!(
             got.lock().unwrap().is_empty(),
             "a slow link delivered at once"
@@ -297,12 +321,15 @@ mod tests {
         // Fast again: the next message still comes after those held.
         net.delay(1, 2, Duration::ZERO);
         peers.send(msg(1, 2, 3));
+        peers.flush();
         let arrived = wait_for(&got, 3);
         let terms: Vec<u64> = arrived.iter().map(|(t, _)| *t).collect();
         assert_eq!(terms, vec![1, 2, 3]);
         assert!(arrived[0].1 >= sent + Duration::from_millis(40));
-        // Nothing held any more: delivered at once.
+        // Nothing held any more: delivered at once, at the flush.
         peers.send(msg(1, 2, 4));
+        assert_eq!(got.lock().unwrap().len(), 3);
+        peers.flush();
         assert_eq!(got.lock().unwrap().len(), 4);
     }
 
@@ -327,11 +354,13 @@ mod tests {
         );
         net.delay(1, 2, Duration::from_millis(5));
         peers.send(msg(1, 2, 1));
+        peers.flush();
         net.delay(1, 2, Duration::ZERO);
         while !started.load(std::sync::atomic::Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
         peers.send(msg(1, 2, 2));
+        peers.flush();
         let terms: Vec<u64> = wait_for(&got, 2).iter().map(|(t, _)| *t).collect();
         assert_eq!(terms, vec![1, 2]);
     }
@@ -341,12 +370,14 @@ mod tests {
         let (net, peers, got) = two();
         net.delay(1, 2, Duration::from_millis(20));
         peers.send(msg(1, 2, 1));
+        peers.flush();
         net.cut(1, 2);
         std::thread::sleep(Duration::from_millis(80));
         assert!(got.lock().unwrap().is_empty());
         assert_eq!(net.dropped(1, 2, "PreVoteResp"), 1);
         net.heal();
         peers.send(msg(1, 2, 2));
+        peers.flush();
         assert_eq!(wait_for(&got, 1).len(), 1);
     }
 }

@@ -2022,8 +2022,8 @@ impl Consensus {
             // role, term and leader, not an earlier turn's. (A leader's
             // appends may go out earlier, at `write_log`, which publishes
             // first when the node newly leads. The peer links' tasks run on
-            // this thread's runtime, so none writes during a turn; only the
-            // in-memory network of tests delivers a message as it is sent.)
+            // this thread's runtime, so none writes during a turn; the
+            // in-memory network delivers at the flushes too.)
             self.maybe_publish_status();
             // This turn's peer messages, one write per peer, and its
             // client responses, one write per connection.
@@ -4969,11 +4969,8 @@ mod removed_tests {
                 wait_for("another leader", || {
                     leader_of(nodes).is_some_and(|n| n != l)
                 });
-                // (The in-memory network delivers a message as it is sent,
-                // before the node publishes the turn's status.)
-                wait_for("the node forgets its old leader", || {
-                    fh.status().leader != Some(l)
-                });
+                // (Its status was published before its vote went out.)
+                assert_ne!(fh.status().leader, Some(l));
             }
             assert!(!write.is_finished(), "answered at the role change");
             answered_outcome_unknown(write);
@@ -5101,6 +5098,7 @@ mod removed_tests {
                 transfer: true,
             },
         });
+        fake.flush();
         wait_for("the leader steps down", || lh.status().role != "leader");
         net.isolate(l);
         let answer = write.join().expect("the write's thread");
@@ -5370,7 +5368,8 @@ mod removed_tests {
                 to: 4,
                 term,
                 body,
-            })
+            });
+            self.fakes.flush();
         }
     }
 

@@ -4961,6 +4961,9 @@ mod removed_tests {
                 let transfer = |from: &Arc<NodeHandle>, to: NodeId| {
                     let r = rt.block_on(from.call(ClientOp::TransferLeader(to)));
                     assert!(matches!(r, ClientResult::Ok(_)), "transfer to {to}: {r:?}");
+                    // Answered once the target's first append came, after
+                    // its status said it leads.
+                    assert_eq!(nodes[to as usize - 1].status().leader, Some(to));
                 };
                 transfer(&lh, f);
                 transfer(&fh, l);

@@ -198,19 +198,6 @@ fn message(seq: u64, size: usize) -> Message {
     }
 }
 
-fn hello() -> Vec<u8> {
-    let mut b = Vec::new();
-    codec::encode(
-        &Frame::Hello {
-            cluster_id: CLUSTER,
-            node_id: 1,
-            version: codec::PEER_VERSION,
-        },
-        &mut b,
-    );
-    b
-}
-
 /// Reads from `s` until a whole peer message has come; returns it.
 fn read_message(s: &mut std::net::TcpStream, got: &mut Vec<u8>) -> Option<Message> {
     let mut buf = vec![0u8; 1 << 16];
@@ -255,7 +242,8 @@ fn a_peer_link_holds_a_bounded_number_of_bytes_for_a_peer_that_stopped_reading()
         .expect("peers 2");
     two.set_byte_limit(8 << 20);
     let mut one = std::net::TcpStream::connect(&a2).expect("connect");
-    one.write_all(&hello()).expect("hello");
+    one.write_all(&common::peer_hello(CLUSTER, 1))
+        .expect("hello");
     one.set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
     // Probes until the link is up (messages before are dropped as on a

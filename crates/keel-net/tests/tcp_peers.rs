@@ -178,16 +178,7 @@ fn accepting_two(rt: &tokio::runtime::Runtime) -> (String, Peers, Arc<NetStats>)
 
 /// Node 1's hello, from a raw socket.
 fn hello_of_one() -> Vec<u8> {
-    let mut b = Vec::new();
-    codec::encode(
-        &Frame::Hello {
-            cluster_id: CLUSTER,
-            node_id: 1,
-            version: codec::PEER_VERSION,
-        },
-        &mut b,
-    );
-    b
+    common::peer_hello(CLUSTER, 1)
 }
 
 /// `message(seq, size)` from node 2 to node 1.

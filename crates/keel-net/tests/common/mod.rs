@@ -14,3 +14,21 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("runtime")
 }
+
+/// The hello a peer transport's node `node_id` of cluster `cluster_id` opens
+/// its connections with, in this node's peer protocol: for tests playing a
+/// node on raw sockets. (Not every test binary plays one.)
+#[allow(dead_code)]
+pub fn peer_hello(cluster_id: u64, node_id: u64) -> Vec<u8> {
+    use keel_net::codec::{self, Frame};
+    let mut b = Vec::new();
+    codec::encode(
+        &Frame::Hello {
+            cluster_id,
+            node_id,
+            version: codec::PEER_VERSION,
+        },
+        &mut b,
+    );
+    b
+}

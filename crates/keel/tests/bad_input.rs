@@ -32,8 +32,16 @@ fn closed_after(addr: &str, bytes: &[u8]) -> bool {
 
 #[test]
 fn garbage_and_hostile_frames_close_only_their_connection() {
-    let mut c = TestCluster::start(3, "max_request_bytes = 65536");
-    let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
+    // Elections after 2-4 s without a heartbeat, not 0.5-1 s: the test
+    // checks that bad input deposes no leader, and a loaded machine's
+    // stall should not do it either.
+    let mut c = TestCluster::start(
+        3,
+        "max_request_bytes = 65536\n\
+         election_timeout_min_ms = 2000\n\
+         election_timeout_max_ms = 4000",
+    );
+    let (leader, term) = c.wait_for_leader(Duration::from_secs(15));
     let mut client = c.client();
     c.put(&mut client, "before", "1");
     let node = c.node(leader).client.clone();

@@ -15,6 +15,28 @@ use std::time::{Duration, Instant};
 
 pub const ELECTION_MAX_MS: u64 = 1000;
 
+/// The test clusters' heartbeat and election timeouts, as TOML lines,
+/// but for those `extra` sets itself (TOML refuses a key given twice).
+fn timing_defaults(extra: &str) -> String {
+    let defaults = [
+        ("heartbeat_ms", 50),
+        ("election_timeout_min_ms", 500),
+        ("election_timeout_max_ms", ELECTION_MAX_MS),
+    ];
+    let set = |key: &str| {
+        extra.lines().any(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+    };
+    defaults
+        .iter()
+        .filter(|(key, _)| !set(key))
+        .map(|(key, value)| format!("{key} = {value}\n"))
+        .collect()
+}
+
 pub struct TestNode {
     pub id: u64,
     pub client: String,
@@ -136,9 +158,10 @@ impl TestCluster {
             std::fs::create_dir_all(&dir).expect("mkdir");
             let (client, peer, etcd) = addrs[(id - 1) as usize].clone();
             let mut toml = format!(
-                "{}id = {id}\ndata_dir = {:?}\npeer_addr = \"{peer}\"\nclient_addr = \"{client}\"\netcd_addr = \"{etcd}\"\nheartbeat_ms = 50\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}\n",
+                "{}id = {id}\ndata_dir = {:?}\npeer_addr = \"{peer}\"\nclient_addr = \"{client}\"\netcd_addr = \"{etcd}\"\n{}{extra}\n",
                 if id > members { "join = true\n" } else { "" },
-                dir.join("data").display().to_string()
+                dir.join("data").display().to_string(),
+                timing_defaults(extra),
             );
             // A member's first start: the other members only.
             let mut first = None;

@@ -249,9 +249,10 @@ fn a_replacement_connection_wins_over_one_stuck_writing() {
 }
 
 /// A transport dropped (its node stopping) while a write to a peer that
-/// stopped reading is stuck ends that link at once, not when TCP gives up
-/// on the peer, on the accepting side (which also lets its listening
-/// address go) and on the dialing side.
+/// stopped reading is stuck ends that link once its grace for what it
+/// holds (200 ms) is over, not when TCP gives up on the peer, on the
+/// accepting side (which also lets its listening address go) and on the
+/// dialing side.
 #[test]
 fn a_dropped_transport_ends_links_stuck_writing_and_frees_its_address() {
     let rt = runtime();

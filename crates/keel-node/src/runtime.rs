@@ -2871,29 +2871,39 @@ impl Consensus {
         let already: std::collections::HashSet<(u64, u64)> =
             self.deposed_positions.values().copied().collect();
         let kept = &mut self.deposed_positions;
+        // Below the term this node now knows: a leader's write truncated
+        // in the step that deposed it was appended in an earlier term.
+        let earlier_term = self.node.term().saturating_sub(1);
         self.awaiting.retain(|&(client, seq), w| {
+            if client != keel_core::SESSIONLESS {
+                respond(&w.sink, w.id, not_leader.clone());
+                return false;
+            }
             if already.contains(&(client, seq)) {
                 return true;
             }
-            if client == keel_core::SESSIONLESS {
-                if let Some(&(p, term)) = positions.get(&(client, seq)) {
-                    kept.insert(p, (client, seq));
-                    // (And, like a forwarded one, told its outcome is
-                    // unknown if this node knows no leader for long, or
-                    // the next leader's term commits without it.)
-                    w.unplaced = Some(term);
-                    return true;
-                }
-                // Forwarded before this node led, or held while it
-                // transferred leadership: the leader it went to may hold it
-                // still or have appended it, so it waits for its entry or
-                // `write_timeout_ms`.
-                if w.unplaced.is_some() {
-                    return true;
-                }
+            if let Some(&(p, term)) = positions.get(&(client, seq)) {
+                kept.insert(p, (client, seq));
+                // (And, like a forwarded one, told its outcome is unknown
+                // if this node knows no leader for long, or the next
+                // leader's term commits without it.)
+                w.unplaced = Some(term);
+            } else if w.unplaced.is_none() {
+                // Appended here as leader, and gone from the log past the
+                // commit position (a committed one went to the service
+                // already): the step that deposed this node truncated it,
+                // a new leader's first append overwriting it. A node that
+                // did not vote for that leader may hold it still and be
+                // elected next, so it may yet commit: like a forwarded
+                // write, it waits for its entry, or to be told its outcome
+                // is unknown (`settle_unplaced`).
+                w.unplaced = Some(earlier_term);
             }
-            respond(&w.sink, w.id, not_leader.clone());
-            false
+            // (Otherwise forwarded before this node led, or held while it
+            // transferred leadership: the leader it went to may hold it
+            // still or have appended it, so it waits for its entry or
+            // `write_timeout_ms`.)
+            true
         });
     }
 
@@ -4864,6 +4874,166 @@ mod removed_tests {
             matches!(answer, ClientResult::NotLeader { .. }),
             "{answer:?}"
         );
+    }
+
+    /// A leader's sessionless write that has not committed, when the
+    /// first it hears of a new leader is an append that overwrites the
+    /// write's entry: that append deposes it and truncates the write in one
+    /// step. Another node may hold the write still (one that got it and did
+    /// not vote for the new leader) and lead next, so it may yet commit:
+    /// it must not be refused "not the leader" (a refusal the etcd API's
+    /// clients may retry), but wait for its entry. Here it commits under
+    /// the leader after next. Nodes 2 and 3 are played by the test.
+    #[test]
+    fn a_leaders_write_overwritten_as_it_is_deposed_waits_for_its_entry() {
+        use keel_core::{Body, Entry, EntryKind, Message};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let net = MemNetwork::new();
+        let heard: Arc<Mutex<Vec<Message>>> = Arc::new(Mutex::new(Vec::new()));
+        let recorder = || -> keel_net::tcp::Inbound {
+            let heard = heard.clone();
+            Arc::new(move |m| heard.lock().expect("heard").push(m))
+        };
+        let fakes = net.join(2, recorder());
+        let _ = net.join(3, recorder());
+        // Election timeouts far longer than the test: node 1 neither
+        // stands nor gives up leading on its own.
+        let mut cfg = config(1, tmp.path());
+        cfg.election_timeout_min_ms = 50_000;
+        cfg.election_timeout_max_ms = 55_000;
+        cfg.write_timeout_ms = 600_000;
+        let cluster_id = cfg.cluster_id;
+        let node = Arc::new(
+            start_with(cfg, Box::new(Echo), Transport::Memory(net.clone())).expect("start"),
+        );
+        let send = |from: NodeId, term: u64, body: Body| {
+            fakes.send(Message {
+                cluster_id,
+                from,
+                to: 1,
+                term,
+                body,
+            });
+            fakes.flush();
+        };
+        // The first message node 1 sent to node 2 that `pick` picks from.
+        let from_1 = |what: &str, pick: &dyn Fn(&Message) -> Option<Entry>| {
+            let find = || {
+                heard
+                    .lock()
+                    .expect("heard")
+                    .iter()
+                    .filter(|m| m.to == 2)
+                    .find_map(pick)
+            };
+            wait_for(what, || find().is_some());
+            find().expect("found")
+        };
+        let entry_of = |m: &Message, kind: fn(&EntryKind) -> bool| match &m.body {
+            Body::Append { entries, .. } => entries.iter().find(|e| kind(&e.kind)).cloned(),
+            _ => None,
+        };
+
+        // Node 2 hands leadership to node 1 and votes for it: node 1 leads
+        // term 1, and node 2 acknowledges its first entry, which commits.
+        send(2, 0, Body::TimeoutNow { last_pos: 0 });
+        wait_for("node 1 asks for votes", || {
+            heard
+                .lock()
+                .expect("heard")
+                .iter()
+                .any(|m| matches!(m.body, Body::Vote { .. }))
+        });
+        send(
+            2,
+            1,
+            Body::VoteResp {
+                granted: true,
+                amnesic: false,
+                committed: (0, 0),
+            },
+        );
+        let start = from_1("node 1's term start", &|m| {
+            entry_of(m, |k| matches!(k, EntryKind::TermStart))
+        });
+        assert_eq!(start.term, 1);
+        send(
+            2,
+            1,
+            Body::AppendResp {
+                ok: true,
+                position: start.end(),
+                hint_pos: 0,
+                hint_term: 0,
+                heartbeat: 0,
+                hold: 0,
+            },
+        );
+        wait_for("node 1's term start commits", || {
+            node.status().commit >= start.end()
+        });
+
+        // A write that reaches node 2's log only.
+        let write = spawn_call(&node, ClientOp::Write(Bytes::from_static(b"w")));
+        let w = from_1("node 1 sends the write", &|m| {
+            entry_of(m, |k| matches!(k, EntryKind::Command { .. }))
+        });
+        assert_eq!(w.position, start.end());
+
+        // Node 3, elected in term 2 without it, overwrites it at node 1.
+        let overwriting = Entry {
+            term: 2,
+            position: w.position,
+            timestamp: w.timestamp,
+            kind: EntryKind::TermStart,
+            data: Bytes::new(),
+        };
+        let overwritten_to = overwriting.end();
+        send(
+            3,
+            2,
+            Body::Append {
+                prev_pos: start.end(),
+                prev_term: 1,
+                commit: start.end(),
+                heartbeat: 1,
+                entries: vec![overwriting],
+                to_voter: true,
+            },
+        );
+        wait_for("node 1 follows node 3", || {
+            let s = node.status();
+            s.term == 2 && s.leader == Some(3) && s.append == overwritten_to
+        });
+
+        // Node 2, which holds the write, is elected in term 3 and commits
+        // it with its own term start.
+        let next_start = Entry {
+            term: 3,
+            position: w.end(),
+            timestamp: w.timestamp,
+            kind: EntryKind::TermStart,
+            data: Bytes::new(),
+        };
+        let end = next_start.end();
+        send(
+            2,
+            3,
+            Body::Append {
+                prev_pos: start.end(),
+                prev_term: 1,
+                commit: end,
+                heartbeat: 2,
+                entries: vec![w, next_start],
+                to_voter: true,
+            },
+        );
+        let answer = write.join().expect("the write's thread");
+        assert_eq!(answer, ClientResult::Ok(Bytes::from_static(b"w")));
+        wait_for("node 1 applies what node 2 committed", || {
+            node.status().applied == end
+        });
+        node.shutdown();
     }
 
     /// A write (or linearizable read) taken while the node knows no leader

@@ -99,6 +99,13 @@ fn default_replicated_sync_interval_ms() -> u64 {
 /// The longest election timeout accepted (etcd refuses 50 s and more).
 pub const MAX_ELECTION_TIMEOUT_MS: u64 = 60_000;
 
+/// The largest node id accepted. A sessionless write's sequence number
+/// carries the id of the node that took it in its top 16 bits, which keeps
+/// the numbers of different nodes apart; a larger id would share its low
+/// bits with a smaller one's, and their clients could get each other's
+/// replies.
+pub const MAX_NODE_ID: NodeId = 0xFFFF;
+
 fn default_write_timeout_ms() -> u64 {
     30_000
 }
@@ -171,7 +178,7 @@ fn default_service() -> String {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// This node's id (not 0, unique in the cluster).
+    /// This node's id (1 to `MAX_NODE_ID`, unique in the cluster).
     pub id: NodeId,
     /// Every node of a cluster must use the same cluster id; connections
     /// and messages from another cluster are refused.
@@ -415,8 +422,8 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.id == 0 {
-            return bad("id must not be 0".into());
+        if self.id == 0 || self.id > MAX_NODE_ID {
+            return bad(format!("id {} must be 1 to {MAX_NODE_ID}", self.id));
         }
         let mut ids = BTreeSet::new();
         for p in &self.peers {
@@ -425,6 +432,9 @@ impl NodeConfig {
                     "peer id {} is 0, this node's own id, or listed twice",
                     p.id
                 ));
+            }
+            if p.id > MAX_NODE_ID {
+                return bad(format!("peer id {} must be 1 to {MAX_NODE_ID}", p.id));
             }
         }
         if self.heartbeat_ms == 0 || self.heartbeat_ms >= self.election_timeout_min_ms {
@@ -966,6 +976,34 @@ mod tests {
             .expect_err("a backlog bound below one request accepted");
         assert!(
             e.to_string().contains("max_unapplied_bytes (1048576)"),
+            "{e}"
+        );
+    }
+
+    /// Node ids fit in the 16 bits a sessionless write's sequence number
+    /// keeps for them: a larger one, this node's or a peer's, is refused.
+    #[test]
+    fn node_ids_above_the_limit_are_refused() {
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        c.id = MAX_NODE_ID;
+        c.validate().expect("the largest id");
+        c.id = MAX_NODE_ID + 1;
+        let e = c.validate().expect_err("an id above the limit accepted");
+        assert!(e.to_string().contains("id 65536 must be 1 to 65535"), "{e}");
+        c.id = 0;
+        assert!(c.validate().is_err(), "id 0 accepted");
+        // (The low 16 bits of 65538 are 2's.)
+        let text = format!(
+            "{}[[peers]]\nid = 65538\npeer_addr = \"127.0.0.1:7002\"\n\
+             client_addr = \"127.0.0.1:7102\"\n",
+            base()
+        );
+        let c: NodeConfig = toml::from_str(&text).expect("parse");
+        let e = c
+            .validate()
+            .expect_err("a peer id above the limit accepted");
+        assert!(
+            e.to_string().contains("peer id 65538 must be 1 to 65535"),
             "{e}"
         );
     }

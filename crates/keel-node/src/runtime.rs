@@ -726,7 +726,8 @@ fn request_bytes(op: &ClientOp) -> u64 {
 /// Replies are matched to waiting callers by (client, seq) on every node
 /// that applies the entry, and a follower forwards its writes to the
 /// leader, so the number must be unique across the cluster: the node id
-/// goes in the top bits. (Two callers sharing one would get each other's
+/// goes in the top 16 bits (configurations refuse larger ids:
+/// `config::MAX_NODE_ID`). (Two callers sharing one would get each other's
 /// reply.)
 fn sessionless_seq(node: NodeId, counter: u64) -> u64 {
     (node << 48) | (counter & SESSIONLESS_COUNTER_MASK)

@@ -52,6 +52,20 @@ struct Segment {
     path: PathBuf,
 }
 
+/// Removes `segments` (in log order), the newest first: a crash part way
+/// leaves a prefix of the log, which the next `open` reconciles with the
+/// snapshot again (a log that ends before the snapshot, or differs from it
+/// at its position, is reset). Removed oldest first, it could leave a log
+/// starting after the snapshot's position (refused as missing entries), or
+/// one starting exactly there whose entries the snapshot superseded (kept,
+/// with no entry before it whose term would tell).
+fn remove_newest_first(segments: &[Segment], doing: &'static str) -> Result<(), LogError> {
+    for s in segments.iter().rev() {
+        fs::remove_file(&s.path).map_err(|e| LogError::io(&s.path, doing, e))?;
+    }
+    Ok(())
+}
+
 /// The segment files in `dir`, by base position (their `len` unknown: 0).
 fn list_segments(dir: &Path) -> Result<Vec<Segment>, LogError> {
     let mut segments = Vec::new();
@@ -493,10 +507,7 @@ impl LogStore {
         };
 
         let (segments, file, runs, last_pos) = if reset || segments.is_empty() {
-            for s in &segments {
-                fs::remove_file(&s.path)
-                    .map_err(|e| LogError::io(&s.path, "removing superseded segment", e))?;
-            }
+            remove_newest_first(&segments, "removing superseded segment")?;
             entries.clear();
             let (seg, file) = create_segment(dir, snap_pos)?;
             store_base = (snap_pos, snap_term);
@@ -669,9 +680,17 @@ impl LogStore {
             )));
         }
         self.flush_buf()?;
+        let mut removed = false;
         while self.segments.len() > 1 && self.segments[self.segments.len() - 1].base > from {
             let s = self.segments.pop().unwrap_or_else(|| unreachable!());
             fs::remove_file(&s.path).map_err(|e| LogError::io(&s.path, "removing segment", e))?;
+            removed = true;
+        }
+        if removed {
+            // The removals are durable before the segment left shrinks:
+            // shrunk with a later segment still there, the log would have
+            // a gap after a crash (refused at open as missing entries).
+            meta::sync_dir(&self.dir)?;
         }
         let active = self.segments.len() - 1;
         let seg = &mut self.segments[active];
@@ -758,9 +777,9 @@ impl LogStore {
     /// Replaces the whole log with an empty one starting at `pos` (a
     /// snapshot install whose position the log does not hold).
     pub fn reset(&mut self, pos: Position, term: Term) -> Result<(), LogError> {
-        for s in self.segments.drain(..) {
-            fs::remove_file(&s.path).map_err(|e| LogError::io(&s.path, "removing segment", e))?;
-        }
+        let segments = std::mem::take(&mut self.segments);
+        remove_newest_first(&segments, "removing segment")?;
+        meta::sync_dir(&self.dir)?;
         let (seg, file) = create_segment(&self.dir, pos)?;
         self.segments.push(seg);
         self.file = file;
@@ -865,6 +884,33 @@ mod tests {
             create_dir_durably(&sibling).expect("create"),
             [root.join("a")]
         );
+    }
+
+    /// Segments are removed newest first, so a removal that stops part
+    /// way (here at a path that cannot be removed as a file) has left the
+    /// older ones: a prefix of the log.
+    #[test]
+    fn segments_are_removed_newest_first() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let segments: Vec<Segment> = [0, 100, 200, 300]
+            .into_iter()
+            .map(|base| Segment {
+                base,
+                len: 0,
+                path: tmp.path().join(segment_name(base)),
+            })
+            .collect();
+        for (i, s) in segments.iter().enumerate() {
+            if i == 1 {
+                fs::create_dir(&s.path).expect("mkdir");
+            } else {
+                fs::write(&s.path, b"x").expect("write");
+            }
+        }
+        let e = remove_newest_first(&segments, "removing segment").expect_err("a directory");
+        assert!(e.to_string().contains(&segment_name(100)), "{e}");
+        let left: Vec<bool> = segments.iter().map(|s| s.path.exists()).collect();
+        assert_eq!(left, [true, true, false, false]);
     }
 
     /// A data directory path that is a file is refused as such, not with

@@ -406,6 +406,50 @@ fn a_snapshot_ahead_of_the_synced_log_supersedes_it() {
     assert_eq!(o.store.last_pos(), 900);
 }
 
+/// Installing a snapshot whose position the log holds with another term
+/// replaces the log, its segments removed newest first: a crash part way
+/// leaves a prefix of them, and every prefix reopens as the snapshot with
+/// an empty log after it. (Removed oldest first, a crash could leave a log
+/// starting after the snapshot, refused as missing entries, or one starting
+/// exactly at it whose entries the snapshot superseded.)
+#[test]
+fn a_log_reset_cut_short_by_a_crash_reopens_as_the_snapshot() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("log");
+    let (store, all) = fifty_entries_over_segments(&dir);
+    drop(store);
+    // What an install saves before it resets the log.
+    let s = Snapshot {
+        meta: SnapshotMeta {
+            position: all[25].end(),
+            term: 2,
+            timestamp: 0,
+            membership: Membership::new([1]),
+        },
+        data: Bytes::from_static(b"a later term's state"),
+    };
+    meta::save_snapshot(&dir, &s).expect("save");
+    let segments: Vec<String> = dir_names(&dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".seg"))
+        .collect();
+    assert!(segments.len() > 5, "{segments:?}");
+    for kept in 0..=segments.len() {
+        let copy = tmp.path().join(format!("crashed-{kept}"));
+        std::fs::create_dir(&copy).expect("mkdir");
+        for name in dir_names(&dir) {
+            if !segments[kept..].contains(&name) {
+                std::fs::copy(dir.join(&name), copy.join(&name)).expect("copy");
+            }
+        }
+        let o = LogStore::open(&copy, opts(1000))
+            .unwrap_or_else(|e| panic!("{kept} of the segments left: {e}"));
+        assert_eq!(o.snapshot.as_ref(), Some(&s), "{kept} left");
+        assert!(o.entries.is_empty(), "{kept} left: {:?}", o.entries);
+        assert_eq!(o.store.last_pos(), s.meta.position, "{kept} left");
+    }
+}
+
 #[test]
 fn hard_state_round_trips_and_rejects_damage() {
     let dir = tempfile::tempdir().expect("tempdir");

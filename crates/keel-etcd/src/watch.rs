@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -104,14 +104,31 @@ pub struct WatchGauges {
 struct Session {
     api: Arc<Api>,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
+    /// This node's apply feed (subscribed before the first status read).
+    feed: tokio::sync::broadcast::Receiver<Arc<keel_node::Notification>>,
     watchers: BTreeMap<i64, Watcher>,
     /// How many of `watchers` the gauges count (`recount`).
     counted: i64,
     /// The next automatically chosen watch id (etcd starts at 0).
     next_id: i64,
     /// Every revision up to this one has been handed to every watch that
-    /// wants it.
+    /// wants it. No response of the stream carries a revision above it
+    /// once the request or notification that sent it has been handled (a
+    /// watch's catch-up from history is followed by the feed up to where
+    /// it read, `drain_feed`): clients resume a watch from the revision of
+    /// a response without events (clientv3 does), and a progress response
+    /// below an event already sent would make them receive it again.
     feed_rev: u64,
+}
+
+/// Whether the feed's queued notifications brought the stream up to a
+/// revision (`Session::drain_feed`).
+enum Drained {
+    Done,
+    /// They could not (the stream fell behind the feed, a snapshot was
+    /// installed, revisions are missing): every watch catches up from
+    /// history instead.
+    CatchUp,
 }
 
 impl Drop for Session {
@@ -207,6 +224,10 @@ impl Session {
             self.next_id - 1
         };
         let (local_rev, compact) = self.local_status().await?;
+        // The other watches first get what was applied up to the revision
+        // this one is created at (it is in the feed already: the service
+        // publishes a batch's events before it answers a later read).
+        self.sync_feed(local_rev).await?;
         // etcd takes a negative start as a revision below its compaction
         // point (-1 before the first compaction): created, then canceled
         // with that point. (A start of -1 before any compaction is not
@@ -251,17 +272,20 @@ impl Session {
                 .await;
         }
         if past {
-            self.catch_up(id).await?;
+            let upto = self.catch_up(id).await?;
+            self.sync_feed(upto).await?;
         }
         Ok(())
     }
 
     /// Delivers watch `id`'s events from its `next_rev` to this node's
-    /// current revision, from the retained history.
-    async fn catch_up(&mut self, id: i64) -> Result<(), End> {
+    /// current revision, from the retained history: the revision it read
+    /// up to (0 if the watch is gone), which the feed must then be brought
+    /// up to (`sync_feed`).
+    async fn catch_up(&mut self, id: i64) -> Result<u64, End> {
         loop {
             let Some(w) = self.watchers.get(&id).cloned() else {
-                return Ok(());
+                return Ok(0);
             };
             let q = Query::Events {
                 start: w.key.clone(),
@@ -281,17 +305,19 @@ impl Session {
                     // Compacted: etcd tells the watch where history now
                     // starts and cancels it (with no cancel reason: clients
                     // see ErrCompacted from the compact revision).
+                    // (The revision of the cancel: the watch is gone, so
+                    // no client resumes it from there.)
                     let (rev, compact) = self.local_status().await?;
                     self.watchers.remove(&id);
-                    return self
-                        .send(WatchResponse {
-                            header: self.header(rev),
-                            watch_id: id,
-                            canceled: true,
-                            compact_revision: compact.max(1),
-                            ..Default::default()
-                        })
-                        .await;
+                    self.send(WatchResponse {
+                        header: self.header(rev),
+                        watch_id: id,
+                        canceled: true,
+                        compact_revision: compact.max(1),
+                        ..Default::default()
+                    })
+                    .await?;
+                    return Ok(0);
                 }
                 Err(s) => return Err(End::Error(s)),
             };
@@ -310,52 +336,98 @@ impl Session {
                 self.send_events(id, header_rev, wanted, w.fragment).await?;
             }
             let Some(w) = self.watchers.get_mut(&id) else {
-                return Ok(());
+                return Ok(header_rev);
             };
             match (more, last) {
                 (true, Some(last)) => w.next_rev = w.next_rev.max(last + 1),
                 _ => {
                     w.next_rev = w.next_rev.max(revision + 1);
-                    return Ok(());
+                    return Ok(header_rev);
                 }
             }
         }
     }
 
     /// Catches every watch up to (at least) this node's current revision,
-    /// which then becomes the feed position.
+    /// which then becomes the feed position; then the feed up to the
+    /// latest revision a catch-up read (`sync_feed`), again from history
+    /// if it cannot.
     async fn catch_up_all(&mut self) -> Result<(), End> {
-        let (rev, _) = self.local_status().await?;
-        let ids: Vec<i64> = self.watchers.keys().copied().collect();
-        for id in ids {
-            self.catch_up(id).await?;
+        loop {
+            let (rev, _) = self.local_status().await?;
+            let mut upto = rev;
+            let ids: Vec<i64> = self.watchers.keys().copied().collect();
+            for id in ids {
+                upto = upto.max(self.catch_up(id).await?);
+            }
+            self.feed_rev = self.feed_rev.max(rev);
+            if let Drained::Done = self.drain_feed(upto).await? {
+                return Ok(());
+            }
         }
-        self.feed_rev = self.feed_rev.max(rev);
-        Ok(())
     }
 
-    /// Hands one feed notification to the watches.
-    async fn on_feed(&mut self, items: &[Bytes]) -> Result<(), End> {
+    /// Brings the stream up to revision `upto` from the feed, where the
+    /// service has published it already (`drain_feed`), or else from
+    /// history.
+    async fn sync_feed(&mut self, upto: u64) -> Result<(), End> {
+        match self.drain_feed(upto).await? {
+            Drained::Done => Ok(()),
+            Drained::CatchUp => self.catch_up_all().await,
+        }
+    }
+
+    /// Hands the feed's queued notifications to the watches until every
+    /// revision up to `upto` has been (`feed_rev`). The service publishes
+    /// a batch's events before it answers any later query, so the events
+    /// of a revision a query returned are in the feed by then: with none
+    /// left queued, the revisions up to `upto` had none.
+    async fn drain_feed(&mut self, upto: u64) -> Result<Drained, End> {
+        while self.feed_rev < upto {
+            let n = match self.feed.try_recv() {
+                Ok(n) if !n.reset => n,
+                Err(TryRecvError::Empty) => {
+                    self.feed_rev = upto;
+                    break;
+                }
+                Ok(_) | Err(TryRecvError::Lagged(_)) => return Ok(Drained::CatchUp),
+                Err(TryRecvError::Closed) => {
+                    return Err(End::Error(Status::unavailable(
+                        "etcdserver: server stopped",
+                    )))
+                }
+            };
+            if let Drained::CatchUp = self.on_feed(&n.items).await? {
+                return Ok(Drained::CatchUp);
+            }
+        }
+        Ok(Drained::Done)
+    }
+
+    /// Hands one feed notification to the watches, unless they must catch
+    /// up from history instead (revisions missing before it, or it could
+    /// not be read).
+    async fn on_feed(&mut self, items: &[Bytes]) -> Result<Drained, End> {
         let mut events = Vec::with_capacity(items.len());
         for item in items {
             match WatchEvent::decode(item) {
                 Ok(e) => events.push(e),
                 Err(e) => {
                     tracing::error!("undecodable watch event from the KV service: {e}");
-                    return self.catch_up_all().await;
+                    return Ok(Drained::CatchUp);
                 }
             }
         }
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
-            return Ok(());
+            return Ok(Drained::Done);
         };
         let (first, last) = (first.revision(), last.revision());
         if last <= self.feed_rev {
-            return Ok(());
+            return Ok(Drained::Done);
         }
         if first > self.feed_rev + 1 {
             // Revisions went missing on the way (snapshot installed here).
-            return self.catch_up_all().await;
+            return Ok(Drained::CatchUp);
         }
         let ids: Vec<i64> = self.watchers.keys().copied().collect();
         for id in ids {
@@ -371,7 +443,7 @@ impl Session {
             }
         }
         self.feed_rev = last;
-        Ok(())
+        Ok(Drained::Done)
     }
 
     /// Sends `events` of watch `id` in one response, or, if the watch asked
@@ -483,11 +555,12 @@ async fn run(
 ) {
     // Subscribe before anything is read, so nothing applied after the first
     // query is missed.
-    let mut feed = api.node.subscribe();
+    let feed = api.node.subscribe();
     let every = api.config.watch_progress_interval;
     let mut s = Session {
         api,
         out,
+        feed,
         watchers: BTreeMap::new(),
         counted: 0,
         next_id: 0,
@@ -512,9 +585,13 @@ async fn run(
                     }
                     None => requests_done = true,
                 },
-                n = feed.recv() => match n {
+                n = s.feed.recv() => match n {
                     Ok(n) if n.reset => s.catch_up_all().await?,
-                    Ok(n) => s.on_feed(&n.items).await?,
+                    Ok(n) => {
+                        if let Drained::CatchUp = s.on_feed(&n.items).await? {
+                            s.catch_up_all().await?;
+                        }
+                    }
                     Err(RecvError::Lagged(_)) => s.catch_up_all().await?,
                     Err(RecvError::Closed) => {
                         return Err(End::Error(Status::unavailable("etcdserver: server stopped")))

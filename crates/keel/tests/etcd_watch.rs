@@ -253,6 +253,83 @@ fn watch_options_on_one_stream() {
     });
 }
 
+/// A response without events carries a revision at or above every event
+/// and every created response the stream sent before it: clientv3 resumes
+/// a watch after a reconnect from the revision of such a response (a
+/// progress response, periodic or asked for), so one below an event it
+/// already delivered would deliver that event again. Here watches that
+/// start a little in the past, caught up from history up to the store's
+/// current revision, are created on a stream whose feed is kept busy by
+/// writers, each followed at once by a progress request.
+#[test]
+fn progress_never_reports_a_revision_below_what_the_stream_sent() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    let c = TestCluster::start(3, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    c.rt.block_on(async {
+        let ch = connect(&c.nodes[0].etcd).await;
+        let mut kv = KvClient::new(ch.clone());
+        let latest = Arc::new(AtomicI64::new(put(&mut kv, "busy/0", "0").await));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let (stop, latest, mut kv) = (stop.clone(), latest.clone(), kv.clone());
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let rev = put(&mut kv, &format!("busy/{w}/{}", i % 16), "v").await;
+                        latest.fetch_max(rev, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let mut s = open(&ch).await;
+        // Every write reaches this stream through the feed.
+        s.create(create("busy/", b"busy0")).await;
+        // The highest revision an event or a created response carried.
+        let mut sent = 0i64;
+        let rounds = 40;
+        let mut checked = 0;
+        for _ in 0..rounds {
+            let mut w = create("busy/", b"busy0");
+            w.start_revision = (latest.load(Ordering::Relaxed) - 100).max(1);
+            s.send(RequestUnion::CreateRequest(w)).await;
+            s.send(RequestUnion::ProgressRequest(WatchProgressRequest {}))
+                .await;
+            let mut created = None;
+            loop {
+                let r = s.next().await;
+                let rev = r.header.as_ref().expect("header").revision;
+                if let Some(e) = r.events.last() {
+                    sent = sent.max(e.kv.as_ref().expect("kv").mod_revision);
+                } else if r.created {
+                    sent = sent.max(rev);
+                    created = Some(r.watch_id);
+                } else if r.watch_id == -1 {
+                    assert!(
+                        rev >= sent,
+                        "a progress response at revision {rev} after the stream sent {sent}"
+                    );
+                    checked += 1;
+                    break;
+                }
+            }
+            // Each round's watch goes again, so the stream's watches stay
+            // few (its canceled response comes in a later round).
+            let watch_id = created.expect("the watch was created before the progress response");
+            s.send(RequestUnion::CancelRequest(WatchCancelRequest { watch_id }))
+                .await;
+        }
+        assert_eq!(checked, rounds);
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.await.expect("writer");
+        }
+    });
+}
+
 #[test]
 fn a_watch_through_a_follower_survives_a_leader_kill() {
     let mut c = TestCluster::start(3, "");

@@ -724,7 +724,9 @@ pub struct Node {
     /// Leader: when to tell followers the commit position it held back
     /// (see `Config::commit_notify_delay`).
     commit_notify_at: Option<Nanos>,
-    /// Follower: the snapshot being received in chunks.
+    /// Follower: the snapshot being received in chunks (held until it is
+    /// whole; dropped once this node no longer follows, or has committed
+    /// what it covers: see `set_role`, `advance_follower_commit`).
     incoming: Option<(SnapshotMeta, Vec<u8>)>,
     /// Set once this node learned it was removed from the cluster: who
     /// said so and from which position. Every later event is ignored.
@@ -1001,6 +1003,10 @@ impl Node {
     /// starts at its position, and it is the file sent to followers.
     pub fn snapshot_file(&self) -> Option<(Position, u64)> {
         self.published.as_ref().map(|(m, size)| (m.position, *size))
+    }
+    /// Bytes held of a snapshot being received from the leader (0: none).
+    pub fn incoming_snapshot_bytes(&self) -> usize {
+        self.incoming.as_ref().map_or(0, |(_, buf)| buf.len())
     }
     /// Metadata of the newest published snapshot file.
     pub fn published_snapshot_meta(&self) -> Option<&SnapshotMeta> {
@@ -1684,6 +1690,10 @@ impl Node {
         let changed = self.role != role || self.leader != leader;
         self.role = role;
         self.leader = leader;
+        if role != Role::Follower {
+            // Standing for election or leading: no leader sends the rest.
+            self.incoming = None;
+        }
         if role == Role::Follower && leader.is_some() {
             self.release_held_forwards(out);
         }
@@ -2419,6 +2429,11 @@ impl Node {
         if c > self.commit && self.log.term_at(c).is_some() {
             self.commit = c;
             self.emit_apply(out);
+            if self.incoming.as_ref().is_some_and(|(m, _)| m.position <= c) {
+                // Caught up by appends (a new leader that had the log): a
+                // snapshot this far back would be refused when whole.
+                self.incoming = None;
+            }
         }
     }
 

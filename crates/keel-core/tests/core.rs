@@ -1211,6 +1211,76 @@ fn an_installed_snapshot_supersedes_the_followers_own_unpublished_ones() {
     assert_eq!(f.log().first_pos(), meta.position);
 }
 
+/// A follower holds a snapshot's chunks in memory until it is whole. What
+/// it holds is dropped once it stands for election (no leader will send
+/// the rest), and once appends commit past the snapshot's position (it
+/// would be refused when whole), rather than kept until another snapshot
+/// comes.
+#[test]
+fn a_partly_received_snapshot_is_dropped_once_it_cannot_be_used() {
+    let part = image_of(b"the first part");
+    let first_chunk = |position| {
+        Event::Message(from_leader_1(Body::InstallSnapshot {
+            meta: SnapshotMeta {
+                position,
+                term: 1,
+                timestamp: 5,
+                membership: Membership::new([1, 2, 3]),
+            },
+            offset: 0,
+            chunk: part.clone(),
+            done: false,
+            to_voter: true,
+        }))
+    };
+    let mut out = Vec::new();
+
+    // The leader goes silent: the follower stands.
+    let mut f = Node::new(Config::new(2, 7), Membership::new([1, 2, 3]), 0);
+    f.step(10 * MS, first_chunk(10_000), &mut out);
+    assert_eq!(f.incoming_snapshot_bytes(), part.len());
+    f.step(10_000 * MS, Event::Tick, &mut out);
+    assert_ne!(f.role(), Role::Follower);
+    assert_eq!(f.incoming_snapshot_bytes(), 0);
+
+    // Appends catch it up past the snapshot's position instead.
+    let mut f = Node::new(Config::new(2, 7), Membership::new([1, 2, 3]), 0);
+    let e = Entry {
+        term: 1,
+        position: 0,
+        timestamp: 1,
+        kind: EntryKind::TermStart,
+        data: Bytes::from_static(b"a term start with some data in it"),
+    };
+    let end = e.end();
+    f.step(10 * MS, first_chunk(end), &mut out);
+    assert_eq!(f.incoming_snapshot_bytes(), part.len());
+    f.step(11 * MS, append(0, 0, vec![e]), &mut out);
+    f.step(
+        12 * MS,
+        Event::Durable {
+            position: end,
+            term: 1,
+        },
+        &mut out,
+    );
+    assert_eq!(f.incoming_snapshot_bytes(), part.len(), "not committed yet");
+    f.step(
+        13 * MS,
+        Event::Message(from_leader_1(Body::Append {
+            prev_pos: end,
+            prev_term: 1,
+            commit: end,
+            heartbeat: 1,
+            entries: vec![],
+            to_voter: true,
+        })),
+        &mut out,
+    );
+    assert_eq!(f.commit_position(), end);
+    assert_eq!(f.incoming_snapshot_bytes(), 0);
+}
+
 #[test]
 fn a_snapshot_damaged_on_the_way_is_rejected_and_sent_again() {
     let big: Vec<u8> = (0..3_000u32).map(|i| i as u8).collect();

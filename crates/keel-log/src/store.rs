@@ -35,12 +35,33 @@ const MAX_SYNC_TIMES: usize = 1024;
 pub struct Options {
     /// Roll to a new segment file once the active one reaches this size.
     pub segment_size: u64,
+    /// At open: the machine lost power since the log was last written, and
+    /// the node counts as having lost entries it may have acknowledged
+    /// (keel-node's amnesia after a power loss in `replicated` mode). A
+    /// damaged frame in the last segment over an all-zero sector is then
+    /// cut with everything after it, even where data follows the zeros:
+    /// pages written before a power loss may reach the disk out of order,
+    /// so the unsynced end of a log can have holes. Otherwise (the
+    /// default) such a log is refused, as the zeros may be damage in the
+    /// middle of entries the node acknowledged.
+    pub cut_after_hole: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             segment_size: 64 << 20,
+            cut_after_hole: false,
+        }
+    }
+}
+
+impl Options {
+    /// The default options with segments of `segment_size` bytes.
+    pub fn with_segment_size(segment_size: u64) -> Self {
+        Options {
+            segment_size,
+            ..Options::default()
         }
     }
 }
@@ -425,6 +446,7 @@ impl LogStore {
                 let is_torn = match (last, classify(&data, off)) {
                     (false, _) | (_, Damage::Corrupt) => false,
                     (true, Damage::CutShort | Damage::Unwritten) => true,
+                    (true, Damage::ZerosThenData { .. }) if opts.cut_after_hole => true,
                     (true, Damage::ZerosThenData { zeros, nonzero }) => {
                         let why = match valid_header_at_or_after(&data, off + 1) {
                             Some(at) => format!(

@@ -31,9 +31,7 @@ const CASES: u64 = 300;
 const HEADER_LEN: u64 = keel_core::ENTRY_HEADER_LEN;
 
 fn opts() -> Options {
-    Options {
-        segment_size: SEGMENT_SIZE,
-    }
+    Options::with_segment_size(SEGMENT_SIZE)
 }
 
 /// Random bytes, none of them zero.
@@ -721,6 +719,43 @@ fn a_zeroed_sector_in_the_middle_of_the_last_segment_is_refused() {
     assert_eq!(fs::metadata(&seg).expect("metadata").len(), len);
 }
 
+/// After a power loss (`Options::cut_after_hole`: the caller knows, and
+/// counts the node as having lost what it acknowledged), the same hole is
+/// what pages reaching the disk out of order leave at the unsynced end of
+/// a log: the damaged frame is cut with everything after it, and the
+/// entries before it are kept.
+#[test]
+fn a_zeroed_sector_in_the_last_segment_is_cut_after_a_power_loss() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (all, seg) = one_segment_log(dir.path(), 120);
+    let len = all.last().map_or(0, Entry::end);
+    let sector = 16 * 512;
+    zero(&seg, sector, 512);
+    let damaged = all
+        .iter()
+        .position(|e| e.end() > sector)
+        .expect("a frame over the sector");
+    let after_power_loss = Options {
+        cut_after_hole: true,
+        ..Options::default()
+    };
+    let o = LogStore::open(dir.path(), after_power_loss).expect("opened after a power loss");
+    assert_eq!(o.entries, all[..damaged]);
+    let torn = o.torn.as_ref().expect("a cut tail");
+    assert_eq!(torn.offset, all[damaged].position);
+    assert_eq!(torn.discarded_bytes, len - all[damaged].position);
+    drop(o);
+    assert_eq!(
+        fs::metadata(&seg).expect("metadata").len(),
+        all[damaged].position
+    );
+    // The cut is durable: a later open, without the option, finds the log
+    // as it was left.
+    let o = LogStore::open(dir.path(), Options::default()).expect("reopen");
+    assert_eq!(o.entries, all[..damaged]);
+    assert!(o.torn.is_none());
+}
+
 /// The same sector zeroed through the end of the file (what an interrupted
 /// write can leave: the file grew but its last sectors were never written)
 /// is a torn tail: recovery keeps the frames before it.
@@ -1012,7 +1047,7 @@ fn a_partial_zeroed_sector_before_valid_frames_is_refused() {
 fn zeros_at_the_end_of_a_sealed_segment_are_refused() {
     for sectors in [0, 2] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let opts = Options { segment_size: 4096 };
+        let opts = Options::with_segment_size(4096);
         let mut store = LogStore::open(dir.path(), opts.clone())
             .expect("open")
             .store;

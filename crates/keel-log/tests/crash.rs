@@ -123,7 +123,7 @@ fn check_recovery(
         return Err(format!("synced positions do not increase: {synced:?}"));
     }
     let need = synced.last().map_or(floor, |s| s.0.max(floor));
-    let opts = Options { segment_size };
+    let opts = Options::with_segment_size(segment_size);
     let o = LogStore::open(dir, opts.clone())
         .map_err(|e| format!("recovery failed after the kill: {e}"))?;
     let mut ends = HashMap::new();

@@ -45,7 +45,7 @@ fn end_of(entries: &[Entry], from: Position) -> Position {
 }
 
 fn opts(segment_size: u64) -> Options {
-    Options { segment_size }
+    Options::with_segment_size(segment_size)
 }
 
 #[derive(Clone, Debug)]

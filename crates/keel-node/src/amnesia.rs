@@ -68,8 +68,8 @@ struct Recorded {
 
 /// What [`BOOT_FILE`] said, if it exists. A file this version cannot read
 /// counts as a run of another boot in `replicated` mode that did not stop
-/// gracefully (the safe side).
-fn recorded(dir: &Path) -> Result<Option<Recorded>, NodeError> {
+/// gracefully (the safe side); `warn`: says so in the log.
+fn recorded(dir: &Path, warn: bool) -> Result<Option<Recorded>, NodeError> {
     let path = dir.join(BOOT_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -83,11 +83,13 @@ fn recorded(dir: &Path) -> Result<Option<Recorded>, NodeError> {
         Some(["replicated"]) => (true, false),
         Some(["replicated", "synced"]) => (true, true),
         _ => {
-            warn!(
-                "{} is not `<boot id> <sync|replicated> [synced]`: taking it that the machine \
-                 lost power during a run in replicated mode",
-                path.display()
-            );
+            if warn {
+                warn!(
+                    "{} is not `<boot id> <sync|replicated> [synced]`: taking it that the \
+                     machine lost power during a run in replicated mode",
+                    path.display()
+                );
+            }
             return Ok(Some(Recorded {
                 boot: String::new(),
                 replicated: true,
@@ -100,6 +102,29 @@ fn recorded(dir: &Path) -> Result<Option<Recorded>, NodeError> {
         replicated,
         synced,
     }))
+}
+
+/// Whether the machine went down since the last run, which was in
+/// `replicated` mode and did not stop with everything synced: `now` is the
+/// current boot (`None`: the kernel does not tell, and a power loss cannot
+/// be told from a crash).
+fn lost_power(record: Option<&Recorded>, now: Option<&String>) -> bool {
+    match (record, now) {
+        (Some(r), Some(now)) => r.replicated && !r.synced && r.boot != *now,
+        _ => false,
+    }
+}
+
+/// At a start, before the log is opened: whether `on_start` will find that
+/// the machine lost power since the last run in `replicated` mode. The log
+/// may then be cut at a hole in its unsynced end
+/// (`keel_log::Options::cut_after_hole`): the node counts as amnesic, so
+/// what it cuts is covered.
+pub(crate) fn power_lost(dir: &Path) -> Result<bool, NodeError> {
+    Ok(lost_power(
+        recorded(dir, false)?.as_ref(),
+        boot_id().as_ref(),
+    ))
 }
 
 /// At a start, before the core is built: whether the node is amnesic.
@@ -123,18 +148,14 @@ fn on_boot(
     hard: &mut HardStateFile,
     node_id: u64,
 ) -> Result<bool, NodeError> {
-    let record = recorded(dir)?;
-    let lost = match (&record, &now) {
-        (Some(r), Some(now)) => r.replicated && !r.synced && r.boot != *now,
-        (Some(r), None) if r.replicated && !r.synced => {
-            warn!(
-                "node {node_id}: cannot read {BOOT_ID_PATH}: a power loss since the last run in \
-                 replicated mode cannot be told from a crash"
-            );
-            false
-        }
-        _ => false,
-    };
+    let record = recorded(dir, true)?;
+    let lost = lost_power(record.as_ref(), now.as_ref());
+    if now.is_none() && record.as_ref().is_some_and(|r| r.replicated && !r.synced) {
+        warn!(
+            "node {node_id}: cannot read {BOOT_ID_PATH}: a power loss since the last run in \
+             replicated mode cannot be told from a crash"
+        );
+    }
     let start_error = |what: &str, e: keel_log::LogError| {
         NodeError::Start(format!("after a power loss, writing {what}: {e}"))
     };

@@ -1292,9 +1292,16 @@ fn run_node(
 
     // Nothing was written before this point.
     *touched = true;
+    // After a power loss the log's unsynced end may have holes (pages reach
+    // the disk out of order): cut there, as the node will be amnesic.
+    let power_lost = crate::amnesia::power_lost(&dir)?;
+    let options = Options {
+        cut_after_hole: power_lost,
+        ..Options::default()
+    };
     // Locks the directory for the storage thread's lifetime, and refuses
     // one that belongs to another node or cluster.
-    let opened = LogStore::open_as(&dir, Options::default(), identity(&cfg))?;
+    let opened = LogStore::open_as(&dir, options, identity(&cfg))?;
     // Backups a previous run was still sending when it stopped.
     match std::fs::remove_dir_all(dir.join(BACKUP_DIR)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -1306,8 +1313,13 @@ fn run_node(
         _ => {}
     }
     if let Some(t) = &opened.torn {
+        let after = if power_lost {
+            " after a power loss"
+        } else {
+            ""
+        };
         warn!(
-            "recovery cut a torn tail: {} bytes at offset {} of {}",
+            "recovery{after} cut a torn tail: {} bytes at offset {} of {}",
             t.discarded_bytes,
             t.offset,
             t.path.display()

@@ -1057,11 +1057,13 @@ fn nemesis(
 /// What a power loss does to the data of node `id` (`replicated`
 /// durability; the process was just killed): its last log segment loses
 /// its last 1-8 frames, what it had written but not synced (three times
-/// in ten the cut is torn, inside the frame before), and the boot id its
-/// data directory recorded changes, as if the machine rebooted. Says what
-/// was cut. (A real power loss loses only what was not synced, at most a
-/// sync interval's worth: this loses more, which a node must survive the
-/// same way.)
+/// in ten the cut is torn, inside the frame before; two in ten a sector
+/// among the last frames left is zeroed too, a page that never reached
+/// the disk though later ones did), and the boot id its data directory
+/// recorded changes, as if the machine rebooted. Says what was cut. (A
+/// real power loss loses only what was not synced, at most a sync
+/// interval's worth: this loses more, which a node must survive the same
+/// way.)
 fn lose_power(c: &TestCluster, id: u64, rng: &mut Rng) -> String {
     use keel_log::frame::{decode_header, HEADER_LEN};
     let data = c.node(id).dir.join("data");
@@ -1093,16 +1095,28 @@ fn lose_power(c: &TestCluster, id: u64, rng: &mut Rng) -> String {
         .open(&last)
         .expect("open segment");
     f.set_len(at as u64).expect("cut segment");
+    drop(f);
+    // A hole: the whole sector before the one the cut is in.
+    let hole = (at / 512)
+        .checked_sub(1)
+        .map(|s| s * 512)
+        .filter(|_| rng.chance(0.2));
+    if let Some(h) = hole {
+        let mut left = std::fs::read(&last).expect("read segment");
+        left[h..h + 512].fill(0);
+        std::fs::write(&last, left).expect("write segment");
+    }
     std::fs::write(
         data.join("BOOT"),
         format!("power-loss-{} replicated\n", rng.below(1 << 30)),
     )
     .expect("write BOOT");
     format!(
-        "{cut} of {frames} frames of {} cut ({} bytes)",
+        "{cut} of {frames} frames of {} cut ({} bytes){}",
         last.file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
-        bytes.len() - at
+        bytes.len() - at,
+        hole.map_or(String::new(), |h| format!(", a hole at {h}"))
     )
 }
 

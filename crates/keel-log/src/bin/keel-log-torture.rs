@@ -96,8 +96,7 @@ fn parse_append(args: &[String]) -> Result<(PathBuf, u64, Options), String> {
         return Err("append takes <dir> <seed>".to_string());
     };
     let seed = number("<seed>", Some(seed))?;
-    let opts = segment_size(&values)?
-        .map_or_else(Options::default, |segment_size| Options { segment_size });
+    let opts = segment_size(&values)?.map_or_else(Options::default, Options::with_segment_size);
     Ok((PathBuf::from(dir), seed, opts))
 }
 
@@ -289,7 +288,7 @@ fn check_recovery(
         return Err(format!("synced positions do not increase: {synced:?}"));
     }
     let need = synced.last().map_or(floor, |s| s.0.max(floor));
-    let opts = Options { segment_size };
+    let opts = Options::with_segment_size(segment_size);
     let o = LogStore::open(dir, opts.clone())
         .map_err(|e| format!("recovery failed after the kill: {e}"))?;
     let mut ends = HashMap::new();

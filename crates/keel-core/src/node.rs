@@ -725,8 +725,9 @@ pub struct Node {
     /// (see `Config::commit_notify_delay`).
     commit_notify_at: Option<Nanos>,
     /// Follower: the snapshot being received in chunks (held until it is
-    /// whole; dropped once this node no longer follows, or has committed
-    /// what it covers: see `set_role`, `advance_follower_commit`).
+    /// whole; dropped once this node stands in a term of its own or leads,
+    /// or has committed what it covers: see `set_role`,
+    /// `advance_follower_commit`).
     incoming: Option<(SnapshotMeta, Vec<u8>)>,
     /// Set once this node learned it was removed from the cluster: who
     /// said so and from which position. Every later event is ignored.
@@ -1690,8 +1691,9 @@ impl Node {
         let changed = self.role != role || self.leader != leader;
         self.role = role;
         self.leader = leader;
-        if role != Role::Follower {
-            // Standing for election or leading: no leader sends the rest.
+        if matches!(role, Role::Candidate | Role::Leader) {
+            // In a term of its own: no leader sends the rest. (A
+            // pre-candidate may hear from its leader again and go on.)
             self.incoming = None;
         }
         if role == Role::Follower && leader.is_some() {

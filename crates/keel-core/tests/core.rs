@@ -1212,10 +1212,11 @@ fn an_installed_snapshot_supersedes_the_followers_own_unpublished_ones() {
 }
 
 /// A follower holds a snapshot's chunks in memory until it is whole. What
-/// it holds is dropped once it stands for election (no leader will send
-/// the rest), and once appends commit past the snapshot's position (it
-/// would be refused when whole), rather than kept until another snapshot
-/// comes.
+/// it holds is dropped once it stands for election in a term of its own
+/// (no leader will send the rest; a pre-candidate may hear from its leader
+/// again and go on), and once appends commit past the snapshot's position
+/// (it would be refused when whole), rather than kept until another
+/// snapshot comes.
 #[test]
 fn a_partly_received_snapshot_is_dropped_once_it_cannot_be_used() {
     let part = image_of(b"the first part");
@@ -1235,12 +1236,26 @@ fn a_partly_received_snapshot_is_dropped_once_it_cannot_be_used() {
     };
     let mut out = Vec::new();
 
-    // The leader goes silent: the follower stands.
+    // The leader goes silent: the follower asks around, then stands.
     let mut f = Node::new(Config::new(2, 7), Membership::new([1, 2, 3]), 0);
     f.step(10 * MS, first_chunk(10_000), &mut out);
     assert_eq!(f.incoming_snapshot_bytes(), part.len());
     f.step(10_000 * MS, Event::Tick, &mut out);
-    assert_ne!(f.role(), Role::Follower);
+    assert_eq!(f.role(), Role::PreCandidate);
+    assert_eq!(f.incoming_snapshot_bytes(), part.len());
+    let grant = Message {
+        cluster_id: 7,
+        from: 3,
+        to: 2,
+        term: f.term() + 1,
+        body: Body::PreVoteResp {
+            granted: true,
+            amnesic: false,
+            committed: (0, 0),
+        },
+    };
+    f.step(10_001 * MS, Event::Message(grant), &mut out);
+    assert_eq!(f.role(), Role::Candidate);
     assert_eq!(f.incoming_snapshot_bytes(), 0);
 
     // Appends catch it up past the snapshot's position instead.

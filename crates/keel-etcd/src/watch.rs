@@ -112,13 +112,16 @@ struct Session {
     /// The next automatically chosen watch id (etcd starts at 0).
     next_id: i64,
     /// Every revision up to this one has been handed to every watch that
-    /// wants it. No response of the stream carries a revision above it
-    /// once the request or notification that sent it has been handled (a
-    /// watch's catch-up from history is followed by the feed up to where
-    /// it read, `drain_feed`): clients resume a watch from the revision of
-    /// a response without events (clientv3 does), and a progress response
-    /// below an event already sent would make them receive it again.
+    /// wants it.
     feed_rev: u64,
+    /// The highest revision an event or a created response of the stream
+    /// carried. Clients resume a watch from the revision of a response
+    /// without events (clientv3 does): a progress response below an event
+    /// already sent would make them receive it again, so none goes out
+    /// while `feed_rev` is below this (as etcd sends none while a watch is
+    /// not synced). A watch's catch-up from history is followed by the
+    /// feed up to where it read (`sync_feed`), so that is seldom.
+    sent_rev: u64,
 }
 
 /// Whether the feed's queued notifications brought the stream up to a
@@ -156,6 +159,11 @@ impl Session {
         self.api.header(rev as i64)
     }
 
+    /// Whether a progress response may go out (`sent_rev`).
+    fn synced(&self) -> bool {
+        self.feed_rev >= self.sent_rev
+    }
+
     async fn local_status(&self) -> Result<(u64, i64), End> {
         let (rev, compact, _) = self.api.local_revision().await.map_err(End::Error)?;
         Ok((rev, compact))
@@ -176,7 +184,7 @@ impl Session {
                 }
                 Ok(())
             }
-            Some(RequestUnion::ProgressRequest(_)) => {
+            Some(RequestUnion::ProgressRequest(_)) if self.synced() => {
                 self.send(WatchResponse {
                     header: self.header(self.feed_rev),
                     watch_id: ALL_WATCHES,
@@ -184,6 +192,7 @@ impl Session {
                 })
                 .await
             }
+            Some(RequestUnion::ProgressRequest(_)) => Ok(()),
             None => Ok(()),
         }
     }
@@ -228,6 +237,9 @@ impl Session {
         // this one is created at (it is in the feed already: the service
         // publishes a batch's events before it answers a later read).
         self.sync_feed(local_rev).await?;
+        // (Past it if the feed could not be followed and the watches caught
+        // up from history instead: this one starts where they are.)
+        let local_rev = local_rev.max(self.feed_rev);
         // etcd takes a negative start as a revision below its compaction
         // point (-1 before the first compaction): created, then canceled
         // with that point. (A start of -1 before any compaction is not
@@ -253,6 +265,7 @@ impl Session {
             past = w.next_rev <= local_rev;
             self.watchers.insert(id, w);
         }
+        self.sent_rev = self.sent_rev.max(local_rev);
         self.send(WatchResponse {
             header: self.header(local_rev),
             watch_id: id,
@@ -351,9 +364,10 @@ impl Session {
     /// Catches every watch up to (at least) this node's current revision,
     /// which then becomes the feed position; then the feed up to the
     /// latest revision a catch-up read (`sync_feed`), again from history
-    /// if it cannot.
+    /// if it cannot, once. (A stream that still cannot follow goes back to
+    /// its requests; the feed's next gap or lag brings it here again.)
     async fn catch_up_all(&mut self) -> Result<(), End> {
-        loop {
+        for _ in 0..2 {
             let (rev, _) = self.local_status().await?;
             let mut upto = rev;
             let ids: Vec<i64> = self.watchers.keys().copied().collect();
@@ -362,9 +376,10 @@ impl Session {
             }
             self.feed_rev = self.feed_rev.max(rev);
             if let Drained::Done = self.drain_feed(upto).await? {
-                return Ok(());
+                break;
             }
         }
+        Ok(())
     }
 
     /// Brings the stream up to revision `upto` from the feed, where the
@@ -451,12 +466,13 @@ impl Session {
     /// several, each but the last marked `fragment` (the client joins them),
     /// each holding at least one event, as etcd's `sendFragments` does.
     async fn send_events(
-        &self,
+        &mut self,
         id: i64,
         header_rev: u64,
         events: Vec<mvccpb::Event>,
         fragment: bool,
     ) -> Result<(), End> {
+        self.sent_rev = self.sent_rev.max(header_rev);
         let whole = WatchResponse {
             header: self.header(header_rev),
             watch_id: id,
@@ -495,6 +511,9 @@ impl Session {
 
     /// The periodic empty response of watches created with `progress_notify`.
     async fn progress(&self) -> Result<(), End> {
+        if !self.synced() {
+            return Ok(());
+        }
         for (id, w) in &self.watchers {
             if w.progress_notify {
                 self.send(WatchResponse {
@@ -565,6 +584,7 @@ async fn run(
         counted: 0,
         next_id: 0,
         feed_rev: 0,
+        sent_rev: 0,
     };
     s.api.watch_gauges.streams.fetch_add(1, Ordering::Relaxed);
     let result: Result<(), End> = async {

@@ -529,7 +529,10 @@ impl LogStore {
         };
 
         let (segments, file, runs, last_pos) = if reset || segments.is_empty() {
-            remove_newest_first(&segments, "removing superseded segment")?;
+            if !segments.is_empty() {
+                remove_newest_first(&segments, "removing superseded segment")?;
+                meta::sync_dir(dir)?;
+            }
             entries.clear();
             let (seg, file) = create_segment(dir, snap_pos)?;
             store_base = (snap_pos, snap_term);

@@ -278,7 +278,8 @@ pub struct TestingBugs {
     /// A read's index is the applied position, not the commit position.
     pub read_index_at_applied: bool,
     /// A follower installs a snapshot below its commit position (both
-    /// guards, on a chunk and on installing, are skipped).
+    /// guards, on a chunk and on installing, are skipped, and a partly
+    /// received one is kept once the commit position passes it).
     pub install_snapshot_below_commit: bool,
     /// A node that restarted after losing unsynced writes
     /// (`Node::set_amnesic`) grants (pre-)votes that count as any other's.
@@ -2431,7 +2432,9 @@ impl Node {
         if c > self.commit && self.log.term_at(c).is_some() {
             self.commit = c;
             self.emit_apply(out);
-            if self.incoming.as_ref().is_some_and(|(m, _)| m.position <= c) {
+            if self.incoming.as_ref().is_some_and(|(m, _)| m.position <= c)
+                && !self.cfg.testing_bugs.install_snapshot_below_commit
+            {
                 // Caught up by appends (a new leader that had the log): a
                 // snapshot this far back would be refused when whole.
                 self.incoming = None;

@@ -507,10 +507,14 @@ struct Progress {
     /// candidates, from the latest heartbeat it echoed and the `hold` it
     /// reported (0: not known).
     lease_end: Nanos,
-    /// Snapshot state: which snapshot is being sent, and how many of its
-    /// bytes the follower has acknowledged.
+    /// Snapshot state: which snapshot is being sent, how many of its bytes
+    /// the follower has acknowledged, and how many have been sent (chunks
+    /// go out while less than `max_inflight_bytes` is unacknowledged; in
+    /// this state `paused_since` is when the follower last acknowledged
+    /// more, or the transfer started).
     snapshot_pos: Position,
     snapshot_offset: u64,
+    snapshot_sent: u64,
     /// Replicate: when it last acknowledged something new or was last sent
     /// entries (to tell appends lost on the way from appends in flight).
     last_progress: Nanos,
@@ -730,6 +734,12 @@ pub struct Node {
     /// or has committed what it covers: see `set_role`,
     /// `advance_follower_commit`).
     incoming: Option<(SnapshotMeta, Vec<u8>)>,
+    /// Chunks of `incoming` that came before the ones ahead of them (the
+    /// network reordered them), by offset, and their bytes in all (at
+    /// most `max_inflight_bytes`); where its last chunk ends, once seen.
+    incoming_ahead: BTreeMap<u64, Bytes>,
+    incoming_ahead_bytes: u64,
+    incoming_end: Option<u64>,
     /// Set once this node learned it was removed from the cluster: who
     /// said so and from which position. Every later event is ignored.
     removed: Option<(NodeId, Position)>,
@@ -921,6 +931,9 @@ impl Node {
             commit_advanced: false,
             commit_notify_at: None,
             incoming: None,
+            incoming_ahead: BTreeMap::new(),
+            incoming_ahead_bytes: 0,
+            incoming_end: None,
             removed: None,
             removed_peers: BTreeMap::new(),
             joining: false,
@@ -1695,7 +1708,7 @@ impl Node {
         if matches!(role, Role::Candidate | Role::Leader) {
             // In a term of its own: no leader sends the rest. (A
             // pre-candidate may hear from its leader again and go on.)
-            self.incoming = None;
+            self.set_incoming(None);
         }
         if role == Role::Follower && leader.is_some() {
             self.release_held_forwards(out);
@@ -2002,6 +2015,7 @@ impl Node {
             lease_end: 0,
             snapshot_pos: 0,
             snapshot_offset: 0,
+            snapshot_sent: 0,
             last_progress: 0,
             commit_sent: 0,
             forwarded: VecDeque::new(),
@@ -2437,7 +2451,7 @@ impl Node {
             {
                 // Caught up by appends (a new leader that had the log): a
                 // snapshot this far back would be refused when whole.
-                self.incoming = None;
+                self.set_incoming(None);
             }
         }
     }
@@ -2468,6 +2482,14 @@ impl Node {
         }
     }
 
+    /// Starts receiving a snapshot file (`Some`), or drops what was held.
+    fn set_incoming(&mut self, meta: Option<SnapshotMeta>) {
+        self.incoming = meta.map(|m| (m, Vec::new()));
+        self.incoming_ahead.clear();
+        self.incoming_ahead_bytes = 0;
+        self.incoming_end = None;
+    }
+
     fn on_snapshot_chunk(
         &mut self,
         meta: SnapshotMeta,
@@ -2478,7 +2500,7 @@ impl Node {
     ) {
         if meta.position <= self.commit && !self.cfg.testing_bugs.install_snapshot_below_commit {
             // Already have everything it covers: acknowledge as installed.
-            self.incoming = None;
+            self.set_incoming(None);
             self.ack_due = true;
             self.ack_forced = true;
             self.matched = self.matched.max(meta.position.min(self.commit));
@@ -2488,20 +2510,51 @@ impl Node {
             .incoming
             .as_ref()
             .is_some_and(|(m, _)| m.position == meta.position && m.term == meta.term);
-        if !same {
-            self.incoming = (offset == 0).then(|| (meta.clone(), Vec::new()));
+        // A first chunk starts the file afresh, unless none of it is held
+        // yet (later chunks may have come first): the leader sends one only
+        // when it starts (over), as when another leader's file of the same
+        // snapshot may differ from what is held, or is shorter. A later
+        // chunk of another file starts that file only if none is being
+        // received; else (one in flight when the leader moved on to a newer
+        // file) it is ignored, and leaves the file being received alone.
+        let started = self
+            .incoming
+            .as_ref()
+            .is_some_and(|(_, buf)| !buf.is_empty());
+        if (offset == 0 && (!same || started)) || (!same && self.incoming.is_none()) {
+            self.set_incoming(Some(meta.clone()));
         }
-        let received = match self.incoming.as_mut() {
-            Some((_, buf)) if buf.len() as u64 == offset => {
-                buf.extend_from_slice(&chunk);
-                buf.len() as u64
+        let same = self
+            .incoming
+            .as_ref()
+            .is_some_and(|(m, _)| m.position == meta.position && m.term == meta.term);
+        let mut received = 0;
+        if let Some((_, buf)) = self.incoming.as_mut().filter(|_| same) {
+            let end = offset.saturating_add(chunk.len() as u64);
+            if done {
+                self.incoming_end = Some(end);
             }
-            Some((_, buf)) => buf.len() as u64,
-            None => 0,
-        };
-        let mut received = received;
-        if done && offset.checked_add(chunk.len() as u64) == Some(received) {
-            if let Some((meta, buf)) = self.incoming.take() {
+            let held = buf.len() as u64;
+            if offset == held {
+                buf.extend_from_slice(&chunk);
+                // Chunks that came early follow on now.
+                while let Some(next) = self.incoming_ahead.remove(&(buf.len() as u64)) {
+                    self.incoming_ahead_bytes -= next.len() as u64;
+                    buf.extend_from_slice(&next);
+                }
+            } else if offset > held
+                && self.incoming_ahead_bytes + chunk.len() as u64 <= self.cfg.max_inflight_bytes
+                && !self.incoming_ahead.contains_key(&offset)
+            {
+                self.incoming_ahead_bytes += chunk.len() as u64;
+                self.incoming_ahead.insert(offset, chunk);
+            }
+            received = buf.len() as u64;
+        }
+        if self.incoming_end.is_some_and(|end| end == received) {
+            let taken = self.incoming.take();
+            self.set_incoming(None);
+            if let Some((meta, buf)) = taken {
                 if (self.cfg.snapshot_check)(&meta, &buf) {
                     self.on_install_snapshot(meta, Bytes::from(buf), out);
                     return;
@@ -2522,11 +2575,20 @@ impl Node {
     }
 
     fn on_snapshot_ack(&mut self, from: NodeId, position: Position, received: u64) {
+        let now = self.now;
         if let Some(p) = self.progress.get_mut(&from) {
             p.active = true;
             if p.state == ProgressState::Snapshot && p.snapshot_pos == position {
+                if received < p.snapshot_offset {
+                    // It started over (the file failed its check, or it
+                    // dropped what it had): so does the leader.
+                    p.snapshot_sent = received;
+                }
+                if received != p.snapshot_offset {
+                    p.paused_since = Some(now);
+                }
                 p.snapshot_offset = received;
-                p.paused_since = None;
+                p.snapshot_sent = p.snapshot_sent.max(received);
             }
         }
     }
@@ -3535,10 +3597,8 @@ impl Node {
         };
         let (state, mut next, matched) = (p.state, p.next, p.matched);
         let paused = p.paused_since.is_some_and(|t| now < t + retry_after);
-        match state {
-            ProgressState::Snapshot if paused => return false,
-            ProgressState::Probe if paused && !heartbeat => return false,
-            _ => {}
+        if state == ProgressState::Probe && paused && !heartbeat {
+            return false;
         }
         let need_snapshot =
             state == ProgressState::Snapshot || next < first || self.log.term_at(next).is_none();
@@ -3559,36 +3619,49 @@ impl Node {
                     return false;
                 }
                 Some((meta, size)) => {
-                    p.paused_since = Some(now);
                     if p.state != ProgressState::Snapshot || p.snapshot_pos != meta.position {
                         // Start (over) with the newest published file.
                         p.state = ProgressState::Snapshot;
                         p.snapshot_pos = meta.position;
                         p.snapshot_offset = 0;
+                        p.snapshot_sent = 0;
+                        p.paused_since = Some(now);
                         self.stats.snapshots_sent += 1;
+                    } else if !paused
+                        && (p.snapshot_sent > p.snapshot_offset || p.snapshot_offset >= size)
+                    {
+                        // Nothing acknowledged for a while: what was in
+                        // flight was lost (a connection dropped), or the
+                        // last chunk's answer was: send again from what the
+                        // follower has (at the end, an empty last chunk).
+                        p.snapshot_sent = p.snapshot_offset.min(size);
+                        p.paused_since = Some(now);
+                        if p.snapshot_offset >= size {
+                            p.snapshot_sent = size;
+                            let chunks = vec![(size, size)];
+                            return self.send_snapshot_chunks(n, meta, size, chunks, out);
+                        }
                     }
                     p.next = meta.position;
-                    let start = p.snapshot_offset.min(size);
-                    let end = start
-                        .saturating_add(self.cfg.snapshot_chunk_bytes.max(1))
-                        .min(size);
-                    let position = meta.position;
-                    let message = self.message(
-                        n,
-                        Body::InstallSnapshot {
-                            meta,
-                            offset: start,
-                            chunk: Bytes::new(),
-                            done: end == size,
-                            to_voter: self.membership().is_voter(n),
-                        },
-                    );
-                    out.push(Action::SendSnapshotChunk {
-                        message,
-                        position,
-                        offset: start,
-                        len: end - start,
-                    });
+                    let chunk = self.cfg.snapshot_chunk_bytes.max(1);
+                    // Chunks while less than the window is unacknowledged
+                    // (one at least when nothing is).
+                    let mut chunks = Vec::new();
+                    while p.snapshot_sent < size
+                        && (chunks.is_empty() && p.snapshot_sent == p.snapshot_offset
+                            || p.snapshot_sent.saturating_sub(p.snapshot_offset) < window)
+                    {
+                        let start = p.snapshot_sent;
+                        let end = start.saturating_add(chunk).min(size);
+                        chunks.push((start, end));
+                        p.snapshot_sent = end;
+                    }
+                    if size == 0 && p.snapshot_sent == 0 && p.snapshot_offset == 0 && !paused {
+                        // (An empty file: its one, empty chunk.)
+                        chunks.push((0, 0));
+                        p.paused_since = Some(now);
+                    }
+                    return self.send_snapshot_chunks(n, meta, size, chunks, out);
                 }
                 None => {
                     // Nothing compacted yet: probe from the start of the log.
@@ -3618,6 +3691,41 @@ impl Node {
             if sent {
                 p.last_progress = now;
             }
+        }
+        sent
+    }
+
+    /// Sends follower `n` the chunks (`start`, `end`) of the published
+    /// snapshot file `meta` of `size` bytes (read by the runtime); true if
+    /// there were any.
+    fn send_snapshot_chunks(
+        &mut self,
+        n: NodeId,
+        meta: SnapshotMeta,
+        size: u64,
+        chunks: Vec<(u64, u64)>,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let sent = !chunks.is_empty();
+        let to_voter = self.membership().is_voter(n);
+        let position = meta.position;
+        for (start, end) in chunks {
+            let message = self.message(
+                n,
+                Body::InstallSnapshot {
+                    meta: meta.clone(),
+                    offset: start,
+                    chunk: Bytes::new(),
+                    done: end == size,
+                    to_voter,
+                },
+            );
+            out.push(Action::SendSnapshotChunk {
+                message,
+                position,
+                offset: start,
+                len: end - start,
+            });
         }
         sent
     }

@@ -834,6 +834,141 @@ fn a_large_snapshot_is_installed_in_chunks() {
     );
 }
 
+/// A snapshot's chunks go out while less than `max_inflight_bytes` of them
+/// is unacknowledged, not one per round trip (a far follower would take a
+/// round trip per chunk). A chunk lost on the way (a connection dropped)
+/// is sent again, from what the follower acknowledged, once nothing more
+/// has been acknowledged for an election timeout.
+#[test]
+fn snapshot_chunks_are_pipelined_and_a_lost_one_is_sent_again() {
+    let m = Membership::new([1, 2]);
+    let mut cfg1 = Config::new(1, 7);
+    cfg1.snapshot_chunk_bytes = 1000;
+    cfg1.max_inflight_bytes = 4000;
+    let retry = cfg1.election_timeout_min;
+    let nodes = vec![
+        Node::new(cfg1, m.clone(), 0),
+        Node::new(Config::new(2, 7), m, 0),
+    ];
+    let mut h = Harness::with(nodes);
+    h.run_for(1_500 * MS);
+    node_1_leads(&mut h);
+    h.cut.insert((1, 2));
+    for seq in 1..=5 {
+        h.propose(1, seq, seq, b"only on the leader");
+    }
+    let applied = h.node(1).applied_position();
+    let big: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    h.snapshot_taken(1, applied, Bytes::from(big.clone()));
+    h.nodes[1] = Node::new(Config::new(2, 7), Membership::new([1, 2]), h.now);
+    h.cut.clear();
+    let offsets = |h: &Harness| -> Vec<u64> {
+        h.inbox
+            .iter()
+            .filter_map(|m| match &m.body {
+                Body::InstallSnapshot { offset, .. } => Some(*offset),
+                _ => None,
+            })
+            .collect()
+    };
+    // The first step that finds node 2 behind the log sends a window's
+    // worth at once.
+    let mut sent = Vec::new();
+    'found: for _ in 0..100 {
+        h.now += 10 * MS;
+        h.step(1, Event::Tick);
+        loop {
+            sent = offsets(&h);
+            if !sent.is_empty() {
+                break 'found;
+            }
+            let Some(m) = h.inbox.pop_front() else {
+                break;
+            };
+            h.step(m.to, Event::Message(m));
+        }
+    }
+    assert_eq!(sent, vec![0, 1000, 2000, 3000]);
+    // The third chunk is lost: node 2 takes the first two, then ignores
+    // what does not follow on (answering with what it holds).
+    let lost = h
+        .inbox
+        .iter()
+        .position(|m| matches!(m.body, Body::InstallSnapshot { offset: 2000, .. }))
+        .expect("the third chunk");
+    h.inbox.remove(lost);
+    h.deliver();
+    assert!(h.installed[1].is_empty());
+    assert!(offsets(&h).is_empty(), "sent again before the timeout");
+    // Nothing acknowledged for an election timeout: sent again from 2000.
+    h.now += retry;
+    h.step(1, Event::Tick);
+    assert_eq!(offsets(&h).first(), Some(&2000));
+    for _ in 0..100 {
+        h.deliver();
+        if !h.installed[1].is_empty() {
+            break;
+        }
+        h.now += 10 * MS;
+        h.step(1, Event::Tick);
+    }
+    assert_eq!(h.installed[1], vec![image_of(&big)]);
+    h.run_for(200 * MS);
+    assert!(h.node(2).commit_position() > applied);
+}
+
+/// Chunks of a snapshot that come out of order (the network reordered
+/// them) are kept and joined once the ones before them come: the file is
+/// installed whole, and each answer says how much of it is held in order.
+#[test]
+fn snapshot_chunks_out_of_order_are_joined() {
+    let mut cfg = Config::new(2, 7);
+    cfg.snapshot_check = check_image;
+    let mut f = Node::new(cfg, Membership::new([1, 2, 3]), 0);
+    let image = image_of(b"0123456789");
+    let meta = SnapshotMeta {
+        position: 10_000,
+        term: 1,
+        timestamp: 5,
+        membership: Membership::new([1, 2, 3]),
+    };
+    let chunk = |from: usize, to: usize| {
+        Event::Message(from_leader_1(Body::InstallSnapshot {
+            meta: meta.clone(),
+            offset: from as u64,
+            chunk: image.slice(from..to),
+            done: to == image.len(),
+            to_voter: true,
+        }))
+    };
+    let acked = |out: &[Action]| -> Vec<u64> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Send(Message {
+                    body: Body::SnapshotAck { received, .. },
+                    ..
+                }) => Some(*received),
+                _ => None,
+            })
+            .collect()
+    };
+    let installed = |out: &[Action]| {
+        out.iter().find_map(|a| match a {
+            Action::InstallSnapshot { image, .. } => Some(image.clone()),
+            _ => None,
+        })
+    };
+    let mut out = Vec::new();
+    f.step(10 * MS, chunk(9, 14), &mut out);
+    f.step(11 * MS, chunk(4, 9), &mut out);
+    assert_eq!(acked(&out), vec![0, 0]);
+    assert_eq!(installed(&out), None);
+    out.clear();
+    f.step(12 * MS, chunk(0, 4), &mut out);
+    assert_eq!(installed(&out), Some(image));
+    assert_eq!(f.incoming_snapshot_bytes(), 0);
+}
+
 /// Node 1 leads a 2-node cluster; its log is compacted behind a snapshot of
 /// `data`, and node 2 is replaced by a wiped node built from `cfg2`.
 fn leader_with_snapshot_and_wiped_follower(data: &[u8], cfg2: Config) -> (Harness, Position) {

@@ -740,6 +740,8 @@ pub struct Node {
     incoming_ahead: BTreeMap<u64, Bytes>,
     incoming_ahead_bytes: u64,
     incoming_end: Option<u64>,
+    /// The term of the leader sending `incoming`.
+    incoming_term: Term,
     /// Set once this node learned it was removed from the cluster: who
     /// said so and from which position. Every later event is ignored.
     removed: Option<(NodeId, Position)>,
@@ -934,6 +936,7 @@ impl Node {
             incoming_ahead: BTreeMap::new(),
             incoming_ahead_bytes: 0,
             incoming_end: None,
+            incoming_term: 0,
             removed: None,
             removed_peers: BTreeMap::new(),
             joining: false,
@@ -2485,6 +2488,7 @@ impl Node {
     /// Starts receiving a snapshot file (`Some`), or drops what was held.
     fn set_incoming(&mut self, meta: Option<SnapshotMeta>) {
         self.incoming = meta.map(|m| (m, Vec::new()));
+        self.incoming_term = self.term;
         self.incoming_ahead.clear();
         self.incoming_ahead_bytes = 0;
         self.incoming_end = None;
@@ -2500,36 +2504,47 @@ impl Node {
     ) {
         if meta.position <= self.commit && !self.cfg.testing_bugs.install_snapshot_below_commit {
             // Already have everything it covers: acknowledge as installed.
-            self.set_incoming(None);
+            // (A newer file being received stays.)
+            if self
+                .incoming
+                .as_ref()
+                .is_some_and(|(m, _)| m.position <= self.commit)
+            {
+                self.set_incoming(None);
+            }
             self.ack_due = true;
             self.ack_forced = true;
             self.matched = self.matched.max(meta.position.min(self.commit));
             return;
         }
-        let same = self
-            .incoming
-            .as_ref()
-            .is_some_and(|(m, _)| m.position == meta.position && m.term == meta.term);
-        // A first chunk starts the file afresh, unless none of it is held
-        // yet (later chunks may have come first): the leader sends one only
-        // when it starts (over), as when another leader's file of the same
-        // snapshot may differ from what is held, or is shorter. A later
-        // chunk of another file starts that file only if none is being
-        // received; else (one in flight when the leader moved on to a newer
-        // file) it is ignored, and leaves the file being received alone.
-        let started = self
-            .incoming
-            .as_ref()
-            .is_some_and(|(_, buf)| !buf.is_empty());
-        if (offset == 0 && (!same || started)) || (!same && self.incoming.is_none()) {
+        // A file is known by its snapshot and the term of the leader
+        // sending it: another leader's file of the same snapshot may differ
+        // (and be shorter), and is never joined to what was held. Within a
+        // term, a newer snapshot's file replaces an older one (a leader
+        // restarts a transfer with each file it publishes), and a late
+        // chunk of an older one is ignored.
+        let same = match &self.incoming {
+            None => false,
+            Some(_) if self.incoming_term != self.term => false,
+            Some((m, _)) if m.position == meta.position && m.term == meta.term => true,
+            Some((m, _)) if m.position > meta.position => {
+                self.send(
+                    self.leader.unwrap_or(0),
+                    Body::SnapshotAck {
+                        position: meta.position,
+                        received: 0,
+                    },
+                    out,
+                );
+                return;
+            }
+            Some(_) => false,
+        };
+        if !same {
             self.set_incoming(Some(meta.clone()));
         }
-        let same = self
-            .incoming
-            .as_ref()
-            .is_some_and(|(m, _)| m.position == meta.position && m.term == meta.term);
         let mut received = 0;
-        if let Some((_, buf)) = self.incoming.as_mut().filter(|_| same) {
+        if let Some((_, buf)) = self.incoming.as_mut() {
             let end = offset.saturating_add(chunk.len() as u64);
             if done {
                 self.incoming_end = Some(end);
@@ -2579,16 +2594,15 @@ impl Node {
         if let Some(p) = self.progress.get_mut(&from) {
             p.active = true;
             if p.state == ProgressState::Snapshot && p.snapshot_pos == position {
-                if received < p.snapshot_offset {
-                    // It started over (the file failed its check, or it
-                    // dropped what it had): so does the leader.
-                    p.snapshot_sent = received;
-                }
-                if received != p.snapshot_offset {
+                if received > p.snapshot_offset {
                     p.paused_since = Some(now);
+                    p.snapshot_sent = p.snapshot_sent.max(received);
                 }
+                // Less than before: an answer overtaken by a later one, or
+                // the follower started over (the file failed its check, or
+                // it dropped what it had). Either way the chunks from there
+                // go again if nothing more is acknowledged for a while.
                 p.snapshot_offset = received;
-                p.snapshot_sent = p.snapshot_sent.max(received);
             }
         }
     }

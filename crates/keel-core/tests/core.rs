@@ -969,6 +969,51 @@ fn snapshot_chunks_out_of_order_are_joined() {
     assert_eq!(f.incoming_snapshot_bytes(), 0);
 }
 
+/// A file is known by its snapshot and the term of the leader sending it:
+/// another leader's file of the same snapshot (which may differ, and be
+/// shorter) is never joined to what was held of the first one's.
+#[test]
+fn chunks_of_another_leaders_file_are_not_joined() {
+    let mut cfg = Config::new(2, 7);
+    cfg.snapshot_check = check_image;
+    let mut f = Node::new(cfg, Membership::new([1, 2, 3]), 0);
+    let (a, b) = (image_of(b"AAAAAAAAAAAA"), image_of(b"BBBBBB"));
+    let meta = SnapshotMeta {
+        position: 10_000,
+        term: 1,
+        timestamp: 5,
+        membership: Membership::new([1, 2, 3]),
+    };
+    let chunk = |from: NodeId, term: Term, image: &Bytes, at: usize, to: usize| {
+        Event::Message(to_node_2(
+            from,
+            term,
+            Body::InstallSnapshot {
+                meta: meta.clone(),
+                offset: at as u64,
+                chunk: image.slice(at..to),
+                done: to == image.len(),
+                to_voter: true,
+            },
+        ))
+    };
+    let installed = |out: &[Action]| {
+        out.iter().find_map(|a| match a {
+            Action::InstallSnapshot { image, .. } => Some(image.clone()),
+            _ => None,
+        })
+    };
+    let mut out = Vec::new();
+    f.step(10 * MS, chunk(1, 1, &a, 0, 8), &mut out);
+    assert_eq!(f.incoming_snapshot_bytes(), 8);
+    // Leader 3 of term 2: the rest of its file comes before its start.
+    f.step(11 * MS, chunk(3, 2, &b, 8, b.len()), &mut out);
+    assert_eq!(installed(&out), None, "joined to the other leader's bytes");
+    assert_eq!(f.incoming_snapshot_bytes(), 0);
+    f.step(12 * MS, chunk(3, 2, &b, 0, 8), &mut out);
+    assert_eq!(installed(&out), Some(b));
+}
+
 /// Node 1 leads a 2-node cluster; its log is compacted behind a snapshot of
 /// `data`, and node 2 is replaced by a wiped node built from `cfg2`.
 fn leader_with_snapshot_and_wiped_follower(data: &[u8], cfg2: Config) -> (Harness, Position) {

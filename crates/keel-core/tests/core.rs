@@ -785,10 +785,14 @@ fn matched_position_does_not_survive_a_new_term_of_the_same_leader() {
     );
 }
 
-#[test]
-fn a_large_snapshot_is_installed_in_chunks() {
+/// Node 1 (`cfg1`, 1 kB snapshot chunks) leads a 2-node cluster and
+/// compacts its log behind a 10 kB snapshot (the snapshot's data is
+/// returned) with writes of its own after it, and node 2 is replaced by a
+/// wiped node.
+fn leader_with_a_10k_snapshot_and_a_wiped_follower(
+    mut cfg1: Config,
+) -> (Harness, Position, Vec<u8>) {
     let m = Membership::new([1, 2]);
-    let mut cfg1 = Config::new(1, 7);
     cfg1.snapshot_chunk_bytes = 1000;
     let nodes = vec![
         Node::new(cfg1, m.clone(), 0),
@@ -796,7 +800,6 @@ fn a_large_snapshot_is_installed_in_chunks() {
     ];
     let mut h = Harness::with(nodes);
     h.run_for(1_500 * MS);
-    // Make node 1 the leader, then compact its log behind a 10 kB snapshot.
     node_1_leads(&mut h);
     h.cut.insert((1, 2));
     for seq in 1..=5 {
@@ -807,9 +810,14 @@ fn a_large_snapshot_is_installed_in_chunks() {
     let applied = h.node(1).applied_position();
     let big: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
     h.snapshot_taken(1, applied, Bytes::from(big.clone()));
-    let wiped = Node::new(Config::new(2, 7), Membership::new([1, 2]), h.now);
-    h.nodes[1] = wiped;
+    h.nodes[1] = Node::new(Config::new(2, 7), Membership::new([1, 2]), h.now);
     h.cut.clear();
+    (h, applied, big)
+}
+
+#[test]
+fn a_large_snapshot_is_installed_in_chunks() {
+    let (mut h, applied, big) = leader_with_a_10k_snapshot_and_a_wiped_follower(Config::new(1, 7));
     let mut chunks = 0;
     for _ in 0..200 {
         h.now += 10 * MS;
@@ -841,27 +849,10 @@ fn a_large_snapshot_is_installed_in_chunks() {
 /// has been acknowledged for an election timeout.
 #[test]
 fn snapshot_chunks_are_pipelined_and_a_lost_one_is_sent_again() {
-    let m = Membership::new([1, 2]);
     let mut cfg1 = Config::new(1, 7);
-    cfg1.snapshot_chunk_bytes = 1000;
     cfg1.max_inflight_bytes = 4000;
     let retry = cfg1.election_timeout_min;
-    let nodes = vec![
-        Node::new(cfg1, m.clone(), 0),
-        Node::new(Config::new(2, 7), m, 0),
-    ];
-    let mut h = Harness::with(nodes);
-    h.run_for(1_500 * MS);
-    node_1_leads(&mut h);
-    h.cut.insert((1, 2));
-    for seq in 1..=5 {
-        h.propose(1, seq, seq, b"only on the leader");
-    }
-    let applied = h.node(1).applied_position();
-    let big: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
-    h.snapshot_taken(1, applied, Bytes::from(big.clone()));
-    h.nodes[1] = Node::new(Config::new(2, 7), Membership::new([1, 2]), h.now);
-    h.cut.clear();
+    let (mut h, applied, big) = leader_with_a_10k_snapshot_and_a_wiped_follower(cfg1);
     let offsets = |h: &Harness| -> Vec<u64> {
         h.inbox
             .iter()

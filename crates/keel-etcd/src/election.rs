@@ -83,7 +83,6 @@ async fn history(
             Err(s) if s.code() == Code::OutOfRange => return Ok(None),
             Err(s) => return Err(s),
         };
-        let last = events.last().map(WatchEvent::revision);
         for e in events {
             let deleted = e.kind == EventType::Delete;
             found.push(e);
@@ -92,9 +91,9 @@ async fn history(
                 return Ok(Some((found, upto)));
             }
         }
-        match (more, last) {
-            (true, Some(last)) => from = from.max(last + 1),
-            _ => return Ok(Some((found, revision.max(after)))),
+        match more {
+            Some(next) => from = from.max(next),
+            None => return Ok(Some((found, revision.max(after)))),
         }
     }
 }

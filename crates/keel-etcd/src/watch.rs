@@ -351,9 +351,12 @@ impl Session {
             let Some(w) = self.watchers.get_mut(&id) else {
                 return Ok(header_rev);
             };
-            match (more, last) {
-                (true, Some(last)) => w.next_rev = w.next_rev.max(last + 1),
-                _ => {
+            match more {
+                // Stopped at the limit, or at the history one read may
+                // examine: go on from there, with the service free to
+                // apply in between.
+                Some(next) => w.next_rev = w.next_rev.max(next),
+                None => {
                     w.next_rev = w.next_rev.max(revision + 1);
                     return Ok(header_rev);
                 }

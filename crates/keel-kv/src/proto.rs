@@ -57,7 +57,7 @@
 //!  23 LeaseKeepAlive   revision, id:i64, ttl:i64
 //!  24 LeaseTimeToLive  revision, id:i64, ttl:i64, granted_ttl:i64, keys:List<bytes>
 //!  25 Leases           revision, ids:List<i64>
-//!  26 Events           revision, compact_revision:i64, events:List<WatchEvent>, more:bool
+//!  26 Events           revision, compact_revision:i64, events:List<WatchEvent>, more:Option<u64>
 //!  27 HashKv           revision, compact_revision:i64, hash:u32
 //!   255 Error          code:u8, message (UTF-8)
 //! KeyValue             key, value, create_revision, mod_revision, version, lease:i64
@@ -307,13 +307,16 @@ pub enum Response {
         revision: u64,
         ids: Vec<i64>,
     },
-    /// `more`: events after the last one returned exist (ask again from
-    /// the last event's revision + 1).
+    /// `more`: `Some(rev)` if the read stopped before the current
+    /// revision (at the request's limit, or at the store's bound on the
+    /// history one read examines): every change in the range below `rev`
+    /// has been returned; ask again from `rev`. `None`: all up to
+    /// `revision` were.
     Events {
         revision: u64,
         compact_revision: i64,
         events: Vec<WatchEvent>,
-        more: bool,
+        more: Option<u64>,
     },
     /// `revision`: the current store revision (the header revision).
     HashKv {
@@ -836,7 +839,10 @@ impl Response {
                 for e in events {
                     e.encode_into(&mut w);
                 }
-                w.bool(*more);
+                w.bool(more.is_some());
+                if let Some(rev) = more {
+                    w.u64(*rev);
+                }
                 w.finish()
             }
             Response::HashKv {
@@ -951,7 +957,7 @@ impl Response {
                     revision,
                     compact_revision,
                     events,
-                    more: r.bool()?,
+                    more: if r.bool()? { Some(r.u64()?) } else { None },
                 }
             }
             27 => Response::HashKv {

@@ -92,6 +92,30 @@ fn tombstone(key: &Bytes, main: u64) -> KeyValue {
     }
 }
 
+/// The watch event of `e`, an entry of `key`'s history `hist`, with the
+/// key's state as of the revision before it, as etcd reads it (at
+/// mod_revision - 1): an earlier change in the same revision (a txn's) is
+/// not it.
+fn event_of(key: &Bytes, hist: &Chunked<Entry>, e: &Entry) -> WatchEvent {
+    let prev_kv = as_of(hist, e.main - 1).and_then(|p| p.kv(key));
+    match e.kv(key) {
+        Some(kv) => WatchEvent {
+            kind: EventType::Put,
+            kv,
+            prev_kv,
+        },
+        None => WatchEvent {
+            kind: EventType::Delete,
+            kv: tombstone(key, e.main),
+            prev_kv,
+        },
+    }
+}
+
+/// About the most revision-index entries one `Store::events` call over a
+/// range examines (it stops only between revisions).
+pub const EVENTS_SCAN_BUDGET: usize = 16_384;
+
 /// The MVCC key space.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Store {
@@ -307,14 +331,24 @@ impl Store {
 
     /// Changes to keys in the range at revisions `>= from` (0 counts as 1)
     /// in revision order: at least `limit` of them if there are (0 = all),
-    /// never stopping inside a revision; and whether more follow.
+    /// never stopping inside a revision; and, if it stopped before the
+    /// current revision, the revision to ask again from (every change in
+    /// the range below it was returned, now or before).
+    ///
+    /// A watch catching up from an old revision runs this on the service
+    /// thread, between applies, so one call's work is bounded: a single
+    /// key's changes are read from its own history, and a range's from the
+    /// revision index, of which one call examines about
+    /// `EVENTS_SCAN_BUDGET` entries at most (a narrow range over a long
+    /// history may then answer with no events and a revision to go on
+    /// from).
     pub fn events(
         &self,
         start: &[u8],
         end: &[u8],
         from: u64,
         limit: u64,
-    ) -> Result<(Vec<WatchEvent>, bool), KvError> {
+    ) -> Result<(Vec<WatchEvent>, Option<u64>), KvError> {
         let from = from.max(1);
         if (from as i128) < i128::from(self.compacted) {
             return Err(KvError::Compacted);
@@ -324,14 +358,21 @@ impl Store {
         } else {
             usize::try_from(limit).unwrap_or(usize::MAX)
         };
+        if end.is_empty() {
+            return Ok(self.key_events(start, from, limit));
+        }
         let mut events = Vec::new();
         let mut last_main = None;
-        for (&(main, sub), key) in self.by_rev.range((from, 0)..) {
+        for (scanned, (&(main, sub), key)) in self.by_rev.range((from, 0)..).enumerate() {
+            if last_main != Some(main) {
+                // Every change below `main` has been seen: a place to stop.
+                if events.len() >= limit || scanned >= EVENTS_SCAN_BUDGET {
+                    return Ok((events, Some(main)));
+                }
+                last_main = Some(main);
+            }
             if !in_span(key, start, end) {
                 continue;
-            }
-            if events.len() >= limit && last_main != Some(main) {
-                return Ok((events, true));
             }
             let Some(hist) = self.keys.get(key) else {
                 continue;
@@ -339,25 +380,31 @@ impl Store {
             let Ok(i) = hist.binary_search_by(|e| (e.main, e.sub).cmp(&(main, sub))) else {
                 continue;
             };
-            // The key's state as of the revision before, as etcd reads
-            // it (at mod_revision - 1): an earlier change in the same
-            // revision (a txn's) is not it.
-            let prev_kv = as_of(hist, main - 1).and_then(|e| e.kv(key));
-            events.push(match hist[i].kv(key) {
-                Some(kv) => WatchEvent {
-                    kind: EventType::Put,
-                    kv,
-                    prev_kv,
-                },
-                None => WatchEvent {
-                    kind: EventType::Delete,
-                    kv: tombstone(key, main),
-                    prev_kv,
-                },
-            });
-            last_main = Some(main);
+            if let Some(e) = hist.get(i) {
+                events.push(event_of(key, hist, e));
+            }
         }
-        Ok((events, false))
+        Ok((events, None))
+    }
+
+    /// `events` of one key, from its own history.
+    fn key_events(&self, key: &[u8], from: u64, limit: usize) -> (Vec<WatchEvent>, Option<u64>) {
+        let mut events = Vec::new();
+        let Some((key, hist)) = self.keys.get_key_value(key) else {
+            return (events, None);
+        };
+        let mut last_main = None;
+        for i in hist.partition_point(|e| e.main < from)..hist.len() {
+            let Some(e) = hist.get(i) else {
+                break;
+            };
+            if last_main != Some(e.main) && events.len() >= limit {
+                return (events, Some(e.main));
+            }
+            last_main = Some(e.main);
+            events.push(event_of(key, hist, e));
+        }
+        (events, None)
     }
 
     /// A CRC-32C over the retained history up to revision `rev` (`0`: the

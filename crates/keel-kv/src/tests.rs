@@ -1272,3 +1272,57 @@ fn the_space_quota_follows_a_restore_and_zero_means_no_limit() {
     assert!(!unlimited.quota().expect("quota").alarm());
     assert!(KvService::new().admission().is_none(), "no quota, no check");
 }
+
+/// A watch catching up a narrow range from an old revision reads history on
+/// the service thread: one read examines a bounded stretch of the revision
+/// index and says where to go on, however long the history without a
+/// match; one key's history is read from the key itself.
+#[test]
+fn history_reads_examine_a_bounded_stretch_of_the_index() {
+    use crate::store::{Store, EVENTS_SCAN_BUDGET};
+    let mut s = Store::new();
+    let put = |s: &mut Store, k: &str| {
+        let mut w = s.write();
+        w.put(
+            Bytes::copy_from_slice(k.as_bytes()),
+            Bytes::from_static(b"v"),
+            0,
+        );
+        w.commit();
+    };
+    let n = 2 * EVENTS_SCAN_BUDGET + 100;
+    for i in 0..n {
+        put(&mut s, &format!("other/{}", i % 50));
+    }
+    put(&mut s, "watched/1");
+    let last = s.revision();
+    // The range's only change is at the end: reads go on from where the
+    // previous one stopped, never examining more than the budget (one
+    // index entry per revision here; the first write is revision 2).
+    let mut from = 2;
+    let mut reads = 0;
+    let found = loop {
+        let (events, more) = s.events(b"watched/", b"watched0", from, 100).unwrap();
+        reads += 1;
+        match more {
+            Some(next) => {
+                assert!(events.is_empty(), "{events:?}");
+                assert!(next > from && next - from <= EVENTS_SCAN_BUDGET as u64);
+                from = next;
+            }
+            None => break events,
+        }
+    };
+    assert_eq!(
+        reads, 3,
+        "{n} revisions in stretches of {EVENTS_SCAN_BUDGET}"
+    );
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].revision(), last);
+    // One key: straight from its history, in one read.
+    let (events, more) = s.events(b"watched/1", b"", 1, 100).unwrap();
+    assert_eq!((events.len(), more), (1, None));
+    let (events, more) = s.events(b"other/7", b"", 1, 10).unwrap();
+    assert_eq!(events.len(), 10);
+    assert_eq!(more, Some(events[9].revision() + 50));
+}

@@ -1331,20 +1331,23 @@ fn watch_feed_and_event_history() {
         }
         other => panic!("{other:?}"),
     };
-    assert_eq!(events(&h, "", &[0], 0, 0), (want.clone(), false));
-    assert_eq!(events(&h, "", &[0], 2, 0), (want.clone(), false));
-    assert_eq!(events(&h, "", &[0], 3, 0), (want[1..].to_vec(), false));
-    assert_eq!(events(&h, "", &[0], 5, 0), (vec![], false));
-    // Limits never split a revision.
-    assert_eq!(events(&h, "", &[0], 2, 1), (want[..1].to_vec(), true));
-    assert_eq!(events(&h, "", &[0], 2, 2), (want[..4].to_vec(), true));
-    assert_eq!(events(&h, "", &[0], 3, 1), (want[1..4].to_vec(), true));
-    assert_eq!(events(&h, "", &[0], 4, 1), (want[4..].to_vec(), false));
-    // Key ranges.
+    assert_eq!(events(&h, "", &[0], 0, 0), (want.clone(), None));
+    assert_eq!(events(&h, "", &[0], 2, 0), (want.clone(), None));
+    assert_eq!(events(&h, "", &[0], 3, 0), (want[1..].to_vec(), None));
+    assert_eq!(events(&h, "", &[0], 5, 0), (vec![], None));
+    // Limits never split a revision, and say where to go on from.
+    assert_eq!(events(&h, "", &[0], 2, 1), (want[..1].to_vec(), Some(3)));
+    assert_eq!(events(&h, "", &[0], 2, 2), (want[..4].to_vec(), Some(4)));
+    assert_eq!(events(&h, "", &[0], 3, 1), (want[1..4].to_vec(), Some(4)));
+    assert_eq!(events(&h, "", &[0], 4, 1), (want[4..].to_vec(), None));
+    // Key ranges (one key: from its own history).
     assert_eq!(
-        events(&h, "b", b"", 0, 0).0,
-        vec![want[1].clone(), want[4].clone()]
+        events(&h, "b", b"", 0, 0),
+        (vec![want[1].clone(), want[4].clone()], None)
     );
+    assert_eq!(events(&h, "b", b"", 0, 1), (vec![want[1].clone()], Some(4)));
+    assert_eq!(events(&h, "b", b"", 4, 1), (vec![want[4].clone()], None));
+    assert_eq!(events(&h, "zz", b"", 0, 1), (vec![], None));
     assert_eq!(events(&h, "b", &[0], 0, 0).0.len(), 3);
     assert_eq!(
         events(&h, "a", b"b", 0, 0).0,

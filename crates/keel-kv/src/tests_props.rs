@@ -392,7 +392,7 @@ fn arb_response() -> impl Strategy<Value = Response> {
             any::<u64>(),
             any::<i64>(),
             prop::collection::vec(event, 0..3),
-            any::<bool>()
+            any::<Option<u64>>()
         )
             .prop_map(
                 |(revision, compact_revision, events, more)| Response::Events {
@@ -478,7 +478,10 @@ proptest! {
     }
 
     #[test]
-    fn history_and_events_match_a_model(cmds in prop::collection::vec(model_command(), 0..40)) {
+    fn history_and_events_match_a_model(
+        cmds in prop::collection::vec(model_command(), 0..40),
+        ranges in prop::collection::vec((key(), end()), 1..4),
+    ) {
         let mut h = Harness::new();
         let mut m = Model::new();
         for c in &cmds {
@@ -509,7 +512,7 @@ proptest! {
         let from = compact.max(1) as u64;
         let q = Query::Events { start: Bytes::new(), end: Bytes::from_static(&[0]), from_revision: from, limit: 0 };
         let events = match Response::decode(&h.host.query(&q.encode())).unwrap() {
-            Response::Events { events, more, .. } => { prop_assert!(!more); events }
+            Response::Events { events, more, .. } => { prop_assert_eq!(more, None); events }
             other => { prop_assert!(false, "{:?}", other); unreachable!() }
         };
         let mut state = m.states[from as usize].clone();
@@ -531,6 +534,37 @@ proptest! {
             prop_assert_eq!(&state, &m.states[rev as usize]);
         }
         prop_assert_eq!(i, events.len());
+
+        // Any range read in pages of any size, each from where the last
+        // said to go on, gives the full read's events in that range.
+        for (start, end) in ranges {
+            for limit in [1u64, 2, 5] {
+                let wanted: Vec<_> = events
+                    .iter()
+                    .filter(|e| crate::store::in_span(&e.kv.key, &start, &end))
+                    .cloned()
+                    .collect();
+                let mut got = Vec::new();
+                let mut at = from;
+                loop {
+                    let q = Query::Events { start: start.clone(), end: end.clone(), from_revision: at, limit };
+                    match Response::decode(&h.host.query(&q.encode())).unwrap() {
+                        Response::Events { events, more, .. } => {
+                            // Past the limit only to finish a revision.
+                            let l = limit as usize;
+                            prop_assert!(events.len() <= l || events[l - 1..].iter().all(|e| e.revision() == events[l - 1].revision()));
+                            got.extend(events);
+                            match more {
+                                Some(next) => { prop_assert!(next > at); at = next; }
+                                None => break,
+                            }
+                        }
+                        other => { prop_assert!(false, "{:?}", other); unreachable!() }
+                    }
+                }
+                prop_assert_eq!(&got, &wanted, "{:?}..{:?} limit {}", start, end, limit);
+            }
+        }
     }
 
     #[test]

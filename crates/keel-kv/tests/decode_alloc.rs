@@ -111,7 +111,7 @@ fn kv_decoders_allocate_nothing_for_a_large_field() {
                 revision: 9,
                 compact_revision: -1,
                 events: vec![event.clone(), event.clone()],
-                more: false,
+                more: Some(7),
             }
             .encode()
             .to_vec(),

@@ -330,6 +330,53 @@ fn progress_never_reports_a_revision_below_what_the_stream_sent() {
     });
 }
 
+/// A watch on a narrow range from an old revision, over a long history with
+/// nothing in its range: the service reads history for it in bounded
+/// stretches (`keel_kv::store::EVENTS_SCAN_BUDGET` index entries), and the
+/// stream goes on from where each read stopped, through reads with no
+/// events, to the events after them and then to the live feed.
+#[test]
+fn a_narrow_watch_catches_up_across_history_with_nothing_for_it() {
+    use keel_kv::store::EVENTS_SCAN_BUDGET;
+    let c = TestCluster::start(3, "");
+    c.wait_for_leader(Duration::from_secs(10));
+    c.rt.block_on(async {
+        let ch = connect(&c.nodes[0].etcd).await;
+        let mut kv = KvClient::new(ch.clone());
+        let first = put(&mut kv, "watched/a", "1").await;
+        // Txns of 128 puts: one index entry each, three reads' worth.
+        let txns = 3 * EVENTS_SCAN_BUDGET / 128 + 2;
+        for t in 0..txns {
+            let success = (0..128)
+                .map(|i| RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: format!("other/{t}/{i}").into_bytes().into(),
+                        value: b"v".to_vec().into(),
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            kv.txn(TxnRequest {
+                success,
+                ..Default::default()
+            })
+            .await
+            .expect("txn");
+        }
+        let second = put(&mut kv, "watched/b", "2").await;
+        let mut s = open(&ch).await;
+        let mut w = create("watched/", b"watched0");
+        w.start_revision = first;
+        s.create(w).await;
+        let got = s.events(2).await;
+        let seen: Vec<_> = got.iter().map(|e| (e.2.as_str(), e.4)).collect();
+        assert_eq!(seen, [("watched/a", first), ("watched/b", second)]);
+        let third = put(&mut kv, "watched/c", "3").await;
+        let got = s.events(1).await;
+        assert_eq!((got[0].2.as_str(), got[0].4), ("watched/c", third));
+    });
+}
+
 #[test]
 fn a_watch_through_a_follower_survives_a_leader_kill() {
     let mut c = TestCluster::start(3, "");

@@ -62,6 +62,10 @@ struct Watcher {
     fragment: bool,
     /// The next revision this watch has to deliver.
     next_rev: u64,
+    /// Events went out for this watch since the last periodic progress
+    /// tick: it gets no progress response at the next one (as from etcd,
+    /// which sends them to idle watches only).
+    had_events: bool,
 }
 
 impl Watcher {
@@ -261,6 +265,7 @@ impl Session {
                 progress_notify: c.progress_notify,
                 fragment: c.fragment,
                 next_rev: if start == 0 { local_rev + 1 } else { start },
+                had_events: false,
             };
             past = w.next_rev <= local_rev;
             self.watchers.insert(id, w);
@@ -476,6 +481,9 @@ impl Session {
         fragment: bool,
     ) -> Result<(), End> {
         self.sent_rev = self.sent_rev.max(header_rev);
+        if let Some(w) = self.watchers.get_mut(&id) {
+            w.had_events = true;
+        }
         let whole = WatchResponse {
             header: self.header(header_rev),
             watch_id: id,
@@ -512,20 +520,28 @@ impl Session {
         Ok(())
     }
 
-    /// The periodic empty response of watches created with `progress_notify`.
-    async fn progress(&self) -> Result<(), End> {
+    /// The periodic empty response of watches created with
+    /// `progress_notify` that had no events since the last tick.
+    async fn progress(&mut self) -> Result<(), End> {
+        let idle: Vec<i64> = self
+            .watchers
+            .iter_mut()
+            .filter_map(|(id, w)| {
+                let idle = w.progress_notify && !w.had_events;
+                w.had_events = false;
+                idle.then_some(*id)
+            })
+            .collect();
         if !self.synced() {
             return Ok(());
         }
-        for (id, w) in &self.watchers {
-            if w.progress_notify {
-                self.send(WatchResponse {
-                    header: self.header(self.feed_rev),
-                    watch_id: *id,
-                    ..Default::default()
-                })
-                .await?;
-            }
+        for id in idle {
+            self.send(WatchResponse {
+                header: self.header(self.feed_rev),
+                watch_id: id,
+                ..Default::default()
+            })
+            .await?;
         }
         Ok(())
     }
@@ -593,6 +609,9 @@ async fn run(
     let result: Result<(), End> = async {
         s.feed_rev = s.local_status().await?.0;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // Ticks missed while the stream was busy are not made up in a
+        // burst: each would find the watches idle.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // A client that closed its side of the stream (sent all its
         // requests) still gets its watches' events, as from etcd, until it
         // goes away.
@@ -661,6 +680,7 @@ mod tests {
             progress_notify: false,
             fragment: false,
             next_rev: 5,
+            had_events: false,
         }
     }
 

@@ -133,6 +133,11 @@ fn default_auto_compaction_mode() -> String {
 fn default_auto_compaction_retention() -> String {
     "0".into()
 }
+fn default_watch_progress_notify_interval_ms() -> u64 {
+    600_000
+}
+/// The longest `watch_progress_notify_interval_ms` accepted: a day.
+pub const MAX_WATCH_PROGRESS_NOTIFY_INTERVAL_MS: u64 = 86_400_000;
 fn default_kv_quota_bytes() -> u64 {
     2 << 30
 }
@@ -236,6 +241,12 @@ pub struct NodeConfig {
     /// clients.
     #[serde(default = "default_auto_compaction_retention")]
     pub auto_compaction_retention: String,
+    /// With `etcd_addr`: how often a watch created with `progress_notify`
+    /// that had no events since the last time gets an empty response with
+    /// the current revision, as etcd's
+    /// `--experimental-watch-progress-notify-interval` (10 minutes).
+    #[serde(default = "default_watch_progress_notify_interval_ms")]
+    pub watch_progress_notify_interval_ms: u64,
     /// The KV service's space quota, as etcd's `--quota-backend-bytes`
     /// (default 2 GiB, etcd's default): writes that store values are
     /// refused with etcd's "database space exceeded" while the history's
@@ -546,6 +557,15 @@ impl NodeConfig {
             return bad(format!(
                 "max_unapplied_bytes ({}) must be at least max_request_bytes ({})",
                 self.max_unapplied_bytes, self.max_request_bytes
+            ));
+        }
+        if !(1..=MAX_WATCH_PROGRESS_NOTIFY_INTERVAL_MS)
+            .contains(&self.watch_progress_notify_interval_ms)
+        {
+            return bad(format!(
+                "watch_progress_notify_interval_ms ({}) must be between 1 and \
+                 {MAX_WATCH_PROGRESS_NOTIFY_INTERVAL_MS} (a day)",
+                self.watch_progress_notify_interval_ms
             ));
         }
         // Checked on every node, with or without `etcd_addr` (the etcd API
@@ -1117,6 +1137,33 @@ mod tests {
             c.auto_compaction_retention = retention.into();
             c.validate()
                 .unwrap_or_else(|e| panic!("{mode} {retention:?} refused: {e}"));
+        }
+    }
+
+    /// The watch progress interval defaults to etcd's 10 minutes; 0 (which
+    /// would stop the ticker) and more than a day are refused.
+    #[test]
+    fn watch_progress_notify_interval_is_bounded() {
+        let c: NodeConfig = toml::from_str(base()).expect("parse");
+        assert_eq!(c.watch_progress_notify_interval_ms, 600_000);
+        for (ms, ok) in [
+            (0, false),
+            (1, true),
+            (86_400_000, true),
+            (86_400_001, false),
+        ] {
+            let mut c = c.clone();
+            c.watch_progress_notify_interval_ms = ms;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{ms} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{ms} refused: {e}");
+                    assert!(
+                        e.to_string().contains("watch_progress_notify_interval_ms"),
+                        "{e}"
+                    );
+                }
+            }
         }
     }
 

@@ -104,6 +104,7 @@ fn node_config(
         etcd_cors: Vec::new(),
         auto_compaction_mode: "periodic".into(),
         auto_compaction_retention: "0".into(),
+        watch_progress_notify_interval_ms: 600_000,
         kv_quota_bytes: 0,
         durability,
         replicated_sync_interval_ms: 10,

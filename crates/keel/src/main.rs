@@ -232,8 +232,9 @@ struct ServerArgs {
     /// TOML config file (the keys are the flags' names with `_` for `-`,
     /// and `[[peers]]` for --peer); flags given too override its values.
     /// Only the file sets kv_quota_bytes, auto_compaction_mode,
-    /// auto_compaction_retention, log_cache_bytes, queue_depth,
-    /// max_request_bytes and max_unapplied_bytes.
+    /// auto_compaction_retention, watch_progress_notify_interval_ms,
+    /// log_cache_bytes, queue_depth, max_request_bytes and
+    /// max_unapplied_bytes.
     #[arg(long)]
     config: Option<PathBuf>,
     /// This node's id (not 0).
@@ -759,6 +760,8 @@ fn etcd_api(
     api.quota = quota;
     api.tls = tls;
     api.election_timeout = std::time::Duration::from_millis(cfg.election_timeout_max_ms);
+    api.watch_progress_interval =
+        std::time::Duration::from_millis(cfg.watch_progress_notify_interval_ms);
     api.cors = keel_etcd::http::Cors::parse(&cfg.etcd_cors).map_err(anyhow::Error::msg)?;
     api.auto_compaction = keel_etcd::compactor::AutoCompaction::parse(
         &cfg.auto_compaction_mode,

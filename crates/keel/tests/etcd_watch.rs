@@ -377,6 +377,69 @@ fn a_narrow_watch_catches_up_across_history_with_nothing_for_it() {
     });
 }
 
+/// Periodic progress responses (`watch_progress_notify_interval_ms`) go to
+/// the watches created with `progress_notify` that had no events since the
+/// last tick, as etcd's: a busy watch gets its events instead, and a watch
+/// without `progress_notify` gets none.
+#[test]
+fn periodic_progress_goes_to_idle_watches_only() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let c = TestCluster::start(3, "watch_progress_notify_interval_ms = 250\n");
+    c.wait_for_leader(Duration::from_secs(10));
+    c.rt.block_on(async {
+        let ch = connect(&c.nodes[0].etcd).await;
+        let kv = KvClient::new(ch.clone());
+        let mut s = open(&ch).await;
+        let with_progress = |key: &str| WatchCreateRequest {
+            progress_notify: true,
+            ..create(key, b"")
+        };
+        let busy = s.create(with_progress("busy")).await;
+        let idle = s.create(with_progress("idle")).await;
+        let quiet = s.create(create("quiet", b"")).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (stop, mut kv) = (stop.clone(), kv.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    put(&mut kv, "busy", "v").await;
+                }
+            })
+        };
+        let (mut busy_progress, mut idle_progress, mut events) = (0, 0, 0);
+        let mut sent = 0;
+        while idle_progress < 6 {
+            let r = s.next().await;
+            let rev = r.header.as_ref().expect("header").revision;
+            if let Some(e) = r.events.last() {
+                assert_eq!(r.watch_id, busy, "{r:?}");
+                sent = e.kv.as_ref().expect("kv").mod_revision;
+                events += r.events.len();
+                continue;
+            }
+            assert!(rev >= sent, "progress at {rev} after an event at {sent}");
+            match r.watch_id {
+                id if id == idle => idle_progress += 1,
+                id if id == busy => busy_progress += 1,
+                id if id == quiet => panic!("progress for a watch without progress_notify"),
+                _ => panic!("unexpected response {r:?}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.await.expect("writer");
+        assert!(events > 0);
+        // A tick skips the busy watch unless no write at all completed in
+        // the interval before it.
+        assert!(
+            busy_progress * 2 <= idle_progress,
+            "the busy watch got {busy_progress} progress responses, the idle one \
+             {idle_progress}, with {events} events between"
+        );
+        drop(kv);
+    });
+}
+
 #[test]
 fn a_watch_through_a_follower_survives_a_leader_kill() {
     let mut c = TestCluster::start(3, "");

@@ -193,6 +193,9 @@ pub struct Opened {
     /// Durable entries after the snapshot, contiguous from its position.
     pub entries: Vec<Entry>,
     pub torn: Option<TornTail>,
+    /// The bytes of the last segment written again and synced because the
+    /// previous process stopped on an error (`meta::RESYNC_FILE`).
+    pub resynced: Option<u64>,
 }
 
 /// The durable log. Not thread-safe by itself: owned by the storage thread.
@@ -244,6 +247,23 @@ fn open_for_append(seg: &Segment) -> Result<File, LogError> {
         .append(true)
         .open(&seg.path)
         .map_err(|e| LogError::io(&seg.path, "opening segment for append", e))
+}
+
+/// Writes a file's bytes over themselves and syncs them (`meta::RESYNC_FILE`):
+/// the kernel then writes them back to the disk even where an earlier
+/// write-back failed and left them cached as clean. Returns the bytes
+/// written. A crash part-way leaves the same bytes.
+fn rewrite(path: &Path) -> Result<u64, LogError> {
+    use std::os::unix::fs::FileExt;
+    let data = fs::read(path).map_err(|e| LogError::io(path, "reading to write again", e))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| LogError::io(path, "opening to write again", e))?;
+    f.write_all_at(&data, 0)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| LogError::io(path, "writing again after an earlier failure", e))?;
+    Ok(data.len() as u64)
 }
 
 /// How the damaged frame at the end of the valid prefix looks.
@@ -553,6 +573,16 @@ impl LogStore {
             file.sync_data()
                 .map_err(|e| LogError::io(&last.path, "syncing", e))?;
         }
+        let resync = dir.join(meta::RESYNC_FILE);
+        let resynced = match (resync.exists(), segments.last()) {
+            (true, Some(last)) => {
+                let n = rewrite(&last.path)?;
+                fs::remove_file(&resync).map_err(|e| LogError::io(&resync, "removing", e))?;
+                meta::sync_dir(dir)?;
+                Some(n)
+            }
+            _ => None,
+        };
         let store = LogStore {
             dir: dir.to_path_buf(),
             opts,
@@ -575,6 +605,7 @@ impl LogStore {
             snapshot,
             entries,
             torn,
+            resynced,
         })
     }
 

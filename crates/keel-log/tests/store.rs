@@ -1503,3 +1503,52 @@ fn a_staged_snapshot_larger_than_the_write_buffer_is_written_whole() {
         "the staged file differs from the snapshot's encoding"
     );
 }
+
+/// After a process stopped on an error (`meta::mark_resync`), the next open
+/// writes the last segment again and syncs it before the log is trusted, and
+/// clears the mark; the entries are unchanged. Without the mark nothing is
+/// written again.
+#[test]
+fn an_open_after_an_error_stop_writes_the_last_segment_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options::with_segment_size(4096);
+    let entries: Vec<Entry> = {
+        let mut s = LogStore::open(dir.path(), opts.clone()).unwrap().store;
+        let mut pos = 0;
+        let mut all = Vec::new();
+        for _ in 0..40 {
+            let e = keel_log::testing::make_entry(1, pos, 200);
+            pos = e.end();
+            all.push(e);
+        }
+        s.append(&all).unwrap();
+        s.sync().unwrap();
+        assert!(
+            s.segment_count() > 1,
+            "the test wants a segment before the last"
+        );
+        all
+    };
+    let last_segment_len = |dir: &std::path::Path| {
+        let mut segs: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        segs.sort();
+        std::fs::metadata(segs.last().unwrap()).unwrap().len()
+    };
+    let opened = LogStore::open(dir.path(), opts.clone()).unwrap();
+    assert_eq!(opened.resynced, None);
+    drop(opened);
+    meta::mark_resync(dir.path()).unwrap();
+    let opened = LogStore::open(dir.path(), opts.clone()).unwrap();
+    assert_eq!(opened.resynced, Some(last_segment_len(dir.path())));
+    assert_eq!(opened.entries, entries);
+    assert!(!dir.path().join(meta::RESYNC_FILE).exists());
+    drop(opened);
+    let opened = LogStore::open(dir.path(), opts).unwrap();
+    assert_eq!(opened.resynced, None);
+    assert_eq!(opened.entries, entries);
+}

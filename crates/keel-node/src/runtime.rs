@@ -1325,6 +1325,12 @@ fn run_node(
             t.path.display()
         );
     }
+    if let Some(n) = opened.resynced {
+        warn!(
+            "the last run stopped on an error: wrote the log's last {n} bytes again and \
+             synced them, in case a failed write-back left them only in the page cache"
+        );
+    }
     let first_start = opened.hard_state.is_none();
     let mut hard = match opened.hard_state.clone() {
         Some(h) => h,
@@ -1687,6 +1693,13 @@ fn run_node(
                 let graceful = result.is_ok();
                 if let Err(e) = result {
                     error!("node stopped: {e}");
+                    // The error may have been a failed write-back, whose
+                    // pages the page cache now holds as written: the next
+                    // start writes the log's end again before trusting it
+                    // (storage, holding the directory's lock, is still up).
+                    if let Err(e) = meta::mark_resync(&stop_dir) {
+                        warn!("recording the error stop for the next start: {e}");
+                    }
                     if let Ok(mut f) = fatal.lock() {
                         *f = Some(e);
                     }

@@ -952,7 +952,7 @@ async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> V
 fn a_panicking_service_stops_its_node_with_the_reason() {
     for service_thread in [ServiceThreadConfig::Dedicated, ServiceThreadConfig::Shared] {
         let Three {
-            tmp: _tmp, // kept until the end: the nodes' data
+            tmp, // kept until the end: the nodes' data
             net: _,
             clients: _,
             nodes,
@@ -980,6 +980,13 @@ fn a_panicking_service_stops_its_node_with_the_reason() {
         assert!(
             e.to_string().contains("panicked"),
             "{service_thread:?}: {e}"
+        );
+        // A stop on an error has the next start write the log's end again
+        // before trusting it (`keel_log::meta::RESYNC_FILE`).
+        let dir = tmp.path().join(format!("n{leader}"));
+        assert!(
+            dir.join(keel_log::meta::RESYNC_FILE).exists(),
+            "{service_thread:?}: no resync mark after an error stop"
         );
         for n in &nodes {
             n.shutdown();

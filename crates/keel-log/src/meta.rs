@@ -781,6 +781,27 @@ pub fn remove_leftovers(dir: &Path) -> Result<(), LogError> {
     Ok(())
 }
 
+/// Removes the snapshot files other than the one the manifest names (at
+/// `position`, already loaded): what a crash left, a newer file renamed into
+/// place before the manifest named it, or older ones not yet deleted.
+/// Never referenced again (a newer snapshot gets a file of its own). Only
+/// while nothing else writes to the directory (on open). Returns how many.
+pub fn remove_unnamed_snapshots(dir: &Path, position: Position) -> Result<usize, LogError> {
+    let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if snapshot_file_position(&n).is_some_and(|p| p != position) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|e| {
+                LogError::io(&path, "removing a snapshot file no manifest names", e)
+            })?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// The position the manifest names; `None` if there is no manifest.
 pub fn manifest_position(dir: &Path) -> Result<Option<Position>, LogError> {
     let path = dir.join(MANIFEST_FILE);

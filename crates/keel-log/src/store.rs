@@ -422,6 +422,9 @@ impl LogStore {
         meta::remove_leftovers(dir)?;
         let hard_state = meta::load_hard_state(dir)?;
         let snapshot = meta::load_snapshot(dir)?;
+        if let Some(s) = &snapshot {
+            meta::remove_unnamed_snapshots(dir, s.meta.position)?;
+        }
         let (snap_pos, snap_term) = snapshot
             .as_ref()
             .map_or((0, 0), |s| (s.meta.position, s.meta.term));

@@ -1552,3 +1552,35 @@ fn an_open_after_an_error_stop_writes_the_last_segment_again() {
     assert_eq!(opened.resynced, None);
     assert_eq!(opened.entries, entries);
 }
+
+/// Snapshot files the manifest does not name (a newer one a crash left
+/// between its rename and the manifest, an older one whose deletion it cut
+/// short) are removed at open; the named one stays and is loaded.
+#[test]
+fn snapshot_files_no_manifest_names_are_removed_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |position| Snapshot {
+        meta: SnapshotMeta {
+            position,
+            term: 1,
+            timestamp: 0,
+            membership: Membership::new([1]),
+        },
+        data: Bytes::from_static(b"state"),
+    };
+    meta::save_snapshot(dir.path(), &at(500)).expect("save");
+    let named = dir.path().join(meta::snapshot_file_name(500));
+    for stray in [100, 900] {
+        std::fs::copy(&named, dir.path().join(meta::snapshot_file_name(stray))).expect("copy");
+    }
+    let o = LogStore::open(dir.path(), Options::default()).expect("open");
+    assert_eq!(o.snapshot.expect("snapshot").meta.position, 500);
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snap-"))
+        .collect();
+    left.sort();
+    assert_eq!(left, [meta::snapshot_file_name(500)]);
+}

@@ -3926,7 +3926,9 @@ pub fn restore_backup(
     let name = dir
         .file_name()
         .map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
-    let staging = parent.join(format!(".{name}.restoring-{}", std::process::id()));
+    let prefix = format!(".{name}.restoring-");
+    remove_stale_restores(&parent, &prefix);
+    let staging = parent.join(format!("{prefix}{}", std::process::id()));
     let write = || -> Result<(), NodeError> {
         std::fs::create_dir_all(&staging)
             .map_err(|e| fail(format!("creating {}: {e}", staging.display())))?;
@@ -3953,6 +3955,31 @@ pub fn restore_backup(
         let _ = std::fs::remove_dir_all(&staging);
     }
     written.map(|()| snapshot.meta)
+}
+
+/// Removes the staging directories (`<prefix><pid>` in `parent`) that
+/// restores killed part-way left, each a copy of a whole snapshot; one whose
+/// lock a running restore holds is left alone. (A failed restore removes
+/// its own.)
+fn remove_stale_restores(parent: &std::path::Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let path = entry.path();
+        if let Ok(_lock) = DirLock::acquire(&path) {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => info!(
+                    "removed {}, left by an earlier restore that did not finish",
+                    path.display()
+                ),
+                Err(e) => warn!("removing {}: {e}", path.display()),
+            }
+        }
+    }
 }
 
 /// Serializes a capture into a backup file of its own directory under

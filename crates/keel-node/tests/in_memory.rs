@@ -1326,7 +1326,9 @@ fn a_session_write_covered_by_a_snapshot_install_is_answered_with_its_reply() {
 /// A backup taken on a follower with the service on the consensus thread
 /// (the capture runs in line there) seeds a new three-node cluster through
 /// `restore_backup`, which serves every backed-up key and takes writes; the
-/// backup's file is gone once dropped, and a stopped node takes none.
+/// backup's file is gone once dropped, and a stopped node takes none. A
+/// staging directory that a restore killed part-way left beside a data
+/// directory is removed by the next restore into it.
 #[test]
 fn a_backup_seeds_a_new_cluster() {
     let shared = |c: &mut NodeConfig| c.service_thread = ServiceThreadConfig::Shared;
@@ -1366,8 +1368,16 @@ fn a_backup_seeds_a_new_cluster() {
     for id in 1..=3 {
         let mut cfg = node_config(id, tmp.path(), &clients, 1 << 30, DurabilityConfig::Sync);
         shared(&mut cfg);
+        // What a restore killed part-way leaves beside the directory.
+        let stale = tmp.path().join(format!(".n{id}.restoring-1"));
+        std::fs::create_dir_all(&stale).expect("stale staging");
+        std::fs::write(stale.join("snap-00000000000000000001.snap"), b"half").expect("write");
         let meta = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file, false)
             .expect("restore");
+        assert!(
+            !stale.exists(),
+            "a killed restore's staging directory was left"
+        );
         assert_eq!(meta.membership.voters.len(), 3);
         // The restored directory is this node's, of the new cluster.
         let identity = keel_log::meta::load_identity(&cfg.data_dir).expect("identity");

@@ -612,6 +612,26 @@ pub struct Recovered {
     pub entries: Vec<Entry>,
 }
 
+/// A follower's snapshot file being received from a leader in chunks,
+/// held until it is whole.
+#[derive(Debug)]
+struct IncomingSnapshot {
+    meta: SnapshotMeta,
+    /// The term of the leader sending it: another leader's file of the
+    /// same snapshot may differ (and be shorter), and is never joined to
+    /// it.
+    term: Term,
+    /// The file from its start, as far as its chunks have come in order.
+    buf: Vec<u8>,
+    /// Chunks that came before the ones ahead of them (the network
+    /// reordered them), by offset, and their bytes in all (at most
+    /// `max_inflight_bytes`).
+    ahead: BTreeMap<u64, Bytes>,
+    ahead_bytes: u64,
+    /// Where its last chunk ends, once seen.
+    end: Option<u64>,
+}
+
 pub struct Node {
     cfg: Config,
     rng: Rng,
@@ -733,15 +753,7 @@ pub struct Node {
     /// whole; dropped once this node stands in a term of its own or leads,
     /// or has committed what it covers: see `set_role`,
     /// `advance_follower_commit`).
-    incoming: Option<(SnapshotMeta, Vec<u8>)>,
-    /// Chunks of `incoming` that came before the ones ahead of them (the
-    /// network reordered them), by offset, and their bytes in all (at
-    /// most `max_inflight_bytes`); where its last chunk ends, once seen.
-    incoming_ahead: BTreeMap<u64, Bytes>,
-    incoming_ahead_bytes: u64,
-    incoming_end: Option<u64>,
-    /// The term of the leader sending `incoming`.
-    incoming_term: Term,
+    incoming: Option<IncomingSnapshot>,
     /// Set once this node learned it was removed from the cluster: who
     /// said so and from which position. Every later event is ignored.
     removed: Option<(NodeId, Position)>,
@@ -933,10 +945,6 @@ impl Node {
             commit_advanced: false,
             commit_notify_at: None,
             incoming: None,
-            incoming_ahead: BTreeMap::new(),
-            incoming_ahead_bytes: 0,
-            incoming_end: None,
-            incoming_term: 0,
             removed: None,
             removed_peers: BTreeMap::new(),
             joining: false,
@@ -1024,7 +1032,7 @@ impl Node {
     }
     /// Bytes held of a snapshot being received from the leader (0: none).
     pub fn incoming_snapshot_bytes(&self) -> usize {
-        self.incoming.as_ref().map_or(0, |(_, buf)| buf.len())
+        self.incoming.as_ref().map_or(0, |f| f.buf.len())
     }
     /// Metadata of the newest published snapshot file.
     pub fn published_snapshot_meta(&self) -> Option<&SnapshotMeta> {
@@ -2449,7 +2457,7 @@ impl Node {
         if c > self.commit && self.log.term_at(c).is_some() {
             self.commit = c;
             self.emit_apply(out);
-            if self.incoming.as_ref().is_some_and(|(m, _)| m.position <= c)
+            if self.incoming.as_ref().is_some_and(|f| f.meta.position <= c)
                 && !self.cfg.testing_bugs.install_snapshot_below_commit
             {
                 // Caught up by appends (a new leader that had the log): a
@@ -2485,13 +2493,17 @@ impl Node {
         }
     }
 
-    /// Starts receiving a snapshot file (`Some`), or drops what was held.
+    /// Starts receiving a snapshot file from this term's leader (`Some`),
+    /// or drops what was held.
     fn set_incoming(&mut self, meta: Option<SnapshotMeta>) {
-        self.incoming = meta.map(|m| (m, Vec::new()));
-        self.incoming_term = self.term;
-        self.incoming_ahead.clear();
-        self.incoming_ahead_bytes = 0;
-        self.incoming_end = None;
+        self.incoming = meta.map(|meta| IncomingSnapshot {
+            meta,
+            term: self.term,
+            buf: Vec::new(),
+            ahead: BTreeMap::new(),
+            ahead_bytes: 0,
+            end: None,
+        });
     }
 
     fn on_snapshot_chunk(
@@ -2508,7 +2520,7 @@ impl Node {
             if self
                 .incoming
                 .as_ref()
-                .is_some_and(|(m, _)| m.position <= self.commit)
+                .is_some_and(|f| f.meta.position <= self.commit)
             {
                 self.set_incoming(None);
             }
@@ -2525,9 +2537,9 @@ impl Node {
         // chunk of an older one is ignored.
         let same = match &self.incoming {
             None => false,
-            Some(_) if self.incoming_term != self.term => false,
-            Some((m, _)) if m.position == meta.position && m.term == meta.term => true,
-            Some((m, _)) if m.position > meta.position => {
+            Some(f) if f.term != self.term => false,
+            Some(f) if f.meta.position == meta.position && f.meta.term == meta.term => true,
+            Some(f) if f.meta.position > meta.position => {
                 self.send(
                     self.leader.unwrap_or(0),
                     Body::SnapshotAck {
@@ -2543,35 +2555,35 @@ impl Node {
         if !same {
             self.set_incoming(Some(meta.clone()));
         }
+        let max_ahead = self.cfg.max_inflight_bytes;
         let mut received = 0;
-        if let Some((_, buf)) = self.incoming.as_mut() {
-            let end = offset.saturating_add(chunk.len() as u64);
+        let mut whole = false;
+        if let Some(f) = self.incoming.as_mut() {
             if done {
-                self.incoming_end = Some(end);
+                f.end = Some(offset.saturating_add(chunk.len() as u64));
             }
-            let held = buf.len() as u64;
+            let held = f.buf.len() as u64;
             if offset == held {
-                buf.extend_from_slice(&chunk);
+                f.buf.extend_from_slice(&chunk);
                 // Chunks that came early follow on now.
-                while let Some(next) = self.incoming_ahead.remove(&(buf.len() as u64)) {
-                    self.incoming_ahead_bytes -= next.len() as u64;
-                    buf.extend_from_slice(&next);
+                while let Some(next) = f.ahead.remove(&(f.buf.len() as u64)) {
+                    f.ahead_bytes -= next.len() as u64;
+                    f.buf.extend_from_slice(&next);
                 }
             } else if offset > held
-                && self.incoming_ahead_bytes + chunk.len() as u64 <= self.cfg.max_inflight_bytes
-                && !self.incoming_ahead.contains_key(&offset)
+                && f.ahead_bytes + chunk.len() as u64 <= max_ahead
+                && !f.ahead.contains_key(&offset)
             {
-                self.incoming_ahead_bytes += chunk.len() as u64;
-                self.incoming_ahead.insert(offset, chunk);
+                f.ahead_bytes += chunk.len() as u64;
+                f.ahead.insert(offset, chunk);
             }
-            received = buf.len() as u64;
+            received = f.buf.len() as u64;
+            whole = f.end == Some(received);
         }
-        if self.incoming_end.is_some_and(|end| end == received) {
-            let taken = self.incoming.take();
-            self.set_incoming(None);
-            if let Some((meta, buf)) = taken {
-                if (self.cfg.snapshot_check)(&meta, &buf) {
-                    self.on_install_snapshot(meta, Bytes::from(buf), out);
+        if whole {
+            if let Some(f) = self.incoming.take() {
+                if (self.cfg.snapshot_check)(&f.meta, &f.buf) {
+                    self.on_install_snapshot(f.meta, Bytes::from(f.buf), out);
                     return;
                 }
                 // Damaged on the way (or on the leader's disk): start over.

@@ -487,14 +487,6 @@ impl Deleter {
 /// The background syncer of `replicated` mode: syncs the segment handles
 /// it is given, one at a time; the first error is kept for the storage
 /// thread to stop on.
-///
-/// Its handle shares the store's open file, and the kernel reports a
-/// write-back error to one sync of an open file only: a sync of the
-/// store's that runs beside or after a failed one of the syncer's returns
-/// Ok. So the syncer holds `failed`'s lock across each sync and the
-/// recording of its error, and the store checks `failed` after syncing
-/// (`check`, which waits for a sync in progress): an error either sync
-/// met is seen before the store counts anything synced.
 struct Syncer {
     tx: Option<mpsc::SyncSender<(std::fs::File, PathBuf)>>,
     failed: Arc<std::sync::Mutex<Option<LogError>>>,
@@ -503,15 +495,8 @@ struct Syncer {
     handle: Option<JoinHandle<()>>,
 }
 
-/// How the syncer syncs a file (a test makes it fail).
-type SyncFn = fn(&std::fs::File) -> std::io::Result<()>;
-
 impl Syncer {
     fn start() -> Result<Syncer, LogError> {
-        Syncer::start_with(std::fs::File::sync_data)
-    }
-
-    fn start_with(sync: SyncFn) -> Result<Syncer, LogError> {
         let (tx, rx) = mpsc::sync_channel::<(std::fs::File, PathBuf)>(1);
         let failed = Arc::new(std::sync::Mutex::new(None));
         let took = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -520,13 +505,13 @@ impl Syncer {
             .name("keel-syncer".into())
             .spawn(move || {
                 for (file, path) in rx {
-                    let mut slot = lock_unpoisoned(&f);
                     let t = Instant::now();
-                    if let Err(e) = sync(&file) {
-                        slot.get_or_insert(LogError::io(&path, "syncing", e));
+                    if let Err(e) = file.sync_data() {
+                        if let Ok(mut slot) = f.lock() {
+                            slot.get_or_insert(LogError::io(&path, "syncing", e));
+                        }
                         return;
                     }
-                    drop(slot);
                     lock_unpoisoned(&times).push(t.elapsed());
                 }
             })
@@ -548,11 +533,9 @@ impl Syncer {
 
     /// Asks for a sync of what `store` has written so far, unless the
     /// previous one is still running (then the next interval covers it).
-    /// Returns whether it was taken. Never waits for a sync.
+    /// Returns whether it was taken.
     fn request(&self, store: &LogStore) -> Result<bool, LogError> {
-        if !self.idle()? {
-            return Ok(false);
-        }
+        self.check()?;
         let Some(tx) = &self.tx else {
             return Ok(false);
         };
@@ -561,37 +544,24 @@ impl Syncer {
     }
 
     /// Waits for the syncs asked for, then stops: the first error any of
-    /// them met.
+    /// them met. (Its own handle shares the store's open file, so an error
+    /// reported here would not be reported again to the store's sync.)
     fn finish(mut self) -> Result<(), LogError> {
         self.tx = None;
         if let Some(h) = self.handle.take() {
             if h.join().is_err() {
-                return Err(syncer_panicked());
+                return Err(LogError::Invalid("the syncer thread panicked".into()));
             }
         }
         self.check()
     }
 
-    /// Whether no sync is in progress; the error a sync met.
-    fn idle(&self) -> Result<bool, LogError> {
-        match self.failed.try_lock() {
-            Ok(mut f) => f.take().map_or(Ok(true), Err),
-            Err(std::sync::TryLockError::WouldBlock) => Ok(false),
-            Err(std::sync::TryLockError::Poisoned(_)) => Err(syncer_panicked()),
-        }
-    }
-
-    /// The error a sync met, once the sync in progress (if any) is done.
     fn check(&self) -> Result<(), LogError> {
         match self.failed.lock() {
             Ok(mut f) => f.take().map_or(Ok(()), Err),
-            Err(_) => Err(syncer_panicked()),
+            Err(_) => Err(LogError::Invalid("the syncer thread panicked".into())),
         }
     }
-}
-
-fn syncer_panicked() -> LogError {
-    LogError::Invalid("the syncer thread panicked".into())
 }
 
 impl Drop for Syncer {
@@ -756,7 +726,7 @@ fn serve(
             let t = Instant::now();
             store.sync()?;
             // The syncer's handle shares the store's open file: an error it
-            // met is not reported to this sync again (see `Syncer`).
+            // met is not reported to this sync again.
             if let Some(s) = &syncer {
                 s.check()?;
             }
@@ -809,83 +779,5 @@ fn report_durable(
             position: now.0,
             term: now.1,
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::{Condvar, Mutex};
-
-    /// Whether the failing sync has started, and whether it may end.
-    static GATE: (Mutex<(bool, bool)>, Condvar) = (Mutex::new((false, false)), Condvar::new());
-
-    fn open_gate() {
-        let (lock, cv) = &GATE;
-        lock_unpoisoned(lock).1 = true;
-        cv.notify_all();
-    }
-
-    /// Opens the gate when dropped, so a failed assertion does not leave
-    /// the syncer waiting (and its drop joining it) forever.
-    struct OpenOnDrop;
-    impl Drop for OpenOnDrop {
-        fn drop(&mut self) {
-            open_gate();
-        }
-    }
-
-    fn failing_sync(_: &std::fs::File) -> std::io::Result<()> {
-        let (lock, cv) = &GATE;
-        let mut g = lock_unpoisoned(lock);
-        g.0 = true;
-        cv.notify_all();
-        while !g.1 {
-            g = cv.wait(g).expect("gate");
-        }
-        Err(std::io::Error::other("write-back failed"))
-    }
-
-    /// The kernel reports a write-back error to one sync of an open file:
-    /// a sync of the store's racing with a failed one of the syncer's
-    /// returns Ok. The store's `check` after it must still see the error,
-    /// so it waits for the syncer's sync in progress, and a periodic
-    /// request never does.
-    #[test]
-    fn a_check_waits_for_the_sync_in_progress_and_sees_its_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("seg");
-        let file = std::fs::File::create(&path).expect("create");
-        let syncer = Syncer::start_with(failing_sync).expect("start");
-        let _open = OpenOnDrop;
-        assert!(syncer.idle().expect("no error yet"));
-        syncer
-            .tx
-            .as_ref()
-            .expect("tx")
-            .send((file, path))
-            .expect("send");
-        let (lock, cv) = &GATE;
-        let mut g = lock_unpoisoned(lock);
-        while !g.0 {
-            g = cv.wait(g).expect("gate");
-        }
-        drop(g);
-        // A sync is running: a periodic request neither waits nor errs.
-        assert!(!syncer.idle().expect("no error yet"));
-        // The store's check waits for it, and sees its error. (The gate
-        // opens a while after the check began: without the wait, the check
-        // would find no error yet.)
-        let opener = std::thread::spawn(|| {
-            std::thread::sleep(Duration::from_millis(50));
-            open_gate();
-        });
-        let r = syncer.check();
-        assert!(
-            lock_unpoisoned(lock).1,
-            "the check returned during the sync"
-        );
-        assert!(r.is_err(), "the check after a failed sync returned Ok");
-        opener.join().expect("opener");
     }
 }

@@ -694,12 +694,20 @@ impl LogStore {
     /// A second handle on the segment being appended to, for syncing it
     /// from another thread (a sync through it covers everything written
     /// before the call), and that segment's path for error messages.
+    ///
+    /// The segment opened again, not a duplicate of the store's handle: the
+    /// kernel reports a failed write-back once to each open file, so with a
+    /// shared one a sync of the store's (a membership entry's, or a
+    /// segment's before a roll) racing with or following a failed
+    /// background sync would return Ok, and the store would count as
+    /// durable what never reached the disk. With its own, each sync sees
+    /// the error.
     pub fn active_segment_handle(&self) -> Result<(std::fs::File, PathBuf), LogError> {
         let seg = &self.segments[self.segments.len() - 1];
-        let f = self
-            .file
-            .try_clone()
-            .map_err(|e| LogError::io(&seg.path, "duplicating the segment handle", e))?;
+        let f = OpenOptions::new()
+            .read(true)
+            .open(&seg.path)
+            .map_err(|e| LogError::io(&seg.path, "opening the segment to sync it", e))?;
         Ok((f, seg.path.clone()))
     }
 
@@ -918,6 +926,42 @@ pub fn delete_retired(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The background syncer's handle is an open file of its own, not a
+    /// duplicate sharing the store's (whose write-back errors only one of
+    /// them would be told of): file status flags set on one are not seen
+    /// on the other.
+    #[test]
+    fn the_sync_handle_is_an_open_file_of_its_own() {
+        use std::os::fd::AsRawFd;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::open(tmp.path(), Options::default())
+            .expect("open")
+            .store;
+        let (handle, path) = store.active_segment_handle().expect("handle");
+        assert_eq!(path, store.segments[0].path);
+        let flags = |fd| {
+            // SAFETY: plain fcntl calls on descriptors the files keep open.
+            unsafe { libc::fcntl(fd, libc::F_GETFL) }
+        };
+        let before = flags(store.file.as_raw_fd());
+        assert_eq!(before & libc::O_NONBLOCK, 0);
+        // SAFETY: as above.
+        let set = unsafe {
+            libc::fcntl(
+                handle.as_raw_fd(),
+                libc::F_SETFL,
+                flags(handle.as_raw_fd()) | libc::O_NONBLOCK,
+            )
+        };
+        assert_eq!(set, 0);
+        assert_ne!(flags(handle.as_raw_fd()) & libc::O_NONBLOCK, 0);
+        assert_eq!(
+            flags(store.file.as_raw_fd()),
+            before,
+            "the store's file was shared"
+        );
+    }
 
     /// Creating the data directory syncs the parent of every directory it
     /// creates (outermost first), so that the directory survives a power

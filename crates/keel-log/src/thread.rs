@@ -544,8 +544,9 @@ impl Syncer {
     }
 
     /// Waits for the syncs asked for, then stops: the first error any of
-    /// them met. (Its own handle shares the store's open file, so an error
-    /// reported here would not be reported again to the store's sync.)
+    /// them met. (Its handles are open files of their own, so the store's
+    /// syncs are told of a failed write-back too:
+    /// `LogStore::active_segment_handle`.)
     fn finish(mut self) -> Result<(), LogError> {
         self.tx = None;
         if let Some(h) = self.handle.take() {
@@ -725,8 +726,8 @@ fn serve(
         if !barriers.is_empty() || must_sync || (unsynced && durability == Durability::Sync) {
             let t = Instant::now();
             store.sync()?;
-            // The syncer's handle shares the store's open file: an error it
-            // met is not reported to this sync again.
+            // (An error the syncer met first is reported to this sync too:
+            // its handle is an open file of its own. Stop on whichever.)
             if let Some(s) = &syncer {
                 s.check()?;
             }

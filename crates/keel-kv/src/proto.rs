@@ -191,8 +191,11 @@ pub enum Query {
     Txn(TxnRequest),
     /// The history of changes to keys in `[start, end)` from revision
     /// `from_revision` on (0 counts as 1), in revision order: at least
-    /// `limit` events when there are that many (0 = all), but never part of
-    /// a revision. For watches catching up from a past revision.
+    /// `limit` events when there are that many (0 = no limit), but never
+    /// part of a revision, and for a range only as far as one read of the
+    /// history goes (`store::EVENTS_SCAN_BUDGET` changes looked at): the
+    /// response's `more` says where to go on from. For watches catching up
+    /// from a past revision.
     Events {
         start: Bytes,
         end: Bytes,

@@ -44,29 +44,41 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 /// The node id and cluster id the data directory belongs to (`Identity`).
 pub const IDENTITY_FILE: &str = "IDENTITY";
 
-/// Present after a node stopped on an error (`mark_resync`): at the next
-/// open the log's last segment is written again and synced before anything
-/// in it is trusted (`Opened::resynced`).
+/// Present while a node runs (`mark_resync` at its start, `clear_resync`
+/// once it stopped cleanly with everything written synced): an open that
+/// finds it, after a stop on an error, a kill or a crash, writes the log's
+/// last segment again and syncs it before anything in it is trusted
+/// (`Opened::resynced`).
 ///
-/// A failed sync (an I/O error writing pages back) leaves the pages in the
-/// kernel's cache, marked clean, and the kernel reports the error to one
-/// sync only. A process started after it, on the same boot, would read the
-/// log from the cache, sync it without an error, and take for durable (and
-/// acknowledge) entries that may never reach the disk. Writing them again
-/// makes the kernel write them back; if the disk still fails, that sync
-/// fails and the node does not start. (Segments before the last were
-/// synced before the next was created, and every other file of the
-/// directory is synced before it is renamed into place.)
+/// A failed write-back (a disk I/O error, a thin volume out of space)
+/// leaves the pages in the kernel's cache, marked clean, and the kernel
+/// reports the error once to each open file. A process started after it,
+/// on the same boot, would read the log from the cache, sync it without an
+/// error, and take for durable (and acknowledge) entries that may never
+/// reach the disk. Writing them again makes the kernel write them back; if
+/// the disk still fails, that sync fails and the node does not start.
+/// (Segments before the last were synced before the next was created, a
+/// failure stopping the roll, and every other file of the directory is
+/// synced before it is renamed into place.)
 pub const RESYNC_FILE: &str = "RESYNC";
 
-/// Records that the node stopped on an error (`RESYNC_FILE`). Best done
-/// before the directory's lock is let go.
+/// Marks the node running (`RESYNC_FILE`), synced with the directory.
 pub fn mark_resync(dir: &Path) -> Result<(), LogError> {
     let path = dir.join(RESYNC_FILE);
     File::create(&path)
         .and_then(|f| f.sync_all())
         .map_err(|e| LogError::io(&path, "creating", e))?;
     sync_dir(dir)
+}
+
+/// Clears `RESYNC_FILE` after a clean stop that synced everything written.
+pub fn clear_resync(dir: &Path) -> Result<(), LogError> {
+    let path = dir.join(RESYNC_FILE);
+    match fs::remove_file(&path) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LogError::io(&path, "removing", e)),
+    }
 }
 
 /// Syncs a directory so a rename or a new file in it is durable.

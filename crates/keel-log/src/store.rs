@@ -194,7 +194,7 @@ pub struct Opened {
     pub entries: Vec<Entry>,
     pub torn: Option<TornTail>,
     /// The bytes of the last segment written again and synced because the
-    /// previous process stopped on an error (`meta::RESYNC_FILE`).
+    /// previous run did not stop cleanly (`meta::RESYNC_FILE`).
     pub resynced: Option<u64>,
 }
 
@@ -576,14 +576,13 @@ impl LogStore {
             file.sync_data()
                 .map_err(|e| LogError::io(&last.path, "syncing", e))?;
         }
+        // (The mark stays: the node clears it when it stops cleanly.)
         let resync = dir.join(meta::RESYNC_FILE);
-        let resynced = match (resync.exists(), segments.last()) {
-            (true, Some(last)) => {
-                let n = rewrite(&last.path)?;
-                fs::remove_file(&resync).map_err(|e| LogError::io(&resync, "removing", e))?;
-                meta::sync_dir(dir)?;
-                Some(n)
-            }
+        let marked = resync
+            .try_exists()
+            .map_err(|e| LogError::io(&resync, "looking for", e))?;
+        let resynced = match (marked, segments.last()) {
+            (true, Some(last)) => Some(rewrite(&last.path)?),
             _ => None,
         };
         let store = LogStore {

@@ -1504,12 +1504,12 @@ fn a_staged_snapshot_larger_than_the_write_buffer_is_written_whole() {
     );
 }
 
-/// After a process stopped on an error (`meta::mark_resync`), the next open
-/// writes the last segment again and syncs it before the log is trusted, and
-/// clears the mark; the entries are unchanged. Without the mark nothing is
-/// written again.
+/// While the mark a running node sets is there (`meta::mark_resync`: it
+/// stopped on an error, was killed or crashed), every open writes the last
+/// segment again and syncs it before the log is trusted; the entries are
+/// unchanged. Once cleared (a clean stop), nothing is written again.
 #[test]
-fn an_open_after_an_error_stop_writes_the_last_segment_again() {
+fn an_open_after_an_unclean_stop_writes_the_last_segment_again() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Options::with_segment_size(4096);
     let entries: Vec<Entry> = {
@@ -1543,11 +1543,14 @@ fn an_open_after_an_error_stop_writes_the_last_segment_again() {
     assert_eq!(opened.resynced, None);
     drop(opened);
     meta::mark_resync(dir.path()).unwrap();
-    let opened = LogStore::open(dir.path(), opts.clone()).unwrap();
-    assert_eq!(opened.resynced, Some(last_segment_len(dir.path())));
-    assert_eq!(opened.entries, entries);
-    assert!(!dir.path().join(meta::RESYNC_FILE).exists());
-    drop(opened);
+    for _ in 0..2 {
+        let opened = LogStore::open(dir.path(), opts.clone()).unwrap();
+        assert_eq!(opened.resynced, Some(last_segment_len(dir.path())));
+        assert_eq!(opened.entries, entries);
+        assert!(dir.path().join(meta::RESYNC_FILE).exists());
+    }
+    meta::clear_resync(dir.path()).unwrap();
+    meta::clear_resync(dir.path()).unwrap();
     let opened = LogStore::open(dir.path(), opts).unwrap();
     assert_eq!(opened.resynced, None);
     assert_eq!(opened.entries, entries);

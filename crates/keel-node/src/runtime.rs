@@ -1302,6 +1302,10 @@ fn run_node(
     // Locks the directory for the storage thread's lifetime, and refuses
     // one that belongs to another node or cluster.
     let opened = LogStore::open_as(&dir, options, identity(&cfg))?;
+    // Running: unless this run stops cleanly, the next start writes the
+    // log's end again before trusting it (a failed write-back may have left
+    // it only in the page cache; `meta::RESYNC_FILE`).
+    meta::mark_resync(&dir).map_err(|e| NodeError::Start(e.to_string()))?;
     // Backups a previous run was still sending when it stopped.
     match std::fs::remove_dir_all(dir.join(BACKUP_DIR)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -1327,7 +1331,7 @@ fn run_node(
     }
     if let Some(n) = opened.resynced {
         warn!(
-            "the last run stopped on an error: wrote the log's last {n} bytes again and \
+            "the last run did not stop cleanly: wrote the log's last {n} bytes again and \
              synced them, in case a failed write-back left them only in the page cache"
         );
     }
@@ -1693,13 +1697,6 @@ fn run_node(
                 let graceful = result.is_ok();
                 if let Err(e) = result {
                     error!("node stopped: {e}");
-                    // The error may have been a failed write-back, whose
-                    // pages the page cache now holds as written: the next
-                    // start writes the log's end again before trusting it
-                    // (storage, holding the directory's lock, is still up).
-                    if let Err(e) = meta::mark_resync(&stop_dir) {
-                        warn!("recording the error stop for the next start: {e}");
-                    }
                     if let Ok(mut f) = fatal.lock() {
                         *f = Some(e);
                     }
@@ -1727,6 +1724,11 @@ fn run_node(
                                     if let Err(e) =
                                         crate::amnesia::on_clean_stop(&stop_dir, durability)
                                     {
+                                        warn!("after storage shutdown: {e}");
+                                    }
+                                    // Everything written was synced without
+                                    // an error: no need to write it again.
+                                    if let Err(e) = meta::clear_resync(&stop_dir) {
                                         warn!("after storage shutdown: {e}");
                                     }
                                 }

@@ -319,7 +319,20 @@ fn leader_replaced_with_every_acknowledged_write_kept(
             other => panic!("{k} (serializable): {other:?}"),
         }
     }
+    // Each node is marked running (`keel_log::meta::RESYNC_FILE`) until it
+    // stops cleanly.
+    let marked = |id: u64| {
+        tmp.path()
+            .join(format!("n{id}"))
+            .join(keel_log::meta::RESYNC_FILE)
+            .exists()
+    };
+    assert!((1..=3).all(marked), "a running node is not marked running");
     stop_all(nodes);
+    assert!(
+        !(1..=3).any(marked),
+        "a cleanly stopped node is still marked running"
+    );
     tmp
 }
 
@@ -981,8 +994,9 @@ fn a_panicking_service_stops_its_node_with_the_reason() {
             e.to_string().contains("panicked"),
             "{service_thread:?}: {e}"
         );
-        // A stop on an error has the next start write the log's end again
-        // before trusting it (`keel_log::meta::RESYNC_FILE`).
+        // A stop on an error leaves the running mark: the next start writes
+        // the log's end again before trusting it
+        // (`keel_log::meta::RESYNC_FILE`).
         let dir = tmp.path().join(format!("n{leader}"));
         assert!(
             dir.join(keel_log::meta::RESYNC_FILE).exists(),

@@ -385,7 +385,7 @@ fn a_narrow_watch_catches_up_across_history_with_nothing_for_it() {
 fn periodic_progress_goes_to_idle_watches_only() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let c = TestCluster::start(3, "watch_progress_notify_interval_ms = 250\n");
+    let c = TestCluster::start(3, "watch_progress_notify_interval_ms = 400\n");
     c.wait_for_leader(Duration::from_secs(10));
     c.rt.block_on(async {
         let ch = connect(&c.nodes[0].etcd).await;

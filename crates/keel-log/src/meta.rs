@@ -797,17 +797,17 @@ pub fn remove_leftovers(dir: &Path) -> Result<(), LogError> {
 /// `position`, already loaded): what a crash left, a newer file renamed into
 /// place before the manifest named it, or older ones not yet deleted.
 /// Never referenced again (a newer snapshot gets a file of its own). Only
-/// while nothing else writes to the directory (on open). Returns how many.
+/// while nothing else writes to the directory (on open). Best effort, as
+/// `remove_leftovers`: one that cannot be removed stays, harmless. Returns
+/// how many were.
 pub fn remove_unnamed_snapshots(dir: &Path, position: Position) -> Result<usize, LogError> {
     let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
     let mut removed = 0;
     for entry in entries.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
-        if snapshot_file_position(&n).is_some_and(|p| p != position) {
-            let path = entry.path();
-            fs::remove_file(&path).map_err(|e| {
-                LogError::io(&path, "removing a snapshot file no manifest names", e)
-            })?;
+        if snapshot_file_position(&n).is_some_and(|p| p != position)
+            && fs::remove_file(entry.path()).is_ok()
+        {
             removed += 1;
         }
     }

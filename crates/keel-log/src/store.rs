@@ -19,7 +19,7 @@ use crate::meta::{self, HardStateFile, Identity};
 use crate::LogError;
 use keel_core::{Entry, Position, Snapshot, Term};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -249,21 +249,23 @@ fn open_for_append(seg: &Segment) -> Result<File, LogError> {
         .map_err(|e| LogError::io(&seg.path, "opening segment for append", e))
 }
 
-/// Writes a file's bytes over themselves and syncs them (`meta::RESYNC_FILE`):
-/// the kernel then writes them back to the disk even where an earlier
-/// write-back failed and left them cached as clean. Returns the bytes
-/// written. A crash part-way leaves the same bytes.
-fn rewrite(path: &Path) -> Result<u64, LogError> {
+/// Writes a segment's checked bytes (`bytes`, all of the file as recovery
+/// read it) over themselves and syncs them (`meta::RESYNC_FILE`): the
+/// kernel then writes them back to the disk even where an earlier
+/// write-back failed and left them cached as clean. (The bytes recovery
+/// checked, not a second read: a page the kernel dropped meanwhile would
+/// read back as what the disk holds.) Returns the bytes written. A crash
+/// part-way leaves the same bytes.
+fn rewrite(path: &Path, bytes: &[u8]) -> Result<u64, LogError> {
     use std::os::unix::fs::FileExt;
-    let data = fs::read(path).map_err(|e| LogError::io(path, "reading to write again", e))?;
     let f = OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(|e| LogError::io(path, "opening to write again", e))?;
-    f.write_all_at(&data, 0)
+    f.write_all_at(bytes, 0)
         .and_then(|_| f.sync_all())
-        .map_err(|e| LogError::io(path, "writing again after an earlier failure", e))?;
-    Ok(data.len() as u64)
+        .map_err(|e| LogError::io(path, "writing again after an unclean stop", e))?;
+    Ok(bytes.len() as u64)
 }
 
 /// How the damaged frame at the end of the valid prefix looks.
@@ -430,6 +432,14 @@ impl LogStore {
             .map_or((0, 0), |s| (s.meta.position, s.meta.term));
 
         let mut segments = list_segments(dir)?;
+        // The last run did not stop cleanly (`meta::RESYNC_FILE`): the last
+        // segment's checked bytes are kept, to be written again below.
+        // (The mark stays: the node clears it when it stops cleanly.)
+        let resync = dir.join(meta::RESYNC_FILE);
+        let marked = resync
+            .try_exists()
+            .map_err(|e| LogError::io(&resync, "looking for", e))?;
+        let mut checked_tail = None;
 
         let mut entries = Vec::new();
         let mut runs: Vec<(Position, Term)> = Vec::new();
@@ -446,7 +456,7 @@ impl LogStore {
                     ));
                 }
             }
-            let data =
+            let mut data =
                 fs::read(&seg.path).map_err(|e| LogError::io(&seg.path, "reading segment", e))?;
             let last = i + 1 == count;
             let mut off = 0usize;
@@ -510,6 +520,10 @@ impl LogStore {
             }
             seg.len = off as u64;
             end = Some(seg.base + seg.len);
+            if last && marked {
+                data.truncate(off);
+                checked_tail = Some(data);
+            }
         }
 
         let base_term_of = |runs: &[(Position, Term)], pos: Position| {
@@ -551,6 +565,9 @@ impl LogStore {
             term_at_snap.is_some_and(|t| t != snap_term) && snapshot.is_some()
         };
 
+        if reset {
+            checked_tail = None; // the segments go
+        }
         let (segments, file, runs, last_pos) = if reset || segments.is_empty() {
             if !segments.is_empty() {
                 remove_newest_first(&segments, "removing superseded segment")?;
@@ -576,13 +593,8 @@ impl LogStore {
             file.sync_data()
                 .map_err(|e| LogError::io(&last.path, "syncing", e))?;
         }
-        // (The mark stays: the node clears it when it stops cleanly.)
-        let resync = dir.join(meta::RESYNC_FILE);
-        let marked = resync
-            .try_exists()
-            .map_err(|e| LogError::io(&resync, "looking for", e))?;
-        let resynced = match (marked, segments.last()) {
-            (true, Some(last)) => Some(rewrite(&last.path)?),
+        let resynced = match (checked_tail, segments.last()) {
+            (Some(bytes), Some(last)) => Some(rewrite(&last.path, &bytes)?),
             _ => None,
         };
         let store = LogStore {
@@ -760,15 +772,24 @@ impl LogStore {
         }
         let active = self.segments.len() - 1;
         let seg = &mut self.segments[active];
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&seg.path)
-            .map_err(|e| LogError::io(&seg.path, "opening to truncate", e))?;
-        f.set_len(from - seg.base)
-            .and_then(|_| f.sync_all())
+        if removed {
+            // A segment the roll to the next one synced: nothing of it
+            // awaits write-back. The store's handle on the segment it keeps
+            // is kept: opened before anything of this run was written
+            // through it, it is told of every write-back error since (a new
+            // one would not be of one the background syncer was told of
+            // already: `active_segment_handle`).
+            self.file = open_for_append(seg)?;
+        }
+        // (A segment created in this run is written at the handle's
+        // position, not appended: it goes back to the new end.)
+        let len = from - seg.base;
+        self.file
+            .set_len(len)
+            .and_then(|_| self.file.seek(std::io::SeekFrom::Start(len)).map(|_| ()))
+            .and_then(|_| self.file.sync_all())
             .map_err(|e| LogError::io(&seg.path, "truncating", e))?;
         seg.len = from - seg.base;
-        self.file = open_for_append(seg)?;
         meta::sync_dir(&self.dir)?;
         self.last_pos = from;
         self.dirty = false;

@@ -1072,16 +1072,32 @@ fn start_node(
     // a bad address or file) come before anything is written; this undoes
     // what a failure after that wrote.
     let first = FirstStart::survey(&cfg.data_dir)?;
+    let dir = cfg.data_dir.clone();
+    // Whether an earlier run left the directory marked running: a failed
+    // start takes away only a mark of its own.
+    let marked_before = dir.join(meta::RESYNC_FILE).exists();
     let mut touched = false;
     let started = run_node(cfg, service, transport, span, &mut touched);
-    if let (Err(e), Some(first)) = (&started, first) {
+    if let Err(e) = &started {
         // (A locked directory is another process's: nothing here is ours.)
         let locked = matches!(e, NodeError::Storage(keel_log::LogError::Locked { .. }));
-        if touched && !locked {
-            first.undo();
+        match first {
+            Some(first) if touched && !locked => first.undo(),
+            None if touched && !locked && !marked_before => unmark(&dir),
+            _ => {}
         }
     }
     started
+}
+
+/// Takes away the running mark (`meta::RESYNC_FILE`) a start that failed
+/// before the node ran set, under the directory's lock: it wrote nothing
+/// but what its open synced.
+fn unmark(dir: &Path) {
+    let cleared = DirLock::acquire(dir).and_then(|_lock| meta::clear_resync(dir));
+    if let Err(e) = cleared {
+        warn!("after a failed start: {e}");
+    }
 }
 
 /// `start_node` after the checks: binds the listeners first (a taken port
@@ -3968,7 +3984,12 @@ fn remove_stale_restores(parent: &std::path::Path, prefix: &str) {
         return;
     };
     for entry in entries.flatten() {
-        if !entry.file_name().to_string_lossy().starts_with(prefix) {
+        // `<prefix><pid>` exactly: nothing else is a restore's.
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name
+            .strip_prefix(prefix)
+            .is_none_or(|pid| pid.parse::<u32>().is_err())
+        {
             continue;
         }
         let path = entry.path();
@@ -4241,7 +4262,8 @@ mod tests {
     /// A first start that fails once it has written the data directory
     /// (its identity, the initial membership) removes what it wrote, and
     /// the directories it created, and nothing that was there before; a
-    /// later start that fails removes nothing.
+    /// later start that fails removes nothing (but the running mark it
+    /// set, `meta::RESYNC_FILE`).
     #[test]
     fn a_failed_first_start_leaves_the_data_directory_as_it_was() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -4285,6 +4307,10 @@ mod tests {
         );
         failed(&cfg);
         assert_eq!(entries(&dir), written);
+        // Nor the running mark an unclean stop left (it set none of its own).
+        meta::mark_resync(&dir).expect("mark");
+        failed(&cfg);
+        assert!(dir.join(meta::RESYNC_FILE).exists(), "{:?}", entries(&dir));
     }
 
     /// A restart whose peers give no address for members the directory

@@ -1382,16 +1382,34 @@ fn a_backup_seeds_a_new_cluster() {
     for id in 1..=3 {
         let mut cfg = node_config(id, tmp.path(), &clients, 1 << 30, DurabilityConfig::Sync);
         shared(&mut cfg);
-        // What a restore killed part-way leaves beside the directory.
-        let stale = tmp.path().join(format!(".n{id}.restoring-1"));
-        std::fs::create_dir_all(&stale).expect("stale staging");
-        std::fs::write(stale.join("snap-00000000000000000001.snap"), b"half").expect("write");
+        // What a restore killed part-way leaves beside the directory; one
+        // a running restore holds, and a name that is no restore's, stay.
+        let staging = |rest: &str| {
+            let d = tmp.path().join(format!(".n{id}.restoring-{rest}"));
+            std::fs::create_dir_all(&d).expect("staging");
+            std::fs::write(d.join("snap-00000000000000000001.snap"), b"half").expect("write");
+            d
+        };
+        let (stale, running, other) = (staging("1"), staging("2"), staging("x"));
+        let held = keel_log::DirLock::acquire(&running).expect("lock");
         let meta = keel_node::restore_backup(&cfg, Box::new(KvService::default()), &file, false)
             .expect("restore");
         assert!(
             !stale.exists(),
             "a killed restore's staging directory was left"
         );
+        assert!(
+            running.exists(),
+            "a running restore's staging directory was removed"
+        );
+        assert!(
+            other.exists(),
+            "a directory that is no restore's was removed"
+        );
+        drop(held);
+        for d in [running, other] {
+            std::fs::remove_dir_all(d).expect("rm");
+        }
         assert_eq!(meta.membership.voters.len(), 3);
         // The restored directory is this node's, of the new cluster.
         let identity = keel_log::meta::load_identity(&cfg.data_dir).expect("identity");

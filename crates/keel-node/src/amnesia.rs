@@ -127,6 +127,32 @@ pub(crate) fn power_lost(dir: &Path) -> Result<bool, NodeError> {
     ))
 }
 
+/// At a start, before the log is opened: whether the machine went down
+/// since the last run, which was in `sync` mode (and may have been cut off
+/// by a power loss). Its log may then have holes in its unsynced end too
+/// (pages of a write, or of a sync in progress, reach the disk out of
+/// order), which the open cuts (`keel_log::Options::cut_after_hole`)
+/// without the node becoming amnesic: a `sync` node acknowledges an entry
+/// only once an fdatasync covering it returned, and that sync made every
+/// page written before it durable, so nothing at or after a hole was ever
+/// acknowledged. (A hole a damaged disk made in synced data would be cut
+/// too, as etcd cuts a last entry with a zeroed sector; without a reboot
+/// such a log is still refused.)
+pub(crate) fn rebooted_after_sync_run(dir: &Path) -> Result<bool, NodeError> {
+    Ok(rebooted_after_sync(
+        recorded(dir, false)?.as_ref(),
+        boot_id().as_ref(),
+    ))
+}
+
+/// `rebooted_after_sync_run` on the record and the boot `now`.
+fn rebooted_after_sync(record: Option<&Recorded>, now: Option<&String>) -> bool {
+    match (record, now) {
+        (Some(r), Some(now)) => !r.replicated && r.boot != *now,
+        _ => false,
+    }
+}
+
 /// At a start, before the core is built: whether the node is amnesic.
 /// After a power loss it first writes `hard` moved to the next term, then
 /// [`AMNESIC_FILE`]; last, the current boot in [`BOOT_FILE`] (a crash in
@@ -394,6 +420,39 @@ mod tests {
             std::fs::write(dir.join(SETTLED_CONFIG_FILE), bad).expect("write");
             assert_eq!(settled_config(dir), 0, "{bad:?}");
         }
+    }
+
+    /// A new boot after a `sync` run lets the open cut a hole in the log's
+    /// end (and is no power loss); the same boot, a `replicated` run (a
+    /// power loss, handled as one) or no record does not.
+    #[test]
+    fn a_new_boot_after_a_sync_run_lets_the_log_be_cut_at_a_hole() {
+        let now = "boot-b".to_string();
+        let rec = |boot: &str, replicated: bool| Recorded {
+            boot: boot.into(),
+            replicated,
+            synced: false,
+        };
+        assert!(rebooted_after_sync(Some(&rec("boot-a", false)), Some(&now)));
+        assert!(!rebooted_after_sync(
+            Some(&rec("boot-b", false)),
+            Some(&now)
+        ));
+        assert!(!rebooted_after_sync(Some(&rec("boot-a", true)), Some(&now)));
+        assert!(!rebooted_after_sync(None, Some(&now)));
+        assert!(!rebooted_after_sync(Some(&rec("boot-a", false)), None));
+        assert!(!lost_power(Some(&rec("boot-a", false)), Some(&now)));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            tmp.path().join(BOOT_FILE),
+            "another-boot sync
+",
+        )
+        .expect("write");
+        assert_eq!(
+            rebooted_after_sync_run(tmp.path()).expect("read"),
+            boot_id().is_some()
+        );
     }
 
     #[test]

@@ -1309,10 +1309,13 @@ fn run_node(
     // Nothing was written before this point.
     *touched = true;
     // After a power loss the log's unsynced end may have holes (pages reach
-    // the disk out of order): cut there, as the node will be amnesic.
+    // the disk out of order): cut there. In `replicated` mode the node
+    // will be amnesic; after a `sync` run nothing at or after a hole was
+    // acknowledged (`amnesia::rebooted_after_sync_run`).
     let power_lost = crate::amnesia::power_lost(&dir)?;
+    let rebooted = crate::amnesia::rebooted_after_sync_run(&dir)?;
     let options = Options {
-        cut_after_hole: power_lost,
+        cut_after_hole: power_lost || rebooted,
         ..Options::default()
     };
     // Locks the directory for the storage thread's lifetime, and refuses
@@ -1335,6 +1338,8 @@ fn run_node(
     if let Some(t) = &opened.torn {
         let after = if power_lost {
             " after a power loss"
+        } else if rebooted {
+            " after a reboot"
         } else {
             ""
         };

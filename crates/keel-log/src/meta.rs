@@ -62,6 +62,13 @@ pub const IDENTITY_FILE: &str = "IDENTITY";
 /// synced before it is renamed into place.)
 pub const RESYNC_FILE: &str = "RESYNC";
 
+/// Written (and synced) by an open before it cuts the last segment at a
+/// hole (`Options::cut_after_hole`): the entries after the hole may
+/// include some the node acknowledged, so it must count as amnesic, and
+/// this survives a crash between the cut and the node's recording that.
+/// The node removes it once it has (keel-node's `amnesia::on_start`).
+pub const HOLE_CUT_FILE: &str = "HOLE_CUT";
+
 /// Marks the node running (`RESYNC_FILE`), synced with the directory.
 pub fn mark_resync(dir: &Path) -> Result<(), LogError> {
     let path = dir.join(RESYNC_FILE);

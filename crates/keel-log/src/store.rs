@@ -183,6 +183,9 @@ pub struct TornTail {
     pub path: PathBuf,
     pub offset: u64,
     pub discarded_bytes: u64,
+    /// Cut at a hole: an all-zero sector with data after it
+    /// (`Options::cut_after_hole`), not at the end of what was written.
+    pub hole: bool,
 }
 
 /// Everything a node needs to restart, from its data directory.
@@ -476,7 +479,8 @@ impl LogStore {
                     Ok(None) => "frame cut short by the end of the file".to_string(),
                     Err(fe) => fe.to_string(),
                 };
-                let is_torn = match (last, classify(&data, off)) {
+                let kind = classify(&data, off);
+                let is_torn = match (last, kind) {
                     (false, _) | (_, Damage::Corrupt) => false,
                     (true, Damage::CutShort | Damage::Unwritten) => true,
                     (true, Damage::ZerosThenData { .. }) if opts.cut_after_hole => true,
@@ -502,10 +506,19 @@ impl LogStore {
                     }
                 };
                 if is_torn {
+                    let hole = matches!(kind, Damage::ZerosThenData { .. });
+                    if hole {
+                        let what = format!(
+                            "{} cut at offset {off}: a zeroed sector with data after it\n",
+                            seg.path.display()
+                        );
+                        meta::write_atomic(dir, meta::HOLE_CUT_FILE, what.as_bytes())?;
+                    }
                     torn = Some(TornTail {
                         path: seg.path.clone(),
                         offset: off as u64,
                         discarded_bytes: (data.len() - off) as u64,
+                        hole,
                     });
                     let f = OpenOptions::new()
                         .write(true)

@@ -459,6 +459,7 @@ fn check(base: &Base, case: &Case) -> Result<(), String> {
                 path: dir.join(f),
                 offset: *offset,
                 discarded_bytes: *n,
+                hole: false,
             });
             if o.entries != *entries {
                 let got: Vec<_> = o.entries.iter().map(|e| (e.position, e.end())).collect();
@@ -642,7 +643,8 @@ fn frame_cut_short_after_its_header_is_cut_as_a_torn_tail() {
         Some(TornTail {
             path: seg,
             offset: b.position,
-            discarded_bytes: HEADER_LEN + 10
+            discarded_bytes: HEADER_LEN + 10,
+            hole: false,
         })
     );
 }
@@ -744,6 +746,9 @@ fn a_zeroed_sector_in_the_last_segment_is_cut_after_a_power_loss() {
     let torn = o.torn.as_ref().expect("a cut tail");
     assert_eq!(torn.offset, all[damaged].position);
     assert_eq!(torn.discarded_bytes, len - all[damaged].position);
+    assert!(torn.hole, "cut at a hole, with data after it");
+    // Recorded before the cut, for the node to count itself amnesic.
+    assert!(dir.path().join(meta::HOLE_CUT_FILE).exists());
     drop(o);
     assert_eq!(
         fs::metadata(&seg).expect("metadata").len(),
@@ -783,6 +788,7 @@ fn zeroed_sectors_through_the_end_of_the_last_segment_are_a_torn_tail() {
             path: seg,
             offset: damaged.position,
             discarded_bytes: len - damaged.position,
+            hole: false,
         })
     );
 }
@@ -970,6 +976,7 @@ fn unwritten_sectors_at_the_end_are_a_torn_tail_with_zero_filled_data() {
                     path: seg.clone(),
                     offset: d.position,
                     discarded_bytes: len - d.position,
+                    hole: false,
                 }),
             ),
             None => (all.clone(), None),
@@ -1014,6 +1021,7 @@ fn an_unwritten_partial_last_sector_is_a_torn_tail() {
             path: seg,
             offset: damaged.position,
             discarded_bytes: len - damaged.position,
+            hole: false,
         })
     );
 }

@@ -131,13 +131,15 @@ pub(crate) fn power_lost(dir: &Path) -> Result<bool, NodeError> {
 /// since the last run, which was in `sync` mode (and may have been cut off
 /// by a power loss). Its log may then have holes in its unsynced end too
 /// (pages of a write, or of a sync in progress, reach the disk out of
-/// order), which the open cuts (`keel_log::Options::cut_after_hole`)
-/// without the node becoming amnesic: a `sync` node acknowledges an entry
-/// only once an fdatasync covering it returned, and that sync made every
-/// page written before it durable, so nothing at or after a hole was ever
-/// acknowledged. (A hole a damaged disk made in synced data would be cut
-/// too, as etcd cuts a last entry with a zeroed sector; without a reboot
-/// such a log is still refused.)
+/// order), which the open cuts (`keel_log::Options::cut_after_hole`). A
+/// `sync` node acknowledges an entry only once an fdatasync covering it
+/// returned, and that sync made every page written before it durable, so
+/// nothing at or after such a hole was acknowledged; but a hole a damaged
+/// disk made in synced data looks the same. So a node whose log was cut at
+/// a hole counts as amnesic (`keel_log::meta::HOLE_CUT_FILE`, `on_start`):
+/// it costs a catch-up, where refusing the log cost a rebuild (and, after a
+/// power cut of a whole cluster, possibly of every node). Without a reboot
+/// such a log is still refused. An orderly reboot makes no hole.
 pub(crate) fn rebooted_after_sync_run(dir: &Path) -> Result<bool, NodeError> {
     Ok(rebooted_after_sync(
         recorded(dir, false)?.as_ref(),
@@ -175,7 +177,15 @@ fn on_boot(
     node_id: u64,
 ) -> Result<bool, NodeError> {
     let record = recorded(dir, true)?;
-    let lost = lost_power(record.as_ref(), now.as_ref());
+    let power = lost_power(record.as_ref(), now.as_ref());
+    // The open cut the log at a hole (after a reboot following a `sync`
+    // run: `rebooted_after_sync_run`): what it cut was never acknowledged
+    // unless the disk damaged synced data, which cannot be told apart.
+    let hole_path = dir.join(meta::HOLE_CUT_FILE);
+    let hole = hole_path
+        .try_exists()
+        .map_err(|e| NodeError::Start(format!("checking for {}: {e}", meta::HOLE_CUT_FILE)))?;
+    let lost = power || hole;
     if now.is_none() && record.as_ref().is_some_and(|r| r.replicated && !r.synced) {
         warn!(
             "node {node_id}: cannot read {BOOT_ID_PATH}: a power loss since the last run in \
@@ -189,19 +199,31 @@ fn on_boot(
         let before = hard.hard_state;
         hard.hard_state = HardState::after_power_loss(before);
         meta::save_hard_state(dir, hard).map_err(|e| start_error("the hard state", e))?;
+        let why = if power {
+            "its machine went down (boot id changed) following a run in replicated mode"
+        } else {
+            "its log was cut at a hole (a zeroed sector with data after it) after its machine \
+             went down"
+        };
         let text = format!(
-            "Node {node_id} restarted after its machine went down (boot id changed) following a \
-             run in replicated mode: it may have lost log entries it had acknowledged. Until it \
-             has caught up with a leader elected since (term {} on), its votes count only beside \
-             enough votes of voters that kept their logs. The node removes this file itself.\n",
+            "Node {node_id} restarted after {why}: it may have lost log entries it had \
+             acknowledged. Until it has caught up with a leader elected since (term {} on), its \
+             votes count only beside enough votes of voters that kept their logs. The node \
+             removes this file itself.\n",
             hard.hard_state.term
         );
         meta::write_atomic(dir, AMNESIC_FILE, text.as_bytes())
             .map_err(|e| start_error(AMNESIC_FILE, e))?;
+        if hole {
+            std::fs::remove_file(&hole_path)
+                .map_err(|e| keel_log::LogError::io(&hole_path, "removing", e))
+                .and_then(|()| meta::sync_dir(dir))
+                .map_err(|e| start_error(meta::HOLE_CUT_FILE, e))?;
+        }
         warn!(
-            "node {node_id}: the machine went down since the last run in replicated mode (boot id \
-             changed): this node may have lost entries it had acknowledged. It moves to term {} \
-             and votes as amnesic until it has caught up with a leader elected since",
+            "node {node_id}: restarted after {why}: this node may have lost entries it had \
+             acknowledged. It moves to term {} and votes as amnesic until it has caught up with \
+             a leader elected since",
             hard.hard_state.term
         );
     }
@@ -420,6 +442,27 @@ mod tests {
             std::fs::write(dir.join(SETTLED_CONFIG_FILE), bad).expect("write");
             assert_eq!(settled_config(dir), 0, "{bad:?}");
         }
+    }
+
+    /// A log cut at a hole (`HOLE_CUT_FILE`, written by the open before the
+    /// cut) makes the node amnesic, as a power loss does, across a restart
+    /// until it has caught up; the mark itself goes once that is recorded.
+    #[test]
+    fn a_log_cut_at_a_hole_makes_the_node_amnesic() {
+        let (now, tmp) = this_boot();
+        let dir = tmp.path();
+        std::fs::write(dir.join(BOOT_FILE), format!("{now} sync\n")).expect("write");
+        std::fs::write(dir.join(meta::HOLE_CUT_FILE), "cut\n").expect("write");
+        let mut h = hard();
+        assert!(start(dir, DurabilityConfig::Sync, &mut h));
+        assert_eq!(h.hard_state.term, 6);
+        assert!(dir.join(AMNESIC_FILE).exists());
+        assert!(!dir.join(meta::HOLE_CUT_FILE).exists());
+        // Still amnesic at the next start, without another term.
+        assert!(start(dir, DurabilityConfig::Sync, &mut h));
+        assert_eq!(h.hard_state.term, 6);
+        caught_up(dir).expect("caught up");
+        assert!(!start(dir, DurabilityConfig::Sync, &mut h));
     }
 
     /// A new boot after a `sync` run lets the open cut a hole in the log's

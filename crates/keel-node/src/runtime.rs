@@ -1309,9 +1309,9 @@ fn run_node(
     // Nothing was written before this point.
     *touched = true;
     // After a power loss the log's unsynced end may have holes (pages reach
-    // the disk out of order): cut there. In `replicated` mode the node
-    // will be amnesic; after a `sync` run nothing at or after a hole was
-    // acknowledged (`amnesia::rebooted_after_sync_run`).
+    // the disk out of order): cut there. The node will be amnesic: in
+    // `replicated` mode after any power loss, after a `sync` run if the
+    // open did cut at a hole (`amnesia::rebooted_after_sync_run`).
     let power_lost = crate::amnesia::power_lost(&dir)?;
     let rebooted = crate::amnesia::rebooted_after_sync_run(&dir)?;
     let options = Options {

@@ -8,6 +8,7 @@
 mod common;
 
 use common::{wait_metric, TestCluster, ELECTION_MAX_MS};
+use keel_client::Client;
 use std::time::{Duration, Instant};
 
 /// SIGKILL the leader of an `n`-node cluster: a new leader within two
@@ -122,14 +123,8 @@ fn five_nodes_keep_serving_with_two_down() {
 /// hole is refused when no power loss explains it).
 #[test]
 fn a_follower_back_from_a_power_loss_elects_no_leader_until_it_caught_up() {
-    let mut c = TestCluster::start(3, "durability = \"replicated\"\n");
-    let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
-    let mut client = c.client();
-    // (Values of 100 bytes: the log spans several sectors.)
-    let value = "1".repeat(100);
-    for i in 0..20 {
-        c.put(&mut client, &format!("p{i}"), &value);
-    }
+    let (mut c, leader, term, mut client) =
+        with_a_log_of_several_sectors("durability = \"replicated\"\n");
     let mut followers = (1..=3).filter(|&n| n != leader);
     let (lost, other) = (followers.next().unwrap(), followers.next().unwrap());
     let data = c.node(lost).dir.join("data");
@@ -184,22 +179,17 @@ fn a_follower_back_from_a_power_loss_elects_no_leader_until_it_caught_up() {
 /// `sync` durability: a follower whose machine went down (its recorded
 /// boot id differs, as after a power loss during a write or a sync) may
 /// come back with a hole in its log's unsynced end. It starts, cutting the
-/// log at the hole, and is not amnesic: a `sync` node acknowledges an entry
-/// only once a sync covering it returned, which made every page before it
-/// durable, so nothing at or after a hole was acknowledged. (Here the hole
-/// is punched in synced entries, which it gets again from the leader.)
-/// Before, the node refused to start, and a whole cluster back from a power
-/// cut could need every node rebuilt.
+/// log at the hole, as amnesic: a `sync` node acknowledges an entry only
+/// once a sync covering it returned, which made every page before it
+/// durable, so nothing after such a hole was acknowledged, but a disk that
+/// damaged synced data leaves the same (as here: the hole is punched in
+/// synced entries). It catches up from the leader and is amnesic no more,
+/// and every acknowledged write is there. Before, the node refused to
+/// start, and a whole cluster back from a power cut could need every node
+/// rebuilt.
 #[test]
 fn a_sync_follower_back_from_a_reboot_cuts_a_hole_in_its_log_end() {
-    let mut c = TestCluster::start(3, "");
-    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
-    let mut client = c.client();
-    // (Values of 100 bytes: the log spans several sectors.)
-    let value = "1".repeat(100);
-    for i in 0..20 {
-        c.put(&mut client, &format!("p{i}"), &value);
-    }
+    let (mut c, leader, _, mut client) = with_a_log_of_several_sectors("");
     let rebooted = (1..=3).find(|&n| n != leader).expect("a follower");
     let data = c.node(rebooted).dir.join("data");
     let boot = std::fs::read_to_string(data.join("BOOT")).expect("BOOT recorded");
@@ -221,16 +211,46 @@ fn a_sync_follower_back_from_a_reboot_cuts_a_hole_in_its_log_end() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    c.wait_status(rebooted, |s| s.term > 0);
+    assert!(
+        c.log_of(rebooted).contains("votes as amnesic"),
+        "{}",
+        c.logs()
+    );
+    // It gets every write again, and is amnesic no more (logged once the
+    // file is gone).
+    let start = Instant::now();
+    while !c.log_of(rebooted).contains("no longer amnesic") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "node {rebooted} is still amnesic{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(!data.join("AMNESIC").exists());
-    assert!(!c.log_of(rebooted).contains("votes as amnesic"));
-    // It gets every write again: once it has applied them, the leader
-    // down, it and the other follower elect a leader that serves them all.
+    // The leader down, it and the other follower elect a leader that
+    // serves every write.
     let commit = c.status(leader).expect("leader status").commit;
     c.wait_applied(rebooted, commit, Duration::from_secs(20));
     c.kill(leader);
     let (elected, _) = c.wait_for_leader(Duration::from_secs(10));
     assert_ne!(elected, leader);
     c.check_acked(&mut client);
+}
+
+/// Three nodes (with `extra` configuration) and 20 acknowledged writes of
+/// 100 bytes, so that every log spans several sectors: the cluster, its
+/// leader and term, and the client that wrote them.
+fn with_a_log_of_several_sectors(extra: &str) -> (TestCluster, u64, u64, Client) {
+    let mut c = TestCluster::start(3, extra);
+    let (leader, term) = c.wait_for_leader(Duration::from_secs(10));
+    let mut client = c.client();
+    let value = "1".repeat(100);
+    for i in 0..20 {
+        c.put(&mut client, &format!("p{i}"), &value);
+    }
+    (c, leader, term, client)
 }
 
 /// Zeroes the last whole 512-byte sector before the last one of the last

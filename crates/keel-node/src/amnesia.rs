@@ -193,7 +193,12 @@ fn on_boot(
         );
     }
     let start_error = |what: &str, e: keel_log::LogError| {
-        NodeError::Start(format!("after a power loss, writing {what}: {e}"))
+        let after = if power {
+            "a power loss"
+        } else {
+            "a cut at a hole"
+        };
+        NodeError::Start(format!("after {after}, writing {what}: {e}"))
     };
     if lost {
         let before = hard.hard_state;

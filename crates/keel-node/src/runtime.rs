@@ -1343,8 +1343,13 @@ fn run_node(
         } else {
             ""
         };
+        let at = if t.hole {
+            " at a hole (a zeroed sector with data after it: the node will be amnesic)"
+        } else {
+            ""
+        };
         warn!(
-            "recovery{after} cut a torn tail: {} bytes at offset {} of {}",
+            "recovery{after} cut a torn tail{at}: {} bytes at offset {} of {}",
             t.discarded_bytes,
             t.offset,
             t.path.display()
@@ -2665,8 +2670,8 @@ impl Consensus {
             self.amnesic = false;
             self.metrics.amnesic.set(0);
             info!(
-                "node {}: caught up with the leader of term {} since its power loss: no longer \
-                 amnesic",
+                "node {}: caught up with the leader of term {} since its power loss (or the cut of \
+                 its log at a hole): no longer amnesic",
                 self.cfg.id,
                 self.node.term()
             );

@@ -229,8 +229,10 @@ fn a_sync_follower_back_from_a_reboot_cuts_a_hole_in_its_log_end() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!data.join("AMNESIC").exists());
-    // The leader down, it and the other follower elect a leader that
-    // serves every write.
+    assert!(!data.join("HOLE_CUT").exists());
+    // The leader (another one, maybe: the node's higher term deposed the
+    // first) down, the other two elect a leader that serves every write.
+    let (leader, _) = c.wait_for_leader(Duration::from_secs(10));
     let commit = c.status(leader).expect("leader status").commit;
     c.wait_applied(rebooted, commit, Duration::from_secs(20));
     c.kill(leader);

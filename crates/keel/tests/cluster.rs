@@ -164,15 +164,7 @@ fn a_follower_back_from_a_power_loss_elects_no_leader_until_it_caught_up() {
     c.put(&mut client, "after", "2");
     c.check_acked(&mut client);
     // (Logged once the file is gone.)
-    let start = Instant::now();
-    while !c.log_of(lost).contains("no longer amnesic") {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "node {lost} is still amnesic{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_log(lost, "no longer amnesic", "still amnesic");
     assert!(!data.join("AMNESIC").exists());
 }
 
@@ -199,18 +191,11 @@ fn a_sync_follower_back_from_a_reboot_cuts_a_hole_in_its_log_end() {
     std::fs::write(data.join("BOOT"), "0-another-boot sync\n").expect("write BOOT");
     c.spawn(rebooted);
     c.put(&mut client, "after", "2");
-    let start = Instant::now();
-    while !c
-        .log_of(rebooted)
-        .contains("recovery after a reboot cut a torn tail")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "node {rebooted} did not start cutting its log at the hole{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_log(
+        rebooted,
+        "recovery after a reboot cut a torn tail",
+        "did not start cutting its log at the hole",
+    );
     c.wait_status(rebooted, |s| s.term > 0);
     assert!(
         c.log_of(rebooted).contains("votes as amnesic"),
@@ -219,15 +204,7 @@ fn a_sync_follower_back_from_a_reboot_cuts_a_hole_in_its_log_end() {
     );
     // It gets every write again, and is amnesic no more (logged once the
     // file is gone).
-    let start = Instant::now();
-    while !c.log_of(rebooted).contains("no longer amnesic") {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "node {rebooted} is still amnesic{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_log(rebooted, "no longer amnesic", "still amnesic");
     assert!(!data.join("AMNESIC").exists());
     assert!(!data.join("HOLE_CUT").exists());
     // The leader (another one, maybe: the node's higher term deposed the

@@ -507,6 +507,20 @@ impl TestCluster {
         std::fs::read_to_string(self.node(id).dir.join("keel.log")).unwrap_or_default()
     }
 
+    /// Waits until node `id`'s log contains `needle` (at most 20 s, else
+    /// fails saying `what` did not happen, with the cluster's logs).
+    pub fn wait_log(&self, id: u64, needle: &str, what: &str) {
+        let start = Instant::now();
+        while !self.log_of(id).contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "node {id}: {what} ({needle:?} not logged within 20 s){}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs the `keel` command with `--endpoints` of this cluster; returns
     /// the exit code and stdout + stderr.
     pub fn keel_cli(&self, args: &[&str]) -> (i32, String) {

@@ -254,8 +254,14 @@ fn on_boot(
     match (now, record) {
         (Some(now), _) => write_boot(format!("{now} {mode}\n"))?,
         // The boot cannot be told: at least the mark of a graceful stop
-        // must go, as this run may leave unsynced entries.
-        (None, Some(r)) if r.synced => write_boot(format!("{} replicated\n", r.boot))?,
+        // must go, as this run may leave unsynced entries, and a record of
+        // a `sync` run must not stand for a `replicated` one (a power loss
+        // during this run would not be one).
+        (None, Some(r))
+            if r.synced || (durability == DurabilityConfig::Replicated && !r.replicated) =>
+        {
+            write_boot(format!("{} replicated\n", r.boot))?
+        }
         (None, _) => {}
     }
     Ok(amnesic)
@@ -423,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn a_start_that_cannot_tell_its_boot_takes_the_mark_of_a_graceful_stop_away() {
+    fn a_start_that_cannot_tell_its_boot_records_what_a_power_loss_would_cost() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path();
         let mut h = hard();
@@ -433,6 +439,13 @@ mod tests {
         let boot = std::fs::read_to_string(dir.join(BOOT_FILE)).expect("BOOT");
         assert_eq!(boot, "boot-a replicated\n");
         // That run may have left entries unsynced: another boot is a loss.
+        assert!(on_boot(Some("boot-b".into()), dir, replicated, &mut h, 1).expect("start"));
+        // Nor does a record of a `sync` run stand for a `replicated` one.
+        caught_up(dir).expect("caught up");
+        std::fs::write(dir.join(BOOT_FILE), "boot-a sync\n").expect("write");
+        assert!(!on_boot(None, dir, replicated, &mut h, 1).expect("start"));
+        let boot = std::fs::read_to_string(dir.join(BOOT_FILE)).expect("BOOT");
+        assert_eq!(boot, "boot-a replicated\n");
         assert!(on_boot(Some("boot-b".into()), dir, replicated, &mut h, 1).expect("start"));
     }
 

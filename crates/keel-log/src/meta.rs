@@ -805,20 +805,16 @@ pub fn remove_leftovers(dir: &Path) -> Result<(), LogError> {
 /// place before the manifest named it, or older ones not yet deleted.
 /// Never referenced again (a newer snapshot gets a file of its own). Only
 /// while nothing else writes to the directory (on open). Best effort, as
-/// `remove_leftovers`: one that cannot be removed stays, harmless. Returns
-/// how many were.
-pub fn remove_unnamed_snapshots(dir: &Path, position: Position) -> Result<usize, LogError> {
+/// `remove_leftovers`: one that cannot be removed stays, harmless.
+pub fn remove_unnamed_snapshots(dir: &Path, position: Position) -> Result<(), LogError> {
     let entries = fs::read_dir(dir).map_err(|e| LogError::io(dir, "listing", e))?;
-    let mut removed = 0;
     for entry in entries.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
-        if snapshot_file_position(&n).is_some_and(|p| p != position)
-            && fs::remove_file(entry.path()).is_ok()
-        {
-            removed += 1;
+        if snapshot_file_position(&n).is_some_and(|p| p != position) {
+            let _ = fs::remove_file(entry.path());
         }
     }
-    Ok(removed)
+    Ok(())
 }
 
 /// The position the manifest names; `None` if there is no manifest.

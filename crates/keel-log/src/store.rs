@@ -802,7 +802,7 @@ impl LogStore {
             .and_then(|_| self.file.seek(std::io::SeekFrom::Start(len)).map(|_| ()))
             .and_then(|_| self.file.sync_all())
             .map_err(|e| LogError::io(&seg.path, "truncating", e))?;
-        seg.len = from - seg.base;
+        seg.len = len;
         meta::sync_dir(&self.dir)?;
         self.last_pos = from;
         self.dirty = false;

@@ -115,39 +115,53 @@ fn lost_power(record: Option<&Recorded>, now: Option<&String>) -> bool {
     }
 }
 
-/// At a start, before the log is opened: whether `on_start` will find that
-/// the machine lost power since the last run in `replicated` mode. The log
-/// may then be cut at a hole in its unsynced end
-/// (`keel_log::Options::cut_after_hole`): the node counts as amnesic, so
-/// what it cuts is covered.
-pub(crate) fn power_lost(dir: &Path) -> Result<bool, NodeError> {
-    Ok(lost_power(
-        recorded(dir, false)?.as_ref(),
-        boot_id().as_ref(),
-    ))
+/// How the machine went down since the last run, as a start sees it
+/// before the log is opened (`went_down`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WentDown {
+    /// It did not, or it cannot be told.
+    No,
+    /// It lost power (or crashed) during a run in `replicated` mode that
+    /// had not synced everything: `on_start` will find the node amnesic.
+    PowerLost,
+    /// It went down after a run in `sync` mode (maybe cut off by a power
+    /// loss).
+    AfterSyncRun,
 }
 
-/// At a start, before the log is opened: whether the machine went down
-/// since the last run, which was in `sync` mode (and may have been cut off
-/// by a power loss). Its log may then have holes in its unsynced end too
-/// (pages of a write, or of a sync in progress, reach the disk out of
-/// order), which the open cuts (`keel_log::Options::cut_after_hole`). A
-/// `sync` node acknowledges an entry only once an fdatasync covering it
-/// returned, and that sync made every page written before it durable, so
-/// nothing at or after such a hole was acknowledged; but a hole a damaged
-/// disk made in synced data looks the same. So a node whose log was cut at
-/// a hole counts as amnesic (`keel_log::meta::HOLE_CUT_FILE`, `on_start`):
-/// it costs a catch-up, where refusing the log cost a rebuild (and, after a
-/// power cut of a whole cluster, possibly of every node). Without a reboot
-/// such a log is still refused. An orderly reboot makes no hole.
-pub(crate) fn rebooted_after_sync_run(dir: &Path) -> Result<bool, NodeError> {
-    Ok(rebooted_after_sync(
-        recorded(dir, false)?.as_ref(),
-        boot_id().as_ref(),
-    ))
+impl WentDown {
+    /// Whether the log's unsynced end may have holes (pages of a write, or
+    /// of a sync in progress, reach the disk out of order), which the open
+    /// then cuts (`keel_log::Options::cut_after_hole`). What that cuts is
+    /// covered: after a power loss in `replicated` mode the node is
+    /// amnesic anyway. After a `sync` run nothing at or after such a hole
+    /// was acknowledged (an entry is, only once an fdatasync covering it
+    /// returned, which made every page written before it durable), but a
+    /// hole a damaged disk made in synced data looks the same, so a node
+    /// whose log was cut at a hole counts as amnesic too
+    /// (`keel_log::meta::HOLE_CUT_FILE`, `on_start`): a catch-up, where
+    /// refusing the log cost a rebuild (after a power cut of a whole
+    /// cluster, possibly of every node). Without a reboot such a log is
+    /// still refused; an orderly reboot makes no hole.
+    pub(crate) fn holes_possible(self) -> bool {
+        self != WentDown::No
+    }
 }
 
-/// `rebooted_after_sync_run` on the record and the boot `now`.
+/// At a start, before the log is opened: how the machine went down since
+/// the last run (`WentDown`), from one read of [`BOOT_FILE`].
+pub(crate) fn went_down(dir: &Path) -> Result<WentDown, NodeError> {
+    let (record, now) = (recorded(dir, false)?, boot_id());
+    Ok(if lost_power(record.as_ref(), now.as_ref()) {
+        WentDown::PowerLost
+    } else if rebooted_after_sync(record.as_ref(), now.as_ref()) {
+        WentDown::AfterSyncRun
+    } else {
+        WentDown::No
+    })
+}
+
+/// Whether the record is of a `sync` run on another boot than `now`.
 fn rebooted_after_sync(record: Option<&Recorded>, now: Option<&String>) -> bool {
     match (record, now) {
         (Some(r), Some(now)) => !r.replicated && r.boot != *now,
@@ -179,7 +193,7 @@ fn on_boot(
     let record = recorded(dir, true)?;
     let power = lost_power(record.as_ref(), now.as_ref());
     // The open cut the log at a hole (after a reboot following a `sync`
-    // run: `rebooted_after_sync_run`): what it cut was never acknowledged
+    // run: `WentDown::holes_possible`): what it cut was never acknowledged
     // unless the disk damaged synced data, which cannot be told apart.
     let hole_path = dir.join(meta::HOLE_CUT_FILE);
     let hole = hole_path
@@ -510,10 +524,11 @@ mod tests {
 ",
         )
         .expect("write");
-        assert_eq!(
-            rebooted_after_sync_run(tmp.path()).expect("read"),
-            boot_id().is_some()
-        );
+        let want = match boot_id() {
+            Some(_) => WentDown::AfterSyncRun,
+            None => WentDown::No,
+        };
+        assert_eq!(went_down(tmp.path()).expect("read"), want);
     }
 
     #[test]

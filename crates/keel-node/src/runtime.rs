@@ -1308,14 +1308,12 @@ fn run_node(
 
     // Nothing was written before this point.
     *touched = true;
-    // After a power loss the log's unsynced end may have holes (pages reach
-    // the disk out of order): cut there. The node will be amnesic: in
-    // `replicated` mode after any power loss, after a `sync` run if the
-    // open did cut at a hole (`amnesia::rebooted_after_sync_run`).
-    let power_lost = crate::amnesia::power_lost(&dir)?;
-    let rebooted = crate::amnesia::rebooted_after_sync_run(&dir)?;
+    // After the machine went down the log's unsynced end may have holes
+    // (pages reach the disk out of order): cut there, the node amnesic if
+    // that could lose what it acknowledged (`amnesia::WentDown`).
+    let went_down = crate::amnesia::went_down(&dir)?;
     let options = Options {
-        cut_after_hole: power_lost || rebooted,
+        cut_after_hole: went_down.holes_possible(),
         ..Options::default()
     };
     // Locks the directory for the storage thread's lifetime, and refuses
@@ -1336,12 +1334,10 @@ fn run_node(
         _ => {}
     }
     if let Some(t) = &opened.torn {
-        let after = if power_lost {
-            " after a power loss"
-        } else if rebooted {
-            " after a reboot"
-        } else {
-            ""
+        let after = match went_down {
+            crate::amnesia::WentDown::PowerLost => " after a power loss",
+            crate::amnesia::WentDown::AfterSyncRun => " after a reboot",
+            crate::amnesia::WentDown::No => "",
         };
         let at = if t.hole {
             " at a hole (a zeroed sector with data after it: the node will be amnesic)"

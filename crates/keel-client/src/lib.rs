@@ -1087,6 +1087,7 @@ mod tests {
             node_id: 1,
             max_frame: codec::DEFAULT_MAX_FRAME,
             peer_queue: 16,
+            tls: None,
         };
         let _peers = keel_net::tcp::start_peers(
             cfg,

@@ -8,7 +8,7 @@
 //! against the trusted CA and present this member's own certificate.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -42,56 +42,17 @@ pub struct Tls {
     pub client: tonic::transport::ClientTlsConfig,
 }
 
-fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
-}
-
-fn certificates(
-    what: &str,
-    path: &Path,
-    pem: &[u8],
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{what} {}: no PEM certificate in it",
-            path.display()
-        ));
-    }
-    Ok(certs)
-}
-
 impl Tls {
     /// Reads and checks the files; an error names the file and the problem.
     pub fn load(files: &TlsFiles) -> Result<Tls, String> {
-        use rustls::pki_types::pem::PemObject;
-        let cert_pem = read("etcd_cert_file", &files.cert_file)?;
-        let key_pem = read("etcd_key_file", &files.key_file)?;
-        let ca_pem = read("etcd_trusted_ca_file", &files.trusted_ca_file)?;
+        use keel_net::tls::{certificates, private_key, provider, read_file, roots};
+        let cert_pem = read_file("etcd_cert_file", &files.cert_file)?;
+        let key_pem = read_file("etcd_key_file", &files.key_file)?;
+        let ca_pem = read_file("etcd_trusted_ca_file", &files.trusted_ca_file)?;
         let certs = certificates("etcd_cert_file", &files.cert_file, &cert_pem)?;
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            format!(
-                "etcd_key_file {}: no PEM private key in it ({e})",
-                files.key_file.display()
-            )
-        })?;
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in certificates("etcd_trusted_ca_file", &files.trusted_ca_file, &ca_pem)? {
-            roots.add(ca).map_err(|e| {
-                format!(
-                    "etcd_trusted_ca_file {}: {e}",
-                    files.trusted_ca_file.display()
-                )
-            })?;
-        }
-        // ring, as tonic's `tls-ring` uses: aws-lc-rs (rustls' default, with
-        // post-quantum key exchange) builds a C library with cmake. rustls
-        // deprecates ring's provider for lacking post-quantum key exchange.
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = private_key("etcd_key_file", &files.key_file, &key_pem)?;
+        let roots = roots("etcd_trusted_ca_file", &files.trusted_ca_file, &ca_pem)?;
+        let provider = provider();
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?;

@@ -1,13 +1,14 @@
 //! keel-net: the wire codec for peer and client frames (`codec`), the TCP
 //! transport (`tcp`: one connection per peer pair with a cluster-id
 //! handshake, batched writes with TCP_NODELAY, reconnect with backoff, and
-//! client connections), and an in-memory transport with the same interface
-//! (`mem`). Decoding never panics; a bad frame closes that connection with a
+//! client connections; mutual TLS on the peer links with `tls`), and an
+//! in-memory transport with the same interface (`mem`). Decoding never panics; a bad frame closes that connection with a
 //! logged reason.
 
 pub mod codec;
 pub mod mem;
 pub mod tcp;
+pub mod tls;
 
 /// Is `addr` host:port: a host without whitespace (a name, an IPv4
 /// address, or an IPv6 one in brackets) and a port number, 0 only if

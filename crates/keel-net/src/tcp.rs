@@ -1,7 +1,9 @@
 //! TCP transport on tokio. Peers: one connection per peer pair — the node
 //! with the lower id dials, the other accepts — used in both directions,
 //! opened with a `Hello` that carries the cluster id (a connection from
-//! another cluster, or an unknown node, is refused), TCP_NODELAY. The
+//! another cluster, or an unknown node, is refused), TCP_NODELAY; with
+//! `TransportConfig::tls`, a mutual TLS handshake comes before the hello
+//! and the link's bytes are TLS records (`tls`). The
 //! hello's version byte is the newest peer protocol the dialer offers; an
 //! accepting node of protocol 6 or later answers with its own hello at the
 //! version the link will speak (the lower of the two), and a dialer whose
@@ -26,16 +28,18 @@
 //! connection with a logged reason; the node keeps running.
 
 use crate::codec::{self, ClientRequest, ClientResponse, Frame, FrameKind};
+use crate::tls::{PeerTls, TlsWire};
 use bytes::BytesMut;
 use keel_core::{Message, NodeId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::rustls;
 use tracing::{debug, info, warn, Instrument};
 
 /// Identity and limits of this end of the transport.
@@ -47,6 +51,9 @@ pub struct TransportConfig {
     /// Messages queued per peer before new ones are dropped (as are
     /// those past `MAX_PEER_BACKLOG` bytes).
     pub peer_queue: usize,
+    /// Mutual TLS on every peer connection, dialed and accepted (see
+    /// `tls`); `None`: plain TCP.
+    pub tls: Option<PeerTls>,
 }
 
 /// Called for every message received from a peer.
@@ -287,7 +294,7 @@ struct OutState {
     /// Bytes the task took out of `buf` and is writing.
     writing: usize,
     /// The connection while it is up.
-    writer: Option<Arc<OwnedWriteHalf>>,
+    writer: Option<Arc<Wire>>,
     /// The peer protocol a peer link's connection speaks.
     version: u8,
     /// The task owns writing (it was handed a partial write): senders
@@ -407,6 +414,18 @@ impl Outbox {
         Ok(())
     }
 
+    /// A TLS connection's reader left records to send that the socket did
+    /// not take: the task writes them, unless it is writing already (it
+    /// then finishes them before it stops, see `drain`).
+    fn records_held(&self) {
+        let mut out = lock(&self.state);
+        if out.writer.is_some() && !out.task_writes {
+            out.task_writes = true;
+            drop(out);
+            self.wake.notify_one();
+        }
+    }
+
     /// A client connection's reader handed on `n` more requests.
     fn expect(&self, n: usize) {
         if n > 0 {
@@ -448,6 +467,12 @@ impl Outbox {
                     out.frames = 0;
                     if out.buf.capacity() > SPARE_OUT {
                         out.buf = Vec::new();
+                    }
+                    if w.pending() {
+                        // Taken into TLS records the socket did not take
+                        // all of: the task writes the rest.
+                        out.task_writes = true;
+                        self.wake.notify_one();
                     }
                     // A client connection's reader may wait for this write.
                     self.wake_reader(out);
@@ -491,13 +516,13 @@ impl Outbox {
 
     /// The connection is up on `w` (`Some`) or down (`None`): either way
     /// what was buffered for the previous one is dropped.
-    fn connect(&self, w: Option<Arc<OwnedWriteHalf>>) {
+    fn connect(&self, w: Option<Arc<Wire>>) {
         self.connect_at(w, codec::PEER_VERSION);
     }
 
     /// `connect`, a peer link whose connection speaks peer protocol
     /// `version`.
-    fn connect_at(&self, w: Option<Arc<OwnedWriteHalf>>, version: u8) {
+    fn connect_at(&self, w: Option<Arc<Wire>>, version: u8) {
         let mut out = lock(&self.state);
         *out = OutState {
             writer: w,
@@ -511,14 +536,27 @@ impl Outbox {
 
     /// The task's side: takes over writing and writes the buffer until it
     /// is empty, then hands writing back to the senders.
-    async fn drain(&self, w: &OwnedWriteHalf, spare: &mut Vec<u8>) -> Result<(), String> {
+    async fn drain(&self, w: &Wire, spare: &mut Vec<u8>) -> Result<(), String> {
         loop {
-            {
+            let records_left = {
                 let mut out = lock(&self.state);
-                if out.buf.is_empty() {
+                if out.buf.is_empty() && !w.pending() {
                     out.task_writes = false;
                     return Ok(());
                 }
+                out.task_writes = true;
+                out.buf.is_empty()
+            };
+            if records_left {
+                // TLS records a sender's write (or the reader) left. (No
+                // sender writes meanwhile: `task_writes` is set.)
+                w.write_all(&[])
+                    .await
+                    .map_err(|e| format!("write failed: {e}"))?;
+                continue;
+            }
+            {
+                let mut out = lock(&self.state);
                 // Under the lock no sender is mid-write; from here on none
                 // starts one until the buffer is drained.
                 out.task_writes = true;
@@ -527,7 +565,7 @@ impl Outbox {
                 out.frames = 0;
                 out.writing = spare.len();
             }
-            write_shared(w, spare)
+            w.write_all(spare)
                 .await
                 .map_err(|e| format!("write failed: {e}"))?;
             {
@@ -588,18 +626,87 @@ const ANSWER_ESTIMATE_FLOOR: usize = 64;
 /// this is only reached once the peer has stopped taking its messages.
 pub const MAX_PEER_BACKLOG: usize = 64 << 20;
 
-/// `write_all` through a shared write half.
-async fn write_shared(w: &OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        w.writable().await?;
-        match w.try_write(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+/// A connection's sending side, shared by whoever writes to it: plain
+/// TCP, or a peer link's TLS.
+enum Wire {
+    Plain(OwnedWriteHalf),
+    Tls(Arc<TlsWire>),
+}
+
+impl Wire {
+    /// A non-blocking write of (the start of) `buf`: the bytes taken, or
+    /// `WouldBlock`.
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Plain(w) => w.try_write(buf),
+            Wire::Tls(t) => t.try_write(buf),
         }
     }
-    Ok(())
+
+    /// Bytes taken are still held (TLS records the socket has not taken):
+    /// `write_all` finishes them.
+    fn pending(&self) -> bool {
+        match self {
+            Wire::Plain(_) => false,
+            Wire::Tls(t) => t.pending(),
+        }
+    }
+
+    /// Writes all of `buf`, and what is pending, waiting for the socket.
+    async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Wire::Plain(w) => {
+                while !buf.is_empty() {
+                    w.writable().await?;
+                    match w.try_write(buf) {
+                        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                        Ok(n) => buf = &buf[n..],
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+            Wire::Tls(t) => t.write_all(buf).await,
+        }
+    }
+}
+
+/// A connection's receiving side.
+enum WireRead {
+    Plain(OwnedReadHalf),
+    Tls(Arc<TlsWire>),
+}
+
+impl WireRead {
+    /// Reads into `buf`'s spare room: the bytes read, 0 at the end.
+    async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            WireRead::Plain(r) => r.read_buf(buf).await,
+            WireRead::Tls(t) => t.read_buf(buf).await,
+        }
+    }
+}
+
+/// A peer connection past its hello.
+enum Conn {
+    Plain(TcpStream),
+    Tls(TcpStream, Box<rustls::Connection>),
+}
+
+impl Conn {
+    fn split(self) -> (WireRead, Wire) {
+        match self {
+            Conn::Plain(s) => {
+                let (r, w) = s.into_split();
+                (WireRead::Plain(r), Wire::Plain(w))
+            }
+            Conn::Tls(s, conn) => {
+                let t = TlsWire::new(s, *conn);
+                (WireRead::Tls(t.clone()), Wire::Tls(t))
+            }
+        }
+    }
 }
 
 /// Starts the peer listener and one link manager per peer.
@@ -611,6 +718,16 @@ pub async fn start_peers(
     inbound: Inbound,
     stats: Arc<NetStats>,
 ) -> std::io::Result<Peers> {
+    // With TLS, each peer's certificate must name the host it is dialed
+    // at: a peer address that cannot is refused before anything starts.
+    let mut names = HashMap::new();
+    if cfg.tls.is_some() {
+        for (id, addr) in peers {
+            let name = crate::tls::server_name(addr)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            names.insert(*id, name);
+        }
+    }
     let listener = TcpListener::bind(listen).await?;
     // A root span: the caller (a node starting up) may be in its own
     // `node` span already, and nested they would print twice.
@@ -629,6 +746,7 @@ pub async fn start_peers(
         let link = Link {
             cfg: cfg.clone(),
             peer: id,
+            server_name: names.remove(&id),
             addr,
             dial,
             inbound: inbound.clone(),
@@ -661,7 +779,7 @@ async fn accept_peers(
     let mut hellos = tokio::task::JoinSet::new();
     loop {
         while hellos.try_join_next().is_some() {}
-        let (mut stream, remote) = match listener.accept().await {
+        let (stream, remote) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 warn!("peer listener: accept failed: {e}");
@@ -673,59 +791,117 @@ async fn accept_peers(
         let cfg = cfg.clone();
         let accept_to = accept_to.clone();
         let stats = stats.clone();
-        hellos.spawn(async move {
-            let mut buf = Vec::new();
-            let hello = tokio::time::timeout(
-                Duration::from_secs(5),
-                read_hello(&mut stream, &mut buf),
-            )
-            .await;
-            let reason = match hello {
-                Err(_) => "no hello within 5 s".to_string(),
-                Ok(Err(e)) => e,
-                Ok(Ok(Frame::Hello {
-                    cluster_id,
-                    node_id,
-                    version: offer,
-                })) => {
-                    // The link speaks the dialer's offer, or this node's
-                    // newest if the offer is newer still.
-                    let version = offer.min(codec::PEER_VERSION);
-                    if cluster_id != cfg.cluster_id {
-                        format!(
-                            "hello from node {node_id} of cluster {cluster_id:#x}, this is cluster {:#x}",
-                            cfg.cluster_id
-                        )
-                    } else if let Some(tx) = accept_to.get(&node_id) {
-                        match answer_hello(&mut stream, &cfg, version).await {
-                            Ok(()) => {
-                                let accepted = Accepted {
-                                    stream,
-                                    leftover: buf,
-                                    version,
-                                };
-                                let _ = tx.send(accepted).await;
-                                return;
-                            }
-                            Err(e) => format!("the answer to node {node_id}'s hello failed: {e}"),
+        hellos.spawn(
+            async move {
+                let deadline = tokio::time::Instant::now() + HELLO_WAIT;
+                let accepted = match cfg.tls.clone() {
+                    None => accept_hello(stream, &cfg, &accept_to, deadline, Conn::Plain).await,
+                    Some(tls) => match accept_tls(stream, &tls, deadline).await {
+                        Ok(s) => {
+                            accept_hello(s, &cfg, &accept_to, deadline, |s| {
+                                let (tcp, conn) = s.into_inner();
+                                Conn::Tls(tcp, Box::new(rustls::Connection::Server(conn)))
+                            })
+                            .await
                         }
-                    } else {
-                        format!(
-                            "hello from node {node_id}, which is not a peer that dials this node"
-                        )
-                    }
+                        Err(e) => Err(e),
+                    },
+                };
+                if let Err(reason) = accepted {
+                    stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                    warn!("peer connection from {remote} refused: {reason}");
                 }
-                Ok(Ok(other)) => format!("expected a hello, got {}", other.kind().name()),
-            };
-            stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
-            warn!("peer connection from {remote} refused: {reason}");
-        }.instrument(tracing::Span::current()));
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+}
+
+/// How long an accepted peer connection may take to say hello (its TLS
+/// handshake included).
+const HELLO_WAIT: Duration = Duration::from_secs(5);
+
+/// The TLS handshake of an accepted peer connection, by `deadline`.
+async fn accept_tls(
+    stream: TcpStream,
+    tls: &PeerTls,
+    deadline: tokio::time::Instant,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+    // A TLS connection opens with a handshake record (22): anything else
+    // is a node (or someone) without TLS.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Err(_) => return Err(format!("no TLS handshake within {HELLO_WAIT:?}")),
+        Ok(Err(e)) => return Err(format!("read failed: {e}")),
+        Ok(Ok(0)) => return Err("closed before its TLS handshake".into()),
+        Ok(Ok(_)) if first[0] != 22 => {
+            return Err(
+                "not TLS, and this node's peer port takes only TLS (peer_cert_file is set): \
+                 is the dialing node without peer TLS?"
+                    .into(),
+            )
+        }
+        Ok(Ok(_)) => {}
+    }
+    match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+        Err(_) => Err(format!("TLS handshake not done within {HELLO_WAIT:?}")),
+        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+        Ok(Ok(s)) => Ok(s),
+    }
+}
+
+/// Reads an accepted peer connection's hello (by `deadline`), checks it,
+/// answers it, and hands the connection (as `into` makes it) to the
+/// link of the node it names; or says why not.
+async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    cfg: &TransportConfig,
+    accept_to: &HashMap<NodeId, mpsc::Sender<Accepted>>,
+    deadline: tokio::time::Instant,
+    into: impl FnOnce(S) -> Conn,
+) -> Result<(), String> {
+    let mut buf = Vec::new();
+    let hello = tokio::time::timeout_at(deadline, read_hello(&mut stream, &mut buf)).await;
+    match hello {
+        Err(_) => Err(format!("no hello within {HELLO_WAIT:?}")),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Frame::Hello {
+            cluster_id,
+            node_id,
+            version: offer,
+        })) => {
+            // The link speaks the dialer's offer, or this node's newest if
+            // the offer is newer still.
+            let version = offer.min(codec::PEER_VERSION);
+            if cluster_id != cfg.cluster_id {
+                Err(format!(
+                    "hello from node {node_id} of cluster {cluster_id:#x}, this is cluster {:#x}",
+                    cfg.cluster_id
+                ))
+            } else if let Some(tx) = accept_to.get(&node_id) {
+                answer_hello(&mut stream, cfg, version)
+                    .await
+                    .map_err(|e| format!("the answer to node {node_id}'s hello failed: {e}"))?;
+                let accepted = Accepted {
+                    stream: into(stream),
+                    leftover: buf,
+                    version,
+                };
+                let _ = tx.send(accepted).await;
+                Ok(())
+            } else {
+                Err(format!(
+                    "hello from node {node_id}, which is not a peer that dials this node"
+                ))
+            }
+        }
+        Ok(Ok(other)) => Err(format!("expected a hello, got {}", other.kind().name())),
     }
 }
 
 /// A peer connection that said hello (and, dialed, was answered).
 struct Accepted {
-    stream: TcpStream,
+    stream: Conn,
     /// Bytes read after the hello.
     leftover: Vec<u8>,
     /// The peer protocol the connection speaks.
@@ -738,8 +914,8 @@ const HELLO_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// An accepting node's answer to a hello that offered `version` or later
 /// (the link's), from `codec::ANSWERED_HELLO_VERSION` on: a dialer that
 /// offers an older one expects none.
-async fn answer_hello(
-    stream: &mut TcpStream,
+async fn answer_hello<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     cfg: &TransportConfig,
     version: u8,
 ) -> std::io::Result<()> {
@@ -755,7 +931,9 @@ async fn answer_hello(
         },
         &mut answer,
     );
-    stream.write_all(&answer).await
+    stream.write_all(&answer).await?;
+    // (Through TLS, the record must go out now.)
+    stream.flush().await
 }
 
 /// Why a dialed connection's hello did not open the link.
@@ -782,8 +960,8 @@ fn check_kind(buf: &[u8], expected: FrameKind) -> Result<(), String> {
 
 /// Reads exactly one frame of kind `expected`, keeping any bytes after it
 /// in `buf`.
-async fn read_one(
-    stream: &mut TcpStream,
+async fn read_one<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
     max: usize,
     expected: FrameKind,
@@ -812,7 +990,10 @@ async fn read_one(
 /// a frame of another kind, or one declaring more than a hello's bytes, is
 /// refused from its first bytes (before its hello, a connection may come
 /// from anyone).
-async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Frame, String> {
+async fn read_hello<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<Frame, String> {
     let hello = read_one(stream, buf, codec::HELLO_MAX_FRAME, FrameKind::Hello).await;
     // (A refused frame is left in `buf`: here, the connection's opening.)
     hello.map_err(|e| foreign_opening(buf, FrameKind::Hello).unwrap_or(e))
@@ -830,9 +1011,13 @@ fn foreign_opening(opening: &[u8], expected: FrameKind) -> Option<String> {
         FrameKind::Request => "the native client port, which speaks only Keel's client protocol",
         _ => "the peer port, which speaks only Keel's replication protocol",
     };
-    let elsewhere = match proto {
-        "HTTP/1.1" => "; etcd clients use etcd_addr, and /metrics and /status http_addr",
-        "TLS" => " (without TLS); etcd clients use etcd_addr",
+    let elsewhere = match (proto, expected) {
+        ("HTTP/1.1", _) => "; etcd clients use etcd_addr, and /metrics and /status http_addr",
+        ("TLS", FrameKind::Hello) => {
+            " (without TLS: this node has no peer_cert_file; a node with peer TLS must not \
+             dial it); etcd clients use etcd_addr"
+        }
+        ("TLS", _) => " (without TLS); etcd clients use etcd_addr",
         _ => "; etcd clients use etcd_addr",
     };
     Some(format!("{proto} on {port}{elsewhere}"))
@@ -855,7 +1040,7 @@ const REPLY_GRACE: Duration = Duration::from_secs(2);
 /// rest of the buffer's allocation takes the next reads until it is used
 /// up; a partial frame stays in the buffer, which grows to fit it.
 async fn read_frames(
-    r: OwnedReadHalf,
+    r: WireRead,
     buf: BytesMut,
     max: usize,
     expected: FrameKind,
@@ -870,7 +1055,7 @@ async fn read_frames(
 /// (`Outbox::wait_for_room`): a read's requests are handed on in as many
 /// pieces as that takes, each after the answers before it made room.
 async fn read_frames_gated(
-    mut r: OwnedReadHalf,
+    mut r: WireRead,
     mut buf: BytesMut,
     max: usize,
     expected: FrameKind,
@@ -977,6 +1162,9 @@ async fn read_frames_gated(
 struct Link {
     cfg: TransportConfig,
     peer: NodeId,
+    /// With TLS: the name the peer's certificate must have (its address's
+    /// host).
+    server_name: Option<rustls::pki_types::ServerName<'static>>,
     addr: String,
     dial: bool,
     inbound: Inbound,
@@ -984,10 +1172,62 @@ struct Link {
 }
 
 impl Link {
+    /// Opens a connection this node dialed: its TLS handshake (with TLS),
+    /// then the hello (`say_hello`).
+    async fn open(&self, stream: TcpStream, offer: u8) -> Result<Accepted, HelloFailed> {
+        let (Some(tls), Some(name)) = (&self.cfg.tls, &self.server_name) else {
+            let (stream, leftover, version) = self.say_hello(stream, offer).await?;
+            return Ok(Accepted {
+                stream: Conn::Plain(stream),
+                leftover,
+                version,
+            });
+        };
+        let handshake = tls.connector().connect(name.clone(), stream);
+        let stream = match tokio::time::timeout(HELLO_ANSWER_WAIT, handshake).await {
+            Err(_) => {
+                return Err(HelloFailed::Other(format!(
+                    "no TLS handshake within {HELLO_ANSWER_WAIT:?}"
+                )))
+            }
+            Ok(Err(e)) => {
+                // A node without TLS reads the handshake as a bad hello
+                // and closes the connection.
+                let closed = matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::BrokenPipe
+                );
+                let hint = if closed {
+                    " (closed by the peer: a node without peer TLS closes TLS connections, see its log)"
+                } else {
+                    ""
+                };
+                return Err(HelloFailed::Other(format!(
+                    "TLS handshake failed: {e}{hint}"
+                )));
+            }
+            Ok(Ok(s)) => s,
+        };
+        let (stream, leftover, version) = self.say_hello(stream, offer).await?;
+        let (tcp, conn) = stream.into_inner();
+        Ok(Accepted {
+            stream: Conn::Tls(tcp, Box::new(rustls::Connection::Client(conn))),
+            leftover,
+            version,
+        })
+    }
+
     /// Says hello on a connection this node dialed, offering peer
     /// protocol `offer`, and (from `codec::ANSWERED_HELLO_VERSION` on) reads
-    /// the answer, which says the version the link speaks.
-    async fn say_hello(&self, mut stream: TcpStream, offer: u8) -> Result<Accepted, HelloFailed> {
+    /// the answer: the connection, the bytes read after the answer, and the
+    /// version the link speaks.
+    async fn say_hello<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        offer: u8,
+    ) -> Result<(S, Vec<u8>, u8), HelloFailed> {
         let mut hello = Vec::new();
         codec::encode(
             &Frame::Hello {
@@ -997,15 +1237,16 @@ impl Link {
             },
             &mut hello,
         );
-        if let Err(e) = stream.write_all(&hello).await {
+        // (Through TLS, the record must go out now.)
+        let sent = match stream.write_all(&hello).await {
+            Ok(()) => stream.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             return Err(HelloFailed::Other(format!("hello not sent: {e}")));
         }
         if offer < codec::ANSWERED_HELLO_VERSION {
-            return Ok(Accepted {
-                stream,
-                leftover: Vec::new(),
-                version: offer,
-            });
+            return Ok((stream, Vec::new(), offer));
         }
         let mut buf = Vec::new();
         let answer = tokio::time::timeout(
@@ -1038,11 +1279,7 @@ impl Link {
                         "the hello was answered with peer protocol {version}, newer than the {offer} offered"
                     )))
                 } else {
-                    Ok(Accepted {
-                        stream,
-                        leftover: buf,
-                        version,
-                    })
+                    Ok((stream, buf, version))
                 }
             }
             Ok(Ok(other)) => Err(HelloFailed::Other(format!(
@@ -1114,7 +1351,7 @@ impl Link {
                 };
                 failing = None;
                 let _ = s.set_nodelay(true);
-                let hello = self.say_hello(s, offer.version);
+                let hello = self.open(s, offer.version);
                 tokio::pin!(hello);
                 let said = loop {
                     tokio::select! {
@@ -1180,7 +1417,17 @@ impl Link {
                 );
             }
             let up_since = Instant::now();
-            let (r, w) = stream.into_split();
+            let (r, w) = stream.split();
+            if let Wire::Tls(t) = &w {
+                // Records a read left that the socket did not take are
+                // written by this task (`Outbox::records_held`).
+                let out = Arc::downgrade(&outbox);
+                t.on_records_held(Box::new(move || {
+                    if let Some(out) = out.upgrade() {
+                        out.records_held();
+                    }
+                }));
+            }
             let w = Arc::new(w);
             outbox.connect_at(Some(w.clone()), version);
             self.stats.set_peer_protocol(self.peer, version);
@@ -1457,7 +1704,7 @@ async fn serve_client(
     stats: Arc<NetStats>,
 ) {
     let (r, w) = stream.into_split();
-    let w = Arc::new(w);
+    let (r, w) = (WireRead::Plain(r), Arc::new(Wire::Plain(w)));
     let out = Arc::new(Outbox::default());
     out.connect(Some(w.clone()));
     let tx = ResponseSink(Arc::new(Sink::Conn(out.clone())));
@@ -1588,13 +1835,19 @@ mod tests {
             let (r, _w) = sock.into_split();
             let mut got = Vec::new();
             let mut reads = 0;
-            let result = read_frames(r, BytesMut::new(), 1 << 20, FrameKind::Request, |f| {
-                match f {
-                    Some(f) => got.push(f),
-                    None => reads += 1,
-                }
-                Ok(())
-            })
+            let result = read_frames(
+                WireRead::Plain(r),
+                BytesMut::new(),
+                1 << 20,
+                FrameKind::Request,
+                |f| {
+                    match f {
+                        Some(f) => got.push(f),
+                        None => reads += 1,
+                    }
+                    Ok(())
+                },
+            )
             .await;
             let _still_open = writer.await.expect("writer");
             assert!(
@@ -1624,8 +1877,14 @@ mod tests {
                 let (server, mut client) = connected().await;
                 client.write_all(&bytes).await.expect("write");
                 let (r, _w) = server.into_split();
-                let result =
-                    read_frames(r, BytesMut::new(), 64 << 20, FrameKind::Request, |_| Ok(())).await;
+                let result = read_frames(
+                    WireRead::Plain(r),
+                    BytesMut::new(),
+                    64 << 20,
+                    FrameKind::Request,
+                    |_| Ok(()),
+                )
+                .await;
                 drop(client);
                 result.expect_err("another protocol's bytes were taken")
             };
@@ -1653,9 +1912,15 @@ mod tests {
                 }
                 client
             });
-            let e = read_frames(r, BytesMut::new(), 64 << 20, FrameKind::Request, |_| Ok(()))
-                .await
-                .expect_err("the preface was taken");
+            let e = read_frames(
+                WireRead::Plain(r),
+                BytesMut::new(),
+                64 << 20,
+                FrameKind::Request,
+                |_| Ok(()),
+            )
+            .await
+            .expect_err("the preface was taken");
             assert!(e.starts_with("HTTP/2 on the native client port"), "{e}");
             drop(writer.await);
             // After a good frame, the same bytes are a bad frame.
@@ -1740,7 +2005,13 @@ mod tests {
             let (r, _w) = server.into_split();
             let result = tokio::time::timeout(
                 deadline,
-                read_frames(r, BytesMut::new(), 64 << 20, FrameKind::Request, |_| Ok(())),
+                read_frames(
+                    WireRead::Plain(r),
+                    BytesMut::new(),
+                    64 << 20,
+                    FrameKind::Request,
+                    |_| Ok(()),
+                ),
             )
             .await
             .expect("waited for the rest of a frame of the wrong kind");
@@ -1792,6 +2063,131 @@ mod tests {
             let got = read_hello(&mut server, &mut buf).await.expect("hello");
             assert_eq!(got, hello);
             assert!(bytes[hello_len..].starts_with(&buf), "{buf:?}");
+        });
+    }
+
+    /// A TLS connection over loopback past its handshake, as a link's
+    /// wire (the dialer's side), and the accepting side, which reads
+    /// nothing.
+    async fn tls_pair(
+        dir: &std::path::Path,
+    ) -> (Arc<TlsWire>, tokio_rustls::server::TlsStream<TcpStream>) {
+        let tls = test_tls(dir);
+        let (server, client) = connected().await;
+        let name = crate::tls::server_name("127.0.0.1:1").expect("name");
+        let (dialed, accepted) = tokio::join!(
+            tls.connector().connect(name, client),
+            tls.acceptor().accept(server)
+        );
+        let (tcp, conn) = dialed.expect("dial").into_inner();
+        let wire = TlsWire::new(tcp, rustls::Connection::Client(conn));
+        (wire, accepted.expect("accept"))
+    }
+
+    /// Peer TLS for 127.0.0.1, its files written in `dir`.
+    fn test_tls(dir: &std::path::Path) -> PeerTls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().expect("ca key");
+        let ca = p.self_signed(&key).expect("ca cert");
+        let issuer = Issuer::new(p, key);
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("cert");
+        let write = |name: &str, pem: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).expect("write");
+            path
+        };
+        PeerTls::load(&crate::tls::PeerTlsFiles {
+            cert_file: write("cert.pem", cert.pem()),
+            key_file: write("key.pem", key.serialize_pem()),
+            trusted_ca_file: write("ca.pem", ca.pem()),
+        })
+        .expect("load")
+    }
+
+    #[test]
+    fn a_plain_hello_on_a_tls_peer_port_is_named() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = test_tls(dir.path());
+        rt.block_on(async {
+            let (server, mut client) = connected().await;
+            let mut hello = Vec::new();
+            codec::encode(
+                &Frame::Hello {
+                    cluster_id: 1,
+                    node_id: 1,
+                    version: codec::PEER_VERSION,
+                },
+                &mut hello,
+            );
+            client.write_all(&hello).await.expect("write");
+            let deadline = tokio::time::Instant::now() + HELLO_WAIT;
+            let Err(e) = accept_tls(server, &tls, deadline).await else {
+                panic!("a plain hello was taken for TLS");
+            };
+            assert!(e.starts_with("not TLS"), "{e}");
+            assert!(e.contains("without peer TLS"), "{e}");
+        });
+    }
+
+    /// A sender's flush whose TLS records the socket takes only a part of
+    /// must hand the rest to the link's task: no later flush may come to
+    /// write them.
+    #[test]
+    fn a_flush_that_leaves_tls_records_held_hands_them_to_the_task() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        rt.block_on(async {
+            let (wire, _unread) = tls_pair(dir.path()).await;
+            let out = Outbox::default();
+            out.connect(Some(Arc::new(Wire::Tls(wire.clone()))));
+            let m = keel_core::Message {
+                cluster_id: 1,
+                from: 1,
+                to: 2,
+                term: 1,
+                body: keel_core::Body::Append {
+                    prev_pos: 0,
+                    prev_term: 0,
+                    commit: 0,
+                    heartbeat: 0,
+                    entries: vec![keel_core::Entry {
+                        term: 1,
+                        position: 0,
+                        timestamp: 0,
+                        kind: keel_core::EntryKind::Command { client: 1, seq: 1 },
+                        data: Bytes::from(vec![7u8; 1000]),
+                    }],
+                    to_voter: true,
+                },
+            };
+            // Flushes of one message each until the socket is full: the
+            // first flush that leaves records held, or finds them held.
+            for _ in 0..1_000_000 {
+                out.push_message(&m, usize::MAX, usize::MAX)
+                    .expect("buffered");
+                out.flush();
+                if wire.pending() || lock(&out.state).task_writes {
+                    break;
+                }
+            }
+            assert!(wire.pending(), "the socket never filled");
+            assert!(
+                lock(&out.state).task_writes,
+                "TLS records are held and the task was not asked to write them"
+            );
         });
     }
 }

@@ -171,6 +171,7 @@ fn config(id: u64) -> TransportConfig {
         max_frame: 64 << 20,
         // Frames alone would not bound these links.
         peer_queue: 1 << 20,
+        tls: None,
     }
 }
 

@@ -22,6 +22,7 @@ fn config(id: NodeId) -> TransportConfig {
         node_id: id,
         max_frame: 64 << 20,
         peer_queue: 1 << 20,
+        tls: None,
     }
 }
 

@@ -218,6 +218,25 @@ pub struct NodeConfig {
     /// `etcd_trusted_ca_file`, as etcd's `--client-cert-auth`.
     #[serde(default)]
     pub etcd_client_cert_auth: bool,
+    /// Mutual TLS on the peer links with this certificate chain (PEM), as
+    /// etcd's `--peer-cert-file`. Needs `peer_key_file` and
+    /// `peer_trusted_ca_file`, and every node of the cluster must set them.
+    /// The certificate is presented both ways (when this node dials a peer
+    /// and when a peer dials it), so it must allow TLS server and client
+    /// use, and name the host of this node's `peer_addr` as the other nodes
+    /// list it.
+    #[serde(default)]
+    pub peer_cert_file: Option<PathBuf>,
+    /// The private key of `peer_cert_file` (PEM), as etcd's
+    /// `--peer-key-file`.
+    #[serde(default)]
+    pub peer_key_file: Option<PathBuf>,
+    /// The CA certificates (PEM) that sign every node's `peer_cert_file`,
+    /// as etcd's `--peer-trusted-ca-file`: a connection from a node without
+    /// such a certificate is refused, as etcd's `--peer-client-cert-auth`
+    /// refuses it (always on here).
+    #[serde(default)]
+    pub peer_trusted_ca_file: Option<PathBuf>,
     /// The web origins (`https://dash.example.com`) whose pages may read the
     /// etcd API's HTTP answers (CORS), as etcd's `--cors`; `"*"` for any.
     /// A request from any other origin (a browser's, with an `Origin`
@@ -467,6 +486,13 @@ impl NodeConfig {
                 self.election_timeout_min_ms, self.election_timeout_max_ms
             ));
         }
+        if self.peer_tls_files()?.is_some() {
+            for p in &self.peers {
+                keel_net::tls::server_name(&p.peer_addr).map_err(|e| {
+                    ConfigError::Invalid(format!("peer {}: {e}, which peer TLS needs", p.id))
+                })?;
+            }
+        }
         let mut preferred = BTreeSet::new();
         for &p in &self.preferred_leaders {
             if p == 0 || !preferred.insert(p) {
@@ -601,33 +627,47 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// Reads the etcd API's TLS files that are set, and checks that each
-    /// holds what it must in PEM (a certificate, a private key): a missing,
-    /// unreadable or wrong file is refused with the file named, before the
-    /// node writes anything. (That a key belongs to its certificate is
-    /// checked where TLS is set up, by the etcd API.)
+    /// The peer links' TLS files, if the configuration asks for TLS (all
+    /// three set); an error for an incomplete set.
+    pub fn peer_tls_files(&self) -> Result<Option<keel_net::tls::PeerTlsFiles>, ConfigError> {
+        match (
+            &self.peer_cert_file,
+            &self.peer_key_file,
+            &self.peer_trusted_ca_file,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(keel_net::tls::PeerTlsFiles {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                trusted_ca_file: ca.clone(),
+            })),
+            (None, None, None) => Ok(None),
+            _ => Err(ConfigError::Invalid(
+                "peer TLS needs all three of peer_cert_file, peer_key_file and \
+                 peer_trusted_ca_file (the CA verifies the other nodes' certificates)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Reads the TLS files that are set (the etcd API's and the peer
+    /// links'), and checks that each holds what it must in PEM (a
+    /// certificate, a private key): a missing, unreadable or wrong file is
+    /// refused with the file named, before the node writes anything. (That
+    /// a key belongs to its certificate is checked where TLS is set up.)
     pub fn check_files(&self) -> Result<(), ConfigError> {
+        let (cert, key) = (
+            ("CERTIFICATE-----", "certificate"),
+            ("PRIVATE KEY-----", "private key"),
+        );
         let files = [
-            (
-                "etcd_cert_file",
-                &self.etcd_cert_file,
-                "CERTIFICATE-----",
-                "certificate",
-            ),
-            (
-                "etcd_key_file",
-                &self.etcd_key_file,
-                "PRIVATE KEY-----",
-                "private key",
-            ),
-            (
-                "etcd_trusted_ca_file",
-                &self.etcd_trusted_ca_file,
-                "CERTIFICATE-----",
-                "certificate",
-            ),
+            ("etcd_cert_file", &self.etcd_cert_file, cert),
+            ("etcd_key_file", &self.etcd_key_file, key),
+            ("etcd_trusted_ca_file", &self.etcd_trusted_ca_file, cert),
+            ("peer_cert_file", &self.peer_cert_file, cert),
+            ("peer_key_file", &self.peer_key_file, key),
+            ("peer_trusted_ca_file", &self.peer_trusted_ca_file, cert),
         ];
-        for (what, path, marker, holds) in files {
+        for (what, path, (marker, holds)) in files {
             let Some(path) = path else { continue };
             let text = std::fs::read(path)
                 .map_err(|e| ConfigError::Invalid(format!("{what} {}: {e}", path.display())))?;
@@ -1240,6 +1280,53 @@ mod tests {
         let os = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
         assert!(
             e.contains("etcd_cert_file") && e.contains("missing.pem") && e.contains(&os),
+            "{e}"
+        );
+    }
+
+    /// Peer TLS takes all three files or none, the files' contents are
+    /// checked as the etcd API's are, and every peer's address must be
+    /// able to name a certificate.
+    #[test]
+    fn peer_tls_settings_are_checked() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cert = tmp.path().join("cert.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let text = format!(
+            "{}[[peers]]\nid = 2\npeer_addr = \"node-2.example:7001\"\nclient_addr = \"127.0.0.1:7102\"\n",
+            base()
+        );
+        let mut c: NodeConfig = toml::from_str(&text).expect("parse");
+        assert_eq!(c.peer_tls_files().expect("none set"), None);
+        c.peer_cert_file = Some(cert.clone());
+        let e = c.validate().expect_err("one of three").to_string();
+        assert!(
+            e.contains("peer TLS needs all three of peer_cert_file"),
+            "{e}"
+        );
+        c.peer_key_file = Some(cert.clone());
+        c.peer_trusted_ca_file = Some(cert.clone());
+        c.validate()
+            .expect("all three, and a peer address with a DNS name");
+        let e = c
+            .check_files()
+            .expect_err("a certificate as the key")
+            .to_string();
+        assert!(
+            e.contains("peer_key_file") && e.contains("no PEM private key"),
+            "{e}"
+        );
+        c.peers[0].peer_addr = "node_2!:7001".into();
+        let e = c
+            .validate()
+            .expect_err("a host no certificate can name")
+            .to_string();
+        assert!(
+            e.contains("peer 2: peer address \"node_2!:7001\"") && e.contains("peer TLS"),
             "{e}"
         );
     }

@@ -1159,11 +1159,17 @@ fn run_node(
         .enable_all()
         .build()
         .map_err(|e| NodeError::Start(format!("tokio runtime: {e}")))?;
+    let tls = match cfg.peer_tls_files() {
+        Ok(Some(files)) => Some(keel_net::tls::PeerTls::load(&files).map_err(NodeError::Start)?),
+        Ok(None) => None,
+        Err(e) => return Err(NodeError::Start(e.to_string())),
+    };
     let tcfg = TransportConfig {
         cluster_id: cfg.cluster_id,
         node_id: cfg.id,
         max_frame: (cfg.max_request_bytes + (1 << 20)).max(64 << 20),
         peer_queue: 4096,
+        tls,
     };
     // (In the shared threading mode they go through the consensus thread.)
     let stale_reads = service_rx.is_some().then(|| StaleReads {

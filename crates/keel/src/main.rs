@@ -276,6 +276,21 @@ struct ServerArgs {
     /// overrides the config file.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     etcd_client_cert_auth: Option<bool>,
+    /// Mutual TLS on the peer links with this certificate (PEM; etcd's
+    /// --peer-cert-file), presented both when dialing and when dialed: it
+    /// must name the host of this node's peer address and allow TLS server
+    /// and client use. Needs --peer-key-file and --peer-trusted-ca-file;
+    /// every node of the cluster must use peer TLS.
+    #[arg(long)]
+    peer_cert_file: Option<PathBuf>,
+    /// The private key of --peer-cert-file (PEM; etcd's --peer-key-file).
+    #[arg(long)]
+    peer_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign every node's --peer-cert-file
+    /// (etcd's --peer-trusted-ca-file): connections from nodes without
+    /// such a certificate are refused.
+    #[arg(long)]
+    peer_trusted_ca_file: Option<PathBuf>,
     /// Web origins whose pages may use the etcd API over HTTP (CORS,
     /// etcd's --cors), comma-separated, e.g. https://dash.example.com; `*`
     /// for any. Requests from other web origins are refused (403).
@@ -481,6 +496,15 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = a.etcd_client_cert_auth {
         cfg.etcd_client_cert_auth = v;
+    }
+    if let Some(v) = &a.peer_cert_file {
+        cfg.peer_cert_file = Some(v.clone());
+    }
+    if let Some(v) = &a.peer_key_file {
+        cfg.peer_key_file = Some(v.clone());
+    }
+    if let Some(v) = &a.peer_trusted_ca_file {
+        cfg.peer_trusted_ca_file = Some(v.clone());
     }
     if !a.etcd_cors.is_empty() {
         cfg.etcd_cors = a.etcd_cors.clone();

@@ -1,0 +1,334 @@
+//! TLS for the peer links (`PeerTls`), and the PEM loading the etcd API's
+//! TLS shares with it.
+//!
+//! With `PeerTls` every peer connection is mutual TLS: the dialer checks the
+//! accepting node's certificate against the trusted CA and the host of the
+//! peer address it dialed, and the accepting node requires a certificate
+//! from the dialer, signed by the same CA. Only then is the hello said, so
+//! nobody without a certificate from the cluster's CA can open a link (a
+//! hello alone names a node but proves nothing).
+//!
+//! Once the hello is done, a link's connection is a `TlsWire`: the socket
+//! and rustls' connection state behind a lock, used as the plain TCP
+//! transport uses its socket. Any thread with messages to send encrypts
+//! them and writes with non-blocking writes (the consensus thread, once per
+//! turn), the link's task writes what the socket did not take, and the
+//! reader decrypts what arrives. Records that reading produces to send (a
+//! key update's answer) go out with the next write, or through the link's
+//! task when the socket is full (`TlsWire::on_records_held`).
+
+use bytes::BytesMut;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// The certificates of a PEM file named `what` (a configuration key) at
+/// `path`; an error names both, and says so if there is none.
+pub fn certificates(
+    what: &str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what} {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file named `what` at `path`.
+pub fn private_key(what: &str, path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    use rustls::pki_types::pem::PemObject;
+    PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| format!("{what} {}: no PEM private key in it ({e})", path.display()))
+}
+
+/// The CA certificates of a PEM file named `what` at `path`, as roots.
+pub fn roots(what: &str, path: &Path, pem: &[u8]) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certificates(what, path, pem)? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
+/// The crypto provider: ring, as tonic's `tls-ring` uses (aws-lc-rs,
+/// rustls' default, with post-quantum key exchange, builds a C library
+/// with cmake). rustls deprecates ring's provider for lacking post-quantum
+/// key exchange.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    #[allow(deprecated)]
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a file named `what` (a configuration key).
+pub fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+/// The PEM files of the peer links' TLS (the configuration keys
+/// `peer_cert_file`, `peer_key_file` and `peer_trusted_ca_file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerTlsFiles {
+    /// This node's certificate chain: presented both when it dials a peer
+    /// and when a peer dials it, so it must be valid for both uses (TLS
+    /// server and client authentication, or no extended key usage at all)
+    /// and name the host of this node's peer address as the others dial it.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+    /// The CA(s) that sign every node's certificate.
+    pub trusted_ca_file: PathBuf,
+}
+
+/// TLS for the peer links, loaded from `PeerTlsFiles`.
+#[derive(Clone)]
+pub struct PeerTls {
+    connector: TlsConnector,
+    acceptor: TlsAcceptor,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerTls")
+    }
+}
+
+impl PeerTls {
+    /// Reads and checks the files; an error names the file and the problem.
+    pub fn load(files: &PeerTlsFiles) -> Result<PeerTls, String> {
+        let cert = read_file("peer_cert_file", &files.cert_file)?;
+        let key = read_file("peer_key_file", &files.key_file)?;
+        let ca = read_file("peer_trusted_ca_file", &files.trusted_ca_file)?;
+        let certs = certificates("peer_cert_file", &files.cert_file, &cert)?;
+        let key = private_key("peer_key_file", &files.key_file, &key)?;
+        let roots = Arc::new(roots("peer_trusted_ca_file", &files.trusted_ca_file, &ca)?);
+        let provider = provider();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| format!("peer_trusted_ca_file: {e}"))?;
+        let both = "peer_cert_file and peer_key_file";
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(|e| format!("{both}: {e}"))?;
+        // A link is one long connection: nothing to resume.
+        server.send_tls13_tickets = 0;
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| format!("{both}: {e}"))?;
+        client.resumption = rustls::client::Resumption::disabled();
+        Ok(PeerTls {
+            connector: TlsConnector::from(Arc::new(client)),
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+        })
+    }
+
+    pub(crate) fn connector(&self) -> &TlsConnector {
+        &self.connector
+    }
+
+    pub(crate) fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
+    }
+}
+
+/// The name a dialer checks the certificate of the node at `addr`
+/// (host:port) against: its IP address, or its DNS name.
+pub fn server_name(addr: &str) -> Result<ServerName<'static>, String> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    ServerName::try_from(host.to_string())
+        .map_err(|e| format!("peer address {addr:?}: {host:?} cannot name a TLS certificate ({e})"))
+}
+
+/// Plaintext taken into TLS records per step: records are made only once
+/// the ones before are written, so a connection holds at most about this
+/// much encrypted beyond what its owner counts.
+const CHUNK: usize = 64 << 10;
+
+/// A TLS connection past its handshake, shared by the threads that write
+/// to it and the task that reads it (see the module's text). Whoever
+/// touches the socket holds `conn`'s lock, so records never interleave.
+pub(crate) struct TlsWire {
+    sock: TcpStream,
+    conn: Mutex<rustls::Connection>,
+    /// Called when records are left to write that no writer will write
+    /// (`on_records_held`).
+    records_held: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// The socket as `io::Read` and `io::Write`, non-blocking (a full or empty
+/// socket is `WouldBlock`).
+struct Sock<'a>(&'a TcpStream);
+
+impl Read for Sock<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for Sock<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TlsWire {
+    pub(crate) fn new(sock: TcpStream, mut conn: rustls::Connection) -> Arc<TlsWire> {
+        // Its owner bounds what it hands over (`CHUNK` at a time).
+        conn.set_buffer_limit(None);
+        Arc::new(TlsWire {
+            sock,
+            conn: Mutex::new(conn),
+            records_held: OnceLock::new(),
+        })
+    }
+
+    /// Sets what is called when reading left records to send and the
+    /// socket did not take them: the owner's writer must then write them
+    /// (`write_all` with nothing more), since no write of its own may come.
+    /// (Set once; later calls change nothing.)
+    pub(crate) fn on_records_held(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.records_held.set(f);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, rustls::Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes the records held, without waiting: true once none are left.
+    fn push(&self, conn: &mut rustls::Connection) -> io::Result<bool> {
+        while conn.wants_write() {
+            match conn.write_tls(&mut Sock(&self.sock)) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Records are held that the socket has not taken yet.
+    pub(crate) fn pending(&self) -> bool {
+        self.lock().wants_write()
+    }
+
+    /// A non-blocking write of (the start of) `buf`: the bytes taken into
+    /// records, or `WouldBlock` while records made before are still held.
+    /// What is taken may stay held in records the socket did not take
+    /// (`pending`): the caller's writer must then finish (`write_all`).
+    pub(crate) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        let mut conn = self.lock();
+        if !self.push(&mut conn)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = conn.writer().write(&buf[..buf.len().min(CHUNK)])?;
+        // (An error here is met again by the writer, which `pending`
+        // sends to finish.)
+        let _ = self.push(&mut conn);
+        Ok(n)
+    }
+
+    /// Writes all of `buf` and every record held, waiting for the socket.
+    pub(crate) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        loop {
+            let written = {
+                let mut conn = self.lock();
+                if self.push(&mut conn)? {
+                    if buf.is_empty() {
+                        return Ok(());
+                    }
+                    let n = conn.writer().write(&buf[..buf.len().min(CHUNK)])?;
+                    buf = &buf[n..];
+                    self.push(&mut conn)?
+                } else {
+                    false
+                }
+            };
+            if !written {
+                self.sock.writable().await?;
+            }
+        }
+    }
+
+    /// Reads decrypted bytes into `buf`'s spare room (which the caller
+    /// makes): their number, or 0 at the end of the stream (the peer's
+    /// close, with or without TLS's own close message: frames carry their
+    /// lengths, so a cut is seen as a partial frame).
+    pub(crate) async fn read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        let mut eof = false;
+        loop {
+            let held = {
+                let mut conn = self.lock();
+                let state = match conn.process_new_packets() {
+                    Ok(state) => state,
+                    Err(e) => {
+                        // The alert that says why, if the socket takes it.
+                        let _ = self.push(&mut conn);
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("TLS: {e}"),
+                        ));
+                    }
+                };
+                let ready = state.plaintext_bytes_to_read();
+                if ready > 0 {
+                    let room = (buf.capacity() - buf.len()).max(1);
+                    let n = ready.min(room);
+                    let start = buf.len();
+                    buf.resize(start + n, 0);
+                    conn.reader().read_exact(&mut buf[start..])?;
+                    return Ok(n);
+                }
+                if eof || state.peer_has_closed() {
+                    return Ok(0);
+                }
+                // Records processing made (a key update's answer).
+                !self.push(&mut conn).unwrap_or(true)
+            };
+            if held {
+                if let Some(f) = self.records_held.get() {
+                    f();
+                }
+            }
+            self.sock.readable().await?;
+            let mut conn = self.lock();
+            match conn.read_tls(&mut Sock(&self.sock)) {
+                Ok(0) => eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

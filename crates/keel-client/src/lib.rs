@@ -1088,6 +1088,7 @@ mod tests {
             max_frame: codec::DEFAULT_MAX_FRAME,
             peer_queue: 16,
             tls: None,
+            handshakes: None,
         };
         let _peers = keel_net::tcp::start_peers(
             cfg,

@@ -54,6 +54,11 @@ pub struct TransportConfig {
     /// Mutual TLS on every peer connection, dialed and accepted (see
     /// `tls`); `None`: plain TCP.
     pub tls: Option<PeerTls>,
+    /// Where accepted peer connections say hello (their TLS handshakes
+    /// included): a runtime other than the links', so that anyone who can
+    /// reach the peer port cannot keep the links' thread (a node's
+    /// consensus thread) busy with handshakes. `None`: the links' own.
+    pub handshakes: Option<tokio::runtime::Handle>,
 }
 
 /// Called for every message received from a peer.
@@ -746,7 +751,7 @@ pub async fn start_peers(
         let link = Link {
             cfg: cfg.clone(),
             peer: id,
-            server_name: names.remove(&id),
+            server_name: names.get(&id).cloned(),
             addr,
             dial,
             inbound: inbound.clone(),
@@ -756,7 +761,7 @@ pub async fn start_peers(
     }
     let limit = cfg.peer_queue;
     let accepting =
-        tokio::spawn(accept_peers(listener, cfg, accept_to, stats.clone()).instrument(span))
+        tokio::spawn(accept_peers(listener, cfg, accept_to, names, stats.clone()).instrument(span))
             .abort_handle();
     Ok(Peers {
         links,
@@ -767,16 +772,22 @@ pub async fn start_peers(
     })
 }
 
+/// `names`: with TLS, the name each peer's certificate must have (the
+/// host of its peer address).
 async fn accept_peers(
     listener: TcpListener,
     cfg: TransportConfig,
     accept_to: HashMap<NodeId, mpsc::Sender<Accepted>>,
+    names: HashMap<NodeId, rustls::pki_types::ServerName<'static>>,
     stats: Arc<NetStats>,
 ) {
     // Each connection's hello is read and answered by a task of its own,
     // held here so that they end with this one (when the transport is
     // dropped), not up to the hello's timeout later.
     let mut hellos = tokio::task::JoinSet::new();
+    let names = Arc::new(names);
+    // (Said once per burst of connections over the bound.)
+    let mut over_bound_said = false;
     loop {
         while hellos.try_join_next().is_some() {}
         let (stream, remote) = match listener.accept().await {
@@ -787,35 +798,70 @@ async fn accept_peers(
                 continue;
             }
         };
+        if hellos.len() >= MAX_OPENING {
+            // A flood of connections (a node has at most one link per
+            // peer): closed at once rather than holding a task each.
+            stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+            if !std::mem::replace(&mut over_bound_said, true) {
+                warn!(
+                    "peer connection from {remote} refused: {MAX_OPENING} connections are \
+                     already saying hello (later ones are refused quietly)"
+                );
+            }
+            continue;
+        }
+        over_bound_said = false;
         let _ = stream.set_nodelay(true);
+        let handshakes = cfg.handshakes.clone();
         let cfg = cfg.clone();
         let accept_to = accept_to.clone();
+        let names = names.clone();
         let stats = stats.clone();
-        hellos.spawn(
-            async move {
-                let deadline = tokio::time::Instant::now() + HELLO_WAIT;
-                let accepted = match cfg.tls.clone() {
-                    None => accept_hello(stream, &cfg, &accept_to, deadline, Conn::Plain).await,
-                    Some(tls) => match accept_tls(stream, &tls, deadline).await {
-                        Ok(s) => {
-                            accept_hello(s, &cfg, &accept_to, deadline, |s| {
-                                let (tcp, conn) = s.into_inner();
-                                Conn::Tls(tcp, Box::new(rustls::Connection::Server(conn)))
-                            })
-                            .await
-                        }
-                        Err(e) => Err(e),
-                    },
-                };
-                if let Err(reason) = accepted {
-                    stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
-                    warn!("peer connection from {remote} refused: {reason}");
+        let task = async move {
+            let deadline = tokio::time::Instant::now() + HELLO_WAIT;
+            let accepted = match cfg.tls.clone() {
+                None => {
+                    let plain = |_: &TcpStream, _| Ok(());
+                    accept_hello(stream, &cfg, &accept_to, deadline, plain, Conn::Plain).await
                 }
+                Some(tls) => match accept_tls(stream, &tls, deadline).await {
+                    Ok(s) => {
+                        // The certificate must name the address of the node
+                        // the hello names.
+                        let named = |s: &tokio_rustls::server::TlsStream<TcpStream>, id| {
+                            let name = names.get(&id).ok_or("no peer address")?;
+                            crate::tls::check_peer_name(s.get_ref().1, name).map_err(|e| {
+                                format!(
+                                    "node {id}'s hello came with a certificate that does not \
+                                     name the host of its peer address ({e})"
+                                )
+                            })
+                        };
+                        accept_hello(s, &cfg, &accept_to, deadline, named, |s| {
+                            let (tcp, conn) = s.into_inner();
+                            Conn::Tls(tcp, Box::new(rustls::Connection::Server(conn)))
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(reason) = accepted {
+                stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                warn!("peer connection from {remote} refused: {reason}");
             }
-            .instrument(tracing::Span::current()),
-        );
+        }
+        .instrument(tracing::Span::current());
+        match &handshakes {
+            Some(rt) => hellos.spawn_on(task, rt),
+            None => hellos.spawn(task),
+        };
     }
 }
+
+/// Accepted peer connections saying hello at once (each may take up to
+/// `HELLO_WAIT`); more are closed as they come.
+const MAX_OPENING: usize = 64;
 
 /// How long an accepted peer connection may take to say hello (its TLS
 /// handshake included).
@@ -850,14 +896,16 @@ async fn accept_tls(
     }
 }
 
-/// Reads an accepted peer connection's hello (by `deadline`), checks it,
-/// answers it, and hands the connection (as `into` makes it) to the
-/// link of the node it names; or says why not.
+/// Reads an accepted peer connection's hello (by `deadline`), checks it
+/// (and with `may_be` that the connection may speak for the node it
+/// names), answers it, and hands the connection (as `into` makes it) to
+/// the link of that node; or says why not.
 async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     cfg: &TransportConfig,
     accept_to: &HashMap<NodeId, mpsc::Sender<Accepted>>,
     deadline: tokio::time::Instant,
+    may_be: impl FnOnce(&S, NodeId) -> Result<(), String>,
     into: impl FnOnce(S) -> Conn,
 ) -> Result<(), String> {
     let mut buf = Vec::new();
@@ -879,6 +927,7 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
                     cfg.cluster_id
                 ))
             } else if let Some(tx) = accept_to.get(&node_id) {
+                may_be(&stream, node_id)?;
                 answer_hello(&mut stream, cfg, version)
                     .await
                     .map_err(|e| format!("the answer to node {node_id}'s hello failed: {e}"))?;
@@ -976,15 +1025,25 @@ async fn read_one<S: AsyncRead + Unpin>(
             Ok(None) => {}
             Err(e) => return Err(format!("bad frame: {e}")),
         }
-        let n = stream
-            .read_buf(buf)
-            .await
-            .map_err(|e| format!("read failed: {e}"))?;
+        let n = stream.read_buf(buf).await.map_err(|e| {
+            // (Only TLS reads fail so: an alert, or a bad record.)
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                format!("{TLS_REFUSAL}{e}")
+            } else {
+                format!("read failed: {e}")
+            }
+        })?;
         if n == 0 {
             return Err("connection closed".into());
         }
     }
 }
+
+/// How `read_one` begins the error of a TLS connection the peer ended
+/// with an alert (with TLS 1.3 a dialer's handshake is over before the
+/// accepting node has checked its certificate: a refusal comes with the
+/// first read).
+const TLS_REFUSAL: &str = "the peer ended the TLS connection: ";
 
 /// Reads an incoming peer connection's first frame, which must be a hello:
 /// a frame of another kind, or one declaring more than a hello's bytes, is
@@ -1175,13 +1234,22 @@ impl Link {
     /// Opens a connection this node dialed: its TLS handshake (with TLS),
     /// then the hello (`say_hello`).
     async fn open(&self, stream: TcpStream, offer: u8) -> Result<Accepted, HelloFailed> {
-        let (Some(tls), Some(name)) = (&self.cfg.tls, &self.server_name) else {
-            let (stream, leftover, version) = self.say_hello(stream, offer).await?;
-            return Ok(Accepted {
-                stream: Conn::Plain(stream),
-                leftover,
-                version,
-            });
+        let (tls, name) = match (&self.cfg.tls, &self.server_name) {
+            (Some(tls), Some(name)) => (tls, name),
+            (None, _) => {
+                let (stream, leftover, version) = self.say_hello(stream, offer).await?;
+                return Ok(Accepted {
+                    stream: Conn::Plain(stream),
+                    leftover,
+                    version,
+                });
+            }
+            // (`start_peers` names every peer when there is TLS.)
+            (Some(_), None) => {
+                return Err(HelloFailed::Other(
+                    "no name to check the peer's certificate against".into(),
+                ))
+            }
         };
         let handshake = tls.connector().connect(name.clone(), stream);
         let stream = match tokio::time::timeout(HELLO_ANSWER_WAIT, handshake).await {
@@ -1262,6 +1330,12 @@ impl Link {
         match answer {
             Err(_) => Err(HelloFailed::Other(format!(
                 "no answer to the hello within {HELLO_ANSWER_WAIT:?}"
+            ))),
+            // Not a refusal of the offered version: TLS refused the
+            // connection.
+            Ok(Err(e)) if e.starts_with(TLS_REFUSAL) => Err(HelloFailed::Other(format!(
+                "{e} (does it trust this node's certificate, and does the certificate name \
+                 this node's peer address? see its log)"
             ))),
             Ok(Err(e)) if buf.is_empty() => Err(HelloFailed::Unanswered(e)),
             Ok(Err(e)) => Err(HelloFailed::Other(format!("bad answer to the hello: {e}"))),

@@ -4,7 +4,10 @@
 //! With `PeerTls` every peer connection is mutual TLS: the dialer checks the
 //! accepting node's certificate against the trusted CA and the host of the
 //! peer address it dialed, and the accepting node requires a certificate
-//! from the dialer, signed by the same CA. Only then is the hello said, so
+//! from the dialer, signed by the same CA, that names the host of the peer
+//! address the hello's node has in its configuration (`check_peer_name`):
+//! a certificate speaks for the node at the address it names, not for any
+//! node of the cluster. Only after the handshake is the hello said, so
 //! nobody without a certificate from the cluster's CA can open a link (a
 //! hello alone names a node but proves nothing).
 //!
@@ -13,9 +16,9 @@
 //! transport uses its socket. Any thread with messages to send encrypts
 //! them and writes with non-blocking writes (the consensus thread, once per
 //! turn), the link's task writes what the socket did not take, and the
-//! reader decrypts what arrives. Records that reading produces to send (a
-//! key update's answer) go out with the next write, or through the link's
-//! task when the socket is full (`TlsWire::on_records_held`).
+//! reader decrypts what arrives. Records that reading produces to send (an
+//! alert) go out with the next write, or through the link's task when the
+//! socket is full (`TlsWire::on_records_held`).
 
 use bytes::BytesMut;
 use std::io::{self, Read, Write};
@@ -153,6 +156,21 @@ impl PeerTls {
     }
 }
 
+/// Checks that the certificate the peer of `conn` presented (already
+/// verified against the trusted CA by the handshake) names `name`: the
+/// host of the peer address of the node its hello named.
+pub(crate) fn check_peer_name(
+    conn: &rustls::ServerConnection,
+    name: &ServerName<'_>,
+) -> Result<(), String> {
+    let cert = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("no certificate")?;
+    let parsed = rustls::server::ParsedCertificate::try_from(cert).map_err(|e| e.to_string())?;
+    rustls::client::verify_server_name(&parsed, name).map_err(|e| e.to_string())
+}
+
 /// The name a dialer checks the certificate of the node at `addr`
 /// (host:port) against: its IP address, or its DNS name.
 pub fn server_name(addr: &str) -> Result<ServerName<'static>, String> {
@@ -211,9 +229,10 @@ impl TlsWire {
         })
     }
 
-    /// Sets what is called when reading left records to send and the
-    /// socket did not take them: the owner's writer must then write them
-    /// (`write_all` with nothing more), since no write of its own may come.
+    /// Sets what is called when reading left records to send (an alert)
+    /// and the socket did not take them: the owner's writer must then write
+    /// them (`write_all` with nothing more), since no write of its own may
+    /// come.
     /// (Set once; later calls change nothing.)
     pub(crate) fn on_records_held(&self, f: Box<dyn Fn() + Send + Sync>) {
         let _ = self.records_held.set(f);
@@ -244,19 +263,37 @@ impl TlsWire {
     }
 
     /// A non-blocking write of (the start of) `buf`: the bytes taken into
-    /// records, or `WouldBlock` while records made before are still held.
-    /// What is taken may stay held in records the socket did not take
+    /// records, `CHUNK` at a time while the socket takes every record, or
+    /// `WouldBlock` while records made before are still held. The last
+    /// chunk taken may stay held in records the socket did not take
     /// (`pending`): the caller's writer must then finish (`write_all`).
     pub(crate) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         let mut conn = self.lock();
-        if !self.push(&mut conn)? {
+        let mut taken = 0;
+        loop {
+            match self.push(&mut conn) {
+                Ok(true) => {}
+                Ok(false) => break,
+                // (What was taken is the writer's to finish: it meets the
+                // error again, and the link ends.)
+                Err(e) if taken == 0 => return Err(e),
+                Err(_) => break,
+            }
+            if taken == buf.len() {
+                break;
+            }
+            let rest = &buf[taken..];
+            match conn.writer().write(&rest[..rest.len().min(CHUNK)]) {
+                Ok(0) => break,
+                Ok(n) => taken += n,
+                Err(e) if taken == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        if taken == 0 && !buf.is_empty() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let n = conn.writer().write(&buf[..buf.len().min(CHUNK)])?;
-        // (An error here is met again by the writer, which `pending`
-        // sends to finish.)
-        let _ = self.push(&mut conn);
-        Ok(n)
+        Ok(taken)
     }
 
     /// Writes all of `buf` and every record held, waiting for the socket.
@@ -269,6 +306,9 @@ impl TlsWire {
                         return Ok(());
                     }
                     let n = conn.writer().write(&buf[..buf.len().min(CHUNK)])?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
                     buf = &buf[n..];
                     self.push(&mut conn)?
                 } else {
@@ -313,7 +353,7 @@ impl TlsWire {
                 if eof || state.peer_has_closed() {
                     return Ok(0);
                 }
-                // Records processing made (a key update's answer).
+                // Records processing made (an alert).
                 !self.push(&mut conn).unwrap_or(true)
             };
             if held {

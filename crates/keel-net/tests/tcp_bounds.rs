@@ -172,6 +172,7 @@ fn config(id: u64) -> TransportConfig {
         // Frames alone would not bound these links.
         peer_queue: 1 << 20,
         tls: None,
+        handshakes: None,
     }
 }
 

@@ -23,6 +23,7 @@ fn config(id: NodeId) -> TransportConfig {
         max_frame: 64 << 20,
         peer_queue: 1 << 20,
         tls: None,
+        handshakes: None,
     }
 }
 

@@ -83,6 +83,7 @@ fn config(id: NodeId, tls: Option<&PeerTlsFiles>) -> TransportConfig {
         max_frame: 64 << 20,
         peer_queue: 1 << 20,
         tls: tls.map(|f| PeerTls::load(f).expect("load TLS files")),
+        handshakes: None,
     }
 }
 
@@ -390,6 +391,32 @@ fn a_certificate_that_does_not_name_the_dialed_address_gets_no_link() {
     // Node 2 is dialed at 127.0.0.1; its certificate names localhost only.
     let (one, two) = pair(&rt, Some(&c.good), Some(&c.localhost_only));
     refused(&one, &two, &two);
+    drop(rt);
+}
+
+/// The accepting node takes a certificate from the CA only for the node
+/// whose peer address (as it has it) the certificate names: node 1's
+/// certificate names localhost only, so node 2 refuses it while it lists
+/// node 1 at 127.0.0.1, and takes it once it lists node 1 at localhost.
+#[test]
+fn a_certificate_speaks_only_for_the_node_at_the_address_it_names() {
+    let c = certs();
+    let rt = runtime();
+    let (one, two) = pair(&rt, Some(&c.localhost_only), Some(&c.good));
+    refused(&one, &two, &two);
+    drop((one, two));
+    let (a1, a2) = (free_addr(), free_addr());
+    let port = a1.rsplit_once(':').expect("port").1;
+    let two = start(
+        &rt,
+        2,
+        &a2,
+        (1, &format!("localhost:{port}")),
+        Some(&c.good),
+    );
+    let one = start(&rt, 1, &a1, (2, &a2), Some(&c.localhost_only));
+    wait_link_up(&one, &two, (1, 2), 0);
+    assert_eq!(two.stats.rejected_connections.load(Ordering::Relaxed), 0);
     drop(rt);
 }
 

@@ -234,7 +234,9 @@ pub struct NodeConfig {
     /// The CA certificates (PEM) that sign every node's `peer_cert_file`,
     /// as etcd's `--peer-trusted-ca-file`: a connection from a node without
     /// such a certificate is refused, as etcd's `--peer-client-cert-auth`
-    /// refuses it (always on here).
+    /// refuses it (always on here), and so is one whose certificate does
+    /// not name the host of the peer address this node lists for the node
+    /// its hello names.
     #[serde(default)]
     pub peer_trusted_ca_file: Option<PathBuf>,
     /// The web origins (`https://dash.example.com`) whose pages may read the

@@ -1170,6 +1170,8 @@ fn run_node(
         max_frame: (cfg.max_request_bytes + (1 << 20)).max(64 << 20),
         peer_queue: 4096,
         tls,
+        // (Handshakes, TLS's above all, are not the consensus thread's.)
+        handshakes: Some(rt.handle().clone()),
     };
     // (In the shared threading mode they go through the consensus thread.)
     let stale_reads = service_rx.is_some().then(|| StaleReads {

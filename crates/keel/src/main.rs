@@ -288,7 +288,8 @@ struct ServerArgs {
     peer_key_file: Option<PathBuf>,
     /// CA certificates (PEM) that sign every node's --peer-cert-file
     /// (etcd's --peer-trusted-ca-file): connections from nodes without
-    /// such a certificate are refused.
+    /// such a certificate, or with one not naming the host of the peer
+    /// address this node lists for them, are refused.
     #[arg(long)]
     peer_trusted_ca_file: Option<PathBuf>,
     /// Web origins whose pages may use the etcd API over HTTP (CORS,

@@ -49,6 +49,9 @@ const COMMITTED_IN_VOTES_VERSION: u8 = 5;
 /// The first peer protocol version whose accepting node answers a hello:
 /// a dialer that offers an older one gets no answer and speaks it.
 pub const ANSWERED_HELLO_VERSION: u8 = 6;
+/// The first peer protocol version of nodes that have peer TLS: a TLS link
+/// never offers an older one (no older node could take it).
+pub const MIN_TLS_PEER_VERSION: u8 = 6;
 /// The client protocol's version, carried by `Request` and `Response`
 /// frames. Kept apart from the peer protocol's so that a change between
 /// nodes does not refuse clients whose frames did not change (it was 2

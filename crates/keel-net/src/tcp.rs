@@ -700,6 +700,16 @@ enum Conn {
 }
 
 impl Conn {
+    /// The same connection, driven by this runtime's reactor (it may have
+    /// said hello on another, `TransportConfig::handshakes`).
+    fn rebind(self) -> std::io::Result<Conn> {
+        let here = |s: TcpStream| TcpStream::from_std(s.into_std()?);
+        Ok(match self {
+            Conn::Plain(s) => Conn::Plain(here(s)?),
+            Conn::Tls(s, conn) => Conn::Tls(here(s)?, conn),
+        })
+    }
+
     fn split(self) -> (WireRead, Wire) {
         match self {
             Conn::Plain(s) => {
@@ -786,10 +796,11 @@ async fn accept_peers(
     // dropped), not up to the hello's timeout later.
     let mut hellos = tokio::task::JoinSet::new();
     let names = Arc::new(names);
-    // (Said once per burst of connections over the bound.)
+    // Connections saying hello, by the host they come from.
+    let opening: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    // (Said once per burst of connections over a bound.)
     let mut over_bound_said = false;
     loop {
-        while hellos.try_join_next().is_some() {}
         let (stream, remote) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -798,18 +809,22 @@ async fn accept_peers(
                 continue;
             }
         };
-        if hellos.len() >= MAX_OPENING {
-            // A flood of connections (a node has at most one link per
-            // peer): closed at once rather than holding a task each.
+        while hellos.try_join_next().is_some() {}
+        let Some(slot) = Opening::take(&opening, remote.ip(), hellos.len()) else {
+            // A flood of connections (a node has one link per peer, and
+            // dials again only once a connection has failed): closed at
+            // once rather than holding a task each, and a flood from one
+            // host leaves room for the others.
             stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
             if !std::mem::replace(&mut over_bound_said, true) {
                 warn!(
-                    "peer connection from {remote} refused: {MAX_OPENING} connections are \
-                     already saying hello (later ones are refused quietly)"
+                    "peer connection from {remote} refused: {MAX_OPENING_PER_HOST} connections \
+                     from its host, or {MAX_OPENING} in all, are already saying hello (later \
+                     ones are refused quietly)"
                 );
             }
             continue;
-        }
+        };
         over_bound_said = false;
         let _ = stream.set_nodelay(true);
         let handshakes = cfg.handshakes.clone();
@@ -817,7 +832,31 @@ async fn accept_peers(
         let accept_to = accept_to.clone();
         let names = names.clone();
         let stats = stats.clone();
+        // On another runtime, the connection is driven by that runtime's
+        // reactor until the link takes it (`Conn::rebind`).
+        let stream = if handshakes.is_some() {
+            match stream.into_std() {
+                Ok(s) => Err(s),
+                Err(e) => {
+                    debug!("peer connection from {remote}: {e}");
+                    continue;
+                }
+            }
+        } else {
+            Ok(stream)
+        };
         let task = async move {
+            let _slot = slot;
+            let stream = match stream {
+                Ok(s) => s,
+                Err(std) => match TcpStream::from_std(std) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!("peer connection from {remote}: {e}");
+                        return;
+                    }
+                },
+            };
             let deadline = tokio::time::Instant::now() + HELLO_WAIT;
             let accepted = match cfg.tls.clone() {
                 None => {
@@ -860,8 +899,54 @@ async fn accept_peers(
 }
 
 /// Accepted peer connections saying hello at once (each may take up to
-/// `HELLO_WAIT`); more are closed as they come.
-const MAX_OPENING: usize = 64;
+/// `HELLO_WAIT`), in all and from one host; more are closed as they come.
+const MAX_OPENING: usize = 256;
+const MAX_OPENING_PER_HOST: usize = 8;
+
+/// A connection from `host` counted among those saying hello, until
+/// dropped.
+struct Opening {
+    hosts: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    host: std::net::IpAddr,
+}
+
+impl Opening {
+    /// A place for a connection from `host`, with `all` saying hello now;
+    /// `None` if over a bound.
+    fn take(
+        hosts: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+        host: std::net::IpAddr,
+        all: usize,
+    ) -> Option<Opening> {
+        let mut map = hosts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(host).or_insert(0);
+        if all >= MAX_OPENING || *n >= MAX_OPENING_PER_HOST {
+            return None;
+        }
+        *n += 1;
+        Some(Opening {
+            hosts: hosts.clone(),
+            host,
+        })
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        let mut map = self
+            .hosts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.host) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.host);
+            }
+        }
+    }
+}
 
 /// How long an accepted peer connection may take to say hello (its TLS
 /// handshake included).
@@ -1026,8 +1111,11 @@ async fn read_one<S: AsyncRead + Unpin>(
             Err(e) => return Err(format!("bad frame: {e}")),
         }
         let n = stream.read_buf(buf).await.map_err(|e| {
-            // (Only TLS reads fail so: an alert, or a bad record.)
-            if e.kind() == std::io::ErrorKind::InvalidData {
+            let alert = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|tls| matches!(tls, rustls::Error::AlertReceived(_)));
+            if alert {
                 format!("{TLS_REFUSAL}{e}")
             } else {
                 format!("read failed: {e}")
@@ -1366,7 +1454,7 @@ impl Link {
     async fn run(self, outbox: Arc<Outbox>, mut accepted: mpsc::Receiver<Accepted>) {
         let mut backoff = Duration::from_millis(20);
         let mut replacement: Option<Accepted> = None;
-        let mut offer = Offer::newest();
+        let mut offer = Offer::newest(self.cfg.tls.is_some());
         let mut spare = Vec::new();
         // Since when dialing has failed, and when that was last reported.
         let mut failing: Option<(Instant, Option<Instant>)> = None;
@@ -1401,7 +1489,7 @@ impl Link {
                     Ok(s) => s,
                     Err(e) => {
                         // Down: it may be back upgraded.
-                        offer = Offer::newest();
+                        offer = Offer::newest(self.cfg.tls.is_some());
                         debug!("link to node {} at {}: {e}", self.peer, self.addr);
                         // A peer down for a moment is normal; one that
                         // cannot be reached for long (down, or a wrong
@@ -1470,6 +1558,19 @@ impl Link {
                 leftover,
                 version,
             } = conn;
+            // (An accepted connection said hello on the runtime of
+            // `TransportConfig::handshakes`.)
+            let stream = if self.dial || self.cfg.handshakes.is_none() {
+                stream
+            } else {
+                match stream.rebind() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("link to node {} not taken up: {e}", self.peer);
+                        continue;
+                    }
+                }
+            };
             // A version older than `codec::ANSWERED_HELLO_VERSION` is not
             // answered: the link is only known to be taken once a message
             // comes (a node older still closes it without a word).
@@ -1621,7 +1722,7 @@ impl Link {
             } else {
                 warn!("link to node {} down: {reason}", self.peer);
                 // The peer may come back upgraded.
-                offer = Offer::newest();
+                offer = Offer::newest(self.cfg.tls.is_some());
                 wait = Some(Pause::Backoff);
             }
         }
@@ -1633,6 +1734,9 @@ impl Link {
 /// doc).
 struct Offer {
     version: u8,
+    /// The oldest version it may offer: `codec::MIN_PEER_VERSION`, or with
+    /// TLS `codec::MIN_TLS_PEER_VERSION`.
+    floor: u8,
     /// Times in a row `version` was refused.
     refusals: u32,
     /// When every version was last said refused (a warning at most once
@@ -1651,9 +1755,14 @@ const REFUSAL_WITHIN: Duration = Duration::from_secs(1);
 const REOFFER_WAIT: Duration = Duration::from_millis(20);
 
 impl Offer {
-    fn newest() -> Self {
+    fn newest(tls: bool) -> Self {
         Offer {
             version: codec::PEER_VERSION,
+            floor: if tls {
+                codec::MIN_TLS_PEER_VERSION
+            } else {
+                codec::MIN_PEER_VERSION
+            },
             refusals: 0,
             warned: None,
         }
@@ -1669,7 +1778,7 @@ impl Offer {
             return Pause::Reoffer;
         }
         let refused = self.version;
-        if refused > codec::MIN_PEER_VERSION {
+        if refused > self.floor {
             self.version -= 1;
             self.refusals = 0;
             info!(
@@ -1679,10 +1788,19 @@ impl Offer {
             Pause::Reoffer
         } else {
             let now = Instant::now();
-            let what = format!(
-                "node {peer} refuses peer protocols {} to {refused} ({why}): it runs a version older than {refused}, or it refuses this node (see its log)",
-                codec::PEER_VERSION
-            );
+            let what = if self.floor == codec::MIN_TLS_PEER_VERSION {
+                format!(
+                    "node {peer} closes TLS connections after this node's hello without a word \
+                     ({why}): it refuses this node (see its log: does this node's certificate \
+                     name the host of its peer address as node {peer} lists it?), or it runs a \
+                     version older than {refused}"
+                )
+            } else {
+                format!(
+                    "node {peer} refuses peer protocols {} to {refused} ({why}): it runs a version older than {refused}, or it refuses this node (see its log)",
+                    codec::PEER_VERSION
+                )
+            };
             if self.warned.is_none_or(|w| now - w >= UNREACHABLE_REPEAT) {
                 warn!("{what}");
                 self.warned = Some(now);
@@ -1690,8 +1808,9 @@ impl Offer {
                 debug!("{what}");
             }
             *self = Offer {
-                warned: self.warned,
-                ..Offer::newest()
+                version: codec::PEER_VERSION,
+                refusals: 0,
+                ..*self
             };
             Pause::Backoff
         }

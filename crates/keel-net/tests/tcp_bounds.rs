@@ -8,7 +8,7 @@
 mod common;
 use bytes::Bytes;
 use common::{free_addr, runtime};
-use keel_core::{Body, Entry, EntryKind, Message};
+use keel_core::{Body, Message};
 use keel_net::codec::{self, ClientOp, ClientRequest, ClientResponse, ClientResult, Frame};
 use keel_net::tcp::{self, start_clients, start_peers, NetStats, ResponseSink, TransportConfig};
 use std::io::{Read, Write};
@@ -178,26 +178,7 @@ fn config(id: u64) -> TransportConfig {
 
 /// An append from 2 to 1 with `heartbeat = seq` and `size` payload bytes.
 fn message(seq: u64, size: usize) -> Message {
-    Message {
-        cluster_id: CLUSTER,
-        from: 2,
-        to: 1,
-        term: 1,
-        body: Body::Append {
-            prev_pos: 0,
-            prev_term: 0,
-            commit: 0,
-            heartbeat: seq,
-            entries: vec![Entry {
-                term: 1,
-                position: 0,
-                timestamp: seq,
-                kind: EntryKind::Command { client: 1, seq },
-                data: Bytes::from(vec![seq as u8; size]),
-            }],
-            to_voter: true,
-        },
-    }
+    common::numbered_append(CLUSTER, 2, 1, seq, size)
 }
 
 /// Reads from `s` until a whole peer message has come; returns it.

@@ -4,9 +4,8 @@
 //! link's task finishes writing), and after the link is re-established.
 
 mod common;
-use bytes::Bytes;
-use common::{free_addr, runtime};
-use keel_core::{Body, Entry, EntryKind, Message, NodeId};
+use common::{free_addr, numbered_append, receive_numbered, runtime, seq_of};
+use keel_core::{Body, Message, NodeId};
 use keel_net::codec::{self, Frame};
 use keel_net::tcp::{start_peers, NetStats, Peers, TransportConfig};
 use std::sync::atomic::Ordering;
@@ -24,37 +23,6 @@ fn config(id: NodeId) -> TransportConfig {
         peer_queue: 1 << 20,
         tls: None,
         handshakes: None,
-    }
-}
-
-/// An append from 1 to 2 carrying `heartbeat = seq` and `size` payload bytes.
-fn message(seq: u64, size: usize) -> Message {
-    Message {
-        cluster_id: CLUSTER,
-        from: 1,
-        to: 2,
-        term: 1,
-        body: Body::Append {
-            prev_pos: 0,
-            prev_term: 0,
-            commit: 0,
-            heartbeat: seq,
-            entries: vec![Entry {
-                term: 1,
-                position: 0,
-                timestamp: seq,
-                kind: EntryKind::Command { client: 1, seq },
-                data: Bytes::from(vec![seq as u8; size]),
-            }],
-            to_voter: true,
-        },
-    }
-}
-
-fn seq_of(m: &Message) -> u64 {
-    match &m.body {
-        Body::Append { heartbeat, .. } => *heartbeat,
-        other => panic!("unexpected {other:?}"),
     }
 }
 
@@ -125,20 +93,7 @@ fn bursts_larger_than_the_socket_buffer_arrive_complete_and_in_order() {
         }
     }
     one.flush();
-    for i in 0..count {
-        let m = p
-            .received
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("message {i} of {count} never arrived"));
-        assert_eq!(seq_of(&m), first + i, "out of order");
-        match &m.body {
-            Body::Append { entries, .. } => {
-                assert_eq!(entries[0].data.len(), size);
-                assert!(entries[0].data.iter().all(|&b| b == (first + i) as u8));
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    receive_numbered(&p.received, first, count, size, Duration::from_secs(20));
     drop(p.rt);
 }
 
@@ -176,6 +131,11 @@ fn accepting_two(rt: &tokio::runtime::Runtime) -> (String, Peers, Arc<NetStats>)
         ))
         .expect("peers 2");
     (a2, two, stats)
+}
+
+/// An append from 1 to 2 carrying `heartbeat = seq` and `size` payload bytes.
+fn message(seq: u64, size: usize) -> Message {
+    numbered_append(CLUSTER, 1, 2, seq, size)
 }
 
 /// Node 1's hello, from a raw socket.

@@ -6,9 +6,8 @@
 //! plain TCP to a TLS node (or the reverse) gets no link.
 
 mod common;
-use bytes::Bytes;
 use common::{free_addr, runtime};
-use keel_core::{Body, Entry, EntryKind, Message, NodeId};
+use keel_core::{Message, NodeId};
 use keel_net::codec;
 use keel_net::tcp::{start_peers, NetStats, Peers, TransportConfig};
 use keel_net::tls::{PeerTls, PeerTlsFiles};
@@ -97,33 +96,7 @@ fn config(id: NodeId, tls: Option<&PeerTlsFiles>) -> TransportConfig {
 /// An append from `from` to `to` carrying `heartbeat = seq` and `size`
 /// payload bytes of `seq as u8`.
 fn message(from: NodeId, to: NodeId, seq: u64, size: usize) -> Message {
-    Message {
-        cluster_id: CLUSTER,
-        from,
-        to,
-        term: 1,
-        body: Body::Append {
-            prev_pos: 0,
-            prev_term: 0,
-            commit: 0,
-            heartbeat: seq,
-            entries: vec![Entry {
-                term: 1,
-                position: 0,
-                timestamp: seq,
-                kind: EntryKind::Command { client: 1, seq },
-                data: Bytes::from(vec![seq as u8; size]),
-            }],
-            to_voter: true,
-        },
-    }
-}
-
-fn seq_of(m: &Message) -> u64 {
-    match &m.body {
-        Body::Append { heartbeat, .. } => *heartbeat,
-        other => panic!("unexpected {other:?}"),
-    }
+    common::numbered_append(CLUSTER, from, to, seq, size)
 }
 
 /// One node's transport: node `id` at `addr`, whose one peer is `peer` at
@@ -208,20 +181,7 @@ fn wait_link_up(from: &End, to: &End, ids: (NodeId, NodeId), mut seq: u64) -> u6
 
 /// Receives `count` messages at `to`, checking each one's order and bytes.
 fn receive_all(to: &End, first: u64, count: u64, size: usize) {
-    for i in 0..count {
-        let m = to
-            .received
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("message {i} of {count} never arrived"));
-        assert_eq!(seq_of(&m), first + i, "out of order");
-        match &m.body {
-            Body::Append { entries, .. } => {
-                assert_eq!(entries[0].data.len(), size);
-                assert!(entries[0].data.iter().all(|&b| b == (first + i) as u8));
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    common::receive_numbered(&to.received, first, count, size, Duration::from_secs(30));
 }
 
 #[test]

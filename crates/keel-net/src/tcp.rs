@@ -1986,15 +1986,20 @@ mod tests {
     use bytes::Bytes;
     use codec::ClientOp;
 
+    /// A current-thread runtime, as the links run on.
+    fn test_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
     /// Frames reach `on_frame` whole and in order however the bytes are cut
     /// into reads (a large frame across many), then a bad frame ends the
     /// connection with an error after the frames before it.
     #[test]
     fn read_frames_hands_over_whole_frames_however_the_bytes_arrive() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         rt.block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
@@ -2061,10 +2066,7 @@ mod tests {
     /// bytes"; the same bytes after the opening are a bad frame as before.
     #[test]
     fn foreign_openings_are_named() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         rt.block_on(async {
             let client_port = |bytes: Vec<u8>| async move {
                 let (server, mut client) = connected().await;
@@ -2184,10 +2186,7 @@ mod tests {
     /// (Before, they were read whole, and only then refused.)
     #[test]
     fn frames_of_the_wrong_kind_are_refused_from_their_first_bytes() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         rt.block_on(async {
             let deadline = Duration::from_secs(20);
             let (server, mut client) = connected().await;
@@ -2305,10 +2304,7 @@ mod tests {
 
     #[test]
     fn a_plain_hello_on_a_tls_peer_port_is_named() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         let dir = tempfile::tempdir().expect("tempdir");
         let tls = test_tls(dir.path());
         rt.block_on(async {
@@ -2337,10 +2333,7 @@ mod tests {
     /// write them.
     #[test]
     fn a_flush_that_leaves_tls_records_held_hands_them_to_the_task() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = test_runtime();
         let dir = tempfile::tempdir().expect("tempdir");
         rt.block_on(async {
             let (wire, _unread) = tls_pair(dir.path()).await;

@@ -36,6 +36,11 @@ pub struct ClientOptions {
     /// refused as older than the session's last, or one numbered exactly
     /// like that write answered with its reply without being applied).
     pub client_id: Option<u64>,
+    /// TLS to nodes whose client port has it (`client_tls_cert_file`):
+    /// the CA that signs their certificates, which must name the host of
+    /// the endpoint, and this client's certificate if they ask for one.
+    /// `None`: plain TCP.
+    pub tls: Option<keel_net::tls::ClientTls>,
 }
 
 impl ClientOptions {
@@ -45,9 +50,14 @@ impl ClientOptions {
             attempt_timeout: Duration::from_secs(2),
             call_timeout: Duration::from_secs(10),
             client_id: None,
+            tls: None,
         }
     }
 }
+
+/// A connection to a node's client port: plain TCP, or TLS over it.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -82,8 +92,13 @@ pub enum ClientError {
     /// (gRPC) or HTTP port, most likely. Nothing was applied.
     #[error(
         "{} {protocol} (an etcd API or HTTP port?), not Keel's client protocol: give a \
-         node's client_addr",
-        answer(.endpoints)
+         node's client_addr{}",
+        answer(.endpoints),
+        if *protocol == "TLS" {
+            " (a client port with client_tls_cert_file takes TLS: give the CA, `--cacert`)"
+        } else {
+            ""
+        }
     )]
     NotKeel {
         endpoints: Vec<String>,
@@ -297,7 +312,7 @@ async fn peer_port(addr: &str, client: u64) -> bool {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     buf: Vec<u8>,
 }
 
@@ -400,7 +415,16 @@ impl Client {
 
     /// The status of one node (no redirects).
     pub async fn status_of(addr: &str, timeout: Duration) -> Result<NodeStatus, ClientError> {
-        match Self::ask_one(addr, ClientOp::Status, timeout).await? {
+        Self::status_with(addr, timeout, None).await
+    }
+
+    /// `status_of`, over TLS with `tls`.
+    pub async fn status_with(
+        addr: &str,
+        timeout: Duration,
+        tls: Option<&keel_net::tls::ClientTls>,
+    ) -> Result<NodeStatus, ClientError> {
+        match Self::ask_one(addr, ClientOp::Status, timeout, tls).await? {
             ClientResult::Status(s) => Ok(s),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
@@ -412,8 +436,9 @@ impl Client {
     pub async fn membership_of(
         addr: &str,
         timeout: Duration,
+        tls: Option<&keel_net::tls::ClientTls>,
     ) -> Result<keel_core::Membership, ClientError> {
-        match Self::ask_one(addr, ClientOp::Membership, timeout).await? {
+        match Self::ask_one(addr, ClientOp::Membership, timeout, tls).await? {
             ClientResult::Membership(m) => Ok(m),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
@@ -424,12 +449,14 @@ impl Client {
         addr: &str,
         op: ClientOp,
         timeout: Duration,
+        tls: Option<&keel_net::tls::ClientTls>,
     ) -> Result<ClientResult, ClientError> {
         let mut c = Client::new(ClientOptions {
             endpoints: vec![addr.to_string()],
             attempt_timeout: timeout,
             call_timeout: timeout,
             client_id: Some(1),
+            tls: tls.cloned(),
         })?;
         match c.attempt(op, timeout).await {
             Ok(result) => Ok(result),
@@ -603,7 +630,9 @@ impl Client {
         let mut foreign = None;
         let mut closed_unanswered = false;
         let endpoint = self.endpoint().to_string();
-        let probe = !self.keel.contains(&endpoint);
+        // (The probes speak plain TCP: over TLS, what answers is known by
+        // its handshake.)
+        let probe = !self.keel.contains(&endpoint) && self.opts.tls.is_none();
         let client_id = self.client_id;
         let outcome = {
             let inner = tokio::time::timeout(
@@ -677,10 +706,26 @@ impl Client {
         let fresh = self.conn.is_none();
         if fresh {
             let addr = self.endpoint().to_string();
-            let stream = TcpStream::connect(&addr)
+            let tcp = TcpStream::connect(&addr)
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
-            let _ = stream.set_nodelay(true);
+            let _ = tcp.set_nodelay(true);
+            let stream: Box<dyn Stream> = match &self.opts.tls {
+                None => Box::new(tcp),
+                Some(tls) => Box::new(tls.connect(&addr, tcp).await.map_err(|e| {
+                    // A node without client TLS reads the handshake as a
+                    // bad request and closes the connection.
+                    let hint = match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::BrokenPipe => {
+                            " (closed by the node: is its client port without TLS?)"
+                        }
+                        _ => "",
+                    };
+                    format!("TLS handshake: {e}{hint}")
+                })?),
+            };
             self.conn = Some(Conn {
                 stream,
                 buf: Vec::new(),
@@ -698,7 +743,12 @@ impl Client {
         codec::encode(&Frame::Request(req), &mut out);
         let conn = self.conn.as_mut().ok_or("not connected")?;
         *sent = true;
-        if let Err(e) = conn.stream.write_all(&out).await {
+        // (Through TLS, the record must go out now.)
+        let written = match conn.stream.write_all(&out).await {
+            Ok(()) => conn.stream.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             self.conn = None;
             return Err(format!("send: {e}"));
         }
@@ -837,6 +887,7 @@ mod tests {
             attempt_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(10),
             client_id: Some(7),
+            tls: None,
         })
         .expect("client")
     }
@@ -871,6 +922,7 @@ mod tests {
             attempt_timeout: Duration::from_millis(300),
             call_timeout: Duration::from_secs(1),
             client_id: Some(7),
+            tls: None,
         };
         // The node takes the request, drops the connection unanswered and
         // stops listening.
@@ -1065,6 +1117,7 @@ mod tests {
             attempt_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(10),
             client_id: Some(7),
+            tls: None,
         })
         .expect("client");
         c.write(Bytes::from_static(b"w")).await.expect("write");
@@ -1128,6 +1181,7 @@ mod tests {
             attempt_timeout: Duration::from_millis(500),
             call_timeout: Duration::from_secs(1),
             client_id: Some(7),
+            tls: None,
         })
         .expect("client");
         let e = c.read(Bytes::from_static(b"r")).await.unwrap_err();
@@ -1162,6 +1216,7 @@ mod tests {
                 attempt_timeout: Duration::from_secs(2),
                 call_timeout,
                 client_id: Some(7),
+                tls: None,
             })
             .expect("client");
             let started = Instant::now();

@@ -225,6 +225,7 @@ async fn damaged_write_answers_are_errors_never_wrong_values() {
             attempt_timeout: Duration::from_millis(150),
             call_timeout: Duration::from_millis(300),
             client_id: Some(7),
+            tls: None,
         })
         .expect("client");
         let started = Instant::now();

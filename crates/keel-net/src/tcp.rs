@@ -693,7 +693,46 @@ impl WireRead {
     }
 }
 
-/// A peer connection past its hello.
+/// A socket on its way to a task on another runtime: taken off this
+/// runtime's reactor (`away`), then put on the reactor of the runtime the
+/// task runs on (`here`), which then drives it.
+enum Travelling {
+    Staying(TcpStream),
+    Moving(std::net::TcpStream),
+}
+
+impl Travelling {
+    fn away(s: TcpStream, moving: bool) -> std::io::Result<Travelling> {
+        Ok(if moving {
+            Travelling::Moving(s.into_std()?)
+        } else {
+            Travelling::Staying(s)
+        })
+    }
+
+    fn here(self) -> std::io::Result<TcpStream> {
+        match self {
+            Travelling::Staying(s) => Ok(s),
+            Travelling::Moving(s) => TcpStream::from_std(s),
+        }
+    }
+}
+
+/// TLS records a read of `w` leaves that the socket did not take are
+/// written by `out`'s task (`Outbox::records_held`).
+fn hand_held_records_to(w: &Wire, out: &Arc<Outbox>) {
+    if let Wire::Tls(t) = w {
+        let out = Arc::downgrade(out);
+        t.on_records_held(Box::new(move || {
+            if let Some(out) = out.upgrade() {
+                out.records_held();
+            }
+        }));
+    }
+}
+
+/// A connection past its hello (a peer's) or its TLS handshake (a
+/// client's).
 enum Conn {
     Plain(TcpStream),
     Tls(TcpStream, Box<rustls::Connection>),
@@ -834,28 +873,18 @@ async fn accept_peers(
         let stats = stats.clone();
         // On another runtime, the connection is driven by that runtime's
         // reactor until the link takes it (`Conn::rebind`).
-        let stream = if handshakes.is_some() {
-            match stream.into_std() {
-                Ok(s) => Err(s),
-                Err(e) => {
-                    debug!("peer connection from {remote}: {e}");
-                    continue;
-                }
+        let stream = match Travelling::away(stream, handshakes.is_some()) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("peer connection from {remote}: {e}");
+                continue;
             }
-        } else {
-            Ok(stream)
         };
         let task = async move {
             let _slot = slot;
-            let stream = match stream {
+            let stream = match stream.here() {
                 Ok(s) => s,
-                Err(std) => match TcpStream::from_std(std) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        debug!("peer connection from {remote}: {e}");
-                        return;
-                    }
-                },
+                Err(e) => return debug!("peer connection from {remote}: {e}"),
             };
             let deadline = tokio::time::Instant::now() + HELLO_WAIT;
             let accepted = match cfg.tls.clone() {
@@ -1593,16 +1622,7 @@ impl Link {
             }
             let up_since = Instant::now();
             let (r, w) = stream.split();
-            if let Wire::Tls(t) = &w {
-                // Records a read left that the socket did not take are
-                // written by this task (`Outbox::records_held`).
-                let out = Arc::downgrade(&outbox);
-                t.on_records_held(Box::new(move || {
-                    if let Some(out) = out.upgrade() {
-                        out.records_held();
-                    }
-                }));
-            }
+            hand_held_records_to(&w, &outbox);
             let w = Arc::new(w);
             outbox.connect_at(Some(w.clone()), version);
             self.stats.set_peer_protocol(self.peer, version);
@@ -1862,9 +1882,29 @@ pub async fn start_clients(
     handler: RequestHandler,
     stats: Arc<NetStats>,
 ) -> std::io::Result<()> {
+    start_clients_with(listen, node_id, max_frame, handler, stats, None, None).await
+}
+
+/// How long a client may take over its TLS handshake.
+const CLIENT_HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+
+/// `start_clients`, and with `tls` every connection is TLS: its handshake
+/// runs on `handshakes` (another runtime than the one serving the
+/// connections, which is a node's consensus thread's) if given, and the
+/// connection is then served here as a plain one is.
+pub async fn start_clients_with(
+    listen: &str,
+    node_id: NodeId,
+    max_frame: usize,
+    handler: RequestHandler,
+    stats: Arc<NetStats>,
+    tls: Option<crate::tls::ClientPortTls>,
+    handshakes: Option<tokio::runtime::Handle>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     let span = tracing::info_span!(parent: None, "node", id = node_id);
     let task_span = span.clone();
+    let here = tokio::runtime::Handle::current();
     tokio::spawn(
         async move {
             loop {
@@ -1878,10 +1918,66 @@ pub async fn start_clients(
                 };
                 let _ = stream.set_nodelay(true);
                 let (handler, stats) = (handler.clone(), stats.clone());
-                tokio::spawn(
-                    serve_client(stream, remote, max_frame, handler, stats)
-                        .instrument(task_span.clone()),
-                );
+                let Some(tls) = tls.clone() else {
+                    tokio::spawn(
+                        serve_client(Conn::Plain(stream), remote, max_frame, handler, stats)
+                            .instrument(task_span.clone()),
+                    );
+                    continue;
+                };
+                let (here, span) = (here.clone(), task_span.clone());
+                let stream = match Travelling::away(stream, handshakes.is_some()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!("client {remote}: {e}");
+                        continue;
+                    }
+                };
+                let handshake = async move {
+                    let stream = match stream.here() {
+                        Ok(s) => s,
+                        Err(e) => return debug!("client {remote}: {e}"),
+                    };
+                    let accepted =
+                        tokio::time::timeout(CLIENT_HANDSHAKE_WAIT, tls.acceptor().accept(stream))
+                            .await;
+                    let stream = match accepted {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                            // (A plain client's first bytes are a request.)
+                            let hint = if e.kind() == std::io::ErrorKind::InvalidData {
+                                " (a client without TLS? client_addr takes only TLS)"
+                            } else {
+                                ""
+                            };
+                            return warn!("client {remote}: TLS handshake failed: {e}{hint}");
+                        }
+                        Err(_) => {
+                            return debug!(
+                                "client {remote}: no TLS handshake within {CLIENT_HANDSHAKE_WAIT:?}"
+                            )
+                        }
+                    };
+                    let (tcp, conn) = stream.into_inner();
+                    let conn = Conn::Tls(tcp, Box::new(rustls::Connection::Server(conn)));
+                    here.spawn(
+                        async move {
+                            match conn.rebind() {
+                                Ok(conn) => {
+                                    serve_client(conn, remote, max_frame, handler, stats).await
+                                }
+                                Err(e) => debug!("client {remote}: {e}"),
+                            }
+                        }
+                        .instrument(span),
+                    );
+                }
+                .instrument(task_span.clone());
+                match &handshakes {
+                    Some(rt) => drop(rt.spawn(handshake)),
+                    None => drop(tokio::spawn(handshake)),
+                }
             }
         }
         .instrument(span),
@@ -1890,15 +1986,16 @@ pub async fn start_clients(
 }
 
 async fn serve_client(
-    stream: TcpStream,
+    conn: Conn,
     remote: std::net::SocketAddr,
     max_frame: usize,
     handler: RequestHandler,
     stats: Arc<NetStats>,
 ) {
-    let (r, w) = stream.into_split();
-    let (r, w) = (WireRead::Plain(r), Arc::new(Wire::Plain(w)));
+    let (r, w) = conn.split();
+    let w = Arc::new(w);
     let out = Arc::new(Outbox::default());
+    hand_held_records_to(&w, &out);
     out.connect(Some(w.clone()));
     let tx = ResponseSink(Arc::new(Sink::Conn(out.clone())));
     let outbox = out.clone();

@@ -171,6 +171,105 @@ pub(crate) fn check_peer_name(
     rustls::client::verify_server_name(&parsed, name).map_err(|e| e.to_string())
 }
 
+/// TLS on a node's native client port (`client_addr`): its certificate,
+/// and with a trusted CA, clients must present a certificate it signs.
+#[derive(Clone)]
+pub struct ClientPortTls {
+    acceptor: TlsAcceptor,
+}
+
+impl std::fmt::Debug for ClientPortTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientPortTls")
+    }
+}
+
+impl ClientPortTls {
+    /// Reads and checks the files (the configuration keys
+    /// `client_tls_cert_file`, `client_tls_key_file` and, for client
+    /// certificates, `client_tls_trusted_ca_file`); an error names the file.
+    pub fn load(cert_file: &Path, key_file: &Path, ca_file: Option<&Path>) -> Result<Self, String> {
+        let (cert_key, key_key) = ("client_tls_cert_file", "client_tls_key_file");
+        let certs = certificates(cert_key, cert_file, &read_file(cert_key, cert_file)?)?;
+        let key = private_key(key_key, key_file, &read_file(key_key, key_file)?)?;
+        let provider = provider();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match ca_file {
+            Some(ca) => {
+                let what = "client_tls_trusted_ca_file";
+                let roots = Arc::new(roots(what, ca, &read_file(what, ca)?)?);
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                        .build()
+                        .map_err(|e| format!("{what}: {e}"))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("{cert_key} and {key_key}: {e}"))?;
+        Ok(ClientPortTls {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+
+    pub(crate) fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
+    }
+}
+
+/// A native-protocol client's TLS: the CA that signs the nodes' client-port
+/// certificates, and the client's own certificate if the nodes ask for one.
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: TlsConnector,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls")
+    }
+}
+
+impl ClientTls {
+    /// Reads and checks the files, named in errors as the `keel` command's
+    /// flags `--cacert`, `--cert` and `--key` name them.
+    pub fn load(ca_file: &Path, identity: Option<(&Path, &Path)>) -> Result<Self, String> {
+        let roots = roots("--cacert", ca_file, &read_file("--cacert", ca_file)?)?;
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some((cert, key)) => {
+                let certs = certificates("--cert", cert, &read_file("--cert", cert)?)?;
+                let key = private_key("--key", key, &read_file("--key", key)?)?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| format!("--cert and --key: {e}"))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok(ClientTls {
+            connector: TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// TLS over `tcp`, connected to the node at `addr` (host:port), whose
+    /// certificate must name its host.
+    pub async fn connect(
+        &self,
+        addr: &str,
+        tcp: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = server_name(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.connector.connect(name, tcp).await
+    }
+}
+
 /// The name a dialer checks the certificate of the node at `addr`
 /// (host:port) against: its IP address, or its DNS name.
 pub fn server_name(addr: &str) -> Result<ServerName<'static>, String> {

@@ -239,6 +239,19 @@ pub struct NodeConfig {
     /// its hello names.
     #[serde(default)]
     pub peer_trusted_ca_file: Option<PathBuf>,
+    /// TLS on the native client port (`client_addr`) with this certificate
+    /// chain (PEM); needs `client_tls_key_file`. Clients then connect with
+    /// the CA that signs it (`keel kv --cacert`, `ClientOptions::tls`).
+    #[serde(default)]
+    pub client_tls_cert_file: Option<PathBuf>,
+    /// The private key of `client_tls_cert_file` (PEM).
+    #[serde(default)]
+    pub client_tls_key_file: Option<PathBuf>,
+    /// With client TLS: the CA certificates (PEM) that must sign every
+    /// client's certificate (clients without one are refused); unset, any
+    /// client may connect, as without TLS.
+    #[serde(default)]
+    pub client_tls_trusted_ca_file: Option<PathBuf>,
     /// The web origins (`https://dash.example.com`) whose pages may read the
     /// etcd API's HTTP answers (CORS), as etcd's `--cors`; `"*"` for any.
     /// A request from any other origin (a browser's, with an `Origin`
@@ -488,6 +501,23 @@ impl NodeConfig {
                 self.election_timeout_min_ms, self.election_timeout_max_ms
             ));
         }
+        match (
+            &self.client_tls_cert_file,
+            &self.client_tls_key_file,
+            &self.client_tls_trusted_ca_file,
+        ) {
+            (Some(_), Some(_), _) | (None, None, None) => {}
+            (None, None, Some(_)) => {
+                return bad("client_tls_trusted_ca_file needs client TLS: set \
+                     client_tls_cert_file and client_tls_key_file"
+                    .into())
+            }
+            _ => {
+                return bad(
+                    "client TLS needs both client_tls_cert_file and client_tls_key_file".into(),
+                )
+            }
+        }
         if self.peer_tls_files()?.is_some() {
             for p in &self.peers {
                 keel_net::tls::server_name(&p.peer_addr).map_err(|e| {
@@ -668,6 +698,13 @@ impl NodeConfig {
             ("peer_cert_file", &self.peer_cert_file, cert),
             ("peer_key_file", &self.peer_key_file, key),
             ("peer_trusted_ca_file", &self.peer_trusted_ca_file, cert),
+            ("client_tls_cert_file", &self.client_tls_cert_file, cert),
+            ("client_tls_key_file", &self.client_tls_key_file, key),
+            (
+                "client_tls_trusted_ca_file",
+                &self.client_tls_trusted_ca_file,
+                cert,
+            ),
         ];
         for (what, path, (marker, holds)) in files {
             let Some(path) = path else { continue };

@@ -1288,13 +1288,27 @@ fn run_node(
                     respond(sink, req.id, answer.clone());
                 }
             });
+        let client_tls = match (&cfg.client_tls_cert_file, &cfg.client_tls_key_file) {
+            (Some(cert), Some(key)) => Some(
+                keel_net::tls::ClientPortTls::load(
+                    cert,
+                    key,
+                    cfg.client_tls_trusted_ca_file.as_deref(),
+                )
+                .map_err(NodeError::Start)?,
+            ),
+            // (`validate` refuses a cert without its key, and the reverse.)
+            _ => None,
+        };
         consensus_rt
-            .block_on(tcp::start_clients(
+            .block_on(tcp::start_clients_with(
                 &cfg.client_addr,
                 cfg.id,
                 tcfg.max_frame,
                 handler,
                 net_stats.clone(),
+                client_tls,
+                Some(rt.handle().clone()),
             ))
             .map_err(|error| NodeError::Listen {
                 addr: cfg.client_addr.clone(),

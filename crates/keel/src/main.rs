@@ -107,6 +107,49 @@ struct ConnArgs {
     /// each endpoint (it asks them all at once).
     #[arg(long, default_value_t = 10, value_parser = parse_timeout, global = true)]
     timeout: u64,
+    /// Connect with TLS, trusting the nodes' certificates this CA (PEM)
+    /// signs (nodes with client_tls_cert_file); each must name the host of
+    /// its endpoint.
+    #[arg(long, env = "KEEL_CACERT", global = true)]
+    cacert: Option<PathBuf>,
+    /// With --cacert: this client's certificate (PEM), for nodes that
+    /// require one (client_tls_trusted_ca_file). Needs --key.
+    #[arg(
+        long = "cert",
+        id = "tls_cert",
+        env = "KEEL_CERT",
+        global = true,
+        requires = "tls_key"
+    )]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(
+        long = "key",
+        id = "tls_key",
+        env = "KEEL_KEY",
+        global = true,
+        requires = "tls_cert"
+    )]
+    key: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    /// The TLS the flags ask for, if any.
+    fn tls(&self) -> Result<Option<keel_net::tls::ClientTls>> {
+        let identity = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        match &self.cacert {
+            Some(ca) => Ok(Some(
+                keel_net::tls::ClientTls::load(ca, identity).map_err(anyhow::Error::msg)?,
+            )),
+            None if identity.is_some() => {
+                bail!("--cert and --key need --cacert (the CA that signs the nodes' certificates)")
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 fn parse_timeout(s: &str) -> Result<u64, String> {
@@ -292,6 +335,17 @@ struct ServerArgs {
     /// address this node lists for them, are refused.
     #[arg(long)]
     peer_trusted_ca_file: Option<PathBuf>,
+    /// TLS on the native client port with this certificate (PEM); needs
+    /// --client-tls-key-file. Clients connect with `--cacert`.
+    #[arg(long)]
+    client_tls_cert_file: Option<PathBuf>,
+    /// The private key of --client-tls-cert-file (PEM).
+    #[arg(long)]
+    client_tls_key_file: Option<PathBuf>,
+    /// With client TLS: refuse clients without a certificate signed by this
+    /// CA (PEM).
+    #[arg(long)]
+    client_tls_trusted_ca_file: Option<PathBuf>,
     /// Web origins whose pages may use the etcd API over HTTP (CORS,
     /// etcd's --cors), comma-separated, e.g. https://dash.example.com; `*`
     /// for any. Requests from other web origins are refused (403).
@@ -506,6 +560,15 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = &a.peer_trusted_ca_file {
         cfg.peer_trusted_ca_file = Some(v.clone());
+    }
+    if let Some(v) = &a.client_tls_cert_file {
+        cfg.client_tls_cert_file = Some(v.clone());
+    }
+    if let Some(v) = &a.client_tls_key_file {
+        cfg.client_tls_key_file = Some(v.clone());
+    }
+    if let Some(v) = &a.client_tls_trusted_ca_file {
+        cfg.client_tls_trusted_ca_file = Some(v.clone());
     }
     if !a.etcd_cors.is_empty() {
         cfg.etcd_cors = a.etcd_cors.clone();
@@ -830,6 +893,7 @@ fn etcd_tls(cfg: &NodeConfig) -> Result<Option<keel_etcd::tls::TlsFiles>> {
 fn client(conn: &ConnArgs) -> Result<Client> {
     let mut opts = ClientOptions::new(conn.endpoints.clone());
     opts.call_timeout = Duration::from_secs(conn.timeout);
+    opts.tls = conn.tls()?;
     Ok(Client::new(opts)?)
 }
 
@@ -1005,12 +1069,15 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
             );
             // All at once, so the command takes at most --timeout.
             let timeout = Duration::from_secs(conn.timeout);
+            let tls = conn.tls()?;
             let asked: Vec<_> = conn
                 .endpoints
                 .iter()
                 .map(|e| {
-                    let e = e.clone();
-                    tokio::spawn(async move { Client::status_of(&e, timeout).await })
+                    let (e, tls) = (e.clone(), tls.clone());
+                    tokio::spawn(
+                        async move { Client::status_with(&e, timeout, tls.as_ref()).await },
+                    )
                 })
                 .collect();
             let mut statuses = Vec::new();
@@ -1081,7 +1148,7 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
                 };
                 // (A node of a version before this request has no answer:
                 // the line goes without the removed ids.)
-                let removed = match Client::membership_of(&e, timeout).await {
+                let removed = match Client::membership_of(&e, timeout, tls.as_ref()).await {
                     Ok(m) => format!(
                         "; removed, never used again: {}",
                         list(&m.removed.into_iter().collect::<Vec<_>>())

@@ -363,6 +363,7 @@ impl KeelCluster {
                             attempt_timeout: Duration::from_secs(2),
                             call_timeout: Duration::from_secs(5),
                             client_id: None,
+                            tls: None,
                         })?;
                         match c.write(bytes::Bytes::from_static(b"bench: ready?")).await {
                             Ok(_) => return Ok(n.client.clone()),

@@ -1,0 +1,216 @@
+//! TLS on the native client port (`client_tls_cert_file`,
+//! `client_tls_key_file`, and with `client_tls_trusted_ca_file` client
+//! certificates) on a 3-node cluster of `keel server` processes,
+//! certificates made here by rcgen: the `keel` command with `--cacert`,
+//! `--cert` and `--key` writes and reads, and `cluster status` asks every
+//! node; the client library does the same; a client without TLS, without
+//! a certificate, or with one from another CA is refused, and the node's
+//! log says why. Incomplete settings are refused at start.
+
+mod common;
+
+use common::{keel, tls_files, TestCluster, TlsFiles};
+use keel_client::{Client, ClientOptions};
+use keel_net::tls::ClientTls;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("path")
+}
+
+/// The TOML lines that serve the client port over TLS, requiring client
+/// certificates.
+fn client_tls(files: &TlsFiles) -> String {
+    format!(
+        "client_tls_cert_file = {:?}\nclient_tls_key_file = {:?}\nclient_tls_trusted_ca_file = {:?}\n",
+        files.server_cert, files.server_key, files.ca
+    )
+}
+
+/// Waits until a node answers, over TLS, that it knows a leader.
+fn wait_for_leader(c: &TestCluster, tls: &ClientTls) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let start = Instant::now();
+    loop {
+        let known = c.endpoints().iter().any(|e| {
+            rt.block_on(Client::status_with(
+                e,
+                Duration::from_millis(500),
+                Some(tls),
+            ))
+            .is_ok_and(|s| s.leader.is_some())
+        });
+        if known {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no leader over TLS{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_client_port_over_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = tls_files(dir.path());
+    let c = TestCluster::start(3, &client_tls(&files));
+    let tls = ClientTls::load(&files.ca, Some((&files.client_cert, &files.client_key)))
+        .expect("client TLS");
+    wait_for_leader(&c, &tls);
+    let with_tls = [
+        "--cacert",
+        p(&files.ca),
+        "--cert",
+        p(&files.client_cert),
+        "--key",
+        p(&files.client_key),
+    ];
+    let kv = |args: &[&str], tls: &[&str]| {
+        let all: Vec<&str> = args.iter().chain(tls).copied().collect();
+        c.keel_cli(&all)
+    };
+    let (code, out) = kv(&["kv", "put", "greeting", "hello"], &with_tls);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = kv(&["kv", "get", "greeting"], &with_tls);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("hello"), "{out}");
+    let (code, out) = kv(&["cluster", "status"], &with_tls);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("leader"), "{out}");
+
+    // The client library, with the same files.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut opts = ClientOptions::new(c.endpoints());
+    opts.tls = Some(tls);
+    let mut client = Client::new(opts).expect("client");
+    let put = keel_kv::proto::Command::Put {
+        key: "library".into(),
+        value: "over TLS".into(),
+    };
+    rt.block_on(client.write(put.encode()))
+        .expect("a write over TLS");
+
+    // Refused: no TLS (the node names it), no client certificate, or one
+    // from another CA.
+    let (code, out) = kv(&["kv", "get", "greeting", "--timeout", "2"], &[]);
+    assert_ne!(code, 0, "read without TLS: {out}");
+    assert!(
+        out.contains("answer TLS") && out.contains("--cacert"),
+        "{out}"
+    );
+    c.wait_log(
+        1,
+        "a client without TLS? client_addr takes only TLS",
+        "a node said a client came without TLS",
+    );
+    let (code, out) = kv(
+        &["kv", "get", "greeting", "--timeout", "2"],
+        &["--cacert", p(&files.ca)],
+    );
+    assert_ne!(code, 0, "read without a client certificate: {out}");
+    assert!(out.contains("CertificateRequired"), "{out}");
+    let (code, out) = kv(
+        &["kv", "get", "greeting", "--timeout", "2"],
+        &[
+            "--cacert",
+            p(&files.ca),
+            "--cert",
+            p(&files.rogue_cert),
+            "--key",
+            p(&files.rogue_key),
+        ],
+    );
+    assert_ne!(code, 0, "read with another CA's certificate: {out}");
+    assert!(out.contains("UnknownCA"), "{out}");
+    // A client that trusts another CA refuses the nodes.
+    let (code, out) = kv(
+        &["kv", "get", "greeting", "--timeout", "2"],
+        &[
+            "--cacert",
+            p(&files.rogue_cert),
+            "--cert",
+            p(&files.client_cert),
+            "--key",
+            p(&files.client_key),
+        ],
+    );
+    assert_ne!(code, 0, "trusted a node it should not: {out}");
+    assert!(out.contains("TLS handshake"), "{out}");
+    // (`--cert` without `--key`, or either without `--cacert`, is refused.)
+    let (code, out) = kv(
+        &["kv", "get", "greeting"],
+        &["--cert", p(&files.client_cert)],
+    );
+    assert_ne!(code, 0, "{out}");
+    let (code, out) = kv(
+        &["kv", "get", "greeting"],
+        &[
+            "--cert",
+            p(&files.client_cert),
+            "--key",
+            p(&files.client_key),
+        ],
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("need --cacert"), "{out}");
+}
+
+#[test]
+fn incomplete_client_tls_settings_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = tls_files(dir.path());
+    let server = |data: &str, tls: &[&str]| {
+        let data = dir.path().join(data);
+        let mut args = vec![
+            "server",
+            "--id",
+            "1",
+            "--data-dir",
+            p(&data),
+            "--peer-addr",
+            "127.0.0.1:0",
+            "--client-addr",
+            "127.0.0.1:0",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(tls.iter().map(|s| s.to_string()));
+        let out = keel(args);
+        assert!(!data.exists(), "a refused start wrote its data directory");
+        out
+    };
+    let (code, text) = server("a", &["--client-tls-cert-file", p(&files.server_cert)]);
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("client TLS needs both"), "{text}");
+    let (code, text) = server("b", &["--client-tls-trusted-ca-file", p(&files.ca)]);
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("client_tls_trusted_ca_file needs client TLS"),
+        "{text}"
+    );
+    let (code, text) = server(
+        "c",
+        &[
+            "--client-tls-cert-file",
+            p(&files.server_cert),
+            "--client-tls-key-file",
+            p(&files.client_key),
+        ],
+    );
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("client_tls_cert_file and client_tls_key_file"),
+        "{text}"
+    );
+}

@@ -118,6 +118,11 @@ pub enum ClientError {
     /// One node (`Client::status_of`) did not answer.
     #[error("{endpoint}: {why}")]
     Unreachable { endpoint: String, why: String },
+    /// Every endpoint's TLS handshake failed on a certificate: the node
+    /// refused this client's (none, or another CA's), or this client does
+    /// not trust the node's (`ClientOptions::tls`). Nothing was applied.
+    #[error("TLS refused by {}: {why}", .endpoints.join(", "))]
+    Tls { endpoints: Vec<String>, why: String },
     #[error(
         "client id 0 is reserved for writes without a session (not deduplicated): choose another"
     )]
@@ -137,6 +142,9 @@ fn answer(endpoints: &[String]) -> String {
 struct AttemptError {
     why: String,
     sent: bool,
+    /// TLS failed on a certificate (either side's): nothing reached the
+    /// node, and trying it again will not help.
+    tls: bool,
     /// The endpoint answered in this other protocol ("HTTP/gRPC", "TLS",
     /// `PEER_PORT`): not a Keel node's client port, so nothing was applied
     /// there.
@@ -345,6 +353,9 @@ impl Client {
         }
         for e in &opts.endpoints {
             check_endpoint(e)?;
+            if opts.tls.is_some() && keel_net::tls::server_name(e).is_err() {
+                return Err(ClientError::BadEndpoint(e.clone()));
+            }
         }
         if opts.client_id == Some(keel_core::SESSIONLESS) {
             // Id 0 is the cluster's "no session": writes under it would not
@@ -436,6 +447,14 @@ impl Client {
     pub async fn membership_of(
         addr: &str,
         timeout: Duration,
+    ) -> Result<keel_core::Membership, ClientError> {
+        Self::membership_with(addr, timeout, None).await
+    }
+
+    /// `membership_of`, over TLS with `tls`.
+    pub async fn membership_with(
+        addr: &str,
+        timeout: Duration,
         tls: Option<&keel_net::tls::ClientTls>,
     ) -> Result<keel_core::Membership, ClientError> {
         match Self::ask_one(addr, ClientOp::Membership, timeout, tls).await? {
@@ -493,6 +512,8 @@ impl Client {
         let mut foreign: Vec<String> = Vec::new();
         let mut peer_ports: Vec<String> = Vec::new();
         let mut other_protocol = None;
+        // Endpoints whose TLS failed on a certificate.
+        let mut tls_refused: Vec<String> = Vec::new();
         // Every attempt and pause is cut to the time left, so the call
         // ends within its timeout.
         let deadline = started + self.opts.call_timeout;
@@ -553,6 +574,18 @@ impl Client {
                 Ok(ClientResult::Error(m)) => return Err(ClientError::Refused(m)),
                 Ok(r) => return Ok(r),
                 Err(e) => {
+                    if e.tls {
+                        if !tls_refused.contains(&endpoint) {
+                            tls_refused.push(endpoint.clone());
+                        }
+                        // Trying again will not change a certificate.
+                        if self.opts.endpoints.iter().all(|e| tls_refused.contains(e)) {
+                            return Err(ClientError::Tls {
+                                endpoints: tls_refused,
+                                why: e.why,
+                            });
+                        }
+                    }
                     if let Some(protocol) = e.foreign {
                         if !foreign.contains(&endpoint) {
                             foreign.push(endpoint.clone());
@@ -629,6 +662,7 @@ impl Client {
         let mut sent = false;
         let mut foreign = None;
         let mut closed_unanswered = false;
+        let mut tls = false;
         let endpoint = self.endpoint().to_string();
         // (The probes speak plain TCP: over TLS, what answers is known by
         // its handshake.)
@@ -637,7 +671,13 @@ impl Client {
         let outcome = {
             let inner = tokio::time::timeout(
                 timeout,
-                self.attempt_inner(op, &mut sent, &mut foreign, &mut closed_unanswered),
+                self.attempt_inner(
+                    op,
+                    &mut sent,
+                    &mut foreign,
+                    &mut closed_unanswered,
+                    &mut tls,
+                ),
             );
             let probe = async {
                 if !probe {
@@ -666,11 +706,17 @@ impl Client {
                         return Err(AttemptError {
                             why: "a peer port, not a client port".into(),
                             sent,
+                            tls,
                             foreign: Some(PEER_PORT),
                         });
                     }
                 }
-                Err(AttemptError { why, sent, foreign })
+                Err(AttemptError {
+                    why,
+                    sent,
+                    tls,
+                    foreign,
+                })
             }
             Ok(Err(_)) => {
                 // The connection may hold half a request or a late answer.
@@ -678,6 +724,7 @@ impl Client {
                 Err(AttemptError {
                     why: format!("no answer within {:?}", to_ms(timeout)),
                     sent,
+                    tls,
                     foreign,
                 })
             }
@@ -686,6 +733,7 @@ impl Client {
                 Err(AttemptError {
                     why: format!("answers {protocol}, not Keel's client protocol"),
                     sent,
+                    tls,
                     foreign: Some(protocol),
                 })
             }
@@ -693,15 +741,19 @@ impl Client {
     }
 
     /// Sets `sent` once the request may have reached the node, `foreign`
-    /// if the server answered in another protocol, and `closed_unanswered`
+    /// if the server answered in another protocol, `closed_unanswered`
     /// if it closed a connection opened for this attempt without sending
-    /// a byte (as a peer port does).
+    /// a byte (as a peer port does), and `tls` if TLS failed on a
+    /// certificate (`sent` is then false: with TLS 1.3 the request goes out
+    /// with the end of the client's handshake, and a node that refuses the
+    /// client's certificate never reads it).
     async fn attempt_inner(
         &mut self,
         op: ClientOp,
         sent: &mut bool,
         foreign: &mut Option<&'static str>,
         closed_unanswered: &mut bool,
+        tls: &mut bool,
     ) -> Result<ClientResult, String> {
         let fresh = self.conn.is_none();
         if fresh {
@@ -712,7 +764,8 @@ impl Client {
             let _ = tcp.set_nodelay(true);
             let stream: Box<dyn Stream> = match &self.opts.tls {
                 None => Box::new(tcp),
-                Some(tls) => Box::new(tls.connect(&addr, tcp).await.map_err(|e| {
+                Some(config) => Box::new(config.connect(&addr, tcp).await.map_err(|e| {
+                    *tls = keel_net::tls::tls_error(&e).is_some();
                     // A node without client TLS reads the handshake as a
                     // bad request and closes the connection.
                     let hint = match e.kind() {
@@ -749,6 +802,9 @@ impl Client {
             Err(e) => Err(e),
         };
         if let Err(e) = written {
+            if fresh && keel_net::tls::alert_received(&e) {
+                (*sent, *tls) = (false, true);
+            }
             self.conn = None;
             return Err(format!("send: {e}"));
         }
@@ -797,6 +853,9 @@ impl Client {
                 Ok(_) => {}
                 Err(e) => {
                     *closed_unanswered = fresh && conn.buf.is_empty();
+                    if *closed_unanswered && keel_net::tls::alert_received(&e) {
+                        (*sent, *tls) = (false, true);
+                    }
                     let why = not_keel(&conn.buf, true, foreign)
                         .unwrap_or_else(|| format!("receive: {e}"));
                     self.conn = None;

@@ -836,7 +836,7 @@ async fn accept_peers(
     let mut hellos = tokio::task::JoinSet::new();
     let names = Arc::new(names);
     // Connections saying hello, by the host they come from.
-    let opening: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let opening: Hosts = Arc::default();
     // (Said once per burst of connections over a bound.)
     let mut over_bound_said = false;
     loop {
@@ -849,7 +849,7 @@ async fn accept_peers(
             }
         };
         while hellos.try_join_next().is_some() {}
-        let Some(slot) = Opening::take(&opening, remote.ip(), hellos.len()) else {
+        let Some(slot) = Slot::take(&opening, remote.ip(), hellos.len(), PEER_OPENINGS) else {
             // A flood of connections (a node has one link per peer, and
             // dials again only once a connection has failed): closed at
             // once rather than holding a task each, and a flood from one
@@ -932,37 +932,67 @@ async fn accept_peers(
 const MAX_OPENING: usize = 256;
 const MAX_OPENING_PER_HOST: usize = 8;
 
-/// A connection from `host` counted among those saying hello, until
-/// dropped.
-struct Opening {
-    hosts: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+/// Bounds on connections opening at once (saying hello, or in their TLS
+/// handshake): in all, and from one host.
+#[derive(Clone, Copy)]
+struct Bounds {
+    all: usize,
+    per_host: usize,
+}
+
+const PEER_OPENINGS: Bounds = Bounds {
+    all: MAX_OPENING,
+    per_host: MAX_OPENING_PER_HOST,
+};
+
+/// Clients' TLS handshakes: a client may open many connections at once
+/// (a pool, a benchmark), so more per host than peers.
+const CLIENT_OPENINGS: Bounds = Bounds {
+    all: 1024,
+    per_host: 256,
+};
+
+/// Connections opening at once, by the host they come from.
+type Hosts = Arc<Mutex<HashMap<std::net::IpAddr, usize>>>;
+
+/// A connection from `host` counted among those opening, until dropped.
+struct Slot {
+    hosts: Hosts,
     host: std::net::IpAddr,
 }
 
-impl Opening {
-    /// A place for a connection from `host`, with `all` saying hello now;
-    /// `None` if over a bound.
-    fn take(
-        hosts: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
-        host: std::net::IpAddr,
-        all: usize,
-    ) -> Option<Opening> {
+impl Slot {
+    /// A place for a connection from `host`, with `all` opening now;
+    /// `None` if over `bounds`.
+    fn take(hosts: &Hosts, host: std::net::IpAddr, all: usize, bounds: Bounds) -> Option<Slot> {
         let mut map = hosts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = map.entry(host).or_insert(0);
-        if all >= MAX_OPENING || *n >= MAX_OPENING_PER_HOST {
+        if all >= bounds.all || *n >= bounds.per_host {
+            if *n == 0 {
+                map.remove(&host);
+            }
             return None;
         }
         *n += 1;
-        Some(Opening {
+        Some(Slot {
             hosts: hosts.clone(),
             host,
         })
     }
+
+    /// Connections opening now, from every host.
+    fn all(hosts: &Hosts) -> usize {
+        hosts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .sum()
+    }
 }
 
-impl Drop for Opening {
+impl Drop for Slot {
     fn drop(&mut self) {
         let mut map = self
             .hosts
@@ -981,27 +1011,50 @@ impl Drop for Opening {
 /// handshake included).
 const HELLO_WAIT: Duration = Duration::from_secs(5);
 
+/// How an accepted connection on a TLS port opens.
+enum Opening {
+    /// With a handshake record.
+    Tls,
+    /// With something else: a client or node without TLS.
+    NotTls,
+    /// Closed before a byte (a TCP health check, a port scan).
+    Closed,
+    /// Nothing by the deadline.
+    Silent,
+    Failed(std::io::Error),
+}
+
+/// Looks at an accepted connection's first byte, by `deadline`, without
+/// taking it: a TLS connection opens with a handshake record (22).
+async fn tls_opening(stream: &TcpStream, deadline: tokio::time::Instant) -> Opening {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Err(_) => Opening::Silent,
+        Ok(Err(e)) => Opening::Failed(e),
+        Ok(Ok(0)) => Opening::Closed,
+        Ok(Ok(_)) if first[0] != 22 => Opening::NotTls,
+        Ok(Ok(_)) => Opening::Tls,
+    }
+}
+
 /// The TLS handshake of an accepted peer connection, by `deadline`.
 async fn accept_tls(
     stream: TcpStream,
     tls: &PeerTls,
     deadline: tokio::time::Instant,
 ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
-    // A TLS connection opens with a handshake record (22): anything else
-    // is a node (or someone) without TLS.
-    let mut first = [0u8; 1];
-    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
-        Err(_) => return Err(format!("no TLS handshake within {HELLO_WAIT:?}")),
-        Ok(Err(e)) => return Err(format!("read failed: {e}")),
-        Ok(Ok(0)) => return Err("closed before its TLS handshake".into()),
-        Ok(Ok(_)) if first[0] != 22 => {
+    match tls_opening(&stream, deadline).await {
+        Opening::Tls => {}
+        Opening::Closed => return Err("closed before its TLS handshake".into()),
+        Opening::Silent => return Err(format!("no TLS handshake within {HELLO_WAIT:?}")),
+        Opening::Failed(e) => return Err(format!("read failed: {e}")),
+        Opening::NotTls => {
             return Err(
                 "not TLS, and this node's peer port takes only TLS (peer_cert_file is set): \
                  is the dialing node without peer TLS?"
                     .into(),
             )
         }
-        Ok(Ok(_)) => {}
     }
     match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
         Err(_) => Err(format!("TLS handshake not done within {HELLO_WAIT:?}")),
@@ -1140,11 +1193,7 @@ async fn read_one<S: AsyncRead + Unpin>(
             Err(e) => return Err(format!("bad frame: {e}")),
         }
         let n = stream.read_buf(buf).await.map_err(|e| {
-            let alert = e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                .is_some_and(|tls| matches!(tls, rustls::Error::AlertReceived(_)));
-            if alert {
+            if crate::tls::alert_received(&e) {
                 format!("{TLS_REFUSAL}{e}")
             } else {
                 format!("read failed: {e}")
@@ -1193,7 +1242,10 @@ fn foreign_opening(opening: &[u8], expected: FrameKind) -> Option<String> {
             " (without TLS: this node has no peer_cert_file; a node with peer TLS must not \
              dial it); etcd clients use etcd_addr"
         }
-        ("TLS", _) => " (without TLS); etcd clients use etcd_addr",
+        ("TLS", _) => {
+            " (without TLS: this node has no client_tls_cert_file; a client with TLS must \
+             not use it); etcd clients use etcd_addr"
+        }
         _ => "; etcd clients use etcd_addr",
     };
     Some(format!("{proto} on {port}{elsewhere}"))
@@ -1885,6 +1937,33 @@ pub async fn start_clients(
     start_clients_with(listen, node_id, max_frame, handler, stats, None, None).await
 }
 
+/// Says refusals of connections as warnings, at most one per
+/// `QUIET_FOR` (the rest at debug level): anyone who can reach a port can
+/// make as many as they like.
+#[derive(Default)]
+struct Quiet {
+    last: Mutex<Option<Instant>>,
+}
+
+const QUIET_FOR: Duration = Duration::from_secs(10);
+
+impl Quiet {
+    fn say(&self, what: String) {
+        let now = Instant::now();
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_none_or(|t| now - t >= QUIET_FOR) {
+            *last = Some(now);
+            drop(last);
+            warn!("{what} (more such refusals within {QUIET_FOR:?} are logged at debug level)");
+        } else {
+            debug!("{what}");
+        }
+    }
+}
+
 /// How long a client may take over its TLS handshake.
 const CLIENT_HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 
@@ -1905,6 +1984,8 @@ pub async fn start_clients_with(
     let span = tracing::info_span!(parent: None, "node", id = node_id);
     let task_span = span.clone();
     let here = tokio::runtime::Handle::current();
+    let opening: Hosts = Arc::default();
+    let quiet = Arc::new(Quiet::default());
     tokio::spawn(
         async move {
             loop {
@@ -1925,8 +2006,20 @@ pub async fn start_clients_with(
                     );
                     continue;
                 };
-                let (here, span) = (here.clone(), task_span.clone());
-                let stream = match Travelling::away(stream, handshakes.is_some()) {
+                let Some(slot) =
+                    Slot::take(&opening, remote.ip(), Slot::all(&opening), CLIENT_OPENINGS)
+                else {
+                    stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                    quiet.say(format!(
+                        "client {remote} refused: {} TLS handshakes from its host, or {} in \
+                         all, are under way",
+                        CLIENT_OPENINGS.per_host, CLIENT_OPENINGS.all
+                    ));
+                    continue;
+                };
+                let (here, span, quiet) = (here.clone(), task_span.clone(), quiet.clone());
+                let moving = handshakes.is_some();
+                let stream = match Travelling::away(stream, moving) {
                     Ok(s) => s,
                     Err(e) => {
                         debug!("client {remote}: {e}");
@@ -1934,28 +2027,45 @@ pub async fn start_clients_with(
                     }
                 };
                 let handshake = async move {
+                    let _slot = slot;
                     let stream = match stream.here() {
                         Ok(s) => s,
                         Err(e) => return debug!("client {remote}: {e}"),
                     };
+                    let deadline = tokio::time::Instant::now() + CLIENT_HANDSHAKE_WAIT;
+                    let refused = |why: String| {
+                        stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                        quiet.say(format!("client {remote} refused: {why}"));
+                    };
+                    let plain = match tls_opening(&stream, deadline).await {
+                        Opening::Tls => false,
+                        // (A client without TLS still gets TLS's
+                        // answer, an alert, which it can tell for TLS.)
+                        Opening::NotTls => true,
+                        // (A TCP health check, a port scan: not worth a
+                        // line each.)
+                        Opening::Closed | Opening::Silent => {
+                            return debug!("client {remote}: closed or silent before TLS")
+                        }
+                        Opening::Failed(e) => return debug!("client {remote}: {e}"),
+                    };
                     let accepted =
-                        tokio::time::timeout(CLIENT_HANDSHAKE_WAIT, tls.acceptor().accept(stream))
-                            .await;
+                        tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await;
                     let stream = match accepted {
                         Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                            // (A plain client's first bytes are a request.)
-                            let hint = if e.kind() == std::io::ErrorKind::InvalidData {
-                                " (a client without TLS? client_addr takes only TLS)"
-                            } else {
-                                ""
-                            };
-                            return warn!("client {remote}: TLS handshake failed: {e}{hint}");
+                        Ok(Err(_)) if plain => {
+                            return refused(
+                                "not TLS, and client_addr takes only TLS \
+                                     (client_tls_cert_file is set): a client without TLS? (the \
+                                     keel command takes --cacert)"
+                                    .into(),
+                            )
                         }
+                        Ok(Err(e)) => return refused(format!("TLS handshake failed: {e}")),
                         Err(_) => {
                             return debug!(
-                                "client {remote}: no TLS handshake within {CLIENT_HANDSHAKE_WAIT:?}"
+                                "client {remote}: no TLS handshake within \
+                                     {CLIENT_HANDSHAKE_WAIT:?}"
                             )
                         }
                     };
@@ -1963,7 +2073,9 @@ pub async fn start_clients_with(
                     let conn = Conn::Tls(tcp, Box::new(rustls::Connection::Server(conn)));
                     here.spawn(
                         async move {
-                            match conn.rebind() {
+                            // (Back on this runtime's reactor.)
+                            let conn = if moving { conn.rebind() } else { Ok(conn) };
+                            match conn {
                                 Ok(conn) => {
                                     serve_client(conn, remote, max_frame, handler, stats).await
                                 }

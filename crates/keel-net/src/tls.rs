@@ -156,6 +156,17 @@ impl PeerTls {
     }
 }
 
+/// The TLS error inside an I/O error of a TLS stream (tokio-rustls makes
+/// every rustls error an `InvalidData` I/O error), if it is one.
+pub fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// Is `e` the other side's TLS alert (a refusal: of a certificate, say)?
+pub fn alert_received(e: &io::Error) -> bool {
+    matches!(tls_error(e), Some(rustls::Error::AlertReceived(_)))
+}
+
 /// Checks that the certificate the peer of `conn` presented (already
 /// verified against the trusted CA by the handshake) names `name`: the
 /// host of the peer address of the node its hello named.
@@ -279,7 +290,7 @@ pub fn server_name(addr: &str) -> Result<ServerName<'static>, String> {
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     ServerName::try_from(host.to_string())
-        .map_err(|e| format!("peer address {addr:?}: {host:?} cannot name a TLS certificate ({e})"))
+        .map_err(|e| format!("address {addr:?}: {host:?} cannot name a TLS certificate ({e})"))
 }
 
 /// Plaintext taken into TLS records per step: records are made only once

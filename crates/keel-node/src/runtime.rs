@@ -1164,6 +1164,18 @@ fn run_node(
         Ok(None) => None,
         Err(e) => return Err(NodeError::Start(e.to_string())),
     };
+    let client_tls = match (&cfg.client_tls_cert_file, &cfg.client_tls_key_file) {
+        (Some(cert), Some(key)) => Some(
+            keel_net::tls::ClientPortTls::load(
+                cert,
+                key,
+                cfg.client_tls_trusted_ca_file.as_deref(),
+            )
+            .map_err(NodeError::Start)?,
+        ),
+        // (`validate` refuses a cert without its key, and the reverse.)
+        _ => None,
+    };
     let tcfg = TransportConfig {
         cluster_id: cfg.cluster_id,
         node_id: cfg.id,
@@ -1288,18 +1300,6 @@ fn run_node(
                     respond(sink, req.id, answer.clone());
                 }
             });
-        let client_tls = match (&cfg.client_tls_cert_file, &cfg.client_tls_key_file) {
-            (Some(cert), Some(key)) => Some(
-                keel_net::tls::ClientPortTls::load(
-                    cert,
-                    key,
-                    cfg.client_tls_trusted_ca_file.as_deref(),
-                )
-                .map_err(NodeError::Start)?,
-            ),
-            // (`validate` refuses a cert without its key, and the reverse.)
-            _ => None,
-        };
         consensus_rt
             .block_on(tcp::start_clients_with(
                 &cfg.client_addr,

@@ -114,22 +114,10 @@ struct ConnArgs {
     cacert: Option<PathBuf>,
     /// With --cacert: this client's certificate (PEM), for nodes that
     /// require one (client_tls_trusted_ca_file). Needs --key.
-    #[arg(
-        long = "cert",
-        id = "tls_cert",
-        env = "KEEL_CERT",
-        global = true,
-        requires = "tls_key"
-    )]
+    #[arg(long = "cert", id = "tls_cert", env = "KEEL_CERT", global = true)]
     cert: Option<PathBuf>,
     /// The private key of --cert (PEM).
-    #[arg(
-        long = "key",
-        id = "tls_key",
-        env = "KEEL_KEY",
-        global = true,
-        requires = "tls_cert"
-    )]
+    #[arg(long = "key", id = "tls_key", env = "KEEL_KEY", global = true)]
     key: Option<PathBuf>,
 }
 
@@ -138,7 +126,9 @@ impl ConnArgs {
     fn tls(&self) -> Result<Option<keel_net::tls::ClientTls>> {
         let identity = match (&self.cert, &self.key) {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-            _ => None,
+            (None, None) => None,
+            (Some(_), None) => bail!("--cert needs --key (its private key)"),
+            (None, Some(_)) => bail!("--key needs --cert (the certificate it is the key of)"),
         };
         match &self.cacert {
             Some(ca) => Ok(Some(
@@ -1148,7 +1138,7 @@ async fn cluster(conn: ConnArgs, cmd: ClusterCmd) -> Result<i32> {
                 };
                 // (A node of a version before this request has no answer:
                 // the line goes without the removed ids.)
-                let removed = match Client::membership_of(&e, timeout, tls.as_ref()).await {
+                let removed = match Client::membership_with(&e, timeout, tls.as_ref()).await {
                     Ok(m) => format!(
                         "; removed, never used again: {}",
                         list(&m.removed.into_iter().collect::<Vec<_>>())

@@ -110,7 +110,7 @@ fn the_client_port_over_tls_with_client_certificates() {
     );
     c.wait_log(
         1,
-        "a client without TLS? client_addr takes only TLS",
+        "not TLS, and client_addr takes only TLS",
         "a node said a client came without TLS",
     );
     let (code, out) = kv(
@@ -118,7 +118,21 @@ fn the_client_port_over_tls_with_client_certificates() {
         &["--cacert", p(&files.ca)],
     );
     assert_ne!(code, 0, "read without a client certificate: {out}");
-    assert!(out.contains("CertificateRequired"), "{out}");
+    assert!(
+        out.contains("TLS refused by") && out.contains("CertificateRequired"),
+        "{out}"
+    );
+    // A write the nodes refuse at TLS was not applied, and is said so
+    // (not "outcome unknown").
+    let (code, out) = kv(
+        &["kv", "put", "refused", "x", "--timeout", "5"],
+        &["--cacert", p(&files.ca)],
+    );
+    assert_ne!(code, 0, "write without a client certificate: {out}");
+    assert!(
+        out.contains("TLS refused by") && !out.contains("outcome unknown"),
+        "{out}"
+    );
     let (code, out) = kv(
         &["kv", "get", "greeting", "--timeout", "2"],
         &[
@@ -145,13 +159,14 @@ fn the_client_port_over_tls_with_client_certificates() {
         ],
     );
     assert_ne!(code, 0, "trusted a node it should not: {out}");
-    assert!(out.contains("TLS handshake"), "{out}");
+    assert!(out.contains("UnknownIssuer"), "{out}");
     // (`--cert` without `--key`, or either without `--cacert`, is refused.)
     let (code, out) = kv(
         &["kv", "get", "greeting"],
         &["--cert", p(&files.client_cert)],
     );
     assert_ne!(code, 0, "{out}");
+    assert!(out.contains("--cert needs --key"), "{out}");
     let (code, out) = kv(
         &["kv", "get", "greeting"],
         &[

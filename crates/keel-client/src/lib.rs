@@ -120,7 +120,8 @@ pub enum ClientError {
     Unreachable { endpoint: String, why: String },
     /// Every endpoint's TLS handshake failed on a certificate: the node
     /// refused this client's (none, or another CA's), or this client does
-    /// not trust the node's (`ClientOptions::tls`). Nothing was applied.
+    /// not trust the node's (`ClientOptions::tls`). Nothing was applied (a
+    /// write that an earlier attempt may have applied is `Uncertain`).
     #[error("TLS refused by {}: {why}", .endpoints.join(", "))]
     Tls { endpoints: Vec<String>, why: String },
     #[error(
@@ -154,6 +155,10 @@ struct AttemptError {
 /// The "protocol" of a Keel node's peer port given as a client endpoint
 /// (see `peer_port`).
 const PEER_PORT: &str = "Keel's peer protocol";
+
+/// The "protocol" of a server that answered a TLS handshake with
+/// something else than TLS.
+const NOT_TLS: &str = "something other than TLS";
 
 /// The protocol a server that is not a Keel node answered in, if the
 /// start of its answer `buf` (to a Keel frame) is recognisably another
@@ -580,6 +585,14 @@ impl Client {
                         }
                         // Trying again will not change a certificate.
                         if self.opts.endpoints.iter().all(|e| tls_refused.contains(e)) {
+                            if maybe_applied {
+                                // (An earlier attempt reached a node.)
+                                return Err(ClientError::Uncertain(format!(
+                                    "an attempt reached a node, then every endpoint refused \
+                                     TLS (last: {endpoint}: {})",
+                                    e.why
+                                )));
+                            }
                             return Err(ClientError::Tls {
                                 endpoints: tls_refused,
                                 why: e.why,
@@ -765,7 +778,10 @@ impl Client {
             let stream: Box<dyn Stream> = match &self.opts.tls {
                 None => Box::new(tcp),
                 Some(config) => Box::new(config.connect(&addr, tcp).await.map_err(|e| {
-                    *tls = keel_net::tls::tls_error(&e).is_some();
+                    *tls = keel_net::tls::certificate_refused(&e);
+                    if keel_net::tls::not_tls(&e) {
+                        *foreign = Some(NOT_TLS);
+                    }
                     // A node without client TLS reads the handshake as a
                     // bad request and closes the connection.
                     let hint = match e.kind() {
@@ -802,9 +818,6 @@ impl Client {
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            if fresh && keel_net::tls::alert_received(&e) {
-                (*sent, *tls) = (false, true);
-            }
             self.conn = None;
             return Err(format!("send: {e}"));
         }
@@ -853,7 +866,10 @@ impl Client {
                 Ok(_) => {}
                 Err(e) => {
                     *closed_unanswered = fresh && conn.buf.is_empty();
-                    if *closed_unanswered && keel_net::tls::alert_received(&e) {
+                    // (A node refusing this client's certificate: with TLS
+                    // 1.3 the request went out with the end of the
+                    // handshake, which the node ended there, unread.)
+                    if *closed_unanswered && keel_net::tls::certificate_refused(&e) {
                         (*sent, *tls) = (false, true);
                     }
                     let why = not_keel(&conn.buf, true, foreign)

@@ -949,7 +949,7 @@ const PEER_OPENINGS: Bounds = Bounds {
 /// (a pool, a benchmark), so more per host than peers.
 const CLIENT_OPENINGS: Bounds = Bounds {
     all: 1024,
-    per_host: 256,
+    per_host: 64,
 };
 
 /// Connections opening at once, by the host they come from.
@@ -1056,11 +1056,26 @@ async fn accept_tls(
             )
         }
     }
-    match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+    let accepted = tls.acceptor().accept(stream).into_fallible();
+    match tokio::time::timeout_at(deadline, accepted).await {
         Err(_) => Err(format!("TLS handshake not done within {HELLO_WAIT:?}")),
-        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+        Ok(Err((e, stream))) => {
+            linger(stream).await;
+            Err(format!("TLS handshake failed: {e}"))
+        }
         Ok(Ok(s)) => Ok(s),
     }
+}
+
+/// Closes the connection of a failed TLS handshake gently: the alert that
+/// says why goes out first (a close with the other side's bytes still
+/// unread resets the connection, and the alert may be lost with it), and
+/// what the other side still sends is read and dropped for up to a second.
+async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let drain = async { while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// Reads an accepted peer connection's hello (by `deadline`), checks it
@@ -2049,19 +2064,21 @@ pub async fn start_clients_with(
                         }
                         Opening::Failed(e) => return debug!("client {remote}: {e}"),
                     };
-                    let accepted =
-                        tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await;
+                    let accepted = tls.acceptor().accept(stream).into_fallible();
+                    let accepted = tokio::time::timeout_at(deadline, accepted).await;
                     let stream = match accepted {
                         Ok(Ok(s)) => s,
-                        Ok(Err(_)) if plain => {
-                            return refused(
-                                "not TLS, and client_addr takes only TLS \
-                                     (client_tls_cert_file is set): a client without TLS? (the \
-                                     keel command takes --cacert)"
-                                    .into(),
-                            )
+                        Ok(Err((e, stream))) => {
+                            linger(stream).await;
+                            return refused(if plain {
+                                "not TLS, and client_addr takes only TLS (client_tls_cert_file \
+                                 is set): a client without TLS? (the keel command takes \
+                                 --cacert)"
+                                    .into()
+                            } else {
+                                format!("TLS handshake failed: {e}")
+                            });
                         }
-                        Ok(Err(e)) => return refused(format!("TLS handshake failed: {e}")),
                         Err(_) => {
                             return debug!(
                                 "client {remote}: no TLS handshake within \

@@ -167,6 +167,35 @@ pub fn alert_received(e: &io::Error) -> bool {
     matches!(tls_error(e), Some(rustls::Error::AlertReceived(_)))
 }
 
+/// Did TLS fail on a certificate, this side's or the other's: refused by
+/// the other side (its alert), or not trusted here? Such a failure comes
+/// back every time until a certificate or a CA changes.
+pub fn certificate_refused(e: &io::Error) -> bool {
+    use rustls::AlertDescription as A;
+    match tls_error(e) {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => true,
+        Some(rustls::Error::AlertReceived(alert)) => matches!(
+            alert,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired
+                | A::HandshakeFailure
+        ),
+        _ => false,
+    }
+}
+
+/// Did the other side answer a TLS handshake with something that is not
+/// TLS (an HTTP or gRPC server, say)?
+pub fn not_tls(e: &io::Error) -> bool {
+    matches!(tls_error(e), Some(rustls::Error::InvalidMessage(_)))
+}
+
 /// Checks that the certificate the peer of `conn` presented (already
 /// verified against the trusted CA by the handshake) names `name`: the
 /// host of the peer address of the node its hello named.

@@ -1365,7 +1365,7 @@ mod tests {
             .expect_err("a host no certificate can name")
             .to_string();
         assert!(
-            e.contains("peer 2: peer address \"node_2!:7001\"") && e.contains("peer TLS"),
+            e.contains("peer 2: address \"node_2!:7001\"") && e.contains("peer TLS"),
             "{e}"
         );
     }

@@ -55,6 +55,7 @@ pub struct Metrics {
     /// each render (`render_with`).
     pub peer_messages_dropped: Counter<u64, AtomicU64>,
     pub bad_frames: Counter<u64, AtomicU64>,
+    pub rejected_connections: Counter<u64, AtomicU64>,
     pub client_reads_paused: Counter<u64, AtomicU64>,
     /// The peer protocol each peer link speaks, 0 while down (copied in
     /// from `NetStats::peer_protocols` at each render).
@@ -109,6 +110,7 @@ impl Metrics {
             log_fsync: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             peer_messages_dropped: Counter::default(),
             bad_frames: Counter::default(),
+            rejected_connections: Counter::default(),
             client_reads_paused: Counter::default(),
             peer_protocol: Family::default(),
             log_retained_bytes: Gauge::default(),
@@ -261,6 +263,13 @@ impl Metrics {
             m.bad_frames.clone(),
         );
         registry.register(
+            "rejected_connections",
+            "connections refused before they were served: a peer's hello refused (another \
+             cluster, an unknown node, a certificate that does not name it), a failed TLS \
+             handshake, a client without TLS on a TLS port, or too many opening at once",
+            m.rejected_connections.clone(),
+        );
+        registry.register(
             "client_reads_paused",
             "times a client connection was not read further because the answers held and \
              expected for it reached 4 MiB (a client sending faster than it reads)",
@@ -317,6 +326,7 @@ impl Metrics {
         for (counter, source) in [
             (&self.peer_messages_dropped, &net.peer_messages_dropped),
             (&self.bad_frames, &net.bad_frames),
+            (&self.rejected_connections, &net.rejected_connections),
             (&self.client_reads_paused, &net.client_reads_paused),
         ] {
             counter

@@ -50,9 +50,11 @@
 //!   out.
 //!
 //! `KEEL_NEMESIS_SEED` sets the seed (printed at the start),
-//! `KEEL_NEMESIS_SECS` the seconds of load (15 by default) and
+//! `KEEL_NEMESIS_SECS` the seconds of load (15 by default),
 //! `KEEL_NEMESIS_PACE_MS` (`LO-HI`, default `400-1200`) the range of the
-//! nemesis's random pause between two actions. To soak:
+//! nemesis's random pause between two actions, and `KEEL_NEMESIS_PEER_TLS=1`
+//! runs every cluster's peer links over mutual TLS (certificates made by
+//! rcgen; the proxies pass TLS's bytes as any others). To soak:
 //!
 //! ```sh
 //! for i in $(seq 20); do
@@ -175,10 +177,11 @@ fn run(p: Params) {
         p.name
     );
     println!("settings: {setup:?}");
+    let toml = setup.toml() + &peer_tls_from_env();
     let mut cluster = if p.spares == 0 {
-        TestCluster::start_proxied(p.members, &setup.toml())
+        TestCluster::start_proxied(p.members, &toml)
     } else {
-        TestCluster::start_with_spares(p.members, p.spares, &setup.toml())
+        TestCluster::start_with_spares(p.members, p.spares, &toml)
     };
     if let Some(lib) = &faketime {
         skew_clocks(&mut cluster, lib, &setup.clock_rates);
@@ -410,6 +413,26 @@ impl Setup {
             )),
         )
     }
+}
+
+/// With `KEEL_NEMESIS_PEER_TLS=1`, the settings of peer TLS (the files made
+/// once per process, kept until it ends); else nothing.
+fn peer_tls_from_env() -> String {
+    static FILES: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
+    if std::env::var("KEEL_NEMESIS_PEER_TLS").as_deref() != Ok("1") {
+        return String::new();
+    }
+    let (_, lines) = FILES.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = common::tls_files(dir.path());
+        let lines = format!(
+            "peer_cert_file = {:?}\npeer_key_file = {:?}\npeer_trusted_ca_file = {:?}\n",
+            f.server_cert, f.server_key, f.ca
+        );
+        (dir, lines)
+    });
+    println!("peer links over TLS");
+    lines.clone()
 }
 
 /// Restarts each member of `clock_rates` with its clock running at its

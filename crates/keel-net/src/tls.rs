@@ -1,5 +1,9 @@
-//! TLS for the peer links (`PeerTls`), and the PEM loading the etcd API's
-//! TLS shares with it.
+//! TLS for the peer links (`PeerTls`), for the native client port
+//! (`ClientPortTls`, and `ClientTls` for its clients), and the PEM loading
+//! the etcd API's TLS shares with them.
+//!
+//! A client connection's handshake runs on the network threads; once done,
+//! the connection is a `TlsWire` served as a plain one is (see below).
 //!
 //! With `PeerTls` every peer connection is mutual TLS: the dialer checks the
 //! accepting node's certificate against the trusted CA and the host of the

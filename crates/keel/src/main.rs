@@ -114,10 +114,22 @@ struct ConnArgs {
     cacert: Option<PathBuf>,
     /// With --cacert: this client's certificate (PEM), for nodes that
     /// require one (client_tls_trusted_ca_file). Needs --key.
-    #[arg(long = "cert", id = "tls_cert", env = "KEEL_CERT", global = true)]
+    #[arg(
+        long = "cert",
+        id = "tls_cert",
+        value_name = "CERT",
+        env = "KEEL_CERT",
+        global = true
+    )]
     cert: Option<PathBuf>,
     /// The private key of --cert (PEM).
-    #[arg(long = "key", id = "tls_key", env = "KEEL_KEY", global = true)]
+    #[arg(
+        long = "key",
+        id = "tls_key",
+        value_name = "KEY",
+        env = "KEEL_KEY",
+        global = true
+    )]
     key: Option<PathBuf>,
 }
 

@@ -887,13 +887,26 @@ async fn accept_peers(
                 Err(e) => return debug!("peer connection from {remote}: {e}"),
             };
             let deadline = tokio::time::Instant::now() + HELLO_WAIT;
-            let accepted = match cfg.tls.clone() {
+            let refuse = |reason: String| {
+                stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                warn!("peer connection from {remote} refused: {reason}");
+            };
+            match cfg.tls.clone() {
                 None => {
                     let plain = |_: &TcpStream, _| Ok(());
-                    accept_hello(stream, &cfg, &accept_to, deadline, plain, Conn::Plain).await
+                    accept_hello(
+                        stream,
+                        &cfg,
+                        &accept_to,
+                        deadline,
+                        plain,
+                        Conn::Plain,
+                        refuse,
+                    )
+                    .await
                 }
-                Some(tls) => match accept_tls(stream, &tls, deadline).await {
-                    Ok(s) => {
+                Some(tls) => {
+                    if let Some(s) = accept_tls(stream, &tls, deadline, refuse).await {
                         // The certificate must name the address of the node
                         // the hello names.
                         let named = |s: &tokio_rustls::server::TlsStream<TcpStream>, id| {
@@ -905,18 +918,13 @@ async fn accept_peers(
                                 )
                             })
                         };
-                        accept_hello(s, &cfg, &accept_to, deadline, named, |s| {
+                        let into = |s: tokio_rustls::server::TlsStream<TcpStream>| {
                             let (tcp, conn) = s.into_inner();
                             Conn::Tls(tcp, Box::new(rustls::Connection::Server(conn)))
-                        })
-                        .await
+                        };
+                        accept_hello(s, &cfg, &accept_to, deadline, named, into, refuse).await
                     }
-                    Err(e) => Err(e),
-                },
-            };
-            if let Err(reason) = accepted {
-                stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
-                warn!("peer connection from {remote} refused: {reason}");
+                }
             }
         }
         .instrument(tracing::Span::current());
@@ -1042,28 +1050,36 @@ async fn accept_tls(
     stream: TcpStream,
     tls: &PeerTls,
     deadline: tokio::time::Instant,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
-    match tls_opening(&stream, deadline).await {
-        Opening::Tls => {}
-        Opening::Closed => return Err("closed before its TLS handshake".into()),
-        Opening::Silent => return Err(format!("no TLS handshake within {HELLO_WAIT:?}")),
-        Opening::Failed(e) => return Err(format!("read failed: {e}")),
-        Opening::NotTls => {
-            return Err(
-                "not TLS, and this node's peer port takes only TLS (peer_cert_file is set): \
-                 is the dialing node without peer TLS?"
-                    .into(),
-            )
-        }
+    refuse: impl FnOnce(String),
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    // (Each refusal is said before the connection closes.)
+    let why = match tls_opening(&stream, deadline).await {
+        Opening::Tls => None,
+        Opening::Closed => Some("closed before its TLS handshake".into()),
+        Opening::Silent => Some(format!("no TLS handshake within {HELLO_WAIT:?}")),
+        Opening::Failed(e) => Some(format!("read failed: {e}")),
+        Opening::NotTls => Some(
+            "not TLS, and this node's peer port takes only TLS (peer_cert_file is set): \
+             is the dialing node without peer TLS?"
+                .to_string(),
+        ),
+    };
+    if let Some(why) = why {
+        refuse(why);
+        return None;
     }
     let accepted = tls.acceptor().accept(stream).into_fallible();
     match tokio::time::timeout_at(deadline, accepted).await {
-        Err(_) => Err(format!("TLS handshake not done within {HELLO_WAIT:?}")),
-        Ok(Err((e, stream))) => {
-            linger(stream).await;
-            Err(format!("TLS handshake failed: {e}"))
+        Err(_) => {
+            refuse(format!("TLS handshake not done within {HELLO_WAIT:?}"));
+            None
         }
-        Ok(Ok(s)) => Ok(s),
+        Ok(Err((e, stream))) => {
+            refuse(format!("TLS handshake failed: {e}"));
+            linger(stream).await;
+            None
+        }
+        Ok(Ok(s)) => Some(s),
     }
 }
 
@@ -1089,44 +1105,54 @@ async fn accept_hello<S: AsyncRead + AsyncWrite + Unpin>(
     deadline: tokio::time::Instant,
     may_be: impl FnOnce(&S, NodeId) -> Result<(), String>,
     into: impl FnOnce(S) -> Conn,
-) -> Result<(), String> {
+    refuse: impl FnOnce(String),
+) {
     let mut buf = Vec::new();
-    let hello = tokio::time::timeout_at(deadline, read_hello(&mut stream, &mut buf)).await;
-    match hello {
-        Err(_) => Err(format!("no hello within {HELLO_WAIT:?}")),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(Frame::Hello {
-            cluster_id,
-            node_id,
-            version: offer,
-        })) => {
-            // The link speaks the dialer's offer, or this node's newest if
-            // the offer is newer still.
-            let version = offer.min(codec::PEER_VERSION);
-            if cluster_id != cfg.cluster_id {
-                Err(format!(
-                    "hello from node {node_id} of cluster {cluster_id:#x}, this is cluster {:#x}",
-                    cfg.cluster_id
-                ))
-            } else if let Some(tx) = accept_to.get(&node_id) {
-                may_be(&stream, node_id)?;
-                answer_hello(&mut stream, cfg, version)
-                    .await
-                    .map_err(|e| format!("the answer to node {node_id}'s hello failed: {e}"))?;
-                let accepted = Accepted {
-                    stream: into(stream),
-                    leftover: buf,
-                    version,
-                };
-                let _ = tx.send(accepted).await;
-                Ok(())
-            } else {
-                Err(format!(
-                    "hello from node {node_id}, which is not a peer that dials this node"
-                ))
+    let checked = async {
+        let hello = tokio::time::timeout_at(deadline, read_hello(&mut stream, &mut buf)).await;
+        match hello {
+            Err(_) => Err(format!("no hello within {HELLO_WAIT:?}")),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Frame::Hello {
+                cluster_id,
+                node_id,
+                version: offer,
+            })) => {
+                // The link speaks the dialer's offer, or this node's newest
+                // if the offer is newer still.
+                let version = offer.min(codec::PEER_VERSION);
+                if cluster_id != cfg.cluster_id {
+                    Err(format!(
+                        "hello from node {node_id} of cluster {cluster_id:#x}, this is cluster {:#x}",
+                        cfg.cluster_id
+                    ))
+                } else if let Some(tx) = accept_to.get(&node_id) {
+                    may_be(&stream, node_id)?;
+                    answer_hello(&mut stream, cfg, version)
+                        .await
+                        .map_err(|e| format!("the answer to node {node_id}'s hello failed: {e}"))?;
+                    Ok((tx, version))
+                } else {
+                    Err(format!(
+                        "hello from node {node_id}, which is not a peer that dials this node"
+                    ))
+                }
             }
+            Ok(Ok(other)) => Err(format!("expected a hello, got {}", other.kind().name())),
         }
-        Ok(Ok(other)) => Err(format!("expected a hello, got {}", other.kind().name())),
+    }
+    .await;
+    match checked {
+        Ok((tx, version)) => {
+            let accepted = Accepted {
+                stream: into(stream),
+                leftover: buf,
+                version,
+            };
+            let _ = tx.send(accepted).await;
+        }
+        // (Said before the connection closes.)
+        Err(reason) => refuse(reason),
     }
 }
 
@@ -2069,8 +2095,8 @@ pub async fn start_clients_with(
                     let stream = match accepted {
                         Ok(Ok(s)) => s,
                         Ok(Err((e, stream))) => {
-                            linger(stream).await;
-                            return refused(if plain {
+                            // (Said before the connection closes.)
+                            refused(if plain {
                                 "not TLS, and client_addr takes only TLS (client_tls_cert_file \
                                  is set): a client without TLS? (the keel command takes \
                                  --cacert)"
@@ -2078,6 +2104,7 @@ pub async fn start_clients_with(
                             } else {
                                 format!("TLS handshake failed: {e}")
                             });
+                            return linger(stream).await;
                         }
                         Err(_) => {
                             return debug!(
@@ -2546,9 +2573,10 @@ mod tests {
             );
             client.write_all(&hello).await.expect("write");
             let deadline = tokio::time::Instant::now() + HELLO_WAIT;
-            let Err(e) = accept_tls(server, &tls, deadline).await else {
-                panic!("a plain hello was taken for TLS");
-            };
+            let said = std::cell::RefCell::new(String::new());
+            let taken = accept_tls(server, &tls, deadline, |why| *said.borrow_mut() = why).await;
+            assert!(taken.is_none(), "a plain hello was taken for TLS");
+            let e = said.into_inner();
             assert!(e.starts_with("not TLS"), "{e}");
             assert!(e.contains("without peer TLS"), "{e}");
         });

@@ -137,7 +137,7 @@ pub struct Api {
     /// The Lock and Campaign calls in progress, by key.
     pub(crate) contests: recipes::Contests,
     /// How this member's calls to other members use TLS, if it serves TLS.
-    pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
+    pub(crate) client_tls: Option<tls::Tls>,
     /// The watch streams and watches open here.
     pub watch_gauges: watch::WatchGauges,
     /// Held by a member addition (`cluster`) while it runs.
@@ -262,7 +262,7 @@ impl Api {
             .map_err(|e| Status::internal(format!("URL {url:?} of {who}: {e}")))?;
         if let Some(tls) = &self.client_tls {
             endpoint = endpoint
-                .tls_config(tls.clone())
+                .tls_config(tls.client())
                 .map_err(|e| Status::internal(format!("TLS for {who} ({url}): {e}")))?;
         }
         let channel = endpoint
@@ -411,7 +411,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
         config,
         backups: Arc::new(tokio::sync::Semaphore::new(1)),
         contests: Default::default(),
-        client_tls: tls.as_ref().map(|t| t.client.clone()),
+        client_tls: tls.clone(),
         watch_gauges: Default::default(),
         member_adds: Default::default(),
         member_channels: Default::default(),
@@ -464,8 +464,8 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
     match tls {
         Some(tls) => {
             rt.spawn(async move {
-                let incoming = tls::accept(listener, tls.acceptor)
-                    .map(|s| s.map(authority::FixAuthority::new));
+                let incoming =
+                    tls::accept(listener, tls).map(|s| s.map(authority::FixAuthority::new));
                 report(server.serve_with_incoming(incoming).await)
             });
         }

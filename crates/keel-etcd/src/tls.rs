@@ -6,7 +6,10 @@
 //! requests on to another (cluster changes to the leader, alarm listings
 //! to every member): those calls verify the other member's certificate
 //! against the trusted CA and present this member's own certificate.
+//! The files are read again when they change (`Reloading`): a renewed
+//! certificate is taken without a restart.
 
+use keel_net::tls::Reloading;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,51 +37,81 @@ pub struct TlsFiles {
     pub client_cert_auth: bool,
 }
 
-/// TLS loaded from `TlsFiles`: the acceptor for this member's port, and the
-/// configuration of its calls to other members.
+/// TLS loaded from `TlsFiles` (and again when they change:
+/// `keel_net::tls::Reloading`): the acceptor for this member's port, and
+/// the configuration of its calls to other members.
 #[derive(Clone)]
-pub struct Tls {
-    pub acceptor: TlsAcceptor,
-    pub client: tonic::transport::ClientTlsConfig,
+pub struct Tls(Arc<Reloading<Parts>>);
+
+#[derive(Clone)]
+struct Parts {
+    acceptor: TlsAcceptor,
+    client: tonic::transport::ClientTlsConfig,
 }
 
 impl Tls {
     /// Reads and checks the files; an error names the file and the problem.
     pub fn load(files: &TlsFiles) -> Result<Tls, String> {
-        use keel_net::tls::{certificates, private_key, provider, read_file, roots};
-        let cert_pem = read_file("etcd_cert_file", &files.cert_file)?;
-        let key_pem = read_file("etcd_key_file", &files.key_file)?;
-        let ca_pem = read_file("etcd_trusted_ca_file", &files.trusted_ca_file)?;
-        let certs = certificates("etcd_cert_file", &files.cert_file, &cert_pem)?;
-        let key = private_key("etcd_key_file", &files.key_file, &key_pem)?;
-        let roots = roots("etcd_trusted_ca_file", &files.trusted_ca_file, &ca_pem)?;
-        let provider = provider();
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?;
-        let builder = if files.client_cert_auth {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .map_err(|e| format!("etcd_trusted_ca_file: {e}"))?;
-            builder.with_client_cert_verifier(verifier)
-        } else {
-            builder.with_no_client_auth()
+        let paths = files.clone();
+        let build = move |c: &[Vec<u8>]| {
+            let [cert, key, ca] = c else {
+                return Err("three files expected".to_string());
+            };
+            parts(&paths, cert, key, ca)
         };
-        let mut config = builder
-            .with_single_cert(certs, key)
-            .map_err(|e| format!("etcd_cert_file and etcd_key_file: {e}"))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let client = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&ca_pem))
-            .identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
-        Ok(Tls {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
-            client,
-        })
+        let files = vec![
+            ("etcd_cert_file", files.cert_file.clone()),
+            ("etcd_key_file", files.key_file.clone()),
+            ("etcd_trusted_ca_file", files.trusted_ca_file.clone()),
+        ];
+        Reloading::load(files, Box::new(build)).map(|r| Tls(Arc::new(r)))
     }
+
+    /// The acceptor for a connection opening now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.0.current().acceptor
+    }
+
+    /// The configuration of a call to another member made now.
+    pub fn client(&self) -> tonic::transport::ClientTlsConfig {
+        self.0.current().client
+    }
+}
+
+fn parts(
+    files: &TlsFiles,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    ca_pem: &[u8],
+) -> Result<Parts, String> {
+    use keel_net::tls::{certificates, private_key, provider, roots};
+    let certs = certificates("etcd_cert_file", &files.cert_file, cert_pem)?;
+    let key = private_key("etcd_key_file", &files.key_file, key_pem)?;
+    let roots = roots("etcd_trusted_ca_file", &files.trusted_ca_file, ca_pem)?;
+    let provider = provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = if files.client_cert_auth {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("etcd_trusted_ca_file: {e}"))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("etcd_cert_file and etcd_key_file: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let client = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+    Ok(Parts {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        client,
+    })
 }
 
 /// The connections `listener` accepts, each after its TLS handshake. A
@@ -86,7 +119,7 @@ impl Tls {
 /// up no other; a failed one is logged at debug level and dropped.
 pub fn accept(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Tls,
 ) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -107,7 +140,8 @@ pub fn accept(
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!("TCP_NODELAY on an etcd API connection: {e}");
             }
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            // (The files are looked at again, at most once a second.)
+            let (acceptor, tx) = (tls.acceptor(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {

@@ -23,11 +23,17 @@
 //! reader decrypts what arrives. Records that reading produces to send (an
 //! alert) go out with the next write, or through the link's task when the
 //! socket is full (`TlsWire::on_records_held`).
+//!
+//! Every TLS configuration a node serves with (this module's, and the etcd
+//! API's) is `Reloading`: its files are read again when connections open,
+//! at most once a second, and a change is taken without a restart, so
+//! certificates and CAs can be rotated on a running cluster.
 
 use bytes::BytesMut;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -85,6 +91,136 @@ pub fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
+/// How often a `Reloading` configuration reads its files again, at most.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+/// What `Reloading` builds a configuration from: the files' contents, in
+/// the order they were named.
+pub type Build<T> = Box<dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync>;
+
+/// A TLS configuration built from files, and built again from them when
+/// their contents change, so a certificate, its key or a trusted CA can be
+/// replaced on a running node (renewed before it expires, say) without a
+/// restart, as etcd takes renewed certificates. The files are read when a
+/// connection asks for the configuration (`current`), at most once every
+/// `RELOAD_CHECK`. Connections already open keep the configuration they
+/// opened with.
+///
+/// Contents that do not make a configuration (a key that is not the
+/// certificate's, a file caught half written, one missing for a moment)
+/// leave the last good configuration in use, with one warning, until the
+/// files change again: a rotation that writes the certificate and then the
+/// key is taken once both are written.
+pub struct Reloading<T> {
+    /// Each file's configuration key and path.
+    files: Vec<(&'static str, PathBuf)>,
+    build: Build<T>,
+    check_every: Duration,
+    state: Mutex<Loaded<T>>,
+}
+
+struct Loaded<T> {
+    current: T,
+    /// What `current` was built from.
+    contents: Vec<Vec<u8>>,
+    /// Contents that failed to build, or why the files could not be read:
+    /// warned of once.
+    refused: Option<Result<Vec<Vec<u8>>, String>>,
+    /// When the files were last read.
+    checked: Instant,
+}
+
+impl<T: Clone> Reloading<T> {
+    /// Reads the files (each named by its configuration key, in errors
+    /// too) and builds the configuration; an error if that fails.
+    pub fn load(files: Vec<(&'static str, PathBuf)>, build: Build<T>) -> Result<Self, String> {
+        Self::load_checking_every(files, build, RELOAD_CHECK)
+    }
+
+    /// `load`, with the files read again at most every `check_every`.
+    pub fn load_checking_every(
+        files: Vec<(&'static str, PathBuf)>,
+        build: Build<T>,
+        check_every: Duration,
+    ) -> Result<Self, String> {
+        let contents = read_all(&files)?;
+        let current = build(&contents)?;
+        Ok(Reloading {
+            files,
+            build,
+            check_every,
+            state: Mutex::new(Loaded {
+                current,
+                contents,
+                refused: None,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// The configuration to use now: built again first if the files
+    /// changed since they were last read (and that was `check_every` ago).
+    pub fn current(&self) -> T {
+        {
+            let mut s = lock_unpoisoned(&self.state);
+            if s.checked.elapsed() < self.check_every {
+                return s.current.clone();
+            }
+            // (Read by one caller; the others use what is loaded meanwhile.)
+            s.checked = Instant::now();
+        }
+        let read = read_all(&self.files);
+        let mut s = lock_unpoisoned(&self.state);
+        let changed = match &read {
+            Ok(contents) => *contents != s.contents,
+            Err(_) => true,
+        };
+        if !changed {
+            s.refused = None;
+            return s.current.clone();
+        }
+        if s.refused.as_ref() == Some(&read) {
+            return s.current.clone();
+        }
+        let names = self.names();
+        let built = match &read {
+            Ok(contents) => (self.build)(contents),
+            Err(e) => Err(e.clone()),
+        };
+        match built {
+            Ok(built) => {
+                tracing::info!(
+                    "TLS files {names} changed: loaded again, for connections from now on"
+                );
+                s.current = built;
+                s.contents = read.unwrap_or_default();
+                s.refused = None;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "TLS files {names} changed, but do not load: {e}; the certificates last \
+                     loaded stay in use until the files change again"
+                );
+                s.refused = Some(read);
+            }
+        }
+        s.current.clone()
+    }
+
+    fn names(&self) -> String {
+        let keys: Vec<&str> = self.files.iter().map(|(k, _)| *k).collect();
+        keys.join(", ")
+    }
+}
+
+fn read_all(files: &[(&'static str, PathBuf)]) -> Result<Vec<Vec<u8>>, String> {
+    files.iter().map(|(k, p)| read_file(k, p)).collect()
+}
+
+fn lock_unpoisoned<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The PEM files of the peer links' TLS (the configuration keys
 /// `peer_cert_file`, `peer_key_file` and `peer_trusted_ca_file`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,9 +236,13 @@ pub struct PeerTlsFiles {
     pub trusted_ca_file: PathBuf,
 }
 
-/// TLS for the peer links, loaded from `PeerTlsFiles`.
+/// TLS for the peer links, loaded from `PeerTlsFiles` (and again when
+/// they change: `Reloading`).
 #[derive(Clone)]
-pub struct PeerTls {
+pub struct PeerTls(Arc<Reloading<PeerConfigs>>);
+
+#[derive(Clone)]
+struct PeerConfigs {
     connector: TlsConnector,
     acceptor: TlsAcceptor,
 }
@@ -116,48 +256,75 @@ impl std::fmt::Debug for PeerTls {
 impl PeerTls {
     /// Reads and checks the files; an error names the file and the problem.
     pub fn load(files: &PeerTlsFiles) -> Result<PeerTls, String> {
-        let cert = read_file("peer_cert_file", &files.cert_file)?;
-        let key = read_file("peer_key_file", &files.key_file)?;
-        let ca = read_file("peer_trusted_ca_file", &files.trusted_ca_file)?;
-        let certs = certificates("peer_cert_file", &files.cert_file, &cert)?;
-        let key = private_key("peer_key_file", &files.key_file, &key)?;
-        let roots = Arc::new(roots("peer_trusted_ca_file", &files.trusted_ca_file, &ca)?);
-        let provider = provider();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| format!("peer_trusted_ca_file: {e}"))?;
-        let both = "peer_cert_file and peer_key_file";
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs.clone(), key.clone_key())
-            .map_err(|e| format!("{both}: {e}"))?;
-        // A link is one long connection: nothing to resume.
-        server.send_tls13_tickets = 0;
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("{both}: {e}"))?;
-        client.resumption = rustls::client::Resumption::disabled();
-        Ok(PeerTls {
-            connector: TlsConnector::from(Arc::new(client)),
-            acceptor: TlsAcceptor::from(Arc::new(server)),
-        })
+        Self::load_checking_every(files, RELOAD_CHECK)
     }
 
-    pub(crate) fn connector(&self) -> &TlsConnector {
-        &self.connector
+    /// `load`, the files read again at most every `check_every`.
+    pub fn load_checking_every(
+        files: &PeerTlsFiles,
+        check_every: Duration,
+    ) -> Result<PeerTls, String> {
+        let paths = files.clone();
+        let build = move |c: &[Vec<u8>]| {
+            let [cert, key, ca] = c else {
+                return Err("three files expected".to_string());
+            };
+            peer_configs(&paths, cert, key, ca)
+        };
+        let files = vec![
+            ("peer_cert_file", files.cert_file.clone()),
+            ("peer_key_file", files.key_file.clone()),
+            ("peer_trusted_ca_file", files.trusted_ca_file.clone()),
+        ];
+        Reloading::load_checking_every(files, Box::new(build), check_every)
+            .map(|r| PeerTls(Arc::new(r)))
     }
 
-    pub(crate) fn acceptor(&self) -> &TlsAcceptor {
-        &self.acceptor
+    pub(crate) fn connector(&self) -> TlsConnector {
+        self.0.current().connector
     }
+
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        self.0.current().acceptor
+    }
+}
+
+fn peer_configs(
+    files: &PeerTlsFiles,
+    cert: &[u8],
+    key: &[u8],
+    ca: &[u8],
+) -> Result<PeerConfigs, String> {
+    let certs = certificates("peer_cert_file", &files.cert_file, cert)?;
+    let key = private_key("peer_key_file", &files.key_file, key)?;
+    let roots = Arc::new(roots("peer_trusted_ca_file", &files.trusted_ca_file, ca)?);
+    let provider = provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| format!("peer_trusted_ca_file: {e}"))?;
+    let both = "peer_cert_file and peer_key_file";
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs.clone(), key.clone_key())
+        .map_err(|e| format!("{both}: {e}"))?;
+    // A link is one long connection: nothing to resume.
+    server.send_tls13_tickets = 0;
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| format!("{both}: {e}"))?;
+    client.resumption = rustls::client::Resumption::disabled();
+    Ok(PeerConfigs {
+        connector: TlsConnector::from(Arc::new(client)),
+        acceptor: TlsAcceptor::from(Arc::new(server)),
+    })
 }
 
 /// The TLS error inside an I/O error of a TLS stream (tokio-rustls makes
@@ -217,10 +384,9 @@ pub(crate) fn check_peer_name(
 
 /// TLS on a node's native client port (`client_addr`): its certificate,
 /// and with a trusted CA, clients must present a certificate it signs.
+/// Loaded again when the files change (`Reloading`).
 #[derive(Clone)]
-pub struct ClientPortTls {
-    acceptor: TlsAcceptor,
-}
+pub struct ClientPortTls(Arc<Reloading<TlsAcceptor>>);
 
 impl std::fmt::Debug for ClientPortTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,35 +399,49 @@ impl ClientPortTls {
     /// `client_tls_cert_file`, `client_tls_key_file` and, for client
     /// certificates, `client_tls_trusted_ca_file`); an error names the file.
     pub fn load(cert_file: &Path, key_file: &Path, ca_file: Option<&Path>) -> Result<Self, String> {
-        let (cert_key, key_key) = ("client_tls_cert_file", "client_tls_key_file");
-        let certs = certificates(cert_key, cert_file, &read_file(cert_key, cert_file)?)?;
-        let key = private_key(key_key, key_file, &read_file(key_key, key_file)?)?;
-        let provider = provider();
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?;
-        let builder = match ca_file {
-            Some(ca) => {
-                let what = "client_tls_trusted_ca_file";
-                let roots = Arc::new(roots(what, ca, &read_file(what, ca)?)?);
-                let verifier =
-                    rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-                        .build()
-                        .map_err(|e| format!("{what}: {e}"))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-            None => builder.with_no_client_auth(),
+        let (cert_key, key_key, ca_key) = (
+            "client_tls_cert_file",
+            "client_tls_key_file",
+            "client_tls_trusted_ca_file",
+        );
+        let mut files = vec![
+            (cert_key, cert_file.to_path_buf()),
+            (key_key, key_file.to_path_buf()),
+        ];
+        files.extend(ca_file.map(|ca| (ca_key, ca.to_path_buf())));
+        let paths = files.clone();
+        let build = move |c: &[Vec<u8>]| {
+            let ([(_, cert_file), (_, key_file), ..], [cert, key, ..]) = (&paths[..], c) else {
+                return Err("two files expected".to_string());
+            };
+            let certs = certificates(cert_key, cert_file, cert)?;
+            let key = private_key(key_key, key_file, key)?;
+            let provider = provider();
+            let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))?;
+            let builder = match (paths.get(2), c.get(2)) {
+                (Some((_, ca)), Some(pem)) => {
+                    let roots = Arc::new(roots(ca_key, ca, pem)?);
+                    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        roots, provider,
+                    )
+                    .build()
+                    .map_err(|e| format!("{ca_key}: {e}"))?;
+                    builder.with_client_cert_verifier(verifier)
+                }
+                _ => builder.with_no_client_auth(),
+            };
+            let config = builder
+                .with_single_cert(certs, key)
+                .map_err(|e| format!("{cert_key} and {key_key}: {e}"))?;
+            Ok(TlsAcceptor::from(Arc::new(config)))
         };
-        let config = builder
-            .with_single_cert(certs, key)
-            .map_err(|e| format!("{cert_key} and {key_key}: {e}"))?;
-        Ok(ClientPortTls {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
-        })
+        Reloading::load(files, Box::new(build)).map(|r| ClientPortTls(Arc::new(r)))
     }
 
-    pub(crate) fn acceptor(&self) -> &TlsAcceptor {
-        &self.acceptor
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        self.0.current()
     }
 }
 
@@ -513,5 +693,86 @@ impl TlsWire {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A `Reloading` of a number written in a file: built again when the
+    /// contents change, not when they stay the same; contents that do not
+    /// build, or a file gone, leave the last good one in use, and are
+    /// built once, not on every look.
+    #[test]
+    fn a_reloading_configuration_follows_its_files_and_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("number");
+        let write = |text: &str| std::fs::write(&path, text).expect("write");
+        write("1");
+        let builds = Arc::new(AtomicUsize::new(0));
+        let counted = builds.clone();
+        let build: Build<u32> = Box::new(move |c| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let [text] = c else {
+                return Err("one file expected".into());
+            };
+            String::from_utf8_lossy(text)
+                .parse()
+                .map_err(|e| format!("not a number: {e}"))
+        });
+        let r = Reloading::load_checking_every(
+            vec![("number_file", path.clone())],
+            build,
+            Duration::ZERO,
+        )
+        .expect("load");
+        let built = || builds.load(Ordering::Relaxed);
+        assert_eq!((r.current(), r.current(), built()), (1, 1, 1));
+        write("2");
+        assert_eq!((r.current(), r.current(), built()), (2, 2, 2));
+        write("two");
+        assert_eq!((r.current(), r.current(), built()), (2, 2, 3));
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!((r.current(), built()), (2, 3));
+        write("two");
+        // (Refused before the file went: tried again, as it came back.)
+        assert_eq!((r.current(), built()), (2, 4));
+        write("3");
+        assert_eq!((r.current(), r.current(), built()), (3, 3, 5));
+        write("3");
+        assert_eq!((r.current(), built()), (3, 5));
+    }
+
+    /// Between looks at the files, what is loaded is used as it is.
+    #[test]
+    fn files_are_read_again_only_once_per_check_interval() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("number");
+        std::fs::write(&path, "1").expect("write");
+        let build: Build<String> = Box::new(|c| Ok(String::from_utf8_lossy(&c[0]).into_owned()));
+        let r = Reloading::load_checking_every(
+            vec![("number_file", path.clone())],
+            build,
+            Duration::from_secs(3600),
+        )
+        .expect("load");
+        std::fs::write(&path, "2").expect("write");
+        assert_eq!(r.current(), "1");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_at_first_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nothing-here.pem");
+        let build: Build<()> = Box::new(|_| Ok(()));
+        let e = Reloading::load(vec![("some_file", path)], build)
+            .err()
+            .expect("a missing file");
+        assert!(
+            e.starts_with("some_file ") && e.contains("nothing-here.pem"),
+            "{e}"
+        );
     }
 }

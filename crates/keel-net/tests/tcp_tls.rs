@@ -3,7 +3,8 @@
 //! ways, in bursts far larger than a socket buffer, and again after a
 //! reconnect; a node whose certificate the other's CA did not sign, whose
 //! certificate does not name the address it is dialed at, or that speaks
-//! plain TCP to a TLS node (or the reverse) gets no link.
+//! plain TCP to a TLS node (or the reverse) gets no link. Files changed
+//! while nodes run are taken for the connections opened after.
 
 mod common;
 use common::{free_addr, runtime};
@@ -88,7 +89,9 @@ fn config(id: NodeId, tls: Option<&PeerTlsFiles>) -> TransportConfig {
         node_id: id,
         max_frame: 64 << 20,
         peer_queue: 1 << 20,
-        tls: tls.map(|f| PeerTls::load(f).expect("load TLS files")),
+        // (The files are looked at again on every connection, so that a
+        // test's change to them is taken by the next one.)
+        tls: tls.map(|f| PeerTls::load_checking_every(f, Duration::ZERO).expect("load TLS files")),
         handshakes: Some(handshakes()),
     }
 }
@@ -310,6 +313,48 @@ fn a_tls_link_comes_back_after_the_dialing_node_restarts() {
     again.peers.send(message(1, 2, next, 100));
     again.peers.flush();
     receive_all(&two, next, 1, 100);
+    drop(rt);
+}
+
+/// Certificates are rotated on running nodes: a CA added to both nodes'
+/// trusted files lets a node whose certificate it signed link (no
+/// restart), and a node's certificate replaced by one that does not name
+/// its address is what the next dialer gets (and refuses), while the link
+/// already open stays up.
+#[test]
+fn certificates_and_cas_are_taken_from_their_files_while_nodes_run() {
+    let c = certs();
+    let rt = runtime();
+    let (a1, a2) = (free_addr(), free_addr());
+    let two = start(&rt, 2, &a2, (1, &a1), Some(&c.good));
+    let one = start(&rt, 1, &a1, (2, &a2), Some(&c.rogue));
+    refused(&one, &two, &two);
+    let read = |p: &Path| std::fs::read_to_string(p).expect("read PEM");
+    let both = read(&c.good.trusted_ca_file) + &read(&c.rogue.trusted_ca_file);
+    std::fs::write(&c.good.trusted_ca_file, &both).expect("write");
+    std::fs::write(&c.rogue.trusted_ca_file, &both).expect("write");
+    let next = wait_link_up(&one, &two, (1, 2), 0);
+
+    // Node 2's certificate, now for localhost only: node 1 dials it at
+    // 127.0.0.1. The open link is not touched...
+    std::fs::write(&c.good.cert_file, read(&c.localhost_only.cert_file)).expect("write");
+    std::fs::write(&c.good.key_file, read(&c.localhost_only.key_file)).expect("write");
+    one.peers.send(message(1, 2, next, 10));
+    one.peers.flush();
+    receive_all(&two, next, 1, 10);
+    // ... and a node dialing afresh is shown the new certificate.
+    drop(one);
+    let rejected = two.stats.rejected_connections.load(Ordering::Relaxed);
+    let again = start(&rt, 1, &free_addr(), (2, &a2), Some(&c.rogue));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while two.stats.rejected_connections.load(Ordering::Relaxed) < rejected + 3 {
+        assert!(Instant::now() < deadline, "no connection was refused");
+        again.peers.send(message(1, 2, 1, 1));
+        again.peers.flush();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(again.stats.peer_protocols(), vec![(2, 0)], "linked");
+    assert!(two.received.try_recv().is_err(), "a message crossed");
     drop(rt);
 }
 

@@ -307,6 +307,7 @@ struct ServerArgs {
     etcd_addr: Option<String>,
     /// Serve the etcd API over TLS with this certificate (PEM; etcd's
     /// --cert-file). Needs --etcd-key-file and --etcd-trusted-ca-file.
+    /// TLS files replaced while the node runs are taken without a restart.
     #[arg(long)]
     etcd_cert_file: Option<PathBuf>,
     /// The private key of --etcd-cert-file (PEM; etcd's --key-file).
@@ -325,7 +326,8 @@ struct ServerArgs {
     /// --peer-cert-file), presented both when dialing and when dialed: it
     /// must name the host of this node's peer address and allow TLS server
     /// and client use. Needs --peer-key-file and --peer-trusted-ca-file;
-    /// every node of the cluster must use peer TLS.
+    /// every node of the cluster must use peer TLS. Replaced files are
+    /// taken without a restart.
     #[arg(long)]
     peer_cert_file: Option<PathBuf>,
     /// The private key of --peer-cert-file (PEM; etcd's --peer-key-file).
@@ -338,7 +340,8 @@ struct ServerArgs {
     #[arg(long)]
     peer_trusted_ca_file: Option<PathBuf>,
     /// TLS on the native client port with this certificate (PEM); needs
-    /// --client-tls-key-file. Clients connect with `--cacert`.
+    /// --client-tls-key-file. Clients connect with `--cacert`. Replaced
+    /// files are taken without a restart.
     #[arg(long)]
     client_tls_cert_file: Option<PathBuf>,
     /// The private key of --client-tls-cert-file (PEM).

@@ -6,7 +6,8 @@
 //! TCP are refused; HTTP/1.1 over TLS (ALPN `http/1.1`) answers `/health`;
 //! etcdctl works with `--cacert`, `--cert` and `--key` (with CI=true a
 //! missing etcdctl fails the test; elsewhere that part is skipped). A node
-//! given an incomplete set of TLS files refuses to start, saying why.
+//! given an incomplete set of TLS files refuses to start, saying why. A
+//! certificate replaced on disk is served without a restart.
 
 mod common;
 
@@ -26,8 +27,17 @@ async fn channel(
     addr: &str,
     identity: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<Channel, tonic::transport::Error> {
+    channel_trusting(&files.ca, addr, identity).await
+}
+
+/// `channel`, trusting the CA in `ca`.
+async fn channel_trusting(
+    ca: &std::path::Path,
+    addr: &str,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<Channel, tonic::transport::Error> {
     let read = |p: &std::path::Path| std::fs::read(p).expect("read PEM");
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&files.ca)));
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)));
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(read(cert), read(key)));
     }
@@ -198,6 +208,61 @@ fn etcd_api_over_tls_with_client_certificates() {
         assert!(out.status.success(), "{out:?}");
         let out = etcdctl(&["get", "tls-key"], false);
         assert!(!out.status.success(), "served without a client certificate");
+    }
+}
+
+/// A member's certificate replaced on disk (by one from another CA) is
+/// what clients connecting afterwards are shown, without a restart.
+#[test]
+fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
+    let certs_dir = tempfile::tempdir().expect("tempdir");
+    let files = tls_files(certs_dir.path());
+    let c = TestCluster::start(1, &files.config(true));
+    c.wait_for_leader(Duration::from_secs(10));
+    let addr = c.nodes[0].etcd.clone();
+    let client = Some((files.client_cert.as_path(), files.client_key.as_path()));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // A put through a new connection trusting `ca`: Ok, or why not.
+    let put_trusting = |ca: &std::path::Path| {
+        rt.block_on(async {
+            match channel_trusting(ca, &addr, client).await {
+                Ok(ch) => put(ch, "k").await.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("{e:?}")),
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    while let Err(e) = put_trusting(&files.ca) {
+        // (The node may still be binding.)
+        assert!(start.elapsed() < Duration::from_secs(10), "{e}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    files.rotate_server_to_rogue_ca();
+    let start = std::time::Instant::now();
+    while let Err(e) = put_trusting(&files.rogue_ca) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the new certificate was not served: {e}{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        put_trusting(&files.ca).is_err(),
+        "the old certificate is still served"
+    );
+    c.wait_log(1, "changed: loaded again", "the node said it loaded them");
+    if etcdctl_available() {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=https://{addr}"))
+            .arg(format!("--cacert={}", files.rogue_ca.display()))
+            .arg(format!("--cert={}", files.client_cert.display()))
+            .arg(format!("--key={}", files.client_key.display()))
+            .args(["--command-timeout=10s", "put", "rotated", "yes"])
+            .output()
+            .expect("run etcdctl");
+        assert!(out.status.success(), "{out:?}");
     }
 }
 

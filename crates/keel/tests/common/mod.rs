@@ -806,15 +806,19 @@ pub fn etcdctl_available() -> bool {
 
 /// PEM files for TLS tests, written by `tls_files`: a CA, a certificate
 /// for 127.0.0.1 and localhost (every member's), a client certificate, and
-/// a client certificate from another CA.
+/// from another CA (whose certificate is `rogue_ca`) a client certificate
+/// and one for 127.0.0.1 and localhost.
 pub struct TlsFiles {
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    pub rogue_ca: PathBuf,
     pub rogue_cert: PathBuf,
     pub rogue_key: PathBuf,
+    pub rogue_server_cert: PathBuf,
+    pub rogue_server_key: PathBuf,
 }
 
 impl TlsFiles {
@@ -825,6 +829,22 @@ impl TlsFiles {
              etcd_client_cert_auth = {client_cert_auth}\n",
             self.server_cert, self.server_key, self.ca
         )
+    }
+}
+
+impl TlsFiles {
+    /// Replaces the members' certificate and key (`server_cert`,
+    /// `server_key`) with `rogue_server_cert` and its key, as a rotation
+    /// to another CA would, each file written whole in one rename.
+    pub fn rotate_server_to_rogue_ca(&self) {
+        for (from, to) in [
+            (&self.rogue_server_cert, &self.server_cert),
+            (&self.rogue_server_key, &self.server_key),
+        ] {
+            let staged = to.with_extension("new");
+            std::fs::copy(from, &staged).expect("copy PEM");
+            std::fs::rename(&staged, to).expect("rename PEM");
+        }
     }
 }
 
@@ -849,7 +869,7 @@ pub fn tls_files(dir: &std::path::Path) -> TlsFiles {
         (cert.pem(), key.serialize_pem())
     };
     let (ca_pem, issuer) = ca("keel test CA");
-    let (_, rogue_issuer) = ca("another CA");
+    let (rogue_ca_pem, rogue_issuer) = ca("another CA");
     let write = |name: &str, pem: &str| {
         let path = dir.join(name);
         std::fs::write(&path, pem).expect("write PEM");
@@ -858,13 +878,17 @@ pub fn tls_files(dir: &std::path::Path) -> TlsFiles {
     let (server_cert, server_key) = leaf(&["127.0.0.1", "localhost"], &issuer);
     let (client_cert, client_key) = leaf(&["client"], &issuer);
     let (rogue_cert, rogue_key) = leaf(&["rogue"], &rogue_issuer);
+    let (rogue_server_cert, rogue_server_key) = leaf(&["127.0.0.1", "localhost"], &rogue_issuer);
     TlsFiles {
         ca: write("ca.pem", &ca_pem),
         server_cert: write("server.pem", &server_cert),
         server_key: write("server-key.pem", &server_key),
         client_cert: write("client.pem", &client_cert),
         client_key: write("client-key.pem", &client_key),
+        rogue_ca: write("rogue-ca.pem", &rogue_ca_pem),
         rogue_cert: write("rogue.pem", &rogue_cert),
         rogue_key: write("rogue-key.pem", &rogue_key),
+        rogue_server_cert: write("rogue-server.pem", &rogue_server_cert),
+        rogue_server_key: write("rogue-server-key.pem", &rogue_server_key),
     }
 }

@@ -155,20 +155,22 @@ pub struct Api {
 /// a call that fails drops the channel (`Api::forget_channel`), so the
 /// next one connects afresh.
 #[derive(Default)]
-struct MemberChannels(std::sync::Mutex<std::collections::HashMap<u64, (String, Channel)>>);
+struct MemberChannels(std::sync::Mutex<std::collections::HashMap<u64, (String, u64, Channel)>>);
 
 impl MemberChannels {
-    fn get(&self, id: u64, url: &str) -> Option<Channel> {
+    /// The channel to member `id` at `url`, if one was made with TLS files
+    /// of generation `tls` (0 without TLS).
+    fn get(&self, id: u64, url: &str, tls: u64) -> Option<Channel> {
         let cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
         cached
             .get(&id)
-            .filter(|(at, _)| at == url)
-            .map(|(_, ch)| ch.clone())
+            .filter(|(at, made_with, _)| at == url && *made_with == tls)
+            .map(|(_, _, ch)| ch.clone())
     }
 
-    fn put(&self, id: u64, url: &str, channel: &Channel) {
+    fn put(&self, id: u64, url: &str, tls: u64, channel: &Channel) {
         let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        cached.insert(id, (url.to_string(), channel.clone()));
+        cached.insert(id, (url.to_string(), tls, channel.clone()));
     }
 
     fn forget(&self, id: u64) -> bool {
@@ -255,14 +257,18 @@ impl Api {
                      configuration; send the request to it"
                 ))
             })?;
-        if let Some(channel) = self.member_channels.get(id, url) {
+        // (A channel reconnects with the TLS configuration it was made
+        // with: one made before the TLS files changed is made again.)
+        let tls = self.client_tls.as_ref().map(tls::Tls::client);
+        let generation = tls.as_ref().map_or(0, |(_, g)| *g);
+        if let Some(channel) = self.member_channels.get(id, url, generation) {
             return Ok(channel);
         }
         let mut endpoint = Channel::from_shared(url.clone())
             .map_err(|e| Status::internal(format!("URL {url:?} of {who}: {e}")))?;
-        if let Some(tls) = &self.client_tls {
+        if let Some((config, _)) = tls {
             endpoint = endpoint
-                .tls_config(tls.client())
+                .tls_config(config)
                 .map_err(|e| Status::internal(format!("TLS for {who} ({url}): {e}")))?;
         }
         let channel = endpoint
@@ -272,7 +278,7 @@ impl Api {
             .map_err(|e| {
                 Status::unavailable(format!("etcdserver: {who} unreachable ({url}): {e}"))
             })?;
-        self.member_channels.put(id, url, &channel);
+        self.member_channels.put(id, url, generation, &channel);
         Ok(channel)
     }
 
@@ -513,5 +519,27 @@ mod node_error_tests {
                 "{s:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cached channel to another member is used only at the URL and with
+    /// the TLS files' generation it was made with: after the files change,
+    /// the next call makes a channel with the new ones (a cached one would
+    /// reconnect with the old certificate and CA).
+    #[tokio::test]
+    async fn member_channels_are_made_again_when_the_tls_files_change() {
+        let channels = MemberChannels::default();
+        let channel = Channel::from_static("https://127.0.0.1:1").connect_lazy();
+        channels.put(7, "https://127.0.0.1:1", 3, &channel);
+        assert!(channels.get(7, "https://127.0.0.1:1", 3).is_some());
+        assert!(channels.get(7, "https://127.0.0.1:1", 4).is_none());
+        assert!(channels.get(7, "https://127.0.0.1:2", 3).is_none());
+        assert!(channels.get(8, "https://127.0.0.1:1", 3).is_none());
+        assert!(channels.forget(7));
+        assert!(channels.get(7, "https://127.0.0.1:1", 3).is_none());
     }
 }

@@ -69,12 +69,16 @@ impl Tls {
 
     /// The acceptor for a connection opening now.
     pub fn acceptor(&self) -> TlsAcceptor {
-        self.0.current().acceptor
+        self.0.current().acceptor.clone()
     }
 
-    /// The configuration of a call to another member made now.
-    pub fn client(&self) -> tonic::transport::ClientTlsConfig {
-        self.0.current().client
+    /// The configuration of a connection to another member made now, and
+    /// its generation (`Reloading::current_with_generation`): a connection
+    /// made with an older one is made again, as tonic's channels reconnect
+    /// with the configuration they were made with.
+    pub fn client(&self) -> (tonic::transport::ClientTlsConfig, u64) {
+        let (parts, generation) = self.0.current_with_generation();
+        (parts.client.clone(), generation)
     }
 }
 
@@ -140,7 +144,8 @@ pub fn accept(
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!("TCP_NODELAY on an etcd API connection: {e}");
             }
-            // (The files are looked at again, at most once a second.)
+            // (The files are looked at again in the background, at most
+            // once a second.)
             let (acceptor, tx) = (tls.acceptor(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

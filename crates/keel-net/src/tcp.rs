@@ -2018,7 +2018,7 @@ pub async fn start_clients_with(
     max_frame: usize,
     handler: RequestHandler,
     stats: Arc<NetStats>,
-    tls: Option<crate::tls::ClientPortTls>,
+    tls: Option<crate::tls::ServerTls>,
     handshakes: Option<tokio::runtime::Handle>,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;

@@ -1,6 +1,6 @@
-//! TLS for the peer links (`PeerTls`), for the native client port
-//! (`ClientPortTls`, and `ClientTls` for its clients), and the PEM loading
-//! the etcd API's TLS shares with them.
+//! TLS for the peer links (`PeerTls`), for the native client port and
+//! `http_addr` (`ServerTls`, and `ClientTls` for the native port's
+//! clients), and the PEM loading the etcd API's TLS shares with them.
 //!
 //! A client connection's handshake runs on the network threads; once done,
 //! the connection is a `TlsWire` served as a plain one is (see below).
@@ -32,7 +32,7 @@
 use bytes::BytesMut;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
@@ -101,10 +101,14 @@ pub type Build<T> = Box<dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync>;
 /// A TLS configuration built from files, and built again from them when
 /// their contents change, so a certificate, its key or a trusted CA can be
 /// replaced on a running node (renewed before it expires, say) without a
-/// restart, as etcd takes renewed certificates. The files are read when a
-/// connection asks for the configuration (`current`), at most once every
-/// `RELOAD_CHECK`. Connections already open keep the configuration they
-/// opened with.
+/// restart, as etcd takes renewed certificates. When a connection asks for
+/// the configuration (`current`), at most once every `RELOAD_CHECK`, a
+/// thread of its own is woken to read the files and, if they changed, to
+/// build the configuration again: a connection never waits for a file or a
+/// build (the consensus thread dials peers), and it gets the configuration
+/// as last built. So a change is taken by the connections that open after
+/// the first one that followed it. Connections already open keep the
+/// configuration they opened with.
 ///
 /// Contents that do not make a configuration (a key that is not the
 /// certificate's, a file caught half written, one missing for a moment)
@@ -112,25 +116,33 @@ pub type Build<T> = Box<dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync>;
 /// files change again: a rotation that writes the certificate and then the
 /// key is taken once both are written.
 pub struct Reloading<T> {
+    shared: Arc<Shared<T>>,
+    /// Wakes the reloading thread; dropped, it ends the thread.
+    wake: mpsc::SyncSender<()>,
+}
+
+struct Shared<T> {
     /// Each file's configuration key and path.
     files: Vec<(&'static str, PathBuf)>,
     build: Build<T>,
     check_every: Duration,
-    state: Mutex<Loaded<T>>,
+    /// The configuration in use, and how many times it was built again.
+    loaded: Mutex<(Arc<T>, u64)>,
+    /// When the reloading thread was last woken.
+    woken: Mutex<Instant>,
+    /// The reloading thread's own state.
+    files_state: Mutex<FilesState>,
 }
 
-struct Loaded<T> {
-    current: T,
-    /// What `current` was built from.
+struct FilesState {
+    /// What the configuration in use was built from.
     contents: Vec<Vec<u8>>,
     /// Contents that failed to build, or why the files could not be read:
     /// warned of once.
     refused: Option<Result<Vec<Vec<u8>>, String>>,
-    /// When the files were last read.
-    checked: Instant,
 }
 
-impl<T: Clone> Reloading<T> {
+impl<T: Send + Sync + 'static> Reloading<T> {
     /// Reads the files (each named by its configuration key, in errors
     /// too) and builds the configuration; an error if that fails.
     pub fn load(files: Vec<(&'static str, PathBuf)>, build: Build<T>) -> Result<Self, String> {
@@ -145,66 +157,97 @@ impl<T: Clone> Reloading<T> {
     ) -> Result<Self, String> {
         let contents = read_all(&files)?;
         let current = build(&contents)?;
-        Ok(Reloading {
+        let shared = Arc::new(Shared {
             files,
             build,
             check_every,
-            state: Mutex::new(Loaded {
-                current,
+            loaded: Mutex::new((Arc::new(current), 0)),
+            woken: Mutex::new(Instant::now()),
+            files_state: Mutex::new(FilesState {
                 contents,
                 refused: None,
-                checked: Instant::now(),
             }),
-        })
+        });
+        // (One request waiting at most: more while it waits add nothing.)
+        let (wake, woken) = mpsc::sync_channel::<()>(1);
+        let reloads = shared.clone();
+        std::thread::Builder::new()
+            .name("keel-tls-reload".into())
+            .spawn(move || {
+                for () in woken {
+                    reloads.reload();
+                }
+            })
+            .map_err(|e| format!("starting the TLS files' reloading thread: {e}"))?;
+        Ok(Reloading { shared, wake })
     }
 
-    /// The configuration to use now: built again first if the files
-    /// changed since they were last read (and that was `check_every` ago).
-    pub fn current(&self) -> T {
-        {
-            let mut s = lock_unpoisoned(&self.state);
-            if s.checked.elapsed() < self.check_every {
-                return s.current.clone();
-            }
-            // (Read by one caller; the others use what is loaded meanwhile.)
-            s.checked = Instant::now();
+    /// The configuration to use now; the files are looked at again in the
+    /// background if that is due.
+    pub fn current(&self) -> Arc<T> {
+        self.current_with_generation().0
+    }
+
+    /// `current`, and how many times it was built again since the first
+    /// load (what was made from an older one, a cached connection to
+    /// another node, may be made again).
+    pub fn current_with_generation(&self) -> (Arc<T>, u64) {
+        let loaded = lock_unpoisoned(&self.shared.loaded).clone();
+        let mut woken = lock_unpoisoned(&self.shared.woken);
+        if woken.elapsed() >= self.shared.check_every {
+            *woken = Instant::now();
+            let _ = self.wake.try_send(());
         }
+        loaded
+    }
+}
+
+impl<T> Shared<T> {
+    /// Reads the files, and builds the configuration again if they changed
+    /// (on the reloading thread).
+    fn reload(&self) {
         let read = read_all(&self.files);
-        let mut s = lock_unpoisoned(&self.state);
-        let changed = match &read {
-            Ok(contents) => *contents != s.contents,
-            Err(_) => true,
-        };
-        if !changed {
-            s.refused = None;
-            return s.current.clone();
+        let mut state = lock_unpoisoned(&self.files_state);
+        if read.as_ref().is_ok_and(|c| *c == state.contents) {
+            state.refused = None;
+            return;
         }
-        if s.refused.as_ref() == Some(&read) {
-            return s.current.clone();
+        if state.refused.as_ref() == Some(&read) {
+            return;
         }
         let names = self.names();
-        let built = match &read {
-            Ok(contents) => (self.build)(contents),
-            Err(e) => Err(e.clone()),
+        let contents = match read {
+            Ok(contents) => contents,
+            Err(e) => {
+                tracing::warn!(
+                    "TLS files {names}: {e}; the certificates last loaded stay in use until the \
+                     files can be read"
+                );
+                state.refused = Some(Err(e));
+                return;
+            }
         };
-        match built {
+        match (self.build)(&contents) {
             Ok(built) => {
+                {
+                    let mut loaded = lock_unpoisoned(&self.loaded);
+                    loaded.0 = Arc::new(built);
+                    loaded.1 += 1;
+                }
+                state.contents = contents;
+                state.refused = None;
                 tracing::info!(
                     "TLS files {names} changed: loaded again, for connections from now on"
                 );
-                s.current = built;
-                s.contents = read.unwrap_or_default();
-                s.refused = None;
             }
             Err(e) => {
                 tracing::warn!(
                     "TLS files {names} changed, but do not load: {e}; the certificates last \
                      loaded stay in use until the files change again"
                 );
-                s.refused = Some(read);
+                state.refused = Some(Ok(contents));
             }
         }
-        s.current.clone()
     }
 
     fn names(&self) -> String {
@@ -281,11 +324,17 @@ impl PeerTls {
     }
 
     pub(crate) fn connector(&self) -> TlsConnector {
-        self.0.current().connector
+        self.0.current().connector.clone()
+    }
+
+    /// How many times the files were loaded again since the start (and a
+    /// look at them, as a connection opening sets off).
+    pub fn generation(&self) -> u64 {
+        self.0.current_with_generation().1
     }
 
     pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        self.0.current().acceptor
+        self.0.current().acceptor.clone()
     }
 }
 
@@ -382,28 +431,48 @@ pub(crate) fn check_peer_name(
     rustls::client::verify_server_name(&parsed, name).map_err(|e| e.to_string())
 }
 
-/// TLS on a node's native client port (`client_addr`): its certificate,
-/// and with a trusted CA, clients must present a certificate it signs.
-/// Loaded again when the files change (`Reloading`).
-#[derive(Clone)]
-pub struct ClientPortTls(Arc<Reloading<TlsAcceptor>>);
+/// The configuration keys of a port's server TLS: its certificate, its
+/// key, and the CA that must sign clients' certificates (named in errors
+/// and in the reload's log lines).
+pub type ServerTlsKeys = [&'static str; 3];
 
-impl std::fmt::Debug for ClientPortTls {
+/// The native client port's (`client_addr`) TLS settings.
+pub const CLIENT_PORT_TLS: ServerTlsKeys = [
+    "client_tls_cert_file",
+    "client_tls_key_file",
+    "client_tls_trusted_ca_file",
+];
+
+/// The operators' HTTP port's (`http_addr`) TLS settings.
+pub const HTTP_PORT_TLS: ServerTlsKeys = [
+    "http_tls_cert_file",
+    "http_tls_key_file",
+    "http_tls_trusted_ca_file",
+];
+
+/// Server TLS on a node's port (the native client port, `http_addr`): its
+/// certificate, and with a trusted CA, clients must present a certificate
+/// it signs. Loaded again when the files change (`Reloading`).
+#[derive(Clone)]
+pub struct ServerTls(Arc<Reloading<TlsAcceptor>>);
+
+impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClientPortTls")
+        f.write_str("ServerTls")
     }
 }
 
-impl ClientPortTls {
-    /// Reads and checks the files (the configuration keys
-    /// `client_tls_cert_file`, `client_tls_key_file` and, for client
-    /// certificates, `client_tls_trusted_ca_file`); an error names the file.
-    pub fn load(cert_file: &Path, key_file: &Path, ca_file: Option<&Path>) -> Result<Self, String> {
-        let (cert_key, key_key, ca_key) = (
-            "client_tls_cert_file",
-            "client_tls_key_file",
-            "client_tls_trusted_ca_file",
-        );
+impl ServerTls {
+    /// Reads and checks the files (the configuration keys `keys` name
+    /// them, in errors too): the certificate, its key and, for client
+    /// certificates, the CA that must sign them.
+    pub fn load(
+        keys: ServerTlsKeys,
+        cert_file: &Path,
+        key_file: &Path,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, String> {
+        let [cert_key, key_key, ca_key] = keys;
         let mut files = vec![
             (cert_key, cert_file.to_path_buf()),
             (key_key, key_file.to_path_buf()),
@@ -437,11 +506,12 @@ impl ClientPortTls {
                 .map_err(|e| format!("{cert_key} and {key_key}: {e}"))?;
             Ok(TlsAcceptor::from(Arc::new(config)))
         };
-        Reloading::load(files, Box::new(build)).map(|r| ClientPortTls(Arc::new(r)))
+        Reloading::load(files, Box::new(build)).map(|r| ServerTls(Arc::new(r)))
     }
 
-    pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        self.0.current()
+    /// The acceptor for a connection opening now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::clone(&self.0.current())
     }
 }
 
@@ -704,7 +774,8 @@ mod tests {
     /// A `Reloading` of a number written in a file: built again when the
     /// contents change, not when they stay the same; contents that do not
     /// build, or a file gone, leave the last good one in use, and are
-    /// built once, not on every look.
+    /// built once, not on every look. (The looks are made here, one by
+    /// one: the reloading thread is never woken.)
     #[test]
     fn a_reloading_configuration_follows_its_files_and_keeps_the_last_good_one() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -725,41 +796,59 @@ mod tests {
         let r = Reloading::load_checking_every(
             vec![("number_file", path.clone())],
             build,
-            Duration::ZERO,
-        )
-        .expect("load");
-        let built = || builds.load(Ordering::Relaxed);
-        assert_eq!((r.current(), r.current(), built()), (1, 1, 1));
-        write("2");
-        assert_eq!((r.current(), r.current(), built()), (2, 2, 2));
-        write("two");
-        assert_eq!((r.current(), r.current(), built()), (2, 2, 3));
-        std::fs::remove_file(&path).expect("remove");
-        assert_eq!((r.current(), built()), (2, 3));
-        write("two");
-        // (Refused before the file went: tried again, as it came back.)
-        assert_eq!((r.current(), built()), (2, 4));
-        write("3");
-        assert_eq!((r.current(), r.current(), built()), (3, 3, 5));
-        write("3");
-        assert_eq!((r.current(), built()), (3, 5));
-    }
-
-    /// Between looks at the files, what is loaded is used as it is.
-    #[test]
-    fn files_are_read_again_only_once_per_check_interval() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("number");
-        std::fs::write(&path, "1").expect("write");
-        let build: Build<String> = Box::new(|c| Ok(String::from_utf8_lossy(&c[0]).into_owned()));
-        let r = Reloading::load_checking_every(
-            vec![("number_file", path.clone())],
-            build,
             Duration::from_secs(3600),
         )
         .expect("load");
+        // (What is in use after a look at the files, how many times it was
+        // built again, and how many builds there were in all.)
+        let look = || {
+            r.shared.reload();
+            let (n, generation) = r.current_with_generation();
+            (*n, generation, builds.load(Ordering::Relaxed))
+        };
+        assert_eq!(look(), (1, 0, 1));
+        write("2");
+        assert_eq!((look(), look()), ((2, 1, 2), (2, 1, 2)));
+        write("two");
+        assert_eq!((look(), look()), ((2, 1, 3), (2, 1, 3)));
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!((look(), look()), ((2, 1, 3), (2, 1, 3)));
+        write("two");
+        // (Refused before the file went: tried again, as it came back.)
+        assert_eq!(look(), (2, 1, 4));
+        write("3");
+        assert_eq!((look(), look()), ((3, 2, 5), (3, 2, 5)));
+        write("3");
+        assert_eq!(look(), (3, 2, 5));
+    }
+
+    /// A connection asking for the configuration wakes the reloading
+    /// thread, and a later one gets what it built.
+    #[test]
+    fn asking_for_the_configuration_has_the_files_read_again_in_the_background() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("text");
+        std::fs::write(&path, "1").expect("write");
+        let build: Build<String> = Box::new(|c| {
+            let [text] = c else {
+                return Err("one file expected".into());
+            };
+            Ok(String::from_utf8_lossy(text).into_owned())
+        });
+        let r = Reloading::load_checking_every(
+            vec![("text_file", path.clone())],
+            build,
+            Duration::ZERO,
+        )
+        .expect("load");
+        assert_eq!(*r.current(), "1");
         std::fs::write(&path, "2").expect("write");
-        assert_eq!(r.current(), "1");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while *r.current() != "2" {
+            assert!(Instant::now() < deadline, "never read again");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(r.current_with_generation().1, 1);
     }
 
     #[test]

@@ -108,6 +108,7 @@ struct End {
     peers: Peers,
     received: mpsc::Receiver<Message>,
     stats: Arc<NetStats>,
+    tls: Option<PeerTls>,
 }
 
 fn start(
@@ -133,9 +134,11 @@ fn start_gated(
     let (tx, received) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
     let stats = Arc::new(NetStats::default());
+    let config = config(id, tls);
+    let tls = config.tls.clone();
     let peers = rt
         .block_on(start_peers(
-            config(id, tls),
+            config,
             addr,
             &[(peer.0, peer.1.to_string())],
             Arc::new(move |m| {
@@ -151,6 +154,7 @@ fn start_gated(
         peers,
         received,
         stats,
+        tls,
     }
 }
 
@@ -336,9 +340,18 @@ fn certificates_and_cas_are_taken_from_their_files_while_nodes_run() {
     let next = wait_link_up(&one, &two, (1, 2), 0);
 
     // Node 2's certificate, now for localhost only: node 1 dials it at
-    // 127.0.0.1. The open link is not touched...
+    // 127.0.0.1. Once node 2 has loaded it (the new certificate with the
+    // old key does not load), the open link is not touched...
+    let two_tls = two.tls.clone().expect("TLS");
+    let loaded = two_tls.generation();
+    assert!(loaded >= 1, "node 2 never loaded its CA file again");
     std::fs::write(&c.good.cert_file, read(&c.localhost_only.cert_file)).expect("write");
     std::fs::write(&c.good.key_file, read(&c.localhost_only.key_file)).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while two_tls.generation() == loaded {
+        assert!(Instant::now() < deadline, "node 2 never loaded its new files");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     one.peers.send(message(1, 2, next, 10));
     one.peers.flush();
     receive_all(&two, next, 1, 10);

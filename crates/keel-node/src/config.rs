@@ -252,6 +252,18 @@ pub struct NodeConfig {
     /// client may connect, as without TLS.
     #[serde(default)]
     pub client_tls_trusted_ca_file: Option<PathBuf>,
+    /// HTTPS on `http_addr` (/metrics and /status) with this certificate
+    /// chain (PEM); needs `http_tls_key_file`. Plain HTTP is then refused.
+    #[serde(default)]
+    pub http_tls_cert_file: Option<PathBuf>,
+    /// The private key of `http_tls_cert_file` (PEM).
+    #[serde(default)]
+    pub http_tls_key_file: Option<PathBuf>,
+    /// With HTTPS on `http_addr`: the CA certificates (PEM) that must sign
+    /// every client's certificate (a scraper's `tls_config` cert); unset,
+    /// any client may read /metrics and /status.
+    #[serde(default)]
+    pub http_tls_trusted_ca_file: Option<PathBuf>,
     /// The web origins (`https://dash.example.com`) whose pages may read the
     /// etcd API's HTTP answers (CORS), as etcd's `--cors`; `"*"` for any.
     /// A request from any other origin (a browser's, with an `Origin`
@@ -442,6 +454,30 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A port's TLS settings (`<port>_tls_cert_file`, `_key_file` and
+/// `_trusted_ca_file`): the certificate and its key together or neither,
+/// and the trusted CA only with them.
+fn check_server_tls(
+    port: &str,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    ca: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    let (cert_key, key_key) = (
+        format!("{port}_tls_cert_file"),
+        format!("{port}_tls_key_file"),
+    );
+    match (cert, key, ca) {
+        (Some(_), Some(_), _) | (None, None, None) => Ok(()),
+        (None, None, Some(_)) => Err(ConfigError::Invalid(format!(
+            "{port}_tls_trusted_ca_file needs {port} TLS: set {cert_key} and {key_key}"
+        ))),
+        _ => Err(ConfigError::Invalid(format!(
+            "{port} TLS needs both {cert_key} and {key_key}"
+        ))),
+    }
+}
+
 impl NodeConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
@@ -501,22 +537,20 @@ impl NodeConfig {
                 self.election_timeout_min_ms, self.election_timeout_max_ms
             ));
         }
-        match (
+        check_server_tls(
+            "client",
             &self.client_tls_cert_file,
             &self.client_tls_key_file,
             &self.client_tls_trusted_ca_file,
-        ) {
-            (Some(_), Some(_), _) | (None, None, None) => {}
-            (None, None, Some(_)) => {
-                return bad("client_tls_trusted_ca_file needs client TLS: set \
-                     client_tls_cert_file and client_tls_key_file"
-                    .into())
-            }
-            _ => {
-                return bad(
-                    "client TLS needs both client_tls_cert_file and client_tls_key_file".into(),
-                )
-            }
+        )?;
+        check_server_tls(
+            "http",
+            &self.http_tls_cert_file,
+            &self.http_tls_key_file,
+            &self.http_tls_trusted_ca_file,
+        )?;
+        if self.http_tls_cert_file.is_some() && self.http_addr.is_none() {
+            return bad("http_tls_cert_file needs http_addr: it serves HTTPS there".into());
         }
         if self.peer_tls_files()?.is_some() {
             for p in &self.peers {
@@ -703,6 +737,13 @@ impl NodeConfig {
             (
                 "client_tls_trusted_ca_file",
                 &self.client_tls_trusted_ca_file,
+                cert,
+            ),
+            ("http_tls_cert_file", &self.http_tls_cert_file, cert),
+            ("http_tls_key_file", &self.http_tls_key_file, key),
+            (
+                "http_tls_trusted_ca_file",
+                &self.http_tls_trusted_ca_file,
                 cert,
             ),
         ];
@@ -1366,6 +1407,46 @@ mod tests {
             .to_string();
         assert!(
             e.contains("peer 2: address \"node_2!:7001\"") && e.contains("peer TLS"),
+            "{e}"
+        );
+    }
+
+    /// `http_tls_*`: certificate and key together, the CA only with them,
+    /// and only with an `http_addr` to serve them on; the files' contents
+    /// are checked.
+    #[test]
+    fn http_tls_settings_are_checked() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cert = tmp.path().join("cert.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let mut c: NodeConfig = toml::from_str(base()).expect("parse");
+        c.http_tls_trusted_ca_file = Some(cert.clone());
+        let e = c.validate().expect_err("a CA alone").to_string();
+        assert!(
+            e.contains("http_tls_trusted_ca_file needs http TLS: set http_tls_cert_file"),
+            "{e}"
+        );
+        c.http_tls_cert_file = Some(cert.clone());
+        let e = c.validate().expect_err("no key").to_string();
+        assert!(
+            e.contains("http TLS needs both http_tls_cert_file and http_tls_key_file"),
+            "{e}"
+        );
+        c.http_tls_key_file = Some(cert.clone());
+        let e = c.validate().expect_err("no http_addr").to_string();
+        assert!(e.contains("http_tls_cert_file needs http_addr"), "{e}");
+        c.http_addr = Some("127.0.0.1:7301".into());
+        c.validate().expect("complete");
+        let e = c
+            .check_files()
+            .expect_err("a certificate as the key")
+            .to_string();
+        assert!(
+            e.contains("http_tls_key_file") && e.contains("no PEM private key"),
             "{e}"
         );
     }

@@ -1164,16 +1164,29 @@ fn run_node(
         Ok(None) => None,
         Err(e) => return Err(NodeError::Start(e.to_string())),
     };
+    // (`validate` refuses a certificate without its key, and the reverse.)
     let client_tls = match (&cfg.client_tls_cert_file, &cfg.client_tls_key_file) {
         (Some(cert), Some(key)) => Some(
-            keel_net::tls::ClientPortTls::load(
+            keel_net::tls::ServerTls::load(
+                keel_net::tls::CLIENT_PORT_TLS,
                 cert,
                 key,
                 cfg.client_tls_trusted_ca_file.as_deref(),
             )
             .map_err(NodeError::Start)?,
         ),
-        // (`validate` refuses a cert without its key, and the reverse.)
+        _ => None,
+    };
+    let http_tls = match (&cfg.http_tls_cert_file, &cfg.http_tls_key_file) {
+        (Some(cert), Some(key)) => Some(
+            keel_net::tls::ServerTls::load(
+                keel_net::tls::HTTP_PORT_TLS,
+                cert,
+                key,
+                cfg.http_tls_trusted_ca_file.as_deref(),
+            )
+            .map_err(NodeError::Start)?,
+        ),
         _ => None,
     };
     let tcfg = TransportConfig {
@@ -1321,6 +1334,7 @@ fn run_node(
             status.clone(),
             metrics.clone(),
             net_stats.clone(),
+            http_tls,
         ))
         .map_err(|error| NodeError::Listen {
             addr: addr.clone(),

@@ -351,6 +351,18 @@ struct ServerArgs {
     /// CA (PEM).
     #[arg(long)]
     client_tls_trusted_ca_file: Option<PathBuf>,
+    /// Serve --http-addr over HTTPS only, with this certificate (PEM);
+    /// needs --http-tls-key-file. Replaced files are taken without a
+    /// restart.
+    #[arg(long)]
+    http_tls_cert_file: Option<PathBuf>,
+    /// The private key of --http-tls-cert-file (PEM).
+    #[arg(long)]
+    http_tls_key_file: Option<PathBuf>,
+    /// With HTTPS on --http-addr: refuse clients without a certificate
+    /// signed by this CA (PEM).
+    #[arg(long)]
+    http_tls_trusted_ca_file: Option<PathBuf>,
     /// Web origins whose pages may use the etcd API over HTTP (CORS,
     /// etcd's --cors), comma-separated, e.g. https://dash.example.com; `*`
     /// for any. Requests from other web origins are refused (403).
@@ -574,6 +586,15 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     }
     if let Some(v) = &a.client_tls_trusted_ca_file {
         cfg.client_tls_trusted_ca_file = Some(v.clone());
+    }
+    if let Some(v) = &a.http_tls_cert_file {
+        cfg.http_tls_cert_file = Some(v.clone());
+    }
+    if let Some(v) = &a.http_tls_key_file {
+        cfg.http_tls_key_file = Some(v.clone());
+    }
+    if let Some(v) = &a.http_tls_trusted_ca_file {
+        cfg.http_tls_trusted_ca_file = Some(v.clone());
     }
     if !a.etcd_cors.is_empty() {
         cfg.etcd_cors = a.etcd_cors.clone();

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{keel, tls_files, TestCluster, TlsFiles};
+use common::{https_get, keel, tls_files, TestCluster, TlsFiles};
 use keel_client::{Client, ClientOptions};
 use keel_net::tls::ClientTls;
 use std::path::Path;
@@ -205,9 +205,12 @@ fn a_client_port_certificate_replaced_on_disk_is_taken_without_a_restart() {
             Some(tls),
         ))
     };
-    // Half a rotation: the certificate, not yet its key. (The files are
-    // looked at when connections open, at most once a second.)
-    std::fs::copy(&files.rogue_server_cert, &files.server_cert).expect("copy");
+    // Half a rotation: the certificate (written whole), not yet its key.
+    // (The files are looked at when connections open, at most once a
+    // second.)
+    let staged = files.server_cert.with_extension("new");
+    std::fs::copy(&files.rogue_server_cert, &staged).expect("copy");
+    std::fs::rename(&staged, &files.server_cert).expect("rename");
     let start = Instant::now();
     while !c
         .log_of(1)
@@ -236,6 +239,85 @@ fn a_client_port_certificate_replaced_on_disk_is_taken_without_a_restart() {
     c.wait_log(1, "changed: loaded again", "the node said it loaded them");
     let e = status(&old_ca).expect_err("a client trusting the old CA only");
     assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+}
+
+/// `http_addr` over HTTPS with client certificates (`http_tls_*`):
+/// /metrics and /status answer a client with a certificate from the CA; a
+/// client without one and plain HTTP get nothing; a connection that says
+/// nothing is closed after the port's 10 s.
+#[test]
+fn http_addr_over_tls_with_client_certificates() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = tls_files(dir.path());
+    let extra = format!(
+        "http_tls_cert_file = {:?}\nhttp_tls_key_file = {:?}\nhttp_tls_trusted_ca_file = {:?}\n",
+        files.server_cert, files.server_key, files.ca
+    );
+    let (c, http) = TestCluster::start_with_http(1, &extra);
+    let addr = &http[0];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = Some((files.client_cert.as_path(), files.client_key.as_path()));
+    let get = |identity, path| rt.block_on(https_get(&files.ca, identity, addr, path));
+    let start = Instant::now();
+    let metrics = loop {
+        match get(client, "/metrics") {
+            Ok(m) => break m,
+            // (The node may still be binding.)
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}{}", c.logs()),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut idle = std::net::TcpStream::connect(addr).expect("connect");
+    let idle_since = Instant::now();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("keel_role"), "{metrics}");
+    let status = get(client, "/status").expect("GET /status");
+    assert!(
+        status.starts_with("HTTP/1.1 200") && status.contains("\"role\""),
+        "{status}"
+    );
+    // Refused: no client certificate; plain HTTP.
+    let refused = get(None, "/metrics");
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("CertificateRequired")),
+        "{refused:?}"
+    );
+    let mut plain = std::net::TcpStream::connect(addr).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(plain, "GET /metrics HTTP/1.1\r\nhost: {addr}\r\n\r\n").expect("write");
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "plain HTTP was served: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The silent connection is closed (no handshake within 10 s).
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let read = idle.read(&mut byte);
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut),
+        "{read:?}"
+    );
+    assert!(
+        idle_since.elapsed() >= Duration::from_secs(9),
+        "closed after {:?}",
+        idle_since.elapsed()
+    );
 }
 
 #[test]

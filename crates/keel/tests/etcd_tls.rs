@@ -11,13 +11,11 @@
 
 mod common;
 
-use common::{etcdctl_available, keel, tls_files, TestCluster, TlsFiles};
+use common::{etcdctl_available, https_get, keel, tls_files, TestCluster, TlsFiles};
 use keel_etcd_proto::etcdserverpb::cluster_client::ClusterClient;
 use keel_etcd_proto::etcdserverpb::kv_client::KvClient;
 use keel_etcd_proto::etcdserverpb::{MemberRemoveRequest, PutRequest, RangeRequest};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// A channel to `addr` over TLS, with the client certificate `cert`/`key`
@@ -60,43 +58,6 @@ async fn put(ch: Channel, key: &str) -> Result<(), tonic::Status> {
         })
         .await
         .map(|_| ())
-}
-
-/// `GET path` over TLS with ALPN `http/1.1` and the client certificate.
-async fn https_get(files: &TlsFiles, addr: &str, path: &str) -> String {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&files.ca).expect("ca") {
-        roots.add(c.expect("ca cert")).expect("add ca");
-    }
-    let certs: Vec<_> = CertificateDer::pem_file_iter(&files.client_cert)
-        .expect("client cert")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&files.client_key).expect("client key");
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .expect("client auth");
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("127.0.0.1").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake with ALPN http/1.1");
-    let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-    tls.write_all(req.as_bytes()).await.expect("write");
-    let mut answer = Vec::new();
-    // (The server may close without close_notify after the answer.)
-    let _ = tls.read_to_end(&mut answer).await;
-    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[test]
@@ -180,7 +141,10 @@ fn etcd_api_over_tls_with_client_certificates() {
         refused(plain, "plain TCP");
 
         // HTTP/1.1 over TLS.
-        let health = https_get(&files, &addr(follower), "/health").await;
+        let client = Some((files.client_cert.as_path(), files.client_key.as_path()));
+        let health = https_get(&files.ca, client, &addr(follower), "/health")
+            .await
+            .expect("GET /health over TLS");
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");
         assert!(health.ends_with(r#"{"health":"true"}"#), "{health}");
     });

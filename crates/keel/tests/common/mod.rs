@@ -848,6 +848,66 @@ impl TlsFiles {
     }
 }
 
+/// `GET path` from `addr` over TLS (ALPN `http/1.1`), trusting the CA in
+/// `ca` for 127.0.0.1, with the client certificate and key `identity` if
+/// given: the whole answer, or why there is none.
+pub async fn https_get(
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+    addr: &str,
+    path: &str,
+) -> Result<String, String> {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(c.expect("ca cert")).expect("add ca");
+    }
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => {
+            let certs: Vec<_> = CertificateDer::pem_file_iter(cert)
+                .expect("client cert")
+                .map(|c| c.expect("cert"))
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(key).expect("client key");
+            builder
+                .with_client_auth_cert(certs, key)
+                .expect("client auth")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = Vec::new();
+    // (The server may close without close_notify after the answer. With
+    // TLS 1.3 a refused client certificate shows here, as an alert.)
+    let read = tls.read_to_end(&mut answer).await;
+    if answer.is_empty() {
+        return Err(format!("no answer: {read:?}"));
+    }
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
 /// Generates the files of `TlsFiles` in `dir`.
 pub fn tls_files(dir: &std::path::Path) -> TlsFiles {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};

@@ -259,14 +259,19 @@ impl Api {
             })?;
         // (A channel reconnects with the TLS configuration it was made
         // with: one made before the TLS files changed is made again.)
-        let tls = self.client_tls.as_ref().map(tls::Tls::client);
-        let generation = tls.as_ref().map_or(0, |(_, g)| *g);
-        if let Some(channel) = self.member_channels.get(id, url, generation) {
+        let tls = self.client_tls.as_ref();
+        if let Some(channel) =
+            self.member_channels
+                .get(id, url, tls.map_or(0, tls::Tls::generation))
+        {
             return Ok(channel);
         }
         let mut endpoint = Channel::from_shared(url.clone())
             .map_err(|e| Status::internal(format!("URL {url:?} of {who}: {e}")))?;
-        if let Some((config, _)) = tls {
+        let mut generation = 0;
+        if let Some(tls) = tls {
+            let config;
+            (config, generation) = tls.client();
             endpoint = endpoint
                 .tls_config(config)
                 .map_err(|e| Status::internal(format!("TLS for {who} ({url}): {e}")))?;

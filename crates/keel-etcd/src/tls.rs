@@ -6,7 +6,7 @@
 //! requests on to another (cluster changes to the leader, alarm listings
 //! to every member): those calls verify the other member's certificate
 //! against the trusted CA and present this member's own certificate.
-//! The files are read again when they change (`Reloading`): a renewed
+//! The files are read again every second (`Reloading`): a renewed
 //! certificate is taken without a restart.
 
 use keel_net::tls::Reloading;
@@ -80,6 +80,11 @@ impl Tls {
         let (parts, generation) = self.0.current_with_generation();
         (parts.client.clone(), generation)
     }
+
+    /// How many times the files were loaded again since the start.
+    pub fn generation(&self) -> u64 {
+        self.0.generation()
+    }
 }
 
 fn parts(
@@ -144,8 +149,7 @@ pub fn accept(
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!("TCP_NODELAY on an etcd API connection: {e}");
             }
-            // (The files are looked at again in the background, at most
-            // once a second.)
+            // (As last loaded: the files are looked at again every second.)
             let (acceptor, tx) = (tls.acceptor(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -943,9 +943,11 @@ const MAX_OPENING_PER_HOST: usize = 8;
 /// Bounds on connections opening at once (saying hello, or in their TLS
 /// handshake): in all, and from one host.
 #[derive(Clone, Copy)]
-struct Bounds {
-    all: usize,
-    per_host: usize,
+/// How many connections may be opening at once (`Slot`): in all, and
+/// from one host.
+pub struct Bounds {
+    pub all: usize,
+    pub per_host: usize,
 }
 
 const PEER_OPENINGS: Bounds = Bounds {
@@ -961,10 +963,10 @@ const CLIENT_OPENINGS: Bounds = Bounds {
 };
 
 /// Connections opening at once, by the host they come from.
-type Hosts = Arc<Mutex<HashMap<std::net::IpAddr, usize>>>;
+pub type Hosts = Arc<Mutex<HashMap<std::net::IpAddr, usize>>>;
 
 /// A connection from `host` counted among those opening, until dropped.
-struct Slot {
+pub struct Slot {
     hosts: Hosts,
     host: std::net::IpAddr,
 }
@@ -972,7 +974,7 @@ struct Slot {
 impl Slot {
     /// A place for a connection from `host`, with `all` opening now;
     /// `None` if over `bounds`.
-    fn take(hosts: &Hosts, host: std::net::IpAddr, all: usize, bounds: Bounds) -> Option<Slot> {
+    pub fn take(hosts: &Hosts, host: std::net::IpAddr, all: usize, bounds: Bounds) -> Option<Slot> {
         let mut map = hosts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -991,7 +993,7 @@ impl Slot {
     }
 
     /// Connections opening now, from every host.
-    fn all(hosts: &Hosts) -> usize {
+    pub fn all(hosts: &Hosts) -> usize {
         hosts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1020,7 +1022,7 @@ impl Drop for Slot {
 const HELLO_WAIT: Duration = Duration::from_secs(5);
 
 /// How an accepted connection on a TLS port opens.
-enum Opening {
+pub enum Opening {
     /// With a handshake record.
     Tls,
     /// With something else: a client or node without TLS.
@@ -1034,7 +1036,7 @@ enum Opening {
 
 /// Looks at an accepted connection's first byte, by `deadline`, without
 /// taking it: a TLS connection opens with a handshake record (22).
-async fn tls_opening(stream: &TcpStream, deadline: tokio::time::Instant) -> Opening {
+pub async fn tls_opening(stream: &TcpStream, deadline: tokio::time::Instant) -> Opening {
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Err(_) => Opening::Silent,
@@ -1087,7 +1089,7 @@ async fn accept_tls(
 /// says why goes out first (a close with the other side's bytes still
 /// unread resets the connection, and the alert may be lost with it), and
 /// what the other side still sends is read and dropped for up to a second.
-async fn linger(mut stream: TcpStream) {
+pub async fn linger(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
     let mut buf = [0u8; 4096];
     let drain = async { while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {} };
@@ -1982,14 +1984,14 @@ pub async fn start_clients(
 /// `QUIET_FOR` (the rest at debug level): anyone who can reach a port can
 /// make as many as they like.
 #[derive(Default)]
-struct Quiet {
+pub struct Quiet {
     last: Mutex<Option<Instant>>,
 }
 
 const QUIET_FOR: Duration = Duration::from_secs(10);
 
 impl Quiet {
-    fn say(&self, what: String) {
+    pub fn say(&self, what: String) {
         let now = Instant::now();
         let mut last = self
             .last
@@ -1998,7 +2000,7 @@ impl Quiet {
         if last.is_none_or(|t| now - t >= QUIET_FOR) {
             *last = Some(now);
             drop(last);
-            warn!("{what} (more such refusals within {QUIET_FOR:?} are logged at debug level)");
+            warn!("{what} (more like it within {QUIET_FOR:?} are logged at debug level)");
         } else {
             debug!("{what}");
         }

@@ -25,15 +25,15 @@
 //! socket is full (`TlsWire::on_records_held`).
 //!
 //! Every TLS configuration a node serves with (this module's, and the etcd
-//! API's) is `Reloading`: its files are read again when connections open,
-//! at most once a second, and a change is taken without a restart, so
-//! certificates and CAs can be rotated on a running cluster.
+//! API's) is `Reloading`: its files are read again every second, and a
+//! change is taken without a restart, so certificates and CAs can be
+//! rotated on a running cluster.
 
 use bytes::BytesMut;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -91,7 +91,7 @@ pub fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
-/// How often a `Reloading` configuration reads its files again, at most.
+/// How often a `Reloading` configuration reads its files again.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
 /// What `Reloading` builds a configuration from: the files' contents, in
@@ -101,14 +101,12 @@ pub type Build<T> = Box<dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync>;
 /// A TLS configuration built from files, and built again from them when
 /// their contents change, so a certificate, its key or a trusted CA can be
 /// replaced on a running node (renewed before it expires, say) without a
-/// restart, as etcd takes renewed certificates. When a connection asks for
-/// the configuration (`current`), at most once every `RELOAD_CHECK`, a
-/// thread of its own is woken to read the files and, if they changed, to
-/// build the configuration again: a connection never waits for a file or a
-/// build (the consensus thread dials peers), and it gets the configuration
-/// as last built. So a change is taken by the connections that open after
-/// the first one that followed it. Connections already open keep the
-/// configuration they opened with.
+/// restart, as etcd takes renewed certificates. A thread of its own reads
+/// the files every `RELOAD_CHECK` and, if they changed, builds the
+/// configuration again: a connection never waits for a file or a build
+/// (the consensus thread dials peers), and takes the configuration as last
+/// built (`current`). Connections already open keep the configuration they
+/// opened with.
 ///
 /// Contents that do not make a configuration (a key that is not the
 /// certificate's, a file caught half written, one missing for a moment)
@@ -117,19 +115,16 @@ pub type Build<T> = Box<dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync>;
 /// key is taken once both are written.
 pub struct Reloading<T> {
     shared: Arc<Shared<T>>,
-    /// Wakes the reloading thread; dropped, it ends the thread.
-    wake: mpsc::SyncSender<()>,
+    /// Dropped with the configuration, which ends the reloading thread.
+    _stop: mpsc::Sender<()>,
 }
 
 struct Shared<T> {
     /// Each file's configuration key and path.
     files: Vec<(&'static str, PathBuf)>,
     build: Build<T>,
-    check_every: Duration,
     /// The configuration in use, and how many times it was built again.
     loaded: Mutex<(Arc<T>, u64)>,
-    /// When the reloading thread was last woken.
-    woken: Mutex<Instant>,
     /// The reloading thread's own state.
     files_state: Mutex<FilesState>,
 }
@@ -149,7 +144,8 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         Self::load_checking_every(files, build, RELOAD_CHECK)
     }
 
-    /// `load`, with the files read again at most every `check_every`.
+    /// `load`, with the files read again every `check_every` (1 ms at
+    /// least).
     pub fn load_checking_every(
         files: Vec<(&'static str, PathBuf)>,
         build: Build<T>,
@@ -160,30 +156,42 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         let shared = Arc::new(Shared {
             files,
             build,
-            check_every,
             loaded: Mutex::new((Arc::new(current), 0)),
-            woken: Mutex::new(Instant::now()),
             files_state: Mutex::new(FilesState {
                 contents,
                 refused: None,
             }),
         });
-        // (One request waiting at most: more while it waits add nothing.)
-        let (wake, woken) = mpsc::sync_channel::<()>(1);
+        let (stop, stopped) = mpsc::channel::<()>();
         let reloads = shared.clone();
+        let every = check_every.max(Duration::from_millis(1));
         std::thread::Builder::new()
             .name("keel-tls-reload".into())
             .spawn(move || {
-                for () in woken {
-                    reloads.reload();
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                    let run = std::panic::AssertUnwindSafe(|| reloads.reload());
+                    if let Err(p) = std::panic::catch_unwind(run) {
+                        let what = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(
+                            "TLS files {}: loading them again panicked ({what}); the \
+                             certificates last loaded stay in use",
+                            reloads.names()
+                        );
+                    }
                 }
             })
             .map_err(|e| format!("starting the TLS files' reloading thread: {e}"))?;
-        Ok(Reloading { shared, wake })
+        Ok(Reloading {
+            shared,
+            _stop: stop,
+        })
     }
 
-    /// The configuration to use now; the files are looked at again in the
-    /// background if that is due.
+    /// The configuration to use now.
     pub fn current(&self) -> Arc<T> {
         self.current_with_generation().0
     }
@@ -192,13 +200,13 @@ impl<T: Send + Sync + 'static> Reloading<T> {
     /// load (what was made from an older one, a cached connection to
     /// another node, may be made again).
     pub fn current_with_generation(&self) -> (Arc<T>, u64) {
-        let loaded = lock_unpoisoned(&self.shared.loaded).clone();
-        let mut woken = lock_unpoisoned(&self.shared.woken);
-        if woken.elapsed() >= self.shared.check_every {
-            *woken = Instant::now();
-            let _ = self.wake.try_send(());
-        }
-        loaded
+        lock_unpoisoned(&self.shared.loaded).clone()
+    }
+
+    /// How many times the configuration was built again since the first
+    /// load.
+    pub fn generation(&self) -> u64 {
+        lock_unpoisoned(&self.shared.loaded).1
     }
 }
 
@@ -327,10 +335,9 @@ impl PeerTls {
         self.0.current().connector.clone()
     }
 
-    /// How many times the files were loaded again since the start (and a
-    /// look at them, as a connection opening sets off).
+    /// How many times the files were loaded again since the start.
     pub fn generation(&self) -> u64 {
-        self.0.current_with_generation().1
+        self.0.generation()
     }
 
     pub(crate) fn acceptor(&self) -> TlsAcceptor {
@@ -770,12 +777,13 @@ impl TlsWire {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
 
     /// A `Reloading` of a number written in a file: built again when the
     /// contents change, not when they stay the same; contents that do not
     /// build, or a file gone, leave the last good one in use, and are
     /// built once, not on every look. (The looks are made here, one by
-    /// one: the reloading thread is never woken.)
+    /// one: the reloading thread's first is an hour away.)
     #[test]
     fn a_reloading_configuration_follows_its_files_and_keeps_the_last_good_one() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -822,10 +830,10 @@ mod tests {
         assert_eq!(look(), (3, 2, 5));
     }
 
-    /// A connection asking for the configuration wakes the reloading
-    /// thread, and a later one gets what it built.
+    /// The reloading thread looks at the files by itself: a change is
+    /// taken with no connection asking.
     #[test]
-    fn asking_for_the_configuration_has_the_files_read_again_in_the_background() {
+    fn the_files_are_read_again_in_the_background() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("text");
         std::fs::write(&path, "1").expect("write");
@@ -838,17 +846,21 @@ mod tests {
         let r = Reloading::load_checking_every(
             vec![("text_file", path.clone())],
             build,
-            Duration::ZERO,
+            Duration::from_millis(5),
         )
         .expect("load");
         assert_eq!(*r.current(), "1");
-        std::fs::write(&path, "2").expect("write");
+        // (Written whole: a look between a truncation and a write would
+        // load an empty file.)
+        let staged = dir.path().join("text.new");
+        std::fs::write(&staged, "2").expect("write");
+        std::fs::rename(&staged, &path).expect("rename");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while *r.current() != "2" {
+        while r.generation() == 0 {
             assert!(Instant::now() < deadline, "never read again");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(r.current_with_generation().1, 1);
+        assert_eq!(r.current_with_generation(), (Arc::new("2".to_string()), 1));
     }
 
     #[test]

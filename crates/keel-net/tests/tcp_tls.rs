@@ -89,9 +89,11 @@ fn config(id: NodeId, tls: Option<&PeerTlsFiles>) -> TransportConfig {
         node_id: id,
         max_frame: 64 << 20,
         peer_queue: 1 << 20,
-        // (The files are looked at again on every connection, so that a
-        // test's change to them is taken by the next one.)
-        tls: tls.map(|f| PeerTls::load_checking_every(f, Duration::ZERO).expect("load TLS files")),
+        // (The files are looked at again every 10 ms, so that a test's
+        // change to them is soon taken.)
+        tls: tls.map(|f| {
+            PeerTls::load_checking_every(f, Duration::from_millis(10)).expect("load TLS files")
+        }),
         handshakes: Some(handshakes()),
     }
 }
@@ -349,7 +351,10 @@ fn certificates_and_cas_are_taken_from_their_files_while_nodes_run() {
     std::fs::write(&c.good.key_file, read(&c.localhost_only.key_file)).expect("write");
     let deadline = Instant::now() + Duration::from_secs(10);
     while two_tls.generation() == loaded {
-        assert!(Instant::now() < deadline, "node 2 never loaded its new files");
+        assert!(
+            Instant::now() < deadline,
+            "node 2 never loaded its new files"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     one.peers.send(message(1, 2, next, 10));

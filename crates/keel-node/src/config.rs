@@ -715,8 +715,8 @@ impl NodeConfig {
         }
     }
 
-    /// Reads the TLS files that are set (the etcd API's and the peer
-    /// links'), and checks that each holds what it must in PEM (a
+    /// Reads the TLS files that are set (the etcd API's, the peer links',
+    /// the client port's and `http_addr`'s), and checks that each holds what it must in PEM (a
     /// certificate, a private key): a missing, unreadable or wrong file is
     /// refused with the file named, before the node writes anything. (That
     /// a key belongs to its certificate is checked where TLS is set up.)
@@ -1370,12 +1370,7 @@ mod tests {
     #[test]
     fn peer_tls_settings_are_checked() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let cert = tmp.path().join("cert.pem");
-        std::fs::write(
-            &cert,
-            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-        )
-        .expect("write");
+        let cert = pem_certificate_file(tmp.path());
         let text = format!(
             "{}[[peers]]\nid = 2\npeer_addr = \"node-2.example:7001\"\nclient_addr = \"127.0.0.1:7102\"\n",
             base()
@@ -1411,18 +1406,25 @@ mod tests {
         );
     }
 
+    /// A file in `dir` that holds a PEM certificate block (not a valid
+    /// certificate: `check_files` looks for the block only).
+    fn pem_certificate_file(dir: &std::path::Path) -> PathBuf {
+        let cert = dir.join("cert.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        cert
+    }
+
     /// `http_tls_*`: certificate and key together, the CA only with them,
     /// and only with an `http_addr` to serve them on; the files' contents
     /// are checked.
     #[test]
     fn http_tls_settings_are_checked() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let cert = tmp.path().join("cert.pem");
-        std::fs::write(
-            &cert,
-            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-        )
-        .expect("write");
+        let cert = pem_certificate_file(tmp.path());
         let mut c: NodeConfig = toml::from_str(base()).expect("parse");
         c.http_tls_trusted_ca_file = Some(cert.clone());
         let e = c.validate().expect_err("a CA alone").to_string();

@@ -1165,30 +1165,29 @@ fn run_node(
         Err(e) => return Err(NodeError::Start(e.to_string())),
     };
     // (`validate` refuses a certificate without its key, and the reverse.)
-    let client_tls = match (&cfg.client_tls_cert_file, &cfg.client_tls_key_file) {
-        (Some(cert), Some(key)) => Some(
-            keel_net::tls::ServerTls::load(
-                keel_net::tls::CLIENT_PORT_TLS,
-                cert,
-                key,
-                cfg.client_tls_trusted_ca_file.as_deref(),
-            )
-            .map_err(NodeError::Start)?,
-        ),
-        _ => None,
-    };
-    let http_tls = match (&cfg.http_tls_cert_file, &cfg.http_tls_key_file) {
-        (Some(cert), Some(key)) => Some(
-            keel_net::tls::ServerTls::load(
-                keel_net::tls::HTTP_PORT_TLS,
-                cert,
-                key,
-                cfg.http_tls_trusted_ca_file.as_deref(),
-            )
-            .map_err(NodeError::Start)?,
-        ),
-        _ => None,
-    };
+    let server_tls =
+        |keys, cert: &Option<PathBuf>, key: &Option<PathBuf>, ca: &Option<PathBuf>| match (
+            cert, key,
+        ) {
+            (Some(cert), Some(key)) => {
+                keel_net::tls::ServerTls::load(keys, cert, key, ca.as_deref())
+                    .map(Some)
+                    .map_err(NodeError::Start)
+            }
+            _ => Ok(None),
+        };
+    let client_tls = server_tls(
+        keel_net::tls::CLIENT_PORT_TLS,
+        &cfg.client_tls_cert_file,
+        &cfg.client_tls_key_file,
+        &cfg.client_tls_trusted_ca_file,
+    )?;
+    let http_tls = server_tls(
+        keel_net::tls::HTTP_PORT_TLS,
+        &cfg.http_tls_cert_file,
+        &cfg.http_tls_key_file,
+        &cfg.http_tls_trusted_ca_file,
+    )?;
     let tcfg = TransportConfig {
         cluster_id: cfg.cluster_id,
         node_id: cfg.id,

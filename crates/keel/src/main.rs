@@ -296,8 +296,8 @@ struct ServerArgs {
     /// `keel cluster`).
     #[arg(long)]
     client_addr: Option<String>,
-    /// host:port for GET /metrics (Prometheus) and GET /status (JSON).
-    /// Default: none.
+    /// host:port for GET /metrics (Prometheus) and GET /status (JSON);
+    /// HTTPS with --http-tls-cert-file. Default: none.
     #[arg(long)]
     http_addr: Option<String>,
     /// host:port to serve the etcd v3 gRPC API on (etcd's own port is 2379),

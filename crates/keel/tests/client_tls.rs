@@ -243,11 +243,11 @@ fn a_client_port_certificate_replaced_on_disk_is_taken_without_a_restart() {
 
 /// `http_addr` over HTTPS with client certificates (`http_tls_*`):
 /// /metrics and /status answer a client with a certificate from the CA; a
-/// client without one and plain HTTP get nothing; a connection that says
-/// nothing is closed after the port's 10 s.
+/// client without one gets nothing, and plain HTTP is told to use HTTPS;
+/// a connection that says nothing is closed after the port's 10 s.
 #[test]
 fn http_addr_over_tls_with_client_certificates() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let dir = tempfile::tempdir().expect("tempdir");
     let files = tls_files(dir.path());
     let extra = format!(
@@ -288,18 +288,9 @@ fn http_addr_over_tls_with_client_certificates() {
             .is_err_and(|e| e.contains("CertificateRequired")),
         "{refused:?}"
     );
-    let mut plain = std::net::TcpStream::connect(addr).expect("connect");
-    plain
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    write!(plain, "GET /metrics HTTP/1.1\r\nhost: {addr}\r\n\r\n").expect("write");
-    let mut answer = Vec::new();
-    let _ = plain.read_to_end(&mut answer);
-    assert!(
-        !answer.starts_with(b"HTTP/1.1 200"),
-        "plain HTTP was served: {}",
-        String::from_utf8_lossy(&answer)
-    );
+    let (code, body) = common::http_get(addr, "/metrics");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("takes only HTTPS"), "{body}");
     // The silent connection is closed (no handshake within 10 s).
     idle.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");

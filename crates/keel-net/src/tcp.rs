@@ -836,7 +836,7 @@ async fn accept_peers(
     let mut hellos = tokio::task::JoinSet::new();
     let names = Arc::new(names);
     // Connections saying hello, by the host they come from.
-    let opening: Hosts = Arc::default();
+    let opening = Hosts::default();
     // (Said once per burst of connections over a bound.)
     let mut over_bound_said = false;
     loop {
@@ -849,7 +849,7 @@ async fn accept_peers(
             }
         };
         while hellos.try_join_next().is_some() {}
-        let Some(slot) = Slot::take(&opening, remote.ip(), hellos.len(), PEER_OPENINGS) else {
+        let Some(slot) = opening.take_counted(remote.ip(), hellos.len(), PEER_OPENINGS) else {
             // A flood of connections (a node has one link per peer, and
             // dials again only once a connection has failed): closed at
             // once rather than holding a task each, and a flood from one
@@ -940,11 +940,10 @@ async fn accept_peers(
 const MAX_OPENING: usize = 256;
 const MAX_OPENING_PER_HOST: usize = 8;
 
-/// Bounds on connections opening at once (saying hello, or in their TLS
-/// handshake): in all, and from one host.
+/// Bounds on connections held at once (`Hosts::take`): in all, and from
+/// one host. The peer and client ports bound those opening (saying hello,
+/// or in their TLS handshake); `http_addr` those it serves.
 #[derive(Clone, Copy)]
-/// How many connections may be opening at once (`Slot`): in all, and
-/// from one host.
 pub struct Bounds {
     pub all: usize,
     pub per_host: usize,
@@ -962,22 +961,33 @@ const CLIENT_OPENINGS: Bounds = Bounds {
     per_host: 64,
 };
 
-/// Connections opening at once, by the host they come from.
-pub type Hosts = Arc<Mutex<HashMap<std::net::IpAddr, usize>>>;
+/// Connections held at once (each by its `Slot`), by the host they come
+/// from.
+#[derive(Clone, Default)]
+pub struct Hosts(Arc<Mutex<HashMap<std::net::IpAddr, usize>>>);
 
-/// A connection from `host` counted among those opening, until dropped.
-pub struct Slot {
-    hosts: Hosts,
-    host: std::net::IpAddr,
-}
+impl Hosts {
+    /// A place for a connection from `host`; `None` if `bounds` are
+    /// reached (counted under one lock).
+    pub fn take(&self, host: std::net::IpAddr, bounds: Bounds) -> Option<Slot> {
+        let mut map = self.lock();
+        let all = map.values().sum();
+        self.take_in(&mut map, host, all, bounds)
+    }
 
-impl Slot {
-    /// A place for a connection from `host`, with `all` opening now;
-    /// `None` if over `bounds`.
-    pub fn take(hosts: &Hosts, host: std::net::IpAddr, all: usize, bounds: Bounds) -> Option<Slot> {
-        let mut map = hosts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// `take`, with the connections held in all counted by the caller.
+    fn take_counted(&self, host: std::net::IpAddr, all: usize, bounds: Bounds) -> Option<Slot> {
+        let mut map = self.lock();
+        self.take_in(&mut map, host, all, bounds)
+    }
+
+    fn take_in(
+        &self,
+        map: &mut HashMap<std::net::IpAddr, usize>,
+        host: std::net::IpAddr,
+        all: usize,
+        bounds: Bounds,
+    ) -> Option<Slot> {
         let n = map.entry(host).or_insert(0);
         if all >= bounds.all || *n >= bounds.per_host {
             if *n == 0 {
@@ -987,27 +997,27 @@ impl Slot {
         }
         *n += 1;
         Some(Slot {
-            hosts: hosts.clone(),
+            hosts: self.clone(),
             host,
         })
     }
 
-    /// Connections opening now, from every host.
-    pub fn all(hosts: &Hosts) -> usize {
-        hosts
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, usize>> {
+        self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .sum()
     }
+}
+
+/// A connection from `host` counted in `Hosts`, until dropped.
+pub struct Slot {
+    hosts: Hosts,
+    host: std::net::IpAddr,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut map = self
-            .hosts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.hosts.lock();
         if let Some(n) = map.get_mut(&self.host) {
             *n -= 1;
             if *n == 0 {
@@ -1021,7 +1031,7 @@ impl Drop for Slot {
 /// handshake included).
 const HELLO_WAIT: Duration = Duration::from_secs(5);
 
-/// How an accepted connection on a TLS port opens.
+/// How an accepted connection opens (`tls_opening`).
 pub enum Opening {
     /// With a handshake record.
     Tls,
@@ -1031,6 +1041,7 @@ pub enum Opening {
     Closed,
     /// Nothing by the deadline.
     Silent,
+    /// Reading failed.
     Failed(std::io::Error),
 }
 
@@ -1980,9 +1991,11 @@ pub async fn start_clients(
     start_clients_with(listen, node_id, max_frame, handler, stats, None, None).await
 }
 
-/// Says refusals of connections as warnings, at most one per
-/// `QUIET_FOR` (the rest at debug level): anyone who can reach a port can
-/// make as many as they like.
+/// Says something that may come again and again (refusals of
+/// connections, failed accepts) as a warning at most once per `QUIET_FOR`
+/// (the rest at debug level): anyone who can reach a port can make as many
+/// refusals as they like. One `Quiet` per kind, so that one kind does not
+/// silence another.
 #[derive(Default)]
 pub struct Quiet {
     last: Mutex<Option<Instant>>,
@@ -2027,7 +2040,7 @@ pub async fn start_clients_with(
     let span = tracing::info_span!(parent: None, "node", id = node_id);
     let task_span = span.clone();
     let here = tokio::runtime::Handle::current();
-    let opening: Hosts = Arc::default();
+    let opening = Hosts::default();
     let quiet = Arc::new(Quiet::default());
     tokio::spawn(
         async move {
@@ -2049,9 +2062,7 @@ pub async fn start_clients_with(
                     );
                     continue;
                 };
-                let Some(slot) =
-                    Slot::take(&opening, remote.ip(), Slot::all(&opening), CLIENT_OPENINGS)
-                else {
+                let Some(slot) = opening.take(remote.ip(), CLIENT_OPENINGS) else {
                     stats.rejected_connections.fetch_add(1, Ordering::Relaxed);
                     quiet.say(format!(
                         "client {remote} refused: {} TLS handshakes from its host, or {} in \

@@ -171,11 +171,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                     let run = std::panic::AssertUnwindSafe(|| reloads.reload());
                     if let Err(p) = std::panic::catch_unwind(run) {
-                        let what = p
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| p.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
+                        let what = panic_text(p.as_ref());
                         tracing::error!(
                             "TLS files {}: loading them again panicked ({what}); the \
                              certificates last loaded stay in use",
@@ -235,7 +231,15 @@ impl<T> Shared<T> {
                 return;
             }
         };
-        match (self.build)(&contents) {
+        // (A build that panics is refused as one that fails: once.)
+        let build = std::panic::AssertUnwindSafe(|| (self.build)(&contents));
+        let built = std::panic::catch_unwind(build).unwrap_or_else(|p| {
+            Err(format!(
+                "loading them panicked ({})",
+                panic_text(p.as_ref())
+            ))
+        });
+        match built {
             Ok(built) => {
                 {
                     let mut loaded = lock_unpoisoned(&self.loaded);
@@ -262,6 +266,14 @@ impl<T> Shared<T> {
         let keys: Vec<&str> = self.files.iter().map(|(k, _)| *k).collect();
         keys.join(", ")
     }
+}
+
+/// A panic's message.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 fn read_all(files: &[(&'static str, PathBuf)]) -> Result<Vec<Vec<u8>>, String> {
@@ -310,7 +322,7 @@ impl PeerTls {
         Self::load_checking_every(files, RELOAD_CHECK)
     }
 
-    /// `load`, the files read again at most every `check_every`.
+    /// `load`, the files read again every `check_every`.
     pub fn load_checking_every(
         files: &PeerTlsFiles,
         check_every: Duration,
@@ -828,6 +840,44 @@ mod tests {
         assert_eq!((look(), look()), ((3, 2, 5), (3, 2, 5)));
         write("3");
         assert_eq!(look(), (3, 2, 5));
+    }
+
+    /// A build that panics is refused as one that fails: the last good
+    /// configuration stays, and it is not built again until the files
+    /// change.
+    #[test]
+    fn a_build_that_panics_is_refused_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("text");
+        std::fs::write(&path, "fine").expect("write");
+        let builds = Arc::new(AtomicUsize::new(0));
+        let counted = builds.clone();
+        let build: Build<String> = Box::new(move |c| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let [text] = c else {
+                return Err("one file expected".into());
+            };
+            let text = String::from_utf8_lossy(text).into_owned();
+            assert_ne!(text, "panic", "told to");
+            Ok(text)
+        });
+        let r = Reloading::load_checking_every(
+            vec![("text_file", path.clone())],
+            build,
+            Duration::from_secs(3600),
+        )
+        .expect("load");
+        std::fs::write(&path, "panic").expect("write");
+        r.shared.reload();
+        r.shared.reload();
+        assert_eq!(*r.current(), "fine");
+        assert_eq!(builds.load(Ordering::Relaxed), 2);
+        std::fs::write(&path, "fine again").expect("write");
+        r.shared.reload();
+        assert_eq!(
+            r.current_with_generation(),
+            (Arc::new("fine again".into()), 1)
+        );
     }
 
     /// The reloading thread looks at the files by itself: a change is

@@ -7,18 +7,17 @@
 //! Anyone who reaches the port can open connections: each must send its
 //! request and take the answer within `REQUEST_WAIT`; at most
 //! `CONNECTIONS.all` are served at once, `CONNECTIONS.per_host` from one
-//! host (more are closed as they come, and counted in
-//! `keel_rejected_connections_total`); a failing accept (out of
+//! host (more are closed as they come); a failing accept (out of
 //! descriptors) pauses the loop instead of spinning on it. Plain HTTP on an
 //! HTTPS port is answered, in plain HTTP, that the port takes HTTPS; TLS
-//! on a plain port is closed at once. Refusals are logged as warnings at
-//! most once per 10 s.
+//! on a plain port is closed. Refusals are counted in
+//! `keel_http_rejected_connections_total`, and they and failed accepts are
+//! logged as warnings at most once per 10 s each.
 
 use crate::metrics::Metrics;
 use keel_net::codec::NodeStatus;
-use keel_net::tcp::{linger, tls_opening, Bounds, Hosts, NetStats, Opening, Quiet, Slot};
+use keel_net::tcp::{linger, tls_opening, Bounds, Hosts, NetStats, Opening, Quiet};
 use keel_net::tls::ServerTls;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -45,18 +44,19 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let hosts = Hosts::default();
     let quiet = Arc::new(Quiet::default());
+    let accept_failures = Quiet::default();
     tokio::spawn(async move {
         loop {
             let (stream, remote) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
-                    quiet.say(format!("http_addr: accept failed: {e}"));
+                    accept_failures.say(format!("http_addr: accept failed: {e}"));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let Some(slot) = Slot::take(&hosts, remote.ip(), Slot::all(&hosts), CONNECTIONS) else {
-                net.rejected_connections.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = hosts.take(remote.ip(), CONNECTIONS) else {
+                metrics.http_rejected_connections.inc();
                 quiet.say(format!(
                     "http_addr: {remote} refused: {} connections at once from one host, {} in \
                      all, are served",
@@ -70,7 +70,7 @@ pub async fn serve(
                 let _slot = slot;
                 let deadline = tokio::time::Instant::now() + REQUEST_WAIT;
                 let refused = |why: String| {
-                    net.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                    metrics.http_rejected_connections.inc();
                     quiet.say(format!("http_addr: {remote} refused: {why}"));
                 };
                 let served = async {
@@ -96,11 +96,14 @@ pub async fn serve(
                             );
                             plain_refusal(stream).await;
                         }
-                        (Opening::Tls, None) => refused(
-                            "TLS, and this port takes only plain HTTP (http_tls_cert_file is not \
-                             set)"
-                                .into(),
-                        ),
+                        (Opening::Tls, None) => {
+                            refused(
+                                "TLS, and this port takes only plain HTTP (http_tls_cert_file is \
+                                 not set)"
+                                    .into(),
+                            );
+                            linger(stream).await;
+                        }
                     }
                 };
                 if tokio::time::timeout_at(deadline, served).await.is_err() {

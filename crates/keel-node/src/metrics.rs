@@ -56,6 +56,7 @@ pub struct Metrics {
     pub peer_messages_dropped: Counter<u64, AtomicU64>,
     pub bad_frames: Counter<u64, AtomicU64>,
     pub rejected_connections: Counter<u64, AtomicU64>,
+    pub http_rejected_connections: Counter<u64, AtomicU64>,
     pub client_reads_paused: Counter<u64, AtomicU64>,
     /// The peer protocol each peer link speaks, 0 while down (copied in
     /// from `NetStats::peer_protocols` at each render).
@@ -111,6 +112,7 @@ impl Metrics {
             peer_messages_dropped: Counter::default(),
             bad_frames: Counter::default(),
             rejected_connections: Counter::default(),
+            http_rejected_connections: Counter::default(),
             client_reads_paused: Counter::default(),
             peer_protocol: Family::default(),
             log_retained_bytes: Gauge::default(),
@@ -268,6 +270,12 @@ impl Metrics {
              cluster, an unknown node, a certificate that does not name it), a failed TLS \
              handshake, a client without TLS on a TLS port, or too many opening at once",
             m.rejected_connections.clone(),
+        );
+        registry.register(
+            "http_rejected_connections",
+            "connections to http_addr refused: plain HTTP on its HTTPS port or TLS on its plain \
+             one, a failed TLS handshake, or too many at once",
+            m.http_rejected_connections.clone(),
         );
         registry.register(
             "client_reads_paused",

@@ -206,8 +206,7 @@ fn a_client_port_certificate_replaced_on_disk_is_taken_without_a_restart() {
         ))
     };
     // Half a rotation: the certificate (written whole), not yet its key.
-    // (The files are looked at when connections open, at most once a
-    // second.)
+    // (The node reads its files again every second.)
     let staged = files.server_cert.with_extension("new");
     std::fs::copy(&files.rogue_server_cert, &staged).expect("copy");
     std::fs::rename(&staged, &files.server_cert).expect("rename");
@@ -291,6 +290,14 @@ fn http_addr_over_tls_with_client_certificates() {
     let (code, body) = common::http_get(addr, "/metrics");
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("takes only HTTPS"), "{body}");
+    // Both refusals are counted.
+    let metrics = get(client, "/metrics").expect("GET /metrics");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keel_http_rejected_connections_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no refusal count: {metrics}"));
+    assert!(refused >= 2, "{refused} refusals counted");
     // The silent connection is closed (no handshake within 10 s).
     idle.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");

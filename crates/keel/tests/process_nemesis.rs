@@ -54,7 +54,9 @@
 //! `KEEL_NEMESIS_PACE_MS` (`LO-HI`, default `400-1200`) the range of the
 //! nemesis's random pause between two actions, and `KEEL_NEMESIS_PEER_TLS=1`
 //! runs every cluster's peer links over mutual TLS (certificates made by
-//! rcgen; the proxies pass TLS's bytes as any others). To soak:
+//! rcgen; the proxies pass TLS's bytes as any others), and among the faults
+//! renews the members' certificate on disk (another from the same CA),
+//! which running nodes load again (links opened after use it). To soak:
 //!
 //! ```sh
 //! for i in $(seq 20); do
@@ -81,6 +83,7 @@ use keel_sim::history::{
     Counts, LastSeen, Record,
 };
 use keel_sim::linearizability::{KvInput, KvOutput};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -415,24 +418,38 @@ impl Setup {
     }
 }
 
-/// With `KEEL_NEMESIS_PEER_TLS=1`, the settings of peer TLS (the files made
-/// once per process, kept until it ends); else nothing.
-fn peer_tls_from_env() -> String {
-    static FILES: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
+/// With `KEEL_NEMESIS_PEER_TLS=1`, the files of peer TLS (made once per
+/// process, kept until it ends: every member uses the same certificate),
+/// with a copy of the first certificate and key to rotate back to.
+fn peer_tls_files() -> Option<&'static (tempfile::TempDir, common::TlsFiles, [PathBuf; 2])> {
+    static FILES: std::sync::OnceLock<(tempfile::TempDir, common::TlsFiles, [PathBuf; 2])> =
+        std::sync::OnceLock::new();
     if std::env::var("KEEL_NEMESIS_PEER_TLS").as_deref() != Ok("1") {
-        return String::new();
+        return None;
     }
-    let (_, lines) = FILES.get_or_init(|| {
+    Some(FILES.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = common::tls_files(dir.path());
-        let lines = format!(
-            "peer_cert_file = {:?}\npeer_key_file = {:?}\npeer_trusted_ca_file = {:?}\n",
-            f.server_cert, f.server_key, f.ca
-        );
-        (dir, lines)
-    });
-    println!("peer links over TLS");
-    lines.clone()
+        let first = [
+            dir.path().join("first.pem"),
+            dir.path().join("first-key.pem"),
+        ];
+        std::fs::copy(&f.server_cert, &first[0]).expect("copy");
+        std::fs::copy(&f.server_key, &first[1]).expect("copy");
+        (dir, f, first)
+    }))
+}
+
+/// With `KEEL_NEMESIS_PEER_TLS=1`, the settings of peer TLS; else nothing.
+fn peer_tls_from_env() -> String {
+    let Some((_, f, _)) = peer_tls_files() else {
+        return String::new();
+    };
+    println!("peer links over TLS, their certificate renewed now and then");
+    format!(
+        "peer_cert_file = {:?}\npeer_key_file = {:?}\npeer_trusted_ca_file = {:?}\n",
+        f.server_cert, f.server_key, f.ca
+    )
 }
 
 /// Restarts each member of `clock_rates` with its clock running at its
@@ -888,6 +905,7 @@ fn nemesis(
     let mut out: Vec<(u64, Out)> = Vec::new();
     let most_out = ((members - 1) / 2) as usize;
     let mut faulty_links = false;
+    let mut renewals = 0u64;
     let mut membership = Membership {
         members: members as usize,
         voters: (1..=members).collect(),
@@ -935,7 +953,24 @@ fn nemesis(
             _ => any(rng),
         };
         let roll = rng.below(100);
-        if faulty_links && roll < 30 {
+        if let Some((_, files, first)) = peer_tls_files().filter(|_| rng.chance(0.1)) {
+            // Every member's certificate renewed on disk (the certificate
+            // first, then its key): taken by the links that open after it,
+            // while the others stay up.
+            renewals += 1;
+            let (cert, key) = if renewals % 2 == 1 {
+                (&files.renewed_server_cert, &files.renewed_server_key)
+            } else {
+                (&first[0], &first[1])
+            };
+            files.replace_server(cert, key);
+            note(
+                &mut log,
+                &mut counts,
+                "renew certificates",
+                format!("({renewals})"),
+            );
+        } else if faulty_links && roll < 30 {
             for l in c.links.values() {
                 l.heal();
             }

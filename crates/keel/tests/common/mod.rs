@@ -819,6 +819,10 @@ pub struct TlsFiles {
     pub rogue_key: PathBuf,
     pub rogue_server_cert: PathBuf,
     pub rogue_server_key: PathBuf,
+    /// Another certificate from the CA for 127.0.0.1 and localhost, with
+    /// its key: the members' after a renewal.
+    pub renewed_server_cert: PathBuf,
+    pub renewed_server_key: PathBuf,
 }
 
 impl TlsFiles {
@@ -837,10 +841,13 @@ impl TlsFiles {
     /// `server_key`) with `rogue_server_cert` and its key, as a rotation
     /// to another CA would, each file written whole in one rename.
     pub fn rotate_server_to_rogue_ca(&self) {
-        for (from, to) in [
-            (&self.rogue_server_cert, &self.server_cert),
-            (&self.rogue_server_key, &self.server_key),
-        ] {
+        self.replace_server(&self.rogue_server_cert, &self.rogue_server_key);
+    }
+
+    /// Replaces the members' certificate and key with `cert` and `key`,
+    /// each file written whole in one rename (the certificate first).
+    pub fn replace_server(&self, cert: &std::path::Path, key: &std::path::Path) {
+        for (from, to) in [(cert, &self.server_cert), (key, &self.server_key)] {
             let staged = to.with_extension("new");
             std::fs::copy(from, &staged).expect("copy PEM");
             std::fs::rename(&staged, to).expect("rename PEM");
@@ -939,6 +946,7 @@ pub fn tls_files(dir: &std::path::Path) -> TlsFiles {
     let (client_cert, client_key) = leaf(&["client"], &issuer);
     let (rogue_cert, rogue_key) = leaf(&["rogue"], &rogue_issuer);
     let (rogue_server_cert, rogue_server_key) = leaf(&["127.0.0.1", "localhost"], &rogue_issuer);
+    let (renewed_server_cert, renewed_server_key) = leaf(&["127.0.0.1", "localhost"], &issuer);
     TlsFiles {
         ca: write("ca.pem", &ca_pem),
         server_cert: write("server.pem", &server_cert),
@@ -950,5 +958,7 @@ pub fn tls_files(dir: &std::path::Path) -> TlsFiles {
         rogue_key: write("rogue-key.pem", &rogue_key),
         rogue_server_cert: write("rogue-server.pem", &rogue_server_cert),
         rogue_server_key: write("rogue-server-key.pem", &rogue_server_key),
+        renewed_server_cert: write("renewed-server.pem", &renewed_server_cert),
+        renewed_server_key: write("renewed-server-key.pem", &renewed_server_key),
     }
 }

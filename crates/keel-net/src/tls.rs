@@ -357,6 +357,41 @@ impl PeerTls {
     }
 }
 
+/// Checks that this node's certificate is one the other nodes can take:
+/// signed by the CA they trust (the same file), within its validity dates,
+/// and for TLS server use. A node whose certificate is not would start (or
+/// take it on a reload) and then fail every link it opens.
+fn check_own_certificate(
+    files: &PeerTlsFiles,
+    certs: &[CertificateDer<'static>],
+    roots: &rustls::RootCertStore,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<(), String> {
+    let [leaf, intermediates @ ..] = certs else {
+        return Err(format!(
+            "peer_cert_file {}: no certificate",
+            files.cert_file.display()
+        ));
+    };
+    let why = |e: rustls::Error| {
+        format!(
+            "peer_cert_file {}: the other nodes would refuse it: {e} (checked against \
+             peer_trusted_ca_file {}, which must sign every node's certificate)",
+            files.cert_file.display(),
+            files.trusted_ca_file.display()
+        )
+    };
+    let parsed = rustls::server::ParsedCertificate::try_from(leaf).map_err(why)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        intermediates,
+        rustls::pki_types::UnixTime::now(),
+        provider.signature_verification_algorithms.all,
+    )
+    .map_err(why)
+}
+
 fn peer_configs(
     files: &PeerTlsFiles,
     cert: &[u8],
@@ -367,6 +402,7 @@ fn peer_configs(
     let key = private_key("peer_key_file", &files.key_file, key)?;
     let roots = Arc::new(roots("peer_trusted_ca_file", &files.trusted_ca_file, ca)?);
     let provider = provider();
+    check_own_certificate(files, &certs, &roots, &provider)?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         roots.clone(),
         provider.clone(),

@@ -28,6 +28,8 @@ struct Certs {
     rogue: PeerTlsFiles,
     /// Signed by the CA, for "localhost" only.
     localhost_only: PeerTlsFiles,
+    /// Signed by the CA, valid in 2000 only.
+    expired: PeerTlsFiles,
 }
 
 fn certs() -> Certs {
@@ -51,6 +53,10 @@ fn certs() -> Certs {
         let mut p = CertificateParams::new(names.clone()).expect("params");
         p.distinguished_name
             .push(DnType::CommonName, names[0].as_str());
+        if name == "expired" {
+            p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2000, 12, 31);
+        }
         let key = KeyPair::generate().expect("key");
         let cert = p.signed_by(&key, issuer).expect("cert");
         PeerTlsFiles {
@@ -72,6 +78,7 @@ fn certs() -> Certs {
             &rogue_ca,
         ),
         localhost_only: leaf("localhost", &["localhost"], &issuer, &ca),
+        expired: leaf("expired", &["127.0.0.1", "localhost"], &issuer, &ca),
         _dir: dir,
     }
 }
@@ -533,6 +540,22 @@ fn bad_tls_files_are_refused_with_the_file_named() {
     mismatched.key_file = c.rogue.key_file.clone();
     let e = PeerTls::load(&mismatched).expect_err("another certificate's key");
     assert!(e.starts_with("peer_cert_file and peer_key_file"), "{e}");
+    // A certificate the other nodes would refuse: from a CA the trusted
+    // file does not hold, or expired.
+    let mut other_ca = c.rogue.clone();
+    other_ca.trusted_ca_file = c.good.trusted_ca_file.clone();
+    let e = PeerTls::load(&other_ca).expect_err("a certificate from another CA");
+    assert!(
+        e.starts_with("peer_cert_file ")
+            && e.contains("the other nodes would refuse it")
+            && e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    let e = PeerTls::load(&c.expired).expect_err("an expired certificate");
+    assert!(
+        e.starts_with("peer_cert_file ") && e.contains("certificate expired"),
+        "{e}"
+    );
     // A peer address whose host cannot be a certificate's name.
     let rt = runtime();
     let e = rt

@@ -3,19 +3,37 @@
 //! certificates made here by rcgen: writes commit and survive the leader's
 //! kill; a node restarted with a certificate from another CA, or without
 //! peer TLS, gets no link, and the logs on both sides say why; back with
-//! its certificate it catches up. Incomplete settings are refused at start.
+//! its certificate it catches up. Incomplete settings, and a certificate
+//! the node's own trusted CA did not sign, are refused at start.
 
 mod common;
 
 use common::{keel, tls_files, TestCluster, TlsFiles};
 use std::time::Duration;
 
-/// The TOML lines that turn on peer TLS with `cert` and `key`.
+/// The TOML lines that turn on peer TLS with `cert` and `key`, trusting
+/// the cluster's CA.
 fn peer_tls(files: &TlsFiles, cert: &std::path::Path, key: &std::path::Path) -> String {
-    format!(
-        "peer_cert_file = {cert:?}\npeer_key_file = {key:?}\npeer_trusted_ca_file = {:?}\n",
-        files.ca
-    )
+    peer_tls_trusting(&files.ca, cert, key)
+}
+
+/// `peer_tls`, trusting the CA(s) in `ca`.
+fn peer_tls_trusting(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> String {
+    format!("peer_cert_file = {cert:?}\npeer_key_file = {key:?}\npeer_trusted_ca_file = {ca:?}\n")
+}
+
+/// A node that trusts the cluster's CA and another, with a certificate
+/// from the other (a node checks that its own certificate is from a CA it
+/// trusts): the cluster refuses it.
+fn another_cas_node(files: &TlsFiles, dir: &std::path::Path) -> String {
+    let both = dir.join("both-cas.pem");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).expect("read PEM");
+    std::fs::write(&both, read(&files.ca) + &read(&files.rogue_ca)).expect("write");
+    peer_tls_trusting(&both, &files.rogue_server_cert, &files.rogue_server_key)
 }
 
 #[test]
@@ -43,10 +61,7 @@ fn a_cluster_replicates_over_peer_tls_and_refuses_nodes_without_its_certificate(
     // it (the lower id dials) and refuse its certificate.
     let config = c.node(3).config.clone();
     let text = std::fs::read_to_string(&config).expect("config");
-    let rogue = text.replace(
-        &good,
-        &peer_tls(&files, &files.rogue_cert, &files.rogue_key),
-    );
+    let rogue = text.replace(&good, &another_cas_node(&files, dir.path()));
     assert_ne!(rogue, text, "the configuration has no peer TLS lines");
     c.kill(3);
     std::fs::write(&config, &rogue).expect("write config");
@@ -111,10 +126,7 @@ fn a_cluster_replicates_over_peer_tls_and_refuses_nodes_without_its_certificate(
     c.kill(1);
     std::fs::write(
         &config1,
-        text1.replace(
-            &good,
-            &peer_tls(&files, &files.rogue_cert, &files.rogue_key),
-        ),
+        text1.replace(&good, &another_cas_node(&files, dir.path())),
     )
     .expect("write config");
     c.spawn(1);
@@ -224,6 +236,28 @@ fn incomplete_peer_tls_settings_are_refused_at_start() {
     assert!(text.contains("peer_cert_file and peer_key_file"), "{text}");
     assert!(
         !dir.path().join("data2").exists(),
+        "a refused start wrote its data directory"
+    );
+    // A certificate its own trusted CA did not sign: every link would
+    // fail, so the node says so at start.
+    let (code, text) = server(
+        "data3",
+        &[
+            "--peer-cert-file",
+            &path(&files.rogue_server_cert),
+            "--peer-key-file",
+            &path(&files.rogue_server_key),
+            "--peer-trusted-ca-file",
+            &path(&files.ca),
+        ],
+    );
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("the other nodes would refuse it") && text.contains("UnknownIssuer"),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("data3").exists(),
         "a refused start wrote its data directory"
     );
 }

@@ -151,8 +151,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         build: Build<T>,
         check_every: Duration,
     ) -> Result<Self, String> {
-        let contents = read_all(&files)?;
-        let current = build(&contents)?;
+        let (contents, current) = first_load(&files, &build)?;
         let shared = Arc::new(Shared {
             files,
             build,
@@ -268,6 +267,41 @@ impl<T> Shared<T> {
     }
 }
 
+/// How long a start waits to read files that did not load once more, in
+/// case a rotation was under way (a certificate written, its key not
+/// yet); and how many times it does while they keep changing.
+const START_RETRY_WAIT: Duration = Duration::from_millis(250);
+const START_RETRIES: usize = 8;
+
+/// The first load of `files`: if they do not load, they are read again
+/// after `START_RETRY_WAIT`, and tried again if they changed meanwhile (a
+/// node restarted while its certificates are replaced takes the new set,
+/// rather than refusing to start on a certificate without its key).
+fn first_load<T>(
+    files: &[(&'static str, PathBuf)],
+    build: &Build<T>,
+) -> Result<(Vec<Vec<u8>>, T), String> {
+    let mut read = read_all(files);
+    for _ in 0..START_RETRIES {
+        let e = match &read {
+            Ok(contents) => match build(contents) {
+                Ok(built) => return Ok((contents.clone(), built)),
+                Err(e) => e,
+            },
+            Err(e) => e.clone(),
+        };
+        std::thread::sleep(START_RETRY_WAIT);
+        let again = read_all(files);
+        if again == read {
+            return Err(e);
+        }
+        read = again;
+    }
+    let contents = read?;
+    let built = build(&contents)?;
+    Ok((contents, built))
+}
+
 /// A panic's message.
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
@@ -357,39 +391,68 @@ impl PeerTls {
     }
 }
 
-/// Checks that this node's certificate is one the other nodes can take:
-/// signed by the CA they trust (the same file), within its validity dates,
-/// and for TLS server use. A node whose certificate is not would start (or
-/// take it on a reload) and then fail every link it opens.
+/// Checks that this node's certificate is one the other nodes can take
+/// (as they check it, but for the name): signed by the CA they trust (the
+/// same file), within its validity dates, and for TLS server and client
+/// use. A node whose certificate is not would start (or take it on a
+/// reload) and then fail every link it opens. A certificate not valid
+/// *yet* is taken with a warning: that may be this machine's clock, or an
+/// issuer that does not backdate, and it comes right by itself.
 fn check_own_certificate(
     files: &PeerTlsFiles,
     certs: &[CertificateDer<'static>],
     roots: &rustls::RootCertStore,
+    verifier: &dyn rustls::server::danger::ClientCertVerifier,
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<(), String> {
+    use rustls::CertificateError as C;
+    let cert_file = files.cert_file.display();
     let [leaf, intermediates @ ..] = certs else {
-        return Err(format!(
-            "peer_cert_file {}: no certificate",
-            files.cert_file.display()
-        ));
+        return Err(format!("peer_cert_file {cert_file}: no certificate"));
     };
-    let why = |e: rustls::Error| {
-        format!(
-            "peer_cert_file {}: the other nodes would refuse it: {e} (checked against \
-             peer_trusted_ca_file {}, which must sign every node's certificate)",
-            files.cert_file.display(),
+    let now = rustls::pki_types::UnixTime::now();
+    let checked = rustls::server::ParsedCertificate::try_from(leaf)
+        .and_then(|parsed| {
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                roots,
+                intermediates,
+                now,
+                provider.signature_verification_algorithms.all,
+            )
+        })
+        .and_then(|()| {
+            verifier
+                .verify_client_cert(leaf, intermediates, now)
+                .map(|_| ())
+        });
+    let why = match checked {
+        Ok(()) => return Ok(()),
+        Err(rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => {
+            tracing::warn!(
+                "peer_cert_file {cert_file}: the certificate is not valid yet by this machine's \
+                 clock; the other nodes refuse it until it is"
+            );
+            return Ok(());
+        }
+        Err(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => format!(
+            "it is not signed by a CA in peer_trusted_ca_file {}, which must sign every \
+             node's certificate (intermediate certificates go after it in peer_cert_file)",
             files.trusted_ca_file.display()
-        )
+        ),
+        Err(rustls::Error::InvalidCertificate(e @ (C::Expired | C::ExpiredContext { .. }))) => {
+            format!("it has expired ({e})")
+        }
+        Err(rustls::Error::InvalidCertificate(
+            C::InvalidPurpose | C::InvalidPurposeContext { .. },
+        )) => "its extended key usage does not allow both TLS server and client use (a node \
+             presents it both ways)"
+            .to_string(),
+        Err(e) => e.to_string(),
     };
-    let parsed = rustls::server::ParsedCertificate::try_from(leaf).map_err(why)?;
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &parsed,
-        roots,
-        intermediates,
-        rustls::pki_types::UnixTime::now(),
-        provider.signature_verification_algorithms.all,
-    )
-    .map_err(why)
+    Err(format!(
+        "peer_cert_file {cert_file}: the other nodes would refuse this certificate: {why}"
+    ))
 }
 
 fn peer_configs(
@@ -402,13 +465,13 @@ fn peer_configs(
     let key = private_key("peer_key_file", &files.key_file, key)?;
     let roots = Arc::new(roots("peer_trusted_ca_file", &files.trusted_ca_file, ca)?);
     let provider = provider();
-    check_own_certificate(files, &certs, &roots, &provider)?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         roots.clone(),
         provider.clone(),
     )
     .build()
     .map_err(|e| format!("peer_trusted_ca_file: {e}"))?;
+    check_own_certificate(files, &certs, &roots, verifier.as_ref(), &provider)?;
     let both = "peer_cert_file and peer_key_file";
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -947,6 +1010,46 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(r.current_with_generation(), (Arc::new("2".to_string()), 1));
+    }
+
+    /// A start that finds files that do not load (a rotation under way)
+    /// reads them again shortly, and takes them if they changed: here the
+    /// first build itself finishes the rotation. Files that stay as they
+    /// were are refused after one more look.
+    #[test]
+    fn a_start_during_a_rotation_waits_for_the_files_to_settle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("number");
+        std::fs::write(&path, "half written").expect("write");
+        let builds = Arc::new(AtomicUsize::new(0));
+        let (counted, rotated) = (builds.clone(), path.clone());
+        let build: Build<u32> = Box::new(move |c| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let [text] = c else {
+                return Err("one file expected".into());
+            };
+            let parsed = String::from_utf8_lossy(text).parse();
+            if parsed.is_err() {
+                std::fs::write(&rotated, "7").expect("write");
+            }
+            parsed.map_err(|e| format!("not a number: {e}"))
+        });
+        let r = Reloading::load(vec![("number_file", path.clone())], build).expect("load");
+        assert_eq!((*r.current(), builds.load(Ordering::Relaxed)), (7, 2));
+
+        std::fs::write(&path, "never a number").expect("write");
+        let build: Build<u32> = Box::new(|c| {
+            let [text] = c else {
+                return Err("one file expected".into());
+            };
+            String::from_utf8_lossy(text)
+                .parse()
+                .map_err(|e| format!("not a number: {e}"))
+        });
+        let e = Reloading::load(vec![("number_file", path)], build)
+            .err()
+            .expect("files that do not load");
+        assert!(e.starts_with("not a number"), "{e}");
     }
 
     #[test]

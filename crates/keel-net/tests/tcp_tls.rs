@@ -30,6 +30,10 @@ struct Certs {
     localhost_only: PeerTlsFiles,
     /// Signed by the CA, valid in 2000 only.
     expired: PeerTlsFiles,
+    /// Signed by the CA, valid from 2090.
+    future: PeerTlsFiles,
+    /// Signed by the CA, for TLS client use only.
+    client_only: PeerTlsFiles,
 }
 
 fn certs() -> Certs {
@@ -53,9 +57,19 @@ fn certs() -> Certs {
         let mut p = CertificateParams::new(names.clone()).expect("params");
         p.distinguished_name
             .push(DnType::CommonName, names[0].as_str());
-        if name == "expired" {
-            p.not_before = rcgen::date_time_ymd(2000, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2000, 12, 31);
+        match name {
+            "expired" => {
+                p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2000, 12, 31);
+            }
+            "future" => {
+                p.not_before = rcgen::date_time_ymd(2090, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2091, 1, 1);
+            }
+            "client-only" => {
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            _ => {}
         }
         let key = KeyPair::generate().expect("key");
         let cert = p.signed_by(&key, issuer).expect("cert");
@@ -79,6 +93,8 @@ fn certs() -> Certs {
         ),
         localhost_only: leaf("localhost", &["localhost"], &issuer, &ca),
         expired: leaf("expired", &["127.0.0.1", "localhost"], &issuer, &ca),
+        future: leaf("future", &["127.0.0.1", "localhost"], &issuer, &ca),
+        client_only: leaf("client-only", &["127.0.0.1", "localhost"], &issuer, &ca),
         _dir: dir,
     }
 }
@@ -541,21 +557,30 @@ fn bad_tls_files_are_refused_with_the_file_named() {
     let e = PeerTls::load(&mismatched).expect_err("another certificate's key");
     assert!(e.starts_with("peer_cert_file and peer_key_file"), "{e}");
     // A certificate the other nodes would refuse: from a CA the trusted
-    // file does not hold, or expired.
+    // file does not hold, expired, or not for TLS server use.
     let mut other_ca = c.rogue.clone();
     other_ca.trusted_ca_file = c.good.trusted_ca_file.clone();
     let e = PeerTls::load(&other_ca).expect_err("a certificate from another CA");
+    let refused = "the other nodes would refuse this certificate: ";
     assert!(
         e.starts_with("peer_cert_file ")
-            && e.contains("the other nodes would refuse it")
-            && e.contains("UnknownIssuer"),
+            && e.contains(&format!(
+                "{refused}it is not signed by a CA in peer_trusted_ca_file"
+            )),
         "{e}"
     );
     let e = PeerTls::load(&c.expired).expect_err("an expired certificate");
     assert!(
-        e.starts_with("peer_cert_file ") && e.contains("certificate expired"),
+        e.starts_with("peer_cert_file ") && e.contains(&format!("{refused}it has expired")),
         "{e}"
     );
+    let e = PeerTls::load(&c.client_only).expect_err("a client-only certificate");
+    assert!(
+        e.starts_with("peer_cert_file ") && e.contains("extended key usage"),
+        "{e}"
+    );
+    // One not valid yet may be this machine's clock: taken, with a warning.
+    PeerTls::load(&c.future).expect("a certificate not valid yet");
     // A peer address whose host cannot be a certificate's name.
     let rt = runtime();
     let e = rt

@@ -253,7 +253,8 @@ fn incomplete_peer_tls_settings_are_refused_at_start() {
     );
     assert_ne!(code, 0, "{text}");
     assert!(
-        text.contains("the other nodes would refuse it") && text.contains("UnknownIssuer"),
+        text.contains("the other nodes would refuse this certificate")
+            && text.contains("not signed by a CA in peer_trusted_ca_file"),
         "{text}"
     );
     assert!(

@@ -164,7 +164,13 @@ struct Params {
 fn run(p: Params) {
     let base = seed_from_env("KEEL_NEMESIS_SEED");
     let seed = base.wrapping_add(p.seed_offset);
-    let rerun = format!("KEEL_NEMESIS_SEED={base}");
+    // (Peer TLS adds renewals to the faults, so it is part of a rerun.)
+    let tls = if peer_tls_files().is_some() {
+        " KEEL_NEMESIS_PEER_TLS=1"
+    } else {
+        ""
+    };
+    let rerun = format!("KEEL_NEMESIS_SEED={base}{tls}");
     let secs = u64_from_env("KEEL_NEMESIS_SECS", 15);
     let mut rng = Rng::new(seed);
     let setup = Setup::pick(&mut rng, p.members);

@@ -1235,35 +1235,49 @@ async fn read_one<S: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
     max: usize,
     expected: FrameKind,
-) -> Result<Frame, String> {
+) -> Result<Frame, ReadError> {
     loop {
-        check_kind(buf, expected)?;
+        check_kind(buf, expected).map_err(ReadError::Other)?;
         match codec::decode(buf, max) {
             Ok(Some((f, n))) => {
                 buf.drain(..n);
                 return Ok(f);
             }
             Ok(None) => {}
-            Err(e) => return Err(format!("bad frame: {e}")),
+            Err(e) => return Err(ReadError::Other(format!("bad frame: {e}"))),
         }
         let n = stream.read_buf(buf).await.map_err(|e| {
             if crate::tls::alert_received(&e) {
-                format!("{TLS_REFUSAL}{e}")
+                ReadError::TlsRefused(e)
             } else {
-                format!("read failed: {e}")
+                ReadError::Other(format!("read failed: {e}"))
             }
         })?;
         if n == 0 {
-            return Err("connection closed".into());
+            return Err(ReadError::Other("connection closed".into()));
         }
     }
 }
 
-/// How `read_one` begins the error of a TLS connection the peer ended
-/// with an alert (with TLS 1.3 a dialer's handshake is over before the
-/// accepting node has checked its certificate: a refusal comes with the
-/// first read).
-const TLS_REFUSAL: &str = "the peer ended the TLS connection: ";
+/// Why `read_one` read no frame.
+#[derive(Debug)]
+enum ReadError {
+    /// The peer ended the TLS connection with an alert: with TLS 1.3 a
+    /// dialer's handshake is over before the accepting node has checked
+    /// its certificate, so a refusal comes with the first read.
+    TlsRefused(std::io::Error),
+    /// Anything else, said.
+    Other(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::TlsRefused(e) => write!(f, "the peer ended the TLS connection: {e}"),
+            ReadError::Other(why) => f.write_str(why),
+        }
+    }
+}
 
 /// Reads an incoming peer connection's first frame, which must be a hello:
 /// a frame of another kind, or one declaring more than a hello's bytes, is
@@ -1275,7 +1289,7 @@ async fn read_hello<S: AsyncRead + Unpin>(
 ) -> Result<Frame, String> {
     let hello = read_one(stream, buf, codec::HELLO_MAX_FRAME, FrameKind::Hello).await;
     // (A refused frame is left in `buf`: here, the connection's opening.)
-    hello.map_err(|e| foreign_opening(buf, FrameKind::Hello).unwrap_or(e))
+    hello.map_err(|e| foreign_opening(buf, FrameKind::Hello).unwrap_or_else(|| e.to_string()))
 }
 
 /// Why a connection whose opening bytes were refused as a frame was
@@ -1556,11 +1570,11 @@ impl Link {
             ))),
             // Not a refusal of the offered version: TLS refused the
             // connection.
-            Ok(Err(e)) if e.starts_with(TLS_REFUSAL) => Err(HelloFailed::Other(format!(
+            Ok(Err(e @ ReadError::TlsRefused(_))) => Err(HelloFailed::Other(format!(
                 "{e} (does it trust this node's certificate, and does the certificate name \
                  this node's peer address? see its log)"
             ))),
-            Ok(Err(e)) if buf.is_empty() => Err(HelloFailed::Unanswered(e)),
+            Ok(Err(e)) if buf.is_empty() => Err(HelloFailed::Unanswered(e.to_string())),
             Ok(Err(e)) => Err(HelloFailed::Other(format!("bad answer to the hello: {e}"))),
             Ok(Ok(Frame::Hello {
                 cluster_id,

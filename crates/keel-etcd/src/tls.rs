@@ -43,7 +43,6 @@ pub struct TlsFiles {
 #[derive(Clone)]
 pub struct Tls(Arc<Reloading<Parts>>);
 
-#[derive(Clone)]
 struct Parts {
     acceptor: TlsAcceptor,
     client: tonic::transport::ClientTlsConfig,
@@ -53,18 +52,13 @@ impl Tls {
     /// Reads and checks the files; an error names the file and the problem.
     pub fn load(files: &TlsFiles) -> Result<Tls, String> {
         let paths = files.clone();
-        let build = move |c: &[Vec<u8>]| {
-            let [cert, key, ca] = c else {
-                return Err("three files expected".to_string());
-            };
-            parts(&paths, cert, key, ca)
-        };
-        let files = vec![
-            ("etcd_cert_file", files.cert_file.clone()),
-            ("etcd_key_file", files.key_file.clone()),
-            ("etcd_trusted_ca_file", files.trusted_ca_file.clone()),
-        ];
-        Reloading::load(files, Box::new(build)).map(|r| Tls(Arc::new(r)))
+        Reloading::load_cert_key_ca(
+            ["etcd_cert_file", "etcd_key_file", "etcd_trusted_ca_file"],
+            [&files.cert_file, &files.key_file, &files.trusted_ca_file],
+            keel_net::tls::RELOAD_CHECK,
+            move |cert, key, ca| parts(&paths, cert, key, ca),
+        )
+        .map(|r| Tls(Arc::new(r)))
     }
 
     /// The acceptor for a connection opening now.

@@ -186,6 +186,22 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         })
     }
 
+    /// `load_checking_every` of a certificate, its key and a trusted CA
+    /// (named by `keys`, at `paths`), built by `build` from their contents.
+    pub fn load_cert_key_ca(
+        keys: [&'static str; 3],
+        paths: [&Path; 3],
+        check_every: Duration,
+        build: impl Fn(&[u8], &[u8], &[u8]) -> Result<T, String> + Send + Sync + 'static,
+    ) -> Result<Self, String> {
+        let files = keys.into_iter().zip(paths.map(Path::to_path_buf)).collect();
+        let build = move |c: &[Vec<u8>]| match c {
+            [cert, key, ca] => build(cert, key, ca),
+            _ => Err("three files expected".to_string()),
+        };
+        Self::load_checking_every(files, Box::new(build), check_every)
+    }
+
     /// The configuration to use now.
     pub fn current(&self) -> Arc<T> {
         self.current_with_generation().0
@@ -338,7 +354,6 @@ pub struct PeerTlsFiles {
 #[derive(Clone)]
 pub struct PeerTls(Arc<Reloading<PeerConfigs>>);
 
-#[derive(Clone)]
 struct PeerConfigs {
     connector: TlsConnector,
     acceptor: TlsAcceptor,
@@ -362,19 +377,13 @@ impl PeerTls {
         check_every: Duration,
     ) -> Result<PeerTls, String> {
         let paths = files.clone();
-        let build = move |c: &[Vec<u8>]| {
-            let [cert, key, ca] = c else {
-                return Err("three files expected".to_string());
-            };
-            peer_configs(&paths, cert, key, ca)
-        };
-        let files = vec![
-            ("peer_cert_file", files.cert_file.clone()),
-            ("peer_key_file", files.key_file.clone()),
-            ("peer_trusted_ca_file", files.trusted_ca_file.clone()),
-        ];
-        Reloading::load_checking_every(files, Box::new(build), check_every)
-            .map(|r| PeerTls(Arc::new(r)))
+        Reloading::load_cert_key_ca(
+            ["peer_cert_file", "peer_key_file", "peer_trusted_ca_file"],
+            [&files.cert_file, &files.key_file, &files.trusted_ca_file],
+            check_every,
+            move |cert, key, ca| peer_configs(&paths, cert, key, ca),
+        )
+        .map(|r| PeerTls(Arc::new(r)))
     }
 
     pub(crate) fn connector(&self) -> TlsConnector {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "etcdserverpb/rpc.proto",
     "mvccpb/kv.proto",
+    "authpb/auth.proto",
     "v3lockpb/v3lock.proto",
     "v3electionpb/v3election.proto",
 ];
@@ -30,7 +31,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register_descriptors(&descriptors)?
         .preserve_proto_field_names()
         .ignore_unknown_fields()
-        .build(&[".etcdserverpb", ".mvccpb", ".v3lockpb", ".v3electionpb"])?;
+        .build(&[
+            ".etcdserverpb",
+            ".mvccpb",
+            ".authpb",
+            ".v3lockpb",
+            ".v3electionpb",
+        ])?;
 
     tonic_prost_build::configure()
         .build_server(true)

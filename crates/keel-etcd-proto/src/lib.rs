@@ -10,8 +10,8 @@
 //! Services: `etcdserverpb.{KV, Watch, Lease, Cluster, Maintenance}`,
 //! `v3lockpb.Lock` and `v3electionpb.Election` (the server-side lock and
 //! election recipes; etcdctl's `lock` and `elect` build the same recipes
-//! client-side from KV, Lease and Watch). The `Auth` service is not
-//! defined.
+//! client-side from KV, Lease and Watch), and `etcdserverpb.Auth` with
+//! its record types in `authpb`.
 //!
 //! Generated server traits have default methods that answer
 //! `Unimplemented`, so a service implements only what it supports. Fields of
@@ -27,11 +27,19 @@
 //! `ttl`, `ID` -> `id`, `peerURLs` -> `peer_ur_ls`, `dbSizeInUse` ->
 //! `db_size_in_use`.
 
-/// etcd's `etcdserverpb` package: KV, Watch, Lease, Cluster and Maintenance.
+/// etcd's `etcdserverpb` package: KV, Watch, Lease, Cluster, Maintenance and Auth.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
+}
+
+/// etcd's `authpb` package: the permission and user options the Auth
+/// service's messages carry.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod authpb {
+    tonic::include_proto!("authpb");
+    include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
 }
 
 /// etcd's `mvccpb` package: `KeyValue` and watch `Event`.

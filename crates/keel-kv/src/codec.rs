@@ -129,6 +129,14 @@ impl<'a> Reader<'a> {
         let len = self.u32()? as usize;
         Ok(Bytes::copy_from_slice(self.take(len)?))
     }
+    /// A length-prefixed UTF-8 string.
+    pub(crate) fn string(&mut self, what: &'static str) -> Result<String, KvError> {
+        let len = self.u32()? as usize;
+        let b = self.take(len)?;
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| KvError::InvalidUtf8(what))
+    }
     /// A list count, checked against the bytes left so a hostile count
     /// cannot make the caller reserve huge memory: each element needs at
     /// least `min_elem` bytes.

@@ -81,6 +81,54 @@ pub enum KvError {
     /// etcd `rpctypes.ErrGRPCTooManyOps`.
     #[error("etcdserver: too many operations in txn request")]
     TooManyOps,
+    /// A `Command::As` whose command is itself a `Command::As`.
+    #[error("a command run as a user must not itself be run as a user")]
+    NestedAs,
+    /// etcd `auth.ErrRootUserNotExist`.
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    /// etcd `auth.ErrRootRoleNotExist`.
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    /// etcd `auth.ErrUserAlreadyExist`.
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExists,
+    /// etcd `auth.ErrUserEmpty`.
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    /// etcd `auth.ErrUserNotFound`.
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    /// etcd `auth.ErrRoleAlreadyExist`.
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExists,
+    /// etcd `auth.ErrRoleNotFound`.
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    /// etcd `auth.ErrRoleEmpty`.
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    /// etcd `auth.ErrAuthFailed`.
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    /// etcd `auth.ErrPermissionDenied`.
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    /// etcd `auth.ErrRoleNotGranted`.
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    /// etcd `auth.ErrPermissionNotGranted`.
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    /// etcd `auth.ErrAuthNotEnabled`.
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    /// etcd `auth.ErrInvalidAuthToken`.
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    /// etcd `auth.ErrInvalidAuthMgmt`.
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
     /// An error reply from the service, as decoded by a client.
     #[error("service error {code:?}: {message}")]
     Remote { code: ErrorCode, message: String },
@@ -121,15 +169,48 @@ pub enum ErrorCode {
     TooManyOps = 15,
     /// A txn with writes sent as a query.
     NotReadOnly = 16,
+    /// Enabling auth without a root user.
+    RootUserNotExist = 17,
+    /// Enabling auth while the root user lacks the root role.
+    RootRoleNotExist = 18,
+    /// Adding a user that exists.
+    UserAlreadyExists = 19,
+    /// No user name (or none authenticated where one is needed).
+    UserEmpty = 20,
+    /// The user does not exist.
+    UserNotFound = 21,
+    /// Adding a role that exists.
+    RoleAlreadyExists = 22,
+    /// The role does not exist.
+    RoleNotFound = 23,
+    /// Adding a role with an empty name.
+    RoleEmpty = 24,
+    /// Wrong user name or password.
+    AuthFailed = 25,
+    /// The user lacks a permission the request needs.
+    PermissionDenied = 26,
+    /// Revoking a role the user does not have.
+    RoleNotGranted = 27,
+    /// Revoking a permission the role does not have.
+    PermissionNotGranted = 28,
+    /// An auth request that needs auth enabled.
+    AuthNotEnabled = 29,
+    /// A token that is not (or no longer) valid.
+    InvalidAuthToken = 30,
+    /// Removing what keeps auth administrable (the root user, its root
+    /// role, the root role) while auth is enabled.
+    InvalidAuthMgmt = 31,
 }
 
 /// gRPC status codes (numbers as in `google.rpc.Code` / `tonic::Code`).
 pub mod grpc {
     pub const INVALID_ARGUMENT: i32 = 3;
     pub const NOT_FOUND: i32 = 5;
+    pub const PERMISSION_DENIED: i32 = 7;
     pub const FAILED_PRECONDITION: i32 = 9;
     pub const OUT_OF_RANGE: i32 = 11;
     pub const INTERNAL: i32 = 13;
+    pub const UNAUTHENTICATED: i32 = 16;
 }
 
 impl ErrorCode {
@@ -151,18 +232,33 @@ impl ErrorCode {
             14 => ErrorCode::LeaseProvided,
             15 => ErrorCode::TooManyOps,
             16 => ErrorCode::NotReadOnly,
+            17 => ErrorCode::RootUserNotExist,
+            18 => ErrorCode::RootRoleNotExist,
+            19 => ErrorCode::UserAlreadyExists,
+            20 => ErrorCode::UserEmpty,
+            21 => ErrorCode::UserNotFound,
+            22 => ErrorCode::RoleAlreadyExists,
+            23 => ErrorCode::RoleNotFound,
+            24 => ErrorCode::RoleEmpty,
+            25 => ErrorCode::AuthFailed,
+            26 => ErrorCode::PermissionDenied,
+            27 => ErrorCode::RoleNotGranted,
+            28 => ErrorCode::PermissionNotGranted,
+            29 => ErrorCode::AuthNotEnabled,
+            30 => ErrorCode::InvalidAuthToken,
+            31 => ErrorCode::InvalidAuthMgmt,
             found => {
                 return Err(KvError::UnknownTag {
                     what: "error code",
                     found,
-                    expected: "1..=16",
+                    expected: "1..=31",
                 })
             }
         })
     }
 
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 31] = [
         ErrorCode::Malformed,
         ErrorCode::EmptyKey,
         ErrorCode::KeyTooLarge,
@@ -179,6 +275,21 @@ impl ErrorCode {
         ErrorCode::LeaseProvided,
         ErrorCode::TooManyOps,
         ErrorCode::NotReadOnly,
+        ErrorCode::RootUserNotExist,
+        ErrorCode::RootRoleNotExist,
+        ErrorCode::UserAlreadyExists,
+        ErrorCode::UserEmpty,
+        ErrorCode::UserNotFound,
+        ErrorCode::RoleAlreadyExists,
+        ErrorCode::RoleNotFound,
+        ErrorCode::RoleEmpty,
+        ErrorCode::AuthFailed,
+        ErrorCode::PermissionDenied,
+        ErrorCode::RoleNotGranted,
+        ErrorCode::PermissionNotGranted,
+        ErrorCode::AuthNotEnabled,
+        ErrorCode::InvalidAuthToken,
+        ErrorCode::InvalidAuthMgmt,
     ];
 
     /// The gRPC status code etcd v3.4 answers this error with (see
@@ -194,13 +305,28 @@ impl ErrorCode {
             | ErrorCode::ValueProvided
             | ErrorCode::LeaseProvided
             | ErrorCode::TooManyOps
-            | ErrorCode::NotReadOnly => grpc::INVALID_ARGUMENT,
+            | ErrorCode::NotReadOnly
+            | ErrorCode::UserEmpty
+            | ErrorCode::RoleEmpty
+            | ErrorCode::AuthFailed
+            | ErrorCode::InvalidAuthMgmt => grpc::INVALID_ARGUMENT,
             ErrorCode::Internal => grpc::INTERNAL,
             ErrorCode::FutureRevision | ErrorCode::Compacted | ErrorCode::LeaseTtlTooLarge => {
                 grpc::OUT_OF_RANGE
             }
             ErrorCode::LeaseNotFound => grpc::NOT_FOUND,
-            ErrorCode::LeaseExists => grpc::FAILED_PRECONDITION,
+            ErrorCode::LeaseExists
+            | ErrorCode::RootUserNotExist
+            | ErrorCode::RootRoleNotExist
+            | ErrorCode::UserAlreadyExists
+            | ErrorCode::UserNotFound
+            | ErrorCode::RoleAlreadyExists
+            | ErrorCode::RoleNotFound
+            | ErrorCode::RoleNotGranted
+            | ErrorCode::PermissionNotGranted
+            | ErrorCode::AuthNotEnabled => grpc::FAILED_PRECONDITION,
+            ErrorCode::PermissionDenied => grpc::PERMISSION_DENIED,
+            ErrorCode::InvalidAuthToken => grpc::UNAUTHENTICATED,
         }
     }
 
@@ -221,6 +347,23 @@ impl ErrorCode {
             ErrorCode::ValueProvided => "etcdserver: value is provided",
             ErrorCode::LeaseProvided => "etcdserver: lease is provided",
             ErrorCode::TooManyOps => "etcdserver: too many operations in txn request",
+            ErrorCode::RootUserNotExist => "etcdserver: root user does not exist",
+            ErrorCode::RootRoleNotExist => "etcdserver: root user does not have root role",
+            ErrorCode::UserAlreadyExists => "etcdserver: user name already exists",
+            ErrorCode::UserEmpty => "etcdserver: user name is empty",
+            ErrorCode::UserNotFound => "etcdserver: user name not found",
+            ErrorCode::RoleAlreadyExists => "etcdserver: role name already exists",
+            ErrorCode::RoleNotFound => "etcdserver: role name not found",
+            ErrorCode::RoleEmpty => "etcdserver: role name is empty",
+            ErrorCode::AuthFailed => {
+                "etcdserver: authentication failed, invalid user ID or password"
+            }
+            ErrorCode::PermissionDenied => "etcdserver: permission denied",
+            ErrorCode::RoleNotGranted => "etcdserver: role is not granted to the user",
+            ErrorCode::PermissionNotGranted => "etcdserver: permission is not granted to the role",
+            ErrorCode::AuthNotEnabled => "etcdserver: authentication is not enabled",
+            ErrorCode::InvalidAuthToken => "etcdserver: invalid auth token",
+            ErrorCode::InvalidAuthMgmt => "etcdserver: invalid auth management",
             ErrorCode::Malformed | ErrorCode::Internal | ErrorCode::NotReadOnly => return None,
         })
     }
@@ -236,6 +379,7 @@ impl KvError {
             | KvError::InvalidBool(_)
             | KvError::InvalidUtf8(_)
             | KvError::TxnTooDeep { .. }
+            | KvError::NestedAs
             | KvError::Empty => ErrorCode::Malformed,
             KvError::TxnNotReadOnly(_) => ErrorCode::NotReadOnly,
             KvError::EmptyKey { .. } => ErrorCode::EmptyKey,
@@ -252,6 +396,21 @@ impl KvError {
             KvError::ValueProvided => ErrorCode::ValueProvided,
             KvError::LeaseProvided => ErrorCode::LeaseProvided,
             KvError::TooManyOps => ErrorCode::TooManyOps,
+            KvError::RootUserNotExist => ErrorCode::RootUserNotExist,
+            KvError::RootRoleNotExist => ErrorCode::RootRoleNotExist,
+            KvError::UserAlreadyExists => ErrorCode::UserAlreadyExists,
+            KvError::UserEmpty => ErrorCode::UserEmpty,
+            KvError::UserNotFound => ErrorCode::UserNotFound,
+            KvError::RoleAlreadyExists => ErrorCode::RoleAlreadyExists,
+            KvError::RoleNotFound => ErrorCode::RoleNotFound,
+            KvError::RoleEmpty => ErrorCode::RoleEmpty,
+            KvError::AuthFailed => ErrorCode::AuthFailed,
+            KvError::PermissionDenied => ErrorCode::PermissionDenied,
+            KvError::RoleNotGranted => ErrorCode::RoleNotGranted,
+            KvError::PermissionNotGranted => ErrorCode::PermissionNotGranted,
+            KvError::AuthNotEnabled => ErrorCode::AuthNotEnabled,
+            KvError::InvalidAuthToken => ErrorCode::InvalidAuthToken,
+            KvError::InvalidAuthMgmt => ErrorCode::InvalidAuthMgmt,
             KvError::Remote { code, .. } => *code,
         }
     }
@@ -270,7 +429,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            r#"snapshot has bad magic "ECH1", expected "KKV2""#
+            r#"snapshot has bad magic "ECH1", expected "KKV3""#
         );
     }
 }

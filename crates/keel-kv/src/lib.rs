@@ -3,10 +3,10 @@
 //! translation layer. Keys and values are bytes with MVCC metadata (store
 //! revision; per key create revision, mod revision, version, lease); every
 //! revision is kept until compacted. Commands (put, delete, txn, compact,
-//! lease grant / revoke / keep-alive) go through the log; queries (ranges
-//! at any retained revision, read-only txns, event history, lease TTLs,
-//! hashes, status) are read-only. Leases expire through log timers; every
-//! applied change is published on a watch feed.
+//! lease grant / revoke / keep-alive, auth changes) go through the log;
+//! queries (ranges at any retained revision, read-only txns, event
+//! history, lease TTLs, hashes, status) are read-only. Leases expire
+//! through log timers; every applied change is published on a watch feed.
 //!
 //! # etcd compatibility notes
 //!
@@ -47,11 +47,21 @@
 //!   expiry is "not found" to keep-alive and time-to-live queries even
 //!   before its timer entry revokes it (etcd waits for the revocation and
 //!   then answers not found).
+//! - Auth (`auth`): etcd 3.4's users, roles, permissions, enabled flag,
+//!   auth revision and token secret are replicated state (in snapshots)
+//!   changed by `Command::Auth`. Checks of writes happen at apply: the
+//!   etcd API wraps each request in `Command::As` with the user its token
+//!   names, and while auth is enabled the command runs only if
+//!   `AuthStore::check_command` allows it (etcd's `authApplierV3`); reads
+//!   are checked by the API with `check_query` against the state published
+//!   in `AuthShared`. Unwrapped commands are never checked (they come from
+//!   trusted in-process callers and the native client port).
 //! - HashKv is a CRC-32C over the retained history up to a revision (none
 //!   for a negative one, as etcd 3.4), with etcd's revision rules;
 //!   deterministic across replicas, not equal to etcd's value (except
 //!   over no entries). `db_size` is an estimate of the in-memory state.
 
+pub mod auth;
 mod chunked;
 mod codec;
 mod crc;
@@ -64,6 +74,9 @@ pub mod quota;
 pub mod service;
 pub mod store;
 
+pub use auth::{
+    Access, AuthCommand, AuthShared, AuthStore, PermKind, Permission, Role, User, ROOT,
+};
 pub use error::{ErrorCode, KvError};
 pub use etcd::{
     CompareResult, CompareTarget, DeleteRangeRequest, DeleteRangeResponse, EventType, PutRequest,
@@ -81,6 +94,8 @@ pub use store::{Store, Write};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_auth;
 #[cfg(test)]
 mod tests_etcd;
 #[cfg(test)]

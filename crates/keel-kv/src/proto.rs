@@ -24,6 +24,20 @@
 //!  20 LeaseGrant       id:i64 (0 = choose), ttl:i64 (seconds)
 //!  21 LeaseRevoke      id:i64
 //!  22 LeaseKeepAlive   id:i64
+//!  23 Auth             AuthCommand
+//!  24 As               user:Option<string>, Command (not itself an As)
+//! AuthCommand
+//!   1 Enable               secret
+//!   2 Disable
+//!   3 UserAdd              name, password:Option<bytes>
+//!   4 UserDelete           name
+//!   5 UserChangePassword   name, password
+//!   6 UserGrantRole        user, role
+//!   7 UserRevokeRole       name, role
+//!   8 RoleAdd              name
+//!   9 RoleDelete           name
+//!  10 RoleGrantPermission  role, kind:u8 (READ 0, WRITE 1, READWRITE 2), key, range_end
+//!  11 RoleRevokePermission role, key, range_end
 //! Compare
 //!   1 ValueEquals        value
 //!   2 VersionEquals      u64             (0 = key absent)
@@ -59,14 +73,18 @@
 //!  25 Leases           revision, ids:List<i64>
 //!  26 Events           revision, compact_revision:i64, events:List<WatchEvent>, more:Option<u64>
 //!  27 HashKv           revision, compact_revision:i64, hash:u32
+//!  28 Auth             revision
 //!   255 Error          code:u8, message (UTF-8)
 //! KeyValue             key, value, create_revision, mod_revision, version, lease:i64
 //! ```
+//!
+//! Names (`string`) are byte strings holding UTF-8.
 //!
 //! Range bounds follow etcd: an empty `end` means the single key `start`;
 //! `end == [0]` means every key `>= start`; otherwise `[start, end)`.
 //! `prefix_end` computes the `end` that selects every key with a prefix.
 
+use crate::auth::{PermKind, Permission};
 use crate::codec::{Reader, Writer};
 use crate::error::{ErrorCode, KvError};
 use crate::etcd::{
@@ -166,6 +184,61 @@ pub enum Command {
     /// Renew a lease: it now expires `ttl` after this entry's log time.
     LeaseKeepAlive {
         id: i64,
+    },
+    /// Change the authentication state (see `auth`).
+    Auth(AuthCommand),
+    /// Run `command` as `user`, as the etcd API authenticated it (None =
+    /// the request carried no token): while auth is enabled the command
+    /// runs only if `AuthStore::check_command` permits it. `command` must
+    /// not itself be an `As`.
+    As {
+        user: Option<String>,
+        command: Box<Command>,
+    },
+}
+
+/// A change to the authentication state (etcd's auth requests), with the
+/// errors each refuses with. Every one needs the root role when run as a
+/// user while auth is enabled.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum AuthCommand {
+    /// Turn auth on. `secret` (32 random bytes chosen by the member that
+    /// proposed it) becomes the token secret. No user "root" ->
+    /// RootUserNotExist; the root user lacks role "root" ->
+    /// RootRoleNotExist. Already enabled: Ok, nothing changes.
+    Enable { secret: Bytes },
+    /// Turn auth off. Already disabled: Ok, nothing changes.
+    Disable,
+    /// Empty name -> UserEmpty; exists -> UserAlreadyExists. `password`
+    /// None: the user cannot authenticate (etcd's no_password).
+    UserAdd {
+        name: String,
+        password: Option<Bytes>,
+    },
+    /// Unknown -> UserNotFound; "root" while enabled -> InvalidAuthMgmt.
+    UserDelete { name: String },
+    /// Unknown -> UserNotFound.
+    UserChangePassword { name: String, password: Bytes },
+    /// Unknown user -> UserNotFound; a role other than "root" that does
+    /// not exist -> RoleNotFound. Already granted: Ok, nothing changes.
+    UserGrantRole { user: String, role: String },
+    /// Unknown user -> UserNotFound; not granted -> RoleNotGranted; root's
+    /// root role while enabled -> InvalidAuthMgmt.
+    UserRevokeRole { name: String, role: String },
+    /// Empty -> RoleEmpty; exists -> RoleAlreadyExists.
+    RoleAdd { name: String },
+    /// Unknown -> RoleNotFound; "root" while enabled -> InvalidAuthMgmt.
+    /// Revokes the role from every user.
+    RoleDelete { name: String },
+    /// Unknown role -> RoleNotFound. A permission on the same (key,
+    /// range_end) gets the new kind.
+    RoleGrantPermission { role: String, perm: Permission },
+    /// Unknown role -> RoleNotFound; no permission on exactly (key,
+    /// range_end) -> PermissionNotGranted.
+    RoleRevokePermission {
+        role: String,
+        key: Bytes,
+        range_end: Bytes,
     },
 }
 
@@ -327,6 +400,11 @@ pub enum Response {
         compact_revision: i64,
         hash: u32,
     },
+    /// An auth command succeeded; `revision`: the store revision (auth
+    /// commands do not change it), for etcd's response header.
+    Auth {
+        revision: u64,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -475,13 +553,52 @@ impl Command {
                 w.i64(*id);
                 w.finish()
             }
+            Command::Auth(a) => {
+                let mut w = Writer::new(23);
+                a.encode_into(&mut w);
+                w.finish()
+            }
+            Command::As { user, command } => {
+                let mut w = Writer::new(24);
+                w.bool(user.is_some());
+                if let Some(u) = user {
+                    w.bytes(u.as_bytes());
+                }
+                w.raw_bytes(&command.encode());
+                w.finish()
+            }
         }
     }
 
     /// Decodes a command; does not check limits (see `validate`).
     pub fn decode(data: &[u8]) -> Result<Command, KvError> {
         let mut r = Reader::new(data, "command");
-        let cmd = match r.u8().map_err(|_| KvError::Empty)? {
+        let tag = r.u8().map_err(|_| KvError::Empty)?;
+        let cmd = match tag {
+            24 => {
+                let user = if r.bool()? {
+                    Some(r.string("user name")?)
+                } else {
+                    None
+                };
+                let tag = r.u8()?;
+                if tag == 24 {
+                    return Err(KvError::NestedAs);
+                }
+                Command::As {
+                    user,
+                    command: Box::new(Command::decode_body(tag, &mut r)?),
+                }
+            }
+            tag => Command::decode_body(tag, &mut r)?,
+        };
+        r.finish()?;
+        Ok(cmd)
+    }
+
+    /// Decodes the fields of a command other than `As` after its tag.
+    fn decode_body(tag: u8, r: &mut Reader<'_>) -> Result<Command, KvError> {
+        Ok(match tag {
             1 => Command::Put {
                 key: r.bytes()?,
                 value: r.bytes()?,
@@ -493,12 +610,12 @@ impl Command {
             },
             4 => Command::Cas {
                 key: r.bytes()?,
-                expected: Compare::decode_from(&mut r)?,
+                expected: Compare::decode_from(r)?,
                 value: r.bytes()?,
             },
-            16 => Command::PutReq(PutRequest::decode_from(&mut r)?),
-            17 => Command::DeleteRangeReq(DeleteRangeRequest::decode_from(&mut r)?),
-            18 => Command::Txn(TxnRequest::decode_from(&mut r)?),
+            16 => Command::PutReq(PutRequest::decode_from(r)?),
+            17 => Command::DeleteRangeReq(DeleteRangeRequest::decode_from(r)?),
+            18 => Command::Txn(TxnRequest::decode_from(r)?),
             19 => Command::Compact { revision: r.i64()? },
             20 => Command::LeaseGrant {
                 id: r.i64()?,
@@ -506,16 +623,15 @@ impl Command {
             },
             21 => Command::LeaseRevoke { id: r.i64()? },
             22 => Command::LeaseKeepAlive { id: r.i64()? },
+            23 => Command::Auth(AuthCommand::decode_from(r)?),
             found => {
                 return Err(KvError::UnknownTag {
                     what: "command",
                     found,
-                    expected: "1..=4 or 16..=22",
+                    expected: "1..=4 or 16..=24",
                 })
             }
-        };
-        r.finish()?;
-        Ok(cmd)
+        })
     }
 
     /// Checks key and value limits and etcd's request rules.
@@ -545,6 +661,150 @@ impl Command {
             | Command::LeaseGrant { .. }
             | Command::LeaseRevoke { .. }
             | Command::LeaseKeepAlive { .. } => Ok(()),
+            Command::Auth(a) => a.validate(),
+            Command::As { user, command } => {
+                if let Some(u) = user {
+                    check_bound(u.as_bytes())?;
+                }
+                match **command {
+                    Command::As { .. } => Err(KvError::NestedAs),
+                    ref c => c.validate(),
+                }
+            }
+        }
+    }
+}
+
+impl AuthCommand {
+    fn encode_into(&self, w: &mut Writer) {
+        match self {
+            AuthCommand::Enable { secret } => w.u8(1).bytes(secret),
+            AuthCommand::Disable => w.u8(2),
+            AuthCommand::UserAdd { name, password } => {
+                w.u8(3).bytes(name.as_bytes()).bool(password.is_some());
+                if let Some(p) = password {
+                    w.bytes(p);
+                }
+                w
+            }
+            AuthCommand::UserDelete { name } => w.u8(4).bytes(name.as_bytes()),
+            AuthCommand::UserChangePassword { name, password } => {
+                w.u8(5).bytes(name.as_bytes()).bytes(password)
+            }
+            AuthCommand::UserGrantRole { user, role } => {
+                w.u8(6).bytes(user.as_bytes()).bytes(role.as_bytes())
+            }
+            AuthCommand::UserRevokeRole { name, role } => {
+                w.u8(7).bytes(name.as_bytes()).bytes(role.as_bytes())
+            }
+            AuthCommand::RoleAdd { name } => w.u8(8).bytes(name.as_bytes()),
+            AuthCommand::RoleDelete { name } => w.u8(9).bytes(name.as_bytes()),
+            AuthCommand::RoleGrantPermission { role, perm } => w
+                .u8(10)
+                .bytes(role.as_bytes())
+                .u8(perm.kind as u8)
+                .bytes(&perm.key)
+                .bytes(&perm.range_end),
+            AuthCommand::RoleRevokePermission {
+                role,
+                key,
+                range_end,
+            } => w.u8(11).bytes(role.as_bytes()).bytes(key).bytes(range_end),
+        };
+    }
+
+    fn decode_from(r: &mut Reader<'_>) -> Result<AuthCommand, KvError> {
+        const USER: &str = "user name";
+        const ROLE: &str = "role name";
+        Ok(match r.u8()? {
+            1 => AuthCommand::Enable { secret: r.bytes()? },
+            2 => AuthCommand::Disable,
+            3 => AuthCommand::UserAdd {
+                name: r.string(USER)?,
+                password: if r.bool()? { Some(r.bytes()?) } else { None },
+            },
+            4 => AuthCommand::UserDelete {
+                name: r.string(USER)?,
+            },
+            5 => AuthCommand::UserChangePassword {
+                name: r.string(USER)?,
+                password: r.bytes()?,
+            },
+            6 => AuthCommand::UserGrantRole {
+                user: r.string(USER)?,
+                role: r.string(ROLE)?,
+            },
+            7 => AuthCommand::UserRevokeRole {
+                name: r.string(USER)?,
+                role: r.string(ROLE)?,
+            },
+            8 => AuthCommand::RoleAdd {
+                name: r.string(ROLE)?,
+            },
+            9 => AuthCommand::RoleDelete {
+                name: r.string(ROLE)?,
+            },
+            10 => AuthCommand::RoleGrantPermission {
+                role: r.string(ROLE)?,
+                perm: Permission {
+                    kind: PermKind::decode_from(r)?,
+                    key: r.bytes()?,
+                    range_end: r.bytes()?,
+                },
+            },
+            11 => AuthCommand::RoleRevokePermission {
+                role: r.string(ROLE)?,
+                key: r.bytes()?,
+                range_end: r.bytes()?,
+            },
+            found => {
+                return Err(KvError::UnknownTag {
+                    what: "auth command",
+                    found,
+                    expected: "1..=11",
+                })
+            }
+        })
+    }
+
+    /// Checks sizes: names and permission bounds within the key limit
+    /// (a permission's key must not be empty), passwords and the secret
+    /// within the value limit. Empty user and role names are refused when
+    /// applied, with etcd's errors.
+    pub fn validate(&self) -> Result<(), KvError> {
+        let name = |n: &String| check_bound(n.as_bytes());
+        match self {
+            AuthCommand::Enable { secret } => check_value(secret),
+            AuthCommand::Disable => Ok(()),
+            AuthCommand::UserAdd { name: n, password } => {
+                name(n)?;
+                password.as_ref().map_or(Ok(()), |p| check_value(p))
+            }
+            AuthCommand::UserDelete { name: n }
+            | AuthCommand::RoleAdd { name: n }
+            | AuthCommand::RoleDelete { name: n } => name(n),
+            AuthCommand::UserChangePassword { name: n, password } => {
+                name(n)?;
+                check_value(password)
+            }
+            AuthCommand::UserGrantRole { user: n, role }
+            | AuthCommand::UserRevokeRole { name: n, role } => {
+                name(n)?;
+                name(role)
+            }
+            AuthCommand::RoleGrantPermission { role, perm } => {
+                name(role)?;
+                perm.validate()
+            }
+            AuthCommand::RoleRevokePermission {
+                role,
+                key,
+                range_end,
+            } => {
+                name(role)?;
+                check_key(key)?;
+                check_bound(range_end)
+            }
         }
     }
 }
@@ -857,6 +1117,11 @@ impl Response {
                 w.u64(*revision).i64(*compact_revision).u32(*hash);
                 w.finish()
             }
+            Response::Auth { revision } => {
+                let mut w = Writer::new(28);
+                w.u64(*revision);
+                w.finish()
+            }
             Response::Error { code, message } => {
                 let mut w = Writer::new(255);
                 w.u8(*code as u8).bytes(message.as_bytes());
@@ -968,6 +1233,7 @@ impl Response {
                 compact_revision: r.i64()?,
                 hash: r.u32()?,
             },
+            28 => Response::Auth { revision: r.u64()? },
             255 => {
                 let code = ErrorCode::from_u8(r.u8()?)?;
                 let message = String::from_utf8(r.bytes()?.to_vec())
@@ -978,7 +1244,7 @@ impl Response {
                 return Err(KvError::UnknownTag {
                     what: "response",
                     found,
-                    expected: "1..=7, 16..=27 or 255",
+                    expected: "1..=7, 16..=28 or 255",
                 })
             }
         };

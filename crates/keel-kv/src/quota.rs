@@ -11,8 +11,9 @@
 //! The check is admission, not part of the replicated state machine: the
 //! service publishes its history's size estimate (`KvService::db_size`)
 //! after each change, and the node refuses a write whose command stores a
-//! value (a put, a txn with a put in either branch, a lease grant) when
-//! the estimate plus the request's size would pass the quota. Refusing
+//! value (a put, a txn with a put in either branch, a lease grant; the
+//! same run as a user; never an auth command) when the estimate plus the
+//! request's size would pass the quota. Refusing
 //! before the log is always safe, so nodes configured with different
 //! quotas cannot diverge. The estimate lags the writes in flight, so the
 //! history can pass the quota by about one batch of them.
@@ -132,7 +133,9 @@ impl Command {
             | Command::DeleteRangeReq(_)
             | Command::Compact { .. }
             | Command::LeaseRevoke { .. }
-            | Command::LeaseKeepAlive { .. } => false,
+            | Command::LeaseKeepAlive { .. }
+            | Command::Auth(_) => false,
+            Command::As { command, .. } => command.adds_history(),
         }
     }
 }

@@ -1,21 +1,31 @@
 //! `KvService`: the KV store as a Keel `Service`. Decodes and validates
 //! commands and queries; applies them to the MVCC `Store` and the
 //! `Leases` with etcd v3.4's semantics (put, delete range, txn, compact,
-//! lease grant / revoke / keep-alive / expiry through log timers); answers
-//! reads; collects the watch feed; owns the snapshot format (`KKV2`).
+//! lease grant / revoke / keep-alive / expiry through log timers) and
+//! to the `AuthStore` (auth commands; commands run as a user are checked
+//! against it first); answers reads; collects the watch feed; owns the
+//! snapshot format (`KKV3`).
 //!
-//! Snapshot: magic `KKV2`, applied-commands `u64`, then the store (store
+//! Snapshot: magic `KKV3`, applied-commands `u64`, then the store (store
 //! revision `u64`, compaction point `i64`, key count `u64`, per key in
 //! increasing key order: key, entry count `u32`, entries in revision order
 //! as main revision `u64`, sub-revision `u32`, is-put `bool` and for puts
 //! value, create revision `u64`, version `u64`, lease `i64`), then the
 //! leases (id counter `i64`, count `u64`, per lease in increasing id order:
-//! id `i64`, TTL `i64`, expiry `u64` log time in ns). Key attachments of
+//! id `i64`, TTL `i64`, expiry `u64` log time in ns), then the auth state
+//! (enabled `bool`, auth revision `u64`, secret; user count `u32`, per
+//! user in name order: name, password `Option<bytes>`, generation `u64`,
+//! role count `u32` and role names in order; role count `u32`, per role
+//! in name order: name, permission count `u32`, per permission in (key,
+//! range end) order: kind `u8`, key, range end). Key attachments of
 //! leases are rebuilt from the keys. Restore checks every invariant.
+//! `KKV2` snapshots (the same without the auth state) still decode, with
+//! a fresh auth state.
 //!
 //! Timers: a lease's timer id is its id as `u64`; the service schedules it
 //! at the lease's expiry on grant and renewal and cancels it on revoke.
 
+use crate::auth::{AuthShared, AuthStore};
 use crate::codec::{Reader, Writer};
 use crate::error::KvError;
 use crate::etcd::{
@@ -32,7 +42,9 @@ use keel_core::{ClientId, Context, Service};
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-const SNAPSHOT_MAGIC: [u8; 4] = *b"KKV2";
+const SNAPSHOT_MAGIC: [u8; 4] = *b"KKV3";
+/// The format before the auth state was added; decodes with a fresh one.
+const SNAPSHOT_MAGIC_V2: [u8; 4] = *b"KKV2";
 
 /// Pending watch events kept when nobody drains them; beyond this the
 /// oldest whole revisions are dropped (a consumer sees a revision gap and
@@ -78,6 +90,11 @@ pub struct KvService {
     /// Where the history's size is published for admission (see
     /// `quota`); not replicated state.
     quota: Option<Arc<SpaceQuota>>,
+    /// Users, roles, permissions (replicated state).
+    auth: AuthStore,
+    /// Where the auth state is published for the etcd API; not replicated
+    /// state.
+    auth_shared: Arc<AuthShared>,
 }
 
 impl Default for KvService {
@@ -90,6 +107,8 @@ impl Default for KvService {
             pending: Vec::new(),
             feed: true,
             quota: None,
+            auth: AuthStore::default(),
+            auth_shared: Arc::new(AuthShared::default()),
         }
     }
 }
@@ -102,6 +121,7 @@ impl PartialEq for KvService {
             && self.leases == other.leases
             && self.applied == other.applied
             && self.min_lease_ttl == other.min_lease_ttl
+            && self.auth == other.auth
     }
 }
 
@@ -444,6 +464,17 @@ impl KvService {
         &self.leases
     }
 
+    /// The authentication state.
+    pub fn auth(&self) -> &AuthStore {
+        &self.auth
+    }
+
+    /// Where the authentication state is published after every change
+    /// (and restore), for the etcd API to read. Kept across restores.
+    pub fn auth_shared(&self) -> Arc<AuthShared> {
+        self.auth_shared.clone()
+    }
+
     /// The watch feed: every change applied since the last call (or
     /// `take_notifications`, which drains the same feed), in revision and
     /// sub-revision order. Revisions in the feed are contiguous; a gap means
@@ -604,6 +635,23 @@ impl KvService {
                     id,
                     ttl,
                 }
+            }
+            Command::Auth(a) => {
+                let before = self.auth.revision();
+                self.auth.apply(&a)?;
+                if self.auth.revision() != before {
+                    self.auth_shared.publish(&self.auth);
+                }
+                Response::Auth {
+                    revision: self.store.revision(),
+                }
+            }
+            Command::As { user, command } => {
+                if self.auth.enabled() {
+                    self.auth
+                        .check_command(user.as_deref(), &command, &self.leases)?;
+                }
+                return self.apply_valid(now, timers, *command);
             }
         })
     }
@@ -816,19 +864,21 @@ impl KvService {
         })
     }
 
-    /// Estimated size of the state in bytes: the retained history plus 64
-    /// bytes per lease (etcd reports its bolt file size; this is a model).
+    /// Estimated size of the state in bytes: the retained history, 64
+    /// bytes per lease and the auth state's users, roles and secret (etcd
+    /// reports its bolt file size; this is a model).
     pub fn db_size(&self) -> u64 {
         self.store
             .db_size()
             .saturating_add(64 * self.leases.len() as u64)
+            .saturating_add(self.auth.contents_len())
     }
 
     /// Decodes a snapshot made by `Service::snapshot`.
     pub fn decode_snapshot(data: &[u8]) -> Result<KvService, KvError> {
         let mut r = Reader::new(data, "snapshot");
         let magic: [u8; 4] = r.array()?;
-        if magic != SNAPSHOT_MAGIC {
+        if magic != SNAPSHOT_MAGIC && magic != SNAPSHOT_MAGIC_V2 {
             return Err(KvError::BadMagic {
                 found: magic,
                 expected: SNAPSHOT_MAGIC,
@@ -837,6 +887,11 @@ impl KvService {
         let applied = r.u64()?;
         let store = Store::decode_from(&mut r)?;
         let mut leases = Leases::decode_from(&mut r)?;
+        let auth = if magic == SNAPSHOT_MAGIC {
+            AuthStore::decode_from(&mut r)?
+        } else {
+            AuthStore::default()
+        };
         r.finish()?;
         for (key, lease) in store.leased_keys() {
             if !leases.contains(lease) {
@@ -846,12 +901,15 @@ impl KvService {
             }
             leases.attach(lease, key.clone());
         }
-        Ok(KvService {
+        let svc = KvService {
             store,
             leases,
             applied,
+            auth,
             ..KvService::default()
-        })
+        };
+        svc.auth_shared.publish(&svc.auth);
+        Ok(svc)
     }
 }
 
@@ -896,27 +954,32 @@ fn exec_txn(
 /// How much of a snapshot `prepare_snapshot`'s task writes at a time.
 const SNAPSHOT_PIECE: usize = 1 << 20;
 
+/// What a snapshot may take beyond `db_size`: the magic, the applied
+/// position and the fixed parts of the store, lease and auth sections.
+pub(crate) const SNAPSHOT_SLACK: u64 = 128;
+
 /// Appends a KV snapshot to `out`: the magic, the applied position, the
-/// store (written by `store`) and the leases (by `leases`). `db_size` is at least the
-/// encoded size (each history entry's estimate covers its key, value and
-/// fields), so the buffer grows once and the state is never copied into a
-/// bigger one; reserved but unwritten memory is never touched.
+/// store (written by `store`), the leases and the auth state (`rest`).
+/// `db_size + SNAPSHOT_SLACK` is at least the encoded size (each history
+/// entry's estimate covers its key, value and fields), so the buffer grows
+/// once and the state is never copied into a bigger one; reserved but
+/// unwritten memory is never touched.
 fn write_snapshot(
     out: &mut Vec<u8>,
     applied: u64,
     db_size: u64,
     store: impl FnOnce(&mut Writer),
-    leases: impl FnOnce(&mut Writer),
+    rest: impl FnOnce(&mut Writer),
 ) {
     out.reserve(
         usize::try_from(db_size)
             .unwrap_or(usize::MAX)
-            .saturating_add(64),
+            .saturating_add(SNAPSHOT_SLACK as usize),
     );
     let mut w = Writer::onto(std::mem::take(out));
     w.raw_bytes(&SNAPSHOT_MAGIC).u64(applied);
     store(&mut w);
-    leases(&mut w);
+    rest(&mut w);
     *out = w.into_vec();
 }
 
@@ -929,16 +992,22 @@ impl Service for KvService {
             Some(data) => KvService::decode_snapshot(data).map_err(|e| e.to_string())?,
         };
         let (min_lease_ttl, quota) = (self.min_lease_ttl, self.quota.take());
+        let auth_shared = self.auth_shared.clone();
         *self = restored.with_min_lease_ttl(min_lease_ttl);
         self.quota = quota;
+        self.auth_shared = auth_shared;
+        self.auth_shared.publish(&self.auth);
         self.publish_size();
         Ok(())
     }
 
     fn snapshot(&self, out: &mut Vec<u8>) {
         let store = |w: &mut Writer| self.store.encode_into(w);
-        let leases = |w: &mut Writer| self.leases.encode_into(w);
-        write_snapshot(out, self.applied, self.db_size(), store, leases);
+        let rest = |w: &mut Writer| {
+            self.leases.encode_into(w);
+            self.auth.encode_into(w);
+        };
+        write_snapshot(out, self.applied, self.db_size(), store, rest);
     }
 
     /// A consistent copy of the replicated state, serialized later on the
@@ -950,10 +1019,11 @@ impl Service for KvService {
     fn prepare_snapshot(&self) -> keel_core::SnapshotTask {
         let image = self.store.image();
         // Encoded now: a few dozen bytes per lease, where a clone would
-        // copy each lease's set of keys.
-        let mut leases = Writer::raw();
-        self.leases.encode_into(&mut leases);
-        let leases = leases.into_vec();
+        // copy each lease's set of keys; and the auth state, which is small.
+        let mut rest = Writer::raw();
+        self.leases.encode_into(&mut rest);
+        self.auth.encode_into(&mut rest);
+        let rest = rest.into_vec();
         let applied = self.applied;
         Box::new(move |out| {
             let mut w = Writer::raw();
@@ -968,7 +1038,7 @@ impl Service for KvService {
                 }
             });
             failed?;
-            w.raw_bytes(&leases);
+            w.raw_bytes(&rest);
             out.write_all(w.as_slice())
         })
     }

@@ -1082,9 +1082,11 @@ proptest! {
         let _ = Query::decode(&data);
         let _ = Response::decode(&data);
         let _ = KvService::decode_snapshot(&data);
-        let mut with_magic = b"KKV2".to_vec();
-        with_magic.extend_from_slice(&data);
-        let _ = KvService::decode_snapshot(&with_magic);
+        for magic in [b"KKV2", b"KKV3"] {
+            let mut with_magic = magic.to_vec();
+            with_magic.extend_from_slice(&data);
+            let _ = KvService::decode_snapshot(&with_magic);
+        }
         let s = KvService::new();
         let _ = Response::decode(&s.query(&data)).unwrap();
     }

@@ -33,7 +33,7 @@ fn range(k: &str) -> RangeRequest {
     }
 }
 
-/// A snapshot of a service with keys, history and leases.
+/// A snapshot of a service with keys, history, leases and auth state.
 fn snapshot() -> Vec<u8> {
     let cmds = [
         Command::LeaseGrant { id: 5, ttl: 60 },
@@ -54,6 +54,26 @@ fn snapshot() -> Vec<u8> {
         Command::Delete {
             key: Bytes::from_static(b"gone"),
         },
+        Command::Auth(AuthCommand::UserAdd {
+            name: "root".into(),
+            password: Some(Bytes::from_static(b"hash")),
+        }),
+        Command::Auth(AuthCommand::UserGrantRole {
+            user: "root".into(),
+            role: "root".into(),
+        }),
+        Command::Auth(AuthCommand::RoleAdd { name: "r".into() }),
+        Command::Auth(AuthCommand::RoleGrantPermission {
+            role: "r".into(),
+            perm: Permission {
+                kind: PermKind::Read,
+                key: Bytes::from_static(b"a"),
+                range_end: Bytes::from_static(b"z"),
+            },
+        }),
+        Command::Auth(AuthCommand::Enable {
+            secret: Bytes::from_static(&[1; 32]),
+        }),
     ];
     let mut b = Vec::new();
     Service::snapshot(&support::service_after(&cmds, |_| 1000), &mut b);
@@ -94,6 +114,22 @@ fn kv_decoders_allocate_nothing_for_a_large_field() {
         ("snapshot", snapshot()),
         ("txn command", Command::Txn(txn).encode().to_vec()),
         ("range query", Query::RangeReq(range("k")).encode().to_vec()),
+        (
+            "command as a user",
+            Command::As {
+                user: Some("alice".into()),
+                command: Box::new(Command::Auth(AuthCommand::RoleGrantPermission {
+                    role: "r".into(),
+                    perm: Permission {
+                        kind: PermKind::Write,
+                        key: Bytes::from_static(b"k"),
+                        range_end: Bytes::from_static(b"l"),
+                    },
+                })),
+            }
+            .encode()
+            .to_vec(),
+        ),
         (
             "range response",
             Response::Range {

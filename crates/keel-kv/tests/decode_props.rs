@@ -1,13 +1,13 @@
 //! The KV service's snapshot decoder fed valid, cut, mutated and hostile
-//! bytes: a snapshot of any state reached through commands round-trips to
-//! an equal service and the same bytes; every strict prefix is refused; a
-//! mutated one never panics, and a refused restore leaves the service as
-//! it was; counts claiming more than the bytes hold are refused without
-//! allocating for them.
+//! bytes: a snapshot of any state reached through commands (auth state
+//! included) round-trips to an equal service and the same bytes; every
+//! strict prefix is refused; a mutated one never panics, and a refused
+//! restore leaves the service as it was; counts claiming more than the
+//! bytes hold are refused without allocating for them.
 
 use bytes::Bytes;
 use keel_core::{ApplyOutput, Entry, EntryKind, Service, ServiceHost};
-use keel_kv::{Command, KvService, PutRequest};
+use keel_kv::{AuthCommand, Command, KvService, PermKind, Permission, PutRequest};
 use proptest::prelude::*;
 
 mod support;
@@ -31,7 +31,82 @@ fn kv_command() -> impl Strategy<Value = Command> {
             lease,
             ..PutRequest::default()
         })),
+        2 => auth_command().prop_map(Command::Auth),
     ]
+}
+
+fn name() -> impl Strategy<Value = String> {
+    prop::sample::select(vec!["root", "alice", "r"]).prop_map(str::to_string)
+}
+
+/// Auth commands over a few names, enough to reach enabled states with
+/// users, roles and permissions.
+fn auth_command() -> impl Strategy<Value = AuthCommand> {
+    prop_oneof![
+        (
+            name(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8))
+        )
+            .prop_map(|(name, p)| AuthCommand::UserAdd {
+                name,
+                password: p.map(Bytes::from)
+            }),
+        name().prop_map(|name| AuthCommand::RoleAdd { name }),
+        (name(), name()).prop_map(|(user, role)| AuthCommand::UserGrantRole { user, role }),
+        (name(), 0i32..3, 0u8..8, 0u8..8).prop_map(|(role, kind, k, e)| {
+            AuthCommand::RoleGrantPermission {
+                role,
+                perm: Permission {
+                    kind: PermKind::from_i32(kind).unwrap_or(PermKind::Read),
+                    key: key(k),
+                    range_end: if e == 0 { Bytes::new() } else { key(e) },
+                },
+            }
+        }),
+        name().prop_map(|name| AuthCommand::RoleDelete { name }),
+        proptest::collection::vec(any::<u8>(), 0..32).prop_map(|s| AuthCommand::Enable {
+            secret: Bytes::from(s)
+        }),
+    ]
+}
+
+/// Root (with the root role) and alice (role "r", read on every key),
+/// then auth enabled.
+fn auth_setup() -> Vec<Command> {
+    let perm = Permission {
+        kind: PermKind::Read,
+        key: Bytes::from_static(b"\0"),
+        range_end: Bytes::from_static(b"\0"),
+    };
+    [
+        AuthCommand::UserAdd {
+            name: "root".into(),
+            password: None,
+        },
+        AuthCommand::UserGrantRole {
+            user: "root".into(),
+            role: "root".into(),
+        },
+        AuthCommand::RoleAdd { name: "r".into() },
+        AuthCommand::UserAdd {
+            name: "alice".into(),
+            password: Some(Bytes::from_static(b"h")),
+        },
+        AuthCommand::UserGrantRole {
+            user: "alice".into(),
+            role: "r".into(),
+        },
+        AuthCommand::RoleGrantPermission {
+            role: "r".into(),
+            perm,
+        },
+        AuthCommand::Enable {
+            secret: Bytes::from_static(&[9; 32]),
+        },
+    ]
+    .into_iter()
+    .map(Command::Auth)
+    .collect()
 }
 
 fn snapshot_bytes(s: &KvService) -> Vec<u8> {
@@ -45,12 +120,16 @@ proptest! {
 
     #[test]
     fn kv_snapshots_round_trip_and_damage_never_panics(
+        setup in any::<bool>(),
         cmds in proptest::collection::vec(kv_command(), 0..30),
         cut in any::<prop::sample::Index>(),
         flip in any::<prop::sample::Index>(),
         byte in any::<u8>(),
         garbage in proptest::collection::vec(any::<u8>(), 0..64),
     ) {
+        // Half the runs start with auth enabled, which random commands
+        // rarely reach.
+        let cmds: Vec<Command> = if setup { auth_setup().into_iter().chain(cmds).collect() } else { cmds };
         let svc = service_after(&cmds, |i| 1_000_000 * i);
         let image = snapshot_bytes(&svc);
         let back = KvService::decode_snapshot(&image).expect("its own snapshot decodes");

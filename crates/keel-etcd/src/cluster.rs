@@ -13,6 +13,7 @@
 //! requests: a follower forwards them to the leader's etcd API (once; a
 //! forwarded request that finds no leader fails with "no leader").
 
+use crate::auth::Who;
 use crate::{forwarded, is_forwarded, node_error, Api};
 use keel_core::MembershipChange;
 use keel_etcd_proto::etcdserverpb::cluster_client::ClusterClient;
@@ -25,11 +26,14 @@ use tonic::{Request, Response, Status};
 
 /// Forwards a membership request to the leader, unless this node leads (or
 /// the request was forwarded already): `None` means "handle it here".
+/// The caller's token goes with it: the leader checks it again.
 macro_rules! forward_unless_leader {
-    ($self:ident, $req:ident, $method:ident) => {
+    ($self:ident, $who:ident, $req:ident, $method:ident) => {
         if let Some((leader, mut client)) = $self.leader_client(&$req).await? {
+            let mut passed = forwarded($req.into_inner());
+            $who.pass_on(&mut passed);
             return client
-                .$method(forwarded($req.into_inner()))
+                .$method(passed)
                 .await
                 .inspect_err(|e| $self.0.forget_channel(leader, e));
         }
@@ -122,6 +126,14 @@ impl ClusterApi {
         }
     }
 
+    /// Who makes a membership change, who must be an admin while auth is
+    /// on (as in etcd).
+    fn admin<T>(&self, r: &Request<T>) -> Result<Who, Status> {
+        let who = self.0.who(r.metadata())?;
+        self.0.check(|v| v.check_admin(who.user()))?;
+        Ok(who)
+    }
+
     fn header(&self) -> Option<ResponseHeader> {
         self.0.header(0)
     }
@@ -150,7 +162,8 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        forward_unless_leader!(self, r, member_add);
+        let who = self.admin(&r)?;
+        forward_unless_leader!(self, who, r, member_add);
         let r = r.into_inner();
         let wanted: Vec<&str> = r.peer_ur_ls.iter().map(|u| normalize_url(u)).collect();
         let info = self
@@ -223,7 +236,8 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        forward_unless_leader!(self, r, member_remove);
+        let who = self.admin(&r)?;
+        forward_unless_leader!(self, who, r, member_remove);
         let members = self
             .change(MembershipChange::Remove(r.into_inner().id))
             .await?;
@@ -242,6 +256,7 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.admin(&r)?;
         let r = r.into_inner();
         let members = self.members();
         let Some(member) = members.iter().find(|m| m.id == r.id) else {
@@ -290,7 +305,8 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        forward_unless_leader!(self, r, member_promote);
+        let who = self.admin(&r)?;
+        forward_unless_leader!(self, who, r, member_promote);
         let members = self
             .change(MembershipChange::PromoteLearner(r.into_inner().id))
             .await?;

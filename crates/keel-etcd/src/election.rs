@@ -5,12 +5,14 @@
 //! value; Observe streams them as they change, leader after leader; Resign
 //! deletes the leader key. See `recipes` for how candidates queue.
 
+use crate::auth::{check_recipe, prefix_end, Who};
 use crate::convert::kv_out;
 use crate::recipes::{as_recipe_error, key_of, prefix_of, Recipes};
 use bytes::Bytes;
 use keel_etcd_proto::mvccpb::KeyValue;
 use keel_etcd_proto::v3electionpb::election_server::Election;
 use keel_etcd_proto::v3electionpb::*;
+use keel_kv::Access;
 use keel_kv::{EventType, Query, Response as KvResponse, WatchEvent};
 use std::pin::Pin;
 use tokio::sync::mpsc;
@@ -181,12 +183,31 @@ async fn follow(r: Recipes, prefix: Bytes, out: mpsc::Sender<Result<LeaderRespon
     }
 }
 
+impl ElectionApi {
+    /// `who` may read every key under `prefix` (`auth`).
+    fn read_prefix(&self, who: &Who, prefix: &[u8]) -> Result<(), Status> {
+        let end = prefix_end(prefix);
+        self.0
+             .0
+            .check(|v| v.check_range(who.user(), Access::Read, prefix, &end))
+    }
+
+    /// `who` may write `key`, a leader's key (`auth`).
+    fn write_key(&self, who: &Who, key: &[u8]) -> Result<(), Status> {
+        self.0
+             .0
+            .check(|v| v.check_range(who.user(), Access::Write, key, &[]))
+    }
+}
+
 #[tonic::async_trait]
 impl Election for ElectionApi {
     async fn campaign(
         &self,
         r: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let who = self.0 .0.who(r.metadata())?;
+        check_recipe(&self.0 .0, &who, &prefix_of(&r.get_ref().name))?;
         async {
             let r = r.into_inner();
             let lease = self.0.lease_or_grant(r.lease).await?;
@@ -237,9 +258,11 @@ impl Election for ElectionApi {
         &self,
         r: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let who = self.0 .0.who(r.metadata())?;
         async {
             let r = r.into_inner();
             let l = leader_key(r.leader)?;
+            self.write_key(&who, &l.key)?;
             // A leader key without a lease gets a new one, as etcd's
             // session does (never none: the key would outlive its leader).
             let lease = self.0.lease_or_grant(l.lease).await?;
@@ -254,8 +277,10 @@ impl Election for ElectionApi {
     }
 
     async fn leader(&self, r: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
+        let who = self.0 .0.who(r.metadata())?;
         async {
             let prefix = prefix_of(&r.into_inner().name);
+            self.read_prefix(&who, &prefix)?;
             match self.0.first(&prefix).await? {
                 (Some(kv), header) => Ok(Response::new(LeaderResponse {
                     header,
@@ -269,7 +294,9 @@ impl Election for ElectionApi {
     }
 
     async fn observe(&self, r: Request<LeaderRequest>) -> Result<Response<ObserveStream>, Status> {
+        let who = self.0 .0.who(r.metadata())?;
         let prefix = prefix_of(&r.into_inner().name);
+        self.read_prefix(&who, &prefix)?;
         let (tx, rx) = mpsc::channel(16);
         self.0
              .0
@@ -282,8 +309,10 @@ impl Election for ElectionApi {
     }
 
     async fn resign(&self, r: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
+        let who = self.0 .0.who(r.metadata())?;
         async {
             let l = leader_key(r.into_inner().leader)?;
+            self.write_key(&who, &l.key)?;
             let header = self.0.delete_if_owner(&l.key, l.rev).await?;
             Ok(Response::new(ResignResponse { header }))
         }

@@ -16,6 +16,9 @@
 //! status the gateway gives that code (InvalidArgument 400, NotFound 404,
 //! Unavailable 503, …).
 //!
+//! Calls run as the user whose token (from `/v3/auth/authenticate`) is in
+//! the `Authorization` header, as etcd's gateway takes it.
+//!
 //! Streams: `/v3/watch` and `/v3/lease/keepalive` take one or more request
 //! objects, one after another, in the body; the answer is a chunked stream
 //! of `{"result": <response>}` lines. The requests are read as the body
@@ -27,13 +30,14 @@
 //! "http_code", "message", "http_status"}}`.
 
 use crate::json_objects::{Objects, Piece};
-use crate::{cluster, election, kv, lease, lock, maintenance, recipes, watch, Api};
+use crate::{auth, cluster, election, kv, lease, lock, maintenance, recipes, watch, Api};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
+use keel_etcd_proto::etcdserverpb::auth_server::Auth;
 use keel_etcd_proto::etcdserverpb::cluster_server::Cluster;
 use keel_etcd_proto::etcdserverpb::kv_server::Kv;
 use keel_etcd_proto::etcdserverpb::lease_server::Lease;
@@ -48,6 +52,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Status};
 
 /// The path prefixes the gateway answers under.
@@ -388,13 +393,13 @@ type Route = MethodRouter<Arc<Api>>;
 macro_rules! unary {
     ($svc:expr, $method:ident) => {
         post(
-            move |State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>| async move {
+            move |State(api): State<Arc<Api>>,
+                  headers: HeaderMap,
+                  body: Result<Bytes, BytesRejection>| async move {
                 let svc = ($svc)(api.clone());
-                unary(
-                    &api,
-                    body,
-                    |r| async move { svc.$method(Request::new(r)).await },
-                )
+                unary(&api, body, |r| async move {
+                    svc.$method(with_token(Request::new(r), headers)).await
+                })
                 .await
             },
         )
@@ -405,31 +410,56 @@ macro_rules! unary {
 macro_rules! server_streaming {
     ($svc:expr, $method:ident) => {
         post(
-            move |State(api): State<Arc<Api>>, body: Result<Bytes, BytesRejection>| async move {
+            move |State(api): State<Arc<Api>>,
+                  headers: HeaderMap,
+                  body: Result<Bytes, BytesRejection>| async move {
                 let svc = ($svc)(api.clone());
-                server_streaming(
-                    &api,
-                    body,
-                    |r| async move { svc.$method(Request::new(r)).await },
-                )
+                server_streaming(&api, body, |r| async move {
+                    svc.$method(with_token(Request::new(r), headers)).await
+                })
                 .await
             },
         )
     };
 }
 
+/// A gateway call's request with the caller's token (the `Authorization`
+/// header, or etcd clients' `token`) in its metadata, as a gRPC call
+/// carries it (`auth`).
+fn with_token<T>(mut r: Request<T>, headers: HeaderMap) -> Request<T> {
+    if let Some(token) = auth::token_in(&MetadataMap::from_headers(headers)) {
+        if let Ok(value) = MetadataValue::try_from(token.as_str()) {
+            r.metadata_mut().insert("token", value);
+        }
+    }
+    r
+}
+
+/// Who a gateway stream runs as (`auth`).
+fn who(api: &Api, headers: HeaderMap) -> Result<auth::Who, Status> {
+    api.who(&MetadataMap::from_headers(headers))
+}
+
 /// The watches run until the client closes the connection.
-async fn watch(State(api): State<Arc<Api>>, body: Body) -> Response {
+async fn watch(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Response {
+    let who = match who(&api, headers) {
+        Ok(who) => who,
+        Err(e) => return error(&e),
+    };
     match incoming::<WatchRequest>(&api, body).await {
-        Ok(reqs) => streamed(watch::serve(api, reqs)).await,
+        Ok(reqs) => streamed(watch::serve(api, who, reqs)).await,
         Err(e) => error(&e),
     }
 }
 
 /// One answer per request; the call ends after the last one's.
-async fn keep_alive(State(api): State<Arc<Api>>, body: Body) -> Response {
+async fn keep_alive(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Response {
+    let who = match who(&api, headers) {
+        Ok(who) => who,
+        Err(e) => return error(&e),
+    };
     match incoming::<LeaseKeepAliveRequest>(&api, body).await {
-        Ok(reqs) => streamed(lease::keep_alive(api, reqs)).await,
+        Ok(reqs) => streamed(lease::keep_alive(api, who, reqs)).await,
         Err(e) => error(&e),
     }
 }
@@ -442,7 +472,25 @@ fn routes() -> Vec<(&'static str, Route)> {
     let maintenance = maintenance::MaintenanceApi;
     let lock = |api| lock::LockApi(recipes::Recipes(api));
     let election = |api| election::ElectionApi(recipes::Recipes(api));
+    let auth = auth::AuthApi;
     vec![
+        ("/auth/enable", unary!(auth, auth_enable)),
+        ("/auth/disable", unary!(auth, auth_disable)),
+        ("/auth/status", unary!(auth, auth_status)),
+        ("/auth/authenticate", unary!(auth, authenticate)),
+        ("/auth/user/add", unary!(auth, user_add)),
+        ("/auth/user/get", unary!(auth, user_get)),
+        ("/auth/user/list", unary!(auth, user_list)),
+        ("/auth/user/delete", unary!(auth, user_delete)),
+        ("/auth/user/changepw", unary!(auth, user_change_password)),
+        ("/auth/user/grant", unary!(auth, user_grant_role)),
+        ("/auth/user/revoke", unary!(auth, user_revoke_role)),
+        ("/auth/role/add", unary!(auth, role_add)),
+        ("/auth/role/get", unary!(auth, role_get)),
+        ("/auth/role/list", unary!(auth, role_list)),
+        ("/auth/role/delete", unary!(auth, role_delete)),
+        ("/auth/role/grant", unary!(auth, role_grant_permission)),
+        ("/auth/role/revoke", unary!(auth, role_revoke_permission)),
         ("/kv/range", unary!(kv, range)),
         ("/kv/put", unary!(kv, put)),
         ("/kv/deleterange", unary!(kv, delete_range)),

@@ -36,7 +36,6 @@
 //! /version and /metrics (no keys in them) are answered.
 
 use crate::maintenance::ETCD_VERSION;
-use crate::not_served::AUTH_NOT_SERVED;
 use crate::{convert, gateway, Api};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
@@ -295,21 +294,14 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
 }
 
 /// A 404 for HTTP requests; for a gRPC call of a method no service has,
-/// gRPC's `Unimplemented` (what the server answers without a fallback);
-/// for the gateway's Auth calls, the gateway's error saying Auth is not
-/// served.
-async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
+/// gRPC's `Unimplemented` (what the server answers without a fallback).
+async fn not_found(headers: HeaderMap) -> Response {
     let grpc = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("application/grpc"));
-    let auth = gateway::PREFIXES
-        .iter()
-        .any(|p| uri.path().starts_with(&format!("{p}/auth/")));
     if grpc {
         tonic::Status::unimplemented("").into_http::<axum::body::Body>()
-    } else if auth {
-        gateway::error(&tonic::Status::unimplemented(AUTH_NOT_SERVED))
     } else {
         (
             StatusCode::NOT_FOUND,

@@ -1,6 +1,7 @@
 //! etcd's KV service: Range (linearizable through read-index, or
 //! serializable from this node), Put, DeleteRange, Txn (one log entry; a
-//! txn that only reads is served as a read) and Compact, on keel-kv.
+//! txn that only reads is served as a read) and Compact, on keel-kv; each
+//! as the caller its token names (`auth`).
 
 use crate::convert::{self, Out};
 use crate::{unexpected, Api};
@@ -33,10 +34,11 @@ impl KvApi {
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn range(&self, r: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
         let r = r.into_inner();
         let serializable = r.serializable;
         let q = Query::RangeReq(convert::range_in(r)?);
-        match self.0.read(&q, serializable).await? {
+        match self.0.read_as(&who, &q, serializable).await? {
             KvResponse::RangeResp(resp) => {
                 let h = self.out();
                 Ok(Response::new(Out { header: &h }.range(resp)))
@@ -46,8 +48,9 @@ impl Kv for KvApi {
     }
 
     async fn put(&self, r: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
         let cmd = Command::PutReq(convert::put_in(r.into_inner()));
-        match self.0.write(&cmd).await? {
+        match self.0.write_as(&who, cmd).await? {
             KvResponse::PutResp(resp) => {
                 let h = self.out();
                 Ok(Response::new(Out { header: &h }.put(resp)))
@@ -60,8 +63,9 @@ impl Kv for KvApi {
         &self,
         r: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
         let cmd = Command::DeleteRangeReq(convert::delete_in(r.into_inner())?);
-        match self.0.write(&cmd).await? {
+        match self.0.write_as(&who, cmd).await? {
             KvResponse::DeleteRangeResp(resp) => {
                 let h = self.out();
                 Ok(Response::new(Out { header: &h }.delete(resp)))
@@ -71,13 +75,14 @@ impl Kv for KvApi {
     }
 
     async fn txn(&self, r: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
         let r = r.into_inner();
         let serializable = txn_serializable(&r);
         let txn = convert::txn_in(r)?;
         let answer = if convert::txn_is_read_only(&txn) {
-            self.0.read(&Query::Txn(txn), serializable).await?
+            self.0.read_as(&who, &Query::Txn(txn), serializable).await?
         } else {
-            self.0.write(&Command::Txn(txn)).await?
+            self.0.write_as(&who, Command::Txn(txn)).await?
         };
         match answer {
             KvResponse::Txn(resp) => {
@@ -92,8 +97,9 @@ impl Kv for KvApi {
         &self,
         r: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
         let revision = r.into_inner().revision;
-        match self.0.write(&Command::Compact { revision }).await? {
+        match self.0.write_as(&who, Command::Compact { revision }).await? {
             KvResponse::Compact { revision } => Ok(Response::new(CompactionResponse {
                 header: self.0.header(revision as i64),
             })),

@@ -12,6 +12,7 @@
 //! as etcd's `LeaseRenew` and `LeaseTimeToLive` do, so a keep-alive stream
 //! lives through a leader change instead of failing.
 
+use crate::auth::Who;
 use crate::{forwarded, is_forwarded, unexpected, Api};
 use keel_etcd_proto::etcdserverpb::lease_client::LeaseClient;
 use keel_etcd_proto::etcdserverpb::lease_server::Lease;
@@ -53,9 +54,8 @@ where
 }
 
 /// Renews one lease: its TTL, or TTL 0 if it does not exist (as etcd).
-async fn renew(api: &Api, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
-    let cmd = Command::LeaseKeepAlive { id };
-    let write = || api.write(&cmd);
+async fn renew(api: &Api, who: &Who, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+    let write = || api.write_as(who, Command::LeaseKeepAlive { id });
     match retry_unavailable(api.config.request_timeout, write).await {
         Ok(KvResponse::LeaseKeepAlive { revision, id, ttl }) => Ok(LeaseKeepAliveResponse {
             header: api.header(revision as i64),
@@ -113,14 +113,17 @@ impl LeaseApi {
     /// leads.
     async fn time_to_live_once(
         &self,
+        who: &Who,
         r: &LeaseTimeToLiveRequest,
         passed_on: bool,
     ) -> Result<LeaseTimeToLiveResponse, Status> {
         match self.ttl_by(passed_on)? {
             TtlBy::Leader(leader) => {
                 let channel = self.0.member_channel(leader, "the leader").await?;
+                let mut req = forwarded(*r);
+                who.pass_on(&mut req);
                 let mut resp = LeaseClient::new(channel)
-                    .lease_time_to_live(forwarded(*r))
+                    .lease_time_to_live(req)
                     .await
                     .inspect_err(|e| self.0.forget_channel(leader, e))?
                     .into_inner();
@@ -193,13 +196,17 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
         let r = r.into_inner();
         match self
             .0
-            .write(&Command::LeaseGrant {
-                id: r.id,
-                ttl: r.ttl,
-            })
+            .write_as(
+                &who,
+                Command::LeaseGrant {
+                    id: r.id,
+                    ttl: r.ttl,
+                },
+            )
             .await?
         {
             KvResponse::LeaseGrant { revision, id, ttl } => Ok(Response::new(LeaseGrantResponse {
@@ -216,8 +223,9 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
         let id = r.into_inner().id;
-        match self.0.write(&Command::LeaseRevoke { id }).await? {
+        match self.0.write_as(&who, Command::LeaseRevoke { id }).await? {
             KvResponse::LeaseRevoke { revision } => Ok(Response::new(LeaseRevokeResponse {
                 header: self.0.header(revision as i64),
             })),
@@ -229,8 +237,10 @@ impl Lease for LeaseApi {
         &self,
         r: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
+        let who = self.0.who(r.metadata())?;
         Ok(Response::new(keep_alive(
             self.0.clone(),
+            who,
             Box::pin(r.into_inner()),
         )))
     }
@@ -239,13 +249,18 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        self.0.check(|v| v.check_user(who.user()))?;
         let passed_on = is_forwarded(&r);
         let r = r.into_inner();
         if passed_on {
             // The member that passed it on retries.
-            return self.time_to_live_once(&r, true).await.map(Response::new);
+            return self
+                .time_to_live_once(&who, &r, true)
+                .await
+                .map(Response::new);
         }
-        let attempt = || self.time_to_live_once(&r, false);
+        let attempt = || self.time_to_live_once(&who, &r, false);
         retry_unavailable(self.0.config.request_timeout, attempt)
             .await
             .map(Response::new)
@@ -253,9 +268,10 @@ impl Lease for LeaseApi {
 
     async fn lease_leases(
         &self,
-        _r: Request<LeaseLeasesRequest>,
+        r: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        match self.0.read(&Query::Leases, false).await? {
+        let who = self.0.who(r.metadata())?;
+        match self.0.read_as(&who, &Query::Leases, false).await? {
             KvResponse::Leases { revision, ids } => Ok(Response::new(LeaseLeasesResponse {
                 header: self.0.header(revision as i64),
                 leases: ids.into_iter().map(|id| LeaseStatus { id }).collect(),
@@ -271,12 +287,16 @@ pub(crate) type KeepAliveRequests =
 
 /// Renews each requested lease in turn, answering each; ends at the first
 /// failure or when the requests end.
-pub(crate) fn keep_alive(api: Arc<Api>, mut requests: KeepAliveRequests) -> KeepAliveStream {
+pub(crate) fn keep_alive(
+    api: Arc<Api>,
+    who: Who,
+    mut requests: KeepAliveRequests,
+) -> KeepAliveStream {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         while let Some(req) = requests.next().await {
             let answer = match req {
-                Ok(req) => renew(&api, req.id).await,
+                Ok(req) => renew(&api, &who, req.id).await,
                 Err(e) => {
                     tracing::debug!("lease keep-alive stream closed: {e}");
                     return;

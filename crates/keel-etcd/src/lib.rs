@@ -1,5 +1,5 @@
 //! keel-etcd: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance,
-//! and the Lock and Election recipes) served by one Keel node, so etcdctl and etcd client libraries work
+//! Auth, and the Lock and Election recipes) served by one Keel node, so etcdctl and etcd client libraries work
 //! against a Keel cluster. Requests become commands and queries of the
 //! replicated keel-kv service, submitted through the node like any client's
 //! (writes go through the log; linearizable reads use read-index; a
@@ -10,6 +10,7 @@
 //! HTTP/1.1 too, as etcd's client URL does: `/health`, `/version` and
 //! `/metrics` (`http`) and the JSON gateway `POST /v3/...` (`gateway`).
 
+pub mod auth;
 pub mod authority;
 pub mod cluster;
 pub mod compactor;
@@ -22,7 +23,6 @@ pub mod kv;
 pub mod lease;
 pub mod lock;
 pub mod maintenance;
-pub mod not_served;
 pub mod origin;
 mod promote;
 mod recipes;
@@ -51,6 +51,7 @@ pub(crate) mod test_events {
 }
 
 use bytes::Bytes;
+use keel_etcd_proto::etcdserverpb::auth_server::AuthServer;
 use keel_etcd_proto::etcdserverpb::cluster_server::ClusterServer;
 use keel_etcd_proto::etcdserverpb::kv_server::KvServer;
 use keel_etcd_proto::etcdserverpb::lease_server::LeaseServer;
@@ -103,6 +104,9 @@ pub struct ApiConfig {
     /// How often a call that requires a leader checks that this member
     /// knows one (`require_leader`; etcd: its election timeout).
     pub election_timeout: Duration,
+    /// The KV service's users, roles and permissions as it publishes them
+    /// (`auth`): every call is checked against them while auth is on.
+    pub auth: Arc<keel_kv::AuthShared>,
 }
 
 impl ApiConfig {
@@ -117,6 +121,7 @@ impl ApiConfig {
             tls: None,
             cors: http::Cors::default(),
             election_timeout: Duration::from_secs(1),
+            auth: Default::default(),
         }
     }
 }
@@ -461,7 +466,7 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
             )
             .max_decoding_message_size(max_msg),
         )
-        .add_service(not_served::AuthNotServed);
+        .add_service(AuthServer::new(auth::AuthApi(api.clone())));
     let mut server = tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(origin::OriginCheckLayer(api.clone()))

@@ -6,9 +6,11 @@
 //! found there behind another's), as etcd's unlocks, unless another call of
 //! the same lease through this node shares it (`recipes::Contender`).
 
+use crate::auth::check_recipe;
 use crate::recipes::{as_recipe_error, key_of, prefix_of, Recipes};
 use keel_etcd_proto::v3lockpb::lock_server::Lock;
 use keel_etcd_proto::v3lockpb::*;
+use keel_kv::Access;
 use tonic::{Request, Response, Status};
 
 pub struct LockApi(pub(crate) Recipes);
@@ -35,6 +37,11 @@ impl LockApi {
 #[tonic::async_trait]
 impl Lock for LockApi {
     async fn lock(&self, r: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        // The caller may read and write the lock's keys (`name/...`), as
+        // etcd's lock service needs when it runs them with the caller's
+        // token.
+        let who = self.0 .0.who(r.metadata())?;
+        check_recipe(&self.0 .0, &who, &prefix_of(&r.get_ref().name))?;
         self.acquire(r.into_inner())
             .await
             .map(Response::new)
@@ -42,6 +49,11 @@ impl Lock for LockApi {
     }
 
     async fn unlock(&self, r: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
+        let who = self.0 .0.who(r.metadata())?;
+        let key = &r.get_ref().key;
+        self.0
+             .0
+            .check(|v| v.check_range(who.user(), Access::Write, key, &[]))?;
         let header = self
             .0
             .delete(r.into_inner().key)

@@ -7,6 +7,7 @@
 //! move-leader (a Keel leadership transfer; asked of the leader, as in
 //! etcd) and snapshot (a backup of this member's state, for `keel restore`).
 
+use crate::auth::Who;
 use crate::{forwarded, is_forwarded, node_error, Api};
 use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_etcd_proto::etcdserverpb::maintenance_server::Maintenance;
@@ -47,12 +48,25 @@ impl MaintenanceApi {
             .collect()
     }
 
+    /// `who` is an admin, while auth is on.
+    fn admin(&self, who: &Who) -> Result<(), Status> {
+        self.0.check(|v| v.check_admin(who.user()))
+    }
+
+    /// The caller of `r` is an admin, while auth is on: etcd's rule for
+    /// backups, hashes, defragmentation and leader moves.
+    fn admin_call<T>(&self, r: &Request<T>) -> Result<(), Status> {
+        let who = self.0.who(r.metadata())?;
+        self.admin(&who)
+    }
+
     /// Passes `req` on to the other members (only `named`, if given; no one
     /// if it is not a member) at once, and gathers their answers. A member
     /// that does not answer in time is left out, unless it was `named`: then
     /// that is the error.
     async fn ask_others(
         &self,
+        who: &Who,
         named: Option<u64>,
         req: &AlarmRequest,
     ) -> Result<Vec<AlarmMember>, Status> {
@@ -62,13 +76,15 @@ impl MaintenanceApi {
             if m == st.id || named.is_some_and(|n| n != m) {
                 continue;
             }
-            let (api, req) = (self.0.clone(), *req);
+            let (api, req, caller) = (self.0.clone(), *req, who.clone());
             asks.spawn(async move {
                 let ask = async {
                     let who = format!("member {m:x}");
                     let channel = api.member_channel(m, &who).await?;
+                    let mut passed = forwarded(req);
+                    caller.pass_on(&mut passed);
                     let answer = MaintenanceClient::new(channel)
-                        .alarm(forwarded(req))
+                        .alarm(passed)
                         .await
                         .inspect_err(|e| api.forget_channel(m, e))?;
                     Ok::<_, Status>(answer.into_inner().alarms)
@@ -109,12 +125,17 @@ impl Maintenance for MaintenanceApi {
     /// disarm that names it fails. `ACTIVATE` is refused: a raised alarm
     /// would not stop writes here, only the quota does.
     async fn alarm(&self, r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
         let passed_on = is_forwarded(&r);
         let r = r.into_inner();
         let id = self.0.node.id();
         let action = alarm_request::AlarmAction::try_from(r.action).map_err(|_| {
             Status::invalid_argument(format!("etcdserver: unknown alarm action {}", r.action))
         })?;
+        // Anyone may list the alarms; only an admin lowers them.
+        if action != alarm_request::AlarmAction::Get {
+            self.admin(&who)?;
+        }
         let mut alarms = match action {
             // As etcd's, a listing of one type of alarm (NONE: every type):
             // the only type raised here is NOSPACE.
@@ -122,7 +143,7 @@ impl Maintenance for MaintenanceApi {
             alarm_request::AlarmAction::Get => {
                 let mut alarms = self.own_alarm();
                 if !passed_on {
-                    alarms.extend(self.ask_others(None, &r).await?);
+                    alarms.extend(self.ask_others(&who, None, &r).await?);
                 }
                 alarms
             }
@@ -137,7 +158,7 @@ impl Maintenance for MaintenanceApi {
                     }
                     if !passed_on && r.member_id != id {
                         let named = (r.member_id != 0).then_some(r.member_id);
-                        lowered.extend(self.ask_others(named, &r).await?);
+                        lowered.extend(self.ask_others(&who, named, &r).await?);
                     }
                 }
                 lowered
@@ -203,8 +224,9 @@ impl Maintenance for MaintenanceApi {
     /// cannot read it.
     async fn snapshot(
         &self,
-        _r: Request<SnapshotRequest>,
+        r: Request<SnapshotRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<SnapshotResponse>>, Status> {
+        self.admin_call(&r)?;
         let permit = self.0.backups.clone().try_acquire_owned().map_err(|_| {
             Status::unavailable(
                 "etcdserver: a backup is already being sent from this member; \
@@ -302,8 +324,9 @@ impl Maintenance for MaintenanceApi {
 
     async fn defragment(
         &self,
-        _r: Request<DefragmentRequest>,
+        r: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.admin_call(&r)?;
         Ok(Response::new(DefragmentResponse {
             header: self.0.header(0),
         }))
@@ -313,6 +336,7 @@ impl Maintenance for MaintenanceApi {
         &self,
         r: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.admin_call(&r)?;
         let target = r.into_inner().target_id;
         match self.0.node.call(ClientOp::TransferLeader(target)).await {
             ClientResult::Ok(_) => Ok(Response::new(MoveLeaderResponse {
@@ -339,7 +363,8 @@ impl Maintenance for MaintenanceApi {
         }
     }
 
-    async fn hash(&self, _r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.admin_call(&r)?;
         let (revision, hash, _) = hash_kv(&self.0, 0).await?;
         Ok(Response::new(HashResponse {
             header: self.0.header(revision),
@@ -348,6 +373,7 @@ impl Maintenance for MaintenanceApi {
     }
 
     async fn hash_kv(&self, r: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        self.admin_call(&r)?;
         let (revision, hash, compact_revision) = hash_kv(&self.0, r.into_inner().revision).await?;
         Ok(Response::new(HashKvResponse {
             header: self.0.header(revision),

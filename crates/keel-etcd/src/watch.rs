@@ -14,6 +14,7 @@
 //! whose start is compacted away gets etcd's answer: a response with the
 //! compaction revision, canceled.
 
+use crate::auth::Who;
 use crate::convert::event_out;
 use crate::Api;
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use keel_etcd_proto::etcdserverpb::watch_request::RequestUnion;
 use keel_etcd_proto::etcdserverpb::watch_server::Watch;
 use keel_etcd_proto::etcdserverpb::*;
 use keel_etcd_proto::mvccpb;
+use keel_kv::Access;
 use keel_kv::{EventType, Query, Response as KvResponse, WatchEvent};
 use prost::Message;
 use std::collections::BTreeMap;
@@ -107,6 +109,9 @@ pub struct WatchGauges {
 
 struct Session {
     api: Arc<Api>,
+    /// Who the stream runs as: each watch it creates needs read
+    /// permission on its range (`auth`).
+    who: Who,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     /// This node's apply feed (subscribed before the first status read).
     feed: tokio::sync::broadcast::Receiver<Arc<keel_node::Notification>>,
@@ -223,6 +228,15 @@ impl Session {
         }
         if !matches!(&c.range_end[..], [] | [0]) && c.key >= c.range_end {
             return self.refuse_create(EMPTY_RANGE).await;
+        }
+        // As etcd: a watch on keys the caller may not read is refused
+        // with the reason.
+        let user = self.who.user();
+        if let Err(e) = self
+            .api
+            .check(|v| v.check_range(user, Access::Read, &c.key, &c.range_end))
+        {
+            return self.refuse_create(e.message()).await;
         }
         let id = if c.watch_id != 0 {
             if self.watchers.contains_key(&c.watch_id) {
@@ -580,14 +594,15 @@ pub(crate) type WatchRequests = Pin<Box<dyn Stream<Item = Result<WatchRequest, S
 /// Serves one watch stream: its responses, until the client goes (its
 /// request stream fails or it stops reading; the end of its requests alone
 /// does not end the stream).
-pub(crate) fn serve(api: Arc<Api>, requests: WatchRequests) -> WatchStream {
+pub(crate) fn serve(api: Arc<Api>, who: Who, requests: WatchRequests) -> WatchStream {
     let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(run(api, requests, tx));
+    tokio::spawn(run(api, who, requests, tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 async fn run(
     api: Arc<Api>,
+    who: Who,
     mut requests: WatchRequests,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
 ) {
@@ -597,6 +612,7 @@ async fn run(
     let every = api.config.watch_progress_interval;
     let mut s = Session {
         api,
+        who,
         out,
         feed,
         watchers: BTreeMap::new(),
@@ -658,8 +674,10 @@ impl Watch for WatchApi {
         &self,
         r: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        let who = self.0.who(r.metadata())?;
         Ok(Response::new(serve(
             self.0.clone(),
+            who,
             Box::pin(r.into_inner()),
         )))
     }

@@ -675,18 +675,26 @@ fn server_config(a: &ServerArgs) -> Result<NodeConfig> {
     Ok(cfg)
 }
 
-/// The KV service's space quota, shared with the etcd API (which reports
-/// its alarm).
-type Quota = Option<Arc<keel_kv::SpaceQuota>>;
+/// What the KV service shares with the etcd API: its space quota (whose
+/// alarm the API reports) and its users and roles (which it checks calls
+/// against).
+#[derive(Default)]
+pub struct KvShared {
+    quota: Option<Arc<keel_kv::SpaceQuota>>,
+    auth: Option<Arc<keel_kv::AuthShared>>,
+}
 
-/// The configured service, and the KV service's space quota.
-pub fn make_service(cfg: &NodeConfig) -> Result<(Box<dyn Service + Send>, Quota)> {
+/// The configured service, and what the KV service shares.
+pub fn make_service(cfg: &NodeConfig) -> Result<(Box<dyn Service + Send>, KvShared)> {
     if cfg.service == "kv" {
         let kv = KvService::default().with_quota(cfg.kv_quota_bytes);
-        let quota = kv.quota();
-        return Ok((Box::new(kv), quota));
+        let shared = KvShared {
+            quota: kv.quota(),
+            auth: Some(kv.auth_shared()),
+        };
+        return Ok((Box::new(kv), shared));
     }
-    Ok((make_other_service(&cfg.service)?, None))
+    Ok((make_other_service(&cfg.service)?, KvShared::default()))
 }
 
 fn make_other_service(name: &str) -> Result<Box<dyn Service + Send>> {
@@ -779,9 +787,9 @@ fn restore(a: RestoreArgs) -> Result<()> {
 
 fn run_server(a: ServerArgs) -> Result<()> {
     let cfg = server_config(&a)?;
-    let (service, quota) = make_service(&cfg)?;
+    let (service, shared) = make_service(&cfg)?;
     let id = cfg.id;
-    let etcd = etcd_api(&cfg, quota)?;
+    let etcd = etcd_api(&cfg, shared)?;
     if let Some((addr, api)) = &etcd {
         // A port taken by another program, or TLS files that do not make a
         // working configuration (a key that is not the certificate's, say),
@@ -830,7 +838,7 @@ fn run_server(a: ServerArgs) -> Result<()> {
 /// Where and how to serve the etcd API, if the configuration asks for it.
 fn etcd_api(
     cfg: &NodeConfig,
-    quota: Quota,
+    shared: KvShared,
 ) -> Result<Option<(std::net::SocketAddr, keel_etcd::ApiConfig)>> {
     let Some(addr) = &cfg.etcd_addr else {
         if etcd_tls(cfg)?.is_some() || cfg.etcd_client_cert_auth {
@@ -871,7 +879,10 @@ fn etcd_api(
         client_urls: p.etcd_addr.iter().map(|a| client_url(a)).collect(),
     }));
     let mut api = keel_etcd::ApiConfig::new(members);
-    api.quota = quota;
+    api.quota = shared.quota;
+    if let Some(auth) = shared.auth {
+        api.auth = auth;
+    }
     api.tls = tls;
     api.election_timeout = std::time::Duration::from_millis(cfg.election_timeout_max_ms);
     api.watch_progress_interval =

@@ -553,7 +553,22 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 /// `method path` with `body` to an HTTP endpoint over HTTP/1.1; returns the
 /// status code and the body (a chunked one joined, with no framing).
 pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_request_with(addr, method, path, &[], body)
+}
+
+/// `http_request` with more header lines (`name`, `value`).
+pub fn http_request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
+    let headers: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let mut s =
         std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     // (Longer than the etcd API's request timeout, 7 s, which a request
@@ -562,7 +577,7 @@ pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, S
         .expect("timeout");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n{headers}content-length: {}\r\n\r\n{body}",
         body.len()
     )
     .expect("write request");

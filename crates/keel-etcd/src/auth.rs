@@ -1,0 +1,760 @@
+//! etcd's Auth service (users, roles, key-range permissions, tokens) and
+//! who each call of the other services runs as.
+//!
+//! The users and roles are replicated state of the KV service
+//! (`keel_kv::AuthStore`): every change is a log entry, checked again
+//! when applied. This module adds what needs a secret or a clock:
+//!
+//! - **Passwords** are hashed here, by the member that takes the request,
+//!   before they go into the log (PBKDF2-HMAC-SHA256, a random salt per
+//!   password), as etcd hashes them with bcrypt. Only the hash is
+//!   replicated; `Authenticate` checks a password against it.
+//! - **Tokens** are signed, not stored: `user.generation.expiry.mac`, an
+//!   HMAC-SHA256 under the secret `AuthEnable` put in the log, so any
+//!   member checks any member's token with no log entry per login. A token
+//!   lives `TOKEN_TTL` (etcd's `--auth-token-ttl` default), by the checking
+//!   member's wall clock. A changed password, a deleted user, or auth
+//!   turned off and on again makes older tokens invalid; a changed role
+//!   takes effect at once, since permissions are looked up on every call.
+//!   An invalid or expired token is etcd's "invalid auth token"
+//!   (Unauthenticated), on which etcd clients log in again.
+//!
+//! Calls carry the token in the gRPC metadata `token` (etcd's clients) or
+//! `authorization` (its JSON gateway's header). `Api::who` checks it;
+//! reads are checked against this member's copy of the auth state
+//! (`Api::check`), writes again when applied (`Api::write_as`). While auth
+//! is off nothing is checked and tokens are ignored.
+
+use crate::{kv_status, unexpected, Api};
+use bytes::Bytes;
+use keel_etcd_proto::authpb;
+use keel_etcd_proto::etcdserverpb::auth_server::Auth;
+use keel_etcd_proto::etcdserverpb::*;
+use keel_kv::{
+    Access, AuthCommand, AuthStore, Command, KvError, PermKind, Permission, Query,
+    Response as KvResponse,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::{hmac, pbkdf2};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status};
+
+/// How long a token is good for (etcd's `--auth-token-ttl` default).
+pub const TOKEN_TTL: Duration = Duration::from_secs(300);
+
+/// PBKDF2 rounds per password check: tens of milliseconds of one core,
+/// about what etcd's bcrypt cost of 10 takes.
+const PBKDF2_ROUNDS: u32 = 100_000;
+/// How a stored hash starts: the scheme, then `$rounds$salt$hash` in hex.
+const HASH_SCHEME: &str = "pbkdf2-sha256";
+const SALT_LEN: usize = 16;
+const HASH_LEN: usize = 32;
+
+/// The metadata keys a token may come in: etcd's clients send `token`, its
+/// JSON gateway's clients the `Authorization` header.
+const TOKEN_KEYS: [&str; 2] = ["token", "authorization"];
+
+/// Who a call runs as: the user its token names (None: it carried no
+/// token, or auth is off), and the token, passed on with the calls this
+/// member forwards to another.
+#[derive(Clone, Debug, Default)]
+pub struct Who {
+    user: Option<String>,
+    token: Option<String>,
+}
+
+impl Who {
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// Puts the caller's token on `r`, a request passed on to another
+    /// member, which checks it again.
+    pub fn pass_on<T>(&self, r: &mut Request<T>) {
+        if let Some(value) = self
+            .token
+            .as_deref()
+            .and_then(|t| MetadataValue::try_from(t).ok())
+        {
+            r.metadata_mut().insert(TOKEN_KEYS[0], value);
+        }
+    }
+}
+
+/// The token in a call's metadata, if any.
+pub fn token_in(md: &MetadataMap) -> Option<String> {
+    TOKEN_KEYS
+        .iter()
+        .find_map(|k| md.get(*k))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
+fn token_key(secret: &[u8]) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA256, secret)
+}
+
+/// A token for `user`, good until `now` (Unix seconds) + `TOKEN_TTL`, or
+/// None if there is no such user or no secret yet.
+pub fn issue_token(view: &AuthStore, user: &str, now: u64) -> Option<String> {
+    let u = view.user(user)?;
+    if view.secret().is_empty() {
+        return None;
+    }
+    let expiry = now.saturating_add(TOKEN_TTL.as_secs());
+    let body = format!("{}.{}.{expiry}", hex(user.as_bytes()), u.generation);
+    let tag = hmac::sign(&token_key(view.secret()), body.as_bytes());
+    Some(format!("{body}.{}", hex(tag.as_ref())))
+}
+
+/// The user a token names, if it is one of ours, unexpired at `now`, and
+/// names a user that still exists with the password it was issued under.
+pub fn verify_token(view: &AuthStore, token: &str, now: u64) -> Result<String, KvError> {
+    let invalid = || KvError::InvalidAuthToken;
+    if view.secret().is_empty() {
+        return Err(invalid());
+    }
+    let (body, mac) = token.rsplit_once('.').ok_or_else(invalid)?;
+    let mac = unhex(mac).ok_or_else(invalid)?;
+    hmac::verify(&token_key(view.secret()), body.as_bytes(), &mac).map_err(|_| invalid())?;
+    let mut parts = body.split('.');
+    let (Some(user), Some(generation), Some(expiry), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid());
+    };
+    let user = unhex(user)
+        .and_then(|u| String::from_utf8(u).ok())
+        .ok_or_else(invalid)?;
+    let generation: u64 = generation.parse().map_err(|_| invalid())?;
+    let expiry: u64 = expiry.parse().map_err(|_| invalid())?;
+    match view.user(&user) {
+        Some(u) if u.generation == generation && now < expiry => Ok(user),
+        _ => Err(invalid()),
+    }
+}
+
+fn rounds() -> NonZeroU32 {
+    NonZeroU32::new(PBKDF2_ROUNDS).unwrap_or(NonZeroU32::MIN)
+}
+
+/// `password` hashed for the log: `pbkdf2-sha256$rounds$salt$hash`.
+pub fn hash_password(password: &str) -> Result<Bytes, Status> {
+    let mut salt = [0u8; SALT_LEN];
+    SystemRandom::new()
+        .fill(&mut salt)
+        .map_err(|_| Status::internal("no randomness for a password's salt"))?;
+    let mut hash = [0u8; HASH_LEN];
+    pbkdf2::derive(
+        pbkdf2::PBKDF2_HMAC_SHA256,
+        rounds(),
+        &salt,
+        password.as_bytes(),
+        &mut hash,
+    );
+    Ok(Bytes::from(format!(
+        "{HASH_SCHEME}${PBKDF2_ROUNDS}${}${}",
+        hex(&salt),
+        hex(&hash)
+    )))
+}
+
+/// Does `password` match the `stored` hash?
+pub fn password_matches(stored: &[u8], password: &str) -> bool {
+    let Ok(stored) = std::str::from_utf8(stored) else {
+        return false;
+    };
+    let mut parts = stored.split('$');
+    let (Some(HASH_SCHEME), Some(rounds), Some(salt), Some(hash), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    let (Some(rounds), Some(salt), Some(hash)) = (
+        rounds.parse().ok().and_then(NonZeroU32::new),
+        unhex(salt),
+        unhex(hash),
+    ) else {
+        return false;
+    };
+    pbkdf2::verify(
+        pbkdf2::PBKDF2_HMAC_SHA256,
+        rounds,
+        &salt,
+        password.as_bytes(),
+        &hash,
+    )
+    .is_ok()
+}
+
+/// Runs a password hash or check off the network threads (each takes
+/// tens of milliseconds of CPU).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("password hashing failed: {e}")))
+}
+
+impl Api {
+    /// Who a call with metadata `md` runs as: while auth is on, the user
+    /// its token names (an invalid token is refused); else nobody.
+    pub fn who(&self, md: &MetadataMap) -> Result<Who, Status> {
+        if !self.config.auth.enabled() {
+            return Ok(Who::default());
+        }
+        let Some(token) = token_in(md) else {
+            return Ok(Who::default());
+        };
+        let view = self.config.auth.current();
+        let user = verify_token(&view, &token, unix_now()).map_err(kv_status)?;
+        Ok(Who {
+            user: Some(user),
+            token: Some(token),
+        })
+    }
+
+    /// Runs `check` against this member's auth state while auth is on.
+    pub fn check(
+        &self,
+        check: impl FnOnce(&AuthStore) -> Result<(), KvError>,
+    ) -> Result<(), Status> {
+        if !self.config.auth.enabled() {
+            return Ok(());
+        }
+        check(&self.config.auth.current()).map_err(kv_status)
+    }
+
+    /// Checks that `who` may run `q`, then runs it.
+    pub async fn read_as(
+        &self,
+        who: &Who,
+        q: &Query,
+        serializable: bool,
+    ) -> Result<KvResponse, Status> {
+        self.check(|v| v.check_query(who.user(), q))?;
+        self.read(q, serializable).await
+    }
+
+    /// Runs `cmd` through the log as `who`: the service checks, when it
+    /// applies it, that `who` may (whether auth is on is decided there
+    /// too, so a write cannot slip past auth being turned on).
+    pub async fn write_as(&self, who: &Who, cmd: Command) -> Result<KvResponse, Status> {
+        // Refused here already if this member's copy of the auth state
+        // refuses it, so a refused write costs no log entry. (Its lease
+        // checks need the service's leases: with none here they pass, and
+        // the service decides.)
+        self.check(|v| v.check_command(who.user(), &cmd, &keel_kv::Leases::default()))?;
+        self.write(&Command::As {
+            user: who.user.clone(),
+            command: Box::new(cmd),
+        })
+        .await
+    }
+}
+
+/// The range of keys starting with `prefix` (etcd's `GetPrefixRangeEnd`).
+pub fn prefix_end(prefix: &[u8]) -> Bytes {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Bytes::from(end);
+        }
+    }
+    Bytes::from_static(&[0])
+}
+
+/// Checks that `who` may read and write every key starting with `name`
+/// (the Lock and Election recipes' keys).
+pub fn check_recipe(api: &Api, who: &Who, name: &[u8]) -> Result<(), Status> {
+    let end = prefix_end(name);
+    api.check(|v| {
+        v.check_range(who.user(), Access::Read, name, &end)?;
+        v.check_range(who.user(), Access::Write, name, &end)
+    })
+}
+
+pub struct AuthApi(pub Arc<Api>);
+
+impl AuthApi {
+    /// Brings this member's copy of the auth state up to the cluster's
+    /// (a linearizable read), then returns it with the store revision for
+    /// the header.
+    async fn current(&self) -> Result<(Arc<AuthStore>, i64), Status> {
+        let revision = match self.0.read(&Query::Status, false).await? {
+            KvResponse::Status { revision, .. } => revision as i64,
+            other => return Err(unexpected(&other)),
+        };
+        Ok((self.0.config.auth.current(), revision))
+    }
+
+    /// Applies an auth change as `who`; the response header.
+    async fn change(&self, who: &Who, c: AuthCommand) -> Result<Option<ResponseHeader>, Status> {
+        match self.0.write_as(who, Command::Auth(c)).await? {
+            KvResponse::Auth { revision } => Ok(self.0.header(revision as i64)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `who` is an admin, while auth is on.
+    fn admin(&self, who: &Who) -> Result<(), Status> {
+        self.0.check(|v| v.check_admin(who.user()))
+    }
+}
+
+/// A password an etcd 3.5+ client hashed itself (bcrypt) is not taken.
+fn no_hashed_password(hashed: &str) -> Result<(), Status> {
+    if hashed.is_empty() {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "etcdserver: Keel takes passwords, not hashes made by the client \
+             (send the password itself, over TLS)",
+        ))
+    }
+}
+
+fn kv_err(e: KvError) -> Status {
+    kv_status(e)
+}
+
+#[tonic::async_trait]
+impl Auth for AuthApi {
+    async fn auth_enable(
+        &self,
+        r: Request<AuthEnableRequest>,
+    ) -> Result<Response<AuthEnableResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let mut secret = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| Status::internal("no randomness for the token secret"))?;
+        let header = self
+            .change(
+                &who,
+                AuthCommand::Enable {
+                    secret: Bytes::copy_from_slice(&secret),
+                },
+            )
+            .await?;
+        Ok(Response::new(AuthEnableResponse { header }))
+    }
+
+    async fn auth_disable(
+        &self,
+        r: Request<AuthDisableRequest>,
+    ) -> Result<Response<AuthDisableResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let header = self.change(&who, AuthCommand::Disable).await?;
+        Ok(Response::new(AuthDisableResponse { header }))
+    }
+
+    async fn auth_status(
+        &self,
+        _r: Request<AuthStatusRequest>,
+    ) -> Result<Response<AuthStatusResponse>, Status> {
+        let (view, revision) = self.current().await?;
+        Ok(Response::new(AuthStatusResponse {
+            header: self.0.header(revision),
+            enabled: view.enabled(),
+            auth_revision: view.revision(),
+        }))
+    }
+
+    async fn authenticate(
+        &self,
+        r: Request<AuthenticateRequest>,
+    ) -> Result<Response<AuthenticateResponse>, Status> {
+        let AuthenticateRequest { name, password } = r.into_inner();
+        let (view, revision) = self.current().await?;
+        if !view.enabled() {
+            return Err(kv_err(KvError::AuthNotEnabled));
+        }
+        let stored = view.user(&name).and_then(|u| u.password.clone());
+        let matches = blocking(move || match stored {
+            Some(stored) => password_matches(&stored, &password),
+            None => false,
+        })
+        .await?;
+        let token = if matches {
+            issue_token(&view, &name, unix_now())
+        } else {
+            None
+        };
+        let token = token.ok_or_else(|| kv_err(KvError::AuthFailed))?;
+        Ok(Response::new(AuthenticateResponse {
+            header: self.0.header(revision),
+            token,
+        }))
+    }
+
+    async fn user_add(
+        &self,
+        r: Request<AuthUserAddRequest>,
+    ) -> Result<Response<AuthUserAddResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let r = r.into_inner();
+        self.admin(&who)?;
+        no_hashed_password(&r.hashed_password)?;
+        if r.name.is_empty() {
+            return Err(kv_err(KvError::UserEmpty));
+        }
+        let no_password = r.options.is_some_and(|o| o.no_password);
+        let password = if no_password {
+            None
+        } else {
+            let p = r.password;
+            Some(blocking(move || hash_password(&p)).await??)
+        };
+        let header = self
+            .change(
+                &who,
+                AuthCommand::UserAdd {
+                    name: r.name,
+                    password,
+                },
+            )
+            .await?;
+        Ok(Response::new(AuthUserAddResponse { header }))
+    }
+
+    async fn user_get(
+        &self,
+        r: Request<AuthUserGetRequest>,
+    ) -> Result<Response<AuthUserGetResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let name = r.into_inner().name;
+        let (view, revision) = self.current().await?;
+        // As etcd: an admin, or a user asking about itself.
+        if who.user() != Some(name.as_str()) {
+            self.admin(&who)?;
+        }
+        let user = view
+            .user(&name)
+            .ok_or_else(|| kv_err(KvError::UserNotFound))?;
+        Ok(Response::new(AuthUserGetResponse {
+            header: self.0.header(revision),
+            roles: user.roles.iter().cloned().collect(),
+        }))
+    }
+
+    async fn user_list(
+        &self,
+        r: Request<AuthUserListRequest>,
+    ) -> Result<Response<AuthUserListResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let (view, revision) = self.current().await?;
+        self.admin(&who)?;
+        Ok(Response::new(AuthUserListResponse {
+            header: self.0.header(revision),
+            users: view.user_names(),
+        }))
+    }
+
+    async fn user_delete(
+        &self,
+        r: Request<AuthUserDeleteRequest>,
+    ) -> Result<Response<AuthUserDeleteResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let name = r.into_inner().name;
+        let header = self.change(&who, AuthCommand::UserDelete { name }).await?;
+        Ok(Response::new(AuthUserDeleteResponse { header }))
+    }
+
+    async fn user_change_password(
+        &self,
+        r: Request<AuthUserChangePasswordRequest>,
+    ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let r = r.into_inner();
+        self.admin(&who)?;
+        no_hashed_password(&r.hashed_password)?;
+        let p = r.password;
+        let password = blocking(move || hash_password(&p)).await??;
+        let header = self
+            .change(
+                &who,
+                AuthCommand::UserChangePassword {
+                    name: r.name,
+                    password,
+                },
+            )
+            .await?;
+        Ok(Response::new(AuthUserChangePasswordResponse { header }))
+    }
+
+    async fn user_grant_role(
+        &self,
+        r: Request<AuthUserGrantRoleRequest>,
+    ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let AuthUserGrantRoleRequest { user, role } = r.into_inner();
+        let header = self
+            .change(&who, AuthCommand::UserGrantRole { user, role })
+            .await?;
+        Ok(Response::new(AuthUserGrantRoleResponse { header }))
+    }
+
+    async fn user_revoke_role(
+        &self,
+        r: Request<AuthUserRevokeRoleRequest>,
+    ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let AuthUserRevokeRoleRequest { name, role } = r.into_inner();
+        let header = self
+            .change(&who, AuthCommand::UserRevokeRole { name, role })
+            .await?;
+        Ok(Response::new(AuthUserRevokeRoleResponse { header }))
+    }
+
+    async fn role_add(
+        &self,
+        r: Request<AuthRoleAddRequest>,
+    ) -> Result<Response<AuthRoleAddResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let name = r.into_inner().name;
+        let header = self.change(&who, AuthCommand::RoleAdd { name }).await?;
+        Ok(Response::new(AuthRoleAddResponse { header }))
+    }
+
+    async fn role_get(
+        &self,
+        r: Request<AuthRoleGetRequest>,
+    ) -> Result<Response<AuthRoleGetResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let name = r.into_inner().role;
+        let (view, revision) = self.current().await?;
+        // As etcd: an admin, or a user holding the role.
+        let holds = who
+            .user()
+            .and_then(|u| view.user(u))
+            .is_some_and(|u| u.roles.contains(&name));
+        if !holds {
+            self.admin(&who)?;
+        }
+        let role = view
+            .role(&name)
+            .ok_or_else(|| kv_err(KvError::RoleNotFound))?;
+        let perm = role
+            .perms
+            .iter()
+            .map(|p| authpb::Permission {
+                perm_type: p.kind as i32,
+                key: p.key.clone(),
+                range_end: p.range_end.clone(),
+            })
+            .collect();
+        Ok(Response::new(AuthRoleGetResponse {
+            header: self.0.header(revision),
+            perm,
+        }))
+    }
+
+    async fn role_list(
+        &self,
+        r: Request<AuthRoleListRequest>,
+    ) -> Result<Response<AuthRoleListResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let (view, revision) = self.current().await?;
+        self.admin(&who)?;
+        Ok(Response::new(AuthRoleListResponse {
+            header: self.0.header(revision),
+            roles: view.role_names(),
+        }))
+    }
+
+    async fn role_delete(
+        &self,
+        r: Request<AuthRoleDeleteRequest>,
+    ) -> Result<Response<AuthRoleDeleteResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let name = r.into_inner().role;
+        let header = self.change(&who, AuthCommand::RoleDelete { name }).await?;
+        Ok(Response::new(AuthRoleDeleteResponse { header }))
+    }
+
+    async fn role_grant_permission(
+        &self,
+        r: Request<AuthRoleGrantPermissionRequest>,
+    ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let AuthRoleGrantPermissionRequest { name, perm } = r.into_inner();
+        let perm =
+            perm.ok_or_else(|| Status::invalid_argument("etcdserver: permission not given"))?;
+        let kind = PermKind::from_i32(perm.perm_type).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "etcdserver: unknown permission type {}, expected READ (0), WRITE (1) or READWRITE (2)",
+                perm.perm_type
+            ))
+        })?;
+        let perm = Permission {
+            kind,
+            key: perm.key,
+            range_end: perm.range_end,
+        };
+        let header = self
+            .change(&who, AuthCommand::RoleGrantPermission { role: name, perm })
+            .await?;
+        Ok(Response::new(AuthRoleGrantPermissionResponse { header }))
+    }
+
+    async fn role_revoke_permission(
+        &self,
+        r: Request<AuthRoleRevokePermissionRequest>,
+    ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
+        let who = self.0.who(r.metadata())?;
+        let AuthRoleRevokePermissionRequest {
+            role,
+            key,
+            range_end,
+        } = r.into_inner();
+        let header = self
+            .change(
+                &who,
+                AuthCommand::RoleRevokePermission {
+                    role,
+                    key,
+                    range_end,
+                },
+            )
+            .await?;
+        Ok(Response::new(AuthRoleRevokePermissionResponse { header }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_match_only_their_own_hash() {
+        let h = hash_password("s3cret").unwrap();
+        assert!(h.starts_with(b"pbkdf2-sha256$100000$"));
+        assert!(password_matches(&h, "s3cret"));
+        assert!(!password_matches(&h, "s3cret "));
+        assert!(!password_matches(&h, ""));
+        // Two hashes of one password differ (the salt).
+        assert_ne!(h, hash_password("s3cret").unwrap());
+        // Damaged hashes match nothing and do not panic.
+        for bad in [
+            &b""[..],
+            b"pbkdf2-sha256$0$00$00",
+            b"x$1$00$00",
+            b"pbkdf2-sha256$10$zz$00",
+        ] {
+            assert!(!password_matches(bad, "s3cret"));
+        }
+    }
+
+    /// Root (an admin) and bob, auth on with `secret`.
+    fn store(secret: &[u8]) -> AuthStore {
+        let mut s = AuthStore::default();
+        for c in [
+            AuthCommand::UserAdd {
+                name: "root".into(),
+                password: None,
+            },
+            AuthCommand::UserGrantRole {
+                user: "root".into(),
+                role: "root".into(),
+            },
+            AuthCommand::UserAdd {
+                name: "bob".into(),
+                password: None,
+            },
+            AuthCommand::Enable {
+                secret: Bytes::copy_from_slice(secret),
+            },
+        ] {
+            s.apply(&c).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn tokens_name_their_user_until_they_expire() {
+        let s = store(b"one secret");
+        let t = issue_token(&s, "bob", 1_000).unwrap();
+        assert_eq!(verify_token(&s, &t, 1_000).unwrap(), "bob");
+        assert_eq!(verify_token(&s, &t, 1_000 + 299).unwrap(), "bob");
+        assert_eq!(
+            verify_token(&s, &t, 1_000 + 300),
+            Err(KvError::InvalidAuthToken)
+        );
+        assert!(issue_token(&s, "nobody", 1_000).is_none());
+        // Another secret (auth turned off and on) knows none of them.
+        let other = store(b"another secret");
+        assert_eq!(
+            verify_token(&other, &t, 1_000),
+            Err(KvError::InvalidAuthToken)
+        );
+    }
+
+    #[test]
+    fn altered_or_stale_tokens_are_refused() {
+        let mut s = store(b"k");
+        let t = issue_token(&s, "bob", 10).unwrap();
+        // Any changed character: the name, the generation, the expiry, the
+        // signature; and things that are no token at all.
+        for i in 0..t.len() {
+            let mut b = t.clone().into_bytes();
+            b[i] = if b[i] == b'0' { b'1' } else { b'0' };
+            let altered = String::from_utf8(b).unwrap();
+            if altered != t {
+                assert!(verify_token(&s, &altered, 10).is_err(), "{altered}");
+            }
+        }
+        let root = hex(b"root");
+        let forged = format!("{root}{}", &t[hex(b"bob").len()..]);
+        assert!(verify_token(&s, &forged, 10).is_err());
+        for junk in ["", ".", "...", "a.b.c.d", "626f62.1.99.zz", "\u{1f600}"] {
+            assert!(verify_token(&s, junk, 10).is_err(), "{junk:?}");
+        }
+        // A new password (or a deleted user) ends the user's tokens.
+        s.apply(&AuthCommand::UserChangePassword {
+            name: "bob".into(),
+            password: Bytes::from_static(b"h"),
+        })
+        .unwrap();
+        assert!(verify_token(&s, &t, 10).is_err());
+        let t = issue_token(&s, "bob", 10).unwrap();
+        assert!(verify_token(&s, &t, 10).is_ok());
+        s.apply(&AuthCommand::UserDelete { name: "bob".into() })
+            .unwrap();
+        assert!(verify_token(&s, &t, 10).is_err());
+    }
+
+    #[test]
+    fn prefix_end_is_etcds() {
+        assert_eq!(prefix_end(b"a"), Bytes::from_static(b"b"));
+        assert_eq!(prefix_end(b"a\xff"), Bytes::from_static(b"b"));
+        assert_eq!(prefix_end(b"\xff\xff"), Bytes::from_static(&[0]));
+    }
+}

@@ -28,6 +28,7 @@
 use crate::{kv_status, unexpected, Api};
 use bytes::Bytes;
 use keel_etcd_proto::authpb;
+use keel_etcd_proto::etcdserverpb::auth_client::AuthClient;
 use keel_etcd_proto::etcdserverpb::auth_server::Auth;
 use keel_etcd_proto::etcdserverpb::*;
 use keel_kv::{
@@ -58,12 +59,28 @@ const HASH_LEN: usize = 32;
 const TOKEN_KEYS: [&str; 2] = ["token", "authorization"];
 
 /// Who a call runs as: the user its token names (None: it carried no
-/// token, or auth is off), and the token, passed on with the calls this
-/// member forwards to another.
+/// token, or auth is off) with the generation the token names, and the
+/// token, passed on with the calls this member forwards to another.
 #[derive(Clone, Debug, Default)]
 pub struct Who {
     user: Option<String>,
+    generation: u64,
     token: Option<String>,
+    /// A request a recipe (Lock, Election) makes for its caller, who was
+    /// checked when the call came in: not checked again.
+    internal: bool,
+}
+
+/// Marks a request this member makes itself (`Who::internal`): only code in
+/// this process can put it in a request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Internal;
+
+/// `msg` as a request of this member's own (`Internal`).
+pub(crate) fn internal<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.extensions_mut().insert(Internal);
+    r
 }
 
 impl Who {
@@ -130,9 +147,10 @@ pub fn issue_token(view: &AuthStore, user: &str, now: u64) -> Option<String> {
     Some(format!("{body}.{}", hex(tag.as_ref())))
 }
 
-/// The user a token names, if it is one of ours, unexpired at `now`, and
-/// names a user that still exists with the password it was issued under.
-pub fn verify_token(view: &AuthStore, token: &str, now: u64) -> Result<String, KvError> {
+/// The user a token names and the user's generation, if it is one of
+/// ours, unexpired at `now`, and names a user that still exists with the
+/// password it was issued under.
+pub fn verify_token(view: &AuthStore, token: &str, now: u64) -> Result<(String, u64), KvError> {
     let invalid = || KvError::InvalidAuthToken;
     if view.secret().is_empty() {
         return Err(invalid());
@@ -151,8 +169,11 @@ pub fn verify_token(view: &AuthStore, token: &str, now: u64) -> Result<String, K
         .ok_or_else(invalid)?;
     let generation: u64 = generation.parse().map_err(|_| invalid())?;
     let expiry: u64 = expiry.parse().map_err(|_| invalid())?;
+    // (An expiry further off than one lifetime is none of ours: a member
+    // whose clock ran ahead made it.)
+    let live = now < expiry && expiry <= now.saturating_add(TOKEN_TTL.as_secs());
     match view.user(&user) {
-        Some(u) if u.generation == generation && now < expiry => Ok(user),
+        Some(u) if u.generation == generation && live => Ok((user, generation)),
         _ => Err(invalid()),
     }
 }
@@ -214,6 +235,19 @@ pub fn password_matches(stored: &[u8], password: &str) -> bool {
     .is_ok()
 }
 
+/// A hash no password matches, checked in place of a missing one.
+fn dummy_hash() -> &'static [u8] {
+    static DUMMY: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let salt = "00".repeat(SALT_LEN);
+        let hash = "00".repeat(HASH_LEN);
+        Bytes::from(format!("{HASH_SCHEME}${PBKDF2_ROUNDS}${salt}${hash}"))
+    })
+}
+
+/// How long a member waits for another's answer to `AuthStatus`.
+const MEMBER_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Runs a password hash or check off the network threads (each takes
 /// tens of milliseconds of CPU).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
@@ -223,9 +257,21 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl Api {
-    /// Who a call with metadata `md` runs as: while auth is on, the user
-    /// its token names (an invalid token is refused); else nobody.
-    pub fn who(&self, md: &MetadataMap) -> Result<Who, Status> {
+    /// Who call `r` runs as: while auth is on, the user its token names
+    /// (an invalid token is refused); a request of this member's own runs
+    /// as the caller that made it (`internal`); else nobody.
+    pub fn who<T>(&self, r: &Request<T>) -> Result<Who, Status> {
+        if r.extensions().get::<Internal>().is_some() {
+            return Ok(Who {
+                internal: true,
+                ..Who::default()
+            });
+        }
+        self.who_in(r.metadata())
+    }
+
+    /// `who` for a call with metadata `md` (the gateway's streams).
+    pub fn who_in(&self, md: &MetadataMap) -> Result<Who, Status> {
         if !self.config.auth.enabled() {
             return Ok(Who::default());
         }
@@ -233,49 +279,98 @@ impl Api {
             return Ok(Who::default());
         };
         let view = self.config.auth.current();
-        let user = verify_token(&view, &token, unix_now()).map_err(kv_status)?;
+        let (user, generation) = verify_token(&view, &token, unix_now()).map_err(kv_status)?;
         Ok(Who {
             user: Some(user),
+            generation,
             token: Some(token),
+            internal: false,
         })
     }
 
-    /// Runs `check` against this member's auth state while auth is on.
+    /// Runs `check` for `who` against this member's auth state while auth
+    /// is on (a member that is behind may not know it is on yet: see
+    /// `check_admin_now`).
     pub fn check(
         &self,
-        check: impl FnOnce(&AuthStore) -> Result<(), KvError>,
+        who: &Who,
+        check: impl FnOnce(&AuthStore, Option<&str>) -> Result<(), KvError>,
     ) -> Result<(), Status> {
-        if !self.config.auth.enabled() {
+        if who.internal || !self.config.auth.enabled() {
             return Ok(());
         }
-        check(&self.config.auth.current()).map_err(kv_status)
+        check(&self.config.auth.current(), who.user()).map_err(kv_status)
     }
 
-    /// Checks that `who` may run `q`, then runs it.
+    /// That `who` is an admin, checked once this member has applied
+    /// everything committed before the call (a linearizable read first):
+    /// a member that is behind might not know that auth is on, or that a
+    /// role was revoked. For calls acted on here and now (membership
+    /// changes, leader moves, alarms), which are rare.
+    pub async fn check_admin_now(&self, who: &Who) -> Result<(), Status> {
+        if who.internal {
+            return Ok(());
+        }
+        self.read(&Query::Status, false).await?;
+        self.check(who, AuthStore::check_admin)
+    }
+
+    /// Runs `q` for `who`: once auth is in use, as `Query::As`, which the
+    /// service checks against the state it answers from (so a read that
+    /// waited for the leader is checked after it did).
     pub async fn read_as(
         &self,
         who: &Who,
-        q: &Query,
+        q: Query,
         serializable: bool,
     ) -> Result<KvResponse, Status> {
-        self.check(|v| v.check_query(who.user(), q))?;
-        self.read(q, serializable).await
+        let q = match self.wrap(who) {
+            Some((user, generation)) => Query::As {
+                user,
+                generation,
+                query: Box::new(q),
+            },
+            None => q,
+        };
+        self.read(&q, serializable).await
     }
 
-    /// Runs `cmd` through the log as `who`: the service checks, when it
-    /// applies it, that `who` may (whether auth is on is decided there
-    /// too, so a write cannot slip past auth being turned on).
+    /// Runs `cmd` through the log for `who`: once auth is in use, as
+    /// `Command::As`, which the service checks when it applies it, so a
+    /// write cannot slip past a revocation or auth being turned on.
     pub async fn write_as(&self, who: &Who, cmd: Command) -> Result<KvResponse, Status> {
         // Refused here already if this member's copy of the auth state
         // refuses it, so a refused write costs no log entry. (Its lease
         // checks need the service's leases: with none here they pass, and
         // the service decides.)
-        self.check(|v| v.check_command(who.user(), &cmd, &keel_kv::Leases::default()))?;
-        self.write(&Command::As {
-            user: who.user.clone(),
-            command: Box::new(cmd),
-        })
-        .await
+        self.check(who, |v, user| {
+            v.check_command(user, &cmd, &keel_kv::Leases::default())
+        })?;
+        let auth_change = matches!(cmd, Command::Auth(_));
+        let cmd = match self.wrap(who) {
+            Some((user, generation)) => Command::As {
+                user,
+                generation,
+                command: Box::new(cmd),
+            },
+            // Auth changes are always checked.
+            None if auth_change && !who.internal => Command::As {
+                user: who.user.clone(),
+                generation: who.generation,
+                command: Box::new(cmd),
+            },
+            None => cmd,
+        };
+        self.write(&cmd).await
+    }
+
+    /// The user and generation to send with `who`'s requests, once auth is
+    /// in use (a user or role was ever added). Until then requests go as
+    /// they did before auth, which binaries from before it apply too (a
+    /// cluster being upgraded node by node). Requests of this member's own
+    /// go unwrapped.
+    fn wrap(&self, who: &Who) -> Option<(Option<String>, u64)> {
+        (!who.internal && self.config.auth.in_use()).then(|| (who.user.clone(), who.generation))
     }
 }
 
@@ -295,9 +390,9 @@ pub fn prefix_end(prefix: &[u8]) -> Bytes {
 /// (the Lock and Election recipes' keys).
 pub fn check_recipe(api: &Api, who: &Who, name: &[u8]) -> Result<(), Status> {
     let end = prefix_end(name);
-    api.check(|v| {
-        v.check_range(who.user(), Access::Read, name, &end)?;
-        v.check_range(who.user(), Access::Write, name, &end)
+    api.check(who, |v, user| {
+        v.check_range(user, Access::Read, name, &end)?;
+        v.check_range(user, Access::Write, name, &end)
     })
 }
 
@@ -317,15 +412,61 @@ impl AuthApi {
 
     /// Applies an auth change as `who`; the response header.
     async fn change(&self, who: &Who, c: AuthCommand) -> Result<Option<ResponseHeader>, Status> {
+        if !self.0.config.auth.in_use() {
+            self.every_member_serves_auth().await?;
+        }
         match self.0.write_as(who, Command::Auth(c)).await? {
             KvResponse::Auth { revision } => Ok(self.0.header(revision as i64)),
             other => Err(unexpected(&other)),
         }
     }
 
-    /// `who` is an admin, while auth is on.
+    /// Before auth is first used: every other member runs a Keel that
+    /// serves Auth. One that does not (a cluster being upgraded node by
+    /// node) would skip the auth entries, and the requests sent as a user
+    /// from then on, and its state would part from the others'.
+    async fn every_member_serves_auth(&self) -> Result<(), Status> {
+        let st = self.0.node.status();
+        for m in st.voters.iter().chain(&st.learners).copied() {
+            if m == st.id {
+                continue;
+            }
+            let refuse = |why: String| {
+                Status::failed_precondition(format!(
+                    "etcdserver: users and roles need every member on a Keel version that \
+                     serves Auth, and {why}: upgrade it (or bring it back) first"
+                ))
+            };
+            let who = format!("member {m:x}");
+            let ask = async {
+                let channel = self.0.member_channel(m, &who).await?;
+                AuthClient::new(channel)
+                    .auth_status(AuthStatusRequest {})
+                    .await
+                    .inspect_err(|e| self.0.forget_channel(m, e))
+            };
+            match tokio::time::timeout(MEMBER_ASK_TIMEOUT, ask).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.code() == tonic::Code::Unimplemented => {
+                    return Err(refuse(format!("{who} does not")))
+                }
+                Ok(Err(e)) => {
+                    return Err(refuse(format!(
+                        "{who} could not be asked ({})",
+                        e.message()
+                    )))
+                }
+                Err(_) => return Err(refuse(format!("{who} did not answer within 2 s"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// `who` is an admin, while auth is on (a first look: the service
+    /// checks changes again when it applies them, and the reads below
+    /// look after a linearizable read).
     fn admin(&self, who: &Who) -> Result<(), Status> {
-        self.0.check(|v| v.check_admin(who.user()))
+        self.0.check(who, AuthStore::check_admin)
     }
 }
 
@@ -351,7 +492,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthEnableRequest>,
     ) -> Result<Response<AuthEnableResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let mut secret = [0u8; 32];
         SystemRandom::new()
             .fill(&mut secret)
@@ -371,7 +512,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthDisableRequest>,
     ) -> Result<Response<AuthDisableResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let header = self.change(&who, AuthCommand::Disable).await?;
         Ok(Response::new(AuthDisableResponse { header }))
     }
@@ -398,9 +539,14 @@ impl Auth for AuthApi {
             return Err(kv_err(KvError::AuthNotEnabled));
         }
         let stored = view.user(&name).and_then(|u| u.password.clone());
+        // A user that does not exist (or has no password) costs a check
+        // too, so the time taken does not tell which users exist.
         let matches = blocking(move || match stored {
             Some(stored) => password_matches(&stored, &password),
-            None => false,
+            None => {
+                let _ = password_matches(dummy_hash(), &password);
+                false
+            }
         })
         .await?;
         let token = if matches {
@@ -419,7 +565,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserAddRequest>,
     ) -> Result<Response<AuthUserAddResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let r = r.into_inner();
         self.admin(&who)?;
         no_hashed_password(&r.hashed_password)?;
@@ -449,7 +595,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserGetRequest>,
     ) -> Result<Response<AuthUserGetResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let name = r.into_inner().name;
         let (view, revision) = self.current().await?;
         // As etcd: an admin, or a user asking about itself.
@@ -469,7 +615,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserListRequest>,
     ) -> Result<Response<AuthUserListResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let (view, revision) = self.current().await?;
         self.admin(&who)?;
         Ok(Response::new(AuthUserListResponse {
@@ -482,7 +628,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserDeleteRequest>,
     ) -> Result<Response<AuthUserDeleteResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let name = r.into_inner().name;
         let header = self.change(&who, AuthCommand::UserDelete { name }).await?;
         Ok(Response::new(AuthUserDeleteResponse { header }))
@@ -492,7 +638,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserChangePasswordRequest>,
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let r = r.into_inner();
         self.admin(&who)?;
         no_hashed_password(&r.hashed_password)?;
@@ -514,7 +660,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserGrantRoleRequest>,
     ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let AuthUserGrantRoleRequest { user, role } = r.into_inner();
         let header = self
             .change(&who, AuthCommand::UserGrantRole { user, role })
@@ -526,7 +672,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserRevokeRoleRequest>,
     ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let AuthUserRevokeRoleRequest { name, role } = r.into_inner();
         let header = self
             .change(&who, AuthCommand::UserRevokeRole { name, role })
@@ -538,7 +684,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleAddRequest>,
     ) -> Result<Response<AuthRoleAddResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let name = r.into_inner().name;
         let header = self.change(&who, AuthCommand::RoleAdd { name }).await?;
         Ok(Response::new(AuthRoleAddResponse { header }))
@@ -548,7 +694,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleGetRequest>,
     ) -> Result<Response<AuthRoleGetResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let name = r.into_inner().role;
         let (view, revision) = self.current().await?;
         // As etcd: an admin, or a user holding the role.
@@ -581,7 +727,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleListRequest>,
     ) -> Result<Response<AuthRoleListResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let (view, revision) = self.current().await?;
         self.admin(&who)?;
         Ok(Response::new(AuthRoleListResponse {
@@ -594,7 +740,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleDeleteRequest>,
     ) -> Result<Response<AuthRoleDeleteResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let name = r.into_inner().role;
         let header = self.change(&who, AuthCommand::RoleDelete { name }).await?;
         Ok(Response::new(AuthRoleDeleteResponse { header }))
@@ -604,7 +750,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleGrantPermissionRequest>,
     ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let AuthRoleGrantPermissionRequest { name, perm } = r.into_inner();
         let perm =
             perm.ok_or_else(|| Status::invalid_argument("etcdserver: permission not given"))?;
@@ -629,7 +775,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let AuthRoleRevokePermissionRequest {
             role,
             key,
@@ -702,8 +848,17 @@ mod tests {
     fn tokens_name_their_user_until_they_expire() {
         let s = store(b"one secret");
         let t = issue_token(&s, "bob", 1_000).unwrap();
-        assert_eq!(verify_token(&s, &t, 1_000).unwrap(), "bob");
-        assert_eq!(verify_token(&s, &t, 1_000 + 299).unwrap(), "bob");
+        let bob = s.user("bob").unwrap().generation;
+        assert_eq!(verify_token(&s, &t, 1_000).unwrap(), ("bob".into(), bob));
+        assert_eq!(
+            verify_token(&s, &t, 1_000 + 299).unwrap(),
+            ("bob".into(), bob)
+        );
+        // Issued by a member whose clock was ahead: no longer than a TTL.
+        assert_eq!(
+            verify_token(&s, &t, 1_000 - 1),
+            Err(KvError::InvalidAuthToken)
+        );
         assert_eq!(
             verify_token(&s, &t, 1_000 + 300),
             Err(KvError::InvalidAuthToken)

@@ -128,9 +128,9 @@ impl ClusterApi {
 
     /// Who makes a membership change, who must be an admin while auth is
     /// on (as in etcd).
-    fn admin<T>(&self, r: &Request<T>) -> Result<Who, Status> {
-        let who = self.0.who(r.metadata())?;
-        self.0.check(|v| v.check_admin(who.user()))?;
+    async fn admin<T>(&self, r: &Request<T>) -> Result<Who, Status> {
+        let who = self.0.who(r)?;
+        self.0.check_admin_now(&who).await?;
         Ok(who)
     }
 
@@ -162,7 +162,7 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        let who = self.admin(&r)?;
+        let who = self.admin(&r).await?;
         forward_unless_leader!(self, who, r, member_add);
         let r = r.into_inner();
         let wanted: Vec<&str> = r.peer_ur_ls.iter().map(|u| normalize_url(u)).collect();
@@ -236,7 +236,7 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        let who = self.admin(&r)?;
+        let who = self.admin(&r).await?;
         forward_unless_leader!(self, who, r, member_remove);
         let members = self
             .change(MembershipChange::Remove(r.into_inner().id))
@@ -256,7 +256,7 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        self.admin(&r)?;
+        self.admin(&r).await?;
         let r = r.into_inner();
         let members = self.members();
         let Some(member) = members.iter().find(|m| m.id == r.id) else {
@@ -305,7 +305,7 @@ impl Cluster for ClusterApi {
         &self,
         r: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        let who = self.admin(&r)?;
+        let who = self.admin(&r).await?;
         forward_unless_leader!(self, who, r, member_promote);
         let members = self
             .change(MembershipChange::PromoteLearner(r.into_inner().id))

@@ -187,16 +187,16 @@ impl ElectionApi {
     /// `who` may read every key under `prefix` (`auth`).
     fn read_prefix(&self, who: &Who, prefix: &[u8]) -> Result<(), Status> {
         let end = prefix_end(prefix);
-        self.0
-             .0
-            .check(|v| v.check_range(who.user(), Access::Read, prefix, &end))
+        self.0 .0.check(who, |v, user| {
+            v.check_range(user, Access::Read, prefix, &end)
+        })
     }
 
     /// `who` may write `key`, a leader's key (`auth`).
     fn write_key(&self, who: &Who, key: &[u8]) -> Result<(), Status> {
         self.0
              .0
-            .check(|v| v.check_range(who.user(), Access::Write, key, &[]))
+            .check(who, |v, user| v.check_range(user, Access::Write, key, &[]))
     }
 }
 
@@ -206,7 +206,7 @@ impl Election for ElectionApi {
         &self,
         r: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
-        let who = self.0 .0.who(r.metadata())?;
+        let who = self.0 .0.who(&r)?;
         check_recipe(&self.0 .0, &who, &prefix_of(&r.get_ref().name))?;
         async {
             let r = r.into_inner();
@@ -258,7 +258,7 @@ impl Election for ElectionApi {
         &self,
         r: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        let who = self.0 .0.who(r.metadata())?;
+        let who = self.0 .0.who(&r)?;
         async {
             let r = r.into_inner();
             let l = leader_key(r.leader)?;
@@ -277,7 +277,7 @@ impl Election for ElectionApi {
     }
 
     async fn leader(&self, r: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
-        let who = self.0 .0.who(r.metadata())?;
+        let who = self.0 .0.who(&r)?;
         async {
             let prefix = prefix_of(&r.into_inner().name);
             self.read_prefix(&who, &prefix)?;
@@ -294,7 +294,7 @@ impl Election for ElectionApi {
     }
 
     async fn observe(&self, r: Request<LeaderRequest>) -> Result<Response<ObserveStream>, Status> {
-        let who = self.0 .0.who(r.metadata())?;
+        let who = self.0 .0.who(&r)?;
         let prefix = prefix_of(&r.into_inner().name);
         self.read_prefix(&who, &prefix)?;
         let (tx, rx) = mpsc::channel(16);
@@ -309,7 +309,7 @@ impl Election for ElectionApi {
     }
 
     async fn resign(&self, r: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
-        let who = self.0 .0.who(r.metadata())?;
+        let who = self.0 .0.who(&r)?;
         async {
             let l = leader_key(r.into_inner().leader)?;
             self.write_key(&who, &l.key)?;

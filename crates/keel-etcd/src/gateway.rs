@@ -437,7 +437,7 @@ fn with_token<T>(mut r: Request<T>, headers: HeaderMap) -> Request<T> {
 
 /// Who a gateway stream runs as (`auth`).
 fn who(api: &Api, headers: HeaderMap) -> Result<auth::Who, Status> {
-    api.who(&MetadataMap::from_headers(headers))
+    api.who_in(&MetadataMap::from_headers(headers))
 }
 
 /// The watches run until the client closes the connection.

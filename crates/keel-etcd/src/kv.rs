@@ -34,11 +34,11 @@ impl KvApi {
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn range(&self, r: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let r = r.into_inner();
         let serializable = r.serializable;
         let q = Query::RangeReq(convert::range_in(r)?);
-        match self.0.read_as(&who, &q, serializable).await? {
+        match self.0.read_as(&who, q, serializable).await? {
             KvResponse::RangeResp(resp) => {
                 let h = self.out();
                 Ok(Response::new(Out { header: &h }.range(resp)))
@@ -48,7 +48,7 @@ impl Kv for KvApi {
     }
 
     async fn put(&self, r: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let cmd = Command::PutReq(convert::put_in(r.into_inner()));
         match self.0.write_as(&who, cmd).await? {
             KvResponse::PutResp(resp) => {
@@ -63,7 +63,7 @@ impl Kv for KvApi {
         &self,
         r: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let cmd = Command::DeleteRangeReq(convert::delete_in(r.into_inner())?);
         match self.0.write_as(&who, cmd).await? {
             KvResponse::DeleteRangeResp(resp) => {
@@ -75,12 +75,12 @@ impl Kv for KvApi {
     }
 
     async fn txn(&self, r: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let r = r.into_inner();
         let serializable = txn_serializable(&r);
         let txn = convert::txn_in(r)?;
         let answer = if convert::txn_is_read_only(&txn) {
-            self.0.read_as(&who, &Query::Txn(txn), serializable).await?
+            self.0.read_as(&who, Query::Txn(txn), serializable).await?
         } else {
             self.0.write_as(&who, Command::Txn(txn)).await?
         };
@@ -97,7 +97,7 @@ impl Kv for KvApi {
         &self,
         r: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let revision = r.into_inner().revision;
         match self.0.write_as(&who, Command::Compact { revision }).await? {
             KvResponse::Compact { revision } => Ok(Response::new(CompactionResponse {

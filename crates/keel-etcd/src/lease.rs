@@ -17,6 +17,7 @@ use crate::{forwarded, is_forwarded, unexpected, Api};
 use keel_etcd_proto::etcdserverpb::lease_client::LeaseClient;
 use keel_etcd_proto::etcdserverpb::lease_server::Lease;
 use keel_etcd_proto::etcdserverpb::*;
+use keel_kv::AuthStore;
 use keel_kv::{Command, Query, Response as KvResponse};
 use std::future::Future;
 use std::pin::Pin;
@@ -133,12 +134,13 @@ impl LeaseApi {
                 resp.header = self.0.header(revision);
                 Ok(resp)
             }
-            TtlBy::Here => self.time_to_live_here(r).await,
+            TtlBy::Here => self.time_to_live_here(who, r).await,
         }
     }
 
     async fn time_to_live_here(
         &self,
+        who: &Who,
         r: &LeaseTimeToLiveRequest,
     ) -> Result<LeaseTimeToLiveResponse, Status> {
         let leads = self.0.node.status().role == "leader";
@@ -160,7 +162,8 @@ impl LeaseApi {
                 keel_node::runtime::wall_clock_ns()
             },
         };
-        match self.0.read(&q, false).await {
+        // Its keys' names only to a caller who may read them all.
+        match self.0.read_as(who, q, false).await {
             Ok(KvResponse::LeaseTimeToLive {
                 revision,
                 id,
@@ -196,7 +199,7 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let r = r.into_inner();
         match self
             .0
@@ -223,7 +226,7 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let id = r.into_inner().id;
         match self.0.write_as(&who, Command::LeaseRevoke { id }).await? {
             KvResponse::LeaseRevoke { revision } => Ok(Response::new(LeaseRevokeResponse {
@@ -237,7 +240,7 @@ impl Lease for LeaseApi {
         &self,
         r: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         Ok(Response::new(keep_alive(
             self.0.clone(),
             who,
@@ -249,8 +252,8 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
-        self.0.check(|v| v.check_user(who.user()))?;
+        let who = self.0.who(&r)?;
+        self.0.check(&who, AuthStore::check_user)?;
         let passed_on = is_forwarded(&r);
         let r = r.into_inner();
         if passed_on {
@@ -270,8 +273,8 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
-        match self.0.read_as(&who, &Query::Leases, false).await? {
+        let who = self.0.who(&r)?;
+        match self.0.read_as(&who, Query::Leases, false).await? {
             KvResponse::Leases { revision, ids } => Ok(Response::new(LeaseLeasesResponse {
                 header: self.0.header(revision as i64),
                 leases: ids.into_iter().map(|id| LeaseStatus { id }).collect(),

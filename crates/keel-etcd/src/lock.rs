@@ -40,7 +40,7 @@ impl Lock for LockApi {
         // The caller may read and write the lock's keys (`name/...`), as
         // etcd's lock service needs when it runs them with the caller's
         // token.
-        let who = self.0 .0.who(r.metadata())?;
+        let who = self.0 .0.who(&r)?;
         check_recipe(&self.0 .0, &who, &prefix_of(&r.get_ref().name))?;
         self.acquire(r.into_inner())
             .await
@@ -49,11 +49,11 @@ impl Lock for LockApi {
     }
 
     async fn unlock(&self, r: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
-        let who = self.0 .0.who(r.metadata())?;
+        let who = self.0 .0.who(&r)?;
         let key = &r.get_ref().key;
         self.0
              .0
-            .check(|v| v.check_range(who.user(), Access::Write, key, &[]))?;
+            .check(&who, |v, user| v.check_range(user, Access::Write, key, &[]))?;
         let header = self
             .0
             .delete(r.into_inner().key)

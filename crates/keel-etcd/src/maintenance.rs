@@ -12,6 +12,7 @@ use crate::{forwarded, is_forwarded, node_error, Api};
 use keel_etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_etcd_proto::etcdserverpb::maintenance_server::Maintenance;
 use keel_etcd_proto::etcdserverpb::*;
+use keel_kv::AuthStore;
 use keel_kv::{Query, Response as KvResponse};
 use keel_log::meta::BackupFraming;
 use keel_net::codec::{ClientOp, ClientResult};
@@ -48,16 +49,14 @@ impl MaintenanceApi {
             .collect()
     }
 
-    /// `who` is an admin, while auth is on.
-    fn admin(&self, who: &Who) -> Result<(), Status> {
-        self.0.check(|v| v.check_admin(who.user()))
-    }
-
     /// The caller of `r` is an admin, while auth is on: etcd's rule for
-    /// backups, hashes, defragmentation and leader moves.
-    fn admin_call<T>(&self, r: &Request<T>) -> Result<(), Status> {
-        let who = self.0.who(r.metadata())?;
-        self.admin(&who)
+    /// backups, hashes, defragmentation and leader moves. Checked against
+    /// this member's auth state as it is after what the call looked at
+    /// (`after`): a member that was behind and caught up on the way (a
+    /// backup's barrier) does not answer by the state it had before.
+    fn admin_after<T>(&self, who: &Who, after: T) -> Result<T, Status> {
+        self.0.check(who, AuthStore::check_admin)?;
+        Ok(after)
     }
 
     /// Passes `req` on to the other members (only `named`, if given; no one
@@ -125,7 +124,7 @@ impl Maintenance for MaintenanceApi {
     /// disarm that names it fails. `ACTIVATE` is refused: a raised alarm
     /// would not stop writes here, only the quota does.
     async fn alarm(&self, r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         let passed_on = is_forwarded(&r);
         let r = r.into_inner();
         let id = self.0.node.id();
@@ -134,7 +133,7 @@ impl Maintenance for MaintenanceApi {
         })?;
         // Anyone may list the alarms; only an admin lowers them.
         if action != alarm_request::AlarmAction::Get {
-            self.admin(&who)?;
+            self.0.check_admin_now(&who).await?;
         }
         let mut alarms = match action {
             // As etcd's, a listing of one type of alarm (NONE: every type):
@@ -226,7 +225,8 @@ impl Maintenance for MaintenanceApi {
         &self,
         r: Request<SnapshotRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<SnapshotResponse>>, Status> {
-        self.admin_call(&r)?;
+        let who = self.0.who(&r)?;
+        self.admin_after(&who, ())?;
         let permit = self.0.backups.clone().try_acquire_owned().map_err(|_| {
             Status::unavailable(
                 "etcdserver: a backup is already being sent from this member; \
@@ -261,6 +261,9 @@ impl Maintenance for MaintenanceApi {
             .backup()
             .await
             .map_err(|e| Status::unavailable(format!("etcdserver: backup failed: {e}")))?;
+        // Looked at again for what the backup holds (users, password
+        // hashes, the token secret among them).
+        let backup = self.admin_after(&who, backup)?;
         // At least this revision: writes may have applied since the barrier.
         let header = self.0.header(revision);
         let cluster_id = self.0.node.cluster_id();
@@ -326,7 +329,8 @@ impl Maintenance for MaintenanceApi {
         &self,
         r: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        self.admin_call(&r)?;
+        let who = self.0.who(&r)?;
+        self.admin_after(&who, ())?;
         Ok(Response::new(DefragmentResponse {
             header: self.0.header(0),
         }))
@@ -336,7 +340,8 @@ impl Maintenance for MaintenanceApi {
         &self,
         r: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        self.admin_call(&r)?;
+        let who = self.0.who(&r)?;
+        self.0.check_admin_now(&who).await?;
         let target = r.into_inner().target_id;
         match self.0.node.call(ClientOp::TransferLeader(target)).await {
             ClientResult::Ok(_) => Ok(Response::new(MoveLeaderResponse {
@@ -364,8 +369,9 @@ impl Maintenance for MaintenanceApi {
     }
 
     async fn hash(&self, r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        self.admin_call(&r)?;
-        let (revision, hash, _) = hash_kv(&self.0, 0).await?;
+        let who = self.0.who(&r)?;
+        self.admin_after(&who, ())?;
+        let (revision, hash, _) = self.admin_after(&who, hash_kv(&self.0, 0).await?)?;
         Ok(Response::new(HashResponse {
             header: self.0.header(revision),
             hash,
@@ -373,8 +379,10 @@ impl Maintenance for MaintenanceApi {
     }
 
     async fn hash_kv(&self, r: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        self.admin_call(&r)?;
-        let (revision, hash, compact_revision) = hash_kv(&self.0, r.into_inner().revision).await?;
+        let who = self.0.who(&r)?;
+        self.admin_after(&who, ())?;
+        let answer = hash_kv(&self.0, r.into_inner().revision).await?;
+        let (revision, hash, compact_revision) = self.admin_after(&who, answer)?;
         Ok(Response::new(HashKvResponse {
             header: self.0.header(revision),
             hash,

@@ -13,6 +13,7 @@
 //! cancelled it or went away) deletes its key again, as etcd's does,
 //! unless another call through this node shares the key (see `Contender`).
 
+use crate::auth::internal;
 use crate::kv::KvApi;
 use crate::lease::LeaseApi;
 use crate::Api;
@@ -29,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::broadcast::{error::RecvError, Receiver};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 /// etcd's default session TTL, for a contender that names no lease.
 const DEFAULT_SESSION_TTL: i64 = 60;
@@ -153,7 +154,7 @@ impl Recipes {
             return Ok(lease);
         }
         let granted = LeaseApi(self.0.clone())
-            .lease_grant(Request::new(LeaseGrantRequest {
+            .lease_grant(internal(LeaseGrantRequest {
                 ttl: DEFAULT_SESSION_TTL,
                 id: 0,
             }))
@@ -177,7 +178,7 @@ impl Recipes {
     ) -> Result<Claim, Status> {
         let t = self
             .kv()
-            .txn(Request::new(TxnRequest {
+            .txn(internal(TxnRequest {
                 compare: vec![compare_create_revision(key, 0)],
                 success: vec![put_op(key, value, lease), first_op(prefix)],
                 failure: vec![range_op(key), first_op(prefix)],
@@ -224,7 +225,7 @@ impl Recipes {
     ) -> Result<(bool, Option<ResponseHeader>), Status> {
         let t = self
             .kv()
-            .txn(Request::new(TxnRequest {
+            .txn(internal(TxnRequest {
                 compare: vec![compare_create_revision(key, rev)],
                 success: vec![put_op(key, value, lease)],
                 failure: vec![],
@@ -242,7 +243,7 @@ impl Recipes {
     ) -> Result<Option<ResponseHeader>, Status> {
         let t = self
             .kv()
-            .txn(Request::new(TxnRequest {
+            .txn(internal(TxnRequest {
                 compare: vec![compare_create_revision(key, rev)],
                 success: vec![delete_op(key)],
                 failure: vec![],
@@ -256,7 +257,7 @@ impl Recipes {
     pub async fn delete(&self, key: Bytes) -> Result<Option<ResponseHeader>, Status> {
         Ok(self
             .kv()
-            .delete_range(Request::new(DeleteRangeRequest {
+            .delete_range(internal(DeleteRangeRequest {
                 key,
                 ..Default::default()
             }))
@@ -309,7 +310,7 @@ impl Recipes {
     ) -> Result<(Option<KeyValue>, Option<ResponseHeader>), Status> {
         let r = self
             .kv()
-            .range(Request::new(RangeRequest {
+            .range(internal(RangeRequest {
                 key: key.clone(),
                 ..Default::default()
             }))
@@ -337,7 +338,7 @@ impl Recipes {
     ) -> Result<(Option<KeyValue>, Option<ResponseHeader>), Status> {
         let r = self
             .kv()
-            .range(Request::new(RangeRequest {
+            .range(internal(RangeRequest {
                 key: prefix.clone(),
                 range_end: prefix_end(prefix),
                 limit: 1,

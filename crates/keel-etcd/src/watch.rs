@@ -34,6 +34,11 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 
+/// Why a watch on keys its caller may not read is refused: etcd's
+/// `ErrGRPCPermissionDenied` as a Go error's text, which etcd sends.
+const WATCH_NOT_PERMITTED: &str =
+    "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
+
 pub struct WatchApi(pub Arc<Api>);
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
@@ -229,14 +234,26 @@ impl Session {
         if !matches!(&c.range_end[..], [] | [0]) && c.key >= c.range_end {
             return self.refuse_create(EMPTY_RANGE).await;
         }
-        // As etcd: a watch on keys the caller may not read is refused
-        // with the reason.
-        let user = self.who.user();
-        if let Err(e) = self
+        // As etcd: a watch on keys the caller may not read is refused,
+        // with the id asked for and etcd's reason.
+        let (key, end) = (&c.key, &c.range_end);
+        if self
             .api
-            .check(|v| v.check_range(user, Access::Read, &c.key, &c.range_end))
+            .check(&self.who, |v, user| {
+                v.check_range(user, Access::Read, key, end)
+            })
+            .is_err()
         {
-            return self.refuse_create(e.message()).await;
+            return self
+                .send(WatchResponse {
+                    header: self.header(self.feed_rev),
+                    watch_id: c.watch_id,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: WATCH_NOT_PERMITTED.into(),
+                    ..Default::default()
+                })
+                .await;
         }
         let id = if c.watch_id != 0 {
             if self.watchers.contains_key(&c.watch_id) {
@@ -674,7 +691,7 @@ impl Watch for WatchApi {
         &self,
         r: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let who = self.0.who(r.metadata())?;
+        let who = self.0.who(&r)?;
         Ok(Response::new(serve(
             self.0.clone(),
             who,

@@ -16,7 +16,7 @@ use crate::codec::{Reader, Writer};
 use crate::error::KvError;
 use crate::etcd::{RequestOp, TxnRequest};
 use crate::lease::Leases;
-use crate::proto::{check_bound, check_key, check_value, Command, Query};
+use crate::proto::{check_bound, check_value, Command, Query};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,15 +80,17 @@ pub struct Permission {
 }
 
 impl Permission {
-    /// Checks the key limits: a non-empty key, bounded range end.
+    /// Checks the key limits: a bounded key and range end.
     pub(crate) fn validate(&self) -> Result<(), KvError> {
-        check_key(&self.key)?;
+        // An empty key is the smallest key, as in a range: `--prefix ''`
+        // grants every key ("" to "\0").
+        check_bound(&self.key)?;
         check_bound(&self.range_end)
     }
 }
 
-/// A user.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A user. (`Debug` leaves out the password hash.)
+#[derive(Clone, PartialEq, Eq)]
 pub struct User {
     /// The password hash as the etcd API stored it (opaque bytes to
     /// keel-kv); None = created with no_password (cannot authenticate).
@@ -107,14 +109,37 @@ pub struct Role {
     pub perms: Vec<Permission>,
 }
 
-/// The whole authentication state.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The whole authentication state. (`Debug` leaves out the token
+/// secret and the password hashes.)
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct AuthStore {
     enabled: bool,
     revision: u64,
     secret: Bytes,
     users: BTreeMap<String, User>,
     roles: BTreeMap<String, Role>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("roles", &self.roles)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthStore")
+            .field("enabled", &self.enabled)
+            .field("revision", &self.revision)
+            .field("secret", &"<hidden>")
+            .field("users", &self.users)
+            .field("roles", &self.roles)
+            .finish()
+    }
 }
 
 /// A key interval `[lo, hi)`, `hi` None = no upper bound. `lo` is never
@@ -390,7 +415,30 @@ impl AuthStore {
             Query::Txn(t) => self.check_txn(user, t),
             Query::LeaseTimeToLive { .. } | Query::Leases | Query::Status => self.check_user(user),
             Query::HashKv { .. } => self.check_admin(user),
+            Query::As { .. } => Err(KvError::NestedAs),
         }
+    }
+
+    /// The caller of a `Command::As` or `Query::As`, while auth is
+    /// enabled: a named user must exist with the `generation` its token
+    /// names (0: not checked), else its token is no longer valid (etcd's
+    /// clients then log in again). No user is left to the checks that
+    /// follow.
+    pub fn check_caller(&self, user: Option<&str>, generation: u64) -> Result<(), KvError> {
+        let Some(name) = named(user).filter(|_| self.enabled && generation != 0) else {
+            return Ok(());
+        };
+        match self.users.get(name) {
+            Some(u) if u.generation == generation => Ok(()),
+            _ => Err(KvError::InvalidAuthToken),
+        }
+    }
+
+    /// Has auth ever been used (a user or role added, auth enabled)? Until
+    /// then the etcd API sends plain commands, which binaries from before
+    /// auth can apply too.
+    pub fn in_use(&self) -> bool {
+        self.revision != 0
     }
 
     /// etcd's `checkTxnReqsPermission`: read on every compare's range; for
@@ -443,7 +491,11 @@ impl AuthStore {
                 who.check_key(Access::Write, key)
             }
             Command::Txn(t) => who().check_txn(t),
-            Command::LeaseRevoke { id } => who().check_lease_keys(*id, leases),
+            Command::LeaseRevoke { id } => {
+                // A known user first: a lease without keys checks none.
+                self.check_user(user)?;
+                who().check_lease_keys(*id, leases)
+            }
             Command::LeaseGrant { .. }
             | Command::LeaseKeepAlive { .. }
             | Command::Compact { .. } => self.check_user(user),
@@ -766,6 +818,7 @@ fn snapshot_name(r: &mut Reader<'_>, what: &'static str) -> Result<String, KvErr
 #[derive(Debug, Default)]
 pub struct AuthShared {
     enabled: AtomicBool,
+    in_use: AtomicBool,
     current: Mutex<Arc<AuthStore>>,
 }
 
@@ -783,6 +836,11 @@ impl AuthShared {
         }
     }
 
+    /// Has auth ever been used (`AuthStore::in_use`; one atomic load)?
+    pub fn in_use(&self) -> bool {
+        self.in_use.load(Ordering::Acquire)
+    }
+
     pub(crate) fn publish(&self, s: &AuthStore) {
         let next = Arc::new(s.clone());
         match self.current.lock() {
@@ -790,5 +848,6 @@ impl AuthShared {
             Err(poisoned) => *poisoned.into_inner() = next,
         }
         self.enabled.store(s.enabled, Ordering::Release);
+        self.in_use.store(s.in_use(), Ordering::Release);
     }
 }

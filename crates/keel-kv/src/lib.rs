@@ -49,13 +49,17 @@
 //!   then answers not found).
 //! - Auth (`auth`): etcd 3.4's users, roles, permissions, enabled flag,
 //!   auth revision and token secret are replicated state (in snapshots)
-//!   changed by `Command::Auth`. Checks of writes happen at apply: the
-//!   etcd API wraps each request in `Command::As` with the user its token
-//!   names, and while auth is enabled the command runs only if
-//!   `AuthStore::check_command` allows it (etcd's `authApplierV3`); reads
-//!   are checked by the API with `check_query` against the state published
-//!   in `AuthShared`. Unwrapped commands are never checked (they come from
-//!   trusted in-process callers and the native client port).
+//!   changed by `Command::Auth`. Once auth is in use (a user or role was
+//!   ever added) the etcd API sends each request as `Command::As` or
+//!   `Query::As`, with the user its token names and that user's
+//!   generation; while auth is enabled it runs only if the user still has
+//!   that generation and `AuthStore::check_command` / `check_query` allow
+//!   it (etcd's `authApplierV3`), checked against the state the write
+//!   applies to or the read answers from. Unwrapped commands and queries
+//!   are never checked (they come from trusted in-process callers and the
+//!   native client port). Until auth is in use the API sends plain
+//!   commands and snapshots stay `KKV2`, so a cluster upgraded node by
+//!   node from a binary without auth keeps agreeing.
 //! - HashKv is a CRC-32C over the retained history up to a revision (none
 //!   for a negative one, as etcd 3.4), with etcd's revision rules;
 //!   deterministic across replicas, not equal to etcd's value (except

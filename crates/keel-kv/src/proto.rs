@@ -193,6 +193,12 @@ pub enum Command {
     /// not itself be an `As`.
     As {
         user: Option<String>,
+        /// The user's generation the caller's token names: a token issued
+        /// under an older password (or to a deleted user of that name) is
+        /// refused when applied, even if the member that checked it had
+        /// not yet applied the change. 0 = not checked (callers other than
+        /// the etcd API).
+        generation: u64,
         command: Box<Command>,
     },
 }
@@ -200,7 +206,8 @@ pub enum Command {
 /// A change to the authentication state (etcd's auth requests), with the
 /// errors each refuses with. Every one needs the root role when run as a
 /// user while auth is enabled.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// (`Debug` leaves out the secret and password hashes.)
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub enum AuthCommand {
     /// Turn auth on. `secret` (32 random bytes chosen by the member that
     /// proposed it) becomes the token secret. No user "root" ->
@@ -290,6 +297,16 @@ pub enum Query {
     /// negative: no revision, as etcd 3.4).
     HashKv {
         revision: i64,
+    },
+    /// Answer `query` for `user` (as `Command::As`): while auth is enabled
+    /// it is answered only if `AuthStore::check_query` permits it, checked
+    /// against the state the answer comes from. `query` must not itself be
+    /// an `As`.
+    As {
+        user: Option<String>,
+        /// As in `Command::As` (0 = not checked).
+        generation: u64,
+        query: Box<Query>,
     },
 }
 
@@ -558,12 +575,17 @@ impl Command {
                 a.encode_into(&mut w);
                 w.finish()
             }
-            Command::As { user, command } => {
+            Command::As {
+                user,
+                generation,
+                command,
+            } => {
                 let mut w = Writer::new(24);
                 w.bool(user.is_some());
                 if let Some(u) = user {
                     w.bytes(u.as_bytes());
                 }
+                w.u64(*generation);
                 w.raw_bytes(&command.encode());
                 w.finish()
             }
@@ -581,12 +603,14 @@ impl Command {
                 } else {
                     None
                 };
+                let generation = r.u64()?;
                 let tag = r.u8()?;
                 if tag == 24 {
                     return Err(KvError::NestedAs);
                 }
                 Command::As {
                     user,
+                    generation,
                     command: Box::new(Command::decode_body(tag, &mut r)?),
                 }
             }
@@ -662,7 +686,7 @@ impl Command {
             | Command::LeaseRevoke { .. }
             | Command::LeaseKeepAlive { .. } => Ok(()),
             Command::Auth(a) => a.validate(),
-            Command::As { user, command } => {
+            Command::As { user, command, .. } => {
                 if let Some(u) = user {
                     check_bound(u.as_bytes())?;
                 }
@@ -671,6 +695,62 @@ impl Command {
                     ref c => c.validate(),
                 }
             }
+        }
+    }
+}
+
+/// Shown as `<hidden>` by `Debug`: a token secret or a password hash.
+const HIDDEN: &str = "<hidden>";
+
+impl std::fmt::Debug for AuthCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthCommand::Enable { .. } => {
+                f.debug_struct("Enable").field("secret", &HIDDEN).finish()
+            }
+            AuthCommand::Disable => f.write_str("Disable"),
+            AuthCommand::UserAdd { name, password } => f
+                .debug_struct("UserAdd")
+                .field("name", name)
+                .field("password", &password.as_ref().map(|_| HIDDEN))
+                .finish(),
+            AuthCommand::UserDelete { name } => {
+                f.debug_struct("UserDelete").field("name", name).finish()
+            }
+            AuthCommand::UserChangePassword { name, .. } => f
+                .debug_struct("UserChangePassword")
+                .field("name", name)
+                .field("password", &HIDDEN)
+                .finish(),
+            AuthCommand::UserGrantRole { user, role } => f
+                .debug_struct("UserGrantRole")
+                .field("user", user)
+                .field("role", role)
+                .finish(),
+            AuthCommand::UserRevokeRole { name, role } => f
+                .debug_struct("UserRevokeRole")
+                .field("name", name)
+                .field("role", role)
+                .finish(),
+            AuthCommand::RoleAdd { name } => f.debug_struct("RoleAdd").field("name", name).finish(),
+            AuthCommand::RoleDelete { name } => {
+                f.debug_struct("RoleDelete").field("name", name).finish()
+            }
+            AuthCommand::RoleGrantPermission { role, perm } => f
+                .debug_struct("RoleGrantPermission")
+                .field("role", role)
+                .field("perm", perm)
+                .finish(),
+            AuthCommand::RoleRevokePermission {
+                role,
+                key,
+                range_end,
+            } => f
+                .debug_struct("RoleRevokePermission")
+                .field("role", role)
+                .field("key", key)
+                .field("range_end", range_end)
+                .finish(),
         }
     }
 }
@@ -854,6 +934,20 @@ impl Query {
                 w.i64(*revision);
                 w.finish()
             }
+            Query::As {
+                user,
+                generation,
+                query,
+            } => {
+                let mut w = Writer::new(22);
+                w.bool(user.is_some());
+                if let Some(u) = user {
+                    w.bytes(u.as_bytes());
+                }
+                w.u64(*generation);
+                w.raw_bytes(&query.encode());
+                w.finish()
+            }
         }
     }
 
@@ -861,6 +955,32 @@ impl Query {
     pub fn decode(data: &[u8]) -> Result<Query, KvError> {
         let mut r = Reader::new(data, "query");
         let q = match r.u8().map_err(|_| KvError::Empty)? {
+            22 => {
+                let user = if r.bool()? {
+                    Some(r.string("user name")?)
+                } else {
+                    None
+                };
+                let generation = r.u64()?;
+                let tag = r.u8()?;
+                if tag == 22 {
+                    return Err(KvError::NestedAs);
+                }
+                Query::As {
+                    user,
+                    generation,
+                    query: Box::new(Query::decode_body(tag, &mut r)?),
+                }
+            }
+            tag => Query::decode_body(tag, &mut r)?,
+        };
+        r.finish()?;
+        Ok(q)
+    }
+
+    /// Decodes the fields of a query other than `As` after its tag.
+    fn decode_body(tag: u8, r: &mut Reader<'_>) -> Result<Query, KvError> {
+        Ok(match tag {
             1 => Query::Get { key: r.bytes()? },
             2 => Query::Range {
                 start: r.bytes()?,
@@ -868,8 +988,8 @@ impl Query {
                 limit: r.u64()?,
             },
             3 => Query::Status,
-            16 => Query::RangeReq(RangeRequest::decode_from(&mut r)?),
-            17 => Query::Txn(TxnRequest::decode_from(&mut r)?),
+            16 => Query::RangeReq(RangeRequest::decode_from(r)?),
+            17 => Query::Txn(TxnRequest::decode_from(r)?),
             18 => Query::Events {
                 start: r.bytes()?,
                 end: r.bytes()?,
@@ -887,12 +1007,10 @@ impl Query {
                 return Err(KvError::UnknownTag {
                     what: "query",
                     found,
-                    expected: "1..=3 or 16..=21",
+                    expected: "1..=3 or 16..=22",
                 })
             }
-        };
-        r.finish()?;
-        Ok(q)
+        })
     }
 
     /// Checks key limits (and that a txn query only reads).
@@ -910,6 +1028,15 @@ impl Query {
             | Query::LeaseTimeToLive { .. }
             | Query::Leases
             | Query::HashKv { .. } => Ok(()),
+            Query::As { user, query, .. } => {
+                if let Some(u) = user {
+                    check_bound(u.as_bytes())?;
+                }
+                match **query {
+                    Query::As { .. } => Err(KvError::NestedAs),
+                    ref q => q.validate(),
+                }
+            }
         }
     }
 }

@@ -19,13 +19,14 @@
 //! in name order: name, permission count `u32`, per permission in (key,
 //! range end) order: kind `u8`, key, range end). Key attachments of
 //! leases are rebuilt from the keys. Restore checks every invariant.
-//! `KKV2` snapshots (the same without the auth state) still decode, with
-//! a fresh auth state.
+//! Until auth is first used (`AuthStore::in_use`) snapshots are written
+//! as `KKV2`, the same without the auth state, which binaries from before
+//! auth read too; `KKV2` snapshots decode with a fresh auth state.
 //!
 //! Timers: a lease's timer id is its id as `u64`; the service schedules it
 //! at the lease's expiry on grant and renewal and cancels it on revoke.
 
-use crate::auth::{AuthShared, AuthStore};
+use crate::auth::{Access, AuthShared, AuthStore};
 use crate::codec::{Reader, Writer};
 use crate::error::KvError;
 use crate::etcd::{
@@ -646,8 +647,13 @@ impl KvService {
                     revision: self.store.revision(),
                 }
             }
-            Command::As { user, command } => {
+            Command::As {
+                user,
+                generation,
+                command,
+            } => {
                 if self.auth.enabled() {
+                    self.auth.check_caller(user.as_deref(), generation)?;
                     self.auth
                         .check_command(user.as_deref(), &command, &self.leases)?;
                 }
@@ -796,6 +802,25 @@ impl KvService {
     fn answer(&self, q: &Query) -> Result<Response, KvError> {
         let revision = self.store.revision();
         Ok(match q {
+            Query::As {
+                user,
+                generation,
+                query,
+            } => {
+                if self.auth.enabled() {
+                    let user = user.as_deref();
+                    self.auth.check_caller(user, *generation)?;
+                    self.auth.check_query(user, query)?;
+                    if let Query::LeaseTimeToLive { id, keys: true, .. } = **query {
+                        // Its keys' names only to a user who may read them
+                        // all (etcd's fix of CVE-2023-32082).
+                        for key in self.leases.get(id).iter().flat_map(|l| &l.keys) {
+                            self.auth.check_range(user, Access::Read, key, &[])?;
+                        }
+                    }
+                }
+                return self.answer(query);
+            }
             Query::Get { key } => Response::Get {
                 revision,
                 kv: self.store.get(key),
@@ -966,6 +991,7 @@ pub(crate) const SNAPSHOT_SLACK: u64 = 128;
 /// unwritten memory is never touched.
 fn write_snapshot(
     out: &mut Vec<u8>,
+    magic: [u8; 4],
     applied: u64,
     db_size: u64,
     store: impl FnOnce(&mut Writer),
@@ -977,10 +1003,32 @@ fn write_snapshot(
             .saturating_add(SNAPSHOT_SLACK as usize),
     );
     let mut w = Writer::onto(std::mem::take(out));
-    w.raw_bytes(&SNAPSHOT_MAGIC).u64(applied);
+    w.raw_bytes(&magic).u64(applied);
     store(&mut w);
     rest(&mut w);
     *out = w.into_vec();
+}
+
+impl KvService {
+    /// `KKV2` while auth has never been used: the snapshot a binary from
+    /// before auth reads too, so a cluster being upgraded node by node
+    /// keeps working until someone adds a user or a role.
+    fn snapshot_magic(&self) -> [u8; 4] {
+        if self.auth.in_use() {
+            SNAPSHOT_MAGIC
+        } else {
+            SNAPSHOT_MAGIC_V2
+        }
+    }
+
+    /// What follows the store in a snapshot: the leases, and the auth
+    /// state unless the format is `KKV2` (`snapshot_magic`).
+    fn encode_rest(&self, w: &mut Writer) {
+        self.leases.encode_into(w);
+        if self.auth.in_use() {
+            self.auth.encode_into(w);
+        }
+    }
 }
 
 impl Service for KvService {
@@ -1003,11 +1051,9 @@ impl Service for KvService {
 
     fn snapshot(&self, out: &mut Vec<u8>) {
         let store = |w: &mut Writer| self.store.encode_into(w);
-        let rest = |w: &mut Writer| {
-            self.leases.encode_into(w);
-            self.auth.encode_into(w);
-        };
-        write_snapshot(out, self.applied, self.db_size(), store, rest);
+        let rest = |w: &mut Writer| self.encode_rest(w);
+        let magic = self.snapshot_magic();
+        write_snapshot(out, magic, self.applied, self.db_size(), store, rest);
     }
 
     /// A consistent copy of the replicated state, serialized later on the
@@ -1021,13 +1067,12 @@ impl Service for KvService {
         // Encoded now: a few dozen bytes per lease, where a clone would
         // copy each lease's set of keys; and the auth state, which is small.
         let mut rest = Writer::raw();
-        self.leases.encode_into(&mut rest);
-        self.auth.encode_into(&mut rest);
+        self.encode_rest(&mut rest);
         let rest = rest.into_vec();
-        let applied = self.applied;
+        let (magic, applied) = (self.snapshot_magic(), self.applied);
         Box::new(move |out| {
             let mut w = Writer::raw();
-            w.raw_bytes(&SNAPSHOT_MAGIC).u64(applied);
+            w.raw_bytes(&magic).u64(applied);
             let mut failed = Ok(());
             image.encode_streaming(&mut w, &mut |w| {
                 if w.len() >= SNAPSHOT_PIECE {

@@ -789,6 +789,7 @@ fn commands_need_what_etcd_checks() {
         assert_eq!(s.check_command(Some(ROOT), &c, &leases), Ok(()));
     }
     let nested = Command::As {
+        generation: 0,
         user: Some(ROOT.into()),
         command: Box::new(put("mine/x", "v")),
     };
@@ -917,7 +918,6 @@ fn auth_and_as_commands_are_validated() {
         Command::Auth(role_add(&huge)),
         Command::Auth(user_add(&huge)),
         Command::Auth(grant_role("alice", &huge)),
-        Command::Auth(grant("r", perm(PermKind::Read, "", "z"))),
         Command::Auth(grant("r", perm(PermKind::Read, "a", &huge))),
         Command::Auth(revoke("r", "", "")),
         Command::Auth(AuthCommand::UserChangePassword {
@@ -925,16 +925,20 @@ fn auth_and_as_commands_are_validated() {
             password: Bytes::from(vec![0; MAX_VALUE_LEN + 1]),
         }),
         Command::As {
+            generation: 0,
             user: Some(huge.clone()),
             command: Box::new(put("k", "v")),
         },
         Command::As {
+            generation: 0,
             user: None,
             command: Box::new(put("", "v")),
         },
         Command::As {
+            generation: 0,
             user: None,
             command: Box::new(Command::As {
+                generation: 0,
                 user: None,
                 command: Box::new(put("k", "v")),
             }),
@@ -945,8 +949,10 @@ fn auth_and_as_commands_are_validated() {
     }
     assert_eq!(
         Command::As {
+            generation: 0,
             user: None,
             command: Box::new(Command::As {
+                generation: 0,
                 user: None,
                 command: Box::new(put("k", "v")),
             }),
@@ -959,16 +965,19 @@ fn auth_and_as_commands_are_validated() {
     assert_eq!(Command::Auth(role_add("")).validate(), Ok(()));
     // A nested As does not decode either.
     let inner = Command::As {
+        generation: 0,
         user: None,
         command: Box::new(put("k", "v")),
     };
     let mut data = vec![24u8, 0];
+    data.extend_from_slice(&0u64.to_le_bytes());
     data.extend_from_slice(&inner.encode());
     assert_eq!(Command::decode(&data), Err(KvError::NestedAs));
     // Auth commands never add history; As is its command's.
     assert!(!Command::Auth(user_add("a")).adds_history());
     assert!(inner.adds_history());
     let revoke_as = Command::As {
+        generation: 0,
         user: None,
         command: Box::new(Command::LeaseRevoke { id: 1 }),
     };
@@ -980,11 +989,13 @@ fn the_quota_looks_through_as() {
     let svc = KvService::new().with_quota(10);
     let quota = svc.quota().unwrap();
     let big = Command::As {
+        generation: 0,
         user: None,
         command: Box::new(put("k", &"v".repeat(200))),
     };
     assert!(quota.admit(&big.encode()).is_err());
     let revoke_as = Command::As {
+        generation: 0,
         user: None,
         command: Box::new(Command::LeaseRevoke { id: 1 }),
     };
@@ -995,6 +1006,7 @@ fn the_quota_looks_through_as() {
 
 fn as_user(user: Option<&str>, c: Command) -> Command {
     Command::As {
+        generation: 0,
         user: user.map(str::to_string),
         command: Box::new(c),
     }
@@ -1256,20 +1268,30 @@ fn snapshots_carry_the_auth_state() {
 }
 
 #[test]
-fn kkv2_snapshots_still_decode() {
+fn kkv2_until_auth_is_used_then_kkv3() {
     let mut h = Harness::new();
     h.cmd(put("a", "1"));
     h.cmd(Command::LeaseGrant { id: 3, ttl: 100 });
+    // Never used: KKV2, which binaries from before auth read, and no
+    // auth section.
     let svc = h.svc().clone();
-    let image = svc.snapshot_vec();
-    let tail = crate::tests_etcd::FRESH_AUTH.len();
-    assert!(image.ends_with(&crate::tests_etcd::FRESH_AUTH));
-    let mut old = b"KKV2".to_vec();
-    old.extend_from_slice(&image[4..image.len() - tail]);
+    let old = svc.snapshot_vec();
+    assert_eq!(&old[..4], b"KKV2");
     let back = KvService::decode_snapshot(&old).unwrap();
     assert!(back == svc);
     assert_eq!(*back.auth(), AuthStore::default());
-    assert_eq!(back.snapshot_vec(), image, "written back as KKV3");
+    // Used once: KKV3 with the auth section, also after it is undone (the
+    // revision has moved).
+    h.cmd(Command::Auth(role_add("r")));
+    h.cmd(Command::Auth(AuthCommand::RoleDelete { name: "r".into() }));
+    let svc = h.svc().clone();
+    let image = svc.snapshot_vec();
+    assert_eq!(&image[..4], b"KKV3");
+    let back = KvService::decode_snapshot(&image).unwrap();
+    assert!(back == svc);
+    assert_eq!(back.auth().revision(), 2);
+    let tail = crate::tests_etcd::FRESH_AUTH.len();
+    assert_eq!(image.len(), old.len() + tail);
     // A KKV2 snapshot has no auth section; a KKV3 needs one.
     let mut v2_with_auth = b"KKV2".to_vec();
     v2_with_auth.extend_from_slice(&image[4..]);
@@ -1326,9 +1348,9 @@ impl Section {
 
 /// An empty service's snapshot with `section` as its auth state.
 fn with_section(section: &[u8]) -> Vec<u8> {
+    // A fresh service's KKV2 snapshot, as KKV3 with `section` after it.
     let image = KvService::new().snapshot_vec();
-    let tail = crate::tests_etcd::FRESH_AUTH.len();
-    [&image[..image.len() - tail], section].concat()
+    [&b"KKV3"[..], &image[4..], section].concat()
 }
 
 #[test]
@@ -1400,8 +1422,9 @@ fn restore_checks_the_auth_state() {
         },
         {
             let mut s = Section::new(false, 5);
-            s.u32(0).u32(1).role("r", &[(0, "", "b")]);
-            (s, "key is empty")
+            let huge = "x".repeat(MAX_KEY_LEN + 1);
+            s.u32(0).u32(1).role("r", &[(0, &huge, "")]);
+            (s, "too large")
         },
         {
             let mut s = Section::new(false, 5);
@@ -1556,4 +1579,173 @@ proptest! {
             prop_assert_eq!(got, Err(KvError::PermissionDenied));
         }
     }
+}
+
+/// `q` for `user` as the etcd API sends it once auth is in use.
+fn query_as(user: Option<&str>, generation: u64, q: Query) -> Query {
+    Query::As {
+        user: user.map(str::to_string),
+        generation,
+        query: Box::new(q),
+    }
+}
+
+#[test]
+fn a_stale_generation_is_refused_when_applied_and_read() {
+    let mut h = auth_harness();
+    h.cmd(Command::Auth(grant(
+        "r",
+        perm(PermKind::ReadWrite, "k", ""),
+    )));
+    let g = h.svc().auth().user("alice").unwrap().generation;
+    let put_as = |generation| Command::As {
+        user: Some("alice".into()),
+        generation,
+        command: Box::new(put("k", "v")),
+    };
+    // The generation alice's token names: runs; 0: not checked.
+    assert!(matches!(h.cmd(put_as(g)), Response::Put { .. }));
+    assert!(matches!(h.cmd(put_as(0)), Response::Put { .. }));
+    // A new password: tokens naming the old generation are refused, even
+    // if the member that checked one had not applied the change yet.
+    h.cmd(Command::Auth(AuthCommand::UserChangePassword {
+        name: "alice".into(),
+        password: b("new"),
+    }));
+    let rev = h.svc().revision();
+    let r = h.cmd(put_as(g));
+    assert_eq!(code(&r), ErrorCode::InvalidAuthToken);
+    assert_eq!(h.svc().revision(), rev, "nothing changed");
+    let get = Query::Get { key: b("k") };
+    let r = h.svc().read(&query_as(Some("alice"), g, get.clone()));
+    assert_eq!(code(&r), ErrorCode::InvalidAuthToken);
+    let g2 = h.svc().auth().user("alice").unwrap().generation;
+    assert!(g2 > g);
+    assert!(matches!(
+        h.svc().read(&query_as(Some("alice"), g2, get.clone())),
+        Response::Get { kv: Some(_), .. }
+    ));
+    // A deleted user's name re-added is another generation again.
+    h.cmd(Command::Auth(AuthCommand::UserDelete {
+        name: "alice".into(),
+    }));
+    h.cmd(Command::Auth(user_add("alice")));
+    h.cmd(Command::Auth(grant_role("alice", "r")));
+    assert_eq!(code(&h.cmd(put_as(g2))), ErrorCode::InvalidAuthToken);
+}
+
+#[test]
+fn queries_as_a_user_are_checked_against_the_state_they_read() {
+    let mut h = auth_harness();
+    h.cmd(put("k", "v"));
+    h.cmd(put("secret", "s"));
+    h.cmd(Command::LeaseGrant { id: 7, ttl: 100 });
+    h.cmd(Command::PutReq(PutRequest {
+        lease: 7,
+        ..PutRequest::new("k2", "v")
+    }));
+    h.cmd(Command::PutReq(PutRequest {
+        lease: 7,
+        ..PutRequest::new("secret2", "s")
+    }));
+    h.cmd(Command::Auth(grant("r", perm(PermKind::Read, "k", "l"))));
+    let svc = h.svc().clone();
+    let read = |user, q: Query| svc.read(&query_as(user, 0, q));
+    let get = |k: &str| Query::Get { key: b(k) };
+    assert!(matches!(
+        read(ALICE, get("k")),
+        Response::Get { kv: Some(_), .. }
+    ));
+    assert_eq!(
+        code(&read(ALICE, get("secret"))),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(code(&read(None, get("k"))), ErrorCode::UserEmpty);
+    // A lease's key names only to a user who may read all of them
+    // (etcd's fix of CVE-2023-32082); its TTL to any known user.
+    let ttl = |keys| Query::LeaseTimeToLive {
+        id: 7,
+        keys,
+        now: 0,
+    };
+    assert_eq!(code(&read(ALICE, ttl(true))), ErrorCode::PermissionDenied);
+    assert!(matches!(
+        read(ALICE, ttl(false)),
+        Response::LeaseTimeToLive { .. }
+    ));
+    assert!(matches!(
+        read(Some(ROOT), ttl(true)),
+        Response::LeaseTimeToLive { keys, .. } if keys.len() == 2
+    ));
+    // Off: anyone.
+    h.cmd(Command::Auth(AuthCommand::Disable));
+    assert!(matches!(
+        h.svc().read(&query_as(None, 0, get("secret"))),
+        Response::Get { kv: Some(_), .. }
+    ));
+    // Nested, and round trips.
+    let nested = query_as(None, 0, query_as(None, 0, get("k")));
+    assert_eq!(nested.validate(), Err(KvError::NestedAs));
+    let q = query_as(Some("alice"), 9, Query::Txn(TxnRequest::default()));
+    assert_eq!(Query::decode(&q.encode()), Ok(q));
+    let mut data = vec![22u8, 0];
+    data.extend_from_slice(&0u64.to_le_bytes());
+    data.extend_from_slice(&query_as(None, 0, get("k")).encode());
+    assert_eq!(Query::decode(&data), Err(KvError::NestedAs));
+}
+
+#[test]
+fn revoking_a_lease_without_keys_needs_a_user() {
+    let mut h = auth_harness();
+    h.cmd(Command::LeaseGrant { id: 5, ttl: 100 });
+    let r = h.cmd(as_user(None, Command::LeaseRevoke { id: 5 }));
+    assert_eq!(code(&r), ErrorCode::UserEmpty);
+    assert!(h.svc().leases().contains(5));
+    let r = h.cmd(as_user(ALICE, Command::LeaseRevoke { id: 5 }));
+    assert!(matches!(r, Response::LeaseRevoke { .. }), "{r:?}");
+}
+
+#[test]
+fn an_empty_key_permission_is_the_whole_key_space() {
+    // etcdctl role grant-permission --prefix r readwrite ''
+    let s = alice_with(&[perm(PermKind::ReadWrite, "", "\0")]);
+    assert!(can(&s, Access::Write, "a", ""));
+    assert!(can(&s, Access::Read, "\0", "\0"));
+    assert!(can(&s, Access::Read, "", "\0"));
+    let mut h = auth_harness();
+    let grant_all = Command::Auth(grant("r", perm(PermKind::ReadWrite, "", "\0")));
+    assert_eq!(grant_all.validate(), Ok(()));
+    h.cmd(grant_all);
+    assert!(matches!(
+        h.cmd(as_user(ALICE, put("anything", "v"))),
+        Response::Put { .. }
+    ));
+}
+
+#[test]
+fn debug_output_hides_secrets_and_password_hashes() {
+    let mut s = AuthStore::default();
+    let secret = b("the-secret-bytes");
+    let hash = b("the-password-hash");
+    let cmds = [
+        AuthCommand::UserAdd {
+            name: ROOT.into(),
+            password: Some(hash.clone()),
+        },
+        AuthCommand::UserChangePassword {
+            name: ROOT.into(),
+            password: hash.clone(),
+        },
+        grant_role(ROOT, ROOT),
+        AuthCommand::Enable {
+            secret: secret.clone(),
+        },
+    ];
+    for c in &cmds {
+        s.apply(c).unwrap();
+        let shown = format!("{:?}", Command::Auth(c.clone()));
+        assert!(!shown.contains("the-"), "{shown}");
+    }
+    let shown = format!("{s:?}");
+    assert!(shown.contains("root") && !shown.contains("the-"), "{shown}");
 }

@@ -1530,9 +1530,9 @@ fn malformed_etcd_commands_change_nothing() {
     );
 }
 
-/// Builds a `KKV3` snapshot by hand: keys with entries (main, sub, put as
-/// (value, create, version, lease)), then leases (id, ttl, expiry), then
-/// a fresh auth state (`FRESH_AUTH`).
+/// Builds a `KKV2` snapshot by hand (what a service that never used auth
+/// writes): keys with entries (main, sub, put as (value, create, version,
+/// lease)), then leases (id, ttl, expiry).
 #[allow(clippy::type_complexity)]
 fn craft(
     revision: u64,
@@ -1540,7 +1540,7 @@ fn craft(
     keys: &[(&str, &[(u64, u32, Option<(&str, u64, u64, i64)>)])],
     leases: &[(i64, i64, u64)],
 ) -> Vec<u8> {
-    let mut s = b"KKV3".to_vec();
+    let mut s = b"KKV2".to_vec();
     s.extend_from_slice(&0u64.to_le_bytes());
     s.extend_from_slice(&revision.to_le_bytes());
     s.extend_from_slice(&compacted.to_le_bytes());
@@ -1569,7 +1569,6 @@ fn craft(
         s.extend_from_slice(&ttl.to_le_bytes());
         s.extend_from_slice(&expiry.to_le_bytes());
     }
-    s.extend_from_slice(&FRESH_AUTH);
     s
 }
 

@@ -234,7 +234,7 @@ fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
         6 => kv_command(),
         2 => auth_command().prop_map(Command::Auth),
-        4 => (user, inner).prop_map(|(user, c)| Command::As {
+        4 => (user, inner).prop_map(|(user, c)| Command::As { generation: 0,
             user,
             command: Box::new(c),
         }),
@@ -747,7 +747,7 @@ proptest! {
         let mut plain = svc.clone();
         let mut wrapped = svc.clone();
         let want = plain.apply(c.clone());
-        let got = wrapped.apply(Command::As { user, command: Box::new(c) });
+        let got = wrapped.apply(Command::As { generation: 0, user, command: Box::new(c) });
         match check {
             Ok(()) => {
                 prop_assert_eq!(got, want);

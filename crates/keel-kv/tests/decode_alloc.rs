@@ -117,6 +117,7 @@ fn kv_decoders_allocate_nothing_for_a_large_field() {
         (
             "command as a user",
             Command::As {
+                generation: 0,
                 user: Some("alice".into()),
                 command: Box::new(Command::Auth(AuthCommand::RoleGrantPermission {
                     role: "r".into(),

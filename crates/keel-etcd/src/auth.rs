@@ -46,6 +46,10 @@ use tonic::{Request, Response, Status};
 /// How long a token is good for (etcd's `--auth-token-ttl` default).
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 
+/// How far apart the members' clocks may be for a token issued by one to
+/// be taken by another at once.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
 /// PBKDF2 rounds per password check: tens of milliseconds of one core,
 /// about what etcd's bcrypt cost of 10 takes.
 const PBKDF2_ROUNDS: u32 = 100_000;
@@ -59,27 +63,38 @@ const HASH_LEN: usize = 32;
 const TOKEN_KEYS: [&str; 2] = ["token", "authorization"];
 
 /// Who a call runs as: the user its token names (None: it carried no
-/// token, or auth is off) with the generation the token names, and the
-/// token, passed on with the calls this member forwards to another.
-#[derive(Clone, Debug, Default)]
+/// token, or auth is off here) with the generation the token names, and
+/// the token itself, kept even while auth looks off here (a member that
+/// is behind): it is checked again once this member has caught up
+/// (`Api::check_admin_now`) and passed on with the calls it forwards.
+#[derive(Clone, Default)]
 pub struct Who {
     user: Option<String>,
     generation: u64,
     token: Option<String>,
-    /// A request a recipe (Lock, Election) makes for its caller, who was
-    /// checked when the call came in: not checked again.
-    internal: bool,
 }
 
-/// Marks a request this member makes itself (`Who::internal`): only code in
-/// this process can put it in a request's extensions.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Internal;
+/// (Shown without its token.)
+impl std::fmt::Debug for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Who")
+            .field("user", &self.user)
+            .field("generation", &self.generation)
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
 
-/// `msg` as a request of this member's own (`Internal`).
-pub(crate) fn internal<T>(msg: T) -> Request<T> {
+/// Marks a request this member makes for a caller (the Lock and Election
+/// recipes' requests): it runs as that caller. Only code in this process
+/// can put it in a request's extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct Internal(Who);
+
+/// `msg` as a request this member makes for `who` (`Internal`).
+pub(crate) fn internal<T>(msg: T, who: &Who) -> Request<T> {
     let mut r = Request::new(msg);
-    r.extensions_mut().insert(Internal);
+    r.extensions_mut().insert(Internal(who.clone()));
     r
 }
 
@@ -169,9 +184,11 @@ pub fn verify_token(view: &AuthStore, token: &str, now: u64) -> Result<(String, 
         .ok_or_else(invalid)?;
     let generation: u64 = generation.parse().map_err(|_| invalid())?;
     let expiry: u64 = expiry.parse().map_err(|_| invalid())?;
-    // (An expiry further off than one lifetime is none of ours: a member
-    // whose clock ran ahead made it.)
-    let live = now < expiry && expiry <= now.saturating_add(TOKEN_TTL.as_secs());
+    // (An expiry further off than one lifetime, give or take the members'
+    // clock differences, is none of ours: a member whose clock ran far
+    // ahead made it.)
+    let furthest = now.saturating_add(TOKEN_TTL.as_secs() + CLOCK_SKEW.as_secs());
+    let live = now < expiry && expiry <= furthest;
     match view.user(&user) {
         Some(u) if u.generation == generation && live => Ok((user, generation)),
         _ => Err(invalid()),
@@ -258,24 +275,30 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Api {
     /// Who call `r` runs as: while auth is on, the user its token names
-    /// (an invalid token is refused); a request of this member's own runs
-    /// as the caller that made it (`internal`); else nobody.
+    /// (an invalid token is refused); a request this member makes for a
+    /// caller runs as that caller (`internal`); else nobody.
     pub fn who<T>(&self, r: &Request<T>) -> Result<Who, Status> {
-        if r.extensions().get::<Internal>().is_some() {
-            return Ok(Who {
-                internal: true,
-                ..Who::default()
-            });
+        if let Some(Internal(who)) = r.extensions().get::<Internal>() {
+            return Ok(who.clone());
         }
         self.who_in(r.metadata())
     }
 
-    /// `who` for a call with metadata `md` (the gateway's streams).
+    /// `who` for a call with metadata `md` (also the gateway's streams).
     pub fn who_in(&self, md: &MetadataMap) -> Result<Who, Status> {
-        if !self.config.auth.enabled() {
-            return Ok(Who::default());
+        let token = token_in(md);
+        if token.is_none() || !self.config.auth.enabled() {
+            return Ok(Who {
+                token,
+                ..Who::default()
+            });
         }
-        let Some(token) = token_in(md) else {
+        self.verified(token)
+    }
+
+    /// `token` checked against this member's auth state.
+    fn verified(&self, token: Option<String>) -> Result<Who, Status> {
+        let Some(token) = token else {
             return Ok(Who::default());
         };
         let view = self.config.auth.current();
@@ -284,38 +307,60 @@ impl Api {
             user: Some(user),
             generation,
             token: Some(token),
-            internal: false,
         })
     }
 
     /// Runs `check` for `who` against this member's auth state while auth
-    /// is on (a member that is behind may not know it is on yet: see
-    /// `check_admin_now`).
+    /// is on: the user must still have the generation its token names. (A
+    /// member that is behind may not know auth is on yet: reads and writes
+    /// are checked again by the service, admin calls look after a
+    /// linearizable read, `check_admin_now`.)
     pub fn check(
         &self,
         who: &Who,
         check: impl FnOnce(&AuthStore, Option<&str>) -> Result<(), KvError>,
     ) -> Result<(), Status> {
-        if who.internal || !self.config.auth.enabled() {
+        if !self.config.auth.enabled() {
             return Ok(());
         }
-        check(&self.config.auth.current(), who.user()).map_err(kv_status)
+        let view = self.config.auth.current();
+        view.check_caller(who.user(), who.generation)
+            .and_then(|()| check(&view, who.user()))
+            .map_err(kv_status)
     }
 
     /// That `who` is an admin, checked once this member has applied
-    /// everything committed before the call (a linearizable read first):
-    /// a member that is behind might not know that auth is on, or that a
-    /// role was revoked. For calls acted on here and now (membership
-    /// changes, leader moves, alarms), which are rare.
-    pub async fn check_admin_now(&self, who: &Who) -> Result<(), Status> {
-        if who.internal {
-            return Ok(());
+    /// everything committed before the call (a linearizable read first),
+    /// with its token checked again then: a member that was behind might
+    /// not have known that auth is on, or that a role was revoked. For
+    /// calls acted on here and now (membership changes, leader moves,
+    /// alarms), which are rare. Without a leader the read cannot be made:
+    /// while auth has never been used this member's state is taken as it
+    /// is (such calls worked without a leader before auth), else the call
+    /// is refused. The caller as checked, for passing the call on.
+    pub async fn check_admin_now(&self, who: &Who) -> Result<Who, Status> {
+        match self.read(&Query::Status, false).await {
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::Unavailable && !self.config.auth.in_use() => {}
+            Err(e) => return Err(e),
         }
-        self.read(&Query::Status, false).await?;
-        self.check(who, AuthStore::check_admin)
+        let who = self.refreshed(who)?;
+        self.check(&who, AuthStore::check_admin)?;
+        Ok(who)
     }
 
-    /// Runs `q` for `who`: once auth is in use, as `Query::As`, which the
+    /// `who` with its token checked again against this member's auth
+    /// state as it is now (after a linearizable read brought it up to
+    /// date), where auth is on.
+    pub fn refreshed(&self, who: &Who) -> Result<Who, Status> {
+        if self.config.auth.enabled() {
+            self.verified(who.token.clone())
+        } else {
+            Ok(who.clone())
+        }
+    }
+
+    /// Runs `q` for `who`: while auth is in use, as `Query::As`, which the
     /// service checks against the state it answers from (so a read that
     /// waited for the leader is checked after it did).
     pub async fn read_as(
@@ -335,9 +380,12 @@ impl Api {
         self.read(&q, serializable).await
     }
 
-    /// Runs `cmd` through the log for `who`: once auth is in use, as
+    /// Runs `cmd` through the log for `who`: while auth is in use, as
     /// `Command::As`, which the service checks when it applies it, so a
-    /// write cannot slip past a revocation or auth being turned on.
+    /// write cannot slip past a revocation or auth being turned on. (A
+    /// member that does not know yet that auth is in use sends it plain;
+    /// the service refuses the etcd API's plain writes while auth is on,
+    /// `Command::needs_a_caller`.)
     pub async fn write_as(&self, who: &Who, cmd: Command) -> Result<KvResponse, Status> {
         // Refused here already if this member's copy of the auth state
         // refuses it, so a refused write costs no log entry. (Its lease
@@ -353,8 +401,8 @@ impl Api {
                 generation,
                 command: Box::new(cmd),
             },
-            // Auth changes are always checked.
-            None if auth_change && !who.internal => Command::As {
+            // Auth changes are always sent with their caller.
+            None if auth_change => Command::As {
                 user: who.user.clone(),
                 generation: who.generation,
                 command: Box::new(cmd),
@@ -367,10 +415,10 @@ impl Api {
     /// The user and generation to send with `who`'s requests, once auth is
     /// in use (a user or role was ever added). Until then requests go as
     /// they did before auth, which binaries from before it apply too (a
-    /// cluster being upgraded node by node). Requests of this member's own
-    /// go unwrapped.
+    /// cluster being upgraded node by node).
     fn wrap(&self, who: &Who) -> Option<(Option<String>, u64)> {
-        (!who.internal && self.config.auth.in_use()).then(|| (who.user.clone(), who.generation))
+        let auth = &self.config.auth;
+        (auth.in_use() || auth.enabled()).then(|| (who.user.clone(), who.generation))
     }
 }
 
@@ -433,10 +481,22 @@ impl AuthApi {
             }
             let refuse = |why: String| {
                 Status::failed_precondition(format!(
-                    "etcdserver: users and roles need every member on a Keel version that \
-                     serves Auth, and {why}: upgrade it (or bring it back) first"
+                    "etcdserver: auth (users, roles, auth enable) needs every member on a Keel \
+                     version that serves it, and {why}"
                 ))
             };
+            let has_address = self
+                .0
+                .config
+                .members
+                .iter()
+                .any(|i| i.id == m && !i.client_urls.is_empty());
+            if !has_address {
+                return Err(refuse(format!(
+                    "member {m:x} cannot be asked: this node's configuration gives it no etcd \
+                     address (etcd_addr in its [[peers]] entry)"
+                )));
+            }
             let who = format!("member {m:x}");
             let ask = async {
                 let channel = self.0.member_channel(m, &who).await?;
@@ -448,15 +508,19 @@ impl AuthApi {
             match tokio::time::timeout(MEMBER_ASK_TIMEOUT, ask).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) if e.code() == tonic::Code::Unimplemented => {
-                    return Err(refuse(format!("{who} does not")))
+                    return Err(refuse(format!("{who} does not: upgrade it first")))
                 }
                 Ok(Err(e)) => {
                     return Err(refuse(format!(
-                        "{who} could not be asked ({})",
+                        "{who} could not be asked ({}): bring it back first",
                         e.message()
                     )))
                 }
-                Err(_) => return Err(refuse(format!("{who} did not answer within 2 s"))),
+                Err(_) => {
+                    return Err(refuse(format!(
+                        "{who} did not answer within 2 s: bring it back first"
+                    )))
+                }
             }
         }
         Ok(())
@@ -598,6 +662,7 @@ impl Auth for AuthApi {
         let who = self.0.who(&r)?;
         let name = r.into_inner().name;
         let (view, revision) = self.current().await?;
+        let who = self.0.refreshed(&who)?;
         // As etcd: an admin, or a user asking about itself.
         if who.user() != Some(name.as_str()) {
             self.admin(&who)?;
@@ -617,6 +682,7 @@ impl Auth for AuthApi {
     ) -> Result<Response<AuthUserListResponse>, Status> {
         let who = self.0.who(&r)?;
         let (view, revision) = self.current().await?;
+        let who = self.0.refreshed(&who)?;
         self.admin(&who)?;
         Ok(Response::new(AuthUserListResponse {
             header: self.0.header(revision),
@@ -697,6 +763,7 @@ impl Auth for AuthApi {
         let who = self.0.who(&r)?;
         let name = r.into_inner().role;
         let (view, revision) = self.current().await?;
+        let who = self.0.refreshed(&who)?;
         // As etcd: an admin, or a user holding the role.
         let holds = who
             .user()
@@ -729,6 +796,7 @@ impl Auth for AuthApi {
     ) -> Result<Response<AuthRoleListResponse>, Status> {
         let who = self.0.who(&r)?;
         let (view, revision) = self.current().await?;
+        let who = self.0.refreshed(&who)?;
         self.admin(&who)?;
         Ok(Response::new(AuthRoleListResponse {
             header: self.0.header(revision),
@@ -854,9 +922,11 @@ mod tests {
             verify_token(&s, &t, 1_000 + 299).unwrap(),
             ("bob".into(), bob)
         );
-        // Issued by a member whose clock was ahead: no longer than a TTL.
+        // Issued by a member whose clock is ahead: taken within the skew
+        // allowed, not beyond.
+        assert!(verify_token(&s, &t, 1_000 - 60).is_ok());
         assert_eq!(
-            verify_token(&s, &t, 1_000 - 1),
+            verify_token(&s, &t, 1_000 - 61),
             Err(KvError::InvalidAuthToken)
         );
         assert_eq!(

@@ -130,8 +130,7 @@ impl ClusterApi {
     /// on (as in etcd).
     async fn admin<T>(&self, r: &Request<T>) -> Result<Who, Status> {
         let who = self.0.who(r)?;
-        self.0.check_admin_now(&who).await?;
-        Ok(who)
+        self.0.check_admin_now(&who).await
     }
 
     fn header(&self) -> Option<ResponseHeader> {

@@ -207,13 +207,14 @@ impl Election for ElectionApi {
         r: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
         let who = self.0 .0.who(&r)?;
+        let rec = self.0.as_caller(&who);
         check_recipe(&self.0 .0, &who, &prefix_of(&r.get_ref().name))?;
         async {
             let r = r.into_inner();
-            let lease = self.0.lease_or_grant(r.lease).await?;
+            let lease = rec.lease_or_grant(r.lease).await?;
             let key = key_of(&r.name, lease);
             let prefix = prefix_of(&r.name);
-            let contender = self.0.contend(&key).await;
+            let contender = rec.contend(&key).await;
             let claim = contender.claim(&prefix, r.value.clone(), lease).await?;
             if claim
                 .existing
@@ -221,8 +222,7 @@ impl Election for ElectionApi {
                 .is_some_and(|kv| kv.value != r.value)
             {
                 // Campaigning again under the same lease proclaims the value.
-                let (owner, _) = self
-                    .0
+                let (owner, _) = rec
                     .put_if_owner(&key, claim.rev, r.value.clone(), lease)
                     .await?;
                 if !owner {
@@ -231,7 +231,7 @@ impl Election for ElectionApi {
             }
             // A call that fails while it waits stays a candidate (as
             // etcd's does); only one abandoned by its client resigns.
-            let waited = self.0.wait_deletes(&prefix, claim.rev - 1).await;
+            let waited = rec.wait_deletes(&prefix, claim.rev - 1).await;
             if let Err(e) = waited {
                 contender.keep(claim.rev);
                 return Err(e);
@@ -239,7 +239,7 @@ impl Election for ElectionApi {
             // Won: the key is kept from here on, so a failure of the read
             // below (no leader for a moment) leaves a candidate too.
             contender.keep(claim.rev);
-            let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
+            let header = rec.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
             Ok(Response::new(CampaignResponse {
                 header,
                 leader: Some(LeaderKey {
@@ -259,14 +259,15 @@ impl Election for ElectionApi {
         r: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
         let who = self.0 .0.who(&r)?;
+        let rec = self.0.as_caller(&who);
         async {
             let r = r.into_inner();
             let l = leader_key(r.leader)?;
             self.write_key(&who, &l.key)?;
             // A leader key without a lease gets a new one, as etcd's
             // session does (never none: the key would outlive its leader).
-            let lease = self.0.lease_or_grant(l.lease).await?;
-            let (owner, header) = self.0.put_if_owner(&l.key, l.rev, r.value, lease).await?;
+            let lease = rec.lease_or_grant(l.lease).await?;
+            let (owner, header) = rec.put_if_owner(&l.key, l.rev, r.value, lease).await?;
             if !owner {
                 return Err(Status::unknown(NOT_LEADER));
             }
@@ -278,10 +279,11 @@ impl Election for ElectionApi {
 
     async fn leader(&self, r: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
         let who = self.0 .0.who(&r)?;
+        let rec = self.0.as_caller(&who);
         async {
             let prefix = prefix_of(&r.into_inner().name);
             self.read_prefix(&who, &prefix)?;
-            match self.0.first(&prefix).await? {
+            match rec.first(&prefix).await? {
                 (Some(kv), header) => Ok(Response::new(LeaderResponse {
                     header,
                     kv: Some(kv),
@@ -295,14 +297,11 @@ impl Election for ElectionApi {
 
     async fn observe(&self, r: Request<LeaderRequest>) -> Result<Response<ObserveStream>, Status> {
         let who = self.0 .0.who(&r)?;
+        let rec = self.0.as_caller(&who);
         let prefix = prefix_of(&r.into_inner().name);
         self.read_prefix(&who, &prefix)?;
         let (tx, rx) = mpsc::channel(16);
-        self.0
-             .0
-            .node
-            .runtime()
-            .spawn(observe(self.0.clone(), prefix, tx));
+        self.0 .0.node.runtime().spawn(observe(rec, prefix, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -310,10 +309,11 @@ impl Election for ElectionApi {
 
     async fn resign(&self, r: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
         let who = self.0 .0.who(&r)?;
+        let rec = self.0.as_caller(&who);
         async {
             let l = leader_key(r.into_inner().leader)?;
             self.write_key(&who, &l.key)?;
-            let header = self.0.delete_if_owner(&l.key, l.rev).await?;
+            let header = rec.delete_if_owner(&l.key, l.rev).await?;
             Ok(Response::new(ResignResponse { header }))
         }
         .await

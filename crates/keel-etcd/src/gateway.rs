@@ -470,8 +470,8 @@ fn routes() -> Vec<(&'static str, Route)> {
     let lease = lease::LeaseApi;
     let cluster = cluster::ClusterApi;
     let maintenance = maintenance::MaintenanceApi;
-    let lock = |api| lock::LockApi(recipes::Recipes(api));
-    let election = |api| election::ElectionApi(recipes::Recipes(api));
+    let lock = |api| lock::LockApi(recipes::Recipes(api, Default::default()));
+    let election = |api| election::ElectionApi(recipes::Recipes(api, Default::default()));
     let auth = auth::AuthApi;
     vec![
         ("/auth/enable", unary!(auth, auth_enable)),

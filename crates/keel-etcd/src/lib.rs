@@ -456,13 +456,13 @@ pub fn serve(node: Arc<NodeHandle>, addr: SocketAddr, config: ApiConfig) -> std:
         )))
         .add_service(
             keel_etcd_proto::v3lockpb::lock_server::LockServer::new(lock::LockApi(
-                recipes::Recipes(api.clone()),
+                recipes::Recipes(api.clone(), Default::default()),
             ))
             .max_decoding_message_size(max_msg),
         )
         .add_service(
             keel_etcd_proto::v3electionpb::election_server::ElectionServer::new(
-                election::ElectionApi(recipes::Recipes(api.clone())),
+                election::ElectionApi(recipes::Recipes(api.clone(), Default::default())),
             )
             .max_decoding_message_size(max_msg),
         )

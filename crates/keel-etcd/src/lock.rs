@@ -20,18 +20,17 @@ pub struct LockApi(pub(crate) Recipes);
 /// and answers as if the lock were held.
 pub const SESSION_EXPIRED: &str = "mutex: session is expired";
 
-impl LockApi {
-    async fn acquire(&self, r: LockRequest) -> Result<LockResponse, Status> {
-        let lease = self.0.lease_or_grant(r.lease).await?;
-        let key = key_of(&r.name, lease);
-        let prefix = prefix_of(&r.name);
-        let contender = self.0.contend(&key).await;
-        let claim = contender.claim(&prefix, Default::default(), lease).await?;
-        self.0.wait_deletes(&prefix, claim.rev - 1).await?;
-        let header = self.0.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
-        contender.keep(claim.rev);
-        Ok(LockResponse { header, key })
-    }
+/// Acquires the lock `r` names with `rec`, the recipes of its caller.
+async fn acquire(rec: &Recipes, r: LockRequest) -> Result<LockResponse, Status> {
+    let lease = rec.lease_or_grant(r.lease).await?;
+    let key = key_of(&r.name, lease);
+    let prefix = prefix_of(&r.name);
+    let contender = rec.contend(&key).await;
+    let claim = contender.claim(&prefix, Default::default(), lease).await?;
+    rec.wait_deletes(&prefix, claim.rev - 1).await?;
+    let header = rec.still_owned(&key, claim.rev, SESSION_EXPIRED).await?;
+    contender.keep(claim.rev);
+    Ok(LockResponse { header, key })
 }
 
 #[tonic::async_trait]
@@ -42,7 +41,7 @@ impl Lock for LockApi {
         // token.
         let who = self.0 .0.who(&r)?;
         check_recipe(&self.0 .0, &who, &prefix_of(&r.get_ref().name))?;
-        self.acquire(r.into_inner())
+        acquire(&self.0.as_caller(&who), r.into_inner())
             .await
             .map(Response::new)
             .map_err(as_recipe_error)
@@ -56,6 +55,7 @@ impl Lock for LockApi {
             .check(&who, |v, user| v.check_range(user, Access::Write, key, &[]))?;
         let header = self
             .0
+            .as_caller(&who)
             .delete(r.into_inner().key)
             .await
             .map_err(as_recipe_error)?;

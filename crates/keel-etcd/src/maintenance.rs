@@ -132,9 +132,10 @@ impl Maintenance for MaintenanceApi {
             Status::invalid_argument(format!("etcdserver: unknown alarm action {}", r.action))
         })?;
         // Anyone may list the alarms; only an admin lowers them.
-        if action != alarm_request::AlarmAction::Get {
-            self.0.check_admin_now(&who).await?;
-        }
+        let who = match action {
+            alarm_request::AlarmAction::Get => who,
+            _ => self.0.check_admin_now(&who).await?,
+        };
         let mut alarms = match action {
             // As etcd's, a listing of one type of alarm (NONE: every type):
             // the only type raised here is NOSPACE.

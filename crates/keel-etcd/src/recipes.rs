@@ -13,7 +13,7 @@
 //! cancelled it or went away) deletes its key again, as etcd's does,
 //! unless another call through this node shares the key (see `Contender`).
 
-use crate::auth::internal;
+use crate::auth::{internal, Who};
 use crate::kv::KvApi;
 use crate::lease::LeaseApi;
 use crate::Api;
@@ -135,11 +135,22 @@ fn delete_op(key: &Bytes) -> RequestOp {
     }
 }
 
-/// The KV and Lease requests the recipes are made of.
+/// The KV and Lease requests the recipes are made of, made for a caller
+/// (`Who`): they are checked as the caller's own, when applied.
 #[derive(Clone)]
-pub(crate) struct Recipes(pub Arc<Api>);
+pub(crate) struct Recipes(pub Arc<Api>, pub Who);
 
 impl Recipes {
+    /// The recipes for `who`.
+    pub fn as_caller(&self, who: &Who) -> Recipes {
+        Recipes(self.0.clone(), who.clone())
+    }
+
+    /// `msg` as a request of the caller's (`auth::internal`).
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        internal(msg, &self.1)
+    }
+
     fn kv(&self) -> KvApi {
         KvApi(self.0.clone())
     }
@@ -154,7 +165,7 @@ impl Recipes {
             return Ok(lease);
         }
         let granted = LeaseApi(self.0.clone())
-            .lease_grant(internal(LeaseGrantRequest {
+            .lease_grant(self.request(LeaseGrantRequest {
                 ttl: DEFAULT_SESSION_TTL,
                 id: 0,
             }))
@@ -178,7 +189,7 @@ impl Recipes {
     ) -> Result<Claim, Status> {
         let t = self
             .kv()
-            .txn(internal(TxnRequest {
+            .txn(self.request(TxnRequest {
                 compare: vec![compare_create_revision(key, 0)],
                 success: vec![put_op(key, value, lease), first_op(prefix)],
                 failure: vec![range_op(key), first_op(prefix)],
@@ -225,7 +236,7 @@ impl Recipes {
     ) -> Result<(bool, Option<ResponseHeader>), Status> {
         let t = self
             .kv()
-            .txn(internal(TxnRequest {
+            .txn(self.request(TxnRequest {
                 compare: vec![compare_create_revision(key, rev)],
                 success: vec![put_op(key, value, lease)],
                 failure: vec![],
@@ -243,7 +254,7 @@ impl Recipes {
     ) -> Result<Option<ResponseHeader>, Status> {
         let t = self
             .kv()
-            .txn(internal(TxnRequest {
+            .txn(self.request(TxnRequest {
                 compare: vec![compare_create_revision(key, rev)],
                 success: vec![delete_op(key)],
                 failure: vec![],
@@ -257,7 +268,7 @@ impl Recipes {
     pub async fn delete(&self, key: Bytes) -> Result<Option<ResponseHeader>, Status> {
         Ok(self
             .kv()
-            .delete_range(internal(DeleteRangeRequest {
+            .delete_range(self.request(DeleteRangeRequest {
                 key,
                 ..Default::default()
             }))
@@ -290,7 +301,7 @@ impl Recipes {
             success: vec![range_op(key)],
             ..Default::default()
         })?;
-        match self.0.write(&keel_kv::Command::Txn(txn)).await? {
+        match self.0.write_as(&self.1, keel_kv::Command::Txn(txn)).await? {
             keel_kv::Response::Txn(t) => Ok(t.responses.into_iter().find_map(|r| match r {
                 keel_kv::ResponseOp::Range(r) => r
                     .kvs
@@ -310,7 +321,7 @@ impl Recipes {
     ) -> Result<(Option<KeyValue>, Option<ResponseHeader>), Status> {
         let r = self
             .kv()
-            .range(internal(RangeRequest {
+            .range(self.request(RangeRequest {
                 key: key.clone(),
                 ..Default::default()
             }))
@@ -338,7 +349,7 @@ impl Recipes {
     ) -> Result<(Option<KeyValue>, Option<ResponseHeader>), Status> {
         let r = self
             .kv()
-            .range(internal(RangeRequest {
+            .range(self.request(RangeRequest {
                 key: prefix.clone(),
                 range_end: prefix_end(prefix),
                 limit: 1,

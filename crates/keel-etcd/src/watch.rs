@@ -117,6 +117,10 @@ struct Session {
     /// Who the stream runs as: each watch it creates needs read
     /// permission on its range (`auth`).
     who: Who,
+    /// Auth was on at this member when the watches were last checked: a
+    /// watch created while it looked off here (a member that was behind)
+    /// is checked once it is on (`recheck`).
+    auth_on: bool,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     /// This node's apply feed (subscribed before the first status read).
     feed: tokio::sync::broadcast::Receiver<Arc<keel_node::Notification>>,
@@ -408,6 +412,7 @@ impl Session {
     async fn catch_up_all(&mut self) -> Result<(), End> {
         for _ in 0..2 {
             let (rev, _) = self.local_status().await?;
+            self.recheck().await?;
             let mut upto = rev;
             let ids: Vec<i64> = self.watchers.keys().copied().collect();
             for id in ids {
@@ -461,7 +466,45 @@ impl Session {
     /// Hands one feed notification to the watches, unless they must catch
     /// up from history instead (revisions missing before it, or it could
     /// not be read).
+    /// Once auth is on at this member: checks the watches made while it
+    /// looked off (at a member that was behind), with the stream's token
+    /// checked now, and cancels those the caller may not read, with
+    /// etcd's reason, before anything applied after it goes out.
+    async fn recheck(&mut self) -> Result<(), End> {
+        if self.auth_on || !self.api.config.auth.enabled() {
+            return Ok(());
+        }
+        self.auth_on = true;
+        self.who = self.api.refreshed(&self.who).unwrap_or_default();
+        let refused: Vec<i64> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| {
+                let (key, end) = (&w.key, &w.range_end);
+                self.api
+                    .check(&self.who, |v, user| {
+                        v.check_range(user, Access::Read, key, end)
+                    })
+                    .is_err()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in refused {
+            self.watchers.remove(&id);
+            self.send(WatchResponse {
+                header: self.header(self.feed_rev),
+                watch_id: id,
+                canceled: true,
+                cancel_reason: WATCH_NOT_PERMITTED.into(),
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn on_feed(&mut self, items: &[Bytes]) -> Result<Drained, End> {
+        self.recheck().await?;
         let mut events = Vec::with_capacity(items.len());
         for item in items {
             match WatchEvent::decode(item) {
@@ -627,9 +670,11 @@ async fn run(
     // query is missed.
     let feed = api.node.subscribe();
     let every = api.config.watch_progress_interval;
+    let auth_on = api.config.auth.enabled();
     let mut s = Session {
         api,
         who,
+        auth_on,
         out,
         feed,
         watchers: BTreeMap::new(),

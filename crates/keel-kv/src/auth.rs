@@ -812,6 +812,41 @@ fn snapshot_name(r: &mut Reader<'_>, what: &'static str) -> Result<String, KvErr
     Ok(name)
 }
 
+impl Command {
+    /// Is this one of the etcd API's own commands, which while auth is
+    /// enabled the service takes only with a caller (`Command::As`)? A
+    /// member that has not yet applied the first auth entry sends them
+    /// plain: they are then refused (UserEmpty), as etcd refuses a request
+    /// without a user when it applies it. The native protocol's put,
+    /// delete and compare-and-swap, compaction and lease renewal (which
+    /// etcd 3.4 does not check either) are taken plain.
+    pub fn needs_a_caller(&self) -> bool {
+        matches!(
+            self,
+            Command::PutReq(_)
+                | Command::DeleteRangeReq(_)
+                | Command::Txn(_)
+                | Command::LeaseGrant { .. }
+                | Command::LeaseRevoke { .. }
+                | Command::Auth(_)
+        )
+    }
+}
+
+impl Query {
+    /// As `Command::needs_a_caller`, for the etcd API's reads of keys:
+    /// ranges, txns and a lease's time-to-live (its keys). Status, the
+    /// lease list, hashes, the history a watch catches up from (the watch
+    /// was checked when created) and the native protocol's reads are
+    /// answered plain.
+    pub fn needs_a_caller(&self) -> bool {
+        matches!(
+            self,
+            Query::RangeReq(_) | Query::Txn(_) | Query::LeaseTimeToLive { .. }
+        )
+    }
+}
+
 /// The latest `AuthStore`, published by the service after each auth change
 /// (and a restore) for the etcd API, which reads it on every request:
 /// shared by `Arc` like `SpaceQuota`. Not replicated state.
@@ -847,7 +882,9 @@ impl AuthShared {
             Ok(mut g) => *g = next,
             Err(poisoned) => *poisoned.into_inner() = next,
         }
-        self.enabled.store(s.enabled, Ordering::Release);
+        // In use before enabled: a reader that sees auth enabled also
+        // sees it in use, so it sends its requests with their caller.
         self.in_use.store(s.in_use(), Ordering::Release);
+        self.enabled.store(s.enabled, Ordering::Release);
     }
 }

@@ -521,6 +521,11 @@ impl KvService {
             return Response::error(&e);
         }
         self.applied = self.applied.wrapping_add(1);
+        if self.auth.enabled() && cmd.needs_a_caller() {
+            // Sent as no one by a member that did not know auth was on
+            // (etcd refuses such a request when it applies it, too).
+            return Response::error(&KvError::UserEmpty);
+        }
         match self.apply_valid(now, timers, cmd) {
             Ok(r) => r,
             Err(e) => Response::error(&e),
@@ -792,6 +797,9 @@ impl KvService {
     pub fn read(&self, q: &Query) -> Response {
         if let Err(e) = q.validate() {
             return Response::error(&e);
+        }
+        if self.auth.enabled() && q.needs_a_caller() {
+            return Response::error(&KvError::UserEmpty);
         }
         match self.answer(q) {
             Ok(r) => r,

@@ -1012,6 +1012,11 @@ fn as_user(user: Option<&str>, c: Command) -> Command {
     }
 }
 
+/// `c` run as root (an etcd API command needs a caller while auth is on).
+fn root(c: Command) -> Command {
+    as_user(Some(ROOT), c)
+}
+
 fn code(r: &Response) -> ErrorCode {
     match r {
         Response::Error { code, .. } => *code,
@@ -1203,7 +1208,11 @@ fn auth_commands_reply_with_the_store_revision_and_publish() {
     assert!(shared.current().enabled());
     assert_eq!(shared.current().secret(), &[7; 32]);
     assert_eq!(*shared.current(), *h.svc().auth());
-    h.cmd(Command::Auth(AuthCommand::Disable));
+    // While on, a plain auth command is no one's: refused.
+    let r = h.cmd(Command::Auth(AuthCommand::Disable));
+    assert_eq!(code(&r), ErrorCode::UserEmpty);
+    assert!(shared.enabled());
+    h.cmd(root(Command::Auth(AuthCommand::Disable)));
     assert!(!shared.enabled());
     assert_eq!(shared.current().revision(), 4);
     // Encodings of the new response.
@@ -1215,7 +1224,7 @@ fn auth_commands_reply_with_the_store_revision_and_publish() {
 fn service_with_auth() -> KvService {
     let mut h = auth_harness();
     h.cmd(put("a", "1"));
-    h.cmd(Command::LeaseGrant { id: 3, ttl: 100 });
+    h.cmd(root(Command::LeaseGrant { id: 3, ttl: 100 }));
     for c in [
         grant("r", perm(PermKind::Read, "a", "z")),
         grant("r", perm(PermKind::ReadWrite, "b", "")),
@@ -1228,7 +1237,10 @@ fn service_with_auth() -> KvService {
         grant_role("nopass", "empty"),
         grant_role("nopass", "r"),
     ] {
-        assert!(matches!(h.cmd(Command::Auth(c)), Response::Auth { .. }));
+        assert!(matches!(
+            h.cmd(root(Command::Auth(c))),
+            Response::Auth { .. }
+        ));
     }
     h.svc().clone()
 }
@@ -1593,10 +1605,10 @@ fn query_as(user: Option<&str>, generation: u64, q: Query) -> Query {
 #[test]
 fn a_stale_generation_is_refused_when_applied_and_read() {
     let mut h = auth_harness();
-    h.cmd(Command::Auth(grant(
+    h.cmd(root(Command::Auth(grant(
         "r",
         perm(PermKind::ReadWrite, "k", ""),
-    )));
+    ))));
     let g = h.svc().auth().user("alice").unwrap().generation;
     let put_as = |generation| Command::As {
         user: Some("alice".into()),
@@ -1608,10 +1620,10 @@ fn a_stale_generation_is_refused_when_applied_and_read() {
     assert!(matches!(h.cmd(put_as(0)), Response::Put { .. }));
     // A new password: tokens naming the old generation are refused, even
     // if the member that checked one had not applied the change yet.
-    h.cmd(Command::Auth(AuthCommand::UserChangePassword {
+    h.cmd(root(Command::Auth(AuthCommand::UserChangePassword {
         name: "alice".into(),
         password: b("new"),
-    }));
+    })));
     let rev = h.svc().revision();
     let r = h.cmd(put_as(g));
     assert_eq!(code(&r), ErrorCode::InvalidAuthToken);
@@ -1626,11 +1638,11 @@ fn a_stale_generation_is_refused_when_applied_and_read() {
         Response::Get { kv: Some(_), .. }
     ));
     // A deleted user's name re-added is another generation again.
-    h.cmd(Command::Auth(AuthCommand::UserDelete {
+    h.cmd(root(Command::Auth(AuthCommand::UserDelete {
         name: "alice".into(),
-    }));
-    h.cmd(Command::Auth(user_add("alice")));
-    h.cmd(Command::Auth(grant_role("alice", "r")));
+    })));
+    h.cmd(root(Command::Auth(user_add("alice"))));
+    h.cmd(root(Command::Auth(grant_role("alice", "r"))));
     assert_eq!(code(&h.cmd(put_as(g2))), ErrorCode::InvalidAuthToken);
 }
 
@@ -1639,16 +1651,19 @@ fn queries_as_a_user_are_checked_against_the_state_they_read() {
     let mut h = auth_harness();
     h.cmd(put("k", "v"));
     h.cmd(put("secret", "s"));
-    h.cmd(Command::LeaseGrant { id: 7, ttl: 100 });
-    h.cmd(Command::PutReq(PutRequest {
+    h.cmd(root(Command::LeaseGrant { id: 7, ttl: 100 }));
+    h.cmd(root(Command::PutReq(PutRequest {
         lease: 7,
         ..PutRequest::new("k2", "v")
-    }));
-    h.cmd(Command::PutReq(PutRequest {
+    })));
+    h.cmd(root(Command::PutReq(PutRequest {
         lease: 7,
         ..PutRequest::new("secret2", "s")
-    }));
-    h.cmd(Command::Auth(grant("r", perm(PermKind::Read, "k", "l"))));
+    })));
+    h.cmd(root(Command::Auth(grant(
+        "r",
+        perm(PermKind::Read, "k", "l"),
+    ))));
     let svc = h.svc().clone();
     let read = |user, q: Query| svc.read(&query_as(user, 0, q));
     let get = |k: &str| Query::Get { key: b(k) };
@@ -1677,8 +1692,15 @@ fn queries_as_a_user_are_checked_against_the_state_they_read() {
         read(Some(ROOT), ttl(true)),
         Response::LeaseTimeToLive { keys, .. } if keys.len() == 2
     ));
+    // A plain read of keys while on is no one's (a member that did not
+    // know auth was on sent it): refused. Status is answered.
+    assert_eq!(
+        code(&svc.read(&Query::RangeReq(RangeRequest::new("k", "")))),
+        ErrorCode::UserEmpty
+    );
+    assert!(matches!(svc.read(&Query::Status), Response::Status { .. }));
     // Off: anyone.
-    h.cmd(Command::Auth(AuthCommand::Disable));
+    h.cmd(root(Command::Auth(AuthCommand::Disable)));
     assert!(matches!(
         h.svc().read(&query_as(None, 0, get("secret"))),
         Response::Get { kv: Some(_), .. }
@@ -1697,7 +1719,7 @@ fn queries_as_a_user_are_checked_against_the_state_they_read() {
 #[test]
 fn revoking_a_lease_without_keys_needs_a_user() {
     let mut h = auth_harness();
-    h.cmd(Command::LeaseGrant { id: 5, ttl: 100 });
+    h.cmd(root(Command::LeaseGrant { id: 5, ttl: 100 }));
     let r = h.cmd(as_user(None, Command::LeaseRevoke { id: 5 }));
     assert_eq!(code(&r), ErrorCode::UserEmpty);
     assert!(h.svc().leases().contains(5));
@@ -1715,7 +1737,7 @@ fn an_empty_key_permission_is_the_whole_key_space() {
     let mut h = auth_harness();
     let grant_all = Command::Auth(grant("r", perm(PermKind::ReadWrite, "", "\0")));
     assert_eq!(grant_all.validate(), Ok(()));
-    h.cmd(grant_all);
+    h.cmd(root(grant_all));
     assert!(matches!(
         h.cmd(as_user(ALICE, put("anything", "v"))),
         Response::Put { .. }
@@ -1748,4 +1770,37 @@ fn debug_output_hides_secrets_and_password_hashes() {
     }
     let shown = format!("{s:?}");
     assert!(shown.contains("root") && !shown.contains("the-"), "{shown}");
+}
+
+#[test]
+fn plain_etcd_requests_are_no_ones_while_auth_is_on() {
+    let mut h = auth_harness();
+    let before = h.svc().clone();
+    for c in [
+        Command::PutReq(PutRequest::new("k", "v")),
+        Command::DeleteRangeReq(DeleteRangeRequest {
+            key: b("k"),
+            ..Default::default()
+        }),
+        Command::Txn(TxnRequest::default()),
+        Command::LeaseGrant { id: 1, ttl: 10 },
+        Command::LeaseRevoke { id: 1 },
+        Command::Auth(role_add("x")),
+    ] {
+        assert!(c.needs_a_caller(), "{c:?}");
+        assert_eq!(code(&h.cmd(c)), ErrorCode::UserEmpty);
+    }
+    assert_eq!(h.svc().store(), before.store());
+    assert_eq!(h.svc().auth(), before.auth());
+    // The native protocol's own commands and compaction are taken.
+    for c in [put("n", "v"), Command::Compact { revision: 1 }] {
+        assert!(!c.needs_a_caller());
+        assert!(!matches!(h.cmd(c), Response::Error { .. }));
+    }
+    // While off, nothing is refused.
+    h.cmd(root(Command::Auth(AuthCommand::Disable)));
+    assert!(matches!(
+        h.cmd(Command::PutReq(PutRequest::new("k", "v"))),
+        Response::PutResp(_)
+    ));
 }

@@ -494,6 +494,18 @@ async fn tokens_at_every_member(c: &mut TestCluster) {
         }
     }
     assert_eq!(served.expect("member 3 back").kvs.len(), 1);
+    // And refuses what comes without one, linearizable or not.
+    for serializable in [false, true] {
+        let e = KvClient::new(ch3.clone())
+            .range(RangeRequest {
+                key: "bob/k".into(),
+                serializable,
+                ..Default::default()
+            })
+            .await
+            .expect_err("no token at the restarted member");
+        assert_eq!(e.message(), "etcdserver: user name is empty", "{e:?}");
+    }
 
     // The Lock service runs its requests for bob under bob/ (the
     // recipe's own reads and writes are not refused), not elsewhere.
@@ -610,6 +622,9 @@ async fn gateway_token(c: &TestCluster) {
     let (status, body) = post("/v3/kv/range", None, r#"{"key":"Ym9iL2s="}"#);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("user name is empty"), "{body}");
+    // /health needs no user (it reads no keys), as etcd's.
+    let (status, body) = common::http_get(&c.nodes[0].etcd, "/health");
+    assert_eq!((status, body.as_str()), (200, r#"{"health":"true"}"#));
     // Logging in through the gateway gives a token gRPC takes.
     let (status, body) = post(
         "/v3/auth/authenticate",

@@ -581,11 +581,7 @@ impl Command {
                 command,
             } => {
                 let mut w = Writer::new(24);
-                w.bool(user.is_some());
-                if let Some(u) = user {
-                    w.bytes(u.as_bytes());
-                }
-                w.u64(*generation);
+                encode_caller(&mut w, user.as_deref(), *generation);
                 w.raw_bytes(&command.encode());
                 w.finish()
             }
@@ -598,16 +594,7 @@ impl Command {
         let tag = r.u8().map_err(|_| KvError::Empty)?;
         let cmd = match tag {
             24 => {
-                let user = if r.bool()? {
-                    Some(r.string("user name")?)
-                } else {
-                    None
-                };
-                let generation = r.u64()?;
-                let tag = r.u8()?;
-                if tag == 24 {
-                    return Err(KvError::NestedAs);
-                }
+                let (user, generation, tag) = decode_caller(&mut r, 24)?;
                 Command::As {
                     user,
                     generation,
@@ -940,11 +927,7 @@ impl Query {
                 query,
             } => {
                 let mut w = Writer::new(22);
-                w.bool(user.is_some());
-                if let Some(u) = user {
-                    w.bytes(u.as_bytes());
-                }
-                w.u64(*generation);
+                encode_caller(&mut w, user.as_deref(), *generation);
                 w.raw_bytes(&query.encode());
                 w.finish()
             }
@@ -956,16 +939,7 @@ impl Query {
         let mut r = Reader::new(data, "query");
         let q = match r.u8().map_err(|_| KvError::Empty)? {
             22 => {
-                let user = if r.bool()? {
-                    Some(r.string("user name")?)
-                } else {
-                    None
-                };
-                let generation = r.u64()?;
-                let tag = r.u8()?;
-                if tag == 22 {
-                    return Err(KvError::NestedAs);
-                }
+                let (user, generation, tag) = decode_caller(&mut r, 22)?;
                 Query::As {
                     user,
                     generation,
@@ -1378,4 +1352,30 @@ impl Response {
         r.finish()?;
         Ok(resp)
     }
+}
+
+/// Writes the caller of a `Command::As` or `Query::As`: whether there is
+/// a user, its name, the generation.
+fn encode_caller(w: &mut Writer, user: Option<&str>, generation: u64) {
+    w.bool(user.is_some());
+    if let Some(u) = user {
+        w.bytes(u.as_bytes());
+    }
+    w.u64(generation);
+}
+
+/// Reads what `encode_caller` wrote, then the tag of the wrapped command or
+/// query, which must not be `as_tag` again (an `As` in an `As`).
+fn decode_caller(r: &mut Reader<'_>, as_tag: u8) -> Result<(Option<String>, u64, u8), KvError> {
+    let user = if r.bool()? {
+        Some(r.string("user name")?)
+    } else {
+        None
+    };
+    let generation = r.u64()?;
+    let tag = r.u8()?;
+    if tag == as_tag {
+        return Err(KvError::NestedAs);
+    }
+    Ok((user, generation, tag))
 }

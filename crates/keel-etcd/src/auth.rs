@@ -2,8 +2,14 @@
 //! who each call of the other services runs as.
 //!
 //! The users and roles are replicated state of the KV service
-//! (`keel_kv::AuthStore`): every change is a log entry, checked again
-//! when applied. This module adds what needs a secret or a clock:
+//! (`keel_kv::AuthStore`): every change is a log entry. Once auth is in
+//! use, every read and write goes to the service with its caller
+//! (`Command::As`, `Query::As`) and the service checks it against the
+//! state it applies to or answers from; while auth is on it refuses the
+//! etcd API's requests that come without one. This member's copy of the
+//! state (`AuthShared`) serves for a first look, for tokens, and for the
+//! calls the service does not see (admin calls, which look after a
+//! linearizable read). This module adds what needs a secret or a clock:
 //!
 //! - **Passwords** are hashed here, by the member that takes the request,
 //!   before they go into the log (PBKDF2-HMAC-SHA256, a random salt per
@@ -14,16 +20,15 @@
 //!   member checks any member's token with no log entry per login. A token
 //!   lives `TOKEN_TTL` (etcd's `--auth-token-ttl` default), by the checking
 //!   member's wall clock. A changed password, a deleted user, or auth
-//!   turned off and on again makes older tokens invalid; a changed role
-//!   takes effect at once, since permissions are looked up on every call.
-//!   An invalid or expired token is etcd's "invalid auth token"
-//!   (Unauthenticated), on which etcd clients log in again.
+//!   turned off and on again makes older tokens invalid (the service
+//!   checks the generation too); a changed role takes effect at once,
+//!   since permissions are looked up on every call. An invalid or expired
+//!   token is etcd's "invalid auth token" (Unauthenticated), on which etcd
+//!   clients log in again.
 //!
 //! Calls carry the token in the gRPC metadata `token` (etcd's clients) or
-//! `authorization` (its JSON gateway's header). `Api::who` checks it;
-//! reads are checked against this member's copy of the auth state
-//! (`Api::check`), writes again when applied (`Api::write_as`). While auth
-//! is off nothing is checked and tokens are ignored.
+//! `authorization` (its JSON gateway's header). While auth is off nothing
+//! is checked and tokens are ignored.
 
 use crate::{kv_status, unexpected, Api};
 use bytes::Bytes;
@@ -334,14 +339,20 @@ impl Api {
     /// with its token checked again then: a member that was behind might
     /// not have known that auth is on, or that a role was revoked. For
     /// calls acted on here and now (membership changes, leader moves,
-    /// alarms), which are rare. Without a leader the read cannot be made:
-    /// while auth has never been used this member's state is taken as it
-    /// is (such calls worked without a leader before auth), else the call
-    /// is refused. The caller as checked, for passing the call on.
+    /// alarms), which are rare. Where no leader is known the read cannot
+    /// be made: while auth has never been used this member's state is
+    /// taken as it is (such calls worked without a leader before auth),
+    /// else the call is refused. The caller as checked, for passing the call on.
     pub async fn check_admin_now(&self, who: &Who) -> Result<Who, Status> {
         match self.read(&Query::Status, false).await {
             Ok(_) => {}
-            Err(e) if e.code() == tonic::Code::Unavailable && !self.config.auth.in_use() => {}
+            // (Only where no leader is known: a leader still applying a
+            // long log may not know yet that auth is in use, and its read
+            // may time out.)
+            Err(e)
+                if e.code() == tonic::Code::Unavailable
+                    && self.node.status().leader.is_none()
+                    && !self.config.auth.in_use() => {}
             Err(e) => return Err(e),
         }
         let who = self.refreshed(who)?;

@@ -263,7 +263,9 @@ impl Maintenance for MaintenanceApi {
             .await
             .map_err(|e| Status::unavailable(format!("etcdserver: backup failed: {e}")))?;
         // Looked at again for what the backup holds (users, password
-        // hashes, the token secret among them).
+        // hashes, the token secret among them), with the caller's token
+        // checked against the state the backup was taken from.
+        let who = self.0.refreshed(&who)?;
         let backup = self.admin_after(&who, backup)?;
         // At least this revision: writes may have applied since the barrier.
         let header = self.0.header(revision);

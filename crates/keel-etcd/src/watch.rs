@@ -73,6 +73,11 @@ struct Watcher {
     /// tick: it gets no progress response at the next one (as from etcd,
     /// which sends them to idle watches only).
     had_events: bool,
+    /// Its caller's permission was checked while auth was on at this
+    /// member. A watch made while auth looked off here (a member that was
+    /// behind) is checked before it gets anything applied after auth is
+    /// on (`Session::recheck`).
+    checked: bool,
 }
 
 impl Watcher {
@@ -117,10 +122,7 @@ struct Session {
     /// Who the stream runs as: each watch it creates needs read
     /// permission on its range (`auth`).
     who: Who,
-    /// Auth was on at this member when the watches were last checked: a
-    /// watch created while it looked off here (a member that was behind)
-    /// is checked once it is on (`recheck`).
-    auth_on: bool,
+
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     /// This node's apply feed (subscribed before the first status read).
     feed: tokio::sync::broadcast::Receiver<Arc<keel_node::Notification>>,
@@ -239,7 +241,12 @@ impl Session {
             return self.refuse_create(EMPTY_RANGE).await;
         }
         // As etcd: a watch on keys the caller may not read is refused,
-        // with the id asked for and etcd's reason.
+        // with the id asked for and etcd's reason. (The stream's token is
+        // checked again if auth came on here since it opened.)
+        let auth_on = self.api.config.auth.enabled();
+        if auth_on && self.who.user().is_none() {
+            self.who = self.api.refreshed(&self.who).unwrap_or_default();
+        }
         let (key, end) = (&c.key, &c.range_end);
         if self
             .api
@@ -301,9 +308,15 @@ impl Session {
                 fragment: c.fragment,
                 next_rev: if start == 0 { local_rev + 1 } else { start },
                 had_events: false,
+                checked: auth_on,
             };
             past = w.next_rev <= local_rev;
             self.watchers.insert(id, w);
+            // Auth may have come on here while this waited for the feed.
+            self.recheck().await?;
+            if !self.watchers.contains_key(&id) {
+                return Ok(());
+            }
         }
         self.sent_rev = self.sent_rev.max(local_rev);
         self.send(WatchResponse {
@@ -374,6 +387,11 @@ impl Session {
                 }
                 Err(s) => return Err(End::Error(s)),
             };
+            // (Auth may have come on here before this read was answered.)
+            self.recheck().await?;
+            if !self.watchers.contains_key(&id) {
+                return Ok(0);
+            }
             let last = events.last().map(WatchEvent::revision);
             // etcd reads an event's prev_kv at the revision before it: at
             // or below the compaction point that read fails, and the event
@@ -463,32 +481,28 @@ impl Session {
         Ok(Drained::Done)
     }
 
-    /// Hands one feed notification to the watches, unless they must catch
-    /// up from history instead (revisions missing before it, or it could
-    /// not be read).
     /// Once auth is on at this member: checks the watches made while it
     /// looked off (at a member that was behind), with the stream's token
     /// checked now, and cancels those the caller may not read, with
-    /// etcd's reason, before anything applied after it goes out.
+    /// etcd's reason. Called before anything read from the feed or the
+    /// history goes out: the service publishes an auth change when it
+    /// applies it, before it answers a later read or feeds a later event.
     async fn recheck(&mut self) -> Result<(), End> {
-        if self.auth_on || !self.api.config.auth.enabled() {
+        if !self.api.config.auth.enabled() || self.watchers.values().all(|w| w.checked) {
             return Ok(());
         }
-        self.auth_on = true;
         self.who = self.api.refreshed(&self.who).unwrap_or_default();
-        let refused: Vec<i64> = self
-            .watchers
-            .iter()
-            .filter(|(_, w)| {
-                let (key, end) = (&w.key, &w.range_end);
-                self.api
-                    .check(&self.who, |v, user| {
-                        v.check_range(user, Access::Read, key, end)
-                    })
-                    .is_err()
-            })
-            .map(|(id, _)| *id)
-            .collect();
+        let mut refused = Vec::new();
+        for (id, w) in self.watchers.iter_mut().filter(|(_, w)| !w.checked) {
+            let (key, end) = (&w.key, &w.range_end);
+            let allowed = self.api.check(&self.who, |v, user| {
+                v.check_range(user, Access::Read, key, end)
+            });
+            match allowed {
+                Ok(()) => w.checked = true,
+                Err(_) => refused.push(*id),
+            }
+        }
         for id in refused {
             self.watchers.remove(&id);
             self.send(WatchResponse {
@@ -503,6 +517,9 @@ impl Session {
         Ok(())
     }
 
+    /// Hands one feed notification to the watches, unless they must catch
+    /// up from history instead (revisions missing before it, or it could
+    /// not be read).
     async fn on_feed(&mut self, items: &[Bytes]) -> Result<Drained, End> {
         self.recheck().await?;
         let mut events = Vec::with_capacity(items.len());
@@ -670,11 +687,9 @@ async fn run(
     // query is missed.
     let feed = api.node.subscribe();
     let every = api.config.watch_progress_interval;
-    let auth_on = api.config.auth.enabled();
     let mut s = Session {
         api,
         who,
-        auth_on,
         out,
         feed,
         watchers: BTreeMap::new(),
@@ -761,6 +776,7 @@ mod tests {
             fragment: false,
             next_rev: 5,
             had_events: false,
+            checked: false,
         }
     }
 

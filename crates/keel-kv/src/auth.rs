@@ -453,8 +453,9 @@ impl AuthStore {
     /// deletes write their keys (and read them with prev_kv), a put with a
     /// lease also writes every key attached to the lease (etcd's
     /// `checkLeasePuts`), as does a lease revocation; compare-and-swap
-    /// reads and writes; txns as `check_txn`; other lease commands and
-    /// compaction need a known user; auth commands the root role.
+    /// reads and writes; txns as `check_txn`; lease grants and compaction
+    /// need a known user, renewals nothing (as in etcd 3.4); auth commands
+    /// the root role.
     pub fn check_command(
         &self,
         user: Option<&str>,
@@ -496,9 +497,10 @@ impl AuthStore {
                 self.check_user(user)?;
                 who().check_lease_keys(*id, leases)
             }
-            Command::LeaseGrant { .. }
-            | Command::LeaseKeepAlive { .. }
-            | Command::Compact { .. } => self.check_user(user),
+            // Renewals are not checked, as in etcd 3.4 (they come plain
+            // too from the leader's own renewals after a failover).
+            Command::LeaseKeepAlive { .. } => Ok(()),
+            Command::LeaseGrant { .. } | Command::Compact { .. } => self.check_user(user),
             Command::Auth(_) => self.check_admin(user),
             Command::As { .. } => Err(KvError::NestedAs),
         }

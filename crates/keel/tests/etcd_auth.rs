@@ -862,3 +862,44 @@ fn the_first_user_waits_for_every_member() {
         assert_eq!(users, ["root"]);
     });
 }
+
+/// A watch opened without a token while auth was off is canceled, with
+/// etcd's reason, once auth is turned on, before it gets any event written
+/// after (where etcd would keep it).
+#[test]
+fn a_watch_from_before_auth_ends_when_auth_comes_on() {
+    let c = TestCluster::start(1, "");
+    c.wait_for_leader(Duration::from_secs(20));
+    runtime().block_on(async {
+        let ch = etcd_channel(&c.nodes[0].etcd).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut watch = WatchClient::new(ch.clone())
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("watch")
+            .into_inner();
+        tx.send(WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: "k".into(),
+                    watch_id: 7,
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .expect("send");
+        let created = watch.message().await.expect("answer").expect("open");
+        assert!(created.created && !created.canceled, "{created:?}");
+        set_up(&ch).await;
+        let root = login(&ch, "root", "rootpw").await.expect("root login");
+        put(&ch, &root, "k", "after").await.expect("put as root");
+        let r = watch.message().await.expect("answer").expect("open");
+        assert!(r.canceled && r.events.is_empty(), "{r:?}");
+        assert_eq!(r.watch_id, 7);
+        assert_eq!(
+            r.cancel_reason,
+            "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+        );
+    });
+}

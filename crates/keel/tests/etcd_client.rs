@@ -4,7 +4,9 @@
 //! put/get/delete and ranges, txns, leases with keep-alive, revocation and
 //! expiry, a watch through the leader that survives two leadership moves
 //! (MoveLeader) with every event exactly once, in order, and the crate's
-//! lock and election calls (etcd's Lock and Election services).
+//! lock and election calls (etcd's Lock and Election services); and, on a
+//! cluster of its own, its authentication (users, roles, `with_user`, and
+//! its token refresh when auth is turned off and on).
 //!
 //! That project is not part of the workspace because etcd-client's build
 //! script needs `protoc`; without it (and without `PROTOC`) this test is
@@ -33,8 +35,9 @@ fn repo_root() -> PathBuf {
         .expect("repository root")
 }
 
-#[test]
-fn etcd_client_crate_works_against_keel() {
+/// Runs the compat project's test binary `test` against a new 3-node
+/// cluster (skipped without protoc, as the module says).
+fn run_compat(test: &str) {
     if !protoc_available() {
         let msg = "protoc not found (etcd-client's build script needs it): \
                    apt-get install -y protobuf-compiler, or set PROTOC";
@@ -61,6 +64,7 @@ fn etcd_client_crate_works_against_keel() {
         .arg(root.join("compat/etcd-client/Cargo.toml"))
         .arg("--target-dir")
         .arg(root.join("target/compat"))
+        .args(["--test", test])
         .args(["--", "--test-threads=1", "--nocapture"])
         .env("KEEL_ETCD_ENDPOINTS", endpoints.join(","))
         .output()
@@ -68,7 +72,7 @@ fn etcd_client_crate_works_against_keel() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!(
-        "--- compat/etcd-client ({:.1?}, endpoints {}) ---\n{stdout}\n{stderr}",
+        "--- compat/etcd-client, tests/{test}.rs ({:.1?}, endpoints {}) ---\n{stdout}\n{stderr}",
         started.elapsed(),
         endpoints.join(",")
     );
@@ -82,4 +86,15 @@ fn etcd_client_crate_works_against_keel() {
         stdout.contains("test result: ok"),
         "no test results in the output"
     );
+}
+
+#[test]
+fn etcd_client_crate_works_against_keel() {
+    run_compat("keel");
+}
+
+/// On a cluster of its own: it turns auth on.
+#[test]
+fn etcd_client_crate_authenticates_against_keel() {
+    run_compat("auth");
 }

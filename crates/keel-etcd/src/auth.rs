@@ -282,23 +282,39 @@ impl Api {
     /// Who call `r` runs as: while auth is on, the user its token names
     /// (an invalid token is refused); a request this member makes for a
     /// caller runs as that caller (`internal`); else nobody.
-    pub fn who<T>(&self, r: &Request<T>) -> Result<Who, Status> {
+    pub async fn who<T>(&self, r: &Request<T>) -> Result<Who, Status> {
         if let Some(Internal(who)) = r.extensions().get::<Internal>() {
             return Ok(who.clone());
         }
-        self.who_in(r.metadata())
+        self.who_in(r.metadata()).await
     }
 
     /// `who` for a call with metadata `md` (also the gateway's streams).
-    pub fn who_in(&self, md: &MetadataMap) -> Result<Who, Status> {
-        let token = token_in(md);
-        if token.is_none() || !self.config.auth.enabled() {
-            return Ok(Who {
-                token,
-                ..Who::default()
-            });
+    /// A token this member cannot take while auth is in use (it looks off
+    /// here, or the token does not verify) may be one it is too far
+    /// behind for: auth turned on, or off and on with a new secret, where
+    /// the client got its token. Then it catches up first (a linearizable
+    /// read) and looks again, as etcd reads who the caller is only after
+    /// its read barrier. (A client that sends a token where auth is off,
+    /// such as one that kept its token after auth was turned off, costs
+    /// that read on each call; etcd's clients send none where auth was
+    /// never on.)
+    pub async fn who_in(&self, md: &MetadataMap) -> Result<Who, Status> {
+        let Some(token) = token_in(md) else {
+            return Ok(Who::default());
+        };
+        let token = Some(token);
+        let auth = &self.config.auth;
+        if auth.enabled() {
+            if let Ok(who) = self.verified(token.clone()) {
+                return Ok(who);
+            }
         }
-        self.verified(token)
+        self.read(&Query::Status, false).await?;
+        self.refreshed(&Who {
+            token,
+            ..Who::default()
+        })
     }
 
     /// `token` checked against this member's auth state.
@@ -567,7 +583,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthEnableRequest>,
     ) -> Result<Response<AuthEnableResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let mut secret = [0u8; 32];
         SystemRandom::new()
             .fill(&mut secret)
@@ -587,7 +603,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthDisableRequest>,
     ) -> Result<Response<AuthDisableResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let header = self.change(&who, AuthCommand::Disable).await?;
         Ok(Response::new(AuthDisableResponse { header }))
     }
@@ -640,7 +656,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserAddRequest>,
     ) -> Result<Response<AuthUserAddResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let r = r.into_inner();
         self.admin(&who)?;
         no_hashed_password(&r.hashed_password)?;
@@ -670,7 +686,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserGetRequest>,
     ) -> Result<Response<AuthUserGetResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let name = r.into_inner().name;
         let (view, revision) = self.current().await?;
         let who = self.0.refreshed(&who)?;
@@ -691,7 +707,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserListRequest>,
     ) -> Result<Response<AuthUserListResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let (view, revision) = self.current().await?;
         let who = self.0.refreshed(&who)?;
         self.admin(&who)?;
@@ -705,7 +721,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserDeleteRequest>,
     ) -> Result<Response<AuthUserDeleteResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let name = r.into_inner().name;
         let header = self.change(&who, AuthCommand::UserDelete { name }).await?;
         Ok(Response::new(AuthUserDeleteResponse { header }))
@@ -715,7 +731,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserChangePasswordRequest>,
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let r = r.into_inner();
         self.admin(&who)?;
         no_hashed_password(&r.hashed_password)?;
@@ -737,7 +753,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserGrantRoleRequest>,
     ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let AuthUserGrantRoleRequest { user, role } = r.into_inner();
         let header = self
             .change(&who, AuthCommand::UserGrantRole { user, role })
@@ -749,7 +765,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthUserRevokeRoleRequest>,
     ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let AuthUserRevokeRoleRequest { name, role } = r.into_inner();
         let header = self
             .change(&who, AuthCommand::UserRevokeRole { name, role })
@@ -761,7 +777,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleAddRequest>,
     ) -> Result<Response<AuthRoleAddResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let name = r.into_inner().name;
         let header = self.change(&who, AuthCommand::RoleAdd { name }).await?;
         Ok(Response::new(AuthRoleAddResponse { header }))
@@ -771,7 +787,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleGetRequest>,
     ) -> Result<Response<AuthRoleGetResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let name = r.into_inner().role;
         let (view, revision) = self.current().await?;
         let who = self.0.refreshed(&who)?;
@@ -805,7 +821,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleListRequest>,
     ) -> Result<Response<AuthRoleListResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let (view, revision) = self.current().await?;
         let who = self.0.refreshed(&who)?;
         self.admin(&who)?;
@@ -819,7 +835,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleDeleteRequest>,
     ) -> Result<Response<AuthRoleDeleteResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let name = r.into_inner().role;
         let header = self.change(&who, AuthCommand::RoleDelete { name }).await?;
         Ok(Response::new(AuthRoleDeleteResponse { header }))
@@ -829,7 +845,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleGrantPermissionRequest>,
     ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let AuthRoleGrantPermissionRequest { name, perm } = r.into_inner();
         let perm =
             perm.ok_or_else(|| Status::invalid_argument("etcdserver: permission not given"))?;
@@ -854,7 +870,7 @@ impl Auth for AuthApi {
         &self,
         r: Request<AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let AuthRoleRevokePermissionRequest {
             role,
             key,

@@ -129,7 +129,7 @@ impl ClusterApi {
     /// Who makes a membership change, who must be an admin while auth is
     /// on (as in etcd).
     async fn admin<T>(&self, r: &Request<T>) -> Result<Who, Status> {
-        let who = self.0.who(r)?;
+        let who = self.0.who(r).await?;
         self.0.check_admin_now(&who).await
     }
 

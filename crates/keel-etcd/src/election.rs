@@ -206,7 +206,7 @@ impl Election for ElectionApi {
         &self,
         r: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
-        let who = self.0 .0.who(&r)?;
+        let who = self.0 .0.who(&r).await?;
         let rec = self.0.as_caller(&who);
         check_recipe(&self.0 .0, &who, &prefix_of(&r.get_ref().name))?;
         async {
@@ -258,7 +258,7 @@ impl Election for ElectionApi {
         &self,
         r: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        let who = self.0 .0.who(&r)?;
+        let who = self.0 .0.who(&r).await?;
         let rec = self.0.as_caller(&who);
         async {
             let r = r.into_inner();
@@ -278,7 +278,7 @@ impl Election for ElectionApi {
     }
 
     async fn leader(&self, r: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
-        let who = self.0 .0.who(&r)?;
+        let who = self.0 .0.who(&r).await?;
         let rec = self.0.as_caller(&who);
         async {
             let prefix = prefix_of(&r.into_inner().name);
@@ -296,7 +296,7 @@ impl Election for ElectionApi {
     }
 
     async fn observe(&self, r: Request<LeaderRequest>) -> Result<Response<ObserveStream>, Status> {
-        let who = self.0 .0.who(&r)?;
+        let who = self.0 .0.who(&r).await?;
         let rec = self.0.as_caller(&who);
         let prefix = prefix_of(&r.into_inner().name);
         self.read_prefix(&who, &prefix)?;
@@ -308,7 +308,7 @@ impl Election for ElectionApi {
     }
 
     async fn resign(&self, r: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
-        let who = self.0 .0.who(&r)?;
+        let who = self.0 .0.who(&r).await?;
         let rec = self.0.as_caller(&who);
         async {
             let l = leader_key(r.into_inner().leader)?;

@@ -436,13 +436,13 @@ fn with_token<T>(mut r: Request<T>, headers: HeaderMap) -> Request<T> {
 }
 
 /// Who a gateway stream runs as (`auth`).
-fn who(api: &Api, headers: HeaderMap) -> Result<auth::Who, Status> {
-    api.who_in(&MetadataMap::from_headers(headers))
+async fn who(api: &Api, headers: HeaderMap) -> Result<auth::Who, Status> {
+    api.who_in(&MetadataMap::from_headers(headers)).await
 }
 
 /// The watches run until the client closes the connection.
 async fn watch(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Response {
-    let who = match who(&api, headers) {
+    let who = match who(&api, headers).await {
         Ok(who) => who,
         Err(e) => return error(&e),
     };
@@ -454,7 +454,7 @@ async fn watch(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> R
 
 /// One answer per request; the call ends after the last one's.
 async fn keep_alive(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Response {
-    let who = match who(&api, headers) {
+    let who = match who(&api, headers).await {
         Ok(who) => who,
         Err(e) => return error(&e),
     };

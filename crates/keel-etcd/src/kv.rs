@@ -34,7 +34,7 @@ impl KvApi {
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn range(&self, r: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let r = r.into_inner();
         let serializable = r.serializable;
         let q = Query::RangeReq(convert::range_in(r)?);
@@ -48,7 +48,7 @@ impl Kv for KvApi {
     }
 
     async fn put(&self, r: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let cmd = Command::PutReq(convert::put_in(r.into_inner()));
         match self.0.write_as(&who, cmd).await? {
             KvResponse::PutResp(resp) => {
@@ -63,7 +63,7 @@ impl Kv for KvApi {
         &self,
         r: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let cmd = Command::DeleteRangeReq(convert::delete_in(r.into_inner())?);
         match self.0.write_as(&who, cmd).await? {
             KvResponse::DeleteRangeResp(resp) => {
@@ -75,7 +75,7 @@ impl Kv for KvApi {
     }
 
     async fn txn(&self, r: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let r = r.into_inner();
         let serializable = txn_serializable(&r);
         let txn = convert::txn_in(r)?;
@@ -97,7 +97,7 @@ impl Kv for KvApi {
         &self,
         r: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let revision = r.into_inner().revision;
         match self.0.write_as(&who, Command::Compact { revision }).await? {
             KvResponse::Compact { revision } => Ok(Response::new(CompactionResponse {

@@ -199,7 +199,7 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let r = r.into_inner();
         match self
             .0
@@ -226,7 +226,7 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let id = r.into_inner().id;
         match self.0.write_as(&who, Command::LeaseRevoke { id }).await? {
             KvResponse::LeaseRevoke { revision } => Ok(Response::new(LeaseRevokeResponse {
@@ -240,7 +240,7 @@ impl Lease for LeaseApi {
         &self,
         r: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         Ok(Response::new(keep_alive(
             self.0.clone(),
             who,
@@ -252,7 +252,7 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         self.0.check(&who, AuthStore::check_user)?;
         let passed_on = is_forwarded(&r);
         let r = r.into_inner();
@@ -273,7 +273,7 @@ impl Lease for LeaseApi {
         &self,
         r: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         match self.0.read_as(&who, Query::Leases, false).await? {
             KvResponse::Leases { revision, ids } => Ok(Response::new(LeaseLeasesResponse {
                 header: self.0.header(revision as i64),

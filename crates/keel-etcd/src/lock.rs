@@ -39,7 +39,7 @@ impl Lock for LockApi {
         // The caller may read and write the lock's keys (`name/...`), as
         // etcd's lock service needs when it runs them with the caller's
         // token.
-        let who = self.0 .0.who(&r)?;
+        let who = self.0 .0.who(&r).await?;
         check_recipe(&self.0 .0, &who, &prefix_of(&r.get_ref().name))?;
         acquire(&self.0.as_caller(&who), r.into_inner())
             .await
@@ -48,7 +48,7 @@ impl Lock for LockApi {
     }
 
     async fn unlock(&self, r: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
-        let who = self.0 .0.who(&r)?;
+        let who = self.0 .0.who(&r).await?;
         let key = &r.get_ref().key;
         self.0
              .0

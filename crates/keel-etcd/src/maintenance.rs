@@ -124,7 +124,7 @@ impl Maintenance for MaintenanceApi {
     /// disarm that names it fails. `ACTIVATE` is refused: a raised alarm
     /// would not stop writes here, only the quota does.
     async fn alarm(&self, r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         let passed_on = is_forwarded(&r);
         let r = r.into_inner();
         let id = self.0.node.id();
@@ -226,7 +226,7 @@ impl Maintenance for MaintenanceApi {
         &self,
         r: Request<SnapshotRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<SnapshotResponse>>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         self.admin_after(&who, ())?;
         let permit = self.0.backups.clone().try_acquire_owned().map_err(|_| {
             Status::unavailable(
@@ -332,7 +332,7 @@ impl Maintenance for MaintenanceApi {
         &self,
         r: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         self.admin_after(&who, ())?;
         Ok(Response::new(DefragmentResponse {
             header: self.0.header(0),
@@ -343,7 +343,7 @@ impl Maintenance for MaintenanceApi {
         &self,
         r: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         self.0.check_admin_now(&who).await?;
         let target = r.into_inner().target_id;
         match self.0.node.call(ClientOp::TransferLeader(target)).await {
@@ -372,7 +372,7 @@ impl Maintenance for MaintenanceApi {
     }
 
     async fn hash(&self, r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         self.admin_after(&who, ())?;
         let (revision, hash, _) = self.admin_after(&who, hash_kv(&self.0, 0).await?)?;
         Ok(Response::new(HashResponse {
@@ -382,7 +382,7 @@ impl Maintenance for MaintenanceApi {
     }
 
     async fn hash_kv(&self, r: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         self.admin_after(&who, ())?;
         let answer = hash_kv(&self.0, r.into_inner().revision).await?;
         let (revision, hash, compact_revision) = self.admin_after(&who, answer)?;

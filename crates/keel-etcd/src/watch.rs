@@ -751,7 +751,7 @@ impl Watch for WatchApi {
         &self,
         r: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let who = self.0.who(&r)?;
+        let who = self.0.who(&r).await?;
         Ok(Response::new(serve(
             self.0.clone(),
             who,

@@ -300,10 +300,10 @@ impl Api {
     /// that read on each call; etcd's clients send none where auth was
     /// never on.)
     pub async fn who_in(&self, md: &MetadataMap) -> Result<Who, Status> {
-        let Some(token) = token_in(md) else {
+        let token = token_in(md);
+        if token.is_none() {
             return Ok(Who::default());
-        };
-        let token = Some(token);
+        }
         let auth = &self.config.auth;
         if auth.enabled() {
             if let Ok(who) = self.verified(token.clone()) {
@@ -573,10 +573,6 @@ fn no_hashed_password(hashed: &str) -> Result<(), Status> {
     }
 }
 
-fn kv_err(e: KvError) -> Status {
-    kv_status(e)
-}
-
 #[tonic::async_trait]
 impl Auth for AuthApi {
     async fn auth_enable(
@@ -627,7 +623,7 @@ impl Auth for AuthApi {
         let AuthenticateRequest { name, password } = r.into_inner();
         let (view, revision) = self.current().await?;
         if !view.enabled() {
-            return Err(kv_err(KvError::AuthNotEnabled));
+            return Err(kv_status(KvError::AuthNotEnabled));
         }
         let stored = view.user(&name).and_then(|u| u.password.clone());
         // A user that does not exist (or has no password) costs a check
@@ -645,7 +641,7 @@ impl Auth for AuthApi {
         } else {
             None
         };
-        let token = token.ok_or_else(|| kv_err(KvError::AuthFailed))?;
+        let token = token.ok_or_else(|| kv_status(KvError::AuthFailed))?;
         Ok(Response::new(AuthenticateResponse {
             header: self.0.header(revision),
             token,
@@ -661,7 +657,7 @@ impl Auth for AuthApi {
         self.admin(&who)?;
         no_hashed_password(&r.hashed_password)?;
         if r.name.is_empty() {
-            return Err(kv_err(KvError::UserEmpty));
+            return Err(kv_status(KvError::UserEmpty));
         }
         let no_password = r.options.is_some_and(|o| o.no_password);
         let password = if no_password {
@@ -696,7 +692,7 @@ impl Auth for AuthApi {
         }
         let user = view
             .user(&name)
-            .ok_or_else(|| kv_err(KvError::UserNotFound))?;
+            .ok_or_else(|| kv_status(KvError::UserNotFound))?;
         Ok(Response::new(AuthUserGetResponse {
             header: self.0.header(revision),
             roles: user.roles.iter().cloned().collect(),
@@ -801,7 +797,7 @@ impl Auth for AuthApi {
         }
         let role = view
             .role(&name)
-            .ok_or_else(|| kv_err(KvError::RoleNotFound))?;
+            .ok_or_else(|| kv_status(KvError::RoleNotFound))?;
         let perm = role
             .perms
             .iter()

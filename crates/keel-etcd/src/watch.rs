@@ -430,7 +430,6 @@ impl Session {
     async fn catch_up_all(&mut self) -> Result<(), End> {
         for _ in 0..2 {
             let (rev, _) = self.local_status().await?;
-            self.recheck().await?;
             let mut upto = rev;
             let ids: Vec<i64> = self.watchers.keys().copied().collect();
             for id in ids {
